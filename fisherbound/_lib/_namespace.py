@@ -1,0 +1,96 @@
+"""Namespace, device and dtype resolution.
+
+Every public function resolves its namespace here, so that mixing array
+libraries fails with one clear message everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+
+Array = Any
+
+
+def is_array(x: object) -> bool:
+    """True for an array of any array-API library (NumPy, CuPy, torch, JAX, strict)."""
+    return bool(array_api_compat.is_array_api_obj(x))
+
+
+def _library_name(x: object) -> str:
+    module = type(x).__module__.split(".")[0]
+    return {"jaxlib": "jax"}.get(module, module)
+
+
+def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Any:
+    """Return the array-API namespace shared by ``arrays``.
+
+    ``None`` entries are ignored. ``names`` (same length as ``arrays``) are the
+    argument names used in the error messages.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array, or if the arrays come from different
+        libraries ("z is a numpy array but v is a torch array").
+    """
+    if names is None:
+        names = tuple(f"argument {i}" for i in range(len(arrays)))
+    present = [(n, a) for n, a in zip(names, arrays, strict=True) if a is not None]
+    if not present:
+        msg = "expected at least one array; got none."
+        raise TypeError(msg)
+    for name, a in present:
+        if not is_array(a):
+            msg = (
+                f"{name} must be an array of an array-API library (NumPy, CuPy, torch, "
+                f"JAX, array-api-strict); got {type(a).__module__}.{type(a).__name__}."
+            )
+            raise TypeError(msg)
+    first_name, first = present[0]
+    first_lib = _library_name(first)
+    for name, a in present[1:]:
+        lib = _library_name(a)
+        if lib != first_lib:
+            msg = (
+                f"all arrays must come from one array library; {first_name} is a "
+                f"{first_lib} array but {name} is a {lib} array. Convert one of them "
+                "(for example with the library's asarray) before calling."
+            )
+            raise TypeError(msg)
+    try:
+        return array_api_compat.array_namespace(*(a for _, a in present))
+    except TypeError as err:  # e.g. numpy and numpy-backed strict arrays
+        msg = f"all arrays must come from one array library; got {err}"
+        raise TypeError(msg) from err
+
+
+def device_of(x: Array) -> Any:
+    """The device of ``x`` (``array_api_compat.device``)."""
+    return array_api_compat.device(x)
+
+
+def to_host(x: Array) -> Any:
+    """Copy ``x`` to a NumPy array.
+
+    Only for small results that must leave the device (tridiagonal matrices of
+    Lanczos, scalars for convergence tests, index lists for error messages);
+    never for data in a hot path.
+    """
+    import numpy as np
+
+    if array_api_compat.is_numpy_array(x):
+        return x
+    if array_api_compat.is_torch_array(x):
+        return x.detach().cpu().numpy()
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    if array_api_compat.is_jax_array(x):
+        return np.asarray(x)
+    module = type(x).__module__
+    if module.startswith("array_api_strict"):
+        import array_api_strict
+
+        return np.asarray(x.to_device(array_api_strict.Device("CPU_DEVICE")))
+    return np.asarray(x)

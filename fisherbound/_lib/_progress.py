@@ -1,0 +1,27 @@
+"""Progress bars for streamed computations (tqdm when installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def progress_bar(iterable: Iterable[T], *, desc: str, progress: bool | None) -> Iterator[T]:
+    """Wrap ``iterable`` in a tqdm bar.
+
+    ``progress=False`` never shows one; ``True`` always does (if tqdm is installed);
+    ``None`` (the default of public functions) shows one only on a terminal and only
+    once the run has lasted two seconds, so short runs and logs stay quiet.
+    """
+    if progress is False or importlib.util.find_spec("tqdm") is None:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    options: dict[str, Any] = {"desc": desc, "unit": "batch", "leave": False}
+    if progress is None:
+        options.update(disable=None, delay=2.0)
+    yield from tqdm(iterable, **options)

@@ -1,0 +1,97 @@
+"""Input checks with the house error messages.
+
+Every message names the argument, states the requirement, says what was
+received and, where there is one, the remedy:
+"z must be finite; got NaN or inf in rows [3, 17]."
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fisherbound._lib._namespace import array_namespace
+
+Array = Any
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """``value`` as an int >= 1, else a ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        msg = f"{name} must be an integer >= 1; got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    n = int(value)  # type: ignore[call-overload]
+    if n < 1:
+        msg = f"{name} must be an integer >= 1; got {n}."
+        raise ValueError(msg)
+    return n
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        msg = f"{name} must be one of {allowed}; got {value!r}."
+        raise ValueError(msg)
+    return value
+
+
+def check_floating(x: Array, name: str, *, xp: Any = None) -> Any:
+    """Check that ``x`` is a real floating-point array; return its namespace."""
+    if xp is None:
+        xp = array_namespace(x, names=(name,))
+    if not xp.isdtype(x.dtype, "real floating"):
+        msg = (
+            f"{name} must have a real floating-point dtype (float32 or float64); "
+            f"got {x.dtype}. Convert with xp.astype({name}, xp.float64)."
+        )
+        raise TypeError(msg)
+    return xp
+
+
+def first_indices(mask: Array, xp: Any, limit: int = 10) -> list[int]:
+    """Indices of the first ``limit`` True entries of a 1-D boolean array."""
+    (idx,) = xp.nonzero(mask)
+    return [int(idx[i]) for i in range(min(int(idx.shape[0]), limit))]
+
+
+def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
+    """Raise a ValueError naming the offending rows if ``x`` has NaN or inf."""
+    bad = ~xp.isfinite(x)
+    if not bool(xp.any(bad)):
+        return
+    if x.ndim >= 2:
+        flat = xp.reshape(bad, (-1, x.shape[-1]))
+        rows = first_indices(xp.any(flat, axis=-1), xp)
+        where = f" in {what} {rows}" + (" (flattened leading axes)" if x.ndim > 2 else "")
+    elif x.ndim == 1:
+        where = f" at positions {first_indices(bad, xp)}"
+    else:
+        where = ""
+    kinds = []
+    if bool(xp.any(xp.isnan(x))):
+        kinds.append("NaN")
+    if bool(xp.any(xp.isinf(x))):
+        kinds.append("inf")
+    msg = f"{name} must be finite; got {' and '.join(kinds)}{where}."
+    raise ValueError(msg)
+
+
+def check_logits(z: Array, *, name: str = "z", min_classes: int = 1) -> Any:
+    """Validate logits of shape (..., C): a floating array, finite, C >= min_classes.
+
+    Returns the namespace of ``z``.
+    """
+    xp = array_namespace(z, names=(name,))
+    if z.ndim < 1:
+        msg = f"{name} must have shape (..., C) with at least one axis; got a 0-d array."
+        raise ValueError(msg)
+    if z.shape[-1] < min_classes:
+        msg = (
+            f"{name} must have at least {min_classes} classes on its last axis; "
+            f"got shape {tuple(z.shape)}."
+        )
+        raise ValueError(msg)
+    check_floating(z, name, xp=xp)
+    check_finite(z, name, xp=xp)
+    return xp

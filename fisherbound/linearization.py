@@ -1,0 +1,225 @@
+"""The model contract: what an adapter supplies for one batch at fixed parameters.
+
+A *linearization* is a network frozen at parameters θ (flat, D entries) and one
+batch of N inputs, exposing the logits z (N, C) and the Jacobian J = ∂z/∂θ only
+through products:
+
+- ``jvp(v)``: (D,) → (N, C), the forward product J v;
+- ``vjp(u)``: (N, C) → (D,), the reverse product Jᵀ u = Σ_n J_nᵀ u_n;
+- ``jvp_batch(V)``: (M, D) → (M, N, C), M forward products at once;
+- ``vjp_batch(U)``: (M, N, C) → (M, D), M reverse products at once (one batched
+  backward pass where the framework allows);
+- ``per_example_vjp(U)``: (N, K, C) → (N, K, D), the per-example products
+  J_nᵀ U[n, k];
+- ``sum_squared_per_example_vjp(U)``: (N, K, C) → (K, D), the per-example squares
+  Σ_n (J_nᵀ U[n, k])², the building block of exact diagonals. An adapter may
+  compute it without materialising per-example gradients (the torch fast path).
+
+Parameter vectors are flat 1-D arrays of the linearization's namespace, in the
+order of ``blocks``; a block is a contiguous slice ``offset : offset + size``
+reshaped to ``shape``.
+
+``LinearizationBase`` implements the batched and per-example products from the
+primitive ones (correct for any adapter, not fast), so an adapter only has to
+supply ``logits``, ``jvp``, ``vjp`` and ``blocks`` and override what its framework
+does better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+Array = Any
+
+__all__ = [
+    "Linearization",
+    "LinearizationBase",
+    "ParameterBlock",
+    "as_linearizations",
+    "make_blocks",
+]
+
+
+class ParameterBlock(NamedTuple):
+    """One parameter tensor inside the flat parameter vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+def make_blocks(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> tuple[ParameterBlock, ...]:
+    """Lay out named tensor shapes one after another in a flat vector."""
+    blocks = []
+    offset = 0
+    for name, shape in named_shapes:
+        size = math.prod(shape)
+        blocks.append(ParameterBlock(name, tuple(int(s) for s in shape), offset, size))
+        offset += size
+    return tuple(blocks)
+
+
+@runtime_checkable
+class Linearization(Protocol):
+    """The protocol every adapter implements for one batch (see module docstring)."""
+
+    @property
+    def logits(self) -> Array: ...
+
+    @property
+    def blocks(self) -> tuple[ParameterBlock, ...]: ...
+
+    @property
+    def num_params(self) -> int: ...
+
+    @property
+    def xp(self) -> Any: ...
+
+    def jvp(self, v: Array, /) -> Array: ...
+
+    def vjp(self, u: Array, /) -> Array: ...
+
+    def jvp_batch(self, V: Array, /) -> Array: ...
+
+    def vjp_batch(self, U: Array, /) -> Array: ...
+
+    def per_example_vjp(self, U: Array, /) -> Array: ...
+
+    def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int = ...) -> Array: ...
+
+
+class LinearizationBase:
+    """Default batched and per-example products built from ``jvp`` and ``vjp``.
+
+    Subclasses set ``self._logits``, ``self._blocks`` and ``self._xp`` and
+    implement ``jvp`` and ``vjp``; everything else has a generic (slow but exact)
+    default here.
+    """
+
+    _logits: Array
+    _blocks: tuple[ParameterBlock, ...]
+    _xp: Any
+
+    #: Default bound on how many D-vectors a per-example computation holds at once.
+    default_max_vectors: int = 256
+
+    @property
+    def logits(self) -> Array:
+        """The logits z of the batch, shape (N, C)."""
+        return self._logits
+
+    @property
+    def blocks(self) -> tuple[ParameterBlock, ...]:
+        """The parameter blocks (name, shape, offset, size), in flat-vector order."""
+        return self._blocks
+
+    @property
+    def num_params(self) -> int:
+        """D, the length of the flat parameter vector."""
+        last = self._blocks[-1]
+        return last.offset + last.size
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace of the logits and of every parameter vector."""
+        return self._xp
+
+    @property
+    def dtype(self) -> Any:
+        return self._logits.dtype
+
+    @property
+    def device(self) -> Any:
+        from fisherbound._lib import device_of
+
+        return device_of(self._logits)
+
+    @property
+    def num_inputs(self) -> int:
+        return int(self._logits.shape[0])
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self._logits.shape[1])
+
+    def jvp(self, v: Array, /) -> Array:
+        """J v for a flat parameter vector ``v`` (D,); returns (N, C)."""
+        raise NotImplementedError
+
+    def vjp(self, u: Array, /) -> Array:
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, C); returns (D,)."""
+        raise NotImplementedError
+
+    def jvp_batch(self, V: Array, /) -> Array:
+        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, C)."""
+        xp = self._xp
+        return xp.stack([self.jvp(V[m, ...]) for m in range(V.shape[0])], axis=0)
+
+    def vjp_batch(self, U: Array, /) -> Array:
+        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, C); returns (M, D)."""
+        xp = self._xp
+        return xp.stack([self.vjp(U[m, ...]) for m in range(U.shape[0])], axis=0)
+
+    def per_example_vjp(self, U: Array, /) -> Array:
+        """J_nᵀ U[n, k] for cotangents ``U`` (N, K, C); returns (N, K, D).
+
+        Generic default: one masked VJP per (example, cotangent) pair; adapters
+        override it with a vectorised map.
+        """
+        xp = self._xp
+        n, k, c = U.shape
+        rows = []
+        for i in range(n):
+            # Cotangent that is U[i, j] on example i and zero elsewhere.
+            mask = xp.reshape(
+                xp.astype(xp.arange(n, device=self.device) == i, U.dtype), (1, n, 1)
+            )
+            Ui = xp.reshape(U[i, ...], (k, 1, c)) * mask
+            rows.append(self.vjp_batch(Ui))
+        return xp.stack(rows, axis=0)
+
+    def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int | None = None) -> Array:
+        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+
+        Memory: per-example VJPs are computed in chunks of examples so that at most
+        ``max_vectors`` D-vectors are held at once (default
+        ``default_max_vectors``).
+        """
+        xp = self._xp
+        n, k, _ = U.shape
+        budget = self.default_max_vectors if max_vectors is None else int(max_vectors)
+        chunk = max(1, budget // max(k, 1))
+        total = xp.zeros((k, self.num_params), dtype=U.dtype, device=self.device)
+        for start in range(0, n, chunk):
+            g = self.per_example_vjp(U[start : min(n, start + chunk), ...])
+            total = total + xp.sum(g * g, axis=0)
+        return total
+
+
+def as_linearizations(source: Any) -> Iterator[Any]:
+    """Iterate over ``source``: one linearization or an iterable of them.
+
+    Raises a TypeError naming what was received when ``source`` is neither.
+    """
+    if isinstance(source, Linearization):
+        yield source
+        return
+    if isinstance(source, Iterable) and not isinstance(source, str | bytes):
+        for i, lin in enumerate(source):
+            if not isinstance(lin, Linearization):
+                msg = (
+                    "source must be a Linearization or an iterable of them; item "
+                    f"{i} is a {type(lin).__name__}. Build one with an adapter's "
+                    "linearize(...)."
+                )
+                raise TypeError(msg)
+            yield lin
+        return
+    msg = (
+        "source must be a Linearization or an iterable of them; got "
+        f"{type(source).__name__}. Build one with an adapter's linearize(...)."
+    )
+    raise TypeError(msg)

@@ -1,0 +1,84 @@
+"""The private helpers every public function relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fisherbound._lib import (
+    array_namespace,
+    as_generator,
+    check_choice,
+    check_logits,
+    check_positive_int,
+    probes,
+)
+from fisherbound._lib._estimate import estimate_from_samples
+
+
+def test_same_seed_same_probes_on_every_backend(backend) -> None:
+    xp = backend.xp
+    ref = np.random.default_rng(7).integers(0, 2, size=(4, 3), dtype=np.int8) * 2.0 - 1.0
+    got = probes(as_generator(7), (4, 3), distribution="rademacher", xp=xp,
+                 dtype=xp.float64, device=backend.device)
+    np.testing.assert_array_equal(backend.to_numpy(got), np.asarray(ref))
+    assert set(np.unique(backend.to_numpy(got))) <= {-1.0, 1.0}
+    g = probes(as_generator(7), (5,), distribution="gaussian", xp=xp, dtype=xp.float64,
+               device=backend.device)
+    np.testing.assert_array_equal(backend.to_numpy(g), np.random.default_rng(7).standard_normal(5))
+
+
+def test_as_generator() -> None:
+    g = np.random.default_rng(1)
+    assert as_generator(g) is g
+    assert as_generator(3).random() == np.random.default_rng(3).random()
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator, an int seed"):
+        as_generator("seed")
+    with pytest.raises(TypeError, match="rng must be"):
+        as_generator(True)
+
+
+def test_unknown_distribution() -> None:
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        probes(as_generator(0), (2,), distribution="cauchy", xp=np, dtype=np.float64, device=None)
+
+
+def test_mixed_namespaces_named() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="z is a numpy array but v is a torch array"):
+        array_namespace(np.zeros(2), torch.zeros(2), names=("z", "v"))
+    with pytest.raises(TypeError, match="v must be an array of an array-API library"):
+        array_namespace(np.zeros(2), [1.0, 2.0], names=("z", "v"))
+
+
+def test_check_logits_messages(backend) -> None:
+    z = backend.asarray([[0.0, 1.0], [np.nan, 0.0], [0.0, 0.0], [np.inf, 1.0]])
+    with pytest.raises(ValueError, match=r"z must be finite; got NaN and inf in rows \[1, 3\]"):
+        check_logits(z)
+    with pytest.raises(ValueError, match="at least one axis; got a 0-d array"):
+        check_logits(backend.asarray(1.0))
+    with pytest.raises(TypeError, match="real floating-point dtype"):
+        check_logits(backend.asarray([[1, 2]], dtype="int64"))
+    with pytest.raises(ValueError, match=r"at least 2 classes on its last axis; got shape \(3, 1\)"):
+        check_logits(backend.asarray(np.zeros((3, 1))), min_classes=2)
+    assert check_logits(backend.asarray([[0.0, 1.0]])) is not None
+
+
+def test_check_ints_and_choices() -> None:
+    assert check_positive_int(3, "num_probes") == 3
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1; got 0"):
+        check_positive_int(0, "num_probes")
+    with pytest.raises(TypeError, match="num_probes must be an integer >= 1; got float"):
+        check_positive_int(2.5, "num_probes")
+    with pytest.raises(ValueError, match="kernel must be one of 'exact', 'upper'; got 'x'"):
+        check_choice("x", "kernel", ("exact", "upper"))
+
+
+def test_estimate_from_samples(backend) -> None:
+    s = backend.asarray([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])
+    est = estimate_from_samples(s, backend.xp)
+    np.testing.assert_allclose(backend.to_numpy(est.value), [3.0, 2.0])
+    np.testing.assert_allclose(backend.to_numpy(est.std_error), [2.0 / np.sqrt(3), 0.0])
+    assert est.num_probes == 3
+    one = estimate_from_samples(s[:1, ...], backend.xp)
+    assert np.all(np.isnan(backend.to_numpy(one.std_error)))

@@ -1,0 +1,749 @@
+"""Tests of fisherbound.linalg: operators, Hutchinson / Hutch++, Lanczos, eigsh, SLQ.
+
+Statistical checks use fixed seeds and tolerances derived from the known
+variances: an estimate lies within 5 standard errors of the truth, and an
+estimated variance within 5 standard errors of a sample variance of the
+closed-form value, Var(s²) = μ4/M − σ⁴ (M − 3) / (M (M − 1)).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fisherbound._lib import array_namespace, device_of
+from fisherbound.linalg import (
+    EigshResult,
+    Estimate,
+    LanczosResult,
+    LinearOperator,
+    LinearOperatorLike,
+    Quadrature,
+    aslinearoperator,
+    eigsh,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    lanczos_quadrature,
+    slq,
+    smoothed_density,
+)
+
+A2 = np.array([[2.0, 1.0], [1.0, 3.0]])  # THEORY reference: trace 5, var 4 / 30
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def random_orthogonal(n: int, seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def with_spectrum(eigenvalues: list[float] | np.ndarray, seed: int = 0) -> np.ndarray:
+    """A symmetric matrix with the given eigenvalues and random eigenvectors."""
+    lam = np.asarray(eigenvalues, dtype=np.float64)
+    q = random_orthogonal(lam.size, seed)
+    a = (q * lam) @ q.T
+    return (a + a.T) / 2
+
+
+def random_symmetric(n: int, seed: int) -> np.ndarray:
+    g = np.random.default_rng(seed).standard_normal((n, n))
+    return (g + g.T) / 2
+
+
+def variance_tolerance(mu4: float, sigma2: float, m: int) -> float:
+    """Five standard errors of the unbiased sample variance of m samples."""
+    var_s2 = mu4 / m - sigma2**2 * (m - 3) / (m * (m - 1))
+    return 5.0 * math.sqrt(var_s2)
+
+
+def counting_operator(a: np.ndarray, backend) -> tuple[LinearOperator, list[int]]:
+    """A dense operator that counts the vectors it is applied to."""
+    A = backend.asarray(a)
+    count = [0]
+
+    def matmat(V):
+        count[0] += int(V.shape[1])
+        return A @ V
+
+    op = LinearOperator(a.shape, matmat=matmat, dtype=A.dtype, device=backend.device, xp=backend.xp)
+    return op, count
+
+
+def assert_on_backend(x, backend) -> None:
+    """x lives in the backend's namespace and on its device."""
+    xp = array_namespace(x)
+    assert xp is array_namespace(backend.asarray(np.zeros(1)))
+    if backend.device is not None:
+        assert device_of(x) == backend.device
+
+
+class FixedGenerator(np.random.Generator):
+    """A Generator whose ``integers`` returns fixed values (to enumerate sign vectors)."""
+
+    def __init__(self, fixed: np.ndarray) -> None:
+        super().__init__(np.random.PCG64(0))
+        self.fixed = fixed
+
+    def integers(self, *args, **kwargs):  # type: ignore[override]
+        return self.fixed
+
+
+# ----------------------------------------------------------------------------- operators
+
+
+def test_aslinearoperator_keeps_namespace_and_device(backend):
+    a = random_symmetric(4, 0)[:, :3]
+    A = backend.asarray(a)
+    op = aslinearoperator(A)
+    assert isinstance(op, LinearOperatorLike)
+    assert op.shape == (4, 3)
+    assert op.dtype == A.dtype
+    v = backend.asarray(np.arange(3.0))
+    V = backend.asarray(np.ones((3, 2)))
+    Av, AV = op.matvec(v), op.matmat(V)
+    assert_on_backend(Av, backend)
+    assert_on_backend(AV, backend)
+    np.testing.assert_allclose(backend.to_numpy(Av), a @ np.arange(3.0), rtol=1e-14)
+    np.testing.assert_allclose(backend.to_numpy(AV), a @ np.ones((3, 2)), rtol=1e-14)
+    assert aslinearoperator(op) is op
+
+
+def test_aslinearoperator_float32_stays_float32(backend):
+    A = backend.asarray(A2, dtype="float32")
+    op = aslinearoperator(A)
+    out = op.matvec(backend.asarray(np.ones(2), dtype="float32"))
+    assert out.dtype == backend.xp.float32
+
+
+def test_linear_operator_matvec_only_stacks_for_matmat():
+    a = random_symmetric(3, 1)
+    calls = []
+
+    def matvec(v):
+        calls.append(v.shape)
+        return a @ v
+
+    op = LinearOperator((3, 3), matvec=matvec, dtype=np.float64, device=None, xp=np)
+    V = np.arange(6.0).reshape(3, 2)
+    np.testing.assert_allclose(op.matmat(V), a @ V, rtol=1e-14)
+    assert calls == [(3,), (3,)]
+    assert op.matmat(np.zeros((3, 0))).shape == (3, 0)
+    assert "LinearOperator(shape=(3, 3)" in repr(op)
+
+
+def test_linear_operator_matmat_only_serves_matvec(backend):
+    A = backend.asarray(A2)
+    op = LinearOperator(
+        (2, 2), matmat=lambda V: A @ V, dtype=A.dtype, device=backend.device, xp=backend.xp
+    )
+    out = op.matvec(backend.asarray(np.array([1.0, -1.0])))
+    assert tuple(out.shape) == (2,)
+    np.testing.assert_allclose(backend.to_numpy(out), [1.0, -2.0])
+
+
+def test_linear_operator_errors():
+    with pytest.raises(TypeError, match="needs matvec or matmat"):
+        LinearOperator((2, 2), dtype=np.float64, device=None, xp=np)
+    with pytest.raises(TypeError, match="matvec must be callable; got int"):
+        LinearOperator((2, 2), matvec=3, dtype=np.float64, device=None, xp=np)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"shape must be a pair \(n, m\); got \(2, 2, 2\)"):
+        LinearOperator((2, 2, 2), matvec=abs, dtype=np.float64, device=None, xp=np)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"shape\[1\] must be a non-negative integer; got -1"):
+        LinearOperator((2, -1), matvec=abs, dtype=np.float64, device=None, xp=np)
+    with pytest.raises(TypeError, match=r"shape\[0\] must be a non-negative integer; got float"):
+        LinearOperator((2.0, 2), matvec=abs, dtype=np.float64, device=None, xp=np)  # type: ignore[arg-type]
+    op = aslinearoperator(A2)
+    with pytest.raises(ValueError, match=r"v must have shape \(2,\).*got \(3,\)"):
+        op.matvec(np.ones(3))
+    with pytest.raises(ValueError, match=r"V must have shape \(2, k\).*got \(3, 1\)"):
+        op.matmat(np.ones((3, 1)))
+
+
+def test_aslinearoperator_errors(backend):
+    with pytest.raises(TypeError, match="A must be a 2-D real floating array.*got builtins.list"):
+        aslinearoperator([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="A must have a real floating-point dtype.*int"):
+        aslinearoperator(backend.asarray(np.eye(2), dtype="int64"))
+    with pytest.raises(ValueError, match=r"A must be a 2-D array.*shape \(3,\)"):
+        aslinearoperator(backend.asarray(np.ones(3)))
+    int_op = LinearOperator(
+        (2, 2), matvec=abs, dtype=backend.xp.int64, device=backend.device, xp=backend.xp
+    )
+    with pytest.raises(TypeError, match="A must have a real floating-point dtype"):
+        hutchinson_trace(int_op, num_probes=2)
+
+
+def test_operator_with_non_2d_shape_is_rejected():
+    class Odd:
+        shape = (2, 2, 2)
+        dtype = np.float64
+        device = None
+        xp = np
+
+        def matvec(self, v):
+            return v
+
+        def matmat(self, V):
+            return V
+
+    with pytest.raises(ValueError, match=r"A must have a 2-D shape \(n, m\); got an operator"):
+        aslinearoperator(Odd())
+
+
+def test_non_square_inputs_are_rejected():
+    rect = np.ones((3, 4))
+    with pytest.raises(ValueError, match=r"A must be square \(n × n\); got shape \(3, 4\)"):
+        hutchinson_trace(rect, num_probes=2)
+    op = LinearOperator((3, 4), matvec=lambda v: v[:3], dtype=np.float64, device=None, xp=np)
+    for fn, kw in [
+        (hutchinson_diagonal, {"num_probes": 2}),
+        (hutchpp_trace, {"num_probes": 3}),
+        (lanczos, {"num_matvecs": 2}),
+        (eigsh, {"k": 1}),
+        (lanczos_quadrature, {"num_probes": 1, "num_matvecs": 2}),
+    ]:
+        with pytest.raises(ValueError, match=r"A must be square.*\(3, 4\)"):
+            fn(op, **kw)
+    with pytest.raises(ValueError, match=r"A must be square.*\(3, 4\)"):
+        slq(op, np.log, num_probes=1, num_matvecs=2)
+    with pytest.raises(ValueError, match="at least one row and column"):
+        hutchinson_trace(np.zeros((0, 0)), num_probes=2)
+
+
+def test_argument_errors():
+    a = with_spectrum([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1; got 0"):
+        hutchinson_trace(a, num_probes=0)
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1; got 0"):
+        hutchinson_diagonal(a, num_probes=0)
+    with pytest.raises(TypeError, match="num_probes must be an integer >= 1; got float"):
+        hutchinson_trace(a, num_probes=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1; got 0"):
+        hutchinson_trace(a, num_probes=2, batch_size=0)
+    with pytest.raises(ValueError, match="distribution must be one of 'rademacher', 'gaussian'"):
+        hutchinson_trace(a, num_probes=2, distribution="uniform")
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        hutchpp_trace(a, num_probes=3, distribution="normal")
+    with pytest.raises(ValueError, match="num_probes must be at least 3 for Hutch\\+\\+.*got 2"):
+        hutchpp_trace(a, num_probes=2)
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1; got 0"):
+        hutchpp_trace(a, num_probes=0)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        hutchinson_trace(a, num_probes=2, rng="seed")
+    with pytest.raises(ValueError, match="num_matvecs must be an integer >= 1; got 0"):
+        lanczos(a, num_matvecs=0)
+    with pytest.raises(ValueError, match="k must be an integer >= 1; got 0"):
+        eigsh(a, k=0)
+    with pytest.raises(ValueError, match=r"k must be at most n = 3 \(the size of A\); got k = 4"):
+        eigsh(a, k=4)
+    with pytest.raises(ValueError, match="which must be one of 'largest', 'smallest', 'both'"):
+        eigsh(a, k=1, which="middle")
+    with pytest.raises(ValueError, match="num_matvecs must be at least k = 2.*got 1"):
+        eigsh(a, k=2, num_matvecs=1)
+    with pytest.raises(ValueError, match="num_matvecs must be an integer >= 1; got 0"):
+        eigsh(a, k=1, num_matvecs=0)
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1; got 0"):
+        lanczos_quadrature(a, num_probes=0, num_matvecs=2)
+    with pytest.raises(ValueError, match="num_matvecs must be an integer >= 1; got 0"):
+        slq(a, np.log, num_probes=2, num_matvecs=0)
+
+
+def test_v0_errors(backend):
+    A = backend.asarray(with_spectrum([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"v0 must have shape \(3,\) to match A.*got \(2,\)"):
+        lanczos(A, num_matvecs=2, v0=backend.asarray(np.ones(2)))
+    with pytest.raises(ValueError, match="v0 must be a nonzero finite vector; got norm 0.0"):
+        lanczos(A, num_matvecs=2, v0=backend.asarray(np.zeros(3)))
+    with pytest.raises(TypeError, match="v0 must have a real floating-point dtype"):
+        lanczos(A, num_matvecs=2, v0=backend.asarray(np.ones(3), dtype="int64"))
+
+
+def test_v0_from_another_library_is_a_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="A is a numpy array but v0 is a torch array"):
+        lanczos(A2, num_matvecs=2, v0=torch.ones(2, dtype=torch.float64))
+
+
+def test_slq_and_density_errors():
+    a = with_spectrum([1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="function must be callable.*got float"):
+        slq(a, 3.0, num_probes=2, num_matvecs=2)
+    with pytest.raises(
+        ValueError, match=r"function must return an array of the shape of its input \(2, 2\)"
+    ):
+        slq(a, lambda t: np.sum(t), num_probes=2, num_matvecs=2)
+    quad = lanczos_quadrature(a, num_probes=2, num_matvecs=2, rng=0)
+    grid = np.linspace(0.0, 4.0, 5)
+    with pytest.raises(TypeError, match="quadrature must be a Quadrature.*got ndarray"):
+        smoothed_density(grid, grid, width=0.1)
+    with pytest.raises(ValueError, match="width must be a positive finite number.*got 0.0"):
+        smoothed_density(quad, grid, width=0.0)
+    with pytest.raises(TypeError, match="width must be a positive real number; got str"):
+        smoothed_density(quad, grid, width="wide")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"grid must be a 1-D array of points; got shape \(5, 1\)"):
+        smoothed_density(quad, grid[:, None], width=0.1)
+    with pytest.raises(ValueError, match="must have the same shape; got"):
+        smoothed_density(Quadrature(quad.nodes, quad.weights[:, :1]), grid, width=0.1)
+    with pytest.raises(TypeError, match="grid must have a real floating-point dtype"):
+        smoothed_density(quad, np.arange(3), width=0.1)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="quadrature.nodes is a numpy array but grid is a torch"):
+        smoothed_density(quad, torch.linspace(0.0, 1.0, 3), width=0.1)
+
+
+def test_importing_linalg_imports_no_framework():
+    code = (
+        "import sys, fisherbound.linalg\n"
+        "bad = [m for m in ('torch', 'jax', 'cupy', 'scipy') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+
+
+def test_hutchinson_enumeration_of_all_sign_vectors_is_exact():
+    # Rows are the 4 sign vectors (0 -> -1, 1 -> +1): mean 5, population variance 4.
+    signs = np.array([[1, 1], [1, 0], [0, 1], [0, 0]], dtype=np.int8)
+    est = hutchinson_trace(A2, num_probes=4, rng=FixedGenerator(signs))
+    assert float(est.value) == 5.0
+    population_variance = float(est.std_error) ** 2 * 4 * (4 - 1) / 4
+    assert population_variance == pytest.approx(4.0, rel=1e-14)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_trace_reference_values(backend, distribution):
+    """THEORY: tr A = 5, Var(vᵀAv) = 4 (Rademacher) and 30 (Gaussian)."""
+    M = 20_000
+    est = hutchinson_trace(backend.asarray(A2), num_probes=M, distribution=distribution, rng=7)
+    assert isinstance(est, Estimate)
+    assert est.num_probes == M
+    assert tuple(est.value.shape) == ()
+    assert tuple(est.std_error.shape) == ()
+    assert_on_backend(est.value, backend)
+    value, se = float(est.value), float(est.std_error)
+    assert abs(value - 5.0) <= 5 * se
+    lam = np.linalg.eigvalsh(A2)
+    if distribution == "rademacher":
+        sigma2 = 2 * (np.sum(A2**2) - np.sum(np.diag(A2) ** 2))  # 4
+        mu4 = sigma2**2  # the centred samples are ±2: a two-point distribution
+    else:
+        sigma2 = 2 * np.sum(A2**2)  # 30
+        k2, k4 = 2 * np.sum(lam**2), 48 * np.sum(lam**4)  # cumulants of Σ λ z²
+        mu4 = k4 + 3 * k2**2
+    assert sigma2 == {"rademacher": 4.0, "gaussian": 30.0}[distribution]
+    assert abs(se**2 * M - sigma2) <= variance_tolerance(mu4, sigma2, M)
+
+
+def test_hutchinson_same_seed_same_value_on_every_backend(backend):
+    a = random_symmetric(6, 3)
+    ref = hutchinson_trace(a, num_probes=5, rng=11)
+    est = hutchinson_trace(backend.asarray(a), num_probes=5, rng=11)
+    assert abs(float(est.value) - float(ref.value)) <= 1e-12
+    assert abs(float(est.std_error) - float(ref.std_error)) <= 1e-12
+    ref_d = hutchinson_diagonal(a, num_probes=5, rng=11, distribution="gaussian")
+    est_d = hutchinson_diagonal(backend.asarray(a), num_probes=5, rng=11, distribution="gaussian")
+    np.testing.assert_allclose(backend.to_numpy(est_d.value), ref_d.value, atol=1e-12)
+
+
+def test_hutchinson_rademacher_is_exact_for_a_diagonal_matrix(backend):
+    d = np.array([3.0, -1.0, 4.0, 1.0, -5.0, 9.0])
+    A = backend.asarray(np.diag(d))
+    tr = hutchinson_trace(A, num_probes=7, rng=0, batch_size=3)
+    assert float(tr.value) == d.sum()
+    assert float(tr.std_error) == 0.0
+    diag = hutchinson_diagonal(A, num_probes=7, rng=0, batch_size=2)
+    assert_on_backend(diag.value, backend)
+    np.testing.assert_array_equal(backend.to_numpy(diag.value), d)
+    np.testing.assert_array_equal(backend.to_numpy(diag.std_error), np.zeros(6))
+
+
+def test_hutchinson_single_probe_has_nan_std_error(backend):
+    est = hutchinson_trace(backend.asarray(A2), num_probes=1, rng=0)
+    assert math.isnan(float(est.std_error))
+    assert float(est.value) in (3.0, 7.0)
+    diag = hutchinson_diagonal(backend.asarray(A2), num_probes=1, rng=0)
+    assert np.all(np.isnan(backend.to_numpy(diag.std_error)))
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_hutchinson_diagonal_unbiased_with_closed_form_variance(cpu_backend, distribution):
+    a = random_symmetric(5, 2)
+    M = 6000
+    est = hutchinson_diagonal(
+        cpu_backend.asarray(a), num_probes=M, distribution=distribution, rng=3, batch_size=1000
+    )
+    value = cpu_backend.to_numpy(est.value)
+    se = cpu_backend.to_numpy(est.std_error)
+    assert value.shape == (5,)
+    assert se.shape == (5,)
+    assert np.all(np.abs(value - np.diag(a)) <= 5 * se)
+    for i in range(5):
+        off = np.sum(np.delete(a[i], i) ** 2)
+        aii = a[i, i]
+        if distribution == "rademacher":
+            # v_i (Av)_i − a_ii = Σ_{j≠i} a_ij ε_j with independent signs ε_j.
+            sigma2 = off
+            mu4 = 3 * off**2 - 2 * np.sum(np.delete(a[i], i) ** 4)
+        else:
+            # a_ii u² + u w with u ~ N(0, 1), w ~ N(0, off): moments by hand.
+            sigma2 = aii**2 + np.sum(a[i] ** 2)
+            mu4 = 60 * aii**4 + 60 * aii**2 * off + 9 * off**2
+        assert abs(se[i] ** 2 * M - sigma2) <= variance_tolerance(mu4, sigma2, M)
+
+
+def test_hutchinson_batches_cover_every_probe_once(cpu_backend):
+    op, count = counting_operator(random_symmetric(4, 5), cpu_backend)
+    est = hutchinson_trace(op, num_probes=10, rng=0, batch_size=4, distribution="gaussian")
+    assert count[0] == 10
+    assert est.num_probes == 10
+    # Gaussian streams do not depend on how they are split into batches.
+    whole = hutchinson_trace(op, num_probes=10, rng=0, distribution="gaussian")
+    assert abs(float(whole.value) - float(est.value)) <= 1e-12
+    assert abs(float(whole.std_error) - float(est.std_error)) <= 1e-12
+
+
+def test_hutchinson_float32_in_float32_out(backend):
+    A = backend.asarray(A2, dtype="float32")
+    assert hutchinson_trace(A, num_probes=3, rng=0).value.dtype == backend.xp.float32
+    d = hutchinson_diagonal(A, num_probes=3, rng=0)
+    assert d.value.dtype == backend.xp.float32
+    assert d.std_error.dtype == backend.xp.float32
+    assert hutchpp_trace(A, num_probes=3, rng=0).value.dtype == backend.xp.float32
+
+
+def test_hutchinson_accepts_a_matrix_free_operator():
+    a = random_symmetric(8, 9)
+    op = LinearOperator((8, 8), matvec=lambda v: a @ v, dtype=np.float64, device=None, xp=np)
+    est = hutchinson_trace(op, num_probes=4000, rng=1)
+    assert abs(float(est.value) - np.trace(a)) <= 5 * float(est.std_error)
+
+
+# ----------------------------------------------------------------------------- Hutch++
+
+
+def test_hutchpp_is_exact_for_low_rank(backend):
+    rng = np.random.default_rng(4)
+    u = rng.standard_normal((20, 3))
+    a = u @ np.diag([5.0, -2.0, 1.0]) @ u.T
+    op, count = counting_operator(a, backend)
+    est = hutchpp_trace(op, num_probes=10, rng=2)  # s = 3 >= rank
+    assert count[0] == 10
+    assert est.num_probes == 10
+    assert_on_backend(est.value, backend)
+    scale = np.linalg.norm(a)
+    assert abs(float(est.value) - np.trace(a)) <= 1e-10 * scale
+    assert float(est.std_error) <= 1e-10 * scale
+
+
+def test_hutchpp_is_unbiased_within_five_standard_errors(cpu_backend):
+    lam = 10.0 / (1.0 + np.arange(40)) ** 1.5 + np.linspace(-0.5, 0.5, 40)
+    a = with_spectrum(lam, seed=3)
+    est = hutchpp_trace(cpu_backend.asarray(a), num_probes=31, distribution="gaussian", rng=5)
+    se = float(est.std_error)
+    assert se > 0
+    assert abs(float(est.value) - lam.sum()) <= 5 * se
+    # The deflation removes the top of the spectrum: the residual error is far below
+    # plain Hutchinson's with the same budget.
+    plain_se = math.sqrt(2 * np.sum(a**2) / 31)
+    assert se < plain_se / 2
+
+
+def test_hutchpp_three_probes_has_nan_std_error():
+    est = hutchpp_trace(with_spectrum([1.0, 2.0, 3.0, 4.0]), num_probes=3, rng=0)
+    assert math.isnan(float(est.std_error))
+    assert math.isfinite(float(est.value))
+
+
+# ----------------------------------------------------------------------------- Lanczos
+
+
+def tridiagonal(res: LanczosResult, backend) -> np.ndarray:
+    alpha, beta = backend.to_numpy(res.alpha), backend.to_numpy(res.beta)
+    return np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+
+
+def test_lanczos_basis_is_orthonormal_and_tridiagonalises(backend):
+    a = random_symmetric(20, 6)
+    op, count = counting_operator(a, backend)
+    res = lanczos(op, num_matvecs=12, rng=1)
+    assert isinstance(res, LanczosResult)
+    assert count[0] == 12
+    assert tuple(res.alpha.shape) == (12,)
+    assert tuple(res.beta.shape) == (11,)
+    assert tuple(res.basis.shape) == (20, 12)
+    assert_on_backend(res.basis, backend)
+    Q = backend.to_numpy(res.basis)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(12), atol=1e-12)
+    np.testing.assert_allclose(
+        Q.T @ a @ Q, tridiagonal(res, backend), atol=1e-12 * np.linalg.norm(a)
+    )
+
+
+def test_lanczos_starts_from_v0(backend):
+    a = random_symmetric(6, 2)
+    v0 = np.arange(1.0, 7.0)
+    res = lanczos(backend.asarray(a), num_matvecs=3, v0=backend.asarray(v0))
+    np.testing.assert_allclose(
+        backend.to_numpy(res.basis)[:, 0], v0 / np.linalg.norm(v0), rtol=1e-14
+    )
+    assert float(res.alpha[0]) == pytest.approx(v0 @ a @ v0 / (v0 @ v0), rel=1e-13)
+    # num_matvecs beyond n is capped at n; a float32 v0 is cast to A's dtype.
+    full = lanczos(backend.asarray(a), num_matvecs=50, v0=backend.asarray(v0, dtype="float32"))
+    assert tuple(full.basis.shape) == (6, 6)
+    assert full.basis.dtype == backend.xp.float64
+
+
+def test_lanczos_breakdown_restarts_and_records_zero_beta(backend):
+    # Three distinct eigenvalues: the Krylov space of any start vector has dimension 3.
+    a = with_spectrum([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], seed=1)
+    res = lanczos(backend.asarray(a), num_matvecs=6, rng=0)
+    beta = backend.to_numpy(res.beta)
+    assert beta[2] == 0.0
+    assert np.all(np.delete(beta, 2) > 1e-8)  # the restarted block is a full Krylov space
+    Q = backend.to_numpy(res.basis)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-12)
+    T = tridiagonal(res, backend)
+    np.testing.assert_allclose(Q.T @ a @ Q, T, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.eigvalsh(T), [1, 1, 2, 2, 3, 3], atol=1e-12)
+
+
+def test_lanczos_of_zero_matrix_restarts_every_step(backend):
+    res = lanczos(backend.asarray(np.zeros((6, 6))), num_matvecs=6, rng=0)
+    np.testing.assert_array_equal(backend.to_numpy(res.beta), np.zeros(5))
+    Q = backend.to_numpy(res.basis)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-12)
+
+
+def test_lanczos_float32(backend):
+    a = random_symmetric(6, 8)
+    res = lanczos(backend.asarray(a, dtype="float32"), num_matvecs=6, rng=0)
+    assert res.alpha.dtype == backend.xp.float32
+    assert res.basis.dtype == backend.xp.float32
+    Q = backend.to_numpy(res.basis).astype(np.float64)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- eigsh
+
+SPECTRUM = np.array([10.0, 10.0, 10.0, 7.0, 6.0, 5.5, 5.0] + list(np.linspace(-3.0, 4.0, 23)))
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_eigsh_matches_dense_eigh_with_multiplicity(backend, which):
+    a = with_spectrum(SPECTRUM, seed=2)
+    n, k = a.shape[0], 4
+    res = eigsh(backend.asarray(a), k=k, which=which, num_matvecs=n, rng=0)
+    assert isinstance(res, EigshResult)
+    dense = np.linalg.eigvalsh(a)
+    expect = {
+        "largest": dense[-k:],
+        "smallest": dense[:k],
+        "both": np.concatenate([dense[:k], dense[-k:]]),
+    }[which]
+    theta = backend.to_numpy(res.eigenvalues)
+    np.testing.assert_allclose(theta, expect, atol=1e-8)
+    if which == "largest":
+        np.testing.assert_allclose(theta[1:], [10.0, 10.0, 10.0], atol=1e-8)
+    Y = backend.to_numpy(res.eigenvectors)
+    assert Y.shape == (n, expect.size)
+    np.testing.assert_allclose(np.linalg.norm(Y, axis=0), 1.0, atol=1e-12)
+    resid = backend.to_numpy(res.residuals)
+    np.testing.assert_allclose(resid, np.linalg.norm(a @ Y - Y * theta, axis=0), atol=1e-10)
+    assert np.all(resid < 1e-8)
+    assert_on_backend(res.eigenvectors, backend)
+
+
+def test_eigsh_both_returns_every_eigenvalue_once_when_2k_exceeds_n(backend):
+    a = with_spectrum([4.0, -1.0, 2.0, 2.0, 0.5, 7.0], seed=5)
+    res = eigsh(backend.asarray(a), k=3, which="both", rng=1)
+    np.testing.assert_allclose(
+        backend.to_numpy(res.eigenvalues), [-1.0, 0.5, 2.0, 2.0, 4.0, 7.0], atol=1e-10
+    )
+    Y = backend.to_numpy(res.eigenvectors)
+    np.testing.assert_allclose(Y.T @ Y, np.eye(6), atol=1e-10)
+
+
+def test_eigsh_rank_deficient_psd(cpu_backend):
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((30, 6))
+    a = g @ g.T  # PSD, rank 6: 24 zero eigenvalues
+    dense = np.linalg.eigvalsh(a)
+    small = eigsh(cpu_backend.asarray(a), k=5, which="smallest", num_matvecs=30, rng=0)
+    np.testing.assert_allclose(cpu_backend.to_numpy(small.eigenvalues), np.zeros(5), atol=1e-8)
+    assert np.all(cpu_backend.to_numpy(small.residuals) < 1e-8)
+    large = eigsh(cpu_backend.asarray(a), k=6, rng=0)  # default num_matvecs = 30 = n
+    np.testing.assert_allclose(cpu_backend.to_numpy(large.eigenvalues), dense[-6:], atol=1e-8)
+
+
+def test_eigsh_default_budget_finds_separated_top_and_repeated_values(cpu_backend):
+    # n = 100 > default m = 60: Lanczos must converge rather than exhaust the space.
+    bulk = np.linspace(0.0, 1.0, 97)
+    a = with_spectrum(np.concatenate([[50.0, 40.0, 30.0], bulk]), seed=7)
+    res = eigsh(cpu_backend.asarray(a), k=3, rng=0)
+    np.testing.assert_allclose(cpu_backend.to_numpy(res.eigenvalues), [30.0, 40.0, 50.0], atol=1e-8)
+    assert np.all(cpu_backend.to_numpy(res.residuals) < 1e-6)
+    # Few distinct eigenvalues: breakdowns and restarts find the multiplicities.
+    b = with_spectrum([5.0] * 4 + [3.0] * 4 + [1.0] * 92, seed=8)
+    res = eigsh(cpu_backend.asarray(b), k=5, rng=0)
+    np.testing.assert_allclose(cpu_backend.to_numpy(res.eigenvalues), [3.0] + [5.0] * 4, atol=1e-8)
+
+
+def test_eigsh_float32(backend):
+    a = with_spectrum([1.0, 2.0, 3.0, 4.0, 8.0, 9.0], seed=1)
+    res = eigsh(backend.asarray(a, dtype="float32"), k=2, rng=0)
+    assert res.eigenvalues.dtype == backend.xp.float32
+    assert res.eigenvectors.dtype == backend.xp.float32
+    np.testing.assert_allclose(backend.to_numpy(res.eigenvalues), [8.0, 9.0], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- SLQ
+
+
+def test_quadrature_weights_sum_to_n(backend):
+    a = random_symmetric(8, 4)
+    op, count = counting_operator(a, backend)
+    quad = lanczos_quadrature(op, num_probes=4, num_matvecs=8, rng=0)
+    assert isinstance(quad, Quadrature)
+    assert count[0] == 32
+    assert tuple(quad.nodes.shape) == (4, 8)
+    assert tuple(quad.weights.shape) == (4, 8)
+    assert_on_backend(quad.weights, backend)
+    w = backend.to_numpy(quad.weights)
+    assert np.all(w >= 0)
+    np.testing.assert_allclose(w.sum(axis=1), 8.0, rtol=1e-12)
+    nodes = backend.to_numpy(quad.nodes)
+    lam = np.linalg.eigvalsh(a)
+    assert np.all(nodes >= lam[0] - 1e-10)
+    assert np.all(nodes <= lam[-1] + 1e-10)
+
+
+def test_slq_identity_equals_hutchinson_on_the_same_probes(backend):
+    a = random_symmetric(8, 1)
+    A = backend.asarray(a)
+    est = slq(A, lambda t: t, num_probes=4, num_matvecs=3, rng=4)
+    ref = hutchinson_trace(A, num_probes=4, rng=4)
+    assert abs(float(est.value) - float(ref.value)) <= 1e-10
+    assert abs(float(est.std_error) - float(ref.std_error)) <= 1e-10
+    assert_on_backend(est.value, backend)
+
+
+def test_slq_is_exact_per_probe_when_num_matvecs_is_n(backend):
+    a = random_symmetric(8, 2) / 2
+    lam, U = np.linalg.eigh(a)
+    exp_a = (U * np.exp(lam)) @ U.T
+    xp = backend.xp
+    est = slq(backend.asarray(a), xp.exp, num_probes=4, num_matvecs=8, rng=9)
+    # The same seed gives the same Rademacher probes to Hutchinson on exp(A).
+    ref = hutchinson_trace(exp_a, num_probes=4, rng=9)
+    assert abs(float(est.value) - float(ref.value)) <= 1e-10
+    assert abs(float(est.std_error) - float(ref.std_error)) <= 1e-10
+
+
+def test_slq_log_det_within_five_standard_errors(cpu_backend):
+    lam = np.linspace(0.5, 4.0, 24)
+    a = with_spectrum(lam, seed=6)
+    xp = cpu_backend.xp
+    est = slq(cpu_backend.asarray(a), xp.log, num_probes=30, num_matvecs=10, rng=3)
+    assert est.num_probes == 30
+    assert abs(float(est.value) - np.sum(np.log(lam))) <= 5 * float(est.std_error)
+
+
+def test_slq_float32(backend):
+    lam = np.arange(1.0, 9.0)
+    a = with_spectrum(lam, seed=0)
+    xp = backend.xp
+    est = slq(backend.asarray(a, dtype="float32"), xp.log1p, num_probes=4, num_matvecs=8, rng=0)
+    assert est.value.dtype == backend.xp.float32
+    assert abs(float(est.value) - np.sum(np.log1p(lam))) <= 5 * float(est.std_error) + 1e-4
+
+
+def test_quadrature_after_breakdown_gives_zero_weight_to_restarted_nodes(backend):
+    # Eigenvectors (1, 1)/√2 (eigenvalue 1) and (1, −1)/√2 (eigenvalue 3): a
+    # Rademacher probe is an eigenvector, so Lanczos breaks down after one step
+    # and the restarted node is the other eigenvalue, with zero weight.
+    a = np.array([[2.0, -1.0], [-1.0, 2.0]])
+    quad = lanczos_quadrature(backend.asarray(a), num_probes=4, num_matvecs=2, rng=0)
+    nodes, w = backend.to_numpy(quad.nodes), backend.to_numpy(quad.weights)
+    np.testing.assert_allclose(nodes, np.tile([1.0, 3.0], (4, 1)), atol=1e-12)
+    assert np.all((np.abs(w) < 1e-12) | (np.abs(w - 2.0) < 1e-12))
+    np.testing.assert_allclose(w.sum(axis=1), 2.0, rtol=1e-12)
+    assert 0 < np.sum(np.abs(w[:, 0] - 2.0) < 1e-12) < 4  # both kinds of probe occur
+
+
+def test_quadrature_weights_group_by_eigenvalue_for_repeated_spectrum(backend):
+    # For A = diag(d) the weight of the node λ is Σ_{i: d_i = λ} v_i² = #{i: d_i = λ}.
+    d = np.array([1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 1.0, 2.0])
+    quad = lanczos_quadrature(backend.asarray(np.diag(d)), num_probes=4, num_matvecs=8, rng=1)
+    nodes, w = backend.to_numpy(quad.nodes), backend.to_numpy(quad.weights)
+    for row in range(4):
+        near_one = np.abs(nodes[row] - 1.0) < 1e-10
+        near_two = np.abs(nodes[row] - 2.0) < 1e-10
+        assert np.all(near_one | near_two)
+        assert w[row, near_one].sum() == pytest.approx(5.0, abs=1e-10)
+        assert w[row, near_two].sum() == pytest.approx(3.0, abs=1e-10)
+
+
+def test_smoothed_density_integrates_to_one(backend):
+    a = with_spectrum(np.linspace(-1.0, 2.0, 8), seed=4)
+    quad = lanczos_quadrature(backend.asarray(a), num_probes=4, num_matvecs=8, rng=0)
+    t = np.linspace(-4.0, 5.0, 3001)
+    phi = smoothed_density(quad, backend.asarray(t), width=0.1)
+    assert_on_backend(phi, backend)
+    phi_np = backend.to_numpy(phi)
+    assert phi_np.shape == (3001,)
+    assert np.all(phi_np >= 0)
+    assert np.sum((phi_np[1:] + phi_np[:-1]) / 2 * np.diff(t)) == pytest.approx(1.0, abs=1e-9)
+    f32 = smoothed_density(quad, backend.asarray(t, dtype="float32"), width=0.1)
+    assert f32.dtype == backend.xp.float32
+
+
+def test_smoothed_density_pointwise_formula():
+    quad = Quadrature(np.array([[0.0, 1.0]]), np.array([[1.5, 0.5]]))  # n = 2, M = 1
+    phi = smoothed_density(quad, np.array([0.0, 1.0]), width=0.5)
+    pdf = lambda x: np.exp(-0.5 * (x / 0.5) ** 2) / (0.5 * math.sqrt(2 * math.pi))  # noqa: E731
+    expect = np.array([1.5 * pdf(0.0) + 0.5 * pdf(1.0), 1.5 * pdf(1.0) + 0.5 * pdf(0.0)]) / 2
+    np.testing.assert_allclose(phi, expect, rtol=1e-14)
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(-3, 3), min_size=1, max_size=7),
+    st.integers(0, 2**16),
+)
+def test_lanczos_full_budget_recovers_spectrum_with_multiplicity(values, seed):
+    lam = np.array(values, dtype=np.float64)
+    a = with_spectrum(lam, seed=seed)
+    n = lam.size
+    res = eigsh(a, k=n, which="smallest", num_matvecs=n, rng=seed)
+    np.testing.assert_allclose(res.eigenvalues, np.sort(lam), atol=1e-9)
+    lz = lanczos(a, num_matvecs=n, rng=seed)
+    np.testing.assert_allclose(lz.basis.T @ lz.basis, np.eye(n), atol=1e-11)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.floats(-10, 10, allow_nan=False), min_size=1, max_size=6),
+    st.integers(1, 5),
+    st.integers(0, 2**16),
+)
+def test_rademacher_hutchinson_of_diagonal_is_exact(d, num_probes, seed):
+    a = np.diag(np.array(d))
+    diag = hutchinson_diagonal(a, num_probes=num_probes, rng=seed)
+    np.testing.assert_allclose(diag.value, d, rtol=1e-14, atol=1e-14)
+    tr = hutchinson_trace(a, num_probes=num_probes, rng=seed)
+    assert float(tr.value) == pytest.approx(sum(d), rel=1e-12, abs=1e-12)

@@ -1,0 +1,540 @@
+"""The JAX adapter: exact products of any apply_fn(params, x) with pytree params.
+
+Two float64 models written as pure functions: a 2-hidden-layer tanh MLP whose
+params are a list of dicts, and a residual block with hand-written layer
+normalisation whose params are nested flax-style dicts. Every product is checked
+against finite differences, brute-force Jacobians (jax.jacrev) and each other;
+linearizations are built once per module (compilation costs seconds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.flatten_util import ravel_pytree
+
+from fisherbound.adapters.jax import JaxLinearization, linearizations, linearize
+from fisherbound.linearization import Linearization
+
+N, D_IN, HIDDEN, C = 5, 4, 7, 3
+
+
+# ----------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------
+
+
+def mlp_apply(params: list[dict[str, Any]], x: Any) -> Any:
+    h = x
+    for layer in params[:-1]:
+        h = jnp.tanh(h @ layer["w"] + layer["b"])
+    return h @ params[-1]["w"] + params[-1]["b"]
+
+
+def mlp_params(rng: np.random.Generator, dtype: Any = np.float64) -> list[dict[str, Any]]:
+    sizes = [D_IN, HIDDEN, HIDDEN, C]
+    return [
+        {
+            "w": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), dtype=dtype),
+            "b": jnp.asarray(0.3 * rng.normal(size=(b,)), dtype=dtype),
+        }
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
+
+
+def layer_norm(h: Any, p: dict[str, Any]) -> Any:
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    var = jnp.mean((h - mean) ** 2, axis=-1, keepdims=True)
+    return (h - mean) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def residual_apply(params: dict[str, Any], x: Any) -> Any:
+    h = x @ params["embed"]["kernel"] + params["embed"]["bias"]
+    block = params["block"]
+    h = h + jnp.tanh(layer_norm(h, block["norm"]) @ block["dense"]["kernel"])
+    h = layer_norm(h, params["final_norm"])
+    return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def residual_params(rng: np.random.Generator) -> dict[str, Any]:
+    def dense(a: int, b: int, bias: bool = True) -> dict[str, Any]:
+        out = {"kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a))}
+        if bias:
+            out["bias"] = jnp.asarray(0.3 * rng.normal(size=(b,)))
+        return out
+
+    def norm(d: int) -> dict[str, Any]:
+        return {
+            "scale": jnp.asarray(1.0 + 0.2 * rng.normal(size=(d,))),
+            "bias": jnp.asarray(0.2 * rng.normal(size=(d,))),
+        }
+
+    return {
+        "embed": dense(D_IN, HIDDEN),
+        "block": {"norm": norm(HIDDEN), "dense": dense(HIDDEN, HIDDEN, bias=False)},
+        "final_norm": norm(HIDDEN),
+        "head": dense(HIDDEN, C),
+    }
+
+
+@dataclass
+class Case:
+    name: str
+    apply_fn: Callable[..., Any]
+    params: Any
+    x: Any
+    lin: JaxLinearization
+    jacobian: np.ndarray  # brute force (N, C, D), jax.jacrev of the flat function
+
+    def logits_at(self, theta: Any) -> np.ndarray:
+        return np.asarray(self.apply_fn(self.lin.unravel(theta), self.x))
+
+
+def _make_case(name: str) -> Case:
+    rng = np.random.default_rng(0 if name == "mlp" else 1)
+    if name == "mlp":
+        apply_fn, params = mlp_apply, mlp_params(rng)
+    else:
+        apply_fn, params = residual_apply, residual_params(rng)
+    x = jnp.asarray(rng.normal(size=(N, D_IN)))
+    lin = linearize(apply_fn, params, x)
+    flat, unravel = ravel_pytree(params)
+    jac = jax.jacrev(lambda t: apply_fn(unravel(t), x))(flat)
+    return Case(name, apply_fn, params, x, lin, np.asarray(jac))
+
+
+@pytest.fixture(scope="module", params=["mlp", "residual"])
+def case(request: pytest.FixtureRequest) -> Case:
+    return _make_case(request.param)
+
+
+@pytest.fixture(scope="module")
+def mlp_case() -> Case:
+    return _make_case("mlp")
+
+
+def rand(rng: np.random.Generator, *shape: int) -> Any:
+    return jnp.asarray(rng.normal(size=shape))
+
+
+# ----------------------------------------------------------------------------
+# The contract
+# ----------------------------------------------------------------------------
+
+
+def test_protocol_namespace_dtype_device(case: Case) -> None:
+    lin = case.lin
+    assert isinstance(lin, Linearization)
+    assert lin.xp is jnp
+    assert lin.logits.shape == (N, C)
+    assert lin.dtype == jnp.float64
+    assert lin.device == jax.devices("cpu")[0]
+    np.testing.assert_allclose(
+        np.asarray(lin.logits), np.asarray(case.apply_fn(case.params, case.x)), atol=1e-13
+    )
+    out = lin.vjp(rand(np.random.default_rng(2), N, C))
+    assert isinstance(out, jax.Array)
+    assert out.dtype == jnp.float64
+
+
+def test_jvp_matches_central_differences(case: Case) -> None:
+    lin = case.lin
+    rng = np.random.default_rng(3)
+    theta = lin.flat_params
+    for _ in range(3):
+        v = rand(rng, lin.num_params)
+        v = v / jnp.linalg.vector_norm(v)
+        eps = 1e-4
+        fd = (case.logits_at(theta + eps * v) - case.logits_at(theta - eps * v)) / (2 * eps)
+        # Central differences err by eps² |z'''| / 6 (|z'''| = O(1) here for a unit v)
+        # plus rounding 1e-16 |z| / eps: 1e-7 bounds both with room to spare.
+        np.testing.assert_allclose(np.asarray(lin.jvp(v)), fd, atol=1e-7, rtol=0)
+
+
+def test_adjointness(case: Case) -> None:
+    lin = case.lin
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        u, v = rand(rng, N, C), rand(rng, lin.num_params)
+        lhs = float(jnp.sum(u * lin.jvp(v)))
+        rhs = float(jnp.sum(lin.vjp(u) * v))
+        scale = float(jnp.linalg.vector_norm(u) * jnp.linalg.vector_norm(lin.vjp(u)))
+        assert abs(lhs - rhs) <= 1e-12 * max(1.0, scale)
+
+
+def test_dense_jacobian_from_jvps_equals_from_vjps_and_brute_force(case: Case) -> None:
+    lin = case.lin
+    d = lin.num_params
+    eye_d = jnp.eye(d, dtype=jnp.float64)
+    eye_nc = jnp.eye(N * C, dtype=jnp.float64)
+    from_jvp = np.stack([np.asarray(lin.jvp(eye_d[i])) for i in range(d)], axis=-1)
+    from_vjp = np.stack(
+        [np.asarray(lin.vjp(jnp.reshape(eye_nc[r], (N, C)))) for r in range(N * C)], axis=0
+    ).reshape(N, C, d)
+    np.testing.assert_allclose(from_jvp, from_vjp, atol=1e-12, rtol=0)
+    np.testing.assert_allclose(from_jvp, case.jacobian, atol=1e-12, rtol=0)
+
+
+def test_batched_products_equal_loops(case: Case) -> None:
+    lin = case.lin
+    rng = np.random.default_rng(5)
+    V, U = rand(rng, 4, lin.num_params), rand(rng, 4, N, C)
+    jb, vb = np.asarray(lin.jvp_batch(V)), np.asarray(lin.vjp_batch(U))
+    assert jb.shape == (4, N, C)
+    assert vb.shape == (4, lin.num_params)
+    for m in range(4):
+        np.testing.assert_allclose(jb[m], np.asarray(lin.jvp(V[m])), atol=1e-13, rtol=0)
+        np.testing.assert_allclose(vb[m], np.asarray(lin.vjp(U[m])), atol=1e-13, rtol=0)
+
+
+def test_per_example_vjp_equals_masked_vjp(case: Case) -> None:
+    lin = case.lin
+    rng = np.random.default_rng(6)
+    K = 2
+    U = rand(rng, N, K, C)
+    g = np.asarray(lin.per_example_vjp(U))
+    assert g.shape == (N, K, lin.num_params)
+    for n in range(N):
+        mask = np.zeros((N, 1))
+        mask[n] = 1.0
+        for k in range(K):
+            masked = lin.vjp(U[:, k, :] * jnp.asarray(mask))
+            np.testing.assert_allclose(g[n, k], np.asarray(masked), atol=1e-12, rtol=0)
+    # and against brute force: J_nᵀ U[n, k]
+    brute = np.einsum("nkc,ncd->nkd", np.asarray(U), case.jacobian)
+    np.testing.assert_allclose(g, brute, atol=1e-12, rtol=0)
+    # A slice of the batch gives the same rows without a new forward pass.
+    part = np.asarray(lin.per_example_vjp(U[1:3], examples=slice(1, 3)))
+    np.testing.assert_allclose(part, g[1:3], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("max_vectors", [1, 2, 7, None])
+def test_sum_squared_per_example_vjp(case: Case, max_vectors: int | None) -> None:
+    lin = case.lin
+    U = rand(np.random.default_rng(7), N, C, C)
+    g = np.asarray(lin.per_example_vjp(U))
+    expected = np.sum(g * g, axis=0)
+    got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
+    assert got.shape == (C, lin.num_params)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_sum_squared_with_no_cotangents(mlp_case: Case) -> None:
+    out = mlp_case.lin.sum_squared_per_example_vjp(jnp.ones((N, 0, C)))
+    assert out.shape == (0, mlp_case.lin.num_params)
+    assert out.dtype == jnp.float64
+
+
+def test_unhashable_apply_fn_still_works() -> None:
+    class Model:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, p: Any, x: Any) -> Any:
+            return x @ p
+
+    lin = linearize(Model(), jnp.ones((2, 3)), jnp.ones((4, 2)))
+    np.testing.assert_allclose(np.asarray(lin.vjp(jnp.ones((4, 3)))), np.full(6, 4.0))
+
+
+def test_block_layout_mlp(mlp_case: Case) -> None:
+    lin = mlp_case.lin
+    names = [b.name for b in lin.blocks]
+    assert names == ["[0].b", "[0].w", "[1].b", "[1].w", "[2].b", "[2].w"]
+    shapes = [b.shape for b in lin.blocks]
+    h = HIDDEN
+    assert shapes == [(h,), (D_IN, h), (h,), (h, h), (C,), (h, C)]
+    offsets = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    assert [b.offset for b in lin.blocks] == list(offsets[:-1])
+    assert lin.num_params == offsets[-1]
+    theta = np.asarray(lin.flat_params)
+    flat, _ = ravel_pytree(mlp_case.params)
+    np.testing.assert_array_equal(theta, np.asarray(flat))
+    # each block is the row-major ravel of its leaf
+    leaves = [layer[key] for layer in mlp_case.params for key in ("b", "w")]
+    for block, leaf in zip(lin.blocks, leaves, strict=True):
+        piece = theta[block.offset : block.offset + block.size].reshape(block.shape)
+        np.testing.assert_array_equal(piece, np.asarray(leaf))
+    back = lin.unravel(lin.flat_params)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(mlp_case.params)
+    np.testing.assert_array_equal(np.asarray(back[1]["w"]), np.asarray(mlp_case.params[1]["w"]))
+
+
+def test_block_names_nested_dicts_and_other_pytrees() -> None:
+    params = residual_params(np.random.default_rng(1))
+    lin = linearize(residual_apply, params, jnp.ones((2, D_IN)))
+    assert [b.name for b in lin.blocks] == [
+        "block.dense.kernel",
+        "block.norm.bias",
+        "block.norm.scale",
+        "embed.bias",
+        "embed.kernel",
+        "final_norm.bias",
+        "final_norm.scale",
+        "head.bias",
+        "head.kernel",
+    ]
+    assert lin.blocks[0].shape == (HIDDEN, HIDDEN)
+    x = jnp.ones((4, 2))
+    single = linearize(lambda w, x: x @ w, jnp.ones((2, 3)), x)
+    assert [(b.name, b.shape) for b in single.blocks] == [("params", (2, 3))]
+    nested = linearize(
+        lambda p, x: x @ p["layers"][1][0] + p["layers"][0],
+        {"layers": [jnp.zeros(3), (jnp.ones((2, 3)),)]},
+        jnp.ones((4, 2)),
+    )
+    assert [b.name for b in nested.blocks] == ["layers[0]", "layers[1][0]"]
+    int_keys = linearize(lambda p, x: x @ p[1] + p[0], {1: jnp.ones((2, 3)), 0: jnp.zeros(3)}, x)
+    assert [b.name for b in int_keys.blocks] == ["[0]", "[1]"]
+    clash = linearize(
+        lambda p, x: x @ p["a"]["b"] + p["a.b"],
+        {"a.b": jnp.zeros(3), "a": {"b": jnp.ones((2, 3))}},
+        jnp.ones((4, 2)),
+    )
+    assert [b.name for b in clash.blocks] == ["['a']['b']", "['a.b']"]
+
+
+def test_matches_numpy_reference_mlp() -> None:
+    """The same weights in the NumPy reference adapter give the same numbers."""
+    from fisherbound.adapters.numpy import MLP
+    from fisherbound.adapters.numpy import linearize as np_linearize
+
+    rng = np.random.default_rng(8)
+    sizes = [D_IN, HIDDEN, C]
+    weights = [rng.normal(size=(b, a)) / np.sqrt(a) for a, b in zip(sizes, sizes[1:])]
+    biases = [0.3 * rng.normal(size=(b,)) for b in sizes[1:]]
+    x = rng.normal(size=(N, D_IN))
+    ref = np_linearize(MLP(weights, biases, activation="tanh"), x)
+
+    def apply_fn(params: list[tuple[Any, Any]], x: Any) -> Any:
+        (w0, b0), (w1, b1) = params
+        return jnp.tanh(x @ w0.T + b0) @ w1.T + b1
+
+    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(weights, biases, strict=True)]
+    lin = linearize(apply_fn, params, x)
+    assert [b.shape for b in lin.blocks] == [b.shape for b in ref.blocks]
+    V, U = rng.normal(size=(3, lin.num_params)), rng.normal(size=(3, N, C))
+    W = rng.normal(size=(N, 2, C))
+    pairs = [
+        (lin.logits, ref.logits),
+        (lin.jvp_batch(jnp.asarray(V)), ref.jvp_batch(V)),
+        (lin.vjp_batch(jnp.asarray(U)), ref.vjp_batch(U)),
+        (lin.sum_squared_per_example_vjp(jnp.asarray(W)), ref.sum_squared_per_example_vjp(W)),
+    ]
+    for got, want in pairs:
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-12, rtol=1e-12)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), a=st.floats(-3, 3), b=st.floats(-3, 3))
+def test_jvp_is_linear_and_vjp_adjoint(mlp_case: Case, seed: int, a: float, b: float) -> None:
+    lin = mlp_case.lin
+    rng = np.random.default_rng(seed)
+    v, w, u = rand(rng, lin.num_params), rand(rng, lin.num_params), rand(rng, N, C)
+    np.testing.assert_allclose(
+        np.asarray(lin.jvp(a * v + b * w)),
+        np.asarray(a * lin.jvp(v) + b * lin.jvp(w)),
+        atol=1e-12,
+    )
+    lhs, rhs = float(jnp.vdot(u, lin.jvp(v))), float(jnp.vdot(lin.vjp(u), v))
+    assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+
+
+# ----------------------------------------------------------------------------
+# dtype, streaming, compilation reuse
+# ----------------------------------------------------------------------------
+
+
+def test_float32_parameters_give_float32_products() -> None:
+    params = mlp_params(np.random.default_rng(9), dtype=np.float32)
+    x = jnp.ones((3, D_IN), dtype=jnp.float32)
+    lin = linearize(mlp_apply, params, x)
+    assert lin.dtype == jnp.float32
+    assert lin.logits.dtype == jnp.float32
+    v64 = jnp.ones(lin.num_params, dtype=jnp.float64)  # cast to the parameters' dtype
+    assert lin.jvp(v64).dtype == jnp.float32
+    assert lin.vjp(jnp.ones((3, C), dtype=jnp.float32)).dtype == jnp.float32
+
+
+def test_linearizations_streams_batches_lazily() -> None:
+    rng = np.random.default_rng(10)
+    params = mlp_params(rng)
+    xs = [rng.normal(size=(n, D_IN)) for n in (3, 3, 2)]
+    batches = [(xs[0], np.zeros(3)), [jnp.asarray(xs[1])], xs[2]]
+    consumed: list[int] = []
+
+    def source() -> Any:
+        for i, batch in enumerate(batches):
+            consumed.append(i)
+            yield batch
+
+    stream = linearizations(mlp_apply, params, source())
+    assert consumed == []
+    first = next(stream)
+    assert consumed == [0]
+    lins = [first, *stream]
+    assert [lin.num_inputs for lin in lins] == [3, 3, 2]
+    u = rand(rng, 3, C)
+    for lin, x in zip(lins[:2], xs[:2], strict=True):
+        direct = linearize(mlp_apply, params, x)
+        np.testing.assert_allclose(np.asarray(lin.logits), np.asarray(direct.logits), atol=1e-13)
+        np.testing.assert_allclose(np.asarray(lin.vjp(u)), np.asarray(direct.vjp(u)), atol=1e-14)
+
+
+def test_pytree_inputs_and_dict_batches() -> None:
+    def apply_fn(p: Any, batch: dict[str, Any]) -> Any:
+        return batch["a"] @ p["w"] + batch["b"][:, None] * p["v"]
+
+    params = {"w": jnp.ones((2, 3)), "v": jnp.arange(3.0)}
+    batch = {"a": jnp.ones((4, 2)), "b": jnp.arange(4.0)}
+    (lin,) = list(linearizations(apply_fn, params, [batch]))
+    assert lin.logits.shape == (4, 3)
+    U = rand(np.random.default_rng(11), 4, 2, 3)
+    g = np.asarray(lin.per_example_vjp(U))
+    masked = lin.vjp(U[:, 1, :] * jnp.asarray([[0.0], [0.0], [1.0], [0.0]]))
+    np.testing.assert_allclose(g[2, 1], np.asarray(masked), atol=1e-13)
+
+
+def test_batches_of_one_shape_compile_once() -> None:
+    calls = []
+
+    def apply_fn(p: Any, x: Any) -> Any:
+        calls.append(1)  # runs once per trace, never per evaluation
+        return jnp.tanh(x @ p["w"])
+
+    params = {"w": jnp.ones((2, 3))}
+    rng = np.random.default_rng(12)
+    data = [rng.normal(size=(4, 2)) for _ in range(3)]
+    lins = list(linearizations(apply_fn, params, data))
+    assert len(calls) == 1
+    lin2 = linearize(apply_fn, params, data[0])
+    assert len(calls) == 1
+    for lin in [*lins, lin2]:
+        lin.vjp(jnp.ones((4, 3)))
+    assert len(calls) == 1  # the VJP transposes the stored linear map: no retrace
+    np.testing.assert_allclose(np.asarray(lins[0].logits), np.asarray(lin2.logits), atol=1e-13)
+
+
+# ----------------------------------------------------------------------------
+# Bad input messages
+# ----------------------------------------------------------------------------
+
+
+def test_bad_apply_fn_and_params() -> None:
+    x = jnp.ones((4, 2))
+    f = lambda p, x: x @ p["w"]  # noqa: E731
+    with pytest.raises(TypeError, match=r"apply_fn must be a callable .* got builtins.int"):
+        linearize(3, {"w": jnp.ones((2, 3))}, x)
+    with pytest.raises(ValueError, match=r"params must hold at least one array leaf; got an empty"):
+        linearize(f, {}, x)
+    with pytest.raises(
+        TypeError, match=r"params leaf 'w' must be a floating-point array; got float"
+    ):
+        linearize(f, {"w": 1.5}, x)
+    with pytest.raises(TypeError, match=r"params leaf 'w' must have a real floating-point dtype"):
+        linearize(f, {"w": jnp.ones((2, 3), dtype=jnp.int32)}, x)
+    mixed = {"w": jnp.ones((2, 3)), "v": jnp.ones(3, dtype=jnp.float32)}
+    with pytest.raises(TypeError, match=r"one dtype; 'v' is float32 but 'w' is float64"):
+        linearize(f, mixed, x)
+
+
+def test_float64_without_x64_is_refused() -> None:
+    with (
+        jax.enable_x64(False),
+        pytest.raises(TypeError, match=r"'\[0\]' is float64 but JAX runs in 32-bit mode"),
+    ):
+        linearize(lambda p, x: x @ p[0], [np.ones((2, 3))], np.ones((4, 2), dtype=np.float32))
+
+
+def test_bad_inputs() -> None:
+    f = lambda p, x: x @ p  # noqa: E731
+    w = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match=r"inputs must be an array .* got an empty dict"):
+        linearize(f, w, {})
+    with pytest.raises(ValueError, match=r"inputs must have a leading batch axis .* 0-d"):
+        linearize(f, w, jnp.asarray(1.0))
+    with pytest.raises(ValueError, match=r"same leading batch size N; inputs\['a'\] has 4 but"):
+        linearize(lambda p, b: b["a"] @ p, w, {"a": jnp.ones((4, 2)), "b": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"at least one example; got batch size 0"):
+        linearize(f, w, jnp.ones((0, 2)))
+    with pytest.raises(TypeError, match=r"inputs\['s'\] must be an array; got builtins.str"):
+        linearize(lambda p, b: b["a"] @ p, w, {"a": jnp.ones((4, 2)), "s": "text"})
+
+
+def test_bad_logits() -> None:
+    w, x = jnp.ones((2, 3)), jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"logits of shape \(N, C\); got shape \(4,\)"):
+        linearize(lambda p, x: jnp.sum(x @ p, axis=1), w, x)
+    with pytest.raises(
+        ValueError, match=r"one row of logits per example; got shape \(1, 3\) for 4"
+    ):
+        linearize(lambda p, x: jnp.sum(x @ p, axis=0, keepdims=True), w, x)
+    with pytest.raises(TypeError, match=r"real floating-point logits; got dtype int32\. Return"):
+        linearize(lambda p, x: (x @ p > 0).astype(jnp.int32), w, x)
+    with pytest.raises(TypeError, match=r"logits in the parameters' dtype float64; got float32"):
+        linearize(lambda p, x: (x @ p).astype(jnp.float32), w, x)
+    with pytest.raises(TypeError, match=r"must return an array of logits \(N, C\); got tuple"):
+        linearize(lambda p, x: (x @ p, x @ p), w, x)
+    bad_x = x.at[2, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"must be finite; got NaN in rows \[2\]\. Check the"):
+        linearize(lambda p, x: x @ p, w, bad_x)
+
+
+def test_bad_operands(mlp_case: Case) -> None:
+    lin = mlp_case.lin
+    d = lin.num_params
+    with pytest.raises(ValueError, match=rf"v must have shape \(D,\) = \({d}\); got shape \(3,\)"):
+        lin.jvp(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"u must have shape \(N, C\) = \(5, 3\); got shape"):
+        lin.vjp(jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match=rf"V must have shape \(M, D\) = \(M, {d}\)"):
+        lin.jvp_batch(jnp.ones(d))
+    with pytest.raises(ValueError, match=r"U must have shape \(M, N, C\) = \(M, 5, 3\)"):
+        lin.vjp_batch(jnp.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match=r"U must have shape \(n, K, C\) = \(5, M, 3\)"):
+        lin.per_example_vjp(jnp.ones((5, 3)))
+    with pytest.raises(ValueError, match=r"U must have shape \(n, K, C\) = \(2, M, 3\)"):
+        lin.per_example_vjp(jnp.ones((5, 1, 3)), examples=slice(1, 3))
+    with pytest.raises(ValueError, match=r"U must have shape \(N, K, C\)"):
+        lin.sum_squared_per_example_vjp(jnp.ones((4, 1, 3)))
+    with pytest.raises(TypeError, match=r"v is a numpy array but the linearization's logits is a"):
+        lin.jvp(np.ones(d))
+    with pytest.raises(TypeError, match=r"u must have a real floating-point dtype"):
+        lin.vjp(jnp.ones((N, C), dtype=jnp.int32))
+    with pytest.raises(ValueError, match=r"max_vectors must be an integer >= 1; got 0"):
+        lin.sum_squared_per_example_vjp(jnp.ones((N, 1, C)), max_vectors=0)
+    with pytest.raises(ValueError, match=r"v must have shape \(D,\)"):
+        lin.unravel(jnp.ones(2))
+
+
+def test_custom_vjp_model_has_no_jvp_but_vjp_works() -> None:
+    @jax.custom_vjp
+    def square(h: Any) -> Any:
+        return h * h
+
+    square.defvjp(lambda h: (h * h, h), lambda h, g: (2.0 * h * g,))
+    w, x = jnp.arange(6.0).reshape(2, 3) / 6, jnp.ones((4, 2))
+    lin = linearize(lambda p, x: square(x @ p), w, x)
+    with pytest.raises(NotImplementedError, match=r"jvp is unavailable: apply_fn uses a jax"):
+        lin.jvp(jnp.ones(6))
+    u = jnp.ones((4, 3))
+    expected = jax.grad(lambda p: jnp.sum(square(x @ p) * u))(w)
+    np.testing.assert_allclose(np.asarray(lin.vjp(u)), np.ravel(np.asarray(expected)), rtol=1e-14)
+
+
+def test_bad_batches() -> None:
+    f, w = (lambda p, x: x @ p), jnp.ones((2, 3))
+    with pytest.raises(TypeError, match=r"batches must be an iterable of batches .* got int"):
+        linearizations(f, w, 3)
+    with pytest.raises(TypeError, match=r"batches must be an iterable .* got ndarray"):
+        linearizations(f, w, np.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"batch 1 must be an inputs array or a non-empty tuple"):
+        list(linearizations(f, w, [jnp.ones((4, 2)), ()]))

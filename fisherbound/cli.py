@@ -27,7 +27,9 @@ def _demo(args: argparse.Namespace) -> int:
     z = np.log(np.array([0.7, 0.2, 0.1]))
     lo, hi = family.lambda_max_bounds(z)
     print("Core space, p = (0.7, 0.2, 0.1)")
-    print(f"  spectrum of I_Δ (secular equation): {np.array2string(family.eigvalsh(z), precision=10)}")
+    print(
+        f"  spectrum of I_Δ (secular equation): {np.array2string(family.eigvalsh(z), precision=10)}"
+    )
     print(f"  λ_max bounds (Theorem 1):           [{float(lo):.6f}, {float(hi):.6f}]")
     print(f"  pseudo-determinant C·Π p:            {float(family.pseudo_determinant(z)):.6f}")
 

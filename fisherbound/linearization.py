@@ -35,6 +35,7 @@ Array = Any
 
 __all__ = [
     "Linearization",
+    "example_range",
     "LinearizationBase",
     "ParameterBlock",
     "as_linearizations",
@@ -62,6 +63,20 @@ def make_blocks(named_shapes: Iterable[tuple[str, tuple[int, ...]]]) -> tuple[Pa
     return tuple(blocks)
 
 
+def example_range(examples: slice | None, num_inputs: int) -> tuple[int, int]:
+    """(start, stop) of a contiguous slice of the batch; None means all examples."""
+    if examples is None:
+        return 0, num_inputs
+    if not isinstance(examples, slice) or examples.step not in (None, 1):
+        msg = f"examples must be a contiguous slice(start, stop) or None; got {examples!r}."
+        raise TypeError(msg)
+    start, stop, _ = examples.indices(num_inputs)
+    if stop <= start:
+        msg = f"examples must select at least one of the {num_inputs} examples; got {examples!r}."
+        raise ValueError(msg)
+    return start, stop
+
+
 @runtime_checkable
 class Linearization(Protocol):
     """The protocol every adapter implements for one batch (see module docstring)."""
@@ -86,7 +101,7 @@ class Linearization(Protocol):
 
     def vjp_batch(self, U: Array, /) -> Array: ...
 
-    def per_example_vjp(self, U: Array, /) -> Array: ...
+    def per_example_vjp(self, U: Array, /, *, examples: slice | None = ...) -> Array: ...
 
     def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int = ...) -> Array: ...
 
@@ -163,21 +178,22 @@ class LinearizationBase:
         xp = self._xp
         return xp.stack([self.vjp(U[m, ...]) for m in range(U.shape[0])], axis=0)
 
-    def per_example_vjp(self, U: Array, /) -> Array:
-        """J_nᵀ U[n, k] for cotangents ``U`` (N, K, C); returns (N, K, D).
+    def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
+        """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        Generic default: one masked VJP per (example, cotangent) pair; adapters
-        override it with a vectorised map.
+        ``U`` has shape (n, K, C) with n the length of the slice ``examples``
+        (default: all N examples). Generic default: one masked batched VJP per
+        example; adapters override it with a vectorised map.
         """
         xp = self._xp
-        n, k, c = U.shape
+        start, stop = example_range(examples, self.num_inputs)
+        n_all = self.num_inputs
+        _, k, c = U.shape
         rows = []
-        for i in range(n):
-            # Cotangent that is U[i, j] on example i and zero elsewhere.
-            mask = xp.reshape(
-                xp.astype(xp.arange(n, device=self.device) == i, U.dtype), (1, n, 1)
-            )
-            Ui = xp.reshape(U[i, ...], (k, 1, c)) * mask
+        for i in range(start, stop):
+            # Cotangent that is U[i - start, j] on example i and zero elsewhere.
+            hot = xp.astype(xp.arange(n_all, device=self.device) == i, U.dtype)
+            Ui = xp.reshape(U[i - start, ...], (k, 1, c)) * xp.reshape(hot, (1, n_all, 1))
             rows.append(self.vjp_batch(Ui))
         return xp.stack(rows, axis=0)
 
@@ -194,9 +210,26 @@ class LinearizationBase:
         chunk = max(1, budget // max(k, 1))
         total = xp.zeros((k, self.num_params), dtype=U.dtype, device=self.device)
         for start in range(0, n, chunk):
-            g = self.per_example_vjp(U[start : min(n, start + chunk), ...])
+            stop = min(n, start + chunk)
+            g = self.per_example_vjp(U[start:stop, ...], examples=slice(start, stop))
             total = total + xp.sum(g * g, axis=0)
         return total
+
+    def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
+        """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, C, D).
+
+        Needed by the variance of the Hessian-based Fisher estimator Î_2
+        (``fisherbound.variance``, THEORY §4). Exact, never through a D × D Hessian.
+        First-order products cannot give it, so there is no generic default: each
+        adapter implements it (NumPy reference models by hand, torch and JAX by
+        forward-over-forward differentiation along each coordinate).
+        """
+        msg = (
+            f"{type(self).__name__} does not provide output_second_derivative_diagonal "
+            "(the diagonal second derivatives ∂²z/∂θ_i² of the outputs); use an adapter "
+            "that does (fisherbound.adapters.numpy, .torch, .jax) or implement it."
+        )
+        raise NotImplementedError(msg)
 
 
 def as_linearizations(source: Any) -> Iterator[Any]:

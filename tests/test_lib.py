@@ -19,12 +19,24 @@ from fisherbound._lib._estimate import estimate_from_samples
 def test_same_seed_same_probes_on_every_backend(backend) -> None:
     xp = backend.xp
     ref = np.random.default_rng(7).integers(0, 2, size=(4, 3), dtype=np.int8) * 2.0 - 1.0
-    got = probes(as_generator(7), (4, 3), distribution="rademacher", xp=xp,
-                 dtype=xp.float64, device=backend.device)
+    got = probes(
+        as_generator(7),
+        (4, 3),
+        distribution="rademacher",
+        xp=xp,
+        dtype=xp.float64,
+        device=backend.device,
+    )
     np.testing.assert_array_equal(backend.to_numpy(got), np.asarray(ref))
     assert set(np.unique(backend.to_numpy(got))) <= {-1.0, 1.0}
-    g = probes(as_generator(7), (5,), distribution="gaussian", xp=xp, dtype=xp.float64,
-               device=backend.device)
+    g = probes(
+        as_generator(7),
+        (5,),
+        distribution="gaussian",
+        xp=xp,
+        dtype=xp.float64,
+        device=backend.device,
+    )
     np.testing.assert_array_equal(backend.to_numpy(g), np.random.default_rng(7).standard_normal(5))
 
 
@@ -59,7 +71,9 @@ def test_check_logits_messages(backend) -> None:
         check_logits(backend.asarray(1.0))
     with pytest.raises(TypeError, match="real floating-point dtype"):
         check_logits(backend.asarray([[1, 2]], dtype="int64"))
-    with pytest.raises(ValueError, match=r"at least 2 classes on its last axis; got shape \(3, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"at least 2 classes on its last axis; got shape \(3, 1\)"
+    ):
         check_logits(backend.asarray(np.zeros((3, 1))), min_classes=2)
     assert check_logits(backend.asarray([[0.0, 1.0]])) is not None
 

@@ -18,10 +18,10 @@ from fisherbound._lib._namespace import (
 )
 from fisherbound._lib._random import as_generator, probes, uniform
 from fisherbound._lib._validation import (
+    check_choice,
     check_floating,
     check_logits,
     check_positive_int,
-    check_choice,
 )
 
 __all__ = [

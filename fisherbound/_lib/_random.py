@@ -22,10 +22,7 @@ def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
         return rng
     if rng is None or (isinstance(rng, int | np.integer) and not isinstance(rng, bool)):
         return np.random.default_rng(rng)
-    msg = (
-        "rng must be a numpy.random.Generator, an int seed or None; "
-        f"got {type(rng).__name__}."
-    )
+    msg = f"rng must be a numpy.random.Generator, an int seed or None; got {type(rng).__name__}."
     raise TypeError(msg)
 
 

@@ -20,7 +20,7 @@ def check_positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         msg = f"{name} must be an integer >= 1; got {type(value).__name__} {value!r}."
         raise TypeError(msg)
-    n = int(value)  # type: ignore[call-overload]
+    n = int(value)  # type: ignore[call-overload,unused-ignore]
     if n < 1:
         msg = f"{name} must be an integer >= 1; got {n}."
         raise ValueError(msg)

@@ -507,8 +507,12 @@ class JaxLinearization(LinearizationBase):
             inputs = jax.tree_util.tree_map(lambda a: a[start:stop], inputs)
         return self._kernels.per_example(self._model.theta, inputs, U)
 
-    def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int | None = None) -> Array:
+    def sum_squared_per_example_vjp(
+        self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
+    ) -> Array:
         """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+
+        ``sum_cotangents=True`` returns the sum over k, shape (D,).
 
         Per-example VJPs (as in ``per_example_vjp``) squared and summed inside one
         compiled ``lax.scan`` over chunks of ⌊max_vectors / K⌋ examples (and, when
@@ -523,12 +527,38 @@ class JaxLinearization(LinearizationBase):
         budget = check_positive_int(budget, "max_vectors")
         n, k = int(U.shape[0]), int(U.shape[1])
         if k == 0:
-            return jnp.zeros((0, self.num_params), dtype=self.dtype, device=self.device)
+            shape = (self.num_params,) if sum_cotangents else (0, self.num_params)
+            return jnp.zeros(shape, dtype=self.dtype, device=self.device)
         vector_chunk = min(k, budget)
         example_chunk = min(n, max(1, budget // vector_chunk))
-        return self._kernels.sum_squared(
+        out = self._kernels.sum_squared(
             self._model.theta, self._inputs, U, example_chunk, vector_chunk
         )
+        return jnp.sum(out, axis=0) if sum_cotangents else out
+
+    # -- second derivatives (added for fisherbound.variance) ----------------------
+    def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
+        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, C, D).
+
+        Exact, by forward-over-forward differentiation along each coordinate:
+        ∂²z/∂θ_i² = d²/dt² z(θ + t e_i) at t = 0 (``jax.jvp`` of ``jax.jvp`` with
+        the tangent e_i), vmapped over chunks of ``max_vectors`` coordinates
+        (default ``default_max_vectors``) in one compiled kernel. Cost: D
+        second-order forward passes of the batch (about 3 forward passes each);
+        memory: max_vectors × the forward activations. Never a D × D Hessian.
+        """
+        budget = self.default_max_vectors if max_vectors is None else max_vectors
+        budget = check_positive_int(budget, "max_vectors")
+        d = self.num_params
+        chunk = min(d, budget)
+        kernel = _second_derivative_kernel(self._model.apply_fn, self._kernels)
+        theta = self._model.theta
+        pieces = []
+        for start in range(0, d, chunk):
+            # Fixed chunk shape (one compilation): indices past D repeat the last one.
+            index = jnp.minimum(jnp.arange(start, start + chunk), d - 1)
+            pieces.append(kernel(theta, self._inputs, index)[: min(chunk, d - start)])
+        return jnp.moveaxis(jnp.concatenate(pieces, axis=0), 0, -1)
 
 
 # ----------------------------------------------------------------------------
@@ -653,3 +683,308 @@ def _stream(model: _Model, batches: Iterable[Any]) -> Iterator[JaxLinearization]
             batch = batch[0]
         x, n = _check_inputs(batch)
         yield JaxLinearization(model, x, n)
+
+
+def _second_derivative_kernel(apply_fn: Callable[..., Array], kernels: _Kernels) -> Any:
+    """The compiled map (θ, x, indices) ↦ ∂²z/∂θ_i² for i in indices, (k, N, C)."""
+    try:
+        hash(apply_fn)
+    except TypeError:  # an unhashable apply_fn: compile for this call only
+        return _build_second_derivative_kernel(apply_fn, kernels)
+    return _cached_second_derivative_kernel(apply_fn, kernels)
+
+
+def _build_second_derivative_kernel(apply_fn: Callable[..., Array], kernels: _Kernels) -> Any:
+    unravel = kernels.unravel
+
+    def curvature(theta: Array, x: PyTree, index: Array) -> Array:
+        def along(i: Array) -> Array:
+            e = jnp.zeros_like(theta).at[i].set(1.0)
+
+            def slope(t: Array) -> Array:
+                return jax.jvp(lambda s: apply_fn(unravel(s), x), (t,), (e,))[1]
+
+            return jax.jvp(slope, (theta,), (e,))[1]
+
+        return jax.vmap(along)(index)
+
+    return jax.jit(curvature)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_second_derivative_kernel(apply_fn: Callable[..., Array], kernels: _Kernels) -> Any:
+    return _build_second_derivative_kernel(apply_fn, kernels)
+
+
+# ----------------------------------------------------------------------------
+# The loss of a labelled batch (added for fisherbound.landscape)
+# ----------------------------------------------------------------------------
+
+from fisherbound.linearization import (  # noqa: E402
+    LossFunctionBase,
+    check_loss_labels,
+    check_loss_options,
+)
+
+
+class _LossKernels:
+    """The compiled loss, its gradient and Hessian-vector products for one model.
+
+    Every kernel takes θ, the inputs, the labels and a scale (1 or 1/N) as
+    arguments, so one compilation serves every batch of the same shapes.
+    """
+
+    def __init__(self, apply_fn: Callable[..., Array], kernels: _Kernels, family: Any) -> None:
+        unravel = kernels.unravel
+
+        def nll(theta: Array, x: PyTree, y: Array, scale: Array) -> Array:
+            z = apply_fn(unravel(theta), x)
+            return -jnp.sum(family._log_likelihood(z, y, jnp)) * scale
+
+        def values(theta: Array, x: PyTree, y: Array, scale: Array, shifts: Array) -> Array:
+            z = jax.vmap(lambda s: apply_fn(unravel(theta + s), x))(shifts)
+            yb = jnp.broadcast_to(y, (z.shape[0], *y.shape))
+            return -jnp.sum(family._log_likelihood(z, yb, jnp), axis=-1) * scale
+
+        grad = jax.grad(nll)
+
+        def hvp(theta: Array, x: PyTree, y: Array, scale: Array, v: Array) -> Array:
+            return jax.jvp(lambda t: grad(t, x, y, scale), (theta,), (v,))[1]
+
+        self.logits = jax.jit(lambda theta, x: apply_fn(unravel(theta), x))
+        self.values = jax.jit(values)
+        self.grad = jax.jit(grad)
+        self.hvp = jax.jit(hvp)
+        self.hvp_batch = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, None, 0)))
+
+
+def _loss_kernels(apply_fn: Callable[..., Array], kernels: _Kernels, family: Any) -> _LossKernels:
+    try:
+        hash(apply_fn)
+    except TypeError:  # an unhashable apply_fn: compile for this loss function only
+        return _LossKernels(apply_fn, kernels, family)
+    return _cached_loss_kernels(apply_fn, kernels, family)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_loss_kernels(
+    apply_fn: Callable[..., Array], kernels: _Kernels, family: Any
+) -> _LossKernels:
+    return _LossKernels(apply_fn, kernels, family)
+
+
+class JaxLossFunction(LossFunctionBase):
+    """The negative log-likelihood of ``apply_fn`` on one labelled batch.
+
+    Build it with :func:`loss_function`. ``value`` is ``jax.vmap`` of the forward
+    pass over the shifts, ``gradient`` is ``jax.grad``, ``hvp`` / ``hvp_batch`` are
+    forward-over-reverse (``jax.jvp`` of ``jax.grad``, vmapped over the vectors);
+    every kernel is compiled once per model, family and shapes.
+    """
+
+    #: Shifts evaluated per compiled call of ``value`` (a fixed shape: one compilation).
+    default_max_shifts: int = 32
+
+    def __init__(
+        self,
+        model: _Model,
+        inputs: PyTree,
+        num_inputs: int,
+        labels: Array,
+        family: Any,
+        reduction: str,
+    ) -> None:
+        self._model = model
+        self._inputs = inputs
+        self._kernels = _loss_kernels(model.apply_fn, model.kernels, family)
+        z = self._kernels.logits(model.theta, inputs)
+        _check_logits(z, num_inputs, model.dtype)
+        check_loss_labels(family, z, labels)
+        self._logits = z
+        self._labels = labels
+        self._family = family
+        self._reduction = reduction
+        self._num_inputs = num_inputs
+        scale = 1.0 / num_inputs if reduction == "mean" else 1.0
+        self._scale = jnp.asarray(scale, dtype=model.dtype)
+        self._params = model.theta
+        self._blocks = model.blocks
+        self._xp = array_namespace(z, names=("logits",))
+
+    @property
+    def family(self) -> Any:
+        """The output family whose log-likelihood defines the loss."""
+        return self._family
+
+    @property
+    def labels(self) -> Array:
+        """The labels y of the batch."""
+        return self._labels
+
+    @property
+    def logits(self) -> Array:
+        """The logits z (N, C) at θ."""
+        return self._logits
+
+    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
+        xp = array_namespace(x, self._params, names=(name, "the loss function's params"))
+        check_floating(x, name, xp=xp)
+        got = tuple(int(s) for s in x.shape)
+        if len(got) != len(shape) or any(
+            s is not None and g != s for g, s in zip(got, shape, strict=False)
+        ):
+            letters = what.strip("()").split(", ")
+            want = ", ".join(
+                letter if s is None else str(s) for letter, s in zip(letters, shape, strict=True)
+            )
+            msg = f"{name} must have shape {what} = ({want}); got shape {got}."
+            raise ValueError(msg)
+        if device_of(x) != self.device:
+            msg = (
+                f"{name} must be on the loss function's device ({self.device}); got "
+                f"{device_of(x)}. Move it with jax.device_put({name}, loss.device)."
+            )
+            raise ValueError(msg)
+        return xp.astype(x, self.dtype) if x.dtype != self.dtype else x
+
+    def value(self, shifts: Array, /) -> Array:
+        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
+
+        ``jax.vmap`` of the forward pass over chunks of ``default_max_shifts``
+        shifts (the last chunk padded to the same shape, so one compilation).
+        """
+        shifts = self._operand(shifts, "shifts", (None, self.num_params), "(S, D)")
+        s_total = int(shifts.shape[0])
+        chunk = min(max(s_total, 1), self.default_max_shifts)
+        pieces = []
+        for start in range(0, s_total, chunk):
+            part = shifts[start : start + chunk]
+            rows = int(part.shape[0])
+            if rows < chunk:
+                part = jnp.pad(part, ((0, chunk - rows), (0, 0)))
+            out = self._kernels.values(self._params, self._inputs, self._labels, self._scale, part)
+            pieces.append(out[:rows])
+        if not pieces:
+            return jnp.zeros((0,), dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+
+    def gradient(self) -> Array:
+        """∇L(θ), shape (D,) (``jax.grad``)."""
+        return self._kernels.grad(self._params, self._inputs, self._labels, self._scale)
+
+    def hvp(self, v: Array, /) -> Array:
+        """∇²L(θ) v for ``v`` (D,); returns (D,) (``jax.jvp`` of ``jax.grad``)."""
+        v = self._operand(v, "v", (self.num_params,), "(D,)")
+        return self._kernels.hvp(self._params, self._inputs, self._labels, self._scale, v)
+
+    def hvp_batch(self, V: Array, /) -> Array:
+        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D) (vmapped ``hvp``)."""
+        V = self._operand(V, "V", (None, self.num_params), "(M, D)")
+        return self._kernels.hvp_batch(self._params, self._inputs, self._labels, self._scale, V)
+
+
+def _as_jax_labels(labels: Any) -> Any:
+    """NumPy labels become JAX arrays (as inputs do); anything else is left as it is."""
+    if type(labels).__module__.split(".")[0] == "numpy":
+        return jnp.asarray(labels)
+    return labels
+
+
+def loss_function(
+    apply_fn: Callable[..., Array],
+    params: PyTree,
+    inputs: PyTree,
+    labels: Array,
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+) -> JaxLossFunction:
+    """The negative log-likelihood of ``apply_fn`` at ``params`` on one labelled batch.
+
+    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = apply_fn(params(θ), x) and the
+    family's ``log_likelihood`` (``reduction="mean"`` divides by N), as a
+    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
+    (S,) (``jax.vmap`` over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
+    (forward-over-reverse, exact). θ is flattened as in ``linearize``.
+
+    Parameters
+    ----------
+    apply_fn, params, inputs
+        As in ``linearize``.
+    labels
+        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
+        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``
+        (NumPy arrays are converted to JAX).
+    family
+        The output family (default ``Categorical()``).
+    reduction
+        ``"sum"`` over the batch (default) or ``"mean"``.
+
+    Returns
+    -------
+    JaxLossFunction
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from fisherbound.adapters.jax import loss_function
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.zeros((2, 3))}
+    >>> loss = loss_function(apply_fn, params, jnp.ones((4, 2)), jnp.zeros(4, int))
+    >>> round(float(loss.value(jnp.zeros((1, 6)))[0]), 5)  # 4 log 3
+    4.39445
+    """
+    apply_fn = _check_apply_fn(apply_fn)
+    fam = check_loss_options(family, reduction)
+    model = _Model(apply_fn, params)
+    x, n = _check_inputs(inputs)
+    return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction)
+
+
+def loss_functions(
+    apply_fn: Callable[..., Array],
+    params: PyTree,
+    batches: Iterable[Any],
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+) -> Iterator[JaxLossFunction]:
+    """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
+
+    Batches of one shape share one compilation.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> from fisherbound.adapters.jax import loss_functions
+    >>> data = [(jnp.ones((4, 2)), jnp.zeros(4, int))] * 2
+    >>> losses = loss_functions(lambda p, x: x @ p, jnp.ones((2, 3)), data)
+    >>> [loss.num_inputs for loss in losses]
+    [4, 4]
+    """
+    apply_fn = _check_apply_fn(apply_fn)
+    fam = check_loss_options(family, reduction)
+    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or is_array(batches):
+        msg = (
+            "batches must be an iterable of (inputs, labels) pairs; got "
+            f"{type(batches).__name__}. For one batch use loss_function(apply_fn, params, x, y)."
+        )
+        raise TypeError(msg)
+    model = _Model(apply_fn, params)
+    return _stream_losses(model, batches, fam, reduction)
+
+
+def _stream_losses(
+    model: _Model, batches: Iterable[Any], family: Any, reduction: str
+) -> Iterator[JaxLossFunction]:
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) < 2:
+            msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}."
+            raise TypeError(msg)
+        x, n = _check_inputs(batch[0])
+        yield JaxLossFunction(model, x, n, _as_jax_labels(batch[1]), family, reduction)
+
+
+__all__ += ["JaxLossFunction", "loss_function", "loss_functions"]

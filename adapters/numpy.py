@@ -777,8 +777,13 @@ class ReferenceLinearization(LinearizationBase):
                 pieces.append(delta)
         return xp.concat(pieces, axis=2)
 
-    def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int | None = None) -> Array:
+    def sum_squared_per_example_vjp(
+        self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
+    ) -> Array:
         """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+
+        ``sum_cotangents=True`` returns the sum over k, (D,), with one product per
+        layer: Σ_k (δ_k ⊙ δ_k)ᵀ (a ⊙ a) = (Σ_k δ_k ⊙ δ_k)ᵀ (a ⊙ a).
 
         Uses Σ_n (δ_nk ⊗ a_n)² = (δ_k ⊙ δ_k)ᵀ (a ⊙ a) per layer (and Σ_n δ_nk²
         for biases), so per-example gradients are never formed: the cost is about
@@ -796,24 +801,34 @@ class ReferenceLinearization(LinearizationBase):
         total = None
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            part = self._sum_squared(xp, U[start:stop, ...], start, stop)
+            part = self._sum_squared(xp, U[start:stop, ...], start, stop, sum_cotangents)
             total = part if total is None else total + part
         return total
 
-    def _sum_squared(self, xp: Any, U: Array, start: int, stop: int) -> Array:
+    def _sum_squared(
+        self, xp: Any, U: Array, start: int, stop: int, sum_cotangents: bool = False
+    ) -> Array:
         k = int(U.shape[1])
         deltas = self._deltas(xp, U, start, stop)
         pieces: list[Array] = []
         for i, delta in enumerate(deltas):
             _, out, inp, b_offset = self._layout.layers[i]
             d2 = delta * delta
+            if sum_cotangents:
+                d2s = xp.sum(d2, axis=1)  # (n, out)
+                a = self._acts[i][start:stop, ...]
+                gw = xp.matmul(xp.matrix_transpose(d2s), a * a)
+                pieces.append(xp.reshape(gw, (out * inp,)))
+                if b_offset is not None:
+                    pieces.append(xp.sum(d2s, axis=0))
+                continue
             a = self._acts[i][start:stop, ...]
             # (K, out, n) @ (n, in) -> (K, out, in)
             gw = xp.matmul(xp.permute_dims(d2, (1, 2, 0)), a * a)
             pieces.append(xp.reshape(gw, (k, out * inp)))
             if b_offset is not None:
                 pieces.append(xp.sum(d2, axis=0))
-        return xp.concat(pieces, axis=1)
+        return xp.concat(pieces, axis=0 if sum_cotangents else 1)
 
     # -- second derivatives (added for fisherbound.variance) ------------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
@@ -988,3 +1003,288 @@ def _stream(model: _ReferenceModel, batches: Iterable[Any]) -> Iterator[Referenc
             )
             raise TypeError(msg)
         yield ReferenceLinearization(model, _check_inputs(model, batch))
+
+
+# ----------------------------------------------------------------------------
+# The loss of a labelled batch (added for fisherbound.landscape)
+# ----------------------------------------------------------------------------
+
+from fisherbound.linearization import (  # noqa: E402
+    LossFunctionBase,
+    check_loss_labels,
+    check_loss_options,
+)
+
+
+class ReferenceLossFunction(LossFunctionBase):
+    """The negative log-likelihood of a reference model on one labelled batch.
+
+    Build it with :func:`loss_function`. ``value`` evaluates the model at S
+    shifted parameter vectors in one batched forward pass (the weights stacked
+    along a leading axis); ``gradient`` is one backward pass; ``hvp`` /
+    ``hvp_batch`` are exact Hessian-vector products by Pearlmutter's R-operator
+    (a forward R-pass and a backward R-pass, written out by hand).
+    """
+
+    #: Shifts evaluated per batched forward pass in ``value``.
+    default_max_shifts: int = 64
+
+    def __init__(
+        self, model: _ReferenceModel, inputs: Array, labels: Array, family: Any, reduction: str
+    ) -> None:
+        self._lin = ReferenceLinearization(model, inputs)
+        check_loss_labels(family, self._lin.logits, labels)
+        self._model = model
+        self._family = family
+        self._labels = labels
+        self._reduction = reduction
+        self._num_inputs = int(inputs.shape[0])
+        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
+        self._xp = model.xp
+        self._blocks = model.blocks
+        self._params = model.parameters()
+
+    @property
+    def family(self) -> Any:
+        """The output family whose log-likelihood defines the loss."""
+        return self._family
+
+    @property
+    def labels(self) -> Array:
+        """The labels y of the batch."""
+        return self._labels
+
+    @property
+    def linearization(self) -> ReferenceLinearization:
+        """The model linearized at θ on the batch (for Fisher quantities)."""
+        return self._lin
+
+    def _nll(self, xp: Any, z: Array) -> Array:
+        """−Σ_n log p(y_n | z_n) over the example axis of z (..., N, C), scaled."""
+        y = self._labels
+        if z.ndim > 2:
+            y = xp.broadcast_to(y, tuple(z.shape[:-2]) + tuple(y.shape))
+        return -xp.sum(self._family._log_likelihood(z, y, xp), axis=-1) * self._scale
+
+    def value(self, shifts: Array, /) -> Array:
+        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
+
+        One forward pass with the S parameter vectors stacked (chunks of
+        ``default_max_shifts``): cost about S forward passes, in a few batched
+        matrix products.
+        """
+        lin = self._lin
+        shifts = lin._operand(shifts, "shifts", (None, self.num_params), "(S, D)")
+        xp = self._xp
+        s_total = int(shifts.shape[0])
+        pieces = []
+        for start in range(0, s_total, self.default_max_shifts):
+            stop = min(s_total, start + self.default_max_shifts)
+            theta = self._params + shifts[start:stop, ...]
+            pieces.append(self._nll(xp, self._stacked_forward(xp, theta)))
+        if not pieces:
+            return xp.zeros((0,), dtype=self.dtype, device=self.device)
+        return pieces[0] if len(pieces) == 1 else xp.concat(pieces, axis=0)
+
+    def _stacked_forward(self, xp: Any, theta: Array) -> Array:
+        """Logits (S, N, C) at S flat parameter vectors theta (S, D)."""
+        a = self._lin.inputs
+        parts = _split_rows(xp, theta, self._model._layout)
+        last = len(parts) - 1
+        h = a
+        for i, (w, b) in enumerate(parts):
+            h = xp.matmul(a, xp.matrix_transpose(w))
+            if b is not None:
+                h = h + b[:, None, :]
+            if i < last:
+                a = xp.tanh(h) if self._model._activation == "tanh" else xp.maximum(h, 0.0)
+        return h
+
+    def _loss_gradient_logits(self, xp: Any) -> Array:
+        """∂L/∂z = −score = E t(y) − t(y), (N, C), scaled."""
+        z = self._lin.logits
+        return -self._family._score(z, self._labels, xp) * self._scale
+
+    def gradient(self) -> Array:
+        """∇L(θ) = Σ_n J_nᵀ (E t(y_n) − t(y_n)), (D,): one backward pass."""
+        xp = self._xp
+        g = self._loss_gradient_logits(xp)
+        return self._lin._vjp_batch(xp, g[None, ...])[0, ...]
+
+    def hvp(self, v: Array, /) -> Array:
+        """∇²L(θ) v for ``v`` (D,); returns (D,) (see ``hvp_batch``)."""
+        v = self._lin._operand(v, "v", (self.num_params,), "(D,)")
+        return self._hvp_batch(self._xp, self._xp.reshape(v, (1, self.num_params)))[0, ...]
+
+    def hvp_batch(self, V: Array, /) -> Array:
+        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
+
+        Pearlmutter's R-operator R{·} = d/dt (·)(θ + t v) at t = 0, applied to the
+        forward pass (R h_i = R a_{i−1} W_iᵀ + a_{i−1} V_iᵀ + v_{b_i},
+        R a_i = φ'(h_i) ⊙ R h_i) and to backpropagation (R δ_L = I(z) R z,
+        R δ_{i−1} = (R δ_i W_i + δ_i V_i) ⊙ φ'(h_{i−1}) + (δ_i W_i) ⊙ φ''(h_{i−1}) ⊙ R h_{i−1},
+        R ∇W_i = R δ_iᵀ a_{i−1} + δ_iᵀ R a_{i−1}), with δ_L = ∂L/∂z = E t(y) − t(y)
+        and ∂²L/∂z² = I(z) (the family's metric). Exact; cost about two forward
+        and two backward passes per vector, batched over M.
+        """
+        V = self._lin._operand(V, "V", (None, self.num_params), "(M, D)")
+        return self._hvp_batch(self._xp, V)
+
+    def _hvp_batch(self, xp: Any, V: Array) -> Array:
+        lin, model = self._lin, self._model
+        layout = model._layout
+        weights, acts, derivs = lin._weights, lin._acts, lin._derivs
+        m = int(V.shape[0])
+        parts = _split_rows(xp, V, layout)
+        last = len(parts) - 1
+        # Forward R-pass: R h_i (M, N, out_i) and R a_{i-1}, the R-input of layer i.
+        r_in: list[Array | None] = [None]
+        r_h: list[Array] = []
+        for i, ((dw, db), w) in enumerate(zip(parts, weights, strict=True)):
+            t = xp.matmul(acts[i], xp.matrix_transpose(dw))
+            ra = r_in[i]
+            if ra is not None:
+                t = t + xp.matmul(ra, xp.matrix_transpose(w))
+            if db is not None:
+                t = t + db[:, None, :]
+            r_h.append(t)
+            if i < last:
+                r_in.append(t * derivs[i])
+        # Backward R-pass.
+        z = lin.logits
+        delta = self._loss_gradient_logits(xp)  # (N, C)
+        r_delta = self._family._metric_matvec(z, r_h[last], "exact", xp) * self._scale
+        pieces: list[Array] = []
+        for i in range(last, -1, -1):
+            _, out, inp, b_offset = layout.layers[i]
+            gw = xp.matmul(xp.matrix_transpose(r_delta), acts[i])  # (M, out, in)
+            ra = r_in[i]
+            if ra is not None:
+                gw = gw + xp.matmul(xp.matrix_transpose(delta), ra)
+            if b_offset is not None:
+                pieces.append(xp.sum(r_delta, axis=1))
+            pieces.append(xp.reshape(gw, (m, out * inp)))
+            if i > 0:
+                dw = parts[i][0]
+                back = xp.matmul(delta, weights[i])  # δ_i W_i, (N, in)
+                r_back = xp.matmul(r_delta, weights[i]) + xp.matmul(delta, dw)
+                r_delta = r_back * derivs[i - 1]
+                if model._activation == "tanh":
+                    # φ'' = −2 φ φ' for tanh; φ(h_{i-1}) is the input of layer i.
+                    second = -2.0 * acts[i] * derivs[i - 1]
+                    r_delta = r_delta + (back * second) * r_h[i - 1]
+                delta = back * derivs[i - 1]
+        return xp.concat(pieces[::-1], axis=1)
+
+
+def loss_function(
+    model: LinearSoftmax | MLP,
+    inputs: Array,
+    labels: Array,
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+) -> ReferenceLossFunction:
+    """The negative log-likelihood of a reference model on one labelled batch.
+
+    L(θ) = −Σ_n log p(y_n | z_n(θ)) with the family's ``log_likelihood``
+    (``reduction="mean"`` divides by N), as a
+    :class:`~fisherbound.linearization.LossFunction` for ``fisherbound.landscape``:
+    ``value(shifts)`` (S, D) → (S,), ``gradient()`` (D,), ``hvp(v)`` and
+    ``hvp_batch(V)`` (exact, Pearlmutter's R-operator, written out by hand).
+
+    Parameters
+    ----------
+    model
+        A ``LinearSoftmax`` or ``MLP``; θ = ``model.parameters()``.
+    inputs
+        The batch x (N, d) of the model's namespace and device.
+    labels
+        y for the family: integer class indices (N,) for ``Categorical()`` (the
+        default), {0, 1} floats (N, C) for ``Bernoulli()``, real targets (N, C)
+        for ``Gaussian()``; same namespace and device.
+    family
+        The output family (default ``Categorical()``).
+    reduction
+        ``"sum"`` over the batch (default) or ``"mean"``.
+
+    Returns
+    -------
+    ReferenceLossFunction
+
+    Notes
+    -----
+    Cost: one forward pass here; ``value`` about S forward passes; ``gradient``
+    one backward pass; each Hessian-vector product about two forward and two
+    backward passes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import LinearSoftmax, loss_function
+    >>> model = LinearSoftmax(np.zeros((3, 2)))
+    >>> loss = loss_function(model, np.ones((4, 2)), np.zeros(4, dtype=int))
+    >>> round(float(loss.value(np.zeros((1, 6)))[0]), 6)  # 4 log 3
+    4.394449
+    >>> loss.hvp(np.ones(6)).shape
+    (6,)
+    """
+    checked = _check_model(model)
+    fam = check_loss_options(family, reduction)
+    x = _check_inputs(checked, inputs)
+    array_namespace(labels, x, names=("labels", "inputs"))
+    return ReferenceLossFunction(checked, x, labels, fam, reduction)
+
+
+def loss_functions(
+    model: LinearSoftmax | MLP,
+    batches: Iterable[Any],
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+) -> Iterator[ReferenceLossFunction]:
+    """``loss_function`` on each (inputs, labels) batch of ``batches``, lazily.
+
+    ``batches`` yields pairs ``(x, y)`` (as a DataLoader does); each loss
+    function is built when it is requested, so a data set is streamed. The model,
+    family and reduction are checked at once.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import LinearSoftmax, loss_functions
+    >>> model = LinearSoftmax.random(2, 3, rng=0)
+    >>> data = [(np.ones((4, 2)), np.zeros(4, dtype=int))] * 2
+    >>> [loss.num_inputs for loss in loss_functions(model, data)]
+    [4, 4]
+    """
+    checked = _check_model(model)
+    fam = check_loss_options(family, reduction)
+    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or is_array(batches):
+        msg = (
+            "batches must be an iterable of (inputs, labels) pairs; got "
+            f"{type(batches).__name__}. For one batch use loss_function(model, x, y)."
+        )
+        raise TypeError(msg)
+    return _stream_losses(checked, batches, fam, reduction)
+
+
+def _stream_losses(
+    model: _ReferenceModel, batches: Iterable[Any], family: Any, reduction: str
+) -> Iterator[ReferenceLossFunction]:
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) < 2:
+            msg = (
+                f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
+                + "."
+            )
+            raise TypeError(msg)
+        x = _check_inputs(model, batch[0])
+        array_namespace(batch[1], x, names=(f"the labels of batch {i}", "inputs"))
+        yield ReferenceLossFunction(model, x, batch[1], family, reduction)
+
+
+__all__ += ["ReferenceLossFunction", "loss_function", "loss_functions"]

@@ -150,7 +150,9 @@ def _accumulate(
         for j, kernel in enumerate(kernels):
             u = _cotangents(family, lin.logits, kernel, xp)
             if what in ("diagonal", "trace"):
-                part = xp.sum(lin.sum_squared_per_example_vjp(u, max_vectors=max_vectors), axis=0)
+                part = lin.sum_squared_per_example_vjp(
+                    u, max_vectors=max_vectors, sum_cotangents=True
+                )
             else:
                 part = _outer_products(lin, u, selected, max_vectors, xp)
             totals[j] = part if totals[j] is None else _add(totals[j], part)

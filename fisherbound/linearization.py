@@ -11,8 +11,9 @@ through products:
   backward pass where the framework allows);
 - ``per_example_vjp(U)``: (N, K, C) → (N, K, D), the per-example products
   J_nᵀ U[n, k];
-- ``sum_squared_per_example_vjp(U)``: (N, K, C) → (K, D), the per-example squares
-  Σ_n (J_nᵀ U[n, k])², the building block of exact diagonals. An adapter may
+- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``: (N, K, C) →
+  (K, D), the per-example squares Σ_n (J_nᵀ U[n, k])², the building block of exact
+  diagonals; with ``sum_cotangents=True`` their sum over k, (D,). An adapter may
   compute it without materialising per-example gradients (the torch fast path).
 
 Parameter vectors are flat 1-D arrays of the linearization's namespace, in the
@@ -103,7 +104,9 @@ class Linearization(Protocol):
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = ...) -> Array: ...
 
-    def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int = ...) -> Array: ...
+    def sum_squared_per_example_vjp(
+        self, U: Array, /, *, max_vectors: int | None = ..., sum_cotangents: bool = ...
+    ) -> Array: ...
 
 
 class LinearizationBase:
@@ -197,9 +200,13 @@ class LinearizationBase:
             rows.append(self.vjp_batch(Ui))
         return xp.stack(rows, axis=0)
 
-    def sum_squared_per_example_vjp(self, U: Array, /, *, max_vectors: int | None = None) -> Array:
+    def sum_squared_per_example_vjp(
+        self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
+    ) -> Array:
         """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
 
+        With ``sum_cotangents=True`` returns Σ_k Σ_n (J_nᵀ U[n, k])², shape (D,),
+        which adapters may compute more cheaply (one product per layer instead of K).
         Memory: per-example VJPs are computed in chunks of examples so that at most
         ``max_vectors`` D-vectors are held at once (default
         ``default_max_vectors``).
@@ -213,7 +220,7 @@ class LinearizationBase:
             stop = min(n, start + chunk)
             g = self.per_example_vjp(U[start:stop, ...], examples=slice(start, stop))
             total = total + xp.sum(g * g, axis=0)
-        return total
+        return xp.sum(total, axis=0) if sum_cotangents else total
 
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
         """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, C, D).
@@ -256,3 +263,166 @@ def as_linearizations(source: Any) -> Iterator[Any]:
         f"{type(source).__name__}. Build one with an adapter's linearize(...)."
     )
     raise TypeError(msg)
+
+
+# ---------------------------------------------------------------------------
+# The loss of a labelled batch, for the loss landscape (fisherbound.landscape)
+# ---------------------------------------------------------------------------
+
+#: How a loss function reduces over the examples of its batch.
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+@runtime_checkable
+class LossFunction(Protocol):
+    """The negative log-likelihood of one labelled batch as a function of θ.
+
+    L(θ) = −Σ_n log p(y_n | z_n(θ)) (``reduction="sum"``) or that sum divided by
+    the batch size N (``"mean"``), with the output family's ``log_likelihood``,
+    frozen at the parameters θ = ``params`` (flat, D entries, in the order of
+    ``blocks``). Adapters build one with ``loss_function(...)``:
+
+    - ``value(shifts)``: (S, D) → (S,), the loss at θ + shifts[s] for each of S
+      shift vectors (a shift is any Σ_k α_k d_k), batched where the framework
+      allows; ``value(xp.zeros((1, D)))`` is L(θ);
+    - ``gradient()``: (D,), ∇L(θ);
+    - ``hvp(v)``: (D,) → (D,), the exact Hessian-vector product ∇²L(θ) v;
+    - ``hvp_batch(V)``: (M, D) → (M, D), M of them at once.
+    """
+
+    @property
+    def params(self) -> Array: ...
+
+    @property
+    def blocks(self) -> tuple[ParameterBlock, ...]: ...
+
+    @property
+    def num_params(self) -> int: ...
+
+    @property
+    def num_inputs(self) -> int: ...
+
+    @property
+    def reduction(self) -> str: ...
+
+    @property
+    def xp(self) -> Any: ...
+
+    def value(self, shifts: Array, /) -> Array: ...
+
+    def gradient(self) -> Array: ...
+
+    def hvp(self, v: Array, /) -> Array: ...
+
+    def hvp_batch(self, V: Array, /) -> Array: ...
+
+
+class LossFunctionBase:
+    """Shared properties of the adapters' loss functions and a generic ``hvp_batch``.
+
+    Subclasses set ``self._params`` (flat θ), ``self._blocks``, ``self._xp``,
+    ``self._reduction`` and ``self._num_inputs`` and implement ``value``,
+    ``gradient`` and ``hvp`` (and ``hvp_batch`` when the framework batches it).
+    """
+
+    _params: Array
+    _blocks: tuple[ParameterBlock, ...]
+    _xp: Any
+    _reduction: str
+    _num_inputs: int
+
+    @property
+    def params(self) -> Array:
+        """θ, the flat parameter vector (D,) at which the loss is frozen."""
+        return self._params
+
+    @property
+    def blocks(self) -> tuple[ParameterBlock, ...]:
+        """The parameter blocks (name, shape, offset, size), in flat-vector order."""
+        return self._blocks
+
+    @property
+    def num_params(self) -> int:
+        """D, the length of the flat parameter vector."""
+        return int(self._params.shape[0])
+
+    @property
+    def num_inputs(self) -> int:
+        """N, the number of labelled examples in the batch."""
+        return self._num_inputs
+
+    @property
+    def reduction(self) -> str:
+        """``"sum"`` (Σ_n over the batch) or ``"mean"`` (the sum divided by N)."""
+        return self._reduction
+
+    @property
+    def xp(self) -> Any:
+        """The array namespace of ``params`` and of every vector."""
+        return self._xp
+
+    @property
+    def dtype(self) -> Any:
+        return self._params.dtype
+
+    @property
+    def device(self) -> Any:
+        from fisherbound._lib import device_of
+
+        return device_of(self._params)
+
+    def value(self, shifts: Array, /) -> Array:
+        """The loss at θ + shifts[s] for shifts (S, D); returns (S,)."""
+        raise NotImplementedError
+
+    def gradient(self) -> Array:
+        """∇L(θ), shape (D,)."""
+        raise NotImplementedError
+
+    def hvp(self, v: Array, /) -> Array:
+        """∇²L(θ) v for ``v`` (D,); returns (D,)."""
+        raise NotImplementedError
+
+    def hvp_batch(self, V: Array, /) -> Array:
+        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D). Generic: M ``hvp``."""
+        xp = self._xp
+        return xp.stack([self.hvp(V[m, ...]) for m in range(V.shape[0])], axis=0)
+
+
+def check_loss_options(family: Any, reduction: object) -> Any:
+    """The output family of a loss function (``Categorical()`` for None), checked.
+
+    Raises a TypeError when ``family`` is not a ``fisherbound.families`` family
+    and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"``.
+    """
+    from fisherbound._lib import check_choice
+    from fisherbound.families import Categorical, Family
+
+    if family is None:
+        family = Categorical()
+    if not isinstance(family, Family):
+        msg = (
+            "family must be a fisherbound.families family (Categorical(), Bernoulli(), "
+            f"Gaussian()); got {type(family).__name__}."
+        )
+        raise TypeError(msg)
+    check_choice(reduction, "reduction", LOSS_REDUCTIONS)
+    return family
+
+
+def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
+    """``family.check_labels(z, labels)``, its message prefixed for the argument ``labels``."""
+    try:
+        family.check_labels(z, labels)
+    except (TypeError, ValueError) as err:
+        msg = f"labels do not fit the logits for the {family!r} family: {err}"
+        raise type(err)(msg) from err
+
+
+__all__ += [
+    "LOSS_REDUCTIONS",
+    "LossFunction",
+    "LossFunctionBase",
+    "check_loss_labels",
+    "check_loss_options",
+]

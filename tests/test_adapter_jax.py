@@ -226,12 +226,17 @@ def test_sum_squared_per_example_vjp(case: Case, max_vectors: int | None) -> Non
     assert got.shape == (C, lin.num_params)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-12, rtol=1e-12)
+    summed = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors, sum_cotangents=True)
+    assert summed.shape == (lin.num_params,)
+    np.testing.assert_allclose(np.asarray(summed), expected.sum(axis=0), atol=1e-12, rtol=1e-12)
 
 
 def test_sum_squared_with_no_cotangents(mlp_case: Case) -> None:
     out = mlp_case.lin.sum_squared_per_example_vjp(jnp.ones((N, 0, C)))
     assert out.shape == (0, mlp_case.lin.num_params)
     assert out.dtype == jnp.float64
+    summed = mlp_case.lin.sum_squared_per_example_vjp(jnp.ones((N, 0, C)), sum_cotangents=True)
+    assert summed.shape == (mlp_case.lin.num_params,)
 
 
 def test_unhashable_apply_fn_still_works() -> None:

@@ -166,6 +166,11 @@ def test_sum_squared_per_example_vjp(backend: Any, kind: str) -> None:
         got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
         assert tuple(got.shape) == (K, model.num_params)
         np.testing.assert_allclose(backend.to_numpy(got), expected, rtol=1e-12, atol=1e-13)
+        summed = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors, sum_cotangents=True)
+        assert tuple(summed.shape) == (model.num_params,)
+        np.testing.assert_allclose(
+            backend.to_numpy(summed), expected.sum(axis=0), rtol=1e-12, atol=1e-13
+        )
 
 
 def test_sum_squared_default_max_vectors_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,9 +183,9 @@ def test_sum_squared_default_max_vectors_is_used(monkeypatch: pytest.MonkeyPatch
     calls: list[tuple[int, int]] = []
     original = lin._sum_squared
 
-    def spy(xp: Any, Uc: Any, start: int, stop: int) -> Any:
+    def spy(xp: Any, Uc: Any, start: int, stop: int, sum_cotangents: bool = False) -> Any:
         calls.append((start, stop))
-        return original(xp, Uc, start, stop)
+        return original(xp, Uc, start, stop, sum_cotangents)
 
     monkeypatch.setattr(lin, "_sum_squared", spy)
     monkeypatch.setattr(lin, "default_max_vectors", 1)

@@ -61,6 +61,10 @@ def test_generic_defaults_match_the_jacobian(backend) -> None:
     for max_vectors in (1, 3, None):
         sq = lin.sum_squared_per_example_vjp(backend.asarray(W), max_vectors=max_vectors)
         np.testing.assert_allclose(backend.to_numpy(sq), (per**2).sum(axis=0), atol=1e-12)
+        total = lin.sum_squared_per_example_vjp(
+            backend.asarray(W), max_vectors=max_vectors, sum_cotangents=True
+        )
+        np.testing.assert_allclose(backend.to_numpy(total), (per**2).sum(axis=(0, 1)), atol=1e-12)
 
 
 def test_example_range() -> None:

@@ -1,0 +1,1567 @@
+"""The torch adapter: any ``torch.nn.Module`` as a linearization, via ``torch.func``.
+
+``linearize(model, inputs)`` freezes a module at its current parameters and one
+batch of inputs and exposes the Jacobian J = ∂z/∂θ of the logits z (N, C) with
+respect to the flat parameter vector θ (the selected parameters, row-major, in
+``named_parameters()`` order) only through products:
+
+- ``jvp`` / ``jvp_batch`` with ``torch.func.jvp`` (vmapped over tangents);
+- ``vjp`` / ``vjp_batch`` with the ``torch.func.vjp`` function of the one forward
+  pass done at ``linearize`` time (vmapped over cotangents: one batched backward);
+- ``per_example_vjp`` with ``torch.func.vmap`` over the examples of the
+  single-example function;
+- ``sum_squared_per_example_vjp`` (the building block of exact Fisher diagonals),
+  Σ_n (J_nᵀ U[n, k])², with a fast path for the parameters of ``nn.Linear``,
+  ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``
+  and ``nn.BatchNorm*d`` (eval) modules: one forward pass with hooks and ONE
+  batched backward pass over the K cotangents to the outputs of those layers,
+  then per-layer closed forms (for ``nn.Linear`` on (N, in) inputs,
+  (δ_k ⊙ δ_k)ᵀ (a ⊙ a)), as BackPACK does, never per-example gradients of the
+  whole network. Every other parameter (custom modules, parameters shared by
+  several modules or also used outside their module, modules called more than
+  once per forward, layers whose leading axis is not the example axis) goes
+  through the generic path, so both paths give the same numbers.
+
+Nothing here is layer-specific except the fast path; everything else works for
+any module whose forward ``torch.func`` can transform.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from fisherbound._lib import array_namespace, check_positive_int
+from fisherbound._lib._validation import check_finite
+from fisherbound.linearization import LinearizationBase, example_range, make_blocks
+
+__all__ = ["TorchLinearization", "linearize", "linearizations"]
+
+Tensor = torch.Tensor
+
+_JVP_READY = False
+
+
+def _ensure_forward_ad() -> None:
+    # torch loads its forward-AD decompositions lazily on the first jvp, through
+    # torch.jit.script, which emits a DeprecationWarning on recent versions.
+    global _JVP_READY
+    if not _JVP_READY:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import torch._decomp.decompositions_for_jvp  # noqa: F401
+        _JVP_READY = True
+
+
+@contextlib.contextmanager
+def _transformable() -> Iterator[None]:
+    """Run a forward pass that torch.func can transform in every mode.
+
+    The fused inference kernels of ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` and the flash / memory-efficient attention
+    kernels support neither forward-mode AD nor vmap; the math kernel does.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+class _NotPerExample(Exception):
+    """The single-example forward does not give one row of logits per example."""
+
+
+# ---------------------------------------------------------------------------
+# Validation of the model, the inputs and the parameter selection
+# ---------------------------------------------------------------------------
+
+
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        got = f"{type(model).__module__}.{type(model).__name__}"
+        msg = f"model must be a torch.nn.Module; got {got}."
+        raise TypeError(msg)
+    return model
+
+
+def _as_inputs(inputs: object) -> tuple[Tensor, ...]:
+    items = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+    if not items:
+        msg = "inputs must be a tensor or a non-empty tuple of tensors; got an empty sequence."
+        raise ValueError(msg)
+    for i, x in enumerate(items):
+        if not isinstance(x, torch.Tensor):
+            where = (
+                "inputs"
+                if len(items) == 1 and not isinstance(inputs, tuple | list)
+                else (f"inputs[{i}]")
+            )
+            msg = (
+                f"{where} must be a torch.Tensor (a tuple of tensors is passed as positional "
+                f"arguments); got {type(x).__module__}.{type(x).__name__}. Convert with "
+                "torch.as_tensor(...)."
+            )
+            raise TypeError(msg)
+    return tuple(x.detach() for x in items)
+
+
+def _select_parameters(
+    model: nn.Module, params: Sequence[str] | None
+) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    if params is None:
+        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not chosen:
+            total = sum(1 for _ in model.parameters())
+            msg = (
+                "no parameter selected: the model has no parameter with requires_grad=True "
+                f"({total} frozen). Name the parameters to differentiate with params=[...]."
+            )
+            raise ValueError(msg)
+        return tuple(n for n, _ in chosen), tuple(p for _, p in chosen)
+    if isinstance(params, str) or not isinstance(params, Iterable):
+        msg = (
+            "params must be None or a list of parameter names; got "
+            f"{type(params).__name__} {params!r}. Write params=[{params!r}] for one name."
+        )
+        raise TypeError(msg)
+    names = list(params)
+    if not names:
+        msg = "no parameter selected: params is empty. Pass None to select every trainable one."
+        raise ValueError(msg)
+    every = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        if not isinstance(name, str):
+            msg = f"params must contain parameter names (str); got {type(name).__name__} {name!r}."
+            raise TypeError(msg)
+        if name not in every:
+            close = difflib.get_close_matches(name, list(every), n=3)
+            hint = (
+                f"did you mean {', '.join(repr(c) for c in close)}?"
+                if close
+                else f"available: {', '.join(repr(c) for c in list(every)[:12])}"
+                + (", ..." if len(every) > 12 else "")
+                + "."
+            )
+            msg = f"params names unknown parameter {name!r}; {hint}"
+            raise ValueError(msg)
+    seen: dict[int, str] = {}
+    for name in names:
+        key = id(every[name])
+        if key in seen:
+            if seen[key] == name:
+                msg = f"params lists {name!r} twice; list each parameter once."
+            else:
+                msg = (
+                    f"params selects {seen[key]!r} and {name!r}, which are one tied tensor; "
+                    "keep one of the two names."
+                )
+            raise ValueError(msg)
+        seen[key] = name
+    return tuple(names), tuple(every[n] for n in names)
+
+
+def _check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, p in zip(names, tensors, strict=True):
+        if not p.is_floating_point():
+            msg = (
+                f"parameter {name!r} must have a real floating-point dtype; got {p.dtype}. "
+                "Leave it out of params."
+            )
+            raise TypeError(msg)
+        if p.dtype != first.dtype:
+            msg = (
+                "all selected parameters must share one dtype; "
+                f"{first_name!r} is {first.dtype} but {name!r} is {p.dtype}. "
+                f"Convert the model with model.to({first.dtype})."
+            )
+            raise TypeError(msg)
+        if p.device != first.device:
+            msg = (
+                "all selected parameters must be on one device; "
+                f"{first_name!r} is on {first.device} but {name!r} is on {p.device}. "
+                f"Move the model with model.to({str(first.device)!r})."
+            )
+            raise ValueError(msg)
+
+
+def _check_deterministic(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        label = f"module {name or '<root>'!r} ({type(m).__name__})"
+        if isinstance(m, _BatchNorm):
+            if m.training:
+                msg = (
+                    f"{label} is in training mode: it normalises with batch statistics, which "
+                    "couple the examples of a batch, and updates its running statistics on "
+                    "every call. Call model.eval() first."
+                )
+                raise ValueError(msg)
+            if m.running_mean is None:
+                msg = (
+                    f"{label} has track_running_stats=False, so it normalises with batch "
+                    "statistics even in eval mode, which couples the examples of a batch. "
+                    "Use running statistics or a per-example normalisation (LayerNorm, "
+                    "GroupNorm)."
+                )
+                raise ValueError(msg)
+        random_dropout = isinstance(m, _DropoutNd) and m.p > 0
+        random_attention = isinstance(m, nn.MultiheadAttention) and m.dropout > 0
+        if m.training and (random_dropout or random_attention):
+            msg = (
+                f"{label} is random in training mode (dropout), so the logits are not a "
+                "function of the parameters. Call model.eval() first."
+            )
+            raise ValueError(msg)
+
+
+def _check_inputs_device(inputs: Sequence[Tensor], device: torch.device) -> None:
+    for i, x in enumerate(inputs):
+        if x.device != device:
+            msg = (
+                f"inputs must be on the parameters' device {device}; input {i} is on "
+                f"{x.device}. Move it with x.to({str(device)!r})."
+            )
+            raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------
+# Fast path: which parameters have a closed-form per-example square
+# ---------------------------------------------------------------------------
+
+_FAST_KINDS: tuple[tuple[type[nn.Module], str, Callable[..., Any]], ...] = (
+    (nn.Linear, "linear", nn.Linear.forward),
+    (nn.Conv1d, "conv", nn.Conv1d.forward),
+    (nn.Conv2d, "conv", nn.Conv2d.forward),
+    (nn.Embedding, "embedding", nn.Embedding.forward),
+    (nn.LayerNorm, "layernorm", nn.LayerNorm.forward),
+    (nn.GroupNorm, "groupnorm", nn.GroupNorm.forward),
+    (_BatchNorm, "batchnorm", _BatchNorm.forward),
+)
+
+
+def _fast_kind(module: nn.Module) -> tuple[str | None, str]:
+    """The fast rule for ``module`` and, when there is none, why."""
+    for cls, kind, forward in _FAST_KINDS:
+        if isinstance(module, cls):
+            if type(module).forward is not forward:
+                return None, f"{type(module).__name__} overrides forward"
+            if module._forward_hooks or module._forward_pre_hooks:
+                return None, f"{type(module).__name__} has forward hooks"
+            if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq):
+                return None, "Embedding with max_norm or scale_grad_by_freq"
+            return kind, ""
+    return None, f"no fast rule for {type(module).__name__}"
+
+
+@dataclass
+class _Layer:
+    """One module on the fast path and what its forward hook records."""
+
+    module: nn.Module
+    kind: str
+    attrs: dict[str, int]  # attribute name -> index of the selected parameter
+    calls: int = 0
+    safe: bool = False  # copy input and output (an in-place op follows the module)
+    input: Any = None
+    output: Any = None
+    versions: tuple[int, int] = (0, 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _static_plan(
+    model: nn.Module, names: Sequence[str], tensors: Sequence[Tensor]
+) -> tuple[dict[int, _Layer], dict[str, str]]:
+    owners: dict[int, dict[tuple[int, str], nn.Module]] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), {})[(id(module), attr)] = module
+    layers: dict[int, _Layer] = {}
+    reasons: dict[str, str] = {}
+    global_hooks = bool(
+        torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+    )
+    for i, (name, p) in enumerate(zip(names, tensors, strict=True)):
+        own = owners.get(id(p), {})
+        if len(own) != 1:
+            reasons[name] = "parameter shared by several modules (tied)"
+            continue
+        ((_, attr), module) = next(iter(own.items()))
+        kind, why = _fast_kind(module)
+        if global_hooks:
+            kind, why = None, "global forward hooks are registered"
+        if kind is None:
+            reasons[name] = why
+            continue
+        layer = layers.setdefault(id(module), _Layer(module, kind, {}))
+        layer.attrs[attr] = i
+    return layers, reasons
+
+
+def _leaf_use_counts(root: Tensor) -> dict[int, int]:
+    """How many autograd edges reach each leaf tensor (by id) from ``root``."""
+    counts: dict[int, int] = {}
+    seen: dict[int, Any] = {}  # keeps the node objects alive so ids stay unique
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)
+            if variable is not None:
+                counts[id(variable)] = counts.get(id(variable), 0) + 1
+            stack.append(child)
+    return counts
+
+
+def _layout_ok(layer: _Layer, n: int) -> bool:
+    """Is axis 0 of the recorded input and output the example axis (by shape)?"""
+    a, out, m = layer.input, layer.output, layer.module
+    m_any: Any = m
+    if not isinstance(a, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return False
+    if out.ndim < 1 or out.shape[0] != n or a.ndim < 1 or a.shape[0] != n:
+        return False
+    if layer.kind == "linear":
+        return a.ndim >= 2
+    if layer.kind == "conv":
+        return a.ndim == (3 if isinstance(m, nn.Conv1d) else 4)
+    if layer.kind == "layernorm":
+        return a.ndim > len(m_any.normalized_shape)
+    if layer.kind in ("groupnorm", "batchnorm"):
+        return a.ndim >= 2
+    return True  # embedding: indices (N, ...)
+
+
+def _total(parts: Iterable[Tensor]) -> Tensor:
+    """The sum of a non-empty sequence of tensors."""
+    it = iter(parts)
+    out = next(it)
+    for p in it:
+        out = out + p
+    return out
+
+
+def _squares(g: Tensor, sum_k: bool) -> Tensor:
+    """Σ_n g² of per-example gradients g (K, n, ...): (K, ...) or, summed over k, (...)."""
+    sq = g * g
+    return sq.sum(dim=(0, 1)) if sum_k else sq.sum(dim=1)
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _linear_rule(
+    m: nn.Linear, a: Tensor, d: Tensor, sum_k: bool, n_chunk: int
+) -> dict[str, Tensor]:
+    k, n = d.shape[0], d.shape[1]
+    out: dict[str, Tensor] = {}
+    if a.ndim == 2:
+        # The per-example gradient δ_n a_nᵀ has rank one: its square is δ_n² (a_n²)ᵀ.
+        d2 = d * d
+        a2 = a * a
+        if sum_k:
+            d2s = d2.sum(dim=0)
+            out["weight"] = d2s.T @ a2
+            out["bias"] = d2s.sum(dim=0)
+        else:
+            out["weight"] = torch.matmul(d2.transpose(1, 2), a2)
+            out["bias"] = d2.sum(dim=1)
+        return out
+    a3 = a.reshape(n, -1, a.shape[-1])
+    d4 = d.reshape(k, n, -1, d.shape[-1])
+    out["weight"] = _total(
+        _squares(torch.matmul(d4[:, s].transpose(-1, -2), a3[s]), sum_k)  # (K, n, out, in)
+        for s in _chunks(n, n_chunk)
+    )
+    out["bias"] = _squares(d4.sum(dim=2), sum_k)
+    return out
+
+
+def _unfold_input(m: nn.Conv1d | nn.Conv2d, a: Tensor) -> Tensor:
+    """im2col of the layer input: (N, C_in · Π kernel, L), rows ordered like the weight."""
+    padding: Any = m.padding
+    if isinstance(padding, str) or m.padding_mode != "zeros":
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(m.kernel_size)
+    if isinstance(m, nn.Conv1d):
+        return F.unfold(
+            a.unsqueeze(2),
+            kernel_size=(1, m.kernel_size[0]),
+            dilation=(1, m.dilation[0]),
+            padding=(0, padding[0]),
+            stride=(1, m.stride[0]),
+        )
+    return F.unfold(
+        a, kernel_size=m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
+    )
+
+
+def _conv_rule(
+    m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor, sum_k: bool, n_chunk: int
+) -> dict[str, Tensor]:
+    k, n = d.shape[0], d.shape[1]
+    groups = m.groups
+    cols = _unfold_input(m, a)  # (N, C_in · kernel, L)
+    length = cols.shape[-1]
+    # Per-example weight gradients δ_kn colsᵀ_n, one product per (example, group),
+    # with the K cotangents stacked as rows: (N g, K C_out/g, L) @ (N g, L, C_in/g · kernel).
+    cols = cols.reshape(n * groups, -1, length)
+    rows = d.reshape(k, n, groups, -1, length).permute(1, 2, 0, 3, 4)  # (N, g, K, o, L)
+    parts = []
+    for s in _chunks(n, n_chunk):
+        m_s = s.stop - s.start
+        left = rows[s].reshape(m_s * groups, -1, length)
+        g = torch.bmm(left, cols[s.start * groups : s.stop * groups].transpose(1, 2))
+        g = g.reshape(m_s, groups, k, -1, g.shape[-1])
+        sq = (g * g).sum(dim=0)  # (g, K, o, i)
+        parts.append(sq.sum(dim=1) if sum_k else sq.transpose(0, 1))
+    weight = _total(parts)  # (g, o, i) or (K, g, o, i)
+    lead = () if sum_k else (k,)
+    out = {"weight": weight.reshape(lead + tuple(m.weight.shape))}
+    out["bias"] = _squares(d.reshape(k, n, m.out_channels, -1).sum(dim=-1), sum_k)
+    return out
+
+
+def _embedding_rule(m: nn.Embedding, idx: Tensor, d: Tensor, sum_k: bool) -> dict[str, Tensor]:
+    k, n = d.shape[0], d.shape[1]
+    vocab, dim = m.num_embeddings, m.embedding_dim
+    idx2 = idx.reshape(n, -1).to(torch.int64)
+    d3 = d.reshape(k, -1, dim)  # (K, N T, E)
+    # Per example, the gradient row of token v is the sum of δ over the positions
+    # holding v: group the (example, token) pairs, add, square, then scatter by token.
+    keys = torch.arange(n, device=idx.device).unsqueeze(1) * vocab + idx2
+    uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+    sums = d3.new_zeros((k, uniq.shape[0], dim)).index_add_(1, inverse, d3)
+    sq = sums * sums
+    rows = uniq % vocab
+    if sum_k:
+        weight = sq.new_zeros((vocab, dim)).index_add_(0, rows, sq.sum(dim=0))
+    else:
+        weight = sq.new_zeros((k, vocab, dim)).index_add_(1, rows, sq)
+    if m.padding_idx is not None:
+        keep = torch.ones(vocab, 1, dtype=weight.dtype, device=weight.device)
+        keep[m.padding_idx] = 0
+        weight = weight * keep
+    return {"weight": weight}
+
+
+def _norm_rule(
+    m: Any, kind: str, a: Tensor, d: Tensor, sum_k: bool, n_chunk: int
+) -> dict[str, Tensor]:
+    k, n = d.shape[0], d.shape[1]
+    if kind == "layernorm":
+        shape = tuple(m.normalized_shape)
+        xhat = F.layer_norm(a, shape, None, None, m.eps)
+        size = xhat[0].numel() // max(1, _prod(shape))
+        x3 = xhat.reshape(n, size, -1)  # (N, positions, features)
+        d4 = d.reshape(k, n, size, -1)
+        axis = 2
+    else:
+        channels = a.shape[1]
+        if kind == "groupnorm":
+            xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
+        else:
+            view = (1, channels) + (1,) * (a.ndim - 2)
+            mean = m.running_mean.reshape(view)
+            var = m.running_var.reshape(view)
+            xhat = (a - mean) * torch.rsqrt(var + m.eps)
+        x3 = xhat.reshape(n, channels, -1)  # (N, channels, positions)
+        d4 = d.reshape(k, n, channels, -1)
+        axis = 3
+    weight = _total(_squares((d4[:, s] * x3[s]).sum(dim=axis), sum_k) for s in _chunks(n, n_chunk))
+    pshape = tuple(m.weight.shape) if m.weight is not None else ()
+    lead = () if sum_k else (k,)
+    out = {"weight": weight.reshape(lead + pshape)}
+    out["bias"] = _squares(d4.sum(dim=axis), sum_k).reshape(lead + pshape)
+    return out
+
+
+def _prod(shape: Sequence[int]) -> int:
+    total = 1
+    for s in shape:
+        total *= int(s)
+    return total
+
+
+# ---------------------------------------------------------------------------
+# The linearization
+# ---------------------------------------------------------------------------
+
+
+class TorchLinearization(LinearizationBase):
+    """A ``torch.nn.Module`` frozen at its parameters θ and one batch of inputs.
+
+    Build it with :func:`linearize`. θ is the concatenation of the selected
+    parameters, each flattened row-major, in the order of ``blocks`` (whose names
+    are the parameter names). Every vector is a torch tensor on the parameters'
+    device in their dtype.
+
+    The linearization reads the parameters' storage: do not update them in place
+    (an optimiser step) while it is in use; build a new one per step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[Tensor, ...],
+        names: tuple[str, ...],
+        tensors: tuple[Tensor, ...],
+    ) -> None:
+        self._model = model
+        self._inputs = inputs
+        self._names = names
+        self._primals = tuple(p.detach() for p in tensors)
+        self._sizes = tuple(p.numel() for p in tensors)
+        self._shapes = tuple(tuple(p.shape) for p in tensors)
+        self._param_dtype = tensors[0].dtype
+        self._param_device = tensors[0].device
+        selected = {id(p) for p in tensors}
+        # Every other parameter enters as a constant (no autograd graph for it).
+        self._constants = {
+            n: p.detach() for n, p in model.named_parameters() if id(p) not in selected
+        }
+        self._blocks = make_blocks(zip(names, self._shapes, strict=True))
+        self._fast_layers, self._static_reasons = _static_plan(model, names, tensors)
+        self._fast_report: dict[str, str] = {}
+
+        def forward(*params: Tensor) -> Tensor:
+            out = self._call(params, self._inputs)
+            self._check_output_structure(out)
+            return out
+
+        with torch.enable_grad():
+            result = torch.func.vjp(forward, *self._primals)
+        logits, self._vjp_fn = result[0].detach(), result[1]
+        check_finite(logits, "model output", xp=array_namespace(logits, names=("model output",)))
+        self._logits = logits
+        self._xp = array_namespace(logits, names=("model output",))
+        n = int(logits.shape[0])
+        self._per_example_mode = (
+            "vmap" if all(x.ndim >= 1 and x.shape[0] == n for x in inputs) else "masked"
+        )
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+        mapping = dict(self._constants)
+        mapping.update(zip(self._names, params, strict=True))
+        with _transformable():
+            return torch.func.functional_call(self._model, mapping, inputs)
+
+    def _check_output_structure(self, out: object) -> None:
+        if not isinstance(out, torch.Tensor):
+            msg = (
+                "model(inputs) must return a tensor of logits of shape (N, C); got "
+                f"{type(out).__name__}. Wrap the model in a module that returns the logits."
+            )
+            raise ValueError(msg)
+        if out.ndim != 2 or out.shape[0] < 1 or out.shape[1] < 1:
+            msg = (
+                "model(inputs) must return logits of shape (N, C), 2-D and non-empty; got "
+                f"shape {tuple(out.shape)}. Flatten or select the outputs in a wrapper module."
+            )
+            raise ValueError(msg)
+        if not out.is_floating_point():
+            msg = f"model(inputs) must return floating-point logits; got dtype {out.dtype}."
+            raise ValueError(msg)
+        if out.dtype != self._param_dtype:
+            msg = (
+                f"model(inputs) must return logits in the parameters' dtype {self._param_dtype}; "
+                f"got {out.dtype}. Remove the cast in the model or convert it with "
+                f"model.to({out.dtype})."
+            )
+            raise ValueError(msg)
+
+    def _flatten(self, grads: Sequence[Tensor], lead: tuple[int, ...] = ()) -> Tensor:
+        return torch.cat([g.reshape(*lead, -1) for g in grads], dim=len(lead))
+
+    def _split(self, v: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
+        parts = torch.split(v, list(self._sizes), dim=len(lead))
+        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self._shapes, strict=True))
+
+    def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
+        if not isinstance(x, torch.Tensor):
+            msg = (
+                f"{name} must be a torch.Tensor of shape {what}; got "
+                f"{type(x).__module__}.{type(x).__name__}. Convert with torch.as_tensor(...)."
+            )
+            raise TypeError(msg)
+        if x.ndim != len(shape) or any(
+            s is not None and x.shape[i] != s for i, s in enumerate(shape)
+        ):
+            msg = f"{name} must have shape {what}; got {tuple(x.shape)}."
+            raise ValueError(msg)
+        if x.dtype != self._param_dtype:
+            msg = (
+                f"{name} must have the parameters' dtype {self._param_dtype}; got {x.dtype}. "
+                f"Convert with {name}.to({self._param_dtype})."
+            )
+            raise TypeError(msg)
+        if x.device != self._param_device:
+            msg = (
+                f"{name} must be on the parameters' device {self._param_device}; got "
+                f"{x.device}. Move it with {name}.to({str(self._param_device)!r})."
+            )
+            raise ValueError(msg)
+        return x
+
+    def _shape_text(self, *axes: str) -> str:
+        d, n, c = self.num_params, self.num_inputs, self.num_outputs
+        sizes = {"D": d, "N": n, "C": c}
+        inner = ", ".join(f"{a}={sizes[a]}" if a in sizes else a for a in axes)
+        return f"({inner})" if len(axes) > 1 else f"({inner},)"
+
+    # -- products ------------------------------------------------------------
+
+    def jvp(self, v: Tensor, /) -> Tensor:
+        """J v for a flat parameter vector ``v`` (D,); returns (N, C).
+
+        One forward pass with forward-mode AD (``torch.func.jvp``).
+
+        Examples
+        --------
+        >>> lin = linearize(torch.nn.Linear(2, 3).double(), torch.ones(4, 2, dtype=torch.float64))
+        >>> lin.jvp(torch.ones(lin.num_params, dtype=torch.float64)).shape
+        torch.Size([4, 3])
+        """
+        self._check(v, "v", (self.num_params,), self._shape_text("D"))
+        return self._jvp_impl(v)
+
+    def _jvp_impl(self, v: Tensor) -> Tensor:
+        _ensure_forward_ad()
+        tangents = self._split(v)
+        return torch.func.jvp(lambda *ps: self._call(ps, self._inputs), self._primals, tangents)[1]
+
+    def vjp(self, u: Tensor, /) -> Tensor:
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, C); returns (D,).
+
+        One backward pass through the graph recorded at ``linearize`` time.
+
+        Examples
+        --------
+        >>> lin = linearize(torch.nn.Linear(2, 3).double(), torch.ones(4, 2, dtype=torch.float64))
+        >>> lin.vjp(torch.ones(4, 3, dtype=torch.float64))[-3:]  # the bias block: Σ_n u_n
+        tensor([4., 4., 4.], dtype=torch.float64)
+        """
+        self._check(u, "u", (self.num_inputs, self.num_outputs), self._shape_text("N", "C"))
+        return self._flatten(self._vjp_fn(u))
+
+    def jvp_batch(self, V: Tensor, /) -> Tensor:
+        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, C) (vmapped jvp)."""
+        self._check(V, "V", (None, self.num_params), self._shape_text("M", "D"))
+        m = int(V.shape[0])
+        if m == 0:
+            return V.new_zeros((0, self.num_inputs, self.num_outputs))
+        _ensure_forward_ad()
+        tangents = self._split(V, (m,))
+
+        def one(*ts: Tensor) -> Tensor:
+            return torch.func.jvp(lambda *ps: self._call(ps, self._inputs), self._primals, ts)[1]
+
+        return torch.func.vmap(one)(*tangents)
+
+    def vjp_batch(self, U: Tensor, /) -> Tensor:
+        """Jᵀ U[m] for M cotangents ``U`` (M, N, C); returns (M, D): one batched backward."""
+        self._check(
+            U, "U", (None, self.num_inputs, self.num_outputs), self._shape_text("M", "N", "C")
+        )
+        m = int(U.shape[0])
+        if m == 0:
+            return U.new_zeros((0, self.num_params))
+        return self._flatten(torch.func.vmap(self._vjp_fn)(U), (m,))
+
+    def per_example_vjp(self, U: Tensor, /, *, examples: slice | None = None) -> Tensor:
+        """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
+
+        ``U`` has shape (n, K, C) with n the length of the contiguous slice
+        ``examples`` (default: all N examples).
+
+        ``torch.func.vmap`` over the examples of the single-example vjp (the K
+        cotangents of one example share its forward pass): about n single-example
+        forward passes and n K backward passes, vectorised, and n K D numbers of
+        output. When the model does not act on its examples independently along
+        axis 0 of the inputs (checked on the single-example logits), the products
+        are taken instead from the batch's backward pass with cotangents
+        supported on one example (n K backward passes of the batch, vmapped).
+
+        Examples
+        --------
+        >>> lin = linearize(torch.nn.Linear(2, 3).double(), torch.eye(2, dtype=torch.float64))
+        >>> lin.per_example_vjp(torch.ones(2, 1, 3, dtype=torch.float64))[1, 0, :6]
+        tensor([0., 1., 0., 1., 0., 1.], dtype=torch.float64)
+        >>> U = torch.ones(1, 1, 3, dtype=torch.float64)
+        >>> lin.per_example_vjp(U, examples=slice(1, 2)).shape
+        torch.Size([1, 1, 9])
+        """
+        start, stop = example_range(examples, self.num_inputs)
+        c = self.num_outputs
+        self._check(U, "U", (stop - start, None, c), f"(n={stop - start}, K, C={c})")
+        k = int(U.shape[1])
+        if k == 0:
+            return U.new_zeros((stop - start, 0, self.num_params))
+        return self._per_example(U, slice(start, stop), tuple(range(len(self._names))))
+
+    def _per_example(self, U: Tensor, rows: slice, subset: tuple[int, ...]) -> Tensor:
+        """(n, K, D_subset) per-example products of examples ``rows`` for ``subset``."""
+        if self._per_example_mode == "vmap":
+            try:
+                z, grads = self._per_example_vmap(U, rows, subset)
+            except _NotPerExample:
+                self._per_example_mode = "masked"
+            else:
+                if self._same_logits(z, self._logits[rows]):
+                    return grads
+                self._per_example_mode = "masked"
+        return self._per_example_masked(U, rows, subset)
+
+    def _same_logits(self, z: Tensor, ref: Tensor) -> bool:
+        eps = torch.finfo(ref.dtype).eps
+        scale = 1.0 + float(ref.abs().max())
+        return float((z - ref).abs().max()) <= eps**0.5 * scale
+
+    def _per_example_vmap(
+        self, U: Tensor, rows: slice, subset: tuple[int, ...]
+    ) -> tuple[Tensor, Tensor]:
+        base = self._primals
+        c = self.num_outputs
+        inputs = tuple(x[rows] for x in self._inputs)
+
+        def one(x_n: tuple[Tensor, ...], u_n: Tensor) -> tuple[Tensor, Tensor]:
+            def f(*sub: Tensor) -> Tensor:
+                params = list(base)
+                for i, p in zip(subset, sub, strict=True):
+                    params[i] = p
+                out = self._call(params, tuple(x.unsqueeze(0) for x in x_n))
+                if tuple(out.shape) != (1, c):
+                    raise _NotPerExample
+                return out
+
+            result = torch.func.vjp(f, *(base[i] for i in subset))
+            out, pullback = result[0], result[1]
+            grads = torch.func.vmap(lambda u: pullback(u.unsqueeze(0)))(u_n)
+            return out[0], torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
+
+        with torch.enable_grad():
+            return torch.func.vmap(one)(inputs, U)
+
+    def _per_example_masked(self, U: Tensor, rows: slice, subset: tuple[int, ...]) -> Tensor:
+        n_all, c = self.num_inputs, self.num_outputs
+        m, k = int(U.shape[0]), int(U.shape[1])
+        eye = torch.eye(n_all, dtype=U.dtype, device=U.device)[rows]  # (m, N)
+        cot = eye[:, None, :, None] * U[:, :, None, :]  # (m, K, N, C)
+        grads = torch.func.vmap(self._vjp_fn)(cot.reshape(m * k, n_all, c))
+        return self._flatten([grads[i] for i in subset], (m * k,)).reshape(m, k, -1)
+
+    # -- sums of per-example squares ------------------------------------------
+
+    def sum_squared_per_example_vjp(
+        self, U: Tensor, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
+    ) -> Tensor:
+        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+
+        With ``U[n, r]`` the r-th column of the core-metric square root B(z_n),
+        the sum over k is the exact Fisher diagonal Σ_n Σ_r (J_nᵀ B_n e_r)².
+
+        Fast path (parameters of ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``,
+        ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d``
+        in eval mode): one forward pass with hooks recording each layer's input a
+        and output, ONE backward pass batched over the K cotangents giving the
+        output gradients δ_k, then per layer, e.g. for ``nn.Linear`` on (N, in)
+        inputs, weight (δ_k ⊙ δ_k)ᵀ (a ⊙ a) and bias Σ_n δ_k², and otherwise
+        per-layer per-example gradients (Σ_t δ_nt a_ntᵀ, unfolded convolutions,
+        Σ over positions of δ x̂ for the norm layers, token rows scattered by
+        index for embeddings) computed in chunks. Cost about one forward plus K
+        backward passes to the covered layers. Every other parameter uses the
+        generic path (vmap over examples of the single-example vjp, in chunks of
+        examples so that at most ``max_vectors`` per-example D-vectors are alive
+        at once; default ``default_max_vectors``).
+
+        Parameters
+        ----------
+        U
+            Cotangents, shape (N, K, C), in the parameters' dtype and device.
+        max_vectors
+            Memory bound: at most this many per-example gradients (of the
+            network, or of one layer on the fast path) and at most this many
+            cotangents per batched backward pass are alive at once.
+        sum_cotangents
+            Return Σ_k of the result, shape (D,): much cheaper on the fast path
+            (the rank-one Linear weight term is one product instead of K).
+
+        Examples
+        --------
+        >>> lin = linearize(torch.nn.Linear(2, 3).double(), torch.ones(4, 2, dtype=torch.float64))
+        >>> lin.sum_squared_per_example_vjp(torch.ones(4, 1, 3, dtype=torch.float64)).shape
+        torch.Size([1, 9])
+        """
+        n, c = self.num_inputs, self.num_outputs
+        self._check(U, "U", (n, None, c), self._shape_text("N", "K", "C"))
+        budget = (
+            self.default_max_vectors
+            if max_vectors is None
+            else check_positive_int(max_vectors, "max_vectors")
+        )
+        k = int(U.shape[1])
+        if k == 0:
+            return U.new_zeros((self.num_params,) if sum_cotangents else (0, self.num_params))
+        results = self._fast_sum_squared(U, budget, sum_cotangents)
+        rest = tuple(i for i in range(len(self._names)) if i not in results)
+        if rest:
+            generic = self._generic_sum_squared(U, budget, rest, sum_cotangents)
+            parts = torch.split(generic, [self._sizes[i] for i in rest], dim=-1)
+            for i, part in zip(rest, parts, strict=True):
+                results[i] = part
+        lead = () if sum_cotangents else (k,)
+        return torch.cat(
+            [results[i].reshape(*lead, -1) for i in range(len(self._names))], dim=len(lead)
+        )
+
+    def _generic_sum_squared_per_example_vjp(
+        self,
+        U: Tensor,
+        /,
+        *,
+        max_vectors: int | None = None,
+        sum_cotangents: bool = False,
+    ) -> Tensor:
+        """The generic path of ``sum_squared_per_example_vjp`` for every parameter."""
+        budget = self.default_max_vectors if max_vectors is None else int(max_vectors)
+        subset = tuple(range(len(self._names)))
+        return self._generic_sum_squared(U, budget, subset, sum_cotangents)
+
+    def _generic_sum_squared(
+        self, U: Tensor, budget: int, subset: tuple[int, ...], sum_k: bool
+    ) -> Tensor:
+        n, k = int(U.shape[0]), int(U.shape[1])
+        k_chunk = min(k, budget)
+        n_chunk = max(1, budget // k_chunk)
+        pieces = []
+        for ks in _chunks(k, k_chunk):
+            squares = []
+            for rows in _chunks(n, n_chunk):
+                g = self._per_example(U[rows, ks], rows, subset)  # (n, k, D_subset)
+                sq = g * g
+                squares.append(sq.sum(dim=(0, 1)) if sum_k else sq.sum(dim=0))
+            pieces.append(_total(squares))
+        return _total(pieces) if sum_k else torch.cat(pieces, dim=0)
+
+    # -- second derivatives ----------------------------------------------------
+
+    def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Tensor:
+        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, C, D).
+
+        Exact, by forward-over-forward differentiation along each coordinate:
+        ∂²z/∂θ_i² = d²/dt² z(θ + t e_i) at t = 0 (``torch.func.jvp`` of
+        ``torch.func.jvp`` with the tangent e_i), vmapped over chunks of
+        ``max_vectors`` coordinates (default ``default_max_vectors``). Cost: D
+        second-order forward passes of the batch (about three forward passes
+        each); memory: max_vectors × the forward activations. Never a D × D
+        Hessian. Zero for parameters on which z is linear (the last layer) and
+        through piecewise-linear activations (ReLU, max pooling).
+
+        Examples
+        --------
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Tanh()).double()
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.fill_(0.5), model[0].bias.fill_(0.0)
+        >>> lin = linearize(model, torch.ones(1, 1, dtype=torch.float64))
+        >>> h = lin.output_second_derivative_diagonal()  # tanh''(0.5) = -2 tanh (1 - tanh²)
+        >>> bool(torch.allclose(h, torch.full((1, 1, 2), -0.72686198, dtype=torch.float64)))
+        True
+        """
+        budget = (
+            self.default_max_vectors
+            if max_vectors is None
+            else check_positive_int(max_vectors, "max_vectors")
+        )
+        _ensure_forward_ad()
+        d = self.num_params
+
+        def second(*ts: Tensor) -> Tensor:
+            def first(*ps: Tensor) -> Tensor:
+                return torch.func.jvp(lambda *qs: self._call(qs, self._inputs), ps, ts)[1]
+
+            return torch.func.jvp(first, self._primals, ts)[1]
+
+        pieces = []
+        for s in _chunks(d, min(d, budget)):
+            index = torch.arange(s.start, s.stop, device=self._param_device)
+            eye = F.one_hot(index, d).to(self._param_dtype)  # (chunk, D): the e_i
+            pieces.append(torch.func.vmap(second)(*self._split(eye, (s.stop - s.start,))))
+        return torch.cat(pieces, dim=0).permute(1, 2, 0)
+
+    # -- the fast path ---------------------------------------------------------
+
+    def _record_forward(self, layers: list[_Layer]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One forward pass (regular autograd) with hooks on ``layers``."""
+
+        def hook(layer: _Layer) -> Callable[..., Any]:
+            def record(
+                module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+            ) -> Any:
+                layer.calls += 1
+                a = args[0] if args else next(iter(kwargs.values()), None)
+                if layer.safe and isinstance(a, torch.Tensor):
+                    a = a.detach().clone()
+                layer.input, layer.output = a, out
+                if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor):
+                    layer.versions = (a._version, out._version)
+                    if layer.safe:
+                        # Later in-place operations act on a copy; the recorded
+                        # output keeps its value and passes the gradient on.
+                        return out.clone()
+                return None
+
+            return record
+
+        for layer in layers:
+            layer.calls, layer.input, layer.output = 0, None, None
+        handles = [
+            layer.module.register_forward_hook(hook(layer), with_kwargs=True) for layer in layers
+        ]
+        leaves = tuple(p.detach().requires_grad_(True) for p in self._primals)
+        try:
+            with torch.enable_grad():
+                z = self._call(leaves, self._inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return z, leaves
+
+    def _fast_sum_squared(self, U: Tensor, budget: int, sum_k: bool) -> dict[int, Tensor]:
+        report = dict.fromkeys(self._names, "generic")
+        report.update(self._static_reasons)
+        self._fast_report = report
+        layers = list(self._fast_layers.values())
+        if not layers:
+            return {}
+        for layer in layers:
+            layer.safe = False
+        z, leaves = self._record_forward(layers)
+        moved = [
+            layer
+            for layer in layers
+            if isinstance(layer.input, torch.Tensor)
+            and isinstance(layer.output, torch.Tensor)
+            and (layer.input._version, layer.output._version) != layer.versions
+        ]
+        if moved:
+            # An in-place operation changed a recorded input or output after the
+            # layer ran: record copies of those instead.
+            for layer in moved:
+                layer.safe = True
+            z, leaves = self._record_forward(layers)
+        uses = _leaf_use_counts(z)
+        n, k = self.num_inputs, int(U.shape[1])
+        active: list[_Layer] = []
+        for layer in layers:
+            names = [self._names[i] for i in layer.attrs.values()]
+            if layer.calls != 1:
+                why = f"module called {layer.calls} times in one forward pass"
+            elif not _layout_ok(layer, n):
+                why = "layer input/output axis 0 is not the example axis"
+            else:
+                why = ""
+            if why:
+                report.update(dict.fromkeys(names, why))
+                continue
+            keep = {}
+            for attr, i in layer.attrs.items():
+                count = uses.get(id(leaves[i]), 0)
+                if count == 1:
+                    keep[attr] = i
+                elif count == 0:
+                    report[self._names[i]] = "parameter does not affect the logits"
+                else:
+                    report[self._names[i]] = "parameter also used outside its module"
+            if keep:
+                layer.extra["keep"] = keep
+                active.append(layer)
+        if not active:
+            return {}
+
+        deltas = self._batched_output_grads(z, active, U, budget)
+        results: dict[int, Tensor] = {}
+        k_chunk = min(k, budget)
+        n_chunk = max(1, budget // k_chunk)
+        with torch.no_grad():
+            for layer, d in zip(active, deltas, strict=True):
+                if d is None:
+                    continue  # rejected by the example-axis probe
+                values = self._layer_rule(layer, d, sum_k, n_chunk)
+                for attr, i in layer.extra["keep"].items():
+                    results[i] = values[attr]
+                    report[self._names[i]] = "fast"
+        for layer in layers:
+            layer.input = layer.output = None
+            layer.extra.clear()
+        return results
+
+    def _batched_output_grads(
+        self, z: Tensor, active: list[_Layer], U: Tensor, budget: int
+    ) -> list[Tensor | None]:
+        """δ_k = ∂(Σ_n U[n, k]ᵀ z_n)/∂(layer output), (K, *output shape), for each layer.
+
+        One backward pass batched over the cotangents (in chunks of ``budget``),
+        plus one probe cotangent supported on the last example: a layer whose
+        output gradient for it is not supported on that example's slice of axis 0
+        does not keep the examples on axis 0 and leaves the fast path.
+        """
+        n, k = self.num_inputs, int(U.shape[1])
+        outputs = [layer.output for layer in active]
+        probe_rows = [n - 1] if n > 1 else []
+        gen = torch.Generator().manual_seed(0)
+        probes = []
+        for j in probe_rows:
+            values = torch.randn(self.num_outputs, generator=gen, dtype=torch.float64)
+            onehot = torch.zeros(n, 1, dtype=torch.float64)
+            onehot[j] = 1.0
+            probes.append(onehot * values)
+        cot = U.permute(1, 0, 2)
+        if probes:
+            extra = torch.stack(probes).to(dtype=U.dtype, device=U.device)
+            cot = torch.cat([cot, extra], dim=0)
+        total = int(cot.shape[0])
+        step = min(total, max(budget, len(probes) + 1))
+        chunks: list[list[Tensor | None]] = []
+        for s in _chunks(total, step):
+            grads = self._grad_batched(z, outputs, cot[s], retain=s.stop < total)
+            chunks.append(list(grads))
+        deltas: list[Tensor | None] = []
+        for i, out in enumerate(outputs):
+            parts = [c[i] for c in chunks]
+            present = [p for p in parts if p is not None]
+            if len(present) < len(parts):  # the layer does not reach the logits
+                deltas.append(out.new_zeros((total, *out.shape)))
+            else:
+                deltas.append(torch.cat(present, dim=0) if len(present) > 1 else present[0])
+        if probe_rows:
+            deltas = self._probe_example_axis(active, deltas, k, probe_rows)
+        return [None if d is None else d[:k] for d in deltas]
+
+    @staticmethod
+    def _grad_batched(
+        z: Tensor, outputs: list[Tensor], cot: Tensor, retain: bool
+    ) -> tuple[Tensor | None, ...]:
+        with warnings.catch_warnings():
+            # Ops without a batching rule fall back to a loop inside vmap: still exact.
+            warnings.filterwarnings("ignore", message=".*performance drop.*", category=UserWarning)
+            return torch.autograd.grad(
+                z,
+                outputs,
+                grad_outputs=cot,
+                retain_graph=retain,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+
+    def _probe_example_axis(
+        self,
+        active: list[_Layer],
+        deltas: list[Tensor | None],
+        k: int,
+        probe_rows: list[int],
+    ) -> list[Tensor | None]:
+        n = self.num_inputs
+        stats = []
+        for d in deltas:
+            assert d is not None
+            row = []
+            for p, j in enumerate(probe_rows):
+                g = d[k + p].reshape(n, -1).abs()
+                on = g[j].max()
+                mask = torch.ones(n, dtype=torch.bool, device=g.device)
+                mask[j] = False
+                off = g[mask].max()
+                row.append(torch.stack([on, off]))
+            stats.append(torch.stack(row))
+        host = torch.stack(stats).cpu().tolist() if stats else []
+        eps = torch.finfo(self._param_dtype).eps
+        kept: list[Tensor | None] = []
+        for layer, d, rows in zip(active, deltas, host, strict=True):
+            if all(off <= 64 * eps * on for on, off in rows):
+                kept.append(d)
+            else:
+                names = [self._names[i] for i in layer.extra["keep"].values()]
+                self._fast_report.update(dict.fromkeys(names, "layer output axis 0 mixes examples"))
+                kept.append(None)
+        return kept
+
+    def _layer_rule(self, layer: _Layer, d: Tensor, sum_k: bool, n_chunk: int) -> dict[str, Tensor]:
+        m, a = layer.module, layer.input
+        if layer.kind == "linear":
+            return _linear_rule(m, a, d, sum_k, n_chunk)  # type: ignore[arg-type]
+        if layer.kind == "conv":
+            return _conv_rule(m, a, d, sum_k, n_chunk)  # type: ignore[arg-type]
+        if layer.kind == "embedding":
+            return _embedding_rule(m, a, d, sum_k)  # type: ignore[arg-type]
+        return _norm_rule(m, layer.kind, a, d, sum_k, n_chunk)
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------
+
+
+def linearize(
+    model: nn.Module, inputs: Tensor | Sequence[Tensor], /, *, params: Sequence[str] | None = None
+) -> TorchLinearization:
+    """Linearize ``model`` at its current parameters on one batch of ``inputs``.
+
+    The linearization exposes the logits z = model(*inputs), shape (N, C), and
+    the Jacobian J = ∂z/∂θ through products (``jvp``, ``vjp``, their batched and
+    per-example forms), with θ the concatenation of the selected parameters,
+    flattened row-major, in order. The forward pass is done once here
+    (``torch.func.vjp``); buffers (BatchNorm running statistics) are used as they
+    are and never changed.
+
+    Parameters
+    ----------
+    model
+        Any ``torch.nn.Module`` returning logits of shape (N, C). Modules that are
+        random or couple the examples in training mode (Dropout, BatchNorm) must
+        be in eval mode.
+    inputs
+        A tensor, or a tuple of tensors passed as positional arguments, with the
+        examples on axis 0, on the parameters' device.
+    params
+        None: every parameter with ``requires_grad=True``, in
+        ``named_parameters()`` order. Or a list of parameter names (a subset, in
+        the order given; any of the names of a tied tensor, but only one).
+
+    Returns
+    -------
+    TorchLinearization
+        Torch tensors throughout, on the parameters' device, in their dtype.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a module, ``inputs`` are not tensors, a selected
+        parameter is not floating-point or the dtypes differ.
+    ValueError
+        No parameter selected, unknown or repeated names, a module in a random or
+        batch-coupled mode, parameters or inputs on different devices, or logits
+        not 2-D, not floating, not in the parameters' dtype, or not finite.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import linearize
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> lin = linearize(model, torch.randn(5, 4))
+    >>> lin.logits.shape, lin.num_params
+    (torch.Size([5, 3]), 67)
+    >>> [b.name for b in lin.blocks]
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+    model = _check_model(model)
+    names, tensors = _select_parameters(model, params)
+    return _linearize(model, inputs, names, tensors)
+
+
+def _linearize(
+    model: nn.Module,
+    inputs: object,
+    names: tuple[str, ...],
+    tensors: tuple[Tensor, ...],
+) -> TorchLinearization:
+    batch = _as_inputs(inputs)
+    _check_parameters(names, tensors)
+    _check_deterministic(model)
+    _check_inputs_device(batch, tensors[0].device)
+    return TorchLinearization(model, batch, names, tensors)
+
+
+def linearizations(
+    model: nn.Module, batches: Iterable[Any], /, *, params: Sequence[str] | None = None
+) -> Iterator[TorchLinearization]:
+    """Lazily linearize ``model`` on each batch of ``batches``.
+
+    A batch is a tensor, or a tuple/list whose first element holds the inputs
+    (a tensor, or a tuple of tensors for a model with several inputs), as a
+    ``DataLoader`` yields ``(x, y)``: only ``x`` is used. Each linearization is
+    built when it is requested, so a data set is streamed one batch at a time.
+    The model and the parameter selection are checked at once.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import linearizations
+    >>> model = torch.nn.Linear(4, 3)
+    >>> data = [(torch.randn(8, 4), torch.zeros(8)) for _ in range(3)]
+    >>> [lin.num_inputs for lin in linearizations(model, data)]
+    [8, 8, 8]
+    """
+    model = _check_model(model)
+    names, tensors = _select_parameters(model, params)
+    if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor | str | bytes):
+        msg = (
+            "batches must be an iterable of batches (a list, a generator, a DataLoader); got "
+            f"{type(batches).__name__}. For one batch use linearize(model, inputs)."
+        )
+        raise TypeError(msg)
+    return _stream(model, batches, names, tensors)
+
+
+def _stream(
+    model: nn.Module, batches: Iterable[Any], names: tuple[str, ...], tensors: tuple[Tensor, ...]
+) -> Iterator[TorchLinearization]:
+    for batch in batches:
+        inputs = batch[0] if isinstance(batch, tuple | list) else batch
+        yield _linearize(model, inputs, names, tensors)
+
+
+# ---------------------------------------------------------------------------
+# The loss of a labelled batch (added for fisherbound.landscape)
+# ---------------------------------------------------------------------------
+
+from fisherbound.linearization import (  # noqa: E402
+    LossFunctionBase,
+    check_loss_labels,
+    check_loss_options,
+)
+
+
+class TorchLossFunction(LossFunctionBase):
+    """The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
+
+    Build it with :func:`loss_function`. θ is the concatenation of the selected
+    parameters (as in ``linearize``). ``value`` evaluates the module at S shifted
+    parameter vectors with ``torch.func.vmap`` over ``functional_call``;
+    ``gradient`` is ``torch.func.grad``; ``hvp`` / ``hvp_batch`` are
+    forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``, vmapped over
+    the vectors). The parameters are read, never changed.
+    """
+
+    #: Shifts evaluated per vmapped forward pass in ``value``.
+    default_max_shifts: int = 32
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[Tensor, ...],
+        labels: Tensor,
+        names: tuple[str, ...],
+        tensors: tuple[Tensor, ...],
+        family: Any,
+        reduction: str,
+    ) -> None:
+        self._model = model
+        self._inputs = inputs
+        self._names = names
+        self._primals = tuple(p.detach() for p in tensors)
+        self._sizes = tuple(p.numel() for p in tensors)
+        self._shapes = tuple(tuple(p.shape) for p in tensors)
+        self._param_dtype = tensors[0].dtype
+        self._param_device = tensors[0].device
+        selected = {id(p) for p in tensors}
+        self._constants = {
+            n: p.detach() for n, p in model.named_parameters() if id(p) not in selected
+        }
+        self._blocks = make_blocks(zip(names, self._shapes, strict=True))
+        self._params = torch.cat([p.reshape(-1) for p in self._primals])
+        with torch.no_grad():
+            z = self._call(self._primals, inputs)
+        self._check_logits(z)
+        self._xp = array_namespace(z, names=("model output",))
+        check_finite(z, "model output", xp=self._xp)
+        check_loss_labels(family, z, labels)
+        self._logits = z
+        self._labels = labels
+        self._family = family
+        self._reduction = reduction
+        self._num_inputs = int(z.shape[0])
+        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
+
+    @property
+    def family(self) -> Any:
+        """The output family whose log-likelihood defines the loss."""
+        return self._family
+
+    @property
+    def labels(self) -> Tensor:
+        """The labels y of the batch."""
+        return self._labels
+
+    @property
+    def logits(self) -> Tensor:
+        """The logits z (N, C) at θ."""
+        return self._logits
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+        mapping = dict(self._constants)
+        mapping.update(zip(self._names, params, strict=True))
+        with _transformable():
+            return torch.func.functional_call(self._model, mapping, inputs)
+
+    def _split(self, theta: Tensor) -> tuple[Tensor, ...]:
+        parts = torch.split(theta, list(self._sizes))
+        return tuple(p.reshape(s) for p, s in zip(parts, self._shapes, strict=True))
+
+    def _check_logits(self, z: object) -> None:
+        if not isinstance(z, torch.Tensor) or z.ndim != 2 or 0 in tuple(z.shape):
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            msg = (
+                f"model(inputs) must return a tensor of logits of shape (N, C); got {got}. "
+                "Wrap the model in a module that returns the logits."
+            )
+            raise ValueError(msg)
+        if z.dtype != self._param_dtype:
+            msg = (
+                f"model(inputs) must return logits in the parameters' dtype {self._param_dtype}; "
+                f"got {z.dtype}. Convert the model with model.to({self._param_dtype})."
+            )
+            raise ValueError(msg)
+
+    def _nll(self, z: Tensor) -> Tensor:
+        """−Σ_n log p(y_n | z_n) over the example axis of z (..., N, C), scaled."""
+        y = self._labels
+        if z.ndim > 2:
+            y = y.expand(*z.shape[:-2], *y.shape)
+        return -self._family._log_likelihood(z, y, self._xp).sum(dim=-1) * self._scale
+
+    def _loss(self, theta: Tensor) -> Tensor:
+        return self._nll(self._call(self._split(theta), self._inputs))
+
+    def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
+        if not isinstance(x, torch.Tensor):
+            msg = (
+                f"{name} must be a torch.Tensor of shape {what}; got "
+                f"{type(x).__module__}.{type(x).__name__}. Convert with torch.as_tensor(...)."
+            )
+            raise TypeError(msg)
+        if x.ndim != len(shape) or any(
+            s is not None and x.shape[i] != s for i, s in enumerate(shape)
+        ):
+            msg = f"{name} must have shape {what}; got {tuple(x.shape)}."
+            raise ValueError(msg)
+        if x.dtype != self._param_dtype:
+            msg = (
+                f"{name} must have the parameters' dtype {self._param_dtype}; got {x.dtype}. "
+                f"Convert with {name}.to({self._param_dtype})."
+            )
+            raise TypeError(msg)
+        if x.device != self._param_device:
+            msg = (
+                f"{name} must be on the parameters' device {self._param_device}; got "
+                f"{x.device}. Move it with {name}.to({str(self._param_device)!r})."
+            )
+            raise ValueError(msg)
+        return x
+
+    # -- the loss and its derivatives ----------------------------------------
+
+    def value(self, shifts: Tensor, /) -> Tensor:
+        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
+
+        ``torch.func.vmap`` of the module's forward pass over the S parameter
+        vectors (chunks of ``default_max_shifts``), without autograd: cost about
+        S forward passes, batched.
+
+        Examples
+        --------
+        >>> model = torch.nn.Linear(2, 3).double()
+        >>> x = torch.ones(4, 2, dtype=torch.float64)
+        >>> loss = loss_function(model, x, torch.zeros(4, dtype=torch.int64))
+        >>> loss.value(torch.zeros(5, 9, dtype=torch.float64)).shape
+        torch.Size([5])
+        """
+        d = self.num_params
+        self._check(shifts, "shifts", (None, d), f"(S, D={d})")
+        if shifts.shape[0] == 0:
+            return shifts.new_zeros((0,))
+
+        def logits(s: Tensor) -> Tensor:
+            return self._call(self._split(self._params + s), self._inputs)
+
+        pieces = []
+        with torch.no_grad():
+            for chunk in torch.split(shifts, self.default_max_shifts):
+                pieces.append(self._nll(torch.func.vmap(logits)(chunk)))
+        return torch.cat(pieces)
+
+    def gradient(self) -> Tensor:
+        """∇L(θ), shape (D,): one forward and one backward pass (``torch.func.grad``)."""
+        with torch.enable_grad():
+            return torch.func.grad(self._loss)(self._params)
+
+    def hvp(self, v: Tensor, /) -> Tensor:
+        """∇²L(θ) v for ``v`` (D,); returns (D,) (forward-over-reverse)."""
+        d = self.num_params
+        self._check(v, "v", (d,), f"(D={d},)")
+        return self._hvp(v)
+
+    def hvp_batch(self, V: Tensor, /) -> Tensor:
+        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
+
+        ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), vmapped
+        over the M vectors: exact, about M times the cost of two gradient steps,
+        batched.
+        """
+        d = self.num_params
+        self._check(V, "V", (None, d), f"(M, D={d})")
+        if V.shape[0] == 0:
+            return V.new_zeros((0, d))
+        return torch.func.vmap(self._hvp)(V)
+
+    def _hvp(self, v: Tensor) -> Tensor:
+        _ensure_forward_ad()
+        with torch.enable_grad():
+            return torch.func.jvp(torch.func.grad(self._loss), (self._params,), (v,))[1]
+
+
+def loss_function(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    labels: Tensor,
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+    params: Sequence[str] | None = None,
+) -> TorchLossFunction:
+    """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
+
+    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = model(*inputs) and the family's
+    ``log_likelihood`` (``reduction="mean"`` divides by N), as a
+    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
+    (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
+    (forward-over-reverse, exact).
+
+    Parameters
+    ----------
+    model
+        Any ``torch.nn.Module`` returning logits (N, C); in eval mode if it has
+        Dropout or BatchNorm.
+    inputs
+        A tensor or a tuple of tensors (positional arguments), examples on axis 0.
+    labels
+        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
+        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``; on
+        the parameters' device.
+    family
+        The output family (default ``Categorical()``).
+    reduction
+        ``"sum"`` over the batch (default) or ``"mean"``.
+    params
+        The parameters θ (names), as in ``linearize``; default every trainable one.
+
+    Returns
+    -------
+    TorchLossFunction
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import loss_function
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> loss = loss_function(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.num_params, loss.hvp(torch.ones(67)).shape
+    (67, torch.Size([67]))
+    """
+    model = _check_model(model)
+    fam = check_loss_options(family, reduction)
+    names, tensors = _select_parameters(model, params)
+    return _loss_function(model, inputs, labels, names, tensors, fam, reduction)
+
+
+def _loss_function(
+    model: nn.Module,
+    inputs: object,
+    labels: object,
+    names: tuple[str, ...],
+    tensors: tuple[Tensor, ...],
+    family: Any,
+    reduction: str,
+) -> TorchLossFunction:
+    batch = _as_inputs(inputs)
+    _check_parameters(names, tensors)
+    _check_deterministic(model)
+    _check_inputs_device(batch, tensors[0].device)
+    if not isinstance(labels, torch.Tensor):
+        msg = (
+            f"labels must be a torch.Tensor; got {type(labels).__module__}."
+            f"{type(labels).__name__}. Convert with torch.as_tensor(...)."
+        )
+        raise TypeError(msg)
+    return TorchLossFunction(model, batch, labels, names, tensors, family, reduction)
+
+
+def loss_functions(
+    model: nn.Module,
+    batches: Iterable[Any],
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+    params: Sequence[str] | None = None,
+) -> Iterator[TorchLossFunction]:
+    """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
+
+    ``batches`` yields pairs (a DataLoader does); each loss function is built when
+    it is requested, so a data set is streamed one batch at a time.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import loss_functions
+    >>> data = [(torch.randn(8, 4), torch.zeros(8).long()) for _ in range(3)]
+    >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
+    [8, 8, 8]
+    """
+    model = _check_model(model)
+    fam = check_loss_options(family, reduction)
+    names, tensors = _select_parameters(model, params)
+    if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor | str | bytes):
+        msg = (
+            "batches must be an iterable of (inputs, labels) pairs (a list, a generator, a "
+            f"DataLoader); got {type(batches).__name__}. For one batch use "
+            "loss_function(model, inputs, labels)."
+        )
+        raise TypeError(msg)
+    return _stream_losses(model, batches, names, tensors, fam, reduction)
+
+
+def _stream_losses(
+    model: nn.Module,
+    batches: Iterable[Any],
+    names: tuple[str, ...],
+    tensors: tuple[Tensor, ...],
+    family: Any,
+    reduction: str,
+) -> Iterator[TorchLossFunction]:
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) < 2:
+            msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}."
+            raise TypeError(msg)
+        yield _loss_function(model, batch[0], batch[1], names, tensors, family, reduction)
+
+
+__all__ += ["TorchLossFunction", "loss_function", "loss_functions"]

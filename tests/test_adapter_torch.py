@@ -1,0 +1,831 @@
+"""The torch adapter: the linearization contract, the fast exact-diagonal path
+against the generic one, parameter selection and the refusals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn import functional as F
+
+from fisherbound.adapters.torch import TorchLinearization, linearizations, linearize
+from fisherbound.linearization import Linearization
+
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------
+# Models (small, float64, seeded)
+# ---------------------------------------------------------------------------
+
+
+def _randomize_norm(bn: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        c = bn.weight.shape[0]
+        bn.weight.copy_(1 + 0.3 * torch.randn(c, generator=gen, dtype=F64))
+        bn.bias.copy_(0.3 * torch.randn(c, generator=gen, dtype=F64))
+        if getattr(bn, "running_mean", None) is not None:
+            bn.running_mean.copy_(0.2 * torch.randn(c, generator=gen, dtype=F64))
+            bn.running_var.copy_(0.5 + torch.rand(c, generator=gen, dtype=F64))
+
+
+def make_mlp(seed: int = 0, widths: tuple[int, ...] = (6, 10, 3), n: int = 5):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        if i:
+            layers.append(nn.Tanh())
+        layers.append(nn.Linear(a, b))
+    model = nn.Sequential(*layers).to(F64)
+    x = torch.randn(n, widths[0], dtype=F64)
+    return model, (x,)
+
+
+def make_cnn(seed: int = 1):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(27, 3),
+    ).to(F64)
+    _randomize_norm(model[1], gen)
+    model.eval()
+    return model, (torch.randn(4, 2, 6, 6, dtype=F64),)
+
+
+class Attention(nn.Module):
+    """Embedding + LayerNorm + MultiheadAttention with residuals + a token-wise Linear."""
+
+    def __init__(self, vocab: int = 7, dim: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.att = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.ff = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.emb(tokens))
+        h = h + self.att(h, h, h, need_weights=False)[0]
+        h = h + torch.tanh(self.ff(h))
+        return self.head(h.mean(dim=1))
+
+
+def make_attention(seed: int = 2):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Attention().to(F64)
+    _randomize_norm(model.norm, gen)
+    model.eval()
+    tokens = torch.tensor([[0, 1, 2, 1], [3, 3, 4, 5], [6, 0, 0, 2], [1, 5, 5, 5], [2, 4, 6, 3]])
+    return model, (tokens,)
+
+
+class Tied(nn.Module):
+    """The output layer shares the embedding matrix (weight tying)."""
+
+    def __init__(self, vocab: int = 7, dim: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(tokens))).mean(dim=1))
+
+
+class FunctionalTie(nn.Module):
+    """The same tying, but the output uses the embedding matrix directly."""
+
+    def __init__(self, vocab: int = 7, dim: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.mix(self.emb(tokens))).mean(dim=1)
+        return F.linear(h, self.emb.weight)
+
+
+def make_tied(seed: int = 3, cls: type[nn.Module] = Tied):
+    torch.manual_seed(seed)
+    tokens = torch.tensor([[0, 1, 1], [3, 4, 5], [6, 6, 6], [2, 0, 2], [5, 1, 3]])
+    return cls().to(F64), (tokens,)
+
+
+class Scale(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.s
+
+
+class Zoo(nn.Module):
+    """Two inputs; grouped strided reflect-padded Conv1d, GroupNorm, 'same' Conv2d,
+    BatchNorm eval, an in-place ReLU after a Linear, a Linear called twice, a custom
+    module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, stride=2, padding=1, groups=2, padding_mode="reflect")
+        self.gn = nn.GroupNorm(3, 6)
+        self.c2 = nn.Conv2d(1, 2, 3, padding="same", dilation=2)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(30 + 50, 8)
+        self.relu = nn.ReLU(inplace=True)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.shared = nn.Linear(8, 8)
+        self.scale = Scale(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, seq: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.gn(self.c1(seq))).flatten(1)
+        g = self.bn1(self.c2(img)).flatten(1)
+        h = self.bn2(self.relu(self.fc(torch.cat([h, g], dim=1))))
+        h = self.shared(torch.tanh(self.shared(h)))
+        return self.out(self.scale(h))
+
+
+def make_zoo(seed: int = 4):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = Zoo().to(F64)
+    for norm in (model.gn, model.bn1, model.bn2):
+        _randomize_norm(norm, gen)
+    with torch.no_grad():
+        model.fc.bias.add_(0.5)  # keep most ReLU units active
+    model.eval()
+    n = 5
+    return model, (torch.randn(n, 4, 9, dtype=F64), torch.randn(n, 1, 5, 5, dtype=F64))
+
+
+class TimeMajor(nn.Module):
+    """Examples on axis 0 of the input, but the Linear sees (T, N, F): time first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, T, F)
+        h = torch.tanh(self.fc(x.transpose(0, 1)))  # (T, N, 4)
+        return self.out(h.mean(dim=0))
+
+
+class BatchSecond(nn.Module):
+    """Inputs with the examples on axis 1: (T, N, F)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(x).mean(dim=0))
+
+
+CONTRACT_MODELS = {"mlp": make_mlp, "cnn": make_cnn, "attention": make_attention}
+FAST_MODELS = {
+    **CONTRACT_MODELS,
+    "tied": make_tied,
+    "functional_tie": lambda: make_tied(cls=FunctionalTie),
+    "zoo": make_zoo,
+}
+
+
+def _lin(factory) -> tuple[TorchLinearization, nn.Module, tuple[torch.Tensor, ...]]:
+    model, inputs = factory()
+    return linearize(model, inputs), model, inputs
+
+
+def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=F64)
+
+
+def _logits_at(lin: TorchLinearization, model: nn.Module, inputs, theta: torch.Tensor):
+    params = {b.name: theta[b.offset : b.offset + b.size].reshape(b.shape) for b in lin.blocks}
+    with torch.no_grad():
+        return torch.func.functional_call(model, params, inputs)
+
+
+def _flat_params(lin: TorchLinearization, model: nn.Module) -> torch.Tensor:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return torch.cat([named[b.name].detach().reshape(-1) for b in lin.blocks])
+
+
+def _dense_jacobian_jvp(lin: TorchLinearization) -> torch.Tensor:
+    d = lin.num_params
+    return lin.jvp_batch(torch.eye(d, dtype=F64)).reshape(d, -1).T  # (N C, D)
+
+
+def _dense_jacobian_vjp(lin: TorchLinearization) -> torch.Tensor:
+    n, c = lin.num_inputs, lin.num_outputs
+    return lin.vjp_batch(torch.eye(n * c, dtype=F64).reshape(n * c, n, c))  # (N C, D)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-10) -> None:
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
+    err = float((a - b).abs().max())
+    assert err <= rel * scale, f"max error {err:.3e} vs scale {scale:.3e}"
+
+
+# ---------------------------------------------------------------------------
+# The contract, on an MLP, a CNN and an attention model
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=list(CONTRACT_MODELS), scope="module")
+def contract(request):
+    lin, model, inputs = _lin(CONTRACT_MODELS[request.param])
+    return lin, model, inputs
+
+
+def test_protocol_and_namespace(contract) -> None:
+    lin, model, inputs = contract
+    assert isinstance(lin, Linearization)
+    assert lin.logits.shape == (lin.num_inputs, lin.num_outputs)
+    assert lin.logits.dtype == F64
+    assert not lin.logits.requires_grad
+    with torch.no_grad():
+        expected = model(*inputs)
+    _close(lin.logits, expected, 1e-12)
+    assert lin.xp.__name__.endswith("torch")
+    assert lin.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_jvp_matches_central_differences(contract) -> None:
+    lin, model, inputs = contract
+    gen = torch.Generator().manual_seed(10)
+    v = _rand(gen, lin.num_params)
+    v = v / v.norm()
+    theta = _flat_params(lin, model)
+    h = 1e-5
+    fd = (
+        _logits_at(lin, model, inputs, theta + h * v)
+        - _logits_at(lin, model, inputs, theta - h * v)
+    ) / (2 * h)
+    jv = lin.jvp(v)
+    # Truncation h² ‖z'''‖/6 plus rounding eps ‖z‖ / h, with a margin for the constants.
+    scale = 1.0 + float(lin.logits.abs().max())
+    tol = 100 * (h**2 + torch.finfo(F64).eps / h) * scale
+    assert float((fd - jv).abs().max()) <= tol
+    assert float(jv.abs().max()) > 1e-3  # not trivially zero
+
+
+def test_adjointness(contract) -> None:
+    lin, _, _ = contract
+    gen = torch.Generator().manual_seed(11)
+    v = _rand(gen, lin.num_params)
+    u = _rand(gen, lin.num_inputs, lin.num_outputs)
+    jv, jtu = lin.jvp(v), lin.vjp(u)
+    assert jtu.shape == (lin.num_params,)
+    lhs, rhs = float((u * jv).sum()), float((jtu * v).sum())
+    assert abs(lhs - rhs) <= 1e-12 * (float(u.norm() * jv.norm()) + float(jtu.norm() * v.norm()))
+
+
+def test_dense_jacobian_from_jvps_equals_from_vjps(contract) -> None:
+    lin, _, _ = contract
+    j_fwd, j_rev = _dense_jacobian_jvp(lin), _dense_jacobian_vjp(lin)
+    assert j_fwd.shape == (lin.num_inputs * lin.num_outputs, lin.num_params)
+    _close(j_fwd, j_rev, 1e-12)
+    assert float(j_fwd.abs().max()) > 0
+
+
+def test_batched_products_equal_loops(contract) -> None:
+    lin, _, _ = contract
+    gen = torch.Generator().manual_seed(12)
+    V = _rand(gen, 3, lin.num_params)
+    U = _rand(gen, 4, lin.num_inputs, lin.num_outputs)
+    _close(lin.jvp_batch(V), torch.stack([lin.jvp(V[m]) for m in range(3)]), 1e-12)
+    _close(lin.vjp_batch(U), torch.stack([lin.vjp(U[m]) for m in range(4)]), 1e-12)
+    assert lin.jvp_batch(V[:0]).shape == (0, lin.num_inputs, lin.num_outputs)
+    assert lin.vjp_batch(U[:0]).shape == (0, lin.num_params)
+
+
+def test_per_example_vjp_is_vjp_of_one_example(contract) -> None:
+    lin, _, _ = contract
+    gen = torch.Generator().manual_seed(13)
+    n, c = lin.num_inputs, lin.num_outputs
+    U = _rand(gen, n, 2, c)
+    pe = lin.per_example_vjp(U)
+    assert pe.shape == (n, 2, lin.num_params)
+    for i in range(n):
+        for k in range(2):
+            mask = torch.zeros(n, 1, dtype=F64)
+            mask[i] = 1
+            _close(pe[i, k], lin.vjp(mask * U[i, k]), 1e-11)
+    # Summing over examples gives the batch VJP.
+    _close(pe.sum(dim=0), lin.vjp_batch(U.permute(1, 0, 2)), 1e-11)
+
+
+def test_per_example_vjp_of_a_slice_of_examples(contract) -> None:
+    lin, _, _ = contract
+    gen = torch.Generator().manual_seed(16)
+    U = _rand(gen, lin.num_inputs, 2, lin.num_outputs)
+    full = lin.per_example_vjp(U)
+    part = lin.per_example_vjp(U[1:3], examples=slice(1, 3))
+    assert part.shape == (2, 2, lin.num_params)
+    _close(part, full[1:3], 1e-12)
+    with pytest.raises(ValueError, match=r"U must have shape \(n=2, K, C=3\); got \(3, 2, 3\)"):
+        lin.per_example_vjp(U[:3], examples=slice(1, 3))
+    with pytest.raises(TypeError, match="examples must be a contiguous slice"):
+        lin.per_example_vjp(U[:2], examples=slice(0, 4, 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "nonzero"),
+    # The CNN is piecewise linear in each coordinate (ReLU, max pooling, BatchNorm
+    # affine after a linear convolution): its diagonal second derivatives vanish.
+    [("mlp", True), ("cnn", False)],
+)
+def test_output_second_derivative_diagonal_matches_the_hessian(name, nonzero) -> None:
+    lin, model, inputs = _lin(CONTRACT_MODELS[name])
+
+    def logits(theta: torch.Tensor) -> torch.Tensor:
+        params = {b.name: theta[b.offset : b.offset + b.size].reshape(b.shape) for b in lin.blocks}
+        return torch.func.functional_call(model, params, inputs)
+
+    # First the adapter: it loads torch's forward-AD decompositions without the
+    # DeprecationWarning that jacfwd would raise as an error here.
+    results = [lin.output_second_derivative_diagonal(max_vectors=m) for m in (None, 7)]
+    hessian = torch.func.jacfwd(torch.func.jacrev(logits))(_flat_params(lin, model))
+    expected = torch.diagonal(hessian, dim1=-2, dim2=-1)  # (N, C, D)
+    for got in results:
+        assert got.shape == (lin.num_inputs, lin.num_outputs, lin.num_params)
+        _close(got, expected, 1e-10)
+    assert (float(expected.abs().max()) > 1e-3) == nonzero
+    last = lin.blocks[-2]  # the output layer's weight: z is linear in it
+    assert float(got[..., last.offset : last.offset + last.size].abs().max()) == 0.0
+    with pytest.raises(ValueError, match="max_vectors must be an integer >= 1; got 0"):
+        lin.output_second_derivative_diagonal(max_vectors=0)
+
+
+@pytest.mark.parametrize("max_vectors", [None, 1, 2, 7])
+def test_sum_squared_equals_squared_per_example(contract, max_vectors) -> None:
+    lin, _, _ = contract
+    gen = torch.Generator().manual_seed(14)
+    U = _rand(gen, lin.num_inputs, 3, lin.num_outputs)
+    expected = (lin.per_example_vjp(U) ** 2).sum(dim=0)
+    got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
+    assert got.shape == (3, lin.num_params)
+    _close(got, expected)
+    generic = lin._generic_sum_squared_per_example_vjp(U, max_vectors=max_vectors)
+    _close(generic, expected)
+    summed = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors, sum_cotangents=True)
+    _close(summed, expected.sum(dim=0))
+
+
+def test_blocks_layout(contract) -> None:
+    lin, model, _ = contract
+    offset = 0
+    named = list(model.named_parameters())
+    assert [b.name for b in lin.blocks] == [name for name, _ in named]
+    for block, (_, p) in zip(lin.blocks, named, strict=True):
+        assert block.shape == tuple(p.shape)
+        assert block.offset == offset
+        assert block.size == p.numel()
+        offset += p.numel()
+    assert lin.num_params == offset
+    # Block k of a VJP is that parameter's gradient of the same scalar.
+    gen = torch.Generator().manual_seed(15)
+    u = _rand(gen, lin.num_inputs, lin.num_outputs)
+    g = lin.vjp(u)
+    model.zero_grad()
+    (model(*lin._inputs) * u).sum().backward()
+    for block, (_, p) in zip(lin.blocks, named, strict=True):
+        _close(g[block.offset : block.offset + block.size].reshape(block.shape), p.grad, 1e-12)
+    model.zero_grad()
+
+
+# ---------------------------------------------------------------------------
+# The fast exact-diagonal path against the generic one
+# ---------------------------------------------------------------------------
+
+EXPECTED_FAST = {
+    "mlp": {"0.weight", "0.bias", "2.weight", "2.bias"},
+    "cnn": {"0.weight", "0.bias", "1.weight", "1.bias", "5.weight", "5.bias"},
+    "attention": {
+        "emb.weight", "norm.weight", "norm.bias", "ff.weight", "ff.bias", "head.weight",
+        "head.bias",
+    },
+    "tied": {"mix.weight", "mix.bias"},
+    "functional_tie": {"mix.weight", "mix.bias"},
+    "zoo": {
+        "c1.weight", "c1.bias", "gn.weight", "gn.bias", "c2.weight", "c2.bias",
+        "bn1.weight", "bn1.bias", "fc.weight", "fc.bias", "bn2.weight", "bn2.bias",
+        "out.weight", "out.bias",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(FAST_MODELS))
+def test_fast_path_matches_generic(name) -> None:
+    lin, _, _ = _lin(FAST_MODELS[name])
+    gen = torch.Generator().manual_seed(20)
+    U = _rand(gen, lin.num_inputs, 3, lin.num_outputs)
+    fast = lin.sum_squared_per_example_vjp(U)
+    report = dict(lin._fast_report)
+    generic = lin._generic_sum_squared_per_example_vjp(U)
+    _close(fast, generic)
+    assert float(generic.abs().max()) > 0
+    assert {k for k, v in report.items() if v == "fast"} == EXPECTED_FAST[name]
+    summed = lin.sum_squared_per_example_vjp(U, sum_cotangents=True, max_vectors=2)
+    _close(summed, generic.sum(dim=0))
+
+
+def test_fast_path_reports_why_a_parameter_is_generic() -> None:
+    lin, _, _ = _lin(make_zoo)
+    gen = torch.Generator().manual_seed(21)
+    lin.sum_squared_per_example_vjp(_rand(gen, lin.num_inputs, 2, lin.num_outputs))
+    report = lin._fast_report
+    assert report["shared.weight"] == "module called 2 times in one forward pass"
+    assert report["scale.s"] == "no fast rule for Scale"
+    assert report["fc.weight"] == "fast"  # despite the in-place ReLU that follows it
+
+    lin, _, _ = _lin(make_tied)
+    lin.sum_squared_per_example_vjp(_rand(gen, lin.num_inputs, 2, lin.num_outputs))
+    assert lin._fast_report["emb.weight"] == "parameter shared by several modules (tied)"
+
+    lin, _, _ = _lin(lambda: make_tied(cls=FunctionalTie))
+    lin.sum_squared_per_example_vjp(_rand(gen, lin.num_inputs, 2, lin.num_outputs))
+    assert lin._fast_report["emb.weight"] == "parameter also used outside its module"
+
+
+class DeadBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.unused = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)
+        return self.fc(x)
+
+
+def test_fast_path_with_a_parameter_that_does_not_reach_the_logits() -> None:
+    torch.manual_seed(7)
+    lin = linearize(DeadBranch().to(F64), torch.randn(4, 3, dtype=F64))
+    U = _rand(torch.Generator().manual_seed(24), 4, 2, 2)
+    out = lin.sum_squared_per_example_vjp(U)
+    _close(out, lin._generic_sum_squared_per_example_vjp(U))
+    assert lin._fast_report["unused.weight"] == "parameter does not affect the logits"
+    assert lin._fast_report["fc.weight"] == "fast"
+    assert float(out[:, 8:].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("time_steps", [3, 5])
+def test_fast_path_rejects_layers_without_examples_on_axis_0(time_steps) -> None:
+    # With T == N = 5 the shapes cannot tell time from examples; the probe can.
+    torch.manual_seed(5)
+    model = TimeMajor().to(F64)
+    x = torch.randn(5, time_steps, 3, dtype=F64)
+    lin = linearize(model, x)
+    gen = torch.Generator().manual_seed(22)
+    U = _rand(gen, 5, 2, 2)
+    fast = lin.sum_squared_per_example_vjp(U)
+    _close(fast, lin._generic_sum_squared_per_example_vjp(U))
+    _close(fast, (lin.per_example_vjp(U) ** 2).sum(dim=0))
+    assert lin._fast_report["fc.weight"] != "fast"
+    assert lin._fast_report["out.weight"] == "fast"
+
+
+@pytest.mark.parametrize("time_steps", [3, 4])
+def test_per_example_when_examples_are_not_on_axis_0(time_steps) -> None:
+    # Inputs (T, N, F): the single-example vmap cannot apply; the masked path must.
+    torch.manual_seed(6)
+    model = BatchSecond().to(F64)
+    x = torch.randn(time_steps, 4, 3, dtype=F64)
+    lin = linearize(model, x)
+    gen = torch.Generator().manual_seed(23)
+    U = _rand(gen, 4, 2, 2)
+    pe = lin.per_example_vjp(U)
+    for i in range(4):
+        mask = torch.zeros(4, 1, dtype=F64)
+        mask[i] = 1
+        _close(pe[i, 1], lin.vjp(mask * U[i, 1]), 1e-12)
+    _close(lin.sum_squared_per_example_vjp(U), (pe**2).sum(dim=0))
+
+
+def test_exact_diagonal_of_linear_softmax_reference() -> None:
+    # THEORY.md: z = W x, C = 3, x = (1, 2), W = 0: F = I_Δ(p) ⊗ x xᵀ, trace 10/3,
+    # eigenvalues {5/3, 5/3, 0, 0, 0, 0}.
+    model = nn.Linear(2, 3, bias=False).to(F64)
+    nn.init.zeros_(model.weight)
+    lin = linearize(model, torch.tensor([[1.0, 2.0]], dtype=F64))
+    p = torch.softmax(lin.logits, dim=-1)  # (1, 3)
+    B = (torch.eye(3, dtype=F64) - p.T) * p.sqrt()  # column y: √p_y (e_y − p)
+    U = B.T.unsqueeze(0)  # U[n, r] = column r of B(z_n)
+    diag = lin.sum_squared_per_example_vjp(U, sum_cotangents=True)
+    expected = torch.tensor([2 / 9, 8 / 9] * 3, dtype=F64)
+    _close(diag, expected, 1e-12)
+    _close(lin._generic_sum_squared_per_example_vjp(U).sum(dim=0), expected, 1e-12)
+    assert math.isclose(float(diag.sum()), 10 / 3, rel_tol=1e-12)
+    J = _dense_jacobian_vjp(lin)  # (C, D)
+    fisher = J.T @ (torch.diag(p[0]) - p.T @ p) @ J
+    eig = torch.linalg.eigvalsh(fisher)
+    _close(eig, torch.tensor([0, 0, 0, 0, 5 / 3, 5 / 3], dtype=F64), 1e-12)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    n=st.integers(1, 5),
+    k=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_fast_equals_per_example_squares_hypothesis(widths, n, k, seed) -> None:
+    model, (x,) = make_mlp(seed, tuple(widths), n)
+    lin = linearize(model, x)
+    U = _rand(torch.Generator().manual_seed(seed), n, k, widths[-1])
+    expected = (lin.per_example_vjp(U) ** 2).sum(dim=0)
+    _close(lin.sum_squared_per_example_vjp(U), expected)
+    assert all(v == "fast" for v in lin._fast_report.values())
+
+
+def test_float32_in_float32_out() -> None:
+    model, (x,) = make_mlp()
+    model = model.float()
+    lin = linearize(model, x.float())
+    U = torch.randn(5, 2, 3)
+    assert lin.logits.dtype == torch.float32
+    assert lin.jvp(torch.ones(lin.num_params)).dtype == torch.float32
+    assert lin.vjp(U[:, 0]).dtype == torch.float32
+    out = lin.sum_squared_per_example_vjp(U)
+    assert out.dtype == torch.float32
+    ref = lin._generic_sum_squared_per_example_vjp(U)
+    _close(out, ref, 1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Parameter selection
+# ---------------------------------------------------------------------------
+
+
+def test_subset_of_parameters() -> None:
+    model, inputs = make_mlp()
+    full = linearize(model, inputs)
+    sub = linearize(model, inputs, params=["2.bias", "0.weight"])
+    assert [b.name for b in sub.blocks] == ["2.bias", "0.weight"]
+    assert [b.offset for b in sub.blocks] == [0, 3]
+    assert sub.num_params == 3 + 60
+    jf, js = _dense_jacobian_vjp(full), _dense_jacobian_vjp(sub)
+    by_name = {b.name: b for b in full.blocks}
+    cols = [jf[:, by_name[b.name].offset : by_name[b.name].offset + b.size] for b in sub.blocks]
+    _close(js, torch.cat(cols, dim=1), 1e-12)
+    gen = torch.Generator().manual_seed(30)
+    U = _rand(gen, 5, 2, 3)
+    _close(sub.sum_squared_per_example_vjp(U), (sub.per_example_vjp(U) ** 2).sum(dim=0))
+
+
+def test_frozen_parameters_excluded_by_default_and_buffers_untouched() -> None:
+    model, inputs = make_cnn()
+    model[0].weight.requires_grad_(False)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    lin = linearize(model, inputs)
+    assert "0.weight" not in [b.name for b in lin.blocks]
+    assert lin.num_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    U = torch.randn(4, 2, 3, dtype=F64)
+    lin.sum_squared_per_example_vjp(U)
+    lin.per_example_vjp(U)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n])
+    # Naming a frozen parameter explicitly selects it.
+    assert [b.name for b in linearize(model, inputs, params=["0.weight"]).blocks] == ["0.weight"]
+
+
+def test_tied_parameter_appears_once_and_either_name_selects_it() -> None:
+    model, inputs = make_tied()
+    lin = linearize(model, inputs)
+    assert [b.name for b in lin.blocks] == ["emb.weight", "mix.weight", "mix.bias"]
+    via_head = linearize(model, inputs, params=["head.weight"])
+    via_emb = linearize(model, inputs, params=["emb.weight"])
+    assert [b.name for b in via_head.blocks] == ["head.weight"]
+    _close(_dense_jacobian_vjp(via_head), _dense_jacobian_vjp(via_emb), 1e-14)
+    # The tied gradient has both contributions: it is not the embedding path alone.
+    u = torch.randn(5, 7, dtype=F64)
+    model.zero_grad()
+    (model(*inputs) * u).sum().backward()
+    _close(via_head.vjp(u), model.emb.weight.grad.reshape(-1), 1e-12)
+
+
+def test_parameter_selection_errors() -> None:
+    model, inputs = make_tied()
+    with pytest.raises(ValueError, match=r"params selects 'emb.weight' and 'head.weight'.*tied"):
+        linearize(model, inputs, params=["emb.weight", "head.weight"])
+    with pytest.raises(ValueError, match=r"lists 'mix.bias' twice"):
+        linearize(model, inputs, params=["mix.bias", "mix.bias"])
+    with pytest.raises(
+        ValueError, match=r"unknown parameter 'mix.weigth'; did you mean 'mix.weight'"
+    ):
+        linearize(model, inputs, params=["mix.weigth"])
+    with pytest.raises(ValueError, match=r"unknown parameter 'zzz'; available: 'emb.weight'"):
+        linearize(model, inputs, params=["zzz"])
+    with pytest.raises(ValueError, match="params is empty"):
+        linearize(model, inputs, params=[])
+    with pytest.raises(TypeError, match=r"params must be None or a list.*params=\['mix.bias'\]"):
+        linearize(model, inputs, params="mix.bias")
+    with pytest.raises(TypeError, match="params must contain parameter names"):
+        linearize(model, inputs, params=[3])
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameter selected.*\(2 frozen\)"):
+        linearize(frozen, torch.ones(1, 2))
+
+
+def test_parameter_dtype_and_device_errors() -> None:
+    model = nn.Linear(2, 3)
+    model.register_parameter(
+        "count", nn.Parameter(torch.ones(2, dtype=torch.int64), requires_grad=False)
+    )
+    with pytest.raises(TypeError, match=r"parameter 'count' must have a real floating-point dtype"):
+        linearize(model, torch.ones(1, 2), params=["count"])
+    mixed = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2).double())
+    with pytest.raises(
+        TypeError, match=r"share one dtype; '0.weight' is torch.float32 but '1.weight'"
+    ):
+        linearize(mixed, torch.ones(1, 2))
+    split = nn.Linear(2, 3)
+    split.bias = nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(
+        ValueError, match=r"on one device; 'weight' is on cpu but 'bias' is on meta"
+    ):
+        linearize(split, torch.ones(1, 2))
+    with pytest.raises(
+        ValueError, match=r"inputs must be on the parameters' device cpu; input 0 is on meta"
+    ):
+        linearize(nn.Linear(2, 3), torch.ones(1, 2, device="meta"))
+
+
+# ---------------------------------------------------------------------------
+# Refusals and bad inputs
+# ---------------------------------------------------------------------------
+
+
+def test_training_mode_refusals() -> None:
+    model, inputs = make_cnn()
+    model.train()
+    with pytest.raises(
+        ValueError, match=r"module '1' \(BatchNorm2d\) is in training mode.*model.eval\(\)"
+    ):
+        linearize(model, inputs)
+    drop = nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.1))
+    with pytest.raises(
+        ValueError, match=r"module '1' \(Dropout\) is random in training mode.*eval"
+    ):
+        linearize(drop, torch.ones(1, 2))
+    linearize(drop.eval(), torch.ones(1, 2))  # fine in eval mode
+    linearize(nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.0)), torch.ones(1, 2))  # p = 0
+    att = nn.MultiheadAttention(4, 1, dropout=0.2, batch_first=True)
+    wrapped = nn.Sequential()
+    wrapped.add_module("att", att)
+    with pytest.raises(ValueError, match=r"'att' \(MultiheadAttention\) is random"):
+        linearize(wrapped, torch.ones(1, 2, 4))
+    stats = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"track_running_stats=False.*couples the examples"):
+        linearize(stats, torch.ones(2, 2))
+
+
+class _Out(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 3).double()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.fc(x))
+
+
+NAN_ROW = torch.tensor([[1.0], [math.nan]], dtype=F64)
+INF_ROW = torch.tensor([[0.0], [math.inf]], dtype=F64)
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        (lambda z: z.reshape(2, 3, 1), r"\(N, C\), 2-D and non-empty; got shape \(2, 3, 1\)"),
+        (lambda z: z.sum(), r"got shape \(\)"),
+        (lambda z: (z, z), "must return a tensor of logits.*got tuple"),
+        (lambda z: z.argmax(dim=1, keepdim=True), "floating-point logits; got dtype torch.int64"),
+        (lambda z: z.float(), r"parameters' dtype torch.float64; got torch.float32"),
+        (lambda z: z * NAN_ROW, r"model output must be finite; got NaN in rows \[1\]"),
+        (lambda z: z + INF_ROW, r"model output must be finite; got inf in rows \[1\]"),
+    ],
+)
+def test_bad_outputs(fn, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        linearize(_Out(fn), torch.ones(2, 2, dtype=F64))
+
+
+def test_bad_model_and_inputs() -> None:
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got builtins.function"):
+        linearize(lambda x: x, torch.ones(2, 2))
+    with pytest.raises(TypeError, match=r"inputs must be a torch.Tensor.*numpy.ndarray"):
+        linearize(nn.Linear(2, 3), np.ones((2, 2)))
+    with pytest.raises(TypeError, match=r"inputs\[1\] must be a torch.Tensor.*builtins.str"):
+        linearize(nn.Bilinear(2, 2, 3), (torch.ones(2, 2), "x"))
+    with pytest.raises(ValueError, match="non-empty tuple of tensors; got an empty sequence"):
+        linearize(nn.Linear(2, 3), ())
+
+
+def test_bad_product_arguments() -> None:
+    lin, _, _ = _lin(make_mlp)
+    d = lin.num_params
+    with pytest.raises(ValueError, match=rf"v must have shape \(D={d},\); got \(3,\)"):
+        lin.jvp(torch.ones(3, dtype=F64))
+    with pytest.raises(
+        TypeError, match=r"v must have the parameters' dtype torch.float64; got torch.float32"
+    ):
+        lin.jvp(torch.ones(d))
+    with pytest.raises(TypeError, match=r"v must be a torch.Tensor.*numpy.ndarray"):
+        lin.jvp(np.ones(d))
+    with pytest.raises(ValueError, match=r"u must have shape \(N=5, C=3\); got \(3, 5\)"):
+        lin.vjp(torch.ones(3, 5, dtype=F64))
+    with pytest.raises(ValueError, match=rf"V must have shape \(M, D={d}\); got \({d},\)"):
+        lin.jvp_batch(torch.ones(d, dtype=F64))
+    with pytest.raises(ValueError, match=r"U must have shape \(M, N=5, C=3\); got \(5, 3\)"):
+        lin.vjp_batch(torch.ones(5, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"U must have shape \(n=5, K, C=3\); got \(4, 1, 3\)"):
+        lin.per_example_vjp(torch.ones(4, 1, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"U must have shape \(N=5, K, C=3\); got \(5, 3\)"):
+        lin.sum_squared_per_example_vjp(torch.ones(5, 3, dtype=F64))
+    with pytest.raises(ValueError, match="max_vectors must be an integer >= 1; got 0"):
+        lin.sum_squared_per_example_vjp(torch.ones(5, 1, 3, dtype=F64), max_vectors=0)
+    assert lin.per_example_vjp(torch.ones(5, 0, 3, dtype=F64)).shape == (5, 0, d)
+    assert lin.sum_squared_per_example_vjp(torch.ones(5, 0, 3, dtype=F64)).shape == (0, d)
+
+
+# ---------------------------------------------------------------------------
+# Streaming batches
+# ---------------------------------------------------------------------------
+
+
+def test_linearizations_streams_batches() -> None:
+    model, _ = make_mlp()
+    gen = torch.Generator().manual_seed(40)
+    xs = [_rand(gen, 3, 6), _rand(gen, 2, 6)]
+    consumed = []
+
+    def loader():
+        for x in xs:
+            consumed.append(x)
+            yield (x, torch.zeros(x.shape[0]))
+
+    stream = linearizations(model, loader())
+    assert consumed == []  # lazy
+    first = next(stream)
+    assert len(consumed) == 1
+    _close(first.logits, model(xs[0]).detach(), 1e-14)
+    rest = list(stream)
+    assert [lin.num_inputs for lin in rest] == [2]
+    # Plain tensors and lists work too; params is honoured.
+    lins = list(linearizations(model, [xs[0], [xs[1], None]], params=["2.bias"]))
+    assert [lin.num_params for lin in lins] == [3, 3]
+    zoo, inputs = make_zoo()
+    (lin,) = linearizations(zoo, [(inputs, torch.zeros(5))])
+    assert lin.num_inputs == 5
+
+
+def test_linearizations_errors() -> None:
+    model, _ = make_mlp()
+    with pytest.raises(TypeError, match="batches must be an iterable of batches.*got int"):
+        linearizations(model, 3)
+    with pytest.raises(ValueError, match="unknown parameter 'nope'"):
+        linearizations(model, [], params=["nope"])  # checked before any batch
+
+
+# ---------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA torch is not available")
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention"])
+def test_contract_on_cuda(name) -> None:
+    model, inputs = CONTRACT_MODELS[name]()
+    cpu = linearize(model, inputs)
+    dev = torch.device("cuda")
+    model = model.to(dev)
+    lin = linearize(model, tuple(x.to(dev) for x in inputs))
+    assert lin.logits.device.type == "cuda"
+    gen = torch.Generator().manual_seed(50)
+    v = _rand(gen, lin.num_params)
+    U = _rand(gen, lin.num_inputs, 2, lin.num_outputs)
+    _close(lin.jvp(v.to(dev)).cpu(), cpu.jvp(v), 1e-10)
+    _close(lin.vjp(U[:, 0].to(dev)).cpu(), cpu.vjp(U[:, 0]), 1e-10)
+    out = lin.sum_squared_per_example_vjp(U.to(dev))
+    assert out.device.type == "cuda"
+    _close(out.cpu(), cpu._generic_sum_squared_per_example_vjp(U), 1e-10)
+    _close(lin.per_example_vjp(U.to(dev)).cpu(), cpu.per_example_vjp(U), 1e-10)
+    with pytest.raises(ValueError, match="must be on the parameters' device"):
+        lin.jvp(v)

@@ -1,0 +1,495 @@
+"""The base class of the output families: public fronts over private kernels."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from fisherbound._lib import (
+    as_generator,
+    check_choice,
+    check_logits,
+    check_positive_int,
+    device_of,
+)
+from fisherbound.families._checks import check_vector
+
+Array = Any
+
+#: The core kernels K(z), in Löwner order lower-kinds ⪯ I(z) ⪯ upper-kinds.
+KERNELS = ("exact", "upper", "lower", "scalar_upper", "scalar_lower")
+
+
+class EigenPair(NamedTuple):
+    """The top eigenpair of the core metric: eigenvalue (...), unit eigenvector (..., C)."""
+
+    eigenvalue: Array
+    eigenvector: Array
+
+
+class EigenvalueBounds(NamedTuple):
+    """Deterministic bounds lower ≤ λ_max ≤ upper, each of shape (...)."""
+
+    lower: Array
+    upper: Array
+
+
+class Family:
+    """An output family p(y | z) with logits z of shape (..., C): its core space.
+
+    Every quantity of the library is a pull-back F = Σ_x J_xᵀ K(z_x) J_x of a
+    core kernel K of this family through the network's Jacobian. A family maps
+    logits to the kernels, their square roots and matrix-vector products, the
+    exact spectrum, the top eigenpair, eigenvalue bounds, the pseudo-determinant,
+    label sampling, log-likelihoods, scores and the fourth moment used by the
+    variance formulas.
+
+    The families are small stateless objects (``Categorical()``, ``Bernoulli()``,
+    ``Gaussian()``); two instances of one family compare equal. Every method
+    takes logits of any array-API library (NumPy, CuPy, torch, JAX,
+    array-api-strict), float32 or float64, with any leading batch axes, and
+    returns arrays of the same library, device and dtype.
+
+    Kernels (``kernel=``, see ``KERNELS``), each satisfying the Löwner order
+    ``"lower"``, ``"scalar_lower"`` ⪯ ``"exact"`` ⪯ ``"upper"``, ``"scalar_upper"``:
+
+    - ``"exact"``: the metric I(z) = Cov t(y), the Fisher information of the
+      family in the logits.
+    - ``"upper"``: the diagonal (DG) envelope; diag(p) for Categorical, I itself
+      for the diagonal families.
+    - ``"lower"``: the rank-one (LR) envelope λ_max v vᵀ with the top eigenpair.
+    - ``"scalar_upper"`` / ``"scalar_lower"``: s · P with the largest / the
+      smallest nonzero eigenvalue (a lower bound of it for Categorical) and
+      P the projector onto the range of I (I − 11ᵀ/C for Categorical, the
+      identity otherwise).
+    """
+
+    __slots__ = ()
+
+    #: Fewest classes the family accepts on the last axis of z.
+    min_classes: int = 1
+    #: Whether the metric annihilates the all-ones vector (P = I − 11ᵀ/C).
+    _centered: bool = False
+
+    # ------------------------------------------------------------------ basics
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self).__name__)
+
+    def _check_z(self, z: Array) -> Any:
+        xp = check_logits(z, name="z", min_classes=1)
+        c = int(z.shape[-1])
+        if c < self.min_classes:
+            msg = (
+                f"z must have at least {self.min_classes} classes on its last axis for "
+                f"{type(self).__name__}; got shape {tuple(z.shape)}. For a single binary "
+                "output use Bernoulli()."
+            )
+            raise ValueError(msg)
+        return xp
+
+    # ------------------------------------------------------------- statistics
+    def mean(self, z: Array, /) -> Array:
+        """The expected sufficient statistic E t(y), shape (..., C).
+
+        Categorical: softmax(z); Bernoulli: σ(z); Gaussian: z. Cost O(C) per row.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> Categorical().mean(np.log(np.array([0.7, 0.2, 0.1])))
+        array([0.7, 0.2, 0.1])
+        """
+        xp = self._check_z(z)
+        return self._mean(z, xp)
+
+    def log_likelihood(self, z: Array, y: Array, /) -> Array:
+        """log p(y | z), shape (...), computed stably from the logits.
+
+        Categorical: z_y − logsumexp(z) with integer labels y (...);
+        Bernoulli: Σ_c [y_c z_c − softplus(z_c)] with y in {0, 1} of shape (..., C);
+        Gaussian: −½‖y − z‖² − (C/2) log 2π with real targets (..., C).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([0.7, 0.2, 0.1]))
+        >>> round(float(Categorical().log_likelihood(z, np.asarray(1))), 12)  # log 0.2
+        -1.609437912434
+        """
+        xp = self._check_z(z)
+        self._check_labels(z, y, xp)
+        return self._log_likelihood(z, y, xp)
+
+    def score(self, z: Array, y: Array, /) -> Array:
+        """The score ∂ log p(y | z) / ∂z = t(y) − E t(y), shape (..., C).
+
+        Categorical: onehot(y) − p; Bernoulli: y − σ(z); Gaussian: y − z. Its
+        mean under y ~ p(·|z) is zero and its covariance is the exact metric.
+        """
+        xp = self._check_z(z)
+        self._check_labels(z, y, xp)
+        return self._score(z, y, xp)
+
+    def check_labels(self, z: Array, y: Array, /) -> None:
+        """Validate labels ``y`` for logits ``z`` (dtype, shape, range); raise if invalid.
+
+        Categorical: integer class indices of shape z.shape[:-1] in [0, C);
+        Bernoulli: real floating {0, 1} of shape z.shape; Gaussian: real floating,
+        finite, of shape z.shape.
+        """
+        xp = self._check_z(z)
+        self._check_labels(z, y, xp)
+
+    def sample(self, z: Array, /, rng: Any = None, *, num_samples: int | None = None) -> Array:
+        """Labels drawn from p(· | z) with host random numbers.
+
+        ``rng`` is a numpy Generator, an int seed or None; one seed gives the same
+        labels on every backend. With ``num_samples`` the result gets a leading
+        axis of that length. Categorical (inverse CDF of one uniform per row):
+        int64 class indices of shape (...); Bernoulli: {0, 1} in z's dtype, shape
+        (..., C); Gaussian: z + N(0, I) noise.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]]))
+        >>> Categorical().sample(z, rng=0).shape
+        (2,)
+        """
+        xp = self._check_z(z)
+        gen = as_generator(rng)
+        lead: tuple[int, ...] = ()
+        if num_samples is not None:
+            lead = (check_positive_int(num_samples, "num_samples"),)
+        return self._sample(z, gen, lead, xp)
+
+    # ---------------------------------------------------------------- kernels
+    def metric(self, z: Array, /, *, kernel: str = "exact") -> Array:
+        """The core kernel K(z) as a dense (..., C, C) array.
+
+        ``"exact"``: I(z) (Categorical diag(p) − p pᵀ, Bernoulli diag(σ(1 − σ)),
+        Gaussian identity); ``"upper"``: the DG envelope; ``"lower"``: λ_max v vᵀ;
+        ``"scalar_upper"`` / ``"scalar_lower"``: s · P (see the class docstring).
+        Cost O(C²) per row (O(C) per row plus an eigen-solve of O(C) per
+        iteration for the kernels that need λ_max).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> Categorical().metric(np.log(np.array([0.5, 0.5])))
+        array([[ 0.25, -0.25],
+               [-0.25,  0.25]])
+        """
+        xp = self._check_z(z)
+        kernel = check_choice(kernel, "kernel", KERNELS)
+        return self._metric(z, kernel, xp)
+
+    def upper_kernel(self, z: Array, /) -> Array:
+        """The upper (DG) envelope, ``metric(z, kernel="upper")``."""
+        return self.metric(z, kernel="upper")
+
+    def lower_kernel(self, z: Array, /) -> Array:
+        """The lower (LR) envelope λ_max v vᵀ, ``metric(z, kernel="lower")``."""
+        return self.metric(z, kernel="lower")
+
+    def metric_matvec(self, z: Array, v: Array, /, *, kernel: str = "exact") -> Array:
+        """K(z) v in O(C) per row, never forming K; shape: the broadcast (..., C).
+
+        Categorical exact: p ⊙ v − p (p · v); upper: p ⊙ v; lower: λ_C v_C (v_Cᵀ v);
+        scalar: s (v − mean(v)). Diagonal families: d ⊙ v, s v.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([0.7, 0.2, 0.1]))
+        >>> Categorical().metric_matvec(z, np.array([1.0, 0.0, 0.0]))
+        array([ 0.21, -0.14, -0.07])
+        """
+        self._check_z(z)
+        kernel = check_choice(kernel, "kernel", KERNELS)
+        xp, z, v = check_vector(z, v, "v", int(z.shape[-1]), "the number of classes of z")
+        return self._metric_matvec(z, v, kernel, xp)
+
+    def upper_kernel_matvec(self, z: Array, v: Array, /) -> Array:
+        """``metric_matvec(z, v, kernel="upper")``."""
+        return self.metric_matvec(z, v, kernel="upper")
+
+    def lower_kernel_matvec(self, z: Array, v: Array, /) -> Array:
+        """``metric_matvec(z, v, kernel="lower")``."""
+        return self.metric_matvec(z, v, kernel="lower")
+
+    def sqrt_rank(self, num_classes: int, *, kernel: str = "exact") -> int:
+        """R, the number of columns of the factor B of ``sqrt_metric``.
+
+        C for the exact, upper and scalar kernels; 1 for the rank-one lower kernel.
+        """
+        c = check_positive_int(num_classes, "num_classes")
+        kernel = check_choice(kernel, "kernel", KERNELS)
+        return 1 if kernel == "lower" else c
+
+    def sqrt_metric(self, z: Array, /, *, kernel: str = "exact") -> Array:
+        """A factor B (..., C, R) with B Bᵀ = K(z), R = ``sqrt_rank(C, kernel=kernel)``.
+
+        Categorical exact: B = (I − p 1ᵀ) diag(√p), whose column y is √p_y (e_y − p);
+        upper: diag(√p); lower: the column √λ_C v_C; scalar: √s P (P² = P).
+        Diagonal families: diag(√d), √λ_max e_k, √s I. Cost O(C²) per row.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([0.5, 0.5]))
+        >>> b = Categorical().sqrt_metric(z)
+        >>> bool(np.allclose(b @ b.T, Categorical().metric(z)))
+        True
+        """
+        xp = self._check_z(z)
+        kernel = check_choice(kernel, "kernel", KERNELS)
+        return self._sqrt_metric(z, kernel, xp)
+
+    def sqrt_metric_matvec(self, z: Array, xi: Array, /, *, kernel: str = "exact") -> Array:
+        """B(z) ξ in O(C) per row for ξ of shape (..., R); result (..., C).
+
+        Categorical exact: √p ⊙ ξ − p (√p · ξ). This is the cotangent of the
+        detach-and-mix estimator: with Rademacher ξ, E[(B ξ)(B ξ)ᵀ] = K(z); the
+        weight is √p, not p.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([0.64, 0.36]))
+        >>> Categorical().sqrt_metric_matvec(z, np.array([1.0, 0.0]))
+        array([ 0.288, -0.288])
+        """
+        self._check_z(z)
+        kernel = check_choice(kernel, "kernel", KERNELS)
+        c = int(z.shape[-1])
+        r = 1 if kernel == "lower" else c
+        what = f"sqrt_rank(C={c}, kernel={kernel!r})"
+        xp, z, xi = check_vector(z, xi, "xi", r, what)
+        return self._sqrt_metric_matvec(z, xi, kernel, xp)
+
+    # --------------------------------------------------------------- spectrum
+    def eigvalsh(self, z: Array, /) -> Array:
+        """The spectrum of the exact metric, ascending, shape (..., C).
+
+        Categorical: λ_1 = 0 and one root of the secular equation
+        Σ_i p_i / (p_i − λ) = 0 between each pair of consecutive distinct sorted
+        probabilities (a value repeated k times is an eigenvalue k − 1 times);
+        never forms the C × C matrix: O(C) per eigenvalue and iteration, a few
+        iterations, memory bounded by chunking. Tiny eigenvalues keep their
+        relative accuracy. Bernoulli: sorted σ(1 − σ); Gaussian: ones.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> Categorical().eigvalsh(np.log(np.array([0.9, 0.05, 0.05])))
+        array([0.   , 0.05 , 0.135])
+        """
+        xp = self._check_z(z)
+        return self._eigvalsh(z, xp)
+
+    def top_eigenpair(self, z: Array, /) -> EigenPair:
+        """(λ_max (...), unit eigenvector (..., C)) of the exact metric.
+
+        Categorical: λ_C from the secular equation and v_j ∝ p_j / (p_j − λ_C)
+        (the component of the most likely class is positive); when the top
+        probability is tied, λ_C = p_(C) and v = (e_i − e_j)/√2 for two tied
+        classes. Bernoulli: the largest σ(1 − σ) and its basis vector; Gaussian:
+        1 and e_0. Cost O(C) per row and iteration.
+        """
+        xp = self._check_z(z)
+        return EigenPair(*self._top_eigenpair(z, xp))
+
+    def lambda_max_bounds(self, z: Array, /) -> EigenvalueBounds:
+        """Deterministic (lower, upper) bounds of λ_max without an eigen-solve.
+
+        Categorical (paper 1, Theorem 1): lower = max(p_(C−1), max_i p_i (1 − p_i),
+        ½[p_(C) + p_(C−1) − (p_(C) − p_(C−1))²]), upper = min(p_(C), 1 − ‖p‖², ½).
+        Bernoulli and Gaussian: both equal λ_max. Cost O(C) per row.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> lo, hi = Categorical().lambda_max_bounds(np.log(np.array([0.7, 0.2, 0.1])))
+        >>> round(float(lo), 10), round(float(hi), 10)  # λ_max = 0.3344030651
+        (0.325, 0.46)
+        """
+        xp = self._check_z(z)
+        return EigenvalueBounds(*self._lambda_max_bounds(z, xp))
+
+    def pseudo_determinant(self, z: Array, /) -> Array:
+        """The product of the nonzero eigenvalues, shape (...).
+
+        Categorical: C · Π_i p_i; Bernoulli: Π_c σ(1 − σ); Gaussian: 1. Underflows
+        to 0 for large C; use ``log_pseudo_determinant`` there.
+        """
+        xp = self._check_z(z)
+        return xp.exp(self._log_pseudo_determinant(z, xp))
+
+    def log_pseudo_determinant(self, z: Array, /) -> Array:
+        """log of ``pseudo_determinant`` from the logits, shape (...), no underflow.
+
+        Categorical: log C + Σ_i log p_i with log p = z − logsumexp(z); Bernoulli:
+        Σ_c [log σ(z_c) + log σ(−z_c)]; Gaussian: 0.
+        """
+        xp = self._check_z(z)
+        return self._log_pseudo_determinant(z, xp)
+
+    # ---------------------------------------------------------------- moments
+    def fourth_moment(self, z: Array, a: Array, /) -> Array:
+        """E (aᵀu)⁴ with u = t(y) − E t(y), y ~ p(·|z); shape: broadcast leading axes.
+
+        The contraction in the variance of the score-outer-product estimator
+        (paper 2, THEORY §4): Var(Î_1,ii) = (1/N)[E(aᵀu)⁴ − (aᵀ I a)²] with
+        a = J_{·i}. Categorical: Σ_c p_c (a_c − ā)⁴ with ā = Σ_c p_c a_c;
+        Bernoulli: Σ_c a_c⁴ (μ4_c − 3 v_c²) + 3 (Σ_c a_c² v_c)² with v = σ(1 − σ),
+        μ4 = v (1 − 3v); Gaussian: 3 ‖a‖⁴. Cost O(C) per row.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([0.5, 0.5]))
+        >>> float(Categorical().fourth_moment(z, np.array([1.0, -1.0])))
+        1.0
+        """
+        self._check_z(z)
+        xp, z, a = check_vector(z, a, "a", int(z.shape[-1]), "the number of classes of z")
+        return self._fourth_moment(z, a, xp)
+
+    # ------------------------------------------------ kernels: generic parts
+    def _scalar(self, z: Array, kernel: str, xp: Any) -> Array:
+        return self._scalar_upper(z, xp) if kernel == "scalar_upper" else self._scalar_lower(z, xp)
+
+    def _projector(self, z: Array, xp: Any) -> Array:
+        c = int(z.shape[-1])
+        eye = xp.eye(c, dtype=z.dtype, device=device_of(z))
+        return eye - 1.0 / c if self._centered else eye
+
+    def _project(self, v: Array, xp: Any) -> Array:
+        return v - xp.mean(v, axis=-1, keepdims=True) if self._centered else v
+
+    def _metric(self, z: Array, kernel: str, xp: Any) -> Array:
+        if kernel == "exact":
+            return self._exact_metric(z, xp)
+        if kernel == "upper":
+            return _diag(self._upper_diag(z, xp), xp)
+        if kernel == "lower":
+            lam, vec = self._top_eigenpair(z, xp)
+            return lam[..., None, None] * vec[..., :, None] * vec[..., None, :]
+        s = self._scalar(z, kernel, xp)
+        return s[..., None, None] * self._projector(z, xp)
+
+    def _metric_matvec(self, z: Array, v: Array, kernel: str, xp: Any) -> Array:
+        if kernel == "exact":
+            return self._exact_matvec(z, v, xp)
+        if kernel == "upper":
+            return self._upper_diag(z, xp) * v
+        if kernel == "lower":
+            lam, vec = self._top_eigenpair(z, xp)
+            return (lam[..., None] * vec) * xp.sum(vec * v, axis=-1, keepdims=True)
+        s = self._scalar(z, kernel, xp)
+        return s[..., None] * self._project(v, xp)
+
+    def _sqrt_metric(self, z: Array, kernel: str, xp: Any) -> Array:
+        if kernel == "exact":
+            return self._exact_sqrt(z, xp)
+        if kernel == "upper":
+            return _diag(self._sqrt_upper_diag(z, xp), xp)
+        if kernel == "lower":
+            lam, vec = self._top_eigenpair(z, xp)
+            return (xp.sqrt(lam)[..., None] * vec)[..., None]
+        s = self._scalar(z, kernel, xp)
+        return xp.sqrt(s)[..., None, None] * self._projector(z, xp)
+
+    def _sqrt_metric_matvec(self, z: Array, xi: Array, kernel: str, xp: Any) -> Array:
+        if kernel == "exact":
+            return self._exact_sqrt_matvec(z, xi, xp)
+        if kernel == "upper":
+            return self._sqrt_upper_diag(z, xp) * xi
+        if kernel == "lower":
+            lam, vec = self._top_eigenpair(z, xp)
+            return (xp.sqrt(lam)[..., None] * vec) * xi
+        s = self._scalar(z, kernel, xp)
+        return xp.sqrt(s)[..., None] * self._project(xi, xp)
+
+    # ------------------------------------------ family-specific (overridden)
+    def _mean(self, z: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
+        raise NotImplementedError
+
+    def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _score(self, z: Array, y: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _upper_diag(self, z: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _sqrt_upper_diag(self, z: Array, xp: Any) -> Array:
+        return xp.sqrt(self._upper_diag(z, xp))
+
+    def _exact_metric(self, z: Array, xp: Any) -> Array:
+        return _diag(self._upper_diag(z, xp), xp)
+
+    def _exact_matvec(self, z: Array, v: Array, xp: Any) -> Array:
+        return self._upper_diag(z, xp) * v
+
+    def _exact_sqrt(self, z: Array, xp: Any) -> Array:
+        return _diag(self._sqrt_upper_diag(z, xp), xp)
+
+    def _exact_sqrt_matvec(self, z: Array, xi: Array, xp: Any) -> Array:
+        return self._sqrt_upper_diag(z, xp) * xi
+
+    def _eigvalsh(self, z: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _top_eigenpair(self, z: Array, xp: Any) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def _scalar_upper(self, z: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _scalar_lower(self, z: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _lambda_max_bounds(self, z: Array, xp: Any) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def _log_pseudo_determinant(self, z: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+    def _fourth_moment(self, z: Array, a: Array, xp: Any) -> Array:
+        raise NotImplementedError
+
+
+def _diag(d: Array, xp: Any) -> Array:
+    """diag(d) for d of shape (..., C): (..., C, C)."""
+    c = int(d.shape[-1])
+    return d[..., :, None] * xp.eye(c, dtype=d.dtype, device=device_of(d))
+
+
+def one_hot(index: Array, c: int, dtype: Any, xp: Any) -> Array:
+    """One-hot rows e_index of length c in ``dtype`` (index: integer array (...))."""
+    cols = xp.arange(c, device=device_of(index))
+    return xp.astype(cols == xp.astype(index, cols.dtype)[..., None], dtype)

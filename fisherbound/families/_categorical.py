@@ -1,0 +1,198 @@
+"""The categorical (softmax) family: I_Δ(z) = diag(p) − p pᵀ."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fisherbound._lib import device_of, uniform
+from fisherbound.families._base import Family, _diag, one_hot
+from fisherbound.families._checks import bad_positions, check_label_array
+from fisherbound.families._secular import secular_roots
+
+Array = Any
+
+
+def log_softmax_parts(z: Array, xp: Any) -> tuple[Array, Array, Array]:
+    """(e, s, log p): e = exp(z − max z), s = Σ e (keepdims), log p = z − max − log s."""
+    shifted = z - xp.max(z, axis=-1, keepdims=True)
+    e = xp.exp(shifted)
+    s = xp.sum(e, axis=-1, keepdims=True)
+    return e, s, shifted - xp.log(s)
+
+
+def softmax(z: Array, xp: Any) -> Array:
+    e, s, _ = log_softmax_parts(z, xp)
+    return e / s
+
+
+def complements(z: Array, xp: Any) -> tuple[Array, Array, Array]:
+    """(p, 1 − p, is_top) with 1 − p_i computed as Σ_{j≠i} p_j, free of cancellation.
+
+    1 − p_i = (s − e_i)/s cancels only for the dominant class (e_i = 1 ≈ s); there
+    the sum of the other terms is used instead. ``is_top`` marks the first argmax.
+    """
+    e, s, _ = log_softmax_parts(z, xp)
+    c = int(z.shape[-1])
+    top = xp.argmax(e, axis=-1, keepdims=True)
+    is_top = xp.arange(c, device=device_of(z)) == top
+    rest = xp.sum(xp.where(is_top, 0.0, e), axis=-1, keepdims=True)
+    return e / s, xp.where(is_top, rest, s - e) / s, is_top
+
+
+class Categorical(Family):
+    """Softmax classification over C ≥ 2 classes: p = softmax(z), t(y) = e_y.
+
+    Core metric I_Δ(z) = diag(p) − p pᵀ with eigenvalues 0 = λ_1 ≤ … ≤ λ_C ≤ ½
+    interlacing the sorted probabilities (p_(i−1) ≤ λ_i ≤ p_(i)), trace
+    1 − ‖p‖² and pseudo-determinant C Π p_i. Envelopes (THEORY §1):
+    λ_C v_C v_Cᵀ ⪯ I_Δ ⪯ diag(p) and p_(1) P ⪯ I_Δ ⪯ λ_C P with P = I − 11ᵀ/C.
+    Labels are integer class indices in [0, C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fam = Categorical()
+    >>> z = np.log(np.array([0.7, 0.2, 0.1]))
+    >>> fam.eigvalsh(z).round(10)
+    array([0.        , 0.12559693, 0.33440307])
+    >>> round(float(fam.pseudo_determinant(z)), 12)  # 3 · 0.7 · 0.2 · 0.1
+    0.042
+    """
+
+    __slots__ = ()
+    min_classes = 2
+    _centered = True
+
+    def probabilities(self, z: Array, /) -> Array:
+        """softmax(z), shape (..., C): the same as ``mean``, the paper's name."""
+        return self.mean(z)
+
+    # ------------------------------------------------------------ statistics
+    def _mean(self, z: Array, xp: Any) -> Array:
+        return softmax(z, xp)
+
+    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
+        check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]))
+        c = int(z.shape[-1])
+        bad = (y < 0) | (y >= c)
+        if bool(xp.any(bad)):
+            msg = (
+                f"y must hold class indices in [0, {c}); got values out of range at "
+                f"positions {bad_positions(bad, xp)} (flattened)."
+            )
+            raise ValueError(msg)
+
+    def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
+        _, _, logp = log_softmax_parts(z, xp)
+        index = xp.astype(y, xp.int64)[..., None]
+        return xp.take_along_axis(logp, index, axis=-1)[..., 0]
+
+    def _score(self, z: Array, y: Array, xp: Any) -> Array:
+        return one_hot(y, int(z.shape[-1]), z.dtype, xp) - softmax(z, xp)
+
+    def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:
+        cdf = xp.cumulative_sum(softmax(z, xp), axis=-1)
+        u = uniform(gen, lead + tuple(z.shape[:-1]), xp=xp, dtype=z.dtype, device=device_of(z))
+        # Inverse CDF against the unnormalised total, so rounding in the cumulative
+        # sum can never select beyond the last class.
+        target = (u * cdf[..., -1])[..., None]
+        below = xp.astype(cdf[..., :-1] <= target, xp.int64)
+        return xp.sum(below, axis=-1, dtype=xp.int64)
+
+    # --------------------------------------------------------------- kernels
+    def _upper_diag(self, z: Array, xp: Any) -> Array:
+        return softmax(z, xp)
+
+    def _exact_metric(self, z: Array, xp: Any) -> Array:
+        p = softmax(z, xp)
+        return _diag(p, xp) - p[..., :, None] * p[..., None, :]
+
+    def _exact_matvec(self, z: Array, v: Array, xp: Any) -> Array:
+        p = softmax(z, xp)
+        return p * v - p * xp.sum(p * v, axis=-1, keepdims=True)
+
+    def _sqrt_upper_diag(self, z: Array, xp: Any) -> Array:
+        # √p = exp(½ log p): representable long after p itself underflows.
+        return xp.exp(0.5 * log_softmax_parts(z, xp)[2])
+
+    def _exact_sqrt(self, z: Array, xp: Any) -> Array:
+        p = softmax(z, xp)
+        r = self._sqrt_upper_diag(z, xp)
+        return _diag(r, xp) - p[..., :, None] * r[..., None, :]
+
+    def _exact_sqrt_matvec(self, z: Array, xi: Array, xp: Any) -> Array:
+        p = softmax(z, xp)
+        r = self._sqrt_upper_diag(z, xp)
+        return r * xi - p * xp.sum(r * xi, axis=-1, keepdims=True)
+
+    def _scalar_upper(self, z: Array, xp: Any) -> Array:
+        return self._top_eigenpair(z, xp)[0]
+
+    def _scalar_lower(self, z: Array, xp: Any) -> Array:
+        return xp.min(softmax(z, xp), axis=-1)
+
+    # -------------------------------------------------------------- spectrum
+    def _eigvalsh(self, z: Array, xp: Any) -> Array:
+        c = int(z.shape[-1])
+        p = xp.reshape(softmax(z, xp), (-1, c))
+        if p.shape[0] == 0:
+            return xp.zeros_like(z)
+        roots = secular_roots(xp.sort(p, axis=-1), 0, c - 1, xp).eigenvalue
+        zero = xp.zeros((p.shape[0], 1), dtype=p.dtype, device=device_of(p))
+        return xp.reshape(xp.concat([zero, roots], axis=-1), tuple(z.shape))
+
+    def _top_eigenpair(self, z: Array, xp: Any) -> tuple[Array, Array]:
+        c = int(z.shape[-1])
+        lead = tuple(z.shape[:-1])
+        p = xp.reshape(softmax(z, xp), (-1, c))
+        if p.shape[0] == 0:
+            return xp.zeros(lead, dtype=z.dtype, device=device_of(z)), xp.zeros_like(z)
+        order = xp.argsort(p, axis=-1)
+        p_sorted = xp.take_along_axis(p, order, axis=-1)
+        root = secular_roots(p_sorted, c - 2, c - 1, xp)
+        lam = root.eigenvalue[:, 0]
+        # v_j ∝ p_j / (p_j − λ), with p_j − λ = scale · ((p_j − origin)/scale − τ).
+        den = (p - root.origin) / root.scale - root.tau
+        den = xp.where(den == 0.0, 1.0, den)  # only at the tied poles of fixed rows
+        v = p / den
+        v = v / _nonzero(xp.max(xp.abs(v), axis=-1, keepdims=True), xp)
+        v = v / _nonzero(xp.linalg.vector_norm(v, axis=-1, keepdims=True), xp)
+        # A tied top probability (or an underflowed runner-up): λ = p_(C) and the
+        # eigenspace contains (e_top − e_second)/√2.
+        top = one_hot(order[:, -1], c, p.dtype, xp)
+        second = one_hot(order[:, -2], c, p.dtype, xp)
+        tied = (top - second) / math.sqrt(2.0)
+        v = xp.where(root.fixed, tied, v)
+        return xp.reshape(lam, lead), xp.reshape(v, tuple(z.shape))
+
+    def _lambda_max_bounds(self, z: Array, xp: Any) -> tuple[Array, Array]:
+        p, q, is_top = complements(z, xp)
+        var = p * q
+        p1 = xp.max(p, axis=-1)
+        p2 = xp.max(xp.where(is_top, -1.0, p), axis=-1)
+        q1 = xp.sum(xp.where(is_top, q, 0.0), axis=-1)  # 1 − p_(C)
+        trace = xp.sum(var, axis=-1)  # 1 − ‖p‖² without cancellation
+        # ½[p_(C) + p_(C−1) − d²] with d = p_(C) − p_(C−1) equals p_(C−1) + ½ d (1 − d),
+        # and 1 − d = (1 − p_(C)) + p_(C−1): a sum of nonnegative terms.
+        d = p1 - p2
+        lower = xp.maximum(
+            xp.maximum(p2, xp.max(var, axis=-1)),
+            p2 + 0.5 * d * (q1 + p2),
+        )
+        half = xp.asarray(0.5, dtype=z.dtype, device=device_of(z))
+        upper = xp.minimum(xp.minimum(p1, trace), half)
+        return lower, upper
+
+    def _log_pseudo_determinant(self, z: Array, xp: Any) -> Array:
+        _, _, logp = log_softmax_parts(z, xp)
+        return math.log(int(z.shape[-1])) + xp.sum(logp, axis=-1)
+
+    def _fourth_moment(self, z: Array, a: Array, xp: Any) -> Array:
+        p = softmax(z, xp)
+        centred = a - xp.sum(p * a, axis=-1, keepdims=True)
+        return xp.sum(p * centred**4, axis=-1)
+
+
+def _nonzero(x: Array, xp: Any) -> Array:
+    return xp.where(x == 0.0, 1.0, x)

@@ -1,0 +1,84 @@
+"""Input checks of the families, with the house error messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fisherbound._lib import array_namespace, check_floating, device_of
+from fisherbound._lib._validation import first_indices
+
+Array = Any
+
+
+def broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The broadcast of two shapes, or None if they do not broadcast."""
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x != y and 1 not in (x, y):
+            return None
+        out.append(y if x == 1 else x)
+    return tuple(reversed(out))
+
+
+def check_same_device(z: Array, other: Array, name: str) -> None:
+    dz, do = device_of(z), device_of(other)
+    if dz != do:
+        msg = (
+            f"{name} must be on the device of z; z is on {dz} but {name} is on {do}. "
+            f"Move it with xp.asarray({name}, device=...)."
+        )
+        raise ValueError(msg)
+
+
+def check_vector(z: Array, v: Array, name: str, size: int, what: str) -> tuple[Any, Array, Array]:
+    """Validate a vector argument of shape (..., size) against logits z (..., C).
+
+    Returns (xp, z, v) with both promoted to their common floating dtype.
+    ``what`` says where ``size`` comes from, for the message.
+    """
+    xp = array_namespace(z, v, names=("z", name))
+    check_floating(v, name, xp=xp)
+    if v.ndim < 1 or v.shape[-1] != size:
+        msg = f"{name} must have shape (..., {size}) to match {what}; got shape {tuple(v.shape)}."
+        raise ValueError(msg)
+    if broadcast_shapes(tuple(z.shape[:-1]), tuple(v.shape[:-1])) is None:
+        msg = (
+            f"the leading axes of {name} must broadcast against those of z; got {name} "
+            f"of shape {tuple(v.shape)} and z of shape {tuple(z.shape)}."
+        )
+        raise ValueError(msg)
+    check_same_device(z, v, name)
+    dtype = xp.result_type(z.dtype, v.dtype)
+    return xp, xp.astype(z, dtype, copy=False), xp.astype(v, dtype, copy=False)
+
+
+def check_label_array(z: Array, y: Array, *, kind: str, shape: tuple[int, ...]) -> Any:
+    """Namespace, dtype kind and shape of labels ``y``; returns xp."""
+    xp = array_namespace(z, y, names=("z", "y"))
+    if kind == "integral":
+        if not xp.isdtype(y.dtype, "integral"):
+            msg = (
+                "y must be an integer array of class indices; got dtype "
+                f"{y.dtype}. Convert with xp.astype(y, xp.int64)."
+            )
+            raise TypeError(msg)
+    elif not xp.isdtype(y.dtype, "real floating"):
+        msg = (
+            f"y must have a real floating-point dtype; got {y.dtype}. "
+            "Convert with xp.astype(y, z.dtype)."
+        )
+        raise TypeError(msg)
+    if tuple(y.shape) != shape:
+        msg = (
+            f"y must have shape {shape} to match z of shape {tuple(z.shape)}; got {tuple(y.shape)}."
+        )
+        raise ValueError(msg)
+    check_same_device(z, y, "y")
+    return xp
+
+
+def bad_positions(mask: Array, xp: Any) -> list[int]:
+    """Flattened positions of the first True entries of ``mask``."""
+    return first_indices(xp.reshape(mask, (-1,)), xp)

@@ -1,0 +1,166 @@
+"""The families with a diagonal metric: Bernoulli (multi-label) and unit Gaussian."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fisherbound._lib import device_of, probes, uniform
+from fisherbound._lib._validation import check_finite
+from fisherbound.families._base import Family, one_hot
+from fisherbound.families._checks import bad_positions, check_label_array
+
+Array = Any
+
+
+def sigmoid_parts(z: Array, xp: Any) -> tuple[Array, Array]:
+    """(σ(z), σ(z)(1 − σ(z))) from e = exp(−|z|): no overflow for any finite z."""
+    e = xp.exp(-xp.abs(z))
+    one_plus = 1.0 + e
+    sig = xp.where(z >= 0.0, 1.0 / one_plus, e / one_plus)
+    return sig, e / (one_plus * one_plus)
+
+
+def softplus(z: Array, xp: Any) -> Array:
+    """log(1 + exp(z)) = max(z, 0) + log1p(exp(−|z|))."""
+    return xp.maximum(z, 0.0) + xp.log1p(xp.exp(-xp.abs(z)))
+
+
+class _DiagonalFamily(Family):
+    """A family whose metric is diag(d(z)): exact = upper, eigenpairs from d."""
+
+    __slots__ = ()
+
+    def _eigvalsh(self, z: Array, xp: Any) -> Array:
+        return xp.sort(self._upper_diag(z, xp), axis=-1)
+
+    def _top_eigenpair(self, z: Array, xp: Any) -> tuple[Array, Array]:
+        d = self._upper_diag(z, xp)
+        k = xp.argmax(d, axis=-1)
+        return xp.max(d, axis=-1), one_hot(k, int(z.shape[-1]), z.dtype, xp)
+
+    def _scalar_upper(self, z: Array, xp: Any) -> Array:
+        return xp.max(self._upper_diag(z, xp), axis=-1)
+
+    def _scalar_lower(self, z: Array, xp: Any) -> Array:
+        return xp.min(self._upper_diag(z, xp), axis=-1)
+
+    def _lambda_max_bounds(self, z: Array, xp: Any) -> tuple[Array, Array]:
+        top = xp.max(self._upper_diag(z, xp), axis=-1)
+        return top, top
+
+
+class Bernoulli(_DiagonalFamily):
+    """C independent binary outputs (multi-label): p_c = σ(z_c), t(y) = y ∈ {0, 1}^C.
+
+    Core metric I(z) = diag(σ(z) ⊙ (1 − σ(z))), square root diag(√(σ(1 − σ))); the
+    upper envelope is I itself, the lower one λ_max e_k e_kᵀ at the largest entry,
+    the scalar ones (min / max entry) · I. Labels are {0, 1} floats of shape (..., C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Bernoulli().metric(np.array([0.0, 0.0]))
+    array([[0.25, 0.  ],
+           [0.  , 0.25]])
+    """
+
+    __slots__ = ()
+
+    def probabilities(self, z: Array, /) -> Array:
+        """σ(z), shape (..., C): the same as ``mean``, the paper's name."""
+        return self.mean(z)
+
+    def _mean(self, z: Array, xp: Any) -> Array:
+        return sigmoid_parts(z, xp)[0]
+
+    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
+        check_label_array(z, y, kind="real floating", shape=tuple(z.shape))
+        bad = (y != 0.0) & (y != 1.0)
+        if bool(xp.any(bad)):
+            msg = (
+                "y must hold binary labels 0.0 or 1.0; got other values at positions "
+                f"{bad_positions(bad, xp)} (flattened)."
+            )
+            raise ValueError(msg)
+
+    def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
+        y = xp.astype(y, z.dtype)
+        return xp.sum(y * z - softplus(z, xp), axis=-1)
+
+    def _score(self, z: Array, y: Array, xp: Any) -> Array:
+        return xp.astype(y, z.dtype) - sigmoid_parts(z, xp)[0]
+
+    def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:
+        u = uniform(gen, lead + tuple(z.shape), xp=xp, dtype=z.dtype, device=device_of(z))
+        return xp.astype(u < sigmoid_parts(z, xp)[0], z.dtype)
+
+    def _upper_diag(self, z: Array, xp: Any) -> Array:
+        return sigmoid_parts(z, xp)[1]
+
+    def _sqrt_upper_diag(self, z: Array, xp: Any) -> Array:
+        """√(σ(1 − σ)) = exp(−|z|/2) / (1 + exp(−|z|)), accurate for large |z|."""
+        return xp.exp(-0.5 * xp.abs(z)) / (1.0 + xp.exp(-xp.abs(z)))
+
+    def _log_pseudo_determinant(self, z: Array, xp: Any) -> Array:
+        # log σ(z) + log σ(−z) = −softplus(−z) − softplus(z) = −|z| − 2 log1p(e^{−|z|})
+        return -xp.sum(xp.abs(z) + 2.0 * xp.log1p(xp.exp(-xp.abs(z))), axis=-1)
+
+    def _fourth_moment(self, z: Array, a: Array, xp: Any) -> Array:
+        v = sigmoid_parts(z, xp)[1]
+        mu4 = v * (1.0 - 3.0 * v)
+        a2 = a * a
+        quadratic = xp.sum(a2 * v, axis=-1)
+        return xp.sum(a2 * a2 * (mu4 - 3.0 * v * v), axis=-1) + 3.0 * quadratic * quadratic
+
+
+class Gaussian(_DiagonalFamily):
+    """Regression with unit variance: y ~ N(z, I), t(y) = y.
+
+    Core metric I (identity) for every kernel except the rank-one lower envelope
+    e_0 e_0ᵀ (λ_max = 1 with eigenvector e_0); square root I. Targets are real
+    floats of shape (..., C).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Gaussian().eigvalsh(np.array([3.0, -1.0]))
+    array([1., 1.])
+    """
+
+    __slots__ = ()
+
+    def _mean(self, z: Array, xp: Any) -> Array:
+        return z
+
+    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
+        check_label_array(z, y, kind="real floating", shape=tuple(z.shape))
+        check_finite(y, "y", xp=xp)
+
+    def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
+        r = xp.astype(y, z.dtype) - z
+        return -0.5 * xp.sum(r * r, axis=-1) - 0.5 * int(z.shape[-1]) * math.log(2.0 * math.pi)
+
+    def _score(self, z: Array, y: Array, xp: Any) -> Array:
+        return xp.astype(y, z.dtype) - z
+
+    def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:
+        noise = probes(
+            gen,
+            lead + tuple(z.shape),
+            distribution="gaussian",
+            xp=xp,
+            dtype=z.dtype,
+            device=device_of(z),
+        )
+        return z + noise
+
+    def _upper_diag(self, z: Array, xp: Any) -> Array:
+        return xp.ones_like(z)
+
+    def _log_pseudo_determinant(self, z: Array, xp: Any) -> Array:
+        return xp.sum(xp.zeros_like(z), axis=-1)
+
+    def _fourth_moment(self, z: Array, a: Array, xp: Any) -> Array:
+        sq = xp.sum(a * a, axis=-1) + xp.sum(xp.zeros_like(z), axis=-1)
+        return 3.0 * sq * sq

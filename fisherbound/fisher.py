@@ -386,7 +386,7 @@ def fisher_blocks(
         max_size=max_block_size,
         progress=progress,
     )
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def fisher_dense(
@@ -498,7 +498,7 @@ def fisher_operator(
 
     def matmat(v: Array) -> Array:
         vt = xp.matrix_transpose(v)  # (k, D)
-        total = None
+        total: Array = None
         for lin in progress_bar(lins, desc="Fisher matmat", progress=progress):
             jv = lin.jvp_batch(vt)  # (k, N, C)
             z = xp.broadcast_to(lin.logits, jv.shape)
@@ -507,7 +507,7 @@ def fisher_operator(
         return xp.matrix_transpose(total) * scale
 
     def matvec(v: Array) -> Array:
-        total = None
+        total: Array = None
         for lin in progress_bar(lins, desc="Fisher matvec", progress=progress):
             part = lin.vjp(fam.metric_matvec(lin.logits, lin.jvp(v), kernel=kernel))
             total = part if total is None else total + part

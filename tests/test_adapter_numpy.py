@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fisherbound.adapters import numpy as ref
-from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearizations, linearize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisherbound._lib import device_of
+from fisherbound.adapters import numpy as ref
+from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearizations, linearize
 from fisherbound.linearization import Linearization, LinearizationBase
 
 N, C, D_IN = 5, 3, 4

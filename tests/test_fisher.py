@@ -177,6 +177,7 @@ def _torch_lin(ws, bs, x):
 def _jax_lin(ws, bs, x):
     pytest.importorskip("jax")
     import jax.numpy as jnp
+
     from fisherbound.adapters.jax import linearize
 
     params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(ws, bs)]

@@ -37,8 +37,9 @@ def test_generic_defaults_match_the_jacobian(backend) -> None:
     jac = rng.standard_normal((5, 3, 7))
     lin = DenseJacobian(backend.asarray(jac), backend)
     assert isinstance(lin, Linearization)
-    assert lin.num_params == 7 and lin.num_inputs == 5 and lin.num_outputs == 3
-    assert [b.offset for b in lin.blocks] == [0, 4] and lin.blocks[0].shape == (2, 2)
+    assert (lin.num_params, lin.num_inputs, lin.num_outputs) == (7, 5, 3)
+    assert [b.offset for b in lin.blocks] == [0, 4]
+    assert lin.blocks[0].shape == (2, 2)
     V = rng.standard_normal((2, 7))
     np.testing.assert_allclose(
         backend.to_numpy(lin.jvp_batch(backend.asarray(V))),

@@ -187,6 +187,7 @@ class _Kernels:
         self.vjp = jax.jit(lambda f_jvp, u: transpose(f_jvp)(u))
         self.vjp_batch = jax.jit(lambda f_jvp, U: jax.vmap(transpose(f_jvp))(U))
         self.per_example = jax.jit(per_example)
+        self.singles = jax.jit(lambda theta, x: jax.vmap(lambda xn: single(theta, xn))(x))
         self.sum_squared = jax.jit(sum_squared, static_argnums=(3, 4))
 
 
@@ -393,6 +394,7 @@ class JaxLinearization(LinearizationBase):
         self._logits = logits
         self._f_jvp = f_jvp
         self._xp = array_namespace(logits, names=("logits",))
+        self._independent: bool | None = None
 
     @property
     def apply_fn(self) -> Callable[..., Array]:
@@ -488,6 +490,24 @@ class JaxLinearization(LinearizationBase):
         U = self._operand(U, "U", (None, self.num_inputs, self.num_outputs), "(M, N, C)")
         return self._kernels.vjp_batch(self._f_jvp, U)
 
+    @property
+    def examples_independent(self) -> bool:
+        """Whether each example's logits depend on that example alone.
+
+        Checked once per linearization: ``apply_fn`` on each example as a batch of
+        one must reproduce the batch's logits (to 1e3·eps relative). A model that
+        couples examples (batch statistics, a mean over the batch) fails the check,
+        and the per-example products then use the exact but slower masked
+        batch VJPs (one batched backward pass per example) instead of the
+        single-example vmap, which would be silently wrong for it.
+        """
+        if self._independent is None:
+            singles = self._kernels.singles(self._model.theta, self._inputs)
+            scale = jnp.maximum(jnp.max(jnp.abs(self._logits)), 1.0)
+            tol = 1e3 * jnp.finfo(self.dtype).eps * scale
+            self._independent = bool(jnp.max(jnp.abs(singles - self._logits)) <= tol)
+        return self._independent
+
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
@@ -502,6 +522,8 @@ class JaxLinearization(LinearizationBase):
         """
         start, stop = example_range(examples, self.num_inputs)
         U = self._operand(U, "U", (stop - start, None, self.num_outputs), "(n, K, C)")
+        if not self.examples_independent:
+            return LinearizationBase.per_example_vjp(self, U, examples=examples)
         inputs = self._inputs
         if (start, stop) != (0, self.num_inputs):
             inputs = jax.tree_util.tree_map(lambda a: a[start:stop], inputs)
@@ -529,6 +551,10 @@ class JaxLinearization(LinearizationBase):
         if k == 0:
             shape = (self.num_params,) if sum_cotangents else (0, self.num_params)
             return jnp.zeros(shape, dtype=self.dtype, device=self.device)
+        if not self.examples_independent:
+            return LinearizationBase.sum_squared_per_example_vjp(
+                self, U, max_vectors=budget, sum_cotangents=sum_cotangents
+            )
         vector_chunk = min(k, budget)
         example_chunk = min(n, max(1, budget // vector_chunk))
         out = self._kernels.sum_squared(

@@ -1027,13 +1027,16 @@ class TorchLinearization(LinearizationBase):
         """δ_k = ∂(Σ_n U[n, k]ᵀ z_n)/∂(layer output), (K, *output shape), for each layer.
 
         One backward pass batched over the cotangents (in chunks of ``budget``),
-        plus one probe cotangent supported on the last example: a layer whose
-        output gradient for it is not supported on that example's slice of axis 0
-        does not keep the examples on axis 0 and leaves the fast path.
+        plus probe cotangents supported on single examples (the first, middle and
+        last): a layer whose output gradient for a probe is not supported on that
+        example's slice of axis 0 does not keep the examples on axis 0, and a layer
+        that no probe reaches cannot be checked; both leave the fast path.
         """
         n, k = self.num_inputs, int(U.shape[1])
         outputs = [layer.output for layer in active]
-        probe_rows = [n - 1] if n > 1 else []
+        # Several probe examples: a probe whose example has a zero gradient into a
+        # layer (a dead ReLU, a padding input) proves nothing about that layer.
+        probe_rows = sorted({n - 1, 0, n // 2}) if n > 1 else []
         gen = torch.Generator().manual_seed(0)
         probes = []
         for j in probe_rows:
@@ -1103,11 +1106,17 @@ class TorchLinearization(LinearizationBase):
         eps = torch.finfo(self._param_dtype).eps
         kept: list[Tensor | None] = []
         for layer, d, rows in zip(active, deltas, host, strict=True):
-            if all(off <= 64 * eps * on for on, off in rows):
+            reached = [(on, off) for on, off in rows if on > 0]
+            if reached and all(off <= 64 * eps * on for on, off in reached):
                 kept.append(d)
             else:
                 names = [self._names[i] for i in layer.extra["keep"].values()]
-                self._fast_report.update(dict.fromkeys(names, "layer output axis 0 mixes examples"))
+                why = (
+                    "layer output axis 0 mixes examples"
+                    if reached
+                    else "no probe example reaches the layer (axis 0 unverified)"
+                )
+                self._fast_report.update(dict.fromkeys(names, why))
                 kept.append(None)
         return kept
 

@@ -28,8 +28,8 @@ parameter vectors follow the linearization's block order.
 
 ``source`` is one linearization or an iterable of them (a data set streamed
 batch by batch, with a progress bar on long runs; ``progress=False`` turns it
-off). ``fisher_operator`` applies the data set at every matvec, so its source
-must be re-iterable (a list, or any container), not a one-shot generator.
+off). ``fisher_operator`` applies the data set at every matvec, so it keeps the
+linearizations: give it one or a list of them, not a one-shot generator.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._lib import check_choice, check_logits, check_positive_int
+from fisherbound._lib import check_choice, check_logits, check_positive_int, device_of
 from fisherbound._lib._progress import progress_bar
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
@@ -83,7 +83,28 @@ def _check_family(family: object) -> Family:
     return family
 
 
-def _check_batch(lin: Any, family: Family, index: int, ref: tuple[int, int] | None) -> None:
+class _Signature(NamedTuple):
+    """What every batch of one data set must share with the first."""
+
+    library: str
+    dtype: Any
+    device: Any
+    num_outputs: int
+    blocks: tuple[Any, ...]
+
+
+def _signature(lin: Any) -> _Signature:
+    z = lin.logits
+    return _Signature(
+        type(z).__module__.split(".")[0],
+        z.dtype,
+        device_of(z),
+        int(z.shape[-1]),
+        tuple((b.name, tuple(b.shape)) for b in lin.blocks),
+    )
+
+
+def _check_batch(lin: Any, family: Family, index: int, ref: _Signature | None) -> _Signature:
     z = lin.logits
     name = f"the logits of batch {index}"
     if z.ndim != 2:
@@ -97,20 +118,36 @@ def _check_batch(lin: Any, family: Family, index: int, ref: tuple[int, int] | No
         )
         raise ValueError(msg)
     check_logits(z, name=name)
-    if ref is not None and (int(z.shape[-1]), lin.num_params) != ref:
+    sig = _signature(lin)
+    if ref is None:
+        return sig
+    if sig.library != ref.library:
+        msg = (
+            f"every batch must come from one array library; batch {index} holds "
+            f"{sig.library} arrays, batch 0 held {ref.library} arrays."
+        )
+        raise TypeError(msg)
+    if (sig.num_outputs, sig.blocks) != (ref.num_outputs, ref.blocks):
         msg = (
             f"every batch must come from the same model; batch {index} has C = "
-            f"{z.shape[-1]} outputs and D = {lin.num_params} parameters, batch 0 had "
-            f"C = {ref[0]} and D = {ref[1]}."
+            f"{sig.num_outputs} outputs and D = {lin.num_params} parameters in "
+            f"{len(sig.blocks)} blocks, batch 0 had C = {ref.num_outputs} and a different "
+            "parameter layout."
         )
         raise ValueError(msg)
+    if (sig.dtype, sig.device) != (ref.dtype, ref.device):
+        msg = (
+            f"every batch must share one dtype and device; batch {index} is {sig.dtype} on "
+            f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}."
+        )
+        raise ValueError(msg)
+    return ref
 
 
 def _batches(source: Any, family: Family, *, desc: str, progress: bool | None) -> Iterable[Any]:
     ref = None
     for i, lin in enumerate(progress_bar(as_linearizations(source), desc=desc, progress=progress)):
-        _check_batch(lin, family, i, ref)
-        ref = (int(lin.logits.shape[-1]), lin.num_params)
+        ref = _check_batch(lin, family, i, ref)
         yield lin
     if ref is None:
         msg = "source must contain at least one batch; got an empty iterable."
@@ -477,16 +514,17 @@ def fisher_operator(
 
     matvec: v ↦ Σ_x J_xᵀ K(z_x) (J_x v), one JVP and one VJP per batch;
     matmat: the same with a batched JVP and VJP over the columns. Nothing D × D
-    is formed. ``source`` must be re-iterable (a linearization or a list of them):
-    every matvec streams the data again. Use it with ``fisherbound.linalg``
-    (Lanczos, Hutchinson, SLQ).
+    is formed. ``source`` is a linearization or a list of them, kept for the
+    operator's lifetime (each holds its batch's forward pass) and applied at every
+    matvec. Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ).
     """
     fam = _front(family, kernel, reduction, None)
     if isinstance(source, Iterator):
         msg = (
             "fisher_operator needs a re-iterable source (a Linearization or a list of "
-            "them): every matvec streams the data again; got a one-shot iterator "
-            f"({type(source).__name__}). Wrap it in list(...)."
+            "them): it keeps the linearizations (their forward passes) and applies every "
+            f"batch at each matvec; got a one-shot iterator ({type(source).__name__}). "
+            "Wrap it in list(...) if the data set fits in memory."
         )
         raise TypeError(msg)
     lins = list(_batches(source, fam, desc="Fisher operator", progress=False))
@@ -501,8 +539,9 @@ def fisher_operator(
         total: Array = None
         for lin in progress_bar(lins, desc="Fisher matmat", progress=progress):
             jv = lin.jvp_batch(vt)  # (k, N, C)
-            z = xp.broadcast_to(lin.logits, jv.shape)
-            part = lin.vjp_batch(fam.metric_matvec(z, jv, kernel=kernel))  # (k, D)
+            # The logits (N, C) broadcast against (k, N, C): the core quantities
+            # (e.g. the top eigenpair of the "lower" kernel) are solved once per batch.
+            part = lin.vjp_batch(fam.metric_matvec(lin.logits, jv, kernel=kernel))  # (k, D)
             total = part if total is None else total + part
         return xp.matrix_transpose(total) * scale
 

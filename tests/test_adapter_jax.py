@@ -543,3 +543,30 @@ def test_bad_batches() -> None:
         linearizations(f, w, np.ones((4, 2)))
     with pytest.raises(ValueError, match=r"batch 1 must be an inputs array or a non-empty tuple"):
         list(linearizations(f, w, [jnp.ones((4, 2)), ()]))
+
+
+def test_models_that_couple_examples_use_the_exact_masked_path() -> None:
+    # A mean over the batch couples the examples: the single-example vmap would be
+    # silently wrong (it gives zero here), so the adapter must detect it.
+    rng = np.random.default_rng(30)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((3, 4))),
+        "w2": jnp.asarray(rng.standard_normal((4, 2))),
+    }
+
+    def apply(p, x):
+        return jnp.tanh((x - x.mean(0)) @ p["w1"]) @ p["w2"]
+
+    x = jnp.asarray(rng.standard_normal((5, 3)))
+    lin = linearize(apply, params, x)
+    assert not lin.examples_independent
+    d = lin.num_params
+    jac = np.stack([np.asarray(lin.jvp(jnp.eye(d)[i])) for i in range(d)], axis=-1)  # (N, C, D)
+    U = jnp.asarray(rng.standard_normal((5, 2, 2)))
+    brute = np.einsum("nkc,ncd->nkd", np.asarray(U), jac)
+    np.testing.assert_allclose(np.asarray(lin.per_example_vjp(U)), brute, atol=1e-12)
+    part = lin.per_example_vjp(U[1:3], examples=slice(1, 3))
+    np.testing.assert_allclose(np.asarray(part), brute[1:3], atol=1e-12)
+    sq = lin.sum_squared_per_example_vjp(U, max_vectors=3)
+    np.testing.assert_allclose(np.asarray(sq), (brute**2).sum(axis=0), atol=1e-12)
+    assert float(np.abs(brute).max()) > 0.1

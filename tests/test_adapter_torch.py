@@ -500,6 +500,36 @@ def test_fast_path_rejects_layers_without_examples_on_axis_0(time_steps) -> None
     assert lin._fast_report["out.weight"] == "fast"
 
 
+class TimeMajorDeadLast(nn.Module):
+    """Time-major Linear behind a ReLU whose last example is dead (zero input, bias < 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, T, F)
+        h = torch.relu(self.out(torch.relu(self.fc(x.transpose(0, 1)))))  # (T, N, 2)
+        return h.mean(dim=0)
+
+
+def test_fast_path_probe_is_not_fooled_by_a_dead_example() -> None:
+    # T == N and the last example's gradient into fc is zero: a single probe on the
+    # last example would see on = off = 0 and wrongly keep fc on the fast path.
+    torch.manual_seed(8)
+    model = TimeMajorDeadLast().to(F64)
+    with torch.no_grad():
+        model.fc.bias.fill_(-0.3)
+        model.out.bias.fill_(0.5)
+    x = torch.rand(5, 5, 3, dtype=F64)
+    x[-1] = 0.0
+    lin = linearize(model, x)
+    U = _rand(torch.Generator().manual_seed(25), 5, 2, 2)
+    fast = lin.sum_squared_per_example_vjp(U)
+    _close(fast, (lin.per_example_vjp(U) ** 2).sum(dim=0))
+    assert lin._fast_report["fc.weight"] != "fast"
+
+
 @pytest.mark.parametrize("time_steps", [3, 4])
 def test_per_example_when_examples_are_not_on_axis_0(time_steps) -> None:
     # Inputs (T, N, F): the single-example vmap cannot apply; the masked path must.

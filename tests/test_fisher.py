@@ -280,3 +280,26 @@ def test_batches_from_different_models(backend) -> None:
     _, lin_b = numpy_mlp(backend, sizes=(3, 4, 3), seed=0)
     with pytest.raises(ValueError, match="every batch must come from the same model"):
         fisher_diagonal([lin_a, lin_b])
+
+
+def test_batches_from_different_libraries_or_dtypes() -> None:
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.numpy import MLP, linearize
+
+    model = MLP.random([3, 4, 3], rng=0)
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    lin_np = linearize(model, x)
+    ws = [torch.from_numpy(np.asarray(w)) for w in model.weights]
+    bs = [torch.from_numpy(np.asarray(b)) for b in model.biases]
+    lin_torch = linearize(MLP(ws, bs), torch.from_numpy(x))
+    with pytest.raises(TypeError, match="batch 1 holds torch arrays, batch 0 held numpy"):
+        fisher_diagonal([lin_np, lin_torch])
+    with pytest.raises(TypeError, match="batch 1 holds numpy arrays, batch 0 held torch"):
+        fisher_trace([lin_torch, lin_np])
+    model32 = MLP(
+        [np.asarray(w, np.float32) for w in model.weights],
+        [np.asarray(b, np.float32) for b in model.biases],
+    )
+    lin32 = linearize(model32, x.astype(np.float32))
+    with pytest.raises(ValueError, match="batch 1 is float32 on cpu, batch 0 was float64"):
+        fisher_diagonal([lin_np, lin32])

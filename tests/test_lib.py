@@ -71,6 +71,9 @@ def test_check_logits_messages(backend) -> None:
         check_logits(backend.asarray(1.0))
     with pytest.raises(TypeError, match="real floating-point dtype"):
         check_logits(backend.asarray([[1, 2]], dtype="int64"))
+    if hasattr(backend.xp, "float16"):
+        with pytest.raises(TypeError, match=r"\(float32 or float64\); got .*float16"):
+            check_logits(backend.asarray([[1.0, 2.0]], dtype="float16"))
     with pytest.raises(
         ValueError, match=r"at least 2 classes on its last axis; got shape \(3, 1\)"
     ):

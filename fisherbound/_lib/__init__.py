@@ -6,7 +6,8 @@ Submodules
 ``_random``     host-side random numbers (one seed, the same probes on every backend).
 ``_validation`` input checks whose messages name the argument, the requirement and
                 what was received.
-``_estimate``   the ``Estimate`` result type and its mergeable accumulator.
+``_estimate``   the ``Estimate`` result type and ``estimate_from_samples``.
+``_progress``   tqdm progress bars for streamed computations (when tqdm is installed).
 """
 
 from fisherbound._lib._estimate import Estimate

@@ -59,12 +59,19 @@ class _MeanVariance:
         return Estimate(self.mean, se, m)
 
 
+#: Default cap on the entries of one probe block (n × batch): 2**24 (128 MiB in float64).
+DEFAULT_BLOCK_ENTRIES = 2**24
+
+
 def _check_common(
-    num_probes: object, distribution: object, batch_size: object
+    num_probes: object, distribution: object, batch_size: object, n: int
 ) -> tuple[int, str, int]:
     m = check_positive_int(num_probes, "num_probes")
     dist = check_choice(distribution, "distribution", DISTRIBUTIONS)
-    b = m if batch_size is None else check_positive_int(batch_size, "batch_size")
+    if batch_size is None:
+        b = max(1, DEFAULT_BLOCK_ENTRIES // max(n, 1))
+    else:
+        b = check_positive_int(batch_size, "batch_size")
     return m, dist, min(b, m)
 
 
@@ -125,7 +132,7 @@ def hutchinson_trace(
         host, so one seed gives the same estimate on every backend.
     batch_size
         Probes applied per ``matmat`` call (memory n × batch_size); None: all M at
-        once. Gaussian probes do not depend on it; Rademacher probes for one seed
+        once up to 2**24 probe entries (n × batch_size), in blocks above that. Gaussian probes do not depend on it; Rademacher probes for one seed
         do (the host generator packs signs differently for different batch sizes).
 
     Returns
@@ -146,7 +153,7 @@ def hutchinson_trace(
     (6.0, 0.0)
     """
     op, xp = _as_square_operator(A)
-    m, dist, b = _check_common(num_probes, distribution, batch_size)
+    m, dist, b = _check_common(num_probes, distribution, batch_size, int(op.shape[0]))
     gen = as_generator(rng)
     return _hutchinson(
         xp, op, num_probes=m, distribution=dist, gen=gen, batch_size=b, diagonal=False
@@ -193,7 +200,7 @@ def hutchinson_diagonal(
     ([1.0, 2.0], [0.0, 0.0])
     """
     op, xp = _as_square_operator(A)
-    m, dist, b = _check_common(num_probes, distribution, batch_size)
+    m, dist, b = _check_common(num_probes, distribution, batch_size, int(op.shape[0]))
     gen = as_generator(rng)
     return _hutchinson(
         xp, op, num_probes=m, distribution=dist, gen=gen, batch_size=b, diagonal=True

@@ -1004,39 +1004,43 @@ class TorchLinearization(LinearizationBase):
         if not active:
             return {}
 
-        deltas = self._batched_output_grads(z, active, U, budget)
+        kept = self._probe_layers(z, active)
         results: dict[int, Tensor] = {}
-        k_chunk = min(k, budget)
-        n_chunk = max(1, budget // k_chunk)
-        with torch.no_grad():
-            for layer, d in zip(active, deltas, strict=True):
-                if d is None:
-                    continue  # rejected by the example-axis probe
-                values = self._layer_rule(layer, d, sum_k, n_chunk)
-                for attr, i in layer.extra["keep"].items():
-                    results[i] = values[attr]
+        if kept:
+            # Stream the K cotangents in chunks whose layer-output gradients (chunk ×
+            # Σ_layers output size) fit in `budget` D-vectors, applying the layer rules
+            # chunk by chunk: memory is bounded whatever K (= C for exact diagonals).
+            per_cotangent = sum(int(layer.output.numel()) for layer in kept)
+            k_chunk = max(1, min(k, (budget * self.num_params) // max(per_cotangent, 1)))
+            n_chunk = max(1, budget // k_chunk)
+            cot = U.permute(1, 0, 2)
+            outputs = [layer.output for layer in kept]
+            parts: dict[int, list[Tensor]] = {}
+            for s in _chunks(k, k_chunk):
+                grads = self._grad_batched(z, outputs, cot[s], retain=s.stop < k)
+                with torch.no_grad():
+                    for layer, out, d in zip(kept, outputs, grads, strict=True):
+                        if d is None:  # the layer does not reach the logits
+                            d = out.new_zeros((s.stop - s.start, *out.shape))
+                        values = self._layer_rule(layer, d, sum_k, n_chunk)
+                        for attr, i in layer.extra["keep"].items():
+                            parts.setdefault(i, []).append(values[attr])
+            for layer in kept:
+                for i in layer.extra["keep"].values():
+                    chunks = parts[i]
+                    results[i] = sum(chunks[1:], chunks[0]) if sum_k else torch.cat(chunks)
                     report[self._names[i]] = "fast"
         for layer in layers:
             layer.input = layer.output = None
             layer.extra.clear()
         return results
 
-    def _batched_output_grads(
-        self, z: Tensor, active: list[_Layer], U: Tensor, budget: int
-    ) -> list[Tensor | None]:
-        """δ_k = ∂(Σ_n U[n, k]ᵀ z_n)/∂(layer output), (K, *output shape), for each layer.
-
-        One backward pass batched over the cotangents (in chunks of ``budget``),
-        plus probe cotangents supported on single examples (the first, middle and
-        last): a layer whose output gradient for a probe is not supported on that
-        example's slice of axis 0 does not keep the examples on axis 0, and a layer
-        that no probe reaches cannot be checked; both leave the fast path.
-        """
-        n, k = self.num_inputs, int(U.shape[1])
-        outputs = [layer.output for layer in active]
-        # Several probe examples: a probe whose example has a zero gradient into a
-        # layer (a dead ReLU, a padding input) proves nothing about that layer.
-        probe_rows = sorted({n - 1, 0, n // 2}) if n > 1 else []
+    def _probe_layers(self, z: Tensor, active: list[_Layer]) -> list[_Layer]:
+        """The layers whose outputs keep the examples on axis 0 (see the probe below)."""
+        n = self.num_inputs
+        if n < 2:
+            return active
+        probe_rows = sorted({n - 1, 0, n // 2})
         gen = torch.Generator().manual_seed(0)
         probes = []
         for j in probe_rows:
@@ -1044,27 +1048,15 @@ class TorchLinearization(LinearizationBase):
             onehot = torch.zeros(n, 1, dtype=torch.float64)
             onehot[j] = 1.0
             probes.append(onehot * values)
-        cot = U.permute(1, 0, 2)
-        if probes:
-            extra = torch.stack(probes).to(dtype=U.dtype, device=U.device)
-            cot = torch.cat([cot, extra], dim=0)
-        total = int(cot.shape[0])
-        step = min(total, max(budget, len(probes) + 1))
-        chunks: list[list[Tensor | None]] = []
-        for s in _chunks(total, step):
-            grads = self._grad_batched(z, outputs, cot[s], retain=s.stop < total)
-            chunks.append(list(grads))
-        deltas: list[Tensor | None] = []
-        for i, out in enumerate(outputs):
-            parts = [c[i] for c in chunks]
-            present = [p for p in parts if p is not None]
-            if len(present) < len(parts):  # the layer does not reach the logits
-                deltas.append(out.new_zeros((total, *out.shape)))
-            else:
-                deltas.append(torch.cat(present, dim=0) if len(present) > 1 else present[0])
-        if probe_rows:
-            deltas = self._probe_example_axis(active, deltas, k, probe_rows)
-        return [None if d is None else d[:k] for d in deltas]
+        cot = torch.stack(probes).to(dtype=z.dtype, device=z.device)
+        outputs = [layer.output for layer in active]
+        grads = self._grad_batched(z, outputs, cot, retain=True)
+        deltas = [
+            out.new_zeros((len(probes), *out.shape)) if g is None else g
+            for out, g in zip(outputs, grads, strict=True)
+        ]
+        checked = self._probe_example_axis(active, deltas, 0, probe_rows)
+        return [layer for layer, d in zip(active, checked, strict=True) if d is not None]
 
     @staticmethod
     def _grad_batched(

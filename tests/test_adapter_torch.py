@@ -859,3 +859,29 @@ def test_contract_on_cuda(name) -> None:
     _close(lin.per_example_vjp(U.to(dev)).cpu(), cpu.per_example_vjp(U), 1e-10)
     with pytest.raises(ValueError, match="must be on the parameters' device"):
         lin.jvp(v)
+
+
+def test_fast_path_streams_cotangents_within_max_vectors(monkeypatch) -> None:
+    # Many outputs (C = 40) and max_vectors = 1: the layer-output gradients of all K
+    # cotangents would not fit, so the fast path must run several chunked backwards.
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 40)).to(F64)
+    lin = linearize(model, torch.randn(7, 3, dtype=F64))
+    U = _rand(torch.Generator().manual_seed(26), 7, 40, 40)
+    calls = []
+    original = lin._grad_batched
+
+    def spy(z, outputs, cot, retain):
+        calls.append(int(cot.shape[0]))
+        return original(z, outputs, cot, retain)
+
+    monkeypatch.setattr(lin, "_grad_batched", spy)
+    expected = lin._generic_sum_squared_per_example_vjp(U)
+    calls.clear()
+    got = lin.sum_squared_per_example_vjp(U, max_vectors=1)
+    assert len(calls) > 2  # the probe pass plus several cotangent chunks
+    assert max(calls[1:]) < 40
+    assert sum(calls[1:]) == 40
+    _close(got, expected)
+    _close(lin.sum_squared_per_example_vjp(U, max_vectors=1, sum_cotangents=True), expected.sum(0))
+    assert all(v == "fast" for v in lin._fast_report.values())

@@ -1,0 +1,240 @@
+"""Benchmark: the top of the Fisher spectrum and the SLQ log-det, on a CNN of ~1e6 parameters.
+
+What it measures, on torch CPU in float32 (default 2 threads):
+
+- one gradient step: forward + backward of the mean cross-entropy (the unit);
+- one Fisher matvec F v = Σ_x J_xᵀ I_Δ(z_x) J_x v (one JVP + one VJP of the batch);
+- ``top_eigenpairs(lin, k=10)``: Lanczos with the default m = 60 steps plus one
+  batched matmat of 10 columns for the residuals;
+- the razor's log det(I + σ² F) by SLQ (``razor(..., method="slq")``) with M probes
+  and m Lanczos steps per probe (the M probes run together: one matmat of M
+  columns per step).
+
+Each row reports the number of Fisher matvecs (counted by a wrapper around the
+linearization: every column of a JVP counts one), the median wall time, its
+ratio to one gradient step (timed just before and after the row, so that the
+ratio holds under the load of a shared machine) and the time per matvec, which
+includes the Lanczos reorthogonalisation. The CNN is conv32-conv64-fc256-fc10 on 3×32×32
+inputs (1,070,794 parameters), batch 64, at its random initialisation.
+
+Run:  python benchmarks/bench_spectrum.py [--threads 2] [--reps 1] [--probes 5] [--steps 20]
+Writes benchmarks/results/spectrum.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fisherbound.adapters.torch import linearize
+from fisherbound.dimension import razor, top_eigenpairs
+from fisherbound.families import Categorical
+from fisherbound.fisher import fisher_operator
+
+
+def make_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+    x = torch.randn(64, 3, 32, 32)
+    y = torch.randint(0, 10, (64,))
+    return model, x, y
+
+
+class CountingLinearization:
+    """Delegates to a linearization and counts forward products (one per column)."""
+
+    def __init__(self, lin: Any) -> None:
+        self._lin = lin
+        self.matvecs = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lin, name)
+
+    @property
+    def logits(self) -> Any:
+        return self._lin.logits
+
+    @property
+    def blocks(self) -> Any:
+        return self._lin.blocks
+
+    @property
+    def num_params(self) -> int:
+        return int(self._lin.num_params)
+
+    @property
+    def xp(self) -> Any:
+        return self._lin.xp
+
+    def jvp(self, v: Any, /) -> Any:
+        self.matvecs += 1
+        return self._lin.jvp(v)
+
+    def jvp_batch(self, V: Any, /) -> Any:
+        self.matvecs += int(V.shape[0])
+        return self._lin.jvp_batch(V)
+
+    def vjp(self, u: Any, /) -> Any:
+        return self._lin.vjp(u)
+
+    def vjp_batch(self, U: Any, /) -> Any:
+        return self._lin.vjp_batch(U)
+
+    def per_example_vjp(self, U: Any, /) -> Any:
+        return self._lin.per_example_vjp(U)
+
+    def sum_squared_per_example_vjp(self, U: Any, /, **kwargs: Any) -> Any:
+        return self._lin.sum_squared_per_example_vjp(U, **kwargs)
+
+
+def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+    times = []
+    out = None
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of the long rows")
+    parser.add_argument("--probes", type=int, default=5, help="SLQ probes M")
+    parser.add_argument("--steps", type=int, default=20, help="SLQ Lanczos steps m per probe")
+    parser.add_argument("--k", type=int, default=10, help="top eigenpairs")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "spectrum.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, x, y = make_cnn()
+    num_params = sum(p.numel() for p in model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def grad_step() -> None:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    for _ in range(3):  # warm-up
+        grad_step()
+
+    def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float, Any]:
+        """Median time of ``fn`` and of the gradient steps timed just before and after
+        it (the machine is shared: the ratio uses the load of the moment)."""
+        before, _ = median_time(grad_step, 5)
+        t, out = median_time(fn, reps)
+        after, _ = median_time(grad_step, 5)
+        return t, statistics.median([before, after]), out
+
+    t_grad, _ = median_time(grad_step, 15)
+    lin = CountingLinearization(linearize(model, x))
+    t_lin, g_lin, _ = timed(lambda: linearize(model, x), 5)
+    op = fisher_operator(lin, Categorical())
+    v = torch.randn(num_params)
+    op.matvec(v)  # warm-up (forward-mode AD set-up)
+    t_matvec, g_matvec, _ = timed(lambda: op.matvec(v), 7)
+
+    def top() -> Any:
+        lin.matvecs = 0
+        return top_eigenpairs(lin, Categorical(), k=args.k, rng=0)
+
+    t_top, g_top, pairs = timed(top, args.reps)
+    top_matvecs = lin.matvecs
+
+    def logdet() -> Any:
+        lin.matvecs = 0
+        return razor(
+            lin,
+            Categorical(),
+            prior_variance=1.0,
+            labels=y,
+            theta=theta,
+            method="slq",
+            num_probes=args.probes,
+            num_matvecs=args.steps,
+            rng=0,
+        )
+
+    t_slq, g_slq, out = timed(logdet, args.reps)
+    slq_matvecs = lin.matvecs
+
+    rows = [
+        ("gradient step (forward + backward, mean CE)", 0, t_grad, t_grad),
+        ("linearize (one forward, kept for the VJPs)", 0, t_lin, g_lin),
+        ("one Fisher matvec (1 JVP + 1 VJP)", 1, t_matvec, g_matvec),
+        (f"top_eigenpairs k={args.k} (Lanczos m=60 + residuals)", top_matvecs, t_top, g_top),
+        (
+            f"SLQ log det(I + σ²F), M={args.probes} probes × m={args.steps} steps",
+            slq_matvecs,
+            t_slq,
+            g_slq,
+        ),
+    ]
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "threads": args.threads,
+        "dtype": "float32",
+        "model": "CNN conv32-conv64-fc256-fc10 on 3x32x32, batch 64",
+        "num_params": num_params,
+        "rows": [
+            {
+                "quantity": q,
+                "matvecs": m,
+                "seconds": t,
+                "gradient_step_seconds": g,
+                "ratio_to_gradient_step": t / g,
+            }
+            for q, m, t, g in rows
+        ],
+        "top_eigenvalues": [float(e) for e in pairs.eigenvalues],
+        "top_residuals": [float(r) for r in pairs.residuals],
+        "slq_log_det": float(out.log_det.value),
+        "slq_log_det_std_error": float(out.log_det.std_error),
+        "bic_penalty": float(out.bic_penalty),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"CNN, {num_params:,} parameters, batch 64, float32, {args.threads} threads")
+    print()
+    print("| quantity | Fisher matvecs | time (s) | × gradient step | s per matvec |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for q, m, t, g in rows:
+        per = f"{t / m:.2f}" if m else "–"
+        print(f"| {q} | {m} | {t:.2f} | {t / g:.1f} | {per} |")
+    print()
+    top3 = ", ".join(f"{e:.4g}" for e in results["top_eigenvalues"][:3])
+    print(f"top eigenvalues: {top3}, …; max residual {max(results['top_residuals']):.2g}")
+    print(
+        f"SLQ log det = {results['slq_log_det']:.2f} ± {results['slq_log_det_std_error']:.2f}"
+        f" (½ log det = {results['slq_log_det'] / 2:.1f} nats vs BIC (D/2) log N ="
+        f" {results['bic_penalty']:.0f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,999 @@
+"""Spectrum, local dimensionality and razor complexity of the Fisher metric.
+
+THEORY §5 (Sun and Nielsen, *A Geometric Modeling of Occam's Razor in Deep
+Learning*). The Fisher metric F = Σ_x J_xᵀ I(z_x) J_x of a network is degenerate:
+most of its D eigenvalues are (nearly) zero. This module measures how many are
+not, matrix-free, over a whole data set:
+
+- ``top_eigenpairs``: the k largest eigenpairs of F (or of a bound operator, to
+  bracket λ_max(F)) by Lanczos on the Fisher operator;
+- ``spectral_density``: the eigenvalue density by stochastic Lanczos quadrature
+  (SLQ), with a pointwise standard error;
+- ``local_dimension``: d_ε = #{i : λ_i(F) > ε}, counted from the top eigenvalues
+  when they are few (deterministic) and estimated by SLQ with a standard error
+  otherwise; ``rank_bound`` gives the structural bound min(D, N r) beside it
+  (r = C − 1 for the categorical F);
+- ``razor``: the Gaussian-prior razor complexity
+  −log p(X | θ̂) + ‖θ̂ − θ_0‖² / (2σ²) + ½ Σ_i log(1 + σ² λ_i(F)), exact for
+  linear-Gaussian models and a Laplace approximation otherwise, with its
+  log-det term by dense eigenvalues, full Lanczos or SLQ (with an error bar),
+  and the BIC term (D/2) log N beside it.
+
+Every function takes ``source``, one linearization or a re-iterable collection of
+them (a list of batches; every Fisher matvec streams the data again), and an
+output ``family``. ``kernel`` selects the operator as in ``fisherbound.fisher``:
+``"exact"`` (F), ``"upper"`` (F_DG ⪰ F), ``"lower"`` (F_LR ⪯ F) and the scalar
+envelopes; Löwner order gives λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i, so the
+spectra of the bound operators bracket every eigenvalue of F and its trace.
+Results are for the SUM over inputs unless ``reduction="mean"`` (the razor always
+uses the sum, F_sum of THEORY §5).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from fisherbound._lib import (
+    Estimate,
+    array_namespace,
+    as_generator,
+    check_choice,
+    check_floating,
+    check_positive_int,
+    device_of,
+    is_array,
+    to_host,
+)
+from fisherbound._lib._estimate import estimate_from_samples
+from fisherbound._lib._validation import check_finite
+from fisherbound.families import KERNELS, Categorical, Family
+from fisherbound.fisher import DEFAULT_MAX_PARAMS, _batches, _check_family, fisher_dense
+from fisherbound.fisher import fisher_operator as _fisher_operator
+from fisherbound.linalg import (
+    LinearOperator,
+    Quadrature,
+    eigsh,
+    lanczos,
+    lanczos_quadrature,
+    slq,
+    smoothed_density,
+)
+from fisherbound.linearization import as_linearizations
+
+Array = Any
+
+__all__ = [
+    "Eigenpairs",
+    "RankBound",
+    "Razor",
+    "SpectralDensity",
+    "local_dimension",
+    "rank_bound",
+    "razor",
+    "spectral_density",
+    "top_eigenpairs",
+]
+
+REDUCTIONS = ("sum", "mean")
+DIMENSION_METHODS = ("auto", "lanczos", "slq")
+LOGDET_METHODS = ("auto", "dense", "lanczos", "slq")
+
+#: SLQ defaults: Rademacher probes and Lanczos steps per probe.
+DEFAULT_NUM_PROBES = 20
+DEFAULT_SLQ_MATVECS = 40
+#: ``local_dimension``: the largest count obtained deterministically from the top
+#: eigenvalues before falling back to SLQ.
+DEFAULT_MAX_COUNT = 32
+#: ``spectral_density``: default number of grid points.
+DEFAULT_NUM_POINTS = 256
+
+
+# --------------------------------------------------------------------------- #
+# result types
+
+
+class Eigenpairs(NamedTuple):
+    """The top eigenpairs of a Fisher operator.
+
+    Attributes
+    ----------
+    eigenvalues
+        Ritz values θ_1 ≥ … ≥ θ_k, shape (k,), DESCENDING.
+    eigenvectors
+        Unit Ritz vectors y_i as columns, shape (D, k), in the order of
+        ``eigenvalues``, in the parameter order of the linearization's blocks.
+    residuals
+        ‖F y_i − θ_i y_i‖, shape (k,): some eigenvalue of F lies within this
+        distance of θ_i.
+    """
+
+    eigenvalues: Array
+    eigenvectors: Array
+    residuals: Array
+
+
+class SpectralDensity(NamedTuple):
+    """A smoothed spectral density from stochastic Lanczos quadrature.
+
+    Attributes
+    ----------
+    grid
+        Points t, shape (G,).
+    density
+        φ(t) = (1/D) Σ_i 𝒩(t; λ_i, width²) estimated on the grid, shape (G,): the
+        mean over probes of each probe's Gauss-rule density; it integrates to 1.
+    std_error
+        Pointwise standard error of ``density`` over the probes, shape (G,).
+    nodes, weights
+        The Gauss quadrature rules (Ritz values and D times the squared first
+        components), shape (M, m); Σ_j weights[i, j] f(nodes[i, j]) estimates
+        tr f(F) for any f (``fisherbound.linalg.slq`` averages exactly this).
+    width
+        The Gaussian smoothing standard deviation used (a float).
+    """
+
+    grid: Array
+    density: Array
+    std_error: Array
+    nodes: Array
+    weights: Array
+    width: float
+
+
+class RankBound(NamedTuple):
+    """The structural bound rank F ≤ min(D, N r) (THEORY §5).
+
+    Attributes
+    ----------
+    value
+        min(num_params, num_inputs · rank_per_input).
+    num_params
+        D.
+    num_inputs
+        N, the total number of inputs in the source.
+    rank_per_input
+        r, the largest possible rank of the core kernel K(z): C − 1 for the
+        categorical F and its scalar envelopes (softmax ignores a common shift of
+        the logits), C for ``kernel="upper"`` (diag p) and for the Bernoulli and
+        Gaussian families, 1 for ``kernel="lower"``.
+    """
+
+    value: int
+    num_params: int
+    num_inputs: int
+    rank_per_input: int
+
+
+class Razor(NamedTuple):
+    """The Gaussian-prior razor complexity and its parts (THEORY §5).
+
+    ``value`` = ``neg_log_likelihood`` + ``prior_penalty`` + ½ ``log_det.value``,
+    an estimate of −log p(X) (nats), exact for linear-Gaussian models.
+
+    Attributes
+    ----------
+    value
+        The razor, 0-d.
+    std_error
+        Its standard error, ½ ``log_det.std_error`` (0 when the log-det is exact).
+    neg_log_likelihood
+        −log p(X | θ̂) = −Σ_x log p(y_x | x, θ̂), 0-d, normalising constants
+        included (the Gaussian family's (C/2) log 2π per input).
+    prior_penalty
+        ‖θ̂ − θ_0‖² / (2σ²), 0-d.
+    log_det
+        An ``Estimate`` of Σ_i log(1 + σ² λ_i(F_sum)) = log det(I + σ² F_sum);
+        ``num_probes`` is 0 when it was computed exactly.
+    bic_penalty
+        The classical BIC/MDL term (D/2) log N, 0-d, for comparison with
+        ½ ``log_det.value`` (which it equals when every direction is significant
+        and σ² λ_i ≈ N).
+    method
+        How ``log_det`` was computed: ``"dense"``, ``"lanczos"`` or ``"slq"``.
+    """
+
+    value: Array
+    std_error: Array
+    neg_log_likelihood: Array
+    prior_penalty: Array
+    log_det: Estimate
+    bic_penalty: Array
+    method: str
+
+
+# --------------------------------------------------------------------------- #
+# validation
+
+
+def _check_positive_real(value: object, name: str, remedy: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a positive real number; got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    x = float(value)
+    if not (0.0 < x < math.inf):
+        msg = f"{name} must be a positive finite number; got {x}.{remedy}"
+        raise ValueError(msg)
+    return x
+
+
+def _operator(source: Any, family: Any, kernel: str, reduction: str) -> Any:
+    """The Fisher operator (validates the family, kernel, reduction and source)."""
+    check_choice(kernel, "kernel", KERNELS)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    return _fisher_operator(source, family, kernel=kernel, reduction=reduction)
+
+
+def _namespace(op: Any) -> Any:
+    witness = op.xp.zeros((0,), dtype=op.dtype, device=op.device)
+    return array_namespace(witness, names=("the Fisher operator",))
+
+
+def _scalar(xp: Any, value: float, op: Any) -> Array:
+    return xp.asarray(value, dtype=op.dtype, device=op.device)
+
+
+def _optional_int(value: Any, name: str) -> int | None:
+    return None if value is None else check_positive_int(value, name)
+
+
+# --------------------------------------------------------------------------- #
+# top eigenpairs
+
+
+def top_eigenpairs(
+    source: Any,
+    family: Family = Categorical(),  # noqa: B008 - families are immutable
+    *,
+    k: int,
+    kernel: str = "exact",
+    reduction: str = "sum",
+    num_matvecs: int | None = None,
+    rng: Any = None,
+) -> Eigenpairs:
+    """The k largest eigenpairs of the Fisher metric, by Lanczos on its operator.
+
+    F_K = Σ_x J_xᵀ K(z_x) J_x is applied matrix-free (one JVP and one VJP per
+    batch per matvec, ``fisherbound.fisher.fisher_operator``); m Lanczos steps
+    with full reorthogonalisation give T = Qᵀ F Q and the Ritz pairs
+    (θ_i, Q s_i) of its k largest eigenvalues. With m = D they are the exact
+    spectrum (repeated eigenvalues included); for m < D the top ones converge
+    first, and each residual ‖F y − θ y‖ bounds the distance from θ to the
+    spectrum. Since F_LR ⪯ F ⪯ F_DG, ``kernel="lower"`` and ``kernel="upper"``
+    give λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i (exactly when converged).
+
+    Parameters
+    ----------
+    source
+        A linearization or a re-iterable collection of them (a list of batches).
+    family
+        The output family (``Categorical()`` by default).
+    k
+        How many eigenpairs, 1 ≤ k ≤ D.
+    kernel
+        ``"exact"``, ``"upper"``, ``"lower"``, ``"scalar_upper"`` or
+        ``"scalar_lower"`` (see ``fisherbound.fisher``).
+    reduction
+        ``"sum"`` over inputs (default) or ``"mean"``.
+    num_matvecs
+        Lanczos steps m ≥ k (capped at D); default min(D, max(2k + 30, 60)).
+    rng
+        Generator, int seed or None (the Lanczos start vector).
+
+    Returns
+    -------
+    Eigenpairs
+        ``eigenvalues`` (k,) descending, ``eigenvectors`` (D, k), ``residuals`` (k,),
+        in the linearization's namespace, device and dtype.
+
+    Notes
+    -----
+    Cost: m + k Fisher matvecs (the k for the residuals, in one batched matmat),
+    O(D m²) work and D m memory for the Lanczos basis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import LinearSoftmax, linearize
+    >>> lin = linearize(LinearSoftmax(np.zeros((3, 2))), np.array([[1.0, 2.0]]))
+    >>> top = top_eigenpairs(lin, k=3, rng=0)
+    >>> np.round(top.eigenvalues, 10).tolist()   # I_Δ(uniform) ⊗ x xᵀ: {5/3, 5/3, 0, …}
+    [1.6666666667, 1.6666666667, 0.0]
+    """
+    k = check_positive_int(k, "k")
+    m = _optional_int(num_matvecs, "num_matvecs")
+    op = _operator(source, family, kernel, reduction)
+    d = int(op.shape[0])
+    if k > d:
+        msg = f"k must be at most D = {d} (the number of parameters); got k = {k}."
+        raise ValueError(msg)
+    return _top_eigenpairs(_namespace(op), op, k=k, num_matvecs=m, gen=as_generator(rng))
+
+
+def _top_eigenpairs(xp: Any, op: Any, *, k: int, num_matvecs: int | None, gen: Any) -> Eigenpairs:
+    res = eigsh(op, k=k, which="largest", num_matvecs=num_matvecs, rng=gen)
+    return Eigenpairs(
+        xp.flip(res.eigenvalues, axis=0),
+        xp.flip(res.eigenvectors, axis=1),
+        xp.flip(res.residuals, axis=0),
+    )
+
+
+# --------------------------------------------------------------------------- #
+# spectral density
+
+
+def spectral_density(
+    source: Any,
+    family: Family = Categorical(),  # noqa: B008
+    *,
+    kernel: str = "exact",
+    reduction: str = "sum",
+    num_probes: int = DEFAULT_NUM_PROBES,
+    num_matvecs: int = DEFAULT_SLQ_MATVECS,
+    grid: Array | None = None,
+    num_points: int = DEFAULT_NUM_POINTS,
+    width: float | None = None,
+    rng: Any = None,
+) -> SpectralDensity:
+    """The spectral density of the Fisher metric by stochastic Lanczos quadrature.
+
+    For each of M Rademacher probes v, m Lanczos steps from v/√D give a Gauss rule
+    (θ_ij, w_ij) of the spectral measure with vᵀ f(F) v ≈ Σ_j w_ij f(θ_ij), exact
+    for polynomials of degree < 2m (``fisherbound.linalg.lanczos_quadrature``).
+    The smoothed density
+
+    .. math:: \\varphi(t) = \\frac1D \\sum_{i=1}^D \\mathcal N(t;\\, \\lambda_i, \\sigma^2)
+              \\approx \\frac{1}{M} \\sum_{p=1}^M \\frac{1}{D} \\sum_j w_{pj}\\,
+              \\mathcal N(t;\\, \\theta_{pj}, \\sigma^2)
+
+    is the mean of M independent per-probe densities (Hutchinson's estimator of
+    tr f(F)/D with f = 𝒩(t; ·, σ²), plus the quadrature error, which vanishes as
+    m → D); ``std_error`` is their pointwise sample standard deviation / √M.
+
+    Parameters
+    ----------
+    source, family, kernel, reduction
+        As in ``top_eigenpairs``.
+    num_probes
+        M ≥ 1 probes (M ≥ 2 for a finite standard error).
+    num_matvecs
+        Lanczos steps per probe m (capped at D).
+    grid
+        1-D floating array of points t (the linearization's namespace and device).
+        Default: ``num_points`` points evenly spaced from min θ − 3σ to
+        max θ + 3σ. For heavy-tailed spectra pass your own (e.g. a log-spaced)
+        grid and width.
+    num_points
+        Grid size when ``grid`` is None.
+    width
+        σ > 0, the smoothing standard deviation. Default: 1 % of the range of the
+        nodes (of max |θ| when the range is 0, and 1 when F = 0).
+    rng
+        Generator, int seed or None (the probes).
+
+    Returns
+    -------
+    SpectralDensity
+        ``grid``, ``density``, ``std_error`` (G,), ``nodes``, ``weights`` (M, m) and
+        ``width``.
+
+    Notes
+    -----
+    Cost: M m Fisher matvecs (m batched matmats of M columns), O(D M m²) work and
+    D M m memory for the M Lanczos bases; O(G M m) for the density.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import MLP, linearize
+    >>> lin = linearize(MLP.random([3, 4, 3], rng=0), np.ones((4, 3)))
+    >>> sd = spectral_density(lin, num_probes=4, num_matvecs=31, rng=0)
+    >>> step = float(sd.grid[1] - sd.grid[0])
+    >>> round(float(np.sum(sd.density)) * step, 2)
+    1.0
+    """
+    M = check_positive_int(num_probes, "num_probes")
+    m = check_positive_int(num_matvecs, "num_matvecs")
+    G = check_positive_int(num_points, "num_points")
+    sigma = None if width is None else _check_positive_real(width, "width")
+    op = _operator(source, family, kernel, reduction)
+    xp = _namespace(op)
+    if grid is not None:
+        witness = xp.zeros((0,), dtype=op.dtype, device=op.device)
+        array_namespace(witness, grid, names=("the Fisher operator's vectors", "grid"))
+        check_floating(grid, "grid")
+        if grid.ndim != 1:
+            msg = f"grid must be a 1-D array of points; got shape {tuple(grid.shape)}."
+            raise ValueError(msg)
+        if device_of(grid) != op.device:
+            msg = (
+                f"grid must be on the linearization's device ({op.device}); got "
+                f"{device_of(grid)}. Move it with xp.asarray(grid, device=...)."
+            )
+            raise ValueError(msg)
+    return _spectral_density(
+        xp,
+        op,
+        num_probes=M,
+        num_matvecs=m,
+        grid=grid,
+        num_points=G,
+        width=sigma,
+        gen=as_generator(rng),
+    )
+
+
+def _spectral_density(
+    xp: Any,
+    op: Any,
+    *,
+    num_probes: int,
+    num_matvecs: int,
+    grid: Array | None,
+    num_points: int,
+    width: float | None,
+    gen: Any,
+) -> SpectralDensity:
+    quad = lanczos_quadrature(op, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
+    nodes, weights = quad
+    if width is None or grid is None:
+        lo = float(to_host(xp.min(nodes)))
+        hi = float(to_host(xp.max(nodes)))
+        scale = hi - lo if hi > lo else abs(hi)
+        if width is None:
+            width = 0.01 * scale if scale > 0.0 else 1.0
+        if grid is None:
+            grid = xp.linspace(
+                lo - 3.0 * width, hi + 3.0 * width, num_points, dtype=op.dtype, device=op.device
+            )
+    per_probe = [
+        smoothed_density(Quadrature(nodes[i : i + 1, :], weights[i : i + 1, :]), grid, width=width)
+        for i in range(num_probes)
+    ]
+    est = estimate_from_samples(xp.stack(per_probe, axis=0), xp)
+    return SpectralDensity(grid, est.value, est.std_error, nodes, weights, float(width))
+
+
+# --------------------------------------------------------------------------- #
+# rank bound
+
+
+def _rank_per_input(family: Family, kernel: str, c: int) -> int:
+    """The largest rank of K(z): the columns of its square-root factor, C − 1 where
+    the categorical kernel annihilates the constant vector."""
+    r = family.sqrt_rank(c, kernel=kernel)
+    if isinstance(family, Categorical) and kernel in ("exact", "scalar_upper", "scalar_lower"):
+        r = min(r, c - 1)
+    return min(r, c)
+
+
+def rank_bound(
+    source: Any,
+    family: Family = Categorical(),  # noqa: B008
+    *,
+    kernel: str = "exact",
+) -> RankBound:
+    """The structural bound rank F ≤ min(D, N r) of THEORY §5.
+
+    F_K = Σ_x J_xᵀ K(z_x) J_x is a sum of N terms of rank ≤ r = max rank K(z), and
+    a D × D matrix: rank F_K ≤ min(D, N r). For the categorical F, r = C − 1
+    (I_Δ 1 = 0), so rank F ≤ min(D, N (C − 1)). The bound binds for wide networks
+    (D ≫ N C); for a linear softmax layer the sharper rank F ≤ (C − 1) rank[x̃_1 … x̃_N]
+    holds (x̃ = (x, 1) with a bias). Compare with ``local_dimension``.
+
+    Parameters
+    ----------
+    source
+        A linearization or an iterable of them (streamed once; only the logits'
+        shapes are read).
+    family, kernel
+        As in ``top_eigenpairs``.
+
+    Returns
+    -------
+    RankBound
+        ``value``, ``num_params`` (D), ``num_inputs`` (N), ``rank_per_input`` (r),
+        Python ints.
+
+    Notes
+    -----
+    Cost: one pass over the batches' logits; no JVP or VJP.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import MLP, linearize
+    >>> lin = linearize(MLP.random([4, 16, 3], rng=0), np.ones((5, 4)))
+    >>> rank_bound(lin)   # D = 131 parameters, N (C − 1) = 10
+    RankBound(value=10, num_params=131, num_inputs=5, rank_per_input=2)
+    """
+    fam = _check_family(family)
+    check_choice(kernel, "kernel", KERNELS)
+    n = 0
+    d = 0
+    r = 0
+    for lin in _batches(source, fam, desc="rank bound", progress=False):
+        n += int(lin.logits.shape[0])
+        d = int(lin.num_params)
+        if r == 0:
+            r = _rank_per_input(fam, kernel, int(lin.logits.shape[-1]))
+    return RankBound(min(d, n * r), d, n, r)
+
+
+# --------------------------------------------------------------------------- #
+# local dimension
+
+
+def local_dimension(
+    source: Any,
+    family: Family = Categorical(),  # noqa: B008
+    *,
+    eps: float,
+    method: str = "auto",
+    kernel: str = "exact",
+    reduction: str = "sum",
+    max_count: int = DEFAULT_MAX_COUNT,
+    num_probes: int = DEFAULT_NUM_PROBES,
+    num_matvecs: int | None = None,
+    rng: Any = None,
+) -> Estimate:
+    """The local dimensionality d_ε = #{i : λ_i(F) > ε}, matrix-free (THEORY §5).
+
+    Two ways, chosen by ``method``:
+
+    - ``"lanczos"``: count the Ritz values above ε among the top k = max_count + 1
+      (``top_eigenpairs``). By Cauchy interlacing the i-th largest Ritz value never
+      exceeds λ_i, so the count never overshoots; it is exact once the Ritz values
+      above ε have converged (always when m = D). Eigenvalues repeated among a rich
+      spectrum appear only once in one Krylov space, so unless m = D the count is
+      verified on the deflated operator (I − Y Yᵀ) F (I − Y Yᵀ), Y the counted Ritz
+      vectors, until no Ritz value above ε remains. Deterministic: ``std_error``
+      is 0 and ``num_probes`` is 0. A ValueError if d_ε > max_count.
+    - ``"slq"``: stochastic Lanczos quadrature of the step function,
+      tr 1[F > ε] ≈ (1/M) Σ_p Σ_j w_pj 1[θ_pj > ε], with the Hutchinson standard
+      error over the M probes (the quadrature adds a bias that vanishes when the
+      Ritz values resolve the gap of the spectrum around ε, and as m → D).
+    - ``"auto"`` (default): ``"lanczos"`` when it finds d_ε ≤ max_count, else
+      ``"slq"`` (the Lanczos run is then an overhead of about 2 max_count + 30
+      matvecs).
+
+    Parameters
+    ----------
+    source, family, kernel, reduction
+        As in ``top_eigenpairs``; ε applies to F (sum) or F/N (mean).
+    eps
+        ε > 0. THEORY §5: with a prior N(θ_0, σ² I) the razor's effective
+        dimension is about d_ε for ε = 1/σ².
+    method
+        ``"auto"``, ``"lanczos"`` or ``"slq"``.
+    max_count
+        The largest count obtained by Lanczos (k = max_count + 1 Ritz values).
+    num_probes
+        M, the SLQ probes.
+    num_matvecs
+        Lanczos steps per run (default min(D, max(2k + 30, 60))) and per SLQ probe
+        (default min(D, 40)).
+    rng
+        Generator, int seed or None.
+
+    Returns
+    -------
+    Estimate
+        ``value`` (0-d, the count as a floating number), ``std_error`` (0-d; 0 for a
+        deterministic count), ``num_probes`` (0 for a deterministic count, else M).
+        Compare it with ``rank_bound(source, family).value``.
+
+    Notes
+    -----
+    Cost: Lanczos, (m + k) matvecs per run (one run, plus one per verification
+    round when m < D); SLQ, M m matvecs. Each matvec is one JVP and one VJP per
+    batch.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import LinearSoftmax, linearize
+    >>> lin = linearize(LinearSoftmax(np.zeros((3, 2))), np.array([[1.0, 2.0]]))
+    >>> est = local_dimension(lin, eps=1e-6, rng=0)
+    >>> float(est.value), float(est.std_error), est.num_probes
+    (2.0, 0.0, 0)
+    """
+    threshold = _check_positive_real(eps, "eps", " The local dimension counts eigenvalues > eps.")
+    check_choice(method, "method", DIMENSION_METHODS)
+    count_max = check_positive_int(max_count, "max_count")
+    M = check_positive_int(num_probes, "num_probes")
+    m = _optional_int(num_matvecs, "num_matvecs")
+    op = _operator(source, family, kernel, reduction)
+    d = int(op.shape[0])
+    if m is not None and method != "slq" and m < min(count_max + 1, d):
+        msg = (
+            f"num_matvecs must be at least max_count + 1 = {min(count_max + 1, d)} for the "
+            f"Lanczos count (one step per Ritz value); got {m}. Raise num_matvecs, lower "
+            "max_count, or leave num_matvecs as None."
+        )
+        raise ValueError(msg)
+    xp = _namespace(op)
+    gen = as_generator(rng)
+    if method in ("auto", "lanczos"):
+        count = _lanczos_count(xp, op, eps=threshold, max_count=count_max, num_matvecs=m, gen=gen)
+        if count is not None:
+            zero = _scalar(xp, 0.0, op)
+            return Estimate(_scalar(xp, float(count), op), zero, 0)
+        if method == "lanczos":
+            msg = (
+                f"local_dimension with method='lanczos' found more than max_count = "
+                f"{count_max} eigenvalues above eps = {threshold}; raise max_count or use "
+                "method='slq' (or 'auto')."
+            )
+            raise ValueError(msg)
+    steps = min(d, DEFAULT_SLQ_MATVECS) if m is None else m
+    return _slq_count(xp, op, eps=threshold, num_probes=M, num_matvecs=steps, gen=gen)
+
+
+def _deflated(xp: Any, op: Any, Y: Array) -> LinearOperator:
+    """(I − Y Yᵀ) F (I − Y Yᵀ) for orthonormal columns Y."""
+    Yt = xp.matrix_transpose(Y)
+
+    def project(V: Array) -> Array:
+        return V - Y @ (Yt @ V)
+
+    def matmat(V: Array) -> Array:
+        return project(op.matmat(project(V)))
+
+    return LinearOperator(op.shape, matmat=matmat, dtype=op.dtype, device=op.device, xp=op.xp)
+
+
+def _lanczos_count(
+    xp: Any, op: Any, *, eps: float, max_count: int, num_matvecs: int | None, gen: Any
+) -> int | None:
+    """#{λ > eps} by Lanczos with locking; None when it exceeds max_count.
+
+    Each round computes the top Ritz pairs of F deflated by the locked vectors. By
+    interlacing, more Ritz values above eps than the remaining budget prove
+    d_ε > max_count. Converged pairs above eps are locked (counted, and deflated
+    for the next round); none above eps ends the count. A round that converges
+    nothing above eps doubles its Lanczos steps, up to D, where the Ritz values
+    are the exact spectrum.
+    """
+    d = int(op.shape[0])
+    tol = math.sqrt(float(xp.finfo(op.dtype).eps))
+    count = 0
+    basis = None
+    target = op
+    m_floor = 0
+    while True:
+        k = min(max_count + 1 - count, d - count)
+        if k < 1:  # every direction counted
+            return count
+        m = min(d, max(2 * k + 30, 60)) if num_matvecs is None else min(num_matvecs, d)
+        m = min(d, max(m, k, m_floor))
+        res = eigsh(target, k=k, which="largest", num_matvecs=m, rng=gen)
+        theta = to_host(res.eigenvalues)
+        residuals = to_host(res.residuals)
+        above = theta > eps
+        if count + int(above.sum()) > max_count:
+            return None
+        if m >= d or not above.any():
+            # The Krylov space was the whole space (the exact spectrum, multiplicities
+            # included), or nothing is left above eps.
+            return count + int(above.sum())
+        scale = max(float(abs(theta).max()), eps)
+        locked = above & (residuals <= tol * scale)
+        if not locked.any():
+            m_floor = min(d, 2 * m)
+            continue
+        index = [int(i) for i in locked.nonzero()[0]]
+        count += len(index)
+        Y = xp.take(res.eigenvectors, xp.asarray(index, device=op.device), axis=1)
+        Y = Y if basis is None else xp.concat([basis, Y], axis=1)
+        basis, _ = xp.linalg.qr(Y)
+        target = _deflated(xp, op, basis)
+
+
+def _slq_count(
+    xp: Any, op: Any, *, eps: float, num_probes: int, num_matvecs: int, gen: Any
+) -> Estimate:
+    def step(t: Array) -> Array:
+        return xp.astype(t > eps, t.dtype)
+
+    return slq(op, step, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
+
+
+# --------------------------------------------------------------------------- #
+# razor
+
+
+def razor(
+    source: Any,
+    family: Family = Categorical(),  # noqa: B008
+    *,
+    prior_variance: float,
+    labels: Any,
+    theta: Array,
+    theta0: Array | None = None,
+    method: str = "auto",
+    num_probes: int = DEFAULT_NUM_PROBES,
+    num_matvecs: int = DEFAULT_SLQ_MATVECS,
+    max_params: int = DEFAULT_MAX_PARAMS,
+    rng: Any = None,
+) -> Razor:
+    """The Gaussian-prior razor complexity of a model at θ̂ (THEORY §5).
+
+    With the prior θ ~ N(θ_0, σ² I) and F_sum = Σ_x J_xᵀ I(z_x) J_x at θ̂,
+
+    .. math:: -\\log p(X) \\approx -\\log p(X \\mid \\hat\\theta)
+              + \\frac{\\lVert \\hat\\theta - \\theta_0 \\rVert^2}{2\\sigma^2}
+              + \\frac12 \\sum_{i=1}^D \\log(1 + \\sigma^2 \\lambda_i(F_{sum})),
+
+    the Laplace approximation of the log marginal likelihood with the Fisher (the
+    Gauss–Newton matrix) in place of the Hessian: exact for a linear-Gaussian
+    model (z = J θ, unit-variance Gaussian outputs) at the posterior mode θ̂.
+    Null directions of F cost nothing; a direction with σ² λ ≫ 1 costs about
+    ½ log(σ² λ), about ½ log N, so the effective dimension is about
+    #{λ_i ≳ 1/σ²} (``local_dimension(eps=1/σ²)``). The BIC/MDL term (D/2) log N
+    is reported beside it: the special case where every direction is
+    significant.
+
+    Parameters
+    ----------
+    source
+        A linearization or a re-iterable collection of them, at θ̂.
+    family
+        The output family; the likelihood p(y | z) is its own: categorical
+        (softmax), Bernoulli (C independent sigmoids), Gaussian (unit variance,
+        normalising constant (C/2) log 2π per input included).
+    prior_variance
+        σ² > 0, the variance of the isotropic Gaussian prior.
+    labels
+        The observed y: one array per batch (a list in the order of ``source``) or
+        a single array for all inputs in that order. Categorical: integers in
+        [0, C), shape (N,). Bernoulli: values in [0, 1], shape (N, C). Gaussian:
+        real targets, shape (N, C). Same namespace and device as the logits.
+    theta
+        θ̂, the flat parameter vector (D,) at which ``source`` was linearized, in
+        the blocks' order (e.g. ``model.parameters()`` of the NumPy models).
+    theta0
+        θ_0, the prior mean (D,); zeros when None.
+    method
+        How log det(I + σ² F) is computed: ``"dense"`` (``fisher_dense`` and
+        ``eigvalsh``, D ≤ ``max_params``), ``"lanczos"`` (a full run of D Lanczos
+        steps: the exact spectrum, matrix-free), ``"slq"`` (stochastic Lanczos
+        quadrature of log(1 + σ² λ), with a standard error) or ``"auto"``:
+        ``"lanczos"`` when D ≤ min(num_probes · num_matvecs, max_params) (it costs
+        no more matvecs than SLQ), else ``"slq"``. ``Razor.method`` says which ran.
+    num_probes, num_matvecs
+        SLQ probes M and Lanczos steps per probe m.
+    max_params
+        The largest D for the exact methods ``"dense"`` and ``"lanczos"``, which hold
+        D × D numbers (a D × D matrix, or a Lanczos basis of D vectors).
+    rng
+        Generator, int seed or None.
+
+    Returns
+    -------
+    Razor
+        ``value``, ``std_error``, ``neg_log_likelihood``, ``prior_penalty``,
+        ``log_det`` (an Estimate), ``bic_penalty``, ``method``; arrays 0-d in the
+        logits' namespace, device and dtype.
+
+    Notes
+    -----
+    Cost: one pass over the logits for the likelihood; then "dense": C per-example
+    VJPs per input and O(D³); "lanczos": D matvecs, O(D³) work, D² memory;
+    "slq": M m matvecs, O(D M m²) work, D M m memory.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.adapters.numpy import LinearSoftmax, linearize
+    >>> from fisherbound.families import Categorical
+    >>> model = LinearSoftmax.random(2, 3, rng=0)
+    >>> x = np.random.default_rng(1).standard_normal((8, 2))
+    >>> y = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    >>> out = razor(linearize(model, x), Categorical(), prior_variance=1.0,
+    ...             labels=y, theta=model.parameters())
+    >>> out.method, bool(out.value > out.neg_log_likelihood)
+    ('lanczos', True)
+    """
+    s2 = _check_positive_real(prior_variance, "prior_variance")
+    check_choice(method, "method", LOGDET_METHODS)
+    M = check_positive_int(num_probes, "num_probes")
+    m = check_positive_int(num_matvecs, "num_matvecs")
+    check_positive_int(max_params, "max_params")
+    op = _operator(source, family, "exact", "sum")
+    fam = _check_family(family)
+    xp = _namespace(op)
+    d = int(op.shape[0])
+    lins = list(as_linearizations(source))
+    theta_hat = _check_parameter_vector(xp, op, theta, "theta")
+    prior_mean = None if theta0 is None else _check_parameter_vector(xp, op, theta0, "theta0")
+    batches = _split_labels(xp, fam, lins, labels)
+    if method == "auto":
+        method = "lanczos" if d <= min(M * m, max_params) else "slq"
+    if method in ("dense", "lanczos") and d > max_params:
+        msg = (
+            f"razor with method={method!r} refuses D = {d} parameters above max_params = "
+            f"{max_params} (the exact methods hold D × D numbers); raise max_params if you "
+            "have the memory, or use method='slq'."
+        )
+        raise ValueError(msg)
+    return _razor(
+        xp,
+        op,
+        fam,
+        lins,
+        batches,
+        theta_hat,
+        prior_mean,
+        s2=s2,
+        method=method,
+        num_probes=M,
+        num_matvecs=m,
+        max_params=max_params,
+        gen=as_generator(rng),
+    )
+
+
+def _check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
+    d = int(op.shape[0])
+    if not is_array(v):
+        msg = (
+            f"{name} must be a flat parameter array of shape ({d},); got "
+            f"{type(v).__module__}.{type(v).__name__}."
+        )
+        raise TypeError(msg)
+    witness = xp.zeros((0,), dtype=op.dtype, device=op.device)
+    array_namespace(witness, v, names=("the linearization's logits", name))
+    check_floating(v, name, xp=xp)
+    if tuple(v.shape) != (d,):
+        msg = (
+            f"{name} must be a flat parameter vector of shape ({d},) (D, in the order of "
+            f"the linearization's blocks); got shape {tuple(v.shape)}."
+        )
+        raise ValueError(msg)
+    if device_of(v) != op.device:
+        msg = (
+            f"{name} must be on the linearization's device ({op.device}); got "
+            f"{device_of(v)}. Move it with xp.asarray({name}, device=...)."
+        )
+        raise ValueError(msg)
+    check_finite(v, name, xp=xp)
+    return xp.astype(v, op.dtype) if v.dtype != op.dtype else v
+
+
+def _split_labels(xp: Any, family: Family, lins: list[Any], labels: Any) -> list[Array]:
+    """One validated label array per batch."""
+    sizes = [int(lin.logits.shape[0]) for lin in lins]
+    if is_array(labels):
+        total = sum(sizes)
+        if labels.ndim < 1 or int(labels.shape[0]) != total:
+            msg = (
+                f"labels must have one row per input: shape ({total}, ...) for the {total} "
+                f"inputs of the source; got shape {tuple(labels.shape)}. Pass one array per "
+                "batch as a list to label the batches separately."
+            )
+            raise ValueError(msg)
+        parts = []
+        start = 0
+        for size in sizes:
+            parts.append(labels[start : start + size, ...])
+            start += size
+    elif isinstance(labels, Sequence) and not isinstance(labels, str | bytes):
+        if len(labels) != len(sizes):
+            msg = (
+                f"labels must hold one array per batch of the source ({len(sizes)} batches); "
+                f"got {len(labels)}."
+            )
+            raise ValueError(msg)
+        parts = list(labels)
+    else:
+        msg = (
+            "labels must be an array (all inputs, in the source's order) or a list of "
+            f"arrays (one per batch); got {type(labels).__name__}."
+        )
+        raise TypeError(msg)
+    pairs = enumerate(zip(lins, parts, strict=True))
+    return [_check_labels(family, lin, y, i) for i, (lin, y) in pairs]
+
+
+def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
+    """The family's label check, its message prefixed with the batch."""
+    if not is_array(y):
+        msg = (
+            f"labels of batch {index} must be an array; got "
+            f"{type(y).__module__}.{type(y).__name__}."
+        )
+        raise TypeError(msg)
+    try:
+        family.check_labels(lin.logits, y)
+    except (TypeError, ValueError) as err:
+        msg = f"labels of batch {index}: {err}"
+        raise type(err)(msg) from err
+    return y
+
+
+def _log1p_clipped(xp: Any, s2: float) -> Callable[[Array], Array]:
+    def f(t: Array) -> Array:
+        # Rounding can make null eigenvalues slightly negative; F is PSD.
+        return xp.log1p(s2 * xp.where(t > 0, t, xp.zeros_like(t)))
+
+    return f
+
+
+def _tridiagonal_eigvalsh(xp: Any, alpha: Array, beta: Array) -> Array:
+    m = int(alpha.shape[0])
+    device = device_of(alpha)
+    T = alpha[:, None] * xp.eye(m, dtype=alpha.dtype, device=device)
+    if m > 1:
+        padded = xp.concat([beta, xp.zeros((1,), dtype=alpha.dtype, device=device)])
+        sup = padded[:, None] * xp.eye(m, k=1, dtype=alpha.dtype, device=device)
+        T = T + sup + xp.matrix_transpose(sup)
+    return xp.linalg.eigvalsh(T)
+
+
+def _log_det(
+    xp: Any,
+    op: Any,
+    lins: list[Any],
+    family: Family,
+    *,
+    s2: float,
+    method: str,
+    num_probes: int,
+    num_matvecs: int,
+    max_params: int,
+    gen: Any,
+) -> Estimate:
+    f = _log1p_clipped(xp, s2)
+    if method == "slq":
+        return slq(op, f, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
+    if method == "dense":
+        dense = fisher_dense(lins, family, max_params=max_params, progress=False)
+        eigenvalues = xp.linalg.eigvalsh(dense)
+    else:
+        d = int(op.shape[0])
+        res = lanczos(op, num_matvecs=d, rng=gen)
+        eigenvalues = _tridiagonal_eigvalsh(xp, res.alpha, res.beta)
+    return Estimate(xp.sum(f(eigenvalues)), _scalar(xp, 0.0, op), 0)
+
+
+def _razor(
+    xp: Any,
+    op: Any,
+    family: Family,
+    lins: list[Any],
+    labels: list[Array],
+    theta: Array,
+    theta0: Array | None,
+    *,
+    s2: float,
+    method: str,
+    num_probes: int,
+    num_matvecs: int,
+    max_params: int,
+    gen: Any,
+) -> Razor:
+    nll = _scalar(xp, 0.0, op)
+    for lin, y in zip(lins, labels, strict=True):
+        nll = nll - xp.sum(family.log_likelihood(lin.logits, y))
+    delta = theta if theta0 is None else theta - theta0
+    penalty = xp.sum(delta * delta) / (2.0 * s2)
+    log_det = _log_det(
+        xp,
+        op,
+        lins,
+        family,
+        s2=s2,
+        method=method,
+        num_probes=num_probes,
+        num_matvecs=num_matvecs,
+        max_params=max_params,
+        gen=gen,
+    )
+    n = sum(int(lin.logits.shape[0]) for lin in lins)
+    bic = _scalar(xp, 0.5 * int(op.shape[0]) * math.log(n), op)
+    value = nll + penalty + 0.5 * log_det.value
+    return Razor(value, 0.5 * log_det.std_error, nll, penalty, log_det, bic, method)

@@ -1,0 +1,727 @@
+"""Detach-and-mix, Monte-Carlo and empirical Fisher estimates: unbiasedness, error bars."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fisherbound import Estimate
+from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
+from fisherbound.estimators import (
+    Accumulator,
+    _dm_batch_samples,
+    detach_and_mix,
+    empirical,
+    monte_carlo,
+)
+from fisherbound.families import Bernoulli, Categorical, Gaussian
+from fisherbound.fisher import fisher_blocks, fisher_bounds, fisher_dense, fisher_diagonal
+
+P_REF = np.array([0.7, 0.2, 0.1])
+MEAN_REF = np.array([0.21, 0.16, 0.09])
+RADEMACHER_VAR_REF = np.array([0.056252, 0.016832, 0.002972])
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+
+
+class _NumpyBackend:
+    """The NumPy entry of the backend matrix, for tests that run on NumPy only."""
+
+    name = "numpy"
+    device = None
+
+    @property
+    def xp(self) -> Any:
+        import array_api_compat.numpy
+
+        return array_api_compat.numpy
+
+    def asarray(self, a: Any, dtype: str = "float64") -> np.ndarray:
+        return np.asarray(a, dtype=dtype)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+
+NUMPY = _NumpyBackend()
+
+
+class _StrictDevice1(_NumpyBackend):
+    """array-api-strict on a fake non-default device: host copies raise."""
+
+    name = "strict-device1"
+
+    @property
+    def xp(self) -> Any:
+        return pytest.importorskip("array_api_strict")
+
+    @property
+    def device(self) -> Any:  # type: ignore[override]
+        return self.xp.Device("device1")
+
+    def asarray(self, a: Any, dtype: str = "float64") -> Any:
+        return self.xp.asarray(np.asarray(a), dtype=getattr(self.xp, dtype), device=self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        from fisherbound._lib import to_host
+
+        return np.asarray(to_host(x))
+
+
+@pytest.fixture(params=["numpy", "strict-device1"])
+def light_backend(request: pytest.FixtureRequest) -> Any:
+    """NumPy and strict on a fake device: for tests whose JAX/torch runs add nothing."""
+    return NUMPY if request.param == "numpy" else _StrictDevice1()
+
+
+def identity_model(backend: Any, p: np.ndarray = P_REF) -> Any:
+    """A linearization with J = I and softmax(z) = p: z = W·1, θ = W = log p."""
+    model = LinearSoftmax(backend.asarray(np.log(p)[:, None]))
+    return linearize(model, backend.asarray([[1.0]]))
+
+
+def mlp(backend: Any, *, n: int = 4, sizes=(3, 4, 3), seed: int = 0, act: str = "tanh") -> Any:
+    model = MLP.random(
+        list(sizes), activation=act, rng=seed, xp=backend.xp, device=backend.device,
+        dtype=backend.xp.float64,
+    )  # fmt: skip
+    x = np.random.default_rng(seed + 50).standard_normal((n, sizes[0]))
+    return linearize(model, backend.asarray(x))
+
+
+def all_signs(shape: tuple[int, ...]) -> np.ndarray:
+    """Every Rademacher vector of the given shape, stacked: (2^size, *shape)."""
+    size = int(np.prod(shape))
+    signs = np.array(list(itertools.product([-1.0, 1.0], repeat=size)))
+    return signs.reshape((-1, *shape))
+
+
+def enumerate_samples(backend, lin, family, *, kernel="exact", what="diagonal", per_example=False):
+    """The per-probe samples over ALL sign vectors: their mean is the exact expectation."""
+    r = 1 if kernel == "lower" else lin.num_outputs
+    xi = backend.asarray(all_signs((lin.num_inputs, r)))
+    s = _dm_batch_samples(
+        lin, family, xi, kernel=kernel, what=what, per_example=per_example,
+        selected=list(lin.blocks), max_vectors=None, xp=lin.xp,
+    )  # fmt: skip
+    if isinstance(s, dict):
+        return {k: backend.to_numpy(v) for k, v in s.items()}
+    return backend.to_numpy(s)
+
+
+def z_scores(est: Estimate, truth: np.ndarray, to_numpy) -> np.ndarray:
+    """|estimate − truth| / standard error, with a rounding floor for exact entries.
+
+    Some entries have zero variance (a Rademacher square ξ² = 1, e.g. last-layer
+    weights of a Bernoulli model per example): their error is rounding only.
+    """
+    value, se = to_numpy(est.value), to_numpy(est.std_error)
+    floor = 1e-10 * np.max(np.abs(truth))
+    return np.abs(value - truth) / (se + floor)
+
+
+# --------------------------------------------------------------------------- #
+# THEORY reference: J = I, p = (0.7, 0.2, 0.1), on every backend
+
+
+def test_reference_enumeration_exact(backend) -> None:
+    lin = identity_model(backend)
+    samples = enumerate_samples(backend, lin, Categorical())
+    np.testing.assert_allclose(samples.mean(axis=0), MEAN_REF, atol=1e-12)
+    np.testing.assert_allclose(samples.var(axis=0), RADEMACHER_VAR_REF, atol=1e-12)
+    assert np.all(samples.std(axis=0) <= np.sqrt(2) * MEAN_REF)  # CV ≤ √2
+
+
+def test_reference_estimate_and_error_bar(backend) -> None:
+    lin = identity_model(backend)
+    m = 4000
+    est = detach_and_mix(lin, num_probes=m, rng=0)
+    assert est.num_probes == m
+    assert est.value.shape == (3,)
+    assert est.std_error.shape == (3,)
+    assert np.all(z_scores(est, MEAN_REF, backend.to_numpy) < 5)
+    # The standard error estimates √(Var / M) (sampling error of a variance: ~5 %).
+    se = backend.to_numpy(est.std_error)
+    np.testing.assert_allclose(se, np.sqrt(RADEMACHER_VAR_REF / m), rtol=0.15)
+
+
+def test_same_seed_same_numbers_on_every_backend(backend) -> None:
+    def run(b):
+        lins = [mlp(b, n=3), mlp(b, n=2, seed=1)]
+        labels = b.xp.asarray(np.array([0, 2, 1]), device=b.device)
+        return [
+            detach_and_mix(lins, num_probes=3, rng=7),
+            detach_and_mix(lins[0], what="trace", num_probes=3, rng=7, per_example=True),
+            monte_carlo(lins[0], num_samples=3, rng=7),
+            empirical(lins[0], labels),
+        ]
+
+    for ref, got in zip(run(NUMPY), run(backend)):
+        np.testing.assert_allclose(backend.to_numpy(got.value), ref.value, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(backend.to_numpy(got.std_error), ref.std_error, rtol=1e-8)
+        assert got.num_probes == ref.num_probes
+
+
+# --------------------------------------------------------------------------- #
+# exact enumeration on a tiny nonlinear model: every quantity to 1e-12
+
+
+def test_enumeration_gives_exact_diagonal_trace_blocks(cpu_backend) -> None:
+    check_enumeration(cpu_backend, per_example=False)
+
+
+def test_enumeration_per_example(light_backend) -> None:
+    check_enumeration(light_backend, per_example=True)
+
+
+def check_enumeration(cpu_backend, *, per_example) -> None:
+    lin = mlp(cpu_backend, n=2)  # 2 inputs × 3 classes: 64 sign vectors
+    fam = Categorical()
+    exact = cpu_backend.to_numpy(fisher_diagonal(lin, fam))
+    diag = enumerate_samples(cpu_backend, lin, fam, per_example=per_example)
+    np.testing.assert_allclose(diag.mean(axis=0), exact, atol=1e-12)
+    trace = enumerate_samples(cpu_backend, lin, fam, what="trace", per_example=per_example)
+    np.testing.assert_allclose(trace.mean(), exact.sum(), atol=1e-12)
+    blocks = enumerate_samples(cpu_backend, lin, fam, what="blocks", per_example=per_example)
+    for name, block in fisher_blocks(lin, fam).items():
+        np.testing.assert_allclose(
+            blocks[name].mean(axis=0), cpu_backend.to_numpy(block), atol=1e-12
+        )
+
+
+def test_enumeration_full_factor_gives_dense_fisher(light_backend) -> None:
+    lin = mlp(light_backend, n=2)
+    g = enumerate_samples(light_backend, lin, Categorical(), what="full")  # (64, D)
+    dense = light_backend.to_numpy(fisher_dense(lin))
+    np.testing.assert_allclose(g.T @ g / g.shape[0], dense, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["upper", "lower"])
+def test_enumeration_bound_variants(light_backend, kernel) -> None:
+    lin = mlp(light_backend, n=2)
+    lower, upper = fisher_bounds(lin)
+    expected = light_backend.to_numpy(upper if kernel == "upper" else lower)
+    diag = enumerate_samples(light_backend, lin, Categorical(), kernel=kernel)
+    np.testing.assert_allclose(diag.mean(axis=0), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", [Bernoulli(), Gaussian()], ids=["bernoulli", "gaussian"])
+def test_enumeration_other_families(family) -> None:
+    backend = NUMPY
+    lin = mlp(backend, n=2, sizes=(3, 4, 2))
+    diag = enumerate_samples(backend, lin, family)
+    np.testing.assert_allclose(diag.mean(axis=0), fisher_diagonal(lin, family), atol=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# the √p̃-versus-p̃ mistake is caught
+
+
+class WrongWeight(Categorical):
+    """The classic bug: weight p̃ instead of √p̃ in h = Σ ξ_y p̃_y ℓ_y."""
+
+    def sqrt_metric_matvec(self, z, xi, *, kernel="exact"):
+        p = self.probabilities(z)
+        xp = type(self)._xp(z)
+        return p * xi - p * xp.sum(p * xi, axis=-1, keepdims=True)
+
+    @staticmethod
+    def _xp(z):
+        from fisherbound._lib import array_namespace
+
+        return array_namespace(z)
+
+
+def test_p_instead_of_sqrt_p_is_rejected() -> None:
+    backend = NUMPY
+    lin = mlp(backend, n=16, sizes=(3, 6, 4), seed=2)
+    exact = fisher_diagonal(lin)
+    good = detach_and_mix(lin, num_probes=400, rng=1)
+    bad = detach_and_mix(lin, WrongWeight(), num_probes=400, rng=1)
+    z_good = z_scores(good, exact, np.asarray)
+    z_bad = z_scores(bad, exact, np.asarray)
+    assert z_good.max() < 5  # the right estimator passes the 5-SE test ...
+    assert z_bad.max() > 20  # ... the wrong one is rejected by a wide margin
+    # and exactly: its expectation is Σ p_y² s sᵀ, not F.
+    wrong_mean = enumerate_samples(backend, mlp(backend, n=2), WrongWeight()).mean(axis=0)
+    right = fisher_diagonal(mlp(backend, n=2))
+    assert np.max(np.abs(wrong_mean - right)) > 1e-2
+
+
+# --------------------------------------------------------------------------- #
+# unbiasedness by sampling (5 standard errors), streaming, options
+
+
+def test_unbiased_streaming_diagonal_trace_blocks() -> None:
+    cpu_backend = NUMPY
+    first = mlp(cpu_backend, n=5, seed=0)
+    lins = [first, linearize(first.model, first.inputs * 0.5)]  # two batches, one model
+    exact = cpu_backend.to_numpy(fisher_diagonal(lins))
+    to_np = cpu_backend.to_numpy
+    est = detach_and_mix(lins, num_probes=300, rng=3)
+    assert np.all(z_scores(est, exact, to_np) < 5)
+    tr = detach_and_mix(lins, what="trace", num_probes=300, rng=4)
+    assert tr.value.shape == ()
+    assert float(z_scores(tr, exact.sum(), to_np)) < 5
+    blk = detach_and_mix(lins, what="blocks", blocks=["layers.1.bias"], num_probes=300, rng=5)
+    truth = to_np(fisher_blocks(lins, blocks=["layers.1.bias"])["layers.1.bias"])
+    assert set(blk.value) == {"layers.1.bias"}
+    zb = np.abs(to_np(blk.value["layers.1.bias"]) - truth) / to_np(blk.std_error["layers.1.bias"])
+    assert zb.max() < 5
+    mean = detach_and_mix(lins, num_probes=300, rng=3, reduction="mean")
+    np.testing.assert_allclose(to_np(mean.value), to_np(est.value) / 10, rtol=1e-12)
+    np.testing.assert_allclose(to_np(mean.std_error), to_np(est.std_error) / 10, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "family", [Categorical(), Bernoulli(), Gaussian()], ids=["cat", "bern", "gauss"]
+)
+def test_unbiased_families_gaussian_probes_and_per_example(family) -> None:
+    backend = NUMPY
+    lin = mlp(backend, n=6, sizes=(3, 5, 3), seed=4)
+    exact = fisher_diagonal(lin, family)
+    for kw in ({"distribution": "gaussian"}, {"per_example": True}):
+        est = detach_and_mix(lin, family, num_probes=400, rng=6, **kw)
+        assert np.all(z_scores(est, exact, np.asarray) < 5), kw
+
+
+def test_per_example_beats_batch_level() -> None:
+    backend = NUMPY
+    lin = mlp(backend, n=32, sizes=(3, 8, 4), seed=1)
+    batch = detach_and_mix(lin, num_probes=64, rng=0)
+    per = detach_and_mix(lin, num_probes=64, rng=0, per_example=True)
+    # Summing squares per input removes the cross-input noise: smaller error bars.
+    assert np.median(per.std_error / batch.std_error) < 0.5
+
+
+def test_full_factor(light_backend) -> None:
+    cpu_backend = light_backend
+    lins = [mlp(cpu_backend, n=3, seed=0), mlp(cpu_backend, n=2, seed=0)]
+    to_np = cpu_backend.to_numpy
+    est = detach_and_mix(lins, what="full", num_probes=5, rng=2)
+    v = to_np(est.value)
+    assert v.shape == (5, lins[0].num_params)
+    assert est.num_probes == 5
+    assert to_np(est.std_error).shape == (lins[0].num_params,)
+    # The Gram matrix VᵀV is PSD of rank <= M and its diagonal is the mean of g_m².
+    gram = v.T @ v
+    assert np.linalg.matrix_rank(gram, tol=1e-10) <= 5
+    mean = detach_and_mix(lins, what="full", num_probes=5, rng=2, reduction="mean")
+    np.testing.assert_allclose(to_np(mean.value), v / np.sqrt(5.0), rtol=1e-12)
+    # One batch: the factor's diagonal is the diagonal estimate with the same probes.
+    one = detach_and_mix(lins[0], what="full", num_probes=5, rng=9)
+    diag = detach_and_mix(lins[0], num_probes=5, rng=9)
+    np.testing.assert_allclose(np.sum(to_np(one.value) ** 2, axis=0), to_np(diag.value), rtol=1e-10)
+    np.testing.assert_allclose(to_np(one.std_error), to_np(diag.std_error), rtol=1e-10)
+
+
+def test_one_batched_vjp_and_no_per_example_gradients() -> None:
+    lin = mlp(NUMPY, n=4)
+    calls: list[str] = []
+
+    class Spy:
+        """Delegates to the linearization, logging products; refuses per-example ones."""
+
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+        logits = property(lambda self: self._inner.logits)
+        blocks = property(lambda self: self._inner.blocks)
+        num_params = property(lambda self: self._inner.num_params)
+        xp = property(lambda self: self._inner.xp)
+
+        def jvp(self, v):
+            raise AssertionError("jvp")
+
+        def vjp(self, u):
+            raise AssertionError("vjp")
+
+        def jvp_batch(self, V):
+            raise AssertionError("jvp_batch")
+
+        def vjp_batch(self, U):
+            calls.append(f"vjp_batch{tuple(U.shape)}")
+            return self._inner.vjp_batch(U)
+
+        def per_example_vjp(self, U):
+            raise AssertionError("per-example gradients in the batch-level estimator")
+
+        def sum_squared_per_example_vjp(self, U, *, max_vectors=None):
+            raise AssertionError("per-example squares in the batch-level estimator")
+
+    detach_and_mix([Spy(lin), Spy(lin)], num_probes=7, rng=0)
+    assert calls == ["vjp_batch(7, 4, 3)", "vjp_batch(7, 4, 3)"]
+    calls.clear()
+    bounded = detach_and_mix(Spy(lin), num_probes=7, rng=0, max_vectors=3)
+    assert calls == ["vjp_batch(3, 4, 3)", "vjp_batch(3, 4, 3)", "vjp_batch(1, 4, 3)"]
+    np.testing.assert_allclose(bounded.value, detach_and_mix(lin, num_probes=7, rng=0).value)
+
+
+def test_float32_in_float32_out(cpu_backend) -> None:
+    model = MLP.random(
+        [3, 4, 3], rng=0, xp=cpu_backend.xp, device=cpu_backend.device,
+        dtype=cpu_backend.xp.float32,
+    )  # fmt: skip
+    lin = linearize(model, cpu_backend.asarray(np.ones((4, 3)), dtype="float32"))
+    for what in ("diagonal", "trace", "full"):
+        est = detach_and_mix(lin, what=what, num_probes=2, rng=0)
+        assert est.value.dtype == cpu_backend.xp.float32
+        assert est.std_error.dtype == cpu_backend.xp.float32
+    assert monte_carlo(lin, num_samples=2, rng=0).value.dtype == cpu_backend.xp.float32
+
+
+# --------------------------------------------------------------------------- #
+# the accumulator: merges across batches, calls and processes
+
+
+def test_accumulator_update_merge_pool() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((6, 3))
+    acc = Accumulator().update(a, num_inputs=2).update(b, num_inputs=3)
+    est = acc.estimate()
+    expected_var = a.var(axis=0, ddof=1) / 4 + b.var(axis=0, ddof=1) / 6
+    np.testing.assert_allclose(est.value, a.mean(0) + b.mean(0))
+    np.testing.assert_allclose(est.std_error, np.sqrt(expected_var))
+    assert est.num_probes == 4
+    assert acc.num_inputs == 5
+    assert acc.num_batches == 2
+    np.testing.assert_allclose(acc.estimate(reduction="mean").value, est.value / 5)
+    # merge == updating with both strata
+    other = Accumulator().update(b, num_inputs=3)
+    merged = Accumulator().update(a, num_inputs=2).merge(other)
+    np.testing.assert_allclose(merged.estimate().std_error, est.std_error)
+    # pool: same inputs, more probes == one stratum with all probes (means agree)
+    pooled = (
+        Accumulator().update(a[:2], num_inputs=2).pool(Accumulator().update(a[2:], num_inputs=2))
+    )
+    assert pooled.num_probes == 4
+    np.testing.assert_allclose(pooled.estimate().value, a.mean(axis=0))
+    # from an Estimate (another call, another process)
+    back = Accumulator.from_estimate(est, num_inputs=5)
+    np.testing.assert_allclose(back.estimate().std_error, est.std_error)
+    back_mean = Accumulator.from_estimate(
+        acc.estimate(reduction="mean"), num_inputs=5, reduction="mean"
+    )
+    np.testing.assert_allclose(back_mean.estimate().value, est.value)
+    assert "batches=2" in repr(acc)
+
+
+def test_calls_on_shards_merge_to_the_whole(light_backend) -> None:
+    cpu_backend = light_backend
+    b1, b2 = mlp(cpu_backend, n=3, seed=0), mlp(cpu_backend, n=4, seed=0)
+    whole = detach_and_mix([b1, b2], num_probes=4, rng=np.random.default_rng(11))
+    gen = np.random.default_rng(11)
+    e1 = detach_and_mix(b1, num_probes=4, rng=gen)
+    e2 = detach_and_mix(b2, num_probes=4, rng=gen)
+    acc = Accumulator.from_estimate(e1).merge(Accumulator.from_estimate(e2))
+    to_np = cpu_backend.to_numpy
+    np.testing.assert_allclose(to_np(acc.estimate().value), to_np(whole.value), rtol=1e-12)
+    np.testing.assert_allclose(to_np(acc.estimate().std_error), to_np(whole.std_error), rtol=1e-12)
+
+
+def test_accumulator_errors() -> None:
+    with pytest.raises(ValueError, match="accumulator is empty"):
+        Accumulator().estimate()
+    with pytest.raises(ValueError, match=r"leading probe axis \(M, \.\.\.\) with M >= 1"):
+        Accumulator().update(np.array(1.0))
+    acc = Accumulator().update(np.ones((2, 3)), num_inputs=1)
+    with pytest.raises(ValueError, match="different shapes"):
+        acc.merge(Accumulator().update(np.ones((2, 4))))
+    with pytest.raises(ValueError, match="different quantities"):
+        acc.merge(Accumulator().update({"a": np.ones((2, 3))}))
+    with pytest.raises(ValueError, match="same inputs; this accumulator covers 1 inputs"):
+        acc.pool(Accumulator().update(np.ones((2, 3)), num_inputs=2))
+    mixed = (
+        Accumulator()
+        .update(np.ones((2, 3)), num_inputs=1)
+        .merge(Accumulator().update(np.ones((3, 3)), num_inputs=1))
+    )
+    with pytest.raises(ValueError, match="one number of probes in every stratum"):
+        mixed.pool(Accumulator().update(np.ones((2, 3)), num_inputs=2))
+    with pytest.raises(ValueError, match="reduction='mean' needs the number of inputs"):
+        Accumulator().update(np.ones((2, 3))).estimate(reduction="mean")
+    with pytest.raises(TypeError, match="other must be an Accumulator; got dict"):
+        acc.merge({})
+    with pytest.raises(TypeError, match="other must be an Accumulator; got int"):
+        acc.pool(3)
+    with pytest.raises(ValueError, match="needs an accumulator of a scalar"):
+        acc.relative_std_error()
+    with pytest.raises(TypeError, match="estimate must be a fisherbound Estimate"):
+        Accumulator.from_estimate((1, 2, 3))
+    with pytest.raises(ValueError, match="reduction='mean' estimate needs num_inputs"):
+        Accumulator.from_estimate(Estimate(np.ones(2), np.ones(2), 2), reduction="mean")
+    # one probe: the variance is unknown (NaN), never silently zero
+    single = Accumulator().update(np.ones((1, 2)))
+    assert np.all(np.isnan(single.estimate().std_error))
+
+
+# --------------------------------------------------------------------------- #
+# streaming with a target error
+
+
+def counting(lins):
+    seen = []
+
+    def gen():
+        for lin in lins:
+            seen.append(1)
+            yield lin
+
+    return gen(), seen
+
+
+def test_target_relative_error_stops_early() -> None:
+    backend = NUMPY
+    lins = [mlp(backend, n=8, seed=s) for s in range(6)]
+    source, seen = counting(lins)
+    est = detach_and_mix(source, num_probes=32, rng=0, target_relative_error=0.5, reduction="mean")
+    assert len(seen) < 6  # stopped before the data ran out
+    rel = float(np.sum(est.std_error)) / float(np.sum(est.value))
+    assert est.value.shape == (lins[0].num_params,)
+    assert rel > 0
+    # per-example: an easy target on one linearization is met by adding rounds of probes
+    one = detach_and_mix(lins[0], num_probes=2, rng=0, per_example=True, target_relative_error=0.05)
+    assert one.num_probes >= 2
+    assert one.num_probes % 2 == 0
+
+
+def test_unreachable_target_warns_with_the_error_reached() -> None:
+    backend = NUMPY
+    lins = [mlp(backend, n=4, seed=s) for s in range(3)]
+    with pytest.warns(
+        UserWarning,
+        match=r"1e-06 was not reached: .* is [0-9.e-]+ after 3 batches \(the data ran out\)",
+    ):
+        detach_and_mix(lins, num_probes=2, rng=0, target_relative_error=1e-6)
+    with pytest.warns(UserWarning, match=r"after 2 batches \(max_batches = 2\)"):
+        est = detach_and_mix(lins, num_probes=2, rng=0, target_relative_error=1e-6, max_batches=2)
+    assert est.num_probes == 2
+    with pytest.warns(UserWarning, match=r"after 3 batches \(max_batches = 3 rounds of probes\)"):
+        detach_and_mix(
+            lins[0], what="full", num_probes=2, rng=0, target_relative_error=1e-6, max_batches=3
+        )
+    with pytest.warns(UserWarning, match="was not reached"):
+        monte_carlo(lins, num_samples=2, rng=0, target_relative_error=1e-6)
+
+
+def test_max_batches_limits_the_stream() -> None:
+    backend = NUMPY
+    lins = [mlp(backend, n=4, seed=s) for s in range(3)]
+    source, seen = counting(lins)
+    est = detach_and_mix(source, num_probes=2, rng=0, max_batches=2, reduction="mean")
+    assert len(seen) == 2
+    ref = detach_and_mix(lins[:2], num_probes=2, rng=0, reduction="mean")
+    np.testing.assert_allclose(est.value, ref.value)
+
+
+# --------------------------------------------------------------------------- #
+# Monte Carlo and empirical Fisher
+
+
+def test_monte_carlo_unbiased() -> None:
+    cpu_backend = NUMPY
+    lin = mlp(cpu_backend, n=6, seed=3)
+    to_np = cpu_backend.to_numpy
+    exact = to_np(fisher_diagonal(lin))
+    est = monte_carlo(lin, num_samples=400, rng=0)
+    assert est.num_probes == 400
+    assert np.all(z_scores(est, exact, to_np) < 5)
+    tr = monte_carlo(lin, what="trace", num_samples=400, rng=1)
+    assert float(z_scores(tr, exact.sum(), to_np)) < 5
+    blk = monte_carlo(lin, what="blocks", blocks=["layers.1.bias"], num_samples=400, rng=2)
+    truth = to_np(fisher_blocks(lin, blocks=["layers.1.bias"])["layers.1.bias"])
+    zb = np.abs(to_np(blk.value["layers.1.bias"]) - truth) / to_np(blk.std_error["layers.1.bias"])
+    assert zb.max() < 5
+    full = monte_carlo(lin, what="full", num_samples=3, rng=0)
+    assert full.value.shape == (6 * 3, lin.num_params)
+
+
+def score_rows(lin, labels, family, to_np):
+    """Per-example score gradients J_nᵀ ∇_z log p(y_n|z_n), brute force, (N, D)."""
+    u = family.score(lin.logits, labels)
+    return to_np(lin.per_example_vjp(u[:, None, :]))[:, 0, :]
+
+
+@pytest.mark.parametrize("family", [Categorical(), Bernoulli()], ids=["cat", "bern"])
+def test_empirical_matches_brute_force(light_backend, family) -> None:
+    cpu_backend = light_backend
+    lins = [mlp(cpu_backend, n=4, seed=0), mlp(cpu_backend, n=3, seed=1)]
+    lins[1] = linearize(lins[0].model, lins[1].inputs)
+    rng = np.random.default_rng(0)
+    if isinstance(family, Categorical):
+        host = rng.integers(0, 3, size=7)
+        labels = cpu_backend.xp.asarray(host, device=cpu_backend.device)
+    else:
+        labels = cpu_backend.asarray(rng.integers(0, 2, size=(7, 3)).astype(float))
+    to_np = cpu_backend.to_numpy
+    rows = np.concatenate(
+        [
+            score_rows(lins[0], labels[:4, ...], family, to_np),
+            score_rows(lins[1], labels[4:, ...], family, to_np),
+        ]
+    )
+    est = empirical(lins, labels, family)
+    np.testing.assert_allclose(to_np(est.value), np.sum(rows**2, axis=0), atol=1e-12)
+    assert np.all(to_np(est.std_error) == 0)
+    assert est.num_probes == 1
+    per_batch = empirical(lins, [labels[:4, ...], labels[4:, ...]], family, what="trace")
+    np.testing.assert_allclose(float(to_np(per_batch.value)), np.sum(rows**2), rtol=1e-12)
+    full = empirical(lins, labels, family, what="full", reduction="mean")
+    np.testing.assert_allclose(to_np(full.value), rows / np.sqrt(7), atol=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# torch and JAX models
+
+
+def test_torch_module() -> None:
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.torch import linearize as torch_linearize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    lin = torch_linearize(model, torch.randn(6, 3, dtype=torch.float64))
+    exact = fisher_diagonal(lin).numpy()
+    to_np = lambda t: t.detach().numpy()  # noqa: E731
+    for kw in ({}, {"per_example": True}):
+        est = detach_and_mix(lin, num_probes=300, rng=0, **kw)
+        assert isinstance(est.value, torch.Tensor)
+        assert np.all(z_scores(est, exact, to_np) < 5), kw
+
+
+def test_jax_function() -> None:
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from fisherbound.adapters.jax import linearize as jax_linearize
+
+    rng = np.random.default_rng(0)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((3, 5))),
+        "w2": jnp.asarray(rng.standard_normal((5, 3))),
+    }
+
+    def apply_fn(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    lin = jax_linearize(apply_fn, params, jnp.asarray(rng.standard_normal((6, 3))))
+    exact = np.asarray(fisher_diagonal(lin))
+    est = detach_and_mix(lin, num_probes=300, rng=0)
+    assert np.all(z_scores(est, exact, np.asarray) < 5)
+
+
+# --------------------------------------------------------------------------- #
+# invariants (hypothesis)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    logits=st.lists(st.floats(-4, 4), min_size=2, max_size=5),
+)
+def test_enumeration_is_exact_and_cv_at_most_sqrt2(logits) -> None:
+    backend = NUMPY
+    z = np.asarray(logits)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    lin = identity_model(backend, p)
+    samples = enumerate_samples(backend, lin, Categorical())
+    diag = p * (1 - p)
+    np.testing.assert_allclose(samples.mean(axis=0), diag, atol=1e-12)
+    assert np.all(samples.var(axis=0) <= 2 * diag**2 + 1e-15)
+
+
+# --------------------------------------------------------------------------- #
+# bad input
+
+
+def test_bad_input() -> None:
+    backend = NUMPY
+    lin = mlp(backend)
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1; got 0"):
+        detach_and_mix(lin, num_probes=0)
+    with pytest.raises(TypeError, match="num_probes must be an integer >= 1; got str"):
+        detach_and_mix(lin, num_probes="3")
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1; got 0"):
+        monte_carlo(lin, num_samples=0)
+    with pytest.raises(TypeError, match="family must be a fisherbound.families family"):
+        detach_and_mix(lin, "categorical")
+    one_output = linearize(LinearSoftmax.random(3, 1, rng=0), np.ones((2, 3)))
+    with pytest.raises(
+        ValueError,
+        match=r"C = 1 outputs, but the Categorical family needs at least 2; use Bernoulli\(\)",
+    ):
+        detach_and_mix(one_output)
+    with pytest.raises(ValueError, match="what must be one of"):
+        detach_and_mix(lin, what="dense")
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        detach_and_mix(lin, distribution="uniform")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        detach_and_mix(lin, kernel="dg")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        detach_and_mix(lin, reduction="avg")
+    with pytest.raises(TypeError, match="per_example must be True or False; got int 1"):
+        detach_and_mix(lin, per_example=1)
+    with pytest.raises(
+        ValueError, match="per_example=True supports what='diagonal', 'trace' and 'blocks'"
+    ):
+        detach_and_mix(lin, what="full", per_example=True)
+    with pytest.raises(
+        ValueError, match="target_relative_error must be a positive finite number; got -0.1"
+    ):
+        detach_and_mix(lin, target_relative_error=-0.1)
+    with pytest.raises(TypeError, match="target_relative_error must be a positive number"):
+        detach_and_mix(lin, target_relative_error="1%")
+    with pytest.raises(
+        ValueError, match=r"target_relative_error needs num_probes >= 2 .* got num_probes = 1"
+    ):
+        detach_and_mix([lin], target_relative_error=0.1)
+    with pytest.raises(ValueError, match=r"target_relative_error needs num_samples >= 2"):
+        monte_carlo([lin], target_relative_error=0.1)
+    with pytest.raises(ValueError, match="max_batches must be an integer >= 1; got 0"):
+        detach_and_mix(lin, max_batches=0)
+    with pytest.raises(
+        ValueError, match=r"blocks must name parameter blocks of the model; got unknown \['fc'\]"
+    ):
+        detach_and_mix(lin, what="blocks", blocks=["fc"])
+    with pytest.raises(TypeError, match="blocks must be a list of block names; got the string"):
+        detach_and_mix(lin, what="blocks", blocks="layers.0.bias")
+    with pytest.raises(ValueError, match="refuses blocks larger than max_block_size = 4"):
+        detach_and_mix(lin, what="blocks", max_block_size=4)
+    with pytest.raises(ValueError, match="source must contain at least one batch"):
+        detach_and_mix([])
+    with pytest.raises(TypeError, match="source must be a Linearization or an iterable"):
+        detach_and_mix(3)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator"):
+        detach_and_mix(lin, rng="seed")
+
+
+def test_bad_labels() -> None:
+    backend = NUMPY
+    lin = mlp(backend)  # 4 inputs
+    with pytest.raises(ValueError, match="got 3 rows but the source has more inputs"):
+        empirical(lin, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="got 5 rows but the source has 4 inputs"):
+        empirical(lin, np.array([0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="got 1 arrays but the source has more batches"):
+        empirical([lin, lin], [np.array([0, 1, 2, 0])])
+    with pytest.raises(ValueError, match="got 3 arrays for 2 batches"):
+        empirical([lin, lin], [np.array([0, 1, 2, 0])] * 3)
+    with pytest.raises(
+        ValueError, match=r"labels\[0\] must have one row per input of batch 0 \(4\)"
+    ):
+        empirical([lin], [np.array([0, 1])])
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="labels is a torch array"):
+        empirical(lin, torch.zeros(4, dtype=torch.int64))

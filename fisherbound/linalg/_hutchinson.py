@@ -132,8 +132,9 @@ def hutchinson_trace(
         host, so one seed gives the same estimate on every backend.
     batch_size
         Probes applied per ``matmat`` call (memory n × batch_size); None: all M at
-        once up to 2**24 probe entries (n × batch_size), in blocks above that. Gaussian probes do not depend on it; Rademacher probes for one seed
-        do (the host generator packs signs differently for different batch sizes).
+        once up to 2**24 probe entries (n × batch_size), in blocks above that.
+        Gaussian probes do not depend on it; Rademacher probes for one seed do
+        (the host generator packs signs differently for different batch sizes).
 
     Returns
     -------

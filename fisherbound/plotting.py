@@ -1,0 +1,508 @@
+"""Figures for the loss landscape and the Fisher metric (matplotlib, optional).
+
+- ``plot_surface``: one loss surface of ``fisherbound.landscape.surface``: a
+  filled contour plot, a 3-D surface, or a curve for a 1-D section;
+- ``plot_surfaces``: several surfaces side by side (random against Hessian
+  directions), as contours, 3-D surfaces, or both;
+- ``plot_spectral_density``: a (smoothed) spectral density with its pointwise
+  error band, e.g. ``fisherbound.dimension.spectral_density`` or the Hessian's
+  from ``fisherbound.linalg.lanczos_quadrature``, with optional markers (the
+  extreme eigenvalues);
+- ``plot_fisher_diagonal``: the Fisher diagonal block by block: the exact values,
+  the certified bounds as a band and a random estimate with error bars.
+
+matplotlib is imported inside the functions, so ``import fisherbound.plotting``
+works without it; every function raises an ImportError naming the remedy when
+it is missing. Figures are built with ``matplotlib.figure.Figure`` (no pyplot
+state, no display needed): save them with ``fig.savefig(path)``. Every function
+returns the Figure (the one of ``ax`` when an axes is given). Arrays of any
+namespace and device are copied to the host (they are small: grids, spectra,
+one diagonal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fisherbound._lib import check_choice, check_positive_int, is_array, to_host
+
+Array = Any
+
+__all__ = [
+    "SURFACE_KINDS",
+    "plot_fisher_diagonal",
+    "plot_spectral_density",
+    "plot_surface",
+    "plot_surfaces",
+]
+
+#: ``kind=`` of the surface plots.
+SURFACE_KINDS = ("contour", "3d", "both")
+
+
+def _figure_class() -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        msg = (
+            "fisherbound.plotting needs matplotlib, which is not installed; install it with "
+            "`pip install matplotlib` (or `pip install fisherbound[demo]`)."
+        )
+        raise ImportError(msg) from err
+    return Figure
+
+
+def _host(x: Any, name: str) -> Any:
+    import numpy as np
+
+    if is_array(x):
+        return np.asarray(to_host(x), dtype=float)
+    msg = f"{name} must be an array of an array-API library; got {type(x).__name__}."
+    raise TypeError(msg)
+
+
+def _check_surface(surface: Any, name: str = "surface") -> tuple[list[Any], Any]:
+    coords = getattr(surface, "coordinates", None)
+    values = getattr(surface, "values", None)
+    if coords is None or values is None or not isinstance(coords, tuple | list):
+        msg = (
+            f"{name} must be a Surface (coordinates, values, ...) as returned by "
+            f"fisherbound.landscape.surface; got {type(surface).__name__}."
+        )
+        raise TypeError(msg)
+    axes = [_host(c, f"{name}.coordinates[{i}]") for i, c in enumerate(coords)]
+    z = _host(values, f"{name}.values")
+    if len(axes) not in (1, 2) or z.shape != tuple(a.shape[0] for a in axes):
+        msg = (
+            f"{name} must be a 1-D or 2-D surface whose values have the shape of its "
+            f"coordinates; got {len(axes)} coordinate arrays and values of shape {z.shape}."
+        )
+        raise ValueError(msg)
+    return axes, z
+
+
+def _draw_contour(fig: Any, ax: Any, axes: list[Any], z: Any, levels: int, title: str) -> None:
+    import numpy as np
+
+    a, b = np.meshgrid(axes[0], axes[1], indexing="ij")
+    filled = ax.contourf(a, b, z, levels=levels, cmap="viridis")
+    ax.contour(a, b, z, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
+    ax.plot([0.0], [0.0], marker="*", color="red", markersize=10, linestyle="none", label="θ")
+    fig.colorbar(filled, ax=ax, label="loss")
+    ax.set_xlabel("α")
+    ax.set_ylabel("β")
+    ax.set_title(title)
+
+
+def _draw_3d(ax: Any, axes: list[Any], z: Any, title: str) -> None:
+    import numpy as np
+
+    a, b = np.meshgrid(axes[0], axes[1], indexing="ij")
+    ax.plot_surface(a, b, z, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set_xlabel("α")
+    ax.set_ylabel("β")
+    ax.set_zlabel("loss", labelpad=8)
+    ax.set_title(title)
+
+
+def _draw_curve(ax: Any, axes: list[Any], z: Any, title: str) -> None:
+    ax.plot(axes[0], z, color="C0")
+    ax.axvline(0.0, color="red", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("α")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+
+
+def plot_surface(
+    surface: Any,
+    /,
+    *,
+    kind: str = "contour",
+    ax: Any = None,
+    title: str | None = None,
+    levels: int = 30,
+) -> Any:
+    """Plot a loss surface from ``fisherbound.landscape.surface``.
+
+    A 2-D surface as filled contours with contour lines, a colour bar and θ (the
+    origin) marked by a red star (``kind="contour"``), as a 3-D surface
+    (``"3d"``), or both side by side (``"both"``); a 1-D section as a curve with θ
+    marked (``kind`` is then ignored).
+
+    Parameters
+    ----------
+    surface
+        A ``Surface`` (coordinates, values, ...).
+    kind
+        ``"contour"``, ``"3d"`` or ``"both"``.
+    ax
+        An existing matplotlib axes to draw into (a 3-D one for ``"3d"``; not with
+        ``"both"``); default a new figure.
+    title
+        The axes title (default: "loss surface").
+    levels
+        Number of contour levels.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fisherbound.landscape import Surface
+    >>> t = np.linspace(-1.0, 1.0, 5)
+    >>> s = Surface((t, t), t[:, None] ** 2 - t[None, :] ** 2, np.eye(2), "sum")
+    >>> fig = plot_surface(s)  # doctest: +SKIP
+    >>> fig.savefig("saddle.png")  # doctest: +SKIP
+    """
+    kind = check_choice(kind, "kind", SURFACE_KINDS)
+    levels = check_positive_int(levels, "levels")
+    axes, z = _check_surface(surface)
+    figure_class = _figure_class()
+    label = "loss surface" if title is None else title
+    if ax is not None and kind == "both" and len(axes) == 2:
+        msg = "ax must be None for kind='both' (it draws two axes); pass kind='contour' or '3d'."
+        raise ValueError(msg)
+    if len(axes) == 1:
+        fig = figure_class(figsize=(5.0, 3.6), layout="constrained") if ax is None else ax.figure
+        target = fig.add_subplot() if ax is None else ax
+        _draw_curve(target, axes, z, label)
+        return fig
+    if kind == "both":
+        fig = figure_class(figsize=(10.0, 4.0), layout="constrained")
+        _draw_contour(fig, fig.add_subplot(1, 2, 1), axes, z, levels, label)
+        _draw_3d(fig.add_subplot(1, 2, 2, projection="3d"), axes, z, label)
+        return fig
+    if ax is None:
+        fig = figure_class(figsize=(5.5, 4.2), layout="constrained")
+        ax = fig.add_subplot(projection="3d") if kind == "3d" else fig.add_subplot()
+    else:
+        fig = ax.figure
+    if kind == "3d":
+        if getattr(ax, "name", "") != "3d":
+            msg = "ax must be a 3-D axes (projection='3d') for kind='3d'; got a 2-D axes."
+            raise ValueError(msg)
+        _draw_3d(ax, axes, z, label)
+    else:
+        _draw_contour(fig, ax, axes, z, levels, label)
+    return fig
+
+
+def plot_surfaces(
+    surfaces: Sequence[Any],
+    /,
+    *,
+    titles: Sequence[str] | None = None,
+    kind: str = "contour",
+    levels: int = 30,
+) -> Any:
+    """Several loss surfaces side by side, e.g. random against Hessian directions.
+
+    One column per surface; ``kind="both"`` gives two rows (contours above, 3-D
+    surfaces below). Each panel has its own colour scale (the losses along
+    different directions can differ by orders of magnitude).
+
+    Parameters
+    ----------
+    surfaces
+        A sequence of ``Surface`` (1-D or 2-D; 1-D ones are drawn as curves).
+    titles
+        One title per surface (default "surface 1", "surface 2", ...).
+    kind, levels
+        As in ``plot_surface``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    kind = check_choice(kind, "kind", SURFACE_KINDS)
+    levels = check_positive_int(levels, "levels")
+    if not isinstance(surfaces, Sequence) or isinstance(surfaces, str) or not surfaces:
+        msg = (
+            f"surfaces must be a non-empty list of Surface objects; got {type(surfaces).__name__}."
+        )
+        raise TypeError(msg)
+    data = [_check_surface(s, f"surfaces[{i}]") for i, s in enumerate(surfaces)]
+    if titles is None:
+        titles = [f"surface {i + 1}" for i in range(len(data))]
+    if isinstance(titles, str) or len(titles) != len(data):
+        msg = f"titles must be a list of {len(data)} strings, one per surface; got {titles!r}."
+        raise ValueError(msg)
+    figure_class = _figure_class()
+    cols = len(data)
+    rows = 2 if kind == "both" else 1
+    fig = figure_class(figsize=(5.2 * cols, 4.2 * rows), layout="constrained")
+    for j, ((axes, z), title) in enumerate(zip(data, titles, strict=True)):
+        if len(axes) == 1:
+            _draw_curve(fig.add_subplot(rows, cols, j + 1), axes, z, title)
+            continue
+        if kind in ("contour", "both"):
+            _draw_contour(fig, fig.add_subplot(rows, cols, j + 1), axes, z, levels, title)
+        if kind in ("3d", "both"):
+            index = j + 1 + (cols if kind == "both" else 0)
+            _draw_3d(fig.add_subplot(rows, cols, index, projection="3d"), axes, z, title)
+    return fig
+
+
+def plot_spectral_density(
+    density: Any,
+    /,
+    *,
+    grid: Array | None = None,
+    std_error: Array | None = None,
+    markers: Any = None,
+    log: bool = False,
+    ax: Any = None,
+    title: str | None = None,
+    xlabel: str = "eigenvalue",
+) -> Any:
+    """A spectral density with its ±2 standard-error band.
+
+    Parameters
+    ----------
+    density
+        An object with ``grid``, ``density`` and (optionally) ``std_error`` (a
+        ``fisherbound.dimension.SpectralDensity``), or a 1-D density array with
+        ``grid=``.
+    grid, std_error
+        When ``density`` is an array: the points (same length) and, optionally, the
+        pointwise standard error.
+    markers
+        Eigenvalues to mark with vertical dashed lines (e.g. the extreme Hessian
+        eigenvalues of ``hessian_directions``): an array or a list of numbers.
+    log
+        Logarithmic density axis (values below 1e−12 of the maximum are clipped).
+    ax, title, xlabel
+        Axes to draw into (default a new figure), title and x label.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import numpy as np
+
+    if hasattr(density, "grid") and hasattr(density, "density"):
+        grid = density.grid
+        std_error = getattr(density, "std_error", None)
+        density = density.density
+    if grid is None:
+        msg = (
+            "grid is required when density is an array (pass grid=...), or pass a "
+            "SpectralDensity (grid, density, std_error)."
+        )
+        raise ValueError(msg)
+    t = _host(grid, "grid")
+    phi = _host(density, "density")
+    if t.ndim != 1 or phi.shape != t.shape:
+        msg = (
+            "density and grid must be 1-D arrays of the same length; got shapes "
+            f"{phi.shape} and {t.shape}."
+        )
+        raise ValueError(msg)
+    se = None if std_error is None else _host(std_error, "std_error")
+    if se is not None and se.shape != t.shape:
+        msg = f"std_error must have the shape of grid {t.shape}; got {se.shape}."
+        raise ValueError(msg)
+    figure_class = _figure_class()
+    fig = figure_class(figsize=(6.0, 3.8), layout="constrained") if ax is None else ax.figure
+    ax = fig.add_subplot() if ax is None else ax
+    floor = 1e-8 * max(float(np.max(np.abs(phi))), 1e-300)
+    shown = np.maximum(phi, floor) if log else phi
+    ax.plot(t, shown, color="C0", label="density")
+    if se is not None:
+        lo, hi = phi - 2.0 * se, phi + 2.0 * se
+        if log:
+            lo, hi = np.maximum(lo, floor), np.maximum(hi, floor)
+        ax.fill_between(t, lo, hi, color="C0", alpha=0.25, label="±2 standard errors")
+    if markers is not None:
+        values = _host(markers, "markers") if is_array(markers) else np.asarray(markers, float)
+        for i, v in enumerate(np.ravel(values)):
+            ax.axvline(
+                float(v),
+                color="C3",
+                linestyle="--",
+                linewidth=1.0,
+                label="marked eigenvalues" if i == 0 else None,
+            )
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title("spectral density" if title is None else title)
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def _block_list(blocks: Any) -> list[Any]:
+    if hasattr(blocks, "blocks"):
+        blocks = blocks.blocks
+    if not isinstance(blocks, Sequence) or isinstance(blocks, str) or not blocks:
+        msg = (
+            "blocks must be a non-empty sequence of ParameterBlock (or a linearization or "
+            f"loss function with .blocks); got {type(blocks).__name__}."
+        )
+        raise TypeError(msg)
+    for i, b in enumerate(blocks):
+        if not all(hasattr(b, a) for a in ("name", "offset", "size")):
+            msg = f"blocks[{i}] must be a ParameterBlock (name, shape, offset, size); got {b!r}."
+            raise TypeError(msg)
+    return list(blocks)
+
+
+def plot_fisher_diagonal(
+    blocks: Any,
+    /,
+    *,
+    exact: Array | None = None,
+    bounds: Any = None,
+    estimate: Any = None,
+    max_points_per_block: int = 200,
+    log: bool = True,
+    ax: Any = None,
+    title: str | None = None,
+) -> Any:
+    """The Fisher diagonal per parameter block, with its bounds and error bars.
+
+    Within each block (separated by vertical lines and labelled by name) the
+    entries are sorted by the exact value (or by the estimate when there is no
+    exact value) and, for large blocks, thinned to ``max_points_per_block`` evenly
+    spaced ranks. Drawn: the exact diagonal (dots), the certified bounds
+    ``diag F_LR ≤ diag F ≤ diag F_DG`` (a shaded band between the two curves) and
+    a random estimate with ±2 standard-error bars.
+
+    Parameters
+    ----------
+    blocks
+        The parameter blocks (``lin.blocks``), or a linearization / loss function.
+    exact
+        diag F (D,), e.g. ``fisherbound.fisher.fisher_diagonal(lin)``.
+    bounds
+        ``(lower, upper)`` (D,) each, e.g. ``fisherbound.fisher.fisher_bounds(lin)``.
+    estimate
+        An ``Estimate`` with ``value`` and ``std_error`` (D,), e.g.
+        ``fisherbound.estimators.detach_and_mix(lin, num_probes=16)``.
+    max_points_per_block
+        Entries shown per block.
+    log
+        Logarithmic y axis (non-positive values are clipped to 1e−12 of the maximum).
+    ax, title
+        Axes to draw into (default a new figure) and title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import numpy as np
+
+    blocks = _block_list(blocks)
+    per_block = check_positive_int(max_points_per_block, "max_points_per_block")
+    d = int(blocks[-1].offset) + int(blocks[-1].size)
+    series: dict[str, Any] = {}
+    if exact is not None:
+        series["exact"] = _host(exact, "exact")
+    if bounds is not None:
+        if not isinstance(bounds, tuple) or len(bounds) != 2:
+            msg = f"bounds must be a pair (lower, upper) of arrays; got {type(bounds).__name__}."
+            raise TypeError(msg)
+        series["lower"] = _host(bounds[0], "bounds.lower")
+        series["upper"] = _host(bounds[1], "bounds.upper")
+    if estimate is not None:
+        if not hasattr(estimate, "value") or not hasattr(estimate, "std_error"):
+            msg = (
+                "estimate must be an Estimate (value, std_error, num_probes); got "
+                f"{type(estimate).__name__}."
+            )
+            raise TypeError(msg)
+        series["estimate"] = _host(estimate.value, "estimate.value")
+        series["std_error"] = _host(estimate.std_error, "estimate.std_error")
+    if not series:
+        msg = "nothing to plot: pass at least one of exact=, bounds=, estimate=."
+        raise ValueError(msg)
+    for name, values in series.items():
+        if values.shape != (d,):
+            msg = (
+                f"{name} must be a flat diagonal of shape ({d},), the size of the blocks; "
+                f"got {values.shape}."
+            )
+            raise ValueError(msg)
+    key: Any = next(series[k] for k in ("exact", "estimate", "upper") if k in series)
+    positions: list[Any] = []
+    starts = []
+    x0 = 0
+    for b in blocks:
+        idx = np.arange(b.offset, b.offset + b.size)
+        if idx.size == 0:
+            continue
+        idx = idx[np.argsort(key[idx], kind="stable")]
+        if idx.size > per_block:
+            idx = idx[np.linspace(0, idx.size - 1, per_block).round().astype(int)]
+        starts.append((x0, x0 + idx.size, b.name))
+        positions.append(idx)
+        x0 += idx.size
+    order = np.concatenate(positions)
+    x = np.arange(order.size)
+    figure_class = _figure_class()
+    fig = (
+        figure_class(figsize=(max(6.0, 0.012 * order.size + 4.0), 4.0), layout="constrained")
+        if ax is None
+        else ax.figure
+    )
+    ax = fig.add_subplot() if ax is None else ax
+    # The log axis starts a decade below the smallest positive value shown.
+    values = np.concatenate([v for k, v in series.items() if k != "std_error"])
+    positive = values[values > 0]
+    floor = 0.1 * float(np.min(positive)) if positive.size else 1e-12
+
+    def shown(v: Any) -> Any:
+        return np.maximum(v, floor) if log else v
+
+    if "lower" in series:
+        ax.fill_between(
+            x,
+            shown(series["lower"][order]),
+            shown(series["upper"][order]),
+            step="mid",
+            color="C2",
+            alpha=0.3,
+            label="bounds diag F_LR … diag F_DG",
+        )
+    if "estimate" in series:
+        est, se = series["estimate"][order], series["std_error"][order]
+        se = np.where(np.isfinite(se), se, 0.0)
+        below = shown(est) - np.maximum(est - 2.0 * se, floor) if log else 2.0 * se
+        ax.errorbar(
+            x,
+            shown(est),
+            yerr=[below, 2.0 * se],
+            fmt="none",
+            ecolor="C1",
+            elinewidth=0.6,
+            alpha=0.7,
+        )
+        ax.plot(x, shown(est), ".", color="C1", markersize=3, label="estimate ± 2 SE")
+    if "exact" in series:
+        ax.plot(x, shown(series["exact"][order]), ".", color="k", markersize=3, label="exact")
+    for start, stop, name in starts:
+        if start > 0:
+            ax.axvline(start - 0.5, color="0.5", linewidth=0.6)
+        ax.text(
+            0.5 * (start + stop - 1),
+            1.01,
+            name,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize="x-small",
+            rotation=0,
+        )
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlim(-0.5, order.size - 0.5)
+    ax.set_xticks([])
+    ax.set_xlabel("parameters, sorted within each block")
+    ax.set_ylabel("Fisher diagonal F_ii")
+    ax.set_title("Fisher diagonal per block" if title is None else title, pad=16)
+    ax.legend(loc="best", fontsize="small")
+    return fig

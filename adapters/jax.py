@@ -54,12 +54,26 @@ from fisherbound._lib import (
     is_array,
 )
 from fisherbound._lib._validation import check_finite
-from fisherbound.linearization import LinearizationBase, example_range, make_blocks
+from fisherbound.linearization import (
+    LinearizationBase,
+    LossFunctionBase,
+    check_loss_labels,
+    check_loss_options,
+    example_range,
+    make_blocks,
+)
 
 Array = Any
 PyTree = Any
 
-__all__ = ["JaxLinearization", "linearize", "linearizations"]
+__all__ = [
+    "JaxLinearization",
+    "JaxLossFunction",
+    "linearize",
+    "linearizations",
+    "loss_function",
+    "loss_functions",
+]
 
 
 # ----------------------------------------------------------------------------
@@ -746,12 +760,6 @@ def _cached_second_derivative_kernel(apply_fn: Callable[..., Array], kernels: _K
 # The loss of a labelled batch (added for fisherbound.landscape)
 # ----------------------------------------------------------------------------
 
-from fisherbound.linearization import (  # noqa: E402
-    LossFunctionBase,
-    check_loss_labels,
-    check_loss_options,
-)
-
 
 class _LossKernels:
     """The compiled loss, its gradient and Hessian-vector products for one model.
@@ -1011,6 +1019,3 @@ def _stream_losses(
             raise TypeError(msg)
         x, n = _check_inputs(batch[0])
         yield JaxLossFunction(model, x, n, _as_jax_labels(batch[1]), family, reduction)
-
-
-__all__ += ["JaxLossFunction", "loss_function", "loss_functions"]

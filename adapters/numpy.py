@@ -42,7 +42,10 @@ from fisherbound._lib import (
 from fisherbound._lib._validation import check_finite
 from fisherbound.linearization import (
     LinearizationBase,
+    LossFunctionBase,
     ParameterBlock,
+    check_loss_labels,
+    check_loss_options,
     example_range,
     make_blocks,
 )
@@ -54,8 +57,11 @@ __all__ = [
     "MLP",
     "LinearSoftmax",
     "ReferenceLinearization",
+    "ReferenceLossFunction",
     "linearize",
     "linearizations",
+    "loss_function",
+    "loss_functions",
 ]
 
 #: The hidden-layer activations ``MLP`` supports.
@@ -1009,12 +1015,6 @@ def _stream(model: _ReferenceModel, batches: Iterable[Any]) -> Iterator[Referenc
 # The loss of a labelled batch (added for fisherbound.landscape)
 # ----------------------------------------------------------------------------
 
-from fisherbound.linearization import (  # noqa: E402
-    LossFunctionBase,
-    check_loss_labels,
-    check_loss_options,
-)
-
 
 class ReferenceLossFunction(LossFunctionBase):
     """The negative log-likelihood of a reference model on one labelled batch.
@@ -1285,6 +1285,3 @@ def _stream_losses(
         x = _check_inputs(model, batch[0])
         array_namespace(batch[1], x, names=(f"the labels of batch {i}", "inputs"))
         yield ReferenceLossFunction(model, x, batch[1], family, reduction)
-
-
-__all__ += ["ReferenceLossFunction", "loss_function", "loss_functions"]

@@ -43,9 +43,23 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from fisherbound._lib import array_namespace, check_positive_int
 from fisherbound._lib._validation import check_finite
-from fisherbound.linearization import LinearizationBase, example_range, make_blocks
+from fisherbound.linearization import (
+    LinearizationBase,
+    LossFunctionBase,
+    check_loss_labels,
+    check_loss_options,
+    example_range,
+    make_blocks,
+)
 
-__all__ = ["TorchLinearization", "linearize", "linearizations"]
+__all__ = [
+    "TorchLinearization",
+    "TorchLossFunction",
+    "linearize",
+    "linearizations",
+    "loss_function",
+    "loss_functions",
+]
 
 Tensor = torch.Tensor
 
@@ -1241,12 +1255,6 @@ def _stream(
 # The loss of a labelled batch (added for fisherbound.landscape)
 # ---------------------------------------------------------------------------
 
-from fisherbound.linearization import (  # noqa: E402
-    LossFunctionBase,
-    check_loss_labels,
-    check_loss_options,
-)
-
 
 class TorchLossFunction(LossFunctionBase):
     """The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
@@ -1563,6 +1571,3 @@ def _stream_losses(
             msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}."
             raise TypeError(msg)
         yield _loss_function(model, batch[0], batch[1], names, tensors, family, reduction)
-
-
-__all__ += ["TorchLossFunction", "loss_function", "loss_functions"]

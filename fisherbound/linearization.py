@@ -35,11 +35,16 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 Array = Any
 
 __all__ = [
+    "LOSS_REDUCTIONS",
     "Linearization",
-    "example_range",
     "LinearizationBase",
+    "LossFunction",
+    "LossFunctionBase",
     "ParameterBlock",
     "as_linearizations",
+    "check_loss_labels",
+    "check_loss_options",
+    "example_range",
     "make_blocks",
 ]
 
@@ -417,12 +422,3 @@ def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
     except (TypeError, ValueError) as err:
         msg = f"labels do not fit the logits for the {family!r} family: {err}"
         raise type(err)(msg) from err
-
-
-__all__ += [
-    "LOSS_REDUCTIONS",
-    "LossFunction",
-    "LossFunctionBase",
-    "check_loss_labels",
-    "check_loss_options",
-]

@@ -792,10 +792,10 @@ def detach_and_mix(
         )
         raise ValueError(msg)
     single = isinstance(source, Linearization)
-    if target is not None and not single and m < 2:
+    if target is not None and m < 2:
         msg = (
             "target_relative_error needs num_probes >= 2 (a standard error needs two "
-            f"probes per batch); got num_probes = {m}."
+            f"probes per batch or round); got num_probes = {m}."
         )
         raise ValueError(msg)
 
@@ -943,7 +943,7 @@ def monte_carlo(
     if max_vectors is not None:
         check_positive_int(max_vectors, "max_vectors")
     single = isinstance(source, Linearization)
-    if target is not None and not single and k < 2:
+    if target is not None and k < 2:
         msg = (
             "target_relative_error needs num_samples >= 2 (a standard error needs two "
             f"draws per batch); got num_samples = {k}."
@@ -1075,7 +1075,9 @@ def empirical(
         desc="empirical Fisher",
         rounds=False,
     )
-    batch_labels.finish()
+    if limit is None or batch_labels.batches < limit:
+        # Only a source that was read to its end can be checked for unused labels.
+        batch_labels.finish()
     xp = array_namespace(_leaves(est.std_error)[0], names=("std_error",))
     zero = _map(xp.zeros_like, est.std_error)
     return Estimate(est.value, zero, 1)

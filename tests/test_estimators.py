@@ -725,3 +725,24 @@ def test_bad_labels() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="labels is a torch array"):
         empirical(lin, torch.zeros(4, dtype=torch.int64))
+
+
+def test_empirical_with_max_batches_and_one_label_array() -> None:
+    # max_batches stops the stream early: the unused label rows are not an error.
+    model = MLP.random([3, 4, 3], rng=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 3))
+    y = rng.integers(0, 3, size=10)
+    lins = [linearize(model, x[:5]), linearize(model, x[5:])]
+    first = empirical(lins, y, max_batches=1)
+    np.testing.assert_allclose(first.value, empirical(lins[0], y[:5]).value, atol=1e-14)
+    with pytest.raises(ValueError, match="got 10 rows but the source has 5 inputs"):
+        empirical(lins[:1], y)
+
+
+def test_target_needs_two_probes_even_for_one_linearization() -> None:
+    lin = linearize(MLP.random([3, 4, 3], rng=0), np.ones((4, 3)))
+    with pytest.raises(ValueError, match="target_relative_error needs num_probes >= 2"):
+        detach_and_mix(lin, what="trace", num_probes=1, target_relative_error=0.5, rng=0)
+    with pytest.raises(ValueError, match="target_relative_error needs num_samples >= 2"):
+        monte_carlo(lin, what="trace", num_samples=1, target_relative_error=0.5, rng=0)

@@ -66,6 +66,39 @@ Tensor = torch.Tensor
 _JVP_READY = False
 
 
+def _check_operand(
+    x: object,
+    name: str,
+    shape: tuple[int | None, ...],
+    what: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """``x`` if it is a tensor of ``shape`` (None: any size), ``dtype`` and ``device``."""
+    if not isinstance(x, torch.Tensor):
+        msg = (
+            f"{name} must be a torch.Tensor of shape {what}; got "
+            f"{type(x).__module__}.{type(x).__name__}. Convert with torch.as_tensor(...)."
+        )
+        raise TypeError(msg)
+    if x.ndim != len(shape) or any(s is not None and x.shape[i] != s for i, s in enumerate(shape)):
+        msg = f"{name} must have shape {what}; got {tuple(x.shape)}."
+        raise ValueError(msg)
+    if x.dtype != dtype:
+        msg = (
+            f"{name} must have the parameters' dtype {dtype}; got {x.dtype}. "
+            f"Convert with {name}.to({dtype})."
+        )
+        raise TypeError(msg)
+    if x.device != device:
+        msg = (
+            f"{name} must be on the parameters' device {device}; got "
+            f"{x.device}. Move it with {name}.to({str(device)!r})."
+        )
+        raise ValueError(msg)
+    return x
+
+
 def _ensure_forward_ad() -> None:
     # torch loads its forward-AD decompositions lazily on the first jvp, through
     # torch.jit.script, which emits a DeprecationWarning on recent versions.
@@ -618,30 +651,7 @@ class TorchLinearization(LinearizationBase):
         return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self._shapes, strict=True))
 
     def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
-        if not isinstance(x, torch.Tensor):
-            msg = (
-                f"{name} must be a torch.Tensor of shape {what}; got "
-                f"{type(x).__module__}.{type(x).__name__}. Convert with torch.as_tensor(...)."
-            )
-            raise TypeError(msg)
-        if x.ndim != len(shape) or any(
-            s is not None and x.shape[i] != s for i, s in enumerate(shape)
-        ):
-            msg = f"{name} must have shape {what}; got {tuple(x.shape)}."
-            raise ValueError(msg)
-        if x.dtype != self._param_dtype:
-            msg = (
-                f"{name} must have the parameters' dtype {self._param_dtype}; got {x.dtype}. "
-                f"Convert with {name}.to({self._param_dtype})."
-            )
-            raise TypeError(msg)
-        if x.device != self._param_device:
-            msg = (
-                f"{name} must be on the parameters' device {self._param_device}; got "
-                f"{x.device}. Move it with {name}.to({str(self._param_device)!r})."
-            )
-            raise ValueError(msg)
-        return x
+        return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
 
     def _shape_text(self, *axes: str) -> str:
         d, n, c = self.num_params, self.num_inputs, self.num_outputs
@@ -1360,30 +1370,7 @@ class TorchLossFunction(LossFunctionBase):
         return self._nll(self._call(self._split(theta), self._inputs))
 
     def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
-        if not isinstance(x, torch.Tensor):
-            msg = (
-                f"{name} must be a torch.Tensor of shape {what}; got "
-                f"{type(x).__module__}.{type(x).__name__}. Convert with torch.as_tensor(...)."
-            )
-            raise TypeError(msg)
-        if x.ndim != len(shape) or any(
-            s is not None and x.shape[i] != s for i, s in enumerate(shape)
-        ):
-            msg = f"{name} must have shape {what}; got {tuple(x.shape)}."
-            raise ValueError(msg)
-        if x.dtype != self._param_dtype:
-            msg = (
-                f"{name} must have the parameters' dtype {self._param_dtype}; got {x.dtype}. "
-                f"Convert with {name}.to({self._param_dtype})."
-            )
-            raise TypeError(msg)
-        if x.device != self._param_device:
-            msg = (
-                f"{name} must be on the parameters' device {self._param_device}; got "
-                f"{x.device}. Move it with {name}.to({str(self._param_device)!r})."
-            )
-            raise ValueError(msg)
-        return x
+        return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
 
     # -- the loss and its derivatives ----------------------------------------
 

@@ -559,19 +559,15 @@ def _prod(shape: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------
 
 
-class TorchLinearization(LinearizationBase):
-    """A ``torch.nn.Module`` frozen at its parameters θ and one batch of inputs.
+class _FunctionalModel:
+    """A module called functionally at a selection of its parameters.
 
-    Build it with :func:`linearize`. θ is the concatenation of the selected
-    parameters, each flattened row-major, in the order of ``blocks`` (whose names
-    are the parameter names). Every vector is a torch tensor on the parameters'
-    device in their dtype.
-
-    The linearization reads the parameters' storage: do not update them in place
-    (an optimiser step) while it is in use; build a new one per step.
+    The set-up shared by linearizations and loss functions: the selected tensors
+    (their names, sizes and shapes in flat-vector order), every other parameter as
+    a detached constant, and the functional call.
     """
 
-    def __init__(
+    def _bind(
         self,
         model: nn.Module,
         inputs: tuple[Tensor, ...],
@@ -592,6 +588,41 @@ class TorchLinearization(LinearizationBase):
             n: p.detach() for n, p in model.named_parameters() if id(p) not in selected
         }
         self._blocks = make_blocks(zip(names, self._shapes, strict=True))
+
+    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+        mapping = dict(self._constants)
+        mapping.update(zip(self._names, params, strict=True))
+        with _transformable():
+            return torch.func.functional_call(self._model, mapping, inputs)
+
+    def _split(self, v: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
+        parts = torch.split(v, list(self._sizes), dim=len(lead))
+        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self._shapes, strict=True))
+
+    def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
+        return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
+
+
+class TorchLinearization(_FunctionalModel, LinearizationBase):
+    """A ``torch.nn.Module`` frozen at its parameters θ and one batch of inputs.
+
+    Build it with :func:`linearize`. θ is the concatenation of the selected
+    parameters, each flattened row-major, in the order of ``blocks`` (whose names
+    are the parameter names). Every vector is a torch tensor on the parameters'
+    device in their dtype.
+
+    The linearization reads the parameters' storage: do not update them in place
+    (an optimiser step) while it is in use; build a new one per step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: tuple[Tensor, ...],
+        names: tuple[str, ...],
+        tensors: tuple[Tensor, ...],
+    ) -> None:
+        self._bind(model, inputs, names, tensors)
         self._fast_layers, self._static_reasons = _static_plan(model, names, tensors)
         self._fast_report: dict[str, str] = {}
 
@@ -612,12 +643,6 @@ class TorchLinearization(LinearizationBase):
         )
 
     # -- plumbing ------------------------------------------------------------
-
-    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
-        mapping = dict(self._constants)
-        mapping.update(zip(self._names, params, strict=True))
-        with _transformable():
-            return torch.func.functional_call(self._model, mapping, inputs)
 
     def _check_output_structure(self, out: object) -> None:
         if not isinstance(out, torch.Tensor):
@@ -645,13 +670,6 @@ class TorchLinearization(LinearizationBase):
 
     def _flatten(self, grads: Sequence[Tensor], lead: tuple[int, ...] = ()) -> Tensor:
         return torch.cat([g.reshape(*lead, -1) for g in grads], dim=len(lead))
-
-    def _split(self, v: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
-        parts = torch.split(v, list(self._sizes), dim=len(lead))
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self._shapes, strict=True))
-
-    def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
-        return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
 
     def _shape_text(self, *axes: str) -> str:
         d, n, c = self.num_params, self.num_inputs, self.num_outputs
@@ -1266,7 +1284,7 @@ def _stream(
 # ---------------------------------------------------------------------------
 
 
-class TorchLossFunction(LossFunctionBase):
+class TorchLossFunction(_FunctionalModel, LossFunctionBase):
     """The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
 
     Build it with :func:`loss_function`. θ is the concatenation of the selected
@@ -1290,19 +1308,7 @@ class TorchLossFunction(LossFunctionBase):
         family: Any,
         reduction: str,
     ) -> None:
-        self._model = model
-        self._inputs = inputs
-        self._names = names
-        self._primals = tuple(p.detach() for p in tensors)
-        self._sizes = tuple(p.numel() for p in tensors)
-        self._shapes = tuple(tuple(p.shape) for p in tensors)
-        self._param_dtype = tensors[0].dtype
-        self._param_device = tensors[0].device
-        selected = {id(p) for p in tensors}
-        self._constants = {
-            n: p.detach() for n, p in model.named_parameters() if id(p) not in selected
-        }
-        self._blocks = make_blocks(zip(names, self._shapes, strict=True))
+        self._bind(model, inputs, names, tensors)
         self._params = torch.cat([p.reshape(-1) for p in self._primals])
         with torch.no_grad():
             z = self._call(self._primals, inputs)
@@ -1334,16 +1340,6 @@ class TorchLossFunction(LossFunctionBase):
 
     # -- plumbing ------------------------------------------------------------
 
-    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
-        mapping = dict(self._constants)
-        mapping.update(zip(self._names, params, strict=True))
-        with _transformable():
-            return torch.func.functional_call(self._model, mapping, inputs)
-
-    def _split(self, theta: Tensor) -> tuple[Tensor, ...]:
-        parts = torch.split(theta, list(self._sizes))
-        return tuple(p.reshape(s) for p, s in zip(parts, self._shapes, strict=True))
-
     def _check_logits(self, z: object) -> None:
         if not isinstance(z, torch.Tensor) or z.ndim != 2 or 0 in tuple(z.shape):
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
@@ -1368,9 +1364,6 @@ class TorchLossFunction(LossFunctionBase):
 
     def _loss(self, theta: Tensor) -> Tensor:
         return self._nll(self._call(self._split(theta), self._inputs))
-
-    def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
-        return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
 
     # -- the loss and its derivatives ----------------------------------------
 

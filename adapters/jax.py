@@ -50,10 +50,9 @@ from fisherbound._lib import (
     array_namespace,
     check_floating,
     check_positive_int,
-    device_of,
     is_array,
 )
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib._validation import check_device, check_finite
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
@@ -445,12 +444,13 @@ class JaxLinearization(LinearizationBase):
             want = ", ".join("M" if s is None else str(s) for s in shape)
             msg = f"{name} must have shape {what} = ({want}); got shape {got}."
             raise ValueError(msg)
-        if device_of(x) != self.device:
-            msg = (
-                f"{name} must be on the linearization's device ({self.device}); got "
-                f"{device_of(x)}. Move it with jax.device_put({name}, lin.device)."
-            )
-            raise ValueError(msg)
+        check_device(
+            x,
+            name,
+            self.device,
+            owner="the linearization's device",
+            remedy=f"Move it with jax.device_put({name}, lin.device).",
+        )
         if x.dtype != self.dtype:
             x = xp.astype(x, self.dtype)
         return x
@@ -873,12 +873,13 @@ class JaxLossFunction(LossFunctionBase):
             )
             msg = f"{name} must have shape {what} = ({want}); got shape {got}."
             raise ValueError(msg)
-        if device_of(x) != self.device:
-            msg = (
-                f"{name} must be on the loss function's device ({self.device}); got "
-                f"{device_of(x)}. Move it with jax.device_put({name}, loss.device)."
-            )
-            raise ValueError(msg)
+        check_device(
+            x,
+            name,
+            self.device,
+            owner="the loss function's device",
+            remedy=f"Move it with jax.device_put({name}, loss.device).",
+        )
         return xp.astype(x, self.dtype) if x.dtype != self.dtype else x
 
     def value(self, shifts: Array, /) -> Array:

@@ -39,7 +39,7 @@ from fisherbound._lib import (
     device_of,
     is_array,
 )
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib._validation import check_device, check_finite
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
@@ -676,12 +676,13 @@ class ReferenceLinearization(LinearizationBase):
             )
             msg = f"{name} must have shape {what} = ({want}); got shape {got}."
             raise ValueError(msg)
-        if device_of(x) != self.device:
-            msg = (
-                f"{name} must be on the linearization's device ({self.device}); got "
-                f"{device_of(x)}. Move it with xp.asarray({name}, device=lin.device)."
-            )
-            raise ValueError(msg)
+        check_device(
+            x,
+            name,
+            self.device,
+            owner="the linearization's device",
+            remedy=f"Move it with xp.asarray({name}, device=lin.device).",
+        )
         if x.dtype != self.dtype:
             x = xp.astype(x, self.dtype)
         return x

@@ -48,7 +48,7 @@ from fisherbound._lib import (
     to_host,
 )
 from fisherbound._lib._estimate import estimate_from_samples
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib._validation import check_device, check_finite
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.fisher import DEFAULT_MAX_PARAMS, _batches, _check_family, fisher_dense
 from fisherbound.fisher import fisher_operator as _fisher_operator
@@ -408,12 +408,7 @@ def spectral_density(
         if grid.ndim != 1:
             msg = f"grid must be a 1-D array of points; got shape {tuple(grid.shape)}."
             raise ValueError(msg)
-        if device_of(grid) != op.device:
-            msg = (
-                f"grid must be on the linearization's device ({op.device}); got "
-                f"{device_of(grid)}. Move it with xp.asarray(grid, device=...)."
-            )
-            raise ValueError(msg)
+        check_device(grid, "grid", op.device, owner="the linearization's device")
     return _spectral_density(
         xp,
         op,
@@ -854,12 +849,7 @@ def _check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
             f"the linearization's blocks); got shape {tuple(v.shape)}."
         )
         raise ValueError(msg)
-    if device_of(v) != op.device:
-        msg = (
-            f"{name} must be on the linearization's device ({op.device}); got "
-            f"{device_of(v)}. Move it with xp.asarray({name}, device=...)."
-        )
-        raise ValueError(msg)
+    check_device(v, name, op.device, owner="the linearization's device")
     check_finite(v, name, xp=xp)
     return xp.astype(v, op.dtype) if v.dtype != op.dtype else v
 

@@ -61,7 +61,7 @@ from fisherbound._lib import (
 )
 from fisherbound._lib._estimate import estimate_from_samples
 from fisherbound._lib._progress import progress_bar
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib._validation import check_device, check_finite
 from fisherbound.families import Categorical, Family
 from fisherbound.fisher import fisher_operator
 from fisherbound.linalg import LinearOperator, eigsh
@@ -346,12 +346,7 @@ def _check_vectors(
             f"Select rows, e.g. {name}[:2]."
         )
         raise ValueError(msg)
-    if device_of(x) != device_of(ref):
-        msg = (
-            f"{name} must be on the device of the parameters ({device_of(ref)}); got "
-            f"{device_of(x)}. Move it with xp.asarray({name}, device=...)."
-        )
-        raise ValueError(msg)
+    check_device(x, name, device_of(ref), owner="the device of the parameters")
     check_finite(x, name, xp=xp)
     return xp.astype(x, ref.dtype) if x.dtype != ref.dtype else x
 
@@ -1287,12 +1282,7 @@ def _grid(
                 f"{name} must be a non-empty 1-D array of coefficients; got shape {tuple(c.shape)}."
             )
             raise ValueError(msg)
-        if device_of(c) != device:
-            msg = (
-                f"{name} must be on the device of the parameters ({device}); got "
-                f"{device_of(c)}. Move it with xp.asarray({name}, device=...)."
-            )
-            raise ValueError(msg)
+        check_device(c, name, device, owner="the device of the parameters")
         check_finite(c, name, xp=xp)
         out.append(xp.astype(c, dtype) if c.dtype != dtype else c)
     return tuple(out)

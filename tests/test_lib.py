@@ -99,3 +99,19 @@ def test_estimate_from_samples(backend) -> None:
     assert est.num_probes == 3
     one = estimate_from_samples(s[:1, ...], backend.xp)
     assert np.all(np.isnan(backend.to_numpy(one.std_error)))
+
+
+def test_check_device_message() -> None:
+    xs = pytest.importorskip("array_api_strict")
+    from fisherbound._lib._validation import check_device
+
+    x = xs.asarray([1.0], device=xs.Device("device1"))
+    check_device(x, "v", xs.Device("device1"), owner="the linearization's device")
+    with pytest.raises(
+        ValueError,
+        match=r"v must be on the linearization's device \(.*CPU_DEVICE.*\); got .*device1.*\. "
+        r"Move it with xp.asarray\(v, device=...\)\.",
+    ):
+        check_device(x, "v", xs.Device("CPU_DEVICE"), owner="the linearization's device")
+    with pytest.raises(ValueError, match=r"\. Use jax\.device_put\.$"):
+        check_device(x, "v", xs.Device("CPU_DEVICE"), owner="it", remedy="Use jax.device_put.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fisherbound._lib._namespace import array_namespace
+from fisherbound._lib._namespace import array_namespace, device_of
 
 Array = Any
 
@@ -95,3 +95,20 @@ def check_logits(z: Array, *, name: str = "z", min_classes: int = 1) -> Any:
     check_floating(z, name, xp=xp)
     check_finite(z, name, xp=xp)
     return xp
+
+
+def check_device(
+    x: Array, name: str, device: Any, *, owner: str, remedy: str | None = None
+) -> None:
+    """Raise a ValueError unless ``x`` is on ``device`` (the device of ``owner``).
+
+    The message: "{name} must be on {owner} ({device}); got {x's device}. {remedy}",
+    the remedy defaulting to moving it with ``xp.asarray``.
+    """
+    got = device_of(x)
+    if got == device:
+        return
+    if remedy is None:
+        remedy = f"Move it with xp.asarray({name}, device=...)."
+    msg = f"{name} must be on {owner} ({device}); got {got}. {remedy}"
+    raise ValueError(msg)

@@ -941,7 +941,9 @@ def loss_function(
     family's ``log_likelihood`` (``reduction="mean"`` divides by N), as a
     :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
     (S,) (``jax.vmap`` over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
-    (forward-over-reverse, exact). θ is flattened as in ``linearize``.
+    (forward-over-reverse, exact). θ is flattened as in ``linearize``. Cost: one
+    forward pass here (to check the labels); ``value`` costs S forward passes,
+    ``hvp`` about two gradient steps; kernels compile once per batch shape.
 
     Parameters
     ----------

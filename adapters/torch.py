@@ -1180,7 +1180,9 @@ def linearize(
     per-example forms), with θ the concatenation of the selected parameters,
     flattened row-major, in order. The forward pass is done once here
     (``torch.func.vjp``); buffers (BatchNorm running statistics) are used as they
-    are and never changed.
+    are and never changed. Cost: one forward pass (its activations kept for the
+    VJPs); each ``vjp`` then costs one backward pass, each ``jvp`` one forward-mode
+    pass.
 
     Parameters
     ----------
@@ -1442,7 +1444,8 @@ def loss_function(
     ``log_likelihood`` (``reduction="mean"`` divides by N), as a
     :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
     (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
-    (forward-over-reverse, exact).
+    (forward-over-reverse, exact). Cost: one forward pass here (to check the
+    labels); ``value`` costs S forward passes, ``hvp`` about two gradient steps.
 
     Parameters
     ----------

@@ -1012,6 +1012,8 @@ def empirical(
     Σ_x s_x s_xᵀ with s_x = J_xᵀ ∇_z log p(y_x|z_x) for the observed y_x; its
     diagonal is Σ_x s_x ⊙ s_x (the adapter's per-example squares). It is not an
     estimate of F: E over y ~ p would give F, the observed labels do not (THEORY §3).
+    Cost: one per-example VJP per input (the diagonal through the adapter's
+    per-example squares, as ``fisher_diagonal`` with one cotangent instead of C).
 
     Parameters
     ----------

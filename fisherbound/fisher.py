@@ -408,7 +408,8 @@ def fisher_blocks(
     name to a (size_b, size_b) array (flattened row-major, as in the flat vector).
     ``blocks`` selects block names (default all); blocks larger than
     ``max_block_size`` parameters are refused with a ValueError (raise the limit
-    if you have the memory).
+    if you have the memory). Cost: R per-example VJPs per input and
+    O(N R s_b²) per block for the outer products; memory Σ_b s_b².
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_block_size, "max_block_size")
@@ -476,7 +477,9 @@ def fisher_bounds(
     envelope Σ_x p_(1)(x) J_xᵀ P J_x ⪯ F ⪯ Σ_x λ_C(x) J_xᵀ P J_x (categorical;
     other families use their smallest and largest metric eigenvalue and P = I).
     ``what`` is ``"diagonal"`` (entrywise bounds), ``"trace"``, ``"blocks"`` or
-    ``"dense"``, with the options of the corresponding function.
+    ``"dense"``, with the options of the corresponding function. Cost: both
+    kernels in one pass over the data; the LR kernel needs one per-example VJP
+    per input (R = 1), the DG kernel C, as for the exact quantity.
 
     Returns
     -------

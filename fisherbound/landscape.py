@@ -456,6 +456,9 @@ def random_directions(
 ) -> Array:
     """Random directions in parameter space, as rows (k, D).
 
+    Cost: k·D host random numbers moved to the device once (plus one norm per
+    filter for ``"filter"``); no model evaluation.
+
     ``kind``:
 
     - ``"gaussian"``: η ~ N(0, I_D); E[ηᵀHη] = tr H, Var = 2 tr H².
@@ -775,7 +778,8 @@ def projected_curvature(
     """Curvature of the loss surface f(α, β) = L(θ + α η + β δ) at α = β = 0.
 
     With the projected Hessian H_αβ = [[ηᵀHη, ηᵀHδ], [δᵀHη, δᵀHδ]] and the slopes
-    f_α = ηᵀ∇L, f_β = δᵀ∇L, the graph formulas (THEORY §6)
+    f_α = ηᵀ∇L, f_β = δᵀ∇L, the graph formulas (THEORY §6). Cost per batch: two
+    HVPs and one gradient (``method="hvp"``), or nine loss values (``"loss"``).
 
     .. math:: K = \\frac{f_{\\alpha\\alpha} f_{\\beta\\beta} - f_{\\alpha\\beta}^2}
               {(1 + f_\\alpha^2 + f_\\beta^2)^2}, \\quad

@@ -80,7 +80,8 @@ def std_error_bound(value: Any, /, *, num_probes: int = 1) -> Any:
     """The a-priori bound on the standard error of a detach-and-mix estimate.
 
     For an estimate whose expectation is ``value`` (the exact quantity, or the
-    estimate itself as a plug-in), from M probes, Rademacher or Gaussian:
+    estimate itself as a plug-in), from M probes, Rademacher or Gaussian
+    (cost: elementwise in ``value``, no model evaluation):
 
     - diagonal (1-D) and trace (0-d): SE ≤ √(2/M) · value, i.e. CV ≤ √(2/M)
       (Var(g_i²) ≤ 2 F_ii², Var(‖g‖²) ≤ 2‖F‖_F² ≤ 2 (tr F)²);

@@ -133,7 +133,6 @@ class _Kernels:
         sizes = [math.prod(s) for s in shapes]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         num_params = sum(sizes)
-        theta_type = jax.ShapeDtypeStruct((num_params,), dtype)
 
         def unravel(theta: Array) -> PyTree:
             # jnp.split, whose transpose is one concatenation (slices would
@@ -152,8 +151,9 @@ class _Kernels:
         def forward(theta: Array, x: PyTree) -> tuple[Array, Any]:
             return jax.linearize(lambda t: model(t, x), theta)
 
-        def transpose(f_jvp: Any) -> Callable[[Array], Array]:
-            f_vjp = jax.linear_transpose(f_jvp, theta_type)
+        def transpose(f_jvp: Any, theta: Array) -> Callable[[Array], Array]:
+            # θ's own type: inside shard_map it varies over the mesh axes.
+            f_vjp = jax.linear_transpose(f_jvp, theta)
             return lambda u: f_vjp(u)[0]
 
         def per_example(theta: Array, x: PyTree, U: Array) -> Array:
@@ -190,6 +190,7 @@ class _Kernels:
                 return total + squares, None
 
             total = jnp.zeros((n_vec, vector_chunk, num_params), dtype=theta.dtype)
+            total = _shard_local(total, theta)  # the scan carry varies as θ does
             total, _ = jax.lax.scan(over_examples, total, (xs, U))
             return jnp.reshape(total, (n_vec * vector_chunk, num_params))[:k, ...]
 
@@ -197,8 +198,8 @@ class _Kernels:
         self.forward = jax.jit(forward)
         self.jvp = jax.jit(lambda f_jvp, v: f_jvp(v))
         self.jvp_batch = jax.jit(lambda f_jvp, V: jax.vmap(f_jvp)(V))
-        self.vjp = jax.jit(lambda f_jvp, u: transpose(f_jvp)(u))
-        self.vjp_batch = jax.jit(lambda f_jvp, U: jax.vmap(transpose(f_jvp))(U))
+        self.vjp = jax.jit(lambda f_jvp, theta, u: transpose(f_jvp, theta)(u))
+        self.vjp_batch = jax.jit(lambda f_jvp, theta, U: jax.vmap(transpose(f_jvp, theta))(U))
         self.per_example = jax.jit(per_example)
         self.singles = jax.jit(lambda theta, x: jax.vmap(lambda xn: single(theta, xn))(x))
         self.sum_squared = jax.jit(sum_squared, static_argnums=(3, 4))
@@ -349,6 +350,34 @@ def _check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
     return jax.tree_util.tree_unflatten(treedef, leaves), n
 
 
+def _shard_local(theta: Array, inputs: PyTree) -> Array:
+    """θ made to vary over the mapped axes its inputs vary over (inside ``shard_map``).
+
+    Inside ``jax.shard_map`` a closed-over θ is invariant across the mesh, and JAX
+    sums the cotangent of an invariant value over the devices: every VJP (and every
+    per-example VJP, silently mixing the examples of different devices) would come
+    back all-reduced. A fisherbound linearization is the derivative on ITS shard;
+    the reduction over shards is ``process_group=``'s job. Outside ``shard_map``
+    this returns θ unchanged.
+    """
+    varying: set[str] = set()
+    for leaf in jax.tree_util.tree_leaves(inputs):
+        varying |= _varying_axes(leaf)
+    missing = varying - _varying_axes(theta)
+    if not missing:
+        return theta
+    return jax.lax.pcast(theta, tuple(sorted(missing)), to="varying")
+
+
+def _varying_axes(x: Array) -> set[str]:
+    """The mapped axes a value varies over inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX 0.6 - 0.8
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+    return set(vma or ())
+
+
 def _check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
     name = "apply_fn(params, inputs)"
     if not hasattr(z, "shape") or not hasattr(z, "dtype"):
@@ -402,12 +431,13 @@ class JaxLinearization(LinearizationBase):
         self._kernels = model.kernels
         self._inputs = inputs
         self._blocks = model.blocks
-        logits, f_jvp = self._kernels.forward(model.theta, inputs)
+        self._theta = _shard_local(model.theta, inputs)
+        logits, f_jvp = self._kernels.forward(self._theta, inputs)
         _check_logits(logits, num_inputs, model.dtype)
         self._logits = logits
         self._f_jvp = f_jvp
         self._xp = array_namespace(logits, names=("logits",))
-        self._independent: bool | None = None
+        self._independent: Any = None  # None, a bool, or a traced boolean
 
     @property
     def apply_fn(self) -> Callable[..., Array]:
@@ -477,7 +507,7 @@ class JaxLinearization(LinearizationBase):
         pass, no recomputation of the primal.
         """
         v = self._operand(v, "v", (self.num_params,), "(D,)")
-        return self._forward_mode(self._kernels.jvp, v)
+        return self._forward_mode(self._kernels.jvp, _shard_local(v, self._inputs))
 
     def jvp_batch(self, V: Array, /) -> Array:
         """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, C).
@@ -485,7 +515,7 @@ class JaxLinearization(LinearizationBase):
         One vmapped evaluation of the linear map (M tangents at once).
         """
         V = self._operand(V, "V", (None, self.num_params), "(M, D)")
-        return self._forward_mode(self._kernels.jvp_batch, V)
+        return self._forward_mode(self._kernels.jvp_batch, _shard_local(V, self._inputs))
 
     # -- reverse products ---------------------------------------------------------
     def vjp(self, u: Array, /) -> Array:
@@ -494,7 +524,7 @@ class JaxLinearization(LinearizationBase):
         The transpose of the stored linear map: about one backward pass.
         """
         u = self._operand(u, "u", (self.num_inputs, self.num_outputs), "(N, C)")
-        return self._kernels.vjp(self._f_jvp, u)
+        return self._kernels.vjp(self._f_jvp, self._theta, u)
 
     def vjp_batch(self, U: Array, /) -> Array:
         """Jᵀ U[m] for M cotangents ``U`` (M, N, C); returns (M, D).
@@ -502,7 +532,7 @@ class JaxLinearization(LinearizationBase):
         One vmapped backward pass for all M cotangents.
         """
         U = self._operand(U, "U", (None, self.num_inputs, self.num_outputs), "(M, N, C)")
-        return self._kernels.vjp_batch(self._f_jvp, U)
+        return self._kernels.vjp_batch(self._f_jvp, self._theta, U)
 
     @property
     def examples_independent(self) -> bool:
@@ -515,12 +545,28 @@ class JaxLinearization(LinearizationBase):
         batch VJPs (one batched backward pass per example) instead of the
         single-example vmap, which would be silently wrong for it.
         """
+        return bool(self._independence())
+
+    def _independence(self) -> Any:
+        """The check of ``examples_independent``: a bool, or a traced boolean inside
+        ``jit`` / ``shard_map`` (then both paths are compiled, see ``_branch``)."""
         if self._independent is None:
-            singles = self._kernels.singles(self._model.theta, self._inputs)
+            singles = self._kernels.singles(self._theta, self._inputs)
             scale = jnp.maximum(jnp.max(jnp.abs(self._logits)), 1.0)
             tol = 1e3 * jnp.finfo(self.dtype).eps * scale
-            self._independent = bool(jnp.max(jnp.abs(singles - self._logits)) <= tol)
+            flag = jnp.max(jnp.abs(singles - self._logits)) <= tol
+            self._independent = flag if isinstance(flag, jax.core.Tracer) else bool(flag)
         return self._independent
+
+    def _branch(
+        self, fast: Callable[[Array], Array], exact: Callable[[Array], Array], U: Array
+    ) -> Array:
+        """``fast(U)`` for independent examples, else the masked ``exact(U)``; under
+        tracing the choice is made on the device by ``jax.lax.cond``."""
+        flag = self._independence()
+        if isinstance(flag, bool):
+            return fast(U) if flag else exact(U)
+        return jax.lax.cond(flag, fast, exact, U)
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
@@ -536,12 +582,14 @@ class JaxLinearization(LinearizationBase):
         """
         start, stop = example_range(examples, self.num_inputs)
         U = self._operand(U, "U", (stop - start, None, self.num_outputs), "(n, K, C)")
-        if not self.examples_independent:
-            return LinearizationBase.per_example_vjp(self, U, examples=examples)
         inputs = self._inputs
         if (start, stop) != (0, self.num_inputs):
             inputs = jax.tree_util.tree_map(lambda a: a[start:stop], inputs)
-        return self._kernels.per_example(self._model.theta, inputs, U)
+        return self._branch(
+            lambda u: self._kernels.per_example(self._theta, inputs, u),
+            lambda u: LinearizationBase.per_example_vjp(self, u, examples=examples),
+            U,
+        )
 
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
@@ -565,16 +613,21 @@ class JaxLinearization(LinearizationBase):
         if k == 0:
             shape = (self.num_params,) if sum_cotangents else (0, self.num_params)
             return jnp.zeros(shape, dtype=self.dtype, device=self.device)
-        if not self.examples_independent:
-            return LinearizationBase.sum_squared_per_example_vjp(
-                self, U, max_vectors=budget, sum_cotangents=sum_cotangents
-            )
         vector_chunk = min(k, budget)
         example_chunk = min(n, max(1, budget // vector_chunk))
-        out = self._kernels.sum_squared(
-            self._model.theta, self._inputs, U, example_chunk, vector_chunk
-        )
-        return jnp.sum(out, axis=0) if sum_cotangents else out
+
+        def fast(u: Array) -> Array:
+            out = self._kernels.sum_squared(
+                self._theta, self._inputs, u, example_chunk, vector_chunk
+            )
+            return jnp.sum(out, axis=0) if sum_cotangents else out
+
+        def exact(u: Array) -> Array:
+            return LinearizationBase.sum_squared_per_example_vjp(
+                self, u, max_vectors=budget, sum_cotangents=sum_cotangents
+            )
+
+        return self._branch(fast, exact, U)
 
     # -- second derivatives (added for fisherbound.variance) ----------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
@@ -592,7 +645,7 @@ class JaxLinearization(LinearizationBase):
         d = self.num_params
         chunk = min(d, budget)
         kernel = _second_derivative_kernel(self._model.apply_fn, self._kernels)
-        theta = self._model.theta
+        theta = self._theta
         pieces = []
         for start in range(0, d, chunk):
             # Fixed chunk shape (one compilation): indices past D repeat the last one.
@@ -831,7 +884,8 @@ class JaxLossFunction(LossFunctionBase):
         self._model = model
         self._inputs = inputs
         self._kernels = _loss_kernels(model.apply_fn, model.kernels, family)
-        z = self._kernels.logits(model.theta, inputs)
+        theta = _shard_local(model.theta, inputs)
+        z = self._kernels.logits(theta, inputs)
         _check_logits(z, num_inputs, model.dtype)
         check_loss_labels(family, z, labels)
         self._logits = z
@@ -841,6 +895,7 @@ class JaxLossFunction(LossFunctionBase):
         self._num_inputs = num_inputs
         scale = 1.0 / num_inputs if reduction == "mean" else 1.0
         self._scale = jnp.asarray(scale, dtype=model.dtype)
+        self._theta = theta  # for the kernels: the derivative on this shard
         self._params = model.theta
         self._blocks = model.blocks
         self._xp = array_namespace(z, names=("logits",))
@@ -897,7 +952,7 @@ class JaxLossFunction(LossFunctionBase):
             rows = int(part.shape[0])
             if rows < chunk:
                 part = jnp.pad(part, ((0, chunk - rows), (0, 0)))
-            out = self._kernels.values(self._params, self._inputs, self._labels, self._scale, part)
+            out = self._kernels.values(self._theta, self._inputs, self._labels, self._scale, part)
             pieces.append(out[:rows])
         if not pieces:
             return jnp.zeros((0,), dtype=self.dtype)
@@ -905,17 +960,19 @@ class JaxLossFunction(LossFunctionBase):
 
     def gradient(self) -> Array:
         """∇L(θ), shape (D,) (``jax.grad``)."""
-        return self._kernels.grad(self._params, self._inputs, self._labels, self._scale)
+        return self._kernels.grad(self._theta, self._inputs, self._labels, self._scale)
 
     def hvp(self, v: Array, /) -> Array:
         """∇²L(θ) v for ``v`` (D,); returns (D,) (``jax.jvp`` of ``jax.grad``)."""
         v = self._operand(v, "v", (self.num_params,), "(D,)")
-        return self._kernels.hvp(self._params, self._inputs, self._labels, self._scale, v)
+        v = _shard_local(v, self._inputs)
+        return self._kernels.hvp(self._theta, self._inputs, self._labels, self._scale, v)
 
     def hvp_batch(self, V: Array, /) -> Array:
         """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D) (vmapped ``hvp``)."""
         V = self._operand(V, "V", (None, self.num_params), "(M, D)")
-        return self._kernels.hvp_batch(self._params, self._inputs, self._labels, self._scale, V)
+        V = _shard_local(V, self._inputs)
+        return self._kernels.hvp_batch(self._theta, self._inputs, self._labels, self._scale, V)
 
 
 def _as_jax_labels(labels: Any) -> Any:

@@ -27,6 +27,14 @@ envelopes; Löwner order gives λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i
 spectra of the bound operators bracket every eigenvalue of F and its trace.
 Results are for the SUM over inputs unless ``reduction="mean"`` (the razor always
 uses the sum, F_sum of THEORY §5).
+
+Data parallel: ``process_group=`` (a ``torch.distributed`` process group or a JAX
+axis name, as in ``fisherbound.fisher``) makes ``source`` this rank's shard; the
+Fisher operator all-reduces every matvec, so Lanczos and SLQ run replicated on
+every rank and return the spectrum of the metric over all shards. Their random
+vectors must then be the same on every rank: pass the same ``rng`` seed on all
+ranks (checked), or ``rng=None`` (rank 0 draws a seed and shares it). ``razor``
+also all-reduces the negative log-likelihood and N.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ from typing import Any, NamedTuple
 from fisherbound._lib import (
     Estimate,
     array_namespace,
-    as_generator,
     check_choice,
     check_floating,
     check_positive_int,
@@ -47,10 +54,11 @@ from fisherbound._lib import (
     is_array,
     to_host,
 )
+from fisherbound._lib._collective import collective, shared_generator
 from fisherbound._lib._estimate import estimate_from_samples
 from fisherbound._lib._validation import check_device, check_finite
 from fisherbound.families import KERNELS, Categorical, Family
-from fisherbound.fisher import DEFAULT_MAX_PARAMS, _batches, _check_family, fisher_dense
+from fisherbound.fisher import DEFAULT_MAX_PARAMS, _agree, _batches, _check_family, fisher_dense
 from fisherbound.fisher import fisher_operator as _fisher_operator
 from fisherbound.linalg import (
     LinearOperator,
@@ -219,11 +227,20 @@ def _check_positive_real(value: object, name: str, remedy: str = "") -> float:
     return x
 
 
-def _operator(source: Any, family: Any, kernel: str, reduction: str) -> Any:
+def _operator(
+    source: Any, family: Any, kernel: str, reduction: str, process_group: Any = None
+) -> Any:
     """The Fisher operator (validates the family, kernel, reduction and source)."""
     check_choice(kernel, "kernel", KERNELS)
     check_choice(reduction, "reduction", REDUCTIONS)
-    return _fisher_operator(source, family, kernel=kernel, reduction=reduction)
+    return _fisher_operator(
+        source, family, kernel=kernel, reduction=reduction, process_group=process_group
+    )
+
+
+def _shared_generator(rng: Any, process_group: Any) -> Any:
+    """The generator of parameter-space vectors: the same on every rank (checked)."""
+    return shared_generator(collective(process_group), rng, where="fisherbound.dimension")
 
 
 def _namespace(op: Any) -> Any:
@@ -252,6 +269,7 @@ def top_eigenpairs(
     reduction: str = "sum",
     num_matvecs: int | None = None,
     rng: Any = None,
+    process_group: Any = None,
 ) -> Eigenpairs:
     """The k largest eigenpairs of the Fisher metric, by Lanczos on its operator.
 
@@ -304,12 +322,14 @@ def top_eigenpairs(
     """
     k = check_positive_int(k, "k")
     m = _optional_int(num_matvecs, "num_matvecs")
-    op = _operator(source, family, kernel, reduction)
+    op = _operator(source, family, kernel, reduction, process_group)
     d = int(op.shape[0])
     if k > d:
         msg = f"k must be at most D = {d} (the number of parameters); got k = {k}."
         raise ValueError(msg)
-    return _top_eigenpairs(_namespace(op), op, k=k, num_matvecs=m, gen=as_generator(rng))
+    return _top_eigenpairs(
+        _namespace(op), op, k=k, num_matvecs=m, gen=_shared_generator(rng, process_group)
+    )
 
 
 def _top_eigenpairs(xp: Any, op: Any, *, k: int, num_matvecs: int | None, gen: Any) -> Eigenpairs:
@@ -337,6 +357,7 @@ def spectral_density(
     num_points: int = DEFAULT_NUM_POINTS,
     width: float | None = None,
     rng: Any = None,
+    process_group: Any = None,
 ) -> SpectralDensity:
     """The spectral density of the Fisher metric by stochastic Lanczos quadrature.
 
@@ -370,7 +391,7 @@ def spectral_density(
         Grid size when ``grid`` is None.
     width
         σ > 0, the smoothing standard deviation. Default: 1 % of the range of the
-        nodes (of max |θ| when the range is 0, and 1 when F = 0).
+        nodes (of max ``|θ|`` when the range is 0, and 1 when F = 0).
     rng
         Generator, int seed or None (the probes).
 
@@ -399,7 +420,7 @@ def spectral_density(
     m = check_positive_int(num_matvecs, "num_matvecs")
     G = check_positive_int(num_points, "num_points")
     sigma = None if width is None else _check_positive_real(width, "width")
-    op = _operator(source, family, kernel, reduction)
+    op = _operator(source, family, kernel, reduction, process_group)
     xp = _namespace(op)
     if grid is not None:
         witness = xp.zeros((0,), dtype=op.dtype, device=op.device)
@@ -417,7 +438,7 @@ def spectral_density(
         grid=grid,
         num_points=G,
         width=sigma,
-        gen=as_generator(rng),
+        gen=_shared_generator(rng, process_group),
     )
 
 
@@ -470,6 +491,7 @@ def rank_bound(
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
+    process_group: Any = None,
 ) -> RankBound:
     """The structural bound rank F ≤ min(D, N r) of THEORY §5.
 
@@ -510,11 +532,19 @@ def rank_bound(
     n = 0
     d = 0
     r = 0
-    for lin in _batches(source, fam, desc="rank bound", progress=False):
+    coll = collective(process_group)
+    first = None
+    for lin in _batches(
+        source, fam, desc="rank bound", progress=False, allow_empty=coll is not None
+    ):
         n += int(lin.logits.shape[0])
         d = int(lin.num_params)
-        if r == 0:
+        if first is None:
+            first = lin
             r = _rank_per_input(fam, kernel, int(lin.logits.shape[-1]))
+    if coll is not None:
+        _agree(coll, first, fam, where="rank_bound", kernel=kernel)
+        n = coll.sum_int(n)
     return RankBound(min(d, n * r), d, n, r)
 
 
@@ -534,6 +564,7 @@ def local_dimension(
     num_probes: int = DEFAULT_NUM_PROBES,
     num_matvecs: int | None = None,
     rng: Any = None,
+    process_group: Any = None,
 ) -> Estimate:
     """The local dimensionality d_ε = #{i : λ_i(F) > ε}, matrix-free (THEORY §5).
 
@@ -601,7 +632,7 @@ def local_dimension(
     count_max = check_positive_int(max_count, "max_count")
     M = check_positive_int(num_probes, "num_probes")
     m = _optional_int(num_matvecs, "num_matvecs")
-    op = _operator(source, family, kernel, reduction)
+    op = _operator(source, family, kernel, reduction, process_group)
     d = int(op.shape[0])
     if m is not None and method != "slq" and m < min(count_max + 1, d):
         msg = (
@@ -611,7 +642,7 @@ def local_dimension(
         )
         raise ValueError(msg)
     xp = _namespace(op)
-    gen = as_generator(rng)
+    gen = _shared_generator(rng, process_group)
     if method in ("auto", "lanczos"):
         count = _lanczos_count(xp, op, eps=threshold, max_count=count_max, num_matvecs=m, gen=gen)
         if count is not None:
@@ -714,6 +745,7 @@ def razor(
     num_matvecs: int = DEFAULT_SLQ_MATVECS,
     max_params: int = DEFAULT_MAX_PARAMS,
     rng: Any = None,
+    process_group: Any = None,
 ) -> Razor:
     """The Gaussian-prior razor complexity of a model at θ̂ (THEORY §5).
 
@@ -798,7 +830,8 @@ def razor(
     M = check_positive_int(num_probes, "num_probes")
     m = check_positive_int(num_matvecs, "num_matvecs")
     check_positive_int(max_params, "max_params")
-    op = _operator(source, family, "exact", "sum")
+    op = _operator(source, family, "exact", "sum", process_group)
+    coll = collective(process_group)
     fam = _check_family(family)
     xp = _namespace(op)
     d = int(op.shape[0])
@@ -828,7 +861,9 @@ def razor(
         num_probes=M,
         num_matvecs=m,
         max_params=max_params,
-        gen=as_generator(rng),
+        gen=_shared_generator(rng, process_group),
+        coll=coll,
+        process_group=process_group,
     )
 
 
@@ -936,12 +971,15 @@ def _log_det(
     num_matvecs: int,
     max_params: int,
     gen: Any,
+    process_group: Any = None,
 ) -> Estimate:
     f = _log1p_clipped(xp, s2)
     if method == "slq":
         return slq(op, f, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
     if method == "dense":
-        dense = fisher_dense(lins, family, max_params=max_params, progress=False)
+        dense = fisher_dense(
+            lins, family, max_params=max_params, progress=False, process_group=process_group
+        )
         eigenvalues = xp.linalg.eigvalsh(dense)
     else:
         d = int(op.shape[0])
@@ -965,10 +1003,16 @@ def _razor(
     num_matvecs: int,
     max_params: int,
     gen: Any,
+    coll: Any = None,
+    process_group: Any = None,
 ) -> Razor:
     nll = _scalar(xp, 0.0, op)
     for lin, y in zip(lins, labels, strict=True):
         nll = nll - xp.sum(family.log_likelihood(lin.logits, y))
+    n = sum(int(lin.logits.shape[0]) for lin in lins)
+    if coll is not None:
+        nll = coll.sum(nll)
+        n = coll.sum_int(n)
     delta = theta if theta0 is None else theta - theta0
     penalty = xp.sum(delta * delta) / (2.0 * s2)
     log_det = _log_det(
@@ -982,8 +1026,8 @@ def _razor(
         num_matvecs=num_matvecs,
         max_params=max_params,
         gen=gen,
+        process_group=process_group,
     )
-    n = sum(int(lin.logits.shape[0]) for lin in lins)
     bic = _scalar(xp, 0.5 * int(op.shape[0]) * math.log(n), op)
     value = nll + penalty + 0.5 * log_det.value
     return Razor(value, 0.5 * log_det.std_error, nll, penalty, log_det, bic, method)

@@ -60,9 +60,10 @@ from fisherbound._lib import (
     device_of,
     probes,
 )
+from fisherbound._lib._collective import Collective, collective
 from fisherbound._lib._progress import progress_bar
 from fisherbound.families import KERNELS, Categorical, Family
-from fisherbound.fisher import _check_batch, _check_family
+from fisherbound.fisher import _agree, _check_batch, _check_family
 from fisherbound.linearization import Linearization, as_linearizations
 
 Array = Any
@@ -331,6 +332,48 @@ class Accumulator:
                 )
                 raise ValueError(msg)
 
+    def all_reduce(self, process_group: Any, /) -> Accumulator:
+        """Sum the accumulators of all ranks of ``process_group``; every rank gets the total.
+
+        ``process_group`` is a ``torch.distributed`` process group (reduced with
+        ``torch.distributed.all_reduce``) or the name of a JAX mapped axis (inside
+        ``jax.shard_map``: ``jax.lax.psum``). Values and variances are summed, as
+        are the counts of inputs and batches (the strata of different ranks are
+        independent: their probes must be, see ``Collective.generator``). Every
+        rank must hold at least one stratum of the same quantity. Returns self.
+        """
+        coll = process_group if isinstance(process_group, Collective) else None
+        if coll is None:
+            coll = collective(process_group)
+            if coll is None:
+                msg = "process_group must be a torch process group or a JAX axis name; got None."
+                raise TypeError(msg)
+        leaves = _leaves(self._value) if self._value is not None else []
+        fields: dict[str, Any] = {
+            "batches": self._num_batches,
+            "the quantity": _describe(self._value) if leaves else "nothing",
+        }
+        coll.agree(fields, where="Accumulator.all_reduce")
+        assert self._probes is not None
+        lows, highs = coll.extrema(
+            [self._probes[0], -self._probes[1], int(self._unknown), -int(self._unknown)]
+        )
+        self._probes = (lows[0], -lows[1])
+        self._unknown = bool(highs[2])
+        self._value = _map(coll.sum, self._value)
+        if self._unknown:
+            # Some rank's stratum had a single probe: the variance stays unknown (NaN).
+            xp = array_namespace(leaves[0], names=("value",))
+            self._variance = _map(
+                lambda v: xp.full((), float("nan"), dtype=v.dtype, device=device_of(v)),
+                self._value,
+            )
+        else:
+            self._variance = _map(coll.sum, self._variance)
+        self._num_inputs = coll.sum_int(self._num_inputs)
+        self._num_batches = coll.sum_int(self._num_batches)
+        return self
+
     # -- results -----------------------------------------------------------------
     def estimate(self, *, reduction: str = "sum") -> Estimate:
         """The accumulated ``Estimate``: value, standard error √variance, num_probes.
@@ -361,7 +404,7 @@ class Accumulator:
         return Estimate(value, se, self.num_probes)
 
     def relative_std_error(self) -> float:
-        """SE / |value| of a scalar accumulator (inf when the value is 0, NaN if unknown)."""
+        """SE / ``|value|`` of a scalar accumulator (inf when the value is 0, NaN if unknown)."""
         if self._value is None or isinstance(self._value, dict) or self._value.ndim != 0:
             msg = "relative_std_error needs an accumulator of a scalar (0-d) quantity."
             raise ValueError(msg)
@@ -397,7 +440,13 @@ def _variance_of_mean(s: Array, mu: Array, m: int, xp: Any) -> Array:
 
 
 def _stream(
-    source: Any, family: Family, *, desc: str, progress: bool | None, limit: int | None
+    source: Any,
+    family: Family,
+    *,
+    desc: str,
+    progress: bool | None,
+    limit: int | None,
+    allow_empty: bool = False,
 ) -> Iterator[Any]:
     """The batches of ``source``, validated, at most ``limit`` of them."""
     it: Iterator[Any] = as_linearizations(source)
@@ -407,7 +456,7 @@ def _stream(
     for i, lin in enumerate(progress_bar(it, desc=desc, progress=progress)):
         ref = _check_batch(lin, family, i, ref)
         yield lin
-    if ref is None:
+    if ref is None and not allow_empty:
         msg = "source must contain at least one batch; got an empty iterable."
         raise ValueError(msg)
 
@@ -615,6 +664,32 @@ class _Running:
             self.acc.merge(new)
             self.trace.merge(new_trace)
 
+    def global_trace_terms(self, active: bool) -> Any:
+        """(trace value, its variance, active) of this rank, for the lockstep target."""
+        import numpy as np
+
+        t = self.trace
+        if t.value is None:
+            return np.array([0.0, 0.0, float(active)])
+        return np.array([float(t.value), float(t.variance), float(active)])
+
+    def all_reduce(self, coll: Collective) -> None:
+        """Sum the states of all ranks (the factor's probes: sums of g_m over ranks)."""
+        if self.factor is not None:
+            self.factor = coll.sum(self.factor)
+        else:
+            self.acc.all_reduce(coll)
+            self.trace.all_reduce(coll)
+        if self.rows:
+            xp = array_namespace(self.rows[0], names=("rows",))
+            local = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
+            self.rows = [coll.gather_rows(local)]
+        self.num_inputs = coll.sum_int(self.num_inputs)
+
+    @property
+    def reduced_trace_error(self) -> float:
+        return self.trace.relative_std_error() if self.trace.value is not None else math.nan
+
     def relative_error(self, xp: Any) -> float:
         if self.factor is None:
             return self.trace.relative_std_error()
@@ -647,6 +722,24 @@ class _Running:
         return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m)
 
 
+def _check_distributed_target(coll: Collective | None, target: float | None, what: str) -> None:
+    if coll is None or target is None:
+        return
+    if coll.spmd:
+        msg = (
+            "target_relative_error needs host-side decisions after every batch, which traced "
+            f"JAX code (process_group = {coll.description}) cannot make; pass max_batches "
+            "instead, or run the loop eagerly."
+        )
+        raise ValueError(msg)
+    if what == "full":
+        msg = (
+            "target_relative_error with a process_group supports what='diagonal', 'trace' "
+            "and 'blocks'; for what='full' size the run with what='trace' first."
+        )
+        raise ValueError(msg)
+
+
 def _warn_unreached(target: float, reached: float, batches: int, why: str) -> None:
     msg = (
         f"target_relative_error = {target:g} was not reached: the relative standard error "
@@ -677,6 +770,7 @@ def detach_and_mix(
     max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Estimate:
     """The unbiased single-backward-pass ("detach-and-mix") estimate of the Fisher metric.
 
@@ -776,6 +870,7 @@ def detach_and_mix(
     check_choice(what, "what", WHATS)
     m = check_positive_int(num_probes, "num_probes")
     gen = as_generator(rng)
+    coll = collective(process_group)
     check_choice(kernel, "kernel", KERNELS)
     check_choice(distribution, "distribution", DISTRIBUTIONS)
     per_example = _check_bool(per_example, "per_example")
@@ -798,6 +893,9 @@ def detach_and_mix(
             f"probes per batch or round); got num_probes = {m}."
         )
         raise ValueError(msg)
+    _check_distributed_target(coll, target, what)
+    if coll is not None:
+        gen = coll.generator(gen)  # independent probes on every rank
 
     def draw(lin: Any, selected: list[Any]) -> Any:
         xp = lin.xp
@@ -835,6 +933,15 @@ def detach_and_mix(
         progress=progress,
         desc="detach-and-mix",
         rounds=single and target is not None,
+        coll=coll,
+        options={
+            "what": what,
+            "num_probes": m,
+            "kernel": kernel,
+            "distribution": distribution,
+            "per_example": per_example,
+            "blocks": None if blocks is None else tuple(blocks),
+        },
     )
 
 
@@ -852,40 +959,68 @@ def _run(
     progress: bool | None,
     desc: str,
     rounds: bool,
+    coll: Collective | None = None,
+    options: dict[str, Any] | None = None,
 ) -> Estimate:
-    """Stream the batches (or, with ``rounds``, redraw on one batch) and accumulate."""
+    """Stream the batches (or, with ``rounds``, redraw on one batch) and accumulate.
+
+    With a collective, the ranks' states are all-reduced at the end; with a target
+    as well, the ranks step in lockstep and stop together once the all-reduced
+    trace estimate reaches it (or when every rank has run out of batches).
+    """
     state = _Running(what)
     selected: list[Any] = []
-    xp: Any = None
+    first: Any = None
     count = 0
     reached = False
     if rounds:
         (lin,) = list(_stream(source, family, desc=desc, progress=False, limit=None))
-        xp = lin.xp
-        if what == "blocks":
-            selected = _select_blocks(lin, blocks, max_block_size)
         max_rounds = DEFAULT_MAX_ROUNDS if limit is None else limit
-        for _ in range(max_rounds):
-            state.add_batch(draw(lin, selected), lin.num_inputs, xp, same_inputs=True)
-            count += 1
-            if target is not None and state.relative_error(xp) <= target:
-                reached = True
-                break
+        steps: Iterator[Any] = (lin for _ in range(max_rounds))
         why = f"max_batches = {max_rounds} rounds of probes"
     else:
-        for lin in _stream(source, family, desc=desc, progress=progress, limit=limit):
-            if xp is None:
-                xp = lin.xp
+        steps = _stream(
+            source, family, desc=desc, progress=progress, limit=limit, allow_empty=coll is not None
+        )
+        why = ""
+    while True:
+        lin = next(steps, None)
+        if lin is not None:
+            if first is None:
+                first = lin
                 if what == "blocks":
                     selected = _select_blocks(lin, blocks, max_block_size)
-            state.add_batch(draw(lin, selected), lin.num_inputs, xp, same_inputs=False)
+            state.add_batch(draw(lin, selected), lin.num_inputs, lin.xp, same_inputs=rounds)
             count += 1
-            if target is not None and state.relative_error(xp) <= target:
+        if target is None:
+            if lin is None:
+                break
+            continue
+        if coll is None:
+            if lin is None:
+                break
+            if state.relative_error(lin.xp) <= target:
                 reached = True
                 break
+            continue
+        # Lockstep: the trace estimate over all ranks, and whether any rank went on.
+        total = coll.sum(state.global_trace_terms(lin is not None))
+        value, variance, active = (float(t) for t in total)
+        if variance >= 0.0 and value != 0.0 and math.sqrt(variance) / abs(value) <= target:
+            reached = True
+            break
+        if active == 0.0:
+            break
+    if not rounds:
         why = "the data ran out" if limit is None or count < limit else f"max_batches = {limit}"
+    fam_opts = dict(options or {})
+    if coll is not None:
+        _agree(coll, first, family, where=desc, **fam_opts)
+        state.all_reduce(coll)
+    xp = first.xp
     if target is not None and not reached:
-        _warn_unreached(target, state.relative_error(xp), count, why)
+        error = state.relative_error(xp) if coll is None else state.reduced_trace_error
+        _warn_unreached(target, error, count, why)
     return state.estimate(reduction, xp)
 
 
@@ -903,10 +1038,11 @@ def monte_carlo(
     max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Estimate:
     """The Monte-Carlo Fisher: k labels sampled from the model per input, per-example scores.
 
-    For draw j, y_xj ~ p(·|z_x) and s_xj = J_xᵀ ∇_z log p(y_xj|z_x) (the score
+    For draw j, y_xj ~ p(· | z_x) and s_xj = J_xᵀ ∇_z log p(y_xj | z_x) (the score
     cotangent ``family.score``); the sample is Σ_x s_xj s_xjᵀ (diagonal: the
     per-example squares Σ_x s_xj ⊙ s_xj, through the adapter's
     ``sum_squared_per_example_vjp``). Unbiased for F; its CV is unbounded: in core
@@ -936,6 +1072,7 @@ def monte_carlo(
     check_choice(what, "what", WHATS)
     k = check_positive_int(num_samples, "num_samples")
     gen = as_generator(rng)
+    coll = collective(process_group)
     check_choice(reduction, "reduction", REDUCTIONS)
     target = _check_target(target_relative_error)
     limit = _check_optional_int(max_batches, "max_batches")
@@ -949,6 +1086,9 @@ def monte_carlo(
             f"draws per batch); got num_samples = {k}."
         )
         raise ValueError(msg)
+    _check_distributed_target(coll, target, what)
+    if coll is not None:
+        gen = coll.generator(gen)  # independent label draws on every rank
 
     def draw(lin: Any, selected: list[Any]) -> Any:
         xp = lin.xp
@@ -971,6 +1111,12 @@ def monte_carlo(
         progress=progress,
         desc="Monte-Carlo Fisher",
         rounds=single and target is not None,
+        coll=coll,
+        options={
+            "what": what,
+            "num_samples": k,
+            "blocks": None if blocks is None else tuple(blocks),
+        },
     )
     return est
 
@@ -1006,6 +1152,7 @@ def empirical(
     max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Estimate:
     """The empirical Fisher: per-example scores at the OBSERVED labels (biased).
 
@@ -1055,6 +1202,7 @@ def empirical(
     if max_vectors is not None:
         check_positive_int(max_vectors, "max_vectors")
     batch_labels = _label_source(labels)
+    coll = collective(process_group)
 
     def draw(lin: Any, selected: list[Any]) -> Any:
         xp = lin.xp
@@ -1076,6 +1224,8 @@ def empirical(
         progress=progress,
         desc="empirical Fisher",
         rounds=False,
+        coll=coll,
+        options={"what": what, "blocks": None if blocks is None else tuple(blocks)},
     )
     if limit is None or batch_labels.batches < limit:
         # Only a source that was read to its end can be checked for unused labels.

@@ -8,15 +8,15 @@ of a core kernel K of the output family (``fisherbound.families``) through the
 network Jacobian J_x = ∂z_x/∂θ, supplied matrix-free by a linearization
 (``fisherbound.linearization``). The kernel selects the quantity (THEORY §2):
 
-=================  ==============================================  ==========
+================== ==============================================  ==========
 ``kernel``         K(z)                                            relation
-=================  ==============================================  ==========
+================== ==============================================  ==========
 ``"exact"``        I(z) (categorical: diag(p) − p pᵀ)              F
 ``"upper"``        the DG envelope (categorical: diag(p))          F_DG ⪰ F
 ``"lower"``        the LR envelope λ_C v_C v_Cᵀ                    F_LR ⪯ F
 ``"scalar_upper"`` λ_C · P (P = I − 11ᵀ/C for the categorical)      ⪰ F
 ``"scalar_lower"`` p_(1) · P                                       ⪯ F
-=================  ==============================================  ==========
+================== ==============================================  ==========
 
 Löwner order carries over to diagonals, blocks and traces, so
 ``diag F_LR ≤ diag F ≤ diag F_DG`` entrywise: these are certified bounds at the
@@ -30,6 +30,16 @@ parameter vectors follow the linearization's block order.
 batch by batch, with a progress bar on long runs; ``progress=False`` turns it
 off). ``fisher_operator`` applies the data set at every matvec, so it keeps the
 linearizations: give it one or a list of them, not a one-shot generator.
+
+Data parallel: with ``process_group=`` (a ``torch.distributed`` process group, or
+the name of a JAX mapped axis inside ``jax.shard_map``), each rank passes its own
+shard of the data and every rank receives the result over the union of the
+shards: the per-rank sums (and the input count behind ``reduction="mean"``) are
+all-reduced with the framework's collective. The ranks must run the same call on
+the same model; a disagreement in the number of parameters, the family or the
+options, or an empty shard, raises a ValueError on every rank. The operator
+all-reduces every matvec, so Lanczos / Hutchinson vectors must be the same on
+every rank (seed every rank alike). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._lib import check_choice, check_logits, check_positive_int, device_of
+from fisherbound._lib._collective import Collective, collective
 from fisherbound._lib._progress import progress_bar
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
@@ -144,14 +155,40 @@ def _check_batch(lin: Any, family: Family, index: int, ref: _Signature | None) -
     return ref
 
 
-def _batches(source: Any, family: Family, *, desc: str, progress: bool | None) -> Iterable[Any]:
+def _batches(
+    source: Any, family: Family, *, desc: str, progress: bool | None, allow_empty: bool = False
+) -> Iterable[Any]:
     ref = None
     for i, lin in enumerate(progress_bar(as_linearizations(source), desc=desc, progress=progress)):
         ref = _check_batch(lin, family, i, ref)
         yield lin
-    if ref is None:
+    if ref is None and not allow_empty:
         msg = "source must contain at least one batch; got an empty iterable."
         raise ValueError(msg)
+
+
+def _agree(
+    coll: Collective | None, lin: Any, family: Family, *, where: str, **options: Any
+) -> None:
+    """With a collective: every rank has a batch, the same model, family and options.
+
+    ``lin`` is this rank's first batch (None if its shard was empty: the error is
+    then raised on every rank instead of leaving the others waiting).
+    """
+    if coll is None:
+        return
+    fields: dict[str, Any] = {"batches": 0 if lin is None else 1, "family": repr(family)}
+    sig = None if lin is None else _signature(lin)
+    # An empty shard sends placeholders (the same fields: one vector size everywhere).
+    fields |= {
+        "the number of parameters": -1 if lin is None else lin.num_params,
+        "the parameter blocks": None if sig is None else sig.blocks,
+        "the number of outputs": -1 if sig is None else sig.num_outputs,
+        "the dtype": None if sig is None else str(sig.dtype),
+        "the array library": None if sig is None else sig.library,
+    }
+    fields |= options
+    coll.agree(fields, where=where)
 
 
 def _cotangents(family: Family, z: Array, kernel: str, xp: Any) -> Array:
@@ -175,13 +212,20 @@ def _accumulate(
     blocks: Sequence[str] | None,
     max_size: int,
     progress: bool | None,
+    process_group: Any = None,
 ) -> list[Any]:
+    coll = collective(process_group)
     totals: list[Any] = [None] * len(kernels)
     count = 0
     selected: list[Any] = []
-    for lin in _batches(source, family, desc=f"Fisher {what}", progress=progress):
+    first = None
+    batches = _batches(
+        source, family, desc=f"Fisher {what}", progress=progress, allow_empty=coll is not None
+    )
+    for lin in batches:
         xp = lin.xp
-        if not selected:
+        if first is None:
+            first = lin
             selected = _select_blocks(lin, what, blocks, max_size)
         count += int(lin.logits.shape[0])
         for j, kernel in enumerate(kernels):
@@ -193,10 +237,23 @@ def _accumulate(
             else:
                 part = _outer_products(lin, u, selected, max_vectors, xp)
             totals[j] = part if totals[j] is None else _add(totals[j], part)
+    _agree(
+        coll,
+        first,
+        family,
+        where=f"Fisher {what}",
+        kernels=tuple(kernels),
+        reduction=reduction,
+        blocks=tuple(b.name for b in selected),
+    )
+    assert first is not None  # _batches raised, or _agree did, for an empty source
+    if what == "trace":
+        totals = [first.xp.sum(t) for t in totals]
+    if coll is not None:
+        totals = [coll.sum_tree(t) for t in totals]
+        count = coll.sum_int(count)
     results = []
     for total in totals:
-        if what == "trace":
-            total = lin.xp.sum(total)
         if reduction == "mean":
             total = _scale(total, 1.0 / count)
         if what == "blocks":
@@ -300,6 +357,7 @@ def fisher_diagonal(
     reduction: str = "sum",
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Array:
     """The diagonal of the Fisher metric F_K = Σ_x J_xᵀ K(z_x) J_x, exactly.
 
@@ -323,6 +381,10 @@ def fisher_diagonal(
         (default: the adapter's ``default_max_vectors``).
     progress
         Show a progress bar: None (on a terminal, after 2 s), True or False.
+    process_group
+        None (default), a ``torch.distributed`` process group or a JAX axis name:
+        ``source`` is this rank's shard and the result covers all ranks' data
+        (see the module docstring).
 
     Returns
     -------
@@ -356,6 +418,7 @@ def fisher_diagonal(
         blocks=None,
         max_size=0,
         progress=progress,
+        process_group=process_group,
     )
     return out
 
@@ -368,12 +431,13 @@ def fisher_trace(
     reduction: str = "sum",
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Array:
     """tr F_K = Σ_x Σ_r ‖J_xᵀ b_xr‖², exactly (a 0-d array).
 
     Same cost and options as ``fisher_diagonal`` (it is the sum of the diagonal).
     For an unbiased estimate at the cost of one gradient step use
-    ``fisherbound.estimators``.
+    ``fisherbound.estimators``. ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
     (out,) = _accumulate(
@@ -386,6 +450,7 @@ def fisher_trace(
         blocks=None,
         max_size=0,
         progress=progress,
+        process_group=process_group,
     )
     return out
 
@@ -400,6 +465,7 @@ def fisher_blocks(
     max_block_size: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> dict[str, Array]:
     """The dense diagonal blocks F_bb, one per parameter tensor.
 
@@ -410,6 +476,7 @@ def fisher_blocks(
     ``max_block_size`` parameters are refused with a ValueError (raise the limit
     if you have the memory). Cost: R per-example VJPs per input and
     O(N R s_b²) per block for the outer products; memory Σ_b s_b².
+    ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_block_size, "max_block_size")
@@ -423,6 +490,7 @@ def fisher_blocks(
         blocks=blocks,
         max_size=max_block_size,
         progress=progress,
+        process_group=process_group,
     )
     return out
 
@@ -436,12 +504,13 @@ def fisher_dense(
     max_params: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Array:
     """The dense D × D matrix F_K, for small models only.
 
     Refuses D > ``max_params`` (default 4096) with a ValueError naming the limit;
     raise it if you have the memory. Cost: R per-example VJPs per input and
-    O(N R D²) for the outer products.
+    O(N R D²) for the outer products. ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_params, "max_params")
@@ -455,6 +524,7 @@ def fisher_dense(
         blocks=None,
         max_size=max_params,
         progress=progress,
+        process_group=process_group,
     )
     return out
 
@@ -470,6 +540,7 @@ def fisher_bounds(
     max_size: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Bounds:
     """Deterministic lower and upper bounds of F, in one pass over the data.
 
@@ -480,6 +551,7 @@ def fisher_bounds(
     ``"dense"``, with the options of the corresponding function. Cost: both
     kernels in one pass over the data; the LR kernel needs one per-example VJP
     per input (R = 1), the DG kernel C, as for the exact quantity.
+    ``process_group``: see ``fisher_diagonal``.
 
     Returns
     -------
@@ -501,6 +573,7 @@ def fisher_bounds(
         blocks=blocks,
         max_size=max_size,
         progress=progress,
+        process_group=process_group,
     )
     return Bounds(lower, upper)
 
@@ -512,6 +585,7 @@ def fisher_operator(
     kernel: str = "exact",
     reduction: str = "sum",
     progress: bool | None = False,
+    process_group: Any = None,
 ) -> LinearOperator:
     """F_K as a matrix-free ``LinearOperator`` (D × D).
 
@@ -520,6 +594,9 @@ def fisher_operator(
     is formed. ``source`` is a linearization or a list of them, kept for the
     operator's lifetime (each holds its batch's forward pass) and applied at every
     matvec. Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ).
+    With ``process_group`` every matvec all-reduces the ranks' partial products
+    (one all-reduce of D·k numbers per matmat), so all ranks must apply it to the
+    same vectors: seed Lanczos and Hutchinson alike on every rank.
     """
     fam = _front(family, kernel, reduction, None)
     if isinstance(source, Iterator):
@@ -530,11 +607,24 @@ def fisher_operator(
             "Wrap it in list(...) if the data set fits in memory."
         )
         raise TypeError(msg)
-    lins = list(_batches(source, fam, desc="Fisher operator", progress=False))
+    coll = collective(process_group)
+    lins = list(
+        _batches(source, fam, desc="Fisher operator", progress=False, allow_empty=coll is not None)
+    )
+    _agree(
+        coll,
+        lins[0] if lins else None,
+        fam,
+        where="fisher_operator",
+        kernel=kernel,
+        reduction=reduction,
+    )
     first = lins[0]
     xp = first.xp
     d = first.num_params
     count = sum(int(lin.logits.shape[0]) for lin in lins)
+    if coll is not None:
+        count = coll.sum_int(count)
     scale = 1.0 / count if reduction == "mean" else 1.0
 
     def matmat(v: Array) -> Array:
@@ -546,6 +636,8 @@ def fisher_operator(
             # (e.g. the top eigenpair of the "lower" kernel) are solved once per batch.
             part = lin.vjp_batch(fam.metric_matvec(lin.logits, jv, kernel=kernel))  # (k, D)
             total = part if total is None else total + part
+        if coll is not None:
+            total = coll.sum(total)
         return xp.matrix_transpose(total) * scale
 
     def matvec(v: Array) -> Array:
@@ -553,6 +645,8 @@ def fisher_operator(
         for lin in progress_bar(lins, desc="Fisher matvec", progress=progress):
             part = lin.vjp(fam.metric_matvec(lin.logits, lin.jvp(v), kernel=kernel))
             total = part if total is None else total + part
+        if coll is not None:
+            total = coll.sum(total)
         return total * scale
 
     return LinearOperator(

@@ -59,9 +59,10 @@ from fisherbound._lib import (
     is_array,
     probes,
 )
+from fisherbound._lib._collective import Collective, collective, shared_generator
 from fisherbound._lib._estimate import estimate_from_samples
 from fisherbound._lib._progress import progress_bar
-from fisherbound._lib._validation import check_device, check_finite
+from fisherbound._lib._validation import check_device, check_finite, is_traced
 from fisherbound.families import Categorical, Family
 from fisherbound.fisher import fisher_operator
 from fisherbound.linalg import LinearOperator, eigsh
@@ -230,7 +231,8 @@ def _check_loss(item: object, index: int, ref: Any) -> Any:
     xp = array_namespace(
         ref.params, item.params, names=("the params of batch 0", f"the params of batch {index}")
     )
-    if not bool(xp.all(item.params == ref.params)):
+    same = item.params == ref.params
+    if not is_traced(same) and not bool(xp.all(same)):
         msg = (
             f"every loss function must be frozen at the same parameters θ; batch {index} "
             "differs from batch 0. Build all of them from one model state."
@@ -239,7 +241,9 @@ def _check_loss(item: object, index: int, ref: Any) -> Any:
     return item
 
 
-def _stream(source: Any, *, desc: str, progress: bool | None) -> Iterator[Any]:
+def _stream(
+    source: Any, *, desc: str, progress: bool | None, allow_empty: bool = False
+) -> Iterator[Any]:
     """The loss functions of ``source`` (one, or an iterable), checked, lazily."""
     if isinstance(source, LossFunction):
         yield source
@@ -254,17 +258,44 @@ def _stream(source: Any, *, desc: str, progress: bool | None) -> Iterator[Any]:
             ref = item
         count += 1
         yield item
-    if count == 0:
+    if count == 0 and not allow_empty:
         msg = "source must contain at least one loss function; got an empty iterable."
         raise ValueError(msg)
+
+
+def _agree(coll: Collective | None, first: Any, *, where: str, **options: Any) -> None:
+    """With a collective: every rank has a batch of the same model and options."""
+    if coll is None:
+        return
+    empty = first is None  # placeholders: one vector size on every rank
+    fields: dict[str, Any] = {
+        "batches": 0 if empty else 1,
+        "the number of parameters": -1 if empty else int(first.num_params),
+        "the loss reduction": None if empty else first.reduction,
+        "the family": None if empty else repr(first.family),
+        "the dtype": None if empty else str(first.params.dtype),
+    }
+    coll.agree(fields | options, where=where)
+
+
+def _sharded(
+    source: Any, coll: Collective | None, *, desc: str, progress: bool | None
+) -> Iterator[Any]:
+    """``_stream`` for one rank's shard: an empty shard is reported on every rank."""
+    first = None
+    for item in _stream(source, desc=desc, progress=progress, allow_empty=coll is not None):
+        first = item if first is None else first
+        yield item
+    _agree(coll, first, where=desc)
 
 
 class _Objective:
     """The total loss of a list of loss functions at one θ (sum, or mean over examples)."""
 
-    def __init__(self, items: list[Any]) -> None:
+    def __init__(self, items: list[Any], coll: Collective | None = None) -> None:
         first = items[0]
         self.items = items
+        self.coll = coll
         self.params = first.params
         self.blocks = tuple(first.blocks)
         self.num_params = int(first.num_params)
@@ -273,6 +304,8 @@ class _Objective:
         self.dtype = first.params.dtype
         self.device = device_of(first.params)
         total = sum(int(item.num_inputs) for item in items)
+        if coll is not None:
+            total = coll.sum_int(total)
         if self.reduction == "mean":
             self.weights = [int(item.num_inputs) / total for item in items]
         else:
@@ -283,7 +316,7 @@ class _Objective:
         for w, part in zip(self.weights, parts, strict=True):
             term = part if w == 1.0 else part * w
             out = term if out is None else out + term
-        return out
+        return out if self.coll is None else self.coll.sum(out)
 
     def value(self, shifts: Array) -> Array:
         return self._combine(item.value(shifts) for item in self.items)
@@ -298,7 +331,7 @@ class _Objective:
         return self._combine(item.hvp_batch(V) for item in self.items)
 
 
-def _objective(source: Any, what: str) -> _Objective:
+def _objective(source: Any, what: str, process_group: Any = None) -> _Objective:
     if isinstance(source, Iterator):
         msg = (
             f"{what} needs a re-iterable source (a LossFunction or a list of them): it "
@@ -306,7 +339,8 @@ def _objective(source: Any, what: str) -> _Objective:
             f"({type(source).__name__}). Wrap it in list(...)."
         )
         raise TypeError(msg)
-    return _Objective(list(_stream(source, desc=what, progress=False)))
+    coll = collective(process_group)
+    return _Objective(list(_sharded(source, coll, desc=what, progress=False)), coll)
 
 
 # --------------------------------------------------------------------------- #
@@ -510,7 +544,7 @@ def random_directions(
 # operators and eigen-directions
 
 
-def hessian_operator(source: Any, /) -> LinearOperator:
+def hessian_operator(source: Any, /, *, process_group: Any = None) -> LinearOperator:
     """The Hessian ∇²L(θ) of the total loss as a matrix-free ``LinearOperator`` (D × D).
 
     matvec: Σ_b c_b ∇²L_b(θ) v, one Hessian-vector product per batch (c_b = 1 for
@@ -523,6 +557,10 @@ def hessian_operator(source: Any, /) -> LinearOperator:
     source
         A LossFunction or a re-iterable collection of them (every product streams
         the batches again).
+    process_group
+        None, a ``torch.distributed`` process group or a JAX axis name: ``source``
+        is this rank's shard and every product is all-reduced over the ranks
+        (apply it to the same vectors on every rank).
 
     Examples
     --------
@@ -534,7 +572,7 @@ def hessian_operator(source: Any, /) -> LinearOperator:
     >>> hessian_operator(loss).matmat(np.eye(2)).tolist()  # x xᵀ
     [[1.0, 2.0], [2.0, 4.0]]
     """
-    obj = _objective(source, "hessian_operator")
+    obj = _objective(source, "hessian_operator", process_group)
     return _hessian_operator(obj)
 
 
@@ -569,6 +607,7 @@ def hessian_directions(
     method: str = "lanczos",
     num_matvecs: int | None = None,
     rng: Any = None,
+    process_group: Any = None,
 ) -> EigenDirections:
     """The eigenvectors of the largest and the smallest Hessian eigenvalue.
 
@@ -597,6 +636,9 @@ def hessian_directions(
         ``residuals``; raise m if they are not small against the eigenvalues.
     rng
         numpy Generator, int seed or None (start vectors).
+    process_group
+        As in ``hessian_operator``; the start vectors must then be the same on every
+        rank (the same ``rng`` seed; checked).
 
     Returns
     -------
@@ -629,7 +671,7 @@ def hessian_directions(
                 f"spectrum); got {m}."
             )
             raise ValueError(msg)
-    obj = _objective(source, "hessian_directions")
+    obj = _objective(source, "hessian_directions", process_group)
     d = obj.num_params
     if d < 2:
         msg = (
@@ -638,7 +680,7 @@ def hessian_directions(
         )
         raise ValueError(msg)
     xp = obj.xp
-    gen = as_generator(rng)
+    gen = shared_generator(obj.coll, rng, where="hessian_directions")
     op = _hessian_operator(obj)
     first = eigsh(op, k=1, which="both", num_matvecs=m, rng=gen)
     vals, vecs, res = first.eigenvalues, first.eigenvectors, first.residuals
@@ -675,6 +717,7 @@ def fisher_directions(
     reduction: str = "sum",
     num_matvecs: int | None = None,
     rng: Any = None,
+    process_group: Any = None,
 ) -> EigenDirections:
     """The top eigenvectors of the Fisher metric F = Σ_x J_xᵀ I(z_x) J_x.
 
@@ -697,6 +740,8 @@ def fisher_directions(
         Lanczos steps (default ``min(D, max(2k + 30, 60))``).
     rng
         numpy Generator, int seed or None.
+    process_group
+        As in ``fisher_operator`` (the same ``rng`` seed on every rank; checked).
 
     Returns
     -------
@@ -712,12 +757,15 @@ def fisher_directions(
     [1.6666666667, 1.6666666667]
     """
     k = check_positive_int(num_directions, "num_directions")
-    op = fisher_operator(source, family, kernel=kernel, reduction=reduction)
+    op = fisher_operator(
+        source, family, kernel=kernel, reduction=reduction, process_group=process_group
+    )
     d = int(op.shape[0])
     if k > d:
         msg = f"num_directions must be at most D = {d} (the number of parameters); got {k}."
         raise ValueError(msg)
-    res = eigsh(op, k=k, which="largest", num_matvecs=num_matvecs, rng=rng)
+    gen = shared_generator(collective(process_group), rng, where="fisher_directions")
+    res = eigsh(op, k=k, which="largest", num_matvecs=num_matvecs, rng=gen)
     xp = op.xp
     order = list(range(k - 1, -1, -1))
     return EigenDirections(
@@ -737,7 +785,7 @@ def default_step(params: Array, /) -> Array:
     ε is the machine epsilon of θ's dtype (ε^{1/4} ≈ 1.2e−4 in float64, 1.9e−2 in
     float32). The second difference [L(θ + h u) − 2L(θ) + L(θ − h u)] / h² of a
     unit direction u has a truncation error O(h² L'''') and a rounding error
-    O(ε |L| / h²); h ∝ ε^{1/4} balances the two, and the factor ‖θ‖ makes the
+    O(ε ``|L|`` / h²); h ∝ ε^{1/4} balances the two, and the factor ‖θ‖ makes the
     step relative to the size of the parameters (a step of about ε^{1/4} of
     every coordinate's root-mean-square for a direction with entries of order
     one). A direction d is used with the coefficient h / ‖d‖, so that the
@@ -774,6 +822,7 @@ def projected_curvature(
     *,
     method: str = "hvp",
     step: float | None = None,
+    process_group: Any = None,
 ) -> ProjectedCurvature:
     """Curvature of the loss surface f(α, β) = L(θ + α η + β δ) at α = β = 0.
 
@@ -808,6 +857,9 @@ def projected_curvature(
         quadratic loss up to rounding.
     step
         The displacement norm of ``method="loss"``; default ``default_step(θ)``.
+    process_group
+        None, a ``torch.distributed`` process group or a JAX axis name: ``source``
+        is this rank's shard; losses, gradients and products are all-reduced.
 
     Returns
     -------
@@ -828,7 +880,7 @@ def projected_curvature(
     """
     method = check_choice(method, "method", CURVATURE_METHODS)
     h_user = None if step is None else _check_real(step, "step")
-    obj = _objective(source, "projected_curvature")
+    obj = _objective(source, "projected_curvature", process_group)
     xp = obj.xp
     dirs = _check_vectors(directions, "directions", obj.params, obj.num_params, (2,), "params")
     if method == "hvp":
@@ -887,6 +939,7 @@ def loss_trace(
     rng: Any = None,
     batch_size: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Estimate:
     """The Hessian trace tr ∇²L(θ) from loss values only, with a standard error.
 
@@ -921,7 +974,7 @@ def loss_trace(
     step
         The displacement norm h > 0; default ``default_step(θ)`` = ε^{1/4} ·
         max(‖θ‖, 1) (ε the dtype's machine epsilon). Too small a step amplifies the
-        rounding error of L (∝ ε |L| / h²), too large a step adds the fourth-order
+        rounding error of L (∝ ε ``|L|`` / h²), too large a step adds the fourth-order
         term (∝ h²); the standard error does not include this bias, which is why
         the ``"hvp"`` estimate on the same probes is there to compare.
     rng
@@ -930,6 +983,10 @@ def loss_trace(
         Probes per call of ``value`` / ``hvp_batch`` (default min(M, 16)).
     progress
         Progress bar over batches: None (on a terminal, after 2 s), True or False.
+    process_group
+        None, a ``torch.distributed`` process group or a JAX axis name: ``source``
+        is this rank's shard; the per-probe sums are all-reduced, so the probes must
+        be the same on every rank (the same ``rng`` seed; checked).
 
     Returns
     -------
@@ -964,14 +1021,15 @@ def loss_trace(
         if batch_size is None
         else check_positive_int(batch_size, "batch_size")
     )
-    gen = as_generator(rng)
+    coll = collective(process_group)
+    gen = shared_generator(coll, rng, where="loss_trace")
     start = copy.deepcopy(gen)  # the probe stream, replayed on every batch
     total = None
     count = 0
     xp = None
     last = None
     reduction = "sum"
-    for loss in _stream(source, desc="loss trace", progress=progress):
+    for loss in _sharded(source, coll, desc="loss trace", progress=progress):
         xp = array_namespace(loss.params, names=("params",))
         last = copy.deepcopy(start)
         samples = _trace_samples(xp, loss, last, m, b, kind, method, h_user)
@@ -983,6 +1041,9 @@ def loss_trace(
     assert total is not None
     assert last is not None
     assert xp is not None
+    if coll is not None:
+        total = coll.sum(total)
+        count = coll.sum_int(count)
     if reduction == "mean":
         total = total / float(count)
     gen.bit_generator.state = last.bit_generator.state
@@ -1302,6 +1363,7 @@ def surface(
     num_points: int = 21,
     batch_size: int | None = None,
     progress: bool | None = None,
+    process_group: Any = None,
 ) -> Surface:
     """The loss on a 1-D or 2-D grid θ + α d_1 (+ β d_2), over a data set.
 
@@ -1331,6 +1393,10 @@ def surface(
         Grid points per call of ``value`` (default max(1, min(64, 2²² / D))).
     progress
         Progress bar over batches: None (on a terminal, after 2 s), True or False.
+    process_group
+        None, a ``torch.distributed`` process group or a JAX axis name: ``source``
+        is this rank's shard; the grid of losses is all-reduced (pass the same
+        directions on every rank).
 
     Returns
     -------
@@ -1360,7 +1426,8 @@ def surface(
     count = 0
     prepared = None
     reduction = "sum"
-    for loss in _stream(source, desc="loss surface", progress=progress):
+    coll = collective(process_group)
+    for loss in _sharded(source, coll, desc="loss surface", progress=progress):
         if prepared is None:
             xp = array_namespace(loss.params, names=("params",))
             dirs = _check_vectors(
@@ -1390,6 +1457,9 @@ def surface(
     assert total is not None
     assert prepared is not None
     xp, dirs, axes, _, _ = prepared
+    if coll is not None:
+        total = coll.sum(total)
+        count = coll.sum_int(count)
     if reduction == "mean":
         total = total / float(count)
     shape = tuple(int(a.shape[0]) for a in axes)

@@ -16,10 +16,10 @@ Array = Any
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
-def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
+def as_generator(rng: Any) -> Any:
     """Normalise ``rng`` (a Generator, an int seed or None) to a Generator."""
-    if isinstance(rng, np.random.Generator):
-        return rng
+    if isinstance(rng, np.random.Generator) or _ranked(rng):
+        return rng  # a RankedGenerator is used like one by probes() and uniform()
     if rng is None or (isinstance(rng, int | np.integer) and not isinstance(rng, bool)):
         return np.random.default_rng(rng)
     msg = f"rng must be a numpy.random.Generator, an int seed or None; got {type(rng).__name__}."
@@ -27,7 +27,7 @@ def as_generator(rng: np.random.Generator | int | None) -> np.random.Generator:
 
 
 def probes(
-    rng: np.random.Generator,
+    rng: Any,
     shape: tuple[int, ...],
     *,
     distribution: str,
@@ -40,18 +40,30 @@ def probes(
     Drawn on the host, so the same generator state gives the same probes on
     every backend.
     """
+    ranked = _ranked(rng)
+    gen = rng.gen if ranked else rng
+    full = (rng.world_size, *shape) if ranked else shape
     if distribution == "rademacher":
-        host = rng.integers(0, 2, size=shape, dtype=np.int8).astype(np.float64) * 2.0 - 1.0
+        host = gen.integers(0, 2, size=full, dtype=np.int8).astype(np.float64) * 2.0 - 1.0
     elif distribution == "gaussian":
-        host = rng.standard_normal(size=shape)
+        host = gen.standard_normal(size=full)
     else:
         msg = f"distribution must be one of {DISTRIBUTIONS}; got {distribution!r}."
         raise ValueError(msg)
-    return xp.asarray(host, dtype=dtype, device=device)
+    out = xp.asarray(host, dtype=dtype, device=device)
+    return rng.select(out) if ranked else out
 
 
-def uniform(
-    rng: np.random.Generator, shape: tuple[int, ...], *, xp: Any, dtype: Any, device: Any
-) -> Array:
+def uniform(rng: Any, shape: tuple[int, ...], *, xp: Any, dtype: Any, device: Any) -> Array:
     """Uniform numbers on [0, 1), drawn on the host."""
+    if _ranked(rng):
+        out = xp.asarray(rng.gen.random(size=(rng.world_size, *shape)), dtype=dtype, device=device)
+        return rng.select(out)
     return xp.asarray(rng.random(size=shape), dtype=dtype, device=device)
+
+
+def _ranked(rng: Any) -> bool:
+    """A ``RankedGenerator`` (traced SPMD code): draw every device's numbers, keep ours."""
+    from fisherbound._lib._collective import RankedGenerator
+
+    return isinstance(rng, RankedGenerator)

@@ -55,8 +55,23 @@ def first_indices(mask: Array, xp: Any, limit: int = 10) -> list[int]:
     return [int(idx[i]) for i in range(min(int(idx.shape[0]), limit))]
 
 
+def is_traced(x: Array) -> bool:
+    """True for an abstract JAX value (a tracer inside jit, grad or shard_map)."""
+    if not type(x).__module__.startswith("jax"):
+        return False
+    import jax
+
+    return isinstance(x, jax.core.Tracer)
+
+
 def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
-    """Raise a ValueError naming the offending rows if ``x`` has NaN or inf."""
+    """Raise a ValueError naming the offending rows if ``x`` has NaN or inf.
+
+    Values traced by JAX (inside ``jit`` / ``shard_map``) have no value to check on
+    the host; they pass, and a NaN propagates to the result instead.
+    """
+    if is_traced(x):
+        return
     bad = ~xp.isfinite(x)
     if not bool(xp.any(bad)):
         return

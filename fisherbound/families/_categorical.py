@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from fisherbound._lib import device_of, uniform
+from fisherbound._lib._validation import is_traced
 from fisherbound.families._base import Family, _diag, one_hot
 from fisherbound.families._checks import bad_positions, check_label_array
 from fisherbound.families._secular import secular_roots
@@ -76,7 +77,7 @@ class Categorical(Family):
         check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]))
         c = int(z.shape[-1])
         bad = (y < 0) | (y >= c)
-        if bool(xp.any(bad)):
+        if not is_traced(bad) and bool(xp.any(bad)):  # traced (JAX jit): unchecked
             msg = (
                 f"y must hold class indices in [0, {c}); got values out of range at "
                 f"positions {bad_positions(bad, xp)} (flattened)."

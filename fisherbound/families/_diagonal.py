@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from fisherbound._lib import device_of, probes, uniform
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib._validation import check_finite, is_traced
 from fisherbound.families._base import Family, one_hot
 from fisherbound.families._checks import bad_positions, check_label_array
 
@@ -77,7 +77,7 @@ class Bernoulli(_DiagonalFamily):
     def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
         check_label_array(z, y, kind="real floating", shape=tuple(z.shape))
         bad = (y != 0.0) & (y != 1.0)
-        if bool(xp.any(bad)):
+        if not is_traced(bad) and bool(xp.any(bad)):  # traced (JAX jit): unchecked
             msg = (
                 "y must hold binary labels 0.0 or 1.0; got other values at positions "
                 f"{bad_positions(bad, xp)} (flattened)."

@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+from fisherbound._lib._validation import is_traced
+
 Array = Any
 
 #: Largest number of (row, root, pole) triples evaluated at once: 1 MiB per float64
@@ -146,6 +148,9 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
     }
     finished: list[dict[str, Array]] = []
     h, psi, dpsi, dphi = _evaluate(pc, delta, tau, left_f, right_f, xp)
+    # Traced by JAX (jit, shard_map): no host-side early exit or compaction; converged
+    # entries are frozen by the masks, so the fixed iteration count is exact too.
+    traced = is_traced(tau)
 
     for _ in range(MAX_ITERATIONS):
         active = ~st["done"]
@@ -155,7 +160,7 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
         at_noise = xp.abs(h) <= NOISE * eps * (h - 2.0 * psi)  # h − 2ψ = Σ|terms|
         narrow = (hi - lo) <= 2.0 * eps * xp.maximum(xp.abs(lo), xp.abs(hi))
         st["done"] = st["done"] | at_noise | narrow
-        if bool(xp.all(st["done"])):
+        if not traced and bool(xp.all(st["done"])):
             break
 
         new, ok = _rational_step(h, dpsi, dphi, tau, st["pole_l"], st["pole_r"], lo, hi, xp)
@@ -173,6 +178,9 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
         st["prev_ok"] = ok
         st["tau"] = xp.where(done, tau, new)
         st["done"] = done | small
+        if traced:
+            h, psi, dpsi, dphi = _evaluate(pc, delta, st["tau"], left_f, right_f, xp)
+            continue
         column_done = xp.all(st["done"], axis=0)
         num_done = int(xp.sum(xp.astype(column_done, xp.int32)))
         if num_done == int(column_done.shape[0]):

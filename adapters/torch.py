@@ -1175,7 +1175,7 @@ def linearize(
 ) -> TorchLinearization:
     """Linearize ``model`` at its current parameters on one batch of ``inputs``.
 
-    The linearization exposes the logits z = model(*inputs), shape (N, C), and
+    The linearization exposes the logits z = ``model(*inputs)``, shape (N, C), and
     the Jacobian J = ∂z/∂θ through products (``jvp``, ``vjp``, their batched and
     per-example forms), with θ the concatenation of the selected parameters,
     flattened row-major, in order. The forward pass is done once here
@@ -1440,7 +1440,7 @@ def loss_function(
 ) -> TorchLossFunction:
     """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
 
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = model(*inputs) and the family's
+    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = ``model(*inputs)`` and the family's
     ``log_likelihood`` (``reduction="mean"`` divides by N), as a
     :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
     (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``

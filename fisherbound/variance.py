@@ -357,7 +357,7 @@ def classical_variance(
 ) -> Array:
     """Variance of the diagonal of the classical Fisher estimators Î_1 and Î_2 (THEORY §4).
 
-    With k labels y ~ p(·|x) per input (inputs fixed, their variances added):
+    With k labels y ~ p(· | x) per input (inputs fixed, their variances added):
 
     - ``estimator="score"``: Î_1 = (1/k) Σ s sᵀ, the score outer product (what
       ``fisherbound.estimators.monte_carlo`` computes), Var(Î_1,ii) =
@@ -369,7 +369,7 @@ def classical_variance(
       linear (the last layer).
 
     ``bound=True`` returns the bounds instead: Î_1: (range of aᵀu)² · aᵀIa / k,
-    the range being max a − min a (categorical) or Σ_c |a_c| max(σ_c, 1 − σ_c)
+    the range being max a − min a (categorical) or Σ_c ``|a_c|`` max(σ_c, 1 − σ_c)
     (Bernoulli; unit Gaussian: the exact value, aᵀu is unbounded); Î_2:
     λ̄ ‖c‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1 (Gaussian), upper
     bounds of λ_max(I). ``reduction="mean"`` divides by N².

@@ -14,11 +14,11 @@ pseudo-determinant, label sampling, scores and the moments used by the
 variance formulas. Everything is written against the array API standard and
 stays in the logits' namespace, device and dtype.
 
-Families
---------
-``Categorical()``  softmax classification, I_Δ = diag(p) − p pᵀ.
-``Bernoulli()``    C independent sigmoid outputs (multi-label), diag(σ(1 − σ)).
-``Gaussian()``     unit-variance regression, the identity.
+The families and their exact metrics:
+
+- ``Categorical()``: softmax classification, I_Δ = diag(p) − p pᵀ.
+- ``Bernoulli()``: C independent sigmoid outputs (multi-label), diag(σ(1 − σ)).
+- ``Gaussian()``: unit-variance regression, the identity.
 
 ``KERNELS`` lists the kernel names accepted by ``kernel=``:
 "exact", "upper", "lower", "scalar_upper", "scalar_lower".

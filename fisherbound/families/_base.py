@@ -131,7 +131,7 @@ class Family:
         """The score ∂ log p(y | z) / ∂z = t(y) − E t(y), shape (..., C).
 
         Categorical: onehot(y) − p; Bernoulli: y − σ(z); Gaussian: y − z. Its
-        mean under y ~ p(·|z) is zero and its covariance is the exact metric.
+        mean under y ~ p(· | z) is zero and its covariance is the exact metric.
         """
         xp = self._check_z(z)
         self._check_labels(z, y, xp)
@@ -351,7 +351,7 @@ class Family:
 
     # ---------------------------------------------------------------- moments
     def fourth_moment(self, z: Array, a: Array, /) -> Array:
-        """E (aᵀu)⁴ with u = t(y) − E t(y), y ~ p(·|z); shape: broadcast leading axes.
+        """E (aᵀu)⁴ with u = t(y) − E t(y), y ~ p(· | z); shape: broadcast leading axes.
 
         The contraction in the variance of the score-outer-product estimator
         (paper 2, THEORY §4): Var(Î_1,ii) = (1/N)[E(aᵀu)⁴ − (aᵀ I a)²] with

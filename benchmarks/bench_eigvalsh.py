@@ -9,23 +9,26 @@ benchmarks/results/eigvalsh.json.
 
 Run: ``python benchmarks/bench_eigvalsh.py`` (minutes: the two dense solves at
 C = 10,000 dominate, about 5 minutes each on a loaded 2-core machine).
-``--sizes 1000 3000`` and ``--repeats 5`` change the defaults.
+``--sizes 1000 3000`` and ``--repeats 5`` change the defaults; ``--quick`` runs
+C = 200, 500 twice.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import time
-from pathlib import Path
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from _common import RESULTS, machine, median, now, table, timed, write_json
 
 from fisherbound.families import Categorical
+
+NAME = "eigvalsh"
+TITLE = "Core-space spectrum: secular equation vs dense eigvalsh (NumPy, float64)"
+SIZES = (1000, 3000, 10_000)
+QUICK_SIZES = (200, 500)
 
 
 def dense_spectrum(z: np.ndarray) -> np.ndarray:
@@ -37,19 +40,14 @@ def dense_spectrum(z: np.ndarray) -> np.ndarray:
 def bench(c: int, repeats: int, seed: int) -> dict[str, float | int]:
     z = np.random.default_rng(seed).standard_normal(c) * 2.0
     family = Categorical()
-    secular_times, dense_times = [], []
-    ours = ref = None
+    times: dict[str, list[float]] = {"secular": [], "dense": []}
+    ours = ref = np.empty(0)
     for _ in range(repeats):  # interleaved, so both see the same load
-        start = time.perf_counter()
-        ours = family.eigvalsh(z)
-        secular_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        ref = dense_spectrum(z)
-        dense_times.append(time.perf_counter() - start)
-    assert ours is not None
-    assert ref is not None
-    secular = statistics.median(secular_times)
-    dense = statistics.median(dense_times)
+        t, ours = timed(lambda: family.eigvalsh(z))
+        times["secular"].append(t)
+        t, ref = timed(lambda: dense_spectrum(z))
+        times["dense"].append(t)
+    secular, dense = median(times["secular"]), median(times["dense"])
     return {
         "num_classes": c,
         "repeats": repeats,
@@ -61,36 +59,56 @@ def bench(c: int, repeats: int, seed: int) -> dict[str, float | int]:
     }
 
 
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    sizes: Sequence[int] | None = None,
+    repeats: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``threads`` is unused: NumPy's BLAS threads are set by the environment."""
+    sizes = tuple(sizes or (QUICK_SIZES if quick else SIZES))
+    repeats = repeats or (2 if quick else 5)
+    rows = [bench(c, repeats if c < 10_000 else min(repeats, 2), seed) for c in sizes]
+    return {
+        "dtype": "float64",
+        "rows": rows,
+        "ratios": {f"dense / secular, C = {r['num_classes']}": r["speedup"] for r in rows},
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"{r['num_classes']:,}",
+            f"{r['secular_s']:.3g}",
+            f"{r['dense_s']:.3g}",
+            f"{r['speedup']:.1f}",
+            f"{r['max_abs_diff']:.1e}",
+        ]
+        for r in result["rows"]
+    ]
+    return table(["C", "secular (s)", "dense (s)", "dense / secular", "max abs difference"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10_000])
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions below C = 10,000")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions below C = 10,000")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-
-    rows = []
-    for c in args.sizes:
-        repeats = args.repeats if c < 10_000 else min(args.repeats, 2)
-        rows.append(bench(c, repeats, args.seed))
-
-    print("| C | secular eigvalsh (s) | dense eigvalsh (s) | dense / secular | max abs diff |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(
-            f"| {r['num_classes']:,} | {r['secular_s']:.3f} | {r['dense_s']:.3f} | "
-            f"{r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |"
-        )
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    result = run(quick=args.quick, sizes=args.sizes, repeats=args.repeats, seed=args.seed)
+    print(markdown(result))
     record = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
-        "numpy": np.__version__,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "results": rows,
+        "date": now(),
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine(),
+        **result,
     }
-    (out / "eigvalsh.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {out / 'eigvalsh.json'}")
+    write_json(RESULTS / "eigvalsh.json", record)
+    print(f"\nwrote {RESULTS / 'eigvalsh.json'}")
 
 
 if __name__ == "__main__":

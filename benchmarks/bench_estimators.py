@@ -22,26 +22,26 @@ the exact diagonals of fisherbound and BackPACK agree.
 
 Run:  python benchmarks/bench_estimators.py [--reps 5] [--threads 2] [--quick]
 Writes benchmarks/results/estimators.json and, with matplotlib,
-benchmarks/results/estimators.png (relative error against cost).
+benchmarks/results/estimators.png (relative error against cost). ``--quick``:
+tiny models, k <= 10, no confident model and no memory measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 # On a shared machine, OpenMP threads that spin while waiting fight other processes
@@ -50,6 +50,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
+from _common import machine, now, write_json
 from torch import nn
 
 from fisherbound.adapters.torch import linearize
@@ -58,6 +59,8 @@ from fisherbound.fisher import fisher_diagonal, fisher_operator
 from fisherbound.linalg import hutchinson_trace
 
 RESULTS = Path(__file__).parent / "results"
+NAME = "estimators"
+TITLE = "Random Fisher-diagonal estimators against a gradient step (torch CPU, float32)"
 
 
 # --------------------------------------------------------------------------- #
@@ -87,10 +90,34 @@ def make_cnn() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(64, 3, 32, 32)
 
 
+def make_mlp_quick() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return model, torch.randn(32, 64)
+
+
+def make_cnn_quick() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
+    )
+    return model, torch.randn(8, 3, 8, 8)
+
+
 MODELS = {
     "mlp": ("MLP 784-512-256-10, batch 128", make_mlp),
     "cnn": ("CNN conv32-conv64-fc256-fc10 on 3x32x32, batch 64", make_cnn),
 }
+QUICK_MODELS = {
+    "mlp": ("MLP 64-32-10, batch 32 (quick)", make_mlp_quick),
+    "cnn": ("CNN 3x8x8, conv4-linear, batch 8 (quick)", make_cnn_quick),
+}
+
+
+def registry(quick: bool) -> dict[str, Any]:
+    return QUICK_MODELS if quick else MODELS
 
 
 def train_confident(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -249,7 +276,7 @@ ERROR_KS = {
 
 def bench_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
-    model, x = MODELS[key][1]()
+    model, x = registry(args.quick)[key][1]()
     model.eval()
     y = torch.randint(0, 10, (x.shape[0],))
     n = int(x.shape[0])
@@ -291,7 +318,7 @@ def bench_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
                 t_step = timed_call(lambda: grad_step(model, x, y))
                 cost[name] = timed_call(lambda: methods[name](x, y, seed=0)) / t_step  # noqa: B023
 
-    memory = measure_memory(key)
+    memory = measure_memory(key) if args.memory else {}
 
     # -- accuracy -------------------------------------------------------------
     exact = methods["exact"](x, y)
@@ -306,7 +333,7 @@ def bench_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     trace_err = trace_errors(model, x, exact) if "trace_dm_100" in methods else {}
 
     result: dict[str, Any] = {
-        "model": MODELS[key][0],
+        "model": registry(args.quick)[key][0],
         "num_params": sum(p.numel() for p in model.parameters()),
         "grad_step_ms": step * 1e3,
         "cost": cost,
@@ -374,7 +401,7 @@ def measure_memory(key: str) -> dict[str, float]:
 
 def memory_child(key: str) -> None:
     torch.manual_seed(0)
-    model, x = MODELS[key][1]()
+    model, x = make_mlp() if key == "mlp" else make_cnn()
     model.eval()
     y = torch.randint(0, 10, (x.shape[0],))
     methods: dict[str, Callable[..., Any]] = {}
@@ -432,10 +459,15 @@ def markdown(results: dict[str, Any]) -> str:
             "| method | cost (gradient steps) | peak memory (MiB) | relative error |",
             "| --- | --- | --- | --- |",
         ]
-        lines.append(f"| gradient step | 1.00 | {r['memory_mib']['grad_step']:.0f} | |")
+        mem = r["memory_mib"]
+
+        def mib(name: str, mem: dict[str, float] = mem) -> str:
+            return f"{mem[name]:.0f}" if name in mem else "not measured"
+
+        lines.append(f"| gradient step | 1.00 | {mib('grad_step')} | |")
         err = r["errors"]
         for name, c in r["cost"].items():
-            if name == "grad_step" or name not in r["memory_mib"]:
+            if name == "grad_step" or (mem and name not in mem):
                 continue
             e = ""
             for fam, pattern in ERROR_KS.items():
@@ -448,7 +480,7 @@ def markdown(results: dict[str, Any]) -> str:
                 e = f"{err['empirical']['bias']:.3f} (bias)"
             if name in r["trace_errors"]:
                 e = f"{r['trace_errors'][name]:.4f} (trace, exact)"
-            lines.append(f"| {name} | {c:.2f} | {r['memory_mib'][name]:.0f} | {e} |")
+            lines.append(f"| {name} | {c:.2f} | {mib(name)} | {e} |")
         lines += [
             "",
             "Relative error of the diagonal by number of draws k (cost in gradient steps):",
@@ -523,38 +555,79 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    models: Sequence[str] | None = None,
+    reps: int | None = None,
+    warmup: int = 1,
+    draws: int | None = None,
+    memory: bool | None = None,
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    args = SimpleNamespace(
+        quick=quick,
+        reps=reps or (2 if quick else 7),
+        warmup=warmup,
+        draws=draws or (2 if quick else 3),
+        memory=(not quick) if memory is None else memory,
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        # BackPACK's hooks warn that no input requires a gradient (expected here).
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        results = {key: bench_model(key, args) for key in (models or list(registry(quick)))}
+    ratios = {
+        f"{key}: {name} / gradient step": c
+        for key, r in results.items()
+        for name, c in r["cost"].items()
+    }
+    return {
+        "threads": threads,
+        "dtype": "float32",
+        "reps": args.reps,
+        "draws": args.draws,
+        "backpack": importlib.util.find_spec("backpack") is not None,
+        "models": results,
+        "seconds": time.perf_counter() - start,
+        "ratios": ratios,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--draws", type=int, default=3, help="draws per relative error")
+    parser.add_argument("--draws", type=int, default=None, help="draws per relative error")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--quick", action="store_true", help="k <= 10, no confident model")
+    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models, k <= 10, no confident model, no memory"
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # BackPACK's hooks warn that no input requires a gradient (expected here).
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
     if args.memory_child:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         memory_child(args.memory_child)
         return
-    start = time.perf_counter()
-    results: dict[str, Any] = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "threads": args.threads,
-        "dtype": "float32",
-        "backpack": importlib.util.find_spec("backpack") is not None,
+    results = run(
+        quick=args.quick,
+        threads=args.threads,
+        models=args.models,
+        reps=args.reps,
+        warmup=args.warmup,
+        draws=args.draws,
+    )
+    results = {
+        "date": now(),
+        "machine": machine(),
         "command": "python benchmarks/bench_estimators.py " + " ".join(sys.argv[1:]),
-        "models": {},
+        **results,
     }
-    for key in args.models:
-        results["models"][key] = bench_model(key, args)
-    results["seconds"] = time.perf_counter() - start
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "estimators.json").write_text(json.dumps(results, indent=2))
-    print(f"{results['date']}, {results['machine']}, {args.threads} threads, float32")
+    write_json(RESULTS / "estimators.json", results)
+    print(f"{results['date']}, {results['machine']['cpu']}, {args.threads} threads, float32")
     print(markdown(results))
     if plot(results, RESULTS / "estimators.png"):
         print(f"plot: {RESULTS / 'estimators.png'}")

@@ -12,8 +12,8 @@ Timings are interleaved (one repetition of every method, then the next) after
 warm-up rounds; the table reports the median and the minimum over repetitions
 (the generic path, which is slow, gets fewer: --generic-reps).
 
-Run:  python benchmarks/bench_exact_diagonal.py [--reps 7] [--threads 2]
-Writes benchmarks/results/exact_diagonal.json.
+Run:  python benchmarks/bench_exact_diagonal.py [--reps 7] [--threads 2] [--quick]
+Writes benchmarks/results/exact_diagonal.json. ``--quick``: tiny models, 2 repetitions.
 """
 
 from __future__ import annotations
@@ -21,18 +21,22 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
-import platform
 import statistics
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from _common import machine, now, write_json
 from torch import nn
 
 from fisherbound.adapters.torch import linearize
+
+NAME = "exact_diagonal"
+TITLE = "Exact Fisher diagonal (torch CPU, float32)"
 
 
 def make_mlp() -> tuple[nn.Module, torch.Tensor]:
@@ -56,9 +60,29 @@ def make_cnn() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(64, 3, 32, 32)
 
 
+def make_mlp_quick() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return model, torch.randn(16, 64)
+
+
+def make_cnn_quick() -> tuple[nn.Module, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
+    )
+    return model, torch.randn(8, 3, 8, 8)
+
+
 MODELS = {
     "mlp": ("MLP 784-512-256-10, batch 128", make_mlp),
     "cnn": ("CNN 3x32x32, conv16-conv32-linear, batch 64", make_cnn),
+}
+QUICK_MODELS = {
+    "mlp": ("MLP 64-32-10, batch 16 (quick)", make_mlp_quick),
+    "cnn": ("CNN 3x8x8, conv4-linear, batch 8 (quick)", make_cnn_quick),
 }
 
 
@@ -118,9 +142,16 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def bench_model(key: str, reps: int, warmup: int, with_generic: bool, generic_reps: int) -> dict:
+def bench_model(
+    key: str,
+    reps: int,
+    warmup: int,
+    with_generic: bool,
+    generic_reps: int,
+    models: dict[str, Any] = MODELS,
+) -> dict:
     torch.manual_seed(0)
-    model, x = MODELS[key][1]()
+    model, x = models[key][1]()
     model.eval()
     y = torch.randint(0, 10, (x.shape[0],))
     methods: dict[str, Callable[[], object]] = {
@@ -155,7 +186,7 @@ def bench_model(key: str, reps: int, warmup: int, with_generic: bool, generic_re
                 times[name].append(elapsed)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {
-        "model": MODELS[key][0],
+        "model": models[key][0],
         "num_params": sum(p.numel() for p in model.parameters()),
         "median_s": medians,
         "min_s": {name: min(ts) for name, ts in times.items()},
@@ -186,16 +217,61 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    models: Sequence[str] | None = None,
+    reps: int | None = None,
+    warmup: int | None = None,
+    generic: bool = True,
+    generic_reps: int | None = None,
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    registry = QUICK_MODELS if quick else MODELS
+    reps = reps or (2 if quick else 7)
+    warmup = warmup if warmup is not None else (1 if quick else 2)
+    generic_reps = generic_reps or (1 if quick else 3)
+    results = {
+        key: bench_model(key, reps, warmup, generic, generic_reps, registry)
+        for key in (models or list(registry))
+    }
+    ratios = {}
+    for key, r in results.items():
+        med = r["median_s"]
+        for name, t in med.items():
+            if name != "gradient step":
+                ratios[f"{key}: {name} / gradient step"] = t / med["gradient step"]
+            if "BackPACK DiagGGNExact" in med and name != "BackPACK DiagGGNExact":
+                ratios[f"{key}: {name} / BackPACK DiagGGNExact"] = t / med["BackPACK DiagGGNExact"]
+    return {
+        "threads": threads,
+        "dtype": "float32",
+        "device": "cpu",
+        "reps": reps,
+        "generic_reps": generic_reps,
+        "warmup": warmup,
+        "backpack": importlib.util.find_spec("backpack") is not None,
+        "models": results,
+        "ratios": ratios,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    return "\n\n".join(table(r) for r in result["models"].values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions (median)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up rounds")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-generic", action="store_true", help="skip the generic vmap path")
     parser.add_argument(
-        "--generic-reps", type=int, default=3, help="timed repetitions of the slow generic path"
+        "--generic-reps", type=int, default=None, help="timed repetitions of the slow generic path"
     )
+    parser.add_argument("--quick", action="store_true", help="tiny models, 2 repetitions")
     parser.add_argument(
         "--out",
         type=Path,
@@ -203,30 +279,19 @@ def main() -> None:
         help="where to write the JSON results",
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-
-    results = {}
-    for key in args.models:
-        results[key] = bench_model(
-            key, args.reps, args.warmup, not args.no_generic, args.generic_reps
-        )
-        print(table(results[key]))
-        print()
-    meta = {
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "dtype": "float32",
-        "device": "cpu",
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "reps": args.reps,
-        "generic_reps": args.generic_reps,
-        "warmup": args.warmup,
-        "backpack": importlib.util.find_spec("backpack") is not None,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    result = run(
+        quick=args.quick,
+        threads=args.threads,
+        models=args.models,
+        reps=args.reps,
+        warmup=args.warmup,
+        generic=not args.no_generic,
+        generic_reps=args.generic_reps,
+    )
+    print(markdown(result))
+    record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
+    write_json(args.out, {**record, **result})
     print(f"wrote {args.out}")
 
 

@@ -16,19 +16,17 @@ finite-difference error alone).
 With ``--figures DIR`` it instead trains a small MLP (64-32-10, tanh) on the
 scikit-learn digits by gradient descent and writes the figures of docs/landscape.md.
 
-Run:  python benchmarks/bench_landscape.py [--reps 5] [--threads 2] [--probes 32]
+Run:  python benchmarks/bench_landscape.py [--reps 5] [--threads 2] [--probes 32] [--quick]
       python benchmarks/bench_landscape.py --figures docs/figures
-Writes benchmarks/results/landscape.json.
+Writes benchmarks/results/landscape.json. ``--quick``: an MLP 64-32-10, batch 32,
+4 probes, one repetition.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,16 +34,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import machine, now, write_json
 from torch import nn
 
 from fisherbound.adapters.torch import linearize, loss_function
 from fisherbound.landscape import default_step, loss_trace
 
 RESULTS = Path(__file__).parent / "results"
+NAME = "landscape"
+TITLE = "Loss landscape: the Hessian trace from loss values against HVPs (torch CPU)"
 
 
-def make_mlp(activation: type[nn.Module] = nn.ReLU) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def make_mlp(
+    activation: type[nn.Module] = nn.ReLU, quick: bool = False
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
+    if quick:
+        model = nn.Sequential(nn.Linear(64, 32), activation(), nn.Linear(32, 10))
+        return model, torch.randn(32, 64), torch.randint(0, 10, (32,))
     model = nn.Sequential(
         nn.Linear(784, 512), activation(), nn.Linear(512, 256), activation(), nn.Linear(256, 10)
     )
@@ -63,8 +69,8 @@ def timed(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def benchmark(reps: int, probes: int) -> dict[str, Any]:
-    model, x, y = make_mlp()
+def benchmark(reps: int, probes: int, quick: bool = False) -> dict[str, Any]:
+    model, x, y = make_mlp(quick=quick)
     loss = loss_function(model, x, y)
     cases = [("loss", 1), ("loss", 16), ("hvp", 1), ("hvp", 16)]
     for method, b in cases:  # warm up (torch.func's first transforms are slow)
@@ -94,15 +100,15 @@ def benchmark(reps: int, probes: int) -> dict[str, Any]:
                 "gradient_steps_per_probe": t / step,
             }
         )
-    return {"gradient_step_seconds": step, "rows": rows, "same_probes": accuracy()}
+    return {"gradient_step_seconds": step, "rows": rows, "same_probes": accuracy(quick)}
 
 
-def accuracy() -> list[dict[str, Any]]:
+def accuracy(quick: bool = False) -> list[dict[str, Any]]:
     """Loss-only against HVP trace on the same 32 probes, default step, 4 variants."""
     out = []
     for activation in (nn.ReLU, nn.Tanh):
         for dtype in (torch.float32, torch.float64):
-            model, x, y = make_mlp(activation)
+            model, x, y = make_mlp(activation, quick)
             loss = loss_function(model.to(dtype), x.to(dtype), y)
             by_loss = loss_trace(loss, num_probes=32, rng=7, batch_size=16)
             by_hvp = loss_trace(loss, num_probes=32, rng=7, batch_size=16, method="hvp")
@@ -241,30 +247,46 @@ def figures(out: Path) -> None:
     print(f"Ritz values: min {float(ritz.min()):.4g}, max {float(ritz.max()):.4g}")
 
 
+def run(
+    *, quick: bool = False, threads: int = 2, reps: int | None = None, probes: int | None = None
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    reps = reps or (1 if quick else 5)
+    probes = probes or (4 if quick else 32)
+    result = benchmark(reps, probes, quick)
+    model = "MLP 64-32-10 (ReLU), batch 32 (quick)" if quick else "MLP 784-512-256-10 (ReLU)"
+    result.update(
+        {
+            "threads": threads,
+            "reps": reps,
+            "probes": probes,
+            "model": f"{model}, float32" if quick else f"{model}, float32, batch 128",
+            "ratios": {
+                f"{row['method']}, {row['batch_size']} per call: per probe / gradient step": row[
+                    "gradient_steps_per_probe"
+                ]
+                for row in result["rows"]
+            },
+        }
+    )
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--probes", type=int, default=32)
+    parser.add_argument("--probes", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a small MLP, 4 probes, 1 rep")
     parser.add_argument("--figures", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.figures is not None:
         figures(args.figures)
         return
-    result = benchmark(args.reps, args.probes)
-    result.update(
-        {
-            "date": datetime.date.today().isoformat(),
-            "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), {args.threads} "
-            f"threads, torch {torch.__version__}",
-            "command": "python benchmarks/bench_landscape.py "
-            f"--reps {args.reps} --threads {args.threads} --probes {args.probes}",
-            "model": "MLP 784-512-256-10 (ReLU), float32, batch 128",
-        }
-    )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "landscape.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = run(quick=args.quick, threads=args.threads, reps=args.reps, probes=args.probes)
+    record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
+    write_json(RESULTS / "landscape.json", {**record, **result})
     print(markdown(result))
 
 

@@ -18,29 +18,31 @@ includes the Lanczos reorthogonalisation. The CNN is conv32-conv64-fc256-fc10 on
 inputs (1,070,794 parameters), batch 64, at its random initialisation.
 
 Run:  python benchmarks/bench_spectrum.py [--threads 2] [--reps 1] [--probes 5] [--steps 20]
-Writes benchmarks/results/spectrum.json and prints a Markdown table.
+Writes benchmarks/results/spectrum.json and prints a Markdown table. ``--quick``: a
+tiny CNN (conv4-fc10 on 3×8×8, batch 8), k = 3, 2 probes × 5 steps.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import machine, now, write_json
 from torch import nn
 
 from fisherbound.adapters.torch import linearize
 from fisherbound.dimension import razor, top_eigenpairs
 from fisherbound.families import Categorical
 from fisherbound.fisher import fisher_operator
+
+NAME = "spectrum"
+TITLE = "Top of the Fisher spectrum and the SLQ log-det (torch CPU, float32)"
 
 
 def make_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -60,6 +62,18 @@ def make_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     x = torch.randn(64, 3, 32, 32)
     y = torch.randint(0, 10, (64,))
     return model, x, y
+
+
+def make_cnn_quick() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
+    )
+    return model, torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
 
 
 class CountingLinearization:
@@ -119,18 +133,20 @@ def median_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
     return statistics.median(times), out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=1, help="repetitions of the long rows")
-    parser.add_argument("--probes", type=int, default=5, help="SLQ probes M")
-    parser.add_argument("--steps", type=int, default=20, help="SLQ Lanczos steps m per probe")
-    parser.add_argument("--k", type=int, default=10, help="top eigenpairs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "spectrum.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, x, y = make_cnn()
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    reps: int = 1,
+    probes: int | None = None,
+    steps: int | None = None,
+    k: int | None = None,
+) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    probes = probes or (2 if quick else 5)
+    steps = steps or (5 if quick else 20)
+    k = k or (3 if quick else 10)
+    model, x, y = make_cnn_quick() if quick else make_cnn()
     num_params = sum(p.numel() for p in model.parameters())
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -159,9 +175,9 @@ def main() -> None:
 
     def top() -> Any:
         lin.matvecs = 0
-        return top_eigenpairs(lin, Categorical(), k=args.k, rng=0)
+        return top_eigenpairs(lin, Categorical(), k=k, rng=0)
 
-    t_top, g_top, pairs = timed(top, args.reps)
+    t_top, g_top, pairs = timed(top, reps)
     top_matvecs = lin.matvecs
 
     def logdet() -> Any:
@@ -173,32 +189,34 @@ def main() -> None:
             labels=y,
             theta=theta,
             method="slq",
-            num_probes=args.probes,
-            num_matvecs=args.steps,
+            num_probes=probes,
+            num_matvecs=steps,
             rng=0,
         )
 
-    t_slq, g_slq, out = timed(logdet, args.reps)
+    t_slq, g_slq, out = timed(logdet, reps)
     slq_matvecs = lin.matvecs
 
     rows = [
         ("gradient step (forward + backward, mean CE)", 0, t_grad, t_grad),
         ("linearize (one forward, kept for the VJPs)", 0, t_lin, g_lin),
         ("one Fisher matvec (1 JVP + 1 VJP)", 1, t_matvec, g_matvec),
-        (f"top_eigenpairs k={args.k} (Lanczos m=60 + residuals)", top_matvecs, t_top, g_top),
+        (f"top_eigenpairs k={k} (Lanczos m=60 + residuals)", top_matvecs, t_top, g_top),
         (
-            f"SLQ log det(I + σ²F), M={args.probes} probes × m={args.steps} steps",
+            f"SLQ log det(I + σ²F), M={probes} probes × m={steps} steps",
             slq_matvecs,
             t_slq,
             g_slq,
         ),
     ]
     results = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "threads": args.threads,
+        "threads": threads,
         "dtype": "float32",
-        "model": "CNN conv32-conv64-fc256-fc10 on 3x32x32, batch 64",
+        "model": (
+            "CNN conv4-fc10 on 3x8x8, batch 8 (quick)"
+            if quick
+            else "CNN conv32-conv64-fc256-fc10 on 3x32x32, batch 64"
+        ),
         "num_params": num_params,
         "rows": [
             {
@@ -215,25 +233,55 @@ def main() -> None:
         "slq_log_det": float(out.log_det.value),
         "slq_log_det_std_error": float(out.log_det.std_error),
         "bic_penalty": float(out.bic_penalty),
+        "ratios": {q: t / g for q, m, t, g in rows[1:]},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
-    print(f"CNN, {num_params:,} parameters, batch 64, float32, {args.threads} threads")
-    print()
-    print("| quantity | Fisher matvecs | time (s) | × gradient step | s per matvec |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for q, m, t, g in rows:
-        per = f"{t / m:.2f}" if m else "–"
-        print(f"| {q} | {m} | {t:.2f} | {t / g:.1f} | {per} |")
-    print()
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['model']}, {results['num_params']:,} parameters, float32, "
+        f"{results['threads']} threads",
+        "",
+        "| quantity | Fisher matvecs | time (s) | × gradient step | s per matvec |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for row in results["rows"]:
+        q, m, t = row["quantity"], row["matvecs"], row["seconds"]
+        per = f"{t / m:.2g}" if m else "–"
+        lines.append(f"| {q} | {m} | {t:.3g} | {row['ratio_to_gradient_step']:.1f} | {per} |")
+    lines.append("")
     top3 = ", ".join(f"{e:.4g}" for e in results["top_eigenvalues"][:3])
-    print(f"top eigenvalues: {top3}, …; max residual {max(results['top_residuals']):.2g}")
-    print(
+    lines.append(
+        f"top eigenvalues: {top3}, …; max residual {max(results['top_residuals']):.2g}. "
         f"SLQ log det = {results['slq_log_det']:.2f} ± {results['slq_log_det_std_error']:.2f}"
         f" (½ log det = {results['slq_log_det'] / 2:.1f} nats vs BIC (D/2) log N ="
         f" {results['bic_penalty']:.0f})"
     )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of the long rows")
+    parser.add_argument("--probes", type=int, default=None, help="SLQ probes M (default 5)")
+    parser.add_argument("--steps", type=int, default=None, help="SLQ Lanczos steps m (default 20)")
+    parser.add_argument("--k", type=int, default=None, help="top eigenpairs (default 10)")
+    parser.add_argument("--quick", action="store_true", help="a tiny CNN, k = 3, 2 × 5 SLQ")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "spectrum.json"))
+    args = parser.parse_args()
+    results = run(
+        quick=args.quick,
+        threads=args.threads,
+        reps=args.reps,
+        probes=args.probes,
+        steps=args.steps,
+        k=args.k,
+    )
+    record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
+    write_json(Path(args.out), {**record, **results})
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,330 @@
+"""The benchmark runner: one command, every section, JSON and Markdown out.
+
+Runs ``benchmarks/run.py --quick`` once (tiny models, about half a minute on 2
+cores) and checks the files it writes: every section present and measured (the
+GPU sections skipped, with the reason, where no GPU is usable), every ratio a
+positive finite number, every peer row measured or "not installed" as the
+environment says, and the values of the peers agreeing with fisherbound's before
+they were timed. No timing is asserted. The GPU timing functions are also called
+directly with CPU arrays on both sides (NumPy as host and device namespace, torch
+"cpu" as both devices), the code path the GPU sections run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SECTIONS = [
+    "eigvalsh",
+    "exact_diagonal",
+    "estimators",
+    "spectrum",
+    "landscape",
+    "peers",
+    "gpu_core_space",
+    "gpu_torch",
+]
+PEERS = ["backpack", "curvlinops", "nngeometry", "pyhessian"]
+
+
+def _has_cupy_gpu() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+def _has_cuda_torch() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return out, proc
+
+
+@pytest.fixture(scope="module")
+def record(quick_run: tuple[Path, subprocess.CompletedProcess]) -> dict[str, Any]:
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def _ratios(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every entry of every ``ratios`` dict in the record, with where it was found."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "ratios":
+                assert isinstance(value, dict), path
+                found += [(f"{path}/ratios/{k}", v) for k, v in value.items()]
+            else:
+                found += _ratios(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _ratios(value, f"{path}/{i}")
+    return found
+
+
+def test_writes_json_and_markdown(quick_run: tuple[Path, subprocess.CompletedProcess]) -> None:
+    out, proc = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "results.json").is_file()
+    assert (out / "results.md").is_file()
+
+
+def test_record_describes_run_and_machine(record: dict[str, Any]) -> None:
+    assert record["quick"] is True
+    assert "--quick" in record["command"]
+    assert record["date"][:4].isdigit()
+    machine = record["machine"]
+    assert machine["cpu"]
+    assert machine["cores"] >= 1
+    import torch
+
+    assert machine["torch"] == torch.__version__
+    assert machine["numpy"] == np.__version__
+    assert machine["gpu"] is None or isinstance(machine["gpu"], str)
+    assert set(machine["peers"]) == set(PEERS)
+
+
+def test_every_section_present_and_measured(record: dict[str, Any]) -> None:
+    sections = record["sections"]
+    assert list(sections) == SECTIONS
+    for name in SECTIONS[:6]:
+        assert sections[name]["status"] == "measured", (name, sections[name])
+        assert sections[name]["result"]["ratios"], name
+
+
+@pytest.mark.parametrize(
+    ("name", "available"), [("gpu_core_space", _has_cupy_gpu), ("gpu_torch", _has_cuda_torch)]
+)
+def test_gpu_sections_measured_or_skipped_with_reason(
+    record: dict[str, Any], name: str, available: Any
+) -> None:
+    section = record["sections"][name]
+    if available():
+        assert section["status"] == "measured"
+        assert section["result"]["rows"]
+        return
+    assert section["status"] == "skipped"
+    assert section["reason"].startswith("no GPU: ")
+    assert len(section["reason"]) > len("no GPU: ")
+    # The GPU timing code ran on the CPU instead, and both sides agreed exactly.
+    check = section["result"]["self_check"]
+    assert "not a GPU measurement" in check["kind"]
+    assert check["rows"]
+    assert all(row["max_relative_difference"] == 0.0 for row in check["rows"])
+
+
+def test_every_ratio_positive_and_finite(record: dict[str, Any]) -> None:
+    ratios = _ratios(record)
+    assert len(ratios) > 50
+    bad = [
+        (where, value)
+        for where, value in ratios
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+    ]
+    assert not bad
+
+
+def test_peer_rows_measured_or_not_installed(record: dict[str, Any]) -> None:
+    result = record["sections"]["peers"]["result"]
+    rows = result["rows"]
+    for lib in ["fisherbound", *PEERS]:
+        mine = [r for r in rows if r["library"] == lib]
+        assert mine, lib
+        installed = lib == "fisherbound" or importlib.util.find_spec(lib) is not None
+        expected = "measured" if installed else "not installed"
+        assert {r["status"] for r in mine} == {expected}, lib
+        assert (result["libraries"][lib] == "not installed") is not installed, lib
+    for r in rows:
+        if r["status"] == "measured":
+            assert r["agreement"] is not None, r
+            assert math.isfinite(r["agreement"]), r
+            assert r["ratio_to_gradient_step"] > 0, r
+        else:
+            assert "seconds" not in r, r
+
+
+def test_peers_agree_before_timing(record: dict[str, Any]) -> None:
+    """Exact quantities agree to float32 accuracy; random ones are within reason."""
+    rows = record["sections"]["peers"]["result"]["rows"]
+    exact = ("exact diagonal", "exact trace", "one Fisher-vector product", "top ")
+    measured = [r for r in rows if r["status"] == "measured"]
+    for r in measured:
+        if r["quantity"].startswith(exact):
+            assert r["agreement"] < 1e-4, r
+        elif r["library"] == "fisherbound" and r["ratio_to_fisherbound"] == 1.0:
+            assert 0 <= r["agreement"] < 100, r  # a reference row, or fisherbound's own error
+        else:  # errors of random estimates and of the power iteration: finite, not absurd
+            assert 0 < r["agreement"] < 100, r
+    # fisherbound's own rows are the references of the exact groups.
+    for r in measured:
+        if r["library"] == "fisherbound" and r["quantity"].startswith(exact[:2]):
+            assert r["agreement"] == 0.0
+            assert r["ratio_to_fisherbound"] == 1.0
+
+
+def test_exact_values_agree_inside_sections(record: dict[str, Any]) -> None:
+    sections = record["sections"]
+    for row in sections["eigvalsh"]["result"]["rows"]:
+        assert row["max_abs_diff"] < 1e-12
+    for model in sections["exact_diagonal"]["result"]["models"].values():
+        assert all(v < 1e-5 for v in model["max_relative_difference"].values())
+    residuals = sections["spectrum"]["result"]["top_residuals"]
+    assert len(residuals) == 3
+
+
+def test_markdown_has_every_section(
+    record: dict[str, Any], quick_run: tuple[Path, subprocess.CompletedProcess]
+) -> None:
+    out, _ = quick_run
+    text = (out / "results.md").read_text()
+    assert record["command"] in text
+    for section in record["sections"].values():
+        assert f"## {section['title']}" in text
+        if section["status"] == "skipped":
+            assert f"skipped: {section['reason']}" in text
+    assert "| --- |" in text
+    assert "quick" in text
+
+
+# --------------------------------------------------------------------------- #
+# the GPU code paths, on CPU arrays
+
+
+@pytest.fixture
+def bench_gpu(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_core_space_with_numpy_as_host_and_device(bench_gpu: Any) -> None:
+    result = bench_gpu.core_space(
+        np,
+        np,
+        to_device=np.array,
+        to_host=np.asarray,
+        shapes=[(50, 7), (5, 30)],
+        reps=1,
+        warmup=0,
+    )
+    ops = {(r["operation"], r["N"], r["C"]) for r in result["rows"]}
+    assert ops == {
+        (op, n, c)
+        for op in ("eigvalsh", "sqrt_metric_matvec", "metric_matvec")
+        for n, c in [(50, 7), (5, 30)]
+    }
+    for r in result["rows"]:
+        assert r["max_relative_difference"] == 0.0
+        assert r["host_s"] > 0
+        assert r["device_s"] > 0
+    assert len(result["ratios"]) == 6
+
+
+def test_core_space_detects_disagreeing_device(bench_gpu: Any) -> None:
+    """A 'device' that computes something else shows up in the agreement column."""
+    result = bench_gpu.core_space(
+        np,
+        np,
+        to_device=lambda a: np.array(a) * 1.5,  # wrong logits and probes on the "device"
+        to_host=np.asarray,
+        shapes=[(20, 5)],
+        reps=1,
+        warmup=0,
+    )
+    assert all(r["max_relative_difference"] > 1e-3 for r in result["rows"])
+
+
+def test_torch_devices_on_cpu_and_cpu(bench_gpu: Any) -> None:
+    result = bench_gpu.torch_devices("cpu", "cpu", quick=True, probes=(1, 3), reps=1, warmup=0)
+    assert [r["num_probes"] for r in result["rows"]] == [1, 3]
+    for r in result["rows"]:
+        assert r["max_relative_difference"] == 0.0  # same seed, same probes, same device
+    assert all(v > 0 for v in result["ratios"].values())
+    assert set(result["gradient_step_s"]) == {"host", "device"}
+
+
+def test_plain_refuses_what_json_cannot_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from _common import plain
+
+    assert plain({"a": np.float64(2.0), "b": float("nan"), "c": (1, np.int64(3))}) == {
+        "a": 2.0,
+        "b": None,
+        "c": [1, 3],
+    }
+    with pytest.raises(TypeError, match="cannot store a ndarray in results.json"):
+        plain({"x": np.zeros(3)})
+
+
+# --------------------------------------------------------------------------- #
+# the command line
+
+
+def _runner(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_list_names_every_section() -> None:
+    proc = _runner("--list")
+    assert proc.returncode == 0
+    assert proc.stdout.split() == SECTIONS
+
+
+def test_unknown_section_is_refused() -> None:
+    proc = _runner("--only", "nonsense")
+    assert proc.returncode == 2
+    assert "--only" in proc.stderr
+    assert "nonsense" in proc.stderr
+
+
+def test_threads_must_be_positive() -> None:
+    proc = _runner("--threads", "0")
+    assert proc.returncode == 2
+    assert "--threads must be a positive integer; got 0" in proc.stderr
+
+
+def test_only_runs_the_named_sections(tmp_path: Path) -> None:
+    proc = _runner("--quick", "--only", "eigvalsh", "gpu_core_space", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert list(record["sections"]) == ["eigvalsh", "gpu_core_space"]

@@ -238,9 +238,20 @@ def _operator(
     )
 
 
-def _shared_generator(rng: Any, process_group: Any) -> Any:
-    """The generator of parameter-space vectors: the same on every rank (checked)."""
-    return shared_generator(collective(process_group), rng, where="fisherbound.dimension")
+def _shared_generator(rng: Any, process_group: Any, where: str, **options: Any) -> Any:
+    """The generator of parameter-space vectors: the same on every rank (checked),
+    after checking that every rank runs the call with the same ``options``."""
+    coll = collective(process_group)
+    if coll is not None and coll.spmd:
+        msg = (
+            f"{where} runs Lanczos on the host, which traced JAX code cannot do "
+            f"(process_group = {coll.description}); call it outside jax.shard_map, on one "
+            "device or with a torch process group."
+        )
+        raise ValueError(msg)
+    if coll is not None:
+        coll.agree(options, where=where)
+    return shared_generator(coll, rng, where=where)
 
 
 def _namespace(op: Any) -> Any:
@@ -328,7 +339,11 @@ def top_eigenpairs(
         msg = f"k must be at most D = {d} (the number of parameters); got k = {k}."
         raise ValueError(msg)
     return _top_eigenpairs(
-        _namespace(op), op, k=k, num_matvecs=m, gen=_shared_generator(rng, process_group)
+        _namespace(op),
+        op,
+        k=k,
+        num_matvecs=m,
+        gen=_shared_generator(rng, process_group, "top_eigenpairs", k=k, num_matvecs=m),
     )
 
 
@@ -438,7 +453,9 @@ def spectral_density(
         grid=grid,
         num_points=G,
         width=sigma,
-        gen=_shared_generator(rng, process_group),
+        gen=_shared_generator(
+            rng, process_group, "spectral_density", M=M, m=m, num_points=G, width=sigma
+        ),
     )
 
 
@@ -642,7 +659,16 @@ def local_dimension(
         )
         raise ValueError(msg)
     xp = _namespace(op)
-    gen = _shared_generator(rng, process_group)
+    gen = _shared_generator(
+        rng,
+        process_group,
+        "local_dimension",
+        eps=threshold,
+        method=method,
+        max_count=count_max,
+        num_probes=M,
+        num_matvecs=m,
+    )
     if method in ("auto", "lanczos"):
         count = _lanczos_count(xp, op, eps=threshold, max_count=count_max, num_matvecs=m, gen=gen)
         if count is not None:
@@ -861,7 +887,9 @@ def razor(
         num_probes=M,
         num_matvecs=m,
         max_params=max_params,
-        gen=_shared_generator(rng, process_group),
+        gen=_shared_generator(
+            rng, process_group, "razor", s2=s2, method=method, M=M, m=m, max_params=max_params
+        ),
         coll=coll,
         process_group=process_group,
     )

@@ -351,7 +351,7 @@ class Accumulator:
         leaves = _leaves(self._value) if self._value is not None else []
         fields: dict[str, Any] = {
             "batches": self._num_batches,
-            "the quantity": _describe(self._value) if leaves else "nothing",
+            "the quantity (shapes and dtypes)": _layout(self._value),
         }
         coll.agree(fields, where="Accumulator.all_reduce")
         assert self._probes is not None
@@ -360,7 +360,7 @@ class Accumulator:
         )
         self._probes = (lows[0], -lows[1])
         self._unknown = bool(highs[2])
-        self._value = _map(coll.sum, self._value)
+        self._value = _sum_sorted(coll, self._value)
         if self._unknown:
             # Some rank's stratum had a single probe: the variance stays unknown (NaN).
             xp = array_namespace(leaves[0], names=("value",))
@@ -369,7 +369,7 @@ class Accumulator:
                 self._value,
             )
         else:
-            self._variance = _map(coll.sum, self._variance)
+            self._variance = _sum_sorted(coll, self._variance)
         self._num_inputs = coll.sum_int(self._num_inputs)
         self._num_batches = coll.sum_int(self._num_batches)
         return self
@@ -419,6 +419,22 @@ class Accumulator:
             f"Accumulator(batches={self._num_batches}, inputs={self._num_inputs}, "
             f"probes={self.num_probes}, value={_describe(self._value)})"
         )
+
+
+def _layout(tree: Any) -> Any:
+    """Names, shapes and dtypes of an accumulated quantity, in a rank-independent order."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return tuple((k, tuple(tree[k].shape), str(tree[k].dtype)) for k in sorted(tree))
+    return (tuple(tree.shape), str(tree.dtype))
+
+
+def _sum_sorted(coll: Collective, tree: Any) -> Any:
+    """All-reduce leafwise; dict leaves in sorted key order (the same on every rank)."""
+    if isinstance(tree, dict):
+        return {k: coll.sum(tree[k]) for k in sorted(tree)}
+    return coll.sum(tree)
 
 
 def _describe(tree: Any) -> str:
@@ -664,14 +680,12 @@ class _Running:
             self.acc.merge(new)
             self.trace.merge(new_trace)
 
-    def global_trace_terms(self, active: bool) -> Any:
+    def global_trace_terms(self, active: bool) -> list[float]:
         """(trace value, its variance, active) of this rank, for the lockstep target."""
-        import numpy as np
-
         t = self.trace
         if t.value is None:
-            return np.array([0.0, 0.0, float(active)])
-        return np.array([float(t.value), float(t.variance), float(active)])
+            return [0.0, 0.0, float(active)]
+        return [float(t.value), float(t.variance), float(active)]
 
     def all_reduce(self, coll: Collective) -> None:
         """Sum the states of all ranks (the factor's probes: sums of g_m over ranks)."""
@@ -968,6 +982,11 @@ def _run(
     as well, the ranks step in lockstep and stop together once the all-reduced
     trace estimate reaches it (or when every rank has run out of batches).
     """
+    if coll is not None:
+        # Before any data-dependent collective: every rank runs the same call.
+        settings = {"what": what, "reduction": reduction, "target_relative_error": target}
+        settings |= {"max_batches": limit, "rounds of probes on one batch": rounds}
+        coll.agree(settings | dict(options or {}), where=desc)
     state = _Running(what)
     selected: list[Any] = []
     first: Any = None
@@ -1004,8 +1023,7 @@ def _run(
                 break
             continue
         # Lockstep: the trace estimate over all ranks, and whether any rank went on.
-        total = coll.sum(state.global_trace_terms(lin is not None))
-        value, variance, active = (float(t) for t in total)
+        value, variance, active = coll.sum_floats(state.global_trace_terms(lin is not None))
         if variance >= 0.0 and value != 0.0 and math.sqrt(variance) / abs(value) <= target:
             reached = True
             break

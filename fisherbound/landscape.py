@@ -59,7 +59,7 @@ from fisherbound._lib import (
     is_array,
     probes,
 )
-from fisherbound._lib._collective import Collective, collective, shared_generator
+from fisherbound._lib._collective import Collective, collective, fingerprint, shared_generator
 from fisherbound._lib._estimate import estimate_from_samples
 from fisherbound._lib._progress import progress_bar
 from fisherbound._lib._validation import check_device, check_finite, is_traced
@@ -264,12 +264,13 @@ def _stream(
 
 
 def _agree(coll: Collective | None, first: Any, *, where: str, **options: Any) -> None:
-    """With a collective: every rank has a batch of the same model and options."""
+    """With a collective: every rank has a batch of the same model, θ and options."""
     if coll is None:
         return
     empty = first is None  # placeholders: one vector size on every rank
     fields: dict[str, Any] = {
         "batches": 0 if empty else 1,
+        "the parameter values θ": None if empty else fingerprint(first.params),
         "the number of parameters": -1 if empty else int(first.num_params),
         "the loss reduction": None if empty else first.reduction,
         "the family": None if empty else repr(first.family),
@@ -279,14 +280,15 @@ def _agree(coll: Collective | None, first: Any, *, where: str, **options: Any) -
 
 
 def _sharded(
-    source: Any, coll: Collective | None, *, desc: str, progress: bool | None
+    source: Any, coll: Collective | None, *, desc: str, progress: bool | None, **options: Any
 ) -> Iterator[Any]:
-    """``_stream`` for one rank's shard: an empty shard is reported on every rank."""
+    """``_stream`` for one rank's shard; at its end the ranks compare θ and ``options``
+    (an empty shard is reported on every rank)."""
     first = None
     for item in _stream(source, desc=desc, progress=progress, allow_empty=coll is not None):
         first = item if first is None else first
         yield item
-    _agree(coll, first, where=desc)
+    _agree(coll, first, where=desc, **options)
 
 
 class _Objective:
@@ -331,7 +333,13 @@ class _Objective:
         return self._combine(item.hvp_batch(V) for item in self.items)
 
 
-def _objective(source: Any, what: str, process_group: Any = None) -> _Objective:
+def _fingerprints(coordinates: Any) -> Any:
+    if isinstance(coordinates, tuple | list):
+        return tuple(fingerprint(c) for c in coordinates)
+    return fingerprint(coordinates)
+
+
+def _objective(source: Any, what: str, process_group: Any = None, **options: Any) -> _Objective:
     if isinstance(source, Iterator):
         msg = (
             f"{what} needs a re-iterable source (a LossFunction or a list of them): it "
@@ -340,7 +348,7 @@ def _objective(source: Any, what: str, process_group: Any = None) -> _Objective:
         )
         raise TypeError(msg)
     coll = collective(process_group)
-    return _Objective(list(_sharded(source, coll, desc=what, progress=False)), coll)
+    return _Objective(list(_sharded(source, coll, desc=what, progress=False, **options)), coll)
 
 
 # --------------------------------------------------------------------------- #
@@ -671,7 +679,13 @@ def hessian_directions(
                 f"spectrum); got {m}."
             )
             raise ValueError(msg)
-    obj = _objective(source, "hessian_directions", process_group)
+    obj = _objective(source, "hessian_directions", process_group, method=method, m=m)
+    if obj.coll is not None and obj.coll.spmd:
+        msg = (
+            "hessian_directions runs Lanczos on the host, which traced JAX code cannot do "
+            f"(process_group = {obj.coll.description}); call it outside jax.shard_map."
+        )
+        raise ValueError(msg)
     d = obj.num_params
     if d < 2:
         msg = (
@@ -880,7 +894,14 @@ def projected_curvature(
     """
     method = check_choice(method, "method", CURVATURE_METHODS)
     h_user = None if step is None else _check_real(step, "step")
-    obj = _objective(source, "projected_curvature", process_group)
+    obj = _objective(
+        source,
+        "projected_curvature",
+        process_group,
+        method=method,
+        step=h_user,
+        directions=fingerprint(getattr(directions, "directions", directions)),
+    )
     xp = obj.xp
     dirs = _check_vectors(directions, "directions", obj.params, obj.num_params, (2,), "params")
     if method == "hvp":
@@ -1029,7 +1050,8 @@ def loss_trace(
     xp = None
     last = None
     reduction = "sum"
-    for loss in _sharded(source, coll, desc="loss trace", progress=progress):
+    options = {"M": m, "distribution": kind, "method": method, "step": h_user, "batch": b}
+    for loss in _sharded(source, coll, desc="loss trace", progress=progress, **options):
         xp = array_namespace(loss.params, names=("params",))
         last = copy.deepcopy(start)
         samples = _trace_samples(xp, loss, last, m, b, kind, method, h_user)
@@ -1427,7 +1449,13 @@ def surface(
     prepared = None
     reduction = "sum"
     coll = collective(process_group)
-    for loss in _sharded(source, coll, desc="loss surface", progress=progress):
+    options = {
+        "directions": fingerprint(getattr(directions, "directions", directions)),
+        "coordinates": repr(coordinates) if coordinates is None else _fingerprints(coordinates),
+        "span": span,
+        "num_points": g,
+    }
+    for loss in _sharded(source, coll, desc="loss surface", progress=progress, **options):
         if prepared is None:
             xp = array_namespace(loss.params, names=("params",))
             dirs = _check_vectors(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,16 @@ def computations(lins: list, losses: list, labels: list, group: object) -> dict[
             lins[0], what="trace", num_probes=4, rng=SEED, target_relative_error=TARGET, **pg
         )
         out["dm_target"], out["dm_target_se"] = est.value, est.std_error
+        # Streaming in lockstep over uneven shards (rank 0: 2 batches, rank 1: 1) to an
+        # unreachable target: every batch is used, as without a target.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = detach_and_mix(
+                lins, what="trace", num_probes=4, rng=SEED, **pg, target_relative_error=1e-9
+            )
+        out["dm_lockstep"] = est.value
+        out["dm_lockstep_warned"] = any("was not reached" in str(w.message) for w in caught)
+        out["dm_no_target"] = detach_and_mix(lins, what="trace", num_probes=4, rng=SEED, **pg).value
     # Landscape: directions from one seed (the same on every rank).
     dirs = random_directions(losses[0].params, num_directions=2, rng=5)
     out["surface"] = surface(losses, dirs, num_points=5, progress=False, **pg).values
@@ -170,6 +181,28 @@ def bad_inputs(rank: int, group: object) -> dict[str, str]:
     )
     # Different Lanczos seeds on the ranks (an all-reduced operator needs equal vectors).
     _expect_error(messages, "rng", lambda: top_eigenpairs(lin, k=1, rng=rank, process_group=group))
+    # Ranks disagree on an option of the call (a Lanczos run of different length).
+    _expect_error(
+        messages, "k", lambda: top_eigenpairs(lin, k=1 + rank, rng=0, process_group=group)
+    )
+    _expect_error(
+        messages,
+        "reduction",
+        lambda: detach_and_mix(
+            lin, rng=0, reduction=("sum", "mean")[rank], progress=False, process_group=group
+        ),
+    )
+    # Ranks hold the same architecture at different parameter values.
+    from fisherbound.adapters.torch import loss_function
+    from fisherbound.landscape import surface
+
+    loss = loss_function(model(seed=rank), x[:8], torch.zeros(8, dtype=torch.int64))
+    dirs = torch.ones((1, loss.num_params), dtype=torch.float64)
+    _expect_error(
+        messages,
+        "theta",
+        lambda: surface(loss, dirs, num_points=3, progress=False, process_group=group),
+    )
     # An empty accumulator on one rank.
     acc = Accumulator()
     if rank == 0:

@@ -51,6 +51,9 @@ class Collective:
     def sum_int(self, n: int) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def sum_floats(self, values: list[float]) -> list[float]:  # pragma: no cover
+        raise NotImplementedError
+
     def gather_rows(self, x: Array) -> Array:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -193,6 +196,15 @@ class _TorchGroup(Collective):
     def sum_int(self, n: int) -> int:
         return self._ints([int(n)], self.dist.ReduceOp.SUM)[0]
 
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """All-reduce a few host floats (on the group's device: nccl needs CUDA)."""
+        import torch
+
+        device = f"cuda:{torch.cuda.current_device()}" if self.backend == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.SUM, group=self.group)
+        return [float(v) for v in t.tolist()]
+
     def extrema(self, values: list[int]) -> tuple[list[int], list[int]]:
         lows = self._ints(values, self.dist.ReduceOp.MIN)
         highs = self._ints(values, self.dist.ReduceOp.MAX)
@@ -277,6 +289,20 @@ class _JaxAxis(Collective):
     def generator(self, gen: np.random.Generator) -> RankedGenerator:
         index = self.lax.axis_index(self.name)
         return RankedGenerator(gen, self.world_size, lambda a: a[index, ...])
+
+
+def fingerprint(x: Array) -> Any:
+    """A cheap summary of an array's values, equal on ranks that hold equal arrays:
+    (shape, Σx, Σx²) as host floats; None for values traced by JAX (one program)."""
+    if x is None:
+        return None
+    from fisherbound._lib._namespace import array_namespace
+    from fisherbound._lib._validation import is_traced
+
+    if is_traced(x):
+        return None
+    xp = array_namespace(x, names=("x",))
+    return (tuple(x.shape), float(xp.sum(x)), float(xp.sum(x * x)))
 
 
 def shared_generator(coll: Collective | None, rng: Any, *, where: str) -> Any:

@@ -120,6 +120,8 @@ def check_device(
     The message: "{name} must be on {owner} ({device}); got {x's device}. {remedy}",
     the remedy defaulting to moving it with ``xp.asarray``.
     """
+    if is_traced(x) or device is None:
+        return  # traced JAX values (inside jit / shard_map) have no committed device
     got = device_of(x)
     if got == device:
         return

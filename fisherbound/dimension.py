@@ -242,13 +242,6 @@ def _shared_generator(rng: Any, process_group: Any, where: str, **options: Any) 
     """The generator of parameter-space vectors: the same on every rank (checked),
     after checking that every rank runs the call with the same ``options``."""
     coll = collective(process_group)
-    if coll is not None and coll.spmd:
-        msg = (
-            f"{where} runs Lanczos on the host, which traced JAX code cannot do "
-            f"(process_group = {coll.description}); call it outside jax.shard_map, on one "
-            "device or with a torch process group."
-        )
-        raise ValueError(msg)
     if coll is not None:
         coll.agree(options, where=where)
     return shared_generator(coll, rng, where=where)

@@ -45,7 +45,6 @@ not include the sampling of the inputs from a population.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -61,10 +60,9 @@ from fisherbound._lib import (
     probes,
 )
 from fisherbound._lib._collective import Collective, collective
-from fisherbound._lib._progress import progress_bar
 from fisherbound.families import KERNELS, Categorical, Family
-from fisherbound.fisher import _agree, _check_batch, _check_family
-from fisherbound.linearization import Linearization, as_linearizations
+from fisherbound.fisher import _agree, _batches, _check_family, _named_blocks
+from fisherbound.linearization import Linearization
 
 Array = Any
 
@@ -340,7 +338,14 @@ class Accumulator:
         ``jax.shard_map``: ``jax.lax.psum``). Values and variances are summed, as
         are the counts of inputs and batches (the strata of different ranks are
         independent: their probes must be, see ``Collective.generator``). Every
-        rank must hold at least one stratum of the same quantity. Returns self.
+        rank must hold at least one stratum of the same quantity (names, shapes
+        and dtypes are compared first; a ValueError on every rank otherwise).
+        Returns self.
+
+        value = Σ_ranks value_r,  variance = Σ_ranks variance_r,  num_inputs = Σ N_r.
+
+        Cost: two all-reduces of the accumulator's arrays (value and variance; one
+        when the variance is unknown) and four of a few integers.
         """
         coll = process_group if isinstance(process_group, Collective) else None
         if coll is None:
@@ -360,7 +365,7 @@ class Accumulator:
         )
         self._probes = (lows[0], -lows[1])
         self._unknown = bool(highs[2])
-        self._value = _sum_sorted(coll, self._value)
+        self._value = coll.sum_tree(self._value)
         if self._unknown:
             # Some rank's stratum had a single probe: the variance stays unknown (NaN).
             xp = array_namespace(leaves[0], names=("value",))
@@ -369,7 +374,7 @@ class Accumulator:
                 self._value,
             )
         else:
-            self._variance = _sum_sorted(coll, self._variance)
+            self._variance = coll.sum_tree(self._variance)
         self._num_inputs = coll.sum_int(self._num_inputs)
         self._num_batches = coll.sum_int(self._num_batches)
         return self
@@ -430,13 +435,6 @@ def _layout(tree: Any) -> Any:
     return (tuple(tree.shape), str(tree.dtype))
 
 
-def _sum_sorted(coll: Collective, tree: Any) -> Any:
-    """All-reduce leafwise; dict leaves in sorted key order (the same on every rank)."""
-    if isinstance(tree, dict):
-        return {k: coll.sum(tree[k]) for k in sorted(tree)}
-    return coll.sum(tree)
-
-
 def _describe(tree: Any) -> str:
     if tree is None:
         return "nothing"
@@ -453,28 +451,6 @@ def _variance_of_mean(s: Array, mu: Array, m: int, xp: Any) -> Array:
 
 # --------------------------------------------------------------------------- #
 # Streaming and validation helpers
-
-
-def _stream(
-    source: Any,
-    family: Family,
-    *,
-    desc: str,
-    progress: bool | None,
-    limit: int | None,
-    allow_empty: bool = False,
-) -> Iterator[Any]:
-    """The batches of ``source``, validated, at most ``limit`` of them."""
-    it: Iterator[Any] = as_linearizations(source)
-    if limit is not None:
-        it = itertools.islice(it, limit)
-    ref = None
-    for i, lin in enumerate(progress_bar(it, desc=desc, progress=progress)):
-        ref = _check_batch(lin, family, i, ref)
-        yield lin
-    if ref is None and not allow_empty:
-        msg = "source must contain at least one batch; got an empty iterable."
-        raise ValueError(msg)
 
 
 def _check_optional_int(value: Any, name: str) -> int | None:
@@ -502,40 +478,6 @@ def _check_target(value: Any) -> float | None:
         msg = f"target_relative_error must be a positive finite number; got {value!r}."
         raise ValueError(msg)
     return t
-
-
-def _select_blocks(lin: Any, names: Sequence[str] | None, max_size: int) -> list[Any]:
-    available = {blk.name: blk for blk in lin.blocks}
-    if names is None:
-        chosen = list(lin.blocks)
-    else:
-        if isinstance(names, str):
-            msg = (
-                f"blocks must be a list of block names; got the string {names!r}. "
-                f"Write [{names!r}]."
-            )
-            raise TypeError(msg)
-        unknown = [n for n in names if n not in available]
-        if unknown:
-            msg = (
-                f"blocks must name parameter blocks of the model; got unknown {unknown}. "
-                f"Available: {list(available)}."
-            )
-            raise ValueError(msg)
-        chosen = [available[n] for n in names]
-    too_big = [(b.name, b.size) for b in chosen if b.size > max_size]
-    if too_big:
-        msg = (
-            f"what='blocks' refuses blocks larger than max_block_size = {max_size} "
-            f"parameters; got {too_big}. Raise max_block_size if you have the memory, or "
-            "select smaller blocks with blocks=[...]."
-        )
-        raise ValueError(msg)
-    return chosen
-
-
-# --------------------------------------------------------------------------- #
-# Private implementation: per-batch samples (no validation, xp explicit)
 
 
 def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Array:
@@ -993,12 +935,12 @@ def _run(
     count = 0
     reached = False
     if rounds:
-        (lin,) = list(_stream(source, family, desc=desc, progress=False, limit=None))
+        (lin,) = list(_batches(source, family, desc=desc, progress=False))
         max_rounds = DEFAULT_MAX_ROUNDS if limit is None else limit
         steps: Iterator[Any] = (lin for _ in range(max_rounds))
         why = f"max_batches = {max_rounds} rounds of probes"
     else:
-        steps = _stream(
+        steps = _batches(
             source, family, desc=desc, progress=progress, limit=limit, allow_empty=coll is not None
         )
         why = ""
@@ -1008,7 +950,7 @@ def _run(
             if first is None:
                 first = lin
                 if what == "blocks":
-                    selected = _select_blocks(lin, blocks, max_block_size)
+                    selected = _named_blocks(lin, blocks, max_block_size, owner="what='blocks'")
             state.add_batch(draw(lin, selected), lin.num_inputs, lin.xp, same_inputs=rounds)
             count += 1
         if target is None:

@@ -44,7 +44,8 @@ every rank (seed every rank alike). See docs/distributed.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._lib import check_choice, check_logits, check_positive_int, device_of
@@ -156,10 +157,20 @@ def _check_batch(lin: Any, family: Family, index: int, ref: _Signature | None) -
 
 
 def _batches(
-    source: Any, family: Family, *, desc: str, progress: bool | None, allow_empty: bool = False
-) -> Iterable[Any]:
+    source: Any,
+    family: Family,
+    *,
+    desc: str,
+    progress: bool | None,
+    allow_empty: bool = False,
+    limit: int | None = None,
+) -> Iterator[Any]:
+    """The batches of ``source`` (at most ``limit``), each validated against the first."""
+    batches: Iterator[Any] = as_linearizations(source)
+    if limit is not None:
+        batches = itertools.islice(batches, limit)
     ref = None
-    for i, lin in enumerate(progress_bar(as_linearizations(source), desc=desc, progress=progress)):
+    for i, lin in enumerate(progress_bar(batches, desc=desc, progress=progress)):
         ref = _check_batch(lin, family, i, ref)
         yield lin
     if ref is None and not allow_empty:
@@ -289,10 +300,25 @@ def _select_blocks(lin: Any, what: str, names: Sequence[str] | None, max_size: i
             )
             raise ValueError(msg)
         return [_WholeVector(d)]
+    return _named_blocks(lin, names, max_size, owner="fisher_blocks")
+
+
+def _named_blocks(lin: Any, names: Sequence[str] | None, max_size: int, *, owner: str) -> list[Any]:
+    """The parameter blocks named by ``names`` (all if None), each at most ``max_size``.
+
+    Shared by ``fisher_blocks`` and the estimators' ``what="blocks"``; ``owner``
+    names the caller in the size error.
+    """
     available = {blk.name: blk for blk in lin.blocks}
     if names is None:
         chosen = list(lin.blocks)
     else:
+        if isinstance(names, str):
+            msg = (
+                f"blocks must be a list of block names; got the string {names!r}. "
+                f"Write [{names!r}]."
+            )
+            raise TypeError(msg)
         unknown = [n for n in names if n not in available]
         if unknown:
             msg = (
@@ -304,7 +330,7 @@ def _select_blocks(lin: Any, what: str, names: Sequence[str] | None, max_size: i
     too_big = [(b.name, b.size) for b in chosen if b.size > max_size]
     if too_big:
         msg = (
-            f"fisher_blocks refuses blocks larger than max_block_size = {max_size} "
+            f"{owner} refuses blocks larger than max_block_size = {max_size} "
             f"parameters; got {too_big}. Raise max_block_size if you have the memory, "
             "or select smaller blocks with blocks=[...]."
         )

@@ -680,12 +680,6 @@ def hessian_directions(
             )
             raise ValueError(msg)
     obj = _objective(source, "hessian_directions", process_group, method=method, m=m)
-    if obj.coll is not None and obj.coll.spmd:
-        msg = (
-            "hessian_directions runs Lanczos on the host, which traced JAX code cannot do "
-            f"(process_group = {obj.coll.description}); call it outside jax.shard_map."
-        )
-        raise ValueError(msg)
     d = obj.num_params
     if d < 2:
         msg = (
@@ -1043,7 +1037,7 @@ def loss_trace(
         else check_positive_int(batch_size, "batch_size")
     )
     coll = collective(process_group)
-    gen = shared_generator(coll, rng, where="loss_trace")
+    gen = shared_generator(coll, rng, where="loss_trace", lanczos=False)
     start = copy.deepcopy(gen)  # the probe stream, replayed on every batch
     total = None
     count = 0

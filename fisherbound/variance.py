@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 from fisherbound._lib import array_namespace, check_choice, check_positive_int
 from fisherbound.families import KERNELS, Bernoulli, Categorical, Family, Gaussian
-from fisherbound.fisher import _check_family
+from fisherbound.fisher import _batches, _check_family
 
 Array = Any
 
@@ -55,12 +55,6 @@ __all__ = [
 DISTRIBUTIONS = ("rademacher", "gaussian")
 REDUCTIONS = ("sum", "mean")
 ESTIMATORS = ("score", "hessian")
-
-
-def _stream(source: Any, family: Family, desc: str, progress: bool | None) -> Any:
-    from fisherbound.estimators import _stream as stream
-
-    return stream(source, family, desc=desc, progress=progress, limit=None)
 
 
 def _budget(lin: Any, max_vectors: int | None) -> int:
@@ -250,7 +244,7 @@ def detach_and_mix_variance(
     count = 0
     total: Any = None
     moments = _DiagonalMoments()
-    for lin in _stream(source, fam, "detach-and-mix variance", progress):
+    for lin in _batches(source, fam, desc="detach-and-mix variance", progress=progress):
         xp = lin.xp
         count += lin.num_inputs
         if what == "diagonal":
@@ -408,7 +402,7 @@ def classical_variance(
         check_positive_int(max_vectors, "max_vectors")
     total: Any = None
     count = 0
-    for lin in _stream(source, fam, f"{estimator} estimator variance", progress):
+    for lin in _batches(source, fam, desc=f"{estimator} estimator variance", progress=progress):
         xp = lin.xp
         count += lin.num_inputs
         if estimator == "score":
@@ -542,7 +536,7 @@ def compare_estimators(
         check_choice(name, "estimators entries", names)
     if max_vectors is not None:
         check_positive_int(max_vectors, "max_vectors")
-    lins = list(_stream(source, fam, "compare estimators", False))
+    lins = list(_batches(source, fam, desc="compare estimators", progress=False))
     moments = _DiagonalMoments()
     mc_var: Any = None
     for lin in lins:

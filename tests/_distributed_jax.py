@@ -109,6 +109,16 @@ def main(out: str) -> None:
         fisher_diagonal(linearize(apply, params, x), process_group="data", progress=False)
     except ValueError as err:
         arrays["unbound_error"] = np.asarray(str(err))
+    # Host-side Lanczos refuses traced code with a clear error.
+    from fisherbound.dimension import top_eigenpairs
+
+    def lanczos(xs: jax.Array) -> jax.Array:
+        return top_eigenpairs(linearize(apply, params, xs), k=1, rng=0, process_group="data")[0]
+
+    try:
+        jax.shard_map(lanczos, mesh=mesh, in_specs=P("data"), out_specs=P())(x)
+    except ValueError as err:
+        arrays["lanczos_error"] = np.asarray(str(err))
     np.savez(os.path.join(out, "jax.npz"), **arrays)
 
 

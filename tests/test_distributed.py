@@ -255,6 +255,7 @@ def test_jax_devices_draw_independent_probes(jax_run: dict[str, np.ndarray]) -> 
     np.testing.assert_array_equal(jax_run["probes"], jax_run["host_probes"])
     assert not np.allclose(jax_run["probes"][0], jax_run["probes"][1])
     assert "no axis of that name" in str(jax_run["unbound_error"])
+    assert "top_eigenpairs runs Lanczos on the host" in str(jax_run["lanczos_error"])
 
 
 def test_torchrun_example_of_the_docs() -> None:

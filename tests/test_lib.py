@@ -115,3 +115,51 @@ def test_check_device_message() -> None:
         check_device(x, "v", xs.Device("CPU_DEVICE"), owner="the linearization's device")
     with pytest.raises(ValueError, match=r"\. Use jax\.device_put\.$"):
         check_device(x, "v", xs.Device("CPU_DEVICE"), owner="it", remedy="Use jax.device_put.")
+
+
+class _FakeCollective:
+    """A Collective of two ranks whose extrema are given: the agree logic in one process."""
+
+    @staticmethod
+    def make(other: dict[str, object] | None, mine: dict[str, object]) -> object:
+        from fisherbound._lib._collective import Collective, _code
+
+        class Fake(Collective):
+            description = "a fake group (2 ranks)"
+
+            def extrema(self, values: list[int]) -> tuple[list[int], list[int]]:
+                theirs = values if other is None else self._codes(other)
+                return (
+                    [min(a, b) for a, b in zip(values, theirs)],
+                    [max(a, b) for a, b in zip(values, theirs)],
+                )
+
+            @staticmethod
+            def _codes(fields: dict[str, object]) -> list[int]:
+                codes = [_code(tuple(fields))] + [_code(v) for v in fields.values()]
+                return codes + [0] * (16 - len(codes))
+
+        return Fake()
+
+
+def test_collective_agree_messages() -> None:
+    mine = {"batches": 1, "k": 2, "family": "Categorical()"}
+    same = _FakeCollective.make(None, mine)
+    same.agree(mine, where="top_eigenpairs")  # type: ignore[attr-defined]
+    other_k = _FakeCollective.make({"batches": 1, "k": 3, "family": "Categorical()"}, mine)
+    with pytest.raises(
+        ValueError,
+        match=r"top_eigenpairs: the ranks of a fake group .* disagree on k \(this rank: k = 2\)",
+    ):
+        other_k.agree(mine, where="top_eigenpairs")  # type: ignore[attr-defined]
+    empty = _FakeCollective.make({"batches": 0, "k": 2, "family": "Categorical()"}, mine)
+    with pytest.raises(
+        ValueError, match="every rank of a fake group .* must hold at least one batch"
+    ):
+        empty.agree(mine, where="surface")  # type: ignore[attr-defined]
+    other_call = _FakeCollective.make({"batches": 1, "num_points": 3}, mine)
+    with pytest.raises(ValueError, match="are not running the same call"):
+        other_call.agree(mine, where="surface")  # type: ignore[attr-defined]
+    many = {f"f{i}": i for i in range(16)}
+    with pytest.raises(ValueError, match="agree compares at most 15 fields; got 16"):
+        same.agree(many, where="x")  # type: ignore[attr-defined]

@@ -68,8 +68,8 @@ class Collective:
         """All-reduce an array, a list of arrays or a dict of arrays (sum)."""
         if tree is None:
             return None
-        if isinstance(tree, dict):
-            return {k: self.sum(v) for k, v in tree.items()}
+        if isinstance(tree, dict):  # sorted keys: one order of collectives on every rank
+            return {k: self.sum(tree[k]) for k in sorted(tree)}
         if isinstance(tree, list):
             return [self.sum(v) for v in tree]
         return self.sum(tree)
@@ -305,7 +305,7 @@ def fingerprint(x: Array) -> Any:
     return (tuple(x.shape), float(xp.sum(x)), float(xp.sum(x * x)))
 
 
-def shared_generator(coll: Collective | None, rng: Any, *, where: str) -> Any:
+def shared_generator(coll: Collective | None, rng: Any, *, where: str, lanczos: bool = True) -> Any:
     """The generator of parameter-space random vectors: the same on every rank.
 
     Lanczos starts, Hutchinson and SLQ probes and landscape directions meet an
@@ -313,9 +313,18 @@ def shared_generator(coll: Collective | None, rng: Any, *, where: str) -> Any:
     a torch process group draws a fresh seed on rank 0 and shares it; otherwise
     the ranks' generators must be in one state (the same seed), or every rank
     raises a ValueError: a different seed per rank would be silently wrong.
+    ``lanczos=True`` (the callers that run Lanczos or SLQ on the host) refuses
+    traced JAX code with a clear ValueError.
     """
     from fisherbound._lib._random import as_generator
 
+    if coll is not None and coll.spmd and lanczos:
+        msg = (
+            f"{where} runs Lanczos on the host, which traced JAX code cannot do "
+            f"(process_group = {coll.description}); call it outside jax.shard_map, on one "
+            "device or with a torch process group."
+        )
+        raise ValueError(msg)
     if coll is None or coll.spmd:  # one process, or one traced program: one generator
         return as_generator(rng)
     if rng is None:

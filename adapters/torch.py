@@ -12,15 +12,17 @@ respect to the flat parameter vector θ (the selected parameters, row-major, in
   single-example function;
 - ``sum_squared_per_example_vjp`` (the building block of exact Fisher diagonals),
   Σ_n (J_nᵀ U[n, k])², with a fast path for the parameters of ``nn.Linear``,
-  ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``
-  and ``nn.BatchNorm*d`` (eval) modules: one forward pass with hooks and ONE
+  ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``,
+  ``nn.RMSNorm`` and ``nn.BatchNorm*d`` (eval) modules (the layer rules of
+  ``fisherbound.adapters.torch_rules``): one forward pass with hooks and ONE
   batched backward pass over the K cotangents to the outputs of those layers,
   then per-layer closed forms (for ``nn.Linear`` on (N, in) inputs,
   (δ_k ⊙ δ_k)ᵀ (a ⊙ a)), as BackPACK does, never per-example gradients of the
   whole network. Every other parameter (custom modules, parameters shared by
   several modules or also used outside their module, modules called more than
   once per forward, layers whose leading axis is not the example axis) goes
-  through the generic path, so both paths give the same numbers.
+  through the generic path, so both paths give the same numbers;
+  ``TorchLinearization.fast_path_reasons`` says which parameters take which path.
 
 Nothing here is layer-specific except the fast path; everything else works for
 any module whose forward ``torch.func`` can transform.
@@ -31,8 +33,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,17 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from fisherbound._lib import array_namespace, check_positive_int
 from fisherbound._lib._validation import check_finite
+from fisherbound.adapters.torch_rules import (
+    FastPathPlan,
+    Record,
+    batched_grad,
+    chunks,
+    fast_sum_squared,
+    plan_fast_path,
+    record_forward,
+    static_candidates,
+    total,
+)
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
@@ -286,275 +298,6 @@ def _check_inputs_device(inputs: Sequence[Tensor], device: torch.device) -> None
             raise ValueError(msg)
 
 
-# ---------------------------------------------------------------------------
-# Fast path: which parameters have a closed-form per-example square
-# ---------------------------------------------------------------------------
-
-_FAST_KINDS: tuple[tuple[type[nn.Module], str, Callable[..., Any]], ...] = (
-    (nn.Linear, "linear", nn.Linear.forward),
-    (nn.Conv1d, "conv", nn.Conv1d.forward),
-    (nn.Conv2d, "conv", nn.Conv2d.forward),
-    (nn.Embedding, "embedding", nn.Embedding.forward),
-    (nn.LayerNorm, "layernorm", nn.LayerNorm.forward),
-    (nn.GroupNorm, "groupnorm", nn.GroupNorm.forward),
-    (_BatchNorm, "batchnorm", _BatchNorm.forward),
-)
-
-
-def _fast_kind(module: nn.Module) -> tuple[str | None, str]:
-    """The fast rule for ``module`` and, when there is none, why."""
-    for cls, kind, forward in _FAST_KINDS:
-        if isinstance(module, cls):
-            if type(module).forward is not forward:
-                return None, f"{type(module).__name__} overrides forward"
-            if module._forward_hooks or module._forward_pre_hooks:
-                return None, f"{type(module).__name__} has forward hooks"
-            if kind == "embedding" and (module.max_norm is not None or module.scale_grad_by_freq):
-                return None, "Embedding with max_norm or scale_grad_by_freq"
-            return kind, ""
-    return None, f"no fast rule for {type(module).__name__}"
-
-
-@dataclass
-class _Layer:
-    """One module on the fast path and what its forward hook records."""
-
-    module: nn.Module
-    kind: str
-    attrs: dict[str, int]  # attribute name -> index of the selected parameter
-    calls: int = 0
-    safe: bool = False  # copy input and output (an in-place op follows the module)
-    input: Any = None
-    output: Any = None
-    versions: tuple[int, int] = (0, 0)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _static_plan(
-    model: nn.Module, names: Sequence[str], tensors: Sequence[Tensor]
-) -> tuple[dict[int, _Layer], dict[str, str]]:
-    owners: dict[int, dict[tuple[int, str], nn.Module]] = {}
-    for _, module in model.named_modules(remove_duplicate=False):
-        for attr, p in module._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), {})[(id(module), attr)] = module
-    layers: dict[int, _Layer] = {}
-    reasons: dict[str, str] = {}
-    global_hooks = bool(
-        torch.nn.modules.module._global_forward_hooks
-        or torch.nn.modules.module._global_forward_pre_hooks
-    )
-    for i, (name, p) in enumerate(zip(names, tensors, strict=True)):
-        own = owners.get(id(p), {})
-        if len(own) != 1:
-            reasons[name] = "parameter shared by several modules (tied)"
-            continue
-        ((_, attr), module) = next(iter(own.items()))
-        kind, why = _fast_kind(module)
-        if global_hooks:
-            kind, why = None, "global forward hooks are registered"
-        if kind is None:
-            reasons[name] = why
-            continue
-        layer = layers.setdefault(id(module), _Layer(module, kind, {}))
-        layer.attrs[attr] = i
-    return layers, reasons
-
-
-def _leaf_use_counts(root: Tensor) -> dict[int, int]:
-    """How many autograd edges reach each leaf tensor (by id) from ``root``."""
-    counts: dict[int, int] = {}
-    seen: dict[int, Any] = {}  # keeps the node objects alive so ids stay unique
-    stack = [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        for child, _ in node.next_functions:
-            if child is None:
-                continue
-            variable = getattr(child, "variable", None)
-            if variable is not None:
-                counts[id(variable)] = counts.get(id(variable), 0) + 1
-            stack.append(child)
-    return counts
-
-
-def _layout_ok(layer: _Layer, n: int) -> bool:
-    """Is axis 0 of the recorded input and output the example axis (by shape)?"""
-    a, out, m = layer.input, layer.output, layer.module
-    m_any: Any = m
-    if not isinstance(a, torch.Tensor) or not isinstance(out, torch.Tensor):
-        return False
-    if out.ndim < 1 or out.shape[0] != n or a.ndim < 1 or a.shape[0] != n:
-        return False
-    if layer.kind == "linear":
-        return a.ndim >= 2
-    if layer.kind == "conv":
-        return a.ndim == (3 if isinstance(m, nn.Conv1d) else 4)
-    if layer.kind == "layernorm":
-        return a.ndim > len(m_any.normalized_shape)
-    if layer.kind in ("groupnorm", "batchnorm"):
-        return a.ndim >= 2
-    return True  # embedding: indices (N, ...)
-
-
-def _total(parts: Iterable[Tensor]) -> Tensor:
-    """The sum of a non-empty sequence of tensors."""
-    it = iter(parts)
-    out = next(it)
-    for p in it:
-        out = out + p
-    return out
-
-
-def _squares(g: Tensor, sum_k: bool) -> Tensor:
-    """Σ_n g² of per-example gradients g (K, n, ...): (K, ...) or, summed over k, (...)."""
-    sq = g * g
-    return sq.sum(dim=(0, 1)) if sum_k else sq.sum(dim=1)
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
-def _linear_rule(
-    m: nn.Linear, a: Tensor, d: Tensor, sum_k: bool, n_chunk: int
-) -> dict[str, Tensor]:
-    k, n = d.shape[0], d.shape[1]
-    out: dict[str, Tensor] = {}
-    if a.ndim == 2:
-        # The per-example gradient δ_n a_nᵀ has rank one: its square is δ_n² (a_n²)ᵀ.
-        d2 = d * d
-        a2 = a * a
-        if sum_k:
-            d2s = d2.sum(dim=0)
-            out["weight"] = d2s.T @ a2
-            out["bias"] = d2s.sum(dim=0)
-        else:
-            out["weight"] = torch.matmul(d2.transpose(1, 2), a2)
-            out["bias"] = d2.sum(dim=1)
-        return out
-    a3 = a.reshape(n, -1, a.shape[-1])
-    d4 = d.reshape(k, n, -1, d.shape[-1])
-    out["weight"] = _total(
-        _squares(torch.matmul(d4[:, s].transpose(-1, -2), a3[s]), sum_k)  # (K, n, out, in)
-        for s in _chunks(n, n_chunk)
-    )
-    out["bias"] = _squares(d4.sum(dim=2), sum_k)
-    return out
-
-
-def _unfold_input(m: nn.Conv1d | nn.Conv2d, a: Tensor) -> Tensor:
-    """im2col of the layer input: (N, C_in · Π kernel, L), rows ordered like the weight."""
-    padding: Any = m.padding
-    if isinstance(padding, str) or m.padding_mode != "zeros":
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        a = F.pad(a, m._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * len(m.kernel_size)
-    if isinstance(m, nn.Conv1d):
-        return F.unfold(
-            a.unsqueeze(2),
-            kernel_size=(1, m.kernel_size[0]),
-            dilation=(1, m.dilation[0]),
-            padding=(0, padding[0]),
-            stride=(1, m.stride[0]),
-        )
-    return F.unfold(
-        a, kernel_size=m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride
-    )
-
-
-def _conv_rule(
-    m: nn.Conv1d | nn.Conv2d, a: Tensor, d: Tensor, sum_k: bool, n_chunk: int
-) -> dict[str, Tensor]:
-    k, n = d.shape[0], d.shape[1]
-    groups = m.groups
-    cols = _unfold_input(m, a)  # (N, C_in · kernel, L)
-    length = cols.shape[-1]
-    # Per-example weight gradients δ_kn colsᵀ_n, one product per (example, group),
-    # with the K cotangents stacked as rows: (N g, K C_out/g, L) @ (N g, L, C_in/g · kernel).
-    cols = cols.reshape(n * groups, -1, length)
-    rows = d.reshape(k, n, groups, -1, length).permute(1, 2, 0, 3, 4)  # (N, g, K, o, L)
-    parts = []
-    for s in _chunks(n, n_chunk):
-        m_s = s.stop - s.start
-        left = rows[s].reshape(m_s * groups, -1, length)
-        g = torch.bmm(left, cols[s.start * groups : s.stop * groups].transpose(1, 2))
-        g = g.reshape(m_s, groups, k, -1, g.shape[-1])
-        sq = (g * g).sum(dim=0)  # (g, K, o, i)
-        parts.append(sq.sum(dim=1) if sum_k else sq.transpose(0, 1))
-    weight = _total(parts)  # (g, o, i) or (K, g, o, i)
-    lead = () if sum_k else (k,)
-    out = {"weight": weight.reshape(lead + tuple(m.weight.shape))}
-    out["bias"] = _squares(d.reshape(k, n, m.out_channels, -1).sum(dim=-1), sum_k)
-    return out
-
-
-def _embedding_rule(m: nn.Embedding, idx: Tensor, d: Tensor, sum_k: bool) -> dict[str, Tensor]:
-    k, n = d.shape[0], d.shape[1]
-    vocab, dim = m.num_embeddings, m.embedding_dim
-    idx2 = idx.reshape(n, -1).to(torch.int64)
-    d3 = d.reshape(k, -1, dim)  # (K, N T, E)
-    # Per example, the gradient row of token v is the sum of δ over the positions
-    # holding v: group the (example, token) pairs, add, square, then scatter by token.
-    keys = torch.arange(n, device=idx.device).unsqueeze(1) * vocab + idx2
-    uniq, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
-    sums = d3.new_zeros((k, uniq.shape[0], dim)).index_add_(1, inverse, d3)
-    sq = sums * sums
-    rows = uniq % vocab
-    if sum_k:
-        weight = sq.new_zeros((vocab, dim)).index_add_(0, rows, sq.sum(dim=0))
-    else:
-        weight = sq.new_zeros((k, vocab, dim)).index_add_(1, rows, sq)
-    if m.padding_idx is not None:
-        keep = torch.ones(vocab, 1, dtype=weight.dtype, device=weight.device)
-        keep[m.padding_idx] = 0
-        weight = weight * keep
-    return {"weight": weight}
-
-
-def _norm_rule(
-    m: Any, kind: str, a: Tensor, d: Tensor, sum_k: bool, n_chunk: int
-) -> dict[str, Tensor]:
-    k, n = d.shape[0], d.shape[1]
-    if kind == "layernorm":
-        shape = tuple(m.normalized_shape)
-        xhat = F.layer_norm(a, shape, None, None, m.eps)
-        size = xhat[0].numel() // max(1, _prod(shape))
-        x3 = xhat.reshape(n, size, -1)  # (N, positions, features)
-        d4 = d.reshape(k, n, size, -1)
-        axis = 2
-    else:
-        channels = a.shape[1]
-        if kind == "groupnorm":
-            xhat = F.group_norm(a, m.num_groups, None, None, m.eps)
-        else:
-            view = (1, channels) + (1,) * (a.ndim - 2)
-            mean = m.running_mean.reshape(view)
-            var = m.running_var.reshape(view)
-            xhat = (a - mean) * torch.rsqrt(var + m.eps)
-        x3 = xhat.reshape(n, channels, -1)  # (N, channels, positions)
-        d4 = d.reshape(k, n, channels, -1)
-        axis = 3
-    weight = _total(_squares((d4[:, s] * x3[s]).sum(dim=axis), sum_k) for s in _chunks(n, n_chunk))
-    pshape = tuple(m.weight.shape) if m.weight is not None else ()
-    lead = () if sum_k else (k,)
-    out = {"weight": weight.reshape(lead + pshape)}
-    out["bias"] = _squares(d4.sum(dim=axis), sum_k).reshape(lead + pshape)
-    return out
-
-
-def _prod(shape: Sequence[int]) -> int:
-    total = 1
-    for s in shape:
-        total *= int(s)
-    return total
-
-
-# ---------------------------------------------------------------------------
 # The linearization
 # ---------------------------------------------------------------------------
 
@@ -623,8 +366,8 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         tensors: tuple[Tensor, ...],
     ) -> None:
         self._bind(model, inputs, names, tensors)
-        self._fast_layers, self._static_reasons = _static_plan(model, names, tensors)
-        self._fast_report: dict[str, str] = {}
+        self._fast_candidates, self._static_reasons = static_candidates(model, names, tensors)
+        self._plan: FastPathPlan | None = None
 
         def forward(*params: Tensor) -> Tensor:
             out = self._call(params, self._inputs)
@@ -829,16 +572,18 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         the sum over k is the exact Fisher diagonal Σ_n Σ_r (J_nᵀ B_n e_r)².
 
         Fast path (parameters of ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``,
-        ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d``
-        in eval mode): one forward pass with hooks recording each layer's input a
-        and output, ONE backward pass batched over the K cotangents giving the
-        output gradients δ_k, then per layer, e.g. for ``nn.Linear`` on (N, in)
-        inputs, weight (δ_k ⊙ δ_k)ᵀ (a ⊙ a) and bias Σ_n δ_k², and otherwise
-        per-layer per-example gradients (Σ_t δ_nt a_ntᵀ, unfolded convolutions,
-        Σ over positions of δ x̂ for the norm layers, token rows scattered by
-        index for embeddings) computed in chunks. Cost about one forward plus K
-        backward passes to the covered layers. Every other parameter uses the
-        generic path (vmap over examples of the single-example vjp, in chunks of
+        ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``,
+        ``nn.BatchNorm*d`` in eval mode; the rules of
+        ``fisherbound.adapters.torch_rules``, see ``fast_path_reasons``): one
+        forward pass with hooks recording each layer's input a and output, ONE
+        backward pass batched over the K cotangents giving the output gradients
+        δ_k, then per layer, e.g. for ``nn.Linear`` on (N, in) inputs, weight
+        (δ_k ⊙ δ_k)ᵀ (a ⊙ a) and bias Σ_n δ_k², and otherwise per-layer
+        per-example gradients (Σ_t δ_nt a_ntᵀ, unfolded convolutions, Σ over
+        positions of δ x̂ for the norm layers, token rows scattered by index for
+        embeddings) computed in chunks. Cost about one forward plus K backward
+        passes to the covered layers. Every other parameter uses the generic
+        path (vmap over examples of the single-example vjp, in chunks of
         examples so that at most ``max_vectors`` per-example D-vectors are alive
         at once; default ``default_max_vectors``).
 
@@ -902,14 +647,14 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         k_chunk = min(k, budget)
         n_chunk = max(1, budget // k_chunk)
         pieces = []
-        for ks in _chunks(k, k_chunk):
+        for ks in chunks(k, k_chunk):
             squares = []
-            for rows in _chunks(n, n_chunk):
+            for rows in chunks(n, n_chunk):
                 g = self._per_example(U[rows, ks], rows, subset)  # (n, k, D_subset)
                 sq = g * g
                 squares.append(sq.sum(dim=(0, 1)) if sum_k else sq.sum(dim=0))
-            pieces.append(_total(squares))
-        return _total(pieces) if sum_k else torch.cat(pieces, dim=0)
+            pieces.append(total(squares))
+        return total(pieces) if sum_k else torch.cat(pieces, dim=0)
 
     # -- second derivatives ----------------------------------------------------
 
@@ -950,7 +695,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
             return torch.func.jvp(first, self._primals, ts)[1]
 
         pieces = []
-        for s in _chunks(d, min(d, budget)):
+        for s in chunks(d, min(d, budget)):
             index = torch.arange(s.start, s.stop, device=self._param_device)
             eye = F.one_hot(index, d).to(self._param_dtype)  # (chunk, D): the e_i
             pieces.append(torch.func.vmap(second)(*self._split(eye, (s.stop - s.start,))))
@@ -958,211 +703,64 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
 
     # -- the fast path ---------------------------------------------------------
 
-    def _record_forward(self, layers: list[_Layer]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """One forward pass (regular autograd) with hooks on ``layers``."""
+    @property
+    def fast_path_reasons(self) -> Mapping[str, str]:
+        """Which parameters ``sum_squared_per_example_vjp`` computes by a layer rule.
 
-        def hook(layer: _Layer) -> Callable[..., Any]:
-            def record(
-                module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
-            ) -> Any:
-                layer.calls += 1
-                a = args[0] if args else next(iter(kwargs.values()), None)
-                if layer.safe and isinstance(a, torch.Tensor):
-                    a = a.detach().clone()
-                layer.input, layer.output = a, out
-                if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor):
-                    layer.versions = (a._version, out._version)
-                    if layer.safe:
-                        # Later in-place operations act on a copy; the recorded
-                        # output keeps its value and passes the gradient on.
-                        return out.clone()
-                return None
+        A read-only mapping from every selected parameter name to ``"fast"`` (a
+        closed-form rule of ``fisherbound.adapters.torch_rules.RULES``) or the
+        reason it takes the generic per-example path, e.g. ``"no fast rule for
+        Scale"``, ``"parameter shared by several modules (tied)"``, ``"module
+        called 2 times in one forward pass"``, ``"layer output axis 0 mixes
+        examples"``. Decided once per linearization (one forward pass with hooks
+        and one batched backward pass over three probe examples, at the first
+        access or the first ``sum_squared_per_example_vjp``) and cached.
 
-            return record
+        Examples
+        --------
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh()).double()
+        >>> dict(linearize(model, torch.ones(4, 2, dtype=torch.float64)).fast_path_reasons)
+        {'0.weight': 'fast', '0.bias': 'fast'}
+        """
+        return self._fast_plan()[0].reasons
 
-        for layer in layers:
-            layer.calls, layer.input, layer.output = 0, None, None
-        handles = [
-            layer.module.register_forward_hook(hook(layer), with_kwargs=True) for layer in layers
-        ]
+    def _fast_plan(self) -> tuple[FastPathPlan, tuple[Tensor, list[Record]] | None]:
+        """The cached plan, and the recorded forward pass it was decided on (first time)."""
+        if self._plan is not None:
+            return self._plan, None
+        plan, forward = plan_fast_path(
+            self._fast_candidates,
+            self._static_reasons,
+            self._names,
+            self._leaf_forward,
+            self._grad_batched,
+            self.num_outputs,
+        )
+        self._plan = plan
+        return plan, forward
+
+    def _leaf_forward(self) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One forward pass (regular autograd) at fresh leaves of the parameters."""
         leaves = tuple(p.detach().requires_grad_(True) for p in self._primals)
-        try:
-            with torch.enable_grad():
-                z = self._call(leaves, self._inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        return z, leaves
+        with torch.enable_grad():
+            return self._call(leaves, self._inputs), leaves
 
     def _fast_sum_squared(self, U: Tensor, budget: int, sum_k: bool) -> dict[int, Tensor]:
-        report = dict.fromkeys(self._names, "generic")
-        report.update(self._static_reasons)
-        self._fast_report = report
-        layers = list(self._fast_layers.values())
-        if not layers:
+        plan, forward = self._fast_plan()
+        if not plan.layers:
             return {}
-        for layer in layers:
-            layer.safe = False
-        z, leaves = self._record_forward(layers)
-        moved = [
-            layer
-            for layer in layers
-            if isinstance(layer.input, torch.Tensor)
-            and isinstance(layer.output, torch.Tensor)
-            and (layer.input._version, layer.output._version) != layer.versions
-        ]
-        if moved:
-            # An in-place operation changed a recorded input or output after the
-            # layer ran: record copies of those instead.
-            for layer in moved:
-                layer.safe = True
-            z, leaves = self._record_forward(layers)
-        uses = _leaf_use_counts(z)
-        n, k = self.num_inputs, int(U.shape[1])
-        active: list[_Layer] = []
-        for layer in layers:
-            names = [self._names[i] for i in layer.attrs.values()]
-            if layer.calls != 1:
-                why = f"module called {layer.calls} times in one forward pass"
-            elif not _layout_ok(layer, n):
-                why = "layer input/output axis 0 is not the example axis"
-            else:
-                why = ""
-            if why:
-                report.update(dict.fromkeys(names, why))
-                continue
-            keep = {}
-            for attr, i in layer.attrs.items():
-                count = uses.get(id(leaves[i]), 0)
-                if count == 1:
-                    keep[attr] = i
-                elif count == 0:
-                    report[self._names[i]] = "parameter does not affect the logits"
-                else:
-                    report[self._names[i]] = "parameter also used outside its module"
-            if keep:
-                layer.extra["keep"] = keep
-                active.append(layer)
-        if not active:
-            return {}
-
-        kept = self._probe_layers(z, active)
-        results: dict[int, Tensor] = {}
-        if kept:
-            # Stream the K cotangents in chunks whose layer-output gradients (chunk ×
-            # Σ_layers output size) fit in `budget` D-vectors, applying the layer rules
-            # chunk by chunk: memory is bounded whatever K (= C for exact diagonals).
-            per_cotangent = sum(int(layer.output.numel()) for layer in kept)
-            k_chunk = max(1, min(k, (budget * self.num_params) // max(per_cotangent, 1)))
-            n_chunk = max(1, budget // k_chunk)
-            cot = U.permute(1, 0, 2)
-            outputs = [layer.output for layer in kept]
-            parts: dict[int, list[Tensor]] = {}
-            for s in _chunks(k, k_chunk):
-                grads = self._grad_batched(z, outputs, cot[s], retain=s.stop < k)
-                with torch.no_grad():
-                    for layer, out, d in zip(kept, outputs, grads, strict=True):
-                        if d is None:  # the layer does not reach the logits
-                            d = out.new_zeros((s.stop - s.start, *out.shape))
-                        values = self._layer_rule(layer, d, sum_k, n_chunk)
-                        for attr, i in layer.extra["keep"].items():
-                            parts.setdefault(i, []).append(values[attr])
-            for layer in kept:
-                for i in layer.extra["keep"].values():
-                    chunks = parts[i]
-                    results[i] = sum(chunks[1:], chunks[0]) if sum_k else torch.cat(chunks)
-                    report[self._names[i]] = "fast"
-        for layer in layers:
-            layer.input = layer.output = None
-            layer.extra.clear()
-        return results
-
-    def _probe_layers(self, z: Tensor, active: list[_Layer]) -> list[_Layer]:
-        """The layers whose outputs keep the examples on axis 0 (see the probe below)."""
-        n = self.num_inputs
-        if n < 2:
-            return active
-        probe_rows = sorted({n - 1, 0, n // 2})
-        gen = torch.Generator().manual_seed(0)
-        probes = []
-        for j in probe_rows:
-            values = torch.randn(self.num_outputs, generator=gen, dtype=torch.float64)
-            onehot = torch.zeros(n, 1, dtype=torch.float64)
-            onehot[j] = 1.0
-            probes.append(onehot * values)
-        cot = torch.stack(probes).to(dtype=z.dtype, device=z.device)
-        outputs = [layer.output for layer in active]
-        grads = self._grad_batched(z, outputs, cot, retain=True)
-        deltas = [
-            out.new_zeros((len(probes), *out.shape)) if g is None else g
-            for out, g in zip(outputs, grads, strict=True)
-        ]
-        checked = self._probe_example_axis(active, deltas, 0, probe_rows)
-        return [layer for layer, d in zip(active, checked, strict=True) if d is not None]
+        if forward is None:
+            z, _, records = record_forward(plan.layers, self._leaf_forward)
+            forward = (z, records)
+        return fast_sum_squared(
+            plan, forward, U, budget, self.num_params, sum_k, self._grad_batched
+        )
 
     @staticmethod
     def _grad_batched(
         z: Tensor, outputs: list[Tensor], cot: Tensor, retain: bool
     ) -> tuple[Tensor | None, ...]:
-        with warnings.catch_warnings():
-            # Ops without a batching rule fall back to a loop inside vmap: still exact.
-            warnings.filterwarnings("ignore", message=".*performance drop.*", category=UserWarning)
-            return torch.autograd.grad(
-                z,
-                outputs,
-                grad_outputs=cot,
-                retain_graph=retain,
-                is_grads_batched=True,
-                allow_unused=True,
-            )
-
-    def _probe_example_axis(
-        self,
-        active: list[_Layer],
-        deltas: list[Tensor | None],
-        k: int,
-        probe_rows: list[int],
-    ) -> list[Tensor | None]:
-        n = self.num_inputs
-        stats = []
-        for d in deltas:
-            assert d is not None
-            row = []
-            for p, j in enumerate(probe_rows):
-                g = d[k + p].reshape(n, -1).abs()
-                on = g[j].max()
-                mask = torch.ones(n, dtype=torch.bool, device=g.device)
-                mask[j] = False
-                off = g[mask].max()
-                row.append(torch.stack([on, off]))
-            stats.append(torch.stack(row))
-        host = torch.stack(stats).cpu().tolist() if stats else []
-        eps = torch.finfo(self._param_dtype).eps
-        kept: list[Tensor | None] = []
-        for layer, d, rows in zip(active, deltas, host, strict=True):
-            reached = [(on, off) for on, off in rows if on > 0]
-            if reached and all(off <= 64 * eps * on for on, off in reached):
-                kept.append(d)
-            else:
-                names = [self._names[i] for i in layer.extra["keep"].values()]
-                why = (
-                    "layer output axis 0 mixes examples"
-                    if reached
-                    else "no probe example reaches the layer (axis 0 unverified)"
-                )
-                self._fast_report.update(dict.fromkeys(names, why))
-                kept.append(None)
-        return kept
-
-    def _layer_rule(self, layer: _Layer, d: Tensor, sum_k: bool, n_chunk: int) -> dict[str, Tensor]:
-        m, a = layer.module, layer.input
-        if layer.kind == "linear":
-            return _linear_rule(m, a, d, sum_k, n_chunk)  # type: ignore[arg-type]
-        if layer.kind == "conv":
-            return _conv_rule(m, a, d, sum_k, n_chunk)  # type: ignore[arg-type]
-        if layer.kind == "embedding":
-            return _embedding_rule(m, a, d, sum_k)  # type: ignore[arg-type]
-        return _norm_rule(m, layer.kind, a, d, sum_k, n_chunk)
+        return batched_grad(z, outputs, cot, retain)
 
 
 # ---------------------------------------------------------------------------

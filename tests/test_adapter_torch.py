@@ -435,7 +435,7 @@ def test_fast_path_matches_generic(name) -> None:
     gen = torch.Generator().manual_seed(20)
     U = _rand(gen, lin.num_inputs, 3, lin.num_outputs)
     fast = lin.sum_squared_per_example_vjp(U)
-    report = dict(lin._fast_report)
+    report = dict(lin.fast_path_reasons)
     generic = lin._generic_sum_squared_per_example_vjp(U)
     _close(fast, generic)
     assert float(generic.abs().max()) > 0
@@ -448,18 +448,18 @@ def test_fast_path_reports_why_a_parameter_is_generic() -> None:
     lin, _, _ = _lin(make_zoo)
     gen = torch.Generator().manual_seed(21)
     lin.sum_squared_per_example_vjp(_rand(gen, lin.num_inputs, 2, lin.num_outputs))
-    report = lin._fast_report
+    report = lin.fast_path_reasons
     assert report["shared.weight"] == "module called 2 times in one forward pass"
     assert report["scale.s"] == "no fast rule for Scale"
     assert report["fc.weight"] == "fast"  # despite the in-place ReLU that follows it
 
     lin, _, _ = _lin(make_tied)
     lin.sum_squared_per_example_vjp(_rand(gen, lin.num_inputs, 2, lin.num_outputs))
-    assert lin._fast_report["emb.weight"] == "parameter shared by several modules (tied)"
+    assert lin.fast_path_reasons["emb.weight"] == "parameter shared by several modules (tied)"
 
     lin, _, _ = _lin(lambda: make_tied(cls=FunctionalTie))
     lin.sum_squared_per_example_vjp(_rand(gen, lin.num_inputs, 2, lin.num_outputs))
-    assert lin._fast_report["emb.weight"] == "parameter also used outside its module"
+    assert lin.fast_path_reasons["emb.weight"] == "parameter also used outside its module"
 
 
 class DeadBranch(nn.Module):
@@ -479,9 +479,64 @@ def test_fast_path_with_a_parameter_that_does_not_reach_the_logits() -> None:
     U = _rand(torch.Generator().manual_seed(24), 4, 2, 2)
     out = lin.sum_squared_per_example_vjp(U)
     _close(out, lin._generic_sum_squared_per_example_vjp(U))
-    assert lin._fast_report["unused.weight"] == "parameter does not affect the logits"
-    assert lin._fast_report["fc.weight"] == "fast"
+    assert lin.fast_path_reasons["unused.weight"] == "parameter does not affect the logits"
+    assert lin.fast_path_reasons["fc.weight"] == "fast"
     assert float(out[:, 8:].abs().max()) == 0.0
+
+
+class Normed(nn.Module):
+    """RMSNorm on (N, T, F) tokens and on (N, F) features: the rule added in docs/adapters.md."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.tok = nn.RMSNorm(4)
+        self.feat = nn.RMSNorm([2, 4], eps=1e-3)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 2, 3)
+        h = torch.tanh(self.tok(self.fc(x)))
+        return self.out(self.feat(h).flatten(1))
+
+
+def test_fast_path_rmsnorm_rule_matches_generic() -> None:
+    torch.manual_seed(10)
+    model = Normed().to(F64)
+    with torch.no_grad():
+        model.tok.weight.copy_(1 + 0.3 * torch.randn(4, dtype=F64))
+        model.feat.weight.copy_(1 + 0.3 * torch.randn(2, 4, dtype=F64))
+    lin = linearize(model, torch.randn(6, 2, 3, dtype=F64))
+    U = _rand(torch.Generator().manual_seed(27), 6, 3, 3)
+    fast = lin.sum_squared_per_example_vjp(U)
+    _close(fast, lin._generic_sum_squared_per_example_vjp(U))
+    _close(fast, (lin.per_example_vjp(U) ** 2).sum(dim=0))
+    _close(lin.sum_squared_per_example_vjp(U, sum_cotangents=True, max_vectors=1), fast.sum(0))
+    assert lin.fast_path_reasons["tok.weight"] == "fast"
+    assert lin.fast_path_reasons["feat.weight"] == "fast"
+    assert all(v == "fast" for v in lin.fast_path_reasons.values())
+
+
+def test_fast_path_reasons_is_read_only_and_decided_once(monkeypatch) -> None:
+    lin, _, _ = _lin(make_zoo)
+    reasons = lin.fast_path_reasons
+    with pytest.raises(TypeError):
+        reasons["fc.weight"] = "generic"  # type: ignore[index]
+    assert set(reasons) == {b.name for b in lin.blocks}
+    calls = []
+    original = lin._grad_batched
+
+    def spy(z, outputs, cot, retain):
+        calls.append(int(cot.shape[0]))
+        return original(z, outputs, cot, retain)
+
+    monkeypatch.setattr(lin, "_grad_batched", spy)
+    U = _rand(torch.Generator().manual_seed(28), lin.num_inputs, 2, lin.num_outputs)
+    first = lin.sum_squared_per_example_vjp(U)
+    second = lin.sum_squared_per_example_vjp(U)
+    assert len(calls) == 2  # no probe: the plan was decided at the first access
+    assert lin.fast_path_reasons is reasons
+    _close(first, second, 0.0)
+    _close(first, lin._generic_sum_squared_per_example_vjp(U))
 
 
 @pytest.mark.parametrize("time_steps", [3, 5])
@@ -496,8 +551,8 @@ def test_fast_path_rejects_layers_without_examples_on_axis_0(time_steps) -> None
     fast = lin.sum_squared_per_example_vjp(U)
     _close(fast, lin._generic_sum_squared_per_example_vjp(U))
     _close(fast, (lin.per_example_vjp(U) ** 2).sum(dim=0))
-    assert lin._fast_report["fc.weight"] != "fast"
-    assert lin._fast_report["out.weight"] == "fast"
+    assert lin.fast_path_reasons["fc.weight"] != "fast"
+    assert lin.fast_path_reasons["out.weight"] == "fast"
 
 
 class TimeMajorDeadLast(nn.Module):
@@ -527,7 +582,7 @@ def test_fast_path_probe_is_not_fooled_by_a_dead_example() -> None:
     U = _rand(torch.Generator().manual_seed(25), 5, 2, 2)
     fast = lin.sum_squared_per_example_vjp(U)
     _close(fast, (lin.per_example_vjp(U) ** 2).sum(dim=0))
-    assert lin._fast_report["fc.weight"] != "fast"
+    assert lin.fast_path_reasons["fc.weight"] != "fast"
 
 
 @pytest.mark.parametrize("time_steps", [3, 4])
@@ -580,7 +635,7 @@ def test_fast_equals_per_example_squares_hypothesis(widths, n, k, seed) -> None:
     U = _rand(torch.Generator().manual_seed(seed), n, k, widths[-1])
     expected = (lin.per_example_vjp(U) ** 2).sum(dim=0)
     _close(lin.sum_squared_per_example_vjp(U), expected)
-    assert all(v == "fast" for v in lin._fast_report.values())
+    assert all(v == "fast" for v in lin.fast_path_reasons.values())
 
 
 def test_float32_in_float32_out() -> None:
@@ -884,4 +939,4 @@ def test_fast_path_streams_cotangents_within_max_vectors(monkeypatch) -> None:
     assert sum(calls[1:]) == 40
     _close(got, expected)
     _close(lin.sum_squared_per_example_vjp(U, max_vectors=1, sum_cotangents=True), expected.sum(0))
-    assert all(v == "fast" for v in lin._fast_report.values())
+    assert all(v == "fast" for v in lin.fast_path_reasons.values())

@@ -3,106 +3,59 @@
 ``backend`` runs a test on NumPy, array-api-strict (default device and a
 non-default fake device, which refuses silent host copies), torch (CPU) and
 JAX (CPU); CuPy and CUDA torch join when a GPU is present and skip otherwise.
+The smaller matrices ``cpu_backend``, ``eager_backend`` and ``host_backend`` are
+subsets of the same table (``_backends.py``); every case carries its backend's
+markers (``numpy``, ``strict``, ``torch``, ``jax``, ``cupy``, ``gpu``) and its id
+(``test_x[strict-device1]``), so ``-m`` and ``-k`` select parts of the matrix.
+
+The test helpers (``_backends``, ``_assertions``, ``_models``) are plain modules
+next to this file: it puts the tests folder on ``sys.path`` (the tests run with
+``--import-mode=importlib``, which does not), so a test module imports them as
+``from _assertions import assert_close``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Any
+import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from _backends import ALL, CPU, EAGER, HOST, Backend, backend_params, make_backend  # noqa: E402
 
 if importlib.util.find_spec("jax") is not None:
     import jax
 
     jax.config.update("jax_enable_x64", True)
 
-
-@dataclass(frozen=True)
-class Backend:
-    """An array library and a device, with conversions for the tests."""
-
-    name: str
-    xp: Any
-    device: Any
-
-    def asarray(self, a: Any, dtype: str = "float64") -> Any:
-        dt = None if dtype is None else getattr(self.xp, dtype)
-        return self.xp.asarray(np.asarray(a), dtype=dt, device=self.device)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        from fisherbound._lib import to_host
-
-        return np.asarray(to_host(x))
-
-    @property
-    def float_types(self) -> tuple[Any, Any]:
-        return self.xp.float32, self.xp.float64
+__all__ = ["Backend", "make_backend"]
 
 
-def _cuda_torch() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def _cupy_gpu() -> bool:
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount()) > 0
-    except Exception:
-        return False
-
-
-BACKENDS = ["numpy", "strict", "strict-device1", "torch", "jax", "cupy", "torch-cuda"]
-
-
-def make_backend(name: str) -> Backend:
-    from array_api_compat import array_namespace
-
-    if name == "numpy":
-        return Backend(name, array_namespace(np.zeros(1)), None)
-    if name in ("strict", "strict-device1"):
-        xs = pytest.importorskip("array_api_strict")
-        dev = xs.Device("device1") if name == "strict-device1" else xs.Device("CPU_DEVICE")
-        return Backend(name, xs, dev)
-    if name == "torch":
-        torch = pytest.importorskip("torch")
-        return Backend(name, array_namespace(torch.zeros(1)), torch.device("cpu"))
-    if name == "jax":
-        pytest.importorskip("jax")
-        import jax.numpy as jnp
-
-        return Backend(name, jnp, jax.devices("cpu")[0])
-    if name == "cupy":
-        if not _cupy_gpu():
-            pytest.skip("CuPy with a GPU is not available")
-        import cupy
-
-        return Backend(name, array_namespace(cupy.zeros(1)), cupy.cuda.Device(0))
-    if name == "torch-cuda":
-        if not _cuda_torch():
-            pytest.skip("CUDA torch is not available")
-        import torch
-
-        return Backend(name, array_namespace(torch.zeros(1)), torch.device("cuda"))
-    raise ValueError(name)
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backend_params(ALL))
 def backend(request: pytest.FixtureRequest) -> Backend:
     """Every array library of the test matrix (GPU ones skip without a GPU)."""
     return make_backend(request.param)
 
 
-@pytest.fixture(params=["numpy", "strict-device1", "torch", "jax"])
+@pytest.fixture(params=backend_params(CPU))
 def cpu_backend(request: pytest.FixtureRequest) -> Backend:
     """A smaller matrix for slow tests: NumPy, strict on a fake device, torch, JAX."""
+    return make_backend(request.param)
+
+
+@pytest.fixture(params=backend_params(EAGER))
+def eager_backend(request: pytest.FixtureRequest) -> Backend:
+    """NumPy, strict on a fake device and torch: without JAX, whose eager mode
+    recompiles every op of a growing Lanczos basis (tens of seconds per test)."""
+    return make_backend(request.param)
+
+
+@pytest.fixture(params=backend_params(HOST))
+def host_backend(request: pytest.FixtureRequest) -> Backend:
+    """NumPy and strict on a fake device: for tests whose torch/JAX runs add nothing."""
     return make_backend(request.param)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from _backends import make_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,33 +30,6 @@ from fisherbound.fisher import fisher_dense
 # helpers
 
 
-class HostBackend:
-    """The numpy / array-api-strict backends of conftest, for tests without the fixture."""
-
-    def __init__(self, xp, device):
-        self.xp, self.device = xp, device
-
-    def asarray(self, a, dtype="float64"):
-        return self.xp.asarray(np.asarray(a), dtype=getattr(self.xp, dtype), device=self.device)
-
-    def to_numpy(self, x):
-        from fisherbound._lib import to_host
-
-        return np.asarray(to_host(x))
-
-
-def numpy_backend():
-    from array_api_compat import array_namespace
-
-    return HostBackend(array_namespace(np.zeros(1)), None)
-
-
-def strict_device1_backend():
-    import array_api_strict as xs
-
-    return HostBackend(xs, xs.Device("device1"))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Tiny torch ops spin-wait when the cores are shared: one intra-op thread is
@@ -71,21 +45,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(params=["numpy", "strict-device1", "torch"])
-def eager_backend(request):
-    """eager_backend without JAX, whose eager mode recompiles every op of a growing
-    Lanczos basis (tens of seconds per test); JAX runs in the reference test and
-    through its adapter."""
-    if request.param == "numpy":
-        return numpy_backend()
-    if request.param == "strict-device1":
-        return strict_device1_backend()
-    torch = pytest.importorskip("torch")
-    from array_api_compat import array_namespace
-
-    return HostBackend(array_namespace(torch.zeros(1)), torch.device("cpu"))
 
 
 def mlp(backend, sizes=(3, 5, 4, 3), n=6, seed=0, activation="tanh", dtype="float64"):
@@ -183,7 +142,7 @@ def test_top_eigenpairs_few_lanczos_steps_converge_on_top(eager_backend) -> None
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_bound_operators_bracket_every_eigenvalue(seed) -> None:
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     _, lin = mlp(backend, sizes=(3, 4, 4), n=4, seed=seed)
     k = 6
     lo, ex, up = (
@@ -294,7 +253,7 @@ def test_local_dimension_auto_switches_to_slq_above_max_count(eager_backend) -> 
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 10_000), log_eps=st.floats(-6.0, 0.0))
 def test_local_dimension_is_monotone_and_below_the_rank_bound(seed, log_eps) -> None:
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     _, lin = mlp(backend, sizes=(3, 6, 3), n=4, seed=seed)  # D = 45, N (C − 1) = 8
     counts = [
         float(local_dimension(lin, eps=10.0**e, rng=seed).value) for e in (log_eps, log_eps + 1)
@@ -375,7 +334,7 @@ def test_narrow_mlp_is_bounded_by_the_number_of_parameters(eager_backend) -> Non
     ],
 )
 def test_rank_bound_per_family_and_kernel(family, kernel, per_input) -> None:
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     _, lin = mlp(backend, sizes=(2, 3, 3), n=2, seed=12)  # D = 21
     bound = rank_bound(lin, family, kernel=kernel)
     assert bound == RankBound(min(21, 2 * per_input), 21, 2, per_input)
@@ -473,7 +432,7 @@ def test_razor_of_a_linear_gaussian_model_is_the_exact_marginal(eager_backend, m
 def test_razor_streams_batches_and_splits_labels() -> None:
     from fisherbound.adapters.numpy import linearize
 
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     model, x, y, theta0, exact = linear_gaussian_case(backend, n=9)
     parts = [linearize(model, x[:4]), linearize(model, x[4:])]
     common = dict(prior_variance=0.7, theta=model.parameters(), theta0=theta0, rng=0)
@@ -554,7 +513,7 @@ def test_razor_parts_for_a_classifier(eager_backend) -> None:
 
 
 def test_razor_bernoulli_likelihood() -> None:
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     model, lin = mlp(backend, sizes=(3, 4, 2), n=5, seed=16)
     y = np.random.default_rng(16).integers(0, 2, size=(5, 2)).astype(np.float64)
     out = razor(
@@ -764,7 +723,7 @@ def test_mixed_libraries_and_devices() -> None:
     import array_api_strict as xs
     import torch
 
-    backend = strict_device1_backend()
+    backend = make_backend("strict-device1")
     model, lin = mlp(backend, sizes=(2, 3, 3), n=3, seed=19)
     y = xs.asarray([0, 1, 2], device=backend.device)
     theta = model.parameters()
@@ -785,7 +744,7 @@ def test_mixed_libraries_and_devices() -> None:
 
 
 def test_bad_sources_and_families() -> None:
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     _, lin = mlp(backend, sizes=(2, 3, 3), n=3, seed=19)
     with pytest.raises(TypeError, match=r"needs a re-iterable source"):
         top_eigenpairs(iter([lin]), k=1)

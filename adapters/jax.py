@@ -48,18 +48,19 @@ import jax.numpy as jnp
 
 from fisherbound._lib import (
     array_namespace,
-    check_floating,
     check_positive_int,
-    is_array,
 )
-from fisherbound._lib._validation import check_device, check_finite
+from fisherbound._lib._validation import check_finite
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
+    check_batches,
     check_loss_labels,
     check_loss_options,
     example_range,
     make_blocks,
+    stream_inputs,
+    stream_pairs,
 )
 
 Array = Any
@@ -426,6 +427,9 @@ class JaxLinearization(LinearizationBase):
     residuals of one forward pass); ``vjp`` is its transpose.
     """
 
+    _operand_remedy = "Move it with jax.device_put({name}, lin.device)."
+    _operand_free = "M"
+
     def __init__(self, model: _Model, inputs: PyTree, num_inputs: int) -> None:
         self._model = model
         self._kernels = model.kernels
@@ -462,28 +466,6 @@ class JaxLinearization(LinearizationBase):
         """
         v = self._operand(v, "v", (self.num_params,), "(D,)")
         return self._kernels.unravel(v)
-
-    # -- validation of operands ------------------------------------------------
-    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
-        xp = array_namespace(x, self._logits, names=(name, "the linearization's logits"))
-        check_floating(x, name, xp=xp)
-        got = tuple(int(s) for s in x.shape)
-        if len(got) != len(shape) or any(
-            s is not None and g != s for g, s in zip(got, shape, strict=False)
-        ):
-            want = ", ".join("M" if s is None else str(s) for s in shape)
-            msg = f"{name} must have shape {what} = ({want}); got shape {got}."
-            raise ValueError(msg)
-        check_device(
-            x,
-            name,
-            self.device,
-            owner="the linearization's device",
-            remedy=f"Move it with jax.device_put({name}, lin.device).",
-        )
-        if x.dtype != self.dtype:
-            x = xp.astype(x, self.dtype)
-        return x
 
     def _forward_mode(self, kernel: Callable[[Any, Array], Array], v: Array) -> Array:
         try:
@@ -754,28 +736,18 @@ def linearizations(
     [4, 3]
     """
     apply_fn = _check_apply_fn(apply_fn)
-    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or is_array(batches):
-        msg = (
-            "batches must be an iterable of batches (arrays, or tuples whose first "
-            f"element is the inputs); got {type(batches).__name__}. For a single "
-            "batch use linearize(apply_fn, params, inputs)."
-        )
-        raise TypeError(msg)
+    batches = check_batches(
+        batches,
+        what="batches (arrays, or tuples whose first element is the inputs)",
+        remedy="For a single batch use linearize(apply_fn, params, inputs).",
+    )
     model = _Model(apply_fn, params)
-    return _stream(model, batches)
 
-
-def _stream(model: _Model, batches: Iterable[Any]) -> Iterator[JaxLinearization]:
-    for i, batch in enumerate(batches):
-        if isinstance(batch, tuple | list):
-            if len(batch) == 0:
-                msg = (
-                    f"batch {i} must be an inputs array or a non-empty tuple (inputs, ...); got ()."
-                )
-                raise ValueError(msg)
-            batch = batch[0]
+    def build(i: int, batch: Any) -> JaxLinearization:
         x, n = _check_inputs(batch)
-        yield JaxLinearization(model, x, n)
+        return JaxLinearization(model, x, n)
+
+    return stream_inputs(batches, build, single="an inputs array")
 
 
 def _second_derivative_kernel(apply_fn: Callable[..., Array], kernels: _Kernels) -> Any:
@@ -872,6 +844,8 @@ class JaxLossFunction(LossFunctionBase):
     #: Shifts evaluated per compiled call of ``value`` (a fixed shape: one compilation).
     default_max_shifts: int = 32
 
+    _operand_remedy = "Move it with jax.device_put({name}, loss.device)."
+
     def __init__(
         self,
         model: _Model,
@@ -899,43 +873,6 @@ class JaxLossFunction(LossFunctionBase):
         self._params = model.theta
         self._blocks = model.blocks
         self._xp = array_namespace(z, names=("logits",))
-
-    @property
-    def family(self) -> Any:
-        """The output family whose log-likelihood defines the loss."""
-        return self._family
-
-    @property
-    def labels(self) -> Array:
-        """The labels y of the batch."""
-        return self._labels
-
-    @property
-    def logits(self) -> Array:
-        """The logits z (N, C) at θ."""
-        return self._logits
-
-    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
-        xp = array_namespace(x, self._params, names=(name, "the loss function's params"))
-        check_floating(x, name, xp=xp)
-        got = tuple(int(s) for s in x.shape)
-        if len(got) != len(shape) or any(
-            s is not None and g != s for g, s in zip(got, shape, strict=False)
-        ):
-            letters = what.strip("()").split(", ")
-            want = ", ".join(
-                letter if s is None else str(s) for letter, s in zip(letters, shape, strict=True)
-            )
-            msg = f"{name} must have shape {what} = ({want}); got shape {got}."
-            raise ValueError(msg)
-        check_device(
-            x,
-            name,
-            self.device,
-            owner="the loss function's device",
-            remedy=f"Move it with jax.device_put({name}, loss.device).",
-        )
-        return xp.astype(x, self.dtype) if x.dtype != self.dtype else x
 
     def value(self, shifts: Array, /) -> Array:
         """L(θ + shifts[s]) for shifts (S, D); returns (S,).
@@ -1060,22 +997,15 @@ def loss_functions(
     """
     apply_fn = _check_apply_fn(apply_fn)
     fam = check_loss_options(family, reduction)
-    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or is_array(batches):
-        msg = (
-            "batches must be an iterable of (inputs, labels) pairs; got "
-            f"{type(batches).__name__}. For one batch use loss_function(apply_fn, params, x, y)."
-        )
-        raise TypeError(msg)
+    batches = check_batches(
+        batches,
+        what="(inputs, labels) pairs",
+        remedy="For one batch use loss_function(apply_fn, params, x, y).",
+    )
     model = _Model(apply_fn, params)
-    return _stream_losses(model, batches, fam, reduction)
 
+    def build(i: int, inputs: Any, labels: Any) -> JaxLossFunction:
+        x, n = _check_inputs(inputs)
+        return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction)
 
-def _stream_losses(
-    model: _Model, batches: Iterable[Any], family: Any, reduction: str
-) -> Iterator[JaxLossFunction]:
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) < 2:
-            msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}."
-            raise TypeError(msg)
-        x, n = _check_inputs(batch[0])
-        yield JaxLossFunction(model, x, n, _as_jax_labels(batch[1]), family, reduction)
+    return stream_pairs(batches, build)

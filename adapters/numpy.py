@@ -39,15 +39,18 @@ from fisherbound._lib import (
     device_of,
     is_array,
 )
-from fisherbound._lib._validation import check_device, check_finite
+from fisherbound._lib._validation import check_finite
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
     ParameterBlock,
+    check_batches,
     check_loss_labels,
     check_loss_options,
     example_range,
     make_blocks,
+    stream_inputs,
+    stream_pairs,
 )
 
 Array = Any
@@ -662,31 +665,6 @@ class ReferenceLinearization(LinearizationBase):
         """The batch of inputs (N, d), in the model's dtype."""
         return self._inputs
 
-    # -- validation of operands ------------------------------------------------
-    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
-        xp = array_namespace(x, self._logits, names=(name, "the linearization's logits"))
-        check_floating(x, name, xp=xp)
-        got = tuple(x.shape)
-        if len(got) != len(shape) or any(
-            s is not None and int(g) != s for g, s in zip(got, shape, strict=False)
-        ):
-            letters = what.strip("()").split(", ")
-            want = ", ".join(
-                letter if s is None else str(s) for letter, s in zip(letters, shape, strict=True)
-            )
-            msg = f"{name} must have shape {what} = ({want}); got shape {got}."
-            raise ValueError(msg)
-        check_device(
-            x,
-            name,
-            self.device,
-            owner="the linearization's device",
-            remedy=f"Move it with xp.asarray({name}, device=lin.device).",
-        )
-        if x.dtype != self.dtype:
-            x = xp.astype(x, self.dtype)
-        return x
-
     # -- forward products ---------------------------------------------------------
     def jvp(self, v: Array, /) -> Array:
         """J v for a flat parameter vector ``v`` (D,); returns (N, C).
@@ -986,30 +964,22 @@ def linearizations(
     [4, 3]
     """
     checked = _check_model(model)
-    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or is_array(batches):
-        msg = (
-            "batches must be an iterable of batches (arrays, or tuples whose first "
-            f"element is the inputs); got {type(batches).__name__}. For a single "
-            "batch use linearize(model, inputs)."
-        )
-        raise TypeError(msg)
-    return _stream(checked, batches)
+    batches = check_batches(
+        batches,
+        what="batches (arrays, or tuples whose first element is the inputs)",
+        remedy="For a single batch use linearize(model, inputs).",
+    )
 
-
-def _stream(model: _ReferenceModel, batches: Iterable[Any]) -> Iterator[ReferenceLinearization]:
-    for i, batch in enumerate(batches):
-        if isinstance(batch, tuple | list):
-            if len(batch) == 0:
-                msg = f"batch {i} must be an array or a non-empty tuple (inputs, ...); got ()."
-                raise ValueError(msg)
-            batch = batch[0]
+    def build(i: int, batch: Any) -> ReferenceLinearization:
         if not is_array(batch):
             msg = (
                 f"batch {i} must be an inputs array or a tuple / list whose first element "
                 f"is the inputs; got {type(batch).__module__}.{type(batch).__name__}."
             )
             raise TypeError(msg)
-        yield ReferenceLinearization(model, _check_inputs(model, batch))
+        return ReferenceLinearization(checked, _check_inputs(checked, batch))
+
+    return stream_inputs(batches, build, single="an array")
 
 
 # ----------------------------------------------------------------------------
@@ -1035,6 +1005,7 @@ class ReferenceLossFunction(LossFunctionBase):
     ) -> None:
         self._lin = ReferenceLinearization(model, inputs)
         check_loss_labels(family, self._lin.logits, labels)
+        self._logits = self._lin.logits
         self._model = model
         self._family = family
         self._labels = labels
@@ -1044,16 +1015,6 @@ class ReferenceLossFunction(LossFunctionBase):
         self._xp = model.xp
         self._blocks = model.blocks
         self._params = model.parameters()
-
-    @property
-    def family(self) -> Any:
-        """The output family whose log-likelihood defines the loss."""
-        return self._family
-
-    @property
-    def labels(self) -> Array:
-        """The labels y of the batch."""
-        return self._labels
 
     @property
     def linearization(self) -> ReferenceLinearization:
@@ -1263,26 +1224,15 @@ def loss_functions(
     """
     checked = _check_model(model)
     fam = check_loss_options(family, reduction)
-    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or is_array(batches):
-        msg = (
-            "batches must be an iterable of (inputs, labels) pairs; got "
-            f"{type(batches).__name__}. For one batch use loss_function(model, x, y)."
-        )
-        raise TypeError(msg)
-    return _stream_losses(checked, batches, fam, reduction)
+    batches = check_batches(
+        batches,
+        what="(inputs, labels) pairs",
+        remedy="For one batch use loss_function(model, x, y).",
+    )
 
+    def build(i: int, inputs: Any, labels: Any) -> ReferenceLossFunction:
+        x = _check_inputs(checked, inputs)
+        array_namespace(labels, x, names=(f"the labels of batch {i}", "inputs"))
+        return ReferenceLossFunction(checked, x, labels, fam, reduction)
 
-def _stream_losses(
-    model: _ReferenceModel, batches: Iterable[Any], family: Any, reduction: str
-) -> Iterator[ReferenceLossFunction]:
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) < 2:
-            msg = (
-                f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
-                + "."
-            )
-            raise TypeError(msg)
-        x = _check_inputs(model, batch[0])
-        array_namespace(batch[1], x, names=(f"the labels of batch {i}", "inputs"))
-        yield ReferenceLossFunction(model, x, batch[1], family, reduction)
+    return stream_pairs(batches, build, say_length=True)

@@ -58,10 +58,13 @@ from fisherbound.adapters.torch_rules import (
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
+    check_batches,
     check_loss_labels,
     check_loss_options,
     example_range,
     make_blocks,
+    stream_inputs,
+    stream_pairs,
 )
 
 __all__ = [
@@ -342,7 +345,7 @@ class _FunctionalModel:
         parts = torch.split(v, list(self._sizes), dim=len(lead))
         return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self._shapes, strict=True))
 
-    def _check(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
+    def _operand(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
         return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
 
 
@@ -433,7 +436,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         >>> lin.jvp(torch.ones(lin.num_params, dtype=torch.float64)).shape
         torch.Size([4, 3])
         """
-        self._check(v, "v", (self.num_params,), self._shape_text("D"))
+        self._operand(v, "v", (self.num_params,), self._shape_text("D"))
         return self._jvp_impl(v)
 
     def _jvp_impl(self, v: Tensor) -> Tensor:
@@ -452,12 +455,12 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         >>> lin.vjp(torch.ones(4, 3, dtype=torch.float64))[-3:]  # the bias block: Σ_n u_n
         tensor([4., 4., 4.], dtype=torch.float64)
         """
-        self._check(u, "u", (self.num_inputs, self.num_outputs), self._shape_text("N", "C"))
+        self._operand(u, "u", (self.num_inputs, self.num_outputs), self._shape_text("N", "C"))
         return self._flatten(self._vjp_fn(u))
 
     def jvp_batch(self, V: Tensor, /) -> Tensor:
         """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, C) (vmapped jvp)."""
-        self._check(V, "V", (None, self.num_params), self._shape_text("M", "D"))
+        self._operand(V, "V", (None, self.num_params), self._shape_text("M", "D"))
         m = int(V.shape[0])
         if m == 0:
             return V.new_zeros((0, self.num_inputs, self.num_outputs))
@@ -471,7 +474,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
 
     def vjp_batch(self, U: Tensor, /) -> Tensor:
         """Jᵀ U[m] for M cotangents ``U`` (M, N, C); returns (M, D): one batched backward."""
-        self._check(
+        self._operand(
             U, "U", (None, self.num_inputs, self.num_outputs), self._shape_text("M", "N", "C")
         )
         m = int(U.shape[0])
@@ -504,7 +507,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         """
         start, stop = example_range(examples, self.num_inputs)
         c = self.num_outputs
-        self._check(U, "U", (stop - start, None, c), f"(n={stop - start}, K, C={c})")
+        self._operand(U, "U", (stop - start, None, c), f"(n={stop - start}, K, C={c})")
         k = int(U.shape[1])
         if k == 0:
             return U.new_zeros((stop - start, 0, self.num_params))
@@ -606,7 +609,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         torch.Size([1, 9])
         """
         n, c = self.num_inputs, self.num_outputs
-        self._check(U, "U", (n, None, c), self._shape_text("N", "K", "C"))
+        self._operand(U, "U", (n, None, c), self._shape_text("N", "K", "C"))
         budget = (
             self.default_max_vectors
             if max_vectors is None
@@ -862,21 +865,21 @@ def linearizations(
     """
     model = _check_model(model)
     names, tensors = _select_parameters(model, params)
-    if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor | str | bytes):
-        msg = (
-            "batches must be an iterable of batches (a list, a generator, a DataLoader); got "
-            f"{type(batches).__name__}. For one batch use linearize(model, inputs)."
-        )
-        raise TypeError(msg)
-    return _stream(model, batches, names, tensors)
+    batches = check_batches(
+        batches,
+        what="batches (a list, a generator, a DataLoader)",
+        remedy="For one batch use linearize(model, inputs).",
+        single=_is_tensor_or_text,
+    )
+
+    def build(i: int, inputs: Any) -> TorchLinearization:
+        return _linearize(model, inputs, names, tensors)
+
+    return stream_inputs(batches, build, single="an inputs tensor")
 
 
-def _stream(
-    model: nn.Module, batches: Iterable[Any], names: tuple[str, ...], tensors: tuple[Tensor, ...]
-) -> Iterator[TorchLinearization]:
-    for batch in batches:
-        inputs = batch[0] if isinstance(batch, tuple | list) else batch
-        yield _linearize(model, inputs, names, tensors)
+def _is_tensor_or_text(x: object) -> bool:
+    return isinstance(x, torch.Tensor | str | bytes)
 
 
 # ---------------------------------------------------------------------------
@@ -923,21 +926,6 @@ class TorchLossFunction(_FunctionalModel, LossFunctionBase):
         self._num_inputs = int(z.shape[0])
         self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
 
-    @property
-    def family(self) -> Any:
-        """The output family whose log-likelihood defines the loss."""
-        return self._family
-
-    @property
-    def labels(self) -> Tensor:
-        """The labels y of the batch."""
-        return self._labels
-
-    @property
-    def logits(self) -> Tensor:
-        """The logits z (N, C) at θ."""
-        return self._logits
-
     # -- plumbing ------------------------------------------------------------
 
     def _check_logits(self, z: object) -> None:
@@ -983,7 +971,7 @@ class TorchLossFunction(_FunctionalModel, LossFunctionBase):
         torch.Size([5])
         """
         d = self.num_params
-        self._check(shifts, "shifts", (None, d), f"(S, D={d})")
+        self._operand(shifts, "shifts", (None, d), f"(S, D={d})")
         if shifts.shape[0] == 0:
             return shifts.new_zeros((0,))
 
@@ -1004,7 +992,7 @@ class TorchLossFunction(_FunctionalModel, LossFunctionBase):
     def hvp(self, v: Tensor, /) -> Tensor:
         """∇²L(θ) v for ``v`` (D,); returns (D,) (forward-over-reverse)."""
         d = self.num_params
-        self._check(v, "v", (d,), f"(D={d},)")
+        self._operand(v, "v", (d,), f"(D={d},)")
         return self._hvp(v)
 
     def hvp_batch(self, V: Tensor, /) -> Tensor:
@@ -1015,7 +1003,7 @@ class TorchLossFunction(_FunctionalModel, LossFunctionBase):
         batched.
         """
         d = self.num_params
-        self._check(V, "V", (None, d), f"(M, D={d})")
+        self._operand(V, "V", (None, d), f"(M, D={d})")
         if V.shape[0] == 0:
             return V.new_zeros((0, d))
         return torch.func.vmap(self._hvp)(V)
@@ -1129,26 +1117,14 @@ def loss_functions(
     model = _check_model(model)
     fam = check_loss_options(family, reduction)
     names, tensors = _select_parameters(model, params)
-    if not isinstance(batches, Iterable) or isinstance(batches, torch.Tensor | str | bytes):
-        msg = (
-            "batches must be an iterable of (inputs, labels) pairs (a list, a generator, a "
-            f"DataLoader); got {type(batches).__name__}. For one batch use "
-            "loss_function(model, inputs, labels)."
-        )
-        raise TypeError(msg)
-    return _stream_losses(model, batches, names, tensors, fam, reduction)
+    batches = check_batches(
+        batches,
+        what="(inputs, labels) pairs (a list, a generator, a DataLoader)",
+        remedy="For one batch use loss_function(model, inputs, labels).",
+        single=_is_tensor_or_text,
+    )
 
+    def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
+        return _loss_function(model, inputs, labels, names, tensors, fam, reduction)
 
-def _stream_losses(
-    model: nn.Module,
-    batches: Iterable[Any],
-    names: tuple[str, ...],
-    tensors: tuple[Tensor, ...],
-    family: Any,
-    reduction: str,
-) -> Iterator[TorchLossFunction]:
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) < 2:
-            msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}."
-            raise TypeError(msg)
-        yield _loss_function(model, batch[0], batch[1], names, tensors, family, reduction)
+    return stream_pairs(batches, build)

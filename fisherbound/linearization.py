@@ -29,10 +29,11 @@ does better.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 Array = Any
+T = TypeVar("T")
 
 __all__ = [
     "LOSS_REDUCTIONS",
@@ -42,10 +43,14 @@ __all__ = [
     "LossFunctionBase",
     "ParameterBlock",
     "as_linearizations",
+    "check_batches",
     "check_loss_labels",
     "check_loss_options",
+    "check_operand",
     "example_range",
     "make_blocks",
+    "stream_inputs",
+    "stream_pairs",
 ]
 
 
@@ -129,6 +134,10 @@ class LinearizationBase:
     #: Default bound on how many D-vectors a per-example computation holds at once.
     default_max_vectors: int = 256
 
+    # How ``_operand`` names the device and how to move an operand there.
+    _operand_remedy: str = "Move it with xp.asarray({name}, device=lin.device)."
+    _operand_free: str | None = None
+
     @property
     def logits(self) -> Array:
         """The logits z of the batch, shape (N, C)."""
@@ -167,6 +176,20 @@ class LinearizationBase:
     @property
     def num_outputs(self) -> int:
         return int(self._logits.shape[1])
+
+    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
+        """``x`` checked against the logits (namespace, floating, shape, device), cast."""
+        return check_operand(
+            x,
+            name,
+            shape,
+            what,
+            like=self._logits,
+            like_name="the linearization's logits",
+            owner="the linearization's device",
+            remedy=self._operand_remedy.format(name=name),
+            free=self._operand_free,
+        )
 
     def jvp(self, v: Array, /) -> Array:
         """J v for a flat parameter vector ``v`` (D,); returns (N, C)."""
@@ -335,6 +358,27 @@ class LossFunctionBase:
     _xp: Any
     _reduction: str
     _num_inputs: int
+    _family: Any
+    _labels: Array
+    _logits: Array
+
+    # How ``_operand`` names the device and how to move an operand there.
+    _operand_remedy: str = "Move it with xp.asarray({name}, device=loss.device)."
+
+    @property
+    def family(self) -> Any:
+        """The output family whose log-likelihood defines the loss."""
+        return self._family
+
+    @property
+    def labels(self) -> Array:
+        """The labels y of the batch."""
+        return self._labels
+
+    @property
+    def logits(self) -> Array:
+        """The logits z (N, C) at θ."""
+        return self._logits
 
     @property
     def params(self) -> Array:
@@ -375,6 +419,19 @@ class LossFunctionBase:
         from fisherbound._lib import device_of
 
         return device_of(self._params)
+
+    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
+        """``x`` checked against θ (namespace, floating, shape, device), cast to its dtype."""
+        return check_operand(
+            x,
+            name,
+            shape,
+            what,
+            like=self._params,
+            like_name="the loss function's params",
+            owner="the loss function's device",
+            remedy=self._operand_remedy.format(name=name),
+        )
 
     def value(self, shifts: Array, /) -> Array:
         """The loss at θ + shifts[s] for shifts (S, D); returns (S,)."""
@@ -422,3 +479,107 @@ def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
     except (TypeError, ValueError) as err:
         msg = f"labels do not fit the logits for the {family!r} family: {err}"
         raise type(err)(msg) from err
+
+
+# ---------------------------------------------------------------------------
+# The adapter shell: operand checks and the streams of batches
+# ---------------------------------------------------------------------------
+
+
+def check_operand(
+    x: Array,
+    name: str,
+    shape: tuple[int | None, ...],
+    what: str,
+    /,
+    *,
+    like: Array,
+    like_name: str,
+    owner: str,
+    remedy: str,
+    free: str | None = None,
+) -> Array:
+    """``x`` checked as an operand of an array-API adapter, cast to ``like``'s dtype.
+
+    ``x`` must share ``like``'s namespace (a TypeError naming ``like_name``
+    otherwise), be real floating, have ``shape`` (None: any size) and be on
+    ``like``'s device (a ValueError naming ``owner``, with ``remedy``). The shape
+    message reads "{name} must have shape {what} = (sizes); got shape (...)."
+    with each free axis written as its letter in ``what`` or as ``free``.
+    Cost: O(1), no data is read.
+    """
+    from fisherbound._lib import array_namespace, check_floating, device_of
+    from fisherbound._lib._validation import check_device
+
+    xp = array_namespace(x, like, names=(name, like_name))
+    check_floating(x, name, xp=xp)
+    got = tuple(int(s) for s in x.shape)
+    if len(got) != len(shape) or any(
+        s is not None and g != s for g, s in zip(got, shape, strict=False)
+    ):
+        letters = what.strip("()").rstrip(",").split(", ")
+        want = ", ".join(
+            (letter if free is None else free) if s is None else str(s)
+            for letter, s in zip(letters, shape, strict=True)
+        )
+        msg = f"{name} must have shape {what} = ({want}); got shape {got}."
+        raise ValueError(msg)
+    check_device(x, name, device_of(like), owner=owner, remedy=remedy)
+    return xp.astype(x, like.dtype) if x.dtype != like.dtype else x
+
+
+def check_batches(
+    batches: object, /, *, what: str, remedy: str, single: Callable[[object], bool] | None = None
+) -> Iterable[Any]:
+    """``batches`` if it is an iterable of batches, not one batch; else a TypeError.
+
+    Strings, bytes and arrays (or what ``single`` recognises as one batch) are
+    refused with "batches must be an iterable of {what}; got {type}. {remedy}".
+    """
+    from fisherbound._lib import is_array
+
+    one = single if single is not None else is_array
+    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or one(batches):
+        msg = f"batches must be an iterable of {what}; got {type(batches).__name__}. {remedy}"
+        raise TypeError(msg)
+    return batches
+
+
+def stream_inputs(
+    batches: Iterable[Any], build: Callable[[int, Any], T], /, *, single: str
+) -> Iterator[T]:
+    """``build(i, inputs)`` for each batch i, lazily; a tuple or list gives its first item.
+
+    A DataLoader's ``(x, y)`` batch contributes ``x``; any other batch is the
+    inputs itself. An empty tuple is refused (ValueError): "batch {i} must be
+    {single} or a non-empty tuple (inputs, ...); got ()."
+    """
+    for i, batch in enumerate(batches):
+        if isinstance(batch, tuple | list):
+            if len(batch) == 0:
+                msg = f"batch {i} must be {single} or a non-empty tuple (inputs, ...); got ()."
+                raise ValueError(msg)
+            batch = batch[0]
+        yield build(i, batch)
+
+
+def stream_pairs(
+    batches: Iterable[Any],
+    build: Callable[[int, Any, Any], T],
+    /,
+    *,
+    say_length: bool = False,
+) -> Iterator[T]:
+    """``build(i, inputs, labels)`` for each ``(inputs, labels, ...)`` batch i, lazily.
+
+    Anything else is refused (TypeError): "batch {i} must be a pair (inputs,
+    labels); got {type}." (with its length when ``say_length``).
+    """
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) < 2:
+            length = (
+                f" of length {len(batch)}" if say_length and isinstance(batch, tuple | list) else ""
+            )
+            msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}{length}."
+            raise TypeError(msg)
+        yield build(i, batch[0], batch[1])

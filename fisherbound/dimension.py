@@ -40,25 +40,30 @@ also all-reduces the negative log-likelihood and N.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
+    REDUCTIONS,
     Estimate,
     array_namespace,
     check_choice,
+    check_device,
+    check_finite,
     check_floating,
+    check_optional_int,
     check_positive_int,
+    check_positive_real,
+    collective,
     device_of,
+    estimate_from_samples,
     is_array,
+    shared_generator,
     to_host,
 )
-from fisherbound._lib._collective import collective, shared_generator
-from fisherbound._lib._estimate import estimate_from_samples
-from fisherbound._lib._validation import check_device, check_finite
+from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
-from fisherbound.fisher import DEFAULT_MAX_PARAMS, _agree, _batches, _check_family, fisher_dense
+from fisherbound.fisher import DEFAULT_MAX_PARAMS, fisher_dense
 from fisherbound.fisher import fisher_operator as _fisher_operator
 from fisherbound.linalg import (
     LinearOperator,
@@ -85,7 +90,6 @@ __all__ = [
     "top_eigenpairs",
 ]
 
-REDUCTIONS = ("sum", "mean")
 DIMENSION_METHODS = ("auto", "lanczos", "slq")
 LOGDET_METHODS = ("auto", "dense", "lanczos", "slq")
 
@@ -216,17 +220,6 @@ class Razor(NamedTuple):
 # validation
 
 
-def _check_positive_real(value: object, name: str, remedy: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        msg = f"{name} must be a positive real number; got {type(value).__name__} {value!r}."
-        raise TypeError(msg)
-    x = float(value)
-    if not (0.0 < x < math.inf):
-        msg = f"{name} must be a positive finite number; got {x}.{remedy}"
-        raise ValueError(msg)
-    return x
-
-
 def _operator(
     source: Any, family: Any, kernel: str, reduction: str, process_group: Any = None
 ) -> Any:
@@ -254,10 +247,6 @@ def _namespace(op: Any) -> Any:
 
 def _scalar(xp: Any, value: float, op: Any) -> Array:
     return xp.asarray(value, dtype=op.dtype, device=op.device)
-
-
-def _optional_int(value: Any, name: str) -> int | None:
-    return None if value is None else check_positive_int(value, name)
 
 
 # --------------------------------------------------------------------------- #
@@ -325,7 +314,7 @@ def top_eigenpairs(
     [1.6666666667, 1.6666666667, 0.0]
     """
     k = check_positive_int(k, "k")
-    m = _optional_int(num_matvecs, "num_matvecs")
+    m = check_optional_int(num_matvecs, "num_matvecs")
     op = _operator(source, family, kernel, reduction, process_group)
     d = int(op.shape[0])
     if k > d:
@@ -427,7 +416,7 @@ def spectral_density(
     M = check_positive_int(num_probes, "num_probes")
     m = check_positive_int(num_matvecs, "num_matvecs")
     G = check_positive_int(num_points, "num_points")
-    sigma = None if width is None else _check_positive_real(width, "width")
+    sigma = None if width is None else check_positive_real(width, "width")
     op = _operator(source, family, kernel, reduction, process_group)
     xp = _namespace(op)
     if grid is not None:
@@ -537,24 +526,17 @@ def rank_bound(
     >>> rank_bound(lin)   # D = 131 parameters, N (C − 1) = 10
     RankBound(value=10, num_params=131, num_inputs=5, rank_per_input=2)
     """
-    fam = _check_family(family)
+    fam = check_family(family)
     check_choice(kernel, "kernel", KERNELS)
-    n = 0
     d = 0
     r = 0
-    coll = collective(process_group)
-    first = None
-    for lin in _batches(
-        source, fam, desc="rank bound", progress=False, allow_empty=coll is not None
-    ):
-        n += int(lin.logits.shape[0])
+    stream = Stream(source, fam, desc="rank bound", progress=False, process_group=process_group)
+    for lin in stream:
         d = int(lin.num_params)
-        if first is None:
-            first = lin
+        if stream.num_batches == 1:
             r = _rank_per_input(fam, kernel, int(lin.logits.shape[-1]))
-    if coll is not None:
-        _agree(coll, first, fam, where="rank_bound", kernel=kernel)
-        n = coll.sum_int(n)
+    stream.finish(where="rank_bound", kernel=kernel)
+    n = stream.num_inputs
     return RankBound(min(d, n * r), d, n, r)
 
 
@@ -637,11 +619,11 @@ def local_dimension(
     >>> float(est.value), float(est.std_error), est.num_probes
     (2.0, 0.0, 0)
     """
-    threshold = _check_positive_real(eps, "eps", " The local dimension counts eigenvalues > eps.")
+    threshold = check_positive_real(eps, "eps", " The local dimension counts eigenvalues > eps.")
     check_choice(method, "method", DIMENSION_METHODS)
     count_max = check_positive_int(max_count, "max_count")
     M = check_positive_int(num_probes, "num_probes")
-    m = _optional_int(num_matvecs, "num_matvecs")
+    m = check_optional_int(num_matvecs, "num_matvecs")
     op = _operator(source, family, kernel, reduction, process_group)
     d = int(op.shape[0])
     if m is not None and method != "slq" and m < min(count_max + 1, d):
@@ -844,14 +826,14 @@ def razor(
     >>> out.method, bool(out.value > out.neg_log_likelihood)
     ('lanczos', True)
     """
-    s2 = _check_positive_real(prior_variance, "prior_variance")
+    s2 = check_positive_real(prior_variance, "prior_variance")
     check_choice(method, "method", LOGDET_METHODS)
     M = check_positive_int(num_probes, "num_probes")
     m = check_positive_int(num_matvecs, "num_matvecs")
     check_positive_int(max_params, "max_params")
     op = _operator(source, family, "exact", "sum", process_group)
     coll = collective(process_group)
-    fam = _check_family(family)
+    fam = check_family(family)
     xp = _namespace(op)
     d = int(op.shape[0])
     lins = list(as_linearizations(source))

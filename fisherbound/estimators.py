@@ -50,18 +50,25 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from fisherbound._accumulator import Accumulator
 from fisherbound._lib import (
+    DISTRIBUTIONS,
+    REDUCTIONS,
+    Collective,
     Estimate,
     array_namespace,
     as_generator,
+    check_bool,
     check_choice,
+    check_optional_int,
     check_positive_int,
-    device_of,
+    check_target,
+    collective,
     probes,
 )
-from fisherbound._lib._collective import Collective, collective
+from fisherbound._quantities import Quantity, quantity
+from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
-from fisherbound.fisher import _agree, _batches, _check_family, _named_blocks
 from fisherbound.linearization import Linearization
 
 Array = Any
@@ -74,8 +81,6 @@ __all__ = [
 ]
 
 WHATS = ("diagonal", "trace", "blocks", "full")
-DISTRIBUTIONS = ("rademacher", "gaussian")
-REDUCTIONS = ("sum", "mean")
 
 #: Default limit on the size of one parameter block for ``what="blocks"``.
 DEFAULT_MAX_BLOCK_SIZE = 4096
@@ -84,400 +89,132 @@ DEFAULT_MAX_BLOCK_SIZE = 4096
 #: rounds of ``num_probes`` probes are drawn unless ``max_batches`` says otherwise.
 DEFAULT_MAX_ROUNDS = 64
 
-
-# --------------------------------------------------------------------------- #
-# The mergeable accumulator
-
-
-def _map(f: Any, *trees: Any) -> Any:
-    """Apply ``f`` leafwise to arrays or to dicts of arrays (the blocks)."""
-    if isinstance(trees[0], dict):
-        return {k: f(*(t[k] for t in trees)) for k in trees[0]}
-    return f(*trees)
-
-
-def _leaves(tree: Any) -> list[Any]:
-    return list(tree.values()) if isinstance(tree, dict) else [tree]
-
-
-class Accumulator:
-    """A sum of independent unbiased estimates, with its variance: mergeable.
-
-    Each ``update(samples)`` adds one *stratum*: the M per-probe samples of one
-    batch's contribution (an array (M, ...) or a dict of them). The stratum
-    contributes its sample mean to ``value`` and the estimated variance of that
-    mean, s²/M (s² the unbiased sample variance over the M probes; NaN for
-    M = 1), to ``variance``. Strata are independent (their probes are), so
-
-        value = Σ_b mean_b,    variance = Σ_b s_b² / M_b
-
-    is an unbiased estimate of the sum over the data and of its variance, with
-    Σ_b (M_b − 1) degrees of freedom: better error bars than treating each
-    probe's data-set total as one sample, in O(D) memory.
-
-    ``merge(other)`` adds the strata of ``other`` (other inputs: another shard,
-    another call, another process; across processes, all-reducing ``value``,
-    ``variance`` and ``num_inputs`` with a sum is the same thing).
-    ``pool(other)`` combines two independent estimates of the SAME inputs (new
-    probes), weighting by their numbers of probes.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> acc = Accumulator()
-    >>> acc = acc.update(np.array([[1.0, 2.0], [3.0, 2.0]]), num_inputs=4)
-    >>> acc = acc.update(np.array([[0.0, 1.0], [2.0, 1.0]]), num_inputs=4)
-    >>> est = acc.estimate()
-    >>> est.value, est.std_error, est.num_probes
-    (array([3., 3.]), array([1.41421356, 0.        ]), 2)
-    >>> acc.estimate(reduction="mean").value
-    array([0.375, 0.375])
-    """
-
-    def __init__(self) -> None:
-        self._value: Any = None
-        self._variance: Any = None
-        self._num_inputs = 0
-        self._num_batches = 0
-        self._probes: tuple[int, int] | None = None  # (min, max) over strata
-        self._unknown = False  # some stratum had one probe: no variance estimate
-
-    # -- read-only state -------------------------------------------------------
-    @property
-    def value(self) -> Any:
-        """Σ_b mean_b: the estimate of the sum over the inputs seen (None if empty)."""
-        return self._value
-
-    @property
-    def variance(self) -> Any:
-        """Σ_b s_b²/M_b: the estimated variance of ``value`` (None if empty).
-
-        NaN (possibly a 0-d NaN) when some stratum had a single probe.
-        """
-        return self._variance
-
-    @property
-    def num_inputs(self) -> int:
-        """How many inputs the strata cover (for ``reduction="mean"``)."""
-        return self._num_inputs
-
-    @property
-    def num_batches(self) -> int:
-        """How many strata (batches) have been added."""
-        return self._num_batches
-
-    @property
-    def num_probes(self) -> int:
-        """The number of probes per stratum (the smallest, if they differ); 0 if empty."""
-        return 0 if self._probes is None else self._probes[0]
-
-    @classmethod
-    def from_estimate(
-        cls, estimate: Estimate, /, *, num_inputs: int = 0, reduction: str = "sum"
-    ) -> Accumulator:
-        """An accumulator holding one ``Estimate`` (of another call or process).
-
-        Its variance is ``std_error**2``. For an estimate made with
-        ``reduction="mean"`` pass ``reduction="mean"`` and ``num_inputs`` (the
-        number of inputs it averages) so that it is scaled back to a sum.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> from fisherbound import Estimate
-        >>> a = Accumulator.from_estimate(Estimate(np.array(2.0), np.array(0.3), 8))
-        >>> b = Accumulator.from_estimate(Estimate(np.array(1.0), np.array(0.4), 8))
-        >>> est = a.merge(b).estimate()  # sums add, variances add
-        >>> float(est.value), float(est.std_error), est.num_probes
-        (3.0, 0.5, 8)
-        """
-        if not isinstance(estimate, Estimate):
-            msg = (
-                "estimate must be a fisherbound Estimate (value, std_error, num_probes); got "
-                f"{type(estimate).__name__}."
-            )
-            raise TypeError(msg)
-        check_choice(reduction, "reduction", REDUCTIONS)
-        n = int(num_inputs)
-        scale = 1.0
-        if reduction == "mean":
-            if n < 1:
-                msg = (
-                    "a reduction='mean' estimate needs num_inputs (how many inputs it "
-                    f"averages) to be turned back into a sum; got num_inputs = {n}."
-                )
-                raise ValueError(msg)
-            scale = float(n)
-        value = _map(lambda v: v * scale, estimate.value)
-        variance = _map(lambda s: (s * scale) ** 2, estimate.std_error)
-        m = int(estimate.num_probes)
-        return cls()._add(value, variance, n, 1, (m, m))
-
-    # -- updates ------------------------------------------------------------------
-    def update(self, samples: Any, /, *, num_inputs: int = 0) -> Accumulator:
-        """Add one stratum: ``samples`` (M, ...) (or a dict of them), M >= 1.
-
-        ``num_inputs`` is the number of inputs the stratum covers. Returns self.
-        """
-        first = _leaves(samples)[0]
-        leaves = _leaves(samples)
-        xp = array_namespace(*leaves, names=tuple(f"samples[{i}]" for i in range(len(leaves))))
-        if first.ndim < 1 or int(first.shape[0]) < 1:
-            msg = (
-                "samples must have a leading probe axis (M, ...) with M >= 1; got shape "
-                f"{tuple(first.shape)}."
-            )
-            raise ValueError(msg)
-        m = int(first.shape[0])
-        if m == 1:
-            # One probe: the mean is the sample and the variance is unknown (a 0-d
-            # NaN, which broadcasts; ``estimate`` reports NaN standard errors).
-            mean = _map(lambda s: s[0, ...], samples)
-            var = _map(
-                lambda s: xp.full((), float("nan"), dtype=s.dtype, device=device_of(s)), samples
-            )
-        else:
-            mean = _map(lambda s: xp.mean(s, axis=0), samples)
-            var = _map(lambda s, mu: _variance_of_mean(s, mu, m, xp), samples, mean)
-        self._unknown = self._unknown or m < 2
-        return self._add(mean, var, num_inputs, 1, (m, m))
-
-    def merge(self, other: Accumulator, /) -> Accumulator:
-        """Add the strata of ``other`` (estimates over OTHER inputs). Returns self."""
-        if not isinstance(other, Accumulator):
-            msg = f"other must be an Accumulator; got {type(other).__name__}."
-            raise TypeError(msg)
-        if other._value is None:
-            return self
-        assert other._probes is not None
-        self._unknown = self._unknown or other._unknown
-        return self._add(
-            other._value, other._variance, other._num_inputs, other._num_batches, other._probes
-        )
-
-    def pool(self, other: Accumulator, /) -> Accumulator:
-        """Combine with an independent estimate of the SAME inputs (more probes).
-
-        With M₁ and M₂ probes per stratum: value (M₁ v₁ + M₂ v₂)/(M₁ + M₂),
-        variance (M₁² V₁ + M₂² V₂)/(M₁ + M₂)², M₁ + M₂ probes. Both must cover the
-        same number of inputs and use one number of probes in all their strata.
-        Returns self.
-        """
-        if not isinstance(other, Accumulator):
-            msg = f"other must be an Accumulator; got {type(other).__name__}."
-            raise TypeError(msg)
-        if other._value is None:
-            return self
-        if self._value is None:
-            return self.merge(other)
-        if other._num_inputs != self._num_inputs:
-            msg = (
-                "pool combines two estimates of the same inputs; this accumulator covers "
-                f"{self._num_inputs} inputs but other covers {other._num_inputs}. Use "
-                "merge(other) for estimates over different inputs."
-            )
-            raise ValueError(msg)
-        assert self._probes is not None
-        assert other._probes is not None
-        if self._probes[0] != self._probes[1] or other._probes[0] != other._probes[1]:
-            msg = (
-                "pool needs one number of probes in every stratum of each accumulator; got "
-                f"{self._probes} and {other._probes} (min, max). Pool batch by batch instead."
-            )
-            raise ValueError(msg)
-        m1, m2 = self._probes[0], other._probes[0]
-        w1, w2 = m1 / (m1 + m2), m2 / (m1 + m2)
-        self._value = _map(lambda a, b: w1 * a + w2 * b, self._value, other._value)
-        self._variance = _map(
-            lambda a, b: (w1 * w1) * a + (w2 * w2) * b, self._variance, other._variance
-        )
-        self._probes = (m1 + m2, m1 + m2)
-        # Two one-probe estimates of the same inputs still have no variance estimate.
-        self._unknown = self._unknown or other._unknown
-        return self
-
-    def _add(
-        self, value: Any, variance: Any, num_inputs: int, num_batches: int, probes: tuple[int, int]
-    ) -> Accumulator:
-        if self._value is None:
-            self._value, self._variance = value, variance
-        else:
-            self._check_compatible(value)
-            self._value = _map(lambda a, b: a + b, self._value, value)
-            self._variance = _map(lambda a, b: a + b, self._variance, variance)
-        self._num_inputs += int(num_inputs)
-        self._num_batches += int(num_batches)
-        if self._probes is None:
-            self._probes = probes
-        else:
-            self._probes = (min(self._probes[0], probes[0]), max(self._probes[1], probes[1]))
-        return self
-
-    def _check_compatible(self, value: Any) -> None:
-        if isinstance(self._value, dict) != isinstance(value, dict) or (
-            isinstance(value, dict) and set(value) != set(self._value)
-        ):
-            msg = (
-                "cannot add estimates of different quantities: the accumulator holds "
-                f"{_describe(self._value)} but got {_describe(value)}."
-            )
-            raise ValueError(msg)
-        for a, b in zip(_leaves(self._value), _leaves(value), strict=True):
-            if tuple(a.shape) != tuple(b.shape):
-                msg = (
-                    "cannot add estimates of different shapes: the accumulator holds shape "
-                    f"{tuple(a.shape)} but got {tuple(b.shape)} (same model and `what`?)."
-                )
-                raise ValueError(msg)
-
-    def all_reduce(self, process_group: Any, /) -> Accumulator:
-        """Sum the accumulators of all ranks of ``process_group``; every rank gets the total.
-
-        ``process_group`` is a ``torch.distributed`` process group (reduced with
-        ``torch.distributed.all_reduce``) or the name of a JAX mapped axis (inside
-        ``jax.shard_map``: ``jax.lax.psum``). Values and variances are summed, as
-        are the counts of inputs and batches (the strata of different ranks are
-        independent: their probes must be, see ``Collective.generator``). Every
-        rank must hold at least one stratum of the same quantity (names, shapes
-        and dtypes are compared first; a ValueError on every rank otherwise).
-        Returns self.
-
-        value = Σ_ranks value_r,  variance = Σ_ranks variance_r,  num_inputs = Σ N_r.
-
-        Cost: two all-reduces of the accumulator's arrays (value and variance; one
-        when the variance is unknown) and four of a few integers.
-        """
-        coll = process_group if isinstance(process_group, Collective) else None
-        if coll is None:
-            coll = collective(process_group)
-            if coll is None:
-                msg = "process_group must be a torch process group or a JAX axis name; got None."
-                raise TypeError(msg)
-        leaves = _leaves(self._value) if self._value is not None else []
-        fields: dict[str, Any] = {
-            "batches": self._num_batches,
-            "the quantity (shapes and dtypes)": _layout(self._value),
-        }
-        coll.agree(fields, where="Accumulator.all_reduce")
-        assert self._probes is not None
-        lows, highs = coll.extrema(
-            [self._probes[0], -self._probes[1], int(self._unknown), -int(self._unknown)]
-        )
-        self._probes = (lows[0], -lows[1])
-        self._unknown = bool(highs[2])
-        self._value = coll.sum_tree(self._value)
-        if self._unknown:
-            # Some rank's stratum had a single probe: the variance stays unknown (NaN).
-            xp = array_namespace(leaves[0], names=("value",))
-            self._variance = _map(
-                lambda v: xp.full((), float("nan"), dtype=v.dtype, device=device_of(v)),
-                self._value,
-            )
-        else:
-            self._variance = coll.sum_tree(self._variance)
-        self._num_inputs = coll.sum_int(self._num_inputs)
-        self._num_batches = coll.sum_int(self._num_batches)
-        return self
-
-    # -- results -----------------------------------------------------------------
-    def estimate(self, *, reduction: str = "sum") -> Estimate:
-        """The accumulated ``Estimate``: value, standard error √variance, num_probes.
-
-        ``reduction="mean"`` divides value and standard error by ``num_inputs``.
-        """
-        check_choice(reduction, "reduction", REDUCTIONS)
-        if self._value is None:
-            msg = "the accumulator is empty; add samples with update(...) first."
-            raise ValueError(msg)
-        xp = array_namespace(_leaves(self._value)[0], names=("value",))
-        scale = 1.0
-        if reduction == "mean":
-            if self._num_inputs < 1:
-                msg = (
-                    "reduction='mean' needs the number of inputs; this accumulator was "
-                    "updated without num_inputs. Pass num_inputs=... to update()."
-                )
-                raise ValueError(msg)
-            scale = 1.0 / self._num_inputs
-        value = self._value if scale == 1.0 else _map(lambda v: v * scale, self._value)
-        if self._unknown:  # NaN, without the (slow) square root of NaNs
-            se = _map(lambda v: xp.full_like(v, float("nan")), value)
-        elif scale == 1.0:
-            se = _map(xp.sqrt, self._variance)
-        else:
-            se = _map(lambda v: xp.sqrt(v) * scale, self._variance)
-        return Estimate(value, se, self.num_probes)
-
-    def relative_std_error(self) -> float:
-        """SE / ``|value|`` of a scalar accumulator (inf when the value is 0, NaN if unknown)."""
-        if self._value is None or isinstance(self._value, dict) or self._value.ndim != 0:
-            msg = "relative_std_error needs an accumulator of a scalar (0-d) quantity."
-            raise ValueError(msg)
-        value = abs(float(self._value))
-        se = math.sqrt(float(self._variance)) if float(self._variance) >= 0 else math.nan
-        if math.isnan(se):
-            return math.nan
-        return math.inf if value == 0.0 else se / value
-
-    def __repr__(self) -> str:
-        return (
-            f"Accumulator(batches={self._num_batches}, inputs={self._num_inputs}, "
-            f"probes={self.num_probes}, value={_describe(self._value)})"
-        )
-
-
-def _layout(tree: Any) -> Any:
-    """Names, shapes and dtypes of an accumulated quantity, in a rank-independent order."""
-    if tree is None:
-        return None
-    if isinstance(tree, dict):
-        return tuple((k, tuple(tree[k].shape), str(tree[k].dtype)) for k in sorted(tree))
-    return (tuple(tree.shape), str(tree.dtype))
-
-
-def _describe(tree: Any) -> str:
-    if tree is None:
-        return "nothing"
-    if isinstance(tree, dict):
-        return f"blocks {sorted(tree)}"
-    return f"an array of shape {tuple(tree.shape)}"
-
-
-def _variance_of_mean(s: Array, mu: Array, m: int, xp: Any) -> Array:
-    if m < 2:
-        return xp.full_like(mu, float("nan"))
-    return xp.sum((s - mu) ** 2, axis=0) / ((m - 1) * m)
+# ``DISTRIBUTIONS`` and ``REDUCTIONS`` live in ``fisherbound._lib`` (imported above,
+# re-exported here for code that read them from this module).
 
 
 # --------------------------------------------------------------------------- #
-# Streaming and validation helpers
+# the shared options and the loop
 
 
-def _check_optional_int(value: Any, name: str) -> int | None:
-    return None if value is None else check_positive_int(value, name)
+def _check_options(
+    family: Any,
+    what: str,
+    *,
+    reduction: str,
+    max_batches: int | None,
+    blocks: Sequence[str] | None,
+    max_block_size: int,
+    max_vectors: int | None,
+) -> tuple[Family, Quantity, int | None]:
+    """Validate the options every estimator shares; the family, quantity and limit."""
+    fam = check_family(family)
+    check_choice(what, "what", WHATS)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    limit = check_optional_int(max_batches, "max_batches")
+    size = check_positive_int(max_block_size, "max_block_size")
+    check_optional_int(max_vectors, "max_vectors")
+    return fam, quantity(what, blocks=blocks, max_size=size, owner="what='blocks'"), limit
 
 
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        msg = f"{name} must be True or False; got {type(value).__name__} {value!r}."
-        raise TypeError(msg)
-    return value
-
-
-def _check_target(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _check_sampled_target(
+    target: float | None, num: int, name: str, per: str, coll: Collective | None, what: str
+) -> None:
+    if target is not None and num < 2:
         msg = (
-            "target_relative_error must be a positive number (e.g. 0.05) or None; got "
-            f"{type(value).__name__} {value!r}."
+            f"target_relative_error needs {name} >= 2 (a standard error needs two "
+            f"{per}); got {name} = {num}."
         )
-        raise TypeError(msg)
-    t = float(value)
-    if not (t > 0.0 and math.isfinite(t)):
-        msg = f"target_relative_error must be a positive finite number; got {value!r}."
         raise ValueError(msg)
-    return t
+    _check_distributed_target(coll, target, what)
+
+
+def _run(
+    source: Any,
+    family: Family,
+    qty: Quantity,
+    draw: Any,
+    *,
+    reduction: str,
+    target: float | None,
+    limit: int | None,
+    progress: bool | None,
+    desc: str,
+    rounds: bool,
+    per_example: bool,
+    coll: Collective | None = None,
+    options: dict[str, Any] | None = None,
+) -> Estimate:
+    """Stream the batches (or, with ``rounds``, redraw on one batch) and accumulate.
+
+    ``draw(lin)`` returns the per-probe samples of a batch. With a collective, the
+    ranks' states are all-reduced at the end; with a target as well, the ranks step
+    in lockstep and stop together once the all-reduced trace estimate reaches it
+    (or when every rank has run out of batches).
+    """
+    opts = dict(options or {})
+    stream = Stream(
+        source,
+        family,
+        desc=desc,
+        progress=False if rounds else progress,
+        coll=coll,
+        limit=None if rounds else limit,
+    )
+    settings = {"what": qty.what, "reduction": reduction, "target_relative_error": target}
+    settings |= {"max_batches": limit, "rounds of probes on one batch": rounds}
+    # Before any data-dependent collective: every rank runs the same call.
+    stream.agree_options(**(settings | opts))
+    state = qty.running(per_example=per_example)
+    count = 0
+    reached = False
+    if rounds:
+        (lin,) = list(stream)
+        max_rounds = DEFAULT_MAX_ROUNDS if limit is None else limit
+        steps: Iterator[Any] = (lin for _ in range(max_rounds))
+        why = f"max_batches = {max_rounds} rounds of probes"
+    else:
+        steps = iter(stream)
+        why = ""
+    while True:
+        lin = next(steps, None)
+        if lin is not None:
+            if count == 0:
+                qty.select(lin)
+            state.add(draw(lin), lin.num_inputs, lin.xp, same_inputs=rounds)
+            count += 1
+        if target is None:
+            if lin is None:
+                break
+            continue
+        if coll is None:
+            if lin is None:
+                break
+            if state.relative_error(lin.xp) <= target:
+                reached = True
+                break
+            continue
+        # Lockstep: the trace estimate over all ranks, and whether any rank went on.
+        value, variance, active = coll.sum_floats(state.global_trace_terms(lin is not None))
+        if variance >= 0.0 and value != 0.0 and math.sqrt(variance) / abs(value) <= target:
+            reached = True
+            break
+        if active == 0.0:
+            break
+    if not rounds:
+        why = "the data ran out" if limit is None or count < limit else f"max_batches = {limit}"
+    stream.finish(**opts)
+    if coll is not None:
+        state.all_reduce(coll)
+    xp = stream.first.xp
+    if target is not None and not reached:
+        error = state.relative_error(xp) if coll is None else state.reduced_trace_error
+        _warn_unreached(target, error, count, why)
+    return state.estimate(stream.scale(reduction), xp)
+
+
+# --------------------------------------------------------------------------- #
+# the samples of one batch
 
 
 def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Array:
@@ -490,88 +227,21 @@ def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Ar
     return family.sqrt_metric_matvec(zb, xi, kernel=kernel)
 
 
-def _samples_from_gradients(g: Array, what: str, selected: list[Any], xp: Any) -> Any:
-    """Per-probe samples of ``what`` from the M probe gradients g (M, D)."""
-    if what == "full":
-        return g
-    if what == "diagonal":
-        return g * g
-    if what == "trace":
-        return xp.sum(g * g, axis=1)
-    out = {}
-    for blk in selected:
-        gb = g[:, blk.offset : blk.offset + blk.size]
-        out[blk.name] = gb[:, :, None] * gb[:, None, :]
-    return out
-
-
-def _per_example_block_samples(
-    lin: Any, ut: Array, selected: list[Any], max_vectors: int | None, xp: Any
-) -> dict[str, Array]:
-    """Σ_n g_nm[b] g_nm[b]ᵀ for per-example gradients g_nm = J_nᵀ ut[n, m]; (M, s, s).
-
-    The per-example products are taken for chunks of probes (the adapter's
-    ``per_example_vjp`` covers every input of the batch), N · chunk D-vectors at a
-    time, chunk = max(1, max_vectors // N).
-    """
-    n, m, _ = ut.shape
-    budget = lin.default_max_vectors if max_vectors is None else max_vectors
-    chunk = max(1, budget // max(n, 1))
-    parts: dict[str, list[Array]] = {blk.name: [] for blk in selected}
-    for start in range(0, m, chunk):
-        g = lin.per_example_vjp(ut[:, start : min(m, start + chunk), :])  # (N, m_c, D)
-        g = xp.permute_dims(g, (1, 0, 2))  # (m_c, N, D)
-        for blk in selected:
-            gb = g[:, :, blk.offset : blk.offset + blk.size]
-            parts[blk.name].append(xp.matmul(xp.matrix_transpose(gb), gb))
-    return {k: v[0] if len(v) == 1 else xp.concat(v, axis=0) for k, v in parts.items()}
-
-
-def _squares_per_example(
-    lin: Any,
-    u: Array,
-    what: str,
-    selected: list[Any],
-    max_vectors: int | None,
-    xp: Any,
-) -> Any:
-    """Per-draw samples Σ_n (J_nᵀ u[m, n])² (or their blocks) for cotangents u (M, N, C)."""
-    ut = xp.permute_dims(u, (1, 0, 2))  # (N, M, C)
-    if what == "blocks":
-        return _per_example_block_samples(lin, ut, selected, max_vectors, xp)
-    sq = lin.sum_squared_per_example_vjp(ut, max_vectors=max_vectors)  # (M, D)
-    return sq if what == "diagonal" else xp.sum(sq, axis=1)
-
-
-def _trace_samples(samples: Any, what: str, xp: Any) -> Array:
-    """The per-probe trace samples (M,) implied by per-probe samples of ``what``."""
-    if what == "trace":
-        return samples
-    if what == "diagonal":
-        return xp.sum(samples, axis=1)
-    total = None
-    for s in samples.values():
-        t = xp.sum(xp.linalg.diagonal(s), axis=1)
-        total = t if total is None else total + t
-    return total
-
-
-def _dm_batch_samples(
+def _probe_samples(
     lin: Any,
     family: Family,
     xi: Array,
+    qty: Quantity,
     *,
     kernel: str,
-    what: str,
     per_example: bool,
-    selected: list[Any],
     max_vectors: int | None,
-    xp: Any,
 ) -> Any:
-    """The M per-probe samples of one batch for probes ξ (M, N, R)."""
+    """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, R)."""
+    xp = lin.xp
     u = _cotangents(family, lin.logits, xi, kernel, xp)
     if per_example:
-        return _squares_per_example(lin, u, what, selected, max_vectors, xp)
+        return qty.from_squares(lin, u, max_vectors)
     m = int(u.shape[0])
     if m == 1:  # one probe: a plain VJP (no batching overhead)
         g = lin.vjp(u[0, ...])[None, ...]
@@ -582,100 +252,7 @@ def _dm_batch_samples(
             [lin.vjp_batch(u[s : min(m, s + max_vectors), ...]) for s in range(0, m, max_vectors)],
             axis=0,
         )
-    return _samples_from_gradients(g, what, selected, xp)
-
-
-class _Running:
-    """The running state of one estimator: Accumulators, and the factor for "full"."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.acc = Accumulator()  # the value (for "full": the diagonal of the factor's Gram)
-        self.trace = Accumulator()  # the trace summary behind target_relative_error
-        self.factor: Array = None  # detach-and-mix "full": per-probe gradient sums (M, D)
-        self.rows: list[Array] = []  # per-example estimators' "full": stacked score rows
-        self.num_inputs = 0
-
-    def add_batch(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
-        if not same_inputs or self.num_inputs == 0:
-            self.num_inputs += num_inputs
-        if isinstance(samples, _PerExampleRows):
-            self.rows.append(samples.rows)
-            samples = samples.diagonal
-            what = "diagonal"
-        elif self.what == "full":
-            if self.factor is None:
-                self.factor = samples
-            elif same_inputs:
-                self.factor = xp.concat([self.factor, samples], axis=0)
-            else:
-                self.factor = self.factor + samples
-            return
-        else:
-            what = self.what
-        new = Accumulator().update(samples, num_inputs=num_inputs)
-        new_trace = Accumulator().update(_trace_samples(samples, what, xp), num_inputs=num_inputs)
-        if same_inputs and self.acc.num_batches:
-            self.acc.pool(new)
-            self.trace.pool(new_trace)
-        else:
-            self.acc.merge(new)
-            self.trace.merge(new_trace)
-
-    def global_trace_terms(self, active: bool) -> list[float]:
-        """(trace value, its variance, active) of this rank, for the lockstep target."""
-        t = self.trace
-        if t.value is None:
-            return [0.0, 0.0, float(active)]
-        return [float(t.value), float(t.variance), float(active)]
-
-    def all_reduce(self, coll: Collective) -> None:
-        """Sum the states of all ranks (the factor's probes: sums of g_m over ranks)."""
-        if self.factor is not None:
-            self.factor = coll.sum(self.factor)
-        else:
-            self.acc.all_reduce(coll)
-            self.trace.all_reduce(coll)
-        if self.rows:
-            xp = array_namespace(self.rows[0], names=("rows",))
-            local = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
-            self.rows = [coll.gather_rows(local)]
-        self.num_inputs = coll.sum_int(self.num_inputs)
-
-    @property
-    def reduced_trace_error(self) -> float:
-        return self.trace.relative_std_error() if self.trace.value is not None else math.nan
-
-    def relative_error(self, xp: Any) -> float:
-        if self.factor is None:
-            return self.trace.relative_std_error()
-        m = int(self.factor.shape[0])
-        if m < 2:
-            return math.nan
-        t = xp.sum(self.factor * self.factor, axis=1)
-        mean = xp.mean(t)
-        sd = xp.sqrt(xp.sum((t - mean) ** 2) / (m - 1))
-        value = abs(float(mean))
-        return math.inf if value == 0.0 else float(sd) / math.sqrt(m) / value
-
-    def estimate(self, reduction: str, xp: Any) -> Estimate:
-        scale = 1.0 / self.num_inputs if reduction == "mean" else 1.0
-        if self.what != "full":
-            return self.acc.estimate(reduction=reduction)
-        if self.factor is None:
-            # Per-example rows of k draws: F̂ = (1/k) Σ rowsᵀ rows.
-            k = self.acc.num_probes
-            est = self.acc.estimate(reduction=reduction)
-            rows = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
-            return Estimate(rows * math.sqrt(scale / k), est.std_error, k)
-        g = self.factor
-        m = int(g.shape[0])
-        if m < 2:
-            return Estimate(g * math.sqrt(scale), xp.full_like(g[0, ...], float("nan")), m)
-        diag_samples = g * g
-        mean = xp.mean(diag_samples, axis=0)
-        var = _variance_of_mean(diag_samples, mean, m, xp)
-        return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m)
+    return qty.from_gradients(g, xp)
 
 
 def _check_distributed_target(coll: Collective | None, target: float | None, what: str) -> None:
@@ -822,73 +399,53 @@ def detach_and_mix(
     >>> float(detach_and_mix(lin, what="trace", num_probes=4, rng=0).value) > 0
     True
     """
-    fam = _check_family(family)
-    check_choice(what, "what", WHATS)
+    fam, qty, limit = _check_options(
+        family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
+        max_block_size=max_block_size, max_vectors=max_vectors,
+    )  # fmt: skip
     m = check_positive_int(num_probes, "num_probes")
     gen = as_generator(rng)
     coll = collective(process_group)
     check_choice(kernel, "kernel", KERNELS)
     check_choice(distribution, "distribution", DISTRIBUTIONS)
-    per_example = _check_bool(per_example, "per_example")
-    check_choice(reduction, "reduction", REDUCTIONS)
-    target = _check_target(target_relative_error)
-    limit = _check_optional_int(max_batches, "max_batches")
-    max_block_size = check_positive_int(max_block_size, "max_block_size")
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
+    per_example = check_bool(per_example, "per_example")
+    target = check_target(target_relative_error)
     if per_example and what == "full":
         msg = (
             "per_example=True supports what='diagonal', 'trace' and 'blocks'; got "
             "what='full' (a per-example factor would have N·M rows). Use per_example=False."
         )
         raise ValueError(msg)
-    single = isinstance(source, Linearization)
-    if target is not None and m < 2:
-        msg = (
-            "target_relative_error needs num_probes >= 2 (a standard error needs two "
-            f"probes per batch or round); got num_probes = {m}."
-        )
-        raise ValueError(msg)
-    _check_distributed_target(coll, target, what)
+    _check_sampled_target(target, m, "num_probes", "probes per batch or round", coll, what)
     if coll is not None:
         gen = coll.generator(gen)  # independent probes on every rank
 
-    def draw(lin: Any, selected: list[Any]) -> Any:
-        xp = lin.xp
+    def draw(lin: Any) -> Any:
         r = fam.sqrt_rank(int(lin.logits.shape[-1]), kernel=kernel)
         xi = probes(
             gen,
             (m, lin.num_inputs, r),
             distribution=distribution,
-            xp=xp,
+            xp=lin.xp,
             dtype=lin.logits.dtype,
             device=lin.device,
         )
-        return _dm_batch_samples(
-            lin,
-            fam,
-            xi,
-            kernel=kernel,
-            what=what,
-            per_example=per_example,
-            selected=selected,
-            max_vectors=max_vectors,
-            xp=xp,
+        return _probe_samples(
+            lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
         )
 
     return _run(
         source,
         fam,
+        qty,
         draw,
-        what=what,
         reduction=reduction,
         target=target,
         limit=limit,
-        blocks=blocks,
-        max_block_size=max_block_size,
         progress=progress,
         desc="detach-and-mix",
-        rounds=single and target is not None,
+        rounds=isinstance(source, Linearization) and target is not None,
+        per_example=per_example,
         coll=coll,
         options={
             "what": what,
@@ -899,89 +456,6 @@ def detach_and_mix(
             "blocks": None if blocks is None else tuple(blocks),
         },
     )
-
-
-def _run(
-    source: Any,
-    family: Family,
-    draw: Any,
-    *,
-    what: str,
-    reduction: str,
-    target: float | None,
-    limit: int | None,
-    blocks: Sequence[str] | None,
-    max_block_size: int,
-    progress: bool | None,
-    desc: str,
-    rounds: bool,
-    coll: Collective | None = None,
-    options: dict[str, Any] | None = None,
-) -> Estimate:
-    """Stream the batches (or, with ``rounds``, redraw on one batch) and accumulate.
-
-    With a collective, the ranks' states are all-reduced at the end; with a target
-    as well, the ranks step in lockstep and stop together once the all-reduced
-    trace estimate reaches it (or when every rank has run out of batches).
-    """
-    if coll is not None:
-        # Before any data-dependent collective: every rank runs the same call.
-        settings = {"what": what, "reduction": reduction, "target_relative_error": target}
-        settings |= {"max_batches": limit, "rounds of probes on one batch": rounds}
-        coll.agree(settings | dict(options or {}), where=desc)
-    state = _Running(what)
-    selected: list[Any] = []
-    first: Any = None
-    count = 0
-    reached = False
-    if rounds:
-        (lin,) = list(_batches(source, family, desc=desc, progress=False))
-        max_rounds = DEFAULT_MAX_ROUNDS if limit is None else limit
-        steps: Iterator[Any] = (lin for _ in range(max_rounds))
-        why = f"max_batches = {max_rounds} rounds of probes"
-    else:
-        steps = _batches(
-            source, family, desc=desc, progress=progress, limit=limit, allow_empty=coll is not None
-        )
-        why = ""
-    while True:
-        lin = next(steps, None)
-        if lin is not None:
-            if first is None:
-                first = lin
-                if what == "blocks":
-                    selected = _named_blocks(lin, blocks, max_block_size, owner="what='blocks'")
-            state.add_batch(draw(lin, selected), lin.num_inputs, lin.xp, same_inputs=rounds)
-            count += 1
-        if target is None:
-            if lin is None:
-                break
-            continue
-        if coll is None:
-            if lin is None:
-                break
-            if state.relative_error(lin.xp) <= target:
-                reached = True
-                break
-            continue
-        # Lockstep: the trace estimate over all ranks, and whether any rank went on.
-        value, variance, active = coll.sum_floats(state.global_trace_terms(lin is not None))
-        if variance >= 0.0 and value != 0.0 and math.sqrt(variance) / abs(value) <= target:
-            reached = True
-            break
-        if active == 0.0:
-            break
-    if not rounds:
-        why = "the data ran out" if limit is None or count < limit else f"max_batches = {limit}"
-    fam_opts = dict(options or {})
-    if coll is not None:
-        _agree(coll, first, family, where=desc, **fam_opts)
-        state.all_reduce(coll)
-    xp = first.xp
-    if target is not None and not reached:
-        error = state.relative_error(xp) if coll is None else state.reduced_trace_error
-        _warn_unreached(target, error, count, why)
-    return state.estimate(reduction, xp)
 
 
 def monte_carlo(
@@ -1028,49 +502,36 @@ def monte_carlo(
     >>> monte_carlo(lin, num_samples=8, rng=0).value.shape
     (67,)
     """
-    fam = _check_family(family)
-    check_choice(what, "what", WHATS)
+    fam, qty, limit = _check_options(
+        family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
+        max_block_size=max_block_size, max_vectors=max_vectors,
+    )  # fmt: skip
     k = check_positive_int(num_samples, "num_samples")
     gen = as_generator(rng)
     coll = collective(process_group)
-    check_choice(reduction, "reduction", REDUCTIONS)
-    target = _check_target(target_relative_error)
-    limit = _check_optional_int(max_batches, "max_batches")
-    max_block_size = check_positive_int(max_block_size, "max_block_size")
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
-    single = isinstance(source, Linearization)
-    if target is not None and k < 2:
-        msg = (
-            "target_relative_error needs num_samples >= 2 (a standard error needs two "
-            f"draws per batch); got num_samples = {k}."
-        )
-        raise ValueError(msg)
-    _check_distributed_target(coll, target, what)
+    target = check_target(target_relative_error)
+    _check_sampled_target(target, k, "num_samples", "draws per batch", coll, what)
     if coll is not None:
         gen = coll.generator(gen)  # independent label draws on every rank
 
-    def draw(lin: Any, selected: list[Any]) -> Any:
-        xp = lin.xp
+    def draw(lin: Any) -> Any:
         z = lin.logits
         y = fam.sample(z, rng=gen, num_samples=k)  # (k, N) or (k, N, C)
-        zb = xp.broadcast_to(z[None, ...], (k, *tuple(z.shape)))
-        u = fam.score(zb, y)  # (k, N, C)
-        return _score_samples(lin, u, what, selected, max_vectors, xp)
+        zb = lin.xp.broadcast_to(z[None, ...], (k, *tuple(z.shape)))
+        return qty.from_squares(lin, fam.score(zb, y), max_vectors)  # scores (k, N, C)
 
-    est = _run(
+    return _run(
         source,
         fam,
+        qty,
         draw,
-        what=what,
         reduction=reduction,
         target=target,
         limit=limit,
-        blocks=blocks,
-        max_block_size=max_block_size,
         progress=progress,
         desc="Monte-Carlo Fisher",
-        rounds=single and target is not None,
+        rounds=isinstance(source, Linearization) and target is not None,
+        per_example=True,
         coll=coll,
         options={
             "what": what,
@@ -1078,26 +539,6 @@ def monte_carlo(
             "blocks": None if blocks is None else tuple(blocks),
         },
     )
-    return est
-
-
-def _score_samples(
-    lin: Any, u: Array, what: str, selected: list[Any], max_vectors: int | None, xp: Any
-) -> Any:
-    """Per-draw samples from per-example score cotangents u (k, N, C)."""
-    if what != "full":
-        return _squares_per_example(lin, u, what, selected, max_vectors, xp)
-    k, n, _ = u.shape
-    g = lin.per_example_vjp(xp.permute_dims(u, (1, 0, 2)))  # (N, k, D)
-    return _PerExampleRows(xp.reshape(g, (n * k, -1)), xp.sum(g * g, axis=0))
-
-
-class _PerExampleRows:
-    """Rows (N·k, D) of a per-example factor and the k per-draw diagonal samples (k, D)."""
-
-    def __init__(self, rows: Array, diagonal: Array) -> None:
-        self.rows = rows
-        self.diagonal = diagonal
 
 
 def empirical(
@@ -1154,45 +595,46 @@ def empirical(
     >>> est.value.shape, float(est.std_error.max())
     ((67,), 0.0)
     """
-    fam = _check_family(family)
-    check_choice(what, "what", WHATS)
-    check_choice(reduction, "reduction", REDUCTIONS)
-    limit = _check_optional_int(max_batches, "max_batches")
-    max_block_size = check_positive_int(max_block_size, "max_block_size")
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
-    batch_labels = _label_source(labels)
+    fam, qty, limit = _check_options(
+        family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
+        max_block_size=max_block_size, max_vectors=max_vectors,
+    )  # fmt: skip
+    batch_labels = _LabelSource(labels)
     coll = collective(process_group)
 
-    def draw(lin: Any, selected: list[Any]) -> Any:
-        xp = lin.xp
+    def draw(lin: Any) -> Any:
         y = batch_labels.take(lin)
         fam.check_labels(lin.logits, y)
-        u = fam.score(lin.logits, y)[None, ...]  # (1, N, C)
-        return _score_samples(lin, u, what, selected, max_vectors, xp)
+        return qty.from_squares(lin, fam.score(lin.logits, y)[None, ...], max_vectors)
 
     est = _run(
         source,
         fam,
+        qty,
         draw,
-        what=what,
         reduction=reduction,
         target=None,
         limit=limit,
-        blocks=blocks,
-        max_block_size=max_block_size,
         progress=progress,
         desc="empirical Fisher",
         rounds=False,
+        per_example=True,
         coll=coll,
         options={"what": what, "blocks": None if blocks is None else tuple(blocks)},
     )
     if limit is None or batch_labels.batches < limit:
         # Only a source that was read to its end can be checked for unused labels.
         batch_labels.finish()
-    xp = array_namespace(_leaves(est.std_error)[0], names=("std_error",))
-    zero = _map(xp.zeros_like, est.std_error)
+    xp = array_namespace(_first_leaf(est.std_error), names=("std_error",))
+    if isinstance(est.std_error, dict):
+        zero: Any = {k: xp.zeros_like(v) for k, v in est.std_error.items()}
+    else:
+        zero = xp.zeros_like(est.std_error)
     return Estimate(est.value, zero, 1)
+
+
+def _first_leaf(tree: Any) -> Any:
+    return next(iter(tree.values())) if isinstance(tree, dict) else tree
 
 
 class _LabelSource:
@@ -1257,7 +699,3 @@ class _LabelSource:
                 f"{self.batches} batches."
             )
             raise ValueError(msg)
-
-
-def _label_source(labels: Any) -> _LabelSource:
-    return _LabelSource(labels)

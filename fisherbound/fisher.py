@@ -44,16 +44,20 @@ every rank (seed every rank alike). See docs/distributed.md.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._lib import check_choice, check_logits, check_positive_int, device_of
-from fisherbound._lib._collective import Collective, collective
-from fisherbound._lib._progress import progress_bar
+from fisherbound._lib import (
+    REDUCTIONS,
+    check_choice,
+    check_optional_int,
+    check_positive_int,
+    progress_bar,
+)
+from fisherbound._quantities import Quantity, quantity
+from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
-from fisherbound.linearization import as_linearizations
 
 Array = Any
 
@@ -67,7 +71,6 @@ __all__ = [
     "fisher_trace",
 ]
 
-REDUCTIONS = ("sum", "mean")
 WHATS = ("diagonal", "trace", "blocks", "dense")
 
 #: Default limit on D for ``fisher_dense`` (a D × D float64 matrix of 128 MiB).
@@ -82,124 +85,7 @@ class Bounds(NamedTuple):
 
 
 # --------------------------------------------------------------------------- #
-# validation
-
-
-def _check_family(family: object) -> Family:
-    if not isinstance(family, Family):
-        msg = (
-            "family must be a fisherbound.families family (Categorical(), Bernoulli(), "
-            f"Gaussian()); got {type(family).__name__}."
-        )
-        raise TypeError(msg)
-    return family
-
-
-class _Signature(NamedTuple):
-    """What every batch of one data set must share with the first."""
-
-    library: str
-    dtype: Any
-    device: Any
-    num_outputs: int
-    blocks: tuple[Any, ...]
-
-
-def _signature(lin: Any) -> _Signature:
-    z = lin.logits
-    return _Signature(
-        type(z).__module__.split(".")[0],
-        z.dtype,
-        device_of(z),
-        int(z.shape[-1]),
-        tuple((b.name, tuple(b.shape)) for b in lin.blocks),
-    )
-
-
-def _check_batch(lin: Any, family: Family, index: int, ref: _Signature | None) -> _Signature:
-    z = lin.logits
-    name = f"the logits of batch {index}"
-    if z.ndim != 2:
-        msg = f"{name} must have shape (N, C); got shape {tuple(z.shape)}."
-        raise ValueError(msg)
-    min_classes = 2 if isinstance(family, Categorical) else 1
-    if z.shape[-1] < min_classes:
-        msg = (
-            f"{name} have C = {z.shape[-1]} outputs, but the {type(family).__name__} family "
-            f"needs at least {min_classes}; use Bernoulli() for one binary output."
-        )
-        raise ValueError(msg)
-    check_logits(z, name=name)
-    sig = _signature(lin)
-    if ref is None:
-        return sig
-    if sig.library != ref.library:
-        msg = (
-            f"every batch must come from one array library; batch {index} holds "
-            f"{sig.library} arrays, batch 0 held {ref.library} arrays."
-        )
-        raise TypeError(msg)
-    if (sig.num_outputs, sig.blocks) != (ref.num_outputs, ref.blocks):
-        msg = (
-            f"every batch must come from the same model; batch {index} has C = "
-            f"{sig.num_outputs} outputs and D = {lin.num_params} parameters in "
-            f"{len(sig.blocks)} blocks, batch 0 had C = {ref.num_outputs} and a different "
-            "parameter layout."
-        )
-        raise ValueError(msg)
-    if (sig.dtype, sig.device) != (ref.dtype, ref.device):
-        msg = (
-            f"every batch must share one dtype and device; batch {index} is {sig.dtype} on "
-            f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}."
-        )
-        raise ValueError(msg)
-    return ref
-
-
-def _batches(
-    source: Any,
-    family: Family,
-    *,
-    desc: str,
-    progress: bool | None,
-    allow_empty: bool = False,
-    limit: int | None = None,
-) -> Iterator[Any]:
-    """The batches of ``source`` (at most ``limit``), each validated against the first."""
-    batches: Iterator[Any] = as_linearizations(source)
-    if limit is not None:
-        batches = itertools.islice(batches, limit)
-    ref = None
-    for i, lin in enumerate(progress_bar(batches, desc=desc, progress=progress)):
-        ref = _check_batch(lin, family, i, ref)
-        yield lin
-    if ref is None and not allow_empty:
-        msg = "source must contain at least one batch; got an empty iterable."
-        raise ValueError(msg)
-
-
-def _agree(
-    coll: Collective | None, lin: Any, family: Family, *, where: str, **options: Any
-) -> None:
-    """With a collective: every rank has a batch, the same model, family and options.
-
-    ``lin`` is this rank's first batch (None if its shard was empty: the error is
-    then raised on every rank instead of leaving the others waiting).
-    """
-    if coll is None:
-        return
-    fields: dict[str, Any] = {"batches": 0 if lin is None else 1, "family": repr(family)}
-    sig = None if lin is None else _signature(lin)
-    # An empty shard sends placeholders (the same fields: one vector size everywhere).
-    fields |= {
-        "the number of parameters": -1 if lin is None else lin.num_params,
-        "the parameter blocks": None if sig is None else sig.blocks,
-        "the number of outputs": -1 if sig is None else sig.num_outputs,
-        "the dtype": None if sig is None else str(sig.dtype),
-        "the array library": None if sig is None else sig.library,
-    }
-    fields |= options
-    coll.agree(fields, where=where)
+# one pass over the data for any set of kernels and quantities
 
 
 def _cotangents(family: Family, z: Array, kernel: str, xp: Any) -> Array:
@@ -208,71 +94,32 @@ def _cotangents(family: Family, z: Array, kernel: str, xp: Any) -> Array:
     return xp.permute_dims(b, (0, 2, 1))
 
 
-# --------------------------------------------------------------------------- #
-# one pass over the data for any set of kernels and quantities
-
-
 def _accumulate(
     source: Any,
     family: Family,
     kernels: Sequence[str],
-    what: str,
+    quantity: Quantity,
     *,
     reduction: str,
     max_vectors: int | None,
-    blocks: Sequence[str] | None,
-    max_size: int,
     progress: bool | None,
     process_group: Any = None,
 ) -> list[Any]:
-    coll = collective(process_group)
+    """Σ_x of ``quantity`` of J_xᵀ K(z_x) J_x for each kernel, in one pass."""
+    stream = Stream(
+        source, family, desc=f"Fisher {quantity.what}", progress=progress,
+        process_group=process_group,
+    )  # fmt: skip
     totals: list[Any] = [None] * len(kernels)
-    count = 0
-    selected: list[Any] = []
-    first = None
-    batches = _batches(
-        source, family, desc=f"Fisher {what}", progress=progress, allow_empty=coll is not None
-    )
-    for lin in batches:
-        xp = lin.xp
-        if first is None:
-            first = lin
-            selected = _select_blocks(lin, what, blocks, max_size)
-        count += int(lin.logits.shape[0])
+    for lin in stream:
+        if stream.num_batches == 1:
+            quantity.select(lin)
         for j, kernel in enumerate(kernels):
-            u = _cotangents(family, lin.logits, kernel, xp)
-            if what in ("diagonal", "trace"):
-                part = lin.sum_squared_per_example_vjp(
-                    u, max_vectors=max_vectors, sum_cotangents=True
-                )
-            else:
-                part = _outer_products(lin, u, selected, max_vectors, xp)
+            part = quantity.exact(lin, _cotangents(family, lin.logits, kernel, lin.xp), max_vectors)
             totals[j] = part if totals[j] is None else _add(totals[j], part)
-    _agree(
-        coll,
-        first,
-        family,
-        where=f"Fisher {what}",
-        kernels=tuple(kernels),
-        reduction=reduction,
-        blocks=tuple(b.name for b in selected),
-    )
-    assert first is not None  # _batches raised, or _agree did, for an empty source
-    if what == "trace":
-        totals = [first.xp.sum(t) for t in totals]
-    if coll is not None:
-        totals = [coll.sum_tree(t) for t in totals]
-        count = coll.sum_int(count)
-    results = []
-    for total in totals:
-        if reduction == "mean":
-            total = _scale(total, 1.0 / count)
-        if what == "blocks":
-            total = {blk.name: t for blk, t in zip(selected, total, strict=True)}
-        elif what == "dense":
-            total = total[0]
-        results.append(total)
-    return results
+    stream.finish(kernels=tuple(kernels), reduction=reduction, blocks=quantity.block_names)
+    xp = stream.first.xp
+    return [quantity.present(stream.total(quantity.local(t, xp), reduction)) for t in totals]
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -281,93 +128,11 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _scale(a: Any, s: float) -> Any:
-    if isinstance(a, list):
-        return [x * s for x in a]
-    return a * s
-
-
-def _select_blocks(lin: Any, what: str, names: Sequence[str] | None, max_size: int) -> list[Any]:
-    if what in ("diagonal", "trace"):
-        return []
-    if what == "dense":
-        d = lin.num_params
-        if d > max_size:
-            msg = (
-                f"fisher_dense refuses D = {d} parameters (a {d} × {d} matrix) above "
-                f"max_params = {max_size}; raise max_params if you have the memory, or use "
-                "fisher_blocks / fisher_diagonal / fisher_operator."
-            )
-            raise ValueError(msg)
-        return [_WholeVector(d)]
-    return _named_blocks(lin, names, max_size, owner="fisher_blocks")
-
-
-def _named_blocks(lin: Any, names: Sequence[str] | None, max_size: int, *, owner: str) -> list[Any]:
-    """The parameter blocks named by ``names`` (all if None), each at most ``max_size``.
-
-    Shared by ``fisher_blocks`` and the estimators' ``what="blocks"``; ``owner``
-    names the caller in the size error.
-    """
-    available = {blk.name: blk for blk in lin.blocks}
-    if names is None:
-        chosen = list(lin.blocks)
-    else:
-        if isinstance(names, str):
-            msg = (
-                f"blocks must be a list of block names; got the string {names!r}. "
-                f"Write [{names!r}]."
-            )
-            raise TypeError(msg)
-        unknown = [n for n in names if n not in available]
-        if unknown:
-            msg = (
-                f"blocks must name parameter blocks of the model; got unknown {unknown}. "
-                f"Available: {list(available)}."
-            )
-            raise ValueError(msg)
-        chosen = [available[n] for n in names]
-    too_big = [(b.name, b.size) for b in chosen if b.size > max_size]
-    if too_big:
-        msg = (
-            f"{owner} refuses blocks larger than max_block_size = {max_size} "
-            f"parameters; got {too_big}. Raise max_block_size if you have the memory, "
-            "or select smaller blocks with blocks=[...]."
-        )
-        raise ValueError(msg)
-    return chosen
-
-
-class _WholeVector(NamedTuple):
-    size: int
-    name: str = "all"
-    offset: int = 0
-
-
-def _outer_products(
-    lin: Any, u: Array, selected: list[Any], max_vectors: int | None, xp: Any
-) -> list[Array]:
-    """Σ_n Σ_r g_nr[b] g_nr[b]ᵀ for each selected block b, g_nr = J_nᵀ U[n, r]."""
-    n, r, _ = u.shape
-    budget = lin.default_max_vectors if max_vectors is None else max_vectors
-    chunk = max(1, budget // max(r, 1))
-    out = [xp.zeros((blk.size, blk.size), dtype=u.dtype, device=lin.device) for blk in selected]
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        g = lin.per_example_vjp(u[start:stop, ...], examples=slice(start, stop))
-        g = xp.reshape(g, (-1, g.shape[-1]))
-        for i, blk in enumerate(selected):
-            gb = g[:, blk.offset : blk.offset + blk.size]
-            out[i] = out[i] + xp.matmul(xp.matrix_transpose(gb), gb)
-    return out
-
-
 def _front(family: Any, kernel: str, reduction: str, max_vectors: int | None) -> Family:
-    fam = _check_family(family)
+    fam = check_family(family)
     check_choice(kernel, "kernel", KERNELS)
     check_choice(reduction, "reduction", REDUCTIONS)
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
+    check_optional_int(max_vectors, "max_vectors")
     return fam
 
 
@@ -438,11 +203,9 @@ def fisher_diagonal(
         source,
         fam,
         [kernel],
-        "diagonal",
+        quantity("diagonal"),
         reduction=reduction,
         max_vectors=max_vectors,
-        blocks=None,
-        max_size=0,
         progress=progress,
         process_group=process_group,
     )
@@ -470,11 +233,9 @@ def fisher_trace(
         source,
         fam,
         [kernel],
-        "trace",
+        quantity("trace"),
         reduction=reduction,
         max_vectors=max_vectors,
-        blocks=None,
-        max_size=0,
         progress=progress,
         process_group=process_group,
     )
@@ -510,11 +271,9 @@ def fisher_blocks(
         source,
         fam,
         [kernel],
-        "blocks",
+        quantity("blocks", blocks=blocks, max_size=max_block_size, owner="fisher_blocks"),
         reduction=reduction,
         max_vectors=max_vectors,
-        blocks=blocks,
-        max_size=max_block_size,
         progress=progress,
         process_group=process_group,
     )
@@ -544,11 +303,9 @@ def fisher_dense(
         source,
         fam,
         [kernel],
-        "dense",
+        quantity("dense", max_size=max_params),
         reduction=reduction,
         max_vectors=max_vectors,
-        blocks=None,
-        max_size=max_params,
         progress=progress,
         process_group=process_group,
     )
@@ -593,11 +350,9 @@ def fisher_bounds(
         source,
         fam,
         kernels,
-        what,
+        quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks"),
         reduction=reduction,
         max_vectors=max_vectors,
-        blocks=blocks,
-        max_size=max_size,
         progress=progress,
         process_group=process_group,
     )
@@ -633,25 +388,16 @@ def fisher_operator(
             "Wrap it in list(...) if the data set fits in memory."
         )
         raise TypeError(msg)
-    coll = collective(process_group)
-    lins = list(
-        _batches(source, fam, desc="Fisher operator", progress=False, allow_empty=coll is not None)
+    stream = Stream(
+        source, fam, desc="Fisher operator", progress=False, process_group=process_group
     )
-    _agree(
-        coll,
-        lins[0] if lins else None,
-        fam,
-        where="fisher_operator",
-        kernel=kernel,
-        reduction=reduction,
-    )
+    lins = list(stream)
+    stream.finish(where="fisher_operator", kernel=kernel, reduction=reduction)
     first = lins[0]
     xp = first.xp
     d = first.num_params
-    count = sum(int(lin.logits.shape[0]) for lin in lins)
-    if coll is not None:
-        count = coll.sum_int(count)
-    scale = 1.0 / count if reduction == "mean" else 1.0
+    coll = stream.coll
+    scale = stream.scale(reduction)
 
     def matmat(v: Array) -> Array:
         vt = xp.matrix_transpose(v)  # (k, D)

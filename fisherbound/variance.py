@@ -37,9 +37,20 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._lib import array_namespace, check_choice, check_positive_int
+from fisherbound import estimators as est
+from fisherbound._lib import (
+    DISTRIBUTIONS,
+    REDUCTIONS,
+    array_namespace,
+    check_bool,
+    check_choice,
+    check_optional_int,
+    check_positive_int,
+    check_target,
+)
+from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Bernoulli, Categorical, Family, Gaussian
-from fisherbound.fisher import _batches, _check_family
+from fisherbound.fisher import fisher_diagonal
 
 Array = Any
 
@@ -52,8 +63,6 @@ __all__ = [
     "std_error_bound",
 ]
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
-REDUCTIONS = ("sum", "mean")
 ESTIMATORS = ("score", "hessian")
 
 
@@ -230,23 +239,19 @@ def detach_and_mix_variance(
     >>> np.round(detach_and_mix_variance(lin), 6)  # J = I, p = (0.7, 0.2, 0.1)
     array([0.056252, 0.016832, 0.002972])
     """
-    fam = _check_family(family)
+    fam = check_family(family)
     check_choice(what, "what", ("diagonal", "trace"))
     m = check_positive_int(num_probes, "num_probes")
     check_choice(kernel, "kernel", KERNELS)
     check_choice(distribution, "distribution", DISTRIBUTIONS)
-    if not isinstance(per_example, bool):
-        msg = f"per_example must be True or False; got {type(per_example).__name__}."
-        raise TypeError(msg)
+    check_bool(per_example, "per_example")
     check_choice(reduction, "reduction", REDUCTIONS)
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
-    count = 0
+    check_optional_int(max_vectors, "max_vectors")
     total: Any = None
     moments = _DiagonalMoments()
-    for lin in _batches(source, fam, desc="detach-and-mix variance", progress=progress):
+    stream = Stream(source, fam, desc="detach-and-mix variance", progress=progress)
+    for lin in stream:
         xp = lin.xp
-        count += lin.num_inputs
         if what == "diagonal":
             moments.add(*_diagonal_batch(lin, fam, kernel, max_vectors, xp))
             continue
@@ -257,7 +262,7 @@ def detach_and_mix_variance(
         total = moments.variance(distribution, per_example)
     scale = 1.0 / m
     if reduction == "mean":
-        scale /= count * count
+        scale /= stream.num_inputs * stream.num_inputs
     return total * scale
 
 
@@ -391,20 +396,16 @@ def classical_variance(
     >>> classical_variance(lin, Bernoulli(), estimator="hessian")
     array([0.])
     """
-    fam = _check_family(family)
+    fam = check_family(family)
     check_choice(estimator, "estimator", ESTIMATORS)
     k = check_positive_int(num_samples, "num_samples")
-    if not isinstance(bound, bool):
-        msg = f"bound must be True or False; got {type(bound).__name__}."
-        raise TypeError(msg)
+    check_bool(bound, "bound")
     check_choice(reduction, "reduction", REDUCTIONS)
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
+    check_optional_int(max_vectors, "max_vectors")
     total: Any = None
-    count = 0
-    for lin in _batches(source, fam, desc=f"{estimator} estimator variance", progress=progress):
+    stream = Stream(source, fam, desc=f"{estimator} estimator variance", progress=progress)
+    for lin in stream:
         xp = lin.xp
-        count += lin.num_inputs
         if estimator == "score":
             part = _score_batch(lin, fam, bound, max_vectors, xp)
         else:
@@ -412,7 +413,7 @@ def classical_variance(
         total = part if total is None else total + part
     scale = 1.0 / k
     if reduction == "mean":
-        scale /= count * count
+        scale /= stream.num_inputs * stream.num_inputs
     return total * scale
 
 
@@ -521,12 +522,8 @@ def compare_estimators(
     >>> [row.name for row in table.rows]
     ['detach_and_mix', 'detach_and_mix_per_example', 'monte_carlo', 'exact']
     """
-    from fisherbound import estimators as est
-    from fisherbound.estimators import _check_target
-    from fisherbound.fisher import fisher_diagonal
-
-    fam = _check_family(family)
-    target = _check_target(target_relative_error)
+    fam = check_family(family)
+    target = check_target(target_relative_error)
     if target is None:
         msg = "target_relative_error must be a positive number (e.g. 0.1); got None."
         raise TypeError(msg)
@@ -534,9 +531,8 @@ def compare_estimators(
     chosen = list(names) if estimators is None else list(estimators)
     for name in chosen:
         check_choice(name, "estimators entries", names)
-    if max_vectors is not None:
-        check_positive_int(max_vectors, "max_vectors")
-    lins = list(_batches(source, fam, desc="compare estimators", progress=False))
+    check_optional_int(max_vectors, "max_vectors")
+    lins = list(Stream(source, fam, desc="compare estimators", progress=False))
     moments = _DiagonalMoments()
     mc_var: Any = None
     for lin in lins:

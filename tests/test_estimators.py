@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from fisherbound import Estimate
 from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
+from fisherbound._quantities import quantity
 from fisherbound.estimators import (
     Accumulator,
-    _dm_batch_samples,
+    _probe_samples,
     detach_and_mix,
     empirical,
     monte_carlo,
@@ -107,10 +108,11 @@ def enumerate_samples(backend, lin, family, *, kernel="exact", what="diagonal", 
     """The per-probe samples over ALL sign vectors: their mean is the exact expectation."""
     r = 1 if kernel == "lower" else lin.num_outputs
     xi = backend.asarray(all_signs((lin.num_inputs, r)))
-    s = _dm_batch_samples(
-        lin, family, xi, kernel=kernel, what=what, per_example=per_example,
-        selected=list(lin.blocks), max_vectors=None, xp=lin.xp,
-    )  # fmt: skip
+    qty = quantity(what, max_size=lin.num_params)
+    qty.select(lin)  # every block
+    s = _probe_samples(
+        lin, family, xi, qty, kernel=kernel, per_example=per_example, max_vectors=None
+    )
     if isinstance(s, dict):
         return {k: backend.to_numpy(v) for k, v in s.items()}
     return backend.to_numpy(s)

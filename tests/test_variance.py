@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
-from fisherbound.estimators import _dm_batch_samples
+from fisherbound._quantities import quantity
+from fisherbound.estimators import _probe_samples
 from fisherbound.families import Bernoulli, Categorical, Gaussian
 from fisherbound.fisher import fisher_dense, fisher_diagonal
 from fisherbound.linearization import LinearizationBase
@@ -80,9 +81,9 @@ def all_signs(shape: tuple[int, ...]) -> np.ndarray:
 
 def probe_samples(lin, xi, *, what="diagonal", per_example=False, kernel="exact", family=None):
     return np.asarray(
-        _dm_batch_samples(
-            lin, family or Categorical(), xi, kernel=kernel, what=what, per_example=per_example,
-            selected=[], max_vectors=None, xp=lin.xp,
+        _probe_samples(
+            lin, family or Categorical(), xi, quantity(what), kernel=kernel,
+            per_example=per_example, max_vectors=None,
         )
     )  # fmt: skip
 
@@ -149,9 +150,9 @@ def check_against_enumeration(backend, lin, *, kernel="exact") -> None:
     for what, per_example in itertools.product(("diagonal", "trace"), (False, True)):
         samples = np.asarray(
             to_np(
-                _dm_batch_samples(
-                    lin, Categorical(), xi, kernel=kernel, what=what, per_example=per_example,
-                    selected=[], max_vectors=None, xp=lin.xp,
+                _probe_samples(
+                    lin, Categorical(), xi, quantity(what), kernel=kernel,
+                    per_example=per_example, max_vectors=None,
                 )
             )
         )  # fmt: skip

@@ -1,41 +1,91 @@
 """Private helpers: the only place that touches array_api_compat and NumPy.
 
+Every other module imports from this facade (``from fisherbound._lib import ...``),
+never from the submodules.
+
 Submodules
 ----------
 ``_namespace``  namespace, device and dtype resolution with the house errors.
+``_options``    the option vocabularies (``REDUCTIONS``, ``DISTRIBUTIONS``).
 ``_random``     host-side random numbers (one seed, the same probes on every backend).
 ``_validation`` input checks whose messages name the argument, the requirement and
                 what was received.
-``_estimate``   the ``Estimate`` result type and ``estimate_from_samples``.
+``_estimate``   the ``Estimate`` result type, the sample statistics behind every
+                standard error and the streaming mean/variance of Hutchinson.
+``_collective`` reductions across processes (torch.distributed, JAX mapped axes).
 ``_progress``   tqdm progress bars for streamed computations (when tqdm is installed).
 """
 
-from fisherbound._lib._estimate import Estimate
+from fisherbound._lib._collective import (
+    Collective,
+    collective,
+    fingerprint,
+    shared_generator,
+)
+from fisherbound._lib._estimate import (
+    Estimate,
+    MeanVariance,
+    estimate_from_samples,
+    variance_of_mean,
+)
 from fisherbound._lib._namespace import (
     array_namespace,
     device_of,
     is_array,
     to_host,
 )
-from fisherbound._lib._random import as_generator, probes, uniform
+from fisherbound._lib._options import DISTRIBUTIONS, REDUCTIONS
+from fisherbound._lib._progress import progress_bar
+from fisherbound._lib._random import RankedGenerator, as_generator, probes, uniform
 from fisherbound._lib._validation import (
+    check_bool,
     check_choice,
+    check_device,
+    check_finite,
     check_floating,
     check_logits,
+    check_optional_int,
     check_positive_int,
+    check_positive_real,
+    check_real,
+    check_real_floating,
+    check_target,
+    first_indices,
+    is_traced,
 )
 
 __all__ = [
+    "DISTRIBUTIONS",
+    "REDUCTIONS",
+    "Collective",
     "Estimate",
+    "MeanVariance",
+    "RankedGenerator",
     "array_namespace",
     "as_generator",
+    "check_bool",
     "check_choice",
+    "check_device",
+    "check_finite",
     "check_floating",
     "check_logits",
+    "check_optional_int",
     "check_positive_int",
+    "check_positive_real",
+    "check_real",
+    "check_real_floating",
+    "check_target",
+    "collective",
     "device_of",
+    "estimate_from_samples",
+    "fingerprint",
+    "first_indices",
     "is_array",
+    "is_traced",
     "probes",
+    "progress_bar",
+    "shared_generator",
     "to_host",
     "uniform",
+    "variance_of_mean",
 ]

@@ -30,6 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from fisherbound._lib._namespace import array_namespace
+from fisherbound._lib._random import RankedGenerator, as_generator
+from fisherbound._lib._validation import is_traced
+
 Array = Any
 
 #: The length of the vector ``Collective.agree`` reduces (fields + 1).
@@ -243,16 +247,6 @@ class _TorchGroup(Collective):
 # JAX mapped axes
 
 
-class RankedGenerator:
-    """A host generator for traced SPMD code: draws ``world_size`` copies of every
-    request and keeps this device's (``select``), so devices get independent probes."""
-
-    def __init__(self, gen: np.random.Generator, world_size: int, select: Any) -> None:
-        self.gen = gen
-        self.world_size = world_size
-        self.select = select
-
-
 class _JaxAxis(Collective):
     spmd = True
 
@@ -296,9 +290,6 @@ def fingerprint(x: Array) -> Any:
     (shape, Σx, Σx²) as host floats; None for values traced by JAX (one program)."""
     if x is None:
         return None
-    from fisherbound._lib._namespace import array_namespace
-    from fisherbound._lib._validation import is_traced
-
     if is_traced(x):
         return None
     xp = array_namespace(x, names=("x",))
@@ -316,8 +307,6 @@ def shared_generator(coll: Collective | None, rng: Any, *, where: str, lanczos: 
     ``lanczos=True`` (the callers that run Lanczos or SLQ on the host) refuses
     traced JAX code with a clear ValueError.
     """
-    from fisherbound._lib._random import as_generator
-
     if coll is not None and coll.spmd and lanczos:
         msg = (
             f"{where} runs Lanczos on the host, which traced JAX code cannot do "

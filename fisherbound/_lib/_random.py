@@ -11,9 +11,21 @@ from typing import Any
 
 import numpy as np
 
+from fisherbound._lib._options import DISTRIBUTIONS
+
 Array = Any
 
-DISTRIBUTIONS = ("rademacher", "gaussian")
+__all__ = ["DISTRIBUTIONS", "RankedGenerator", "as_generator", "probes", "uniform"]
+
+
+class RankedGenerator:
+    """A host generator for traced SPMD code: draws ``world_size`` copies of every
+    request and keeps this device's (``select``), so devices get independent probes."""
+
+    def __init__(self, gen: np.random.Generator, world_size: int, select: Any) -> None:
+        self.gen = gen
+        self.world_size = world_size
+        self.select = select
 
 
 def as_generator(rng: Any) -> Any:
@@ -64,6 +76,4 @@ def uniform(rng: Any, shape: tuple[int, ...], *, xp: Any, dtype: Any, device: An
 
 def _ranked(rng: Any) -> bool:
     """A ``RankedGenerator`` (traced SPMD code): draw every device's numbers, keep ours."""
-    from fisherbound._lib._collective import RankedGenerator
-
     return isinstance(rng, RankedGenerator)

@@ -7,6 +7,8 @@ received and, where there is one, the remedy:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,71 @@ def check_positive_int(value: object, name: str) -> int:
         msg = f"{name} must be an integer >= 1; got {n}."
         raise ValueError(msg)
     return n
+
+
+def check_optional_int(value: object, name: str) -> int | None:
+    """None, or ``value`` as an int >= 1 (``check_positive_int``)."""
+    return None if value is None else check_positive_int(value, name)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is True or False, else a TypeError naming ``name``."""
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False; got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    return value
+
+
+def check_real(value: object, name: str, *, positive: bool = True) -> float:
+    """``value`` as a finite float (> 0 when ``positive``), else a TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a real number; got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    x = float(value)
+    if not math.isfinite(x) or (positive and x <= 0.0):
+        req = "finite and > 0" if positive else "finite"
+        msg = f"{name} must be {req}; got {x!r}."
+        raise ValueError(msg)
+    return x
+
+
+def check_target(value: object) -> float | None:
+    """``target_relative_error``: None or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = (
+            "target_relative_error must be a positive number (e.g. 0.05) or None; got "
+            f"{type(value).__name__} {value!r}."
+        )
+        raise TypeError(msg)
+    t = float(value)
+    if not (t > 0.0 and math.isfinite(t)):
+        msg = f"target_relative_error must be a positive finite number; got {value!r}."
+        raise ValueError(msg)
+    return t
+
+
+def check_positive_real(value: object, name: str, remedy: str = "") -> float:
+    """``value`` as a positive finite float; ``remedy`` ends the ValueError's message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        msg = f"{name} must be a positive real number; got {type(value).__name__} {value!r}."
+        raise TypeError(msg)
+    x = float(value)
+    if not (0.0 < x < math.inf):
+        msg = f"{name} must be a positive finite number; got {x}.{remedy}"
+        raise ValueError(msg)
+    return x
+
+
+def check_real_floating(xp: Any, dtype: Any, name: str = "A") -> None:
+    """A TypeError unless ``dtype`` is a real floating dtype of ``xp`` (matrices, operators)."""
+    if not xp.isdtype(dtype, "real floating"):
+        msg = (
+            f"{name} must have a real floating-point dtype (float32 or float64); got {dtype}. "
+            f"Convert a dense matrix with xp.astype({name}, xp.float64)."
+        )
+        raise TypeError(msg)
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:

@@ -1,0 +1,518 @@
+"""The mergeable accumulator of random estimates, and the running sums of the estimators.
+
+``Accumulator`` (public as ``fisherbound.estimators.Accumulator``) stores a sum of
+independent unbiased estimates with its variance, one stratum per batch. The
+estimators of ``fisherbound.estimators`` accumulate the per-probe samples of a
+quantity (``fisherbound._quantities``) in one of three running sums:
+
+- ``SampleSum``: diagonal, trace or blocks samples (M, ...) per batch, with the
+  trace summary behind ``target_relative_error``;
+- ``FactorSum``: the detach-and-mix factor, the per-probe gradients summed over
+  batches (or stacked, for rounds of new probes on one batch);
+- ``RowStack``: the per-example factor rows of the Monte-Carlo and empirical
+  Fisher, with the diagonal's samples for the standard error.
+
+Each has ``add(samples, num_inputs, xp, same_inputs=)``, ``relative_error(xp)``,
+``global_trace_terms(active)``, ``all_reduce(coll)``, ``reduced_trace_error`` and
+``estimate(scale, xp)`` (``scale``: the stream's reduction scale, 1/N or 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fisherbound._lib import (
+    REDUCTIONS,
+    Collective,
+    Estimate,
+    array_namespace,
+    check_choice,
+    collective,
+    device_of,
+    variance_of_mean,
+)
+
+Array = Any
+
+__all__ = ["Accumulator", "FactorSum", "PerExampleRows", "RowStack", "SampleSum"]
+
+
+def _map(f: Any, *trees: Any) -> Any:
+    """Apply ``f`` leafwise to arrays or to dicts of arrays (the blocks)."""
+    if isinstance(trees[0], dict):
+        return {k: f(*(t[k] for t in trees)) for k in trees[0]}
+    return f(*trees)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    return list(tree.values()) if isinstance(tree, dict) else [tree]
+
+
+class Accumulator:
+    """A sum of independent unbiased estimates, with its variance: mergeable.
+
+    Each ``update(samples)`` adds one *stratum*: the M per-probe samples of one
+    batch's contribution (an array (M, ...) or a dict of them). The stratum
+    contributes its sample mean to ``value`` and the estimated variance of that
+    mean, s²/M (s² the unbiased sample variance over the M probes; NaN for
+    M = 1), to ``variance``. Strata are independent (their probes are), so
+
+        value = Σ_b mean_b,    variance = Σ_b s_b² / M_b
+
+    is an unbiased estimate of the sum over the data and of its variance, with
+    Σ_b (M_b − 1) degrees of freedom: better error bars than treating each
+    probe's data-set total as one sample, in O(D) memory.
+
+    ``merge(other)`` adds the strata of ``other`` (other inputs: another shard,
+    another call, another process; across processes, all-reducing ``value``,
+    ``variance`` and ``num_inputs`` with a sum is the same thing).
+    ``pool(other)`` combines two independent estimates of the SAME inputs (new
+    probes), weighting by their numbers of probes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acc = Accumulator()
+    >>> acc = acc.update(np.array([[1.0, 2.0], [3.0, 2.0]]), num_inputs=4)
+    >>> acc = acc.update(np.array([[0.0, 1.0], [2.0, 1.0]]), num_inputs=4)
+    >>> est = acc.estimate()
+    >>> est.value, est.std_error, est.num_probes
+    (array([3., 3.]), array([1.41421356, 0.        ]), 2)
+    >>> acc.estimate(reduction="mean").value
+    array([0.375, 0.375])
+    """
+
+    def __init__(self) -> None:
+        self._value: Any = None
+        self._variance: Any = None
+        self._num_inputs = 0
+        self._num_batches = 0
+        self._probes: tuple[int, int] | None = None  # (min, max) over strata
+        self._unknown = False  # some stratum had one probe: no variance estimate
+
+    # -- read-only state -------------------------------------------------------
+    @property
+    def value(self) -> Any:
+        """Σ_b mean_b: the estimate of the sum over the inputs seen (None if empty)."""
+        return self._value
+
+    @property
+    def variance(self) -> Any:
+        """Σ_b s_b²/M_b: the estimated variance of ``value`` (None if empty).
+
+        NaN (possibly a 0-d NaN) when some stratum had a single probe.
+        """
+        return self._variance
+
+    @property
+    def num_inputs(self) -> int:
+        """How many inputs the strata cover (for ``reduction="mean"``)."""
+        return self._num_inputs
+
+    @property
+    def num_batches(self) -> int:
+        """How many strata (batches) have been added."""
+        return self._num_batches
+
+    @property
+    def num_probes(self) -> int:
+        """The number of probes per stratum (the smallest, if they differ); 0 if empty."""
+        return 0 if self._probes is None else self._probes[0]
+
+    @classmethod
+    def from_estimate(
+        cls, estimate: Estimate, /, *, num_inputs: int = 0, reduction: str = "sum"
+    ) -> Accumulator:
+        """An accumulator holding one ``Estimate`` (of another call or process).
+
+        Its variance is ``std_error**2``. For an estimate made with
+        ``reduction="mean"`` pass ``reduction="mean"`` and ``num_inputs`` (the
+        number of inputs it averages) so that it is scaled back to a sum.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound import Estimate
+        >>> a = Accumulator.from_estimate(Estimate(np.array(2.0), np.array(0.3), 8))
+        >>> b = Accumulator.from_estimate(Estimate(np.array(1.0), np.array(0.4), 8))
+        >>> est = a.merge(b).estimate()  # sums add, variances add
+        >>> float(est.value), float(est.std_error), est.num_probes
+        (3.0, 0.5, 8)
+        """
+        if not isinstance(estimate, Estimate):
+            msg = (
+                "estimate must be a fisherbound Estimate (value, std_error, num_probes); got "
+                f"{type(estimate).__name__}."
+            )
+            raise TypeError(msg)
+        check_choice(reduction, "reduction", REDUCTIONS)
+        n = int(num_inputs)
+        scale = 1.0
+        if reduction == "mean":
+            if n < 1:
+                msg = (
+                    "a reduction='mean' estimate needs num_inputs (how many inputs it "
+                    f"averages) to be turned back into a sum; got num_inputs = {n}."
+                )
+                raise ValueError(msg)
+            scale = float(n)
+        value = _map(lambda v: v * scale, estimate.value)
+        variance = _map(lambda s: (s * scale) ** 2, estimate.std_error)
+        m = int(estimate.num_probes)
+        return cls()._add(value, variance, n, 1, (m, m))
+
+    # -- updates ------------------------------------------------------------------
+    def update(self, samples: Any, /, *, num_inputs: int = 0) -> Accumulator:
+        """Add one stratum: ``samples`` (M, ...) (or a dict of them), M >= 1.
+
+        ``num_inputs`` is the number of inputs the stratum covers. Returns self.
+        """
+        first = _leaves(samples)[0]
+        leaves = _leaves(samples)
+        xp = array_namespace(*leaves, names=tuple(f"samples[{i}]" for i in range(len(leaves))))
+        if first.ndim < 1 or int(first.shape[0]) < 1:
+            msg = (
+                "samples must have a leading probe axis (M, ...) with M >= 1; got shape "
+                f"{tuple(first.shape)}."
+            )
+            raise ValueError(msg)
+        m = int(first.shape[0])
+        if m == 1:
+            # One probe: the mean is the sample and the variance is unknown (a 0-d
+            # NaN, which broadcasts; ``estimate`` reports NaN standard errors).
+            mean = _map(lambda s: s[0, ...], samples)
+            var = _map(
+                lambda s: xp.full((), float("nan"), dtype=s.dtype, device=device_of(s)), samples
+            )
+        else:
+            mean = _map(lambda s: xp.mean(s, axis=0), samples)
+            var = _map(lambda s, mu: variance_of_mean(s, mu, m, xp), samples, mean)
+        self._unknown = self._unknown or m < 2
+        return self._add(mean, var, num_inputs, 1, (m, m))
+
+    def merge(self, other: Accumulator, /) -> Accumulator:
+        """Add the strata of ``other`` (estimates over OTHER inputs). Returns self."""
+        if not isinstance(other, Accumulator):
+            msg = f"other must be an Accumulator; got {type(other).__name__}."
+            raise TypeError(msg)
+        if other._value is None:
+            return self
+        assert other._probes is not None
+        self._unknown = self._unknown or other._unknown
+        return self._add(
+            other._value, other._variance, other._num_inputs, other._num_batches, other._probes
+        )
+
+    def pool(self, other: Accumulator, /) -> Accumulator:
+        """Combine with an independent estimate of the SAME inputs (more probes).
+
+        With M₁ and M₂ probes per stratum: value (M₁ v₁ + M₂ v₂)/(M₁ + M₂),
+        variance (M₁² V₁ + M₂² V₂)/(M₁ + M₂)², M₁ + M₂ probes. Both must cover the
+        same number of inputs and use one number of probes in all their strata.
+        Returns self.
+        """
+        if not isinstance(other, Accumulator):
+            msg = f"other must be an Accumulator; got {type(other).__name__}."
+            raise TypeError(msg)
+        if other._value is None:
+            return self
+        if self._value is None:
+            return self.merge(other)
+        if other._num_inputs != self._num_inputs:
+            msg = (
+                "pool combines two estimates of the same inputs; this accumulator covers "
+                f"{self._num_inputs} inputs but other covers {other._num_inputs}. Use "
+                "merge(other) for estimates over different inputs."
+            )
+            raise ValueError(msg)
+        assert self._probes is not None
+        assert other._probes is not None
+        if self._probes[0] != self._probes[1] or other._probes[0] != other._probes[1]:
+            msg = (
+                "pool needs one number of probes in every stratum of each accumulator; got "
+                f"{self._probes} and {other._probes} (min, max). Pool batch by batch instead."
+            )
+            raise ValueError(msg)
+        m1, m2 = self._probes[0], other._probes[0]
+        w1, w2 = m1 / (m1 + m2), m2 / (m1 + m2)
+        self._value = _map(lambda a, b: w1 * a + w2 * b, self._value, other._value)
+        self._variance = _map(
+            lambda a, b: (w1 * w1) * a + (w2 * w2) * b, self._variance, other._variance
+        )
+        self._probes = (m1 + m2, m1 + m2)
+        # Two one-probe estimates of the same inputs still have no variance estimate.
+        self._unknown = self._unknown or other._unknown
+        return self
+
+    def _add(
+        self, value: Any, variance: Any, num_inputs: int, num_batches: int, probes: tuple[int, int]
+    ) -> Accumulator:
+        if self._value is None:
+            self._value, self._variance = value, variance
+        else:
+            self._check_compatible(value)
+            self._value = _map(lambda a, b: a + b, self._value, value)
+            self._variance = _map(lambda a, b: a + b, self._variance, variance)
+        self._num_inputs += int(num_inputs)
+        self._num_batches += int(num_batches)
+        if self._probes is None:
+            self._probes = probes
+        else:
+            self._probes = (min(self._probes[0], probes[0]), max(self._probes[1], probes[1]))
+        return self
+
+    def _check_compatible(self, value: Any) -> None:
+        if isinstance(self._value, dict) != isinstance(value, dict) or (
+            isinstance(value, dict) and set(value) != set(self._value)
+        ):
+            msg = (
+                "cannot add estimates of different quantities: the accumulator holds "
+                f"{_describe(self._value)} but got {_describe(value)}."
+            )
+            raise ValueError(msg)
+        for a, b in zip(_leaves(self._value), _leaves(value), strict=True):
+            if tuple(a.shape) != tuple(b.shape):
+                msg = (
+                    "cannot add estimates of different shapes: the accumulator holds shape "
+                    f"{tuple(a.shape)} but got {tuple(b.shape)} (same model and `what`?)."
+                )
+                raise ValueError(msg)
+
+    def all_reduce(self, process_group: Any, /) -> Accumulator:
+        """Sum the accumulators of all ranks of ``process_group``; every rank gets the total.
+
+        ``process_group`` is a ``torch.distributed`` process group (reduced with
+        ``torch.distributed.all_reduce``) or the name of a JAX mapped axis (inside
+        ``jax.shard_map``: ``jax.lax.psum``). Values and variances are summed, as
+        are the counts of inputs and batches (the strata of different ranks are
+        independent: their probes must be, see ``Collective.generator``). Every
+        rank must hold at least one stratum of the same quantity (names, shapes
+        and dtypes are compared first; a ValueError on every rank otherwise).
+        Returns self.
+
+        value = Σ_ranks value_r,  variance = Σ_ranks variance_r,  num_inputs = Σ N_r.
+
+        Cost: two all-reduces of the accumulator's arrays (value and variance; one
+        when the variance is unknown) and four of a few integers.
+        """
+        coll = process_group if isinstance(process_group, Collective) else None
+        if coll is None:
+            coll = collective(process_group)
+            if coll is None:
+                msg = "process_group must be a torch process group or a JAX axis name; got None."
+                raise TypeError(msg)
+        leaves = _leaves(self._value) if self._value is not None else []
+        fields: dict[str, Any] = {
+            "batches": self._num_batches,
+            "the quantity (shapes and dtypes)": _layout(self._value),
+        }
+        coll.agree(fields, where="Accumulator.all_reduce")
+        assert self._probes is not None
+        lows, highs = coll.extrema(
+            [self._probes[0], -self._probes[1], int(self._unknown), -int(self._unknown)]
+        )
+        self._probes = (lows[0], -lows[1])
+        self._unknown = bool(highs[2])
+        self._value = coll.sum_tree(self._value)
+        if self._unknown:
+            # Some rank's stratum had a single probe: the variance stays unknown (NaN).
+            xp = array_namespace(leaves[0], names=("value",))
+            self._variance = _map(
+                lambda v: xp.full((), float("nan"), dtype=v.dtype, device=device_of(v)),
+                self._value,
+            )
+        else:
+            self._variance = coll.sum_tree(self._variance)
+        self._num_inputs = coll.sum_int(self._num_inputs)
+        self._num_batches = coll.sum_int(self._num_batches)
+        return self
+
+    # -- results -----------------------------------------------------------------
+    def estimate(self, *, reduction: str = "sum") -> Estimate:
+        """The accumulated ``Estimate``: value, standard error √variance, num_probes.
+
+        ``reduction="mean"`` divides value and standard error by ``num_inputs``.
+        """
+        check_choice(reduction, "reduction", REDUCTIONS)
+        if self._value is None:
+            msg = "the accumulator is empty; add samples with update(...) first."
+            raise ValueError(msg)
+        scale = 1.0
+        if reduction == "mean":
+            if self._num_inputs < 1:
+                msg = (
+                    "reduction='mean' needs the number of inputs; this accumulator was "
+                    "updated without num_inputs. Pass num_inputs=... to update()."
+                )
+                raise ValueError(msg)
+            scale = 1.0 / self._num_inputs
+        return self.scaled_estimate(scale)
+
+    def scaled_estimate(self, scale: float) -> Estimate:
+        """The ``Estimate`` with value and standard error multiplied by ``scale``."""
+        xp = array_namespace(_leaves(self._value)[0], names=("value",))
+        value = self._value if scale == 1.0 else _map(lambda v: v * scale, self._value)
+        if self._unknown:  # NaN, without the (slow) square root of NaNs
+            se = _map(lambda v: xp.full_like(v, float("nan")), value)
+        elif scale == 1.0:
+            se = _map(xp.sqrt, self._variance)
+        else:
+            se = _map(lambda v: xp.sqrt(v) * scale, self._variance)
+        return Estimate(value, se, self.num_probes)
+
+    def relative_std_error(self) -> float:
+        """SE / ``|value|`` of a scalar accumulator (inf when the value is 0, NaN if unknown)."""
+        if self._value is None or isinstance(self._value, dict) or self._value.ndim != 0:
+            msg = "relative_std_error needs an accumulator of a scalar (0-d) quantity."
+            raise ValueError(msg)
+        value = abs(float(self._value))
+        se = math.sqrt(float(self._variance)) if float(self._variance) >= 0 else math.nan
+        if math.isnan(se):
+            return math.nan
+        return math.inf if value == 0.0 else se / value
+
+    def __repr__(self) -> str:
+        return (
+            f"Accumulator(batches={self._num_batches}, inputs={self._num_inputs}, "
+            f"probes={self.num_probes}, value={_describe(self._value)})"
+        )
+
+
+def _layout(tree: Any) -> Any:
+    """Names, shapes and dtypes of an accumulated quantity, in a rank-independent order."""
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return tuple((k, tuple(tree[k].shape), str(tree[k].dtype)) for k in sorted(tree))
+    return (tuple(tree.shape), str(tree.dtype))
+
+
+def _describe(tree: Any) -> str:
+    if tree is None:
+        return "nothing"
+    if isinstance(tree, dict):
+        return f"blocks {sorted(tree)}"
+    return f"an array of shape {tuple(tree.shape)}"
+
+
+# --------------------------------------------------------------------------- #
+# the running sums of the estimators
+
+
+class PerExampleRows:
+    """Rows (N·k, D) of a per-example factor and the k per-draw diagonal samples (k, D)."""
+
+    def __init__(self, rows: Array, diagonal: Array) -> None:
+        self.rows = rows
+        self.diagonal = diagonal
+
+
+class SampleSum:
+    """Per-probe samples of a quantity, one stratum per batch, and their trace summary."""
+
+    def __init__(self, quantity: Any) -> None:
+        self.quantity = quantity
+        self.acc = Accumulator()  # the value
+        self.trace = Accumulator()  # the trace summary behind target_relative_error
+
+    def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
+        new = Accumulator().update(samples, num_inputs=num_inputs)
+        new_trace = Accumulator().update(self.quantity.trace(samples, xp), num_inputs=num_inputs)
+        if same_inputs and self.acc.num_batches:
+            self.acc.pool(new)
+            self.trace.pool(new_trace)
+        else:
+            self.acc.merge(new)
+            self.trace.merge(new_trace)
+
+    def global_trace_terms(self, active: bool) -> list[float]:
+        """(trace value, its variance, active) of this rank, for the lockstep target."""
+        t = self.trace
+        if t.value is None:
+            return [0.0, 0.0, float(active)]
+        return [float(t.value), float(t.variance), float(active)]
+
+    def all_reduce(self, coll: Collective) -> None:
+        self.acc.all_reduce(coll)
+        self.trace.all_reduce(coll)
+
+    @property
+    def reduced_trace_error(self) -> float:
+        return self.trace.relative_std_error() if self.trace.value is not None else math.nan
+
+    def relative_error(self, xp: Any) -> float:
+        return self.trace.relative_std_error()
+
+    def estimate(self, scale: float, xp: Any) -> Estimate:
+        return self.acc.scaled_estimate(scale)
+
+
+class RowStack(SampleSum):
+    """The per-example factor rows (k draws per input) and the diagonal's samples."""
+
+    def __init__(self, quantity: Any) -> None:
+        super().__init__(quantity)
+        self.rows: list[Array] = []
+
+    def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
+        self.rows.append(samples.rows)
+        super().add(samples.diagonal, num_inputs, xp, same_inputs=same_inputs)
+
+    def all_reduce(self, coll: Collective) -> None:
+        super().all_reduce(coll)
+        xp = array_namespace(self.rows[0], names=("rows",))
+        local = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
+        self.rows = [coll.gather_rows(local)]
+
+    def estimate(self, scale: float, xp: Any) -> Estimate:
+        # Per-example rows of k draws: F̂ = (1/k) Σ rowsᵀ rows.
+        k = self.acc.num_probes
+        est = self.acc.scaled_estimate(scale)
+        rows = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
+        return Estimate(rows * math.sqrt(scale / k), est.std_error, k)
+
+
+class FactorSum:
+    """The detach-and-mix factor: per-probe gradient sums g_m (M, D) over batches."""
+
+    def __init__(self) -> None:
+        self.factor: Array = None
+
+    def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
+        if self.factor is None:
+            self.factor = samples
+        elif same_inputs:
+            self.factor = xp.concat([self.factor, samples], axis=0)
+        else:
+            self.factor = self.factor + samples
+
+    def global_trace_terms(self, active: bool) -> list[float]:  # pragma: no cover - refused
+        return [0.0, 0.0, float(active)]
+
+    def all_reduce(self, coll: Collective) -> None:
+        self.factor = coll.sum(self.factor)
+
+    @property
+    def reduced_trace_error(self) -> float:  # pragma: no cover - refused with a group
+        return math.nan
+
+    def relative_error(self, xp: Any) -> float:
+        m = int(self.factor.shape[0])
+        if m < 2:
+            return math.nan
+        t = xp.sum(self.factor * self.factor, axis=1)
+        mean = xp.mean(t)
+        sd = xp.sqrt(xp.sum((t - mean) ** 2) / (m - 1))
+        value = abs(float(mean))
+        return math.inf if value == 0.0 else float(sd) / math.sqrt(m) / value
+
+    def estimate(self, scale: float, xp: Any) -> Estimate:
+        g = self.factor
+        m = int(g.shape[0])
+        if m < 2:
+            return Estimate(g * math.sqrt(scale), xp.full_like(g[0, ...], float("nan")), m)
+        diag_samples = g * g
+        mean = xp.mean(diag_samples, axis=0)
+        var = variance_of_mean(diag_samples, mean, m, xp)
+        return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m)

@@ -1,0 +1,15 @@
+"""The option vocabularies shared by the public functions: one home for each.
+
+``linearization.LOSS_REDUCTIONS`` (the loss functions' own reduction) names the
+same two words as ``REDUCTIONS``; it stays where the adapters' shell defines it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DISTRIBUTIONS", "REDUCTIONS"]
+
+#: How a result reduces over the inputs: the sum (the papers' convention) or the mean.
+REDUCTIONS = ("sum", "mean")
+
+#: The distributions of host-drawn probe vectors.
+DISTRIBUTIONS = ("rademacher", "gaussian")

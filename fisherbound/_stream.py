@@ -1,0 +1,447 @@
+"""The data stream under every analysis: one loop over a data set.
+
+Every analysis of fisherbound is a sum over the batches of a data set, of
+linearizations (``fisher``, ``estimators``, ``variance``, ``dimension``) or of
+loss functions (``landscape``). This module is that loop, written once:
+
+- ``Stream`` iterates a source of linearizations, validating every batch against
+  the first (one array library, model, dtype and device; finite logits with enough
+  classes for the family), shows the progress bar, counts the inputs, and at its
+  end (``finish``) makes the ranks of a ``process_group`` agree on the model, the
+  family and the call's options before all-reducing the input count;
+- ``LossStream`` does the same for loss functions (same parameters θ, one
+  reduction);
+- ``total`` all-reduces a per-rank sum and applies the reduction scale (1/N for
+  ``reduction="mean"``, N the all-reduced number of inputs);
+- ``Objective`` is the total loss of a list of loss functions, whose matvecs
+  (gradients, Hessian-vector products) are combined with the batch weights.
+
+An analysis then reads "loop + math"::
+
+    stream = Stream(source, family, desc="Fisher diagonal", progress=progress,
+                    process_group=process_group)
+    total = None
+    for lin in stream:
+        total = add(total, per_batch_math(lin))
+    stream.finish(kernel=kernel, reduction=reduction)
+    return stream.total(total, reduction)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+from fisherbound._lib import (
+    Collective,
+    array_namespace,
+    check_logits,
+    collective,
+    device_of,
+    fingerprint,
+    is_array,
+    is_traced,
+    progress_bar,
+)
+from fisherbound.families import Family
+from fisherbound.linearization import LossFunction, as_linearizations
+
+Array = Any
+
+__all__ = [
+    "LossStream",
+    "Objective",
+    "Signature",
+    "Stream",
+    "check_batch",
+    "check_family",
+    "check_loss",
+    "named_blocks",
+    "signature",
+]
+
+
+# --------------------------------------------------------------------------- #
+# validation of one item
+
+
+def check_family(family: object) -> Family:
+    """``family`` if it is a fisherbound family, else a TypeError."""
+    if not isinstance(family, Family):
+        msg = (
+            "family must be a fisherbound.families family (Categorical(), Bernoulli(), "
+            f"Gaussian()); got {type(family).__name__}."
+        )
+        raise TypeError(msg)
+    return family
+
+
+class Signature(NamedTuple):
+    """What every batch of one data set must share with the first."""
+
+    library: str
+    dtype: Any
+    device: Any
+    num_outputs: int
+    blocks: tuple[Any, ...]
+
+
+def signature(lin: Any) -> Signature:
+    """The ``Signature`` of a linearization."""
+    z = lin.logits
+    return Signature(
+        type(z).__module__.split(".")[0],
+        z.dtype,
+        device_of(z),
+        int(z.shape[-1]),
+        tuple((b.name, tuple(b.shape)) for b in lin.blocks),
+    )
+
+
+def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> Signature:
+    """Validate batch ``index`` (its logits, and against batch 0's ``ref``)."""
+    z = lin.logits
+    name = f"the logits of batch {index}"
+    if z.ndim != 2:
+        msg = f"{name} must have shape (N, C); got shape {tuple(z.shape)}."
+        raise ValueError(msg)
+    min_classes = family.min_classes
+    if z.shape[-1] < min_classes:
+        msg = (
+            f"{name} have C = {z.shape[-1]} outputs, but the {type(family).__name__} family "
+            f"needs at least {min_classes}; use Bernoulli() for one binary output."
+        )
+        raise ValueError(msg)
+    check_logits(z, name=name)
+    sig = signature(lin)
+    if ref is None:
+        return sig
+    if sig.library != ref.library:
+        msg = (
+            f"every batch must come from one array library; batch {index} holds "
+            f"{sig.library} arrays, batch 0 held {ref.library} arrays."
+        )
+        raise TypeError(msg)
+    if (sig.num_outputs, sig.blocks) != (ref.num_outputs, ref.blocks):
+        msg = (
+            f"every batch must come from the same model; batch {index} has C = "
+            f"{sig.num_outputs} outputs and D = {lin.num_params} parameters in "
+            f"{len(sig.blocks)} blocks, batch 0 had C = {ref.num_outputs} and a different "
+            "parameter layout."
+        )
+        raise ValueError(msg)
+    if (sig.dtype, sig.device) != (ref.dtype, ref.device):
+        msg = (
+            f"every batch must share one dtype and device; batch {index} is {sig.dtype} on "
+            f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}."
+        )
+        raise ValueError(msg)
+    return ref
+
+
+def check_loss(item: object, index: int, ref: Any) -> Any:
+    """Item ``index`` of a source: a LossFunction at the parameters of item 0."""
+    if not isinstance(item, LossFunction):
+        what = "source" if index < 0 else f"item {index} of source"
+        msg = (
+            f"{what} must be a LossFunction (or an iterable of them); got "
+            f"{type(item).__module__}.{type(item).__name__}. Build one with an adapter's "
+            "loss_function(model, inputs, labels) (fisherbound.adapters.numpy, .torch, .jax)."
+        )
+        raise TypeError(msg)
+    if ref is None:
+        return item
+    if item.num_params != ref.num_params:
+        msg = (
+            f"every loss function must have the same parameters; batch {index} has "
+            f"D = {item.num_params}, batch 0 has D = {ref.num_params}."
+        )
+        raise ValueError(msg)
+    if item.reduction != ref.reduction:
+        msg = (
+            f"every loss function must use the same reduction; batch {index} uses "
+            f"{item.reduction!r}, batch 0 uses {ref.reduction!r}. Build them with one "
+            "reduction= value."
+        )
+        raise ValueError(msg)
+    xp = array_namespace(
+        ref.params, item.params, names=("the params of batch 0", f"the params of batch {index}")
+    )
+    same = item.params == ref.params
+    if not is_traced(same) and not bool(xp.all(same)):
+        msg = (
+            f"every loss function must be frozen at the same parameters θ; batch {index} "
+            "differs from batch 0. Build all of them from one model state."
+        )
+        raise ValueError(msg)
+    return item
+
+
+def named_blocks(lin: Any, names: Any, max_size: int, *, owner: str) -> list[Any]:
+    """The parameter blocks named by ``names`` (all if None), each at most ``max_size``.
+
+    Shared by ``fisher_blocks`` and the estimators' ``what="blocks"``; ``owner``
+    names the caller in the size error.
+    """
+    available = {blk.name: blk for blk in lin.blocks}
+    if names is None:
+        chosen = list(lin.blocks)
+    else:
+        if isinstance(names, str):
+            msg = (
+                f"blocks must be a list of block names; got the string {names!r}. "
+                f"Write [{names!r}]."
+            )
+            raise TypeError(msg)
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            msg = (
+                f"blocks must name parameter blocks of the model; got unknown {unknown}. "
+                f"Available: {list(available)}."
+            )
+            raise ValueError(msg)
+        chosen = [available[n] for n in names]
+    too_big = [(b.name, b.size) for b in chosen if b.size > max_size]
+    if too_big:
+        msg = (
+            f"{owner} refuses blocks larger than max_block_size = {max_size} "
+            f"parameters; got {too_big}. Raise max_block_size if you have the memory, "
+            "or select smaller blocks with blocks=[...]."
+        )
+        raise ValueError(msg)
+    return chosen
+
+
+# --------------------------------------------------------------------------- #
+# the stream
+
+
+class _Base:
+    """What both streams share: the collective, the count, the agreement, the scale."""
+
+    #: The message for a source without items (and no process group).
+    empty_message = ""
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        desc: str,
+        progress: bool | None,
+        process_group: Any = None,
+        coll: Collective | None = None,
+    ) -> None:
+        self.source = source
+        self.desc = desc
+        self.progress = progress
+        self.coll = coll if coll is not None else collective(process_group)
+        #: The first item (None until the stream has started, or for an empty shard).
+        self.first: Any = None
+        #: Inputs seen on this rank; after ``finish``, on all ranks.
+        self.num_inputs = 0
+        #: Items yielded on this rank.
+        self.num_batches = 0
+        self._finished = False
+
+    # -- to override ------------------------------------------------------------
+    def _items(self) -> Iterator[Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _fields(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # -- the loop ----------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        for item in self._items():
+            if self.first is None:
+                self.first = item
+            self.num_inputs += int(item.num_inputs)
+            self.num_batches += 1
+            yield item
+        if self.first is None and self.coll is None:
+            raise ValueError(self.empty_message)
+
+    def agree_options(self, *, where: str | None = None, **options: Any) -> None:
+        """Before any data-dependent collective: every rank runs the same call."""
+        if self.coll is not None:
+            self.coll.agree(options, where=self.desc if where is None else where)
+
+    def finish(self, *, where: str | None = None, **options: Any) -> None:
+        """After the loop: the ranks agree on the model and ``options``; N all-reduced.
+
+        Without a process group this only marks the stream finished. An empty shard
+        raises the same ValueError on every rank (instead of leaving the others
+        waiting).
+        """
+        if self._finished:
+            return
+        self._finished = True
+        if self.coll is None:
+            return
+        self.coll.agree(self._fields() | options, where=self.desc if where is None else where)
+        self.num_inputs = self.coll.sum_int(self.num_inputs)
+
+    def sum(self, tree: Any) -> Any:
+        """All-reduce a per-rank sum (an array, a list or a dict of them)."""
+        return tree if self.coll is None else self.coll.sum_tree(tree)
+
+
+class Stream(_Base):
+    """One pass over a data set of linearizations, every batch checked against the first.
+
+    Iterate it for the batches; ``num_inputs`` counts the inputs. ``limit`` stops
+    after that many batches. After the loop, ``finish(**options)`` (every rank
+    agrees) and ``total(tree, reduction)`` (all-reduce and scale).
+    """
+
+    empty_message = "source must contain at least one batch; got an empty iterable."
+
+    def __init__(
+        self,
+        source: Any,
+        family: Family,
+        *,
+        desc: str,
+        progress: bool | None,
+        process_group: Any = None,
+        coll: Collective | None = None,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(
+            source, desc=desc, progress=progress, process_group=process_group, coll=coll
+        )
+        self.family = family
+        self.limit = limit
+
+    def _items(self) -> Iterator[Any]:
+        batches: Iterator[Any] = as_linearizations(self.source)
+        if self.limit is not None:
+            batches = itertools.islice(batches, self.limit)
+        ref = None
+        for i, lin in enumerate(progress_bar(batches, desc=self.desc, progress=self.progress)):
+            ref = check_batch(lin, self.family, i, ref)
+            yield lin
+
+    def _fields(self) -> dict[str, Any]:
+        lin = self.first
+        fields: dict[str, Any] = {"batches": 0 if lin is None else 1, "family": repr(self.family)}
+        sig = None if lin is None else signature(lin)
+        # An empty shard sends placeholders (the same fields: one vector size everywhere).
+        fields |= {
+            "the number of parameters": -1 if lin is None else lin.num_params,
+            "the parameter blocks": None if sig is None else sig.blocks,
+            "the number of outputs": -1 if sig is None else sig.num_outputs,
+            "the dtype": None if sig is None else str(sig.dtype),
+            "the array library": None if sig is None else sig.library,
+        }
+        return fields
+
+    def scale(self, reduction: str) -> float:
+        """The reduction scale: 1/N for ``"mean"`` (N after ``finish``), else 1."""
+        return 1.0 / self.num_inputs if reduction == "mean" else 1.0
+
+    def total(self, tree: Any, reduction: str) -> Any:
+        """``tree`` (this rank's sum) all-reduced and scaled by ``scale(reduction)``."""
+        tree = self.sum(tree)
+        if reduction != "mean":
+            return tree
+        s = self.scale(reduction)
+        if isinstance(tree, list):
+            return [x * s for x in tree]
+        if isinstance(tree, dict):
+            return {k: x * s for k, x in tree.items()}
+        return tree * s
+
+
+class LossStream(_Base):
+    """One pass over loss functions, all at the parameters θ of the first."""
+
+    empty_message = "source must contain at least one loss function; got an empty iterable."
+
+    def _items(self) -> Iterator[Any]:
+        source = self.source
+        if isinstance(source, LossFunction):
+            yield source
+            return
+        if not isinstance(source, Iterable) or isinstance(source, str | bytes) or is_array(source):
+            check_loss(source, -1, None)
+        ref = None
+        for i, item in enumerate(progress_bar(source, desc=self.desc, progress=self.progress)):
+            check_loss(item, i, ref)
+            if ref is None:
+                ref = item
+            yield item
+
+    def _fields(self) -> dict[str, Any]:
+        first = self.first
+        empty = first is None  # placeholders: one vector size on every rank
+        return {
+            "batches": 0 if empty else 1,
+            "the parameter values θ": None if empty else fingerprint(first.params),
+            "the number of parameters": -1 if empty else int(first.num_params),
+            "the loss reduction": None if empty else first.reduction,
+            "the family": None if empty else repr(first.family),
+            "the dtype": None if empty else str(first.params.dtype),
+        }
+
+    @property
+    def reduction(self) -> str:
+        """The loss functions' reduction (``"sum"`` before the first item)."""
+        return "sum" if self.first is None else str(self.first.reduction)
+
+    def as_sum(self, item: Any, part: Array) -> Array:
+        """``part`` of the batch ``item`` as a sum over its examples (× N_b for a mean loss)."""
+        return part * float(item.num_inputs) if item.reduction == "mean" else part
+
+    def total(self, tree: Array) -> Array:
+        """This rank's sum (of ``as_sum`` parts) all-reduced; ÷ N for mean losses."""
+        tree = self.sum(tree)
+        return tree / float(self.num_inputs) if self.reduction == "mean" else tree
+
+
+class Objective:
+    """The total loss of a list of loss functions at one θ (sum, or mean over examples).
+
+    It reads ``stream`` to its end (the ranks agree on θ and ``options``).
+    ``value``, ``gradient``, ``hvp`` and ``hvp_batch`` combine the batches' parts
+    with the weights N_b / N (mean losses) or 1 (sum losses) and all-reduce them.
+    """
+
+    def __init__(self, stream: LossStream, **options: Any) -> None:
+        items = list(stream)
+        stream.finish(**options)
+        first = items[0]
+        self.items = items
+        self.coll = stream.coll
+        self.params = first.params
+        self.blocks = tuple(first.blocks)
+        self.num_params = int(first.num_params)
+        self.reduction = first.reduction
+        self.xp = array_namespace(first.params, names=("params",))
+        self.dtype = first.params.dtype
+        self.device = device_of(first.params)
+        total = stream.num_inputs
+        if self.reduction == "mean":
+            self.weights = [int(item.num_inputs) / total for item in items]
+        else:
+            self.weights = [1.0] * len(items)
+
+    def _combine(self, parts: Iterable[Array]) -> Array:
+        out = None
+        for w, part in zip(self.weights, parts, strict=True):
+            term = part if w == 1.0 else part * w
+            out = term if out is None else out + term
+        return out if self.coll is None else self.coll.sum(out)
+
+    def value(self, shifts: Array) -> Array:
+        return self._combine(item.value(shifts) for item in self.items)
+
+    def gradient(self) -> Array:
+        return self._combine(item.gradient() for item in self.items)
+
+    def hvp(self, v: Array) -> Array:
+        return self._combine(item.hvp(v) for item in self.items)
+
+    def hvp_batch(self, V: Array) -> Array:
+        return self._combine(item.hvp_batch(V) for item in self.items)

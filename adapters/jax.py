@@ -798,12 +798,12 @@ class _LossKernels:
 
         def nll(theta: Array, x: PyTree, y: Array, scale: Array) -> Array:
             z = apply_fn(unravel(theta), x)
-            return -jnp.sum(family._log_likelihood(z, y, jnp)) * scale
+            return -jnp.sum(family.unchecked_log_likelihood(z, y, xp=jnp)) * scale
 
         def values(theta: Array, x: PyTree, y: Array, scale: Array, shifts: Array) -> Array:
             z = jax.vmap(lambda s: apply_fn(unravel(theta + s), x))(shifts)
             yb = jnp.broadcast_to(y, (z.shape[0], *y.shape))
-            return -jnp.sum(family._log_likelihood(z, yb, jnp), axis=-1) * scale
+            return -jnp.sum(family.unchecked_log_likelihood(z, yb, xp=jnp), axis=-1) * scale
 
         grad = jax.grad(nll)
 

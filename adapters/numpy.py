@@ -1026,7 +1026,7 @@ class ReferenceLossFunction(LossFunctionBase):
         y = self._labels
         if z.ndim > 2:
             y = xp.broadcast_to(y, tuple(z.shape[:-2]) + tuple(y.shape))
-        return -xp.sum(self._family._log_likelihood(z, y, xp), axis=-1) * self._scale
+        return -xp.sum(self._family.unchecked_log_likelihood(z, y, xp=xp), axis=-1) * self._scale
 
     def value(self, shifts: Array, /) -> Array:
         """L(θ + shifts[s]) for shifts (S, D); returns (S,).
@@ -1065,7 +1065,7 @@ class ReferenceLossFunction(LossFunctionBase):
     def _loss_gradient_logits(self, xp: Any) -> Array:
         """∂L/∂z = −score = E t(y) − t(y), (N, C), scaled."""
         z = self._lin.logits
-        return -self._family._score(z, self._labels, xp) * self._scale
+        return -self._family.unchecked_score(z, self._labels, xp=xp) * self._scale
 
     def gradient(self) -> Array:
         """∇L(θ) = Σ_n J_nᵀ (E t(y_n) − t(y_n)), (D,): one backward pass."""
@@ -1115,7 +1115,7 @@ class ReferenceLossFunction(LossFunctionBase):
         # Backward R-pass.
         z = lin.logits
         delta = self._loss_gradient_logits(xp)  # (N, C)
-        r_delta = self._family._metric_matvec(z, r_h[last], "exact", xp) * self._scale
+        r_delta = self._family.unchecked_metric_matvec(z, r_h[last], xp=xp) * self._scale
         pieces: list[Array] = []
         for i in range(last, -1, -1):
             _, out, inp, b_offset = layout.layers[i]

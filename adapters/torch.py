@@ -948,7 +948,7 @@ class TorchLossFunction(_FunctionalModel, LossFunctionBase):
         y = self._labels
         if z.ndim > 2:
             y = y.expand(*z.shape[:-2], *y.shape)
-        return -self._family._log_likelihood(z, y, self._xp).sum(dim=-1) * self._scale
+        return -self._family.unchecked_log_likelihood(z, y, xp=self._xp).sum(dim=-1) * self._scale
 
     def _loss(self, theta: Tensor) -> Tensor:
         return self._nll(self._call(self._split(theta), self._inputs))

@@ -318,6 +318,33 @@ def test_log_likelihood_and_score(backend) -> None:
     assert CAT.check_labels(z, y) is None
 
 
+def test_unchecked_kernel_surface_equals_the_fronts(backend) -> None:
+    # The adapters' surface (no validation, explicit xp) gives the fronts' numbers.
+    rng = np.random.default_rng(11)
+    z_np = rng.standard_normal((4, 3))
+    v = backend.asarray(rng.standard_normal((4, 3)))
+    labels = {
+        CAT: backend.asarray(np.array([0, 2, 1, 1]), dtype="int64"),
+        Bernoulli(): backend.asarray((rng.random((4, 3)) < 0.5).astype(np.float64)),
+        Gaussian(): backend.asarray(rng.standard_normal((4, 3))),
+    }
+    z = backend.asarray(z_np)
+    xp = backend.xp
+    for family, y in labels.items():
+        for got, want in [
+            (family.unchecked_log_likelihood(z, y, xp=xp), family.log_likelihood(z, y)),
+            (family.unchecked_score(z, y, xp=xp), family.score(z, y)),
+            (family.unchecked_metric_matvec(z, v, xp=xp), family.metric_matvec(z, v)),
+            (
+                family.unchecked_metric_matvec(z, v, kernel="lower", xp=xp),
+                family.metric_matvec(z, v, kernel="lower"),
+            ),
+        ]:
+            assert type(got) is type(want)
+            assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+            np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+
+
 def test_score_has_mean_zero_and_covariance_metric(backend) -> None:
     """Exact enumeration: E_p s = 0 and E_p s sᵀ = I (Categorical over C labels,
     Bernoulli over the 2^C label vectors)."""

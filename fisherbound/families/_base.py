@@ -371,6 +371,50 @@ class Family:
         xp, z, a = check_vector(z, a, "a", int(z.shape[-1]), "the number of classes of z")
         return self._fourth_moment(z, a, xp)
 
+    # ------------------------------------------- the unchecked kernel surface
+    # What adapters call inside compiled, traced or vmapped code (jax.jit, torch.func),
+    # where the fronts' validation cannot run (it reads values) or was done once
+    # already (``check_labels`` on the batch). Same formulas and results as the
+    # fronts; no checks; ``xp`` is the namespace of z (``jax.numpy`` under jit).
+
+    def unchecked_log_likelihood(self, z: Array, y: Array, /, *, xp: Any) -> Array:
+        """``log_likelihood(z, y)`` without validation: log p(y | z), shape (...).
+
+        Categorical: z_y − logsumexp(z) (integer y of shape z.shape[:-1]);
+        Bernoulli: Σ_c [y_c z_c − softplus(z_c)]; Gaussian: −½‖y − z‖² − (C/2) log 2π.
+        Leading axes of z and y broadcast as the formulas do. Cost O(C) per row.
+        The caller guarantees what ``check_labels`` checks.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from fisherbound.families import Categorical
+        >>> z = np.log(np.array([[0.7, 0.2, 0.1]]))
+        >>> np.round(Categorical().unchecked_log_likelihood(z, np.array([0]), xp=np), 6)
+        array([-0.356675])
+        """
+        return self._log_likelihood(z, y, xp)
+
+    def unchecked_score(self, z: Array, y: Array, /, *, xp: Any) -> Array:
+        """``score(z, y)`` without validation: t(y) − E t(y), shape (..., C).
+
+        Categorical: onehot(y) − softmax(z); Bernoulli: y − σ(z); Gaussian: y − z.
+        Cost O(C) per row. The caller guarantees what ``check_labels`` checks.
+        """
+        return self._score(z, y, xp)
+
+    def unchecked_metric_matvec(
+        self, z: Array, v: Array, /, *, kernel: str = "exact", xp: Any
+    ) -> Array:
+        """``metric_matvec(z, v, kernel=kernel)`` without validation: K(z) v, (..., C).
+
+        Categorical exact: p ⊙ v − p (p · v); see ``metric_matvec`` for the other
+        kernels. O(C) per row (plus an eigen-solve for ``"lower"``), never forming
+        K. ``kernel`` must be one of ``KERNELS``; z and v real floating of one
+        namespace, device and dtype, broadcastable.
+        """
+        return self._metric_matvec(z, v, kernel, xp)
+
     # ------------------------------------------------ kernels: generic parts
     def _scalar(self, z: Array, kernel: str, xp: Any) -> Array:
         return self._scalar_upper(z, xp) if kernel == "scalar_upper" else self._scalar_lower(z, xp)

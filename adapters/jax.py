@@ -530,8 +530,11 @@ class JaxLinearization(LinearizationBase):
         return bool(self._independence())
 
     def _independence(self) -> Any:
-        """The check of ``examples_independent``: a bool, or a traced boolean inside
-        ``jit`` / ``shard_map`` (then both paths are compiled, see ``_branch``)."""
+        """The check of ``examples_independent``, cached.
+
+        A bool, or a traced boolean inside ``jit`` / ``shard_map`` (then both
+        paths are compiled, see ``_branch``).
+        """
         if self._independent is None:
             singles = self._kernels.singles(self._theta, self._inputs)
             scale = jnp.maximum(jnp.max(jnp.abs(self._logits)), 1.0)
@@ -543,8 +546,10 @@ class JaxLinearization(LinearizationBase):
     def _branch(
         self, fast: Callable[[Array], Array], exact: Callable[[Array], Array], U: Array
     ) -> Array:
-        """``fast(U)`` for independent examples, else the masked ``exact(U)``; under
-        tracing the choice is made on the device by ``jax.lax.cond``."""
+        """``fast(U)`` for independent examples, else the masked ``exact(U)``.
+
+        Under tracing the choice is made on the device by ``jax.lax.cond``.
+        """
         flag = self._independence()
         if isinstance(flag, bool):
             return fast(U) if flag else exact(U)

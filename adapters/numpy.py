@@ -298,6 +298,7 @@ class LinearSoftmax(_ReferenceModel):
         return LinearSoftmax(weights[0], biases[0])
 
     def __repr__(self) -> str:
+        """The sizes and dtype, e.g. ``LinearSoftmax(d=2, C=3, ...)``."""
         return (
             f"LinearSoftmax(d={self.in_features}, C={self.num_classes}, "
             f"bias={self.bias is not None}, dtype={self.dtype})"
@@ -439,6 +440,7 @@ class MLP(_ReferenceModel):
         return MLP(weights, biases, activation=self._activation)
 
     def __repr__(self) -> str:
+        """The layer sizes, activation and dtype."""
         return f"MLP(sizes={self.sizes}, activation={self._activation!r}, dtype={self.dtype})"
 
     @classmethod

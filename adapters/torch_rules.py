@@ -149,6 +149,7 @@ class LayerRule:
         raise NotImplementedError
 
     def __repr__(self) -> str:
+        """``LinearRule()``: the class name (rules are stateless)."""
         return f"{type(self).__name__}()"
 
 
@@ -598,7 +599,7 @@ def leaf_use_counts(root: Tensor) -> dict[int, int]:
 
 
 def _layout_ok(layer: PlannedLayer, rec: Record, n: int) -> bool:
-    """Is axis 0 of the recorded input and output the example axis (by shape)?"""
+    """Whether axis 0 of the recorded input and output is the example axis (by shape)."""
     a, out = rec.input, rec.output
     if not isinstance(a, torch.Tensor) or not isinstance(out, torch.Tensor):
         return False

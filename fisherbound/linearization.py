@@ -93,30 +93,135 @@ class Linearization(Protocol):
     """The protocol every adapter implements for one batch (see module docstring)."""
 
     @property
-    def logits(self) -> Array: ...
+    def logits(self) -> Array:
+        """The logits z = f(θ, x) of the batch, shape (N, C).
+
+        Computed once when the linearization is built (one forward pass); reading
+        it costs nothing.
+        """
 
     @property
-    def blocks(self) -> tuple[ParameterBlock, ...]: ...
+    def blocks(self) -> tuple[ParameterBlock, ...]:
+        """The parameter blocks (name, shape, offset, size), in flat-vector order.
+
+        Block b is the slice ``offset : offset + size`` of every parameter vector
+        (D,), reshaped to ``shape``; the blocks tile 0 … D − 1 without gaps.
+        """
 
     @property
-    def num_params(self) -> int: ...
+    def num_params(self) -> int:
+        """D, the length of the flat parameter vector θ (the sum of the block sizes)."""
 
     @property
-    def xp(self) -> Any: ...
+    def xp(self) -> Any:
+        """The array namespace of the logits and of every vector in or out.
 
-    def jvp(self, v: Array, /) -> Array: ...
+        Operands must be arrays of this namespace, on the logits' device; results
+        are too.
+        """
 
-    def vjp(self, u: Array, /) -> Array: ...
+    def jvp(self, v: Array, /) -> Array:
+        """The forward product J v for one flat parameter vector.
 
-    def jvp_batch(self, V: Array, /) -> Array: ...
+        Parameters
+        ----------
+        v
+            A tangent (D,), real floating, on the logits' device.
 
-    def vjp_batch(self, U: Array, /) -> Array: ...
+        Returns
+        -------
+        Array
+            J v = Σ_i ∂z/∂θ_i v_i, shape (N, C), in the logits' dtype.
 
-    def per_example_vjp(self, U: Array, /, *, examples: slice | None = ...) -> Array: ...
+        Notes
+        -----
+        Cost: about one forward pass (forward-mode AD or a stored linear map).
+        """
+
+    def vjp(self, u: Array, /) -> Array:
+        """The reverse product Jᵀ u = Σ_n J_nᵀ u_n for one cotangent.
+
+        Parameters
+        ----------
+        u
+            A cotangent (N, C) on the logits, real floating, on their device.
+
+        Returns
+        -------
+        Array
+            Jᵀ u, shape (D,), in the order of ``blocks``.
+
+        Notes
+        -----
+        Cost: about one backward pass of the batch.
+        """
+
+    def jvp_batch(self, V: Array, /) -> Array:
+        """M forward products at once: J V[m] for tangents V (M, D); returns (M, N, C).
+
+        Cost: about M forward passes, batched (vmapped) where the framework allows;
+        memory M N C for the result plus the batched activations.
+        """
+
+    def vjp_batch(self, U: Array, /) -> Array:
+        """M reverse products at once: Jᵀ U[m] for cotangents U (M, N, C); returns (M, D).
+
+        Cost: about M backward passes, as one batched backward pass where the
+        framework allows; memory M D for the result.
+        """
+
+    def per_example_vjp(self, U: Array, /, *, examples: slice | None = ...) -> Array:
+        """The per-example products J_nᵀ U[i, k] for a contiguous slice of examples.
+
+        Parameters
+        ----------
+        U
+            Cotangents (n, K, C): K per example of the slice, n its length.
+        examples
+            A contiguous ``slice(start, stop)`` of the N examples (example
+            n = start + i gets ``U[i]``); None (default) for all N.
+
+        Returns
+        -------
+        Array
+            (n, K, D): row [i, k] is J_nᵀ U[i, k], the gradient of ⟨U[i, k], z_n⟩.
+
+        Notes
+        -----
+        Cost: about n K single-example backward passes (vectorised by the
+        adapters); memory n K D for the result.
+        """
 
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = ..., sum_cotangents: bool = ...
-    ) -> Array: ...
+    ) -> Array:
+        """Σ_n (J_nᵀ U[n, k])², the per-example squares summed over the batch.
+
+        With ``U[n, r]`` the columns of B(z_n), B Bᵀ = K(z_n), the sum over k is
+        the exact Fisher diagonal Σ_n diag(J_nᵀ K(z_n) J_n).
+
+        Parameters
+        ----------
+        U
+            Cotangents (N, K, C).
+        max_vectors
+            Memory bound: at most this many per-example D-vectors alive at once
+            (default: the adapter's ``default_max_vectors``).
+        sum_cotangents
+            Return the sum over k, shape (D,), instead of (K, D); adapters may
+            compute it more cheaply.
+
+        Returns
+        -------
+        Array
+            (K, D), or (D,) with ``sum_cotangents=True``; non-negative.
+
+        Notes
+        -----
+        Cost: about N K single-example backward passes, in chunks of
+        ``max_vectors``; less on fast paths that never form per-example
+        gradients (the reference models, the torch layer rules).
+        """
 
 
 class LinearizationBase:
@@ -161,20 +266,24 @@ class LinearizationBase:
 
     @property
     def dtype(self) -> Any:
+        """The dtype of the logits and of every vector the products return."""
         return self._logits.dtype
 
     @property
     def device(self) -> Any:
+        """The device of the logits; operands must be on it."""
         from fisherbound._lib import device_of
 
         return device_of(self._logits)
 
     @property
     def num_inputs(self) -> int:
+        """N, the number of examples in the batch."""
         return int(self._logits.shape[0])
 
     @property
     def num_outputs(self) -> int:
+        """C, the number of logits per example."""
         return int(self._logits.shape[1])
 
     def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
@@ -319,30 +428,64 @@ class LossFunction(Protocol):
     """
 
     @property
-    def params(self) -> Array: ...
+    def params(self) -> Array:
+        """θ, the flat parameter vector (D,) at which the loss is frozen, in ``blocks`` order."""
 
     @property
-    def blocks(self) -> tuple[ParameterBlock, ...]: ...
+    def blocks(self) -> tuple[ParameterBlock, ...]:
+        """The parameter blocks (name, shape, offset, size), in flat-vector order."""
 
     @property
-    def num_params(self) -> int: ...
+    def num_params(self) -> int:
+        """D, the length of ``params``."""
 
     @property
-    def num_inputs(self) -> int: ...
+    def num_inputs(self) -> int:
+        """N, the number of labelled examples in the batch (the ``"mean"`` divisor)."""
 
     @property
-    def reduction(self) -> str: ...
+    def reduction(self) -> str:
+        """``"sum"`` (Σ_n over the batch) or ``"mean"`` (that sum divided by N)."""
 
     @property
-    def xp(self) -> Any: ...
+    def xp(self) -> Any:
+        """The array namespace of ``params`` and of every vector in or out."""
 
-    def value(self, shifts: Array, /) -> Array: ...
+    def value(self, shifts: Array, /) -> Array:
+        """The loss at S shifted parameter vectors: L(θ + shifts[s]).
 
-    def gradient(self) -> Array: ...
+        Parameters
+        ----------
+        shifts
+            (S, D) shifts of θ, real floating, on ``params``' device; S may be 0.
 
-    def hvp(self, v: Array, /) -> Array: ...
+        Returns
+        -------
+        Array
+            (S,), the losses; ``value(xp.zeros((1, D)))[0]`` is L(θ).
 
-    def hvp_batch(self, V: Array, /) -> Array: ...
+        Notes
+        -----
+        Cost: about S forward passes of the batch, batched (vmapped or stacked)
+        in chunks of the adapter's ``default_max_shifts``; no autograd.
+        """
+
+    def gradient(self) -> Array:
+        """∇L(θ), shape (D,): one forward and one backward pass."""
+
+    def hvp(self, v: Array, /) -> Array:
+        """The exact Hessian-vector product ∇²L(θ) v for ``v`` (D,); returns (D,).
+
+        Cost: about two forward and two backward passes (forward-over-reverse, or
+        Pearlmutter's R-operator for the reference models); never a D × D matrix.
+        """
+
+    def hvp_batch(self, V: Array, /) -> Array:
+        """M Hessian-vector products ∇²L(θ) V[m] for V (M, D); returns (M, D).
+
+        Cost: M times ``hvp``, batched where the framework allows; memory M D plus
+        the batched activations.
+        """
 
 
 class LossFunctionBase:
@@ -412,10 +555,12 @@ class LossFunctionBase:
 
     @property
     def dtype(self) -> Any:
+        """The dtype of ``params`` and of every vector the methods return."""
         return self._params.dtype
 
     @property
     def device(self) -> Any:
+        """The device of ``params``; operands must be on it."""
         from fisherbound._lib import device_of
 
         return device_of(self._params)

@@ -208,8 +208,11 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
 
 
 def _bisect(lo: Array, hi: Array, xp: Any) -> Array:
-    """A point inside (lo, hi): geometric when the bracket spans scales, so a root
-    next to the origin is reached in O(log log) rather than O(log) halvings."""
+    """A point inside (lo, hi), geometric when the bracket spans scales.
+
+    So a root next to the origin is reached in O(log log) rather than O(log)
+    halvings.
+    """
     geometric = (lo > 0.0) & (hi > 4.0 * lo)
     root = xp.sqrt(xp.where(geometric, lo, 1.0)) * xp.sqrt(xp.where(geometric, hi, 1.0))
     toward_zero = (lo == 0.0) & (hi > 0.0)

@@ -398,7 +398,47 @@ def plot_fisher_diagonal(
 
     blocks = _block_list(blocks)
     per_block = check_positive_int(max_points_per_block, "max_points_per_block")
-    d = int(blocks[-1].offset) + int(blocks[-1].size)
+    series = _diagonal_series(blocks, exact, bounds, estimate)
+    key: Any = next(series[k] for k in ("exact", "estimate", "upper") if k in series)
+    order, starts = _block_order(blocks, key, per_block)
+    figure_class = _figure_class()
+    fig = (
+        figure_class(figsize=(max(6.0, 0.012 * order.size + 4.0), 4.0), layout="constrained")
+        if ax is None
+        else ax.figure
+    )
+    ax = fig.add_subplot() if ax is None else ax
+    # The log axis starts a decade below the smallest positive value shown.
+    values = np.concatenate([v for k, v in series.items() if k != "std_error"])
+    positive = values[values > 0]
+    floor = 0.1 * float(np.min(positive)) if positive.size else 1e-12
+    _draw_diagonal(ax, series, order, floor, log)
+    for start, stop, name in starts:
+        if start > 0:
+            ax.axvline(start - 0.5, color="0.5", linewidth=0.6)
+        ax.text(
+            0.5 * (start + stop - 1),
+            1.01,
+            name,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize="x-small",
+            rotation=0,
+        )
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlim(-0.5, order.size - 0.5)
+    ax.set_xticks([])
+    ax.set_xlabel("parameters, sorted within each block")
+    ax.set_ylabel("Fisher diagonal F_ii")
+    ax.set_title("Fisher diagonal per block" if title is None else title, pad=16)
+    ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def _diagonal_series(blocks: list[Any], exact: Any, bounds: Any, estimate: Any) -> dict[str, Any]:
+    """The host vectors to draw (exact, lower, upper, estimate, std_error), checked."""
     series: dict[str, Any] = {}
     if exact is not None:
         series["exact"] = _host(exact, "exact")
@@ -420,6 +460,7 @@ def plot_fisher_diagonal(
     if not series:
         msg = "nothing to plot: pass at least one of exact=, bounds=, estimate=."
         raise ValueError(msg)
+    d = int(blocks[-1].offset) + int(blocks[-1].size)
     for name, values in series.items():
         if values.shape != (d,):
             msg = (
@@ -427,7 +468,15 @@ def plot_fisher_diagonal(
                 f"got {values.shape}."
             )
             raise ValueError(msg)
-    key: Any = next(series[k] for k in ("exact", "estimate", "upper") if k in series)
+    return series
+
+
+def _block_order(
+    blocks: list[Any], key: Any, per_block: int
+) -> tuple[Any, list[tuple[int, int, str]]]:
+    """Entries sorted by ``key`` within each block, thinned; each block's span on the x axis."""
+    import numpy as np
+
     positions: list[Any] = []
     starts = []
     x0 = 0
@@ -441,19 +490,14 @@ def plot_fisher_diagonal(
         starts.append((x0, x0 + idx.size, b.name))
         positions.append(idx)
         x0 += idx.size
-    order = np.concatenate(positions)
+    return np.concatenate(positions), starts
+
+
+def _draw_diagonal(ax: Any, series: dict[str, Any], order: Any, floor: float, log: bool) -> None:
+    """The band of the bounds, the estimate with ±2 SE bars and the exact dots."""
+    import numpy as np
+
     x = np.arange(order.size)
-    figure_class = _figure_class()
-    fig = (
-        figure_class(figsize=(max(6.0, 0.012 * order.size + 4.0), 4.0), layout="constrained")
-        if ax is None
-        else ax.figure
-    )
-    ax = fig.add_subplot() if ax is None else ax
-    # The log axis starts a decade below the smallest positive value shown.
-    values = np.concatenate([v for k, v in series.items() if k != "std_error"])
-    positive = values[values > 0]
-    floor = 0.1 * float(np.min(positive)) if positive.size else 1e-12
 
     def shown(v: Any) -> Any:
         return np.maximum(v, floor) if log else v
@@ -484,25 +528,3 @@ def plot_fisher_diagonal(
         ax.plot(x, shown(est), ".", color="C1", markersize=3, label="estimate ± 2 SE")
     if "exact" in series:
         ax.plot(x, shown(series["exact"][order]), ".", color="k", markersize=3, label="exact")
-    for start, stop, name in starts:
-        if start > 0:
-            ax.axvline(start - 0.5, color="0.5", linewidth=0.6)
-        ax.text(
-            0.5 * (start + stop - 1),
-            1.01,
-            name,
-            transform=ax.get_xaxis_transform(),
-            ha="center",
-            va="bottom",
-            fontsize="x-small",
-            rotation=0,
-        )
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlim(-0.5, order.size - 0.5)
-    ax.set_xticks([])
-    ax.set_xlabel("parameters, sorted within each block")
-    ax.set_ylabel("Fisher diagonal F_ii")
-    ax.set_title("Fisher diagonal per block" if title is None else title, pad=16)
-    ax.legend(loc="best", fontsize="small")
-    return fig

@@ -1,0 +1,241 @@
+"""Running a command: ``fisherbound demo`` and ``fisherbound report``.
+
+Each command checks its extras and options, builds the report's ``Subject``
+(the demo trains its MLP, the report loads the user's model and data), runs
+``analyse`` and ``write_report``, and prints one line with the report's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fisherbound._cli.loading import check_outputs, load_data, load_model, selected_params
+from fisherbound._cli.trainers import TRAINERS, accuracy_and_loss, fit, framework_context
+from fisherbound._cli.usage import UsageError, require
+from fisherbound._report.settings import Settings
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The analysis ``Settings`` of the parsed options, after the checks across options."""
+    if args.target_error is not None and args.num_probes < 2:
+        msg = (
+            "--target-error needs --num-probes >= 2 (a standard error needs two probes per "
+            f"round); got --num-probes {args.num_probes}."
+        )
+        raise UsageError(msg)
+    steps = args.lanczos_steps
+    if steps is not None and steps < max(args.top_k, args.max_count + 1, 2):
+        msg = (
+            f"--lanczos-steps must be at least --top-k ({args.top_k}), --max-count + 1 "
+            f"({args.max_count + 1}) and 2; got {steps}."
+        )
+        raise UsageError(msg)
+    return Settings(
+        num_probes=args.num_probes,
+        target_error=args.target_error,
+        seed=args.seed,
+        top_k=args.top_k,
+        prior_variance=args.prior_variance,
+        slq_probes=args.slq_probes,
+        lanczos_steps=steps,
+        max_count=args.max_count,
+        grid_points=args.grid,
+        trace_probes=args.trace_probes,
+        repeats=args.repeats,
+        progress=False if args.quiet else None,
+    )
+
+
+@contextlib.contextmanager
+def threads(count: int | None, *, torch: bool = False) -> Iterator[None]:
+    """Limit the BLAS / OpenMP thread pools (NumPy, torch) to ``count`` threads, then restore.
+
+    Small arrays gain nothing from several threads, and on a busy machine idle
+    BLAS threads that spin and wait cost far more than they give. ``torch=True``
+    imports torch first (if installed), so that its thread pool is limited too.
+    """
+    if count is None:
+        yield
+        return
+    if torch and importlib.util.find_spec("torch") is not None:
+        import torch as _torch  # noqa: F401 - loads its OpenMP runtime before the limits
+    with contextlib.ExitStack() as stack:
+        if importlib.util.find_spec("threadpoolctl") is not None:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=count))
+        if "torch" in sys.modules:
+            import torch as pt
+
+            stack.callback(pt.set_num_threads, pt.get_num_threads())
+            pt.set_num_threads(count)
+        yield
+
+
+def write(
+    subject: Any,
+    x: Any,
+    y: Any,
+    args: argparse.Namespace,
+    settings: Settings,
+    context: dict[str, Any],
+    start: float,
+    landscape: list[tuple[Any, Any]] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """``analyse`` and ``write_report`` into ``--out``: the numbers and index.html's path."""
+    from fisherbound._report.analysis import analyse
+    from fisherbound._report.render import write_report
+
+    analysis = analyse(subject, x, y, landscape=landscape, settings=settings, context=context)
+    analysis.numbers["timing"]["total_seconds"] = time.perf_counter() - start
+    return analysis.numbers, write_report(analysis, args.out)
+
+
+def digits(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
+    """The digits (inputs / 16, labels) and the indices of test, training and landscape."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x_all, y_all = data.data / 16.0, np.asarray(data.target)
+    total = int(y_all.shape[0])
+    if args.test_inputs > total - 100:
+        msg = (
+            f"--test-inputs must leave at least 100 of the {total} digits for training; "
+            f"got {args.test_inputs}."
+        )
+        raise UsageError(msg)
+    order = np.random.default_rng(args.seed).permutation(total)
+    test, train = order[: args.test_inputs], order[args.test_inputs :]
+    return x_all, y_all, test, train, train[: args.landscape_inputs]
+
+
+def demo(args: argparse.Namespace) -> int:
+    """``fisherbound demo``: train the MLP on the digits, then write its report."""
+    require("sklearn", "scikit-learn", "demo")
+    require("matplotlib", "matplotlib", "demo")
+    if args.framework != "numpy":
+        require(args.framework, args.framework, args.framework)
+    settings = settings_from(args)
+    from fisherbound.adapters.numpy import MLP
+
+    start = time.perf_counter()
+    x_all, y_all, test, train, landscape = digits(args)
+    sizes = [64, *args.hidden, 10]
+    init = MLP.random(sizes, activation="tanh", rng=args.seed)
+    arch = "-".join(str(s) for s in sizes)
+    description = f"MLP {arch} (tanh), float64, {init.num_params} parameters"
+    with framework_context(args.framework):
+        trainer = TRAINERS[args.framework](init, description)
+        t0 = time.perf_counter()
+        theta, steps = fit(trainer, x_all[train], y_all[train], args, settings.progress)
+        subject = trainer.subject(theta)
+        train_seconds = time.perf_counter() - t0
+        train_acc, train_loss = accuracy_and_loss(subject, x_all[train], y_all[train])
+        context = {
+            "title": f"fisherbound demo: MLP {arch} on the digits ({args.framework})",
+            "command": "fisherbound " + " ".join(args.argv),
+            "model": {"description": description, "sizes": sizes, "activation": "tanh"},
+            "data": {
+                "description": (
+                    f"scikit-learn digits (8×8 images / 16, 10 classes): {len(train)} for "
+                    f"training, {len(test)} held out and analysed; the landscape on the "
+                    f"first {len(landscape)} training digits"
+                ),
+                "num_train": len(train),
+                "num_test": len(test),
+                "num_landscape": len(landscape),
+            },
+            "training": {
+                "description": (
+                    f"Adam (lr {args.learning_rate:g}) on the mean cross-entropy, "
+                    f"{args.epochs} epochs of mini-batches of {min(args.batch_size, len(train))}"
+                    f" ({steps} steps)"
+                ),
+                "steps": steps,
+                "seconds": train_seconds,
+                "train_accuracy": train_acc,
+                "train_loss": train_loss,
+            },
+        }
+        numbers, index = write(
+            subject,
+            x_all[test],
+            y_all[test],
+            args,
+            settings,
+            context,
+            start,
+            landscape=[(x_all[landscape], y_all[landscape])],
+        )
+    an = numbers["analysed"]
+    print(
+        f"fisherbound demo ({args.framework}): MLP {arch}, test accuracy "
+        f"{100 * an['accuracy']:.1f}%, D = {an['num_params']}, N = {an['num_inputs']}; report "
+        f"in {time.perf_counter() - start:.1f} s: {index}"
+    )
+    return 0
+
+
+def report_data(args: argparse.Namespace) -> tuple[Any, Any, str, int]:
+    """The first ``--max-inputs`` inputs and labels of DATA, its keys and its size."""
+    import numpy as np
+
+    x, y, keys = load_data(Path(args.data))
+    if int(np.shape(y)[0] if np.ndim(y) else -1) != int(x.shape[0]):
+        msg = (
+            f"DATA {args.data} must hold one label per input; got {x.shape[0]} inputs "
+            f"(shape {x.shape}) and labels of shape {np.shape(y)}."
+        )
+        raise UsageError(msg)
+    total = int(x.shape[0])
+    if total == 0:
+        msg = f"DATA {args.data} holds no inputs."
+        raise UsageError(msg)
+    return x[: args.max_inputs], y[: args.max_inputs], keys, total
+
+
+def report(args: argparse.Namespace) -> int:
+    """``fisherbound report MODEL DATA``: the analysis of the user's model and data."""
+    require("torch", "torch", "torch")
+    require("matplotlib", "matplotlib", "demo")
+    settings = settings_from(args)
+    from fisherbound._report.subjects import torch_subject
+    from fisherbound.families import Bernoulli, Categorical
+
+    start = time.perf_counter()
+    x, y, keys, total = report_data(args)
+    model, origin = load_model(args.model, args.factory)
+    model.eval()
+    names, count = selected_params(model, args.params)
+    family = Categorical() if args.family == "categorical" else Bernoulli()
+    subject = torch_subject(
+        model, family=family, params=names, description=f"{origin}, {count} parameters"
+    )
+    check_outputs(model, subject, x, y, args.family)
+    context = {
+        "title": f"fisherbound report: {args.model} on {args.data}",
+        "command": "fisherbound " + " ".join(args.argv),
+        "model": {"description": f"{origin}, {count} parameters", "params": names},
+        "data": {
+            "description": (
+                f"{args.data} (keys {keys}): the first {int(x.shape[0])} of {total} inputs"
+            ),
+            "num_inputs_in_file": total,
+        },
+        "training": None,
+    }
+    numbers, index = write(subject, x, y, args, settings, context, start)
+    an = numbers["analysed"]
+    print(
+        f"fisherbound report: D = {an['num_params']}, N = {an['num_inputs']}, C = "
+        f"{an['num_outputs']}; report in {time.perf_counter() - start:.1f} s: {index}"
+    )
+    return 0

@@ -1,0 +1,217 @@
+"""The report's PNG figures (matplotlib), drawn from the analysis' host arrays.
+
+The Fisher diagonal per block and the landscape come from
+``fisherbound.plotting``; the estimators' error against cost, the core-space
+spectrum and the top of the Fisher spectrum are drawn here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fisherbound._report.settings import Analysis
+
+#: File names of the figures, in the order of the report.
+FIGURES = (
+    "fisher_diagonal.png",
+    "estimators.png",
+    "core_space.png",
+    "fisher_spectrum.png",
+    "landscape.png",
+)
+
+
+def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
+    """Save every figure of the report into ``out``; their file, title and caption."""
+    from fisherbound.plotting import plot_fisher_diagonal, plot_spectral_density, plot_surfaces
+
+    numbers, arrays = analysis.numbers, analysis.arrays
+    made = []
+
+    def save(fig: Any, name: str, title: str, caption: str, dpi: int = 80) -> None:
+        fig.savefig(out / name, dpi=dpi)
+        made.append({"file": name, "title": title, "caption": caption})
+
+    d = arrays["diagonal"]
+    est = EstimateView(d["estimate"], d["std_error"])
+    fig = plot_fisher_diagonal(
+        d["blocks"],
+        exact=d["exact"],
+        bounds=(d["lower"], d["upper"]),
+        estimate=est,
+        max_points_per_block=150,
+        title=f"Fisher diagonal per block (sum over {numbers['analysed']['num_inputs']} inputs)",
+    )
+    save(
+        fig,
+        "fisher_diagonal.png",
+        "Fisher diagonal per block",
+        "Exact diag F (black), the certified band diag F_LR … diag F_DG (green) and the "
+        f"detach-and-mix estimate with {numbers['fisher_diagonal']['num_probes']} probes "
+        "± 2 standard errors (orange); entries sorted within each block.",
+    )
+    save(
+        estimators_figure(numbers["estimators"]),
+        "estimators.png",
+        "Estimators: error against cost",
+        "Relative error ‖diag F̂ − diag F‖ / ‖diag F‖ against wall-clock cost in gradient "
+        "steps measured in the same run.",
+    )
+    save(
+        core_space_figure(arrays["core_space"]),
+        "core_space.png",
+        "Core-space spectrum",
+        "Left: λ_max of the output-space metric per input with its deterministic bounds. "
+        "Right: all eigenvalues of the metric over the inputs.",
+    )
+    fig = spectrum_figure(numbers["spectrum"])
+    plot_spectral_density(
+        DensityView(**arrays["density"]),
+        markers=numbers["spectrum"]["exact"]["eigenvalues"][:3],
+        log=True,
+        ax=fig.axes[1],
+        title="spectral density of F (SLQ)",
+    )
+    save(
+        fig,
+        "fisher_spectrum.png",
+        "Top of the Fisher spectrum",
+        "Left: the top eigenvalues of F_LR ⪯ F ⪯ F_DG (Lanczos). Right: the smoothed "
+        "spectral density of F by stochastic Lanczos quadrature (±2 SE), top three "
+        "eigenvalues marked.",
+    )
+    land = arrays["landscape"]
+    fig = plot_surfaces(
+        [SurfaceView(**land["random"]), SurfaceView(**land["hessian"])],
+        titles=["filter-normalised random directions", "Hessian directions (λ_max, λ_min)"],
+        kind="contour",
+    )
+    save(
+        fig,
+        "landscape.png",
+        "Loss landscape",
+        "The mean loss on a grid θ + α d₁ + β d₂ along two random (left) and the two "
+        "extreme Hessian (right) directions; θ is the red star.",
+    )
+    return made
+
+
+class EstimateView:
+    """An estimate's host arrays, in the shape ``plot_fisher_diagonal`` reads."""
+
+    def __init__(self, value: Any, std_error: Any) -> None:
+        self.value, self.std_error = value, std_error
+
+
+class DensityView:
+    """A spectral density's host arrays, in the shape ``plot_spectral_density`` reads."""
+
+    def __init__(self, grid: Any, density: Any, std_error: Any) -> None:
+        self.grid, self.density, self.std_error = grid, density, std_error
+
+
+class SurfaceView:
+    """A loss surface's host arrays, in the shape ``plot_surfaces`` reads."""
+
+    def __init__(self, coordinates: Any, values: Any) -> None:
+        self.coordinates, self.values = tuple(coordinates), values
+
+
+def new_figure(width: float, height: float, cols: int = 1) -> Any:
+    """A constrained-layout figure with ``cols`` axes in one row."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    for i in range(cols):
+        fig.add_subplot(1, cols, i + 1)
+    return fig
+
+
+def estimators_figure(section: dict[str, Any]) -> Any:
+    """Each estimator's relative error against its cost in gradient steps."""
+    from matplotlib.ticker import FuncFormatter
+
+    fig = new_figure(6.5, 4.2)
+    ax = fig.axes[0]
+    colour = 0
+    for row in section["rows"]:
+        cost = row["cost_gradient_steps"]
+        if row["call"] == "fisher_bounds":
+            points = [
+                ("lower bound F_LR", row["lower_relative_error"]),
+                ("upper bound F_DG", row["upper_relative_error"]),
+            ]
+        elif row["call"] == "fisher_diagonal":
+            continue
+        else:
+            points = [(row["estimator"], row["relative_error"])]
+        for label, err in points:
+            ax.plot([cost], [err], "o", color=f"C{colour % 10}", label=label)
+            colour += 1
+    exact = next(r for r in section["rows"] if r["call"] == "fisher_diagonal")
+    ax.axvline(exact["cost_gradient_steps"], color="k", linestyle="--", linewidth=0.8)
+    ax.text(
+        exact["cost_gradient_steps"],
+        0.02,
+        " exact",
+        transform=ax.get_xaxis_transform(),
+        fontsize="small",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("cost (gradient steps)")
+    ax.set_ylabel("relative error of the diagonal")
+    ax.set_title("estimators of diag F: error against cost")
+    ax.legend(fontsize="x-small", loc="best")
+    return fig
+
+
+def core_space_figure(core: dict[str, Any]) -> Any:
+    """λ_max per input with its bounds, and all eigenvalues of the output metric."""
+    import numpy as np
+
+    fig = new_figure(10.0, 3.8, cols=2)
+    left, right = fig.axes
+    order = np.argsort(core["lambda_max"])
+    x = np.arange(order.size)
+    left.fill_between(
+        x, core["lower"][order], core["upper"][order], color="C2", alpha=0.3, label="bounds"
+    )
+    left.plot(x, core["lambda_max"][order], color="k", linewidth=1.0, label="λ_max")
+    left.set_xlabel("inputs, sorted by λ_max")
+    left.set_ylabel("λ_max of the output metric")
+    left.set_yscale("log")
+    left.set_title("λ_max and its deterministic bounds")
+    left.legend(fontsize="small")
+    eig = core["eigenvalues"].ravel()
+    positive = eig[eig > 0]
+    if positive.size:
+        bins = np.logspace(np.log10(positive.min()), np.log10(positive.max()), 40)
+        right.hist(positive, bins=bins, color="C0")
+        right.set_xscale("log")
+    right.set_xlabel("eigenvalue")
+    right.set_ylabel("count")
+    right.set_title("nonzero eigenvalues of the output metric, all inputs")
+    return fig
+
+
+def spectrum_figure(spectrum: dict[str, Any]) -> Any:
+    """The top eigenvalues of F_LR, F and F_DG (the right axes get the density)."""
+    import numpy as np
+
+    fig = new_figure(11.0, 3.9, cols=2)
+    ax = fig.axes[0]
+    k = np.arange(1, spectrum["k"] + 1)
+    ax.plot(k, spectrum["upper"]["eigenvalues"], "v", color="C3", label="λ_i(F_DG)")
+    ax.plot(k, spectrum["exact"]["eigenvalues"], "o", color="k", label="λ_i(F)")
+    ax.plot(k, spectrum["lower"]["eigenvalues"], "^", color="C2", label="λ_i(F_LR)")
+    ax.set_yscale("log")
+    ax.set_xlabel("i")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title("top eigenvalues, F_LR ⪯ F ⪯ F_DG")
+    ax.legend(fontsize="small")
+    return fig

@@ -1,0 +1,102 @@
+"""The report's numbers on the loss landscape (the MEAN loss, unlike the Fisher sums).
+
+Hessian directions (``hessian_directions``) and filter-normalised random ones
+(``random_directions``), the loss surfaces on both planes (``surface``), their
+projected curvature (``projected_curvature``) and the Hessian trace from loss
+values only and from Hessian-vector products (``loss_trace``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fisherbound._report.hoststats import host, scalar_estimate
+from fisherbound._report.settings import Settings
+from fisherbound._report.subjects import Subject
+from fisherbound._report.timing import Stages
+
+
+def curvature(pc: Any) -> dict[str, Any]:
+    """The projected curvature of one plane as JSON-ready numbers."""
+    return {
+        "projected_hessian": host(pc.hessian).tolist(),
+        "gradient": host(pc.gradient).tolist(),
+        "principal": host(pc.principal).tolist(),
+        "mean": float(host(pc.mean)),
+        "gaussian": float(host(pc.gaussian)),
+    }
+
+
+def surface_summary(s: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A loss surface: its numbers (values, minimum, loss at θ) and host arrays."""
+    import numpy as np
+
+    axes = [host(a) for a in s.coordinates]
+    values = host(s.values)
+    centre = tuple(int(np.argmin(np.abs(a))) for a in axes)
+    i, j = np.unravel_index(int(np.argmin(values)), values.shape)
+    numbers = {
+        "coordinates": [a.tolist() for a in axes],
+        "values": values.tolist(),
+        "loss_at_theta": float(values[centre]),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+        "argmin": [float(axes[0][i]), float(axes[1][j])],
+    }
+    return numbers, {"coordinates": axes, "values": values}
+
+
+def landscape(
+    subject: Subject, batches: list[tuple[Any, Any]], cfg: Settings, stages: Stages
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``landscape`` section: directions, surfaces, curvature, trace; and arrays."""
+    from fisherbound.landscape import (
+        hessian_directions,
+        loss_trace,
+        projected_curvature,
+        random_directions,
+        surface,
+    )
+
+    losses = [subject.loss_function(xb, yb, "mean") for xb, yb in batches]
+    with stages("Hessian directions"):
+        hd = hessian_directions(losses, num_matvecs=cfg.lanczos_steps, rng=cfg.seed)
+        rd = random_directions(losses[0], num_directions=2, kind="filter", rng=cfg.seed + 1)
+    with stages("loss surfaces"):
+        g, span, bars = cfg.grid_points, cfg.span, cfg.progress
+        s_rand = surface(losses, rd, num_points=g, span=span, progress=bars)
+        s_hess = surface(losses, hd.directions, num_points=g, span=span, progress=bars)
+    with stages("curvature and trace"):
+        pc_rand = projected_curvature(losses, rd)
+        pc_hess = projected_curvature(losses, hd.directions)
+        rng = cfg.seed + 2
+        by_loss = loss_trace(losses, num_probes=cfg.trace_probes, rng=rng, progress=cfg.progress)
+        by_hvp = loss_trace(
+            losses, num_probes=cfg.trace_probes, rng=rng, method="hvp", progress=cfg.progress
+        )
+    rand_numbers, rand_arrays = surface_summary(s_rand)
+    hess_numbers, hess_arrays = surface_summary(s_hess)
+    numbers = {
+        "reduction": "mean",
+        "num_inputs": sum(int(loss.num_inputs) for loss in losses),
+        "hessian": {
+            "eigenvalues": host(hd.eigenvalues).tolist(),
+            "residuals": host(hd.residuals).tolist(),
+        },
+        "random_plane": {
+            "kind": "filter-normalised Gaussian",
+            "curvature": curvature(pc_rand),
+            "surface": rand_numbers,
+        },
+        "hessian_plane": {
+            "kind": "eigenvectors of λ_max and λ_min",
+            "curvature": curvature(pc_hess),
+            "surface": hess_numbers,
+        },
+        "trace": {
+            "num_probes": cfg.trace_probes,
+            "loss_only": scalar_estimate(by_loss),
+            "hvp": scalar_estimate(by_hvp),
+        },
+    }
+    return numbers, {"random": rand_arrays, "hessian": hess_arrays}

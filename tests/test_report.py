@@ -328,3 +328,43 @@ def test_json_writes_nan_as_null() -> None:
     value = _jsonable({"a": float("nan"), "b": [1.0, float("inf"), np.float64(2.0)], "c": None})
     assert value == {"a": None, "b": [1.0, None, 2.0], "c": None}
     assert json.dumps(value, allow_nan=False)
+
+
+# --------------------------------------------------------------------------- #
+# the split into fisherbound._report and fisherbound._cli keeps the old names
+
+#: Names that fisherbound.report and fisherbound.cli defined before the split.
+FORMER_NAMES = {
+    "fisherbound.report": (
+        "Analysis Settings Subject analyse jax_subject numpy_subject torch_subject "
+        "write_report MAX_JSON_PARAMS FIGURES STAGES Block Array _host _wait _timed _stats "
+        "_relative_error _coverage _median_relative_se _bracket_tolerance _Stages _environment "
+        "_run _detach_and_mix _mean_se _fisher_diagonal_section _compare_estimators "
+        "_core_space _top_spectrum _dimension _curvature _surface_summary _landscape "
+        "_jsonable _figures _EstimateView _DensityView _SurfaceView _new_figure "
+        "_estimators_figure _core_space_figure _spectrum_figure _fmt _pm _percent _sections "
+        "_markdown _CSS _html _inline_code"
+    ),
+    "fisherbound.cli": (
+        "Settings Subject Array DEFAULT_OUT FAMILIES DATA_KEYS UsageError TRAINERS main "
+        "_positive_int _positive_float _require _settings _threads _bar _Trainer "
+        "_numpy_trainer _torch_trainer _jax_trainer _train _accuracy_and_loss "
+        "_framework_context _demo _split_model_spec _import_file _script_wrapper _load_model "
+        "_first_line _load_data _check_outputs _report _add_analysis_options _parser"
+    ),
+}
+
+
+@pytest.mark.parametrize("module", sorted(FORMER_NAMES))
+def test_former_names_stay_importable(module: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    missing = [name for name in FORMER_NAMES[module].split() if not hasattr(mod, name)]
+    assert missing == []
+
+
+def test_cli_help_is_the_cli_docstring() -> None:
+    import fisherbound.cli
+
+    assert fisherbound.cli._parser().description == fisherbound.cli.__doc__

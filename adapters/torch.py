@@ -30,20 +30,27 @@ any module whose forward ``torch.func`` can transform.
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
 
 from fisherbound._lib import array_namespace, check_positive_int
 from fisherbound._lib._validation import check_finite
+from fisherbound.adapters._torch_loss import TorchLossFunction, loss_function, loss_functions
+from fisherbound.adapters._torch_model import (
+    FunctionalModel,
+    as_inputs,
+    check_deterministic,
+    check_inputs_device,
+    check_model,
+    check_parameters,
+    ensure_forward_ad,
+    is_tensor_or_text,
+    select_parameters,
+)
 from fisherbound.adapters.torch_rules import (
     FastPathPlan,
     Record,
@@ -57,14 +64,9 @@ from fisherbound.adapters.torch_rules import (
 )
 from fisherbound.linearization import (
     LinearizationBase,
-    LossFunctionBase,
     check_batches,
-    check_loss_labels,
-    check_loss_options,
     example_range,
-    make_blocks,
     stream_inputs,
-    stream_pairs,
 )
 
 __all__ = [
@@ -78,278 +80,12 @@ __all__ = [
 
 Tensor = torch.Tensor
 
-_JVP_READY = False
-
-
-def _check_operand(
-    x: object,
-    name: str,
-    shape: tuple[int | None, ...],
-    what: str,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    """``x`` if it is a tensor of ``shape`` (None: any size), ``dtype`` and ``device``."""
-    if not isinstance(x, torch.Tensor):
-        msg = (
-            f"{name} must be a torch.Tensor of shape {what}; got "
-            f"{type(x).__module__}.{type(x).__name__}. Convert with torch.as_tensor(...)."
-        )
-        raise TypeError(msg)
-    if x.ndim != len(shape) or any(s is not None and x.shape[i] != s for i, s in enumerate(shape)):
-        msg = f"{name} must have shape {what}; got {tuple(x.shape)}."
-        raise ValueError(msg)
-    if x.dtype != dtype:
-        msg = (
-            f"{name} must have the parameters' dtype {dtype}; got {x.dtype}. "
-            f"Convert with {name}.to({dtype})."
-        )
-        raise TypeError(msg)
-    if x.device != device:
-        msg = (
-            f"{name} must be on the parameters' device {device}; got "
-            f"{x.device}. Move it with {name}.to({str(device)!r})."
-        )
-        raise ValueError(msg)
-    return x
-
-
-def _ensure_forward_ad() -> None:
-    # torch loads its forward-AD decompositions lazily on the first jvp, through
-    # torch.jit.script, which emits a DeprecationWarning on recent versions.
-    global _JVP_READY
-    if not _JVP_READY:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import torch._decomp.decompositions_for_jvp  # noqa: F401
-        _JVP_READY = True
-
-
-@contextlib.contextmanager
-def _transformable() -> Iterator[None]:
-    """Run a forward pass that torch.func can transform in every mode.
-
-    The fused inference kernels of ``nn.MultiheadAttention`` /
-    ``nn.TransformerEncoderLayer`` and the flash / memory-efficient attention
-    kernels support neither forward-mode AD nor vmap; the math kernel does.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-
 
 class _NotPerExample(Exception):
     """The single-example forward does not give one row of logits per example."""
 
 
-# ---------------------------------------------------------------------------
-# Validation of the model, the inputs and the parameter selection
-# ---------------------------------------------------------------------------
-
-
-def _check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        got = f"{type(model).__module__}.{type(model).__name__}"
-        msg = f"model must be a torch.nn.Module; got {got}."
-        raise TypeError(msg)
-    return model
-
-
-def _as_inputs(inputs: object) -> tuple[Tensor, ...]:
-    items = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-    if not items:
-        msg = "inputs must be a tensor or a non-empty tuple of tensors; got an empty sequence."
-        raise ValueError(msg)
-    for i, x in enumerate(items):
-        if not isinstance(x, torch.Tensor):
-            where = (
-                "inputs"
-                if len(items) == 1 and not isinstance(inputs, tuple | list)
-                else (f"inputs[{i}]")
-            )
-            msg = (
-                f"{where} must be a torch.Tensor (a tuple of tensors is passed as positional "
-                f"arguments); got {type(x).__module__}.{type(x).__name__}. Convert with "
-                "torch.as_tensor(...)."
-            )
-            raise TypeError(msg)
-    return tuple(x.detach() for x in items)
-
-
-def _select_parameters(
-    model: nn.Module, params: Sequence[str] | None
-) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
-    if params is None:
-        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not chosen:
-            total = sum(1 for _ in model.parameters())
-            msg = (
-                "no parameter selected: the model has no parameter with requires_grad=True "
-                f"({total} frozen). Name the parameters to differentiate with params=[...]."
-            )
-            raise ValueError(msg)
-        return tuple(n for n, _ in chosen), tuple(p for _, p in chosen)
-    if isinstance(params, str) or not isinstance(params, Iterable):
-        msg = (
-            "params must be None or a list of parameter names; got "
-            f"{type(params).__name__} {params!r}. Write params=[{params!r}] for one name."
-        )
-        raise TypeError(msg)
-    names = list(params)
-    if not names:
-        msg = "no parameter selected: params is empty. Pass None to select every trainable one."
-        raise ValueError(msg)
-    every = dict(model.named_parameters(remove_duplicate=False))
-    for name in names:
-        if not isinstance(name, str):
-            msg = f"params must contain parameter names (str); got {type(name).__name__} {name!r}."
-            raise TypeError(msg)
-        if name not in every:
-            close = difflib.get_close_matches(name, list(every), n=3)
-            hint = (
-                f"did you mean {', '.join(repr(c) for c in close)}?"
-                if close
-                else f"available: {', '.join(repr(c) for c in list(every)[:12])}"
-                + (", ..." if len(every) > 12 else "")
-                + "."
-            )
-            msg = f"params names unknown parameter {name!r}; {hint}"
-            raise ValueError(msg)
-    seen: dict[int, str] = {}
-    for name in names:
-        key = id(every[name])
-        if key in seen:
-            if seen[key] == name:
-                msg = f"params lists {name!r} twice; list each parameter once."
-            else:
-                msg = (
-                    f"params selects {seen[key]!r} and {name!r}, which are one tied tensor; "
-                    "keep one of the two names."
-                )
-            raise ValueError(msg)
-        seen[key] = name
-    return tuple(names), tuple(every[n] for n in names)
-
-
-def _check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
-    first_name, first = names[0], tensors[0]
-    for name, p in zip(names, tensors, strict=True):
-        if not p.is_floating_point():
-            msg = (
-                f"parameter {name!r} must have a real floating-point dtype; got {p.dtype}. "
-                "Leave it out of params."
-            )
-            raise TypeError(msg)
-        if p.dtype != first.dtype:
-            msg = (
-                "all selected parameters must share one dtype; "
-                f"{first_name!r} is {first.dtype} but {name!r} is {p.dtype}. "
-                f"Convert the model with model.to({first.dtype})."
-            )
-            raise TypeError(msg)
-        if p.device != first.device:
-            msg = (
-                "all selected parameters must be on one device; "
-                f"{first_name!r} is on {first.device} but {name!r} is on {p.device}. "
-                f"Move the model with model.to({str(first.device)!r})."
-            )
-            raise ValueError(msg)
-
-
-def _check_deterministic(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        label = f"module {name or '<root>'!r} ({type(m).__name__})"
-        if isinstance(m, _BatchNorm):
-            if m.training:
-                msg = (
-                    f"{label} is in training mode: it normalises with batch statistics, which "
-                    "couple the examples of a batch, and updates its running statistics on "
-                    "every call. Call model.eval() first."
-                )
-                raise ValueError(msg)
-            if m.running_mean is None:
-                msg = (
-                    f"{label} has track_running_stats=False, so it normalises with batch "
-                    "statistics even in eval mode, which couples the examples of a batch. "
-                    "Use running statistics or a per-example normalisation (LayerNorm, "
-                    "GroupNorm)."
-                )
-                raise ValueError(msg)
-        random_dropout = isinstance(m, _DropoutNd) and m.p > 0
-        random_attention = isinstance(m, nn.MultiheadAttention) and m.dropout > 0
-        if m.training and (random_dropout or random_attention):
-            msg = (
-                f"{label} is random in training mode (dropout), so the logits are not a "
-                "function of the parameters. Call model.eval() first."
-            )
-            raise ValueError(msg)
-
-
-def _check_inputs_device(inputs: Sequence[Tensor], device: torch.device) -> None:
-    for i, x in enumerate(inputs):
-        if x.device != device:
-            msg = (
-                f"inputs must be on the parameters' device {device}; input {i} is on "
-                f"{x.device}. Move it with x.to({str(device)!r})."
-            )
-            raise ValueError(msg)
-
-
-# The linearization
-# ---------------------------------------------------------------------------
-
-
-class _FunctionalModel:
-    """A module called functionally at a selection of its parameters.
-
-    The set-up shared by linearizations and loss functions: the selected tensors
-    (their names, sizes and shapes in flat-vector order), every other parameter as
-    a detached constant, and the functional call.
-    """
-
-    def _bind(
-        self,
-        model: nn.Module,
-        inputs: tuple[Tensor, ...],
-        names: tuple[str, ...],
-        tensors: tuple[Tensor, ...],
-    ) -> None:
-        self._model = model
-        self._inputs = inputs
-        self._names = names
-        self._primals = tuple(p.detach() for p in tensors)
-        self._sizes = tuple(p.numel() for p in tensors)
-        self._shapes = tuple(tuple(p.shape) for p in tensors)
-        self._param_dtype = tensors[0].dtype
-        self._param_device = tensors[0].device
-        selected = {id(p) for p in tensors}
-        # Every other parameter enters as a constant (no autograd graph for it).
-        self._constants = {
-            n: p.detach() for n, p in model.named_parameters() if id(p) not in selected
-        }
-        self._blocks = make_blocks(zip(names, self._shapes, strict=True))
-
-    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
-        mapping = dict(self._constants)
-        mapping.update(zip(self._names, params, strict=True))
-        with _transformable():
-            return torch.func.functional_call(self._model, mapping, inputs)
-
-    def _split(self, v: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
-        parts = torch.split(v, list(self._sizes), dim=len(lead))
-        return tuple(p.reshape(*lead, *s) for p, s in zip(parts, self._shapes, strict=True))
-
-    def _operand(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
-        return _check_operand(x, name, shape, what, self._param_dtype, self._param_device)
-
-
-class TorchLinearization(_FunctionalModel, LinearizationBase):
+class TorchLinearization(FunctionalModel, LinearizationBase):
     """A ``torch.nn.Module`` frozen at its parameters θ and one batch of inputs.
 
     Build it with :func:`linearize`. θ is the concatenation of the selected
@@ -440,7 +176,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         return self._jvp_impl(v)
 
     def _jvp_impl(self, v: Tensor) -> Tensor:
-        _ensure_forward_ad()
+        ensure_forward_ad()
         tangents = self._split(v)
         return torch.func.jvp(lambda *ps: self._call(ps, self._inputs), self._primals, tangents)[1]
 
@@ -464,7 +200,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
         m = int(V.shape[0])
         if m == 0:
             return V.new_zeros((0, self.num_inputs, self.num_outputs))
-        _ensure_forward_ad()
+        ensure_forward_ad()
         tangents = self._split(V, (m,))
 
         def one(*ts: Tensor) -> Tensor:
@@ -688,7 +424,7 @@ class TorchLinearization(_FunctionalModel, LinearizationBase):
             if max_vectors is None
             else check_positive_int(max_vectors, "max_vectors")
         )
-        _ensure_forward_ad()
+        ensure_forward_ad()
         d = self.num_params
 
         def second(*ts: Tensor) -> Tensor:
@@ -825,8 +561,8 @@ def linearize(
     >>> [b.name for b in lin.blocks]
     ['0.weight', '0.bias', '2.weight', '2.bias']
     """
-    model = _check_model(model)
-    names, tensors = _select_parameters(model, params)
+    model = check_model(model)
+    names, tensors = select_parameters(model, params)
     return _linearize(model, inputs, names, tensors)
 
 
@@ -836,10 +572,10 @@ def _linearize(
     names: tuple[str, ...],
     tensors: tuple[Tensor, ...],
 ) -> TorchLinearization:
-    batch = _as_inputs(inputs)
-    _check_parameters(names, tensors)
-    _check_deterministic(model)
-    _check_inputs_device(batch, tensors[0].device)
+    batch = as_inputs(inputs)
+    check_parameters(names, tensors)
+    check_deterministic(model)
+    check_inputs_device(batch, tensors[0].device)
     return TorchLinearization(model, batch, names, tensors)
 
 
@@ -863,268 +599,16 @@ def linearizations(
     >>> [lin.num_inputs for lin in linearizations(model, data)]
     [8, 8, 8]
     """
-    model = _check_model(model)
-    names, tensors = _select_parameters(model, params)
+    model = check_model(model)
+    names, tensors = select_parameters(model, params)
     batches = check_batches(
         batches,
         what="batches (a list, a generator, a DataLoader)",
         remedy="For one batch use linearize(model, inputs).",
-        single=_is_tensor_or_text,
+        single=is_tensor_or_text,
     )
 
     def build(i: int, inputs: Any) -> TorchLinearization:
         return _linearize(model, inputs, names, tensors)
 
     return stream_inputs(batches, build, single="an inputs tensor")
-
-
-def _is_tensor_or_text(x: object) -> bool:
-    return isinstance(x, torch.Tensor | str | bytes)
-
-
-# ---------------------------------------------------------------------------
-# The loss of a labelled batch (added for fisherbound.landscape)
-# ---------------------------------------------------------------------------
-
-
-class TorchLossFunction(_FunctionalModel, LossFunctionBase):
-    """The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
-
-    Build it with :func:`loss_function`. θ is the concatenation of the selected
-    parameters (as in ``linearize``). ``value`` evaluates the module at S shifted
-    parameter vectors with ``torch.func.vmap`` over ``functional_call``;
-    ``gradient`` is ``torch.func.grad``; ``hvp`` / ``hvp_batch`` are
-    forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``, vmapped over
-    the vectors). The parameters are read, never changed.
-    """
-
-    #: Shifts evaluated per vmapped forward pass in ``value``.
-    default_max_shifts: int = 32
-
-    def __init__(
-        self,
-        model: nn.Module,
-        inputs: tuple[Tensor, ...],
-        labels: Tensor,
-        names: tuple[str, ...],
-        tensors: tuple[Tensor, ...],
-        family: Any,
-        reduction: str,
-    ) -> None:
-        self._bind(model, inputs, names, tensors)
-        self._params = torch.cat([p.reshape(-1) for p in self._primals])
-        with torch.no_grad():
-            z = self._call(self._primals, inputs)
-        self._check_logits(z)
-        self._xp = array_namespace(z, names=("model output",))
-        check_finite(z, "model output", xp=self._xp)
-        check_loss_labels(family, z, labels)
-        self._logits = z
-        self._labels = labels
-        self._family = family
-        self._reduction = reduction
-        self._num_inputs = int(z.shape[0])
-        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
-
-    # -- plumbing ------------------------------------------------------------
-
-    def _check_logits(self, z: object) -> None:
-        if not isinstance(z, torch.Tensor) or z.ndim != 2 or 0 in tuple(z.shape):
-            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            msg = (
-                f"model(inputs) must return a tensor of logits of shape (N, C); got {got}. "
-                "Wrap the model in a module that returns the logits."
-            )
-            raise ValueError(msg)
-        if z.dtype != self._param_dtype:
-            msg = (
-                f"model(inputs) must return logits in the parameters' dtype {self._param_dtype}; "
-                f"got {z.dtype}. Convert the model with model.to({self._param_dtype})."
-            )
-            raise ValueError(msg)
-
-    def _nll(self, z: Tensor) -> Tensor:
-        """−Σ_n log p(y_n | z_n) over the example axis of z (..., N, C), scaled."""
-        y = self._labels
-        if z.ndim > 2:
-            y = y.expand(*z.shape[:-2], *y.shape)
-        return -self._family.unchecked_log_likelihood(z, y, xp=self._xp).sum(dim=-1) * self._scale
-
-    def _loss(self, theta: Tensor) -> Tensor:
-        return self._nll(self._call(self._split(theta), self._inputs))
-
-    # -- the loss and its derivatives ----------------------------------------
-
-    def value(self, shifts: Tensor, /) -> Tensor:
-        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
-
-        ``torch.func.vmap`` of the module's forward pass over the S parameter
-        vectors (chunks of ``default_max_shifts``), without autograd: cost about
-        S forward passes, batched.
-
-        Examples
-        --------
-        >>> model = torch.nn.Linear(2, 3).double()
-        >>> x = torch.ones(4, 2, dtype=torch.float64)
-        >>> loss = loss_function(model, x, torch.zeros(4, dtype=torch.int64))
-        >>> loss.value(torch.zeros(5, 9, dtype=torch.float64)).shape
-        torch.Size([5])
-        """
-        d = self.num_params
-        self._operand(shifts, "shifts", (None, d), f"(S, D={d})")
-        if shifts.shape[0] == 0:
-            return shifts.new_zeros((0,))
-
-        def logits(s: Tensor) -> Tensor:
-            return self._call(self._split(self._params + s), self._inputs)
-
-        pieces = []
-        with torch.no_grad():
-            for chunk in torch.split(shifts, self.default_max_shifts):
-                pieces.append(self._nll(torch.func.vmap(logits)(chunk)))
-        return torch.cat(pieces)
-
-    def gradient(self) -> Tensor:
-        """∇L(θ), shape (D,): one forward and one backward pass (``torch.func.grad``)."""
-        with torch.enable_grad():
-            return torch.func.grad(self._loss)(self._params)
-
-    def hvp(self, v: Tensor, /) -> Tensor:
-        """∇²L(θ) v for ``v`` (D,); returns (D,) (forward-over-reverse)."""
-        d = self.num_params
-        self._operand(v, "v", (d,), f"(D={d},)")
-        return self._hvp(v)
-
-    def hvp_batch(self, V: Tensor, /) -> Tensor:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
-
-        ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), vmapped
-        over the M vectors: exact, about M times the cost of two gradient steps,
-        batched.
-        """
-        d = self.num_params
-        self._operand(V, "V", (None, d), f"(M, D={d})")
-        if V.shape[0] == 0:
-            return V.new_zeros((0, d))
-        return torch.func.vmap(self._hvp)(V)
-
-    def _hvp(self, v: Tensor) -> Tensor:
-        _ensure_forward_ad()
-        with torch.enable_grad():
-            return torch.func.jvp(torch.func.grad(self._loss), (self._params,), (v,))[1]
-
-
-def loss_function(
-    model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
-    labels: Tensor,
-    /,
-    *,
-    family: Any = None,
-    reduction: str = "sum",
-    params: Sequence[str] | None = None,
-) -> TorchLossFunction:
-    """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
-
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = ``model(*inputs)`` and the family's
-    ``log_likelihood`` (``reduction="mean"`` divides by N), as a
-    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
-    (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
-    (forward-over-reverse, exact). Cost: one forward pass here (to check the
-    labels); ``value`` costs S forward passes, ``hvp`` about two gradient steps.
-
-    Parameters
-    ----------
-    model
-        Any ``torch.nn.Module`` returning logits (N, C); in eval mode if it has
-        Dropout or BatchNorm.
-    inputs
-        A tensor or a tuple of tensors (positional arguments), examples on axis 0.
-    labels
-        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
-        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``; on
-        the parameters' device.
-    family
-        The output family (default ``Categorical()``).
-    reduction
-        ``"sum"`` over the batch (default) or ``"mean"``.
-    params
-        The parameters θ (names), as in ``linearize``; default every trainable one.
-
-    Returns
-    -------
-    TorchLossFunction
-
-    Examples
-    --------
-    >>> import torch
-    >>> from fisherbound.adapters.torch import loss_function
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    >>> loss = loss_function(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
-    >>> loss.num_params, loss.hvp(torch.ones(67)).shape
-    (67, torch.Size([67]))
-    """
-    model = _check_model(model)
-    fam = check_loss_options(family, reduction)
-    names, tensors = _select_parameters(model, params)
-    return _loss_function(model, inputs, labels, names, tensors, fam, reduction)
-
-
-def _loss_function(
-    model: nn.Module,
-    inputs: object,
-    labels: object,
-    names: tuple[str, ...],
-    tensors: tuple[Tensor, ...],
-    family: Any,
-    reduction: str,
-) -> TorchLossFunction:
-    batch = _as_inputs(inputs)
-    _check_parameters(names, tensors)
-    _check_deterministic(model)
-    _check_inputs_device(batch, tensors[0].device)
-    if not isinstance(labels, torch.Tensor):
-        msg = (
-            f"labels must be a torch.Tensor; got {type(labels).__module__}."
-            f"{type(labels).__name__}. Convert with torch.as_tensor(...)."
-        )
-        raise TypeError(msg)
-    return TorchLossFunction(model, batch, labels, names, tensors, family, reduction)
-
-
-def loss_functions(
-    model: nn.Module,
-    batches: Iterable[Any],
-    /,
-    *,
-    family: Any = None,
-    reduction: str = "sum",
-    params: Sequence[str] | None = None,
-) -> Iterator[TorchLossFunction]:
-    """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
-
-    ``batches`` yields pairs (a DataLoader does); each loss function is built when
-    it is requested, so a data set is streamed one batch at a time.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from fisherbound.adapters.torch import loss_functions
-    >>> data = [(torch.randn(8, 4), torch.zeros(8).long()) for _ in range(3)]
-    >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
-    [8, 8, 8]
-    """
-    model = _check_model(model)
-    fam = check_loss_options(family, reduction)
-    names, tensors = _select_parameters(model, params)
-    batches = check_batches(
-        batches,
-        what="(inputs, labels) pairs (a list, a generator, a DataLoader)",
-        remedy="For one batch use loss_function(model, inputs, labels).",
-        single=_is_tensor_or_text,
-    )
-
-    def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
-        return _loss_function(model, inputs, labels, names, tensors, fam, reduction)
-
-    return stream_pairs(batches, build)

@@ -341,7 +341,8 @@ def test_unchecked_kernel_surface_equals_the_fronts(backend) -> None:
             ),
         ]:
             assert type(got) is type(want)
-            assert got.dtype == want.dtype and tuple(got.shape) == tuple(want.shape)
+            assert got.dtype == want.dtype
+            assert tuple(got.shape) == tuple(want.shape)
             np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 from typing import Any
 
 import numpy as np
@@ -717,4 +718,9 @@ def test_invariants_random_architectures(
 def test_docstring_examples() -> None:
     result = doctest.testmod(ref, raise_on_error=False, verbose=False)
     assert result.attempted >= 6
+    assert result.failed == 0
+    # The models live in a private module (re-exported by ref): their examples too.
+    models = importlib.import_module("fisherbound.adapters._numpy_models")
+    result = doctest.testmod(models, raise_on_error=False, verbose=False)
+    assert result.attempted >= 2
     assert result.failed == 0

@@ -5,59 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from fisherbound._lib import (
+    DISTRIBUTIONS,
     Estimate,
+    MeanVariance,
     as_generator,
     check_choice,
     check_positive_int,
+    estimate_from_samples,
     probes,
 )
-from fisherbound._lib._estimate import estimate_from_samples
 from fisherbound.linalg._operator import _as_square_operator
 
 Array = Any
 
 __all__ = ["hutchinson_diagonal", "hutchinson_trace", "hutchpp_trace"]
-
-DISTRIBUTIONS = ("rademacher", "gaussian")
-
-
-class _MeanVariance:
-    """Streaming mean and sum of squared deviations over batches of samples.
-
-    Batches are merged with Chan et al.'s pairwise update, which keeps the
-    variance accurate without holding every sample (the diagonal estimator would
-    otherwise hold an (M, n) array).
-    """
-
-    def __init__(self, xp: Any) -> None:
-        self.xp = xp
-        self.count = 0
-        self.mean: Array = None
-        self.m2: Array = None
-
-    def add(self, samples: Array) -> None:
-        xp = self.xp
-        b = int(samples.shape[0])
-        mean_b = xp.mean(samples, axis=0)
-        m2_b = xp.sum((samples - mean_b) ** 2, axis=0)
-        if self.count == 0:
-            self.mean, self.m2 = mean_b, m2_b
-        else:
-            total = self.count + b
-            delta = mean_b - self.mean
-            self.mean = self.mean + delta * (b / total)
-            self.m2 = self.m2 + m2_b + delta**2 * (self.count * b / total)
-        self.count += b
-
-    def estimate(self) -> Estimate:
-        xp = self.xp
-        m = self.count
-        if m > 1:
-            se = xp.sqrt(self.m2 / ((m - 1) * m))
-        else:
-            se = xp.full_like(self.mean, float("nan"))
-        return Estimate(self.mean, se, m)
-
 
 #: Default cap on the entries of one probe block (n × batch): 2**24 (128 MiB in float64).
 DEFAULT_BLOCK_ENTRIES = 2**24
@@ -86,7 +47,7 @@ def _hutchinson(
     diagonal: bool,
 ) -> Estimate:
     n = int(op.shape[0])
-    acc = _MeanVariance(xp)
+    acc = MeanVariance(xp)
     left = num_probes
     while left > 0:
         b = min(batch_size, left)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from fisherbound._lib import array_namespace, device_of, is_array
+from fisherbound._lib import array_namespace, check_real_floating, device_of, is_array
 
 Array = Any
 
@@ -203,14 +203,14 @@ def aslinearoperator(A: Any, /) -> Any:
                 f"of shape {tuple(A.shape)}."
             )
             raise ValueError(msg)
-        _check_real_floating(xp, A.dtype)
+        check_real_floating(xp, A.dtype)
         return _dense_operator(A, xp)
     if isinstance(A, LinearOperatorLike):
         shape = tuple(A.shape)
         if len(shape) != 2:
             msg = f"A must have a 2-D shape (n, m); got an operator of shape {shape}."
             raise ValueError(msg)
-        _check_real_floating(_namespace_of(A), A.dtype)
+        check_real_floating(_namespace_of(A), A.dtype)
         return A
     msg = (
         "A must be a 2-D real floating array of an array-API library (NumPy, CuPy, torch, "
@@ -218,15 +218,6 @@ def aslinearoperator(A: Any, /) -> Any:
         f"xp, matvec and matmat, e.g. fisherbound.linalg.LinearOperator); got {_what(A)}."
     )
     raise TypeError(msg)
-
-
-def _check_real_floating(xp: Any, dtype: Any) -> None:
-    if not xp.isdtype(dtype, "real floating"):
-        msg = (
-            f"A must have a real floating-point dtype (float32 or float64); got {dtype}. "
-            "Convert a dense matrix with xp.astype(A, xp.float64)."
-        )
-        raise TypeError(msg)
 
 
 def _as_square_operator(A: Any) -> tuple[Any, Any]:

@@ -11,9 +11,9 @@ from fisherbound._lib import (
     as_generator,
     check_floating,
     check_positive_int,
+    estimate_from_samples,
     probes,
 )
-from fisherbound._lib._estimate import estimate_from_samples
 from fisherbound.linalg._lanczos import _lanczos, _tridiagonal_eigh
 from fisherbound.linalg._operator import _as_square_operator
 

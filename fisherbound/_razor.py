@@ -1,0 +1,236 @@
+"""The pieces of ``fisherbound.dimension.razor``: its result type and its terms.
+
+The negative log-likelihood over the batches, the Gaussian prior's penalty and
+log det(I + σ² F) by the dense matrix, full Lanczos or SLQ; split from
+``dimension`` by job (``Razor`` is re-exported there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from fisherbound._lib import (
+    Estimate,
+    array_namespace,
+    check_device,
+    check_finite,
+    check_floating,
+    device_of,
+    is_array,
+)
+from fisherbound.families import Family
+from fisherbound.fisher import fisher_dense
+from fisherbound.linalg import lanczos, slq
+
+Array = Any
+
+__all__ = ["Razor", "check_parameter_vector", "razor_terms", "scalar", "split_labels"]
+
+
+class Razor(NamedTuple):
+    """The Gaussian-prior razor complexity and its parts (THEORY §5).
+
+    ``value`` = ``neg_log_likelihood`` + ``prior_penalty`` + ½ ``log_det.value``,
+    an estimate of −log p(X) (nats), exact for linear-Gaussian models.
+
+    Attributes
+    ----------
+    value
+        The razor, 0-d.
+    std_error
+        Its standard error, ½ ``log_det.std_error`` (0 when the log-det is exact).
+    neg_log_likelihood
+        −log p(X | θ̂) = −Σ_x log p(y_x | x, θ̂), 0-d, normalising constants
+        included (the Gaussian family's (C/2) log 2π per input).
+    prior_penalty
+        ‖θ̂ − θ_0‖² / (2σ²), 0-d.
+    log_det
+        An ``Estimate`` of Σ_i log(1 + σ² λ_i(F_sum)) = log det(I + σ² F_sum);
+        ``num_probes`` is 0 when it was computed exactly.
+    bic_penalty
+        The classical BIC/MDL term (D/2) log N, 0-d, for comparison with
+        ½ ``log_det.value`` (which it equals when every direction is significant
+        and σ² λ_i ≈ N).
+    method
+        How ``log_det`` was computed: ``"dense"``, ``"lanczos"`` or ``"slq"``.
+    """
+
+    value: Array
+    std_error: Array
+    neg_log_likelihood: Array
+    prior_penalty: Array
+    log_det: Estimate
+    bic_penalty: Array
+    method: str
+
+
+def scalar(xp: Any, value: float, op: Any) -> Array:
+    return xp.asarray(value, dtype=op.dtype, device=op.device)
+
+
+def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
+    d = int(op.shape[0])
+    if not is_array(v):
+        msg = (
+            f"{name} must be a flat parameter array of shape ({d},); got "
+            f"{type(v).__module__}.{type(v).__name__}."
+        )
+        raise TypeError(msg)
+    witness = xp.zeros((0,), dtype=op.dtype, device=op.device)
+    array_namespace(witness, v, names=("the linearization's logits", name))
+    check_floating(v, name, xp=xp)
+    if tuple(v.shape) != (d,):
+        msg = (
+            f"{name} must be a flat parameter vector of shape ({d},) (D, in the order of "
+            f"the linearization's blocks); got shape {tuple(v.shape)}."
+        )
+        raise ValueError(msg)
+    check_device(v, name, op.device, owner="the linearization's device")
+    check_finite(v, name, xp=xp)
+    return xp.astype(v, op.dtype) if v.dtype != op.dtype else v
+
+
+def split_labels(xp: Any, family: Family, lins: list[Any], labels: Any) -> list[Array]:
+    """One validated label array per batch."""
+    sizes = [int(lin.logits.shape[0]) for lin in lins]
+    if is_array(labels):
+        total = sum(sizes)
+        if labels.ndim < 1 or int(labels.shape[0]) != total:
+            msg = (
+                f"labels must have one row per input: shape ({total}, ...) for the {total} "
+                f"inputs of the source; got shape {tuple(labels.shape)}. Pass one array per "
+                "batch as a list to label the batches separately."
+            )
+            raise ValueError(msg)
+        parts = []
+        start = 0
+        for size in sizes:
+            parts.append(labels[start : start + size, ...])
+            start += size
+    elif isinstance(labels, Sequence) and not isinstance(labels, str | bytes):
+        if len(labels) != len(sizes):
+            msg = (
+                f"labels must hold one array per batch of the source ({len(sizes)} batches); "
+                f"got {len(labels)}."
+            )
+            raise ValueError(msg)
+        parts = list(labels)
+    else:
+        msg = (
+            "labels must be an array (all inputs, in the source's order) or a list of "
+            f"arrays (one per batch); got {type(labels).__name__}."
+        )
+        raise TypeError(msg)
+    pairs = enumerate(zip(lins, parts, strict=True))
+    return [_check_labels(family, lin, y, i) for i, (lin, y) in pairs]
+
+
+def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
+    """The family's label check, its message prefixed with the batch."""
+    if not is_array(y):
+        msg = (
+            f"labels of batch {index} must be an array; got "
+            f"{type(y).__module__}.{type(y).__name__}."
+        )
+        raise TypeError(msg)
+    try:
+        family.check_labels(lin.logits, y)
+    except (TypeError, ValueError) as err:
+        msg = f"labels of batch {index}: {err}"
+        raise type(err)(msg) from err
+    return y
+
+
+def _log1p_clipped(xp: Any, s2: float) -> Callable[[Array], Array]:
+    def f(t: Array) -> Array:
+        # Rounding can make null eigenvalues slightly negative; F is PSD.
+        return xp.log1p(s2 * xp.where(t > 0, t, xp.zeros_like(t)))
+
+    return f
+
+
+def _tridiagonal_eigvalsh(xp: Any, alpha: Array, beta: Array) -> Array:
+    m = int(alpha.shape[0])
+    device = device_of(alpha)
+    T = alpha[:, None] * xp.eye(m, dtype=alpha.dtype, device=device)
+    if m > 1:
+        padded = xp.concat([beta, xp.zeros((1,), dtype=alpha.dtype, device=device)])
+        sup = padded[:, None] * xp.eye(m, k=1, dtype=alpha.dtype, device=device)
+        T = T + sup + xp.matrix_transpose(sup)
+    return xp.linalg.eigvalsh(T)
+
+
+def _log_det(
+    xp: Any,
+    op: Any,
+    lins: list[Any],
+    family: Family,
+    *,
+    s2: float,
+    method: str,
+    num_probes: int,
+    num_matvecs: int,
+    max_params: int,
+    gen: Any,
+    process_group: Any = None,
+) -> Estimate:
+    f = _log1p_clipped(xp, s2)
+    if method == "slq":
+        return slq(op, f, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
+    if method == "dense":
+        dense = fisher_dense(
+            lins, family, max_params=max_params, progress=False, process_group=process_group
+        )
+        eigenvalues = xp.linalg.eigvalsh(dense)
+    else:
+        d = int(op.shape[0])
+        res = lanczos(op, num_matvecs=d, rng=gen)
+        eigenvalues = _tridiagonal_eigvalsh(xp, res.alpha, res.beta)
+    return Estimate(xp.sum(f(eigenvalues)), scalar(xp, 0.0, op), 0)
+
+
+def razor_terms(
+    xp: Any,
+    op: Any,
+    family: Family,
+    lins: list[Any],
+    labels: list[Array],
+    theta: Array,
+    theta0: Array | None,
+    *,
+    s2: float,
+    method: str,
+    num_probes: int,
+    num_matvecs: int,
+    max_params: int,
+    gen: Any,
+    coll: Any = None,
+    process_group: Any = None,
+) -> Razor:
+    nll = scalar(xp, 0.0, op)
+    for lin, y in zip(lins, labels, strict=True):
+        nll = nll - xp.sum(family.log_likelihood(lin.logits, y))
+    n = sum(int(lin.logits.shape[0]) for lin in lins)
+    if coll is not None:
+        nll = coll.sum(nll)
+        n = coll.sum_int(n)
+    delta = theta if theta0 is None else theta - theta0
+    penalty = xp.sum(delta * delta) / (2.0 * s2)
+    log_det = _log_det(
+        xp,
+        op,
+        lins,
+        family,
+        s2=s2,
+        method=method,
+        num_probes=num_probes,
+        num_matvecs=num_matvecs,
+        max_params=max_params,
+        gen=gen,
+        process_group=process_group,
+    )
+    bic = scalar(xp, 0.5 * int(op.shape[0]) * math.log(n), op)
+    value = nll + penalty + 0.5 * log_det.value
+    return Razor(value, 0.5 * log_det.std_error, nll, penalty, log_det, bic, method)

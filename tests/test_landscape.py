@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _backends import make_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,57 +39,6 @@ FAMILIES = {"categorical": Categorical(), "bernoulli": Bernoulli(), "gaussian": 
 
 # --------------------------------------------------------------------------- #
 # test beds
-
-
-class HostBackend:
-    """The NumPy backend of conftest, for tests without the fixture."""
-
-    name = "numpy"
-    device = None
-
-    def __init__(self) -> None:
-        from array_api_compat import array_namespace
-
-        self.xp = array_namespace(np.zeros(1))
-
-    def asarray(self, a: Any, dtype: str = "float64") -> Any:
-        return self.xp.asarray(np.asarray(a), dtype=getattr(self.xp, dtype))
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
-
-
-def numpy_backend() -> HostBackend:
-    return HostBackend()
-
-
-class StrictBackend(HostBackend):
-    """array-api-strict on a fake non-default device: any host copy raises."""
-
-    name = "strict-device1"
-
-    def __init__(self) -> None:
-        import array_api_strict as xs
-
-        self.xp = xs
-        self.device = xs.Device("device1")
-
-    def asarray(self, a: Any, dtype: str = "float64") -> Any:
-        return self.xp.asarray(np.asarray(a), dtype=getattr(self.xp, dtype), device=self.device)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        from fisherbound._lib import to_host
-
-        return np.asarray(to_host(x))
-
-
-@pytest.fixture(params=["numpy", "strict-device1"])
-def host_backend(request: pytest.FixtureRequest) -> HostBackend:
-    """NumPy and array-api-strict on a fake device: the reference models' slower tests."""
-    if request.param == "numpy":
-        return HostBackend()
-    pytest.importorskip("array_api_strict")
-    return StrictBackend()
 
 
 class Quadratic:
@@ -200,7 +150,7 @@ def dense_hessian(backend: Any, loss: Any) -> np.ndarray:
 @pytest.mark.parametrize("family", list(FAMILIES), ids=list(FAMILIES))
 @pytest.mark.parametrize("kind", ["linear", "tanh", "relu"])
 def test_reference_loss_value_gradient_and_hvp(family: str, kind: str) -> None:
-    check_reference_loss(numpy_backend(), kind, FAMILIES[family])
+    check_reference_loss(make_backend("numpy"), kind, FAMILIES[family])
 
 
 def test_reference_loss_on_every_backend(cpu_backend: Any) -> None:
@@ -222,7 +172,7 @@ def check_reference_loss(cpu_backend: Any, kind: str, fam: Any) -> None:
     V = np.random.default_rng(7).standard_normal((2, d))
     if cpu_backend.name != "numpy":
         # Same numbers as the NumPy run of the same model (which is checked below).
-        _, _, _, host = reference_loss(numpy_backend(), kind, fam)
+        _, _, _, host = reference_loss(make_backend("numpy"), kind, fam)
         np.testing.assert_allclose(values[1:], host.value(shifts), rtol=1e-12)
         got = [
             loss.gradient(),
@@ -524,7 +474,7 @@ def test_projected_curvature_of_a_quadratic(cpu_backend: Any, method: str) -> No
 
 def test_projected_hessian_of_hessian_directions_is_diagonal() -> None:
     """THEORY §6: along the extreme eigenvectors H_αβ = diag(λ_max, λ_min)."""
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     A = symmetric(8, 3)
     q = Quadratic(backend, A, np.zeros(8), np.zeros(8))
     hd = hessian_directions(q, num_matvecs=8, rng=0)
@@ -538,7 +488,7 @@ def test_projected_hessian_of_hessian_directions_is_diagonal() -> None:
 
 def test_random_projections_average_to_the_trace() -> None:
     """E[H_αβ] = tr(H) I_2 for Gaussian directions (5 standard errors of the known variance)."""
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     d, m = 5, 400
     A = symmetric(d, 4, shift=1.0)
     q = Quadratic(backend, A, np.zeros(d), np.zeros(d))
@@ -560,7 +510,7 @@ def test_loss_trace_of_a_quadratic_on_every_backend(cpu_backend: Any) -> None:
 
 @pytest.mark.parametrize("distribution", ["gaussian", "sphere", "filter"])
 def test_loss_trace_of_a_quadratic_is_hutchinson(distribution: str) -> None:
-    check_loss_trace_of_a_quadratic(numpy_backend(), distribution)
+    check_loss_trace_of_a_quadratic(make_backend("numpy"), distribution)
 
 
 def check_loss_trace_of_a_quadratic(cpu_backend: Any, distribution: str) -> None:
@@ -596,7 +546,7 @@ def test_loss_trace_is_exact_for_a_diagonal_hessian(cpu_backend: Any) -> None:
 def test_expected_curvature_is_the_trace(distribution: str) -> None:
     """E[ηᵀHη] = tr H (Gaussian, Rademacher) and D E[uᵀHu] = tr H (sphere), within
     5 standard deviations of the known variance."""
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     d, m = 6, 600
     A = symmetric(d, 8, shift=0.5)
     q = Quadratic(backend, A, np.zeros(d), np.zeros(d))
@@ -612,7 +562,7 @@ def test_expected_curvature_is_the_trace(distribution: str) -> None:
 
 
 def test_filter_directions_estimate_the_weighted_trace() -> None:
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     blocks = make_blocks([("weight", (3, 4)), ("bias", (3,))])
     d = 15
     A = symmetric(d, 9, shift=2.0)
@@ -778,7 +728,7 @@ def test_saddle_probability_closed_forms_on_every_backend(cpu_backend: Any) -> N
 
 @pytest.mark.parametrize(("a", "c"), [(1.0, 1.0), (1.0, 3.0), (0.1, 5.0)])
 def test_saddle_probability_closed_forms(a: float, c: float) -> None:
-    check_saddle_closed_forms(numpy_backend(), a, c)
+    check_saddle_closed_forms(make_backend("numpy"), a, c)
 
 
 def check_saddle_closed_forms(cpu_backend: Any, a: float, c: float) -> None:
@@ -1015,9 +965,9 @@ def test_landscape_errors(host_backend: Any) -> None:
 
 def test_landscape_errors_numpy() -> None:
     torch = pytest.importorskip("torch")
-    _, _, _, loss = reference_loss(numpy_backend(), "tanh")
-    _, _, _, other = reference_loss(numpy_backend(), "tanh", seed=5)
-    _, _, _, mean = reference_loss(numpy_backend(), "tanh", reduction="mean")
+    _, _, _, loss = reference_loss(make_backend("numpy"), "tanh")
+    _, _, _, other = reference_loss(make_backend("numpy"), "tanh", seed=5)
+    _, _, _, mean = reference_loss(make_backend("numpy"), "tanh", reduction="mean")
     d = loss.num_params
     good = random_directions(loss, num_directions=2, rng=0)
     with pytest.raises(ValueError, match="same reduction; batch 1 uses 'mean'"):
@@ -1060,7 +1010,7 @@ def test_more_error_messages() -> None:
     from fisherbound.adapters import jax as jax_adapter
     from fisherbound.adapters import torch as torch_adapter
 
-    backend = numpy_backend()
+    backend = make_backend("numpy")
     _, _, _, loss = reference_loss(backend, "tanh")
     _, _, _, small = reference_loss(backend, "linear")
     d = loss.num_params
@@ -1076,7 +1026,7 @@ def test_more_error_messages() -> None:
     shuffled = make_blocks([("a", (3,)), ("b", (d - 3,))])[::-1]
     with pytest.raises(ValueError, match=r"blocks must tile the parameter vector in order"):
         random_directions(loss.params, kind="filter", blocks=shuffled)
-    strict = StrictBackend()
+    strict = make_backend("strict-device1")
     _, _, _, on_device = reference_loss(strict, "tanh")
     import array_api_strict as xs
 

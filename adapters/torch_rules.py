@@ -142,7 +142,7 @@ class LayerRule:
         d
             The output gradients δ (K, N, ...) of K cotangents.
         sum_k
-            Return the sum over k, shape ``p.shape``, instead of (K, *p.shape).
+            Return the sum over k, shape ``p.shape``, instead of ``(K, *p.shape)``.
         n_chunk
             At most this many examples' per-example layer gradients at once.
         """

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from fisherbound._accumulator import Accumulator
 from fisherbound._lib import (
@@ -97,6 +97,18 @@ DEFAULT_MAX_ROUNDS = 64
 # the shared options and the loop
 
 
+class _Common(NamedTuple):
+    """The validated options every estimator shares."""
+
+    family: Family
+    qty: Quantity
+    reduction: str
+    limit: int | None
+    progress: bool | None
+    coll: Collective | None
+    blocks: tuple[str, ...] | None
+
+
 def _check_options(
     family: Any,
     what: str,
@@ -106,15 +118,19 @@ def _check_options(
     blocks: Sequence[str] | None,
     max_block_size: int,
     max_vectors: int | None,
-) -> tuple[Family, Quantity, int | None]:
-    """Validate the options every estimator shares; the family, quantity and limit."""
+    progress: bool | None,
+    process_group: Any,
+) -> _Common:
+    """Validate the options every estimator shares (once, for all three)."""
     fam = check_family(family)
     check_choice(what, "what", WHATS)
     check_choice(reduction, "reduction", REDUCTIONS)
     limit = check_optional_int(max_batches, "max_batches")
     size = check_positive_int(max_block_size, "max_block_size")
     check_optional_int(max_vectors, "max_vectors")
-    return fam, quantity(what, blocks=blocks, max_size=size, owner="what='blocks'"), limit
+    qty = quantity(what, blocks=blocks, max_size=size, owner="what='blocks'")
+    names = None if blocks is None else tuple(blocks)
+    return _Common(fam, qty, reduction, limit, progress, collective(process_group), names)
 
 
 def _check_sampled_target(
@@ -131,28 +147,26 @@ def _check_sampled_target(
 
 def _run(
     source: Any,
-    family: Family,
-    qty: Quantity,
+    common: _Common,
     draw: Any,
     *,
-    reduction: str,
     target: float | None,
-    limit: int | None,
-    progress: bool | None,
     desc: str,
-    rounds: bool,
-    per_example: bool,
-    coll: Collective | None = None,
-    options: dict[str, Any] | None = None,
+    squares: bool,
+    **options: Any,
 ) -> Estimate:
     """Stream the batches (or, with ``rounds``, redraw on one batch) and accumulate.
 
-    ``draw(lin)`` returns the per-probe samples of a batch. With a collective, the
+    ``draw(lin)`` returns the per-probe samples of a batch (``squares``: per-example
+    squares, whose factor stacks rows); ``options`` are the estimator's own, which
+    the ranks compare with the shared ones. With a collective, the
     ranks' states are all-reduced at the end; with a target as well, the ranks step
     in lockstep and stop together once the all-reduced trace estimate reaches it
     (or when every rank has run out of batches).
     """
-    opts = dict(options or {})
+    family, qty, reduction, limit, progress, coll, blocks = common
+    opts = {"what": qty.what} | options | {"blocks": blocks}
+    rounds = isinstance(source, Linearization) and target is not None
     stream = Stream(
         source,
         family,
@@ -161,11 +175,15 @@ def _run(
         coll=coll,
         limit=None if rounds else limit,
     )
-    settings = {"what": qty.what, "reduction": reduction, "target_relative_error": target}
+    settings: dict[str, Any] = {
+        "what": qty.what,
+        "reduction": reduction,
+        "target_relative_error": target,
+    }
     settings |= {"max_batches": limit, "rounds of probes on one batch": rounds}
     # Before any data-dependent collective: every rank runs the same call.
     stream.agree_options(**(settings | opts))
-    state = qty.running(per_example=per_example)
+    state = qty.running(per_example=squares)
     count = 0
     reached = False
     if rounds:
@@ -399,13 +417,14 @@ def detach_and_mix(
     >>> float(detach_and_mix(lin, what="trace", num_probes=4, rng=0).value) > 0
     True
     """
-    fam, qty, limit = _check_options(
+    common = _check_options(
         family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
-        max_block_size=max_block_size, max_vectors=max_vectors,
+        max_block_size=max_block_size, max_vectors=max_vectors, progress=progress,
+        process_group=process_group,
     )  # fmt: skip
+    fam, qty, coll = common.family, common.qty, common.coll
     m = check_positive_int(num_probes, "num_probes")
     gen = as_generator(rng)
-    coll = collective(process_group)
     check_choice(kernel, "kernel", KERNELS)
     check_choice(distribution, "distribution", DISTRIBUTIONS)
     per_example = check_bool(per_example, "per_example")
@@ -435,27 +454,9 @@ def detach_and_mix(
         )
 
     return _run(
-        source,
-        fam,
-        qty,
-        draw,
-        reduction=reduction,
-        target=target,
-        limit=limit,
-        progress=progress,
-        desc="detach-and-mix",
-        rounds=isinstance(source, Linearization) and target is not None,
-        per_example=per_example,
-        coll=coll,
-        options={
-            "what": what,
-            "num_probes": m,
-            "kernel": kernel,
-            "distribution": distribution,
-            "per_example": per_example,
-            "blocks": None if blocks is None else tuple(blocks),
-        },
-    )
+        source, common, draw, target=target, desc="detach-and-mix", squares=per_example,
+        num_probes=m, kernel=kernel, distribution=distribution, per_example=per_example,
+    )  # fmt: skip
 
 
 def monte_carlo(
@@ -502,13 +503,14 @@ def monte_carlo(
     >>> monte_carlo(lin, num_samples=8, rng=0).value.shape
     (67,)
     """
-    fam, qty, limit = _check_options(
+    common = _check_options(
         family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
-        max_block_size=max_block_size, max_vectors=max_vectors,
+        max_block_size=max_block_size, max_vectors=max_vectors, progress=progress,
+        process_group=process_group,
     )  # fmt: skip
+    fam, qty, coll = common.family, common.qty, common.coll
     k = check_positive_int(num_samples, "num_samples")
     gen = as_generator(rng)
-    coll = collective(process_group)
     target = check_target(target_relative_error)
     _check_sampled_target(target, k, "num_samples", "draws per batch", coll, what)
     if coll is not None:
@@ -521,24 +523,9 @@ def monte_carlo(
         return qty.from_squares(lin, fam.score(zb, y), max_vectors)  # scores (k, N, C)
 
     return _run(
-        source,
-        fam,
-        qty,
-        draw,
-        reduction=reduction,
-        target=target,
-        limit=limit,
-        progress=progress,
-        desc="Monte-Carlo Fisher",
-        rounds=isinstance(source, Linearization) and target is not None,
-        per_example=True,
-        coll=coll,
-        options={
-            "what": what,
-            "num_samples": k,
-            "blocks": None if blocks is None else tuple(blocks),
-        },
-    )
+        source, common, draw, target=target, desc="Monte-Carlo Fisher", squares=True,
+        num_samples=k,
+    )  # fmt: skip
 
 
 def empirical(
@@ -595,34 +582,21 @@ def empirical(
     >>> est.value.shape, float(est.std_error.max())
     ((67,), 0.0)
     """
-    fam, qty, limit = _check_options(
+    common = _check_options(
         family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
-        max_block_size=max_block_size, max_vectors=max_vectors,
+        max_block_size=max_block_size, max_vectors=max_vectors, progress=progress,
+        process_group=process_group,
     )  # fmt: skip
+    fam, qty = common.family, common.qty
     batch_labels = _LabelSource(labels)
-    coll = collective(process_group)
 
     def draw(lin: Any) -> Any:
         y = batch_labels.take(lin)
         fam.check_labels(lin.logits, y)
         return qty.from_squares(lin, fam.score(lin.logits, y)[None, ...], max_vectors)
 
-    est = _run(
-        source,
-        fam,
-        qty,
-        draw,
-        reduction=reduction,
-        target=None,
-        limit=limit,
-        progress=progress,
-        desc="empirical Fisher",
-        rounds=False,
-        per_example=True,
-        coll=coll,
-        options={"what": what, "blocks": None if blocks is None else tuple(blocks)},
-    )
-    if limit is None or batch_labels.batches < limit:
+    est = _run(source, common, draw, target=None, desc="empirical Fisher", squares=True)
+    if common.limit is None or batch_labels.batches < common.limit:
         # Only a source that was read to its end can be checked for unused labels.
         batch_labels.finish()
     xp = array_namespace(_first_leaf(est.std_error), names=("std_error",))

@@ -99,11 +99,10 @@ def _accumulate(
     family: Family,
     kernels: Sequence[str],
     quantity: Quantity,
-    *,
     reduction: str,
     max_vectors: int | None,
     progress: bool | None,
-    process_group: Any = None,
+    process_group: Any,
 ) -> list[Any]:
     """Σ_x of ``quantity`` of J_xᵀ K(z_x) J_x for each kernel, in one pass."""
     stream = Stream(
@@ -199,15 +198,9 @@ def fisher_diagonal(
     array([0.2222, 0.8889, 0.2222, 0.8889, 0.2222, 0.8889])
     """
     fam = _front(family, kernel, reduction, max_vectors)
+    qty = quantity("diagonal")
     (out,) = _accumulate(
-        source,
-        fam,
-        [kernel],
-        quantity("diagonal"),
-        reduction=reduction,
-        max_vectors=max_vectors,
-        progress=progress,
-        process_group=process_group,
+        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
     )
     return out
 
@@ -229,15 +222,9 @@ def fisher_trace(
     ``fisherbound.estimators``. ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
+    qty = quantity("trace")
     (out,) = _accumulate(
-        source,
-        fam,
-        [kernel],
-        quantity("trace"),
-        reduction=reduction,
-        max_vectors=max_vectors,
-        progress=progress,
-        process_group=process_group,
+        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
     )
     return out
 
@@ -267,15 +254,9 @@ def fisher_blocks(
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_block_size, "max_block_size")
+    qty = quantity("blocks", blocks=blocks, max_size=max_block_size, owner="fisher_blocks")
     (out,) = _accumulate(
-        source,
-        fam,
-        [kernel],
-        quantity("blocks", blocks=blocks, max_size=max_block_size, owner="fisher_blocks"),
-        reduction=reduction,
-        max_vectors=max_vectors,
-        progress=progress,
-        process_group=process_group,
+        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
     )
     return out
 
@@ -299,15 +280,9 @@ def fisher_dense(
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_params, "max_params")
+    qty = quantity("dense", max_size=max_params)
     (out,) = _accumulate(
-        source,
-        fam,
-        [kernel],
-        quantity("dense", max_size=max_params),
-        reduction=reduction,
-        max_vectors=max_vectors,
-        progress=progress,
-        process_group=process_group,
+        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
     )
     return out
 
@@ -346,15 +321,9 @@ def fisher_bounds(
     fam = _front(family, kernels[0], reduction, max_vectors)
     check_choice(what, "what", WHATS)
     check_positive_int(max_size, "max_size")
+    qty = quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks")
     lower, upper = _accumulate(
-        source,
-        fam,
-        kernels,
-        quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks"),
-        reduction=reduction,
-        max_vectors=max_vectors,
-        progress=progress,
-        process_group=process_group,
+        source, fam, kernels, qty, reduction, max_vectors, progress, process_group
     )
     return Bounds(lower, upper)
 

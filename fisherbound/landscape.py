@@ -107,6 +107,15 @@ __all__ = [
     "surface",
 ]
 
+# The re-exported functions live in private modules (split by job); their doctests
+# still run with ``doctest.testmod(fisherbound.landscape)``.
+__test__ = {
+    "random_directions": random_directions,
+    "default_step": default_step,
+    "saddle_probability": saddle_probability,
+    "SaddleProbability": SaddleProbability,
+}
+
 #: ``loss_trace`` methods: loss values only, or Hessian-vector products.
 TRACE_METHODS = ("loss", "hvp")
 #: ``hessian_directions`` methods.

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _backends import make_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,54 +33,7 @@ RADEMACHER_VAR_REF = np.array([0.056252, 0.016832, 0.002972])
 # helpers
 
 
-class _NumpyBackend:
-    """The NumPy entry of the backend matrix, for tests that run on NumPy only."""
-
-    name = "numpy"
-    device = None
-
-    @property
-    def xp(self) -> Any:
-        import array_api_compat.numpy
-
-        return array_api_compat.numpy
-
-    def asarray(self, a: Any, dtype: str = "float64") -> np.ndarray:
-        return np.asarray(a, dtype=dtype)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
-
-
-NUMPY = _NumpyBackend()
-
-
-class _StrictDevice1(_NumpyBackend):
-    """array-api-strict on a fake non-default device: host copies raise."""
-
-    name = "strict-device1"
-
-    @property
-    def xp(self) -> Any:
-        return pytest.importorskip("array_api_strict")
-
-    @property
-    def device(self) -> Any:  # type: ignore[override]
-        return self.xp.Device("device1")
-
-    def asarray(self, a: Any, dtype: str = "float64") -> Any:
-        return self.xp.asarray(np.asarray(a), dtype=getattr(self.xp, dtype), device=self.device)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        from fisherbound._lib import to_host
-
-        return np.asarray(to_host(x))
-
-
-@pytest.fixture(params=["numpy", "strict-device1"])
-def light_backend(request: pytest.FixtureRequest) -> Any:
-    """NumPy and strict on a fake device: for tests whose JAX/torch runs add nothing."""
-    return NUMPY if request.param == "numpy" else _StrictDevice1()
+NUMPY = make_backend("numpy")
 
 
 def identity_model(backend: Any, p: np.ndarray = P_REF) -> Any:
@@ -179,8 +133,8 @@ def test_enumeration_gives_exact_diagonal_trace_blocks(cpu_backend) -> None:
     check_enumeration(cpu_backend, per_example=False)
 
 
-def test_enumeration_per_example(light_backend) -> None:
-    check_enumeration(light_backend, per_example=True)
+def test_enumeration_per_example(host_backend) -> None:
+    check_enumeration(host_backend, per_example=True)
 
 
 def check_enumeration(cpu_backend, *, per_example) -> None:
@@ -198,19 +152,19 @@ def check_enumeration(cpu_backend, *, per_example) -> None:
         )
 
 
-def test_enumeration_full_factor_gives_dense_fisher(light_backend) -> None:
-    lin = mlp(light_backend, n=2)
-    g = enumerate_samples(light_backend, lin, Categorical(), what="full")  # (64, D)
-    dense = light_backend.to_numpy(fisher_dense(lin))
+def test_enumeration_full_factor_gives_dense_fisher(host_backend) -> None:
+    lin = mlp(host_backend, n=2)
+    g = enumerate_samples(host_backend, lin, Categorical(), what="full")  # (64, D)
+    dense = host_backend.to_numpy(fisher_dense(lin))
     np.testing.assert_allclose(g.T @ g / g.shape[0], dense, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel", ["upper", "lower"])
-def test_enumeration_bound_variants(light_backend, kernel) -> None:
-    lin = mlp(light_backend, n=2)
+def test_enumeration_bound_variants(host_backend, kernel) -> None:
+    lin = mlp(host_backend, n=2)
     lower, upper = fisher_bounds(lin)
-    expected = light_backend.to_numpy(upper if kernel == "upper" else lower)
-    diag = enumerate_samples(light_backend, lin, Categorical(), kernel=kernel)
+    expected = host_backend.to_numpy(upper if kernel == "upper" else lower)
+    diag = enumerate_samples(host_backend, lin, Categorical(), kernel=kernel)
     np.testing.assert_allclose(diag.mean(axis=0), expected, atol=1e-12)
 
 
@@ -303,8 +257,8 @@ def test_per_example_beats_batch_level() -> None:
     assert np.median(per.std_error / batch.std_error) < 0.5
 
 
-def test_full_factor(light_backend) -> None:
-    cpu_backend = light_backend
+def test_full_factor(host_backend) -> None:
+    cpu_backend = host_backend
     lins = [mlp(cpu_backend, n=3, seed=0), mlp(cpu_backend, n=2, seed=0)]
     to_np = cpu_backend.to_numpy
     est = detach_and_mix(lins, what="full", num_probes=5, rng=2)
@@ -418,8 +372,8 @@ def test_accumulator_update_merge_pool() -> None:
     assert "batches=2" in repr(acc)
 
 
-def test_calls_on_shards_merge_to_the_whole(light_backend) -> None:
-    cpu_backend = light_backend
+def test_calls_on_shards_merge_to_the_whole(host_backend) -> None:
+    cpu_backend = host_backend
     b1, b2 = mlp(cpu_backend, n=3, seed=0), mlp(cpu_backend, n=4, seed=0)
     whole = detach_and_mix([b1, b2], num_probes=4, rng=np.random.default_rng(11))
     gen = np.random.default_rng(11)
@@ -555,8 +509,8 @@ def score_rows(lin, labels, family, to_np):
 
 
 @pytest.mark.parametrize("family", [Categorical(), Bernoulli()], ids=["cat", "bern"])
-def test_empirical_matches_brute_force(light_backend, family) -> None:
-    cpu_backend = light_backend
+def test_empirical_matches_brute_force(host_backend, family) -> None:
+    cpu_backend = host_backend
     lins = [mlp(cpu_backend, n=4, seed=0), mlp(cpu_backend, n=3, seed=1)]
     lins[1] = linearize(lins[0].model, lins[1].inputs)
     rng = np.random.default_rng(0)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _backends import make_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,24 +33,7 @@ FAMILIES = [Categorical(), Bernoulli(), Gaussian()]
 FAMILY_IDS = ["categorical", "bernoulli", "gaussian"]
 
 
-class _NumpyBackend:
-    name = "numpy"
-    device = None
-
-    @property
-    def xp(self) -> Any:
-        import array_api_compat.numpy
-
-        return array_api_compat.numpy
-
-    def asarray(self, a: Any, dtype: str = "float64") -> np.ndarray:
-        return np.asarray(a, dtype=dtype)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)
-
-
-NUMPY = _NumpyBackend()
+NUMPY = make_backend("numpy")
 
 
 def identity_model(backend: Any) -> Any:
@@ -369,10 +353,10 @@ def test_section4_jax() -> None:
     assert_variance_matches(i2, np.asarray(classical_variance(lin, fam, estimator="hessian")))
 
 
-def test_second_derivatives_numpy_against_finite_differences(light_backend) -> None:
-    lin = mlp(light_backend, n=2, sizes=(3, 4, 4, 2), seed=1)
+def test_second_derivatives_numpy_against_finite_differences(host_backend) -> None:
+    lin = mlp(host_backend, n=2, sizes=(3, 4, 4, 2), seed=1)
     model = lin.model
-    to_np = light_backend.to_numpy
+    to_np = host_backend.to_numpy
     theta = to_np(model.parameters())
     x = lin.inputs
     h = to_np(lin.output_second_derivative_diagonal(max_vectors=1))
@@ -381,34 +365,12 @@ def test_second_derivatives_numpy_against_finite_differences(light_backend) -> N
     for i in range(theta.size):
         e = np.zeros_like(theta)
         e[i] = eps
-        plus = to_np(model.with_parameters(light_backend.asarray(theta + e))(x))
-        minus = to_np(model.with_parameters(light_backend.asarray(theta - e))(x))
+        plus = to_np(model.with_parameters(host_backend.asarray(theta + e))(x))
+        minus = to_np(model.with_parameters(host_backend.asarray(theta - e))(x))
         fd[:, :, i] = (plus - 2 * to_np(model(x)) + minus) / eps**2
     np.testing.assert_allclose(h, fd, atol=1e-6)
     last = model.blocks[-2].offset  # the last layer: z is linear in it
     assert np.all(h[:, :, last:] == 0)
-
-
-@pytest.fixture(params=["numpy", "strict-device1"])
-def light_backend(request: pytest.FixtureRequest) -> Any:
-    if request.param == "numpy":
-        return NUMPY
-    xs = pytest.importorskip("array_api_strict")
-
-    class Strict(_NumpyBackend):
-        name = "strict-device1"
-        xp = xs  # type: ignore[assignment]
-        device = xs.Device("device1")
-
-        def asarray(self, a: Any, dtype: str = "float64") -> Any:
-            return xs.asarray(np.asarray(a), dtype=getattr(xs, dtype), device=self.device)
-
-        def to_numpy(self, x: Any) -> np.ndarray:
-            from fisherbound._lib import to_host
-
-            return np.asarray(to_host(x))
-
-    return Strict()
 
 
 # --------------------------------------------------------------------------- #

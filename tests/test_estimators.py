@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fisherbound import Estimate
-from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
 from fisherbound._quantities import quantity
+from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
 from fisherbound.estimators import (
     Accumulator,
     _probe_samples,

@@ -11,8 +11,8 @@ from _backends import make_backend
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
 from fisherbound._quantities import quantity
+from fisherbound.adapters.numpy import MLP, LinearSoftmax, linearize
 from fisherbound.estimators import _probe_samples
 from fisherbound.families import Bernoulli, Categorical, Gaussian
 from fisherbound.fisher import fisher_dense, fisher_diagonal

@@ -322,10 +322,12 @@ def _prod(shape: Sequence[int]) -> int:
     return result
 
 
-class LayerNormRule(LayerRule):
-    """``nn.LayerNorm``: x̂ = layer_norm(a) without affine; Σ over positions of δ x̂."""
+class _TrailingNormRule(LayerRule):
+    """Norms over the trailing ``normalized_shape``: Σ over positions of δ x̂ (and δ)."""
 
-    module_types = (nn.LayerNorm,)
+    def normalized(self, module: Any, a: Tensor) -> Tensor:
+        """x̂, the layer's input normalised without the affine map."""
+        raise NotImplementedError
 
     def layout_ok(self, module: Any, a: Tensor) -> bool:
         """More axes than ``normalized_shape`` (the example axis in front)."""
@@ -336,11 +338,21 @@ class LayerNormRule(LayerRule):
     ) -> dict[str, Tensor]:
         """See :meth:`LayerRule.squares`."""
         k, n = d.shape[0], d.shape[1]
-        shape = tuple(module.normalized_shape)
-        xhat = F.layer_norm(a, shape, None, None, module.eps)
-        size = xhat[0].numel() // max(1, _prod(shape))
+        xhat = self.normalized(module, a)
+        size = xhat[0].numel() // max(1, _prod(tuple(module.normalized_shape)))
         x3 = xhat.reshape(n, size, -1)  # (N, positions, features)
-        return _affine_squares(module, x3, d.reshape(k, n, size, -1), 2, sum_k, n_chunk)
+        d4 = d.reshape(k, n, size, -1)
+        return _affine_squares(module, x3, d4, 2, sum_k, n_chunk, bias="bias" in self.params)
+
+
+class LayerNormRule(_TrailingNormRule):
+    """``nn.LayerNorm``: x̂ = layer_norm(a) without affine; Σ over positions of δ x̂."""
+
+    module_types = (nn.LayerNorm,)
+
+    def normalized(self, module: Any, a: Tensor) -> Tensor:
+        """layer_norm(a) over ``normalized_shape`` with the module's eps, no affine map."""
+        return F.layer_norm(a, tuple(module.normalized_shape), None, None, module.eps)
 
 
 class _ChannelNormRule(LayerRule):
@@ -383,31 +395,19 @@ class BatchNormRule(_ChannelNormRule):
         return (a - mean) * torch.rsqrt(var + module.eps)
 
 
-class RMSNormRule(LayerRule):
+class RMSNormRule(_TrailingNormRule):
     """``nn.RMSNorm``: x̂ = a / rms(a) without the weight; Σ over positions of δ x̂.
 
-    The weight is its only parameter. The example of docs/adapters.md ("adding
-    a layer rule"): one class and one line in ``RULES``.
+    The weight is its only parameter. The example of docs/adapters.md ("Adding a
+    layer rule"): one class and one line in ``RULES``.
     """
 
     module_types = (nn.RMSNorm,)
     params = ("weight",)
 
-    def layout_ok(self, module: Any, a: Tensor) -> bool:
-        """More axes than ``normalized_shape`` (the example axis in front)."""
-        return a.ndim > len(module.normalized_shape)
-
-    def squares(
-        self, module: Any, a: Tensor, d: Tensor, *, sum_k: bool, n_chunk: int
-    ) -> dict[str, Tensor]:
-        """See :meth:`LayerRule.squares`."""
-        k, n = d.shape[0], d.shape[1]
-        shape = tuple(module.normalized_shape)
-        xhat = F.rms_norm(a, shape, None, module.eps)
-        size = xhat[0].numel() // max(1, _prod(shape))
-        x3 = xhat.reshape(n, size, -1)  # (N, positions, features)
-        d4 = d.reshape(k, n, size, -1)
-        return _affine_squares(module, x3, d4, 2, sum_k, n_chunk, bias=False)
+    def normalized(self, module: Any, a: Tensor) -> Tensor:
+        """rms_norm(a) over ``normalized_shape`` with the module's eps, no weight."""
+        return F.rms_norm(a, tuple(module.normalized_shape), None, module.eps)
 
 
 #: The registry: one instance per layer kind, matched in order with ``isinstance``.

@@ -9,8 +9,12 @@ from fisherbound.linearization import (
     Linearization,
     LinearizationBase,
     as_linearizations,
+    check_batches,
+    check_operand,
     example_range,
     make_blocks,
+    stream_inputs,
+    stream_pairs,
 )
 
 
@@ -88,3 +92,54 @@ def test_as_linearizations(backend) -> None:
         list(as_linearizations([lin, 3]))
     with pytest.raises(TypeError, match="got str"):
         list(as_linearizations("lin"))
+
+
+# ---------------------------------------------------------------------------
+# The adapter shell
+# ---------------------------------------------------------------------------
+
+
+def test_operand_check_of_the_base_class(backend) -> None:
+    lin = DenseJacobian(backend.asarray(np.zeros((5, 3, 7))), backend)
+    v = lin._operand(backend.asarray(np.ones(7), dtype="float32"), "v", (7,), "(D,)")
+    assert v.dtype == lin.dtype  # cast to the logits' dtype
+    with pytest.raises(ValueError, match=r"v must have shape \(D,\) = \(7\); got shape \(6,\)"):
+        lin._operand(backend.asarray(np.ones(6)), "v", (7,), "(D,)")
+    with pytest.raises(ValueError, match=r"U must have shape \(M, N, C\) = \(M, 5, 3\)"):
+        lin._operand(backend.asarray(np.ones((2, 5))), "U", (None, 5, 3), "(M, N, C)")
+    with pytest.raises(TypeError, match="real floating-point dtype"):
+        lin._operand(backend.asarray(np.ones(7), dtype="int64"), "v", (7,), "(D,)")
+    like = backend.asarray(np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"U must have shape \(n, K, C\) = \(5, M, 3\)"):
+        check_operand(
+            backend.asarray(np.ones((5, 3))),
+            "U",
+            (5, None, 3),
+            "(n, K, C)",
+            like=like,
+            like_name="the logits",
+            owner="the logits' device",
+            remedy="",
+            free="M",
+        )
+
+
+def test_streams_of_batches() -> None:
+    with pytest.raises(TypeError, match=r"batches must be an iterable of pairs; got int\. Use x\."):
+        check_batches(3, what="pairs", remedy="Use x.")
+    with pytest.raises(TypeError, match="got ndarray"):
+        check_batches(np.ones(3), what="pairs", remedy="")
+    data = [np.ones(2), (np.zeros(3), "labels"), [np.ones(4)]]
+    assert check_batches(data, what="pairs", remedy="") is data
+    built = stream_inputs(data, lambda i, x: (i, x.shape), single="an array")
+    assert list(built) == [(0, (2,)), (1, (3,)), (2, (4,))]
+    empty = stream_inputs([np.ones(2), ()], lambda i, x: x, single="an array")
+    next(empty)  # lazy: the bad batch is seen when it is reached
+    with pytest.raises(ValueError, match=r"batch 1 must be an array or a non-empty tuple"):
+        next(empty)
+    pairs = stream_pairs([(1, 2), (3, 4, 5)], lambda i, x, y: (i, x, y))
+    assert list(pairs) == [(0, 1, 2), (1, 3, 4)]
+    with pytest.raises(TypeError, match=r"batch 1 must be a pair \(inputs, labels\); got list\.$"):
+        list(stream_pairs([(1, 2), [3]], lambda i, x, y: y))
+    with pytest.raises(TypeError, match=r"got list of length 1\.$"):
+        list(stream_pairs([[3]], lambda i, x, y: y, say_length=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _models import jax_mlp, mlp_weights, torch_mlp
 
 from fisherbound.families import KERNELS, Bernoulli, Categorical, Gaussian
 from fisherbound.fisher import (
@@ -146,13 +147,6 @@ def test_streaming_equals_one_batch_and_mean_divides(cpu_backend) -> None:
 # the three adapters on the same weights
 
 
-def _weights(sizes, seed):
-    rng = np.random.default_rng(seed)
-    ws = [rng.standard_normal((o, i)) / np.sqrt(i) for i, o in zip(sizes[:-1], sizes[1:])]
-    bs = [0.1 * rng.standard_normal(o) for o in sizes[1:]]
-    return ws, bs
-
-
 def _numpy_lin(ws, bs, x):
     from fisherbound.adapters.numpy import MLP, linearize
 
@@ -163,15 +157,7 @@ def _torch_lin(ws, bs, x):
     torch = pytest.importorskip("torch")
     from fisherbound.adapters.torch import linearize
 
-    layers: list = []
-    for w, b in zip(ws, bs):
-        lin = torch.nn.Linear(w.shape[1], w.shape[0]).double()
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(w))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers += [lin, torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
-    return linearize(model, torch.from_numpy(x))
+    return linearize(torch_mlp(ws, bs), torch.from_numpy(x))
 
 
 def _jax_lin(ws, bs, x):
@@ -180,16 +166,7 @@ def _jax_lin(ws, bs, x):
 
     from fisherbound.adapters.jax import linearize
 
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(ws, bs)]
-
-    def apply(params, x):
-        h = x
-        for i, (w, b) in enumerate(params):
-            h = h @ w.T + b
-            if i < len(params) - 1:
-                h = jnp.tanh(h)
-        return h
-
+    apply, params = jax_mlp(ws, bs)
     return linearize(apply, params, jnp.asarray(x))
 
 
@@ -198,7 +175,7 @@ def test_adapters_agree_with_numpy_and_brute_force(make) -> None:
     from fisherbound._lib import to_host
 
     sizes = (3, 5, 4)
-    ws, bs = _weights(sizes, 11)
+    ws, bs = mlp_weights(sizes, 11)
     x = np.random.default_rng(12).standard_normal((5, 3))
     ref_lin = _numpy_lin(ws, bs, x)
     lin = make(ws, bs, x)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from _backends import make_backend
+from _models import jax_mlp, mlp_weights, torch_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -532,13 +533,6 @@ def test_razor_bernoulli_likelihood() -> None:
 # the torch and JAX adapters give the numbers of the NumPy reference models
 
 
-def _weights(sizes, seed):
-    gen = np.random.default_rng(seed)
-    ws = [gen.standard_normal((b, a)) / math.sqrt(a) for a, b in zip(sizes[:-1], sizes[1:])]
-    bs = [0.1 * gen.standard_normal(b) for b in sizes[1:]]
-    return ws, bs
-
-
 def _numpy_lin(ws, bs, x):
     from fisherbound.adapters.numpy import MLP, linearize
 
@@ -550,14 +544,7 @@ def _torch_lin(ws, bs, x):
     torch = pytest.importorskip("torch")
     from fisherbound.adapters.torch import linearize
 
-    layers: list = []
-    for w, b in zip(ws, bs):
-        layer = torch.nn.Linear(w.shape[1], w.shape[0]).double()
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(w))
-            layer.bias.copy_(torch.from_numpy(b))
-        layers += [layer, torch.nn.Tanh()]
-    model = torch.nn.Sequential(*layers[:-1])
+    model = torch_mlp(ws, bs)
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return linearize(model, torch.from_numpy(x)), theta
 
@@ -568,16 +555,7 @@ def _jax_lin(ws, bs, x):
 
     from fisherbound.adapters.jax import linearize
 
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(ws, bs)]
-
-    def apply(params, x):
-        h = x
-        for i, (w, b) in enumerate(params):
-            h = h @ w.T + b
-            if i < len(params) - 1:
-                h = jnp.tanh(h)
-        return h
-
+    apply, params = jax_mlp(ws, bs)
     theta = jnp.concatenate([jnp.ravel(a) for layer in params for a in layer])
     return linearize(apply, params, jnp.asarray(x)), theta
 
@@ -586,7 +564,7 @@ def _jax_lin(ws, bs, x):
 def test_adapters_agree_with_numpy(make) -> None:
     from fisherbound._lib import to_host
 
-    ws, bs = _weights((3, 4, 3), 17)  # D = 31, small for JAX's per-shape compilation
+    ws, bs = mlp_weights((3, 4, 3), 17)  # D = 31, small for JAX's per-shape compilation
     x = np.random.default_rng(18).standard_normal((6, 3))
     y = np.array([0, 1, 2, 2, 1, 0])
     ref_lin, ref_theta = _numpy_lin(ws, bs, x)

@@ -30,6 +30,7 @@ from fisherbound._lib import (
     check_choice,
     collective,
     device_of,
+    estimate_from_samples,
     variance_of_mean,
 )
 
@@ -498,14 +499,11 @@ class FactorSum:
         return math.nan
 
     def relative_error(self, xp: Any) -> float:
-        m = int(self.factor.shape[0])
-        if m < 2:
+        if int(self.factor.shape[0]) < 2:
             return math.nan
-        t = xp.sum(self.factor * self.factor, axis=1)
-        mean = xp.mean(t)
-        sd = xp.sqrt(xp.sum((t - mean) ** 2) / (m - 1))
-        value = abs(float(mean))
-        return math.inf if value == 0.0 else float(sd) / math.sqrt(m) / value
+        est = estimate_from_samples(xp.sum(self.factor * self.factor, axis=1), xp)
+        value = abs(float(est.value))
+        return math.inf if value == 0.0 else float(est.std_error) / value
 
     def estimate(self, scale: float, xp: Any) -> Estimate:
         g = self.factor

@@ -42,8 +42,7 @@ def estimate_from_samples(samples: Array, xp: Any) -> Estimate:
     m = int(samples.shape[0])
     mean = xp.mean(samples, axis=0)
     if m > 1:
-        var = xp.sum((samples - mean) ** 2, axis=0) / (m - 1)
-        se = xp.sqrt(var / m)
+        se = xp.sqrt(variance_of_mean(samples, mean, m, xp))
     else:
         se = xp.full_like(mean, float("nan"))
     return Estimate(mean, se, m)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _backends import make_backend
+from _models import jax_dict_order, jax_mlp, torch_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -242,45 +243,17 @@ def test_reference_loss_mean_reduction_and_float32(host_backend: Any) -> None:
 
 
 def torch_twin(model: MLP) -> Any:
-    torch = pytest.importorskip("torch")
-    layers: list[Any] = []
-    for i, (w, b) in enumerate(zip(model.weights, model.biases)):
-        lin = torch.nn.Linear(w.shape[1], w.shape[0]).double()
-        with torch.no_grad():
-            lin.weight.copy_(torch.as_tensor(w))
-            lin.bias.copy_(torch.as_tensor(b))
-        layers.append(lin)
-        if i < len(model.weights) - 1:
-            layers.append(torch.nn.Tanh() if model.activation == "tanh" else torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    return torch_mlp(model.weights, model.biases, model.activation)
 
 
 def jax_twin(model: MLP) -> tuple[Any, Any]:
-    pytest.importorskip("jax")
-    import jax.numpy as jnp
-
-    params = [
-        {"w": jnp.asarray(w), "b": jnp.asarray(b)} for w, b in zip(model.weights, model.biases)
-    ]
-    act = jnp.tanh if model.activation == "tanh" else (lambda h: jnp.maximum(h, 0.0))
-
-    def apply_fn(p: Any, x: Any) -> Any:
-        for i, layer in enumerate(p):
-            x = x @ layer["w"].T + layer["b"]
-            if i < len(p) - 1:
-                x = act(x)
-        return x
-
-    return apply_fn, params
+    """``[{"w": W, "b": b}, ...]`` layers: flattened ``(b, W)`` (see :func:`jax_order`)."""
+    return jax_mlp(model.weights, model.biases, model.activation, layout="dict")
 
 
 def jax_order(model: MLP) -> np.ndarray:
     """Permutation from the NumPy layout (w, b per layer) to the JAX one (b, w)."""
-    order = []
-    for blk_w, blk_b in zip(model.blocks[0::2], model.blocks[1::2]):
-        order += list(range(blk_b.offset, blk_b.offset + blk_b.size))
-        order += list(range(blk_w.offset, blk_w.offset + blk_w.size))
-    return np.array(order)
+    return jax_dict_order(model.blocks)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _backends import make_backend
+from _models import jax_mlp, torch_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -271,27 +272,12 @@ def test_section4_exact_by_enumerating_labels() -> None:
         )
 
 
-def torch_mlp_like(lin_np):
-    torch = pytest.importorskip("torch")
-    model = lin_np.model
-    layers: list[Any] = []
-    for i, (w, b) in enumerate(zip(model.weights, model.biases)):
-        lin = torch.nn.Linear(w.shape[1], w.shape[0]).double()
-        with torch.no_grad():
-            lin.weight.copy_(torch.as_tensor(w))
-            lin.bias.copy_(torch.as_tensor(b))
-        layers.append(lin)
-        if i < len(model.weights) - 1:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers)
-
-
 def test_section4_torch() -> None:
     torch = pytest.importorskip("torch")
     from fisherbound.adapters.torch import linearize as torch_linearize
 
     lin_np = mlp(NUMPY, n=3, sizes=(3, 5, 3), seed=5)
-    module = torch_mlp_like(lin_np)
+    module = torch_mlp(lin_np.model.weights, lin_np.model.biases)
     x = torch.as_tensor(lin_np.inputs)
     lin = torch_linearize(module, x)
     h = lin.output_second_derivative_diagonal(max_vectors=7)
@@ -325,14 +311,7 @@ def test_section4_jax() -> None:
 
     lin_np = mlp(NUMPY, n=3, sizes=(3, 5, 3), seed=5)
     model = lin_np.model
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(model.weights, model.biases)]
-
-    def apply_fn(p, x):
-        for w, b in p[:-1]:
-            x = jnp.tanh(x @ w.T + b)
-        w, b = p[-1]
-        return x @ w.T + b
-
+    apply_fn, params = jax_mlp(model.weights, model.biases)
     x = jnp.asarray(lin_np.inputs)
     lin = jax_linearize(apply_fn, params, x)
     h = lin.output_second_derivative_diagonal(max_vectors=7)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _models import jax_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
@@ -319,11 +320,7 @@ def test_matches_numpy_reference_mlp() -> None:
     x = rng.normal(size=(N, D_IN))
     ref = np_linearize(MLP(weights, biases, activation="tanh"), x)
 
-    def apply_fn(params: list[tuple[Any, Any]], x: Any) -> Any:
-        (w0, b0), (w1, b1) = params
-        return jnp.tanh(x @ w0.T + b0) @ w1.T + b1
-
-    params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in zip(weights, biases, strict=True)]
+    apply_fn, params = jax_mlp(weights, biases)  # the same weights, flattened (W, b) per layer
     lin = linearize(apply_fn, params, x)
     assert [b.shape for b in lin.blocks] == [b.shape for b in ref.blocks]
     V, U = rng.normal(size=(3, lin.num_params)), rng.normal(size=(3, N, C))

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from _assertions import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -113,8 +114,8 @@ def test_aslinearoperator_keeps_namespace_and_device(backend):
     Av, AV = op.matvec(v), op.matmat(V)
     assert_on_backend(Av, backend)
     assert_on_backend(AV, backend)
-    np.testing.assert_allclose(backend.to_numpy(Av), a @ np.arange(3.0), rtol=1e-14)
-    np.testing.assert_allclose(backend.to_numpy(AV), a @ np.ones((3, 2)), rtol=1e-14)
+    assert_close(Av, a @ np.arange(3.0), rtol=1e-14, atol=0, like=backend)
+    assert_close(AV, a @ np.ones((3, 2)), rtol=1e-14, atol=0, like=backend)
     assert aslinearoperator(op) is op
 
 
@@ -148,7 +149,7 @@ def test_linear_operator_matmat_only_serves_matvec(backend):
     )
     out = op.matvec(backend.asarray(np.array([1.0, -1.0])))
     assert tuple(out.shape) == (2,)
-    np.testing.assert_allclose(backend.to_numpy(out), [1.0, -2.0])
+    assert_close(out, [1.0, -2.0], rtol=1e-7, atol=0, like=backend)
 
 
 def test_linear_operator_errors():
@@ -354,7 +355,7 @@ def test_hutchinson_same_seed_same_value_on_every_backend(backend):
     assert abs(float(est.std_error) - float(ref.std_error)) <= 1e-12
     ref_d = hutchinson_diagonal(a, num_probes=5, rng=11, distribution="gaussian")
     est_d = hutchinson_diagonal(backend.asarray(a), num_probes=5, rng=11, distribution="gaussian")
-    np.testing.assert_allclose(backend.to_numpy(est_d.value), ref_d.value, atol=1e-12)
+    assert_close(est_d.value, ref_d.value, rtol=1e-7, atol=1e-12, like=backend)
 
 
 def test_hutchinson_rademacher_is_exact_for_a_diagonal_matrix(backend):
@@ -365,8 +366,8 @@ def test_hutchinson_rademacher_is_exact_for_a_diagonal_matrix(backend):
     assert float(tr.std_error) == 0.0
     diag = hutchinson_diagonal(A, num_probes=7, rng=0, batch_size=2)
     assert_on_backend(diag.value, backend)
-    np.testing.assert_array_equal(backend.to_numpy(diag.value), d)
-    np.testing.assert_array_equal(backend.to_numpy(diag.std_error), np.zeros(6))
+    assert_close(diag.value, d, rtol=0, atol=0, like=backend)
+    assert_close(diag.std_error, np.zeros(6), rtol=0, atol=0, like=backend)
 
 
 def test_hutchinson_single_probe_has_nan_std_error(backend):
@@ -521,7 +522,7 @@ def test_lanczos_breakdown_restarts_and_records_zero_beta(backend):
 
 def test_lanczos_of_zero_matrix_restarts_every_step(backend):
     res = lanczos(backend.asarray(np.zeros((6, 6))), num_matvecs=6, rng=0)
-    np.testing.assert_array_equal(backend.to_numpy(res.beta), np.zeros(5))
+    assert_close(res.beta, np.zeros(5), rtol=0, atol=0, like=backend)
     Q = backend.to_numpy(res.basis)
     np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-12)
 
@@ -568,8 +569,8 @@ def test_eigsh_matches_dense_eigh_with_multiplicity(backend, which):
 def test_eigsh_both_returns_every_eigenvalue_once_when_2k_exceeds_n(backend):
     a = with_spectrum([4.0, -1.0, 2.0, 2.0, 0.5, 7.0], seed=5)
     res = eigsh(backend.asarray(a), k=3, which="both", rng=1)
-    np.testing.assert_allclose(
-        backend.to_numpy(res.eigenvalues), [-1.0, 0.5, 2.0, 2.0, 4.0, 7.0], atol=1e-10
+    assert_close(
+        res.eigenvalues, [-1.0, 0.5, 2.0, 2.0, 4.0, 7.0], rtol=1e-7, atol=1e-10, like=backend
     )
     Y = backend.to_numpy(res.eigenvectors)
     np.testing.assert_allclose(Y.T @ Y, np.eye(6), atol=1e-10)
@@ -581,10 +582,10 @@ def test_eigsh_rank_deficient_psd(cpu_backend):
     a = g @ g.T  # PSD, rank 6: 24 zero eigenvalues
     dense = np.linalg.eigvalsh(a)
     small = eigsh(cpu_backend.asarray(a), k=5, which="smallest", num_matvecs=30, rng=0)
-    np.testing.assert_allclose(cpu_backend.to_numpy(small.eigenvalues), np.zeros(5), atol=1e-8)
+    assert_close(small.eigenvalues, np.zeros(5), rtol=1e-7, atol=1e-8, like=cpu_backend)
     assert np.all(cpu_backend.to_numpy(small.residuals) < 1e-8)
     large = eigsh(cpu_backend.asarray(a), k=6, rng=0)  # default num_matvecs = 30 = n
-    np.testing.assert_allclose(cpu_backend.to_numpy(large.eigenvalues), dense[-6:], atol=1e-8)
+    assert_close(large.eigenvalues, dense[-6:], rtol=1e-7, atol=1e-8, like=cpu_backend)
 
 
 def test_eigsh_default_budget_finds_separated_top_and_repeated_values(cpu_backend):
@@ -592,12 +593,12 @@ def test_eigsh_default_budget_finds_separated_top_and_repeated_values(cpu_backen
     bulk = np.linspace(0.0, 1.0, 97)
     a = with_spectrum(np.concatenate([[50.0, 40.0, 30.0], bulk]), seed=7)
     res = eigsh(cpu_backend.asarray(a), k=3, rng=0)
-    np.testing.assert_allclose(cpu_backend.to_numpy(res.eigenvalues), [30.0, 40.0, 50.0], atol=1e-8)
+    assert_close(res.eigenvalues, [30.0, 40.0, 50.0], rtol=1e-7, atol=1e-8, like=cpu_backend)
     assert np.all(cpu_backend.to_numpy(res.residuals) < 1e-6)
     # Few distinct eigenvalues: breakdowns and restarts find the multiplicities.
     b = with_spectrum([5.0] * 4 + [3.0] * 4 + [1.0] * 92, seed=8)
     res = eigsh(cpu_backend.asarray(b), k=5, rng=0)
-    np.testing.assert_allclose(cpu_backend.to_numpy(res.eigenvalues), [3.0] + [5.0] * 4, atol=1e-8)
+    assert_close(res.eigenvalues, [3.0] + [5.0] * 4, rtol=1e-7, atol=1e-8, like=cpu_backend)
 
 
 def test_eigsh_float32(backend):
@@ -605,7 +606,9 @@ def test_eigsh_float32(backend):
     res = eigsh(backend.asarray(a, dtype="float32"), k=2, rng=0)
     assert res.eigenvalues.dtype == backend.xp.float32
     assert res.eigenvectors.dtype == backend.xp.float32
-    np.testing.assert_allclose(backend.to_numpy(res.eigenvalues), [8.0, 9.0], atol=1e-4)
+    assert_close(
+        res.eigenvalues, [8.0, 9.0], rtol=1e-7, atol=1e-4, like=backend, dtype=backend.xp.float32
+    )
 
 
 # ----------------------------------------------------------------------------- SLQ

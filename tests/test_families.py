@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from _assertions import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +66,7 @@ def test_reference_p_07_02_01(backend) -> None:
 
 def test_reference_p_09_005_005(backend) -> None:
     z = backend.asarray(logits_of([0.9, 0.05, 0.05]))
-    np.testing.assert_allclose(backend.to_numpy(CAT.eigvalsh(z)), [0, 0.05, 0.135], atol=1e-12)
+    assert_close(CAT.eigvalsh(z), [0, 0.05, 0.135], rtol=1e-7, atol=1e-12, like=backend)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,7 @@ def test_closed_forms(backend, p) -> None:
         root = math.sqrt(t**2 - 12 * np.prod(p))
         ref = [0.0, (t - root) / 2, (t + root) / 2]
     z = backend.asarray(logits_of(p))
-    np.testing.assert_allclose(backend.to_numpy(CAT.eigvalsh(z)), ref, atol=1e-12)
+    assert_close(CAT.eigvalsh(z), ref, rtol=1e-7, atol=1e-12, like=backend)
     lam, _ = CAT.top_eigenpair(z)
     assert float(backend.to_numpy(lam)) == pytest.approx(ref[-1], abs=1e-12)
 
@@ -158,19 +159,19 @@ def test_kernels_square_roots_and_matvecs(backend, family) -> None:
         xi_n = rng.standard_normal((2, r))
         bx = backend.to_numpy(family.sqrt_metric_matvec(z, backend.asarray(xi_n), kernel=kernel))
         np.testing.assert_allclose(bx, np.einsum("nij,nj->ni", b, xi_n), atol=1e-13)
-    np.testing.assert_allclose(
-        backend.to_numpy(family.upper_kernel(z)), backend.to_numpy(family.metric(z, kernel="upper"))
+    assert_close(family.upper_kernel(z), family.metric(z, kernel="upper"), rtol=1e-7, atol=0)
+    assert_close(family.lower_kernel(z), family.metric(z, kernel="lower"), rtol=1e-7, atol=0)
+    assert_close(
+        family.upper_kernel_matvec(z, v),
+        family.metric_matvec(z, v, kernel="upper"),
+        rtol=1e-7,
+        atol=0,
     )
-    np.testing.assert_allclose(
-        backend.to_numpy(family.lower_kernel(z)), backend.to_numpy(family.metric(z, kernel="lower"))
-    )
-    np.testing.assert_allclose(
-        backend.to_numpy(family.upper_kernel_matvec(z, v)),
-        backend.to_numpy(family.metric_matvec(z, v, kernel="upper")),
-    )
-    np.testing.assert_allclose(
-        backend.to_numpy(family.lower_kernel_matvec(z, v)),
-        backend.to_numpy(family.metric_matvec(z, v, kernel="lower")),
+    assert_close(
+        family.lower_kernel_matvec(z, v),
+        family.metric_matvec(z, v, kernel="lower"),
+        rtol=1e-7,
+        atol=0,
     )
 
 
@@ -179,12 +180,12 @@ def test_explicit_kernel_formulas(backend) -> None:
     z = backend.asarray(logits_of(p))
     proj = np.eye(3) - 1 / 3
     lam = 0.3344030651
-    np.testing.assert_allclose(backend.to_numpy(CAT.upper_kernel(z)), np.diag(p), atol=1e-12)
-    np.testing.assert_allclose(
-        backend.to_numpy(CAT.metric(z, kernel="scalar_upper")), lam * proj, atol=1e-9
+    assert_close(CAT.upper_kernel(z), np.diag(p), rtol=1e-7, atol=1e-12, like=backend)
+    assert_close(
+        CAT.metric(z, kernel="scalar_upper"), lam * proj, rtol=1e-7, atol=1e-9, like=backend
     )
-    np.testing.assert_allclose(
-        backend.to_numpy(CAT.metric(z, kernel="scalar_lower")), 0.1 * proj, atol=1e-12
+    assert_close(
+        CAT.metric(z, kernel="scalar_lower"), 0.1 * proj, rtol=1e-7, atol=1e-12, like=backend
     )
     lower = backend.to_numpy(CAT.lower_kernel(z))
     assert np.linalg.matrix_rank(lower, tol=1e-12) == 1
@@ -194,24 +195,26 @@ def test_explicit_kernel_formulas(backend) -> None:
     np.testing.assert_allclose(b[:, 1], math.sqrt(0.2) * (np.eye(3)[1] - p), atol=1e-12)
     xi = backend.asarray(np.array([1.0, -1.0, 1.0]))
     expected = np.sqrt(p) * [1, -1, 1] - p * (np.sqrt(p) @ [1, -1, 1])
-    np.testing.assert_allclose(
-        backend.to_numpy(CAT.sqrt_metric_matvec(z, xi)), expected, atol=1e-12
-    )
+    assert_close(CAT.sqrt_metric_matvec(z, xi), expected, rtol=1e-7, atol=1e-12, like=backend)
     # Bernoulli diag(σ(1 − σ)) and Gaussian identity
     zb = backend.asarray(np.array([0.0, math.log(3.0)]))  # σ = 1/2, 3/4
-    np.testing.assert_allclose(
-        backend.to_numpy(Bernoulli().metric(zb)), np.diag([0.25, 0.1875]), atol=1e-15
+    assert_close(
+        Bernoulli().metric(zb), np.diag([0.25, 0.1875]), rtol=1e-7, atol=1e-15, like=backend
     )
-    np.testing.assert_allclose(backend.to_numpy(Bernoulli().eigvalsh(zb)), [0.1875, 0.25])
+    assert_close(Bernoulli().eigvalsh(zb), [0.1875, 0.25], rtol=1e-7, atol=0, like=backend)
     lam_b, vec_b = Bernoulli().top_eigenpair(zb)
     assert float(backend.to_numpy(lam_b)) == pytest.approx(0.25)
-    np.testing.assert_allclose(backend.to_numpy(vec_b), [1.0, 0.0])
-    np.testing.assert_allclose(backend.to_numpy(Gaussian().metric(zb)), np.eye(2))
+    assert_close(vec_b, [1.0, 0.0], rtol=1e-7, atol=0, like=backend)
+    assert_close(Gaussian().metric(zb), np.eye(2), rtol=1e-7, atol=0, like=backend)
     lam_g, vec_g = Gaussian().top_eigenpair(zb)
     assert float(backend.to_numpy(lam_g)) == 1.0
-    np.testing.assert_allclose(backend.to_numpy(vec_g), [1.0, 0.0])
-    np.testing.assert_allclose(
-        backend.to_numpy(Gaussian().metric(zb, kernel="lower")), [[1.0, 0.0], [0.0, 0.0]]
+    assert_close(vec_g, [1.0, 0.0], rtol=1e-7, atol=0, like=backend)
+    assert_close(
+        Gaussian().metric(zb, kernel="lower"),
+        [[1.0, 0.0], [0.0, 0.0]],
+        rtol=1e-7,
+        atol=0,
+        like=backend,
     )
 
 
@@ -219,15 +222,21 @@ def test_pseudo_determinants_of_diagonal_families(backend) -> None:
     zb = backend.asarray(np.array([[0.0, math.log(3.0)], [1.0, -2.0]]))
     s = 1 / (1 + np.exp(-np.array([[0.0, math.log(3.0)], [1.0, -2.0]])))
     ref = np.prod(s * (1 - s), axis=-1)
-    np.testing.assert_allclose(backend.to_numpy(Bernoulli().pseudo_determinant(zb)), ref)
-    np.testing.assert_allclose(
-        backend.to_numpy(Bernoulli().log_pseudo_determinant(zb)), np.log(ref)
+    assert_close(Bernoulli().pseudo_determinant(zb), ref, rtol=1e-7, atol=0, like=backend)
+    assert_close(
+        Bernoulli().log_pseudo_determinant(zb), np.log(ref), rtol=1e-7, atol=0, like=backend
     )
-    np.testing.assert_allclose(backend.to_numpy(Gaussian().pseudo_determinant(zb)), [1.0, 1.0])
-    np.testing.assert_allclose(backend.to_numpy(Gaussian().log_pseudo_determinant(zb)), [0.0, 0.0])
-    np.testing.assert_allclose(backend.to_numpy(Gaussian().lambda_max_bounds(zb).lower), [1.0, 1.0])
-    np.testing.assert_allclose(
-        backend.to_numpy(Bernoulli().lambda_max_bounds(zb).upper), np.max(s * (1 - s), axis=-1)
+    assert_close(Gaussian().pseudo_determinant(zb), [1.0, 1.0], rtol=1e-7, atol=0, like=backend)
+    assert_close(Gaussian().log_pseudo_determinant(zb), [0.0, 0.0], rtol=1e-7, atol=0, like=backend)
+    assert_close(
+        Gaussian().lambda_max_bounds(zb).lower, [1.0, 1.0], rtol=1e-7, atol=0, like=backend
+    )
+    assert_close(
+        Bernoulli().lambda_max_bounds(zb).upper,
+        np.max(s * (1 - s), axis=-1),
+        rtol=1e-7,
+        atol=0,
+        like=backend,
     )
 
 
@@ -309,12 +318,12 @@ def test_log_likelihood_and_score(backend) -> None:
     s = 1 / (1 + np.exp(-zb_np))
     ref = np.sum(yb_np * np.log(s) + (1 - yb_np) * np.log(1 - s), axis=-1)
     zb, yb = backend.asarray(zb_np), backend.asarray(yb_np)
-    np.testing.assert_allclose(backend.to_numpy(Bernoulli().log_likelihood(zb, yb)), ref)
-    np.testing.assert_allclose(backend.to_numpy(Bernoulli().score(zb, yb)), yb_np - s)
+    assert_close(Bernoulli().log_likelihood(zb, yb), ref, rtol=1e-7, atol=0, like=backend)
+    assert_close(Bernoulli().score(zb, yb), yb_np - s, rtol=1e-7, atol=0, like=backend)
     # Gaussian
     ref_g = -0.5 * np.sum((yb_np - zb_np) ** 2, axis=-1) - math.log(2 * math.pi)
-    np.testing.assert_allclose(backend.to_numpy(Gaussian().log_likelihood(zb, yb)), ref_g)
-    np.testing.assert_allclose(backend.to_numpy(Gaussian().score(zb, yb)), yb_np - zb_np)
+    assert_close(Gaussian().log_likelihood(zb, yb), ref_g, rtol=1e-7, atol=0, like=backend)
+    assert_close(Gaussian().score(zb, yb), yb_np - zb_np, rtol=1e-7, atol=0, like=backend)
     assert CAT.check_labels(z, y) is None
 
 
@@ -343,7 +352,7 @@ def test_unchecked_kernel_surface_equals_the_fronts(backend) -> None:
             assert type(got) is type(want)
             assert got.dtype == want.dtype
             assert tuple(got.shape) == tuple(want.shape)
-            np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+            assert_close(got, want, rtol=0, atol=0)
 
 
 def test_score_has_mean_zero_and_covariance_metric(backend) -> None:

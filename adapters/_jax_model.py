@@ -17,7 +17,7 @@ from typing import Any
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib import check_finite
 from fisherbound.linearization import make_blocks
 
 Array = Any

@@ -15,11 +15,11 @@ from fisherbound._lib import (
     array_namespace,
     as_generator,
     check_choice,
+    check_finite,
     check_floating,
     check_positive_int,
     device_of,
 )
-from fisherbound._lib._validation import check_finite
 from fisherbound.linearization import ParameterBlock, make_blocks
 
 Array = Any

@@ -12,8 +12,7 @@ from typing import Any
 import torch  # noqa: TID253
 from torch import nn  # noqa: TID253
 
-from fisherbound._lib import array_namespace
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib import array_namespace, check_finite
 from fisherbound.adapters._torch_model import (
     FunctionalModel,
     as_inputs,

@@ -31,10 +31,10 @@ from typing import Any
 
 from fisherbound._lib import (
     array_namespace,
+    check_finite,
     check_positive_int,
     is_array,
 )
-from fisherbound._lib._validation import check_finite
 from fisherbound.adapters._numpy_models import (
     ACTIVATIONS,
     MLP,

@@ -37,8 +37,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fisherbound._lib import array_namespace, check_positive_int
-from fisherbound._lib._validation import check_finite
+from fisherbound._lib import array_namespace, check_finite, check_positive_int
 from fisherbound.adapters._torch_loss import TorchLossFunction, loss_function, loss_functions
 from fisherbound.adapters._torch_model import (
     FunctionalModel,

@@ -32,6 +32,17 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
+from fisherbound._lib import (
+    REDUCTIONS,
+    array_namespace,
+    check_choice,
+    check_device,
+    check_floating,
+    device_of,
+    is_array,
+)
+from fisherbound.families import Categorical, Family
+
 Array = Any
 T = TypeVar("T")
 
@@ -272,8 +283,6 @@ class LinearizationBase:
     @property
     def device(self) -> Any:
         """The device of the logits; operands must be on it."""
-        from fisherbound._lib import device_of
-
         return device_of(self._logits)
 
     @property
@@ -407,7 +416,7 @@ def as_linearizations(source: Any) -> Iterator[Any]:
 # ---------------------------------------------------------------------------
 
 #: How a loss function reduces over the examples of its batch.
-LOSS_REDUCTIONS = ("sum", "mean")
+LOSS_REDUCTIONS = REDUCTIONS
 
 
 @runtime_checkable
@@ -561,8 +570,6 @@ class LossFunctionBase:
     @property
     def device(self) -> Any:
         """The device of ``params``; operands must be on it."""
-        from fisherbound._lib import device_of
-
         return device_of(self._params)
 
     def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
@@ -602,8 +609,6 @@ def check_loss_options(family: Any, reduction: object) -> Any:
     Raises a TypeError when ``family`` is not a ``fisherbound.families`` family
     and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"``.
     """
-    from fisherbound._lib import check_choice
-    from fisherbound.families import Categorical, Family
 
     if family is None:
         family = Categorical()
@@ -653,8 +658,6 @@ def check_operand(
     with each free axis written as its letter in ``what`` or as ``free``.
     Cost: O(1), no data is read.
     """
-    from fisherbound._lib import array_namespace, check_floating, device_of
-    from fisherbound._lib._validation import check_device
 
     xp = array_namespace(x, like, names=(name, like_name))
     check_floating(x, name, xp=xp)
@@ -681,7 +684,6 @@ def check_batches(
     Strings, bytes and arrays (or what ``single`` recognises as one batch) are
     refused with "batches must be an iterable of {what}; got {type}. {remedy}".
     """
-    from fisherbound._lib import is_array
 
     one = single if single is not None else is_array
     if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or one(batches):

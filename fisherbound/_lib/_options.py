@@ -1,7 +1,7 @@
 """The option vocabularies shared by the public functions: one home for each.
 
-``linearization.LOSS_REDUCTIONS`` (the loss functions' own reduction) names the
-same two words as ``REDUCTIONS``; it stays where the adapters' shell defines it.
+``linearization.LOSS_REDUCTIONS`` (the loss functions' own reduction) is an alias of
+``REDUCTIONS``, kept under its public name.
 """
 
 from __future__ import annotations

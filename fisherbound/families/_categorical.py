@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import device_of, uniform
-from fisherbound._lib._validation import is_traced
+from fisherbound._lib import device_of, is_traced, uniform
 from fisherbound.families._base import Family, _diag, one_hot
 from fisherbound.families._checks import bad_positions, check_label_array
 from fisherbound.families._secular import secular_roots

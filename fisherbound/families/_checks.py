@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fisherbound._lib import array_namespace, check_floating, device_of
-from fisherbound._lib._validation import first_indices
+from fisherbound._lib import array_namespace, check_floating, device_of, first_indices
 
 Array = Any
 

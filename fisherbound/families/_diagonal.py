@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import device_of, probes, uniform
-from fisherbound._lib._validation import check_finite, is_traced
+from fisherbound._lib import check_finite, device_of, is_traced, probes, uniform
 from fisherbound.families._base import Family, one_hot
 from fisherbound.families._checks import bad_positions, check_label_array
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from fisherbound._lib._validation import is_traced
+from fisherbound._lib import is_traced
 
 Array = Any
 

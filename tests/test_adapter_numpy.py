@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _assertions import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,8 +129,8 @@ def test_batched_products_equal_loops(backend: Any, kind: str) -> None:
     assert tuple(vb.shape) == (4, model.num_params)
     loop_j = xp.stack([lin.jvp(V[m, ...]) for m in range(3)], axis=0)
     loop_v = xp.stack([lin.vjp(U[m, ...]) for m in range(4)], axis=0)
-    np.testing.assert_allclose(backend.to_numpy(jb), backend.to_numpy(loop_j), atol=1e-12)
-    np.testing.assert_allclose(backend.to_numpy(vb), backend.to_numpy(loop_v), atol=1e-12)
+    assert_close(jb, loop_j, rtol=1e-7, atol=1e-12)
+    assert_close(vb, loop_v, rtol=1e-7, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", CONTRACT_KINDS)
@@ -151,7 +152,7 @@ def test_per_example_vjp_equals_vjp_on_one_example(backend: Any, kind: str) -> N
     np.testing.assert_allclose(pe[:, 0, :].sum(axis=0), total, atol=1e-12)
     # A slice of the batch gives the same rows without a new forward pass.
     part = lin.per_example_vjp(backend.asarray(U_np[1:3]), examples=slice(1, 3))
-    np.testing.assert_allclose(backend.to_numpy(part), pe[1:3], atol=1e-12)
+    assert_close(part, pe[1:3], rtol=1e-7, atol=1e-12, like=backend)
 
 
 @pytest.mark.parametrize("kind", CONTRACT_KINDS)
@@ -166,12 +167,10 @@ def test_sum_squared_per_example_vjp(backend: Any, kind: str) -> None:
     for max_vectors in (1, 7, None):
         got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
         assert tuple(got.shape) == (K, model.num_params)
-        np.testing.assert_allclose(backend.to_numpy(got), expected, rtol=1e-12, atol=1e-13)
+        assert_close(got, expected, rtol=1e-12, atol=1e-13, like=backend)
         summed = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors, sum_cotangents=True)
         assert tuple(summed.shape) == (model.num_params,)
-        np.testing.assert_allclose(
-            backend.to_numpy(summed), expected.sum(axis=0), rtol=1e-12, atol=1e-13
-        )
+        assert_close(summed, expected.sum(axis=0), rtol=1e-12, atol=1e-13, like=backend)
 
 
 def test_sum_squared_default_max_vectors_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,9 +230,7 @@ def test_float32_operands_are_cast_to_the_model_dtype(backend: Any) -> None:
     v32 = backend.xp.astype(v64, backend.xp.float32)
     out = lin.jvp(v32)
     assert out.dtype == backend.xp.float64
-    np.testing.assert_allclose(
-        backend.to_numpy(out), backend.to_numpy(lin.jvp(v64)), rtol=1e-6, atol=1e-6
-    )
+    assert_close(out, lin.jvp(v64), rtol=1e-6, atol=1e-6)
     # float32 inputs into a float64 model are cast, too.
     lin32 = linearize(model, backend.xp.astype(x, backend.xp.float32))
     assert lin32.logits.dtype == backend.xp.float64
@@ -269,7 +266,7 @@ def test_block_layout(backend: Any, kind: str) -> None:
     assert offset == model.num_params == lin.num_params == theta.shape[0]
     # Round trip through the flat vector.
     again = model.with_parameters(model.parameters())
-    np.testing.assert_array_equal(backend.to_numpy(again(x)), backend.to_numpy(model(x)))
+    assert_close(again(x), model(x), rtol=0, atol=0)
     assert again.blocks == model.blocks
 
 
@@ -299,8 +296,8 @@ def test_logits_match_a_numpy_forward_pass(backend: Any) -> None:
     for w, c in zip(W[:-1], b[:-1], strict=True):
         a = np.maximum(a @ w.T + c, 0.0)
     z = a @ W[-1].T + b[-1]
-    np.testing.assert_allclose(backend.to_numpy(model(x)), z, atol=1e-13)
-    np.testing.assert_allclose(backend.to_numpy(linearize(model, x).logits), z, atol=1e-13)
+    assert_close(model(x), z, rtol=1e-7, atol=1e-13, like=backend)
+    assert_close(linearize(model, x).logits, z, rtol=1e-7, atol=1e-13, like=backend)
 
 
 # ----------------------------------------------------------------------------
@@ -336,7 +333,7 @@ def test_linear_softmax_reference_fisher(backend: Any) -> None:
     # The exact diagonal through the fast path: U[n, r] = column r of B(z_n).
     B = xp.reshape(xp.sqrt(p), (n, 1, c)) * (eye_c - xp.reshape(p, (n, c, 1)))
     diag = xp.sum(lin.sum_squared_per_example_vjp(xp.matrix_transpose(B)), axis=0)
-    np.testing.assert_allclose(backend.to_numpy(diag), np.diag(F_np), atol=1e-12)
+    assert_close(diag, np.diag(F_np), rtol=1e-7, atol=1e-12, like=backend)
 
 
 def test_one_layer_mlp_equals_linear_softmax_with_bias(backend: Any) -> None:
@@ -345,11 +342,9 @@ def test_one_layer_mlp_equals_linear_softmax_with_bias(backend: Any) -> None:
     a, b = linearize(lsm, x), linearize(mlp, x)
     U = randn(backend, (N, 2, C), seed=3)
     v = randn(backend, (lsm.num_params,), seed=4)
-    np.testing.assert_array_equal(backend.to_numpy(a.logits), backend.to_numpy(b.logits))
-    np.testing.assert_allclose(backend.to_numpy(a.jvp(v)), backend.to_numpy(b.jvp(v)), atol=1e-14)
-    np.testing.assert_allclose(
-        backend.to_numpy(a.per_example_vjp(U)), backend.to_numpy(b.per_example_vjp(U)), atol=1e-14
-    )
+    assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert_close(a.jvp(v), b.jvp(v), rtol=1e-7, atol=1e-14)
+    assert_close(a.per_example_vjp(U), b.per_example_vjp(U), rtol=1e-7, atol=1e-14)
 
 
 def test_relu_derivative_is_zero_at_zero(backend: Any) -> None:
@@ -381,7 +376,7 @@ def test_random_models_are_the_same_on_every_backend(backend: Any) -> None:
         [3, 5, 2], rng=11, xp=backend.xp, device=backend.device, dtype=backend.xp.float64
     )
     host = MLP.random([3, 5, 2], rng=11)
-    np.testing.assert_array_equal(backend.to_numpy(model.parameters()), host.parameters())
+    assert_close(model.parameters(), host.parameters(), rtol=0, atol=0, like=backend)
     assert device_of(model.parameters()) == device_of(backend.asarray(np.zeros(1)))
     # Glorot scale and small biases.
     w = host.weights[0]
@@ -439,8 +434,8 @@ def test_linearizations_streams_lazily(backend: Any) -> None:
     rest = list(it)
     assert consumed == [0, 1, 2]
     assert [lin.num_inputs for lin in [first, *rest]] == [N, 2, N - 2]
-    np.testing.assert_allclose(
-        backend.to_numpy(rest[0].logits), backend.to_numpy(first.logits)[:2], atol=1e-14
+    assert_close(
+        rest[0].logits, backend.to_numpy(first.logits)[:2], rtol=1e-7, atol=1e-14, like=backend
     )
     assert all(lin.model is model for lin in rest)
 

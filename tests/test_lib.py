@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _assertions import assert_close
 
 from fisherbound._lib import (
     array_namespace,
@@ -27,7 +28,7 @@ def test_same_seed_same_probes_on_every_backend(backend) -> None:
         dtype=xp.float64,
         device=backend.device,
     )
-    np.testing.assert_array_equal(backend.to_numpy(got), np.asarray(ref))
+    assert_close(got, np.asarray(ref), rtol=0, atol=0, like=backend)
     assert set(np.unique(backend.to_numpy(got))) <= {-1.0, 1.0}
     g = probes(
         as_generator(7),
@@ -37,7 +38,7 @@ def test_same_seed_same_probes_on_every_backend(backend) -> None:
         dtype=xp.float64,
         device=backend.device,
     )
-    np.testing.assert_array_equal(backend.to_numpy(g), np.random.default_rng(7).standard_normal(5))
+    assert_close(g, np.random.default_rng(7).standard_normal(5), rtol=0, atol=0, like=backend)
 
 
 def test_as_generator() -> None:
@@ -94,8 +95,8 @@ def test_check_ints_and_choices() -> None:
 def test_estimate_from_samples(backend) -> None:
     s = backend.asarray([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])
     est = estimate_from_samples(s, backend.xp)
-    np.testing.assert_allclose(backend.to_numpy(est.value), [3.0, 2.0])
-    np.testing.assert_allclose(backend.to_numpy(est.std_error), [2.0 / np.sqrt(3), 0.0])
+    assert_close(est.value, [3.0, 2.0], rtol=1e-7, atol=0, like=backend)
+    assert_close(est.std_error, [2.0 / np.sqrt(3), 0.0], rtol=1e-7, atol=0, like=backend)
     assert est.num_probes == 3
     one = estimate_from_samples(s[:1, ...], backend.xp)
     assert np.all(np.isnan(backend.to_numpy(one.std_error)))

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _assertions import assert_close
 from _backends import make_backend
 from _models import jax_dict_order, jax_mlp, torch_mlp
 from hypothesis import given, settings
@@ -183,7 +184,7 @@ def check_reference_loss(cpu_backend: Any, kind: str, fam: Any) -> None:
         want = [host.gradient(), host.hvp_batch(V), host.hvp(V[0])]
         for g, w in zip(got, want):
             assert device_of(g) == device_of(loss.params)
-            np.testing.assert_allclose(cpu_backend.to_numpy(g), w, rtol=1e-11, atol=1e-13)
+            assert_close(g, w, rtol=1e-11, atol=1e-13, like=cpu_backend)
         return
     theta = cpu_backend.to_numpy(loss.params)
     for s, v in zip(shifts, values[1:]):
@@ -200,14 +201,12 @@ def check_reference_loss(cpu_backend: Any, kind: str, fam: Any) -> None:
     eye = np.eye(d)
     vals = cpu_backend.to_numpy(loss.value(cpu_backend.asarray(np.vstack([h * eye, -h * eye]))))
     fd = (vals[:d] - vals[d:]) / (2 * h)
-    np.testing.assert_allclose(cpu_backend.to_numpy(loss.gradient()), fd, atol=1e-7)
+    assert_close(loss.gradient(), fd, rtol=1e-7, atol=1e-7, like=cpu_backend)
     # The Hessian: symmetric, and the derivative of the gradient.
     H = dense_hessian(cpu_backend, loss)
     np.testing.assert_allclose(H, H.T, atol=1e-12)
     v = np.random.default_rng(7).standard_normal(d)
-    np.testing.assert_allclose(
-        cpu_backend.to_numpy(loss.hvp(cpu_backend.asarray(v))), H @ v, atol=1e-12
-    )
+    assert_close(loss.hvp(cpu_backend.asarray(v)), H @ v, rtol=1e-7, atol=1e-12, like=cpu_backend)
     if cpu_backend.name == "numpy":
         rows = []
         for j in range(d):
@@ -430,18 +429,16 @@ def test_projected_curvature_of_a_quadratic(cpu_backend: Any, method: str) -> No
     pc = projected_curvature(q, cpu_backend.asarray(dirs), method=method)
     H, g, principal, Hm, K = expected_curvature(A, b, theta, dirs)
     tol = 1e-12 if method == "hvp" else 1e-6
-    np.testing.assert_allclose(cpu_backend.to_numpy(pc.hessian), H, rtol=tol, atol=tol)
-    np.testing.assert_allclose(cpu_backend.to_numpy(pc.gradient), g, rtol=tol, atol=tol)
-    np.testing.assert_allclose(cpu_backend.to_numpy(pc.principal), principal, rtol=tol, atol=tol)
+    assert_close(pc.hessian, H, rtol=tol, atol=tol, like=cpu_backend)
+    assert_close(pc.gradient, g, rtol=tol, atol=tol, like=cpu_backend)
+    assert_close(pc.principal, principal, rtol=tol, atol=tol, like=cpu_backend)
     assert float(pc.mean) == pytest.approx(Hm, rel=tol, abs=tol)
     assert float(pc.gaussian) == pytest.approx(K, rel=tol, abs=tol)
     # At a critical point the principal curvatures are the eigenvalues of H_αβ.
     crit = Quadratic(cpu_backend, A, -A @ theta, theta)
     pc = projected_curvature(crit, cpu_backend.asarray(dirs), method=method)
-    np.testing.assert_allclose(cpu_backend.to_numpy(pc.gradient), 0.0, atol=1e-7)
-    np.testing.assert_allclose(
-        cpu_backend.to_numpy(pc.principal), np.linalg.eigvalsh(H)[::-1], rtol=1e-6, atol=1e-6
-    )
+    assert_close(pc.gradient, np.zeros(2), rtol=1e-7, atol=1e-7, like=cpu_backend)
+    assert_close(pc.principal, np.linalg.eigvalsh(H)[::-1], rtol=1e-6, atol=1e-6, like=cpu_backend)
     assert float(pc.gaussian) == pytest.approx(np.linalg.det(H), rel=1e-6)
 
 
@@ -575,7 +572,9 @@ def test_random_directions_on_every_backend(cpu_backend: Any) -> None:
         )
         assert got.dtype == cpu_backend.xp.float32
         assert device_of(got) == cpu_backend.device or cpu_backend.device is None
-        np.testing.assert_allclose(cpu_backend.to_numpy(got), expected, rtol=1e-5, atol=1e-6)
+        assert_close(
+            got, expected, rtol=1e-5, atol=1e-6, like=cpu_backend, dtype=cpu_backend.xp.float32
+        )
     two = random_directions(theta, num_directions=2, rng=4)
     np.testing.assert_array_equal(two, random_directions(theta, num_directions=3, rng=4)[:2])
     np.testing.assert_allclose(
@@ -811,7 +810,7 @@ def test_surface_of_a_quadratic(cpu_backend: Any) -> None:
     t = np.linspace(-0.5, 0.5, 3)
     points = [[theta + a * dirs[0] + c * dirs[1] for c in t] for a in t]
     expected = [[0.5 * p @ A @ p + b @ p for p in row] for row in points]
-    np.testing.assert_allclose(cpu_backend.to_numpy(s.values), expected, rtol=1e-12)
+    assert_close(s.values, expected, rtol=1e-12, atol=0, like=cpu_backend)
     assert s.values.dtype == cpu_backend.xp.float64
     assert device_of(s.values) == device_of(q.params)
 
@@ -830,7 +829,7 @@ def test_surface_matches_direct_evaluation(host_backend: Any) -> None:
     an, bn = cpu_backend.to_numpy(a), cpu_backend.to_numpy(b)
     shifts = np.array([ai * dn[0] + bj * dn[1] for ai in an for bj in bn])
     direct = cpu_backend.to_numpy(loss.value(cpu_backend.asarray(shifts))).reshape(3, 2)
-    np.testing.assert_allclose(cpu_backend.to_numpy(s2.values), direct, rtol=1e-12)
+    assert_close(s2.values, direct, rtol=1e-12, atol=0, like=cpu_backend)
     ref_model = MLP.random([4, 5, 3], activation="tanh", rng=0)
     moved = ref_model.with_parameters(theta + an[2] * dn[0] + bn[1] * dn[1])
     assert float(s2.values[2, 1]) == pytest.approx(
@@ -838,7 +837,7 @@ def test_surface_matches_direct_evaluation(host_backend: Any) -> None:
     )
     s1 = surface(loss, dirs[:1, ...], num_points=5, span=2.0)
     assert s1.values.shape == (5,)
-    np.testing.assert_allclose(cpu_backend.to_numpy(s1.coordinates[0]), np.linspace(-2, 2, 5))
+    assert_close(s1.coordinates[0], np.linspace(-2, 2, 5), rtol=1e-7, atol=0, like=cpu_backend)
     assert float(s1.values[2]) == pytest.approx(
         float(loss.value(dirs[:1, ...] * 0.0)[0]), rel=1e-12
     )

@@ -17,16 +17,23 @@ from fisherbound._lib import (
     check_device,
     check_finite,
     check_floating,
-    device_of,
     is_array,
 )
 from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
+from fisherbound.linalg._lanczos import tridiagonal
 
 Array = Any
 
-__all__ = ["Razor", "check_parameter_vector", "razor_terms", "scalar", "split_labels"]
+__all__ = [
+    "LogDetSettings",
+    "Razor",
+    "check_parameter_vector",
+    "razor_terms",
+    "scalar",
+    "split_labels",
+]
 
 
 class Razor(NamedTuple):
@@ -66,6 +73,18 @@ class Razor(NamedTuple):
     method: str
 
 
+class LogDetSettings(NamedTuple):
+    """How ``razor`` computes log det(I + σ² F): the validated options, once."""
+
+    s2: float
+    method: str
+    num_probes: int
+    num_matvecs: int
+    max_params: int
+    gen: Any
+    process_group: Any = None
+
+
 def scalar(xp: Any, value: float, op: Any) -> Array:
     return xp.asarray(value, dtype=op.dtype, device=op.device)
 
@@ -92,7 +111,7 @@ def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
     return xp.astype(v, op.dtype) if v.dtype != op.dtype else v
 
 
-def split_labels(xp: Any, family: Family, lins: list[Any], labels: Any) -> list[Array]:
+def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:
     """One validated label array per batch."""
     sizes = [int(lin.logits.shape[0]) for lin in lins]
     if is_array(labels):
@@ -151,43 +170,25 @@ def _log1p_clipped(xp: Any, s2: float) -> Callable[[Array], Array]:
     return f
 
 
-def _tridiagonal_eigvalsh(xp: Any, alpha: Array, beta: Array) -> Array:
-    m = int(alpha.shape[0])
-    device = device_of(alpha)
-    T = alpha[:, None] * xp.eye(m, dtype=alpha.dtype, device=device)
-    if m > 1:
-        padded = xp.concat([beta, xp.zeros((1,), dtype=alpha.dtype, device=device)])
-        sup = padded[:, None] * xp.eye(m, k=1, dtype=alpha.dtype, device=device)
-        T = T + sup + xp.matrix_transpose(sup)
-    return xp.linalg.eigvalsh(T)
-
-
-def _log_det(
-    xp: Any,
-    op: Any,
-    lins: list[Any],
-    family: Family,
-    *,
-    s2: float,
-    method: str,
-    num_probes: int,
-    num_matvecs: int,
-    max_params: int,
-    gen: Any,
-    process_group: Any = None,
-) -> Estimate:
-    f = _log1p_clipped(xp, s2)
-    if method == "slq":
-        return slq(op, f, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
-    if method == "dense":
+def _log_det(xp: Any, op: Any, lins: list[Any], family: Family, how: LogDetSettings) -> Estimate:
+    f = _log1p_clipped(xp, how.s2)
+    if how.method == "slq":
+        return slq(op, f, num_probes=how.num_probes, num_matvecs=how.num_matvecs, rng=how.gen)
+    if how.method == "dense":
         dense = fisher_dense(
-            lins, family, max_params=max_params, progress=False, process_group=process_group
+            lins,
+            family,
+            max_params=how.max_params,
+            progress=False,
+            process_group=how.process_group,
         )
         eigenvalues = xp.linalg.eigvalsh(dense)
     else:
-        d = int(op.shape[0])
-        res = lanczos(op, num_matvecs=d, rng=gen)
-        eigenvalues = _tridiagonal_eigvalsh(xp, res.alpha, res.beta)
+        # A full run of D Lanczos steps: the eigenvalues of T are F's spectrum.
+        res = lanczos(op, num_matvecs=int(op.shape[0]), rng=how.gen)
+        eigenvalues = xp.linalg.eigvalsh(tridiagonal(xp, res.alpha[None, :], res.beta[None, :]))[
+            0, :
+        ]
     return Estimate(xp.sum(f(eigenvalues)), scalar(xp, 0.0, op), 0)
 
 
@@ -199,16 +200,10 @@ def razor_terms(
     labels: list[Array],
     theta: Array,
     theta0: Array | None,
-    *,
-    s2: float,
-    method: str,
-    num_probes: int,
-    num_matvecs: int,
-    max_params: int,
-    gen: Any,
+    how: LogDetSettings,
     coll: Any = None,
-    process_group: Any = None,
 ) -> Razor:
+    """The razor's terms: the likelihood, the prior's penalty and log det(I + σ² F)."""
     nll = scalar(xp, 0.0, op)
     for lin, y in zip(lins, labels, strict=True):
         nll = nll - xp.sum(family.log_likelihood(lin.logits, y))
@@ -217,20 +212,8 @@ def razor_terms(
         nll = coll.sum(nll)
         n = coll.sum_int(n)
     delta = theta if theta0 is None else theta - theta0
-    penalty = xp.sum(delta * delta) / (2.0 * s2)
-    log_det = _log_det(
-        xp,
-        op,
-        lins,
-        family,
-        s2=s2,
-        method=method,
-        num_probes=num_probes,
-        num_matvecs=num_matvecs,
-        max_params=max_params,
-        gen=gen,
-        process_group=process_group,
-    )
+    penalty = xp.sum(delta * delta) / (2.0 * how.s2)
+    log_det = _log_det(xp, op, lins, family, how)
     bic = scalar(xp, 0.5 * int(op.shape[0]) * math.log(n), op)
     value = nll + penalty + 0.5 * log_det.value
-    return Razor(value, 0.5 * log_det.std_error, nll, penalty, log_det, bic, method)
+    return Razor(value, 0.5 * log_det.std_error, nll, penalty, log_det, bic, how.method)

@@ -57,7 +57,14 @@ from fisherbound._lib import (
     shared_generator,
     to_host,
 )
-from fisherbound._razor import Razor, check_parameter_vector, razor_terms, scalar, split_labels
+from fisherbound._razor import (
+    LogDetSettings,
+    Razor,
+    check_parameter_vector,
+    razor_terms,
+    scalar,
+    split_labels,
+)
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.fisher import DEFAULT_MAX_PARAMS
@@ -794,7 +801,7 @@ def razor(
     lins = list(as_linearizations(source))
     theta_hat = check_parameter_vector(xp, op, theta, "theta")
     prior_mean = None if theta0 is None else check_parameter_vector(xp, op, theta0, "theta0")
-    batches = split_labels(xp, fam, lins, labels)
+    batches = split_labels(fam, lins, labels)
     if method == "auto":
         method = "lanczos" if d <= min(M * m, max_params) else "slq"
     if method in ("dense", "lanczos") and d > max_params:
@@ -804,22 +811,8 @@ def razor(
             "have the memory, or use method='slq'."
         )
         raise ValueError(msg)
-    return razor_terms(
-        xp,
-        op,
-        fam,
-        lins,
-        batches,
-        theta_hat,
-        prior_mean,
-        s2=s2,
-        method=method,
-        num_probes=M,
-        num_matvecs=m,
-        max_params=max_params,
-        gen=_shared_generator(
-            rng, process_group, "razor", s2=s2, method=method, M=M, m=m, max_params=max_params
-        ),
-        coll=coll,
-        process_group=process_group,
+    gen = _shared_generator(
+        rng, process_group, "razor", s2=s2, method=method, M=M, m=m, max_params=max_params
     )
+    how = LogDetSettings(s2, method, M, m, max_params, gen, process_group)
+    return razor_terms(xp, op, fam, lins, batches, theta_hat, prior_mean, how, coll)

@@ -138,11 +138,11 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
     return alpha, beta, Q
 
 
-def _tridiagonal_eigh(xp: Any, alpha: Array, beta: Array) -> tuple[Array, Array]:
-    """Eigenpairs of the B tridiagonal matrices T (B, m, m), built densely in xp.
+def tridiagonal(xp: Any, alpha: Array, beta: Array) -> Array:
+    """The B symmetric tridiagonal matrices T (B, m, m) of ``alpha`` (B, m), ``beta`` (B, m − 1).
 
-    m is the (small) number of Lanczos steps, so the dense m × m solve on the
-    array's own device is cheaper than a round trip to the host.
+    Built densely in xp: m is the (small) number of Lanczos steps, so a dense
+    m × m solve on the array's own device is cheaper than a round trip to the host.
     """
     B, m = (int(s) for s in alpha.shape)
     device = device_of(alpha)
@@ -153,7 +153,12 @@ def _tridiagonal_eigh(xp: Any, alpha: Array, beta: Array) -> tuple[Array, Array]
         padded = xp.concat([beta, xp.zeros((B, 1), dtype=alpha.dtype, device=device)], axis=1)
         sup = padded[:, :, None] * upper
         T = T + sup + xp.matrix_transpose(sup)
-    theta, S = xp.linalg.eigh(T)
+    return T
+
+
+def _tridiagonal_eigh(xp: Any, alpha: Array, beta: Array) -> tuple[Array, Array]:
+    """Eigenpairs of the B tridiagonal matrices T (B, m, m) (``tridiagonal``)."""
+    theta, S = xp.linalg.eigh(tridiagonal(xp, alpha, beta))
     return theta, S
 
 

@@ -11,6 +11,7 @@ the shape, and only then the values, on the host::
     assert_close(lin.jvp(v), expected, rtol=1e-12, atol=0.0)            # expected: an array
     assert_close(lin.jvp(v), host_values, rtol=1e-12, atol=0.0, like=v)  # host reference
     assert_close(f(x), host_values, rtol=0.0, atol=1e-10, like=backend)
+    assert_close(lin.logits, host_values, rtol=0.0, atol=1e-12, like="jax")
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from fisherbound._lib import array_namespace, device_of, is_array, to_host
 
 def _reference(like: Any) -> Any:
     """The array whose namespace and device a result must share (a backend: a 0-d array)."""
+    if isinstance(like, str):  # a backend id of _backends.py: "torch", "jax", ...
+        from _backends import make_backend
+
+        like = make_backend(like)
     if hasattr(like, "xp") and hasattr(like, "asarray"):  # a Backend of _backends.py
         return like.asarray(np.zeros(()))
     return like
@@ -50,8 +55,8 @@ def assert_close(
     rtol, atol
         The tolerances of ``np.testing.assert_allclose``: ``|a - e| <= atol + rtol |e|``.
     like
-        An array, or a test backend (``_backends.Backend``), whose namespace and
-        device ``actual`` must have. Defaults to ``expected``, which must then be
+        An array, a test backend (``_backends.Backend``) or a backend id
+        (``"torch"``, ``"jax"``, ...), whose namespace and device ``actual`` must have. Defaults to ``expected``, which must then be
         an array.
     dtype
         The dtype ``actual`` must have. Defaults to the dtype of ``like`` (an

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _assertions import assert_close
 from _backends import make_backend
 from _models import jax_mlp, torch_mlp
 from hypothesis import given, settings
@@ -98,12 +99,12 @@ def test_reference_detach_and_mix_variances(backend) -> None:
     to_np = backend.to_numpy
     rad = detach_and_mix_variance(lin)
     assert rad.shape == (3,)
-    np.testing.assert_allclose(to_np(rad), RADEMACHER_VAR_REF, atol=1e-12)
+    assert_close(rad, RADEMACHER_VAR_REF, rtol=1e-7, atol=1e-12, like=backend)
     gauss = detach_and_mix_variance(lin, distribution="gaussian")
-    np.testing.assert_allclose(to_np(gauss), GAUSSIAN_VAR_REF, atol=1e-12)
-    np.testing.assert_allclose(to_np(gauss), 2 * MEAN_REF**2, atol=1e-12)  # CV = √2
+    assert_close(gauss, GAUSSIAN_VAR_REF, rtol=1e-7, atol=1e-12, like=backend)
+    assert_close(gauss, 2 * MEAN_REF**2, rtol=1e-7, atol=1e-12, like=backend)  # CV = √2
     per = detach_and_mix_variance(lin, per_example=True, num_probes=4)  # one input: the same
-    np.testing.assert_allclose(to_np(per), RADEMACHER_VAR_REF / 4, atol=1e-12)
+    assert_close(per, RADEMACHER_VAR_REF / 4, rtol=1e-7, atol=1e-12, like=backend)
     bound = std_error_bound(backend.asarray(MEAN_REF), num_probes=1)
     assert np.all(np.sqrt(RADEMACHER_VAR_REF) <= to_np(bound))  # CV ≤ √2
 
@@ -112,14 +113,14 @@ def test_reference_logistic(backend) -> None:
     lin = logistic_model(backend)
     to_np = backend.to_numpy
     fam = Bernoulli()
-    np.testing.assert_allclose(to_np(fisher_diagonal(lin, fam)), [0.2025], atol=1e-12)  # E Î_1
-    np.testing.assert_allclose(to_np(classical_variance(lin, fam)), [0.2916], atol=1e-12)
-    np.testing.assert_allclose(
-        to_np(classical_variance(lin, fam, estimator="hessian")), [0.0], atol=0
+    assert_close(fisher_diagonal(lin, fam), [0.2025], rtol=1e-7, atol=1e-12, like=backend)  # E Î_1
+    assert_close(classical_variance(lin, fam), [0.2916], rtol=1e-7, atol=1e-12, like=backend)
+    assert_close(
+        classical_variance(lin, fam, estimator="hessian"), [0.0], rtol=1e-7, atol=0, like=backend
     )
     # z'⁴ p(1−p)(1−2p)²/k, and the bound sits above it
-    np.testing.assert_allclose(
-        to_np(classical_variance(lin, fam, num_samples=4)), [0.0729], atol=1e-12
+    assert_close(
+        classical_variance(lin, fam, num_samples=4), [0.0729], rtol=1e-7, atol=1e-12, like=backend
     )
     assert to_np(classical_variance(lin, fam, bound=True))[0] >= 0.2916
 
@@ -281,7 +282,7 @@ def test_section4_torch() -> None:
     x = torch.as_tensor(lin_np.inputs)
     lin = torch_linearize(module, x)
     h = lin.output_second_derivative_diagonal(max_vectors=7)
-    np.testing.assert_allclose(h.numpy(), lin_np.output_second_derivative_diagonal(), atol=1e-12)
+    assert_close(h, lin_np.output_second_derivative_diagonal(), rtol=1e-7, atol=1e-12, like="torch")
     # independent check: the diagonal of the Hessian of each output, by torch.func
     names = [n for n, _ in module.named_parameters()]
     params = tuple(p.detach() for p in module.parameters())
@@ -294,7 +295,7 @@ def test_section4_torch() -> None:
     for i, p in enumerate(params):
         hi = hess[i][i].reshape(3, 3, p.numel(), p.numel())
         diag_blocks.append(torch.diagonal(hi, dim1=-2, dim2=-1))
-    np.testing.assert_allclose(h.numpy(), torch.cat(diag_blocks, dim=-1).numpy(), atol=1e-12)
+    assert_close(h, torch.cat(diag_blocks, dim=-1), rtol=1e-7, atol=1e-12)
     for fam in (Categorical(), Bernoulli()):
         to_np = lambda t: t.detach().numpy()  # noqa: E731
         i1, i2, _ = i1_i2_samples(lin, fam, 6000, 1, to_np)
@@ -315,17 +316,13 @@ def test_section4_jax() -> None:
     x = jnp.asarray(lin_np.inputs)
     lin = jax_linearize(apply_fn, params, x)
     h = lin.output_second_derivative_diagonal(max_vectors=7)
-    np.testing.assert_allclose(
-        np.asarray(h), lin_np.output_second_derivative_diagonal(), atol=1e-12
-    )
+    assert_close(h, lin_np.output_second_derivative_diagonal(), rtol=1e-7, atol=1e-12, like="jax")
     from jax.flatten_util import ravel_pytree
 
     flat, unravel = ravel_pytree(params)  # the adapter's documented layout
-    np.testing.assert_array_equal(np.asarray(flat), np.asarray(lin.flat_params))
+    assert_close(flat, lin.flat_params, rtol=0, atol=0)
     hess = jax.hessian(lambda t: apply_fn(unravel(t), x))(flat)  # (N, C, D, D)
-    np.testing.assert_allclose(
-        np.asarray(h), np.asarray(jnp.diagonal(hess, axis1=-2, axis2=-1)), atol=1e-12
-    )
+    assert_close(h, jnp.diagonal(hess, axis1=-2, axis2=-1), rtol=1e-7, atol=1e-12)
     fam = Categorical()
     i1, i2, _ = i1_i2_samples(lin, fam, 6000, 2, np.asarray)
     assert_variance_matches(i1, np.asarray(classical_variance(lin, fam)))

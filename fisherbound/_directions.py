@@ -21,6 +21,7 @@ from fisherbound._lib import (
     check_finite,
     check_floating,
     check_positive_int,
+    check_vector,
     device_of,
     is_array,
     probes,
@@ -144,14 +145,8 @@ def params_and_blocks(params: Any, blocks: Any, kind: str) -> tuple[Any, Array, 
             blocks = params.blocks
     else:
         theta = params
-    xp = array_namespace(theta, names=("params",))
-    check_floating(theta, "params", xp=xp)
-    if theta.ndim != 1 or int(theta.shape[0]) == 0:
-        msg = (
-            "params must be a flat, non-empty parameter vector θ (D,) or a LossFunction; "
-            f"got shape {tuple(theta.shape)}."
-        )
-        raise ValueError(msg)
+    expected = "a flat, non-empty parameter vector θ (D,) or a LossFunction"
+    xp = check_vector(theta, "params", expected)
     if kind == "filter":
         if blocks is None:
             msg = (

@@ -11,14 +11,12 @@ import math
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
-    array_namespace,
     as_generator,
     check_choice,
     check_finite,
-    check_floating,
     check_positive_int,
+    check_vector,
     device_of,
-    is_array,
     probes,
 )
 
@@ -70,8 +68,7 @@ def saddle_probability(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     rng: Any = None,
 ) -> SaddleProbability:
-    """How often a random ``dim``-dimensional projection of H looks like a minimum,
-    a maximum or a saddle.
+    """How often a random ``dim``-dimensional projection of H looks like a min, max or saddle.
 
     A uniformly random ``dim``-dimensional subspace (the span of ``dim`` Gaussian
     directions) shows H through the ``dim`` × ``dim`` matrix GᵀHG, which is
@@ -132,14 +129,7 @@ def saddle_probability(
     (True, 0.0)
     """
     kappa = hessian_eigenvalues
-    xp = array_namespace(kappa, names=("hessian_eigenvalues",))
-    check_floating(kappa, "hessian_eigenvalues", xp=xp)
-    if kappa.ndim != 1 or int(kappa.shape[0]) == 0:
-        msg = (
-            "hessian_eigenvalues must be a non-empty 1-D array of eigenvalues (D,); got "
-            f"shape {tuple(kappa.shape)}."
-        )
-        raise ValueError(msg)
+    xp = check_vector(kappa, "hessian_eigenvalues", "a non-empty 1-D array of eigenvalues (D,)")
     check_finite(kappa, "hessian_eigenvalues", xp=xp)
     d = int(kappa.shape[0])
     k = check_positive_int(dim, "dim")
@@ -157,9 +147,8 @@ def saddle_probability(
 
 
 def _as_probability(xp: Any, value: Any, like: Array) -> Array:
-    if is_array(value):
-        return xp.clip(value, 0.0, 1.0)
-    return xp.asarray(float(value), dtype=like.dtype, device=device_of(like))
+    """A float or a 0-d array as a 0-d array like ``like``, clipped to [0, 1]."""
+    return xp.clip(xp.asarray(value, dtype=like.dtype, device=device_of(like)), 0.0, 1.0)
 
 
 def _saddle_exact(xp: Any, kappa: Array, k: int) -> SaddleProbability:

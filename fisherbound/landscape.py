@@ -62,9 +62,9 @@ from fisherbound._lib import (
     check_choice,
     check_device,
     check_finite,
-    check_floating,
     check_positive_int,
     check_real,
+    check_vector,
     collective,
     device_of,
     estimate_from_samples,
@@ -757,12 +757,7 @@ def _grid(
     for i, c in enumerate(coordinates):
         name = f"coordinates[{i}]"
         array_namespace(c, ref, names=(name, "params"))
-        check_floating(c, name, xp=xp)
-        if c.ndim != 1 or int(c.shape[0]) == 0:
-            msg = (
-                f"{name} must be a non-empty 1-D array of coefficients; got shape {tuple(c.shape)}."
-            )
-            raise ValueError(msg)
+        check_vector(c, name, "a non-empty 1-D array of coefficients", xp=xp)
         check_device(c, name, device, owner="the device of the parameters")
         check_finite(c, name, xp=xp)
         out.append(xp.astype(c, dtype) if c.dtype != dtype else c)

@@ -50,6 +50,7 @@ from fisherbound._lib._validation import (
     check_real,
     check_real_floating,
     check_target,
+    check_vector,
     first_indices,
     is_traced,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "check_real",
     "check_real_floating",
     "check_target",
+    "check_vector",
     "collective",
     "device_of",
     "estimate_from_samples",

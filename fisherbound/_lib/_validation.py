@@ -116,6 +116,18 @@ def check_floating(x: Array, name: str, *, xp: Any = None) -> Any:
     return xp
 
 
+def check_vector(x: Array, name: str, expected: str, *, xp: Any = None) -> Any:
+    """Check that ``x`` is a non-empty 1-D real floating array; return its namespace.
+
+    The shape error reads "{name} must be {expected}; got shape (...)."
+    """
+    xp = check_floating(x, name, xp=xp)
+    if x.ndim != 1 or int(x.shape[0]) == 0:
+        msg = f"{name} must be {expected}; got shape {tuple(x.shape)}."
+        raise ValueError(msg)
+    return xp
+
+
 def first_indices(mask: Array, xp: Any, limit: int = 10) -> list[int]:
     """Indices of the first ``limit`` True entries of a 1-D boolean array."""
     (idx,) = xp.nonzero(mask)

@@ -107,15 +107,19 @@ class LinearOperator:
         self._matvec = matvec
         self._matmat = matmat
 
+    def _check_operand(self, x: Array, name: str, expected: str, ok: bool) -> None:
+        """A ValueError unless ``ok``: ``x`` (``name``) must have the ``expected`` shape."""
+        if not ok:
+            msg = (
+                f"{name} must have shape {expected} to match the operator's shape "
+                f"{self.shape}; got {tuple(x.shape)}."
+            )
+            raise ValueError(msg)
+
     def matvec(self, v: Array, /) -> Array:
         """A v for ``v`` of shape (m,); returns shape (n,)."""
         m = self.shape[1]
-        if tuple(v.shape) != (m,):
-            msg = (
-                f"v must have shape ({m},) to match the operator's shape {self.shape}; "
-                f"got {tuple(v.shape)}."
-            )
-            raise ValueError(msg)
+        self._check_operand(v, "v", f"({m},)", tuple(v.shape) == (m,))
         if self._matvec is not None:
             return self._matvec(v)
         assert self._matmat is not None
@@ -124,12 +128,7 @@ class LinearOperator:
     def matmat(self, V: Array, /) -> Array:
         """A V for ``V`` of shape (m, k); returns shape (n, k)."""
         m = self.shape[1]
-        if V.ndim != 2 or int(V.shape[0]) != m:
-            msg = (
-                f"V must have shape ({m}, k) to match the operator's shape {self.shape}; "
-                f"got {tuple(V.shape)}."
-            )
-            raise ValueError(msg)
+        self._check_operand(V, "V", f"({m}, k)", V.ndim == 2 and int(V.shape[0]) == m)
         if self._matmat is not None:
             return self._matmat(V)
         assert self._matvec is not None

@@ -1,38 +1,20 @@
 """The torch adapter's loss function: the negative log-likelihood of a module on one batch.
 
-Public through ``fisherbound.adapters.torch`` (``loss_function``,
-``loss_functions``, ``TorchLossFunction``), for ``fisherbound.landscape``.
+Public through ``fisherbound.adapters.torch`` (``TorchLossFunction``, built by its
+``loss_function`` and ``loss_functions``), for ``fisherbound.landscape``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch  # noqa: TID253
-from torch import nn  # noqa: TID253
 
 from fisherbound._lib import array_namespace, check_finite
-from fisherbound.adapters._torch_model import (
-    FunctionalModel,
-    as_inputs,
-    check_deterministic,
-    check_inputs_device,
-    check_model,
-    check_parameters,
-    ensure_forward_ad,
-    is_tensor_or_text,
-    select_parameters,
-)
-from fisherbound.linearization import (
-    LossFunctionBase,
-    check_batches,
-    check_loss_labels,
-    check_loss_options,
-    stream_pairs,
-)
+from fisherbound.adapters._torch_model import FunctionalModel, Selection, ensure_forward_ad
+from fisherbound.linearization import LossFunctionBase
 
-__all__ = ["TorchLossFunction", "loss_function", "loss_functions"]
+__all__ = ["TorchLossFunction"]
 
 Tensor = torch.Tensor
 
@@ -57,28 +39,20 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
 
     def __init__(
         self,
-        model: nn.Module,
+        selection: Selection,
         inputs: tuple[Tensor, ...],
         labels: Tensor,
-        names: tuple[str, ...],
-        tensors: tuple[Tensor, ...],
         family: Any,
         reduction: str,
     ) -> None:
-        self._bind(model, inputs, names, tensors)
+        self._bind(selection, inputs)
         self._params = torch.cat([p.reshape(-1) for p in self._primals])
         with torch.no_grad():
             z = self._call(self._primals, inputs)
         self._check_logits(z)
         self._xp = array_namespace(z, names=("model output",))
         check_finite(z, "model output", xp=self._xp)
-        check_loss_labels(family, z, labels)
-        self._logits = z
-        self._labels = labels
-        self._family = family
-        self._reduction = reduction
-        self._num_inputs = int(z.shape[0])
-        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
+        self._hold_batch(z, labels, family, reduction)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -118,6 +92,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
 
         Examples
         --------
+        >>> from fisherbound.adapters.torch import loss_function
         >>> model = torch.nn.Linear(2, 3).double()
         >>> x = torch.ones(4, 2, dtype=torch.float64)
         >>> loss = loss_function(model, x, torch.zeros(4, dtype=torch.int64))
@@ -166,119 +141,3 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         ensure_forward_ad()
         with torch.enable_grad():
             return torch.func.jvp(torch.func.grad(self._loss), (self._params,), (v,))[1]
-
-
-def loss_function(
-    model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
-    labels: Tensor,
-    /,
-    *,
-    family: Any = None,
-    reduction: str = "sum",
-    params: Sequence[str] | None = None,
-) -> TorchLossFunction:
-    """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
-
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = ``model(*inputs)`` and the family's
-    ``log_likelihood`` (``reduction="mean"`` divides by N), as a
-    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
-    (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
-    (forward-over-reverse, exact). Cost: one forward pass here (to check the
-    labels); ``value`` costs S forward passes, ``hvp`` about two gradient steps.
-
-    Parameters
-    ----------
-    model
-        Any ``torch.nn.Module`` returning logits (N, C); in eval mode if it has
-        Dropout or BatchNorm.
-    inputs
-        A tensor or a tuple of tensors (positional arguments), examples on axis 0.
-    labels
-        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
-        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``; on
-        the parameters' device.
-    family
-        The output family (default ``Categorical()``).
-    reduction
-        ``"sum"`` over the batch (default) or ``"mean"``.
-    params
-        The parameters θ (names), as in ``linearize``; default every trainable one.
-
-    Returns
-    -------
-    TorchLossFunction
-
-    Examples
-    --------
-    >>> import torch
-    >>> from fisherbound.adapters.torch import loss_function
-    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    >>> loss = loss_function(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
-    >>> loss.num_params, loss.hvp(torch.ones(67)).shape
-    (67, torch.Size([67]))
-    """
-    model = check_model(model)
-    fam = check_loss_options(family, reduction)
-    names, tensors = select_parameters(model, params)
-    return _loss_function(model, inputs, labels, names, tensors, fam, reduction)
-
-
-def _loss_function(
-    model: nn.Module,
-    inputs: object,
-    labels: object,
-    names: tuple[str, ...],
-    tensors: tuple[Tensor, ...],
-    family: Any,
-    reduction: str,
-) -> TorchLossFunction:
-    batch = as_inputs(inputs)
-    check_parameters(names, tensors)
-    check_deterministic(model)
-    check_inputs_device(batch, tensors[0].device)
-    if not isinstance(labels, torch.Tensor):
-        msg = (
-            f"labels must be a torch.Tensor; got {type(labels).__module__}."
-            f"{type(labels).__name__}. Convert with torch.as_tensor(...)."
-        )
-        raise TypeError(msg)
-    return TorchLossFunction(model, batch, labels, names, tensors, family, reduction)
-
-
-def loss_functions(
-    model: nn.Module,
-    batches: Iterable[Any],
-    /,
-    *,
-    family: Any = None,
-    reduction: str = "sum",
-    params: Sequence[str] | None = None,
-) -> Iterator[TorchLossFunction]:
-    """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
-
-    ``batches`` yields pairs (a DataLoader does); each loss function is built when
-    it is requested, so a data set is streamed one batch at a time.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from fisherbound.adapters.torch import loss_functions
-    >>> data = [(torch.randn(8, 4), torch.zeros(8).long()) for _ in range(3)]
-    >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
-    [8, 8, 8]
-    """
-    model = check_model(model)
-    fam = check_loss_options(family, reduction)
-    names, tensors = select_parameters(model, params)
-    batches = check_batches(
-        batches,
-        what="(inputs, labels) pairs (a list, a generator, a DataLoader)",
-        remedy="For one batch use loss_function(model, inputs, labels).",
-        single=is_tensor_or_text,
-    )
-
-    def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
-        return _loss_function(model, inputs, labels, names, tensors, fam, reduction)
-
-    return stream_pairs(batches, build)

@@ -12,6 +12,7 @@ import contextlib
 import difflib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch  # noqa: TID253
 from torch import nn  # noqa: TID253
@@ -122,9 +123,15 @@ def as_inputs(inputs: object) -> tuple[Tensor, ...]:
     return tuple(x.detach() for x in items)
 
 
-def select_parameters(
-    model: nn.Module, params: Sequence[str] | None
-) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+class Selection(NamedTuple):
+    """A module and the parameters θ selected in it, in flat-vector order."""
+
+    model: nn.Module
+    names: tuple[str, ...]
+    tensors: tuple[Tensor, ...]
+
+
+def select_parameters(model: nn.Module, params: Sequence[str] | None) -> Selection:
     if params is None:
         chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not chosen:
@@ -134,7 +141,7 @@ def select_parameters(
                 f"({total} frozen). Name the parameters to differentiate with params=[...]."
             )
             raise ValueError(msg)
-        return tuple(n for n, _ in chosen), tuple(p for _, p in chosen)
+        return Selection(model, tuple(n for n, _ in chosen), tuple(p for _, p in chosen))
     if isinstance(params, str) or not isinstance(params, Iterable):
         msg = (
             "params must be None or a list of parameter names; got "
@@ -174,7 +181,7 @@ def select_parameters(
                 )
             raise ValueError(msg)
         seen[key] = name
-    return tuple(names), tuple(every[n] for n in names)
+    return Selection(model, tuple(names), tuple(every[n] for n in names))
 
 
 def check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
@@ -241,6 +248,19 @@ def check_inputs_device(inputs: Sequence[Tensor], device: torch.device) -> None:
             raise ValueError(msg)
 
 
+def check_batch(selection: Selection, inputs: object) -> tuple[Tensor, ...]:
+    """The inputs of one batch as detached tensors, checked with the selection.
+
+    The inputs are tensors, the selected parameters share one floating dtype and
+    device, the module is deterministic, and the inputs are on that device.
+    """
+    batch = as_inputs(inputs)
+    check_parameters(selection.names, selection.tensors)
+    check_deterministic(selection.model)
+    check_inputs_device(batch, selection.tensors[0].device)
+    return batch
+
+
 # ---------------------------------------------------------------------------
 # The module called functionally
 # ---------------------------------------------------------------------------
@@ -254,13 +274,8 @@ class FunctionalModel:
     a detached constant, and the functional call.
     """
 
-    def _bind(
-        self,
-        model: nn.Module,
-        inputs: tuple[Tensor, ...],
-        names: tuple[str, ...],
-        tensors: tuple[Tensor, ...],
-    ) -> None:
+    def _bind(self, selection: Selection, inputs: tuple[Tensor, ...]) -> None:
+        model, names, tensors = selection
         self._model = model
         self._inputs = inputs
         self._names = names

@@ -61,12 +61,10 @@ from fisherbound.adapters._jax_model import (
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
-    check_batches,
-    check_loss_labels,
+    ReadOnly,
     check_loss_options,
-    example_range,
-    stream_inputs,
-    stream_pairs,
+    stream_linearizations,
+    stream_loss_functions,
 )
 
 Array = Any
@@ -115,10 +113,7 @@ class JaxLinearization(LinearizationBase):
         """The linearized function ``apply_fn(params, x)``."""
         return self._model.apply_fn
 
-    @property
-    def inputs(self) -> PyTree:
-        """The batch of inputs x (JAX arrays, leading axis N)."""
-        return self._inputs
+    inputs = ReadOnly[PyTree]("The batch of inputs x (JAX arrays, leading axis N).")
 
     @property
     def flat_params(self) -> Array:
@@ -234,7 +229,7 @@ class JaxLinearization(LinearizationBase):
         memory N·K·D entries. ``apply_fn`` must treat examples independently
         (no batch statistics).
         """
-        start, stop = example_range(examples, self.num_inputs)
+        start, stop = self._examples(examples)
         U = self._operand(U, "U", (stop - start, None, self.num_outputs), "(n, K, C)")
         inputs = self._inputs
         if (start, stop) != (0, self.num_inputs):
@@ -408,18 +403,20 @@ def linearizations(
     [4, 3]
     """
     apply_fn = check_apply_fn(apply_fn)
-    batches = check_batches(
-        batches,
-        what="batches (arrays, or tuples whose first element is the inputs)",
-        remedy="For a single batch use linearize(apply_fn, params, inputs).",
-    )
     model = Model(apply_fn, params)
 
     def build(i: int, batch: Any) -> JaxLinearization:
+        del i  # the stream's callback also gets the batch index, for messages
         x, n = check_inputs(batch)
         return JaxLinearization(model, x, n)
 
-    return stream_inputs(batches, build, single="an inputs array")
+    return stream_linearizations(
+        batches,
+        build,
+        what="batches (arrays, or tuples whose first element is the inputs)",
+        remedy="For a single batch use linearize(apply_fn, params, inputs).",
+        single="an inputs array",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -502,14 +499,8 @@ class JaxLossFunction(LossFunctionBase):
         theta = shard_local(model.theta, inputs)
         z = self._kernels.logits(theta, inputs)
         check_logits(z, num_inputs, model.dtype)
-        check_loss_labels(family, z, labels)
-        self._logits = z
-        self._labels = labels
-        self._family = family
-        self._reduction = reduction
-        self._num_inputs = num_inputs
-        scale = 1.0 / num_inputs if reduction == "mean" else 1.0
-        self._scale = jnp.asarray(scale, dtype=model.dtype)
+        self._hold_batch(z, labels, family, reduction)
+        self._scale = jnp.asarray(self._scale, dtype=model.dtype)
         self._theta = theta  # for the kernels: the derivative on this shard
         self._params = model.theta
         self._blocks = model.blocks
@@ -638,15 +629,16 @@ def loss_functions(
     """
     apply_fn = check_apply_fn(apply_fn)
     fam = check_loss_options(family, reduction)
-    batches = check_batches(
-        batches,
-        what="(inputs, labels) pairs",
-        remedy="For one batch use loss_function(apply_fn, params, x, y).",
-    )
     model = Model(apply_fn, params)
 
     def build(i: int, inputs: Any, labels: Any) -> JaxLossFunction:
+        del i  # the stream's callback also gets the batch index, for messages
         x, n = check_inputs(inputs)
         return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction)
 
-    return stream_pairs(batches, build)
+    return stream_loss_functions(
+        batches,
+        build,
+        what="(inputs, labels) pairs",
+        remedy="For one batch use loss_function(apply_fn, params, x, y).",
+    )

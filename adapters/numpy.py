@@ -48,12 +48,10 @@ from fisherbound.adapters._numpy_models import (
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
-    check_batches,
-    check_loss_labels,
+    ReadOnly,
     check_loss_options,
-    example_range,
-    stream_inputs,
-    stream_pairs,
+    stream_linearizations,
+    stream_loss_functions,
 )
 
 Array = Any
@@ -100,15 +98,8 @@ class ReferenceLinearization(LinearizationBase):
         self._acts = acts
         self._derivs = derivs
 
-    @property
-    def model(self) -> ReferenceModel:
-        """The linearized model."""
-        return self._model
-
-    @property
-    def inputs(self) -> Array:
-        """The batch of inputs (N, d), in the model's dtype."""
-        return self._inputs
+    model = ReadOnly[ReferenceModel]("The linearized model.")
+    inputs = ReadOnly[Array]("The batch of inputs (N, d), in the model's dtype.")
 
     # -- forward products ---------------------------------------------------------
     def jvp(self, v: Array, /) -> Array:
@@ -193,7 +184,7 @@ class ReferenceLinearization(LinearizationBase):
         once. Memory: n·K·D entries.
         """
         xp = self._xp
-        start, stop = example_range(examples, self.num_inputs)
+        start, stop = self._examples(examples)
         U = self._operand(U, "U", (stop - start, None, self.num_outputs), "(n, K, C)")
         n, k = int(U.shape[0]), int(U.shape[1])
         deltas = self._deltas(xp, U, start, stop)
@@ -409,11 +400,6 @@ def linearizations(
     [4, 3]
     """
     checked = check_model(model)
-    batches = check_batches(
-        batches,
-        what="batches (arrays, or tuples whose first element is the inputs)",
-        remedy="For a single batch use linearize(model, inputs).",
-    )
 
     def build(i: int, batch: Any) -> ReferenceLinearization:
         if not is_array(batch):
@@ -424,7 +410,13 @@ def linearizations(
             raise TypeError(msg)
         return ReferenceLinearization(checked, check_inputs(checked, batch))
 
-    return stream_inputs(batches, build, single="an array")
+    return stream_linearizations(
+        batches,
+        build,
+        what="batches (arrays, or tuples whose first element is the inputs)",
+        remedy="For a single batch use linearize(model, inputs).",
+        single="an array",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -449,14 +441,8 @@ class ReferenceLossFunction(LossFunctionBase):
         self, model: ReferenceModel, inputs: Array, labels: Array, family: Any, reduction: str
     ) -> None:
         self._lin = ReferenceLinearization(model, inputs)
-        check_loss_labels(family, self._lin.logits, labels)
-        self._logits = self._lin.logits
+        self._hold_batch(self._lin.logits, labels, family, reduction)
         self._model = model
-        self._family = family
-        self._labels = labels
-        self._reduction = reduction
-        self._num_inputs = int(inputs.shape[0])
-        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
         self._xp = model.xp
         self._blocks = model.blocks
         self._params = model.parameters()
@@ -669,15 +655,16 @@ def loss_functions(
     """
     checked = check_model(model)
     fam = check_loss_options(family, reduction)
-    batches = check_batches(
-        batches,
-        what="(inputs, labels) pairs",
-        remedy="For one batch use loss_function(model, x, y).",
-    )
 
     def build(i: int, inputs: Any, labels: Any) -> ReferenceLossFunction:
         x = check_inputs(checked, inputs)
         array_namespace(labels, x, names=(f"the labels of batch {i}", "inputs"))
         return ReferenceLossFunction(checked, x, labels, fam, reduction)
 
-    return stream_pairs(batches, build, say_length=True)
+    return stream_loss_functions(
+        batches,
+        build,
+        what="(inputs, labels) pairs",
+        remedy="For one batch use loss_function(model, x, y).",
+        say_length=True,
+    )

@@ -38,14 +38,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from fisherbound._lib import array_namespace, check_finite, check_positive_int
-from fisherbound.adapters._torch_loss import TorchLossFunction, loss_function, loss_functions
+from fisherbound.adapters._torch_loss import TorchLossFunction
 from fisherbound.adapters._torch_model import (
     FunctionalModel,
-    as_inputs,
-    check_deterministic,
-    check_inputs_device,
+    Selection,
+    check_batch,
     check_model,
-    check_parameters,
     ensure_forward_ad,
     is_tensor_or_text,
     select_parameters,
@@ -63,9 +61,9 @@ from fisherbound.adapters.torch_rules import (
 )
 from fisherbound.linearization import (
     LinearizationBase,
-    check_batches,
-    example_range,
-    stream_inputs,
+    check_loss_options,
+    stream_linearizations,
+    stream_loss_functions,
 )
 
 __all__ = [
@@ -96,14 +94,9 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     (an optimiser step) while it is in use; build a new one per step.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inputs: tuple[Tensor, ...],
-        names: tuple[str, ...],
-        tensors: tuple[Tensor, ...],
-    ) -> None:
-        self._bind(model, inputs, names, tensors)
+    def __init__(self, selection: Selection, inputs: tuple[Tensor, ...]) -> None:
+        self._bind(selection, inputs)
+        model, names, tensors = selection
         self._fast_candidates, self._static_reasons = static_candidates(model, names, tensors)
         self._plan: FastPathPlan | None = None
 
@@ -240,7 +233,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         >>> lin.per_example_vjp(U, examples=slice(1, 2)).shape
         torch.Size([1, 1, 9])
         """
-        start, stop = example_range(examples, self.num_inputs)
+        start, stop = self._examples(examples)
         c = self.num_outputs
         self._operand(U, "U", (stop - start, None, c), f"(n={stop - start}, K, C={c})")
         k = int(U.shape[1])
@@ -560,22 +553,8 @@ def linearize(
     >>> [b.name for b in lin.blocks]
     ['0.weight', '0.bias', '2.weight', '2.bias']
     """
-    model = check_model(model)
-    names, tensors = select_parameters(model, params)
-    return _linearize(model, inputs, names, tensors)
-
-
-def _linearize(
-    model: nn.Module,
-    inputs: object,
-    names: tuple[str, ...],
-    tensors: tuple[Tensor, ...],
-) -> TorchLinearization:
-    batch = as_inputs(inputs)
-    check_parameters(names, tensors)
-    check_deterministic(model)
-    check_inputs_device(batch, tensors[0].device)
-    return TorchLinearization(model, batch, names, tensors)
+    selection = select_parameters(check_model(model), params)
+    return TorchLinearization(selection, check_batch(selection, inputs))
 
 
 def linearizations(
@@ -598,16 +577,125 @@ def linearizations(
     >>> [lin.num_inputs for lin in linearizations(model, data)]
     [8, 8, 8]
     """
-    model = check_model(model)
-    names, tensors = select_parameters(model, params)
-    batches = check_batches(
-        batches,
-        what="batches (a list, a generator, a DataLoader)",
-        remedy="For one batch use linearize(model, inputs).",
-        single=is_tensor_or_text,
-    )
+    selection = select_parameters(check_model(model), params)
 
     def build(i: int, inputs: Any) -> TorchLinearization:
-        return _linearize(model, inputs, names, tensors)
+        del i  # the stream's callback also gets the batch index, for messages
+        return TorchLinearization(selection, check_batch(selection, inputs))
 
-    return stream_inputs(batches, build, single="an inputs tensor")
+    return stream_linearizations(
+        batches,
+        build,
+        what="batches (a list, a generator, a DataLoader)",
+        remedy="For one batch use linearize(model, inputs).",
+        single="an inputs tensor",
+        one_batch=is_tensor_or_text,
+    )
+
+
+def loss_function(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    labels: Tensor,
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+    params: Sequence[str] | None = None,
+) -> TorchLossFunction:
+    """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
+
+    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = ``model(*inputs)`` and the family's
+    ``log_likelihood`` (``reduction="mean"`` divides by N), as a
+    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
+    (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
+    (forward-over-reverse, exact). Cost: one forward pass here (to check the
+    labels); ``value`` costs S forward passes, ``hvp`` about two gradient steps.
+
+    Parameters
+    ----------
+    model
+        Any ``torch.nn.Module`` returning logits (N, C); in eval mode if it has
+        Dropout or BatchNorm.
+    inputs
+        A tensor or a tuple of tensors (positional arguments), examples on axis 0.
+    labels
+        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
+        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``; on
+        the parameters' device.
+    family
+        The output family (default ``Categorical()``).
+    reduction
+        ``"sum"`` over the batch (default) or ``"mean"``.
+    params
+        The parameters θ (names), as in ``linearize``; default every trainable one.
+
+    Returns
+    -------
+    TorchLossFunction
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import loss_function
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> loss = loss_function(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.num_params, loss.hvp(torch.ones(67)).shape
+    (67, torch.Size([67]))
+    """
+    model = check_model(model)
+    fam = check_loss_options(family, reduction)
+    selection = select_parameters(model, params)
+    return _loss_function(selection, inputs, labels, fam, reduction)
+
+
+def _loss_function(
+    selection: Selection, inputs: object, labels: object, family: Any, reduction: str
+) -> TorchLossFunction:
+    batch = check_batch(selection, inputs)
+    if not isinstance(labels, torch.Tensor):
+        msg = (
+            f"labels must be a torch.Tensor; got {type(labels).__module__}."
+            f"{type(labels).__name__}. Convert with torch.as_tensor(...)."
+        )
+        raise TypeError(msg)
+    return TorchLossFunction(selection, batch, labels, family, reduction)
+
+
+def loss_functions(
+    model: nn.Module,
+    batches: Iterable[Any],
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+    params: Sequence[str] | None = None,
+) -> Iterator[TorchLossFunction]:
+    """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
+
+    ``batches`` yields pairs (a DataLoader does); each loss function is built when
+    it is requested, so a data set is streamed one batch at a time.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import loss_functions
+    >>> data = [(torch.randn(8, 4), torch.zeros(8).long()) for _ in range(3)]
+    >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
+    [8, 8, 8]
+    """
+    model = check_model(model)
+    fam = check_loss_options(family, reduction)
+    selection = select_parameters(model, params)
+
+    def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
+        del i  # the stream's callback also gets the batch index, for messages
+        return _loss_function(selection, inputs, labels, fam, reduction)
+
+    return stream_loss_functions(
+        batches,
+        build,
+        what="(inputs, labels) pairs (a list, a generator, a DataLoader)",
+        remedy="For one batch use loss_function(model, inputs, labels).",
+        one_batch=is_tensor_or_text,
+    )

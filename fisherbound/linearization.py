@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
 from fisherbound._lib import (
     REDUCTIONS,
@@ -53,6 +53,7 @@ __all__ = [
     "LossFunction",
     "LossFunctionBase",
     "ParameterBlock",
+    "ReadOnly",
     "as_linearizations",
     "check_batches",
     "check_loss_labels",
@@ -61,6 +62,8 @@ __all__ = [
     "example_range",
     "make_blocks",
     "stream_inputs",
+    "stream_linearizations",
+    "stream_loss_functions",
     "stream_pairs",
 ]
 
@@ -235,7 +238,92 @@ class Linearization(Protocol):
         """
 
 
-class LinearizationBase:
+class ReadOnly(Generic[T]):
+    """A documented read-only attribute: ``obj.name`` returns ``obj._name``.
+
+    The one-line form of a property that only returns a private field, for the
+    descriptive attributes of linearizations, loss functions and models::
+
+        logits = ReadOnly[Array]("The logits z of the batch, shape (N, C).")
+
+    Setting it raises an AttributeError, as for a property without a setter.
+    """
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> ReadOnly[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj, f"_{self._name}")
+
+    def __set__(self, obj: object, value: object) -> None:
+        msg = f"{type(obj).__name__}.{self._name} is read-only."
+        raise AttributeError(msg)
+
+
+class _FrozenBase:
+    """What linearizations and loss functions share: frozen at θ on one batch.
+
+    The parameter blocks, the array namespace, and the dtype and device of the
+    array every operand is checked against (the logits of a linearization, θ of a
+    loss function; see ``_reference``).
+    """
+
+    _blocks: tuple[ParameterBlock, ...]
+    _xp: Any
+
+    # How ``_operand`` names the reference array and how to move an operand to it.
+    _role: str = "linearization"
+    _reference_name: str = "logits"
+    _operand_remedy: str = "Move it with xp.asarray({name}, device=lin.device)."
+    _operand_free: str | None = None
+
+    blocks = ReadOnly[tuple[ParameterBlock, ...]](
+        "The parameter blocks (name, shape, offset, size), in flat-vector order."
+    )
+    xp = ReadOnly[Any]("The array namespace of every array in or out.")
+
+    def _reference(self) -> Array:
+        """The array whose namespace, dtype and device every operand must share."""
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> Any:
+        """The dtype of every vector in or out (the logits' or θ's)."""
+        return self._reference().dtype
+
+    @property
+    def device(self) -> Any:
+        """The device of every vector in or out; operands must be on it."""
+        return device_of(self._reference())
+
+    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
+        """``x`` checked against the reference (namespace, floating, shape, device), cast."""
+        return check_operand(
+            x,
+            name,
+            shape,
+            what,
+            like=self._reference(),
+            like_name=f"the {self._role}'s {self._reference_name}",
+            owner=f"the {self._role}'s device",
+            remedy=self._operand_remedy.format(name=name),
+            free=self._operand_free,
+        )
+
+
+class LinearizationBase(_FrozenBase):
     """Default batched and per-example products built from ``jvp`` and ``vjp``.
 
     Subclasses set ``self._logits``, ``self._blocks`` and ``self._xp`` and
@@ -244,46 +332,20 @@ class LinearizationBase:
     """
 
     _logits: Array
-    _blocks: tuple[ParameterBlock, ...]
-    _xp: Any
 
     #: Default bound on how many D-vectors a per-example computation holds at once.
     default_max_vectors: int = 256
 
-    # How ``_operand`` names the device and how to move an operand there.
-    _operand_remedy: str = "Move it with xp.asarray({name}, device=lin.device)."
-    _operand_free: str | None = None
+    logits = ReadOnly[Array]("The logits z of the batch, shape (N, C).")
 
-    @property
-    def logits(self) -> Array:
-        """The logits z of the batch, shape (N, C)."""
+    def _reference(self) -> Array:
         return self._logits
-
-    @property
-    def blocks(self) -> tuple[ParameterBlock, ...]:
-        """The parameter blocks (name, shape, offset, size), in flat-vector order."""
-        return self._blocks
 
     @property
     def num_params(self) -> int:
         """D, the length of the flat parameter vector."""
         last = self._blocks[-1]
         return last.offset + last.size
-
-    @property
-    def xp(self) -> Any:
-        """The array namespace of the logits and of every parameter vector."""
-        return self._xp
-
-    @property
-    def dtype(self) -> Any:
-        """The dtype of the logits and of every vector the products return."""
-        return self._logits.dtype
-
-    @property
-    def device(self) -> Any:
-        """The device of the logits; operands must be on it."""
-        return device_of(self._logits)
 
     @property
     def num_inputs(self) -> int:
@@ -295,19 +357,9 @@ class LinearizationBase:
         """C, the number of logits per example."""
         return int(self._logits.shape[1])
 
-    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
-        """``x`` checked against the logits (namespace, floating, shape, device), cast."""
-        return check_operand(
-            x,
-            name,
-            shape,
-            what,
-            like=self._logits,
-            like_name="the linearization's logits",
-            owner="the linearization's device",
-            remedy=self._operand_remedy.format(name=name),
-            free=self._operand_free,
-        )
+    def _examples(self, examples: slice | None) -> tuple[int, int]:
+        """(start, stop) of the contiguous slice ``examples`` of the batch (``example_range``)."""
+        return example_range(examples, self.num_inputs)
 
     def jvp(self, v: Array, /) -> Array:
         """J v for a flat parameter vector ``v`` (D,); returns (N, C)."""
@@ -335,7 +387,7 @@ class LinearizationBase:
         example; adapters override it with a vectorised map.
         """
         xp = self._xp
-        start, stop = example_range(examples, self.num_inputs)
+        start, stop = self._examples(examples)
         n_all = self.num_inputs
         _, k, c = U.shape
         rows = []
@@ -497,93 +549,56 @@ class LossFunction(Protocol):
         """
 
 
-class LossFunctionBase:
+class LossFunctionBase(_FrozenBase):
     """Shared properties of the adapters' loss functions and a generic ``hvp_batch``.
 
-    Subclasses set ``self._params`` (flat θ), ``self._blocks``, ``self._xp``,
-    ``self._reduction`` and ``self._num_inputs`` and implement ``value``,
+    Subclasses set ``self._params`` (flat θ), ``self._blocks`` and ``self._xp``,
+    hold the labelled batch with ``_hold_batch`` and implement ``value``,
     ``gradient`` and ``hvp`` (and ``hvp_batch`` when the framework batches it).
     """
 
     _params: Array
-    _blocks: tuple[ParameterBlock, ...]
-    _xp: Any
     _reduction: str
     _num_inputs: int
+    _scale: Any
     _family: Any
     _labels: Array
     _logits: Array
 
-    # How ``_operand`` names the device and how to move an operand there.
-    _operand_remedy: str = "Move it with xp.asarray({name}, device=loss.device)."
+    _role = "loss function"
+    _reference_name = "params"
+    _operand_remedy = "Move it with xp.asarray({name}, device=loss.device)."
 
-    @property
-    def family(self) -> Any:
-        """The output family whose log-likelihood defines the loss."""
-        return self._family
+    family = ReadOnly[Any]("The output family whose log-likelihood defines the loss.")
+    labels = ReadOnly[Array]("The labels y of the batch.")
+    logits = ReadOnly[Array]("The logits z (N, C) at θ.")
+    params = ReadOnly[Array]("θ, the flat parameter vector (D,) at which the loss is frozen.")
+    num_inputs = ReadOnly[int]("N, the number of labelled examples in the batch.")
+    reduction = ReadOnly[str](
+        """``"sum"`` (Σ_n over the batch) or ``"mean"`` (the sum divided by N)."""
+    )
 
-    @property
-    def labels(self) -> Array:
-        """The labels y of the batch."""
-        return self._labels
-
-    @property
-    def logits(self) -> Array:
-        """The logits z (N, C) at θ."""
-        return self._logits
-
-    @property
-    def params(self) -> Array:
-        """θ, the flat parameter vector (D,) at which the loss is frozen."""
+    def _reference(self) -> Array:
         return self._params
-
-    @property
-    def blocks(self) -> tuple[ParameterBlock, ...]:
-        """The parameter blocks (name, shape, offset, size), in flat-vector order."""
-        return self._blocks
 
     @property
     def num_params(self) -> int:
         """D, the length of the flat parameter vector."""
         return int(self._params.shape[0])
 
-    @property
-    def num_inputs(self) -> int:
-        """N, the number of labelled examples in the batch."""
-        return self._num_inputs
+    def _hold_batch(self, logits: Array, labels: Array, family: Any, reduction: str) -> None:
+        """Check ``labels`` against ``logits`` (``check_loss_labels``) and keep the batch.
 
-    @property
-    def reduction(self) -> str:
-        """``"sum"`` (Σ_n over the batch) or ``"mean"`` (the sum divided by N)."""
-        return self._reduction
-
-    @property
-    def xp(self) -> Any:
-        """The array namespace of ``params`` and of every vector."""
-        return self._xp
-
-    @property
-    def dtype(self) -> Any:
-        """The dtype of ``params`` and of every vector the methods return."""
-        return self._params.dtype
-
-    @property
-    def device(self) -> Any:
-        """The device of ``params``; operands must be on it."""
-        return device_of(self._params)
-
-    def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
-        """``x`` checked against θ (namespace, floating, shape, device), cast to its dtype."""
-        return check_operand(
-            x,
-            name,
-            shape,
-            what,
-            like=self._params,
-            like_name="the loss function's params",
-            owner="the loss function's device",
-            remedy=self._operand_remedy.format(name=name),
-        )
+        Sets the logits, labels, family, reduction, N and the scale of the sum
+        (1 for ``"sum"``, 1 / N for ``"mean"``).
+        """
+        check_loss_labels(family, logits, labels)
+        self._logits = logits
+        self._labels = labels
+        self._family = family
+        self._reduction = reduction
+        self._num_inputs = int(logits.shape[0])
+        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
 
     def value(self, shifts: Array, /) -> Array:
         """The loss at θ + shifts[s] for shifts (S, D); returns (S,)."""
@@ -609,7 +624,6 @@ def check_loss_options(family: Any, reduction: object) -> Any:
     Raises a TypeError when ``family`` is not a ``fisherbound.families`` family
     and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"``.
     """
-
     if family is None:
         family = Categorical()
     if not isinstance(family, Family):
@@ -658,7 +672,6 @@ def check_operand(
     with each free axis written as its letter in ``what`` or as ``free``.
     Cost: O(1), no data is read.
     """
-
     xp = array_namespace(x, like, names=(name, like_name))
     check_floating(x, name, xp=xp)
     got = tuple(int(s) for s in x.shape)
@@ -684,7 +697,6 @@ def check_batches(
     Strings, bytes and arrays (or what ``single`` recognises as one batch) are
     refused with "batches must be an iterable of {what}; got {type}. {remedy}".
     """
-
     one = single if single is not None else is_array
     if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or one(batches):
         msg = f"batches must be an iterable of {what}; got {type(batches).__name__}. {remedy}"
@@ -730,3 +742,38 @@ def stream_pairs(
             msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}{length}."
             raise TypeError(msg)
         yield build(i, batch[0], batch[1])
+
+
+def stream_linearizations(
+    batches: object,
+    build: Callable[[int, Any], T],
+    /,
+    *,
+    what: str,
+    remedy: str,
+    single: str,
+    one_batch: Callable[[object], bool] | None = None,
+) -> Iterator[T]:
+    """An adapter's ``linearizations``: ``batches`` checked now, then ``stream_inputs``.
+
+    ``check_batches(batches, what=what, remedy=remedy, single=one_batch)`` runs at
+    the call (not at the first batch); ``single`` names one batch in the message
+    of an empty tuple.
+    """
+    checked = check_batches(batches, what=what, remedy=remedy, single=one_batch)
+    return stream_inputs(checked, build, single=single)
+
+
+def stream_loss_functions(
+    batches: object,
+    build: Callable[[int, Any, Any], T],
+    /,
+    *,
+    what: str,
+    remedy: str,
+    one_batch: Callable[[object], bool] | None = None,
+    say_length: bool = False,
+) -> Iterator[T]:
+    """An adapter's ``loss_functions``: ``batches`` checked now, then ``stream_pairs``."""
+    checked = check_batches(batches, what=what, remedy=remedy, single=one_batch)
+    return stream_pairs(checked, build, say_length=say_length)

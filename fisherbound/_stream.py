@@ -117,6 +117,12 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
     sig = signature(lin)
     if ref is None:
         return sig
+    _check_like_first(sig, ref, index, lin.num_params)
+    return ref
+
+
+def _check_like_first(sig: Signature, ref: Signature, index: int, num_params: int) -> None:
+    """Batch ``index`` (signature ``sig``) must come from batch 0's library, model and device."""
     if sig.library != ref.library:
         msg = (
             f"every batch must come from one array library; batch {index} holds "
@@ -126,7 +132,7 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
     if (sig.num_outputs, sig.blocks) != (ref.num_outputs, ref.blocks):
         msg = (
             f"every batch must come from the same model; batch {index} has C = "
-            f"{sig.num_outputs} outputs and D = {lin.num_params} parameters in "
+            f"{sig.num_outputs} outputs and D = {num_params} parameters in "
             f"{len(sig.blocks)} blocks, batch 0 had C = {ref.num_outputs} and a different "
             "parameter layout."
         )
@@ -137,7 +143,6 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
             f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}."
         )
         raise ValueError(msg)
-    return ref
 
 
 def check_loss(item: object, index: int, ref: Any) -> Any:
@@ -395,7 +400,7 @@ class LossStream(_Base):
         return part * float(item.num_inputs) if item.reduction == "mean" else part
 
     def total(self, tree: Array) -> Array:
-        """This rank's sum (of ``as_sum`` parts) all-reduced; ÷ N for mean losses."""
+        """The all-reduced sum of this rank's ``as_sum`` parts; ÷ N for mean losses."""
         tree = self.sum(tree)
         return tree / float(self.num_inputs) if self.reduction == "mean" else tree
 

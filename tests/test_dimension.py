@@ -426,13 +426,11 @@ def test_razor_of_a_linear_gaussian_model_is_the_exact_marginal(eager_backend, m
     )
     assert isinstance(out, Razor)
     assert out.method == ("lanczos" if method == "auto" else method)
-    np.testing.assert_allclose(float(eager_backend.to_numpy(out.value)), exact, rtol=0, atol=1e-9)
+    assert_close(out.value, exact, rtol=0, atol=1e-9, like=eager_backend)
     assert float(eager_backend.to_numpy(out.std_error)) == 0.0
     assert out.log_det.num_probes == 0
     assert_same_place(out.value, lin.logits)
-    np.testing.assert_allclose(
-        float(eager_backend.to_numpy(out.bic_penalty)), 0.5 * 6 * math.log(7), rtol=1e-12
-    )
+    assert_close(out.bic_penalty, 0.5 * 6 * math.log(7), rtol=1e-12, atol=0, like=eager_backend)
 
 
 def test_razor_streams_batches_and_splits_labels() -> None:
@@ -492,30 +490,28 @@ def test_razor_parts_for_a_classifier(eager_backend) -> None:
     eigenvalues, _ = dense_spectrum(eager_backend, lin)
     log_det = float(np.sum(np.log1p(s2 * np.clip(eigenvalues, 0, None))))
     for out in (dense_out, lanczos_out):
-        np.testing.assert_allclose(
-            float(eager_backend.to_numpy(out.neg_log_likelihood)), nll, rtol=1e-12
-        )
-        np.testing.assert_allclose(
-            float(eager_backend.to_numpy(out.prior_penalty)),
+        assert_close(out.neg_log_likelihood, nll, rtol=1e-12, atol=0, like=eager_backend)
+        assert_close(
+            out.prior_penalty,
             np.sum((theta - theta0) ** 2) / (2 * s2),
             rtol=1e-12,
+            atol=0,
+            like=eager_backend,
         )
-        np.testing.assert_allclose(
-            float(eager_backend.to_numpy(out.log_det.value)), log_det, rtol=1e-10
-        )
-        np.testing.assert_allclose(
-            float(eager_backend.to_numpy(out.value)),
+        assert_close(out.log_det.value, log_det, rtol=1e-10, atol=0, like=eager_backend)
+        assert_close(
+            out.value,
             nll + np.sum((theta - theta0) ** 2) / (2 * s2) + log_det / 2,
             rtol=1e-10,
+            atol=0,
+            like=eager_backend,
         )
     # θ_0 = 0 by default; the BIC term counts every direction.
     zero = razor(lin, method="dense", **common)
-    np.testing.assert_allclose(
-        float(eager_backend.to_numpy(zero.prior_penalty)), np.sum(theta**2) / (2 * s2), rtol=1e-12
+    assert_close(
+        zero.prior_penalty, np.sum(theta**2) / (2 * s2), rtol=1e-12, atol=0, like=eager_backend
     )
-    np.testing.assert_allclose(
-        float(eager_backend.to_numpy(zero.bic_penalty)), 19 * math.log(8), rtol=1e-12
-    )
+    assert_close(zero.bic_penalty, 19 * math.log(8), rtol=1e-12, atol=0, like=eager_backend)
 
 
 def test_razor_bernoulli_likelihood() -> None:
@@ -580,19 +576,19 @@ def test_adapters_agree_with_numpy(make) -> None:
         assert b.shape[0] == 31
     ref_top = top_eigenpairs(ref_lin, k=4, rng=0).eigenvalues
     top = top_eigenpairs(lin, k=4, rng=0).eigenvalues
-    np.testing.assert_allclose(to_host(top), ref_top, rtol=1e-9)
+    assert_close(top, ref_top, rtol=1e-9, atol=0, like=lin.logits)
     eps = gap_threshold(ref_top, 2)
     # max_count = 3: k = 4 Ritz values, the shapes top_eigenpairs already compiled.
     assert float(to_host(local_dimension(lin, eps=eps, max_count=3, rng=0).value)) == 3
     ref = razor(ref_lin, prior_variance=1.5, labels=y, theta=ref_theta, rng=0)
     out = razor(lin, prior_variance=1.5, labels=labels, theta=theta, rng=0)
-    np.testing.assert_allclose(float(to_host(out.value)), float(ref.value), rtol=1e-10)
+    assert_close(out.value, float(ref.value), rtol=1e-10, atol=0, like=lin.logits)
     if make is _jax_lin:
         return  # eager JAX compiles every new shape of the Lanczos basis: keep it short
     sd = spectral_density(lin, num_probes=2, num_matvecs=10, num_points=16, rng=0)
     ref_sd = spectral_density(ref_lin, num_probes=2, num_matvecs=10, num_points=16, rng=0)
-    np.testing.assert_allclose(
-        to_host(sd.density), ref_sd.density, rtol=1e-7, atol=1e-9 * ref_sd.density.max()
+    assert_close(
+        sd.density, ref_sd.density, rtol=1e-7, atol=1e-9 * ref_sd.density.max(), like=lin.logits
     )
 
 

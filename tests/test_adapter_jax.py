@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _assertions import assert_close
 from _models import jax_mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,9 +139,7 @@ def test_protocol_namespace_dtype_device(case: Case) -> None:
     assert lin.logits.shape == (N, C)
     assert lin.dtype == jnp.float64
     assert lin.device == jax.devices("cpu")[0]
-    np.testing.assert_allclose(
-        np.asarray(lin.logits), np.asarray(case.apply_fn(case.params, case.x)), atol=1e-13
-    )
+    assert_close(lin.logits, case.apply_fn(case.params, case.x), rtol=1e-7, atol=1e-13)
     out = lin.vjp(rand(np.random.default_rng(2), N, C))
     assert isinstance(out, jax.Array)
     assert out.dtype == jnp.float64
@@ -157,7 +156,7 @@ def test_jvp_matches_central_differences(case: Case) -> None:
         fd = (case.logits_at(theta + eps * v) - case.logits_at(theta - eps * v)) / (2 * eps)
         # Central differences err by eps² |z'''| / 6 (|z'''| = O(1) here for a unit v)
         # plus rounding 1e-16 |z| / eps: 1e-7 bounds both with room to spare.
-        np.testing.assert_allclose(np.asarray(lin.jvp(v)), fd, atol=1e-7, rtol=0)
+        assert_close(lin.jvp(v), fd, rtol=0, atol=1e-7, like="jax")
 
 
 def test_adjointness(case: Case) -> None:
@@ -226,10 +225,10 @@ def test_sum_squared_per_example_vjp(case: Case, max_vectors: int | None) -> Non
     got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
     assert got.shape == (C, lin.num_params)
     assert got.dtype == jnp.float64
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-12, rtol=1e-12)
+    assert_close(got, expected, rtol=1e-12, atol=1e-12, like="jax")
     summed = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors, sum_cotangents=True)
     assert summed.shape == (lin.num_params,)
-    np.testing.assert_allclose(np.asarray(summed), expected.sum(axis=0), atol=1e-12, rtol=1e-12)
+    assert_close(summed, expected.sum(axis=0), rtol=1e-12, atol=1e-12, like="jax")
 
 
 def test_sum_squared_with_no_cotangents(mlp_case: Case) -> None:
@@ -248,7 +247,7 @@ def test_unhashable_apply_fn_still_works() -> None:
             return x @ p
 
     lin = linearize(Model(), jnp.ones((2, 3)), jnp.ones((4, 2)))
-    np.testing.assert_allclose(np.asarray(lin.vjp(jnp.ones((4, 3)))), np.full(6, 4.0))
+    assert_close(lin.vjp(jnp.ones((4, 3))), np.full(6, 4.0), rtol=1e-7, atol=0, like="jax")
 
 
 def test_block_layout_mlp(mlp_case: Case) -> None:
@@ -271,7 +270,7 @@ def test_block_layout_mlp(mlp_case: Case) -> None:
         np.testing.assert_array_equal(piece, np.asarray(leaf))
     back = lin.unravel(lin.flat_params)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(mlp_case.params)
-    np.testing.assert_array_equal(np.asarray(back[1]["w"]), np.asarray(mlp_case.params[1]["w"]))
+    assert_close(back[1]["w"], mlp_case.params[1]["w"], rtol=0, atol=0)
 
 
 def test_block_names_nested_dicts_and_other_pytrees() -> None:
@@ -332,7 +331,7 @@ def test_matches_numpy_reference_mlp() -> None:
         (lin.sum_squared_per_example_vjp(jnp.asarray(W)), ref.sum_squared_per_example_vjp(W)),
     ]
     for got, want in pairs:
-        np.testing.assert_allclose(np.asarray(got), want, atol=1e-12, rtol=1e-12)
+        assert_close(got, want, rtol=1e-12, atol=1e-12, like="jax")
 
 
 @settings(max_examples=10, deadline=None)
@@ -341,11 +340,7 @@ def test_jvp_is_linear_and_vjp_adjoint(mlp_case: Case, seed: int, a: float, b: f
     lin = mlp_case.lin
     rng = np.random.default_rng(seed)
     v, w, u = rand(rng, lin.num_params), rand(rng, lin.num_params), rand(rng, N, C)
-    np.testing.assert_allclose(
-        np.asarray(lin.jvp(a * v + b * w)),
-        np.asarray(a * lin.jvp(v) + b * lin.jvp(w)),
-        atol=1e-12,
-    )
+    assert_close(lin.jvp(a * v + b * w), a * lin.jvp(v) + b * lin.jvp(w), rtol=1e-7, atol=1e-12)
     lhs, rhs = float(jnp.vdot(u, lin.jvp(v))), float(jnp.vdot(lin.vjp(u), v))
     assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
 
@@ -387,8 +382,8 @@ def test_linearizations_streams_batches_lazily() -> None:
     u = rand(rng, 3, C)
     for lin, x in zip(lins[:2], xs[:2], strict=True):
         direct = linearize(mlp_apply, params, x)
-        np.testing.assert_allclose(np.asarray(lin.logits), np.asarray(direct.logits), atol=1e-13)
-        np.testing.assert_allclose(np.asarray(lin.vjp(u)), np.asarray(direct.vjp(u)), atol=1e-14)
+        assert_close(lin.logits, direct.logits, rtol=1e-7, atol=1e-13)
+        assert_close(lin.vjp(u), direct.vjp(u), rtol=1e-7, atol=1e-14)
 
 
 def test_pytree_inputs_and_dict_batches() -> None:
@@ -422,7 +417,7 @@ def test_batches_of_one_shape_compile_once() -> None:
     for lin in [*lins, lin2]:
         lin.vjp(jnp.ones((4, 3)))
     assert len(calls) == 1  # the VJP transposes the stored linear map: no retrace
-    np.testing.assert_allclose(np.asarray(lins[0].logits), np.asarray(lin2.logits), atol=1e-13)
+    assert_close(lins[0].logits, lin2.logits, rtol=1e-7, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------
@@ -529,7 +524,7 @@ def test_custom_vjp_model_has_no_jvp_but_vjp_works() -> None:
         lin.jvp(jnp.ones(6))
     u = jnp.ones((4, 3))
     expected = jax.grad(lambda p: jnp.sum(square(x @ p) * u))(w)
-    np.testing.assert_allclose(np.asarray(lin.vjp(u)), np.ravel(np.asarray(expected)), rtol=1e-14)
+    assert_close(lin.vjp(u), np.ravel(np.asarray(expected)), rtol=1e-14, atol=0, like="jax")
 
 
 def test_bad_batches() -> None:
@@ -561,9 +556,9 @@ def test_models_that_couple_examples_use_the_exact_masked_path() -> None:
     jac = np.stack([np.asarray(lin.jvp(jnp.eye(d)[i])) for i in range(d)], axis=-1)  # (N, C, D)
     U = jnp.asarray(rng.standard_normal((5, 2, 2)))
     brute = np.einsum("nkc,ncd->nkd", np.asarray(U), jac)
-    np.testing.assert_allclose(np.asarray(lin.per_example_vjp(U)), brute, atol=1e-12)
+    assert_close(lin.per_example_vjp(U), brute, rtol=1e-7, atol=1e-12, like="jax")
     part = lin.per_example_vjp(U[1:3], examples=slice(1, 3))
-    np.testing.assert_allclose(np.asarray(part), brute[1:3], atol=1e-12)
+    assert_close(part, brute[1:3], rtol=1e-7, atol=1e-12, like="jax")
     sq = lin.sum_squared_per_example_vjp(U, max_vectors=3)
-    np.testing.assert_allclose(np.asarray(sq), (brute**2).sum(axis=0), atol=1e-12)
+    assert_close(sq, (brute**2).sum(axis=0), rtol=1e-7, atol=1e-12, like="jax")
     assert float(np.abs(brute).max()) > 0.1

@@ -34,40 +34,12 @@ def _reference(like: Any) -> Any:
     return like
 
 
-def assert_close(
-    actual: Any,
-    expected: Any,
-    *,
-    rtol: float,
-    atol: float,
-    like: Any = None,
-    dtype: Any = None,
-) -> None:
-    """Assert that ``actual`` lives where it should and is close to ``expected``.
+def assert_like(actual: Any, expected: Any, *, like: Any = None, dtype: Any = None) -> Any:
+    """Assert that ``actual`` has the namespace, device, dtype and shape it should have.
 
-    Parameters
-    ----------
-    actual
-        The array under test (any array API library, 0-d NumPy scalars included).
-    expected
-        An array of the same library, device and dtype, or host values
-        (NumPy arrays, lists, Python numbers) together with ``like``.
-    rtol, atol
-        The tolerances of ``np.testing.assert_allclose``: ``|a - e| <= atol + rtol |e|``.
-    like
-        An array, a test backend (``_backends.Backend``) or a backend id
-        (``"torch"``, ``"jax"``, ...), whose namespace and device ``actual`` must have. Defaults to ``expected``, which must then be
-        an array.
-    dtype
-        The dtype ``actual`` must have. Defaults to the dtype of ``like`` (an
-        array), else of ``expected`` (an array of the library of ``actual``),
-        else the dtype of that library named like ``np.asarray(expected).dtype``
-        (host values: float64 for Python floats).
-
-    Raises
-    ------
-    AssertionError
-        Naming the first property that differs: namespace, device, dtype, shape or values.
+    The checks of :func:`assert_close` without the values (for tests that compare
+    values their own way); returns ``expected`` on the host as a NumPy array.
+    ``like`` and ``dtype`` as in :func:`assert_close`.
     """
     assert is_array(actual), f"expected an array, got {type(actual).__name__}"
     ref = _reference(like) if like is not None else expected
@@ -93,4 +65,43 @@ def assert_close(
     assert actual.dtype == dtype, f"dtype: got {actual.dtype}, expected {dtype}"
     shape = tuple(actual.shape)
     assert shape == host_expected.shape, f"shape: got {shape}, expected {host_expected.shape}"
+    return host_expected
+
+
+def assert_close(
+    actual: Any,
+    expected: Any,
+    *,
+    rtol: float,
+    atol: float,
+    like: Any = None,
+    dtype: Any = None,
+) -> None:
+    """Assert that ``actual`` lives where it should and is close to ``expected``.
+
+    Parameters
+    ----------
+    actual
+        The array under test (any array API library, 0-d NumPy scalars included).
+    expected
+        An array of the same library, device and dtype, or host values
+        (NumPy arrays, lists, Python numbers) together with ``like``.
+    rtol, atol
+        The tolerances of ``np.testing.assert_allclose``: ``|a - e| <= atol + rtol |e|``.
+    like
+        An array, a test backend (``_backends.Backend``) or a backend id
+        (``"torch"``, ``"jax"``, ...), whose namespace and device ``actual``
+        must have. Defaults to ``expected``, which must then be an array.
+    dtype
+        The dtype ``actual`` must have. Defaults to the dtype of ``like`` (an
+        array), else of ``expected`` (an array of the library of ``actual``),
+        else the dtype of that library named like ``np.asarray(expected).dtype``
+        (host values: float64 for Python floats).
+
+    Raises
+    ------
+    AssertionError
+        Naming the first property that differs: namespace, device, dtype, shape or values.
+    """
+    host_expected = assert_like(actual, expected, like=like, dtype=dtype)
     np.testing.assert_allclose(np.asarray(to_host(actual)), host_expected, rtol=rtol, atol=atol)

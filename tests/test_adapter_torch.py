@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _assertions import assert_like
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -235,6 +236,7 @@ def _dense_jacobian_vjp(lin: TorchLinearization) -> torch.Tensor:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-10) -> None:
+    assert_like(a, b)  # the same namespace, device, dtype and shape before the values
     scale = max(float(a.abs().max()), float(b.abs().max()), 1e-300)
     err = float((a - b).abs().max())
     assert err <= rel * scale, f"max error {err:.3e} vs scale {scale:.3e}"

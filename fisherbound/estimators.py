@@ -112,7 +112,6 @@ class _Common(NamedTuple):
 def _check_options(
     family: Any,
     what: str,
-    *,
     reduction: str,
     max_batches: int | None,
     blocks: Sequence[str] | None,
@@ -133,16 +132,26 @@ def _check_options(
     return _Common(fam, qty, reduction, limit, progress, collective(process_group), names)
 
 
-def _check_sampled_target(
-    target: float | None, num: int, name: str, per: str, coll: Collective | None, what: str
-) -> None:
-    if target is not None and num < 2:
+def _check_sampling(
+    common: _Common, num: object, name: str, per: str, rng: Any, target_relative_error: Any
+) -> tuple[int, Any, float | None]:
+    """The ``num`` draws per batch, the generator and the target of a sampled estimator.
+
+    With a collective, every rank gets its own stream of draws (independent probes).
+    """
+    n = check_positive_int(num, name)
+    gen = as_generator(rng)
+    target = check_target(target_relative_error)
+    if target is not None and n < 2:
         msg = (
             f"target_relative_error needs {name} >= 2 (a standard error needs two "
-            f"{per}); got {name} = {num}."
+            f"{per}); got {name} = {n}."
         )
         raise ValueError(msg)
-    _check_distributed_target(coll, target, what)
+    _check_distributed_target(common.coll, target, common.qty.what)
+    if common.coll is not None:
+        gen = common.coll.generator(gen)  # independent draws on every rank
+    return n, gen, target
 
 
 def _run(
@@ -418,26 +427,22 @@ def detach_and_mix(
     True
     """
     common = _check_options(
-        family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
-        max_block_size=max_block_size, max_vectors=max_vectors, progress=progress,
-        process_group=process_group,
+        family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress,
+        process_group,
     )  # fmt: skip
-    fam, qty, coll = common.family, common.qty, common.coll
-    m = check_positive_int(num_probes, "num_probes")
-    gen = as_generator(rng)
+    fam, qty = common.family, common.qty
     check_choice(kernel, "kernel", KERNELS)
     check_choice(distribution, "distribution", DISTRIBUTIONS)
     per_example = check_bool(per_example, "per_example")
-    target = check_target(target_relative_error)
     if per_example and what == "full":
         msg = (
             "per_example=True supports what='diagonal', 'trace' and 'blocks'; got "
             "what='full' (a per-example factor would have N·M rows). Use per_example=False."
         )
         raise ValueError(msg)
-    _check_sampled_target(target, m, "num_probes", "probes per batch or round", coll, what)
-    if coll is not None:
-        gen = coll.generator(gen)  # independent probes on every rank
+    m, gen, target = _check_sampling(
+        common, num_probes, "num_probes", "probes per batch or round", rng, target_relative_error
+    )
 
     def draw(lin: Any) -> Any:
         r = fam.sqrt_rank(int(lin.logits.shape[-1]), kernel=kernel)
@@ -504,17 +509,13 @@ def monte_carlo(
     (67,)
     """
     common = _check_options(
-        family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
-        max_block_size=max_block_size, max_vectors=max_vectors, progress=progress,
-        process_group=process_group,
+        family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress,
+        process_group,
     )  # fmt: skip
-    fam, qty, coll = common.family, common.qty, common.coll
-    k = check_positive_int(num_samples, "num_samples")
-    gen = as_generator(rng)
-    target = check_target(target_relative_error)
-    _check_sampled_target(target, k, "num_samples", "draws per batch", coll, what)
-    if coll is not None:
-        gen = coll.generator(gen)  # independent label draws on every rank
+    fam, qty = common.family, common.qty
+    k, gen, target = _check_sampling(
+        common, num_samples, "num_samples", "draws per batch", rng, target_relative_error
+    )
 
     def draw(lin: Any) -> Any:
         z = lin.logits
@@ -583,9 +584,8 @@ def empirical(
     ((67,), 0.0)
     """
     common = _check_options(
-        family, what, reduction=reduction, max_batches=max_batches, blocks=blocks,
-        max_block_size=max_block_size, max_vectors=max_vectors, progress=progress,
-        process_group=process_group,
+        family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress,
+        process_group,
     )  # fmt: skip
     fam, qty = common.family, common.qty
     batch_labels = _LabelSource(labels)

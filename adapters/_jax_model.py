@@ -76,7 +76,6 @@ class Kernels:
         apply_fn: Callable[..., Array],
         treedef: Any,
         shapes: tuple[tuple[int, ...], ...],
-        dtype: Any,
     ) -> None:
         sizes = [math.prod(s) for s in shapes]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -131,6 +130,7 @@ class Kernels:
                 xc, Uc = chunk
 
                 def over_vectors(carry: None, Uk: Array) -> tuple[None, Array]:
+                    del carry  # lax.scan's carry: nothing is carried across vector chunks
                     g = per_example(theta, xc, Uk)  # (example_chunk, vector_chunk, D)
                     return None, sum_of_squares(g)
 
@@ -154,20 +154,21 @@ class Kernels:
 
 
 def build_kernels(
-    apply_fn: Callable[..., Array], treedef: Any, shapes: tuple[tuple[int, ...], ...], dtype: Any
+    apply_fn: Callable[..., Array], treedef: Any, shapes: tuple[tuple[int, ...], ...]
 ) -> Kernels:
     try:
         hash((apply_fn, treedef))
     except TypeError:  # an unhashable apply_fn or pytree node: compile for this model only
-        return Kernels(apply_fn, treedef, shapes, dtype)
-    return _cached_kernels(apply_fn, treedef, shapes, dtype)
+        return Kernels(apply_fn, treedef, shapes)
+    return _cached_kernels(apply_fn, treedef, shapes)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_kernels(
-    apply_fn: Callable[..., Array], treedef: Any, shapes: tuple[tuple[int, ...], ...], dtype: Any
+    apply_fn: Callable[..., Array], treedef: Any, shapes: tuple[tuple[int, ...], ...]
 ) -> Kernels:
-    return Kernels(apply_fn, treedef, shapes, dtype)
+    # One Kernels per model structure; jax.jit traces once per dtype and shape.
+    return Kernels(apply_fn, treedef, shapes)
 
 
 class Model:
@@ -183,7 +184,7 @@ class Model:
         self.blocks = make_blocks(
             (name, shape) for (name, _), shape in zip(named, shapes, strict=True)
         )
-        self.kernels = build_kernels(apply_fn, treedef, shapes, self.dtype)
+        self.kernels = build_kernels(apply_fn, treedef, shapes)
 
 
 # ----------------------------------------------------------------------------
@@ -206,15 +207,21 @@ def check_apply_fn(apply_fn: object) -> Callable[..., Array]:
     return apply_fn
 
 
+def _leaves_with_paths(tree: PyTree, empty: str) -> tuple[list[tuple[Any, Any]], Any]:
+    """The (path, leaf) pairs and the treedef of ``tree``; a ValueError ``empty`` if none."""
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    if not path_leaves:
+        raise ValueError(empty)
+    return path_leaves, treedef
+
+
 def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
     """The named leaves (as JAX arrays) and the treedef of ``params``."""
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    if not path_leaves:
-        msg = (
-            "params must hold at least one array leaf; got an empty pytree "
-            f"({type(params).__name__}). Pass the parameters apply_fn differentiates."
-        )
-        raise ValueError(msg)
+    path_leaves, treedef = _leaves_with_paths(
+        params,
+        "params must hold at least one array leaf; got an empty pytree "
+        f"({type(params).__name__}). Pass the parameters apply_fn differentiates.",
+    )
     names = [path_name(path) for path, _ in path_leaves]
     if len(set(names)) != len(names):
         names = [jax.tree_util.keystr(path) for path, _ in path_leaves]
@@ -257,13 +264,11 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
 
 def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
     """``inputs`` with its leaves as JAX arrays, and the batch size N they share."""
-    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(inputs)
-    if not path_leaves:
-        msg = (
-            "inputs must be an array (N, ...) or a pytree of arrays; got an empty "
-            f"{type(inputs).__name__}."
-        )
-        raise ValueError(msg)
+    path_leaves, treedef = _leaves_with_paths(
+        inputs,
+        "inputs must be an array (N, ...) or a pytree of arrays; got an empty "
+        f"{type(inputs).__name__}.",
+    )
     leaves = []
     sizes = []
     for path, leaf in path_leaves:

@@ -232,11 +232,12 @@ class LinearSoftmax(ReferenceModel):
     Examples
     --------
     >>> import numpy as np
-    >>> from fisherbound.adapters.numpy import LinearSoftmax, linearize
+    >>> from fisherbound.adapters.numpy import LinearSoftmax
     >>> model = LinearSoftmax(np.zeros((3, 2)))
-    >>> lin = linearize(model, np.array([[1.0, 2.0]]))
-    >>> lin.num_params, [b.name for b in lin.blocks]
+    >>> model.num_params, [b.name for b in model.blocks]
     (6, ['weight'])
+    >>> model(np.array([[1.0, 2.0]]))  # uniform logits
+    array([[0., 0., 0.]])
     """
 
     def __init__(self, weight: Array, bias: Array | None = None, /) -> None:
@@ -426,15 +427,9 @@ class MLP(ReferenceModel):
             A list or tuple of at least two integers >= 1.
         activation
             ``"tanh"`` or ``"relu"``.
-        rng
-            numpy Generator, int seed or None.
-        dtype
-            A real floating dtype of ``xp`` (or its name); the namespace's default
-            floating dtype when None.
-        xp
-            The array namespace (NumPy when None).
-        device
-            The device (the namespace's default when None).
+        rng, dtype, xp, device
+            As in ``LinearSoftmax.random``: where the numbers are drawn and which
+            namespace, dtype and device the arrays get.
 
         Examples
         --------

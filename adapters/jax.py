@@ -38,7 +38,6 @@ created; without it JAX silently computes in float32.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -49,8 +48,8 @@ from fisherbound._lib import (
     array_namespace,
     check_positive_int,
 )
+from fisherbound.adapters._jax_loss import JaxLossFunction
 from fisherbound.adapters._jax_model import (
-    Kernels,
     Model,
     check_apply_fn,
     check_inputs,
@@ -60,7 +59,6 @@ from fisherbound.adapters._jax_model import (
 )
 from fisherbound.linearization import (
     LinearizationBase,
-    LossFunctionBase,
     ReadOnly,
     check_loss_options,
     stream_linearizations,
@@ -413,7 +411,6 @@ def linearizations(
     return stream_linearizations(
         batches,
         build,
-        what="batches (arrays, or tuples whose first element is the inputs)",
         remedy="For a single batch use linearize(apply_fn, params, inputs).",
         single="an inputs array",
     )
@@ -422,126 +419,6 @@ def linearizations(
 # ----------------------------------------------------------------------------
 # The loss of a labelled batch (added for fisherbound.landscape)
 # ----------------------------------------------------------------------------
-
-
-class _LossKernels:
-    """The compiled loss, its gradient and Hessian-vector products for one model.
-
-    Every kernel takes θ, the inputs, the labels and a scale (1 or 1/N) as
-    arguments, so one compilation serves every batch of the same shapes.
-    """
-
-    def __init__(self, apply_fn: Callable[..., Array], kernels: Kernels, family: Any) -> None:
-        unravel = kernels.unravel
-
-        def nll(theta: Array, x: PyTree, y: Array, scale: Array) -> Array:
-            z = apply_fn(unravel(theta), x)
-            return -jnp.sum(family.unchecked_log_likelihood(z, y, xp=jnp)) * scale
-
-        def values(theta: Array, x: PyTree, y: Array, scale: Array, shifts: Array) -> Array:
-            z = jax.vmap(lambda s: apply_fn(unravel(theta + s), x))(shifts)
-            yb = jnp.broadcast_to(y, (z.shape[0], *y.shape))
-            return -jnp.sum(family.unchecked_log_likelihood(z, yb, xp=jnp), axis=-1) * scale
-
-        grad = jax.grad(nll)
-
-        def hvp(theta: Array, x: PyTree, y: Array, scale: Array, v: Array) -> Array:
-            return jax.jvp(lambda t: grad(t, x, y, scale), (theta,), (v,))[1]
-
-        self.logits = jax.jit(lambda theta, x: apply_fn(unravel(theta), x))
-        self.values = jax.jit(values)
-        self.grad = jax.jit(grad)
-        self.hvp = jax.jit(hvp)
-        self.hvp_batch = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, None, 0)))
-
-
-def _loss_kernels(apply_fn: Callable[..., Array], kernels: Kernels, family: Any) -> _LossKernels:
-    try:
-        hash(apply_fn)
-    except TypeError:  # an unhashable apply_fn: compile for this loss function only
-        return _LossKernels(apply_fn, kernels, family)
-    return _cached_loss_kernels(apply_fn, kernels, family)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_loss_kernels(
-    apply_fn: Callable[..., Array], kernels: Kernels, family: Any
-) -> _LossKernels:
-    return _LossKernels(apply_fn, kernels, family)
-
-
-class JaxLossFunction(LossFunctionBase):
-    """The negative log-likelihood of ``apply_fn`` on one labelled batch.
-
-    Build it with :func:`loss_function`. ``value`` is ``jax.vmap`` of the forward
-    pass over the shifts, ``gradient`` is ``jax.grad``, ``hvp`` / ``hvp_batch`` are
-    forward-over-reverse (``jax.jvp`` of ``jax.grad``, vmapped over the vectors);
-    every kernel is compiled once per model, family and shapes.
-    """
-
-    #: Shifts evaluated per compiled call of ``value`` (a fixed shape: one compilation).
-    default_max_shifts: int = 32
-
-    _operand_remedy = "Move it with jax.device_put({name}, loss.device)."
-
-    def __init__(
-        self,
-        model: Model,
-        inputs: PyTree,
-        num_inputs: int,
-        labels: Array,
-        family: Any,
-        reduction: str,
-    ) -> None:
-        self._model = model
-        self._inputs = inputs
-        self._kernels = _loss_kernels(model.apply_fn, model.kernels, family)
-        theta = shard_local(model.theta, inputs)
-        z = self._kernels.logits(theta, inputs)
-        check_logits(z, num_inputs, model.dtype)
-        self._hold_batch(z, labels, family, reduction)
-        self._scale = jnp.asarray(self._scale, dtype=model.dtype)
-        self._theta = theta  # for the kernels: the derivative on this shard
-        self._params = model.theta
-        self._blocks = model.blocks
-        self._xp = array_namespace(z, names=("logits",))
-
-    def value(self, shifts: Array, /) -> Array:
-        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
-
-        ``jax.vmap`` of the forward pass over chunks of ``default_max_shifts``
-        shifts (the last chunk padded to the same shape, so one compilation).
-        """
-        shifts = self._operand(shifts, "shifts", (None, self.num_params), "(S, D)")
-        s_total = int(shifts.shape[0])
-        chunk = min(max(s_total, 1), self.default_max_shifts)
-        pieces = []
-        for start in range(0, s_total, chunk):
-            part = shifts[start : start + chunk]
-            rows = int(part.shape[0])
-            if rows < chunk:
-                part = jnp.pad(part, ((0, chunk - rows), (0, 0)))
-            out = self._kernels.values(self._theta, self._inputs, self._labels, self._scale, part)
-            pieces.append(out[:rows])
-        if not pieces:
-            return jnp.zeros((0,), dtype=self.dtype)
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
-
-    def gradient(self) -> Array:
-        """∇L(θ), shape (D,) (``jax.grad``)."""
-        return self._kernels.grad(self._theta, self._inputs, self._labels, self._scale)
-
-    def hvp(self, v: Array, /) -> Array:
-        """∇²L(θ) v for ``v`` (D,); returns (D,) (``jax.jvp`` of ``jax.grad``)."""
-        v = self._operand(v, "v", (self.num_params,), "(D,)")
-        v = shard_local(v, self._inputs)
-        return self._kernels.hvp(self._theta, self._inputs, self._labels, self._scale, v)
-
-    def hvp_batch(self, V: Array, /) -> Array:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D) (vmapped ``hvp``)."""
-        V = self._operand(V, "V", (None, self.num_params), "(M, D)")
-        V = shard_local(V, self._inputs)
-        return self._kernels.hvp_batch(self._theta, self._inputs, self._labels, self._scale, V)
 
 
 def _as_jax_labels(labels: Any) -> Any:
@@ -579,10 +456,9 @@ def loss_function(
         Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
         floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``
         (NumPy arrays are converted to JAX).
-    family
-        The output family (default ``Categorical()``).
-    reduction
-        ``"sum"`` over the batch (default) or ``"mean"``.
+    family, reduction
+        The output family (default ``Categorical()``) and the reduction over the
+        batch, ``"sum"`` (default) or ``"mean"``.
 
     Returns
     -------
@@ -637,8 +513,5 @@ def loss_functions(
         return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction)
 
     return stream_loss_functions(
-        batches,
-        build,
-        what="(inputs, labels) pairs",
-        remedy="For one batch use loss_function(apply_fn, params, x, y).",
+        batches, build, remedy="For one batch use loss_function(apply_fn, params, x, y)."
     )

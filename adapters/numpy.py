@@ -411,11 +411,7 @@ def linearizations(
         return ReferenceLinearization(checked, check_inputs(checked, batch))
 
     return stream_linearizations(
-        batches,
-        build,
-        what="batches (arrays, or tuples whose first element is the inputs)",
-        remedy="For a single batch use linearize(model, inputs).",
-        single="an array",
+        batches, build, remedy="For a single batch use linearize(model, inputs).", single="an array"
     )
 
 
@@ -662,9 +658,5 @@ def loss_functions(
         return ReferenceLossFunction(checked, x, labels, fam, reduction)
 
     return stream_loss_functions(
-        batches,
-        build,
-        what="(inputs, labels) pairs",
-        remedy="For one batch use loss_function(model, x, y).",
-        say_length=True,
+        batches, build, remedy="For one batch use loss_function(model, x, y).", say_length=True
     )

@@ -308,6 +308,10 @@ class _FrozenBase:
         """The device of every vector in or out; operands must be on it."""
         return device_of(self._reference())
 
+    def _row_by_row(self, product: Callable[[Array], Array], X: Array) -> Array:
+        """``product(X[m])`` for each row m of ``X``, stacked: a generic batched product."""
+        return self._xp.stack([product(X[m, ...]) for m in range(X.shape[0])], axis=0)
+
     def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
         """``x`` checked against the reference (namespace, floating, shape, device), cast."""
         return check_operand(
@@ -370,14 +374,18 @@ class LinearizationBase(_FrozenBase):
         raise NotImplementedError
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, C)."""
-        xp = self._xp
-        return xp.stack([self.jvp(V[m, ...]) for m in range(V.shape[0])], axis=0)
+        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, C).
+
+        Generic default: M calls of ``jvp`` (cost M forward passes).
+        """
+        return self._row_by_row(self.jvp, V)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, C); returns (M, D)."""
-        xp = self._xp
-        return xp.stack([self.vjp(U[m, ...]) for m in range(U.shape[0])], axis=0)
+        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, C); returns (M, D).
+
+        Generic default: M calls of ``vjp`` (cost M backward passes).
+        """
+        return self._row_by_row(self.vjp, U)
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
@@ -609,13 +617,18 @@ class LossFunctionBase(_FrozenBase):
         raise NotImplementedError
 
     def hvp(self, v: Array, /) -> Array:
-        """∇²L(θ) v for ``v`` (D,); returns (D,)."""
+        """∇²L(θ) v for ``v`` (D,); returns (D,).
+
+        Every adapter implements it exactly (never through a D × D matrix).
+        """
         raise NotImplementedError
 
     def hvp_batch(self, V: Array, /) -> Array:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D). Generic: M ``hvp``."""
-        xp = self._xp
-        return xp.stack([self.hvp(V[m, ...]) for m in range(V.shape[0])], axis=0)
+        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
+
+        Generic default: M calls of ``hvp``, stacked.
+        """
+        return self._row_by_row(self.hvp, V)
 
 
 def check_loss_options(family: Any, reduction: object) -> Any:
@@ -749,9 +762,9 @@ def stream_linearizations(
     build: Callable[[int, Any], T],
     /,
     *,
-    what: str,
     remedy: str,
     single: str,
+    what: str = "batches (arrays, or tuples whose first element is the inputs)",
     one_batch: Callable[[object], bool] | None = None,
 ) -> Iterator[T]:
     """An adapter's ``linearizations``: ``batches`` checked now, then ``stream_inputs``.
@@ -769,8 +782,8 @@ def stream_loss_functions(
     build: Callable[[int, Any, Any], T],
     /,
     *,
-    what: str,
     remedy: str,
+    what: str = "(inputs, labels) pairs",
     one_batch: Callable[[object], bool] | None = None,
     say_length: bool = False,
 ) -> Iterator[T]:

@@ -443,9 +443,11 @@ class SampleSum:
         return self.trace.relative_std_error() if self.trace.value is not None else math.nan
 
     def relative_error(self, xp: Any) -> float:
+        del xp  # the running sums' interface: FactorSum computes with it
         return self.trace.relative_std_error()
 
     def estimate(self, scale: float, xp: Any) -> Estimate:
+        del xp  # the running sums' interface: RowStack and FactorSum compute with it
         return self.acc.scaled_estimate(scale)
 
 
@@ -481,6 +483,7 @@ class FactorSum:
         self.factor: Array = None
 
     def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
+        del num_inputs  # the running sums' interface: the factor is scaled at the end
         if self.factor is None:
             self.factor = samples
         elif same_inputs:

@@ -126,7 +126,7 @@ def _filter_normalize(xp: Any, G: Array, theta: Array, blocks: Sequence[Any]) ->
 
 
 def draw(xp: Any, gen: Any, m: int, kind: str, theta: Array, blocks: Sequence[Any] | None) -> Array:
-    """m random directions (m, D) of ``kind``, drawn on the host one row at a time."""
+    """The m random directions (m, D) of ``kind``, drawn on the host one row at a time."""
     d = int(theta.shape[0])
     dist = "rademacher" if kind == "rademacher" else "gaussian"
     G = probes(gen, (m, d), distribution=dist, xp=xp, dtype=theta.dtype, device=device_of(theta))
@@ -249,7 +249,7 @@ def step_size(xp: Any, theta: Array, step: float | None) -> Array:
 
 
 def coefficients(xp: Any, P: Array, h: Array) -> Array:
-    """h / ‖P[i]‖ for each row (0 for a zero row, whose samples are then 0)."""
+    """The coefficients h / ‖P[i]‖ of the rows (0 for a zero row, whose samples are then 0)."""
     norms = xp.linalg.vector_norm(P, axis=1)
     zero = norms == 0.0
     return xp.where(zero, xp.zeros_like(norms), h / xp.where(zero, xp.ones_like(norms), norms))

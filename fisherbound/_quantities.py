@@ -69,7 +69,8 @@ class Quantity:
         return _outer_products(lin, u, self.selected, max_vectors, lin.xp)
 
     def local(self, total: Any, xp: Any) -> Any:
-        """This rank's total before the all-reduce."""
+        """The total of this rank, before the all-reduce."""
+        del xp  # the interface's: Trace sums with it
         return total
 
     def present(self, total: Any) -> Any:
@@ -88,6 +89,7 @@ class Quantity:
         return self._squares(lin.sum_squared_per_example_vjp(ut, max_vectors=max_vectors), xp)
 
     def _squares(self, sq: Array, xp: Any) -> Any:
+        del xp  # the interface's: Trace sums with it
         return sq
 
     def trace(self, samples: Any, xp: Any) -> Array:  # pragma: no cover - interface
@@ -96,6 +98,7 @@ class Quantity:
 
     def running(self, *, per_example: bool) -> Any:
         """The running sum of the samples over batches."""
+        del per_example  # the interface's: only the factor's rows depend on it
         return SampleSum(self)
 
 
@@ -108,6 +111,7 @@ class Diagonal(Quantity):
         return lin.sum_squared_per_example_vjp(u, max_vectors=max_vectors, sum_cotangents=True)
 
     def from_gradients(self, g: Array, xp: Any) -> Any:
+        del xp  # the interface's: Trace sums with it
         return g * g
 
     def trace(self, samples: Any, xp: Any) -> Array:
@@ -129,6 +133,7 @@ class Trace(Diagonal):
         return xp.sum(sq, axis=1)
 
     def trace(self, samples: Any, xp: Any) -> Array:
+        del xp  # the interface's: the other quantities sum with it
         return samples
 
 
@@ -150,6 +155,7 @@ class Blocks(Quantity):
         return {blk.name: t for blk, t in zip(self.selected, total, strict=True)}
 
     def from_gradients(self, g: Array, xp: Any) -> Any:
+        del xp  # the interface's: Trace sums with it
         out = {}
         for blk in self.selected:
             gb = g[:, blk.offset : blk.offset + blk.size]
@@ -215,10 +221,12 @@ class Factor(Quantity):
     what = "full"
 
     def from_gradients(self, g: Array, xp: Any) -> Any:
+        del xp  # the interface's: Trace sums with it
         return g
 
     def from_squares(self, lin: Any, u: Array, max_vectors: int | None) -> Any:
         """The per-example score rows (N·k, D) and the k per-draw diagonal samples."""
+        del max_vectors  # the interface's: the rows are all kept, N·k D-vectors
         xp = lin.xp
         k, n, _ = u.shape
         g = lin.per_example_vjp(xp.permute_dims(u, (1, 0, 2)))  # (N, k, D)

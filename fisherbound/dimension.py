@@ -198,8 +198,10 @@ def _operator(
 
 
 def _shared_generator(rng: Any, process_group: Any, where: str, **options: Any) -> Any:
-    """The generator of parameter-space vectors: the same on every rank (checked),
-    after checking that every rank runs the call with the same ``options``."""
+    """The generator of parameter-space vectors: the same on every rank (checked).
+
+    Before it, every rank must run the call with the same ``options`` (checked).
+    """
     coll = collective(process_group)
     if coll is not None:
         coll.agree(options, where=where)
@@ -318,16 +320,16 @@ def spectral_density(
     rng: Any = None,
     process_group: Any = None,
 ) -> SpectralDensity:
-    """The spectral density of the Fisher metric by stochastic Lanczos quadrature.
+    r"""The spectral density of the Fisher metric by stochastic Lanczos quadrature.
 
     For each of M Rademacher probes v, m Lanczos steps from v/√D give a Gauss rule
     (θ_ij, w_ij) of the spectral measure with vᵀ f(F) v ≈ Σ_j w_ij f(θ_ij), exact
     for polynomials of degree < 2m (``fisherbound.linalg.lanczos_quadrature``).
     The smoothed density
 
-    .. math:: \\varphi(t) = \\frac1D \\sum_{i=1}^D \\mathcal N(t;\\, \\lambda_i, \\sigma^2)
-              \\approx \\frac{1}{M} \\sum_{p=1}^M \\frac{1}{D} \\sum_j w_{pj}\\,
-              \\mathcal N(t;\\, \\theta_{pj}, \\sigma^2)
+    .. math:: \varphi(t) = \frac1D \sum_{i=1}^D \mathcal N(t;\, \lambda_i, \sigma^2)
+              \approx \frac{1}{M} \sum_{p=1}^M \frac{1}{D} \sum_j w_{pj}\,
+              \mathcal N(t;\, \theta_{pj}, \sigma^2)
 
     is the mean of M independent per-probe densities (Hutchinson's estimator of
     tr f(F)/D with f = 𝒩(t; ·, σ²), plus the quadrature error, which vanishes as
@@ -439,8 +441,10 @@ def _spectral_density(
 
 
 def _rank_per_input(family: Family, kernel: str, c: int) -> int:
-    """The largest rank of K(z): the columns of its square-root factor, C − 1 where
-    the categorical kernel annihilates the constant vector."""
+    """The largest rank of K(z): the columns of its square-root factor.
+
+    At most C − 1 where the categorical kernel annihilates the constant vector.
+    """
     r = family.sqrt_rank(c, kernel=kernel)
     if isinstance(family, Categorical) and kernel in ("exact", "scalar_upper", "scalar_lower"):
         r = min(r, c - 1)
@@ -710,13 +714,13 @@ def razor(
     rng: Any = None,
     process_group: Any = None,
 ) -> Razor:
-    """The Gaussian-prior razor complexity of a model at θ̂ (THEORY §5).
+    r"""The Gaussian-prior razor complexity of a model at θ̂ (THEORY §5).
 
     With the prior θ ~ N(θ_0, σ² I) and F_sum = Σ_x J_xᵀ I(z_x) J_x at θ̂,
 
-    .. math:: -\\log p(X) \\approx -\\log p(X \\mid \\hat\\theta)
-              + \\frac{\\lVert \\hat\\theta - \\theta_0 \\rVert^2}{2\\sigma^2}
-              + \\frac12 \\sum_{i=1}^D \\log(1 + \\sigma^2 \\lambda_i(F_{sum})),
+    .. math:: -\log p(X) \approx -\log p(X \mid \hat\theta)
+              + \frac{\lVert \hat\theta - \theta_0 \rVert^2}{2\sigma^2}
+              + \frac12 \sum_{i=1}^D \log(1 + \sigma^2 \lambda_i(F_{sum})),
 
     the Laplace approximation of the log marginal likelihood with the Fisher (the
     Gauss–Newton matrix) in place of the Hessian: exact for a linear-Gaussian

@@ -215,7 +215,7 @@ def fisher_trace(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
-    """tr F_K = Σ_x Σ_r ‖J_xᵀ b_xr‖², exactly (a 0-d array).
+    """The trace tr F_K = Σ_x Σ_r ‖J_xᵀ b_xr‖², exactly (a 0-d array).
 
     Same cost and options as ``fisher_diagonal`` (it is the sum of the diagonal).
     For an unbiased estimate at the cost of one gradient step use

@@ -470,18 +470,18 @@ def projected_curvature(
     step: float | None = None,
     process_group: Any = None,
 ) -> ProjectedCurvature:
-    """Curvature of the loss surface f(α, β) = L(θ + α η + β δ) at α = β = 0.
+    r"""Curvature of the loss surface f(α, β) = L(θ + α η + β δ) at α = β = 0.
 
     With the projected Hessian H_αβ = [[ηᵀHη, ηᵀHδ], [δᵀHη, δᵀHδ]] and the slopes
     f_α = ηᵀ∇L, f_β = δᵀ∇L, the graph formulas (THEORY §6). Cost per batch: two
     HVPs and one gradient (``method="hvp"``), or nine loss values (``"loss"``).
 
-    .. math:: K = \\frac{f_{\\alpha\\alpha} f_{\\beta\\beta} - f_{\\alpha\\beta}^2}
-              {(1 + f_\\alpha^2 + f_\\beta^2)^2}, \\quad
-              H_m = \\frac{(1 + f_\\beta^2) f_{\\alpha\\alpha}
-              - 2 f_\\alpha f_\\beta f_{\\alpha\\beta} + (1 + f_\\alpha^2) f_{\\beta\\beta}}
-              {2 (1 + f_\\alpha^2 + f_\\beta^2)^{3/2}}, \\quad
-              \\kappa_\\pm = H_m \\pm \\sqrt{H_m^2 - K}
+    .. math:: K = \frac{f_{\alpha\alpha} f_{\beta\beta} - f_{\alpha\beta}^2}
+              {(1 + f_\alpha^2 + f_\beta^2)^2}, \quad
+              H_m = \frac{(1 + f_\beta^2) f_{\alpha\alpha}
+              - 2 f_\alpha f_\beta f_{\alpha\beta} + (1 + f_\alpha^2) f_{\beta\beta}}
+              {2 (1 + f_\alpha^2 + f_\beta^2)^{3/2}}, \quad
+              \kappa_\pm = H_m \pm \sqrt{H_m^2 - K}
 
     give the Gaussian, mean and principal curvatures anywhere; at a critical point
     (f_α = f_β = 0) the principal curvatures are the eigenvalues of H_αβ.
@@ -594,13 +594,13 @@ def loss_trace(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
-    """The Hessian trace tr ∇²L(θ) from loss values only, with a standard error.
+    r"""The Hessian trace tr ∇²L(θ) from loss values only, with a standard error.
 
     For M random probes η_m (THEORY §6), with h_m = step / ‖η_m‖,
 
-    .. math:: \\widehat{\\operatorname{tr} H} = \\frac1M \\sum_{m=1}^M
-              \\frac{L(\\theta + h_m \\eta_m) - 2 L(\\theta) + L(\\theta - h_m \\eta_m)}{h_m^2}
-              \\approx \\frac1M \\sum_m \\eta_m^\\top H \\eta_m,
+    .. math:: \widehat{\operatorname{tr} H} = \frac1M \sum_{m=1}^M
+              \frac{L(\theta + h_m \eta_m) - 2 L(\theta) + L(\theta - h_m \eta_m)}{h_m^2}
+              \approx \frac1M \sum_m \eta_m^\top H \eta_m,
 
     exact for a quadratic loss (up to rounding): two forward passes per probe (the
     2M shifted parameter vectors batched through ``value``), no Hessian-vector

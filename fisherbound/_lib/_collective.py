@@ -237,8 +237,10 @@ class _TorchGroup(Collective):
         return [int(s.item()) for s in sizes]
 
     def generator(self, gen: np.random.Generator) -> np.random.Generator:
-        """An independent stream for this rank: the same user seed gives a
-        different but reproducible stream on every rank."""
+        """An independent stream for this rank.
+
+        The same user seed gives a different but reproducible stream on every rank.
+        """
         base = int(gen.integers(0, 2**63))
         return np.random.default_rng([base, self.rank, self.world_size])
 
@@ -286,8 +288,10 @@ class _JaxAxis(Collective):
 
 
 def fingerprint(x: Array) -> Any:
-    """A cheap summary of an array's values, equal on ranks that hold equal arrays:
-    (shape, Σx, Σx²) as host floats; None for values traced by JAX (one program)."""
+    """A cheap summary of an array's values, equal on ranks that hold equal arrays.
+
+    (shape, Σx, Σx²) as host floats; None for values traced by JAX (one program).
+    """
     if x is None:
         return None
     if is_traced(x):

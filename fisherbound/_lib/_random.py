@@ -19,8 +19,11 @@ __all__ = ["DISTRIBUTIONS", "RankedGenerator", "as_generator", "probes", "unifor
 
 
 class RankedGenerator:
-    """A host generator for traced SPMD code: draws ``world_size`` copies of every
-    request and keeps this device's (``select``), so devices get independent probes."""
+    """A host generator for traced SPMD code, with independent probes on every device.
+
+    It draws ``world_size`` copies of every request and keeps this device's
+    (``select``).
+    """
 
     def __init__(self, gen: np.random.Generator, world_size: int, select: Any) -> None:
         self.gen = gen

@@ -70,10 +70,10 @@ def hutchinson_trace(
     rng: Any = None,
     batch_size: int | None = None,
 ) -> Estimate:
-    """Hutchinson's unbiased estimate of tr A.
+    r"""Hutchinson's unbiased estimate of tr A.
 
-    .. math:: \\widehat{\\operatorname{tr}} A = \\frac1M \\sum_{i=1}^M v_i^\\top A v_i,
-              \\qquad v_i \\text{ i.i.d. Rademacher or standard Gaussian.}
+    .. math:: \widehat{\operatorname{tr}} A = \frac1M \sum_{i=1}^M v_i^\top A v_i,
+              \qquad v_i \text{ i.i.d. Rademacher or standard Gaussian.}
 
     Variance of one sample (A symmetric): Rademacher
     ``2 (‖A‖_F² − Σ_i a_ii²)`` (zero for a diagonal A: the estimate is then exact),
@@ -131,9 +131,9 @@ def hutchinson_diagonal(
     rng: Any = None,
     batch_size: int | None = None,
 ) -> Estimate:
-    """Unbiased estimate of the diagonal of A (Bekas, Kokiopoulou, Saad 2007).
+    r"""Unbiased estimate of the diagonal of A (Bekas, Kokiopoulou, Saad 2007).
 
-    .. math:: \\widehat{\\operatorname{diag}} A = \\frac1M \\sum_{i=1}^M v_i \\odot A v_i.
+    .. math:: \widehat{\operatorname{diag}} A = \frac1M \sum_{i=1}^M v_i \odot A v_i.
 
     Variance of one sample, entry i: Rademacher ``Σ_{j≠i} a_ij²`` (zero for a
     diagonal A), Gaussian ``a_ii² + Σ_j a_ij²`` (A symmetric). ``std_error`` is
@@ -191,12 +191,12 @@ def hutchpp_trace(
     distribution: str = "rademacher",
     rng: Any = None,
 ) -> Estimate:
-    """Hutch++ estimate of tr A (Meyer, Musco, Musco, Woodruff 2021).
+    r"""Hutch++ estimate of tr A (Meyer, Musco, Musco, Woodruff 2021).
 
     With s = ⌊M/3⌋ and g = M − 2s: sketch S (n × s), Q = orth(A S) (QR), then
 
-    .. math:: \\widehat{\\operatorname{tr}} A = \\operatorname{tr}(Q^\\top A Q)
-              + \\frac1g \\sum_{i=1}^g g_i^\\top (I - QQ^\\top) A (I - QQ^\\top) g_i .
+    .. math:: \widehat{\operatorname{tr}} A = \operatorname{tr}(Q^\top A Q)
+              + \frac1g \sum_{i=1}^g g_i^\top (I - QQ^\top) A (I - QQ^\top) g_i .
 
     Unbiased for every Q, because tr A = tr(QᵀAQ) + tr((I − QQᵀ) A (I − QQᵀ)).
     The deflated part removes the top of the spectrum, so the error decays like

@@ -192,12 +192,12 @@ def lanczos(
     v0: Array | None = None,
     rng: Any = None,
 ) -> LanczosResult:
-    """Symmetric Lanczos tridiagonalisation with full reorthogonalisation.
+    r"""Symmetric Lanczos tridiagonalisation with full reorthogonalisation.
 
     Builds an orthonormal basis Q = [q_1 … q_m] of the Krylov space
     span{v0, A v0, …, A^{m−1} v0} and the tridiagonal T = Qᵀ A Q:
 
-    .. math:: A q_j = \\beta_{j-1} q_{j-1} + \\alpha_j q_j + \\beta_j q_{j+1},
+    .. math:: A q_j = \beta_{j-1} q_{j-1} + \alpha_j q_j + \beta_j q_{j+1},
 
     every new vector orthogonalised against the whole basis by classical
     Gram–Schmidt applied twice, so Q stays orthonormal to rounding level and no

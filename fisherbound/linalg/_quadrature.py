@@ -57,12 +57,12 @@ def lanczos_quadrature(
     num_matvecs: int,
     rng: Any = None,
 ) -> Quadrature:
-    """Gauss quadrature nodes and weights of A's spectral measure (Ubaru, Chen, Saad 2017).
+    r"""Gauss quadrature nodes and weights of A's spectral measure (Ubaru, Chen, Saad 2017).
 
     For each Rademacher probe v (‖v‖² = n), m Lanczos steps from v/√n give
     T = S diag(θ) Sᵀ, and the m-point Gauss rule
 
-    .. math:: v^\\top f(A)\\, v \\approx \\sum_{j=1}^m n\\, S_{1j}^2 f(\\theta_j),
+    .. math:: v^\top f(A)\, v \approx \sum_{j=1}^m n\, S_{1j}^2 f(\theta_j),
 
     exact for polynomials of degree ≤ 2m − 1 (so exact for every f when m = n).
     Averaged over probes this estimates tr f(A); the nodes and weights
@@ -118,10 +118,10 @@ def slq(
     num_matvecs: int,
     rng: Any = None,
 ) -> Estimate:
-    """Stochastic Lanczos quadrature estimate of tr f(A).
+    r"""Stochastic Lanczos quadrature estimate of tr f(A).
 
-    .. math:: \\widehat{\\operatorname{tr} f(A)} = \\frac1M \\sum_{i=1}^M
-              \\sum_{j=1}^m w_{ij} f(\\theta_{ij}),
+    .. math:: \widehat{\operatorname{tr} f(A)} = \frac1M \sum_{i=1}^M
+              \sum_{j=1}^m w_{ij} f(\theta_{ij}),
 
     with the nodes θ and weights w of ``lanczos_quadrature``. Each probe's term
     is the Gauss-rule value of v_iᵀ f(A) v_i, so the estimate has the Hutchinson
@@ -183,10 +183,10 @@ def slq(
 
 
 def smoothed_density(quadrature: Any, grid: Array, /, *, width: float) -> Array:
-    """The Gaussian-smoothed spectral density of a ``Quadrature`` on a grid.
+    r"""The Gaussian-smoothed spectral density of a ``Quadrature`` on a grid.
 
-    .. math:: \\varphi(t) = \\frac{1}{M n} \\sum_{i=1}^M \\sum_{j=1}^m w_{ij}\\,
-              \\mathcal N(t;\\, \\theta_{ij}, \\sigma^2),
+    .. math:: \varphi(t) = \frac{1}{M n} \sum_{i=1}^M \sum_{j=1}^m w_{ij}\,
+              \mathcal N(t;\, \theta_{ij}, \sigma^2),
 
     an estimate of the spectral density (1/n) Σ_k δ(t − λ_k) blurred by a
     Gaussian of standard deviation σ = ``width``. It integrates to 1 over the

@@ -119,6 +119,7 @@ class LayerRule:
 
     def ineligible(self, module: Any) -> str:
         """Why ``module`` cannot take the fast path although its class is covered, or ``""``."""
+        del module  # by default every module of a covered class is eligible
         return ""
 
     def layout_ok(self, module: Any, a: Tensor) -> bool:
@@ -126,6 +127,7 @@ class LayerRule:
 
         Called once the input and output are known to have N rows on axis 0.
         """
+        del module  # by default only the input's rank matters
         return a.ndim >= 2
 
     def squares(
@@ -167,6 +169,7 @@ class LinearRule(LayerRule):
         self, module: Any, a: Tensor, d: Tensor, *, sum_k: bool, n_chunk: int
     ) -> dict[str, Tensor]:
         """See :meth:`LayerRule.squares`."""
+        del module  # the closed forms need only the input and the output signal
         k, n = d.shape[0], d.shape[1]
         out: dict[str, Tensor] = {}
         if a.ndim == 2:
@@ -266,12 +269,14 @@ class EmbeddingRule(LayerRule):
 
     def layout_ok(self, module: Any, a: Tensor) -> bool:
         """Any index tensor (N, ...)."""
+        del module, a  # every index layout is supported
         return True
 
     def squares(
         self, module: Any, a: Tensor, d: Tensor, *, sum_k: bool, n_chunk: int
     ) -> dict[str, Tensor]:
         """See :meth:`LayerRule.squares`."""
+        del n_chunk  # the per-token sums take all examples of a cotangent chunk at once
         m = module
         k, n = d.shape[0], d.shape[1]
         vocab, dim = m.num_embeddings, m.embedding_dim
@@ -551,6 +556,7 @@ def record_forward(
         def record(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
         ) -> Any:
+            del module  # a forward hook's signature; the record is per layer already
             rec.calls += 1
             a = args[0] if args else next(iter(kwargs.values()), None)
             if copy and isinstance(a, torch.Tensor):

@@ -68,6 +68,7 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
     which napoleon renders as attribute entries; autodoc would describe the same
     fields a second time from the generated property docstrings.
     """
+    del app, what, name, skip, options  # the autodoc-skip-member event's signature
     doc = getattr(obj, "__doc__", None)
     if isinstance(doc, str) and doc.startswith("Alias for field number"):
         return True

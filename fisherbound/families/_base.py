@@ -109,7 +109,7 @@ class Family:
         return self._mean(z, xp)
 
     def log_likelihood(self, z: Array, y: Array, /) -> Array:
-        """log p(y | z), shape (...), computed stably from the logits.
+        """The log-likelihood log p(y | z), shape (...), computed stably from the logits.
 
         Categorical: z_y − logsumexp(z) with integer labels y (...);
         Bernoulli: Σ_c [y_c z_c − softplus(z_c)] with y in {0, 1} of shape (..., C);
@@ -341,7 +341,7 @@ class Family:
         return xp.exp(self._log_pseudo_determinant(z, xp))
 
     def log_pseudo_determinant(self, z: Array, /) -> Array:
-        """log of ``pseudo_determinant`` from the logits, shape (...), no underflow.
+        """The logarithm of ``pseudo_determinant`` from the logits, shape (...), no underflow.
 
         Categorical: log C + Σ_i log p_i with log p = z − logsumexp(z); Bernoulli:
         Σ_c [log σ(z_c) + log σ(−z_c)]; Gaussian: 0.

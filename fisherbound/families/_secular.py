@@ -222,7 +222,10 @@ def _bisect(lo: Array, hi: Array, xp: Any) -> Array:
 def _evaluate(
     pc: Array, delta: Array, tau: Array, left_f: Array, right_f: Array, xp: Any
 ) -> tuple[Array, Array, Array, Array]:
-    """h = Σ t_j, t_j = p_j / (δ_j − τ); ψ = Σ_left t_j; ψ' and φ' = derivatives of the parts."""
+    """The secular sum h = Σ t_j, t_j = p_j / (δ_j − τ); ψ = Σ_left t_j; ψ', φ' of the two parts.
+
+    ψ' and φ' are the derivatives in τ of the left and right parts of h.
+    """
     den = delta - tau[..., None]
     t = pc / den
     t2 = t / den

@@ -21,6 +21,42 @@ DEFAULT_OUT = Path("fisherbound-report")
 #: ``--family`` choices of ``fisherbound report``.
 FAMILIES = ("categorical", "bernoulli")
 
+#: ``fisherbound demo``: its line in the command list and its description.
+DEMO_SUMMARY = "train a small classifier on the bundled digits and write a report on it"
+DEMO_DESCRIPTION = (
+    "Train an MLP (64-32-10, tanh, float64) on scikit-learn's bundled digits with "
+    "Adam, then write a report folder (report.md, index.html, PNG figures, "
+    "report.json) on its Fisher information, measured on held-out digits. Needs the "
+    "'demo' extra (scikit-learn, matplotlib, tqdm); no network. --framework torch "
+    "or jax trains and analyses the same network (same initial weights) there."
+)
+
+#: ``fisherbound report``: its line in the command list and its description.
+REPORT_SUMMARY = "the same analysis for your own torch model and data"
+REPORT_DESCRIPTION = (
+    "Analyse a trained torch classifier on your data and write the report folder. "
+    "MODEL is a Python file with a factory (model.py:make_model, or model.py with "
+    "--factory make_model; called with no arguments, it returns the nn.Module with "
+    "its weights loaded), or a TorchScript file (torch.jit.save), or a whole module "
+    "saved with torch.save. WARNING: a torch.save file is loaded with "
+    "torch.load(weights_only=False), which unpickles and so EXECUTES code from the "
+    "file: use only files you trust (a Python factory executes your code, too). "
+    "DATA is an .npz file (numpy.savez) with the inputs and labels under the keys "
+    "x and y (or inputs and labels): class indices (N,) for the categorical "
+    "family, 0/1 rows (N, C) for the Bernoulli family. The model is put in eval "
+    "mode and must return logits (N, C) (log-softmax outputs are fine, "
+    "probabilities are not)."
+)
+
+
+def _subcommand(
+    sub: Any, name: str, run: Any, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """The subparser of command ``name``, which ``run`` runs."""
+    p = sub.add_parser(name, help=summary, description=description)
+    p.set_defaults(run=run, subparser=p)
+    return p
+
 
 def add_analysis_options(p: argparse.ArgumentParser, threads: int | None) -> None:
     """The analysis options, then the output ones, shared by both commands."""
@@ -121,7 +157,11 @@ def add_output_options(p: argparse.ArgumentParser, threads: int | None) -> None:
         default=threads,
         metavar="T",
         help="BLAS / OpenMP threads of NumPy and torch (default "
-        + ("1: small arrays, and no oversubscription on a busy machine)" if threads else "")
+        + (
+            "1: small arrays, and no oversubscription on a busy machine)"
+            if threads
+            else ""
+        )
         + ("the libraries' own)" if threads is None else ""),
     )
 
@@ -141,17 +181,7 @@ def build_parser(description: str | None) -> argparse.ArgumentParser:
 
 def add_demo(sub: Any) -> None:
     """``fisherbound demo``: the framework, the model and its training, the analysis."""
-    demo = sub.add_parser(
-        "demo",
-        help="train a small classifier on the bundled digits and write a report on it",
-        description=(
-            "Train an MLP (64-32-10, tanh, float64) on scikit-learn's bundled digits with "
-            "Adam, then write a report folder (report.md, index.html, PNG figures, "
-            "report.json) on its Fisher information, measured on held-out digits. Needs the "
-            "'demo' extra (scikit-learn, matplotlib, tqdm); no network. --framework torch "
-            "or jax trains and analyses the same network (same initial weights) there."
-        ),
-    )
+    demo = _subcommand(sub, "demo", run_demo, DEMO_SUMMARY, DEMO_DESCRIPTION)
     demo.add_argument(
         "--framework",
         choices=tuple(TRAINERS),
@@ -171,7 +201,10 @@ def add_demo(sub: Any) -> None:
         "--epochs", type=positive_int, default=15, help="training epochs (default 15)"
     )
     model.add_argument(
-        "--batch-size", type=positive_int, default=128, help="mini-batch size (default 128)"
+        "--batch-size",
+        type=positive_int,
+        default=128,
+        help="mini-batch size (default 128)",
     )
     model.add_argument(
         "--learning-rate",
@@ -195,35 +228,24 @@ def add_demo(sub: Any) -> None:
         help="held-out digits analysed (default 360; the rest train the model)",
     )
     add_analysis_options(demo, threads=1)
-    demo.set_defaults(run=run_demo, subparser=demo)
 
 
 def add_report(sub: Any) -> None:
     """``fisherbound report MODEL DATA``: the model, the data, the family, the analysis."""
-    report = sub.add_parser(
-        "report",
-        help="the same analysis for your own torch model and data",
-        description=(
-            "Analyse a trained torch classifier on your data and write the report folder. "
-            "MODEL is a Python file with a factory (model.py:make_model, or model.py with "
-            "--factory make_model; called with no arguments, it returns the nn.Module with "
-            "its weights loaded), or a TorchScript file (torch.jit.save), or a whole module "
-            "saved with torch.save. WARNING: a torch.save file is loaded with "
-            "torch.load(weights_only=False), which unpickles and so EXECUTES code from the "
-            "file: use only files you trust (a Python factory executes your code, too). "
-            "DATA is an .npz file (numpy.savez) with the inputs and labels under the keys "
-            "x and y (or inputs and labels): class indices (N,) for the categorical "
-            "family, 0/1 rows (N, C) for the Bernoulli family. The model is put in eval "
-            "mode and must return logits (N, C) (log-softmax outputs are fine, "
-            "probabilities are not)."
-        ),
+    report = _subcommand(sub, "report", run_report, REPORT_SUMMARY, REPORT_DESCRIPTION)
+    report.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model.py:factory, TorchScript or torch.save file",
     )
     report.add_argument(
-        "model", metavar="MODEL", help="model.py:factory, TorchScript or torch.save file"
+        "data", metavar="DATA", help=".npz file with x/y or inputs/labels"
     )
-    report.add_argument("data", metavar="DATA", help=".npz file with x/y or inputs/labels")
     report.add_argument(
-        "--factory", default=None, metavar="NAME", help="factory name in a MODEL .py file"
+        "--factory",
+        default=None,
+        metavar="NAME",
+        help="factory name in a MODEL .py file",
     )
     report.add_argument(
         "--family",
@@ -248,4 +270,3 @@ def add_report(sub: Any) -> None:
         help="analyse the first N inputs of DATA (default 512)",
     )
     add_analysis_options(report, threads=None)
-    report.set_defaults(run=run_report, subparser=report)

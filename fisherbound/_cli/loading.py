@@ -338,15 +338,13 @@ def selected_params(model: Any, params: list[str] | None) -> tuple[list[str] | N
     if not available:
         msg = "the model has no trainable parameters (requires_grad=True) to analyse."
         raise UsageError(msg)
-    names = None
-    if params:
-        unknown = [n for n in params if n not in available]
-        if unknown:
-            msg = (
-                f"--params names unknown parameters {unknown}; the model's trainable "
-                f"parameters are {available}."
-            )
-            raise UsageError(msg)
-        names = list(dict.fromkeys(params))
+    unknown = [n for n in params or () if n not in available]
+    if unknown:
+        msg = (
+            f"--params names unknown parameters {unknown}; the model's trainable "
+            f"parameters are {available}."
+        )
+        raise UsageError(msg)
+    names = list(dict.fromkeys(params)) if params else None
     count = sum(p.numel() for n, p in model.named_parameters() if n in (names or available))
     return names, count

@@ -157,11 +157,7 @@ def add_output_options(p: argparse.ArgumentParser, threads: int | None) -> None:
         default=threads,
         metavar="T",
         help="BLAS / OpenMP threads of NumPy and torch (default "
-        + (
-            "1: small arrays, and no oversubscription on a busy machine)"
-            if threads
-            else ""
-        )
+        + ("1: small arrays, and no oversubscription on a busy machine)" if threads else "")
         + ("the libraries' own)" if threads is None else ""),
     )
 
@@ -238,9 +234,7 @@ def add_report(sub: Any) -> None:
         metavar="MODEL",
         help="model.py:factory, TorchScript or torch.save file",
     )
-    report.add_argument(
-        "data", metavar="DATA", help=".npz file with x/y or inputs/labels"
-    )
+    report.add_argument("data", metavar="DATA", help=".npz file with x/y or inputs/labels")
     report.add_argument(
         "--factory",
         default=None,

@@ -15,6 +15,7 @@ from fisherbound._lib import (
     array_namespace,
     as_generator,
     check_choice,
+    check_device,
     check_finite,
     check_floating,
     check_positive_int,
@@ -89,6 +90,8 @@ class Layout:
             self.layers.append((w_offset, out, inp, b_offset))
         self.size = offset
         self.width_sum = sum(out for _, out, _, _ in self.layers)
+        #: Whether each layer has a bias (whose piece ``join_layers`` then expects).
+        self.biased = tuple(b_offset is not None for _, _, _, b_offset in self.layers)
 
 
 def split_rows(xp: Any, V: Array, layout: Layout) -> list[tuple[Array, Array | None]]:
@@ -100,6 +103,21 @@ def split_rows(xp: Any, V: Array, layout: Layout) -> list[tuple[Array, Array | N
         db = None if b_offset is None else V[:, b_offset : b_offset + out]
         parts.append((dw, db))
     return parts
+
+
+def join_layers(xp: Any, layout: Layout, parts: list[tuple[Array, Array | None]]) -> Array:
+    """The inverse of ``split_rows``: per-layer pieces concatenated in θ order, (..., D).
+
+    ``parts[i]`` holds layer i's weight piece (..., out, in), flattened row-major,
+    and its bias piece (..., out), None for a layer without bias; the pieces are
+    joined along the last axis.
+    """
+    pieces: list[Array] = []
+    for (_, out, inp, _), (w, b) in zip(layout.layers, parts, strict=True):
+        pieces.append(xp.reshape(w, (*w.shape[:-2], out * inp)))
+        if b is not None:
+            pieces.append(b)
+    return xp.concat(pieces, axis=-1)
 
 
 # ----------------------------------------------------------------------------
@@ -181,13 +199,9 @@ class ReferenceModel:
 
     def parameters(self) -> Array:
         """The flat parameter vector θ (D,), in the order of ``blocks``."""
-        xp = self._xp
-        pieces = []
-        for w, b in zip(self._weights, self._biases, strict=True):
-            pieces.append(xp.reshape(w, (int(w.shape[0]) * int(w.shape[1]),)))
-            if b is not None:
-                pieces.append(b)
-        return xp.concat(pieces, axis=0)
+        return join_layers(
+            self._xp, self._layout, list(zip(self._weights, self._biases, strict=True))
+        )
 
     def with_parameters(self, theta: Array, /) -> Any:
         """A new model of the same architecture with flat parameters ``theta`` (D,).
@@ -528,12 +542,7 @@ def _check_layers(
                     f"{a.dtype}. Convert with xp.astype({name}, {weight_names[0]}.dtype)."
                 )
                 raise TypeError(msg)
-            if device_of(a) != device:
-                msg = (
-                    f"{name} must be on the device of {weight_names[0]} ({device}); got "
-                    f"{device_of(a)}. Move it with xp.asarray({name}, device=...)."
-                )
-                raise ValueError(msg)
+            check_device(a, name, device, owner=f"the device of {weight_names[0]}")
     return xp
 
 
@@ -569,12 +578,13 @@ def check_inputs(model: ReferenceModel, inputs: Array) -> Array:
     if int(inputs.shape[0]) == 0:
         msg = f"inputs must hold at least one row; got shape {tuple(inputs.shape)}."
         raise ValueError(msg)
-    if device_of(inputs) != model.device:
-        msg = (
-            f"inputs must be on the model's device ({model.device}); got "
-            f"{device_of(inputs)}. Move them with xp.asarray(inputs, device=...)."
-        )
-        raise ValueError(msg)
+    check_device(
+        inputs,
+        "inputs",
+        model.device,
+        owner="the model's device",
+        remedy="Move them with xp.asarray(inputs, device=...).",
+    )
     check_finite(inputs, "inputs", xp=xp)
     if inputs.dtype != model.dtype:
         inputs = xp.astype(inputs, model.dtype)

@@ -43,6 +43,7 @@ from fisherbound.adapters._numpy_models import (
     check_inputs,
     check_model,
     forward_pass,
+    join_layers,
     split_rows,
 )
 from fisherbound.linearization import (
@@ -149,19 +150,15 @@ class ReferenceLinearization(LinearizationBase):
         return self._vjp_batch(self._xp, U)
 
     def _vjp_batch(self, xp: Any, U: Array) -> Array:
-        m = int(U.shape[0])
         delta = U
-        pieces: list[Array] = []
+        parts: list[tuple[Array, Array | None]] = []
         for i in range(len(self._weights) - 1, -1, -1):
-            _, out, inp, b_offset = self._layout.layers[i]
             # (M, out, N) @ (N, in) -> (M, out, in): the sum over examples is the matmul.
             gw = xp.matmul(xp.matrix_transpose(delta), self._acts[i])
-            if b_offset is not None:
-                pieces.append(xp.sum(delta, axis=1))
-            pieces.append(xp.reshape(gw, (m, out * inp)))
+            parts.append((gw, xp.sum(delta, axis=1) if self._layout.biased[i] else None))
             if i > 0:
                 delta = xp.matmul(delta, self._weights[i]) * self._derivs[i - 1]
-        return xp.concat(pieces[::-1], axis=1)
+        return join_layers(xp, self._layout, parts[::-1])
 
     def _deltas(self, xp: Any, U: Array, start: int, stop: int) -> list[Array]:
         """δ_i (n, K, out_i) of every layer for per-example cotangents U (n, K, C)."""
@@ -188,15 +185,13 @@ class ReferenceLinearization(LinearizationBase):
         U = self._operand(U, "U", (stop - start, None, self.num_outputs), "(n, K, C)")
         n, k = int(U.shape[0]), int(U.shape[1])
         deltas = self._deltas(xp, U, start, stop)
-        pieces: list[Array] = []
+        parts: list[tuple[Array, Array | None]] = []
         for i, delta in enumerate(deltas):
-            _, out, inp, b_offset = self._layout.layers[i]
+            _, out, inp, _ = self._layout.layers[i]
             a = xp.reshape(self._acts[i][start:stop, ...], (n, 1, 1, inp))
             gw = xp.reshape(delta, (n, k, out, 1)) * a
-            pieces.append(xp.reshape(gw, (n, k, out * inp)))
-            if b_offset is not None:
-                pieces.append(delta)
-        return xp.concat(pieces, axis=2)
+            parts.append((gw, delta if self._layout.biased[i] else None))
+        return join_layers(xp, self._layout, parts)
 
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
@@ -229,27 +224,19 @@ class ReferenceLinearization(LinearizationBase):
     def _sum_squared(
         self, xp: Any, U: Array, start: int, stop: int, sum_cotangents: bool = False
     ) -> Array:
-        k = int(U.shape[1])
         deltas = self._deltas(xp, U, start, stop)
-        pieces: list[Array] = []
+        parts: list[tuple[Array, Array | None]] = []
         for i, delta in enumerate(deltas):
-            _, out, inp, b_offset = self._layout.layers[i]
             d2 = delta * delta
-            if sum_cotangents:
-                d2s = xp.sum(d2, axis=1)  # (n, out)
-                a = self._acts[i][start:stop, ...]
-                gw = xp.matmul(xp.matrix_transpose(d2s), a * a)
-                pieces.append(xp.reshape(gw, (out * inp,)))
-                if b_offset is not None:
-                    pieces.append(xp.sum(d2s, axis=0))
-                continue
             a = self._acts[i][start:stop, ...]
-            # (K, out, n) @ (n, in) -> (K, out, in)
-            gw = xp.matmul(xp.permute_dims(d2, (1, 2, 0)), a * a)
-            pieces.append(xp.reshape(gw, (k, out * inp)))
-            if b_offset is not None:
-                pieces.append(xp.sum(d2, axis=0))
-        return xp.concat(pieces, axis=0 if sum_cotangents else 1)
+            if sum_cotangents:
+                d2 = xp.sum(d2, axis=1)  # (n, out)
+                gw = xp.matmul(xp.matrix_transpose(d2), a * a)
+            else:
+                # (K, out, n) @ (n, in) -> (K, out, in)
+                gw = xp.matmul(xp.permute_dims(d2, (1, 2, 0)), a * a)
+            parts.append((gw, xp.sum(d2, axis=0) if self._layout.biased[i] else None))
+        return join_layers(xp, self._layout, parts)
 
     # -- second derivatives (added for fisherbound.variance) ------------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
@@ -313,16 +300,14 @@ class ReferenceLinearization(LinearizationBase):
             grad = gw * d1[:, None, :]
             hess = new_hess
         diagonals = diagonals[::-1]  # (n, C, out_i) per layer, first layer first
-        pieces: list[Array] = []
+        parts: list[tuple[Array, Array | None]] = []
         for i, diag in enumerate(diagonals):
-            _, out, inp, b_offset = self._layout.layers[i]
+            _, out, inp, _ = self._layout.layers[i]
             a = self._acts[i][start:stop, ...]
             a2 = xp.reshape(a * a, (n, 1, 1, inp))
             gw2 = xp.reshape(diag, (n, c, out, 1)) * a2
-            pieces.append(xp.reshape(gw2, (n, c, out * inp)))
-            if b_offset is not None:
-                pieces.append(diag)
-        return xp.concat(pieces, axis=2)
+            parts.append((gw2, diag if self._layout.biased[i] else None))
+        return join_layers(xp, self._layout, parts)
 
 
 # ----------------------------------------------------------------------------
@@ -523,7 +508,6 @@ class ReferenceLossFunction(LossFunctionBase):
         lin, model = self._lin, self._model
         layout = model._layout
         weights, acts, derivs = lin._weights, lin._acts, lin._derivs
-        m = int(V.shape[0])
         parts = split_rows(xp, V, layout)
         last = len(parts) - 1
         # Forward R-pass: R h_i (M, N, out_i) and R a_{i-1}, the R-input of layer i.
@@ -543,16 +527,13 @@ class ReferenceLossFunction(LossFunctionBase):
         z = lin.logits
         delta = self._loss_gradient_logits(xp)  # (N, C)
         r_delta = self._family.unchecked_metric_matvec(z, r_h[last], xp=xp) * self._scale
-        pieces: list[Array] = []
+        grads: list[tuple[Array, Array | None]] = []
         for i in range(last, -1, -1):
-            _, out, inp, b_offset = layout.layers[i]
             gw = xp.matmul(xp.matrix_transpose(r_delta), acts[i])  # (M, out, in)
             ra = r_in[i]
             if ra is not None:
                 gw = gw + xp.matmul(xp.matrix_transpose(delta), ra)
-            if b_offset is not None:
-                pieces.append(xp.sum(r_delta, axis=1))
-            pieces.append(xp.reshape(gw, (m, out * inp)))
+            grads.append((gw, xp.sum(r_delta, axis=1) if layout.biased[i] else None))
             if i > 0:
                 dw = parts[i][0]
                 back = xp.matmul(delta, weights[i])  # δ_i W_i, (N, in)
@@ -563,7 +544,7 @@ class ReferenceLossFunction(LossFunctionBase):
                     second = -2.0 * acts[i] * derivs[i - 1]
                     r_delta = r_delta + (back * second) * r_h[i - 1]
                 delta = back * derivs[i - 1]
-        return xp.concat(pieces[::-1], axis=1)
+        return join_layers(xp, layout, grads[::-1])
 
 
 def loss_function(

@@ -17,11 +17,10 @@ from fisherbound._lib import (
     array_namespace,
     as_generator,
     check_choice,
-    check_device,
-    check_finite,
     check_floating,
     check_positive_int,
     check_vector,
+    conform,
     device_of,
     is_array,
     probes,
@@ -67,9 +66,8 @@ def check_vectors(
             f"Select rows, e.g. {name}[:2]."
         )
         raise ValueError(msg)
-    check_device(x, name, device_of(ref), owner="the device of the parameters")
-    check_finite(x, name, xp=xp)
-    return xp.astype(x, ref.dtype) if x.dtype != ref.dtype else x
+    owner = "the device of the parameters"
+    return conform(x, name, xp=xp, dtype=ref.dtype, device=device_of(ref), owner=owner)
 
 
 def check_blocks(blocks: Any, num_params: int) -> tuple[Any, ...]:

@@ -11,14 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._lib import (
-    Estimate,
-    array_namespace,
-    check_device,
-    check_finite,
-    check_floating,
-    is_array,
-)
+from fisherbound._lib import Estimate, array_namespace, check_floating, conform, is_array
 from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
@@ -106,9 +99,8 @@ def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
             f"the linearization's blocks); got shape {tuple(v.shape)}."
         )
         raise ValueError(msg)
-    check_device(v, name, op.device, owner="the linearization's device")
-    check_finite(v, name, xp=xp)
-    return xp.astype(v, op.dtype) if v.dtype != op.dtype else v
+    owner = "the linearization's device"
+    return conform(v, name, xp=xp, dtype=op.dtype, device=op.device, owner=owner)
 
 
 def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:

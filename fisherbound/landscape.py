@@ -60,12 +60,11 @@ from fisherbound._lib import (
     Estimate,
     array_namespace,
     check_choice,
-    check_device,
-    check_finite,
     check_positive_int,
     check_real,
     check_vector,
     collective,
+    conform,
     device_of,
     estimate_from_samples,
     fingerprint,
@@ -758,9 +757,8 @@ def _grid(
         name = f"coordinates[{i}]"
         array_namespace(c, ref, names=(name, "params"))
         check_vector(c, name, "a non-empty 1-D array of coefficients", xp=xp)
-        check_device(c, name, device, owner="the device of the parameters")
-        check_finite(c, name, xp=xp)
-        out.append(xp.astype(c, dtype) if c.dtype != dtype else c)
+        owner = "the device of the parameters"
+        out.append(conform(c, name, xp=xp, dtype=dtype, device=device, owner=owner))
     return tuple(out)
 
 

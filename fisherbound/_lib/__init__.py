@@ -51,6 +51,7 @@ from fisherbound._lib._validation import (
     check_real_floating,
     check_target,
     check_vector,
+    conform,
     first_indices,
     is_traced,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "check_target",
     "check_vector",
     "collective",
+    "conform",
     "device_of",
     "estimate_from_samples",
     "fingerprint",

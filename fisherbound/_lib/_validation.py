@@ -171,6 +171,17 @@ def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
     raise ValueError(msg)
 
 
+def conform(x: Array, name: str, *, xp: Any, dtype: Any, device: Any, owner: str) -> Array:
+    """``x`` checked to be on ``device`` (the device of ``owner``) and finite, cast to ``dtype``.
+
+    The last checks of an array that must match a reference (the parameters, an
+    operator's vectors): ``check_device``, then ``check_finite``.
+    """
+    check_device(x, name, device, owner=owner)
+    check_finite(x, name, xp=xp)
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
 def check_logits(z: Array, *, name: str = "z", min_classes: int = 1) -> Any:
     """Validate logits of shape (..., C): a floating array, finite, C >= min_classes.
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._lib import Estimate, array_namespace, check_floating, conform, is_array
+from fisherbound._lib import Estimate, array_namespace, check_vector, conform, is_array
 from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
@@ -92,13 +92,8 @@ def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
         raise TypeError(msg)
     witness = xp.zeros((0,), dtype=op.dtype, device=op.device)
     array_namespace(witness, v, names=("the linearization's logits", name))
-    check_floating(v, name, xp=xp)
-    if tuple(v.shape) != (d,):
-        msg = (
-            f"{name} must be a flat parameter vector of shape ({d},) (D, in the order of "
-            f"the linearization's blocks); got shape {tuple(v.shape)}."
-        )
-        raise ValueError(msg)
+    order = "D, in the order of the linearization's blocks"
+    check_vector(v, name, f"a flat parameter vector of shape ({d},) ({order})", xp=xp, size=d)
     owner = "the linearization's device"
     return conform(v, name, xp=xp, dtype=op.dtype, device=op.device, owner=owner)
 

@@ -116,13 +116,20 @@ def check_floating(x: Array, name: str, *, xp: Any = None) -> Any:
     return xp
 
 
-def check_vector(x: Array, name: str, expected: str, *, xp: Any = None) -> Any:
-    """Check that ``x`` is a non-empty 1-D real floating array; return its namespace.
+def check_vector(
+    x: Array, name: str, expected: str, *, xp: Any = None, size: int | None = None
+) -> Any:
+    """Check that ``x`` is a 1-D real floating array; return its namespace.
 
-    The shape error reads "{name} must be {expected}; got shape (...)."
+    Its length must be ``size``, or at least 1 when ``size`` is None. The shape
+    error reads "{name} must be {expected}; got shape (...)."
     """
     xp = check_floating(x, name, xp=xp)
-    if x.ndim != 1 or int(x.shape[0]) == 0:
+    if size is None:
+        ok = x.ndim == 1 and int(x.shape[0]) > 0
+    else:
+        ok = tuple(x.shape) == (size,)
+    if not ok:
         msg = f"{name} must be {expected}; got shape {tuple(x.shape)}."
         raise ValueError(msg)
     return xp

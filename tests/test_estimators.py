@@ -105,8 +105,7 @@ def test_reference_estimate_and_error_bar(backend) -> None:
     assert est.std_error.shape == (3,)
     assert np.all(z_scores(est, MEAN_REF, backend.to_numpy) < 5)
     # The standard error estimates √(Var / M) (sampling error of a variance: ~5 %).
-    se = backend.to_numpy(est.std_error)
-    np.testing.assert_allclose(se, np.sqrt(RADEMACHER_VAR_REF / m), rtol=0.15)
+    assert_close(est.std_error, np.sqrt(RADEMACHER_VAR_REF / m), rtol=0.15, atol=0, like=backend)
 
 
 def test_same_seed_same_numbers_on_every_backend(backend) -> None:

@@ -45,7 +45,7 @@ from fisherbound._lib import (
     progress_bar,
 )
 from fisherbound.families import Family
-from fisherbound.linearization import LossFunction, as_linearizations
+from fisherbound.linearization import LossFunction, as_linearizations, check_family
 
 Array = Any
 
@@ -64,17 +64,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------- #
 # validation of one item
-
-
-def check_family(family: object) -> Family:
-    """``family`` if it is a fisherbound family, else a TypeError."""
-    if not isinstance(family, Family):
-        msg = (
-            "family must be a fisherbound.families family (Categorical(), Bernoulli(), "
-            f"Gaussian()); got {type(family).__name__}."
-        )
-        raise TypeError(msg)
-    return family
 
 
 class Signature(NamedTuple):

@@ -637,15 +637,19 @@ def check_loss_options(family: Any, reduction: object) -> Any:
     Raises a TypeError when ``family`` is not a ``fisherbound.families`` family
     and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"``.
     """
-    if family is None:
-        family = Categorical()
+    family = check_family(Categorical() if family is None else family)
+    check_choice(reduction, "reduction", LOSS_REDUCTIONS)
+    return family
+
+
+def check_family(family: object) -> Family:
+    """``family`` if it is a fisherbound family, else a TypeError."""
     if not isinstance(family, Family):
         msg = (
             "family must be a fisherbound.families family (Categorical(), Bernoulli(), "
             f"Gaussian()); got {type(family).__name__}."
         )
         raise TypeError(msg)
-    check_choice(reduction, "reduction", LOSS_REDUCTIONS)
     return family
 
 

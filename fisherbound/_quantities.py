@@ -33,11 +33,58 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from fisherbound._accumulator import FactorSum, PerExampleRows, RowStack, SampleSum
+from fisherbound._lib import device_of
 from fisherbound._stream import named_blocks
 
 Array = Any
 
-__all__ = ["Blocks", "Dense", "Diagonal", "Factor", "Quantity", "Trace", "quantity"]
+__all__ = [
+    "Blocks",
+    "Dense",
+    "Diagonal",
+    "Factor",
+    "Quantity",
+    "Trace",
+    "factor_columns",
+    "position_chunks",
+    "quantity",
+]
+
+
+def factor_columns(b: Array, xp: Any, start: int = 0, stop: int | None = None) -> Array:
+    """Per-example cotangents from a core factor b (N, *S, C, R), B Bᵀ = K per position.
+
+    The kernel of an example x with positions is block diagonal over them,
+    K_x = ⊕_t K(z_xt), so its factor has one column per (position t, column r),
+    supported on position t alone. Returns those columns for the flattened
+    positions ``start`` … ``stop`` − 1 (default all P): U of shape
+    (N, (stop − start)·R, *S, C), column (t, r) = b[x, t, :, r] at position t and
+    zero elsewhere. Without position axes (b of shape (N, C, R)) it is the
+    familiar (N, R, C). Memory: N · (stop − start) · R · P · C numbers.
+    """
+    n, c, r = int(b.shape[0]), int(b.shape[-2]), int(b.shape[-1])
+    spatial = tuple(int(s) for s in b.shape[1:-2])
+    if not spatial:
+        return xp.permute_dims(b, (0, 2, 1))
+    p = 1
+    for size in spatial:
+        p *= size
+    stop = p if stop is None else stop
+    bt = xp.permute_dims(xp.reshape(b, (n, p, c, r)), (0, 3, 1, 2))  # (N, R, P, C)
+    pos = xp.arange(p, device=device_of(b))
+    hot = xp.astype(pos[start:stop, None] == pos[None, :], b.dtype)  # (P_c, P)
+    u = hot[None, :, None, :, None] * bt[:, None, :, :, :]  # (N, P_c, R, P, C)
+    return xp.reshape(u, (n, (stop - start) * r, *spatial, c))
+
+
+def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[int, int]]:
+    """Ranges of positions whose ``factor_columns`` hold at most ``size`` columns each.
+
+    ``columns`` is R, the factor's columns per position; every range holds at
+    least one position.
+    """
+    step = max(1, size // max(columns, 1))
+    return [(s, min(num_positions, s + step)) for s in range(0, num_positions, step)]
 
 
 class _WholeVector(NamedTuple):

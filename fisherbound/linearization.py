@@ -1,20 +1,27 @@
 """The model contract: what an adapter supplies for one batch at fixed parameters.
 
 A *linearization* is a network frozen at parameters θ (flat, D entries) and one
-batch of N inputs, exposing the logits z (N, C) and the Jacobian J = ∂z/∂θ only
+batch of N inputs, exposing the logits z (N, *S, C) and the Jacobian J = ∂z/∂θ only
 through products:
 
-- ``jvp(v)``: (D,) → (N, C), the forward product J v;
-- ``vjp(u)``: (N, C) → (D,), the reverse product Jᵀ u = Σ_n J_nᵀ u_n;
-- ``jvp_batch(V)``: (M, D) → (M, N, C), M forward products at once;
-- ``vjp_batch(U)``: (M, N, C) → (M, D), M reverse products at once (one batched
+- ``jvp(v)``: (D,) → (N, *S, C), the forward product J v;
+- ``vjp(u)``: (N, *S, C) → (D,), the reverse product Jᵀ u = Σ_n J_nᵀ u_n;
+- ``jvp_batch(V)``: (M, D) → (M, N, *S, C), M forward products at once;
+- ``vjp_batch(U)``: (M, N, *S, C) → (M, D), M reverse products at once (one batched
   backward pass where the framework allows);
-- ``per_example_vjp(U)``: (N, K, C) → (N, K, D), the per-example products
+- ``per_example_vjp(U)``: (N, K, *S, C) → (N, K, D), the per-example products
   J_nᵀ U[n, k];
-- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``: (N, K, C) →
+- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``: (N, K, *S, C) →
   (K, D), the per-example squares Σ_n (J_nᵀ U[n, k])², the building block of exact
   diagonals; with ``sum_cotangents=True`` their sum over k, (D,). An adapter may
   compute it without materialising per-example gradients (the torch fast path).
+
+S are the position axes of models with one output distribution per position
+(tokens, pixels; none for one output per example): the classes are always the
+last axis, and an "example" is an input x with all its positions, so a
+per-example product J_xᵀ u sums over the positions of x. ``mask`` (None or a
+boolean (N, *S) array) marks the positions that count; adapters zero the
+Jacobian rows of the others in every product.
 
 Parameter vectors are flat 1-D arrays of the linearization's namespace, in the
 order of ``blocks``; a block is a contiguous slice ``offset : offset + size``
@@ -108,7 +115,7 @@ class Linearization(Protocol):
 
     @property
     def logits(self) -> Array:
-        """The logits z = f(θ, x) of the batch, shape (N, C).
+        """The logits z = f(θ, x) of the batch, shape (N, *S, C).
 
         Computed once when the linearization is built (one forward pass); reading
         it costs nothing.
@@ -145,7 +152,7 @@ class Linearization(Protocol):
         Returns
         -------
         Array
-            J v = Σ_i ∂z/∂θ_i v_i, shape (N, C), in the logits' dtype.
+            J v = Σ_i ∂z/∂θ_i v_i, shape (N, *S, C), in the logits' dtype.
 
         Notes
         -----
@@ -158,7 +165,7 @@ class Linearization(Protocol):
         Parameters
         ----------
         u
-            A cotangent (N, C) on the logits, real floating, on their device.
+            A cotangent (N, *S, C) on the logits, real floating, on their device.
 
         Returns
         -------
@@ -171,14 +178,14 @@ class Linearization(Protocol):
         """
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """M forward products at once: J V[m] for tangents V (M, D); returns (M, N, C).
+        """M forward products at once: J V[m] for tangents V (M, D); returns (M, N, *S, C).
 
         Cost: about M forward passes, batched (vmapped) where the framework allows;
         memory M N C for the result plus the batched activations.
         """
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """M reverse products at once: Jᵀ U[m] for cotangents U (M, N, C); returns (M, D).
+        """M reverse products at once: Jᵀ U[m] for cotangents U (M, N, *S, C); returns (M, D).
 
         Cost: about M backward passes, as one batched backward pass where the
         framework allows; memory M D for the result.
@@ -190,7 +197,7 @@ class Linearization(Protocol):
         Parameters
         ----------
         U
-            Cotangents (n, K, C): K per example of the slice, n its length.
+            Cotangents (n, K, *S, C): K per example of the slice, n its length.
         examples
             A contiguous ``slice(start, stop)`` of the N examples (example
             n = start + i gets ``U[i]``); None (default) for all N.
@@ -217,7 +224,7 @@ class Linearization(Protocol):
         Parameters
         ----------
         U
-            Cotangents (N, K, C).
+            Cotangents (N, K, *S, C).
         max_vectors
             Memory bound: at most this many per-example D-vectors alive at once
             (default: the adapter's ``default_max_vectors``).
@@ -340,10 +347,36 @@ class LinearizationBase(_FrozenBase):
     #: Default bound on how many D-vectors a per-example computation holds at once.
     default_max_vectors: int = 256
 
-    logits = ReadOnly[Array]("The logits z of the batch, shape (N, C).")
+    _mask: Array | None = None
+
+    logits = ReadOnly[Array](
+        "The logits z of the batch, shape (N, *S, C): N examples, the position axes S "
+        "(none for one output per example) and the C classes last."
+    )
+    mask = ReadOnly["Array | None"](
+        "Which positions count: None (all) or a boolean array (N, *S). The Jacobian "
+        "rows of masked positions are zero in every product, so they add nothing to "
+        "any Fisher quantity; their logits keep their values."
+    )
 
     def _reference(self) -> Array:
         return self._logits
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """(N, *S, C), the shape of the logits and of every output-space vector."""
+        return tuple(int(s) for s in self._logits.shape)
+
+    @property
+    def num_positions(self) -> int:
+        """P, the number of positions per example (the product of S; 1 when S = ())."""
+        return math.prod(self.output_shape[1:-1])
+
+    def _output_text(self, *lead: str) -> str:
+        """The letters of an output-space shape for messages, e.g. "(M, N, T, C)"."""
+        s = len(self.output_shape) - 2
+        positions = ["T"] if s == 1 else [f"T{i + 1}" for i in range(s)]
+        return "(" + ", ".join([*lead, "N", *positions, "C"]) + ")"
 
     @property
     def num_params(self) -> int:
@@ -358,30 +391,30 @@ class LinearizationBase(_FrozenBase):
 
     @property
     def num_outputs(self) -> int:
-        """C, the number of logits per example."""
-        return int(self._logits.shape[1])
+        """C, the number of classes (the size of the last axis of the logits)."""
+        return int(self._logits.shape[-1])
 
     def _examples(self, examples: slice | None) -> tuple[int, int]:
         """(start, stop) of the contiguous slice ``examples`` of the batch (``example_range``)."""
         return example_range(examples, self.num_inputs)
 
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, C)."""
+        """J v for a flat parameter vector ``v`` (D,); returns (N, *S, C)."""
         raise NotImplementedError
 
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, C); returns (D,)."""
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, *S, C); returns (D,)."""
         raise NotImplementedError
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, C).
+        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, *S, C).
 
         Generic default: M calls of ``jvp`` (cost M forward passes).
         """
         return self._row_by_row(self.jvp, V)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, C); returns (M, D).
+        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, *S, C); returns (M, D).
 
         Generic default: M calls of ``vjp`` (cost M backward passes).
         """
@@ -390,26 +423,28 @@ class LinearizationBase(_FrozenBase):
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        ``U`` has shape (n, K, C) with n the length of the slice ``examples``
+        ``U`` has shape (n, K, *S, C) with n the length of the slice ``examples``
         (default: all N examples). Generic default: one masked batched VJP per
         example; adapters override it with a vectorised map.
         """
         xp = self._xp
         start, stop = self._examples(examples)
         n_all = self.num_inputs
-        _, k, c = U.shape
+        k = int(U.shape[1])
+        out = tuple(U.shape[2:])  # (*S, C)
+        ones = (1,) * len(out)
         rows = []
         for i in range(start, stop):
             # Cotangent that is U[i - start, j] on example i and zero elsewhere.
             hot = xp.astype(xp.arange(n_all, device=self.device) == i, U.dtype)
-            Ui = xp.reshape(U[i - start, ...], (k, 1, c)) * xp.reshape(hot, (1, n_all, 1))
+            Ui = xp.reshape(U[i - start, ...], (k, 1, *out)) * xp.reshape(hot, (1, n_all, *ones))
             rows.append(self.vjp_batch(Ui))
         return xp.stack(rows, axis=0)
 
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, *S, C); returns (K, D).
 
         With ``sum_cotangents=True`` returns Σ_k Σ_n (J_nᵀ U[n, k])², shape (D,),
         which adapters may compute more cheaply (one product per layer instead of K).
@@ -418,7 +453,7 @@ class LinearizationBase(_FrozenBase):
         ``default_max_vectors``).
         """
         xp = self._xp
-        n, k, _ = U.shape
+        n, k = int(U.shape[0]), int(U.shape[1])
         budget = self.default_max_vectors if max_vectors is None else int(max_vectors)
         chunk = max(1, budget // max(k, 1))
         total = xp.zeros((k, self.num_params), dtype=U.dtype, device=self.device)

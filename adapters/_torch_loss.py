@@ -6,13 +6,23 @@ Public through ``fisherbound.adapters.torch`` (``TorchLossFunction``, built by i
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch  # noqa: TID253
 
 from fisherbound._lib import array_namespace, check_finite
-from fisherbound.adapters._torch_model import FunctionalModel, Selection, ensure_forward_ad
-from fisherbound.linearization import LossFunctionBase
+from fisherbound.adapters._torch_model import (
+    FunctionalModel,
+    Inputs,
+    MaskSpec,
+    OutputSpec,
+    Selection,
+    classes_last,
+    ensure_forward_ad,
+    resolve_mask,
+)
+from fisherbound.linearization import LossFunctionBase, ReadOnly
 
 __all__ = ["TorchLossFunction"]
 
@@ -40,46 +50,74 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
     def __init__(
         self,
         selection: Selection,
-        inputs: tuple[Tensor, ...],
+        inputs: Inputs,
         labels: Tensor,
         family: Any,
         reduction: str,
+        spec: OutputSpec | None = None,
+        mask: MaskSpec = None,
+        ignore_index: int | None = None,
+        raw_inputs: object = None,
     ) -> None:
-        self._bind(selection, inputs)
+        self._bind(selection, inputs, spec)
         self._params = torch.cat([p.reshape(-1) for p in self._primals])
         with torch.no_grad():
-            z = self._call(self._primals, inputs)
-        self._check_logits(z)
+            z = self._z(self._primals, inputs, check=self._output_check())
         self._xp = array_namespace(z, names=("model output",))
         check_finite(z, "model output", xp=self._xp)
+        counted = resolve_mask(
+            mask, inputs if raw_inputs is None else raw_inputs, tuple(z.shape), z.device
+        )
+        if labels.ndim == z.ndim and labels.ndim >= 2:
+            # Bernoulli / Gaussian targets (N, *S, C) in the model output's layout.
+            labels = classes_last(labels, self._spec.class_axis)
+        ignored = None
+        if ignore_index is not None and not (labels.is_floating_point() or labels.is_complex()):
+            hit = labels == ignore_index
+            if tuple(hit.shape) == tuple(z.shape[:-1]) and bool(hit.any()):
+                ignored = hit
+                labels = torch.where(hit, torch.zeros_like(labels), labels)
         self._hold_batch(z, labels, family, reduction)
+        if ignored is not None:
+            counted = ~ignored if counted is None else counted & ~ignored
+            if not bool(counted.any()):
+                msg = (
+                    f"ignore_index={ignore_index} leaves no position of the batch to count: "
+                    "every label equals it (or is masked). Leave such batches out."
+                )
+                raise ValueError(msg)
+        self._mask = counted
+        self._num_examples = int(z.shape[0])
+        num = math.prod(z.shape[:-1]) if counted is None else int(counted.sum())
+        self._num_inputs = num
+        self._scale = 1.0 / num if reduction == "mean" else 1.0
+
+    mask = ReadOnly["Tensor | None"](
+        "The positions that count, a boolean (N, *S) tensor (mask and ignore_index), "
+        "or None when all do."
+    )
+    num_examples = ReadOnly[int]("N, the number of examples (inputs) in the batch.")
+    num_inputs = ReadOnly[int](
+        "The number of counted positions (N without position axes and ignored labels): "
+        "the divisor of ``reduction='mean'`` and the batch's weight in a data set's mean."
+    )
 
     # -- plumbing ------------------------------------------------------------
 
-    def _check_logits(self, z: object) -> None:
-        if not isinstance(z, torch.Tensor) or z.ndim != 2 or 0 in tuple(z.shape):
-            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            msg = (
-                f"model(inputs) must return a tensor of logits of shape (N, C); got {got}. "
-                "Wrap the model in a module that returns the logits."
-            )
-            raise ValueError(msg)
-        if z.dtype != self._param_dtype:
-            msg = (
-                f"model(inputs) must return logits in the parameters' dtype {self._param_dtype}; "
-                f"got {z.dtype}. Convert the model with model.to({self._param_dtype})."
-            )
-            raise ValueError(msg)
-
     def _nll(self, z: Tensor) -> Tensor:
-        """−Σ_n log p(y_n | z_n) over the example axis of z (..., N, C), scaled."""
+        """−Σ log p(y | z) over the counted positions of z (..., N, *S, C), scaled."""
         y = self._labels
-        if z.ndim > 2:
-            y = y.expand(*z.shape[:-2], *y.shape)
-        return -self._family.unchecked_log_likelihood(z, y, xp=self._xp).sum(dim=-1) * self._scale
+        lead = z.ndim - self._logits.ndim
+        if lead:
+            y = y.expand(*z.shape[:lead], *y.shape)
+        ll = self._family.unchecked_log_likelihood(z, y, xp=self._xp)  # (..., N, *S)
+        if self._mask is not None:
+            ll = torch.where(self._mask, ll, ll.new_zeros(()))
+        dims = tuple(range(lead, ll.ndim))
+        return -ll.sum(dim=dims) * self._scale
 
     def _loss(self, theta: Tensor) -> Tensor:
-        return self._nll(self._call(self._split(theta), self._inputs))
+        return self._nll(self._z(self._split(theta), self._batch))
 
     # -- the loss and its derivatives ----------------------------------------
 
@@ -105,7 +143,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
             return shifts.new_zeros((0,))
 
         def logits(s: Tensor) -> Tensor:
-            return self._call(self._split(self._params + s), self._inputs)
+            return self._z(self._split(self._params + s), self._batch)
 
         pieces = []
         with torch.no_grad():

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch  # noqa: TID253
 from torch import nn  # noqa: TID253
@@ -102,25 +102,94 @@ def check_model(model: object) -> nn.Module:
     return model
 
 
-def as_inputs(inputs: object) -> tuple[Tensor, ...]:
-    items = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
-    if not items:
-        msg = "inputs must be a tensor or a non-empty tuple of tensors; got an empty sequence."
-        raise ValueError(msg)
-    for i, x in enumerate(items):
-        if not isinstance(x, torch.Tensor):
-            where = (
-                "inputs"
-                if len(items) == 1 and not isinstance(inputs, tuple | list)
-                else (f"inputs[{i}]")
-            )
+class Inputs(NamedTuple):
+    """The inputs of one batch: positional and keyword tensors, examples on axis 0."""
+
+    args: tuple[Tensor, ...]
+    kwargs: dict[str, Tensor]
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """(how a message names it, tensor) for every input, positional first."""
+        named = [(f"inputs[{i}]", x) for i, x in enumerate(self.args)]
+        return named + [(f"inputs[{k!r}]", x) for k, x in self.kwargs.items()]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Inputs:
+        """The inputs with ``fn`` applied to every tensor."""
+        return Inputs(tuple(fn(x) for x in self.args), {k: fn(x) for k, x in self.kwargs.items()})
+
+    @property
+    def leading(self) -> int:
+        """The size of axis 0 shared by every input (``as_inputs`` checked it)."""
+        return int(next(x for _, x in self.items()).shape[0])
+
+
+def as_inputs(inputs: object) -> Inputs:
+    """The inputs of one batch as detached tensors: a tensor, a tuple/list or a dict.
+
+    A tuple or list is passed as positional arguments, a dict (str keys) as
+    keyword arguments. Every tensor has the examples on axis 0, all with the same
+    number of rows (the logits may still put them elsewhere, see the per-example
+    products).
+    """
+    if isinstance(inputs, Mapping):
+        if not inputs:
+            msg = "inputs must be a tensor, a tuple or a dict of tensors; got an empty dict."
+            raise ValueError(msg)
+        for key, x in inputs.items():
+            if not isinstance(key, str):
+                msg = (
+                    "inputs must be a dict with str keys (the keyword arguments of the model); "
+                    f"got key {key!r} of type {type(key).__name__}."
+                )
+                raise TypeError(msg)
+            if not isinstance(x, torch.Tensor):
+                msg = (
+                    f"inputs[{key!r}] must be a torch.Tensor (a dict of tensors is passed as "
+                    f"keyword arguments); got {type(x).__module__}.{type(x).__name__}. "
+                    "Convert with torch.as_tensor(...) or leave it out of the dict."
+                )
+                raise TypeError(msg)
+        batch = Inputs((), {k: x.detach() for k, x in inputs.items()})
+    else:
+        items = tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+        if not items:
+            msg = "inputs must be a tensor or a non-empty tuple of tensors; got an empty sequence."
+            raise ValueError(msg)
+        for i, x in enumerate(items):
+            if not isinstance(x, torch.Tensor):
+                where = (
+                    "inputs"
+                    if len(items) == 1 and not isinstance(inputs, tuple | list)
+                    else (f"inputs[{i}]")
+                )
+                msg = (
+                    f"{where} must be a torch.Tensor (a tuple of tensors is passed as positional "
+                    f"arguments); got {type(x).__module__}.{type(x).__name__}. Convert with "
+                    "torch.as_tensor(...)."
+                )
+                raise TypeError(msg)
+        batch = Inputs(tuple(x.detach() for x in items), {})
+    _check_leading(batch, single=isinstance(inputs, torch.Tensor))
+    return batch
+
+
+def _check_leading(batch: Inputs, *, single: bool) -> None:
+    first_name, first = batch.items()[0]
+    for name, x in batch.items():
+        where = "inputs" if single else name
+        if x.ndim == 0:
             msg = (
-                f"{where} must be a torch.Tensor (a tuple of tensors is passed as positional "
-                f"arguments); got {type(x).__module__}.{type(x).__name__}. Convert with "
-                "torch.as_tensor(...)."
+                f"{where} must hold the examples on axis 0; got a 0-d tensor. Give it a "
+                "leading axis of N rows (x.expand(N, ...)) or make it a module buffer."
             )
-            raise TypeError(msg)
-    return tuple(x.detach() for x in items)
+            raise ValueError(msg)
+        if x.shape[0] != first.shape[0]:
+            msg = (
+                "inputs must all hold the same N examples on axis 0; "
+                f"{first_name} has {first.shape[0]} rows but {name} has {x.shape[0]} "
+                f"(shapes {tuple(first.shape)} and {tuple(x.shape)})."
+            )
+            raise ValueError(msg)
 
 
 class Selection(NamedTuple):
@@ -238,27 +307,244 @@ def check_deterministic(model: nn.Module) -> None:
             raise ValueError(msg)
 
 
-def check_inputs_device(inputs: Sequence[Tensor], device: torch.device) -> None:
-    for i, x in enumerate(inputs):
+def check_inputs_device(inputs: Inputs, device: torch.device) -> None:
+    for i, (name, x) in enumerate(inputs.items()):
         if x.device != device:
+            which = f"input {i}" if i < len(inputs.args) else f"input {name[7:-1]}"
             msg = (
-                f"inputs must be on the parameters' device {device}; input {i} is on "
+                f"inputs must be on the parameters' device {device}; {which} is on "
                 f"{x.device}. Move it with x.to({str(device)!r})."
             )
             raise ValueError(msg)
 
 
-def check_batch(selection: Selection, inputs: object) -> tuple[Tensor, ...]:
+def check_batch(selection: Selection, inputs: object) -> Inputs:
     """The inputs of one batch as detached tensors, checked with the selection.
 
-    The inputs are tensors, the selected parameters share one floating dtype and
-    device, the module is deterministic, and the inputs are on that device.
+    The inputs are tensors (a tensor, a tuple/list or a dict of them) sharing the
+    size of axis 0, the selected parameters share one floating dtype and device,
+    the module is deterministic, and the inputs are on that device.
     """
     batch = as_inputs(inputs)
     check_parameters(selection.names, selection.tensors)
     check_deterministic(selection.model)
     check_inputs_device(batch, selection.tensors[0].device)
     return batch
+
+
+# ---------------------------------------------------------------------------
+# The outputs: selector, class axis, mask
+# ---------------------------------------------------------------------------
+
+#: What ``output=`` accepts.
+OutputSelector = str | int | Callable[[Any], Any] | None
+
+
+class OutputSpec(NamedTuple):
+    """How the logits come out of the model's output: the selector and the class axis."""
+
+    output: OutputSelector = None
+    class_axis: int = -1
+
+
+def check_output_options(output: object, class_axis: object) -> OutputSpec:
+    """``OutputSpec(output, class_axis)`` after checking their types and class_axis != 0."""
+    if isinstance(output, bool) or not (
+        output is None or isinstance(output, str | int) or callable(output)
+    ):
+        msg = (
+            "output must be None, a str (dict key or attribute, e.g. 'logits'), an int "
+            f"(index into a tuple output) or a callable out -> logits; got "
+            f"{type(output).__name__} {output!r}."
+        )
+        raise TypeError(msg)
+    if isinstance(class_axis, bool) or not isinstance(class_axis, int):
+        msg = f"class_axis must be an int (default -1); got {type(class_axis).__name__}."
+        raise TypeError(msg)
+    if class_axis == 0:
+        msg = (
+            "class_axis must not be 0: axis 0 of the model output holds the N examples; got "
+            "class_axis=0. Use -1 for (N, ..., C) outputs or 1 for (N, C, ...) outputs."
+        )
+        raise ValueError(msg)
+    return OutputSpec(output, class_axis)
+
+
+def _describe(out: object) -> str:
+    """What came out of the model, and its keys / attributes, for selector messages."""
+    what = f"{type(out).__module__}.{type(out).__name__}"
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, Mapping):
+        keys = ", ".join(repr(k) for k in list(out)[:12])
+        return f"{what} with keys [{keys}]"
+    if isinstance(out, tuple | list):
+        kinds = ", ".join(
+            f"{i}: tensor {tuple(x.shape)}"
+            if isinstance(x, torch.Tensor)
+            else f"{i}: {type(x).__name__}"
+            for i, x in enumerate(out[:12])
+        )
+        return f"{what} of length {len(out)} ({kinds})"
+    attrs = [
+        a
+        for a in dir(out)
+        if not a.startswith("_") and isinstance(getattr(out, a, None), torch.Tensor)
+    ]
+    return f"{what} with tensor attributes [{', '.join(repr(a) for a in attrs[:12])}]"
+
+
+def select_output(out: object, output: OutputSelector) -> Any:
+    """The logits picked from the model output ``out`` by the selector ``output``.
+
+    None: ``out`` itself; a str: the key (``out`` a Mapping holding it) or else the
+    attribute; an int: ``out[index]`` of a tuple or list; a callable: ``output(out)``.
+    A selector that finds nothing raises a ValueError naming ``output``, what came
+    and its keys / attributes. Whether the result is a tensor of logits is checked
+    by the caller.
+    """
+    if output is None:
+        return out
+    if isinstance(output, str):
+        if isinstance(out, Mapping) and output in out:
+            return out[output]
+        if not isinstance(out, Mapping | torch.Tensor) and hasattr(out, output):
+            got = getattr(out, output)
+            if got is not None:
+                return got
+        msg = (
+            f"output={output!r} selects nothing from the model output: got {_describe(out)}. "
+            "Name one of its keys or attributes."
+        )
+        raise ValueError(msg)
+    if isinstance(output, int):
+        if isinstance(out, tuple | list) and -len(out) <= output < len(out):
+            return out[output]
+        msg = (
+            f"output={output!r} selects nothing from the model output: got {_describe(out)}. "
+            "An int selects an element of a tuple or list output."
+        )
+        raise ValueError(msg)
+    return output(out)
+
+
+def class_axis_index(class_axis: int, shape: tuple[int, ...]) -> int:
+    """The non-negative class axis of an output of ``shape``; never 0, always in range."""
+    ndim = len(shape)
+    if not -ndim <= class_axis < ndim:
+        msg = (
+            f"class_axis must be an axis of the model output of shape {shape} "
+            f"(between {-ndim} and {ndim - 1}, not 0); got {class_axis}."
+        )
+        raise ValueError(msg)
+    axis = class_axis % ndim
+    if axis == 0:
+        msg = (
+            f"class_axis={class_axis} is axis 0 of the model output of shape {shape}, which "
+            "holds the N examples; the classes must be on another axis."
+        )
+        raise ValueError(msg)
+    return axis
+
+
+def classes_last(z: Tensor, class_axis: int) -> Tensor:
+    """``z`` with its class axis moved last (a view; nothing to do for the last axis)."""
+    axis = class_axis_index(class_axis, tuple(z.shape))
+    return z if axis == z.ndim - 1 else torch.movedim(z, axis, -1)
+
+
+#: What ``mask=`` accepts: a boolean tensor, a key of dict inputs or inputs -> mask.
+MaskSpec = Tensor | str | Callable[[Any], Any] | None
+
+
+def check_mask_spec(mask: object, *, stream: bool = False) -> MaskSpec:
+    """``mask`` if it is None, a tensor, a str or a callable; else a TypeError."""
+    if mask is None or isinstance(mask, torch.Tensor | str) or callable(mask):
+        if stream and isinstance(mask, torch.Tensor):
+            msg = (
+                "mask of a stream of batches must be a str (a key of dict inputs, e.g. "
+                "'attention_mask') or a callable inputs -> mask; got a tensor, which fits "
+                "one batch only. Use linearize(..., mask=mask) for one batch."
+            )
+            raise TypeError(msg)
+        return mask
+    msg = (
+        "mask must be None, a boolean torch.Tensor (N, *S), a str (a key of dict inputs) or "
+        f"a callable inputs -> mask; got {type(mask).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def resolve_mask(
+    mask: MaskSpec, raw_inputs: object, shape: tuple[int, ...], device: torch.device
+) -> Tensor | None:
+    """The boolean (N, *S) mask of one batch whose logits (classes last) have ``shape``.
+
+    ``mask`` is None (every position counts), a boolean tensor, a key of dict
+    ``raw_inputs`` (the entry, converted with ``!= 0``) or a callable
+    ``raw_inputs -> mask`` (a bool tensor, or 0/1 values converted with ``!= 0``).
+    Raises a ValueError for a wrong shape, device, or a mask without any True.
+    """
+    if mask is None:
+        return None
+    where = "mask"
+    if isinstance(mask, str):
+        if not isinstance(raw_inputs, Mapping) or mask not in raw_inputs:
+            keys = (
+                f"keys [{', '.join(repr(k) for k in raw_inputs)}]"
+                if isinstance(raw_inputs, Mapping)
+                else f"{type(raw_inputs).__name__} inputs, not a dict"
+            )
+            msg = f"mask={mask!r} names no entry of the inputs: got {keys}."
+            raise ValueError(msg)
+        value = raw_inputs[mask]
+        where = f"mask (inputs[{mask!r}])"
+        if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+            value = value != 0
+    elif callable(mask) and not isinstance(mask, torch.Tensor):
+        value = mask(raw_inputs)
+        where = "mask (the callable's result)"
+        if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+            value = value != 0
+    else:
+        value = mask
+    want = shape[:-1]
+    if not isinstance(value, torch.Tensor):
+        msg = f"{where} must be a boolean torch.Tensor of shape {want}; got {type(value).__name__}."
+        raise TypeError(msg)
+    if value.dtype != torch.bool:
+        msg = (
+            f"{where} must be a boolean tensor (True = the position counts); got dtype "
+            f"{value.dtype}. Convert with mask.bool() or mask != 0."
+        )
+        raise TypeError(msg)
+    if tuple(value.shape) != want:
+        msg = (
+            f"{where} must have the shape (N, *S) = {want} of the logits {shape} without "
+            f"the class axis; got {tuple(value.shape)}."
+        )
+        raise ValueError(msg)
+    if value.device != device:
+        msg = (
+            f"{where} must be on the logits' device {device}; got {value.device}. Move it "
+            f"with mask.to({str(device)!r})."
+        )
+        raise ValueError(msg)
+    if not bool(value.any()):
+        msg = f"{where} masks every position of the batch (no True entry); nothing would count."
+        raise ValueError(msg)
+    return value.detach()
+
+
+def apply_mask(z: Tensor, mask: Tensor | None) -> Tensor:
+    """``z`` with the same values but no derivative at masked positions.
+
+    where(mask[..., None], z, z.detach()): the Jacobian rows of positions where
+    ``mask`` is False are zero under every transform (jvp, vjp, vmap).
+    """
+    if mask is None:
+        return z
+    return torch.where(mask.unsqueeze(-1), z, z.detach())
 
 
 # ---------------------------------------------------------------------------
@@ -271,13 +557,18 @@ class FunctionalModel:
 
     The set-up shared by linearizations and loss functions: the selected tensors
     (their names, sizes and shapes in flat-vector order), every other parameter as
-    a detached constant, and the functional call.
+    a detached constant, the functional call and the logits picked from its
+    output (selector, class axis moved last, mask).
     """
 
-    def _bind(self, selection: Selection, inputs: tuple[Tensor, ...]) -> None:
+    _spec: OutputSpec = OutputSpec()
+
+    def _bind(self, selection: Selection, inputs: Inputs, spec: OutputSpec | None = None) -> None:
         model, names, tensors = selection
         self._model = model
-        self._inputs = inputs
+        self._batch = inputs
+        self._inputs = inputs.args  # the positional inputs, as ``model(*lin._inputs)``
+        self._spec = spec if spec is not None else OutputSpec()
         self._names = names
         self._primals = tuple(p.detach() for p in tensors)
         self._sizes = tuple(p.numel() for p in tensors)
@@ -291,11 +582,28 @@ class FunctionalModel:
         }
         self._blocks = make_blocks(zip(names, self._shapes, strict=True))
 
-    def _call(self, params: Sequence[Tensor], inputs: tuple[Tensor, ...]) -> Tensor:
+    def _call(self, params: Sequence[Tensor], inputs: Inputs) -> Any:
+        """The model's raw output at ``params``."""
         mapping = dict(self._constants)
         mapping.update(zip(self._names, params, strict=True))
         with transformable():
-            return torch.func.functional_call(self._model, mapping, inputs)
+            return torch.func.functional_call(self._model, mapping, inputs.args, inputs.kwargs)
+
+    def _z(
+        self,
+        params: Sequence[Tensor],
+        inputs: Inputs,
+        mask: Tensor | None = None,
+        check: Callable[[Any], None] | None = None,
+    ) -> Tensor:
+        """The logits (N, *S, C) at ``params``: selected, classes last, ``mask`` applied.
+
+        ``check`` sees the selected output before its class axis moves.
+        """
+        out = select_output(self._call(params, inputs), self._spec.output)
+        if check is not None:
+            check(out)
+        return apply_mask(classes_last(out, self._spec.class_axis), mask)
 
     def _split(self, v: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
         parts = torch.split(v, list(self._sizes), dim=len(lead))
@@ -304,7 +612,45 @@ class FunctionalModel:
     def _operand(self, x: object, name: str, shape: tuple[int | None, ...], what: str) -> Tensor:
         return check_tensor_operand(x, name, shape, what, self._param_dtype, self._param_device)
 
+    def _output_check(self, what: str = "logits") -> Callable[[Any], None]:
+        """The check of the selected model output (tensor, rank >= 2, floating, dtype)."""
+        return lambda out: check_output_tensor(out, self._spec, self._param_dtype, what)
+
+
+def check_output_tensor(out: object, spec: OutputSpec, dtype: torch.dtype, what: str) -> None:
+    """``out`` is a non-empty floating tensor in ``dtype`` with at least 2 axes."""
+    if not isinstance(out, torch.Tensor):
+        hint = (
+            "Wrap the model in a module that returns the logits, or select them with "
+            "output=... (a key, an attribute, an index or a callable)."
+            if spec.output is None
+            else f"output={spec.output!r} must select a tensor."
+        )
+        msg = (
+            f"model(inputs) must return a tensor of {what} of shape (N, C) or (N, ..., C); "
+            f"got {type(out).__name__}. {hint}"
+        )
+        raise ValueError(msg)
+    if out.ndim < 2 or 0 in tuple(out.shape):
+        msg = (
+            f"model(inputs) must return {what} of shape (N, C) or (N, ..., C), at least "
+            f"2-D and non-empty; got shape {tuple(out.shape)}. Select the outputs with "
+            "output=... or in a wrapper module."
+        )
+        raise ValueError(msg)
+    class_axis_index(spec.class_axis, tuple(out.shape))
+    if not out.is_floating_point():
+        msg = f"model(inputs) must return floating-point {what}; got dtype {out.dtype}."
+        raise ValueError(msg)
+    if out.dtype != dtype:
+        msg = (
+            f"model(inputs) must return {what} in the parameters' dtype {dtype}; "
+            f"got {out.dtype}. Remove the cast in the model or convert it with "
+            f"model.to({out.dtype})."
+        )
+        raise ValueError(msg)
+
 
 def is_tensor_or_text(x: object) -> bool:
-    """Whether ``x`` is one batch (a tensor) or text, not an iterable of batches."""
-    return isinstance(x, torch.Tensor | str | bytes)
+    """Whether ``x`` is one batch (a tensor or a dict of inputs) or text, not batches."""
+    return isinstance(x, torch.Tensor | str | bytes | Mapping)

@@ -30,7 +30,7 @@ any module whose forward ``torch.func`` can transform.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,11 +41,21 @@ from fisherbound._lib import array_namespace, check_finite, check_positive_int
 from fisherbound.adapters._torch_loss import TorchLossFunction
 from fisherbound.adapters._torch_model import (
     FunctionalModel,
+    Inputs,
+    MaskSpec,
+    OutputSelector,
+    OutputSpec,
     Selection,
+    apply_mask,
     check_batch,
+    check_mask_spec,
     check_model,
+    check_output_options,
+    classes_last,
     ensure_forward_ad,
     is_tensor_or_text,
+    resolve_mask,
+    select_output,
     select_parameters,
 )
 from fisherbound.adapters.torch_rules import (
@@ -61,6 +71,7 @@ from fisherbound.adapters.torch_rules import (
 )
 from fisherbound.linearization import (
     LinearizationBase,
+    check_batches,
     check_loss_options,
     stream_linearizations,
     stream_loss_functions,
@@ -94,53 +105,40 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     (an optimiser step) while it is in use; build a new one per step.
     """
 
-    def __init__(self, selection: Selection, inputs: tuple[Tensor, ...]) -> None:
-        self._bind(selection, inputs)
+    def __init__(
+        self,
+        selection: Selection,
+        inputs: Inputs,
+        spec: OutputSpec | None = None,
+        mask: MaskSpec = None,
+        raw_inputs: object = None,
+    ) -> None:
+        self._bind(selection, inputs, spec)
         model, names, tensors = selection
         self._fast_candidates, self._static_reasons = static_candidates(model, names, tensors)
         self._plan: FastPathPlan | None = None
+        check = self._output_check()
 
         def forward(*params: Tensor) -> Tensor:
-            out = self._call(params, self._inputs)
-            self._check_output_structure(out)
-            return out
+            return self._z(params, self._batch, check=check)
 
+        # One forward pass, kept for the VJPs. The mask is known only once the shape
+        # of the logits is: vjp applies it to the cotangents (J_maskedᵀ u = Jᵀ (m ⊙ u)),
+        # every other product inside the function (``_z`` with the mask).
         with torch.enable_grad():
             result = torch.func.vjp(forward, *self._primals)
         logits, self._vjp_fn = result[0].detach(), result[1]
         check_finite(logits, "model output", xp=array_namespace(logits, names=("model output",)))
         self._logits = logits
-        self._xp = array_namespace(logits, names=("model output",))
-        n = int(logits.shape[0])
-        self._per_example_mode = (
-            "vmap" if all(x.ndim >= 1 and x.shape[0] == n for x in inputs) else "masked"
+        self._mask = resolve_mask(
+            mask, inputs if raw_inputs is None else raw_inputs, tuple(logits.shape), logits.device
         )
+        self._cot_mask = None if self._mask is None else self._mask.unsqueeze(-1)
+        self._xp = array_namespace(self._logits, names=("model output",))
+        n = int(self._logits.shape[0])
+        self._per_example_mode = "vmap" if inputs.leading == n else "masked"
 
     # -- plumbing ------------------------------------------------------------
-
-    def _check_output_structure(self, out: object) -> None:
-        if not isinstance(out, torch.Tensor):
-            msg = (
-                "model(inputs) must return a tensor of logits of shape (N, C); got "
-                f"{type(out).__name__}. Wrap the model in a module that returns the logits."
-            )
-            raise ValueError(msg)
-        if out.ndim != 2 or out.shape[0] < 1 or out.shape[1] < 1:
-            msg = (
-                "model(inputs) must return logits of shape (N, C), 2-D and non-empty; got "
-                f"shape {tuple(out.shape)}. Flatten or select the outputs in a wrapper module."
-            )
-            raise ValueError(msg)
-        if not out.is_floating_point():
-            msg = f"model(inputs) must return floating-point logits; got dtype {out.dtype}."
-            raise ValueError(msg)
-        if out.dtype != self._param_dtype:
-            msg = (
-                f"model(inputs) must return logits in the parameters' dtype {self._param_dtype}; "
-                f"got {out.dtype}. Remove the cast in the model or convert it with "
-                f"model.to({out.dtype})."
-            )
-            raise ValueError(msg)
 
     def _flatten(self, grads: Sequence[Tensor], lead: tuple[int, ...] = ()) -> Tensor:
         return torch.cat([g.reshape(*lead, -1) for g in grads], dim=len(lead))
@@ -151,12 +149,41 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         inner = ", ".join(f"{a}={sizes[a]}" if a in sizes else a for a in axes)
         return f"({inner})" if len(axes) > 1 else f"({inner},)"
 
+    def _out_shape(self, *lead: str, examples: str = "N") -> tuple[tuple[int | None, ...], str]:
+        """The shape (lead..., N, *S, C) of an output-space operand and its message text.
+
+        ``lead`` are free axes (letters), ``examples`` replaces the N axis (e.g.
+        "n=3" for a slice); the position letters come from ``_output_text``.
+        """
+        shape = self.output_shape
+        letters = self._output_text().strip("()").split(", ")[1:-1]
+        n_text = f"N={shape[0]}" if examples == "N" else examples
+        n_size = shape[0] if examples == "N" else int(examples.split("=")[1])
+        where = [n_text, *(f"{t}={s}" for t, s in zip(letters, shape[1:-1], strict=True))]
+        texts = [*lead, *where[:1]] if examples == "N" else [where[0], *lead]
+        texts += [*where[1:], f"C={shape[-1]}"]
+        sizes: tuple[int | None, ...] = (
+            (*(None,) * len(lead), n_size) if examples == "N" else (n_size, *(None,) * len(lead))
+        )
+        return (*sizes, *shape[1:]), "(" + ", ".join(texts) + ")"
+
+    def _masked_cotangent(self, u: Tensor) -> Tensor:
+        """``u`` (..., N, *S, C) with zeros at masked positions (J_maskedᵀ u = Jᵀ u_masked)."""
+        if self._cot_mask is None:
+            return u
+        return torch.where(self._cot_mask, u, u.new_zeros(()))
+
+    def _fn(self, *params: Tensor) -> Tensor:
+        """The masked logits (N, *S, C) of the batch as a function of the parameters."""
+        return self._z(params, self._batch, self._mask)
+
     # -- products ------------------------------------------------------------
 
     def jvp(self, v: Tensor, /) -> Tensor:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, C).
+        """J v for a flat parameter vector ``v`` (D,); returns (N, *S, C).
 
-        One forward pass with forward-mode AD (``torch.func.jvp``).
+        One forward pass with forward-mode AD (``torch.func.jvp``); zero at masked
+        positions.
 
         Examples
         --------
@@ -170,12 +197,13 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     def _jvp_impl(self, v: Tensor) -> Tensor:
         ensure_forward_ad()
         tangents = self._split(v)
-        return torch.func.jvp(lambda *ps: self._call(ps, self._inputs), self._primals, tangents)[1]
+        return torch.func.jvp(self._fn, self._primals, tangents)[1]
 
     def vjp(self, u: Tensor, /) -> Tensor:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, C); returns (D,).
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, *S, C); returns (D,).
 
-        One backward pass through the graph recorded at ``linearize`` time.
+        One backward pass through the graph recorded at ``linearize`` time; the
+        entries of ``u`` at masked positions are ignored.
 
         Examples
         --------
@@ -183,46 +211,46 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         >>> lin.vjp(torch.ones(4, 3, dtype=torch.float64))[-3:]  # the bias block: Σ_n u_n
         tensor([4., 4., 4.], dtype=torch.float64)
         """
-        self._operand(u, "u", (self.num_inputs, self.num_outputs), self._shape_text("N", "C"))
-        return self._flatten(self._vjp_fn(u))
+        self._operand(u, "u", *self._out_shape())
+        return self._flatten(self._vjp_fn(self._masked_cotangent(u)))
 
     def jvp_batch(self, V: Tensor, /) -> Tensor:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, C) (vmapped jvp)."""
+        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, *S, C) (vmapped jvp)."""
         self._operand(V, "V", (None, self.num_params), self._shape_text("M", "D"))
         m = int(V.shape[0])
         if m == 0:
-            return V.new_zeros((0, self.num_inputs, self.num_outputs))
+            return V.new_zeros((0, *self.output_shape))
         ensure_forward_ad()
         tangents = self._split(V, (m,))
 
         def one(*ts: Tensor) -> Tensor:
-            return torch.func.jvp(lambda *ps: self._call(ps, self._inputs), self._primals, ts)[1]
+            return torch.func.jvp(self._fn, self._primals, ts)[1]
 
         return torch.func.vmap(one)(*tangents)
 
     def vjp_batch(self, U: Tensor, /) -> Tensor:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, C); returns (M, D): one batched backward."""
-        self._operand(
-            U, "U", (None, self.num_inputs, self.num_outputs), self._shape_text("M", "N", "C")
-        )
+        """Jᵀ U[m] for M cotangents ``U`` (M, N, *S, C); returns (M, D): one batched backward."""
+        self._operand(U, "U", *self._out_shape("M"))
         m = int(U.shape[0])
         if m == 0:
             return U.new_zeros((0, self.num_params))
-        return self._flatten(torch.func.vmap(self._vjp_fn)(U), (m,))
+        return self._flatten(torch.func.vmap(self._vjp_fn)(self._masked_cotangent(U)), (m,))
 
     def per_example_vjp(self, U: Tensor, /, *, examples: slice | None = None) -> Tensor:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        ``U`` has shape (n, K, C) with n the length of the contiguous slice
-        ``examples`` (default: all N examples).
+        ``U`` has shape (n, K, *S, C) with n the length of the contiguous slice
+        ``examples`` (default: all N examples); J_nᵀ U[i, k] sums over the
+        positions of example n (masked positions contribute nothing).
 
         ``torch.func.vmap`` over the examples of the single-example vjp (the K
         cotangents of one example share its forward pass): about n single-example
         forward passes and n K backward passes, vectorised, and n K D numbers of
         output. When the model does not act on its examples independently along
-        axis 0 of the inputs (checked on the single-example logits), the products
-        are taken instead from the batch's backward pass with cotangents
-        supported on one example (n K backward passes of the batch, vmapped).
+        axis 0 of the inputs (checked on the single-example logits, of shape
+        (1, *S, C)), the products are taken instead from the batch's backward pass
+        with cotangents supported on one example (n K backward passes of the
+        batch, vmapped).
 
         Examples
         --------
@@ -234,8 +262,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         torch.Size([1, 1, 9])
         """
         start, stop = self._examples(examples)
-        c = self.num_outputs
-        self._operand(U, "U", (stop - start, None, c), f"(n={stop - start}, K, C={c})")
+        self._operand(U, "U", *self._out_shape("K", examples=f"n={stop - start}"))
         k = int(U.shape[1])
         if k == 0:
             return U.new_zeros((stop - start, 0, self.num_params))
@@ -263,33 +290,43 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         self, U: Tensor, rows: slice, subset: tuple[int, ...]
     ) -> tuple[Tensor, Tensor]:
         base = self._primals
-        c = self.num_outputs
-        inputs = tuple(x[rows] for x in self._inputs)
+        one_shape = (1, *self.output_shape[1:])
+        inputs = self._batch.map(lambda x: x[rows])
+        masks = None if self._mask is None else self._mask[rows]
 
-        def one(x_n: tuple[Tensor, ...], u_n: Tensor) -> tuple[Tensor, Tensor]:
+        def one(x_n: Inputs, u_n: Tensor, m_n: Tensor | None) -> tuple[Tensor, Tensor]:
             def f(*sub: Tensor) -> Tensor:
                 params = list(base)
                 for i, p in zip(subset, sub, strict=True):
                     params[i] = p
-                out = self._call(params, tuple(x.unsqueeze(0) for x in x_n))
-                if tuple(out.shape) != (1, c):
+                out = select_output(
+                    self._call(params, x_n.map(lambda x: x.unsqueeze(0))), self._spec.output
+                )
+                if not isinstance(out, torch.Tensor) or out.ndim != len(one_shape):
                     raise _NotPerExample
-                return out
+                out = classes_last(out, self._spec.class_axis)
+                if tuple(out.shape) != one_shape:
+                    raise _NotPerExample
+                return apply_mask(out, None if m_n is None else m_n.unsqueeze(0))
 
             result = torch.func.vjp(f, *(base[i] for i in subset))
             out, pullback = result[0], result[1]
             grads = torch.func.vmap(lambda u: pullback(u.unsqueeze(0)))(u_n)
             return out[0], torch.cat([g.reshape(g.shape[0], -1) for g in grads], dim=1)
 
+        in_dims = (0, 0, None if masks is None else 0)
         with torch.enable_grad():
-            return torch.func.vmap(one)(inputs, U)
+            return torch.func.vmap(one, in_dims=in_dims)(inputs, U, masks)
 
     def _per_example_masked(self, U: Tensor, rows: slice, subset: tuple[int, ...]) -> Tensor:
-        n_all, c = self.num_inputs, self.num_outputs
+        n_all = self.num_inputs
         m, k = int(U.shape[0]), int(U.shape[1])
+        out = tuple(int(s) for s in U.shape[2:])  # (*S, C)
         eye = torch.eye(n_all, dtype=U.dtype, device=U.device)[rows]  # (m, N)
-        cot = eye[:, None, :, None] * U[:, :, None, :]  # (m, K, N, C)
-        grads = torch.func.vmap(self._vjp_fn)(cot.reshape(m * k, n_all, c))
+        eye = eye.reshape(m, 1, n_all, *(1,) * len(out))
+        cot = eye * U[:, :, None]  # (m, K, N, *S, C)
+        cot = self._masked_cotangent(cot.reshape(m * k, n_all, *out))
+        grads = torch.func.vmap(self._vjp_fn)(cot)
         return self._flatten([grads[i] for i in subset], (m * k,)).reshape(m, k, -1)
 
     # -- sums of per-example squares ------------------------------------------
@@ -336,8 +373,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         >>> lin.sum_squared_per_example_vjp(torch.ones(4, 1, 3, dtype=torch.float64)).shape
         torch.Size([1, 9])
         """
-        n, c = self.num_inputs, self.num_outputs
-        self._operand(U, "U", (n, None, c), self._shape_text("N", "K", "C"))
+        self._operand(U, "U", *self._out_shape("K", examples=f"N={self.num_inputs}"))
         budget = (
             self.default_max_vectors
             if max_vectors is None
@@ -421,7 +457,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
 
         def second(*ts: Tensor) -> Tensor:
             def first(*ps: Tensor) -> Tensor:
-                return torch.func.jvp(lambda *qs: self._call(qs, self._inputs), ps, ts)[1]
+                return torch.func.jvp(self._fn, ps, ts)[1]
 
             return torch.func.jvp(first, self._primals, ts)[1]
 
@@ -430,7 +466,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             index = torch.arange(s.start, s.stop, device=self._param_device)
             eye = F.one_hot(index, d).to(self._param_dtype)  # (chunk, D): the e_i
             pieces.append(torch.func.vmap(second)(*self._split(eye, (s.stop - s.start,))))
-        return torch.cat(pieces, dim=0).permute(1, 2, 0)
+        return torch.movedim(torch.cat(pieces, dim=0), 0, -1)
 
     # -- the fast path ---------------------------------------------------------
 
@@ -465,16 +501,15 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             self._names,
             self._leaf_forward,
             self._grad_batched,
-            self.num_outputs,
         )
         self._plan = plan
         return plan, forward
 
     def _leaf_forward(self) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """One forward pass (regular autograd) at fresh leaves of the parameters."""
+        """One forward pass (regular autograd) at fresh leaves: the masked logits."""
         leaves = tuple(p.detach().requires_grad_(True) for p in self._primals)
         with torch.enable_grad():
-            return self._call(leaves, self._inputs), leaves
+            return self._fn(*leaves), leaves
 
     def _fast_sum_squared(self, U: Tensor, budget: int, sum_k: bool) -> dict[int, Tensor]:
         plan, forward = self._fast_plan()
@@ -500,47 +535,82 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
 
 
 def linearize(
-    model: nn.Module, inputs: Tensor | Sequence[Tensor], /, *, params: Sequence[str] | None = None
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
+    /,
+    *,
+    params: Sequence[str] | None = None,
+    output: OutputSelector = None,
+    class_axis: int = -1,
+    mask: MaskSpec = None,
 ) -> TorchLinearization:
     """Linearize ``model`` at its current parameters on one batch of ``inputs``.
 
-    The linearization exposes the logits z = ``model(*inputs)``, shape (N, C), and
-    the Jacobian J = ∂z/∂θ through products (``jvp``, ``vjp``, their batched and
-    per-example forms), with θ the concatenation of the selected parameters,
-    flattened row-major, in order. The forward pass is done once here
-    (``torch.func.vjp``); buffers (BatchNorm running statistics) are used as they
-    are and never changed. Cost: one forward pass (its activations kept for the
-    VJPs); each ``vjp`` then costs one backward pass, each ``jvp`` one forward-mode
-    pass.
+    The linearization exposes the logits z, shape (N, *S, C) (N examples, the
+    position axes S, none for one output per example, and the C classes last),
+    and the Jacobian J = ∂z/∂θ through products (``jvp``, ``vjp``, their batched
+    and per-example forms), with θ the concatenation of the selected parameters,
+    flattened row-major, in order. An example is an input with all its
+    positions: the per-example products J_nᵀ u sum over the positions of n. The
+    forward pass is done once here (``torch.func.vjp``); buffers (BatchNorm
+    running statistics) are used as they are and never changed. Cost: one
+    forward pass (its activations kept for the VJPs); each ``vjp`` then costs one
+    backward pass, each ``jvp`` one forward-mode pass, whatever the mask.
 
     Parameters
     ----------
     model
-        Any ``torch.nn.Module`` returning logits of shape (N, C). Modules that are
-        random or couple the examples in training mode (Dropout, BatchNorm) must
-        be in eval mode.
+        Any ``torch.nn.Module`` whose output holds the logits: (N, C), or with
+        position axes, e.g. (N, T, C) for a language model or (N, C, H, W) for
+        segmentation (see ``class_axis``). Modules that are random or couple the
+        examples in training mode (Dropout, BatchNorm) must be in eval mode.
     inputs
-        A tensor, or a tuple of tensors passed as positional arguments, with the
-        examples on axis 0, on the parameters' device.
+        A tensor, a tuple/list of tensors (positional arguments) or a dict of
+        tensors (keyword arguments, e.g. ``input_ids``, ``attention_mask``), all
+        with the same number of rows on axis 0 (the examples) and on the
+        parameters' device. Integer inputs (token ids) are fine.
     params
         None: every parameter with ``requires_grad=True``, in
         ``named_parameters()`` order. Or a list of parameter names (a subset, in
         the order given; any of the names of a tied tensor, but only one).
+    output
+        Where the logits are in the model's output: None (the output is the
+        logits tensor), a str (a key of a dict output, or else an attribute, e.g.
+        ``"logits"`` of a Hugging Face ``ModelOutput``), an int (an element of a
+        tuple output) or a callable ``out -> logits``.
+    class_axis
+        The axis of the model output holding the C classes (default -1, the
+        last); e.g. 1 for PyTorch's (N, C, H, W) / (N, C, T) convention. It is
+        moved last, so ``logits`` is (N, *S, C). 0 (the examples) is refused.
+    mask
+        Which positions count: None (all), a boolean tensor (N, *S) (the output's
+        shape without its class axis; True = counts), a str (a key of dict
+        ``inputs`` such as ``"attention_mask"``, converted with ``!= 0``) or a
+        callable ``inputs -> mask``. Inside every product the Jacobian rows of
+        the masked positions are zero (the logits are where(mask, z,
+        z.detach()): same values, no derivative there), so they add nothing to
+        any Fisher quantity; a mask with no True entry is refused. Cost: none
+        beyond an elementwise select.
 
     Returns
     -------
     TorchLinearization
-        Torch tensors throughout, on the parameters' device, in their dtype.
+        Torch tensors throughout, on the parameters' device, in their dtype;
+        ``lin.mask`` is the boolean (N, *S) mask or None.
 
     Raises
     ------
     TypeError
         ``model`` is not a module, ``inputs`` are not tensors, a selected
-        parameter is not floating-point or the dtypes differ.
+        parameter is not floating-point or the dtypes differ, ``output`` /
+        ``class_axis`` / ``mask`` of the wrong type, a mask that is not boolean.
     ValueError
         No parameter selected, unknown or repeated names, a module in a random or
-        batch-coupled mode, parameters or inputs on different devices, or logits
-        not 2-D, not floating, not in the parameters' dtype, or not finite.
+        batch-coupled mode, parameters or inputs on different devices, inputs
+        with different numbers of rows, a selector that finds nothing,
+        ``class_axis`` 0 or out of range, logits below 2-D, not floating, not in
+        the parameters' dtype, or not finite, a mask of the wrong shape or
+        without any True entry.
 
     Examples
     --------
@@ -552,21 +622,60 @@ def linearize(
     (torch.Size([5, 3]), 67)
     >>> [b.name for b in lin.blocks]
     ['0.weight', '0.bias', '2.weight', '2.bias']
+
+    A sequence model with (N, C, T) outputs and padding masked out:
+
+    >>> conv = torch.nn.Conv1d(4, 3, kernel_size=1)
+    >>> lin = linearize(conv, torch.randn(2, 4, 6), class_axis=1, mask=torch.ones(2, 6) > 0)
+    >>> lin.logits.shape, lin.output_shape, lin.num_positions
+    (torch.Size([2, 6, 3]), (2, 6, 3), 6)
     """
+    spec = check_output_options(output, class_axis)
+    checked_mask = check_mask_spec(mask)
     selection = select_parameters(check_model(model), params)
-    return TorchLinearization(selection, check_batch(selection, inputs))
+    return TorchLinearization(selection, check_batch(selection, inputs), spec, checked_mask, inputs)
+
+
+def _check_label_key(label_key: object) -> str | None:
+    if label_key is not None and not isinstance(label_key, str):
+        msg = f"label_key must be a str or None; got {type(label_key).__name__}."
+        raise TypeError(msg)
+    return label_key
+
+
+def _without(inputs: Any, label_key: str | None) -> Any:
+    """Dict inputs without the entry ``label_key`` (the labels of a collated batch)."""
+    if label_key is not None and isinstance(inputs, Mapping) and label_key in inputs:
+        return {k: v for k, v in inputs.items() if k != label_key}
+    return inputs
 
 
 def linearizations(
-    model: nn.Module, batches: Iterable[Any], /, *, params: Sequence[str] | None = None
+    model: nn.Module,
+    batches: Iterable[Any],
+    /,
+    *,
+    params: Sequence[str] | None = None,
+    output: OutputSelector = None,
+    class_axis: int = -1,
+    mask: str | Callable[[Any], Any] | None = None,
+    label_key: str | None = "labels",
 ) -> Iterator[TorchLinearization]:
     """Lazily linearize ``model`` on each batch of ``batches``.
 
-    A batch is a tensor, or a tuple/list whose first element holds the inputs
-    (a tensor, or a tuple of tensors for a model with several inputs), as a
-    ``DataLoader`` yields ``(x, y)``: only ``x`` is used. Each linearization is
-    built when it is requested, so a data set is streamed one batch at a time.
-    The model and the parameter selection are checked at once.
+    A batch is the inputs (a tensor, or a dict of keyword tensors), or a
+    tuple/list whose first element holds the inputs (a tensor, a tuple of tensors
+    for a model with several inputs, or a dict), as a ``DataLoader`` yields
+    ``(x, y)``: only ``x`` is used. The entry ``label_key`` (default
+    ``"labels"``) of dict inputs is left out, so a Hugging Face collator's batch
+    can be passed as it is. Each linearization is built when it is requested, so
+    a data set is streamed one batch at a time. The model, the parameter
+    selection and the options are checked at once.
+
+    ``output`` and ``class_axis`` are as in :func:`linearize`; ``mask`` is per
+    batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``,
+    converted with ``!= 0``) or a callable ``inputs -> mask`` (boolean
+    (N, *S)).
 
     Examples
     --------
@@ -577,11 +686,17 @@ def linearizations(
     >>> [lin.num_inputs for lin in linearizations(model, data)]
     [8, 8, 8]
     """
+    spec = check_output_options(output, class_axis)
+    checked_mask = check_mask_spec(mask, stream=True)
+    key = _check_label_key(label_key)
     selection = select_parameters(check_model(model), params)
 
     def build(i: int, inputs: Any) -> TorchLinearization:
         del i  # the stream's callback also gets the batch index, for messages
-        return TorchLinearization(selection, check_batch(selection, inputs))
+        inputs = _without(inputs, key)
+        return TorchLinearization(
+            selection, check_batch(selection, inputs), spec, checked_mask, inputs
+        )
 
     return stream_linearizations(
         batches,
@@ -595,18 +710,27 @@ def linearizations(
 
 def loss_function(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     labels: Tensor,
     /,
     *,
     family: Any = None,
     reduction: str = "sum",
     params: Sequence[str] | None = None,
+    output: OutputSelector = None,
+    class_axis: int = -1,
+    mask: MaskSpec = None,
+    ignore_index: int | None = -100,
 ) -> TorchLossFunction:
     """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
 
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = ``model(*inputs)`` and the family's
-    ``log_likelihood`` (``reduction="mean"`` divides by N), as a
+    L(θ) = −Σ_{n, t counted} log p(y_nt | z_nt(θ)) over the examples n and their
+    positions t, with z the logits (N, *S, C) (as in :func:`linearize`) and the
+    family's ``log_likelihood``. A position counts unless ``mask`` is False there
+    or its integer label equals ``ignore_index``. ``reduction="mean"`` divides by
+    the number of counted positions, as ``torch.nn.CrossEntropyLoss(ignore_index=
+    -100)`` does; ``num_inputs`` is that number (N without positions and ignored
+    labels), the weight of the batch in a data set's mean. The result is a
     :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
     (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
     (forward-over-reverse, exact). Cost: one forward pass here (to check the
@@ -615,20 +739,32 @@ def loss_function(
     Parameters
     ----------
     model
-        Any ``torch.nn.Module`` returning logits (N, C); in eval mode if it has
-        Dropout or BatchNorm.
+        Any ``torch.nn.Module`` whose output holds the logits (see
+        :func:`linearize`); in eval mode if it has Dropout or BatchNorm.
     inputs
-        A tensor or a tuple of tensors (positional arguments), examples on axis 0.
+        A tensor, a tuple of tensors (positional arguments) or a dict of tensors
+        (keyword arguments), examples on axis 0.
     labels
-        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
-        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``; on
-        the parameters' device.
+        Integer class indices (N, *S) for ``Categorical()`` (the default), {0, 1}
+        floats (N, *S, C) for ``Bernoulli()``, targets (N, *S, C) for
+        ``Gaussian()``, the class axis of the last two where ``class_axis`` says
+        (the model output's layout); on the parameters' device.
     family
         The output family (default ``Categorical()``).
     reduction
-        ``"sum"`` over the batch (default) or ``"mean"``.
+        ``"sum"`` over the counted positions (default) or ``"mean"``.
     params
         The parameters θ (names), as in ``linearize``; default every trainable one.
+    output, class_axis
+        Where the logits are in the model's output and their class axis, as in
+        :func:`linearize`.
+    mask
+        Which positions count, as in :func:`linearize` (a boolean (N, *S) tensor,
+        a key of dict inputs or a callable); None: all.
+    ignore_index
+        For integer labels: positions whose label equals it do not count (their
+        label is replaced by 0 before the family sees it); None: none ignored.
+        A mask and ignore index leaving no position to count are refused.
 
     Returns
     -------
@@ -642,15 +778,38 @@ def loss_function(
     >>> loss = loss_function(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
     >>> loss.num_params, loss.hvp(torch.ones(67)).shape
     (67, torch.Size([67]))
+    >>> x, y = torch.randn(2, 6, 4), torch.tensor([[0, 1, 2, -100, -100, -100], [2] * 6])
+    >>> loss = loss_function(model, x, y, reduction="mean")  # (N, T, C) logits
+    >>> loss.num_inputs  # the counted positions
+    9
     """
     model = check_model(model)
     fam = check_loss_options(family, reduction)
+    spec = check_output_options(output, class_axis)
+    checked_mask = check_mask_spec(mask)
+    ignore = _check_ignore_index(ignore_index)
     selection = select_parameters(model, params)
-    return _loss_function(selection, inputs, labels, fam, reduction)
+    return _loss_function(selection, inputs, labels, fam, reduction, spec, checked_mask, ignore)
+
+
+def _check_ignore_index(ignore_index: object) -> int | None:
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        msg = f"ignore_index must be an int or None; got {type(ignore_index).__name__}."
+        raise TypeError(msg)
+    return ignore_index
 
 
 def _loss_function(
-    selection: Selection, inputs: object, labels: object, family: Any, reduction: str
+    selection: Selection,
+    inputs: object,
+    labels: object,
+    family: Any,
+    reduction: str,
+    spec: OutputSpec,
+    mask: MaskSpec,
+    ignore_index: int | None,
 ) -> TorchLossFunction:
     batch = check_batch(selection, inputs)
     if not isinstance(labels, torch.Tensor):
@@ -659,7 +818,9 @@ def _loss_function(
             f"{type(labels).__name__}. Convert with torch.as_tensor(...)."
         )
         raise TypeError(msg)
-    return TorchLossFunction(selection, batch, labels, family, reduction)
+    return TorchLossFunction(
+        selection, batch, labels, family, reduction, spec, mask, ignore_index, inputs
+    )
 
 
 def loss_functions(
@@ -670,11 +831,23 @@ def loss_functions(
     family: Any = None,
     reduction: str = "sum",
     params: Sequence[str] | None = None,
+    output: OutputSelector = None,
+    class_axis: int = -1,
+    mask: str | Callable[[Any], Any] | None = None,
+    ignore_index: int | None = -100,
+    label_key: str = "labels",
 ) -> Iterator[TorchLossFunction]:
-    """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
+    """``loss_function`` on each labelled batch of ``batches``, lazily.
 
-    ``batches`` yields pairs (a DataLoader does); each loss function is built when
-    it is requested, so a data set is streamed one batch at a time.
+    A batch is a pair ``(inputs, labels, ...)`` (a DataLoader yields them) or a
+    dict: then its entry ``label_key`` (default ``"labels"``) holds the labels and
+    the other entries are the keyword inputs (a Hugging Face collator's batch).
+    Each loss function is built when it is requested, so a data set is streamed
+    one batch at a time. ``mask`` is per batch: None, a key of dict inputs (e.g.
+    ``"attention_mask"``) or a callable ``inputs -> mask``; the other options are
+    those of :func:`loss_function`. With ``reduction="mean"`` each batch's
+    ``num_inputs`` is its number of counted positions, so a data set's mean is
+    over all its counted positions.
 
     Examples
     --------
@@ -686,16 +859,33 @@ def loss_functions(
     """
     model = check_model(model)
     fam = check_loss_options(family, reduction)
+    spec = check_output_options(output, class_axis)
+    checked_mask = check_mask_spec(mask, stream=True)
+    ignore = _check_ignore_index(ignore_index)
+    if not isinstance(label_key, str):
+        msg = f"label_key must be a str; got {type(label_key).__name__}."
+        raise TypeError(msg)
     selection = select_parameters(model, params)
+    what = "(inputs, labels) pairs or dict batches (a list, a generator, a DataLoader)"
+    remedy = "For one batch use loss_function(model, inputs, labels)."
+    checked = check_batches(batches, what=what, remedy=remedy, single=is_tensor_or_text)
+
+    def pairs() -> Iterator[Any]:
+        for i, batch in enumerate(checked):
+            if isinstance(batch, Mapping):
+                if label_key not in batch:
+                    keys = ", ".join(repr(k) for k in batch)
+                    msg = (
+                        f"batch {i} is a dict without the labels' key label_key={label_key!r}; "
+                        f"got keys [{keys}]. Name the key with label_key=..."
+                    )
+                    raise ValueError(msg)
+                yield (_without(batch, label_key), batch[label_key])
+            else:
+                yield batch
 
     def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
         del i  # the stream's callback also gets the batch index, for messages
-        return _loss_function(selection, inputs, labels, fam, reduction)
+        return _loss_function(selection, inputs, labels, fam, reduction, spec, checked_mask, ignore)
 
-    return stream_loss_functions(
-        batches,
-        build,
-        what="(inputs, labels) pairs (a list, a generator, a DataLoader)",
-        remedy="For one batch use loss_function(model, inputs, labels).",
-        one_batch=is_tensor_or_text,
-    )
+    return stream_loss_functions(pairs(), build, what=what, remedy=remedy)

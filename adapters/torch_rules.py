@@ -623,7 +623,6 @@ def plan_fast_path(
     names: Sequence[str],
     run: Callable[[], tuple[Tensor, tuple[Tensor, ...]]],
     grad_batched: GradBatched,
-    num_outputs: int,
 ) -> tuple[FastPathPlan, tuple[Tensor, list[Record]] | None]:
     """Decide the fast path once, and the recorded forward pass it was decided on.
 
@@ -680,7 +679,7 @@ def plan_fast_path(
             active.append((PlannedLayer(layer.module, layer.rule, tuple(keep), copy), rec))
     if not active:
         return FastPathPlan((), MappingProxyType(report)), None
-    verdicts = _probe_example_axis(z, [rec.output for _, rec in active], grad_batched, num_outputs)
+    verdicts = _probe_example_axis(z, [rec.output for _, rec in active], grad_batched)
     kept = []
     for (layer, rec), why in zip(active, verdicts, strict=True):
         pnames = [names[i] for _, i in layer.params]
@@ -691,9 +690,7 @@ def plan_fast_path(
     return plan, ((z, [rec for _, rec in kept]) if kept else None)
 
 
-def _probe_example_axis(
-    z: Tensor, outputs: list[Tensor], grad_batched: GradBatched, num_outputs: int
-) -> list[str]:
+def _probe_example_axis(z: Tensor, outputs: list[Tensor], grad_batched: GradBatched) -> list[str]:
     """Per layer output, ``""`` if its axis 0 keeps the examples apart, else why not.
 
     The output gradients of random cotangents supported on one example (the
@@ -708,8 +705,8 @@ def _probe_example_axis(
     gen = torch.Generator().manual_seed(0)
     probes = []
     for j in probe_rows:
-        values = torch.randn(num_outputs, generator=gen, dtype=torch.float64)
-        onehot = torch.zeros(n, 1, dtype=torch.float64)
+        values = torch.randn(tuple(z.shape[1:]), generator=gen, dtype=torch.float64)
+        onehot = torch.zeros(n, *(1,) * (z.ndim - 1), dtype=torch.float64)
         onehot[j] = 1.0
         probes.append(onehot * values)
     cot = torch.stack(probes).to(dtype=z.dtype, device=z.device)
@@ -760,7 +757,7 @@ def fast_sum_squared(
     per_cotangent = sum(int(rec.output.numel()) for rec in records)
     k_chunk = max(1, min(k, (budget * num_params) // max(per_cotangent, 1)))
     n_chunk = max(1, budget // k_chunk)
-    cot = U.permute(1, 0, 2)
+    cot = U.transpose(0, 1)  # (K, N, *S, C)
     outputs = [rec.output for rec in records]
     parts: dict[int, list[Tensor]] = {}
     for s in chunks(k, k_chunk):

@@ -799,7 +799,10 @@ INF_ROW = torch.tensor([[0.0], [math.inf]], dtype=F64)
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
-        (lambda z: z.reshape(2, 3, 1), r"\(N, C\), 2-D and non-empty; got shape \(2, 3, 1\)"),
+        (
+            lambda z: z.reshape(2, 3, 1)[..., :0],
+            r"at least 2-D and non-empty; got shape \(2, 3, 0\)",
+        ),
         (lambda z: z.sum(), r"got shape \(\)"),
         (lambda z: (z, z), "must return a tensor of logits.*got tuple"),
         (lambda z: z.argmax(dim=1, keepdim=True), "floating-point logits; got dtype torch.int64"),

@@ -3,12 +3,13 @@
 A quantity knows, for one batch,
 
 - the exact sum over the batch (``exact``): Σ_n Σ_r of its function of the
-  per-example products g_nr = J_nᵀ u_nr, for cotangents u (N, R, C)
-  (``fisher``);
+  per-example products g_nr = J_nᵀ u_nr, for cotangents u (N, R, *S, C)
+  (``fisher``; with position axes S the columns of ``factor_columns``);
 - the per-probe samples of an estimator, from the M probe gradients g (M, D)
-  (``from_gradients``: detach-and-mix) or from per-example cotangents u (M, N, C)
-  summed per input (``from_squares``: per-example squares, Monte-Carlo and
-  empirical Fisher);
+  (``from_gradients``: detach-and-mix) or from per-example cotangents
+  u (M, N, *S, C) summed per input (``from_squares``: per-example squares,
+  Monte-Carlo and empirical Fisher; a per-example product sums over the
+  positions of its example);
 - the per-probe trace samples behind ``target_relative_error`` (``trace``);
 - how the samples accumulate over batches (``running``),
 
@@ -30,10 +31,12 @@ fronts validate ``what`` before.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from fisherbound._accumulator import FactorSum, PerExampleRows, RowStack, SampleSum
-from fisherbound._lib import device_of
+from fisherbound._lib import device_of, is_traced
 from fisherbound._stream import named_blocks
 
 Array = Any
@@ -45,13 +48,18 @@ __all__ = [
     "Factor",
     "Quantity",
     "Trace",
+    "check_cotangents",
+    "cotangent_chunks",
+    "counted_positions",
     "factor_columns",
     "position_chunks",
     "quantity",
 ]
 
 
-def factor_columns(b: Array, xp: Any, start: int = 0, stop: int | None = None) -> Array:
+def factor_columns(
+    b: Array, xp: Any, start: int = 0, stop: int | None = None, *, mask: Array | None = None
+) -> Array:
     """Per-example cotangents from a core factor b (N, *S, C, R), B Bᵀ = K per position.
 
     The kernel of an example x with positions is block diagonal over them,
@@ -61,20 +69,63 @@ def factor_columns(b: Array, xp: Any, start: int = 0, stop: int | None = None) -
     (N, (stop − start)·R, *S, C), column (t, r) = b[x, t, :, r] at position t and
     zero elsewhere. Without position axes (b of shape (N, C, R)) it is the
     familiar (N, R, C). Memory: N · (stop − start) · R · P · C numbers.
+
+    With ``mask`` (boolean (N, *S)) only the counted positions get columns:
+    ``start`` … ``stop`` − 1 index the *slots* of each example, slot k being its
+    k-th counted position in row-major order (default stop: the largest count
+    over the examples, ``counted_positions``); an example with fewer counted
+    positions gets zero columns there. So masked positions cost no backward pass
+    (the columns of a batch are as many as its longest unmasked example needs).
+    Without position axes the mask (N,) zeroes the columns of masked examples.
     """
     n, c, r = int(b.shape[0]), int(b.shape[-2]), int(b.shape[-1])
     spatial = tuple(int(s) for s in b.shape[1:-2])
     if not spatial:
-        return xp.permute_dims(b, (0, 2, 1))
-    p = 1
-    for size in spatial:
-        p *= size
-    stop = p if stop is None else stop
+        u = xp.permute_dims(b, (0, 2, 1))
+        if mask is not None:
+            u = u * xp.astype(mask, b.dtype)[:, None, None]
+        return u
+    p = math.prod(spatial)
     bt = xp.permute_dims(xp.reshape(b, (n, p, c, r)), (0, 3, 1, 2))  # (N, R, P, C)
     pos = xp.arange(p, device=device_of(b))
-    hot = xp.astype(pos[start:stop, None] == pos[None, :], b.dtype)  # (P_c, P)
-    u = hot[None, :, None, :, None] * bt[:, None, :, :, :]  # (N, P_c, R, P, C)
+    if mask is None:
+        stop = p if stop is None else stop
+        hot = xp.astype(pos[start:stop, None] == pos[None, :], b.dtype)[None, ...]  # (1, Pc, P)
+    else:
+        slots = _slots(mask, xp)  # (N, P): the slot of each counted position, −1 elsewhere
+        stop = _host_max_count(slots, xp) if stop is None else stop
+        k = xp.arange(start, stop, device=device_of(b))
+        hot = xp.astype(slots[:, None, :] == k[None, :, None], b.dtype)  # (N, Pc, P)
+    u = hot[:, :, None, :, None] * bt[:, None, :, :, :]  # (N, Pc, R, P, C)
     return xp.reshape(u, (n, (stop - start) * r, *spatial, c))
+
+
+def _slots(mask: Array, xp: Any) -> Array:
+    """(N, P) int64: k for the k-th counted position of each example, −1 where masked."""
+    n = int(mask.shape[0])
+    m = xp.reshape(mask, (n, -1))
+    rank = xp.cumulative_sum(xp.astype(m, xp.int64), axis=1) - 1
+    return xp.where(m, rank, xp.asarray(-1, dtype=xp.int64, device=device_of(mask)))
+
+
+def _host_max_count(slots: Array, xp: Any) -> int:
+    return int(xp.max(slots)) + 1 if int(slots.shape[0]) * int(slots.shape[1]) else 0
+
+
+def counted_positions(lin: Any) -> int:
+    """The columns per factor column an example needs: P, or its most counted positions.
+
+    P = ``lin.num_positions`` without a mask; with ``lin.mask`` the largest number
+    of unmasked positions of one example of the batch (what ``factor_columns``
+    with ``mask=`` builds). 1 without position axes.
+    """
+    mask = getattr(lin, "mask", None)
+    if mask is None or len(lin.output_shape) == 2 or is_traced(mask):
+        return int(lin.num_positions)  # traced (JAX jit): no host-side count
+    xp = lin.xp
+    n = int(mask.shape[0])
+    per_example = xp.sum(xp.astype(xp.reshape(mask, (n, -1)), xp.int64), axis=1)
+    return int(xp.max(per_example)) if n else 0
 
 
 def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[int, int]]:
@@ -85,6 +136,90 @@ def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[i
     """
     step = max(1, size // max(columns, 1))
     return [(s, min(num_positions, s + step)) for s in range(0, num_positions, step)]
+
+
+def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[Array]:
+    """The per-example factor columns of K_x = ⊕_t K(z_xt), at most ``size`` per chunk.
+
+    The exact quantities are Σ_x Σ_(t, r) of a function of J_xᵀ u_x,(t,r) over the
+    columns u_x,(t,r) of ``factor_columns``; this yields them chunk by chunk,
+    (N, K_c, *S, C) with K_c ≤ max(size, 1) columns per example, built from the
+    logits without the factor of the whole batch: each chunk evaluates the core
+    factor only at its own positions (``family.sqrt_metric`` there, or, when one
+    position has more than ``size`` columns, ``family.sqrt_metric_matvec`` with
+    basis vectors for a range of them), so no (N, C, C) object is formed when
+    R = C exceeds ``size``. With ``lin.mask`` only counted positions get columns
+    (the slots of ``factor_columns``). Core work O(N · P · R · C) in all, memory
+    O(N · size · P · C) per chunk.
+    """
+    xp = lin.xp
+    z = lin.logits
+    shape = tuple(int(s) for s in z.shape)
+    n, c, spatial = shape[0], shape[-1], shape[1:-1]
+    p = math.prod(spatial)
+    r = family.sqrt_rank(c, kernel=kernel)
+    mask = getattr(lin, "mask", None)
+    device = device_of(z)
+    # A traced mask (JAX jit) cannot be counted on the host: every position gets
+    # columns, zero where masked.
+    traced = mask is not None and is_traced(mask)
+    slots = None if mask is None or traced else _slots(mask, xp)
+    count = p if slots is None else max(1, _host_max_count(slots, xp))
+    zf = xp.reshape(z, (n, p, c))
+    pos = xp.arange(p, device=device)
+    size = max(1, size)
+    if r <= size:
+        step = size // r
+        groups = [(k, min(count, k + step), 0, r) for k in range(0, count, step)]
+    else:
+        groups = [(k, k + 1, j, min(r, j + size)) for k in range(count) for j in range(0, r, size)]
+    for k0, k1, r0, r1 in groups:
+        ks = xp.arange(k0, k1, device=device)
+        if slots is None:
+            hot = xp.broadcast_to(pos[None, None, :] == ks[None, :, None], (n, k1 - k0, p))
+        else:
+            hot = slots[:, None, :] == ks[None, :, None]
+        hot = xp.astype(hot, z.dtype)  # (N, K_c, P): slot k of example x is at position t
+        if traced:
+            hot = hot * xp.astype(xp.reshape(mask, (n, 1, p)), z.dtype)
+        z_at = xp.matmul(hot, zf)  # (N, K_c, C): the logits there (0 for an empty slot)
+        if r1 - r0 == r:
+            core = xp.permute_dims(family.sqrt_metric(z_at, kernel=kernel), (0, 1, 3, 2))
+        else:
+            basis = xp.eye(r, dtype=z.dtype, device=device)[r0:r1, :]  # (R_c, R)
+            core = family.sqrt_metric_matvec(z_at[:, :, None, :], basis, kernel=kernel)
+        u = hot[:, :, None, :, None] * core[:, :, :, None, :]  # (N, K_c, R_c, P, C)
+        yield xp.reshape(u, (n, (k1 - k0) * (r1 - r0), *spatial, c))
+
+
+def check_cotangents(lin: Any, r: int, max_cotangents: int, *, owner: str, kernel: str) -> int:
+    """P · R, the per-example backward passes of an exact quantity, refused above the limit.
+
+    P is ``counted_positions(lin)`` and R the factor's columns per position
+    (``family.sqrt_rank``). Above ``max_cotangents`` a ValueError gives P, R, the
+    backward passes the batch would take, and names ``detach_and_mix`` (one
+    backward pass per probe whatever P and C) and the option that raises the limit.
+    Returns P.
+    """
+    p = counted_positions(lin)
+    if p * r <= max_cotangents:
+        return p
+    n = int(lin.num_inputs)
+    where = "positions" if p == lin.num_positions else "counted (unmasked) positions"
+    msg = (
+        f"{owner} needs P · R = {p} · {r} = {p * r} per-example backward passes per "
+        f"example (P = {p} {where} per example, R = {r} factor columns per position for "
+        f"kernel={kernel!r}), {n * p * r} for this batch of N = {n} examples: above "
+        f"max_cotangents = {max_cotangents}. Estimate it with "
+        "fisherbound.estimators.detach_and_mix (one backward pass per probe, whatever the "
+        "number of positions and classes), or raise max_cotangents= if you have the time."
+    )
+    raise ValueError(msg)
+
+
+def _examples_first(u: Array, xp: Any) -> Array:
+    """(M, N, *S, C) → (N, M, *S, C): the per-example layout of the adapters."""
+    return xp.permute_dims(u, (1, 0, *range(2, u.ndim)))
 
 
 class _WholeVector(NamedTuple):
@@ -112,7 +247,7 @@ class Quantity:
 
     # -- exact sums over a batch (fisher) -----------------------------------------
     def exact(self, lin: Any, u: Array, max_vectors: int | None) -> Any:
-        """Σ_n Σ_r of the quantity of g_nr = J_nᵀ u[n, r], cotangents u (N, R, C)."""
+        """Σ_n Σ_r of the quantity of g_nr = J_nᵀ u[n, r], cotangents u (N, R, *S, C)."""
         return _outer_products(lin, u, self.selected, max_vectors, lin.xp)
 
     def local(self, total: Any, xp: Any) -> Any:
@@ -130,9 +265,9 @@ class Quantity:
         raise NotImplementedError
 
     def from_squares(self, lin: Any, u: Array, max_vectors: int | None) -> Any:
-        """Per-probe samples Σ_n of the quantity of J_nᵀ u[m, n], cotangents u (M, N, C)."""
+        """Per-probe samples Σ_n of the quantity of J_nᵀ u[m, n], cotangents u (M, N, *S, C)."""
         xp = lin.xp
-        ut = xp.permute_dims(u, (1, 0, 2))  # (N, M, C)
+        ut = _examples_first(u, xp)  # (N, M, *S, C)
         return self._squares(lin.sum_squared_per_example_vjp(ut, max_vectors=max_vectors), xp)
 
     def _squares(self, sq: Array, xp: Any) -> Any:
@@ -217,13 +352,13 @@ class Blocks(Quantity):
         time, chunk = max(1, max_vectors // N).
         """
         xp = lin.xp
-        ut = xp.permute_dims(u, (1, 0, 2))  # (N, M, C)
-        n, m, _ = ut.shape
+        ut = _examples_first(u, xp)  # (N, M, *S, C)
+        n, m = int(ut.shape[0]), int(ut.shape[1])
         budget = lin.default_max_vectors if max_vectors is None else max_vectors
         chunk = max(1, budget // max(n, 1))
         parts: dict[str, list[Array]] = {blk.name: [] for blk in self.selected}
         for start in range(0, m, chunk):
-            g = lin.per_example_vjp(ut[:, start : min(m, start + chunk), :])  # (N, m_c, D)
+            g = lin.per_example_vjp(ut[:, start : min(m, start + chunk), ...])  # (N, m_c, D)
             g = xp.permute_dims(g, (1, 0, 2))  # (m_c, N, D)
             for blk in self.selected:
                 gb = g[:, :, blk.offset : blk.offset + blk.size]
@@ -275,8 +410,8 @@ class Factor(Quantity):
         """The per-example score rows (N·k, D) and the k per-draw diagonal samples."""
         del max_vectors  # the interface's: the rows are all kept, N·k D-vectors
         xp = lin.xp
-        k, n, _ = u.shape
-        g = lin.per_example_vjp(xp.permute_dims(u, (1, 0, 2)))  # (N, k, D)
+        k, n = int(u.shape[0]), int(u.shape[1])
+        g = lin.per_example_vjp(_examples_first(u, xp))  # (N, k, D)
         return PerExampleRows(xp.reshape(g, (n * k, -1)), xp.sum(g * g, axis=0))
 
     def running(self, *, per_example: bool) -> Any:
@@ -300,7 +435,7 @@ def _outer_products(
     lin: Any, u: Array, selected: list[Any], max_vectors: int | None, xp: Any
 ) -> list[Array]:
     """Σ_n Σ_r g_nr[b] g_nr[b]ᵀ for each selected block b, g_nr = J_nᵀ U[n, r]."""
-    n, r, _ = u.shape
+    n, r = int(u.shape[0]), int(u.shape[1])
     budget = lin.default_max_vectors if max_vectors is None else max_vectors
     chunk = max(1, budget // max(r, 1))
     out = [xp.zeros((blk.size, blk.size), dtype=u.dtype, device=lin.device) for blk in selected]

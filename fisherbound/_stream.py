@@ -5,8 +5,10 @@ linearizations (``fisher``, ``estimators``, ``variance``, ``dimension``) or of
 loss functions (``landscape``). This module is that loop, written once:
 
 - ``Stream`` iterates a source of linearizations, validating every batch against
-  the first (one array library, model, dtype and device; finite logits with enough
-  classes for the family), shows the progress bar, counts the inputs, and at its
+  the first (one array library, model, dtype and device; one number of position
+  axes, though their sizes, e.g. sequence lengths, may differ; finite logits with
+  enough classes for the family; a mask, if any, boolean of the logits' shape
+  without C), shows the progress bar, counts the inputs, and at its
   end (``finish``) makes the ranks of a ``process_group`` agree on the model, the
   family and the call's options before all-reducing the input count;
 - ``LossStream`` does the same for loss functions (same parameters θ, one
@@ -67,13 +69,18 @@ __all__ = [
 
 
 class Signature(NamedTuple):
-    """What every batch of one data set must share with the first."""
+    """What every batch of one data set must share with the first.
+
+    Not the number of examples N nor the sizes of the position axes (sequences
+    of different lengths T), but their number: logits (N, *S, C) with one ``len(S)``.
+    """
 
     library: str
     dtype: Any
     device: Any
     num_outputs: int
     blocks: tuple[Any, ...]
+    num_position_axes: int = 0
 
 
 def signature(lin: Any) -> Signature:
@@ -85,6 +92,7 @@ def signature(lin: Any) -> Signature:
         device_of(z),
         int(z.shape[-1]),
         tuple((b.name, tuple(b.shape)) for b in lin.blocks),
+        int(z.ndim) - 2,
     )
 
 
@@ -92,8 +100,11 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
     """Validate batch ``index`` (its logits, and against batch 0's ``ref``)."""
     z = lin.logits
     name = f"the logits of batch {index}"
-    if z.ndim != 2:
-        msg = f"{name} must have shape (N, C); got shape {tuple(z.shape)}."
+    if z.ndim < 2:
+        msg = (
+            f"{name} must have shape (N, C), or (N, *S, C) with position axes S; got "
+            f"shape {tuple(z.shape)}."
+        )
         raise ValueError(msg)
     min_classes = family.min_classes
     if z.shape[-1] < min_classes:
@@ -103,11 +114,28 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
         )
         raise ValueError(msg)
     check_logits(z, name=name)
+    _check_mask(lin, index)
     sig = signature(lin)
     if ref is None:
         return sig
     _check_like_first(sig, ref, index, lin.num_params)
     return ref
+
+
+def _check_mask(lin: Any, index: int) -> None:
+    """``lin.mask``, if any, must be a boolean array of the logits' shape without C."""
+    mask = getattr(lin, "mask", None)
+    if mask is None:
+        return
+    want = tuple(int(s) for s in lin.logits.shape[:-1])
+    xp = array_namespace(mask, lin.logits, names=(f"the mask of batch {index}", "the logits"))
+    if not xp.isdtype(mask.dtype, "bool") or tuple(int(s) for s in mask.shape) != want:
+        msg = (
+            f"the mask of batch {index} must be a boolean array of shape (N, *S) = {want} "
+            f"(the logits' shape without the class axis); got {mask.dtype} of shape "
+            f"{tuple(mask.shape)}."
+        )
+        raise ValueError(msg)
 
 
 def _check_like_first(sig: Signature, ref: Signature, index: int, num_params: int) -> None:
@@ -118,6 +146,13 @@ def _check_like_first(sig: Signature, ref: Signature, index: int, num_params: in
             f"{sig.library} arrays, batch 0 held {ref.library} arrays."
         )
         raise TypeError(msg)
+    if sig.num_position_axes != ref.num_position_axes:
+        msg = (
+            f"every batch must have the same number of position axes; the logits of batch "
+            f"{index} are {_layout(sig)}, batch 0's were {_layout(ref)}. Batches may differ "
+            "in N and in the sizes of the position axes (sequence length), not in their number."
+        )
+        raise ValueError(msg)
     if (sig.num_outputs, sig.blocks) != (ref.num_outputs, ref.blocks):
         msg = (
             f"every batch must come from the same model; batch {index} has C = "
@@ -132,6 +167,13 @@ def _check_like_first(sig: Signature, ref: Signature, index: int, num_params: in
             f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}."
         )
         raise ValueError(msg)
+
+
+def _layout(sig: Signature) -> str:
+    """The letters of a signature's logits, e.g. "(N, T, C)"."""
+    s = sig.num_position_axes
+    positions = ["T"] if s == 1 else [f"T{i + 1}" for i in range(s)]
+    return "(" + ", ".join(["N", *positions, "C"]) + ")"
 
 
 def check_loss(item: object, index: int, ref: Any) -> Any:
@@ -326,6 +368,7 @@ class Stream(_Base):
             "the number of parameters": -1 if lin is None else lin.num_params,
             "the parameter blocks": None if sig is None else sig.blocks,
             "the number of outputs": -1 if sig is None else sig.num_outputs,
+            "the number of position axes": -1 if sig is None else sig.num_position_axes,
             "the dtype": None if sig is None else str(sig.dtype),
             "the array library": None if sig is None else sig.library,
         }

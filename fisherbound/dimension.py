@@ -26,7 +26,10 @@ output ``family``. ``kernel`` selects the operator as in ``fisherbound.fisher``:
 envelopes; Löwner order gives λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i, so the
 spectra of the bound operators bracket every eigenvalue of F and its trace.
 Results are for the SUM over inputs unless ``reduction="mean"`` (the razor always
-uses the sum, F_sum of THEORY §5).
+uses the sum, F_sum of THEORY §5), which divides by N, the number of examples.
+Logits may have position axes, (N, *S, C): then F = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt
+over the counted positions (``lin.mask``), and one Fisher matvec still costs one
+JVP and one VJP per batch, with O(N P C) core work, whatever P and C.
 
 Data parallel: ``process_group=`` (a ``torch.distributed`` process group or a JAX
 axis name, as in ``fisherbound.fisher``) makes ``source`` this rank's shard; the
@@ -54,6 +57,7 @@ from fisherbound._lib import (
     check_positive_real,
     collective,
     estimate_from_samples,
+    is_traced,
     shared_generator,
     to_host,
 )
@@ -251,7 +255,8 @@ def top_eigenpairs(
         ``"exact"``, ``"upper"``, ``"lower"``, ``"scalar_upper"`` or
         ``"scalar_lower"`` (see ``fisherbound.fisher``).
     reduction
-        ``"sum"`` over inputs (default) or ``"mean"``.
+        ``"sum"`` over inputs (default) or ``"mean"``: divided by N, the number of
+        examples (not of positions).
     num_matvecs
         Lanczos steps m ≥ k (capped at D); default min(D, max(2k + 30, 60)).
     rng
@@ -461,7 +466,11 @@ def rank_bound(
     """The structural bound rank F ≤ min(D, N r) of THEORY §5.
 
     F_K = Σ_x J_xᵀ K(z_x) J_x is a sum of N terms of rank ≤ r = max rank K(z), and
-    a D × D matrix: rank F_K ≤ min(D, N r). For the categorical F, r = C − 1
+    a D × D matrix: rank F_K ≤ min(D, N r). With position axes (logits
+    (N, *S, C)) every counted position t of x adds a term J_xtᵀ K(z_xt) J_xt of
+    rank ≤ r, so ``value`` is min(D, r · Σ_x P_x), P_x the positions of x not
+    masked by ``lin.mask`` (N P without a mask); ``num_inputs`` still counts the
+    examples. For the categorical F, r = C − 1
     (I_Δ 1 = 0), so rank F ≤ min(D, N (C − 1)). The bound binds for wide networks
     (D ≫ N C); for a linear softmax layer the sharper rank F ≤ (C − 1) rank[x̃_1 … x̃_N]
     holds (x̃ = (x, 1) with a bias). Compare with ``local_dimension``.
@@ -477,8 +486,8 @@ def rank_bound(
     Returns
     -------
     RankBound
-        ``value``, ``num_params`` (D), ``num_inputs`` (N), ``rank_per_input`` (r),
-        Python ints.
+        ``value``, ``num_params`` (D), ``num_inputs`` (N), ``rank_per_input`` (r,
+        per position with position axes), Python ints.
 
     Notes
     -----
@@ -496,14 +505,27 @@ def rank_bound(
     check_choice(kernel, "kernel", KERNELS)
     d = 0
     r = 0
+    positions = 0
     stream = Stream(source, fam, desc="rank bound", progress=False, process_group=process_group)
     for lin in stream:
         d = int(lin.num_params)
         if stream.num_batches == 1:
             r = _rank_per_input(fam, kernel, int(lin.logits.shape[-1]))
+        positions += _counted_positions(lin)
     stream.finish(where="rank_bound", kernel=kernel)
     n = stream.num_inputs
-    return RankBound(min(d, n * r), d, n, r)
+    if stream.coll is not None:
+        positions = stream.coll.sum_int(positions)
+    return RankBound(min(d, positions * r), d, n, r)
+
+
+def _counted_positions(lin: Any) -> int:
+    """The positions of a batch that count: N · P, less those masked by ``lin.mask``."""
+    mask = getattr(lin, "mask", None)
+    if mask is None or is_traced(mask):  # traced (JAX jit): the bound without the mask
+        return int(lin.num_inputs) * int(lin.num_positions)
+    xp = lin.xp
+    return int(xp.sum(xp.astype(mask, xp.int64)))
 
 
 # --------------------------------------------------------------------------- #

@@ -34,6 +34,16 @@ For comparison, ``monte_carlo`` (labels sampled from the model, per-example
 scores) and ``empirical`` (observed labels, biased) return estimates of the same
 shapes.
 
+Position axes. With logits (N, *S, C) (tokens, pixels) the probes ξ have the
+logits' shape but R on the last axis, one independent probe per position, and
+h_m = Σ_x Σ_t (B(z̃_xt) ξ_xtm)ᵀ z_xt: still ONE backward pass per probe (one
+per-example backward pass per probe and example with ``per_example=True``),
+whatever P and C, and E[g_m g_mᵀ] = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt. The
+Monte-Carlo labels are sampled per position; the empirical Fisher takes labels
+(N, *S) or (N, *S, C) and skips ``ignore_index``. Positions masked by
+``lin.mask`` get zero probes and scores. ``reduction="mean"`` divides by N, the
+number of examples.
+
 Error bars. Each batch is a stratum: its M per-probe samples give a mean and a
 sample variance; the estimate of the data set is the sum over batches of the
 batch means and its variance the sum of the batches' variances of the mean
@@ -64,6 +74,7 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
     collective,
+    is_traced,
     probes,
 )
 from fisherbound._quantities import Quantity, quantity
@@ -245,10 +256,10 @@ def _run(
 
 
 def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Array:
-    """U[m, n] = B(z_n) ξ[m, n], shape (M, N, C), for probes ξ (M, N, R)."""
+    """U[m, x, t] = B(z_xt) ξ[m, x, t], shape (M, N, *S, C), for probes ξ (M, N, *S, R)."""
     if kernel == "lower":
-        # One column: compute the top eigenpair once per input, not once per probe.
-        b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, C)
+        # One column: compute the top eigenpair once per position, not once per probe.
+        b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, *S, C)
         return b[None, ...] * xi
     zb = xp.broadcast_to(z[None, ...], (int(xi.shape[0]), *tuple(z.shape)))
     return family.sqrt_metric_matvec(zb, xi, kernel=kernel)
@@ -264,7 +275,12 @@ def _probe_samples(
     per_example: bool,
     max_vectors: int | None,
 ) -> Any:
-    """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, R)."""
+    """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, *S, R).
+
+    One cotangent of the logits' shape per probe: M backward passes (batch level)
+    or M per-example backward passes per example (``per_example``), whatever the
+    number of positions P and classes C.
+    """
     xp = lin.xp
     u = _cotangents(family, lin.logits, xi, kernel, xp)
     if per_example:
@@ -280,6 +296,18 @@ def _probe_samples(
             axis=0,
         )
     return qty.from_gradients(g, xp)
+
+
+def _masked(lin: Any, u: Array) -> Array:
+    """``u`` (..., N, *S, C) with the positions masked by ``lin.mask`` set to zero.
+
+    The adapters ignore those positions in their products anyway; zeroing the
+    cotangents keeps masked positions out of every sample whatever the adapter.
+    """
+    mask = getattr(lin, "mask", None)
+    if mask is None:
+        return u
+    return u * lin.xp.astype(mask, u.dtype)[..., None]
 
 
 def _check_distributed_target(coll: Collective | None, target: float | None, what: str) -> None:
@@ -365,7 +393,8 @@ def detach_and_mix(
         "blocks"): each input's term has CV ≤ √2 and the sum over inputs averages
         them; the batch-level default squares the sum over inputs.
     reduction
-        ``"sum"`` over inputs (default) or ``"mean"``.
+        ``"sum"`` over inputs (default) or ``"mean"``: divided by N, the number
+        of examples (not of positions).
     target_relative_error
         Stop streaming batches once the relative standard error of the TRACE
         estimate, SE(tr F̂)/tr F̂, is at or below this (checked after every batch;
@@ -405,9 +434,10 @@ def detach_and_mix(
     -----
     Cost per batch: the linearization's forward pass and ONE batched VJP of M
     cotangents (about M backward passes; never per-example gradients), plus
-    O(M N C) for the cotangents. ``per_example=True`` costs the adapter's
-    per-example squares with M cotangents (the torch fast path for Linear / Conv
-    / norm layers: one batched backward pass). Memory: M D-vectors per batch
+    O(M N P C) for the cotangents (P positions per example), whatever P and C.
+    ``per_example=True`` costs the adapter's per-example squares with M
+    cotangents (the torch fast path for Linear / Conv / norm layers: one batched
+    backward pass). Memory: M D-vectors per batch
     (blocks: M s² per block).
 
     Variance (Rademacher, one probe, one batch): Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴)
@@ -445,15 +475,17 @@ def detach_and_mix(
     )
 
     def draw(lin: Any) -> Any:
-        r = fam.sqrt_rank(int(lin.logits.shape[-1]), kernel=kernel)
+        shape = tuple(int(s) for s in lin.logits.shape)
+        r = fam.sqrt_rank(shape[-1], kernel=kernel)
         xi = probes(
             gen,
-            (m, lin.num_inputs, r),
+            (m, *shape[:-1], r),
             distribution=distribution,
             xp=lin.xp,
             dtype=lin.logits.dtype,
             device=lin.device,
         )
+        xi = _masked(lin, xi)  # no probe weight on masked positions
         return _probe_samples(
             lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
         )
@@ -483,12 +515,13 @@ def monte_carlo(
     """The Monte-Carlo Fisher: k labels sampled from the model per input, per-example scores.
 
     For draw j, y_xj ~ p(· | z_x) and s_xj = J_xᵀ ∇_z log p(y_xj | z_x) (the score
-    cotangent ``family.score``); the sample is Σ_x s_xj s_xjᵀ (diagonal: the
-    per-example squares Σ_x s_xj ⊙ s_xj, through the adapter's
-    ``sum_squared_per_example_vjp``). Unbiased for F; its CV is unbounded: in core
-    coordinates Var = p_i(1 − p_i)(1 − 2p_i)², large for confident models
-    (THEORY §3). ``fisherbound.variance.classical_variance`` gives the exact
-    variance (Î_1 of THEORY §4).
+    cotangent ``family.score``; with position axes a label per position,
+    s_xj = Σ_t J_xtᵀ ∇_z log p(y_xtj | z_xt) over the counted positions); the
+    sample is Σ_x s_xj s_xjᵀ (diagonal: the per-example squares Σ_x s_xj ⊙ s_xj,
+    through the adapter's ``sum_squared_per_example_vjp``). Unbiased for F; its
+    CV is unbounded: in core coordinates Var = p_i(1 − p_i)(1 − 2p_i)², large for
+    confident models (THEORY §3). ``fisherbound.variance.classical_variance``
+    gives the exact variance (Î_1 of THEORY §4).
 
     Parameters are those of ``detach_and_mix`` with ``num_samples`` = k draws per
     input in place of probes (the standard error is over the k draws; NaN for
@@ -497,7 +530,8 @@ def monte_carlo(
     diagonal.
 
     Cost per batch: the adapter's per-example squares with k cotangents (per-example
-    gradients on its generic path).
+    gradients on its generic path), whatever the number of positions.
+    ``reduction="mean"`` divides by N, the number of examples.
 
     Examples
     --------
@@ -519,9 +553,10 @@ def monte_carlo(
 
     def draw(lin: Any) -> Any:
         z = lin.logits
-        y = fam.sample(z, rng=gen, num_samples=k)  # (k, N) or (k, N, C)
+        y = fam.sample(z, rng=gen, num_samples=k)  # (k, N, *S) or (k, N, *S, C)
         zb = lin.xp.broadcast_to(z[None, ...], (k, *tuple(z.shape)))
-        return qty.from_squares(lin, fam.score(zb, y), max_vectors)  # scores (k, N, C)
+        scores = _masked(lin, fam.score(zb, y))  # (k, N, *S, C)
+        return qty.from_squares(lin, scores, max_vectors)
 
     return _run(
         source, common, draw, target=target, desc="Monte-Carlo Fisher", squares=True,
@@ -540,13 +575,16 @@ def empirical(
     blocks: Sequence[str] | None = None,
     max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     max_vectors: int | None = None,
+    ignore_index: int | None = -100,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
     """The empirical Fisher: per-example scores at the OBSERVED labels (biased).
 
     Σ_x s_x s_xᵀ with s_x = J_xᵀ ∇_z log p(y_x|z_x) for the observed y_x; its
-    diagonal is Σ_x s_x ⊙ s_x (the adapter's per-example squares). It is not an
+    diagonal is Σ_x s_x ⊙ s_x (the adapter's per-example squares). With position
+    axes, s_x = Σ_t J_xtᵀ ∇_z log p(y_xt|z_xt) sums over the counted positions of
+    x (not masked by ``lin.mask``, label not ``ignore_index``). It is not an
     estimate of F: E over y ~ p would give F, the observed labels do not (THEORY §3).
     Cost: one per-example VJP per input (the diagonal through the adapter's
     per-example squares, as ``fisher_diagonal`` with one cotangent instead of C).
@@ -558,11 +596,21 @@ def empirical(
     labels
         The observed labels: one array for all inputs (sliced batch by batch in
         order; it must have exactly as many rows as the source has inputs), or a
-        list of arrays, one per batch. Categorical: integer class indices (N,);
-        Bernoulli: {0, 1} floats (N, C); Gaussian: targets (N, C); validated by
+        list of arrays, one per batch (needed when the batches differ in their
+        positions). Categorical: integer class indices (N, *S); Bernoulli:
+        {0, 1} floats (N, *S, C); Gaussian: targets (N, *S, C); validated by
         ``family.check_labels``; same namespace and device as the logits.
-    family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress
+    family, what, max_batches, blocks, max_block_size, max_vectors, progress
         As in ``detach_and_mix``.
+    reduction
+        ``"sum"`` over inputs (default) or ``"mean"``: divided by N, the number of
+        examples (not of positions).
+    ignore_index
+        For integer labels (categorical): the positions whose label equals it
+        contribute nothing (their label is replaced by 0 before the family
+        sees it), as ``torch.nn.CrossEntropyLoss(ignore_index=-100)``. None
+        counts every label. Labels of other dtypes are not compared with it. A
+        batch whose every position is ignored (or masked) is a ValueError.
 
     Returns
     -------
@@ -588,12 +636,23 @@ def empirical(
         process_group,
     )  # fmt: skip
     fam, qty = common.family, common.qty
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        msg = f"ignore_index must be an int or None; got {type(ignore_index).__name__}."
+        raise TypeError(msg)
     batch_labels = _LabelSource(labels)
 
     def draw(lin: Any) -> Any:
+        index = batch_labels.batches
         y = batch_labels.take(lin)
+        y, keep = _ignored(lin, y, ignore_index)
         fam.check_labels(lin.logits, y)
-        return qty.from_squares(lin, fam.score(lin.logits, y)[None, ...], max_vectors)
+        score = fam.score(lin.logits, y)
+        if keep is not None:
+            _check_counted(lin, keep, ignore_index, index)
+            score = score * lin.xp.astype(keep, score.dtype)[..., None]
+        return qty.from_squares(lin, _masked(lin, score)[None, ...], max_vectors)
 
     est = _run(source, common, draw, target=None, desc="empirical Fisher", squares=True)
     if common.limit is None or batch_labels.batches < common.limit:
@@ -605,6 +664,32 @@ def empirical(
     else:
         zero = xp.zeros_like(est.std_error)
     return Estimate(est.value, zero, 1)
+
+
+def _ignored(lin: Any, y: Array, ignore_index: int | None) -> tuple[Array, Any]:
+    """Labels with ``ignore_index`` replaced by 0, and where they count (None: all).
+
+    Only integer labels are compared with ``ignore_index``.
+    """
+    xp = lin.xp
+    if ignore_index is None or not xp.isdtype(y.dtype, "integral"):
+        return y, None
+    keep = y != ignore_index
+    return xp.where(keep, y, xp.zeros_like(y)), keep
+
+
+def _check_counted(lin: Any, keep: Array, ignore_index: int | None, index: int) -> None:
+    """A ValueError when no position of batch ``index`` counts (ignored or masked)."""
+    xp = lin.xp
+    mask = getattr(lin, "mask", None)
+    counted = keep if mask is None else keep & mask
+    if not is_traced(counted) and not bool(xp.any(counted)):
+        msg = (
+            f"the labels of batch {index} leave no position to count: every label equals "
+            f"ignore_index = {ignore_index} (or its position is masked). Check the labels, "
+            "or pass ignore_index=None."
+        )
+        raise ValueError(msg)
 
 
 def _first_leaf(tree: Any) -> Any:

@@ -26,6 +26,21 @@ Conventions: results are SUMS over the inputs (the papers' convention) unless
 ``reduction="mean"``, which divides by the total number of inputs N. Flat
 parameter vectors follow the linearization's block order.
 
+Position axes. Logits may be (N, *S, C): one output distribution per position
+t of an example x (tokens of a sequence, pixels of an image). The kernel of an
+example is then block diagonal over its positions, and
+
+    F_K = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt,
+
+the positions masked by ``lin.mask`` excluded. N still counts examples (the
+divisor of ``reduction="mean"``), and the batches of a data set may differ in
+their number of positions. The exact quantities take one per-example backward
+pass per (counted position, factor column): P · R per example, R =
+``family.sqrt_rank(C, kernel=kernel)`` (C for the categorical F, 1 for the
+``"lower"`` kernel); above ``max_cotangents`` (default 4096) they refuse with a
+ValueError that names ``fisherbound.estimators.detach_and_mix``, whose cost is
+one backward pass per probe whatever P and C.
+
 ``source`` is one linearization or an iterable of them (a data set streamed
 batch by batch, with a progress bar on long runs; ``progress=False`` turns it
 off). ``fisher_operator`` applies the data set at every matvec, so it keeps the
@@ -54,7 +69,7 @@ from fisherbound._lib import (
     check_positive_int,
     progress_bar,
 )
-from fisherbound._quantities import Quantity, quantity
+from fisherbound._quantities import Quantity, check_cotangents, cotangent_chunks, quantity
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
@@ -76,6 +91,9 @@ WHATS = ("diagonal", "trace", "blocks", "dense")
 #: Default limit on D for ``fisher_dense`` (a D × D float64 matrix of 128 MiB).
 DEFAULT_MAX_PARAMS = 4096
 
+#: Default limit on the per-example backward passes P · R of an exact quantity.
+DEFAULT_MAX_COTANGENTS = 4096
+
 
 class Bounds(NamedTuple):
     """A certified bracket ``lower ⪯ F ⪯ upper`` (entrywise for diagonals)."""
@@ -88,10 +106,29 @@ class Bounds(NamedTuple):
 # one pass over the data for any set of kernels and quantities
 
 
-def _cotangents(family: Family, z: Array, kernel: str, xp: Any) -> Array:
-    """U (N, R, C) with U[n, r] = column r of B(z_n), B Bᵀ = K(z_n)."""
-    b = family.sqrt_metric(z, kernel=kernel)
-    return xp.permute_dims(b, (0, 2, 1))
+def _exact(
+    lin: Any,
+    family: Family,
+    kernel: str,
+    quantity: Quantity,
+    max_vectors: int | None,
+    max_cotangents: int,
+    owner: str,
+) -> Any:
+    """Σ_x of ``quantity`` of J_xᵀ K_x J_x for one batch, K_x = ⊕_t K(z_xt).
+
+    The per-example factor columns (one per counted position and factor column,
+    ``cotangent_chunks``) in chunks of at most ``max_vectors`` (the adapter's
+    default when None) columns per example; refused above ``max_cotangents``.
+    """
+    r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
+    check_cotangents(lin, r, max_cotangents, owner=owner, kernel=kernel)
+    size = lin.default_max_vectors if max_vectors is None else max_vectors
+    total: Any = None
+    for u in cotangent_chunks(lin, family, kernel, size):
+        part = quantity.exact(lin, u, max_vectors)
+        total = part if total is None else _add(total, part)
+    return total
 
 
 def _accumulate(
@@ -99,8 +136,7 @@ def _accumulate(
     family: Family,
     kernels: Sequence[str],
     quantity: Quantity,
-    reduction: str,
-    max_vectors: int | None,
+    options: _Options,
     progress: bool | None,
     process_group: Any,
 ) -> list[Any]:
@@ -114,8 +150,12 @@ def _accumulate(
         if stream.num_batches == 1:
             quantity.select(lin)
         for j, kernel in enumerate(kernels):
-            part = quantity.exact(lin, _cotangents(family, lin.logits, kernel, lin.xp), max_vectors)
+            part = _exact(
+                lin, family, kernel, quantity, options.max_vectors, options.max_cotangents,
+                options.owner,
+            )  # fmt: skip
             totals[j] = part if totals[j] is None else _add(totals[j], part)
+    reduction = options.reduction
     stream.finish(kernels=tuple(kernels), reduction=reduction, blocks=quantity.block_names)
     xp = stream.first.xp
     return [quantity.present(stream.total(quantity.local(t, xp), reduction)) for t in totals]
@@ -127,12 +167,26 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
+class _Options(NamedTuple):
+    """The validated options of an exact quantity."""
+
+    reduction: str
+    max_vectors: int | None
+    max_cotangents: int
+    owner: str
+
+
 def _front(family: Any, kernel: str, reduction: str, max_vectors: int | None) -> Family:
     fam = check_family(family)
     check_choice(kernel, "kernel", KERNELS)
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_int(max_vectors, "max_vectors")
     return fam
+
+
+def _options(reduction: str, max_vectors: int | None, max_cotangents: int, owner: str) -> _Options:
+    limit = check_positive_int(max_cotangents, "max_cotangents")
+    return _Options(reduction, max_vectors, limit, owner)
 
 
 # --------------------------------------------------------------------------- #
@@ -146,6 +200,7 @@ def fisher_diagonal(
     kernel: str = "exact",
     reduction: str = "sum",
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
@@ -154,6 +209,9 @@ def fisher_diagonal(
     diag F_K = Σ_x Σ_r (J_xᵀ b_xr)², with b_xr the columns of the factor
     B(z_x) Bᵀ(z_x) = K(z_x) (``family.sqrt_metric``): a sum of squared
     per-example VJPs, R = C cotangents per input (R = 1 for ``kernel="lower"``).
+    With position axes, logits (N, *S, C), the columns are those of every
+    counted position t: diag F_K = Σ_x Σ_t Σ_r (J_xtᵀ b_xtr)², P · R cotangents
+    per example (P counted positions).
 
     Parameters
     ----------
@@ -165,10 +223,16 @@ def fisher_diagonal(
         ``"exact"`` (F), ``"upper"`` (F_DG), ``"lower"`` (F_LR), ``"scalar_upper"``
         or ``"scalar_lower"`` (see the module docstring).
     reduction
-        ``"sum"`` over inputs (default, the papers' convention) or ``"mean"``.
+        ``"sum"`` over inputs (default, the papers' convention) or ``"mean"``:
+        divided by N, the number of examples (not of positions).
     max_vectors
         At most this many D-vectors are alive at once in the per-example products
-        (default: the adapter's ``default_max_vectors``).
+        (default: the adapter's ``default_max_vectors``); the factor columns of
+        an example are built in chunks of at most this many.
+    max_cotangents
+        The largest number P · R of per-example backward passes per example
+        (P counted positions, R factor columns per position); above it a
+        ValueError gives the cost and names ``detach_and_mix``. Default 4096.
     progress
         Show a progress bar: None (on a terminal, after 2 s), True or False.
     process_group
@@ -184,9 +248,10 @@ def fisher_diagonal(
 
     Notes
     -----
-    Cost: R per-example VJPs per input. The torch adapter accumulates the squares
-    inside one batched backward pass for Linear / Conv / Embedding / norm layers;
-    other adapters and layers use vmap over examples (chunked).
+    Cost: P · R per-example VJPs per input (R for logits (N, C)). The torch
+    adapter accumulates the squares inside one batched backward pass for Linear /
+    Conv / Embedding / norm layers; other adapters and layers use vmap over
+    examples (chunked).
 
     Examples
     --------
@@ -199,9 +264,8 @@ def fisher_diagonal(
     """
     fam = _front(family, kernel, reduction, max_vectors)
     qty = quantity("diagonal")
-    (out,) = _accumulate(
-        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
-    )
+    opts = _options(reduction, max_vectors, max_cotangents, "fisher_diagonal")
+    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
     return out
 
 
@@ -212,20 +276,22 @@ def fisher_trace(
     kernel: str = "exact",
     reduction: str = "sum",
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
     """The trace tr F_K = Σ_x Σ_r ‖J_xᵀ b_xr‖², exactly (a 0-d array).
 
-    Same cost and options as ``fisher_diagonal`` (it is the sum of the diagonal).
-    For an unbiased estimate at the cost of one gradient step use
-    ``fisherbound.estimators``. ``process_group``: see ``fisher_diagonal``.
+    Same cost and options as ``fisher_diagonal`` (it is the sum of the diagonal):
+    P · R per-example VJPs per input, refused above ``max_cotangents``;
+    ``reduction="mean"`` divides by N, the number of examples. For an unbiased
+    estimate at the cost of one gradient step use ``fisherbound.estimators``.
+    ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
     qty = quantity("trace")
-    (out,) = _accumulate(
-        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
-    )
+    opts = _options(reduction, max_vectors, max_cotangents, "fisher_trace")
+    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
     return out
 
 
@@ -238,6 +304,7 @@ def fisher_blocks(
     reduction: str = "sum",
     max_block_size: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> dict[str, Array]:
@@ -248,16 +315,16 @@ def fisher_blocks(
     name to a (size_b, size_b) array (flattened row-major, as in the flat vector).
     ``blocks`` selects block names (default all); blocks larger than
     ``max_block_size`` parameters are refused with a ValueError (raise the limit
-    if you have the memory). Cost: R per-example VJPs per input and
-    O(N R s_b²) per block for the outer products; memory Σ_b s_b².
-    ``process_group``: see ``fisher_diagonal``.
+    if you have the memory). Cost: P · R per-example VJPs per input (P counted
+    positions, refused above ``max_cotangents``) and O(N P R s_b²) per block for
+    the outer products; memory Σ_b s_b². ``reduction="mean"`` divides by N, the
+    number of examples. ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_block_size, "max_block_size")
     qty = quantity("blocks", blocks=blocks, max_size=max_block_size, owner="fisher_blocks")
-    (out,) = _accumulate(
-        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
-    )
+    opts = _options(reduction, max_vectors, max_cotangents, "fisher_blocks")
+    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
     return out
 
 
@@ -269,21 +336,23 @@ def fisher_dense(
     reduction: str = "sum",
     max_params: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
     """The dense D × D matrix F_K, for small models only.
 
     Refuses D > ``max_params`` (default 4096) with a ValueError naming the limit;
-    raise it if you have the memory. Cost: R per-example VJPs per input and
-    O(N R D²) for the outer products. ``process_group``: see ``fisher_diagonal``.
+    raise it if you have the memory. Cost: P · R per-example VJPs per input (P
+    counted positions, refused above ``max_cotangents``) and O(N P R D²) for the
+    outer products. ``reduction="mean"`` divides by N, the number of examples.
+    ``process_group``: see ``fisher_diagonal``.
     """
     fam = _front(family, kernel, reduction, max_vectors)
     check_positive_int(max_params, "max_params")
     qty = quantity("dense", max_size=max_params)
-    (out,) = _accumulate(
-        source, fam, [kernel], qty, reduction, max_vectors, progress, process_group
-    )
+    opts = _options(reduction, max_vectors, max_cotangents, "fisher_dense")
+    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
     return out
 
 
@@ -297,6 +366,7 @@ def fisher_bounds(
     blocks: Sequence[str] | None = None,
     max_size: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Bounds:
@@ -308,7 +378,9 @@ def fisher_bounds(
     ``what`` is ``"diagonal"`` (entrywise bounds), ``"trace"``, ``"blocks"`` or
     ``"dense"``, with the options of the corresponding function. Cost: both
     kernels in one pass over the data; the LR kernel needs one per-example VJP
-    per input (R = 1), the DG kernel C, as for the exact quantity.
+    per input and counted position (R = 1), the DG kernel C, as for the exact
+    quantity; each kernel's P · R is checked against ``max_cotangents``.
+    ``reduction="mean"`` divides by N, the number of examples.
     ``process_group``: see ``fisher_diagonal``.
 
     Returns
@@ -322,9 +394,8 @@ def fisher_bounds(
     check_choice(what, "what", WHATS)
     check_positive_int(max_size, "max_size")
     qty = quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks")
-    lower, upper = _accumulate(
-        source, fam, kernels, qty, reduction, max_vectors, progress, process_group
-    )
+    opts = _options(reduction, max_vectors, max_cotangents, "fisher_bounds")
+    lower, upper = _accumulate(source, fam, kernels, qty, opts, progress, process_group)
     return Bounds(lower, upper)
 
 
@@ -341,9 +412,12 @@ def fisher_operator(
 
     matvec: v ↦ Σ_x J_xᵀ K(z_x) (J_x v), one JVP and one VJP per batch;
     matmat: the same with a batched JVP and VJP over the columns. Nothing D × D
-    is formed. ``source`` is a linearization or a list of them, kept for the
-    operator's lifetime (each holds its batch's forward pass) and applied at every
-    matvec. Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ).
+    is formed. With position axes K(z_x) acts position by position (O(N P C)
+    core work per column, whatever P and C; masked positions carry no
+    Jacobian); ``reduction="mean"`` divides by N, the number of examples.
+    ``source`` is a linearization or a list of them, kept for the operator's
+    lifetime (each holds its batch's forward pass) and applied at every matvec.
+    Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ).
     With ``process_group`` every matvec all-reduces the ranks' partial products
     (one all-reduce of D·k numbers per matmat), so all ranks must apply it to the
     same vectors: seed Lanczos and Hutchinson alike on every rank.
@@ -372,8 +446,8 @@ def fisher_operator(
         vt = xp.matrix_transpose(v)  # (k, D)
         total: Array = None
         for lin in progress_bar(lins, desc="Fisher matmat", progress=progress):
-            jv = lin.jvp_batch(vt)  # (k, N, C)
-            # The logits (N, C) broadcast against (k, N, C): the core quantities
+            jv = lin.jvp_batch(vt)  # (k, N, *S, C)
+            # The logits (N, *S, C) broadcast against (k, N, *S, C): the core quantities
             # (e.g. the top eigenpair of the "lower" kernel) are solved once per batch.
             part = lin.vjp_batch(fam.metric_matvec(lin.logits, jv, kernel=kernel))  # (k, D)
             total = part if total is None else total + part

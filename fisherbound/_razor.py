@@ -3,6 +3,13 @@
 The negative log-likelihood over the batches, the Gaussian prior's penalty and
 log det(I + σ² F) by the dense matrix, full Lanczos or SLQ; split from
 ``dimension`` by job (``Razor`` is re-exported there).
+
+Logits (N, *S, C) with position axes: an example x holds P conditionally
+independent outputs, so −log p(X | θ̂) = −Σ_x Σ_t log p(y_xt | z_xt) over the
+counted positions (``lin.mask``; the labels of masked positions are never read,
+any value is accepted there, e.g. an ignore index), F_sum = Σ_x Σ_t J_xtᵀ I J_xt
+(the adapters zero the masked rows), and the BIC term counts the observations:
+(D/2) log n with n the number of counted positions (N without position axes).
 """
 
 from __future__ import annotations
@@ -42,17 +49,19 @@ class Razor(NamedTuple):
     std_error
         Its standard error, ½ ``log_det.std_error`` (0 when the log-det is exact).
     neg_log_likelihood
-        −log p(X | θ̂) = −Σ_x log p(y_x | x, θ̂), 0-d, normalising constants
-        included (the Gaussian family's (C/2) log 2π per input).
+        −log p(X | θ̂) = −Σ_x Σ_t log p(y_xt | x, θ̂) over the counted positions
+        (one term per input without position axes), 0-d, normalising constants
+        included (the Gaussian family's (C/2) log 2π per position).
     prior_penalty
         ‖θ̂ − θ_0‖² / (2σ²), 0-d.
     log_det
         An ``Estimate`` of Σ_i log(1 + σ² λ_i(F_sum)) = log det(I + σ² F_sum);
         ``num_probes`` is 0 when it was computed exactly.
     bic_penalty
-        The classical BIC/MDL term (D/2) log N, 0-d, for comparison with
-        ½ ``log_det.value`` (which it equals when every direction is significant
-        and σ² λ_i ≈ N).
+        The classical BIC/MDL term (D/2) log n, 0-d, n the number of observations:
+        the counted positions (N inputs without position axes), for comparison
+        with ½ ``log_det.value`` (which it equals when every direction is
+        significant and σ² λ_i ≈ n).
     method
         How ``log_det`` was computed: ``"dense"``, ``"lanczos"`` or ``"slq"``.
     """
@@ -99,7 +108,11 @@ def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
 
 
 def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:
-    """One validated label array per batch."""
+    """One validated label array per batch, (N_b, *S) or (N_b, *S, C).
+
+    The labels of masked positions (``lin.mask``) are replaced by 0 before the
+    family's check, so they may hold anything (e.g. −100).
+    """
     sizes = [int(lin.logits.shape[0]) for lin in lins]
     if is_array(labels):
         total = sum(sizes)
@@ -134,13 +147,18 @@ def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:
 
 
 def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
-    """The family's label check, its message prefixed with the batch."""
+    """The family's label check, its message prefixed with the batch; masked labels → 0."""
     if not is_array(y):
         msg = (
             f"labels of batch {index} must be an array; got "
             f"{type(y).__module__}.{type(y).__name__}."
         )
         raise TypeError(msg)
+    mask = getattr(lin, "mask", None)
+    if mask is not None and tuple(y.shape[: mask.ndim]) == tuple(mask.shape):
+        xp = array_namespace(y, mask, names=(f"labels of batch {index}", "the mask"))
+        keep = xp.reshape(mask, (*mask.shape, *((1,) * (y.ndim - mask.ndim))))
+        y = xp.where(keep, y, xp.zeros_like(y))
     try:
         family.check_labels(lin.logits, y)
     except (TypeError, ValueError) as err:
@@ -190,11 +208,21 @@ def razor_terms(
     how: LogDetSettings,
     coll: Any = None,
 ) -> Razor:
-    """The razor's terms: the likelihood, the prior's penalty and log det(I + σ² F)."""
+    """The razor's terms: the likelihood, the prior's penalty and log det(I + σ² F).
+
+    The likelihood sums over the counted positions; n (the BIC term's) counts them.
+    """
     nll = scalar(xp, 0.0, op)
+    n = 0
     for lin, y in zip(lins, labels, strict=True):
-        nll = nll - xp.sum(family.log_likelihood(lin.logits, y))
-    n = sum(int(lin.logits.shape[0]) for lin in lins)
+        ll = family.log_likelihood(lin.logits, y)  # (N, *S)
+        mask = getattr(lin, "mask", None)
+        if mask is None:
+            n += math.prod(int(s) for s in ll.shape)
+        else:
+            ll = xp.where(mask, ll, xp.zeros_like(ll))
+            n += int(xp.sum(xp.astype(mask, xp.int64)))
+        nll = nll - xp.sum(ll)
     if coll is not None:
         nll = coll.sum(nll)
         n = coll.sum_int(n)

@@ -24,9 +24,16 @@ how η and δ are chosen, and this module makes that quantitative:
 
 The loss comes from an adapter's ``loss_function(...)`` (a
 :class:`~fisherbound.linearization.LossFunction`): the negative log-likelihood of
-a labelled batch. ``source`` is one loss function or several (a data set, one per
-batch, all at the same θ); the total is the sum of the batch losses when they use
-``reduction="sum"`` and the mean over every example when they use ``"mean"``.
+a labelled batch, with logits (N, C) or, with position axes, (N, *S, C) (a
+language model's tokens, a segmentation's pixels), one term per counted
+position (masked positions and ignored labels excluded). ``source`` is one loss
+function or several (a data set, one per batch, all at the same θ); the total
+is the sum of the batch losses when they use ``reduction="sum"`` and the mean
+over every counted position of the data set (``num_counted``, the inputs
+without position axes) when they use ``"mean"``, as
+``torch.nn.CrossEntropyLoss(ignore_index=...)`` averages. Nothing here depends
+on the output's shape: every function sees the loss only through ``value``,
+``gradient`` and Hessian-vector products in parameter space.
 Functions that apply H several times (``hessian_operator``,
 ``hessian_directions``, ``projected_curvature``) need a re-iterable source (a
 list); ``loss_trace`` and ``surface`` stream any iterable once.
@@ -185,8 +192,8 @@ class Surface(NamedTuple):
         One 1-D array of coefficients per direction: (α,) or (α, β).
     values
         The loss on the grid, shape (G,) or (G_α, G_β) (``values[i, j]`` at
-        α_i, β_j): the sum of the batch losses, or the mean over every example
-        for ``reduction="mean"``.
+        α_i, β_j): the sum of the batch losses, or the mean over every counted
+        position for ``reduction="mean"``.
     directions
         The directions d_k as rows, shape (k, D).
     reduction
@@ -229,7 +236,8 @@ def hessian_operator(source: Any, /, *, process_group: Any = None) -> LinearOper
     """The Hessian ∇²L(θ) of the total loss as a matrix-free ``LinearOperator`` (D × D).
 
     matvec: Σ_b c_b ∇²L_b(θ) v, one Hessian-vector product per batch (c_b = 1 for
-    ``reduction="sum"``, N_b / N for ``"mean"``); matmat: the same with
+    ``reduction="sum"``, n_b / n for ``"mean"``, n_b the counted positions of batch b
+    and n their total); matmat: the same with
     ``hvp_batch`` over the columns. Use it with ``fisherbound.linalg`` (``eigsh``,
     ``hutchinson_trace``, ``lanczos_quadrature`` for the spectral density).
 
@@ -645,7 +653,7 @@ def loss_trace(
     Estimate
         0-d ``value`` and ``std_error`` (sample standard deviation of the M per-probe
         values / √M), ``num_probes`` M. A sum over the batches, or the mean over
-        every example for loss functions with ``reduction="mean"``.
+        every counted position for loss functions with ``reduction="mean"``.
 
     Notes
     -----
@@ -778,7 +786,7 @@ def surface(
 
     values[i] = L(θ + α_i d_1) for one direction, values[i, j] =
     L(θ + α_i d_1 + β_j d_2) for two; L is the total loss of ``source`` (the sum of
-    the batch losses, or the mean over all examples for ``reduction="mean"``).
+    the batch losses, or the mean over all counted positions for ``reduction="mean"``).
     The batches are streamed once (a progress bar shows them); for each batch the
     grid's parameter vectors go through ``value`` in chunks of ``batch_size``.
 

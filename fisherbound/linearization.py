@@ -64,6 +64,7 @@ __all__ = [
     "as_linearizations",
     "check_batches",
     "check_loss_labels",
+    "check_loss_mask",
     "check_loss_options",
     "check_operand",
     "example_range",
@@ -510,7 +511,7 @@ def as_linearizations(source: Any) -> Iterator[Any]:
 # The loss of a labelled batch, for the loss landscape (fisherbound.landscape)
 # ---------------------------------------------------------------------------
 
-#: How a loss function reduces over the examples of its batch.
+#: How a loss function reduces over the counted positions of its batch.
 LOSS_REDUCTIONS = REDUCTIONS
 
 
@@ -518,10 +519,19 @@ LOSS_REDUCTIONS = REDUCTIONS
 class LossFunction(Protocol):
     """The negative log-likelihood of one labelled batch as a function of θ.
 
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) (``reduction="sum"``) or that sum divided by
-    the batch size N (``"mean"``), with the output family's ``log_likelihood``,
-    frozen at the parameters θ = ``params`` (flat, D entries, in the order of
-    ``blocks``). Adapters build one with ``loss_function(...)``:
+    For logits z (N, *S, C) (classes last, S the position axes, none for one
+    output per example) and labels y (class indices (N, *S), or targets
+    (N, *S, C)),
+
+        L(θ) = −Σ_n Σ_t m_nt log p(y_nt | z_nt(θ))          (``reduction="sum"``)
+
+    with m_nt = 1 for the positions that count (the ``mask``; masked positions,
+    e.g. padding or labels equal to ``ignore_index``, have m_nt = 0), or that sum
+    divided by the number of counted positions n = Σ m_nt (``"mean"``, as
+    ``torch.nn.CrossEntropyLoss(ignore_index=-100)`` divides; n = N for logits
+    (N, C) without a mask). The output family's ``log_likelihood`` gives the
+    terms; the loss is frozen at the parameters θ = ``params`` (flat, D entries,
+    in the order of ``blocks``). Adapters build one with ``loss_function(...)``:
 
     - ``value(shifts)``: (S, D) → (S,), the loss at θ + shifts[s] for each of S
       shift vectors (a shift is any Σ_k α_k d_k), batched where the framework
@@ -529,6 +539,11 @@ class LossFunction(Protocol):
     - ``gradient()``: (D,), ∇L(θ);
     - ``hvp(v)``: (D,) → (D,), the exact Hessian-vector product ∇²L(θ) v;
     - ``hvp_batch(V)``: (M, D) → (M, D), M of them at once.
+
+    Optional: ``num_counted``, the number of counted positions n (an int), which a
+    data set of several batches needs for the mean over all of them
+    (``LossFunctionBase`` provides it); a loss function without it counts
+    ``num_inputs`` (one position per example).
     """
 
     @property
@@ -545,11 +560,11 @@ class LossFunction(Protocol):
 
     @property
     def num_inputs(self) -> int:
-        """N, the number of labelled examples in the batch (the ``"mean"`` divisor)."""
+        """N, the number of labelled examples in the batch (with all their positions)."""
 
     @property
     def reduction(self) -> str:
-        """``"sum"`` (Σ_n over the batch) or ``"mean"`` (that sum divided by N)."""
+        """``"sum"`` (Σ over the counted positions) or ``"mean"`` (÷ their number)."""
 
     @property
     def xp(self) -> Any:
@@ -596,29 +611,46 @@ class LossFunctionBase(_FrozenBase):
     """Shared properties of the adapters' loss functions and a generic ``hvp_batch``.
 
     Subclasses set ``self._params`` (flat θ), ``self._blocks`` and ``self._xp``,
-    hold the labelled batch with ``_hold_batch`` and implement ``value``,
+    hold the labelled batch with ``_hold_batch`` (which also applies ``mask`` and
+    ``ignore_index`` and sets the scale of the reduction) and implement ``value``,
     ``gradient`` and ``hvp`` (and ``hvp_batch`` when the framework batches it).
+    ``reduce_log_likelihood`` turns the per-position log-likelihoods of the batch
+    into the loss (masked positions excluded, scaled).
     """
 
     _params: Array
     _reduction: str
     _num_inputs: int
+    _num_counted: Any
     _scale: Any
     _family: Any
     _labels: Array
     _logits: Array
+    _mask: Array | None = None
+    _weights: Array | None = None
 
     _role = "loss function"
     _reference_name = "params"
     _operand_remedy = "Move it with xp.asarray({name}, device=loss.device)."
 
     family = ReadOnly[Any]("The output family whose log-likelihood defines the loss.")
-    labels = ReadOnly[Array]("The labels y of the batch.")
-    logits = ReadOnly[Array]("The logits z (N, C) at θ.")
+    labels = ReadOnly[Array](
+        "The labels y of the batch in the logits' layout: class indices (N, *S) or "
+        "targets (N, *S, C); the labels of masked positions replaced by 0."
+    )
+    logits = ReadOnly[Array]("The logits z (N, *S, C) at θ, classes last.")
+    mask = ReadOnly["Array | None"](
+        "The counted positions: None (all) or a boolean array (N, *S), False where "
+        "``mask=`` was False or the label equals ``ignore_index``."
+    )
     params = ReadOnly[Array]("θ, the flat parameter vector (D,) at which the loss is frozen.")
     num_inputs = ReadOnly[int]("N, the number of labelled examples in the batch.")
+    num_counted = ReadOnly[int](
+        "n = Σ m_nt, the number of counted (unmasked) positions of the batch, the "
+        '``"mean"`` divisor: N · P without a mask (N for logits (N, C)).'
+    )
     reduction = ReadOnly[str](
-        """``"sum"`` (Σ_n over the batch) or ``"mean"`` (the sum divided by N)."""
+        """``"sum"`` (Σ over the counted positions) or ``"mean"`` (÷ their number)."""
     )
 
     def _reference(self) -> Array:
@@ -629,19 +661,89 @@ class LossFunctionBase(_FrozenBase):
         """D, the length of the flat parameter vector."""
         return int(self._params.shape[0])
 
-    def _hold_batch(self, logits: Array, labels: Array, family: Any, reduction: str) -> None:
-        """Check ``labels`` against ``logits`` (``check_loss_labels``) and keep the batch.
+    def _hold_batch(
+        self,
+        logits: Array,
+        labels: Array,
+        family: Any,
+        reduction: str,
+        *,
+        mask: Array | None = None,
+        ignore_index: int | None = None,
+    ) -> None:
+        """Check the labelled batch, apply ``mask`` and ``ignore_index``, and keep it.
 
-        Sets the logits, labels, family, reduction, N and the scale of the sum
-        (1 for ``"sum"``, 1 / N for ``"mean"``).
+        ``logits`` (N, *S, C) and ``labels`` in the classes-last layout (the
+        adapter moves the user's class axis first). ``mask`` (None or boolean
+        (N, *S), ``check_loss_mask``) marks the positions that count;
+        ``ignore_index`` (None or an int) masks the positions whose INTEGER label
+        equals it. The labels of masked positions are replaced by 0 before the
+        family's check (``check_loss_labels``), so padding may hold any value.
+        Sets the logits, labels, family, reduction, N, ``mask`` (None when none
+        was given and nothing is ignored), the weights m (None, or the mask as
+        0/1 in the logits' dtype), ``num_counted`` n and the scale of the sum (1
+        for ``"sum"``, 1 / n for ``"mean"``). A batch without a counted position
+        is a ValueError. Cost: O(N P) elementwise work, one host read of n when
+        masked.
         """
+        xp = array_namespace(logits, names=("logits",))
+        counted = None if mask is None else check_loss_mask(mask, logits)
+        if (
+            ignore_index is not None
+            and is_array(labels)
+            and tuple(labels.shape) == tuple(logits.shape[:-1])
+            and xp.isdtype(labels.dtype, "integral")
+        ):
+            ignored = labels == ignore_index
+            labels = xp.where(ignored, xp.zeros_like(labels), labels)
+            counted = ~ignored if counted is None else xp.logical_and(counted, ~ignored)
+        if counted is not None and is_array(labels):
+            s = counted.ndim
+            if tuple(labels.shape[:s]) == tuple(counted.shape):
+                keep = xp.reshape(counted, (*counted.shape, *((1,) * (labels.ndim - s))))
+                labels = xp.where(keep, labels, xp.zeros_like(labels))
         check_loss_labels(family, logits, labels)
+        n = int(logits.shape[0])
+        if counted is None:
+            num_counted = n * math.prod(int(s) for s in logits.shape[1:-1])
+            weights = None
+        else:
+            num_counted = int(xp.sum(xp.astype(counted, xp.int64)))
+            if num_counted == 0:
+                because = "mask"
+                if ignore_index is not None:
+                    because = f"mask and ignore_index={ignore_index}"
+                msg = (
+                    f"{because} must leave at least one position of the batch counted; every "
+                    f"one of its {n * math.prod(int(s) for s in logits.shape[1:-1])} positions "
+                    "is masked."
+                )
+                raise ValueError(msg)
+            weights = xp.astype(counted, logits.dtype)
         self._logits = logits
         self._labels = labels
         self._family = family
         self._reduction = reduction
-        self._num_inputs = int(logits.shape[0])
-        self._scale = 1.0 / self._num_inputs if reduction == "mean" else 1.0
+        self._num_inputs = n
+        self._mask = counted
+        self._weights = weights
+        self._num_counted = num_counted
+        self._scale = 1.0 / num_counted if reduction == "mean" else 1.0
+
+    def reduce_log_likelihood(self, ll: Array, /) -> Array:
+        """The loss from per-position log-likelihoods ``ll`` (..., N, *S): (...).
+
+        −scale · Σ_n Σ_t m_nt ll[..., n, t], summed over the batch's N and position
+        axes (the last 1 + len(S) axes), masked positions excluded (multiplied by
+        0: their logits are finite, so their terms are). Leading axes (a vmap over
+        shifts, for ``value``) are kept. Cost: O(size of ``ll``).
+        """
+        xp = self._xp
+        k = len(self._logits.shape) - 1  # N and the position axes
+        if self._weights is not None:
+            ll = ll * self._weights
+        axes = tuple(range(ll.ndim - k, ll.ndim))
+        return -xp.sum(ll, axis=axes) * self._scale
 
     def value(self, shifts: Array, /) -> Array:
         """The loss at θ + shifts[s] for shifts (S, D); returns (S,)."""
@@ -670,7 +772,8 @@ def check_loss_options(family: Any, reduction: object) -> Any:
     """The output family of a loss function (``Categorical()`` for None), checked.
 
     Raises a TypeError when ``family`` is not a ``fisherbound.families`` family
-    and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"``.
+    and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"`` (``"mean"``
+    divides by the number of counted positions).
     """
     family = check_family(Categorical() if family is None else family)
     check_choice(reduction, "reduction", LOSS_REDUCTIONS)
@@ -689,12 +792,46 @@ def check_family(family: object) -> Family:
 
 
 def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
-    """``family.check_labels(z, labels)``, its message prefixed for the argument ``labels``."""
+    """``family.check_labels(z, labels)``, its message prefixed for the argument ``labels``.
+
+    z (N, *S, C): categorical labels are class indices (N, *S), Bernoulli and
+    Gaussian labels (N, *S, C) (the family's check says which it got).
+    """
     try:
         family.check_labels(z, labels)
     except (TypeError, ValueError) as err:
         msg = f"labels do not fit the logits for the {family!r} family: {err}"
         raise type(err)(msg) from err
+
+
+def check_loss_mask(mask: Any, z: Array, /, *, name: str = "mask") -> Array:
+    """``mask`` checked against logits z (N, *S, C): a boolean array (N, *S) of z's device.
+
+    A TypeError for a non-array or another namespace, a ValueError for another
+    dtype or shape or device. Cost: O(1), no data is read.
+    """
+    want = tuple(int(s) for s in z.shape[:-1])
+    if not is_array(mask):
+        msg = (
+            f"{name} must be None or a boolean array of shape (N, *S) = {want} (True where "
+            f"a position counts); got {type(mask).__module__}.{type(mask).__name__}."
+        )
+        raise TypeError(msg)
+    xp = array_namespace(mask, z, names=(name, "the logits"))
+    if not xp.isdtype(mask.dtype, "bool") or tuple(int(s) for s in mask.shape) != want:
+        msg = (
+            f"{name} must be a boolean array of shape (N, *S) = {want} (the logits' shape "
+            f"without the class axis); got {mask.dtype} of shape {tuple(mask.shape)}."
+        )
+        raise ValueError(msg)
+    check_device(
+        mask,
+        name,
+        device_of(z),
+        owner="the logits' device",
+        remedy=f"Move it with xp.asarray({name}, device=...).",
+    )
+    return mask
 
 
 # ---------------------------------------------------------------------------

@@ -1,33 +1,51 @@
 """Closed-form variances of the Fisher estimators (THEORY §3 and §4), matrix-free.
 
+Logits z (N, *S, C): N examples, position axes S (none for one output per
+example; P = prod(S) positions), C classes. An example x is an input with all
+its positions; its output is the product of independent per-position families,
+so its core kernel is block diagonal, K_x = ⊕_t K(z_xt), its factor
+B_x = ⊕_t B(z_xt) has P·R columns (t, r), its score is a sum over positions and
+its moments factor across positions. Positions outside ``lin.mask`` have zero
+Jacobian rows (the adapters' contract) and are excluded everywhere.
+
 Detach-and-mix (§3). Write G = [J_xᵀ B_x]_x, the D × K matrix whose columns
-b_k = J_xᵀ B_x e_r (k = (x, r)) are per-example VJPs of the columns of the core
-factor, so that F = G Gᵀ and F_ii = Σ_k b_ik². One probe g = G ξ gives
+b_k = J_xtᵀ B(z_xt) e_r (k = (x, t, r)) are per-example VJPs of the columns of
+the block-diagonal core factor, so that F = G Gᵀ and F_ii = Σ_k b_ik². One probe
+g = G ξ, ξ i.i.d. over (x, t, r), gives
 
     Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴) ≤ 2 F_ii²        (Rademacher ξ)
     Var(g_i²) = 2 F_ii²                               (Gaussian ξ)
     Var(‖g‖²) = 2(‖A‖_F² − Σ_k A_kk²) ≤ 2‖F‖_F²       (A = GᵀG, ‖A‖_F = ‖F‖_F)
 
 per batch (the sum runs over the batch's columns; batches are independent, so
-their variances add). The per-example variant sums squares per input: the same
-formulas with G restricted to one input, summed over the inputs. The mean of M
-probes divides every variance by M, hence CV ≤ √(2/M) for every diagonal entry
-and for the trace (``std_error_bound``).
+their variances add). These are identities of Rademacher/Gaussian quadratic
+forms in the independent entries of ξ, so they hold unchanged for position axes:
+only the column set grows to (x, t, r). The per-example variant squares
+g_x = Σ_t J_xtᵀ B_xt ξ_xt per example: the same formulas with G restricted to
+one example (all its positions), summed over the examples. The mean of M probes
+divides every variance by M, hence CV ≤ √(2/M) for every diagonal entry and for
+the trace (``std_error_bound``).
 
 Classical estimators (§4), for an exponential family p(y|x) with sufficient
-statistic t, u = t(y) − E t(y), I(h) = Cov t, and k labels y ~ p per input:
+statistic t, u = t(y) − E t(y), I(h) = Cov t, and k labels y ~ p per input. With
+positions the score of example x is s_x,i = Σ_t w_t, w_t = a_tᵀ u_t,
+a_t = ∂z_xt/∂θ_i (C-vector), the w_t independent with mean 0, σ_t² = a_tᵀ I_t a_t
+and fourth moment m_t = E(a_tᵀu_t)⁴. Expanding E(Σ_t w_t)⁴:
 
-    Var(Î_1,ii) = (1/k) [E(aᵀu)⁴ − (aᵀ I a)²],     a = ∂h/∂θ_i   (C-vector)
-    Var(Î_2,ii) = (1/k) cᵀ I c,                     c = ∂²h/∂θ_i²
+    Var(Î_1,ii) = (1/k) [Σ_t (m_t − 3σ_t⁴) + 2 (Σ_t σ_t²)²]
+    Var(Î_2,ii) = (1/k) Σ_t c_tᵀ I_t c_t,          c_t = ∂²z_xt/∂θ_i²
 
-with Î_1 the score outer product (the Monte-Carlo Fisher) and Î_2 minus the
-Hessian of the log-likelihood. Bounds: categorical Var(Î_1,ii) ≤ (max a − min a)²
-aᵀIa / k and Var(Î_2,ii) ≤ ‖c‖²/(2k) (λ_max(I_Δ) ≤ ½). Inputs are fixed (not
-sampled); the variances of different inputs add.
+(for P = 1: (1/k)[E(aᵀu)⁴ − (aᵀIa)²] and (1/k) cᵀIc), with Î_1 the score outer
+product (the Monte-Carlo Fisher) and Î_2 minus the Hessian of the
+log-likelihood (Σ_t of independent position terms). Bounds: with |w_t| ≤ ρ_t
+(categorical ρ_t = max a_t − min a_t), m_t ≤ ρ_t² σ_t², so
+Var(Î_1,ii) ≤ (1/k)[Σ_t ρ_t² σ_t² + 2((Σ_t σ_t²)² − Σ_t σ_t⁴)] (= ρ² aᵀIa / k for
+P = 1), and Var(Î_2,ii) ≤ λ̄ Σ_t ‖c_t‖² / k (λ_max(I_Δ) ≤ ½). Inputs are fixed
+(not sampled); the variances of different inputs add.
 
-Everything is computed from the adapters' per-example VJPs (C or R per input,
-chunked by ``max_vectors``) and, for Î_2, ``output_second_derivative_diagonal``:
-never a D × D matrix.
+Everything is computed from the adapters' per-example VJPs (P·R or P·C per
+input, chunked by ``max_vectors``, refused above ``max_cotangents``) and, for
+Î_2, ``output_second_derivative_diagonal`` ((N, *S, C, D)): never a D × D matrix.
 """
 
 from __future__ import annotations
@@ -48,9 +66,10 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
 )
+from fisherbound._quantities import check_cotangents, cotangent_chunks, position_chunks
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Bernoulli, Categorical, Family, Gaussian
-from fisherbound.fisher import fisher_diagonal
+from fisherbound.fisher import DEFAULT_MAX_COTANGENTS, fisher_diagonal
 
 Array = Any
 
@@ -70,9 +89,18 @@ def _budget(lin: Any, max_vectors: int | None) -> int:
     return lin.default_max_vectors if max_vectors is None else max_vectors
 
 
-def _factor_columns(family: Family, z: Array, kernel: str, xp: Any) -> Array:
-    """U (n, R, C): U[n, r] is column r of B(z_n)."""
-    return xp.permute_dims(family.sqrt_metric(z, kernel=kernel), (0, 2, 1))
+def _columns_per_example(lin: Any, max_vectors: int | None) -> int:
+    """Cotangents per example in one chunk, so that N · chunk D-vectors are alive at once.
+
+    (The adapters' per-example products cover every input of the batch.)
+    """
+    return max(1, _budget(lin, max_vectors) // max(lin.num_inputs, 1))
+
+
+def _positions(lin: Any) -> tuple[int, tuple[int, ...], int, int]:
+    """(N, S, P, C) of the logits (N, *S, C)."""
+    shape = tuple(int(s) for s in lin.logits.shape)
+    return shape[0], shape[1:-1], math.prod(shape[1:-1]), shape[-1]
 
 
 # --------------------------------------------------------------------------- #
@@ -147,24 +175,18 @@ class _DiagonalMoments:
         return 2.0 * (sq - self.fourth)
 
 
-def _column_chunks(lin: Any, r: int, max_vectors: int | None) -> list[tuple[int, int]]:
-    """Chunks of the R cotangent columns so that N · chunk D-vectors are alive at once.
-
-    (The adapters' per-example products cover every input of the batch.)
-    """
-    chunk = max(1, _budget(lin, max_vectors) // max(lin.num_inputs, 1))
-    return [(s, min(r, s + chunk)) for s in range(0, r, chunk)]
-
-
 def _diagonal_batch(
     lin: Any, family: Family, kernel: str, max_vectors: int | None, xp: Any
 ) -> tuple[Array, Array, Array]:
-    """(F_b, Σ_x F_x², Σ_k b_k⁴) of one batch, from per-example VJPs in chunks."""
-    u = _factor_columns(family, lin.logits, kernel, xp)  # (N, R, C)
+    """(F_b, Σ_x F_x², Σ_k b_k⁴) of one batch, from per-example VJPs in chunks.
+
+    The columns b_k = J_xtᵀ B(z_xt) e_r come from ``cotangent_chunks`` (the factor
+    columns of K_x = ⊕_t K(z_xt); masked positions get none).
+    """
     fx: Any = None
     q4: Any = None
-    for start, stop in _column_chunks(lin, int(u.shape[1]), max_vectors):
-        g = lin.per_example_vjp(u[:, start:stop, :])  # (N, R_c, D)
+    for u in cotangent_chunks(lin, family, kernel, _columns_per_example(lin, max_vectors)):
+        g = lin.per_example_vjp(u)  # (N, K_c, D)
         g2 = g * g
         parts = (xp.sum(g2, axis=1), xp.sum(g2 * g2, axis=(0, 1)))
         if fx is None:
@@ -179,24 +201,26 @@ def _trace_batch(
 ) -> tuple[Array, Array]:
     """(‖A‖_F², Σ_k A_kk²) of one batch (or summed per input), A the Gram of the b_k.
 
-    Row k of A is Bᵀ J b_k over the batch (one JVP per column b_k); the
-    per-example Gram matrices are its entries within the input of column k.
+    Row k of A is (b_{k'}ᵀ b_k)_{k'} = Bᵀ J b_k over the batch (one JVP per column
+    b_k), so ‖A_k,:‖² = Σ_{x,t} (J_xt b_k)ᵀ K(z_xt) (J_xt b_k), with K applied by
+    ``metric_matvec`` (O(C) per position, no factor formed); the per-example Gram
+    matrices keep the terms of x = the example of column k.
     """
     n = lin.num_inputs
-    bfac = family.sqrt_metric(lin.logits, kernel=kernel)  # (N, C, R)
-    u = xp.permute_dims(bfac, (0, 2, 1))  # (N, R, C)
+    z = lin.logits
     frob = diag = None
-    for start, stop in _column_chunks(lin, int(u.shape[1]), max_vectors):
-        r_c = stop - start
-        g = lin.per_example_vjp(u[:, start:stop, :])  # (N, R_c, D)
-        norms = xp.sum(g * g, axis=2)  # (N, R_c): A_kk
-        jv = lin.jvp_batch(xp.reshape(g, (n * r_c, lin.num_params)))  # (K_c, N, C)
-        rows = xp.matmul(xp.permute_dims(jv, (1, 0, 2)), bfac)  # (N', K_c, R)
+    for u in cotangent_chunks(lin, family, kernel, _columns_per_example(lin, max_vectors)):
+        k_c = int(u.shape[1])
+        g = lin.per_example_vjp(u)  # (N, K_c, D)
+        norms = xp.sum(g * g, axis=2)  # (N, K_c): A_kk
+        jv = lin.jvp_batch(xp.reshape(g, (n * k_c, lin.num_params)))  # (N K_c, N, *S, C)
+        quad = xp.sum(jv * family.metric_matvec(z, jv, kernel=kernel), axis=-1)
+        quad = xp.sum(xp.reshape(quad, (n * k_c, n, -1)), axis=2)  # (N K_c, N): Σ_t
         if per_example:
-            owner = xp.arange(n * r_c, device=lin.device) // r_c  # input of column k
-            same = xp.arange(n, device=lin.device)[:, None] == owner[None, :]
-            rows = rows * xp.astype(same, rows.dtype)[:, :, None]
-        f_part = xp.sum(rows * rows)
+            owner = xp.arange(n * k_c, device=lin.device) // k_c  # example of column k
+            same = owner[:, None] == xp.arange(n, device=lin.device)[None, :]
+            quad = quad * xp.astype(same, quad.dtype)
+        f_part = xp.sum(quad)
         d_part = xp.sum(norms * norms)
         frob = f_part if frob is None else frob + f_part
         diag = d_part if diag is None else diag + d_part
@@ -214,6 +238,7 @@ def detach_and_mix_variance(
     per_example: bool = False,
     reduction: str = "sum",
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
 ) -> Array:
     """The exact variance of ``detach_and_mix``'s value, in closed form (THEORY §3).
@@ -222,14 +247,19 @@ def detach_and_mix_variance(
     Σ_b 2 F_b,ii² / M (Gaussian), b over batches (``per_example=True``: over
     inputs). trace (0-d): Σ_b 2(‖A_b‖_F² − Σ_k (A_b)_kk²) / M (Rademacher) or
     Σ_b 2‖A_b‖_F² / M (Gaussian), A_b = G_bᵀ G_b the Gram matrix of the batch's
-    (or the input's) columns b_k = J_xᵀ B_x e_r. ``reduction="mean"`` divides by
-    N² (the estimate is divided by N).
+    (or the input's) columns b_k = J_xtᵀ B(z_xt) e_r, k = (x, t, r) over the
+    examples x, their counted positions t and the factor's columns r (the probe
+    ξ is independent over all three). ``reduction="mean"`` divides by N², N the
+    number of examples (the estimate is divided by N).
 
     Parameters mirror ``detach_and_mix``; the result is the variance of its
     ``value`` with the same options (the same batching of ``source``).
+    ``max_cotangents`` (default 4096): the largest P · R (per-example backward
+    passes per example) accepted, a ValueError above it.
 
-    Cost: R per-example VJPs per input (as the exact diagonal); for the batch
-    trace also R JVPs per input. Memory: ``max_vectors`` D-vectors.
+    Cost: P · R per-example VJPs per input (as the exact diagonal; P the counted
+    positions); for the batch trace also P · R JVPs per input, each contracted
+    with the kernels in O(N P C). Memory: ``max_vectors`` D-vectors.
 
     Examples
     --------
@@ -247,11 +277,14 @@ def detach_and_mix_variance(
     check_bool(per_example, "per_example")
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_int(max_vectors, "max_vectors")
+    limit = check_positive_int(max_cotangents, "max_cotangents")
     total: Any = None
     moments = _DiagonalMoments()
     stream = Stream(source, fam, desc="detach-and-mix variance", progress=progress)
     for lin in stream:
         xp = lin.xp
+        r = fam.sqrt_rank(lin.num_outputs, kernel=kernel)
+        check_cotangents(lin, r, limit, owner="detach_and_mix_variance", kernel=kernel)
         if what == "diagonal":
             moments.add(*_diagonal_batch(lin, fam, kernel, max_vectors, xp))
             continue
@@ -288,36 +321,81 @@ def _lambda_max_bound(family: Family) -> float:
     return 1.0
 
 
-def _score_batch(lin: Any, family: Family, bound: bool, max_vectors: int | None, xp: Any) -> Array:
-    """Σ_x [E(aᵀu)⁴ − (aᵀIa)²] (or its bound) per parameter, a = J_x[:, i].
+def _slot_hot(lin: Any, xp: Any) -> tuple[Array, int]:
+    """The slots of the counted positions and their largest count per example.
 
-    The per-example Jacobians (N, C, D) of the batch are formed once; the moments
-    are then taken for chunks of inputs.
+    Slots (N, P): k at the k-th counted position of example x (row-major), −1 at
+    masked ones; without a mask every position is its own slot.
     """
-    z = lin.logits
-    n, c = lin.num_inputs, lin.num_outputs
+    n, _, p, _ = _positions(lin)
+    mask = getattr(lin, "mask", None)
+    pos = xp.arange(p, device=lin.device)
+    if mask is None:
+        return xp.broadcast_to(pos[None, :], (n, p)), p
+    m = xp.reshape(mask, (n, p))
+    rank = xp.cumulative_sum(xp.astype(m, xp.int64), axis=1) - 1
+    slots = xp.where(m, rank, xp.full_like(rank, -1))
+    return slots, int(xp.max(slots)) + 1 if n * p else 0
+
+
+def _jacobian_rows(lin: Any, max_vectors: int | None, xp: Any) -> Any:
+    """Per chunk of slots: (z_at (N, K, C), rows (N, K, C, D)) with rows[x, k, c] = ∂z_xtc/∂θ.
+
+    t is the k-th counted position of example x (rows and z_at 0 for an example
+    with fewer counted positions): one-hot cotangents at (t, c), K·C per-example
+    VJPs per chunk, K·C ≤ max(C, ``max_vectors`` / N).
+    """
+    n, spatial, p, c = _positions(lin)
+    z = xp.reshape(lin.logits, (n, p, c))
     eye = xp.eye(c, dtype=z.dtype, device=lin.device)
-    jac = lin.per_example_vjp(xp.broadcast_to(eye[None, ...], (n, c, c)))  # (N, C, D)
-    chunk = max(1, _budget(lin, max_vectors) // c)
-    total = None
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        a = xp.permute_dims(jac[start:stop, ...], (0, 2, 1))  # (n_c, D, C)
-        zb = xp.broadcast_to(z[start:stop, None, :], a.shape)
-        quad = xp.sum(a * family.metric_matvec(zb, a), axis=-1)  # aᵀ I a
-        if bound and not isinstance(family, Gaussian):
-            part = _range_bound(family, zb, a, xp) * quad
-        else:
-            part = family.fourth_moment(zb, a) - quad * quad
-        part = xp.sum(part, axis=0)
-        total = part if total is None else total + part
-    return total
+    slots, count = _slot_hot(lin, xp)
+    for k0, k1 in position_chunks(count, c, _columns_per_example(lin, max_vectors)):
+        ks = xp.arange(k0, k1, device=lin.device)
+        hot = xp.astype(slots[:, None, :] == ks[None, :, None], z.dtype)  # (N, K, P)
+        u = hot[:, :, None, :, None] * eye[None, None, :, None, :]  # (N, K, C, P, C)
+        g = lin.per_example_vjp(xp.reshape(u, (n, (k1 - k0) * c, *spatial, c)))
+        yield xp.matmul(hot, z), xp.reshape(g, (n, k1 - k0, c, lin.num_params))
+
+
+def _score_batch(lin: Any, family: Family, bound: bool, max_vectors: int | None, xp: Any) -> Array:
+    """Σ_x Var(s_x,i²) (or its bound) per parameter, s_x,i = Σ_t a_tᵀ u_t, a_t = J_xt[:, i].
+
+    Σ_x [Σ_t (m_t − 3σ_t⁴) + 2 (Σ_t σ_t²)²] with σ_t² = a_tᵀ I_t a_t and
+    m_t = E(a_tᵀ u_t)⁴ (``family.fourth_moment``); the bound replaces m_t by
+    ρ_t² σ_t² and drops −Σ_t σ_t⁴ (see the module docstring). The per-position
+    Jacobian rows are formed for chunks of counted positions (``_jacobian_rows``)
+    and the moments taken for chunks of examples.
+    """
+    n, _, _, c = _positions(lin)
+    use_bound = bound and not isinstance(family, Gaussian)
+    s2: Any = None  # (N, D): Σ_t σ_t²
+    rest: Any = None  # (N, D): Σ_t (m_t − 3σ_t⁴), or Σ_t (ρ_t² σ_t² − 2σ_t⁴) for the bound
+    for z_at, rows in _jacobian_rows(lin, max_vectors, xp):
+        k = int(rows.shape[1])
+        chunk = max(1, _budget(lin, max_vectors) // (k * c))
+        s2_parts, rest_parts = [], []
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            a = xp.permute_dims(rows[start:stop, ...], (0, 1, 3, 2))  # (n_c, K, D, C)
+            zb = xp.broadcast_to(z_at[start:stop, :, None, :], a.shape)
+            quad = xp.sum(a * family.metric_matvec(zb, a), axis=-1)  # σ_t², (n_c, K, D)
+            if use_bound:
+                part = _range_bound(family, zb, a, xp) * quad - 2.0 * quad * quad
+            else:
+                part = family.fourth_moment(zb, a) - 3.0 * quad * quad
+            s2_parts.append(xp.sum(quad, axis=1))
+            rest_parts.append(xp.sum(part, axis=1))
+        s2_c = s2_parts[0] if len(s2_parts) == 1 else xp.concat(s2_parts, axis=0)
+        rest_c = rest_parts[0] if len(rest_parts) == 1 else xp.concat(rest_parts, axis=0)
+        s2 = s2_c if s2 is None else s2 + s2_c
+        rest = rest_c if rest is None else rest + rest_c
+    return xp.sum(rest + 2.0 * s2 * s2, axis=0)
 
 
 def _hessian_batch(
     lin: Any, family: Family, bound: bool, max_vectors: int | None, xp: Any
 ) -> Array:
-    """Σ_x cᵀ I(z_x) c (or its bound) per parameter, c = ∂²z_x/∂θ_i²."""
+    """Σ_x Σ_t c_tᵀ I(z_xt) c_t (or its bound) per parameter, c_t = ∂²z_xt/∂θ_i²."""
     if not hasattr(lin, "output_second_derivative_diagonal"):
         msg = (
             f"{type(lin).__name__} has no output_second_derivative_diagonal, which the "
@@ -325,20 +403,35 @@ def _hessian_batch(
             "fisherbound.adapters."
         )
         raise NotImplementedError(msg)
-    z = lin.logits
-    h = lin.output_second_derivative_diagonal(max_vectors=max_vectors)  # (N, C, D)
-    n, c = lin.num_inputs, lin.num_outputs
-    chunk = max(1, _budget(lin, max_vectors) // c)
+    n, _, p, c = _positions(lin)
+    d = lin.num_params
+    h = lin.output_second_derivative_diagonal(max_vectors=max_vectors)
+    want = (*(int(s) for s in lin.logits.shape), d)
+    if tuple(int(s) for s in h.shape) != want:
+        msg = (
+            f"the variance of the Hessian estimator needs the second derivatives ∂²z/∂θ_i² "
+            f"of every output, shape (N, *S, C, D) = {want}; "
+            f"{type(lin).__name__}.output_second_derivative_diagonal returned shape "
+            f"{tuple(h.shape)}. Its adapter does not provide them for outputs with "
+            "position axes; use estimator='score'."
+        )
+        raise ValueError(msg)
+    h = xp.reshape(h, (n, p, c, d))
+    z = xp.reshape(lin.logits, (n, p, c))
+    mask = getattr(lin, "mask", None)
+    if mask is not None:  # the contract zeroes masked rows; second derivatives too
+        h = h * xp.astype(xp.reshape(mask, (n, p)), h.dtype)[:, :, None, None]
+    chunk = max(1, _budget(lin, max_vectors) // (c * p))
     total = None
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        hc = xp.permute_dims(h[start:stop, ...], (0, 2, 1))  # (n_c, D, C)
+        hc = xp.permute_dims(h[start:stop, ...], (0, 1, 3, 2))  # (n_c, P, D, C)
         if bound:
             part = _lambda_max_bound(family) * xp.sum(hc * hc, axis=-1)
         else:
-            zb = xp.broadcast_to(z[start:stop, None, :], hc.shape)
+            zb = xp.broadcast_to(z[start:stop, :, None, :], hc.shape)
             part = xp.sum(hc * family.metric_matvec(zb, hc), axis=-1)
-        part = xp.sum(part, axis=0)
+        part = xp.sum(part, axis=(0, 1))
         total = part if total is None else total + part
     return total
 
@@ -352,26 +445,35 @@ def classical_variance(
     bound: bool = False,
     reduction: str = "sum",
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     progress: bool | None = None,
 ) -> Array:
     """Variance of the diagonal of the classical Fisher estimators Î_1 and Î_2 (THEORY §4).
 
-    With k labels y ~ p(· | x) per input (inputs fixed, their variances added):
+    With k labels y ~ p(· | x) per input (inputs fixed, their variances added),
+    one label per position y_xt independently for logits (N, *S, C); a_t =
+    ∂z_xt/∂θ_i, σ_t² = a_tᵀ I(z_xt) a_t, the sums over the counted positions t:
 
     - ``estimator="score"``: Î_1 = (1/k) Σ s sᵀ, the score outer product (what
-      ``fisherbound.estimators.monte_carlo`` computes), Var(Î_1,ii) =
-      Σ_x (1/k)[E(aᵀu)⁴ − (aᵀ I a)²] with a = ∂z_x/∂θ_i (``family.fourth_moment``).
+      ``fisherbound.estimators.monte_carlo`` computes, s_x = Σ_t J_xtᵀ u_t),
+      Var(Î_1,ii) = Σ_x (1/k)[Σ_t (E(a_tᵀu_t)⁴ − 3σ_t⁴) + 2(Σ_t σ_t²)²]
+      (``family.fourth_moment``); without positions (1/k)[E(aᵀu)⁴ − (aᵀIa)²].
       Bernoulli: z'⁴ p(1−p)(1−2p)²/k per output; unit Gaussian: 2‖a‖⁴/k.
     - ``estimator="hessian"``: Î_2 = −(1/k) Σ ∂²ℓ/∂θ², Var(Î_2,ii) =
-      Σ_x (1/k) cᵀ I(z_x) c with c = ∂²z_x/∂θ_i² (from the adapter's
-      ``output_second_derivative_diagonal``); zero for parameters on which z is
-      linear (the last layer).
+      Σ_x Σ_t (1/k) c_tᵀ I(z_xt) c_t with c_t = ∂²z_xt/∂θ_i² (from the adapter's
+      ``output_second_derivative_diagonal``, shape (N, *S, C, D); a ValueError
+      when it gives another); zero for parameters on which z is linear (the last
+      layer).
 
-    ``bound=True`` returns the bounds instead: Î_1: (range of aᵀu)² · aᵀIa / k,
-    the range being max a − min a (categorical) or Σ_c ``|a_c|`` max(σ_c, 1 − σ_c)
-    (Bernoulli; unit Gaussian: the exact value, aᵀu is unbounded); Î_2:
-    λ̄ ‖c‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1 (Gaussian), upper
-    bounds of λ_max(I). ``reduction="mean"`` divides by N².
+    ``bound=True`` returns the bounds instead: Î_1: Σ_x [Σ_t ρ_t² σ_t² +
+    2((Σ_t σ_t²)² − Σ_t σ_t⁴)] / k (without positions ρ² · aᵀIa / k), ρ_t the
+    range of a_tᵀu: max a_t − min a_t (categorical) or Σ_c ``|a_c|``
+    max(σ_c, 1 − σ_c) (Bernoulli; unit Gaussian: the exact value, aᵀu is
+    unbounded); Î_2: λ̄ Σ_t ‖c_t‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1
+    (Gaussian), upper bounds of λ_max(I). ``reduction="mean"`` divides by N², N
+    the number of examples. ``max_cotangents`` (default 4096): the largest P · C
+    (per-example backward passes per example of the score variance) accepted, a
+    ValueError above it.
 
     Returns
     -------
@@ -380,9 +482,10 @@ def classical_variance(
 
     Notes
     -----
-    Cost: Î_1: C per-example VJPs per input (the per-example Jacobians, chunked
-    by ``max_vectors``) and O(N D C) for the moments; Î_2: the adapter's second
-    derivatives (torch/JAX: D forward-over-forward passes of the batch).
+    Cost: Î_1: P · C per-example VJPs per input (the per-example Jacobian rows of
+    the counted positions, chunked by ``max_vectors``) and O(N P D C) for the
+    moments; Î_2: the adapter's second derivatives (torch/JAX: D
+    forward-over-forward passes of the batch) and O(N P D C).
 
     Examples
     --------
@@ -402,11 +505,15 @@ def classical_variance(
     check_bool(bound, "bound")
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_int(max_vectors, "max_vectors")
+    limit = check_positive_int(max_cotangents, "max_cotangents")
     total: Any = None
     stream = Stream(source, fam, desc=f"{estimator} estimator variance", progress=progress)
     for lin in stream:
         xp = lin.xp
         if estimator == "score":
+            check_cotangents(
+                lin, lin.num_outputs, limit, owner="classical_variance", kernel="exact"
+            )
             part = _score_batch(lin, fam, bound, max_vectors, xp)
         else:
             part = _hessian_batch(lin, fam, bound, max_vectors, xp)
@@ -485,6 +592,7 @@ def compare_estimators(
     target_relative_error: float = 0.1,
     rng: Any = 0,
     max_vectors: int | None = None,
+    max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     estimators: Sequence[str] | None = None,
 ) -> Comparison:
     """Which diagonal estimator reaches a given accuracy soonest, on YOUR model and data.
@@ -500,6 +608,8 @@ def compare_estimators(
 
     ``source`` is materialised (a list of linearizations): pass a representative
     sample of batches. ``estimators`` selects rows (default all four).
+    ``max_cotangents`` as in ``fisher_diagonal`` (the closed forms need the same
+    P · R per-example products per example).
 
     Returns
     -------
@@ -509,9 +619,9 @@ def compare_estimators(
 
     Notes
     -----
-    Cost: the closed forms need the per-example VJPs of the exact diagonal (C
-    per input) and of the Jacobian (C per input), plus one timed call of each
-    estimator after a warm-up call.
+    Cost: the closed forms need the per-example VJPs of the exact diagonal (P · R
+    per input) and of the Jacobian rows (P · C per input), plus one timed call of
+    each estimator after a warm-up call.
 
     Examples
     --------
@@ -532,11 +642,14 @@ def compare_estimators(
     for name in chosen:
         check_choice(name, "estimators entries", names)
     check_optional_int(max_vectors, "max_vectors")
+    limit = check_positive_int(max_cotangents, "max_cotangents")
     lins = list(Stream(source, fam, desc="compare estimators", progress=False))
     moments = _DiagonalMoments()
     mc_var: Any = None
     for lin in lins:
         xp = lin.xp
+        r = max(fam.sqrt_rank(lin.num_outputs), lin.num_outputs)
+        check_cotangents(lin, r, limit, owner="compare_estimators", kernel="exact")
         moments.add(*_diagonal_batch(lin, fam, "exact", max_vectors, xp))
         if "monte_carlo" in chosen:
             part = _score_batch(lin, fam, False, max_vectors, xp)
@@ -556,7 +669,9 @@ def compare_estimators(
         "monte_carlo": lambda: est.monte_carlo(
             lins, fam, rng=rng, max_vectors=max_vectors, progress=False
         ),
-        "exact": lambda: fisher_diagonal(lins, fam, max_vectors=max_vectors, progress=False),
+        "exact": lambda: fisher_diagonal(
+            lins, fam, max_vectors=max_vectors, max_cotangents=limit, progress=False
+        ),
     }
     rows = []
     for name in chosen:

@@ -6,67 +6,100 @@ Public through ``fisherbound.adapters.jax`` (``JaxLossFunction``, built by its
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
-from fisherbound._lib import array_namespace
-from fisherbound.adapters._jax_model import Kernels, Model, check_logits, shard_local
-from fisherbound.linearization import LossFunctionBase
+from fisherbound._lib import array_namespace, is_traced
+from fisherbound.adapters._jax_model import (
+    Kernels,
+    Model,
+    check_logits,
+    check_mask,
+    logits_text,
+    shard_local,
+    traced_selection,
+)
+from fisherbound.linearization import LossFunctionBase, ReadOnly
 
 Array = Any
 PyTree = Any
 
-__all__ = ["JaxLossFunction"]
+__all__ = ["JaxLossFunction", "check_ignore_index"]
 
 
 class _LossKernels:
     """The compiled loss, its gradient and Hessian-vector products for one model.
 
-    Every kernel takes θ, the inputs, the labels and a scale (1 or 1/N) as
-    arguments, so one compilation serves every batch of the same shapes.
+    Every kernel takes θ, the inputs, the labels, the counted positions (None or
+    boolean (N, *S)) and a scale (1, or 1 / the number counted) as arguments, so
+    one compilation serves every batch of the same shapes.
     """
 
-    def __init__(self, apply_fn: Callable[..., Array], kernels: Kernels, family: Any) -> None:
-        unravel = kernels.unravel
+    def __init__(self, kernels: Kernels, family: Any) -> None:
+        model = kernels.model
 
-        def nll(theta: Array, x: PyTree, y: Array, scale: Array) -> Array:
-            z = apply_fn(unravel(theta), x)
-            return -jnp.sum(family.unchecked_log_likelihood(z, y, xp=jnp)) * scale
+        def log_likelihoods(z: Array, y: Array, counted: Array | None) -> Array:
+            ll = family.unchecked_log_likelihood(z, y, xp=jnp)
+            if counted is None:
+                return ll
+            return jnp.where(counted, ll, jnp.zeros((), dtype=ll.dtype))
 
-        def values(theta: Array, x: PyTree, y: Array, scale: Array, shifts: Array) -> Array:
-            z = jax.vmap(lambda s: apply_fn(unravel(theta + s), x))(shifts)
+        def nll(theta: Array, x: PyTree, y: Array, counted: Array | None, scale: Array) -> Array:
+            z = model(theta, x)
+            return -jnp.sum(log_likelihoods(z, y, counted)) * scale
+
+        def values(
+            theta: Array, x: PyTree, y: Array, counted: Array | None, scale: Array, shifts: Array
+        ) -> Array:
+            z = jax.vmap(lambda s: model(theta + s, x))(shifts)
             yb = jnp.broadcast_to(y, (z.shape[0], *y.shape))
-            return -jnp.sum(family.unchecked_log_likelihood(z, yb, xp=jnp), axis=-1) * scale
+            ll = log_likelihoods(z, yb, counted)
+            return -jnp.sum(jnp.reshape(ll, (ll.shape[0], -1)), axis=-1) * scale
 
         grad = jax.grad(nll)
 
-        def hvp(theta: Array, x: PyTree, y: Array, scale: Array, v: Array) -> Array:
-            return jax.jvp(lambda t: grad(t, x, y, scale), (theta,), (v,))[1]
+        def hvp(
+            theta: Array, x: PyTree, y: Array, counted: Array | None, scale: Array, v: Array
+        ) -> Array:
+            return jax.jvp(lambda t: grad(t, x, y, counted, scale), (theta,), (v,))[1]
 
-        self.logits = jax.jit(lambda theta, x: apply_fn(unravel(theta), x))
+        self.logits = jax.jit(model)
         self.values = jax.jit(values)
         self.grad = jax.jit(grad)
         self.hvp = jax.jit(hvp)
-        self.hvp_batch = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, None, 0)))
+        self.hvp_batch = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, None, None, 0)))
 
 
-def _loss_kernels(apply_fn: Callable[..., Array], kernels: Kernels, family: Any) -> _LossKernels:
-    try:
-        hash(apply_fn)
-    except TypeError:  # an unhashable apply_fn: compile for this loss function only
-        return _LossKernels(apply_fn, kernels, family)
-    return _cached_loss_kernels(apply_fn, kernels, family)
+def _loss_kernels(kernels: Kernels, family: Any) -> _LossKernels:
+    """The loss kernels of ``family``, built once and kept with the model's ``kernels``."""
+    key = ("loss", family)
+    if key not in kernels.cache:
+        kernels.cache[key] = _LossKernels(kernels, family)
+    return kernels.cache[key]
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_loss_kernels(
-    apply_fn: Callable[..., Array], kernels: Kernels, family: Any
-) -> _LossKernels:
-    return _LossKernels(apply_fn, kernels, family)
+def check_ignore_index(ignore_index: object) -> int | None:
+    """``ignore_index`` if it is an int or None; else a TypeError."""
+    if ignore_index is None or (
+        isinstance(ignore_index, int) and not isinstance(ignore_index, bool)
+    ):
+        return ignore_index
+    msg = (
+        "ignore_index must be an int (the label of positions that do not count, "
+        f"default -100) or None; got {type(ignore_index).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def _labels_classes_last(labels: Any, ndim: int, class_axis: int) -> Any:
+    """Labels with a class axis ((N, *S, C) in the user's layout) moved as the logits' is."""
+    if not isinstance(labels, jax.Array) or labels.ndim != ndim:
+        return labels  # class indices (no class axis), or a shape the family reports
+    if class_axis in (-1, ndim - 1):
+        return labels
+    return jnp.moveaxis(labels, class_axis, -1)
 
 
 class JaxLossFunction(LossFunctionBase):
@@ -75,13 +108,20 @@ class JaxLossFunction(LossFunctionBase):
     Build it with :func:`loss_function`. ``value`` is ``jax.vmap`` of the forward
     pass over the shifts, ``gradient`` is ``jax.grad``, ``hvp`` / ``hvp_batch`` are
     forward-over-reverse (``jax.jvp`` of ``jax.grad``, vmapped over the vectors);
-    every kernel is compiled once per model, family and shapes.
+    every kernel is compiled once per model, family and shapes. ``labels`` are
+    held in the logits' layout (classes last), ignored labels replaced by 0;
+    ``mask`` are the counted positions.
     """
 
     #: Shifts evaluated per compiled call of ``value`` (a fixed shape: one compilation).
     default_max_shifts: int = 32
 
     _operand_remedy = "Move it with jax.device_put({name}, loss.device)."
+
+    mask = ReadOnly["Array | None"](
+        "The counted positions: None (all) or a boolean array (N, *S), False where "
+        "``mask=`` is False or the label equals ``ignore_index``."
+    )
 
     def __init__(
         self,
@@ -91,19 +131,58 @@ class JaxLossFunction(LossFunctionBase):
         labels: Array,
         family: Any,
         reduction: str,
+        mask: Any = None,
+        ignore_index: int | None = -100,
     ) -> None:
         self._model = model
         self._inputs = inputs
-        self._kernels = _loss_kernels(model.apply_fn, model.kernels, family)
+        self._kernels = _loss_kernels(model.kernels, family)
         theta = shard_local(model.theta, inputs)
-        z = self._kernels.logits(theta, inputs)
+        z = traced_selection(self._kernels.logits, theta, inputs)
         check_logits(z, num_inputs, model.dtype)
-        self._hold_batch(z, labels, family, reduction)
-        self._scale = jnp.asarray(self._scale, dtype=model.dtype)
+        counted = check_mask(mask, z, logits_text(z.ndim), inputs)
+        labels = _labels_classes_last(labels, z.ndim, model.logits_fn.class_axis)
+        ignored = None
+        if (
+            ignore_index is not None
+            and isinstance(labels, jax.Array)
+            and jnp.issubdtype(labels.dtype, jnp.integer)
+        ):
+            ignored = labels == ignore_index
+            labels = jnp.where(ignored, jnp.zeros((), dtype=labels.dtype), labels)
+            if not is_traced(ignored) and not bool(jnp.any(ignored)):
+                ignored = None  # nothing ignored: every position counts (mask None)
+        self._hold_batch(z, labels, family, reduction)  # checks the labels
+        if ignored is not None:
+            counted = ~ignored if counted is None else counted & ~ignored
+            if not is_traced(counted) and not bool(jnp.any(counted)):
+                msg = (
+                    f"labels must count at least one position; every label equals "
+                    f"ignore_index={ignore_index}"
+                    + (" or is masked by mask" if mask is not None else "")
+                    + ". Pass labels with real classes, or ignore_index=None."
+                )
+                raise ValueError(msg)
+        self._mask = counted
+        total = num_inputs * (z.size // (num_inputs * int(z.shape[-1])))
+        self._num_counted: Any = total if counted is None else jnp.sum(counted)
+        if not is_traced(self._num_counted):
+            self._num_counted = int(self._num_counted)
+        scale = 1.0 / self._num_counted if reduction == "mean" else 1.0
+        self._scale = jnp.asarray(scale, dtype=model.dtype)
         self._theta = theta  # for the kernels: the derivative on this shard
         self._params = model.theta
         self._blocks = model.blocks
         self._xp = array_namespace(z, names=("logits",))
+
+    @property
+    def num_counted(self) -> Any:
+        """The number of counted positions Σ m (the ``"mean"`` divisor).
+
+        N · P without a mask and ignored labels (N for (N, C) logits); an int,
+        or a traced 0-d array inside ``jit`` / ``shard_map``.
+        """
+        return self._num_counted
 
     def value(self, shifts: Array, /) -> Array:
         """L(θ + shifts[s]) for shifts (S, D); returns (S,).
@@ -120,24 +199,28 @@ class JaxLossFunction(LossFunctionBase):
             rows = int(part.shape[0])
             if rows < chunk:
                 part = jnp.pad(part, ((0, chunk - rows), (0, 0)))
-            out = self._kernels.values(self._theta, self._inputs, self._labels, self._scale, part)
+            out = self._kernels.values(*self._batch(), part)
             pieces.append(out[:rows])
         if not pieces:
             return jnp.zeros((0,), dtype=self.dtype)
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
+    def _batch(self) -> tuple[Any, ...]:
+        """The kernels' leading arguments: θ, inputs, labels, counted positions, scale."""
+        return self._theta, self._inputs, self._labels, self._mask, self._scale
+
     def gradient(self) -> Array:
         """∇L(θ), shape (D,) (``jax.grad``)."""
-        return self._kernels.grad(self._theta, self._inputs, self._labels, self._scale)
+        return self._kernels.grad(*self._batch())
 
     def hvp(self, v: Array, /) -> Array:
         """∇²L(θ) v for ``v`` (D,); returns (D,) (``jax.jvp`` of ``jax.grad``)."""
         v = self._operand(v, "v", (self.num_params,), "(D,)")
         v = shard_local(v, self._inputs)
-        return self._kernels.hvp(self._theta, self._inputs, self._labels, self._scale, v)
+        return self._kernels.hvp(*self._batch(), v)
 
     def hvp_batch(self, V: Array, /) -> Array:
         """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D) (vmapped ``hvp``)."""
         V = self._operand(V, "V", (None, self.num_params), "(M, D)")
         V = shard_local(V, self._inputs)
-        return self._kernels.hvp_batch(self._theta, self._inputs, self._labels, self._scale, V)
+        return self._kernels.hvp_batch(*self._batch(), V)

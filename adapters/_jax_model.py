@@ -2,22 +2,24 @@
 
 Private to ``fisherbound.adapters.jax``: ``Model`` (``apply_fn`` with its
 parameters flattened to θ, the blocks and the compiled ``Kernels``, cached per
-model and parameter layout), the validation of ``apply_fn``, the parameters, the
-inputs and the logits with the house messages, and ``shard_local`` for
-``shard_map``.
+model and parameter layout), ``LogitsFn`` (``apply_fn`` with the output selector
+``output=`` and the class axis ``class_axis=``: the logits (N, *S, C)), the
+validation of ``apply_fn``, the parameters, the inputs, the logits and the mask
+with the house messages, and ``shard_local`` for ``shard_map``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
-from fisherbound._lib import check_finite
+from fisherbound._lib import check_device, check_finite, device_of, is_traced
 from fisherbound.linearization import make_blocks
 
 Array = Any
@@ -63,12 +65,38 @@ def sum_of_squares(g: Array) -> Array:
     return g[0, ...]
 
 
+def mask_outputs(z: Array, mask: Array | None) -> Array:
+    """``z`` (..., N, *S, C) with the masked positions zeroed: diag(mask) applied.
+
+    ``mask`` is None (no change) or boolean (N, *S), broadcast against the
+    trailing axes of ``z``. ``jnp.where``, not a product, so a non-finite value
+    at a masked position cannot leak into the result.
+    """
+    if mask is None:
+        return z
+    return jnp.where(mask[..., None], z, jnp.zeros((), dtype=z.dtype))
+
+
+def mask_cotangents(U: Array, mask: Array | None) -> Array:
+    """Per-example cotangents ``U`` (n, K, *S, C) with the masked positions zeroed.
+
+    J_xᵀ (diag(m_x) U[x, k]) = (diag(m_x) J_x)ᵀ U[x, k]: masking the cotangents is
+    masking the Jacobian rows.
+    """
+    if mask is None:
+        return U
+    return jnp.where(mask[:, None, ..., None], U, jnp.zeros((), dtype=U.dtype))
+
+
 class Kernels:
     """The compiled products of one model: ``apply_fn`` with one parameter layout.
 
-    Every kernel takes the flat parameters ``theta`` and the inputs ``x`` as
-    arguments (never as closed-over constants), so a kernel compiled for one
-    batch is reused by every batch of the same shapes.
+    Every kernel takes the flat parameters ``theta``, the inputs ``x`` and the mask
+    (None or boolean (N, *S)) as arguments (never as closed-over constants), so a
+    kernel compiled for one batch is reused by every batch of the same shapes
+    (None and an array mask compile separately). The mask is applied to the
+    outputs of forward products and to the cotangents of reverse ones, which is
+    diag(mask) J in every product.
     """
 
     def __init__(
@@ -92,7 +120,7 @@ class Kernels:
             return apply_fn(unravel(theta), x)
 
         def single(theta: Array, xn: PyTree) -> Array:
-            # One example as a batch of one: the logits row (C,) of x_n.
+            # One example as a batch of one: the logits (*S, C) of x_n.
             return model(theta, jax.tree_util.tree_map(lambda a: a[None, ...], xn))[0, ...]
 
         def forward(theta: Array, x: PyTree) -> tuple[Array, Any]:
@@ -111,16 +139,24 @@ class Kernels:
             return jax.vmap(one)(x, U)
 
         def sum_squared(
-            theta: Array, x: PyTree, U: Array, example_chunk: int, vector_chunk: int
+            theta: Array,
+            x: PyTree,
+            U: Array,
+            mask: Array | None,
+            example_chunk: int,
+            vector_chunk: int,
         ) -> Array:
-            n, k, c = U.shape
+            U = mask_cotangents(U, mask)
+            n, k = U.shape[:2]
+            out = U.shape[2:]  # (*S, C)
             n_ex = -(-n // example_chunk)
             n_vec = -(-k // vector_chunk)
             # Pad with zero cotangents (whose VJPs are exactly zero) on copies of
             # the last example, so every chunk has one shape and one compilation.
-            U = jnp.pad(U, ((0, n_ex * example_chunk - n), (0, n_vec * vector_chunk - k), (0, 0)))
-            U = jnp.reshape(U, (n_ex, example_chunk, n_vec, vector_chunk, c))
-            U = jnp.moveaxis(U, 2, 1)  # (n_ex, n_vec, example_chunk, vector_chunk, C)
+            pad = ((0, n_ex * example_chunk - n), (0, n_vec * vector_chunk - k))
+            U = jnp.pad(U, pad + ((0, 0),) * len(out))
+            U = jnp.reshape(U, (n_ex, example_chunk, n_vec, vector_chunk, *out))
+            U = jnp.moveaxis(U, 2, 1)  # (n_ex, n_vec, example_chunk, vector_chunk, *S, C)
             index = jnp.minimum(jnp.arange(n_ex * example_chunk), n - 1)
             xs = jax.tree_util.tree_map(
                 lambda a: jnp.reshape(a[index, ...], (n_ex, example_chunk, *a.shape[1:])), x
@@ -142,15 +178,24 @@ class Kernels:
             total, _ = jax.lax.scan(over_examples, total, (xs, U))
             return jnp.reshape(total, (n_vec * vector_chunk, num_params))[:k, ...]
 
+        #: θ ↦ logits (N, *S, C), unmasked: the model the kernels differentiate.
+        self.model = model
+        #: Kernels built on first use and kept with these (so cached as they are):
+        #: the second derivatives, the loss kernels of each family.
+        self.cache: dict[Any, Any] = {}
         self.unravel = jax.jit(unravel)
         self.forward = jax.jit(forward)
-        self.jvp = jax.jit(lambda f_jvp, v: f_jvp(v))
-        self.jvp_batch = jax.jit(lambda f_jvp, V: jax.vmap(f_jvp)(V))
-        self.vjp = jax.jit(lambda f_jvp, theta, u: transpose(f_jvp, theta)(u))
-        self.vjp_batch = jax.jit(lambda f_jvp, theta, U: jax.vmap(transpose(f_jvp, theta))(U))
-        self.per_example = jax.jit(per_example)
+        self.jvp = jax.jit(lambda f_jvp, v, m: mask_outputs(f_jvp(v), m))
+        self.jvp_batch = jax.jit(lambda f_jvp, V, m: mask_outputs(jax.vmap(f_jvp)(V), m))
+        self.vjp = jax.jit(lambda f_jvp, theta, u, m: transpose(f_jvp, theta)(mask_outputs(u, m)))
+        self.vjp_batch = jax.jit(
+            lambda f_jvp, theta, U, m: jax.vmap(transpose(f_jvp, theta))(mask_outputs(U, m))
+        )
+        self.per_example = jax.jit(
+            lambda theta, x, U, m: per_example(theta, x, mask_cotangents(U, m))
+        )
         self.singles = jax.jit(lambda theta, x: jax.vmap(lambda xn: single(theta, xn))(x))
-        self.sum_squared = jax.jit(sum_squared, static_argnums=(3, 4))
+        self.sum_squared = jax.jit(sum_squared, static_argnums=(4, 5))
 
 
 def build_kernels(
@@ -171,20 +216,173 @@ def _cached_kernels(
     return Kernels(apply_fn, treedef, shapes)
 
 
-class Model:
-    """``apply_fn`` with its parameters flattened: θ, the blocks and the kernels."""
+def _is_array(x: object) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
 
-    def __init__(self, apply_fn: Callable[..., Array], params: PyTree) -> None:
+
+def _available(out: object) -> str:
+    """What a selector could have named in the output ``out``, for messages."""
+    if isinstance(out, Mapping):
+        return f"a {type(out).__name__} with keys {list(out.keys())}"
+    if isinstance(out, tuple | list):
+        return f"a {type(out).__name__} of {len(out)} outputs"
+    if _is_array(out):
+        return f"an array of shape {tuple(out.shape)}"  # type: ignore[attr-defined]
+    names = [n for n in dir(out) if not n.startswith("_") and _is_array(getattr(out, n, None))]
+    return f"a {type(out).__name__} with array attributes {names}"
+
+
+class SelectionError(ValueError):
+    """A selector or class axis that does not fit the model's output, found at trace time.
+
+    Raised inside ``jax.jit`` tracing, whose traceback filtering appends a note to
+    the message; ``traced_selection`` re-raises it as a plain ValueError.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def traced_selection(kernel: Callable[..., Any], *args: Any) -> Any:
+    """``kernel(*args)``, a ``SelectionError`` during its tracing re-raised with its own message."""
+    try:
+        return kernel(*args)
+    except SelectionError as err:
+        raise ValueError(err.message) from None
+
+
+def select_output(out: Any, output: Any) -> Any:
+    """The logits in the output pytree ``out`` of ``apply_fn``, by the selector ``output``.
+
+    None: ``out`` itself; a str: the dict key (``out[output]``), else the attribute
+    (``out.logits`` of a Hugging Face output); an int: the tuple / list index; a
+    callable: ``output(out)``. Runs at trace time (the structure is static); a
+    selector that finds nothing raises a ValueError naming ``output``.
+    """
+    if output is None:
+        return out
+    if callable(output):
+        z = output(out)
+    elif isinstance(output, str):
+        if isinstance(out, Mapping) and output in out:
+            z = out[output]
+        elif not isinstance(out, Mapping) and hasattr(out, output):
+            z = getattr(out, output)
+        else:
+            msg = (
+                f"output={output!r} names no key or attribute of the model's output; "
+                f"got {_available(out)}. Pass one of them, or a callable out -> logits."
+            )
+            raise SelectionError(msg)
+    else:
+        seq = out.to_tuple() if hasattr(out, "to_tuple") else out
+        if not isinstance(seq, tuple | list) or not -len(seq) <= output < len(seq):
+            msg = (
+                f"output={output!r} indexes a tuple output, but the model's output is "
+                f"{_available(out)}. Pass an index in range, a key, or a callable out -> logits."
+            )
+            raise SelectionError(msg)
+        z = seq[output]
+    if not _is_array(z):
+        msg = (
+            f"output={output!r} must select an array of logits from the model's output; "
+            f"it selected {_available(z)} from {_available(out)}."
+        )
+        raise SelectionError(msg)
+    return z
+
+
+def check_output(output: object) -> Any:
+    """``output`` if it is a selector: None, a str, an int or a callable; else a TypeError."""
+    if output is None or callable(output) or isinstance(output, str):
+        return output
+    if isinstance(output, int) and not isinstance(output, bool):
+        return output
+    msg = (
+        "output must be None (apply_fn returns the logits), a str (a dict key or an "
+        "attribute such as 'logits'), an int (a tuple index) or a callable out -> logits; "
+        f"got {type(output).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def check_class_axis(class_axis: object) -> int:
+    """``class_axis`` if it is an int other than 0; else a TypeError or ValueError."""
+    if not isinstance(class_axis, int) or isinstance(class_axis, bool):
+        msg = (
+            f"class_axis must be an int (the logits' class axis); got {type(class_axis).__name__}."
+        )
+        raise TypeError(msg)
+    if class_axis == 0:
+        msg = (
+            "class_axis must not be 0: axis 0 of the logits holds the N examples. Give "
+            "the class axis of (N, ..., C) outputs, e.g. 1 for (N, C, H, W) or -1 (default)."
+        )
+        raise ValueError(msg)
+    return class_axis
+
+
+def classes_last(z: Array, class_axis: int) -> Array:
+    """``z`` with its class axis ``class_axis`` moved last (trace-time checks of the axis)."""
+    ndim = len(z.shape)
+    if class_axis in (-1, ndim - 1) or ndim < 2:
+        return z  # the logits' own checks report ndim < 2
+    if not -ndim <= class_axis < ndim or class_axis % ndim == 0:
+        msg = (
+            f"class_axis={class_axis} must name an axis of the logits other than 0 (the "
+            f"examples); got logits of shape {tuple(z.shape)} (axes {1 - ndim} to "
+            f"{ndim - 1}, 0 and {-ndim} excluded)."
+        )
+        raise SelectionError(msg)
+    return jnp.moveaxis(z, class_axis, -1)
+
+
+@dataclass(frozen=True)
+class LogitsFn:
+    """``apply_fn`` with the output selector and the class axis: (params, x) ↦ (N, *S, C).
+
+    Frozen and compared by its fields, so the kernel caches keyed by it share one
+    compilation between linearizations of one model and selector.
+    """
+
+    apply_fn: Callable[..., Any]
+    output: Any = None
+    class_axis: int = -1
+
+    def __call__(self, params: PyTree, x: PyTree) -> Any:
+        out = self.apply_fn(params, x)
+        if self.output is None and not _is_array(out):
+            return out  # check_logits reports it, with the hint to pass output=
+        return classes_last(select_output(out, self.output), self.class_axis)
+
+
+class Model:
+    """``apply_fn`` with its parameters flattened: θ, the blocks and the kernels.
+
+    ``logits_fn`` is ``apply_fn`` followed by the output selector and the move of
+    the class axis last; every kernel differentiates it.
+    """
+
+    def __init__(
+        self,
+        apply_fn: Callable[..., Array],
+        params: PyTree,
+        *,
+        output: Any = None,
+        class_axis: int = -1,
+    ) -> None:
         named, treedef = check_params(params)
         leaves = [leaf for _, leaf in named]
         shapes = tuple(tuple(int(s) for s in leaf.shape) for leaf in leaves)
         self.apply_fn = apply_fn
+        self.logits_fn = LogitsFn(apply_fn, check_output(output), check_class_axis(class_axis))
         self.dtype = leaves[0].dtype
         self.theta = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
         self.blocks = make_blocks(
             (name, shape) for (name, _), shape in zip(named, shapes, strict=True)
         )
-        self.kernels = build_kernels(apply_fn, treedef, shapes)
+        self.kernels = build_kernels(self.logits_fn, treedef, shapes)
 
 
 # ----------------------------------------------------------------------------
@@ -332,14 +530,19 @@ def varying_axes(x: Array) -> set[str]:
 
 
 def check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
+    """The logits (N, *S, C) after the selector and the class move, checked."""
     name = "apply_fn(params, inputs)"
     if not hasattr(z, "shape") or not hasattr(z, "dtype"):
-        msg = f"{name} must return an array of logits (N, C); got {type(z).__name__}."
+        msg = (
+            f"{name} must return an array of logits (N, C); got {type(z).__name__}. "
+            f"To use one part of a structured output pass output= (got {_available(z)})."
+        )
         raise TypeError(msg)
-    if z.ndim != 2:
+    if z.ndim < 2:
         msg = (
             f"{name} must return logits of shape (N, C); got shape {tuple(z.shape)}. "
-            "Reshape inside apply_fn, e.g. z.reshape(z.shape[0], -1)."
+            "Logits need an example axis N and a class axis C, with any position axes S "
+            "between them: (N, *S, C). Reshape inside apply_fn, e.g. z.reshape(z.shape[0], -1)."
         )
         raise ValueError(msg)
     if int(z.shape[0]) != num_inputs:
@@ -367,32 +570,91 @@ def check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
         raise ValueError(msg) from err
 
 
-def second_derivative_kernel(apply_fn: Callable[..., Array], kernels: Kernels) -> Any:
-    """The compiled map (θ, x, indices) ↦ ∂²z/∂θ_i² for i in indices, (k, N, C)."""
-    try:
-        hash(apply_fn)
-    except TypeError:  # an unhashable apply_fn: compile for this call only
-        return _build_second_derivative_kernel(apply_fn, kernels)
-    return _cached_second_derivative_kernel(apply_fn, kernels)
+def logits_text(ndim: int) -> str:
+    """The letters of logits with ``ndim`` axes, as ``LinearizationBase._output_text``."""
+    s = ndim - 2
+    positions = ["T"] if s == 1 else [f"T{i + 1}" for i in range(s)]
+    return "(" + ", ".join(["N", *positions, "C"]) + ")"
 
 
-def _build_second_derivative_kernel(apply_fn: Callable[..., Array], kernels: Kernels) -> Any:
-    unravel = kernels.unravel
+def mask_text(output_text: str) -> str:
+    """The letters of a mask's shape from those of the logits: "(N, T, C)" -> "(N, T)"."""
+    letters = output_text.strip("()").split(", ")[:-1]
+    return "(" + ", ".join(letters) + ("," if len(letters) == 1 else "") + ")"
 
-    def curvature(theta: Array, x: PyTree, index: Array) -> Array:
+
+def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | None:
+    """``mask`` as a boolean JAX array (N, *S) on the logits' device, or None.
+
+    ``mask`` is None, a boolean array, or a callable ``mask(inputs)`` returning
+    one. ``what`` are the letters of the logits' shape, e.g. "(N, T, C)". A mask
+    False everywhere is a ValueError (unless traced: inside ``jit`` / ``shard_map``
+    its values are unknown).
+    """
+    if mask is None:
+        return None
+    source = "mask"
+    if callable(mask) and not _is_array(mask):
+        mask = mask(inputs)
+        source = "mask(inputs)"
+    if type(mask).__module__.split(".")[0] == "numpy":
+        mask = jnp.asarray(mask)
+    if not isinstance(mask, jax.Array):
+        msg = (
+            f"{source} must be a boolean array (N, *S), True where a position counts, "
+            f"or None; got {type(mask).__module__}.{type(mask).__name__}."
+        )
+        raise TypeError(msg)
+    if mask.dtype != jnp.bool_:
+        msg = (
+            f"{source} must be a boolean array (True where a position counts); got dtype "
+            f"{mask.dtype}. Convert it, e.g. mask != 0."
+        )
+        raise TypeError(msg)
+    shape = tuple(int(s) for s in logits.shape[:-1])
+    if tuple(mask.shape) != shape:
+        msg = (
+            f"{source} must have the logits' shape without the class axis, "
+            f"{mask_text(what)} = {shape}; got shape {tuple(mask.shape)}."
+        )
+        raise ValueError(msg)
+    check_device(
+        mask,
+        source,
+        device_of(logits),
+        owner="the logits' device",
+        remedy="Move it with jax.device_put(mask, lin.device).",
+    )
+    if not is_traced(mask) and not bool(jnp.any(mask)):
+        msg = (
+            f"{source} must keep at least one position; got a mask of shape {shape} that "
+            "is False everywhere (no position would count)."
+        )
+        raise ValueError(msg)
+    return mask
+
+
+def second_derivative_kernel(kernels: Kernels) -> Any:
+    """The compiled map (θ, x, mask, indices) ↦ ∂²z/∂θ_i² for i in indices, (k, N, *S, C).
+
+    Built on first use and kept with ``kernels`` (so cached as they are). Masked
+    positions give zero (their logits are constants of θ in the masked Jacobian).
+    """
+    kernel = kernels.cache.get("second_derivative")
+    if kernel is not None:
+        return kernel
+    model = kernels.model
+
+    def curvature(theta: Array, x: PyTree, mask: Array | None, index: Array) -> Array:
         def along(i: Array) -> Array:
             e = jnp.zeros_like(theta).at[i].set(1.0)
 
             def slope(t: Array) -> Array:
-                return jax.jvp(lambda s: apply_fn(unravel(s), x), (t,), (e,))[1]
+                return jax.jvp(lambda s: model(s, x), (t,), (e,))[1]
 
             return jax.jvp(slope, (theta,), (e,))[1]
 
-        return jax.vmap(along)(index)
+        return mask_outputs(jax.vmap(along)(index), mask)
 
-    return jax.jit(curvature)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_second_derivative_kernel(apply_fn: Callable[..., Array], kernels: Kernels) -> Any:
-    return _build_second_derivative_kernel(apply_fn, kernels)
+    kernel = kernels.cache["second_derivative"] = jax.jit(curvature)
+    return kernel

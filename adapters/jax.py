@@ -3,7 +3,21 @@
 ``linearize(apply_fn, params, inputs)`` freezes a pure JAX function at its
 parameters on one batch and returns a
 :class:`~fisherbound.linearization.LinearizationBase` whose products are
-computed by JAX's own transformations:
+computed by JAX's own transformations.
+
+Shapes: the logits z are (N, *S, C): N examples, position axes S (tokens,
+pixels; none for one output per example) and the C classes last. A model whose
+classes are elsewhere names that axis with ``class_axis=`` (e.g. 1 for
+segmentation logits (N, C, H, W)); a model returning a pytree (a dict, a tuple,
+a Hugging Face output) names the logits with ``output=``. The inputs x are any
+pytree of arrays sharing the leading axis N, passed to ``apply_fn`` as one
+argument (a dict of keyword inputs included: ``lambda p, x: model(**x, params=p)``).
+An example is an x with all its positions: per-example products sum over them.
+``mask=`` (boolean (N, *S), or a callable ``inputs -> mask``) keeps the positions
+that count; every product uses diag(mask) J (masked positions have zero Jacobian
+rows), so every Fisher quantity excludes them.
+
+The products:
 
 - ``jvp`` / ``jvp_batch``: the linear map v ↦ J v of ``jax.linearize``, built
   once per linearization (the forward pass and its residuals are kept) and
@@ -48,14 +62,16 @@ from fisherbound._lib import (
     array_namespace,
     check_positive_int,
 )
-from fisherbound.adapters._jax_loss import JaxLossFunction
+from fisherbound.adapters._jax_loss import JaxLossFunction, check_ignore_index
 from fisherbound.adapters._jax_model import (
     Model,
     check_apply_fn,
     check_inputs,
     check_logits,
+    check_mask,
     second_derivative_kernel,
     shard_local,
+    traced_selection,
 )
 from fisherbound.linearization import (
     LinearizationBase,
@@ -93,23 +109,34 @@ class JaxLinearization(LinearizationBase):
     _operand_remedy = "Move it with jax.device_put({name}, lin.device)."
     _operand_free = "M"
 
-    def __init__(self, model: Model, inputs: PyTree, num_inputs: int) -> None:
+    def __init__(self, model: Model, inputs: PyTree, num_inputs: int, mask: Any = None) -> None:
         self._model = model
         self._kernels = model.kernels
         self._inputs = inputs
         self._blocks = model.blocks
         self._theta = shard_local(model.theta, inputs)
-        logits, f_jvp = self._kernels.forward(self._theta, inputs)
+        logits, f_jvp = traced_selection(self._kernels.forward, self._theta, inputs)
         check_logits(logits, num_inputs, model.dtype)
         self._logits = logits
         self._f_jvp = f_jvp
         self._xp = array_namespace(logits, names=("logits",))
+        self._mask = check_mask(mask, logits, self._output_text(), inputs)
         self._independent: Any = None  # None, a bool, or a traced boolean
 
     @property
     def apply_fn(self) -> Callable[..., Array]:
-        """The linearized function ``apply_fn(params, x)``."""
+        """The linearized function ``apply_fn(params, x)``, before ``output`` and ``class_axis``."""
         return self._model.apply_fn
+
+    @property
+    def output(self) -> Any:
+        """The output selector (None, a str, an int or a callable; see ``linearize``)."""
+        return self._model.logits_fn.output
+
+    @property
+    def class_axis(self) -> int:
+        """The class axis of ``apply_fn``'s logits, moved last in ``logits``."""
+        return self._model.logits_fn.class_axis
 
     inputs = ReadOnly[PyTree]("The batch of inputs x (JAX arrays, leading axis N).")
 
@@ -127,9 +154,9 @@ class JaxLinearization(LinearizationBase):
         v = self._operand(v, "v", (self.num_params,), "(D,)")
         return self._kernels.unravel(v)
 
-    def _forward_mode(self, kernel: Callable[[Any, Array], Array], v: Array) -> Array:
+    def _forward_mode(self, kernel: Callable[[Any, Array, Any], Array], v: Array) -> Array:
         try:
-            return kernel(self._f_jvp, v)
+            return kernel(self._f_jvp, v, self._mask)
         except TypeError as err:
             if "custom_vjp" not in str(err):
                 raise
@@ -143,16 +170,16 @@ class JaxLinearization(LinearizationBase):
 
     # -- forward products ---------------------------------------------------------
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, C).
+        """J v for a flat parameter vector ``v`` (D,); returns (N, *S, C).
 
         Evaluates the stored linear map of ``jax.linearize``: about one forward
-        pass, no recomputation of the primal.
+        pass, no recomputation of the primal. Zero at masked positions.
         """
         v = self._operand(v, "v", (self.num_params,), "(D,)")
         return self._forward_mode(self._kernels.jvp, shard_local(v, self._inputs))
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, C).
+        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, *S, C).
 
         One vmapped evaluation of the linear map (M tangents at once).
         """
@@ -161,20 +188,25 @@ class JaxLinearization(LinearizationBase):
 
     # -- reverse products ---------------------------------------------------------
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, C); returns (D,).
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, *S, C); returns (D,).
 
-        The transpose of the stored linear map: about one backward pass.
+        The transpose of the stored linear map: about one backward pass. The
+        cotangent at masked positions is ignored.
         """
-        u = self._operand(u, "u", (self.num_inputs, self.num_outputs), "(N, C)")
-        return self._kernels.vjp(self._f_jvp, self._theta, u)
+        u = self._operand(u, "u", self.output_shape, self._output_text())
+        return self._kernels.vjp(self._f_jvp, self._theta, u, self._mask)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, C); returns (M, D).
+        """Jᵀ U[m] for M cotangents ``U`` (M, N, *S, C); returns (M, D).
 
         One vmapped backward pass for all M cotangents.
         """
-        U = self._operand(U, "U", (None, self.num_inputs, self.num_outputs), "(M, N, C)")
-        return self._kernels.vjp_batch(self._f_jvp, self._theta, U)
+        U = self._operand(U, "U", (None, *self.output_shape), self._output_text("M"))
+        return self._kernels.vjp_batch(self._f_jvp, self._theta, U, self._mask)
+
+    def _cotangents_text(self, lead: str) -> str:
+        """The letters of per-example cotangents, e.g. "(n, K, T, C)"."""
+        return "(" + ", ".join([lead, "K", *self._output_text()[1:-1].split(", ")[1:]]) + ")"
 
     @property
     def examples_independent(self) -> bool:
@@ -218,22 +250,25 @@ class JaxLinearization(LinearizationBase):
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        ``U`` has shape (n, K, C) with n the length of the slice ``examples``
-        (default: all N examples).
+        ``U`` has shape (n, K, *S, C) with n the length of the slice ``examples``
+        (default: all N examples); J_nᵀ U[i, k] sums over the positions of x_n.
 
         ``jax.vmap`` over examples of the VJP of the single-example function
-        θ ↦ apply_fn(params(θ), x_n[None])[0], vmapped over the K cotangents.
-        Cost: N forward passes of one example and N·K backward passes, vectorised;
-        memory N·K·D entries. ``apply_fn`` must treat examples independently
-        (no batch statistics).
+        θ ↦ apply_fn(params(θ), x_n[None])[0], vmapped over the K cotangents
+        (masked positions' cotangents zeroed first). Cost: N forward passes of
+        one example and N·K backward passes, vectorised; memory N·K·D entries
+        (plus the cotangents, N·K·P·C). ``apply_fn`` must treat examples
+        independently (no batch statistics).
         """
         start, stop = self._examples(examples)
-        U = self._operand(U, "U", (stop - start, None, self.num_outputs), "(n, K, C)")
-        inputs = self._inputs
+        shape = (stop - start, None, *self.output_shape[1:])
+        U = self._operand(U, "U", shape, self._cotangents_text("n"))
+        inputs, mask = self._inputs, self._mask
         if (start, stop) != (0, self.num_inputs):
             inputs = jax.tree_util.tree_map(lambda a: a[start:stop], inputs)
+            mask = None if mask is None else mask[start:stop]
         return self._branch(
-            lambda u: self._kernels.per_example(self._theta, inputs, u),
+            lambda u: self._kernels.per_example(self._theta, inputs, u, mask),
             lambda u: LinearizationBase.per_example_vjp(self, u, examples=examples),
             U,
         )
@@ -241,7 +276,7 @@ class JaxLinearization(LinearizationBase):
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, *S, C); returns (K, D).
 
         ``sum_cotangents=True`` returns the sum over k, shape (D,).
 
@@ -251,9 +286,12 @@ class JaxLinearization(LinearizationBase):
         per-example gradients alive at once number at most ``max_vectors``
         D-vectors (default ``default_max_vectors``; the squares and their
         pairwise sum take about as much again). Cost: N·K backward passes of one
-        example, vectorised per chunk; each chunk shape compiles once.
+        example (each through all P positions of the example), vectorised per
+        chunk; each chunk shape compiles once. Masked positions' cotangents are
+        zeroed first.
         """
-        U = self._operand(U, "U", (self.num_inputs, None, self.num_outputs), "(N, K, C)")
+        shape = (self.num_inputs, None, *self.output_shape[1:])
+        U = self._operand(U, "U", shape, self._cotangents_text("N"))
         budget = self.default_max_vectors if max_vectors is None else max_vectors
         budget = check_positive_int(budget, "max_vectors")
         n, k = int(U.shape[0]), int(U.shape[1])
@@ -265,7 +303,7 @@ class JaxLinearization(LinearizationBase):
 
         def fast(u: Array) -> Array:
             out = self._kernels.sum_squared(
-                self._theta, self._inputs, u, example_chunk, vector_chunk
+                self._theta, self._inputs, u, self._mask, example_chunk, vector_chunk
             )
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
@@ -278,26 +316,28 @@ class JaxLinearization(LinearizationBase):
 
     # -- second derivatives (added for fisherbound.variance) ----------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, C, D).
+        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, *S, C, D).
 
         Exact, by forward-over-forward differentiation along each coordinate:
         ∂²z/∂θ_i² = d²/dt² z(θ + t e_i) at t = 0 (``jax.jvp`` of ``jax.jvp`` with
         the tangent e_i), vmapped over chunks of ``max_vectors`` coordinates
-        (default ``default_max_vectors``) in one compiled kernel. Cost: D
-        second-order forward passes of the batch (about 3 forward passes each);
-        memory: max_vectors × the forward activations. Never a D × D Hessian.
+        (default ``default_max_vectors``) in one compiled kernel. Zero at masked
+        positions. Cost: D second-order forward passes of the batch (about 3
+        forward passes each); memory: max_vectors × the forward activations and
+        the result N·P·C·D. Never a D × D Hessian.
         """
         budget = self.default_max_vectors if max_vectors is None else max_vectors
         budget = check_positive_int(budget, "max_vectors")
         d = self.num_params
         chunk = min(d, budget)
-        kernel = second_derivative_kernel(self._model.apply_fn, self._kernels)
+        kernel = second_derivative_kernel(self._kernels)
         theta = self._theta
         pieces = []
         for start in range(0, d, chunk):
             # Fixed chunk shape (one compilation): indices past D repeat the last one.
             index = jnp.minimum(jnp.arange(start, start + chunk), d - 1)
-            pieces.append(kernel(theta, self._inputs, index)[: min(chunk, d - start)])
+            piece = kernel(theta, self._inputs, self._mask, index)
+            pieces.append(piece[: min(chunk, d - start)])
         return jnp.moveaxis(jnp.concatenate(pieces, axis=0), 0, -1)
 
 
@@ -307,49 +347,86 @@ class JaxLinearization(LinearizationBase):
 
 
 def linearize(
-    apply_fn: Callable[..., Array], params: PyTree, inputs: PyTree, /
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    inputs: PyTree,
+    /,
+    *,
+    output: Any = None,
+    class_axis: int = -1,
+    mask: Any = None,
 ) -> JaxLinearization:
     """Freeze ``apply_fn`` at ``params`` on one batch of inputs.
 
     Parameters
     ----------
     apply_fn
-        A pure JAX function ``apply_fn(params, x) -> logits`` of shape (N, C),
-        traceable by ``jax.jit`` and ``jax.vmap`` (a flax module's ``apply``
-        qualifies), which treats the N examples independently.
+        A pure JAX function ``apply_fn(params, x)`` returning logits (N, C), logits
+        with position axes (N, *S, C) (a language model's (N, T, V)), or a pytree
+        holding them (see ``output``); traceable by ``jax.jit`` and ``jax.vmap``
+        (a flax module's ``apply`` qualifies), treating the N examples
+        independently.
     params
         A pytree (dict, list, tuple, nested flax-style dicts, ...) of real
         floating arrays, all of one dtype; the logits must come out in that
         dtype. θ is their concatenation in tree-flattening order (see ``blocks``).
     inputs
-        The batch x: an array (N, ...) or a pytree of arrays sharing the leading
-        axis N, passed to ``apply_fn`` as is (NumPy arrays are converted to JAX).
+        The batch x: an array (N, ...) or any pytree of arrays sharing the leading
+        axis N (a tuple, a dict such as ``{"input_ids": ..., "attention_mask":
+        ...}``), passed to ``apply_fn`` as its second argument, as is (NumPy
+        arrays are converted to JAX).
+    output
+        Where the logits are in ``apply_fn``'s output: None (default; it is the
+        logits array), a str (a dict key, else an attribute such as ``"logits"``
+        of a Hugging Face output), an int (an index into a tuple output) or a
+        callable ``out -> logits``.
+    class_axis
+        The axis of the logits holding the C classes (default -1, the last); it
+        is moved last, so ``lin.logits`` is (N, *S, C): ``class_axis=1`` for
+        (N, C, H, W) segmentation logits gives (N, H, W, C). 0 (the examples)
+        is refused.
+    mask
+        None (default: every position counts), a boolean array (N, *S) in the
+        layout of ``lin.logits`` without its class axis (True: the position
+        counts), or a callable ``mask(inputs)`` returning one (e.g.
+        ``lambda x: x["attention_mask"] > 0``). Every product applies it:
+        diag(mask) J, zero ``jvp`` at masked positions, their ``vjp`` cotangents
+        ignored, so no Fisher quantity sees them; ``lin.logits`` keeps their
+        values.
 
     Returns
     -------
     JaxLinearization
-        A :class:`~fisherbound.linearization.LinearizationBase` with logits z (N, C),
-        ``jvp`` (D,) → (N, C), ``vjp`` (N, C) → (D,) with Jᵀ u = Σ_n J_nᵀ u_n,
-        their batched forms, ``per_example_vjp`` (N, K, C) → (N, K, D) and
-        ``sum_squared_per_example_vjp`` (N, K, C) → (K, D); all JAX arrays on the
-        parameters' device and dtype. ``unravel`` maps a flat vector back to a
-        pytree shaped like ``params``.
+        A :class:`~fisherbound.linearization.LinearizationBase` with logits z
+        (N, *S, C), ``jvp`` (D,) → (N, *S, C), ``vjp`` (N, *S, C) → (D,) with
+        Jᵀ u = Σ_n J_nᵀ u_n, their batched forms, ``per_example_vjp``
+        (N, K, *S, C) → (N, K, D) and ``sum_squared_per_example_vjp``
+        (N, K, *S, C) → (K, D) (an example's product sums over its positions),
+        ``mask``; all JAX arrays on the parameters' device and dtype.
+        ``unravel`` maps a flat vector back to a pytree shaped like ``params``.
 
     Raises
     ------
     TypeError
         If a parameter leaf is not a real floating array, the leaves mix dtypes,
-        float64 is requested without ``jax_enable_x64``, or the logits are not
-        floating or not in the parameters' dtype.
+        float64 is requested without ``jax_enable_x64``, the logits are not
+        floating or not in the parameters' dtype, ``output`` is not a selector,
+        ``class_axis`` is not an int or ``mask`` is not boolean.
     ValueError
-        If ``params`` is empty, the inputs disagree on N, or the logits are not
-        (N, C) or not finite (the message names the rows).
+        If ``params`` is empty, the inputs disagree on N, ``output`` finds no
+        array, ``class_axis`` is 0 or out of range, the logits are not
+        (N, ..., C) or not finite (the message names the rows), or ``mask`` is
+        not (N, *S) or masks every position.
 
     Notes
     -----
     Cost: one forward pass with ``jax.linearize`` (its residuals, as for a
     gradient step, are kept for the products). Each JVP / VJP then costs about
-    one forward / backward pass; kernels compile once per model and batch shape.
+    one forward / backward pass whatever the number of positions P; a
+    per-example product costs one single-example backward pass per cotangent,
+    so an exact Fisher quantity costs P · R of them per example (R: the
+    family's factor rank). Kernels compile once per model, selector and batch
+    shape.
 
     Examples
     --------
@@ -363,15 +440,31 @@ def linearize(
     (['dense.kernel', 'out'], 56)
     >>> lin.jvp(jnp.ones(56)).shape, lin.vjp(jnp.ones((5, 3))).shape
     ((5, 3), (56,))
+
+    A sequence model returning a dict, with padding masked out:
+
+    >>> def lm(params, x):
+    ...     return {"logits": x["ids"][..., None] * params, "aux": x["ids"]}
+    >>> x = {"ids": jnp.ones((2, 4)), "keep": jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    >>> lin = linearize(lm, jnp.ones(3), x, output="logits", mask=lambda x: x["keep"] > 0)
+    >>> lin.output_shape, lin.num_positions, lin.jvp(jnp.ones(3))[0, :, 0].tolist()
+    ((2, 4, 3), 4, [1.0, 1.0, 1.0, 0.0])
     """
     apply_fn = check_apply_fn(apply_fn)
-    model = Model(apply_fn, params)
+    model = Model(apply_fn, params, output=output, class_axis=class_axis)
     x, n = check_inputs(inputs)
-    return JaxLinearization(model, x, n)
+    return JaxLinearization(model, x, n, mask)
 
 
 def linearizations(
-    apply_fn: Callable[..., Array], params: PyTree, batches: Iterable[Any], /
+    apply_fn: Callable[..., Any],
+    params: PyTree,
+    batches: Iterable[Any],
+    /,
+    *,
+    output: Any = None,
+    class_axis: int = -1,
+    mask: Any = None,
 ) -> Iterator[JaxLinearization]:
     """Linearize ``apply_fn`` at ``params`` on each batch of ``batches``, lazily.
 
@@ -384,6 +477,12 @@ def linearizations(
         element as the inputs (as a DataLoader yields ``(x, y)``); any other batch
         (an array, a dict, ...) is the inputs itself. So a pytree of inputs that
         is a tuple must be wrapped: ``((x1, x2), y)``.
+    output, class_axis
+        As in ``linearize``, for every batch.
+    mask
+        None, or a callable ``mask(inputs)`` giving each batch's boolean mask
+        (N, *S) (e.g. ``lambda x: x["attention_mask"] > 0``); an array is used
+        for every batch (they must then share its shape).
 
     Returns
     -------
@@ -401,12 +500,12 @@ def linearizations(
     [4, 3]
     """
     apply_fn = check_apply_fn(apply_fn)
-    model = Model(apply_fn, params)
+    model = Model(apply_fn, params, output=output, class_axis=class_axis)
 
     def build(i: int, batch: Any) -> JaxLinearization:
         del i  # the stream's callback also gets the batch index, for messages
         x, n = check_inputs(batch)
-        return JaxLinearization(model, x, n)
+        return JaxLinearization(model, x, n, mask)
 
     return stream_linearizations(
         batches,
@@ -429,7 +528,7 @@ def _as_jax_labels(labels: Any) -> Any:
 
 
 def loss_function(
-    apply_fn: Callable[..., Array],
+    apply_fn: Callable[..., Any],
     params: PyTree,
     inputs: PyTree,
     labels: Array,
@@ -437,32 +536,56 @@ def loss_function(
     *,
     family: Any = None,
     reduction: str = "sum",
+    output: Any = None,
+    class_axis: int = -1,
+    mask: Any = None,
+    ignore_index: int | None = -100,
 ) -> JaxLossFunction:
     """The negative log-likelihood of ``apply_fn`` at ``params`` on one labelled batch.
 
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) with z = apply_fn(params(θ), x) and the
-    family's ``log_likelihood`` (``reduction="mean"`` divides by N), as a
-    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
-    (S,) (``jax.vmap`` over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
-    (forward-over-reverse, exact). θ is flattened as in ``linearize``. Cost: one
-    forward pass here (to check the labels); ``value`` costs S forward passes,
-    ``hvp`` about two gradient steps; kernels compile once per batch shape.
+    L(θ) = −Σ_n Σ_t m_nt log p(y_nt | z_nt(θ)) with z = apply_fn(params(θ), x)
+    (after ``output`` and ``class_axis``), the family's ``log_likelihood`` and
+    m the counted positions (``mask`` and the labels unequal to
+    ``ignore_index``; every position without them). ``reduction="mean"``
+    divides by the number of counted positions Σ m (N when the logits are
+    (N, C) and nothing is masked), as ``torch.nn.CrossEntropyLoss`` does.
+    A :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)``
+    (S, D) → (S,) (``jax.vmap`` over shifts), ``gradient()``, ``hvp(v)`` /
+    ``hvp_batch(V)`` (forward-over-reverse, exact). θ is flattened as in
+    ``linearize``. Cost: one forward pass here (to check the labels); ``value``
+    costs S forward passes, ``hvp`` about two gradient steps; kernels compile
+    once per batch shape.
 
     Parameters
     ----------
-    apply_fn, params, inputs
+    apply_fn, params, inputs, output, class_axis
         As in ``linearize``.
     labels
-        Integer class indices (N,) for ``Categorical()`` (the default), {0, 1}
-        floats (N, C) for ``Bernoulli()``, targets (N, C) for ``Gaussian()``
-        (NumPy arrays are converted to JAX).
+        Integer class indices (N, *S) for ``Categorical()`` (the default), {0, 1}
+        floats (N, *S, C) for ``Bernoulli()``, targets (N, *S, C) for
+        ``Gaussian()``, in the layout of ``apply_fn``'s logits (the class axis of
+        (N, *S, C) labels is ``class_axis`` and moved last with the logits'; NumPy
+        arrays are converted to JAX).
     family, reduction
-        The output family (default ``Categorical()``) and the reduction over the
-        batch, ``"sum"`` (default) or ``"mean"``.
+        The output family (default ``Categorical()``) and the reduction,
+        ``"sum"`` (default) or ``"mean"`` over the counted positions.
+    mask
+        As in ``linearize``: None, a boolean (N, *S) array or a callable
+        ``mask(inputs)``; False positions add nothing to the loss.
+    ignore_index
+        For integer labels: positions whose label equals it are not counted
+        (their label is replaced by 0 before the family sees it); default -100
+        (PyTorch's); None counts every label.
 
     Returns
     -------
     JaxLossFunction
+
+    Raises
+    ------
+    ValueError
+        As ``linearize``; also when the labels do not fit the logits (shape,
+        range) or when ``mask`` and ``ignore_index`` leave no position counted.
 
     Examples
     --------
@@ -473,26 +596,36 @@ def loss_function(
     >>> loss = loss_function(apply_fn, params, jnp.ones((4, 2)), jnp.zeros(4, int))
     >>> round(float(loss.value(jnp.zeros((1, 6)))[0]), 5)  # 4 log 3
     4.39445
+    >>> y = jnp.array([0, -100, 2, -100])  # two labels ignored: the mean of two
+    >>> loss = loss_function(apply_fn, params, jnp.ones((4, 2)), y, reduction="mean")
+    >>> round(float(loss.value(jnp.zeros((1, 6)))[0]), 5), loss.num_counted  # log 3
+    (1.09861, 2)
     """
     apply_fn = check_apply_fn(apply_fn)
     fam = check_loss_options(family, reduction)
-    model = Model(apply_fn, params)
+    ignore = check_ignore_index(ignore_index)
+    model = Model(apply_fn, params, output=output, class_axis=class_axis)
     x, n = check_inputs(inputs)
-    return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction)
+    return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction, mask, ignore)
 
 
 def loss_functions(
-    apply_fn: Callable[..., Array],
+    apply_fn: Callable[..., Any],
     params: PyTree,
     batches: Iterable[Any],
     /,
     *,
     family: Any = None,
     reduction: str = "sum",
+    output: Any = None,
+    class_axis: int = -1,
+    mask: Any = None,
+    ignore_index: int | None = -100,
 ) -> Iterator[JaxLossFunction]:
     """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
 
-    Batches of one shape share one compilation.
+    The options are ``loss_function``'s, for every batch; ``mask`` is best a
+    callable ``mask(inputs)``. Batches of one shape share one compilation.
 
     Examples
     --------
@@ -505,12 +638,14 @@ def loss_functions(
     """
     apply_fn = check_apply_fn(apply_fn)
     fam = check_loss_options(family, reduction)
-    model = Model(apply_fn, params)
+    ignore = check_ignore_index(ignore_index)
+    model = Model(apply_fn, params, output=output, class_axis=class_axis)
 
     def build(i: int, inputs: Any, labels: Any) -> JaxLossFunction:
         del i  # the stream's callback also gets the batch index, for messages
         x, n = check_inputs(inputs)
-        return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction)
+        y = _as_jax_labels(labels)
+        return JaxLossFunction(model, x, n, y, fam, reduction, mask, ignore)
 
     return stream_loss_functions(
         batches, build, remedy="For one batch use loss_function(apply_fn, params, x, y)."

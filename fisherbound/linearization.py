@@ -645,10 +645,6 @@ class LossFunctionBase(_FrozenBase):
     )
     params = ReadOnly[Array]("θ, the flat parameter vector (D,) at which the loss is frozen.")
     num_inputs = ReadOnly[int]("N, the number of labelled examples in the batch.")
-    num_counted = ReadOnly[int](
-        "n = Σ m_nt, the number of counted (unmasked) positions of the batch, the "
-        '``"mean"`` divisor: N · P without a mask (N for logits (N, C)).'
-    )
     reduction = ReadOnly[str](
         """``"sum"`` (Σ over the counted positions) or ``"mean"`` (÷ their number)."""
     )
@@ -660,6 +656,20 @@ class LossFunctionBase(_FrozenBase):
     def num_params(self) -> int:
         """D, the length of the flat parameter vector."""
         return int(self._params.shape[0])
+
+    @property
+    def num_counted(self) -> int:
+        """The number n = Σ m_nt of counted (unmasked) positions: the ``"mean"`` divisor.
+
+        N · P without a mask (N for logits (N, C)); with ``mask`` its number of
+        True entries (read from the mask, so an adapter that sets ``_mask`` after
+        ``_hold_batch`` is counted right; one host read).
+        """
+        mask = self._mask
+        if mask is None:
+            return int(self._num_counted)
+        xp = array_namespace(mask, names=("mask",))
+        return int(xp.sum(xp.astype(mask, xp.int64)))
 
     def _hold_batch(
         self,

@@ -21,7 +21,7 @@ from fisherbound.adapters._jax_model import (
     shard_local,
     traced_selection,
 )
-from fisherbound.linearization import LossFunctionBase, ReadOnly
+from fisherbound.linearization import LossFunctionBase
 
 Array = Any
 PyTree = Any
@@ -109,19 +109,16 @@ class JaxLossFunction(LossFunctionBase):
     pass over the shifts, ``gradient`` is ``jax.grad``, ``hvp`` / ``hvp_batch`` are
     forward-over-reverse (``jax.jvp`` of ``jax.grad``, vmapped over the vectors);
     every kernel is compiled once per model, family and shapes. ``labels`` are
-    held in the logits' layout (classes last), ignored labels replaced by 0;
-    ``mask`` are the counted positions.
+    held in the logits' layout (classes last), masked and ignored labels replaced
+    by 0; ``mask`` are the counted positions and ``num_counted`` their number
+    (an int, or a traced 0-d array inside ``jit`` / ``shard_map`` when the labels
+    or the mask are traced there).
     """
 
     #: Shifts evaluated per compiled call of ``value`` (a fixed shape: one compilation).
     default_max_shifts: int = 32
 
     _operand_remedy = "Move it with jax.device_put({name}, loss.device)."
-
-    mask = ReadOnly["Array | None"](
-        "The counted positions: None (all) or a boolean array (N, *S), False where "
-        "``mask=`` is False or the label equals ``ignore_index``."
-    )
 
     def __init__(
         self,
@@ -142,47 +139,58 @@ class JaxLossFunction(LossFunctionBase):
         check_logits(z, num_inputs, model.dtype)
         counted = check_mask(mask, z, logits_text(z.ndim), inputs)
         labels = _labels_classes_last(labels, z.ndim, model.logits_fn.class_axis)
-        ignored = None
-        if (
-            ignore_index is not None
-            and isinstance(labels, jax.Array)
-            and jnp.issubdtype(labels.dtype, jnp.integer)
-        ):
-            ignored = labels == ignore_index
-            labels = jnp.where(ignored, jnp.zeros((), dtype=labels.dtype), labels)
-            if not is_traced(ignored) and not bool(jnp.any(ignored)):
-                ignored = None  # nothing ignored: every position counts (mask None)
+        counted = self._counted(labels, counted, ignore_index)
+        if counted is not None and isinstance(labels, jax.Array):
+            s = counted.ndim
+            if tuple(labels.shape[:s]) == tuple(counted.shape):
+                # Padding may hold any label: masked and ignored ones become 0.
+                keep = jnp.reshape(counted, (*counted.shape, *((1,) * (labels.ndim - s))))
+                labels = jnp.where(keep, labels, jnp.zeros((), dtype=labels.dtype))
+        # The base's own masking reads the count on the host (not under shard_map): the
+        # counted positions are set here instead, traced or not.
         self._hold_batch(z, labels, family, reduction)  # checks the labels
-        if ignored is not None:
-            counted = ~ignored if counted is None else counted & ~ignored
-            if not is_traced(counted) and not bool(jnp.any(counted)):
-                msg = (
-                    f"labels must count at least one position; every label equals "
-                    f"ignore_index={ignore_index}"
-                    + (" or is masked by mask" if mask is not None else "")
-                    + ". Pass labels with real classes, or ignore_index=None."
-                )
-                raise ValueError(msg)
+        if counted is not None and not is_traced(counted) and not bool(jnp.any(counted)):
+            msg = (
+                "labels must count at least one position; every label equals "
+                f"ignore_index={ignore_index}"
+                + (" or is masked by mask" if mask is not None else "")
+                + ". Pass labels with real classes, or ignore_index=None."
+            )
+            raise ValueError(msg)
         self._mask = counted
-        total = num_inputs * (z.size // (num_inputs * int(z.shape[-1])))
-        self._num_counted: Any = total if counted is None else jnp.sum(counted)
-        if not is_traced(self._num_counted):
-            self._num_counted = int(self._num_counted)
-        scale = 1.0 / self._num_counted if reduction == "mean" else 1.0
-        self._scale = jnp.asarray(scale, dtype=model.dtype)
+        if counted is not None:
+            self._weights = counted.astype(z.dtype)
+            count = jnp.sum(counted)
+            self._num_counted = count if is_traced(count) else int(count)
+        if reduction == "mean":
+            self._scale = 1.0 / self._num_counted
+        self._scale = jnp.asarray(self._scale, dtype=model.dtype)
         self._theta = theta  # for the kernels: the derivative on this shard
         self._params = model.theta
         self._blocks = model.blocks
         self._xp = array_namespace(z, names=("logits",))
 
-    @property
-    def num_counted(self) -> Any:
-        """The number of counted positions Σ m (the ``"mean"`` divisor).
+    @staticmethod
+    def _counted(labels: Any, counted: Array | None, ignore_index: int | None) -> Array | None:
+        """``counted`` (the checked ``mask=``) without the labels equal to ``ignore_index``.
 
-        N · P without a mask and ignored labels (N for (N, C) logits); an int,
-        or a traced 0-d array inside ``jit`` / ``shard_map``.
+        Only integer labels are compared; None when nothing is masked (labels
+        traced inside ``jit`` / ``shard_map`` always give an array).
         """
-        return self._num_counted
+        if (
+            ignore_index is None
+            or not isinstance(labels, jax.Array)
+            or not jnp.issubdtype(labels.dtype, jnp.integer)
+        ):
+            return counted
+        ignored = labels == ignore_index
+        if not is_traced(ignored) and not bool(jnp.any(ignored)):
+            return counted
+        if counted is None:
+            return ~ignored
+        if tuple(counted.shape) != tuple(ignored.shape):
+            return counted  # labels of the wrong shape: the family's check reports them
+        return counted & ~ignored
 
     def value(self, shifts: Array, /) -> Array:
         """L(θ + shifts[s]) for shifts (S, D); returns (S,).

@@ -286,6 +286,7 @@ def test_categorical_loss_with_ignore_index_and_mask(seq_case: Case, reduction: 
     y = np.asarray(rng.integers(0, C, size=(N, T)))
     y[2, 0] = y[0, 1] = -100
     keep = x["keep"] & jnp.asarray(y != -100)
+    y[0, 3] = 7  # a masked position (padding) may hold any label
     loss = loss_function(
         seq_apply,
         seq_case.params,
@@ -314,6 +315,20 @@ def test_categorical_loss_with_ignore_index_and_mask(seq_case: Case, reduction: 
     assert_close(
         loss.hvp_batch(jnp.stack([v, 2 * v])), jnp.stack([hv, 2 * hv]), rtol=1e-10, atol=1e-13
     )
+
+
+def test_traced_labels_inside_jit_count_the_same(seq_case: Case) -> None:
+    x = seq_case.inputs
+    y = jnp.asarray(np.random.default_rng(10).integers(0, C, size=(N, T))).at[1, 0].set(-100)
+
+    def gradient(labels: Any) -> Any:
+        loss = loss_function(seq_apply, seq_case.params, x, labels, output="logits",
+                             reduction="mean")  # fmt: skip
+        return loss.gradient()
+
+    eager = loss_function(seq_apply, seq_case.params, x, y, output="logits", reduction="mean")
+    assert eager.num_counted == N * T - 1
+    assert_close(jax.jit(gradient)(y), eager.gradient(), rtol=1e-13, atol=1e-15)
 
 
 def test_bernoulli_loss_labels_follow_the_class_axis(seg_case: Case) -> None:

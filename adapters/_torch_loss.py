@@ -87,20 +87,15 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
                 )
                 raise ValueError(msg)
         self._mask = counted
-        self._num_examples = int(z.shape[0])
-        num = math.prod(z.shape[:-1]) if counted is None else int(counted.sum())
-        self._num_inputs = num
-        self._scale = 1.0 / num if reduction == "mean" else 1.0
+        self._num_inputs = int(z.shape[0])
+        self._num_counted = math.prod(z.shape[:-1]) if counted is None else int(counted.sum())
+        self._scale = 1.0 / self._num_counted if reduction == "mean" else 1.0
 
     mask = ReadOnly["Tensor | None"](
         "The positions that count, a boolean (N, *S) tensor (mask and ignore_index), "
         "or None when all do."
     )
-    num_examples = ReadOnly[int]("N, the number of examples (inputs) in the batch.")
-    num_inputs = ReadOnly[int](
-        "The number of counted positions (N without position axes and ignored labels): "
-        "the divisor of ``reduction='mean'`` and the batch's weight in a data set's mean."
-    )
+    num_inputs = ReadOnly[int]("N, the number of examples (inputs) in the batch.")
 
     # -- plumbing ------------------------------------------------------------
 

@@ -396,6 +396,11 @@ class LossStream(_Base):
 
     empty_message = "source must contain at least one loss function; got an empty iterable."
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Counted (unmasked) positions seen on this rank; after ``finish``, on all ranks.
+        self.num_counted = 0
+
     def _items(self) -> Iterator[Any]:
         source = self.source
         if isinstance(source, LossFunction):
@@ -409,6 +414,18 @@ class LossStream(_Base):
             if ref is None:
                 ref = item
             yield item
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in super().__iter__():
+            self.num_counted += counted(item)
+            yield item
+
+    def finish(self, *, where: str | None = None, **options: Any) -> None:
+        """As ``_Base.finish``; the counted positions are all-reduced too."""
+        done = self._finished
+        super().finish(where=where, **options)
+        if not done and self.coll is not None:
+            self.num_counted = self.coll.sum_int(self.num_counted)
 
     def _fields(self) -> dict[str, Any]:
         first = self.first
@@ -428,13 +445,22 @@ class LossStream(_Base):
         return "sum" if self.first is None else str(self.first.reduction)
 
     def as_sum(self, item: Any, part: Array) -> Array:
-        """``part`` of the batch ``item`` as a sum over its examples (× N_b for a mean loss)."""
-        return part * float(item.num_inputs) if item.reduction == "mean" else part
+        """``part`` of the batch ``item`` as a sum over its counted positions.
+
+        A mean loss is multiplied by its count n_b (``counted``: the unmasked
+        positions, N_b without position axes).
+        """
+        return part * float(counted(item)) if item.reduction == "mean" else part
 
     def total(self, tree: Array) -> Array:
-        """The all-reduced sum of this rank's ``as_sum`` parts; ÷ N for mean losses."""
+        """The all-reduced sum of this rank's ``as_sum`` parts; ÷ n for mean losses."""
         tree = self.sum(tree)
-        return tree / float(self.num_inputs) if self.reduction == "mean" else tree
+        return tree / float(self.num_counted) if self.reduction == "mean" else tree
+
+
+def counted(item: Any) -> int:
+    """The positions a loss function's mean divides by: ``num_counted``, else N."""
+    return int(getattr(item, "num_counted", item.num_inputs))
 
 
 class Objective:
@@ -442,7 +468,8 @@ class Objective:
 
     It reads ``stream`` to its end (the ranks agree on θ and ``options``).
     ``value``, ``gradient``, ``hvp`` and ``hvp_batch`` combine the batches' parts
-    with the weights N_b / N (mean losses) or 1 (sum losses) and all-reduce them.
+    with the weights n_b / n (mean losses: n_b the counted positions of batch b, N_b
+    without position axes) or 1 (sum losses) and all-reduce them.
     """
 
     def __init__(self, stream: LossStream, **options: Any) -> None:
@@ -458,9 +485,9 @@ class Objective:
         self.xp = array_namespace(first.params, names=("params",))
         self.dtype = first.params.dtype
         self.device = device_of(first.params)
-        total = stream.num_inputs
+        total = stream.num_counted
         if self.reduction == "mean":
-            self.weights = [int(item.num_inputs) / total for item in items]
+            self.weights = [counted(item) / total for item in items]
         else:
             self.weights = [1.0] * len(items)
 

@@ -185,11 +185,6 @@ def test_mean_over_a_data_set_divides_by_all_counted_tokens() -> None:
     torch.testing.assert_close(s.values, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fisherbound/_stream.py (LossStream.as_sum/total, Objective weights) still weights "
-    "batches by num_inputs; it must use getattr(item, 'num_counted', item.num_inputs)",
-)
 def test_mean_of_a_data_set_with_the_base_loss_functions() -> None:
     # Loss functions built on LossFunctionBase: num_inputs = N examples, num_counted the
     # tokens; the data set's mean must weight the batches by num_counted.

@@ -413,8 +413,8 @@ def test_cross_entropy_with_ignore_index(reduction: str) -> None:
     x = _rand(torch.Generator().manual_seed(4), 3, 2, 5)
     y = torch.tensor([[0, 1, 2, -100, -100], [2, 2, 1, 0, 1], [-100, 1, -100, 0, -100]])
     loss = loss_function(model, x, y, reduction=reduction, class_axis=1)
-    assert loss.num_inputs == 10  # the counted positions
-    assert loss.num_examples == 3
+    assert loss.num_counted == 10  # the counted positions
+    assert loss.num_inputs == 3
     assert torch.equal(loss.mask, y != -100)
     ref = _flat_loss(model, lambda m: F.cross_entropy(m(x), y, reduction=reduction))
     _check_loss(loss, ref, model)
@@ -430,7 +430,7 @@ def test_cross_entropy_with_mask_and_sequence_logits() -> None:
     y = torch.randint(0, 3, (3, 5), generator=torch.Generator().manual_seed(9))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]]) > 0
     loss = loss_function(model, tokens, y, reduction="mean", mask=mask)
-    assert loss.num_inputs == int(mask.sum())
+    assert loss.num_counted == int(mask.sum())
     target = torch.where(mask, y, -100)
     ref = _flat_loss(model, lambda m: F.cross_entropy(m(tokens).transpose(1, 2), target))
     _check_loss(loss, ref, model)
@@ -452,7 +452,7 @@ def test_bernoulli_and_gaussian_losses_in_the_user_layout() -> None:
         model, x, targets, family=Gaussian(), class_axis=1, mask=mask, reduction="mean"
     )
     count = int(mask.sum())
-    assert loss.num_inputs == count
+    assert loss.num_counted == count
     w = mask[:, None].to(F64)  # the family's −log p: ½‖y − z‖² + (C/2) log 2π per position
 
     def gaussian(m: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -466,7 +466,7 @@ def test_loss_with_dict_inputs_and_selector() -> None:
     model, batch = _keyword()
     y = torch.tensor([[0, 1, 2, 1], [2, 0, -100, -100], [1, -100, -100, -100]])
     loss = loss_function(model, batch, y, output="logits", reduction="mean")
-    assert loss.num_inputs == 7
+    assert loss.num_counted == 7
     ref = _flat_loss(model, lambda m: F.cross_entropy(m(**batch).logits.transpose(1, 2), y))
     _check_loss(loss, ref, model)
 
@@ -501,7 +501,7 @@ def test_streams_of_dict_batches_with_a_mask_key() -> None:
     losses = list(
         loss_functions(model, data, output="logits", mask="attention_mask", reduction="mean")
     )
-    assert [loss.num_inputs for loss in losses] == [7, 7]
+    assert [loss.num_counted for loss in losses] == [7, 7]
     for loss, b, y in zip(losses, [first, second], labels, strict=True):
         target = torch.where(b["attention_mask"] > 0, y, -100)
         ref = _flat_loss(
@@ -514,7 +514,7 @@ def test_streams_of_dict_batches_with_a_mask_key() -> None:
         for b, y in zip([first, second], labels, strict=True)
     ]
     (a, _) = loss_functions(model, renamed, output="logits", label_key="y")
-    assert a.num_inputs == 7
+    assert a.num_counted == 7
     (c,) = loss_functions(model, [(first, labels[0])], output="logits")
     _close(c.gradient(), a.gradient())
     with pytest.raises(

@@ -766,8 +766,11 @@ def razor(
     labels
         The observed y: one array per batch (a list in the order of ``source``) or
         a single array for all inputs in that order. Categorical: integers in
-        [0, C), shape (N,). Bernoulli: values in [0, 1], shape (N, C). Gaussian:
-        real targets, shape (N, C). Same namespace and device as the logits.
+        [0, C), shape (N, *S). Bernoulli: values in [0, 1], shape (N, *S, C).
+        Gaussian: real targets, shape (N, *S, C). Same namespace and device as the
+        logits. With position axes S the log-likelihood sums over the counted
+        positions; labels at positions masked by the linearization's ``mask`` are
+        never read, and the BIC term uses n = the number of counted positions.
     theta
         θ̂, the flat parameter vector (D,) at which ``source`` was linearized, in
         the blocks' order (e.g. ``model.parameters()`` of the NumPy models).

@@ -465,7 +465,7 @@ class LinearizationBase(_FrozenBase):
         return xp.sum(total, axis=0) if sum_cotangents else total
 
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, C, D).
+        """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, *S, C, D).
 
         Needed by the variance of the Hessian-based Fisher estimator Î_2
         (``fisherbound.variance``, THEORY §4). Exact, never through a D × D Hessian.

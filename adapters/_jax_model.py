@@ -583,28 +583,65 @@ def mask_text(output_text: str) -> str:
     return "(" + ", ".join(letters) + ("," if len(letters) == 1 else "") + ")"
 
 
-def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | None:
-    """``mask`` as a boolean JAX array (N, *S) on the logits' device, or None.
+def check_mask_spec(mask: object, *, stream: bool = False) -> Any:
+    """``mask`` if it is None, an array, a str or a callable; else a TypeError.
 
-    ``mask`` is None, a boolean array, or a callable ``mask(inputs)`` returning
-    one. ``what`` are the letters of the logits' shape, e.g. "(N, T, C)". A mask
-    False everywhere is a ValueError (unless traced: inside ``jit`` / ``shard_map``
-    its values are unknown).
+    A stream of batches (``stream=True``) takes a str or a callable only: an
+    array fits one batch.
+    """
+    array = _is_array(mask)
+    if mask is None or array or isinstance(mask, str) or callable(mask):
+        if stream and array:
+            msg = (
+                "mask of a stream of batches must be a str (a key of dict inputs, e.g. "
+                "'attention_mask') or a callable inputs -> mask; got an array, which fits "
+                "one batch only. Use linearize(..., mask=mask) for one batch."
+            )
+            raise TypeError(msg)
+        return mask
+    msg = (
+        "mask must be None, a boolean array (N, *S), a str (a key of dict inputs) or a "
+        f"callable inputs -> mask; got {type(mask).__module__}.{type(mask).__name__}."
+    )
+    raise TypeError(msg)
+
+
+def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | None:
+    """The mask of one batch as a boolean JAX array (N, *S) on the logits' device, or None.
+
+    ``mask`` (checked by ``check_mask_spec``) is None, a boolean array, a key of
+    dict ``inputs`` (that entry, converted with ``!= 0``) or a callable
+    ``mask(inputs)`` (its result, converted with ``!= 0`` unless boolean).
+    ``what`` are the letters of the logits' shape, e.g. "(N, T, C)". A mask False
+    everywhere is a ValueError (unless traced: inside ``jit`` / ``shard_map`` its
+    values are unknown).
     """
     if mask is None:
         return None
     source = "mask"
-    if callable(mask) and not _is_array(mask):
-        mask = mask(inputs)
-        source = "mask(inputs)"
+    convert = False
+    if isinstance(mask, str):
+        if not isinstance(inputs, Mapping) or mask not in inputs:
+            keys = (
+                f"keys {list(inputs.keys())}"
+                if isinstance(inputs, Mapping)
+                else f"{type(inputs).__name__} inputs, not a dict"
+            )
+            msg = f"mask={mask!r} names no entry of the inputs: got {keys}."
+            raise ValueError(msg)
+        mask, source, convert = inputs[mask], f"mask (inputs[{mask!r}])", True
+    elif callable(mask) and not _is_array(mask):
+        mask, source, convert = mask(inputs), "mask (the callable's result)", True
     if type(mask).__module__.split(".")[0] == "numpy":
         mask = jnp.asarray(mask)
     if not isinstance(mask, jax.Array):
         msg = (
-            f"{source} must be a boolean array (N, *S), True where a position counts, "
-            f"or None; got {type(mask).__module__}.{type(mask).__name__}."
+            f"{source} must be a boolean array (N, *S), True where a position counts; "
+            f"got {type(mask).__module__}.{type(mask).__name__}."
         )
         raise TypeError(msg)
+    if convert and mask.dtype != jnp.bool_:
+        mask = mask != 0
     if mask.dtype != jnp.bool_:
         msg = (
             f"{source} must be a boolean array (True where a position counts); got dtype "

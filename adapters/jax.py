@@ -13,9 +13,9 @@ a Hugging Face output) names the logits with ``output=``. The inputs x are any
 pytree of arrays sharing the leading axis N, passed to ``apply_fn`` as one
 argument (a dict of keyword inputs included: ``lambda p, x: model(**x, params=p)``).
 An example is an x with all its positions: per-example products sum over them.
-``mask=`` (boolean (N, *S), or a callable ``inputs -> mask``) keeps the positions
-that count; every product uses diag(mask) J (masked positions have zero Jacobian
-rows), so every Fisher quantity excludes them.
+``mask=`` (boolean (N, *S), a key of dict inputs, or a callable ``inputs -> mask``)
+keeps the positions that count; every product uses diag(mask) J (masked
+positions have zero Jacobian rows), so every Fisher quantity excludes them.
 
 The products:
 
@@ -69,6 +69,7 @@ from fisherbound.adapters._jax_model import (
     check_inputs,
     check_logits,
     check_mask,
+    check_mask_spec,
     second_derivative_kernel,
     shard_local,
     traced_selection,
@@ -388,8 +389,9 @@ def linearize(
     mask
         None (default: every position counts), a boolean array (N, *S) in the
         layout of ``lin.logits`` without its class axis (True: the position
-        counts), or a callable ``mask(inputs)`` returning one (e.g.
-        ``lambda x: x["attention_mask"] > 0``). Every product applies it:
+        counts), a str (a key of dict inputs such as ``"attention_mask"``, that
+        entry converted with ``!= 0``) or a callable ``mask(inputs)`` (its result
+        converted with ``!= 0`` unless boolean). Every product applies it:
         diag(mask) J, zero ``jvp`` at masked positions, their ``vjp`` cotangents
         ignored, so no Fisher quantity sees them; ``lin.logits`` keeps their
         values.
@@ -446,12 +448,13 @@ def linearize(
     >>> def lm(params, x):
     ...     return {"logits": x["ids"][..., None] * params, "aux": x["ids"]}
     >>> x = {"ids": jnp.ones((2, 4)), "keep": jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])}
-    >>> lin = linearize(lm, jnp.ones(3), x, output="logits", mask=lambda x: x["keep"] > 0)
+    >>> lin = linearize(lm, jnp.ones(3), x, output="logits", mask="keep")
     >>> lin.output_shape, lin.num_positions, lin.jvp(jnp.ones(3))[0, :, 0].tolist()
     ((2, 4, 3), 4, [1.0, 1.0, 1.0, 0.0])
     """
     apply_fn = check_apply_fn(apply_fn)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
+    mask = check_mask_spec(mask)
     x, n = check_inputs(inputs)
     return JaxLinearization(model, x, n, mask)
 
@@ -480,9 +483,9 @@ def linearizations(
     output, class_axis
         As in ``linearize``, for every batch.
     mask
-        None, or a callable ``mask(inputs)`` giving each batch's boolean mask
-        (N, *S) (e.g. ``lambda x: x["attention_mask"] > 0``); an array is used
-        for every batch (they must then share its shape).
+        Per batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``)
+        or a callable ``mask(inputs)`` giving each batch's mask (N, *S); an array
+        (one batch's) is refused.
 
     Returns
     -------
@@ -501,6 +504,7 @@ def linearizations(
     """
     apply_fn = check_apply_fn(apply_fn)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
+    mask = check_mask_spec(mask, stream=True)
 
     def build(i: int, batch: Any) -> JaxLinearization:
         del i  # the stream's callback also gets the batch index, for messages
@@ -570,8 +574,9 @@ def loss_function(
         The output family (default ``Categorical()``) and the reduction,
         ``"sum"`` (default) or ``"mean"`` over the counted positions.
     mask
-        As in ``linearize``: None, a boolean (N, *S) array or a callable
-        ``mask(inputs)``; False positions add nothing to the loss.
+        As in ``linearize``: None, a boolean (N, *S) array, a key of dict inputs
+        or a callable ``mask(inputs)``; False positions add nothing to the loss
+        (their labels may hold anything: they are replaced by 0).
     ignore_index
         For integer labels: positions whose label equals it are not counted
         (their label is replaced by 0 before the family sees it); default -100
@@ -605,6 +610,7 @@ def loss_function(
     fam = check_loss_options(family, reduction)
     ignore = check_ignore_index(ignore_index)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
+    mask = check_mask_spec(mask)
     x, n = check_inputs(inputs)
     return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction, mask, ignore)
 
@@ -624,8 +630,9 @@ def loss_functions(
 ) -> Iterator[JaxLossFunction]:
     """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.
 
-    The options are ``loss_function``'s, for every batch; ``mask`` is best a
-    callable ``mask(inputs)``. Batches of one shape share one compilation.
+    The options are ``loss_function``'s, for every batch; ``mask`` is None, a
+    key of dict inputs or a callable ``mask(inputs)`` (an array is refused).
+    Batches of one shape share one compilation.
 
     Examples
     --------
@@ -640,6 +647,7 @@ def loss_functions(
     fam = check_loss_options(family, reduction)
     ignore = check_ignore_index(ignore_index)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
+    mask = check_mask_spec(mask, stream=True)
 
     def build(i: int, inputs: Any, labels: Any) -> JaxLossFunction:
         del i  # the stream's callback also gets the batch index, for messages

@@ -234,7 +234,7 @@ def test_streams_apply_the_mask_callable_per_batch(seq_case: Case) -> None:
             seq_case.params,
             [(h, None) for h in halves],
             output="logits",
-            mask=lambda b: b["keep"],
+            mask="keep",
         )
     )
     assert [lin.output_shape for lin in lins] == [(2, T, C), (1, T, C)]
@@ -378,12 +378,24 @@ def test_bad_masks(seq_case: Case) -> None:
         r"\(N, T\) = \(3, 4\); got shape \(3, 3\)",
     ):
         linearize(seq_apply, p, x, output="logits", mask=jnp.ones((N, 3), bool))
-    with pytest.raises(ValueError, match=r"mask\(inputs\) must keep at least one position"):
+    with pytest.raises(ValueError, match=r"mask \(the callable's result\) must keep at least"):
         linearize(seq_apply, p, x, output="logits", mask=lambda b: b["keep"] & False)
     with pytest.raises(TypeError, match=r"mask must be a boolean array .* got dtype int"):
         linearize(seq_apply, p, x, output="logits", mask=jnp.ones((N, T), int))
-    with pytest.raises(TypeError, match=r"mask must be a boolean array .* got builtins.list"):
+    with pytest.raises(TypeError, match=r"mask must be None, a boolean array .* builtins.list"):
         linearize(seq_apply, p, x, output="logits", mask=[True])
+    with pytest.raises(ValueError, match=r"mask='pad' names no entry of the inputs: got keys"):
+        linearize(seq_apply, p, x, output="logits", mask="pad")
+    with pytest.raises(TypeError, match=r"mask of a stream of batches must be a str .* array"):
+        linearizations(seq_apply, p, [x], output="logits", mask=x["keep"])
+    with pytest.raises(TypeError, match=r"mask of a stream of batches must be a str"):
+        loss_functions(seq_apply, p, [(x, x["keep"])], output="logits", mask=x["keep"])
+    # A key of dict inputs and a 0/1 callable result are converted with != 0.
+    ints = {**x, "keep": x["keep"].astype(jnp.int32)}
+    by_key = linearize(seq_apply, p, ints, output="logits", mask="keep")
+    by_call = linearize(seq_apply, p, ints, output="logits", mask=lambda b: b["keep"])
+    assert bool(jnp.all(by_key.mask == x["keep"]))
+    assert bool(jnp.all(by_call.mask == x["keep"]))
 
 
 def test_bad_selectors_and_class_axes(seq_case: Case, seg_case: Case) -> None:

@@ -5,8 +5,10 @@
 per layer with its bounds and error bars, the estimators compared, the core-space
 spectrum, the top of the Fisher spectrum, local dimension and razor, and the loss
 landscape. 'fisherbound report MODEL DATA' runs the same analysis on your own
-torch module and data. Both write report.md, index.html, PNG figures and
-report.json into the output folder (default ./fisherbound-report).
+torch module and data, also for models whose logits have position axes (token
+classifiers, language models, segmentation: --output, --class-axis,
+--ignore-index, and a mask in DATA). Both write report.md, index.html, PNG
+figures and report.json into the output folder (default ./fisherbound-report).
 
 Run 'fisherbound COMMAND --help' for the options; docs/cli.md explains every
 section of the report.

@@ -17,7 +17,10 @@ reference model, torch module or JAX function), on one batch of labelled inputs:
   surfaces, projected curvature, loss-only and Hessian-vector-product traces.
 
 Every Fisher quantity is the SUM over the analysed inputs (the papers'
-convention); the landscape uses the MEAN loss. ``write_report(analysis, out)``
+convention); the landscape uses the MEAN loss. For a model whose logits have
+position axes, (N, *S, C) (``analyse(..., mask=..., ignore_index=...)`` with
+labels (N, *S)), the sums are also over the counted positions of each input and
+the mean is over the counted positions (the per-token convention). ``write_report(analysis, out)``
 writes ``report.json`` (every number), ``report.md``, ``index.html`` and the PNG
 figures (matplotlib). Nothing here imports a framework or NumPy at module level.
 

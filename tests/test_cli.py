@@ -411,3 +411,20 @@ def test_readme_example_runs() -> None:
     lower, exact, upper = namespace["lower"], namespace["exact"], namespace["upper"]
     assert (lower <= exact + 1e-12).all()
     assert (exact <= upper + 1e-12).all()
+
+
+def test_report_help_names_the_options_for_position_axes(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in (
+        "outputs with position axes",
+        "--output SEL",
+        "--class-axis A",
+        "--ignore-index I",
+        "(default -100; 'none': every label is a class)",
+        "x_NAME",
+        "key mask",
+    ):
+        assert needle in text, needle

@@ -368,3 +368,328 @@ def test_cli_help_is_the_cli_docstring() -> None:
     import fisherbound.cli
 
     assert fisherbound.cli._parser().description == fisherbound.cli.__doc__
+
+
+# --------------------------------------------------------------------------- #
+# models whose logits have position axes: a tiny token classifier (N, T, C)
+
+SEQ_PY = """
+import torch
+from torch import nn
+
+
+class Tagger(nn.Module):
+    '''Token ids (N, T) -> logits (N, T, C): embedding, causal self-attention, head.'''
+
+    def __init__(self, vocab=7, dim=4, classes=5, length=6, layout="ntc"):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.3 * torch.randn(length, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.head = nn.Linear(dim, classes)
+        self.layout = layout
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids) + self.pos[: input_ids.shape[1]]
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        t = input_ids.shape[1]
+        allowed = torch.ones(t, t, dtype=torch.bool).tril()
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+        z = self.head(torch.tanh(h + scores.softmax(-1) @ v))
+        if self.layout == "nct":  # PyTorch's (N, C, T), in a dict: --output, --class-axis
+            return {"logits": z.transpose(1, 2), "hidden": h}
+        return z
+
+
+def make_model():
+    torch.manual_seed(3)
+    return Tagger().double().eval()
+
+
+def make_dict_model():
+    model = make_model()
+    model.layout = "nct"
+    return model
+"""
+
+#: Sequence DATA: N = 4 sequences of T = 6 tokens, padding masked, labels -100 there.
+SEQ_N, SEQ_T, SEQ_C = 4, 6, 5
+
+
+@pytest.fixture(scope="module")
+def seq_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("seq")
+    (folder / "seq.py").write_text(SEQ_PY)
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 7, size=(SEQ_N, SEQ_T))
+    mask = np.ones((SEQ_N, SEQ_T), dtype=bool)
+    mask[0, 4:] = False  # padding
+    mask[2, 2:] = False
+    y = rng.integers(0, SEQ_C, size=(SEQ_N, SEQ_T))
+    y[~mask] = -100
+    y[1, 0] = -100  # an ignored label inside a sequence (a prompt token)
+    np.savez(folder / "seq.npz", x=ids, y=y, mask=mask)
+    np.savez(
+        folder / "keywords.npz",
+        x_input_ids=ids,
+        x_attention_mask=mask.astype(np.int64),
+        y=y,
+    )
+    short = rng.integers(0, SEQ_C, size=(SEQ_N, SEQ_T - 1))
+    np.savez(folder / "bad_mask_shape.npz", x=ids, y=y, mask=mask[:, :-1])
+    np.savez(folder / "bad_mask_values.npz", x=ids, y=y, mask=2 * mask.astype(np.int64))
+    np.savez(folder / "bad_label_shape.npz", x=ids, y=short)
+    np.savez(folder / "all_masked.npz", x=ids, y=np.where(mask, -100, y), mask=mask)
+    np.savez(folder / "big_label.npz", x=ids, y=np.where(np.arange(SEQ_T) == 1, 9, y), mask=mask)
+    np.savez(folder / "both_inputs.npz", x=ids, x_input_ids=ids, y=y)
+    np.savez(folder / "ragged.npz", x_input_ids=ids, x_attention_mask=mask[:3], y=y)
+    return {"dir": folder, "ids": ids, "mask": mask, "y": y}
+
+
+def run_seq(seq: dict[str, Any], factory: str, data: str, *extra: str) -> dict[str, Any]:
+    folder = seq["dir"]
+    out = folder / f"out-{factory}-{data}"
+    argv = ["report", f"{folder / 'seq.py'}:{factory}", str(folder / f"{data}.npz")]
+    assert main([*argv, "--out", str(out), *FAST, *extra]) == 0
+    report = json.loads((out / "report.json").read_text())
+    report["markdown"] = (out / "report.md").read_text()
+    report["html"] = (out / "index.html").read_text()
+    return report
+
+
+@pytest.fixture(scope="module")
+def seq_report(seq_files: dict[str, Any]) -> dict[str, Any]:
+    return run_seq(seq_files, "make_model", "seq")
+
+
+def _seq_model(seq: dict[str, Any]) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seq_model_for_tests", seq["dir"] / "seq.py")
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_model()
+
+
+def test_sequence_report_counts_the_positions(
+    seq_files: dict[str, Any], seq_report: dict[str, Any]
+) -> None:
+    an = seq_report["analysed"]
+    assert an["output_shape"] == [SEQ_N, SEQ_T, SEQ_C]
+    assert (an["num_inputs"], an["num_outputs"]) == (SEQ_N, SEQ_C)
+    counted = seq_files["mask"] & (seq_files["y"] != -100)
+    assert an["positions"] == {
+        "shape": [SEQ_T],
+        "per_example": SEQ_T,
+        "total": SEQ_N * SEQ_T,
+        "counted": int(counted.sum()),  # 24 - 6 padded - 1 ignored = 17
+        "masked": SEQ_N * SEQ_T - int(counted.sum()),
+        "masked_by_mask": 6,
+        "ignored_labels": 1,
+        "ignore_index": -100,
+    }
+    assert int(counted.sum()) == 17
+    assert seq_report["data"]["mask_key"] == "mask"
+    assert seq_report["core_space"]["num_inputs"] == 17  # one metric per counted position
+    assert seq_report["dimension"]["rank_bound"]["counted_positions"] == 17
+    assert seq_report["landscape"]["num_counted"] == 17  # the mean is over them
+    assert seq_report["landscape"]["num_inputs"] == SEQ_N
+    for key in ("fisher_diagonal", "estimators", "core_space", "spectrum", "landscape"):
+        assert "not_run" not in seq_report[key], seq_report[key]
+    v = {k: np.asarray(x) for k, x in seq_report["fisher_diagonal"]["values"].items()}
+    # Some entries are zero up to rounding (1e-33): allow rounding of the largest entry.
+    slack = 1e-12 * (v["upper"] + np.max(v["upper"]))
+    assert np.all(v["lower"] <= v["exact"] + slack)
+    assert np.all(v["exact"] <= v["upper"] + slack)
+    assert seq_report["fisher_diagonal"]["bounds_hold"]
+    assert seq_report["core_space"]["lambda_max_bounds_hold"] == 1.0
+    assert seq_report["spectrum"]["brackets_hold"]
+    md = seq_report["markdown"]
+    assert "| logits | (N, T, C) = (4, 6, 5) |" in md
+    assert "| positions per input P | 6 |" in md
+    assert (
+        "| counted positions K | 17 of N P = 24 (7 masked: 6 by the mask, 1 labelled with "
+        "the ignore index -100) |"
+    ) in md
+    assert "Per-token convention: every Fisher quantity is the SUM over the inputs and " in md
+    assert "MEAN loss over the K counted positions" in md
+    assert "at each of the 17 counted positions" in md
+    assert "The mean loss over the 17 counted positions of 4 inputs near θ" in md
+    assert "Not run" not in md
+    assert "17 counted positions" in seq_report["html"]
+
+
+def test_sequence_report_numbers_against_direct_computations(
+    seq_files: dict[str, Any], seq_report: dict[str, Any]
+) -> None:
+    from torch.nn import functional as F
+
+    from fisherbound.adapters.torch import linearize
+    from fisherbound.families import Categorical
+    from fisherbound.fisher import fisher_diagonal
+
+    model = _seq_model(seq_files)
+    ids = torch.as_tensor(seq_files["ids"])
+    y = torch.as_tensor(seq_files["y"])
+    counted = torch.as_tensor(seq_files["mask"]) & (y != -100)
+    got = np.asarray(seq_report["fisher_diagonal"]["values"]["exact"])
+    lin = linearize(model, ids, mask=counted)
+    np.testing.assert_allclose(got, fisher_diagonal(lin, Categorical()).numpy(), rtol=1e-10)
+    # Independently: Σ_x Σ_t counted (J_xtᵀ (diag p − p pᵀ) J_xt)_ii by dense Jacobians.
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def logits(*flat: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, dict(zip(names, flat, strict=True)), (ids,))
+
+    jac = torch.func.jacrev(logits, argnums=tuple(range(len(names))))(*params.values())
+    j = torch.cat([g.reshape(SEQ_N, SEQ_T, SEQ_C, -1) for g in jac], dim=-1)
+    p = logits(*params.values()).softmax(-1)
+    metric = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]
+    per = torch.einsum("ntcd,ntce,nted->ntd", j, metric, j)
+    want = (per * counted[..., None]).sum(dim=(0, 1))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-14)
+    # The landscape's loss at θ is the mean cross-entropy over the counted positions.
+    z = logits(*params.values())
+    target = torch.where(counted, y, -100)
+    ce = F.cross_entropy(z.reshape(-1, SEQ_C), target.reshape(-1), ignore_index=-100)
+    at_theta = seq_report["landscape"]["random_plane"]["surface"]["loss_at_theta"]
+    assert at_theta == pytest.approx(float(ce), rel=1e-10)
+    # The accuracy is over the counted positions.
+    right = (z.argmax(-1) == y)[counted]
+    assert seq_report["analysed"]["accuracy"] == pytest.approx(float(right.double().mean()))
+
+
+def test_keyword_inputs_dict_output_and_class_axis(
+    seq_files: dict[str, Any], seq_report: dict[str, Any], capsys: Any
+) -> None:
+    # x_input_ids / x_attention_mask -> model(input_ids=..., attention_mask=...); the
+    # attention mask is the mask; the model returns {"logits": (N, C, T), ...}.
+    r = run_seq(seq_files, "make_dict_model", "keywords", "--output", "logits", "--class-axis", "1")
+    assert "P = 6, K = 17 counted positions" in capsys.readouterr().out
+    assert r["analysed"]["positions"] == seq_report["analysed"]["positions"]
+    assert r["data"]["mask_key"] == "x_attention_mask"
+    assert "the keyword input x_attention_mask is the mask" in r["data"]["description"]
+    np.testing.assert_allclose(
+        r["fisher_diagonal"]["values"]["exact"],
+        seq_report["fisher_diagonal"]["values"]["exact"],
+        rtol=1e-12,
+    )
+    np.testing.assert_allclose(
+        r["landscape"]["hessian"]["eigenvalues"],
+        seq_report["landscape"]["hessian"]["eigenvalues"],
+        rtol=1e-8,
+    )
+
+
+SEQ_CASES = [
+    (
+        "make_model",
+        "bad_mask_shape",
+        [],
+        "the mask (key mask) must have the shape (N, *S)",
+        "(4, 5)",
+    ),
+    ("make_model", "bad_mask_values", [], "the mask (key mask) must be boolean or 0/1", "[0, 2]"),
+    (
+        "make_model",
+        "bad_label_shape",
+        [],
+        "logits of shape (N, T, C) = (4, 5, C) for the labels' positions",
+        "got shape (4, 6, 5)",
+    ),
+    ("make_model", "all_masked", [], "no position counts", "--ignore-index"),
+    (
+        "make_model",
+        "big_label",
+        [],
+        "class indices in [0, C) = [0, 5) for the model's 5 outputs, or the ignore index",
+        "values [9]",
+    ),
+    ("make_model", "both_inputs", [], "holds both x and keyword inputs x_NAME", "x_input_ids"),
+    ("make_model", "ragged", [], "every keyword input must have the same N rows", "3"),
+    ("make_dict_model", "keywords", [], "must return a tensor of logits", "--output"),
+    (
+        "make_dict_model",
+        "keywords",
+        ["--output", "scores"],
+        "--output scores: output='scores' selects nothing",
+        "logits",
+    ),
+    (
+        "make_dict_model",
+        "keywords",
+        ["--output", "logits", "--class-axis", "5"],
+        "--class-axis must be an axis of the model's output of shape (4, 5, 6)",
+        "got 5",
+    ),
+    ("make_model", "seq", ["--class-axis", "0"], "--class-axis: must not be 0", ""),
+    ("make_model", "seq", ["--ignore-index", "x"], "--ignore-index: must be an integer", ""),
+]
+
+
+@pytest.mark.parametrize(("factory", "data", "extra", "first", "second"), SEQ_CASES)
+def test_bad_sequence_data_is_named(
+    seq_files: dict[str, Any],
+    factory: str,
+    data: str,
+    extra: list[str],
+    first: str,
+    second: str,
+    capsys: Any,
+) -> None:
+    folder = seq_files["dir"]
+    argv = ["report", f"{folder / 'seq.py'}:{factory}", str(folder / f"{data}.npz")]
+    err = error_of([*argv, "--out", str(folder / "x"), *extra], capsys)
+    assert first in err
+    assert second in err
+    assert len(err.strip().splitlines()[-1]) > 0
+
+
+@pytest.mark.slow  # about 5-10 s: the analysis of the sequence model, less two stages
+def test_a_refused_analysis_is_reported_not_raised(
+    seq_files: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fisherbound.dimension
+    import fisherbound.fisher
+    from fisherbound.report import Settings, analyse, torch_subject, write_report
+
+    refusal = "exact quantities need 30 cotangents per example, above max_cotangents = 4"
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        del args, kwargs
+        raise ValueError(refusal)
+
+    monkeypatch.setattr(fisherbound.fisher, "fisher_diagonal", refuse)
+    monkeypatch.setattr(fisherbound.dimension, "razor", refuse)
+    settings = Settings(
+        num_probes=2, slq_probes=2, lanczos_steps=6, max_count=2, top_k=2, grid_points=3,
+        trace_probes=2, repeats=1, progress=False,
+    )  # fmt: skip
+    model = _seq_model(seq_files)
+    subject = torch_subject(model)
+    ids, y, mask = seq_files["ids"], seq_files["y"], seq_files["mask"]
+    analysis = analyse(subject, ids, y, mask=mask, ignore_index=-100, settings=settings)
+    numbers = analysis.numbers
+    assert numbers["fisher_diagonal"] == {"not_run": f"ValueError: {refusal}"}
+    assert "exact Fisher diagonal" in numbers["estimators"]["not_run"]
+    assert numbers["dimension"]["razor"] == {"not_run": f"ValueError: {refusal}"}
+    assert numbers["spectrum"]["top_fraction_of_trace"] is None  # no exact trace
+    assert "not_run" not in numbers["landscape"]
+    write_report(analysis, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert f"## Fisher diagonal per layer\n\nNot run for this model: ValueError: {refusal}" in md
+    assert "## Estimators compared\n\nNot run for this model: it needs the exact" in md
+    assert f"The razor complexity (razor) did not run: ValueError: {refusal}" in md
+    files = {f["file"] for f in json.loads((tmp_path / "report.json").read_text())["figures"]}
+    assert files == {"core_space.png", "fisher_spectrum.png", "landscape.png"}
+    # A model without positions still raises: nothing is hidden there.
+    rng = np.random.default_rng(0)
+    flat = torch.nn.Linear(3, 4).double()
+    with pytest.raises(ValueError, match="max_cotangents"):
+        analyse(
+            torch_subject(flat), rng.standard_normal((5, 3)), rng.integers(0, 4, 5),
+            settings=settings,
+        )  # fmt: skip

@@ -16,7 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fisherbound._cli.loading import check_outputs, load_data, load_model, selected_params
+from fisherbound._cli.loading import (
+    MASK_KEY,
+    Data,
+    check_outputs,
+    load_dataset,
+    load_model,
+    selected_params,
+)
 from fisherbound._cli.trainers import TRAINERS, accuracy_and_loss, fit, framework_context
 from fisherbound._cli.usage import UsageError, require
 from fisherbound._report.settings import Settings
@@ -88,12 +95,23 @@ def write(
     context: dict[str, Any],
     start: float,
     landscape: list[tuple[Any, Any]] | None = None,
+    mask: Any = None,
+    ignore_index: int | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``analyse`` and ``write_report`` into ``--out``: the numbers and index.html's path."""
     from fisherbound._report.analysis import analyse
     from fisherbound._report.render import write_report
 
-    analysis = analyse(subject, x, y, landscape=landscape, settings=settings, context=context)
+    analysis = analyse(
+        subject,
+        x,
+        y,
+        mask=mask,
+        ignore_index=ignore_index,
+        landscape=landscape,
+        settings=settings,
+        context=context,
+    )
     analysis.numbers["timing"]["total_seconds"] = time.perf_counter() - start
     return analysis.numbers, write_report(analysis, args.out)
 
@@ -186,20 +204,88 @@ def demo(args: argparse.Namespace) -> int:
 
 def report_data(args: argparse.Namespace) -> tuple[Any, Any, str, int]:
     """The first ``--max-inputs`` inputs and labels of DATA, its keys and its size."""
+    data, total = report_dataset(args)
+    return data.inputs, data.labels, data.keys, total
+
+
+def report_dataset(args: argparse.Namespace) -> tuple[Data, int]:
+    """The first ``--max-inputs`` examples of DATA (checked rows and mask) and its size."""
     import numpy as np
 
-    x, y, keys = load_data(Path(args.data))
-    if int(np.shape(y)[0] if np.ndim(y) else -1) != int(x.shape[0]):
+    data = load_dataset(Path(args.data))
+    x, y = data.inputs, data.labels
+    if isinstance(x, dict):
+        rows = {f"x_{k}": int(v.shape[0]) if v.ndim else -1 for k, v in x.items()}
+        if len(set(rows.values())) != 1:
+            msg = (
+                f"DATA {args.data}: every keyword input must have the same N rows; got "
+                f"{', '.join(f'{k} {v}' for k, v in rows.items())}."
+            )
+            raise UsageError(msg)
+        if int(np.shape(y)[0] if np.ndim(y) else -1) != data.num_rows:
+            msg = (
+                f"DATA {args.data} must hold one label per input; got {data.num_rows} inputs "
+                f"and labels of shape {np.shape(y)}."
+            )
+            raise UsageError(msg)
+    elif int(np.shape(y)[0] if np.ndim(y) else -1) != int(x.shape[0]):
         msg = (
             f"DATA {args.data} must hold one label per input; got {x.shape[0]} inputs "
             f"(shape {x.shape}) and labels of shape {np.shape(y)}."
         )
         raise UsageError(msg)
-    total = int(x.shape[0])
+    total = data.num_rows
     if total == 0:
         msg = f"DATA {args.data} holds no inputs."
         raise UsageError(msg)
-    return x[: args.max_inputs], y[: args.max_inputs], keys, total
+    return data.head(args.max_inputs), total
+
+
+def label_positions(args: argparse.Namespace, labels: Any) -> tuple[Any, tuple[int, ...]]:
+    """The labels, class axis last (Bernoulli), and S, the position axes they ask for."""
+    import numpy as np
+
+    if args.family == "categorical":
+        return labels, tuple(int(s) for s in labels.shape[1:])
+    if labels.ndim < 3:  # rows (N, C): no positions (checked against the logits later)
+        return labels, ()
+    if not -labels.ndim <= args.class_axis < labels.ndim or args.class_axis % labels.ndim == 0:
+        msg = (
+            f"--class-axis {args.class_axis} is not an axis of the Bernoulli labels of shape "
+            f"{labels.shape} other than 0 (labels have the model output's layout)."
+        )
+        raise UsageError(msg)
+    moved = np.moveaxis(labels, args.class_axis, -1)
+    return moved, tuple(int(s) for s in moved.shape[1:-1])
+
+
+def check_positions(
+    args: argparse.Namespace, data: Data, labels: Any, positions: tuple[int, ...]
+) -> None:
+    """The mask has the labels' positions (N, *S), and some position counts."""
+    import numpy as np
+
+    n = int(labels.shape[0])
+    mask = data.mask
+    if mask is not None and tuple(mask.shape) != (n, *positions):
+        msg = (
+            f"DATA {args.data}: the mask (key {data.mask_key}) must have the shape (N, *S) = "
+            f"{(n, *positions)} of the labels' positions; got {tuple(mask.shape)}."
+        )
+        raise UsageError(msg)
+    keep = np.ones((n, *positions), dtype=bool) if mask is None else mask
+    ignoring = args.family == "categorical" and args.ignore_index is not None and positions
+    if ignoring:
+        keep = keep & (labels != args.ignore_index)
+    if not np.any(keep):
+        by = [f"the mask (key {data.mask_key})"] if mask is not None else []
+        if ignoring:
+            by.append(f"the ignore index {args.ignore_index} (--ignore-index)")
+        msg = (
+            f"DATA {args.data}: no position counts: {' and '.join(by)} leave none of the "
+            f"{keep.size} positions of the first {n} inputs."
+        )
+        raise UsageError(msg)
 
 
 def report(args: argparse.Namespace) -> int:
@@ -211,31 +297,64 @@ def report(args: argparse.Namespace) -> int:
     from fisherbound.families import Bernoulli, Categorical
 
     start = time.perf_counter()
-    x, y, keys, total = report_data(args)
+    data, total = report_dataset(args)
+    x = data.inputs
+    y, positions = label_positions(args, data.labels)
+    check_positions(args, data, y, positions)
     model, origin = load_model(args.model, args.factory)
     model.eval()
     names, count = selected_params(model, args.params)
     family = Categorical() if args.family == "categorical" else Bernoulli()
     subject = torch_subject(
-        model, family=family, params=names, description=f"{origin}, {count} parameters"
+        model,
+        family=family,
+        params=names,
+        description=f"{origin}, {count} parameters",
+        output=args.output,
+        class_axis=args.class_axis,
     )
-    check_outputs(model, subject, x, y, args.family)
+    ignore_index = args.ignore_index if positions else None
+    check_outputs(
+        model,
+        subject,
+        x,
+        y,
+        args.family,
+        output=args.output,
+        class_axis=args.class_axis,
+        positions=positions,
+        mask=data.mask,
+        ignore_index=ignore_index,
+    )
+    n = data.num_rows
+    description = f"{args.data} (keys {data.keys}): the first {n} of {total} inputs"
+    if data.mask_key is not None and data.mask_key != MASK_KEY:
+        description += f"; the keyword input {data.mask_key} is the mask"
+    about: dict[str, Any] = {"description": description, "num_inputs_in_file": total}
+    if positions or data.mask is not None:
+        about.update(
+            mask_key=data.mask_key,
+            ignore_index=ignore_index,
+            output=args.output,
+            class_axis=args.class_axis,
+        )
     context = {
         "title": f"fisherbound report: {args.model} on {args.data}",
         "command": "fisherbound " + " ".join(args.argv),
         "model": {"description": f"{origin}, {count} parameters", "params": names},
-        "data": {
-            "description": (
-                f"{args.data} (keys {keys}): the first {int(x.shape[0])} of {total} inputs"
-            ),
-            "num_inputs_in_file": total,
-        },
+        "data": about,
         "training": None,
     }
-    numbers, index = write(subject, x, y, args, settings, context, start)
+    numbers, index = write(
+        subject, x, y, args, settings, context, start, mask=data.mask, ignore_index=ignore_index
+    )
     an = numbers["analysed"]
+    counted = ""
+    if "positions" in an:
+        pos = an["positions"]
+        counted = f", P = {pos['per_example']}, K = {pos['counted']} counted positions"
     print(
         f"fisherbound report: D = {an['num_params']}, N = {an['num_inputs']}, C = "
-        f"{an['num_outputs']}; report in {time.perf_counter() - start:.1f} s: {index}"
+        f"{an['num_outputs']}{counted}; report in {time.perf_counter() - start:.1f} s: {index}"
     )
     return 0

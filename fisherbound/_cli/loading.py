@@ -1,14 +1,17 @@
 """``fisherbound report``: loading the user's model and data, and checking them.
 
 MODEL is a Python file with a factory, a TorchScript file or a module saved with
-``torch.save``; DATA is an ``.npz`` archive of inputs and labels. Every problem
-is a ``UsageError`` that says what was found and what to do.
+``torch.save``; DATA is an ``.npz`` archive of inputs and labels, with keyword
+inputs and a mask of the counted positions for models whose logits have
+position axes (N, *S, C). Every problem is a ``UsageError`` that says what was
+found and what to do.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,43 @@ from fisherbound._report.subjects import Subject
 
 #: Keys accepted in the DATA .npz file (inputs, labels).
 DATA_KEYS = (("x", "y"), ("inputs", "labels"))
+
+#: Key of the mask of the counted positions in DATA (boolean or 0/1, shape (N, *S)).
+MASK_KEY = "mask"
+
+#: A keyword input of this name is also the mask when DATA has no ``mask`` key.
+ATTENTION_MASK = "attention_mask"
+
+
+@dataclass
+class Data:
+    """What DATA holds: inputs (an array, or a dict of keyword inputs), labels, mask.
+
+    ``keys`` says where they were found (for the report), ``mask_key`` where the
+    mask came from (None: no mask).
+    """
+
+    inputs: Any
+    labels: Any
+    mask: Any
+    keys: str
+    mask_key: str | None
+
+    @property
+    def num_rows(self) -> int:
+        """N, the rows of the first input."""
+        first = next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
+        return int(first.shape[0])
+
+    def head(self, n: int) -> Data:
+        """The first ``n`` examples."""
+        x = (
+            {k: v[:n] for k, v in self.inputs.items()}
+            if isinstance(self.inputs, dict)
+            else self.inputs[:n]
+        )
+        mask = None if self.mask is None else self.mask[:n]
+        return Data(x, self.labels[:n], mask, self.keys, self.mask_key)
 
 
 def split_model_spec(spec: str, factory: str | None) -> tuple[Path, str | None]:
@@ -188,6 +228,24 @@ def load_torch_file(path: Path) -> tuple[Any, str]:
 
 def load_data(path: Path) -> tuple[Any, Any, str]:
     """Inputs, labels and the keys they were found under, from an ``.npz`` archive."""
+    data = load_dataset(path)
+    return data.inputs, data.labels, data.keys
+
+
+def keyword_inputs(arrays: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The keyword inputs ``{name: array}`` of the keys ``prefix_name`` (sorted by key)."""
+    start = prefix + "_"
+    return {k[len(start) :]: v for k, v in sorted(arrays.items()) if k.startswith(start)}
+
+
+def load_dataset(path: Path) -> Data:
+    """Inputs (an array or keyword inputs), labels and mask from an ``.npz`` archive.
+
+    Inputs are under ``x`` (or ``inputs``), or, for keyword inputs, under
+    ``x_NAME`` (``inputs_NAME``): the model is called as ``model(NAME=...)``.
+    Labels are under ``y`` (``labels``). The mask of the counted positions is
+    under ``mask``, else the keyword input ``attention_mask`` if there is one.
+    """
     import numpy as np
 
     if not path.is_file():
@@ -202,9 +260,7 @@ def load_data(path: Path) -> tuple[Any, Any, str]:
                 )
                 raise UsageError(msg)
             keys = list(data.files)
-            for xk, yk in DATA_KEYS:
-                if xk in keys and yk in keys:
-                    return np.asarray(data[xk]), np.asarray(data[yk]), f"{xk}/{yk}"
+            arrays = {k: np.asarray(data[k]) for k in keys}
     except UsageError:
         raise
     except Exception as err:
@@ -212,6 +268,18 @@ def load_data(path: Path) -> tuple[Any, Any, str]:
             f"DATA {path} does not load as an .npz archive: {type(err).__name__}: {first_line(err)}"
         )
         raise UsageError(msg) from None
+    for xk, yk in DATA_KEYS:
+        if yk not in keys:
+            continue
+        named = keyword_inputs(arrays, xk)
+        if xk in keys and named:
+            msg = (
+                f"DATA {path} holds both {xk} and keyword inputs {xk}_NAME "
+                f"({sorted(f'{xk}_{k}' for k in named)}); keep one of them."
+            )
+            raise UsageError(msg)
+        if xk in keys or named:
+            return dataset(path, arrays, xk, yk, named)
     msg = (
         f"DATA {path} must hold the inputs and labels under the keys x and y (or inputs "
         f"and labels); found keys {keys}."
@@ -219,48 +287,172 @@ def load_data(path: Path) -> tuple[Any, Any, str]:
     raise UsageError(msg)
 
 
-def check_outputs(model: Any, subject: Subject, x: Any, y: Any, family: str) -> None:
-    """Run the model once and check that its outputs are logits that fit the labels."""
-    logits = model_logits(model, subject, x)
+def dataset(path: Path, arrays: dict[str, Any], xk: str, yk: str, named: dict[str, Any]) -> Data:
+    """The ``Data`` of the keys ``xk`` (or keyword inputs ``named``), ``yk`` and the mask."""
+    import numpy as np
+
+    inputs: Any = named if named else arrays[xk]
+    keys = ", ".join(f"{xk}_{k}" for k in named) if named else xk
+    keys = f"{keys}/{yk}"
+    mask_key = None
+    if MASK_KEY in arrays:
+        mask_key = MASK_KEY
+    elif ATTENTION_MASK in named:
+        mask_key = f"{xk}_{ATTENTION_MASK}"
+    mask = None
+    if mask_key is not None:
+        raw = arrays[mask_key]
+        if raw.dtype != np.bool_ and not (
+            (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating))
+            and np.all((raw == 0) | (raw == 1))
+        ):
+            msg = (
+                f"DATA {path}: the mask (key {mask_key}) must be boolean or 0/1 (1 = the position "
+                f"counts); got dtype {raw.dtype}"
+                + (f" with values {sorted(set(np.unique(raw).tolist()))[:5]}." if raw.size else ".")
+            )
+            raise UsageError(msg)
+        mask = raw != 0
+        if mask_key == MASK_KEY:
+            keys += f", {MASK_KEY}"
+    return Data(inputs, arrays[yk], mask, keys, mask_key)
+
+
+def check_outputs(
+    model: Any,
+    subject: Subject,
+    x: Any,
+    y: Any,
+    family: str,
+    *,
+    output: Any = None,
+    class_axis: int = -1,
+    positions: tuple[int, ...] = (),
+    mask: Any = None,
+    ignore_index: int | None = None,
+) -> None:
+    """Run the model once and check that its outputs are logits that fit the labels.
+
+    ``positions`` is S, the position axes the labels ask for (``()``: logits
+    (N, C)); the logits are then (N, *S, C) once ``output`` has picked them from
+    the model's output and ``class_axis`` has been moved last. Labels of the
+    Bernoulli family have their class axis last here (as the logits).
+    """
+    logits = model_logits(
+        model, subject, x, output=output, class_axis=class_axis, positions=positions
+    )
     if family == "categorical":
-        check_categorical(logits, y)
+        check_categorical(logits, y, positions=positions, mask=mask, ignore_index=ignore_index)
     else:
         check_bernoulli(logits, y)
 
 
-def model_logits(model: Any, subject: Subject, x: Any) -> Any:
-    """The model's outputs on ``x`` as a host float64 array, checked to be logits (N, C)."""
-    import numpy as np
+def inputs_text(x: Any, xt: Any) -> str:
+    """The inputs for a message: ``shape (40, 7), dtype ...`` or each keyword input's."""
+    if isinstance(x, dict):
+        parts = ", ".join(f"{k} {tuple(v.shape)} {xt[k].dtype}" for k, v in x.items())
+        return f"keyword inputs {parts}"
+    return f"shape {tuple(x.shape)}, dtype {xt.dtype}"
+
+
+def call_model(model: Any, subject: Subject, x: Any) -> Any:
+    """The model's output on ``x`` (keyword inputs for a dict), without gradients."""
     import torch
 
     xt = subject.inputs(x)
     try:
         with torch.no_grad():
-            z = model(xt)
+            return model(**xt) if isinstance(xt, dict) else model(xt)
     except Exception as err:
         msg = (
-            f"the model rejects the inputs of DATA (shape {tuple(x.shape)}, dtype "
-            f"{xt.dtype}): {type(err).__name__}: {first_line(err)}"
+            f"the model rejects the inputs of DATA ({inputs_text(x, xt)}): "
+            f"{type(err).__name__}: {first_line(err)}"
         )
         raise UsageError(msg) from None
-    n = int(x.shape[0])
-    if not isinstance(z, torch.Tensor):
+
+
+def select_logits(out: Any, output: Any, class_axis: int) -> Any:
+    """The logits tensor picked by ``--output``, its ``--class-axis`` moved last."""
+    import torch
+
+    from fisherbound.adapters._torch_model import select_output
+
+    if output is not None:
+        try:
+            out = select_output(out, output)
+        except ValueError as err:
+            msg = f"--output {output}: {first_line(err)}"
+            raise UsageError(msg) from None
+    if not isinstance(out, torch.Tensor):
+        if output is not None:
+            msg = f"--output {output} selects a {type(out).__name__}, not a tensor of logits."
+        else:
+            msg = (
+                "the model must return a tensor of logits of shape (N, C); got "
+                f"{type(out).__module__}.{type(out).__name__}. Name the logits in it with "
+                "--output (a key, an attribute or an index)."
+            )
+        raise UsageError(msg)
+    if class_axis in (-1, out.ndim - 1):
+        return out
+    if not -out.ndim <= class_axis < out.ndim or class_axis % out.ndim == 0:
         msg = (
-            "the model must return a tensor of logits of shape (N, C); got "
-            f"{type(z).__module__}.{type(z).__name__}."
+            f"--class-axis must be an axis of the model's output of shape {tuple(out.shape)} "
+            f"other than 0 (the inputs), between {1 - out.ndim} and {out.ndim - 1}; got "
+            f"{class_axis}."
         )
         raise UsageError(msg)
-    if z.ndim != 2 or int(z.shape[0]) != n:
+    return torch.movedim(out, class_axis, -1)
+
+
+def letters(positions: tuple[int, ...]) -> str:
+    """``N, T, C`` for one position axis, ``N, S1, S2, C`` for more."""
+    names = ["T"] if len(positions) == 1 else [f"S{i + 1}" for i in range(len(positions))]
+    return ", ".join(["N", *names, "C"])
+
+
+def model_logits(
+    model: Any,
+    subject: Subject,
+    x: Any,
+    *,
+    output: Any = None,
+    class_axis: int = -1,
+    positions: tuple[int, ...] = (),
+) -> Any:
+    """The model's outputs on ``x`` as a host float64 array, checked to be logits.
+
+    (N, C), or (N, *S, C) for the position axes ``positions`` = S.
+    """
+    import numpy as np
+
+    z = select_logits(call_model(model, subject, x), output, class_axis)
+    first = next(iter(x.values())) if isinstance(x, dict) else x
+    n = int(first.shape[0])
+    if not positions and (z.ndim != 2 or int(z.shape[0]) != n):
         msg = (
             f"the model's outputs must be logits of shape (N, C) = ({n}, C) for the {n} "
             f"inputs; got shape {tuple(z.shape)}."
+        )
+        raise UsageError(msg)
+    lead = (n, *positions)
+    if positions and (z.ndim != len(lead) + 1 or tuple(int(s) for s in z.shape[:-1]) != lead):
+        axis = (
+            f" (--class-axis {class_axis} moved last)"
+            if class_axis != -1
+            else "; name the class axis with --class-axis if it is not the last"
+        )
+        msg = (
+            f"the model's outputs must be logits of shape ({letters(positions)}) = "
+            f"({', '.join(str(s) for s in lead)}, C) for the labels' positions; got shape "
+            f"{tuple(z.shape)}{axis}."
         )
         raise UsageError(msg)
     if not z.is_floating_point():
         msg = f"the model's outputs must be floating-point logits; got dtype {z.dtype}."
         raise UsageError(msg)
     zh = z.detach().cpu().double().numpy()
-    bad = np.flatnonzero(~np.all(np.isfinite(zh), axis=1))
+    bad = np.flatnonzero(~np.all(np.isfinite(zh.reshape(n, -1)), axis=1))
     if bad.size:
         msg = (
             f"the model's outputs must be finite logits; got NaN or infinity in "
@@ -270,18 +462,29 @@ def model_logits(model: Any, subject: Subject, x: Any) -> Any:
     return zh
 
 
-def check_categorical(zh: Any, y: Any) -> None:
-    """Logits (N, C ≥ 2), not probabilities, and class indices in [0, C) as labels."""
+def check_categorical(
+    zh: Any,
+    y: Any,
+    *,
+    positions: tuple[int, ...] = (),
+    mask: Any = None,
+    ignore_index: int | None = None,
+) -> None:
+    """Logits (N, *S, C ≥ 2), not probabilities, and class indices in [0, C) as labels.
+
+    With positions, a label may also be the ignore index, and the labels of the
+    positions the mask leaves out are not read.
+    """
     import numpy as np
 
-    c = int(zh.shape[1])
+    c = int(zh.shape[-1])
     if c < 2:
         msg = (
             f"the categorical family needs C >= 2 outputs; the model has C = {c}. For one "
             "binary output use --family bernoulli."
         )
         raise UsageError(msg)
-    if np.all(zh >= 0.0) and np.allclose(zh.sum(axis=1), 1.0, rtol=0.0, atol=1e-4):
+    if np.all(zh >= 0.0) and np.allclose(zh.sum(axis=-1), 1.0, rtol=0.0, atol=1e-4):
         msg = (
             "the model's outputs look like softmax probabilities (every row is "
             "non-negative and sums to 1), not logits: remove the final softmax. "
@@ -290,7 +493,7 @@ def check_categorical(zh: Any, y: Any) -> None:
         )
         raise UsageError(msg)
     labels = np.asarray(y)
-    if labels.ndim != 1:
+    if not positions and labels.ndim != 1:
         msg = (
             f"categorical labels must be class indices of shape (N,); got shape "
             f"{labels.shape}. For multi-label 0/1 rows use --family bernoulli."
@@ -305,6 +508,9 @@ def check_categorical(zh: Any, y: Any) -> None:
             f"{labels.dtype} with non-integer values."
         )
         raise UsageError(msg)
+    if positions:
+        check_position_labels(labels, c, mask, ignore_index)
+        return
     out = np.flatnonzero((labels < 0) | (labels >= c))
     if out.size:
         msg = (
@@ -315,16 +521,44 @@ def check_categorical(zh: Any, y: Any) -> None:
         raise UsageError(msg)
 
 
-def check_bernoulli(zh: Any, y: Any) -> None:
-    """0/1 label rows of the logits' shape (N, C)."""
+def check_position_labels(labels: Any, c: int, mask: Any, ignore_index: int | None) -> None:
+    """Labels (N, *S) in [0, C) or the ignore index wherever the mask keeps the position."""
     import numpy as np
 
-    n, c = (int(s) for s in zh.shape)
-    labels = np.asarray(y)
-    if labels.shape != (n, c):
+    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask)
+    if ignore_index is not None:
+        keep = keep & (labels != ignore_index)
+    wrong = keep & ((labels < 0) | (labels >= c))
+    if np.any(wrong):
+        where = [tuple(int(i) for i in idx) for idx in np.argwhere(wrong)[:5]]
+        values = sorted({int(v) for v in labels[wrong][:10]})
+        ignored = "none" if ignore_index is None else str(ignore_index)
         msg = (
-            f"Bernoulli labels must be 0/1 rows of shape (N, C) = ({n}, {c}); got shape "
-            f"{labels.shape}."
+            f"labels must be class indices in [0, C) = [0, {c}) for the model's {c} "
+            f"outputs, or the ignore index (--ignore-index {ignored}); got "
+            f"{int(np.sum(wrong))} outside, e.g. values {values} at (input, position) "
+            f"{where}."
+        )
+        raise UsageError(msg)
+
+
+def check_bernoulli(zh: Any, y: Any) -> None:
+    """0/1 labels of the logits' shape (N, C), or (N, *S, C) (class axis last)."""
+    import numpy as np
+
+    labels = np.asarray(y)
+    if zh.ndim == 2:
+        n, c = (int(s) for s in zh.shape)
+        if labels.shape != (n, c):
+            msg = (
+                f"Bernoulli labels must be 0/1 rows of shape (N, C) = ({n}, {c}); got shape "
+                f"{labels.shape}."
+            )
+            raise UsageError(msg)
+    elif labels.shape != zh.shape:
+        msg = (
+            f"Bernoulli labels must be 0/1 of the logits' shape {zh.shape} (class axis "
+            f"last, as --class-axis says for the model's output); got shape {labels.shape}."
         )
         raise UsageError(msg)
     if not np.all((labels == 0) | (labels == 1)):

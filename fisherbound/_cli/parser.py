@@ -13,7 +13,7 @@ from typing import Any
 from fisherbound._cli.commands import demo as run_demo
 from fisherbound._cli.commands import report as run_report
 from fisherbound._cli.trainers import TRAINERS
-from fisherbound._cli.usage import positive_float, positive_int
+from fisherbound._cli.usage import int_or_none, nonzero_int, positive_float, positive_int, selector
 
 #: Where the demo's and the report's files go unless ``--out`` says otherwise.
 DEFAULT_OUT = Path("fisherbound-report")
@@ -45,7 +45,13 @@ REPORT_DESCRIPTION = (
     "x and y (or inputs and labels): class indices (N,) for the categorical "
     "family, 0/1 rows (N, C) for the Bernoulli family. The model is put in eval "
     "mode and must return logits (N, C) (log-softmax outputs are fine, "
-    "probabilities are not)."
+    "probabilities are not). Models whose logits have position axes (a token "
+    "classifier or language model (N, T, C); segmentation (N, C, H, W) with "
+    "--class-axis 1) take labels with those axes, class indices (N, *S) where "
+    "-100 (--ignore-index) marks a position that does not count; DATA may also "
+    "hold a mask (N, *S) of the positions that count (key mask) and keyword "
+    "inputs under x_NAME (the model is called as model(NAME=...); x_attention_mask "
+    "is also the mask when there is no key mask). docs/cli.md has the details."
 )
 
 
@@ -255,6 +261,32 @@ def add_report(sub: Any) -> None:
         metavar="NAME",
         help="analyse only these parameters (names from model.named_parameters()); "
         "put this option after MODEL and DATA",
+    )
+    outputs = report.add_argument_group("outputs with position axes (sequences, images)")
+    outputs.add_argument(
+        "--output",
+        type=selector,
+        default=None,
+        metavar="SEL",
+        help="where the logits are in the model's output: a key of a dict output or an "
+        "attribute (e.g. logits of a Hugging Face ModelOutput), or an integer index into a "
+        "tuple output (default: the output is the logits tensor)",
+    )
+    outputs.add_argument(
+        "--class-axis",
+        type=nonzero_int,
+        default=-1,
+        metavar="A",
+        help="axis of the model's output that holds the C classes, moved last (default -1; "
+        "e.g. 1 for (N, C, T) or (N, C, H, W) outputs)",
+    )
+    outputs.add_argument(
+        "--ignore-index",
+        type=int_or_none,
+        default=-100,
+        metavar="I",
+        help="class labels (N, *S) equal to I do not count, as in torch.nn.CrossEntropyLoss "
+        "(default -100; 'none': every label is a class)",
     )
     report.add_argument(
         "--max-inputs",

@@ -59,3 +59,27 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (loaders' messages can be long)."""
     text = str(err).strip().splitlines()
     return text[0] if text else ""
+
+
+def nonzero_int(text: str) -> int:
+    """An integer other than 0 (argparse type of ``--class-axis``: 0 is the inputs' axis)."""
+    value = _parse(text, int, "an integer")
+    if value == 0:
+        msg = "must not be 0 (axis 0 holds the inputs); got 0"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def int_or_none(text: str) -> int | None:
+    """An integer, or ``none`` for None (argparse type of ``--ignore-index``)."""
+    if text.strip().lower() == "none":
+        return None
+    return _parse(text, int, "an integer or 'none'")
+
+
+def selector(text: str) -> str | int:
+    """``--output``: an integer selects an element of a tuple output, other text a key."""
+    try:
+        return int(text)
+    except ValueError:
+        return text

@@ -6,10 +6,17 @@ razor, the loss landscape), times each behind one progress bar, records the
 library's warnings, and collects the JSON-ready numbers and the host arrays the
 figures are drawn from. The numbers of each stage come from the modules
 ``diagonal``, ``spectrum`` and ``landscape`` of this package.
+
+Models whose logits have position axes, (N, *S, C), are analysed over their
+counted positions (``positions``): every linearization and loss function gets the
+mask of the counted positions. There a stage that the library refuses (a
+ValueError, TypeError or NotImplementedError) is reported as not run, with the
+library's message, instead of ending the analysis.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -22,6 +29,7 @@ from typing import Any
 from fisherbound._report.diagonal import compare_estimators, diagonal_estimate, diagonal_numbers
 from fisherbound._report.hoststats import host
 from fisherbound._report.landscape import landscape as landscape_numbers
+from fisherbound._report.positions import REFUSALS, Positions, count, counted_rows, not_run
 from fisherbound._report.settings import Analysis, Settings
 from fisherbound._report.spectrum import core_space, density, dimension, top_spectrum
 from fisherbound._report.subjects import Subject
@@ -48,7 +56,9 @@ def analyse(
     inputs: Any,
     labels: Any,
     *,
-    landscape: Sequence[tuple[Any, Any]] | None = None,
+    mask: Any = None,
+    ignore_index: int | None = None,
+    landscape: Sequence[tuple[Any, ...]] | None = None,
     settings: Settings | None = None,
     context: dict[str, Any] | None = None,
 ) -> Analysis:
@@ -60,11 +70,22 @@ def analyse(
         The model and its adapter (``numpy_subject``, ``torch_subject``,
         ``jax_subject``).
     inputs, labels
-        Host (NumPy) arrays: the N analysed inputs and their labels (class indices
-        for the categorical family, {0, 1} rows for the Bernoulli family).
+        Host (NumPy) arrays: the N analysed inputs (or a dict of them: keyword
+        inputs) and their labels: class indices (N,) or (N, *S) for the
+        categorical family, {0, 1} rows (N, C) or (N, *S, C) (class axis last)
+        for the Bernoulli family. Labels with position axes S analyse a model
+        whose logits are (N, *S, C).
+    mask
+        None (every position counts) or a host boolean / 0-1 array (N, *S): the
+        positions that count (padding is False).
+    ignore_index
+        Class labels (N, *S) equal to it do not count either (e.g. -100, as
+        ``torch.nn.CrossEntropyLoss``); None: none. Applies to labels with
+        position axes.
     landscape
-        (inputs, labels) host batches of the loss whose landscape is drawn (the
-        mean loss over all of them); default the analysed batch.
+        (inputs, labels) or (inputs, labels, mask) host batches of the loss whose
+        landscape is drawn (the mean loss over all of their counted positions);
+        default the analysed batch.
     settings
         ``Settings()`` by default.
     context
@@ -79,7 +100,10 @@ def analyse(
     Notes
     -----
     UserWarnings of the library (an unreached ``target_error``) are recorded in
-    ``numbers["warnings"]`` instead of being printed.
+    ``numbers["warnings"]`` instead of being printed. With position axes every
+    Fisher quantity is the sum over the examples and over their counted
+    positions, F = Σ_x Σ_t J_xtᵀ I(z_xt) J_xt, and the landscape's mean loss is
+    over the counted positions; ``numbers["analysed"]["positions"]`` counts them.
     """
     cfg = Settings() if settings is None else settings
     stages = Stages(STAGES, cfg.progress)
@@ -95,7 +119,8 @@ def analyse(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            run(subject, inputs, labels, landscape, cfg, stages, numbers, arrays)
+            batch = (inputs, labels, mask, ignore_index)
+            run(subject, batch, landscape, cfg, stages, numbers, arrays)
     finally:
         stages.close()
     messages = []
@@ -133,30 +158,43 @@ def environment(framework: str) -> dict[str, Any]:
     }
 
 
-def analysed(fam: Any, lin: Any, logits: Any, labels: Any) -> dict[str, Any]:
-    """The ``analysed`` section: sizes, family, dtype, accuracy and parameter blocks."""
+def analysed(
+    fam: Any, lin: Any, logits: Any, labels: Any, info: Positions | None = None
+) -> dict[str, Any]:
+    """The ``analysed`` section: sizes, family, dtype, accuracy and parameter blocks.
+
+    With positions, the accuracy is over the counted positions and ``positions``
+    holds their numbers.
+    """
     import numpy as np
 
     from fisherbound.families import Categorical
 
     host_labels = np.asarray(labels)
     if isinstance(fam, Categorical):
-        accuracy = float(np.mean(np.argmax(logits, axis=1) == host_labels))
-    else:
-        accuracy = float(np.mean((logits > 0) == (host_labels > 0.5)))
+        right = np.argmax(logits, axis=-1) == host_labels
+    else:  # the fraction of right entries (sigmoids)
+        right = (logits > 0) == (host_labels > 0.5)
+    if info is not None and info.mask is not None:
+        right = right[np.asarray(info.mask)]
+    accuracy = float(np.mean(right))
     blocks = [
         {"name": b.name, "shape": list(b.shape), "offset": int(b.offset), "size": int(b.size)}
         for b in lin.blocks
     ]
-    return {
+    out = {
         "num_inputs": int(logits.shape[0]),
-        "num_outputs": int(logits.shape[1]),
+        "num_outputs": int(logits.shape[-1]),
         "num_params": int(lin.num_params),
         "family": type(fam).__name__,
         "dtype": str(lin.logits.dtype),
         "accuracy": accuracy,
         "blocks": blocks,
     }
+    if info is not None:
+        out["output_shape"] = [int(s) for s in logits.shape]
+        out["positions"] = info.numbers()
+    return out
 
 
 def run_diagonal(
@@ -185,11 +223,61 @@ def run_diagonal(
     }
 
 
+def masked_subject(subject: Subject, mask: Any) -> Subject:
+    """``subject`` whose linearizations and loss functions all count only ``mask``."""
+    if mask is None:
+        return subject
+    return dataclasses.replace(
+        subject,
+        linearize=lambda x, m=None: subject.linearize(x, mask if m is None else m),
+        loss_function=lambda x, y, reduction, m=None: subject.loss_function(
+            x, y, reduction, mask if m is None else m
+        ),
+    )
+
+
+def backend_mask(info: Positions | None, like: Any) -> Any:
+    """The counted positions as a boolean array of ``like``'s namespace and device."""
+    if info is None or info.mask is None:
+        return None
+    from fisherbound._lib import array_namespace, device_of
+
+    xp = array_namespace(like)
+    return xp.asarray(info.mask, dtype=xp.bool, device=device_of(like))
+
+
+def guarded(
+    on: bool, numbers: dict[str, Any], key: str, fn: Any, arrays: dict[str, Any] | None = None
+) -> None:
+    """``numbers[key] (, arrays[key]) = fn()``; with ``on``, a refusal is recorded instead."""
+    try:
+        result = fn()
+    except REFUSALS as err:
+        if not on:
+            raise
+        numbers[key] = not_run(err)
+        return
+    if arrays is None:
+        numbers[key] = result
+    else:
+        numbers[key], arrays[key] = result
+
+
+def landscape_batches(subject: Subject, batches: Any, ignore_index: int | None) -> list[Any]:
+    """Backend (inputs, labels, mask) of each landscape batch (host pairs or triples)."""
+    out = []
+    for batch in batches:
+        a, b, *rest = batch
+        info, labels = count(subject.family, b, rest[0] if rest else None, ignore_index)
+        y = subject.labels(labels)
+        out.append((subject.inputs(a), y, backend_mask(info, y)))
+    return out
+
+
 def run(
     subject: Subject,
-    inputs: Any,
-    labels: Any,
-    landscape: Sequence[tuple[Any, Any]] | None,
+    batch: tuple[Any, Any, Any, int | None],
+    landscape: Sequence[tuple[Any, ...]] | None,
     cfg: Settings,
     stages: Stages,
     numbers: dict[str, Any],
@@ -201,28 +289,48 @@ def run(
     from fisherbound._lib import to_host
 
     fam = subject.family
-    x, y = subject.inputs(inputs), subject.labels(labels)
+    inputs, labels, host_mask, ignore_index = batch
+    info, clean = count(fam, labels, host_mask, ignore_index)
+    x, y = subject.inputs(inputs), subject.labels(clean)
+    mask = backend_mask(info, y)
+    sub = masked_subject(subject, mask)
     with stages("forward pass"):
-        lin = subject.linearize(x)
+        lin = sub.linearize(x)
         logits = host(lin.logits)
-    numbers["analysed"] = analysed(fam, lin, logits, labels)
+    numbers["analysed"] = analysed(fam, lin, logits, clean, info)
     eps = float(np.finfo(np.asarray(to_host(lin.logits)).dtype).eps)
-    arrays["diagonal"] = run_diagonal(lin, fam, eps, cfg, stages, numbers)
-    exact = arrays["diagonal"]["exact"]
-    with stages("estimators compared"):
-        numbers["estimators"] = compare_estimators(subject, x, y, exact, cfg)
+    on = info is not None  # positions: a refused stage is reported, not raised
+    guarded(on, arrays, "diagonal", lambda: run_diagonal(lin, fam, eps, cfg, stages, numbers))
+    if "not_run" in arrays["diagonal"]:  # e.g. P · C above max_cotangents: no exact F
+        numbers["fisher_diagonal"] = arrays.pop("diagonal")
+        reason = "it needs the exact Fisher diagonal, which did not run"
+        numbers["estimators"] = {"not_run": reason}
+        exact = None
+    else:
+        exact = arrays["diagonal"]["exact"]
+        with stages("estimators compared"):
+            guarded(on, numbers, "estimators", lambda: compare_estimators(sub, x, y, exact, cfg))
+    trace = None if exact is None else float(np.sum(exact))
     with stages("core space"):
-        numbers["core_space"], arrays["core_space"] = core_space(fam, lin.logits, eps)
+        if info is None:
+            numbers["core_space"], arrays["core_space"] = core_space(fam, lin.logits, eps)
+        else:  # the output metric at each counted position
+            rows = counted_rows(info, logits)
+            guarded(on, numbers, "core_space", lambda: core_space(fam, rows, eps), arrays)
     with stages("top of the spectrum"):
-        numbers["spectrum"] = top_spectrum(lin, fam, cfg, float(np.sum(exact)))
+        guarded(on, numbers, "spectrum", lambda: top_spectrum(lin, fam, cfg, trace))
     with stages("spectral density"):
-        numbers["spectrum"]["density"], arrays["density"] = density(lin, fam, cfg)
+        if "not_run" not in numbers["spectrum"]:
+            guarded(on, numbers["spectrum"], "density", lambda: density(lin, fam, cfg), arrays)
     with stages("local dimension and razor"):
-        theta = subject.loss_function(x, y, "sum").params
-        numbers["dimension"] = dimension(lin, fam, y, theta, cfg)
-    batches = (
-        [(x, y)]
-        if landscape is None
-        else [(subject.inputs(a), subject.labels(b)) for a, b in landscape]
-    )
-    numbers["landscape"], arrays["landscape"] = landscape_numbers(subject, batches, cfg, stages)
+        theta = sub.loss_function(x, y, "sum").params
+        guarded(on, numbers, "dimension", lambda: dimension(lin, fam, y, theta, cfg, info))
+    if landscape is None:
+        batches = [(x, y, mask)]
+    else:
+        batches = landscape_batches(subject, landscape, ignore_index)
+
+    def draw() -> tuple[dict[str, Any], dict[str, Any]]:
+        return landscape_numbers(subject, batches, cfg, stages)
+
+    guarded(on, numbers, "landscape", draw, arrays)

@@ -22,18 +22,57 @@ FIGURES = (
 )
 
 
-def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
-    """Save every figure of the report into ``out``; their file, title and caption."""
-    from fisherbound.plotting import plot_fisher_diagonal, plot_spectral_density, plot_surfaces
+def ran(numbers: dict[str, Any], key: str) -> bool:
+    """Whether the stage behind ``numbers[key]`` ran (a refused one is ``{"not_run": ...}``)."""
+    return key in numbers and "not_run" not in numbers[key]
 
+
+def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
+    """Save every figure of the report into ``out``; their file, title and caption.
+
+    A stage that did not run (a model with positions that an analysis refuses)
+    has no figure.
+    """
     numbers, arrays = analysis.numbers, analysis.arrays
-    made = []
+    made: list[dict[str, str]] = []
 
     def save(fig: Any, name: str, title: str, caption: str, dpi: int = 80) -> None:
         fig.savefig(out / name, dpi=dpi)
         made.append({"file": name, "title": title, "caption": caption})
 
-    d = arrays["diagonal"]
+    if "diagonal" in arrays:
+        diagonal_figure(numbers, arrays["diagonal"], save)
+    if ran(numbers, "estimators"):
+        save(
+            estimators_figure(numbers["estimators"]),
+            "estimators.png",
+            "Estimators: error against cost",
+            "Relative error ‖diag F̂ − diag F‖ / ‖diag F‖ against wall-clock cost in gradient "
+            "steps measured in the same run.",
+        )
+    if "core_space" in arrays:
+        rows = "counted positions" if "positions" in numbers["analysed"] else "inputs"
+        save(
+            core_space_figure(arrays["core_space"], rows),
+            "core_space.png",
+            "Core-space spectrum",
+            f"Left: λ_max of the output-space metric per {rows[:-1]} with its deterministic "
+            f"bounds. Right: all eigenvalues of the metric over the {rows}.",
+        )
+    if ran(numbers, "spectrum"):
+        spectrum_with_density(numbers["spectrum"], arrays.get("density"), save)
+    if "landscape" in arrays:
+        landscape_figure(arrays["landscape"], save)
+    return made
+
+
+def diagonal_figure(numbers: dict[str, Any], d: dict[str, Any], save: Any) -> None:
+    """The Fisher diagonal per block: exact, the certified band, the estimate."""
+    from fisherbound.plotting import plot_fisher_diagonal
+
+    over = f"{numbers['analysed']['num_inputs']} inputs"
+    if "positions" in numbers["analysed"]:
+        over += f" and their {numbers['analysed']['positions']['counted']} counted positions"
     est = EstimateView(d["estimate"], d["std_error"])
     fig = plot_fisher_diagonal(
         d["blocks"],
@@ -41,7 +80,7 @@ def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
         bounds=(d["lower"], d["upper"]),
         estimate=est,
         max_points_per_block=150,
-        title=f"Fisher diagonal per block (sum over {numbers['analysed']['num_inputs']} inputs)",
+        title=f"Fisher diagonal per block (sum over {over})",
     )
     save(
         fig,
@@ -51,28 +90,21 @@ def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
         f"detach-and-mix estimate with {numbers['fisher_diagonal']['num_probes']} probes "
         "± 2 standard errors (orange); entries sorted within each block.",
     )
-    save(
-        estimators_figure(numbers["estimators"]),
-        "estimators.png",
-        "Estimators: error against cost",
-        "Relative error ‖diag F̂ − diag F‖ / ‖diag F‖ against wall-clock cost in gradient "
-        "steps measured in the same run.",
-    )
-    save(
-        core_space_figure(arrays["core_space"]),
-        "core_space.png",
-        "Core-space spectrum",
-        "Left: λ_max of the output-space metric per input with its deterministic bounds. "
-        "Right: all eigenvalues of the metric over the inputs.",
-    )
-    fig = spectrum_figure(numbers["spectrum"])
-    plot_spectral_density(
-        DensityView(**arrays["density"]),
-        markers=numbers["spectrum"]["exact"]["eigenvalues"][:3],
-        log=True,
-        ax=fig.axes[1],
-        title="spectral density of F (SLQ)",
-    )
+
+
+def spectrum_with_density(spectrum: dict[str, Any], density: Any, save: Any) -> None:
+    """The top of the spectrum, and the spectral density beside it when it ran."""
+    from fisherbound.plotting import plot_spectral_density
+
+    fig = spectrum_figure(spectrum)
+    if density is not None:
+        plot_spectral_density(
+            DensityView(**density),
+            markers=spectrum["exact"]["eigenvalues"][:3],
+            log=True,
+            ax=fig.axes[1],
+            title="spectral density of F (SLQ)",
+        )
     save(
         fig,
         "fisher_spectrum.png",
@@ -81,7 +113,12 @@ def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
         "spectral density of F by stochastic Lanczos quadrature (±2 SE), top three "
         "eigenvalues marked.",
     )
-    land = arrays["landscape"]
+
+
+def landscape_figure(land: dict[str, Any], save: Any) -> None:
+    """The loss surfaces along random and Hessian directions."""
+    from fisherbound.plotting import plot_surfaces
+
     fig = plot_surfaces(
         [SurfaceView(**land["random"]), SurfaceView(**land["hessian"])],
         titles=["filter-normalised random directions", "Hessian directions (λ_max, λ_min)"],
@@ -94,7 +131,6 @@ def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
         "The mean loss on a grid θ + α d₁ + β d₂ along two random (left) and the two "
         "extreme Hessian (right) directions; θ is the red star.",
     )
-    return made
 
 
 class EstimateView:
@@ -170,8 +206,8 @@ def estimators_figure(section: dict[str, Any]) -> Any:
     return fig
 
 
-def core_space_figure(core: dict[str, Any]) -> Any:
-    """λ_max per input with its bounds, and all eigenvalues of the output metric."""
+def core_space_figure(core: dict[str, Any], rows: str = "inputs") -> Any:
+    """λ_max per input (or counted position) with its bounds, and all the eigenvalues."""
     import numpy as np
 
     fig = new_figure(10.0, 3.8, cols=2)
@@ -182,7 +218,7 @@ def core_space_figure(core: dict[str, Any]) -> Any:
         x, core["lower"][order], core["upper"][order], color="C2", alpha=0.3, label="bounds"
     )
     left.plot(x, core["lambda_max"][order], color="k", linewidth=1.0, label="λ_max")
-    left.set_xlabel("inputs, sorted by λ_max")
+    left.set_xlabel(f"{rows}, sorted by λ_max")
     left.set_ylabel("λ_max of the output metric")
     left.set_yscale("log")
     left.set_title("λ_max and its deterministic bounds")
@@ -195,7 +231,7 @@ def core_space_figure(core: dict[str, Any]) -> Any:
         right.set_xscale("log")
     right.set_xlabel("eigenvalue")
     right.set_ylabel("count")
-    right.set_title("nonzero eigenvalues of the output metric, all inputs")
+    right.set_title(f"nonzero eigenvalues of the output metric, all {rows}")
     return fig
 
 

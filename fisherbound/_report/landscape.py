@@ -1,5 +1,9 @@
 """The report's numbers on the loss landscape (the MEAN loss, unlike the Fisher sums).
 
+With position axes the mean is over the counted positions of all the batches (as
+``torch.nn.CrossEntropyLoss(reduction="mean", ignore_index=-100)``); each batch is
+(inputs, labels) or (inputs, labels, mask).
+
 Hessian directions (``hessian_directions``) and filter-normalised random ones
 (``random_directions``), the loss surfaces on both planes (``surface``), their
 projected curvature (``projected_curvature``) and the Hessian trace from loss
@@ -46,10 +50,24 @@ def surface_summary(s: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return numbers, {"coordinates": axes, "values": values}
 
 
+def examples(loss: Any) -> int:
+    """N, the inputs of a loss function (``num_examples`` where the adapter has it)."""
+    return int(getattr(loss, "num_examples", loss.num_inputs))
+
+
+def counted(loss: Any) -> int:
+    """The terms of a mean loss: its counted positions (its inputs without positions)."""
+    return int(getattr(loss, "num_counted", loss.num_inputs))
+
+
 def landscape(
-    subject: Subject, batches: list[tuple[Any, Any]], cfg: Settings, stages: Stages
+    subject: Subject, batches: list[tuple[Any, ...]], cfg: Settings, stages: Stages
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``landscape`` section: directions, surfaces, curvature, trace; and arrays."""
+    """The ``landscape`` section: directions, surfaces, curvature, trace; and arrays.
+
+    ``num_inputs`` counts the inputs, ``num_counted`` the terms of the mean: the
+    inputs, or the counted positions of a model with position axes.
+    """
     from fisherbound.landscape import (
         hessian_directions,
         loss_trace,
@@ -58,7 +76,12 @@ def landscape(
         surface,
     )
 
-    losses = [subject.loss_function(xb, yb, "mean") for xb, yb in batches]
+    losses = [
+        subject.loss_function(b[0], b[1], "mean")
+        if len(b) < 3 or b[2] is None
+        else subject.loss_function(b[0], b[1], "mean", b[2])
+        for b in batches
+    ]
     with stages("Hessian directions"):
         hd = hessian_directions(losses, num_matvecs=cfg.lanczos_steps, rng=cfg.seed)
         rd = random_directions(losses[0], num_directions=2, kind="filter", rng=cfg.seed + 1)
@@ -78,7 +101,8 @@ def landscape(
     hess_numbers, hess_arrays = surface_summary(s_hess)
     numbers = {
         "reduction": "mean",
-        "num_inputs": sum(int(loss.num_inputs) for loss in losses),
+        "num_inputs": sum(examples(loss) for loss in losses),
+        "num_counted": sum(counted(loss) for loss in losses),
         "hessian": {
             "eigenvalues": host(hd.eigenvalues).tolist(),
             "residuals": host(hd.residuals).tolist(),

@@ -41,6 +41,66 @@ def percent(x: Any) -> str:
     return "n/a" if x is None else f"{100.0 * x:.1f}%"
 
 
+def shape_text(shape: list[int]) -> str:
+    """The logits' shape with its letters: ``(N, T, C) = (6, 8, 5)``."""
+    if len(shape) == 3:
+        letters = ["N", "T", "C"]
+    else:
+        letters = ["N", *(f"S{i + 1}" for i in range(len(shape) - 2)), "C"]
+    return f"({', '.join(letters)}) = ({', '.join(str(s) for s in shape)})"
+
+
+def masked_text(pos: dict[str, Any]) -> str:
+    """How many positions are masked, and by what: the mask, the ignore index."""
+    parts = []
+    if pos["masked_by_mask"]:
+        parts.append(f"{pos['masked_by_mask']} by the mask")
+    if pos["ignored_labels"]:
+        parts.append(
+            f"{pos['ignored_labels']} labelled with the ignore index {pos['ignore_index']}"
+        )
+    detail = f": {', '.join(parts)}" if parts else ""
+    return f"{pos['masked']} masked{detail}"
+
+
+def position_rows(an: dict[str, Any]) -> list[list[str]]:
+    """The overview's rows on the position axes (none for (N, C) logits)."""
+    pos = an.get("positions")
+    if pos is None:
+        return []
+    return [
+        ["logits", shape_text(an["output_shape"])],
+        ["positions per input P", fmt(pos["per_example"])],
+        [
+            "counted positions K",
+            f"{pos['counted']} of N P = {pos['total']} ({masked_text(pos)})",
+        ],
+    ]
+
+
+def convention_text(an: dict[str, Any]) -> str:
+    """The overview's paragraph on the sums and means of the report."""
+    pos = an.get("positions")
+    if pos is None:
+        return (
+            "Every Fisher quantity below is the SUM over the N analysed inputs (the papers' "
+            "convention); the loss landscape uses the MEAN loss. All numbers are in "
+            "report.json."
+        )
+    loss = "the MEAN loss over the K counted positions"
+    if an["family"] == "Categorical":
+        loss += " (as torch.nn.CrossEntropyLoss(reduction='mean', ignore_index=...) does)"
+    return (
+        f"The logits have position axes: each of the N = {an['num_inputs']} inputs has P = "
+        f"{pos['per_example']} positions; K = {pos['counted']} of the N P = {pos['total']} "
+        f"positions count ({masked_text(pos)}), and a masked position counts nowhere below. "
+        "Per-token convention: every Fisher quantity is the SUM over the inputs and over "
+        "their counted positions, F = Σ_x Σ_t J_xtᵀ I(z_xt) J_xt (reduction 'mean' would "
+        f"divide F by N = {an['num_inputs']}, the inputs, not by the positions); the loss "
+        f"landscape uses {loss}. All numbers are in report.json."
+    )
+
+
 def overview_section(numbers: dict[str, Any], _fig: Figures) -> Section:
     """The model, the data, the training, the machine and the run time."""
     an = numbers["analysed"]
@@ -56,7 +116,11 @@ def overview_section(numbers: dict[str, Any], _fig: Figures) -> Section:
         ["dtype", an["dtype"]],
         ["data", data.get("description", "n/a")],
         ["analysed inputs N", fmt(an["num_inputs"])],
-        ["accuracy on them", percent(an["accuracy"])],
+        *position_rows(an),
+        [
+            "accuracy on the counted positions" if "positions" in an else "accuracy on them",
+            percent(an["accuracy"]),
+        ],
     ]
     training = numbers.get("training")
     if training:
@@ -71,15 +135,15 @@ def overview_section(numbers: dict[str, Any], _fig: Figures) -> Section:
         ["analysis time", f"{numbers['timing']['analysis_seconds']:.2f} s"],
     ]
     blocks.append(("table", (["quantity", "value"], rows)))
-    blocks.append(
-        (
-            "p",
-            "Every Fisher quantity below is the SUM over the N analysed inputs (the papers' "
-            "convention); the loss landscape uses the MEAN loss. All numbers are in "
-            "report.json.",
-        )
-    )
+    blocks.append(("p", convention_text(an)))
     return ("Overview", blocks)
+
+
+def metric_text(numbers: dict[str, Any]) -> str:
+    """F as a sum over the inputs (and over their counted positions)."""
+    if "positions" in numbers["analysed"]:
+        return "F = Σ_x Σ_t J_xtᵀ I(z_xt) J_xt (inputs x, their counted positions t)"
+    return "F = Σ_x J_xᵀ I(z_x) J_x"
 
 
 def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
@@ -88,7 +152,7 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
     body: list[Block] = [
         (
             "p",
-            "The diagonal of the Fisher metric F = Σ_x J_xᵀ I(z_x) J_x per parameter block: "
+            f"The diagonal of the Fisher metric {metric_text(numbers)} per parameter block: "
             "exact (fisher_diagonal), its certified bounds diag F_LR ≤ diag F ≤ diag F_DG "
             "(fisher_bounds) and the unbiased detach-and-mix estimate (detach_and_mix, "
             f"{fd['num_probes']} Rademacher probes, one batched backward pass). The block "
@@ -191,6 +255,11 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
     )
 
 
+def rows_text(numbers: dict[str, Any]) -> str:
+    """What the core space runs over: the inputs, or the counted positions."""
+    return "counted positions" if "positions" in numbers["analysed"] else "inputs"
+
+
 def core_space_section(numbers: dict[str, Any], fig: Figures) -> Section:
     """The output-space metric at every input."""
     cs = numbers["core_space"]
@@ -215,16 +284,28 @@ def core_space_section(numbers: dict[str, Any], fig: Figures) -> Section:
             (
                 "p",
                 f"The {cs['num_outputs']} × {cs['num_outputs']} metric I(z) of the output "
-                f"family at each of the {cs['num_inputs']} inputs, never formed: its "
+                f"family at each of the {cs['num_inputs']} {rows_text(numbers)}, never "
+                "formed: its "
                 "exact spectrum (eigvalsh, secular equation), the deterministic bounds "
                 "of its largest eigenvalue (lambda_max_bounds) and its pseudo-"
                 "determinant. The bounds bracket λ_max at "
-                f"{percent(cs['lambda_max_bounds_hold'])} of the inputs.",
+                f"{percent(cs['lambda_max_bounds_hold'])} of the {rows_text(numbers)}.",
             ),
-            ("table", (["statistic over inputs", "min", "median", "max"], stat_rows)),
+            (
+                "table",
+                ([f"statistic over {rows_text(numbers)}", "min", "median", "max"], stat_rows),
+            ),
             ("figure", fig["core_space.png"]),
         ],
     )
+
+
+def density_note(sp: dict[str, Any]) -> str:
+    """A sentence when the spectral density did not run (empty otherwise)."""
+    density = sp.get("density", {})
+    if "not_run" not in density:
+        return ""
+    return f" The spectral density did not run: {density['not_run']}"
 
 
 def spectrum_section(numbers: dict[str, Any], fig: Figures) -> Section:
@@ -249,7 +330,7 @@ def spectrum_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 "operator (top_eigenpairs), beside those of the bound operators F_LR and "
                 "F_DG, which bracket them by Löwner order: "
                 f"{fmt(sp['brackets_hold'])}. tr F = {fmt(sp['trace'])}; the top "
-                f"{sp['k']} carry {percent(sp['top_fraction_of_trace'])} of it.",
+                f"{sp['k']} carry {percent(sp['top_fraction_of_trace'])} of it." + density_note(sp),
             ),
             (
                 "table",
@@ -264,6 +345,16 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
     """The local dimension and the razor complexity."""
     dim = numbers["dimension"]
     rb, rz = dim["rank_bound"], dim["razor"]
+    if "counted_positions" in rb:
+        bound = (
+            f"rank F ≤ min(D, K r) = min({rb['num_params']}, {rb['counted_positions']} × "
+            f"{rb['rank_per_input']}) = {rb['value']}, K the counted positions"
+        )
+    else:
+        bound = (
+            f"rank F ≤ min(D, N r) = min({rb['num_params']}, {rb['num_inputs']}"
+            f" × {rb['rank_per_input']}) = {rb['value']}"
+        )
     return (
         "Local dimension and razor",
         [
@@ -272,8 +363,7 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
                 "The local dimension d_ε = #{i : λ_i(F) > ε} (local_dimension: an exact "
                 "Lanczos count when few eigenvalues exceed ε, stochastic Lanczos "
                 "quadrature with a standard error otherwise), beside the structural "
-                f"bound rank F ≤ min(D, N r) = min({rb['num_params']}, {rb['num_inputs']}"
-                f" × {rb['rank_per_input']}) = {rb['value']}.",
+                f"bound {bound}.",
             ),
             (
                 "table",
@@ -285,31 +375,45 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
                     ],
                 ),
             ),
-            (
-                "p",
-                f"The razor complexity with a Gaussian prior of variance σ² = "
-                f"{fmt(rz['prior_variance'])} (razor): −log p(X|θ̂) + ‖θ̂‖²/(2σ²) + "
-                "½ log det(I + σ² F), against the BIC term (D/2) log N.",
-            ),
-            (
-                "table",
-                (
-                    ["term", "nats"],
-                    [
-                        ["−log p(X | θ̂)", fmt(rz["neg_log_likelihood"])],
-                        ["‖θ̂‖² / (2σ²)", fmt(rz["prior_penalty"])],
-                        [
-                            "½ log det(I + σ² F)",
-                            pm(rz["half_log_det"], rz["half_log_det_std_error"] or None),
-                        ],
-                        ["razor", pm(rz["value"], rz["std_error"] or None)],
-                        ["BIC term (D/2) log N", fmt(rz["bic_penalty"])],
-                        ["log-det method", rz["method"]],
-                    ],
-                ),
-            ),
+            *razor_blocks(rz, rb["num_params"], "counted_positions" in rb),
         ],
     )
+
+
+def razor_blocks(rz: dict[str, Any], d: int, positions: bool) -> list[Block]:
+    """The razor's paragraph and table, or why it did not run."""
+    if "not_run" in rz:
+        return [("p", f"The razor complexity (razor) did not run: {rz['not_run']}")]
+    term, bic = "(D/2) log N", "(D/2) log N"
+    if positions and d > 0 and rz["bic_penalty"] is not None:
+        # the library's BIC term says how many observations it counts: (D/2) log n
+        n = round(math.exp(2.0 * rz["bic_penalty"] / d))
+        term, bic = "(D/2) log n", f"(D/2) log n, n = {n} observations"
+    return [
+        (
+            "p",
+            f"The razor complexity with a Gaussian prior of variance σ² = "
+            f"{fmt(rz['prior_variance'])} (razor): −log p(X|θ̂) + ‖θ̂‖²/(2σ²) + "
+            f"½ log det(I + σ² F), against the BIC term {bic}.",
+        ),
+        (
+            "table",
+            (
+                ["term", "nats"],
+                [
+                    ["−log p(X | θ̂)", fmt(rz["neg_log_likelihood"])],
+                    ["‖θ̂‖² / (2σ²)", fmt(rz["prior_penalty"])],
+                    [
+                        "½ log det(I + σ² F)",
+                        pm(rz["half_log_det"], rz["half_log_det_std_error"] or None),
+                    ],
+                    ["razor", pm(rz["value"], rz["std_error"] or None)],
+                    [f"BIC term {term}", fmt(rz["bic_penalty"])],
+                    ["log-det method", rz["method"]],
+                ],
+            ),
+        ),
+    ]
 
 
 def plane_row(name: str, plane: dict[str, Any]) -> list[str]:
@@ -325,6 +429,14 @@ def plane_row(name: str, plane: dict[str, Any]) -> list[str]:
     ]
 
 
+def terms_text(numbers: dict[str, Any]) -> str:
+    """The terms of the landscape's mean loss: inputs, or counted positions."""
+    ls = numbers["landscape"]
+    if "positions" in numbers["analysed"]:
+        return f"the {ls['num_counted']} counted positions of {ls['num_inputs']} inputs"
+    return f"{ls['num_inputs']} inputs"
+
+
 def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
     """The loss landscape: Hessian directions, curvature, trace."""
     ls = numbers["landscape"]
@@ -336,7 +448,7 @@ def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
         [
             (
                 "p",
-                f"The mean loss over {ls['num_inputs']} inputs near θ. Hessian "
+                f"The mean loss over {terms_text(numbers)} near θ. Hessian "
                 "directions (hessian_directions, Lanczos on Hessian-vector products): "
                 f"λ_max = {fmt(hess['eigenvalues'][0])}, λ_min = "
                 f"{fmt(hess['eigenvalues'][1])} (residuals "
@@ -402,7 +514,30 @@ SECTIONS: tuple[Callable[[dict[str, Any], Figures], Section], ...] = (
 )
 
 
+#: The sections that a refused stage may leave out: builder → (its numbers, its title).
+SKIPPABLE: dict[Callable[[dict[str, Any], Figures], Section], tuple[str, str]] = {
+    diagonal_section: ("fisher_diagonal", "Fisher diagonal per layer"),
+    estimators_section: ("estimators", "Estimators compared"),
+    core_space_section: ("core_space", "Core space"),
+    spectrum_section: ("spectrum", "Top of the Fisher spectrum"),
+    dimension_section: ("dimension", "Local dimension and razor"),
+    landscape_section: ("landscape", "Loss landscape"),
+}
+
+
 def build_sections(numbers: dict[str, Any], figures: list[dict[str, str]]) -> list[Section]:
-    """Every section of the report, from report.json's numbers and the figures made."""
+    """Every section of the report, from report.json's numbers and the figures made.
+
+    A section whose stage did not run (``{"not_run": reason}``) says so, with the
+    reason, in place of its numbers.
+    """
     fig = {f["file"]: f for f in figures}
-    return [build(numbers, fig) for build in SECTIONS]
+    out = []
+    for build in SECTIONS:
+        key, title = SKIPPABLE.get(build, ("", ""))
+        reason = numbers.get(key, {}).get("not_run") if key else None
+        if reason is not None:
+            out.append((title, [("p", f"Not run for this model: {reason}")]))
+        else:
+            out.append(build(numbers, fig))
+    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fisherbound._report.hoststats import host, stats
+from fisherbound._report.positions import REFUSALS, Positions, not_run
 from fisherbound._report.settings import Settings
 
 
@@ -54,8 +55,11 @@ def core_space(fam: Any, logits: Any, eps: float) -> tuple[dict[str, Any], dict[
     return numbers, {"eigenvalues": eig, "lambda_max": lam_max, "lower": lo, "upper": hi}
 
 
-def top_spectrum(lin: Any, fam: Any, cfg: Settings, trace: float) -> dict[str, Any]:
-    """The top eigenvalues of F, F_LR and F_DG and whether they are bracketed."""
+def top_spectrum(lin: Any, fam: Any, cfg: Settings, trace: float | None) -> dict[str, Any]:
+    """The top eigenvalues of F, F_LR and F_DG and whether they are bracketed.
+
+    ``trace`` is tr F from the exact diagonal (None when it did not run).
+    """
     import numpy as np
 
     from fisherbound.dimension import top_eigenpairs
@@ -79,13 +83,19 @@ def top_spectrum(lin: Any, fam: Any, cfg: Settings, trace: float) -> dict[str, A
         + 1e-9 * max(float(np.max(np.abs(hi))), 1e-300)
     )
     result["brackets_hold"] = bool(np.all(lo <= ex + slack) and np.all(ex <= hi + slack))
-    result["top_fraction_of_trace"] = float(np.sum(ex) / trace) if trace > 0 else None
+    result["top_fraction_of_trace"] = float(np.sum(ex) / trace) if trace else None
     return result
 
 
-def dimension(lin: Any, fam: Any, y: Any, theta: Any, cfg: Settings) -> dict[str, Any]:
-    """The rank bound, the local dimension at three ε and the razor complexity."""
-    from fisherbound.dimension import local_dimension, rank_bound, razor
+def dimension(
+    lin: Any, fam: Any, y: Any, theta: Any, cfg: Settings, info: Positions | None = None
+) -> dict[str, Any]:
+    """The rank bound, the local dimension at three ε and the razor complexity.
+
+    With positions (``info``) the razor is refused or checked: its likelihood term
+    must be the one of the counted positions (see ``razor_numbers``).
+    """
+    from fisherbound.dimension import local_dimension, rank_bound
 
     s2 = cfg.prior_variance
     bound = rank_bound(lin, fam)
@@ -110,35 +120,73 @@ def dimension(lin: Any, fam: Any, y: Any, theta: Any, cfg: Settings) -> dict[str
                 "method": "lanczos (exact count)" if est.num_probes == 0 else "slq",
             }
         )
-    rz = razor(
-        lin,
-        fam,
-        prior_variance=s2,
-        labels=y,
-        theta=theta,
-        num_probes=cfg.slq_probes,
-        rng=cfg.seed,
-        **lanczos_options(cfg),
-    )
+    rank = {
+        "value": int(bound.value),
+        "num_params": int(bound.num_params),
+        "num_inputs": int(bound.num_inputs),
+        "rank_per_input": int(bound.rank_per_input),
+    }
+    if info is not None:
+        rank["counted_positions"] = info.counted
     return {
-        "rank_bound": {
-            "value": int(bound.value),
-            "num_params": int(bound.num_params),
-            "num_inputs": int(bound.num_inputs),
-            "rank_per_input": int(bound.rank_per_input),
-        },
+        "rank_bound": rank,
         "local_dimension": counts,
-        "razor": {
-            "prior_variance": s2,
-            "value": float(host(rz.value)),
-            "std_error": float(host(rz.std_error)),
-            "neg_log_likelihood": float(host(rz.neg_log_likelihood)),
-            "prior_penalty": float(host(rz.prior_penalty)),
-            "half_log_det": 0.5 * float(host(rz.log_det.value)),
-            "half_log_det_std_error": 0.5 * float(host(rz.log_det.std_error)),
-            "bic_penalty": float(host(rz.bic_penalty)),
-            "method": rz.method,
-        },
+        "razor": razor_numbers(lin, fam, y, theta, cfg, info),
+    }
+
+
+def razor_numbers(
+    lin: Any, fam: Any, y: Any, theta: Any, cfg: Settings, info: Positions | None
+) -> dict[str, Any]:
+    """The razor's terms; with positions ``{"not_run": reason}`` where it cannot count them.
+
+    With masked positions the likelihood term −log p(X | θ̂) must sum over the
+    counted positions only; it is checked against that sum, computed here from
+    the family's ``log_likelihood``, and the razor is reported as not run when the
+    library's term disagrees (it would count the masked positions) or when the
+    library refuses.
+    """
+    import numpy as np
+
+    from fisherbound.dimension import razor
+
+    try:
+        rz = razor(
+            lin,
+            fam,
+            prior_variance=cfg.prior_variance,
+            labels=y,
+            theta=theta,
+            num_probes=cfg.slq_probes,
+            rng=cfg.seed,
+            **lanczos_options(cfg),
+        )
+    except REFUSALS as err:
+        if info is None:
+            raise
+        return not_run(err)
+    nll = float(host(rz.neg_log_likelihood))
+    if info is not None and info.mask is not None:
+        per_position = host(fam.log_likelihood(lin.logits, y))
+        counted = -float(np.sum(per_position[np.asarray(info.mask)]))
+        if not abs(nll - counted) <= 1e-8 * max(abs(counted), 1.0):
+            return {
+                "not_run": (
+                    "razor's likelihood term −log p(X | θ̂) counts the masked positions "
+                    f"({nll:.6g} nats; the {info.counted} counted positions give "
+                    f"{counted:.6g}): fisherbound.dimension.razor does not take the mask yet."
+                )
+            }
+    return {
+        "prior_variance": cfg.prior_variance,
+        "value": float(host(rz.value)),
+        "std_error": float(host(rz.std_error)),
+        "neg_log_likelihood": nll,
+        "prior_penalty": float(host(rz.prior_penalty)),
+        "half_log_det": 0.5 * float(host(rz.log_det.value)),
+        "half_log_det_std_error": 0.5 * float(host(rz.log_det.std_error)),
+        "bic_penalty": float(host(rz.bic_penalty)),
+        "method": rz.method,
     }
 
 

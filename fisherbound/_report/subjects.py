@@ -28,19 +28,25 @@ class Subject:
     family
         The output family (``Categorical()`` or ``Bernoulli()``).
     linearize
-        inputs (backend array) → a linearization (``fisherbound.linearization``).
+        (inputs, mask=None) → a linearization (``fisherbound.linearization``);
+        ``mask`` (a backend boolean array (N, *S), True = the position counts)
+        for models whose logits have position axes, (N, *S, C).
     loss_function
-        (inputs, labels, reduction) → a ``LossFunction`` (negative log-likelihood).
+        (inputs, labels, reduction, mask=None) → a ``LossFunction`` (negative
+        log-likelihood over the counted positions; ``"mean"`` divides by their
+        number).
     inputs, labels
-        Host (NumPy) array → backend array of the model's dtype and device.
+        Host (NumPy) array → backend array of the model's dtype and device
+        (``inputs`` may also be a dict of host arrays: keyword inputs). Labels
+        with a class axis (Bernoulli) have it last, as the linearization's logits.
     """
 
     framework: str
     description: str
     family: Any
-    linearize: Callable[[Array], Any]
-    loss_function: Callable[[Array, Array, str], Any]
-    inputs: Callable[[Any], Array]
+    linearize: Callable[..., Any]
+    loss_function: Callable[..., Any]
+    inputs: Callable[[Any], Any]
     labels: Callable[[Any], Array]
 
 
@@ -52,14 +58,26 @@ def numpy_subject(model: Any, *, family: Any = None, description: str | None = N
     from fisherbound.families import Categorical
 
     fam = Categorical() if family is None else family
+
+    def no_mask(mask: Any) -> None:
+        if mask is not None:
+            msg = "the NumPy reference models have no position axes to mask; got a mask."
+            raise ValueError(msg)
+
+    def linearize(x: Any, mask: Any = None) -> Any:
+        no_mask(mask)
+        return adapter.linearize(model, x)
+
+    def loss_function(x: Any, y: Any, reduction: str, mask: Any = None) -> Any:
+        no_mask(mask)
+        return adapter.loss_function(model, x, y, family=fam, reduction=reduction)
+
     return Subject(
         framework="numpy",
         description=repr(model) if description is None else description,
         family=fam,
-        linearize=lambda x: adapter.linearize(model, x),
-        loss_function=lambda x, y, reduction: adapter.loss_function(
-            model, x, y, family=fam, reduction=reduction
-        ),
+        linearize=linearize,
+        loss_function=loss_function,
         inputs=lambda a: np.asarray(a, dtype=model.dtype),
         labels=lambda a: np.asarray(a),
     )
@@ -71,12 +89,20 @@ def torch_subject(
     family: Any = None,
     params: Sequence[str] | None = None,
     description: str | None = None,
+    output: Any = None,
+    class_axis: int = -1,
 ) -> Subject:
     """A ``torch.nn.Module`` (in eval mode) through ``fisherbound.adapters.torch``.
 
     Floating inputs are cast to the dtype of the first selected parameter; integer
-    inputs (token ids) are kept. Categorical labels become int64, Bernoulli labels
-    the parameters' dtype.
+    inputs (token ids) are kept; a dict of host arrays becomes keyword inputs.
+    Categorical labels become int64, Bernoulli labels the parameters' dtype.
+    ``output`` and ``class_axis`` say where the logits are in the model's output
+    (as in ``fisherbound.adapters.torch.linearize``); the labels the subject is
+    given have their class axis last, as the linearization's logits, and are
+    moved back to ``class_axis`` for the loss. Masked positions (``mask``) count
+    nowhere: not in the Fisher quantities, not in the loss (``ignore_index`` is
+    left to the caller, who folds it into the mask).
     """
     import numpy as np
     import torch
@@ -90,25 +116,51 @@ def torch_subject(
     dtype, device = first.dtype, first.device
     names = None if params is None else list(params)
 
-    def inputs(a: Any) -> Any:
+    categorical = isinstance(fam, Categorical)
+
+    def tensor(a: Any) -> Any:
         t = torch.as_tensor(np.asarray(a))
         if t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
 
+    def inputs(a: Any) -> Any:
+        if isinstance(a, dict):
+            return {k: tensor(v) for k, v in a.items()}
+        return tensor(a)
+
     def labels(a: Any) -> Any:
         t = torch.as_tensor(np.asarray(a))
-        t = t.to(torch.int64) if isinstance(fam, Categorical) else t.to(dtype)
+        t = t.to(torch.int64) if categorical else t.to(dtype)
         return t.to(device)
+
+    def linearize(x: Any, mask: Any = None) -> Any:
+        return adapter.linearize(
+            model, x, params=names, output=output, class_axis=class_axis, mask=mask
+        )
+
+    def loss_function(x: Any, y: Any, reduction: str, mask: Any = None) -> Any:
+        if not categorical and class_axis not in (-1, y.ndim - 1):
+            y = torch.movedim(y, -1, class_axis)  # the model output's layout
+        return adapter.loss_function(
+            model,
+            x,
+            y,
+            family=fam,
+            reduction=reduction,
+            params=names,
+            output=output,
+            class_axis=class_axis,
+            mask=mask,
+            ignore_index=None,
+        )
 
     return Subject(
         framework="torch",
         description=(type(model).__name__ if description is None else description),
         family=fam,
-        linearize=lambda x: adapter.linearize(model, x, params=names),
-        loss_function=lambda x, y, reduction: adapter.loss_function(
-            model, x, y, family=fam, reduction=reduction, params=names
-        ),
+        linearize=linearize,
+        loss_function=loss_function,
         inputs=inputs,
         labels=labels,
     )
@@ -139,14 +191,24 @@ def jax_subject(
         host = np.asarray(a)
         return jnp.asarray(host) if isinstance(fam, Categorical) else jnp.asarray(host, dtype)
 
+    def linearize(x: Any, mask: Any = None) -> Any:
+        if mask is None:
+            return adapter.linearize(apply_fn, params, x)
+        return adapter.linearize(apply_fn, params, x, mask=mask)
+
+    def loss_function(x: Any, y: Any, reduction: str, mask: Any = None) -> Any:
+        if mask is None:
+            return adapter.loss_function(apply_fn, params, x, y, family=fam, reduction=reduction)
+        return adapter.loss_function(
+            apply_fn, params, x, y, family=fam, reduction=reduction, mask=mask, ignore_index=None
+        )
+
     return Subject(
         framework="jax",
         description=description,
         family=fam,
-        linearize=lambda x: adapter.linearize(apply_fn, params, x),
-        loss_function=lambda x, y, reduction: adapter.loss_function(
-            apply_fn, params, x, y, family=fam, reduction=reduction
-        ),
+        linearize=linearize,
+        loss_function=loss_function,
         inputs=lambda a: jnp.asarray(np.asarray(a), dtype=dtype),
         labels=labels,
     )

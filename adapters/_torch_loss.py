@@ -92,7 +92,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         self._scale = 1.0 / self._num_counted if reduction == "mean" else 1.0
 
     mask = ReadOnly["Tensor | None"](
-        "The positions that count, a boolean (N, *S) tensor (mask and ignore_index), "
+        "The positions that count, a boolean (N, ∗S) tensor (mask and ignore_index), "
         "or None when all do."
     )
     num_inputs = ReadOnly[int]("N, the number of examples (inputs) in the batch.")
@@ -100,7 +100,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
     # -- plumbing ------------------------------------------------------------
 
     def _nll(self, z: Tensor) -> Tensor:
-        """−Σ log p(y | z) over the counted positions of z (..., N, *S, C), scaled."""
+        """−Σ log p(y | z) over the counted positions of z (..., N, ∗S, C), scaled."""
         y = self._labels
         lead = z.ndim - self._logits.ndim
         if lead:

@@ -478,7 +478,7 @@ def check_mask_spec(mask: object, *, stream: bool = False) -> MaskSpec:
 def resolve_mask(
     mask: MaskSpec, raw_inputs: object, shape: tuple[int, ...], device: torch.device
 ) -> Tensor | None:
-    """The boolean (N, *S) mask of one batch whose logits (classes last) have ``shape``.
+    """The boolean (N, ∗S) mask of one batch whose logits (classes last) have ``shape``.
 
     ``mask`` is None (every position counts), a boolean tensor, a key of dict
     ``raw_inputs`` (the entry, converted with ``!= 0``) or a callable
@@ -596,7 +596,7 @@ class FunctionalModel:
         mask: Tensor | None = None,
         check: Callable[[Any], None] | None = None,
     ) -> Tensor:
-        """The logits (N, *S, C) at ``params``: selected, classes last, ``mask`` applied.
+        """The logits (N, ∗S, C) at ``params``: selected, classes last, ``mask`` applied.
 
         ``check`` sees the selected output before its class axis moves.
         """

@@ -150,7 +150,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return f"({inner})" if len(axes) > 1 else f"({inner},)"
 
     def _out_shape(self, *lead: str, examples: str = "N") -> tuple[tuple[int | None, ...], str]:
-        """The shape (lead..., N, *S, C) of an output-space operand and its message text.
+        """The shape (lead..., N, ∗S, C) of an output-space operand and its message text.
 
         ``lead`` are free axes (letters), ``examples`` replaces the N axis (e.g.
         "n=3" for a slice); the position letters come from ``_output_text``.
@@ -168,19 +168,19 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return (*sizes, *shape[1:]), "(" + ", ".join(texts) + ")"
 
     def _masked_cotangent(self, u: Tensor) -> Tensor:
-        """``u`` (..., N, *S, C) with zeros at masked positions (J_maskedᵀ u = Jᵀ u_masked)."""
+        """``u`` (..., N, ∗S, C) with zeros at masked positions (J_maskedᵀ u = Jᵀ u_masked)."""
         if self._cot_mask is None:
             return u
         return torch.where(self._cot_mask, u, u.new_zeros(()))
 
     def _fn(self, *params: Tensor) -> Tensor:
-        """The masked logits (N, *S, C) of the batch as a function of the parameters."""
+        """The masked logits (N, ∗S, C) of the batch as a function of the parameters."""
         return self._z(params, self._batch, self._mask)
 
     # -- products ------------------------------------------------------------
 
     def jvp(self, v: Tensor, /) -> Tensor:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, *S, C).
+        """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C).
 
         One forward pass with forward-mode AD (``torch.func.jvp``); zero at masked
         positions.
@@ -200,7 +200,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return torch.func.jvp(self._fn, self._primals, tangents)[1]
 
     def vjp(self, u: Tensor, /) -> Tensor:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, *S, C); returns (D,).
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, ∗S, C); returns (D,).
 
         One backward pass through the graph recorded at ``linearize`` time; the
         entries of ``u`` at masked positions are ignored.
@@ -215,7 +215,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return self._flatten(self._vjp_fn(self._masked_cotangent(u)))
 
     def jvp_batch(self, V: Tensor, /) -> Tensor:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, *S, C) (vmapped jvp)."""
+        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C) (vmapped jvp)."""
         self._operand(V, "V", (None, self.num_params), self._shape_text("M", "D"))
         m = int(V.shape[0])
         if m == 0:
@@ -229,7 +229,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return torch.func.vmap(one)(*tangents)
 
     def vjp_batch(self, U: Tensor, /) -> Tensor:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, *S, C); returns (M, D): one batched backward."""
+        """Jᵀ U[m] for M cotangents ``U`` (M, N, ∗S, C); returns (M, D): one batched backward."""
         self._operand(U, "U", *self._out_shape("M"))
         m = int(U.shape[0])
         if m == 0:
@@ -239,7 +239,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     def per_example_vjp(self, U: Tensor, /, *, examples: slice | None = None) -> Tensor:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        ``U`` has shape (n, K, *S, C) with n the length of the contiguous slice
+        ``U`` has shape (n, K, ∗S, C) with n the length of the contiguous slice
         ``examples`` (default: all N examples); J_nᵀ U[i, k] sums over the
         positions of example n (masked positions contribute nothing).
 
@@ -248,7 +248,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         forward passes and n K backward passes, vectorised, and n K D numbers of
         output. When the model does not act on its examples independently along
         axis 0 of the inputs (checked on the single-example logits, of shape
-        (1, *S, C)), the products are taken instead from the batch's backward pass
+        (1, ∗S, C)), the products are taken instead from the batch's backward pass
         with cotangents supported on one example (n K backward passes of the
         batch, vmapped).
 
@@ -273,7 +273,10 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         if self._per_example_mode == "vmap":
             try:
                 z, grads = self._per_example_vmap(U, rows, subset)
-            except _NotPerExample:
+            except (_NotPerExample, RuntimeError):
+                # RuntimeError: the forward pass refuses vmap (data-dependent control
+                # flow, e.g. transformers' attention-mask creation); the masked mode
+                # needs no vmap over the model.
                 self._per_example_mode = "masked"
             else:
                 if self._same_logits(z, self._logits[rows]):
@@ -546,7 +549,7 @@ def linearize(
 ) -> TorchLinearization:
     """Linearize ``model`` at its current parameters on one batch of ``inputs``.
 
-    The linearization exposes the logits z, shape (N, *S, C) (N examples, the
+    The linearization exposes the logits z, shape (N, ∗S, C) (N examples, the
     position axes S, none for one output per example, and the C classes last),
     and the Jacobian J = ∂z/∂θ through products (``jvp``, ``vjp``, their batched
     and per-example forms), with θ the concatenation of the selected parameters,
@@ -581,9 +584,9 @@ def linearize(
     class_axis
         The axis of the model output holding the C classes (default -1, the
         last); e.g. 1 for PyTorch's (N, C, H, W) / (N, C, T) convention. It is
-        moved last, so ``logits`` is (N, *S, C). 0 (the examples) is refused.
+        moved last, so ``logits`` is (N, ∗S, C). 0 (the examples) is refused.
     mask
-        Which positions count: None (all), a boolean tensor (N, *S) (the output's
+        Which positions count: None (all), a boolean tensor (N, ∗S) (the output's
         shape without its class axis; True = counts), a str (a key of dict
         ``inputs`` such as ``"attention_mask"``, converted with ``!= 0``) or a
         callable ``inputs -> mask``. Inside every product the Jacobian rows of
@@ -596,7 +599,7 @@ def linearize(
     -------
     TorchLinearization
         Torch tensors throughout, on the parameters' device, in their dtype;
-        ``lin.mask`` is the boolean (N, *S) mask or None.
+        ``lin.mask`` is the boolean (N, ∗S) mask or None.
 
     Raises
     ------
@@ -675,7 +678,7 @@ def linearizations(
     ``output`` and ``class_axis`` are as in :func:`linearize`; ``mask`` is per
     batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``,
     converted with ``!= 0``) or a callable ``inputs -> mask`` (boolean
-    (N, *S)).
+    (N, ∗S)).
 
     Examples
     --------
@@ -725,7 +728,7 @@ def loss_function(
     """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
 
     L(θ) = −Σ_{n, t counted} log p(y_nt | z_nt(θ)) over the examples n and their
-    positions t, with z the logits (N, *S, C) (as in :func:`linearize`) and the
+    positions t, with z the logits (N, ∗S, C) (as in :func:`linearize`) and the
     family's ``log_likelihood``. A position counts unless ``mask`` is False there
     or its integer label equals ``ignore_index``. ``reduction="mean"`` divides by
     the number of counted positions, as ``torch.nn.CrossEntropyLoss(ignore_index=
@@ -745,8 +748,8 @@ def loss_function(
         A tensor, a tuple of tensors (positional arguments) or a dict of tensors
         (keyword arguments), examples on axis 0.
     labels
-        Integer class indices (N, *S) for ``Categorical()`` (the default), {0, 1}
-        floats (N, *S, C) for ``Bernoulli()``, targets (N, *S, C) for
+        Integer class indices (N, ∗S) for ``Categorical()`` (the default), {0, 1}
+        floats (N, ∗S, C) for ``Bernoulli()``, targets (N, ∗S, C) for
         ``Gaussian()``, the class axis of the last two where ``class_axis`` says
         (the model output's layout); on the parameters' device.
     family
@@ -759,7 +762,7 @@ def loss_function(
         Where the logits are in the model's output and their class axis, as in
         :func:`linearize`.
     mask
-        Which positions count, as in :func:`linearize` (a boolean (N, *S) tensor,
+        Which positions count, as in :func:`linearize` (a boolean (N, ∗S) tensor,
         a key of dict inputs or a callable); None: all.
     ignore_index
         For integer labels: positions whose label equals it do not count (their

@@ -3,11 +3,11 @@
 A quantity knows, for one batch,
 
 - the exact sum over the batch (``exact``): Σ_n Σ_r of its function of the
-  per-example products g_nr = J_nᵀ u_nr, for cotangents u (N, R, *S, C)
+  per-example products g_nr = J_nᵀ u_nr, for cotangents u (N, R, ∗S, C)
   (``fisher``; with position axes S the columns of ``factor_columns``);
 - the per-probe samples of an estimator, from the M probe gradients g (M, D)
   (``from_gradients``: detach-and-mix) or from per-example cotangents
-  u (M, N, *S, C) summed per input (``from_squares``: per-example squares,
+  u (M, N, ∗S, C) summed per input (``from_squares``: per-example squares,
   Monte-Carlo and empirical Fisher; a per-example product sums over the
   positions of its example);
 - the per-probe trace samples behind ``target_relative_error`` (``trace``);
@@ -60,17 +60,17 @@ __all__ = [
 def factor_columns(
     b: Array, xp: Any, start: int = 0, stop: int | None = None, *, mask: Array | None = None
 ) -> Array:
-    """Per-example cotangents from a core factor b (N, *S, C, R), B Bᵀ = K per position.
+    """Per-example cotangents from a core factor b (N, ∗S, C, R), B Bᵀ = K per position.
 
     The kernel of an example x with positions is block diagonal over them,
     K_x = ⊕_t K(z_xt), so its factor has one column per (position t, column r),
     supported on position t alone. Returns those columns for the flattened
     positions ``start`` … ``stop`` − 1 (default all P): U of shape
-    (N, (stop − start)·R, *S, C), column (t, r) = b[x, t, :, r] at position t and
+    (N, (stop − start)·R, ∗S, C), column (t, r) = b[x, t, :, r] at position t and
     zero elsewhere. Without position axes (b of shape (N, C, R)) it is the
     familiar (N, R, C). Memory: N · (stop − start) · R · P · C numbers.
 
-    With ``mask`` (boolean (N, *S)) only the counted positions get columns:
+    With ``mask`` (boolean (N, ∗S)) only the counted positions get columns:
     ``start`` … ``stop`` − 1 index the *slots* of each example, slot k being its
     k-th counted position in row-major order (default stop: the largest count
     over the examples, ``counted_positions``); an example with fewer counted
@@ -143,7 +143,7 @@ def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[
 
     The exact quantities are Σ_x Σ_(t, r) of a function of J_xᵀ u_x,(t,r) over the
     columns u_x,(t,r) of ``factor_columns``; this yields them chunk by chunk,
-    (N, K_c, *S, C) with K_c ≤ max(size, 1) columns per example, built from the
+    (N, K_c, ∗S, C) with K_c ≤ max(size, 1) columns per example, built from the
     logits without the factor of the whole batch: each chunk evaluates the core
     factor only at its own positions (``family.sqrt_metric`` there, or, when one
     position has more than ``size`` columns, ``family.sqrt_metric_matvec`` with
@@ -218,7 +218,7 @@ def check_cotangents(lin: Any, r: int, max_cotangents: int, *, owner: str, kerne
 
 
 def _examples_first(u: Array, xp: Any) -> Array:
-    """(M, N, *S, C) → (N, M, *S, C): the per-example layout of the adapters."""
+    """(M, N, ∗S, C) → (N, M, ∗S, C): the per-example layout of the adapters."""
     return xp.permute_dims(u, (1, 0, *range(2, u.ndim)))
 
 
@@ -247,7 +247,7 @@ class Quantity:
 
     # -- exact sums over a batch (fisher) -----------------------------------------
     def exact(self, lin: Any, u: Array, max_vectors: int | None) -> Any:
-        """Σ_n Σ_r of the quantity of g_nr = J_nᵀ u[n, r], cotangents u (N, R, *S, C)."""
+        """Σ_n Σ_r of the quantity of g_nr = J_nᵀ u[n, r], cotangents u (N, R, ∗S, C)."""
         return _outer_products(lin, u, self.selected, max_vectors, lin.xp)
 
     def local(self, total: Any, xp: Any) -> Any:
@@ -265,7 +265,7 @@ class Quantity:
         raise NotImplementedError
 
     def from_squares(self, lin: Any, u: Array, max_vectors: int | None) -> Any:
-        """Per-probe samples Σ_n of the quantity of J_nᵀ u[m, n], cotangents u (M, N, *S, C)."""
+        """Per-probe samples Σ_n of the quantity of J_nᵀ u[m, n], cotangents u (M, N, ∗S, C)."""
         xp = lin.xp
         ut = _examples_first(u, xp)  # (N, M, *S, C)
         return self._squares(lin.sum_squared_per_example_vjp(ut, max_vectors=max_vectors), xp)

@@ -4,7 +4,7 @@ The negative log-likelihood over the batches, the Gaussian prior's penalty and
 log det(I + σ² F) by the dense matrix, full Lanczos or SLQ; split from
 ``dimension`` by job (``Razor`` is re-exported there).
 
-Logits (N, *S, C) with position axes: an example x holds P conditionally
+Logits (N, ∗S, C) with position axes: an example x holds P conditionally
 independent outputs, so −log p(X | θ̂) = −Σ_x Σ_t log p(y_xt | z_xt) over the
 counted positions (``lin.mask``; the labels of masked positions are never read,
 any value is accepted there, e.g. an ignore index), F_sum = Σ_x Σ_t J_xtᵀ I J_xt
@@ -108,7 +108,7 @@ def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
 
 
 def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:
-    """One validated label array per batch, (N_b, *S) or (N_b, *S, C).
+    """One validated label array per batch, (N_b, ∗S) or (N_b, ∗S, C).
 
     The labels of masked positions (``lin.mask``) are replaced by 0 before the
     family's check, so they may hold anything (e.g. −100).

@@ -72,7 +72,7 @@ class Signature(NamedTuple):
     """What every batch of one data set must share with the first.
 
     Not the number of examples N nor the sizes of the position axes (sequences
-    of different lengths T), but their number: logits (N, *S, C) with one ``len(S)``.
+    of different lengths T), but their number: logits (N, ∗S, C) with one ``len(S)``.
     """
 
     library: str

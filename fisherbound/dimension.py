@@ -27,7 +27,7 @@ envelopes; Löwner order gives λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i
 spectra of the bound operators bracket every eigenvalue of F and its trace.
 Results are for the SUM over inputs unless ``reduction="mean"`` (the razor always
 uses the sum, F_sum of THEORY §5), which divides by N, the number of examples.
-Logits may have position axes, (N, *S, C): then F = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt
+Logits may have position axes, (N, ∗S, C): then F = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt
 over the counted positions (``lin.mask``), and one Fisher matvec still costs one
 JVP and one VJP per batch, with O(N P C) core work, whatever P and C.
 
@@ -467,7 +467,7 @@ def rank_bound(
 
     F_K = Σ_x J_xᵀ K(z_x) J_x is a sum of N terms of rank ≤ r = max rank K(z), and
     a D × D matrix: rank F_K ≤ min(D, N r). With position axes (logits
-    (N, *S, C)) every counted position t of x adds a term J_xtᵀ K(z_xt) J_xt of
+    (N, ∗S, C)) every counted position t of x adds a term J_xtᵀ K(z_xt) J_xt of
     rank ≤ r, so ``value`` is min(D, r · Σ_x P_x), P_x the positions of x not
     masked by ``lin.mask`` (N P without a mask); ``num_inputs`` still counts the
     examples. For the categorical F, r = C − 1
@@ -766,8 +766,8 @@ def razor(
     labels
         The observed y: one array per batch (a list in the order of ``source``) or
         a single array for all inputs in that order. Categorical: integers in
-        [0, C), shape (N, *S). Bernoulli: values in [0, 1], shape (N, *S, C).
-        Gaussian: real targets, shape (N, *S, C). Same namespace and device as the
+        [0, C), shape (N, ∗S). Bernoulli: values in [0, 1], shape (N, ∗S, C).
+        Gaussian: real targets, shape (N, ∗S, C). Same namespace and device as the
         logits. With position axes S the log-likelihood sums over the counted
         positions; labels at positions masked by the linearization's ``mask`` are
         never read, and the BIC term uses n = the number of counted positions.

@@ -34,13 +34,13 @@ For comparison, ``monte_carlo`` (labels sampled from the model, per-example
 scores) and ``empirical`` (observed labels, biased) return estimates of the same
 shapes.
 
-Position axes. With logits (N, *S, C) (tokens, pixels) the probes ξ have the
+Position axes. With logits (N, ∗S, C) (tokens, pixels) the probes ξ have the
 logits' shape but R on the last axis, one independent probe per position, and
 h_m = Σ_x Σ_t (B(z̃_xt) ξ_xtm)ᵀ z_xt: still ONE backward pass per probe (one
 per-example backward pass per probe and example with ``per_example=True``),
 whatever P and C, and E[g_m g_mᵀ] = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt. The
 Monte-Carlo labels are sampled per position; the empirical Fisher takes labels
-(N, *S) or (N, *S, C) and skips ``ignore_index``. Positions masked by
+(N, ∗S) or (N, ∗S, C) and skips ``ignore_index``. Positions masked by
 ``lin.mask`` get zero probes and scores. ``reduction="mean"`` divides by N, the
 number of examples.
 
@@ -256,7 +256,7 @@ def _run(
 
 
 def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Array:
-    """U[m, x, t] = B(z_xt) ξ[m, x, t], shape (M, N, *S, C), for probes ξ (M, N, *S, R)."""
+    """U[m, x, t] = B(z_xt) ξ[m, x, t], shape (M, N, ∗S, C), for probes ξ (M, N, ∗S, R)."""
     if kernel == "lower":
         # One column: compute the top eigenpair once per position, not once per probe.
         b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, *S, C)
@@ -275,7 +275,7 @@ def _probe_samples(
     per_example: bool,
     max_vectors: int | None,
 ) -> Any:
-    """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, *S, R).
+    """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, ∗S, R).
 
     One cotangent of the logits' shape per probe: M backward passes (batch level)
     or M per-example backward passes per example (``per_example``), whatever the
@@ -299,7 +299,7 @@ def _probe_samples(
 
 
 def _masked(lin: Any, u: Array) -> Array:
-    """``u`` (..., N, *S, C) with the positions masked by ``lin.mask`` set to zero.
+    """``u`` (..., N, ∗S, C) with the positions masked by ``lin.mask`` set to zero.
 
     The adapters ignore those positions in their products anyway; zeroing the
     cotangents keeps masked positions out of every sample whatever the adapter.
@@ -597,8 +597,8 @@ def empirical(
         The observed labels: one array for all inputs (sliced batch by batch in
         order; it must have exactly as many rows as the source has inputs), or a
         list of arrays, one per batch (needed when the batches differ in their
-        positions). Categorical: integer class indices (N, *S); Bernoulli:
-        {0, 1} floats (N, *S, C); Gaussian: targets (N, *S, C); validated by
+        positions). Categorical: integer class indices (N, ∗S); Bernoulli:
+        {0, 1} floats (N, ∗S, C); Gaussian: targets (N, ∗S, C); validated by
         ``family.check_labels``; same namespace and device as the logits.
     family, what, max_batches, blocks, max_block_size, max_vectors, progress
         As in ``detach_and_mix``.

@@ -26,7 +26,7 @@ Conventions: results are SUMS over the inputs (the papers' convention) unless
 ``reduction="mean"``, which divides by the total number of inputs N. Flat
 parameter vectors follow the linearization's block order.
 
-Position axes. Logits may be (N, *S, C): one output distribution per position
+Position axes. Logits may be (N, ∗S, C): one output distribution per position
 t of an example x (tokens of a sequence, pixels of an image). The kernel of an
 example is then block diagonal over its positions, and
 
@@ -209,7 +209,7 @@ def fisher_diagonal(
     diag F_K = Σ_x Σ_r (J_xᵀ b_xr)², with b_xr the columns of the factor
     B(z_x) Bᵀ(z_x) = K(z_x) (``family.sqrt_metric``): a sum of squared
     per-example VJPs, R = C cotangents per input (R = 1 for ``kernel="lower"``).
-    With position axes, logits (N, *S, C), the columns are those of every
+    With position axes, logits (N, ∗S, C), the columns are those of every
     counted position t: diag F_K = Σ_x Σ_t Σ_r (J_xtᵀ b_xtr)², P · R cotangents
     per example (P counted positions).
 

@@ -24,7 +24,7 @@ how η and δ are chosen, and this module makes that quantitative:
 
 The loss comes from an adapter's ``loss_function(...)`` (a
 :class:`~fisherbound.linearization.LossFunction`): the negative log-likelihood of
-a labelled batch, with logits (N, C) or, with position axes, (N, *S, C) (a
+a labelled batch, with logits (N, C) or, with position axes, (N, ∗S, C) (a
 language model's tokens, a segmentation's pixels), one term per counted
 position (masked positions and ignored labels excluded). ``source`` is one loss
 function or several (a data set, one per batch, all at the same θ); the total

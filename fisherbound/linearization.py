@@ -1,17 +1,17 @@
 """The model contract: what an adapter supplies for one batch at fixed parameters.
 
 A *linearization* is a network frozen at parameters θ (flat, D entries) and one
-batch of N inputs, exposing the logits z (N, *S, C) and the Jacobian J = ∂z/∂θ only
+batch of N inputs, exposing the logits z (N, ∗S, C) and the Jacobian J = ∂z/∂θ only
 through products:
 
-- ``jvp(v)``: (D,) → (N, *S, C), the forward product J v;
-- ``vjp(u)``: (N, *S, C) → (D,), the reverse product Jᵀ u = Σ_n J_nᵀ u_n;
-- ``jvp_batch(V)``: (M, D) → (M, N, *S, C), M forward products at once;
-- ``vjp_batch(U)``: (M, N, *S, C) → (M, D), M reverse products at once (one batched
+- ``jvp(v)``: (D,) → (N, ∗S, C), the forward product J v;
+- ``vjp(u)``: (N, ∗S, C) → (D,), the reverse product Jᵀ u = Σ_n J_nᵀ u_n;
+- ``jvp_batch(V)``: (M, D) → (M, N, ∗S, C), M forward products at once;
+- ``vjp_batch(U)``: (M, N, ∗S, C) → (M, D), M reverse products at once (one batched
   backward pass where the framework allows);
-- ``per_example_vjp(U)``: (N, K, *S, C) → (N, K, D), the per-example products
+- ``per_example_vjp(U)``: (N, K, ∗S, C) → (N, K, D), the per-example products
   J_nᵀ U[n, k];
-- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``: (N, K, *S, C) →
+- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``: (N, K, ∗S, C) →
   (K, D), the per-example squares Σ_n (J_nᵀ U[n, k])², the building block of exact
   diagonals; with ``sum_cotangents=True`` their sum over k, (D,). An adapter may
   compute it without materialising per-example gradients (the torch fast path).
@@ -20,7 +20,7 @@ S are the position axes of models with one output distribution per position
 (tokens, pixels; none for one output per example): the classes are always the
 last axis, and an "example" is an input x with all its positions, so a
 per-example product J_xᵀ u sums over the positions of x. ``mask`` (None or a
-boolean (N, *S) array) marks the positions that count; adapters zero the
+boolean (N, ∗S) array) marks the positions that count; adapters zero the
 Jacobian rows of the others in every product.
 
 Parameter vectors are flat 1-D arrays of the linearization's namespace, in the
@@ -116,7 +116,7 @@ class Linearization(Protocol):
 
     @property
     def logits(self) -> Array:
-        """The logits z = f(θ, x) of the batch, shape (N, *S, C).
+        """The logits z = f(θ, x) of the batch, shape (N, ∗S, C).
 
         Computed once when the linearization is built (one forward pass); reading
         it costs nothing.
@@ -153,7 +153,7 @@ class Linearization(Protocol):
         Returns
         -------
         Array
-            J v = Σ_i ∂z/∂θ_i v_i, shape (N, *S, C), in the logits' dtype.
+            J v = Σ_i ∂z/∂θ_i v_i, shape (N, ∗S, C), in the logits' dtype.
 
         Notes
         -----
@@ -166,7 +166,7 @@ class Linearization(Protocol):
         Parameters
         ----------
         u
-            A cotangent (N, *S, C) on the logits, real floating, on their device.
+            A cotangent (N, ∗S, C) on the logits, real floating, on their device.
 
         Returns
         -------
@@ -179,14 +179,14 @@ class Linearization(Protocol):
         """
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """M forward products at once: J V[m] for tangents V (M, D); returns (M, N, *S, C).
+        """M forward products at once: J V[m] for tangents V (M, D); returns (M, N, ∗S, C).
 
         Cost: about M forward passes, batched (vmapped) where the framework allows;
         memory M N C for the result plus the batched activations.
         """
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """M reverse products at once: Jᵀ U[m] for cotangents U (M, N, *S, C); returns (M, D).
+        """M reverse products at once: Jᵀ U[m] for cotangents U (M, N, ∗S, C); returns (M, D).
 
         Cost: about M backward passes, as one batched backward pass where the
         framework allows; memory M D for the result.
@@ -198,7 +198,7 @@ class Linearization(Protocol):
         Parameters
         ----------
         U
-            Cotangents (n, K, *S, C): K per example of the slice, n its length.
+            Cotangents (n, K, ∗S, C): K per example of the slice, n its length.
         examples
             A contiguous ``slice(start, stop)`` of the N examples (example
             n = start + i gets ``U[i]``); None (default) for all N.
@@ -225,7 +225,7 @@ class Linearization(Protocol):
         Parameters
         ----------
         U
-            Cotangents (N, K, *S, C).
+            Cotangents (N, K, ∗S, C).
         max_vectors
             Memory bound: at most this many per-example D-vectors alive at once
             (default: the adapter's ``default_max_vectors``).
@@ -351,11 +351,11 @@ class LinearizationBase(_FrozenBase):
     _mask: Array | None = None
 
     logits = ReadOnly[Array](
-        "The logits z of the batch, shape (N, *S, C): N examples, the position axes S "
+        "The logits z of the batch, shape (N, ∗S, C): N examples, the position axes S "
         "(none for one output per example) and the C classes last."
     )
     mask = ReadOnly["Array | None"](
-        "Which positions count: None (all) or a boolean array (N, *S). The Jacobian "
+        "Which positions count: None (all) or a boolean array (N, ∗S). The Jacobian "
         "rows of masked positions are zero in every product, so they add nothing to "
         "any Fisher quantity; their logits keep their values."
     )
@@ -365,7 +365,7 @@ class LinearizationBase(_FrozenBase):
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        """(N, *S, C), the shape of the logits and of every output-space vector."""
+        """(N, ∗S, C), the shape of the logits and of every output-space vector."""
         return tuple(int(s) for s in self._logits.shape)
 
     @property
@@ -400,22 +400,22 @@ class LinearizationBase(_FrozenBase):
         return example_range(examples, self.num_inputs)
 
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, *S, C)."""
+        """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C)."""
         raise NotImplementedError
 
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, *S, C); returns (D,)."""
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, ∗S, C); returns (D,)."""
         raise NotImplementedError
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, *S, C).
+        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
 
         Generic default: M calls of ``jvp`` (cost M forward passes).
         """
         return self._row_by_row(self.jvp, V)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, *S, C); returns (M, D).
+        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
 
         Generic default: M calls of ``vjp`` (cost M backward passes).
         """
@@ -424,7 +424,7 @@ class LinearizationBase(_FrozenBase):
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        ``U`` has shape (n, K, *S, C) with n the length of the slice ``examples``
+        ``U`` has shape (n, K, ∗S, C) with n the length of the slice ``examples``
         (default: all N examples). Generic default: one masked batched VJP per
         example; adapters override it with a vectorised map.
         """
@@ -445,7 +445,7 @@ class LinearizationBase(_FrozenBase):
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, *S, C); returns (K, D).
+        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, ∗S, C); returns (K, D).
 
         With ``sum_cotangents=True`` returns Σ_k Σ_n (J_nᵀ U[n, k])², shape (D,),
         which adapters may compute more cheaply (one product per layer instead of K).
@@ -465,7 +465,7 @@ class LinearizationBase(_FrozenBase):
         return xp.sum(total, axis=0) if sum_cotangents else total
 
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, *S, C, D).
+        """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, ∗S, C, D).
 
         Needed by the variance of the Hessian-based Fisher estimator Î_2
         (``fisherbound.variance``, THEORY §4). Exact, never through a D × D Hessian.
@@ -519,9 +519,9 @@ LOSS_REDUCTIONS = REDUCTIONS
 class LossFunction(Protocol):
     """The negative log-likelihood of one labelled batch as a function of θ.
 
-    For logits z (N, *S, C) (classes last, S the position axes, none for one
-    output per example) and labels y (class indices (N, *S), or targets
-    (N, *S, C)),
+    For logits z (N, ∗S, C) (classes last, S the position axes, none for one
+    output per example) and labels y (class indices (N, ∗S), or targets
+    (N, ∗S, C)),
 
         L(θ) = −Σ_n Σ_t m_nt log p(y_nt | z_nt(θ))          (``reduction="sum"``)
 
@@ -635,12 +635,12 @@ class LossFunctionBase(_FrozenBase):
 
     family = ReadOnly[Any]("The output family whose log-likelihood defines the loss.")
     labels = ReadOnly[Array](
-        "The labels y of the batch in the logits' layout: class indices (N, *S) or "
-        "targets (N, *S, C); the labels of masked positions replaced by 0."
+        "The labels y of the batch in the logits' layout: class indices (N, ∗S) or "
+        "targets (N, ∗S, C); the labels of masked positions replaced by 0."
     )
-    logits = ReadOnly[Array]("The logits z (N, *S, C) at θ, classes last.")
+    logits = ReadOnly[Array]("The logits z (N, ∗S, C) at θ, classes last.")
     mask = ReadOnly["Array | None"](
-        "The counted positions: None (all) or a boolean array (N, *S), False where "
+        "The counted positions: None (all) or a boolean array (N, ∗S), False where "
         "``mask=`` was False or the label equals ``ignore_index``."
     )
     params = ReadOnly[Array]("θ, the flat parameter vector (D,) at which the loss is frozen.")
@@ -683,9 +683,9 @@ class LossFunctionBase(_FrozenBase):
     ) -> None:
         """Check the labelled batch, apply ``mask`` and ``ignore_index``, and keep it.
 
-        ``logits`` (N, *S, C) and ``labels`` in the classes-last layout (the
+        ``logits`` (N, ∗S, C) and ``labels`` in the classes-last layout (the
         adapter moves the user's class axis first). ``mask`` (None or boolean
-        (N, *S), ``check_loss_mask``) marks the positions that count;
+        (N, ∗S), ``check_loss_mask``) marks the positions that count;
         ``ignore_index`` (None or an int) masks the positions whose INTEGER label
         equals it. The labels of masked positions are replaced by 0 before the
         family's check (``check_loss_labels``), so padding may hold any value.
@@ -741,7 +741,7 @@ class LossFunctionBase(_FrozenBase):
         self._scale = 1.0 / num_counted if reduction == "mean" else 1.0
 
     def reduce_log_likelihood(self, ll: Array, /) -> Array:
-        """The loss from per-position log-likelihoods ``ll`` (..., N, *S): (...).
+        """The loss from per-position log-likelihoods ``ll`` (..., N, ∗S): (...).
 
         −scale · Σ_n Σ_t m_nt ll[..., n, t], summed over the batch's N and position
         axes (the last 1 + len(S) axes), masked positions excluded (multiplied by
@@ -804,8 +804,8 @@ def check_family(family: object) -> Family:
 def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
     """``family.check_labels(z, labels)``, its message prefixed for the argument ``labels``.
 
-    z (N, *S, C): categorical labels are class indices (N, *S), Bernoulli and
-    Gaussian labels (N, *S, C) (the family's check says which it got).
+    z (N, ∗S, C): categorical labels are class indices (N, ∗S), Bernoulli and
+    Gaussian labels (N, ∗S, C) (the family's check says which it got).
     """
     try:
         family.check_labels(z, labels)
@@ -815,7 +815,7 @@ def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
 
 
 def check_loss_mask(mask: Any, z: Array, /, *, name: str = "mask") -> Array:
-    """``mask`` checked against logits z (N, *S, C): a boolean array (N, *S) of z's device.
+    """``mask`` checked against logits z (N, ∗S, C): a boolean array (N, ∗S) of z's device.
 
     A TypeError for a non-array or another namespace, a ValueError for another
     dtype or shape or device. Cost: O(1), no data is read.

@@ -18,8 +18,8 @@ reference model, torch module or JAX function), on one batch of labelled inputs:
 
 Every Fisher quantity is the SUM over the analysed inputs (the papers'
 convention); the landscape uses the MEAN loss. For a model whose logits have
-position axes, (N, *S, C) (``analyse(..., mask=..., ignore_index=...)`` with
-labels (N, *S)), the sums are also over the counted positions of each input and
+position axes, (N, ∗S, C) (``analyse(..., mask=..., ignore_index=...)`` with
+labels (N, ∗S)), the sums are also over the counted positions of each input and
 the mean is over the counted positions (the per-token convention). ``write_report(analysis, out)``
 writes ``report.json`` (every number), ``report.md``, ``index.html`` and the PNG
 figures (matplotlib). Nothing here imports a framework or NumPy at module level.

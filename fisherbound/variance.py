@@ -1,6 +1,6 @@
 """Closed-form variances of the Fisher estimators (THEORY §3 and §4), matrix-free.
 
-Logits z (N, *S, C): N examples, position axes S (none for one output per
+Logits z (N, ∗S, C): N examples, position axes S (none for one output per
 example; P = prod(S) positions), C classes. An example x is an input with all
 its positions; its output is the product of independent per-position families,
 so its core kernel is block diagonal, K_x = ⊕_t K(z_xt), its factor
@@ -37,7 +37,7 @@ and fourth moment m_t = E(a_tᵀu_t)⁴. Expanding E(Σ_t w_t)⁴:
 
 (for P = 1: (1/k)[E(aᵀu)⁴ − (aᵀIa)²] and (1/k) cᵀIc), with Î_1 the score outer
 product (the Monte-Carlo Fisher) and Î_2 minus the Hessian of the
-log-likelihood (Σ_t of independent position terms). Bounds: with |w_t| ≤ ρ_t
+log-likelihood (Σ_t of independent position terms). Bounds: with w_t² ≤ ρ_t²
 (categorical ρ_t = max a_t − min a_t), m_t ≤ ρ_t² σ_t², so
 Var(Î_1,ii) ≤ (1/k)[Σ_t ρ_t² σ_t² + 2((Σ_t σ_t²)² − Σ_t σ_t⁴)] (= ρ² aᵀIa / k for
 P = 1), and Var(Î_2,ii) ≤ λ̄ Σ_t ‖c_t‖² / k (λ_max(I_Δ) ≤ ½). Inputs are fixed
@@ -45,7 +45,7 @@ P = 1), and Var(Î_2,ii) ≤ λ̄ Σ_t ‖c_t‖² / k (λ_max(I_Δ) ≤ ½). In
 
 Everything is computed from the adapters' per-example VJPs (P·R or P·C per
 input, chunked by ``max_vectors``, refused above ``max_cotangents``) and, for
-Î_2, ``output_second_derivative_diagonal`` ((N, *S, C, D)): never a D × D matrix.
+Î_2, ``output_second_derivative_diagonal`` ((N, ∗S, C, D)): never a D × D matrix.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _columns_per_example(lin: Any, max_vectors: int | None) -> int:
 
 
 def _positions(lin: Any) -> tuple[int, tuple[int, ...], int, int]:
-    """(N, S, P, C) of the logits (N, *S, C)."""
+    """(N, S, P, C) of the logits (N, ∗S, C)."""
     shape = tuple(int(s) for s in lin.logits.shape)
     return shape[0], shape[1:-1], math.prod(shape[1:-1]), shape[-1]
 
@@ -451,7 +451,7 @@ def classical_variance(
     """Variance of the diagonal of the classical Fisher estimators Î_1 and Î_2 (THEORY §4).
 
     With k labels y ~ p(· | x) per input (inputs fixed, their variances added),
-    one label per position y_xt independently for logits (N, *S, C); a_t =
+    one label per position y_xt independently for logits (N, ∗S, C); a_t =
     ∂z_xt/∂θ_i, σ_t² = a_tᵀ I(z_xt) a_t, the sums over the counted positions t:
 
     - ``estimator="score"``: Î_1 = (1/k) Σ s sᵀ, the score outer product (what
@@ -461,7 +461,7 @@ def classical_variance(
       Bernoulli: z'⁴ p(1−p)(1−2p)²/k per output; unit Gaussian: 2‖a‖⁴/k.
     - ``estimator="hessian"``: Î_2 = −(1/k) Σ ∂²ℓ/∂θ², Var(Î_2,ii) =
       Σ_x Σ_t (1/k) c_tᵀ I(z_xt) c_t with c_t = ∂²z_xt/∂θ_i² (from the adapter's
-      ``output_second_derivative_diagonal``, shape (N, *S, C, D); a ValueError
+      ``output_second_derivative_diagonal``, shape (N, ∗S, C, D); a ValueError
       when it gives another); zero for parameters on which z is linear (the last
       layer).
 

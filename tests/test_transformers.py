@@ -207,7 +207,7 @@ def test_causal_lm_loss_equals_the_models_own_loss_and_gradient() -> None:
     labels = next_token_labels(batch)
     loss = loss_function(model, batch, labels, output="logits", reduction="mean")
     counted = int((labels != -100).sum())
-    assert loss.num_inputs == counted == 5 + 3 + 2
+    assert loss.num_counted == counted == 5 + 3 + 2
     # transformers shifts the labels itself: pass the tokens, padding as -100.
     out = model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100))
     value = loss.value(torch.zeros(1, loss.num_params, dtype=F64))

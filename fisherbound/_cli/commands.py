@@ -262,7 +262,7 @@ def label_positions(args: argparse.Namespace, labels: Any) -> tuple[Any, tuple[i
 def check_positions(
     args: argparse.Namespace, data: Data, labels: Any, positions: tuple[int, ...]
 ) -> None:
-    """The mask has the labels' positions (N, *S), and some position counts."""
+    """The mask has the labels' positions (N, ∗S), and some position counts."""
     import numpy as np
 
     n = int(labels.shape[0])

@@ -3,7 +3,7 @@
 MODEL is a Python file with a factory, a TorchScript file or a module saved with
 ``torch.save``; DATA is an ``.npz`` archive of inputs and labels, with keyword
 inputs and a mask of the counted positions for models whose logits have
-position axes (N, *S, C). Every problem is a ``UsageError`` that says what was
+position axes (N, ∗S, C). Every problem is a ``UsageError`` that says what was
 found and what to do.
 """
 
@@ -334,7 +334,7 @@ def check_outputs(
     """Run the model once and check that its outputs are logits that fit the labels.
 
     ``positions`` is S, the position axes the labels ask for (``()``: logits
-    (N, C)); the logits are then (N, *S, C) once ``output`` has picked them from
+    (N, C)); the logits are then (N, ∗S, C) once ``output`` has picked them from
     the model's output and ``class_axis`` has been moved last. Labels of the
     Bernoulli family have their class axis last here (as the logits).
     """
@@ -422,7 +422,7 @@ def model_logits(
 ) -> Any:
     """The model's outputs on ``x`` as a host float64 array, checked to be logits.
 
-    (N, C), or (N, *S, C) for the position axes ``positions`` = S.
+    (N, C), or (N, ∗S, C) for the position axes ``positions`` = S.
     """
     import numpy as np
 
@@ -470,7 +470,7 @@ def check_categorical(
     mask: Any = None,
     ignore_index: int | None = None,
 ) -> None:
-    """Logits (N, *S, C ≥ 2), not probabilities, and class indices in [0, C) as labels.
+    """Logits (N, ∗S, C ≥ 2), not probabilities, and class indices in [0, C) as labels.
 
     With positions, a label may also be the ignore index, and the labels of the
     positions the mask leaves out are not read.
@@ -522,7 +522,7 @@ def check_categorical(
 
 
 def check_position_labels(labels: Any, c: int, mask: Any, ignore_index: int | None) -> None:
-    """Labels (N, *S) in [0, C) or the ignore index wherever the mask keeps the position."""
+    """Labels (N, ∗S) in [0, C) or the ignore index wherever the mask keeps the position."""
     import numpy as np
 
     keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask)
@@ -543,7 +543,7 @@ def check_position_labels(labels: Any, c: int, mask: Any, ignore_index: int | No
 
 
 def check_bernoulli(zh: Any, y: Any) -> None:
-    """0/1 labels of the logits' shape (N, C), or (N, *S, C) (class axis last)."""
+    """0/1 labels of the logits' shape (N, C), or (N, ∗S, C) (class axis last)."""
     import numpy as np
 
     labels = np.asarray(y)

@@ -2,7 +2,7 @@
 
 - ``subjects``: a trained model seen through one adapter (NumPy, torch, JAX);
 - ``settings``: the knobs of the analysis and its outcome;
-- ``positions``: the counted positions of models with position axes (N, *S, C);
+- ``positions``: the counted positions of models with position axes (N, ∗S, C);
 - ``analysis``: ``analyse``, the stages in order;
 - ``diagonal``, ``spectrum``, ``landscape``: the numbers of each part of the
   analysis, from the library's public functions;

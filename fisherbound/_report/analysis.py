@@ -7,7 +7,7 @@ library's warnings, and collects the JSON-ready numbers and the host arrays the
 figures are drawn from. The numbers of each stage come from the modules
 ``diagonal``, ``spectrum`` and ``landscape`` of this package.
 
-Models whose logits have position axes, (N, *S, C), are analysed over their
+Models whose logits have position axes, (N, ∗S, C), are analysed over their
 counted positions (``positions``): every linearization and loss function gets the
 mask of the counted positions. There a stage that the library refuses (a
 ValueError, TypeError or NotImplementedError) is reported as not run, with the
@@ -71,15 +71,15 @@ def analyse(
         ``jax_subject``).
     inputs, labels
         Host (NumPy) arrays: the N analysed inputs (or a dict of them: keyword
-        inputs) and their labels: class indices (N,) or (N, *S) for the
-        categorical family, {0, 1} rows (N, C) or (N, *S, C) (class axis last)
+        inputs) and their labels: class indices (N,) or (N, ∗S) for the
+        categorical family, {0, 1} rows (N, C) or (N, ∗S, C) (class axis last)
         for the Bernoulli family. Labels with position axes S analyse a model
-        whose logits are (N, *S, C).
+        whose logits are (N, ∗S, C).
     mask
-        None (every position counts) or a host boolean / 0-1 array (N, *S): the
+        None (every position counts) or a host boolean / 0-1 array (N, ∗S): the
         positions that count (padding is False).
     ignore_index
-        Class labels (N, *S) equal to it do not count either (e.g. -100, as
+        Class labels (N, ∗S) equal to it do not count either (e.g. -100, as
         ``torch.nn.CrossEntropyLoss``); None: none. Applies to labels with
         position axes.
     landscape

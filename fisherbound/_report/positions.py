@@ -1,6 +1,6 @@
 """The positions of a report's batch: which count, and the labels the analysis sees.
 
-A model whose logits have position axes, (N, *S, C) (a token classifier or a
+A model whose logits have position axes, (N, ∗S, C) (a token classifier or a
 language model (N, T, C), a segmentation model (N, H, W, C) once its class axis is
 last), has P = prod(S) positions per example. A position counts unless the mask
 says False there or its class label equals the ignore index. ``count`` turns the
@@ -33,7 +33,7 @@ class Positions:
     Attributes
     ----------
     shape
-        S, the position axes of the logits (N, *S, C); ``()`` for (N, C) logits
+        S, the position axes of the logits (N, ∗S, C); ``()`` for (N, C) logits
         with a mask.
     per_example
         P = prod(S), the positions of one example.
@@ -50,7 +50,7 @@ class Positions:
     ignore_index
         The ignored label value (None: none).
     mask
-        The counted positions, a host boolean array (N, *S); None when all count.
+        The counted positions, a host boolean array (N, ∗S); None when all count.
     """
 
     shape: tuple[int, ...]
@@ -78,7 +78,7 @@ class Positions:
 
 
 def position_shape(family: Any, labels: Any) -> tuple[int, ...]:
-    """S from the labels: (N, *S) class indices, or (N, *S, C) rows (class axis last)."""
+    """S from the labels: (N, ∗S) class indices, or (N, ∗S, C) rows (class axis last)."""
     import numpy as np
 
     from fisherbound.families import Categorical
@@ -92,8 +92,8 @@ def count(
 ) -> tuple[Positions | None, Any]:
     """The positions of the batch (None: no position axes, no mask) and the clean labels.
 
-    ``labels`` and ``mask`` are host arrays: class indices (N, *S) (categorical) or
-    rows (N, *S, C), and None or a boolean / 0-1 array (N, *S). ``ignore_index``
+    ``labels`` and ``mask`` are host arrays: class indices (N, ∗S) (categorical) or
+    rows (N, ∗S, C), and None or a boolean / 0-1 array (N, ∗S). ``ignore_index``
     applies to class indices only. A batch with no counted position is a
     ValueError.
     """
@@ -139,7 +139,7 @@ def count(
 
 
 def counted_rows(info: Positions | None, host_logits: Any) -> Any:
-    """The host logits (N, *S, C) as rows (K, C) of the counted positions."""
+    """The host logits (N, ∗S, C) as rows (K, C) of the counted positions."""
     import numpy as np
 
     z = np.asarray(host_logits)

@@ -29,8 +29,8 @@ class Subject:
         The output family (``Categorical()`` or ``Bernoulli()``).
     linearize
         (inputs, mask=None) → a linearization (``fisherbound.linearization``);
-        ``mask`` (a backend boolean array (N, *S), True = the position counts)
-        for models whose logits have position axes, (N, *S, C).
+        ``mask`` (a backend boolean array (N, ∗S), True = the position counts)
+        for models whose logits have position axes, (N, ∗S, C).
     loss_function
         (inputs, labels, reduction, mask=None) → a ``LossFunction`` (negative
         log-likelihood over the counted positions; ``"mean"`` divides by their

@@ -110,9 +110,7 @@ class JaxLossFunction(LossFunctionBase):
     forward-over-reverse (``jax.jvp`` of ``jax.grad``, vmapped over the vectors);
     every kernel is compiled once per model, family and shapes. ``labels`` are
     held in the logits' layout (classes last), masked and ignored labels replaced
-    by 0; ``mask`` are the counted positions and ``num_counted`` their number
-    (an int, or a traced 0-d array inside ``jit`` / ``shard_map`` when the labels
-    or the mask are traced there).
+    by 0; ``mask`` are the counted positions and ``num_counted`` their number.
     """
 
     #: Shifts evaluated per compiled call of ``value`` (a fixed shape: one compilation).
@@ -161,7 +159,10 @@ class JaxLossFunction(LossFunctionBase):
         if counted is not None:
             self._weights = counted.astype(z.dtype)
             count = jnp.sum(counted)
-            self._num_counted = count if is_traced(count) else int(count)
+            if not is_traced(count):
+                self._num_counted = int(count)
+            # Traced (labels or mask inside jit / shard_map): the host cannot read the
+            # count, so n stays N·P from _hold_batch (see num_counted).
         if reduction == "mean":
             self._scale = 1.0 / self._num_counted
         self._scale = jnp.asarray(self._scale, dtype=model.dtype)
@@ -169,6 +170,17 @@ class JaxLossFunction(LossFunctionBase):
         self._params = model.theta
         self._blocks = model.blocks
         self._xp = array_namespace(z, names=("logits",))
+
+    @property
+    def num_counted(self) -> int:
+        """n, the number of counted positions: the ``"mean"`` divisor (an int).
+
+        N · P without a mask and ignored labels (N for (N, C) logits). Inside
+        ``jit`` / ``shard_map``, where the labels or the mask are traced, the
+        count cannot be read on the host: masked and ignored positions are still
+        left out of the sum, but n is N · P (the mean divides by every position).
+        """
+        return int(self._num_counted)
 
     @staticmethod
     def _counted(labels: Any, counted: Array | None, ignore_index: int | None) -> Array | None:

@@ -317,18 +317,23 @@ def test_categorical_loss_with_ignore_index_and_mask(seq_case: Case, reduction: 
     )
 
 
-def test_traced_labels_inside_jit_count_the_same(seq_case: Case) -> None:
+def test_traced_labels_inside_jit_still_skip_ignored_positions(seq_case: Case) -> None:
     x = seq_case.inputs
     y = jnp.asarray(np.random.default_rng(10).integers(0, C, size=(N, T))).at[1, 0].set(-100)
 
     def gradient(labels: Any) -> Any:
-        loss = loss_function(seq_apply, seq_case.params, x, labels, output="logits",
-                             reduction="mean")  # fmt: skip
-        return loss.gradient()
+        return loss_function(seq_apply, seq_case.params, x, labels, output="logits").gradient()
 
-    eager = loss_function(seq_apply, seq_case.params, x, y, output="logits", reduction="mean")
+    eager = loss_function(seq_apply, seq_case.params, x, y, output="logits")
     assert eager.num_counted == N * T - 1
     assert_close(jax.jit(gradient)(y), eager.gradient(), rtol=1e-13, atol=1e-15)
+    # The mean's count is traced there: it divides by every position, N · T.
+    traced = jax.jit(
+        lambda labels: loss_function(
+            seq_apply, seq_case.params, x, labels, output="logits", reduction="mean"
+        ).gradient()
+    )(y)
+    assert_close(traced, eager.gradient() / (N * T), rtol=1e-13, atol=1e-15)
 
 
 def test_bernoulli_loss_labels_follow_the_class_axis(seg_case: Case) -> None:

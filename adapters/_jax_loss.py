@@ -33,7 +33,7 @@ class _LossKernels:
     """The compiled loss, its gradient and Hessian-vector products for one model.
 
     Every kernel takes θ, the inputs, the labels, the counted positions (None or
-    boolean (N, *S)) and a scale (1, or 1 / the number counted) as arguments, so
+    boolean (N, ∗S)) and a scale (1, or 1 / the number counted) as arguments, so
     one compilation serves every batch of the same shapes.
     """
 
@@ -94,7 +94,7 @@ def check_ignore_index(ignore_index: object) -> int | None:
 
 
 def _labels_classes_last(labels: Any, ndim: int, class_axis: int) -> Any:
-    """Labels with a class axis ((N, *S, C) in the user's layout) moved as the logits' is."""
+    """Labels with a class axis ((N, ∗S, C) in the user's layout) moved as the logits' is."""
     if not isinstance(labels, jax.Array) or labels.ndim != ndim:
         return labels  # class indices (no class axis), or a shape the family reports
     if class_axis in (-1, ndim - 1):

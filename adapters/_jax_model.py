@@ -3,7 +3,7 @@
 Private to ``fisherbound.adapters.jax``: ``Model`` (``apply_fn`` with its
 parameters flattened to θ, the blocks and the compiled ``Kernels``, cached per
 model and parameter layout), ``LogitsFn`` (``apply_fn`` with the output selector
-``output=`` and the class axis ``class_axis=``: the logits (N, *S, C)), the
+``output=`` and the class axis ``class_axis=``: the logits (N, ∗S, C)), the
 validation of ``apply_fn``, the parameters, the inputs, the logits and the mask
 with the house messages, and ``shard_local`` for ``shard_map``.
 """
@@ -66,9 +66,9 @@ def sum_of_squares(g: Array) -> Array:
 
 
 def mask_outputs(z: Array, mask: Array | None) -> Array:
-    """``z`` (..., N, *S, C) with the masked positions zeroed: diag(mask) applied.
+    """``z`` (..., N, ∗S, C) with the masked positions zeroed: diag(mask) applied.
 
-    ``mask`` is None (no change) or boolean (N, *S), broadcast against the
+    ``mask`` is None (no change) or boolean (N, ∗S), broadcast against the
     trailing axes of ``z``. ``jnp.where``, not a product, so a non-finite value
     at a masked position cannot leak into the result.
     """
@@ -78,7 +78,7 @@ def mask_outputs(z: Array, mask: Array | None) -> Array:
 
 
 def mask_cotangents(U: Array, mask: Array | None) -> Array:
-    """Per-example cotangents ``U`` (n, K, *S, C) with the masked positions zeroed.
+    """Per-example cotangents ``U`` (n, K, ∗S, C) with the masked positions zeroed.
 
     J_xᵀ (diag(m_x) U[x, k]) = (diag(m_x) J_x)ᵀ U[x, k]: masking the cotangents is
     masking the Jacobian rows.
@@ -92,7 +92,7 @@ class Kernels:
     """The compiled products of one model: ``apply_fn`` with one parameter layout.
 
     Every kernel takes the flat parameters ``theta``, the inputs ``x`` and the mask
-    (None or boolean (N, *S)) as arguments (never as closed-over constants), so a
+    (None or boolean (N, ∗S)) as arguments (never as closed-over constants), so a
     kernel compiled for one batch is reused by every batch of the same shapes
     (None and an array mask compile separately). The mask is applied to the
     outputs of forward products and to the cotangents of reverse ones, which is
@@ -340,7 +340,7 @@ def classes_last(z: Array, class_axis: int) -> Array:
 
 @dataclass(frozen=True)
 class LogitsFn:
-    """``apply_fn`` with the output selector and the class axis: (params, x) ↦ (N, *S, C).
+    """``apply_fn`` with the output selector and the class axis: (params, x) ↦ (N, ∗S, C).
 
     Frozen and compared by its fields, so the kernel caches keyed by it share one
     compilation between linearizations of one model and selector.
@@ -530,7 +530,7 @@ def varying_axes(x: Array) -> set[str]:
 
 
 def check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
-    """The logits (N, *S, C) after the selector and the class move, checked."""
+    """The logits (N, ∗S, C) after the selector and the class move, checked."""
     name = "apply_fn(params, inputs)"
     if not hasattr(z, "shape") or not hasattr(z, "dtype"):
         msg = (
@@ -607,7 +607,7 @@ def check_mask_spec(mask: object, *, stream: bool = False) -> Any:
 
 
 def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | None:
-    """The mask of one batch as a boolean JAX array (N, *S) on the logits' device, or None.
+    """The mask of one batch as a boolean JAX array (N, ∗S) on the logits' device, or None.
 
     ``mask`` (checked by ``check_mask_spec``) is None, a boolean array, a key of
     dict ``inputs`` (that entry, converted with ``!= 0``) or a callable
@@ -672,7 +672,7 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
 
 
 def second_derivative_kernel(kernels: Kernels) -> Any:
-    """The compiled map (θ, x, mask, indices) ↦ ∂²z/∂θ_i² for i in indices, (k, N, *S, C).
+    """The compiled map (θ, x, mask, indices) ↦ ∂²z/∂θ_i² for i in indices, (k, N, ∗S, C).
 
     Built on first use and kept with ``kernels`` (so cached as they are). Masked
     positions give zero (their logits are constants of θ in the masked Jacobian).

@@ -5,7 +5,7 @@ parameters on one batch and returns a
 :class:`~fisherbound.linearization.LinearizationBase` whose products are
 computed by JAX's own transformations.
 
-Shapes: the logits z are (N, *S, C): N examples, position axes S (tokens,
+Shapes: the logits z are (N, ∗S, C): N examples, position axes S (tokens,
 pixels; none for one output per example) and the C classes last. A model whose
 classes are elsewhere names that axis with ``class_axis=`` (e.g. 1 for
 segmentation logits (N, C, H, W)); a model returning a pytree (a dict, a tuple,
@@ -13,7 +13,7 @@ a Hugging Face output) names the logits with ``output=``. The inputs x are any
 pytree of arrays sharing the leading axis N, passed to ``apply_fn`` as one
 argument (a dict of keyword inputs included: ``lambda p, x: model(**x, params=p)``).
 An example is an x with all its positions: per-example products sum over them.
-``mask=`` (boolean (N, *S), a key of dict inputs, or a callable ``inputs -> mask``)
+``mask=`` (boolean (N, ∗S), a key of dict inputs, or a callable ``inputs -> mask``)
 keeps the positions that count; every product uses diag(mask) J (masked
 positions have zero Jacobian rows), so every Fisher quantity excludes them.
 
@@ -171,7 +171,7 @@ class JaxLinearization(LinearizationBase):
 
     # -- forward products ---------------------------------------------------------
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, *S, C).
+        """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C).
 
         Evaluates the stored linear map of ``jax.linearize``: about one forward
         pass, no recomputation of the primal. Zero at masked positions.
@@ -180,7 +180,7 @@ class JaxLinearization(LinearizationBase):
         return self._forward_mode(self._kernels.jvp, shard_local(v, self._inputs))
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, *S, C).
+        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
 
         One vmapped evaluation of the linear map (M tangents at once).
         """
@@ -189,7 +189,7 @@ class JaxLinearization(LinearizationBase):
 
     # -- reverse products ---------------------------------------------------------
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, *S, C); returns (D,).
+        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, ∗S, C); returns (D,).
 
         The transpose of the stored linear map: about one backward pass. The
         cotangent at masked positions is ignored.
@@ -198,7 +198,7 @@ class JaxLinearization(LinearizationBase):
         return self._kernels.vjp(self._f_jvp, self._theta, u, self._mask)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, *S, C); returns (M, D).
+        """Jᵀ U[m] for M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
 
         One vmapped backward pass for all M cotangents.
         """
@@ -251,7 +251,7 @@ class JaxLinearization(LinearizationBase):
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
 
-        ``U`` has shape (n, K, *S, C) with n the length of the slice ``examples``
+        ``U`` has shape (n, K, ∗S, C) with n the length of the slice ``examples``
         (default: all N examples); J_nᵀ U[i, k] sums over the positions of x_n.
 
         ``jax.vmap`` over examples of the VJP of the single-example function
@@ -277,7 +277,7 @@ class JaxLinearization(LinearizationBase):
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, *S, C); returns (K, D).
+        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, ∗S, C); returns (K, D).
 
         ``sum_cotangents=True`` returns the sum over k, shape (D,).
 
@@ -317,7 +317,7 @@ class JaxLinearization(LinearizationBase):
 
     # -- second derivatives (added for fisherbound.variance) ----------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, *S, C, D).
+        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, ∗S, C, D).
 
         Exact, by forward-over-forward differentiation along each coordinate:
         ∂²z/∂θ_i² = d²/dt² z(θ + t e_i) at t = 0 (``jax.jvp`` of ``jax.jvp`` with
@@ -363,7 +363,7 @@ def linearize(
     ----------
     apply_fn
         A pure JAX function ``apply_fn(params, x)`` returning logits (N, C), logits
-        with position axes (N, *S, C) (a language model's (N, T, V)), or a pytree
+        with position axes (N, ∗S, C) (a language model's (N, T, V)), or a pytree
         holding them (see ``output``); traceable by ``jax.jit`` and ``jax.vmap``
         (a flax module's ``apply`` qualifies), treating the N examples
         independently.
@@ -383,11 +383,11 @@ def linearize(
         callable ``out -> logits``.
     class_axis
         The axis of the logits holding the C classes (default -1, the last); it
-        is moved last, so ``lin.logits`` is (N, *S, C): ``class_axis=1`` for
+        is moved last, so ``lin.logits`` is (N, ∗S, C): ``class_axis=1`` for
         (N, C, H, W) segmentation logits gives (N, H, W, C). 0 (the examples)
         is refused.
     mask
-        None (default: every position counts), a boolean array (N, *S) in the
+        None (default: every position counts), a boolean array (N, ∗S) in the
         layout of ``lin.logits`` without its class axis (True: the position
         counts), a str (a key of dict inputs such as ``"attention_mask"``, that
         entry converted with ``!= 0``) or a callable ``mask(inputs)`` (its result
@@ -400,10 +400,10 @@ def linearize(
     -------
     JaxLinearization
         A :class:`~fisherbound.linearization.LinearizationBase` with logits z
-        (N, *S, C), ``jvp`` (D,) → (N, *S, C), ``vjp`` (N, *S, C) → (D,) with
+        (N, ∗S, C), ``jvp`` (D,) → (N, ∗S, C), ``vjp`` (N, ∗S, C) → (D,) with
         Jᵀ u = Σ_n J_nᵀ u_n, their batched forms, ``per_example_vjp``
-        (N, K, *S, C) → (N, K, D) and ``sum_squared_per_example_vjp``
-        (N, K, *S, C) → (K, D) (an example's product sums over its positions),
+        (N, K, ∗S, C) → (N, K, D) and ``sum_squared_per_example_vjp``
+        (N, K, ∗S, C) → (K, D) (an example's product sums over its positions),
         ``mask``; all JAX arrays on the parameters' device and dtype.
         ``unravel`` maps a flat vector back to a pytree shaped like ``params``.
 
@@ -418,7 +418,7 @@ def linearize(
         If ``params`` is empty, the inputs disagree on N, ``output`` finds no
         array, ``class_axis`` is 0 or out of range, the logits are not
         (N, ..., C) or not finite (the message names the rows), or ``mask`` is
-        not (N, *S) or masks every position.
+        not (N, ∗S) or masks every position.
 
     Notes
     -----
@@ -484,7 +484,7 @@ def linearizations(
         As in ``linearize``, for every batch.
     mask
         Per batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``)
-        or a callable ``mask(inputs)`` giving each batch's mask (N, *S); an array
+        or a callable ``mask(inputs)`` giving each batch's mask (N, ∗S); an array
         (one batch's) is refused.
 
     Returns
@@ -565,16 +565,16 @@ def loss_function(
     apply_fn, params, inputs, output, class_axis
         As in ``linearize``.
     labels
-        Integer class indices (N, *S) for ``Categorical()`` (the default), {0, 1}
-        floats (N, *S, C) for ``Bernoulli()``, targets (N, *S, C) for
+        Integer class indices (N, ∗S) for ``Categorical()`` (the default), {0, 1}
+        floats (N, ∗S, C) for ``Bernoulli()``, targets (N, ∗S, C) for
         ``Gaussian()``, in the layout of ``apply_fn``'s logits (the class axis of
-        (N, *S, C) labels is ``class_axis`` and moved last with the logits'; NumPy
+        (N, ∗S, C) labels is ``class_axis`` and moved last with the logits'; NumPy
         arrays are converted to JAX).
     family, reduction
         The output family (default ``Categorical()``) and the reduction,
         ``"sum"`` (default) or ``"mean"`` over the counted positions.
     mask
-        As in ``linearize``: None, a boolean (N, *S) array, a key of dict inputs
+        As in ``linearize``: None, a boolean (N, ∗S) array, a key of dict inputs
         or a callable ``mask(inputs)``; False positions add nothing to the loss
         (their labels may hold anything: they are replaced by 0).
     ignore_index

@@ -640,6 +640,15 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
             f"got {type(mask).__module__}.{type(mask).__name__}."
         )
         raise TypeError(msg)
+    if not convert and jnp.issubdtype(mask.dtype, jnp.integer):
+        # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
+        if not is_traced(mask) and bool(jnp.any((mask != 0) & (mask != 1))):
+            msg = (
+                f"{source} must be boolean or hold only 0 and 1 (True where a position "
+                f"counts); got {mask.dtype} values outside {{0, 1}}. Convert with mask != 0."
+            )
+            raise ValueError(msg)
+        convert = True
     if convert and mask.dtype != jnp.bool_:
         mask = mask != 0
     if mask.dtype != jnp.bool_:

@@ -77,6 +77,10 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
             if tuple(hit.shape) == tuple(z.shape[:-1]) and bool(hit.any()):
                 ignored = hit
                 labels = torch.where(hit, torch.zeros_like(labels), labels)
+        if counted is not None and tuple(labels.shape[: counted.ndim]) == tuple(counted.shape):
+            # Padding may hold any label: those of masked positions become 0.
+            keep = counted.reshape(*counted.shape, *((1,) * (labels.ndim - counted.ndim)))
+            labels = torch.where(keep, labels, torch.zeros_like(labels))
         self._hold_batch(z, labels, family, reduction)
         if ignored is not None:
             counted = ~ignored if counted is None else counted & ~ignored

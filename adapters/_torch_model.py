@@ -512,6 +512,15 @@ def resolve_mask(
     if not isinstance(value, torch.Tensor):
         msg = f"{where} must be a boolean torch.Tensor of shape {want}; got {type(value).__name__}."
         raise TypeError(msg)
+    if value.dtype != torch.bool and not value.is_floating_point() and not value.is_complex():
+        # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
+        if bool(((value != 0) & (value != 1)).any()):
+            msg = (
+                f"{where} must be boolean or hold only 0 and 1 (True = the position counts); "
+                f"got {value.dtype} values outside {{0, 1}}. Convert with mask != 0."
+            )
+            raise ValueError(msg)
+        value = value != 0
     if value.dtype != torch.bool:
         msg = (
             f"{where} must be a boolean tensor (True = the position counts); got dtype "
@@ -562,6 +571,16 @@ class FunctionalModel:
     """
 
     _spec: OutputSpec = OutputSpec()
+
+    @property
+    def output(self) -> Any:
+        """The output selector (None, a str, an int or a callable; see ``linearize``)."""
+        return self._spec.output
+
+    @property
+    def class_axis(self) -> int:
+        """The class axis of the model's output, moved last in ``logits``."""
+        return self._spec.class_axis
 
     def _bind(self, selection: Selection, inputs: Inputs, spec: OutputSpec | None = None) -> None:
         model, names, tensors = selection

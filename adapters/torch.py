@@ -732,8 +732,8 @@ def loss_function(
     family's ``log_likelihood``. A position counts unless ``mask`` is False there
     or its integer label equals ``ignore_index``. ``reduction="mean"`` divides by
     the number of counted positions, as ``torch.nn.CrossEntropyLoss(ignore_index=
-    -100)`` does; ``num_inputs`` is that number (N without positions and ignored
-    labels), the weight of the batch in a data set's mean. The result is a
+    -100)`` does; ``num_counted`` is that number (N without positions and ignored
+    labels), the weight of the batch in a data set's mean; ``num_inputs`` is N. The result is a
     :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
     (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
     (forward-over-reverse, exact). Cost: one forward pass here (to check the
@@ -783,8 +783,8 @@ def loss_function(
     (67, torch.Size([67]))
     >>> x, y = torch.randn(2, 6, 4), torch.tensor([[0, 1, 2, -100, -100, -100], [2] * 6])
     >>> loss = loss_function(model, x, y, reduction="mean")  # (N, T, C) logits
-    >>> loss.num_inputs  # the counted positions
-    9
+    >>> loss.num_inputs, loss.num_counted  # N and the counted positions
+    (2, 9)
     """
     model = check_model(model)
     fam = check_loss_options(family, reduction)
@@ -848,9 +848,9 @@ def loss_functions(
     Each loss function is built when it is requested, so a data set is streamed
     one batch at a time. ``mask`` is per batch: None, a key of dict inputs (e.g.
     ``"attention_mask"``) or a callable ``inputs -> mask``; the other options are
-    those of :func:`loss_function`. With ``reduction="mean"`` each batch's
-    ``num_inputs`` is its number of counted positions, so a data set's mean is
-    over all its counted positions.
+    those of :func:`loss_function`. With ``reduction="mean"`` each batch weighs
+    its ``num_counted`` positions, so a data set's mean is over all its counted
+    positions.
 
     Examples
     --------

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._lib import Estimate, array_namespace, check_vector, conform, is_array
+from fisherbound._stream import conform_labels
 from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
@@ -154,11 +155,7 @@ def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
             f"{type(y).__module__}.{type(y).__name__}."
         )
         raise TypeError(msg)
-    mask = getattr(lin, "mask", None)
-    if mask is not None and tuple(y.shape[: mask.ndim]) == tuple(mask.shape):
-        xp = array_namespace(y, mask, names=(f"labels of batch {index}", "the mask"))
-        keep = xp.reshape(mask, (*mask.shape, *((1,) * (y.ndim - mask.ndim))))
-        y = xp.where(keep, y, xp.zeros_like(y))
+    y = conform_labels(lin, y)
     try:
         family.check_labels(lin.logits, y)
     except (TypeError, ValueError) as err:

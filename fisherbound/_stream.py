@@ -58,6 +58,7 @@ __all__ = [
     "Stream",
     "check_batch",
     "check_family",
+    "conform_labels",
     "check_loss",
     "named_blocks",
     "signature",
@@ -66,6 +67,32 @@ __all__ = [
 
 # --------------------------------------------------------------------------- #
 # validation of one item
+
+
+def conform_labels(lin: Any, y: Array) -> Array:
+    """Observed labels in the linearization's classes-last layout, masked labels 0.
+
+    Labels with the logits' number of axes (Bernoulli / Gaussian targets
+    (N, ∗S, C)) are given in the model output's layout: their axis
+    ``lin.class_axis`` (when the adapter has one) moves last, as the logits'
+    did. The labels of positions masked by ``lin.mask`` become 0, so padding may
+    hold anything (e.g. −100). Cost: O(size of y), no host read.
+    """
+    xp = lin.xp
+    if not is_array(y) or array_namespace(y) is not xp:
+        return y  # the family's label check names what came
+    axis = getattr(lin, "class_axis", -1)
+    ndim = int(y.ndim)
+    if ndim == int(lin.logits.ndim) and ndim >= 3 and isinstance(axis, int):
+        axis = axis % ndim
+        if axis != ndim - 1:
+            order = tuple(i for i in range(ndim) if i != axis) + (axis,)
+            y = xp.permute_dims(y, order)
+    mask = getattr(lin, "mask", None)
+    if mask is not None and tuple(y.shape[: mask.ndim]) == tuple(mask.shape):
+        keep = xp.reshape(mask, (*mask.shape, *((1,) * (int(y.ndim) - int(mask.ndim)))))
+        y = xp.where(keep, y, xp.zeros_like(y))
+    return y
 
 
 class Signature(NamedTuple):

@@ -78,7 +78,7 @@ from fisherbound._lib import (
     probes,
 )
 from fisherbound._quantities import Quantity, quantity
-from fisherbound._stream import Stream, check_family
+from fisherbound._stream import Stream, check_family, conform_labels
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linearization import Linearization
 
@@ -645,7 +645,7 @@ def empirical(
 
     def draw(lin: Any) -> Any:
         index = batch_labels.batches
-        y = batch_labels.take(lin)
+        y = conform_labels(lin, batch_labels.take(lin))
         y, keep = _ignored(lin, y, ignore_index)
         fam.check_labels(lin.logits, y)
         score = fam.score(lin.logits, y)

@@ -385,8 +385,13 @@ def test_bad_masks(seq_case: Case) -> None:
         linearize(seq_apply, p, x, output="logits", mask=jnp.ones((N, 3), bool))
     with pytest.raises(ValueError, match=r"mask \(the callable's result\) must keep at least"):
         linearize(seq_apply, p, x, output="logits", mask=lambda b: b["keep"] & False)
-    with pytest.raises(TypeError, match=r"mask must be a boolean array .* got dtype int"):
-        linearize(seq_apply, p, x, output="logits", mask=jnp.ones((N, T), int))
+    # 0/1 integers (a Hugging Face attention_mask) read as booleans; other integers do not.
+    ones = linearize(seq_apply, p, x, output="logits", mask=jnp.ones((N, T), int))
+    assert ones.mask.dtype == jnp.bool_
+    with pytest.raises(ValueError, match=r"mask must be boolean or hold only 0 and 1"):
+        linearize(seq_apply, p, x, output="logits", mask=2 * jnp.ones((N, T), int))
+    with pytest.raises(TypeError, match=r"mask must be a boolean array .* got dtype float"):
+        linearize(seq_apply, p, x, output="logits", mask=jnp.ones((N, T)))
     with pytest.raises(TypeError, match=r"mask must be None, a boolean array .* builtins.list"):
         linearize(seq_apply, p, x, output="logits", mask=[True])
     with pytest.raises(ValueError, match=r"mask='pad' names no entry of the inputs: got keys"):

@@ -20,7 +20,9 @@ from fisherbound.adapters.torch import (
     loss_function,
     loss_functions,
 )
+from fisherbound.estimators import empirical
 from fisherbound.families import Bernoulli, Gaussian
+from fisherbound.fisher import fisher_diagonal
 
 F64 = torch.float64
 
@@ -358,7 +360,6 @@ def test_output_second_derivative_diagonal_with_positions() -> None:
 
 
 def test_fisher_diagonal_sums_over_examples_and_positions() -> None:
-    from fisherbound.fisher import fisher_diagonal
 
     model, tokens = _seq(seed=7, n=3, t=4)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 0]]) > 0
@@ -662,3 +663,54 @@ def test_bad_structured_inputs() -> None:
         ValueError, match=r"inputs\[1\] must hold the examples on axis 0; got a 0-d tensor"
     ):
         linearize(model, (x, torch.tensor(1.0, dtype=F64)), output=1)
+
+
+# ---------------------------------------------------------------------------
+# Labels in the model's layout, padding labels, 0/1 masks (review findings)
+# ---------------------------------------------------------------------------
+
+
+def test_empirical_reads_bernoulli_labels_in_the_model_layout() -> None:
+    # C = H = W = 3: labels in the wrong layout would pass the shape check unnoticed.
+    torch.manual_seed(4)
+    model = Seg().to(F64)
+    gen = torch.Generator().manual_seed(4)
+    x = _rand(gen, 2, 2, 3, 3)
+    y = (torch.rand(2, 3, 3, 3, generator=gen) > 0.5).to(F64)  # (N, C, H, W), as the model
+    lin = linearize(model, x, class_axis=1)
+    got = empirical(lin, y, Bernoulli()).value
+    J = dense_jacobian(model, x, class_axis=1)  # (N, H, W, C, D)
+    z = lin.logits
+    u = torch.movedim(y, 1, -1) - torch.sigmoid(z)  # the Bernoulli score at the labels
+    s = torch.einsum("nhwc,nhwcd->nd", u, J)
+    _close(got, (s * s).sum(0))
+
+
+def test_padding_labels_are_never_read() -> None:
+    model, tokens = _seq()
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    gen = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 3, (3, 5), generator=gen)
+    padded = torch.where(mask, y, torch.full_like(y, -1))  # -1: no class, no ignore index
+    zeroed = torch.where(mask, y, torch.zeros_like(y))
+    lin = linearize(model, tokens, mask=mask)
+    _close(empirical(lin, padded).value, empirical(lin, zeroed).value)
+    a = loss_function(model, tokens, padded, mask=mask, ignore_index=None, reduction="mean")
+    b = loss_function(model, tokens, zeroed, mask=mask, ignore_index=None, reduction="mean")
+    theta = torch.zeros(1, a.num_params, dtype=F64)
+    _close(a.value(theta), b.value(theta))
+    assert a.num_counted == b.num_counted == 13
+
+
+def test_a_mask_of_zeros_and_ones_reads_as_booleans() -> None:
+    model, tokens = _seq()
+    ones = torch.ones(3, 5, dtype=torch.long)
+    ones[1, 2:] = 0
+    lin = linearize(model, tokens, mask=ones)
+    assert lin.mask.dtype == torch.bool
+    _close(fisher_diagonal(lin), fisher_diagonal(linearize(model, tokens, mask=ones != 0)))
+    with pytest.raises(ValueError, match=r"mask must be boolean or hold only 0 and 1"):
+        linearize(model, tokens, mask=2 * ones)
+    assert lin.class_axis == -1
+    assert lin.output is None

@@ -20,7 +20,7 @@ import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
 from fisherbound._lib import check_device, check_finite, device_of, is_traced
-from fisherbound.linearization import make_blocks
+from fisherbound.linearization import make_blocks, mask_source
 
 Array = Any
 PyTree = Any
@@ -618,20 +618,8 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
     """
     if mask is None:
         return None
-    source = "mask"
-    convert = False
-    if isinstance(mask, str):
-        if not isinstance(inputs, Mapping) or mask not in inputs:
-            keys = (
-                f"keys {list(inputs.keys())}"
-                if isinstance(inputs, Mapping)
-                else f"{type(inputs).__name__} inputs, not a dict"
-            )
-            msg = f"mask={mask!r} names no entry of the inputs: got {keys}."
-            raise ValueError(msg)
-        mask, source, convert = inputs[mask], f"mask (inputs[{mask!r}])", True
-    elif callable(mask) and not _is_array(mask):
-        mask, source, convert = mask(inputs), "mask (the callable's result)", True
+    mask, source = mask_source(mask, inputs, is_array=_is_array)
+    convert = source != "mask"  # a key's entry or a callable's result: 0/1 allowed
     if type(mask).__module__.split(".")[0] == "numpy":
         mask = jnp.asarray(mask)
     if not isinstance(mask, jax.Array):

@@ -19,7 +19,7 @@ from torch import nn  # noqa: TID253
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: TID253
 from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 
-from fisherbound.linearization import make_blocks
+from fisherbound.linearization import make_blocks, mask_source
 
 Tensor = torch.Tensor
 
@@ -487,27 +487,9 @@ def resolve_mask(
     """
     if mask is None:
         return None
-    where = "mask"
-    if isinstance(mask, str):
-        if not isinstance(raw_inputs, Mapping) or mask not in raw_inputs:
-            keys = (
-                f"keys [{', '.join(repr(k) for k in raw_inputs)}]"
-                if isinstance(raw_inputs, Mapping)
-                else f"{type(raw_inputs).__name__} inputs, not a dict"
-            )
-            msg = f"mask={mask!r} names no entry of the inputs: got {keys}."
-            raise ValueError(msg)
-        value = raw_inputs[mask]
-        where = f"mask (inputs[{mask!r}])"
-        if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
-            value = value != 0
-    elif callable(mask) and not isinstance(mask, torch.Tensor):
-        value = mask(raw_inputs)
-        where = "mask (the callable's result)"
-        if isinstance(value, torch.Tensor) and value.dtype != torch.bool:
-            value = value != 0
-    else:
-        value = mask
+    value, where = mask_source(mask, raw_inputs, is_array=lambda x: isinstance(x, torch.Tensor))
+    if where != "mask" and isinstance(value, torch.Tensor) and value.dtype != torch.bool:
+        value = value != 0
     want = shape[:-1]
     if not isinstance(value, torch.Tensor):
         msg = f"{where} must be a boolean torch.Tensor of shape {want}; got {type(value).__name__}."

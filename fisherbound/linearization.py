@@ -36,7 +36,7 @@ does better.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
 from fisherbound._lib import (
@@ -69,6 +69,7 @@ __all__ = [
     "check_operand",
     "example_range",
     "make_blocks",
+    "mask_source",
     "stream_inputs",
     "stream_linearizations",
     "stream_loss_functions",
@@ -847,6 +848,32 @@ def check_loss_mask(mask: Any, z: Array, /, *, name: str = "mask") -> Array:
 # ---------------------------------------------------------------------------
 # The adapter shell: operand checks and the streams of batches
 # ---------------------------------------------------------------------------
+
+
+def mask_source(
+    mask: Any, inputs: object, *, is_array: Callable[[object], bool]
+) -> tuple[Any, str]:
+    """What a ``mask=`` option names for one batch, and how messages call it.
+
+    ``mask`` is a key of dict ``inputs`` (that entry: "mask (inputs['key'])"), a
+    callable of the inputs (its result: "mask (the callable's result)") or
+    anything else, returned as it is ("mask"); ``is_array`` tells the adapter's
+    arrays from callables. A key that the inputs lack is a ValueError listing
+    what they have. The adapters then check and convert the value.
+    """
+    if isinstance(mask, str):
+        if not isinstance(inputs, Mapping) or mask not in inputs:
+            keys = (
+                f"keys [{', '.join(repr(k) for k in inputs)}]"
+                if isinstance(inputs, Mapping)
+                else f"{type(inputs).__name__} inputs, not a dict"
+            )
+            msg = f"mask={mask!r} names no entry of the inputs: got {keys}."
+            raise ValueError(msg)
+        return inputs[mask], f"mask (inputs[{mask!r}])"
+    if callable(mask) and not is_array(mask):
+        return mask(inputs), "mask (the callable's result)"
+    return mask, "mask"
 
 
 def check_operand(

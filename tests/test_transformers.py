@@ -305,16 +305,10 @@ def test_sequence_classifier_fisher_diagonal_against_jacrev() -> None:
 # examples. transformers' mask creation branches on the attention mask's values
 # (``padding_mask.all()``), which vmap refuses ("data-dependent control flow"), with SDPA
 # attention (causal models) and with every attention for bidirectional models (BERT). The
-# adapter raises that RuntimeError instead of falling back to its "masked" per-example mode.
-UNSUPPORTED = pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="the torch adapter does not yet fall back from vmap to its 'masked' per-example "
-    "mode when transformers' mask creation refuses vmap",
-)
+# adapter then falls back to its "masked" per-example mode (batched backward passes with
+# cotangents on one example), so these models work unchanged.
 
 
-@UNSUPPORTED
 def test_causal_lm_with_sdpa_attention_exact_diagonal() -> None:
     model, batch = gpt2_lm("sdpa")
     counted = next_token_labels(batch) != -100
@@ -324,7 +318,6 @@ def test_causal_lm_with_sdpa_attention_exact_diagonal() -> None:
     assert_close(exact, reference, rtol=1e-9, atol=1e-12)
 
 
-@UNSUPPORTED
 def test_bidirectional_token_classifier_exact_diagonal() -> None:
     model, batch = bert_tokens()
     lin = linearize(model, batch, output="logits", mask="attention_mask")

@@ -160,6 +160,11 @@ def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
         family.check_labels(lin.logits, y)
     except (TypeError, ValueError) as err:
         msg = f"labels of batch {index}: {err}"
+        if int(y.ndim) >= 2 and int(y.ndim) < int(lin.logits.ndim):
+            msg += (
+                " Padding labels (such as -100) must be masked: pass mask= to the "
+                "adapter's linearize so those positions leave the Fisher term too."
+            )
         raise type(err)(msg) from err
     return y
 
@@ -177,13 +182,23 @@ def _log_det(xp: Any, op: Any, lins: list[Any], family: Family, how: LogDetSetti
     if how.method == "slq":
         return slq(op, f, num_probes=how.num_probes, num_matvecs=how.num_matvecs, rng=how.gen)
     if how.method == "dense":
-        dense = fisher_dense(
-            lins,
-            family,
-            max_params=how.max_params,
-            progress=False,
-            process_group=how.process_group,
-        )
+        try:
+            dense = fisher_dense(
+                lins,
+                family,
+                max_params=how.max_params,
+                progress=False,
+                process_group=how.process_group,
+            )
+        except ValueError as err:
+            if "max_cotangents" not in str(err):
+                raise
+            msg = (
+                f"razor(method='dense') builds F from per-position factor columns: {err} "
+                "For the razor use method='lanczos' instead: D matrix-free steps, the "
+                "same exact spectrum."
+            )
+            raise ValueError(msg) from err
         eigenvalues = xp.linalg.eigvalsh(dense)
     else:
         # A full run of D Lanczos steps: the eigenvalues of T are F's spectrum.

@@ -714,3 +714,26 @@ def test_a_mask_of_zeros_and_ones_reads_as_booleans() -> None:
         linearize(model, tokens, mask=2 * ones)
     assert lin.class_axis == -1
     assert lin.output is None
+
+
+def test_razor_names_the_remedies_for_positions() -> None:
+    from fisherbound.dimension import razor
+
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 3)).to(F64)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 7, (2, 5), generator=gen)
+    y = torch.randint(0, 3, (2, 5), generator=gen)
+    y[0, 4] = -100
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    with pytest.raises(ValueError, match=r"Padding labels \(such as -100\) must be masked"):
+        razor(linearize(model, x), prior_variance=1.0, labels=y, theta=theta)
+    masked = razor(linearize(model, x, mask=y != -100), prior_variance=1.0, labels=y, theta=theta)
+    assert masked.method == "lanczos"
+    # 50 positions x 100 classes: 5000 factor columns per example, over max_cotangents.
+    wide = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 100)).to(F64)
+    ids = torch.randint(0, 7, (1, 50), generator=gen)
+    labels = torch.zeros(1, 50, dtype=torch.long)
+    theta = torch.cat([p.detach().reshape(-1) for p in wide.parameters()])
+    with pytest.raises(ValueError, match=r"razor\(method='dense'\).*method='lanczos'"):
+        razor(linearize(wide, ids), prior_variance=1.0, labels=labels, theta=theta, method="dense")

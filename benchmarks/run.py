@@ -3,12 +3,13 @@
     python3 benchmarks/run.py [--quick] [--out DIR] [--threads N] [--only NAME ...]
 
 Sections, in order: eigvalsh, exact_diagonal, estimators, spectrum, landscape, peers,
-gpu_core_space, gpu_torch (``--list`` prints them). Each is the ``run`` function of
-one script in this folder (each script also runs on its own). A section that fails
-is recorded as failed, with its traceback, and the command exits with status 1
-after the others ran. The GPU sections are reported as skipped, with the reason,
-when no GPU back end is usable. Speed is reported as ratios against a baseline
-measured in the same run: on a shared machine only the ratios mean anything.
+gpu_core_space, gpu_torch, language_model (``--list`` prints them). Each is the
+``run`` function of one script in this folder (each script also runs on its own). A
+section that fails is recorded as failed, with its traceback, and the command exits
+with status 1 after the others ran. The GPU sections are reported as skipped, with
+the reason, when no GPU back end is usable, and language_model when transformers is
+not installed. Speed is reported as ratios against a baseline measured in the same
+run: on a shared machine only the ratios mean anything.
 
 ``--quick`` uses tiny models and few repetitions (a smoke run, about a minute on
 2 cores; its numbers are not benchmarks). The default output folder is
@@ -44,6 +45,7 @@ MODULES = [
     "bench_landscape",
     "bench_peers",
     "bench_gpu",
+    "bench_language_model",
 ]
 
 Section = tuple[str, str, Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]
@@ -72,6 +74,7 @@ def section_names() -> list[str]:
         "peers",
         "gpu_core_space",
         "gpu_torch",
+        "language_model",
     ]
 
 

@@ -36,6 +36,7 @@ SECTIONS = [
     "peers",
     "gpu_core_space",
     "gpu_torch",
+    "language_model",
 ]
 PEERS = ["backpack", "curvlinops", "nngeometry", "pyhessian"]
 
@@ -143,6 +144,16 @@ def test_gpu_sections_measured_or_skipped_with_reason(
     assert "not a GPU measurement" in check["kind"]
     assert check["rows"]
     assert all(row["max_relative_difference"] == 0.0 for row in check["rows"])
+
+
+def test_language_model_section_measured_or_skipped_with_reason(record: dict[str, Any]) -> None:
+    section = record["sections"]["language_model"]
+    if importlib.util.find_spec("transformers") is None:
+        assert section["status"] == "skipped"
+        assert "transformers" in section["reason"]
+        return
+    assert section["status"] == "measured", section
+    assert section["result"]["ratios"]
 
 
 def test_every_ratio_positive_and_finite(record: dict[str, Any]) -> None:

@@ -83,7 +83,7 @@ def make_model(vocab: int, width: int, layers: int, heads: int, seed: int = 0) -
         n_head=heads,
         bos_token_id=0,
         eos_token_id=0,
-        attn_implementation="eager",  # per-example products need it (docs/quickstart.md)
+        attn_implementation="eager",  # vmapped per-example products (docs/quickstart.md)
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).eval()

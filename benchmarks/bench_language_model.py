@@ -34,6 +34,7 @@ extra); without it the section is reported as skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -75,16 +76,17 @@ def make_model(vocab: int, width: int, layers: int, heads: int, seed: int = 0) -
     import transformers
 
     transformers.logging.set_verbosity_error()  # tiny configs trip config advice
-    config = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=64,
-        n_embd=width,
-        n_layer=layers,
-        n_head=heads,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",  # vmapped per-example products (docs/quickstart.md)
-    )
+    options: dict[str, Any] = {
+        "vocab_size": vocab,
+        "n_positions": 64,
+        "n_embd": width,
+        "n_layer": layers,
+        "n_head": heads,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "attn_implementation": "eager",  # vmapped per-example products (docs/quickstart.md)
+    }
+    config = transformers.GPT2Config(**options)
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).eval()
 
@@ -213,7 +215,7 @@ def bench_timing(spec: tuple, reps: int, warmup: int, probes: int) -> dict[str, 
     times: dict[str, list[float]] = {name: [] for name in methods}
     for rep in range(warmup + reps):
         for name, fn in methods.items():
-            elapsed, _ = _timed(lambda fn=fn, rep=rep: fn(rep))
+            elapsed, _ = _timed(functools.partial(fn, rep))
             if rep >= warmup:
                 times[name].append(elapsed)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -274,11 +276,11 @@ def bench_accuracy(spec: tuple, reps: int, counts: list[int]) -> dict[str, Any]:
     for rep in range(reps):  # interleaved: every method and count, then the next seed
         for k in counts:
             for name, fn in methods.items():
-                elapsed, est = _timed(lambda fn=fn, k=k, rep=rep: fn(k, rep))
+                elapsed, est = _timed(functools.partial(fn, k, rep))
                 times[name][k].append(elapsed)
                 errors[name][k].append(relative_error(est, exact))
     step = statistics.median(step_times)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in methods:
         for k in counts:
             rms = math.sqrt(statistics.fmean(e * e for e in errors[name][k]))

@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from _assertions import assert_close
 
-torch = pytest.importorskip("torch")
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install -e '.[hf]')"
 )
-
-from _assertions import assert_close  # noqa: E402
 
 from fisherbound.adapters.torch import linearize, loss_function  # noqa: E402
 from fisherbound.estimators import detach_and_mix  # noqa: E402

@@ -129,6 +129,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             result = torch.func.vjp(forward, *self._primals)
         logits, self._vjp_fn = result[0].detach(), result[1]
         check_finite(logits, "model output", xp=array_namespace(logits, names=("model output",)))
+        self.logits_checked = True  # finite: the data stream need not read them again
         self._logits = logits
         self._mask = resolve_mask(
             mask, inputs if raw_inputs is None else raw_inputs, tuple(logits.shape), logits.device

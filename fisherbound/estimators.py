@@ -262,7 +262,8 @@ def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Ar
         b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, *S, C)
         return b[None, ...] * xi
     zb = xp.broadcast_to(z[None, ...], (int(xi.shape[0]), *tuple(z.shape)))
-    return family.sqrt_metric_matvec(zb, xi, kernel=kernel)
+    # z was checked finite by the adapter, ξ are the estimator's own probes.
+    return family.unchecked_sqrt_metric_matvec(zb, xi, kernel=kernel, xp=xp)
 
 
 def _probe_samples(

@@ -349,6 +349,10 @@ class LinearizationBase(_FrozenBase):
     #: Default bound on how many D-vectors a per-example computation holds at once.
     default_max_vectors: int = 256
 
+    #: True when the adapter checked the logits finite as it built them (the torch
+    #: adapter does); the data stream then skips its own pass over them.
+    logits_checked: bool = False
+
     _mask: Array | None = None
 
     logits = ReadOnly[Array](

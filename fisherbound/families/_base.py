@@ -415,6 +415,18 @@ class Family:
         """
         return self._metric_matvec(z, v, kernel, xp)
 
+    def unchecked_sqrt_metric_matvec(
+        self, z: Array, xi: Array, /, *, kernel: str = "exact", xp: Any
+    ) -> Array:
+        """``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: B(z) ξ, (..., C).
+
+        For callers whose z and ξ are known finite and conformant (the estimators'
+        logits, checked when the linearization was built, and their own probes):
+        it skips the two finiteness passes over arrays of the logits' size.
+        ``kernel`` must be one of ``KERNELS``; ξ has the factor's R columns.
+        """
+        return self._sqrt_metric_matvec(z, xi, kernel, xp)
+
     # ------------------------------------------------ kernels: generic parts
     def _scalar(self, z: Array, kernel: str, xp: Any) -> Array:
         return self._scalar_upper(z, xp) if kernel == "scalar_upper" else self._scalar_lower(z, xp)

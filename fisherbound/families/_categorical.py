@@ -21,6 +21,12 @@ def log_softmax_parts(z: Array, xp: Any) -> tuple[Array, Array, Array]:
     return e, s, shifted - xp.log(s)
 
 
+def _probabilities_and_roots(z: Array, xp: Any) -> tuple[Array, Array]:
+    """(p, √p) from one log-softmax pass; √p = exp(½ log p) outlives p's underflow."""
+    e, s, log_p = log_softmax_parts(z, xp)
+    return e / s, xp.exp(0.5 * log_p)
+
+
 def softmax(z: Array, xp: Any) -> Array:
     e, s, _ = log_softmax_parts(z, xp)
     return e / s
@@ -117,14 +123,13 @@ class Categorical(Family):
         return xp.exp(0.5 * log_softmax_parts(z, xp)[2])
 
     def _exact_sqrt(self, z: Array, xp: Any) -> Array:
-        p = softmax(z, xp)
-        r = self._sqrt_upper_diag(z, xp)
+        p, r = _probabilities_and_roots(z, xp)
         return _diag(r, xp) - p[..., :, None] * r[..., None, :]
 
     def _exact_sqrt_matvec(self, z: Array, xi: Array, xp: Any) -> Array:
-        p = softmax(z, xp)
-        r = self._sqrt_upper_diag(z, xp)
-        return r * xi - p * xp.sum(r * xi, axis=-1, keepdims=True)
+        p, r = _probabilities_and_roots(z, xp)
+        rxi = r * xi
+        return rxi - p * xp.sum(rxi, axis=-1, keepdims=True)
 
     def _scalar_upper(self, z: Array, xp: Any) -> Array:
         return self._top_eigenpair(z, xp)[0]

@@ -351,6 +351,7 @@ def test_unchecked_kernel_surface_equals_the_fronts(backend) -> None:
                 family.unchecked_metric_matvec(z, v, kernel="lower", xp=xp),
                 family.metric_matvec(z, v, kernel="lower"),
             ),
+            (family.unchecked_sqrt_metric_matvec(z, v, xp=xp), family.sqrt_metric_matvec(z, v)),
         ]:
             assert type(got) is type(want)
             assert got.dtype == want.dtype

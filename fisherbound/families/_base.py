@@ -423,6 +423,7 @@ class Family:
         For callers whose z and ξ are known finite and conformant (the estimators'
         logits, checked when the linearization was built, and their own probes):
         it skips the two finiteness passes over arrays of the logits' size.
+        Categorical exact: √p ⊙ ξ − p (√p · ξ), O(C) per row, never forming B.
         ``kernel`` must be one of ``KERNELS``; ξ has the factor's R columns.
         """
         return self._sqrt_metric_matvec(z, xi, kernel, xp)

@@ -40,10 +40,11 @@ import importlib.util
 import math
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import timed
 
 NAME = "language_model"
 TITLE = (
@@ -188,12 +189,6 @@ def exact_diagonal(model: Any, data: dict[str, Any]) -> Any:
 # measurements
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def bench_timing(spec: tuple, reps: int, warmup: int, probes: int) -> dict[str, Any]:
     label, vocab, width, layers, heads, n, t = spec
     model = make_model(vocab, width, layers, heads)
@@ -215,7 +210,7 @@ def bench_timing(spec: tuple, reps: int, warmup: int, probes: int) -> dict[str, 
     times: dict[str, list[float]] = {name: [] for name in methods}
     for rep in range(warmup + reps):
         for name, fn in methods.items():
-            elapsed, _ = _timed(functools.partial(fn, rep))
+            elapsed, _ = timed(functools.partial(fn, rep))
             if rep >= warmup:
                 times[name].append(elapsed)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -259,8 +254,8 @@ def bench_accuracy(spec: tuple, reps: int, counts: list[int]) -> dict[str, Any]:
     model = make_model(vocab, width, layers, heads)
     data = make_batch(vocab, n, t)
     gradient_step(model, data)  # warm-up
-    step_times = [_timed(lambda: gradient_step(model, data))[0] for _ in range(max(3, reps))]
-    exact_s, exact = _timed(lambda: exact_diagonal(model, data))
+    step_times = [timed(lambda: gradient_step(model, data))[0] for _ in range(max(3, reps))]
+    exact_s, exact = timed(lambda: exact_diagonal(model, data))
     methods: dict[str, Callable[[int, int], Any]] = {
         "detach-and-mix": lambda k, s: detach_and_mix_diagonal(model, data, k, s),
         "detach-and-mix, per_example": lambda k, s: detach_and_mix_diagonal(
@@ -276,7 +271,7 @@ def bench_accuracy(spec: tuple, reps: int, counts: list[int]) -> dict[str, Any]:
     for rep in range(reps):  # interleaved: every method and count, then the next seed
         for k in counts:
             for name, fn in methods.items():
-                elapsed, est = _timed(functools.partial(fn, k, rep))
+                elapsed, est = timed(functools.partial(fn, k, rep))
                 times[name][k].append(elapsed)
                 errors[name][k].append(relative_error(est, exact))
     step = statistics.median(step_times)

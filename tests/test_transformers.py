@@ -58,28 +58,24 @@ def _ids(vocab: int, seed: int) -> torch.Tensor:
     return ids.masked_fill(ATTENTION == 0, 0)  # 0 is the padding token
 
 
-def gpt2_lm(attn: str = "eager", seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
-    config = transformers.GPT2Config(
-        vocab_size=100, n_positions=8, n_embd=16, n_layer=1, n_head=2, attn_implementation=attn
-    )
+def _tiny(model_class: Any, config: Any, seed: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A float64 model in eval mode with seeded weights, and a padded batch for it."""
     torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(config).to(F64).eval()
+    model = model_class(config).to(F64).eval()
     return model, {"input_ids": _ids(100, seed), "attention_mask": ATTENTION}
+
+
+GPT2 = {"vocab_size": 100, "n_positions": 8, "n_embd": 16, "n_layer": 1, "n_head": 2}
+
+
+def gpt2_lm(attn: str = "eager", seed: int = 0) -> tuple[Any, dict[str, torch.Tensor]]:
+    config = transformers.GPT2Config(**GPT2, attn_implementation=attn)
+    return _tiny(transformers.GPT2LMHeadModel, config, seed)
 
 
 def gpt2_tokens(seed: int = 1) -> tuple[Any, dict[str, torch.Tensor]]:
-    config = transformers.GPT2Config(
-        vocab_size=100,
-        n_positions=8,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        num_labels=5,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    model = transformers.GPT2ForTokenClassification(config).to(F64).eval()
-    return model, {"input_ids": _ids(100, seed), "attention_mask": ATTENTION}
+    config = transformers.GPT2Config(**GPT2, num_labels=5, attn_implementation="eager")
+    return _tiny(transformers.GPT2ForTokenClassification, config, seed)
 
 
 def bert_tokens(seed: int = 1) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -93,25 +89,14 @@ def bert_tokens(seed: int = 1) -> tuple[Any, dict[str, torch.Tensor]]:
         num_labels=5,
         attn_implementation="eager",
     )
-    torch.manual_seed(seed)
-    model = transformers.BertForTokenClassification(config).to(F64).eval()
-    return model, {"input_ids": _ids(100, seed), "attention_mask": ATTENTION}
+    return _tiny(transformers.BertForTokenClassification, config, seed)
 
 
 def gpt2_sequence(seed: int = 2) -> tuple[Any, dict[str, torch.Tensor]]:
     config = transformers.GPT2Config(
-        vocab_size=100,
-        n_positions=8,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        num_labels=4,
-        pad_token_id=0,
-        attn_implementation="eager",
+        **GPT2, num_labels=4, pad_token_id=0, attn_implementation="eager"
     )
-    torch.manual_seed(seed)
-    model = transformers.GPT2ForSequenceClassification(config).to(F64).eval()
-    return model, {"input_ids": _ids(100, seed), "attention_mask": ATTENTION}
+    return _tiny(transformers.GPT2ForSequenceClassification, config, seed)
 
 
 def next_token_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -52,8 +52,11 @@ __all__ = [
     "cotangent_chunks",
     "counted_positions",
     "factor_columns",
+    "most_slots",
     "position_chunks",
+    "position_slots",
     "quantity",
+    "total_counted",
 ]
 
 
@@ -92,15 +95,15 @@ def factor_columns(
         stop = p if stop is None else stop
         hot = xp.astype(pos[start:stop, None] == pos[None, :], b.dtype)[None, ...]  # (1, Pc, P)
     else:
-        slots = _slots(mask, xp)  # (N, P): the slot of each counted position, −1 elsewhere
-        stop = _host_max_count(slots, xp) if stop is None else stop
+        slots = position_slots(mask, xp)  # (N, P): the slot of each counted position, −1 elsewhere
+        stop = most_slots(slots, xp) if stop is None else stop
         k = xp.arange(start, stop, device=device_of(b))
         hot = xp.astype(slots[:, None, :] == k[None, :, None], b.dtype)  # (N, Pc, P)
     u = hot[:, :, None, :, None] * bt[:, None, :, :, :]  # (N, Pc, R, P, C)
     return xp.reshape(u, (n, (stop - start) * r, *spatial, c))
 
 
-def _slots(mask: Array, xp: Any) -> Array:
+def position_slots(mask: Array, xp: Any) -> Array:
     """(N, P) int64: k for the k-th counted position of each example, −1 where masked."""
     n = int(mask.shape[0])
     m = xp.reshape(mask, (n, -1))
@@ -108,7 +111,8 @@ def _slots(mask: Array, xp: Any) -> Array:
     return xp.where(m, rank, xp.asarray(-1, dtype=xp.int64, device=device_of(mask)))
 
 
-def _host_max_count(slots: Array, xp: Any) -> int:
+def most_slots(slots: Array, xp: Any) -> int:
+    """The most counted positions of one example (one host read); 0 for an empty batch."""
     return int(xp.max(slots)) + 1 if int(slots.shape[0]) * int(slots.shape[1]) else 0
 
 
@@ -126,6 +130,18 @@ def counted_positions(lin: Any) -> int:
     n = int(mask.shape[0])
     per_example = xp.sum(xp.astype(xp.reshape(mask, (n, -1)), xp.int64), axis=1)
     return int(xp.max(per_example)) if n else 0
+
+
+def total_counted(lin: Any) -> int:
+    """The positions of a batch that count: N · P, less those masked by ``lin.mask``.
+
+    One host read with a mask; a traced mask (JAX jit) counts every position.
+    """
+    mask = getattr(lin, "mask", None)
+    if mask is None or is_traced(mask):
+        return int(lin.num_inputs) * int(lin.num_positions)
+    xp = lin.xp
+    return int(xp.sum(xp.astype(mask, xp.int64)))
 
 
 def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[int, int]]:
@@ -163,14 +179,13 @@ def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[
     # A traced mask (JAX jit) cannot be counted on the host: every position gets
     # columns, zero where masked.
     traced = mask is not None and is_traced(mask)
-    slots = None if mask is None or traced else _slots(mask, xp)
-    count = p if slots is None else max(1, _host_max_count(slots, xp))
+    slots = None if mask is None or traced else position_slots(mask, xp)
+    count = p if slots is None else max(1, most_slots(slots, xp))
     zf = xp.reshape(z, (n, p, c))
     pos = xp.arange(p, device=device)
     size = max(1, size)
     if r <= size:
-        step = size // r
-        groups = [(k, min(count, k + step), 0, r) for k in range(0, count, step)]
+        groups = [(k0, k1, 0, r) for k0, k1 in position_chunks(count, r, size)]
     else:
         groups = [(k, k + 1, j, min(r, j + size)) for k in range(count) for j in range(0, r, size)]
     for k0, k1, r0, r1 in groups:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._lib import Estimate, array_namespace, check_vector, conform, is_array
+from fisherbound._quantities import total_counted
 from fisherbound._stream import conform_labels
 from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
@@ -229,11 +230,9 @@ def razor_terms(
     for lin, y in zip(lins, labels, strict=True):
         ll = family.log_likelihood(lin.logits, y)  # (N, *S)
         mask = getattr(lin, "mask", None)
-        if mask is None:
-            n += math.prod(int(s) for s in ll.shape)
-        else:
+        if mask is not None:
             ll = xp.where(mask, ll, xp.zeros_like(ll))
-            n += int(xp.sum(xp.astype(mask, xp.int64)))
+        n += total_counted(lin)
         nll = nll - xp.sum(ll)
     if coll is not None:
         nll = coll.sum(nll)

@@ -57,10 +57,10 @@ from fisherbound._lib import (
     check_positive_real,
     collective,
     estimate_from_samples,
-    is_traced,
     shared_generator,
     to_host,
 )
+from fisherbound._quantities import total_counted
 from fisherbound._razor import (
     LogDetSettings,
     Razor,
@@ -511,21 +511,12 @@ def rank_bound(
         d = int(lin.num_params)
         if stream.num_batches == 1:
             r = _rank_per_input(fam, kernel, int(lin.logits.shape[-1]))
-        positions += _counted_positions(lin)
+        positions += total_counted(lin)
     stream.finish(where="rank_bound", kernel=kernel)
     n = stream.num_inputs
     if stream.coll is not None:
         positions = stream.coll.sum_int(positions)
     return RankBound(min(d, positions * r), d, n, r)
-
-
-def _counted_positions(lin: Any) -> int:
-    """The positions of a batch that count: N · P, less those masked by ``lin.mask``."""
-    mask = getattr(lin, "mask", None)
-    if mask is None or is_traced(mask):  # traced (JAX jit): the bound without the mask
-        return int(lin.num_inputs) * int(lin.num_positions)
-    xp = lin.xp
-    return int(xp.sum(xp.astype(mask, xp.int64)))
 
 
 # --------------------------------------------------------------------------- #

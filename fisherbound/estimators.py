@@ -261,9 +261,9 @@ def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Ar
         # One column: compute the top eigenpair once per position, not once per probe.
         b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, *S, C)
         return b[None, ...] * xi
-    zb = xp.broadcast_to(z[None, ...], (int(xi.shape[0]), *tuple(z.shape)))
-    # z was checked finite by the adapter, ξ are the estimator's own probes.
-    return family.unchecked_sqrt_metric_matvec(zb, xi, kernel=kernel, xp=xp)
+    # z (N, ∗S, C) broadcasts against ξ: the factor's softmax is taken once, not per
+    # probe. z was checked finite by the adapter, ξ are the estimator's own probes.
+    return family.unchecked_sqrt_metric_matvec(z, xi, kernel=kernel, xp=xp)
 
 
 def _probe_samples(
@@ -297,18 +297,6 @@ def _probe_samples(
             axis=0,
         )
     return qty.from_gradients(g, xp)
-
-
-def _masked(lin: Any, u: Array) -> Array:
-    """``u`` (..., N, ∗S, C) with the positions masked by ``lin.mask`` set to zero.
-
-    The adapters ignore those positions in their products anyway; zeroing the
-    cotangents keeps masked positions out of every sample whatever the adapter.
-    """
-    mask = getattr(lin, "mask", None)
-    if mask is None:
-        return u
-    return u * lin.xp.astype(mask, u.dtype)[..., None]
 
 
 def _check_distributed_target(coll: Collective | None, target: float | None, what: str) -> None:
@@ -486,7 +474,6 @@ def detach_and_mix(
             dtype=lin.logits.dtype,
             device=lin.device,
         )
-        xi = _masked(lin, xi)  # no probe weight on masked positions
         return _probe_samples(
             lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
         )
@@ -556,7 +543,7 @@ def monte_carlo(
         z = lin.logits
         y = fam.sample(z, rng=gen, num_samples=k)  # (k, N, *S) or (k, N, *S, C)
         zb = lin.xp.broadcast_to(z[None, ...], (k, *tuple(z.shape)))
-        scores = _masked(lin, fam.score(zb, y))  # (k, N, *S, C)
+        scores = fam.score(zb, y)  # (k, N, *S, C); masked rows: the products ignore them
         return qty.from_squares(lin, scores, max_vectors)
 
     return _run(
@@ -653,7 +640,7 @@ def empirical(
         if keep is not None:
             _check_counted(lin, keep, ignore_index, index)
             score = score * lin.xp.astype(keep, score.dtype)[..., None]
-        return qty.from_squares(lin, _masked(lin, score)[None, ...], max_vectors)
+        return qty.from_squares(lin, score[None, ...], max_vectors)
 
     est = _run(source, common, draw, target=None, desc="empirical Fisher", squares=True)
     if common.limit is None or batch_labels.batches < common.limit:

@@ -66,7 +66,13 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
 )
-from fisherbound._quantities import check_cotangents, cotangent_chunks, position_chunks
+from fisherbound._quantities import (
+    check_cotangents,
+    cotangent_chunks,
+    most_slots,
+    position_chunks,
+    position_slots,
+)
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Bernoulli, Categorical, Family, Gaussian
 from fisherbound.fisher import DEFAULT_MAX_COTANGENTS, fisher_diagonal
@@ -321,23 +327,6 @@ def _lambda_max_bound(family: Family) -> float:
     return 1.0
 
 
-def _slot_hot(lin: Any, xp: Any) -> tuple[Array, int]:
-    """The slots of the counted positions and their largest count per example.
-
-    Slots (N, P): k at the k-th counted position of example x (row-major), −1 at
-    masked ones; without a mask every position is its own slot.
-    """
-    n, _, p, _ = _positions(lin)
-    mask = getattr(lin, "mask", None)
-    pos = xp.arange(p, device=lin.device)
-    if mask is None:
-        return xp.broadcast_to(pos[None, :], (n, p)), p
-    m = xp.reshape(mask, (n, p))
-    rank = xp.cumulative_sum(xp.astype(m, xp.int64), axis=1) - 1
-    slots = xp.where(m, rank, xp.full_like(rank, -1))
-    return slots, int(xp.max(slots)) + 1 if n * p else 0
-
-
 def _jacobian_rows(lin: Any, max_vectors: int | None, xp: Any) -> Any:
     """Per chunk of slots: (z_at (N, K, C), rows (N, K, C, D)) with rows[x, k, c] = ∂z_xtc/∂θ.
 
@@ -348,7 +337,12 @@ def _jacobian_rows(lin: Any, max_vectors: int | None, xp: Any) -> Any:
     n, spatial, p, c = _positions(lin)
     z = xp.reshape(lin.logits, (n, p, c))
     eye = xp.eye(c, dtype=z.dtype, device=lin.device)
-    slots, count = _slot_hot(lin, xp)
+    mask = getattr(lin, "mask", None)
+    if mask is None:
+        slots, count = xp.broadcast_to(xp.arange(p, device=lin.device)[None, :], (n, p)), p
+    else:  # the k-th counted position of each example; at least one chunk
+        slots = position_slots(mask, xp)
+        count = max(1, most_slots(slots, xp))
     for k0, k1 in position_chunks(count, c, _columns_per_example(lin, max_vectors)):
         ks = xp.arange(k0, k1, device=lin.device)
         hot = xp.astype(slots[:, None, :] == ks[None, :, None], z.dtype)  # (N, K, P)
@@ -648,8 +642,8 @@ def compare_estimators(
     mc_var: Any = None
     for lin in lins:
         xp = lin.xp
-        r = max(fam.sqrt_rank(lin.num_outputs), lin.num_outputs)
-        check_cotangents(lin, r, limit, owner="compare_estimators", kernel="exact")
+        # the score variance takes all C one-hot rows per position (sqrt_rank ≤ C)
+        check_cotangents(lin, lin.num_outputs, limit, owner="compare_estimators", kernel="exact")
         moments.add(*_diagonal_batch(lin, fam, "exact", max_vectors, xp))
         if "monte_carlo" in chosen:
             part = _score_batch(lin, fam, False, max_vectors, xp)

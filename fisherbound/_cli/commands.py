@@ -202,12 +202,6 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_data(args: argparse.Namespace) -> tuple[Any, Any, str, int]:
-    """The first ``--max-inputs`` inputs and labels of DATA, its keys and its size."""
-    data, total = report_dataset(args)
-    return data.inputs, data.labels, data.keys, total
-
-
 def report_dataset(args: argparse.Namespace) -> tuple[Data, int]:
     """The first ``--max-inputs`` examples of DATA (checked rows and mask) and its size."""
     import numpy as np

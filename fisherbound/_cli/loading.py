@@ -375,7 +375,7 @@ def select_logits(out: Any, output: Any, class_axis: int) -> Any:
     """The logits tensor picked by ``--output``, its ``--class-axis`` moved last."""
     import torch
 
-    from fisherbound.adapters._torch_model import select_output
+    from fisherbound.adapters._torch_model import classes_last, select_output
 
     if output is not None:
         try:
@@ -393,16 +393,15 @@ def select_logits(out: Any, output: Any, class_axis: int) -> Any:
                 "--output (a key, an attribute or an index)."
             )
         raise UsageError(msg)
-    if class_axis in (-1, out.ndim - 1):
-        return out
-    if not -out.ndim <= class_axis < out.ndim or class_axis % out.ndim == 0:
+    try:
+        return classes_last(out, class_axis)
+    except ValueError:
         msg = (
             f"--class-axis must be an axis of the model's output of shape {tuple(out.shape)} "
             f"other than 0 (the inputs), between {1 - out.ndim} and {out.ndim - 1}; got "
             f"{class_axis}."
         )
-        raise UsageError(msg)
-    return torch.movedim(out, class_axis, -1)
+        raise UsageError(msg) from None
 
 
 def letters(positions: tuple[int, ...]) -> str:

@@ -50,16 +50,6 @@ def surface_summary(s: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return numbers, {"coordinates": axes, "values": values}
 
 
-def examples(loss: Any) -> int:
-    """N, the inputs of a loss function (``num_examples`` where the adapter has it)."""
-    return int(getattr(loss, "num_examples", loss.num_inputs))
-
-
-def counted(loss: Any) -> int:
-    """The terms of a mean loss: its counted positions (its inputs without positions)."""
-    return int(getattr(loss, "num_counted", loss.num_inputs))
-
-
 def landscape(
     subject: Subject, batches: list[tuple[Any, ...]], cfg: Settings, stages: Stages
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -68,6 +58,7 @@ def landscape(
     ``num_inputs`` counts the inputs, ``num_counted`` the terms of the mean: the
     inputs, or the counted positions of a model with position axes.
     """
+    from fisherbound._stream import counted
     from fisherbound.landscape import (
         hessian_directions,
         loss_trace,
@@ -77,10 +68,7 @@ def landscape(
     )
 
     losses = [
-        subject.loss_function(b[0], b[1], "mean")
-        if len(b) < 3 or b[2] is None
-        else subject.loss_function(b[0], b[1], "mean", b[2])
-        for b in batches
+        subject.loss_function(b[0], b[1], "mean", b[2] if len(b) > 2 else None) for b in batches
     ]
     with stages("Hessian directions"):
         hd = hessian_directions(losses, num_matvecs=cfg.lanczos_steps, rng=cfg.seed)
@@ -101,7 +89,7 @@ def landscape(
     hess_numbers, hess_arrays = surface_summary(s_hess)
     numbers = {
         "reduction": "mean",
-        "num_inputs": sum(examples(loss) for loss in losses),
+        "num_inputs": sum(int(loss.num_inputs) for loss in losses),
         "num_counted": sum(counted(loss) for loss in losses),
         "hessian": {
             "eigenvalues": host(hd.eigenvalues).tolist(),

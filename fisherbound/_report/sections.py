@@ -375,20 +375,22 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
                     ],
                 ),
             ),
-            *razor_blocks(rz, rb["num_params"], "counted_positions" in rb),
+            *razor_blocks(rz, rb["num_params"], rb.get("counted_positions")),
         ],
     )
 
 
-def razor_blocks(rz: dict[str, Any], d: int, positions: bool) -> list[Block]:
-    """The razor's paragraph and table, or why it did not run."""
+def razor_blocks(rz: dict[str, Any], d: int, counted: int | None) -> list[Block]:
+    """The razor's paragraph and table, or why it did not run.
+
+    ``counted``: the counted positions (the BIC term's n) of a model with
+    position axes, None without them.
+    """
     if "not_run" in rz:
         return [("p", f"The razor complexity (razor) did not run: {rz['not_run']}")]
     term, bic = "(D/2) log N", "(D/2) log N"
-    if positions and d > 0 and rz["bic_penalty"] is not None:
-        # the library's BIC term says how many observations it counts: (D/2) log n
-        n = round(math.exp(2.0 * rz["bic_penalty"] / d))
-        term, bic = "(D/2) log n", f"(D/2) log n, n = {n} observations"
+    if counted is not None and d > 0 and rz["bic_penalty"] is not None:
+        term, bic = "(D/2) log n", f"(D/2) log n, n = {counted} observations"
     return [
         (
             "p",

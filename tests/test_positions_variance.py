@@ -331,3 +331,13 @@ def test_razor_counts_positions_and_ignores_masked_labels(family) -> None:
     # Batches given as a list, one label array each: the same.
     again = razor([lin], family, prior_variance=2.0, labels=[garbage], theta=theta, method="dense")
     np.testing.assert_allclose(again.value, out.value, rtol=1e-12)
+
+
+def test_a_batch_without_counted_positions_has_zero_variance() -> None:
+    # Adapters refuse such a batch; a hand-built linearization may still pass one.
+    rng = np.random.default_rng(3)
+    z, jac = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 4, 5))
+    lin = DenseLinearization(z, jac, mask=np.zeros((2, 3), dtype=bool))
+    for bound in (False, True):
+        out = classical_variance(lin, estimator="score", bound=bound)
+        np.testing.assert_array_equal(out, np.zeros(5))

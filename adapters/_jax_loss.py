@@ -171,17 +171,6 @@ class JaxLossFunction(LossFunctionBase):
         self._blocks = model.blocks
         self._xp = array_namespace(z, names=("logits",))
 
-    @property
-    def num_counted(self) -> int:
-        """n, the number of counted positions: the ``"mean"`` divisor (an int).
-
-        N · P without a mask and ignored labels (N for (N, C) logits). Inside
-        ``jit`` / ``shard_map``, where the labels or the mask are traced, the
-        count cannot be read on the host: masked and ignored positions are still
-        left out of the sum, but n is N · P (the mean divides by every position).
-        """
-        return int(self._num_counted)
-
     @staticmethod
     def _counted(labels: Any, counted: Array | None, ignore_index: int | None) -> Array | None:
         """``counted`` (the checked ``mask=``) without the labels equal to ``ignore_index``.

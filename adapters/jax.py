@@ -109,6 +109,7 @@ class JaxLinearization(LinearizationBase):
 
     _operand_remedy = "Move it with jax.device_put({name}, lin.device)."
     _operand_free = "M"
+    logits_checked = True  # finite (check_logits on build): the stream need not re-read them
 
     def __init__(self, model: Model, inputs: PyTree, num_inputs: int, mask: Any = None) -> None:
         self._model = model

@@ -74,7 +74,7 @@ from fisherbound.linearization import (
     check_batches,
     check_loss_options,
     stream_linearizations,
-    stream_loss_functions,
+    stream_pairs,
 )
 
 __all__ = [
@@ -105,6 +105,8 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     (an optimiser step) while it is in use; build a new one per step.
     """
 
+    logits_checked = True  # finite (checked on build): the stream need not re-read them
+
     def __init__(
         self,
         selection: Selection,
@@ -129,7 +131,6 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             result = torch.func.vjp(forward, *self._primals)
         logits, self._vjp_fn = result[0].detach(), result[1]
         check_finite(logits, "model output", xp=array_namespace(logits, names=("model output",)))
-        self.logits_checked = True  # finite: the data stream need not read them again
         self._logits = logits
         self._mask = resolve_mask(
             mask, inputs if raw_inputs is None else raw_inputs, tuple(logits.shape), logits.device
@@ -274,6 +275,8 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         if self._per_example_mode == "vmap":
             try:
                 z, grads = self._per_example_vmap(U, rows, subset)
+            except torch.OutOfMemoryError:
+                raise  # a memory limit, not a model that refuses vmap
             except (_NotPerExample, RuntimeError):
                 # RuntimeError: the forward pass refuses vmap (data-dependent control
                 # flow, e.g. transformers' attention-mask creation); the masked mode
@@ -892,4 +895,4 @@ def loss_functions(
         del i  # the stream's callback also gets the batch index, for messages
         return _loss_function(selection, inputs, labels, fam, reduction, spec, checked_mask, ignore)
 
-    return stream_loss_functions(pairs(), build, what=what, remedy=remedy)
+    return stream_pairs(pairs(), build)  # the batches were checked above

@@ -667,14 +667,12 @@ class LossFunctionBase(_FrozenBase):
         """The number n = Σ m_nt of counted (unmasked) positions: the ``"mean"`` divisor.
 
         N · P without a mask (N for logits (N, C)); with ``mask`` its number of
-        True entries (read from the mask, so an adapter that sets ``_mask`` after
-        ``_hold_batch`` is counted right; one host read).
+        True entries, counted once when the batch was taken (an adapter that sets
+        ``_mask`` itself sets ``_num_counted`` with it). Inside JAX ``jit`` /
+        ``shard_map``, where a mask or the labels are traced, the host cannot
+        count them and n is N · P.
         """
-        mask = self._mask
-        if mask is None:
-            return int(self._num_counted)
-        xp = array_namespace(mask, names=("mask",))
-        return int(xp.sum(xp.astype(mask, xp.int64)))
+        return int(self._num_counted)
 
     def _hold_batch(
         self,

@@ -41,4 +41,5 @@ if rank == 0:
     print(f"tr F exact {exact.sum().item():.4f}; detach-and-mix {est.value.sum().item():.4f}")
     print(f"median |estimate − exact| / std_error over the diagonal: {z:.2f}")
     print("top eigenvalues", [round(v, 4) for v in top.eigenvalues.tolist()])
+dist.barrier()  # every rank done with gloo before the group goes
 dist.destroy_process_group()

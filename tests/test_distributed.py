@@ -74,7 +74,8 @@ def torch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=900,
     )
     errors = "".join(p.read_text() for p in out.glob("*.error"))
-    assert proc.returncode == 0, proc.stderr[-4000:] + errors
+    written = sorted(p.name for p in out.iterdir())
+    assert proc.returncode == 0, f"{proc.stderr[-4000:]}{errors}\nfiles written: {written}"
     return out
 
 

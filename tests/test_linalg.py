@@ -545,7 +545,7 @@ SPECTRUM = np.array([10.0, 10.0, 10.0, 7.0, 6.0, 5.5, 5.0] + list(np.linspace(-3
 def test_eigsh_matches_dense_eigh_with_multiplicity(backend, which):
     a = with_spectrum(SPECTRUM, seed=2)
     n, k = a.shape[0], 4
-    res = eigsh(backend.asarray(a), k=k, which=which, num_matvecs=n, rng=0)
+    res = eigsh(backend.asarray(a), k=k, which=which, basis_size=n, rng=0)
     assert isinstance(res, EigshResult)
     dense = np.linalg.eigvalsh(a)
     expect = {
@@ -609,6 +609,76 @@ def test_eigsh_float32(backend):
     assert_close(
         res.eigenvalues, [8.0, 9.0], rtol=1e-7, atol=1e-4, like=backend, dtype=backend.xp.float32
     )
+
+
+def _counting(a: np.ndarray) -> tuple[LinearOperator, list[int]]:
+    count = [0]
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        count[0] += 1
+        return a @ v
+
+    return LinearOperator(a.shape, matvec=matvec, dtype=a.dtype, device=None, xp=np), count
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "which", "k"),
+    [
+        ("decay", "largest", 1),
+        ("decay", "largest", 5),
+        ("decay", "largest", 20),
+        ("lowrank", "largest", 5),
+        ("signed", "smallest", 5),
+        ("signed", "both", 5),
+    ],
+)
+def test_eigsh_restarted_to_tolerance_needs_no_more_products_than_arpack(spectrum, which, k):
+    sla = pytest.importorskip("scipy.sparse.linalg")
+    n = 400
+    lam = {
+        "decay": 100.0 * 0.9 ** np.arange(n),
+        "lowrank": np.r_[np.random.default_rng(1).uniform(1.0, 10.0, 50), np.zeros(n - 50)],
+        "signed": np.linspace(-1.0, 1.0, n) ** 3,
+    }[spectrum]
+    a = with_spectrum(lam, seed=0)
+    op, ours = _counting(a)
+    res = eigsh(op, k=k, which=which, tol=1e-6, rng=0)
+    ref, theirs = _counting(a)
+    scipy_op = sla.LinearOperator((n, n), matvec=ref.matvec, dtype=np.float64)
+    v0 = np.random.default_rng(0).standard_normal(n)
+    kk, code = (2 * k, "BE") if which == "both" else (k, {"largest": "LA", "smallest": "SA"}[which])
+    sla.eigsh(scipy_op, k=kk, which=code, tol=1e-6, v0=v0, return_eigenvectors=False)
+    assert ours[0] <= theirs[0]
+    dense = np.linalg.eigvalsh(a)
+    want = {"largest": dense[-k:], "smallest": dense[:k], "both": np.r_[dense[:k], dense[-k:]]}
+    # A relative residual r bounds the eigenvalue error by r |θ| (and by r²|θ|/gap).
+    np.testing.assert_allclose(res.eigenvalues, want[which], rtol=1e-6, atol=1e-9)
+    theta = res.eigenvalues
+    explicit = np.linalg.norm(a @ res.eigenvectors - res.eigenvectors * theta, axis=0)
+    np.testing.assert_allclose(res.residuals, explicit, atol=1e-10 * np.abs(dense).max())
+    assert np.all(explicit <= 1e-6 * np.maximum(np.abs(theta), 1e-8 * np.abs(dense).max()) + 1e-10)
+
+
+def test_eigsh_warns_at_its_budget_and_returns_the_current_pairs():
+    a = with_spectrum(np.linspace(0.0, 1.0, 200) ** 2, seed=4)  # clustered top: slow
+    op, count = _counting(a)
+    with pytest.warns(RuntimeWarning, match=r"eigsh stopped at its budget num_matvecs = 25"):
+        res = eigsh(op, k=3, num_matvecs=25, rng=0)
+    assert count[0] == 25
+    assert res.eigenvalues.shape == (3,)
+    assert np.all(res.residuals > 0.0)
+
+
+def test_eigsh_option_errors():
+    a = with_spectrum(np.arange(1.0, 31.0), seed=0)
+    with pytest.raises(ValueError, match=r"basis_size must be between k \+ 1 = 4 .* n = 30; got 3"):
+        eigsh(a, k=3, basis_size=3)
+    with pytest.raises(ValueError, match=r"basis_size must be between 2k \+ 1 = 5 .* got 31"):
+        eigsh(a, k=2, which="both", basis_size=31)
+    with pytest.raises(ValueError, match=r"tol must be a finite real number >= 0; got -1"):
+        eigsh(a, k=1, tol=-1.0)
+    with pytest.raises(ValueError, match=r"tol must be a finite real number >= 0; got nan"):
+        eigsh(a, k=1, tol=float("nan"))
 
 
 # ----------------------------------------------------------------------------- SLQ

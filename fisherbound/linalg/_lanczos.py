@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
@@ -108,7 +110,10 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
     alphas: list[Array] = []
     betas: list[Array] = []
     for j in range(m):
-        w = xp.matrix_transpose(op.matmat(xp.matrix_transpose(q)))
+        if B == 1:  # a matvec: an adapter's one-column matmat can cost far more
+            w = op.matvec(q[0, :])[None, :]
+        else:
+            w = xp.matrix_transpose(op.matmat(xp.matrix_transpose(q)))
         a = xp.sum(q * w, axis=1)
         alphas.append(a)
         if j == m - 1:
@@ -248,48 +253,198 @@ def lanczos(
     return LanczosResult(alpha[0, :], beta[0, :], Q[0, ...])
 
 
+def _default_tol(xp: Any, dtype: Any) -> float:
+    """max(1e-6, √eps): 1e-6 in float64, about 3.5e-4 in float32."""
+    return max(1e-6, math.sqrt(float(xp.finfo(dtype).eps)))
+
+
+def _ranking(theta: Any, which: str) -> Any:
+    """Indices of the Ritz values from most to least wanted (host, float64)."""
+    import numpy as np
+
+    ascending = np.argsort(theta, kind="stable")
+    if which == "largest":
+        return ascending[::-1]
+    if which == "smallest":
+        return ascending
+    # "both": the largest, the smallest, the second largest, ... (each once).
+    both = np.empty_like(ascending)
+    both[0::2] = ascending[::-1][: (ascending.size + 1) // 2]
+    both[1::2] = ascending[: ascending.size // 2]
+    return both
+
+
+class _Krylov:
+    """A Krylov–Schur decomposition A Q = Q T + β q eᵀ, grown one product at a time.
+
+    Q (n, p) holds j orthonormal columns (the rest zero, so every step works on arrays
+    of one shape), T = Qᵀ A Q (j × j, host, float64) is the projected matrix (tridiagonal
+    plus, after a restart, an arrow of couplings to the kept Ritz vectors), and q (unit,
+    orthogonal to Q) is the next column with its coupling β.
+    """
+
+    def __init__(self, xp: Any, op: Any, v: Array, p: int, gen: Any) -> None:
+        import numpy as np
+
+        self.np = np
+        self.xp, self.op, self.gen, self.p = xp, op, gen, p
+        n = int(op.shape[0])
+        self.n = n
+        self.factor = _breakdown_factor(xp, op.dtype, n)
+        self.columns = xp.arange(p, device=op.device)
+        self.Q = xp.zeros((n, p), dtype=op.dtype, device=op.device)
+        self.T = np.zeros((p, p))
+        self.j = 0
+        self.q: Array | None = v
+        self.beta = 0.0
+        self.norm_t = 0.0
+        self.products = 0
+
+    def step(self) -> None:
+        """Append q as column j: one product, two Gram–Schmidt passes, one host read."""
+        xp, Q, j, q = self.xp, self.Q, self.j, self.q
+        assert q is not None
+        Q = Q + q[:, None] * xp.astype(self.columns == j, Q.dtype)
+        w = self.op.matvec(q)
+        self.products += 1
+        Qt = xp.matrix_transpose(Q)
+        h = Qt @ w
+        w = w - Q @ h
+        h2 = Qt @ w
+        w = w - Q @ h2
+        coeffs = to_host(xp.concat([h + h2, xp.linalg.vector_norm(w)[None]]))
+        coeffs = self.np.asarray(coeffs, dtype=self.np.float64)
+        col, b = coeffs[: j + 1], float(coeffs[-1])
+        self.T[: j + 1, j] = col
+        self.T[j, : j + 1] = col
+        self.norm_t = max(self.norm_t, float(self.np.abs(col).sum()) + b)
+        self.Q, self.j = Q, j + 1
+        if b > self.factor * self.norm_t:
+            self.q, self.beta = w / b, b
+            return
+        # Breakdown: span(Q) is invariant. Go on from a random vector orthogonal to it
+        # (β = 0), so repeated eigenvalues are found with their multiplicity.
+        self.beta = 0.0
+        self.q = None
+        if self.j < min(self.p, self.n):
+            r = probes(
+                self.gen,
+                (self.n,),
+                distribution="gaussian",
+                xp=xp,
+                dtype=Q.dtype,
+                device=self.op.device,
+            )
+            Qt = xp.matrix_transpose(Q)
+            for _ in range(2):
+                r = r - Q @ (Qt @ r)
+            self.q = r / xp.linalg.vector_norm(r)
+
+    def ritz(self) -> tuple[Any, Any, Any]:
+        """Ritz values θ (ascending), the eigenvectors S of T and residuals β |S[j−1, i]|."""
+        j = self.j
+        theta, S = self.np.linalg.eigh(self.T[:j, :j])
+        return theta, S, self.beta * self.np.abs(S[j - 1, :])
+
+    def restart(self, S_keep: Any, theta_keep: Any) -> None:
+        """Thick restart: keep the Ritz vectors Q S_keep; q (the residual) comes next."""
+        xp, l = self.xp, int(S_keep.shape[1])
+        S = xp.asarray(S_keep, dtype=self.Q.dtype, device=self.op.device)
+        kept = self.Q[:, : self.j] @ S
+        pad = xp.zeros((self.n, self.p - l), dtype=self.Q.dtype, device=self.op.device)
+        self.Q = xp.concat([kept, pad], axis=1)
+        self.T = self.np.zeros((self.p, self.p))
+        self.T[self.np.arange(l), self.np.arange(l)] = theta_keep
+        self.j = l
+        if self.q is None:  # the last step broke down: the kept vectors span an invariant
+            r = probes(
+                self.gen,
+                (self.n,),
+                distribution="gaussian",
+                xp=xp,
+                dtype=self.Q.dtype,
+                device=self.op.device,
+            )
+            Qt = xp.matrix_transpose(self.Q)
+            for _ in range(2):
+                r = r - self.Q @ (Qt @ r)
+            self.q = r / xp.linalg.vector_norm(r)
+
+    def vectors(self, S_sel: Any) -> Array:
+        xp = self.xp
+        S = xp.asarray(S_sel, dtype=self.Q.dtype, device=self.op.device)
+        Y = self.Q[:, : self.j] @ S
+        return Y / xp.linalg.vector_norm(Y, axis=0)
+
+
 def eigsh(
     A: Any,
     /,
     *,
     k: int,
     which: str = "largest",
+    tol: float | None = None,
     num_matvecs: int | None = None,
+    basis_size: int | None = None,
     rng: Any = None,
 ) -> EigshResult:
-    """Extreme eigenpairs of a symmetric operator: Ritz pairs from ``lanczos``.
+    r"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos to a tolerance.
 
-    With T = Qᵀ A Q = S diag(θ) Sᵀ from m Lanczos steps, the Ritz pairs are
-    (θ_i, Q s_i). The extreme Ritz values converge first (and fastest for
-    well-separated eigenvalues); with m = n they are the exact spectrum, repeated
-    eigenvalues included.
+    Lanczos with full reorthogonalisation builds A Q = Q T + β q eᵀ on a basis of at
+    most p vectors; the Ritz pairs (θ_i, Q s_i) of T = S diag(θ) Sᵀ have residuals
+    ‖A Q s_i − θ_i Q s_i‖ = β |s_{p,i}|, read off T at no extra product. The run stops
+    when every wanted pair satisfies
+
+    .. math:: β |s_{p,i}| ≤ \mathrm{tol} \cdot \max(|θ_i|, \sqrt{ε}\,‖T‖),
+
+    checked after every product. When the basis is full and some pair has not
+    converged, it restarts thickly (Wu & Simon; Stewart's Krylov–Schur for symmetric
+    A): it keeps the k' wanted Ritz vectors and (p − k')/2 more next to them, with
+    their couplings to the residual, and goes on from the residual, so no information
+    about the wanted end is lost. On breakdown (an invariant subspace) it goes on from
+    a random vector orthogonal to the basis: this is how repeated eigenvalues are
+    found with their multiplicity. With p = n the run is a full tridiagonalisation
+    and returns the exact spectrum, repeated eigenvalues included.
 
     Parameters
     ----------
     A
-        A symmetric square operator or dense (n, n) floating array, k ≤ n.
+        A symmetric square operator or dense (n, n) floating array, k ≤ n
+        (symmetry is assumed, not checked).
     k
         How many eigenpairs at each requested end.
     which
         ``"largest"`` (the k largest), ``"smallest"`` (the k smallest) or
-        ``"both"`` (the k smallest then the k largest; all m Ritz pairs when
-        2k ≥ m, never a pair twice).
+        ``"both"`` (the k smallest then the k largest; all n pairs when 2k ≥ n,
+        never a pair twice).
+    tol
+        The relative residual above, ≥ 0; default max(1e-6, √ε) (1e-6 in float64,
+        3.5e-4 in float32, where the products themselves carry relative errors near
+        √ε). 0 runs to the budget, without a warning (or to n steps when p = n).
     num_matvecs
-        Lanczos steps m (capped at n). Default ``min(n, max(2k + 30, 60))``; must
-        be at least k.
+        The most products (the budget); default max(100, 10 p). Reaching it
+        before the tolerance warns (RuntimeWarning) with the largest relative
+        residual, and returns the current Ritz pairs.
+    basis_size
+        p, the most Lanczos vectors held (memory n p); k' + 1 ≤ p ≤ n with k' = k
+        (``"both"``: 2k); default min(n, max(2k' + 1, 20)). p = n gives the exact
+        spectrum with multiplicities.
     rng
         Generator, int seed or None, for the start and restart vectors.
 
     Returns
     -------
     EigshResult
-        ``eigenvalues`` ascending (k' = k, or min(2k, m) for ``"both"``),
-        ``eigenvectors`` (n, k') with unit columns, ``residuals`` ‖A y − θ y‖.
+        ``eigenvalues`` ascending (k' pairs, or all n for ``"both"`` with 2k ≥ n),
+        ``eigenvectors`` (n, k') with unit columns, ``residuals`` β |s_{p,i}|
+        (equal to ‖A y − θ y‖ up to rounding, since Q is orthonormal to rounding; for
+        symmetric A some eigenvalue lies within this distance of θ).
 
     Notes
     -----
-    Cost: m matvecs for Lanczos plus k' for the residuals (one ``matmat``),
-    O(n m²) work, n m memory.
+    Cost: one ``matvec`` per step until convergence (about p plus, per restart,
+    p − (k' + (p − k')/2) products); O(n p) work per step for the two Gram–Schmidt
+    passes, n p memory, and one host read of p + 1 numbers per step.
 
     Examples
     --------
@@ -298,6 +453,8 @@ def eigsh(
     >>> np.round(res.eigenvalues, 10).tolist(), bool(np.all(res.residuals < 1e-10))
     ([4.0, 5.0], True)
     """
+    import numpy as np
+
     op, xp = _as_square_operator(A)
     k = check_positive_int(k, "k")
     which = check_choice(which, "which", WHICH)
@@ -305,31 +462,76 @@ def eigsh(
     if k > n:
         msg = f"k must be at most n = {n} (the size of A); got k = {k}."
         raise ValueError(msg)
-    if num_matvecs is None:
-        m = min(n, max(2 * k + 30, 60))
+    wanted = min(n, 2 * k) if which == "both" else k
+    label = "2k" if which == "both" else "k"
+    if basis_size is None:
+        p = min(n, max(2 * wanted + 1, 20))
     else:
-        m = min(check_positive_int(num_matvecs, "num_matvecs"), n)
-        if m < k:
+        p = check_positive_int(basis_size, "basis_size")
+        if p > n or (p < n and p < wanted + 1):
             msg = (
-                f"num_matvecs must be at least k = {k} (one Lanczos step per Ritz pair); "
-                f"got {num_matvecs}. Leave it as None for min(n, max(2k + 30, 60))."
+                f"basis_size must be between {label} + 1 = {wanted + 1} (the wanted pairs and "
+                f"one more) and n = {n}; got {basis_size}."
             )
             raise ValueError(msg)
-    gen = as_generator(rng)
-    v = _start_vector(xp, op, None, gen)
-    alpha, beta, Q = _lanczos(xp, op, v[None, :], m, gen)
-    theta, S = _tridiagonal_eigh(xp, alpha, beta)
-    theta, S = theta[0, :], S[0, ...]
-    if which == "largest":
-        sel_theta, sel_S = theta[m - k :], S[:, m - k :]
-    elif which == "smallest":
-        sel_theta, sel_S = theta[:k], S[:, :k]
-    elif 2 * k >= m:
-        sel_theta, sel_S = theta, S
+    if num_matvecs is None:
+        budget = max(100, 10 * p)
     else:
-        sel_theta = xp.concat([theta[:k], theta[m - k :]])
-        sel_S = xp.concat([S[:, :k], S[:, m - k :]], axis=1)
-    Y = Q[0, ...] @ sel_S
-    Y = Y / xp.linalg.vector_norm(Y, axis=0)
-    R = op.matmat(Y) - Y * sel_theta
-    return EigshResult(sel_theta, Y, xp.linalg.vector_norm(R, axis=0))
+        budget = check_positive_int(num_matvecs, "num_matvecs")
+        if budget < min(p, max(wanted, 2)):
+            msg = (
+                f"num_matvecs must be at least {label} = {wanted} (one product per wanted "
+                f"Ritz pair); got {num_matvecs}. Leave it as None for max(100, 10 p)."
+            )
+            raise ValueError(msg)
+    if tol is None:
+        rtol = _default_tol(xp, op.dtype)
+    else:
+        if (
+            isinstance(tol, bool)
+            or not isinstance(tol, (int, float))
+            or not (0.0 <= float(tol) < math.inf)
+        ):
+            msg = f"tol must be a finite real number >= 0; got {tol!r}."
+            raise ValueError(msg)
+        rtol = float(tol)
+    gen = as_generator(rng)
+    kry = _Krylov(xp, op, _start_vector(xp, op, None, gen), p, gen)
+    # Convergence is checked after every product once the basis could hold the wanted
+    # pairs and a margin (and always after a restart): a host eigh of at most p × p.
+    first_check = min(p, max(2 * wanted, wanted + 8))
+    sqrt_eps = math.sqrt(float(xp.finfo(op.dtype).eps))
+    while True:
+        kry.step()
+        full = kry.j == p
+        exhausted = kry.j == n  # the whole space: the Ritz values are the spectrum
+        out_of_budget = kry.products >= budget
+        restarted = kry.products > kry.j
+        if not (
+            full or exhausted or out_of_budget or (p < n and (kry.j >= first_check or restarted))
+        ):
+            continue
+        theta, S, res = kry.ritz()
+        order = _ranking(theta, which)
+        sel = order[: min(wanted, kry.j)]
+        scale = np.maximum(np.abs(theta[sel]), sqrt_eps * float(np.abs(theta).max()))
+        converged = exhausted or bool(np.all(res[sel] <= rtol * scale)) and kry.j >= wanted
+        if converged or out_of_budget:
+            if not converged and rtol > 0.0:
+                worst = float(np.max(res[sel] / np.maximum(scale, np.finfo(float).tiny)))
+                warnings.warn(
+                    f"eigsh stopped at its budget num_matvecs = {budget} before the tolerance: "
+                    f"the largest relative residual of the wanted Ritz pairs is {worst:.2e} > "
+                    f"tol = {rtol:.1e}. Raise num_matvecs (or basis_size), or check the "
+                    "returned residuals.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            sel = np.sort(sel)  # ascending Ritz values
+            Y = kry.vectors(S[:, sel])
+            values = xp.asarray(theta[sel], dtype=op.dtype, device=op.device)
+            residuals = xp.asarray(res[sel], dtype=op.dtype, device=op.device)
+            return EigshResult(values, Y, residuals)
+        if full:
+            keep = order[: min(p - 1, wanted + (p - wanted) // 2)]
+            kry.restart(S[:, keep], theta[keep])

@@ -32,6 +32,7 @@ from fisherbound._lib._namespace import (
     array_namespace,
     device_of,
     is_array,
+    set_column,
     to_host,
 )
 from fisherbound._lib._options import DISTRIBUTIONS, REDUCTIONS
@@ -81,6 +82,7 @@ __all__ = [
     "collective",
     "conform",
     "device_of",
+    "set_column",
     "estimate_from_samples",
     "fingerprint",
     "first_indices",

@@ -14,6 +14,7 @@ from fisherbound._lib import (
     check_positive_int,
     device_of,
     probes,
+    set_column,
     to_host,
 )
 from fisherbound.linalg._operator import _as_square_operator
@@ -291,7 +292,6 @@ class _Krylov:
         n = int(op.shape[0])
         self.n = n
         self.factor = _breakdown_factor(xp, op.dtype, n)
-        self.columns = xp.arange(p, device=op.device)
         self.Q = xp.zeros((n, p), dtype=op.dtype, device=op.device)
         self.T = np.zeros((p, p))
         self.j = 0
@@ -302,9 +302,10 @@ class _Krylov:
 
     def step(self) -> None:
         """Append q as column j: one product, two Gram–Schmidt passes, one host read."""
-        xp, Q, j, q = self.xp, self.Q, self.j, self.q
+        xp, j, q = self.xp, self.j, self.q
         assert q is not None
-        Q = Q + q[:, None] * xp.astype(self.columns == j, Q.dtype)
+        self.Q = set_column(xp, self.Q, j, q)
+        Q = self.Q[:, : j + 1]  # the filled columns (a view where the library has views)
         w = self.op.matvec(q)
         self.products += 1
         Qt = xp.matrix_transpose(Q)
@@ -318,27 +319,29 @@ class _Krylov:
         self.T[: j + 1, j] = col
         self.T[j, : j + 1] = col
         self.norm_t = max(self.norm_t, float(self.np.abs(col).sum()) + b)
-        self.Q, self.j = Q, j + 1
+        self.j = j + 1
         if b > self.factor * self.norm_t:
             self.q, self.beta = w / b, b
             return
         # Breakdown: span(Q) is invariant. Go on from a random vector orthogonal to it
         # (β = 0), so repeated eigenvalues are found with their multiplicity.
         self.beta = 0.0
-        self.q = None
-        if self.j < min(self.p, self.n):
-            r = probes(
-                self.gen,
-                (self.n,),
-                distribution="gaussian",
-                xp=xp,
-                dtype=Q.dtype,
-                device=self.op.device,
-            )
-            Qt = xp.matrix_transpose(Q)
-            for _ in range(2):
-                r = r - Q @ (Qt @ r)
-            self.q = r / xp.linalg.vector_norm(r)
+        self.q = self._random_orthogonal() if self.j < min(self.p, self.n) else None
+
+    def _random_orthogonal(self) -> Array:
+        xp, Q = self.xp, self.Q[:, : self.j]
+        r = probes(
+            self.gen,
+            (self.n,),
+            distribution="gaussian",
+            xp=xp,
+            dtype=Q.dtype,
+            device=self.op.device,
+        )
+        Qt = xp.matrix_transpose(Q)
+        for _ in range(2):
+            r = r - Q @ (Qt @ r)
+        return r / xp.linalg.vector_norm(r)
 
     def ritz(self) -> tuple[Any, Any, Any]:
         """Ritz values θ (ascending), the eigenvectors S of T and residuals β |S[j−1, i]|."""
@@ -357,18 +360,7 @@ class _Krylov:
         self.T[self.np.arange(l), self.np.arange(l)] = theta_keep
         self.j = l
         if self.q is None:  # the last step broke down: the kept vectors span an invariant
-            r = probes(
-                self.gen,
-                (self.n,),
-                distribution="gaussian",
-                xp=xp,
-                dtype=self.Q.dtype,
-                device=self.op.device,
-            )
-            Qt = xp.matrix_transpose(self.Q)
-            for _ in range(2):
-                r = r - self.Q @ (Qt @ r)
-            self.q = r / xp.linalg.vector_norm(r)
+            self.q = self._random_orthogonal()
 
     def vectors(self, S_sel: Any) -> Array:
         xp = self.xp

@@ -67,6 +67,7 @@ from fisherbound._lib import (
     Estimate,
     array_namespace,
     check_choice,
+    check_optional_int,
     check_positive_int,
     check_real,
     check_vector,
@@ -96,6 +97,7 @@ __all__ = [
     "CURVATURE_METHODS",
     "DIRECTION_KINDS",
     "HESSIAN_METHODS",
+    "HESSIAN_WHICH",
     "SADDLE_METHODS",
     "TRACE_METHODS",
     "EigenDirections",
@@ -126,6 +128,8 @@ __test__ = {
 TRACE_METHODS = ("loss", "hvp")
 #: ``hessian_directions`` methods.
 HESSIAN_METHODS = ("lanczos", "shifted")
+#: ``hessian_directions`` ends of the spectrum.
+HESSIAN_WHICH = ("both", "largest", "smallest")
 #: ``projected_curvature`` methods.
 CURVATURE_METHODS = ("hvp", "loss")
 
@@ -293,38 +297,66 @@ def hessian_directions(
     source: Any,
     /,
     *,
+    which: str = "both",
     method: str = "lanczos",
+    tol: float | None = None,
     num_matvecs: int | None = None,
+    basis_size: int | None = None,
     rng: Any = None,
     process_group: Any = None,
 ) -> EigenDirections:
-    """The eigenvectors of the largest and the smallest Hessian eigenvalue.
+    r"""The eigenvectors of the largest and/or the smallest Hessian eigenvalue.
 
-    Projected on these two directions the Hessian is diag(λ_max, λ_min) (THEORY §6):
-    the surface shows the true extreme curvatures, and a saddle (λ_min < 0 <
-    λ_max) always looks like a saddle.
+    Projected on the two extreme directions the Hessian is diag(λ_max, λ_min)
+    (THEORY §6): the surface shows the true extreme curvatures, and a saddle
+    (λ_min < 0 < λ_max) always looks like a saddle.
 
-    ``method="lanczos"`` (default): ONE Lanczos run with full reorthogonalisation
-    on the Hessian operator (``fisherbound.linalg.eigsh(which="both", k=1)``); both
-    extreme Ritz pairs converge from the same Krylov space. ``method="shifted"``:
-    THEORY's two-run scheme: a first run gives the eigenvalue of largest magnitude
-    λ₁, a second run, from a fresh random start, on H − λ₁ I gives the other end
-    (λ = μ + λ₁). Lanczos is shift-invariant (the Krylov spaces of H and H − λ₁ I
-    coincide), so the second run is an independent repetition of the first with
-    the other end selected: twice the cost, useful as a cross-check. The run of
-    the power method, which needs the shift, is not used.
+    Thick-restart Lanczos with full reorthogonalisation on the Hessian operator
+    (``fisherbound.linalg.eigsh``, one Hessian-vector product per step) stops as soon
+    as every wanted Ritz pair (θ, y) satisfies
+
+    .. math:: ‖H y − θ y‖ ≤ \mathrm{tol} \cdot \max(|θ|, \sqrt{ε}\,‖T‖),
+
+    the residual read off the tridiagonal T at no extra product. ``which="both"``
+    (default): ONE run (``eigsh(which="both", k=1)``) in which both extreme Ritz
+    pairs converge from the same Krylov space (fewer products than two one-ended
+    runs on the models of ``benchmarks/bench_landscape.py``). ``which="largest"`` or
+    ``"smallest"``: one run for that end alone. The top eigenpair is what PyHessian's
+    power iteration computes; the Krylov space after m products contains the m-th
+    power iterate, so its Ritz value is at least as close to λ_max, and much closer
+    when λ_max is not well separated from the next eigenvalue.
+
+    ``method="shifted"`` (``which="both"`` only): THEORY's two-run scheme: a first
+    run gives the eigenvalue of largest magnitude λ₁, a second run, from a fresh
+    random start, on H − λ₁ I gives the other end (λ = μ + λ₁). Lanczos is
+    shift-invariant (the Krylov spaces of H and H − λ₁ I coincide), so the second
+    run is an independent repetition of the first with the other end selected:
+    about twice the cost, useful as a cross-check. The power method, which needs
+    the shift, is not used.
 
     Parameters
     ----------
     source
         A LossFunction or a re-iterable collection of them (the Hessian of the total).
+    which
+        ``"both"`` (default; rows (top, bottom)), ``"largest"`` or ``"smallest"``
+        (one row).
     method
         ``"lanczos"`` or ``"shifted"``.
+    tol
+        The relative residual above, ≥ 0; default max(1e-6, √ε) (1e-6 in float64,
+        3.5e-4 in float32). The eigenvalue error is then about ‖r‖² / gap, far below
+        ‖r‖. 0 runs to the budget, without a warning.
     num_matvecs
-        Lanczos steps m per run (default ``min(D, 60)``; at least 2). Check the
-        ``residuals``; raise m if they are not small against the eigenvalues.
+        The budget: the most Hessian-vector products per Lanczos run (≥ 2); default
+        max(100, 10 p). Reaching it before ``tol`` warns (RuntimeWarning) and
+        returns the current Ritz pairs; check the ``residuals``.
+    basis_size
+        p, the most Lanczos vectors held (memory D p); default min(D, 20) (the
+        ``eigsh`` default for k = 1 at one or both ends). p = D is a full
+        tridiagonalisation: exact extreme eigenpairs after D products.
     rng
-        numpy Generator, int seed or None (start vectors).
+        numpy Generator, int seed or None (start and restart vectors).
     process_group
         As in ``hessian_operator``; the start vectors must then be the same on every
         rank (the same ``rng`` seed; checked).
@@ -332,13 +364,15 @@ def hessian_directions(
     Returns
     -------
     EigenDirections
-        ``directions`` (2, D) rows (top, bottom), ``eigenvalues`` (λ_max, λ_min),
-        ``residuals`` ‖H y − λ y‖.
+        ``directions`` (2, D) rows (top, bottom) for ``which="both"``, (1, D) for
+        one end; ``eigenvalues`` (λ_max, λ_min) or (λ,); ``residuals`` ‖H y − λ y‖.
 
     Notes
     -----
-    Cost: m Hessian-vector products per run (each about two gradient steps per
-    batch) plus O(D m²) work and D m memory for the Lanczos basis.
+    Cost: one Hessian-vector product (about two gradient steps per batch) per
+    Lanczos step until convergence, at most ``num_matvecs`` per run (``"shifted"``:
+    two runs); O(D p) work per step for the reorthogonalisation and D p memory for
+    the basis.
 
     Examples
     --------
@@ -349,30 +383,50 @@ def hessian_directions(
     >>> loss = loss_function(LinearSoftmax(np.zeros((1, 2))), x, y, family=Gaussian())
     >>> np.round(hessian_directions(loss, rng=0).eigenvalues, 10).tolist()  # eig of x xᵀ
     [5.0, 0.0]
+    >>> np.round(hessian_directions(loss, which="largest", rng=0).eigenvalues, 10).tolist()
+    [5.0]
     """
+    which = check_choice(which, "which", HESSIAN_WHICH)
     method = check_choice(method, "method", HESSIAN_METHODS)
-    m = None
-    if num_matvecs is not None:
-        m = check_positive_int(num_matvecs, "num_matvecs")
-        if m < 2:
-            msg = (
-                "num_matvecs must be at least 2 (two Ritz pairs for the two ends of the "
-                f"spectrum); got {m}."
-            )
-            raise ValueError(msg)
-    obj = _objective(source, "hessian_directions", process_group, method=method, m=m)
+    if method == "shifted" and which != "both":
+        msg = (
+            "method='shifted' finds both ends (a second run on H − λ₁ I), so which must "
+            f"be 'both'; got which={which!r}. Use method='lanczos' for one end."
+        )
+        raise ValueError(msg)
+    m = check_optional_int(num_matvecs, "num_matvecs")
+    if m is not None and m < 2:
+        msg = (
+            "num_matvecs must be at least 2 (the budget of Hessian-vector products per "
+            f"Lanczos run: a residual needs a second product); got {m}."
+        )
+        raise ValueError(msg)
+    p = check_optional_int(basis_size, "basis_size")
+    obj = _objective(
+        source,
+        "hessian_directions",
+        process_group,
+        which=which,
+        method=method,
+        tol=tol,
+        m=m,
+        p=p,
+    )
     d = obj.num_params
-    if d < 2:
+    if d < 2 and which == "both":
         msg = (
             "hessian_directions needs at least two parameters (D >= 2) for two distinct "
-            f"directions; got D = {d}."
+            f"directions with which='both'; got D = {d}. Use which='largest' or 'smallest'."
         )
         raise ValueError(msg)
     xp = obj.xp
     gen = shared_generator(obj.coll, rng, where="hessian_directions")
     op = _hessian_operator(obj)
-    first = eigsh(op, k=1, which="both", num_matvecs=m, rng=gen)
+    options: dict[str, Any] = {"tol": tol, "num_matvecs": m, "basis_size": p}
+    first = eigsh(op, k=1, which=which, rng=gen, **options)
     vals, vecs, res = first.eigenvalues, first.eigenvectors, first.residuals
+    if which != "both":
+        return EigenDirections(xp.matrix_transpose(vecs), vals, res)
     if method == "lanczos":
         order = [int(vals.shape[0]) - 1, 0]
         eigenvalues = xp.stack([vals[i] for i in order])
@@ -387,8 +441,8 @@ def hessian_directions(
         _shifted(op, lam1),
         k=1,
         which="smallest" if top_first else "largest",
-        num_matvecs=m,
         rng=gen,
+        **options,
     )
     lam2, y2, r2 = second.eigenvalues[0] + lam1, second.eigenvectors[:, 0], second.residuals[0]
     if top_first:
@@ -404,16 +458,20 @@ def fisher_directions(
     num_directions: int = 2,
     kernel: str = "exact",
     reduction: str = "sum",
+    tol: float | None = None,
     num_matvecs: int | None = None,
+    basis_size: int | None = None,
     rng: Any = None,
     process_group: Any = None,
 ) -> EigenDirections:
     """The top eigenvectors of the Fisher metric F = Σ_x J_xᵀ I(z_x) J_x.
 
-    Lanczos (``fisherbound.linalg.eigsh``) on ``fisherbound.fisher.fisher_operator``:
-    the directions in which the model's predictions change most. F is the
-    Gauss–Newton part of the Hessian of the negative log-likelihood, so these are
-    the Hessian directions of a model without the second-order output term.
+    Thick-restart Lanczos (``fisherbound.linalg.eigsh``) on
+    ``fisherbound.fisher.fisher_operator``, stopped when each of the k Ritz pairs
+    (θ, y) has ‖F y − θ y‖ ≤ tol · max(θ, √ε ‖T‖): the directions in which the
+    model's predictions change most. F is the Gauss–Newton part of the Hessian of
+    the negative log-likelihood, so these are the Hessian directions of a model
+    without the second-order output term.
 
     Parameters
     ----------
@@ -425,8 +483,15 @@ def fisher_directions(
         k ≥ 1, at most D.
     kernel, reduction
         As in ``fisher_operator`` (``"upper"`` / ``"lower"`` give the bound operators).
+    tol
+        The relative residual of each pair, ≥ 0; default max(1e-6, √ε) (1e-6 in
+        float64, 3.5e-4 in float32). 0 runs to the budget, without a warning.
     num_matvecs
-        Lanczos steps (default ``min(D, max(2k + 30, 60))``).
+        The budget: the most Fisher matvecs (≥ max(k, 2)); default max(100, 10 p).
+        Reaching it before ``tol`` warns (RuntimeWarning).
+    basis_size
+        p, the most Lanczos vectors held (memory D p); default min(D, max(2k + 1,
+        20)); p = D gives the exact top k after D products.
     rng
         numpy Generator, int seed or None.
     process_group
@@ -436,6 +501,12 @@ def fisher_directions(
     -------
     EigenDirections
         ``directions`` (k, D) rows, ``eigenvalues`` DESCENDING (k,), ``residuals``.
+
+    Notes
+    -----
+    Cost: one Fisher matvec (one JVP and one VJP per batch) per Lanczos step until
+    the k pairs converge, at most ``num_matvecs``; O(D p) work per step and D p
+    memory for the basis.
 
     Examples
     --------
@@ -454,7 +525,15 @@ def fisher_directions(
         msg = f"num_directions must be at most D = {d} (the number of parameters); got {k}."
         raise ValueError(msg)
     gen = shared_generator(collective(process_group), rng, where="fisher_directions")
-    res = eigsh(op, k=k, which="largest", num_matvecs=num_matvecs, rng=gen)
+    res = eigsh(
+        op,
+        k=k,
+        which="largest",
+        tol=tol,
+        num_matvecs=check_optional_int(num_matvecs, "num_matvecs"),
+        basis_size=check_optional_int(basis_size, "basis_size"),
+        rng=gen,
+    )
     xp = op.xp
     order = list(range(k - 1, -1, -1))
     return EigenDirections(

@@ -642,13 +642,33 @@ def test_hessian_directions_of_the_reference_mlp(host_backend: Any, method: str)
     H = dense_hessian(cpu_backend, loss)
     evals, evecs = np.linalg.eigh(H)
     d = loss.num_params
-    hd = hessian_directions(loss, method=method, num_matvecs=d, rng=0)
+    # basis_size = D: a full tridiagonalisation, exact after D products.
+    hd = hessian_directions(loss, method=method, num_matvecs=d, basis_size=d, rng=0)
     assert isinstance(hd, EigenDirections)
     assert_close(hd.eigenvalues, [evals[-1], evals[0]], rtol=1e-9, atol=1e-10, like=cpu_backend)
     dirs = cpu_backend.to_numpy(hd.directions)
     assert abs(dirs[0] @ evecs[:, -1]) == pytest.approx(1.0, abs=1e-8)
     assert abs(dirs[1] @ evecs[:, 0]) == pytest.approx(1.0, abs=1e-8)
     assert np.all(cpu_backend.to_numpy(hd.residuals) < 1e-8)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_hessian_directions_of_one_end_stop_at_the_tolerance(which: str) -> None:
+    backend = make_backend("numpy")
+    _, _, _, loss = reference_loss(backend, "tanh", n=8, seed=2)
+    H = dense_hessian(backend, loss)
+    evals, evecs = np.linalg.eigh(H)
+    i = -1 if which == "largest" else 0
+    hd = hessian_directions(loss, which=which, tol=1e-8, rng=0)
+    assert hd.directions.shape == (1, loss.num_params)
+    assert hd.eigenvalues.shape == hd.residuals.shape == (1,)
+    lam = float(hd.eigenvalues[0])
+    assert lam == pytest.approx(evals[i], rel=1e-12)  # error ≈ residual² / gap
+    assert float(hd.residuals[0]) <= 1e-8 * abs(lam)
+    assert float(np.linalg.norm(H @ hd.directions[0] - lam * hd.directions[0])) <= 1e-7 * abs(lam)
+    assert abs(hd.directions[0] @ evecs[:, i]) == pytest.approx(1.0, abs=1e-10)
+    both = hessian_directions(loss, tol=1e-8, rng=0)
+    assert float(both.eigenvalues[0 if which == "largest" else 1]) == pytest.approx(lam, rel=1e-12)
 
 
 def test_hessian_directions_of_a_torch_network() -> None:
@@ -949,8 +969,14 @@ def test_landscape_errors_numpy() -> None:
         random_directions(np.zeros((2, 3)))
     with pytest.raises(TypeError, match="all arrays must come from one array library"):
         surface(loss, torch.zeros(2, d, dtype=torch.float64))
-    with pytest.raises(ValueError, match="num_matvecs must be at least 2"):
+    with pytest.raises(ValueError, match="num_matvecs must be at least 2 .* got 1"):
         hessian_directions(loss, num_matvecs=1)
+    with pytest.raises(ValueError, match="which must be one of 'both', 'largest', 'smallest'"):
+        hessian_directions(loss, which="top")
+    with pytest.raises(ValueError, match="method='shifted' finds both ends .* got which='largest'"):
+        hessian_directions(loss, which="largest", method="shifted")
+    with pytest.raises(ValueError, match="tol must be a finite real number >= 0"):
+        hessian_directions(loss, tol=-1.0)
     with pytest.raises(ValueError, match="method must be one of 'lanczos', 'shifted'"):
         hessian_directions(loss, method="power")
     tiny = loss_function(
@@ -958,6 +984,8 @@ def test_landscape_errors_numpy() -> None:
     )
     with pytest.raises(ValueError, match="needs at least two parameters"):
         hessian_directions(tiny)
+    one = hessian_directions(tiny, which="smallest")  # one end needs one parameter only
+    assert one.eigenvalues.tolist() == hessian_operator(tiny).matmat(np.ones((1, 1)))[0].tolist()
     lin = linearize(MLP.random([2, 2], rng=0), np.ones((1, 2)))
     with pytest.raises(ValueError, match="num_directions must be at most D = 6"):
         fisher_directions(lin, num_directions=7)

@@ -20,7 +20,7 @@ Each has ``add(samples, num_inputs, xp, same_inputs=)``, ``relative_error(xp)``,
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from fisherbound._lib import (
     REDUCTIONS,
@@ -36,7 +36,7 @@ from fisherbound._lib import (
 
 Array = Any
 
-__all__ = ["Accumulator", "FactorSum", "PerExampleRows", "RowStack", "SampleSum"]
+__all__ = ["Accumulator", "FactorSum", "PerExampleRows", "ProbeMoments", "RowStack", "SampleSum"]
 
 
 def _map(f: Any, *trees: Any) -> Any:
@@ -190,6 +190,24 @@ class Accumulator:
             mean = _map(lambda s: xp.mean(s, axis=0), samples)
             var = _map(lambda s, mu: variance_of_mean(s, mu, m, xp), samples, mean)
         self._unknown = self._unknown or m < 2
+        return self._add(mean, var, num_inputs, 1, (m, m))
+
+    def _update_moments(self, moments: ProbeMoments, num_inputs: int) -> Accumulator:
+        """Add one stratum given as the moments of its M samples (``ProbeMoments``).
+
+        The same stratum as ``update`` of the samples themselves: mean, and the
+        sample variance divided by M (NaN for M = 1).
+        """
+        m = int(moments.num_probes)
+        mean = moments.mean
+        if m < 2 or moments.variance is None:
+            xp = array_namespace(_leaves(mean)[0], names=("mean",))
+            var = _map(
+                lambda s: xp.full((), float("nan"), dtype=s.dtype, device=device_of(s)), mean
+            )
+            self._unknown = True
+        else:
+            var = _map(lambda v: v / m, moments.variance)
         return self._add(mean, var, num_inputs, 1, (m, m))
 
     def merge(self, other: Accumulator, /) -> Accumulator:
@@ -401,6 +419,20 @@ def _describe(tree: Any) -> str:
 # the running sums of the estimators
 
 
+class ProbeMoments(NamedTuple):
+    """One batch's M per-probe samples, reduced by the adapter: a stratum without (M, D).
+
+    ``mean`` (1/M) Σ_m s_m, ``variance`` the unbiased sample variance over the
+    probes (None for M = 1), ``num_probes`` M, ``traces`` the per-probe trace
+    samples (M,) (None when no trace summary was asked for).
+    """
+
+    mean: Any
+    variance: Any
+    num_probes: int
+    traces: Any = None
+
+
 class PerExampleRows:
     """Rows (N·k, D) of a per-example factor and the k per-draw diagonal samples (k, D)."""
 
@@ -416,15 +448,29 @@ class SampleSum:
         self.quantity = quantity
         self.acc = Accumulator()  # the value
         self.trace = Accumulator()  # the trace summary behind target_relative_error
+        #: Whether to keep the trace summary (only a target_relative_error reads it;
+        #: for the diagonal it costs a pass over the (M, D) samples).
+        self.track_trace = True
 
     def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
-        new = Accumulator().update(samples, num_inputs=num_inputs)
-        new_trace = Accumulator().update(self.quantity.trace(samples, xp), num_inputs=num_inputs)
-        if same_inputs and self.acc.num_batches:
+        if isinstance(samples, ProbeMoments):
+            new = Accumulator()._update_moments(samples, num_inputs)
+            traces = samples.traces
+        else:
+            new = Accumulator().update(samples, num_inputs=num_inputs)
+            traces = self.quantity.trace(samples, xp) if self.track_trace else None
+        pool = same_inputs and self.acc.num_batches > 0
+        if pool:
             self.acc.pool(new)
-            self.trace.pool(new_trace)
         else:
             self.acc.merge(new)
+        if not self.track_trace:
+            return
+        assert traces is not None  # the estimators ask for them when they track the trace
+        new_trace = Accumulator().update(traces, num_inputs=num_inputs)
+        if pool:
+            self.trace.pool(new_trace)
+        else:
             self.trace.merge(new_trace)
 
     def global_trace_terms(self, active: bool) -> list[float]:
@@ -436,7 +482,8 @@ class SampleSum:
 
     def all_reduce(self, coll: Collective) -> None:
         self.acc.all_reduce(coll)
-        self.trace.all_reduce(coll)
+        if self.track_trace:
+            self.trace.all_reduce(coll)
 
     @property
     def reduced_trace_error(self) -> float:

@@ -60,7 +60,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._accumulator import Accumulator
+from fisherbound._accumulator import Accumulator, ProbeMoments, SampleSum
 from fisherbound._lib import (
     DISTRIBUTIONS,
     REDUCTIONS,
@@ -204,6 +204,8 @@ def _run(
     # Before any data-dependent collective: every rank runs the same call.
     stream.agree_options(**(settings | opts))
     state = qty.running(per_example=squares)
+    if isinstance(state, SampleSum):
+        state.track_trace = target is not None  # only a target reads the trace summary
     count = 0
     reached = False
     if rounds:
@@ -275,18 +277,26 @@ def _probe_samples(
     kernel: str,
     per_example: bool,
     max_vectors: int | None,
+    traces: bool = True,
 ) -> Any:
     """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, ∗S, R).
 
     One cotangent of the logits' shape per probe: M backward passes (batch level)
     or M per-example backward passes per example (``per_example``), whatever the
-    number of positions P and classes C.
+    number of positions P and classes C. The batch-level diagonal comes as
+    ``ProbeMoments`` (mean and variance over the probes of g_m ⊙ g_m; the
+    per-probe traces only if ``traces``) when the adapter reduces them itself
+    (``vjp_batch_square_moments``: no (M, D) samples, no second pass over them).
     """
     xp = lin.xp
     u = _cotangents(family, lin.logits, xi, kernel, xp)
     if per_example:
         return qty.from_squares(lin, u, max_vectors)
     m = int(u.shape[0])
+    moments = getattr(lin, "vjp_batch_square_moments", None)
+    if qty.what == "diagonal" and moments is not None and (max_vectors is None or m <= max_vectors):
+        mean, variance, per_probe = moments(u, traces=traces)
+        return ProbeMoments(mean, variance, m, per_probe)
     if m == 1:  # one probe: a plain VJP (no batching overhead)
         g = lin.vjp(u[0, ...])[None, ...]
     elif max_vectors is None or m <= max_vectors:
@@ -475,8 +485,9 @@ def detach_and_mix(
             device=lin.device,
         )
         return _probe_samples(
-            lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
-        )
+            lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors,
+            traces=target is not None,
+        )  # fmt: skip
 
     return _run(
         source, common, draw, target=target, desc="detach-and-mix", squares=per_example,

@@ -554,6 +554,50 @@ def test_torch_module() -> None:
         assert np.all(z_scores(est, exact, to_np) < 5), kw
 
 
+def _torch_mlp_linearization() -> Any:
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.torch import linearize as torch_linearize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    return torch_linearize(model, torch.randn(6, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_torch_square_moments_are_those_of_the_probe_gradients(m) -> None:
+    torch = pytest.importorskip("torch")
+    lin = _torch_mlp_linearization()
+    u = torch.randn(m, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    q = lin.vjp_batch(u) ** 2  # (M, D): the detach-and-mix diagonal samples
+    mean, var, traces = lin.vjp_batch_square_moments(u, traces=True)
+    torch.testing.assert_close(mean, q.mean(dim=0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(traces, q.sum(dim=1), rtol=1e-12, atol=0)
+    if m == 1:
+        assert var is None
+    else:
+        torch.testing.assert_close(var, q.var(dim=0), rtol=1e-10, atol=1e-14)
+    assert lin.vjp_batch_square_moments(u)[2] is None  # traces only when asked for
+    with pytest.raises(ValueError, match="got M = 0"):
+        lin.vjp_batch_square_moments(u[:0])
+
+
+@pytest.mark.parametrize("target", [None, 0.3])
+def test_torch_diagonal_from_moments_equals_the_samples_path(target) -> None:
+    # The adapter's moments (one batched backward, no (M, D) samples) and the
+    # generic samples (max_vectors=2 < M: chunked vjp_batch) give one estimate.
+    lin = _torch_mlp_linearization()
+    kw = {"num_probes": 5, "rng": 3, "target_relative_error": target}
+    fast = detach_and_mix(lin, **kw)
+    generic = detach_and_mix(lin, max_vectors=2, **kw)
+    np.testing.assert_allclose(fast.value.numpy(), generic.value.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        fast.std_error.numpy(), generic.std_error.numpy(), rtol=1e-9, atol=1e-15
+    )
+    assert fast.num_probes == generic.num_probes
+
+
 def test_jax_function() -> None:
     pytest.importorskip("jax")
     import jax.numpy as jnp

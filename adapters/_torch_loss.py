@@ -24,9 +24,50 @@ from fisherbound.adapters._torch_model import (
 )
 from fisherbound.linearization import LossFunctionBase, ReadOnly
 
-__all__ = ["TorchLossFunction"]
+__all__ = ["KINKED_MODULES", "TorchLossFunction", "kinked_modules"]
 
 Tensor = torch.Tensor
+
+#: Module types whose output has a kink (a jump of the first derivative) in their
+#: input: second differences across one measure 1/h times the jump, not a Hessian.
+KINKED_MODULES: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.ReLU,
+    torch.nn.LeakyReLU,
+    torch.nn.PReLU,
+    torch.nn.RReLU,
+    torch.nn.Hardtanh,  # ReLU6 too
+    torch.nn.Hardswish,
+    torch.nn.Hardsigmoid,
+    torch.nn.Hardshrink,
+    torch.nn.Softshrink,
+    torch.nn.Threshold,
+    torch.nn.SELU,
+    torch.nn.MaxPool1d,
+    torch.nn.MaxPool2d,
+    torch.nn.MaxPool3d,
+    torch.nn.AdaptiveMaxPool1d,
+    torch.nn.AdaptiveMaxPool2d,
+    torch.nn.AdaptiveMaxPool3d,
+    torch.nn.FractionalMaxPool2d,
+    torch.nn.FractionalMaxPool3d,
+)
+
+
+def kinked_modules(model: torch.nn.Module) -> tuple[str, ...]:
+    """The class names of the submodules of ``model`` with kinks, sorted, each once.
+
+    ``KINKED_MODULES``, and ``ELU`` where its first derivative jumps (alpha ≠ 1;
+    ``CELU`` and ``ELU(alpha=1)`` are once differentiable). Functional calls (``F.relu``,
+    ``torch.clamp``, ``x.max(...)``) are not modules and cannot be seen.
+    """
+    found = set()
+    for module in model.modules():
+        if isinstance(module, KINKED_MODULES) or (
+            isinstance(module, torch.nn.ELU) and module.alpha != 1.0
+        ):
+            found.add(type(module).__name__)
+    return tuple(sorted(found))
+
 
 # ---------------------------------------------------------------------------
 # The loss of a labelled batch (added for fisherbound.landscape)
@@ -99,6 +140,18 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         "The positions that count, a boolean (N, ∗S) tensor (mask and ignore_index), "
         "or None when all do."
     )
+
+    @property
+    def kinks(self) -> tuple[str, ...]:
+        """The module types with kinks in the model (``('MaxPool2d', 'ReLU')``), or ().
+
+        Read from the module tree (``KINKED_MODULES``): a ReLU called as a function
+        (``F.relu``, ``torch.relu``, ``clamp``) is invisible here, so () means none was
+        found, not that the loss is smooth. ``fisherbound.landscape.loss_trace``
+        warns when its loss-only method meets a non-empty tuple.
+        """
+        return kinked_modules(self._model)
+
     num_inputs = ReadOnly[int]("N, the number of examples (inputs) in the batch.")
 
     # -- plumbing ------------------------------------------------------------

@@ -433,6 +433,13 @@ class ReferenceLossFunction(LossFunctionBase):
         """The model linearized at θ on the batch (for Fisher quantities)."""
         return self._lin
 
+    @property
+    def kinks(self) -> tuple[str, ...]:
+        """``('relu',)`` for an ``MLP`` with ReLU hidden layers (kinks at 0), else ()."""
+        model = self._model
+        hidden = len(getattr(model, "_weights", ())) > 1
+        return ("relu",) if hidden and model._activation == "relu" else ()
+
     def _nll(self, xp: Any, z: Array) -> Array:
         """−Σ_n log p(y_n | z_n) over the example axis of z (..., N, C), scaled."""
         y = self._labels

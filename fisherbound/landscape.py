@@ -50,6 +50,8 @@ trace Σ_f (‖θ_f‖² / n_f) tr(H_ff), not tr H.
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -101,6 +103,7 @@ __all__ = [
     "SADDLE_METHODS",
     "TRACE_METHODS",
     "EigenDirections",
+    "LossTraceWarning",
     "ProjectedCurvature",
     "SaddleProbability",
     "Surface",
@@ -124,8 +127,8 @@ __test__ = {
     "SaddleProbability": SaddleProbability,
 }
 
-#: ``loss_trace`` methods: loss values only, or Hessian-vector products.
-TRACE_METHODS = ("loss", "hvp")
+#: ``loss_trace`` methods: Hessian-vector products (default), or loss values only.
+TRACE_METHODS = ("hvp", "loss")
 #: ``hessian_directions`` methods.
 HESSIAN_METHODS = ("lanczos", "shifted")
 #: ``hessian_directions`` ends of the spectrum.
@@ -139,6 +142,26 @@ DEFAULT_PROBE_BATCH = 16
 
 # --------------------------------------------------------------------------- #
 # result types
+
+
+class LossTraceWarning(RuntimeWarning):
+    """``loss_trace(method="loss")`` may be wrong by more than its standard error.
+
+    Attributes
+    ----------
+    reason
+        ``"kinks"``: the loss functions report kinked modules (``kinks``, e.g. ReLU,
+        max pooling); ``"rounding"``: the rounding bound of the second differences
+        exceeds the standard error (float32 at the chosen step).
+    detail
+        For ``"kinks"`` the tuple of module names; for ``"rounding"`` the bound R
+        (a float, the estimate's units).
+    """
+
+    def __init__(self, message: str, *, reason: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.detail = detail
 
 
 class EigenDirections(NamedTuple):
@@ -673,16 +696,19 @@ def loss_trace(
     *,
     num_probes: int,
     distribution: str = "rademacher",
-    method: str = "loss",
+    method: str = "hvp",
     step: float | None = None,
     rng: Any = None,
     batch_size: int | None = None,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
-    r"""The Hessian trace tr ∇²L(θ) from loss values only, with a standard error.
+    r"""The Hessian trace tr ∇²L(θ) from M random probes, with a standard error.
 
-    For M random probes η_m (THEORY §6), with h_m = step / ‖η_m‖,
+    ``method="hvp"`` (default): the Hutchinson estimate (1/M) Σ_m η_mᵀ (H η_m) with
+    exact Hessian-vector products, unbiased for any loss the adapter can
+    differentiate twice. ``method="loss"``: loss values only (THEORY §6), with
+    h_m = step / ‖η_m‖,
 
     .. math:: \widehat{\operatorname{tr} H} = \frac1M \sum_{m=1}^M
               \frac{L(\theta + h_m \eta_m) - 2 L(\theta) + L(\theta - h_m \eta_m)}{h_m^2}
@@ -690,10 +716,43 @@ def loss_trace(
 
     exact for a quadratic loss (up to rounding): two forward passes per probe (the
     2M shifted parameter vectors batched through ``value``), no Hessian-vector
-    product, no backward pass. ``method="hvp"`` computes the Hutchinson estimate
-    (1/M) Σ_m η_mᵀ (H η_m) with exact Hessian-vector products on THE SAME probes
-    (same ``rng``, ``distribution`` and ``batch_size``), for comparison; the
-    difference of the two is then the finite-difference error alone.
+    product, no backward pass. Both methods use THE SAME probes for the same
+    ``rng``, ``distribution`` and ``batch_size``, so the difference of the two is
+    the finite-difference error alone.
+
+    When the loss-only method is valid: its standard error covers the sampling
+    error only, not the finite-difference error of each probe. With the unit
+    direction u = η / ‖η‖, displacement h and ε_L the relative rounding error of one
+    loss value (at least ε, the dtype's machine epsilon),
+
+    .. math:: \frac{L(θ + h u) - 2L(θ) + L(θ - h u)}{h^2} = u^\top H u
+              + \underbrace{\tfrac{h^2}{12} ∂^4 L[u, u, u, u]}_{\text{truncation}}
+              + \underbrace{O(4 ε_L |L| / h^2)}_{\text{rounding}},
+
+    so it is valid when (1) L is four times differentiable along the segments
+    θ ± h u: no kinks (ReLU, leaky ReLU, hard tanh, max pooling, …) within h, since
+    a second difference across a kink measures (jump of the slope) / h, not the
+    Hessian (which a piecewise-linear unit does not even have at the kink); and
+    (2) rounding does not dominate: 4 ε_L |L| / h² ≪ |uᵀHu| ≈ |tr H| / D, i.e.
+    h² ≫ 4 ε_L |L| D / |tr H|. The two errors are equal at h⁴ = 48 ε_L |L| /
+    |∂⁴L[u⁴]|, the reason for the default h ∝ ε^{1/4}; in float32 (ε ≈ 1.2e-7)
+    that leaves the rounding term of a loss summed over a batch comparable to the
+    trace. The loss-only method therefore warns (``LossTraceWarning``, a
+    RuntimeWarning, with ``reason`` and ``detail``):
+
+    - ``reason="kinks"`` when any loss function reports kinked modules in its
+      ``kinks`` property (the torch adapter reads the module tree: ``nn.ReLU``,
+      ``LeakyReLU``, ``ReLU6`` / ``Hardtanh``, ``Hardswish``, ``MaxPool2d``, … ; a
+      ReLU called as a function, ``F.relu`` or ``torch.relu``, is invisible to it,
+      and adapters without the property, such as JAX's, are not checked);
+    - ``reason="rounding"`` when the rounding bound of the estimate,
+      R = (1/M) Σ_m 4 ε |L(θ)| ‖η_m‖² / h² (ε the machine epsilon of θ's dtype,
+      |L(θ)| per batch, summed like the trace), exceeds both the standard error
+      and 1% of |estimate|: the error bar would not cover the rounding error.
+
+    Use the HVP method wherever the adapter has ``hvp_batch``; the loss-only method
+    is for smooth models in float64 (or float32 with a small loss and few
+    parameters), or for a check of the HVPs.
 
     Parameters
     ----------
@@ -709,13 +768,13 @@ def loss_trace(
         or ``"filter"``: filter-normalised directions, which estimate the WEIGHTED
         trace Σ_f (‖θ_f‖² / n_f) tr(H_ff) (see ``random_directions``), not tr H.
     method
-        ``"loss"`` (default) or ``"hvp"``.
+        ``"hvp"`` (default) or ``"loss"`` (see above for when it is valid).
     step
-        The displacement norm h > 0; default ``default_step(θ)`` = ε^{1/4} ·
-        max(‖θ‖, 1) (ε the dtype's machine epsilon). Too small a step amplifies the
-        rounding error of L (∝ ε ``|L|`` / h²), too large a step adds the fourth-order
-        term (∝ h²); the standard error does not include this bias, which is why
-        the ``"hvp"`` estimate on the same probes is there to compare.
+        ``"loss"`` only: the displacement norm h > 0; default ``default_step(θ)`` =
+        ε^{1/4} · max(‖θ‖, 1) (ε the dtype's machine epsilon). Too small a step
+        amplifies the rounding error of L (4 ε_L ``|L|`` / h² per unit direction),
+        too large a step adds the fourth-order term (h² ∂⁴L / 12); the standard
+        error includes neither.
     rng
         numpy Generator, int seed or None.
     batch_size
@@ -736,9 +795,9 @@ def loss_trace(
 
     Notes
     -----
-    Cost per batch: 2M + 1 loss evaluations (``"loss"``: about 2M + 1 forward
-    passes, batched) or M Hessian-vector products (``"hvp"``: about 2M gradient
-    steps); memory: ``batch_size`` parameter vectors.
+    Cost per batch: M Hessian-vector products (``"hvp"``: about 2M gradient steps,
+    batched) or 2M + 1 loss evaluations (``"loss"``: about 2M + 1 forward passes,
+    batched); memory: ``batch_size`` parameter vectors.
 
     Examples
     --------
@@ -750,6 +809,8 @@ def loss_trace(
     >>> est = loss_trace(loss, num_probes=8, rng=0)  # H = diag(1, 4): Rademacher is exact
     >>> round(float(est.value), 6), round(float(est.std_error), 6)
     (5.0, 0.0)
+    >>> round(float(loss_trace(loss, num_probes=8, method="loss", rng=0).value), 6)
+    5.0
     """
     m = check_positive_int(num_probes, "num_probes")
     kind = check_choice(distribution, "distribution", DIRECTION_KINDS)
@@ -766,20 +827,48 @@ def loss_trace(
     total = None
     xp = None
     last = None
+    kinks: set[str] = set()
     for loss in stream:
         xp = array_namespace(loss.params, names=("params",))
         last = copy.deepcopy(start)
-        samples = _trace_samples(xp, loss, last, m, b, kind, method, h_user)
-        total = (
-            stream.as_sum(loss, samples) if total is None else total + stream.as_sum(loss, samples)
-        )
+        # (M,) samples, and for "loss" their rounding bounds after them: (2M,).
+        samples = stream.as_sum(loss, _trace_samples(xp, loss, last, m, b, kind, method, h_user))
+        total = samples if total is None else total + samples
+        if method == "loss":
+            kinks.update(getattr(loss, "kinks", None) or ())
     stream.finish(M=m, distribution=kind, method=method, step=h_user, batch=b)
     assert total is not None
     assert last is not None
     assert xp is not None
     total = stream.total(total)
     gen.bit_generator.state = last.bit_generator.state
-    return estimate_from_samples(total, xp)
+    est = estimate_from_samples(total[:m], xp)
+    if method == "loss":
+        _warn_loss_only(est, float(xp.mean(total[m:])), tuple(sorted(kinks)))
+    return est
+
+
+def _warn_loss_only(est: Estimate, bound: float, kinks: tuple[str, ...]) -> None:
+    """``LossTraceWarning`` for kinked models and for rounding beyond the error bar."""
+    if kinks:
+        msg = (
+            f"loss_trace(method='loss'): the model has kinks ({', '.join(kinks)}); a "
+            "second difference across a kink measures the jump of the slope divided by "
+            "the step, not the Hessian, and the estimate can be off by many standard "
+            "errors. Use method='hvp' (the default)."
+        )
+        warnings.warn(LossTraceWarning(msg, reason="kinks", detail=kinks), stacklevel=3)
+    se = float(est.std_error)
+    floor = 0.01 * abs(float(est.value))
+    if bound > (max(se, floor) if math.isfinite(se) else floor):
+        msg = (
+            f"loss_trace(method='loss'): the rounding bound of the second differences, "
+            f"4 eps |L| mean ‖η‖² / h² = {bound:.3g}, exceeds the standard error "
+            f"{se:.3g} and 1% of the estimate {float(est.value):.6g}: at this precision "
+            "and step the error bar does not cover the rounding error. Use method='hvp' "
+            "(the default), float64, or a larger step."
+        )
+        warnings.warn(LossTraceWarning(msg, reason="rounding", detail=bound), stacklevel=3)
 
 
 def _trace_samples(
@@ -792,14 +881,20 @@ def _trace_samples(
     method: str,
     step: float | None,
 ) -> Array:
-    """The M per-probe values ηᵀHη of one loss function, (M,)."""
+    """The M per-probe values ηᵀHη of one loss function, (M,).
+
+    For ``"loss"`` followed by their rounding bounds 4 ε |L(θ)| / e_m² (e_m = h / ‖η_m‖
+    the coefficient of probe m), (2M,).
+    """
     theta = loss.params
     d = int(theta.shape[0])
     blocks = check_blocks(loss.blocks, d) if kind == "filter" else None
     if method == "loss":
         h = step_size(xp, theta, step)
         center = loss.value(xp.zeros((1, d), dtype=theta.dtype, device=device_of(theta)))[0]
+        noise = 4.0 * float(xp.finfo(theta.dtype).eps) * xp.abs(center)
     out = []
+    bounds = []
     left = m
     while left > 0:
         size = min(b, left)
@@ -812,9 +907,12 @@ def _trace_samples(
             vals = loss.value(xp.concat([shifts, -shifts], axis=0))
             e2 = xp.where(e == 0.0, xp.ones_like(e), e * e)
             q = (vals[:size] - 2.0 * center + vals[size:]) / e2
+            bounds.append(xp.where(e == 0.0, xp.zeros_like(e), noise / e2))
         out.append(q)
         left -= size
     samples = out[0] if len(out) == 1 else xp.concat(out, axis=0)
+    if bounds:
+        samples = xp.concat([samples, *bounds], axis=0)
     return samples * float(d) if kind == "sphere" else samples
 
 

@@ -24,6 +24,7 @@ from fisherbound.families import Bernoulli, Categorical, Gaussian
 from fisherbound.fisher import fisher_dense
 from fisherbound.landscape import (
     EigenDirections,
+    LossTraceWarning,
     fisher_directions,
     hessian_directions,
     hessian_operator,
@@ -484,7 +485,9 @@ def check_loss_trace_of_a_quadratic(cpu_backend: Any, distribution: str) -> None
     d = 7
     A, rng = symmetric(d, 5), np.random.default_rng(6)
     q = Quadratic(cpu_backend, A, rng.standard_normal(d), rng.standard_normal(d))
-    loss_est = loss_trace(q, num_probes=9, distribution=distribution, rng=3, batch_size=4)
+    loss_est = loss_trace(
+        q, num_probes=9, distribution=distribution, rng=3, batch_size=4, method="loss"
+    )
     hvp_est = loss_trace(
         q, num_probes=9, distribution=distribution, rng=3, batch_size=4, method="hvp"
     )
@@ -501,11 +504,67 @@ def check_loss_trace_of_a_quadratic(cpu_backend: Any, distribution: str) -> None
 def test_loss_trace_is_exact_for_a_diagonal_hessian(cpu_backend: Any) -> None:
     A = np.diag([3.0, -1.0, 0.5, 2.0])
     q = Quadratic(cpu_backend, A, np.ones(4), np.arange(4.0))
-    est = loss_trace(q, num_probes=5, rng=0)
+    est = loss_trace(q, num_probes=5, rng=0, method="loss")
     assert float(est.value) == pytest.approx(4.5, rel=1e-8)
     assert float(est.std_error) <= 1e-7
     assert est.value.dtype == cpu_backend.xp.float64
     assert device_of(est.value) == device_of(q.params)
+    default = loss_trace(q, num_probes=5, rng=0)  # method="hvp"
+    assert float(default.value) == pytest.approx(4.5, rel=1e-12)
+    assert float(default.value) == float(loss_trace(q, num_probes=5, rng=0, method="hvp").value)
+
+
+def test_loss_only_trace_warns_for_kinks() -> None:
+    _, _, _, loss = reference_loss(make_backend("numpy"), "relu", n=8, seed=2)
+    assert loss.kinks == ("relu",)
+    with pytest.warns(LossTraceWarning, match=r"the model has kinks \(relu\)") as record:
+        loss_trace(loss, num_probes=4, rng=0, method="loss")
+    assert [(w.message.reason, w.message.detail) for w in record] == [("kinks", ("relu",))]
+    loss_trace(loss, num_probes=4, rng=0)  # the HVP default: no warning (warnings are errors)
+    _, _, _, smooth = reference_loss(make_backend("numpy"), "tanh", n=8, seed=2)
+    assert smooth.kinks == ()
+    loss_trace(smooth, num_probes=4, rng=0, method="loss")  # float64, default step: silent
+
+
+def test_loss_only_trace_warns_when_rounding_dominates() -> None:
+    """float32 with a step far below ε^{1/4}: the bound 4 ε |L(θ)| D / h² (Rademacher
+    ‖η‖² = D) exceeds the standard error."""
+    _, _, _, loss = reference_loss(make_backend("numpy"), "tanh", n=8, seed=2, dtype="float32")
+    d, h = loss.num_params, 1e-3
+    with pytest.warns(LossTraceWarning, match="rounding bound of the second differences") as rec:
+        est = loss_trace(loss, num_probes=8, rng=0, method="loss", step=h)
+    assert [w.message.reason for w in rec] == ["rounding"]
+    center = abs(float(loss.value(np.zeros((1, d), dtype=np.float32))[0]))
+    bound = 4 * float(np.finfo(np.float32).eps) * center * d / h**2
+    assert rec[0].message.detail == pytest.approx(bound, rel=1e-5)
+    assert rec[0].message.detail > float(est.std_error)
+    loss_trace(loss, num_probes=8, rng=0, method="loss")  # the default step: silent here
+
+
+def test_torch_loss_functions_report_kinked_modules() -> None:
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters import torch as torch_adapter
+
+    class FunctionalRelu(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(torch.nn.functional.relu(x))
+
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.arange(5) % 3
+    nn = torch.nn
+    kinked = nn.Sequential(nn.Linear(4, 4), nn.ReLU6(), nn.Linear(4, 4), nn.LeakyReLU())
+    kinked = nn.Sequential(kinked, nn.ELU(alpha=0.5), nn.Linear(4, 3)).double()
+    smooth = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.ELU(), nn.Linear(4, 3)).double()
+    loss = torch_adapter.loss_function(kinked, x, y)
+    assert loss.kinks == ("ELU", "LeakyReLU", "ReLU6")
+    assert torch_adapter.loss_function(smooth, x, y).kinks == ()
+    # A ReLU called as a function is not a module: invisible (documented).
+    assert torch_adapter.loss_function(FunctionalRelu().double(), x, y).kinks == ()
+    with pytest.warns(LossTraceWarning, match=r"kinks \(ELU, LeakyReLU, ReLU6\)"):
+        loss_trace([loss, loss], num_probes=2, rng=0, method="loss")
 
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher", "sphere"])
@@ -516,7 +575,7 @@ def test_expected_curvature_is_the_trace(distribution: str) -> None:
     d, m = 6, 600
     A = symmetric(d, 8, shift=0.5)
     q = Quadratic(backend, A, np.zeros(d), np.zeros(d))
-    est = loss_trace(q, num_probes=m, distribution=distribution, rng=11)
+    est = loss_trace(q, num_probes=m, distribution=distribution, rng=11, method="loss")
     tr, tr2 = np.trace(A), np.trace(A @ A)
     var = {
         "gaussian": 2 * tr2,
@@ -540,7 +599,7 @@ def test_filter_directions_estimate_the_weighted_trace() -> None:
         row = theta[4 * r : 4 * r + 4]
         w[4 * r : 4 * r + 4] = row @ row / 4
     w[12:] = theta[12:] @ theta[12:] / 3
-    est = loss_trace(q, num_probes=3000, distribution="filter", rng=0)
+    est = loss_trace(q, num_probes=3000, distribution="filter", rng=0, method="loss")
     assert abs(float(est.value) - np.sum(w * np.diag(A))) <= 5 * float(est.std_error)
     assert abs(float(est.value) - np.trace(A)) > 5 * float(est.std_error)  # not tr H
     dirs = random_directions(q, num_directions=4, kind="filter", rng=1)
@@ -612,7 +671,7 @@ def test_loss_trace_agrees_with_hvp_trace_on_a_trained_network(trained_digits: A
     model, x, y, accuracy, loss = trained_digits
     assert accuracy > 0.9  # it did train
     exact = float(torch.trace(torch.func.hessian(loss._loss)(loss.params)))
-    by_loss = loss_trace(loss, num_probes=100, rng=1)
+    by_loss = loss_trace(loss, num_probes=100, rng=1, method="loss")
     by_hvp = loss_trace(loss, num_probes=100, rng=2, method="hvp")
     same = loss_trace(loss, num_probes=100, rng=1, method="hvp")
     se = math.hypot(float(by_loss.std_error), float(by_hvp.std_error))
@@ -626,7 +685,7 @@ def test_loss_trace_agrees_with_hvp_trace_on_a_trained_network(trained_digits: A
     from fisherbound.adapters import torch as torch_adapter
 
     loss32 = torch_adapter.loss_function(model32, x.float(), y, reduction="mean")
-    est32 = loss_trace(loss32, num_probes=100, rng=1)
+    est32 = loss_trace(loss32, num_probes=100, rng=1, method="loss")  # tanh: no warning
     assert est32.value.dtype == torch.float32
     assert abs(float(est32.value) - exact) <= 5 * float(est32.std_error)
 
@@ -875,9 +934,9 @@ def test_surface_streams_a_data_set(reduction: str) -> None:
     hd_whole = hessian_directions(whole, num_matvecs=whole.num_params, rng=0)
     hd_listed = hessian_directions(listed, num_matvecs=whole.num_params, rng=0)
     np.testing.assert_allclose(hd_listed.eigenvalues, hd_whole.eigenvalues, rtol=1e-9)
-    tr_whole = loss_trace(whole, num_probes=6, rng=0)
+    tr_whole = loss_trace(whole, num_probes=6, rng=0, method="loss")
     tr_streamed = loss_trace(
-        ref.loss_functions(model, parts, reduction=reduction), num_probes=6, rng=0
+        ref.loss_functions(model, parts, reduction=reduction), num_probes=6, rng=0, method="loss"
     )
     assert float(tr_streamed.value) == pytest.approx(float(tr_whole.value), rel=1e-6)
     pc_whole = projected_curvature(whole, dirs)
@@ -905,7 +964,7 @@ def test_landscape_on_jax_matches_numpy() -> None:
     assert_close(s_jax.values, s_np.values, rtol=1e-12, atol=0, like="jax")
     # Rademacher probes are permutation-free in distribution only: compare exact traces.
     H = n_loss.hvp_batch(np.eye(n_loss.num_params))
-    est = loss_trace(j_loss, num_probes=40, rng=0)
+    est = loss_trace(j_loss, num_probes=40, rng=0, method="loss")
     assert abs(float(est.value) - np.trace(H)) <= 5 * float(est.std_error)
 
 

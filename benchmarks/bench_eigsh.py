@@ -97,7 +97,13 @@ def gradient_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
 
 
-def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> dict[str, Any]:
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    reps: int | None = None,
+    ks: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     torch.set_num_threads(threads)
     from scipy.sparse.linalg import eigsh as arpack
 
@@ -127,7 +133,7 @@ def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> di
         "scipy eigsh (ARPACK, tol 1e-6)": scipy,
         "old default: 60-step Lanczos + k residual products": old,
     }
-    ks = (1, 5) if quick else (1, 5, 20)
+    ks = ks or ((1, 5) if quick else (1, 5, 20))
     rows: list[dict[str, Any]] = []
     ratios: dict[str, float] = {}
     gradient_step(model, x, y)
@@ -217,9 +223,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     parser.add_argument("--quick", action="store_true", help="a tiny MLP, k = 1, 5")
+    parser.add_argument("--k", type=int, nargs="+", default=None, help="k values (1 5 20)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eigsh.json"))
     args = parser.parse_args()
-    result = run(quick=args.quick, threads=args.threads, reps=args.reps)
+    ks = tuple(args.k) if args.k else None
+    result = run(quick=args.quick, threads=args.threads, reps=args.reps, ks=ks)
     write_json(Path(args.out), result)
     print(markdown(result))
 

@@ -166,18 +166,18 @@ def test_collective_agree_messages() -> None:
         same.agree(many, where="x")  # type: ignore[attr-defined]
 
 
-def test_set_column_in_place_and_through_the_masked_fallback(monkeypatch):
+def test_set_row_in_place_and_through_the_masked_fallback(monkeypatch):
     import array_api_compat
 
-    from fisherbound._lib import _namespace, set_column
+    from fisherbound._lib import _namespace, set_row
 
-    a = np.arange(6.0).reshape(3, 2)
-    out = set_column(np, a, 1, np.array([7.0, 8.0, 9.0]))
+    a = np.arange(6.0).reshape(2, 3)
+    out = set_row(np, a, 1, np.array([7.0, 8.0, 9.0]))
     assert out is a  # NumPy: written in place
-    np.testing.assert_array_equal(a, [[0.0, 7.0], [2.0, 8.0], [4.0, 9.0]])
+    np.testing.assert_array_equal(a, [[0.0, 1.0, 2.0], [7.0, 8.0, 9.0]])
     # An immutable array library without .at: the masked sum gives the same matrix.
     monkeypatch.setattr(_namespace.array_api_compat, "is_writeable_array", lambda x: False)
-    b = np.arange(6.0).reshape(3, 2)
-    out = set_column(array_api_compat.array_namespace(b), b, 0, np.array([-1.0, -2.0, -3.0]))
-    np.testing.assert_array_equal(out, [[-1.0, 1.0], [-2.0, 3.0], [-3.0, 5.0]])
-    np.testing.assert_array_equal(b, np.arange(6.0).reshape(3, 2))  # not written
+    b = np.arange(6.0).reshape(2, 3)
+    out = set_row(array_api_compat.array_namespace(b), b, 0, np.array([-1.0, -2.0, -3.0]))
+    np.testing.assert_array_equal(out, [[-1.0, -2.0, -3.0], [3.0, 4.0, 5.0]])
+    np.testing.assert_array_equal(b, np.arange(6.0).reshape(2, 3))  # not written

@@ -32,7 +32,7 @@ from fisherbound._lib._namespace import (
     array_namespace,
     device_of,
     is_array,
-    set_column,
+    set_row,
     to_host,
 )
 from fisherbound._lib._options import DISTRIBUTIONS, REDUCTIONS
@@ -82,7 +82,7 @@ __all__ = [
     "collective",
     "conform",
     "device_of",
-    "set_column",
+    "set_row",
     "estimate_from_samples",
     "fingerprint",
     "first_indices",

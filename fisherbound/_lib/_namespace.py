@@ -71,21 +71,21 @@ def device_of(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
-def set_column(xp: Any, A: Array, j: int, v: Array) -> Array:
-    """``A`` with column j replaced by ``v``: in place where the array is writeable.
+def set_row(xp: Any, A: Array, i: int, v: Array) -> Array:
+    """``A`` with row i replaced by ``v``: in place where the array is writeable.
 
     NumPy, torch, CuPy and array-api-strict arrays are written in place (O(n)); a
     JAX array through ``.at[].set`` (a copy, outside ``jit``); any other immutable
     array by a masked sum (O(n m)).
     """
     if array_api_compat.is_writeable_array(A):
-        A[:, j] = v
+        A[i, :] = v
         return A
     if array_api_compat.is_jax_array(A):
-        return A.at[:, j].set(v)
-    columns = xp.arange(int(A.shape[1]), device=device_of(A))
-    mask = xp.astype(columns == j, A.dtype)
-    return A * (1 - mask) + v[:, None] * mask
+        return A.at[i, :].set(v)
+    rows = xp.arange(int(A.shape[0]), device=device_of(A))
+    mask = xp.astype(rows == i, A.dtype)[:, None]
+    return A * (1 - mask) + v[None, :] * mask
 
 
 def to_host(x: Array) -> Any:

@@ -181,3 +181,8 @@ def test_set_row_in_place_and_through_the_masked_fallback(monkeypatch):
     out = set_row(array_api_compat.array_namespace(b), b, 0, np.array([-1.0, -2.0, -3.0]))
     np.testing.assert_array_equal(out, [[-1.0, -2.0, -3.0], [3.0, 4.0, 5.0]])
     np.testing.assert_array_equal(b, np.arange(6.0).reshape(2, 3))  # not written
+    # Batched: row i of the last two axes of a (B, m, n) stack.
+    c = np.zeros((2, 3, 4))
+    out = set_row(np, c, 2, np.ones((2, 4)))
+    np.testing.assert_array_equal(out[:, 2, :], 1.0)
+    assert float(out.sum()) == 8.0

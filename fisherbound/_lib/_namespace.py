@@ -72,20 +72,20 @@ def device_of(x: Array) -> Any:
 
 
 def set_row(xp: Any, A: Array, i: int, v: Array) -> Array:
-    """``A`` with row i replaced by ``v``: in place where the array is writeable.
+    """``A`` (..., m, n) with row i of its last two axes replaced by ``v`` (..., n).
 
-    NumPy, torch, CuPy and array-api-strict arrays are written in place (O(n)); a
-    JAX array through ``.at[].set`` (a copy, outside ``jit``); any other immutable
-    array by a masked sum (O(n m)).
+    Written in place where the array is writeable (NumPy, torch, CuPy,
+    array-api-strict: O(n) per row); a JAX array through ``.at[].set`` (a copy,
+    outside ``jit``); any other immutable array by a masked sum (O(m n)).
     """
     if array_api_compat.is_writeable_array(A):
-        A[i, :] = v
+        A[..., i, :] = v
         return A
     if array_api_compat.is_jax_array(A):
-        return A.at[i, :].set(v)
-    rows = xp.arange(int(A.shape[0]), device=device_of(A))
+        return A.at[..., i, :].set(v)
+    rows = xp.arange(int(A.shape[-2]), device=device_of(A))
     mask = xp.astype(rows == i, A.dtype)[:, None]
-    return A * (1 - mask) + v[None, :] * mask
+    return A * (1 - mask) + v[..., None, :] * mask
 
 
 def to_host(x: Array) -> Any:

@@ -66,17 +66,17 @@ class EigshResult(NamedTuple):
     residuals: Array
 
 
-def _orthogonalize(xp: Any, Q: Array, W: Array) -> Array:
-    """Remove from each row of W (B, n) its component in span(Q[b]) (B, n, j).
+def _orthogonalize(xp: Any, V: Array, W: Array) -> Array:
+    """Remove from each row of W (B, n) its component in the span of the rows of V[b] (B, j, n).
 
     Classical Gram–Schmidt applied twice ("twice is enough"): one pass loses
     orthogonality in proportion to the condition of [Q, w]; the second restores
     it to rounding level.
     """
     Wc = W[:, :, None]
-    Qt = xp.matrix_transpose(Q)
+    Vt = xp.matrix_transpose(V)
     for _ in range(2):
-        Wc = Wc - Q @ (Qt @ Wc)
+        Wc = Wc - Vt @ (V @ Wc)
     return Wc[:, :, 0]
 
 
@@ -104,11 +104,9 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
     dtype, device = op.dtype, op.device
     factor = _breakdown_factor(xp, dtype, n)
     zeros = xp.zeros((B,), dtype=dtype, device=device)
-    columns = xp.arange(m, device=device)
-    # The basis is held at its final shape (B, n, m), unfilled columns zero: every
-    # step then works on arrays of one shape (JAX compiles each operation once,
-    # not once per step) and zero columns do not affect the Gram-Schmidt passes.
-    Q = V0[:, :, None] * xp.astype(columns == 0, dtype)
+    # The bases as rows, V (B, m, n): each basis vector is contiguous, written in place
+    # where the library allows it, and the Gram–Schmidt passes read only the filled rows.
+    V = set_row(xp, xp.zeros((B, m, n), dtype=dtype, device=device), 0, V0)
     q, q_prev, beta_prev, norm_t = V0, xp.zeros_like(V0), zeros, zeros
     alphas: list[Array] = []
     betas: list[Array] = []
@@ -122,13 +120,14 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
         if j == m - 1:
             break
         w = w - a[:, None] * q - beta_prev[:, None] * q_prev
-        w = _orthogonalize(xp, Q, w)
+        filled = V[:, : j + 1, :]
+        w = _orthogonalize(xp, filled, w)
         b = xp.linalg.vector_norm(w, axis=1)
         norm_t = xp.maximum(norm_t, xp.abs(a) + beta_prev + b)
         broke = b <= factor * norm_t
         if bool(to_host(xp.any(broke))):
             r = probes(gen, (B, n), distribution="gaussian", xp=xp, dtype=dtype, device=device)
-            r = _orthogonalize(xp, Q, r)
+            r = _orthogonalize(xp, filled, r)
             r = r / xp.linalg.vector_norm(r, axis=1)[:, None]
             safe = xp.where(broke, xp.ones_like(b), b)
             q_next = xp.where(broke[:, None], r, w / safe[:, None])
@@ -137,13 +136,13 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
             q_next = w / b[:, None]
         betas.append(b)
         q_prev, q, beta_prev = q, q_next, b
-        Q = Q + q[:, :, None] * xp.astype(columns == j + 1, dtype)
+        V = set_row(xp, V, j + 1, q)
     alpha = xp.stack(alphas, axis=1)
     if betas:
         beta = xp.stack(betas, axis=1)
     else:
         beta = xp.zeros((B, 0), dtype=dtype, device=device)
-    return alpha, beta, Q
+    return alpha, beta, xp.matrix_transpose(V)
 
 
 def tridiagonal(xp: Any, alpha: Array, beta: Array) -> Array:

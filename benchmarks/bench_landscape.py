@@ -25,9 +25,13 @@ Writes benchmarks/results/landscape.json. ``--quick``: an MLP 64-32-10, batch 32
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
+import inspect
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,8 +41,8 @@ import torch
 from _common import machine, now, write_json
 from torch import nn
 
-from fisherbound.adapters.torch import linearize, loss_function
-from fisherbound.landscape import default_step, loss_trace
+from fisherbound.adapters.torch import TorchLossFunction, linearize, loss_function
+from fisherbound.landscape import default_step, hessian_directions, loss_trace
 
 RESULTS = Path(__file__).parent / "results"
 NAME = "landscape"
@@ -110,7 +114,9 @@ def accuracy(quick: bool = False) -> list[dict[str, Any]]:
         for dtype in (torch.float32, torch.float64):
             model, x, y = make_mlp(activation, quick)
             loss = loss_function(model.to(dtype), x.to(dtype), y)
-            by_loss = loss_trace(loss, num_probes=32, rng=7, batch_size=16)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                by_loss = loss_trace(loss, num_probes=32, rng=7, batch_size=16, method="loss")
             by_hvp = loss_trace(loss, num_probes=32, rng=7, batch_size=16, method="hvp")
             out.append(
                 {
@@ -119,6 +125,8 @@ def accuracy(quick: bool = False) -> list[dict[str, Any]]:
                     "step": float(default_step(loss.params)),
                     "loss": [float(by_loss.value), float(by_loss.std_error)],
                     "hvp": [float(by_hvp.value), float(by_hvp.std_error)],
+                    # LossTraceWarning's reasons (absent before the warning existed).
+                    "warnings": [getattr(w.message, "reason", "?") for w in caught],
                 }
             )
     return out
@@ -140,15 +148,196 @@ def markdown(result: dict[str, Any]) -> str:
     )
     lines += [
         "",
-        "| activation | dtype | step h | tr H from loss values | tr H from HVPs, same probes |",
-        "| --- | --- | --- | --- | --- |",
+        "| activation | dtype | step h | tr H from loss values | tr H from HVPs, same probes "
+        "| loss-only warns |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["same_probes"]:
         (a, sa), (b, sb) = row["loss"], row["hvp"]
         lines.append(
             f"| {row['activation']} | {row['dtype']} | {row['step']:.3g} | {a:.5g} ± {sa:.2g} "
-            f"| {b:.5g} ± {sb:.2g} |"
+            f"| {b:.5g} ± {sb:.2g} | {', '.join(row.get('warnings', [])) or 'no'} |"
         )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# Hessian eigenpairs: hessian_directions against PyHessian's power iteration
+
+#: The tolerances tried for "equal accuracy": the loosest whose eigenvalue error is at
+#: most PyHessian's is the one timed (the list is fixed before any run).
+TOL_LADDER = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4)
+
+
+class HvpCount:
+    """Counts Hessian-vector products: fisherbound's TorchLossFunction.hvp and
+    PyHessian's ``hessian_vector_product`` (patched for the duration)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __enter__(self) -> HvpCount:
+        self._fb = TorchLossFunction.hvp
+        fb = self._fb
+
+        def hvp(loss: Any, v: Any) -> Any:
+            self.n += 1
+            return fb(loss, v)
+
+        TorchLossFunction.hvp = hvp  # type: ignore[method-assign]
+        self._fb_batch = TorchLossFunction.hvp_batch
+        fb_batch = self._fb_batch
+
+        def hvp_batch(loss: Any, V: Any) -> Any:  # an older eigsh's one-column matmat
+            self.n += int(V.shape[0])
+            return fb_batch(loss, V)
+
+        TorchLossFunction.hvp_batch = hvp_batch  # type: ignore[method-assign]
+        try:
+            ph = importlib.import_module("pyhessian.hessian")  # the module, not the class
+        except ImportError:
+            self._ph = None
+        else:
+            self._ph = ph.hessian_vector_product
+
+            def ph_hvp(*args: Any) -> Any:
+                self.n += 1
+                return self._ph(*args)
+
+            ph.hessian_vector_product = ph_hvp
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        TorchLossFunction.hvp = self._fb  # type: ignore[method-assign]
+        TorchLossFunction.hvp_batch = self._fb_batch  # type: ignore[method-assign]
+        if self._ph is not None:
+            importlib.import_module("pyhessian.hessian").hessian_vector_product = self._ph
+
+
+def eigen(reps: int, quick: bool = False) -> dict[str, Any]:
+    """Products, time and error of the top (and bottom) Hessian eigenpair.
+
+    The mean cross-entropy of the ReLU MLP (float32), as PyHessian computes it. The
+    reference λ_max, λ_min: ``hessian_directions`` on a float64 copy, tol 1e-10.
+    Each method runs ``reps`` times, interleaved with gradient steps (medians).
+    """
+    new_api = "which" in inspect.signature(hessian_directions).parameters
+    model, x, y = make_mlp(quick=quick)
+    loss = loss_function(model, x, y, reduction="mean")
+    ref64 = loss_function(copy.deepcopy(model).double(), x.double(), y, reduction="mean")
+    if new_api:
+        top = float(hessian_directions(ref64, which="largest", tol=1e-10, rng=1).eigenvalues[0])
+        bottom = float(hessian_directions(ref64, which="smallest", tol=1e-10, rng=1).eigenvalues[0])
+    else:
+        ref = hessian_directions(ref64, num_matvecs=min(ref64.num_params, 200), rng=1)
+        top, bottom = (float(v) for v in ref.eigenvalues)
+    loss.hvp(torch.ones(loss.num_params))  # warm-up: torch.func's first transform
+
+    def pyhessian_top() -> tuple[list[float], Any]:
+        from pyhessian import hessian
+
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)
+        h = hessian(m, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        return [float(h.eigenvalues(top_n=1)[0][0])], None
+
+    def fb(**kw: Any) -> Any:
+        def call() -> tuple[list[float], Any]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                hd = hessian_directions(loss, rng=0, **kw)
+            return [float(v) for v in hd.eigenvalues], hd
+
+        return call
+
+    def once(fn: Any) -> dict[str, Any]:
+        steps, secs = [], []
+        for _ in range(reps):
+            steps.append(timed(lambda: gradient_step(model, x, y)))
+            with HvpCount() as count:
+                start = time.perf_counter()
+                values, _ = fn()
+                secs.append(time.perf_counter() - start)
+            steps.append(timed(lambda: gradient_step(model, x, y)))
+        step = statistics.median(steps)
+        sec = statistics.median(secs)
+        return {
+            "values": values,
+            "products": count.n,
+            "seconds": sec,
+            "gradient_steps": sec / step,
+        }
+
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, fn: Any, wanted: tuple[str, ...]) -> dict[str, Any]:
+        r = once(fn)
+        exact = {"top": top, "bottom": bottom}
+        r["relative_errors"] = [
+            abs(v - exact[w]) / abs(exact[w]) for v, w in zip(r["values"], wanted, strict=True)
+        ]
+        r["method"] = name
+        rows.append(r)
+        return r
+
+    try:
+        import pyhessian  # noqa: F401
+    except ImportError:
+        ph = None
+    else:
+        ph = add(
+            "PyHessian hessian.eigenvalues (power iteration, tol 1e-3)", pyhessian_top, ("top",)
+        )
+    if not new_api:
+        add("hessian_directions() (both ends, fixed Lanczos steps)", fb(), ("top", "bottom"))
+        return {"reference": [top, bottom], "rows": rows, "equal_accuracy_tol": None}
+    add("hessian_directions(which='largest'), default tol", fb(which="largest"), ("top",))
+    chosen = None
+    if ph is not None:
+        for tol in TOL_LADDER:
+            vals, _ = fb(which="largest", tol=tol)()
+            if abs(vals[0] - top) / abs(top) <= ph["relative_errors"][0]:
+                chosen = tol
+                break
+        if chosen is not None:
+            add(
+                f"hessian_directions(which='largest', tol={chosen:g}), equal accuracy",
+                fb(which="largest", tol=chosen),
+                ("top",),
+            )
+    small = add(
+        "hessian_directions(which='smallest'), default tol", fb(which="smallest"), ("bottom",)
+    )
+    both = add("hessian_directions() (which='both', one run), default tol", fb(), ("top", "bottom"))
+    largest = next(r for r in rows if r["method"].endswith("'largest'), default tol"))
+    return {
+        "reference": [top, bottom],
+        "rows": rows,
+        "equal_accuracy_tol": chosen,
+        "both_vs_two_runs_products": both["products"] / (largest["products"] + small["products"]),
+    }
+
+
+def eigen_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Reference (float64, tol 1e-10): λ_max = {result['reference'][0]:.6g}, "
+        f"λ_min = {result['reference'][1]:.6g}.",
+        "",
+        "| method | Hessian-vector products | ms | × gradient step | relative error(s) |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in result["rows"]:
+        errs = ", ".join(f"{e:.1e}" for e in r["relative_errors"])
+        lines.append(
+            f"| {r['method']} | {r['products']} | {1e3 * r['seconds']:.4g} | "
+            f"{r['gradient_steps']:.3g} | {errs} |"
+        )
+    if "both_vs_two_runs_products" in result:
+        lines += [
+            "",
+            "products of the one 'both' run / products of the 'largest' and 'smallest' runs: "
+            f"{result['both_vs_two_runs_products']:.3g}",
+        ]
     return "\n".join(lines)
 
 
@@ -189,7 +378,7 @@ def figures(out: Path) -> None:
         acc_te = float((model(xte).argmax(1) == yte).double().mean())
     batches = [(xtr[i : i + 500], ytr[i : i + 500]) for i in range(0, 1500, 500)]
     losses = [loss_function(model, xb, yb, reduction="mean") for xb, yb in batches]
-    hd = hessian_directions(losses, num_matvecs=80, rng=0)
+    hd = hessian_directions(losses, rng=0)
     rand = random_directions(losses[0], num_directions=2, kind="filter", rng=1)
     s_rand = surface(losses, rand, num_points=31, span=1.0)
     s_hess = surface(losses, hd, num_points=31, span=1.0)
@@ -229,7 +418,7 @@ def figures(out: Path) -> None:
         title="Fisher diagonal per block (500 digits, mean)",
     )
     fig.savefig(out / "landscape_fisher_diagonal.png", dpi=70)
-    by_loss = loss_trace(losses, num_probes=200, rng=3)
+    by_loss = loss_trace(losses, num_probes=200, rng=3, method="loss")
     by_hvp = loss_trace(losses, num_probes=200, rng=3, method="hvp")
     exact = sum(float(torch.trace(torch.func.hessian(lf._loss)(lf.params))) for lf in losses) / len(
         losses
@@ -279,14 +468,37 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="a small MLP, 4 probes, 1 rep")
     parser.add_argument("--figures", type=Path, default=None)
+    parser.add_argument(
+        "--eigen",
+        action="store_true",
+        help="the top and bottom Hessian eigenpairs against PyHessian's power iteration",
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.figures is not None:
         figures(args.figures)
         return
-    result = run(quick=args.quick, threads=args.threads, reps=args.reps, probes=args.probes)
     record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
-    write_json(RESULTS / "landscape.json", {**record, **result})
+    if args.eigen:
+        reps = args.reps or (1 if args.quick else 3)
+        result = eigen(reps, args.quick)
+        model = (
+            "MLP 64-32-10 (ReLU), batch 32"
+            if args.quick
+            else "MLP 784-512-256-10 (ReLU), batch 128"
+        )
+        result |= {
+            "model": f"{model}, float32, mean cross-entropy",
+            "threads": args.threads,
+            "reps": reps,
+        }
+        write_json(args.out or RESULTS / "landscape_eigen.json", {**record, **result})
+        print(result["model"])
+        print(eigen_markdown(result))
+        return
+    result = run(quick=args.quick, threads=args.threads, reps=args.reps, probes=args.probes)
+    write_json(args.out or RESULTS / "landscape.json", {**record, **result})
     print(markdown(result))
 
 

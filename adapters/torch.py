@@ -32,6 +32,7 @@ any module whose forward ``torch.func`` can transform.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -118,8 +119,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         raw_inputs: object = None,
     ) -> None:
         self._bind(selection, inputs, spec)
-        model, names, tensors = selection
-        self._fast_candidates, self._static_reasons = static_candidates(model, names, tensors)
+        self._selection = selection  # the fast path's static candidates, at its first use
         self._plan: FastPathPlan | None = None
         check = self._output_check()
 
@@ -240,6 +240,35 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         self._operand(u, "u", *self._out_shape())
         return self._flatten(self._vjp_fn(self._masked_cotangent(u)))
 
+    def _squared_vjp(self, u: Tensor, traces: bool) -> tuple[Tensor, None, Tensor | None]:
+        """(Jᵀ u) ⊙ (Jᵀ u) (D,), squared by hooks while each gradient is still in cache.
+
+        One plain backward pass; a hook on each parameter leaf writes the square of
+        its gradient into the flat result the moment the gradient is complete.
+        """
+        out = u.new_empty((self.num_params,))
+        z = self._graph
+        if not z.requires_grad:  # no selected parameter reaches the logits
+            out.zero_()
+            return out, None, out.sum()[None] if traces else None
+        handles = []
+        offset = 0
+        parts = []
+        for leaf, size in zip(self._leaves, self._sizes, strict=True):
+            part = out[offset : offset + size]
+            offset += size
+            parts.append(part)
+            handles.append(leaf.register_hook(functools.partial(_square_into, part)))
+        try:
+            grads = torch.autograd.grad(z, self._leaves, u, retain_graph=True, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        for g, part in zip(grads, parts, strict=True):
+            if g is None:  # a parameter that does not reach the logits: its hook never ran
+                part.zero_()
+        return out, None, out.sum()[None] if traces else None
+
     def jvp_batch(self, V: Tensor, /) -> Tensor:
         """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C) (vmapped jvp)."""
         self._operand(V, "V", (None, self.num_params), self._shape_text("M", "D"))
@@ -274,11 +303,9 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         matrix [g_1 … g_M].
 
         One backward pass batched over the M cotangents (as ``vjp_batch``), then
-        the moments parameter by parameter in chunks of columns small enough to
-        stay in the CPU cache (the variance shifted by the first probe's square,
-        so an entry equal for every probe has variance exactly 0): no flat (M, D)
-        copy, one pass over the gradients from memory. Memory: the M gradients
-        plus 2 D-vectors.
+        the moments from their power sums Σ g⁴ and Σ g² (see ``_square_moments`` for the
+        rounding), parameter by parameter, written straight into the flat
+        outputs: no flat (M, D) copy. Memory: the M gradients plus 2 D-vectors.
 
         Examples
         --------
@@ -296,11 +323,18 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             msg = "U must hold at least one cotangent (M >= 1); got M = 0."
             raise ValueError(msg)
         cot = self._masked_cotangent(U)
-        if m == 1:  # a plain backward pass (no batching overhead)
-            grads = tuple(g[None] for g in self._pullback(cot[0], batched=False))
-        else:
-            grads = self._pullback(cot, batched=True)
-        return _square_moments([g.reshape(m, -1) for g in grads], traces)
+        if m == 1:
+            return self._squared_vjp(cot[0], traces)
+        grads = self._pullback(cot, batched=True)
+        flat = [g.reshape(m, -1) for g in grads]
+        # Autograd may hand back the cotangent itself (a parameter that IS the
+        # output): square in place only buffers that share no memory with U.
+        # Nor twice the same buffer (one gradient handed to two parameters).
+        given = {cot.untyped_storage().data_ptr(), U.untyped_storage().data_ptr()}
+        ptrs = [g.untyped_storage().data_ptr() for g in flat]
+        own = all(g.is_contiguous() for g in flat) and len(set(ptrs)) == len(ptrs)
+        own = own and not given.intersection(ptrs)
+        return _square_moments(flat, traces, own)
 
     def per_example_vjp(self, U: Tensor, /, *, examples: slice | None = None) -> Tensor:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
@@ -566,9 +600,10 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         """The cached plan, and the recorded forward pass it was decided on (first time)."""
         if self._plan is not None:
             return self._plan, None
+        candidates, static_reasons = static_candidates(*self._selection)
         plan, forward = plan_fast_path(
-            self._fast_candidates,
-            self._static_reasons,
+            candidates,
+            static_reasons,
             self._names,
             self._leaf_forward,
             self._grad_batched,
@@ -600,57 +635,52 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return batched_grad(z, outputs, cot, retain)
 
 
-#: Numbers of one chunk of probes × entries in ``_square_moments``: its temporaries
-#: (4 to 8 bytes each) stay in the CPU cache, and a chunk is large enough that the
-#: per-operation overhead of torch does not dominate.
-_CHUNK_NUMBERS = 1 << 20
+def _square_into(out: Tensor, g: Tensor) -> None:
+    """The hook of ``_squared_vjp``: ``out`` = g ⊙ g, flat; the gradient itself unchanged."""
+    with torch.no_grad():
+        torch.mul(g.reshape(-1), g.reshape(-1), out=out)
 
 
 def _square_moments(
-    grads: Sequence[Tensor], traces: bool
+    grads: Sequence[Tensor], traces: bool, own: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Mean and sample variance over m of g_m ⊙ g_m, blocks (M, D_b) → (D,) each.
 
-    Shifted moments: with q_m = g_m ⊙ g_m and d_m = q_m − q_1, mean = q_1 + Σ d / M
-    and variance = (Σ d² − (Σ d)² / M) / (M − 1), chunk by chunk (each chunk's
-    temporaries stay in cache, the sums go straight into the flat outputs).
+    From the power sums S₁ = Σ_m g_m², S₂ = Σ_m g_m⁴ of each entry: mean S₁ / M,
+    variance (S₂ − S₁² / M) / (M − 1), clamped at 0 (in float32 a relative
+    rounding error of about eps (1 + mean² / variance), negligible unless an entry
+    barely varies between the probes; one that never varies gets a standard error
+    of order √eps · mean instead of 0). Four passes over the gradients, each
+    written straight into the flat outputs; the gradients are squared in place
+    when ``own`` (they belong to this call), which saves an (M, D) buffer.
     """
     m = int(grads[0].shape[0])
     d = sum(int(g.shape[1]) for g in grads)
     ref = grads[0]
-    mean = ref.new_empty((d,))
-    tr = ref.new_zeros((m,)) if traces else None
-    offset = 0
-    if m == 1:
-        with torch.no_grad():
-            for g in grads:
-                size = int(g.shape[1])
-                q = torch.mul(g[0], g[0], out=mean[offset : offset + size])
-                if tr is not None:
-                    tr += q.sum()
-                offset += size
-        return mean, None, tr
     s1 = ref.new_empty((d,))
-    var = ref.new_empty((d,))
-    step = max(1024, _CHUNK_NUMBERS // m)
+    s2 = ref.new_empty((d,)) if m > 1 else None
+    tr = ref.new_empty((len(grads), m)) if traces else None
+    offset = 0
     with torch.no_grad():
-        for g in grads:
-            size = int(g.shape[1])
-            for s in chunks(size, step):
-                out = slice(offset + s.start, offset + s.stop)
-                gc = g[:, s]
-                q = gc * gc
+        for i, g in enumerate(grads):
+            out = slice(offset, offset + int(g.shape[1]))
+            offset = out.stop
+            if m == 1:
+                q = torch.mul(g[0], g[0], out=s1[out])
                 if tr is not None:
-                    tr += q.sum(dim=1)
-                mean[out] = q[0]
-                dev = q[1:] - q[0]
-                torch.sum(dev, dim=0, out=s1[out])
-                dev.mul_(dev)
-                torch.sum(dev, dim=0, out=var[out])
-            offset += size
-        mean.add_(s1, alpha=1.0 / m)
-        var.addcmul_(s1, s1, value=-1.0 / m).div_(m - 1).clamp_(min=0.0)
-    return mean, var, tr
+                    tr[i] = q.sum()
+                continue
+            q = g.mul_(g) if own else g * g
+            torch.sum(q, dim=0, out=s1[out])
+            if tr is not None:
+                tr[i] = q.sum(dim=1)
+            q.mul_(q)
+            torch.sum(q, dim=0, out=s2[out])  # type: ignore[index]
+        if s2 is None:
+            return s1, None, None if tr is None else tr.sum(dim=0)
+        var = s2.addcmul_(s1, s1, value=-1.0 / m).div_(m - 1).clamp_(min=0.0)
+        s1.div_(m)
+    return s1, var, None if tr is None else tr.sum(dim=0)
 
 
 # ---------------------------------------------------------------------------

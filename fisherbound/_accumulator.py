@@ -372,8 +372,15 @@ class Accumulator:
         """The ``Estimate`` with value and standard error multiplied by ``scale``."""
         xp = array_namespace(_leaves(self._value)[0], names=("value",))
         value = self._value if scale == 1.0 else _map(lambda v: v * scale, self._value)
-        if self._unknown:  # NaN, without the (slow) square root of NaNs
-            se = _map(lambda v: xp.full_like(v, float("nan")), value)
+        if self._unknown:
+            # NaN, without the (slow) square root of NaNs, and as a read-only broadcast
+            # of one NaN: writing D NaNs would cost a tenth of a gradient step.
+            se = _map(
+                lambda v: xp.broadcast_to(
+                    xp.full((), float("nan"), dtype=v.dtype, device=device_of(v)), v.shape
+                ),
+                value,
+            )
         elif scale == 1.0:
             se = _map(xp.sqrt, self._variance)
         else:

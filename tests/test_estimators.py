@@ -583,6 +583,55 @@ def test_torch_square_moments_are_those_of_the_probe_gradients(m) -> None:
         lin.vjp_batch_square_moments(u[:0])
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_torch_square_moments_leave_the_cotangents_alone(m) -> None:
+    # A parameter that IS the output: autograd may return the cotangent itself as
+    # its gradient, which must not be squared in place.
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.torch import linearize as torch_linearize
+
+    class Table(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))
+
+        def forward(self, x: Any) -> Any:
+            return self.p + 0.0 * x
+
+    lin = torch_linearize(Table(), torch.ones(4, 3, dtype=torch.float64))
+    u = torch.arange(m * 12, dtype=torch.float64).reshape(m, 4, 3)
+    before = u.clone()
+    mean, _, _ = lin.vjp_batch_square_moments(u)
+    torch.testing.assert_close(u, before, rtol=0, atol=0)
+    torch.testing.assert_close(mean, (before**2).mean(dim=0).reshape(-1), rtol=1e-12, atol=0)
+
+
+def test_torch_one_probe_square_with_a_shared_and_an_unused_parameter() -> None:
+    # M = 1 squares each gradient in a hook on its leaf: a layer applied twice
+    # must be squared once, after both contributions; an unused parameter is 0.
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.torch import linearize as torch_linearize
+
+    class Twice(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = torch.nn.Linear(3, 3).double()
+            self.unused = torch.nn.Linear(3, 3).double()
+
+        def forward(self, x: Any) -> Any:
+            return self.shared(torch.tanh(self.shared(x)))
+
+    torch.manual_seed(1)
+    lin = torch_linearize(Twice(), torch.randn(5, 3, dtype=torch.float64))
+    u = torch.randn(1, 5, 3, dtype=torch.float64)
+    mean, var, traces = lin.vjp_batch_square_moments(u, traces=True)
+    expected = lin.vjp(u[0]) ** 2
+    torch.testing.assert_close(mean, expected, rtol=1e-12, atol=0)
+    assert var is None
+    assert float(expected[-12:].abs().max()) == 0.0  # the unused layer
+    torch.testing.assert_close(traces, expected.sum()[None], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("target", [None, 0.3])
 def test_torch_diagonal_from_moments_equals_the_samples_path(target) -> None:
     # The adapter's moments (one batched backward, no (M, D) samples) and the

@@ -32,6 +32,7 @@ from fisherbound._lib._namespace import (
     array_namespace,
     device_of,
     is_array,
+    is_writeable_array,
     set_row,
     to_host,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "fingerprint",
     "first_indices",
     "is_array",
+    "is_writeable_array",
     "is_traced",
     "probes",
     "progress_bar",

@@ -71,6 +71,11 @@ def device_of(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
+def is_writeable_array(x: Array) -> bool:
+    """Whether ``x`` can be written in place (``array_api_compat.is_writeable_array``)."""
+    return bool(array_api_compat.is_writeable_array(x))
+
+
 def set_row(xp: Any, A: Array, i: int, v: Array) -> Array:
     """``A`` (..., m, n) with row i of its last two axes replaced by ``v`` (..., n).
 
@@ -78,7 +83,7 @@ def set_row(xp: Any, A: Array, i: int, v: Array) -> Array:
     array-api-strict: O(n) per row); a JAX array through ``.at[].set`` (a copy,
     outside ``jit``); any other immutable array by a masked sum (O(m n)).
     """
-    if array_api_compat.is_writeable_array(A):
+    if is_writeable_array(A):
         A[..., i, :] = v
         return A
     if array_api_compat.is_jax_array(A):

@@ -13,6 +13,7 @@ from fisherbound._lib import (
     check_floating,
     check_positive_int,
     device_of,
+    is_writeable_array,
     probes,
     set_row,
     to_host,
@@ -107,6 +108,9 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
     # The bases as rows, V (B, m, n): each basis vector is contiguous, written in place
     # where the library allows it, and the Gram–Schmidt passes read only the filled rows.
     V = set_row(xp, xp.zeros((B, m, n), dtype=dtype, device=device), 0, V0)
+    # Without in-place writes (JAX) every step works on the whole V (zero rows do not
+    # change the Gram–Schmidt passes): one shape, so each operation compiles once.
+    static = not is_writeable_array(V)
     q, q_prev, beta_prev, norm_t = V0, xp.zeros_like(V0), zeros, zeros
     alphas: list[Array] = []
     betas: list[Array] = []
@@ -120,7 +124,7 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
         if j == m - 1:
             break
         w = w - a[:, None] * q - beta_prev[:, None] * q_prev
-        filled = V[:, : j + 1, :]
+        filled = V if static else V[:, : j + 1, :]
         w = _orthogonalize(xp, filled, w)
         b = xp.linalg.vector_norm(w, axis=1)
         norm_t = xp.maximum(norm_t, xp.abs(a) + beta_prev + b)
@@ -295,6 +299,10 @@ class _Krylov:
         self.n = n
         self.factor = _breakdown_factor(xp, op.dtype, n)
         self.V = xp.zeros((p, n), dtype=op.dtype, device=op.device)
+        # Libraries without in-place writes (JAX) keep every operation at one shape, so
+        # that each compiles once: they orthogonalise against all p rows (zeros beyond
+        # j) and solve T on the host; the others read only the filled rows.
+        self.static = not is_writeable_array(self.V)
         self.T = np.zeros((p, p))
         self.j = 0
         self.q: Array | None = v
@@ -307,7 +315,7 @@ class _Krylov:
         xp, j, q = self.xp, self.j, self.q
         assert q is not None
         self.V = set_row(xp, self.V, j, q)
-        V = self.V[: j + 1, :]  # the filled rows (a view where the library has views)
+        V = self.V if self.static else self.V[: j + 1, :]  # a view: the filled rows
         w = self.op.matvec(q)
         self.products += 1
         norm_before = xp.linalg.vector_norm(w)
@@ -322,7 +330,7 @@ class _Krylov:
             w = w - h2 @ V
             more = to_host(xp.concat([h2, xp.linalg.vector_norm(w)[None]]))
             more = self.np.asarray(more, dtype=self.np.float64)
-            coeffs = self.np.concatenate([coeffs[: j + 1] + more[:-1], more[-1:]])
+            coeffs = self.np.concatenate([coeffs[: j + 1] + more[: j + 1], more[-1:]])
         else:
             coeffs = self.np.concatenate([coeffs[: j + 1], coeffs[-1:]])
         col, b = coeffs[: j + 1], float(coeffs[-1])
@@ -339,7 +347,7 @@ class _Krylov:
         self.q = self._random_orthogonal() if self.j < min(self.p, self.n) else None
 
     def _random_orthogonal(self) -> Array:
-        xp, V = self.xp, self.V[: self.j, :]
+        xp, V = self.xp, self.V if self.static else self.V[: self.j, :]
         r = probes(
             self.gen,
             (self.n,),
@@ -355,12 +363,16 @@ class _Krylov:
     def ritz(self) -> tuple[Any, Any, Any]:
         """Ritz values θ (ascending), the eigenvectors S of T and residuals β |S[j−1, i]|.
 
-        T is small (j ≤ p) but solved in the operator's namespace: NumPy's threaded
-        LAPACK takes milliseconds for a 40 × 40 matrix beside a busy torch pool.
+        T is small (j ≤ p). It is solved in the operator's namespace (NumPy's threaded
+        LAPACK takes milliseconds for a 40 × 40 matrix beside a busy torch pool), except
+        for JAX, which would compile an eigensolver for every j: NumPy there.
         """
-        xp, j = self.xp, self.j
-        T = xp.asarray(self.T[:j, :j], dtype=xp.float64, device=self.op.device)
-        theta, S = (self.np.asarray(to_host(a), dtype=self.np.float64) for a in xp.linalg.eigh(T))
+        np, j = self.np, self.j
+        xp = np if self.static else self.xp
+        T = xp.asarray(
+            self.T[:j, :j], dtype=xp.float64, device=None if self.static else self.op.device
+        )
+        theta, S = (np.asarray(to_host(a), dtype=np.float64) for a in xp.linalg.eigh(T))
         return theta, S, self.beta * self.np.abs(S[j - 1, :])
 
     def restart(self, S_keep: Any, theta_keep: Any) -> None:

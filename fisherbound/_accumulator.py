@@ -36,7 +36,15 @@ from fisherbound._lib import (
 
 Array = Any
 
-__all__ = ["Accumulator", "FactorSum", "PerExampleRows", "ProbeMoments", "RowStack", "SampleSum"]
+__all__ = [
+    "Accumulator",
+    "FactorSum",
+    "PerExampleRows",
+    "ProbeMoments",
+    "RowStack",
+    "SampleSum",
+    "moments_of_samples",
+]
 
 
 def _map(f: Any, *trees: Any) -> Any:
@@ -438,6 +446,26 @@ class ProbeMoments(NamedTuple):
     variance: Any
     num_probes: int
     traces: Any = None
+
+
+def moments_of_samples(samples: Array, xp: Any, *, traces: bool) -> ProbeMoments:
+    """The ``ProbeMoments`` of per-probe samples (M, D), in three passes over them.
+
+    From the power sums S₁ = Σ_m s_m and S₂ = Σ_m s_m²: mean S₁ / M and variance
+    (S₂ − S₁² / M) / (M − 1), clamped at 0 (relative rounding error about
+    eps · (1 + mean² / variance), see the torch adapter's ``_square_moments``);
+    the trace samples Σ_i s_mi (M,) only with ``traces``. ``Accumulator.update``
+    takes the two-pass route (mean, then deviations) and the trace summary five
+    or six passes in all; the estimators' samples are large (M × D).
+    """
+    m = int(samples.shape[0])
+    per_probe = xp.sum(samples, axis=1) if traces else None
+    if m == 1:
+        return ProbeMoments(samples[0, ...], None, 1, per_probe)
+    s1 = xp.sum(samples, axis=0)
+    s2 = xp.sum(samples * samples, axis=0)
+    var = xp.clip((s2 - s1 * s1 / m) / (m - 1), min=0.0)
+    return ProbeMoments(s1 / m, var, m, per_probe)
 
 
 class PerExampleRows:

@@ -60,7 +60,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._accumulator import Accumulator, ProbeMoments, SampleSum
+from fisherbound._accumulator import Accumulator, ProbeMoments, SampleSum, moments_of_samples
 from fisherbound._lib import (
     DISTRIBUTIONS,
     REDUCTIONS,
@@ -277,26 +277,18 @@ def _probe_samples(
     kernel: str,
     per_example: bool,
     max_vectors: int | None,
-    traces: bool = True,
 ) -> Any:
     """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, ∗S, R).
 
     One cotangent of the logits' shape per probe: M backward passes (batch level)
     or M per-example backward passes per example (``per_example``), whatever the
-    number of positions P and classes C. The batch-level diagonal comes as
-    ``ProbeMoments`` (mean and variance over the probes of g_m ⊙ g_m; the
-    per-probe traces only if ``traces``) when the adapter reduces them itself
-    (``vjp_batch_square_moments``: no (M, D) samples, no second pass over them).
+    number of positions P and classes C.
     """
     xp = lin.xp
     u = _cotangents(family, lin.logits, xi, kernel, xp)
     if per_example:
         return qty.from_squares(lin, u, max_vectors)
     m = int(u.shape[0])
-    moments = getattr(lin, "vjp_batch_square_moments", None)
-    if qty.what == "diagonal" and moments is not None and (max_vectors is None or m <= max_vectors):
-        mean, variance, per_probe = moments(u, traces=traces)
-        return ProbeMoments(mean, variance, m, per_probe)
     if m == 1:  # one probe: a plain VJP (no batching overhead)
         g = lin.vjp(u[0, ...])[None, ...]
     elif max_vectors is None or m <= max_vectors:
@@ -307,6 +299,38 @@ def _probe_samples(
             axis=0,
         )
     return qty.from_gradients(g, xp)
+
+
+def _probe_stratum(
+    lin: Any,
+    family: Family,
+    xi: Array,
+    qty: Quantity,
+    *,
+    kernel: str,
+    per_example: bool,
+    max_vectors: int | None,
+    traces: bool,
+) -> Any:
+    """What one batch adds to the running sum: its samples, or for the diagonal their moments.
+
+    The diagonal's (M, D) samples are reduced at once to ``ProbeMoments`` (mean
+    and variance over the probes, the per-probe traces only if ``traces``): by
+    the adapter without forming them (``vjp_batch_square_moments``, batch level)
+    or by ``moments_of_samples`` (three passes instead of the accumulator's six).
+    """
+    m = int(xi.shape[0])
+    diagonal = qty.what == "diagonal"
+    moments = getattr(lin, "vjp_batch_square_moments", None)
+    fits = max_vectors is None or m <= max_vectors
+    if diagonal and not per_example and moments is not None and fits:
+        u = _cotangents(family, lin.logits, xi, kernel, lin.xp)
+        mean, variance, per_probe = moments(u, traces=traces)
+        return ProbeMoments(mean, variance, m, per_probe)
+    samples = _probe_samples(
+        lin, family, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
+    )
+    return moments_of_samples(samples, lin.xp, traces=traces) if diagonal else samples
 
 
 def _check_distributed_target(coll: Collective | None, target: float | None, what: str) -> None:
@@ -484,7 +508,7 @@ def detach_and_mix(
             dtype=lin.logits.dtype,
             device=lin.device,
         )
-        return _probe_samples(
+        return _probe_stratum(
             lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors,
             traces=target is not None,
         )  # fmt: skip

@@ -10,7 +10,12 @@ one plain gradient step (forward + backward of the mean cross-entropy):
 - BackPACK's DiagGGNExact, DiagGGNMC (1, 10) and SumGradSquared (the per-example
   empirical Fisher) when ``backpack`` (backpack-for-pytorch) is importable;
 - the trace: detach-and-mix with 100 probes against Hutchinson with 100 probes on
-  the exact Fisher operator (one JVP + one VJP per probe).
+  the exact Fisher operator (one JVP + one VJP per probe);
+- "cheaper than exact": where C cotangents per example are many (C = 100, 1000
+  classes) or the fast path is missing (an MLP of custom ``Dense`` layers, which
+  take the generic per-example path), the exact diagonal against the per-example
+  detach-and-mix estimate with M = 2, 4, 8, 16 probes: cost, relative error and
+  relative error bar (‖SE‖/‖d‖), and the cheapest M that reaches 10 %.
 
 It reports the cost in gradient steps (median over repetitions), the relative
 error ‖d̂ − d‖/‖d‖ against the exact diagonal (root mean square over a few
@@ -21,6 +26,7 @@ trained, confident copy of the MLP (mean top probability >= 0.9). It checks that
 the exact diagonals of fisherbound and BackPACK agree.
 
 Run:  python benchmarks/bench_estimators.py [--reps 5] [--threads 2] [--quick]
+      [--models mlp cnn] [--no-cheaper]
 Writes benchmarks/results/estimators.json and, with matplotlib,
 benchmarks/results/estimators.png (relative error against cost). ``--quick``:
 tiny models, k <= 10, no confident model and no memory measurement.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import math
@@ -104,6 +111,45 @@ def make_cnn_quick() -> tuple[nn.Module, torch.Tensor]:
         nn.Linear(4 * 4 * 4, 10),
     )
     return model, torch.randn(8, 3, 8, 8)
+
+
+class Dense(nn.Module):
+    """A linear layer the torch fast path does not know: the generic per-example path."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        ref = nn.Linear(n_in, n_out)
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.bias = nn.Parameter(ref.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def make_wide(classes: int, *, fast: bool = True, quick: bool = False) -> nn.Module:
+    sizes = (64, 32) if quick else (784, 512, 256)
+    layer = nn.Linear if fast else Dense
+    mods: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        mods += [layer(a, b), nn.ReLU()]
+    return nn.Sequential(*mods, layer(sizes[-1], classes))
+
+
+#: The "cheaper than exact" models: (label, classes, fast path).
+CHEAPER = {
+    "mlp_c100": ("MLP 784-512-256-100, batch 128", 100, True),
+    "mlp_c1000": ("MLP 784-512-256-1000, batch 128", 1000, True),
+    "mlp_generic": (
+        "MLP 784-512-256-10 of custom Dense layers (no fast path), batch 128",
+        10,
+        False,
+    ),
+}
+CHEAPER_PROBES = (2, 4, 8, 16)
+#: Batch-level probes (no per-example products: the way without a fast path),
+#: in batched VJPs of at most ``CHEAPER_CHUNK`` probes.
+CHEAPER_BATCH_PROBES = (64, 256)
+CHEAPER_CHUNK = 32
 
 
 MODELS = {
@@ -356,6 +402,87 @@ def bench_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def bench_cheaper(args: argparse.Namespace) -> dict[str, Any]:
+    """Exact diagonal against detach-and-mix where C is large or there is no fast path.
+
+    Per model: the cost (gradient steps, median of interleaved ratios) of
+    ``fisher_diagonal`` and of ``detach_and_mix`` with M probes, per example
+    (``per_example=True``) and at batch level (batched VJPs of ``CHEAPER_CHUNK``
+    probes), the root-mean-square relative error ‖d̂ − d‖/‖d‖ over ``draws``
+    seeds, the mean relative error bar ‖SE‖/‖d‖ (what the estimate says of
+    itself), and the cheapest estimate whose error is at most 10 %.
+    """
+    out: dict[str, Any] = {}
+    n = 32 if args.quick else 128
+    for key, (label, classes, fast) in CHEAPER.items():
+        torch.manual_seed(0)
+        model = make_wide(classes, fast=fast, quick=args.quick)
+        model.eval()
+        x = torch.randn(n, 64 if args.quick else 784)
+        y = torch.randint(0, classes, (n,))
+
+        def exact_call(seed: int = 0, model: nn.Module = model, x: torch.Tensor = x) -> Any:
+            return fisher_diagonal(linearize(model, x), progress=False)
+
+        def dm_call(
+            m: int, per_example: bool, seed: int, model: nn.Module = model, x: torch.Tensor = x
+        ) -> Any:
+            return detach_and_mix(
+                linearize(model, x),
+                num_probes=m,
+                rng=seed,
+                per_example=per_example,
+                max_vectors=None if per_example else CHEAPER_CHUNK,
+                progress=False,
+            )
+
+        draws_of: dict[str, Callable[[int], Any]] = {}
+        for m in CHEAPER_PROBES[:2] if args.quick else CHEAPER_PROBES:
+            draws_of[f"dm_per_example_{m}"] = functools.partial(dm_call, m, True)
+        for m in (4, 8) if args.quick else CHEAPER_BATCH_PROBES:
+            draws_of[f"dm_{m}"] = functools.partial(dm_call, m, False)
+        calls: dict[str, Callable[[int], Any]] = {"exact": exact_call, **draws_of}
+        reps = max(1, min(args.reps, 3))
+        ratios: dict[str, list[float]] = {k: [] for k in calls}
+        for rep in range(1 + reps):  # the first round warms up
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                grad_step(model, x, y)
+                t_step = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                fn(rep)
+                if rep:
+                    ratios[name].append((time.perf_counter() - t0) / t_step)
+        cost = {k: statistics.median(v) for k, v in ratios.items()}
+        exact = exact_call()
+        norm = float(torch.linalg.vector_norm(exact))
+        errors: dict[str, float] = {}
+        bars: dict[str, float] = {}
+        for name, draw in draws_of.items():
+            ests = [draw(100 + s) for s in range(args.draws)]
+            errors[name] = math.sqrt(
+                statistics.fmean([rel_error(e.value, exact) ** 2 for e in ests])
+            )
+            bars[name] = statistics.fmean(
+                [float(torch.linalg.vector_norm(e.std_error)) / norm for e in ests]
+            )
+        reached = [name for name in draws_of if errors[name] <= 0.1]
+        best = min(reached, key=lambda name: cost[name]) if reached else None
+        quick_label = label.replace("784-512-256", "64-32").replace("128", "32") + " (quick)"
+        out[key] = {
+            "model": quick_label if args.quick else label,
+            "classes": classes,
+            "fast_path": fast,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "cost": cost,
+            "relative_error": errors,
+            "relative_error_bar": bars,
+            "cheapest_within_10_percent": best,
+            "cheaper_than_exact": None if best is None else cost[best] < cost["exact"],
+        }
+    return out
+
+
 def trace_errors(model: nn.Module, x: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """Exact relative standard errors of the two trace estimates with 100 probes.
 
@@ -515,7 +642,53 @@ def markdown(results: dict[str, Any]) -> str:
         if r["checks"]:
             lines += ["", "Checks: " + ", ".join(f"{k} = {v:.2e}" for k, v in r["checks"].items())]
         lines.append("")
+    lines += markdown_cheaper(results.get("cheaper_than_exact", {}))
     return "\n".join(lines)
+
+
+def _estimate_label(name: str) -> str:
+    """``dm_per_example_4`` → "per-example, M = 4"; ``dm_256`` → "batch level, M = 256"."""
+    m = name.rsplit("_", 1)[1]
+    return f"{'per-example' if 'per_example' in name else 'batch level'}, M = {m}"
+
+
+def markdown_cheaper(cheap: dict[str, Any]) -> list[str]:
+    """The "cheaper than exact" table: cost, error and error bar per model and M."""
+    if not cheap:
+        return []
+    lines = [
+        "### The diagonal to 10 % with an error bar, against the exact diagonal",
+        "",
+        "Detach-and-mix with M probes, per example (`per_example=True`) or at batch level "
+        f"(batched VJPs of {CHEAPER_CHUNK} probes); relative error ‖d̂ − d‖/‖d‖ (root mean "
+        "square over draws) and relative error bar ‖SE‖/‖d‖.",
+        "",
+        "| model | D | exact (steps) | estimate | cost (steps) | relative error | error bar | "
+        "cheapest to 10 % |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in cheap.values():
+        best = r["cheapest_within_10_percent"]
+        verdict = (
+            "none measured"
+            if best is None
+            else f"{_estimate_label(best)}: "
+            + ("cheaper" if r["cheaper_than_exact"] else "dearer")
+            + f" ({r['cost'][best]:.1f} vs {r['cost']['exact']:.1f})"
+        )
+        first = True
+        for name, err in r["relative_error"].items():
+            head = (
+                f"| {r['model']} | {r['num_params']:,} | {r['cost']['exact']:.1f} "
+                if first
+                else "| | | "
+            )
+            lines.append(
+                f"{head}| {_estimate_label(name)} | {r['cost'][name]:.2f} | {err:.3f} | "
+                f"{r['relative_error_bar'][name]:.3f} | {verdict if first else ''} |"
+            )
+            first = False
+    return [*lines, ""]
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
@@ -527,6 +700,8 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     models = results["models"]
+    if not models:
+        return False
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, r in zip(axes[0], models.values()):
         for fam, pattern in ERROR_KS.items():
@@ -564,6 +739,7 @@ def run(
     warmup: int = 1,
     draws: int | None = None,
     memory: bool | None = None,
+    cheaper: bool = True,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     args = SimpleNamespace(
@@ -577,12 +753,21 @@ def run(
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         # BackPACK's hooks warn that no input requires a gradient (expected here).
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        results = {key: bench_model(key, args) for key in (models or list(registry(quick)))}
+        keys = list(registry(quick)) if models is None else list(models)
+        results = {key: bench_model(key, args) for key in keys}
+        cheap = bench_cheaper(args) if cheaper else {}
     ratios = {
         f"{key}: {name} / gradient step": c
         for key, r in results.items()
         for name, c in r["cost"].items()
     }
+    ratios.update(
+        {
+            f"{key}: {name} / gradient step": c
+            for key, r in cheap.items()
+            for name, c in r["cost"].items()
+        }
+    )
     return {
         "threads": threads,
         "dtype": "float32",
@@ -590,6 +775,7 @@ def run(
         "draws": args.draws,
         "backpack": importlib.util.find_spec("backpack") is not None,
         "models": results,
+        "cheaper_than_exact": cheap,
         "seconds": time.perf_counter() - start,
         "ratios": ratios,
     }
@@ -601,7 +787,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--draws", type=int, default=None, help="draws per relative error")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
+    parser.add_argument("--models", nargs="*", default=None, choices=list(MODELS))
+    parser.add_argument(
+        "--no-cheaper",
+        action="store_true",
+        help="skip the C >= 100 / no-fast-path section (exact diagonal against estimates)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny models, k <= 10, no confident model, no memory"
     )
@@ -619,6 +810,7 @@ def main() -> None:
         reps=args.reps,
         warmup=args.warmup,
         draws=args.draws,
+        cheaper=not args.no_cheaper,
     )
     results = {
         "date": now(),

@@ -322,15 +322,39 @@ def _probe_stratum(
     m = int(xi.shape[0])
     diagonal = qty.what == "diagonal"
     moments = getattr(lin, "vjp_batch_square_moments", None)
-    fits = max_vectors is None or m <= max_vectors
-    if diagonal and not per_example and moments is not None and fits:
+    if diagonal and not per_example and moments is not None:
         u = _cotangents(family, lin.logits, xi, kernel, lin.xp)
-        mean, variance, per_probe = moments(u, traces=traces)
-        return ProbeMoments(mean, variance, m, per_probe)
+        step = m if max_vectors is None else max(1, min(m, max_vectors))
+        parts = [moments(u[s : min(m, s + step), ...], traces=traces) for s in range(0, m, step)]
+        return _pooled_moments(parts, [min(m, s + step) - s for s in range(0, m, step)], lin.xp)
     samples = _probe_samples(
         lin, family, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
     )
     return moments_of_samples(samples, lin.xp, traces=traces) if diagonal else samples
+
+
+def _pooled_moments(parts: list[Any], sizes: list[int], xp: Any) -> ProbeMoments:
+    """One ``ProbeMoments`` from the (mean, variance, traces) of chunks of the probes.
+
+    Through the power sums: S₁ = Σ_c M_c mean_c, S₂ = Σ_c ((M_c − 1) var_c + M_c mean_c²),
+    then mean S₁ / M and variance (S₂ − S₁² / M) / (M − 1), clamped at 0.
+    """
+    if len(parts) == 1:
+        mean, variance, per_probe = parts[0]
+        return ProbeMoments(mean, variance, sizes[0], per_probe)
+    m = sum(sizes)
+    s1: Any = None
+    s2: Any = None
+    for (mean, variance, _), mc in zip(parts, sizes, strict=True):
+        t1 = mean * mc
+        t2 = t1 * mean if variance is None else t1 * mean + variance * (mc - 1)
+        s1 = t1 if s1 is None else s1 + t1
+        s2 = t2 if s2 is None else s2 + t2
+    mean = s1 / m
+    variance = xp.clip((s2 - s1 * mean) / (m - 1), min=0.0)
+    traces = [p[2] for p in parts]
+    per_probe = None if traces[0] is None else xp.concat(traces, axis=0)
+    return ProbeMoments(mean, variance, m, per_probe)
 
 
 def _check_distributed_target(coll: Collective | None, target: float | None, what: str) -> None:

@@ -18,13 +18,21 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from fisherbound._lib import Estimate, array_namespace, check_vector, conform, is_array
+from fisherbound._lib import (
+    Estimate,
+    array_namespace,
+    check_vector,
+    conform,
+    estimate_from_samples,
+    is_array,
+)
 from fisherbound._quantities import total_counted
 from fisherbound._stream import conform_labels
 from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
 from fisherbound.linalg._lanczos import tridiagonal
+from fisherbound.linalg._quadrature import _rule_terms
 
 Array = Any
 
@@ -87,6 +95,7 @@ class LogDetSettings(NamedTuple):
     max_params: int
     gen: Any
     process_group: Any = None
+    rules: Any = None  # Gauss rules (nodes, weights) to reuse for "slq": no product
 
 
 def scalar(xp: Any, value: float, op: Any) -> Array:
@@ -180,6 +189,8 @@ def _log1p_clipped(xp: Any, s2: float) -> Callable[[Array], Array]:
 
 def _log_det(xp: Any, op: Any, lins: list[Any], family: Family, how: LogDetSettings) -> Estimate:
     f = _log1p_clipped(xp, how.s2)
+    if how.method == "slq" and how.rules is not None:
+        return estimate_from_samples(_rule_terms(xp, f, how.rules.nodes, how.rules.weights), xp)
     if how.method == "slq":
         return slq(op, f, num_probes=how.num_probes, num_matvecs=how.num_matvecs, rng=how.gen)
     if how.method == "dense":

@@ -42,7 +42,6 @@ also all-reduces the negative log-likelihood and N.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
@@ -74,13 +73,13 @@ from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.fisher import DEFAULT_MAX_PARAMS
 from fisherbound.fisher import fisher_operator as _fisher_operator
 from fisherbound.linalg import (
-    LinearOperator,
     Quadrature,
     eigsh,
     lanczos_quadrature,
-    slq,
     smoothed_density,
 )
+from fisherbound.linalg._lanczos import _default_tol
+from fisherbound.linalg._quadrature import _adaptive_slq, _count_above, _rule_terms
 from fisherbound.linearization import as_linearizations
 
 Array = Any
@@ -103,6 +102,8 @@ LOGDET_METHODS = ("auto", "dense", "lanczos", "slq")
 #: SLQ defaults: Rademacher probes and Lanczos steps per probe.
 DEFAULT_NUM_PROBES = 20
 DEFAULT_SLQ_MATVECS = 40
+#: ``local_dimension``: the relative standard error at which SLQ stops drawing probes.
+DEFAULT_TARGET_ERROR = 0.05
 #: ``local_dimension``: the largest count obtained deterministically from the top
 #: eigenvalues before falling back to SLQ.
 DEFAULT_MAX_COUNT = 32
@@ -537,6 +538,8 @@ def local_dimension(
     max_count: int = DEFAULT_MAX_COUNT,
     num_probes: int = DEFAULT_NUM_PROBES,
     num_matvecs: int | None = None,
+    target_error: float | None = DEFAULT_TARGET_ERROR,
+    quadrature: Any = None,
     rng: Any = None,
     process_group: Any = None,
 ) -> Estimate:
@@ -544,21 +547,28 @@ def local_dimension(
 
     Two ways, chosen by ``method``:
 
-    - ``"lanczos"``: count the Ritz values above ε among the top k = max_count + 1
-      (``top_eigenpairs``). By Cauchy interlacing the i-th largest Ritz value never
-      exceeds λ_i, so the count never overshoots; it is exact once the Ritz values
-      above ε have converged (always when m = D). Eigenvalues repeated among a rich
-      spectrum appear only once in one Krylov space, so unless m = D the count is
-      verified on the deflated operator (I − Y Yᵀ) F (I − Y Yᵀ), Y the counted Ritz
-      vectors, until no Ritz value above ε remains. Deterministic: ``std_error``
-      is 0 and ``num_probes`` is 0. A ValueError if d_ε > max_count.
+    - ``"lanczos"``: count the Ritz values above ε by thick-restart Lanczos on F.
+      By Cauchy interlacing the i-th largest Ritz value of any Krylov space never
+      exceeds λ_i, so the count never overshoots, and max_count + 1 Ritz values
+      above ε prove d_ε > max_count at once (converged or not). Otherwise the run
+      stops when the Ritz pairs above ε and the largest one below ε have relative
+      residuals ≤ max(1e-6, √ε_mach) (only those need converge); they are counted
+      and deflated, (I − Y Yᵀ) F (I − Y Yᵀ), and a new run looks for copies one
+      Krylov space cannot hold (repeated eigenvalues) until a run converges with
+      none above ε. With D ≤ p (the basis) the Ritz values are the exact spectrum.
+      Deterministic: ``std_error`` is 0 and ``num_probes`` is 0. A ValueError if
+      d_ε > max_count.
     - ``"slq"``: stochastic Lanczos quadrature of the step function,
       tr 1[F > ε] ≈ (1/M) Σ_p Σ_j w_pj 1[θ_pj > ε], with the Hutchinson standard
       error over the M probes (the quadrature adds a bias that vanishes when the
-      Ritz values resolve the gap of the spectrum around ε, and as m → D).
+      Ritz values resolve the gap of the spectrum around ε, and as m → D). Probes
+      run in rounds (2, 2, 4, 8, ...) until the relative standard error is at most
+      ``target_error`` (after at least 3 probes) or M probes ran.
     - ``"auto"`` (default): ``"lanczos"`` when it finds d_ε ≤ max_count, else
-      ``"slq"`` (the Lanczos run is then an overhead of about 2 max_count + 30
-      matvecs).
+      ``"slq"``. The count's run starts from a Rademacher probe, so when it proves
+      d_ε > max_count its first m steps are SLQ's first probe: the products are
+      reused, and the count costs only the steps it needs for the proof beyond m
+      (often none).
 
     Parameters
     ----------
@@ -570,12 +580,22 @@ def local_dimension(
     method
         ``"auto"``, ``"lanczos"`` or ``"slq"``.
     max_count
-        The largest count obtained by Lanczos (k = max_count + 1 Ritz values).
+        The largest count obtained by Lanczos.
     num_probes
-        M, the SLQ probes.
+        M, the most SLQ probes.
     num_matvecs
-        Lanczos steps per run (default min(D, max(2k + 30, 60))) and per SLQ probe
-        (default min(D, 40)).
+        The Lanczos basis of the count, p (default min(D, max(2 max_count + 3, 20,
+        m))), and the steps per SLQ probe, m (default min(D, 40)).
+    target_error
+        The relative standard error at which SLQ stops drawing probes (default
+        0.05); None runs all M probes.
+    quadrature
+        Gauss rules already computed on the same operator: a ``SpectralDensity``
+        (or a ``Quadrature``, (M, m) nodes and weights) of ``spectral_density`` or
+        ``lanczos_quadrature`` with the same source, family, kernel and reduction.
+        Then SLQ reuses them (no product; ``num_probes`` and ``target_error`` are
+        ignored), and when their nodes prove d_ε > max_count by interlacing, the
+        Lanczos count does not run either.
     rng
         Generator, int seed or None.
 
@@ -583,14 +603,16 @@ def local_dimension(
     -------
     Estimate
         ``value`` (0-d, the count as a floating number), ``std_error`` (0-d; 0 for a
-        deterministic count), ``num_probes`` (0 for a deterministic count, else M).
-        Compare it with ``rank_bound(source, family).value``.
+        deterministic count), ``num_probes`` (0 for a deterministic count, else the
+        probes used). Compare it with ``rank_bound(source, family).value``.
 
     Notes
     -----
-    Cost: Lanczos, (m + k) matvecs per run (one run, plus one per verification
-    round when m < D); SLQ, M m matvecs. Each matvec is one JVP and one VJP per
-    batch.
+    Cost: Lanczos, one matvec per step until the pairs above ε converge (about
+    2 d_ε + 20), or max_count + 1 steps to prove d_ε > max_count, plus a run per
+    verification round; SLQ, m matvecs per probe, between 3 and M probes (each
+    round one matmat of its probes per step). Each matvec is one JVP and one VJP
+    per batch. With ``quadrature``, nothing beyond the count when it runs.
 
     Examples
     --------
@@ -606,6 +628,7 @@ def local_dimension(
     count_max = check_positive_int(max_count, "max_count")
     M = check_positive_int(num_probes, "num_probes")
     m = check_optional_int(num_matvecs, "num_matvecs")
+    target = None if target_error is None else check_positive_real(target_error, "target_error")
     op = _operator(source, family, kernel, reduction, process_group)
     d = int(op.shape[0])
     if m is not None and method != "slq" and m < min(count_max + 1, d):
@@ -616,6 +639,7 @@ def local_dimension(
         )
         raise ValueError(msg)
     xp = _namespace(op)
+    quad = None if quadrature is None else _check_rules(xp, op, quadrature)
     gen = _shared_generator(
         rng,
         process_group,
@@ -625,91 +649,115 @@ def local_dimension(
         max_count=count_max,
         num_probes=M,
         num_matvecs=m,
+        target_error=target,
     )
-    if method in ("auto", "lanczos"):
-        count = _lanczos_count(xp, op, eps=threshold, max_count=count_max, num_matvecs=m, gen=gen)
+    steps = min(d, DEFAULT_SLQ_MATVECS) if m is None else min(m, d)
+    proven = quad is not None and _rules_count(xp, quad, threshold, count_max)
+    first = None
+    if method in ("auto", "lanczos") and not proven:
+        tol = _default_tol(xp, op.dtype)
+        reuse = steps if method == "auto" and quad is None else 0
+        count, first = _count_above(
+            xp,
+            op,
+            eps=threshold,
+            max_count=count_max,
+            basis_size=m,
+            tol=tol,
+            probe_steps=reuse,
+            gen=gen,
+        )
         if count is not None:
             zero = scalar(xp, 0.0, op)
             return Estimate(scalar(xp, float(count), op), zero, 0)
-        if method == "lanczos":
-            msg = (
-                f"local_dimension with method='lanczos' found more than max_count = "
-                f"{count_max} eigenvalues above eps = {threshold}; raise max_count or use "
-                "method='slq' (or 'auto')."
-            )
-            raise ValueError(msg)
-    steps = min(d, DEFAULT_SLQ_MATVECS) if m is None else m
-    return _slq_count(xp, op, eps=threshold, num_probes=M, num_matvecs=steps, gen=gen)
+    if method == "lanczos":
+        msg = (
+            f"local_dimension with method='lanczos' found more than max_count = "
+            f"{count_max} eigenvalues above eps = {threshold}; raise max_count or use "
+            "method='slq' (or 'auto')."
+        )
+        raise ValueError(msg)
+    if quad is not None:
+        return _rules_estimate(xp, quad, _step(xp, threshold))
+    return _slq_count(
+        xp,
+        op,
+        eps=threshold,
+        num_probes=M,
+        num_matvecs=steps,
+        target_error=target,
+        gen=gen,
+        first=first,
+    )
 
 
-def _deflated(xp: Any, op: Any, Y: Array) -> LinearOperator:
-    """(I − Y Yᵀ) F (I − Y Yᵀ) for orthonormal columns Y."""
-    Yt = xp.matrix_transpose(Y)
-
-    def project(V: Array) -> Array:
-        return V - Y @ (Yt @ V)
-
-    def matmat(V: Array) -> Array:
-        return project(op.matmat(project(V)))
-
-    return LinearOperator(op.shape, matmat=matmat, dtype=op.dtype, device=op.device, xp=op.xp)
-
-
-def _lanczos_count(
-    xp: Any, op: Any, *, eps: float, max_count: int, num_matvecs: int | None, gen: Any
-) -> int | None:
-    """#{λ > eps} by Lanczos with locking; None when it exceeds max_count.
-
-    Each round computes the top Ritz pairs of F deflated by the locked vectors. By
-    interlacing, more Ritz values above eps than the remaining budget prove
-    d_ε > max_count. Converged pairs above eps are locked (counted, and deflated
-    for the next round); none above eps ends the count. A round that converges
-    nothing above eps doubles its Lanczos steps, up to D, where the Ritz values
-    are the exact spectrum.
-    """
-    d = int(op.shape[0])
-    tol = math.sqrt(float(xp.finfo(op.dtype).eps))
-    count = 0
-    basis = None
-    target = op
-    m_floor = 0
-    while True:
-        k = min(max_count + 1 - count, d - count)
-        if k < 1:  # every direction counted
-            return count
-        m = min(d, max(2 * k + 30, 60)) if num_matvecs is None else min(num_matvecs, d)
-        m = min(d, max(m, k + 1, m_floor))
-        # One fill of m steps (tol = 0): the locking below decides what has converged.
-        res = eigsh(target, k=k, which="largest", tol=0.0, num_matvecs=m, basis_size=m, rng=gen)
-        theta = to_host(res.eigenvalues)
-        residuals = to_host(res.residuals)
-        above = theta > eps
-        if count + int(above.sum()) > max_count:
-            return None
-        if m >= d or not above.any():
-            # The Krylov space was the whole space (the exact spectrum, multiplicities
-            # included), or nothing is left above eps.
-            return count + int(above.sum())
-        scale = max(float(abs(theta).max()), eps)
-        locked = above & (residuals <= tol * scale)
-        if not locked.any():
-            m_floor = min(d, 2 * m)
-            continue
-        index = [int(i) for i in locked.nonzero()[0]]
-        count += len(index)
-        Y = xp.take(res.eigenvectors, xp.asarray(index, device=op.device), axis=1)
-        Y = Y if basis is None else xp.concat([basis, Y], axis=1)
-        basis, _ = xp.linalg.qr(Y)
-        target = _deflated(xp, op, basis)
-
-
-def _slq_count(
-    xp: Any, op: Any, *, eps: float, num_probes: int, num_matvecs: int, gen: Any
-) -> Estimate:
+def _step(xp: Any, eps: float) -> Any:
     def step(t: Array) -> Array:
         return xp.astype(t > eps, t.dtype)
 
-    return slq(op, step, num_probes=num_probes, num_matvecs=num_matvecs, rng=gen)
+    return step
+
+
+def _check_rules(xp: Any, op: Any, quadrature: Any) -> Quadrature:
+    """``quadrature``'s (M, m) nodes and weights, checked against the operator."""
+    nodes = getattr(quadrature, "nodes", None)
+    weights = getattr(quadrature, "weights", None)
+    if nodes is None or weights is None:
+        msg = (
+            "quadrature must be a SpectralDensity or a Quadrature (nodes and weights of "
+            "spectral_density or lanczos_quadrature on the same operator); got "
+            f"{type(quadrature).__name__}."
+        )
+        raise TypeError(msg)
+    witness = xp.zeros((0,), dtype=op.dtype, device=op.device)
+    names = ("the Fisher operator's vectors", "quadrature.nodes", "quadrature.weights")
+    array_namespace(witness, nodes, weights, names=names)
+    if nodes.ndim != 2 or tuple(nodes.shape) != tuple(weights.shape):
+        msg = (
+            "quadrature.nodes and quadrature.weights must both have shape (M, m); got "
+            f"{tuple(nodes.shape)} and {tuple(weights.shape)}."
+        )
+        raise ValueError(msg)
+    return Quadrature(nodes, weights)
+
+
+def _rules_count(xp: Any, quad: Any, eps: float, max_count: int) -> bool:
+    """Whether some Gauss rule holds more than max_count nodes above eps.
+
+    The nodes of a rule are Ritz values of F on a Krylov space, so by interlacing
+    that many nodes above eps prove d_ε > max_count, at no product.
+    """
+    above = xp.sum(xp.astype(quad.nodes > eps, xp.int64), axis=1)
+    return bool(to_host(xp.max(above)) > max_count)
+
+
+def _slq_count(
+    xp: Any,
+    op: Any,
+    *,
+    eps: float,
+    num_probes: int,
+    num_matvecs: int,
+    target_error: float | None,
+    gen: Any,
+    first: Quadrature | None = None,
+) -> Estimate:
+    est, _ = _adaptive_slq(
+        xp,
+        op,
+        _step(xp, eps),
+        num_probes=num_probes,
+        num_matvecs=num_matvecs,
+        target_error=target_error,
+        gen=gen,
+        first=first,
+    )
+    return est
+
+
+def _rules_estimate(xp: Any, quad: Any, function: Any) -> Estimate:
+    """Tr f(F) from Gauss rules already computed (no product): mean and SE over probes."""
+    return estimate_from_samples(_rule_terms(xp, function, quad.nodes, quad.weights), xp)
 
 
 # --------------------------------------------------------------------------- #
@@ -728,6 +776,7 @@ def razor(
     num_probes: int = DEFAULT_NUM_PROBES,
     num_matvecs: int = DEFAULT_SLQ_MATVECS,
     max_params: int = DEFAULT_MAX_PARAMS,
+    quadrature: Any = None,
     rng: Any = None,
     process_group: Any = None,
 ) -> Razor:
@@ -783,6 +832,12 @@ def razor(
     max_params
         The largest D for the exact methods ``"dense"`` and ``"lanczos"``, which hold
         D × D numbers (a D × D matrix, or a Lanczos basis of D vectors).
+    quadrature
+        Gauss rules already computed on F_sum (a ``SpectralDensity`` or a
+        ``Quadrature`` of ``spectral_density`` / ``lanczos_quadrature`` with the same
+        source and family, ``kernel="exact"``, ``reduction="sum"``): when the method
+        is ``"slq"`` the log-det is read off them, with no product (``num_probes``
+        and ``num_matvecs`` are then theirs).
     rng
         Generator, int seed or None.
 
@@ -797,7 +852,7 @@ def razor(
     -----
     Cost: one pass over the logits for the likelihood; then "dense": C per-example
     VJPs per input and O(D³); "lanczos": D matvecs, O(D³) work, D² memory;
-    "slq": M m matvecs, O(D M m²) work, D M m memory.
+    "slq": M m matvecs, O(D M m²) work, D M m memory (none with ``quadrature``).
 
     Examples
     --------
@@ -826,6 +881,9 @@ def razor(
     theta_hat = check_parameter_vector(xp, op, theta, "theta")
     prior_mean = None if theta0 is None else check_parameter_vector(xp, op, theta0, "theta0")
     batches = split_labels(fam, lins, labels)
+    rules = None if quadrature is None else _check_rules(xp, op, quadrature)
+    if rules is not None:
+        M, m = (int(s) for s in rules.nodes.shape)
     if method == "auto":
         method = "lanczos" if d <= min(M * m, max_params) else "slq"
     if method in ("dense", "lanczos") and d > max_params:
@@ -838,5 +896,5 @@ def razor(
     gen = _shared_generator(
         rng, process_group, "razor", s2=s2, method=method, M=M, m=m, max_params=max_params
     )
-    how = LogDetSettings(s2, method, M, m, max_params, gen, process_group)
+    how = LogDetSettings(s2, method, M, m, max_params, gen, process_group, rules)
     return razor_terms(xp, op, fam, lins, batches, theta_hat, prior_mean, how, coll)

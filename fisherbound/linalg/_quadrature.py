@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
@@ -13,9 +15,10 @@ from fisherbound._lib import (
     check_positive_int,
     estimate_from_samples,
     probes,
+    to_host,
 )
-from fisherbound.linalg._lanczos import _lanczos, _tridiagonal_eigh
-from fisherbound.linalg._operator import _as_square_operator
+from fisherbound.linalg._lanczos import _Krylov, _lanczos, _start_vector, _tridiagonal_eigh
+from fisherbound.linalg._operator import LinearOperator, _as_square_operator
 
 Array = Any
 
@@ -47,6 +50,177 @@ def _quadrature(xp: Any, op: Any, *, num_probes: int, num_matvecs: int, gen: Any
     alpha, beta, _ = _lanczos(xp, op, V0, min(num_matvecs, n), gen)
     theta, S = _tridiagonal_eigh(xp, alpha, beta)
     return Quadrature(theta, n * S[:, 0, :] ** 2)
+
+
+def _rule_terms(xp: Any, function: Any, nodes: Array, weights: Array) -> Array:
+    """Σ_j w_ij f(θ_ij) per probe (nodes of zero weight dropped), shape (M,)."""
+    values = function(nodes)
+    terms = xp.where(weights == 0, xp.zeros_like(weights), weights * values)
+    return xp.sum(terms, axis=1)
+
+
+def _adaptive_slq(
+    xp: Any,
+    op: Any,
+    function: Callable[[Array], Array],
+    *,
+    num_probes: int,
+    num_matvecs: int,
+    target_error: float | None,
+    gen: Any,
+    first: Quadrature | None = None,
+) -> tuple[Estimate, Quadrature]:
+    """SLQ of tr f(A) with probes in rounds until the relative standard error is met.
+
+    Rounds of 2, 2, 4, 8, ... probes (one ``matmat`` of the round's columns per
+    step) after the rules in ``first`` (Gauss rules of probes already run, e.g. the
+    start of a Lanczos count), until ``std_error ≤ target_error · |value|`` with at
+    least 3 probes, or ``num_probes`` probes; ``target_error=None`` runs them all in
+    one round. Returns the estimate and the Gauss rules of every probe used.
+    """
+    nodes = [] if first is None else [first.nodes]
+    weights = [] if first is None else [first.weights]
+    done = 0 if first is None else int(first.nodes.shape[0])
+    while True:
+        if done >= num_probes and done > 0:
+            break
+        if target_error is None:
+            size = num_probes - done
+        else:
+            size = min(num_probes - done, max(2, done))
+        if size > 0:
+            quad = _quadrature(xp, op, num_probes=size, num_matvecs=num_matvecs, gen=gen)
+            nodes.append(quad.nodes)
+            weights.append(quad.weights)
+            done += size
+        if target_error is None or done >= num_probes or done < 3:
+            continue
+        est = estimate_from_samples(
+            _rule_terms(xp, function, xp.concat(nodes), xp.concat(weights)), xp
+        )
+        value, se = (float(to_host(a)) for a in (est.value, est.std_error))
+        if se <= target_error * abs(value):
+            break
+    rule = Quadrature(xp.concat(nodes, axis=0), xp.concat(weights, axis=0))
+    est = estimate_from_samples(_rule_terms(xp, function, rule.nodes, rule.weights), xp)
+    return est, rule
+
+
+def _deflated(xp: Any, op: Any, Y: Array) -> LinearOperator:
+    """(I − Y Yᵀ) A (I − Y Yᵀ) for orthonormal columns Y (matvec and matmat)."""
+    Yt = xp.matrix_transpose(Y)
+
+    def matvec(v: Array) -> Array:
+        w = op.matvec(v - Y @ (Yt @ v))
+        return w - Y @ (Yt @ w)
+
+    def matmat(V: Array) -> Array:
+        W = op.matmat(V - Y @ (Yt @ V))
+        return W - Y @ (Yt @ W)
+
+    return LinearOperator(
+        op.shape, matvec=matvec, matmat=matmat, dtype=op.dtype, device=op.device, xp=op.xp
+    )
+
+
+def _count_above(
+    xp: Any,
+    op: Any,
+    *,
+    eps: float,
+    max_count: int,
+    basis_size: int | None,
+    tol: float,
+    probe_steps: int,
+    gen: Any,
+) -> tuple[int | None, Quadrature | None]:
+    """#{λ_i(A) > eps} by thick-restart Lanczos with locking; None when above max_count.
+
+    Cauchy interlacing: the i-th largest Ritz value of any Krylov space never
+    exceeds λ_i, so max_count + 1 Ritz values above eps PROVE the count exceeds
+    max_count, whether or not they have converged: the run stops there. Otherwise it
+    goes on until the Ritz pairs above eps and the largest one below it have relative
+    residuals ≤ ``tol`` (only those: the rest of the basis need not converge); the
+    ones above eps are locked (counted, and deflated: (I − Y Yᵀ) A (I − Y Yᵀ)) and a
+    new run from a random vector looks for copies a Krylov space cannot hold
+    (repeated eigenvalues), until a run converges with nothing above eps. A basis of
+    p = n vectors gives the exact spectrum, multiplicities included.
+
+    The first run starts from a Rademacher probe v/√n; while it has not restarted,
+    its first ``probe_steps`` steps are that probe's Lanczos quadrature, returned as
+    a one-probe ``Quadrature`` for SLQ to reuse (None when ``probe_steps`` is 0 or
+    the run ended before).
+    """
+    import numpy as np
+
+    n = int(op.shape[0])
+    k = max_count + 1
+    p = min(n, max(2 * k + 1, 20, probe_steps)) if basis_size is None else min(n, basis_size)
+    p = min(n, max(p, min(k + 1, n), probe_steps))
+    budget = max(100, 10 * p)
+    sqrt_eps = math.sqrt(float(xp.finfo(op.dtype).eps))
+    v = probes(gen, (n,), distribution="rademacher", xp=xp, dtype=op.dtype, device=op.device)
+    v = v / math.sqrt(n)
+    count = 0
+    rule: Quadrature | None = None
+    target, basis = op, None
+    while True:
+        kry = _Krylov(xp, target, v, p, gen)
+        proven = False
+        while True:
+            kry.step()
+            j = kry.j
+            theta, S, res = kry.ritz()
+            # Before any restart T is the probe's tridiagonal: its Gauss rule is SLQ's.
+            first_run = basis is None and kry.products == j
+            if rule is None and probe_steps and first_run and j == probe_steps:
+                nodes = xp.asarray(theta[None, :], dtype=op.dtype, device=op.device)
+                w = xp.asarray(n * S[0, :][None, :] ** 2, dtype=op.dtype, device=op.device)
+                rule = Quadrature(nodes, w)
+            order = np.argsort(theta)[::-1]
+            above = int(np.sum(theta > eps))
+            if count + above > max_count:
+                proven = True
+            if proven and (rule is not None or not probe_steps or basis is not None):
+                return None, rule
+            if proven:
+                if kry.products > j or j in (p, n):
+                    return None, rule
+                continue  # finish the probe's quadrature: these products are reused
+            if p == n and j == n:  # the whole space: the exact spectrum
+                return count + above, rule
+            want = order[: min(above + 1, j)]
+            scale = np.maximum(np.abs(theta[want]), sqrt_eps * float(np.abs(theta).max()))
+            converged = j > above and bool(np.all(res[want] <= tol * scale))
+            if converged:
+                break
+            if kry.products >= budget:
+                worst = float(np.max(res[want] / np.maximum(scale, np.finfo(float).tiny)))
+                warnings.warn(
+                    f"the Lanczos count stopped at its budget of {budget} products before "
+                    f"the Ritz values above eps = {eps:g} converged (largest relative "
+                    f"residual {worst:.2e} > tol = {tol:.1e}); the count {count + above} "
+                    "may be low. Raise num_matvecs.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return count + above, rule
+            if j == p:
+                wanted = min(above + 1, k)
+                keep = order[: min(p - 1, wanted + (p - wanted) // 2)]
+                kry.restart(S[:, keep], theta[keep])
+        if above == 0:
+            return count, rule
+        Y = kry.vectors(S[:, order[:above]])
+        Y = Y if basis is None else xp.concat([basis, Y], axis=1)
+        basis, _ = xp.linalg.qr(Y)
+        count += above
+        if count >= n:
+            return count, rule
+        target = _deflated(xp, op, basis)
+        v = _start_vector(xp, target, None, gen)
+        v = v - basis @ (xp.matrix_transpose(basis) @ v)
+        v = v / xp.linalg.vector_norm(v)
 
 
 def lanczos_quadrature(

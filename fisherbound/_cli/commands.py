@@ -57,6 +57,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         trace_probes=args.trace_probes,
         repeats=args.repeats,
         progress=False if args.quiet else None,
+        skip=tuple(dict.fromkeys(args.skip)),
     )
 
 

@@ -14,6 +14,7 @@ from fisherbound._cli.commands import demo as run_demo
 from fisherbound._cli.commands import report as run_report
 from fisherbound._cli.trainers import TRAINERS
 from fisherbound._cli.usage import int_or_none, nonzero_int, positive_float, positive_int, selector
+from fisherbound._report.settings import SKIPPABLE
 
 #: Where the demo's and the report's files go unless ``--out`` says otherwise.
 DEFAULT_OUT = Path("fisherbound-report")
@@ -124,24 +125,33 @@ def add_analysis_options(p: argparse.ArgumentParser, threads: int | None) -> Non
     group.add_argument(
         "--grid",
         type=positive_int,
-        default=21,
+        default=13,
         metavar="G",
-        help="landscape grid points per direction (default 21)",
+        help="landscape grid points per direction (default 13)",
     )
     group.add_argument(
         "--trace-probes",
         type=positive_int,
-        default=64,
+        default=32,
         metavar="P",
-        help="probes of the loss-only Hessian trace (default 64)",
+        help="probes of the Hessian traces, HVP and loss-only (default 32)",
     )
     group.add_argument(
         "--repeats",
         type=positive_int,
-        default=3,
+        default=2,
         metavar="R",
         help="timed runs per estimator (at least; more for fast ones), after one warm-up; "
-        "the fastest counts (default 3)",
+        "the fastest counts (default 2)",
+    )
+    group.add_argument(
+        "--skip",
+        nargs="+",
+        choices=SKIPPABLE,
+        default=[],
+        metavar="SECTION",
+        help="leave out these sections: " + ", ".join(SKIPPABLE) + " (put this option "
+        "after MODEL and DATA)",
     )
     add_output_options(p, threads)
 

@@ -99,8 +99,9 @@ def analyse(
 
     Notes
     -----
-    UserWarnings of the library (an unreached ``target_error``) are recorded in
-    ``numbers["warnings"]`` instead of being printed. With position axes every
+    UserWarnings and RuntimeWarnings of the library (an unreached ``target_error``,
+    a Lanczos run stopped at its budget) are recorded in ``numbers["warnings"]``
+    instead of being printed. With position axes every
     Fisher quantity is the sum over the examples and over their counted
     positions, F = Σ_x Σ_t J_xtᵀ I(z_xt) J_xt, and the landscape's mean loss is
     over the counted positions; ``numbers["analysed"]["positions"]`` counts them.
@@ -119,6 +120,7 @@ def analyse(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
+            warnings.simplefilter("always", RuntimeWarning)  # an unconverged eigsh, say
             batch = (inputs, labels, mask, ignore_index)
             run(subject, batch, landscape, cfg, stages, numbers, arrays)
     finally:
@@ -308,8 +310,13 @@ def run(
         exact = None
     else:
         exact = arrays["diagonal"]["exact"]
-        with stages("estimators compared"):
-            guarded(on, numbers, "estimators", lambda: compare_estimators(sub, x, y, exact, cfg))
+        if "estimators" in cfg.skip:
+            numbers["estimators"] = skipped("estimators")
+        else:
+            with stages("estimators compared"):
+                guarded(
+                    on, numbers, "estimators", lambda: compare_estimators(sub, x, y, exact, cfg)
+                )
     trace = None if exact is None else float(np.sum(exact))
     with stages("core space"):
         if info is None:
@@ -317,14 +324,19 @@ def run(
         else:  # the output metric at each counted position
             rows = counted_rows(info, logits)
             guarded(on, numbers, "core_space", lambda: core_space(fam, rows, eps), arrays)
-    with stages("top of the spectrum"):
-        guarded(on, numbers, "spectrum", lambda: top_spectrum(lin, fam, cfg, trace))
-    with stages("spectral density"):
-        if "not_run" not in numbers["spectrum"]:
-            guarded(on, numbers["spectrum"], "density", lambda: density(lin, fam, cfg), arrays)
-    with stages("local dimension and razor"):
-        theta = sub.loss_function(x, y, "sum").params
-        guarded(on, numbers, "dimension", lambda: dimension(lin, fam, y, theta, cfg, info))
+    run_spectrum(lin, fam, cfg, stages, numbers, arrays, trace, on)
+    rules = arrays.pop("rules", None)
+    if "dimension" in cfg.skip:
+        numbers["dimension"] = skipped("dimension")
+    else:
+        with stages("local dimension and razor"):
+            theta = sub.loss_function(x, y, "sum").params
+            guarded(
+                on, numbers, "dimension", lambda: dimension(lin, fam, y, theta, cfg, info, rules)
+            )
+    if "landscape" in cfg.skip:
+        numbers["landscape"] = skipped("landscape")
+        return
     if landscape is None:
         batches = [(x, y, mask)]
     else:
@@ -334,3 +346,47 @@ def run(
         return landscape_numbers(subject, batches, cfg, stages)
 
     guarded(on, numbers, "landscape", draw, arrays)
+
+
+def skipped(name: str) -> dict[str, str]:
+    """The ``not_run`` entry of a section left out on request (``Settings.skip``)."""
+    return {"not_run": f"skipped on request (--skip {name})", "skipped": name}
+
+
+def run_spectrum(
+    lin: Any,
+    fam: Any,
+    cfg: Settings,
+    stages: Stages,
+    numbers: dict[str, Any],
+    arrays: dict[str, Any],
+    trace: float | None,
+    on: bool,
+) -> None:
+    """The top of the spectrum and the spectral density (kept in ``arrays["rules"]``).
+
+    The density's Gauss rules serve the local dimension and the razor too, so they
+    are computed when either section runs, and reported when the spectrum runs.
+    """
+    spectrum_on = "spectrum" not in cfg.skip
+    if spectrum_on:
+        with stages("top of the spectrum"):
+            guarded(on, numbers, "spectrum", lambda: top_spectrum(lin, fam, cfg, trace))
+    else:
+        numbers["spectrum"] = skipped("spectrum")
+    ran = spectrum_on and "not_run" not in numbers["spectrum"]
+    if "density" in cfg.skip:
+        if ran:
+            numbers["spectrum"]["density"] = skipped("density")
+        return
+    if not ran and (spectrum_on or "dimension" in cfg.skip):  # refused, or wanted by none
+        return
+    with stages("spectral density"):
+        out: dict[str, Any] = {}
+        guarded(on, out, "density", lambda: density(lin, fam, cfg), arrays)
+    if "density" in arrays:
+        arrays["rules"] = arrays["density"].pop("rules")
+    if ran:
+        numbers["spectrum"]["density"] = out["density"]
+    else:
+        arrays.pop("density", None)

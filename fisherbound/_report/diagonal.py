@@ -8,6 +8,7 @@ the exact diagonal and its wall-clock cost in gradient steps of the same run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -213,4 +214,38 @@ def compare_estimators(
         "timing": f"best of at least {cfg.repeats} runs (more for fast ones, up to 0.2 s) "
         "after one warm-up, each including the forward pass (linearize)",
         "rows": rows,
+        "cheapest": cheapest(rows),
     }
+
+
+#: The relative errors of the diagonal at which the report names the cheapest estimator.
+ERROR_LEVELS = (0.01, 0.1, 0.3)
+
+
+def cheapest(rows: list[dict[str, Any]], levels: tuple[float, ...] = ERROR_LEVELS) -> list[Any]:
+    """For each relative error level, the cheapest estimator whose measured error is within it.
+
+    Only unbiased diagonals compete: the exact one and the random estimates (the
+    bounds are not estimates, the empirical Fisher is biased). The cost is the
+    measured one, in gradient steps.
+    """
+    fair = [
+        r
+        for r in rows
+        if r["call"] not in ("fisher_bounds", "empirical")
+        and r["relative_error"] is not None
+        and math.isfinite(r["relative_error"])
+    ]
+    out = []
+    for level in levels:
+        within = [r for r in fair if r["relative_error"] <= level]
+        best = min(within, key=lambda r: r["cost_gradient_steps"], default=None)
+        out.append(
+            {
+                "level": level,
+                "estimator": None if best is None else best["estimator"],
+                "cost_gradient_steps": None if best is None else best["cost_gradient_steps"],
+                "relative_error": None if best is None else best["relative_error"],
+            }
+        )
+    return out

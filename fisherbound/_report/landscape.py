@@ -6,8 +6,9 @@ With position axes the mean is over the counted positions of all the batches (as
 
 Hessian directions (``hessian_directions``) and filter-normalised random ones
 (``random_directions``), the loss surfaces on both planes (``surface``), their
-projected curvature (``projected_curvature``) and the Hessian trace from loss
-values only and from Hessian-vector products (``loss_trace``).
+projected curvature (``projected_curvature``) and the Hessian trace from
+Hessian-vector products (``loss_trace``), with the trace from loss values only beside
+it, always with its caveat (``loss_only_trace``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,42 @@ def surface_summary(s: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return numbers, {"coordinates": axes, "values": values}
 
 
+#: Printed beside every loss-only trace: when it is valid at all.
+LOSS_ONLY_CAVEAT = (
+    "The loss-only trace (loss_trace(method='loss')) is valid only for a loss that is "
+    "smooth (no ReLU-type kinks or max pooling) at a precision where the rounding of "
+    "the second differences is below its standard error; otherwise it can be off by "
+    "many standard errors. The HVP trace is the reference."
+)
+
+
+def loss_only_trace(losses: list[Any], cfg: Settings, rng: int) -> dict[str, Any]:
+    """The loss-only Hessian trace with its caveats (the ``LossTraceWarning`` it raised).
+
+    ``caveats`` always holds the general condition of validity, then the message of
+    each warning raised on this model (kinked modules, rounding), recorded here
+    instead of printed.
+    """
+    import warnings
+
+    from fisherbound.landscape import LossTraceWarning, loss_trace
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LossTraceWarning)
+        est = loss_trace(
+            losses, num_probes=cfg.trace_probes, rng=rng, method="loss", progress=cfg.progress
+        )
+    raised = [w.message for w in caught if isinstance(w.message, LossTraceWarning)]
+    for w in caught:  # anything else goes on as it came
+        if not isinstance(w.message, LossTraceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return {
+        **scalar_estimate(est),
+        "reasons": [str(w.reason) for w in raised],
+        "caveats": [LOSS_ONLY_CAVEAT, *(str(w) for w in raised)],
+    }
+
+
 def landscape(
     subject: Subject, batches: list[tuple[Any, ...]], cfg: Settings, stages: Stages
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -81,10 +118,10 @@ def landscape(
         pc_rand = projected_curvature(losses, rd)
         pc_hess = projected_curvature(losses, hd.directions)
         rng = cfg.seed + 2
-        by_loss = loss_trace(losses, num_probes=cfg.trace_probes, rng=rng, progress=cfg.progress)
         by_hvp = loss_trace(
             losses, num_probes=cfg.trace_probes, rng=rng, method="hvp", progress=cfg.progress
         )
+        loss_only = None if "loss-only-trace" in cfg.skip else loss_only_trace(losses, cfg, rng)
     rand_numbers, rand_arrays = surface_summary(s_rand)
     hess_numbers, hess_arrays = surface_summary(s_hess)
     numbers = {
@@ -107,8 +144,8 @@ def landscape(
         },
         "trace": {
             "num_probes": cfg.trace_probes,
-            "loss_only": scalar_estimate(by_loss),
             "hvp": scalar_estimate(by_hvp),
+            "loss_only": loss_only,
         },
     }
     return numbers, {"random": rand_arrays, "hessian": hess_arrays}

@@ -204,6 +204,7 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
 def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
     """The estimators compared: error against cost."""
     es = numbers["estimators"]
+    marks = cheapest_marks(es)
     est_rows = []
     for r in es["rows"]:
         if r["call"] == "fisher_bounds":
@@ -220,6 +221,7 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 err,
                 fmt(r["trace_relative_error"], 3),
                 percent(r["coverage_2se"]),
+                marks.get(r["estimator"], ""),
             ]
         )
     return (
@@ -232,7 +234,10 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 f"{1e3 * es['gradient_step_seconds']:.3g} ms; {es['timing']}. Error is "
                 "‖diag F̂ − diag F‖ / ‖diag F‖ against the exact diagonal (lower / upper "
                 "for the bounds). The empirical Fisher uses the observed labels: it is "
-                "biased, and its zero standard error says nothing about that bias.",
+                "biased, and its zero standard error says nothing about that bias. "
+                "'cheapest to rel. error' marks, for each error level, the cheapest "
+                "unbiased diagonal (the bounds and the empirical Fisher excluded) whose "
+                "measured error is within it: " + cheapest_text(es),
             ),
             (
                 "table",
@@ -246,6 +251,7 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                         "rel. error",
                         "trace rel. error",
                         "within 2 SE",
+                        "cheapest to rel. error",
                     ],
                     est_rows,
                 ),
@@ -253,6 +259,28 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
             ("figure", fig["estimators.png"]),
         ],
     )
+
+
+def cheapest_marks(es: dict[str, Any]) -> dict[str, str]:
+    """Estimator name → the error levels (``es["cheapest"]``) it is the cheapest way to."""
+    marks: dict[str, list[str]] = {}
+    for entry in es.get("cheapest", []):
+        if entry["estimator"] is not None:
+            marks.setdefault(entry["estimator"], []).append(f"≤ {percent(entry['level'])}")
+    return {name: ", ".join(levels) for name, levels in marks.items()}
+
+
+def cheapest_text(es: dict[str, Any]) -> str:
+    """One clause per error level: the cheapest estimator and its cost."""
+    parts = []
+    for entry in es.get("cheapest", []):
+        level = percent(entry["level"])
+        if entry["estimator"] is None:
+            parts.append(f"none of them reached {level}")
+        else:
+            cost = fmt(entry["cost_gradient_steps"], 3)
+            parts.append(f"to {level}, {entry['estimator']} ({cost} gradient steps)")
+    return "; ".join(parts) + "." if parts else "n/a."
 
 
 def rows_text(numbers: dict[str, Any]) -> str:
@@ -474,16 +502,25 @@ def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
                     [plane_row("random", rp), plane_row("Hessian", hp)],
                 ),
             ),
-            (
-                "p",
-                f"Hessian trace from {tr['num_probes']} Rademacher probes (loss_trace): "
-                "from loss values only "
-                f"{pm(tr['loss_only']['value'], tr['loss_only']['std_error'])}; with "
-                "Hessian-vector products on the same probes "
-                f"{pm(tr['hvp']['value'], tr['hvp']['std_error'])}.",
-            ),
+            ("p", trace_text(tr)),
             ("figure", fig["landscape.png"]),
         ],
+    )
+
+
+def trace_text(tr: dict[str, Any]) -> str:
+    """The Hessian traces: HVP first; the loss-only one only with its caveats."""
+    text = (
+        f"Hessian trace from {tr['num_probes']} Rademacher probes with Hessian-vector "
+        f"products (loss_trace): {pm(tr['hvp']['value'], tr['hvp']['std_error'])}."
+    )
+    lo = tr.get("loss_only")
+    if lo is None:
+        return text
+    caveats = " ".join(lo["caveats"])
+    return (
+        f"{text} From loss values only on the same probes (loss_trace(method='loss')): "
+        f"{pm(lo['value'], lo['std_error'])}. Caveat: {caveats}"
     )
 
 
@@ -538,7 +575,9 @@ def build_sections(numbers: dict[str, Any], figures: list[dict[str, str]]) -> li
     for build in SECTIONS:
         key, title = SKIPPABLE.get(build, ("", ""))
         reason = numbers.get(key, {}).get("not_run") if key else None
-        if reason is not None:
+        if reason is not None and "skipped" in numbers[key]:
+            out.append((title, [("p", f"Not run: {reason}.")]))
+        elif reason is not None:
             out.append((title, [("p", f"Not run for this model: {reason}")]))
         else:
             out.append(build(numbers, fig))

@@ -36,12 +36,19 @@ class Settings:
     grid_points, span
         The landscape grid: ``grid_points`` per direction in [−span, span].
     trace_probes
-        Probes of the loss-only Hessian trace.
+        Probes of the Hessian traces (HVP and loss-only, the same probes).
     repeats
         Timed runs per estimator, at least (after one warm-up run; more for fast
         ones); the fastest counts.
     progress
         Progress bars: None (on a terminal only), True or False.
+    skip
+        Sections left out (``SKIPPABLE``): ``"estimators"`` (the timed comparison),
+        ``"spectrum"`` (the top eigenvalues of F, F_LR, F_DG), ``"density"`` (the
+        spectral density; the local dimension and razor then run their own
+        quadrature), ``"dimension"`` (local dimension and razor), ``"landscape"``
+        (the whole loss landscape), ``"loss-only-trace"`` (the Hessian trace from
+        loss values, shown only with its caveat; the HVP trace stays).
     """
 
     num_probes: int = 32
@@ -52,11 +59,16 @@ class Settings:
     slq_probes: int = 10
     lanczos_steps: int | None = None
     max_count: int = 32
-    grid_points: int = 21
+    grid_points: int = 13
     span: float = 1.0
-    trace_probes: int = 64
-    repeats: int = 3
+    trace_probes: int = 32
+    repeats: int = 2
     progress: bool | None = None
+    skip: tuple[str, ...] = ()
+
+
+#: The sections ``Settings.skip`` (``--skip``) may leave out.
+SKIPPABLE = ("estimators", "spectrum", "density", "dimension", "landscape", "loss-only-trace")
 
 
 @dataclass

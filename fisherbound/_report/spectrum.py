@@ -88,12 +88,22 @@ def top_spectrum(lin: Any, fam: Any, cfg: Settings, trace: float | None) -> dict
 
 
 def dimension(
-    lin: Any, fam: Any, y: Any, theta: Any, cfg: Settings, info: Positions | None = None
+    lin: Any,
+    fam: Any,
+    y: Any,
+    theta: Any,
+    cfg: Settings,
+    info: Positions | None = None,
+    rules: Any = None,
 ) -> dict[str, Any]:
     """The rank bound, the local dimension at three ε and the razor complexity.
 
-    With positions (``info``) the razor is refused or checked: its likelihood term
-    must be the one of the counted positions (see ``razor_numbers``).
+    ``rules``: the spectral density's Gauss rules (a ``SpectralDensity``), reused by
+    every count and by the razor's log-det: their quadrature costs no product, and
+    their nodes prove d_ε > max_count by interlacing, so the Lanczos count runs
+    only where they do not. None: each call runs its own quadrature. With positions
+    (``info``) the razor is refused or checked: its likelihood term must be the one
+    of the counted positions (see ``razor_numbers``).
     """
     from fisherbound.dimension import local_dimension, rank_bound
 
@@ -109,6 +119,7 @@ def dimension(
             max_count=cfg.max_count,
             num_probes=cfg.slq_probes,
             num_matvecs=cfg.lanczos_steps,
+            quadrature=rules,
             rng=cfg.seed,
         )
         counts.append(
@@ -131,12 +142,18 @@ def dimension(
     return {
         "rank_bound": rank,
         "local_dimension": counts,
-        "razor": razor_numbers(lin, fam, y, theta, cfg, info),
+        "razor": razor_numbers(lin, fam, y, theta, cfg, info, rules),
     }
 
 
 def razor_numbers(
-    lin: Any, fam: Any, y: Any, theta: Any, cfg: Settings, info: Positions | None
+    lin: Any,
+    fam: Any,
+    y: Any,
+    theta: Any,
+    cfg: Settings,
+    info: Positions | None,
+    rules: Any = None,
 ) -> dict[str, Any]:
     """The razor's terms; with positions ``{"not_run": reason}`` when the library refuses.
 
@@ -153,6 +170,7 @@ def razor_numbers(
             labels=y,
             theta=theta,
             num_probes=cfg.slq_probes,
+            quadrature=rules,
             rng=cfg.seed,
             **lanczos_options(cfg),
         )
@@ -175,7 +193,11 @@ def razor_numbers(
 
 
 def density(lin: Any, fam: Any, cfg: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The spectral density of F by stochastic Lanczos quadrature: numbers and arrays."""
+    """The spectral density of F by stochastic Lanczos quadrature: numbers and arrays.
+
+    ``arrays["rules"]`` is the ``SpectralDensity`` itself, whose Gauss rules the
+    local dimension and the razor reuse (``dimension(..., rules=...)``).
+    """
     from fisherbound.dimension import spectral_density
 
     result = spectral_density(
@@ -192,4 +214,4 @@ def density(lin: Any, fam: Any, cfg: Settings) -> tuple[dict[str, Any], dict[str
         "num_matvecs": int(result.nodes.shape[1]),
         **{k: v.tolist() for k, v in arrays.items()},
     }
-    return numbers, arrays
+    return numbers, {**arrays, "rules": result}

@@ -102,6 +102,9 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
     ) -> None:
         self._bind(selection, inputs, spec)
         self._params = torch.cat([p.reshape(-1) for p in self._primals])
+        # hvp's cached graph of ∇L (None until first used) and whether it failed.
+        self._grad_graph: tuple[Tensor, Tensor] | None = None
+        self._no_grad_graph = False
         with torch.no_grad():
             z = self._z(self._primals, inputs, check=self._output_check())
         self._xp = array_namespace(z, names=("model output",))
@@ -209,10 +212,40 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
             return torch.func.grad(self._loss)(self._params)
 
     def hvp(self, v: Tensor, /) -> Tensor:
-        """∇²L(θ) v for ``v`` (D,); returns (D,) (forward-over-reverse)."""
+        """∇²L(θ) v for ``v`` (D,); returns (D,).
+
+        Reverse-over-reverse on a cached graph of g = ∇L(θ): the first call runs the
+        forward pass and a differentiable backward pass (``create_graph=True``) and
+        keeps their graph; every call is then one backward pass through it,
+        ∇_θ (gᵀ v), about the cost of two gradient steps (forward-over-reverse
+        redoes the forward pass each time). The graph holds about three times the
+        activations of one forward pass for the life of this object; a model whose
+        operations have no double backward falls back to forward-over-reverse.
+        """
         d = self.num_params
         self._operand(v, "v", (d,), f"(D={d},)")
-        return self._hvp(v)
+        graph = self._gradient_graph()
+        if graph is None:
+            return self._hvp(v)
+        theta, g = graph
+        with torch.enable_grad():
+            (hv,) = torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)
+        return hv.detach()
+
+    def _gradient_graph(self) -> tuple[Tensor, Tensor] | None:
+        """(θ, ∇L(θ) with its graph), built once; None if double backward fails."""
+        if self._no_grad_graph:
+            return None
+        if self._grad_graph is None:
+            theta = self._params.detach().clone().requires_grad_(True)
+            try:
+                with torch.enable_grad():
+                    (g,) = torch.autograd.grad(self._loss(theta), theta, create_graph=True)
+                self._grad_graph = (theta, g)
+            except RuntimeError:  # an operation without a double backward
+                self._no_grad_graph = True
+                return None
+        return self._grad_graph
 
     def hvp_batch(self, V: Tensor, /) -> Tensor:
         """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).

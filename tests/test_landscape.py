@@ -304,6 +304,12 @@ def test_loss_functions_agree_across_adapters(family: str, activation: str) -> N
     t_dense = t_loss.hvp_batch(torch.eye(d, dtype=torch.float64)).numpy()
     t_ref = torch.func.hessian(t_loss._loss)(t_loss.params).numpy()
     np.testing.assert_allclose(t_dense, t_ref, atol=1e-12)
+    # hvp (reverse-over-reverse on the cached gradient graph), called twice per column.
+    for i in (0, d // 2, d - 1):
+        e = torch.zeros(d, dtype=torch.float64)
+        e[i] = 1.0
+        np.testing.assert_allclose(t_loss.hvp(e).numpy(), t_ref[:, i], atol=1e-12)
+        np.testing.assert_allclose(t_loss.hvp(e).numpy(), t_ref[:, i], atol=1e-12)
     np.testing.assert_allclose(ref_loss.hvp_batch(np.eye(d)), t_ref, atol=1e-12)
     j_ref = jax.hessian(
         lambda t: j_loss._kernels.values(

@@ -80,7 +80,8 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
     Build it with :func:`loss_function`. θ is the concatenation of the selected
     parameters (as in ``linearize``). ``value`` evaluates the module at S shifted
     parameter vectors with ``torch.func.vmap`` over ``functional_call``;
-    ``gradient`` is ``torch.func.grad``; ``hvp`` / ``hvp_batch`` are
+    ``gradient`` is ``torch.func.grad``; ``hvp`` is one backward pass through a
+    cached graph of the gradient (reverse-over-reverse) and ``hvp_batch``
     forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``, vmapped over
     the vectors). The parameters are read, never changed.
     """

@@ -343,6 +343,15 @@ def test_demo_target_error_needs_two_probes(capsys: Any) -> None:
     assert "--target-error needs --num-probes >= 2" in capsys.readouterr().err
 
 
+def test_skip_names_the_sections(capsys: Any) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--skip", "razor"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--skip: invalid choice: 'razor'" in err
+    assert "'dimension'" in err
+
+
 def test_demo_rejects_a_bad_number(capsys: Any) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--num-probes", "0"])

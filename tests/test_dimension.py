@@ -27,6 +27,7 @@ from fisherbound.dimension import (
 )
 from fisherbound.families import Bernoulli, Categorical, Gaussian
 from fisherbound.fisher import fisher_dense
+from fisherbound.linalg import Quadrature, lanczos_quadrature
 
 # --------------------------------------------------------------------------- #
 # helpers
@@ -262,6 +263,78 @@ def test_local_dimension_auto_switches_to_slq_above_max_count(eager_backend) -> 
     se = float(eager_backend.to_numpy(est.std_error))
     assert se > 0
     assert abs(float(eager_backend.to_numpy(est.value)) - 6) <= 5 * se
+
+
+def test_interlacing_proves_the_count_too_large_in_max_count_plus_one_products() -> None:
+    # Every eigenvalue above eps: after j steps the j Ritz values all exceed eps (they
+    # interlace the spectrum), so max_count + 1 = 6 products prove d_eps > 5.
+    from fisherbound.linalg import LinearOperator
+    from fisherbound.linalg._quadrature import _count_above
+
+    diag = np.linspace(1.0, 2.0, 200)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return diag * v
+
+    op = LinearOperator((200, 200), matvec=matvec, dtype=np.float64, device="cpu", xp=np)
+    gen = np.random.default_rng(0)
+    count, rule = _count_above(
+        np, op, eps=0.5, max_count=5, basis_size=None, tol=1e-8, probe_steps=0, gen=gen
+    )
+    assert (count, rule, len(calls)) == (None, None, 6)
+    # Reused as SLQ's first probe: the run goes on to the probe's 10 steps, and its
+    # rule is the Gauss rule of lanczos_quadrature from the same Rademacher probe.
+    calls.clear()
+    count, rule = _count_above(
+        np, op, eps=0.5, max_count=5, basis_size=None, tol=1e-8, probe_steps=10,
+        gen=np.random.default_rng(3),
+    )  # fmt: skip
+    assert count is None
+    assert len(calls) == 10
+    ref = lanczos_quadrature(np.diag(diag), num_probes=1, num_matvecs=10, rng=3)
+    np.testing.assert_allclose(rule.nodes, ref.nodes, rtol=1e-10)
+    np.testing.assert_allclose(rule.weights, ref.weights, rtol=1e-8, atol=1e-12)
+
+
+def test_slq_stops_at_the_target_error(eager_backend) -> None:
+    _, lin = mlp(eager_backend, sizes=(4, 8, 3), n=6, seed=8)  # D = 67, d_eps = 6
+    expected, _ = dense_spectrum(eager_backend, lin)
+    eps = gap_threshold(expected, 5)
+    kw = {"eps": eps, "method": "slq", "num_probes": 40, "num_matvecs": 30, "rng": 1}
+    loose = local_dimension(lin, target_error=0.3, **kw)
+    value = float(eager_backend.to_numpy(loose.value))
+    se = float(eager_backend.to_numpy(loose.std_error))
+    assert 3 <= loose.num_probes < 40
+    assert se <= 0.3 * value
+    assert abs(value - 6) <= 5 * se
+    assert local_dimension(lin, target_error=None, **kw).num_probes == 40
+
+
+def test_local_dimension_and_razor_reuse_the_density_rules(eager_backend) -> None:
+    model, lin = mlp(eager_backend, sizes=(4, 8, 3), n=6, seed=8)
+    expected, _ = dense_spectrum(eager_backend, lin)
+    sd = spectral_density(lin, num_probes=6, num_matvecs=30, rng=4)
+    nodes = eager_backend.to_numpy(sd.nodes)
+    weights = eager_backend.to_numpy(sd.weights)
+    eps = gap_threshold(expected, 5)
+    # The nodes prove d_eps > 3 (some rule has 4 nodes above eps): no Lanczos count.
+    assert np.max(np.sum(nodes > eps, axis=1)) > 3
+    est = local_dimension(lin, eps=eps, max_count=3, quadrature=sd, rng=0)
+    per_probe = np.sum(weights * (nodes > eps), axis=1)
+    assert est.num_probes == 6
+    assert_close(est.value, eager_backend.asarray(np.mean(per_probe)), rtol=1e-10, atol=0.0)
+    # Under max_count the exact count runs, whatever the rules say.
+    exact = local_dimension(lin, eps=eps, max_count=8, quadrature=sd, rng=0)
+    assert (float(eager_backend.to_numpy(exact.value)), exact.num_probes) == (6.0, 0)
+    # The razor's log-det from the same rules, with no product of its own.
+    y = eager_backend.xp.asarray(np.array([0, 1, 2, 0, 1, 2]), device=eager_backend.device)
+    theta = model.parameters()
+    rz = razor(lin, prior_variance=2.0, labels=y, theta=theta, method="slq", quadrature=sd)
+    logdet = np.sum(weights * np.log1p(2.0 * np.maximum(nodes, 0.0)), axis=1)
+    assert rz.log_det.num_probes == 6
+    assert_close(rz.log_det.value, eager_backend.asarray(np.mean(logdet)), rtol=1e-10, atol=0)
 
 
 @settings(max_examples=5, deadline=None)
@@ -626,6 +699,12 @@ def test_bad_numbers(eager_backend) -> None:
         top_eigenpairs(lin, k=1, reduction="avg")
     with pytest.raises(ValueError, match=r"method must be one of 'auto', 'lanczos', 'slq'"):
         local_dimension(lin, eps=1.0, method="dense")
+    with pytest.raises(ValueError, match=r"target_error must be .*; got 0"):
+        local_dimension(lin, eps=1.0, target_error=0.0)
+    with pytest.raises(TypeError, match=r"quadrature must be a SpectralDensity .* got int"):
+        local_dimension(lin, eps=1.0, quadrature=3)
+    with pytest.raises(ValueError, match=r"quadrature.nodes and quadrature.weights must both"):
+        local_dimension(lin, eps=1.0, quadrature=Quadrature(lin.logits, lin.logits[:1, ...]))
     with pytest.raises(ValueError, match=r"max_count must be an integer >= 1; got 0"):
         local_dimension(lin, eps=1.0, max_count=0)
     with pytest.raises(ValueError, match=r"num_probes must be an integer >= 1; got 0"):

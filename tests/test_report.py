@@ -693,3 +693,77 @@ def test_a_refused_analysis_is_reported_not_raised(
             torch_subject(flat), rng.standard_normal((5, 3)), rng.integers(0, 4, 5),
             settings=settings,
         )  # fmt: skip
+
+
+def test_skipped_sections_say_so(files: dict[str, Path]) -> None:
+    r = run_report(
+        files, f"{files['model.py']}:make_model", "data", "--skip", "estimators", "landscape"
+    )
+    assert r["estimators"]["not_run"] == "skipped on request (--skip estimators)"
+    assert r["landscape"]["skipped"] == "landscape"
+    assert "exact" in r["spectrum"]  # the others ran
+    assert len(r["dimension"]["local_dimension"]) == 3
+    assert {f["file"] for f in r["figures"]} == {
+        "fisher_diagonal.png",
+        "core_space.png",
+        "fisher_spectrum.png",
+    }
+    from fisherbound._report.sections import build_sections
+
+    titles = dict(build_sections(r, r["figures"]))
+    assert titles["Estimators compared"] == [
+        ("p", "Not run: skipped on request (--skip estimators).")
+    ]
+
+
+def test_the_cheapest_estimator_per_error_level() -> None:
+    from fisherbound._report.diagonal import cheapest
+    from fisherbound._report.sections import cheapest_marks
+
+    def row(name: str, call: str, cost: float, error: float | None) -> dict[str, Any]:
+        return {"estimator": name, "call": call, "cost_gradient_steps": cost,
+                "relative_error": error}  # fmt: skip
+
+    rows = [
+        row("exact", "fisher_diagonal", 12.0, 0.0),
+        row("bounds", "fisher_bounds", 1.0, None),
+        row("one probe", "detach_and_mix(num_probes=1)", 1.2, 0.9),
+        row("32 probes", "detach_and_mix(num_probes=32)", 8.0, 0.08),
+        row("empirical", "empirical", 0.5, 0.05),  # biased: never the answer
+    ]
+    out = cheapest(rows, (0.01, 0.1, 1.0))
+    assert [e["estimator"] for e in out] == ["exact", "32 probes", "one probe"]
+    assert out[1]["cost_gradient_steps"] == 8.0
+    assert cheapest(rows[1:3], (0.01,))[0]["estimator"] is None
+    marks = cheapest_marks({"cheapest": out})
+    assert marks == {"exact": "≤ 1.0%", "32 probes": "≤ 10.0%", "one probe": "≤ 100.0%"}
+
+
+def test_the_loss_only_trace_is_shown_with_its_caveat() -> None:
+    from fisherbound._report.landscape import LOSS_ONLY_CAVEAT
+    from fisherbound._report.sections import trace_text
+
+    hvp = {"value": 2767.0, "std_error": 324.0}
+    alone = trace_text({"num_probes": 8, "hvp": hvp, "loss_only": None})
+    assert "2767 ± 3.2e+02" in alone
+    assert "loss values" not in alone
+    kinks = "loss_trace(method='loss'): the loss functions report kinked modules"
+    lo = {"value": -6896.0, "std_error": 1240.0, "caveats": [LOSS_ONLY_CAVEAT, kinks]}
+    text = trace_text({"num_probes": 8, "hvp": hvp, "loss_only": lo})
+    assert text.index("2767") < text.index("-6896")  # the HVP trace first
+    assert f"Caveat: {LOSS_ONLY_CAVEAT} {kinks}" in text
+
+
+def test_the_loss_only_trace_records_the_kink_warning() -> None:
+    from fisherbound._report.landscape import LOSS_ONLY_CAVEAT, loss_only_trace
+    from fisherbound._report.settings import Settings
+    from fisherbound.adapters.torch import loss_function
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    out = loss_only_trace([loss_function(model, x, y)], Settings(trace_probes=4), 0)
+    assert out["caveats"][0] == LOSS_ONLY_CAVEAT
+    assert "kinks" in out["reasons"]
+    assert len(out["caveats"]) == 1 + len(out["reasons"])
+    assert math.isfinite(out["value"])

@@ -2,8 +2,8 @@
 
     python3 benchmarks/run.py [--quick] [--out DIR] [--threads N] [--only NAME ...]
 
-Sections, in order: eigvalsh, exact_diagonal, estimators, spectrum, eigsh, landscape, peers,
-gpu_core_space, gpu_torch, language_model (``--list`` prints them). Each is the
+Sections, in order: eigvalsh, exact_diagonal, estimators, spectrum, dimension, eigsh,
+landscape, peers, gpu_core_space, gpu_torch, language_model (``--list`` prints them). Each is the
 ``run`` function of one script in this folder (each script also runs on its own). A
 section that fails is recorded as failed, with its traceback, and the command exits
 with status 1 after the others ran. The GPU sections are reported as skipped, with
@@ -42,6 +42,7 @@ MODULES = [
     "bench_exact_diagonal",
     "bench_estimators",
     "bench_spectrum",
+    "bench_dimension",
     "bench_eigsh",
     "bench_landscape",
     "bench_peers",
@@ -71,6 +72,7 @@ def section_names() -> list[str]:
         "exact_diagonal",
         "estimators",
         "spectrum",
+        "dimension",
         "eigsh",
         "landscape",
         "peers",

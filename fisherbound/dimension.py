@@ -562,8 +562,8 @@ def local_dimension(
       tr 1[F > ε] ≈ (1/M) Σ_p Σ_j w_pj 1[θ_pj > ε], with the Hutchinson standard
       error over the M probes (the quadrature adds a bias that vanishes when the
       Ritz values resolve the gap of the spectrum around ε, and as m → D). Probes
-      run in rounds (2, 2, 4, 8, ...) until the relative standard error is at most
-      ``target_error`` (after at least 3 probes) or M probes ran.
+      run in rounds (4, then doubling) until the relative standard error is at most
+      ``target_error`` (checked from 4 probes on) or M probes ran.
     - ``"auto"`` (default): ``"lanczos"`` when it finds d_ε ≤ max_count, else
       ``"slq"``. The count's run starts from a Rademacher probe, so when it proves
       d_ε > max_count its first m steps are SLQ's first probe: the products are
@@ -610,7 +610,7 @@ def local_dimension(
     -----
     Cost: Lanczos, one matvec per step until the pairs above ε converge (about
     2 d_ε + 20), or max_count + 1 steps to prove d_ε > max_count, plus a run per
-    verification round; SLQ, m matvecs per probe, between 3 and M probes (each
+    verification round; SLQ, m matvecs per probe, between 4 and M probes (each
     round one matmat of its probes per step). Each matvec is one JVP and one VJP
     per batch. With ``quadrature``, nothing beyond the count when it runs.
 

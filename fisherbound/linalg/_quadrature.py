@@ -52,6 +52,10 @@ def _quadrature(xp: Any, op: Any, *, num_probes: int, num_matvecs: int, gen: Any
     return Quadrature(theta, n * S[:, 0, :] ** 2)
 
 
+#: SLQ with a target error checks it from this many probes on.
+_MIN_PROBES = 4
+
+
 def _rule_terms(xp: Any, function: Any, nodes: Array, weights: Array) -> Array:
     """Σ_j w_ij f(θ_ij) per probe (nodes of zero weight dropped), shape (M,)."""
     values = function(nodes)
@@ -72,11 +76,13 @@ def _adaptive_slq(
 ) -> tuple[Estimate, Quadrature]:
     """SLQ of tr f(A) with probes in rounds until the relative standard error is met.
 
-    Rounds of 2, 2, 4, 8, ... probes (one ``matmat`` of the round's columns per
-    step) after the rules in ``first`` (Gauss rules of probes already run, e.g. the
-    start of a Lanczos count), until ``std_error ≤ target_error · |value|`` with at
-    least 3 probes, or ``num_probes`` probes; ``target_error=None`` runs them all in
-    one round. Returns the estimate and the Gauss rules of every probe used.
+    Rounds of probes (one ``matmat`` of the round's columns per step) after the
+    rules in ``first`` (Gauss rules of probes already run, e.g. the start of a
+    Lanczos count): first up to 4 probes, then doubling, until
+    ``std_error ≤ target_error · |value|`` (checked from 4 probes on: a standard
+    error from fewer samples is too erratic to stop on), or ``num_probes`` probes;
+    ``target_error=None`` runs them all in one round. Returns the estimate and the
+    Gauss rules of every probe used.
     """
     nodes = [] if first is None else [first.nodes]
     weights = [] if first is None else [first.weights]
@@ -86,14 +92,14 @@ def _adaptive_slq(
             break
         if target_error is None:
             size = num_probes - done
-        else:
-            size = min(num_probes - done, max(2, done))
+        else:  # at least 4 probes before the first check: 3 sample SEs are too erratic
+            size = min(num_probes - done, max(2, done, _MIN_PROBES - done))
         if size > 0:
             quad = _quadrature(xp, op, num_probes=size, num_matvecs=num_matvecs, gen=gen)
             nodes.append(quad.nodes)
             weights.append(quad.weights)
             done += size
-        if target_error is None or done >= num_probes or done < 3:
+        if target_error is None or done >= num_probes or done < _MIN_PROBES:
             continue
         est = estimate_from_samples(
             _rule_terms(xp, function, xp.concat(nodes), xp.concat(weights)), xp

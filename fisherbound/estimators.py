@@ -13,7 +13,8 @@ not p̃) and ξ_xm i.i.d. Rademacher (or Gaussian) probes. Its gradient
 
 satisfies E[g_m g_mᵀ] = F = Σ_x J_xᵀ K(z_x) J_x, because the probes of different
 inputs are independent: no per-example gradients are needed. From the M vectors
-g_m (one ``vjp_batch`` call per batch): the diagonal g ⊙ g, the blocks g_b g_bᵀ,
+g_m (one ``vjp_batch`` call per batch; for the diagonal the adapter's
+``vjp_batch_square_moments`` where it has one): the diagonal g ⊙ g, the blocks g_b g_bᵀ,
 the trace ‖g‖² and the low-rank factor [g_1 … g_M] of F. The kernel selects the
 quantity: ``"exact"`` F, ``"upper"`` the DG bound F_DG (h_DG = Σ ξ √p̃ z),
 ``"lower"`` the LR bound F_LR (one sign per input), and ``Bernoulli()`` gives the
@@ -482,9 +483,14 @@ def detach_and_mix(
     Cost per batch: the linearization's forward pass and ONE batched VJP of M
     cotangents (about M backward passes; never per-example gradients), plus
     O(M N P C) for the cotangents (P positions per example), whatever P and C.
-    ``per_example=True`` costs the adapter's per-example squares with M
-    cotangents (the torch fast path for Linear / Conv / norm layers: one batched
-    backward pass). Memory: M D-vectors per batch
+    For the diagonal, the squares' mean and variance over the probes take four
+    passes over the M D-vectors (the torch adapter's ``vjp_batch_square_moments``
+    reduces them without an (M, D) copy; one probe is squared during its
+    backward pass), so one probe costs one forward and one backward pass plus
+    one D-vector written: about one gradient step (docs/estimators.md has the
+    measured ratios). ``per_example=True`` costs the adapter's per-example
+    squares with M cotangents (the torch fast path for Linear / Conv / norm
+    layers: one batched backward pass). Memory: M D-vectors per batch
     (blocks: M s² per block).
 
     Variance (Rademacher, one probe, one batch): Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴)

@@ -470,7 +470,8 @@ def detach_and_mix(
         ``value`` the mean over probes of the per-probe estimates (sum over
         batches), ``std_error`` its standard error (same shape; from the probes'
         sample variance within each batch, see ``Accumulator``; NaN with one
-        probe), ``num_probes`` M. For ``what="full"``: ``value`` is the factor
+        probe, as a read-only broadcast of one NaN), ``num_probes`` M. For
+        ``what="full"``: ``value`` is the factor
         V = [g_1; …; g_M] / √M (M, D) (scaled by 1/√N for ``reduction="mean"``),
         whose Gram matrix Vᵀ V = (1/M) Σ_m g_m g_mᵀ is the rank-≤M estimate of F,
         with g_m summed over batches; ``std_error`` (D,) is the standard error of

@@ -733,9 +733,9 @@ def loss_trace(
     θ ± h u: no kinks (ReLU, leaky ReLU, hard tanh, max pooling, …) within h, since
     a second difference across a kink measures (jump of the slope) / h, not the
     Hessian (which a piecewise-linear unit does not even have at the kink); and
-    (2) rounding does not dominate: 4 ε_L |L| / h² ≪ |uᵀHu| ≈ |tr H| / D, i.e.
-    h² ≫ 4 ε_L |L| D / |tr H|. The two errors are equal at h⁴ = 48 ε_L |L| /
-    |∂⁴L[u⁴]|, the reason for the default h ∝ ε^{1/4}; in float32 (ε ≈ 1.2e-7)
+    (2) rounding does not dominate: 4 ε_L abs(L) / h² ≪ abs(uᵀHu) ≈ abs(tr H) / D, i.e.
+    h² ≫ 4 ε_L abs(L) D / abs(tr H). The two errors are equal at h⁴ = 48 ε_L abs(L) /
+    abs(∂⁴L[u⁴]), the reason for the default h ∝ ε^{1/4}; in float32 (ε ≈ 1.2e-7)
     that leaves the rounding term of a loss summed over a batch comparable to the
     trace. The loss-only method therefore warns (``LossTraceWarning``, a
     RuntimeWarning, with ``reason`` and ``detail``):
@@ -746,9 +746,9 @@ def loss_trace(
       ReLU called as a function, ``F.relu`` or ``torch.relu``, is invisible to it,
       and adapters without the property, such as JAX's, are not checked);
     - ``reason="rounding"`` when the rounding bound of the estimate,
-      R = (1/M) Σ_m 4 ε |L(θ)| ‖η_m‖² / h² (ε the machine epsilon of θ's dtype,
-      |L(θ)| per batch, summed like the trace), exceeds both the standard error
-      and 1% of |estimate|: the error bar would not cover the rounding error.
+      R = (1/M) Σ_m 4 ε abs(L(θ)) ‖η_m‖² / h² (ε the machine epsilon of θ's dtype,
+      abs(L(θ)) per batch, summed like the trace), exceeds both the standard error
+      and 1% of abs(estimate): the error bar would not cover the rounding error.
 
     Use the HVP method wherever the adapter has ``hvp_batch``; the loss-only method
     is for smooth models in float64 (or float32 with a small loss and few

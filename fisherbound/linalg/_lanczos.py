@@ -410,7 +410,7 @@ def eigsh(
 
     Lanczos with full reorthogonalisation builds A Q = Q T + β q eᵀ on a basis of at
     most p vectors; the Ritz pairs (θ_i, Q s_i) of T = S diag(θ) Sᵀ have residuals
-    ‖A Q s_i − θ_i Q s_i‖ = β |s_{p,i}|, read off T at no extra product. The run stops
+    ‖A Q s_i − θ_i Q s_i‖ = β·abs(s_{p,i}), read off T at no extra product. The run stops
     when every wanted pair satisfies
 
     .. math:: β |s_{p,i}| ≤ \mathrm{tol} \cdot \max(|θ_i|, \sqrt{ε}\,‖T‖),
@@ -454,7 +454,7 @@ def eigsh(
     -------
     EigshResult
         ``eigenvalues`` ascending (k' pairs, or all n for ``"both"`` with 2k ≥ n),
-        ``eigenvectors`` (n, k') with unit columns, ``residuals`` β |s_{p,i}|
+        ``eigenvectors`` (n, k') with unit columns, ``residuals`` β·abs(s_{p,i})
         (equal to ‖A y − θ y‖ up to rounding, since Q is orthonormal to rounding; for
         symmetric A some eigenvalue lies within this distance of θ).
 

@@ -298,6 +298,20 @@ def test_interlacing_proves_the_count_too_large_in_max_count_plus_one_products()
     np.testing.assert_allclose(rule.weights, ref.weights, rtol=1e-8, atol=1e-12)
 
 
+def test_an_unconverged_count_warns_at_its_budget() -> None:
+    from fisherbound.linalg import aslinearoperator
+    from fisherbound.linalg._quadrature import _count_above
+
+    diag = np.concatenate([[3.0, 2.0], np.linspace(0.0, 0.5, 58)])
+    op = aslinearoperator(np.diag(diag))
+    gen = np.random.default_rng(0)
+    with pytest.warns(RuntimeWarning, match=r"the Lanczos count stopped at its budget of 100"):
+        count, _ = _count_above(  # tol = 0: no residual is ever small enough
+            np, op, eps=1.0, max_count=5, basis_size=10, tol=0.0, probe_steps=0, gen=gen
+        )
+    assert count == 2  # a lower bound, here the count
+
+
 def test_slq_stops_at_the_target_error(eager_backend) -> None:
     _, lin = mlp(eager_backend, sizes=(4, 8, 3), n=6, seed=8)  # D = 67, d_eps = 6
     expected, _ = dense_spectrum(eager_backend, lin)

@@ -208,7 +208,7 @@ def _count_above(
                     f"residual {worst:.2e} > tol = {tol:.1e}); the count {count + above} "
                     "may be low. Raise num_matvecs.",
                     RuntimeWarning,
-                    stacklevel=4,
+                    stacklevel=3,
                 )
                 return count + above, rule
             if j == p:

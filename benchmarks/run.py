@@ -3,8 +3,9 @@
     python3 benchmarks/run.py [--quick] [--out DIR] [--threads N] [--only NAME ...]
 
 Sections, in order: eigvalsh, exact_diagonal, estimators, spectrum, dimension, eigsh,
-landscape, peers, gpu_core_space, gpu_torch, language_model (``--list`` prints them). Each is
-``run`` function of one script in this folder (each script also runs on its own). A
+landscape, peers, gpu_core_space, gpu_torch, language_model (``--list`` prints them).
+Each is the ``run`` function of one script in this folder (each script also runs on its
+own). A
 section that fails is recorded as failed, with its traceback, and the command exits
 with status 1 after the others ran. The GPU sections are reported as skipped, with
 the reason, when no GPU back end is usable, and language_model when transformers is

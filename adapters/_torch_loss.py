@@ -7,6 +7,7 @@ Public through ``fisherbound.adapters.torch`` (``TorchLossFunction``, built by i
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch  # noqa: TID253
@@ -74,6 +75,10 @@ def kinked_modules(model: torch.nn.Module) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 
 
+# The torch loss function whose hvp graph is alive (at most one; see ``hvp``).
+_GRAPH_HOLDER: list[weakref.ref[Any] | None] = [None]
+
+
 class TorchLossFunction(FunctionalModel, LossFunctionBase):
     """The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
 
@@ -106,6 +111,8 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         # hvp's cached graph of ∇L (None until first used) and whether it failed.
         self._grad_graph: tuple[Tensor, Tensor] | None = None
         self._no_grad_graph = False
+        self._grad_graph_checked = False
+        self._graph_versions: tuple[int, ...] = ()
         with torch.no_grad():
             z = self._z(self._primals, inputs, check=self._output_check())
         self._xp = array_namespace(z, names=("model output",))
@@ -217,36 +224,68 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
 
         Reverse-over-reverse on a cached graph of g = ∇L(θ): the first call runs the
         forward pass and a differentiable backward pass (``create_graph=True``) and
-        keeps their graph; every call is then one backward pass through it,
-        ∇_θ (gᵀ v), about the cost of two gradient steps (forward-over-reverse
-        redoes the forward pass each time). The graph holds about three times the
-        activations of one forward pass for the life of this object; a model whose
-        operations have no double backward falls back to forward-over-reverse.
+        keeps their graph; every later call is one backward pass through it,
+        ∇_θ (gᵀ v), about half the cost of forward-over-reverse, which redoes the
+        forward pass each time. The first product is checked against
+        forward-over-reverse (``hvp_batch``'s path): an operation whose double
+        backward is wrong or missing (a ``once_differentiable`` autograd Function)
+        makes every call take forward-over-reverse. At most one such graph is held
+        across all torch loss functions (about three forward passes' worth of
+        activations): a Hessian operator over many batches rebuilds each batch's
+        graph, never holds them all. A parameter, buffer or input tensor changed in
+        place since the graph was built (its version counter moved) makes it rebuild,
+        so the product is never stale.
         """
         d = self.num_params
         self._operand(v, "v", (d,), f"(D={d},)")
-        graph = self._gradient_graph()
-        if graph is None:
+        if self._no_grad_graph:
             return self._hvp(v)
-        theta, g = graph
-        with torch.enable_grad():
-            (hv,) = torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)
+        if self._grad_graph is not None and self._graph_versions != self._state_versions():
+            self._drop_grad_graph()  # a parameter, buffer or input changed in place
+        built = self._grad_graph is None
+        try:
+            theta, g = self._gradient_graph()
+            with torch.enable_grad():
+                (hv,) = torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=True)
+        except RuntimeError:
+            self._drop_grad_graph()
+            if built:  # no double backward: forward-over-reverse from now on
+                self._no_grad_graph = True
+                return self._hvp(v)
+            return self.hvp(v)  # a saved tensor changed in place: rebuild the graph
+        if built and not self._grad_graph_checked:  # the first product, checked once
+            reference = self._hvp(v)
+            tol = 100 * torch.finfo(reference.dtype).eps ** 0.5
+            scale = float(reference.abs().max())
+            if not bool(torch.allclose(hv, reference, rtol=tol, atol=tol * scale)):
+                self._drop_grad_graph()
+                self._no_grad_graph = True
+            self._grad_graph_checked = True
+            return reference
         return hv.detach()
 
-    def _gradient_graph(self) -> tuple[Tensor, Tensor] | None:
-        """(θ, ∇L(θ) with its graph), built once; None if double backward fails."""
-        if self._no_grad_graph:
-            return None
+    def _gradient_graph(self) -> tuple[Tensor, Tensor]:
+        """(θ, ∇L(θ) with its graph), built on demand; the only one held (see ``hvp``)."""
         if self._grad_graph is None:
+            holder = _GRAPH_HOLDER[0]() if _GRAPH_HOLDER[0] is not None else None
+            if holder is not None and holder is not self:
+                holder._drop_grad_graph()
             theta = self._params.detach().clone().requires_grad_(True)
-            try:
-                with torch.enable_grad():
-                    (g,) = torch.autograd.grad(self._loss(theta), theta, create_graph=True)
-                self._grad_graph = (theta, g)
-            except RuntimeError:  # an operation without a double backward
-                self._no_grad_graph = True
-                return None
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(self._loss(theta), theta, create_graph=True)
+            self._grad_graph = (theta, g)
+            self._graph_versions = self._state_versions()
+            _GRAPH_HOLDER[0] = weakref.ref(self)
         return self._grad_graph
+
+    def _state_versions(self) -> tuple[int, ...]:
+        """Version counters of the model's parameters and buffers and of the inputs."""
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        tensors += [t for t in torch.utils._pytree.tree_leaves(self._batch) if torch.is_tensor(t)]
+        return tuple(t._version for t in tensors)
+
+    def _drop_grad_graph(self) -> None:
+        self._grad_graph = None
 
     def hvp_batch(self, V: Tensor, /) -> Tensor:
         """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).

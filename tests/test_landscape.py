@@ -1125,3 +1125,66 @@ def test_more_plotting_error_messages() -> None:
     bad = landscape.Surface(([0.0, 1.0],), np.ones(2), np.ones((1, 2)), "sum")
     with pytest.raises(TypeError, match=r"surface.coordinates\[0\] must be an array"):
         plot_surface(bad)
+
+
+def _torch_loss_pair() -> tuple[Any, Any, Any]:
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.torch import loss_function
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1])
+    return torch, net, loss_function(net, x, y, params=["2.weight", "2.bias"])
+
+
+def test_torch_hvp_graph_is_rebuilt_when_a_frozen_parameter_changes_in_place() -> None:
+    torch, net, loss = _torch_loss_pair()
+    v = torch.linspace(-1.0, 1.0, loss.num_params, dtype=torch.float64)
+    first = loss.hvp(v)
+    np.testing.assert_allclose(first.numpy(), loss.hvp_batch(v[None])[0].numpy(), atol=1e-12)
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)  # not selected: the graph saved the old tensor
+    again = loss.hvp(v)
+    np.testing.assert_allclose(again.numpy(), loss.hvp_batch(v[None])[0].numpy(), atol=1e-12)
+    assert float((again - first).abs().max()) > 1e-3  # the new weights count
+
+
+def test_torch_hvp_holds_one_graph_and_refuses_a_wrong_double_backward() -> None:
+    torch, net, loss = _torch_loss_pair()
+    _, _, other = _torch_loss_pair()
+    v = torch.ones(loss.num_params, dtype=torch.float64)
+    loss.hvp(v)
+    assert loss._grad_graph is not None
+    other.hvp(v)
+    assert loss._grad_graph is None and other._grad_graph is not None
+
+    class Square(torch.autograd.Function):  # backward without a usable double backward
+        @staticmethod
+        def forward(ctx: Any, z: Any) -> Any:
+            ctx.save_for_backward(z)
+            return z * z
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx: Any, grad: Any) -> Any:
+            (z,) = ctx.saved_tensors
+            return 2.0 * z * grad
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2).double()
+
+        def forward(self, x: Any) -> Any:
+            return Square.apply(self.lin(x))
+
+    from fisherbound.adapters.torch import loss_function
+
+    odd = loss_function(Net(), torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))
+    w = torch.ones(odd.num_params, dtype=torch.float64)
+    # Forward-over-reverse cannot differentiate it either: an error, never a wrong number.
+    with pytest.raises(RuntimeError):
+        odd.hvp(w)

@@ -231,6 +231,7 @@ def top_eigenpairs(
     reduction: str = "sum",
     tol: float | None = None,
     num_matvecs: int | None = None,
+    basis_size: int | None = None,
     rng: Any = None,
     process_group: Any = None,
 ) -> Eigenpairs:
@@ -265,6 +266,9 @@ def top_eigenpairs(
     num_matvecs
         The most Fisher matvecs, ≥ k; default max(100, 10 p) with p = min(D,
         max(2k + 1, 20)) the Lanczos basis. Reaching it first warns.
+    basis_size
+        p, the most Lanczos vectors held (memory D p), k + 1 ≤ p ≤ D; p = D is a
+        full run: the exact spectrum with multiplicities.
     rng
         Generator, int seed or None (the Lanczos start vector).
 
@@ -296,14 +300,12 @@ def top_eigenpairs(
     if k > d:
         msg = f"k must be at most D = {d} (the number of parameters); got k = {k}."
         raise ValueError(msg)
-    gen = _shared_generator(rng, process_group, "top_eigenpairs", k=k, tol=tol, num_matvecs=m)
-    return _top_eigenpairs(_namespace(op), op, k=k, tol=tol, num_matvecs=m, gen=gen)
-
-
-def _top_eigenpairs(
-    xp: Any, op: Any, *, k: int, tol: float | None, num_matvecs: int | None, gen: Any
-) -> Eigenpairs:
-    res = eigsh(op, k=k, which="largest", tol=tol, num_matvecs=num_matvecs, rng=gen)
+    p = check_optional_int(basis_size, "basis_size")
+    gen = _shared_generator(
+        rng, process_group, "top_eigenpairs", k=k, tol=tol, num_matvecs=m, basis_size=p
+    )
+    res = eigsh(op, k=k, which="largest", tol=tol, num_matvecs=m, basis_size=p, rng=gen)
+    xp = _namespace(op)
     return Eigenpairs(
         xp.flip(res.eigenvalues, axis=0),
         xp.flip(res.eigenvectors, axis=1),
@@ -650,6 +652,7 @@ def local_dimension(
         num_probes=M,
         num_matvecs=m,
         target_error=target,
+        quadrature=None if quad is None else tuple(int(s) for s in quad.nodes.shape),
     )
     steps = min(d, DEFAULT_SLQ_MATVECS) if m is None else min(m, d)
     proven = quad is not None and _rules_count(xp, quad, threshold, count_max)
@@ -894,7 +897,15 @@ def razor(
         )
         raise ValueError(msg)
     gen = _shared_generator(
-        rng, process_group, "razor", s2=s2, method=method, M=M, m=m, max_params=max_params
+        rng,
+        process_group,
+        "razor",
+        s2=s2,
+        method=method,
+        M=M,
+        m=m,
+        max_params=max_params,
+        quadrature=rules is not None,
     )
     how = LogDetSettings(s2, method, M, m, max_params, gen, process_group, rules)
     return razor_terms(xp, op, fam, lins, batches, theta_hat, prior_mean, how, coll)

@@ -345,9 +345,10 @@ def hessian_directions(
     pairs converge from the same Krylov space (fewer products than two one-ended
     runs on the models of ``benchmarks/bench_landscape.py``). ``which="largest"`` or
     ``"smallest"``: one run for that end alone. The top eigenpair is what PyHessian's
-    power iteration computes; the Krylov space after m products contains the m-th
-    power iterate, so its Ritz value is at least as close to λ_max, and much closer
-    when λ_max is not well separated from the next eigenvalue.
+    power iteration computes; until the first restart (p products) the Krylov space
+    contains the p-th power iterate, so its Ritz value is at least as close to
+    λ_max, and much closer when λ_max is not well separated from the next
+    eigenvalue (after a restart the kept Ritz vectors no longer guarantee this).
 
     ``method="shifted"`` (``which="both"`` only): THEORY's two-run scheme: a first
     run gives the eigenvalue of largest magnitude λ₁, a second run, from a fresh

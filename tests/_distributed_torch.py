@@ -125,6 +125,9 @@ def computations(lins: list, losses: list, labels: list, group: object) -> dict[
     out["surface"] = surface(losses, dirs, num_points=5, progress=False, **pg).values
     out["hvp"] = hessian_operator(losses, **pg).matmat(v)
     out["loss_trace"] = loss_trace(losses, num_probes=8, rng=4, progress=False, **pg).value
+    out["loss_trace_loss_only"] = loss_trace(
+        losses, method="loss", num_probes=8, rng=4, progress=False, **pg
+    ).value
     out["curvature"] = projected_curvature(losses, dirs, **pg).hessian
     out["hessian_eigenvalues"] = hessian_directions(losses, rng=6, **pg).eigenvalues
     return {k: np.asarray(v) for k, v in out.items()}

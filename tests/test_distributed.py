@@ -37,6 +37,7 @@ EXACT = [
     "surface",
     "hvp",
     "loss_trace",
+    "loss_trace_loss_only",
     "curvature",
     "hessian_eigenvalues",
 ]

@@ -81,7 +81,7 @@ def set_row(xp: Any, A: Array, i: int, v: Array) -> Array:
 
     Written in place where the array is writeable (NumPy, torch, CuPy,
     array-api-strict: O(n) per row); a JAX array through ``.at[].set`` (a copy,
-    outside ``jit``); any other immutable array by a masked sum (O(m n)).
+    outside ``jit``); any other immutable array by ``where`` (O(m n)).
     """
     if is_writeable_array(A):
         A[..., i, :] = v
@@ -89,8 +89,7 @@ def set_row(xp: Any, A: Array, i: int, v: Array) -> Array:
     if array_api_compat.is_jax_array(A):
         return A.at[..., i, :].set(v)
     rows = xp.arange(int(A.shape[-2]), device=device_of(A))
-    mask = xp.astype(rows == i, A.dtype)[:, None]
-    return A * (1 - mask) + v[..., None, :] * mask
+    return xp.where((rows == i)[:, None], v[..., None, :], A)
 
 
 def to_host(x: Array) -> Any:

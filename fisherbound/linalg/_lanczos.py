@@ -58,12 +58,13 @@ class EigshResult(NamedTuple):
     eigenvectors
         Ritz vectors y, shape (n, k'), unit columns, in the order of ``eigenvalues``.
     residuals
-        The Krylov residual β·abs(s_{p,i}) per pair, shape (k',): ‖A y − θ y‖ in exact
-        arithmetic, at no extra product (for symmetric A some eigenvalue lies within
-        ‖A y − θ y‖ of θ). It does not contain the rounding error of the products:
-        in float32 the explicit residual can be far larger (6e-9 reported against
-        1.9e-5 explicit on a 2000 × 2000 float32 matrix); compute ``A @ y − θ y``
-        when that matters.
+        The Krylov residual β·abs(s_{p,i}) per pair, shape (k',), floored at
+        ε·max abs(θ) (rounding): ‖A y − θ y‖ in exact arithmetic, at no extra
+        product (for symmetric A some eigenvalue lies within ‖A y − θ y‖ of θ).
+        It does not contain the rounding error of the products: in float32 the
+        explicit residual can be far larger (6e-9 reported against 1.9e-5
+        explicit on a 2000 × 2000 float32 matrix); compute ``A @ y − θ y`` when
+        that matters.
     """
 
     eigenvalues: Array
@@ -556,7 +557,11 @@ def eigsh(
             sel = np.sort(sel)  # ascending Ritz values
             Y = kry.vectors(S[:, sel])
             values = xp.asarray(theta[sel], dtype=op.dtype, device=op.device)
-            residuals = xp.asarray(res[sel], dtype=op.dtype, device=op.device)
+            # LAPACK deflates couplings below rounding, so β|s| can be exactly 0; the
+            # residual of a computed Ritz pair is not below ε‖T‖: report at least that.
+            floor = float(xp.finfo(op.dtype).eps) * float(np.abs(theta).max())
+            res_sel = np.maximum(res[sel], floor)
+            residuals = xp.asarray(res_sel, dtype=op.dtype, device=op.device)
             return EigshResult(values, Y, residuals)
         if full:
             keep = order[: min(p - 1, wanted + (p - wanted) // 2)]

@@ -1159,7 +1159,8 @@ def test_torch_hvp_holds_one_graph_and_refuses_a_wrong_double_backward() -> None
     loss.hvp(v)
     assert loss._grad_graph is not None
     other.hvp(v)
-    assert loss._grad_graph is None and other._grad_graph is not None
+    assert loss._grad_graph is None
+    assert other._grad_graph is not None
 
     class Square(torch.autograd.Function):  # backward without a usable double backward
         @staticmethod

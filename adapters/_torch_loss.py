@@ -77,6 +77,11 @@ def kinked_modules(model: torch.nn.Module) -> tuple[str, ...]:
 
 # The torch loss function whose hvp graph is alive (at most one; see ``hvp``).
 _GRAPH_HOLDER: list[weakref.ref[Any] | None] = [None]
+# Per model and parameter selection: whether its double backward agreed with
+# forward-over-reverse on a first product (checked once per model, not per batch).
+_DOUBLE_BACKWARD: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class TorchLossFunction(FunctionalModel, LossFunctionBase):
@@ -226,10 +231,11 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         forward pass and a differentiable backward pass (``create_graph=True``) and
         keeps their graph; every later call is one backward pass through it,
         ∇_θ (gᵀ v), about half the cost of forward-over-reverse, which redoes the
-        forward pass each time. The first product is checked against
-        forward-over-reverse (``hvp_batch``'s path): an operation whose double
-        backward is wrong or missing (a ``once_differentiable`` autograd Function)
-        makes every call take forward-over-reverse. At most one such graph is held
+        forward pass each time. The first product for a model and parameter
+        selection is checked against forward-over-reverse (``hvp_batch``'s path),
+        once per model: an operation whose double backward is wrong or missing (a
+        ``once_differentiable`` autograd Function) makes every call take
+        forward-over-reverse. At most one such graph is held
         across all torch loss functions (about three forward passes' worth of
         activations): a Hessian operator over many batches rebuilds each batch's
         graph, never holds them all. A parameter, buffer or input tensor changed in
@@ -238,6 +244,10 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         """
         d = self.num_params
         self._operand(v, "v", (d,), f"(D={d},)")
+        verdict = _DOUBLE_BACKWARD.get(self._model, {}).get(tuple(self._names))
+        if verdict is not None:  # this model and selection were checked before
+            self._grad_graph_checked = True
+            self._no_grad_graph = self._no_grad_graph or not verdict
         if self._no_grad_graph:
             return self._hvp(v)
         if self._grad_graph is not None and self._graph_versions != self._state_versions():
@@ -257,10 +267,12 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
             reference = self._hvp(v)
             tol = 100 * torch.finfo(reference.dtype).eps ** 0.5
             scale = float(reference.abs().max())
-            if not bool(torch.allclose(hv, reference, rtol=tol, atol=tol * scale)):
+            agree = bool(torch.allclose(hv, reference, rtol=tol, atol=tol * scale))
+            if not agree:
                 self._drop_grad_graph()
                 self._no_grad_graph = True
             self._grad_graph_checked = True
+            _DOUBLE_BACKWARD.setdefault(self._model, {})[tuple(self._names)] = agree
             return reference
         return hv.detach()
 

@@ -1189,3 +1189,28 @@ def test_torch_hvp_holds_one_graph_and_refuses_a_wrong_double_backward() -> None
     # Forward-over-reverse cannot differentiate it either: an error, never a wrong number.
     with pytest.raises(RuntimeError):
         odd.hvp(w)
+
+
+def test_torch_hvp_checks_double_backward_once_per_model(monkeypatch: Any) -> None:
+    torch, net, loss = _torch_loss_pair()
+    from fisherbound.adapters.torch import loss_function
+
+    calls = []
+    cls = type(loss)
+    original = cls._hvp
+
+    def counted(self: Any, v: Any) -> Any:
+        calls.append(1)
+        return original(self, v)
+
+    monkeypatch.setattr(cls, "_hvp", counted)
+    v = torch.linspace(-1.0, 1.0, loss.num_params, dtype=torch.float64)
+    first = loss.hvp(v)
+    assert len(calls) == 1  # the check of the first product
+    x2 = torch.randn(6, 3, dtype=torch.float64)
+    y2 = torch.zeros(6, dtype=torch.int64)
+    second = loss_function(net, x2, y2, params=["2.weight", "2.bias"])
+    h2 = second.hvp(v)
+    assert len(calls) == 1  # same model and selection: not checked again
+    np.testing.assert_allclose(h2.numpy(), original(second, v).numpy(), atol=1e-12)
+    assert float((h2 - first).abs().max()) > 1e-6  # another batch, another Hessian

@@ -64,6 +64,7 @@ from typing import Any, NamedTuple
 
 from fisherbound._lib import (
     REDUCTIONS,
+    check_bool,
     check_choice,
     check_optional_int,
     check_positive_int,
@@ -389,6 +390,7 @@ def fisher_bounds(
         ``(lower, upper)``. For diagonals and traces ``lower ≤ exact ≤ upper``
         entrywise; for blocks and dense matrices in Löwner order.
     """
+    scalar = check_bool(scalar, "scalar")
     kernels = ["scalar_lower", "scalar_upper"] if scalar else ["lower", "upper"]
     fam = _front(family, kernels[0], reduction, max_vectors)
     check_choice(what, "what", WHATS)

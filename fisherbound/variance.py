@@ -62,6 +62,7 @@ from fisherbound._lib import (
     array_namespace,
     check_bool,
     check_choice,
+    check_finite,
     check_optional_int,
     check_positive_int,
     check_target,
@@ -138,6 +139,17 @@ def std_error_bound(value: Any, /, *, num_probes: int = 1) -> Any:
     if isinstance(value, dict):
         return {k: std_error_bound(v, num_probes=m) for k, v in value.items()}
     xp = array_namespace(value, names=("value",))
+    check_finite(value, "value", xp=xp)
+    square = value.ndim == 2 and value.shape[0] == value.shape[1]
+    diag = xp.linalg.diagonal(value) if square else value
+    if (value.ndim <= 1 or square) and bool(xp.any(diag < 0)):
+        msg = (
+            "value must be a Fisher diagonal, trace or block: its diagonal entries are "
+            f"variances, >= 0; got a minimum of {float(xp.min(diag))}. Pass the exact "
+            "quantity or the estimate (an estimate's negative entries are noise: clip "
+            "them at 0 first)."
+        )
+        raise ValueError(msg)
     if value.ndim <= 1:
         return xp.abs(value) * math.sqrt(2.0 / m)
     if value.ndim == 2 and value.shape[0] == value.shape[1]:

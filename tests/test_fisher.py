@@ -278,3 +278,14 @@ def test_batches_from_different_libraries_or_dtypes() -> None:
     lin32 = linearize(model32, x.astype(np.float32))
     with pytest.raises(ValueError, match="batch 1 is float32 on cpu, batch 0 was float64"):
         fisher_diagonal([lin_np, lin32])
+
+
+def test_boolean_and_progress_options_are_checked() -> None:
+    from fisherbound.adapters.numpy import MLP, linearize
+    from fisherbound.fisher import fisher_bounds, fisher_diagonal
+
+    lin = linearize(MLP.random([3, 4, 2], rng=0), np.ones((2, 3)))
+    with pytest.raises(TypeError, match=r"scalar must be True or False; got str 'yes'"):
+        fisher_bounds(lin, scalar="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"progress must be True, False or None .*got str 'no'"):
+        fisher_diagonal(lin, progress="no")  # type: ignore[arg-type]

@@ -456,3 +456,16 @@ def test_bad_input() -> None:
         NotImplementedError, match="NoSecond does not provide output_second_derivative_diagonal"
     ):
         classical_variance(NoSecond(lin), estimator="hessian")
+
+
+def test_std_error_bound_refuses_negative_and_non_finite_values() -> None:
+    with pytest.raises(
+        ValueError, match=r"diagonal entries are variances, >= 0; got a minimum of -0.5"
+    ):
+        std_error_bound(np.array([0.2, -0.5]), num_probes=4)
+    with pytest.raises(ValueError, match=r"got a minimum of -1.0"):
+        std_error_bound(np.array(-1.0))
+    with pytest.raises(ValueError, match=r"got a minimum of -2.0"):
+        std_error_bound(np.array([[-2.0, 0.1], [0.1, 1.0]]))
+    with pytest.raises(ValueError, match=r"value .*NaN"):
+        std_error_bound(np.array([0.2, np.nan]))

@@ -16,6 +16,12 @@ def progress_bar(iterable: Iterable[T], *, desc: str, progress: bool | None) -> 
     ``None`` (the default of public functions) shows one only on a terminal and only
     once the run has lasted two seconds, so short runs and logs stay quiet.
     """
+    if progress is not None and not isinstance(progress, bool):
+        msg = (
+            f"progress must be True, False or None (a bar only on a terminal after two "
+            f"seconds); got {type(progress).__name__} {progress!r}."
+        )
+        raise TypeError(msg)
     if progress is False or importlib.util.find_spec("tqdm") is None:
         yield from iterable
         return

@@ -142,6 +142,8 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
         raise ValueError(msg)
     if not getattr(lin, "logits_checked", False):  # the built-in adapters check on build
         check_logits(z, name=name)
+    if not is_traced(z):  # traced JAX values have nothing to read on the host
+        family._check_outputs(z, array_namespace(z, names=(name,)), name)
     _check_mask(lin, index)
     sig = signature(lin)
     if ref is None:

@@ -47,6 +47,7 @@ from fisherbound._lib import (
     check_floating,
     device_of,
     is_array,
+    is_traced,
 )
 from fisherbound.families import Categorical, Family
 
@@ -700,6 +701,8 @@ class LossFunctionBase(_FrozenBase):
         masked.
         """
         xp = array_namespace(logits, names=("logits",))
+        if not is_traced(logits):  # e.g. softmax probabilities for Categorical
+            family._check_outputs(logits, xp, "the model's outputs")
         counted = None if mask is None else check_loss_mask(mask, logits)
         if (
             ignore_index is not None

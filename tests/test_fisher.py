@@ -289,3 +289,30 @@ def test_boolean_and_progress_options_are_checked() -> None:
         fisher_bounds(lin, scalar="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"progress must be True, False or None .*got str 'no'"):
         fisher_diagonal(lin, progress="no")  # type: ignore[arg-type]
+
+
+def test_softmax_outputs_are_refused_for_the_categorical_family() -> None:
+    torch = pytest.importorskip("torch")
+    from fisherbound.adapters.torch import linearize as torch_linearize
+    from fisherbound.adapters.torch import loss_function
+    from fisherbound.families import Bernoulli, Categorical
+    from fisherbound.fisher import fisher_diagonal, fisher_trace
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    soft = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Softmax(dim=-1)).double()
+    with pytest.raises(ValueError, match=r"batch 0 look like softmax probabilities"):
+        fisher_diagonal(torch_linearize(soft, x))
+    with pytest.raises(ValueError, match=r"model's outputs look like softmax probabilities"):
+        loss_function(soft, x, torch.zeros(5, dtype=torch.int64))
+    # Log-softmax outputs are logits up to a constant per row; Bernoulli is not checked.
+    logsoft = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LogSoftmax(dim=-1)).double()
+    assert torch.isfinite(fisher_diagonal(torch_linearize(logsoft, x), Categorical())).all()
+    assert torch.isfinite(fisher_trace(torch_linearize(soft, x), Bernoulli()))
+    # The same check for the NumPy and JAX adapters (it lives in the family).
+    z = np.full((2, 4), 0.25)
+    with pytest.raises(ValueError, match=r"look like softmax probabilities"):
+        Categorical()._check_outputs(z, np, "z")
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(ValueError, match=r"look like softmax probabilities"):
+        Categorical()._check_outputs(jnp.asarray(z), jnp, "z")

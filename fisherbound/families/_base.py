@@ -92,6 +92,13 @@ class Family:
             raise ValueError(msg)
         return xp
 
+    def _check_outputs(self, z: Array, xp: Any, name: str) -> None:
+        """Refuse model outputs that cannot be this family's natural parameters.
+
+        A no-op here; Categorical refuses softmax probabilities (see there). Cost:
+        one reduction over z and one host read.
+        """
+
     # ------------------------------------------------------------- statistics
     def mean(self, z: Array, /) -> Array:
         """The expected sufficient statistic E t(y), shape (..., C).

@@ -70,6 +70,24 @@ class Categorical(Family):
     min_classes = 2
     _centered = True
 
+    def _check_outputs(self, z: Array, xp: Any, name: str) -> None:
+        """Refuse softmax probabilities given as logits (every row ≥ 0 and summing to 1).
+
+        A model that ends in softmax gives p where log p is meant: every Fisher
+        quantity would be wrong, silently. Log-softmax outputs are fine (logits up
+        to a constant per row). Real logits pass this test only by a coincidence of
+        measure zero.
+        """
+        total = xp.sum(z, axis=-1)
+        looks = xp.all(z >= 0) & xp.all(xp.abs(total - 1) <= 1e-4)
+        if bool(looks):
+            msg = (
+                f"{name} look like softmax probabilities (every row is non-negative and "
+                "sums to 1), not logits: remove the model's final softmax (log-softmax "
+                "outputs are fine)."
+            )
+            raise ValueError(msg)
+
     def probabilities(self, z: Array, /) -> Array:
         """softmax(z), shape (..., C): the same as ``mean``, the paper's name."""
         return self.mean(z)

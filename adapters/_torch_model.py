@@ -601,7 +601,16 @@ class FunctionalModel:
 
         ``check`` sees the selected output before its class axis moves.
         """
-        out = select_output(self._call(params, inputs), self._spec.output)
+        if check is None:
+            raw = self._call(params, inputs)
+        else:  # the first call, at build: the model's own errors become house errors
+            try:
+                raw = self._call(params, inputs)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:
+                raise call_error(err, inputs, self._param_dtype) from err
+        out = select_output(raw, self._spec.output)
         if check is not None:
             check(out)
         return apply_mask(classes_last(out, self._spec.class_axis), mask)
@@ -616,6 +625,36 @@ class FunctionalModel:
     def _output_check(self, what: str = "logits") -> Callable[[Any], None]:
         """The check of the selected model output (tensor, rank >= 2, floating, dtype)."""
         return lambda out: check_output_tensor(out, self._spec, self._param_dtype, what)
+
+
+def call_error(err: RuntimeError, inputs: Inputs, dtype: torch.dtype) -> Exception:
+    """A TypeError / ValueError naming ``inputs`` for the model's failure on them.
+
+    Floating input tensors in another dtype than the parameters give a TypeError
+    (torch's "mat1 and mat2 must have the same dtype"); anything else a ValueError
+    with the inputs' shapes and dtypes and torch's message (a wrong width, a wrong
+    number of axes, ...).
+    """
+    leaves = torch.utils._pytree.tree_leaves((inputs.args, inputs.kwargs))
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    seen = ", ".join(f"{t.dtype} {tuple(t.shape)}" for t in tensors[:4])
+    floating = {t.dtype for t in tensors if t.is_floating_point()}
+    if floating - {dtype}:
+        return TypeError(
+            f"inputs must have the model's parameter dtype {dtype}; got {seen}. Convert "
+            f"them with x.to({dtype}) (or the model with model.to(x.dtype)). The model "
+            f"raised: {err}"
+        )
+    if "dtype" in str(err) and any(not t.is_floating_point() for t in tensors):
+        return TypeError(
+            f"the model cannot take integer inputs ({seen}) where it multiplies them with "
+            f"its {dtype} parameters; convert them with x.to({dtype}) unless the model "
+            f"embeds them. The model raised: {err}"
+        )
+    return ValueError(
+        f"model(inputs) raised {type(err).__name__} on inputs {seen}: {err}. Check that "
+        "the inputs have the shape the model expects (e.g. the width of its first layer)."
+    )
 
 
 def check_output_tensor(out: object, spec: OutputSpec, dtype: torch.dtype, what: str) -> None:

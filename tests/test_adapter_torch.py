@@ -945,3 +945,26 @@ def test_fast_path_streams_cotangents_within_max_vectors(monkeypatch) -> None:
     _close(got, expected)
     _close(lin.sum_squared_per_example_vjp(U, max_vectors=1, sum_cotangents=True), expected.sum(0))
     assert all(v == "fast" for v in lin.fast_path_reasons.values())
+
+
+def test_inputs_the_model_cannot_take_get_house_errors() -> None:
+    from fisherbound.adapters.torch import linearize, loss_function
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    with pytest.raises(
+        TypeError,
+        match=r"parameter dtype torch.float32; got torch.float64 \(5, 3\)",
+    ):
+        linearize(net, torch.randn(5, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"cannot take integer inputs \(torch.int64 \(5, 3\)\)"):
+        linearize(net, torch.ones(5, 3, dtype=torch.int64))
+    with pytest.raises(
+        ValueError,
+        match=r"raised RuntimeError on inputs torch.float32 \(5, 7\).*shape the model expects",
+    ):
+        linearize(net, torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"shape the model expects"):
+        loss_function(net, torch.randn(5, 7), torch.zeros(5, dtype=torch.int64))
+    # Integer inputs the model embeds are fine.
+    emb = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    assert linearize(emb, torch.randint(0, 6, (5, 2))).logits.shape == (5, 3)

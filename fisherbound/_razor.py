@@ -23,7 +23,6 @@ from fisherbound._lib import (
     array_namespace,
     check_vector,
     conform,
-    estimate_from_samples,
     is_array,
 )
 from fisherbound._quantities import total_counted
@@ -32,7 +31,7 @@ from fisherbound.families import Family
 from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
 from fisherbound.linalg._lanczos import tridiagonal
-from fisherbound.linalg._quadrature import _rule_terms
+from fisherbound.linalg._quadrature import _rules_estimate
 
 Array = Any
 
@@ -190,7 +189,7 @@ def _log1p_clipped(xp: Any, s2: float) -> Callable[[Array], Array]:
 def _log_det(xp: Any, op: Any, lins: list[Any], family: Family, how: LogDetSettings) -> Estimate:
     f = _log1p_clipped(xp, how.s2)
     if how.method == "slq" and how.rules is not None:
-        return estimate_from_samples(_rule_terms(xp, f, how.rules.nodes, how.rules.weights), xp)
+        return _rules_estimate(xp, f, how.rules)
     if how.method == "slq":
         return slq(op, f, num_probes=how.num_probes, num_matvecs=how.num_matvecs, rng=how.gen)
     if how.method == "dense":

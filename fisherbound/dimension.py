@@ -79,7 +79,7 @@ from fisherbound.linalg import (
     smoothed_density,
 )
 from fisherbound.linalg._lanczos import _default_tol
-from fisherbound.linalg._quadrature import _adaptive_slq, _count_above, _rule_terms
+from fisherbound.linalg._quadrature import _adaptive_slq, _count_above, _rules_estimate
 from fisherbound.linearization import as_linearizations
 
 Array = Any
@@ -681,17 +681,18 @@ def local_dimension(
         )
         raise ValueError(msg)
     if quad is not None:
-        return _rules_estimate(xp, quad, _step(xp, threshold))
-    return _slq_count(
+        return _rules_estimate(xp, _step(xp, threshold), quad)
+    est, _ = _adaptive_slq(
         xp,
         op,
-        eps=threshold,
+        _step(xp, threshold),
         num_probes=M,
         num_matvecs=steps,
         target_error=target,
         gen=gen,
         first=first,
     )
+    return est
 
 
 def _step(xp: Any, eps: float) -> Any:
@@ -732,35 +733,6 @@ def _rules_count(xp: Any, quad: Any, eps: float, max_count: int) -> bool:
     """
     above = xp.sum(xp.astype(quad.nodes > eps, xp.int64), axis=1)
     return bool(to_host(xp.max(above)) > max_count)
-
-
-def _slq_count(
-    xp: Any,
-    op: Any,
-    *,
-    eps: float,
-    num_probes: int,
-    num_matvecs: int,
-    target_error: float | None,
-    gen: Any,
-    first: Quadrature | None = None,
-) -> Estimate:
-    est, _ = _adaptive_slq(
-        xp,
-        op,
-        _step(xp, eps),
-        num_probes=num_probes,
-        num_matvecs=num_matvecs,
-        target_error=target_error,
-        gen=gen,
-        first=first,
-    )
-    return est
-
-
-def _rules_estimate(xp: Any, quad: Any, function: Any) -> Estimate:
-    """Tr f(F) from Gauss rules already computed (no product): mean and SE over probes."""
-    return estimate_from_samples(_rule_terms(xp, function, quad.nodes, quad.weights), xp)
 
 
 # --------------------------------------------------------------------------- #

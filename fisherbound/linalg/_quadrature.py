@@ -56,11 +56,23 @@ def _quadrature(xp: Any, op: Any, *, num_probes: int, num_matvecs: int, gen: Any
 _MIN_PROBES = 4
 
 
-def _rule_terms(xp: Any, function: Any, nodes: Array, weights: Array) -> Array:
-    """Σ_j w_ij f(θ_ij) per probe (nodes of zero weight dropped), shape (M,)."""
-    values = function(nodes)
-    terms = xp.where(weights == 0, xp.zeros_like(weights), weights * values)
-    return xp.sum(terms, axis=1)
+def _rules_estimate(xp: Any, function: Any, rule: Quadrature) -> Estimate:
+    """Tr f(A) from Gauss rules, no product: mean and standard error of Σ_j w_ij f(θ_ij).
+
+    Nodes of zero weight are dropped, so f may be undefined there; f must act
+    elementwise (a ValueError otherwise).
+    """
+    values = function(rule.nodes)
+    shape = tuple(getattr(values, "shape", ()))
+    if shape != tuple(rule.nodes.shape):
+        msg = (
+            f"function must return an array of the shape of its input "
+            f"{tuple(rule.nodes.shape)} (apply f elementwise); got "
+            f"{type(values).__name__} of shape {shape}."
+        )
+        raise ValueError(msg)
+    terms = xp.where(rule.weights == 0, xp.zeros_like(rule.weights), rule.weights * values)
+    return estimate_from_samples(xp.sum(terms, axis=1), xp)
 
 
 def _adaptive_slq(
@@ -101,15 +113,12 @@ def _adaptive_slq(
             done += size
         if target_error is None or done >= num_probes or done < _MIN_PROBES:
             continue
-        est = estimate_from_samples(
-            _rule_terms(xp, function, xp.concat(nodes), xp.concat(weights)), xp
-        )
+        est = _rules_estimate(xp, function, Quadrature(xp.concat(nodes), xp.concat(weights)))
         value, se = (float(to_host(a)) for a in (est.value, est.std_error))
         if se <= target_error * abs(value):
             break
     rule = Quadrature(xp.concat(nodes, axis=0), xp.concat(weights, axis=0))
-    est = estimate_from_samples(_rule_terms(xp, function, rule.nodes, rule.weights), xp)
-    return est, rule
+    return _rules_estimate(xp, function, rule), rule
 
 
 def _deflated(xp: Any, op: Any, Y: Array) -> LinearOperator:
@@ -349,17 +358,8 @@ def slq(
     M = check_positive_int(num_probes, "num_probes")
     m = check_positive_int(num_matvecs, "num_matvecs")
     gen = as_generator(rng)
-    nodes, weights = _quadrature(xp, op, num_probes=M, num_matvecs=m, gen=gen)
-    values = function(nodes)
-    shape = tuple(getattr(values, "shape", ()))
-    if shape != tuple(nodes.shape):
-        msg = (
-            f"function must return an array of the shape of its input {tuple(nodes.shape)} "
-            f"(apply f elementwise); got {type(values).__name__} of shape {shape}."
-        )
-        raise ValueError(msg)
-    terms = xp.where(weights == 0, xp.zeros_like(weights), weights * values)
-    return estimate_from_samples(xp.sum(terms, axis=1), xp)
+    rule = _quadrature(xp, op, num_probes=M, num_matvecs=m, gen=gen)
+    return _rules_estimate(xp, function, rule)
 
 
 def smoothed_density(quadrature: Any, grid: Array, /, *, width: float) -> Array:

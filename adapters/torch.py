@@ -644,7 +644,7 @@ def _square_into(out: Tensor, g: Tensor) -> None:
 def _square_moments(
     grads: Sequence[Tensor], traces: bool, own: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Mean and sample variance over m of g_m ⊙ g_m, blocks (M, D_b) → (D,) each.
+    """Mean and sample variance over m of g_m ⊙ g_m, blocks (M ≥ 2, D_b) → (D,) each.
 
     From the power sums S₁ = Σ_m g_m², S₂ = Σ_m g_m⁴ of each entry: mean S₁ / M,
     variance (S₂ − S₁² / M) / (M − 1), clamped at 0 (in float32 a relative
@@ -654,30 +654,23 @@ def _square_moments(
     written straight into the flat outputs; the gradients are squared in place
     when ``own`` (they belong to this call), which saves an (M, D) buffer.
     """
-    m = int(grads[0].shape[0])
+    m = int(grads[0].shape[0])  # M ≥ 2 (one probe takes ``_squared_vjp``)
     d = sum(int(g.shape[1]) for g in grads)
     ref = grads[0]
     s1 = ref.new_empty((d,))
-    s2 = ref.new_empty((d,)) if m > 1 else None
+    s2 = ref.new_empty((d,))
     tr = ref.new_empty((len(grads), m)) if traces else None
     offset = 0
     with torch.no_grad():
         for i, g in enumerate(grads):
             out = slice(offset, offset + int(g.shape[1]))
             offset = out.stop
-            if m == 1:
-                q = torch.mul(g[0], g[0], out=s1[out])
-                if tr is not None:
-                    tr[i] = q.sum()
-                continue
             q = g.mul_(g) if own else g * g
             torch.sum(q, dim=0, out=s1[out])
             if tr is not None:
                 tr[i] = q.sum(dim=1)
             q.mul_(q)
-            torch.sum(q, dim=0, out=s2[out])  # type: ignore[index]
-        if s2 is None:
-            return s1, None, None if tr is None else tr.sum(dim=0)
+            torch.sum(q, dim=0, out=s2[out])
         var = s2.addcmul_(s1, s1, value=-1.0 / m).div_(m - 1).clamp_(min=0.0)
         s1.div_(m)
     return s1, var, None if tr is None else tr.sum(dim=0)

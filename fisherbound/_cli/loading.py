@@ -17,6 +17,7 @@ from typing import Any
 
 from fisherbound._cli.usage import UsageError, first_line
 from fisherbound._report.subjects import Subject
+from fisherbound.families import Categorical
 
 #: Keys accepted in the DATA .npz file (inputs, labels).
 DATA_KEYS = (("x", "y"), ("inputs", "labels"))
@@ -483,14 +484,10 @@ def check_categorical(
             "binary output use --family bernoulli."
         )
         raise UsageError(msg)
-    if np.all(zh >= 0.0) and np.allclose(zh.sum(axis=-1), 1.0, rtol=0.0, atol=1e-4):
-        msg = (
-            "the model's outputs look like softmax probabilities (every row is "
-            "non-negative and sums to 1), not logits: remove the final softmax. "
-            "Log-softmax outputs are fine (logits up to a constant per row), softmax "
-            "probabilities are not."
-        )
-        raise UsageError(msg)
+    try:  # the library's own rule (Categorical refuses softmax probabilities)
+        Categorical()._check_outputs(np.asarray(zh), np, "the model's outputs")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     labels = np.asarray(y)
     if not positions and labels.ndim != 1:
         msg = (

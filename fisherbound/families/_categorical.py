@@ -83,8 +83,8 @@ class Categorical(Family):
         if bool(looks):
             msg = (
                 f"{name} look like softmax probabilities (every row is non-negative and "
-                "sums to 1), not logits: remove the model's final softmax (log-softmax "
-                "outputs are fine)."
+                "sums to 1), not logits: remove the model's final softmax. Log-softmax "
+                "outputs are fine (logits up to a constant per row)."
             )
             raise ValueError(msg)
 

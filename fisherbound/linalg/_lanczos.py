@@ -393,6 +393,18 @@ class _Krylov:
         if self.q is None:  # the last step broke down: the kept vectors span an invariant
             self.q = self._random_orthogonal()
 
+    def relative_residuals(self, theta: Any, res: Any, sel: Any) -> Any:
+        """Res / max(|θ|, √ε max|θ|) of the Ritz pairs ``sel``: what ``tol`` bounds."""
+        np = self.np
+        sqrt_eps = math.sqrt(float(self.xp.finfo(self.V.dtype).eps))
+        scale = np.maximum(np.abs(theta[sel]), sqrt_eps * float(np.abs(theta).max()))
+        return res[sel] / np.maximum(scale, np.finfo(float).tiny)
+
+    def thick_restart(self, S: Any, theta: Any, order: Any, wanted: int) -> None:
+        """Restart keeping the ``wanted`` best Ritz pairs of ``order`` and half the rest."""
+        keep = order[: min(self.p - 1, wanted + (self.p - wanted) // 2)]
+        self.restart(S[:, keep], theta[keep])
+
     def vectors(self, S_sel: Any) -> Array:
         xp = self.xp
         S = xp.asarray(S_sel, dtype=self.V.dtype, device=self.op.device)
@@ -527,7 +539,6 @@ def eigsh(
     # Convergence is checked after every product once the basis could hold the wanted
     # pairs and a margin (and always after a restart): a host eigh of at most p × p.
     first_check = min(p, max(2 * wanted, wanted + 8))
-    sqrt_eps = math.sqrt(float(xp.finfo(op.dtype).eps))
     while True:
         kry.step()
         full = kry.j == p
@@ -541,11 +552,11 @@ def eigsh(
         theta, S, res = kry.ritz()
         order = _ranking(theta, which)
         sel = order[: min(wanted, kry.j)]
-        scale = np.maximum(np.abs(theta[sel]), sqrt_eps * float(np.abs(theta).max()))
-        converged = exhausted or bool(np.all(res[sel] <= rtol * scale)) and kry.j >= wanted
+        relative = kry.relative_residuals(theta, res, sel)
+        converged = exhausted or bool(np.all(relative <= rtol)) and kry.j >= wanted
         if converged or out_of_budget:
             if not converged and rtol > 0.0:
-                worst = float(np.max(res[sel] / np.maximum(scale, np.finfo(float).tiny)))
+                worst = float(np.max(relative))
                 warnings.warn(
                     f"eigsh stopped at its budget num_matvecs = {budget} before the tolerance: "
                     f"the largest relative residual of the wanted Ritz pairs is {worst:.2e} > "
@@ -564,5 +575,4 @@ def eigsh(
             residuals = xp.asarray(res_sel, dtype=op.dtype, device=op.device)
             return EigshResult(values, Y, residuals)
         if full:
-            keep = order[: min(p - 1, wanted + (p - wanted) // 2)]
-            kry.restart(S[:, keep], theta[keep])
+            kry.thick_restart(S, theta, order, wanted)

@@ -173,7 +173,6 @@ def _count_above(
     p = min(n, max(2 * k + 1, 20, probe_steps)) if basis_size is None else min(n, basis_size)
     p = min(n, max(p, min(k + 1, n), probe_steps))
     budget = max(100, 10 * p)
-    sqrt_eps = math.sqrt(float(xp.finfo(op.dtype).eps))
     v = probes(gen, (n,), distribution="rademacher", xp=xp, dtype=op.dtype, device=op.device)
     v = v / math.sqrt(n)
     count = 0
@@ -205,12 +204,12 @@ def _count_above(
             if p == n and j == n:  # the whole space: the exact spectrum
                 return count + above, rule
             want = order[: min(above + 1, j)]
-            scale = np.maximum(np.abs(theta[want]), sqrt_eps * float(np.abs(theta).max()))
-            converged = j > above and bool(np.all(res[want] <= tol * scale))
+            relative = kry.relative_residuals(theta, res, want)
+            converged = j > above and bool(np.all(relative <= tol))
             if converged:
                 break
             if kry.products >= budget:
-                worst = float(np.max(res[want] / np.maximum(scale, np.finfo(float).tiny)))
+                worst = float(np.max(relative))
                 warnings.warn(
                     f"the Lanczos count stopped at its budget of {budget} products before "
                     f"the Ritz values above eps = {eps:g} converged (largest relative "
@@ -221,9 +220,7 @@ def _count_above(
                 )
                 return count + above, rule
             if j == p:
-                wanted = min(above + 1, k)
-                keep = order[: min(p - 1, wanted + (p - wanted) // 2)]
-                kry.restart(S[:, keep], theta[keep])
+                kry.thick_restart(S, theta, order, min(above + 1, k))
         if above == 0:
             return count, rule
         Y = kry.vectors(S[:, order[:above]])

@@ -237,10 +237,17 @@ class Surface(NamedTuple):
 # the objective over a data set
 
 
+def _fingerprint(x: Any, name: str) -> Any:
+    """``fingerprint(x)``, its house errors (not an array, a meta tensor) naming ``name``."""
+    if x is not None:
+        array_namespace(x, names=(name,))
+    return fingerprint(x)
+
+
 def _fingerprints(coordinates: Any) -> Any:
     if isinstance(coordinates, tuple | list):
-        return tuple(fingerprint(c) for c in coordinates)
-    return fingerprint(coordinates)
+        return tuple(_fingerprint(c, f"coordinates[{i}]") for i, c in enumerate(coordinates))
+    return _fingerprint(coordinates, "coordinates")
 
 
 def _objective(source: Any, what: str, process_group: Any = None, **options: Any) -> Objective:
@@ -642,7 +649,7 @@ def projected_curvature(
         process_group,
         method=method,
         step=h_user,
-        directions=fingerprint(getattr(directions, "directions", directions)),
+        directions=_fingerprint(getattr(directions, "directions", directions), "directions"),
     )
     xp = obj.xp
     dirs = check_vectors(directions, "directions", obj.params, obj.num_params, (2,), "params")
@@ -1021,7 +1028,7 @@ def surface(
     prepared = None
     stream = LossStream(source, desc="loss surface", progress=progress, process_group=process_group)
     options = {
-        "directions": fingerprint(getattr(directions, "directions", directions)),
+        "directions": _fingerprint(getattr(directions, "directions", directions), "directions"),
         "coordinates": repr(coordinates) if coordinates is None else _fingerprints(coordinates),
         "span": span,
         "num_points": g,

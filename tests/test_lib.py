@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from _assertions import assert_close
@@ -186,3 +188,145 @@ def test_set_row_in_place_and_through_the_masked_fallback(monkeypatch):
     out = set_row(np, c, 2, np.ones((2, 4)))
     np.testing.assert_array_equal(out[:, 2, :], 1.0)
     assert float(out.sum()) == 8.0
+
+
+def _meta_front_doors() -> dict[str, Any]:
+    """Public calls with one torch "meta" operand each; values: (call, the argument named)."""
+    import torch
+
+    from fisherbound import dimension, estimators, families, landscape, linalg, variance
+    from fisherbound.adapters import torch as fb_torch
+
+    def meta(*shape: int, dtype: Any = torch.float64) -> Any:
+        return torch.zeros(*shape, dtype=dtype, device="meta")
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    net = net.double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.long)
+    lin = fb_torch.linearize(net, x)
+    loss = fb_torch.loss_function(net, x, y)
+    d = lin.num_params
+    quad = linalg.lanczos_quadrature(torch.eye(4, dtype=torch.float64), num_probes=2, num_matvecs=3)
+    return {
+        "Categorical.eigvalsh": (lambda: families.Categorical().eigvalsh(meta(3, 4)), "z"),
+        "Categorical.mean": (lambda: families.Categorical().mean(meta(3, 4)), "z"),
+        "Bernoulli.mean": (lambda: families.Bernoulli().mean(meta(3, 2)), "z"),
+        "Gaussian.metric_matvec": (
+            lambda: families.Gaussian().metric_matvec(meta(3, 2), meta(3, 2)),
+            "z",
+        ),
+        "lanczos": (lambda: linalg.lanczos(meta(4, 4), num_matvecs=3), "A"),
+        "lanczos v0": (
+            lambda: linalg.lanczos(torch.eye(4, dtype=torch.float64), num_matvecs=3, v0=meta(4)),
+            "v0",
+        ),
+        "eigsh": (lambda: linalg.eigsh(meta(4, 4), k=1), "A"),
+        "slq": (lambda: linalg.slq(meta(4, 4), torch.log1p, num_probes=2, num_matvecs=3), "A"),
+        "hutchinson_trace": (lambda: linalg.hutchinson_trace(meta(4, 4), num_probes=2), "A"),
+        "hutchpp_trace": (lambda: linalg.hutchpp_trace(meta(4, 4), num_probes=3), "A"),
+        "hutchinson_diagonal": (lambda: linalg.hutchinson_diagonal(meta(4, 4), num_probes=2), "A"),
+        "smoothed_density": (lambda: linalg.smoothed_density(quad, meta(5), width=0.1), "grid"),
+        "std_error_bound": (lambda: variance.std_error_bound(meta(4)), "value"),
+        "random_directions": (lambda: landscape.random_directions(meta(4)), "params"),
+        "default_step": (lambda: landscape.default_step(meta(4)), "params"),
+        "saddle_probability": (
+            lambda: landscape.saddle_probability(meta(4)),
+            "hessian_eigenvalues",
+        ),
+        "projected_curvature": (
+            lambda: landscape.projected_curvature(loss, meta(2, d)),
+            "directions",
+        ),
+        "surface": (lambda: landscape.surface(loss, meta(1, d), num_points=3), "directions"),
+        "surface coordinates": (
+            lambda: landscape.surface(
+                loss, torch.eye(1, d, dtype=torch.float64), coordinates=meta(3)
+            ),
+            "coordinates",
+        ),
+        "spectral_density grid": (
+            lambda: dimension.spectral_density(lin, grid=meta(5), num_probes=2, num_matvecs=3),
+            "grid",
+        ),
+        "empirical labels": (
+            lambda: estimators.empirical(lin, meta(5, dtype=torch.long)),
+            "labels",
+        ),
+        "Accumulator.update": (
+            lambda: estimators.Accumulator().update(meta(2, 4)),
+            r"samples\[0\]",
+        ),
+        "linearize (meta model and inputs)": (
+            lambda: fb_torch.linearize(net.to("meta"), meta(5, 3)),
+            ".*",  # the adapter's first check names the inputs or the model output
+        ),
+        "linearize (meta model, CPU inputs)": (
+            lambda: fb_torch.linearize(net.to("meta"), x),
+            ".*",
+        ),
+        "loss_function (meta model, CPU inputs)": (
+            lambda: fb_torch.loss_function(net.to("meta"), x, y),
+            ".*",
+        ),
+    }
+
+
+_META_CASES = (
+    "Categorical.eigvalsh",
+    "Categorical.mean",
+    "Bernoulli.mean",
+    "Gaussian.metric_matvec",
+    "lanczos",
+    "lanczos v0",
+    "eigsh",
+    "slq",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "hutchinson_diagonal",
+    "smoothed_density",
+    "std_error_bound",
+    "random_directions",
+    "default_step",
+    "saddle_probability",
+    "projected_curvature",
+    "surface",
+    "surface coordinates",
+    "spectral_density grid",
+    "empirical labels",
+    "Accumulator.update",
+    "linearize (meta model and inputs)",
+    *(
+        pytest.param(
+            case,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="adapters/_torch_model.py (not this change's file): the device check "
+                "of the inputs runs before any check of the parameters and says "
+                "\"Move it with x.to('meta')\"; check_parameters should call "
+                "array_namespace (or check_materialized) on the parameter tensors",
+            ),
+        )
+        for case in (
+            "linearize (meta model, CPU inputs)",
+            "loss_function (meta model, CPU inputs)",
+        )
+    ),
+)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", _META_CASES)
+def test_meta_tensors_are_refused_by_every_front_door(case: str) -> None:
+    """A torch "meta" operand (shape, no values) gets the house ValueError, from one
+    check in array_namespace: never torch's "Tensor.item() cannot be called on meta
+    tensors", nor meta tensors returned as if they were results."""
+    pytest.importorskip("torch")
+    call, name = _meta_front_doors()[case]
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} must hold values: a tensor on the 'meta' device .* no values, and "
+        r"fisherbound computes values; got a meta tensor of shape \(.*\) and dtype torch\.\w+\. "
+        r"Materialise it first: .*module\.to_empty\(device='cpu'\)",
+    ):
+        call()

@@ -30,6 +30,7 @@ from fisherbound._lib._estimate import (
 )
 from fisherbound._lib._namespace import (
     array_namespace,
+    check_materialized,
     device_of,
     is_array,
     is_writeable_array,
@@ -73,6 +74,7 @@ __all__ = [
     "check_finite",
     "check_floating",
     "check_logits",
+    "check_materialized",
     "check_optional_int",
     "check_positive_int",
     "check_positive_real",

@@ -23,6 +23,28 @@ def _library_name(x: object) -> str:
     return {"jaxlib": "jax"}.get(module, module)
 
 
+def check_materialized(x: Array, name: str) -> None:
+    """Raise a ValueError if ``x`` is a torch tensor on the "meta" device.
+
+    A meta tensor has a shape and a dtype but no values, and every result of
+    fisherbound is computed from values: without this check it fails deep inside
+    (``Tensor.item() cannot be called on meta tensors``) or, where no value is
+    read on the host, returns meta tensors that look like results. One attribute
+    read per array, in ``array_namespace``, which every public function calls.
+    """
+    if getattr(x, "is_meta", False) is not True:
+        return
+    msg = (
+        f"{name} must hold values: a tensor on the 'meta' device has a shape and a "
+        "dtype but no values, and fisherbound computes values; got a meta tensor of "
+        f"shape {tuple(x.shape)} and dtype {x.dtype}. Materialise it first: a module "
+        "built on the meta device with module.to_empty(device='cpu') (or 'cuda') and "
+        "then load_state_dict(...) of its weights; a tensor by creating it on a real "
+        "device."
+    )
+    raise ValueError(msg)
+
+
 def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Any:
     """Return the array-API namespace shared by ``arrays``.
 
@@ -34,6 +56,9 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Any:
     TypeError
         If an argument is not an array, or if the arrays come from different
         libraries ("z is a numpy array but v is a torch array").
+    ValueError
+        If an argument is a torch tensor on the "meta" device, which has no values
+        (``check_materialized``).
     """
     if names is None:
         names = tuple(f"argument {i}" for i in range(len(arrays)))
@@ -48,6 +73,7 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Any:
                 f"JAX, array-api-strict); got {type(a).__module__}.{type(a).__name__}."
             )
             raise TypeError(msg)
+        check_materialized(a, name)
     first_name, first = present[0]
     first_lib = _library_name(first)
     for name, a in present[1:]:

@@ -11,6 +11,7 @@ from typing import Any
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
+from fisherbound._finite import check_outputs
 from fisherbound._lib import array_namespace, is_traced
 from fisherbound.adapters._jax_model import (
     Kernels,
@@ -18,6 +19,7 @@ from fisherbound.adapters._jax_model import (
     check_logits,
     check_mask,
     logits_text,
+    named_inputs,
     shard_local,
     traced_selection,
 )
@@ -118,6 +120,9 @@ class JaxLossFunction(LossFunctionBase):
 
     _operand_remedy = "Move it with jax.device_put({name}, loss.device)."
 
+    def _suspects(self) -> tuple[Array, list[tuple[str, Array]]]:
+        return self._model.theta, named_inputs(self._inputs)
+
     def __init__(
         self,
         model: Model,
@@ -135,6 +140,8 @@ class JaxLossFunction(LossFunctionBase):
         theta = shard_local(model.theta, inputs)
         z = traced_selection(self._kernels.logits, theta, inputs)
         check_logits(z, num_inputs, model.dtype)
+        self._blocks = model.blocks
+        check_outputs(self, z, "apply_fn(params, inputs)")
         counted = check_mask(mask, z, logits_text(z.ndim), inputs)
         labels = _labels_classes_last(labels, z.ndim, model.logits_fn.class_axis)
         counted = self._counted(labels, counted, ignore_index)

@@ -19,7 +19,8 @@ from typing import Any
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
-from fisherbound._lib import check_device, check_finite, device_of, is_traced
+from fisherbound._finite import check_inputs_finite
+from fisherbound._lib import check_device, device_of, is_traced
 from fisherbound.linearization import make_blocks, mask_source
 
 Array = Any
@@ -440,6 +441,15 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
                 "apply_fn) or cast them."
             )
             raise TypeError(msg)
+        if jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
+            msg = (
+                f"params leaf {name!r} must be float32 or float64; got {dtype}. Half precision "
+                "cannot hold Fisher quantities: float16 overflows above 65504 in the sums over "
+                "examples and bfloat16 keeps about 3 significant digits. Cast the parameters "
+                "(and inputs), e.g. jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), "
+                "params)."
+            )
+            raise TypeError(msg)
         if jnp.dtype(dtype) == jnp.float64 and not x64_enabled():
             msg = (
                 f"params leaf {name!r} is float64 but JAX runs in 32-bit mode and would "
@@ -498,6 +508,7 @@ def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
     if n == 0:
         msg = f"inputs must hold at least one example; got batch size 0 in {sizes[0][0]}."
         raise ValueError(msg)
+    check_inputs_finite([(where, leaf) for (where, _), leaf in zip(sizes, leaves, strict=True)])
     return jax.tree_util.tree_unflatten(treedef, leaves), n
 
 
@@ -563,11 +574,14 @@ def check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
             "Cast the parameters (or the logits inside apply_fn) to one dtype."
         )
         raise TypeError(msg)
-    try:
-        check_finite(z, name, xp=jnp)
-    except ValueError as err:
-        msg = f"{err} Check the parameters and inputs for NaN, inf or overflowing values."
-        raise ValueError(msg) from err
+    # Finite: checked by the linearization or loss function (``check_outputs``), which
+    # can say why not.
+
+
+def named_inputs(inputs: Any) -> list[tuple[str, Any]]:
+    """The array leaves of the inputs pytree, each with how a message names it."""
+    leaves = jax.tree_util.tree_leaves_with_path(inputs)
+    return [(f"inputs{jax.tree_util.keystr(p)}", x) for p, x in leaves if hasattr(x, "dtype")]
 
 
 def logits_text(ndim: int) -> str:

@@ -19,6 +19,7 @@ from torch import nn  # noqa: TID253
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: TID253
 from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 
+from fisherbound._finite import check_inputs_finite
 from fisherbound.linearization import make_blocks, mask_source
 
 Tensor = torch.Tensor
@@ -253,6 +254,13 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None) -> Selecti
     return Selection(model, tuple(names), tuple(every[n] for n in names))
 
 
+#: Why half precision is refused (float16 and bfloat16 parameters).
+HALF_PRECISION = (
+    "Half precision cannot hold Fisher quantities: float16 overflows above 65504 in the "
+    "sums over examples and bfloat16 keeps about 3 significant digits."
+)
+
+
 def check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
     first_name, first = names[0], tensors[0]
     for name, p in zip(names, tensors, strict=True):
@@ -260,6 +268,12 @@ def check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             msg = (
                 f"parameter {name!r} must have a real floating-point dtype; got {p.dtype}. "
                 "Leave it out of params."
+            )
+            raise TypeError(msg)
+        if p.dtype in (torch.float16, torch.bfloat16):
+            msg = (
+                f"parameter {name!r} must be float32 or float64; got {p.dtype}. {HALF_PRECISION} "
+                "Convert the model with model.float() (inputs too)."
             )
             raise TypeError(msg)
         if p.dtype != first.dtype:
@@ -329,6 +343,7 @@ def check_batch(selection: Selection, inputs: object) -> Inputs:
     check_parameters(selection.names, selection.tensors)
     check_deterministic(selection.model)
     check_inputs_device(batch, selection.tensors[0].device)
+    check_inputs_finite(batch.items())
     return batch
 
 
@@ -583,6 +598,10 @@ class FunctionalModel:
         }
         self._blocks = make_blocks(zip(names, self._shapes, strict=True))
 
+    def _suspects(self) -> tuple[Tensor, list[tuple[str, Tensor]]]:
+        """(flat θ, named inputs): what the message of a failed finite check reads."""
+        return torch.cat([p.reshape(-1) for p in self._primals]), self._batch.items()
+
     def _call(self, params: Sequence[Tensor], inputs: Inputs) -> Any:
         """The model's raw output at ``params``."""
         mapping = dict(self._constants)
@@ -604,6 +623,7 @@ class FunctionalModel:
         if check is None:
             raw = self._call(params, inputs)
         else:  # the first call, at build: the model's own errors become house errors
+            before = rng_states(self._param_device)
             try:
                 raw = self._call(params, inputs)
             except torch.OutOfMemoryError:
@@ -613,7 +633,29 @@ class FunctionalModel:
         out = select_output(raw, self._spec.output)
         if check is not None:
             check(out)
+            after = rng_states(self._param_device)
+            if not all(map(torch.equal, before, after)):  # it drew random numbers: random?
+                self._check_repeatable(out, params, inputs)
         return apply_mask(classes_last(out, self._spec.class_axis), mask)
+
+    def _check_repeatable(self, out: Tensor, params: Sequence[Tensor], inputs: Inputs) -> None:
+        """A second forward pass must give the same output (a model that drew random numbers).
+
+        Cost: one more forward pass, only for a model that used torch's random
+        generator in its forward pass (functional dropout, noise layers).
+        """
+        with torch.no_grad():
+            again = select_output(self._call(params, inputs), self._spec.output)
+        if torch.equal(again, out.detach()):
+            return
+        diff = float((again - out.detach()).abs().max())
+        msg = (
+            "model must be a deterministic function of its parameters; two forward passes "
+            f"on the same batch drew random numbers and disagree (max |difference| {diff:.3g}). "
+            "Something in forward is random in training mode (torch.nn.functional.dropout "
+            "with training=True, noise); call model.eval() and make it follow self.training."
+        )
+        raise ValueError(msg)
 
     def _split(self, v: Tensor, lead: tuple[int, ...] = ()) -> tuple[Tensor, ...]:
         parts = torch.split(v, list(self._sizes), dim=len(lead))
@@ -625,6 +667,18 @@ class FunctionalModel:
     def _output_check(self, what: str = "logits") -> Callable[[Any], None]:
         """The check of the selected model output (tensor, rank >= 2, floating, dtype)."""
         return lambda out: check_output_tensor(out, self._spec, self._param_dtype, what)
+
+
+def rng_states(device: torch.device) -> list[Tensor]:
+    """The states of torch's default random generators on the CPU and ``device``.
+
+    Compared before and after the first forward pass: a change means the model
+    drew random numbers. Cost: a copy of a few kilobytes.
+    """
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 def call_error(err: RuntimeError, inputs: Inputs, dtype: torch.dtype) -> Exception:

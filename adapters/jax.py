@@ -58,6 +58,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fisherbound._finite import check_outputs
 from fisherbound._lib import (
     array_namespace,
     check_positive_int,
@@ -70,6 +71,7 @@ from fisherbound.adapters._jax_model import (
     check_logits,
     check_mask,
     check_mask_spec,
+    named_inputs,
     second_derivative_kernel,
     shard_local,
     traced_selection,
@@ -119,11 +121,15 @@ class JaxLinearization(LinearizationBase):
         self._theta = shard_local(model.theta, inputs)
         logits, f_jvp = traced_selection(self._kernels.forward, self._theta, inputs)
         check_logits(logits, num_inputs, model.dtype)
+        check_outputs(self, logits, "apply_fn(params, inputs)")
         self._logits = logits
         self._f_jvp = f_jvp
         self._xp = array_namespace(logits, names=("logits",))
         self._mask = check_mask(mask, logits, self._output_text(), inputs)
         self._independent: Any = None  # None, a bool, or a traced boolean
+
+    def _suspects(self) -> tuple[Array, list[tuple[str, Array]]]:
+        return self._model.theta, named_inputs(self._inputs)
 
     @property
     def apply_fn(self) -> Callable[..., Array]:

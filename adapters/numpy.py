@@ -29,9 +29,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from fisherbound._finite import check_outputs
 from fisherbound._lib import (
     array_namespace,
-    check_finite,
     check_positive_int,
     is_array,
 )
@@ -90,11 +90,7 @@ class ReferenceLinearization(LinearizationBase):
         self._layout = model._layout
         self._blocks = model.blocks
         z, acts, derivs = forward_pass(xp, model._weights, model._biases, model._activation, inputs)
-        try:
-            check_finite(z, "the model's logits", xp=xp)
-        except ValueError as err:
-            msg = f"{err} Check the parameters for NaN, inf or overflowing values."
-            raise ValueError(msg) from err
+        check_outputs(self, z, "the model's logits")
         self._logits = z
         self._acts = acts
         self._derivs = derivs
@@ -103,6 +99,9 @@ class ReferenceLinearization(LinearizationBase):
     inputs = ReadOnly[Array]("The batch of inputs (N, d), in the model's dtype.")
 
     # -- forward products ---------------------------------------------------------
+    def _suspects(self) -> tuple[Array, list[tuple[str, Array]]]:
+        return self._model.parameters(), [("inputs", self._inputs)]
+
     def jvp(self, v: Array, /) -> Array:
         """J v for a flat parameter vector ``v`` (D,); returns (N, C).
 
@@ -427,6 +426,9 @@ class ReferenceLossFunction(LossFunctionBase):
         self._xp = model.xp
         self._blocks = model.blocks
         self._params = model.parameters()
+
+    def _suspects(self) -> tuple[Array, list[tuple[str, Array]]]:
+        return self._lin._suspects()
 
     @property
     def linearization(self) -> ReferenceLinearization:

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fisherbound._lib import array_namespace, check_finite, check_positive_int
+from fisherbound._finite import check_outputs
+from fisherbound._lib import array_namespace, check_positive_int
 from fisherbound.adapters._torch_loss import TorchLossFunction
 from fisherbound.adapters._torch_model import (
     FunctionalModel,
@@ -135,7 +136,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         with torch.enable_grad():
             self._graph = forward(*self._leaves)
         logits = self._graph.detach()
-        check_finite(logits, "model output", xp=array_namespace(logits, names=("model output",)))
+        check_outputs(self, logits, "model output")
         self._logits = logits
         self._mask = resolve_mask(
             mask, inputs if raw_inputs is None else raw_inputs, tuple(logits.shape), logits.device

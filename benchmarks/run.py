@@ -3,7 +3,7 @@
     python3 benchmarks/run.py [--quick] [--out DIR] [--threads N] [--only NAME ...]
 
 Sections, in order: eigvalsh, exact_diagonal, estimators, spectrum, dimension, eigsh,
-landscape, peers, gpu_core_space, gpu_torch, language_model (``--list`` prints them).
+landscape, peers, finite_checks, gpu_core_space, gpu_torch, language_model (``--list`` prints them).
 Each is the ``run`` function of one script in this folder (each script also runs on its
 own). A
 section that fails is recorded as failed, with its traceback, and the command exits
@@ -47,6 +47,7 @@ MODULES = [
     "bench_eigsh",
     "bench_landscape",
     "bench_peers",
+    "bench_finite",
     "bench_gpu",
     "bench_language_model",
 ]
@@ -77,6 +78,7 @@ def section_names() -> list[str]:
         "eigsh",
         "landscape",
         "peers",
+        "finite_checks",
         "gpu_core_space",
         "gpu_torch",
         "language_model",

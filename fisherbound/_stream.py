@@ -35,6 +35,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from fisherbound._finite import flush
 from fisherbound._lib import (
     Collective,
     array_namespace,
@@ -325,6 +326,7 @@ class _Base:
             self.num_inputs += int(item.num_inputs)
             self.num_batches += 1
             yield item
+            flush(item)  # the deferred finite checks of its products (accelerators)
         if self.first is None and self.coll is None:
             raise ValueError(self.empty_message)
 

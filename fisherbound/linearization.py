@@ -39,6 +39,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
+from fisherbound._finite import Product, guard_class
 from fisherbound._lib import (
     REDUCTIONS,
     array_namespace,
@@ -299,6 +300,22 @@ class _FrozenBase:
     _operand_remedy: str = "Move it with xp.asarray({name}, device=lin.device)."
     _operand_free: str | None = None
 
+    #: The products whose results are checked finite (``fisherbound._finite``):
+    #: method name -> how to name it and where its examples and parameters are.
+    checked_products: dict[str, Product] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        guard_class(cls, cls.checked_products)
+
+    def _suspects(self) -> tuple[Array | None, list[tuple[str, Array]]]:
+        """(flat θ or None, [(name, input array)]): what a failed finite check reads.
+
+        Adapters override it so that the message of a non-finite product can name
+        a non-finite parameter block or input rows; the default knows neither.
+        """
+        return None, []
+
     blocks = ReadOnly[tuple[ParameterBlock, ...]](
         "The parameter blocks (name, shape, offset, size), in flat-vector order."
     )
@@ -355,6 +372,21 @@ class LinearizationBase(_FrozenBase):
     logits_checked: bool = False
 
     _mask: Array | None = None
+
+    checked_products = {
+        "jvp": Product("the JVP J v", example_axis=0),
+        "vjp": Product("the VJP Jᵀ u", param_axis=True),
+        "jvp_batch": Product("the batched JVPs J V", example_axis=1),
+        "vjp_batch": Product("the batched VJPs Jᵀ U", param_axis=True),
+        "per_example_vjp": Product("the per-example VJPs J_nᵀ U", example_axis=0, param_axis=True),
+        "sum_squared_per_example_vjp": Product(
+            "the per-example squares Σ_n (J_nᵀ U)²", param_axis=True
+        ),
+        "vjp_batch_square_moments": Product("the moments of the squared VJPs", param_axis=True),
+        "output_second_derivative_diagonal": Product(
+            "the second derivatives ∂²z/∂θ_i²", example_axis=0, param_axis=True
+        ),
+    }
 
     logits = ReadOnly[Array](
         "The logits z of the batch, shape (N, ∗S, C): N examples, the position axes S "
@@ -637,6 +669,13 @@ class LossFunctionBase(_FrozenBase):
 
     _role = "loss function"
     _reference_name = "params"
+
+    checked_products = {
+        "value": Product("the loss values L(θ + shift)"),
+        "gradient": Product("the gradient ∇L", param_axis=True),
+        "hvp": Product("the Hessian-vector product H v", param_axis=True),
+        "hvp_batch": Product("the Hessian-vector products H V", param_axis=True),
+    }
     _operand_remedy = "Move it with xp.asarray({name}, device=loss.device)."
 
     family = ReadOnly[Any]("The output family whose log-likelihood defines the loss.")

@@ -481,8 +481,12 @@ def test_bad_logits() -> None:
     with pytest.raises(TypeError, match=r"must return an array of logits \(N, C\); got tuple"):
         linearize(lambda p, x: (x @ p, x @ p), w, x)
     bad_x = x.at[2, 0].set(jnp.nan)
-    with pytest.raises(ValueError, match=r"must be finite; got NaN in rows \[2\]\. Check the"):
+    with pytest.raises(ValueError, match=r"inputs must be finite; got NaN in examples \[2\]\."):
         linearize(lambda p, x: x @ p, w, bad_x)
+    with pytest.raises(
+        ValueError, match=r"must be finite; got NaN in rows \[2\]\. No parameter or input is"
+    ):
+        linearize(lambda p, x: jnp.log(x @ p - jnp.asarray([0.0, 0, 9, 0])[:, None]), w, x)
 
 
 def test_bad_operands(mlp_case: Case) -> None:
@@ -562,3 +566,10 @@ def test_models_that_couple_examples_use_the_exact_masked_path() -> None:
     sq = lin.sum_squared_per_example_vjp(U, max_vectors=3)
     assert_close(sq, (brute**2).sum(axis=0), rtol=1e-7, atol=1e-12, like="jax")
     assert float(np.abs(brute).max()) > 0.1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_is_refused(dtype: str) -> None:
+    w = jnp.ones((3, 2), dtype=dtype)
+    with pytest.raises(TypeError, match=rf"'params' must be float32 or float64; got {dtype}\."):
+        linearize(lambda p, x: x @ p, w, jnp.ones((4, 3), dtype=dtype))

@@ -575,7 +575,7 @@ def test_non_finite_logits() -> None:
     with pytest.raises(
         ValueError,
         match=r"the model's logits must be finite; got NaN in rows "
-        r"\[0, 1\]\. Check the parameters",
+        r"\[0, 1\]\. Likely cause: parameters \['weight'\] are not finite",
     ):
         linearize(model, np.array([[1.0, 1.0], [2.0, 1.0]]))
 

@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from fisherbound.adapters.torch import TorchLinearization, linearizations, linearize
+from fisherbound.adapters.torch import (
+    TorchLinearization,
+    linearizations,
+    linearize,
+    loss_function,
+)
 from fisherbound.linearization import Linearization
 
 F64 = torch.float64
@@ -968,3 +973,35 @@ def test_inputs_the_model_cannot_take_get_house_errors() -> None:
     # Integer inputs the model embeds are fine.
     emb = torch.nn.Sequential(torch.nn.Embedding(6, 4), torch.nn.Flatten(), torch.nn.Linear(8, 3))
     assert linearize(emb, torch.randint(0, 6, (5, 2))).logits.shape == (5, 3)
+
+
+class _FunctionalDropout(torch.nn.Module):
+    """Dropout written as a function call: no Dropout module for a type check to find."""
+
+    def __init__(self, always: bool, p: float = 0.5) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 3).double()
+        self.always, self.p = always, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.nn.functional.dropout(x, self.p, training=self.always))
+
+
+def test_random_forward_is_detected_by_a_second_pass() -> None:
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0, 1])
+    match = r"two forward passes on the same batch drew random numbers and disagree"
+    with pytest.raises(ValueError, match=match):
+        linearize(_FunctionalDropout(always=True), x)
+    with pytest.raises(ValueError, match=match):
+        loss_function(_FunctionalDropout(always=True), x, y)
+    # Deterministic models pass: dropout off, or p = 0 (draws nothing or changes nothing).
+    for model in (_FunctionalDropout(always=False), _FunctionalDropout(always=True, p=0.0)):
+        assert linearize(model, x).logits.shape == (5, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused(dtype: torch.dtype) -> None:
+    model = torch.nn.Linear(3, 2).to(dtype)
+    with pytest.raises(TypeError, match=rf"'weight' must be float32 or float64; got {dtype}\."):
+        linearize(model, torch.ones(4, 3, dtype=dtype))

@@ -36,6 +36,7 @@ SECTIONS = [
     "eigsh",
     "landscape",
     "peers",
+    "finite_checks",
     "gpu_core_space",
     "gpu_torch",
     "language_model",

@@ -159,6 +159,8 @@ def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
     if is_traced(x):
         return
     bad = ~xp.isfinite(x)
+    if is_traced(bad):  # inside jit even a constant's test is staged: nothing to read
+        return
     if not bool(xp.any(bad)):
         return
     if x.ndim >= 2:

@@ -1,0 +1,162 @@
+"""Benchmark: the cost of the finite checks on every product (torch CPU).
+
+Every product of a linearization or loss function is checked finite as it
+returns (``fisherbound._finite``: one reduction over the result). This times the
+main analyses with the checks and with them switched off (the unwrapped
+methods), interleaved in one process, on the MLP 784-512-256-10 (batch 128) and
+the CNN of ``bench_estimators`` in float32, and reports the ratio checked /
+unchecked for each: the exact diagonal, detach-and-mix (M = 1, 10), the top five
+eigenpairs of F and the loss trace by Hessian-vector products.
+
+Run:  python benchmarks/bench_finite.py [--reps 7] [--threads 2] [--quick]
+Writes benchmarks/results/finite.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from _common import RESULTS, fmt, interleaved, median, table, write_json  # noqa: E402
+from bench_estimators import make_cnn, make_cnn_quick, make_mlp, make_mlp_quick  # noqa: E402
+
+NAME = "finite_checks"
+TITLE = "The finite checks on every product: checked / unchecked time (torch CPU)"
+
+
+def _guarded_classes() -> list[type]:
+    """Every class whose products the finite check wraps (the adapters' included)."""
+    from fisherbound.adapters import numpy as _np_adapter  # noqa: F401 - registers classes
+    from fisherbound.adapters import torch as _torch_adapter  # noqa: F401
+    from fisherbound.linearization import _FrozenBase
+
+    out, todo = [], [_FrozenBase]
+    while todo:
+        cls = todo.pop()
+        out.append(cls)
+        todo += cls.__subclasses__()
+    return out
+
+
+@contextlib.contextmanager
+def unchecked() -> Iterator[None]:
+    """The products without their finite check (the wrapped methods restored)."""
+    saved = []
+    for cls in _guarded_classes():
+        for name in cls.checked_products:
+            fn = cls.__dict__.get(name)
+            if fn is not None and getattr(fn, "_finite_guard", False):
+                saved.append((cls, name, fn))
+                setattr(cls, name, fn.__wrapped__)
+    try:
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+def _cases(model: Any, x: Any) -> dict[str, Any]:
+    from fisherbound.adapters import torch as ft
+    from fisherbound.dimension import top_eigenpairs
+    from fisherbound.estimators import detach_and_mix
+    from fisherbound.fisher import fisher_diagonal
+    from fisherbound.landscape import loss_trace
+
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+
+    return {
+        "gradient step": step,
+        "fisher_diagonal": lambda: fisher_diagonal(ft.linearize(model, x)),
+        "detach_and_mix M=1": lambda: detach_and_mix(ft.linearize(model, x), num_probes=1, rng=0),
+        "detach_and_mix M=10": lambda: detach_and_mix(ft.linearize(model, x), num_probes=10, rng=0),
+        "top_eigenpairs k=5": lambda: top_eigenpairs(ft.linearize(model, x), k=5, tol=1e-4, rng=0),
+        "loss_trace M=10": lambda: loss_trace(ft.loss_function(model, x, y), num_probes=10, rng=0),
+    }
+
+
+def run(*, quick: bool = False, threads: int = 2, reps: int = 7) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    makers = (
+        {"mlp": make_mlp_quick, "cnn": make_cnn_quick}
+        if quick
+        else {
+            "mlp": make_mlp,
+            "cnn": make_cnn,
+        }
+    )
+    reps = 2 if quick else reps
+    models: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    for key, make in makers.items():
+        model, x = make()
+        cases = _cases(model, x)
+        fns: dict[str, Any] = {}
+        for name, fn in cases.items():
+            fns[f"{name} | checked"] = fn
+
+            def off(fn: Any = fn) -> Any:
+                with unchecked():
+                    return fn()
+
+            fns[f"{name} | unchecked"] = off
+        times = interleaved(fns, reps=reps, warmup=1)
+        step = median(times["gradient step | checked"])
+        rows = []
+        for name in cases:
+            on = median(times[f"{name} | checked"])
+            no = median(times[f"{name} | unchecked"])
+            rows.append({"method": name, "checked": on / step, "unchecked": no / step})
+            if name != "gradient step":
+                ratios[f"{key}: {name} checked / unchecked"] = on / no
+        models[key] = {"rows": rows, "step_seconds": step}
+    return {"models": models, "reps": reps, "ratios": ratios}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    parts = []
+    for key, m in result["models"].items():
+        rows = [
+            [
+                r["method"],
+                fmt(r["checked"]),
+                fmt(r["unchecked"]),
+                fmt(r["checked"] / r["unchecked"]),
+            ]
+            for r in m["rows"]
+        ]
+        parts.append(
+            f"{key} (median of {result['reps']}; in gradient steps):\n\n"
+            + table(["method", "checked", "unchecked", "checked / unchecked"], rows)
+        )
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    result = run(quick=args.quick, threads=args.threads, reps=args.reps)
+    write_json(RESULTS / "finite.json", result)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

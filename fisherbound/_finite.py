@@ -1,0 +1,225 @@
+"""The finite check on what linearizations and loss functions return.
+
+Every product of an adapter (``jvp``, ``vjp``, the batched and per-example
+products, the per-example squares; a loss function's value, gradient and
+Hessian-vector products) is checked finite as it returns: one reduction over the
+result, no copy. A non-finite result raises a ValueError naming the product,
+the examples or parameter blocks affected, and the likely cause, found only then
+by reading the parameters and inputs (``suspects``): a non-finite parameter, a
+non-finite input, an input so large that its square overflows the dtype, or an
+intermediate that overflowed or saturated (0 · inf) in the dtype.
+
+Where reading one boolean back to the host would stall an accelerator (CuPy,
+torch on CUDA, JAX on a GPU), the check is deferred: the flag stays on the
+device and is read at the next product of the same object or when the data
+stream moves to the next batch (``flush``), by when the device has finished that
+work anyway. Traced JAX values (inside ``jit``) have no value and pass.
+
+The guard wraps the methods a class lists in ``checked_products`` once, when the
+class is defined (``guard_class``); nested products (a batched product built
+from single ones) are checked once, at the outermost call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from fisherbound._lib import array_namespace, check_finite, device_of, first_indices, is_traced
+
+Array = Any
+
+__all__ = [
+    "Product",
+    "check_inputs_finite",
+    "check_outputs",
+    "flush",
+    "guard_class",
+    "is_host_device",
+]
+
+
+class Product(NamedTuple):
+    """How to name a product's result and where its examples and parameters are.
+
+    ``label`` names the product in messages ("the JVP J v"); ``example_axis`` is
+    the axis of the result that indexes examples (None if none); ``param_axis``
+    is True when the last axis is the flat parameter vector (D entries).
+    """
+
+    label: str
+    example_axis: int | None = None
+    param_axis: bool = False
+
+
+def is_host_device(x: Array) -> bool:
+    """Whether ``x`` lives in host memory, so reading a flag of it costs no device sync."""
+    dev = device_of(x)
+    if dev == "cpu" or dev is None:
+        return True
+    kind = getattr(dev, "type", None) or getattr(dev, "platform", None)
+    return kind == "cpu"
+
+
+def _arrays(out: Any) -> list[Array]:
+    """The arrays of a product's result (a tuple's None entries skipped)."""
+    if isinstance(out, tuple):
+        return [a for a in out if a is not None and hasattr(a, "shape")]
+    return [out]
+
+
+def guard_class(cls: type, products: dict[str, Product]) -> None:
+    """Wrap each method of ``cls`` named in ``products`` (defined on ``cls`` itself)."""
+    for name, spec in products.items():
+        fn = cls.__dict__.get(name)
+        if fn is None or getattr(fn, "_finite_guard", False):
+            continue
+        setattr(cls, name, _guarded(fn, spec))
+
+
+def _guarded(fn: Callable[..., Any], spec: Product) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        state = self.__dict__
+        depth = state.get("_finite_depth", 0)
+        if depth:
+            return fn(self, *args, **kwargs)
+        flush(self)
+        state["_finite_depth"] = 1
+        try:
+            out = fn(self, *args, **kwargs)
+        finally:
+            state["_finite_depth"] = 0
+        examples = kwargs.get("examples")
+        offset = (examples.start or 0) if isinstance(examples, slice) else 0
+        for a in _arrays(out):
+            _check(self, a, spec, offset, args)
+        return out
+
+    checked._finite_guard = True  # type: ignore[attr-defined]
+    return checked
+
+
+def _check(owner: Any, a: Array, spec: Product, offset: int, operands: tuple[Any, ...]) -> None:
+    if is_traced(a) or math.prod(a.shape) == 0:
+        return
+    xp = array_namespace(a, names=(spec.label,))
+    if not xp.isdtype(a.dtype, ("real floating", "complex floating")):
+        return
+    ok = xp.all(xp.isfinite(a))
+    if is_traced(ok):
+        return
+    if is_host_device(a):
+        if not bool(ok):
+            raise _error(owner, a, spec, offset, xp, operands)
+        return
+    owner.__dict__.setdefault("_finite_pending", []).append((spec, ok))
+
+
+def flush(owner: Any) -> None:
+    """Read the deferred finite flags of ``owner``'s products (one host read in all)."""
+    pending = getattr(owner, "__dict__", {}).get("_finite_pending")
+    if not pending:
+        return
+    owner.__dict__["_finite_pending"] = []
+    xp = array_namespace(pending[0][1], names=("the finite flags",))
+    flags = xp.stack([flag for _, flag in pending])
+    if bool(xp.all(flags)):
+        return
+    spec = pending[first_indices(~flags, xp, 1)[0]][0]
+    msg = (
+        f"{spec.label} of the {owner._role} is not finite (found after it returned, "
+        f"where the check waits for the device). {_cause(owner)}"
+    )
+    raise ValueError(msg)
+
+
+def _error(
+    owner: Any, a: Array, spec: Product, offset: int, xp: Any, operands: tuple[Any, ...]
+) -> ValueError:
+    bad = ~xp.isfinite(a)
+    kinds = [k for k, f in (("NaN", xp.isnan), ("inf", xp.isinf)) if bool(xp.any(f(a)))]
+    where = []
+    if spec.example_axis is not None and a.ndim > spec.example_axis:
+        axis = spec.example_axis
+        moved = xp.moveaxis(bad, axis, 0)
+        rows = xp.any(xp.reshape(moved, (int(moved.shape[0]), -1)), axis=1)
+        where.append(f"examples {[offset + i for i in first_indices(rows, xp)]}")
+    if spec.param_axis and int(a.shape[-1]) == owner.num_params:
+        flat = xp.any(xp.reshape(bad, (-1, int(a.shape[-1]))), axis=0)
+        names = [b.name for b in owner.blocks if bool(xp.any(flat[b.offset : b.offset + b.size]))]
+        where.append(f"parameter blocks {names[:10]}" + (" ..." if len(names) > 10 else ""))
+    at = f" in {' and '.join(where)}" if where else ""
+    count = int(xp.sum(xp.astype(bad, xp.int64)))
+    msg = (
+        f"{spec.label} of the {owner._role} must be finite; got {' and '.join(kinds)} in "
+        f"{count} of {math.prod(a.shape)} entries{at}. {_cause(owner, operands)}"
+    )
+    return ValueError(msg)
+
+
+def _cause(owner: Any, operands: tuple[Any, ...] = ()) -> str:
+    """The likely cause, from the operands, parameters and inputs (read when a check failed)."""
+    params, inputs = owner._suspects()
+    found = []
+    for i, x in enumerate(operands):
+        if hasattr(x, "shape") and hasattr(x, "dtype"):
+            xp = array_namespace(x, names=("operand",))
+            if xp.isdtype(x.dtype, "real floating") and not bool(xp.all(xp.isfinite(x))):
+                found.append(f"its operand (argument {i + 1}) is not finite")
+    if params is not None:
+        xp = array_namespace(params, names=("params",))
+        bad = ~xp.isfinite(params)
+        names = [b.name for b in owner.blocks if bool(xp.any(bad[b.offset : b.offset + b.size]))]
+        if names:
+            found.append(f"parameters {names[:10]} are not finite")
+    dtype = None
+    for name, x in inputs:
+        xp = array_namespace(x, names=(name,))
+        if not xp.isdtype(x.dtype, "real floating") or x.ndim == 0:
+            continue
+        dtype = x.dtype
+        flat = xp.reshape(x, (int(x.shape[0]), -1))
+        rows = xp.any(~xp.isfinite(flat), axis=1)
+        if bool(xp.any(rows)):
+            found.append(f"{name} is not finite in examples {first_indices(rows, xp)}")
+            continue
+        limit = math.sqrt(float(xp.finfo(x.dtype).max))
+        big = xp.any(xp.abs(flat) > limit, axis=1)
+        if bool(xp.any(big)):
+            found.append(
+                f"{name} has entries above {limit:.3g} in absolute value in examples "
+                f"{first_indices(big, xp)}, whose squares overflow {x.dtype}"
+            )
+    if found:
+        return "Likely cause: " + "; ".join(found) + "."
+    where = f" in {dtype}" if dtype is not None else ""
+    return (
+        f"No parameter or input is non-finite, so an intermediate overflowed{where} "
+        "(very large inputs or activations, exp of a large pre-activation) or a saturated "
+        "unit multiplied 0 by inf; rescale the inputs or compute in float64."
+    )
+
+
+def check_outputs(owner: Any, z: Array, name: str) -> None:
+    """``z``, the model's outputs on the batch, checked finite; the message says why not."""
+    xp = array_namespace(z, names=(name,))
+    try:
+        check_finite(z, name, xp=xp)
+    except ValueError as e:
+        msg = f"{e} {_cause(owner)}"
+        raise ValueError(msg) from None
+
+
+def check_inputs_finite(named: list[tuple[str, Array]]) -> None:
+    """Each floating input checked finite, rows named (integer inputs, e.g. tokens, pass)."""
+    for name, x in named:
+        xp = array_namespace(x, names=(name,))
+        if x.ndim and xp.isdtype(x.dtype, "real floating"):
+            try:
+                check_finite(x, name, xp=xp, what="examples")
+            except ValueError as e:
+                msg = f"{e} The Jacobian at a non-finite input is undefined (0 · inf)."
+                raise ValueError(msg) from None

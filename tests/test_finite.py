@@ -1,0 +1,196 @@
+"""The finite check on inputs, model outputs and every product (``fisherbound._finite``).
+
+A non-finite result never comes back silently: each case raises a ValueError that
+names the quantity, the examples or parameter blocks and the likely cause.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _models import jax_mlp, mlp_weights, torch_mlp
+
+import fisherbound._finite as finite
+from fisherbound import estimators, fisher
+from fisherbound.adapters import numpy as fnp
+from fisherbound.linearization import LinearizationBase
+
+WS, BS = mlp_weights((4, 8, 3), 0)
+X = np.random.default_rng(0).standard_normal((5, 4))
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+# -- inputs --------------------------------------------------------------------
+
+
+def test_torch_non_finite_input_is_refused_at_linearize() -> None:
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    x = torch.as_tensor(X).clone()
+    x[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"inputs\[0\] must be finite; got inf in examples \[1\]"):
+        ft.linearize(torch_mlp(WS, BS), x)
+    with pytest.raises(ValueError, match=r"inputs\[0\] must be finite; got inf in examples \[1\]"):
+        ft.loss_function(torch_mlp(WS, BS), x, torch.tensor([0, 1, 2, 0, 1]))
+    # Integer inputs (token ids) are not floating: nothing to check.
+    emb = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Flatten()).double()
+    assert ft.linearize(emb, torch.tensor([[1], [4]])).logits.shape == (2, 3)
+
+
+def test_jax_non_finite_input_is_refused_at_linearize() -> None:
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from fisherbound.adapters import jax as fj
+
+    apply_fn, params = jax_mlp(WS, BS)
+    x = jnp.asarray(X).at[3, 2].set(-jnp.inf)
+    with pytest.raises(ValueError, match=r"inputs must be finite; got inf in examples \[3\]"):
+        fj.linearize(apply_fn, params, x)
+    with pytest.raises(ValueError, match=r"inputs must be finite; got inf in examples \[3\]"):
+        fj.loss_function(apply_fn, params, x, jnp.asarray([0, 1, 2, 0, 1]))
+
+
+def test_numpy_non_finite_parameter_names_the_block() -> None:
+    ws = [w.copy() for w in WS]
+    ws[1][0, 2] = np.nan
+    with pytest.raises(
+        ValueError, match=r"logits must be finite; got NaN in rows \[0, 1, 2, 3, 4\]"
+    ):
+        fnp.linearize(fnp.MLP(ws, BS), X)
+    with pytest.raises(ValueError, match=r"Likely cause: parameters \['layers.1.weight'\] are not"):
+        fnp.linearize(fnp.MLP(ws, BS), X)
+
+
+# -- products ------------------------------------------------------------------
+
+
+def _lin():
+    return fnp.linearize(fnp.MLP(WS, BS), X)
+
+
+@pytest.mark.parametrize(
+    ("method", "shape", "label", "where"),
+    [
+        ("jvp", ("D",), "the JVP J v", r"examples \[0, 1, 2, 3, 4\]"),
+        ("vjp", (5, 3), "the VJP Jᵀ u", r"parameter blocks \['layers.0.weight', "),
+        ("jvp_batch", (2, "D"), "the batched JVPs J V", r"examples \[0, 1, 2, 3, 4\]"),
+        ("vjp_batch", (2, 5, 3), "the batched VJPs Jᵀ U", r"parameter blocks"),
+    ],
+)
+def test_non_finite_operand_is_named(method: str, shape: tuple, label: str, where: str) -> None:
+    lin = _lin()
+    shape = tuple(lin.num_params if s == "D" else s for s in shape)
+    bad = np.ones(shape)
+    bad.flat[0] = np.nan
+    with pytest.raises(
+        ValueError, match=rf"{label} of the linearization must be finite; got NaN"
+    ) as e:
+        getattr(lin, method)(bad)
+    assert "its operand (argument 1) is not finite" in str(e.value)
+    assert e.match(where)
+
+
+def test_per_example_products_name_the_examples_of_the_slice() -> None:
+    lin = _lin()
+    U = np.ones((2, 1, 3))
+    U[1, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"per-example VJPs J_nᵀ U .* in examples \[3\] and"):
+        lin.per_example_vjp(U, examples=slice(2, 4))
+
+
+def test_overflowing_input_names_the_cause_in_float32() -> None:
+    """relu keeps a 1e30 input alive; its per-example squares overflow float32."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    model = torch_mlp(WS, BS, "relu").float()
+    x = torch.as_tensor(X, dtype=torch.float32).clone()
+    x[2, 1] = 1e30
+    with pytest.raises(
+        ValueError,
+        match=r"per-example squares .* must be finite; got NaN .* Likely cause: inputs\[0\] has "
+        r"entries above 1\.84e\+19 in absolute value in examples \[2\], whose squares overflow",
+    ):
+        fisher.fisher_diagonal(ft.linearize(model, x))
+
+
+def test_loss_hvp_of_non_finite_vector() -> None:
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    loss = ft.loss_function(torch_mlp(WS, BS), torch.as_tensor(X), torch.tensor([0, 1, 2, 0, 1]))
+    v = torch.full((loss.num_params,), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Hessian-vector product H v of the loss function must"):
+        loss.hvp(v)
+    assert torch.isfinite(loss.hvp(torch.ones_like(v))).all()  # the next product is fine
+
+
+def test_an_intermediate_overflow_is_named_as_such() -> None:
+    """Finite inputs and parameters, a non-finite product: the message says so."""
+    lin = _lin()
+    with (
+        np.errstate(over="ignore"),
+        pytest.raises(ValueError, match=r"got inf .* No parameter or input is non-finite, so an"),
+    ):
+        lin.vjp(np.full((5, 3), 1e308))
+
+
+def test_nested_products_are_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generic per-example product calls vjp_batch: one check, at the outer call."""
+    calls = []
+    check = finite._check
+    monkeypatch.setattr(finite, "_check", lambda *a: calls.append(a[2].label) or check(*a))
+    lin = _lin()
+    out = LinearizationBase.per_example_vjp(lin, np.ones((5, 2, 3)))
+    assert out.shape == (5, 2, lin.num_params)
+    assert calls == ["the per-example VJPs J_nᵀ U"]
+
+
+def test_deferred_checks_raise_at_the_next_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator the flag is read later: at the next product or batch."""
+    monkeypatch.setattr(finite, "is_host_device", lambda x: False)
+    lin = _lin()
+    bad = np.full(lin.num_params, np.nan)
+    out = lin.jvp(bad)  # returns: the check waits
+    assert np.isnan(out).all()
+    with pytest.raises(ValueError, match=r"the JVP J v of the linearization is not finite \(found"):
+        lin.jvp(np.ones(lin.num_params))
+    lin.jvp(np.ones(lin.num_params))  # the flag was read once; later products are fine
+
+    # A data stream reads it when the analysis moves to the next batch.
+    batches = [_lin(), _lin()]
+
+    def analysis() -> None:
+        for lin_b in finite_stream(iter(batches)):
+            lin_b.vjp(np.full((5, 3), np.nan))
+
+    with pytest.raises(ValueError, match=r"not finite \(found after it returned"):
+        analysis()
+
+
+def finite_stream(source):
+    from fisherbound._stream import Stream
+    from fisherbound.families import Categorical
+
+    return Stream(source, Categorical(), desc="test", progress=False)
+
+
+def test_estimators_never_return_nan_silently() -> None:
+    """The issue's case: a tanh MLP with one input at +inf (torch)."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    x = torch.as_tensor(X).clone()
+    x[1, 0] = float("inf")
+    model = torch_mlp(WS, BS)
+    for run in (
+        lambda: fisher.fisher_diagonal(ft.linearizations(model, [x])),
+        lambda: estimators.detach_and_mix(ft.linearizations(model, [x]), num_probes=2, rng=0),
+    ):
+        with pytest.raises(ValueError, match=r"must be finite; got inf in examples \[1\]"):
+            run()

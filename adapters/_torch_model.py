@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: TID253
 from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 
 from fisherbound._finite import check_inputs_finite
+from fisherbound._lib import check_materialized
 from fisherbound.linearization import make_blocks, mask_source
 
 Tensor = torch.Tensor
@@ -264,6 +265,7 @@ HALF_PRECISION = (
 def check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
     first_name, first = names[0], tensors[0]
     for name, p in zip(names, tensors, strict=True):
+        check_materialized(p, f"parameter {name!r}")
         if not p.is_floating_point():
             msg = (
                 f"parameter {name!r} must have a real floating-point dtype; got {p.dtype}. "

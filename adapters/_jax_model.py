@@ -19,7 +19,7 @@ from typing import Any
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
-from fisherbound._finite import check_inputs_finite
+from fisherbound._finite import check_inputs_finite, check_parameters_finite
 from fisherbound._lib import check_device, device_of, is_traced
 from fisherbound.linearization import make_blocks, mask_source
 
@@ -467,6 +467,7 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
                 "e.g. jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)."
             )
             raise TypeError(msg)
+    check_parameters_finite(named)
     return named, treedef
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fisherbound._finite import check_parameters_finite
 from fisherbound._lib import (
     array_namespace,
     as_generator,
@@ -586,6 +587,8 @@ def check_inputs(model: ReferenceModel, inputs: Array) -> Array:
         remedy="Move them with xp.asarray(inputs, device=...).",
     )
     check_finite(inputs, "inputs", xp=xp)
+    theta = model.parameters()
+    check_parameters_finite([(b.name, theta[b.offset : b.offset + b.size]) for b in model.blocks])
     if inputs.dtype != model.dtype:
         inputs = xp.astype(inputs, model.dtype)
     return inputs

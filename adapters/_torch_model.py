@@ -19,7 +19,7 @@ from torch import nn  # noqa: TID253
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: TID253
 from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 
-from fisherbound._finite import check_inputs_finite
+from fisherbound._finite import check_inputs_finite, check_parameters_finite
 from fisherbound._lib import check_materialized
 from fisherbound.linearization import make_blocks, mask_source
 
@@ -345,6 +345,7 @@ def check_batch(selection: Selection, inputs: object) -> Inputs:
     check_parameters(selection.names, selection.tensors)
     check_deterministic(selection.model)
     check_inputs_device(batch, selection.tensors[0].device)
+    check_parameters_finite(list(zip(selection.names, selection.tensors, strict=True)))
     check_inputs_finite(batch.items())
     return batch
 

@@ -55,15 +55,50 @@ def test_jax_non_finite_input_is_refused_at_linearize() -> None:
         fj.loss_function(apply_fn, params, x, jnp.asarray([0, 1, 2, 0, 1]))
 
 
-def test_numpy_non_finite_parameter_names_the_block() -> None:
+def test_non_finite_parameters_are_refused_by_name() -> None:
+    """An infinite weight behind a saturated tanh gives finite logits: refused anyway."""
     ws = [w.copy() for w in WS]
-    ws[1][0, 2] = np.nan
-    with pytest.raises(
-        ValueError, match=r"logits must be finite; got NaN in rows \[0, 1, 2, 3, 4\]"
+    ws[0][1, 2] = np.inf
+    match = r"parameters must be finite; got NaN or inf in \['layers.0.weight'\]"
+    with pytest.raises(ValueError, match=match):
+        fnp.linearize(fnp.MLP(ws, BS), X)
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    model = torch_mlp(WS, BS)
+    with torch.no_grad():
+        model[2].bias[0] = float("nan")
+    match = r"parameters must be finite; got NaN or inf in \['2.bias'\]"
+    with pytest.raises(ValueError, match=match):
+        ft.linearize(model, torch.as_tensor(X))
+    with pytest.raises(ValueError, match=match):
+        ft.loss_function(model, torch.as_tensor(X), torch.tensor([0, 1, 2, 0, 1]))
+
+
+def test_jax_non_finite_parameters_are_refused_by_name() -> None:
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from fisherbound.adapters import jax as fj
+
+    apply_fn, params = jax_mlp(WS, BS)
+    params[1] = (params[1][0].at[0, 0].set(-jnp.inf), params[1][1])
+    with pytest.raises(ValueError, match=r"parameters must be finite; got NaN or inf in \['\[1\]"):
+        fj.linearize(apply_fn, params, jnp.asarray(X))
+
+
+def test_non_finite_logits_from_finite_parameters_name_the_cause() -> None:
+    """Finite parameters and inputs whose logits overflow: the overflow is named."""
+    ws = [w * 1e200 for w in WS]
+    with (
+        np.errstate(over="ignore", invalid="ignore"),
+        pytest.raises(
+            ValueError,
+            match=r"logits must be finite; got .* No parameter or input is non-finite, so an "
+            r"intermediate overflowed in float64",
+        ),
     ):
-        fnp.linearize(fnp.MLP(ws, BS), X)
-    with pytest.raises(ValueError, match=r"Likely cause: parameters \['layers.1.weight'\] are not"):
-        fnp.linearize(fnp.MLP(ws, BS), X)
+        fnp.linearize(fnp.MLP(ws, BS, activation="relu"), X * 1e100)
 
 
 # -- products ------------------------------------------------------------------
@@ -138,6 +173,21 @@ def test_an_intermediate_overflow_is_named_as_such() -> None:
         pytest.raises(ValueError, match=r"got inf .* No parameter or input is non-finite, so an"),
     ):
         lin.vjp(np.full((5, 3), 1e308))
+
+
+def test_finite_results_whose_sum_overflows_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check sums the result; an overflowing sum of finite entries is no error."""
+    lin = _lin()
+    huge = np.full(lin.num_params, 1e308)  # finite entries, an infinite sum
+    spec = type(lin).checked_products["vjp"]
+    finite._check(lin, huge, spec, 0, ())  # on the host: confirmed entry by entry
+    monkeypatch.setattr(finite, "is_host_device", lambda x: False)
+    finite._check(lin, huge, spec, 0, ())
+    finite.flush(lin)  # deferred: confirmed when the flag is read
+    huge[3] = np.inf
+    finite._check(lin, huge, spec, 0, ())
+    with pytest.raises(ValueError, match=r"the VJP Jᵀ u of the linearization is not finite"):
+        finite.flush(lin)
 
 
 def test_nested_products_are_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,6 +57,7 @@ from fisherbound._lib._validation import (
     conform,
     first_indices,
     is_traced,
+    sum_is_finite,
 )
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "probes",
     "progress_bar",
     "shared_generator",
+    "sum_is_finite",
     "to_host",
     "uniform",
     "variance_of_mean",

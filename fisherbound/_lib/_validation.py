@@ -150,6 +150,20 @@ def is_traced(x: Array) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def sum_is_finite(x: Array, xp: Any) -> Array:
+    """Whether the sum of ``x`` is finite, as a 0-d boolean array on ``x``'s device.
+
+    True implies every entry is finite; False means a NaN or inf entry, or finite
+    entries whose sum overflowed (confirm with ``xp.isfinite(x)``). One pass with no
+    boolean temporary: torch's ``isfinite(x).all()`` costs about 7 times as much on
+    the CPU.
+    """
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):  # NumPy: no warning for inf - inf
+        return xp.isfinite(xp.sum(x))
+
+
 def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
     """Raise a ValueError naming the offending rows if ``x`` has NaN or inf.
 
@@ -158,10 +172,13 @@ def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
     """
     if is_traced(x):
         return
-    bad = ~xp.isfinite(x)
-    if is_traced(bad):  # inside jit even a constant's test is staged: nothing to read
+    ok = sum_is_finite(x, xp)
+    if is_traced(ok):  # inside jit even a constant's test is staged: nothing to read
         return
-    if not bool(xp.any(bad)):
+    if bool(ok):
+        return
+    bad = ~xp.isfinite(x)
+    if not bool(xp.any(bad)):  # finite entries whose sum overflowed
         return
     if x.ndim >= 2:
         flat = xp.reshape(bad, (-1, x.shape[-1]))

@@ -59,7 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.run(args))
     except UsageError as err:
         args.subparser.error(str(err))
+    except Exception as err:  # every failure: one line and status 2 (--debug: traceback)
+        if args.debug:
+            raise
+        args.subparser.exit(2, f"{args.subparser.prog}: error: {_failure(err)}\n")
     return 2  # pragma: no cover - error() exits
+
+
+def _failure(err: Exception) -> str:
+    """The one-line message of a failure: the house errors as they are, others as a bug."""
+    line = _usage.first_line(err)
+    if isinstance(err, ValueError | TypeError | NotImplementedError | OSError | MemoryError):
+        return f"{line} (--debug shows the traceback)"
+    return (
+        f"unexpected {type(err).__name__}: {line}. This is a bug in fisherbound or in the "
+        "model; run again with --debug for the traceback and report it."
+    )
 
 
 # The helpers of the former single module, under their former names, for code

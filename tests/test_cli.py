@@ -359,6 +359,39 @@ def test_demo_rejects_a_bad_number(capsys: Any) -> None:
     assert "--num-probes: must be a positive integer; got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("error", "first", "kind"),
+    [
+        (ValueError("x must be finite; got inf\nmore"), "x must be finite; got inf", "house"),
+        (RuntimeError("linalg.eigh: failed to converge"), "unexpected RuntimeError", "bug"),
+    ],
+)
+def test_any_failure_is_one_line_with_status_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: Any, error: Exception, first: str, kind: str
+) -> None:
+    """No traceback escapes the command: house errors read as they are, others as a bug;
+    --debug shows the traceback (the exception propagates)."""
+    import fisherbound._cli.parser as parser_module
+
+    def fail(args: Any) -> int:
+        raise error
+
+    monkeypatch.setattr(parser_module, "run_demo", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"fisherbound demo: error: {first}")
+    assert "Traceback" not in err
+    if kind == "bug":
+        assert "a bug in fisherbound or in the model; run again with --debug" in err
+    else:
+        assert "more" not in err
+    with pytest.raises(type(error)):
+        main(["demo", "--quiet", "--debug"])
+
+
 # --------------------------------------------------------------------------- #
 # the other frameworks train the same network
 #

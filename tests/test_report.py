@@ -118,6 +118,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(folder / "wrong_keys.npz", images=x, targets=y)
     np.savez(folder / "wide.npz", x=rng.standard_normal((40, 7)), y=y)
     np.savez(folder / "short_labels.npz", x=x, y=y[:30])
+    np.savez(folder / "infinite.npz", x=np.where(np.arange(40)[:, None] == 5, np.inf, x), y=y)
     np.savez(folder / "big_labels.npz", x=x, y=np.where(np.arange(40) == 3, 9, y))
     np.savez(folder / "multilabel.npz", x=x, y=(rng.random((40, 3)) < 0.4).astype(np.float64))
     (folder / "garbage.pt").write_bytes(b"this is not a model")
@@ -263,6 +264,9 @@ CASES = [
     (M, "wrong_keys", [], "keys x and y (or inputs and labels)", "['images', 'targets']"),
     (M, "wide", [], "the model rejects the inputs of DATA (shape (40, 7)", "RuntimeError"),
     (M, "short_labels", [], "one label per input; got 40 inputs", "(30,)"),
+    (M, "infinite", [], "the inputs (key x) must be finite; got NaN or inf at rows [5]", ""),
+    (M, "data", ["--grid", "1"], "argument --grid: must be an integer of at least 2", "got 1"),
+    (M, "data", ["--seed", "-1"], "argument --seed: must be a non-negative integer", "got -1"),
     (M, "big_labels", [], "class indices in [0, C) = [0, 4)", "values [9] at rows [3]"),
     ("model.py:make_three_d", "data", [], "logits of shape (N, C) = (40, C)", "(40, 4, 1)"),
     ("model.py:make_infinite", "data", [], "must be finite logits", "e.g. [0]"),

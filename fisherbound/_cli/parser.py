@@ -13,7 +13,15 @@ from typing import Any
 from fisherbound._cli.commands import demo as run_demo
 from fisherbound._cli.commands import report as run_report
 from fisherbound._cli.trainers import TRAINERS
-from fisherbound._cli.usage import int_or_none, nonzero_int, positive_float, positive_int, selector
+from fisherbound._cli.usage import (
+    int_at_least,
+    int_or_none,
+    non_negative_int,
+    nonzero_int,
+    positive_float,
+    positive_int,
+    selector,
+)
 from fisherbound._report.settings import SKIPPABLE
 
 #: Where the demo's and the report's files go unless ``--out`` says otherwise.
@@ -83,7 +91,9 @@ def add_analysis_options(p: argparse.ArgumentParser, threads: int | None) -> Non
         help="draw rounds of M probes until the relative standard error of the "
         "detach-and-mix trace is at most E (e.g. 0.05)",
     )
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument(
+        "--seed", type=non_negative_int, default=0, help="random seed, 0 or more (default 0)"
+    )
     group.add_argument(
         "--top-k",
         type=positive_int,
@@ -124,10 +134,10 @@ def add_analysis_options(p: argparse.ArgumentParser, threads: int | None) -> Non
     )
     group.add_argument(
         "--grid",
-        type=positive_int,
+        type=int_at_least(2),
         default=13,
         metavar="G",
-        help="landscape grid points per direction (default 13)",
+        help="landscape grid points per direction, at least 2 (default 13)",
     )
     group.add_argument(
         "--trace-probes",
@@ -167,6 +177,11 @@ def add_output_options(p: argparse.ArgumentParser, threads: int | None) -> None:
         help=f"report folder, created if needed (default ./{DEFAULT_OUT})",
     )
     output.add_argument("--quiet", action="store_true", help="no progress bars")
+    output.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the traceback instead of the one-line message",
+    )
     output.add_argument(
         "--threads",
         type=positive_int,

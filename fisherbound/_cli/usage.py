@@ -36,6 +36,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (argparse type: seeds)."""
+    value = _parse(text, int, "a non-negative integer")
+    if value < 0:
+        msg = f"must be a non-negative integer; got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """The argparse type of an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        value = _parse(text, int, f"an integer of at least {low}")
+        if value < low:
+            msg = f"must be an integer of at least {low}; got {value}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def positive_float(text: str) -> float:
     """A finite number above 0 (argparse type)."""
     value = _parse(text, float, "a positive number")

@@ -12,7 +12,8 @@ quantity (``fisherbound._quantities``) in one of three running sums:
 - ``RowStack``: the per-example factor rows of the Monte-Carlo and empirical
   Fisher, with the diagonal's samples for the standard error.
 
-Each has ``add(samples, num_inputs, xp, same_inputs=)``, ``relative_error(xp)``,
+Each has ``add(samples, num_inputs, xp, same_inputs=)``, ``trace_error(xp)`` (the
+relative standard error of the trace estimate and its degrees of freedom),
 ``global_trace_terms(active)``, ``all_reduce(coll)``, ``reduced_trace_error`` and
 ``estimate(scale, xp)`` (``scale``: the stream's reduction scale, 1/N or 1).
 """
@@ -69,9 +70,20 @@ class Accumulator:
 
         value = Σ_b mean_b,    variance = Σ_b s_b² / M_b
 
-    is an unbiased estimate of the sum over the data and of its variance, with
-    Σ_b (M_b − 1) degrees of freedom: better error bars than treating each
-    probe's data-set total as one sample, in O(D) memory.
+    is an unbiased estimate of the sum over the data and of its variance: better
+    error bars than treating each probe's data-set total as one sample, in O(D)
+    memory. The variance estimate has, per entry, the Welch–Satterthwaite degrees
+    of freedom
+
+        dof = (Σ_b s_b²/M_b)² / Σ_b (s_b²/M_b)² / (M_b − 1),
+
+    between the smallest M_b − 1 and Σ_b (M_b − 1) (equal to the latter when the
+    strata have equal variances): the ``dof`` of the ``Estimate``, which sets the
+    width of its interval (``Estimate.interval``). With one stratum it is M − 1.
+
+    ``nonnegative=True`` declares the samples ≥ 0 (sums of squares, as the
+    estimators' diagonal and trace samples): the estimate then has ``floor`` 0
+    and its interval allows for their right skew (see ``Estimate.interval``).
 
     ``merge(other)`` adds the strata of ``other`` (other inputs: another shard,
     another call, another process; across processes, all-reducing ``value``,
@@ -86,15 +98,23 @@ class Accumulator:
     >>> acc = acc.update(np.array([[1.0, 2.0], [3.0, 2.0]]), num_inputs=4)
     >>> acc = acc.update(np.array([[0.0, 1.0], [2.0, 1.0]]), num_inputs=4)
     >>> est = acc.estimate()
-    >>> est.value, est.std_error, est.num_probes
-    (array([3., 3.]), array([1.41421356, 0.        ]), 2)
+    >>> est.value, est.std_error, est.num_probes, est.dof
+    (array([3., 3.]), array([1.41421356, 0.        ]), 2, array([ 2., inf]))
     >>> acc.estimate(reduction="mean").value
     array([0.375, 0.375])
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, nonnegative: bool = False) -> None:
+        if not isinstance(nonnegative, bool):
+            msg = f"nonnegative must be True or False; got {type(nonnegative).__name__}."
+            raise TypeError(msg)
         self._value: Any = None
         self._variance: Any = None
+        # Welch–Satterthwaite: Σ_b V_b² / d_b (V_b = s_b²/M_b, d_b = M_b − 1), formed
+        # once a second stratum arrives; until then ``_dof`` holds the one stratum's.
+        self._welch: Any = None
+        self._dof: Any = None
+        self._nonnegative = nonnegative
         self._num_inputs = 0
         self._num_batches = 0
         self._probes: tuple[int, int] | None = None  # (min, max) over strata
@@ -169,7 +189,9 @@ class Accumulator:
         value = _map(lambda v: v * scale, estimate.value)
         variance = _map(lambda s: (s * scale) ** 2, estimate.std_error)
         m = int(estimate.num_probes)
-        return cls()._add(value, variance, n, 1, (m, m))
+        floor = estimate.floor
+        acc = cls(nonnegative=isinstance(floor, int | float) and floor == 0)
+        return acc._add(value, variance, n, 1, (m, m), estimate.degrees_of_freedom)
 
     # -- updates ------------------------------------------------------------------
     def update(self, samples: Any, /, *, num_inputs: int = 0) -> Accumulator:
@@ -198,7 +220,7 @@ class Accumulator:
             mean = _map(lambda s: xp.mean(s, axis=0), samples)
             var = _map(lambda s, mu: variance_of_mean(s, mu, m, xp), samples, mean)
         self._unknown = self._unknown or m < 2
-        return self._add(mean, var, num_inputs, 1, (m, m))
+        return self._add(mean, var, num_inputs, 1, (m, m), m - 1)
 
     def _update_moments(self, moments: ProbeMoments, num_inputs: int) -> Accumulator:
         """Add one stratum given as the moments of its M samples (``ProbeMoments``).
@@ -216,7 +238,7 @@ class Accumulator:
             self._unknown = True
         else:
             var = _map(lambda v: v / m, moments.variance)
-        return self._add(mean, var, num_inputs, 1, (m, m))
+        return self._add(mean, var, num_inputs, 1, (m, m), m - 1)
 
     def merge(self, other: Accumulator, /) -> Accumulator:
         """Add the strata of ``other`` (estimates over OTHER inputs). Returns self."""
@@ -227,17 +249,28 @@ class Accumulator:
             return self
         assert other._probes is not None
         self._unknown = self._unknown or other._unknown
+        self._nonnegative = self._nonnegative and other._nonnegative
         return self._add(
-            other._value, other._variance, other._num_inputs, other._num_batches, other._probes
+            other._value,
+            other._variance,
+            other._num_inputs,
+            other._num_batches,
+            other._probes,
+            other._dof,
+            welch=other._welch,
         )
 
     def pool(self, other: Accumulator, /) -> Accumulator:
         """Combine with an independent estimate of the SAME inputs (more probes).
 
         With M₁ and M₂ probes per stratum: value (M₁ v₁ + M₂ v₂)/(M₁ + M₂),
-        variance (M₁² V₁ + M₂² V₂)/(M₁ + M₂)², M₁ + M₂ probes. Both must cover the
-        same number of inputs and use one number of probes in all their strata.
-        Returns self.
+        M₁ + M₂ probes. When both hold one stratum of M ≥ 2 samples each (from
+        ``update``, or an estimate with dof M − 1), the result is that of one
+        stratum with all M₁ + M₂ samples (Chan et al.'s merge of the sums of
+        squared deviations, M₁ + M₂ − 1 degrees of freedom); otherwise the
+        variance is (M₁² V₁ + M₂² V₂)/(M₁ + M₂)², with Welch–Satterthwaite dof.
+        Both must cover the same number of inputs and use one number of probes in
+        all their strata. Returns self.
         """
         if not isinstance(other, Accumulator):
             msg = f"other must be an Accumulator; got {type(other).__name__}."
@@ -263,22 +296,57 @@ class Accumulator:
             raise ValueError(msg)
         m1, m2 = self._probes[0], other._probes[0]
         w1, w2 = m1 / (m1 + m2), m2 / (m1 + m2)
+        self._nonnegative = self._nonnegative and other._nonnegative
+        if self._one_sample_set() and other._one_sample_set():
+            # Sums of squared deviations S = V M (M − 1), merged as one sample set.
+            m = m1 + m2
+            spread = m1 * m2 / m
+
+            def merged(v1: Any, v2: Any, a: Any, b: Any) -> Any:
+                s = v1 * (m1 * (m1 - 1)) + v2 * (m2 * (m2 - 1)) + (b - a) ** 2 * spread
+                return s / (m * (m - 1))
+
+            self._variance = _map(
+                merged, self._variance, other._variance, self._value, other._value
+            )
+            self._value = _map(lambda a, b: w1 * a + w2 * b, self._value, other._value)
+            self._welch, self._dof = None, m - 1
+            self._probes = (m, m)
+            return self
+        welch1, welch2 = self._welch_terms(), other._welch_terms()
         self._value = _map(lambda a, b: w1 * a + w2 * b, self._value, other._value)
         self._variance = _map(
             lambda a, b: (w1 * w1) * a + (w2 * w2) * b, self._variance, other._variance
         )
+        w1, w2 = w1**4, w2**4
+        self._welch = _map(lambda a, b: w1 * a + w2 * b, welch1, welch2)
+        self._dof = None
         self._probes = (m1 + m2, m1 + m2)
         # Two one-probe estimates of the same inputs still have no variance estimate.
         self._unknown = self._unknown or other._unknown
         return self
 
     def _add(
-        self, value: Any, variance: Any, num_inputs: int, num_batches: int, probes: tuple[int, int]
+        self,
+        value: Any,
+        variance: Any,
+        num_inputs: int,
+        num_batches: int,
+        probes: tuple[int, int],
+        dof: Any,
+        *,
+        welch: Any = None,
     ) -> Accumulator:
+        """Add value and variance; ``dof`` (or ``welch``, Σ V²/d) is the variance's."""
         if self._value is None:
             self._value, self._variance = value, variance
+            self._welch, self._dof = welch, (None if welch is not None else dof)
         else:
             self._check_compatible(value)
+            mine = self._welch_terms()
+            theirs = welch if welch is not None else _welch_of(variance, dof)
+            self._welch = _map(lambda a, b: a + b, mine, theirs)
+            self._dof = None
             self._value = _map(lambda a, b: a + b, self._value, value)
             self._variance = _map(lambda a, b: a + b, self._variance, variance)
         self._num_inputs += int(num_inputs)
@@ -288,6 +356,48 @@ class Accumulator:
         else:
             self._probes = (min(self._probes[0], probes[0]), max(self._probes[1], probes[1]))
         return self
+
+    def _one_sample_set(self) -> bool:
+        """One stratum of M ≥ 2 samples with known variance and M − 1 dof."""
+        assert self._probes is not None
+        m = self._probes[0]
+        return (
+            self._num_batches == 1
+            and not self._unknown
+            and m >= 2
+            and self._welch is None
+            and isinstance(self._dof, int | float)
+            and self._dof == m - 1
+        )
+
+    def _welch_terms(self) -> Any:
+        """Σ_b V_b² / d_b of the strata held (formed from the one stratum's dof)."""
+        if self._welch is None:
+            return _welch_of(self._variance, self._dof)
+        return self._welch
+
+    def degrees_of_freedom(self) -> Any:
+        """The Welch–Satterthwaite dof of ``variance`` (per entry; see the class).
+
+        The one stratum's M − 1 (a number) while there is one stratum; otherwise
+        an array of the value's shape (a dict for blocks), ``inf`` where the
+        variance is 0 and NaN where it is unknown.
+        """
+        if self._value is None:
+            return None
+        if self._welch is None:
+            return self._dof
+        xp = array_namespace(_leaves(self._value)[0], names=("value",))
+
+        def dof(v: Any, w: Any) -> Any:
+            positive = w > 0
+            ratio = (v * v) / xp.where(positive, w, xp.ones_like(w))
+            undefined = xp.where(
+                v == 0, xp.full_like(v, math.inf), xp.full_like(v, math.nan)
+            )  # V = 0: an exact entry (any dof); otherwise a stratum had one probe
+            return xp.where(positive, ratio, undefined)
+
+        return _map(dof, self._variance, self._welch)
 
     def _check_compatible(self, value: Any) -> None:
         if isinstance(self._value, dict) != isinstance(value, dict) or (
@@ -320,8 +430,9 @@ class Accumulator:
 
         value = Σ_ranks value_r,  variance = Σ_ranks variance_r,  num_inputs = Σ N_r.
 
-        Cost: two all-reduces of the accumulator's arrays (value and variance; one
-        when the variance is unknown) and four of a few integers.
+        Cost: three all-reduces of the accumulator's arrays (value, variance and the
+        Welch–Satterthwaite terms Σ V²/d behind the dof; one when the variance is
+        unknown) and four of a few integers.
         """
         coll = process_group if isinstance(process_group, Collective) else None
         if coll is None:
@@ -342,6 +453,8 @@ class Accumulator:
         self._probes = (lows[0], -lows[1])
         self._unknown = bool(highs[2])
         self._value = coll.sum_tree(self._value)
+        welch = self._welch_terms()
+        self._dof = None
         if self._unknown:
             # Some rank's stratum had a single probe: the variance stays unknown (NaN).
             xp = array_namespace(leaves[0], names=("value",))
@@ -349,15 +462,17 @@ class Accumulator:
                 lambda v: xp.full((), float("nan"), dtype=v.dtype, device=device_of(v)),
                 self._value,
             )
+            self._welch = self._variance
         else:
             self._variance = coll.sum_tree(self._variance)
+            self._welch = coll.sum_tree(welch)
         self._num_inputs = coll.sum_int(self._num_inputs)
         self._num_batches = coll.sum_int(self._num_batches)
         return self
 
     # -- results -----------------------------------------------------------------
     def estimate(self, *, reduction: str = "sum") -> Estimate:
-        """The accumulated ``Estimate``: value, standard error √variance, num_probes.
+        """The accumulated ``Estimate``: value, standard error √variance, num_probes, dof.
 
         ``reduction="mean"`` divides value and standard error by ``num_inputs``.
         """
@@ -377,7 +492,11 @@ class Accumulator:
         return self.scaled_estimate(scale)
 
     def scaled_estimate(self, scale: float) -> Estimate:
-        """The ``Estimate`` with value and standard error multiplied by ``scale``."""
+        """The ``Estimate`` with value and standard error multiplied by ``scale``.
+
+        Its ``dof`` is ``degrees_of_freedom()`` (scale-free), its ``floor`` 0 for
+        a ``nonnegative`` accumulator (None otherwise).
+        """
         xp = array_namespace(_leaves(self._value)[0], names=("value",))
         value = self._value if scale == 1.0 else _map(lambda v: v * scale, self._value)
         if self._unknown:
@@ -393,7 +512,9 @@ class Accumulator:
             se = _map(xp.sqrt, self._variance)
         else:
             se = _map(lambda v: xp.sqrt(v) * scale, self._variance)
-        return Estimate(value, se, self.num_probes)
+        dof = self.degrees_of_freedom()
+        floor = 0.0 if self._nonnegative else None
+        return Estimate(value, se, self.num_probes, dof, floor)
 
     def relative_std_error(self) -> float:
         """SE / ``|value|`` of a scalar accumulator (inf when the value is 0, NaN if unknown)."""
@@ -411,6 +532,23 @@ class Accumulator:
             f"Accumulator(batches={self._num_batches}, inputs={self._num_inputs}, "
             f"probes={self.num_probes}, value={_describe(self._value)})"
         )
+
+
+def _welch_of(variance: Any, dof: Any) -> Any:
+    """V² / d leafwise: one stratum's Welch–Satterthwaite term (0 for d = ∞, NaN for d ≤ 0)."""
+
+    def term(v: Any, d: Any) -> Any:
+        if isinstance(d, int | float):
+            if d == math.inf:
+                return v * 0.0
+            return v * v / d if d > 0 else v * math.nan
+        xp = array_namespace(v, names=("variance",))
+        ok = d > 0
+        return xp.where(ok, v * v / xp.where(ok, d, xp.ones_like(d)), xp.full_like(v, math.nan))
+
+    if isinstance(variance, dict):
+        return {k: term(v, dof[k] if isinstance(dof, dict) else dof) for k, v in variance.items()}
+    return term(variance, dof)
 
 
 def _layout(tree: Any) -> Any:
@@ -481,18 +619,20 @@ class SampleSum:
 
     def __init__(self, quantity: Any) -> None:
         self.quantity = quantity
-        self.acc = Accumulator()  # the value
-        self.trace = Accumulator()  # the trace summary behind target_relative_error
+        # Diagonal and trace samples are squares (≥ 0): their intervals correct for skew.
+        self.nonnegative = getattr(quantity, "what", "") in ("diagonal", "trace")
+        self.acc = Accumulator(nonnegative=self.nonnegative)  # the value
+        self.trace = Accumulator(nonnegative=True)  # the summary behind target_relative_error
         #: Whether to keep the trace summary (only a target_relative_error reads it;
         #: for the diagonal it costs a pass over the (M, D) samples).
         self.track_trace = True
 
     def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
         if isinstance(samples, ProbeMoments):
-            new = Accumulator()._update_moments(samples, num_inputs)
+            new = Accumulator(nonnegative=self.nonnegative)._update_moments(samples, num_inputs)
             traces = samples.traces
         else:
-            new = Accumulator().update(samples, num_inputs=num_inputs)
+            new = Accumulator(nonnegative=self.nonnegative).update(samples, num_inputs=num_inputs)
             traces = self.quantity.trace(samples, xp) if self.track_trace else None
         pool = same_inputs and self.acc.num_batches > 0
         if pool:
@@ -502,18 +642,22 @@ class SampleSum:
         if not self.track_trace:
             return
         assert traces is not None  # the estimators ask for them when they track the trace
-        new_trace = Accumulator().update(traces, num_inputs=num_inputs)
+        new_trace = Accumulator(nonnegative=True).update(traces, num_inputs=num_inputs)
         if pool:
             self.trace.pool(new_trace)
         else:
             self.trace.merge(new_trace)
 
     def global_trace_terms(self, active: bool) -> list[float]:
-        """(trace value, its variance, active) of this rank, for the lockstep target."""
+        """(trace value, its variance, Σ V²/d, active) of this rank, for the lockstep target.
+
+        Summed over the ranks: the trace estimate, its variance and the
+        Welch–Satterthwaite denominator of its dof.
+        """
         t = self.trace
         if t.value is None:
-            return [0.0, 0.0, float(active)]
-        return [float(t.value), float(t.variance), float(active)]
+            return [0.0, 0.0, 0.0, float(active)]
+        return [float(t.value), float(t.variance), float(t._welch_terms()), float(active)]
 
     def all_reduce(self, coll: Collective) -> None:
         self.acc.all_reduce(coll)
@@ -521,12 +665,15 @@ class SampleSum:
             self.trace.all_reduce(coll)
 
     @property
-    def reduced_trace_error(self) -> float:
-        return self.trace.relative_std_error() if self.trace.value is not None else math.nan
+    def reduced_trace_error(self) -> tuple[float, float]:
+        return self.trace_error(None)
 
-    def relative_error(self, xp: Any) -> float:
+    def trace_error(self, xp: Any) -> tuple[float, float]:
+        """SE / |value| of the trace estimate and its dof (NaN, NaN before any batch)."""
         del xp  # the running sums' interface: FactorSum computes with it
-        return self.trace.relative_std_error()
+        if self.trace.value is None:
+            return math.nan, math.nan
+        return self.trace.relative_std_error(), float(self.trace.degrees_of_freedom())
 
     def estimate(self, scale: float, xp: Any) -> Estimate:
         del xp  # the running sums' interface: RowStack and FactorSum compute with it
@@ -555,7 +702,7 @@ class RowStack(SampleSum):
         k = self.acc.num_probes
         est = self.acc.scaled_estimate(scale)
         rows = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
-        return Estimate(rows * math.sqrt(scale / k), est.std_error, k)
+        return Estimate(rows * math.sqrt(scale / k), est.std_error, k, est.dof, True)
 
 
 class FactorSum:
@@ -574,28 +721,31 @@ class FactorSum:
             self.factor = self.factor + samples
 
     def global_trace_terms(self, active: bool) -> list[float]:  # pragma: no cover - refused
-        return [0.0, 0.0, float(active)]
+        return [0.0, 0.0, 0.0, float(active)]
 
     def all_reduce(self, coll: Collective) -> None:
         self.factor = coll.sum(self.factor)
 
     @property
-    def reduced_trace_error(self) -> float:  # pragma: no cover - refused with a group
-        return math.nan
+    def reduced_trace_error(self) -> tuple[float, float]:  # pragma: no cover - refused
+        return math.nan, math.nan
 
-    def relative_error(self, xp: Any) -> float:
-        if int(self.factor.shape[0]) < 2:
-            return math.nan
+    def trace_error(self, xp: Any) -> tuple[float, float]:
+        """SE / |value| of the M-probe trace estimate ‖g_m‖² and its dof M − 1."""
+        m = int(self.factor.shape[0])
+        if m < 2:
+            return math.nan, math.nan
         est = estimate_from_samples(xp.sum(self.factor * self.factor, axis=1), xp)
         value = abs(float(est.value))
-        return math.inf if value == 0.0 else float(est.std_error) / value
+        return (math.inf if value == 0.0 else float(est.std_error) / value), float(m - 1)
 
     def estimate(self, scale: float, xp: Any) -> Estimate:
         g = self.factor
         m = int(g.shape[0])
         if m < 2:
-            return Estimate(g * math.sqrt(scale), xp.full_like(g[0, ...], float("nan")), m)
+            nan = xp.full_like(g[0, ...], float("nan"))
+            return Estimate(g * math.sqrt(scale), nan, m, m - 1, True)
         diag_samples = g * g
         mean = xp.mean(diag_samples, axis=0)
         var = variance_of_mean(diag_samples, mean, m, xp)
-        return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m)
+        return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m, m - 1, True)

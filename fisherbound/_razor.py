@@ -217,7 +217,7 @@ def _log_det(xp: Any, op: Any, lins: list[Any], family: Family, how: LogDetSetti
         eigenvalues = xp.linalg.eigvalsh(tridiagonal(xp, res.alpha[None, :], res.beta[None, :]))[
             0, :
         ]
-    return Estimate(xp.sum(f(eigenvalues)), scalar(xp, 0.0, op), 0)
+    return Estimate(xp.sum(f(eigenvalues)), scalar(xp, 0.0, op), 0, math.inf)  # exact
 
 
 def razor_terms(

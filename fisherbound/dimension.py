@@ -672,7 +672,8 @@ def local_dimension(
         )
         if count is not None:
             zero = scalar(xp, 0.0, op)
-            return Estimate(scalar(xp, float(count), op), zero, 0)
+            # Exact: no probes, no error (dof ∞, the interval is the count itself).
+            return Estimate(scalar(xp, float(count), op), zero, 0, float("inf"))
     if method == "lanczos":
         msg = (
             f"local_dimension with method='lanczos' found more than max_count = "

@@ -51,7 +51,11 @@ batch means and its variance the sum of the batches' variances of the mean
 (probes of different batches are independent). This is what ``Accumulator``
 stores; it merges across batches, calls and processes by addition. The standard
 error is the Monte-Carlo error of the probes, conditional on the inputs: it does
-not include the sampling of the inputs from a population.
+not include the sampling of the inputs from a population. Its degrees of freedom
+(M − 1 for one batch, Welch–Satterthwaite over batches) set the width of the
+confidence interval ``Estimate.interval``, Student t on the cube-root scale for
+the diagonal and the trace (sums of squares, right-skewed); docs/estimators.md
+has its measured coverage.
 """
 
 from __future__ import annotations
@@ -100,6 +104,12 @@ DEFAULT_MAX_BLOCK_SIZE = 4096
 #: With a single linearization and ``target_relative_error``, at most this many
 #: rounds of ``num_probes`` probes are drawn unless ``max_batches`` says otherwise.
 DEFAULT_MAX_ROUNDS = 64
+
+#: ``target_relative_error`` stops only once the trace estimate's variance has at
+#: least this many degrees of freedom: a standard error from fewer is too erratic
+#: to stop on (its own relative error is about 1/√(2 dof); two probes that happen
+#: to agree would stop the loop at once).
+MIN_TARGET_DOF = 10
 
 # ``DISTRIBUTIONS`` and ``REDUCTIONS`` live in ``fisherbound._lib`` (imported above,
 # re-exported here for code that read them from this module).
@@ -231,13 +241,15 @@ def _run(
         if coll is None:
             if lin is None:
                 break
-            if state.relative_error(lin.xp) <= target:
+            error, dof = state.trace_error(lin.xp)
+            if target_reached(error, dof, target):
                 reached = True
                 break
             continue
         # Lockstep: the trace estimate over all ranks, and whether any rank went on.
-        value, variance, active = coll.sum_floats(state.global_trace_terms(lin is not None))
-        if variance >= 0.0 and value != 0.0 and math.sqrt(variance) / abs(value) <= target:
+        value, variance, welch, active = coll.sum_floats(state.global_trace_terms(lin is not None))
+        error, dof = _error_and_dof(value, variance, welch)
+        if target_reached(error, dof, target):
             reached = True
             break
         if active == 0.0:
@@ -249,9 +261,37 @@ def _run(
         state.all_reduce(coll)
     xp = stream.first.xp
     if target is not None and not reached:
-        error = state.relative_error(xp) if coll is None else state.reduced_trace_error
-        _warn_unreached(target, error, count, why)
+        error, dof = state.trace_error(xp) if coll is None else state.reduced_trace_error
+        _warn_unreached(target, error, dof, count, why)
     return state.estimate(stream.scale(reduction), xp)
+
+
+def _error_and_dof(value: float, variance: float, welch: float) -> tuple[float, float]:
+    """SE / |value| and the Welch–Satterthwaite dof of the all-reduced trace terms."""
+    if not variance >= 0.0:
+        return math.nan, math.nan
+    error = math.inf if value == 0.0 else math.sqrt(variance) / abs(value)
+    dof = math.inf if welch == 0.0 else variance * variance / welch
+    return error, dof
+
+
+def target_reached(error: float, dof: float, target: float) -> bool:
+    """The stopping rule of ``target_relative_error``, for the trace estimate.
+
+    True when the variance estimate has at least ``MIN_TARGET_DOF`` (10) degrees
+    of freedom d and the relative standard error, scaled by the Student-t quantile
+    t_d(0.975)/1.96, is at most the target: the 95% interval (``Estimate.interval``)
+    is then no wider than ±1.96 · target · |value|.
+    """
+    if not dof >= MIN_TARGET_DOF or not error >= 0.0:
+        return False
+    from scipy.special import stdtrit
+
+    return error * float(stdtrit(dof, 0.975)) / _Z975 <= target
+
+
+#: The normal quantile z(0.975) = t_∞(0.975).
+_Z975 = 1.959963984540054
 
 
 # --------------------------------------------------------------------------- #
@@ -376,11 +416,14 @@ def _check_distributed_target(coll: Collective | None, target: float | None, wha
         raise ValueError(msg)
 
 
-def _warn_unreached(target: float, reached: float, batches: int, why: str) -> None:
+def _warn_unreached(target: float, reached: float, dof: float, batches: int, why: str) -> None:
     msg = (
         f"target_relative_error = {target:g} was not reached: the relative standard error "
-        f"of the trace estimate is {reached:.3g} after {batches} batches ({why}). The "
-        "estimate covers those batches; stream more data, raise max_batches or num_probes."
+        f"of the trace estimate is {reached:.3g}, with {dof:.3g} degrees of freedom, after "
+        f"{batches} batches ({why}); the loop stops once there are at least "
+        f"{MIN_TARGET_DOF} degrees of freedom and the error times t_dof(0.975)/1.96 is at "
+        "most the target. The estimate covers those batches; stream more data, raise "
+        "max_batches or num_probes."
     )
     warnings.warn(msg, UserWarning, stacklevel=3)
 
@@ -445,8 +488,13 @@ def detach_and_mix(
         of examples (not of positions).
     target_relative_error
         Stop streaming batches once the relative standard error of the TRACE
-        estimate, SE(tr F̂)/tr F̂, is at or below this (checked after every batch;
-        needs ``num_probes >= 2``). The estimate then covers the batches consumed:
+        estimate, SE(tr F̂)/tr F̂, can be trusted to be at or below this (checked
+        after every batch; needs ``num_probes >= 2``): its variance estimate has at
+        least ``MIN_TARGET_DOF`` = 10 degrees of freedom d (11 probes in one batch
+        or round; about 10 batches or rounds of 2 probes: the Welch–Satterthwaite
+        dof of ``Accumulator``) and SE/|tr F̂| · t_d(0.975)/1.96 ≤ target, so that
+        the 95% interval is within ±1.96 · target · |tr F̂|. Two probes that happen
+        to agree no longer stop the loop. The estimate then covers the batches consumed:
         use ``reduction="mean"`` to estimate the data set's mean Fisher from a
         prefix. With a single linearization, rounds of ``num_probes`` new probes
         are drawn on it instead (at most ``max_batches`` rounds, default 64). If
@@ -470,7 +518,12 @@ def detach_and_mix(
         ``value`` the mean over probes of the per-probe estimates (sum over
         batches), ``std_error`` its standard error (same shape; from the probes'
         sample variance within each batch, see ``Accumulator``; NaN with one
-        probe, as a read-only broadcast of one NaN), ``num_probes`` M. For
+        probe, as a read-only broadcast of one NaN), ``num_probes`` M, ``dof``
+        the degrees of freedom of the variance estimate (M − 1 for one batch; the
+        Welch–Satterthwaite dof per entry over batches) and ``floor`` 0 for the
+        diagonal and the trace (sums of squares): ``est.interval(0.95)`` is their
+        95% confidence interval (Student t on the cube-root scale, see
+        ``fisherbound.Estimate.interval``). For
         ``what="full"``: ``value`` is the factor
         V = [g_1; …; g_M] / √M (M, D) (scaled by 1/√N for ``reduction="mean"``),
         whose Gram matrix Vᵀ V = (1/M) Σ_m g_m g_mᵀ is the rank-≤M estimate of F,
@@ -673,7 +726,8 @@ def empirical(
         the inputs and labels the empirical Fisher is deterministic (no Monte-Carlo
         error); its error as an estimate of F is a bias that no standard error can
         show (compare with ``fisherbound.fisher.fisher_diagonal``). ``num_probes``
-        is 1. ``what="full"``: the factor of the per-example scores (N, D).
+        is 1, ``dof`` is ``math.inf`` (``interval`` returns the value itself, up to
+        rounding). ``what="full"``: the factor of the per-example scores (N, D).
 
     Examples
     --------
@@ -717,7 +771,8 @@ def empirical(
         zero: Any = {k: xp.zeros_like(v) for k, v in est.std_error.items()}
     else:
         zero = xp.zeros_like(est.std_error)
-    return Estimate(est.value, zero, 1)
+    # Deterministic given the inputs and labels: no Monte-Carlo error, dof = ∞.
+    return Estimate(est.value, zero, 1, math.inf, est.floor)
 
 
 def _ignored(lin: Any, y: Array, ignore_index: int | None) -> tuple[Array, Any]:

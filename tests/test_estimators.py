@@ -360,6 +360,10 @@ def test_accumulator_update_merge_pool() -> None:
     )
     assert pooled.num_probes == 4
     np.testing.assert_allclose(pooled.estimate().value, a.mean(axis=0))
+    # ... and the same standard error and dof as the four samples in one stratum
+    one = Accumulator().update(a, num_inputs=2).estimate()
+    np.testing.assert_allclose(pooled.estimate().std_error, one.std_error)
+    assert pooled.estimate().dof == one.dof == 3
     # from an Estimate (another call, another process)
     back = Accumulator.from_estimate(est, num_inputs=5)
     np.testing.assert_allclose(back.estimate().std_error, est.std_error)
@@ -453,7 +457,10 @@ def test_unreachable_target_warns_with_the_error_reached() -> None:
     lins = [mlp(backend, n=4, seed=s) for s in range(3)]
     with pytest.warns(
         UserWarning,
-        match=r"1e-06 was not reached: .* is [0-9.e-]+ after 3 batches \(the data ran out\)",
+        match=(
+            r"1e-06 was not reached: .* is [0-9.e-]+, with [0-9.e+-]+ degrees of freedom, "
+            r"after 3 batches \(the data ran out\)"
+        ),
     ):
         detach_and_mix(lins, num_probes=2, rng=0, target_relative_error=1e-6)
     with pytest.warns(UserWarning, match=r"after 2 batches \(max_batches = 2\)"):

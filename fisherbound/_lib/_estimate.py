@@ -3,41 +3,238 @@
 One home for the mean/variance computations: ``estimate_from_samples`` (one set
 of M samples), ``variance_of_mean`` (one stratum of ``fisherbound.estimators.
 Accumulator``) and ``MeanVariance`` (Hutchinson's streaming merge of sample
-blocks of the same quantity).
+blocks of the same quantity), and for the confidence interval of an estimate
+(``Estimate.interval``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 Array = Any
 
+#: The interval's half-width is at least this many units in the last place of
+#: ``|value|`` (``ROUNDING_ULPS · eps · |value|``, eps of the value's dtype): an
+#: entry whose probes all give the same number (standard error 0) is exact up to
+#: the rounding of the sums behind it, which puts the exactly computed value a few
+#: ulps away (at most 3.4 measured, tests/test_coverage.py).
+ROUNDING_ULPS = 256
+
+#: For an estimate with a ``floor`` the Student-t dof d is lowered to
+#: d / (1 + SKEW_DOF · d · c²) (c = SE / (value − floor)): the variance of
+#: right-skewed samples is itself more variable than a normal sample's (a gamma
+#: sample has excess kurtosis 6 M c²); the cube-root scale absorbs most of that,
+#: and this factor, set by simulation on squared Gaussians (the most skewed
+#: estimates here), the rest (docs/estimators.md, "Error bars and intervals").
+SKEW_DOF = 0.6
+
 
 class Estimate(NamedTuple):
-    """A random estimate with its standard error.
+    """A random estimate with its standard error and confidence interval.
 
     Attributes
     ----------
     value
         The estimate (the sample mean over probes), an array of the input's
-        namespace and device (0-d for a scalar).
+        namespace and device (0-d for a scalar; a dict of arrays for blocks).
     std_error
         The standard error of ``value``, same shape: the sample standard deviation
         of the per-probe estimates divided by √num_probes. NaN when
         ``num_probes == 1`` (one sample has no sample variance).
     num_probes
         How many independent probes were averaged.
+    dof
+        The degrees of freedom of the variance estimate behind ``std_error``: a
+        number, or an array of the value's shape where it differs per entry (the
+        Welch–Satterthwaite dof of a sum over batches, see
+        ``fisherbound.estimators.Accumulator``). None means ``num_probes − 1``;
+        ``math.inf`` for a deterministic result (standard error 0).
+    floor
+        A number (or 0-d array) that every per-probe estimate is ≥, or None:
+        0 for sums of squares (the Fisher estimators' diagonal and trace,
+        Hutchinson's trace of a positive semidefinite matrix). Estimates bounded
+        below are right-skewed; ``interval`` corrects for it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> est = Estimate(np.array(10.0), np.array(1.0), 5)
+    >>> est.degrees_of_freedom
+    4
+    >>> low, high = est.interval()
+    >>> round(float(low), 3), round(float(high), 3)
+    (7.224, 12.776)
     """
 
     value: Array
     std_error: Array
     num_probes: int
+    dof: Any = None
+    floor: Any = None
+
+    @property
+    def degrees_of_freedom(self) -> Any:
+        """``dof``, or ``num_probes − 1`` when it is None."""
+        return self.num_probes - 1 if self.dof is None else self.dof
+
+    def interval(self, level: float = 0.95) -> tuple[Array, Array]:
+        """The two-sided confidence interval ``(low, high)`` at ``level``.
+
+        Student t with the estimate's degrees of freedom d (``dof``): with
+        q = t_d((1 + level)/2),
+
+            low, high = value ∓ q · std_error,
+
+        which covers the truth with probability ``level`` for normal per-probe
+        estimates, also with few probes, where value ± 1.96 SE does not (1.96 is
+        q for d = ∞; d = 1 gives q = 12.7).
+
+        With a ``floor`` f (sums of squares: f = 0) the per-probe estimates are
+        right-skewed (a low value comes with a small standard error, and the
+        Student-t interval then ends below the truth). The interval is then
+        Student t on the cube-root scale of value − f (Wilson–Hilferty: the
+        cube root of a gamma variable is nearly normal): with
+        c = SE / (value − f),
+
+            low = f + (value − f) / (1 − c²/9 + q c/3)³,
+            high = f + (value − f) / (1 − c²/9 − q c/3)³,
+
+        ``high = inf`` when the bracket is ≤ 0 (few probes with a large relative
+        error cannot bound the value from above), and q = t_d' with
+        d' = d / (1 + 0.6 d c²) (``SKEW_DOF``): the variance of skewed samples
+        is less certain than d says. For small c this is value ∓ q · SE.
+
+        Rounding: the half-widths are at least ``ROUNDING_ULPS`` (256) units in
+        the last place of ``|value|``, so an entry whose probes all agree
+        (standard error 0: exact up to rounding) still covers the exactly
+        computed value. NaN where the standard error is NaN (one probe).
+
+        Parameters
+        ----------
+        level
+            The confidence level, 0 < level < 1.
+
+        Returns
+        -------
+        tuple
+            ``(low, high)``, arrays of the value's shape, namespace and device
+            (dicts of them for a dict value).
+
+        Notes
+        -----
+        The Student-t quantiles are computed on the host
+        (``scipy.special.stdtrit``, which takes non-integer d); an array ``dof``
+        (and, with a floor, c) is copied there, so call it outside traced (JAX
+        ``jit``) code. docs/estimators.md gives the coverage measured for every
+        estimator.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> est = Estimate(np.array([2.0, 3.0]), np.array([0.5, 0.0]), 2)
+        >>> low, high = est.interval()
+        >>> low.round(3).tolist(), high.round(3).tolist()
+        ([-4.353, 3.0], [8.353, 3.0])
+        >>> est = Estimate(np.array(2.0), np.array(0.5), 10, floor=0.0)
+        >>> [round(float(b), 3) for b in est.interval()]
+        [1.182, 3.99]
+        """
+        if isinstance(level, bool) or not isinstance(level, int | float):
+            msg = f"level must be a number between 0 and 1; got {type(level).__name__}."
+            raise TypeError(msg)
+        if not 0.0 < float(level) < 1.0:
+            msg = (
+                "level must lie strictly between 0 and 1 (e.g. 0.95 for a 95% interval); "
+                f"got {level!r}."
+            )
+            raise ValueError(msg)
+        p = (1.0 + float(level)) / 2.0
+        dof = self.degrees_of_freedom
+        if isinstance(self.value, dict):
+            pairs = {
+                k: _interval(
+                    v,
+                    self.std_error[k],
+                    dof[k] if isinstance(dof, dict) else dof,
+                    p,
+                    self.floor[k] if isinstance(self.floor, dict) else self.floor,
+                )
+                for k, v in self.value.items()
+            }
+            return {k: lo for k, (lo, _) in pairs.items()}, {k: hi for k, (_, hi) in pairs.items()}
+        return _interval(self.value, self.std_error, dof, p, self.floor)
 
 
-def estimate_from_samples(samples: Array, xp: Any) -> Estimate:
+def _quantile(dof: Any, c: Any, p: float, like: Array, xp: Any) -> Any:
+    """t_d'(p) with d' = d / (1 + SKEW_DOF · d · c²) (c None: d' = d).
+
+    A float for a scalar dof without c, else an array like ``like`` (on its
+    device); NaN where d' is not positive.
+    """
+    from scipy.special import stdtrit
+
+    from fisherbound._lib._namespace import device_of, to_host
+
+    if c is None and isinstance(dof, int | float):
+        d = float(dof)
+        return float(stdtrit(d, p)) if d > 0.0 else math.nan
+    import numpy as np
+
+    dofs = np.asarray(to_host(dof) if not isinstance(dof, int | float) else dof, dtype=np.float64)
+    if c is not None:
+        c2 = np.asarray(to_host(c), dtype=np.float64) ** 2
+        with np.errstate(invalid="ignore"):
+            dofs = np.where(np.isinf(dofs), dofs, dofs / (1.0 + SKEW_DOF * dofs * c2))
+    ok = dofs > 0.0
+    q = np.where(ok, stdtrit(np.where(ok, dofs, 1.0), p), np.nan)
+    return xp.asarray(q, dtype=like.dtype, device=device_of(like))
+
+
+def _interval(value: Array, se: Array, dof: Any, p: float, floor: Any) -> tuple[Array, Array]:
+    """(low, high) of one array: see ``Estimate.interval``."""
+    from fisherbound._lib._namespace import array_namespace
+
+    xp = array_namespace(value, se, names=("value", "std_error"))
+    if tuple(value.shape) != tuple(se.shape):
+        msg = (
+            "interval needs value and std_error of one shape; got value "
+            f"{tuple(value.shape)} and std_error {tuple(se.shape)} (a what='full' estimate's "
+            "value is a factor V with F̂ = VᵀV, and its std_error belongs to the diagonal "
+            "of VᵀV: compute that diagonal, xp.sum(V * V, axis=0), for its interval)."
+        )
+        raise ValueError(msg)
+    zero = xp.zeros_like(se)
+    rounding = (ROUNDING_ULPS * xp.finfo(value.dtype).eps) * xp.abs(value)
+    if floor is None:
+        q = _quantile(dof, None, p, value, xp)
+        # A standard error of 0 is an exact entry, whatever its dof (0 · t_d is 0,
+        # even where d is 0 or NaN); a NaN standard error stays NaN.
+        half = xp.maximum(xp.where(se == 0, zero, q * se), rounding)
+        return value - half, value + half
+    shift = value - floor
+    positive = (shift > 0) & (se > 0)
+    one = xp.ones_like(value)
+    safe = xp.where(positive, shift, one)
+    c = xp.where(positive, se, zero) / safe
+    q = _quantile(dof, c, p, value, xp)
+    half = xp.maximum(xp.where(se == 0, zero, q * se), rounding)
+    centre = 1.0 - c * c / 9.0
+    spread = q * c / 3.0
+    up = centre - spread
+    low = floor + safe / (centre + spread) ** 3
+    high = xp.where(up > 0, floor + safe / xp.where(up > 0, up, one) ** 3, xp.inf)
+    low = xp.where(positive, xp.minimum(low, value - rounding), value - half)
+    high = xp.where(positive, xp.maximum(high, value + rounding), value + half)
+    return low, high
+
+
+def estimate_from_samples(samples: Array, xp: Any, *, floor: Any = None) -> Estimate:
     """Mean and standard error over the leading axis of ``samples`` (M, ...).
 
     The standard error is s / √M with the unbiased sample variance s²; NaN for M = 1.
+    Its degrees of freedom are M − 1. ``floor``: a bound below every sample, if
+    known (0 for squares; see ``Estimate``).
     """
     m = int(samples.shape[0])
     mean = xp.mean(samples, axis=0)
@@ -45,7 +242,7 @@ def estimate_from_samples(samples: Array, xp: Any) -> Estimate:
         se = xp.sqrt(variance_of_mean(samples, mean, m, xp))
     else:
         se = xp.full_like(mean, float("nan"))
-    return Estimate(mean, se, m)
+    return Estimate(mean, se, m, m - 1, floor)
 
 
 def variance_of_mean(s: Array, mu: Array, m: int, xp: Any) -> Array:
@@ -65,6 +262,8 @@ class MeanVariance:
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
+        #: A bound below every sample, if known (see ``Estimate.floor``).
+        self.floor: Any = None
         self.count = 0
         self.mean: Array = None
         self.m2: Array = None
@@ -90,4 +289,4 @@ class MeanVariance:
             se = xp.sqrt(self.m2 / ((m - 1) * m))
         else:
             se = xp.full_like(self.mean, float("nan"))
-        return Estimate(self.mean, se, m)
+        return Estimate(self.mean, se, m, m - 1, self.floor)

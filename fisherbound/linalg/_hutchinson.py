@@ -48,6 +48,7 @@ def _hutchinson(
 ) -> Estimate:
     n = int(op.shape[0])
     acc = MeanVariance(xp)
+    negative: Any = None  # whether some trace sample was < 0 (one host read at the end)
     left = num_probes
     while left > 0:
         b = min(batch_size, left)
@@ -56,8 +57,18 @@ def _hutchinson(
             probes(gen, (b, n), distribution=distribution, xp=xp, dtype=op.dtype, device=op.device)
         )
         prod = V * op.matmat(V)
-        acc.add(xp.matrix_transpose(prod) if diagonal else xp.sum(prod, axis=0))
+        if diagonal:
+            acc.add(xp.matrix_transpose(prod))
+        else:
+            samples = xp.sum(prod, axis=0)
+            below = xp.any(samples < 0)
+            negative = below if negative is None else negative | below
+            acc.add(samples)
         left -= b
+    # Trace samples vᵀAv that are all ≥ 0 (always, for a PSD A) are right-skewed
+    # sums of squares: their interval is taken on the cube-root scale.
+    if negative is not None and not bool(negative):
+        acc.floor = 0.0
     return acc.estimate()
 
 
@@ -78,7 +89,11 @@ def hutchinson_trace(
     Variance of one sample (A symmetric): Rademacher
     ``2 (‖A‖_F² − Σ_i a_ii²)`` (zero for a diagonal A: the estimate is then exact),
     Gaussian ``2 ‖A‖_F²``. The reported ``std_error`` is the sample standard
-    deviation of the M per-probe values divided by √M (NaN for M = 1).
+    deviation of the M per-probe values divided by √M (NaN for M = 1), with
+    M − 1 degrees of freedom (``dof``). When every per-probe value is ≥ 0 (always,
+    for a positive semidefinite A) the estimate has ``floor`` 0 and its
+    ``interval`` is Student t on the cube-root scale, which allows for the right
+    skew of such sums (``fisherbound.Estimate.interval``); otherwise Student t.
 
     Parameters
     ----------
@@ -100,8 +115,9 @@ def hutchinson_trace(
     Returns
     -------
     Estimate
-        0-d ``value`` and ``std_error`` in A's namespace, dtype and device, and
-        ``num_probes``.
+        0-d ``value`` and ``std_error`` in A's namespace, dtype and device,
+        ``num_probes``, ``dof`` M − 1 and ``floor``; ``est.interval(0.95)``
+        is the 95% confidence interval.
 
     Notes
     -----
@@ -137,7 +153,9 @@ def hutchinson_diagonal(
 
     Variance of one sample, entry i: Rademacher ``Σ_{j≠i} a_ij²`` (zero for a
     diagonal A), Gaussian ``a_ii² + Σ_j a_ij²`` (A symmetric). ``std_error`` is
-    the per-entry sample standard deviation over probes divided by √M.
+    the per-entry sample standard deviation over probes divided by √M, with
+    M − 1 degrees of freedom: ``est.interval(0.95)`` is the Student-t interval
+    (the Rademacher samples a_ii + v_i Σ_{j≠i} a_ij v_j are symmetric about a_ii).
 
     Parameters
     ----------
@@ -179,8 +197,12 @@ def _hutchpp(xp: Any, op: Any, *, num_probes: int, distribution: str, gen: Any) 
     low_rank = xp.sum(Q * op.matmat(Q))
     G = xp.matrix_transpose(probes(gen, (g, n), **kw))
     PG = G - Q @ (xp.matrix_transpose(Q) @ G)
-    residual = estimate_from_samples(xp.sum(PG * op.matmat(PG), axis=0), xp)
-    return Estimate(low_rank + residual.value, residual.std_error, num_probes)
+    samples = xp.sum(PG * op.matmat(PG), axis=0)
+    residual = estimate_from_samples(samples, xp)
+    # The error is the residual's: g probes, g − 1 degrees of freedom. Residual
+    # samples all ≥ 0 (always, for a PSD A) make every per-probe estimate ≥ tr(QᵀAQ).
+    floor = low_rank if not bool(xp.any(samples < 0)) else None
+    return Estimate(low_rank + residual.value, residual.std_error, num_probes, g - 1, floor)
 
 
 def hutchpp_trace(
@@ -203,7 +225,10 @@ def hutchpp_trace(
     1/M instead of 1/√M for matrices with decaying spectra (a PSD A has relative
     error O(1/M)); it is exact when rank A ≤ s. ``std_error`` is the residual
     Hutchinson part's sample standard deviation over √g (NaN when g = 1), i.e.
-    conditional on the sketch.
+    conditional on the sketch, with g − 1 degrees of freedom (``dof``). When the
+    residual samples are all ≥ 0 (always, for a PSD A) the estimate's ``floor``
+    is tr(QᵀAQ) and ``est.interval(0.95)`` allows for their right skew
+    (``fisherbound.Estimate.interval``); otherwise it is Student t.
 
     Parameters
     ----------
@@ -217,7 +242,7 @@ def hutchpp_trace(
     Returns
     -------
     Estimate
-        0-d ``value`` and ``std_error``; ``num_probes`` is M.
+        0-d ``value`` and ``std_error``; ``num_probes`` is M, ``dof`` g − 1.
 
     Notes
     -----

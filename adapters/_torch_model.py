@@ -633,6 +633,8 @@ class FunctionalModel:
                 raise
             except RuntimeError as err:
                 raise call_error(err, inputs, self._param_dtype) from err
+            except TypeError as err:  # the call's signature: how the inputs were passed
+                raise signature_error(err, inputs) from err
         out = select_output(raw, self._spec.output)
         if check is not None:
             check(out)
@@ -712,6 +714,19 @@ def call_error(err: RuntimeError, inputs: Inputs, dtype: torch.dtype) -> Excepti
         f"model(inputs) raised {type(err).__name__} on inputs {seen}: {err}. Check that "
         "the inputs have the shape the model expects (e.g. the width of its first layer)."
     )
+
+
+def signature_error(err: TypeError, inputs: Inputs) -> TypeError:
+    """A TypeError saying how inputs are passed, for a model that cannot take them."""
+    parts = [f"{len(inputs.args)} positional"] if inputs.args else []
+    parts += [f"keywords {sorted(inputs.kwargs)}"] if inputs.kwargs else []
+    msg = (
+        f"model(inputs) raised TypeError with {' and '.join(parts)} input tensor(s): {err}. "
+        "A tensor is passed as model(x), a tuple or list of tensors as positional "
+        "arguments model(x1, x2, ...), a dict as keyword arguments model(**inputs); pass "
+        "the inputs the model's forward takes."
+    )
+    return TypeError(msg)
 
 
 def check_output_tensor(out: object, spec: OutputSpec, dtype: torch.dtype, what: str) -> None:

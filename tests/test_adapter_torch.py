@@ -1005,3 +1005,16 @@ def test_half_precision_is_refused(dtype: torch.dtype) -> None:
     model = torch.nn.Linear(3, 2).to(dtype)
     with pytest.raises(TypeError, match=rf"'weight' must be float32 or float64; got {dtype}\."):
         linearize(model, torch.ones(4, 3, dtype=dtype))
+
+
+def test_inputs_passed_the_wrong_way_get_a_house_error() -> None:
+    model = nn.Linear(3, 2).double()
+    pair = (torch.ones(4, 3, dtype=torch.float64), torch.ones(4, 3, dtype=torch.float64))
+    with pytest.raises(
+        TypeError,
+        match=r"model\(inputs\) raised TypeError with 2 positional input tensor\(s\): .* a "
+        r"tuple or list of tensors as positional arguments model\(x1, x2, \.\.\.\)",
+    ):
+        linearize(model, pair)
+    with pytest.raises(TypeError, match=r"with keywords \['z'\] input tensor\(s\)"):
+        loss_function(model, {"z": pair[0]}, torch.zeros(4, dtype=torch.int64))

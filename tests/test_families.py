@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -706,3 +707,71 @@ def test_families_are_small_stateless_values() -> None:
     z = np.log(np.array([0.7, 0.2, 0.1]))
     np.testing.assert_allclose(CAT.probabilities(z), [0.7, 0.2, 0.1])
     np.testing.assert_allclose(Bernoulli().probabilities(np.zeros(2)), [0.5, 0.5])
+
+
+# ------------------------------------------ non-finite operands and overflow (issue 15)
+@pytest.mark.parametrize("method", ["metric_matvec", "sqrt_metric_matvec", "fourth_moment"])
+@pytest.mark.parametrize("family", FAMILIES, ids=repr)
+def test_non_finite_vector_operands_are_refused(backend, family, method) -> None:
+    z = backend.asarray([[0.3, -0.2, 0.1], [1.0, 0.0, -1.0]])
+    v = backend.asarray([[1.0, np.nan, 0.0], [0.0, 1.0, np.inf]])
+    name = {"metric_matvec": "v", "sqrt_metric_matvec": "xi", "fourth_moment": "a"}[method]
+    with pytest.raises(
+        ValueError, match=rf"^{name} must be finite; got NaN and inf in rows \[0, 1\]"
+    ):
+        getattr(family, method)(z, v)
+
+
+def _f32(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("family", "call", "what"),
+    [
+        # −½‖y − z‖² of a float32 target 1e30 away overflows to −inf.
+        (
+            Gaussian(),
+            lambda f: f.log_likelihood(_f32(0.5, -0.5), _f32(1e30, 0.0)),
+            "log_likelihood",
+        ),
+        # a⁴ of a = 1e10 is 1e40 > 3.4e38.
+        (Gaussian(), lambda f: f.fourth_moment(_f32(0.5, -0.5), _f32(1e10, 0.0)), "fourth_moment"),
+        (
+            Categorical(),
+            lambda f: f.fourth_moment(_f32(0.5, -0.5), _f32(1e10, -1e10)),
+            "fourth_moment",
+        ),
+        # log p = z − logsumexp(z) of z = ±3e38 is −6e38: −inf in float32.
+        (
+            Categorical(),
+            lambda f: f.log_pseudo_determinant(_f32(3e38, -3e38)),
+            "log_pseudo_determinant",
+        ),
+        # σ(1 − σ) v of v = 3e38 stays finite: no error.
+        (Bernoulli(), lambda f: f.metric_matvec(_f32(0.5, -0.5), _f32(3e38, 3e38)), None),
+    ],
+)
+def test_overflow_from_finite_inputs_is_named(family, call, what) -> None:
+    """Finite float32 inputs whose result overflows: a ValueError, never a silent inf."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if what is None:
+            assert np.all(np.isfinite(call(family)))
+            return
+        match = (
+            rf"^{re.escape(repr(family))}\.{what}\(.*\) must be finite; got NaN or inf .*from "
+            r"finite inputs \(largest \|z\| = .*\): an intermediate overflowed float32 "
+            r"\(largest finite value 3\.4e\+38\)\. Rescale the inputs, or compute in float64"
+        )
+        with pytest.raises(ValueError, match=match):
+            call(family)
+
+
+def test_overflow_check_passes_finite_results_and_traced_values() -> None:
+    from fisherbound.families._checks import check_result
+
+    z = np.array([1e30, 1.0], dtype=np.float32)
+    assert check_result(z, "x", np, {"z": z}) is z
+    jax = pytest.importorskip("jax")
+    out = jax.jit(lambda z: Gaussian().unchecked_log_likelihood(z, z + 1e30, xp=jax.numpy))(z)
+    assert not np.isfinite(float(out))  # the unchecked surface stays unchecked

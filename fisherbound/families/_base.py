@@ -11,7 +11,7 @@ from fisherbound._lib import (
     check_positive_int,
     device_of,
 )
-from fisherbound.families._checks import check_vector
+from fisherbound.families._checks import check_result, check_vector
 
 Array = Any
 
@@ -132,7 +132,8 @@ class Family:
         """
         xp = self._check_z(z)
         self._check_labels(z, y, xp)
-        return self._log_likelihood(z, y, xp)
+        out = self._log_likelihood(z, y, xp)
+        return check_result(out, f"{self!r}.log_likelihood(z, y)", xp, {"z": z, "y": y})
 
     def score(self, z: Array, y: Array, /) -> Array:
         """The score ∂ log p(y | z) / ∂z = t(y) − E t(y), shape (..., C).
@@ -142,7 +143,8 @@ class Family:
         """
         xp = self._check_z(z)
         self._check_labels(z, y, xp)
-        return self._score(z, y, xp)
+        out = self._score(z, y, xp)
+        return check_result(out, f"{self!r}.score(z, y)", xp, {"z": z, "y": y})
 
     def check_labels(self, z: Array, y: Array, /) -> None:
         """Validate labels ``y`` for logits ``z`` (dtype, shape, range); raise if invalid.
@@ -176,7 +178,7 @@ class Family:
         lead: tuple[int, ...] = ()
         if num_samples is not None:
             lead = (check_positive_int(num_samples, "num_samples"),)
-        return self._sample(z, gen, lead, xp)
+        return check_result(self._sample(z, gen, lead, xp), f"{self!r}.sample(z)", xp, {"z": z})
 
     # ---------------------------------------------------------------- kernels
     def metric(self, z: Array, /, *, kernel: str = "exact") -> Array:
@@ -225,7 +227,8 @@ class Family:
         self._check_z(z)
         kernel = check_choice(kernel, "kernel", KERNELS)
         xp, z, v = check_vector(z, v, "v", int(z.shape[-1]), "the number of classes of z")
-        return self._metric_matvec(z, v, kernel, xp)
+        out = self._metric_matvec(z, v, kernel, xp)
+        return check_result(out, f"{self!r}.metric_matvec(z, v)", xp, {"z": z, "v": v})
 
     def upper_kernel_matvec(self, z: Array, v: Array, /) -> Array:
         """``metric_matvec(z, v, kernel="upper")``."""
@@ -285,7 +288,8 @@ class Family:
         r = 1 if kernel == "lower" else c
         what = f"sqrt_rank(C={c}, kernel={kernel!r})"
         xp, z, xi = check_vector(z, xi, "xi", r, what)
-        return self._sqrt_metric_matvec(z, xi, kernel, xp)
+        out = self._sqrt_metric_matvec(z, xi, kernel, xp)
+        return check_result(out, f"{self!r}.sqrt_metric_matvec(z, xi)", xp, {"z": z, "xi": xi})
 
     # --------------------------------------------------------------- spectrum
     def eigvalsh(self, z: Array, /) -> Array:
@@ -345,7 +349,8 @@ class Family:
         to 0 for large C; use ``log_pseudo_determinant`` there.
         """
         xp = self._check_z(z)
-        return xp.exp(self._log_pseudo_determinant(z, xp))
+        out = xp.exp(self._log_pseudo_determinant(z, xp))
+        return check_result(out, f"{self!r}.pseudo_determinant(z)", xp, {"z": z})
 
     def log_pseudo_determinant(self, z: Array, /) -> Array:
         """The logarithm of ``pseudo_determinant`` from the logits, shape (...), no underflow.
@@ -354,7 +359,8 @@ class Family:
         Σ_c [log σ(z_c) + log σ(−z_c)]; Gaussian: 0.
         """
         xp = self._check_z(z)
-        return self._log_pseudo_determinant(z, xp)
+        out = self._log_pseudo_determinant(z, xp)
+        return check_result(out, f"{self!r}.log_pseudo_determinant(z)", xp, {"z": z})
 
     # ---------------------------------------------------------------- moments
     def fourth_moment(self, z: Array, a: Array, /) -> Array:
@@ -376,7 +382,8 @@ class Family:
         """
         self._check_z(z)
         xp, z, a = check_vector(z, a, "a", int(z.shape[-1]), "the number of classes of z")
-        return self._fourth_moment(z, a, xp)
+        out = self._fourth_moment(z, a, xp)
+        return check_result(out, f"{self!r}.fourth_moment(z, a)", xp, {"z": z, "a": a})
 
     # ------------------------------------------- the unchecked kernel surface
     # What adapters call inside compiled, traced or vmapped code (jax.jit, torch.func),

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from fisherbound._lib import array_namespace, check_floating, device_of, first_indices
+from fisherbound._lib import (
+    array_namespace,
+    check_finite,
+    check_floating,
+    device_of,
+    first_indices,
+    is_traced,
+)
 
 Array = Any
 
@@ -49,6 +57,7 @@ def check_vector(z: Array, v: Array, name: str, size: int, what: str) -> tuple[A
         )
         raise ValueError(msg)
     check_same_device(z, v, name)
+    check_finite(v, name, xp=xp)
     dtype = xp.result_type(z.dtype, v.dtype)
     return xp, xp.astype(z, dtype, copy=False), xp.astype(v, dtype, copy=False)
 
@@ -81,3 +90,30 @@ def check_label_array(z: Array, y: Array, *, kind: str, shape: tuple[int, ...]) 
 def bad_positions(mask: Array, xp: Any) -> list[int]:
     """Flattened positions of the first True entries of ``mask``."""
     return first_indices(xp.reshape(mask, (-1,)), xp)
+
+
+def check_result(out: Array, what: str, xp: Any, inputs: dict[str, Array]) -> Array:
+    """``out`` if it is finite, else a ValueError: finite ``inputs`` overflowed in their dtype.
+
+    The fronts check their inputs finite first, so a NaN or inf here comes from an
+    intermediate beyond the dtype's range (a square of 1e20 in float32, a sum of two
+    entries near its maximum). One reduction and one host read per call; traced
+    values (JAX jit) pass.
+    """
+    if is_traced(out) or bool(xp.all(xp.isfinite(out))):
+        return out
+    bad = ~xp.isfinite(out)
+    where = f" at positions {bad_positions(bad, xp)} (flattened)" if out.ndim else ""
+    largest = ", ".join(
+        f"largest |{name}| = {float(xp.max(xp.abs(x))):.3g}"
+        for name, x in inputs.items()
+        if math.prod(x.shape) > 0
+    )
+    limit = float(xp.finfo(out.dtype).max)
+    wider = "" if out.dtype == xp.float64 else ", or compute in float64 (xp.astype(z, xp.float64))"
+    msg = (
+        f"{what} must be finite; got NaN or inf{where} from finite inputs ({largest}): an "
+        f"intermediate overflowed {out.dtype} (largest finite value {limit:.3g}). Rescale "
+        f"the inputs{wider}."
+    )
+    raise ValueError(msg)

@@ -253,12 +253,13 @@ def check_parameters_finite(named: list[tuple[str, Array]]) -> None:
     if not named or any(is_traced(p) for _, p in named):
         return
     xp = array_namespace(*(p for _, p in named), names=tuple(n for n, _ in named))
-    flags = to_host(xp.stack([sum_is_finite(p, xp) for _, p in named]))
-    if flags.all():
+    total = None
+    for _, p in named:  # one host read: the sum of the sums (finite iff each is)
+        total = xp.sum(p) if total is None else total + xp.sum(p)
+    if bool(sum_is_finite(total, xp)):
         return
-    bad = [name for (name, p), ok in zip(named, flags, strict=True) if not ok]
-    bad = [name for name, p in named if name in bad and not bool(xp.all(xp.isfinite(p)))]
-    if not bad:
+    bad = [name for name, p in named if not bool(xp.all(xp.isfinite(p)))]
+    if not bad:  # finite entries whose sums overflowed
         return
     msg = (
         f"parameters must be finite; got NaN or inf in {bad}. A model with a non-finite "

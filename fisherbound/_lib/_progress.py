@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def _terminal() -> bool:
+    """Whether standard error is a terminal (where tqdm would draw a bar)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
 
 
 def progress_bar(iterable: Iterable[T], *, desc: str, progress: bool | None) -> Iterator[T]:
@@ -22,7 +32,10 @@ def progress_bar(iterable: Iterable[T], *, desc: str, progress: bool | None) -> 
             f"seconds); got {type(progress).__name__} {progress!r}."
         )
         raise TypeError(msg)
-    if progress is False or importlib.util.find_spec("tqdm") is None:
+    if progress is False or (progress is None and not _terminal()):
+        yield from iterable  # no bar: not even a hidden one (tqdm costs ~0.4 ms to build)
+        return
+    if importlib.util.find_spec("tqdm") is None:
         yield from iterable
         return
     from tqdm.auto import tqdm

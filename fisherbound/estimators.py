@@ -242,14 +242,14 @@ def _run(
             if lin is None:
                 break
             error, dof = state.trace_error(lin.xp)
-            if target_reached(error, dof, target):
+            if _target_reached(error, dof, target):
                 reached = True
                 break
             continue
         # Lockstep: the trace estimate over all ranks, and whether any rank went on.
         value, variance, welch, active = coll.sum_floats(state.global_trace_terms(lin is not None))
         error, dof = _error_and_dof(value, variance, welch)
-        if target_reached(error, dof, target):
+        if _target_reached(error, dof, target):
             reached = True
             break
         if active == 0.0:
@@ -275,13 +275,13 @@ def _error_and_dof(value: float, variance: float, welch: float) -> tuple[float, 
     return error, dof
 
 
-def target_reached(error: float, dof: float, target: float) -> bool:
+def _target_reached(error: float, dof: float, target: float) -> bool:
     """The stopping rule of ``target_relative_error``, for the trace estimate.
 
     True when the variance estimate has at least ``MIN_TARGET_DOF`` (10) degrees
     of freedom d and the relative standard error, scaled by the Student-t quantile
     t_d(0.975)/1.96, is at most the target: the 95% interval (``Estimate.interval``)
-    is then no wider than ±1.96 · target · |value|.
+    is then no wider than value · (1 ± 1.96 · target).
     """
     if not dof >= MIN_TARGET_DOF or not error >= 0.0:
         return False
@@ -490,10 +490,11 @@ def detach_and_mix(
         Stop streaming batches once the relative standard error of the TRACE
         estimate, SE(tr F̂)/tr F̂, can be trusted to be at or below this (checked
         after every batch; needs ``num_probes >= 2``): its variance estimate has at
-        least ``MIN_TARGET_DOF`` = 10 degrees of freedom d (11 probes in one batch
-        or round; about 10 batches or rounds of 2 probes: the Welch–Satterthwaite
-        dof of ``Accumulator``) and SE/|tr F̂| · t_d(0.975)/1.96 ≤ target, so that
-        the 95% interval is within ±1.96 · target · |tr F̂|. Two probes that happen
+        least ``MIN_TARGET_DOF`` = 10 degrees of freedom d (11 probes in one batch,
+        or in the rounds on one linearization; over batches the Welch–Satterthwaite
+        dof of ``Accumulator``, at most Σ_b (M − 1), so at least 10 batches of 2
+        probes) and (SE / tr F̂) · t_d(0.975)/1.96 ≤ target, so that
+        the 95% interval lies within tr F̂ · (1 ± 1.96 · target). Two probes that happen
         to agree no longer stop the loop. The estimate then covers the batches consumed:
         use ``reduction="mean"`` to estimate the data set's mean Fisher from a
         prefix. With a single linearization, rounds of ``num_probes`` new probes

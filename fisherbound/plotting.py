@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fisherbound._lib import check_choice, check_positive_int, is_array, to_host
+from fisherbound._lib import Estimate, check_choice, check_positive_int, is_array, to_host
 
 Array = Any
 
@@ -252,13 +252,19 @@ def plot_spectral_density(
     *,
     grid: Array | None = None,
     std_error: Array | None = None,
+    num_probes: int | None = None,
     markers: Any = None,
     log: bool = False,
     ax: Any = None,
     title: str | None = None,
     xlabel: str = "eigenvalue",
 ) -> Any:
-    """A spectral density with its ±2 standard-error band.
+    """A spectral density with its pointwise 95% confidence band.
+
+    The band is the Student-t interval over the M probes (``Estimate.interval``
+    with M − 1 degrees of freedom; the per-probe densities are ≥ 0, so on the
+    cube-root scale). When M is unknown (a bare ``std_error`` without
+    ``num_probes``) it is ±2 standard errors, labelled so.
 
     Parameters
     ----------
@@ -269,6 +275,9 @@ def plot_spectral_density(
     grid, std_error
         When ``density`` is an array: the points (same length) and, optionally, the
         pointwise standard error.
+    num_probes
+        M, the probes the density averages (default: ``density.num_probes``, or
+        the rows of ``density.nodes`` of a ``SpectralDensity``).
     markers
         Eigenvalues to mark with vertical dashed lines (e.g. the extreme Hessian
         eigenvalues of ``hessian_directions``): an array or a list of numbers.
@@ -286,6 +295,11 @@ def plot_spectral_density(
     if hasattr(density, "grid") and hasattr(density, "density"):
         grid = density.grid
         std_error = getattr(density, "std_error", None)
+        if num_probes is None:
+            num_probes = getattr(density, "num_probes", None)
+        nodes = getattr(density, "nodes", None)
+        if num_probes is None and nodes is not None and len(getattr(nodes, "shape", ())) == 2:
+            num_probes = int(nodes.shape[0])
         density = density.density
     if grid is None:
         msg = (
@@ -312,10 +326,16 @@ def plot_spectral_density(
     shown = np.maximum(phi, floor) if log else phi
     ax.plot(t, shown, color="C0", label="density")
     if se is not None:
-        lo, hi = phi - 2.0 * se, phi + 2.0 * se
+        if num_probes is None:
+            lo, hi, label = phi - 2.0 * se, phi + 2.0 * se, "±2 standard errors"
+        else:
+            m = check_positive_int(num_probes, "num_probes")
+            lo, hi = Estimate(phi, se, m, floor=0.0).interval(0.95)
+            hi = np.where(np.isfinite(hi), hi, np.max(np.abs(phi)) * 2.0)
+            label = f"95% interval ({m} probes)"
         if log:
             lo, hi = np.maximum(lo, floor), np.maximum(hi, floor)
-        ax.fill_between(t, lo, hi, color="C0", alpha=0.25, label="±2 standard errors")
+        ax.fill_between(t, lo, hi, color="C0", alpha=0.25, label=label)
     if markers is not None:
         values = _host(markers, "markers") if is_array(markers) else np.asarray(markers, float)
         for i, v in enumerate(np.ravel(values)):
@@ -370,7 +390,8 @@ def plot_fisher_diagonal(
     exact value) and, for large blocks, thinned to ``max_points_per_block`` evenly
     spaced ranks. Drawn: the exact diagonal (dots), the certified bounds
     ``diag F_LR ≤ diag F ≤ diag F_DG`` (a shaded band between the two curves) and
-    a random estimate with ±2 standard-error bars.
+    a random estimate with its 95% confidence intervals (``estimate.interval(0.95)``:
+    Student t with the estimate's degrees of freedom, see ``fisherbound.Estimate``).
 
     Parameters
     ----------
@@ -382,7 +403,9 @@ def plot_fisher_diagonal(
         ``(lower, upper)`` (D,) each, e.g. ``fisherbound.fisher.fisher_bounds(lin)``.
     estimate
         An ``Estimate`` with ``value`` and ``std_error`` (D,), e.g.
-        ``fisherbound.estimators.detach_and_mix(lin, num_probes=16)``.
+        ``fisherbound.estimators.detach_and_mix(lin, num_probes=16)``; its
+        ``interval(0.95)`` gives the error bars (an unbounded upper end is drawn
+        to the top of the axes).
     max_points_per_block
         Entries shown per block.
     log
@@ -409,7 +432,7 @@ def plot_fisher_diagonal(
     )
     ax = fig.add_subplot() if ax is None else ax
     # The log axis starts a decade below the smallest positive value shown.
-    values = np.concatenate([v for k, v in series.items() if k != "std_error"])
+    values = np.concatenate([v for k, v in series.items() if k not in ("std_error", "low", "high")])
     positive = values[values > 0]
     floor = 0.1 * float(np.min(positive)) if positive.size else 1e-12
     _draw_diagonal(ax, series, order, floor, log)
@@ -457,6 +480,13 @@ def _diagonal_series(blocks: list[Any], exact: Any, bounds: Any, estimate: Any) 
             raise TypeError(msg)
         series["estimate"] = _host(estimate.value, "estimate.value")
         series["std_error"] = _host(estimate.std_error, "estimate.std_error")
+        if hasattr(estimate, "interval"):
+            low, high = estimate.interval(0.95)
+        else:  # value and std_error alone: M unknown, the normal interval
+            low = series["estimate"] - 1.959963984540054 * series["std_error"]
+            high = series["estimate"] + 1.959963984540054 * series["std_error"]
+        series["low"] = _host(low, "estimate.interval low")
+        series["high"] = _host(high, "estimate.interval high")
     if not series:
         msg = "nothing to plot: pass at least one of exact=, bounds=, estimate=."
         raise ValueError(msg)
@@ -494,7 +524,7 @@ def _block_order(
 
 
 def _draw_diagonal(ax: Any, series: dict[str, Any], order: Any, floor: float, log: bool) -> None:
-    """The band of the bounds, the estimate with ±2 SE bars and the exact dots."""
+    """The band of the bounds, the estimate with its 95% intervals and the exact dots."""
     import numpy as np
 
     x = np.arange(order.size)
@@ -513,18 +543,22 @@ def _draw_diagonal(ax: Any, series: dict[str, Any], order: Any, floor: float, lo
             label="bounds diag F_LR … diag F_DG",
         )
     if "estimate" in series:
-        est, se = series["estimate"][order], series["std_error"][order]
-        se = np.where(np.isfinite(se), se, 0.0)
-        below = shown(est) - np.maximum(est - 2.0 * se, floor) if log else 2.0 * se
+        est = series["estimate"][order]
+        low, high = series["low"][order], series["high"][order]
+        # NaN (one probe: no interval) draws no bar; an unbounded end reaches the top.
+        top = float(np.max(np.where(np.isfinite(high), high, est), initial=floor)) * 2.0
+        high = np.where(np.isnan(high), est, np.minimum(high, top))
+        low = np.where(np.isnan(low), est, low)
+        below = shown(est) - np.maximum(low, floor) if log else est - low
         ax.errorbar(
             x,
             shown(est),
-            yerr=[below, 2.0 * se],
+            yerr=[np.maximum(below, 0.0), np.maximum(high - est, 0.0)],
             fmt="none",
             ecolor="C1",
             elinewidth=0.6,
             alpha=0.7,
         )
-        ax.plot(x, shown(est), ".", color="C1", markersize=3, label="estimate ± 2 SE")
+        ax.plot(x, shown(est), ".", color="C1", markersize=3, label="estimate, 95% interval")
     if "exact" in series:
         ax.plot(x, shown(series["exact"][order]), ".", color="k", markersize=3, label="exact")

@@ -199,7 +199,7 @@ def test_report_estimates_carry_honest_error_bars(demo: Any) -> None:
     rows = {row["call"]: row for row in r["estimators"]["rows"]}
     assert rows["fisher_diagonal"]["relative_error"] == pytest.approx(0.0, abs=1e-12)
     assert rows["fisher_bounds"]["lower_relative_error"] > 0
-    assert rows["empirical"]["coverage_2se"] is None  # zero standard error: no claim
+    assert rows["empirical"]["coverage_95"] is None  # zero standard error: no claim
 
 
 def test_report_markdown_shows_the_numbers_and_figures(demo: Any) -> None:

@@ -173,6 +173,29 @@ def test_report_from_a_python_factory(factory_report: dict[str, Any], capsys: An
         assert math.isfinite(row["cost_gradient_steps"])
 
 
+def test_report_intervals_are_the_estimates_own(factory_report: dict[str, Any]) -> None:
+    """The 95% intervals in report.json: around the estimate, their coverage recomputed."""
+    fd = factory_report["fisher_diagonal"]
+    v = {k: np.asarray(x, dtype=float) for k, x in fd["values"].items()}
+    # JSON has no infinity: an unbounded upper end (few probes) is written as null.
+    v["interval_high"] = np.where(np.isnan(v["interval_high"]), np.inf, v["interval_high"])
+    assert np.all(v["interval_low"] <= v["estimate"])
+    assert np.all(v["estimate"] <= v["interval_high"])
+    random = np.isfinite(v["std_error"]) & (v["std_error"] > 0)
+    inside = (v["interval_low"] <= v["exact"]) & (v["exact"] <= v["interval_high"])
+    assert fd["coverage_95"] == pytest.approx(float(np.mean(inside[random])))
+    for row in fd["blocks"]:
+        low, high = row["estimate_trace_interval"]
+        assert low <= row["estimate_trace"] <= (math.inf if high is None else high)
+    # The razor's interval is half that of its log det, shifted by the exact terms.
+    rz = factory_report["dimension"]["razor"]
+    if "not_run" not in rz and rz["interval"] is not None:
+        shift = rz["value"] - rz["half_log_det"]
+        np.testing.assert_allclose(rz["interval"], np.add(rz["half_log_det_interval"], shift))
+    hvp = factory_report["landscape"]["trace"]["hvp"]
+    assert hvp["interval"][0] <= hvp["value"] <= hvp["interval"][1]
+
+
 def test_torchscript_file_gives_the_same_report(
     files: dict[str, Path], factory_report: dict[str, Any]
 ) -> None:
@@ -747,9 +770,9 @@ def test_the_loss_only_trace_is_shown_with_its_caveat() -> None:
     from fisherbound._report.landscape import LOSS_ONLY_CAVEAT
     from fisherbound._report.sections import trace_text
 
-    hvp = {"value": 2767.0, "std_error": 324.0}
+    hvp = {"value": 2767.0, "std_error": 324.0, "interval": [2001.0, 3533.0]}
     alone = trace_text({"num_probes": 8, "hvp": hvp, "loss_only": None})
-    assert "2767 ± 3.2e+02" in alone
+    assert "2767 ± 3.2e+02 (95% interval 2001 … 3533)" in alone
     assert "loss values" not in alone
     kinks = "loss_trace(method='loss'): the loss functions report kinked modules"
     lo = {"value": -6896.0, "std_error": 1240.0, "caveats": [LOSS_ONLY_CAVEAT, kinks]}
@@ -771,3 +794,12 @@ def test_the_loss_only_trace_records_the_kink_warning() -> None:
     assert "kinks" in out["reasons"]
     assert len(out["caveats"]) == 1 + len(out["reasons"])
     assert math.isfinite(out["value"])
+
+
+def test_intervals_are_shown_with_their_ends() -> None:
+    from fisherbound._report.sections import ci
+
+    assert ci(12.0, 1.5, [9.5, 14.25]) == "12 [9.5, 14.25]"
+    assert ci(12.0, 1.5, [9.5, math.inf]) == "12 [9.5, ∞]"  # few probes: no upper bound
+    assert ci(12.0, 0.0, [12.0, 12.0]) == "12"  # exact: no interval to show
+    assert ci(12.0, 1.5, None) == "12 ± 1.5"  # an older report.json without intervals

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fisherbound._report.diagonal import compare_estimators, diagonal_estimate, diagonal_numbers
-from fisherbound._report.hoststats import host
+from fisherbound._report.hoststats import host, interval
 from fisherbound._report.landscape import landscape as landscape_numbers
 from fisherbound._report.positions import REFUSALS, Positions, count, counted_rows, not_run
 from fisherbound._report.settings import Analysis, Settings
@@ -222,6 +222,7 @@ def run_diagonal(
         "upper": upper,
         "estimate": host(diag_est.value),
         "std_error": host(diag_est.std_error),
+        "interval": interval(diag_est),
     }
 
 

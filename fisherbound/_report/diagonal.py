@@ -16,9 +16,11 @@ from fisherbound._report.hoststats import (
     bracket_tolerance,
     coverage,
     host,
+    interval,
     mean_se,
     median_relative_se,
     relative_error,
+    samples_interval,
 )
 from fisherbound._report.settings import Settings
 from fisherbound._report.subjects import Subject
@@ -61,10 +63,16 @@ def diagonal_numbers(
     eps: float,
     cfg: Settings,
 ) -> dict[str, Any]:
-    """The ``fisher_diagonal`` section of report.json: block traces, errors, bounds."""
+    """The ``fisher_diagonal`` section of report.json: block traces, errors, bounds.
+
+    ``coverage_95``: the fraction of random entries whose 95% confidence interval
+    (``Estimate.interval``) holds the exact value; the block traces carry theirs
+    (``estimate_trace_interval``, from the per-probe block traces).
+    """
     import numpy as np
 
     est, se = host(diag_est.value), host(diag_est.std_error)
+    low, high = interval(diag_est)
     tol = bracket_tolerance(eps, lower, exact, upper)
     scale = np.abs(exact) + eps * np.max(np.abs(exact), initial=0.0) + 1e-300
     violation = np.maximum(lower - exact, exact - upper)
@@ -82,8 +90,9 @@ def diagonal_numbers(
                 "upper_trace": float(np.sum(upper[sl])),
                 "estimate_trace": value,
                 "estimate_trace_std_error": value_se,
+                "estimate_trace_interval": samples_interval(trace_samples[name]),
                 "relative_error": relative_error(est[sl], exact[sl]),
-                "coverage_2se": coverage(est[sl], se[sl], exact[sl]),
+                "coverage_95": coverage(low[sl], high[sl], se[sl], exact[sl]),
                 "bounds_hold": bool(np.all(violation[sl] <= tol[sl])),
             }
         )
@@ -95,7 +104,7 @@ def diagonal_numbers(
         "bounds_hold": bool(np.all(violation <= tol)),
         "max_relative_violation": max(0.0, float(np.max(violation / scale))),
         "relative_error": relative_error(est, exact),
-        "coverage_2se": coverage(est, se, exact),
+        "coverage_95": coverage(low, high, se, exact),
         "median_relative_std_error": median_relative_se(se, exact),
     }
     if exact.shape[0] <= MAX_JSON_PARAMS:
@@ -105,6 +114,8 @@ def diagonal_numbers(
             "upper": upper.tolist(),
             "estimate": est.tolist(),
             "std_error": se.tolist(),
+            "interval_low": low.tolist(),
+            "interval_high": high.tolist(),
         }
     return out
 
@@ -168,17 +179,20 @@ def estimator_errors(call: str, result: Any, exact: Any) -> dict[str, Any]:
             "lower_relative_error": relative_error(host(result[0]), exact),
             "upper_relative_error": relative_error(host(result[1]), exact),
             "trace_relative_error": None,
-            "coverage_2se": None,
+            "coverage_95": None,
             "median_relative_std_error": None,
         }
     exact_result = call == "fisher_diagonal"
     value = host(result if exact_result else result.value)
     se = None if exact_result else host(result.std_error)
+    covered = None
+    if se is not None:
+        covered = coverage(*interval(result), se, exact)
     return {
         "num_probes": None if exact_result else int(result.num_probes),
         "relative_error": relative_error(value, exact),
         "trace_relative_error": abs(float(value.sum() - exact.sum())) / float(exact.sum()),
-        "coverage_2se": None if se is None else coverage(value, se, exact),
+        "coverage_95": covered,
         "median_relative_std_error": None if se is None else median_relative_se(se, exact),
     }
 

@@ -73,7 +73,7 @@ def diagonal_figure(numbers: dict[str, Any], d: dict[str, Any], save: Any) -> No
     over = f"{numbers['analysed']['num_inputs']} inputs"
     if "positions" in numbers["analysed"]:
         over += f" and their {numbers['analysed']['positions']['counted']} counted positions"
-    est = EstimateView(d["estimate"], d["std_error"])
+    est = EstimateView(d["estimate"], d["std_error"], d["interval"])
     fig = plot_fisher_diagonal(
         d["blocks"],
         exact=d["exact"],
@@ -88,7 +88,8 @@ def diagonal_figure(numbers: dict[str, Any], d: dict[str, Any], save: Any) -> No
         "Fisher diagonal per block",
         "Exact diag F (black), the certified band diag F_LR … diag F_DG (green) and the "
         f"detach-and-mix estimate with {numbers['fisher_diagonal']['num_probes']} probes "
-        "± 2 standard errors (orange); entries sorted within each block.",
+        "and its 95% confidence intervals (orange; Student t, Estimate.interval); entries "
+        "sorted within each block.",
     )
 
 
@@ -110,8 +111,8 @@ def spectrum_with_density(spectrum: dict[str, Any], density: Any, save: Any) -> 
         "fisher_spectrum.png",
         "Top of the Fisher spectrum",
         "Left: the top eigenvalues of F_LR ⪯ F ⪯ F_DG (Lanczos). Right: the smoothed "
-        "spectral density of F by stochastic Lanczos quadrature (±2 SE), top three "
-        "eigenvalues marked.",
+        "spectral density of F by stochastic Lanczos quadrature with its pointwise 95% "
+        "intervals (Student t over the probes), top three eigenvalues marked.",
     )
 
 
@@ -134,17 +135,30 @@ def landscape_figure(land: dict[str, Any], save: Any) -> None:
 
 
 class EstimateView:
-    """An estimate's host arrays, in the shape ``plot_fisher_diagonal`` reads."""
+    """An estimate's host arrays, in the shape ``plot_fisher_diagonal`` reads.
 
-    def __init__(self, value: Any, std_error: Any) -> None:
-        self.value, self.std_error = value, std_error
+    ``bounds`` is its 95% interval ``(low, high)``, computed with the estimate.
+    """
+
+    def __init__(self, value: Any, std_error: Any, bounds: tuple[Any, Any]) -> None:
+        self.value, self.std_error, self.bounds = value, std_error, bounds
+
+    def interval(self, level: float = 0.95) -> tuple[Any, Any]:
+        if level != 0.95:
+            msg = f"the report keeps only the 95% interval; got level = {level!r}."
+            raise ValueError(msg)
+        return self.bounds
 
 
 class DensityView:
-    """A spectral density's host arrays, in the shape ``plot_spectral_density`` reads."""
+    """A spectral density's host arrays, in the shape ``plot_spectral_density`` reads.
 
-    def __init__(self, grid: Any, density: Any, std_error: Any) -> None:
+    ``num_probes`` sets the dof of its pointwise intervals.
+    """
+
+    def __init__(self, grid: Any, density: Any, std_error: Any, num_probes: int) -> None:
         self.grid, self.density, self.std_error = grid, density, std_error
+        self.num_probes = num_probes
 
 
 class SurfaceView:

@@ -2,7 +2,8 @@
 
 Every number of the report is computed on the host (NumPy, float64) from the
 results of the library's public functions: relative errors against the exact
-diagonal, the coverage of ±2 standard errors, summaries over inputs.
+diagonal, the coverage of the estimates' 95% confidence intervals
+(``Estimate.interval``), summaries over inputs.
 """
 
 from __future__ import annotations
@@ -41,14 +42,45 @@ def relative_error(estimate: Any, exact: Any) -> float:
     return float(np.linalg.norm(estimate - exact)) / norm if norm > 0 else math.nan
 
 
-def coverage(estimate: Any, std_error: Any, exact: Any) -> float | None:
-    """Fraction of entries with |estimate − exact| ≤ 2 standard errors (None if no SE)."""
+#: The confidence level of every interval the report shows.
+LEVEL = 0.95
+
+
+def coverage(low: Any, high: Any, std_error: Any, exact: Any) -> float | None:
+    """Fraction of the random entries whose interval [low, high] holds the exact value.
+
+    Random entries: those with a finite, positive standard error (None if there
+    are none: an exact or deterministic result makes no claim).
+    """
     import numpy as np
 
     ok = np.isfinite(std_error) & (std_error > 0)
     if not np.any(ok):
         return None
-    return float(np.mean(np.abs(estimate[ok] - exact[ok]) <= 2.0 * std_error[ok]))
+    return float(np.mean((low[ok] <= exact[ok]) & (exact[ok] <= high[ok])))
+
+
+def interval(estimate: Any) -> tuple[Any, Any]:
+    """Host float64 copies of ``estimate.interval(LEVEL)``."""
+    low, high = estimate.interval(LEVEL)
+    return host(low), host(high)
+
+
+def scalar_interval(estimate: Any) -> list[float] | None:
+    """``[low, high]`` of a scalar estimate's interval as floats (None where it is NaN)."""
+    low, high = (float(b) for b in interval(estimate))
+    return None if math.isnan(low) or math.isnan(high) else [low, high]
+
+
+def samples_interval(samples: Any) -> list[float] | None:
+    """The interval of the mean of host samples (M,) that are ≥ 0 (None for M = 1)."""
+    import numpy as np
+
+    from fisherbound._lib import estimate_from_samples
+
+    if samples.shape[0] < 2:
+        return None
+    return scalar_interval(estimate_from_samples(np.asarray(samples, float), np, floor=0.0))
 
 
 def median_relative_se(std_error: Any, exact: Any) -> float | None:
@@ -78,9 +110,14 @@ def mean_se(samples: Any) -> tuple[float, float | None]:
     return mean, (float(np.std(samples, ddof=1) / math.sqrt(m)) if m > 1 else None)
 
 
-def scalar_estimate(estimate: Any) -> dict[str, float]:
-    """``{"value", "std_error"}`` of a scalar estimate, as Python floats."""
+def scalar_estimate(estimate: Any) -> dict[str, Any]:
+    """``{"value", "std_error", "interval"}`` of a scalar estimate, as Python floats.
+
+    ``interval``: ``[low, high]`` of its 95% confidence interval (None when the
+    standard error is unknown).
+    """
     return {
         "value": float(host(estimate.value)),
         "std_error": float(host(estimate.std_error)),
+        "interval": scalar_interval(estimate),
     }

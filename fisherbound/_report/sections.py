@@ -36,6 +36,24 @@ def pm(value: Any, se: Any) -> str:
     return fmt(value) if se is None else f"{fmt(value)} ± {fmt(se, 2)}"
 
 
+def bound(x: Any) -> str:
+    """An end of an interval: ``fmt``, with ±∞ for an unbounded end."""
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "−∞"
+    return fmt(x)
+
+
+def ci(value: Any, se: Any, interval: Any) -> str:
+    """``value [low, high]``: the estimate and its 95% interval (``value ± se`` without one).
+
+    A zero standard error (an exact result) shows the value alone.
+    """
+    if interval is None or not se:
+        return pm(value, se or None)
+    low, high = interval
+    return f"{fmt(value)} [{bound(low)}, {bound(high)}]"
+
+
 def percent(x: Any) -> str:
     """A fraction as a percentage with one decimal (``n/a`` for None)."""
     return "n/a" if x is None else f"{100.0 * x:.1f}%"
@@ -156,9 +174,12 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
             "exact (fisher_diagonal), its certified bounds diag F_LR ≤ diag F ≤ diag F_DG "
             "(fisher_bounds) and the unbiased detach-and-mix estimate (detach_and_mix, "
             f"{fd['num_probes']} Rademacher probes, one batched backward pass). The block "
-            "traces are sums of the diagonal; the estimate's error bar is the standard "
-            "error over its probes. 'within 2 SE' is the fraction of diagonal entries "
-            "whose exact value lies within two standard errors of the estimate.",
+            "traces are sums of the diagonal; [low, high] after an estimate is its 95% "
+            "confidence interval over the probes (Estimate.interval: Student t with the "
+            "degrees of freedom of the probes' variance, on the cube-root scale for these "
+            "sums of squares). 'within 95% interval' is the fraction of diagonal entries "
+            "(with a nonzero standard error) whose exact value lies in their interval: "
+            "about 95% when the intervals are honest.",
         ),
         (
             "table",
@@ -171,7 +192,7 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
                     "tr F_DG",
                     "detach-and-mix",
                     "rel. error",
-                    "within 2 SE",
+                    "within 95% interval",
                     "bounds hold",
                 ],
                 [
@@ -181,9 +202,13 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
                         fmt(r["lower_trace"]),
                         fmt(r["exact_trace"]),
                         fmt(r["upper_trace"]),
-                        pm(r["estimate_trace"], r["estimate_trace_std_error"]),
+                        ci(
+                            r["estimate_trace"],
+                            r["estimate_trace_std_error"],
+                            r.get("estimate_trace_interval"),
+                        ),
                         fmt(r["relative_error"], 3),
-                        percent(r["coverage_2se"]),
+                        percent(r["coverage_95"]),
                         fmt(r["bounds_hold"]),
                     ]
                     for r in fd["blocks"]
@@ -220,7 +245,7 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 fmt(r["cost_gradient_steps"], 3),
                 err,
                 fmt(r["trace_relative_error"], 3),
-                percent(r["coverage_2se"]),
+                percent(r["coverage_95"]),
                 marks.get(r["estimator"], ""),
             ]
         )
@@ -237,7 +262,9 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 "biased, and its zero standard error says nothing about that bias. "
                 "'cheapest to rel. error' marks, for each error level, the cheapest "
                 "unbiased diagonal (the bounds and the empirical Fisher excluded) whose "
-                "measured error is within it: " + cheapest_text(es),
+                "measured error is within it: " + cheapest_text(es) + " 'within 95% "
+                "interval': the fraction of entries whose exact value lies in the "
+                "estimate's 95% confidence interval (Estimate.interval).",
             ),
             (
                 "table",
@@ -250,7 +277,7 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                         "cost (gradient steps)",
                         "rel. error",
                         "trace rel. error",
-                        "within 2 SE",
+                        "within 95% interval",
                         "cheapest to rel. error",
                     ],
                     est_rows,
@@ -374,12 +401,12 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
     dim = numbers["dimension"]
     rb, rz = dim["rank_bound"], dim["razor"]
     if "counted_positions" in rb:
-        bound = (
+        rank_text = (
             f"rank F ≤ min(D, K r) = min({rb['num_params']}, {rb['counted_positions']} × "
             f"{rb['rank_per_input']}) = {rb['value']}, K the counted positions"
         )
     else:
-        bound = (
+        rank_text = (
             f"rank F ≤ min(D, N r) = min({rb['num_params']}, {rb['num_inputs']}"
             f" × {rb['rank_per_input']}) = {rb['value']}"
         )
@@ -390,15 +417,19 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
                 "p",
                 "The local dimension d_ε = #{i : λ_i(F) > ε} (local_dimension: an exact "
                 "Lanczos count when few eigenvalues exceed ε, stochastic Lanczos "
-                "quadrature with a standard error otherwise), beside the structural "
-                f"bound {bound}.",
+                "quadrature with its 95% interval [low, high] otherwise), beside the "
+                f"structural bound {rank_text}.",
             ),
             (
                 "table",
                 (
                     ["ε", "d_ε", "method"],
                     [
-                        [fmt(c["eps"]), pm(c["value"], c["std_error"] or None), c["method"]]
+                        [
+                            fmt(c["eps"]),
+                            ci(c["value"], c["std_error"], c.get("interval")),
+                            c["method"],
+                        ]
                         for c in dim["local_dimension"]
                     ],
                 ),
@@ -424,7 +455,8 @@ def razor_blocks(rz: dict[str, Any], d: int, counted: int | None) -> list[Block]
             "p",
             f"The razor complexity with a Gaussian prior of variance σ² = "
             f"{fmt(rz['prior_variance'])} (razor): −log p(X|θ̂) + ‖θ̂‖²/(2σ²) + "
-            f"½ log det(I + σ² F), against the BIC term {bic}.",
+            f"½ log det(I + σ² F), against the BIC term {bic}; [low, high]: the 95% "
+            "interval of a stochastic log det.",
         ),
         (
             "table",
@@ -435,9 +467,13 @@ def razor_blocks(rz: dict[str, Any], d: int, counted: int | None) -> list[Block]
                     ["‖θ̂‖² / (2σ²)", fmt(rz["prior_penalty"])],
                     [
                         "½ log det(I + σ² F)",
-                        pm(rz["half_log_det"], rz["half_log_det_std_error"] or None),
+                        ci(
+                            rz["half_log_det"],
+                            rz["half_log_det_std_error"],
+                            rz.get("half_log_det_interval"),
+                        ),
                     ],
-                    ["razor", pm(rz["value"], rz["std_error"] or None)],
+                    ["razor", ci(rz["value"], rz["std_error"], rz.get("interval"))],
                     [f"BIC term {term}", fmt(rz["bic_penalty"])],
                     ["log-det method", rz["method"]],
                 ],
@@ -508,11 +544,20 @@ def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
     )
 
 
+def estimate_text(est: dict[str, Any]) -> str:
+    """``value ± se (95% interval low … high)`` of a scalar estimate's numbers."""
+    text = pm(est["value"], est["std_error"])
+    interval = est.get("interval")
+    if interval is None:
+        return text
+    return f"{text} (95% interval {bound(interval[0])} … {bound(interval[1])})"
+
+
 def trace_text(tr: dict[str, Any]) -> str:
     """The Hessian traces: HVP first; the loss-only one only with its caveats."""
     text = (
         f"Hessian trace from {tr['num_probes']} Rademacher probes with Hessian-vector "
-        f"products (loss_trace): {pm(tr['hvp']['value'], tr['hvp']['std_error'])}."
+        f"products (loss_trace): {estimate_text(tr['hvp'])}."
     )
     lo = tr.get("loss_only")
     if lo is None:
@@ -520,7 +565,7 @@ def trace_text(tr: dict[str, Any]) -> str:
     caveats = " ".join(lo["caveats"])
     return (
         f"{text} From loss values only on the same probes (loss_trace(method='loss')): "
-        f"{pm(lo['value'], lo['std_error'])}. Caveat: {caveats}"
+        f"{estimate_text(lo)}. Caveat: {caveats}"
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fisherbound._report.hoststats import host, stats
+from fisherbound._report.hoststats import host, scalar_interval, stats
 from fisherbound._report.positions import REFUSALS, Positions, not_run
 from fisherbound._report.settings import Settings
 
@@ -127,6 +127,7 @@ def dimension(
                 "eps": eps,
                 "value": float(host(est.value)),
                 "std_error": float(host(est.std_error)),
+                "interval": scalar_interval(est),
                 "num_probes": int(est.num_probes),
                 "method": "lanczos (exact count)" if est.num_probes == 0 else "slq",
             }
@@ -179,6 +180,10 @@ def razor_numbers(
             raise
         return not_run(err)
     nll = float(host(rz.neg_log_likelihood))
+    # The razor is ½ log det plus exact terms: its interval is ½ that of the log det.
+    half = scalar_interval(rz.log_det)
+    half = None if half is None else [0.5 * b for b in half]
+    shift = float(host(rz.value)) - 0.5 * float(host(rz.log_det.value))
     return {
         "prior_variance": cfg.prior_variance,
         "value": float(host(rz.value)),
@@ -187,6 +192,8 @@ def razor_numbers(
         "prior_penalty": float(host(rz.prior_penalty)),
         "half_log_det": 0.5 * float(host(rz.log_det.value)),
         "half_log_det_std_error": 0.5 * float(host(rz.log_det.std_error)),
+        "half_log_det_interval": half,
+        "interval": None if half is None else [shift + b for b in half],
         "bic_penalty": float(host(rz.bic_penalty)),
         "method": rz.method,
     }
@@ -214,4 +221,4 @@ def density(lin: Any, fam: Any, cfg: Settings) -> tuple[dict[str, Any], dict[str
         "num_matvecs": int(result.nodes.shape[1]),
         **{k: v.tolist() for k, v in arrays.items()},
     }
-    return numbers, {**arrays, "rules": result}
+    return numbers, {**arrays, "num_probes": numbers["num_probes"], "rules": result}

@@ -627,6 +627,15 @@ class SampleSum:
         #: for the diagonal it costs a pass over the (M, D) samples).
         self.track_trace = True
 
+    def gamma_like(self, flag: bool) -> None:
+        """Whether the value's intervals get the skew correction (before any batch).
+
+        Squares are ≥ 0, but only gamma-like ones (squared probe sums) gain from
+        the cube-root scale; Monte Carlo's squared scores of sampled labels do not.
+        """
+        self.nonnegative = self.nonnegative and flag
+        self.acc = Accumulator(nonnegative=self.nonnegative)
+
     def add(self, samples: Any, num_inputs: int, xp: Any, *, same_inputs: bool) -> None:
         if isinstance(samples, ProbeMoments):
             new = Accumulator(nonnegative=self.nonnegative)._update_moments(samples, num_inputs)
@@ -702,7 +711,7 @@ class RowStack(SampleSum):
         k = self.acc.num_probes
         est = self.acc.scaled_estimate(scale)
         rows = self.rows[0] if len(self.rows) == 1 else xp.concat(self.rows, axis=0)
-        return Estimate(rows * math.sqrt(scale / k), est.std_error, k, est.dof, True)
+        return Estimate(rows * math.sqrt(scale / k), est.std_error, k, est.dof, est.floor)
 
 
 class FactorSum:
@@ -744,8 +753,8 @@ class FactorSum:
         m = int(g.shape[0])
         if m < 2:
             nan = xp.full_like(g[0, ...], float("nan"))
-            return Estimate(g * math.sqrt(scale), nan, m, m - 1, True)
+            return Estimate(g * math.sqrt(scale), nan, m, m - 1, 0.0)
         diag_samples = g * g
         mean = xp.mean(diag_samples, axis=0)
         var = variance_of_mean(diag_samples, mean, m, xp)
-        return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m, m - 1, True)
+        return Estimate(g * math.sqrt(scale / m), xp.sqrt(var) * scale, m, m - 1, 0.0)

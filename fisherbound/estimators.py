@@ -184,13 +184,16 @@ def _run(
     target: float | None,
     desc: str,
     squares: bool,
+    skew: bool = True,
     **options: Any,
 ) -> Estimate:
     """Stream the batches (or, with ``rounds``, redraw on one batch) and accumulate.
 
     ``draw(lin)`` returns the per-probe samples of a batch (``squares``: per-example
     squares, whose factor stacks rows); ``options`` are the estimator's own, which
-    the ranks compare with the shared ones. With a collective, the
+    the ranks compare with the shared ones. ``skew=False``: the samples, though
+    ≥ 0, are not gamma-like (Monte Carlo), and the intervals are plain Student t.
+    With a collective, the
     ranks' states are all-reduced at the end; with a target as well, the ranks step
     in lockstep and stop together once the all-reduced trace estimate reaches it
     (or when every rank has run out of batches).
@@ -217,6 +220,8 @@ def _run(
     state = qty.running(per_example=squares)
     if isinstance(state, SampleSum):
         state.track_trace = target is not None  # only a target reads the trace summary
+        if not skew:
+            state.gamma_like(False)
     count = 0
     reached = False
     if rounds:
@@ -666,9 +671,11 @@ def monte_carlo(
         scores = fam.score(zb, y)  # (k, N, *S, C); masked rows: the products ignore them
         return qty.from_squares(lin, scores, max_vectors)
 
+    # Student t without the cube-root correction: the squared scores of sampled
+    # labels are dominated by rare labels for a confident model, not gamma-like.
     return _run(
         source, common, draw, target=target, desc="Monte-Carlo Fisher", squares=True,
-        num_samples=k,
+        skew=False, num_samples=k,
     )  # fmt: skip
 
 

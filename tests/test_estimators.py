@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,10 @@ def test_same_seed_same_numbers_on_every_backend(backend) -> None:
         assert_close(got.value, ref.value, rtol=1e-10, atol=1e-14, like=backend)
         assert_close(got.std_error, ref.std_error, rtol=1e-8, atol=0, like=backend)
         assert got.num_probes == ref.num_probes
+        # The 95% interval stays in the backend's namespace and device (the first
+        # estimate sums two batches: an array of Welch–Satterthwaite dof per entry).
+        for end_got, end_ref in zip(got.interval(), ref.interval()):
+            assert_close(end_got, np.asarray(end_ref), rtol=1e-8, atol=1e-14, like=backend)
 
 
 # --------------------------------------------------------------------------- #
@@ -384,6 +389,107 @@ def test_calls_on_shards_merge_to_the_whole(host_backend) -> None:
     acc = Accumulator.from_estimate(e1).merge(Accumulator.from_estimate(e2))
     assert_close(acc.estimate().value, whole.value, rtol=1e-12, atol=0)
     assert_close(acc.estimate().std_error, whole.std_error, rtol=1e-12, atol=0)
+
+
+def test_interval_is_student_t_with_the_degrees_of_freedom() -> None:
+    from scipy import stats
+
+    est = Estimate(np.array([10.0, -3.0]), np.array([1.0, 2.0]), 5)
+    assert est.dof is None
+    assert est.degrees_of_freedom == 4
+    low, high = est.interval(0.9)
+    q = stats.t.ppf(0.95, 4)
+    np.testing.assert_allclose(low, [10.0 - q, -3.0 - 2 * q], rtol=1e-12)
+    np.testing.assert_allclose(high, [10.0 + q, -3.0 + 2 * q], rtol=1e-12)
+    # An explicit dof, per entry and non-integer (Welch–Satterthwaite).
+    est = Estimate(np.array([10.0, 10.0]), np.array([1.0, 1.0]), 3, np.array([2.5, np.inf]))
+    low, _ = est.interval()
+    np.testing.assert_allclose(low, 10.0 - stats.t.ppf(0.975, [2.5, np.inf]), rtol=1e-12)
+    # One probe: no interval (NaN), never a silent zero width.
+    nan = Estimate(np.array(1.0), np.array(np.nan), 1).interval()
+    assert all(np.isnan(b) for b in nan)
+
+
+def test_interval_with_a_floor_is_on_the_cube_root_scale() -> None:
+    from scipy import stats
+
+    from fisherbound._lib._estimate import SKEW_DOF
+
+    v, se, m = 4.0, 1.0, 10
+    c = se / v
+    d = (m - 1) / (1 + SKEW_DOF * (m - 1) * c * c)
+    q = stats.t.ppf(0.975, d)
+    low, high = Estimate(np.array(v), np.array(se), m, floor=0.0).interval()
+    assert float(low) == pytest.approx(v / (1 - c * c / 9 + q * c / 3) ** 3, rel=1e-12)
+    assert float(high) == pytest.approx(v / (1 - c * c / 9 - q * c / 3) ** 3, rel=1e-12)
+    assert 0 < float(low) < v - q * se + 2 * se  # above the Student-t end: skew
+    # A floor f shifts the scale: f + the interval of value − f.
+    lo_f, hi_f = Estimate(np.array(v + 7.0), np.array(se), m, floor=7.0).interval()
+    assert float(lo_f) == pytest.approx(7.0 + float(low), rel=1e-12)
+    assert float(hi_f) == pytest.approx(7.0 + float(high), rel=1e-12)
+    # Two probes and a large relative error: no upper bound.
+    _, unbounded = Estimate(np.array(1.0), np.array(0.8), 2, floor=0.0).interval()
+    assert float(unbounded) == np.inf
+
+
+def test_interval_allows_for_rounding_where_the_error_is_zero() -> None:
+    v = np.array([3.0, 1e-300, 0.0], dtype=np.float32)
+    low, high = Estimate(v, np.zeros(3, np.float32), 4).interval()
+    half = 256 * np.finfo(np.float32).eps * np.abs(v)
+    np.testing.assert_array_equal(low, v - half)
+    np.testing.assert_array_equal(high, v + half)
+    assert low.dtype == np.float32
+    # ... and an exact estimate of infinite dof is its value up to rounding.
+    low, high = Estimate(np.array(2.0), np.array(0.0), 0, math.inf, 0.0).interval()
+    assert float(low) < 2.0 < float(high) < 2.0 + 1e-12
+
+
+def test_interval_of_blocks_and_its_errors() -> None:
+    est = Estimate({"a": np.ones((2, 2))}, {"a": np.full((2, 2), 0.1)}, 8)
+    low, high = est.interval()
+    assert set(low) == set(high) == {"a"}
+    assert np.all(low["a"] < 1.0)
+    assert np.all(high["a"] > 1.0)
+    with pytest.raises(ValueError, match=r"level must lie strictly between 0 and 1 .* got 95"):
+        est.interval(95)
+    with pytest.raises(TypeError, match="level must be a number between 0 and 1; got str"):
+        est.interval("95%")
+    factor = Estimate(np.ones((4, 3)), np.ones(3), 4)  # what="full": a factor, not F̂
+    with pytest.raises(ValueError, match=r"value and std_error of one shape; got value \(4, 3\)"):
+        factor.interval()
+
+
+def test_accumulator_dof_is_welch_satterthwaite() -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((3, 2)), 5.0 * rng.standard_normal((6, 2))
+    acc = Accumulator().update(a, num_inputs=1).update(b, num_inputs=1)
+    va, vb = a.var(0, ddof=1) / 3, b.var(0, ddof=1) / 6
+    expected = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 5)
+    est = acc.estimate()
+    np.testing.assert_allclose(est.dof, expected, rtol=1e-12)
+    assert np.all((est.dof >= 2) & (est.dof <= 7))  # between the smallest and the sum
+    # One stratum: M − 1; from an estimate: its dof; merged: Welch–Satterthwaite again.
+    assert Accumulator().update(a).estimate().dof == 2
+    back = Accumulator.from_estimate(est).merge(Accumulator.from_estimate(est)).estimate()
+    np.testing.assert_allclose(back.dof, 2 * expected, rtol=1e-12)  # equal variances: the sum
+    # The estimators' squares are ≥ 0: their estimates carry floor 0.
+    assert Accumulator(nonnegative=True).update(a**2).estimate().floor == 0.0
+    assert Accumulator().update(a).estimate().floor is None
+    with pytest.raises(TypeError, match="nonnegative must be True or False; got str"):
+        Accumulator(nonnegative="yes")  # type: ignore[arg-type]
+
+
+def test_target_rule_needs_ten_degrees_of_freedom() -> None:
+    from scipy import stats
+
+    from fisherbound.estimators import MIN_TARGET_DOF, _target_reached
+
+    assert MIN_TARGET_DOF == 10
+    assert not _target_reached(1e-9, 9.0, 0.1)  # a lucky tiny error with too few dof
+    scale = stats.t.ppf(0.975, 10) / stats.norm.ppf(0.975)
+    assert _target_reached(0.1 / scale * (1 - 1e-9), 10.0, 0.1)
+    assert not _target_reached(0.1 / scale * (1 + 1e-9), 10.0, 0.1)
+    assert not _target_reached(float("nan"), 20.0, 0.1)
 
 
 def test_accumulator_errors() -> None:

@@ -820,3 +820,81 @@ def test_rademacher_hutchinson_of_diagonal_is_exact(d, num_probes, seed):
     np.testing.assert_allclose(diag.value, d, rtol=1e-14, atol=1e-14)
     tr = hutchinson_trace(a, num_probes=num_probes, rng=seed)
     assert float(tr.value) == pytest.approx(sum(d), rel=1e-12, abs=1e-12)
+
+
+# ------------------------------------- non-finite and overflowing inputs (issue 15)
+def test_dense_matrices_must_be_finite_and_float32_or_float64(backend):
+    a = np.eye(3)
+    a[1, 2] = a[2, 1] = np.nan
+    for fn, kw in [
+        (hutchinson_trace, {"num_probes": 2}),
+        (hutchinson_diagonal, {"num_probes": 2}),
+        (hutchpp_trace, {"num_probes": 3}),
+        (lanczos, {"num_matvecs": 2}),
+        (eigsh, {"k": 1}),
+        (lanczos_quadrature, {"num_probes": 1, "num_matvecs": 2}),
+    ]:
+        with pytest.raises(ValueError, match=r"^A must be finite; got NaN in rows \[1, 2\]\.$"):
+            fn(backend.asarray(a), **kw)
+    if hasattr(backend.xp, "float16"):  # was accepted: Lanczos in float16
+        with pytest.raises(
+            TypeError, match=r"A must have a real floating-point dtype \(float32 or float64\)"
+        ):
+            eigsh(backend.asarray(np.eye(2), dtype="float16"), k=1)
+
+
+@pytest.mark.parametrize(
+    ("matrix", "dtype"),
+    [
+        ([[1e300, 1.0], [1.0, 2.0]], "float64"),  # was eigenvalues 4.8e299 and 5.2e299
+        ([[1e30, 1.0], [1.0, 2.0]], "float32"),
+    ],
+)
+def test_lanczos_products_that_overflow_are_named(matrix, dtype):
+    """A finite matrix whose products' norms overflow: an error, not a silent restart."""
+    a = np.asarray(matrix, dtype=dtype)
+    msg = (
+        rf"^A's products must be finite; at Lanczos step 1 A q or its norm is NaN or inf in "
+        rf"{dtype}\. .*\(squares overflow above [0-9.e+]+\)\. Rescale A \(A / c has the "
+        r"eigenvalues λ / c\)"
+    )
+    with np.errstate(over="ignore"):
+        for fn, kw in [
+            (lanczos, {"num_matvecs": 2, "rng": 0}),
+            (eigsh, {"k": 1}),
+            (lanczos_quadrature, {"num_probes": 2, "num_matvecs": 2, "rng": 0}),
+        ]:
+            with pytest.raises(ValueError, match=msg):
+                fn(a, **kw)
+
+
+def test_an_operator_returning_nan_is_named_by_lanczos():
+    op = LinearOperator((3, 3), matvec=lambda v: v * np.nan, dtype=np.float64, device=None, xp=np)
+    with pytest.raises(ValueError, match="at Lanczos step 1 A q or its norm is NaN or inf"):
+        eigsh(op, k=1)
+    with pytest.raises(ValueError, match="Either the operator returned NaN or inf"):
+        lanczos(op, num_matvecs=3, rng=0)
+
+
+def test_smoothed_density_refuses_non_finite_points_and_names_an_overflow():
+    a = with_spectrum([1.0, 2.0, 3.0])
+    quad = lanczos_quadrature(a, num_probes=2, num_matvecs=3, rng=0)
+    with pytest.raises(ValueError, match=r"^grid must be finite; got NaN at positions \[1\]\.$"):
+        smoothed_density(quad, np.array([0.0, np.nan, 2.0]), width=0.1)
+    bad = Quadrature(quad.nodes, quad.weights * np.inf)
+    with pytest.raises(ValueError, match=r"^quadrature\.weights must be finite; got inf"):
+        smoothed_density(bad, np.linspace(0.0, 4.0, 5), width=0.1)
+    zero = Quadrature(quad.nodes, quad.weights * 0.0)  # 0 / 0
+    with (
+        np.errstate(invalid="ignore"),
+        pytest.raises(ValueError, match="the smoothed density must be finite; got NaN or inf"),
+    ):
+        smoothed_density(zero, np.ones(2), width=0.1)
+    with (
+        np.errstate(over="ignore", divide="ignore"),  # 1 / width overflows float64
+        pytest.raises(ValueError, match=r"width = 1e-320 .*Use a larger width"),
+    ):
+        smoothed_density(quad, quad.nodes[0, :1], width=1e-320)
+    phi = smoothed_density(quad, np.array([2.0]), width=1e300)  # tiny, finite, fine
+    assert np.isfinite(phi[0])
+    assert phi[0] > 0

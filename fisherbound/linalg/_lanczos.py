@@ -86,6 +86,19 @@ def _orthogonalize(xp: Any, V: Array, W: Array) -> Array:
     return Wc[:, :, 0]
 
 
+def _not_finite(xp: Any, dtype: Any, step: int) -> ValueError:
+    """The error for a Lanczos step whose product or norm is NaN or inf."""
+    limit = math.sqrt(float(xp.finfo(dtype).max))
+    wider = "" if dtype == xp.float64 else "compute in float64, "
+    msg = (
+        f"A's products must be finite; at Lanczos step {step} A q or its norm is NaN or "
+        f"inf in {dtype}. Either the operator returned NaN or inf, or the entries of A "
+        f"are too large for {dtype} (squares overflow above {limit:.3g}). Rescale A "
+        f"(A / c has the eigenvalues λ / c), {wider}or check the operator."
+    )
+    return ValueError(msg)
+
+
 def _breakdown_factor(xp: Any, dtype: Any, n: int) -> float:
     """The relative breakdown tolerance: β ≤ eps · clip(n, 10, eps^(-1/2)) · ‖T‖.
 
@@ -134,7 +147,12 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
         b = xp.linalg.vector_norm(w, axis=1)
         norm_t = xp.maximum(norm_t, xp.abs(a) + beta_prev + b)
         broke = b <= factor * norm_t
-        if bool(to_host(xp.any(broke))):
+        # One host read per step for both tests: a breakdown, and a NaN or inf product
+        # (whose β would compare as a breakdown and restart silently).
+        flags = to_host(xp.stack([xp.any(broke), ~xp.all(xp.isfinite(a + b))]))
+        if bool(flags[1]):
+            raise _not_finite(xp, dtype, j + 1)
+        if bool(flags[0]):
             r = probes(gen, (B, n), distribution="gaussian", xp=xp, dtype=dtype, device=device)
             r = _orthogonalize(xp, filled, r)
             r = r / xp.linalg.vector_norm(r, axis=1)[:, None]
@@ -147,6 +165,8 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
         q_prev, q, beta_prev = q, q_next, b
         V = set_row(xp, V, j + 1, q)
     alpha = xp.stack(alphas, axis=1)
+    if not bool(to_host(xp.all(xp.isfinite(alphas[-1])))):
+        raise _not_finite(xp, dtype, m)
     if betas:
         beta = xp.stack(betas, axis=1)
     else:
@@ -328,6 +348,8 @@ class _Krylov:
         w = w - h @ V
         coeffs = to_host(xp.concat([h, xp.stack([norm_before, xp.linalg.vector_norm(w)])]))
         coeffs = self.np.asarray(coeffs, dtype=self.np.float64)
+        if not self.np.all(self.np.isfinite(coeffs)):
+            raise _not_finite(xp, self.op.dtype, self.products)
         if coeffs[-1] < _DGKS * coeffs[-2]:
             # Cancellation: a second pass restores orthogonality to rounding level
             # (Daniel, Gragg, Kaufman & Stewart 1976; ARPACK's criterion).

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from fisherbound._lib import array_namespace, check_real_floating, device_of, is_array
+from fisherbound._lib import (
+    array_namespace,
+    check_finite,
+    check_real_floating,
+    device_of,
+    is_array,
+)
 
 Array = Any
 
@@ -174,8 +180,8 @@ def _what(obj: object) -> str:
 def aslinearoperator(A: Any, /) -> Any:
     """View ``A`` as a linear operator.
 
-    A dense 2-D real floating array of any array-API library becomes a
-    ``LinearOperator`` with ``matvec(v) = A @ v`` and ``matmat(V) = A @ V``, in
+    A dense 2-D float32 or float64 array of any array-API library, checked finite
+    (one reduction over its entries), becomes a ``LinearOperator`` with ``matvec(v) = A @ v`` and ``matmat(V) = A @ V``, in
     A's namespace and on A's device (no copy). An object that already satisfies
     ``LinearOperatorLike`` is returned as it is (after checking that its dtype is
     real floating).
@@ -183,9 +189,10 @@ def aslinearoperator(A: Any, /) -> Any:
     Raises
     ------
     TypeError
-        If ``A`` is neither an array nor an operator, or has a non-floating dtype.
+        If ``A`` is neither an array nor an operator, or has another dtype than
+        float32 or float64.
     ValueError
-        If ``A`` is an array that is not 2-D.
+        If ``A`` is an array that is not 2-D or has NaN or inf entries.
 
     Examples
     --------
@@ -203,6 +210,7 @@ def aslinearoperator(A: Any, /) -> Any:
             )
             raise ValueError(msg)
         check_real_floating(xp, A.dtype)
+        check_finite(A, "A", xp=xp)
         return _dense_operator(A, xp)
     if isinstance(A, LinearOperatorLike):
         shape = tuple(A.shape)

@@ -11,9 +11,11 @@ from fisherbound._lib import (
     Estimate,
     array_namespace,
     as_generator,
+    check_finite,
     check_floating,
     check_positive_int,
     estimate_from_samples,
+    is_traced,
     probes,
     to_host,
 )
@@ -374,7 +376,7 @@ def smoothed_density(quadrature: Any, grid: Array, /, *, width: float) -> Array:
     quadrature
         A ``Quadrature`` (nodes, weights) of shape (M, m).
     grid
-        1-D floating array of points t, same namespace as the quadrature.
+        1-D floating array of finite points t, same namespace as the quadrature.
     width
         σ > 0; choose it about the spacing of the features you want to resolve.
 
@@ -426,8 +428,20 @@ def smoothed_density(quadrature: Any, grid: Array, /, *, width: float) -> Array:
         )
         raise ValueError(msg)
     sigma = float(width)
+    check_finite(grid, "grid", xp=xp)
+    check_finite(nodes, "quadrature.nodes", xp=xp)
+    check_finite(weights, "quadrature.weights", xp=xp)
     theta = xp.reshape(xp.astype(nodes, grid.dtype), (1, -1))
     w = xp.reshape(xp.astype(weights, grid.dtype), (1, -1))
     z = (grid[:, None] - theta) / sigma
     kernel = xp.exp(-0.5 * z * z) / (sigma * math.sqrt(2.0 * math.pi))
-    return xp.sum(kernel * w, axis=1) / xp.sum(w)
+    phi = xp.sum(kernel * w, axis=1) / xp.sum(w)
+    if not is_traced(phi) and not bool(xp.all(xp.isfinite(phi))):
+        msg = (
+            f"the smoothed density must be finite; got NaN or inf in {grid.dtype} with "
+            f"width = {width!r} and quadrature weights summing to {float(xp.sum(w))!r}: "
+            "width is below the dtype's range (1 / width overflows) or the weights sum "
+            "to 0. Use a larger width, float64, or the weights of lanczos_quadrature."
+        )
+        raise ValueError(msg)
+    return phi

@@ -19,7 +19,7 @@ Tolerances, from the binomial distribution of the count of covering seeds
   δ = 0.02 for the approximation itself (the per-entry samples are skewed or
   discrete in different ways; docs/estimators.md has the measured worst entries)
   and δ = 0.1 for Monte Carlo with k ≤ 5 draws, whose per-entry samples over
-  N = 8 inputs are lumpy sums of C = 3 label outcomes (worst entry 86% measured);
+  N = 8 inputs are lumpy sums of C = 3 label outcomes (worst entry 86.4% measured);
 - entries that are exact by construction (standard error 0 in every seed, up to
   rounding: below 1e-6 of the value, where a zero variance computed from power
   sums leaves about √eps; the output layer of the per-example Bernoulli
@@ -269,10 +269,19 @@ def table(seeds: int) -> str:
         + " --- |" * len(PROBES)
     )
     lines = [head]
+    notes = []
     for case in CASES.values():
         cells = []
         for m in case.probes:
             cov = measure(case, m, seeds)
+            if cov.interval.ndim > 0 and np.any(cov.exact):
+                e = cov.exact
+                notes.append(
+                    f"{case.name}, M = {m}: {int(np.sum(e))} of {e.size} entries exact; "
+                    f"± 1.96 SE covers {float(np.mean(cov.normal[e])):.1%} of them (worst "
+                    f"{float(np.min(cov.normal[e])):.0%}), the interval "
+                    f"{float(np.mean(cov.interval[e])):.1%}"
+                )
             if cov.interval.ndim == 0:
                 before, after = float(cov.normal), float(cov.interval)
                 cells.append(f"{before:.0%} → {after:.1%}")
@@ -287,7 +296,7 @@ def table(seeds: int) -> str:
         if what not in ("diagonal", "trace"):  # hutchinson_trace, hutchpp_trace, ...
             name, what = case.name, case.name.rpartition("_")[2]
         lines.append(f"| {name} | {what} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
 def stopped_errors(m: int, target: float, seeds: int) -> tuple[Any, Any]:

@@ -18,7 +18,8 @@ Array = Any
 #: ``|value|`` (``ROUNDING_ULPS · eps · |value|``, eps of the value's dtype): an
 #: entry whose probes all give the same number (standard error 0) is exact up to
 #: the rounding of the sums behind it, which puts the exactly computed value a few
-#: ulps away (at most 3.4 measured, tests/test_coverage.py).
+#: ulps away (at most 3.4 over 300 seeds, per-example Bernoulli, the MLP of
+#: tests/test_coverage.py).
 ROUNDING_ULPS = 256
 
 #: For an estimate with a ``floor`` the Student-t dof d is lowered to

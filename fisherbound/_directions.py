@@ -17,12 +17,14 @@ from fisherbound._lib import (
     array_namespace,
     as_generator,
     check_choice,
+    check_finite,
     check_floating,
     check_positive_int,
     check_vector,
     conform,
     device_of,
     is_array,
+    is_traced,
     probes,
 )
 from fisherbound.linearization import LossFunction, ParameterBlock
@@ -103,6 +105,22 @@ def check_blocks(blocks: Any, num_params: int) -> tuple[Any, ...]:
 # random directions
 
 
+def _norm(xp: Any, x: Array, *, axis: int | None = None, keepdims: bool = False) -> Array:
+    """‖x‖ along ``axis`` without overflow in the squares: max|x| · ‖x / max|x|‖.
+
+    The plain vector_norm of float32 entries above about 1.8e19 overflows (NumPy and
+    torch square first); the scaled one is finite whenever the norm itself is.
+    """
+    big = xp.max(xp.abs(x), axis=axis, keepdims=True)
+    # Divided by √max twice: XLA on the CPU divides by multiplying with the reciprocal,
+    # and 1 / max is subnormal (flushed to 0) for a float32 max above 8.5e37.
+    root = xp.sqrt(xp.where(big == 0.0, xp.ones_like(big), big))
+    out = big * xp.linalg.vector_norm(x / root / root, axis=axis, keepdims=True)
+    if keepdims:
+        return out
+    return xp.reshape(out, ()) if axis is None else xp.squeeze(out, axis=axis)
+
+
 def _filter_normalize(xp: Any, G: Array, theta: Array, blocks: Sequence[Any]) -> Array:
     """Scale every filter of each row of G (m, D) to the norm of θ's filter."""
     m = int(G.shape[0])
@@ -117,7 +135,7 @@ def _filter_normalize(xp: Any, G: Array, theta: Array, blocks: Sequence[Any]) ->
         g3 = xp.reshape(g, (m, rows, cols))
         t2 = xp.reshape(theta[b.offset : b.offset + b.size], (1, rows, cols))
         gn = xp.linalg.vector_norm(g3, axis=-1, keepdims=True)
-        tn = xp.linalg.vector_norm(t2, axis=-1, keepdims=True)
+        tn = _norm(xp, t2, axis=-1, keepdims=True)
         scale = tn / xp.where(gn == 0.0, xp.ones_like(gn), gn)
         pieces.append(xp.reshape(g3 * scale, (m, b.size)))
     return xp.concat(pieces, axis=1)
@@ -132,7 +150,15 @@ def draw(xp: Any, gen: Any, m: int, kind: str, theta: Array, blocks: Sequence[An
         return G / xp.linalg.vector_norm(G, axis=1, keepdims=True)
     if kind == "filter":
         assert blocks is not None
-        return _filter_normalize(xp, G, theta, blocks)
+        D = _filter_normalize(xp, G, theta, blocks)
+        if not is_traced(D) and not bool(xp.all(xp.isfinite(D))):
+            msg = (
+                "params must have filters whose norms are finite in "
+                f"{theta.dtype}: a filter-normalised direction overflowed (largest |θ_i| = "
+                f"{float(xp.max(xp.abs(theta))):.3g}). Rescale the parameters or use float64."
+            )
+            raise ValueError(msg)
+        return D
     return G
 
 
@@ -145,6 +171,7 @@ def params_and_blocks(params: Any, blocks: Any, kind: str) -> tuple[Any, Array, 
         theta = params
     expected = "a flat, non-empty parameter vector θ (D,) or a LossFunction"
     xp = check_vector(theta, "params", expected)
+    check_finite(theta, "params", xp=xp)
     if kind == "filter":
         if blocks is None:
             msg = (
@@ -224,6 +251,10 @@ def random_directions(
 def default_step(params: Array, /) -> Array:
     """The default finite-difference displacement h = ε^{1/4} · max(‖θ‖, 1), 0-d.
 
+    ``params`` is a flat float32 or float64 vector with finite entries (else a
+    ValueError or TypeError); ‖θ‖ is computed scaled, so entries far beyond
+    √(largest float) are fine as long as the norm itself is finite.
+
     ε is the machine epsilon of θ's dtype (ε^{1/4} ≈ 1.2e−4 in float64, 1.9e−2 in
     float32). The second difference [L(θ + h u) − 2L(θ) + L(θ − h u)] / h² of a
     unit direction u has a truncation error O(h² L'''') and a rounding error
@@ -233,11 +264,19 @@ def default_step(params: Array, /) -> Array:
     one). A direction d is used with the coefficient h / ‖d‖, so that the
     displacement has norm h whatever the scaling of d.
     """
-    xp = array_namespace(params, names=("params",))
+    xp = check_vector(params, "params", "a flat, non-empty parameter vector θ (D,)")
+    check_finite(params, "params", xp=xp)
     eps = float(xp.finfo(params.dtype).eps)
-    return eps**0.25 * xp.maximum(
-        xp.linalg.vector_norm(params), xp.asarray(1.0, dtype=params.dtype, device=device_of(params))
-    )
+    one = xp.asarray(1.0, dtype=params.dtype, device=device_of(params))
+    h = eps**0.25 * xp.maximum(_norm(xp, params), one)
+    if not is_traced(h) and not bool(xp.isfinite(h)):
+        msg = (
+            f"params must have a norm finite in {params.dtype}; ‖θ‖ overflowed (largest "
+            f"|θ_i| = {float(xp.max(xp.abs(params))):.3g}). Rescale the parameters, compute "
+            "in float64, or pass step= explicitly."
+        )
+        raise ValueError(msg)
+    return h
 
 
 def step_size(xp: Any, theta: Array, step: float | None) -> Array:

@@ -1214,3 +1214,40 @@ def test_torch_hvp_checks_double_backward_once_per_model(monkeypatch: Any) -> No
     assert len(calls) == 1  # same model and selection: not checked again
     np.testing.assert_allclose(h2.numpy(), original(second, v).numpy(), atol=1e-12)
     assert float((h2 - first).abs().max()) > 1e-6  # another batch, another Hessian
+
+
+# ------------------------------------------ non-finite and overflowing θ (issue 15)
+def test_default_step_checks_params_and_scales_the_norm(backend) -> None:
+    with pytest.raises(ValueError, match=r"^params must be finite; got NaN at positions \[1\]\.$"):
+        landscape.default_step(backend.asarray([1.0, np.nan]))  # was a NaN step
+    with pytest.raises(TypeError, match=r"params must have a real floating-point dtype"):
+        landscape.default_step(backend.asarray([1, 2], dtype="int64"))  # was NumPy's finfo error
+    with pytest.raises(ValueError, match=r"params must be a flat, non-empty parameter vector"):
+        landscape.default_step(backend.asarray(np.ones((2, 2))))
+    # ‖θ‖ = 1e30 overflows float32 when squared (was an inf step): scaled, it is exact.
+    theta = backend.asarray([1e30, 1.0], dtype="float32")
+    h = landscape.default_step(theta)
+    eps = float(np.finfo(np.float32).eps)
+    assert_close(h, eps**0.25 * 1e30, rtol=1e-6, atol=0, like=theta)
+    big = backend.asarray([3e38, 3e38], dtype="float32")  # ‖θ‖ = 4.2e38 itself overflows
+    with (
+        np.errstate(over="ignore"),
+        pytest.raises(ValueError, match=r"params must have a norm finite in .*float32.*step="),
+    ):
+        landscape.default_step(big)
+
+
+def test_random_directions_check_params(backend) -> None:
+    with pytest.raises(ValueError, match=r"^params must be finite; got inf at positions \[0\]\.$"):
+        random_directions(backend.asarray([np.inf, 1.0]), rng=0)
+    block = [make_blocks([("w", (2,))])[0]]
+    d = random_directions(
+        backend.asarray([1e30, 1.0], dtype="float32"), kind="filter", blocks=block, rng=0
+    )
+    assert np.all(np.isfinite(backend.to_numpy(d)))  # the filter norm, scaled: no overflow
+    big = backend.asarray([3e38, 3e38], dtype="float32")
+    with (
+        np.errstate(over="ignore", invalid="ignore"),
+        pytest.raises(ValueError, match=r"params must have filters whose norms are finite"),
+    ):
+        random_directions(big, kind="filter", blocks=block, rng=0)

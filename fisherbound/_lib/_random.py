@@ -36,6 +36,9 @@ def as_generator(rng: Any) -> Any:
     if isinstance(rng, np.random.Generator) or _ranked(rng):
         return rng  # a RankedGenerator is used like one by probes() and uniform()
     if rng is None or (isinstance(rng, int | np.integer) and not isinstance(rng, bool)):
+        if rng is not None and rng < 0:
+            msg = f"rng must be a non-negative int seed (or a Generator or None); got {rng}."
+            raise ValueError(msg)
         return np.random.default_rng(rng)
     msg = f"rng must be a numpy.random.Generator, an int seed or None; got {type(rng).__name__}."
     raise TypeError(msg)

@@ -318,3 +318,31 @@ def test_meta_tensors_are_refused_by_every_front_door(case: str) -> None:
         r"Materialise it first: .*module\.to_empty\(device='cpu'\)",
     ):
         call()
+
+
+def test_progress_bar_only_where_it_would_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    """False and None off a terminal build no tqdm object (it costs ~0.4 ms per call);
+    True draws one; anything else is the house TypeError."""
+    pytest.importorskip("tqdm")
+    import tqdm.auto
+
+    from fisherbound._lib import _progress, progress_bar
+
+    made: list[dict[str, Any]] = []
+
+    def fake(iterable: Any, **options: Any) -> Any:
+        made.append(options)
+        return iter(iterable)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", fake)
+    monkeypatch.setattr(_progress, "_terminal", lambda: False)
+    assert list(progress_bar([1, 2], desc="d", progress=False)) == [1, 2]
+    assert list(progress_bar([1, 2], desc="d", progress=None)) == [1, 2]
+    assert made == []
+    assert list(progress_bar([1, 2], desc="d", progress=True)) == [1, 2]
+    assert made == [{"desc": "d", "unit": "batch", "leave": False}]
+    monkeypatch.setattr(_progress, "_terminal", lambda: True)
+    assert list(progress_bar([3], desc="d", progress=None)) == [3]
+    assert made[-1]["delay"] == 2.0
+    with pytest.raises(TypeError, match=r"progress must be True, False or None .* got str 'no'"):
+        list(progress_bar([1], desc="d", progress="no"))

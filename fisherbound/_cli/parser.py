@@ -89,7 +89,8 @@ def add_analysis_options(p: argparse.ArgumentParser, threads: int | None) -> Non
         default=None,
         metavar="E",
         help="draw rounds of M probes until the relative standard error of the "
-        "detach-and-mix trace is at most E (e.g. 0.05)",
+        "detach-and-mix trace, scaled by the Student t quantile of its degrees of freedom, "
+        "is at most E, with at least 10 degrees of freedom (e.g. 0.05)",
     )
     group.add_argument(
         "--seed", type=non_negative_int, default=0, help="random seed, 0 or more (default 0)"

@@ -32,6 +32,7 @@ from fisherbound.fisher import fisher_dense
 from fisherbound.linalg import lanczos, slq
 from fisherbound.linalg._lanczos import tridiagonal
 from fisherbound.linalg._quadrature import _rules_estimate
+from fisherbound.linearization import check_loss_labels
 
 Array = Any
 
@@ -166,9 +167,9 @@ def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
         raise TypeError(msg)
     y = conform_labels(lin, y)
     try:
-        family.check_labels(lin.logits, y)
+        check_loss_labels(family, lin.logits, y, where=f" of batch {index}")
     except (TypeError, ValueError) as err:
-        msg = f"labels of batch {index}: {err}"
+        msg = str(err)
         if int(y.ndim) >= 2 and int(y.ndim) < int(lin.logits.ndim):
             msg += (
                 " Padding labels (such as -100) must be masked: pass mask= to the "

@@ -79,13 +79,14 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
     collective,
+    is_array,
     is_traced,
     probes,
 )
 from fisherbound._quantities import Quantity, quantity
 from fisherbound._stream import Stream, check_family, conform_labels
 from fisherbound.families import KERNELS, Categorical, Family
-from fisherbound.linearization import Linearization
+from fisherbound.linearization import Linearization, check_loss_labels
 
 Array = Any
 
@@ -763,7 +764,7 @@ def empirical(
         index = batch_labels.batches
         y = conform_labels(lin, batch_labels.take(lin))
         y, keep = _ignored(lin, y, ignore_index)
-        fam.check_labels(lin.logits, y)
+        check_loss_labels(fam, lin.logits, y, where=f" of batch {index}")
         score = fam.score(lin.logits, y)
         if keep is not None:
             _check_counted(lin, keep, ignore_index, index)
@@ -823,6 +824,14 @@ class _LabelSource:
             self.parts = iter(labels)
             self.total = len(labels)
         else:
+            if not is_array(labels):
+                msg = (
+                    "labels must be an array of observed labels (N, ...) or a list of one "
+                    f"array per batch; got {type(labels).__name__}. The empirical Fisher "
+                    "needs the observed labels; the true Fisher (fisher_diagonal, "
+                    "monte_carlo, detach_and_mix) needs none."
+                )
+                raise TypeError(msg)
             array_namespace(labels, names=("labels",))
             self.whole = labels
             self.total = int(labels.shape[0]) if labels.ndim >= 1 else 0

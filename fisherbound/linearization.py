@@ -846,16 +846,23 @@ def check_family(family: object) -> Family:
     return family
 
 
-def check_loss_labels(family: Any, z: Array, labels: Array) -> None:
-    """``family.check_labels(z, labels)``, its message prefixed for the argument ``labels``.
+def check_loss_labels(family: Any, z: Array, labels: Array, *, where: str = "") -> None:
+    """``family.check_labels(z, labels)``, its message written for the argument ``labels``.
 
     z (N, ∗S, C): categorical labels are class indices (N, ∗S), Bernoulli and
-    Gaussian labels (N, ∗S, C) (the family's check says which it got).
+    Gaussian labels (N, ∗S, C) (the family's check says which it got). The
+    family names its argument ``y``; the message names ``labels``, as the caller
+    wrote it, and ``where`` (e.g. " of batch 2") says which logits.
     """
     try:
         family.check_labels(z, labels)
     except (TypeError, ValueError) as err:
-        msg = f"labels do not fit the logits for the {family!r} family: {err}"
+        text = str(err)
+        text = "labels" + text[1:] if text.startswith("y ") else text
+        text = text.replace("astype(y,", "astype(labels,").replace(
+            " z of shape", " the logits of shape"
+        )
+        msg = f"labels do not fit the logits{where} for the {family!r} family: {text}"
         raise type(err)(msg) from err
 
 

@@ -752,14 +752,14 @@ def test_bad_arrays(eager_backend) -> None:
     y = xp.asarray(np.array([0, 1, 2]), device=dev)
     theta = model.parameters()
     kw = dict(prior_variance=1.0)
-    with pytest.raises(ValueError, match=r"labels of batch 0: y must have shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"logits of batch 0 .*: labels must have shape \(3,\)"):
         razor(lin, labels=xp.reshape(y, (3, 1)), theta=theta, **kw)
     with pytest.raises(
-        TypeError, match=r"labels of batch 0: y must be an integer array of class indices"
+        TypeError, match=r"logits of batch 0 .*: labels must be an integer array of class indices"
     ):
         razor(lin, labels=xp.astype(y, xp.float64), theta=theta, **kw)
     with pytest.raises(
-        ValueError, match=r"labels of batch 0: y must hold class indices in \[0, 3\)"
+        ValueError, match=r"logits of batch 0 .*: labels must hold class indices in \[0, 3\)"
     ):
         razor(lin, labels=y + 1, theta=theta, **kw)
     with pytest.raises(
@@ -786,12 +786,12 @@ def test_bad_arrays(eager_backend) -> None:
         razor(lin, labels=y, theta=xp.astype(theta, xp.int64), **kw)
     targets = eager_backend.asarray(np.full((3, 3), 0.5))
     with pytest.raises(
-        ValueError, match=r"labels of batch 0: y must hold binary labels 0.0 or 1.0"
+        ValueError, match=r"logits of batch 0 .*: labels must hold binary labels 0.0 or 1.0"
     ):
         razor(lin, Bernoulli(), labels=targets * 3, theta=theta, **kw)
-    with pytest.raises(ValueError, match=r"labels of batch 0: y must have shape \(3, 3\)"):
+    with pytest.raises(ValueError, match=r"logits of batch 0 .*: labels must have shape \(3, 3\)"):
         razor(lin, Gaussian(), labels=targets[:, :2], theta=theta, **kw)
-    with pytest.raises(ValueError, match=r"labels of batch 0: y must be finite; got inf"):
+    with pytest.raises(ValueError, match=r"logits of batch 0 .*: labels must be finite; got inf"):
         razor(lin, Gaussian(), labels=targets + float("inf"), theta=theta, **kw)
     with pytest.raises(ValueError, match=r"grid must be a 1-D array of points; got shape \(2, 2\)"):
         spectral_density(lin, grid=eager_backend.asarray(np.zeros((2, 2))))
@@ -815,7 +815,7 @@ def test_mixed_libraries_and_devices() -> None:
     with pytest.raises(TypeError, match=r"all arrays must come from one array library"):
         spectral_density(lin, grid=np.linspace(0.0, 1.0, 5))
     cpu = xs.Device("CPU_DEVICE")
-    with pytest.raises(ValueError, match=r"labels of batch 0: y must be on"):
+    with pytest.raises(ValueError, match=r"logits of batch 0 .*: labels must be on"):
         razor(lin, labels=xs.asarray([0, 1, 2], device=cpu), theta=theta, **kw)
     with pytest.raises(ValueError, match=r"theta must be on the linearization's device"):
         razor(lin, labels=y, theta=xs.asarray(np.zeros(21), device=cpu), **kw)

@@ -911,3 +911,18 @@ def test_target_needs_two_probes_even_for_one_linearization() -> None:
         detach_and_mix(lin, what="trace", num_probes=1, target_relative_error=0.5, rng=0)
     with pytest.raises(ValueError, match="target_relative_error needs num_samples >= 2"):
         monte_carlo(lin, what="trace", num_samples=1, target_relative_error=0.5, rng=0)
+
+
+def test_empirical_messages_name_labels() -> None:
+    """The label checks name the argument as the caller wrote it: labels, not y."""
+    lin = linearize(MLP.random([4, 8, 3], rng=0), np.ones((5, 4)))
+    with pytest.raises(
+        ValueError,
+        match=r"labels do not fit the logits of batch 0 for the Categorical\(\) family: labels "
+        r"must hold class indices in \[0, 3\)",
+    ):
+        empirical(lin, np.array([0, 1, 2, 3, 0]))
+    with pytest.raises(TypeError, match=r"labels must be an integer .* xp.astype\(labels, xp"):
+        empirical(lin, np.array([0.5, 1, 1, 1, 1]))
+    with pytest.raises(TypeError, match=r"labels must be an array of observed labels .* NoneType"):
+        empirical(lin, None)

@@ -450,7 +450,10 @@ def test_bad_inputs_operands_and_labels(seq_case: Case) -> None:
         lin.per_example_vjp(jnp.ones((N, 1, C)))
     with pytest.raises(ValueError, match=r"U must have shape \(N, K, T, C\) = \(3, M, 4, 3\)"):
         lin.sum_squared_per_example_vjp(jnp.ones((N, 1, T)))
-    with pytest.raises(ValueError, match=r"labels do not fit .* y must have shape \(3, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels do not fit .* labels must have shape \(3, 4\) to match the logits",
+    ):
         loss_function(seq_apply, p, x, jnp.zeros((N, T + 1), int), output="logits")
     with pytest.raises(ValueError, match=r"labels must count at least one position; every label"):
         loss_function(seq_apply, p, x, jnp.full((N, T), -100), output="logits")

@@ -63,6 +63,7 @@ from fisherbound._lib import (
     check_bool,
     check_choice,
     check_finite,
+    check_floating,
     check_optional_int,
     check_positive_int,
     check_target,
@@ -139,6 +140,7 @@ def std_error_bound(value: Any, /, *, num_probes: int = 1) -> Any:
     if isinstance(value, dict):
         return {k: std_error_bound(v, num_probes=m) for k, v in value.items()}
     xp = array_namespace(value, names=("value",))
+    check_floating(value, "value", xp=xp)
     check_finite(value, "value", xp=xp)
     square = value.ndim == 2 and value.shape[0] == value.shape[1]
     diag = xp.linalg.diagonal(value) if square else value
@@ -151,14 +153,29 @@ def std_error_bound(value: Any, /, *, num_probes: int = 1) -> Any:
         )
         raise ValueError(msg)
     if value.ndim <= 1:
-        return xp.abs(value) * math.sqrt(2.0 / m)
+        return _finite_bound(xp, xp.abs(value) * math.sqrt(2.0 / m), value)
     if value.ndim == 2 and value.shape[0] == value.shape[1]:
-        d = xp.linalg.diagonal(value)
-        return xp.sqrt((d[:, None] * d[None, :] + value * value) / m)
+        # Scaled by c = max |F_ij| so that the products F_ii F_jj cannot overflow.
+        c = xp.max(xp.abs(value))
+        f = value / xp.where(c == 0.0, xp.ones_like(c), c)
+        d = xp.linalg.diagonal(f)
+        return _finite_bound(xp, c * xp.sqrt((d[:, None] * d[None, :] + f * f) / m), value)
     msg = (
         "value must be a diagonal (D,), a trace (0-d), a square block (s, s) or a dict of "
         f"blocks; got shape {tuple(value.shape)}. For what='full' pass the diagonal of the "
         "estimate, xp.sum(V * V, axis=0)."
+    )
+    raise ValueError(msg)
+
+
+def _finite_bound(xp: Any, bound: Array, value: Array) -> Array:
+    """``bound`` if finite; else a ValueError: it overflows ``value``'s dtype."""
+    if bool(xp.all(xp.isfinite(bound))):
+        return bound
+    remedy = "rescale value" if value.dtype == xp.float64 else "compute in float64"
+    msg = (
+        f"the standard-error bound of value overflows {value.dtype} (largest |value| = "
+        f"{float(xp.max(xp.abs(value))):.3g}, bound up to √2 times that): {remedy}."
     )
     raise ValueError(msg)
 

@@ -238,9 +238,16 @@ def estimate_from_samples(samples: Array, xp: Any, *, floor: Any = None) -> Esti
     known (0 for squares; see ``Estimate``).
     """
     m = int(samples.shape[0])
-    mean = xp.mean(samples, axis=0)
+    # Scaled by the largest |sample| of each entry, so that neither the sum of the
+    # mean nor the squared deviations overflow where the result is representable
+    # (samples near the dtype's largest value). Two more passes over the samples.
+    top = xp.max(xp.abs(samples), axis=0) if m else xp.sum(samples, axis=0)
+    scale = xp.where(xp.isfinite(top) & (top > 0), top, xp.ones_like(top))
+    scaled = samples / scale
+    mean_scaled = xp.mean(scaled, axis=0)
+    mean = mean_scaled * scale
     if m > 1:
-        se = xp.sqrt(variance_of_mean(samples, mean, m, xp))
+        se = xp.sqrt(variance_of_mean(scaled, mean_scaled, m, xp)) * scale
     else:
         se = xp.full_like(mean, float("nan"))
     return Estimate(mean, se, m, m - 1, floor)
@@ -258,7 +265,10 @@ class MeanVariance:
 
     Batches are merged with Chan et al.'s pairwise update, which keeps the
     variance accurate without holding every sample (the diagonal estimator would
-    otherwise hold an (M, n) array).
+    otherwise hold an (M, n) array). Everything is held divided by ``scale``, the
+    largest |sample| of each entry so far (raised, and the sums rescaled, when a
+    batch brings a larger one), so that no sum or square overflows where the
+    mean and its standard error are representable.
     """
 
     def __init__(self, xp: Any) -> None:
@@ -266,14 +276,25 @@ class MeanVariance:
         #: A bound below every sample, if known (see ``Estimate.floor``).
         self.floor: Any = None
         self.count = 0
-        self.mean: Array = None
-        self.m2: Array = None
+        self.scale: Array = None
+        self.mean: Array = None  # of the samples / scale
+        self.m2: Array = None  # of the samples / scale
 
     def add(self, samples: Array) -> None:
         xp = self.xp
         b = int(samples.shape[0])
-        mean_b = xp.mean(samples, axis=0)
-        m2_b = xp.sum((samples - mean_b) ** 2, axis=0)
+        top = xp.max(xp.abs(samples), axis=0)
+        top = xp.where(xp.isfinite(top) & (top > 0), top, xp.ones_like(top))
+        if self.count == 0:
+            scale = top
+        else:
+            scale = xp.maximum(self.scale, top)
+            ratio = self.scale / scale
+            self.mean, self.m2 = self.mean * ratio, self.m2 * ratio**2
+        self.scale = scale
+        scaled = samples / scale
+        mean_b = xp.mean(scaled, axis=0)
+        m2_b = xp.sum((scaled - mean_b) ** 2, axis=0)
         if self.count == 0:
             self.mean, self.m2 = mean_b, m2_b
         else:
@@ -286,8 +307,9 @@ class MeanVariance:
     def estimate(self) -> Estimate:
         xp = self.xp
         m = self.count
+        mean = self.mean * self.scale
         if m > 1:
-            se = xp.sqrt(self.m2 / ((m - 1) * m))
+            se = xp.sqrt(self.m2 / ((m - 1) * m)) * self.scale
         else:
-            se = xp.full_like(self.mean, float("nan"))
-        return Estimate(self.mean, se, m, m - 1, self.floor)
+            se = xp.full_like(mean, float("nan"))
+        return Estimate(mean, se, m, m - 1, self.floor)

@@ -13,6 +13,7 @@ from fisherbound._lib import (
     check_positive_int,
     estimate_from_samples,
     probes,
+    sum_is_finite,
 )
 from fisherbound.linalg._operator import _as_square_operator
 
@@ -34,6 +35,21 @@ def _check_common(
     else:
         b = check_positive_int(batch_size, "batch_size")
     return m, dist, min(b, m)
+
+
+def _check_samples(xp: Any, samples: Array, dtype: Any) -> None:
+    """A ValueError if the samples (v ⊙ Av, or vᵀAv) overflowed ``dtype``.
+
+    One pass (their sum); entry by entry only when that sum is not finite.
+    """
+    if bool(sum_is_finite(samples, xp)) or bool(xp.all(xp.isfinite(samples))):
+        return
+    msg = (
+        f"the probe products of A overflow {dtype}: A has entries or a spread too close to "
+        f"the largest {dtype} ({float(xp.finfo(dtype).max):.3g}). Rescale A (estimate for "
+        "A / s and multiply by s) or compute in float64."
+    )
+    raise ValueError(msg)
 
 
 def _hutchinson(
@@ -58,9 +74,11 @@ def _hutchinson(
         )
         prod = V * op.matmat(V)
         if diagonal:
+            _check_samples(xp, prod, op.dtype)
             acc.add(xp.matrix_transpose(prod))
         else:
             samples = xp.sum(prod, axis=0)
+            _check_samples(xp, samples, op.dtype)
             below = xp.any(samples < 0)
             negative = below if negative is None else negative | below
             acc.add(samples)
@@ -198,6 +216,7 @@ def _hutchpp(xp: Any, op: Any, *, num_probes: int, distribution: str, gen: Any) 
     G = xp.matrix_transpose(probes(gen, (g, n), **kw))
     PG = G - Q @ (xp.matrix_transpose(Q) @ G)
     samples = xp.sum(PG * op.matmat(PG), axis=0)
+    _check_samples(xp, samples, op.dtype)
     residual = estimate_from_samples(samples, xp)
     # The error is the residual's: g probes, g − 1 degrees of freedom. Residual
     # samples all ≥ 0 (always, for a PSD A) make every per-probe estimate ≥ tr(QᵀAQ).

@@ -403,6 +403,7 @@ def figures(out: Path) -> None:
     density = SimpleNamespace(grid=grid, density=per.mean(0), std_error=per.std(0) / np.sqrt(8))
     fig = plot_spectral_density(
         density,
+        num_probes=8,
         markers=hd.eigenvalues,
         log=True,
         title="Hessian spectral density (SLQ, 8 probes × 60 steps)",

@@ -174,14 +174,19 @@ class LinearRule(LayerRule):
         out: dict[str, Tensor] = {}
         if a.ndim == 2:
             # The per-example gradient δ_n a_nᵀ has rank one: its square is δ_n² (a_n²)ᵀ.
+            # Each example is scaled by a power of two s_n ≥ max |a_n| (exact: the same
+            # rounding), so that a² cannot overflow where δ_n a_n is finite (a saturated
+            # unit, δ = 0, behind a huge input gave 0 · inf = NaN).
+            scale = _power_of_two_above(a.abs().amax(dim=1))
             d2 = d * d
-            a2 = a * a
+            ds = d * scale[None, :, None]
+            ds2 = ds * ds
+            a2 = (a / scale[:, None]) ** 2
             if sum_k:
-                d2s = d2.sum(dim=0)
-                out["weight"] = d2s.T @ a2
-                out["bias"] = d2s.sum(dim=0)
+                out["weight"] = ds2.sum(dim=0).T @ a2
+                out["bias"] = d2.sum(dim=(0, 1))
             else:
-                out["weight"] = torch.matmul(d2.transpose(1, 2), a2)
+                out["weight"] = torch.matmul(ds2.transpose(1, 2), a2)
                 out["bias"] = d2.sum(dim=1)
             return out
         a3 = a.reshape(n, -1, a.shape[-1])
@@ -192,6 +197,13 @@ class LinearRule(LayerRule):
         )
         out["bias"] = _squares(d4.sum(dim=2), sum_k)
         return out
+
+
+def _power_of_two_above(x: Tensor) -> Tensor:
+    """2^e with 2^(e−1) ≤ x < 2^e (1 where x is 0 or not finite): exact scale factors."""
+    _, exponent = torch.frexp(x)
+    ok = torch.isfinite(x) & (x > 0)
+    return torch.where(ok, torch.ldexp(torch.ones_like(x), exponent), torch.ones_like(x))
 
 
 def _unfold_input(m: Any, a: Tensor) -> Tensor:

@@ -139,16 +139,22 @@ def test_per_example_products_name_the_examples_of_the_slice() -> None:
 
 
 def test_overflowing_input_names_the_cause_in_float32() -> None:
-    """relu keeps a 1e30 input alive; its per-example squares overflow float32."""
+    """Weights that cancel a 1e30 input keep the logits finite and δ ≠ 0: the true
+    per-example squares (δ · 1e30)² are not representable in float32, and the message
+    names the input."""
     torch = _torch()
     from fisherbound.adapters import torch as ft
 
-    model = torch_mlp(WS, BS, "relu").float()
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(
+            torch.tensor([[1.0, -1.0, 0.5, 0.0]] * 3) * torch.tensor([[1.0], [2], [3]])
+        )
     x = torch.as_tensor(X, dtype=torch.float32).clone()
-    x[2, 1] = 1e30
+    x[2, :2] = 1e30  # w · x stays finite: 1e30 − 1e30 = 0
     with pytest.raises(
         ValueError,
-        match=r"per-example squares .* must be finite; got NaN .* Likely cause: inputs\[0\] has "
+        match=r"per-example squares .* must be finite; got .*inf .* Likely cause: inputs\[0\] has "
         r"entries above 1\.84e\+19 in absolute value in examples \[2\], whose squares overflow",
     ):
         fisher.fisher_diagonal(ft.linearize(model, x))
@@ -244,3 +250,18 @@ def test_estimators_never_return_nan_silently() -> None:
     ):
         with pytest.raises(ValueError, match=r"must be finite; got inf in examples \[1\]"):
             run()
+
+
+def test_saturated_unit_behind_a_huge_input_gives_the_exact_diagonal() -> None:
+    """tanh(1e30 w) saturates: δ = 0 and the true per-example gradient is 0, but the
+    fast path's a² overflowed float32 (0 · inf = NaN); scaled by powers of two, it is
+    the float64 diagonal to float32 rounding."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    x = torch.as_tensor(X).clone()
+    x[1, 0] = 1e30
+    exact = fisher.fisher_diagonal(ft.linearize(torch_mlp(WS, BS), x))
+    got = fisher.fisher_diagonal(ft.linearize(torch_mlp(WS, BS).float(), x.float()))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-6 * float(exact.max()))

@@ -580,7 +580,7 @@ def test_bad_masks() -> None:
 def test_bad_labels() -> None:
     model, tokens = _seq()
     with pytest.raises(
-        ValueError, match=r"labels do not fit the logits.*y must have shape \(3, 5\)"
+        ValueError, match=r"labels do not fit the logits.*labels must have shape \(3, 5\)"
     ):
         loss_function(model, tokens, torch.zeros(3, 4, dtype=torch.int64))
     with pytest.raises(

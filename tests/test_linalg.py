@@ -898,3 +898,41 @@ def test_smoothed_density_refuses_non_finite_points_and_names_an_overflow():
     phi = smoothed_density(quad, np.array([2.0]), width=1e300)  # tiny, finite, fine
     assert np.isfinite(phi[0])
     assert phi[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        *(("float64", s) for s in (1e-300, 1e-170, 1e-100, 1.0, 1e100, 1e200, 1e300)),
+        *(("float32", s) for s in (1e-35, 1e-20, 1.0, 1e20, 1e35)),
+    ],
+)
+def test_krylov_methods_are_scale_invariant(dtype: str, scale: float) -> None:
+    """eigsh, lanczos and slq give the same relative accuracy at any representable scale
+    of A (they run on A / s, s a power of two from the first product); the residuals
+    scale with A and never claim a convergence that did not happen."""
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((5, 5))
+    A = G @ G.T
+    lam = np.linalg.eigvalsh(A)
+    As = (A * scale).astype(dtype)
+    eps = float(np.finfo(dtype).eps)
+    res = eigsh(As, k=2)
+    got = np.asarray(res.eigenvalues, dtype=np.float64) / scale
+    np.testing.assert_allclose(got, lam[-2:], rtol=50 * eps)
+    residuals = np.asarray(res.residuals, dtype=np.float64) / scale
+    assert np.all(residuals > 0)
+    assert np.all(residuals < 1e3 * eps * lam[-1])
+    small = eigsh(As, k=1, which="smallest")
+    np.testing.assert_allclose(float(small.eigenvalues[0]) / scale, lam[0], rtol=1e3 * eps)
+    one = eigsh(np.full((1, 1), scale, dtype=dtype), k=1)
+    assert float(one.eigenvalues[0]) == float(np.asarray(scale, dtype=dtype))
+    # The full Krylov space (5 steps): the Ritz values are the spectrum, at every scale.
+    run = lanczos(As, num_matvecs=5, rng=0)
+    beta = np.asarray(run.beta, dtype=np.float64)
+    T = np.diag(np.asarray(run.alpha, dtype=np.float64)) + np.diag(beta, 1) + np.diag(beta, -1)
+    ritz = np.linalg.eigvalsh(T) / scale
+    np.testing.assert_allclose(ritz, lam, rtol=1e3 * eps, atol=1e3 * eps * lam[-1])
+    tr = slq(As, lambda t: t, num_probes=3, num_matvecs=5, rng=0)
+    ref = slq(A.astype(dtype), lambda t: t, num_probes=3, num_matvecs=5, rng=0)
+    assert float(tr.value) / scale == pytest.approx(float(ref.value), rel=1e3 * eps)

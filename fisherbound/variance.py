@@ -661,6 +661,15 @@ def compare_estimators(
         msg = "target_relative_error must be a positive number (e.g. 0.1); got None."
         raise TypeError(msg)
     names = ("detach_and_mix", "detach_and_mix_per_example", "monte_carlo", "exact")
+    if estimators is not None and (
+        isinstance(estimators, str) or not isinstance(estimators, Sequence) or not estimators
+    ):
+        msg = (
+            f"estimators must be None (all four) or a non-empty list of names from {names}; "
+            f"got {estimators!r}."
+        )
+        wrong_type = isinstance(estimators, str) or not isinstance(estimators, Sequence)
+        raise (TypeError if wrong_type else ValueError)(msg)
     chosen = list(names) if estimators is None else list(estimators)
     for name in chosen:
         check_choice(name, "estimators entries", names)

@@ -469,3 +469,13 @@ def test_std_error_bound_refuses_negative_and_non_finite_values() -> None:
         std_error_bound(np.array([[-2.0, 0.1], [0.1, 1.0]]))
     with pytest.raises(ValueError, match=r"value .*NaN"):
         std_error_bound(np.array([0.2, np.nan]))
+
+
+def test_compare_estimators_names_a_bad_selection() -> None:
+    lin = mlp(NUMPY, n=4, sizes=(3, 4, 3), seed=6)
+    with pytest.raises(ValueError, match=r"estimators must be None \(all four\) or a non-empty"):
+        compare_estimators(lin, target_relative_error=0.2, estimators=[])  # was min() of []
+    with pytest.raises(TypeError, match=r"non-empty list of names .* got 'exact'"):
+        compare_estimators(lin, target_relative_error=0.2, estimators="exact")  # was 'e'
+    with pytest.raises(ValueError, match=r"estimators entries must be one of .* got 'nope'"):
+        compare_estimators(lin, target_relative_error=0.2, estimators=["nope"])

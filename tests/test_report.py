@@ -84,6 +84,30 @@ def make_one_output():
     return nn.Linear(6, 1).double()
 
 
+def make_nonfinite():
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("inf")  # hidden behind a saturated tanh
+    return model
+
+
+class Random(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 4).double()
+
+    def forward(self, x):
+        return self.linear(nn.functional.dropout(x, 0.5, training=True))
+
+
+def make_random():
+    return Random()
+
+
+def make_half():
+    return nn.Linear(6, 4).half()
+
+
 def not_a_module():
     return 42
 
@@ -301,6 +325,9 @@ CASES = [
         "Log-softmax outputs are fine",
     ),
     ("model.py:make_one_output", "data", [], "needs C >= 2 outputs", "--family bernoulli"),
+    ("model.py:make_nonfinite", "data", [], "parameters must be finite", "['0.weight']"),
+    ("model.py:make_random", "data", [], "two forward passes on the same batch", "disagree"),
+    ("model.py:make_half", "data", [], "must be float32 or float64; got torch.float16", ""),
     (
         M,
         "data",

@@ -174,10 +174,10 @@ class LinearRule(LayerRule):
         out: dict[str, Tensor] = {}
         if a.ndim == 2:
             # The per-example gradient δ_n a_nᵀ has rank one: its square is δ_n² (a_n²)ᵀ.
-            # Each example is scaled by a power of two s_n ≥ max |a_n| (exact: the same
+            # Each example is scaled by a power of two s_n ≈ max |a_n| (exact: the same
             # rounding), so that a² cannot overflow where δ_n a_n is finite (a saturated
             # unit, δ = 0, behind a huge input gave 0 · inf = NaN).
-            scale = _power_of_two_above(a.abs().amax(dim=1))
+            scale = _power_of_two_scale(a.abs().amax(dim=1))
             d2 = d * d
             ds = d * scale[None, :, None]
             ds2 = ds * ds
@@ -199,11 +199,14 @@ class LinearRule(LayerRule):
         return out
 
 
-def _power_of_two_above(x: Tensor) -> Tensor:
-    """2^e with 2^(e−1) ≤ x < 2^e (1 where x is 0 or not finite): exact scale factors."""
+def _power_of_two_scale(x: Tensor) -> Tensor:
+    """2^(e−1) with 2^(e−1) ≤ x < 2^e (1 where x is 0 or not finite): exact scale factors.
+
+    At most x, so always representable (2^e overflows for x just below the top).
+    """
     _, exponent = torch.frexp(x)
     ok = torch.isfinite(x) & (x > 0)
-    return torch.where(ok, torch.ldexp(torch.ones_like(x), exponent), torch.ones_like(x))
+    return torch.where(ok, torch.ldexp(torch.ones_like(x), exponent - 1), torch.ones_like(x))
 
 
 def _unfold_input(m: Any, a: Tensor) -> Tensor:

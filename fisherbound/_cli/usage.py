@@ -27,36 +27,25 @@ def _parse(text: str, convert: Callable[[str], T], what: str) -> T:
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def positive_int(text: str) -> int:
-    """An integer of at least 1 (argparse type)."""
-    value = _parse(text, int, "a positive integer")
-    if value < 1:
-        msg = f"must be a positive integer; got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An integer of at least 0 (argparse type: seeds)."""
-    value = _parse(text, int, "a non-negative integer")
-    if value < 0:
-        msg = f"must be a non-negative integer; got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def int_at_least(low: int) -> Callable[[str], int]:
-    """The argparse type of an integer of at least ``low``."""
+def int_at_least(low: int, what: str | None = None) -> Callable[[str], int]:
+    """The argparse type of an integer of at least ``low`` (``what`` names it in messages)."""
+    name = what or f"an integer of at least {low}"
 
     def parse(text: str) -> int:
-        value = _parse(text, int, f"an integer of at least {low}")
+        value = _parse(text, int, name)
         if value < low:
-            msg = f"must be an integer of at least {low}; got {value}"
+            msg = f"must be {name}; got {value}"
             raise argparse.ArgumentTypeError(msg)
         return value
 
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+#: An integer of at least 1 (argparse type: counts).
+positive_int = int_at_least(1, "a positive integer")
+#: An integer of at least 0 (argparse type: seeds).
+non_negative_int = int_at_least(0, "a non-negative integer")
 
 
 def positive_float(text: str) -> float:

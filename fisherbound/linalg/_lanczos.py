@@ -18,7 +18,7 @@ from fisherbound._lib import (
     set_row,
     to_host,
 )
-from fisherbound.linalg._operator import _as_square_operator
+from fisherbound.linalg._operator import _as_square_operator, is_jax_namespace
 
 Array = Any
 
@@ -100,7 +100,7 @@ def _not_finite(xp: Any, dtype: Any, step: int) -> ValueError:
 
 
 def _power_of_two_scale(xp: Any, w: Array) -> Array:
-    """A power of two near max |w| along the last axis (1 where that is 0 or not finite).
+    """A power of two at most max |w| (within 2x), along the last axis (1 where 0 or inf).
 
     Lanczos runs on A / s with s from the first product, so that no norm overflows or
     underflows at any representable scale of A (entries 1e±300 in float64, 1e±30 in
@@ -109,7 +109,8 @@ def _power_of_two_scale(xp: Any, w: Array) -> Array:
     top = xp.max(xp.abs(w), axis=-1)
     ok = xp.isfinite(top) & (top > 0)
     safe = xp.where(ok, top, xp.ones_like(top))
-    return xp.where(ok, 2.0 ** xp.round(xp.log2(safe)), xp.ones_like(top))
+    # floor: 2^e ≤ max |w| is representable (2^round(·) overflows just below the top).
+    return xp.where(ok, 2.0 ** xp.floor(xp.log2(safe)), xp.ones_like(top))
 
 
 def _breakdown_factor(xp: Any, dtype: Any, n: int) -> float:
@@ -123,6 +124,49 @@ def _breakdown_factor(xp: Any, dtype: Any, n: int) -> float:
     return eps * min(max(n, 10), eps**-0.5)
 
 
+def _residual(
+    xp: Any,
+    filled: Array,
+    q: Array,
+    q_prev: Array,
+    w: Array,
+    beta_prev: Array,
+    norm_t: Array,
+    factor: float,
+) -> tuple[Array, Array, Array, Array, Array]:
+    """One Lanczos step of B runs after the product w = A q / s (all (B, n) or (B,)).
+
+    Returns α = qᵀ w, the residual w − α q − β' q' orthogonalised against the basis
+    rows ``filled`` (B, j, n), its norm β, the running estimate of ‖T‖ and the
+    breakdown flags β ≤ factor · ‖T‖. The Python loop and the compiled JAX loop
+    (``_compiled``) both take their steps here.
+    """
+    a = xp.sum(q * w, axis=1)
+    w = w - a[:, None] * q - beta_prev[:, None] * q_prev
+    w = _orthogonalize(xp, filled, w)
+    b = xp.linalg.vector_norm(w, axis=1)
+    norm_t = xp.maximum(norm_t, xp.abs(a) + beta_prev + b)
+    return a, w, b, norm_t, b <= factor * norm_t
+
+
+def _next_vectors(
+    xp: Any, filled: Array, w: Array, b: Array, broke: Array, r: Array | None
+) -> tuple[Array, Array]:
+    """The next basis vectors q = w / β and their β, restarted where a run broke down.
+
+    A run with ``broke`` set records β = 0 and goes on from its row of ``r`` (B, n),
+    Gaussian, orthogonalised against its basis ``filled`` and normalised; ``r`` is
+    None when no run broke down.
+    """
+    if r is None:
+        return w / b[:, None], b
+    r = _orthogonalize(xp, filled, r)
+    r = r / xp.linalg.vector_norm(r, axis=1)[:, None]
+    safe = xp.where(broke, xp.ones_like(b), b)
+    q_next = xp.where(broke[:, None], r, w / safe[:, None])
+    return q_next, xp.where(broke, xp.zeros_like(b), b)
+
+
 def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Array, Array]:
     """B independent Lanczos runs at once, one ``matmat`` of B columns per step.
 
@@ -131,7 +175,17 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
     tolerance) records β = 0 and restarts with a Gaussian vector orthogonalised
     against its basis, so an invariant subspace never ends the run early and
     repeated eigenvalues are found with their multiplicity.
+
+    A JAX operator with a ``traceable`` product runs all m steps in one compiled
+    loop on the device (``_compiled.lanczos``: the same steps, the same random
+    restarts, one host read per call and per breakdown); the others step from
+    Python here.
     """
+    traceable = getattr(op, "traceable", None)
+    if traceable is not None and is_jax_namespace(xp):
+        from fisherbound.linalg._compiled import lanczos as compiled_lanczos
+
+        return compiled_lanczos(xp, op, traceable, V0, m, gen)
     B, n = (int(s) for s in V0.shape)
     dtype, device = op.dtype, op.device
     factor = _breakdown_factor(xp, dtype, n)
@@ -154,30 +208,21 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
         if scale is None:  # each run on A / s_b (see _power_of_two_scale)
             scale = _power_of_two_scale(xp, w)
         w = w / scale[:, None]
-        a = xp.sum(q * w, axis=1)
-        alphas.append(a)
         if j == m - 1:
+            alphas.append(xp.sum(q * w, axis=1))
             break
-        w = w - a[:, None] * q - beta_prev[:, None] * q_prev
         filled = V if static else V[:, : j + 1, :]
-        w = _orthogonalize(xp, filled, w)
-        b = xp.linalg.vector_norm(w, axis=1)
-        norm_t = xp.maximum(norm_t, xp.abs(a) + beta_prev + b)
-        broke = b <= factor * norm_t
+        a, w, b, norm_t, broke = _residual(xp, filled, q, q_prev, w, beta_prev, norm_t, factor)
+        alphas.append(a)
         # One host read per step for both tests: a breakdown, and a NaN or inf product
         # (whose β would compare as a breakdown and restart silently).
         flags = to_host(xp.stack([xp.any(broke), ~xp.all(xp.isfinite(a + b))]))
         if bool(flags[1]):
             raise _not_finite(xp, dtype, j + 1)
+        r = None
         if bool(flags[0]):
             r = probes(gen, (B, n), distribution="gaussian", xp=xp, dtype=dtype, device=device)
-            r = _orthogonalize(xp, filled, r)
-            r = r / xp.linalg.vector_norm(r, axis=1)[:, None]
-            safe = xp.where(broke, xp.ones_like(b), b)
-            q_next = xp.where(broke[:, None], r, w / safe[:, None])
-            b = xp.where(broke, zeros, b)
-        else:
-            q_next = w / b[:, None]
+        q_next, b = _next_vectors(xp, filled, w, b, broke, r)
         betas.append(b)
         q_prev, q, beta_prev = q, q_next, b
         V = set_row(xp, V, j + 1, q)

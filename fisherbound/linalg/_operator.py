@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from fisherbound._lib import (
     array_namespace,
@@ -15,7 +15,22 @@ from fisherbound._lib import (
 
 Array = Any
 
-__all__ = ["LinearOperator", "LinearOperatorLike", "aslinearoperator"]
+__all__ = ["LinearOperator", "LinearOperatorLike", "TraceableProduct", "aslinearoperator"]
+
+
+class TraceableProduct(NamedTuple):
+    """An operator's ``matmat`` as a pure function, for loops compiled by JAX.
+
+    ``fn(operands, V)`` returns A V for V (n, k) and is traceable by ``jax.jit``;
+    ``operands`` is a pytree of the arrays it reads, passed to the compiled loop as
+    arguments (not baked into it as constants). ``fn`` is the static part: it must
+    be hashable, and two operators whose ``fn`` compare equal share the compiled
+    loops for operands of the same shapes (e.g. the Fisher operators of one model on
+    batches of one size), so ``fn`` must read arrays only from ``operands``.
+    """
+
+    fn: Callable[[Any, Array], Array]
+    operands: Any
 
 
 @runtime_checkable
@@ -73,6 +88,11 @@ class LinearOperator:
     dtype, device, xp
         The dtype, device and array namespace of the vectors the operator acts on
         and returns.
+    traceable
+        Optional ``TraceableProduct``: the same product as a pure function that
+        ``jax.jit`` can trace. JAX operators that have one run ``lanczos``,
+        ``lanczos_quadrature`` and ``slq`` as one compiled loop on the device;
+        without it they call ``matvec`` / ``matmat`` once per step from Python.
 
     Examples
     --------
@@ -92,6 +112,7 @@ class LinearOperator:
         dtype: Any,
         device: Any,
         xp: Any,
+        traceable: TraceableProduct | None = None,
     ) -> None:
         if matvec is None and matmat is None:
             msg = (
@@ -112,6 +133,17 @@ class LinearOperator:
         self.xp = xp
         self._matvec = matvec
         self._matmat = matmat
+        if traceable is not None and not (
+            isinstance(traceable, TraceableProduct) and callable(traceable.fn)
+        ):
+            msg = (
+                "traceable must be a TraceableProduct(fn, operands) with a callable fn; "
+                f"got {type(traceable).__name__}. Leave it as None for an operator that "
+                "only has matvec / matmat."
+            )
+            raise TypeError(msg)
+        #: The product as a pure function for compiled loops, or None.
+        self.traceable = traceable
 
     def _check_operand(self, x: Array, name: str, expected: str, ok: bool) -> None:
         """A ValueError unless ``ok``: ``x`` (``name``) must have the ``expected`` shape."""
@@ -160,6 +192,16 @@ def _namespace_of(op: Any) -> Any:
     return array_namespace(witness, names=("A",))
 
 
+def _dense_product(A: Array, V: Array) -> Array:
+    """A @ V: the ``TraceableProduct.fn`` of every dense JAX operator."""
+    return A @ V
+
+
+def is_jax_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is JAX's array namespace (``jax.numpy``)."""
+    return str(getattr(xp, "__name__", "")).startswith("jax")
+
+
 def _dense_operator(A: Array, xp: Any) -> LinearOperator:
     def matvec(v: Array) -> Array:
         return A @ v
@@ -168,8 +210,15 @@ def _dense_operator(A: Array, xp: Any) -> LinearOperator:
         return A @ V
 
     n, m = (int(s) for s in A.shape)
+    traceable = TraceableProduct(_dense_product, A) if is_jax_namespace(xp) else None
     return LinearOperator(
-        (n, m), matvec=matvec, matmat=matmat, dtype=A.dtype, device=device_of(A), xp=xp
+        (n, m),
+        matvec=matvec,
+        matmat=matmat,
+        dtype=A.dtype,
+        device=device_of(A),
+        xp=xp,
+        traceable=traceable,
     )
 
 
@@ -181,10 +230,11 @@ def aslinearoperator(A: Any, /) -> Any:
     """View ``A`` as a linear operator.
 
     A dense 2-D float32 or float64 array of any array-API library, checked finite
-    (one reduction over its entries), becomes a ``LinearOperator`` with ``matvec(v) = A @ v`` and ``matmat(V) = A @ V``, in
-    A's namespace and on A's device (no copy). An object that already satisfies
-    ``LinearOperatorLike`` is returned as it is (after checking that its dtype is
-    real floating).
+    (one reduction over its entries), becomes a ``LinearOperator`` with
+    ``matvec(v) = A @ v`` and ``matmat(V) = A @ V``, in A's namespace and on A's
+    device (no copy; a JAX array also gets a ``traceable`` product). An object that
+    already satisfies ``LinearOperatorLike`` is returned as it is (after checking that
+    its dtype is real floating).
 
     Raises
     ------

@@ -52,6 +52,7 @@ created; without it JAX silently computes in float32.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -211,6 +212,26 @@ class JaxLinearization(LinearizationBase):
         """
         U = self._operand(U, "U", (None, *self.output_shape), self._output_text("M"))
         return self._kernels.vjp_batch(self._f_jvp, self._theta, U, self._mask)
+
+    # -- compiled loops (fisher_operator's TraceableProduct) ----------------------
+    def _traceable(self) -> tuple[Any, PyTree]:
+        """(key, state): this linearization's arrays, for loops compiled by JAX.
+
+        ``state`` holds every array the batched products read (the residuals of
+        ``jax.linearize``, θ, the mask, the logits, the inputs); ``_with_state``
+        with traced values gives a linearization whose ``jvp_batch`` and
+        ``vjp_batch`` trace through them. Linearizations with equal keys (one model
+        structure: one set of kernels) trace alike for states of equal shapes.
+        """
+        state = (self._f_jvp, self._theta, self._mask, self._logits, self._inputs)
+        return self._kernels, state
+
+    def _with_state(self, state: PyTree) -> JaxLinearization:
+        """A copy whose products read ``state`` (see ``_traceable``; None: no arrays)."""
+        new = copy.copy(self)
+        new._f_jvp, new._theta, new._mask, new._logits, new._inputs = state
+        new._independent = None
+        return new
 
     def _cotangents_text(self, lead: str) -> str:
         """The letters of per-example cotangents, e.g. "(n, K, T, C)"."""

@@ -74,6 +74,7 @@ from fisherbound._quantities import Quantity, check_cotangents, cotangent_chunks
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
+from fisherbound.linalg._operator import TraceableProduct
 
 Array = Any
 
@@ -473,4 +474,46 @@ def fisher_operator(
         dtype=first.logits.dtype,
         device=first.device,
         xp=xp,
+        traceable=None if coll is not None else _traceable_fisher(lins, fam, kernel, scale),
     )
+
+
+class _FisherProduct:
+    """F V as a pure function of the linearizations' arrays (``TraceableProduct.fn``).
+
+    Holds the linearizations without their arrays (their structure: kernels, blocks);
+    equal for operators of one model, family, kernel and scale, so that a loop compiled
+    for one serves the others (``jax.jit`` keys on it).
+    """
+
+    def __init__(self, lins: list[Any], fam: Family, kernel: str, scale: float) -> None:
+        self._skeletons = [lin._with_state((None,) * 5) for lin in lins]
+        self._fam, self._kernel, self._scale = fam, kernel, scale
+        self._key = (tuple(lin._traceable()[0] for lin in lins), fam, kernel, scale)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _FisherProduct) and self._key == other._key
+
+    def __call__(self, states: Any, v: Array) -> Array:
+        total: Array = None
+        for skeleton, state in zip(self._skeletons, states, strict=True):
+            lin = skeleton._with_state(state)
+            jv = lin.jvp_batch(lin.xp.matrix_transpose(v))
+            part = lin.vjp_batch(self._fam.metric_matvec(lin.logits, jv, kernel=self._kernel))
+            total = part if total is None else total + part
+        return lin.xp.matrix_transpose(total) * self._scale
+
+
+def _traceable_fisher(lins: list[Any], fam: Family, kernel: str, scale: float) -> Any:
+    """The Fisher product for loops compiled by JAX, where every linearization has one."""
+    if not all(hasattr(lin, "_traceable") for lin in lins):
+        return None
+    fn = _FisherProduct(lins, fam, kernel, scale)
+    try:
+        hash(fn)
+    except TypeError:  # an unhashable family: no loop to share
+        return None
+    return TraceableProduct(fn, tuple(lin._traceable()[1] for lin in lins))

@@ -408,7 +408,7 @@ def test_empirical_ignore_index() -> None:
         empirical(lin, np.full((3, 4), -100))
     with pytest.raises(TypeError, match="ignore_index must be an int or None; got float"):
         empirical(lin, y, ignore_index=7.0)
-    with pytest.raises(ValueError, match=r"y must have shape \(3, 4\)"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, 4\)"):
         empirical(lin, y[:, :2])
     # Batches with different lengths take a list of label arrays.
     c2 = random_case(Categorical(), (2,), masked=False, seed=5)

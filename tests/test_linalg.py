@@ -936,3 +936,161 @@ def test_krylov_methods_are_scale_invariant(dtype: str, scale: float) -> None:
     tr = slq(As, lambda t: t, num_probes=3, num_matvecs=5, rng=0)
     ref = slq(A.astype(dtype), lambda t: t, num_probes=3, num_matvecs=5, rng=0)
     assert float(tr.value) / scale == pytest.approx(float(ref.value), rel=1e3 * eps)
+
+
+# ----------------------------------------------------------------------------- compiled JAX loop
+
+
+def _jax_operator(fn, operands, n: int, dtype):
+    """A JAX operator with a traceable product ``fn(operands, V)`` and the same matvec /
+    matmat; ``plain`` is the same operator without it (the Python loop)."""
+    import jax.numpy as jnp
+
+    from fisherbound.linalg._operator import TraceableProduct
+
+    def matmat(V):
+        return fn(operands, V)
+
+    def matvec(v):
+        return fn(operands, v[:, None])[:, 0]
+
+    kwargs = {"matvec": matvec, "matmat": matmat, "dtype": dtype, "device": None, "xp": jnp}
+    compiled = LinearOperator((n, n), traceable=TraceableProduct(fn, operands), **kwargs)
+    return compiled, LinearOperator((n, n), **kwargs)
+
+
+_TRACES = [0]
+
+
+def _counted_product(A, V):
+    _TRACES[0] += 1  # runs when jax traces the loop, not when it runs it
+    return A @ V
+
+
+class _Counted:
+    """A TraceableProduct.fn that counts its traces, equal when the wrapped fn is."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Counted) and self.fn == other.fn
+
+    def __call__(self, operands, V):
+        _TRACES[0] += 1
+        return self.fn(operands, V)
+
+
+@pytest.mark.jax
+def test_compiled_lanczos_matches_the_numpy_loop():
+    """A dense JAX matrix runs the compiled loop: alpha, beta, the basis and the Gauss
+    rules of NumPy's Python loop to rounding, for one run and for three at once."""
+    jnp = pytest.importorskip("jax.numpy")
+    a = random_symmetric(30, 3)
+    A = jnp.asarray(a)
+    assert aslinearoperator(A).traceable is not None
+    for m in (1, 12):
+        ref, got = lanczos(a, num_matvecs=m, rng=4), lanczos(A, num_matvecs=m, rng=4)
+        for x, y in zip(got, ref):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(np.asarray(x), y, rtol=0, atol=1e-13)
+    ref_q = lanczos_quadrature(a, num_probes=3, num_matvecs=12, rng=5)
+    got_q = lanczos_quadrature(A, num_probes=3, num_matvecs=12, rng=5)
+    np.testing.assert_allclose(np.asarray(got_q.nodes), ref_q.nodes, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(got_q.weights), ref_q.weights, rtol=0, atol=1e-12)
+
+
+@pytest.mark.jax
+def test_compiled_lanczos_breaks_down_and_restarts_as_the_numpy_loop():
+    """Repeated eigenvalues: the same exact zeros in beta (the same restart vectors,
+    drawn on the host), the spectrum with multiplicities, and one trace in all."""
+    jnp = pytest.importorskip("jax.numpy")
+    lam = np.repeat([1.0, 2.0, 5.0], 4)
+    a = with_spectrum(lam, seed=1)  # clean breakdowns: every other beta is 0.3 or more
+    op, _ = _jax_operator(_counted_product, jnp.asarray(a), 12, jnp.float64)
+    before = _TRACES[0]
+    got, ref = lanczos(op, num_matvecs=12, rng=1), lanczos(a, num_matvecs=12, rng=1)
+    assert np.sum(ref.beta == 0.0) == 3  # a restart after each 3-dimensional Krylov space
+    np.testing.assert_array_equal(np.asarray(got.beta) == 0.0, ref.beta == 0.0)
+    np.testing.assert_allclose(np.asarray(got.alpha), ref.alpha, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(got.beta), ref.beta, rtol=0, atol=1e-12)
+    b = np.asarray(got.beta)
+    T = np.diag(np.asarray(got.alpha)) + np.diag(b, 1) + np.diag(b, -1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(T), lam, rtol=0, atol=1e-12)
+    # A second call on another matrix of the same shape, another seed: no new trace.
+    lanczos(op, num_matvecs=12, rng=2)
+    other, _ = _jax_operator(_counted_product, jnp.asarray(a + np.eye(12)), 12, jnp.float64)
+    lanczos(other, num_matvecs=12, rng=3)
+    assert _TRACES[0] - before == 1
+
+
+@pytest.mark.jax
+def test_compiled_lanczos_raises_at_the_step_of_a_nan_product():
+    """A product that turns NaN at step 4 (from e_0 on the path graph the basis is e_j):
+    the compiled loop raises the Python loop's ValueError, naming the same step."""
+    jnp = pytest.importorskip("jax.numpy")
+    n = 8
+    path = np.diag(np.ones(n - 1), 1) + np.diag(np.ones(n - 1), -1)
+
+    def product(A, V):
+        return A @ V + jnp.where(jnp.abs(V[3, :]) > 0, jnp.nan, 0.0)
+
+    compiled, plain = _jax_operator(product, jnp.asarray(path), n, jnp.float64)
+    e0 = jnp.asarray(np.eye(n)[0])
+    match = r"^A's products must be finite; at Lanczos step 4 A q or its norm is NaN"
+    for op in (compiled, plain):
+        with pytest.raises(ValueError, match=match):
+            lanczos(op, num_matvecs=6, v0=e0)
+    ok = lanczos(compiled, num_matvecs=3, v0=e0)  # steps 1 to 3 are finite
+    np.testing.assert_allclose(np.asarray(ok.beta), [1.0, 1.0], rtol=1e-15)
+
+
+@pytest.mark.jax
+def test_compiled_lanczos_on_a_jax_fisher_operator():
+    """The Fisher operator of a JAX MLP runs compiled: the Gauss rules of the Python
+    loop on the same operator and of NumPy's loop on its dense matrix, to rounding; the
+    operators of two batches of one size share one compiled loop (one trace)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    from _models import jax_mlp, mlp_weights
+
+    from fisherbound.adapters.jax import linearize
+    from fisherbound.fisher import fisher_operator
+    from fisherbound.linalg._operator import TraceableProduct
+
+    ws, bs = mlp_weights((3, 5, 4), seed=11)
+    apply_fn, params = jax_mlp(ws, bs)
+    xs = np.random.default_rng(0).standard_normal((2, 6, 3))
+    ops = [fisher_operator(linearize(apply_fn, params, jnp.asarray(x))) for x in xs]
+    assert ops[0].traceable.fn == ops[1].traceable.fn
+    assert hash(ops[0].traceable.fn) == hash(ops[1].traceable.fn)
+    op = ops[0]
+    d = op.shape[0]
+    plain = LinearOperator(
+        op.shape, matvec=op.matvec, matmat=op.matmat, dtype=op.dtype, device=None, xp=jnp
+    )
+    dense = np.asarray(op.matmat(jnp.eye(d)))
+    counted = [
+        LinearOperator(
+            o.shape,
+            matmat=o.matmat,
+            dtype=o.dtype,
+            device=None,
+            xp=jnp,
+            traceable=TraceableProduct(_Counted(o.traceable.fn), o.traceable.operands),
+        )
+        for o in ops
+    ]
+    before = _TRACES[0]
+    got = lanczos_quadrature(counted[0], num_probes=3, num_matvecs=15, rng=6)
+    loop = lanczos_quadrature(plain, num_probes=3, num_matvecs=15, rng=6)
+    ref = lanczos_quadrature(dense, num_probes=3, num_matvecs=15, rng=6)
+    top = float(np.max(np.abs(ref.nodes)))
+    for other in (loop, ref):
+        np.testing.assert_allclose(np.asarray(got.nodes), np.asarray(other.nodes), atol=1e-12 * top)
+        np.testing.assert_allclose(np.asarray(got.weights), np.asarray(other.weights), atol=1e-10)
+    lanczos_quadrature(counted[1], num_probes=3, num_matvecs=15, rng=7)
+    assert _TRACES[0] - before == 1

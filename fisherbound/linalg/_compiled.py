@@ -39,6 +39,7 @@ from fisherbound.linalg._lanczos import (
     _not_finite,
     _power_of_two_scale,
     _residual,
+    _tridiagonal_eigh,
 )
 
 Array = Any
@@ -71,6 +72,7 @@ class _Carry(NamedTuple):
     broke: Array
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _start(V0: Array, m: int) -> _Carry:
     B, n = (int(s) for s in V0.shape)
     xp, dtype = jnp, V0.dtype
@@ -181,5 +183,23 @@ def lanczos(
             break
         r = probes(gen, (B, n), distribution="gaussian", xp=xp, dtype=dtype, device=device)
         carry = _resume(carry, r)
-    scale = carry.scale[:, None]
-    return carry.alpha * scale, carry.beta[:, : m - 1] * scale, xp.matrix_transpose(carry.V)
+    return _finish(carry)
+
+
+@jax.jit
+def _finish(c: _Carry) -> tuple[Array, Array, Array]:
+    """Alpha (B, m), beta (B, m − 1) in A's units, and the bases Q (B, n, m)."""
+    m = int(c.alpha.shape[1])
+    scale = c.scale[:, None]
+    return c.alpha * scale, c.beta[:, : m - 1] * scale, jnp.matrix_transpose(c.V)
+
+
+@jax.jit
+def gauss_rules(alpha: Array, beta: Array) -> tuple[Array, Array]:
+    """The Ritz values θ (B, m) and squared first components S₁ⱼ² of the B tridiagonals.
+
+    ``_tridiagonal_eigh`` compiled as one function (a dozen operations, each compiled
+    on its own on a first call otherwise).
+    """
+    theta, S = _tridiagonal_eigh(jnp, alpha, beta)
+    return theta, S[:, 0, :] ** 2

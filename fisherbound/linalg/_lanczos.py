@@ -77,13 +77,14 @@ def _orthogonalize(xp: Any, V: Array, W: Array) -> Array:
 
     Classical Gram–Schmidt applied twice ("twice is enough"): one pass loses
     orthogonality in proportion to the condition of [Q, w]; the second restores
-    it to rounding level.
+    it to rounding level. The coefficients h = V w (B, j, 1) are applied as the rows
+    hᵀ V (B, 1, n), which no library transposes V for (XLA on the CPU took 2.2 times
+    as long for Vᵀ h; NumPy and torch take the same time either way).
     """
-    Wc = W[:, :, None]
-    Vt = xp.matrix_transpose(V)
     for _ in range(2):
-        Wc = Wc - Vt @ (V @ Wc)
-    return Wc[:, :, 0]
+        h = V @ W[:, :, None]
+        W = W - (xp.matrix_transpose(h) @ V)[:, 0, :]
+    return W
 
 
 def _not_finite(xp: Any, dtype: Any, step: int) -> ValueError:

@@ -20,7 +20,7 @@ from fisherbound._lib import (
     to_host,
 )
 from fisherbound.linalg._lanczos import _Krylov, _lanczos, _start_vector, _tridiagonal_eigh
-from fisherbound.linalg._operator import LinearOperator, _as_square_operator
+from fisherbound.linalg._operator import LinearOperator, _as_square_operator, is_jax_namespace
 
 Array = Any
 
@@ -50,6 +50,11 @@ def _quadrature(xp: Any, op: Any, *, num_probes: int, num_matvecs: int, gen: Any
     )
     V0 = V / math.sqrt(n)
     alpha, beta, _ = _lanczos(xp, op, V0, min(num_matvecs, n), gen)
+    if is_jax_namespace(xp):  # one compiled function
+        from fisherbound.linalg._compiled import gauss_rules
+
+        theta, first = gauss_rules(alpha, beta)
+        return Quadrature(theta, n * first)
     theta, S = _tridiagonal_eigh(xp, alpha, beta)
     return Quadrature(theta, n * S[:, 0, :] ** 2)
 

@@ -20,11 +20,22 @@ inputs (1,070,794 parameters), batch 64, at its random initialisation.
 Run:  python benchmarks/bench_spectrum.py [--threads 2] [--reps 1] [--probes 5] [--steps 20]
 Writes benchmarks/results/spectrum.json and prints a Markdown table. ``--quick``: a
 tiny CNN (conv4-fc10 on 3×8×8, batch 8), k = 3, 2 probes × 5 steps.
+
+``--jax``: instead, JAX's compiled Lanczos against matfree's ``tridiag_sym`` (full
+reorthogonalisation) on the Fisher operator of a tanh MLP 64-256-256-10 (85,002
+parameters, batch 128, float32; ``--x64`` for float64), with the same product function
+(``fisher_operator(lin).traceable``) and the same number of steps: ``lanczos`` with
+m = 60 from one vector, and ``slq`` of log(1 + λ) with M probes × m steps (matfree:
+``stochtrace.estimator_monte_carlo`` of ``funm.monte_carlo_funm_sym``); first calls
+(compilation included) and the median of later calls, the Python loop of before (the
+same operator without its traceable product) beside them. Writes
+benchmarks/results/spectrum_jax.json. Needs ``pip install --no-deps matfree``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import statistics
 import sys
 import time
@@ -261,6 +272,187 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_jax(
+    *,
+    quick: bool = False,
+    reps: int = 5,
+    probes: int | None = None,
+    steps: int | None = None,
+    lanczos_steps: int | None = None,
+    x64: bool = False,
+) -> dict[str, Any]:
+    """The compiled JAX Lanczos and SLQ against matfree on one Fisher operator."""
+    import jax
+
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from matfree import decomp, funm, stochtrace
+
+    from fisherbound.adapters.jax import linearize as jax_linearize
+    from fisherbound.linalg import LinearOperator, lanczos, slq
+
+    probes = probes or (2 if quick else 10)
+    steps = steps or (5 if quick else 30)
+    m = lanczos_steps or (10 if quick else 60)
+    sizes = (8, 16, 16, 3) if quick else (64, 256, 256, 10)
+    batch = 16 if quick else 128
+    dtype = jnp.float64 if x64 else jnp.float32
+    rng = np.random.default_rng(0)
+    params = [
+        (
+            jnp.asarray(rng.standard_normal((o, i)) / np.sqrt(i), dtype=dtype),
+            jnp.asarray(0.1 * rng.standard_normal(o), dtype=dtype),
+        )
+        for i, o in zip(sizes[:-1], sizes[1:])
+    ]
+
+    def apply_fn(params: Any, x: Any) -> Any:
+        for w, b in params[:-1]:
+            x = jnp.tanh(x @ w.T + b)
+        w, b = params[-1]
+        return x @ w.T + b
+
+    x = jnp.asarray(rng.standard_normal((batch, sizes[0])), dtype=dtype)
+    op = fisher_operator(jax_linearize(apply_fn, params, x), Categorical())
+    fn, operands = op.traceable
+    n = int(op.shape[0])
+    plain = LinearOperator(  # the operator without its traceable product: the Python loop
+        op.shape, matvec=op.matvec, matmat=op.matmat, dtype=op.dtype, device=op.device, xp=jnp
+    )
+    v0 = jnp.asarray(rng.standard_normal(n), dtype=dtype)
+    v0 = v0 / jnp.linalg.norm(v0)
+
+    def matvec(v: Any, ops: Any) -> Any:
+        return fn(ops, v[:, None])[:, 0]
+
+    one_product = jax.jit(matvec)
+    tridiag = decomp.tridiag_sym(m, materialize=False)
+    mf_lanczos = jax.jit(lambda ops, v: tridiag(matvec, v, ops))
+    integrand = funm.monte_carlo_funm_sym(
+        funm.dense_funm_sym_eigh(jnp.log1p), decomp.tridiag_sym(steps)
+    )
+    estimate = stochtrace.estimator_monte_carlo(integrand, stochtrace.sampler_signs(v0, num=probes))
+    mf_slq = jax.jit(lambda ops, key: estimate(matvec, key, ops))
+    key = jax.random.PRNGKey(0)
+
+    calls: dict[str, Callable[[], Any]] = {
+        "product": lambda: one_product(v0, operands),
+        "lanczos": lambda: lanczos(op, num_matvecs=m, v0=v0),
+        "matfree_lanczos": lambda: mf_lanczos(operands, v0),
+        "slq": lambda: slq(op, jnp.log1p, num_probes=probes, num_matvecs=steps, rng=0),
+        "matfree_slq": lambda: mf_slq(operands, key),
+        "loop_lanczos": lambda: lanczos(plain, num_matvecs=m, v0=v0),
+        "loop_slq": lambda: slq(plain, jnp.log1p, num_probes=probes, num_matvecs=steps, rng=0),
+    }
+
+    def call(name: str) -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = jax.block_until_ready(calls[name]())
+        return time.perf_counter() - start, out
+
+    jax.block_until_ready(jnp.ones(3) + 1)  # the runtime is up before the first timing
+    first: dict[str, float] = {}
+    outs: dict[str, Any] = {}
+    for name in calls:
+        first[name], outs[name] = call(name)
+    later: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(reps):  # alternated, so that a change of load hits every method
+        for name in calls:
+            if name.startswith("loop_") and len(later[name]) >= 2:
+                continue  # slow: two later calls are enough
+            later[name].append(call(name)[0])
+    median = {name: statistics.median(ts) for name, ts in later.items()}
+    # The same tridiagonal from the same vector (to rounding): the top Ritz values.
+    ours = outs["lanczos"]
+    alpha_mf, beta_mf = outs["matfree_lanczos"].J_small
+
+    def top_ritz(alpha: Any, beta: Any) -> float:
+        a, b = np.asarray(alpha, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+        return float(np.linalg.eigvalsh(np.diag(a) + np.diag(b, 1) + np.diag(b, -1))[-1])
+
+    top, top_mf = top_ritz(ours.alpha, ours.beta), top_ritz(alpha_mf, beta_mf)
+    est = outs["slq"]
+
+    def row(label: str, name: str, products: int, baseline: str) -> dict[str, Any]:
+        return {
+            "quantity": label,
+            "products": products,
+            "first_call_seconds": first[name],
+            "later_call_seconds": median[name],
+            "later_calls": len(later[name]),
+            "ratio_to_matfree": median[name] / median[baseline],
+            "ratio_to_product": median[name] / median["product"],
+        }
+
+    rows = [
+        row("one Fisher product (jit)", "product", 1, "product"),
+        row(f"fisherbound lanczos, m = {m} (compiled)", "lanczos", m, "matfree_lanczos"),
+        row(f"matfree tridiag_sym({m}), full reortho", "matfree_lanczos", m, "matfree_lanczos"),
+        row(f"fisherbound lanczos, m = {m} (Python loop)", "loop_lanczos", m, "matfree_lanczos"),
+        row(
+            f"fisherbound slq, M = {probes} × m = {steps} (compiled)",
+            "slq",
+            probes * steps,
+            "matfree_slq",
+        ),
+        row(
+            f"matfree SLQ, M = {probes} × tridiag_sym({steps})",
+            "matfree_slq",
+            probes * steps,
+            "matfree_slq",
+        ),
+        row(
+            f"fisherbound slq, M = {probes} × m = {steps} (Python loop)",
+            "loop_slq",
+            probes * steps,
+            "matfree_slq",
+        ),
+    ]
+    return {
+        "dtype": "float64" if x64 else "float32",
+        "jax": jax.__version__,
+        "matfree": importlib.metadata.version("matfree"),
+        "model": f"tanh MLP {'-'.join(map(str, sizes))}, batch {batch}"
+        + (" (quick)" if quick else ""),
+        "num_params": n,
+        "rows": rows,
+        "top_ritz": top,
+        "top_ritz_matfree": top_mf,
+        "top_ritz_relative_difference": abs(top - top_mf) / abs(top_mf),
+        "slq_value": float(est.value),
+        "slq_std_error": float(est.std_error),
+        "matfree_slq_value": float(outs["matfree_slq"]),
+        "ratios": {r["quantity"]: r["ratio_to_matfree"] for r in rows[1:]},
+    }
+
+
+def markdown_jax(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['model']}, {results['num_params']:,} parameters, {results['dtype']}, "
+        f"JAX {results['jax']} on the CPU, matfree {results['matfree']}",
+        "",
+        "| quantity | products | first call (s) | later calls (s, median) | × matfree "
+        "| × one product |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['quantity']} | {r['products']} | {r['first_call_seconds']:.3g} | "
+            f"{r['later_call_seconds']:.3g} | {r['ratio_to_matfree']:.2f} | "
+            f"{r['ratio_to_product']:.1f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Top Ritz value {results['top_ritz']:.6g} (matfree {results['top_ritz_matfree']:.6g}, "
+        f"relative difference {results['top_ritz_relative_difference']:.1e}); SLQ tr log(1 + F) "
+        f"= {results['slq_value']:.5g} ± {results['slq_std_error']:.2g} (matfree, other "
+        f"probes: {results['matfree_slq_value']:.5g})."
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -269,8 +461,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="SLQ Lanczos steps m (default 20)")
     parser.add_argument("--k", type=int, default=None, help="top eigenpairs (default 10)")
     parser.add_argument("--quick", action="store_true", help="a tiny CNN, k = 3, 2 × 5 SLQ")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "spectrum.json"))
+    parser.add_argument("--out", default=None, help="default results/spectrum[_jax].json")
+    parser.add_argument("--jax", action="store_true", help="JAX's compiled Lanczos vs matfree")
+    parser.add_argument("--x64", action="store_true", help="with --jax: float64")
+    parser.add_argument("--lanczos-steps", type=int, default=None, help="with --jax (60)")
     args = parser.parse_args()
+    record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
+    results_dir = Path(__file__).parent / "results"
+    if args.jax:
+        results = run_jax(
+            quick=args.quick,
+            reps=max(args.reps, 5),
+            probes=args.probes,
+            steps=args.steps,
+            lanczos_steps=args.lanczos_steps,
+            x64=args.x64,
+        )
+        write_json(Path(args.out or results_dir / "spectrum_jax.json"), {**record, **results})
+        print(markdown_jax(results))
+        return
     results = run(
         quick=args.quick,
         threads=args.threads,
@@ -279,8 +488,7 @@ def main() -> None:
         steps=args.steps,
         k=args.k,
     )
-    record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
-    write_json(Path(args.out), {**record, **results})
+    write_json(Path(args.out or results_dir / "spectrum.json"), {**record, **results})
     print(markdown(results))
 
 

@@ -927,6 +927,9 @@ def test_krylov_methods_are_scale_invariant(dtype: str, scale: float) -> None:
     np.testing.assert_allclose(float(small.eigenvalues[0]) / scale, lam[0], rtol=1e3 * eps)
     one = eigsh(np.full((1, 1), scale, dtype=dtype), k=1)
     assert float(one.eigenvalues[0]) == float(np.asarray(scale, dtype=dtype))
+    for extreme in (np.finfo(dtype).max, np.finfo(dtype).tiny):  # the ends of the range
+        got_extreme = eigsh(np.full((1, 1), extreme, dtype=dtype), k=1).eigenvalues[0]
+        assert float(got_extreme) == float(extreme)
     # The full Krylov space (5 steps): the Ritz values are the spectrum, at every scale.
     run = lanczos(As, num_matvecs=5, rng=0)
     beta = np.asarray(run.beta, dtype=np.float64)

@@ -110,8 +110,9 @@ def _power_of_two_scale(xp: Any, w: Array) -> Array:
     top = xp.max(xp.abs(w), axis=-1)
     ok = xp.isfinite(top) & (top > 0)
     safe = xp.where(ok, top, xp.ones_like(top))
-    # floor: 2^e ≤ max |w| is representable (2^round(·) overflows just below the top).
-    return xp.where(ok, 2.0 ** xp.floor(xp.log2(safe)), xp.ones_like(top))
+    # 2^(floor − 1) ≤ max |w| / 2 is representable: log2 of the largest float rounds up to
+    # the exponent range's end (1024 in float64), whose power overflows.
+    return xp.where(ok, 2.0 ** (xp.floor(xp.log2(safe)) - 1), xp.ones_like(top))
 
 
 def _breakdown_factor(xp: Any, dtype: Any, n: int) -> float:

@@ -231,6 +231,8 @@ class JaxLinearization(LinearizationBase):
         new = copy.copy(self)
         new._f_jvp, new._theta, new._mask, new._logits, new._inputs = state
         new._independent = None
+        new.__dict__.pop("_finite_pending", None)  # its own deferred flags, none shared
+        new.__dict__.pop("_finite_depth", None)
         return new
 
     def _cotangents_text(self, lead: str) -> str:

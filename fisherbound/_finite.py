@@ -12,10 +12,12 @@ that its square overflows the dtype, or an intermediate that overflowed or
 saturated (0 · inf) in the dtype.
 
 Where reading one boolean back to the host would stall an accelerator (CuPy,
-torch on CUDA, JAX on a GPU), the check is deferred: the flag stays on the
-device and is read at the next product of the same object or when the data
-stream moves to the next batch (``flush``), by when the device has finished that
-work anyway. Traced JAX values (inside ``jit``) have no value and pass.
+torch off the CPU, JAX on a GPU or TPU), the check is deferred: an exact flag
+(``all(isfinite(result))``, no array held) stays on the device and all waiting
+flags are read in one go when the data stream moves to the next batch, or once
+``PENDING_LIMIT`` of them wait (``flush``), never between two products. Traced
+values (JAX inside ``jit``, torch inside ``torch.func`` transforms) have no
+value and pass.
 
 The guard wraps the methods a class lists in ``checked_products`` once, when the
 class is defined (``guard_class``); nested products (a batched product built
@@ -42,6 +44,7 @@ from fisherbound._lib import (
 Array = Any
 
 __all__ = [
+    "PENDING_LIMIT",
     "Product",
     "check_inputs_finite",
     "check_outputs",
@@ -65,13 +68,25 @@ class Product(NamedTuple):
     param_axis: bool = False
 
 
+#: Deferred flags read at once when this many wait (a bound on the products between reads).
+PENDING_LIMIT = 32
+
+
 def is_host_device(x: Array) -> bool:
-    """Whether ``x`` lives in host memory, so reading a flag of it costs no device sync."""
-    dev = device_of(x)
-    if dev == "cpu" or dev is None:
-        return True
-    kind = getattr(dev, "type", None) or getattr(dev, "platform", None)
-    return kind == "cpu"
+    """Whether reading a flag of ``x`` costs no device sync: False only on accelerators.
+
+    torch tensors off the CPU, CuPy arrays, JAX arrays on a GPU or TPU; everything
+    else (NumPy, array-api-strict's devices, torch and JAX on the CPU) is host memory.
+    """
+    module = type(x).__module__
+    if module.startswith("cupy"):
+        return False
+    if module.startswith("torch"):
+        return x.device.type in ("cpu", "meta")
+    if module.startswith("jax"):
+        dev = device_of(x)
+        return getattr(dev, "platform", "cpu") == "cpu"
+    return True
 
 
 def _arrays(out: Any) -> list[Array]:
@@ -97,7 +112,6 @@ def _guarded(fn: Callable[..., Any], spec: Product) -> Callable[..., Any]:
         depth = state.get("_finite_depth", 0)
         if depth:
             return fn(self, *args, **kwargs)
-        flush(self)
         state["_finite_depth"] = 1
         try:
             out = fn(self, *args, **kwargs)
@@ -128,8 +142,12 @@ def _check(owner: Any, a: Array, spec: Product, offset: int, operands: tuple[Any
         if not bool(ok) and not bool(xp.all(xp.isfinite(a))):
             raise _error(owner, a, spec, offset, xp, operands)
         return
-    # Deferred: the result is held (not copied) until the flag is read.
-    owner.__dict__.setdefault("_finite_pending", []).append((spec, ok, a))
+    # Deferred: an exact flag stays on the device (no array held); read at the next batch
+    # of a stream, or once PENDING_LIMIT flags wait.
+    pending = owner.__dict__.setdefault("_finite_pending", [])
+    pending.append((spec, xp.all(xp.isfinite(a))))
+    if len(pending) >= PENDING_LIMIT:
+        flush(owner)
 
 
 def flush(owner: Any) -> None:
@@ -139,14 +157,12 @@ def flush(owner: Any) -> None:
         return
     owner.__dict__["_finite_pending"] = []
     xp = array_namespace(pending[0][1], names=("the finite flags",))
-    flags = xp.stack([flag for _, flag, _ in pending])
-    if bool(xp.all(flags)):
+    import numpy as np
+
+    flags = np.asarray(to_host(xp.stack([flag for _, flag in pending])), dtype=bool)
+    if bool(flags.all()):
         return
-    bad = [(spec, a) for (spec, _, a), ok in zip(pending, to_host(flags), strict=True) if not ok]
-    bad = [(spec, a) for spec, a in bad if not bool(xp.all(xp.isfinite(a)))]  # not overflow
-    if not bad:
-        return
-    spec = bad[0][0]
+    spec = pending[int(np.flatnonzero(~flags)[0])][0]
     msg = (
         f"{spec.label} of the {owner._role} is not finite (found after it returned, "
         f"where the check waits for the device). {_cause(owner)}"

@@ -207,16 +207,19 @@ def test_nested_products_are_checked_once(monkeypatch: pytest.MonkeyPatch) -> No
     assert calls == ["the per-example VJPs J_nᵀ U"]
 
 
-def test_deferred_checks_raise_at_the_next_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On an accelerator the flag is read later: at the next product or batch."""
+def test_deferred_checks_raise_when_the_flags_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator the flags wait on the device: read at the next batch of a
+    stream, or once PENDING_LIMIT of them wait, never between two products."""
     monkeypatch.setattr(finite, "is_host_device", lambda x: False)
     lin = _lin()
-    bad = np.full(lin.num_params, np.nan)
-    out = lin.jvp(bad)  # returns: the check waits
+    out = lin.jvp(np.full(lin.num_params, np.nan))  # returns: the check waits
     assert np.isnan(out).all()
+    for _ in range(finite.PENDING_LIMIT - 2):
+        lin.jvp(np.ones(lin.num_params))  # no read yet
     with pytest.raises(ValueError, match=r"the JVP J v of the linearization is not finite \(found"):
-        lin.jvp(np.ones(lin.num_params))
-    lin.jvp(np.ones(lin.num_params))  # the flag was read once; later products are fine
+        lin.jvp(np.ones(lin.num_params))  # the limit: every waiting flag read at once
+    lin.jvp(np.ones(lin.num_params))  # read once; later products are fine
+    assert len(lin.__dict__["_finite_pending"]) == 1  # a flag, not the array
 
     # A data stream reads it when the analysis moves to the next batch.
     batches = [_lin(), _lin()]
@@ -288,3 +291,28 @@ def test_torch_parameters_are_checked_again_after_a_write() -> None:
     model[2].bias.data = torch.full_like(model[2].bias, float("nan"))  # a new storage
     with pytest.raises(ValueError, match=r"\['2.bias'\]"):
         ft.linearize(model, x)
+
+
+def test_products_under_torch_func_transforms() -> None:
+    """vmap's batched tensors have no value to read: the check passes them (as JAX
+    tracers), and the products compose with torch.func as before."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    lin = ft.linearize(torch_mlp(WS, BS), torch.as_tensor(X))
+    V = torch.ones(2, lin.num_params, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lin.jvp)(V), lin.jvp_batch(V))
+    U = torch.ones(2, *lin.output_shape, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lin.vjp)(U), lin.vjp_batch(U))
+    loss = ft.loss_function(torch_mlp(WS, BS), torch.as_tensor(X), torch.tensor([0, 1, 2, 0, 1]))
+    torch.testing.assert_close(torch.func.vmap(loss.hvp)(V), loss.hvp_batch(V))
+
+
+def test_array_api_strict_is_checked_at_once() -> None:
+    """Only accelerators defer: array-api-strict's devices are host memory."""
+    xp = pytest.importorskip("array_api_strict")
+    model = fnp.MLP([xp.asarray(w) for w in WS], [xp.asarray(b) for b in BS])
+    lin = fnp.linearize(model, xp.asarray(X))
+    assert finite.is_host_device(lin.logits)
+    with pytest.raises(ValueError, match=r"the JVP J v of the linearization must be finite"):
+        lin.jvp(xp.full((lin.num_params,), float("nan"), dtype=xp.float64))

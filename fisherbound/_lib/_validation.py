@@ -146,12 +146,22 @@ def first_indices(mask: Array, xp: Any, limit: int = 10) -> list[int]:
 
 
 def is_traced(x: Array) -> bool:
-    """True for an abstract JAX value (a tracer inside jit, grad or shard_map)."""
-    if not type(x).__module__.startswith("jax"):
-        return False
-    import jax
+    """True for a value without a concrete value to read on the host.
 
-    return isinstance(x, jax.core.Tracer)
+    An abstract JAX value (a tracer inside jit, grad or shard_map), or a torch tensor
+    wrapped by a ``torch.func`` transform (``vmap``'s batched tensors), whose
+    ``bool()`` would be data-dependent control flow.
+    """
+    module = type(x).__module__
+    if module.startswith("jax"):
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    if module.startswith("torch"):
+        import torch
+
+        return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+    return False
 
 
 def sum_is_finite(x: Array, xp: Any) -> Array:

@@ -37,6 +37,7 @@ This module imports torch; ``import fisherbound.adapters`` does not import it.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -174,10 +175,13 @@ class LinearRule(LayerRule):
         out: dict[str, Tensor] = {}
         if a.ndim == 2:
             # The per-example gradient δ_n a_nᵀ has rank one: its square is δ_n² (a_n²)ᵀ.
-            # Each example is scaled by a power of two s_n ≈ max |a_n| (exact: the same
-            # rounding), so that a² cannot overflow where δ_n a_n is finite (a saturated
-            # unit, δ = 0, behind a huge input gave 0 · inf = NaN).
-            scale = _power_of_two_scale(a.abs().amax(dim=1))
+            # An example whose a² would overflow is scaled by a power of two s_n ≈ max |a_n|
+            # (δ_n s_n and a_n / s_n: exact), so that a² cannot overflow where δ_n a_n is
+            # finite (a saturated unit, δ = 0, behind a huge input gave 0 · inf = NaN).
+            # Only those: scaling shifts small entries of a_n toward underflow.
+            top = a.abs().amax(dim=1)
+            big = top > math.sqrt(torch.finfo(a.dtype).max) / 4
+            scale = torch.where(big, _power_of_two_scale(top), torch.ones_like(top))
             d2 = d * d
             ds = d * scale[None, :, None]
             ds2 = ds * ds

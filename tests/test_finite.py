@@ -316,3 +316,14 @@ def test_array_api_strict_is_checked_at_once() -> None:
     assert finite.is_host_device(lin.logits)
     with pytest.raises(ValueError, match=r"the JVP J v of the linearization must be finite"):
         lin.jvp(xp.full((lin.num_params,), float("nan"), dtype=xp.float64))
+
+
+def test_linear_fast_path_keeps_small_entries_of_large_inputs() -> None:
+    """Only examples whose squares would overflow are scaled (scaling pushed 1e-10
+    beside 1e15 into underflow in float32: its square came back 0)."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    lin = ft.linearize(torch.nn.Linear(2, 1, bias=False), torch.tensor([[1e15, 1e-10]]))
+    U = torch.ones(1, 1, 1)
+    torch.testing.assert_close(lin.sum_squared_per_example_vjp(U), lin.per_example_vjp(U)[0] ** 2)

@@ -323,38 +323,6 @@ def check_deterministic(model: nn.Module) -> None:
             raise ValueError(msg)
 
 
-#: The attribute a parameter tensor carries once checked finite: (version, storage
-#: address) then. ``Tensor._version`` moves with every in-place write through the
-#: tensor (an optimiser step, ``load_state_dict``, ``copy_`` under ``no_grad``);
-#: assigning ``p.data = ...`` moves the address.
-_STAMP = "_fisherbound_checked_finite"
-
-
-def _stamp(p: Tensor) -> tuple[int, int]:
-    return p._version, p.data_ptr()
-
-
-def check_parameters_finite_once(selection: Selection) -> None:
-    """The selected parameters checked finite, each once per version of its values.
-
-    A stream of batches at the same parameters reads them once, not once per batch
-    (reading every parameter cost about 5% of a gradient step per batch on an MLP);
-    a write to them brings the check back. Writes through ``p.data[...]``, which
-    torch does not count, are not seen: a model updated that way is checked when a
-    product or its logits turn non-finite.
-    """
-    todo = [
-        (name, p)
-        for name, p in zip(selection.names, selection.tensors, strict=True)
-        if getattr(p, _STAMP, None) != _stamp(p)
-    ]
-    if not todo:
-        return
-    check_parameters_finite(todo)
-    for _, p in todo:
-        setattr(p, _STAMP, _stamp(p))
-
-
 def check_inputs_device(inputs: Inputs, device: torch.device) -> None:
     for i, (name, x) in enumerate(inputs.items()):
         if x.device != device:
@@ -366,18 +334,22 @@ def check_inputs_device(inputs: Inputs, device: torch.device) -> None:
             raise ValueError(msg)
 
 
-def check_batch(selection: Selection, inputs: object) -> Inputs:
+def check_batch(selection: Selection, inputs: object, *, parameters: bool = True) -> Inputs:
     """The inputs of one batch as detached tensors, checked with the selection.
 
     The inputs are tensors (a tensor, a tuple/list or a dict of them) sharing the
     size of axis 0, the selected parameters share one floating dtype and device,
-    the module is deterministic, and the inputs are on that device.
+    the module is deterministic, and the inputs are on that device and finite. With
+    ``parameters`` the selected parameters are checked finite too (one pass over
+    them): every ``linearize`` / ``loss_function`` call, and the first batch of
+    each stream (a later optimiser step, fused or not, is seen by the next call).
     """
     batch = as_inputs(inputs)
     check_parameters(selection.names, selection.tensors)
     check_deterministic(selection.model)
     check_inputs_device(batch, selection.tensors[0].device)
-    check_parameters_finite_once(selection)
+    if parameters:  # a stream checks them on its first batch (same θ for every batch)
+        check_parameters_finite(list(zip(selection.names, selection.tensors, strict=True)))
     check_inputs_finite(batch.items())
     return batch
 

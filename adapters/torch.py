@@ -841,11 +841,9 @@ def linearizations(
     selection = select_parameters(check_model(model), params)
 
     def build(i: int, inputs: Any) -> TorchLinearization:
-        del i  # the stream's callback also gets the batch index, for messages
         inputs = _without(inputs, key)
-        return TorchLinearization(
-            selection, check_batch(selection, inputs), spec, checked_mask, inputs
-        )
+        batch = check_batch(selection, inputs, parameters=i == 0)  # θ: on the first batch
+        return TorchLinearization(selection, batch, spec, checked_mask, inputs)
 
     return stream_linearizations(
         batches,
@@ -959,8 +957,10 @@ def _loss_function(
     spec: OutputSpec,
     mask: MaskSpec,
     ignore_index: int | None,
+    *,
+    parameters: bool = True,
 ) -> TorchLossFunction:
-    batch = check_batch(selection, inputs)
+    batch = check_batch(selection, inputs, parameters=parameters)
     if not isinstance(labels, torch.Tensor):
         msg = (
             f"labels must be a torch.Tensor; got {type(labels).__module__}."
@@ -1034,7 +1034,8 @@ def loss_functions(
                 yield batch
 
     def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
-        del i  # the stream's callback also gets the batch index, for messages
-        return _loss_function(selection, inputs, labels, fam, reduction, spec, checked_mask, ignore)
+        return _loss_function(
+            selection, inputs, labels, fam, reduction, spec, checked_mask, ignore, parameters=i == 0
+        )
 
     return stream_pairs(pairs(), build)  # the batches were checked above

@@ -286,8 +286,10 @@ def _target_reached(error: float, dof: float, target: float) -> bool:
 
     True when the variance estimate has at least ``MIN_TARGET_DOF`` (10) degrees
     of freedom d and the relative standard error, scaled by the Student-t quantile
-    t_d(0.975)/1.96, is at most the target: the 95% interval (``Estimate.interval``)
-    is then no wider than value · (1 ± 1.96 · target).
+    t_d(0.975)/1.96, is at most the target: the symmetric Student-t interval would
+    then lie within value · (1 ± 1.96 · target). The trace's ``Estimate.interval`` is
+    skew-adjusted (a sum of squares): longer above, shorter below, e.g. value ·
+    [0.83, 1.23] for target 0.1 at d = 10.
     """
     if not dof >= MIN_TARGET_DOF or not error >= 0.0:
         return False
@@ -499,8 +501,9 @@ def detach_and_mix(
         least ``MIN_TARGET_DOF`` = 10 degrees of freedom d (11 probes in one batch,
         or in the rounds on one linearization; over batches the Welch–Satterthwaite
         dof of ``Accumulator``, at most Σ_b (M − 1), so at least 10 batches of 2
-        probes) and (SE / tr F̂) · t_d(0.975)/1.96 ≤ target, so that
-        the 95% interval lies within tr F̂ · (1 ± 1.96 · target). Two probes that happen
+        probes) and (SE / tr F̂) · t_d(0.975)/1.96 ≤ target: the symmetric t interval
+        would lie within tr F̂ · (1 ± 1.96 · target); the skew-adjusted
+        ``interval()`` is longer above and shorter below. Two probes that happen
         to agree no longer stop the loop. The estimate then covers the batches consumed:
         use ``reduction="mean"`` to estimate the data set's mean Fisher from a
         prefix. With a single linearization, rounds of ``num_probes`` new probes

@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _failure(err: Exception) -> str:
     """The one-line message of a failure: the house errors as they are, others as a bug."""
     line = _usage.first_line(err)
-    if isinstance(err, ValueError | TypeError | NotImplementedError | OSError | MemoryError):
+    house = ValueError | TypeError | NotImplementedError | OSError | MemoryError
+    if isinstance(err, house) or type(err).__name__ == "OutOfMemoryError":  # torch's OOM
         return f"{line} (--debug shows the traceback)"
     return (
         f"unexpected {type(err).__name__}: {line}. This is a bug in fisherbound or in the "

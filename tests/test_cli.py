@@ -364,6 +364,7 @@ def test_demo_rejects_a_bad_number(capsys: Any) -> None:
     [
         (ValueError("x must be finite; got inf\nmore"), "x must be finite; got inf", "house"),
         (RuntimeError("linalg.eigh: failed to converge"), "unexpected RuntimeError", "bug"),
+        (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"), "CUDA out", "house"),
     ],
 )
 def test_any_failure_is_one_line_with_status_2(

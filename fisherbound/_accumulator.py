@@ -390,6 +390,7 @@ class Accumulator:
         xp = array_namespace(_leaves(self._value)[0], names=("value",))
 
         def dof(v: Any, w: Any) -> Any:
+            v = _wide(v)
             positive = w > 0
             ratio = (v * v) / xp.where(positive, w, xp.ones_like(w))
             undefined = xp.where(
@@ -534,10 +535,36 @@ class Accumulator:
         )
 
 
+def _wide(x: Any) -> Any:
+    """``x`` in float64 where its library and device have it (else as it is).
+
+    The Welch–Satterthwaite terms V² / d square a variance, itself a squared standard
+    error: in float32 they underflow for standard errors below about 1e-10 (the
+    degrees of freedom came out NaN) and overflow above about 1e9. float64 holds them
+    for any float32 input; JAX without x64 and torch's MPS have no float64.
+    """
+    xp = array_namespace(x, names=("variance",))
+    if x.dtype == xp.float64:
+        return x
+    if type(x).__module__.startswith("jax"):
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return x
+    try:
+        return xp.astype(x, xp.float64)
+    except (TypeError, RuntimeError):  # a device without float64 (MPS)
+        return x
+
+
 def _welch_of(variance: Any, dof: Any) -> Any:
-    """V² / d leafwise: one stratum's Welch–Satterthwaite term (0 for d = ∞, NaN for d ≤ 0)."""
+    """V² / d leafwise: one stratum's Welch–Satterthwaite term (0 for d = ∞, NaN for d ≤ 0).
+
+    In float64 where available (``_wide``).
+    """
 
     def term(v: Any, d: Any) -> Any:
+        v = _wide(v)
         if isinstance(d, int | float):
             if d == math.inf:
                 return v * 0.0

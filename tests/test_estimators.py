@@ -926,3 +926,22 @@ def test_empirical_messages_name_labels() -> None:
         empirical(lin, np.array([0.5, 1, 1, 1, 1]))
     with pytest.raises(TypeError, match=r"labels must be an array of observed labels .* NoneType"):
         empirical(lin, None)
+
+
+def test_welch_degrees_of_freedom_of_tiny_float32_variances() -> None:
+    """The Welch terms V² / d are held in float64: float32 standard errors of 1e-13
+    (V² = 1e-52, below float32's range) gave NaN degrees of freedom and intervals."""
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 1e-12, 1e-20):
+        acc = Accumulator(nonnegative=True)
+        for _ in range(2):
+            acc.update((rng.standard_normal((4, 3)) ** 2 * scale).astype(np.float32), num_inputs=4)
+        est = acc.estimate()
+        dof = np.asarray(est.dof)
+        assert np.all(np.isfinite(dof)), (scale, dof)
+        assert np.all((dof >= 3) & (dof <= 6)), (scale, dof)  # between one and two strata's
+        low, high = est.interval()
+        assert np.all(np.isfinite(low))
+        assert np.all(low <= est.value)
+        assert np.all(est.value <= high)
+        assert low.dtype == np.float32

@@ -36,6 +36,7 @@ does better.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
@@ -857,11 +858,10 @@ def check_loss_labels(family: Any, z: Array, labels: Array, *, where: str = "") 
     try:
         family.check_labels(z, labels)
     except (TypeError, ValueError) as err:
-        text = str(err)
-        text = "labels" + text[1:] if text.startswith("y ") else text
-        text = text.replace("astype(y,", "astype(labels,").replace(
-            " z of shape", " the logits of shape"
-        )
+        # The family names its arguments y and z; the caller wrote labels and logits.
+        text = re.sub(r"\bz of shape\b", "the logits of shape", str(err))
+        text = re.sub(r"(?<![\w.'])y(?![\w'])", "labels", text)
+        text = re.sub(r"(?<![\w.'])z(?![\w'])", "logits", text)
         msg = f"labels do not fit the logits{where} for the {family!r} family: {text}"
         raise type(err)(msg) from err
 

@@ -928,6 +928,20 @@ def test_empirical_messages_name_labels() -> None:
         empirical(lin, None)
 
 
+def test_label_messages_name_labels_and_logits_throughout() -> None:
+    """Every y and z of the family's message becomes labels and logits (the device
+    message kept 'but y is on ... xp.asarray(y, ...)')."""
+    xp = pytest.importorskip("array_api_strict")
+    from fisherbound.linearization import check_loss_labels
+
+    z = xp.zeros((5, 3), dtype=xp.float64)
+    y = xp.asarray(np.zeros(5, dtype=np.int64), device=xp.Device("device1"))
+    with pytest.raises(ValueError, match=r"labels must be on the device of logits") as info:
+        check_loss_labels(Categorical(), z, y)
+    assert "but labels is on" in str(info.value)
+    assert "xp.asarray(labels, device" in str(info.value)
+
+
 def test_welch_degrees_of_freedom_of_tiny_float32_variances() -> None:
     """The Welch terms V² / d are held in float64: float32 standard errors of 1e-13
     (V² = 1e-52, below float32's range) gave NaN degrees of freedom and intervals."""

@@ -507,9 +507,16 @@ class _FisherProduct:
         return lin.xp.matrix_transpose(total) * self._scale
 
 
+#: The kernels whose products trace into a small program in every family: the others
+#: solve for K(z)'s top eigenpair (an unrolled secular-equation iteration under jit;
+#: inside a compiled Lanczos loop XLA took 8 minutes to compile "lower" for a 44-parameter
+#: MLP), so their operators keep the Python loop, which solves it once per product.
+_TRACEABLE_KERNELS = ("exact", "upper")
+
+
 def _traceable_fisher(lins: list[Any], fam: Family, kernel: str, scale: float) -> Any:
     """The Fisher product for loops compiled by JAX, where every linearization has one."""
-    if not all(hasattr(lin, "_traceable") for lin in lins):
+    if kernel not in _TRACEABLE_KERNELS or not all(hasattr(lin, "_traceable") for lin in lins):
         return None
     fn = _FisherProduct(lins, fam, kernel, scale)
     try:

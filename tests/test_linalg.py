@@ -1097,3 +1097,22 @@ def test_compiled_lanczos_on_a_jax_fisher_operator():
         np.testing.assert_allclose(np.asarray(got.weights), np.asarray(other.weights), atol=1e-10)
     lanczos_quadrature(counted[1], num_probes=3, num_matvecs=15, rng=7)
     assert _TRACES[0] - before == 1
+
+
+@pytest.mark.jax
+def test_fisher_operators_whose_kernel_needs_an_eigen_solve_keep_the_python_loop():
+    """ "lower" and "scalar_upper" solve for K(z)'s top eigenpair (an unrolled iteration
+    under jit, minutes of XLA compilation inside the loop): no traceable product; the
+    closed-form kernels have one."""
+    jnp = pytest.importorskip("jax.numpy")
+    from _models import jax_mlp, mlp_weights
+
+    from fisherbound.adapters.jax import linearize
+    from fisherbound.fisher import fisher_operator
+
+    ws, bs = mlp_weights((3, 5, 4), seed=11)
+    apply_fn, params = jax_mlp(ws, bs)
+    lin = linearize(apply_fn, params, jnp.asarray(np.ones((2, 3))))
+    for kernel, traced in (("exact", True), ("upper", True), ("lower", False)):
+        assert (fisher_operator(lin, kernel=kernel).traceable is not None) is traced
+    assert fisher_operator(lin, kernel="scalar_upper").traceable is None

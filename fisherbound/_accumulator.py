@@ -549,7 +549,7 @@ def _wide(x: Any) -> Any:
     if type(x).__module__.startswith("jax"):
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             return x
     try:
         return xp.astype(x, xp.float64)

@@ -328,7 +328,10 @@ def lanczos(
     Notes
     -----
     Cost: m matvecs, O(n m²) work for the reorthogonalisation and n m memory for
-    the basis; one scalar is read on the host per step (the breakdown test).
+    the basis; one scalar is read on the host per step (the breakdown test). A JAX
+    operator with a traceable product (a dense JAX array, a JAX Fisher operator; see
+    ``LinearOperator``) runs all m steps as one compiled loop on the device instead,
+    with one host read per call (and per breakdown).
 
     Examples
     --------

@@ -20,7 +20,12 @@ See docs/linalg.md for formulas, variances and costs.
 from fisherbound._lib import Estimate
 from fisherbound.linalg._hutchinson import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
 from fisherbound.linalg._lanczos import EigshResult, LanczosResult, eigsh, lanczos
-from fisherbound.linalg._operator import LinearOperator, LinearOperatorLike, aslinearoperator
+from fisherbound.linalg._operator import (
+    LinearOperator,
+    LinearOperatorLike,
+    TraceableProduct,
+    aslinearoperator,
+)
 from fisherbound.linalg._quadrature import Quadrature, lanczos_quadrature, slq, smoothed_density
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "LinearOperator",
     "LinearOperatorLike",
     "Quadrature",
+    "TraceableProduct",
     "aslinearoperator",
     "eigsh",
     "hutchinson_diagonal",

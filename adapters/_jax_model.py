@@ -10,8 +10,10 @@ with the house messages, and ``shard_local`` for ``shard_map``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -467,8 +469,35 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
                 "e.g. jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)."
             )
             raise TypeError(msg)
-    check_parameters_finite(named)
+    _check_finite_once(named)
     return named, treedef
+
+
+#: id -> weak reference of the JAX arrays already checked finite (immutable: once is
+#: enough; the entry leaves with the array).
+_FINITE: dict[int, weakref.ref[Any]] = {}
+
+
+def _forget(key: int, _: object) -> None:
+    _FINITE.pop(key, None)
+
+
+def _check_finite_once(named: list[tuple[str, Array]]) -> None:
+    """``check_parameters_finite`` of the leaves not checked before (one read, or none)."""
+
+    def known(a: Array) -> bool:
+        ref = _FINITE.get(id(a))
+        return ref is not None and ref() is a
+
+    todo = [(name, a) for name, a in named if not known(a)]
+    if not todo:
+        return
+    check_parameters_finite(todo)
+    for _, a in todo:
+        if is_traced(a):
+            continue
+        with contextlib.suppress(TypeError):  # not weak-referenceable: checked next time
+            _FINITE[id(a)] = weakref.ref(a, functools.partial(_forget, id(a)))
 
 
 def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:

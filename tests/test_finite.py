@@ -323,3 +323,32 @@ def test_linear_fast_path_keeps_small_entries_of_large_inputs() -> None:
     lin = ft.linearize(torch.nn.Linear(2, 1, bias=False), torch.tensor([[1e15, 1e-10]]))
     U = torch.ones(1, 1, 1)
     torch.testing.assert_close(lin.sum_squared_per_example_vjp(U), lin.per_example_vjp(U)[0] ** 2)
+
+
+def test_jax_parameters_are_checked_once_per_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    """JAX arrays are immutable: a θ leaf checked finite is not read again by later
+    linearize calls; a new (updated) leaf is."""
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from fisherbound.adapters import _jax_model
+    from fisherbound.adapters import jax as fj
+
+    apply_fn, params = jax_mlp(WS, BS)
+    read: list[list[str]] = []
+    check = _jax_model.check_parameters_finite
+    monkeypatch.setattr(
+        _jax_model,
+        "check_parameters_finite",
+        lambda named: read.append([n for n, _ in named]) or check(named),
+    )
+    x = jnp.asarray(X)
+    for _ in range(3):
+        fj.linearize(apply_fn, params, x)
+    assert len(read) == 1
+    params[1] = (params[1][0].at[0, 0].set(jnp.nan), params[1][1])  # an update: a new leaf
+    with pytest.raises(
+        ValueError, match=r"parameters must be finite; got NaN or inf in \['\[1\]\[0\]'\]"
+    ):
+        fj.linearize(apply_fn, params, x)
+    assert read[-1] == ["[1][0]"]

@@ -202,7 +202,9 @@ def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[
             core = xp.permute_dims(family.sqrt_metric(z_at, kernel=kernel), (0, 1, 3, 2))
         else:
             basis = xp.eye(r, dtype=z.dtype, device=device)[r0:r1, :]  # (R_c, R)
-            core = family.sqrt_metric_matvec(z_at[:, :, None, :], basis, kernel=kernel)
+            core = family.unchecked_sqrt_metric_matvec(
+                z_at[:, :, None, :], basis, kernel=kernel, xp=xp
+            )
         u = hot[:, :, None, :, None] * core[:, :, :, None, :]  # (N, K_c, R_c, P, C)
         yield xp.reshape(u, (n, (k1 - k0) * (r1 - r0), *spatial, c))
 

@@ -239,7 +239,7 @@ def razor_terms(
     nll = scalar(xp, 0.0, op)
     n = 0
     for lin, y in zip(lins, labels, strict=True):
-        ll = family.log_likelihood(lin.logits, y)  # (N, *S)
+        ll = family.unchecked_log_likelihood(lin.logits, y, xp=lin.xp)  # (N, *S), y checked
         mask = getattr(lin, "mask", None)
         if mask is not None:
             ll = xp.where(mask, ll, xp.zeros_like(ll))

@@ -672,7 +672,7 @@ def monte_carlo(
         z = lin.logits
         y = fam.sample(z, rng=gen, num_samples=k)  # (k, N, *S) or (k, N, *S, C)
         zb = lin.xp.broadcast_to(z[None, ...], (k, *tuple(z.shape)))
-        scores = fam.score(zb, y)  # (k, N, *S, C); masked rows: the products ignore them
+        scores = fam.unchecked_score(zb, y, xp=lin.xp)  # (k, N, *S, C); masked rows: ignored
         return qty.from_squares(lin, scores, max_vectors)
 
     # Student t without the cube-root correction: the squared scores of sampled
@@ -768,7 +768,7 @@ def empirical(
         y = conform_labels(lin, batch_labels.take(lin))
         y, keep = _ignored(lin, y, ignore_index)
         check_loss_labels(fam, lin.logits, y, where=f" of batch {index}")
-        score = fam.score(lin.logits, y)
+        score = fam.unchecked_score(lin.logits, y, xp=lin.xp)  # the labels were checked above
         if keep is not None:
             _check_counted(lin, keep, ignore_index, index)
             score = score * lin.xp.astype(keep, score.dtype)[..., None]

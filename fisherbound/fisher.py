@@ -452,7 +452,9 @@ def fisher_operator(
             jv = lin.jvp_batch(vt)  # (k, N, *S, C)
             # The logits (N, *S, C) broadcast against (k, N, *S, C): the core quantities
             # (e.g. the top eigenpair of the "lower" kernel) are solved once per batch.
-            part = lin.vjp_batch(fam.metric_matvec(lin.logits, jv, kernel=kernel))  # (k, D)
+            part = lin.vjp_batch(
+                fam.unchecked_metric_matvec(lin.logits, jv, kernel=kernel, xp=lin.xp)
+            )
             total = part if total is None else total + part
         if coll is not None:
             total = coll.sum(total)
@@ -461,7 +463,9 @@ def fisher_operator(
     def matvec(v: Array) -> Array:
         total: Array = None
         for lin in progress_bar(lins, desc="Fisher matvec", progress=progress):
-            part = lin.vjp(fam.metric_matvec(lin.logits, lin.jvp(v), kernel=kernel))
+            part = lin.vjp(
+                fam.unchecked_metric_matvec(lin.logits, lin.jvp(v), kernel=kernel, xp=lin.xp)
+            )
             total = part if total is None else total + part
         if coll is not None:
             total = coll.sum(total)
@@ -502,7 +506,8 @@ class _FisherProduct:
         for skeleton, state in zip(self._skeletons, states, strict=True):
             lin = skeleton._with_state(state)
             jv = lin.jvp_batch(lin.xp.matrix_transpose(v))
-            part = lin.vjp_batch(self._fam.metric_matvec(lin.logits, jv, kernel=self._kernel))
+            kz = self._fam.unchecked_metric_matvec(lin.logits, jv, kernel=self._kernel, xp=lin.xp)
+            part = lin.vjp_batch(kz)
             total = part if total is None else total + part
         return lin.xp.matrix_transpose(total) * self._scale
 

@@ -249,7 +249,7 @@ def _trace_batch(
         g = lin.per_example_vjp(u)  # (N, K_c, D)
         norms = xp.sum(g * g, axis=2)  # (N, K_c): A_kk
         jv = lin.jvp_batch(xp.reshape(g, (n * k_c, lin.num_params)))  # (N K_c, N, *S, C)
-        quad = xp.sum(jv * family.metric_matvec(z, jv, kernel=kernel), axis=-1)
+        quad = xp.sum(jv * family.unchecked_metric_matvec(z, jv, kernel=kernel, xp=xp), axis=-1)
         quad = xp.sum(xp.reshape(quad, (n * k_c, n, -1)), axis=2)  # (N K_c, N): Σ_t
         if per_example:
             owner = xp.arange(n * k_c, device=lin.device) // k_c  # example of column k
@@ -401,7 +401,7 @@ def _score_batch(lin: Any, family: Family, bound: bool, max_vectors: int | None,
             stop = min(n, start + chunk)
             a = xp.permute_dims(rows[start:stop, ...], (0, 1, 3, 2))  # (n_c, K, D, C)
             zb = xp.broadcast_to(z_at[start:stop, :, None, :], a.shape)
-            quad = xp.sum(a * family.metric_matvec(zb, a), axis=-1)  # σ_t², (n_c, K, D)
+            quad = xp.sum(a * family.unchecked_metric_matvec(zb, a, xp=xp), axis=-1)  # σ_t²
             if use_bound:
                 part = _range_bound(family, zb, a, xp) * quad - 2.0 * quad * quad
             else:
@@ -453,7 +453,7 @@ def _hessian_batch(
             part = _lambda_max_bound(family) * xp.sum(hc * hc, axis=-1)
         else:
             zb = xp.broadcast_to(z[start:stop, :, None, :], hc.shape)
-            part = xp.sum(hc * family.metric_matvec(zb, hc), axis=-1)
+            part = xp.sum(hc * family.unchecked_metric_matvec(zb, hc, xp=xp), axis=-1)
         part = xp.sum(part, axis=(0, 1))
         total = part if total is None else total + part
     return total

@@ -22,7 +22,7 @@ import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
 from fisherbound._finite import check_inputs_finite, check_parameters_finite
-from fisherbound._lib import check_device, device_of, is_traced
+from fisherbound._lib import HALF_PRECISION, check_device, device_of, is_traced
 from fisherbound.linearization import make_blocks, mask_source
 
 Array = Any
@@ -445,11 +445,9 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
             raise TypeError(msg)
         if jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
             msg = (
-                f"params leaf {name!r} must be float32 or float64; got {dtype}. Half precision "
-                "cannot hold Fisher quantities: float16 overflows above 65504 in the sums over "
-                "examples and bfloat16 keeps about 3 significant digits. Cast the parameters "
-                "(and inputs), e.g. jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), "
-                "params)."
+                f"params leaf {name!r} must be float32 or float64; got {dtype}. {HALF_PRECISION} "
+                "Cast the parameters (and inputs), e.g. "
+                "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)."
             )
             raise TypeError(msg)
         if jnp.dtype(dtype) == jnp.float64 and not x64_enabled():

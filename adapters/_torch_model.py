@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: TID253
 from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 
 from fisherbound._finite import check_inputs_finite, check_parameters_finite
-from fisherbound._lib import check_materialized
+from fisherbound._lib import HALF_PRECISION, check_materialized
 from fisherbound.linearization import make_blocks, mask_source
 
 Tensor = torch.Tensor
@@ -253,13 +253,6 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None) -> Selecti
             raise ValueError(msg)
         seen[key] = name
     return Selection(model, tuple(names), tuple(every[n] for n in names))
-
-
-#: Why half precision is refused (float16 and bfloat16 parameters).
-HALF_PRECISION = (
-    "Half precision cannot hold Fisher quantities: float16 overflows above 65504 in the "
-    "sums over examples and bfloat16 keeps about 3 significant digits."
-)
 
 
 def check_parameters(names: Sequence[str], tensors: Sequence[Tensor]) -> None:

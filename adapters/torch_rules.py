@@ -49,6 +49,8 @@ from torch import nn  # noqa: TID253
 from torch.nn import functional as F  # noqa: TID253
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: TID253
 
+from fisherbound._lib import power_of_two_scale
+
 __all__ = [
     "RULES",
     "BatchNormRule",
@@ -181,7 +183,7 @@ class LinearRule(LayerRule):
             # Only those: scaling shifts small entries of a_n toward underflow.
             top = a.abs().amax(dim=1)
             big = top > math.sqrt(torch.finfo(a.dtype).max) / 4
-            scale = torch.where(big, _power_of_two_scale(top), torch.ones_like(top))
+            scale = torch.where(big, power_of_two_scale(top, torch), torch.ones_like(top))
             d2 = d * d
             ds = d * scale[None, :, None]
             ds2 = ds * ds
@@ -201,16 +203,6 @@ class LinearRule(LayerRule):
         )
         out["bias"] = _squares(d4.sum(dim=2), sum_k)
         return out
-
-
-def _power_of_two_scale(x: Tensor) -> Tensor:
-    """2^(e−1) with 2^(e−1) ≤ x < 2^e (1 where x is 0 or not finite): exact scale factors.
-
-    At most x, so always representable (2^e overflows for x just below the top).
-    """
-    _, exponent = torch.frexp(x)
-    ok = torch.isfinite(x) & (x > 0)
-    return torch.where(ok, torch.ldexp(torch.ones_like(x), exponent - 1), torch.ones_like(x))
 
 
 def _unfold_input(m: Any, a: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from fisherbound._lib._options import DISTRIBUTIONS, REDUCTIONS
 from fisherbound._lib._progress import progress_bar
 from fisherbound._lib._random import RankedGenerator, as_generator, probes, uniform
 from fisherbound._lib._validation import (
+    HALF_PRECISION,
     check_bool,
     check_choice,
     check_device,
@@ -57,10 +58,12 @@ from fisherbound._lib._validation import (
     conform,
     first_indices,
     is_traced,
+    power_of_two_scale,
     sum_is_finite,
 )
 
 __all__ = [
+    "HALF_PRECISION",
     "DISTRIBUTIONS",
     "REDUCTIONS",
     "Collective",
@@ -92,6 +95,7 @@ __all__ = [
     "first_indices",
     "is_array",
     "is_writeable_array",
+    "power_of_two_scale",
     "is_traced",
     "probes",
     "progress_bar",

@@ -178,6 +178,26 @@ def sum_is_finite(x: Array, xp: Any) -> Array:
         return xp.isfinite(xp.sum(x))
 
 
+def power_of_two_scale(top: Array, xp: Any) -> Array:
+    """A power of two s with top/4 < s ≤ top/2, elementwise (1 where top is 0 or not finite).
+
+    The exact scale factor of the routines that divide by a magnitude to keep squares
+    and norms in range (Lanczos on A / s, the exact diagonal's per-example inputs):
+    dividing by a power of two changes no rounding. One below the top: log2 of the
+    largest float rounds up to the end of the exponent range, whose power overflows.
+    """
+    ok = xp.isfinite(top) & (top > 0)
+    safe = xp.where(ok, top, xp.ones_like(top))
+    return xp.where(ok, 2.0 ** (xp.floor(xp.log2(safe)) - 1), xp.ones_like(top))
+
+
+#: Why float16 and bfloat16 parameters are refused (the adapters' messages).
+HALF_PRECISION = (
+    "Half precision cannot hold Fisher quantities: float16 overflows above 65504 in the "
+    "sums over examples and bfloat16 keeps about 3 significant digits."
+)
+
+
 def check_finite(x: Array, name: str, *, xp: Any, what: str = "rows") -> None:
     """Raise a ValueError naming the offending rows if ``x`` has NaN or inf.
 

@@ -14,6 +14,7 @@ from fisherbound._lib import (
     check_positive_int,
     device_of,
     is_writeable_array,
+    power_of_two_scale,
     probes,
     set_row,
     to_host,
@@ -101,18 +102,13 @@ def _not_finite(xp: Any, dtype: Any, step: int) -> ValueError:
 
 
 def _power_of_two_scale(xp: Any, w: Array) -> Array:
-    """A power of two at most max |w| (within 2x), along the last axis (1 where 0 or inf).
+    """``power_of_two_scale`` of max |w| along the last axis: each run's s.
 
     Lanczos runs on A / s with s from the first product, so that no norm overflows or
     underflows at any representable scale of A (entries 1e±300 in float64, 1e±30 in
     float32); a power of two divides exactly. The Ritz values are multiplied back.
     """
-    top = xp.max(xp.abs(w), axis=-1)
-    ok = xp.isfinite(top) & (top > 0)
-    safe = xp.where(ok, top, xp.ones_like(top))
-    # 2^(floor − 1) ≤ max |w| / 2 is representable: log2 of the largest float rounds up to
-    # the exponent range's end (1024 in float64), whose power overflows.
-    return xp.where(ok, 2.0 ** (xp.floor(xp.log2(safe)) - 1), xp.ones_like(top))
+    return power_of_two_scale(xp.max(xp.abs(w), axis=-1), xp)
 
 
 def _breakdown_factor(xp: Any, dtype: Any, n: int) -> float:

@@ -248,12 +248,16 @@ def check_outputs(owner: Any, z: Array, name: str) -> None:
 
 
 def check_inputs_finite(named: list[tuple[str, Array]]) -> None:
-    """Each floating input checked finite, rows named (integer inputs, e.g. tokens, pass)."""
+    """Each floating input (N, ...) checked finite, naming the examples (axis 0).
+
+    Integer inputs (token ids) pass. One pass per input; a non-finite one is read
+    again for the message.
+    """
     for name, x in named:
         xp = array_namespace(x, names=(name,))
         if x.ndim and xp.isdtype(x.dtype, "real floating"):
-            try:
-                check_finite(x, name, xp=xp, what="examples")
+            try:  # as (N, rest): the rows of the message are the examples
+                check_finite(xp.reshape(x, (int(x.shape[0]), -1)), name, xp=xp, what="examples")
             except ValueError as e:
                 msg = f"{e} The Jacobian at a non-finite input is undefined (0 · inf)."
                 raise ValueError(msg) from None

@@ -36,6 +36,14 @@ def test_torch_non_finite_input_is_refused_at_linearize() -> None:
         ft.linearize(torch_mlp(WS, BS), x)
     with pytest.raises(ValueError, match=r"inputs\[0\] must be finite; got inf in examples \[1\]"):
         ft.loss_function(torch_mlp(WS, BS), x, torch.tensor([0, 1, 2, 0, 1]))
+    # An image batch (N, C, H, W): the message names the example, not a flattened row.
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten()).double()
+    images = torch.zeros(4, 2, 5, 5, dtype=torch.float64)
+    images[3, 1, 2, 2] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"inputs\[0\] must be finite; got NaN in examples \[3\]\."
+    ):
+        ft.linearize(conv, images)
     # Integer inputs (token ids) are not floating: nothing to check.
     emb = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Flatten()).double()
     assert ft.linearize(emb, torch.tensor([[1], [4]])).logits.shape == (2, 3)

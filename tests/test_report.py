@@ -311,7 +311,7 @@ CASES = [
     (M, "wrong_keys", [], "keys x and y (or inputs and labels)", "['images', 'targets']"),
     (M, "wide", [], "the model rejects the inputs of DATA (shape (40, 7)", "RuntimeError"),
     (M, "short_labels", [], "one label per input; got 40 inputs", "(30,)"),
-    (M, "infinite", [], "the inputs (key x) must be finite; got NaN or inf at rows [5]", ""),
+    (M, "infinite", [], "the inputs (key x) must be finite; got inf in examples [5]", ""),
     (M, "data", ["--grid", "1"], "argument --grid: must be an integer of at least 2", "got 1"),
     (M, "data", ["--seed", "-1"], "argument --seed: must be a non-negative integer", "got -1"),
     (M, "big_labels", [], "class indices in [0, C) = [0, 4)", "values [9] at rows [3]"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fisherbound._cli.usage import UsageError, first_line
+from fisherbound._finite import check_inputs_finite
 from fisherbound._report.subjects import Subject
 from fisherbound.families import Categorical
 
@@ -294,13 +295,10 @@ def dataset(path: Path, arrays: dict[str, Any], xk: str, yk: str, named: dict[st
 
     inputs: Any = named if named else arrays[xk]
     for key, x in ((f"{xk}_{k}", v) for k, v in named.items()) if named else [(xk, inputs)]:
-        if np.issubdtype(x.dtype, np.floating) and x.ndim and not np.isfinite(x).all():
-            rows = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
-            msg = (
-                f"DATA {path}: the inputs (key {key}) must be finite; got NaN or inf at rows "
-                f"{rows[:10].tolist()}" + (" ..." if len(rows) > 10 else "") + "."
-            )
-            raise UsageError(msg)
+        try:
+            check_inputs_finite([(f"DATA {path}: the inputs (key {key})", x)])
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     keys = ", ".join(f"{xk}_{k}" for k in named) if named else xk
     keys = f"{keys}/{yk}"
     mask_key = None

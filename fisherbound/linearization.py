@@ -36,7 +36,6 @@ does better.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
@@ -852,17 +851,13 @@ def check_loss_labels(family: Any, z: Array, labels: Array, *, where: str = "") 
 
     z (N, ∗S, C): categorical labels are class indices (N, ∗S), Bernoulli and
     Gaussian labels (N, ∗S, C) (the family's check says which it got). The
-    family names its argument ``y``; the message names ``labels``, as the caller
-    wrote it, and ``where`` (e.g. " of batch 2") says which logits.
+    message names ``labels`` and ``logits``, as the caller wrote them, and
+    ``where`` (e.g. " of batch 2") says which logits.
     """
     try:
-        family.check_labels(z, labels)
+        family.check_labels(z, labels, names=("logits", "labels"))
     except (TypeError, ValueError) as err:
-        # The family names its arguments y and z; the caller wrote labels and logits.
-        text = re.sub(r"\bz of shape\b", "the logits of shape", str(err))
-        text = re.sub(r"(?<![\w.'])y(?![\w'])", "labels", text)
-        text = re.sub(r"(?<![\w.'])z(?![\w'])", "logits", text)
-        msg = f"labels do not fit the logits{where} for the {family!r} family: {text}"
+        msg = f"labels do not fit the logits{where} for the {family!r} family: {err}"
         raise type(err)(msg) from err
 
 

@@ -682,6 +682,18 @@ def test_bad_labels(backend) -> None:
         Gaussian().score(z, backend.asarray(np.ones(3)))
     with pytest.raises(ValueError, match="y must be finite"):
         Gaussian().log_likelihood(z, backend.asarray(np.array([[0.0, np.nan, 0.0]] * 2)))
+    # names=: the caller's own argument names in every message.
+    named = {"names": ("logits", "targets")}
+    with pytest.raises(ValueError, match=r"targets must hold class indices in \[0, 3\)"):
+        CAT.check_labels(z, backend.asarray(np.array([0, 3]), dtype="int64"), **named)
+    with pytest.raises(TypeError, match=r"targets must be .* xp.astype\(targets, xp.int64\)"):
+        CAT.check_labels(z, backend.asarray(np.array([0.0, 1.0])), **named)
+    with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\) to match logits of"):
+        Bernoulli().check_labels(z, backend.asarray(np.ones(3)), **named)
+    with pytest.raises(ValueError, match="targets must hold binary labels"):
+        Bernoulli().check_labels(z, backend.asarray(np.full((2, 3), 0.5)), **named)
+    with pytest.raises(ValueError, match="targets must be finite"):
+        Gaussian().check_labels(z, backend.asarray(np.array([[0.0, np.nan, 0.0]] * 2)), **named)
 
 
 def test_bad_options() -> None:

@@ -452,7 +452,7 @@ def test_bad_inputs_operands_and_labels(seq_case: Case) -> None:
         lin.sum_squared_per_example_vjp(jnp.ones((N, 1, T)))
     with pytest.raises(
         ValueError,
-        match=r"labels do not fit .* labels must have shape \(3, 4\) to match the logits",
+        match=r"labels do not fit .* labels must have shape \(3, 4\) to match logits of shape",
     ):
         loss_function(seq_apply, p, x, jnp.zeros((N, T + 1), int), output="logits")
     with pytest.raises(ValueError, match=r"labels must count at least one position; every label"):

@@ -146,15 +146,16 @@ class Family:
         out = self._score(z, y, xp)
         return check_result(out, f"{self!r}.score(z, y)", xp, {"z": z, "y": y})
 
-    def check_labels(self, z: Array, y: Array, /) -> None:
+    def check_labels(self, z: Array, y: Array, /, *, names: tuple[str, str] = ("z", "y")) -> None:
         """Validate labels ``y`` for logits ``z`` (dtype, shape, range); raise if invalid.
 
         Categorical: integer class indices of shape z.shape[:-1] in [0, C);
         Bernoulli: real floating {0, 1} of shape z.shape; Gaussian: real floating,
-        finite, of shape z.shape.
+        finite, of shape z.shape. ``names``: how the messages name z and y (a
+        caller's own arguments, e.g. ``("logits", "labels")``).
         """
         xp = self._check_z(z)
-        self._check_labels(z, y, xp)
+        self._check_labels(z, y, xp, names)
 
     def sample(self, z: Array, /, rng: Any = None, *, num_samples: int | None = None) -> Array:
         """Labels drawn from p(· | z) with host random numbers.
@@ -502,7 +503,9 @@ class Family:
     def _mean(self, z: Array, xp: Any) -> Array:
         raise NotImplementedError
 
-    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
+    def _check_labels(
+        self, z: Array, y: Array, xp: Any, names: tuple[str, str] = ("z", "y")
+    ) -> None:
         raise NotImplementedError
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:

@@ -96,13 +96,15 @@ class Categorical(Family):
     def _mean(self, z: Array, xp: Any) -> Array:
         return softmax(z, xp)
 
-    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
-        check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]))
+    def _check_labels(
+        self, z: Array, y: Array, xp: Any, names: tuple[str, str] = ("z", "y")
+    ) -> None:
+        check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]), names=names)
         c = int(z.shape[-1])
         bad = (y < 0) | (y >= c)
         if not is_traced(bad) and bool(xp.any(bad)):  # traced (JAX jit): unchecked
             msg = (
-                f"y must hold class indices in [0, {c}); got values out of range at "
+                f"{names[1]} must hold class indices in [0, {c}); got values out of range at "
                 f"positions {bad_positions(bad, xp)} (flattened)."
             )
             raise ValueError(msg)

@@ -30,12 +30,12 @@ def broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] 
     return tuple(reversed(out))
 
 
-def check_same_device(z: Array, other: Array, name: str) -> None:
+def check_same_device(z: Array, other: Array, name: str, z_name: str = "z") -> None:
     dz, do = device_of(z), device_of(other)
     if dz != do:
         msg = (
-            f"{name} must be on the device of z; z is on {dz} but {name} is on {do}. "
-            f"Move it with xp.asarray({name}, device=...)."
+            f"{name} must be on the device of {z_name}; {z_name} is on {dz} but {name} is on "
+            f"{do}. Move it with xp.asarray({name}, device=...)."
         )
         raise ValueError(msg)
 
@@ -63,28 +63,35 @@ def check_vector(z: Array, v: Array, name: str, size: int, what: str) -> tuple[A
     return xp, xp.astype(z, dtype, copy=False), xp.astype(v, dtype, copy=False)
 
 
-def check_label_array(z: Array, y: Array, *, kind: str, shape: tuple[int, ...]) -> Any:
-    """Namespace, dtype kind and shape of labels ``y``; returns xp."""
-    xp = array_namespace(z, y, names=("z", "y"))
+def check_label_array(
+    z: Array, y: Array, *, kind: str, shape: tuple[int, ...], names: tuple[str, str] = ("z", "y")
+) -> Any:
+    """Namespace, dtype kind and shape of labels ``y``; returns xp.
+
+    ``names``: how the messages name z and y (the caller's arguments).
+    """
+    zn, yn = names
+    xp = array_namespace(z, y, names=names)
     if kind == "integral":
         if not xp.isdtype(y.dtype, "integral"):
             msg = (
-                "y must be an integer array of class indices; got dtype "
-                f"{y.dtype}. Convert with xp.astype(y, xp.int64)."
+                f"{yn} must be an integer array of class indices; got dtype "
+                f"{y.dtype}. Convert with xp.astype({yn}, xp.int64)."
             )
             raise TypeError(msg)
     elif not xp.isdtype(y.dtype, "real floating"):
         msg = (
-            f"y must have a real floating-point dtype; got {y.dtype}. "
-            "Convert with xp.astype(y, z.dtype)."
+            f"{yn} must have a real floating-point dtype; got {y.dtype}. "
+            f"Convert with xp.astype({yn}, {zn}.dtype)."
         )
         raise TypeError(msg)
     if tuple(y.shape) != shape:
         msg = (
-            f"y must have shape {shape} to match z of shape {tuple(z.shape)}; got {tuple(y.shape)}."
+            f"{yn} must have shape {shape} to match {zn} of shape {tuple(z.shape)}; got "
+            f"{tuple(y.shape)}."
         )
         raise ValueError(msg)
-    check_same_device(z, y, "y")
+    check_same_device(z, y, yn, zn)
     return xp
 
 

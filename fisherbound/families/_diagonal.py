@@ -73,12 +73,14 @@ class Bernoulli(_DiagonalFamily):
     def _mean(self, z: Array, xp: Any) -> Array:
         return sigmoid_parts(z, xp)[0]
 
-    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
-        check_label_array(z, y, kind="real floating", shape=tuple(z.shape))
+    def _check_labels(
+        self, z: Array, y: Array, xp: Any, names: tuple[str, str] = ("z", "y")
+    ) -> None:
+        check_label_array(z, y, kind="real floating", shape=tuple(z.shape), names=names)
         bad = (y != 0.0) & (y != 1.0)
         if not is_traced(bad) and bool(xp.any(bad)):  # traced (JAX jit): unchecked
             msg = (
-                "y must hold binary labels 0.0 or 1.0; got other values at positions "
+                f"{names[1]} must hold binary labels 0.0 or 1.0; got other values at positions "
                 f"{bad_positions(bad, xp)} (flattened)."
             )
             raise ValueError(msg)
@@ -133,9 +135,11 @@ class Gaussian(_DiagonalFamily):
         del xp  # the mean of a unit-variance Gaussian is its logits, as they are
         return z
 
-    def _check_labels(self, z: Array, y: Array, xp: Any) -> None:
-        check_label_array(z, y, kind="real floating", shape=tuple(z.shape))
-        check_finite(y, "y", xp=xp)
+    def _check_labels(
+        self, z: Array, y: Array, xp: Any, names: tuple[str, str] = ("z", "y")
+    ) -> None:
+        check_label_array(z, y, kind="real floating", shape=tuple(z.shape), names=names)
+        check_finite(y, names[1], xp=xp)
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
         r = xp.astype(y, z.dtype) - z

@@ -457,6 +457,8 @@ def test_interval_of_blocks_and_its_errors() -> None:
     factor = Estimate(np.ones((4, 3)), np.ones(3), 4)  # what="full": a factor, not F̂
     with pytest.raises(ValueError, match=r"value and std_error of one shape; got value \(4, 3\)"):
         factor.interval()
+    with pytest.raises(TypeError, match=r"interval needs a real floating value .* got int64"):
+        Estimate(np.array([3, 4]), np.array([1.0, 1.0]), 4).interval()
 
 
 def test_accumulator_dof_is_welch_satterthwaite() -> None:

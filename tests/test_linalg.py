@@ -1116,3 +1116,21 @@ def test_fisher_operators_whose_kernel_needs_an_eigen_solve_keep_the_python_loop
     for kernel, traced in (("exact", True), ("upper", True), ("lower", False)):
         assert (fisher_operator(lin, kernel=kernel).traceable is not None) is traced
     assert fisher_operator(lin, kernel="scalar_upper").traceable is None
+
+
+def test_a_bad_traceable_product_is_named() -> None:
+    from fisherbound.linalg import TraceableProduct
+
+    with pytest.raises(TypeError, match=r"traceable must be a TraceableProduct\(fn, operands\)"):
+        LinearOperator(
+            (2, 2), matvec=lambda v: v, dtype=np.float64, device=None, xp=np, traceable=len
+        )
+    with pytest.raises(TypeError, match=r"with a callable fn; got TraceableProduct"):
+        LinearOperator(
+            (2, 2),
+            matvec=lambda v: v,
+            dtype=np.float64,
+            device=None,
+            xp=np,
+            traceable=TraceableProduct(3, ()),
+        )

@@ -197,6 +197,12 @@ def _interval(value: Array, se: Array, dof: Any, p: float, floor: Any) -> tuple[
     from fisherbound._lib._namespace import array_namespace
 
     xp = array_namespace(value, se, names=("value", "std_error"))
+    if not xp.isdtype(value.dtype, "real floating"):
+        msg = (
+            f"interval needs a real floating value (its rounding floor is in units of the "
+            f"dtype's eps); got {value.dtype}. Convert with xp.astype(value, xp.float64)."
+        )
+        raise TypeError(msg)
     if tuple(value.shape) != tuple(se.shape):
         msg = (
             "interval needs value and std_error of one shape; got value "

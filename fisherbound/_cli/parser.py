@@ -7,6 +7,7 @@ Every option, its default, its help text and its check (the argument types of
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,136 @@ REPORT_DESCRIPTION = (
 )
 
 
+#: One row of an option table: the flag, its type (the check), its default, its
+#: metavar (None: argparse's, from the flag) and its help text.
+Option = tuple[str, Callable[[str], Any], Any, str | None, str]
+
+#: The analysis options of both commands, in the order of ``--help``.
+ANALYSIS_OPTIONS: tuple[Option, ...] = (
+    (
+        "--num-probes",
+        positive_int,
+        32,
+        "M",
+        "probes of detach-and-mix, samples of Monte Carlo (default 32)",
+    ),
+    (
+        "--target-error",
+        positive_float,
+        None,
+        "E",
+        "draw rounds of M probes until the relative standard error of the "
+        "detach-and-mix trace, scaled by the Student t quantile of its degrees of freedom, "
+        "is at most E, with at least 10 degrees of freedom (e.g. 0.05)",
+    ),
+    ("--seed", non_negative_int, 0, None, "random seed, 0 or more (default 0)"),
+    ("--top-k", positive_int, 10, "K", "top eigenvalues of the Fisher metric (default 10)"),
+    (
+        "--prior-variance",
+        positive_float,
+        1.0,
+        "S2",
+        "σ² of the razor's Gaussian prior; local dimension at ε = 100/σ², 1/σ², "
+        "0.01/σ² (default 1)",
+    ),
+    (
+        "--slq-probes",
+        positive_int,
+        10,
+        "Q",
+        "probes of stochastic Lanczos quadrature: spectral density, local dimension, "
+        "razor (default 10)",
+    ),
+    (
+        "--lanczos-steps",
+        positive_int,
+        None,
+        "L",
+        "Lanczos steps per run (top eigenvalues, Hessian directions, local dimension) "
+        "and per quadrature probe (default: the library's, about 40-100)",
+    ),
+    (
+        "--max-count",
+        positive_int,
+        32,
+        "K",
+        "count up to K eigenvalues above ε exactly (Lanczos), estimate beyond (default 32)",
+    ),
+    (
+        "--grid",
+        int_at_least(2),
+        13,
+        "G",
+        "landscape grid points per direction, at least 2 (default 13)",
+    ),
+    (
+        "--trace-probes",
+        positive_int,
+        32,
+        "P",
+        "probes of the Hessian traces, HVP and loss-only (default 32)",
+    ),
+    (
+        "--repeats",
+        positive_int,
+        2,
+        "R",
+        "timed runs per estimator (at least; more for fast ones), after one warm-up; "
+        "the fastest counts (default 2)",
+    ),
+)
+
+#: ``fisherbound demo``'s training options after ``--hidden``.
+TRAINING_OPTIONS: tuple[Option, ...] = (
+    ("--epochs", positive_int, 15, None, "training epochs (default 15)"),
+    ("--batch-size", positive_int, 128, None, "mini-batch size (default 128)"),
+    ("--learning-rate", positive_float, 0.01, "LR", "Adam step size (default 0.01)"),
+    (
+        "--landscape-inputs",
+        positive_int,
+        500,
+        "N",
+        "training digits whose mean loss the landscape shows (default 500)",
+    ),
+    (
+        "--test-inputs",
+        positive_int,
+        360,
+        "N",
+        "held-out digits analysed (default 360; the rest train the model)",
+    ),
+)
+
+#: ``fisherbound report``'s options for outputs with position axes.
+POSITION_OPTIONS: tuple[Option, ...] = (
+    (
+        "--output",
+        selector,
+        None,
+        "SEL",
+        "where the logits are in the model's output: a key of a dict output or an "
+        "attribute (e.g. logits of a Hugging Face ModelOutput), or an integer index into a "
+        "tuple output (default: the output is the logits tensor)",
+    ),
+    (
+        "--class-axis",
+        nonzero_int,
+        -1,
+        "A",
+        "axis of the model's output that holds the C classes, moved last (default -1; "
+        "e.g. 1 for (N, C, T) or (N, C, H, W) outputs)",
+    ),
+    (
+        "--ignore-index",
+        int_or_none,
+        -100,
+        "I",
+        "class labels (N, *S) equal to I do not count, as in torch.nn.CrossEntropyLoss "
+        "(default -100; 'none': every label is a class)",
+    ),
+)
+
+
 def _subcommand(
     sub: Any, name: str, run: Any, summary: str, description: str
 ) -> argparse.ArgumentParser:
@@ -73,88 +204,16 @@ def _subcommand(
     return p
 
 
+def _add_options(group: Any, options: Sequence[Option]) -> None:
+    """One ``add_argument`` of ``group`` (a parser or an argument group) per table row."""
+    for flag, check, default, metavar, text in options:
+        group.add_argument(flag, type=check, default=default, metavar=metavar, help=text)
+
+
 def add_analysis_options(p: argparse.ArgumentParser, threads: int | None) -> None:
     """The analysis options, then the output ones, shared by both commands."""
     group = p.add_argument_group("analysis")
-    group.add_argument(
-        "--num-probes",
-        type=positive_int,
-        default=32,
-        metavar="M",
-        help="probes of detach-and-mix, samples of Monte Carlo (default 32)",
-    )
-    group.add_argument(
-        "--target-error",
-        type=positive_float,
-        default=None,
-        metavar="E",
-        help="draw rounds of M probes until the relative standard error of the "
-        "detach-and-mix trace, scaled by the Student t quantile of its degrees of freedom, "
-        "is at most E, with at least 10 degrees of freedom (e.g. 0.05)",
-    )
-    group.add_argument(
-        "--seed", type=non_negative_int, default=0, help="random seed, 0 or more (default 0)"
-    )
-    group.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=10,
-        metavar="K",
-        help="top eigenvalues of the Fisher metric (default 10)",
-    )
-    group.add_argument(
-        "--prior-variance",
-        type=positive_float,
-        default=1.0,
-        metavar="S2",
-        help="σ² of the razor's Gaussian prior; local dimension at ε = 100/σ², 1/σ², "
-        "0.01/σ² (default 1)",
-    )
-    group.add_argument(
-        "--slq-probes",
-        type=positive_int,
-        default=10,
-        metavar="Q",
-        help="probes of stochastic Lanczos quadrature: spectral density, local dimension, "
-        "razor (default 10)",
-    )
-    group.add_argument(
-        "--lanczos-steps",
-        type=positive_int,
-        default=None,
-        metavar="L",
-        help="Lanczos steps per run (top eigenvalues, Hessian directions, local dimension) "
-        "and per quadrature probe (default: the library's, about 40-100)",
-    )
-    group.add_argument(
-        "--max-count",
-        type=positive_int,
-        default=32,
-        metavar="K",
-        help="count up to K eigenvalues above ε exactly (Lanczos), estimate beyond (default 32)",
-    )
-    group.add_argument(
-        "--grid",
-        type=int_at_least(2),
-        default=13,
-        metavar="G",
-        help="landscape grid points per direction, at least 2 (default 13)",
-    )
-    group.add_argument(
-        "--trace-probes",
-        type=positive_int,
-        default=32,
-        metavar="P",
-        help="probes of the Hessian traces, HVP and loss-only (default 32)",
-    )
-    group.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=2,
-        metavar="R",
-        help="timed runs per estimator (at least; more for fast ones), after one warm-up; "
-        "the fastest counts (default 2)",
-    )
+    _add_options(group, ANALYSIS_OPTIONS)
     group.add_argument(
         "--skip",
         nargs="+",
@@ -225,36 +284,7 @@ def add_demo(sub: Any) -> None:
         metavar="H",
         help="hidden layer widths (default 32)",
     )
-    model.add_argument(
-        "--epochs", type=positive_int, default=15, help="training epochs (default 15)"
-    )
-    model.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=128,
-        help="mini-batch size (default 128)",
-    )
-    model.add_argument(
-        "--learning-rate",
-        type=positive_float,
-        default=0.01,
-        metavar="LR",
-        help="Adam step size (default 0.01)",
-    )
-    model.add_argument(
-        "--landscape-inputs",
-        type=positive_int,
-        default=500,
-        metavar="N",
-        help="training digits whose mean loss the landscape shows (default 500)",
-    )
-    model.add_argument(
-        "--test-inputs",
-        type=positive_int,
-        default=360,
-        metavar="N",
-        help="held-out digits analysed (default 360; the rest train the model)",
-    )
+    _add_options(model, TRAINING_OPTIONS)
     add_analysis_options(demo, threads=1)
 
 
@@ -289,31 +319,7 @@ def add_report(sub: Any) -> None:
         "put this option after MODEL and DATA",
     )
     outputs = report.add_argument_group("outputs with position axes (sequences, images)")
-    outputs.add_argument(
-        "--output",
-        type=selector,
-        default=None,
-        metavar="SEL",
-        help="where the logits are in the model's output: a key of a dict output or an "
-        "attribute (e.g. logits of a Hugging Face ModelOutput), or an integer index into a "
-        "tuple output (default: the output is the logits tensor)",
-    )
-    outputs.add_argument(
-        "--class-axis",
-        type=nonzero_int,
-        default=-1,
-        metavar="A",
-        help="axis of the model's output that holds the C classes, moved last (default -1; "
-        "e.g. 1 for (N, C, T) or (N, C, H, W) outputs)",
-    )
-    outputs.add_argument(
-        "--ignore-index",
-        type=int_or_none,
-        default=-100,
-        metavar="I",
-        help="class labels (N, *S) equal to I do not count, as in torch.nn.CrossEntropyLoss "
-        "(default -100; 'none': every label is a class)",
-    )
+    _add_options(outputs, POSITION_OPTIONS)
     report.add_argument(
         "--max-inputs",
         type=positive_int,

@@ -171,33 +171,46 @@ def _check_mask(lin: Any, index: int) -> None:
 
 def _check_like_first(sig: Signature, ref: Signature, index: int, num_params: int) -> None:
     """Batch ``index`` (signature ``sig``) must come from batch 0's library, model and device."""
-    if sig.library != ref.library:
-        msg = (
+    _require_like_first(
+        (
+            sig.library == ref.library,
+            TypeError,
             f"every batch must come from one array library; batch {index} holds "
-            f"{sig.library} arrays, batch 0 held {ref.library} arrays."
-        )
-        raise TypeError(msg)
-    if sig.num_position_axes != ref.num_position_axes:
-        msg = (
+            f"{sig.library} arrays, batch 0 held {ref.library} arrays.",
+        ),
+        (
+            sig.num_position_axes == ref.num_position_axes,
+            ValueError,
             f"every batch must have the same number of position axes; the logits of batch "
             f"{index} are {_layout(sig)}, batch 0's were {_layout(ref)}. Batches may differ "
-            "in N and in the sizes of the position axes (sequence length), not in their number."
-        )
-        raise ValueError(msg)
-    if (sig.num_outputs, sig.blocks) != (ref.num_outputs, ref.blocks):
-        msg = (
+            "in N and in the sizes of the position axes (sequence length), not in their number.",
+        ),
+        (
+            (sig.num_outputs, sig.blocks) == (ref.num_outputs, ref.blocks),
+            ValueError,
             f"every batch must come from the same model; batch {index} has C = "
             f"{sig.num_outputs} outputs and D = {num_params} parameters in "
             f"{len(sig.blocks)} blocks, batch 0 had C = {ref.num_outputs} and a different "
-            "parameter layout."
-        )
-        raise ValueError(msg)
-    if (sig.dtype, sig.device) != (ref.dtype, ref.device):
-        msg = (
+            "parameter layout.",
+        ),
+        (
+            (sig.dtype, sig.device) == (ref.dtype, ref.device),
+            ValueError,
             f"every batch must share one dtype and device; batch {index} is {sig.dtype} on "
-            f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}."
-        )
-        raise ValueError(msg)
+            f"{sig.device}, batch 0 was {ref.dtype} on {ref.device}.",
+        ),
+    )
+
+
+def _require_like_first(*checks: tuple[bool, type[Exception], str]) -> None:
+    """Item i must match item 0: raise the first check that fails, with its message.
+
+    Each check is ``(same, error type, message)``, in the order they are tested;
+    every message is O(1) to build.
+    """
+    for same, error, message in checks:
+        if not same:
+            raise error(message)
 
 
 def _layout(sig: Signature) -> str:
@@ -219,19 +232,21 @@ def check_loss(item: object, index: int, ref: Any) -> Any:
         raise TypeError(msg)
     if ref is None:
         return item
-    if item.num_params != ref.num_params:
-        msg = (
+    _require_like_first(
+        (
+            item.num_params == ref.num_params,
+            ValueError,
             f"every loss function must have the same parameters; batch {index} has "
-            f"D = {item.num_params}, batch 0 has D = {ref.num_params}."
-        )
-        raise ValueError(msg)
-    if item.reduction != ref.reduction:
-        msg = (
+            f"D = {item.num_params}, batch 0 has D = {ref.num_params}.",
+        ),
+        (
+            item.reduction == ref.reduction,
+            ValueError,
             f"every loss function must use the same reduction; batch {index} uses "
             f"{item.reduction!r}, batch 0 uses {ref.reduction!r}. Build them with one "
-            "reduction= value."
-        )
-        raise ValueError(msg)
+            "reduction= value.",
+        ),
+    )
     xp = array_namespace(
         ref.params, item.params, names=("the params of batch 0", f"the params of batch {index}")
     )

@@ -325,6 +325,20 @@ def dataset(path: Path, arrays: dict[str, Any], xk: str, yk: str, named: dict[st
     return Data(inputs, arrays[yk], mask, keys, mask_key)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the logits are in the model's output, and the position axes they must have.
+
+    ``output`` (``--output``) picks the logits from the model's output,
+    ``class_axis`` (``--class-axis``) is moved last, and ``positions`` is S, the
+    position axes the labels ask for (``()``: logits (N, C)).
+    """
+
+    output: Any = None
+    class_axis: int = -1
+    positions: tuple[int, ...] = ()
+
+
 def check_outputs(
     model: Any,
     subject: Subject,
@@ -345,9 +359,7 @@ def check_outputs(
     the model's output and ``class_axis`` has been moved last. Labels of the
     Bernoulli family have their class axis last here (as the logits).
     """
-    logits = model_logits(
-        model, subject, x, output=output, class_axis=class_axis, positions=positions
-    )
+    logits = model_logits(model, subject, x, Layout(output, class_axis, positions))
     if family == "categorical":
         check_categorical(logits, y, positions=positions, mask=mask, ignore_index=ignore_index)
     else:
@@ -378,12 +390,13 @@ def call_model(model: Any, subject: Subject, x: Any) -> Any:
         raise UsageError(msg) from None
 
 
-def select_logits(out: Any, output: Any, class_axis: int) -> Any:
+def select_logits(out: Any, layout: Layout) -> Any:
     """The logits tensor picked by ``--output``, its ``--class-axis`` moved last."""
     import torch
 
     from fisherbound.adapters._torch_model import classes_last, select_output
 
+    output, class_axis = layout.output, layout.class_axis
     if output is not None:
         try:
             out = select_output(out, output)
@@ -417,22 +430,15 @@ def letters(positions: tuple[int, ...]) -> str:
     return ", ".join(["N", *names, "C"])
 
 
-def model_logits(
-    model: Any,
-    subject: Subject,
-    x: Any,
-    *,
-    output: Any = None,
-    class_axis: int = -1,
-    positions: tuple[int, ...] = (),
-) -> Any:
+def model_logits(model: Any, subject: Subject, x: Any, layout: Layout) -> Any:
     """The model's outputs on ``x`` as a host float64 array, checked to be logits.
 
-    (N, C), or (N, ∗S, C) for the position axes ``positions`` = S.
+    (N, C), or (N, ∗S, C) for the position axes ``layout.positions`` = S.
     """
     import numpy as np
 
-    z = select_logits(call_model(model, subject, x), output, class_axis)
+    z = select_logits(call_model(model, subject, x), layout)
+    positions = layout.positions
     first = next(iter(x.values())) if isinstance(x, dict) else x
     n = int(first.shape[0])
     if not positions and (z.ndim != 2 or int(z.shape[0]) != n):
@@ -444,8 +450,8 @@ def model_logits(
     lead = (n, *positions)
     if positions and (z.ndim != len(lead) + 1 or tuple(int(s) for s in z.shape[:-1]) != lead):
         axis = (
-            f" (--class-axis {class_axis} moved last)"
-            if class_axis != -1
+            f" (--class-axis {layout.class_axis} moved last)"
+            if layout.class_axis != -1
             else "; name the class axis with --class-axis if it is not the last"
         )
         msg = (
@@ -510,38 +516,27 @@ def check_categorical(
             f"{labels.dtype} with non-integer values."
         )
         raise UsageError(msg)
-    if positions:
-        check_position_labels(labels, c, mask, ignore_index)
-        return
-    out = np.flatnonzero((labels < 0) | (labels >= c))
-    if out.size:
-        msg = (
-            f"labels must be class indices in [0, C) = [0, {c}) for the model's {c} "
-            f"outputs; got {out.size} outside, e.g. values "
-            f"{sorted({int(v) for v in labels[out][:10]})} at rows {out[:10].tolist()}."
-        )
-        raise UsageError(msg)
-
-
-def check_position_labels(labels: Any, c: int, mask: Any, ignore_index: int | None) -> None:
-    """Labels (N, ∗S) in [0, C) or the ignore index wherever the mask keeps the position."""
-    import numpy as np
-
-    keep = np.ones(labels.shape, dtype=bool) if mask is None else np.asarray(mask)
-    if ignore_index is not None:
+    keep = np.ones(labels.shape, dtype=bool)
+    if positions and mask is not None:
+        keep = np.asarray(mask)
+    if positions and ignore_index is not None:
         keep = keep & (labels != ignore_index)
     wrong = keep & ((labels < 0) | (labels >= c))
-    if np.any(wrong):
-        where = [tuple(int(i) for i in idx) for idx in np.argwhere(wrong)[:5]]
-        values = sorted({int(v) for v in labels[wrong][:10]})
+    if not np.any(wrong):
+        return
+    values = sorted({int(v) for v in labels[wrong][:10]})
+    if positions:
         ignored = "none" if ignore_index is None else str(ignore_index)
-        msg = (
-            f"labels must be class indices in [0, C) = [0, {c}) for the model's {c} "
-            f"outputs, or the ignore index (--ignore-index {ignored}); got "
-            f"{int(np.sum(wrong))} outside, e.g. values {values} at (input, position) "
-            f"{where}."
-        )
-        raise UsageError(msg)
+        pairs = [tuple(int(i) for i in idx) for idx in np.argwhere(wrong)[:5]]
+        also = f", or the ignore index (--ignore-index {ignored})"
+        where = f"(input, position) {pairs}"
+    else:
+        also, where = "", f"rows {np.flatnonzero(wrong)[:10].tolist()}"
+    msg = (
+        f"labels must be class indices in [0, C) = [0, {c}) for the model's {c} "
+        f"outputs{also}; got {int(np.sum(wrong))} outside, e.g. values {values} at {where}."
+    )
+    raise UsageError(msg)
 
 
 def check_bernoulli(zh: Any, y: Any) -> None:
@@ -549,19 +544,19 @@ def check_bernoulli(zh: Any, y: Any) -> None:
     import numpy as np
 
     labels = np.asarray(y)
-    if zh.ndim == 2:
-        n, c = (int(s) for s in zh.shape)
-        if labels.shape != (n, c):
+    if labels.shape != zh.shape:
+        if zh.ndim == 2:
+            n, c = (int(s) for s in zh.shape)
             msg = (
                 f"Bernoulli labels must be 0/1 rows of shape (N, C) = ({n}, {c}); got shape "
                 f"{labels.shape}."
             )
-            raise UsageError(msg)
-    elif labels.shape != zh.shape:
-        msg = (
-            f"Bernoulli labels must be 0/1 of the logits' shape {zh.shape} (class axis "
-            f"last, as --class-axis says for the model's output); got shape {labels.shape}."
-        )
+        else:
+            msg = (
+                f"Bernoulli labels must be 0/1 of the logits' shape {zh.shape} (class axis "
+                f"last, as --class-axis says for the model's output); got shape "
+                f"{labels.shape}."
+            )
         raise UsageError(msg)
     if not np.all((labels == 0) | (labels == 1)):
         msg = "Bernoulli labels must be 0 or 1; got other values."

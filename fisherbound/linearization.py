@@ -36,21 +36,27 @@ does better.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
 from fisherbound._finite import Product, guard_class
-from fisherbound._lib import (
-    REDUCTIONS,
-    array_namespace,
-    check_choice,
-    check_device,
-    check_floating,
-    device_of,
-    is_array,
-    is_traced,
+from fisherbound._lib import REDUCTIONS, array_namespace, device_of, is_array, is_traced
+
+# The adapters' shared shell lives in its own module; the adapters and the analyses
+# import it from here, with the contract.
+from fisherbound._shell import (
+    check_batches,
+    check_family,  # noqa: F401  (fisherbound._stream imports it from here)
+    check_loss_labels,
+    check_loss_mask,
+    check_loss_options,
+    check_operand,
+    mask_source,
+    stream_inputs,
+    stream_linearizations,
+    stream_loss_functions,
+    stream_pairs,
 )
-from fisherbound.families import Categorical, Family
 
 Array = Any
 T = TypeVar("T")
@@ -821,231 +827,3 @@ class LossFunctionBase(_FrozenBase):
         Generic default: M calls of ``hvp``, stacked.
         """
         return self._row_by_row(self.hvp, V)
-
-
-def check_loss_options(family: Any, reduction: object) -> Any:
-    """The output family of a loss function (``Categorical()`` for None), checked.
-
-    Raises a TypeError when ``family`` is not a ``fisherbound.families`` family
-    and a ValueError when ``reduction`` is not ``"sum"`` or ``"mean"`` (``"mean"``
-    divides by the number of counted positions).
-    """
-    family = check_family(Categorical() if family is None else family)
-    check_choice(reduction, "reduction", LOSS_REDUCTIONS)
-    return family
-
-
-def check_family(family: object) -> Family:
-    """``family`` if it is a fisherbound family, else a TypeError."""
-    if not isinstance(family, Family):
-        msg = (
-            "family must be a fisherbound.families family (Categorical(), Bernoulli(), "
-            f"Gaussian()); got {type(family).__name__}."
-        )
-        raise TypeError(msg)
-    return family
-
-
-def check_loss_labels(family: Any, z: Array, labels: Array, *, where: str = "") -> None:
-    """``family.check_labels(z, labels)``, its message written for the argument ``labels``.
-
-    z (N, ∗S, C): categorical labels are class indices (N, ∗S), Bernoulli and
-    Gaussian labels (N, ∗S, C) (the family's check says which it got). The
-    message names ``labels`` and ``logits``, as the caller wrote them, and
-    ``where`` (e.g. " of batch 2") says which logits.
-    """
-    try:
-        family.check_labels(z, labels, names=("logits", "labels"))
-    except (TypeError, ValueError) as err:
-        msg = f"labels do not fit the logits{where} for the {family!r} family: {err}"
-        raise type(err)(msg) from err
-
-
-def check_loss_mask(mask: Any, z: Array, /, *, name: str = "mask") -> Array:
-    """``mask`` checked against logits z (N, ∗S, C): a boolean array (N, ∗S) of z's device.
-
-    A TypeError for a non-array or another namespace, a ValueError for another
-    dtype or shape or device. Cost: O(1), no data is read.
-    """
-    want = tuple(int(s) for s in z.shape[:-1])
-    if not is_array(mask):
-        msg = (
-            f"{name} must be None or a boolean array of shape (N, *S) = {want} (True where "
-            f"a position counts); got {type(mask).__module__}.{type(mask).__name__}."
-        )
-        raise TypeError(msg)
-    xp = array_namespace(mask, z, names=(name, "the logits"))
-    if not xp.isdtype(mask.dtype, "bool") or tuple(int(s) for s in mask.shape) != want:
-        msg = (
-            f"{name} must be a boolean array of shape (N, *S) = {want} (the logits' shape "
-            f"without the class axis); got {mask.dtype} of shape {tuple(mask.shape)}."
-        )
-        raise ValueError(msg)
-    check_device(
-        mask,
-        name,
-        device_of(z),
-        owner="the logits' device",
-        remedy=f"Move it with xp.asarray({name}, device=...).",
-    )
-    return mask
-
-
-# ---------------------------------------------------------------------------
-# The adapter shell: operand checks and the streams of batches
-# ---------------------------------------------------------------------------
-
-
-def mask_source(
-    mask: Any, inputs: object, *, is_array: Callable[[object], bool]
-) -> tuple[Any, str]:
-    """What a ``mask=`` option names for one batch, and how messages call it.
-
-    ``mask`` is a key of dict ``inputs`` (that entry: "mask (inputs['key'])"), a
-    callable of the inputs (its result: "mask (the callable's result)") or
-    anything else, returned as it is ("mask"); ``is_array`` tells the adapter's
-    arrays from callables. A key that the inputs lack is a ValueError listing
-    what they have. The adapters then check and convert the value.
-    """
-    if isinstance(mask, str):
-        if not isinstance(inputs, Mapping) or mask not in inputs:
-            keys = (
-                f"keys [{', '.join(repr(k) for k in inputs)}]"
-                if isinstance(inputs, Mapping)
-                else f"{type(inputs).__name__} inputs, not a dict"
-            )
-            msg = f"mask={mask!r} names no entry of the inputs: got {keys}."
-            raise ValueError(msg)
-        return inputs[mask], f"mask (inputs[{mask!r}])"
-    if callable(mask) and not is_array(mask):
-        return mask(inputs), "mask (the callable's result)"
-    return mask, "mask"
-
-
-def check_operand(
-    x: Array,
-    name: str,
-    shape: tuple[int | None, ...],
-    what: str,
-    /,
-    *,
-    like: Array,
-    like_name: str,
-    owner: str,
-    remedy: str,
-    free: str | None = None,
-) -> Array:
-    """``x`` checked as an operand of an array-API adapter, cast to ``like``'s dtype.
-
-    ``x`` must share ``like``'s namespace (a TypeError naming ``like_name``
-    otherwise), be real floating, have ``shape`` (None: any size) and be on
-    ``like``'s device (a ValueError naming ``owner``, with ``remedy``). The shape
-    message reads "{name} must have shape {what} = (sizes); got shape (...)."
-    with each free axis written as its letter in ``what`` or as ``free``.
-    Cost: O(1), no data is read.
-    """
-    xp = array_namespace(x, like, names=(name, like_name))
-    check_floating(x, name, xp=xp)
-    got = tuple(int(s) for s in x.shape)
-    if len(got) != len(shape) or any(
-        s is not None and g != s for g, s in zip(got, shape, strict=False)
-    ):
-        letters = what.strip("()").rstrip(",").split(", ")
-        want = ", ".join(
-            (letter if free is None else free) if s is None else str(s)
-            for letter, s in zip(letters, shape, strict=True)
-        )
-        msg = f"{name} must have shape {what} = ({want}); got shape {got}."
-        raise ValueError(msg)
-    check_device(x, name, device_of(like), owner=owner, remedy=remedy)
-    return xp.astype(x, like.dtype) if x.dtype != like.dtype else x
-
-
-def check_batches(
-    batches: object, /, *, what: str, remedy: str, single: Callable[[object], bool] | None = None
-) -> Iterable[Any]:
-    """``batches`` if it is an iterable of batches, not one batch; else a TypeError.
-
-    Strings, bytes and arrays (or what ``single`` recognises as one batch) are
-    refused with "batches must be an iterable of {what}; got {type}. {remedy}".
-    """
-    one = single if single is not None else is_array
-    if not isinstance(batches, Iterable) or isinstance(batches, str | bytes) or one(batches):
-        msg = f"batches must be an iterable of {what}; got {type(batches).__name__}. {remedy}"
-        raise TypeError(msg)
-    return batches
-
-
-def stream_inputs(
-    batches: Iterable[Any], build: Callable[[int, Any], T], /, *, single: str
-) -> Iterator[T]:
-    """``build(i, inputs)`` for each batch i, lazily; a tuple or list gives its first item.
-
-    A DataLoader's ``(x, y)`` batch contributes ``x``; any other batch is the
-    inputs itself. An empty tuple is refused (ValueError): "batch {i} must be
-    {single} or a non-empty tuple (inputs, ...); got ()."
-    """
-    for i, batch in enumerate(batches):
-        if isinstance(batch, tuple | list):
-            if len(batch) == 0:
-                msg = f"batch {i} must be {single} or a non-empty tuple (inputs, ...); got ()."
-                raise ValueError(msg)
-            batch = batch[0]
-        yield build(i, batch)
-
-
-def stream_pairs(
-    batches: Iterable[Any],
-    build: Callable[[int, Any, Any], T],
-    /,
-    *,
-    say_length: bool = False,
-) -> Iterator[T]:
-    """``build(i, inputs, labels)`` for each ``(inputs, labels, ...)`` batch i, lazily.
-
-    Anything else is refused (TypeError): "batch {i} must be a pair (inputs,
-    labels); got {type}." (with its length when ``say_length``).
-    """
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) < 2:
-            length = (
-                f" of length {len(batch)}" if say_length and isinstance(batch, tuple | list) else ""
-            )
-            msg = f"batch {i} must be a pair (inputs, labels); got {type(batch).__name__}{length}."
-            raise TypeError(msg)
-        yield build(i, batch[0], batch[1])
-
-
-def stream_linearizations(
-    batches: object,
-    build: Callable[[int, Any], T],
-    /,
-    *,
-    remedy: str,
-    single: str,
-    what: str = "batches (arrays, or tuples whose first element is the inputs)",
-    one_batch: Callable[[object], bool] | None = None,
-) -> Iterator[T]:
-    """An adapter's ``linearizations``: ``batches`` checked now, then ``stream_inputs``.
-
-    ``check_batches(batches, what=what, remedy=remedy, single=one_batch)`` runs at
-    the call (not at the first batch); ``single`` names one batch in the message
-    of an empty tuple.
-    """
-    checked = check_batches(batches, what=what, remedy=remedy, single=one_batch)
-    return stream_inputs(checked, build, single=single)
-
-
-def stream_loss_functions(
-    batches: object,
-    build: Callable[[int, Any, Any], T],
-    /,
-    *,
-    remedy: str,
-    what: str = "(inputs, labels) pairs",
-    one_batch: Callable[[object], bool] | None = None,
-    say_length: bool = False,
-) -> Iterator[T]:
-    """An adapter's ``loss_functions``: ``batches`` checked now, then ``stream_pairs``."""
-    checked = check_batches(batches, what=what, remedy=remedy, single=one_batch)
-    return stream_pairs(checked, build, say_length=say_length)

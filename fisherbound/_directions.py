@@ -24,7 +24,7 @@ from fisherbound._lib import (
     conform,
     device_of,
     is_array,
-    is_traced,
+    known_false,
     probes,
 )
 from fisherbound.linearization import LossFunction, ParameterBlock
@@ -151,7 +151,7 @@ def draw(xp: Any, gen: Any, m: int, kind: str, theta: Array, blocks: Sequence[An
     if kind == "filter":
         assert blocks is not None
         D = _filter_normalize(xp, G, theta, blocks)
-        if not is_traced(D) and not bool(xp.all(xp.isfinite(D))):
+        if known_false(xp.all(xp.isfinite(D))):
             msg = (
                 "params must have filters whose norms are finite in "
                 f"{theta.dtype}: a filter-normalised direction overflowed (largest |θ_i| = "
@@ -269,7 +269,7 @@ def default_step(params: Array, /) -> Array:
     eps = float(xp.finfo(params.dtype).eps)
     one = xp.asarray(1.0, dtype=params.dtype, device=device_of(params))
     h = eps**0.25 * xp.maximum(_norm(xp, params), one)
-    if not is_traced(h) and not bool(xp.isfinite(h)):
+    if known_false(xp.isfinite(h)):
         msg = (
             f"params must have a norm finite in {params.dtype}; ‖θ‖ overflowed (largest "
             f"|θ_i| = {float(xp.max(xp.abs(params))):.3g}). Rescale the parameters, compute "

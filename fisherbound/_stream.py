@@ -45,6 +45,7 @@ from fisherbound._lib import (
     fingerprint,
     is_array,
     is_traced,
+    known_false,
     progress_bar,
 )
 from fisherbound.families import Family
@@ -250,8 +251,7 @@ def check_loss(item: object, index: int, ref: Any) -> Any:
     xp = array_namespace(
         ref.params, item.params, names=("the params of batch 0", f"the params of batch {index}")
     )
-    same = item.params == ref.params
-    if not is_traced(same) and not bool(xp.all(same)):
+    if known_false(xp.all(item.params == ref.params)):
         msg = (
             f"every loss function must be frozen at the same parameters θ; batch {index} "
             "differs from batch 0. Build all of them from one model state."

@@ -80,7 +80,7 @@ from fisherbound._lib import (
     check_target,
     collective,
     is_array,
-    is_traced,
+    known_false,
     probes,
 )
 from fisherbound._quantities import Quantity, quantity
@@ -804,7 +804,7 @@ def _check_counted(lin: Any, keep: Array, ignore_index: int | None, index: int) 
     xp = lin.xp
     mask = getattr(lin, "mask", None)
     counted = keep if mask is None else keep & mask
-    if not is_traced(counted) and not bool(xp.any(counted)):
+    if known_false(xp.any(counted)):
         msg = (
             f"the labels of batch {index} leave no position to count: every label equals "
             f"ignore_index = {ignore_index} (or its position is masked). Check the labels, "

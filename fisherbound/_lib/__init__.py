@@ -58,6 +58,7 @@ from fisherbound._lib._validation import (
     conform,
     first_indices,
     is_traced,
+    known_false,
     power_of_two_scale,
     sum_is_finite,
 )
@@ -97,6 +98,7 @@ __all__ = [
     "is_writeable_array",
     "power_of_two_scale",
     "is_traced",
+    "known_false",
     "probes",
     "progress_bar",
     "shared_generator",

@@ -164,6 +164,16 @@ def is_traced(x: Array) -> bool:
     return False
 
 
+def known_false(flag: Array) -> bool:
+    """True when the 0-d boolean ``flag`` reads False on the host.
+
+    The test of every check on data that must pass for traced values (which have
+    nothing to read, ``is_traced``): a failed check reads ``known_false(ok)``.
+    One host read.
+    """
+    return not is_traced(flag) and not bool(flag)
+
+
 def sum_is_finite(x: Array, xp: Any) -> Array:
     """Whether the sum of ``x`` is finite, as a 0-d boolean array on ``x``'s device.
 

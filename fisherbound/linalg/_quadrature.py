@@ -15,7 +15,7 @@ from fisherbound._lib import (
     check_floating,
     check_positive_int,
     estimate_from_samples,
-    is_traced,
+    known_false,
     probes,
     to_host,
 )
@@ -441,7 +441,7 @@ def smoothed_density(quadrature: Any, grid: Array, /, *, width: float) -> Array:
     z = (grid[:, None] - theta) / sigma
     kernel = xp.exp(-0.5 * z * z) / (sigma * math.sqrt(2.0 * math.pi))
     phi = xp.sum(kernel * w, axis=1) / xp.sum(w)
-    if not is_traced(phi) and not bool(xp.all(xp.isfinite(phi))):
+    if known_false(xp.all(xp.isfinite(phi))):
         msg = (
             f"the smoothed density must be finite; got NaN or inf in {grid.dtype} with "
             f"width = {width!r} and quadrature weights summing to {float(xp.sum(w))!r}: "

@@ -114,8 +114,12 @@ def torch_subject(
     named = dict(model.named_parameters())
     first = named[params[0]] if params else next(iter(named.values()))
     dtype, device = first.dtype, first.device
-    names = None if params is None else list(params)
-
+    # The analysed parameters and where the logits are: one for linearizations and losses.
+    options: dict[str, Any] = {
+        "params": None if params is None else list(params),
+        "output": output,
+        "class_axis": class_axis,
+    }
     categorical = isinstance(fam, Categorical)
 
     def tensor(a: Any) -> Any:
@@ -135,24 +139,13 @@ def torch_subject(
         return t.to(device)
 
     def linearize(x: Any, mask: Any = None) -> Any:
-        return adapter.linearize(
-            model, x, params=names, output=output, class_axis=class_axis, mask=mask
-        )
+        return adapter.linearize(model, x, mask=mask, **options)
 
     def loss_function(x: Any, y: Any, reduction: str, mask: Any = None) -> Any:
         if not categorical and class_axis not in (-1, y.ndim - 1):
             y = torch.movedim(y, -1, class_axis)  # the model output's layout
         return adapter.loss_function(
-            model,
-            x,
-            y,
-            family=fam,
-            reduction=reduction,
-            params=names,
-            output=output,
-            class_axis=class_axis,
-            mask=mask,
-            ignore_index=None,
+            model, x, y, family=fam, reduction=reduction, mask=mask, ignore_index=None, **options
         )
 
     return Subject(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import device_of, is_traced, uniform
+from fisherbound._lib import device_of, uniform
 from fisherbound.families._base import Family, _diag, one_hot
-from fisherbound.families._checks import bad_positions, check_label_array
+from fisherbound.families._checks import check_label_array, check_label_support
 from fisherbound.families._secular import secular_roots
 
 Array = Any
@@ -102,12 +102,7 @@ class Categorical(Family):
         check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]), names=names)
         c = int(z.shape[-1])
         bad = (y < 0) | (y >= c)
-        if not is_traced(bad) and bool(xp.any(bad)):  # traced (JAX jit): unchecked
-            msg = (
-                f"{names[1]} must hold class indices in [0, {c}); got values out of range at "
-                f"positions {bad_positions(bad, xp)} (flattened)."
-            )
-            raise ValueError(msg)
+        check_label_support(bad, xp, names[1], f"class indices in [0, {c})", "values out of range")
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
         _, _, logp = log_softmax_parts(z, xp)

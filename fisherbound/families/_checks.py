@@ -95,6 +95,21 @@ def check_label_array(
     return xp
 
 
+def check_label_support(bad: Array, xp: Any, name: str, support: str, got: str) -> None:
+    """Labels ``name`` must lie in the family's ``support``; ``bad`` marks those that do not.
+
+    The ValueError names the first flattened positions of ``bad`` and what came
+    there (``got``). Traced labels (JAX jit) pass unchecked. One reduction and one
+    host read.
+    """
+    if not is_traced(bad) and bool(xp.any(bad)):
+        msg = (
+            f"{name} must hold {support}; got {got} at positions {bad_positions(bad, xp)} "
+            "(flattened)."
+        )
+        raise ValueError(msg)
+
+
 def bad_positions(mask: Array, xp: Any) -> list[int]:
     """Flattened positions of the first True entries of ``mask``."""
     return first_indices(xp.reshape(mask, (-1,)), xp)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import check_finite, device_of, is_traced, probes, uniform
+from fisherbound._lib import check_finite, device_of, probes, uniform
 from fisherbound.families._base import Family, one_hot
-from fisherbound.families._checks import bad_positions, check_label_array
+from fisherbound.families._checks import check_label_array, check_label_support
 
 Array = Any
 
@@ -78,12 +78,7 @@ class Bernoulli(_DiagonalFamily):
     ) -> None:
         check_label_array(z, y, kind="real floating", shape=tuple(z.shape), names=names)
         bad = (y != 0.0) & (y != 1.0)
-        if not is_traced(bad) and bool(xp.any(bad)):  # traced (JAX jit): unchecked
-            msg = (
-                f"{names[1]} must hold binary labels 0.0 or 1.0; got other values at positions "
-                f"{bad_positions(bad, xp)} (flattened)."
-            )
-            raise ValueError(msg)
+        check_label_support(bad, xp, names[1], "binary labels 0.0 or 1.0", "other values")
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
         y = xp.astype(y, z.dtype)

@@ -25,18 +25,6 @@ __all__ = ["hutchinson_diagonal", "hutchinson_trace", "hutchpp_trace"]
 DEFAULT_BLOCK_ENTRIES = 2**24
 
 
-def _check_common(
-    num_probes: object, distribution: object, batch_size: object, n: int
-) -> tuple[int, str, int]:
-    m = check_positive_int(num_probes, "num_probes")
-    dist = check_choice(distribution, "distribution", DISTRIBUTIONS)
-    if batch_size is None:
-        b = max(1, DEFAULT_BLOCK_ENTRIES // max(n, 1))
-    else:
-        b = check_positive_int(batch_size, "batch_size")
-    return m, dist, min(b, m)
-
-
 def _check_samples(xp: Any, samples: Array, dtype: Any) -> None:
     """A ValueError if the samples (v ⊙ Av, or vᵀAv) overflowed ``dtype``.
 
@@ -53,24 +41,32 @@ def _check_samples(xp: Any, samples: Array, dtype: Any) -> None:
 
 
 def _hutchinson(
-    xp: Any,
-    op: Any,
+    A: Any,
+    num_probes: object,
+    distribution: object,
+    rng: Any,
+    batch_size: object,
     *,
-    num_probes: int,
-    distribution: str,
-    gen: Any,
-    batch_size: int,
     diagonal: bool,
 ) -> Estimate:
+    """The front and loop of ``hutchinson_trace`` and ``hutchinson_diagonal``."""
+    op, xp = _as_square_operator(A)
     n = int(op.shape[0])
+    m = check_positive_int(num_probes, "num_probes")
+    dist = check_choice(distribution, "distribution", DISTRIBUTIONS)
+    if batch_size is None:
+        block = max(1, DEFAULT_BLOCK_ENTRIES // max(n, 1))
+    else:
+        block = check_positive_int(batch_size, "batch_size")
+    gen = as_generator(rng)
     acc = MeanVariance(xp)
     negative: Any = None  # whether some trace sample was < 0 (one host read at the end)
-    left = num_probes
+    left = m
     while left > 0:
-        b = min(batch_size, left)
+        b = min(block, left)
         # Drawn as (b, n), one probe per row, so Gaussian streams do not depend on b.
         V = xp.matrix_transpose(
-            probes(gen, (b, n), distribution=distribution, xp=xp, dtype=op.dtype, device=op.device)
+            probes(gen, (b, n), distribution=dist, xp=xp, dtype=op.dtype, device=op.device)
         )
         prod = V * op.matmat(V)
         if diagonal:
@@ -148,12 +144,7 @@ def hutchinson_trace(
     >>> float(est.value), float(est.std_error)
     (6.0, 0.0)
     """
-    op, xp = _as_square_operator(A)
-    m, dist, b = _check_common(num_probes, distribution, batch_size, int(op.shape[0]))
-    gen = as_generator(rng)
-    return _hutchinson(
-        xp, op, num_probes=m, distribution=dist, gen=gen, batch_size=b, diagonal=False
-    )
+    return _hutchinson(A, num_probes, distribution, rng, batch_size, diagonal=False)
 
 
 def hutchinson_diagonal(
@@ -197,12 +188,7 @@ def hutchinson_diagonal(
     >>> est.value.tolist(), est.std_error.tolist()
     ([1.0, 2.0], [0.0, 0.0])
     """
-    op, xp = _as_square_operator(A)
-    m, dist, b = _check_common(num_probes, distribution, batch_size, int(op.shape[0]))
-    gen = as_generator(rng)
-    return _hutchinson(
-        xp, op, num_probes=m, distribution=dist, gen=gen, batch_size=b, diagonal=True
-    )
+    return _hutchinson(A, num_probes, distribution, rng, batch_size, diagonal=True)
 
 
 def _hutchpp(xp: Any, op: Any, *, num_probes: int, distribution: str, gen: Any) -> Estimate:

@@ -22,7 +22,8 @@ import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
 from fisherbound._finite import check_inputs_finite, check_parameters_finite
-from fisherbound._lib import HALF_PRECISION, check_device, device_of, is_traced
+from fisherbound._lib import HALF_PRECISION, is_traced
+from fisherbound._shell import MaskWords, check_mask_array
 from fisherbound.linearization import make_blocks, mask_source
 
 Array = Any
@@ -648,66 +649,47 @@ def check_mask_spec(mask: object, *, stream: bool = False) -> Any:
     raise TypeError(msg)
 
 
+#: The JAX wording of the shared mask check's messages.
+_MASK_WORDS = MaskWords(
+    kind="array",
+    noun="array",
+    convert="mask != 0",
+    move="Move it with jax.device_put(mask, lin.device).",
+    shape=(
+        "{where} must have the logits' shape without the class axis, {letters} = {want}; "
+        "got shape {got}."
+    ),
+    empty=(
+        "{where} must keep at least one position; got a mask of shape {want} that is False "
+        "everywhere (no position would count)."
+    ),
+)
+
+
 def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | None:
     """The mask of one batch as a boolean JAX array (N, ∗S) on the logits' device, or None.
 
-    ``mask`` (checked by ``check_mask_spec``) is None, a boolean array, a key of
-    dict ``inputs`` (that entry, converted with ``!= 0``) or a callable
-    ``mask(inputs)`` (its result, converted with ``!= 0`` unless boolean).
-    ``what`` are the letters of the logits' shape, e.g. "(N, T, C)". A mask False
-    everywhere is a ValueError (unless traced: inside ``jit`` / ``shard_map`` its
-    values are unknown).
+    ``mask`` (checked by ``check_mask_spec``) is None, a boolean array (or 0/1
+    integers), a key of dict ``inputs`` (that entry, converted with ``!= 0``) or a
+    callable ``mask(inputs)`` (its result, converted with ``!= 0`` unless
+    boolean); NumPy values become JAX arrays. ``what`` are the letters of the
+    logits' shape, e.g. "(N, T, C)". ``check_mask_array`` checks it (in JAX's
+    words); a traced mask (inside ``jit`` / ``shard_map``) has no values to check.
     """
     if mask is None:
         return None
     mask, source = mask_source(mask, inputs, is_array=_is_array)
-    convert = source != "mask"  # a key's entry or a callable's result: 0/1 allowed
     if type(mask).__module__.split(".")[0] == "numpy":
         mask = jnp.asarray(mask)
-    if not isinstance(mask, jax.Array):
-        msg = (
-            f"{source} must be a boolean array (N, *S), True where a position counts; "
-            f"got {type(mask).__module__}.{type(mask).__name__}."
-        )
-        raise TypeError(msg)
-    if not convert and jnp.issubdtype(mask.dtype, jnp.integer):
-        # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
-        if not is_traced(mask) and bool(jnp.any((mask != 0) & (mask != 1))):
-            msg = (
-                f"{source} must be boolean or hold only 0 and 1 (True where a position "
-                f"counts); got {mask.dtype} values outside {{0, 1}}. Convert with mask != 0."
-            )
-            raise ValueError(msg)
-        convert = True
-    if convert and mask.dtype != jnp.bool_:
-        mask = mask != 0
-    if mask.dtype != jnp.bool_:
-        msg = (
-            f"{source} must be a boolean array (True where a position counts); got dtype "
-            f"{mask.dtype}. Convert it, e.g. mask != 0."
-        )
-        raise TypeError(msg)
-    shape = tuple(int(s) for s in logits.shape[:-1])
-    if tuple(mask.shape) != shape:
-        msg = (
-            f"{source} must have the logits' shape without the class axis, "
-            f"{mask_text(what)} = {shape}; got shape {tuple(mask.shape)}."
-        )
-        raise ValueError(msg)
-    check_device(
+    return check_mask_array(
         mask,
         source,
-        device_of(logits),
-        owner="the logits' device",
-        remedy="Move it with jax.device_put(mask, lin.device).",
+        logits,
+        nonzero=source != "mask",  # a key's entry or a callable's result
+        is_array=lambda x: isinstance(x, jax.Array),
+        words=_MASK_WORDS,
+        letters=mask_text(what),
     )
-    if not is_traced(mask) and not bool(jnp.any(mask)):
-        msg = (
-            f"{source} must keep at least one position; got a mask of shape {shape} that "
-            "is False everywhere (no position would count)."
-        )
-        raise ValueError(msg)
-    return mask
 
 
 def second_derivative_kernel(kernels: Kernels) -> Any:

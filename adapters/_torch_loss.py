@@ -123,9 +123,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
             z = self._z(self._primals, inputs, check=self._output_check())
         self._xp = array_namespace(z, names=("model output",))
         check_outputs(self, z, "model output")
-        counted = resolve_mask(
-            mask, inputs if raw_inputs is None else raw_inputs, tuple(z.shape), z.device
-        )
+        counted = resolve_mask(mask, inputs if raw_inputs is None else raw_inputs, z)
         if labels.ndim == z.ndim and labels.ndim >= 2:
             # Bernoulli / Gaussian targets (N, *S, C) in the model output's layout.
             labels = classes_last(labels, self._spec.class_axis)

@@ -21,6 +21,7 @@ from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 
 from fisherbound._finite import check_inputs_finite, check_parameters_finite
 from fisherbound._lib import HALF_PRECISION, check_materialized
+from fisherbound._shell import MaskWords, check_mask_array
 from fisherbound.linearization import make_blocks, mask_source
 
 Tensor = torch.Tensor
@@ -490,56 +491,39 @@ def check_mask_spec(mask: object, *, stream: bool = False) -> MaskSpec:
     raise TypeError(msg)
 
 
-def resolve_mask(
-    mask: MaskSpec, raw_inputs: object, shape: tuple[int, ...], device: torch.device
-) -> Tensor | None:
-    """The boolean (N, ∗S) mask of one batch whose logits (classes last) have ``shape``.
+#: The torch wording of the shared mask check's messages.
+_MASK_WORDS = MaskWords(
+    kind="torch.Tensor",
+    noun="tensor",
+    convert="mask.bool() or mask != 0",
+    move="Move it with mask.to({device!r}).",
+    shape=(
+        "{where} must have the shape (N, *S) = {want} of the logits {logits} without the "
+        "class axis; got {got}."
+    ),
+    empty="{where} masks every position of the batch (no True entry); nothing would count.",
+)
 
-    ``mask`` is None (every position counts), a boolean tensor, a key of dict
-    ``raw_inputs`` (the entry, converted with ``!= 0``) or a callable
-    ``raw_inputs -> mask`` (a bool tensor, or 0/1 values converted with ``!= 0``).
-    Raises a ValueError for a wrong shape, device, or a mask without any True.
+
+def resolve_mask(mask: MaskSpec, raw_inputs: object, z: Tensor) -> Tensor | None:
+    """The boolean (N, ∗S) mask of one batch whose logits (classes last) are ``z``.
+
+    ``mask`` is None (every position counts), a boolean tensor (or 0/1 integers),
+    a key of dict ``raw_inputs`` (the entry, converted with ``!= 0``) or a callable
+    ``raw_inputs -> mask`` (a bool tensor, or values converted with ``!= 0``);
+    ``check_mask_array`` checks it (the house messages, in torch's words).
     """
     if mask is None:
         return None
-    value, where = mask_source(mask, raw_inputs, is_array=lambda x: isinstance(x, torch.Tensor))
-    if where != "mask" and isinstance(value, torch.Tensor) and value.dtype != torch.bool:
-        value = value != 0
-    want = shape[:-1]
-    if not isinstance(value, torch.Tensor):
-        msg = f"{where} must be a boolean torch.Tensor of shape {want}; got {type(value).__name__}."
-        raise TypeError(msg)
-    if value.dtype != torch.bool and not value.is_floating_point() and not value.is_complex():
-        # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
-        if bool(((value != 0) & (value != 1)).any()):
-            msg = (
-                f"{where} must be boolean or hold only 0 and 1 (True = the position counts); "
-                f"got {value.dtype} values outside {{0, 1}}. Convert with mask != 0."
-            )
-            raise ValueError(msg)
-        value = value != 0
-    if value.dtype != torch.bool:
-        msg = (
-            f"{where} must be a boolean tensor (True = the position counts); got dtype "
-            f"{value.dtype}. Convert with mask.bool() or mask != 0."
-        )
-        raise TypeError(msg)
-    if tuple(value.shape) != want:
-        msg = (
-            f"{where} must have the shape (N, *S) = {want} of the logits {shape} without "
-            f"the class axis; got {tuple(value.shape)}."
-        )
-        raise ValueError(msg)
-    if value.device != device:
-        msg = (
-            f"{where} must be on the logits' device {device}; got {value.device}. Move it "
-            f"with mask.to({str(device)!r})."
-        )
-        raise ValueError(msg)
-    if not bool(value.any()):
-        msg = f"{where} masks every position of the batch (no True entry); nothing would count."
-        raise ValueError(msg)
-    return value.detach()
+    value, where = mask_source(mask, raw_inputs, is_array=_is_tensor)
+    checked = check_mask_array(
+        value, where, z, nonzero=where != "mask", is_array=_is_tensor, words=_MASK_WORDS
+    )
+    return checked.detach()
+
+
+def _is_tensor(x: object) -> bool:
+    return isinstance(x, torch.Tensor)
 
 
 def apply_mask(z: Tensor, mask: Tensor | None) -> Tensor:

@@ -138,9 +138,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         logits = self._graph.detach()
         check_outputs(self, logits, "model output")
         self._logits = logits
-        self._mask = resolve_mask(
-            mask, inputs if raw_inputs is None else raw_inputs, tuple(logits.shape), logits.device
-        )
+        self._mask = resolve_mask(mask, inputs if raw_inputs is None else raw_inputs, logits)
         self._cot_mask = None if self._mask is None else self._mask.unsqueeze(-1)
         self._xp = array_namespace(self._logits, names=("model output",))
         n = int(self._logits.shape[0])

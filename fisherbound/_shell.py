@@ -9,7 +9,7 @@ array-API adapter, and the ``linearizations`` / ``loss_functions`` streams.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from fisherbound._lib import (
     REDUCTIONS,
@@ -19,6 +19,7 @@ from fisherbound._lib import (
     check_floating,
     device_of,
     is_array,
+    is_traced,
 )
 from fisherbound.families import Categorical, Family
 
@@ -31,7 +32,9 @@ __all__ = [
     "check_loss_labels",
     "check_loss_mask",
     "check_loss_options",
+    "check_mask_array",
     "check_operand",
+    "MaskWords",
     "mask_source",
     "stream_inputs",
     "stream_linearizations",
@@ -141,6 +144,93 @@ def mask_source(
     if callable(mask) and not is_array(mask):
         return mask(inputs), "mask (the callable's result)"
     return mask, "mask"
+
+
+class MaskWords(NamedTuple):
+    """How an adapter's mask messages name its arrays, its conversions and its layout.
+
+    ``kind`` is the type asked for ("torch.Tensor"), ``noun`` the array in the
+    dtype message ("tensor"), ``convert`` the conversion to booleans
+    ("mask.bool() or mask != 0") and ``move`` the remedy for another device, with
+    ``{device}`` the logits' device. ``shape`` and ``empty`` are the messages for
+    a wrong shape and for a mask without a True entry, with the fields
+    ``{where}`` (how the mask is named), ``{letters}`` (the letters of its axes),
+    ``{want}`` (its shape), ``{logits}`` (the logits' shape) and ``{got}`` (the
+    shape given).
+    """
+
+    kind: str
+    noun: str
+    convert: str
+    move: str
+    shape: str
+    empty: str
+
+
+def check_mask_array(
+    value: Any,
+    where: str,
+    z: Array,
+    /,
+    *,
+    nonzero: bool,
+    is_array: Callable[[object], bool],
+    words: MaskWords,
+    letters: str = "(N, *S)",
+) -> Array:
+    """The boolean (N, ∗S) mask ``value`` of logits z (N, ∗S, C), checked and converted.
+
+    ``value`` is what ``mask_source`` found, named ``where`` in messages; with
+    ``nonzero`` (a key's entry or a callable's result) any nonzero value counts.
+    A mask given as it is may hold 0/1 integers (as Hugging Face's
+    ``attention_mask``), read as booleans. Refused: a value that ``is_array`` (the
+    adapter's array type) rejects or a non-boolean dtype (TypeError), integers
+    other than 0 and 1, another shape than z's without the class axis, another
+    device, a mask with no True entry (ValueError). Traced JAX values (inside
+    ``jit`` / ``shard_map``) have no values to read: their value checks pass.
+    Cost: a reduction for the 0/1 check of integers and one for the True entry.
+    """
+    want = tuple(int(s) for s in z.shape[:-1])
+    if not is_array(value):
+        msg = (
+            f"{where} must be a boolean {words.kind} of shape {letters} = {want}, True where "
+            f"a position counts; got {type(value).__module__}.{type(value).__name__}."
+        )
+        raise TypeError(msg)
+    xp = array_namespace(value, z, names=(where, "the logits"))
+    if not nonzero and xp.isdtype(value.dtype, "integral"):
+        # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
+        if not is_traced(value) and bool(xp.any((value != 0) & (value != 1))):
+            msg = (
+                f"{where} must be boolean or hold only 0 and 1 (True where a position "
+                f"counts); got {value.dtype} values outside {{0, 1}}. Convert with mask != 0."
+            )
+            raise ValueError(msg)
+        nonzero = True
+    if nonzero and not xp.isdtype(value.dtype, "bool"):
+        value = value != 0
+    if not xp.isdtype(value.dtype, "bool"):
+        msg = (
+            f"{where} must be a boolean {words.noun} (True where a position counts); got "
+            f"dtype {value.dtype}. Convert with {words.convert}."
+        )
+        raise TypeError(msg)
+    fields = {"where": where, "letters": letters, "want": want, "logits": tuple(z.shape)}
+    if tuple(int(s) for s in value.shape) != want:
+        msg = words.shape.format(got=tuple(value.shape), **fields)
+        raise ValueError(msg)
+    device = device_of(z)
+    check_device(
+        value,
+        where,
+        device,
+        owner="the logits' device",
+        remedy=words.move.format(device=str(device)),
+    )
+    if not is_traced(value) and not bool(xp.any(value)):
+        msg = words.empty.format(**fields)
+        raise ValueError(msg)
+    return value
 
 
 def check_operand(

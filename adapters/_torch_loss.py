@@ -1,16 +1,19 @@
 """The torch adapter's loss function: the negative log-likelihood of a module on one batch.
 
-Public through ``fisherbound.adapters.torch`` (``TorchLossFunction``, built by its
-``loss_function`` and ``loss_functions``), for ``fisherbound.landscape``.
+Public through ``fisherbound.adapters.torch``: ``TorchLossFunction`` and its fronts
+``loss_function`` and ``loss_functions`` (defined here, re-exported there), for
+``fisherbound.landscape``.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch  # noqa: TID253
+from torch import nn  # noqa: TID253
 
 from fisherbound._finite import check_outputs
 from fisherbound._lib import array_namespace
@@ -18,15 +21,35 @@ from fisherbound.adapters._torch_model import (
     FunctionalModel,
     Inputs,
     MaskSpec,
+    OutputSelector,
     OutputSpec,
     Selection,
+    check_batch,
+    check_mask_spec,
+    check_model,
+    check_output_options,
     classes_last,
     ensure_forward_ad,
+    is_tensor_or_text,
     resolve_mask,
+    select_parameters,
+    without_key,
 )
-from fisherbound.linearization import LossFunctionBase, ReadOnly
+from fisherbound.linearization import (
+    LossFunctionBase,
+    ReadOnly,
+    check_batches,
+    check_loss_options,
+    stream_pairs,
+)
 
-__all__ = ["KINKED_MODULES", "TorchLossFunction", "kinked_modules"]
+__all__ = [
+    "KINKED_MODULES",
+    "TorchLossFunction",
+    "kinked_modules",
+    "loss_function",
+    "loss_functions",
+]
 
 Tensor = torch.Tensor
 
@@ -317,3 +340,210 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         ensure_forward_ad()
         with torch.enable_grad():
             return torch.func.jvp(torch.func.grad(self._loss), (self._params,), (v,))[1]
+
+
+# ---------------------------------------------------------------------------
+# The public fronts (re-exported by fisherbound.adapters.torch)
+# ---------------------------------------------------------------------------
+
+
+def loss_function(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
+    labels: Tensor,
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+    params: Sequence[str] | None = None,
+    output: OutputSelector = None,
+    class_axis: int = -1,
+    mask: MaskSpec = None,
+    ignore_index: int | None = -100,
+) -> TorchLossFunction:
+    """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
+
+    L(θ) = −Σ_{n, t counted} log p(y_nt | z_nt(θ)) over the examples n and their
+    positions t, with z the logits (N, ∗S, C) (as in :func:`linearize`) and the
+    family's ``log_likelihood``. A position counts unless ``mask`` is False there
+    or its integer label equals ``ignore_index``. ``reduction="mean"`` divides by
+    the number of counted positions, as ``torch.nn.CrossEntropyLoss(ignore_index=
+    -100)`` does; ``num_counted`` is that number (N without positions and ignored
+    labels), the weight of the batch in a data set's mean; ``num_inputs`` is N. The result is a
+    :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)`` (S, D) →
+    (S,) (vmapped over shifts), ``gradient()``, ``hvp(v)`` / ``hvp_batch(V)``
+    (forward-over-reverse, exact). Cost: one forward pass here (to check the
+    labels); ``value`` costs S forward passes, ``hvp`` about two gradient steps.
+
+    Parameters
+    ----------
+    model
+        Any ``torch.nn.Module`` whose output holds the logits (see
+        :func:`linearize`); in eval mode if it has Dropout or BatchNorm.
+    inputs
+        A tensor, a tuple of tensors (positional arguments) or a dict of tensors
+        (keyword arguments), examples on axis 0.
+    labels
+        Integer class indices (N, ∗S) for ``Categorical()`` (the default), {0, 1}
+        floats (N, ∗S, C) for ``Bernoulli()``, targets (N, ∗S, C) for
+        ``Gaussian()``, the class axis of the last two where ``class_axis`` says
+        (the model output's layout); on the parameters' device.
+    family
+        The output family (default ``Categorical()``).
+    reduction
+        ``"sum"`` over the counted positions (default) or ``"mean"``.
+    params
+        The parameters θ (names), as in ``linearize``; default every trainable one.
+    output, class_axis
+        Where the logits are in the model's output and their class axis, as in
+        :func:`linearize`.
+    mask
+        Which positions count, as in :func:`linearize` (a boolean (N, ∗S) tensor,
+        a key of dict inputs or a callable); None: all.
+    ignore_index
+        For integer labels: positions whose label equals it do not count (their
+        label is replaced by 0 before the family sees it); None: none ignored.
+        A mask and ignore index leaving no position to count are refused.
+
+    Returns
+    -------
+    TorchLossFunction
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import loss_function
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    >>> loss = loss_function(model, torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+    >>> loss.num_params, loss.hvp(torch.ones(67)).shape
+    (67, torch.Size([67]))
+    >>> x, y = torch.randn(2, 6, 4), torch.tensor([[0, 1, 2, -100, -100, -100], [2] * 6])
+    >>> loss = loss_function(model, x, y, reduction="mean")  # (N, T, C) logits
+    >>> loss.num_inputs, loss.num_counted  # N and the counted positions
+    (2, 9)
+    """
+    options = _LossOptions.check(model, family, reduction, output, class_axis, mask, ignore_index)
+    selection = select_parameters(options.model, params)
+    return _loss_function(selection, inputs, labels, options)
+
+
+class _LossOptions(NamedTuple):
+    """The checked options of ``loss_function`` / ``loss_functions``, shared by every batch."""
+
+    model: nn.Module
+    family: Any
+    reduction: str
+    spec: OutputSpec
+    mask: MaskSpec
+    ignore_index: int | None
+
+    @classmethod
+    def check(
+        cls,
+        model: object,
+        family: Any,
+        reduction: str,
+        output: OutputSelector,
+        class_axis: int,
+        mask: object,
+        ignore_index: object,
+        *,
+        stream: bool = False,
+    ) -> _LossOptions:
+        """The options checked in the fronts' order; ``stream``: a mask for every batch."""
+        module = check_model(model)
+        fam = check_loss_options(family, reduction)
+        spec = check_output_options(output, class_axis)
+        checked_mask = check_mask_spec(mask, stream=stream)
+        if ignore_index is not None and (
+            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+        ):
+            msg = f"ignore_index must be an int or None; got {type(ignore_index).__name__}."
+            raise TypeError(msg)
+        return cls(module, fam, reduction, spec, checked_mask, ignore_index)
+
+
+def _loss_function(
+    selection: Selection,
+    inputs: object,
+    labels: object,
+    options: _LossOptions,
+    *,
+    parameters: bool = True,
+) -> TorchLossFunction:
+    batch = check_batch(selection, inputs, parameters=parameters)
+    if not isinstance(labels, torch.Tensor):
+        msg = (
+            f"labels must be a torch.Tensor; got {type(labels).__module__}."
+            f"{type(labels).__name__}. Convert with torch.as_tensor(...)."
+        )
+        raise TypeError(msg)
+    o = options
+    return TorchLossFunction(
+        selection, batch, labels, o.family, o.reduction, o.spec, o.mask, o.ignore_index, inputs
+    )
+
+
+def loss_functions(
+    model: nn.Module,
+    batches: Iterable[Any],
+    /,
+    *,
+    family: Any = None,
+    reduction: str = "sum",
+    params: Sequence[str] | None = None,
+    output: OutputSelector = None,
+    class_axis: int = -1,
+    mask: str | Callable[[Any], Any] | None = None,
+    ignore_index: int | None = -100,
+    label_key: str = "labels",
+) -> Iterator[TorchLossFunction]:
+    """``loss_function`` on each labelled batch of ``batches``, lazily.
+
+    A batch is a pair ``(inputs, labels, ...)`` (a DataLoader yields them) or a
+    dict: then its entry ``label_key`` (default ``"labels"``) holds the labels and
+    the other entries are the keyword inputs (a Hugging Face collator's batch).
+    Each loss function is built when it is requested, so a data set is streamed
+    one batch at a time. ``mask`` is per batch: None, a key of dict inputs (e.g.
+    ``"attention_mask"``) or a callable ``inputs -> mask``; the other options are
+    those of :func:`loss_function`. With ``reduction="mean"`` each batch weighs
+    its ``num_counted`` positions, so a data set's mean is over all its counted
+    positions.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fisherbound.adapters.torch import loss_functions
+    >>> data = [(torch.randn(8, 4), torch.zeros(8).long()) for _ in range(3)]
+    >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
+    [8, 8, 8]
+    """
+    options = _LossOptions.check(
+        model, family, reduction, output, class_axis, mask, ignore_index, stream=True
+    )
+    if not isinstance(label_key, str):
+        msg = f"label_key must be a str; got {type(label_key).__name__}."
+        raise TypeError(msg)
+    selection = select_parameters(options.model, params)
+    what = "(inputs, labels) pairs or dict batches (a list, a generator, a DataLoader)"
+    remedy = "For one batch use loss_function(model, inputs, labels)."
+    checked = check_batches(batches, what=what, remedy=remedy, single=is_tensor_or_text)
+
+    def pairs() -> Iterator[Any]:
+        for i, batch in enumerate(checked):
+            if isinstance(batch, Mapping):
+                if label_key not in batch:
+                    keys = ", ".join(repr(k) for k in batch)
+                    msg = (
+                        f"batch {i} is a dict without the labels' key label_key={label_key!r}; "
+                        f"got keys [{keys}]. Name the key with label_key=..."
+                    )
+                    raise ValueError(msg)
+                yield (without_key(batch, label_key), batch[label_key])
+            else:
+                yield batch
+
+    def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
+        return _loss_function(selection, inputs, labels, options, parameters=i == 0)
+
+    return stream_pairs(pairs(), build)  # the batches were checked above

@@ -473,6 +473,13 @@ def classes_last(z: Tensor, class_axis: int) -> Tensor:
 MaskSpec = Tensor | str | Callable[[Any], Any] | None
 
 
+def without_key(inputs: Any, label_key: str | None) -> Any:
+    """Dict inputs without the entry ``label_key`` (the labels of a collated batch)."""
+    if label_key is not None and isinstance(inputs, Mapping) and label_key in inputs:
+        return {k: v for k, v in inputs.items() if k != label_key}
+    return inputs
+
+
 def check_mask_spec(mask: object, *, stream: bool = False) -> MaskSpec:
     """``mask`` if it is None, a tensor, a str or a callable; else a TypeError."""
     if mask is None or isinstance(mask, torch.Tensor | str) or callable(mask):

@@ -625,37 +625,32 @@ def local_dimension(
     >>> float(est.value), float(est.std_error), est.num_probes
     (2.0, 0.0, 0)
     """
-    threshold = check_positive_real(eps, "eps", " The local dimension counts eigenvalues > eps.")
-    check_choice(method, "method", DIMENSION_METHODS)
-    count_max = check_positive_int(max_count, "max_count")
-    M = check_positive_int(num_probes, "num_probes")
-    m = check_optional_int(num_matvecs, "num_matvecs")
-    target = None if target_error is None else check_positive_real(target_error, "target_error")
+    opts = _CountOptions(
+        check_positive_real(eps, "eps", " The local dimension counts eigenvalues > eps."),
+        check_choice(method, "method", DIMENSION_METHODS),
+        check_positive_int(max_count, "max_count"),
+        check_positive_int(num_probes, "num_probes"),
+        check_optional_int(num_matvecs, "num_matvecs"),
+        None if target_error is None else check_positive_real(target_error, "target_error"),
+    )
+    m = opts.num_matvecs
     op = _operator(source, family, kernel, reduction, process_group)
     d = int(op.shape[0])
-    if m is not None and method != "slq" and m < min(count_max + 1, d):
+    if m is not None and method != "slq" and m < min(opts.max_count + 1, d):
         msg = (
-            f"num_matvecs must be at least max_count + 1 = {min(count_max + 1, d)} for the "
+            f"num_matvecs must be at least max_count + 1 = {min(opts.max_count + 1, d)} for the "
             f"Lanczos count (one step per Ritz value); got {m}. Raise num_matvecs, lower "
             "max_count, or leave num_matvecs as None."
         )
         raise ValueError(msg)
     xp = _namespace(op)
     quad = None if quadrature is None else _check_rules(xp, op, quadrature)
+    rules = None if quad is None else tuple(int(s) for s in quad.nodes.shape)
     gen = _shared_generator(
-        rng,
-        process_group,
-        "local_dimension",
-        eps=threshold,
-        method=method,
-        max_count=count_max,
-        num_probes=M,
-        num_matvecs=m,
-        target_error=target,
-        quadrature=None if quad is None else tuple(int(s) for s in quad.nodes.shape),
+        rng, process_group, "local_dimension", **opts._asdict(), quadrature=rules
     )
     steps = min(d, DEFAULT_SLQ_MATVECS) if m is None else min(m, d)
-    proven = quad is not None and _rules_count(xp, quad, threshold, count_max)
+    proven = quad is not None and _rules_count(xp, quad, opts.eps, opts.max_count)
     first = None
     if method in ("auto", "lanczos") and not proven:
         tol = _default_tol(xp, op.dtype)
@@ -663,8 +658,8 @@ def local_dimension(
         count, first = _count_above(
             xp,
             op,
-            eps=threshold,
-            max_count=count_max,
+            eps=opts.eps,
+            max_count=opts.max_count,
             basis_size=m,
             tol=tol,
             probe_steps=reuse,
@@ -677,23 +672,34 @@ def local_dimension(
     if method == "lanczos":
         msg = (
             f"local_dimension with method='lanczos' found more than max_count = "
-            f"{count_max} eigenvalues above eps = {threshold}; raise max_count or use "
+            f"{opts.max_count} eigenvalues above eps = {opts.eps}; raise max_count or use "
             "method='slq' (or 'auto')."
         )
         raise ValueError(msg)
     if quad is not None:
-        return _rules_estimate(xp, _step(xp, threshold), quad)
+        return _rules_estimate(xp, _step(xp, opts.eps), quad)
     est, _ = _adaptive_slq(
         xp,
         op,
-        _step(xp, threshold),
-        num_probes=M,
+        _step(xp, opts.eps),
+        num_probes=opts.num_probes,
         num_matvecs=steps,
-        target_error=target,
+        target_error=opts.target_error,
         gen=gen,
         first=first,
     )
     return est
+
+
+class _CountOptions(NamedTuple):
+    """The validated options of ``local_dimension``, on which the ranks agree."""
+
+    eps: float
+    method: str
+    max_count: int
+    num_probes: int
+    num_matvecs: int | None
+    target_error: float | None
 
 
 def _step(xp: Any, eps: float) -> Any:

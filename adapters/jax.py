@@ -561,6 +561,37 @@ def _as_jax_labels(labels: Any) -> Any:
     return labels
 
 
+def _loss_builder(
+    apply_fn: object,
+    params: PyTree,
+    family: Any,
+    reduction: str,
+    output: Any,
+    class_axis: int,
+    mask: Any,
+    ignore_index: object,
+    *,
+    stream: bool,
+) -> Callable[[PyTree, Any], JaxLossFunction]:
+    """The options of ``loss_function(s)`` checked once; then (inputs, labels) ↦ the loss.
+
+    ``stream``: the mask is for every batch (an array is refused). NumPy labels
+    become JAX arrays, as inputs do.
+    """
+    apply_fn = check_apply_fn(apply_fn)
+    fam = check_loss_options(family, reduction)
+    ignore = check_ignore_index(ignore_index)
+    model = Model(apply_fn, params, output=output, class_axis=class_axis)
+    checked_mask = check_mask_spec(mask, stream=stream)
+
+    def build(inputs: PyTree, labels: Any) -> JaxLossFunction:
+        x, n = check_inputs(inputs)
+        y = _as_jax_labels(labels)
+        return JaxLossFunction(model, x, n, y, fam, reduction, checked_mask, ignore)
+
+    return build
+
+
 def loss_function(
     apply_fn: Callable[..., Any],
     params: PyTree,
@@ -636,13 +667,10 @@ def loss_function(
     >>> round(float(loss.value(jnp.zeros((1, 6)))[0]), 5), loss.num_counted  # log 3
     (1.09861, 2)
     """
-    apply_fn = check_apply_fn(apply_fn)
-    fam = check_loss_options(family, reduction)
-    ignore = check_ignore_index(ignore_index)
-    model = Model(apply_fn, params, output=output, class_axis=class_axis)
-    mask = check_mask_spec(mask)
-    x, n = check_inputs(inputs)
-    return JaxLossFunction(model, x, n, _as_jax_labels(labels), fam, reduction, mask, ignore)
+    build = _loss_builder(
+        apply_fn, params, family, reduction, output, class_axis, mask, ignore_index, stream=False
+    )
+    return build(inputs, labels)
 
 
 def loss_functions(
@@ -673,18 +701,11 @@ def loss_functions(
     >>> [loss.num_inputs for loss in losses]
     [4, 4]
     """
-    apply_fn = check_apply_fn(apply_fn)
-    fam = check_loss_options(family, reduction)
-    ignore = check_ignore_index(ignore_index)
-    model = Model(apply_fn, params, output=output, class_axis=class_axis)
-    mask = check_mask_spec(mask, stream=True)
-
-    def build(i: int, inputs: Any, labels: Any) -> JaxLossFunction:
-        del i  # the stream's callback also gets the batch index, for messages
-        x, n = check_inputs(inputs)
-        y = _as_jax_labels(labels)
-        return JaxLossFunction(model, x, n, y, fam, reduction, mask, ignore)
-
+    build = _loss_builder(
+        apply_fn, params, family, reduction, output, class_axis, mask, ignore_index, stream=True
+    )
     return stream_loss_functions(
-        batches, build, remedy="For one batch use loss_function(apply_fn, params, x, y)."
+        batches,
+        lambda _, inputs, labels: build(inputs, labels),  # the batch index is for messages
+        remedy="For one batch use loss_function(apply_fn, params, x, y).",
     )

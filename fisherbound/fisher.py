@@ -134,18 +134,12 @@ def _exact(
 
 
 def _accumulate(
-    source: Any,
-    family: Family,
-    kernels: Sequence[str],
-    quantity: Quantity,
-    options: _Options,
-    progress: bool | None,
-    process_group: Any,
+    source: Any, family: Family, kernels: Sequence[str], quantity: Quantity, options: _Options
 ) -> list[Any]:
     """Σ_x of ``quantity`` of J_xᵀ K(z_x) J_x for each kernel, in one pass."""
     stream = Stream(
-        source, family, desc=f"Fisher {quantity.what}", progress=progress,
-        process_group=process_group,
+        source, family, desc=f"Fisher {quantity.what}", progress=options.progress,
+        process_group=options.process_group,
     )  # fmt: skip
     totals: list[Any] = [None] * len(kernels)
     for lin in stream:
@@ -170,12 +164,14 @@ def _add(a: Any, b: Any) -> Any:
 
 
 class _Options(NamedTuple):
-    """The validated options of an exact quantity."""
+    """The options of an exact quantity's pass; ``owner`` is the public function."""
 
+    owner: str
     reduction: str
     max_vectors: int | None
     max_cotangents: int
-    owner: str
+    progress: bool | None
+    process_group: Any
 
 
 def _front(family: Any, kernel: str, reduction: str, max_vectors: int | None) -> Family:
@@ -186,9 +182,33 @@ def _front(family: Any, kernel: str, reduction: str, max_vectors: int | None) ->
     return fam
 
 
-def _options(reduction: str, max_vectors: int | None, max_cotangents: int, owner: str) -> _Options:
-    limit = check_positive_int(max_cotangents, "max_cotangents")
-    return _Options(reduction, max_vectors, limit, owner)
+def _exact_quantities(
+    source: Any,
+    family: Any,
+    kernels: list[str],
+    what: str,
+    options: _Options,
+    *,
+    blocks: Sequence[str] | None = None,
+    limit: tuple[str, int] | None = None,
+) -> list[Any]:
+    """The validated front and the pass of the exact quantities, one result per kernel.
+
+    Checks in the order of the public parameters: family, kernel, reduction,
+    ``max_vectors``, ``what``, the size ``limit`` (its parameter's name and value),
+    ``max_cotangents``.
+    """
+    fam = _front(family, kernels[0], options.reduction, options.max_vectors)
+    check_choice(what, "what", WHATS)
+    max_size = 0
+    if limit is not None:
+        name, max_size = limit
+        check_positive_int(max_size, name)
+    qty = quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks")
+    options = options._replace(
+        max_cotangents=check_positive_int(options.max_cotangents, "max_cotangents")
+    )
+    return _accumulate(source, fam, kernels, qty, options)
 
 
 # --------------------------------------------------------------------------- #
@@ -264,10 +284,10 @@ def fisher_diagonal(
     >>> np.round(fisher_diagonal(lin), 4)  # diag(I_Δ) ⊗ (x ⊙ x), p uniform
     array([0.2222, 0.8889, 0.2222, 0.8889, 0.2222, 0.8889])
     """
-    fam = _front(family, kernel, reduction, max_vectors)
-    qty = quantity("diagonal")
-    opts = _options(reduction, max_vectors, max_cotangents, "fisher_diagonal")
-    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
+    opts = _Options(
+        "fisher_diagonal", reduction, max_vectors, max_cotangents, progress, process_group
+    )
+    (out,) = _exact_quantities(source, family, [kernel], "diagonal", opts)
     return out
 
 
@@ -290,10 +310,8 @@ def fisher_trace(
     estimate at the cost of one gradient step use ``fisherbound.estimators``.
     ``process_group``: see ``fisher_diagonal``.
     """
-    fam = _front(family, kernel, reduction, max_vectors)
-    qty = quantity("trace")
-    opts = _options(reduction, max_vectors, max_cotangents, "fisher_trace")
-    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
+    opts = _Options("fisher_trace", reduction, max_vectors, max_cotangents, progress, process_group)
+    (out,) = _exact_quantities(source, family, [kernel], "trace", opts)
     return out
 
 
@@ -322,11 +340,11 @@ def fisher_blocks(
     the outer products; memory Σ_b s_b². ``reduction="mean"`` divides by N, the
     number of examples. ``process_group``: see ``fisher_diagonal``.
     """
-    fam = _front(family, kernel, reduction, max_vectors)
-    check_positive_int(max_block_size, "max_block_size")
-    qty = quantity("blocks", blocks=blocks, max_size=max_block_size, owner="fisher_blocks")
-    opts = _options(reduction, max_vectors, max_cotangents, "fisher_blocks")
-    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
+    opts = _Options(
+        "fisher_blocks", reduction, max_vectors, max_cotangents, progress, process_group
+    )
+    limit = ("max_block_size", max_block_size)
+    (out,) = _exact_quantities(source, family, [kernel], "blocks", opts, blocks=blocks, limit=limit)
     return out
 
 
@@ -350,11 +368,10 @@ def fisher_dense(
     outer products. ``reduction="mean"`` divides by N, the number of examples.
     ``process_group``: see ``fisher_diagonal``.
     """
-    fam = _front(family, kernel, reduction, max_vectors)
-    check_positive_int(max_params, "max_params")
-    qty = quantity("dense", max_size=max_params)
-    opts = _options(reduction, max_vectors, max_cotangents, "fisher_dense")
-    (out,) = _accumulate(source, fam, [kernel], qty, opts, progress, process_group)
+    opts = _Options("fisher_dense", reduction, max_vectors, max_cotangents, progress, process_group)
+    (out,) = _exact_quantities(
+        source, family, [kernel], "dense", opts, limit=("max_params", max_params)
+    )
     return out
 
 
@@ -393,12 +410,13 @@ def fisher_bounds(
     """
     scalar = check_bool(scalar, "scalar")
     kernels = ["scalar_lower", "scalar_upper"] if scalar else ["lower", "upper"]
-    fam = _front(family, kernels[0], reduction, max_vectors)
-    check_choice(what, "what", WHATS)
-    check_positive_int(max_size, "max_size")
-    qty = quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks")
-    opts = _options(reduction, max_vectors, max_cotangents, "fisher_bounds")
-    lower, upper = _accumulate(source, fam, kernels, qty, opts, progress, process_group)
+    opts = _Options(
+        "fisher_bounds", reduction, max_vectors, max_cotangents, progress, process_group
+    )
+    limit = ("max_size", max_size)
+    lower, upper = _exact_quantities(
+        source, family, kernels, what, opts, blocks=blocks, limit=limit
+    )
     return Bounds(lower, upper)
 
 

@@ -91,14 +91,7 @@ def check_loss_mask(mask: Any, z: Array, /, *, name: str = "mask") -> Array:
     A TypeError for a non-array or another namespace, a ValueError for another
     dtype or shape or device. Cost: O(1), no data is read.
     """
-    want = tuple(int(s) for s in z.shape[:-1])
-    if not is_array(mask):
-        msg = (
-            f"{name} must be None or a boolean array of shape (N, *S) = {want} (True where "
-            f"a position counts); got {type(mask).__module__}.{type(mask).__name__}."
-        )
-        raise TypeError(msg)
-    xp = array_namespace(mask, z, names=(name, "the logits"))
+    xp, want = _mask_namespace(mask, name, z, is_array=is_array, what="None or a boolean array")
     if not xp.isdtype(mask.dtype, "bool") or tuple(int(s) for s in mask.shape) != want:
         msg = (
             f"{name} must be a boolean array of shape (N, *S) = {want} (the logits' shape "
@@ -146,6 +139,32 @@ def mask_source(
     return mask, "mask"
 
 
+def _mask_namespace(
+    mask: Any,
+    name: str,
+    z: Array,
+    /,
+    *,
+    is_array: Callable[[object], bool],
+    what: str,
+    letters: str = "(N, *S)",
+) -> tuple[Any, tuple[int, ...]]:
+    """The namespace of ``mask`` (z's) and the shape (N, ∗S) it must have.
+
+    A TypeError "{name} must be {what} of shape {letters} = (sizes) (True where a
+    position counts); got {type}." when ``is_array`` refuses ``mask``, and the
+    namespace check's TypeError for another array library.
+    """
+    want = tuple(int(s) for s in z.shape[:-1])
+    if not is_array(mask):
+        msg = (
+            f"{name} must be {what} of shape {letters} = {want} (True where a position "
+            f"counts); got {type(mask).__module__}.{type(mask).__name__}."
+        )
+        raise TypeError(msg)
+    return array_namespace(mask, z, names=(name, "the logits")), want
+
+
 class MaskWords(NamedTuple):
     """How an adapter's mask messages name its arrays, its conversions and its layout.
 
@@ -190,14 +209,9 @@ def check_mask_array(
     ``jit`` / ``shard_map``) have no values to read: their value checks pass.
     Cost: a reduction for the 0/1 check of integers and one for the True entry.
     """
-    want = tuple(int(s) for s in z.shape[:-1])
-    if not is_array(value):
-        msg = (
-            f"{where} must be a boolean {words.kind} of shape {letters} = {want}, True where "
-            f"a position counts; got {type(value).__module__}.{type(value).__name__}."
-        )
-        raise TypeError(msg)
-    xp = array_namespace(value, z, names=(where, "the logits"))
+    xp, want = _mask_namespace(
+        value, where, z, is_array=is_array, what=f"a boolean {words.kind}", letters=letters
+    )
     if not nonzero and xp.isdtype(value.dtype, "integral"):
         # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
         if not is_traced(value) and bool(xp.any((value != 0) & (value != 1))):

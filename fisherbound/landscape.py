@@ -433,11 +433,7 @@ def hessian_directions(
     if which != "both":
         return EigenDirections(xp.matrix_transpose(vecs), vals, res)
     if method == "lanczos":
-        order = [int(vals.shape[0]) - 1, 0]
-        eigenvalues = xp.stack([vals[i] for i in order])
-        directions = xp.stack([vecs[:, i] for i in order], axis=0)
-        residuals = xp.stack([res[i] for i in order])
-        return EigenDirections(directions, eigenvalues, residuals)
+        return _rows(xp, first, [int(vals.shape[0]) - 1, 0])
     # THEORY's scheme: the end of largest magnitude first, then the shifted run.
     top_first = bool(xp.abs(vals[-1]) >= xp.abs(vals[0]))
     i1 = int(vals.shape[0]) - 1 if top_first else 0
@@ -539,8 +535,11 @@ def fisher_directions(
         basis_size=check_optional_int(basis_size, "basis_size"),
         rng=gen,
     )
-    xp = op.xp
-    order = list(range(k - 1, -1, -1))
+    return _rows(op.xp, res, list(range(k - 1, -1, -1)))
+
+
+def _rows(xp: Any, res: Any, order: list[int]) -> EigenDirections:
+    """The eigenpairs ``order`` of an ``eigsh`` result, its eigenvectors (columns) as rows."""
     return EigenDirections(
         xp.stack([res.eigenvectors[:, i] for i in order], axis=0),
         xp.stack([res.eigenvalues[i] for i in order]),

@@ -34,6 +34,7 @@ from fisherbound._lib._namespace import (
     device_of,
     is_array,
     is_writeable_array,
+    log_softmax,
     set_row,
     to_host,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "first_indices",
     "is_array",
     "is_writeable_array",
+    "log_softmax",
     "power_of_two_scale",
     "is_traced",
     "known_false",

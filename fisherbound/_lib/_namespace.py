@@ -92,6 +92,21 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Any:
         raise TypeError(msg) from err
 
 
+def log_softmax(z: Array, xp: Any) -> Array:
+    """The log-softmax over the last axis, z − max z − log Σ exp(z − max z).
+
+    torch's fused kernel where ``xp`` is torch (one pass over z instead of five
+    eager ones: a third of the cost at vocabulary scale), else the array-API
+    formula; the same values to rounding.
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        import torch  # only reached with torch arrays
+
+        return torch.log_softmax(z, dim=-1)
+    shifted = z - xp.max(z, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
 def device_of(x: Array) -> Any:
     """The device of ``x`` (``array_api_compat.device``)."""
     return array_api_compat.device(x)

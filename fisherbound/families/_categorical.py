@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import device_of, uniform
+from fisherbound._lib import device_of, log_softmax, uniform
 from fisherbound.families._base import Family, _diag, one_hot
 from fisherbound.families._checks import check_label_array, check_label_support
 from fisherbound.families._secular import secular_roots
@@ -22,9 +22,18 @@ def log_softmax_parts(z: Array, xp: Any) -> tuple[Array, Array, Array]:
 
 
 def _probabilities_and_roots(z: Array, xp: Any) -> tuple[Array, Array]:
-    """(p, √p) from one log-softmax pass; √p = exp(½ log p) outlives p's underflow."""
-    e, s, log_p = log_softmax_parts(z, xp)
-    return e / s, xp.exp(0.5 * log_p)
+    """(p, √p) from one log-softmax pass: √p = exp(½ log p), p = √p · √p.
+
+    √p outlives p's underflow; p as a product costs a multiply, not a second exp
+    (at vocabulary scale these passes over (N, ∗S, C) are the factor's cost).
+    """
+    r = xp.exp(0.5 * log_softmax(z, xp))
+    return r * r, r
+
+
+def _looks_like_probabilities(z: Array, xp: Any) -> Array:
+    """Every row of ``z`` non-negative and summing to 1 (to 1e-4): a 0-d bool."""
+    return xp.all(z >= 0) & xp.all(xp.abs(xp.sum(z, axis=-1) - 1) <= 1e-4)
 
 
 def softmax(z: Array, xp: Any) -> Array:
@@ -78,9 +87,14 @@ class Categorical(Family):
         to a constant per row). Real logits pass this test only by a coincidence of
         measure zero.
         """
-        total = xp.sum(z, axis=-1)
-        looks = xp.all(z >= 0) & xp.all(xp.abs(total - 1) <= 1e-4)
-        if bool(looks):
+        # Every row must look like p for the model to end in softmax: the first row
+        # decides for almost every model, at O(C) instead of a pass over z.
+        if math.prod(z.shape[:-1]) == 0:
+            return
+        first = z[(0,) * (z.ndim - 1) + (slice(None),)]
+        if not bool(_looks_like_probabilities(first, xp)):
+            return
+        if bool(_looks_like_probabilities(z, xp)):
             msg = (
                 f"{name} look like softmax probabilities (every row is non-negative and "
                 "sums to 1), not logits: remove the model's final softmax. Log-softmax "
@@ -135,7 +149,7 @@ class Categorical(Family):
 
     def _sqrt_upper_diag(self, z: Array, xp: Any) -> Array:
         # √p = exp(½ log p): representable long after p itself underflows.
-        return xp.exp(0.5 * log_softmax_parts(z, xp)[2])
+        return xp.exp(0.5 * log_softmax(z, xp))
 
     def _exact_sqrt(self, z: Array, xp: Any) -> Array:
         p, r = _probabilities_and_roots(z, xp)

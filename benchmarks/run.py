@@ -3,7 +3,8 @@
     python3 benchmarks/run.py [--quick] [--out DIR] [--threads N] [--only NAME ...]
 
 Sections, in order: eigvalsh, exact_diagonal, estimators, spectrum, dimension, eigsh,
-landscape, peers, finite_checks, gpu_core_space, gpu_torch, language_model (``--list`` prints them).
+landscape, peers, finite_checks, gpu_core_space, gpu_torch, language_model, memory (``--list``
+prints them).
 Each is the ``run`` function of one script in this folder (each script also runs on its
 own). A
 section that fails is recorded as failed, with its traceback, and the command exits
@@ -50,6 +51,7 @@ MODULES = [
     "bench_finite",
     "bench_gpu",
     "bench_language_model",
+    "bench_memory",
 ]
 
 Section = tuple[str, str, Callable[..., dict[str, Any]], Callable[[dict[str, Any]], str]]
@@ -82,6 +84,7 @@ def section_names() -> list[str]:
         "gpu_core_space",
         "gpu_torch",
         "language_model",
+        "memory",
     ]
 
 

@@ -40,6 +40,7 @@ SECTIONS = [
     "gpu_core_space",
     "gpu_torch",
     "language_model",
+    "memory",
 ]
 PEERS = ["backpack", "curvlinops", "nngeometry", "pyhessian"]
 
@@ -216,6 +217,30 @@ def test_exact_values_agree_inside_sections(record: dict[str, Any]) -> None:
         assert all(v < 1e-5 for v in model["max_relative_difference"].values())
     residuals = sections["spectrum"]["result"]["top_residuals"]
     assert len(residuals) == 3
+
+
+def test_memory_section_measures_every_row(record: dict[str, Any]) -> None:
+    """Each row from its own process: measured, or "not installed" as the environment says."""
+    section = record["sections"]["memory"]
+    assert section["status"] == "measured", section
+    cells = section["result"]["cells"]
+    assert cells
+    peers = {"bp": "backpack", "cl": "curvlinops"}
+    for cell in cells.values():
+        rows = cell["methods"]
+        assert rows["step"]["status"] == "measured", rows["step"]
+        assert rows["step"]["peak_extra_bytes"] > 0
+        for method, rec in rows.items():
+            peer = peers.get(method.split("_")[0])
+            if peer is not None and importlib.util.find_spec(peer) is None:
+                assert rec["status"] == "not installed", (method, rec)
+                continue
+            assert rec["status"] == "measured", (method, rec)
+            assert rec["peak_extra_bytes"] >= 0
+            assert rec["seconds"] > 0
+        if rows.get("bp_exact", {}).get("status") == "measured":
+            fb, bp = rows["fb_exact"]["check"]["sum"], rows["bp_exact"]["check"]["sum"]
+            assert abs(fb - bp) <= 1e-4 * abs(fb)
 
 
 def test_markdown_has_every_section(

@@ -48,7 +48,9 @@ __all__ = [
     "Factor",
     "Quantity",
     "Trace",
+    "DEFAULT_MAX_MEMORY",
     "check_cotangents",
+    "columns_per_chunk",
     "cotangent_chunks",
     "counted_positions",
     "factor_columns",
@@ -154,6 +156,32 @@ def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[i
     return [(s, min(num_positions, s + step)) for s in range(0, num_positions, step)]
 
 
+#: Default ``max_memory`` of the exact quantities, in bytes (128 MiB): the output-space
+#: arrays of one chunk of factor columns (see ``columns_per_chunk``).
+DEFAULT_MAX_MEMORY = 2**27
+
+#: Arrays of one chunk's size alive at once: the columns u (N, K_c, ∗S, C), the core
+#: factor they are cut from, and the adapter's batched cotangent and logit gradient.
+CHUNK_COPIES = 4
+
+
+def columns_per_chunk(lin: Any, size: int, max_memory: int) -> int:
+    """Factor columns per example in one chunk: at most ``size``, and what ``max_memory`` holds.
+
+    One column of every example is an (N, ∗S, C) array, N · P · C entries of the
+    logits' dtype; a chunk of K_c columns keeps ``CHUNK_COPIES`` such arrays of
+    K_c columns alive, so K_c = max(1, min(size, max_memory // (4 · N · P · C ·
+    itemsize))). The peak of the output-space work is then about ``max_memory``
+    (more only when a single column exceeds it), whatever C and N: no
+    (N, C, C) object. The result does not depend on K_c.
+    """
+    z = lin.logits
+    entries = math.prod(int(s) for s in z.shape)
+    itemsize = int(lin.xp.finfo(z.dtype).bits) // 8
+    fits = max_memory // max(1, CHUNK_COPIES * entries * itemsize)
+    return max(1, min(size, fits))
+
+
 def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[Array]:
     """The per-example factor columns of K_x = ⊕_t K(z_xt), at most ``size`` per chunk.
 
@@ -201,7 +229,8 @@ def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[
         if r1 - r0 == r:
             core = xp.permute_dims(family.sqrt_metric(z_at, kernel=kernel), (0, 1, 3, 2))
         else:
-            basis = xp.eye(r, dtype=z.dtype, device=device)[r0:r1, :]  # (R_c, R)
+            rows = xp.arange(r0, r1, device=device)[:, None] == xp.arange(r, device=device)
+            basis = xp.astype(rows, z.dtype)  # (R_c, R): basis vectors r0..r1-1, O(R_c · R)
             core = family.unchecked_sqrt_metric_matvec(
                 z_at[:, :, None, :], basis, kernel=kernel, xp=xp
             )

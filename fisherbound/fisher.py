@@ -70,7 +70,14 @@ from fisherbound._lib import (
     check_positive_int,
     progress_bar,
 )
-from fisherbound._quantities import Quantity, check_cotangents, cotangent_chunks, quantity
+from fisherbound._quantities import (
+    DEFAULT_MAX_MEMORY,
+    Quantity,
+    check_cotangents,
+    columns_per_chunk,
+    cotangent_chunks,
+    quantity,
+)
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
@@ -113,19 +120,20 @@ def _exact(
     family: Family,
     kernel: str,
     quantity: Quantity,
-    max_vectors: int | None,
-    max_cotangents: int,
-    owner: str,
+    options: _Options,
 ) -> Any:
     """Σ_x of ``quantity`` of J_xᵀ K_x J_x for one batch, K_x = ⊕_t K(z_xt).
 
     The per-example factor columns (one per counted position and factor column,
     ``cotangent_chunks``) in chunks of at most ``max_vectors`` (the adapter's
-    default when None) columns per example; refused above ``max_cotangents``.
+    default when None) columns per example and at most ``max_memory`` bytes
+    (``columns_per_chunk``); refused above ``max_cotangents``.
     """
+    max_vectors = options.max_vectors
     r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
-    check_cotangents(lin, r, max_cotangents, owner=owner, kernel=kernel)
+    check_cotangents(lin, r, options.max_cotangents, owner=options.owner, kernel=kernel)
     size = lin.default_max_vectors if max_vectors is None else max_vectors
+    size = columns_per_chunk(lin, size, options.max_memory)
     total: Any = None
     for u in cotangent_chunks(lin, family, kernel, size):
         part = quantity.exact(lin, u, max_vectors)
@@ -146,10 +154,7 @@ def _accumulate(
         if stream.num_batches == 1:
             quantity.select(lin)
         for j, kernel in enumerate(kernels):
-            part = _exact(
-                lin, family, kernel, quantity, options.max_vectors, options.max_cotangents,
-                options.owner,
-            )  # fmt: skip
+            part = _exact(lin, family, kernel, quantity, options)
             totals[j] = part if totals[j] is None else _add(totals[j], part)
     reduction = options.reduction
     stream.finish(kernels=tuple(kernels), reduction=reduction, blocks=quantity.block_names)
@@ -170,6 +175,7 @@ class _Options(NamedTuple):
     reduction: str
     max_vectors: int | None
     max_cotangents: int
+    max_memory: int
     progress: bool | None
     process_group: Any
 
@@ -196,7 +202,7 @@ def _exact_quantities(
 
     Checks in the order of the public parameters: family, kernel, reduction,
     ``max_vectors``, ``what``, the size ``limit`` (its parameter's name and value),
-    ``max_cotangents``.
+    ``max_cotangents``, ``max_memory``.
     """
     fam = _front(family, kernels[0], options.reduction, options.max_vectors)
     check_choice(what, "what", WHATS)
@@ -206,7 +212,8 @@ def _exact_quantities(
         check_positive_int(max_size, name)
     qty = quantity(what, blocks=blocks, max_size=max_size, owner="fisher_blocks")
     options = options._replace(
-        max_cotangents=check_positive_int(options.max_cotangents, "max_cotangents")
+        max_cotangents=check_positive_int(options.max_cotangents, "max_cotangents"),
+        max_memory=check_positive_int(options.max_memory, "max_memory"),
     )
     return _accumulate(source, fam, kernels, qty, options)
 
@@ -223,6 +230,7 @@ def fisher_diagonal(
     reduction: str = "sum",
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
@@ -255,6 +263,12 @@ def fisher_diagonal(
         The largest number P · R of per-example backward passes per example
         (P counted positions, R factor columns per position); above it a
         ValueError gives the cost and names ``detach_and_mix``. Default 4096.
+    max_memory
+        Bytes for the output-space arrays of one chunk of factor columns
+        (default ``DEFAULT_MAX_MEMORY``, 128 MiB): the columns are built and
+        pulled back K_c per example at a time, K_c = max(1, min(max_vectors,
+        max_memory // (4 · N · P · C · itemsize))) (``columns_per_chunk``). The
+        result does not depend on it; no (N, C, C) array is formed.
     progress
         Show a progress bar: None (on a terminal, after 2 s), True or False.
     process_group
@@ -273,7 +287,9 @@ def fisher_diagonal(
     Cost: P · R per-example VJPs per input (R for logits (N, C)). The torch
     adapter accumulates the squares inside one batched backward pass for Linear /
     Conv / Embedding / norm layers; other adapters and layers use vmap over
-    examples (chunked).
+    examples (chunked). Peak memory: about ``max_memory`` for the factor columns,
+    plus at most ``max_vectors`` per-example D-vectors (generic path) or K_c
+    backward passes' activation gradients (torch fast path), plus the result.
 
     Examples
     --------
@@ -285,7 +301,13 @@ def fisher_diagonal(
     array([0.2222, 0.8889, 0.2222, 0.8889, 0.2222, 0.8889])
     """
     opts = _Options(
-        "fisher_diagonal", reduction, max_vectors, max_cotangents, progress, process_group
+        "fisher_diagonal",
+        reduction,
+        max_vectors,
+        max_cotangents,
+        max_memory,
+        progress,
+        process_group,
     )
     (out,) = _exact_quantities(source, family, [kernel], "diagonal", opts)
     return out
@@ -299,6 +321,7 @@ def fisher_trace(
     reduction: str = "sum",
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
@@ -308,9 +331,11 @@ def fisher_trace(
     P · R per-example VJPs per input, refused above ``max_cotangents``;
     ``reduction="mean"`` divides by N, the number of examples. For an unbiased
     estimate at the cost of one gradient step use ``fisherbound.estimators``.
-    ``process_group``: see ``fisher_diagonal``.
+    ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
     """
-    opts = _Options("fisher_trace", reduction, max_vectors, max_cotangents, progress, process_group)
+    opts = _Options(
+        "fisher_trace", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
+    )
     (out,) = _exact_quantities(source, family, [kernel], "trace", opts)
     return out
 
@@ -325,6 +350,7 @@ def fisher_blocks(
     max_block_size: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> dict[str, Array]:
@@ -338,10 +364,10 @@ def fisher_blocks(
     if you have the memory). Cost: P · R per-example VJPs per input (P counted
     positions, refused above ``max_cotangents``) and O(N P R s_b²) per block for
     the outer products; memory Σ_b s_b². ``reduction="mean"`` divides by N, the
-    number of examples. ``process_group``: see ``fisher_diagonal``.
+    number of examples. ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
     """
     opts = _Options(
-        "fisher_blocks", reduction, max_vectors, max_cotangents, progress, process_group
+        "fisher_blocks", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
     )
     limit = ("max_block_size", max_block_size)
     (out,) = _exact_quantities(source, family, [kernel], "blocks", opts, blocks=blocks, limit=limit)
@@ -357,6 +383,7 @@ def fisher_dense(
     max_params: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
@@ -366,9 +393,11 @@ def fisher_dense(
     raise it if you have the memory. Cost: P · R per-example VJPs per input (P
     counted positions, refused above ``max_cotangents``) and O(N P R D²) for the
     outer products. ``reduction="mean"`` divides by N, the number of examples.
-    ``process_group``: see ``fisher_diagonal``.
+    ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
     """
-    opts = _Options("fisher_dense", reduction, max_vectors, max_cotangents, progress, process_group)
+    opts = _Options(
+        "fisher_dense", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
+    )
     (out,) = _exact_quantities(
         source, family, [kernel], "dense", opts, limit=("max_params", max_params)
     )
@@ -386,6 +415,7 @@ def fisher_bounds(
     max_size: int = DEFAULT_MAX_PARAMS,
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Bounds:
@@ -400,7 +430,7 @@ def fisher_bounds(
     per input and counted position (R = 1), the DG kernel C, as for the exact
     quantity; each kernel's P · R is checked against ``max_cotangents``.
     ``reduction="mean"`` divides by N, the number of examples.
-    ``process_group``: see ``fisher_diagonal``.
+    ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
 
     Returns
     -------
@@ -411,7 +441,7 @@ def fisher_bounds(
     scalar = check_bool(scalar, "scalar")
     kernels = ["scalar_lower", "scalar_upper"] if scalar else ["lower", "upper"]
     opts = _Options(
-        "fisher_bounds", reduction, max_vectors, max_cotangents, progress, process_group
+        "fisher_bounds", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
     )
     limit = ("max_size", max_size)
     lower, upper = _exact_quantities(

@@ -69,7 +69,9 @@ from fisherbound._lib import (
     check_target,
 )
 from fisherbound._quantities import (
+    DEFAULT_MAX_MEMORY,
     check_cotangents,
+    columns_per_chunk,
     cotangent_chunks,
     most_slots,
     position_chunks,
@@ -97,12 +99,14 @@ def _budget(lin: Any, max_vectors: int | None) -> int:
     return lin.default_max_vectors if max_vectors is None else max_vectors
 
 
-def _columns_per_example(lin: Any, max_vectors: int | None) -> int:
+def _columns_per_example(lin: Any, max_vectors: int | None, max_memory: int) -> int:
     """Cotangents per example in one chunk, so that N · chunk D-vectors are alive at once.
 
-    (The adapters' per-example products cover every input of the batch.)
+    (The adapters' per-example products cover every input of the batch.) At most
+    what ``max_memory`` bytes hold of the output-space columns (``columns_per_chunk``).
     """
-    return max(1, _budget(lin, max_vectors) // max(lin.num_inputs, 1))
+    size = max(1, _budget(lin, max_vectors) // max(lin.num_inputs, 1))
+    return columns_per_chunk(lin, size, max_memory)
 
 
 def _positions(lin: Any) -> tuple[int, tuple[int, ...], int, int]:
@@ -211,7 +215,7 @@ class _DiagonalMoments:
 
 
 def _diagonal_batch(
-    lin: Any, family: Family, kernel: str, max_vectors: int | None, xp: Any
+    lin: Any, family: Family, kernel: str, max_vectors: int | None, max_memory: int, xp: Any
 ) -> tuple[Array, Array, Array]:
     """(F_b, Σ_x F_x², Σ_k b_k⁴) of one batch, from per-example VJPs in chunks.
 
@@ -220,7 +224,9 @@ def _diagonal_batch(
     """
     fx: Any = None
     q4: Any = None
-    for u in cotangent_chunks(lin, family, kernel, _columns_per_example(lin, max_vectors)):
+    for u in cotangent_chunks(
+        lin, family, kernel, _columns_per_example(lin, max_vectors, max_memory)
+    ):
         g = lin.per_example_vjp(u)  # (N, K_c, D)
         g2 = g * g
         parts = (xp.sum(g2, axis=1), xp.sum(g2 * g2, axis=(0, 1)))
@@ -232,7 +238,13 @@ def _diagonal_batch(
 
 
 def _trace_batch(
-    lin: Any, family: Family, kernel: str, per_example: bool, max_vectors: int | None, xp: Any
+    lin: Any,
+    family: Family,
+    kernel: str,
+    per_example: bool,
+    max_vectors: int | None,
+    max_memory: int,
+    xp: Any,
 ) -> tuple[Array, Array]:
     """(‖A‖_F², Σ_k A_kk²) of one batch (or summed per input), A the Gram of the b_k.
 
@@ -244,7 +256,9 @@ def _trace_batch(
     n = lin.num_inputs
     z = lin.logits
     frob = diag = None
-    for u in cotangent_chunks(lin, family, kernel, _columns_per_example(lin, max_vectors)):
+    for u in cotangent_chunks(
+        lin, family, kernel, _columns_per_example(lin, max_vectors, max_memory)
+    ):
         k_c = int(u.shape[1])
         g = lin.per_example_vjp(u)  # (N, K_c, D)
         norms = xp.sum(g * g, axis=2)  # (N, K_c): A_kk
@@ -274,6 +288,7 @@ def detach_and_mix_variance(
     reduction: str = "sum",
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
 ) -> Array:
     """The exact variance of ``detach_and_mix``'s value, in closed form (THEORY §3).
@@ -290,7 +305,8 @@ def detach_and_mix_variance(
     Parameters mirror ``detach_and_mix``; the result is the variance of its
     ``value`` with the same options (the same batching of ``source``).
     ``max_cotangents`` (default 4096): the largest P · R (per-example backward
-    passes per example) accepted, a ValueError above it.
+    passes per example) accepted, a ValueError above it. ``max_memory`` (bytes,
+    default 128 MiB): the columns of one chunk, as in ``fisher_diagonal``.
 
     Cost: P · R per-example VJPs per input (as the exact diagonal; P the counted
     positions); for the batch trace also P · R JVPs per input, each contracted
@@ -313,6 +329,7 @@ def detach_and_mix_variance(
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_int(max_vectors, "max_vectors")
     limit = check_positive_int(max_cotangents, "max_cotangents")
+    memory = check_positive_int(max_memory, "max_memory")
     total: Any = None
     moments = _DiagonalMoments()
     stream = Stream(source, fam, desc="detach-and-mix variance", progress=progress)
@@ -321,9 +338,9 @@ def detach_and_mix_variance(
         r = fam.sqrt_rank(lin.num_outputs, kernel=kernel)
         check_cotangents(lin, r, limit, owner="detach_and_mix_variance", kernel=kernel)
         if what == "diagonal":
-            moments.add(*_diagonal_batch(lin, fam, kernel, max_vectors, xp))
+            moments.add(*_diagonal_batch(lin, fam, kernel, max_vectors, memory, xp))
             continue
-        frob, diag = _trace_batch(lin, fam, kernel, per_example, max_vectors, xp)
+        frob, diag = _trace_batch(lin, fam, kernel, per_example, max_vectors, memory, xp)
         part = 2.0 * frob if distribution == "gaussian" else 2.0 * (frob - diag)
         total = part if total is None else total + part
     if what == "diagonal":
@@ -356,7 +373,7 @@ def _lambda_max_bound(family: Family) -> float:
     return 1.0
 
 
-def _jacobian_rows(lin: Any, max_vectors: int | None, xp: Any) -> Any:
+def _jacobian_rows(lin: Any, max_vectors: int | None, max_memory: int, xp: Any) -> Any:
     """Per chunk of slots: (z_at (N, K, C), rows (N, K, C, D)) with rows[x, k, c] = ∂z_xtc/∂θ.
 
     t is the k-th counted position of example x (rows and z_at 0 for an example
@@ -372,7 +389,7 @@ def _jacobian_rows(lin: Any, max_vectors: int | None, xp: Any) -> Any:
     else:  # the k-th counted position of each example; at least one chunk
         slots = position_slots(mask, xp)
         count = max(1, most_slots(slots, xp))
-    for k0, k1 in position_chunks(count, c, _columns_per_example(lin, max_vectors)):
+    for k0, k1 in position_chunks(count, c, _columns_per_example(lin, max_vectors, max_memory)):
         ks = xp.arange(k0, k1, device=lin.device)
         hot = xp.astype(slots[:, None, :] == ks[None, :, None], z.dtype)  # (N, K, P)
         u = hot[:, :, None, :, None] * eye[None, None, :, None, :]  # (N, K, C, P, C)
@@ -380,7 +397,9 @@ def _jacobian_rows(lin: Any, max_vectors: int | None, xp: Any) -> Any:
         yield xp.matmul(hot, z), xp.reshape(g, (n, k1 - k0, c, lin.num_params))
 
 
-def _score_batch(lin: Any, family: Family, bound: bool, max_vectors: int | None, xp: Any) -> Array:
+def _score_batch(
+    lin: Any, family: Family, bound: bool, max_vectors: int | None, max_memory: int, xp: Any
+) -> Array:
     """Σ_x Var(s_x,i²) (or its bound) per parameter, s_x,i = Σ_t a_tᵀ u_t, a_t = J_xt[:, i].
 
     Σ_x [Σ_t (m_t − 3σ_t⁴) + 2 (Σ_t σ_t²)²] with σ_t² = a_tᵀ I_t a_t and
@@ -393,7 +412,7 @@ def _score_batch(lin: Any, family: Family, bound: bool, max_vectors: int | None,
     use_bound = bound and not isinstance(family, Gaussian)
     s2: Any = None  # (N, D): Σ_t σ_t²
     rest: Any = None  # (N, D): Σ_t (m_t − 3σ_t⁴), or Σ_t (ρ_t² σ_t² − 2σ_t⁴) for the bound
-    for z_at, rows in _jacobian_rows(lin, max_vectors, xp):
+    for z_at, rows in _jacobian_rows(lin, max_vectors, max_memory, xp):
         k = int(rows.shape[1])
         chunk = max(1, _budget(lin, max_vectors) // (k * c))
         s2_parts, rest_parts = [], []
@@ -469,6 +488,7 @@ def classical_variance(
     reduction: str = "sum",
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
 ) -> Array:
     """Variance of the diagonal of the classical Fisher estimators Î_1 and Î_2 (THEORY §4).
@@ -496,7 +516,9 @@ def classical_variance(
     (Gaussian), upper bounds of λ_max(I). ``reduction="mean"`` divides by N², N
     the number of examples. ``max_cotangents`` (default 4096): the largest P · C
     (per-example backward passes per example of the score variance) accepted, a
-    ValueError above it.
+    ValueError above it. ``max_memory``: as in ``fisher_diagonal`` (the score
+    variance takes the Jacobian rows of at least one position, C columns, per
+    chunk, whatever the budget).
 
     Returns
     -------
@@ -529,6 +551,7 @@ def classical_variance(
     check_choice(reduction, "reduction", REDUCTIONS)
     check_optional_int(max_vectors, "max_vectors")
     limit = check_positive_int(max_cotangents, "max_cotangents")
+    memory = check_positive_int(max_memory, "max_memory")
     total: Any = None
     stream = Stream(source, fam, desc=f"{estimator} estimator variance", progress=progress)
     for lin in stream:
@@ -537,7 +560,7 @@ def classical_variance(
             check_cotangents(
                 lin, lin.num_outputs, limit, owner="classical_variance", kernel="exact"
             )
-            part = _score_batch(lin, fam, bound, max_vectors, xp)
+            part = _score_batch(lin, fam, bound, max_vectors, memory, xp)
         else:
             part = _hessian_batch(lin, fam, bound, max_vectors, xp)
         total = part if total is None else total + part
@@ -616,6 +639,7 @@ def compare_estimators(
     rng: Any = 0,
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
     estimators: Sequence[str] | None = None,
 ) -> Comparison:
     """Which diagonal estimator reaches a given accuracy soonest, on YOUR model and data.
@@ -631,8 +655,8 @@ def compare_estimators(
 
     ``source`` is materialised (a list of linearizations): pass a representative
     sample of batches. ``estimators`` selects rows (default all four).
-    ``max_cotangents`` as in ``fisher_diagonal`` (the closed forms need the same
-    P · R per-example products per example).
+    ``max_cotangents`` and ``max_memory`` as in ``fisher_diagonal`` (the closed
+    forms need the same P · R per-example products per example).
 
     Returns
     -------
@@ -675,6 +699,7 @@ def compare_estimators(
         check_choice(name, "estimators entries", names)
     check_optional_int(max_vectors, "max_vectors")
     limit = check_positive_int(max_cotangents, "max_cotangents")
+    memory = check_positive_int(max_memory, "max_memory")
     lins = list(Stream(source, fam, desc="compare estimators", progress=False))
     moments = _DiagonalMoments()
     mc_var: Any = None
@@ -682,9 +707,9 @@ def compare_estimators(
         xp = lin.xp
         # the score variance takes all C one-hot rows per position (sqrt_rank ≤ C)
         check_cotangents(lin, lin.num_outputs, limit, owner="compare_estimators", kernel="exact")
-        moments.add(*_diagonal_batch(lin, fam, "exact", max_vectors, xp))
+        moments.add(*_diagonal_batch(lin, fam, "exact", max_vectors, memory, xp))
         if "monte_carlo" in chosen:
-            part = _score_batch(lin, fam, False, max_vectors, xp)
+            part = _score_batch(lin, fam, False, max_vectors, memory, xp)
             mc_var = part if mc_var is None else mc_var + part
     xp = lins[0].xp
     norm2 = float(xp.sum(moments.exact * moments.exact))
@@ -702,7 +727,12 @@ def compare_estimators(
             lins, fam, rng=rng, max_vectors=max_vectors, progress=False
         ),
         "exact": lambda: fisher_diagonal(
-            lins, fam, max_vectors=max_vectors, max_cotangents=limit, progress=False
+            lins,
+            fam,
+            max_vectors=max_vectors,
+            max_cotangents=limit,
+            max_memory=memory,
+            progress=False,
         ),
     }
     rows = []

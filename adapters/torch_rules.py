@@ -184,16 +184,16 @@ class LinearRule(LayerRule):
             top = a.abs().amax(dim=1)
             big = top > math.sqrt(torch.finfo(a.dtype).max) / 4
             scale = torch.where(big, power_of_two_scale(top, torch), torch.ones_like(top))
-            d2 = d * d
-            ds = d * scale[None, :, None]
-            ds2 = ds * ds
-            a2 = (a / scale[:, None]) ** 2
+            a2 = (a / scale[:, None]).square_()
+            ds2 = (d * scale[None, :, None]).square_()  # the one (K, N, out) temporary
             if sum_k:
-                out["weight"] = ds2.sum(dim=0).T @ a2
-                out["bias"] = d2.sum(dim=(0, 1))
+                per_example = ds2.sum(dim=0)  # Σ_k δ_nk² s_n², (N, out)
+                out["weight"] = per_example.T @ a2
+                # ÷ s_n twice (exact; s_n² itself may overflow): Σ_n Σ_k δ_nk².
+                out["bias"] = (per_example / scale[:, None] / scale[:, None]).sum(dim=0)
             else:
                 out["weight"] = torch.matmul(ds2.transpose(1, 2), a2)
-                out["bias"] = d2.sum(dim=1)
+                out["bias"] = (d * d).sum(dim=1)
             return out
         a3 = a.reshape(n, -1, a.shape[-1])
         d4 = d.reshape(k, n, -1, d.shape[-1])

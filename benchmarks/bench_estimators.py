@@ -492,14 +492,14 @@ def trace_errors(model: nn.Module, x: torch.Tensor, exact: torch.Tensor) -> dict
     columns b_k = J_xᵀ B_x e_r (‖A‖_F = ‖F‖_F): detach-and-mix Var(‖g‖²) =
     2(‖A‖_F² − Σ_k A_kk²), Hutchinson on F Var(vᵀFv) = 2(‖F‖_F² − Σ_i F_ii²).
     """
-    from fisherbound.families import Categorical
-    from fisherbound.variance import _trace_batch
+    from fisherbound.variance import detach_and_mix_variance
 
     lin = linearize(model, x)
-    frob, diag = _trace_batch(lin, Categorical(), "exact", False, 128, lin.xp)
-    frob, diag = float(frob), float(diag)
+    var_dm = float(detach_and_mix_variance(lin, what="trace", max_vectors=128))
+    # Gaussian probes: 2‖A‖_F² = 2‖F‖_F².
+    gauss = detach_and_mix_variance(lin, what="trace", distribution="gaussian", max_vectors=128)
+    frob = float(gauss) / 2
     trace = float(exact.sum())
-    var_dm = 2 * (frob - diag)
     var_hutchinson = 2 * (frob - float((exact * exact).sum()))
     return {
         "trace_dm_100": math.sqrt(var_dm / 100) / trace,

@@ -181,16 +181,23 @@ class LinearRule(LayerRule):
             # (δ_n s_n and a_n / s_n: exact), so that a² cannot overflow where δ_n a_n is
             # finite (a saturated unit, δ = 0, behind a huge input gave 0 · inf = NaN).
             # Only those: scaling shifts small entries of a_n toward underflow.
+            # On the CPU a host read says whether any example needs it (the common
+            # case: none, and the scaling, a no-op then, is skipped).
             top = a.abs().amax(dim=1)
             big = top > math.sqrt(torch.finfo(a.dtype).max) / 4
-            scale = torch.where(big, power_of_two_scale(top, torch), torch.ones_like(top))
-            a2 = (a / scale[:, None]).square_()
-            ds2 = (d * scale[None, :, None]).square_()  # the one (K, N, out) temporary
+            if a.device.type == "cpu" and not bool(big.any()):
+                a2, ds2 = a.square(), d.square()
+                scale = None
+            else:
+                scale = torch.where(big, power_of_two_scale(top, torch), torch.ones_like(top))
+                a2 = (a / scale[:, None]).square_()
+                ds2 = (d * scale[None, :, None]).square_()  # the one (K, N, out) temporary
             if sum_k:
                 per_example = ds2.sum(dim=0)  # Σ_k δ_nk² s_n², (N, out)
                 out["weight"] = per_example.T @ a2
-                # ÷ s_n twice (exact; s_n² itself may overflow): Σ_n Σ_k δ_nk².
-                out["bias"] = (per_example / scale[:, None] / scale[:, None]).sum(dim=0)
+                if scale is not None:  # ÷ s_n twice (exact; s_n² itself may overflow)
+                    per_example = per_example / scale[:, None] / scale[:, None]
+                out["bias"] = per_example.sum(dim=0)  # Σ_n Σ_k δ_nk²
             else:
                 out["weight"] = torch.matmul(ds2.transpose(1, 2), a2)
                 out["bias"] = (d * d).sum(dim=1)

@@ -195,9 +195,10 @@ class LinearRule(LayerRule):
             if sum_k:
                 per_example = ds2.sum(dim=0)  # Σ_k δ_nk² s_n², (N, out)
                 out["weight"] = per_example.T @ a2
-                if scale is not None:  # ÷ s_n twice (exact; s_n² itself may overflow)
-                    per_example = per_example / scale[:, None] / scale[:, None]
-                out["bias"] = per_example.sum(dim=0)  # Σ_n Σ_k δ_nk²
+                if scale is None:
+                    out["bias"] = per_example.sum(dim=0)  # Σ_n Σ_k δ_nk²
+                else:  # from δ itself: (δ s)² may overflow where δ² does not
+                    out["bias"] = d.square().sum(dim=(0, 1))
             else:
                 out["weight"] = torch.matmul(ds2.transpose(1, 2), a2)
                 out["bias"] = (d * d).sum(dim=1)

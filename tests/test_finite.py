@@ -168,6 +168,25 @@ def test_overflowing_input_names_the_cause_in_float32() -> None:
         fisher.fisher_diagonal(ft.linearize(model, x))
 
 
+def test_bias_behind_an_overflowing_input_stays_exact_in_float32() -> None:
+    """The bias's per-example gradient is δ, finite whatever the input: its exact
+    diagonal must come out finite and right although (δ · 1e30)² overflows."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(
+            torch.tensor([[1.0, -1.0, 0.5, 0.0]] * 3) * torch.tensor([[1.0], [2], [3]])
+        )
+    x = torch.as_tensor(X, dtype=torch.float32).clone()
+    x[2, :2] = 1e30  # w · x stays finite: 1e30 − 1e30 = 0
+    got = fisher.fisher_diagonal(ft.linearize(model, x, params=["bias"]))
+    with torch.no_grad():  # ∂z/∂b = I: diag F_bias = Σ_n p_n (1 − p_n)
+        p = torch.softmax(model(x), dim=-1)
+    torch.testing.assert_close(got, (p * (1 - p)).sum(dim=0), rtol=1e-5, atol=0)
+
+
 def test_loss_hvp_of_non_finite_vector() -> None:
     torch = _torch()
     from fisherbound.adapters import torch as ft

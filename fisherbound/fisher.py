@@ -267,8 +267,9 @@ def fisher_diagonal(
         Bytes for the output-space arrays of one chunk of factor columns
         (default ``DEFAULT_MAX_MEMORY``, 128 MiB): the columns are built and
         pulled back K_c per example at a time, K_c = max(1, min(max_vectors,
-        max_memory // (4 · N · P · C · itemsize))) (``columns_per_chunk``). The
-        result does not depend on it; no (N, C, C) array is formed.
+        max_memory // (4 · N · P · C · itemsize))) (``columns_per_chunk``), at
+        least one. The result does not depend on it (up to the rounding of
+        the summation order); no (N, C, C) array is formed.
     progress
         Show a progress bar: None (on a terminal, after 2 s), True or False.
     process_group
@@ -287,9 +288,11 @@ def fisher_diagonal(
     Cost: P · R per-example VJPs per input (R for logits (N, C)). The torch
     adapter accumulates the squares inside one batched backward pass for Linear /
     Conv / Embedding / norm layers; other adapters and layers use vmap over
-    examples (chunked). Peak memory: about ``max_memory`` for the factor columns,
-    plus at most ``max_vectors`` per-example D-vectors (generic path) or K_c
-    backward passes' activation gradients (torch fast path), plus the result.
+    examples (chunked). Peak memory: about ``max_memory`` for the factor columns
+    (more only when one column, N · P · C numbers, exceeds a quarter of it), plus
+    the adapter's work on a chunk (at most ``max_vectors`` per-example D-vectors
+    on the generic path; on the torch fast path the layer-output gradients of as
+    many cotangents as ``max_vectors`` D-vectors hold), plus the result.
 
     Examples
     --------

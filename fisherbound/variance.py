@@ -256,20 +256,29 @@ def _trace_batch(
     n = lin.num_inputs
     z = lin.logits
     frob = diag = None
+    # One JVP row is an (N, *S, C) array, as one column of every example: the rows
+    # go through jvp_batch as many at a time as the budget holds (at least one).
+    rows_per_call = columns_per_chunk(lin, n * lin.num_params, max_memory)
     for u in cotangent_chunks(
         lin, family, kernel, _columns_per_example(lin, max_vectors, max_memory)
     ):
         k_c = int(u.shape[1])
         g = lin.per_example_vjp(u)  # (N, K_c, D)
         norms = xp.sum(g * g, axis=2)  # (N, K_c): A_kk
-        jv = lin.jvp_batch(xp.reshape(g, (n * k_c, lin.num_params)))  # (N K_c, N, *S, C)
-        quad = xp.sum(jv * family.unchecked_metric_matvec(z, jv, kernel=kernel, xp=xp), axis=-1)
-        quad = xp.sum(xp.reshape(quad, (n * k_c, n, -1)), axis=2)  # (N K_c, N): Σ_t
-        if per_example:
-            owner = xp.arange(n * k_c, device=lin.device) // k_c  # example of column k
-            same = owner[:, None] == xp.arange(n, device=lin.device)[None, :]
-            quad = quad * xp.astype(same, quad.dtype)
-        f_part = xp.sum(quad)
+        g = xp.reshape(g, (n * k_c, lin.num_params))
+        f_part = None
+        for r0 in range(0, n * k_c, rows_per_call):
+            r1 = min(n * k_c, r0 + rows_per_call)
+            jv = lin.jvp_batch(g[r0:r1, :])  # (rows, N, *S, C)
+            mz = family.unchecked_metric_matvec(z, jv, kernel=kernel, xp=xp)
+            quad = xp.sum(jv * mz, axis=-1)
+            quad = xp.sum(xp.reshape(quad, (r1 - r0, n, -1)), axis=2)  # (rows, N): Σ_t
+            if per_example:
+                owner = xp.arange(r0, r1, device=lin.device) // k_c  # example of row k
+                same = owner[:, None] == xp.arange(n, device=lin.device)[None, :]
+                quad = quad * xp.astype(same, quad.dtype)
+            part = xp.sum(quad)
+            f_part = part if f_part is None else f_part + part
         d_part = xp.sum(norms * norms)
         frob = f_part if frob is None else frob + f_part
         diag = d_part if diag is None else diag + d_part
@@ -656,7 +665,9 @@ def compare_estimators(
     ``source`` is materialised (a list of linearizations): pass a representative
     sample of batches. ``estimators`` selects rows (default all four).
     ``max_cotangents`` and ``max_memory`` as in ``fisher_diagonal`` (the closed
-    forms need the same P · R per-example products per example).
+    forms need the same P · R per-example products per example; the Monte Carlo
+    row's score variance takes the C one-hot columns of at least one position per
+    chunk, N · C · P · C entries, whatever the budget: see ``classical_variance``).
 
     Returns
     -------

@@ -81,6 +81,30 @@ def test_variance_formulas_follow_the_budget(lin, largest):
     )
 
 
+def test_trace_variance_jvp_rows_follow_the_budget(lin, monkeypatch):
+    """Each JVP row is an (N, C) array: the rows go through jvp_batch in groups."""
+    rows = [0]
+    original = ReferenceLinearization.jvp_batch
+
+    def hook(self, V, /, *args, **kwargs):
+        rows[0] = max(rows[0], int(V.shape[0]))
+        return original(self, V, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceLinearization, "jvp_batch", hook)
+    reference = detach_and_mix_variance(lin, what="trace", max_memory=2**40)
+    assert rows[0] > 3  # unlimited: all rows of a chunk of columns at once
+    rows[0] = 0
+    budget = CHUNK_COPIES * COLUMN * 3
+    chunked = detach_and_mix_variance(lin, what="trace", max_memory=budget)
+    assert rows[0] == 3
+    np.testing.assert_allclose(chunked, reference, rtol=1e-12)
+    np.testing.assert_allclose(
+        detach_and_mix_variance(lin, what="trace", per_example=True, max_memory=budget),
+        detach_and_mix_variance(lin, what="trace", per_example=True),
+        rtol=1e-12,
+    )
+
+
 def test_a_budget_below_one_column_still_takes_one_column(lin, largest):
     assert columns_per_chunk(lin, 256, 1) == 1
     reference = fisher_diagonal(lin)

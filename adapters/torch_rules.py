@@ -192,16 +192,15 @@ class LinearRule(LayerRule):
                 scale = torch.where(big, power_of_two_scale(top, torch), torch.ones_like(top))
                 a2 = (a / scale[:, None]).square_()
                 ds2 = (d * scale[None, :, None]).square_()  # the one (K, N, out) temporary
+            # The bias from δ² itself: where scaled, (δ s)² may overflow where δ² does not.
+            d2 = ds2 if scale is None else d.square()
             if sum_k:
                 per_example = ds2.sum(dim=0)  # Σ_k δ_nk² s_n², (N, out)
                 out["weight"] = per_example.T @ a2
-                if scale is None:
-                    out["bias"] = per_example.sum(dim=0)  # Σ_n Σ_k δ_nk²
-                else:  # from δ itself: (δ s)² may overflow where δ² does not
-                    out["bias"] = d.square().sum(dim=(0, 1))
+                out["bias"] = (per_example if scale is None else d2.sum(dim=0)).sum(dim=0)
             else:
                 out["weight"] = torch.matmul(ds2.transpose(1, 2), a2)
-                out["bias"] = (d * d).sum(dim=1)
+                out["bias"] = d2.sum(dim=1)
             return out
         a3 = a.reshape(n, -1, a.shape[-1])
         d4 = d.reshape(k, n, -1, d.shape[-1])

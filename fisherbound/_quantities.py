@@ -173,7 +173,8 @@ def columns_per_chunk(lin: Any, size: int, max_memory: int) -> int:
     K_c columns alive, so K_c = max(1, min(size, max_memory // (4 · N · P · C ·
     itemsize))). The peak of the output-space work is then about ``max_memory``
     (more only when a single column exceeds it), whatever C and N: no
-    (N, C, C) object. The result does not depend on K_c.
+    (N, C, C) object. The result does not depend on K_c (up to the rounding of
+    the summation order).
     """
     z = lin.logits
     entries = math.prod(int(s) for s in z.shape)

@@ -256,12 +256,11 @@ def _trace_batch(
     n = lin.num_inputs
     z = lin.logits
     frob = diag = None
-    # One JVP row is an (N, *S, C) array, as one column of every example: the rows
-    # go through jvp_batch as many at a time as the budget holds (at least one).
-    rows_per_call = columns_per_chunk(lin, n * lin.num_params, max_memory)
-    for u in cotangent_chunks(
-        lin, family, kernel, _columns_per_example(lin, max_vectors, max_memory)
-    ):
+    size = _columns_per_example(lin, max_vectors, max_memory)
+    # One JVP row is an (N, *S, C) array, as one column of every example: a chunk's
+    # N · K_c rows go through jvp_batch as many at a time as the budget holds.
+    rows_per_call = columns_per_chunk(lin, n * size, max_memory)
+    for u in cotangent_chunks(lin, family, kernel, size):
         k_c = int(u.shape[1])
         g = lin.per_example_vjp(u)  # (N, K_c, D)
         norms = xp.sum(g * g, axis=2)  # (N, K_c): A_kk
@@ -527,7 +526,8 @@ def classical_variance(
     (per-example backward passes per example of the score variance) accepted, a
     ValueError above it. ``max_memory``: as in ``fisher_diagonal`` (the score
     variance takes the Jacobian rows of at least one position, C columns, per
-    chunk, whatever the budget).
+    chunk, whatever the budget; the Hessian estimator holds no output-space
+    columns and does not use it).
 
     Returns
     -------

@@ -146,13 +146,8 @@ def test_per_example_products_name_the_examples_of_the_slice() -> None:
         lin.per_example_vjp(U, examples=slice(2, 4))
 
 
-def test_overflowing_input_names_the_cause_in_float32() -> None:
-    """Weights that cancel a 1e30 input keep the logits finite and δ ≠ 0: the true
-    per-example squares (δ · 1e30)² are not representable in float32, and the message
-    names the input."""
-    torch = _torch()
-    from fisherbound.adapters import torch as ft
-
+def _cancelling_linear(torch):
+    """nn.Linear(4, 3) whose weights cancel the 1e30 inputs of example 2 (float32)."""
     model = torch.nn.Linear(4, 3)
     with torch.no_grad():
         model.weight.copy_(
@@ -160,6 +155,17 @@ def test_overflowing_input_names_the_cause_in_float32() -> None:
         )
     x = torch.as_tensor(X, dtype=torch.float32).clone()
     x[2, :2] = 1e30  # w · x stays finite: 1e30 − 1e30 = 0
+    return model, x
+
+
+def test_overflowing_input_names_the_cause_in_float32() -> None:
+    """Weights that cancel a 1e30 input keep the logits finite and δ ≠ 0: the true
+    per-example squares (δ · 1e30)² are not representable in float32, and the message
+    names the input."""
+    torch = _torch()
+    from fisherbound.adapters import torch as ft
+
+    model, x = _cancelling_linear(torch)
     with pytest.raises(
         ValueError,
         match=r"per-example squares .* must be finite; got .*inf .* Likely cause: inputs\[0\] has "
@@ -174,13 +180,7 @@ def test_bias_behind_an_overflowing_input_stays_exact_in_float32() -> None:
     torch = _torch()
     from fisherbound.adapters import torch as ft
 
-    model = torch.nn.Linear(4, 3)
-    with torch.no_grad():
-        model.weight.copy_(
-            torch.tensor([[1.0, -1.0, 0.5, 0.0]] * 3) * torch.tensor([[1.0], [2], [3]])
-        )
-    x = torch.as_tensor(X, dtype=torch.float32).clone()
-    x[2, :2] = 1e30  # w · x stays finite: 1e30 − 1e30 = 0
+    model, x = _cancelling_linear(torch)
     got = fisher.fisher_diagonal(ft.linearize(model, x, params=["bias"]))
     with torch.no_grad():  # ∂z/∂b = I: diag F_bias = Σ_n p_n (1 − p_n)
         p = torch.softmax(model(x), dim=-1)

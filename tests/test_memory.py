@@ -12,8 +12,14 @@ import pytest
 
 from fisherbound._quantities import CHUNK_COPIES, DEFAULT_MAX_MEMORY, columns_per_chunk
 from fisherbound.adapters.numpy import MLP, ReferenceLinearization, linearize
-from fisherbound.fisher import fisher_blocks, fisher_bounds, fisher_diagonal, fisher_trace
-from fisherbound.variance import classical_variance, detach_and_mix_variance
+from fisherbound.fisher import (
+    fisher_blocks,
+    fisher_bounds,
+    fisher_dense,
+    fisher_diagonal,
+    fisher_trace,
+)
+from fisherbound.variance import classical_variance, compare_estimators, detach_and_mix_variance
 
 N, C = 8, 40  # one column of the batch: N · C · 8 bytes = 2,560 bytes
 
@@ -124,6 +130,18 @@ def test_the_default_budget_caps_the_chunk(lin):
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_max_memory_must_be_a_positive_int(lin, bad):
-    for fn in (fisher_diagonal, fisher_bounds, detach_and_mix_variance):
-        with pytest.raises((ValueError, TypeError), match="max_memory"):
+    fronts = (
+        fisher_diagonal,
+        fisher_trace,
+        fisher_blocks,
+        fisher_dense,
+        fisher_bounds,
+        detach_and_mix_variance,
+        classical_variance,
+        compare_estimators,
+    )
+    for fn in fronts:
+        with pytest.raises(
+            (ValueError, TypeError), match=r"max_memory must be an integer >= 1; got .*" + str(bad)
+        ):
             fn(lin, max_memory=bad)

@@ -138,6 +138,8 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         self._logits = logits
         self._mask = resolve_mask(mask, inputs if raw_inputs is None else raw_inputs, logits)
         self._cot_mask = None if self._mask is None else self._mask.unsqueeze(-1)
+        # The flat indices of the masked positions, for the CPU's cheap test below.
+        self._masked_rows = None if self._mask is None else (~self._mask).flatten().nonzero()[:, 0]
         self._xp = array_namespace(self._logits, names=("model output",))
         n = int(self._logits.shape[0])
         self._per_example_mode = "vmap" if inputs.leading == n else "masked"
@@ -172,9 +174,19 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return (*sizes, *shape[1:]), "(" + ", ".join(texts) + ")"
 
     def _masked_cotangent(self, u: Tensor) -> Tensor:
-        """``u`` (..., N, ∗S, C) with zeros at masked positions (J_maskedᵀ u = Jᵀ u_masked)."""
+        """``u`` (..., N, ∗S, C) with zeros at masked positions (J_maskedᵀ u = Jᵀ u_masked).
+
+        On the CPU, a ``u`` that is zero there already (the estimators draw their
+        probes so) is returned as it is: reading the masked rows costs a fraction
+        of the pass over all of ``u`` that masking costs.
+        """
         if self._cot_mask is None:
             return u
+        rows = self._masked_rows
+        if u.device.type == "cpu" and u.is_contiguous() and rows is not None:
+            flat = u.reshape(*u.shape[: u.ndim - self._cot_mask.ndim], -1, u.shape[-1])
+            if not bool(flat.index_select(-2, rows).any()):
+                return u
         return torch.where(self._cot_mask, u, u.new_zeros(()))
 
     def _vjp_fn(self, u: Tensor) -> tuple[Tensor, ...]:

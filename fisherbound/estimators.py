@@ -80,8 +80,10 @@ from fisherbound._lib import (
     check_target,
     collective,
     is_array,
+    is_traced,
     known_false,
     probes,
+    to_host,
 )
 from fisherbound._quantities import Quantity, quantity
 from fisherbound._stream import Stream, check_family, conform_labels
@@ -306,15 +308,33 @@ _Z975 = 1.959963984540054
 # the samples of one batch
 
 
-def _cotangents(family: Family, z: Array, xi: Array, kernel: str, xp: Any) -> Array:
-    """U[m, x, t] = B(z_xt) ξ[m, x, t], shape (M, N, ∗S, C), for probes ξ (M, N, ∗S, R)."""
+def _cotangents(
+    family: Family, z: Array, xi: Array, kernel: str, xp: Any, *, overwrite: bool = False
+) -> Array:
+    """U[m, x, t] = B(z_xt) ξ[m, x, t], shape (M, N, ∗S, C), for probes ξ (M, N, ∗S, R).
+
+    ``overwrite``: ξ are the caller's own, used no more; U may be written into them.
+    """
     if kernel == "lower":
         # One column: compute the top eigenpair once per position, not once per probe.
         b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, *S, C)
         return b[None, ...] * xi
     # z (N, ∗S, C) broadcasts against ξ: the factor's softmax is taken once, not per
     # probe. z was checked finite by the adapter, ξ are the estimator's own probes.
-    return family.unchecked_sqrt_metric_matvec(z, xi, kernel=kernel, xp=xp)
+    return family.unchecked_sqrt_metric_matvec(z, xi, kernel=kernel, xp=xp, overwrite=overwrite)
+
+
+def _host_mask(lin: Any) -> Any:
+    """The linearization's mask (N, ∗S) on the host, or None (none, or traced).
+
+    Probe rows of masked positions are drawn as zeros, so the cotangents are zero
+    there already and the adapter need not mask them (one pass less over arrays
+    of the logits' size); the products ignore those rows either way.
+    """
+    mask = getattr(lin, "mask", None)
+    if mask is None or is_traced(mask):
+        return None
+    return to_host(mask).astype(bool, copy=False)
 
 
 def _probe_samples(
@@ -326,15 +346,16 @@ def _probe_samples(
     kernel: str,
     per_example: bool,
     max_vectors: int | None,
+    overwrite: bool = False,
 ) -> Any:
     """The M per-probe detach-and-mix samples of one batch for probes ξ (M, N, ∗S, R).
 
     One cotangent of the logits' shape per probe: M backward passes (batch level)
     or M per-example backward passes per example (``per_example``), whatever the
-    number of positions P and classes C.
+    number of positions P and classes C. ``overwrite``: ξ may be overwritten.
     """
     xp = lin.xp
-    u = _cotangents(family, lin.logits, xi, kernel, xp)
+    u = _cotangents(family, lin.logits, xi, kernel, xp, overwrite=overwrite)
     if per_example:
         return qty.from_squares(lin, u, max_vectors)
     m = int(u.shape[0])
@@ -367,18 +388,20 @@ def _probe_stratum(
     and variance over the probes, the per-probe traces only if ``traces``): by
     the adapter without forming them (``vjp_batch_square_moments``, batch level)
     or by ``moments_of_samples`` (three passes instead of the accumulator's six).
+    ξ are the caller's fresh probes: the cotangents are written into them.
     """
     m = int(xi.shape[0])
     diagonal = qty.what == "diagonal"
     moments = getattr(lin, "vjp_batch_square_moments", None)
     if diagonal and not per_example and moments is not None:
-        u = _cotangents(family, lin.logits, xi, kernel, lin.xp)
+        u = _cotangents(family, lin.logits, xi, kernel, lin.xp, overwrite=True)
         step = m if max_vectors is None else max(1, min(m, max_vectors))
         parts = [moments(u[s : min(m, s + step), ...], traces=traces) for s in range(0, m, step)]
         return _pooled_moments(parts, [min(m, s + step) - s for s in range(0, m, step)], lin.xp)
     samples = _probe_samples(
-        lin, family, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors
-    )
+        lin, family, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors,
+        overwrite=True,
+    )  # fmt: skip
     return moments_of_samples(samples, lin.xp, traces=traces) if diagonal else samples
 
 
@@ -601,6 +624,7 @@ def detach_and_mix(
             xp=lin.xp,
             dtype=lin.logits.dtype,
             device=lin.device,
+            keep=_host_mask(lin) if distribution == "rademacher" else None,
         )
         return _probe_stratum(
             lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors,

@@ -360,6 +360,35 @@ def test_unchecked_kernel_surface_equals_the_fronts(backend) -> None:
             assert_close(got, want, rtol=0, atol=0)
 
 
+def test_sqrt_metric_matvec_overwrite(backend) -> None:
+    # B ξ = √p ⊙ ξ − p (√p · ξ) for probes ξ (M, N, C) against logits z (N, C): the same
+    # values whether or not ξ may be overwritten; ξ is kept unless overwrite=True.
+    rng = np.random.default_rng(5)
+    z_np = 3.0 * rng.standard_normal((4, 6))
+    xi_np = rng.choice([-1.0, 1.0], size=(3, 4, 6))
+    p = np.exp(z_np - z_np.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    r = np.sqrt(p)
+    want = r * xi_np - p * np.sum(r * xi_np, axis=-1, keepdims=True)
+    z, xp = backend.asarray(z_np), backend.xp
+    for overwrite in (False, True):
+        xi = backend.asarray(xi_np.copy())  # torch.asarray may share NumPy's buffer
+        got = CAT.unchecked_sqrt_metric_matvec(z, xi, xp=xp, overwrite=overwrite)
+        assert_close(got, want, rtol=1e-13, atol=1e-15, like=backend)
+        if not overwrite:
+            assert_close(xi, xi_np, rtol=0, atol=0, like=backend)
+        if backend.name.startswith("torch"):  # written into ξ's buffer, or a new array
+            assert (got.data_ptr() == xi.data_ptr()) is overwrite
+
+    class Doubled(Categorical):  # a subclass's own factor is used, overwrite or not
+        def _exact_sqrt_matvec(self, z, xi, xp):  # type: ignore[no-untyped-def]
+            return 2.0 * super()._exact_sqrt_matvec(z, xi, xp)
+
+    xi = backend.asarray(xi_np.copy())
+    got = Doubled().unchecked_sqrt_metric_matvec(z, xi, xp=xp, overwrite=True)
+    assert_close(got, 2.0 * want, rtol=1e-13, atol=1e-15, like=backend)
+
+
 def test_score_has_mean_zero_and_covariance_metric(backend) -> None:
     """Exact enumeration: E_p s = 0 and E_p s sᵀ = I (Categorical over C labels,
     Bernoulli over the 2^C label vectors)."""

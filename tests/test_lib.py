@@ -21,7 +21,9 @@ from fisherbound._lib._estimate import estimate_from_samples
 
 def test_same_seed_same_probes_on_every_backend(backend) -> None:
     xp = backend.xp
-    ref = np.random.default_rng(7).integers(0, 2, size=(4, 3), dtype=np.int8) * 2.0 - 1.0
+    # One random bit per entry, the bits of Generator.bytes in order: 1 -> +1, 0 -> -1.
+    bits = np.unpackbits(np.frombuffer(np.random.default_rng(7).bytes(2), dtype=np.uint8))
+    ref = (bits[:12] * 2.0 - 1.0).reshape(4, 3)
     got = probes(
         as_generator(7),
         (4, 3),
@@ -41,6 +43,31 @@ def test_same_seed_same_probes_on_every_backend(backend) -> None:
         device=backend.device,
     )
     assert_close(g, np.random.default_rng(7).standard_normal(5), rtol=0, atol=0, like=backend)
+
+
+def test_probes_keep_zeroes_the_dropped_rows_of_the_same_draw() -> None:
+    shape = (2, 3, 4, 5)  # (M, N, T, R)
+    full = probes(
+        as_generator(3), shape, distribution="rademacher", xp=np, dtype=np.float64, device=None
+    )
+    keep = np.ones((3, 4), dtype=bool)
+    keep[0, 1] = keep[2, 3] = False
+    kept = probes(
+        as_generator(3),
+        shape,
+        distribution="rademacher",
+        xp=np,
+        dtype=np.float64,
+        device=None,
+        keep=keep,
+    )
+    np.testing.assert_array_equal(kept, np.where(keep[None, :, :, None], full, 0.0))
+    # Many draws: the signs are balanced (mean 0, standard deviation 1/sqrt(n) = 0.001).
+    many = probes(
+        as_generator(0), (10**6,), distribution="rademacher", xp=np, dtype=np.float64, device=None
+    )
+    assert set(np.unique(many)) == {-1.0, 1.0}
+    assert abs(float(np.mean(many))) < 5e-3
 
 
 def test_as_generator() -> None:

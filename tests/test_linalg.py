@@ -89,14 +89,19 @@ def assert_on_backend(x, backend) -> None:
 
 
 class FixedGenerator(np.random.Generator):
-    """A Generator whose ``integers`` returns fixed values (to enumerate sign vectors)."""
+    """A Generator whose random bits are fixed (to enumerate sign vectors).
+
+    Rademacher signs take one bit each from ``bytes``: the bits of ``fixed`` in order.
+    """
 
     def __init__(self, fixed: np.ndarray) -> None:
         super().__init__(np.random.PCG64(0))
         self.fixed = fixed
 
-    def integers(self, *args, **kwargs):  # type: ignore[override]
-        return self.fixed
+    def bytes(self, length: int) -> bytes:  # type: ignore[override]
+        packed = np.packbits(self.fixed.astype(np.uint8).ravel()).tobytes()
+        assert len(packed) == length
+        return packed
 
 
 # ----------------------------------------------------------------------------- operators

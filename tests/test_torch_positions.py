@@ -225,6 +225,24 @@ def test_sequence_outputs_class_last(masked: bool) -> None:
         assert float(lin.jvp(_rand(torch.Generator(), lin.num_params))[~mask].abs().max()) == 0.0
 
 
+def test_vjp_ignores_masked_rows_whether_zero_or_not() -> None:
+    # The CPU skips the masking pass when the masked rows of u are zero already (the
+    # estimators' probes): one nonzero entry there must still be ignored.
+    model, tokens = _seq()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 1, 0]]) > 0
+    lin = linearize(model, tokens, mask=mask)
+    J = dense_jacobian(model, tokens, mask=mask)
+    d = int(J.shape[-1])
+    gen = torch.Generator().manual_seed(3)
+    U = _rand(gen, 2, *lin.output_shape) * mask[..., None]  # zero at masked positions
+    want = U.reshape(2, -1) @ J.reshape(-1, d)
+    _close(lin.vjp(U[0]), want[0])
+    _close(lin.vjp_batch(U), want)
+    U[1, 0, 4, 2] = 1e3  # position (0, 4) is masked
+    _close(lin.vjp(U[1]), want[1])
+    _close(lin.vjp_batch(U), want)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_fast_path_equals_generic_path_on_sequences(masked: bool) -> None:
     model, tokens = _seq(seed=5, n=4, t=3)

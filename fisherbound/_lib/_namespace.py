@@ -92,6 +92,11 @@ def array_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> Any:
         raise TypeError(msg) from err
 
 
+def is_torch_namespace(xp: Any) -> bool:
+    """Whether ``xp`` is torch's namespace (for torch-only fused or in-place kernels)."""
+    return bool(array_api_compat.is_torch_namespace(xp))
+
+
 def log_softmax(z: Array, xp: Any) -> Array:
     """The log-softmax over the last axis, z − max z − log Σ exp(z − max z).
 
@@ -99,7 +104,7 @@ def log_softmax(z: Array, xp: Any) -> Array:
     eager ones: a third of the cost at vocabulary scale), else the array-API
     formula; the same values to rounding.
     """
-    if array_api_compat.is_torch_namespace(xp):
+    if is_torch_namespace(xp):
         import torch  # only reached with torch arrays
 
         return torch.log_softmax(z, dim=-1)

@@ -431,7 +431,7 @@ class Family:
         return self._metric_matvec(z, v, kernel, xp)
 
     def unchecked_sqrt_metric_matvec(
-        self, z: Array, xi: Array, /, *, kernel: str = "exact", xp: Any
+        self, z: Array, xi: Array, /, *, kernel: str = "exact", xp: Any, overwrite: bool = False
     ) -> Array:
         """``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: B(z) ξ, (..., C).
 
@@ -440,7 +440,15 @@ class Family:
         it skips the two finiteness passes over arrays of the logits' size.
         Categorical exact: √p ⊙ ξ − p (√p · ξ), O(C) per row, never forming B.
         ``kernel`` must be one of ``KERNELS``; ξ has the factor's R columns.
+        ``overwrite=True``: ξ is the caller's to lose; the result may be written
+        into it (categorical exact on torch, where ξ has the result's shape and
+        dtype: no new array of ξ's size, which at vocabulary scale costs as much
+        as the arithmetic).
         """
+        if overwrite and kernel == "exact":
+            out = self._exact_sqrt_matvec_into(z, xi, xp)
+            if out is not None:
+                return out
         return self._sqrt_metric_matvec(z, xi, kernel, xp)
 
     # ------------------------------------------------ kernels: generic parts
@@ -534,6 +542,11 @@ class Family:
 
     def _exact_sqrt_matvec(self, z: Array, xi: Array, xp: Any) -> Array:
         return self._sqrt_upper_diag(z, xp) * xi
+
+    def _exact_sqrt_matvec_into(self, z: Array, xi: Array, xp: Any) -> Array | None:
+        """``_exact_sqrt_matvec`` written into ξ's buffer, or None where not offered."""
+        del z, xi, xp  # optional: a family offers it where it saves a large array
+        return None
 
     def _eigvalsh(self, z: Array, xp: Any) -> Array:
         raise NotImplementedError

@@ -1018,3 +1018,84 @@ def test_inputs_passed_the_wrong_way_get_a_house_error() -> None:
         linearize(model, pair)
     with pytest.raises(TypeError, match=r"with keywords \['z'\] input tensor\(s\)"):
         loss_function(model, {"z": pair[0]}, torch.zeros(4, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------
+# Soft targets (Bernoulli): against torch.func on BCEWithLogits
+# ---------------------------------------------------------------------------
+
+
+def test_bernoulli_soft_targets_against_torch_func() -> None:
+    from fisherbound.estimators import empirical
+    from fisherbound.families import Bernoulli
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.rand(6, 3, dtype=torch.float64)  # soft targets (label smoothing, distillation)
+    y[0] = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)  # the ends of [0, 1] too
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def flat(grads: dict, lead: int = 0) -> torch.Tensor:
+        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in names], dim=lead)
+
+    def split(v: torch.Tensor) -> dict:
+        out, i = {}, 0
+        for n in names:
+            out[n] = v[i : i + theta[n].numel()].reshape(theta[n].shape)
+            i += theta[n].numel()
+        return out
+
+    def bce(params: dict, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+        z = torch.func.functional_call(model, params, (xs,))
+        return F.binary_cross_entropy_with_logits(z, ys, reduction="sum")
+
+    loss = loss_function(model, x, y, family=Bernoulli())
+    d = loss.num_params
+    assert float(loss.value(torch.zeros(1, d, dtype=torch.float64))[0]) == pytest.approx(
+        float(bce(theta, x, y)), rel=1e-13
+    )
+    grad = flat(torch.func.grad(bce)(theta, x, y))
+    torch.testing.assert_close(loss.gradient(), grad, rtol=1e-12, atol=1e-14)
+    v = torch.randn(d, dtype=torch.float64)
+    hvp = torch.func.jvp(lambda p: torch.func.grad(bce)(p, x, y), (theta,), (split(v),))[1]
+    torch.testing.assert_close(loss.hvp(v), flat(hvp), rtol=1e-11, atol=1e-13)
+    # The empirical Fisher with observed soft targets: Σ_n (∇ℓ_n)², per-example gradients
+    # of the soft binary cross-entropy (the score y − σ(z) pulled back).
+    per = torch.func.vmap(
+        lambda xs, ys: torch.func.grad(bce)(theta, xs[None], ys[None]), in_dims=(0, 0)
+    )(x, y)
+    lin = linearize(model, x)
+    emp = empirical(lin, y, Bernoulli())
+    torch.testing.assert_close(emp.value, (flat(per, lead=1) ** 2).sum(0), rtol=1e-12, atol=1e-14)
+    trace = empirical(lin, y, Bernoulli(), what="trace")
+    assert float(trace.value) == pytest.approx(float((flat(per, lead=1) ** 2).sum()), rel=1e-12)
+    # Bad soft targets are refused, naming the argument and the range.
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"must hold targets in \[0, 1\]"):
+            loss_function(model, x, torch.full_like(y, bad), family=Bernoulli())
+        with pytest.raises(ValueError, match=r"must hold targets in \[0, 1\]"):
+            empirical(lin, torch.full_like(y, bad), Bernoulli())
+
+
+def test_bernoulli_soft_targets_against_curvlinops() -> None:
+    # curvlinops' own soft-target case: BCEWithLogitsLoss with targets in [0, 1].
+    curvlinops = pytest.importorskip("curvlinops")
+    from fisherbound.estimators import empirical
+    from fisherbound.families import Bernoulli
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    y = torch.rand(6, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    bce = nn.BCEWithLogitsLoss(reduction="sum")
+    d = sum(p.numel() for p in params)
+    eye = torch.eye(d, dtype=torch.float64)
+    ef = curvlinops.EFLinearOperator(model, bce, params, [(x, y)]) @ eye
+    hessian = curvlinops.HessianLinearOperator(model, bce, params, [(x, y)]) @ eye
+    factor = empirical(linearize(model, x), y, Bernoulli(), what="full").value  # (N, D)
+    torch.testing.assert_close(factor.T @ factor, ef, rtol=1e-12, atol=1e-13)
+    loss = loss_function(model, x, y, family=Bernoulli())
+    torch.testing.assert_close(loss.hvp_batch(eye), hessian, rtol=1e-11, atol=1e-13)

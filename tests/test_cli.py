@@ -471,3 +471,17 @@ def test_report_help_names_the_options_for_position_axes(capsys: Any) -> None:
         "key mask",
     ):
         assert needle in text, needle
+
+
+def test_bernoulli_data_labels_may_be_soft_targets() -> None:
+    # DATA's Bernoulli labels: binary or soft targets in [0, 1], of the logits' shape.
+    from fisherbound._cli.loading import check_bernoulli
+    from fisherbound._cli.usage import UsageError
+
+    logits = np.zeros((4, 3))
+    check_bernoulli(logits, np.array([[0.0, 1.0, 0.5]] * 4))  # soft targets pass
+    for bad in (1.5, -0.1, np.nan):
+        with pytest.raises(UsageError, match=r"binary labels 0 / 1 or soft targets in \[0, 1\]"):
+            check_bernoulli(logits, np.full((4, 3), bad))
+    with pytest.raises(UsageError, match=r"rows in \[0, 1\] of shape \(N, C\) = \(4, 3\)"):
+        check_bernoulli(logits, np.zeros((4, 2)))

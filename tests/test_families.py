@@ -703,8 +703,9 @@ def test_bad_labels(backend) -> None:
         CAT.check_labels(z, backend.asarray(np.array([0.0, 1.0])))
     with pytest.raises(ValueError, match=r"y must have shape \(2,\) to match z"):
         CAT.score(z, backend.asarray(np.array([0, 1, 2]), dtype="int64"))
-    with pytest.raises(ValueError, match="y must hold binary labels 0.0 or 1.0"):
-        Bernoulli().log_likelihood(z, backend.asarray(np.full((2, 3), 0.5)))
+    for bad in (1.5, -0.25, np.nan):  # soft targets in [0, 1] are labels, these are not
+        with pytest.raises(ValueError, match=r"y must hold targets in \[0, 1\] .*; got values"):
+            Bernoulli().log_likelihood(z, backend.asarray(np.full((2, 3), bad)))
     with pytest.raises(TypeError, match="y must have a real floating-point dtype"):
         Bernoulli().score(z, backend.asarray(np.ones((2, 3)), dtype="int64"))
     with pytest.raises(ValueError, match=r"y must have shape \(2, 3\)"):
@@ -719,8 +720,8 @@ def test_bad_labels(backend) -> None:
         CAT.check_labels(z, backend.asarray(np.array([0.0, 1.0])), **named)
     with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\) to match logits of"):
         Bernoulli().check_labels(z, backend.asarray(np.ones(3)), **named)
-    with pytest.raises(ValueError, match="targets must hold binary labels"):
-        Bernoulli().check_labels(z, backend.asarray(np.full((2, 3), 0.5)), **named)
+    with pytest.raises(ValueError, match=r"targets must hold targets in \[0, 1\]"):
+        Bernoulli().check_labels(z, backend.asarray(np.full((2, 3), 1.5)), **named)
     with pytest.raises(ValueError, match="targets must be finite"):
         Gaussian().check_labels(z, backend.asarray(np.array([[0.0, np.nan, 0.0]] * 2)), **named)
 

@@ -339,7 +339,7 @@ CASES = [
         "model.py:make_multilabel",
         "data",
         ["--family", "bernoulli"],
-        "Bernoulli labels must be 0/1 rows of shape (N, C) = (40, 3)",
+        "Bernoulli labels must be rows in [0, 1] of shape (N, C) = (40, 3)",
         "(40,)",
     ),
 ]

@@ -540,7 +540,7 @@ def check_categorical(
 
 
 def check_bernoulli(zh: Any, y: Any) -> None:
-    """0/1 labels of the logits' shape (N, C), or (N, ∗S, C) (class axis last)."""
+    """Labels in [0, 1] (binary or soft) of the logits' shape (N, C) or (N, ∗S, C)."""
     import numpy as np
 
     labels = np.asarray(y)
@@ -548,18 +548,21 @@ def check_bernoulli(zh: Any, y: Any) -> None:
         if zh.ndim == 2:
             n, c = (int(s) for s in zh.shape)
             msg = (
-                f"Bernoulli labels must be 0/1 rows of shape (N, C) = ({n}, {c}); got shape "
+                f"Bernoulli labels must be rows in [0, 1] of shape (N, C) = ({n}, {c}); got shape "
                 f"{labels.shape}."
             )
         else:
             msg = (
-                f"Bernoulli labels must be 0/1 of the logits' shape {zh.shape} (class axis "
+                f"Bernoulli labels must be in [0, 1] of the logits' shape {zh.shape} (class axis "
                 f"last, as --class-axis says for the model's output); got shape "
                 f"{labels.shape}."
             )
         raise UsageError(msg)
-    if not np.all((labels == 0) | (labels == 1)):
-        msg = "Bernoulli labels must be 0 or 1; got other values."
+    if not np.all((labels >= 0) & (labels <= 1)):
+        msg = (
+            "Bernoulli labels must be binary labels 0 / 1 or soft targets in [0, 1]; got "
+            "values outside [0, 1] (or NaN)."
+        )
         raise UsageError(msg)
 
 

@@ -54,7 +54,11 @@ class Bernoulli(_DiagonalFamily):
 
     Core metric I(z) = diag(σ(z) ⊙ (1 − σ(z))), square root diag(√(σ(1 − σ))); the
     upper envelope is I itself, the lower one λ_max e_k e_kᵀ at the largest entry,
-    the scalar ones (min / max entry) · I. Labels are {0, 1} floats of shape (..., C).
+    the scalar ones (min / max entry) · I. Labels are floats in [0, 1] of shape
+    (..., C): binary labels, or soft targets (label smoothing, distillation, as
+    ``BCEWithLogitsLoss`` takes them). For a soft target y the log-likelihood is the
+    soft cross-entropy's negative Σ_c [y_c z_c − softplus(z_c)] and the score
+    y − σ(z) its gradient; the metric does not depend on y.
 
     Examples
     --------
@@ -77,8 +81,14 @@ class Bernoulli(_DiagonalFamily):
         self, z: Array, y: Array, xp: Any, names: tuple[str, str] = ("z", "y")
     ) -> None:
         check_label_array(z, y, kind="real floating", shape=tuple(z.shape), names=names)
-        bad = (y != 0.0) & (y != 1.0)
-        check_label_support(bad, xp, names[1], "binary labels 0.0 or 1.0", "other values")
+        bad = ~((y >= 0.0) & (y <= 1.0))  # NaN fails both comparisons
+        check_label_support(
+            bad,
+            xp,
+            names[1],
+            "targets in [0, 1] (binary labels 0.0 / 1.0 or soft targets)",
+            "values outside [0, 1] or NaN",
+        )
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
         y = xp.astype(y, z.dtype)

@@ -23,7 +23,7 @@ from fisherbound.adapters._jax_model import (
     shard_local,
     traced_selection,
 )
-from fisherbound.linearization import LossFunctionBase
+from fisherbound.linearization import LossFunctionBase, masked_label_placeholder
 
 Array = Any
 PyTree = Any
@@ -145,12 +145,10 @@ class JaxLossFunction(LossFunctionBase):
         counted = check_mask(mask, z, logits_text(z.ndim), inputs)
         labels = _labels_classes_last(labels, z.ndim, model.logits_fn.class_axis)
         counted = self._counted(labels, counted, ignore_index)
-        if counted is not None and isinstance(labels, jax.Array):
-            s = counted.ndim
-            if tuple(labels.shape[:s]) == tuple(counted.shape):
-                # Padding may hold any label: masked and ignored ones become 0.
-                keep = jnp.reshape(counted, (*counted.shape, *((1,) * (labels.ndim - s))))
-                labels = jnp.where(keep, labels, jnp.zeros((), dtype=labels.dtype))
+        lead = None if counted is None else tuple(counted.shape)
+        if lead is not None and isinstance(labels, jax.Array) and labels.shape[: len(lead)] == lead:
+            # Padding may hold any label: masked and ignored ones become a valid one.
+            labels = masked_label_placeholder(labels, counted, jnp)
         # The base's own masking reads the count on the host (not under shard_map): the
         # counted positions are set here instead, traced or not.
         self._hold_batch(z, labels, family, reduction)  # checks the labels

@@ -32,6 +32,7 @@ from fisherbound.adapters._torch_model import (
     ensure_forward_ad,
     is_tensor_or_text,
     resolve_mask,
+    resolve_model,
     select_parameters,
     without_key,
 )
@@ -40,6 +41,7 @@ from fisherbound.linearization import (
     ReadOnly,
     check_batches,
     check_loss_options,
+    masked_label_placeholder,
     stream_pairs,
 )
 
@@ -148,7 +150,8 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         check_outputs(self, z, "model output")
         counted = resolve_mask(mask, inputs if raw_inputs is None else raw_inputs, z)
         if labels.ndim == z.ndim and labels.ndim >= 2:
-            # Bernoulli / Gaussian targets (N, *S, C) in the model output's layout.
+            # Label rows (N, *S, C) (Bernoulli / Gaussian targets, categorical target
+            # distributions) in the model output's layout.
             labels = classes_last(labels, self._spec.class_axis)
         ignored = None
         if ignore_index is not None and not (labels.is_floating_point() or labels.is_complex()):
@@ -157,9 +160,8 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
                 ignored = hit
                 labels = torch.where(hit, torch.zeros_like(labels), labels)
         if counted is not None and tuple(labels.shape[: counted.ndim]) == tuple(counted.shape):
-            # Padding may hold any label: those of masked positions become 0.
-            keep = counted.reshape(*counted.shape, *((1,) * (labels.ndim - counted.ndim)))
-            labels = torch.where(keep, labels, torch.zeros_like(labels))
+            # Padding may hold any label: those of masked positions become a valid one.
+            labels = masked_label_placeholder(labels, counted, self._xp)
         self._hold_batch(z, labels, family, reduction)
         if ignored is not None:
             counted = ~ignored if counted is None else counted & ~ignored
@@ -348,14 +350,14 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
 
 
 def loss_function(
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     labels: Tensor,
     /,
     *,
     family: Any = None,
     reduction: str = "sum",
-    params: Sequence[str] | None = None,
+    params: Sequence[str] | Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: MaskSpec = None,
@@ -379,21 +381,25 @@ def loss_function(
     ----------
     model
         Any ``torch.nn.Module`` whose output holds the logits (see
-        :func:`linearize`); in eval mode if it has Dropout or BatchNorm.
+        :func:`linearize`); in eval mode if it has Dropout or BatchNorm. Or a
+        function ``f(params, *inputs)`` with ``params`` a dict of tensors (as in
+        :func:`linearize`).
     inputs
         A tensor, a tuple of tensors (positional arguments) or a dict of tensors
         (keyword arguments), examples on axis 0.
     labels
-        Integer class indices (N, ∗S) for ``Categorical()`` (the default), {0, 1}
-        floats (N, ∗S, C) for ``Bernoulli()``, targets (N, ∗S, C) for
-        ``Gaussian()``, the class axis of the last two where ``class_axis`` says
-        (the model output's layout); on the parameters' device.
+        Integer class indices (N, ∗S) or target distributions (N, ∗S, C) (soft
+        targets) for ``Categorical()`` (the default), floats in [0, 1] (N, ∗S, C)
+        for ``Bernoulli()`` (binary or soft), targets (N, ∗S, C) for
+        ``Gaussian()``, the class axis of the (N, ∗S, C) forms where
+        ``class_axis`` says (the model output's layout); on the parameters' device.
     family
         The output family (default ``Categorical()``).
     reduction
         ``"sum"`` over the counted positions (default) or ``"mean"``.
     params
         The parameters θ (names), as in ``linearize``; default every trainable one.
+        For a function ``model``, the dict of its parameter tensors.
     output, class_axis
         Where the logits are in the model's output and their class axis, as in
         :func:`linearize`.
@@ -422,6 +428,7 @@ def loss_function(
     >>> loss.num_inputs, loss.num_counted  # N and the counted positions
     (2, 9)
     """
+    model, params = resolve_model(model, params)
     options = _LossOptions.check(model, family, reduction, output, class_axis, mask, ignore_index)
     selection = select_parameters(options.model, params)
     return _loss_function(selection, inputs, labels, options)
@@ -485,13 +492,13 @@ def _loss_function(
 
 
 def loss_functions(
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     batches: Iterable[Any],
     /,
     *,
     family: Any = None,
     reduction: str = "sum",
-    params: Sequence[str] | None = None,
+    params: Sequence[str] | Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: str | Callable[[Any], Any] | None = None,
@@ -518,6 +525,7 @@ def loss_functions(
     >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
     [8, 8, 8]
     """
+    model, params = resolve_model(model, params)
     options = _LossOptions.check(
         model, family, reduction, output, class_axis, mask, ignore_index, stream=True
     )

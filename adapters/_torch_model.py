@@ -100,9 +100,106 @@ def transformable() -> Iterator[None]:
 def check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         got = f"{type(model).__module__}.{type(model).__name__}"
-        msg = f"model must be a torch.nn.Module; got {got}."
+        msg = (
+            f"model must be a torch.nn.Module, or a function f(params, *inputs) with "
+            f"params= a dict of tensors; got {got}."
+        )
         raise TypeError(msg)
     return model
+
+
+_FUNCTION_REASON = "a function model's tensor (its layers are not modules)"
+
+
+class _Holder(nn.Module):
+    """The holder of a function model's tensors under a dotted prefix."""
+
+    no_fast_rule = _FUNCTION_REASON
+
+
+class FunctionModel(nn.Module):
+    """A function ``f(params, *args, **kwargs)`` of a dict of tensors, as a module.
+
+    ``torch.func.functional_call`` style (curvlinops' ``model_func``): the
+    parameters are the values of ``params``, registered under their keys (a
+    dotted key ``"0.weight"`` as parameter ``weight`` of an empty submodule
+    ``"0"``), so ``named_parameters()`` gives the keys, in order, and every
+    module path of the adapter applies. ``forward`` hands ``f`` the current
+    tensors (swapped in by ``functional_call``) in a dict with the same keys.
+    The layers inside ``f`` are not modules, so the fast exact diagonal does not
+    see them: every parameter takes the generic per-example path
+    (``fast_path_reasons`` says so). Non-differentiated state (running statistics,
+    frozen weights) is read by ``f`` from its closure. Always in eval mode.
+    """
+
+    no_fast_rule = _FUNCTION_REASON
+
+    def __init__(self, function: Callable[..., Any], params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self._fb_function = function
+        self._fb_keys = tuple(params)
+        for key, value in params.items():
+            *path, leaf = key.split(".")
+            owner: nn.Module = self
+            for part in path:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = _Holder()
+                    owner.add_module(part, child)
+                owner = child
+            try:
+                owner.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=True))
+            except KeyError as err:  # a name torch's Module keeps for itself ("to", "eval")
+                msg = f"params key {key!r} cannot name a parameter: {err.args[0]}"
+                raise TypeError(msg) from err
+        self.eval()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``f({key: current tensor}, *args, **kwargs)``."""
+        current = dict(self.named_parameters(remove_duplicate=False))
+        return self._fb_function({k: current[k] for k in self._fb_keys}, *args, **kwargs)
+
+
+def resolve_model(model: object, params: object) -> tuple[nn.Module, Any]:
+    """(module, params) for the fronts: a module as it is, a function wrapped.
+
+    A function ``model`` needs ``params``, a non-empty dict from str keys (no
+    empty dotted segment) to floating tensors; the result selects all of them.
+    """
+    if isinstance(model, nn.Module) or not callable(model):
+        if isinstance(params, Mapping):
+            msg = (
+                "params must be None or a list of parameter names for a torch.nn.Module; got "
+                "a dict (that form is for a function model f(params, *inputs))."
+            )
+            raise TypeError(msg)
+        return check_model(model), params
+    if not isinstance(params, Mapping) or not params:
+        got = type(params).__name__ if not isinstance(params, Mapping) else "an empty dict"
+        msg = (
+            "params must be a non-empty dict of tensors (name -> torch.Tensor) when model "
+            f"is a function f(params, *inputs); got {got}."
+        )
+        raise TypeError(msg)
+    for key, value in params.items():
+        if not isinstance(key, str) or "" in key.split("."):
+            msg = (
+                f"params keys must be names (str, no empty dotted part) for a function "
+                f"model; got {key!r}."
+            )
+            raise TypeError(msg)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            what = (
+                f"a {value.dtype} tensor"
+                if isinstance(value, torch.Tensor)
+                else type(value).__name__
+            )
+            msg = (
+                f"params must map names to floating-point torch tensors for a function "
+                f"model; params[{key!r}] is {what}."
+            )
+            raise TypeError(msg)
+    return FunctionModel(model, params), None
 
 
 class Inputs(NamedTuple):

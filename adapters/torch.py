@@ -53,12 +53,12 @@ from fisherbound.adapters._torch_model import (
     apply_mask,
     check_batch,
     check_mask_spec,
-    check_model,
     check_output_options,
     classes_last,
     ensure_forward_ad,
     is_tensor_or_text,
     resolve_mask,
+    resolve_model,
     select_output,
     select_parameters,
     without_key,
@@ -691,11 +691,11 @@ def _square_moments(
 
 
 def linearize(
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     /,
     *,
-    params: Sequence[str] | None = None,
+    params: Sequence[str] | Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: MaskSpec = None,
@@ -720,7 +720,13 @@ def linearize(
         Any ``torch.nn.Module`` whose output holds the logits: (N, C), or with
         position axes, e.g. (N, T, C) for a language model or (N, C, H, W) for
         segmentation (see ``class_axis``). Modules that are random or couple the
-        examples in training mode (Dropout, BatchNorm) must be in eval mode.
+        examples in training mode (Dropout, BatchNorm) must be in eval mode. Or a
+        function ``f(params, *args, **kwargs)`` of a dict of tensors (the
+        ``torch.func.functional_call`` style, curvlinops' ``model_func``), with
+        ``params`` that dict: θ is its values, in order, named by its keys. Its
+        layers are not modules, so the exact diagonal takes the generic
+        per-example path; state that is not differentiated (running statistics,
+        frozen weights) is read by ``f`` from its closure.
     inputs
         A tensor, a tuple/list of tensors (positional arguments) or a dict of
         tensors (keyword arguments, e.g. ``input_ids``, ``attention_mask``), all
@@ -729,7 +735,9 @@ def linearize(
     params
         None: every parameter with ``requires_grad=True``, in
         ``named_parameters()`` order. Or a list of parameter names (a subset, in
-        the order given; any of the names of a tied tensor, but only one).
+        the order given; any of the names of a tied tensor, but only one). For a
+        function ``model``: the dict name -> floating tensor of its parameters
+        (required; all of them are θ).
     output
         Where the logits are in the model's output: None (the output is the
         logits tensor), a str (a key of a dict output, or else an attribute, e.g.
@@ -789,7 +797,8 @@ def linearize(
     """
     spec = check_output_options(output, class_axis)
     checked_mask = check_mask_spec(mask)
-    selection = select_parameters(check_model(model), params)
+    module, params = resolve_model(model, params)
+    selection = select_parameters(module, params)
     return TorchLinearization(selection, check_batch(selection, inputs), spec, checked_mask, inputs)
 
 
@@ -801,11 +810,11 @@ def _check_label_key(label_key: object) -> str | None:
 
 
 def linearizations(
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     batches: Iterable[Any],
     /,
     *,
-    params: Sequence[str] | None = None,
+    params: Sequence[str] | Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: str | Callable[[Any], Any] | None = None,
@@ -822,6 +831,7 @@ def linearizations(
     a data set is streamed one batch at a time. The model, the parameter
     selection and the options are checked at once.
 
+    ``model`` and ``params`` (a module, or a function with its dict of tensors),
     ``output`` and ``class_axis`` are as in :func:`linearize`; ``mask`` is per
     batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``,
     converted with ``!= 0``) or a callable ``inputs -> mask`` (boolean
@@ -839,7 +849,8 @@ def linearizations(
     spec = check_output_options(output, class_axis)
     checked_mask = check_mask_spec(mask, stream=True)
     key = _check_label_key(label_key)
-    selection = select_parameters(check_model(model), params)
+    module, params = resolve_model(model, params)
+    selection = select_parameters(module, params)
 
     def build(i: int, inputs: Any) -> TorchLinearization:
         inputs = without_key(inputs, key)

@@ -461,7 +461,8 @@ def rule_for(module: nn.Module, rules: Sequence[LayerRule] = RULES) -> tuple[Lay
                     return None, f"{type(module).__name__} has forward hooks"
                 why = rule.ineligible(module)
                 return (None, why) if why else (rule, "")
-    return None, f"no fast rule for {type(module).__name__}"
+    # A module may say itself why no rule fits (the holders of a function model's tensors).
+    return None, getattr(module, "no_fast_rule", f"no fast rule for {type(module).__name__}")
 
 
 # ---------------------------------------------------------------------------

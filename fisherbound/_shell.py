@@ -36,6 +36,7 @@ __all__ = [
     "check_operand",
     "MaskWords",
     "mask_source",
+    "masked_label_placeholder",
     "stream_inputs",
     "stream_linearizations",
     "stream_loss_functions",
@@ -374,3 +375,19 @@ def stream_loss_functions(
     """An adapter's ``loss_functions``: ``batches`` checked now, then ``stream_pairs``."""
     checked = check_batches(batches, what=what, remedy=remedy, single=one_batch)
     return stream_pairs(checked, build, say_length=say_length)
+
+
+def masked_label_placeholder(y: Array, counted: Array, xp: Any) -> Array:
+    """``y`` with the labels of positions where ``counted`` (N, ∗S) is False replaced.
+
+    By 0 (a class index, a binary label, a regression target), or for floating
+    labels with a class axis (N, ∗S, C) by 1/C: a valid label of every family,
+    a categorical target distribution included. Those positions count nowhere.
+    """
+    extra = int(y.ndim) - int(counted.ndim)
+    keep = xp.reshape(counted, (*counted.shape, *((1,) * extra)))
+    if extra == 1 and xp.isdtype(y.dtype, "real floating"):
+        fill = xp.full_like(y, 1.0 / int(y.shape[-1]))
+    else:
+        fill = xp.zeros_like(y)
+    return xp.where(keep, y, fill)

@@ -48,6 +48,7 @@ from fisherbound._lib import (
     known_false,
     progress_bar,
 )
+from fisherbound._shell import masked_label_placeholder
 from fisherbound.families import Family
 from fisherbound.linearization import LossFunction, as_linearizations, check_family
 
@@ -72,13 +73,14 @@ __all__ = [
 
 
 def conform_labels(lin: Any, y: Array) -> Array:
-    """Observed labels in the linearization's classes-last layout, masked labels 0.
+    """Observed labels in the linearization's classes-last layout, masked ones replaced.
 
     Labels with the logits' number of axes (Bernoulli / Gaussian targets
     (N, ∗S, C)) are given in the model output's layout: their axis
     ``lin.class_axis`` (when the adapter has one) moves last, as the logits'
-    did. The labels of positions masked by ``lin.mask`` become 0, so padding may
-    hold anything (e.g. −100). Cost: O(size of y), no host read.
+    did. The labels of positions masked by ``lin.mask`` become a valid placeholder
+    (``masked_label_placeholder``: 0, or 1/C for label rows), so padding may hold
+    anything (e.g. −100). Cost: O(size of y), no host read.
     """
     xp = lin.xp
     if not is_array(y) or array_namespace(y) is not xp:
@@ -92,8 +94,7 @@ def conform_labels(lin: Any, y: Array) -> Array:
             y = xp.permute_dims(y, order)
     mask = getattr(lin, "mask", None)
     if mask is not None and tuple(y.shape[: mask.ndim]) == tuple(mask.shape):
-        keep = xp.reshape(mask, (*mask.shape, *((1,) * (int(y.ndim) - int(mask.ndim)))))
-        y = xp.where(keep, y, xp.zeros_like(y))
+        y = masked_label_placeholder(y, mask, xp)
     return y
 
 

@@ -52,6 +52,7 @@ from fisherbound._shell import (
     check_loss_options,
     check_operand,
     mask_source,
+    masked_label_placeholder,
     stream_inputs,
     stream_linearizations,
     stream_loss_functions,
@@ -736,7 +737,8 @@ class LossFunctionBase(_FrozenBase):
         adapter moves the user's class axis first). ``mask`` (None or boolean
         (N, ∗S), ``check_loss_mask``) marks the positions that count;
         ``ignore_index`` (None or an int) masks the positions whose INTEGER label
-        equals it. The labels of masked positions are replaced by 0 before the
+        equals it. The labels of masked positions are replaced by a valid
+        placeholder (0, or 1/C for floating labels with a class axis) before the
         family's check (``check_loss_labels``), so padding may hold any value.
         Sets the logits, labels, family, reduction, N, ``mask`` (None when none
         was given and nothing is ignored), the weights m (None, or the mask as
@@ -758,11 +760,9 @@ class LossFunctionBase(_FrozenBase):
             ignored = labels == ignore_index
             labels = xp.where(ignored, xp.zeros_like(labels), labels)
             counted = ~ignored if counted is None else xp.logical_and(counted, ~ignored)
-        if counted is not None and is_array(labels):
-            s = counted.ndim
-            if tuple(labels.shape[:s]) == tuple(counted.shape):
-                keep = xp.reshape(counted, (*counted.shape, *((1,) * (labels.ndim - s))))
-                labels = xp.where(keep, labels, xp.zeros_like(labels))
+        lead = None if counted is None else tuple(counted.shape)
+        if lead is not None and is_array(labels) and tuple(labels.shape[: len(lead)]) == lead:
+            labels = masked_label_placeholder(labels, counted, xp)
         check_loss_labels(family, logits, labels)
         n = int(logits.shape[0])
         if counted is None:

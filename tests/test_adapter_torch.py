@@ -822,8 +822,8 @@ def test_bad_outputs(fn, match) -> None:
 
 
 def test_bad_model_and_inputs() -> None:
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got builtins.function"):
-        linearize(lambda x: x, torch.ones(2, 2))
+    with pytest.raises(TypeError, match=r"params must be a non-empty dict .* got NoneType"):
+        linearize(lambda x: x, torch.ones(2, 2))  # a function model needs its params
     with pytest.raises(TypeError, match=r"inputs must be a torch.Tensor.*numpy.ndarray"):
         linearize(nn.Linear(2, 3), np.ones((2, 2)))
     with pytest.raises(TypeError, match=r"inputs\[1\] must be a torch.Tensor.*builtins.str"):
@@ -1099,3 +1099,81 @@ def test_bernoulli_soft_targets_against_curvlinops() -> None:
     torch.testing.assert_close(factor.T @ factor, ef, rtol=1e-12, atol=1e-13)
     loss = loss_function(model, x, y, family=Bernoulli())
     torch.testing.assert_close(loss.hvp_batch(eye), hessian, rtol=1e-11, atol=1e-13)
+
+
+# ---------------------------------------------------------------------------
+# Function models f(params, *inputs) (the torch.func.functional_call style)
+# ---------------------------------------------------------------------------
+
+
+def test_function_model_equals_its_module() -> None:
+    from fisherbound.adapters.torch import linearizations, loss_functions
+    from fisherbound.estimators import detach_and_mix
+    from fisherbound.fisher import fisher_diagonal
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    theta = {k: v.detach().clone() for k, v in module.named_parameters()}
+    scale = torch.tensor(1.5, dtype=torch.float64)  # state read from the closure
+
+    def f(p: dict, x: torch.Tensor, *, shift: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(F.linear(x if shift is None else x + shift, p["0.weight"], p["0.bias"]))
+        return F.linear(h, p["2.weight"], p["2.bias"]) * scale
+
+    def g(x: torch.Tensor) -> torch.Tensor:  # the module with the same closure
+        return module(x) * scale
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return g(x)
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    ref = linearize(Scaled(), x)
+    lin = linearize(f, x, params=theta)
+    assert [b.name for b in lin.blocks] == list(theta)  # θ named by the dict's keys
+    assert set(lin.fast_path_reasons.values()) == {
+        "a function model's tensor (its layers are not modules)"
+    }
+    torch.testing.assert_close(fisher_diagonal(lin), fisher_diagonal(ref), rtol=1e-13, atol=0)
+    est = detach_and_mix(lin, num_probes=3, rng=0)
+    est_ref = detach_and_mix(ref, num_probes=3, rng=0)
+    torch.testing.assert_close(est.value, est_ref.value, rtol=1e-13, atol=0)
+    kw = linearize(f, {"x": x, "shift": torch.zeros(5, 4, dtype=torch.float64)}, params=theta)
+    torch.testing.assert_close(kw.logits, ref.logits, rtol=0, atol=0)  # keyword inputs
+    loss, loss_ref = loss_function(f, x, y, params=theta), loss_function(Scaled(), x, y)
+    torch.testing.assert_close(loss.gradient(), loss_ref.gradient(), rtol=1e-13, atol=0)
+    v = torch.randn(loss.num_params, dtype=torch.float64)
+    torch.testing.assert_close(loss.hvp(v), loss_ref.hvp(v), rtol=1e-12, atol=1e-14)
+    data = [(x[:3], y[:3]), (x[3:], y[3:])]
+    streamed = fisher_diagonal(linearizations(f, data, params=theta))
+    torch.testing.assert_close(streamed, fisher_diagonal(ref), rtol=1e-13, atol=1e-15)
+    assert [ls.num_inputs for ls in loss_functions(f, data, params=theta)] == [3, 2]
+    assert all(torch.equal(theta[k], module.state_dict()[k]) for k in theta)  # not changed
+
+
+def test_function_model_bad_params() -> None:
+    def f(p: dict, x: torch.Tensor) -> torch.Tensor:
+        return x @ p["w"]
+
+    x = torch.randn(3, 2)
+    with pytest.raises(TypeError, match=r"params must be a non-empty dict of tensors .* got list"):
+        linearize(f, x, params=[torch.ones(2, 3)])
+    with pytest.raises(TypeError, match=r"got an empty dict"):
+        loss_function(f, x, torch.zeros(3).long(), params={})
+    with pytest.raises(TypeError, match=r"params\['w'\] is a torch.int64 tensor"):
+        linearize(f, x, params={"w": torch.ones(2, 3, dtype=torch.int64)})
+    with pytest.raises(TypeError, match=r"params\['w'\] is ndarray"):
+        linearize(f, x, params={"w": np.ones((2, 3))})
+    with pytest.raises(TypeError, match=r"params keys must be names .*; got 'a\.\.w'"):
+        linearize(f, x, params={"a..w": torch.ones(2, 3)})
+    with pytest.raises(TypeError, match=r"params key 'to' cannot name a parameter"):
+        linearize(f, x, params={"to": torch.ones(2, 3)})
+    with pytest.raises(TypeError, match=r"for a torch.nn.Module; got a dict"):
+        linearize(nn.Linear(2, 3), x, params={"weight": torch.ones(3, 2)})
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, or a function"):
+        linearize("model", x)

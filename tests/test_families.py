@@ -389,6 +389,38 @@ def test_sqrt_metric_matvec_overwrite(backend) -> None:
     assert_close(got, 2.0 * want, rtol=1e-13, atol=1e-15, like=backend)
 
 
+def test_categorical_target_distributions(backend) -> None:
+    # Soft targets: log p(y | z) = Σ_c y_c log p_c and score y − p; a one-hot row
+    # gives its class index's numbers, on every backend.
+    rng = np.random.default_rng(8)
+    z_np = rng.standard_normal((2, 4, 3))
+    y_np = rng.dirichlet(np.ones(3), size=(2, 4))
+    z, y = backend.asarray(z_np), backend.asarray(y_np)
+    logp = z_np - np.log(np.sum(np.exp(z_np), axis=-1, keepdims=True))
+    assert_close(
+        CAT.log_likelihood(z, y), np.sum(y_np * logp, axis=-1), rtol=1e-13, atol=0, like=backend
+    )
+    assert_close(CAT.score(z, y), y_np - np.exp(logp), rtol=1e-13, atol=1e-15, like=backend)
+    k = backend.asarray(np.array([[0, 2, 1, 1], [2, 0, 0, 1]]), dtype="int64")
+    hard = backend.asarray(np.eye(3)[np.array([[0, 2, 1, 1], [2, 0, 0, 1]])])
+    assert_close(
+        CAT.log_likelihood(z, hard), CAT.log_likelihood(z, k), rtol=1e-14, atol=0, like=backend
+    )
+    assert_close(CAT.score(z, hard), CAT.score(z, k), rtol=0, atol=1e-15, like=backend)
+    off = y_np.copy()
+    off[1, 2] *= 1.01  # a row summing to 1.01
+    with pytest.raises(ValueError, match=r"rows summing to 1 \(to 0.0001\); got rows with"):
+        CAT.check_labels(z, backend.asarray(off))
+    with pytest.raises(ValueError, match=r"at positions \[6\]"):  # row (1, 2), flattened
+        CAT.score(z, backend.asarray(off))
+    with pytest.raises(ValueError, match=r"target distributions: entries in \[0, 1\]"):
+        CAT.log_likelihood(z, backend.asarray(y_np * np.nan))
+    with pytest.raises(ValueError, match=r"y must have shape \(2, 4, 3\)"):
+        CAT.score(z, backend.asarray(y_np[..., :2]))
+    with pytest.raises(TypeError, match="target distributions, soft targets, have the shape"):
+        CAT.score(z, backend.asarray(np.zeros((2, 4))))
+
+
 def test_score_has_mean_zero_and_covariance_metric(backend) -> None:
     """Exact enumeration: E_p s = 0 and E_p s sᵀ = I (Categorical over C labels,
     Bernoulli over the 2^C label vectors)."""

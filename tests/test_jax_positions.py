@@ -468,3 +468,26 @@ def test_bad_inputs_operands_and_labels(seq_case: Case) -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(jax_adapter).failed == 0
+
+
+def test_categorical_soft_targets_jax_loss_with_padding() -> None:
+    # Target distributions (N, T, C) with padded positions holding garbage: the loss is
+    # Σ over counted positions of −Σ_c y_c log p_c, computed here by hand.
+    from fisherbound.adapters.jax import loss_function as jax_loss_function
+    from fisherbound.families import Categorical
+
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((4, 3)))
+
+    def apply(params, x):  # (N, T, 4) -> (N, T, 3)
+        return jnp.tanh(x) @ params
+
+    x = jnp.asarray(rng.standard_normal((2, 5, 4)))
+    y = jax.nn.softmax(jnp.asarray(rng.standard_normal((2, 5, 3))), axis=-1)
+    mask = jnp.asarray(np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=bool))
+    padded = jnp.where(mask[..., None], y, -100.0)
+    loss = jax_loss_function(apply, w, x, padded, family=Categorical(), mask=mask)
+    logp = jax.nn.log_softmax(apply(w, x), axis=-1)
+    want = -jnp.sum(jnp.where(mask[..., None], y * logp, 0.0))
+    value = loss.value(jnp.zeros((1, loss.num_params), dtype=w.dtype))[0]
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-12)

@@ -755,3 +755,61 @@ def test_razor_names_the_remedies_for_positions() -> None:
     theta = torch.cat([p.detach().reshape(-1) for p in wide.parameters()])
     with pytest.raises(ValueError, match=r"razor\(method='dense'\).*method='lanczos'"):
         razor(linearize(wide, ids), prior_variance=1.0, labels=labels, theta=theta, method="dense")
+
+
+# ---------------------------------------------------------------------------
+# Soft targets (Categorical): class probabilities, as CrossEntropyLoss takes them
+# ---------------------------------------------------------------------------
+
+
+def test_categorical_soft_targets_against_torch_cross_entropy() -> None:
+    from fisherbound.families import Categorical
+
+    model, x = _seg()  # logits (N, C, H, W) = (2, 3, 3, 4), class axis 1
+    gen = torch.Generator().manual_seed(4)
+    y = torch.softmax(2.0 * _rand(gen, 2, 3, 3, 4), dim=1)  # target distributions
+    y[0, :, 0, 0] = torch.tensor([0.0, 1.0, 0.0], dtype=F64)  # a hard row among them
+    mask = torch.ones(2, 3, 4, dtype=torch.bool)
+    mask[1, 2, :] = False
+    y_padded = y.clone()
+    y_padded[1, :, 2, :] = -100.0  # padding may hold anything
+    names = [n for n, _ in model.named_parameters()]
+    theta = {n: p.detach() for n, p in model.named_parameters()}
+
+    def flat(grads: dict, lead: int = 0) -> torch.Tensor:
+        return torch.cat([grads[n].reshape(*grads[n].shape[:lead], -1) for n in names], dim=lead)
+
+    def soft_ce(params: dict, xs: torch.Tensor, ys: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        z = torch.func.functional_call(model, params, (xs,))
+        return (F.cross_entropy(z, ys, reduction="none") * ms).sum()  # torch's soft CE
+
+    fam = Categorical()
+    loss = loss_function(model, x, y_padded, family=fam, class_axis=1, mask=mask)
+    d = loss.num_params
+    want = soft_ce(theta, x, y, mask)
+    assert float(loss.value(torch.zeros(1, d, dtype=F64))[0]) == pytest.approx(float(want), 1e-13)
+    _close(loss.gradient(), flat(torch.func.grad(soft_ce)(theta, x, y, mask)), 1e-12)
+    v = _rand(gen, d)
+    split = dict(zip(names, torch.split(v, [theta[n].numel() for n in names]), strict=True))
+    tangent = {n: split[n].reshape(theta[n].shape) for n in names}
+    hvp = torch.func.jvp(lambda p: torch.func.grad(soft_ce)(p, x, y, mask), (theta,), (tangent,))
+    _close(loss.hvp(v), flat(hvp[1]), 1e-11)
+    # The empirical Fisher with observed target distributions: Σ_x (∇ℓ_x)², ℓ_x the soft
+    # cross-entropy of example x summed over its counted positions.
+    per = torch.func.vmap(
+        lambda xs, ys, ms: torch.func.grad(soft_ce)(theta, xs[None], ys[None], ms[None])
+    )(x, y, mask)
+    lin = linearize(model, x, class_axis=1, mask=mask)
+    emp = empirical(lin, y_padded, fam)
+    _close(emp.value, (flat(per, lead=1) ** 2).sum(0), 1e-12)
+    # One-hot rows give the same numbers as class indices.
+    hard = torch.argmax(y, dim=1)
+    onehot = F.one_hot(hard, 3).movedim(-1, 1).to(F64)
+    _close(empirical(lin, onehot, fam).value, empirical(lin, hard, fam).value, 1e-13)
+    # Bad target distributions: a clear error naming the argument and the rule.
+    with pytest.raises(ValueError, match=r"rows summing to 1 \(to 0.0001\); got rows"):
+        empirical(lin, y * 0.9, fam)
+    with pytest.raises(ValueError, match=r"target distributions: entries in \[0, 1\]"):
+        loss_function(model, x, y - 0.5, family=fam, class_axis=1)
+    with pytest.raises(ValueError, match=r"must have shape \(2, 3, 4, 3\)"):
+        empirical(lin, y[:, :2], fam)

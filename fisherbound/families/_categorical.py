@@ -61,6 +61,15 @@ def _torch_sqrt_matvec(z: Array, xi: Array, overwrite: bool) -> Array:
     return u.addcmul_(r, s, value=-1.0).mul_(r)
 
 
+#: How far the rows of a target distribution may sum from 1 (absolute).
+SOFT_TARGET_TOLERANCE = 1e-4
+
+
+def _soft(z: Array, y: Array, xp: Any) -> bool:
+    """Whether ``y`` holds target distributions (floating, one axis per axis of z)."""
+    return int(y.ndim) == int(z.ndim) and bool(xp.isdtype(y.dtype, "real floating"))
+
+
 def _looks_like_probabilities(z: Array, xp: Any) -> Array:
     """Every row of ``z`` non-negative and summing to 1 (to 1e-4): a 0-d bool."""
     return xp.all(z >= 0) & xp.all(xp.abs(xp.sum(z, axis=-1) - 1) <= 1e-4)
@@ -92,7 +101,12 @@ class Categorical(Family):
     interlacing the sorted probabilities (p_(i−1) ≤ λ_i ≤ p_(i)), trace
     1 − ‖p‖² and pseudo-determinant C Π p_i. Envelopes (THEORY §1):
     λ_C v_C v_Cᵀ ⪯ I_Δ ⪯ diag(p) and p_(1) P ⪯ I_Δ ⪯ λ_C P with P = I − 11ᵀ/C.
-    Labels are integer class indices in [0, C).
+    Labels are integer class indices in [0, C), or target distributions y of z's
+    shape (..., C) (soft targets, e.g. label smoothing or distillation, as
+    ``CrossEntropyLoss`` takes class probabilities): entries in [0, 1], rows summing
+    to 1 to ``SOFT_TARGET_TOLERANCE`` = 1e-4. Then log p(y | z) = Σ_c y_c log p_c,
+    the soft cross-entropy's negative, and the score is y − p; the metric does not
+    depend on y.
 
     Examples
     --------
@@ -143,6 +157,19 @@ class Categorical(Family):
     def _check_labels(
         self, z: Array, y: Array, xp: Any, names: tuple[str, str] = ("z", "y")
     ) -> None:
+        if _soft(z, y, xp):
+            check_label_array(z, y, kind="real floating", shape=tuple(z.shape), names=names)
+            bad = ~((y >= 0.0) & (y <= 1.0))  # NaN fails both comparisons
+            check_label_support(
+                bad, xp, names[1], "target distributions: entries in [0, 1]",
+                "values outside [0, 1] or NaN",
+            )  # fmt: skip
+            off = xp.abs(xp.sum(y, axis=-1) - 1.0) > SOFT_TARGET_TOLERANCE
+            check_label_support(
+                off, xp, names[1], f"target distributions: rows summing to 1 (to "
+                f"{SOFT_TARGET_TOLERANCE:g})", "rows with another sum",
+            )  # fmt: skip
+            return
         check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]), names=names)
         c = int(z.shape[-1])
         bad = (y < 0) | (y >= c)
@@ -150,10 +177,14 @@ class Categorical(Family):
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
         _, _, logp = log_softmax_parts(z, xp)
+        if _soft(z, y, xp):  # Σ_c y_c log p_c: the soft cross-entropy's negative
+            return xp.sum(xp.astype(y, z.dtype) * logp, axis=-1)
         index = xp.astype(y, xp.int64)[..., None]
         return xp.take_along_axis(logp, index, axis=-1)[..., 0]
 
     def _score(self, z: Array, y: Array, xp: Any) -> Array:
+        if _soft(z, y, xp):  # the gradient of Σ_c y_c log p_c (rows of y sum to 1)
+            return xp.astype(y, z.dtype) - softmax(z, xp)
         return one_hot(y, int(z.shape[-1]), z.dtype, xp) - softmax(z, xp)
 
     def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:

@@ -76,7 +76,8 @@ def check_label_array(
         if not xp.isdtype(y.dtype, "integral"):
             msg = (
                 f"{yn} must be an integer array of class indices; got dtype "
-                f"{y.dtype}. Convert with xp.astype({yn}, xp.int64)."
+                f"{y.dtype}. Convert with xp.astype({yn}, xp.int64) (target "
+                f"distributions, soft targets, have the shape of {zn}: (..., C))."
             )
             raise TypeError(msg)
     elif not xp.isdtype(y.dtype, "real floating"):

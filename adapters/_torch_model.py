@@ -128,8 +128,12 @@ class FunctionModel(nn.Module):
     tensors (swapped in by ``functional_call``) in a dict with the same keys.
     The layers inside ``f`` are not modules, so the fast exact diagonal does not
     see them: every parameter takes the generic per-example path
-    (``fast_path_reasons`` says so). Non-differentiated state (running statistics,
-    frozen weights) is read by ``f`` from its closure. Always in eval mode.
+    (``fast_path_reasons`` says so), and the module checks (BatchNorm or Dropout
+    in training mode, the landscape's kinked modules) cannot see inside ``f``
+    either; only the repeated-forward check of a random output applies.
+    Non-differentiated state (running statistics, frozen weights) is read by
+    ``f`` from its closure. Two keys holding one tensor are two parameters, as
+    for ``functional_call``.
     """
 
     no_fast_rule = _FUNCTION_REASON
@@ -141,16 +145,19 @@ class FunctionModel(nn.Module):
         for key, value in params.items():
             *path, leaf = key.split(".")
             owner: nn.Module = self
-            for part in path:
-                child = owner._modules.get(part)
-                if child is None:
-                    child = _Holder()
-                    owner.add_module(part, child)
-                owner = child
             try:
+                for part in path:
+                    child = owner._modules.get(part)
+                    if child is None:
+                        child = _Holder()
+                        owner.add_module(part, child)
+                    owner = child
                 owner.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=True))
-            except KeyError as err:  # a name torch's Module keeps for itself ("to", "eval")
-                msg = f"params key {key!r} cannot name a parameter: {err.args[0]}"
+            except KeyError as err:  # a name taken: torch's own ("to", "eval") or another key's
+                msg = (
+                    f"params key {key!r} cannot name a parameter: {err.args[0]} (keys may not "
+                    "be torch.nn.Module attributes, nor a prefix of another key)."
+                )
                 raise TypeError(msg) from err
         self.eval()
 
@@ -164,7 +171,8 @@ def resolve_model(model: object, params: object) -> tuple[nn.Module, Any]:
     """(module, params) for the fronts: a module as it is, a function wrapped.
 
     A function ``model`` needs ``params``, a non-empty dict from str keys (no
-    empty dotted segment) to floating tensors; the result selects all of them.
+    empty dotted segment) to floating tensors; the result selects all of them,
+    in the dict's order.
     """
     if isinstance(model, nn.Module) or not callable(model):
         if isinstance(params, Mapping):
@@ -199,7 +207,7 @@ def resolve_model(model: object, params: object) -> tuple[nn.Module, Any]:
                 f"model; params[{key!r}] is {what}."
             )
             raise TypeError(msg)
-    return FunctionModel(model, params), None
+    return FunctionModel(model, params), list(params)  # θ in the dict's order
 
 
 class Inputs(NamedTuple):

@@ -637,7 +637,8 @@ def loss_function(
     mask
         As in ``linearize``: None, a boolean (N, ∗S) array, a key of dict inputs
         or a callable ``mask(inputs)``; False positions add nothing to the loss
-        (their labels may hold anything: they are replaced by 0).
+        (their labels may hold anything: they are replaced by a valid placeholder,
+        0 or 1/C for label rows).
     ignore_index
         For integer labels: positions whose label equals it are not counted
         (their label is replaced by 0 before the family sees it); default -100

@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fisherbound._finite import check_outputs
-from fisherbound._lib import array_namespace, check_positive_int
+from fisherbound._lib import array_namespace, check_positive_int, is_traced
 from fisherbound.adapters._torch_loss import TorchLossFunction, loss_function, loss_functions
 from fisherbound.adapters._torch_model import (
     FunctionalModel,
@@ -139,7 +139,8 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         self._mask = resolve_mask(mask, inputs if raw_inputs is None else raw_inputs, logits)
         self._cot_mask = None if self._mask is None else self._mask.unsqueeze(-1)
         # The flat indices of the masked positions, for the CPU's cheap test below.
-        self._masked_rows = None if self._mask is None else (~self._mask).flatten().nonzero()[:, 0]
+        cpu = self._mask is not None and self._mask.device.type == "cpu"
+        self._masked_rows = (~self._mask).flatten().nonzero()[:, 0] if cpu else None
         self._xp = array_namespace(self._logits, names=("model output",))
         n = int(self._logits.shape[0])
         self._per_example_mode = "vmap" if inputs.leading == n else "masked"
@@ -183,7 +184,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         if self._cot_mask is None:
             return u
         rows = self._masked_rows
-        if u.device.type == "cpu" and u.is_contiguous() and rows is not None:
+        if rows is not None and u.device.type == "cpu" and u.is_contiguous() and not is_traced(u):
             flat = u.reshape(*u.shape[: u.ndim - self._cot_mask.ndim], -1, u.shape[-1])
             if not bool(flat.index_select(-2, rows).any()):
                 return u

@@ -121,8 +121,9 @@ def check_parameter_vector(xp: Any, op: Any, v: Any, name: str) -> Array:
 def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:
     """One validated label array per batch, (N_b, ∗S) or (N_b, ∗S, C).
 
-    The labels of masked positions (``lin.mask``) are replaced by 0 before the
-    family's check, so they may hold anything (e.g. −100).
+    The labels of masked positions (``lin.mask``) are replaced by a valid
+    placeholder (0, or 1/C for label rows) before the family's check, so they may
+    hold anything (e.g. −100).
     """
     sizes = [int(lin.logits.shape[0]) for lin in lins]
     if is_array(labels):
@@ -158,7 +159,7 @@ def split_labels(family: Family, lins: list[Any], labels: Any) -> list[Array]:
 
 
 def _check_labels(family: Family, lin: Any, y: Any, index: int) -> Array:
-    """The family's label check, its message prefixed with the batch; masked labels → 0."""
+    """The family's label check, its message prefixed with the batch; masked labels replaced."""
     if not is_array(y):
         msg = (
             f"labels of batch {index} must be an array; got "

@@ -688,7 +688,8 @@ class LossFunctionBase(_FrozenBase):
     family = ReadOnly[Any]("The output family whose log-likelihood defines the loss.")
     labels = ReadOnly[Array](
         "The labels y of the batch in the logits' layout: class indices (N, ∗S) or "
-        "targets (N, ∗S, C); the labels of masked positions replaced by 0."
+        "targets (N, ∗S, C); the labels of masked positions replaced by a valid "
+        "placeholder (0, or 1/C for label rows)."
     )
     logits = ReadOnly[Array]("The logits z (N, ∗S, C) at θ, classes last.")
     mask = ReadOnly["Array | None"](

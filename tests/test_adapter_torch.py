@@ -1073,9 +1073,9 @@ def test_bernoulli_soft_targets_against_torch_func() -> None:
     assert float(trace.value) == pytest.approx(float((flat(per, lead=1) ** 2).sum()), rel=1e-12)
     # Bad soft targets are refused, naming the argument and the range.
     for bad in (1.5, -0.1, float("nan")):
-        with pytest.raises(ValueError, match=r"must hold targets in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"must hold values in \[0, 1\]"):
             loss_function(model, x, torch.full_like(y, bad), family=Bernoulli())
-        with pytest.raises(ValueError, match=r"must hold targets in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"must hold values in \[0, 1\]"):
             empirical(lin, torch.full_like(y, bad), Bernoulli())
 
 
@@ -1154,6 +1154,20 @@ def test_function_model_equals_its_module() -> None:
     torch.testing.assert_close(streamed, fisher_diagonal(ref), rtol=1e-13, atol=1e-15)
     assert [ls.num_inputs for ls in loss_functions(f, data, params=theta)] == [3, 2]
     assert all(torch.equal(theta[k], module.state_dict()[k]) for k in theta)  # not changed
+    # θ follows the dict's order, dotted keys or not: flat vectors line up with it.
+    mixed = {"2.bias": theta["2.bias"], "0.weight": theta["0.weight"], "w": theta["2.weight"]}
+    mixed["0.bias"] = theta["0.bias"]
+
+    def h(p: dict, xs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(F.linear(xs, p["0.weight"], p["0.bias"]))
+        return F.linear(hidden, p["w"], p["2.bias"]) * scale
+
+    lin_mixed = linearize(h, x, params=mixed)
+    assert [b.name for b in lin_mixed.blocks] == list(mixed)
+    # J θ for θ itself, flattened in each linearization's own order: the same vector.
+    flat_mixed = torch.cat([t.reshape(-1) for t in mixed.values()])
+    flat_ref = torch.cat([t.reshape(-1) for t in theta.values()])
+    torch.testing.assert_close(lin_mixed.jvp(flat_mixed), ref.jvp(flat_ref), rtol=1e-13, atol=0)
 
 
 def test_function_model_bad_params() -> None:
@@ -1173,6 +1187,10 @@ def test_function_model_bad_params() -> None:
         linearize(f, x, params={"a..w": torch.ones(2, 3)})
     with pytest.raises(TypeError, match=r"params key 'to' cannot name a parameter"):
         linearize(f, x, params={"to": torch.ones(2, 3)})
+    with pytest.raises(TypeError, match=r"params key 'to.w' cannot name a parameter"):
+        linearize(f, x, params={"to.w": torch.ones(2, 3)})
+    with pytest.raises(TypeError, match=r"params key 'a.w' .* nor a prefix of another key"):
+        linearize(f, x, params={"a": torch.ones(2, 3), "a.w": torch.ones(2, 3)})
     with pytest.raises(TypeError, match=r"for a torch.nn.Module; got a dict"):
         linearize(nn.Linear(2, 3), x, params={"weight": torch.ones(3, 2)})
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, or a function"):

@@ -786,7 +786,7 @@ def test_bad_arrays(eager_backend) -> None:
         razor(lin, labels=y, theta=xp.astype(theta, xp.int64), **kw)
     targets = eager_backend.asarray(np.full((3, 3), 0.5))
     with pytest.raises(
-        ValueError, match=r"logits of batch 0 .*: labels must hold targets in \[0, 1\]"
+        ValueError, match=r"logits of batch 0 .*: labels must hold values in \[0, 1\]"
     ):
         razor(lin, Bernoulli(), labels=targets * 3, theta=theta, **kw)
     with pytest.raises(ValueError, match=r"logits of batch 0 .*: labels must have shape \(3, 3\)"):

@@ -380,6 +380,18 @@ def test_sqrt_metric_matvec_overwrite(backend) -> None:
         if backend.name.startswith("torch"):  # written into ξ's buffer, or a new array
             assert (got.data_ptr() == xi.data_ptr()) is overwrite
 
+    if backend.name == "torch":  # under torch.func.vmap: out of place, the same values
+        import torch
+
+        xi0 = backend.asarray(xi_np[0])  # (N, C): ξ batched with z, or z batched alone
+        batched = torch.func.vmap(CAT.sqrt_metric_matvec)(z, xi0)
+        assert_close(batched, want[0], rtol=1e-13, atol=1e-15, like=backend)
+        row = torch.func.vmap(lambda zz: CAT.sqrt_metric_matvec(zz, xi0[0]))(z[:1])
+        assert_close(row, want[0, :1], rtol=1e-13, atol=1e-15, like=backend)
+        expanded = backend.asarray(xi_np[0]).expand(3, 4, 6)  # stride 0: copied, not written
+        got = CAT.unchecked_sqrt_metric_matvec(z, expanded, xp=xp, overwrite=True)
+        assert_close(got, want[0:1].repeat(3, 0), rtol=1e-13, atol=1e-15, like=backend)
+
     class Doubled(Categorical):  # a subclass's own factor is used, overwrite or not
         def _exact_sqrt_matvec(self, z, xi, xp):  # type: ignore[no-untyped-def]
             return 2.0 * super()._exact_sqrt_matvec(z, xi, xp)
@@ -736,7 +748,7 @@ def test_bad_labels(backend) -> None:
     with pytest.raises(ValueError, match=r"y must have shape \(2,\) to match z"):
         CAT.score(z, backend.asarray(np.array([0, 1, 2]), dtype="int64"))
     for bad in (1.5, -0.25, np.nan):  # soft targets in [0, 1] are labels, these are not
-        with pytest.raises(ValueError, match=r"y must hold targets in \[0, 1\] .*; got values"):
+        with pytest.raises(ValueError, match=r"y must hold values in \[0, 1\] .*; got values"):
             Bernoulli().log_likelihood(z, backend.asarray(np.full((2, 3), bad)))
     with pytest.raises(TypeError, match="y must have a real floating-point dtype"):
         Bernoulli().score(z, backend.asarray(np.ones((2, 3)), dtype="int64"))
@@ -752,7 +764,7 @@ def test_bad_labels(backend) -> None:
         CAT.check_labels(z, backend.asarray(np.array([0.0, 1.0])), **named)
     with pytest.raises(ValueError, match=r"targets must have shape \(2, 3\) to match logits of"):
         Bernoulli().check_labels(z, backend.asarray(np.ones(3)), **named)
-    with pytest.raises(ValueError, match=r"targets must hold targets in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"targets must hold values in \[0, 1\]"):
         Bernoulli().check_labels(z, backend.asarray(np.full((2, 3), 1.5)), **named)
     with pytest.raises(ValueError, match="targets must be finite"):
         Gaussian().check_labels(z, backend.asarray(np.array([[0.0, np.nan, 0.0]] * 2)), **named)

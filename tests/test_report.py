@@ -497,7 +497,10 @@ def seq_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     np.savez(folder / "big_label.npz", x=ids, y=np.where(np.arange(SEQ_T) == 1, 9, y), mask=mask)
     np.savez(folder / "both_inputs.npz", x=ids, x_input_ids=ids, y=y)
     np.savez(folder / "ragged.npz", x_input_ids=ids, x_attention_mask=mask[:3], y=y)
-    return {"dir": folder, "ids": ids, "mask": mask, "y": y}
+    soft = rng.dirichlet(np.ones(SEQ_C), size=(SEQ_N, SEQ_T))  # target distributions
+    np.savez(folder / "soft.npz", x=ids, y=np.where(mask[..., None], soft, -100.0), mask=mask)
+    np.savez(folder / "soft_bad.npz", x=ids, y=soft * 0.9, mask=mask)
+    return {"dir": folder, "ids": ids, "mask": mask, "y": y, "soft": soft}
 
 
 def run_seq(seq: dict[str, Any], factory: str, data: str, *extra: str) -> dict[str, Any]:
@@ -614,6 +617,32 @@ def test_sequence_report_numbers_against_direct_computations(
     # The accuracy is over the counted positions.
     right = (z.argmax(-1) == y)[counted]
     assert seq_report["analysed"]["accuracy"] == pytest.approx(float(right.double().mean()))
+
+
+def test_sequence_report_with_soft_targets(seq_files: dict[str, Any], capsys: Any) -> None:
+    # --soft-targets: DATA's labels are target distributions (N, T, C); padding holds -100.
+    from torch.nn import functional as F
+
+    report = run_seq(seq_files, "make_model", "soft", "--soft-targets")
+    mask = torch.as_tensor(seq_files["mask"])
+    assert report["analysed"]["positions"]["counted"] == int(mask.sum())  # 18: no ignore index
+    for key in ("fisher_diagonal", "estimators", "landscape"):
+        assert "not_run" not in report[key], report[key]
+    model = _seq_model(seq_files)
+    with torch.no_grad():
+        z = model(torch.as_tensor(seq_files["ids"]))
+    soft = torch.as_tensor(seq_files["soft"])
+    ce = F.cross_entropy(z.transpose(1, 2), soft.transpose(1, 2), reduction="none")[mask].mean()
+    at_theta = report["landscape"]["random_plane"]["surface"]["loss_at_theta"]
+    assert at_theta == pytest.approx(float(ce), rel=1e-10)  # the mean soft cross-entropy
+    right = (z.argmax(-1) == soft.argmax(-1))[mask]
+    assert report["analysed"]["accuracy"] == pytest.approx(float(right.double().mean()))
+    folder = seq_files["dir"]
+    argv = ["report", f"{folder / 'seq.py'}:make_model", str(folder / "soft_bad.npz")]
+    err = error_of([*argv, "--soft-targets", "--out", str(folder / "out-soft-bad")], capsys)
+    assert "--soft-targets: y must hold target distributions: rows summing to 1" in err
+    err = error_of([*argv, "--soft-targets", "--family", "bernoulli"], capsys)
+    assert "--soft-targets is for the categorical family" in err
 
 
 def test_keyword_inputs_dict_output_and_class_axis(

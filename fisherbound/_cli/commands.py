@@ -237,16 +237,30 @@ def report_dataset(args: argparse.Namespace) -> tuple[Data, int]:
 
 
 def label_positions(args: argparse.Namespace, labels: Any) -> tuple[Any, tuple[int, ...]]:
-    """The labels, class axis last (Bernoulli), and S, the position axes they ask for."""
+    """The labels, class axis last (rows), and S, the position axes they ask for.
+
+    Rows (N, ∗S, C): Bernoulli labels, and categorical target distributions
+    (``--soft-targets``, made floating here); else categorical class indices (N, ∗S).
+    """
     import numpy as np
 
-    if args.family == "categorical":
+    soft = getattr(args, "soft_targets", False)
+    if soft and args.family != "categorical":
+        msg = (
+            "--soft-targets is for the categorical family; Bernoulli labels may be soft "
+            "already (rows in [0, 1])."
+        )
+        raise UsageError(msg)
+    if args.family == "categorical" and not soft:
         return labels, tuple(int(s) for s in labels.shape[1:])
+    if soft:
+        labels = np.asarray(labels, dtype=np.float64)
     if labels.ndim < 3:  # rows (N, C): no positions (checked against the logits later)
         return labels, ()
+    kind = "target distributions" if soft else "Bernoulli labels"
     if not -labels.ndim <= args.class_axis < labels.ndim or args.class_axis % labels.ndim == 0:
         msg = (
-            f"--class-axis {args.class_axis} is not an axis of the Bernoulli labels of shape "
+            f"--class-axis {args.class_axis} is not an axis of the {kind} of shape "
             f"{labels.shape} other than 0 (labels have the model output's layout)."
         )
         raise UsageError(msg)
@@ -269,7 +283,8 @@ def check_positions(
         )
         raise UsageError(msg)
     keep = np.ones((n, *positions), dtype=bool) if mask is None else mask
-    ignoring = args.family == "categorical" and args.ignore_index is not None and positions
+    indices = args.family == "categorical" and not getattr(args, "soft_targets", False)
+    ignoring = indices and args.ignore_index is not None and positions
     if ignoring:
         keep = keep & (labels != args.ignore_index)
     if not np.any(keep):
@@ -285,6 +300,8 @@ def check_positions(
 
 def report(args: argparse.Namespace) -> int:
     """``fisherbound report MODEL DATA``: the analysis of the user's model and data."""
+    import numpy as np
+
     require("torch", "torch", "torch")
     require("matplotlib", "matplotlib", "demo")
     settings = settings_from(args)
@@ -308,19 +325,22 @@ def report(args: argparse.Namespace) -> int:
         output=args.output,
         class_axis=args.class_axis,
     )
-    ignore_index = args.ignore_index if positions else None
+    soft = bool(getattr(args, "soft_targets", False))
+    ignore_index = args.ignore_index if positions and not soft else None
     check_outputs(
         model,
         subject,
         x,
         y,
-        args.family,
+        "soft" if soft else args.family,
         output=args.output,
         class_axis=args.class_axis,
         positions=positions,
         mask=data.mask,
         ignore_index=ignore_index,
     )
+    if args.family == "categorical" and not soft:
+        y = np.asarray(y).astype(np.int64)  # class indices (integral floats were checked)
     n = data.num_rows
     description = f"{args.data} (keys {data.keys}): the first {n} of {total} inputs"
     if data.mask_key is not None and data.mask_key != MASK_KEY:

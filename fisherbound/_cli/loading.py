@@ -357,11 +357,15 @@ def check_outputs(
     ``positions`` is S, the position axes the labels ask for (``()``: logits
     (N, C)); the logits are then (N, ∗S, C) once ``output`` has picked them from
     the model's output and ``class_axis`` has been moved last. Labels of the
-    Bernoulli family have their class axis last here (as the logits).
+    Bernoulli family have their class axis last here (as the logits). ``family``:
+    ``"categorical"`` (class indices), ``"soft"`` (categorical target
+    distributions, ``--soft-targets``) or ``"bernoulli"``.
     """
     logits = model_logits(model, subject, x, Layout(output, class_axis, positions))
     if family == "categorical":
         check_categorical(logits, y, positions=positions, mask=mask, ignore_index=ignore_index)
+    elif family == "soft":
+        check_target_distributions(logits, y, mask=mask)
     else:
         check_bernoulli(logits, y)
 
@@ -489,17 +493,7 @@ def check_categorical(
     """
     import numpy as np
 
-    c = int(zh.shape[-1])
-    if c < 2:
-        msg = (
-            f"the categorical family needs C >= 2 outputs; the model has C = {c}. For one "
-            "binary output use --family bernoulli."
-        )
-        raise UsageError(msg)
-    try:  # the library's own rule (Categorical refuses softmax probabilities)
-        Categorical()._check_outputs(np.asarray(zh), np, "the model's outputs")
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    c = check_categorical_logits(zh)
     labels = np.asarray(y)
     if not positions and labels.ndim != 1:
         msg = (
@@ -537,6 +531,46 @@ def check_categorical(
         f"outputs{also}; got {int(np.sum(wrong))} outside, e.g. values {values} at {where}."
     )
     raise UsageError(msg)
+
+
+def check_categorical_logits(zh: Any) -> int:
+    """C >= 2 logits, not softmax probabilities (the library's rule); returns C."""
+    import numpy as np
+
+    c = int(zh.shape[-1])
+    if c < 2:
+        msg = (
+            f"the categorical family needs C >= 2 outputs; the model has C = {c}. For one "
+            "binary output use --family bernoulli."
+        )
+        raise UsageError(msg)
+    try:  # the library's own rule (Categorical refuses softmax probabilities)
+        Categorical()._check_outputs(np.asarray(zh), np, "the model's outputs")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return c
+
+
+def check_target_distributions(zh: Any, y: Any, *, mask: Any = None) -> None:
+    """Categorical target distributions of the logits' shape; masked rows are not read."""
+    import numpy as np
+
+    check_categorical_logits(zh)
+    targets = np.asarray(y, dtype=np.float64)
+    if targets.shape != zh.shape:
+        msg = (
+            f"--soft-targets: the target distributions must have the logits' shape "
+            f"{zh.shape} (class axis last, as --class-axis says for the model's output); got "
+            f"shape {targets.shape}."
+        )
+        raise UsageError(msg)
+    if mask is not None:
+        targets = np.where(np.asarray(mask)[..., None] != 0, targets, 1.0 / targets.shape[-1])
+    try:  # the library's own rule: entries in [0, 1], rows summing to 1
+        Categorical().check_labels(np.asarray(zh, dtype=np.float64), targets)
+    except ValueError as err:
+        msg = f"--soft-targets: {err}"
+        raise UsageError(msg) from err
 
 
 def check_bernoulli(zh: Any, y: Any) -> None:

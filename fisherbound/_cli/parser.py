@@ -53,7 +53,8 @@ REPORT_DESCRIPTION = (
     "file: use only files you trust (a Python factory executes your code, too). "
     "DATA is an .npz file (numpy.savez) with the inputs and labels under the keys "
     "x and y (or inputs and labels): class indices (N,) for the categorical "
-    "family, 0/1 rows (N, C) for the Bernoulli family. The model is put in eval "
+    "family (target distributions (N, C) with --soft-targets), rows in [0, 1] "
+    "(N, C) for the Bernoulli family. The model is put in eval "
     "mode and must return logits (N, C) (log-softmax outputs are fine, "
     "probabilities are not). Models whose logits have position axes (a token "
     "classifier or language model (N, T, C); segmentation (N, C, H, W) with "
@@ -309,6 +310,13 @@ def add_report(sub: Any) -> None:
         default="categorical",
         help="output family: categorical (softmax over C classes, default) or bernoulli "
         "(C independent sigmoids, multi-label)",
+    )
+    report.add_argument(
+        "--soft-targets",
+        action="store_true",
+        help="categorical family: DATA's labels are target distributions (N, C) or "
+        "(N, *S, C) in the model output's layout (rows in [0, 1] summing to 1, e.g. "
+        "label-smoothed or a teacher's probabilities), not class indices",
     )
     report.add_argument(
         "--params",

@@ -29,7 +29,14 @@ from typing import Any
 from fisherbound._report.diagonal import compare_estimators, diagonal_estimate, diagonal_numbers
 from fisherbound._report.hoststats import host, interval
 from fisherbound._report.landscape import landscape as landscape_numbers
-from fisherbound._report.positions import REFUSALS, Positions, count, counted_rows, not_run
+from fisherbound._report.positions import (
+    REFUSALS,
+    Positions,
+    count,
+    counted_rows,
+    label_rows,
+    not_run,
+)
 from fisherbound._report.settings import Analysis, Settings
 from fisherbound._report.spectrum import core_space, density, dimension, top_spectrum
 from fisherbound._report.subjects import Subject
@@ -71,9 +78,10 @@ def analyse(
         ``jax_subject``).
     inputs, labels
         Host (NumPy) arrays: the N analysed inputs (or a dict of them: keyword
-        inputs) and their labels: class indices (N,) or (N, ∗S) for the
-        categorical family, {0, 1} rows (N, C) or (N, ∗S, C) (class axis last)
-        for the Bernoulli family. Labels with position axes S analyse a model
+        inputs) and their labels: integer class indices (N,) or (N, ∗S), or
+        floating target distributions (N, C) or (N, ∗S, C), for the categorical
+        family; rows in [0, 1] (N, C) or (N, ∗S, C) for the Bernoulli family (class
+        axis last). Labels with position axes S analyse a model
         whose logits are (N, ∗S, C).
     mask
         None (every position counts) or a host boolean / 0-1 array (N, ∗S): the
@@ -173,7 +181,9 @@ def analysed(
     from fisherbound.families import Categorical
 
     host_labels = np.asarray(labels)
-    if isinstance(fam, Categorical):
+    if isinstance(fam, Categorical) and label_rows(fam, host_labels):  # the target's mode
+        right = np.argmax(logits, axis=-1) == np.argmax(host_labels, axis=-1)
+    elif isinstance(fam, Categorical):
         right = np.argmax(logits, axis=-1) == host_labels
     else:  # the fraction of right entries (sigmoids)
         right = (logits > 0) == (host_labels > 0.5)

@@ -77,14 +77,27 @@ class Positions:
         }
 
 
-def position_shape(family: Any, labels: Any) -> tuple[int, ...]:
-    """S from the labels: (N, ∗S) class indices, or (N, ∗S, C) rows (class axis last)."""
+def label_rows(family: Any, labels: Any) -> bool:
+    """Whether ``labels`` are rows (N, ∗S, C), not class indices (N, ∗S).
+
+    Rows: every non-categorical family, and categorical target distributions
+    (soft targets), which are floating; categorical class indices are integers.
+    """
     import numpy as np
 
     from fisherbound.families import Categorical
 
+    return not isinstance(family, Categorical) or np.issubdtype(
+        np.asarray(labels).dtype, np.floating
+    )
+
+
+def position_shape(family: Any, labels: Any) -> tuple[int, ...]:
+    """S from the labels: (N, ∗S) class indices, or (N, ∗S, C) rows (class axis last)."""
+    import numpy as np
+
     shape = tuple(int(s) for s in np.shape(labels))
-    return shape[1:] if isinstance(family, Categorical) else shape[1:-1]
+    return shape[1:-1] if label_rows(family, labels) else shape[1:]
 
 
 def count(
@@ -92,19 +105,18 @@ def count(
 ) -> tuple[Positions | None, Any]:
     """The positions of the batch (None: no position axes, no mask) and the clean labels.
 
-    ``labels`` and ``mask`` are host arrays: class indices (N, ∗S) (categorical) or
-    rows (N, ∗S, C), and None or a boolean / 0-1 array (N, ∗S). ``ignore_index``
-    applies to class indices only. A batch with no counted position is a
-    ValueError.
+    ``labels`` and ``mask`` are host arrays: class indices (N, ∗S) (categorical,
+    integers) or rows (N, ∗S, C) (``label_rows``), and None or a boolean / 0-1
+    array (N, ∗S). ``ignore_index`` applies to class indices only. The labels of
+    positions that do not count become a valid placeholder (0, or 1/C for rows).
+    A batch with no counted position is a ValueError.
     """
     import numpy as np
 
-    from fisherbound.families import Categorical
-
     y = np.asarray(labels)
     shape = position_shape(family, y)
-    categorical = isinstance(family, Categorical)
-    ignoring = categorical and ignore_index is not None and shape != ()
+    indices = not label_rows(family, y)
+    ignoring = indices and ignore_index is not None and shape != ()
     if mask is None and shape == () and not ignoring:
         return None, y
     n = int(y.shape[0])
@@ -122,8 +134,10 @@ def count(
             f"the {total} positions."
         )
         raise ValueError(msg)
-    if categorical:
+    if indices:
         y = np.where(counted, y, 0).astype(y.dtype)
+    else:
+        y = np.where(counted[..., None], y, 1.0 / int(y.shape[-1])).astype(y.dtype)
     info = Positions(
         shape=shape,
         per_example=int(np.prod(shape, dtype=np.int64)),

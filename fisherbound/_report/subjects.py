@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fisherbound._report.positions import label_rows
+
 Array = Any
 
 
@@ -135,14 +137,15 @@ def torch_subject(
 
     def labels(a: Any) -> Any:
         t = torch.as_tensor(np.asarray(a))
-        t = t.to(torch.int64) if categorical else t.to(dtype)
+        t = t.to(dtype) if label_rows(fam, a) else t.to(torch.int64)
         return t.to(device)
 
     def linearize(x: Any, mask: Any = None) -> Any:
         return adapter.linearize(model, x, mask=mask, **options)
 
     def loss_function(x: Any, y: Any, reduction: str, mask: Any = None) -> Any:
-        if not categorical and class_axis not in (-1, y.ndim - 1):
+        rows = not categorical or y.is_floating_point()
+        if rows and class_axis not in (-1, y.ndim - 1):
             y = torch.movedim(y, -1, class_axis)  # the model output's layout
         return adapter.loss_function(
             model, x, y, family=fam, reduction=reduction, mask=mask, ignore_index=None, **options
@@ -182,7 +185,7 @@ def jax_subject(
 
     def labels(a: Any) -> Any:
         host = np.asarray(a)
-        return jnp.asarray(host) if isinstance(fam, Categorical) else jnp.asarray(host, dtype)
+        return jnp.asarray(host, dtype) if label_rows(fam, host) else jnp.asarray(host)
 
     def linearize(x: Any, mask: Any = None) -> Any:
         if mask is None:

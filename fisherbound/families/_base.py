@@ -431,7 +431,7 @@ class Family:
         return self._metric_matvec(z, v, kernel, xp)
 
     def unchecked_sqrt_metric_matvec(
-        self, z: Array, xi: Array, /, *, kernel: str = "exact", xp: Any, overwrite: bool = False
+        self, z: Array, xi: Array, /, *, kernel: str = "exact", overwrite: bool = False, xp: Any
     ) -> Array:
         """``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: B(z) ξ, (..., C).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import device_of, is_torch_namespace, log_softmax, uniform
+from fisherbound._lib import device_of, is_torch_namespace, is_traced, log_softmax, uniform
 from fisherbound.families._base import Family, _diag, one_hot
 from fisherbound.families._checks import check_label_array, check_label_support
 from fisherbound.families._secular import secular_roots
@@ -32,13 +32,18 @@ def _probabilities_and_roots(z: Array, xp: Any) -> tuple[Array, Array]:
 
 
 def _in_place_ok(z: Array, xi: Array, xp: Any) -> bool:
-    """Whether z and ξ are torch arrays of one dtype, no autograd, ξ of the result's shape."""
+    """Whether z and ξ are plain torch arrays of one dtype, ξ of the result's shape.
+
+    Plain: no autograd graph and not wrapped by a ``torch.func`` transform (vmap's
+    batched tensors cannot be written in place from an unbatched one).
+    """
     if not is_torch_namespace(xp):
         return False
     import torch  # only reached with torch arrays
 
     return (
         not (z.requires_grad or xi.requires_grad)
+        and not (is_traced(z) or is_traced(xi))  # torch.func transforms: out of place
         and z.dtype == xi.dtype
         and torch.broadcast_shapes(z.shape, xi.shape) == xi.shape
     )
@@ -57,7 +62,8 @@ def _torch_sqrt_matvec(z: Array, xi: Array, overwrite: bool) -> Array:
 
     r = torch.log_softmax(z, dim=-1).mul_(0.5).exp_()
     s = torch.einsum("...c,...c->...", r, xi).unsqueeze(-1)
-    u = xi if overwrite else xi.clone()
+    # An expanded ξ (stride 0) shares memory between entries: write into a copy.
+    u = xi if overwrite and 0 not in xi.stride() else xi.clone()
     return u.addcmul_(r, s, value=-1.0).mul_(r)
 
 
@@ -105,8 +111,9 @@ class Categorical(Family):
     shape (..., C) (soft targets, e.g. label smoothing or distillation, as
     ``CrossEntropyLoss`` takes class probabilities): entries in [0, 1], rows summing
     to 1 to ``SOFT_TARGET_TOLERANCE`` = 1e-4. Then log p(y | z) = Σ_c y_c log p_c,
-    the soft cross-entropy's negative, and the score is y − p; the metric does not
-    depend on y.
+    the soft cross-entropy's negative, and the score its gradient
+    y − (Σ_c y_c) p, which is y − p for a distribution; the metric does not depend
+    on y.
 
     Examples
     --------
@@ -183,8 +190,9 @@ class Categorical(Family):
         return xp.take_along_axis(logp, index, axis=-1)[..., 0]
 
     def _score(self, z: Array, y: Array, xp: Any) -> Array:
-        if _soft(z, y, xp):  # the gradient of Σ_c y_c log p_c (rows of y sum to 1)
-            return xp.astype(y, z.dtype) - softmax(z, xp)
+        if _soft(z, y, xp):  # the gradient of Σ_c y_c log p_c: y − (Σ_c y_c) p
+            t = xp.astype(y, z.dtype)
+            return t - xp.sum(t, axis=-1, keepdims=True) * softmax(z, xp)
         return one_hot(y, int(z.shape[-1]), z.dtype, xp) - softmax(z, xp)
 
     def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:
@@ -224,8 +232,12 @@ class Categorical(Family):
         return rxi - p * xp.sum(rxi, axis=-1, keepdims=True)
 
     def _exact_sqrt_matvec_into(self, z: Array, xi: Array, xp: Any) -> Array | None:
-        # Only where _exact_sqrt_matvec is this class's own (a subclass may change it).
-        own = type(self)._exact_sqrt_matvec is Categorical._exact_sqrt_matvec
+        # Only where the factor is this class's own (a subclass may change it).
+        cls = type(self)
+        own = (
+            cls._exact_sqrt_matvec is Categorical._exact_sqrt_matvec
+            and cls._sqrt_metric_matvec is Categorical._sqrt_metric_matvec
+        )
         if own and _in_place_ok(z, xi, xp):
             return _torch_sqrt_matvec(z, xi, overwrite=True)
         return None

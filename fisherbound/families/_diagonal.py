@@ -86,7 +86,7 @@ class Bernoulli(_DiagonalFamily):
             bad,
             xp,
             names[1],
-            "targets in [0, 1] (binary labels 0.0 / 1.0 or soft targets)",
+            "values in [0, 1] (binary labels 0.0 / 1.0 or soft targets)",
             "values outside [0, 1] or NaN",
         )
 

@@ -66,6 +66,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._accumulator import Accumulator, ProbeMoments, SampleSum, moments_of_samples
+from fisherbound._finite import is_host_device
 from fisherbound._lib import (
     DISTRIBUTIONS,
     REDUCTIONS,
@@ -325,14 +326,15 @@ def _cotangents(
 
 
 def _host_mask(lin: Any) -> Any:
-    """The linearization's mask (N, ∗S) on the host, or None (none, or traced).
+    """The linearization's mask (N, ∗S) on the host, or None (none, traced, or on a GPU).
 
     Probe rows of masked positions are drawn as zeros, so the cotangents are zero
-    there already and the adapter need not mask them (one pass less over arrays
-    of the logits' size); the products ignore those rows either way.
+    there already and the adapter need not mask them on the CPU (one pass less
+    over arrays of the logits' size); the products ignore those rows either way.
+    On an accelerator the masking pass is cheap and a device-to-host copy is not.
     """
     mask = getattr(lin, "mask", None)
-    if mask is None or is_traced(mask):
+    if mask is None or is_traced(mask) or not is_host_device(mask):
         return None
     return to_host(mask).astype(bool, copy=False)
 

@@ -431,6 +431,8 @@ def test_categorical_target_distributions(backend) -> None:
         CAT.score(z, backend.asarray(y_np[..., :2]))
     with pytest.raises(TypeError, match="target distributions, soft targets, have the shape"):
         CAT.score(z, backend.asarray(np.zeros((2, 4))))
+    with pytest.raises(TypeError, match=r"target distributions must be floating .* class indices"):
+        CAT.score(z, backend.asarray(np.eye(3)[np.zeros((2, 4), dtype=int)], dtype="int64"))
 
 
 def test_score_has_mean_zero_and_covariance_metric(backend) -> None:

@@ -491,3 +491,10 @@ def test_categorical_soft_targets_jax_loss_with_padding() -> None:
     want = -jnp.sum(jnp.where(mask[..., None], y * logp, 0.0))
     value = loss.value(jnp.zeros((1, loss.num_params), dtype=w.dtype))[0]
     np.testing.assert_allclose(float(value), float(want), rtol=1e-12)
+
+    def by_hand(params):  # the same loss, differentiated by JAX itself
+        logq = jax.nn.log_softmax(apply(params, x), axis=-1)
+        return -jnp.sum(jnp.where(mask[..., None], y * logq, 0.0))
+
+    grad = jax.grad(by_hand)(w).reshape(-1)
+    np.testing.assert_allclose(np.asarray(loss.gradient()), np.asarray(grad), rtol=1e-12)

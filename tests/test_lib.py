@@ -9,6 +9,7 @@ import pytest
 from _assertions import assert_close
 
 from fisherbound._lib import (
+    RankedGenerator,
     array_namespace,
     as_generator,
     check_choice,
@@ -62,6 +63,20 @@ def test_probes_keep_zeroes_the_dropped_rows_of_the_same_draw() -> None:
         keep=keep,
     )
     np.testing.assert_array_equal(kept, np.where(keep[None, :, :, None], full, 0.0))
+    # No position axes, (M, N, R) with keep (N,); and a RankedGenerator's (world, M, N, R)
+    # draw of which this device keeps its own.
+    rows = np.array([True, False, True])
+    flat = probes(as_generator(4), (2, 3, 5), distribution="rademacher", xp=np, dtype=np.float64,
+                  device=None)  # fmt: skip
+    got = probes(as_generator(4), (2, 3, 5), distribution="rademacher", xp=np, dtype=np.float64,
+                 device=None, keep=rows)  # fmt: skip
+    np.testing.assert_array_equal(got, np.where(rows[None, :, None], flat, 0.0))
+    world = probes(as_generator(6), (2, 2, 3, 5), distribution="rademacher", xp=np,
+                   dtype=np.float64, device=None)  # fmt: skip
+    ranked = RankedGenerator(np.random.default_rng(6), 2, lambda a: a[1])
+    mine = probes(ranked, (2, 3, 5), distribution="rademacher", xp=np, dtype=np.float64,
+                  device=None, keep=rows)  # fmt: skip
+    np.testing.assert_array_equal(mine, np.where(rows[None, :, None], world[1], 0.0))
     # Many draws: the signs are balanced (mean 0, standard deviation 1/sqrt(n) = 0.001).
     many = probes(
         as_generator(0), (10**6,), distribution="rademacher", xp=np, dtype=np.float64, device=None

@@ -177,6 +177,15 @@ class Categorical(Family):
                 f"{SOFT_TARGET_TOLERANCE:g})", "rows with another sum",
             )  # fmt: skip
             return
+        if tuple(y.shape) == tuple(z.shape) and int(z.ndim) >= 1:
+            zn, yn = names
+            msg = (
+                f"{yn} has the shape of {zn} {tuple(z.shape)}, as target distributions "
+                f"(soft targets) do, but dtype {y.dtype}: target distributions must be "
+                f"floating (xp.astype({yn}, {zn}.dtype)); class indices have the shape "
+                f"{tuple(z.shape[:-1])}."
+            )
+            raise TypeError(msg)
         check_label_array(z, y, kind="integral", shape=tuple(z.shape[:-1]), names=names)
         c = int(z.shape[-1])
         bad = (y < 0) | (y >= c)

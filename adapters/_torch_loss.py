@@ -358,6 +358,7 @@ def loss_function(
     family: Any = None,
     reduction: str = "sum",
     params: Sequence[str] | Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: MaskSpec = None,
@@ -400,6 +401,9 @@ def loss_function(
     params
         The parameters θ (names), as in ``linearize``; default every trainable one.
         For a function ``model``, the dict of its parameter tensors.
+    buffers
+        For a function ``model``: its non-differentiated tensors, as in
+        :func:`linearize`.
     output, class_axis
         Where the logits are in the model's output and their class axis, as in
         :func:`linearize`.
@@ -428,7 +432,7 @@ def loss_function(
     >>> loss.num_inputs, loss.num_counted  # N and the counted positions
     (2, 9)
     """
-    model, params = resolve_model(model, params)
+    model, params = resolve_model(model, params, buffers)
     options = _LossOptions.check(model, family, reduction, output, class_axis, mask, ignore_index)
     selection = select_parameters(options.model, params)
     return _loss_function(selection, inputs, labels, options)
@@ -499,6 +503,7 @@ def loss_functions(
     family: Any = None,
     reduction: str = "sum",
     params: Sequence[str] | Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: str | Callable[[Any], Any] | None = None,
@@ -525,7 +530,7 @@ def loss_functions(
     >>> [loss.num_inputs for loss in loss_functions(torch.nn.Linear(4, 3), data)]
     [8, 8, 8]
     """
-    model, params = resolve_model(model, params)
+    model, params = resolve_model(model, params, buffers)
     options = _LossOptions.check(
         model, family, reduction, output, class_axis, mask, ignore_index, stream=True
     )

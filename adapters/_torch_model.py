@@ -124,61 +124,88 @@ class FunctionModel(nn.Module):
     parameters are the values of ``params``, registered under their keys (a
     dotted key ``"0.weight"`` as parameter ``weight`` of an empty submodule
     ``"0"``), so ``named_parameters()`` gives the keys, in order, and every
-    module path of the adapter applies. ``forward`` hands ``f`` the current
-    tensors (swapped in by ``functional_call``) in a dict with the same keys.
+    module path of the adapter applies. ``buffers`` (optional) are registered
+    the same way as buffers: state that ``f`` reads and is never differentiated
+    (running statistics, frozen weights, masks). ``forward`` hands ``f`` the
+    current tensors (swapped in by ``functional_call``) in one dict, the keys of
+    ``params`` then those of ``buffers``, as ``functional_call``'s
+    ``parameters_and_buffers``.
     The layers inside ``f`` are not modules, so the fast exact diagonal does not
     see them: every parameter takes the generic per-example path
     (``fast_path_reasons`` says so), and the module checks (BatchNorm or Dropout
     in training mode, the landscape's kinked modules) cannot see inside ``f``
     either; only the repeated-forward check of a random output applies.
-    Non-differentiated state (running statistics, frozen weights) is read by
-    ``f`` from its closure. Two keys holding one tensor are two parameters, as
-    for ``functional_call``.
+    Two keys holding one tensor are two parameters, as for ``functional_call``.
     """
 
     no_fast_rule = _FUNCTION_REASON
 
-    def __init__(self, function: Callable[..., Any], params: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        params: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self._fb_function = function
         self._fb_keys = tuple(params)
+        self._fb_buffer_keys = tuple(buffers or {})
         for key, value in params.items():
-            *path, leaf = key.split(".")
-            owner: nn.Module = self
-            try:
-                for part in path:
-                    child = owner._modules.get(part)
-                    if child is None:
-                        child = _Holder()
-                        owner.add_module(part, child)
-                    owner = child
-                owner.register_parameter(leaf, nn.Parameter(value.detach(), requires_grad=True))
-            except KeyError as err:  # a name taken: torch's own ("to", "eval") or another key's
-                msg = (
-                    f"params key {key!r} cannot name a parameter: {err.args[0]} (keys may not "
-                    "be torch.nn.Module attributes, nor a prefix of another key)."
-                )
-                raise TypeError(msg) from err
+            self._place(key, "params", nn.Parameter(value.detach(), requires_grad=True))
+        for key, value in (buffers or {}).items():
+            self._place(key, "buffers", value.detach())
         self.eval()
 
+    def _place(self, key: str, argument: str, value: Tensor) -> None:
+        """Register ``value`` under the dotted ``key`` (a parameter or a buffer)."""
+        *path, leaf = key.split(".")
+        owner: nn.Module = self
+        try:
+            for part in path:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = _Holder()
+                    owner.add_module(part, child)
+                owner = child
+            if isinstance(value, nn.Parameter):
+                owner.register_parameter(leaf, value)
+            else:
+                owner.register_buffer(leaf, value)
+        except KeyError as err:  # a name taken: torch's own ("to", "eval") or another key's
+            msg = (
+                f"{argument} key {key!r} cannot name a tensor: {err.args[0]} (keys may not be "
+                "torch.nn.Module attributes, nor a prefix or a copy of another key of params "
+                "or buffers)."
+            )
+            raise TypeError(msg) from err
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """``f({key: current tensor}, *args, **kwargs)``."""
-        current = dict(self.named_parameters(remove_duplicate=False))
-        return self._fb_function({k: current[k] for k in self._fb_keys}, *args, **kwargs)
+        """``f({key: current tensor}, *args, **kwargs)``, parameters then buffers."""
+        current: dict[str, Tensor] = dict(self.named_parameters(remove_duplicate=False))
+        current.update(self.named_buffers(remove_duplicate=False))
+        keys = self._fb_keys + self._fb_buffer_keys
+        return self._fb_function({k: current[k] for k in keys}, *args, **kwargs)
 
 
-def resolve_model(model: object, params: object) -> tuple[nn.Module, Any]:
+def resolve_model(model: object, params: object, buffers: object = None) -> tuple[nn.Module, Any]:
     """(module, params) for the fronts: a module as it is, a function wrapped.
 
     A function ``model`` needs ``params``, a non-empty dict from str keys (no
     empty dotted segment) to floating tensors; the result selects all of them,
-    in the dict's order.
+    in the dict's order. ``buffers``: None, or for a function a dict from such
+    keys to tensors (any dtype), never differentiated.
     """
     if isinstance(model, nn.Module) or not callable(model):
         if isinstance(params, Mapping):
             msg = (
                 "params must be None or a list of parameter names for a torch.nn.Module; got "
                 "a dict (that form is for a function model f(params, *inputs))."
+            )
+            raise TypeError(msg)
+        if buffers is not None:
+            msg = (
+                "buffers must be None for a torch.nn.Module (its buffers are its own); got "
+                f"{type(buffers).__name__}. buffers= is for a function model f(params, *inputs)."
             )
             raise TypeError(msg)
         return check_model(model), params
@@ -207,7 +234,23 @@ def resolve_model(model: object, params: object) -> tuple[nn.Module, Any]:
                 f"model; params[{key!r}] is {what}."
             )
             raise TypeError(msg)
-    return FunctionModel(model, params), list(params)  # θ in the dict's order
+    if buffers is not None and not isinstance(buffers, Mapping):
+        msg = (
+            "buffers must be None or a dict of tensors (name -> torch.Tensor); got "
+            f"{type(buffers).__name__}."
+        )
+        raise TypeError(msg)
+    for key, value in (buffers or {}).items():
+        if not isinstance(key, str) or "" in key.split("."):
+            msg = f"buffers keys must be names (str, no empty dotted part); got {key!r}."
+            raise TypeError(msg)
+        if not isinstance(value, torch.Tensor):
+            msg = (
+                f"buffers must map names to torch tensors; buffers[{key!r}] is "
+                f"{type(value).__name__}."
+            )
+            raise TypeError(msg)
+    return FunctionModel(model, params, buffers), list(params)  # θ in the dict's order
 
 
 class Inputs(NamedTuple):

@@ -697,6 +697,7 @@ def linearize(
     /,
     *,
     params: Sequence[str] | Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: MaskSpec = None,
@@ -726,8 +727,7 @@ def linearize(
         ``torch.func.functional_call`` style, curvlinops' ``model_func``), with
         ``params`` that dict: θ is its values, in order, named by its keys. Its
         layers are not modules, so the exact diagonal takes the generic
-        per-example path; state that is not differentiated (running statistics,
-        frozen weights) is read by ``f`` from its closure.
+        per-example path.
     inputs
         A tensor, a tuple/list of tensors (positional arguments) or a dict of
         tensors (keyword arguments, e.g. ``input_ids``, ``attention_mask``), all
@@ -739,6 +739,12 @@ def linearize(
         the order given; any of the names of a tied tensor, but only one). For a
         function ``model``: the dict name -> floating tensor of its parameters
         (required; all of them are θ).
+    buffers
+        For a function ``model`` only: None, or a dict name -> tensor of state
+        that ``f`` reads but that is not differentiated (running statistics,
+        frozen weights); ``f`` receives one dict, ``params`` then ``buffers``, as
+        ``functional_call``'s ``parameters_and_buffers``. A module's buffers are
+        its own (``buffers`` must be None).
     output
         Where the logits are in the model's output: None (the output is the
         logits tensor), a str (a key of a dict output, or else an attribute, e.g.
@@ -798,7 +804,7 @@ def linearize(
     """
     spec = check_output_options(output, class_axis)
     checked_mask = check_mask_spec(mask)
-    module, params = resolve_model(model, params)
+    module, params = resolve_model(model, params, buffers)
     selection = select_parameters(module, params)
     return TorchLinearization(selection, check_batch(selection, inputs), spec, checked_mask, inputs)
 
@@ -816,6 +822,7 @@ def linearizations(
     /,
     *,
     params: Sequence[str] | Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
     output: OutputSelector = None,
     class_axis: int = -1,
     mask: str | Callable[[Any], Any] | None = None,
@@ -832,7 +839,7 @@ def linearizations(
     a data set is streamed one batch at a time. The model, the parameter
     selection and the options are checked at once.
 
-    ``model`` and ``params`` (a module, or a function with its dict of tensors),
+    ``model``, ``params`` and ``buffers`` (a module, or a function with its dicts),
     ``output`` and ``class_axis`` are as in :func:`linearize`; ``mask`` is per
     batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``,
     converted with ``!= 0``) or a callable ``inputs -> mask`` (boolean
@@ -850,7 +857,7 @@ def linearizations(
     spec = check_output_options(output, class_axis)
     checked_mask = check_mask_spec(mask, stream=True)
     key = _check_label_key(label_key)
-    module, params = resolve_model(model, params)
+    module, params = resolve_model(model, params, buffers)
     selection = select_parameters(module, params)
 
     def build(i: int, inputs: Any) -> TorchLinearization:

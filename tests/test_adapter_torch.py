@@ -1164,6 +1164,27 @@ def test_function_model_equals_its_module() -> None:
 
     lin_mixed = linearize(h, x, params=mixed)
     assert [b.name for b in lin_mixed.blocks] == list(mixed)
+    # buffers=: state f reads but that is not differentiated (here the output scale and a
+    # frozen first layer), handed over in one dict after the parameters.
+    seen: list[list[str]] = []
+
+    def k(p: dict, xs: torch.Tensor) -> torch.Tensor:
+        seen.append(list(p))
+        hidden = torch.tanh(F.linear(xs, p["frozen.w"], p["frozen.b"]))
+        return F.linear(hidden, p["2.weight"], p["2.bias"]) * p["scale"]
+
+    head = {"2.weight": theta["2.weight"], "2.bias": theta["2.bias"]}
+    state = {"frozen.w": theta["0.weight"], "frozen.b": theta["0.bias"], "scale": scale}
+    lin_b = linearize(k, x, params=head, buffers=state)
+    assert [b.name for b in lin_b.blocks] == ["2.weight", "2.bias"]
+    assert seen[-1] == ["2.weight", "2.bias", "frozen.w", "frozen.b", "scale"]
+    ref_head = linearize(Scaled(), x, params=["inner.2.weight", "inner.2.bias"])
+    torch.testing.assert_close(
+        fisher_diagonal(lin_b), fisher_diagonal(ref_head), rtol=1e-13, atol=0
+    )
+    loss_b = loss_function(k, x, y, params=head, buffers=state)
+    ref_loss = loss_function(Scaled(), x, y, params=["inner.2.weight", "inner.2.bias"])
+    torch.testing.assert_close(loss_b.gradient(), ref_loss.gradient(), rtol=1e-13, atol=0)
     # J θ for θ itself, flattened in each linearization's own order: the same vector.
     flat_mixed = torch.cat([t.reshape(-1) for t in mixed.values()])
     flat_ref = torch.cat([t.reshape(-1) for t in theta.values()])
@@ -1185,13 +1206,22 @@ def test_function_model_bad_params() -> None:
         linearize(f, x, params={"w": np.ones((2, 3))})
     with pytest.raises(TypeError, match=r"params keys must be names .*; got 'a\.\.w'"):
         linearize(f, x, params={"a..w": torch.ones(2, 3)})
-    with pytest.raises(TypeError, match=r"params key 'to' cannot name a parameter"):
+    with pytest.raises(TypeError, match=r"params key 'to' cannot name a tensor"):
         linearize(f, x, params={"to": torch.ones(2, 3)})
-    with pytest.raises(TypeError, match=r"params key 'to.w' cannot name a parameter"):
+    with pytest.raises(TypeError, match=r"params key 'to.w' cannot name a tensor"):
         linearize(f, x, params={"to.w": torch.ones(2, 3)})
-    with pytest.raises(TypeError, match=r"params key 'a.w' .* nor a prefix of another key"):
+    with pytest.raises(TypeError, match=r"params key 'a.w' .* nor a prefix"):
         linearize(f, x, params={"a": torch.ones(2, 3), "a.w": torch.ones(2, 3)})
     with pytest.raises(TypeError, match=r"for a torch.nn.Module; got a dict"):
         linearize(nn.Linear(2, 3), x, params={"weight": torch.ones(3, 2)})
+    with pytest.raises(TypeError, match=r"buffers must be None for a torch.nn.Module"):
+        linearize(nn.Linear(2, 3), x, buffers={"s": torch.ones(())})
+    w = {"w": torch.ones(2, 3)}
+    with pytest.raises(TypeError, match=r"buffers must be None or a dict of tensors .* list"):
+        linearize(f, x, params=w, buffers=[torch.ones(())])
+    with pytest.raises(TypeError, match=r"buffers\['s'\] is float"):
+        linearize(f, x, params=w, buffers={"s": 1.0})
+    with pytest.raises(TypeError, match=r"buffers key 'w' cannot name a tensor"):
+        linearize(f, x, params=w, buffers={"w": torch.ones(())})
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, or a function"):
         linearize("model", x)

@@ -386,6 +386,7 @@ class Model:
         self.blocks = make_blocks(
             (name, shape) for (name, _), shape in zip(named, shapes, strict=True)
         )
+        self.treedef = treedef
         self.kernels = build_kernels(self.logits_fn, treedef, shapes)
 
 

@@ -155,13 +155,42 @@ class JaxLinearization(LinearizationBase):
         return self._model.theta
 
     def unravel(self, v: Array, /) -> PyTree:
-        """A flat vector ``v`` (D,) as a pytree shaped like ``params``.
+        """A flat vector ``v`` (..., D) as a pytree shaped like ``params``.
 
         The inverse of the flattening: ``lin.unravel(lin.flat_params)`` is
         ``params``; ``lin.unravel(diagonal)`` gives a per-parameter diagonal.
+        Leading axes are kept: (k, D) gives leaves (k, ∗shape). The inverse of
+        ``ravel``.
         """
-        v = self._operand(v, "v", (self.num_params,), "(D,)")
-        return self._kernels.unravel(v)
+        v = self._flat_operand(v)
+        if v.ndim == 1:
+            return self._kernels.unravel(v)
+        lead = tuple(int(s) for s in v.shape[:-1])
+        rows = jax.vmap(self._kernels.unravel)(jnp.reshape(v, (-1, self.num_params)))
+        return jax.tree_util.tree_map(lambda a: jnp.reshape(a, (*lead, *a.shape[1:])), rows)
+
+    def ravel(self, tree: PyTree, /) -> Array:
+        """The inverse of ``unravel``: a pytree like ``params`` (leaves (..., ∗shape)) as (..., D).
+
+        The pytree must have the structure of ``params``; every leaf that
+        parameter's shape after the same leading axes. Cost: one concatenation.
+        """
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if treedef != self._model.treedef:
+            msg = f"tree must have the structure of params, {self._model.treedef}; got {treedef}."
+            raise ValueError(msg)
+        first = self._blocks[0]
+        lead_ndim = int(getattr(leaves[0], "ndim", 0)) - len(first.shape)
+        if lead_ndim < 0:
+            msg = f"the leaf {first.name} of tree must have shape (..., *{first.shape})."
+            raise ValueError(msg)
+        lead = tuple(int(s) for s in leaves[0].shape[:lead_ndim])
+        parts = []
+        for b, leaf in zip(self._blocks, leaves, strict=True):
+            shape = (*lead, *b.shape)
+            t = self._operand(leaf, f"the leaf {b.name} of tree", shape, str(shape))
+            parts.append(jnp.reshape(t, (*lead, b.size)))
+        return jnp.concatenate(parts, axis=-1)
 
     def _forward_mode(self, kernel: Callable[[Any, Array, Any], Array], v: Array) -> Array:
         try:

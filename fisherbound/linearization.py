@@ -36,7 +36,7 @@ does better.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
 from fisherbound._finite import Product, guard_class
@@ -443,6 +443,74 @@ class LinearizationBase(_FrozenBase):
     def _examples(self, examples: slice | None) -> tuple[int, int]:
         """(start, stop) of the contiguous slice ``examples`` of the batch (``example_range``)."""
         return example_range(examples, self.num_inputs)
+
+    def unravel(self, v: Array, /) -> Any:
+        """A flat vector ``v`` (..., D) as a dict name -> array shaped like that parameter.
+
+        Each block's entries of the last axis become (..., ∗shape) (leading axes
+        kept: a (k, D) stack of vectors gives (k, ∗shape) per parameter); names
+        and order are ``blocks``'. The form EWC, Fisher merging and pruning code
+        consumes: ``lin.unravel(fisher_diagonal(lin))``. Eigenvectors are columns
+        (D, k): ``lin.unravel(vectors.T)``. The inverse of ``ravel``. Cost: one
+        reshape of a slice per block (views where the namespace makes them).
+        """
+        v = self._flat_operand(v)
+        lead = tuple(int(s) for s in v.shape[:-1])
+        xp = self._xp
+        return {
+            b.name: xp.reshape(v[..., b.offset : b.offset + b.size], (*lead, *b.shape))
+            for b in self._blocks
+        }
+
+    def _flat_operand(self, v: Array) -> Array:
+        """``v`` checked as a stack of flat vectors (..., D) (``_operand`` otherwise)."""
+        d = self.num_params
+        if not is_array(v):
+            msg = f"v must be an array of shape (..., D) with D = {d}; got {type(v).__name__}."
+            raise TypeError(msg)
+        if int(v.ndim) < 1:
+            msg = f"v must have shape (..., D) with D = {d}; got a 0-d array."
+            raise ValueError(msg)
+        return self._operand(v, "v", (*(None,) * (int(v.ndim) - 1), d), f"(..., D={d})")
+
+    def ravel(self, tree: Any, /) -> Array:
+        """The inverse of ``unravel``: a dict name -> (..., ∗shape) as one flat (..., D).
+
+        Every block's name once (no other key), each array with that parameter's
+        shape after the same leading axes, of the linearization's namespace,
+        device and dtype; concatenated in ``blocks`` order. Cost: one copy.
+        """
+        names = [b.name for b in self._blocks]
+        if not isinstance(tree, Mapping):
+            msg = (
+                "tree must be a dict from parameter names to arrays (as unravel gives); got "
+                f"{type(tree).__name__}."
+            )
+            raise TypeError(msg)
+        missing = [n for n in names if n not in tree]
+        extra = [k for k in tree if k not in names]
+        if missing or extra:
+            msg = (
+                f"tree must hold exactly the parameter names {names}; missing {missing}, "
+                f"unknown {extra}."
+            )
+            raise ValueError(msg)
+        first = self._blocks[0]
+        head = tree[first.name]
+        lead_ndim = int(getattr(head, "ndim", len(first.shape))) - len(first.shape)
+        if not is_array(head) or lead_ndim < 0:
+            msg = (
+                f"tree[{first.name!r}] must be an array of shape (..., *{first.shape}); got "
+                f"{type(head).__name__} of shape {tuple(getattr(head, 'shape', ()))}."
+            )
+            raise ValueError(msg)
+        lead = tuple(int(s) for s in head.shape[:lead_ndim])
+        parts = []
+        for b in self._blocks:
+            shape = (*lead, *b.shape)
+            t = self._operand(tree[b.name], f"tree[{b.name!r}]", shape, str(shape))
+            parts.append(self._xp.reshape(t, (*lead, b.size)))
+        return self._xp.concat(parts, axis=-1)
 
     def jvp(self, v: Array, /) -> Array:
         """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C)."""

@@ -573,3 +573,29 @@ def test_half_precision_is_refused(dtype: str) -> None:
     w = jnp.ones((3, 2), dtype=dtype)
     with pytest.raises(TypeError, match=rf"'params' must be float32 or float64; got {dtype}\."):
         linearize(lambda p, x: x @ p, w, jnp.ones((4, 3), dtype=dtype))
+
+
+def test_unravel_and_ravel_are_pytrees_like_params() -> None:
+    from fisherbound.fisher import fisher_diagonal
+
+    params = {"w1": 0.1 * jnp.ones((3, 4)), "b1": jnp.zeros(4), "w2": 0.2 * jnp.ones((4, 2))}
+
+    def f(p: dict, x: Any) -> Any:
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 3)))
+    lin = linearize(f, params, x)
+    d = fisher_diagonal(lin)
+    tree = lin.unravel(d)
+    assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(params)
+    assert jax.tree_util.tree_map(jnp.shape, tree) == jax.tree_util.tree_map(jnp.shape, params)
+    np.testing.assert_array_equal(ravel_pytree(tree)[0], d)  # jax's own flattening
+    np.testing.assert_array_equal(lin.ravel(tree), d)
+    stack = jnp.stack([d, 2 * d])  # leading axes kept: leaves (2, *shape)
+    trees = lin.unravel(stack)
+    assert trees["w1"].shape == (2, 3, 4)
+    np.testing.assert_array_equal(lin.ravel(trees), stack)
+    with pytest.raises(ValueError, match=r"tree must have the structure of params"):
+        lin.ravel({"w1": tree["w1"]})
+    with pytest.raises(ValueError, match=r"the leaf .*b1.* of tree must have shape"):
+        lin.ravel({**tree, "b1": tree["b1"][:2]})

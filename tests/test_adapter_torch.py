@@ -1225,3 +1225,42 @@ def test_function_model_bad_params() -> None:
         linearize(f, x, params=w, buffers={"w": torch.ones(())})
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, or a function"):
         linearize("model", x)
+
+
+def test_unravel_and_ravel_shape_results_like_the_parameters() -> None:
+    # Results shaped like the parameters (what EWC, merging and pruning code consumes).
+    from fisherbound.adapters.numpy import MLP
+    from fisherbound.adapters.numpy import linearize as linearize_numpy
+    from fisherbound.fisher import fisher_diagonal
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    lin = linearize(module, torch.randn(5, 3, dtype=torch.float64), params=["2.weight", "0.bias"])
+    d = fisher_diagonal(lin)
+    tree = lin.unravel(d)
+    assert list(tree) == ["2.weight", "0.bias"]  # the selection's names, in θ's order
+    assert {k: tuple(v.shape) for k, v in tree.items()} == {"2.weight": (2, 4), "0.bias": (4,)}
+    assert torch.equal(tree["2.weight"].reshape(-1), d[:8])  # the same entries, reshaped
+    assert torch.equal(lin.ravel(tree), d)
+    stack = torch.stack([d, 2 * d, 3 * d])  # leading axes are kept: (k, D) -> (k, *shape)
+    trees = lin.unravel(stack)
+    assert tuple(trees["2.weight"].shape) == (3, 2, 4)
+    assert torch.equal(lin.ravel(trees), stack)
+    with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., D=12\)"):
+        lin.unravel(d[:5])
+    with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., D\) with D = 12; got a 0-d"):
+        lin.unravel(d[0])
+    with pytest.raises(TypeError, match=r"v must be an array of shape \(\.\.\., D\).*got list"):
+        lin.unravel([1.0])
+    with pytest.raises(TypeError, match=r"tree must be a dict from parameter names"):
+        lin.ravel([d])
+    with pytest.raises(ValueError, match=r"missing \['0.bias'\], unknown \['x'\]"):
+        lin.ravel({"2.weight": tree["2.weight"], "x": tree["0.bias"]})
+    with pytest.raises(ValueError, match=r"tree\['0.bias'\] must have shape"):
+        lin.ravel({**tree, "0.bias": tree["0.bias"][:3]})
+    # The NumPy reference models: the same dict form.
+    ref = linearize_numpy(MLP.random([3, 4, 2], rng=0), np.ones((5, 3)))
+    dn = fisher_diagonal(ref)
+    arrays = ref.unravel(dn)
+    assert {k: v.shape for k, v in arrays.items()} == {b.name: b.shape for b in ref.blocks}
+    np.testing.assert_array_equal(ref.ravel(arrays), dn)

@@ -471,7 +471,10 @@ class LinearizationBase(_FrozenBase):
         if int(v.ndim) < 1:
             msg = f"v must have shape (..., D) with D = {d}; got a 0-d array."
             raise ValueError(msg)
-        return self._operand(v, "v", (*(None,) * (int(v.ndim) - 1), d), f"(..., D={d})")
+        k = int(v.ndim) - 1  # the leading axes' letters, then D
+        lead = ["K"] if k == 1 else [f"K{i + 1}" for i in range(k)]
+        what = "(D,)" if k == 0 else "(" + ", ".join([*lead, "D"]) + ")"
+        return self._operand(v, "v", (*(None,) * k, d), what)
 
     def ravel(self, tree: Any, /) -> Array:
         """The inverse of ``unravel``: a dict name -> (..., ∗shape) as one flat (..., D).

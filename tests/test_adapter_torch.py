@@ -1246,8 +1246,10 @@ def test_unravel_and_ravel_shape_results_like_the_parameters() -> None:
     trees = lin.unravel(stack)
     assert tuple(trees["2.weight"].shape) == (3, 2, 4)
     assert torch.equal(lin.ravel(trees), stack)
-    with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., D=12\)"):
+    with pytest.raises(ValueError, match=r"v must have shape \(D,\).*got \(5,\)"):
         lin.unravel(d[:5])
+    with pytest.raises(ValueError, match=r"v must have shape \(K, D\).*got \(3, 5\)"):
+        lin.unravel(stack[:, :5])
     with pytest.raises(ValueError, match=r"v must have shape \(\.\.\., D\) with D = 12; got a 0-d"):
         lin.unravel(d[0])
     with pytest.raises(TypeError, match=r"v must be an array of shape \(\.\.\., D\).*got list"):

@@ -216,41 +216,37 @@ def resolve_model(model: object, params: object, buffers: object = None) -> tupl
             f"is a function f(params, *inputs); got {got}."
         )
         raise TypeError(msg)
-    for key, value in params.items():
-        if not isinstance(key, str) or "" in key.split("."):
-            msg = (
-                f"params keys must be names (str, no empty dotted part) for a function "
-                f"model; got {key!r}."
-            )
-            raise TypeError(msg)
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            what = (
-                f"a {value.dtype} tensor"
-                if isinstance(value, torch.Tensor)
-                else type(value).__name__
-            )
-            msg = (
-                f"params must map names to floating-point torch tensors for a function "
-                f"model; params[{key!r}] is {what}."
-            )
-            raise TypeError(msg)
+    _check_tensor_dict(params, "params", floating=True)
     if buffers is not None and not isinstance(buffers, Mapping):
         msg = (
             "buffers must be None or a dict of tensors (name -> torch.Tensor); got "
             f"{type(buffers).__name__}."
         )
         raise TypeError(msg)
-    for key, value in (buffers or {}).items():
+    _check_tensor_dict(buffers or {}, "buffers", floating=False)
+    return FunctionModel(model, params, buffers), list(params)  # θ in the dict's order
+
+
+def _check_tensor_dict(tensors: Mapping[Any, Any], argument: str, *, floating: bool) -> None:
+    """Keys that name tensors (str, no empty dotted part), values torch tensors.
+
+    ``floating``: the values must also be floating-point (parameters).
+    """
+    kind = "floating-point torch tensors" if floating else "torch tensors"
+    for key, value in tensors.items():
         if not isinstance(key, str) or "" in key.split("."):
-            msg = f"buffers keys must be names (str, no empty dotted part); got {key!r}."
-            raise TypeError(msg)
-        if not isinstance(value, torch.Tensor):
             msg = (
-                f"buffers must map names to torch tensors; buffers[{key!r}] is "
-                f"{type(value).__name__}."
+                f"{argument} keys must be names (str, no empty dotted part) for a function "
+                f"model; got {key!r}."
             )
             raise TypeError(msg)
-    return FunctionModel(model, params, buffers), list(params)  # θ in the dict's order
+        if not isinstance(value, torch.Tensor) or (floating and not value.is_floating_point()):
+            what = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else None
+            msg = (
+                f"{argument} must map names to {kind} for a function model; "
+                f"{argument}[{key!r}] is {what or type(value).__name__}."
+            )
+            raise TypeError(msg)
 
 
 class Inputs(NamedTuple):

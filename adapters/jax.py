@@ -179,18 +179,7 @@ class JaxLinearization(LinearizationBase):
         if treedef != self._model.treedef:
             msg = f"tree must have the structure of params, {self._model.treedef}; got {treedef}."
             raise ValueError(msg)
-        first = self._blocks[0]
-        lead_ndim = int(getattr(leaves[0], "ndim", 0)) - len(first.shape)
-        if lead_ndim < 0:
-            msg = f"the leaf {first.name} of tree must have shape (..., *{first.shape})."
-            raise ValueError(msg)
-        lead = tuple(int(s) for s in leaves[0].shape[:lead_ndim])
-        parts = []
-        for b, leaf in zip(self._blocks, leaves, strict=True):
-            shape = (*lead, *b.shape)
-            t = self._operand(leaf, f"the leaf {b.name} of tree", shape, str(shape))
-            parts.append(jnp.reshape(t, (*lead, b.size)))
-        return jnp.concatenate(parts, axis=-1)
+        return self._ravel_leaves(leaves, [f"the leaf {b.name} of tree" for b in self._blocks])
 
     def _forward_mode(self, kernel: Callable[[Any, Array, Any], Array], v: Array) -> Array:
         try:

@@ -626,7 +626,7 @@ def detach_and_mix(
             xp=lin.xp,
             dtype=lin.logits.dtype,
             device=lin.device,
-            keep=_host_mask(lin) if distribution == "rademacher" else None,
+            keep=_host_mask(lin),
         )
         return _probe_stratum(
             lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors,

@@ -498,20 +498,31 @@ class LinearizationBase(_FrozenBase):
                 f"unknown {extra}."
             )
             raise ValueError(msg)
-        first = self._blocks[0]
-        head = tree[first.name]
-        lead_ndim = int(getattr(head, "ndim", len(first.shape))) - len(first.shape)
-        if not is_array(head) or lead_ndim < 0:
+        return self._ravel_leaves([tree[n] for n in names], [f"tree[{n!r}]" for n in names])
+
+    def _ravel_leaves(self, leaves: list[Any], labels: list[str]) -> Array:
+        """One array per block, in ``blocks`` order, (..., ∗shape) each, as (..., D).
+
+        The leading axes are the first leaf's; ``labels`` name the leaves in messages.
+        """
+        first, head = self._blocks[0], leaves[0]
+        if not is_array(head):
             msg = (
-                f"tree[{first.name!r}] must be an array of shape (..., *{first.shape}); got "
-                f"{type(head).__name__} of shape {tuple(getattr(head, 'shape', ()))}."
+                f"{labels[0]} must be an array of shape (..., ∗{first.shape}); got "
+                f"{type(head).__name__}."
+            )
+            raise TypeError(msg)
+        lead_ndim = int(head.ndim) - len(first.shape)
+        if lead_ndim < 0:
+            msg = (
+                f"{labels[0]} must have shape (..., ∗{first.shape}); got shape {tuple(head.shape)}."
             )
             raise ValueError(msg)
         lead = tuple(int(s) for s in head.shape[:lead_ndim])
         parts = []
-        for b in self._blocks:
+        for b, leaf, label in zip(self._blocks, leaves, labels, strict=True):
             shape = (*lead, *b.shape)
-            t = self._operand(tree[b.name], f"tree[{b.name!r}]", shape, str(shape))
+            t = self._operand(leaf, label, shape, str(shape))
             parts.append(self._xp.reshape(t, (*lead, b.size)))
         return self._xp.concat(parts, axis=-1)
 

@@ -599,3 +599,6 @@ def test_unravel_and_ravel_are_pytrees_like_params() -> None:
         lin.ravel({"w1": tree["w1"]})
     with pytest.raises(ValueError, match=r"the leaf .*b1.* of tree must have shape"):
         lin.ravel({**tree, "b1": tree["b1"][:2]})
+    first = lin.blocks[0].name  # the first leaf fixes the leading axes: it needs its rank
+    with pytest.raises(ValueError, match=rf"the leaf {first} of tree must have shape \(\.\.\., ∗"):
+        lin.ravel(jax.tree_util.tree_map(lambda a: a.reshape(-1)[0], tree))

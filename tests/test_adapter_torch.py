@@ -1221,6 +1221,8 @@ def test_function_model_bad_params() -> None:
         linearize(f, x, params=w, buffers=[torch.ones(())])
     with pytest.raises(TypeError, match=r"buffers\['s'\] is float"):
         linearize(f, x, params=w, buffers={"s": 1.0})
+    with pytest.raises(TypeError, match=r"buffers keys must be names .*; got 's\.'"):
+        linearize(f, x, params=w, buffers={"s.": torch.ones(())})
     with pytest.raises(TypeError, match=r"buffers key 'w' cannot name a tensor"):
         linearize(f, x, params=w, buffers={"w": torch.ones(())})
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, or a function"):
@@ -1260,6 +1262,11 @@ def test_unravel_and_ravel_shape_results_like_the_parameters() -> None:
         lin.ravel({"2.weight": tree["2.weight"], "x": tree["0.bias"]})
     with pytest.raises(ValueError, match=r"tree\['0.bias'\] must have shape"):
         lin.ravel({**tree, "0.bias": tree["0.bias"][:3]})
+    with pytest.raises(TypeError, match=r"tree\['2.weight'\] must be an array .* got list"):
+        lin.ravel({**tree, "2.weight": [[0.0] * 4] * 2})
+    rank = r"tree\['2.weight'\] must have shape \(\.\.\., ∗\(2, 4\)\)"
+    with pytest.raises(ValueError, match=rank):
+        lin.ravel({**tree, "2.weight": tree["2.weight"][0]})
     # The NumPy reference models: the same dict form.
     ref = linearize_numpy(MLP.random([3, 4, 2], rng=0), np.ones((5, 3)))
     dn = fisher_diagonal(ref)

@@ -485,3 +485,26 @@ def test_bernoulli_data_labels_may_be_soft_targets() -> None:
             check_bernoulli(logits, np.full((4, 3), bad))
     with pytest.raises(UsageError, match=r"rows in \[0, 1\] of shape \(N, C\) = \(4, 3\)"):
         check_bernoulli(logits, np.zeros((4, 2)))
+
+
+def test_categorical_target_distributions_of_data() -> None:
+    # --soft-targets: rows of the logits' shape summing to 1; masked rows are not read.
+    from fisherbound._cli.loading import check_target_distributions
+    from fisherbound._cli.usage import UsageError
+
+    logits = np.zeros((2, 3, 4))
+    rows = np.full((2, 3, 4), 0.25)
+    check_target_distributions(logits, rows)
+    padded = rows.copy()
+    padded[1, 2] = -100.0
+    mask = np.ones((2, 3), dtype=np.int64)
+    mask[1, 2] = 0
+    check_target_distributions(logits, padded, mask=mask)  # the padded row is not read
+    with pytest.raises(UsageError, match=r"--soft-targets: .*entries in \[0, 1\]"):
+        check_target_distributions(logits, padded)
+    with pytest.raises(UsageError, match=r"--soft-targets: .*rows summing to 1"):
+        check_target_distributions(logits, rows * 0.9)
+    with pytest.raises(UsageError, match=r"must have the logits' shape \(2, 3, 4\).*\(2, 3\)"):
+        check_target_distributions(logits, rows[..., 0])
+    with pytest.raises(UsageError, match=r"needs C >= 2 outputs"):
+        check_target_distributions(np.zeros((2, 1)), np.ones((2, 1)))

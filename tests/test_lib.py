@@ -77,6 +77,12 @@ def test_probes_keep_zeroes_the_dropped_rows_of_the_same_draw() -> None:
     mine = probes(ranked, (2, 3, 5), distribution="rademacher", xp=np, dtype=np.float64,
                   device=None, keep=rows)  # fmt: skip
     np.testing.assert_array_equal(mine, np.where(rows[None, :, None], world[1], 0.0))
+    # Gaussian probes: the same rows zeroed, the rest the same draw.
+    g = probes(as_generator(5), (2, 3, 5), distribution="gaussian", xp=np, dtype=np.float64,
+               device=None)  # fmt: skip
+    g_kept = probes(as_generator(5), (2, 3, 5), distribution="gaussian", xp=np,
+                    dtype=np.float64, device=None, keep=rows)  # fmt: skip
+    np.testing.assert_array_equal(g_kept, np.where(rows[None, :, None], g, 0.0))
     # Many draws: the signs are balanced (mean 0, standard deviation 1/sqrt(n) = 0.001).
     many = probes(
         as_generator(0), (10**6,), distribution="rademacher", xp=np, dtype=np.float64, device=None

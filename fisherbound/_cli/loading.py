@@ -18,6 +18,7 @@ from typing import Any
 from fisherbound._cli.usage import UsageError, first_line
 from fisherbound._finite import check_inputs_finite
 from fisherbound._report.subjects import Subject
+from fisherbound._shell import masked_label_placeholder
 from fisherbound.families import Categorical
 
 #: Keys accepted in the DATA .npz file (inputs, labels).
@@ -564,8 +565,8 @@ def check_target_distributions(zh: Any, y: Any, *, mask: Any = None) -> None:
             f"shape {targets.shape}."
         )
         raise UsageError(msg)
-    if mask is not None:
-        targets = np.where(np.asarray(mask)[..., None] != 0, targets, 1.0 / targets.shape[-1])
+    if mask is not None:  # masked rows may hold anything: the library's placeholder
+        targets = masked_label_placeholder(targets, np.asarray(mask) != 0, np)
     try:  # the library's own rule: entries in [0, 1], rows summing to 1
         Categorical().check_labels(np.asarray(zh, dtype=np.float64), targets)
     except ValueError as err:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fisherbound._shell import masked_label_placeholder
+
 #: What a stage of a model with positions may raise when the library refuses it.
 REFUSALS = (ValueError, TypeError, NotImplementedError)
 
@@ -134,10 +136,7 @@ def count(
             f"the {total} positions."
         )
         raise ValueError(msg)
-    if indices:
-        y = np.where(counted, y, 0).astype(y.dtype)
-    else:
-        y = np.where(counted[..., None], y, 1.0 / int(y.shape[-1])).astype(y.dtype)
+    y = masked_label_placeholder(y, counted, np)
     info = Positions(
         shape=shape,
         per_example=int(np.prod(shape, dtype=np.int64)),

@@ -378,6 +378,8 @@ def _lambda_max_bound(family: Family) -> float:
         return 0.5
     if isinstance(family, Bernoulli):
         return 0.25
+    if isinstance(family, Gaussian):
+        return 1.0 / family.variance
     return 1.0
 
 
@@ -509,7 +511,7 @@ def classical_variance(
       ``fisherbound.estimators.monte_carlo`` computes, s_x = Σ_t J_xtᵀ u_t),
       Var(Î_1,ii) = Σ_x (1/k)[Σ_t (E(a_tᵀu_t)⁴ − 3σ_t⁴) + 2(Σ_t σ_t²)²]
       (``family.fourth_moment``); without positions (1/k)[E(aᵀu)⁴ − (aᵀIa)²].
-      Bernoulli: z'⁴ p(1−p)(1−2p)²/k per output; unit Gaussian: 2‖a‖⁴/k.
+      Bernoulli: z'⁴ p(1−p)(1−2p)²/k per output; Gaussian: 2‖a‖⁴/(σ⁴k).
     - ``estimator="hessian"``: Î_2 = −(1/k) Σ ∂²ℓ/∂θ², Var(Î_2,ii) =
       Σ_x Σ_t (1/k) c_tᵀ I(z_xt) c_t with c_t = ∂²z_xt/∂θ_i² (from the adapter's
       ``output_second_derivative_diagonal``, shape (N, ∗S, C, D); a ValueError
@@ -519,8 +521,8 @@ def classical_variance(
     ``bound=True`` returns the bounds instead: Î_1: Σ_x [Σ_t ρ_t² σ_t² +
     2((Σ_t σ_t²)² − Σ_t σ_t⁴)] / k (without positions ρ² · aᵀIa / k), ρ_t the
     range of a_tᵀu: max a_t − min a_t (categorical) or Σ_c ``|a_c|``
-    max(σ_c, 1 − σ_c) (Bernoulli; unit Gaussian: the exact value, aᵀu is
-    unbounded); Î_2: λ̄ Σ_t ‖c_t‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1
+    max(σ_c, 1 − σ_c) (Bernoulli; Gaussian: the exact value, aᵀu is
+    unbounded); Î_2: λ̄ Σ_t ‖c_t‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1/σ²
     (Gaussian), upper bounds of λ_max(I). ``reduction="mean"`` divides by N², N
     the number of examples. ``max_cotangents`` (default 4096): the largest P · C
     (per-example backward passes per example of the score variance) accepted, a

@@ -24,7 +24,7 @@ from fisherbound.families import (
     _secular,
 )
 
-FAMILIES = [Categorical(), Bernoulli(), Gaussian()]
+FAMILIES = [Categorical(), Bernoulli(), Gaussian(), Gaussian(variance=0.25)]
 CAT = Categorical()
 
 
@@ -531,6 +531,58 @@ def test_gaussian_fourth_moment_by_monte_carlo() -> None:
     samples = (u @ a) ** 4
     se = samples.std(ddof=1) / math.sqrt(samples.size)
     assert abs(samples.mean() - float(Gaussian().fourth_moment(z, a))) <= 5 * se
+
+
+def test_gaussian_with_a_variance_against_closed_forms(backend) -> None:
+    """y ~ N(z, σ² I): log-density as scipy.stats.norm, score (y − z)/σ², metric I/σ²,
+    E s sᵀ = I/σ² and E(aᵀs)⁴ by Monte Carlo, sample variance σ², log det −C log σ²."""
+    stats = pytest.importorskip("scipy.stats")
+    s2 = 0.3
+    fam = Gaussian(variance=s2)
+    zn = np.array([[0.3, -1.2], [2.0, 0.0]])
+    yn = np.array([[1.0, 0.5], [-0.5, 1.5]])
+    z, y = backend.asarray(zn), backend.asarray(yn)
+    ref = np.sum(stats.norm.logpdf(yn, loc=zn, scale=math.sqrt(s2)), axis=-1)
+    assert_close(fam.log_likelihood(z, y), ref, rtol=1e-7, atol=0, like=backend)
+    assert_close(fam.score(z, y), (yn - zn) / s2, rtol=1e-7, atol=0, like=backend)
+    metric = np.eye(2) / s2 * np.ones((2, 1, 1))
+    assert_close(fam.metric(z), metric, rtol=1e-7, atol=0, like=backend)
+    assert_close(fam.eigvalsh(z), np.full((2, 2), 1 / s2), rtol=1e-7, atol=0, like=backend)
+    assert_close(
+        fam.log_pseudo_determinant(z), [-2 * math.log(s2)] * 2, rtol=1e-7, atol=0, like=backend
+    )
+    assert_close(fam.lambda_max_bounds(z).upper, [1 / s2] * 2, rtol=1e-7, atol=0, like=backend)
+    # Monte Carlo on NumPy: covariance of the score and the fourth moment of aᵀs
+    z1, a = np.array([1.0, 0.0, -3.0]), np.array([0.5, -1.0, 2.0])
+    draws = fam.sample(z1, rng=5, num_samples=200_000)
+    np.testing.assert_allclose(draws.var(axis=0, ddof=1), s2, rtol=5 * math.sqrt(2 / 200_000))
+    scores = fam.score(np.broadcast_to(z1, draws.shape), draws)
+    cov = scores.T @ scores / scores.shape[0]
+    # entries of the sample covariance of N(0, I/σ²) have standard error ≤ √2/σ² / √n
+    np.testing.assert_allclose(cov, np.eye(3) / s2, atol=5 * math.sqrt(2 / 200_000) / s2)
+    fourth = (scores @ a) ** 4
+    se = fourth.std(ddof=1) / math.sqrt(fourth.size)
+    assert abs(fourth.mean() - float(fam.fourth_moment(z1, a))) <= 5 * se
+    assert float(fam.fourth_moment(z1, a)) == pytest.approx(3 * (a @ a / s2) ** 2, rel=1e-12)
+
+
+def test_gaussian_variance_is_a_value_and_is_checked() -> None:
+    import pickle
+
+    assert Gaussian(variance=1.0) == Gaussian()
+    assert repr(Gaussian()) == "Gaussian()"
+    assert repr(Gaussian(variance=0.5)) == "Gaussian(variance=0.5)"
+    assert Gaussian(variance=0.5) != Gaussian()
+    assert Gaussian(variance=0.5) != Bernoulli()
+    assert hash(Gaussian(variance=2)) == hash(Gaussian(variance=2.0))
+    assert pickle.loads(pickle.dumps(Gaussian(variance=0.5))) == Gaussian(variance=0.5)
+    assert Gaussian(variance=4).variance == 4.0
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"^variance must be a positive finite number"):
+            Gaussian(variance=bad)
+    for bad in ("1", True, None, np.ones(2)):
+        with pytest.raises(TypeError, match=r"^variance must be a positive finite number"):
+            Gaussian(variance=bad)
 
 
 def test_fourth_moment_gives_the_variance_of_the_score_outer_product() -> None:

@@ -180,7 +180,7 @@ def test_adapters_agree_with_numpy_and_brute_force(make) -> None:
     assert [b.shape for b in lin.blocks] == [b.shape for b in ref_lin.blocks]
     to_np = lambda a: np.asarray(to_host(a))  # noqa: E731
     np.testing.assert_allclose(to_np(lin.logits), to_np(ref_lin.logits), atol=1e-12)
-    for family in FAMILIES:
+    for family in [*FAMILIES, Gaussian(variance=0.25)]:
         for kernel in ("exact", "upper", "lower"):
             ref = brute_force(lin, family, kernel, to_np)
             d = to_np(fisher_diagonal(lin, family, kernel=kernel))

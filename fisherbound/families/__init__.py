@@ -18,7 +18,7 @@ The families and their exact metrics:
 
 - ``Categorical()``: softmax classification, I_Δ = diag(p) − p pᵀ.
 - ``Bernoulli()``: C independent sigmoid outputs (multi-label), diag(σ(1 − σ)).
-- ``Gaussian()``: unit-variance regression, the identity.
+- ``Gaussian(variance=1.0)``: regression y ~ N(z, σ² I), the identity / σ².
 
 ``KERNELS`` lists the kernel names accepted by ``kernel=``:
 "exact", "upper", "lower", "scalar_upper", "scalar_lower".

@@ -43,8 +43,9 @@ class Family:
     label sampling, log-likelihoods, scores and the fourth moment used by the
     variance formulas.
 
-    The families are small stateless objects (``Categorical()``, ``Bernoulli()``,
-    ``Gaussian()``); two instances of one family compare equal. Every method
+    The families are small immutable values (``Categorical()``, ``Bernoulli()``,
+    ``Gaussian(variance=1.0)``); two instances of one family with the same
+    options compare equal. Every method
     takes logits of any array-API library (NumPy, CuPy, torch, JAX,
     array-api-strict), float32 or float64, with any leading batch axes, and
     returns arrays of the same library, device and dtype.
@@ -120,7 +121,7 @@ class Family:
 
         Categorical: z_y − logsumexp(z) with integer labels y (...);
         Bernoulli: Σ_c [y_c z_c − softplus(z_c)] with y in {0, 1} of shape (..., C);
-        Gaussian: −½‖y − z‖² − (C/2) log 2π with real targets (..., C).
+        Gaussian: −‖y − z‖²/(2σ²) − (C/2) log 2πσ² with real targets (..., C).
 
         Examples
         --------
@@ -138,7 +139,7 @@ class Family:
     def score(self, z: Array, y: Array, /) -> Array:
         """The score ∂ log p(y | z) / ∂z = t(y) − E t(y), shape (..., C).
 
-        Categorical: onehot(y) − p; Bernoulli: y − σ(z); Gaussian: y − z. Its
+        Categorical: onehot(y) − p; Bernoulli: y − σ(z); Gaussian: (y − z)/σ². Its
         mean under y ~ p(· | z) is zero and its covariance is the exact metric.
         """
         xp = self._check_z(z)
@@ -164,7 +165,7 @@ class Family:
         labels on every backend. With ``num_samples`` the result gets a leading
         axis of that length. Categorical (inverse CDF of one uniform per row):
         int64 class indices of shape (...); Bernoulli: {0, 1} in z's dtype, shape
-        (..., C); Gaussian: z + N(0, I) noise.
+        (..., C); Gaussian: z + N(0, σ² I) noise.
 
         Examples
         --------
@@ -186,7 +187,7 @@ class Family:
         """The core kernel K(z) as a dense (..., C, C) array.
 
         ``"exact"``: I(z) (Categorical diag(p) − p pᵀ, Bernoulli diag(σ(1 − σ)),
-        Gaussian identity); ``"upper"``: the DG envelope; ``"lower"``: λ_max v vᵀ;
+        Gaussian I/σ²); ``"upper"``: the DG envelope; ``"lower"``: λ_max v vᵀ;
         ``"scalar_upper"`` / ``"scalar_lower"``: s · P (see the class docstring).
         Cost O(C²) per row (O(C) per row plus an eigen-solve of O(C) per
         iteration for the kernels that need λ_max).
@@ -301,7 +302,7 @@ class Family:
         probabilities (a value repeated k times is an eigenvalue k − 1 times);
         never forms the C × C matrix: O(C) per eigenvalue and iteration, a few
         iterations, memory bounded by chunking. Tiny eigenvalues keep their
-        relative accuracy. Bernoulli: sorted σ(1 − σ); Gaussian: ones.
+        relative accuracy. Bernoulli: sorted σ(1 − σ); Gaussian: 1/σ² (C times).
 
         Examples
         --------

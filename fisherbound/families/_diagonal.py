@@ -1,4 +1,4 @@
-"""The families with a diagonal metric: Bernoulli (multi-label) and unit Gaussian."""
+"""The families with a diagonal metric: Bernoulli (multi-label) and Gaussian (regression)."""
 
 from __future__ import annotations
 
@@ -121,10 +121,15 @@ class Bernoulli(_DiagonalFamily):
 
 
 class Gaussian(_DiagonalFamily):
-    """Regression with unit variance: y ~ N(z, I), t(y) = y.
+    """Regression with a known variance: y ~ N(z, σ² I), t(y) = y / σ².
 
-    Core metric I (identity) for every kernel except the rank-one lower envelope
-    e_0 e_0ᵀ (λ_max = 1 with eigenvector e_0); square root I. Targets are real
+    ``variance`` σ² > 0 (default 1, the unit Gaussian of THEORY §1), a positive
+    finite float: the same for every output (a homoscedastic noise level, as
+    ``MSELoss`` assumes; with σ² = ½ the negative log-likelihood is the sum of
+    squared errors up to a constant). Core metric I = I_C / σ² for every kernel
+    except the rank-one lower envelope e_0 e_0ᵀ / σ² (λ_max = 1/σ² with
+    eigenvector e_0); square root I_C / σ. Scaling σ² scales every Fisher
+    quantity by 1/σ² (and the variance formulas by 1/σ⁴). Targets are real
     floats of shape (..., C).
 
     Examples
@@ -132,12 +137,41 @@ class Gaussian(_DiagonalFamily):
     >>> import numpy as np
     >>> Gaussian().eigvalsh(np.array([3.0, -1.0]))
     array([1., 1.])
+    >>> Gaussian(variance=0.25).eigvalsh(np.array([3.0, -1.0]))
+    array([4., 4.])
     """
 
-    __slots__ = ()
+    __slots__ = ("_variance",)
+
+    def __init__(self, variance: float = 1.0) -> None:
+        ok = isinstance(variance, (int, float)) and not isinstance(variance, bool)
+        if not ok or not (math.isfinite(variance) and variance > 0.0):
+            msg = (
+                "variance must be a positive finite number (σ² of y ~ N(z, σ² I)); "
+                f"got {type(variance).__name__} {variance!r}."
+            )
+            raise (ValueError if ok else TypeError)(msg)
+        self._variance = float(variance)
+
+    @property
+    def variance(self) -> float:
+        """σ², the variance of every output (a float)."""
+        return self._variance
+
+    def __repr__(self) -> str:
+        return "Gaussian()" if self._variance == 1.0 else f"Gaussian(variance={self._variance!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._variance == other._variance
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._variance))
+
+    def __reduce__(self) -> tuple[Any, tuple[float]]:
+        return (type(self), (self._variance,))
 
     def _mean(self, z: Array, xp: Any) -> Array:
-        del xp  # the mean of a unit-variance Gaussian is its logits, as they are
+        del xp  # the mean of the Gaussian is its logits, as they are
         return z
 
     def _check_labels(
@@ -148,10 +182,13 @@ class Gaussian(_DiagonalFamily):
 
     def _log_likelihood(self, z: Array, y: Array, xp: Any) -> Array:
         r = xp.astype(y, z.dtype) - z
-        return -0.5 * xp.sum(r * r, axis=-1) - 0.5 * int(z.shape[-1]) * math.log(2.0 * math.pi)
+        s2 = self._variance
+        const = 0.5 * int(z.shape[-1]) * math.log(2.0 * math.pi * s2)
+        return -(0.5 / s2) * xp.sum(r * r, axis=-1) - const
 
     def _score(self, z: Array, y: Array, xp: Any) -> Array:
-        return xp.astype(y, z.dtype) - z
+        r = xp.astype(y, z.dtype) - z
+        return r if self._variance == 1.0 else r / self._variance
 
     def _sample(self, z: Array, gen: Any, lead: tuple[int, ...], xp: Any) -> Array:
         noise = probes(
@@ -162,14 +199,19 @@ class Gaussian(_DiagonalFamily):
             dtype=z.dtype,
             device=device_of(z),
         )
-        return z + noise
+        return z + noise if self._variance == 1.0 else z + math.sqrt(self._variance) * noise
 
     def _upper_diag(self, z: Array, xp: Any) -> Array:
-        return xp.ones_like(z)
+        return xp.full_like(z, 1.0 / self._variance)
+
+    def _sqrt_upper_diag(self, z: Array, xp: Any) -> Array:
+        return xp.full_like(z, 1.0 / math.sqrt(self._variance))
 
     def _log_pseudo_determinant(self, z: Array, xp: Any) -> Array:
-        return xp.sum(xp.zeros_like(z), axis=-1)
+        # log det(I_C / σ²) = −C log σ², written as a sum over z for its shape and device
+        return xp.sum(xp.full_like(z, -math.log(self._variance)), axis=-1)
 
     def _fourth_moment(self, z: Array, a: Array, xp: Any) -> Array:
-        sq = xp.sum(a * a, axis=-1) + xp.sum(xp.zeros_like(z), axis=-1)
+        # aᵀs ~ N(0, ‖a‖²/σ²): E(aᵀs)⁴ = 3 (‖a‖²/σ²)²
+        sq = (xp.sum(a * a, axis=-1) + xp.sum(xp.zeros_like(z), axis=-1)) / self._variance
         return 3.0 * sq * sq

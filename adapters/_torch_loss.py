@@ -37,6 +37,7 @@ from fisherbound.adapters._torch_model import (
     without_key,
 )
 from fisherbound.linearization import (
+    Lazy,
     LossFunctionBase,
     ReadOnly,
     check_batches,
@@ -559,4 +560,4 @@ def loss_functions(
     def build(i: int, inputs: Any, labels: Any) -> TorchLossFunction:
         return _loss_function(selection, inputs, labels, options, parameters=i == 0)
 
-    return stream_pairs(pairs(), build)  # the batches were checked above
+    return stream_pairs(Lazy(pairs(), checked), build)  # the batches were checked above

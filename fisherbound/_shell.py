@@ -8,6 +8,7 @@ array-API adapter, and the ``linearizations`` / ``loss_functions`` streams.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -34,6 +35,7 @@ __all__ = [
     "check_loss_options",
     "check_mask_array",
     "check_operand",
+    "Lazy",
     "MaskWords",
     "mask_source",
     "masked_label_placeholder",
@@ -302,6 +304,33 @@ def check_batches(
     return batches
 
 
+class Lazy(Iterator[T]):
+    """A lazy stream over ``batches`` that knows how many items are left when they do.
+
+    ``operator.length_hint`` of the stream is that of ``batches`` (a list, a
+    ``DataLoader``: its ``len``) less the items taken, so a progress bar over the
+    stream has a total, a percentage and an ETA; 0 where ``batches`` cannot say
+    (a generator). Items come from ``items``, an iterator over ``batches``.
+    """
+
+    __slots__ = ("_batches", "_items", "_taken")
+
+    def __init__(self, items: Iterator[T], batches: Iterable[Any]) -> None:
+        self._items, self._batches, self._taken = items, batches, 0
+
+    def __next__(self) -> T:
+        item = next(self._items)
+        self._taken += 1
+        return item
+
+    def __length_hint__(self) -> int:
+        try:
+            total = operator.length_hint(self._batches)
+        except (TypeError, ValueError):  # a __len__ or __length_hint__ that fails
+            return 0
+        return max(0, total - self._taken) if total > 0 else 0
+
+
 def stream_inputs(
     batches: Iterable[Any], build: Callable[[int, Any], T], /, *, single: str
 ) -> Iterator[T]:
@@ -309,8 +338,13 @@ def stream_inputs(
 
     A DataLoader's ``(x, y)`` batch contributes ``x``; any other batch is the
     inputs itself. An empty tuple is refused (ValueError): "batch {i} must be
-    {single} or a non-empty tuple (inputs, ...); got ()."
+    {single} or a non-empty tuple (inputs, ...); got ()." The stream is ``Lazy``:
+    it has the length hint of ``batches``.
     """
+    return Lazy(_inputs(batches, build, single), batches)
+
+
+def _inputs(batches: Iterable[Any], build: Callable[[int, Any], T], single: str) -> Iterator[T]:
     for i, batch in enumerate(batches):
         if isinstance(batch, tuple | list):
             if len(batch) == 0:
@@ -330,8 +364,15 @@ def stream_pairs(
     """``build(i, inputs, labels)`` for each ``(inputs, labels, ...)`` batch i, lazily.
 
     Anything else is refused (TypeError): "batch {i} must be a pair (inputs,
-    labels); got {type}." (with its length when ``say_length``).
+    labels); got {type}." (with its length when ``say_length``). The stream is
+    ``Lazy``: it has the length hint of ``batches``.
     """
+    return Lazy(_pairs(batches, build, say_length), batches)
+
+
+def _pairs(
+    batches: Iterable[Any], build: Callable[[int, Any, Any], T], say_length: bool
+) -> Iterator[T]:
     for i, batch in enumerate(batches):
         if not isinstance(batch, tuple | list) or len(batch) < 2:
             length = (

@@ -46,11 +46,17 @@ from fisherbound._lib import (
     is_array,
     is_traced,
     known_false,
+    length_of,
     progress_bar,
 )
 from fisherbound._shell import masked_label_placeholder
 from fisherbound.families import Family
-from fisherbound.linearization import LossFunction, as_linearizations, check_family
+from fisherbound.linearization import (
+    Linearization,
+    LossFunction,
+    as_linearizations,
+    check_family,
+)
 
 Array = Any
 
@@ -400,10 +406,13 @@ class Stream(_Base):
 
     def _items(self) -> Iterator[Any]:
         batches: Iterator[Any] = as_linearizations(self.source)
+        total = 1 if isinstance(self.source, Linearization) else length_of(self.source)
         if self.limit is not None:
             batches = itertools.islice(batches, self.limit)
+            total = self.limit if total is None else min(total, self.limit)
         ref = None
-        for i, lin in enumerate(progress_bar(batches, desc=self.desc, progress=self.progress)):
+        bar = progress_bar(batches, desc=self.desc, progress=self.progress, total=total)
+        for i, lin in enumerate(bar):
             ref = check_batch(lin, self.family, i, ref)
             yield lin
 

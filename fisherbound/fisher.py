@@ -42,8 +42,11 @@ ValueError that names ``fisherbound.estimators.detach_and_mix``, whose cost is
 one backward pass per probe whatever P and C.
 
 ``source`` is one linearization or an iterable of them (a data set streamed
-batch by batch, with a progress bar on long runs; ``progress=False`` turns it
-off). ``fisher_operator`` applies the data set at every matvec, so it keeps the
+batch by batch, with a progress bar on long runs: one bar per call, with a
+total, a rate and an ETA when the source has a length (a list, a
+``DataLoader`` through an adapter's ``linearizations``), left on screen at the
+end; calls made inside another bar draw none; ``progress=False`` turns it off).
+``fisher_operator`` applies the data set at every matvec, so it keeps the
 linearizations: give it one or a list of them, not a one-shot generator.
 
 Data parallel: with ``process_group=`` (a ``torch.distributed`` process group, or
@@ -271,7 +274,8 @@ def fisher_diagonal(
         least one. The result does not depend on it (up to the rounding of
         the summation order); no (N, C, C) array is formed.
     progress
-        Show a progress bar: None (on a terminal, after 2 s), True or False.
+        Show a progress bar: None (on a terminal, after 2 s), True or False
+        (see the module docstring).
     process_group
         None (default), a ``torch.distributed`` process group or a JAX axis name:
         ``source`` is this rank's shard and the result covers all ranks' data
@@ -499,7 +503,7 @@ def fisher_operator(
     def matmat(v: Array) -> Array:
         vt = xp.matrix_transpose(v)  # (k, D)
         total: Array = None
-        for lin in progress_bar(lins, desc="Fisher matmat", progress=progress):
+        for lin in progress_bar(lins, desc="Fisher matmat", progress=progress, leave=False):
             jv = lin.jvp_batch(vt)  # (k, N, *S, C)
             # The logits (N, *S, C) broadcast against (k, N, *S, C): the core quantities
             # (e.g. the top eigenpair of the "lower" kernel) are solved once per batch.
@@ -513,7 +517,7 @@ def fisher_operator(
 
     def matvec(v: Array) -> Array:
         total: Array = None
-        for lin in progress_bar(lins, desc="Fisher matvec", progress=progress):
+        for lin in progress_bar(lins, desc="Fisher matvec", progress=progress, leave=False):
             part = lin.vjp(
                 fam.unchecked_metric_matvec(lin.logits, lin.jvp(v), kernel=kernel, xp=lin.xp)
             )

@@ -45,6 +45,7 @@ from fisherbound._lib import REDUCTIONS, array_namespace, device_of, is_array, i
 # The adapters' shared shell lives in its own module; the adapters and the analyses
 # import it from here, with the contract.
 from fisherbound._shell import (
+    Lazy,
     check_batches,
     check_family,  # noqa: F401  (fisherbound._stream imports it from here)
     check_loss_labels,
@@ -79,6 +80,7 @@ __all__ = [
     "example_range",
     "make_blocks",
     "mask_source",
+    "Lazy",
     "stream_inputs",
     "stream_linearizations",
     "stream_loss_functions",

@@ -368,29 +368,97 @@ def test_meta_tensors_are_refused_by_every_front_door(case: str) -> None:
         call()
 
 
-def test_progress_bar_only_where_it_would_show(monkeypatch: pytest.MonkeyPatch) -> None:
-    """False and None off a terminal build no tqdm object (it costs ~0.4 ms per call);
-    True draws one; anything else is the house TypeError."""
+class _FakeBar:
+    """Records what a tqdm bar would be told."""
+
+    made: list[_FakeBar] = []
+
+    def __init__(self, **options: Any) -> None:
+        self.options, self.n, self.closed = options, 0, False
+        _FakeBar.made.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_description(self, desc: str) -> None:
+        self.options["desc"] = desc
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_tqdm(monkeypatch: pytest.MonkeyPatch) -> list[_FakeBar]:
     pytest.importorskip("tqdm")
     import tqdm.auto
 
+    _FakeBar.made = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", _FakeBar)
+    return _FakeBar.made
+
+
+def test_progress_bar_only_where_it_would_show(
+    monkeypatch: pytest.MonkeyPatch, fake_tqdm: list[Any]
+) -> None:
+    """False and None off a terminal build no tqdm object (it costs ~0.4 ms per call);
+    True draws one, left on screen; anything else is the house TypeError."""
     from fisherbound._lib import _progress, progress_bar
 
-    made: list[dict[str, Any]] = []
-
-    def fake(iterable: Any, **options: Any) -> Any:
-        made.append(options)
-        return iter(iterable)
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", fake)
     monkeypatch.setattr(_progress, "_terminal", lambda: False)
     assert list(progress_bar([1, 2], desc="d", progress=False)) == [1, 2]
     assert list(progress_bar([1, 2], desc="d", progress=None)) == [1, 2]
-    assert made == []
+    assert fake_tqdm == []
     assert list(progress_bar([1, 2], desc="d", progress=True)) == [1, 2]
-    assert made == [{"desc": "d", "unit": "batch", "leave": False}]
+    (bar,) = fake_tqdm
+    assert bar.options == {"desc": "d", "unit": "batch", "total": 2, "leave": True}
+    assert (bar.n, bar.closed) == (2, True)
     monkeypatch.setattr(_progress, "_terminal", lambda: True)
     assert list(progress_bar([3], desc="d", progress=None)) == [3]
-    assert made[-1]["delay"] == 2.0
+    assert fake_tqdm[-1].options["delay"] == 2.0
     with pytest.raises(TypeError, match=r"progress must be True, False or None .* got str 'no'"):
         list(progress_bar([1], desc="d", progress="no"))
+
+
+def test_progress_bar_total_from_the_source(fake_tqdm: list[Any]) -> None:
+    """The total is the source's length (a list, a DataLoader through an adapter's
+    linearizations); a generator has none: count and rate only."""
+    torch = pytest.importorskip("torch")
+    from fisherbound._lib import length_of, progress_bar
+    from fisherbound.adapters.torch import linearizations
+    from fisherbound.fisher import fisher_trace
+
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3), torch.zeros(12))
+    loader = torch.utils.data.DataLoader(data, batch_size=5)
+    model = torch.nn.Linear(3, 2)
+    stream = linearizations(model, loader)
+    assert length_of(stream) == 3
+    next(stream)
+    assert length_of(stream) == 2  # what is left
+    assert length_of(x for x in [1, 2]) is None
+    list(progress_bar((x for x in [1, 2]), desc="g", progress=True))
+    assert fake_tqdm[-1].options["total"] is None
+    fisher_trace(linearizations(model, loader), progress=True)
+    assert (fake_tqdm[-1].options["total"], fake_tqdm[-1].n) == (3, 3)
+    assert fake_tqdm[-1].options["desc"] == "Fisher trace"
+
+
+def test_one_bar_per_call_and_none_inside_another(fake_tqdm: list[Any]) -> None:
+    """A call inside an open bar draws none; after it (or an error in the loop), bars
+    show again."""
+    from fisherbound._lib import close_bar, open_bar, progress_bar
+
+    outer = open_bar(desc="outer", progress=True, total=2, unit="step")
+    assert list(progress_bar([1, 2], desc="inner", progress=True)) == [1, 2]
+    assert [b.options["desc"] for b in fake_tqdm] == ["outer"]
+    close_bar(outer)
+    assert outer.closed
+
+    def broken() -> None:
+        for _ in progress_bar([1, 2], desc="broken", progress=True):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        broken()
+    list(progress_bar([1], desc="after", progress=True))
+    assert [b.options["desc"] for b in fake_tqdm] == ["outer", "broken", "after"]
+    assert all(b.closed for b in fake_tqdm)

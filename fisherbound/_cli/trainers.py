@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from fisherbound._lib import close_bar
 from fisherbound._report.subjects import Subject, jax_subject, numpy_subject, torch_subject
 from fisherbound._report.timing import progress_bar
 
@@ -149,8 +150,7 @@ def fit(
             theta = theta - lr * m_hat / (xp.sqrt(v_hat) + 1e-8)
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
+    close_bar(bar)
     return theta, step
 
 

@@ -40,7 +40,7 @@ from fisherbound._lib._namespace import (
     to_host,
 )
 from fisherbound._lib._options import DISTRIBUTIONS, REDUCTIONS
-from fisherbound._lib._progress import progress_bar
+from fisherbound._lib._progress import close_bar, length_of, open_bar, progress_bar
 from fisherbound._lib._random import RankedGenerator, as_generator, probes, uniform
 from fisherbound._lib._validation import (
     HALF_PRECISION,
@@ -105,6 +105,9 @@ __all__ = [
     "known_false",
     "probes",
     "progress_bar",
+    "open_bar",
+    "close_bar",
+    "length_of",
     "shared_generator",
     "sum_is_finite",
     "to_host",

@@ -2,8 +2,9 @@
 
 ``timed`` measures one estimator the way the report quotes it (best of several
 runs after a warm-up, waiting for asynchronous backends); ``Stages`` times the
-named steps of the analysis behind one progress bar; ``progress_bar`` is the
-bar itself, shared with the command line's training loop.
+named steps of the analysis behind one progress bar; ``progress_bar`` opens
+such a bar (the library's ``open_bar`` counting steps), shared with the command
+line's training loop.
 """
 
 from __future__ import annotations
@@ -15,18 +16,15 @@ from typing import Any
 
 
 def progress_bar(total: int, desc: str, progress: bool | None) -> Any:
-    """A tqdm bar of ``total`` steps, or None (``progress=False`` or no tqdm).
+    """A bar of ``total`` steps (``fisherbound._lib.open_bar``), or None where none shows.
 
-    ``progress=None`` shows it only on a terminal, ``True`` always.
+    ``progress=None`` shows it only on a terminal after two seconds, ``True``
+    always; close it with ``fisherbound._lib.close_bar``. While it is open, the
+    library calls made inside draw no bars of their own.
     """
-    if progress is False:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    disable = None if progress is None else False  # None: only on a terminal
-    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=disable)
+    from fisherbound._lib import open_bar
+
+    return open_bar(desc=desc, progress=progress, total=total, unit="step")
 
 
 def wait(result: Any) -> None:
@@ -74,7 +72,7 @@ class Stages:
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         if self._bar is not None:
-            self._bar.set_description(name)
+            self._bar.set_description(name, refresh=False)  # shown after DELAY
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
@@ -82,5 +80,9 @@ class Stages:
             self._bar.update(1)
 
     def close(self) -> None:
+        from fisherbound._lib import close_bar
+
         if self._bar is not None:
-            self._bar.close()
+            self._bar.set_description("analysis", refresh=False)  # what stays on screen
+        close_bar(self._bar)
+        self._bar = None

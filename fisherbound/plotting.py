@@ -388,10 +388,20 @@ def plot_fisher_diagonal(
     Within each block (separated by vertical lines and labelled by name) the
     entries are sorted by the exact value (or by the estimate when there is no
     exact value) and, for large blocks, thinned to ``max_points_per_block`` evenly
-    spaced ranks. Drawn: the exact diagonal (dots), the certified bounds
+    spaced ranks. Every block gets at least 1/40 of the x axis, so a small block (a
+    bias) stays visible; the block names are stacked in rows above the axes so that
+    no two overlap. Drawn: the exact diagonal (dots), the certified bounds
     ``diag F_LR ≤ diag F ≤ diag F_DG`` (a shaded band between the two curves) and
     a random estimate with its 95% confidence intervals (``estimate.interval(0.95)``:
     Student t with the estimate's degrees of freedom, see ``fisherbound.Estimate``).
+
+    Entries that are exactly 0 (of the exact diagonal when given; a parameter that
+    changes no output on the inputs, e.g. a weight from an input pixel that is
+    always 0 or into a dead ReLU unit) have no place on a log axis: with ``log``
+    and a new figure they are drawn in a strip of their own below the axes,
+    labelled "exactly 0" with their count (n of D entries, percent); into a given
+    ``ax`` they are drawn at the bottom of the axes as grey crosses, with the count
+    in the legend.
 
     Parameters
     ----------
@@ -409,13 +419,17 @@ def plot_fisher_diagonal(
     max_points_per_block
         Entries shown per block.
     log
-        Logarithmic y axis (non-positive values are clipped to 1e−12 of the maximum).
+        Logarithmic y axis (the log axis starts a decade below the smallest
+        positive value; exactly-zero entries are shown apart, see above).
     ax, title
         Axes to draw into (default a new figure) and title.
 
     Returns
     -------
     matplotlib.figure.Figure
+        Its first axes holds the diagonal; with zero entries and a new figure the
+        second is the "exactly 0" strip. A new figure has its legend below the axes
+        (``fig.legends[0]``), a given ``ax`` its own (``ax.get_legend()``).
     """
     import numpy as np
 
@@ -423,41 +437,122 @@ def plot_fisher_diagonal(
     per_block = check_positive_int(max_points_per_block, "max_points_per_block")
     series = _diagonal_series(blocks, exact, bounds, estimate)
     key: Any = next(series[k] for k in ("exact", "estimate", "upper") if k in series)
-    order, starts = _block_order(blocks, key, per_block)
+    order, x, starts = _block_order(blocks, key, per_block)
+    zero = key == 0.0
+    num_zero, d = int(np.count_nonzero(zero)), int(key.shape[0])
     figure_class = _figure_class()
-    fig = (
-        figure_class(figsize=(max(6.0, 0.012 * order.size + 4.0), 4.0), layout="constrained")
-        if ax is None
-        else ax.figure
-    )
-    ax = fig.add_subplot() if ax is None else ax
-    # The log axis starts a decade below the smallest positive value shown.
+    strip, own = None, ax is None
+    if ax is None:
+        fig = figure_class(figsize=(10.0, 5.4), layout="constrained")
+        if log and num_zero:
+            grid = fig.add_gridspec(2, 1, height_ratios=(9, 1), hspace=0.0)
+            ax = fig.add_subplot(grid[0])
+            strip = fig.add_subplot(grid[1], sharex=ax)
+        else:
+            ax = fig.add_subplot()
+    else:
+        fig = ax.figure
     values = np.concatenate([v for k, v in series.items() if k not in ("std_error", "low", "high")])
     positive = values[values > 0]
     floor = 0.1 * float(np.min(positive)) if positive.size else 1e-12
-    _draw_diagonal(ax, series, order, floor, log)
-    for start, stop, name in starts:
-        if start > 0:
-            ax.axvline(start - 0.5, color="0.5", linewidth=0.6)
-        ax.text(
-            0.5 * (start + stop - 1),
-            1.01,
-            name,
-            transform=ax.get_xaxis_transform(),
-            ha="center",
-            va="bottom",
-            fontsize="x-small",
-            rotation=0,
-        )
+    shown_zero = zero[order] if log else np.zeros(order.shape, dtype=bool)
+    _draw_diagonal(ax, series, order, x, floor, log, shown_zero)
+    zero_label = (
+        f"exactly 0: {num_zero} of {d} entries ({100.0 * num_zero / d:.1f}%)" if num_zero else ""
+    )
+    if log and num_zero:
+        xz = x[zero[order]]
+        target, y0 = (strip, 0.5) if strip is not None else (ax, floor)
+        target.plot(xz, np.full(xz.shape, y0), "x", color="0.35", markersize=4)
+        # The count goes into the main legend, where it cannot cover a marker.
+        where = " (strip below)" if strip is not None else " (at the bottom)"
+        ax.plot([], [], "x", color="0.35", markersize=4, label=zero_label + where)
+        if strip is not None:
+            strip.set_ylim(0.0, 1.0)
+            strip.set_yticks([0.5], labels=["exactly 0"])
+            ax.tick_params(axis="x", labelbottom=False)
+    for start, _stop, _name in starts:
+        if start > -0.5:
+            for target in (ax, strip):
+                if target is not None:
+                    target.axvline(start, color="0.5", linewidth=0.6)
     if log:
         ax.set_yscale("log")
-    ax.set_xlim(-0.5, order.size - 0.5)
+        if num_zero:
+            ax.set_ylim(bottom=floor)
+    ax.set_xlim(-0.5, float(x[-1]) + 0.5 if x.size else 0.5)
+    bottom = strip if strip is not None else ax
+    bottom.set_xticks([])
+    bottom.set_xlabel("parameters, sorted within each block")
     ax.set_xticks([])
-    ax.set_xlabel("parameters, sorted within each block")
     ax.set_ylabel("Fisher diagonal F_ii")
-    ax.set_title("Fisher diagonal per block" if title is None else title, pad=16)
-    ax.legend(loc="best", fontsize="small")
+    height = _label_blocks(fig, ax, starts)
+    ax.set_title("Fisher diagonal per block" if title is None else title, pad=4.0 + height)
+    if own:  # below the axes, where it cannot cover a point
+        handles, labels = ax.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
+    else:
+        ax.legend(loc="best", fontsize="small")
     return fig
+
+
+#: Every block gets at least this fraction of the x axis of ``plot_fisher_diagonal``.
+MIN_BLOCK_FRACTION = 1.0 / 40.0
+
+
+def _label_blocks(fig: Any, ax: Any, starts: list[tuple[float, float, str]]) -> float:
+    """Name each block above the axes, in as many rows as it takes for no two to overlap.
+
+    The names are measured with the figure's renderer and placed greedily: each in
+    the lowest row where it clears the previous name by a small gap. Returns the
+    height of the rows in points.
+    """
+    import numpy as np
+
+    if not starts:
+        return 0.0
+    renderer = _renderer(fig)
+    left, right = ax.get_xlim()
+    box = ax.get_window_extent(renderer)
+    scale = box.width / (right - left)  # pixels per x unit
+    fontsize, size = "small", 0.0
+    ends: list[float] = []  # the right end, in pixels, of the last name of each row
+    for start, stop, name in starts:
+        probe = fig.text(0.0, 0.0, name, fontsize=fontsize)
+        width = probe.get_window_extent(renderer).width
+        size = probe.get_fontsize()  # points
+        probe.remove()
+        centre = box.x0 + scale * (0.5 * (start + stop) - left)
+        centre = float(np.clip(centre, box.x0 + 0.5 * width, box.x1 - 0.5 * width))
+        gap = 4.0 * fig.dpi / 72.0
+        row = next((i for i, end in enumerate(ends) if centre - 0.5 * width >= end + gap), None)
+        if row is None:
+            row = len(ends)
+            ends.append(0.0)
+        ends[row] = centre + 0.5 * width
+        ax.annotate(
+            name,
+            xy=(left + (centre - box.x0) / scale, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(0.0, 2.0 + 1.25 * size * row),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=fontsize,
+            annotation_clip=False,
+            gid="block-label",
+        )
+    return 2.0 + 1.25 * size * len(ends)
+
+
+def _renderer(fig: Any) -> Any:
+    """The figure's renderer, after one layout pass (an Agg canvas when it has none)."""
+    if not hasattr(fig.canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
 
 
 def _diagonal_series(blocks: list[Any], exact: Any, bounds: Any, estimate: Any) -> dict[str, Any]:
@@ -503,13 +598,16 @@ def _diagonal_series(blocks: list[Any], exact: Any, bounds: Any, estimate: Any) 
 
 def _block_order(
     blocks: list[Any], key: Any, per_block: int
-) -> tuple[Any, list[tuple[int, int, str]]]:
-    """Entries sorted by ``key`` within each block, thinned; each block's span on the x axis."""
+) -> tuple[Any, Any, list[tuple[float, float, str]]]:
+    """Entries sorted by ``key`` within each block, thinned; their x and each block's span.
+
+    A block of n shown entries spans max(n, a fraction ``MIN_BLOCK_FRACTION`` of the
+    total) x units, its entries evenly spread over it, so that a small block stays
+    visible; ``starts`` holds (start, stop, name) of each span, the first from −0.5.
+    """
     import numpy as np
 
-    positions: list[Any] = []
-    starts = []
-    x0 = 0
+    picked: list[tuple[Any, str]] = []
     for b in blocks:
         idx = np.arange(b.offset, b.offset + b.size)
         if idx.size == 0:
@@ -517,17 +615,31 @@ def _block_order(
         idx = idx[np.argsort(key[idx], kind="stable")]
         if idx.size > per_block:
             idx = idx[np.linspace(0, idx.size - 1, per_block).round().astype(int)]
-        starts.append((x0, x0 + idx.size, b.name))
+        picked.append((idx, b.name))
+    total = sum(idx.size for idx, _ in picked)
+    least = MIN_BLOCK_FRACTION * total
+    positions, xs, starts = [], [], []
+    x0 = -0.5
+    for idx, name in picked:
+        span = max(float(idx.size), least)
+        xs.append(x0 + (np.arange(idx.size) + 0.5) * (span / idx.size))
+        starts.append((x0, x0 + span, name))
         positions.append(idx)
-        x0 += idx.size
-    return np.concatenate(positions), starts
+        x0 += span
+    return np.concatenate(positions), np.concatenate(xs), starts
 
 
-def _draw_diagonal(ax: Any, series: dict[str, Any], order: Any, floor: float, log: bool) -> None:
-    """The band of the bounds, the estimate with its 95% intervals and the exact dots."""
+def _draw_diagonal(
+    ax: Any, series: dict[str, Any], order: Any, x: Any, floor: float, log: bool, zero: Any
+) -> None:
+    """The band of the bounds, the estimate with its 95% intervals and the exact dots.
+
+    ``zero`` marks the shown entries that are exactly 0: they are drawn apart (none
+    of the three series is drawn at a floor for them).
+    """
     import numpy as np
 
-    x = np.arange(order.size)
+    keep = ~zero
 
     def shown(v: Any) -> Any:
         return np.maximum(v, floor) if log else v
@@ -537,6 +649,7 @@ def _draw_diagonal(ax: Any, series: dict[str, Any], order: Any, floor: float, lo
             x,
             shown(series["lower"][order]),
             shown(series["upper"][order]),
+            where=keep,
             step="mid",
             color="C2",
             alpha=0.3,
@@ -551,14 +664,23 @@ def _draw_diagonal(ax: Any, series: dict[str, Any], order: Any, floor: float, lo
         low = np.where(np.isnan(low), est, low)
         below = shown(est) - np.maximum(low, floor) if log else est - low
         ax.errorbar(
-            x,
-            shown(est),
-            yerr=[np.maximum(below, 0.0), np.maximum(high - est, 0.0)],
+            x[keep],
+            shown(est)[keep],
+            yerr=[np.maximum(below, 0.0)[keep], np.maximum(high - est, 0.0)[keep]],
             fmt="none",
             ecolor="C1",
             elinewidth=0.6,
             alpha=0.7,
         )
-        ax.plot(x, shown(est), ".", color="C1", markersize=3, label="estimate, 95% interval")
+        ax.plot(
+            x[keep], shown(est)[keep], ".", color="C1", markersize=3, label="estimate, 95% interval"
+        )
     if "exact" in series:
-        ax.plot(x, shown(series["exact"][order]), ".", color="k", markersize=3, label="exact")
+        ax.plot(
+            x[keep],
+            shown(series["exact"][order])[keep],
+            ".",
+            color="k",
+            markersize=3,
+            label="exact",
+        )

@@ -80,11 +80,31 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.Com
     sklearn = pytest.importorskip("sklearn")
     assert sklearn
     pytest.importorskip("matplotlib")
-    out = tmp_path_factory.mktemp("demo") / "report"
-    cmd = [sys.executable, "-m", "fisherbound", "demo", "--out", str(out), *SMALL]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    # Run where a user would: in a git repository, with the default report folder.
+    repo = tmp_path_factory.mktemp("demo")
+    if shutil.which("git") is not None:
+        subprocess.run(["git", "init", "-q", str(repo)], check=True, timeout=60)
+    cmd = [sys.executable, "-m", "fisherbound", "demo", *SMALL]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc
+    return repo / "fisherbound-report", proc
+
+
+def test_demo_default_folder_is_ignored_by_git(demo: Any) -> None:
+    out, _ = demo
+    assert (out / ".gitignore").read_text().splitlines()[-1] == "*"
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=out.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert (out / "index.html").is_file()
+    assert status.stdout == "", status.stdout
 
 
 # --------------------------------------------------------------------------- #
@@ -475,16 +495,35 @@ def test_report_help_names_the_options_for_position_axes(capsys: Any) -> None:
 
 def test_bernoulli_data_labels_may_be_soft_targets() -> None:
     # DATA's Bernoulli labels: binary or soft targets in [0, 1], of the logits' shape.
-    from fisherbound._cli.loading import check_bernoulli
+    from fisherbound._cli.loading import check_label_rows
     from fisherbound._cli.usage import UsageError
 
     logits = np.zeros((4, 3))
-    check_bernoulli(logits, np.array([[0.0, 1.0, 0.5]] * 4))  # soft targets pass
+    check_label_rows(logits, np.array([[0.0, 1.0, 0.5]] * 4), "bernoulli")  # soft targets pass
     for bad in (1.5, -0.1, np.nan):
         with pytest.raises(UsageError, match=r"binary labels 0 / 1 or soft targets in \[0, 1\]"):
-            check_bernoulli(logits, np.full((4, 3), bad))
+            check_label_rows(logits, np.full((4, 3), bad), "bernoulli")
     with pytest.raises(UsageError, match=r"rows in \[0, 1\] of shape \(N, C\) = \(4, 3\)"):
-        check_bernoulli(logits, np.zeros((4, 2)))
+        check_label_rows(logits, np.zeros((4, 2)), "bernoulli")
+
+
+def test_gaussian_data_targets_are_finite_rows() -> None:
+    # DATA's Gaussian targets: finite reals of the logits' shape; a one-output model's
+    # targets (N,) get the hint to save them as (N, 1).
+    from fisherbound._cli.loading import check_label_rows
+    from fisherbound._cli.usage import UsageError
+
+    check_label_rows(np.zeros((4, 3)), np.full((4, 3), -7.5), "gaussian")
+    with pytest.raises(UsageError, match=r"^Gaussian labels must be finite real targets; got "):
+        check_label_rows(np.zeros((4, 3)), np.full((4, 3), np.inf), "gaussian")
+    with pytest.raises(UsageError, match=r"dtype <U1\.$"):
+        check_label_rows(np.zeros((4, 1)), np.full((4, 1), "a"), "gaussian")
+    with pytest.raises(
+        UsageError,
+        match=r"real targets of shape \(N, C\) = \(4, 1\); got shape \(4,\)\. A model with one "
+        r"output takes targets \(N, 1\): save y\[:, None\]\.",
+    ):
+        check_label_rows(np.zeros((4, 1)), np.zeros(4), "gaussian")
 
 
 def test_categorical_target_distributions_of_data() -> None:

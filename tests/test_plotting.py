@@ -132,10 +132,14 @@ def test_fisher_diagonal_plot(trained: Any, tmp_path: Any) -> None:
         lin, exact=exact, bounds=bounds, estimate=est, max_points_per_block=20
     )
     ax = fig.axes[0]
-    names = [t.get_text() for t in ax.texts]
+    names = [t.get_text() for t in ax.texts if t.get_gid() == "block-label"]
     assert names == [b.name for b in lin.blocks]
     shown = sum(min(b.size, 20) for b in lin.blocks)
-    assert ax.get_xlim() == (-0.5, shown - 0.5)
+    (exact_line,) = [ln for ln in ax.get_lines() if ln.get_label() == "exact"]
+    assert exact_line.get_xdata().size == shown
+    # A small block gets at least 1/40 of the axis: the x span covers both.
+    spans = [max(min(b.size, 20), shown / 40) for b in lin.blocks]
+    assert ax.get_xlim() == pytest.approx((-0.5, sum(spans) - 0.5))
     (exact_line,) = [ln for ln in ax.get_lines() if ln.get_label() == "exact"]
     # Within each block the exact values are sorted.
     y = exact_line.get_ydata()
@@ -147,6 +151,92 @@ def test_fisher_diagonal_plot(trained: Any, tmp_path: Any) -> None:
     assert saved(fig, tmp_path / "fisher_diagonal.png") > 5000
     only_bounds = plot_fisher_diagonal(lin.blocks, bounds=bounds, log=False)
     assert only_bounds.axes[0].get_yscale() == "linear"
+
+
+def labelled_blocks(sizes: list[int], names: list[str]) -> list[Any]:
+    blocks, offset = [], 0
+    for name, size in zip(names, sizes, strict=True):
+        blocks.append(SimpleNamespace(name=name, shape=(size,), offset=offset, size=size))
+        offset += size
+    return blocks
+
+
+def test_block_names_never_overlap() -> None:
+    """Long names over tiny blocks (a CNN's biases) are stacked, not drawn over each other."""
+    names = [f"features.{i}.{kind}" for i in range(6) for kind in ("weight", "bias")]
+    sizes = [400 if n.endswith("weight") else 4 for n in names]
+    blocks = labelled_blocks(sizes, names)
+    exact = np.random.default_rng(0).lognormal(size=sum(sizes))
+    fig = plot_fisher_diagonal(blocks, exact=exact, max_points_per_block=100)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if t.get_gid() == "block-label"]
+    assert [t.get_text() for t in labels] == names
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), "two block names overlap"
+    page = fig.bbox
+    assert all(page.x0 <= b.x0 and b.x1 <= page.x1 and b.y1 <= page.y1 for b in boxes)
+    assert len({round(b.y0) for b in boxes}) > 1  # they did need a second row
+    title = fig.axes[0].title.get_window_extent(renderer)
+    assert not any(title.overlaps(b) for b in boxes)
+
+
+def test_exactly_zero_entries_are_drawn_apart(tmp_path: Any) -> None:
+    """Zeros of diag F get their own strip and a count, not a floor value on the log axis."""
+    blocks = labelled_blocks([30, 10], ["w", "b"])
+    exact = np.linspace(1e-3, 1.0, 40)
+    exact[[0, 3, 7, 35]] = 0.0
+    fig = plot_fisher_diagonal(blocks, exact=exact, bounds=(0.5 * exact, 2.0 * exact))
+    ax, strip = fig.axes
+    (legend,) = fig.legends  # below the axes, covering no point
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "exactly 0: 4 of 40 entries (10.0%) (strip below)" in labels
+    (exact_line,) = [ln for ln in ax.get_lines() if ln.get_label() == "exact"]
+    assert np.all(exact_line.get_ydata() > 0.0)  # no dot at a made-up floor
+    assert exact_line.get_ydata().size == 36
+    # The axis starts a decade below the smallest positive value drawn (the lower bound).
+    assert ax.get_ylim()[0] == pytest.approx(0.1 * 0.5 * exact[1])
+    (marks,) = strip.get_lines()[:1]
+    assert marks.get_xdata().size == 4
+    assert [t.get_text() for t in strip.get_yticklabels()] == ["exactly 0"]
+    assert saved(fig, tmp_path / "zeros.png") > 5000
+    # Into a given axes they are crosses at the bottom, still counted in the legend.
+    from matplotlib.figure import Figure
+
+    given = Figure().add_subplot()
+    plot_fisher_diagonal(blocks, exact=exact, ax=given)
+    assert len(given.figure.axes) == 1
+    legend = given.get_legend()
+    assert legend is not None
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "exactly 0: 4 of 40 entries (10.0%) (at the bottom)" in labels
+    nonzero = plot_fisher_diagonal(blocks, exact=exact + 1.0)
+    assert len(nonzero.axes) == 1
+
+
+def test_reflected_density_has_no_mass_below_the_lower_end() -> None:
+    """smoothed_density(..., lower=a): 0 below a, the mirror image added above, mass 1."""
+    rule = (np.array([[0.0, 0.3, 2.0]]), np.array([[1.0, 2.0, 1.0]]))
+    t = np.linspace(-1.0, 4.0, 5001)
+    plain = smoothed_density(rule, t, width=0.2)
+    reflected = smoothed_density(rule, t, width=0.2, lower=0.0)
+    assert np.all(reflected[t < 0] == 0.0)
+    assert np.all(reflected[t >= 0] >= plain[t >= 0])
+    step = t[1] - t[0]
+    assert float(np.sum(plain[t < 0]) * step) > 0.1  # the artefact: mass below 0
+    assert float(np.sum(reflected) * step) == pytest.approx(1.0, abs=1e-3)
+    mirror = smoothed_density(rule, -t, width=0.2)  # φ(−t): the Gaussians mirrored at 0
+    np.testing.assert_allclose(reflected[t >= 0], (plain + mirror)[t >= 0], rtol=1e-12)
+    # A node below lower by rounding is taken as lower; further below is an error.
+    near = (np.array([[-1e-14, 1.0]]), np.array([[1.0, 1.0]]))
+    assert np.all(np.isfinite(smoothed_density(near, t, width=0.2, lower=0.0)))
+    far = (np.array([[-0.5, 1.0]]), np.array([[1.0, 1.0]]))
+    with pytest.raises(ValueError, match="must bound the spectrum from below; got a quadrature"):
+        smoothed_density(far, t, width=0.2, lower=0.0)
+    with pytest.raises(ValueError, match="lower must be None or a finite real number"):
+        smoothed_density(rule, t, width=0.2, lower=float("nan"))
 
 
 def test_plotting_errors(trained: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,13 +9,18 @@ problem, without a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 import warnings
+import zlib
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -137,6 +142,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 6))
     y = rng.integers(0, 4, size=40)
+    x[:, 5] = 0.0  # an input that is 0 everywhere: its 12 weights have F_ii = 0 exactly
     np.savez(folder / "data.npz", x=x, y=y)
     np.savez(folder / "data_keys.npz", inputs=x, labels=y)
     np.savez(folder / "wrong_keys.npz", images=x, targets=y)
@@ -145,6 +151,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(folder / "infinite.npz", x=np.where(np.arange(40)[:, None] == 5, np.inf, x), y=y)
     np.savez(folder / "big_labels.npz", x=x, y=np.where(np.arange(40) == 3, 9, y))
     np.savez(folder / "multilabel.npz", x=x, y=(rng.random((40, 3)) < 0.4).astype(np.float64))
+    np.savez(folder / "regression.npz", x=x, y=rng.standard_normal((40, 3)))
     (folder / "garbage.pt").write_bytes(b"this is not a model")
     # A plain nn.Sequential pickles without the test's module: torch.save of the module.
     plain = torch.nn.Sequential(*list(model.children())[:3])
@@ -166,6 +173,7 @@ def run_report(files: dict[str, Path], model: str, data: str, *extra: str) -> di
     for fig in report["figures"]:
         assert (out / fig["file"]).stat().st_size > 0
     assert "<img" in (out / "index.html").read_text()
+    report["_folder"] = out  # not in report.json: where the tests find the files
     return report
 
 
@@ -281,6 +289,37 @@ def test_bernoulli_family_with_a_target_error(files: dict[str, Path]) -> None:
     assert met or any("target_relative_error" in w for w in r["warnings"])
 
 
+def test_gaussian_family_with_a_variance(files: dict[str, Path]) -> None:
+    """--family gaussian --variance σ²: the exact diagonal is the library's for
+    Gaussian(variance=σ²) (1/σ² times the unit one); the overview gives the RMSE."""
+    from fisherbound.adapters.torch import linearize
+    from fisherbound.families import Gaussian
+    from fisherbound.fisher import fisher_diagonal
+
+    argv = ["--factory", "make_multilabel", "--family", "gaussian", "--variance", "0.25"]
+    r = run_report(files, str(files["model.py"]), "regression", *argv)
+    an = r["analysed"]
+    assert (an["family"], an["variance"]) == ("Gaussian", 0.25)
+    assert "accuracy" not in an
+    spec = importlib.util.spec_from_file_location("user_model_gaussian", files["model.py"])
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = np.load(files["regression"])
+    model = mod.make_multilabel().eval()
+    z = model(torch.as_tensor(data["x"])).detach().numpy()
+    assert an["rmse"] == pytest.approx(float(np.sqrt(np.mean((z - data["y"]) ** 2))), rel=1e-12)
+    lin = linearize(model, torch.as_tensor(data["x"]))
+    unit = fisher_diagonal(lin, Gaussian()).numpy()
+    exact = np.asarray(r["fisher_diagonal"]["values"]["exact"])
+    np.testing.assert_allclose(exact, 4.0 * unit, rtol=1e-10, atol=1e-14)
+    check_bounds(r)
+    text = (r["_folder"] / "report.md").read_text()
+    assert "Gaussian (regression, σ² = 0.25)" in text
+    assert "root mean squared error on them" in text
+
+
 # --------------------------------------------------------------------------- #
 # bad input: exit status 2, the problem named on stderr
 
@@ -342,6 +381,15 @@ CASES = [
         "Bernoulli labels must be rows in [0, 1] of shape (N, C) = (40, 3)",
         "(40,)",
     ),
+    (
+        "model.py:make_multilabel",
+        "data",
+        ["--family", "gaussian"],
+        "Gaussian labels must be real targets of shape (N, C) = (40, 3)",
+        "(40,)",
+    ),
+    (M, "data", ["--variance", "2"], "--variance is for the gaussian family", "categorical"),
+    (M, "data", ["--variance", "0"], "argument --variance: must be a positive", "got 0"),
 ]
 
 
@@ -859,3 +907,154 @@ def test_intervals_are_shown_with_their_ends() -> None:
     assert ci(12.0, 1.5, [9.5, math.inf]) == "12 [9.5, ∞]"  # few probes: no upper bound
     assert ci(12.0, 0.0, [12.0, 12.0]) == "12"  # exact: no interval to show
     assert ci(12.0, 1.5, None) == "12 ± 1.5"  # an older report.json without intervals
+
+
+# --------------------------------------------------------------------------- #
+# the report folder as a reader gets it: links, figures, the numbers of the text
+
+
+class Links(HTMLParser):
+    """Every href and src of a page, and the attributes of every <img>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.images: list[dict[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = {k: v or "" for k, v in attrs}
+        self.links += [found[k] for k in ("href", "src") if k in found]
+        if tag == "img":
+            self.images.append(found)
+
+
+def png_chunks(data: bytes) -> dict[bytes, bytes]:
+    """The chunks of a PNG file by type, each CRC checked (the first of each type)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    chunks: dict[bytes, bytes] = {}
+    at = 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind, body = data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        crc = int.from_bytes(data[at + 8 + length : at + 12 + length], "big")
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in chunk {kind!r}"
+        chunks.setdefault(kind, body)
+        at += 12 + length
+        if kind == b"IEND":
+            break
+    assert b"IHDR" in chunks
+    assert b"IEND" in chunks
+    return chunks
+
+
+def test_the_html_has_no_broken_links_or_images(factory_report: dict[str, Any]) -> None:
+    """Every local href/src is a file of the folder; every <img> a valid PNG at 2 × 80 dpi."""
+    import matplotlib.image
+
+    from fisherbound._report.render import CSS_PER_INCH
+
+    folder = factory_report["_folder"]
+    parser = Links()
+    parser.feed((folder / "index.html").read_text(encoding="utf-8"))
+    markdown = (folder / "report.md").read_text(encoding="utf-8")
+    local = [
+        link
+        for link in parser.links + re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+        if not re.match(r"[a-z][a-z0-9+.-]*:|#", link)
+    ]
+    assert local, "the page links no figure"
+    for link in local:
+        path = (folder / unquote(link)).resolve()
+        assert path.is_file(), f"{link} is not a file of the report folder"
+        assert path.parent == folder.resolve(), f"{link} points outside the report folder"
+    figures = {f["file"]: f for f in factory_report["figures"]}
+    assert sorted(img["src"] for img in parser.images) == sorted(figures)
+    for img in parser.images:
+        data = (folder / img["src"]).read_bytes()
+        chunks = png_chunks(data)
+        width = int.from_bytes(chunks[b"IHDR"][:4], "big")
+        height = int.from_bytes(chunks[b"IHDR"][4:8], "big")
+        pixels = matplotlib.image.imread(folder / img["src"])  # decodes every row
+        assert pixels.shape[:2] == (height, width)
+        entry = figures[img["src"]]
+        assert (entry["width"], entry["height"], entry["dpi"]) == (width, height, 160)
+        # pHYs: pixels per metre, the same on both axes; 160 dpi is twice the former 80.
+        per_metre = int.from_bytes(chunks[b"pHYs"][:4], "big")
+        assert round(per_metre * 0.0254) == 2 * 80
+        assert width >= 1000, f"{img['src']} is {width} pixels wide"
+        # Shown at CSS_PER_INCH pixels per inch: the PNG has 1.6 pixels per CSS pixel.
+        assert int(img["width"]) == round(width * CSS_PER_INCH / 160)
+        assert int(img["height"]) == round(height * CSS_PER_INCH / 160)
+        assert img["alt"]
+
+
+def test_exactly_zero_entries_are_counted_and_said(factory_report: dict[str, Any]) -> None:
+    """The weights from the input that is 0 everywhere: counted, per block, and in the text."""
+    fd = factory_report["fisher_diagonal"]
+    exact = np.asarray(fd["values"]["exact"])
+    count = int(np.count_nonzero(exact == 0.0))
+    assert count == 12  # 0.weight[:, 5], one per hidden unit
+    assert fd["zero_entries"] == {"count": count, "of": exact.size, "fraction": count / 136}
+    blocks = factory_report["analysed"]["blocks"]
+    for row in fd["blocks"]:
+        if row["block"] == "total":
+            assert row["zero_entries"] == count
+            continue
+        (b,) = [b for b in blocks if b["name"] == row["block"]]
+        part = exact[b["offset"] : b["offset"] + b["size"]]
+        assert row["zero_entries"] == int(np.count_nonzero(part == 0.0))
+    # Exactly the weights of input 5 are 0; every other weight of the layer moves an output.
+    w0 = exact[:72].reshape(12, 6)
+    assert np.all(w0[:, 5] == 0.0)
+    assert np.all(w0[:, :5] > 0.0)
+    md = (factory_report["_folder"] / "report.md").read_text(encoding="utf-8")
+    assert (
+        f"{count} of the D = 136 entries of diag F (8.8%) are exactly 0 (0.weight 12 of 72)" in md
+    )
+    assert "8.8% of the parameters have F_ii = 0 exactly" in md
+
+
+def test_the_spectral_density_lives_on_0_to_infinity(factory_report: dict[str, Any]) -> None:
+    """F is PSD: the report's density is reflected at 0, integrates to 1 on [0, ∞)."""
+    d = factory_report["spectrum"]["density"]
+    grid, phi = np.asarray(d["grid"]), np.asarray(d["density"])
+    assert grid[0] == 0.0
+    assert np.all(np.diff(grid) > 0)
+    assert np.all(phi >= 0.0)
+    step = grid[1] - grid[0]
+    # Trapezoid rule; the grid stops 3 widths above the largest node (≤ 0.2% lost).
+    assert float(np.sum(phi) * step - 0.5 * step * (phi[0] + phi[-1])) == pytest.approx(
+        1.0, abs=0.01
+    )
+    assert d["support"] == [0.0, None]
+    # Without the reflection part of the mass sat below 0 (the issue's artefact).
+    assert 0.0 < d["mass_below_zero_unreflected"] < 1.0
+
+
+def test_the_hessian_plane_numbers_match_its_text(factory_report: dict[str, Any]) -> None:
+    """The text says H_αβ = diag(λ_max, λ_min); the numbers printed are H_αβ's eigenvalues."""
+    from fisherbound._report.sections import fmt
+
+    ls = factory_report["landscape"]
+    c = ls["hessian_plane"]["curvature"]
+    h = np.asarray(c["projected_hessian"])
+    eig = np.linalg.eigvalsh(h)[::-1]
+    np.testing.assert_allclose(c["hessian_eigenvalues"], eig, rtol=1e-12, atol=1e-15)
+    lam, res = ls["hessian"]["eigenvalues"], ls["hessian"]["residuals"]
+    for i in range(2):  # a Ritz pair's Rayleigh quotient is its Ritz value
+        assert abs(eig[i] - lam[i]) <= 1e-8 * abs(lam[0]) + res[i]
+    # The graph curvatures are a different number: those of z = f(α, β) with slope g.
+    g = np.asarray(c["gradient"])
+    assert c["slope_norm"] == pytest.approx(float(np.linalg.norm(g)))
+    w = 1.0 + g @ g
+    gauss = np.linalg.det(h) / w**2
+    mean = ((1 + g[1] ** 2) * h[0, 0] - 2 * g[0] * g[1] * h[0, 1] + (1 + g[0] ** 2) * h[1, 1]) / (
+        2 * w**1.5
+    )
+    root = math.sqrt(max(mean**2 - gauss, 0.0))
+    np.testing.assert_allclose(c["principal"], [mean + root, mean - root], rtol=1e-9, atol=1e-12)
+    md = (factory_report["_folder"] / "report.md").read_text(encoding="utf-8")
+    assert f"the 2 × 2 projected Hessian H_αβ of the Hessian plane are {fmt(eig[0])} and " in md
+    assert f"| Hessian | {fmt(eig[0])}, {fmt(eig[1])} | {fmt(c['slope_norm'], 3)} |" in md
+    # Every section ends with its plain-words paragraph.
+    assert md.count("> **What this means.**") == len(re.findall(r"^## ", md, flags=re.M)) == 8

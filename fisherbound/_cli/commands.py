@@ -28,6 +28,10 @@ from fisherbound._cli.trainers import TRAINERS, accuracy_and_loss, fit, framewor
 from fisherbound._cli.usage import UsageError, require
 from fisherbound._report.settings import Settings
 
+#: Where the demo's and the report's files go unless ``--out`` says otherwise (with a
+#: ``.gitignore``, ``ignore_in_git``).
+DEFAULT_OUT = Path("fisherbound-report")
+
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """The analysis ``Settings`` of the parsed options, after the checks across options."""
@@ -114,7 +118,29 @@ def write(
         context=context,
     )
     analysis.numbers["timing"]["total_seconds"] = time.perf_counter() - start
-    return analysis.numbers, write_report(analysis, args.out)
+    if Path(args.out) == DEFAULT_OUT:
+        ignore_in_git(DEFAULT_OUT)
+    return analysis.numbers, write_report(analysis, args.out).resolve()  # a path to click on
+
+
+#: The ``.gitignore`` written into the default report folder.
+GITIGNORE = (
+    "# Written by fisherbound into its default report folder: the report is generated\n"
+    "# output, so git ignores it. Delete this file to commit the report.\n*\n"
+)
+
+
+def ignore_in_git(folder: Path) -> None:
+    """Create ``folder`` with a ``.gitignore`` of ``*`` unless it has one.
+
+    The default report folder lands in the working directory, often a git
+    repository; the file keeps it out of ``git status`` wherever that is, as
+    pytest's and ruff's caches do. A folder chosen with ``--out`` is the user's.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / ".gitignore"
+    if not marker.exists():
+        marker.write_text(GITIGNORE, encoding="utf-8")
 
 
 def digits(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Any]:
@@ -247,8 +273,9 @@ def label_positions(args: argparse.Namespace, labels: Any) -> tuple[Any, tuple[i
     soft = getattr(args, "soft_targets", False)
     if soft and args.family != "categorical":
         msg = (
-            "--soft-targets is for the categorical family; Bernoulli labels may be soft "
-            "already (rows in [0, 1])."
+            f"--soft-targets is for the categorical family; got --family {args.family}, whose "
+            "labels are rows already (Bernoulli: in [0, 1], soft or binary; Gaussian: real "
+            "targets)."
         )
         raise UsageError(msg)
     if args.family == "categorical" and not soft:
@@ -257,7 +284,7 @@ def label_positions(args: argparse.Namespace, labels: Any) -> tuple[Any, tuple[i
         labels = np.asarray(labels, dtype=np.float64)
     if labels.ndim < 3:  # rows (N, C): no positions (checked against the logits later)
         return labels, ()
-    kind = "target distributions" if soft else "Bernoulli labels"
+    kind = "target distributions" if soft else f"{args.family.capitalize()} labels"
     if not -labels.ndim <= args.class_axis < labels.ndim or args.class_axis % labels.ndim == 0:
         msg = (
             f"--class-axis {args.class_axis} is not an axis of the {kind} of shape "
@@ -298,6 +325,19 @@ def check_positions(
         raise UsageError(msg)
 
 
+def report_family(args: argparse.Namespace) -> Any:
+    """The family of ``--family`` (with ``--variance`` for the Gaussian one)."""
+    from fisherbound.families import Bernoulli, Categorical, Gaussian
+
+    variance = getattr(args, "variance", None)
+    if variance is not None and args.family != "gaussian":
+        msg = f"--variance is for the gaussian family (regression); got --family {args.family}."
+        raise UsageError(msg)
+    if args.family == "gaussian":
+        return Gaussian(variance=1.0 if variance is None else variance)
+    return Categorical() if args.family == "categorical" else Bernoulli()
+
+
 def report(args: argparse.Namespace) -> int:
     """``fisherbound report MODEL DATA``: the analysis of the user's model and data."""
     import numpy as np
@@ -305,9 +345,8 @@ def report(args: argparse.Namespace) -> int:
     require("torch", "torch", "torch")
     require("matplotlib", "matplotlib", "demo")
     settings = settings_from(args)
+    family = report_family(args)
     from fisherbound._report.subjects import torch_subject
-    from fisherbound.families import Bernoulli, Categorical
-
     start = time.perf_counter()
     data, total = report_dataset(args)
     x = data.inputs
@@ -316,7 +355,6 @@ def report(args: argparse.Namespace) -> int:
     model, origin = load_model(args.model, args.factory)
     model.eval()
     names, count = selected_params(model, args.params)
-    family = Categorical() if args.family == "categorical" else Bernoulli()
     subject = torch_subject(
         model,
         family=family,

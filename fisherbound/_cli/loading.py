@@ -358,9 +358,10 @@ def check_outputs(
     ``positions`` is S, the position axes the labels ask for (``()``: logits
     (N, C)); the logits are then (N, ∗S, C) once ``output`` has picked them from
     the model's output and ``class_axis`` has been moved last. Labels of the
-    Bernoulli family have their class axis last here (as the logits). ``family``:
+    Bernoulli and Gaussian families have their class axis last here (as the logits). ``family``:
     ``"categorical"`` (class indices), ``"soft"`` (categorical target
-    distributions, ``--soft-targets``) or ``"bernoulli"``.
+    distributions, ``--soft-targets``), ``"bernoulli"`` or ``"gaussian"`` (label
+    rows, ``check_label_rows``).
     """
     logits = model_logits(model, subject, x, Layout(output, class_axis, positions))
     if family == "categorical":
@@ -368,7 +369,7 @@ def check_outputs(
     elif family == "soft":
         check_target_distributions(logits, y, mask=mask)
     else:
-        check_bernoulli(logits, y)
+        check_label_rows(logits, y, family)
 
 
 def inputs_text(x: Any, xt: Any) -> str:
@@ -574,25 +575,34 @@ def check_target_distributions(zh: Any, y: Any, *, mask: Any = None) -> None:
         raise UsageError(msg) from err
 
 
-def check_bernoulli(zh: Any, y: Any) -> None:
-    """Labels in [0, 1] (binary or soft) of the logits' shape (N, C) or (N, ∗S, C)."""
+def check_label_rows(zh: Any, y: Any, family: str) -> None:
+    """Label rows of the logits' shape (N, C) or (N, ∗S, C), for ``family``.
+
+    Bernoulli labels in [0, 1] (binary or soft), Gaussian targets finite reals.
+    """
     import numpy as np
 
     labels = np.asarray(y)
+    what = "rows in [0, 1]" if family == "bernoulli" else "real targets"
+    name = f"{family.capitalize()} labels"
     if labels.shape != zh.shape:
         if zh.ndim == 2:
             n, c = (int(s) for s in zh.shape)
-            msg = (
-                f"Bernoulli labels must be rows in [0, 1] of shape (N, C) = ({n}, {c}); got shape "
-                f"{labels.shape}."
-            )
+            msg = f"{name} must be {what} of shape (N, C) = ({n}, {c}); got shape {labels.shape}."
+            if family == "gaussian" and c == 1 and labels.shape == (n,):
+                msg += " A model with one output takes targets (N, 1): save y[:, None]."
         else:
             msg = (
-                f"Bernoulli labels must be in [0, 1] of the logits' shape {zh.shape} (class axis "
-                f"last, as --class-axis says for the model's output); got shape "
-                f"{labels.shape}."
+                f"{name} must be {what} of the logits' shape {zh.shape} (class axis last, as "
+                f"--class-axis says for the model's output); got shape {labels.shape}."
             )
         raise UsageError(msg)
+    if family == "gaussian":
+        if not np.issubdtype(labels.dtype, np.number) or not np.all(np.isfinite(labels)):
+            msg = f"Gaussian labels must be finite real targets; got dtype {labels.dtype}"
+            msg += " with NaN or inf entries." if np.issubdtype(labels.dtype, np.number) else "."
+            raise UsageError(msg)
+        return
     if not np.all((labels >= 0) & (labels <= 1)):
         msg = (
             "Bernoulli labels must be binary labels 0 / 1 or soft targets in [0, 1]; got "

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fisherbound._cli.commands import DEFAULT_OUT
 from fisherbound._cli.commands import demo as run_demo
 from fisherbound._cli.commands import report as run_report
 from fisherbound._cli.trainers import TRAINERS
@@ -25,11 +26,8 @@ from fisherbound._cli.usage import (
 )
 from fisherbound._report.settings import SKIPPABLE
 
-#: Where the demo's and the report's files go unless ``--out`` says otherwise.
-DEFAULT_OUT = Path("fisherbound-report")
-
 #: ``--family`` choices of ``fisherbound report``.
-FAMILIES = ("categorical", "bernoulli")
+FAMILIES = ("categorical", "bernoulli", "gaussian")
 
 #: ``fisherbound demo``: its line in the command list and its description.
 DEMO_SUMMARY = "train a small classifier on the bundled digits and write a report on it"
@@ -54,7 +52,8 @@ REPORT_DESCRIPTION = (
     "DATA is an .npz file (numpy.savez) with the inputs and labels under the keys "
     "x and y (or inputs and labels): class indices (N,) for the categorical "
     "family (target distributions (N, C) with --soft-targets), rows in [0, 1] "
-    "(N, C) for the Bernoulli family. The model is put in eval "
+    "(N, C) for the Bernoulli family, real targets (N, C) for the Gaussian family "
+    "(regression, --variance). The model is put in eval "
     "mode and must return logits (N, C) (log-softmax outputs are fine, "
     "probabilities are not). Models whose logits have position axes (a token "
     "classifier or language model (N, T, C); segmentation (N, C, H, W) with "
@@ -235,7 +234,8 @@ def add_output_options(p: argparse.ArgumentParser, threads: int | None) -> None:
         type=Path,
         default=DEFAULT_OUT,
         metavar="DIR",
-        help=f"report folder, created if needed (default ./{DEFAULT_OUT})",
+        help=f"report folder, created if needed (default ./{DEFAULT_OUT}, with a "
+        ".gitignore so that git ignores it)",
     )
     output.add_argument("--quiet", action="store_true", help="no progress bars")
     output.add_argument(
@@ -308,8 +308,17 @@ def add_report(sub: Any) -> None:
         "--family",
         choices=FAMILIES,
         default="categorical",
-        help="output family: categorical (softmax over C classes, default) or bernoulli "
-        "(C independent sigmoids, multi-label)",
+        help="output family: categorical (softmax over C classes, default), bernoulli "
+        "(C independent sigmoids, multi-label) or gaussian (regression y ~ N(z, σ² I))",
+    )
+    report.add_argument(
+        "--variance",
+        type=positive_float,
+        default=None,
+        metavar="S2",
+        help="gaussian family: σ², the known noise variance of every output (default 1; "
+        "0.5 makes the loss MSELoss(reduction='sum') up to a constant); the Fisher "
+        "scales as 1/σ²",
     )
     report.add_argument(
         "--soft-targets",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import time
@@ -171,17 +172,21 @@ def environment(framework: str) -> dict[str, Any]:
 def analysed(
     fam: Any, lin: Any, logits: Any, labels: Any, info: Positions | None = None
 ) -> dict[str, Any]:
-    """The ``analysed`` section: sizes, family, dtype, accuracy and parameter blocks.
+    """The ``analysed`` section: sizes, family, dtype, fit and parameter blocks.
 
-    With positions, the accuracy is over the counted positions and ``positions``
-    holds their numbers.
+    The fit is ``accuracy`` (classification) or ``rmse`` and ``variance``
+    (Gaussian: the root mean squared error per output entry, and σ²). With
+    positions, the fit is over the counted positions and ``positions`` holds
+    their numbers.
     """
     import numpy as np
 
-    from fisherbound.families import Categorical
+    from fisherbound.families import Categorical, Gaussian
 
     host_labels = np.asarray(labels)
-    if isinstance(fam, Categorical) and label_rows(fam, host_labels):  # the target's mode
+    if isinstance(fam, Gaussian):  # squared errors of the outputs, summed over C
+        right = np.sum((np.asarray(logits) - host_labels) ** 2, axis=-1)
+    elif isinstance(fam, Categorical) and label_rows(fam, host_labels):  # the target's mode
         right = np.argmax(logits, axis=-1) == np.argmax(host_labels, axis=-1)
     elif isinstance(fam, Categorical):
         right = np.argmax(logits, axis=-1) == host_labels
@@ -189,7 +194,13 @@ def analysed(
         right = (logits > 0) == (host_labels > 0.5)
     if info is not None and info.mask is not None:
         right = right[np.asarray(info.mask)]
-    accuracy = float(np.mean(right))
+    fit: dict[str, Any]
+    if isinstance(fam, Gaussian):
+        # root mean squared error per output entry; the family's σ² next to it
+        fit = {"rmse": math.sqrt(float(np.mean(right)) / int(logits.shape[-1]))}
+        fit["variance"] = fam.variance
+    else:
+        fit = {"accuracy": float(np.mean(right))}
     blocks = [
         {"name": b.name, "shape": list(b.shape), "offset": int(b.offset), "size": int(b.size)}
         for b in lin.blocks
@@ -200,7 +211,7 @@ def analysed(
         "num_params": int(lin.num_params),
         "family": type(fam).__name__,
         "dtype": str(lin.logits.dtype),
-        "accuracy": accuracy,
+        **fit,
         "blocks": blocks,
     }
     if info is not None:

@@ -94,6 +94,7 @@ def diagonal_numbers(
                 "relative_error": relative_error(est[sl], exact[sl]),
                 "coverage_95": coverage(low[sl], high[sl], se[sl], exact[sl]),
                 "bounds_hold": bool(np.all(violation[sl] <= tol[sl])),
+                "zero_entries": int(np.count_nonzero(exact[sl] == 0.0)),
             }
         )
     out: dict[str, Any] = {
@@ -106,6 +107,7 @@ def diagonal_numbers(
         "relative_error": relative_error(est, exact),
         "coverage_95": coverage(low, high, se, exact),
         "median_relative_std_error": median_relative_se(se, exact),
+        "zero_entries": zero_entries(exact),
     }
     if exact.shape[0] <= MAX_JSON_PARAMS:
         out["values"] = {
@@ -118,6 +120,20 @@ def diagonal_numbers(
             "interval_high": high.tolist(),
         }
     return out
+
+
+def zero_entries(exact: Any) -> dict[str, Any]:
+    """The entries of diag F that are exactly 0: their count, D, and the fraction.
+
+    F_ii = Σ_x ‖I(z_x)^{1/2} ∂z_x/∂θ_i‖² is 0 exactly when parameter i moves no
+    output on any analysed input (a weight from an input that is always 0, a unit
+    that never activates: a dead ReLU), not by rounding of a small positive value.
+    """
+    import numpy as np
+
+    d = int(exact.shape[0])
+    count = int(np.count_nonzero(exact == 0.0))
+    return {"count": count, "of": d, "fraction": count / d if d else None}
 
 
 Case = tuple[str, str, Callable[[Any], Any]]  # (name, call, linearization → result)

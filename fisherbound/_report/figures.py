@@ -7,10 +7,19 @@ spectrum and the top of the Fisher spectrum are drawn here.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from fisherbound._report.settings import Analysis
+
+#: Pixels per inch of the saved PNGs: twice matplotlib's screen 80, so that the
+#: figures stay sharp on high-density screens; index.html shows them at 100 CSS
+#: pixels per inch of figure (``render.CSS_PER_INCH``).
+DPI = 160
+
+#: Base font size (points) of the report's figures.
+FONT_SIZE = 11
 
 #: File names of the figures, in the order of the report.
 FIGURES = (
@@ -27,18 +36,37 @@ def ran(numbers: dict[str, Any], key: str) -> bool:
     return key in numbers and "not_run" not in numbers[key]
 
 
-def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
-    """Save every figure of the report into ``out``; their file, title and caption.
+def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, Any]]:
+    """Save every figure of the report into ``out``; their file, title, caption and size.
 
-    A stage that did not run (a model with positions that an analysis refuses)
-    has no figure.
+    Each entry has ``width`` and ``height`` (the PNG's pixels, at ``DPI``) and
+    ``dpi``. A stage that did not run (a model with positions that an analysis
+    refuses) has no figure.
     """
-    numbers, arrays = analysis.numbers, analysis.arrays
-    made: list[dict[str, str]] = []
+    from matplotlib import rc_context
 
-    def save(fig: Any, name: str, title: str, caption: str, dpi: int = 80) -> None:
-        fig.savefig(out / name, dpi=dpi)
-        made.append({"file": name, "title": title, "caption": caption})
+    with rc_context({"font.size": FONT_SIZE}):
+        return draw_all(analysis, out)
+
+
+def draw_all(analysis: Analysis, out: Path) -> list[dict[str, Any]]:
+    """``draw_figures`` under the report's font settings."""
+    numbers, arrays = analysis.numbers, analysis.arrays
+    made: list[dict[str, Any]] = []
+
+    def save(fig: Any, name: str, title: str, caption: str) -> None:
+        fig.savefig(out / name, dpi=DPI)
+        width, height = png_size(out / name)
+        made.append(
+            {
+                "file": name,
+                "title": title,
+                "caption": caption,
+                "width": width,
+                "height": height,
+                "dpi": DPI,
+            }
+        )
 
     if "diagonal" in arrays:
         diagonal_figure(numbers, arrays["diagonal"], save)
@@ -66,6 +94,15 @@ def draw_figures(analysis: Analysis, out: Path) -> list[dict[str, str]]:
     return made
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """The width and height in pixels of a PNG file, from its IHDR chunk."""
+    head = path.read_bytes()[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        msg = f"{path} must be a PNG file; its first bytes are {head[:16]!r}."
+        raise ValueError(msg)
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
 def diagonal_figure(numbers: dict[str, Any], d: dict[str, Any], save: Any) -> None:
     """The Fisher diagonal per block: exact, the certified band, the estimate."""
     from fisherbound.plotting import plot_fisher_diagonal
@@ -89,7 +126,9 @@ def diagonal_figure(numbers: dict[str, Any], d: dict[str, Any], save: Any) -> No
         "Exact diag F (black), the certified band diag F_LR … diag F_DG (green) and the "
         f"detach-and-mix estimate with {numbers['fisher_diagonal']['num_probes']} probes "
         "and its 95% confidence intervals (orange; Student t, Estimate.interval); entries "
-        "sorted within each block.",
+        "sorted within each block. Entries that are exactly 0 (parameters that move no "
+        "output on these inputs) have no place on the log axis: they are the crosses in the "
+        "'exactly 0' strip below it, counted in the legend.",
     )
 
 
@@ -104,15 +143,18 @@ def spectrum_with_density(spectrum: dict[str, Any], density: Any, save: Any) -> 
             markers=spectrum["exact"]["eigenvalues"][:3],
             log=True,
             ax=fig.axes[1],
-            title="spectral density of F (SLQ)",
+            title="spectral density of F (SLQ), on [0, ∞)",
         )
+        fig.axes[1].set_xlim(left=0.0)
     save(
         fig,
         "fisher_spectrum.png",
         "Top of the Fisher spectrum",
         "Left: the top eigenvalues of F_LR ⪯ F ⪯ F_DG (Lanczos). Right: the smoothed "
         "spectral density of F by stochastic Lanczos quadrature with its pointwise 95% "
-        "intervals (Student t over the probes), top three eigenvalues marked.",
+        "intervals (Student t over the probes), top three eigenvalues marked. F is positive "
+        "semi-definite, so the smoothing Gaussians are reflected at 0: the density lives "
+        "on [0, ∞) and integrates to 1 there.",
     )
 
 
@@ -182,7 +224,7 @@ def estimators_figure(section: dict[str, Any]) -> Any:
     """Each estimator's relative error against its cost in gradient steps."""
     from matplotlib.ticker import FuncFormatter
 
-    fig = new_figure(6.5, 4.2)
+    fig = new_figure(9.0, 5.0)
     ax = fig.axes[0]
     colour = 0
     for row in section["rows"]:
@@ -210,21 +252,32 @@ def estimators_figure(section: dict[str, Any]) -> Any:
     )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(minor_label))
     ax.set_xlabel("cost (gradient steps)")
     ax.set_ylabel("relative error of the diagonal")
     ax.set_title("estimators of diag F: error against cost")
-    ax.legend(fontsize="x-small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig
+
+
+def minor_label(value: float, _pos: Any = None) -> str:
+    """Minor ticks of a log axis are labelled at 2 and 5 times a power of ten only.
+
+    Labelling every minor tick (2, 3, …, 9) crowds the labels into each other near
+    the top of each decade.
+    """
+    if value <= 0:
+        return ""
+    mantissa = value / 10.0 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
 
 
 def core_space_figure(core: dict[str, Any], rows: str = "inputs") -> Any:
     """λ_max per input (or counted position) with its bounds, and all the eigenvalues."""
     import numpy as np
 
-    fig = new_figure(10.0, 3.8, cols=2)
+    fig = new_figure(11.2, 4.4, cols=2)
     left, right = fig.axes
     order = np.argsort(core["lambda_max"])
     x = np.arange(order.size)
@@ -253,7 +306,7 @@ def spectrum_figure(spectrum: dict[str, Any]) -> Any:
     """The top eigenvalues of F_LR, F and F_DG (the right axes get the density)."""
     import numpy as np
 
-    fig = new_figure(11.0, 3.9, cols=2)
+    fig = new_figure(11.2, 4.4, cols=2)
     ax = fig.axes[0]
     k = np.arange(1, spectrum["k"] + 1)
     ax.plot(k, spectrum["upper"]["eigenvalues"], "v", color="C3", label="λ_i(F_DG)")

@@ -22,10 +22,25 @@ from fisherbound._report.timing import Stages
 
 
 def curvature(pc: Any) -> dict[str, Any]:
-    """The projected curvature of one plane as JSON-ready numbers."""
+    """The projected curvature of one plane as JSON-ready numbers.
+
+    ``hessian_eigenvalues``: the eigenvalues of the 2 × 2 projected Hessian H_αβ,
+    largest first: the second derivatives of the loss along the plane's principal
+    axes at θ (along the Hessian directions, λ_max and λ_min). ``principal``,
+    ``mean`` and ``gaussian`` are the curvatures of the plotted graph
+    z = f(α, β) at θ, which equal the Hessian's only at a critical point: with the
+    slope g = (f_α, f_β) ≠ 0 they are smaller, by about (1 + |g|²)^(3/2) along g
+    (``slope_norm`` = |g|).
+    """
+    import numpy as np
+
+    hessian = host(pc.hessian)
+    slope = host(pc.gradient)
     return {
-        "projected_hessian": host(pc.hessian).tolist(),
-        "gradient": host(pc.gradient).tolist(),
+        "projected_hessian": hessian.tolist(),
+        "hessian_eigenvalues": np.linalg.eigvalsh(0.5 * (hessian + hessian.T))[::-1].tolist(),
+        "gradient": slope.tolist(),
+        "slope_norm": float(np.linalg.norm(slope)),
         "principal": host(pc.principal).tolist(),
         "mean": float(host(pc.mean)),
         "gaussian": float(host(pc.gaussian)),

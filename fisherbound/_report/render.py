@@ -48,6 +48,8 @@ def markdown_page(title: str, sections: list[Section]) -> str:
         for kind, item in blocks:
             if kind == "p":
                 lines += [item, ""]
+            elif kind == "meaning":
+                lines += [f"> **What this means.** {item}", ""]
             elif kind == "table":
                 header, rows = item
                 lines.append("| " + " | ".join(h or " " for h in header) + " |")
@@ -70,7 +72,9 @@ th { background: #f2f2f2; }
 td:first-child, th:first-child { text-align: left; }
 figure { margin: 1rem 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
+figure img { height: auto; }
 figcaption { font-size: 0.85rem; color: #555; }
+p.meaning { background: #f4f8fb; border-left: 4px solid #4a7fb0; padding: 0.5rem 0.8rem; }
 code { font-size: 0.85rem; }
 """
 
@@ -94,6 +98,8 @@ def html_page(title: str, sections: list[Section]) -> str:
         for kind, item in blocks:
             if kind == "p":
                 parts.append(f"<p>{e(item)}</p>")
+            elif kind == "meaning":
+                parts.append(f'<p class="meaning"><strong>What this means.</strong> {e(item)}</p>')
             elif kind == "table":
                 header, rows = item
                 parts.append("<table>")
@@ -105,11 +111,28 @@ def html_page(title: str, sections: list[Section]) -> str:
                 parts.append("</table>")
             else:
                 parts.append(
-                    f'<figure><img src="{e(item["file"])}" alt="{e(item["title"])}">'
-                    f"<figcaption>{e(item['caption'])}</figcaption></figure>"
+                    f'<figure><img src="{e(item["file"])}" alt="{e(item["title"])}"'
+                    f"{img_size(item)}><figcaption>{e(item['caption'])}</figcaption></figure>"
                 )
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
+
+
+#: CSS pixels per inch of figure in index.html.
+CSS_PER_INCH = 100.0
+
+
+def img_size(figure: dict[str, Any]) -> str:
+    """``width`` and ``height`` attributes: a figure's PNG at ``CSS_PER_INCH`` pixels per inch.
+
+    The PNGs have ``dpi`` (160) pixels per inch of figure, more than they are shown
+    at, so that they stay sharp on a high-density screen (and when zoomed).
+    """
+    if "width" not in figure or "dpi" not in figure:
+        return ""
+    shrink = CSS_PER_INCH / float(figure["dpi"])
+    width, height = round(figure["width"] * shrink), round(figure["height"] * shrink)
+    return f' width="{width}" height="{height}"'
 
 
 def inline_code(text: str) -> str:

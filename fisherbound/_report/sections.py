@@ -1,8 +1,10 @@
 """The report's sections: the analysis' numbers as titled lists of blocks.
 
-A block is ``("p", text)``, ``("table", (header, rows))`` or ``("figure", entry)``;
-``render`` writes the same sections as Markdown and as HTML. One function per
-section, in the order of the report (``SECTIONS``).
+A block is ``("p", text)``, ``("meaning", text)`` (the plain-words "What this
+means" paragraph that closes a section, for a reader who has not read the papers),
+``("table", (header, rows))`` or ``("figure", entry)``; ``render`` writes the
+same sections as Markdown and as HTML. One function per section, in the order of
+the report (``SECTIONS``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-Block = tuple[str, Any]  # ("p", text) | ("table", (header, rows)) | ("figure", entry)
+Block = tuple[str, Any]  # ("p" | "meaning", text) | ("table", (header, rows)) | ("figure", entry)
 Section = tuple[str, list[Block]]
-Figures = dict[str, dict[str, str]]  # file name → {"file", "title", "caption"}
+Figures = dict[str, dict[str, Any]]  # file name → {"file", "title", "caption", "width", ...}
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -119,6 +121,21 @@ def convention_text(an: dict[str, Any]) -> str:
     )
 
 
+def family_text(an: dict[str, Any]) -> str:
+    """The family's name, with σ² for the Gaussian one."""
+    if "variance" in an:
+        return f"{an['family']} (regression, σ² = {fmt(an['variance'])})"
+    return str(an["family"])
+
+
+def fit_row(an: dict[str, Any]) -> list[str]:
+    """The overview's row on how well the model fits the analysed labels."""
+    where = "on the counted positions" if "positions" in an else "on them"
+    if "rmse" in an:
+        return [f"root mean squared error {where}", fmt(an["rmse"])]
+    return [f"accuracy {where}", percent(an["accuracy"])]
+
+
 def overview_section(numbers: dict[str, Any], _fig: Figures) -> Section:
     """The model, the data, the training, the machine and the run time."""
     an = numbers["analysed"]
@@ -130,15 +147,12 @@ def overview_section(numbers: dict[str, Any], _fig: Figures) -> Section:
         ["framework", numbers["environment"]["framework"]],
         ["parameters D", fmt(an["num_params"])],
         ["outputs C", fmt(an["num_outputs"])],
-        ["family", an["family"]],
+        ["family", family_text(an)],
         ["dtype", an["dtype"]],
         ["data", data.get("description", "n/a")],
         ["analysed inputs N", fmt(an["num_inputs"])],
         *position_rows(an),
-        [
-            "accuracy on the counted positions" if "positions" in an else "accuracy on them",
-            percent(an["accuracy"]),
-        ],
+        fit_row(an),
     ]
     training = numbers.get("training")
     if training:
@@ -154,6 +168,17 @@ def overview_section(numbers: dict[str, Any], _fig: Figures) -> Section:
     ]
     blocks.append(("table", (["quantity", "value"], rows)))
     blocks.append(("p", convention_text(an)))
+    blocks.append(
+        (
+            "meaning",
+            "The Fisher information F says how much the model's predicted probabilities "
+            "change when its weights move: large along directions the data pins down, near "
+            "0 along directions the predictions ignore. Each section below ends with a "
+            "paragraph like this one: what its numbers tell you about the trained model, "
+            "and when to worry. 'exact' numbers are computed to rounding; the others are "
+            "random estimates with a 95% interval [low, high].",
+        )
+    )
     return ("Overview", blocks)
 
 
@@ -194,6 +219,7 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
                     "rel. error",
                     "within 95% interval",
                     "bounds hold",
+                    "exactly 0",
                 ],
                 [
                     [
@@ -210,6 +236,7 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
                         fmt(r["relative_error"], 3),
                         percent(r["coverage_95"]),
                         fmt(r["bounds_hold"]),
+                        fmt(r.get("zero_entries")),
                     ]
                     for r in fd["blocks"]
                 ],
@@ -219,11 +246,59 @@ def diagonal_section(numbers: dict[str, Any], fig: Figures) -> Section:
             "p",
             f"Bounds hold entrywise: {fmt(fd['bounds_hold'])} (largest relative violation "
             f"{fmt(fd['max_relative_violation'], 3)}, rounding allowed). Median relative "
-            f"standard error of an entry: {fmt(fd['median_relative_std_error'], 3)}.",
+            f"standard error of an entry: {fmt(fd['median_relative_std_error'], 3)}."
+            + zero_text(fd),
         ),
         ("figure", fig["fisher_diagonal.png"]),
+        ("meaning", diagonal_meaning(fd)),
     ]
     return ("Fisher diagonal per layer", body)
+
+
+def zero_text(fd: dict[str, Any]) -> str:
+    """The sentence on the entries of diag F that are exactly 0 (empty without the count)."""
+    zero = fd.get("zero_entries")
+    if zero is None:
+        return ""
+    if zero["count"] == 0:
+        return " No entry of diag F is exactly 0."
+    blocks = ", ".join(
+        f"{r['block']} {r['zero_entries']} of {r['size']}"
+        for r in fd["blocks"]
+        if r["block"] != "total" and r.get("zero_entries")
+    )
+    return (
+        f" {zero['count']} of the D = {zero['of']} entries of diag F "
+        f"({percent(zero['fraction'])}) are exactly 0 ({blocks}): these parameters move "
+        "no output on any analysed input. The figure shows them apart, in the 'exactly 0' "
+        "strip, not at a floor value."
+    )
+
+
+def diagonal_meaning(fd: dict[str, Any]) -> str:
+    """Plain words on the Fisher diagonal: what F_ii tells, when to worry."""
+    zero = fd.get("zero_entries") or {"count": 0, "fraction": 0.0}
+    text = (
+        "F_ii says how strongly the model's predictions on these inputs react to parameter "
+        "i: a large value marks a parameter the predictions depend on, a tiny one a "
+        "parameter they barely notice (a candidate for pruning, and one that a Fisher-"
+        "weighted method such as EWC or a natural-gradient optimiser will hardly protect). "
+        "The block traces compare layers. The bounds are guaranteed by the math: 'bounds "
+        "hold' must say yes. The detach-and-mix estimate is what you would use when the "
+        "exact diagonal is too expensive; its relative error shows how good a few probes "
+        "are."
+    )
+    if zero["count"]:
+        text += (
+            f" Here {percent(zero['fraction'])} of the parameters have F_ii = 0 exactly: "
+            "they change nothing on these inputs, e.g. weights from input features that "
+            "are always 0 (the empty border pixels of an image) or weights of units that "
+            "never activate (dead ReLUs). A few are harmless; worry when a large share of "
+            "one layer is 0 (the 'exactly 0' column): those units are dead, their "
+            "capacity is wasted and gradient descent cannot revive them (a smaller "
+            "learning rate, another initialisation or a leaky activation helps)."
+        )
+    return text
 
 
 def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
@@ -284,6 +359,17 @@ def estimators_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 ),
             ),
             ("figure", fig["estimators.png"]),
+            (
+                "meaning",
+                "Which way of getting diag F to use, and what it costs: a cost of k gradient "
+                "steps means it takes as long as k training steps on these inputs. Pick the "
+                "cheapest row whose error you can live with (the last column names it for "
+                "1%, 10% and 30%); a diagonal for pruning or EWC rarely needs better than "
+                "10%. 'within 95% interval' should be near 95%; far below it, the error "
+                "bars are too optimistic. The empirical Fisher (observed labels) is cheap "
+                "but biased, and its error does not shrink with more data or probes: "
+                "prefer detach-and-mix or Monte Carlo.",
+            ),
         ],
     )
 
@@ -351,16 +437,51 @@ def core_space_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 ([f"statistic over {rows_text(numbers)}", "min", "median", "max"], stat_rows),
             ),
             ("figure", fig["core_space.png"]),
+            ("meaning", core_space_meaning(numbers["analysed"]["family"], cs)),
         ],
     )
 
 
+def core_space_meaning(family: str, cs: dict[str, Any]) -> str:
+    """Plain words on the output-space metric I(z), by family."""
+    median = fmt(cs["lambda_max"]["median"])
+    if "Categorical" in family or "Bernoulli" in family:
+        spread = (
+            "one class gets a probability near 1"
+            if "Categorical" in family
+            else "every output's probability is near 0 or 1"
+        )
+        return (
+            "I(z) measures how unsure the model is at one input: it is near 0 when "
+            f"{spread}, and largest when the model hesitates. An input with a tiny λ_max "
+            "adds almost nothing to F, so F is made by the inputs the model is unsure "
+            f"about. Median λ_max here: {median}. When almost every input has a tiny λ_max "
+            "the model is very confident on these inputs (on training data, a sign of "
+            "overfitting), and F and everything built on it rest on a few inputs."
+        )
+    return (
+        "I(z) weighs the model's outputs at one input. For a Gaussian output (regression) "
+        "it is the same at every input, 1/σ² on each output (median λ_max here: "
+        f"{median}): every input counts alike, and F scales with 1/σ², so the Fisher "
+        "numbers below are only as meaningful as the noise variance you chose."
+    )
+
+
 def density_note(sp: dict[str, Any]) -> str:
-    """A sentence when the spectral density did not run (empty otherwise)."""
+    """The density's support (reflected at 0), or why it did not run."""
     density = sp.get("density", {})
-    if "not_run" not in density:
+    if "not_run" in density:
+        return f" The spectral density did not run: {density['not_run']}"
+    below = density.get("mass_below_zero_unreflected")
+    if below is None:
         return ""
-    return f" The spectral density did not run: {density['not_run']}"
+    return (
+        " The smoothed spectral density (right of the figure) is drawn on [0, ∞): F is "
+        "positive semi-definite, so every smoothing Gaussian is reflected at 0 "
+        f"(smoothed_density(..., lower=0.0), width {fmt(density['width'], 3)}); without "
+        f"the reflection {percent(below)} of its mass would sit at negative eigenvalues, "
+        "an artefact of the smoothing."
+    )
 
 
 def spectrum_section(numbers: dict[str, Any], fig: Figures) -> Section:
@@ -392,6 +513,19 @@ def spectrum_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 (["i", "λ_i(F_LR)", "λ_i(F)", "λ_i(F_DG)", "residual ‖F y − λ y‖"], top_rows),
             ),
             ("figure", fig["fisher_spectrum.png"]),
+            (
+                "meaning",
+                "Each eigenvalue of F is how strongly the predictions react to a step along "
+                "one direction in weight space. A few large eigenvalues (stiff directions) "
+                "and very many near 0 (sloppy directions, along which the weights can move "
+                "without changing the predictions) is the usual picture for a neural "
+                f"network; here the top {sp['k']} carry "
+                f"{percent(sp['top_fraction_of_trace'])} of the total. The density's peak "
+                "near 0 is the sloppy part: the larger it is, the fewer directions the data "
+                "actually pins down. Worry if the F_LR and F_DG columns do not bracket "
+                "λ_i(F), or if the residuals are not small compared with λ_i (Lanczos did "
+                "not converge: raise --lanczos-steps).",
+            ),
         ],
     )
 
@@ -435,7 +569,26 @@ def dimension_section(numbers: dict[str, Any], _fig: Figures) -> Section:
                 ),
             ),
             *razor_blocks(rz, rb["num_params"], rb.get("counted_positions")),
+            ("meaning", dimension_meaning(dim)),
         ],
+    )
+
+
+def dimension_meaning(dim: dict[str, Any]) -> str:
+    """Plain words on the local dimension and the razor."""
+    rb, counts = dim["rank_bound"], dim["local_dimension"]
+    middle = counts[len(counts) // 2]
+    return (
+        "d_ε counts the directions in weight space that the data pins down more tightly "
+        "than the prior does (eigenvalues of F above ε): the number of parameters the "
+        f"model effectively uses. Here d_ε = {fmt(middle['value'])} at ε = "
+        f"{fmt(middle['eps'])} out of D = {rb['num_params']} parameters: the model behaves "
+        "like a much smaller one when d_ε ≪ D, which is why parameter counts overstate the "
+        "complexity of neural networks. The razor is a complexity-penalised fit (in nats, "
+        "lower is better when comparing models on the same data); BIC charges (D/2) log N "
+        "for all D parameters, the razor only for the directions the data determines, so "
+        "a razor far below the BIC term says BIC would over-penalise this model. Both "
+        "depend on σ² (--prior-variance)."
     )
 
 
@@ -483,16 +636,33 @@ def razor_blocks(rz: dict[str, Any], d: int, counted: int | None) -> list[Block]
 
 
 def plane_row(name: str, plane: dict[str, Any]) -> list[str]:
-    """One plotted plane of the landscape: its curvatures and its loss range."""
+    """One plotted plane: its projected Hessian's eigenvalues, slope, graph curvatures, loss."""
     c, s = plane["curvature"], plane["surface"]
+    eig = hessian_eigenvalues(c)
     return [
         name,
+        f"{fmt(eig[0])}, {fmt(eig[1])}",
+        fmt(slope_norm(c), 3),
         f"{fmt(c['principal'][0])}, {fmt(c['principal'][1])}",
         fmt(c["gaussian"]),
         fmt(c["mean"]),
         fmt(s["loss_at_theta"]),
         f"{fmt(s['min'])} … {fmt(s['max'])}",
     ]
+
+
+def hessian_eigenvalues(c: dict[str, Any]) -> list[float]:
+    """The eigenvalues of a plane's 2 × 2 projected Hessian, largest first."""
+    if "hessian_eigenvalues" in c:
+        return list(c["hessian_eigenvalues"])
+    (a, b), (_, d) = c["projected_hessian"]
+    centre, radius = 0.5 * (a + d), math.hypot(0.5 * (a - d), b)
+    return [centre + radius, centre - radius]
+
+
+def slope_norm(c: dict[str, Any]) -> float:
+    """|g|, the norm of the plane's slope (f_α, f_β) at θ."""
+    return float(c.get("slope_norm", math.hypot(*c["gradient"])))
 
 
 def terms_text(numbers: dict[str, Any]) -> str:
@@ -508,6 +678,7 @@ def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
     ls = numbers["landscape"]
     hess = ls["hessian"]
     rp, hp = ls["random_plane"], ls["hessian_plane"]
+    hp_eig = hessian_eigenvalues(hp["curvature"])
     tr = ls["trace"]
     return (
         "Loss landscape",
@@ -519,19 +690,31 @@ def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
                 f"λ_max = {fmt(hess['eigenvalues'][0])}, λ_min = "
                 f"{fmt(hess['eigenvalues'][1])} (residuals "
                 f"{fmt(hess['residuals'][0], 2)}, {fmt(hess['residuals'][1], 2)}). "
-                "Projected on them the Hessian is diag(λ_max, λ_min): a negative λ_min "
-                "shows as a saddle there, which random directions (filter-normalised, "
-                "random_directions) usually hide. Curvatures of each plotted plane at θ "
-                "(projected_curvature):",
+                "Projected on them the Hessian is diag(λ_max, λ_min): the eigenvalues of "
+                "the 2 × 2 projected Hessian H_αβ of the Hessian plane are "
+                f"{fmt(hp_eig[0])} and {fmt(hp_eig[1])} (column 'Hessian eigenvalues'). "
+                "A negative λ_min shows as a saddle there, which random directions "
+                "(filter-normalised, random_directions) usually hide. Curvatures of each "
+                "plotted plane at θ (projected_curvature): the eigenvalues of H_αβ, the "
+                "second derivatives of the loss along the plane's principal axes; and the "
+                "principal, Gaussian and mean curvatures of the plotted graph z = f(α, β), "
+                "which equal the Hessian's only where the slope g = (f_α, f_β) is 0. θ is "
+                "not exactly a critical point of this mean loss: with |g| = "
+                f"{fmt(slope_norm(hp['curvature']), 3)} on the Hessian plane the graph's "
+                "principal curvatures are the Hessian's divided by about (1 + |g|²)^(3/2) "
+                f"({fmt(hp['curvature']['principal'][0])} beside λ_max = "
+                f"{fmt(hess['eigenvalues'][0])}).",
             ),
             (
                 "table",
                 (
                     [
                         "plane",
-                        "principal curvatures",
-                        "Gaussian",
-                        "mean",
+                        "Hessian eigenvalues (of H_αβ)",
+                        "slope |g|",
+                        "graph principal curvatures",
+                        "graph Gaussian",
+                        "graph mean",
                         "loss at θ",
                         "loss range on the grid",
                     ],
@@ -540,8 +723,30 @@ def landscape_section(numbers: dict[str, Any], fig: Figures) -> Section:
             ),
             ("p", trace_text(tr)),
             ("figure", fig["landscape.png"]),
+            ("meaning", landscape_meaning(hess["eigenvalues"])),
         ],
     )
+
+
+def landscape_meaning(eigenvalues: list[float]) -> str:
+    """Plain words on the curvature of the loss: sharpness, saddles, step sizes."""
+    lam_max, lam_min = eigenvalues[0], eigenvalues[1]
+    text = (
+        "The curvature says how sharp the minimum is. λ_max is the sharpest direction: "
+        "plain gradient descent with a learning rate above 2/λ_max "
+        f"(= {fmt(2.0 / lam_max, 3) if lam_max and lam_max > 0 else 'n/a'} here) "
+        "oscillates or diverges along it, and a sharp minimum (large λ_max, large trace) "
+        "is often linked with worse generalisation than a flat one. The trace sums the "
+        "curvature over all directions. A negative λ_min means θ is not a minimum: the loss "
+        "still goes down along that direction (a saddle, or training not finished)."
+    )
+    if lam_min is not None and lam_max and lam_min < 0:
+        text += (
+            f" Here |λ_min| / λ_max = {fmt(abs(lam_min) / lam_max, 2)}: a ratio of a few "
+            "percent or less is the usual slightly non-convex valley of a trained network; "
+            "worry when it approaches 1."
+        )
+    return text
 
 
 def estimate_text(est: dict[str, Any]) -> str:
@@ -582,6 +787,19 @@ def timing_section(numbers: dict[str, Any], _fig: Figures) -> Section:
     ]
     if numbers["warnings"]:
         tail.append(("p", "Warnings: " + " | ".join(numbers["warnings"])))
+    tail.append(
+        (
+            "meaning",
+            "Where the run spent its time, to choose what to skip (--skip) or shrink "
+            "(--num-probes, --slq-probes, --grid) on a larger model. A warning means a "
+            "number above did not reach what was asked (a target error, a Lanczos budget): "
+            "read that number with its interval in mind."
+            if numbers["warnings"]
+            else "Where the run spent its time, to choose what to skip (--skip) or shrink "
+            "(--num-probes, --slq-probes, --grid) on a larger model. No warning: every "
+            "estimate reached what was asked of it.",
+        )
+    )
     return ("Timing and warnings", tail)
 
 

@@ -9,6 +9,7 @@ dimension and the razor complexity (``local_dimension``, ``rank_bound``,
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fisherbound._report.hoststats import host, scalar_interval, stats
@@ -202,23 +203,51 @@ def razor_numbers(
 def density(lin: Any, fam: Any, cfg: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """The spectral density of F by stochastic Lanczos quadrature: numbers and arrays.
 
+    F is positive semi-definite, so its spectrum lies in [0, ∞): the density shown
+    is each probe's Gauss-rule density reflected at 0 (``smoothed_density(...,
+    lower=0.0)``) on a grid from 0 to the largest node plus three widths, averaged
+    over the probes with its pointwise standard error; it has no mass below 0 and
+    integrates to 1. ``mass_below_zero_unreflected`` is the fraction of the plain
+    smoothed density (``spectral_density``'s) that lay below 0.
+
     ``arrays["rules"]`` is the ``SpectralDensity`` itself, whose Gauss rules the
     local dimension and the razor reuse (``dimension(..., rules=...)``).
     """
+    import numpy as np
+
+    from fisherbound._lib import estimate_from_samples
     from fisherbound.dimension import spectral_density
+    from fisherbound.linalg import Quadrature, smoothed_density
 
     result = spectral_density(
         lin, fam, num_probes=cfg.slq_probes, rng=cfg.seed, **lanczos_options(cfg)
     )
+    nodes, weights, width = host(result.nodes), host(result.weights), float(result.width)
+    m = int(nodes.shape[0])
+    grid = np.linspace(0.0, max(float(np.max(nodes)), 0.0) + 3.0 * width, result.grid.shape[0])
+    per_probe = np.stack(
+        [
+            smoothed_density(
+                Quadrature(nodes[i : i + 1], weights[i : i + 1]), grid, width=width, lower=0.0
+            )
+            for i in range(m)
+        ]
+    )
+    est = estimate_from_samples(per_probe, np)
+    below = 0.5 * np.vectorize(math.erfc)(np.maximum(nodes, 0.0) / (width * math.sqrt(2.0)))
     arrays = {
-        "grid": host(result.grid),
-        "density": host(result.density),
-        "std_error": host(result.std_error),
+        "grid": grid,
+        "density": np.asarray(est.value, dtype=float),
+        "std_error": np.asarray(est.std_error, dtype=float),
     }
     numbers = {
-        "width": float(result.width),
-        "num_probes": int(result.nodes.shape[0]),
-        "num_matvecs": int(result.nodes.shape[1]),
+        "width": width,
+        "num_probes": m,
+        "num_matvecs": int(nodes.shape[1]),
+        "support": [0.0, None],
+        "boundary": "reflected at 0 (smoothed_density(..., lower=0.0)): F is positive "
+        "semi-definite",
+        "mass_below_zero_unreflected": float(np.sum(weights * below) / np.sum(weights)),
         **{k: v.tolist() for k, v in arrays.items()},
     }
-    return numbers, {**arrays, "num_probes": numbers["num_probes"], "rules": result}
+    return numbers, {**arrays, "num_probes": m, "rules": result}

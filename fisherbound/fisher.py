@@ -475,7 +475,8 @@ def fisher_operator(
     Jacobian); ``reduction="mean"`` divides by N, the number of examples.
     ``source`` is a linearization or a list of them, kept for the operator's
     lifetime (each holds its batch's forward pass) and applied at every matvec.
-    Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ).
+    Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ), or with SciPy
+    through ``.to_scipy()`` (symmetric: SciPy gets the transpose products too).
     With ``process_group`` every matvec all-reduces the ranks' partial products
     (one all-reduce of D·k numbers per matmat), so all ranks must apply it to the
     same vectors: seed Lanczos and Hutchinson alike on every rank.
@@ -534,6 +535,7 @@ def fisher_operator(
         device=first.device,
         xp=xp,
         traceable=None if coll is not None else _traceable_fisher(lins, fam, kernel, scale),
+        symmetric=True,
     )
 
 

@@ -281,7 +281,13 @@ def _hessian_operator(obj: Objective) -> LinearOperator:
 
     d = obj.num_params
     return LinearOperator(
-        (d, d), matvec=obj.hvp, matmat=matmat, dtype=obj.dtype, device=obj.device, xp=xp
+        (d, d),
+        matvec=obj.hvp,
+        matmat=matmat,
+        dtype=obj.dtype,
+        device=obj.device,
+        xp=xp,
+        symmetric=True,
     )
 
 
@@ -294,6 +300,7 @@ def _shifted(op: Any, shift: Array) -> LinearOperator:
         dtype=op.dtype,
         device=op.device,
         xp=xp,
+        symmetric=bool(getattr(op, "symmetric", False)),
     )
 
 

@@ -189,6 +189,94 @@ def test_aslinearoperator_errors(backend):
         hutchinson_trace(int_op, num_probes=2)
 
 
+# ------------------------------------------------------------ the round trip to SciPy
+def test_to_scipy_round_trip_on_numpy() -> None:
+    """eigsh and cg of SciPy on an exported operator; SciPy's algebra comes back through
+    aslinearoperator; a symmetric operator has a transpose, another does not."""
+    sla = pytest.importorskip("scipy.sparse.linalg")
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((6, 6))
+    a = g @ g.T + np.eye(6)
+    sym = LinearOperator(
+        (6, 6),
+        matvec=lambda v: a @ v,
+        matmat=lambda v: a @ v,
+        dtype=np.float64,
+        device=None,
+        xp=np,
+        symmetric=True,
+    )
+    exported = sym.to_scipy()
+    assert exported.shape == (6, 6)
+    assert exported.dtype == np.float64
+    top = sla.eigsh(exported, k=2, return_eigenvectors=False, tol=1e-12)
+    np.testing.assert_allclose(np.sort(top), np.linalg.eigvalsh(a)[-2:], rtol=1e-10)
+    b = rng.standard_normal(6)
+    x, info = sla.cg(exported + 0.5 * sla.aslinearoperator(np.eye(6)), b)  # residual 1e-5
+    assert info == 0
+    np.testing.assert_allclose(x, np.linalg.solve(a + 0.5 * np.eye(6), b), rtol=1e-3)
+    np.testing.assert_allclose(exported.T.matvec(b), a @ b, rtol=1e-12)
+    np.testing.assert_allclose(exported.matmat(np.eye(6)[:, :2]), a[:, :2], rtol=1e-12)
+    back = aslinearoperator(exported @ exported)  # SciPy's algebra, back into fisherbound
+    assert back.shape == (6, 6)
+    np.testing.assert_allclose(back.matvec(b), a @ (a @ b), rtol=1e-12)
+    est = hutchinson_trace(back, num_probes=6, rng=0)
+    assert float(est.value) == pytest.approx(np.trace(a @ a), rel=0.5)  # a 6-probe estimate
+    plain = aslinearoperator(np.arange(6.0).reshape(2, 3))  # not marked symmetric
+    with pytest.raises(NotImplementedError, match="not marked symmetric=True"):
+        plain.to_scipy().rmatvec(np.ones(2))
+    f32 = aslinearoperator(a.astype(np.float32)).to_scipy()
+    assert f32.dtype == np.float32
+    assert f32.matvec(b).dtype == np.float32
+    with pytest.raises(TypeError, match=r"A must be real floating .*got a SciPy LinearOperator "):
+        aslinearoperator(sla.aslinearoperator(np.eye(2, dtype=complex)))
+    with pytest.raises(ValueError, match=r"symmetric=True needs a square shape"):
+        LinearOperator((2, 3), matvec=abs, dtype=np.float64, device=None, xp=np, symmetric=True)
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_fisher_operator_to_scipy_matches_the_dense_fisher(framework: str) -> None:
+    """SciPy's eigsh on a torch / JAX Fisher operator gives the dense spectrum; its
+    eigenvectors come back shaped like the parameters."""
+    sla = pytest.importorskip("scipy.sparse.linalg")
+    pytest.importorskip(framework)
+    from fisherbound.fisher import fisher_dense, fisher_operator
+
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((5, 4)), rng.standard_normal((3, 5))
+    x = rng.standard_normal((7, 4))
+    if framework == "torch":
+        import torch
+
+        from fisherbound.adapters.torch import linearize
+
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 5, bias=False), torch.nn.Tanh(), torch.nn.Linear(5, 3, bias=False)
+        ).double()
+        with torch.no_grad():
+            model[0].weight.copy_(torch.from_numpy(w1))
+            model[2].weight.copy_(torch.from_numpy(w2))
+        lin = linearize(model, torch.from_numpy(x))
+        back = torch.from_numpy
+    else:
+        import jax.numpy as jnp
+
+        from fisherbound.adapters.jax import linearize
+
+        def apply(params, xb):
+            return jnp.tanh(xb @ params["w1"].T) @ params["w2"].T
+
+        lin = linearize(apply, {"w1": jnp.asarray(w1), "w2": jnp.asarray(w2)}, jnp.asarray(x))
+        back = jnp.asarray
+    dense = np.asarray(fisher_dense(lin))
+    exported = fisher_operator(lin).to_scipy()
+    vals, vecs = sla.eigsh(exported, k=3, tol=1e-12)
+    np.testing.assert_allclose(vals, np.linalg.eigvalsh(dense)[-3:], rtol=1e-9)
+    np.testing.assert_allclose(exported.T.matvec(vecs[:, 0]), dense @ vecs[:, 0], rtol=1e-10)
+    shaped = lin.unravel(back(np.ascontiguousarray(vecs.T)))
+    assert [tuple(v.shape) for v in shaped.values()] == [(3, 5, 4), (3, 3, 5)]
+
+
 def test_operator_with_non_2d_shape_is_rejected():
     class Odd:
         shape = (2, 2, 2)

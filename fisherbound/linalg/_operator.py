@@ -1,4 +1,8 @@
-"""The linear-operator protocol, a minimal concrete operator and ``aslinearoperator``."""
+"""The linear-operator protocol, a minimal operator and the round trip to SciPy.
+
+``LinearOperator.to_scipy`` exports; ``aslinearoperator`` takes arrays, operators
+and ``scipy.sparse.linalg.LinearOperator`` objects.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from fisherbound._lib import (
     check_real_floating,
     device_of,
     is_array,
+    to_host,
 )
 
 Array = Any
@@ -93,6 +98,9 @@ class LinearOperator:
         ``jax.jit`` can trace. JAX operators that have one run ``lanczos``,
         ``lanczos_quadrature`` and ``slq`` as one compiled loop on the device;
         without it they call ``matvec`` / ``matmat`` once per step from Python.
+    symmetric
+        Whether A = Aᵀ (default False). The Fisher and Hessian operators of the
+        library are; ``to_scipy`` then gives SciPy the transpose products too.
 
     Examples
     --------
@@ -113,6 +121,7 @@ class LinearOperator:
         device: Any,
         xp: Any,
         traceable: TraceableProduct | None = None,
+        symmetric: bool = False,
     ) -> None:
         if matvec is None and matmat is None:
             msg = (
@@ -144,6 +153,14 @@ class LinearOperator:
             raise TypeError(msg)
         #: The product as a pure function for compiled loops, or None.
         self.traceable = traceable
+        if not isinstance(symmetric, bool):
+            msg = f"symmetric must be True or False; got {type(symmetric).__name__}."
+            raise TypeError(msg)
+        if symmetric and self.shape[0] != self.shape[1]:
+            msg = f"symmetric=True needs a square shape (n, n); got {self.shape}."
+            raise ValueError(msg)
+        #: Whether A = Aᵀ.
+        self.symmetric = symmetric
 
     def _check_operand(self, x: Array, name: str, expected: str, ok: bool) -> None:
         """A ValueError unless ``ok``: ``x`` (``name``) must have the ``expected`` shape."""
@@ -178,8 +195,112 @@ class LinearOperator:
         xp = array_namespace(cols[0], names=("matvec(v)",))
         return xp.stack(cols, axis=1)
 
+    def to_scipy(self) -> Any:
+        """The operator as a ``scipy.sparse.linalg.LinearOperator`` on NumPy vectors.
+
+        For SciPy's ``eigsh``, ``cg``, ``gmres``, ``expm_multiply`` and its operator
+        algebra (``A + B``, ``0.5 * A``, ``A @ B``, ``A.T``). Each
+        product takes a NumPy vector or block, moves it into this operator's
+        namespace and device (``xp.asarray``: no copy for torch on the CPU, whose
+        tensors share NumPy's memory; a copy onto an accelerator or into JAX),
+        applies ``matvec`` / ``matmat`` and returns NumPy (``to_host``: no copy for
+        CPU torch and JAX; a device-to-host copy from an accelerator). The SciPy
+        dtype is the NumPy one of ``dtype`` (float32 stays float32, so ARPACK runs
+        in single precision; build the operator in float64 for tight
+        tolerances). A symmetric operator (``symmetric=True``, as the Fisher and
+        Hessian operators are) also gives ``rmatvec`` / ``rmatmat`` (the same
+        products); another has no transpose (SciPy's NotImplementedError).
+        Vectors SciPy returns (eigenvectors, solutions) come back with
+        ``xp.asarray``, e.g. ``lin.unravel(torch.from_numpy(vectors.T))``.
+        Needs SciPy.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from scipy.sparse.linalg import eigsh
+        >>> op = aslinearoperator(np.diag([1.0, 2.0, 5.0, 3.0]))
+        >>> float(eigsh(op.to_scipy(), k=1, return_eigenvectors=False)[0])
+        5.0
+        """
+        try:
+            from scipy.sparse.linalg import LinearOperator as SciPyOperator
+        except ImportError as err:  # pragma: no cover - scipy is in every extra
+            msg = "to_scipy needs SciPy: pip install scipy."
+            raise ImportError(msg) from err
+        return _scipy_operator(self, SciPyOperator)
+
     def __repr__(self) -> str:
         return f"LinearOperator(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+def _scipy_operator(op: LinearOperator, base: Any) -> Any:
+    """A SciPy operator over ``op``: NumPy in, ``op``'s namespace inside, NumPy out."""
+    import numpy as np
+
+    xp = _namespace_of(op)
+    dtype = np.dtype(to_host(xp.zeros((0,), dtype=op.dtype, device=op.device)).dtype)
+
+    def into(x: Any) -> Any:
+        return xp.asarray(np.asarray(x, dtype=dtype), dtype=op.dtype, device=op.device)
+
+    def vec(x: Any) -> Any:
+        return to_host(op.matvec(into(np.ravel(x))))
+
+    def mat(x: Any) -> Any:
+        return to_host(op.matmat(into(x)))
+
+    class _Exported(base):
+        """SciPy's view of a fisherbound operator (``LinearOperator.to_scipy``)."""
+
+        def __init__(self) -> None:
+            super().__init__(dtype=dtype, shape=op.shape)
+
+        def _matvec(self, x: Any) -> Any:
+            return vec(x)
+
+        def _matmat(self, x: Any) -> Any:
+            return mat(x)
+
+        def _rmatvec(self, x: Any) -> Any:
+            if not op.symmetric:
+                msg = "this operator is not marked symmetric=True: it has no transpose product."
+                raise NotImplementedError(msg)
+            return vec(x)
+
+        def _rmatmat(self, x: Any) -> Any:
+            if not op.symmetric:
+                msg = "this operator is not marked symmetric=True: it has no transpose product."
+                raise NotImplementedError(msg)
+            return mat(x)
+
+        def _adjoint(self) -> Any:
+            if op.symmetric:
+                return self
+            return super()._adjoint()
+
+    return _Exported()
+
+
+def _from_scipy(A: Any) -> LinearOperator:
+    """A ``scipy.sparse.linalg.LinearOperator`` as a NumPy ``LinearOperator``."""
+    import numpy as np
+
+    dtype = np.dtype(A.dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        msg = (
+            "A must be real floating (float32 or float64); got a SciPy LinearOperator of "
+            f"dtype {dtype}."
+        )
+        raise TypeError(msg)
+    n, m = (int(s) for s in A.shape)
+
+    def matvec(v: Array) -> Array:
+        return np.asarray(A.matvec(v), dtype=dtype).reshape(n)
+
+    def matmat(V: Array) -> Array:
+        return np.asarray(A.matmat(V), dtype=dtype).reshape(n, int(V.shape[1]))
+
+    return LinearOperator((n, m), matvec=matvec, matmat=matmat, dtype=dtype, device="cpu", xp=np)
 
 
 def _namespace_of(op: Any) -> Any:
@@ -222,6 +343,14 @@ def _dense_operator(A: Array, xp: Any) -> LinearOperator:
     )
 
 
+def _is_scipy_operator(A: object) -> bool:
+    """Whether ``A`` is a ``scipy.sparse.linalg.LinearOperator`` (without importing SciPy)."""
+    return any(
+        c.__module__.startswith("scipy.sparse.linalg") and c.__name__ == "LinearOperator"
+        for c in type(A).__mro__
+    )
+
+
 def _what(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__name__}"
 
@@ -232,9 +361,12 @@ def aslinearoperator(A: Any, /) -> Any:
     A dense 2-D float32 or float64 array of any array-API library, checked finite
     (one reduction over its entries), becomes a ``LinearOperator`` with
     ``matvec(v) = A @ v`` and ``matmat(V) = A @ V``, in A's namespace and on A's
-    device (no copy; a JAX array also gets a ``traceable`` product). An object that
-    already satisfies ``LinearOperatorLike`` is returned as it is (after checking that
-    its dtype is real floating).
+    device (no copy; a JAX array also gets a ``traceable`` product). A
+    ``scipy.sparse.linalg.LinearOperator`` (float32 or float64: SciPy's operator
+    algebra, or an operator of ``LinearOperator.to_scipy`` combined with others)
+    becomes a NumPy ``LinearOperator`` over its ``matvec`` / ``matmat``. An object
+    that already satisfies ``LinearOperatorLike`` is returned as it is (after
+    checking that its dtype is real floating).
 
     Raises
     ------
@@ -262,6 +394,8 @@ def aslinearoperator(A: Any, /) -> Any:
         check_real_floating(xp, A.dtype)
         check_finite(A, "A", xp=xp)
         return _dense_operator(A, xp)
+    if _is_scipy_operator(A):
+        return _from_scipy(A)
     if isinstance(A, LinearOperatorLike):
         shape = tuple(A.shape)
         if len(shape) != 2:

@@ -141,7 +141,13 @@ def _deflated(xp: Any, op: Any, Y: Array) -> LinearOperator:
         return W - Y @ (Yt @ W)
 
     return LinearOperator(
-        op.shape, matvec=matvec, matmat=matmat, dtype=op.dtype, device=op.device, xp=op.xp
+        op.shape,
+        matvec=matvec,
+        matmat=matmat,
+        dtype=op.dtype,
+        device=op.device,
+        xp=op.xp,
+        symmetric=bool(getattr(op, "symmetric", False)),
     )
 
 

@@ -2,21 +2,28 @@
 
 The build runs ``python -m sphinx -W --keep-going -b html docs <tmp>`` in a
 subprocess, as CI and a developer would, and checks that every page exists and
-carries its module's API from the docstrings. The quickstart's Python blocks are
-run and their output compared with the ``text`` block printed after each one.
+carries its module's API from the docstrings. Every Python block of every page
+runs on its own in a fresh interpreter, and prints what the ``text`` block after
+it shows.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _docs_blocks import (
+    TORCHRUN_SCRIPTS,
+    is_torchrun,
+    missing_modules,
+    page_blocks,
+    page_runs,
+    same_output,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -26,6 +33,7 @@ DOCS = ROOT / "docs"
 PAGES: dict[str, tuple[str, ...]] = {
     "index": ("quickstart.html", "theory.html", "comparison.html"),
     "quickstart": ("fisher_diagonal", "detach_and_mix"),
+    "recipes": ("EWC penalty", "Fisher-weighted merging", "Laplace log evidence"),
     "theory": ("arXiv:2505.13614", "arXiv:2107.04205", "arXiv:1905.11027", "arXiv:2208.13219"),
     "conventions": ("Sum, not mean", "Which Fisher", "Which trace"),
     "families": (
@@ -123,89 +131,47 @@ def test_theory_cites_the_four_papers_and_renders_formulas() -> None:
     assert theory.count("$$") >= 10, "the theory page should display its formulas as math"
 
 
-# --- the quickstart's examples --------------------------------------------------------
+# --- every code block runs on its own -------------------------------------------------
 
-_BLOCK = re.compile(
-    r"^## (?P<section>[^\n]+)$|^```(?P<lang>python|text)\n(?P<body>.*?)^```$", re.M | re.S
+#: Every page with ```python blocks; each block is a complete script (``_docs_blocks``).
+BLOCK_PAGES = sorted(
+    path.stem for path in DOCS.glob("*.md") if "```python" in path.read_text(encoding="utf-8")
 )
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-
-
-def _quickstart_sections() -> dict[str, list[tuple[str, str]]]:
-    """Section title -> [(code, expected output)] in page order."""
-    text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
-    sections: dict[str, list[tuple[str, str]]] = {}
-    section, code = "", None
-    for m in _BLOCK.finditer(text):
-        if m["section"]:
-            section, code = m["section"].strip(), None
-        elif m["lang"] == "python":
-            code = m["body"]
-        elif code is not None:
-            sections.setdefault(section, []).append((code, m["body"]))
-            code = None
-    return sections
-
-
-def _same_output(got: str, expected: str) -> bool:
-    """Equal text; numbers written with a decimal point may differ by float rounding.
-
-    A decimal number matches within one unit of its last printed digit (a float32
-    sum may round either way); integers (shapes, counts) must match exactly.
-    """
-    got_lines, exp_lines = got.strip().splitlines(), expected.strip().splitlines()
-    if len(got_lines) != len(exp_lines):
-        return False
-    for g, e in zip(got_lines, exp_lines):
-        if _NUMBER.sub("#", g) != _NUMBER.sub("#", e):
-            return False
-        for gn, en in zip(_NUMBER.findall(g), _NUMBER.findall(e)):
-            if "." not in en:
-                if gn != en:
-                    return False
-                continue
-            unit = 10.0 ** -len(en.split(".")[1])
-            if abs(float(gn) - float(en)) > unit * (1 + 1e-9):
-                return False
-    return True
+BLOCKS = [(page, k) for page in BLOCK_PAGES for k in range(len(page_blocks(page)))]
 
 
 def test_same_output_compares_numbers_and_text() -> None:
-    assert _same_output("tr F = 238.6, (16, 4)", "tr F = 238.7, (16, 4)")
-    assert not _same_output("tr F = 238.9, (16, 4)", "tr F = 238.7, (16, 4)")
-    assert not _same_output("tr F = 238.6, (16, 5)", "tr F = 238.6, (16, 4)")
-    assert not _same_output("tr G = 238.6", "tr F = 238.6")
-    assert not _same_output("True\nTrue", "True")
-
-
-QUICKSTART = _quickstart_sections()
-_NEEDS = {"NumPy": None, "torch": "torch", "JAX": "jax"}
+    assert same_output("tr F = 238.6, (16, 4)", "tr F = 238.7, (16, 4)")
+    assert not same_output("tr F = 238.9, (16, 4)", "tr F = 238.7, (16, 4)")
+    assert not same_output("tr F = 238.6, (16, 5)", "tr F = 238.6, (16, 4)")
+    assert not same_output("tr G = 238.6", "tr F = 238.6")
+    assert not same_output("True\nTrue", "True")
 
 
 def test_quickstart_has_the_three_frameworks() -> None:
-    assert set(_NEEDS) <= set(QUICKSTART), sorted(QUICKSTART)
+    sections = {b.section for b in page_blocks("quickstart")}
+    assert {"NumPy", "torch", "JAX"} <= sections, sorted(sections)
 
 
-@pytest.mark.parametrize("section", sorted(_NEEDS))
-def test_quickstart_examples_print_what_the_page_says(section: str) -> None:
-    module = _NEEDS[section]
-    if module is not None:
-        pytest.importorskip(module)
-    namespace: dict[str, object] = {"__name__": f"quickstart_{section}"}
-    with contextlib.ExitStack() as stack:
-        if module == "jax":
-            import jax
-
-            # conftest switches x64 on for the suite; the page runs in JAX's default mode.
-            stack.enter_context(jax.enable_x64(False))
-        outputs = []
-        for k, (code, _) in enumerate(QUICKSTART[section]):
-            buffer = io.StringIO()
-            with contextlib.redirect_stdout(buffer):
-                exec(compile(code, f"docs/quickstart.md [{section} {k}]", "exec"), namespace)
-            outputs.append(buffer.getvalue())
-    for k, ((_, expected), got) in enumerate(zip(QUICKSTART[section], outputs)):
-        assert _same_output(got, expected), (
-            f"docs/quickstart.md, {section} example {k}: the page says\n{expected}\n"
-            f"but it prints\n{got}\n(update the page if the change is intended)"
+@pytest.mark.parametrize(("page", "k"), BLOCKS, ids=[f"{p}-{k}" for p, k in BLOCKS])
+def test_docs_block_runs_on_its_own(page: str, k: int) -> None:
+    """Each ```python block runs alone in a fresh interpreter (an empty folder, JAX's
+    default precision) and prints what the ```text block after it shows."""
+    block = page_blocks(page)[k]
+    where = f"docs/{page}.md, line {block.line} ({block.section})"
+    if is_torchrun(block):  # several processes: tests/test_distributed.py runs the file
+        assert any(block.code == path.read_text() for path in TORCHRUN_SCRIPTS), (
+            f"{where}: a torchrun script must be one of {TORCHRUN_SCRIPTS}, verbatim"
+        )
+        return
+    missing = missing_modules(block)
+    if missing:
+        pytest.skip(f"{where} imports {missing}, not installed")
+    run = page_runs(page)[k]
+    assert run is not None
+    assert run.returncode == 0, f"{where} fails on its own:\n{run.stderr[-3000:]}"
+    if block.expected is not None:
+        assert same_output(run.stdout, block.expected), (
+            f"{where}: the page says\n{block.expected}\nbut it prints\n{run.stdout}\n"
+            "(update the page if the change is intended)"
         )

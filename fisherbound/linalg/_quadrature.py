@@ -394,9 +394,10 @@ def smoothed_density(
 
     the boundary-corrected kernel estimate: no mass below a (the plain density
     puts up to half the mass of the eigenvalues near a there), and φ_a still
-    integrates to 1 over [a, ∞). Nodes below a by rounding (at most max(1e−8,
-    64 ε) of the largest |node|, ε the nodes' machine epsilon) are taken as a; a
-    node further below means the spectrum is not bounded by a, a ValueError.
+    integrates to 1 over [a, ∞). Nodes below a by rounding (by at most max(1e−8,
+    64 ε) times the largest node in absolute value, ε the nodes' machine epsilon)
+    are taken as a; a node further below means the spectrum is not bounded by a,
+    a ValueError.
 
     Parameters
     ----------

@@ -103,8 +103,11 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     are the parameter names). Every vector is a torch tensor on the parameters'
     device in their dtype.
 
-    The linearization reads the parameters' storage: do not update them in place
-    (an optimiser step) while it is in use; build a new one per step.
+    The linearization reads the parameters' storage and keeps the forward pass at
+    θ: updating a parameter of the model in place afterwards (an optimiser step,
+    ``p.add_``, ``load_state_dict``) makes every later product a RuntimeError
+    naming the parameters that changed (torch's version counters, read before
+    each product); build a new linearization per step.
     """
 
     logits_checked = True  # finite (checked on build): the stream need not re-read them
@@ -118,6 +121,9 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         raw_inputs: object = None,
     ) -> None:
         self._bind(selection, inputs, spec)
+        # Every parameter the forward pass reads, selected or constant, and its version.
+        self._watched = tuple(selection[0].named_parameters())
+        self._versions = tuple(p._version for _, p in self._watched)
         self._selection = selection  # the fast path's static candidates, at its first use
         self._plan: FastPathPlan | None = None
         check = self._output_check()
@@ -144,6 +150,23 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         self._xp = array_namespace(self._logits, names=("model output",))
         n = int(self._logits.shape[0])
         self._per_example_mode = "vmap" if inputs.leading == n else "masked"
+
+    def _check_current(self) -> None:
+        """A RuntimeError when a parameter was updated in place since ``linearize``."""
+        if all(p._version == v for (_, p), v in zip(self._watched, self._versions, strict=True)):
+            return
+        changed = [
+            name
+            for (name, p), v in zip(self._watched, self._versions, strict=True)
+            if p._version != v
+        ]
+        msg = (
+            f"the model's parameters {changed} were updated in place after linearize "
+            "(an optimiser step, p.add_(...), load_state_dict): this linearization holds "
+            "the forward pass at the old parameters, and a product now would mix old and "
+            "new ones. Build a new one with linearize(model, inputs) after each update."
+        )
+        raise RuntimeError(msg)
 
     # -- plumbing ------------------------------------------------------------
 

@@ -21,7 +21,10 @@ value and pass.
 
 The guard wraps the methods a class lists in ``checked_products`` once, when the
 class is defined (``guard_class``); nested products (a batched product built
-from single ones) are checked once, at the outermost call.
+from single ones) are checked once, at the outermost call. Before the outermost
+call it also runs the owner's ``_check_current()``, which refuses a product of
+state that changed since the owner was built (the torch adapter: parameters
+updated in place); a no-op where the state cannot change.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ def _guarded(fn: Callable[..., Any], spec: Product) -> Callable[..., Any]:
         depth = state.get("_finite_depth", 0)
         if depth:
             return fn(self, *args, **kwargs)
+        self._check_current()
         state["_finite_depth"] = 1
         try:
             out = fn(self, *args, **kwargs)

@@ -317,6 +317,13 @@ class _FrozenBase:
         super().__init_subclass__(**kwargs)
         guard_class(cls, cls.checked_products)
 
+    def _check_current(self) -> None:
+        """Refuse a product of state that changed since this object was built.
+
+        Called before every outermost product; adapters whose state can change in
+        place override it. A no-op here.
+        """
+
     def _suspects(self) -> tuple[Array | None, list[tuple[str, Array]]]:
         """(flat θ or None, [(name, input array)]): what a failed finite check reads.
 

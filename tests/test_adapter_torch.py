@@ -1273,3 +1273,34 @@ def test_unravel_and_ravel_shape_results_like_the_parameters() -> None:
     arrays = ref.unravel(dn)
     assert {k: v.shape for k, v in arrays.items()} == {b.name: b.shape for b in ref.blocks}
     np.testing.assert_array_equal(ref.ravel(arrays), dn)
+
+
+def test_parameters_updated_in_place_after_linearize_are_refused() -> None:
+    """An optimiser step after linearize: every later product is a RuntimeError naming
+    the changed parameters (selected or not), never a mixture of old and new θ."""
+    from fisherbound.estimators import detach_and_mix
+    from fisherbound.fisher import fisher_diagonal
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    lin = linearize(model, x, params=["2.weight", "2.bias"])
+    before = fisher_diagonal(lin)
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)  # only the unselected layer
+    model(x).sum().backward()
+    opt.step()
+    calls = {
+        "fisher_diagonal": lambda: fisher_diagonal(lin),
+        "detach_and_mix": lambda: detach_and_mix(lin, per_example=True, num_probes=2, rng=0),
+        "jvp": lambda: lin.jvp(torch.ones(lin.num_params, dtype=torch.float64)),
+        "vjp": lambda: lin.vjp(torch.ones_like(lin.logits)),
+    }
+    for call in calls.values():
+        with pytest.raises(
+            RuntimeError,
+            match=r"^the model's parameters \['0\.weight', '0\.bias'\] were updated in place "
+            r"after linearize .* Build a new one with linearize\(model, inputs\)",
+        ):
+            call()
+    fresh = fisher_diagonal(linearize(model, x, params=["2.weight", "2.bias"]))
+    assert not torch.allclose(fresh, before)  # the new θ gives another Fisher

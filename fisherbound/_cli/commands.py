@@ -347,6 +347,7 @@ def report(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     family = report_family(args)
     from fisherbound._report.subjects import torch_subject
+
     start = time.perf_counter()
     data, total = report_dataset(args)
     x = data.inputs

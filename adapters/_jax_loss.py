@@ -16,6 +16,7 @@ from fisherbound._lib import array_namespace, is_traced
 from fisherbound.adapters._jax_model import (
     Kernels,
     Model,
+    PytreeParams,
     check_logits,
     check_mask,
     logits_text,
@@ -104,7 +105,7 @@ def _labels_classes_last(labels: Any, ndim: int, class_axis: int) -> Any:
     return jnp.moveaxis(labels, class_axis, -1)
 
 
-class JaxLossFunction(LossFunctionBase):
+class JaxLossFunction(PytreeParams, LossFunctionBase):
     """The negative log-likelihood of ``apply_fn`` on one labelled batch.
 
     Build it with :func:`loss_function`. ``value`` is ``jax.vmap`` of the forward

@@ -717,3 +717,45 @@ def second_derivative_kernel(kernels: Kernels) -> Any:
 
     kernel = kernels.cache["second_derivative"] = jax.jit(curvature)
     return kernel
+
+
+class PytreeParams:
+    """``unravel`` / ``ravel`` as pytrees like ``params``.
+
+    For the JAX linearizations and loss functions, which both hold the model as
+    ``_model``.
+    """
+
+    _model: Model
+    _blocks: tuple[Any, ...]
+    num_params: int
+    _flat_operand: Callable[[Array], Array]
+    _ravel_leaves: Callable[[list[Any], list[str]], Array]
+
+    def unravel(self, v: Array, /) -> PyTree:
+        """A flat vector ``v`` (..., D) as a pytree shaped like ``params``.
+
+        The inverse of the flattening: ``lin.unravel(lin.flat_params)`` is
+        ``params``; ``lin.unravel(diagonal)`` gives a per-parameter diagonal, a
+        loss function's ``loss.unravel(directions)`` one pytree per direction.
+        Leading axes are kept: (k, D) gives leaves (k, ∗shape). The inverse of
+        ``ravel``.
+        """
+        v = self._flat_operand(v)
+        if v.ndim == 1:
+            return self._model.kernels.unravel(v)
+        lead = tuple(int(s) for s in v.shape[:-1])
+        rows = jax.vmap(self._model.kernels.unravel)(jnp.reshape(v, (-1, self.num_params)))
+        return jax.tree_util.tree_map(lambda a: jnp.reshape(a, (*lead, *a.shape[1:])), rows)
+
+    def ravel(self, tree: PyTree, /) -> Array:
+        """The inverse of ``unravel``: a pytree like ``params`` (leaves (..., ∗shape)) as (..., D).
+
+        The pytree must have the structure of ``params``; every leaf that
+        parameter's shape after the same leading axes. Cost: one concatenation.
+        """
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if treedef != self._model.treedef:
+            msg = f"tree must have the structure of params, {self._model.treedef}; got {treedef}."
+            raise ValueError(msg)
+        return self._ravel_leaves(leaves, [f"the leaf {b.name} of tree" for b in self._blocks])

@@ -67,6 +67,7 @@ from fisherbound._lib import (
 from fisherbound.adapters._jax_loss import JaxLossFunction, check_ignore_index
 from fisherbound.adapters._jax_model import (
     Model,
+    PytreeParams,
     check_apply_fn,
     check_inputs,
     check_logits,
@@ -103,7 +104,7 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
-class JaxLinearization(LinearizationBase):
+class JaxLinearization(PytreeParams, LinearizationBase):
     """A JAX function frozen at its parameters on one batch (see ``linearize``).
 
     Holds the logits and the linear map v ↦ J v of ``jax.linearize`` (the
@@ -153,33 +154,6 @@ class JaxLinearization(LinearizationBase):
     def flat_params(self) -> Array:
         """θ (D,): the parameters flattened in the order of ``blocks``."""
         return self._model.theta
-
-    def unravel(self, v: Array, /) -> PyTree:
-        """A flat vector ``v`` (..., D) as a pytree shaped like ``params``.
-
-        The inverse of the flattening: ``lin.unravel(lin.flat_params)`` is
-        ``params``; ``lin.unravel(diagonal)`` gives a per-parameter diagonal.
-        Leading axes are kept: (k, D) gives leaves (k, ∗shape). The inverse of
-        ``ravel``.
-        """
-        v = self._flat_operand(v)
-        if v.ndim == 1:
-            return self._kernels.unravel(v)
-        lead = tuple(int(s) for s in v.shape[:-1])
-        rows = jax.vmap(self._kernels.unravel)(jnp.reshape(v, (-1, self.num_params)))
-        return jax.tree_util.tree_map(lambda a: jnp.reshape(a, (*lead, *a.shape[1:])), rows)
-
-    def ravel(self, tree: PyTree, /) -> Array:
-        """The inverse of ``unravel``: a pytree like ``params`` (leaves (..., ∗shape)) as (..., D).
-
-        The pytree must have the structure of ``params``; every leaf that
-        parameter's shape after the same leading axes. Cost: one concatenation.
-        """
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        if treedef != self._model.treedef:
-            msg = f"tree must have the structure of params, {self._model.treedef}; got {treedef}."
-            raise ValueError(msg)
-        return self._ravel_leaves(leaves, [f"the leaf {b.name} of tree" for b in self._blocks])
 
     def _forward_mode(self, kernel: Callable[[Any, Array, Any], Array], v: Array) -> Array:
         try:

@@ -342,6 +342,12 @@ class _FrozenBase:
         raise NotImplementedError
 
     @property
+    def num_params(self) -> int:
+        """D, the length of the flat parameter vector."""
+        last = self._blocks[-1]
+        return last.offset + last.size
+
+    @property
     def dtype(self) -> Any:
         """The dtype of every vector in or out (the logits' or θ's)."""
         return self._reference().dtype
@@ -354,6 +360,90 @@ class _FrozenBase:
     def _row_by_row(self, product: Callable[[Array], Array], X: Array) -> Array:
         """``product(X[m])`` for each row m of ``X``, stacked: a generic batched product."""
         return self._xp.stack([product(X[m, ...]) for m in range(X.shape[0])], axis=0)
+
+    def unravel(self, v: Array, /) -> Any:
+        """A flat vector ``v`` (..., D) as a dict name -> array shaped like that parameter.
+
+        Each block's entries of the last axis become (..., ∗shape) (leading axes
+        kept: a (k, D) stack of vectors gives (k, ∗shape) per parameter); names
+        and order are ``blocks``'. The form EWC, Fisher merging and pruning code
+        consumes: ``lin.unravel(fisher_diagonal(lin))``. Eigenvectors are columns
+        (D, k): ``lin.unravel(vectors.T)``; a loss function's Hessian directions
+        likewise (rows (k, D)): ``loss.unravel(hd.directions)``. The inverse of
+        ``ravel``. Cost: one reshape of a slice per block (views where the
+        namespace makes them).
+        """
+        v = self._flat_operand(v)
+        lead = tuple(int(s) for s in v.shape[:-1])
+        xp = self._xp
+        return {
+            b.name: xp.reshape(v[..., b.offset : b.offset + b.size], (*lead, *b.shape))
+            for b in self._blocks
+        }
+
+    def _flat_operand(self, v: Array) -> Array:
+        """``v`` checked as a stack of flat vectors (..., D) (``_operand`` otherwise)."""
+        d = self.num_params
+        if not is_array(v):
+            msg = f"v must be an array of shape (..., D) with D = {d}; got {type(v).__name__}."
+            raise TypeError(msg)
+        if int(v.ndim) < 1:
+            msg = f"v must have shape (..., D) with D = {d}; got a 0-d array."
+            raise ValueError(msg)
+        k = int(v.ndim) - 1  # the leading axes' letters, then D
+        lead = ["K"] if k == 1 else [f"K{i + 1}" for i in range(k)]
+        what = "(D,)" if k == 0 else "(" + ", ".join([*lead, "D"]) + ")"
+        return self._operand(v, "v", (*(None,) * k, d), what)
+
+    def ravel(self, tree: Any, /) -> Array:
+        """The inverse of ``unravel``: a dict name -> (..., ∗shape) as one flat (..., D).
+
+        Every block's name once (no other key), each array with that parameter's
+        shape after the same leading axes, of the linearization's namespace,
+        device and dtype; concatenated in ``blocks`` order. Cost: one copy.
+        """
+        names = [b.name for b in self._blocks]
+        if not isinstance(tree, Mapping):
+            msg = (
+                "tree must be a dict from parameter names to arrays (as unravel gives); got "
+                f"{type(tree).__name__}."
+            )
+            raise TypeError(msg)
+        missing = [n for n in names if n not in tree]
+        extra = [k for k in tree if k not in names]
+        if missing or extra:
+            msg = (
+                f"tree must hold exactly the parameter names {names}; missing {missing}, "
+                f"unknown {extra}."
+            )
+            raise ValueError(msg)
+        return self._ravel_leaves([tree[n] for n in names], [f"tree[{n!r}]" for n in names])
+
+    def _ravel_leaves(self, leaves: list[Any], labels: list[str]) -> Array:
+        """One array per block, in ``blocks`` order, (..., ∗shape) each, as (..., D).
+
+        The leading axes are the first leaf's; ``labels`` name the leaves in messages.
+        """
+        first, head = self._blocks[0], leaves[0]
+        if not is_array(head):
+            msg = (
+                f"{labels[0]} must be an array of shape (..., ∗{first.shape}); got "
+                f"{type(head).__name__}."
+            )
+            raise TypeError(msg)
+        lead_ndim = int(head.ndim) - len(first.shape)
+        if lead_ndim < 0:
+            msg = (
+                f"{labels[0]} must have shape (..., ∗{first.shape}); got shape {tuple(head.shape)}."
+            )
+            raise ValueError(msg)
+        lead = tuple(int(s) for s in head.shape[:lead_ndim])
+        parts = []
+        for b, leaf, label in zip(self._blocks, leaves, labels, strict=True):
+            shape = (*lead, *b.shape)
+            t = self._operand(leaf, label, shape, str(shape))
+            parts.append(self._xp.reshape(t, (*lead, b.size)))
+        return self._xp.concat(parts, axis=-1)
 
     def _operand(self, x: Array, name: str, shape: tuple[int | None, ...], what: str) -> Array:
         """``x`` checked against the reference (namespace, floating, shape, device), cast."""
@@ -433,11 +523,6 @@ class LinearizationBase(_FrozenBase):
         positions = ["T"] if s == 1 else [f"T{i + 1}" for i in range(s)]
         return "(" + ", ".join([*lead, "N", *positions, "C"]) + ")"
 
-    @property
-    def num_params(self) -> int:
-        """D, the length of the flat parameter vector."""
-        last = self._blocks[-1]
-        return last.offset + last.size
 
     @property
     def num_inputs(self) -> int:
@@ -452,88 +537,6 @@ class LinearizationBase(_FrozenBase):
     def _examples(self, examples: slice | None) -> tuple[int, int]:
         """(start, stop) of the contiguous slice ``examples`` of the batch (``example_range``)."""
         return example_range(examples, self.num_inputs)
-
-    def unravel(self, v: Array, /) -> Any:
-        """A flat vector ``v`` (..., D) as a dict name -> array shaped like that parameter.
-
-        Each block's entries of the last axis become (..., ∗shape) (leading axes
-        kept: a (k, D) stack of vectors gives (k, ∗shape) per parameter); names
-        and order are ``blocks``'. The form EWC, Fisher merging and pruning code
-        consumes: ``lin.unravel(fisher_diagonal(lin))``. Eigenvectors are columns
-        (D, k): ``lin.unravel(vectors.T)``. The inverse of ``ravel``. Cost: one
-        reshape of a slice per block (views where the namespace makes them).
-        """
-        v = self._flat_operand(v)
-        lead = tuple(int(s) for s in v.shape[:-1])
-        xp = self._xp
-        return {
-            b.name: xp.reshape(v[..., b.offset : b.offset + b.size], (*lead, *b.shape))
-            for b in self._blocks
-        }
-
-    def _flat_operand(self, v: Array) -> Array:
-        """``v`` checked as a stack of flat vectors (..., D) (``_operand`` otherwise)."""
-        d = self.num_params
-        if not is_array(v):
-            msg = f"v must be an array of shape (..., D) with D = {d}; got {type(v).__name__}."
-            raise TypeError(msg)
-        if int(v.ndim) < 1:
-            msg = f"v must have shape (..., D) with D = {d}; got a 0-d array."
-            raise ValueError(msg)
-        k = int(v.ndim) - 1  # the leading axes' letters, then D
-        lead = ["K"] if k == 1 else [f"K{i + 1}" for i in range(k)]
-        what = "(D,)" if k == 0 else "(" + ", ".join([*lead, "D"]) + ")"
-        return self._operand(v, "v", (*(None,) * k, d), what)
-
-    def ravel(self, tree: Any, /) -> Array:
-        """The inverse of ``unravel``: a dict name -> (..., ∗shape) as one flat (..., D).
-
-        Every block's name once (no other key), each array with that parameter's
-        shape after the same leading axes, of the linearization's namespace,
-        device and dtype; concatenated in ``blocks`` order. Cost: one copy.
-        """
-        names = [b.name for b in self._blocks]
-        if not isinstance(tree, Mapping):
-            msg = (
-                "tree must be a dict from parameter names to arrays (as unravel gives); got "
-                f"{type(tree).__name__}."
-            )
-            raise TypeError(msg)
-        missing = [n for n in names if n not in tree]
-        extra = [k for k in tree if k not in names]
-        if missing or extra:
-            msg = (
-                f"tree must hold exactly the parameter names {names}; missing {missing}, "
-                f"unknown {extra}."
-            )
-            raise ValueError(msg)
-        return self._ravel_leaves([tree[n] for n in names], [f"tree[{n!r}]" for n in names])
-
-    def _ravel_leaves(self, leaves: list[Any], labels: list[str]) -> Array:
-        """One array per block, in ``blocks`` order, (..., ∗shape) each, as (..., D).
-
-        The leading axes are the first leaf's; ``labels`` name the leaves in messages.
-        """
-        first, head = self._blocks[0], leaves[0]
-        if not is_array(head):
-            msg = (
-                f"{labels[0]} must be an array of shape (..., ∗{first.shape}); got "
-                f"{type(head).__name__}."
-            )
-            raise TypeError(msg)
-        lead_ndim = int(head.ndim) - len(first.shape)
-        if lead_ndim < 0:
-            msg = (
-                f"{labels[0]} must have shape (..., ∗{first.shape}); got shape {tuple(head.shape)}."
-            )
-            raise ValueError(msg)
-        lead = tuple(int(s) for s in head.shape[:lead_ndim])
-        parts = []
-        for b, leaf, label in zip(self._blocks, leaves, labels, strict=True):
-            shape = (*lead, *b.shape)
-            t = self._operand(leaf, label, shape, str(shape))
-            parts.append(self._xp.reshape(t, (*lead, b.size)))
-        return self._xp.concat(parts, axis=-1)
 
     def jvp(self, v: Array, /) -> Array:
         """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C)."""

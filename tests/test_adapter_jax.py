@@ -602,3 +602,12 @@ def test_unravel_and_ravel_are_pytrees_like_params() -> None:
     first = lin.blocks[0].name  # the first leaf fixes the leading axes: it needs its rank
     with pytest.raises(ValueError, match=rf"the leaf {first} of tree must have shape \(\.\.\., ∗"):
         lin.ravel(jax.tree_util.tree_map(lambda a: a.reshape(-1)[0], tree))
+    # A loss function's directions (k, D): the same pytrees.
+    from fisherbound.adapters.jax import loss_function
+    from fisherbound.landscape import hessian_directions
+
+    loss = loss_function(f, params, x, jnp.asarray([0, 1, 1, 0, 1]))
+    hd = hessian_directions(loss, rng=0)
+    dirs = loss.unravel(hd.directions)
+    assert dirs["w1"].shape == (2, 3, 4)
+    np.testing.assert_array_equal(loss.ravel(dirs), hd.directions)

@@ -1275,6 +1275,26 @@ def test_unravel_and_ravel_shape_results_like_the_parameters() -> None:
     np.testing.assert_array_equal(ref.ravel(arrays), dn)
 
 
+def test_loss_functions_unravel_hessian_directions_like_the_parameters() -> None:
+    # The landscape's directions (k, D) come from loss functions: the same helpers.
+    from fisherbound.adapters.numpy import MLP
+    from fisherbound.adapters.numpy import loss_function as numpy_loss
+    from fisherbound.adapters.torch import loss_function
+    from fisherbound.landscape import hessian_directions
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 0])
+    loss = loss_function(module, x, y, params=["2.weight", "0.bias"])
+    hd = hessian_directions(loss, rng=0)
+    tree = loss.unravel(hd.directions)
+    assert {k: tuple(v.shape) for k, v in tree.items()} == {"2.weight": (2, 2, 4), "0.bias": (2, 4)}
+    assert torch.equal(loss.ravel(tree), hd.directions)
+    ref = numpy_loss(MLP.random([3, 4, 2], rng=0), np.ones((6, 3)), np.array([0, 1, 1, 0, 1, 0]))
+    arrays = ref.unravel(np.arange(float(ref.num_params)))
+    assert {k: v.shape for k, v in arrays.items()} == {b.name: b.shape for b in ref.blocks}
+
+
 def test_parameters_updated_in_place_after_linearize_are_refused() -> None:
     """An optimiser step after linearize: every later product is a RuntimeError naming
     the changed parameters (selected or not), never a mixture of old and new θ."""

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from fisherbound._accumulator import FactorSum, PerExampleRows, RowStack, SampleSum
-from fisherbound._lib import device_of, is_traced
+from fisherbound._lib import check_finite, device_of, is_traced
 from fisherbound._stream import named_blocks
 
 Array = Any
@@ -348,18 +348,37 @@ class Diagonal(Quantity):
 
 
 class Trace(Diagonal):
-    """tr F (0-d): the sum of the diagonal."""
+    """tr F (0-d): the sum of the diagonal; with ``weights`` w (D,), Σ_i w_i F_ii.
+
+    The weighted trace (an EWC penalty λ/2 Σ_i F_ii (θ_i − θ*_i)², a summed
+    pruning score) is estimated per probe as Σ_i w_i g_i², so its standard error
+    accounts for the probes every entry shares; ``weights`` are checked against
+    the first batch (``select``): finite, shape (D,), the linearization's
+    namespace and device, cast to its dtype.
+    """
 
     what = "trace"
 
+    def __init__(self, weights: Any = None) -> None:
+        super().__init__()
+        self.weights = weights
+        self._w: Any = None  # the checked weights (D,), set by ``select``
+
+    def select(self, lin: Any) -> None:
+        if self.weights is not None:
+            w = lin._operand(self.weights, "weights", (lin.num_params,), "(D,)")
+            check_finite(w, "weights", xp=lin.xp, what="entries")
+            self._w = w
+
     def local(self, total: Any, xp: Any) -> Any:
-        return xp.sum(total)
+        return xp.sum(total if self._w is None else self._w * total)
 
     def from_gradients(self, g: Array, xp: Any) -> Any:
-        return xp.sum(g * g, axis=1)
+        sq = g * g
+        return xp.sum(sq if self._w is None else sq * self._w, axis=1)
 
     def _squares(self, sq: Array, xp: Any) -> Any:
-        return xp.sum(sq, axis=1)
+        return xp.sum(sq if self._w is None else sq * self._w, axis=1)
 
     def trace(self, samples: Any, xp: Any) -> Array:
         del xp  # the interface's: the other quantities sum with it
@@ -465,12 +484,24 @@ class Factor(Quantity):
         return RowStack(Diagonal()) if per_example else FactorSum()
 
 
-def quantity(what: str, *, blocks: Any = None, max_size: int = 0, owner: str = "") -> Quantity:
-    """The quantity of a validated ``what=`` (``blocks``/``max_size`` for blocks, dense)."""
+def quantity(
+    what: str, *, blocks: Any = None, max_size: int = 0, owner: str = "", weights: Any = None
+) -> Quantity:
+    """The quantity of a validated ``what=``.
+
+    ``blocks`` / ``max_size`` for blocks and dense; ``weights`` for the trace only
+    (a ValueError otherwise).
+    """
+    if weights is not None and what != "trace":
+        msg = (
+            "weights are for what='trace' (the weighted trace Σ_i w_i F_ii with its "
+            f"standard error); got what={what!r}. Multiply a diagonal by them instead."
+        )
+        raise ValueError(msg)
     if what == "diagonal":
         return Diagonal()
     if what == "trace":
-        return Trace()
+        return Trace(weights)
     if what == "blocks":
         return Blocks(blocks, max_size, owner=owner)
     if what == "dense":

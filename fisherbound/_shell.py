@@ -283,7 +283,8 @@ def check_operand(
             (letter if free is None else free) if s is None else str(s)
             for letter, s in zip(letters, shape, strict=True)
         )
-        msg = f"{name} must have shape {what} = ({want}); got shape {got}."
+        comma = "," if len(shape) == 1 else ""  # a 1-tuple reads (67,)
+        msg = f"{name} must have shape {what} = ({want}{comma}); got shape {got}."
         raise ValueError(msg)
     check_device(x, name, device_of(like), owner=owner, remedy=remedy)
     return xp.astype(x, like.dtype) if x.dtype != like.dtype else x

@@ -145,6 +145,7 @@ def _check_options(
     max_vectors: int | None,
     progress: bool | None,
     process_group: Any,
+    weights: Any = None,
 ) -> _Common:
     """Validate the options every estimator shares (once, for all three)."""
     fam = check_family(family)
@@ -153,7 +154,7 @@ def _check_options(
     limit = check_optional_int(max_batches, "max_batches")
     size = check_positive_int(max_block_size, "max_block_size")
     check_optional_int(max_vectors, "max_vectors")
-    qty = quantity(what, blocks=blocks, max_size=size, owner="what='blocks'")
+    qty = quantity(what, blocks=blocks, max_size=size, owner="what='blocks'", weights=weights)
     names = None if blocks is None else tuple(blocks)
     return _Common(fam, qty, reduction, limit, progress, collective(process_group), names)
 
@@ -470,6 +471,7 @@ def detach_and_mix(
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     *,
     what: str = "diagonal",
+    weights: Any = None,
     num_probes: int = 1,
     rng: Any = None,
     kernel: str = "exact",
@@ -502,6 +504,13 @@ def detach_and_mix(
     what
         ``"diagonal"`` (D,), ``"trace"`` (0-d), ``"blocks"`` (dict name → (s, s)),
         or ``"full"``: the low-rank factor V (M, D) with F̂ = Vᵀ V (see Returns).
+    weights
+        For ``what="trace"``: w (D,), a flat vector in the linearization's
+        namespace and device (``lin.ravel`` of a dict), for the weighted trace
+        Σ_i w_i F_ii, e.g. an EWC penalty λ/2 Σ_i F_ii (θ_i − θ*_i)². Each probe
+        gives Σ_i w_i g_i², so the standard error is the weighted sum's own (the
+        entries of one probe are correlated: √(Σ_i w_i² SE_i²) from the diagonal's
+        errors would be wrong). None (default): the plain trace.
     num_probes
         M, the number of probes per batch (>= 1; >= 2 for a standard error).
     rng
@@ -600,7 +609,7 @@ def detach_and_mix(
     """
     common = _check_options(
         family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress,
-        process_group,
+        process_group, weights,
     )  # fmt: skip
     fam, qty = common.family, common.qty
     check_choice(kernel, "kernel", KERNELS)
@@ -644,6 +653,7 @@ def monte_carlo(
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",
+    weights: Any = None,
     num_samples: int = 1,
     rng: Any = None,
     reduction: str = "sum",
@@ -666,9 +676,9 @@ def monte_carlo(
     confident models (THEORY §3). ``fisherbound.variance.classical_variance``
     gives the exact variance (Î_1 of THEORY §4).
 
-    Parameters are those of ``detach_and_mix`` with ``num_samples`` = k draws per
-    input in place of probes (the standard error is over the k draws; NaN for
-    k = 1). ``what="full"`` returns the factor of all per-example scores
+    Parameters are those of ``detach_and_mix`` (``weights`` included) with
+    ``num_samples`` = k draws per input in place of probes (the standard error is
+    over the k draws; NaN for k = 1). ``what="full"`` returns the factor of all per-example scores
     (Σ_b N_b k rows, divided by √k; F̂ = Vᵀ V) with the standard error of its
     diagonal.
 
@@ -687,7 +697,7 @@ def monte_carlo(
     """
     common = _check_options(
         family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress,
-        process_group,
+        process_group, weights,
     )  # fmt: skip
     fam, qty = common.family, common.qty
     k, gen, target = _check_sampling(
@@ -715,6 +725,7 @@ def empirical(
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",
+    weights: Any = None,
     reduction: str = "sum",
     max_batches: int | None = None,
     blocks: Sequence[str] | None = None,
@@ -745,7 +756,7 @@ def empirical(
         positions). Categorical: integer class indices (N, ∗S); Bernoulli:
         {0, 1} floats (N, ∗S, C); Gaussian: targets (N, ∗S, C); validated by
         ``family.check_labels``; same namespace and device as the logits.
-    family, what, max_batches, blocks, max_block_size, max_vectors, progress
+    family, what, weights, max_batches, blocks, max_block_size, max_vectors, progress
         As in ``detach_and_mix``.
     reduction
         ``"sum"`` over inputs (default) or ``"mean"``: divided by N, the number of
@@ -779,7 +790,7 @@ def empirical(
     """
     common = _check_options(
         family, what, reduction, max_batches, blocks, max_block_size, max_vectors, progress,
-        process_group,
+        process_group, weights,
     )  # fmt: skip
     fam, qty = common.family, common.qty
     if ignore_index is not None and (

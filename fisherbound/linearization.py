@@ -523,7 +523,6 @@ class LinearizationBase(_FrozenBase):
         positions = ["T"] if s == 1 else [f"T{i + 1}" for i in range(s)]
         return "(" + ", ".join([*lead, "N", *positions, "C"]) + ")"
 
-
     @property
     def num_inputs(self) -> int:
         """N, the number of examples in the batch."""

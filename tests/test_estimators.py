@@ -961,3 +961,43 @@ def test_welch_degrees_of_freedom_of_tiny_float32_variances() -> None:
         assert np.all(low <= est.value)
         assert np.all(est.value <= high)
         assert low.dtype == np.float32
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_weighted_trace_is_the_weighted_sum_of_each_probe(per_example: bool) -> None:
+    """what="trace", weights=w: each probe's sample is Σ_i w_i g_i², the same probes as the
+    diagonal's; its standard error is that of those per-probe sums (the entries of one
+    probe are correlated), not √(Σ_i w_i² SE_i²)."""
+    lin = linearize(MLP.random([4, 8, 3], rng=0), np.random.default_rng(1).standard_normal((32, 4)))
+    w = np.random.default_rng(2).random(lin.num_params)
+    m = 12
+    est = detach_and_mix(lin, what="trace", weights=w, num_probes=m, rng=5, per_example=per_example)
+    diag = detach_and_mix(lin, num_probes=m, rng=5, per_example=per_example)
+    np.testing.assert_allclose(est.value, w @ diag.value, rtol=1e-12)
+    assert float(est.std_error) > 0
+    if not per_example:  # the factor V (M, D) holds g_m / √M: the per-probe samples are M Σ w V²
+        v = detach_and_mix(lin, what="full", num_probes=m, rng=5).value
+        samples = m * (v * v) @ w
+        np.testing.assert_allclose(est.value, samples.mean(), rtol=1e-12)
+        np.testing.assert_allclose(est.std_error, samples.std(ddof=1) / math.sqrt(m), rtol=1e-10)
+        naive = math.sqrt(float(np.sum(w**2 * diag.std_error**2)))
+        assert float(est.std_error) > 1.5 * naive  # the correlated entries' error is larger
+    mc = monte_carlo(lin, what="trace", weights=w, num_samples=4, rng=0)
+    np.testing.assert_allclose(mc.value, w @ monte_carlo(lin, num_samples=4, rng=0).value)
+    y = np.arange(32) % 3
+    np.testing.assert_allclose(
+        empirical(lin, y, what="trace", weights=w).value, w @ empirical(lin, y).value
+    )
+
+
+def test_weights_are_checked() -> None:
+    lin = linearize(MLP.random([4, 8, 3], rng=0), np.ones((6, 4)))
+    with pytest.raises(ValueError, match=r"^weights are for what='trace' .* got what='diagonal'"):
+        detach_and_mix(lin, weights=np.ones(lin.num_params), num_probes=2, rng=0)
+    with pytest.raises(ValueError, match=r"^weights must have shape \(D,\) = \(67,\); got shape"):
+        detach_and_mix(lin, what="trace", weights=np.ones(3), num_probes=2, rng=0)
+    with pytest.raises(ValueError, match=r"^weights must be finite; got NaN"):
+        detach_and_mix(lin, what="trace", weights=np.full(67, np.nan), num_probes=2, rng=0)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"weights"):
+        detach_and_mix(lin, what="trace", weights=torch.ones(67), num_probes=2, rng=0)

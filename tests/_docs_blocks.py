@@ -44,9 +44,14 @@ class Block(NamedTuple):
     line: int  # where the block starts on its page
 
 
+def page_path(page: str) -> Path:
+    """``docs/<page>.md``, or the repository's README.md for ``page="README"``."""
+    return DOCS.parent / "README.md" if page == "README" else DOCS / f"{page}.md"
+
+
 def page_blocks(page: str) -> list[Block]:
-    """Every ```python block of ``docs/<page>.md``, in page order."""
-    text = (DOCS / f"{page}.md").read_text(encoding="utf-8")
+    """Every ```python block of ``page_path(page)``, in page order."""
+    text = page_path(page).read_text(encoding="utf-8")
     blocks: list[Block] = []
     section, last_end = "", -1
     for m in _FENCE.finditer(text):

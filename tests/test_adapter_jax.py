@@ -492,7 +492,7 @@ def test_bad_logits() -> None:
 def test_bad_operands(mlp_case: Case) -> None:
     lin = mlp_case.lin
     d = lin.num_params
-    with pytest.raises(ValueError, match=rf"v must have shape \(D,\) = \({d}\); got shape \(3,\)"):
+    with pytest.raises(ValueError, match=rf"v must have shape \(D,\) = \({d},\); got shape \(3,\)"):
         lin.jvp(jnp.ones(3))
     with pytest.raises(ValueError, match=r"u must have shape \(N, C\) = \(5, 3\); got shape"):
         lin.vjp(jnp.ones((3, 5)))

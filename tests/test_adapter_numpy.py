@@ -540,7 +540,7 @@ def test_bad_operands(backend: Any) -> None:
     model, x = make(backend, "tanh")
     lin = linearize(model, x)
     xp, D = backend.xp, model.num_params
-    with pytest.raises(ValueError, match=rf"v must have shape \(D,\) = \({D}\); got shape"):
+    with pytest.raises(ValueError, match=rf"v must have shape \(D,\) = \({D},\); got shape"):
         lin.jvp(randn(backend, (D + 1,), 0))
     with pytest.raises(ValueError, match=rf"V must have shape \(M, D\) = \(M, {D}\); got shape"):
         lin.jvp_batch(randn(backend, (D,), 0))

@@ -21,6 +21,7 @@ from _docs_blocks import (
     is_torchrun,
     missing_modules,
     page_blocks,
+    page_path,
     page_runs,
     same_output,
 )
@@ -133,10 +134,13 @@ def test_theory_cites_the_four_papers_and_renders_formulas() -> None:
 
 # --- every code block runs on its own -------------------------------------------------
 
-#: Every page with ```python blocks; each block is a complete script (``_docs_blocks``).
-BLOCK_PAGES = sorted(
-    path.stem for path in DOCS.glob("*.md") if "```python" in path.read_text(encoding="utf-8")
-)
+#: Every page with ```python blocks, and the README; each block is a complete script.
+BLOCK_PAGES = [
+    "README",
+    *sorted(
+        path.stem for path in DOCS.glob("*.md") if "```python" in path.read_text(encoding="utf-8")
+    ),
+]
 BLOCKS = [(page, k) for page in BLOCK_PAGES for k in range(len(page_blocks(page)))]
 
 
@@ -158,7 +162,7 @@ def test_docs_block_runs_on_its_own(page: str, k: int) -> None:
     """Each ```python block runs alone in a fresh interpreter (an empty folder, JAX's
     default precision) and prints what the ```text block after it shows."""
     block = page_blocks(page)[k]
-    where = f"docs/{page}.md, line {block.line} ({block.section})"
+    where = f"{page_path(page).relative_to(DOCS.parent)}, line {block.line} ({block.section})"
     if is_torchrun(block):  # several processes: tests/test_distributed.py runs the file
         assert any(block.code == path.read_text() for path in TORCHRUN_SCRIPTS), (
             f"{where}: a torchrun script must be one of {TORCHRUN_SCRIPTS}, verbatim"

@@ -106,7 +106,7 @@ def test_operand_check_of_the_base_class(backend) -> None:
     lin = DenseJacobian(backend.asarray(np.zeros((5, 3, 7))), backend)
     v = lin._operand(backend.asarray(np.ones(7), dtype="float32"), "v", (7,), "(D,)")
     assert v.dtype == lin.dtype  # cast to the logits' dtype
-    with pytest.raises(ValueError, match=r"v must have shape \(D,\) = \(7\); got shape \(6,\)"):
+    with pytest.raises(ValueError, match=r"v must have shape \(D,\) = \(7,\); got shape \(6,\)"):
         lin._operand(backend.asarray(np.ones(6)), "v", (7,), "(D,)")
     with pytest.raises(ValueError, match=r"U must have shape \(M, N, C\) = \(M, 5, 3\)"):
         lin._operand(backend.asarray(np.ones((2, 5))), "U", (None, 5, 3), "(M, N, C)")

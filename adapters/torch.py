@@ -79,13 +79,14 @@ from fisherbound.linearization import (
     stream_linearizations,
 )
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "TorchLinearization",
-    "TorchLossFunction",
     "linearize",
     "linearizations",
     "loss_function",
     "loss_functions",
+    "TorchLinearization",
+    "TorchLossFunction",
 ]
 
 Tensor = torch.Tensor
@@ -104,10 +105,10 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     device in their dtype.
 
     The linearization reads the parameters' storage and keeps the forward pass at
-    θ: updating a parameter of the model in place afterwards (an optimiser step,
-    ``p.add_``, ``load_state_dict``) makes every later product a RuntimeError
-    naming the parameters that changed (torch's version counters, read before
-    each product); build a new linearization per step.
+    θ: updating a parameter, a buffer or an input in place afterwards (an
+    optimiser step, ``p.add_``, ``load_state_dict``) makes every later product a
+    RuntimeError naming the tensors that changed (torch's version counters,
+    read before each product); build a new linearization per step.
     """
 
     logits_checked = True  # finite (checked on build): the stream need not re-read them
@@ -121,9 +122,14 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         raw_inputs: object = None,
     ) -> None:
         self._bind(selection, inputs, spec)
-        # Every parameter the forward pass reads, selected or constant, and its version.
-        self._watched = tuple(selection[0].named_parameters())
-        self._versions = tuple(p._version for _, p in self._watched)
+        # Every tensor the forward pass reads (parameters, selected or constant; buffers;
+        # the inputs), whose version counters ``_check_current`` compares.
+        module = selection[0]
+        self._watched = (
+            *module.named_parameters(),
+            *(("buffer " + n, b) for n, b in module.named_buffers()),
+            *inputs.items(),
+        )
         self._selection = selection  # the fast path's static candidates, at its first use
         self._plan: FastPathPlan | None = None
         check = self._output_check()
@@ -150,21 +156,31 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         self._xp = array_namespace(self._logits, names=("model output",))
         n = int(self._logits.shape[0])
         self._per_example_mode = "vmap" if inputs.leading == n else "masked"
+        self._mark_current()  # after the forward pass (a train-mode norm updates buffers)
+
+    def _mark_current(self) -> None:
+        """Remember the version of every watched tensor (after linearize, each product)."""
+        self._versions = tuple(t._version for _, t in self._watched)
 
     def _check_current(self) -> None:
-        """A RuntimeError when a parameter was updated in place since ``linearize``."""
-        if all(p._version == v for (_, p), v in zip(self._watched, self._versions, strict=True)):
+        """A RuntimeError for a parameter, buffer or input changed in place.
+
+        Since the last product or ``linearize``: the library's own products are
+        taken as current after each (``_mark_current``).
+        """
+        if all(t._version == v for (_, t), v in zip(self._watched, self._versions, strict=True)):
             return
         changed = [
             name
-            for (name, p), v in zip(self._watched, self._versions, strict=True)
-            if p._version != v
+            for (name, t), v in zip(self._watched, self._versions, strict=True)
+            if t._version != v
         ]
         msg = (
-            f"the model's parameters {changed} were updated in place after linearize "
-            "(an optimiser step, p.add_(...), load_state_dict): this linearization holds "
-            "the forward pass at the old parameters, and a product now would mix old and "
-            "new ones. Build a new one with linearize(model, inputs) after each update."
+            f"{changed} (parameters, buffers or inputs of the model) changed in place "
+            "after linearize (an optimiser step, p.add_(...), load_state_dict): this "
+            "linearization holds the forward pass at the old values, and a product now "
+            "would mix old and new ones. Build a new one with linearize(model, inputs) "
+            "after each update."
         )
         raise RuntimeError(msg)
 

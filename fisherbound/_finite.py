@@ -23,8 +23,9 @@ The guard wraps the methods a class lists in ``checked_products`` once, when the
 class is defined (``guard_class``); nested products (a batched product built
 from single ones) are checked once, at the outermost call. Before the outermost
 call it also runs the owner's ``_check_current()``, which refuses a product of
-state that changed since the owner was built (the torch adapter: parameters
-updated in place); a no-op where the state cannot change.
+state that changed since the owner was built or its last product (the torch
+adapter: parameters, buffers or inputs updated in place), and after it
+``_mark_current()``; no-ops where the state cannot change.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def _guarded(fn: Callable[..., Any], spec: Product) -> Callable[..., Any]:
             out = fn(self, *args, **kwargs)
         finally:
             state["_finite_depth"] = 0
+        self._mark_current()  # the product's own changes (a train-mode norm's statistics)
         examples = kwargs.get("examples")
         offset = (examples.start or 0) if isinstance(examples, slice) else 0
         for a in _arrays(out):

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from fisherbound._accumulator import FactorSum, PerExampleRows, RowStack, SampleSum
-from fisherbound._lib import check_finite, device_of, is_traced
+from fisherbound._lib import check_finite, device_of, is_traced, to_host
 from fisherbound._stream import named_blocks
 
 Array = Any
@@ -353,8 +353,10 @@ class Trace(Diagonal):
     The weighted trace (an EWC penalty λ/2 Σ_i F_ii (θ_i − θ*_i)², a summed
     pruning score) is estimated per probe as Σ_i w_i g_i², so its standard error
     accounts for the probes every entry shares; ``weights`` are checked against
-    the first batch (``select``): finite, shape (D,), the linearization's
-    namespace and device, cast to its dtype.
+    the first batch (``select``): finite and non-negative (so every per-probe
+    sample is ≥ 0 and the interval's floor 0 holds), shape (D,), the
+    linearization's namespace, device and dtype (NumPy and JAX cast; torch
+    refuses another dtype, as for every operand).
     """
 
     what = "trace"
@@ -368,6 +370,19 @@ class Trace(Diagonal):
         if self.weights is not None:
             w = lin._operand(self.weights, "weights", (lin.num_params,), "(D,)")
             check_finite(w, "weights", xp=lin.xp, what="entries")
+            ok = lin.xp.all(w >= 0)
+            if not is_traced(ok) and not bool(ok):  # traced (inside jit): nothing to read
+                negative = lin.xp.nonzero(w < 0)[0]
+                shown = [int(i) for i in to_host(negative[:10])]
+                msg = (
+                    "weights must be non-negative (Σ_i w_i F_ii with w ≥ 0, as an EWC "
+                    "penalty or a pruning score; each probe's sample is then ≥ 0); got "
+                    f"{int(negative.shape[0])} negative entries, at positions {shown}"
+                    f"{' ...' if int(negative.shape[0]) > 10 else ''}. For signed weights "
+                    "estimate Σ w⁺F and Σ w⁻F (w = w⁺ − w⁻) with independent seeds; the standard "
+                    "error of their difference is √(SE₊² + SE₋²)."
+                )
+                raise ValueError(msg)
             self._w = w
 
     def local(self, total: Any, xp: Any) -> Any:

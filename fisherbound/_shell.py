@@ -308,16 +308,21 @@ def check_batches(
 class Lazy(Iterator[T]):
     """A lazy stream over ``batches`` that knows how many items are left when they do.
 
-    ``operator.length_hint`` of the stream is that of ``batches`` (a list, a
-    ``DataLoader``: its ``len``) less the items taken, so a progress bar over the
-    stream has a total, a percentage and an ETA; 0 where ``batches`` cannot say
-    (a generator). Items come from ``items``, an iterator over ``batches``.
+    ``operator.length_hint`` of the stream is that of ``batches`` when the stream
+    was made (a list, a ``DataLoader``: its ``len``) less the items taken, so a
+    progress bar over the stream has a total, a percentage and an ETA; 0 where
+    ``batches`` cannot say (a generator). Items come from ``items``, an iterator
+    over ``batches``.
     """
 
-    __slots__ = ("_batches", "_items", "_taken")
+    __slots__ = ("_items", "_taken", "_total")
 
     def __init__(self, items: Iterator[T], batches: Iterable[Any]) -> None:
-        self._items, self._batches, self._taken = items, batches, 0
+        self._items, self._taken = items, 0
+        try:  # once, now: an iterator's own hint shrinks as it is consumed
+            self._total = operator.length_hint(batches)
+        except (TypeError, ValueError):  # a __len__ or __length_hint__ that fails
+            self._total = 0
 
     def __next__(self) -> T:
         item = next(self._items)
@@ -325,11 +330,7 @@ class Lazy(Iterator[T]):
         return item
 
     def __length_hint__(self) -> int:
-        try:
-            total = operator.length_hint(self._batches)
-        except (TypeError, ValueError):  # a __len__ or __length_hint__ that fails
-            return 0
-        return max(0, total - self._taken) if total > 0 else 0
+        return max(0, self._total - self._taken) if self._total > 0 else 0
 
 
 def stream_inputs(

@@ -84,16 +84,17 @@ from fisherbound.linearization import as_linearizations
 
 Array = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "Eigenpairs",
-    "RankBound",
-    "Razor",
-    "SpectralDensity",
+    "top_eigenpairs",
+    "spectral_density",
     "local_dimension",
     "rank_bound",
     "razor",
-    "spectral_density",
-    "top_eigenpairs",
+    "Eigenpairs",
+    "SpectralDensity",
+    "RankBound",
+    "Razor",
 ]
 
 DIMENSION_METHODS = ("auto", "lanczos", "slq")
@@ -772,7 +773,7 @@ def razor(
 
     the Laplace approximation of the log marginal likelihood with the Fisher (the
     Gauss–Newton matrix) in place of the Hessian: exact for a linear-Gaussian
-    model (z = J θ, unit-variance Gaussian outputs) at the posterior mode θ̂.
+    model (z = J θ, Gaussian outputs of known variance) at the posterior mode θ̂.
     Null directions of F cost nothing; a direction with σ² λ ≫ 1 costs about
     ½ log(σ² λ), about ½ log N, so the effective dimension is about
     #{λ_i ≳ 1/σ²} (``local_dimension(eps=1/σ²)``). The BIC/MDL term (D/2) log N
@@ -785,8 +786,8 @@ def razor(
         A linearization or a re-iterable collection of them, at θ̂.
     family
         The output family; the likelihood p(y | z) is its own: categorical
-        (softmax), Bernoulli (C independent sigmoids), Gaussian (unit variance,
-        normalising constant (C/2) log 2π per input included).
+        (softmax), Bernoulli (C independent sigmoids), Gaussian (its variance σ²_y,
+        normalising constant (C/2) log 2πσ²_y per input included).
     prior_variance
         σ² > 0, the variance of the isotropic Gaussian prior.
     labels

@@ -80,6 +80,7 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
     collective,
+    fingerprint,
     is_array,
     is_traced,
     known_false,
@@ -93,11 +94,12 @@ from fisherbound.linearization import Linearization, check_loss_labels
 
 Array = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "Accumulator",
     "detach_and_mix",
-    "empirical",
     "monte_carlo",
+    "empirical",
+    "Accumulator",
 ]
 
 WHATS = ("diagonal", "trace", "blocks", "full")
@@ -205,6 +207,9 @@ def _run(
     """
     family, qty, reduction, limit, progress, coll, blocks = common
     opts = {"what": qty.what} | options | {"blocks": blocks}
+    weights = getattr(qty, "weights", None)
+    if coll is not None and weights is not None:  # one weighted trace on every rank
+        opts["weights"] = fingerprint(weights) if is_array(weights) else type(weights).__name__
     rounds = isinstance(source, Linearization) and target is not None
     stream = Stream(
         source,
@@ -237,33 +242,39 @@ def _run(
     else:
         steps = iter(stream)
         why = ""
-    while True:
-        lin = next(steps, None)
-        if lin is not None:
-            if count == 0:
-                qty.select(lin)
-            state.add(draw(lin), lin.num_inputs, lin.xp, same_inputs=rounds)
-            count += 1
-        if target is None:
-            if lin is None:
-                break
-            continue
-        if coll is None:
-            if lin is None:
-                break
-            error, dof = state.trace_error(lin.xp)
+    try:
+        while True:
+            lin = next(steps, None)
+            if lin is not None:
+                if count == 0:
+                    qty.select(lin)
+                state.add(draw(lin), lin.num_inputs, lin.xp, same_inputs=rounds)
+                count += 1
+            if target is None:
+                if lin is None:
+                    break
+                continue
+            if coll is None:
+                if lin is None:
+                    break
+                error, dof = state.trace_error(lin.xp)
+                if _target_reached(error, dof, target):
+                    reached = True
+                    break
+                continue
+            # Lockstep: the trace estimate over all ranks, and whether any rank went on.
+            terms = state.global_trace_terms(lin is not None)
+            value, variance, welch, active = coll.sum_floats(terms)
+            error, dof = _error_and_dof(value, variance, welch)
             if _target_reached(error, dof, target):
                 reached = True
                 break
-            continue
-        # Lockstep: the trace estimate over all ranks, and whether any rank went on.
-        value, variance, welch, active = coll.sum_floats(state.global_trace_terms(lin is not None))
-        error, dof = _error_and_dof(value, variance, welch)
-        if _target_reached(error, dof, target):
-            reached = True
-            break
-        if active == 0.0:
-            break
+            if active == 0.0:
+                break
+    finally:  # a loop left early (a target, an error) closes the stream's bar
+        close = getattr(steps, "close", None)
+        if close is not None:
+            close()
     if not rounds:
         why = "the data ran out" if limit is None or count < limit else f"max_batches = {limit}"
     stream.finish(**opts)
@@ -505,9 +516,9 @@ def detach_and_mix(
         ``"diagonal"`` (D,), ``"trace"`` (0-d), ``"blocks"`` (dict name → (s, s)),
         or ``"full"``: the low-rank factor V (M, D) with F̂ = Vᵀ V (see Returns).
     weights
-        For ``what="trace"``: w (D,), a flat vector in the linearization's
-        namespace and device (``lin.ravel`` of a dict), for the weighted trace
-        Σ_i w_i F_ii, e.g. an EWC penalty λ/2 Σ_i F_ii (θ_i − θ*_i)². Each probe
+        For ``what="trace"``: w (D,) ≥ 0, a flat vector in the linearization's
+        namespace, device and dtype (``lin.ravel`` of a dict), for the weighted
+        trace Σ_i w_i F_ii, e.g. an EWC penalty λ/2 Σ_i F_ii (θ_i − θ*_i)². Each probe
         gives Σ_i w_i g_i², so the standard error is the weighted sum's own (the
         entries of one probe are correlated: √(Σ_i w_i² SE_i²) from the diagonal's
         errors would be wrong). None (default): the plain trace.

@@ -63,28 +63,29 @@ from fisherbound._shell import (
 Array = Any
 T = TypeVar("T")
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "LOSS_REDUCTIONS",
-    "Linearization",
     "LinearizationBase",
-    "LossFunction",
+    "Linearization",
     "LossFunctionBase",
+    "LossFunction",
     "ParameterBlock",
-    "ReadOnly",
     "as_linearizations",
+    "stream_linearizations",
+    "stream_loss_functions",
+    "stream_pairs",
+    "stream_inputs",
+    "Lazy",
+    "mask_source",
+    "make_blocks",
+    "example_range",
+    "check_operand",
     "check_batches",
     "check_loss_labels",
     "check_loss_mask",
     "check_loss_options",
-    "check_operand",
-    "example_range",
-    "make_blocks",
-    "mask_source",
-    "Lazy",
-    "stream_inputs",
-    "stream_linearizations",
-    "stream_loss_functions",
-    "stream_pairs",
+    "ReadOnly",
+    "LOSS_REDUCTIONS",
 ]
 
 
@@ -321,8 +322,11 @@ class _FrozenBase:
         """Refuse a product of state that changed since this object was built.
 
         Called before every outermost product; adapters whose state can change in
-        place override it. A no-op here.
+        place override it (with ``_mark_current``). A no-op here.
         """
+
+    def _mark_current(self) -> None:
+        """Take the state as current: after every outermost product. A no-op here."""
 
     def _suspects(self) -> tuple[Array | None, list[tuple[str, Array]]]:
         """(flat θ or None, [(name, input array)]): what a failed finite check reads.

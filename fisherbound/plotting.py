@@ -29,12 +29,13 @@ from fisherbound._lib import Estimate, check_choice, check_positive_int, is_arra
 
 Array = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "SURFACE_KINDS",
-    "plot_fisher_diagonal",
-    "plot_spectral_density",
     "plot_surface",
     "plot_surfaces",
+    "plot_spectral_density",
+    "plot_fisher_diagonal",
+    "SURFACE_KINDS",
 ]
 
 #: ``kind=`` of the surface plots.
@@ -486,8 +487,11 @@ def plot_fisher_diagonal(
     bottom.set_xlabel("parameters, sorted within each block")
     ax.set_xticks([])
     ax.set_ylabel("Fisher diagonal F_ii")
-    height = _label_blocks(fig, ax, starts)
-    ax.set_title("Fisher diagonal per block" if title is None else title, pad=4.0 + height)
+    height, omitted = _label_blocks(fig, ax, starts)
+    heading = "Fisher diagonal per block" if title is None else title
+    if omitted:  # many narrow blocks (a transformer): the widest are named
+        heading += f"\n({omitted} of {len(starts)} block names left out for space)"
+    ax.set_title(heading, pad=4.0 + height)
     if own:  # below the axes, where it cannot cover a point
         handles, labels = ax.get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
@@ -499,37 +503,53 @@ def plot_fisher_diagonal(
 #: Every block gets at least this fraction of the x axis of ``plot_fisher_diagonal``.
 MIN_BLOCK_FRACTION = 1.0 / 40.0
 
+#: At most this many rows of block names above ``plot_fisher_diagonal``'s axes.
+MAX_LABEL_ROWS = 3
 
-def _label_blocks(fig: Any, ax: Any, starts: list[tuple[float, float, str]]) -> float:
-    """Name each block above the axes, in as many rows as it takes for no two to overlap.
 
-    The names are measured with the figure's renderer and placed greedily: each in
-    the lowest row where it clears the previous name by a small gap. Returns the
-    height of the rows in points.
+def _label_blocks(fig: Any, ax: Any, starts: list[tuple[float, float, str]]) -> tuple[float, int]:
+    """Name the blocks above the axes, in at most ``MAX_LABEL_ROWS`` rows, none overlapping.
+
+    The names are measured with the figure's renderer and placed greedily, widest
+    block first: each in the lowest row where it clears its neighbours by a small
+    gap; a name that fits in no row is left out (with many narrow blocks).
+    Returns the height of the rows in points and the number of names left out.
     """
     import numpy as np
 
     if not starts:
-        return 0.0
+        return 0.0, 0
     renderer = _renderer(fig)
     left, right = ax.get_xlim()
     box = ax.get_window_extent(renderer)
     scale = box.width / (right - left)  # pixels per x unit
-    fontsize, size = "small", 0.0
-    ends: list[float] = []  # the right end, in pixels, of the last name of each row
-    for start, stop, name in starts:
+    fontsize, size, omitted = "small", 0.0, 0
+    taken: list[list[tuple[float, float]]] = []  # the (left, right) pixels used in each row
+    gap = 4.0 * fig.dpi / 72.0
+    placed: list[tuple[int, str, float, int]] = []  # (block, name, centre, row)
+    widest_first = sorted(range(len(starts)), key=lambda k: starts[k][0] - starts[k][1])
+    for k in widest_first:
+        start, stop, name = starts[k]
         probe = fig.text(0.0, 0.0, name, fontsize=fontsize)
         width = probe.get_window_extent(renderer).width
         size = probe.get_fontsize()  # points
         probe.remove()
         centre = box.x0 + scale * (0.5 * (start + stop) - left)
         centre = float(np.clip(centre, box.x0 + 0.5 * width, box.x1 - 0.5 * width))
-        gap = 4.0 * fig.dpi / 72.0
-        row = next((i for i, end in enumerate(ends) if centre - 0.5 * width >= end + gap), None)
+        lo, hi = centre - 0.5 * width - gap, centre + 0.5 * width + gap
+        row = next(
+            (i for i, spans in enumerate(taken) if all(hi <= a or lo >= b for a, b in spans)),
+            None,
+        )
+        if row is None and len(taken) < MAX_LABEL_ROWS:
+            row = len(taken)
+            taken.append([])
         if row is None:
-            row = len(ends)
-            ends.append(0.0)
-        ends[row] = centre + 0.5 * width
+            omitted += 1
+            continue
+        taken[row].append((lo, hi))
+        placed.append((k, name, centre, row))
+    for _, name, centre, row in sorted(placed):  # drawn in block order
         ax.annotate(
             name,
             xy=(left + (centre - box.x0) / scale, 1.0),
@@ -542,7 +562,7 @@ def _label_blocks(fig: Any, ax: Any, starts: list[tuple[float, float, str]]) -> 
             annotation_clip=False,
             gid="block-label",
         )
-    return 2.0 + 1.25 * size * len(ends)
+    return 2.0 + 1.25 * size * len(taken), omitted
 
 
 def _renderer(fig: Any) -> Any:

@@ -196,6 +196,15 @@ def bad_inputs(rank: int, group: object) -> dict[str, str]:
             lin, rng=0, reduction=("sum", "mean")[rank], progress=False, process_group=group
         ),
     )
+    # Ranks weight the trace differently (an EWC penalty from different anchors).
+    weights = torch.full((lin.num_params,), 1.0 + rank, dtype=torch.float64)
+    _expect_error(
+        messages,
+        "weights",
+        lambda: detach_and_mix(
+            lin, what="trace", weights=weights, rng=0, progress=False, process_group=group
+        ),
+    )
     # Ranks hold the same architecture at different parameter values.
     from fisherbound.adapters.torch import loss_function
     from fisherbound.landscape import surface

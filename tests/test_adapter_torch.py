@@ -1318,9 +1318,34 @@ def test_parameters_updated_in_place_after_linearize_are_refused() -> None:
     for call in calls.values():
         with pytest.raises(
             RuntimeError,
-            match=r"^the model's parameters \['0\.weight', '0\.bias'\] were updated in place "
-            r"after linearize .* Build a new one with linearize\(model, inputs\)",
+            match=r"^\['0\.weight', '0\.bias'\] \(parameters, buffers or inputs of the model\) "
+            r"changed in place after linearize .* Build a new one with linearize\(model, inputs\)",
         ):
             call()
     fresh = fisher_diagonal(linearize(model, x, params=["2.weight", "2.bias"]))
     assert not torch.allclose(fresh, before)  # the new θ gives another Fisher
+
+
+def test_buffers_and_inputs_changed_in_place_are_refused_too() -> None:
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("b", torch.zeros(4, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.b
+
+    from fisherbound.fisher import fisher_diagonal
+
+    model = nn.Sequential(nn.Linear(3, 4), Shift(), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    lin = linearize(model, x)
+    fisher_diagonal(lin)
+    fisher_diagonal(lin)  # the library's own products change nothing
+    model[1].b.add_(3.0)
+    with pytest.raises(RuntimeError, match=r"^\['buffer 1\.b'\] \(parameters, buffers or inputs"):
+        fisher_diagonal(lin)
+    lin = linearize(model, x)
+    x.mul_(2.0)
+    with pytest.raises(RuntimeError, match=r"^\['inputs\[0\]'\] \(parameters, buffers or inputs"):
+        lin.vjp(torch.ones_like(lin.logits))

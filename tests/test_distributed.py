@@ -181,6 +181,7 @@ def test_bad_inputs_fail_on_every_rank(torch_run: Path) -> None:
         assert "random generators differ" in m["rng"], m["rng"]
         assert "disagree on k" in m["k"], m["k"]
         assert "disagree on reduction" in m["reduction"], m["reduction"]
+        assert "disagree on weights" in m["weights"], m["weights"]
         assert "disagree on the parameter values" in m["theta"], m["theta"]
         assert "at least one batch" in m["accumulator"], m["accumulator"]
         assert m["uninitialised"].startswith("RuntimeError"), m["uninitialised"]

@@ -577,12 +577,21 @@ def test_gaussian_variance_is_a_value_and_is_checked() -> None:
     assert hash(Gaussian(variance=2)) == hash(Gaussian(variance=2.0))
     assert pickle.loads(pickle.dumps(Gaussian(variance=0.5))) == Gaussian(variance=0.5)
     assert Gaussian(variance=4).variance == 4.0
-    for bad in (0.0, -1.0, math.inf, math.nan):
+    assert Gaussian(variance=np.float32(0.5)) == Gaussian(variance=0.5)  # numpy scalars
+    for bad in (0.0, -1.0, math.inf, math.nan, 1e-320):  # 1e-320: 1/σ² overflows float64
         with pytest.raises(ValueError, match=r"^variance must be a positive finite number"):
             Gaussian(variance=bad)
     for bad in ("1", True, None, np.ones(2)):
         with pytest.raises(TypeError, match=r"^variance must be a positive finite number"):
             Gaussian(variance=bad)
+    with pytest.raises(TypeError, match="positional"):
+        Gaussian(0.5)  # type: ignore[misc]
+    tiny = Gaussian(variance=1e-200)  # fine in float64, 1/σ² overflows float32
+    assert float(tiny.metric(np.zeros(2))[0, 0]) == pytest.approx(1e200)
+    with pytest.raises(
+        ValueError, match=r"1/variance = 1e\+200 overflows the logits' dtype float32"
+    ):
+        tiny.metric(np.zeros(2, dtype=np.float32))
 
 
 def test_fourth_moment_gives_the_variance_of_the_score_outer_product() -> None:

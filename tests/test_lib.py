@@ -375,13 +375,17 @@ class _FakeBar:
 
     def __init__(self, **options: Any) -> None:
         self.options, self.n, self.closed = options, 0, False
+        self.total = options.get("total")
         _FakeBar.made.append(self)
 
     def update(self, n: int = 1) -> None:
         self.n += n
 
-    def set_description(self, desc: str) -> None:
+    def set_description(self, desc: str, refresh: bool = True) -> None:
         self.options["desc"] = desc
+
+    def refresh(self) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True
@@ -435,6 +439,10 @@ def test_progress_bar_total_from_the_source(fake_tqdm: list[Any]) -> None:
     next(stream)
     assert length_of(stream) == 2  # what is left
     assert length_of(x for x in [1, 2]) is None
+    it = linearizations(model, iter([torch.randn(2, 3)] * 5))  # an iterator of batches
+    next(it)
+    next(it)
+    assert length_of(it) == 3
     list(progress_bar((x for x in [1, 2]), desc="g", progress=True))
     assert fake_tqdm[-1].options["total"] is None
     fisher_trace(linearizations(model, loader), progress=True)
@@ -462,3 +470,29 @@ def test_one_bar_per_call_and_none_inside_another(fake_tqdm: list[Any]) -> None:
     list(progress_bar([1], desc="after", progress=True))
     assert [b.options["desc"] for b in fake_tqdm] == ["outer", "broken", "after"]
     assert all(b.closed for b in fake_tqdm)
+
+
+def test_a_bar_closes_when_its_call_fails_and_ends_at_what_came(fake_tqdm: list[Any]) -> None:
+    """An error kept by the caller (a notebook keeps the last one) leaves no bar open;
+    a source shorter than its total ends its bar at what came."""
+    from fisherbound._lib import _progress, progress_bar
+    from fisherbound.adapters.numpy import MLP, linearizations
+    from fisherbound.estimators import detach_and_mix
+    from fisherbound.fisher import fisher_trace
+
+    model = MLP.random([4, 8, 3], rng=0)
+    source = [np.ones((4, 4))] * 3
+    kept = None
+    try:
+        detach_and_mix(
+            linearizations(model, source), what="trace", weights=np.ones(3), progress=True
+        )
+    except ValueError as err:
+        kept = err
+    assert kept is not None
+    assert _progress._depth() == 0
+    fisher_trace(linearizations(model, source), progress=True)
+    assert [b.options["desc"] for b in fake_tqdm] == ["detach-and-mix", "Fisher trace"]
+    assert all(b.closed for b in fake_tqdm)
+    list(progress_bar(iter([1, 2, 3]), desc="short", progress=True, total=10))
+    assert (fake_tqdm[-1].n, fake_tqdm[-1].total) == (3, 3)

@@ -220,8 +220,10 @@ def test_to_scipy_round_trip_on_numpy() -> None:
     back = aslinearoperator(exported @ exported)  # SciPy's algebra, back into fisherbound
     assert back.shape == (6, 6)
     np.testing.assert_allclose(back.matvec(b), a @ (a @ b), rtol=1e-12)
-    est = hutchinson_trace(back, num_probes=6, rng=0)
-    assert float(est.value) == pytest.approx(np.trace(a @ a), rel=0.5)  # a 6-probe estimate
+    est = hutchinson_trace(back, num_probes=6, rng=0)  # the same probes as on A² itself
+    assert float(est.value) == pytest.approx(
+        float(hutchinson_trace(a @ a, num_probes=6, rng=0).value), rel=1e-12
+    )
     plain = aslinearoperator(np.arange(6.0).reshape(2, 3))  # not marked symmetric
     with pytest.raises(NotImplementedError, match="not marked symmetric=True"):
         plain.to_scipy().rmatvec(np.ones(2))
@@ -993,6 +995,11 @@ def test_smoothed_density_refuses_non_finite_points_and_names_an_overflow():
     assert phi[0] > 0
 
 
+# OpenBLAS sets FE_INVALID spuriously in some small float32 products, depending on what
+# memory held before (numpy#24067, OpenBLAS#1924): this test's float32 Lanczos on finite
+# operands failed now and then in the full suite; the values are right, and the library's
+# own finite checks catch a real NaN.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize(
     ("dtype", "scale"),
     [

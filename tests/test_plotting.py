@@ -183,6 +183,32 @@ def test_block_names_never_overlap() -> None:
     assert not any(title.overlaps(b) for b in boxes)
 
 
+def test_many_blocks_keep_three_rows_of_names_and_say_what_is_left_out(tmp_path: Any) -> None:
+    """A transformer's 120 blocks: at most MAX_LABEL_ROWS rows of names, none overlapping,
+    the rest counted in the title; no layout warning (warnings are errors here)."""
+    from fisherbound.plotting import MAX_LABEL_ROWS
+
+    names = [f"layers.{i}.attention.{kind}" for i in range(60) for kind in ("weight", "bias")]
+    sizes = [64 if n.endswith("weight") else 8 for n in names]
+    blocks = labelled_blocks(sizes, names)
+    exact = np.random.default_rng(1).lognormal(size=sum(sizes))
+    fig = plot_fisher_diagonal(blocks, exact=exact, max_points_per_block=20)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].texts if t.get_gid() == "block-label"]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), "two block names overlap"
+    assert len({round(b.y0) for b in boxes}) <= MAX_LABEL_ROWS
+    omitted = len(names) - len(labels)
+    assert omitted > 0
+    assert f"({omitted} of 120 block names left out for space)" in fig.axes[0].get_title()
+    page = fig.bbox
+    assert all(page.x0 <= b.x0 and b.x1 <= page.x1 and b.y1 <= page.y1 for b in boxes)
+    assert saved(fig, tmp_path / "many.png") > 5000
+
+
 def test_exactly_zero_entries_are_drawn_apart(tmp_path: Any) -> None:
     """Zeros of diag F get their own strip and a count, not a floor value on the log axis."""
     blocks = labelled_blocks([30, 10], ["w", "b"])
@@ -237,6 +263,8 @@ def test_reflected_density_has_no_mass_below_the_lower_end() -> None:
         smoothed_density(far, t, width=0.2, lower=0.0)
     with pytest.raises(ValueError, match="lower must be None or a finite real number"):
         smoothed_density(rule, t, width=0.2, lower=float("nan"))
+    with pytest.raises(TypeError, match=r"lower must be None or a finite real number .* str '0'"):
+        smoothed_density(rule, t, width=0.2, lower="0")  # type: ignore[arg-type]
 
 
 def test_plotting_errors(trained: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,7 +107,8 @@ def progress_bar(
     """Yield from ``iterable`` behind a bar (``open_bar``) that counts its items.
 
     ``total`` defaults to the length hint of ``iterable`` (None where it has
-    none: the bar then shows the count and the rate, without percentage or ETA).
+    none: the bar then shows the count and the rate, without percentage or ETA);
+    a source that runs out before ``total`` leaves its bar at 100% of what came.
     """
     size = length_of(iterable) if total is None else total
     bar = open_bar(desc=desc, progress=progress, total=size, leave=leave)
@@ -118,5 +119,8 @@ def progress_bar(
         for item in iterable:
             yield item
             bar.update(1)
+        if bar.total is not None and bar.n < bar.total:  # the source ran out first
+            bar.total = bar.n
+            bar.refresh()
     finally:
         close_bar(bar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from fisherbound._lib import check_finite, device_of, probes, uniform
@@ -124,7 +125,8 @@ class Gaussian(_DiagonalFamily):
     """Regression with a known variance: y ~ N(z, σ² I), t(y) = y / σ².
 
     ``variance`` σ² > 0 (default 1, the unit Gaussian of THEORY §1), a positive
-    finite float: the same for every output (a homoscedastic noise level, as
+    real number (keyword-only) with 1/σ² finite in the logits' dtype: the same
+    for every output (a homoscedastic noise level, as
     ``MSELoss`` assumes; with σ² = ½ the negative log-likelihood is the sum of
     squared errors up to a constant). Core metric I = I_C / σ² for every kernel
     except the rank-one lower envelope e_0 e_0ᵀ / σ² (λ_max = 1/σ² with
@@ -143,15 +145,17 @@ class Gaussian(_DiagonalFamily):
 
     __slots__ = ("_variance",)
 
-    def __init__(self, variance: float = 1.0) -> None:
-        ok = isinstance(variance, (int, float)) and not isinstance(variance, bool)
-        if not ok or not (math.isfinite(variance) and variance > 0.0):
+    def __init__(self, *, variance: float = 1.0) -> None:
+        ok = isinstance(variance, numbers.Real) and not isinstance(variance, bool)
+        value = float(variance) if ok else math.nan  # numpy floats are numbers.Real too
+        # 1/σ² must be a finite float64 (σ² ≥ 5.6e-309); float32 logits need more.
+        if not ok or not (math.isfinite(value) and value > 0.0 and math.isfinite(1.0 / value)):
             msg = (
-                "variance must be a positive finite number (σ² of y ~ N(z, σ² I)); "
-                f"got {type(variance).__name__} {variance!r}."
+                "variance must be a positive finite number with a finite 1/variance "
+                f"(σ² of y ~ N(z, σ² I)); got {type(variance).__name__} {variance!r}."
             )
             raise (ValueError if ok else TypeError)(msg)
-        self._variance = float(variance)
+        self._variance = value
 
     @property
     def variance(self) -> float:
@@ -168,7 +172,7 @@ class Gaussian(_DiagonalFamily):
         return hash((type(self).__name__, self._variance))
 
     def __reduce__(self) -> tuple[Any, tuple[float]]:
-        return (type(self), (self._variance,))
+        return (_gaussian, (self._variance,))
 
     def _mean(self, z: Array, xp: Any) -> Array:
         del xp  # the mean of the Gaussian is its logits, as they are
@@ -201,11 +205,22 @@ class Gaussian(_DiagonalFamily):
         )
         return z + noise if self._variance == 1.0 else z + math.sqrt(self._variance) * noise
 
+    def _precision(self, z: Array, xp: Any) -> float:
+        """1/σ², refused where it overflows the logits' dtype (float32: σ² < 2.9e-39)."""
+        inverse = 1.0 / self._variance
+        if inverse > float(xp.finfo(z.dtype).max):
+            msg = (
+                f"Gaussian(variance={self._variance!r}): 1/variance = {inverse:.3g} overflows "
+                f"the logits' dtype {z.dtype}; use float64 logits or a larger variance."
+            )
+            raise ValueError(msg)
+        return inverse
+
     def _upper_diag(self, z: Array, xp: Any) -> Array:
-        return xp.full_like(z, 1.0 / self._variance)
+        return xp.full_like(z, self._precision(z, xp))
 
     def _sqrt_upper_diag(self, z: Array, xp: Any) -> Array:
-        return xp.full_like(z, 1.0 / math.sqrt(self._variance))
+        return xp.full_like(z, math.sqrt(self._precision(z, xp)))
 
     def _log_pseudo_determinant(self, z: Array, xp: Any) -> Array:
         # log det(I_C / σ²) = −C log σ², written as a sum over z for its shape and device
@@ -215,3 +230,8 @@ class Gaussian(_DiagonalFamily):
         # aᵀs ~ N(0, ‖a‖²/σ²): E(aᵀs)⁴ = 3 (‖a‖²/σ²)²
         sq = (xp.sum(a * a, axis=-1) + xp.sum(xp.zeros_like(z), axis=-1)) / self._variance
         return 3.0 * sq * sq
+
+
+def _gaussian(variance: float) -> Gaussian:
+    """``Gaussian(variance=variance)``: how a pickled Gaussian is rebuilt."""
+    return Gaussian(variance=variance)

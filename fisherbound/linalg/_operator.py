@@ -202,14 +202,17 @@ class LinearOperator:
         algebra (``A + B``, ``0.5 * A``, ``A @ B``, ``A.T``). Each
         product takes a NumPy vector or block, moves it into this operator's
         namespace and device (``xp.asarray``: no copy for torch on the CPU, whose
-        tensors share NumPy's memory; a copy onto an accelerator or into JAX),
-        applies ``matvec`` / ``matmat`` and returns NumPy (``to_host``: no copy for
-        CPU torch and JAX; a device-to-host copy from an accelerator). The SciPy
+        tensors share NumPy's memory, unless the array is read-only; a copy onto
+        an accelerator or into JAX), applies ``matvec`` / ``matmat`` and returns a
+        writeable NumPy array (no copy for CPU torch; a copy of JAX's read-only
+        result; a device-to-host copy from an accelerator). The SciPy
         dtype is the NumPy one of ``dtype`` (float32 stays float32, so ARPACK runs
         in single precision; build the operator in float64 for tight
         tolerances). A symmetric operator (``symmetric=True``, as the Fisher and
         Hessian operators are) also gives ``rmatvec`` / ``rmatmat`` (the same
-        products); another has no transpose (SciPy's NotImplementedError).
+        products); another, a dense one from ``aslinearoperator`` included, has no
+        transpose (SciPy's NotImplementedError: use SciPy's own
+        ``aslinearoperator`` for a dense matrix).
         Vectors SciPy returns (eigenvectors, solutions) come back with
         ``xp.asarray``, e.g. ``lin.unravel(torch.from_numpy(vectors.T))``.
         Needs SciPy.
@@ -241,13 +244,19 @@ def _scipy_operator(op: LinearOperator, base: Any) -> Any:
     dtype = np.dtype(to_host(xp.zeros((0,), dtype=op.dtype, device=op.device)).dtype)
 
     def into(x: Any) -> Any:
-        return xp.asarray(np.asarray(x, dtype=dtype), dtype=op.dtype, device=op.device)
+        # writeable: torch warns on (and may write through) a read-only NumPy buffer
+        host = np.require(x, dtype=dtype, requirements="W")
+        return xp.asarray(host, dtype=op.dtype, device=op.device)
+
+    def out(y: Any) -> Any:
+        host = to_host(y)  # a read-only view for JAX on the CPU: SciPy may write to it
+        return host if host.flags.writeable else np.array(host)
 
     def vec(x: Any) -> Any:
-        return to_host(op.matvec(into(np.ravel(x))))
+        return out(op.matvec(into(np.ravel(x))))
 
     def mat(x: Any) -> Any:
-        return to_host(op.matmat(into(x)))
+        return out(op.matmat(into(x)))
 
     class _Exported(base):
         """SciPy's view of a fisherbound operator (``LinearOperator.to_scipy``)."""

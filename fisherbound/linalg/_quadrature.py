@@ -468,9 +468,9 @@ def smoothed_density(
     ):
         msg = (
             "lower must be None or a finite real number (the spectrum's lower end, 0 for a "
-            f"positive semi-definite matrix); got {lower!r}."
+            f"positive semi-definite matrix); got {type(lower).__name__} {lower!r}."
         )
-        raise ValueError(msg)
+        raise (ValueError if isinstance(lower, int | float) else TypeError)(msg)
     check_finite(grid, "grid", xp=xp)
     check_finite(nodes, "quadrature.nodes", xp=xp)
     check_finite(weights, "quadrature.weights", xp=xp)

@@ -89,13 +89,14 @@ from fisherbound.linearization import (
 Array = Any
 PyTree = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "JaxLinearization",
-    "JaxLossFunction",
     "linearize",
     "linearizations",
     "loss_function",
     "loss_functions",
+    "JaxLinearization",
+    "JaxLossFunction",
 ]
 
 

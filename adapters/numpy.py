@@ -35,8 +35,8 @@ from fisherbound._lib import (
     check_positive_int,
     is_array,
 )
+from fisherbound.adapters._numpy_models import ACTIVATIONS as _ACTIVATIONS
 from fisherbound.adapters._numpy_models import (
-    ACTIVATIONS,
     MLP,
     LinearSoftmax,
     ReferenceModel,
@@ -57,16 +57,20 @@ from fisherbound.linearization import (
 
 Array = Any
 
+#: The hidden-layer activations ``MLP`` supports.
+ACTIVATIONS = _ACTIVATIONS
+
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "ACTIVATIONS",
-    "MLP",
-    "LinearSoftmax",
-    "ReferenceLinearization",
-    "ReferenceLossFunction",
     "linearize",
     "linearizations",
     "loss_function",
     "loss_functions",
+    "MLP",
+    "LinearSoftmax",
+    "ReferenceLinearization",
+    "ReferenceLossFunction",
+    "ACTIVATIONS",
 ]
 
 # ----------------------------------------------------------------------------

@@ -88,14 +88,15 @@ from fisherbound.linalg._operator import TraceableProduct
 
 Array = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "Bounds",
-    "fisher_blocks",
-    "fisher_bounds",
-    "fisher_dense",
     "fisher_diagonal",
-    "fisher_operator",
+    "fisher_bounds",
     "fisher_trace",
+    "fisher_blocks",
+    "fisher_dense",
+    "fisher_operator",
+    "Bounds",
 ]
 
 WHATS = ("diagonal", "trace", "blocks", "dense")
@@ -339,6 +340,13 @@ def fisher_trace(
     ``reduction="mean"`` divides by N, the number of examples. For an unbiased
     estimate at the cost of one gradient step use ``fisherbound.estimators``.
     ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
+
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once).
+    family, kernel, reduction, max_vectors, max_cotangents, max_memory, progress, process_group
+        As in ``fisher_diagonal``.
     """
     opts = _Options(
         "fisher_trace", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
@@ -372,6 +380,15 @@ def fisher_blocks(
     positions, refused above ``max_cotangents``) and O(N P R s_b²) per block for
     the outer products; memory Σ_b s_b². ``reduction="mean"`` divides by N, the
     number of examples. ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
+
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once).
+    blocks, max_block_size
+        See above.
+    family, kernel, reduction, max_vectors, max_cotangents, max_memory, progress, process_group
+        As in ``fisher_diagonal``.
     """
     opts = _Options(
         "fisher_blocks", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
@@ -401,6 +418,15 @@ def fisher_dense(
     counted positions, refused above ``max_cotangents``) and O(N P R D²) for the
     outer products. ``reduction="mean"`` divides by N, the number of examples.
     ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
+
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once).
+    max_params
+        The largest D accepted (see above).
+    family, kernel, reduction, max_vectors, max_cotangents, max_memory, progress, process_group
+        As in ``fisher_diagonal``.
     """
     opts = _Options(
         "fisher_dense", reduction, max_vectors, max_cotangents, max_memory, progress, process_group
@@ -438,6 +464,15 @@ def fisher_bounds(
     quantity; each kernel's P · R is checked against ``max_cotangents``.
     ``reduction="mean"`` divides by N, the number of examples.
     ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
+
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once).
+    what, scalar
+        See above.
+    family, kernel, reduction, max_vectors, max_cotangents, max_memory, progress, process_group
+        As in ``fisher_diagonal``.
 
     Returns
     -------
@@ -480,6 +515,16 @@ def fisher_operator(
     With ``process_group`` every matvec all-reduces the ranks' partial products
     (one all-reduce of D·k numbers per matmat), so all ranks must apply it to the
     same vectors: seed Lanczos and Hutchinson alike on every rank.
+
+    Parameters
+    ----------
+    source
+        A linearization or a list of them (not a one-shot generator: every
+        matvec applies every batch again).
+    family, kernel, reduction, process_group
+        As in ``fisher_diagonal``.
+    progress
+        A progress bar over the batches of each matvec (default False).
     """
     fam = _front(family, kernel, reduction, None)
     if isinstance(source, Iterator):

@@ -52,8 +52,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from fisherbound._directions import DIRECTION_KINDS as _DIRECTION_KINDS
 from fisherbound._directions import (
-    DIRECTION_KINDS,
     check_vectors,
     coefficients,
     default_step,
@@ -80,10 +80,10 @@ from fisherbound._loss_trace import LossTraceWarning, loss_trace
 from fisherbound._saddle import DEFAULT_NUM_SAMPLES as DEFAULT_NUM_SAMPLES
 from fisherbound._saddle import (
     MAX_ENTRIES,
-    SADDLE_METHODS,
     SaddleProbability,
     saddle_probability,
 )
+from fisherbound._saddle import SADDLE_METHODS as _SADDLE_METHODS
 from fisherbound._stream import LossStream, Objective
 from fisherbound.families import Categorical, Family
 from fisherbound.fisher import fisher_operator
@@ -91,27 +91,28 @@ from fisherbound.linalg import LinearOperator, eigsh
 
 Array = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
+    "loss_trace",
+    "hessian_directions",
+    "hessian_operator",
+    "projected_curvature",
+    "saddle_probability",
+    "surface",
+    "random_directions",
+    "fisher_directions",
+    "default_step",
+    "EigenDirections",
+    "ProjectedCurvature",
+    "SaddleProbability",
+    "Surface",
+    "LossTraceWarning",
     "CURVATURE_METHODS",
     "DIRECTION_KINDS",
     "HESSIAN_METHODS",
     "HESSIAN_WHICH",
     "SADDLE_METHODS",
     "TRACE_METHODS",
-    "EigenDirections",
-    "LossTraceWarning",
-    "ProjectedCurvature",
-    "SaddleProbability",
-    "Surface",
-    "default_step",
-    "fisher_directions",
-    "hessian_directions",
-    "hessian_operator",
-    "loss_trace",
-    "projected_curvature",
-    "random_directions",
-    "saddle_probability",
-    "surface",
 ]
 
 # The re-exported functions live in private modules (split by job); their doctests
@@ -132,6 +133,10 @@ HESSIAN_METHODS = ("lanczos", "shifted")
 HESSIAN_WHICH = ("both", "largest", "smallest")
 #: ``projected_curvature`` methods.
 CURVATURE_METHODS = ("hvp", "loss")
+#: Random direction distributions (``kind=`` / ``distribution=``).
+DIRECTION_KINDS = _DIRECTION_KINDS
+#: ``saddle_probability`` methods.
+SADDLE_METHODS = _SADDLE_METHODS
 
 
 # --------------------------------------------------------------------------- #

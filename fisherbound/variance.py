@@ -83,13 +83,14 @@ from fisherbound.fisher import DEFAULT_MAX_COTANGENTS, fisher_diagonal
 
 Array = Any
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
+    "detach_and_mix_variance",
+    "classical_variance",
+    "std_error_bound",
+    "compare_estimators",
     "Comparison",
     "EstimatorCost",
-    "classical_variance",
-    "compare_estimators",
-    "detach_and_mix_variance",
-    "std_error_bound",
 ]
 
 ESTIMATORS = ("score", "hessian")

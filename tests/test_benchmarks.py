@@ -367,3 +367,141 @@ def test_only_runs_the_named_sections(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "results.json").read_text())
     assert list(record["sections"]) == ["eigvalsh", "gpu_core_space"]
+
+
+# --------------------------------------------------------------------------- #
+# the figures of docs/benchmarks.md and docs/comparison.md, drawn from their own tables
+
+DOCS = ROOT / "docs"
+PAGES_WITH_FIGURES = ["benchmarks.md", "comparison.md"]
+# Tables of those pages that have no figure (by the heading above them), and why.
+TABLES_WITHOUT_FIGURE = {"Features": "what each library computes: words, not numbers"}
+
+
+@pytest.fixture(scope="module")
+def plot_docs() -> Any:
+    spec = importlib.util.spec_from_file_location("plot_docs", BENCHMARKS / "plot_docs.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["plot_docs"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tables(plot_docs: Any) -> list[tuple[list[str], Any]]:
+    """Every table of the pages, with the lines of its page."""
+    out = []
+    for name in PAGES_WITH_FIGURES:
+        text = (DOCS / name).read_text(encoding="utf-8")
+        out += [(text.splitlines(), t) for t in plot_docs.parse_tables(text)]
+    return out
+
+
+def test_every_benchmark_table_has_its_figure(plot_docs: Any) -> None:
+    tables = [t for _, t in _tables(plot_docs)]
+    assert len(tables) >= 40
+    without = [t for t in tables if t.figure is None]
+    assert [t.heading for t in without] == list(TABLES_WITHOUT_FIGURE)
+    names = [t.figure for t in tables if t.figure is not None]
+    assert len(names) == len(set(names)), "a figure shown under two tables"
+    assert set(names) == set(plot_docs.SPECS), "SPECS and the page's figures differ"
+
+
+def test_every_referenced_figure_exists() -> None:
+    import re
+
+    for page in [DOCS / name for name in PAGES_WITH_FIGURES]:
+        images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text(encoding="utf-8"))
+        for image in images:
+            assert (page.parent / image).is_file(), (page.name, image)
+
+
+def test_figures_plot_the_numbers_of_their_tables(plot_docs: Any) -> None:
+    """Every plotted value is a number written in the table cell it claims to come from."""
+    import re
+
+    for page_lines, table in _tables(plot_docs):
+        if table.figure is None:
+            continue
+        data = plot_docs.figure_data(table)
+        assert data.name == table.figure
+        assert data.title
+        points = [p for panel in data.panels for p in panel.points]
+        assert points, table.figure
+        for panel in data.panels:
+            assert panel.xlabel, table.figure
+            assert panel.points, table.figure
+        for p in points:
+            cell = table.rows[p.row][p.col]
+            assert cell in page_lines[table.line + 1 + p.row], (table.figure, cell)
+            # the cell writes this number, with this text, as a whole token
+            assert re.search(rf"(?<![\w.]){re.escape(p.text)}(?![\d])", cell), (table.figure, p)
+            plain = p.text.replace(",", "").replace("−", "-")
+            assert p.value == float(plain), (table.figure, p)
+            assert math.isfinite(p.value)
+        # every cell a figure reads from is drawn: no cell is half used
+        used = {(p.row, p.col) for p in points}
+        assert len(used) >= len(table.rows), table.figure
+
+
+def test_figure_data_spot_checks(plot_docs: Any) -> None:
+    """A few numbers copied by hand from the page, as the figures must read them."""
+    by_name = {t.figure: plot_docs.figure_data(t) for _, t in _tables(plot_docs) if t.figure}
+
+    def values(name: str, panel: int = 0) -> dict[tuple[str, Any], list[float]]:
+        out: dict[tuple[str, Any], list[float]] = {}
+        for p in by_name[name].panels[panel].points:
+            out.setdefault((p.series, p.where), []).append(p.value)
+        return out
+
+    mlp = values("bench_exact_diagonal_mlp")
+    assert mlp["median", "generic vmap path (per-example VJPs)"] == [439.0]
+    assert mlp["median", "BackPACK DiagGGNExact"] == [4.19]
+    secular = values("bench_secular")
+    assert secular["dense numpy eigvalsh", 10000.0] == [316.0]
+    assert secular["secular equation", 1000.0] == [0.147]
+    fused = values("bench_lm_fused_softmax")
+    assert fused["before", "V = 1000, N = 8, T = 64: detach-and-mix, 1 probe"] == [1.25, 1.13]
+    cost = values("bench_estimator_cost")
+    assert cost["after", "MLP of custom layers (no fast path), batch-level M = 256"] == [158, 172]
+    memory = values("bench_memory_after_classes")
+    assert memory["BackPACK DiagGGNExact (exact)", 3000.0] == [3458.0]
+    assert ("BackPACK DiagGGNExact (exact)", 10000.0) not in memory  # out of memory at the cap
+    memory_time = values("bench_memory_after_classes", 1)
+    assert memory_time["fisherbound fisher_diagonal (exact)", 10000.0] == [71.7]
+    trace = by_name["bench_full_trace_estimates"].panels[0].points
+    peers = values("comparison_peers")
+    assert peers["PyHessian", "largest Hessian eigenvalue"] == [22.2]
+    assert ("curvlinops", "exact Fisher diagonal") not in peers  # "-": no such function
+    assert (trace[2].value, trace[2].err) == (-1.0799e05, 4.1e04)
+
+
+def test_number_tokens(plot_docs: Any) -> None:
+    assert plot_docs.numbers("1,070,794 and 2949.6") == [
+        ("1,070,794", 1070794.0),
+        ("2949.6", 2949.6),
+    ]
+    assert [v for _, v in plot_docs.numbers("158-172")] == [158.0, 172.0]
+    assert [v for _, v in plot_docs.numbers("0.49, 0.42; 16, 64")] == [0.49, 0.42, 16.0, 64.0]
+    assert [v for _, v in plot_docs.numbers("-1.0799e+05 ± 4.1e+04")] == [-107990.0, 41000.0]
+    assert [v for _, v in plot_docs.numbers("2,093 MB (179×), 114 s (6.89e+03×)")] == [
+        2093.0,
+        179.0,
+        114.0,
+        6890.0,
+    ]
+
+
+def test_figures_are_current(plot_docs: Any) -> None:
+    """Each PNG was drawn from the table as it reads now (rerun benchmarks/plot_docs.py)."""
+    image = pytest.importorskip("PIL.Image")
+    stale = []
+    for _, table in _tables(plot_docs):
+        if table.figure is None:
+            continue
+        with image.open(DOCS / "figures" / f"{table.figure}.png") as png:
+            stored = png.text.get("Comment", "")
+        if stored != f"data {plot_docs.data_digest(plot_docs.figure_data(table))}":
+            stale.append(table.figure)
+    assert not stale, f"redraw with python benchmarks/plot_docs.py: {stale}"

@@ -69,7 +69,8 @@ def built_docs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         pytest.skip("sphinx and myst-parser are not installed (pip install -e '.[docs]')")
     out = tmp_path_factory.mktemp("html")
     doctrees = tmp_path_factory.mktemp("doctrees")
-    cmd = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html"]
+    # -n (nitpicky): every cross-reference must resolve (docs/conf.py, issue 23).
+    cmd = [sys.executable, "-m", "sphinx", "-W", "-n", "--keep-going", "-b", "html"]
     cmd += ["-d", str(doctrees), str(DOCS), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     log = proc.stdout + proc.stderr
@@ -123,6 +124,20 @@ def test_docs_module_pages_document_every_public_module() -> None:
         "fisherbound.adapters.jax",
     }
     assert expected <= documented, f"not documented: {sorted(expected - documented)}"
+
+
+def test_docs_summary_tables_list_every_public_name_in_order() -> None:
+    # Each module page opens its API with an ``autosummary`` table of the module's
+    # ``__all__``, most used first, in the order autodoc documents them (issue 23).
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS.glob("*.md"))
+    table = r"\.\. currentmodule:: (\S+)\n\n\.\. autosummary::\n(?:   :\S+:.*\n)*\n((?:   \S+\n)+)"
+    tables = re.findall(table, text)
+    assert len(tables) >= 12
+    for module, body in tables:
+        names = body.split()
+        public = importlib.import_module(module).__all__
+        if module != "fisherbound.adapters.torch_rules":  # the page documents a selection
+            assert names == list(public), f"{module}: table {names} != __all__ {public}"
 
 
 def test_theory_cites_the_four_papers_and_renders_formulas() -> None:
@@ -179,3 +194,48 @@ def test_docs_block_runs_on_its_own(page: str, k: int) -> None:
             f"{where}: the page says\n{block.expected}\nbut it prints\n{run.stdout}\n"
             "(update the page if the change is intended)"
         )
+
+
+# --- the examples gallery (sphinx-gallery runs examples/plot_*.py in the build) -------
+
+GALLERY = sorted(path.stem for path in (ROOT / "examples").glob("plot_*.py"))
+
+
+def test_gallery_has_its_examples() -> None:
+    assert len(GALLERY) >= 6, GALLERY
+
+
+@pytest.mark.parametrize("example", GALLERY)
+def test_gallery_example_page_shows_its_figures_and_output(
+    built_docs: tuple[Path, str], example: str
+) -> None:
+    out, _ = built_docs
+    page = out / "auto_examples" / f"{example}.html"
+    assert page.is_file(), f"auto_examples/{example}.html missing from the build"
+    html = page.read_text(encoding="utf-8")
+    figures = [src for src in re.findall(r'<img [^>]*src="([^"]+)"', html) if "sphx_glr_" in src]
+    assert figures, f"{example}: no figure on its page (was the script run?)"
+    for src in figures:
+        assert (page.parent / src).is_file(), f"{example}: image {src} missing from the build"
+    assert "sphx-glr-script-out" in html, f"{example}: no printed output on its page"
+
+
+def test_gallery_index_lists_every_example(built_docs: tuple[Path, str]) -> None:
+    out, _ = built_docs
+    index = (out / "auto_examples" / "index.html").read_text(encoding="utf-8")
+    for example in GALLERY:
+        assert f'href="{example}.html"' in index, f"the gallery's index lacks {example}"
+    assert "auto_examples/index.html" in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_readme_and_landing_page_show_the_gallery_figure(built_docs: tuple[Path, str]) -> None:
+    # docs/figures/fisher_diagonal.png is made by examples/plot_1_fisher_diagonal.py.
+    out, _ = built_docs
+    assert (DOCS / "figures" / "fisher_diagonal.png").is_file()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "](docs/figures/fisher_diagonal.png)" in readme  # relative: works on GitHub
+    assert "figures/fisher_diagonal.png" in (DOCS / "index.md").read_text(encoding="utf-8")
+    landing = (out / "index.html").read_text(encoding="utf-8")
+    srcs = re.findall(r'<img [^>]*src="([^"]*fisher_diagonal[^"]*)"', landing)
+    assert srcs, "index.html does not show the figure"
+    assert all((out / src).is_file() for src in srcs)

@@ -28,21 +28,22 @@ from fisherbound.linalg._operator import (
 )
 from fisherbound.linalg._quadrature import Quadrature, lanczos_quadrature, slq, smoothed_density
 
+# Most used first: the API reference (docs/) lists them in this order.
 __all__ = [
-    "EigshResult",
-    "Estimate",
-    "LanczosResult",
-    "LinearOperator",
-    "LinearOperatorLike",
-    "Quadrature",
-    "TraceableProduct",
-    "aslinearoperator",
-    "eigsh",
-    "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",
+    "hutchinson_diagonal",
+    "eigsh",
     "lanczos",
-    "lanczos_quadrature",
     "slq",
+    "lanczos_quadrature",
     "smoothed_density",
+    "aslinearoperator",
+    "LinearOperator",
+    "LinearOperatorLike",
+    "TraceableProduct",
+    "Estimate",
+    "EigshResult",
+    "LanczosResult",
+    "Quadrature",
 ]

@@ -161,23 +161,30 @@ def labelled_blocks(sizes: list[int], names: list[str]) -> list[Any]:
     return blocks
 
 
-def test_block_names_never_overlap() -> None:
-    """Long names over tiny blocks (a CNN's biases) are stacked, not drawn over each other."""
-    names = [f"features.{i}.{kind}" for i in range(6) for kind in ("weight", "bias")]
-    sizes = [400 if n.endswith("weight") else 4 for n in names]
+def drawn_block_names(names: list[str], sizes: list[int], points: int) -> tuple[Any, ...]:
+    """The figure of random diagonals over these blocks, its block names and their boxes,
+    checked: no two names overlap, all inside the figure."""
     blocks = labelled_blocks(sizes, names)
     exact = np.random.default_rng(0).lognormal(size=sum(sizes))
-    fig = plot_fisher_diagonal(blocks, exact=exact, max_points_per_block=100)
+    fig = plot_fisher_diagonal(blocks, exact=exact, max_points_per_block=points)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     labels = [t for t in fig.axes[0].texts if t.get_gid() == "block-label"]
-    assert [t.get_text() for t in labels] == names
     boxes = [t.get_window_extent(renderer) for t in labels]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             assert not a.overlaps(b), "two block names overlap"
     page = fig.bbox
     assert all(page.x0 <= b.x0 and b.x1 <= page.x1 and b.y1 <= page.y1 for b in boxes)
+    return fig, labels, boxes, renderer
+
+
+def test_block_names_never_overlap() -> None:
+    """Long names over tiny blocks (a CNN's biases) are stacked, not drawn over each other."""
+    names = [f"features.{i}.{kind}" for i in range(6) for kind in ("weight", "bias")]
+    sizes = [400 if n.endswith("weight") else 4 for n in names]
+    fig, labels, boxes, renderer = drawn_block_names(names, sizes, 100)
+    assert [t.get_text() for t in labels] == names
     assert len({round(b.y0) for b in boxes}) > 1  # they did need a second row
     title = fig.axes[0].title.get_window_extent(renderer)
     assert not any(title.overlaps(b) for b in boxes)
@@ -190,22 +197,11 @@ def test_many_blocks_keep_three_rows_of_names_and_say_what_is_left_out(tmp_path:
 
     names = [f"layers.{i}.attention.{kind}" for i in range(60) for kind in ("weight", "bias")]
     sizes = [64 if n.endswith("weight") else 8 for n in names]
-    blocks = labelled_blocks(sizes, names)
-    exact = np.random.default_rng(1).lognormal(size=sum(sizes))
-    fig = plot_fisher_diagonal(blocks, exact=exact, max_points_per_block=20)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    labels = [t for t in fig.axes[0].texts if t.get_gid() == "block-label"]
-    boxes = [t.get_window_extent(renderer) for t in labels]
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1 :]:
-            assert not a.overlaps(b), "two block names overlap"
+    fig, labels, boxes, _ = drawn_block_names(names, sizes, 20)
     assert len({round(b.y0) for b in boxes}) <= MAX_LABEL_ROWS
     omitted = len(names) - len(labels)
     assert omitted > 0
     assert f"({omitted} of 120 block names left out for space)" in fig.axes[0].get_title()
-    page = fig.bbox
-    assert all(page.x0 <= b.x0 and b.x1 <= page.x1 and b.y1 <= page.y1 for b in boxes)
     assert saved(fig, tmp_path / "many.png") > 5000
 
 

@@ -401,7 +401,11 @@ def test_pytree_inputs_and_dict_batches() -> None:
 
 
 def test_batches_of_one_shape_compile_once() -> None:
-    calls = []
+    import collections
+
+    # A deque is keyed by identity (it has no value that the kernels' cache reads: a
+    # list apply_fn reads is keyed by its content), so counting does not recompile.
+    calls: collections.deque[int] = collections.deque()
 
     def apply_fn(p: Any, x: Any) -> Any:
         calls.append(1)  # runs once per trace, never per evaluation
@@ -611,3 +615,86 @@ def test_unravel_and_ravel_are_pytrees_like_params() -> None:
     dirs = loss.unravel(hd.directions)
     assert dirs["w1"].shape == (2, 3, 4)
     np.testing.assert_array_equal(loss.ravel(dirs), hd.directions)
+
+
+# The compiled kernels are cached by apply_fn's state, not by the function object.
+SCALE = 1.0
+
+
+def _scaled(p: dict, x: Any) -> Any:
+    return SCALE * (x @ p["w"])
+
+
+def test_kernels_never_return_results_for_old_closed_over_values() -> None:
+    """A global, a closure cell, a NumPy array changed in place, a partial's keyword or
+    an object's attribute read by apply_fn: the next linearization sees the new value
+    (jax.jit alone would reuse the trace of the old one)."""
+    global SCALE
+    params = {"w": jnp.ones((3, 2))}
+    x = jnp.ones((4, 3))
+    first = linearize(_scaled, params, x).logits
+    SCALE = 5.0
+    try:
+        np.testing.assert_allclose(linearize(_scaled, params, x).logits, 5.0 * first)
+    finally:
+        SCALE = 1.0
+
+    def scaled_by(s: float) -> Any:
+        return lambda p, xb: s * (xb @ p["w"])
+
+    np.testing.assert_allclose(linearize(scaled_by(3.0), params, x).logits, 3.0 * first)
+    shift = np.zeros(2)
+
+    def shifted(p: dict, xb: Any) -> Any:
+        return xb @ p["w"] + shift
+
+    linearize(shifted, params, x)
+    shift[:] = 2.0  # in place: the same object, other values
+    np.testing.assert_allclose(linearize(shifted, params, x).logits, first + 2.0)
+    import functools
+
+    def times(p: dict, xb: Any, k: float) -> Any:
+        return k * (xb @ p["w"])
+
+    linearize(functools.partial(times, k=2.0), params, x)
+    np.testing.assert_allclose(
+        linearize(functools.partial(times, k=4.0), params, x).logits, 4.0 * first
+    )
+
+    class Head:
+        def __init__(self) -> None:
+            self.bias = 0.0
+
+        def apply(self, p: dict, xb: Any) -> Any:
+            return xb @ p["w"] + self.bias
+
+    head = Head()
+    linearize(head.apply, params, x)
+    head.bias = 1.0
+    np.testing.assert_allclose(linearize(head.apply, params, x).logits, first + 1.0)
+    # The same function on parameters of another shape: kernels of their own.
+    wide = linearize(_scaled, {"w": jnp.ones((3, 5))}, x)
+    assert wide.logits.shape == (4, 5)
+    assert wide.num_params == 15
+
+
+def test_a_fresh_lambda_per_call_compiles_once() -> None:
+    """A new lambda object per call (the same code, the same values): one set of
+    compiled kernels, whatever the number of calls."""
+    from fisherbound.adapters import _jax_model
+
+    params = {"w": jnp.ones((3, 2))}
+    x = jnp.ones((4, 3))
+    offset = 0.5
+
+    def model() -> Any:
+        return lambda p, xb: xb @ p["w"] + offset  # a fresh function object each time
+
+    linearize(model(), params, x)
+    before = dict(_jax_model._KERNELS)
+    for _ in range(3):
+        fn = model()
+        assert fn is not model()
+        assert linearize(fn, params, x).num_params == 6
+    assert _jax_model._KERNELS.keys() == before.keys()
+    assert all(_jax_model._KERNELS[k] is v for k, v in before.items())

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
+import types
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -269,8 +271,6 @@ def state_key(fn: object, depth: int = 0) -> Any:
     else by identity. Cost: one pass over what ``fn`` reads (microseconds for a
     plain function; about 1 ms per MB of NumPy arrays read).
     """
-    import types
-
     if isinstance(fn, functools.partial):
         args = tuple(_value_key(a, depth) for a in fn.args)
         keywords = tuple(sorted((k, _value_key(v, depth)) for k, v in fn.keywords.items()))
@@ -312,10 +312,7 @@ def _global_names(code: Any) -> set[str]:
 
 
 def _value_key(value: object, depth: int) -> Any:
-    import hashlib
-    import types
-
-    import numpy as np
+    import numpy as np  # the house rule: NumPy imported where it is used
 
     if value is None or isinstance(value, bool | int | float | complex | str | bytes):
         return (type(value).__name__, value)
@@ -327,9 +324,7 @@ def _value_key(value: object, depth: int) -> Any:
         return ("ndarray", value.shape, str(value.dtype), digest)
     if isinstance(value, jax.Array):
         return _Same(value)
-    if callable(value) and isinstance(
-        value, types.FunctionType | types.MethodType | functools.partial
-    ):
+    if isinstance(value, types.FunctionType | types.MethodType | functools.partial):
         return state_key(value, depth)
     if isinstance(value, tuple | list):
         return (type(value).__name__, tuple(_value_key(v, depth) for v in value))

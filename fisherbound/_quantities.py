@@ -36,7 +36,14 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from fisherbound._accumulator import FactorSum, PerExampleRows, RowStack, SampleSum
-from fisherbound._lib import check_finite, device_of, is_traced, to_host
+from fisherbound._lib import (
+    check_finite,
+    device_of,
+    fingerprint,
+    first_indices,
+    is_array,
+    is_traced,
+)
 from fisherbound._stream import named_blocks
 
 Array = Any
@@ -292,6 +299,10 @@ class Quantity:
     def select(self, lin: Any) -> None:
         """Once, on the first batch: choose the blocks and check the size limits."""
 
+    def agreement(self) -> dict[str, Any]:
+        """Options the ranks of a process group must agree on besides ``what``."""
+        return {}
+
     # -- exact sums over a batch (fisher) -----------------------------------------
     def exact(self, lin: Any, u: Array, max_vectors: int | None) -> Any:
         """Σ_n Σ_r of the quantity of g_nr = J_nᵀ u[n, r], cotangents u (N, R, ∗S, C)."""
@@ -372,18 +383,25 @@ class Trace(Diagonal):
             check_finite(w, "weights", xp=lin.xp, what="entries")
             ok = lin.xp.all(w >= 0)
             if not is_traced(ok) and not bool(ok):  # traced (inside jit): nothing to read
-                negative = lin.xp.nonzero(w < 0)[0]
-                shown = [int(i) for i in to_host(negative[:10])]
+                count = int(lin.xp.sum(lin.xp.astype(w < 0, lin.xp.int64)))
+                shown = first_indices(w < 0, lin.xp)
                 msg = (
                     "weights must be non-negative (Σ_i w_i F_ii with w ≥ 0, as an EWC "
                     "penalty or a pruning score; each probe's sample is then ≥ 0); got "
-                    f"{int(negative.shape[0])} negative entries, at positions {shown}"
-                    f"{' ...' if int(negative.shape[0]) > 10 else ''}. For signed weights "
+                    f"{count} negative entries, at positions {shown}"
+                    f"{' ...' if count > len(shown) else ''}. For signed weights "
                     "estimate Σ w⁺F and Σ w⁻F (w = w⁺ − w⁻) with independent seeds; the standard "
                     "error of their difference is √(SE₊² + SE₋²)."
                 )
                 raise ValueError(msg)
             self._w = w
+
+    def agreement(self) -> dict[str, Any]:
+        """The weights' fingerprint (shape, Σw, Σw²): one weighted trace on every rank."""
+        if self.weights is None:
+            return {}
+        w = self.weights
+        return {"weights": fingerprint(w) if is_array(w) else type(w).__name__}
 
     def local(self, total: Any, xp: Any) -> Any:
         return xp.sum(total if self._w is None else self._w * total)

@@ -8,7 +8,6 @@ array-API adapter, and the ``linearizations`` / ``loss_functions`` streams.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -21,6 +20,7 @@ from fisherbound._lib import (
     device_of,
     is_array,
     is_traced,
+    length_of,
 )
 from fisherbound.families import Categorical, Family
 
@@ -319,10 +319,8 @@ class Lazy(Iterator[T]):
 
     def __init__(self, items: Iterator[T], batches: Iterable[Any]) -> None:
         self._items, self._taken = items, 0
-        try:  # once, now: an iterator's own hint shrinks as it is consumed
-            self._total = operator.length_hint(batches)
-        except (TypeError, ValueError):  # a __len__ or __length_hint__ that fails
-            self._total = 0
+        # once, now: an iterator's own hint shrinks as it is consumed
+        self._total = length_of(batches) or 0
 
     def __next__(self) -> T:
         item = next(self._items)

@@ -80,7 +80,6 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
     collective,
-    fingerprint,
     is_array,
     is_traced,
     known_false,
@@ -207,9 +206,8 @@ def _run(
     """
     family, qty, reduction, limit, progress, coll, blocks = common
     opts = {"what": qty.what} | options | {"blocks": blocks}
-    weights = getattr(qty, "weights", None)
-    if coll is not None and weights is not None:  # one weighted trace on every rank
-        opts["weights"] = fingerprint(weights) if is_array(weights) else type(weights).__name__
+    if coll is not None:  # the quantity's own options (a weighted trace's weights)
+        opts |= qty.agreement()
     rounds = isinstance(source, Linearization) and target is not None
     stream = Stream(
         source,

@@ -232,6 +232,8 @@ def test_to_scipy_round_trip_on_numpy() -> None:
     assert f32.matvec(b).dtype == np.float32
     with pytest.raises(TypeError, match=r"A must be real floating .*got a SciPy LinearOperator "):
         aslinearoperator(sla.aslinearoperator(np.eye(2, dtype=complex)))
+    with pytest.raises(TypeError, match=r"^symmetric must be True or False; got int\.$"):
+        LinearOperator((2, 2), matvec=abs, dtype=np.float64, device=None, xp=np, symmetric=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"symmetric=True needs a square shape"):
         LinearOperator((2, 3), matvec=abs, dtype=np.float64, device=None, xp=np, symmetric=True)
 

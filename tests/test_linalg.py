@@ -997,11 +997,6 @@ def test_smoothed_density_refuses_non_finite_points_and_names_an_overflow():
     assert phi[0] > 0
 
 
-# OpenBLAS sets FE_INVALID spuriously in some small float32 products, depending on what
-# memory held before (numpy#24067, OpenBLAS#1924): this test's float32 Lanczos on finite
-# operands failed now and then in the full suite; the values are right, and the library's
-# own finite checks catch a real NaN.
-@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize(
     ("dtype", "scale"),
     [

@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: TID253
 from fisherbound._finite import check_inputs_finite, check_parameters_finite
 from fisherbound._lib import HALF_PRECISION, is_traced
 from fisherbound._shell import MaskWords, check_mask_array
+from fisherbound._shell import check_mask_spec as _check_mask_spec
 from fisherbound.linearization import make_blocks, mask_source
 
 Array = Any
@@ -756,44 +757,15 @@ def mask_text(output_text: str) -> str:
     return "(" + ", ".join(letters) + ("," if len(letters) == 1 else "") + ")"
 
 
-def check_mask_spec(mask: object, *, stream: bool = False) -> Any:
-    """``mask`` if it is None, an array, a str or a callable; else a TypeError.
-
-    A stream of batches (``stream=True``) takes a str or a callable only: an
-    array fits one batch.
-    """
-    array = _is_array(mask)
-    if mask is None or array or isinstance(mask, str) or callable(mask):
-        if stream and array:
-            msg = (
-                "mask of a stream of batches must be a str (a key of dict inputs, e.g. "
-                "'attention_mask') or a callable inputs -> mask; got an array, which fits "
-                "one batch only. Use linearize(..., mask=mask) for one batch."
-            )
-            raise TypeError(msg)
-        return mask
-    msg = (
-        "mask must be None, a boolean array (N, *S), a str (a key of dict inputs) or a "
-        f"callable inputs -> mask; got {type(mask).__module__}.{type(mask).__name__}."
-    )
-    raise TypeError(msg)
-
-
-#: The JAX wording of the shared mask check's messages.
+#: The JAX names in the shared mask checks' messages.
 _MASK_WORDS = MaskWords(
-    kind="array",
-    noun="array",
-    convert="mask != 0",
-    move="Move it with jax.device_put(mask, lin.device).",
-    shape=(
-        "{where} must have the logits' shape without the class axis, {letters} = {want}; "
-        "got shape {got}."
-    ),
-    empty=(
-        "{where} must keep at least one position; got a mask of shape {want} that is False "
-        "everywhere (no position would count)."
-    ),
+    _is_array, "array", "mask != 0", "Move it with jax.device_put(mask, lin.device)."
 )
+
+
+def check_mask_spec(mask: object, *, stream: bool = False) -> Any:
+    """``mask`` if it is None, an array, a str or a callable; else a TypeError."""
+    return _check_mask_spec(mask, _MASK_WORDS, stream=stream)
 
 
 def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | None:
@@ -816,7 +788,6 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
         source,
         logits,
         nonzero=source != "mask",  # a key's entry or a callable's result
-        is_array=lambda x: isinstance(x, jax.Array),
         words=_MASK_WORDS,
         letters=mask_text(what),
     )

@@ -22,6 +22,7 @@ from torch.nn.modules.dropout import _DropoutNd  # noqa: TID253
 from fisherbound._finite import check_inputs_finite, check_parameters_finite
 from fisherbound._lib import HALF_PRECISION, check_materialized
 from fisherbound._shell import MaskWords, check_mask_array
+from fisherbound._shell import check_mask_spec as _check_mask_spec
 from fisherbound.linearization import make_blocks, mask_source
 
 Tensor = torch.Tensor
@@ -624,38 +625,6 @@ def without_key(inputs: Any, label_key: str | None) -> Any:
     return inputs
 
 
-def check_mask_spec(mask: object, *, stream: bool = False) -> MaskSpec:
-    """``mask`` if it is None, a tensor, a str or a callable; else a TypeError."""
-    if mask is None or isinstance(mask, torch.Tensor | str) or callable(mask):
-        if stream and isinstance(mask, torch.Tensor):
-            msg = (
-                "mask of a stream of batches must be a str (a key of dict inputs, e.g. "
-                "'attention_mask') or a callable inputs -> mask; got a tensor, which fits "
-                "one batch only. Use linearize(..., mask=mask) for one batch."
-            )
-            raise TypeError(msg)
-        return mask
-    msg = (
-        "mask must be None, a boolean torch.Tensor (N, *S), a str (a key of dict inputs) or "
-        f"a callable inputs -> mask; got {type(mask).__name__}."
-    )
-    raise TypeError(msg)
-
-
-#: The torch wording of the shared mask check's messages.
-_MASK_WORDS = MaskWords(
-    kind="torch.Tensor",
-    noun="tensor",
-    convert="mask.bool() or mask != 0",
-    move="Move it with mask.to({device!r}).",
-    shape=(
-        "{where} must have the shape (N, *S) = {want} of the logits {logits} without the "
-        "class axis; got {got}."
-    ),
-    empty="{where} masks every position of the batch (no True entry); nothing would count.",
-)
-
-
 def resolve_mask(mask: MaskSpec, raw_inputs: object, z: Tensor) -> Tensor | None:
     """The boolean (N, ∗S) mask of one batch whose logits (classes last) are ``z``.
 
@@ -667,14 +636,23 @@ def resolve_mask(mask: MaskSpec, raw_inputs: object, z: Tensor) -> Tensor | None
     if mask is None:
         return None
     value, where = mask_source(mask, raw_inputs, is_array=_is_tensor)
-    checked = check_mask_array(
-        value, where, z, nonzero=where != "mask", is_array=_is_tensor, words=_MASK_WORDS
-    )
+    checked = check_mask_array(value, where, z, nonzero=where != "mask", words=_MASK_WORDS)
     return checked.detach()
 
 
 def _is_tensor(x: object) -> bool:
     return isinstance(x, torch.Tensor)
+
+
+#: The torch names in the shared mask checks' messages.
+_MASK_WORDS = MaskWords(
+    _is_tensor, "torch.Tensor", "mask.bool() or mask != 0", "Move it with mask.to({device!r})."
+)
+
+
+def check_mask_spec(mask: object, *, stream: bool = False) -> MaskSpec:
+    """``mask`` if it is None, a tensor, a str or a callable; else a TypeError."""
+    return _check_mask_spec(mask, _MASK_WORDS, stream=stream)
 
 
 def apply_mask(z: Tensor, mask: Tensor | None) -> Tensor:

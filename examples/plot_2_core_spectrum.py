@@ -123,12 +123,9 @@ for kernel, style in zip(
     KERNELS, ("k-", "C0--", "C3--", "C0:", "C3:"), strict=True
 ):
     right.plot(temperatures, ratio[kernel], style, label=kernel)
+right.set(xscale="log", yscale="log", xlabel="temperature T (logits z / T)")
 right.set(
-    xscale="log",
-    yscale="log",
-    xlabel="temperature T (logits z / T)",
-    ylabel="tr K(z) / tr I(z)",
-    title="the envelopes bracket the exact kernel",
+    ylabel="tr K(z) / tr I(z)", title="the envelopes bracket the exact kernel"
 )
 right.legend(title="kernel", fontsize="small", loc="lower right")
 plt.show()

@@ -132,13 +132,8 @@ left.plot(
     lanczos_eps, d_lanczos, "s", mfc="none", color="C0", ms=8, label="Lanczos count"
 )
 left.axhline(lin.num_params, color="grey", ls=":", label=f"D = {lin.num_params}")
-left.set(
-    xscale="log",
-    yscale="log",
-    xlabel="ε",
-    ylabel="local dimension $d_ε$",
-    title="directions with λ > ε",
-)
+left.set(xscale="log", yscale="log", xlabel="ε", ylabel="local dimension $d_ε$")
+left.set_title("directions with λ > ε")
 left.legend(fontsize="small")
 right.errorbar(
     1 / eps,
@@ -154,11 +149,8 @@ right.axhline(
     float(r.bic_penalty), color="grey", ls=":", label="BIC penalty (D/2) log N"
 )
 right.set(
-    xscale="log",
-    yscale="log",
-    xlabel="prior variance σ² = 1/ε",
-    ylabel="nats",
-    title="the razor's complexity term",
+    xscale="log", yscale="log", xlabel="prior variance σ² = 1/ε", ylabel="nats"
 )
+right.set_title("the razor's complexity term")
 right.legend(fontsize="small")
 plt.show()

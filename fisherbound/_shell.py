@@ -34,6 +34,7 @@ __all__ = [
     "check_loss_mask",
     "check_loss_options",
     "check_mask_array",
+    "check_mask_spec",
     "check_operand",
     "Lazy",
     "MaskWords",
@@ -169,24 +170,42 @@ def _mask_namespace(
 
 
 class MaskWords(NamedTuple):
-    """How an adapter's mask messages name its arrays, its conversions and its layout.
+    """An adapter's mask type, and how the shared mask messages name it and its remedies.
 
-    ``kind`` is the type asked for ("torch.Tensor"), ``noun`` the array in the
-    dtype message ("tensor"), ``convert`` the conversion to booleans
-    ("mask.bool() or mask != 0") and ``move`` the remedy for another device, with
-    ``{device}`` the logits' device. ``shape`` and ``empty`` are the messages for
-    a wrong shape and for a mask without a True entry, with the fields
-    ``{where}`` (how the mask is named), ``{letters}`` (the letters of its axes),
-    ``{want}`` (its shape), ``{logits}`` (the logits' shape) and ``{got}`` (the
-    shape given).
+    ``is_array`` tells the adapter's arrays from other values (callables, keys),
+    ``kind`` names the type asked for ("torch.Tensor"), ``convert`` is the
+    conversion to booleans ("mask.bool() or mask != 0") and ``move`` the remedy
+    for another device, with ``{device}`` the logits' device.
     """
 
+    is_array: Callable[[object], bool]
     kind: str
-    noun: str
     convert: str
     move: str
-    shape: str
-    empty: str
+
+
+def check_mask_spec(mask: object, words: MaskWords, *, stream: bool = False) -> Any:
+    """A ``mask=`` option: ``mask`` if it is None, an array, a str or a callable.
+
+    Else a TypeError. A stream of batches (``stream=True``) takes a str (a key of
+    dict inputs) or a callable only: an array fits one batch.
+    """
+    array = words.is_array(mask)
+    if mask is None or array or isinstance(mask, str) or callable(mask):
+        if stream and array:
+            msg = (
+                "mask of a stream of batches must be a str (a key of dict inputs, e.g. "
+                "'attention_mask') or a callable inputs -> mask; got a mask of type "
+                f"{words.kind}, which fits one batch only. Use linearize(..., mask=mask) "
+                "for one batch."
+            )
+            raise TypeError(msg)
+        return mask
+    msg = (
+        f"mask must be None, a boolean {words.kind} (N, *S), a str (a key of dict inputs) "
+        f"or a callable inputs -> mask; got {type(mask).__module__}.{type(mask).__name__}."
+    )
+    raise TypeError(msg)
 
 
 def check_mask_array(
@@ -196,7 +215,6 @@ def check_mask_array(
     /,
     *,
     nonzero: bool,
-    is_array: Callable[[object], bool],
     words: MaskWords,
     letters: str = "(N, *S)",
 ) -> Array:
@@ -205,15 +223,15 @@ def check_mask_array(
     ``value`` is what ``mask_source`` found, named ``where`` in messages; with
     ``nonzero`` (a key's entry or a callable's result) any nonzero value counts.
     A mask given as it is may hold 0/1 integers (as Hugging Face's
-    ``attention_mask``), read as booleans. Refused: a value that ``is_array`` (the
-    adapter's array type) rejects or a non-boolean dtype (TypeError), integers
+    ``attention_mask``), read as booleans. Refused: a value that ``words.is_array``
+    (the adapter's array type) rejects or a non-boolean dtype (TypeError), integers
     other than 0 and 1, another shape than z's without the class axis, another
     device, a mask with no True entry (ValueError). Traced JAX values (inside
     ``jit`` / ``shard_map``) have no values to read: their value checks pass.
     Cost: a reduction for the 0/1 check of integers and one for the True entry.
     """
     xp, want = _mask_namespace(
-        value, where, z, is_array=is_array, what=f"a boolean {words.kind}", letters=letters
+        value, where, z, is_array=words.is_array, what=f"a boolean {words.kind}", letters=letters
     )
     if not nonzero and xp.isdtype(value.dtype, "integral"):
         # 0/1 integers, as Hugging Face's attention_mask: read as booleans.
@@ -228,13 +246,15 @@ def check_mask_array(
         value = value != 0
     if not xp.isdtype(value.dtype, "bool"):
         msg = (
-            f"{where} must be a boolean {words.noun} (True where a position counts); got "
+            f"{where} must be a boolean {words.kind} (True where a position counts); got "
             f"dtype {value.dtype}. Convert with {words.convert}."
         )
         raise TypeError(msg)
-    fields = {"where": where, "letters": letters, "want": want, "logits": tuple(z.shape)}
     if tuple(int(s) for s in value.shape) != want:
-        msg = words.shape.format(got=tuple(value.shape), **fields)
+        msg = (
+            f"{where} must have the logits' shape without the class axis, {letters} = "
+            f"{want}; got shape {tuple(value.shape)} (logits {tuple(z.shape)})."
+        )
         raise ValueError(msg)
     device = device_of(z)
     check_device(
@@ -245,7 +265,10 @@ def check_mask_array(
         remedy=words.move.format(device=str(device)),
     )
     if not is_traced(value) and not bool(xp.any(value)):
-        msg = words.empty.format(**fields)
+        msg = (
+            f"{where} must keep at least one position; {where} masks every position of the "
+            f"batch (a mask of shape {want} with no True entry), so nothing would count."
+        )
         raise ValueError(msg)
     return value
 

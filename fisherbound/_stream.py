@@ -240,21 +240,19 @@ def check_loss(item: object, index: int, ref: Any) -> Any:
         raise TypeError(msg)
     if ref is None:
         return item
-    _require_like_first(
-        (
-            item.num_params == ref.num_params,
-            ValueError,
+    if item.num_params != ref.num_params:
+        msg = (
             f"every loss function must have the same parameters; batch {index} has "
-            f"D = {item.num_params}, batch 0 has D = {ref.num_params}.",
-        ),
-        (
-            item.reduction == ref.reduction,
-            ValueError,
+            f"D = {item.num_params}, batch 0 has D = {ref.num_params}."
+        )
+        raise ValueError(msg)
+    if item.reduction != ref.reduction:
+        msg = (
             f"every loss function must use the same reduction; batch {index} uses "
             f"{item.reduction!r}, batch 0 uses {ref.reduction!r}. Build them with one "
-            "reduction= value.",
-        ),
-    )
+            "reduction= value."
+        )
+        raise ValueError(msg)
     xp = array_namespace(
         ref.params, item.params, names=("the params of batch 0", f"the params of batch {index}")
     )

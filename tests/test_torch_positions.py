@@ -579,12 +579,18 @@ def test_landscape_mean_over_counted_positions() -> None:
 def test_bad_masks() -> None:
     model, tokens = _seq()
     with pytest.raises(
-        ValueError, match=r"mask must have the shape \(N, \*S\) = \(3, 5\).*got \(3, 4\)"
+        ValueError,
+        match=r"mask must have the logits' shape without the class axis, \(N, \*S\) = \(3, 5\); "
+        r"got shape \(3, 4\)",
     ):
         linearize(model, tokens, mask=torch.ones(3, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"mask must have the shape .*got \(3, 5, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"mask must have the logits' shape .*got shape \(3, 5, 3\)"
+    ):
         linearize(model, tokens, mask=torch.ones(3, 5, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match=r"mask must be a boolean tensor .*got dtype torch.float32"):
+    with pytest.raises(
+        TypeError, match=r"mask must be a boolean torch.Tensor .*got dtype torch.float32"
+    ):
         linearize(model, tokens, mask=torch.ones(3, 5))
     with pytest.raises(ValueError, match="mask masks every position of the batch"):
         linearize(model, tokens, mask=torch.zeros(3, 5, dtype=torch.bool))

@@ -592,6 +592,40 @@ def test_fast_path_probe_is_not_fooled_by_a_dead_example() -> None:
     assert lin.fast_path_reasons["fc.weight"] != "fast"
 
 
+class PerExampleThenTimeMajor(nn.Module):
+    """A Linear on the examples (fast path), then Linears on time-major rows (not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(3, 3)
+        self.mix = TimeMajorDeadLast()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, T, F), T == N
+        return self.mix(torch.tanh(self.pre(x)))
+
+
+@pytest.mark.parametrize("order", ["computed first", "reasons first", "no room for the probes"])
+def test_fast_path_probe_in_the_first_backward_pass(order: str) -> None:
+    # The example-axis probe rides along the first batched backward pass (or runs
+    # alone when the reasons are read first, or when the budget leaves no room
+    # beside the three probe cotangents): the same verdicts and results each way.
+    torch.manual_seed(9)
+    model = PerExampleThenTimeMajor().to(F64)
+    x = torch.rand(5, 5, 3, dtype=F64)
+    lin = linearize(model, x)
+    U = _rand(torch.Generator().manual_seed(26), 5, 4, 2)
+    if order == "reasons first":
+        assert lin.fast_path_reasons["pre.weight"] == "fast"
+    max_vectors = 1 if order == "no room for the probes" else None
+    got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
+    _close(got, (lin.per_example_vjp(U) ** 2).sum(dim=0))
+    reasons = dict(lin.fast_path_reasons)
+    assert reasons["pre.weight"] == reasons["pre.bias"] == "fast"
+    assert reasons["mix.fc.weight"] == "layer output axis 0 mixes examples"
+    assert reasons["mix.out.weight"] == "layer output axis 0 mixes examples"
+    _close(lin.sum_squared_per_example_vjp(U), got)  # the cached plan, a second time
+
+
 @pytest.mark.parametrize("time_steps", [3, 4])
 def test_per_example_when_examples_are_not_on_axis_0(time_steps) -> None:
     # Inputs (T, N, F): the single-example vmap cannot apply; the masked path must.

@@ -70,7 +70,6 @@ from fisherbound.adapters.torch_rules import (
     chunks,
     fast_sum_squared,
     plan_fast_path,
-    probe_plan,
     record_forward,
     static_candidates,
     total,
@@ -644,23 +643,22 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         >>> dict(linearize(model, torch.ones(4, 2, dtype=torch.float64)).fast_path_reasons)
         {'0.weight': 'fast', '0.bias': 'fast'}
         """
-        return self._fast_plan().reasons
+        return self._fast_plan()[0].reasons
 
-    def _fast_plan(self) -> FastPathPlan:
-        """The probed plan, cached (planned and probed on its own at the first access)."""
-        if self._plan is None or not self._plan.probed:
-            plan, forward = self._unprobed_plan()
-            self._plan = (
-                plan
-                if forward is None
-                else probe_plan(plan, forward, self._names, self._grad_batched)
-            )
-        return self._plan
-
-    def _unprobed_plan(self) -> tuple[FastPathPlan, tuple[Tensor, list[Record]] | None]:
-        """A new plan (its layers not yet probed) and the recorded forward pass it was made on."""
+    def _fast_plan(self) -> tuple[FastPathPlan, tuple[Tensor, list[Record]] | None]:
+        """The cached plan, and the recorded forward pass it was decided on (first time)."""
+        if self._plan is not None:
+            return self._plan, None
         candidates, static_reasons = static_candidates(*self._selection)
-        return plan_fast_path(candidates, static_reasons, self._names, self._leaf_forward)
+        plan, forward = plan_fast_path(
+            candidates,
+            static_reasons,
+            self._names,
+            self._leaf_forward,
+            self._grad_batched,
+        )
+        self._plan = plan
+        return plan, forward
 
     def _leaf_forward(self) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One forward pass (regular autograd) at fresh leaves: the masked logits."""
@@ -669,20 +667,15 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             return self._fn(*leaves), leaves
 
     def _fast_sum_squared(self, U: Tensor, budget: int, sum_k: bool) -> dict[int, Tensor]:
-        if self._plan is None:  # the first computation probes the plan in its backward pass
-            plan, forward = self._unprobed_plan()
-        else:
-            plan, forward = self._plan, None
+        plan, forward = self._fast_plan()
         if not plan.layers:
-            self._plan = plan
             return {}
         if forward is None:
             z, _, records = record_forward(plan.layers, self._leaf_forward)
             forward = (z, records)
-        results, self._plan = fast_sum_squared(
-            plan, forward, U, budget, self.num_params, sum_k, self._grad_batched, self._names
+        return fast_sum_squared(
+            plan, forward, U, budget, self.num_params, sum_k, self._grad_batched
         )
-        return results
 
     @staticmethod
     def _grad_batched(

@@ -30,10 +30,7 @@ the fast path once: a parameter shared by several modules or also used outside
 its module, a module called more than once per forward pass, a module whose
 forward or hooks are not the stock ones, a layer whose axis 0 is not the example
 axis (by shape, then by a probe of three examples), a parameter that does not
-reach the logits, an in-place operation after a layer. The probe's three
-cotangents ride along the first computation's batched backward pass
-(:func:`fast_sum_squared`; :func:`probe_plan` alone when the reasons are read
-first), so the plan costs one forward pass with hooks and no backward of its own.
+reach the logits, an in-place operation after a layer.
 
 This module imports torch; ``import fisherbound.adapters`` does not import it.
 """
@@ -67,7 +64,6 @@ __all__ = [
     "PlannedLayer",
     "RMSNormRule",
     "plan_fast_path",
-    "probe_plan",
     "rule_for",
 ]
 
@@ -510,30 +506,10 @@ class FastPathPlan:
     reasons
         A read-only mapping from every selected parameter name to ``"fast"`` or
         the reason it takes the generic path.
-    probed
-        Whether the example axis of the layers' outputs has been probed; until then
-        ``layers`` are candidates (``"fast"`` provisionally) that the first
-        computation probes (``fast_sum_squared``) or ``probe_plan`` does.
     """
 
     layers: tuple[PlannedLayer, ...]
     reasons: Mapping[str, str]
-    probed: bool = True
-
-    def after_probe(self, verdicts: Sequence[str], names: Sequence[str]) -> FastPathPlan:
-        """The plan without the layers whose example-axis probe failed.
-
-        ``verdicts`` has one entry per layer: ``""`` (its output's axis 0 keeps the
-        examples apart) or why not, which becomes the reason of its parameters
-        (``names``: the selection's parameter names, by index).
-        """
-        reasons = dict(self.reasons)
-        kept = []
-        for layer, why in zip(self.layers, verdicts, strict=True):
-            reasons.update(dict.fromkeys((names[i] for _, i in layer.params), why or FAST))
-            if not why:
-                kept.append(layer)
-        return FastPathPlan(tuple(kept), MappingProxyType(reasons))
 
 
 def static_candidates(
@@ -667,16 +643,15 @@ def plan_fast_path(
     static_reasons: Mapping[str, str],
     names: Sequence[str],
     run: Callable[[], tuple[Tensor, tuple[Tensor, ...]]],
+    grad_batched: GradBatched,
 ) -> tuple[FastPathPlan, tuple[Tensor, list[Record]] | None]:
-    """Plan the fast path once, and return the recorded forward pass it was planned on.
+    """Decide the fast path once, and the recorded forward pass it was decided on.
 
     Runs the forward pass with hooks (again with copies for the layers an
-    in-place operation changed), counts the autograd uses of each parameter and
-    checks the call counts and layouts. The plan's layers still need the probe
-    of their example axis (``probed`` False): the first ``fast_sum_squared`` on
-    the returned forward pass does it within its first batched backward pass,
-    ``probe_plan`` on its own. Returns the plan and, when it has layers,
-    (logits, records of ``plan.layers``) whose graph is still alive.
+    in-place operation changed), counts the autograd uses of each parameter,
+    checks the call counts and layouts, and probes three examples for the
+    example axis. Returns the plan and, when it has layers, (logits, records of
+    ``plan.layers``) whose graph is still alive, for the first computation.
     """
     report = dict.fromkeys(names, GENERIC)
     report.update(static_reasons)
@@ -722,66 +697,55 @@ def plan_fast_path(
             else:
                 report[names[i]] = "parameter also used outside its module"
         if keep:
-            report.update(dict.fromkeys((names[i] for _, i in keep), FAST))
             active.append((PlannedLayer(layer.module, layer.rule, tuple(keep), copy), rec))
     if not active:
         return FastPathPlan((), MappingProxyType(report)), None
-    plan = FastPathPlan(tuple(layer for layer, _ in active), MappingProxyType(report), False)
-    return plan, (z, [rec for _, rec in active])
+    verdicts = _probe_example_axis(z, [rec.output for _, rec in active], grad_batched)
+    kept = []
+    for (layer, rec), why in zip(active, verdicts, strict=True):
+        pnames = [names[i] for _, i in layer.params]
+        report.update(dict.fromkeys(pnames, why or FAST))
+        if not why:
+            kept.append((layer, rec))
+    plan = FastPathPlan(tuple(layer for layer, _ in kept), MappingProxyType(report))
+    return plan, ((z, [rec for _, rec in kept]) if kept else None)
 
 
-def probe_plan(
-    plan: FastPathPlan,
-    forward: tuple[Tensor, list[Record]],
-    names: Sequence[str],
-    grad_batched: GradBatched,
-) -> FastPathPlan:
-    """``plan`` after the probe of its layers' example axis, in a batched backward of its own."""
-    z, records = forward
-    probes, rows = _probe_cotangents(z)
-    grads = grad_batched(z, [rec.output for rec in records], probes, True)
-    return plan.after_probe(_probe_verdicts(z, grads, rows), names)
-
-
-def _probe_cotangents(z: Tensor) -> tuple[Tensor, list[int]]:
-    """Random cotangents (P, N, ∗S, C) each supported on one example, and those examples.
-
-    The first, the middle and the last example (P = 3; none for N < 2, where
-    there is nothing to keep apart). Drawn from a fixed seed.
-    """
-    n = int(z.shape[0])
-    rows = sorted({n - 1, 0, n // 2}) if n >= 2 else []
-    gen = torch.Generator().manual_seed(0)
-    probes = torch.zeros((len(rows), *z.shape), dtype=torch.float64)
-    for p, j in enumerate(rows):
-        probes[p, j] = torch.randn(tuple(z.shape[1:]), generator=gen, dtype=torch.float64)
-    return probes.to(dtype=z.dtype, device=z.device), rows
-
-
-def _probe_verdicts(z: Tensor, grads: Sequence[Tensor | None], rows: Sequence[int]) -> list[str]:
+def _probe_example_axis(z: Tensor, outputs: list[Tensor], grad_batched: GradBatched) -> list[str]:
     """Per layer output, ``""`` if its axis 0 keeps the examples apart, else why not.
 
-    ``grads`` are the layer-output gradients of ``_probe_cotangents``' probes,
-    (P, N, ...) per layer: each must vanish off its example's row of axis 0 (to
-    64 eps relative) and reach it for at least one probe. One host
-    synchronisation for all layers.
+    The output gradients of random cotangents supported on one example (the
+    first, the middle and the last) must vanish off that example's row of axis
+    0 (to 64 eps relative) and reach it for at least one probe. One batched
+    backward pass and one host synchronisation for all layers.
     """
-    if not rows:
-        return [""] * len(grads)
-    n, p = int(z.shape[0]), len(rows)
+    n = int(z.shape[0])
+    if n < 2:
+        return [""] * len(outputs)
+    probe_rows = sorted({n - 1, 0, n // 2})
+    gen = torch.Generator().manual_seed(0)
+    probes = []
+    for j in probe_rows:
+        values = torch.randn(tuple(z.shape[1:]), generator=gen, dtype=torch.float64)
+        onehot = torch.zeros(n, *(1,) * (z.ndim - 1), dtype=torch.float64)
+        onehot[j] = 1.0
+        probes.append(onehot * values)
+    cot = torch.stack(probes).to(dtype=z.dtype, device=z.device)
+    grads = grad_batched(z, outputs, cot, True)
     # Per layer, the largest |gradient| of each probe in each example's row: (P, N).
     row_max = [
-        z.new_zeros((p, n), dtype=torch.float64)
+        z.new_zeros((len(probes), n), dtype=torch.float64)
         if g is None  # the layer does not reach the logits
-        else g.reshape(p, n, -1).abs().amax(dim=2).double()
+        else g.reshape(len(probes), n, -1).abs().amax(dim=2).double()
         for g in grads
     ]
-    host = torch.stack(row_max).cpu().tolist()
+    host = torch.stack(row_max).cpu().tolist() if row_max else []  # one synchronisation
     eps = torch.finfo(z.dtype).eps
     verdicts = []
     for per_probe in host:
         on_off = [
-            (row[j], max(row[:j] + row[j + 1 :])) for row, j in zip(per_probe, rows, strict=True)
+            (row[j], max(row[:j] + row[j + 1 :]))
+            for row, j in zip(per_probe, probe_rows, strict=True)
         ]
         reached = [(on, off) for on, off in on_off if on > 0]
         if reached and all(off <= 64 * eps * on for on, off in reached):
@@ -801,56 +765,25 @@ def fast_sum_squared(
     num_params: int,
     sum_k: bool,
     grad_batched: GradBatched,
-    names: Sequence[str],
-) -> tuple[dict[int, Tensor], FastPathPlan]:
-    """Σ_n (J_nᵀ U[n, k])² of the planned parameters by index in the selection, and the plan.
+) -> dict[int, Tensor]:
+    """Σ_n (J_nᵀ U[n, k])² of the planned parameters, by index in the selection.
 
     Streams the K cotangents in chunks whose layer-output gradients (chunk ×
     Σ_layers output size) fit in ``budget`` D-vectors, applying each layer's
     rule chunk by chunk: memory is bounded whatever K (= C for exact diagonals).
-    A plan not yet probed (``plan_fast_path``'s) has the example-axis probes
-    (``_probe_cotangents``) batched with the first chunk, which is smaller by as
-    many: one backward pass less than probing alone. The plan returned is the
-    probed one; the layers that fail the probe have no result here (the caller
-    takes the generic path for them).
     """
     z, records = forward
     k = int(U.shape[1])
     per_cotangent = sum(int(rec.output.numel()) for rec in records)
-    room = max(1, (budget * num_params) // max(per_cotangent, 1))  # cotangents per pass
-    k_chunk = min(k, room)
+    k_chunk = max(1, min(k, (budget * num_params) // max(per_cotangent, 1)))
     n_chunk = max(1, budget // k_chunk)
     cot = U.transpose(0, 1)  # (K, N, *S, C)
-    pairs = list(zip(plan.layers, records, strict=True))
-    probes, rows = (None, []) if plan.probed else _probe_cotangents(z)
-    if probes is not None and len(rows) >= room:  # no room beside the probes
-        plan = probe_plan(plan, forward, names, grad_batched)
-        pairs = [(layer, rec) for layer, rec in pairs if layer in plan.layers]
-        probes, rows = None, []
-    first = min(k_chunk, room - len(rows))
-    rest = (slice(s.start + first, s.stop + first) for s in chunks(k - first, k_chunk))
-    spans = [slice(0, first), *rest]  # the first chunk leaves room for the probes
+    outputs = [rec.output for rec in records]
     parts: dict[int, list[Tensor]] = {}
-    for s in spans:
-        if not pairs:  # every layer failed the probe
-            break
-        outputs = [rec.output for _, rec in pairs]
-        if probes is None:
-            grads = list(grad_batched(z, outputs, cot[s], s.stop < k))
-        else:  # the first chunk of an unprobed plan: the probes ride along
-            both = grad_batched(z, outputs, torch.cat([probes, cot[s]]), s.stop < k)
-            m = len(rows)
-            verdicts = _probe_verdicts(z, [None if g is None else g[:m] for g in both], rows)
-            plan = plan.after_probe(verdicts, names)
-            grads = [
-                None if g is None else g[m:]
-                for g, why in zip(both, verdicts, strict=True)
-                if not why
-            ]
-            pairs = [pair for pair, why in zip(pairs, verdicts, strict=True) if not why]
-            probes = None
+    for s in chunks(k, k_chunk):
+        grads = grad_batched(z, outputs, cot[s], s.stop < k)
         with torch.no_grad():
-            for (layer, rec), d in zip(pairs, grads, strict=True):
+            for layer, rec, d in zip(plan.layers, records, grads, strict=True):
                 if d is None:  # the layer does not reach the logits
                     d = rec.output.new_zeros((s.stop - s.start, *rec.output.shape))
                 values = layer.rule.squares(
@@ -858,11 +791,10 @@ def fast_sum_squared(
                 )
                 for attr, i in layer.params:
                     parts.setdefault(i, []).append(values[attr])
-    results = {
+    return {
         i: (sum(pieces[1:], pieces[0]) if sum_k else torch.cat(pieces))
         for i, pieces in parts.items()
     }
-    return results, plan
 
 
 def batched_grad(

@@ -604,11 +604,11 @@ class PerExampleThenTimeMajor(nn.Module):
         return self.mix(torch.tanh(self.pre(x)))
 
 
-@pytest.mark.parametrize("order", ["computed first", "reasons first", "no room for the probes"])
-def test_fast_path_probe_in_the_first_backward_pass(order: str) -> None:
-    # The example-axis probe rides along the first batched backward pass (or runs
-    # alone when the reasons are read first, or when the budget leaves no room
-    # beside the three probe cotangents): the same verdicts and results each way.
+@pytest.mark.parametrize("order", ["computed first", "reasons first", "one cotangent per pass"])
+def test_fast_path_plan_with_some_layers_failing_the_probe(order: str) -> None:
+    # A layer that passes the example-axis probe and two that fail it: the same
+    # verdicts and results whether the plan is made by the first computation or by
+    # reading the reasons first, and with the smallest memory budget.
     torch.manual_seed(9)
     model = PerExampleThenTimeMajor().to(F64)
     x = torch.rand(5, 5, 3, dtype=F64)
@@ -616,7 +616,7 @@ def test_fast_path_probe_in_the_first_backward_pass(order: str) -> None:
     U = _rand(torch.Generator().manual_seed(26), 5, 4, 2)
     if order == "reasons first":
         assert lin.fast_path_reasons["pre.weight"] == "fast"
-    max_vectors = 1 if order == "no room for the probes" else None
+    max_vectors = 1 if order == "one cotangent per pass" else None
     got = lin.sum_squared_per_example_vjp(U, max_vectors=max_vectors)
     _close(got, (lin.per_example_vjp(U) ** 2).sum(dim=0))
     reasons = dict(lin.fast_path_reasons)

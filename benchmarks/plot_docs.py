@@ -370,6 +370,13 @@ def _estimator_cost(t: Table, name: str) -> Figure:
     return Figure(name, "Detach-and-mix and exact diagonal cost, before and after", [p])
 
 
+def _architecture_cost(t: Table, name: str) -> Figure:
+    p = bars(
+        t, _row_label(t, 0), {"before": 1, "after": 2}, STEPS, kind="dots", log=True, every=True
+    )
+    return Figure(name, "Exact diagonal and estimators before and after the restructuring", [p])
+
+
 def _local_dimension(t: Table, name: str) -> Figure:
     label = _row_label(t, 0)
     panels = []
@@ -536,6 +543,7 @@ SPECS: dict[str, Callable[[Table, str], Figure]] = {
     "bench_local_dimension": _local_dimension,
     "bench_jax_lanczos": _jax,
     "bench_finite_checks": _finite,
+    "bench_architecture_cost": _architecture_cost,
     "bench_full_secular": _secular,
     "bench_full_exact_diagonal_mlp": _exact_diagonal_full,
     "bench_full_exact_diagonal_cnn": _exact_diagonal_full,

@@ -325,11 +325,12 @@ def _cotangents(
     """U[m, x, t] = B(z_xt) ξ[m, x, t], shape (M, N, ∗S, C), for probes ξ (M, N, ∗S, R).
 
     ``overwrite``: ξ are the caller's own, used no more; U may be written into them.
+    ξ may be int8 ±1 signs (one Rademacher probe, ``probes(..., signs=True)``).
     """
     if kernel == "lower":
         # One column: compute the top eigenpair once per position, not once per probe.
         b = family.sqrt_metric(z, kernel="lower")[..., 0]  # (N, *S, C)
-        return b[None, ...] * xi
+        return b[None, ...] * (xp.astype(xi, z.dtype) if xp.isdtype(xi.dtype, "integral") else xi)
     # z (N, ∗S, C) broadcasts against ξ: the factor's softmax is taken once, not per
     # probe. z was checked finite by the adapter, ξ are the estimator's own probes.
     return family.unchecked_sqrt_metric_matvec(z, xi, kernel=kernel, xp=xp, overwrite=overwrite)
@@ -645,6 +646,7 @@ def detach_and_mix(
             dtype=lin.logits.dtype,
             device=lin.device,
             keep=_host_mask(lin),
+            signs=m == 1 and distribution == "rademacher",  # one probe: a kernel may take signs
         )
         return _probe_stratum(
             lin, fam, xi, qty, kernel=kernel, per_example=per_example, max_vectors=max_vectors,

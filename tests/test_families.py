@@ -401,6 +401,36 @@ def test_sqrt_metric_matvec_overwrite(backend) -> None:
     assert_close(got, 2.0 * want, rtol=1e-13, atol=1e-15, like=backend)
 
 
+def test_sqrt_metric_matvec_of_one_probe_of_signs(backend) -> None:
+    # One probe of int8 ±1 signs (0 on dropped rows), as detach-and-mix draws it: the
+    # same B ξ as the floating ξ, on every backend (torch: written into √p's array,
+    # block by block of rows; the others: ξ cast first). Blocks of 7 rows here.
+    import fisherbound.families._categorical as categorical
+
+    rng = np.random.default_rng(6)
+    z_np = 4.0 * rng.standard_normal((3, 5, 6))
+    signs_np = rng.choice(np.array([-1, 1], dtype=np.int8), size=(1, 3, 5, 6))
+    signs_np[0, 1, 2] = 0  # a dropped (masked) position
+    xi_np = signs_np.astype(np.float64)
+    p = np.exp(z_np - z_np.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.sqrt(p) * xi_np - p * np.sum(np.sqrt(p) * xi_np, axis=-1, keepdims=True)
+    z, xp = backend.asarray(z_np), backend.xp
+    signs = xp.asarray(signs_np, device=backend.device)
+    saved = categorical.SIGNS_BLOCK
+    categorical.SIGNS_BLOCK = 7 * 6
+    try:
+        got = CAT.unchecked_sqrt_metric_matvec(z, signs, xp=xp, overwrite=True)
+    finally:
+        categorical.SIGNS_BLOCK = saved
+    assert_close(got, want, rtol=1e-13, atol=1e-15, like=backend)
+    assert float(xp.max(xp.abs(got[0, 1, 2, :]))) == 0.0
+    if backend.name == "torch":  # float32 logits: the result in their dtype
+        got32 = CAT.unchecked_sqrt_metric_matvec(z.float(), signs, xp=xp, overwrite=True)
+        assert got32.dtype == z.float().dtype
+        assert_close(got32.double(), want, rtol=1e-5, atol=1e-6, like=backend)
+
+
 def test_categorical_target_distributions(backend) -> None:
     # Soft targets: log p(y | z) = Σ_c y_c log p_c and score y − p; a one-hot row
     # gives its class index's numbers, on every backend.

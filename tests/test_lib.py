@@ -46,6 +46,17 @@ def test_same_seed_same_probes_on_every_backend(backend) -> None:
     assert_close(g, np.random.default_rng(7).standard_normal(5), rtol=0, atol=0, like=backend)
 
 
+def test_probes_as_signs_are_the_same_draw_in_int8(backend) -> None:
+    xp = backend.xp
+    kw = {"distribution": "rademacher", "xp": xp, "device": backend.device}
+    keep = np.array([True, False, True])
+    floats = probes(as_generator(9), (1, 3, 4), dtype=xp.float64, keep=keep, **kw)
+    signs = probes(as_generator(9), (1, 3, 4), dtype=xp.float64, keep=keep, signs=True, **kw)
+    assert signs.dtype == xp.int8
+    assert_close(xp.astype(signs, xp.float64), backend.to_numpy(floats), rtol=0, atol=0,
+                 like=backend)  # fmt: skip
+
+
 def test_probes_keep_zeroes_the_dropped_rows_of_the_same_draw() -> None:
     shape = (2, 3, 4, 5)  # (M, N, T, R)
     full = probes(

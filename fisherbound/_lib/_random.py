@@ -61,6 +61,7 @@ def probes(
     dtype: Any,
     device: Any,
     keep: Any = None,
+    signs: bool = False,
 ) -> Array:
     """Random probe vectors of ``shape``: Rademacher (±1) or standard Gaussian.
 
@@ -68,6 +69,9 @@ def probes(
     every backend. ``keep``: None, or a host boolean array of the shape
     ``shape[1:-1]``; the probe rows where it is False are set to 0 on the host
     (the others are the same draw), for positions that do not count.
+    ``signs=True`` (Rademacher only): the same probes as int8 ±1 (0 in dropped
+    rows), not cast to ``dtype``, for a kernel that takes signs (a quarter of
+    float32's bytes, and no array of the probes' size in ``dtype``).
     """
     ranked = _ranked(rng)
     gen = rng.gen if ranked else rng
@@ -82,7 +86,8 @@ def probes(
     if keep is not None:
         host[..., ~keep, :] = 0  # only the dropped rows are written
     if distribution == "rademacher":  # ±1 moved as int8, cast on the device
-        out = xp.astype(xp.asarray(host, device=device), dtype)
+        out = xp.asarray(host, device=device)
+        out = out if signs else xp.astype(out, dtype)
     else:
         out = xp.asarray(host, dtype=dtype, device=device)
     return rng.select(out) if ranked else out

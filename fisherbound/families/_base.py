@@ -444,12 +444,16 @@ class Family:
         ``overwrite=True``: ξ is the caller's to lose; the result may be written
         into it (categorical exact on torch, where ξ has the result's shape and
         dtype: no new array of ξ's size, which at vocabulary scale costs as much
-        as the arithmetic).
+        as the arithmetic). ξ may be integer ±1 signs (``probes(..., signs=True)``):
+        a kernel that takes them does (categorical exact on torch, one probe: the
+        result in the log-softmax's own array), the others get ξ cast to z's dtype.
         """
         if overwrite and kernel == "exact":
             out = self._exact_sqrt_matvec_into(z, xi, xp)
             if out is not None:
                 return out
+        if xp.isdtype(xi.dtype, "integral"):
+            xi = xp.astype(xi, z.dtype)
         return self._sqrt_metric_matvec(z, xi, kernel, xp)
 
     # ------------------------------------------------ kernels: generic parts
@@ -545,7 +549,11 @@ class Family:
         return self._sqrt_upper_diag(z, xp) * xi
 
     def _exact_sqrt_matvec_into(self, z: Array, xi: Array, xp: Any) -> Array | None:
-        """``_exact_sqrt_matvec`` written into ξ's buffer, or None where not offered."""
+        """``_exact_sqrt_matvec`` without a new array of ξ's size, or None where not offered.
+
+        Written into ξ's buffer (floating ξ), or for integer ±1 signs ξ into an
+        array the kernel makes anyway; ξ is the caller's to lose.
+        """
         del z, xi, xp  # optional: a family offers it where it saves a large array
         return None
 

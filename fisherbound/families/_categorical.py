@@ -67,6 +67,49 @@ def _torch_sqrt_matvec(z: Array, xi: Array, overwrite: bool) -> Array:
     return u.addcmul_(r, s, value=-1.0).mul_(r)
 
 
+#: Entries of the float temporary per block of rows in ``_torch_sqrt_matvec_signs``:
+#: 8 MiB of float32, small enough for the allocator to reuse from one block to the next.
+SIGNS_BLOCK = 2**21
+
+
+def _one_probe_of_signs(z: Array, xi: Array) -> bool:
+    """Whether ξ is one probe (1, ∗z.shape) of int8 signs for plain floating torch logits z."""
+    import torch  # only reached with torch arrays
+
+    return (
+        xi.dtype == torch.int8
+        and tuple(xi.shape) == (1, *z.shape)
+        and z.is_floating_point()
+        and not z.requires_grad
+        and not (is_traced(z) or is_traced(xi))
+    )
+
+
+def _torch_sqrt_matvec_signs(z: Array, signs: Array) -> Array:
+    """B ξ for one probe of ±1 signs ξ (1, ∗z.shape), int8, written into √p's array.
+
+    √p = exp(½ log p) in the log-softmax's own array; then, a block of rows at a
+    time, ξ in z's dtype (a temporary of at most ``SIGNS_BLOCK`` entries, which
+    the allocator reuses), s = √p · ξ and √p ⊙ (ξ − √p s) copied over √p. One
+    array of the logits' size in all (the result) where the float path makes two:
+    at vocabulary scale each new one costs about as much as a pass of arithmetic
+    (its first touch), and a float copy of ξ is four times its int8 bytes.
+    """
+    import torch  # only reached with torch arrays
+
+    r = torch.log_softmax(z, dim=-1).mul_(0.5).exp_().contiguous()
+    c = int(r.shape[-1])
+    rows, signs_rows = r.view(-1, c), signs.reshape(-1, c)
+    step = max(1, SIGNS_BLOCK // max(c, 1))
+    for start in range(0, int(rows.shape[0]), step):
+        root = rows[start : start + step]
+        u = signs_rows[start : start + step].to(r.dtype)
+        # With a leading axis of one einsum takes a matrix product; "rc,rc->r" a slow bmm.
+        s = torch.einsum("...c,...c->...", root[None], u[None])[0].unsqueeze(-1)
+        root.copy_(u.addcmul_(root, s, value=-1.0).mul_(root))
+    return r.unsqueeze(0)
+
+
 #: How far the rows of a target distribution may sum from 1 (absolute).
 SOFT_TARGET_TOLERANCE = 1e-4
 
@@ -247,8 +290,12 @@ class Categorical(Family):
             cls._exact_sqrt_matvec is Categorical._exact_sqrt_matvec
             and cls._sqrt_metric_matvec is Categorical._sqrt_metric_matvec
         )
-        if own and _in_place_ok(z, xi, xp):
+        if not own or not is_torch_namespace(xp):
+            return None
+        if _in_place_ok(z, xi, xp):
             return _torch_sqrt_matvec(z, xi, overwrite=True)
+        if _one_probe_of_signs(z, xi):
+            return _torch_sqrt_matvec_signs(z, xi)
         return None
 
     def _scalar_upper(self, z: Array, xp: Any) -> Array:

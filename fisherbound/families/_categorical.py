@@ -86,28 +86,29 @@ def _one_probe_of_signs(z: Array, xi: Array) -> bool:
 
 
 def _torch_sqrt_matvec_signs(z: Array, signs: Array) -> Array:
-    """B ξ for one probe of ±1 signs ξ (1, ∗z.shape), int8, written into √p's array.
+    """B ξ for one probe of ±1 signs ξ (1, ∗z.shape), int8, block by block of rows.
 
-    √p = exp(½ log p) in the log-softmax's own array; then, a block of rows at a
-    time, ξ in z's dtype (a temporary of at most ``SIGNS_BLOCK`` entries, which
-    the allocator reuses), s = √p · ξ and √p ⊙ (ξ − √p s) copied over √p. One
-    array of the logits' size in all (the result) where the float path makes two:
-    at vocabulary scale each new one costs about as much as a pass of arithmetic
-    (its first touch), and a float copy of ξ is four times its int8 bytes.
+    Per block of at most ``SIGNS_BLOCK`` entries: √p = exp(½ log p) and ξ in z's
+    dtype as temporaries (the allocator reuses them from one block to the next,
+    and they stay in cache), s = √p · ξ, and √p ⊙ (ξ − √p s) written into the
+    result. One new array of the logits' size in all, where the float path makes
+    two: at vocabulary scale each new one costs about as much as a pass of
+    arithmetic (its first touch), and a float copy of ξ is four times its bytes.
     """
     import torch  # only reached with torch arrays
 
-    r = torch.log_softmax(z, dim=-1).mul_(0.5).exp_().contiguous()
-    c = int(r.shape[-1])
-    rows, signs_rows = r.view(-1, c), signs.reshape(-1, c)
+    c = int(z.shape[-1])
+    out = torch.empty((1, *z.shape), dtype=z.dtype, device=z.device)
+    rows, signs_rows, out_rows = z.reshape(-1, c), signs.reshape(-1, c), out.view(-1, c)
     step = max(1, SIGNS_BLOCK // max(c, 1))
     for start in range(0, int(rows.shape[0]), step):
-        root = rows[start : start + step]
-        u = signs_rows[start : start + step].to(r.dtype)
+        block = slice(start, start + step)
+        root = torch.log_softmax(rows[block], dim=-1).mul_(0.5).exp_()
+        u = signs_rows[block].to(z.dtype)
         # With a leading axis of one einsum takes a matrix product; "rc,rc->r" a slow bmm.
         s = torch.einsum("...c,...c->...", root[None], u[None])[0].unsqueeze(-1)
-        root.copy_(u.addcmul_(root, s, value=-1.0).mul_(root))
-    return r.unsqueeze(0)
+        torch.mul(u.addcmul_(root, s, value=-1.0), root, out=out_rows[block])
+    return out
 
 
 #: How far the rows of a target distribution may sum from 1 (absolute).

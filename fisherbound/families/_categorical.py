@@ -67,9 +67,9 @@ def _torch_sqrt_matvec(z: Array, xi: Array, overwrite: bool) -> Array:
     return u.addcmul_(r, s, value=-1.0).mul_(r)
 
 
-#: Entries of the float temporary per block of rows in ``_torch_sqrt_matvec_signs``:
-#: 8 MiB of float32, small enough for the allocator to reuse from one block to the next.
-SIGNS_BLOCK = 2**21
+#: Entries per block of rows in ``_torch_sqrt_matvec_signs``: temporaries of 2 MiB in
+#: float32, which the allocator reuses from block to block and which stay in cache.
+SIGNS_BLOCK = 2**19
 
 
 def _one_probe_of_signs(z: Array, xi: Array) -> bool:
@@ -86,14 +86,15 @@ def _one_probe_of_signs(z: Array, xi: Array) -> bool:
 
 
 def _torch_sqrt_matvec_signs(z: Array, signs: Array) -> Array:
-    """B ξ for one probe of ±1 signs ξ (1, ∗z.shape), int8, block by block of rows.
+    """B ξ = √p ⊙ ξ − p (√p · ξ) for one probe of ±1 signs ξ (1, ∗z.shape), int8.
 
-    Per block of at most ``SIGNS_BLOCK`` entries: √p = exp(½ log p) and ξ in z's
-    dtype as temporaries (the allocator reuses them from one block to the next,
-    and they stay in cache), s = √p · ξ, and √p ⊙ (ξ − √p s) written into the
-    result. One new array of the logits' size in all, where the float path makes
-    two: at vocabulary scale each new one costs about as much as a pass of
-    arithmetic (its first touch), and a float copy of ξ is four times its bytes.
+    Block by block of at most ``SIGNS_BLOCK`` entries: p, √p and √p ⊙ ξ as
+    temporaries (reused by the allocator, and in cache), then √p ⊙ ξ − p s with
+    s = Σ √p ⊙ ξ written into the result. One new array of the logits' size in
+    all, where the float path makes two: at vocabulary scale a new one costs
+    about as much as a pass of arithmetic (its first touch), and a float copy
+    of ξ is four times its bytes. √p = sqrt(p) is 0 where p underflows (the
+    float path's exp(½ log p) is not): √p below about 4e-23 in float32.
     """
     import torch  # only reached with torch arrays
 
@@ -103,11 +104,9 @@ def _torch_sqrt_matvec_signs(z: Array, signs: Array) -> Array:
     step = max(1, SIGNS_BLOCK // max(c, 1))
     for start in range(0, int(rows.shape[0]), step):
         block = slice(start, start + step)
-        root = torch.log_softmax(rows[block], dim=-1).mul_(0.5).exp_()
-        u = signs_rows[block].to(z.dtype)
-        # With a leading axis of one einsum takes a matrix product; "rc,rc->r" a slow bmm.
-        s = torch.einsum("...c,...c->...", root[None], u[None])[0].unsqueeze(-1)
-        torch.mul(u.addcmul_(root, s, value=-1.0), root, out=out_rows[block])
+        p = torch.softmax(rows[block], dim=-1)
+        t = signs_rows[block].to(z.dtype).mul_(p.sqrt())  # √p ⊙ ξ
+        torch.addcmul(t, p, t.sum(dim=-1, keepdim=True), value=-1.0, out=out_rows[block])
     return out
 
 

@@ -537,6 +537,9 @@ SPECS: dict[str, Callable[[Table, str], Figure]] = {
         t, n, 3, "GPT-2: cost before and after in-place cotangents", every=True
     ),
     "bench_lm_in_place_ratio": _lm_ratio,
+    "bench_lm_signs": lambda t, n: _before_after(
+        t, n, 3, "GPT-2: cost before and after the one-probe signs kernel", every=True
+    ),
     "bench_eigsh": _eigsh,
     "bench_hessian_directions": _hessian_directions,
     "bench_estimator_cost": _estimator_cost,
@@ -655,11 +658,25 @@ def _draw_categories(
     if panel.kind == "bars":
         lo, hi = ax.get_xlim()
         ax.set_xlim(lo, hi * (2.5 if panel.log else 1.12))
+    if panel.log:
+        _readable_log_ticks(ax)
     ax.set_xlabel(panel.xlabel)
     if n > 1 and legend:
         ax.legend(
             fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=min(n, 3), frameon=False
         )
+
+
+def _readable_log_ticks(ax) -> None:
+    """Within about a decade and a half, ticks at 1, 2 and 5 times powers of ten, as plain
+    numbers: matplotlib's own labels of the minor ticks run into each other there."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = ax.get_xlim()
+    if lo > 0 and hi / lo < 30:
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _draw_lines(ax, panel: Panel, colors: dict[str, str]) -> None:

@@ -183,9 +183,9 @@ class LinearRule(LayerRule):
             # Only those: scaling shifts small entries of a_n toward underflow.
             # On the CPU a host read says whether any example needs it (the common
             # case: none, and the scaling, a no-op then, is skipped).
-            a2 = a.square()
             limit = torch.finfo(a.dtype).max / 16
-            if a.device.type == "cpu" and float(a2.max()) <= limit:
+            a2 = a.square() if a.device.type == "cpu" else None
+            if a2 is not None and float(a2.max()) <= limit:
                 ds2 = d.square()
                 scale = None
             else:
@@ -733,10 +733,11 @@ def _probe_example_axis(z: Tensor, outputs: list[Tensor], grad_batched: GradBatc
     cot = torch.stack(probes).to(dtype=z.dtype, device=z.device)
     grads = grad_batched(z, outputs, cot, True)
     # Per layer, the largest |gradient| of each probe in each example's row: (P, N).
+    # In the logits' dtype (MPS has no float64); the host reads Python floats.
     row_max = [
-        z.new_zeros((len(probes), n), dtype=torch.float64)
+        z.new_zeros((len(probes), n))
         if g is None  # the layer does not reach the logits
-        else g.reshape(len(probes), n, -1).abs().amax(dim=2).double()
+        else g.reshape(len(probes), n, -1).abs().amax(dim=2).to(z.dtype)
         for g in grads
     ]
     host = torch.stack(row_max).cpu().tolist() if row_max else []  # one synchronisation
@@ -744,7 +745,7 @@ def _probe_example_axis(z: Tensor, outputs: list[Tensor], grad_batched: GradBatc
     verdicts = []
     for per_probe in host:
         on_off = [
-            (row[j], max(row[:j] + row[j + 1 :]))
+            (row[j], _nan_max(row[:j] + row[j + 1 :]))
             for row, j in zip(per_probe, probe_rows, strict=True)
         ]
         reached = [(on, off) for on, off in on_off if on > 0]
@@ -755,6 +756,11 @@ def _probe_example_axis(z: Tensor, outputs: list[Tensor], grad_batched: GradBatc
         else:
             verdicts.append("no probe example reaches the layer (axis 0 unverified)")
     return verdicts
+
+
+def _nan_max(values: list[float]) -> float:
+    """The largest value, NaN if any is NaN (Python's ``max`` may skip a NaN)."""
+    return math.nan if any(map(math.isnan, values)) else max(values)
 
 
 def fast_sum_squared(

@@ -600,8 +600,8 @@ def detach_and_mix(
     squares with M cotangents (the torch fast path for Linear / Conv / norm
     layers: one batched backward pass). Memory: M D-vectors per batch
     (blocks: M s² per block) and the M cotangents, each of the logits' size
-    (one Rademacher probe of the categorical factor on torch: that array and
-    temporaries of 2 MiB, the signs kept as int8).
+    (one Rademacher probe of the categorical factor on torch's CPU: that array
+    and temporaries of 2 MiB in float32, the signs kept as int8).
 
     Variance (Rademacher, one probe, one batch): Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴)
     ≤ 2 F_ii² (``fisherbound.variance.detach_and_mix_variance`` gives it exactly).

@@ -403,8 +403,9 @@ def test_sqrt_metric_matvec_overwrite(backend) -> None:
 
 def test_sqrt_metric_matvec_of_one_probe_of_signs(backend) -> None:
     # One probe of int8 ±1 signs (0 on dropped rows), as detach-and-mix draws it: the
-    # same B ξ as the floating ξ, on every backend (torch: written into √p's array,
-    # block by block of rows; the others: ξ cast first). Blocks of 7 rows here.
+    # same B ξ as the floating ξ, on every backend (torch's CPU: block by block of
+    # rows, bit for bit the float path's values; the others: ξ cast first). Blocks of
+    # 7 rows here.
     import fisherbound.families._categorical as categorical
 
     rng = np.random.default_rng(6)
@@ -425,10 +426,12 @@ def test_sqrt_metric_matvec_of_one_probe_of_signs(backend) -> None:
         categorical.SIGNS_BLOCK = saved
     assert_close(got, want, rtol=1e-13, atol=1e-15, like=backend)
     assert float(xp.max(xp.abs(got[0, 1, 2, :]))) == 0.0
-    if backend.name == "torch":  # float32 logits: the result in their dtype
+    if backend.name == "torch":  # float32 logits: the float path's values to the bit
+        float_xi = xp.astype(signs, z.float().dtype)
+        want32 = CAT.unchecked_sqrt_metric_matvec(z.float(), float_xi, xp=xp, overwrite=True)
         got32 = CAT.unchecked_sqrt_metric_matvec(z.float(), signs, xp=xp, overwrite=True)
-        assert got32.dtype == z.float().dtype
-        assert_close(got32.double(), want, rtol=1e-5, atol=1e-6, like=backend)
+        assert got32.dtype == want32.dtype
+        assert bool((got32 == want32).all())
 
 
 def test_categorical_target_distributions(backend) -> None:

@@ -445,8 +445,9 @@ class Family:
         into it (categorical exact on torch, where ξ has the result's shape and
         dtype: no new array of ξ's size, which at vocabulary scale costs as much
         as the arithmetic). ξ may be integer ±1 signs (``probes(..., signs=True)``):
-        a kernel that takes them does (categorical exact on torch, one probe: the
-        result in the log-softmax's own array), the others get ξ cast to z's dtype.
+        a kernel that takes them does (categorical exact on torch's CPU, one probe:
+        block by block, one new array of the logits' size), the others get ξ cast
+        to z's dtype.
         """
         if overwrite and kernel == "exact":
             out = self._exact_sqrt_matvec_into(z, xi, xp)

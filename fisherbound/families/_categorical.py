@@ -73,12 +73,17 @@ SIGNS_BLOCK = 2**19
 
 
 def _one_probe_of_signs(z: Array, xi: Array) -> bool:
-    """Whether ξ is one probe (1, ∗z.shape) of int8 signs for plain floating torch logits z."""
+    """Whether ξ is one probe (1, ∗z.shape) of int8 signs for plain floating CPU logits z.
+
+    On the CPU only: the blocks are sized for its caches (an accelerator would
+    run thousands of small kernels where the float path runs a few).
+    """
     import torch  # only reached with torch arrays
 
     return (
         xi.dtype == torch.int8
         and tuple(xi.shape) == (1, *z.shape)
+        and z.device.type == "cpu"
         and z.is_floating_point()
         and not z.requires_grad
         and not (is_traced(z) or is_traced(xi))
@@ -86,15 +91,15 @@ def _one_probe_of_signs(z: Array, xi: Array) -> bool:
 
 
 def _torch_sqrt_matvec_signs(z: Array, signs: Array) -> Array:
-    """B ξ = √p ⊙ ξ − p (√p · ξ) for one probe of ±1 signs ξ (1, ∗z.shape), int8.
+    """B ξ = √p ⊙ (ξ − √p s), s = √p · ξ, for one probe of ±1 signs ξ (1, ∗z.shape), int8.
 
-    Block by block of at most ``SIGNS_BLOCK`` entries: p, √p and √p ⊙ ξ as
-    temporaries (reused by the allocator, and in cache), then √p ⊙ ξ − p s with
-    s = Σ √p ⊙ ξ written into the result. One new array of the logits' size in
-    all, where the float path makes two: at vocabulary scale a new one costs
-    about as much as a pass of arithmetic (its first touch), and a float copy
-    of ξ is four times its bytes. √p = sqrt(p) is 0 where p underflows (the
-    float path's exp(½ log p) is not): √p below about 4e-23 in float32.
+    Block by block of at most ``SIGNS_BLOCK`` entries: √p = exp(½ log p) and ξ in
+    z's dtype as temporaries (reused by the allocator, and in cache), then the
+    block of the result written once. The same operations as the float path
+    (``_torch_sqrt_matvec``), so the same values to the bit, with one new array of
+    the logits' size in all where the float path makes two: at vocabulary scale
+    a new one costs about as much as a pass of arithmetic (its first touch), and
+    a float copy of ξ is four times its bytes.
     """
     import torch  # only reached with torch arrays
 
@@ -104,9 +109,11 @@ def _torch_sqrt_matvec_signs(z: Array, signs: Array) -> Array:
     step = max(1, SIGNS_BLOCK // max(c, 1))
     for start in range(0, int(rows.shape[0]), step):
         block = slice(start, start + step)
-        p = torch.softmax(rows[block], dim=-1)
-        t = signs_rows[block].to(z.dtype).mul_(p.sqrt())  # √p ⊙ ξ
-        torch.addcmul(t, p, t.sum(dim=-1, keepdim=True), value=-1.0, out=out_rows[block])
+        root = torch.log_softmax(rows[block], dim=-1).mul_(0.5).exp_()
+        u = signs_rows[block].to(z.dtype)
+        # With a leading axis of one einsum takes a matrix product; "rc,rc->r" a slow bmm.
+        s = torch.einsum("...c,...c->...", root[None], u[None])[0].unsqueeze(-1)
+        torch.mul(u.addcmul_(root, s, value=-1.0), root, out=out_rows[block])
     return out
 
 

@@ -673,8 +673,10 @@ def _readable_log_ticks(ax) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     lo, hi = ax.get_xlim()
-    if lo > 0 and hi / lo < 30:
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    inside = [v for v in locator.tick_values(lo, hi) if lo <= v <= hi] if lo > 0 else []
+    if len(inside) >= 2 and hi / lo < 30:  # else matplotlib's own ticks
+        ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
 

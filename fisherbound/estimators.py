@@ -689,15 +689,25 @@ def monte_carlo(
     confident models (THEORY §3). ``fisherbound.variance.classical_variance``
     gives the exact variance (Î_1 of THEORY §4).
 
-    Parameters are those of ``detach_and_mix`` (``weights`` included) with
-    ``num_samples`` = k draws per input in place of probes (the standard error is
-    over the k draws; NaN for k = 1). ``what="full"`` returns the factor of all per-example scores
-    (Σ_b N_b k rows, divided by √k; F̂ = Vᵀ V) with the standard error of its
-    diagonal.
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once).
+    num_samples
+        k ≥ 1 label draws per input, in place of probes (the standard error is
+        over the k draws; NaN for k = 1).
+    family, what, weights, rng, reduction, target_relative_error
+        As in ``detach_and_mix``. ``what="full"`` returns the factor of all
+        per-example scores (Σ_b N_b k rows, divided by √k; F̂ = Vᵀ V) with the
+        standard error of its diagonal; ``reduction="mean"`` divides by N, the
+        number of examples.
+    max_batches, blocks, max_block_size, max_vectors, progress, process_group
+        As in ``detach_and_mix``.
 
+    Notes
+    -----
     Cost per batch: the adapter's per-example squares with k cotangents (per-example
     gradients on its generic path), whatever the number of positions.
-    ``reduction="mean"`` divides by N, the number of examples.
 
     Examples
     --------

@@ -626,7 +626,15 @@ class LinearizationBase(_FrozenBase):
 def as_linearizations(source: Any) -> Iterator[Any]:
     """Iterate over ``source``: one linearization or an iterable of them.
 
-    Raises a TypeError naming what was received when ``source`` is neither.
+    Parameters
+    ----------
+    source
+        A ``Linearization``, or an iterable of them (read lazily, once).
+
+    Raises
+    ------
+    TypeError
+        Naming what was received when ``source`` (or one of its items) is neither.
     """
     if isinstance(source, Linearization):
         yield source

@@ -311,12 +311,22 @@ def detach_and_mix_variance(
     ξ is independent over all three). ``reduction="mean"`` divides by N², N the
     number of examples (the estimate is divided by N).
 
-    Parameters mirror ``detach_and_mix``; the result is the variance of its
-    ``value`` with the same options (the same batching of ``source``).
-    ``max_cotangents`` (default 4096): the largest P · R (per-example backward
-    passes per example) accepted, a ValueError above it. ``max_memory`` (bytes,
-    default 128 MiB): the columns of one chunk, as in ``fisher_diagonal``.
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once): the batches of the
+        ``detach_and_mix`` call whose variance this is (the same batching).
+    family, what, num_probes, kernel, distribution, per_example, reduction, max_vectors, progress
+        As in ``detach_and_mix``; the result is the variance of its ``value``
+        with the same options.
+    max_cotangents
+        The largest P · R (per-example backward passes per example) accepted
+        (default 4096), a ValueError above it.
+    max_memory
+        Bytes for the columns of one chunk, as in ``fisher_diagonal``.
 
+    Notes
+    -----
     Cost: P · R per-example VJPs per input (as the exact diagonal; P the counted
     positions); for the batch trace also P · R JVPs per input, each contracted
     with the kernels in O(N P C). Memory: ``max_vectors`` D-vectors.
@@ -524,13 +534,31 @@ def classical_variance(
     range of a_tᵀu: max a_t − min a_t (categorical) or Σ_c ``|a_c|``
     max(σ_c, 1 − σ_c) (Bernoulli; Gaussian: the exact value, aᵀu is
     unbounded); Î_2: λ̄ Σ_t ‖c_t‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1/σ²
-    (Gaussian), upper bounds of λ_max(I). ``reduction="mean"`` divides by N², N
-    the number of examples. ``max_cotangents`` (default 4096): the largest P · C
-    (per-example backward passes per example of the score variance) accepted, a
-    ValueError above it. ``max_memory``: as in ``fisher_diagonal`` (the score
-    variance takes the Jacobian rows of at least one position, C columns, per
-    chunk, whatever the budget; the Hessian estimator holds no output-space
-    columns and does not use it).
+    (Gaussian), upper bounds of λ_max(I).
+
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them (streamed once).
+    family
+        The output family, as in ``monte_carlo``.
+    estimator
+        ``"score"`` (Î_1) or ``"hessian"`` (Î_2).
+    num_samples
+        k ≥ 1 label draws per input.
+    bound
+        Return the upper bounds above instead of the exact variance.
+    reduction
+        ``"sum"``, or ``"mean"``, which divides by N², N the number of examples.
+    max_vectors, progress
+        As in ``fisher_diagonal``.
+    max_cotangents
+        The largest P · C (per-example backward passes per example of the score
+        variance) accepted (default 4096), a ValueError above it.
+    max_memory
+        As in ``fisher_diagonal`` (the score variance takes the Jacobian rows of
+        at least one position, C columns, per chunk, whatever the budget; the
+        Hessian estimator holds no output-space columns and does not use it).
 
     Returns
     -------
@@ -665,12 +693,26 @@ def compare_estimators(
     ``target_relative_error`` (the exact diagonal needs one pass). ``best`` is
     the fastest to the target.
 
-    ``source`` is materialised (a list of linearizations): pass a representative
-    sample of batches. ``estimators`` selects rows (default all four).
-    ``max_cotangents`` and ``max_memory`` as in ``fisher_diagonal`` (the closed
-    forms need the same P · R per-example products per example; the Monte Carlo
-    row's score variance takes the C one-hot columns of at least one position per
-    chunk, N · C · P · C entries, whatever the budget: see ``classical_variance``).
+    Parameters
+    ----------
+    source
+        A linearization, or an iterable of them, materialised (a list): pass a
+        representative sample of batches.
+    family
+        The output family, as in ``detach_and_mix``.
+    target_relative_error
+        The relative error (E‖d̂ − d‖²/‖d‖²)^½ each row is timed to reach.
+    rng
+        A ``numpy.random.Generator``, an int seed or None, for the timed calls.
+    max_vectors
+        As in ``detach_and_mix``.
+    max_cotangents, max_memory
+        As in ``fisher_diagonal`` (the closed forms need the same P · R
+        per-example products per example; the Monte Carlo row's score variance
+        takes the C one-hot columns of at least one position per chunk,
+        N · C · P · C entries, whatever the budget: see ``classical_variance``).
+    estimators
+        The rows to compute (default all four).
 
     Returns
     -------

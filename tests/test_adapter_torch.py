@@ -604,6 +604,30 @@ class PerExampleThenTimeMajor(nn.Module):
         return self.mix(torch.tanh(self.pre(x)))
 
 
+def test_fast_path_probe_fails_a_layer_with_nan_off_the_probed_rows() -> None:
+    # N = 5: the probes sit on examples 0, 2 and 4. A NaN in example 3's row of a
+    # layer's output gradient is off every probed row and never first among them, so
+    # Python's max alone would skip it and keep the layer on the fast path.
+    from fisherbound.adapters.torch_rules import _probe_example_axis
+
+    n = 5
+    z = torch.zeros(n, 3, dtype=F64)
+
+    def grad_batched(z, outputs, cot, retain):  # type: ignore[no-untyped-def]
+        g = torch.zeros(int(cot.shape[0]), n, 2, dtype=F64)
+        for p, j in enumerate((0, 2, 4)):
+            g[p, j] = 1.0  # each probe reaches its own example only
+        nan = g.clone()
+        nan[:, 3, 0] = float("nan")
+        return (g, nan)
+
+    outputs = [torch.zeros(n, 2, dtype=F64), torch.zeros(n, 2, dtype=F64)]
+    assert _probe_example_axis(z, outputs, grad_batched) == [
+        "",
+        "layer output axis 0 mixes examples",
+    ]
+
+
 @pytest.mark.parametrize("order", ["computed first", "reasons first", "one cotangent per pass"])
 def test_fast_path_plan_with_some_layers_failing_the_probe(order: str) -> None:
     # A layer that passes the example-axis probe and two that fail it: the same

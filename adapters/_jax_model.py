@@ -123,8 +123,13 @@ class Kernels:
             leaves = [jnp.reshape(p, shape) for p, shape in zip(pieces, shapes, strict=True)]
             return jax.tree_util.tree_unflatten(treedef, leaves)
 
+        # The function of the latest call with this state (``build_kernels`` swaps it
+        # in on every cache hit): a later retrace, for new shapes, runs a function
+        # whose values are the key's, never an older one whose values have changed.
+        self.fn = apply_fn
+
         def model(theta: Array, x: PyTree) -> Array:
-            return apply_fn(unravel(theta), x)
+            return self.fn(unravel(theta), x)
 
         def single(theta: Array, xn: PyTree) -> Array:
             # One example as a batch of one: the logits (*S, C) of x_n.
@@ -222,11 +227,14 @@ def build_kernels(
         hash(key)
     except TypeError:  # an unhashable pytree node: compile for this model only
         return Kernels(apply_fn, treedef, shapes)
-    kernels = _KERNELS.get(key)
+    kernels = _KERNELS.pop(key, None)  # re-inserted last: the least recently used go first
     if kernels is None:
-        kernels = _KERNELS[key] = Kernels(apply_fn, treedef, shapes)
-        while len(_KERNELS) > MAX_CACHED_KERNELS:  # the oldest model's kernels go
-            _KERNELS.pop(next(iter(_KERNELS)))
+        kernels = Kernels(apply_fn, treedef, shapes)
+    else:
+        kernels.fn = apply_fn  # its values are the key's: any retrace must read these
+    _KERNELS[key] = kernels
+    while len(_KERNELS) > MAX_CACHED_KERNELS:  # the least recently used model's kernels go
+        _KERNELS.pop(next(iter(_KERNELS)))
     return kernels
 
 

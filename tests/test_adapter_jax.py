@@ -678,6 +678,48 @@ def test_kernels_never_return_results_for_old_closed_over_values() -> None:
     assert wide.num_params == 15
 
 
+def test_a_retrace_never_runs_an_older_function_whose_values_changed() -> None:
+    """Two objects with equal values share kernels; when the first one's value changes
+    and the second is linearized on another batch size (a retrace), the logits are the
+    second's (the cached kernels used to call the first function: [15, 15] for [3, 3])."""
+
+    class Scaled:
+        def __init__(self, s: float) -> None:
+            self.s = s
+
+        def apply(self, p: dict, xb: Any) -> Any:
+            return self.s * (xb @ p["w"])
+
+    params = {"w": jnp.ones((3, 2))}
+    first = Scaled(1.0)
+    linearize(first.apply, params, jnp.ones((4, 3)))
+    first.s = 5.0
+    second = Scaled(1.0)  # equal values: the same cache key as first had
+    got = linearize(second.apply, params, jnp.ones((7, 3))).logits
+    np.testing.assert_allclose(got, np.full((7, 2), 3.0))
+
+
+def test_kernels_in_use_are_evicted_last(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache drops its least recently used entry: a model used again stays."""
+    from fisherbound.adapters import _jax_model
+
+    monkeypatch.setattr(_jax_model, "MAX_CACHED_KERNELS", 2)
+    monkeypatch.setattr(_jax_model, "_KERNELS", {})
+    x = jnp.ones((4, 3))
+
+    def model(width: int) -> tuple[Any, dict]:
+        return (lambda p, xb: xb @ p["w"]), {"w": jnp.ones((3, width))}
+
+    kept = model(2)
+    linearize(kept[0], kept[1], x)
+    linearize(model(3)[0], model(3)[1], x)
+    kernels = next(iter(_jax_model._KERNELS.values()))
+    linearize(kept[0], kept[1], x)  # used again: now the most recent
+    linearize(model(4)[0], model(4)[1], x)  # a third layout evicts width 3, not width 2
+    assert kernels in _jax_model._KERNELS.values()
+    assert len(_jax_model._KERNELS) == 2
+
+
 def test_a_fresh_lambda_per_call_compiles_once() -> None:
     """A new lambda object per call (the same code, the same values): one set of
     compiled kernels, whatever the number of calls."""

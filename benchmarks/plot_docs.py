@@ -145,9 +145,9 @@ def _cell_number(table: Table, r: int, c: int, k: int = 0) -> tuple[str, float] 
     return found[k] if len(found) > k else None
 
 
-def _col(table: Table, name: str, start: int = 0) -> int:
+def _col(table: Table, name: str) -> int:
     for c, h in enumerate(table.header):
-        if c >= start and h == name:
+        if h == name:
             return c
     raise KeyError(f"table at line {table.line}: no column {name!r} in {table.header}")
 

@@ -43,6 +43,7 @@ from fisherbound._lib import (
     first_indices,
     is_array,
     is_traced,
+    known_false,
 )
 from fisherbound._stream import named_blocks
 
@@ -382,7 +383,7 @@ class Trace(Diagonal):
             w = lin._operand(self.weights, "weights", (lin.num_params,), "(D,)")
             check_finite(w, "weights", xp=lin.xp, what="entries")
             ok = lin.xp.all(w >= 0)
-            if not is_traced(ok) and not bool(ok):  # traced (inside jit): nothing to read
+            if known_false(ok):  # traced (inside jit): nothing to read
                 count = int(lin.xp.sum(lin.xp.astype(w < 0, lin.xp.int64)))
                 shown = first_indices(w < 0, lin.xp)
                 msg = (

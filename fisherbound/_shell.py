@@ -351,7 +351,7 @@ class Lazy(Iterator[T]):
         return item
 
     def __length_hint__(self) -> int:
-        return max(0, self._total - self._taken) if self._total > 0 else 0
+        return max(0, self._total - self._taken)
 
 
 def stream_inputs(

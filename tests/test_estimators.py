@@ -998,6 +998,14 @@ def test_weights_are_checked() -> None:
         detach_and_mix(lin, what="trace", weights=np.ones(3), num_probes=2, rng=0)
     with pytest.raises(ValueError, match=r"^weights must be finite; got NaN"):
         detach_and_mix(lin, what="trace", weights=np.full(67, np.nan), num_probes=2, rng=0)
+    negative = np.ones(67)
+    negative[[0, 5]] = -1.0
+    with pytest.raises(
+        ValueError,
+        match=r"^weights must be non-negative .* got 2 negative entries, at positions "
+        r"\[0, 5\]\. For signed",
+    ):
+        detach_and_mix(lin, what="trace", weights=negative, num_probes=2, rng=0)
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match=r"weights"):
         detach_and_mix(lin, what="trace", weights=torch.ones(67), num_probes=2, rng=0)

@@ -40,6 +40,7 @@ from fisherbound._lib import (
     check_finite,
     device_of,
     first_indices,
+    index_dtype,
     is_traced,
     sum_is_finite,
     to_host,
@@ -192,7 +193,7 @@ def _error(
         names = [b.name for b in owner.blocks if bool(xp.any(flat[b.offset : b.offset + b.size]))]
         where.append(f"parameter blocks {names[:10]}" + (" ..." if len(names) > 10 else ""))
     at = f" in {' and '.join(where)}" if where else ""
-    count = int(xp.sum(xp.astype(bad, xp.int64)))
+    count = int(xp.sum(xp.astype(bad, index_dtype(xp, bad))))
     msg = (
         f"{spec.label} of the {owner._role} must be finite; got {' and '.join(kinds)} in "
         f"{count} of {math.prod(a.shape)} entries{at}. {_cause(owner, operands)}"

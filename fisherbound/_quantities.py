@@ -41,6 +41,7 @@ from fisherbound._lib import (
     device_of,
     fingerprint,
     first_indices,
+    index_dtype,
     is_array,
     is_traced,
     known_false,
@@ -114,11 +115,11 @@ def factor_columns(
 
 
 def position_slots(mask: Array, xp: Any) -> Array:
-    """(N, P) int64: k for the k-th counted position of each example, −1 where masked."""
+    """(N, P) indices (the indexing dtype): k for the k-th counted position, −1 where masked."""
     n = int(mask.shape[0])
     m = xp.reshape(mask, (n, -1))
-    rank = xp.cumulative_sum(xp.astype(m, xp.int64), axis=1) - 1
-    return xp.where(m, rank, xp.asarray(-1, dtype=xp.int64, device=device_of(mask)))
+    rank = xp.cumulative_sum(xp.astype(m, index_dtype(xp, mask)), axis=1) - 1
+    return xp.where(m, rank, xp.asarray(-1, dtype=rank.dtype, device=device_of(mask)))
 
 
 def most_slots(slots: Array, xp: Any) -> int:
@@ -138,7 +139,7 @@ def counted_positions(lin: Any) -> int:
         return int(lin.num_positions)  # traced (JAX jit): no host-side count
     xp = lin.xp
     n = int(mask.shape[0])
-    per_example = xp.sum(xp.astype(xp.reshape(mask, (n, -1)), xp.int64), axis=1)
+    per_example = xp.sum(xp.astype(xp.reshape(mask, (n, -1)), index_dtype(xp, mask)), axis=1)
     return int(xp.max(per_example)) if n else 0
 
 
@@ -151,7 +152,7 @@ def total_counted(lin: Any) -> int:
     if mask is None or is_traced(mask):
         return int(lin.num_inputs) * int(lin.num_positions)
     xp = lin.xp
-    return int(xp.sum(xp.astype(mask, xp.int64)))
+    return int(xp.sum(xp.astype(mask, index_dtype(xp, mask))))
 
 
 def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[int, int]]:
@@ -384,7 +385,7 @@ class Trace(Diagonal):
             check_finite(w, "weights", xp=lin.xp, what="entries")
             ok = lin.xp.all(w >= 0)
             if known_false(ok):  # traced (inside jit): nothing to read
-                count = int(lin.xp.sum(lin.xp.astype(w < 0, lin.xp.int64)))
+                count = int(lin.xp.sum(lin.xp.astype(w < 0, index_dtype(lin.xp, w))))
                 shown = first_indices(w < 0, lin.xp)
                 msg = (
                     "weights must be non-negative (Σ_i w_i F_ii with w ≥ 0, as an EWC "

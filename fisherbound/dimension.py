@@ -56,6 +56,7 @@ from fisherbound._lib import (
     check_positive_real,
     collective,
     estimate_from_samples,
+    index_dtype,
     shared_generator,
     to_host,
 )
@@ -739,7 +740,7 @@ def _rules_count(xp: Any, quad: Any, eps: float, max_count: int) -> bool:
     The nodes of a rule are Ritz values of F on a Krylov space, so by interlacing
     that many nodes above eps prove d_ε > max_count, at no product.
     """
-    above = xp.sum(xp.astype(quad.nodes > eps, xp.int64), axis=1)
+    above = xp.sum(xp.astype(quad.nodes > eps, index_dtype(xp, quad.nodes)), axis=1)
     return bool(to_host(xp.max(above)) > max_count)
 
 

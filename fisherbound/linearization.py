@@ -40,7 +40,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtime_checkable
 
 from fisherbound._finite import Product, guard_class
-from fisherbound._lib import REDUCTIONS, array_namespace, device_of, is_array, is_traced
+from fisherbound._lib import (
+    REDUCTIONS,
+    array_namespace,
+    device_of,
+    index_dtype,
+    is_array,
+    is_traced,
+)
 
 # The adapters' shared shell lives in its own module; the adapters and the analyses
 # import it from here, with the contract.
@@ -875,7 +882,7 @@ class LossFunctionBase(_FrozenBase):
             num_counted = n * math.prod(int(s) for s in logits.shape[1:-1])
             weights = None
         else:
-            num_counted = int(xp.sum(xp.astype(counted, xp.int64)))
+            num_counted = int(xp.sum(xp.astype(counted, index_dtype(xp, counted))))
             if num_counted == 0:
                 because = "mask"
                 if ignore_index is not None:

@@ -455,6 +455,27 @@ def test_float64_without_x64_is_refused() -> None:
         linearize(lambda p, x: x @ p[0], [np.ones((2, 3))], np.ones((4, 2), dtype=np.float32))
 
 
+def test_float32_without_x64_warns_nothing() -> None:
+    # JAX without x64 has no int64: asking for it (class indices, counts) warned on
+    # every float32 loss value and sample. The suite turns warnings into errors.
+    from fisherbound.adapters.jax import loss_function
+    from fisherbound.estimators import monte_carlo
+    from fisherbound.fisher import fisher_trace
+
+    f = lambda p, x: x @ p  # noqa: E731
+    with jax.enable_x64(False):
+        w = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), dtype=jnp.float32)
+        x = jnp.ones((5, 2, 3), dtype=jnp.float32)
+        y = jnp.asarray([[0, 1], [2, 3], [0, -100], [1, 1], [3, 2]], dtype=jnp.int32)
+        loss = loss_function(f, w, x, y)
+        assert loss.value(jnp.zeros((2, 12), dtype=jnp.float32)).dtype == jnp.float32
+        assert loss.gradient().dtype == jnp.float32
+        lin = linearize(f, w, x, mask=y != -100)
+        assert int(lin.num_positions) == 2
+        assert monte_carlo(lin, num_samples=2, rng=0).value.dtype == jnp.float32
+        assert fisher_trace(lin).dtype == jnp.float32
+
+
 def test_bad_inputs() -> None:
     f = lambda p, x: x @ p  # noqa: E731
     w = jnp.ones((2, 3))

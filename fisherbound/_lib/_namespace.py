@@ -117,6 +117,20 @@ def device_of(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
+def index_dtype(xp: Any, x: Array | None = None) -> Any:
+    """The namespace's default indexing dtype (on ``x``'s device): class indices, counts.
+
+    int64 for NumPy, CuPy and torch; int32 for JAX without ``jax_enable_x64``, where
+    asking for int64 would warn on every call and truncate anyway. Namespaces without
+    ``__array_namespace_info__`` get int64.
+    """
+    info = getattr(xp, "__array_namespace_info__", None)
+    if info is None:
+        return xp.int64
+    device = None if x is None else device_of(x)
+    return info().default_dtypes(device=device)["indexing"]
+
+
 def is_writeable_array(x: Array) -> bool:
     """Whether ``x`` can be written in place (``array_api_compat.is_writeable_array``)."""
     return bool(array_api_compat.is_writeable_array(x))

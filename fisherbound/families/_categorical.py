@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import device_of, is_torch_namespace, is_traced, log_softmax, uniform
+from fisherbound._lib import (
+    device_of,
+    index_dtype,
+    is_torch_namespace,
+    is_traced,
+    log_softmax,
+    uniform,
+)
 from fisherbound.families._base import Family, _diag, one_hot
 from fisherbound.families._checks import check_label_array, check_label_support
 from fisherbound.families._secular import secular_roots
@@ -245,7 +252,7 @@ class Categorical(Family):
         _, _, logp = log_softmax_parts(z, xp)
         if _soft(z, y, xp):  # Σ_c y_c log p_c: the soft cross-entropy's negative
             return xp.sum(xp.astype(y, z.dtype) * logp, axis=-1)
-        index = xp.astype(y, xp.int64)[..., None]
+        index = xp.astype(y, index_dtype(xp, y))[..., None]
         return xp.take_along_axis(logp, index, axis=-1)[..., 0]
 
     def _score(self, z: Array, y: Array, xp: Any) -> Array:
@@ -260,8 +267,8 @@ class Categorical(Family):
         # Inverse CDF against the unnormalised total, so rounding in the cumulative
         # sum can never select beyond the last class.
         target = (u * cdf[..., -1])[..., None]
-        below = xp.astype(cdf[..., :-1] <= target, xp.int64)
-        return xp.sum(below, axis=-1, dtype=xp.int64)
+        below = xp.astype(cdf[..., :-1] <= target, index_dtype(xp, z))
+        return xp.sum(below, axis=-1, dtype=below.dtype)
 
     # --------------------------------------------------------------- kernels
     def _upper_diag(self, z: Array, xp: Any) -> Array:

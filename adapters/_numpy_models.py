@@ -305,7 +305,7 @@ class LinearSoftmax(ReferenceModel):
         bias
             Whether the model has a bias.
         rng
-            numpy Generator, int seed or None.
+            numpy Generator, int seed, JAX key or None.
         dtype
             A real floating dtype of ``xp`` (or its name, ``"float32"``); the
             namespace's default floating dtype when None.

@@ -222,7 +222,7 @@ def random_directions(
         The parameter blocks (``loss.blocks``), needed for ``"filter"`` when
         ``params`` is an array.
     rng
-        numpy Generator, int seed or None. Drawn on the host, so one seed gives the
+        numpy Generator, int seed, JAX key or None. Drawn on the host, so one seed gives the
         same directions on every backend (row by row: the first rows of k + 1
         directions are the k directions).
 

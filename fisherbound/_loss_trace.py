@@ -143,7 +143,7 @@ def loss_trace(
         too large a step adds the fourth-order term (h² ∂⁴L / 12); the standard
         error includes neither.
     rng
-        numpy Generator, int seed or None.
+        numpy Generator, int seed, JAX key or None.
     batch_size
         Probes per call of ``value`` / ``hvp_batch`` (default min(M, 16)).
     progress

@@ -106,7 +106,7 @@ def saddle_probability(
     num_samples
         Monte-Carlo samples (≥ 1).
     rng
-        numpy Generator, int seed or None (Monte Carlo).
+        numpy Generator, int seed, JAX key or None (Monte Carlo).
 
     Returns
     -------

@@ -272,7 +272,7 @@ def top_eigenpairs(
         p, the most Lanczos vectors held (memory D p), k + 1 ≤ p ≤ D; p = D is a
         full run: the exact spectrum with multiplicities.
     rng
-        Generator, int seed or None (the Lanczos start vector).
+        Generator, int seed, JAX key or None (the Lanczos start vector).
 
     Returns
     -------
@@ -367,7 +367,7 @@ def spectral_density(
         σ > 0, the smoothing standard deviation. Default: 1 % of the range of the
         nodes (of max ``|θ|`` when the range is 0, and 1 when F = 0).
     rng
-        Generator, int seed or None (the probes).
+        Generator, int seed, JAX key or None (the probes).
 
     Returns
     -------
@@ -601,7 +601,7 @@ def local_dimension(
         ignored), and when their nodes prove d_ε > max_count by interlacing, the
         Lanczos count does not run either.
     rng
-        Generator, int seed or None.
+        Generator, int seed, JAX key or None.
 
     Returns
     -------
@@ -823,7 +823,7 @@ def razor(
         is ``"slq"`` the log-det is read off them, with no product (``num_probes``
         and ``num_matvecs`` are then theirs).
     rng
-        Generator, int seed or None.
+        Generator, int seed, JAX key or None.
 
     Returns
     -------

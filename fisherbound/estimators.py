@@ -524,7 +524,7 @@ def detach_and_mix(
     num_probes
         M, the number of probes per batch (>= 1; >= 2 for a standard error).
     rng
-        numpy Generator, int seed or None.
+        numpy Generator, int seed, JAX key or None.
     kernel
         ``"exact"`` (F), ``"upper"`` (the DG bound, h = Σ ξ √p̃ z),
         ``"lower"`` (the LR bound: one sign per input), or the scalar envelopes.

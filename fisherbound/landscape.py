@@ -373,7 +373,7 @@ def hessian_directions(
         ``eigsh`` default for k = 1 at one or both ends). p = D is a full
         tridiagonalisation: exact extreme eigenpairs after D products.
     rng
-        numpy Generator, int seed or None (start and restart vectors).
+        numpy Generator, int seed, JAX key or None (start and restart vectors).
     process_group
         As in ``hessian_operator``; the start vectors must then be the same on every
         rank (the same ``rng`` seed; checked).
@@ -506,7 +506,7 @@ def fisher_directions(
         p, the most Lanczos vectors held (memory D p); default min(D, max(2k + 1,
         20)); p = D gives the exact top k after D products.
     rng
-        numpy Generator, int seed or None.
+        numpy Generator, int seed, JAX key or None.
     process_group
         As in ``fisher_operator`` (the same ``rng`` seed on every rank; checked).
 

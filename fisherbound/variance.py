@@ -703,7 +703,7 @@ def compare_estimators(
     target_relative_error
         The relative error (E‖d̂ − d‖²/‖d‖²)^½ each row is timed to reach.
     rng
-        A ``numpy.random.Generator``, an int seed or None, for the timed calls.
+        A ``numpy.random.Generator``, an int seed, a JAX key or None, for the timed calls.
     max_vectors
         As in ``detach_and_mix``.
     max_cotangents, max_memory

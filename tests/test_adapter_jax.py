@@ -476,6 +476,25 @@ def test_float32_without_x64_warns_nothing() -> None:
         assert fisher_trace(lin).dtype == jnp.float32
 
 
+def test_rng_takes_jax_keys() -> None:
+    from fisherbound.estimators import detach_and_mix
+
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 4)))
+    lin = linearize(lambda p, x: x @ p, w, jnp.ones((5, 3)))
+    key = jax.random.key(7)
+    a = detach_and_mix(lin, num_probes=3, rng=key).value
+    b = detach_and_mix(lin, num_probes=3, rng=jax.random.PRNGKey(7)).value  # same key data
+    c = detach_and_mix(lin, num_probes=3, rng=jax.random.split(key)[0]).value
+    assert_close(a, b, rtol=0, atol=0)
+    assert not np.allclose(np.asarray(a), np.asarray(c))
+    with pytest.raises(
+        TypeError, match=r"one jax.random.key\(seed\).*got a JAX array of shape \(2,\)"
+    ):
+        detach_and_mix(lin, rng=jax.random.split(key))
+    with pytest.raises(TypeError, match=r"rng: a JAX key traced inside jax.jit"):
+        jax.jit(lambda k: detach_and_mix(lin, rng=k).value)(key)
+
+
 def test_bad_inputs() -> None:
     f = lambda p, x: x @ p  # noqa: E731
     w = jnp.ones((2, 3))

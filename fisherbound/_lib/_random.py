@@ -40,7 +40,13 @@ class RankedGenerator:
 
 
 def as_generator(rng: Any) -> Any:
-    """Normalise ``rng`` (a Generator, an int seed or None) to a Generator."""
+    """Normalise ``rng`` (a Generator, an int seed, a JAX key or None) to a Generator.
+
+    A JAX PRNG key (typed, ``jax.random.key(s)``, or the raw uint32 pair of
+    ``jax.random.PRNGKey(s)``) seeds a NumPy generator with its key data: the same
+    key gives the same host-drawn probes; ``jax.random.split`` gives independent
+    ones. The key is read on the host, so a key traced inside ``jax.jit`` is refused.
+    """
     if isinstance(rng, np.random.Generator) or _ranked(rng):
         return rng  # a RankedGenerator is used like one by probes() and uniform()
     if rng is None or (isinstance(rng, int | np.integer) and not isinstance(rng, bool)):
@@ -48,8 +54,40 @@ def as_generator(rng: Any) -> Any:
             msg = f"rng must be a non-negative int seed (or a Generator or None); got {rng}."
             raise ValueError(msg)
         return np.random.default_rng(rng)
-    msg = f"rng must be a numpy.random.Generator, an int seed or None; got {type(rng).__name__}."
+    data = _jax_key_data(rng)
+    if data is not None:
+        return np.random.default_rng([int(w) for w in data.ravel()])
+    msg = (
+        "rng must be a numpy.random.Generator, an int seed, a JAX PRNG key or None; "
+        f"got {type(rng).__module__}.{type(rng).__name__}."
+    )
     raise TypeError(msg)
+
+
+def _jax_key_data(rng: Any) -> np.ndarray | None:
+    """The uint32 key data of a JAX PRNG key on the host; None if ``rng`` is none."""
+    if type(rng).__module__.split(".")[0] not in ("jax", "jaxlib"):
+        return None
+    import jax  # a JAX object: JAX is installed
+
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    raw = rng.dtype == np.uint32 and tuple(rng.shape) == (2,)
+    if not (typed and rng.ndim == 0) and not raw:
+        msg = (
+            "rng must be a numpy.random.Generator, an int seed, a JAX PRNG key (one "
+            "jax.random.key(seed), or the uint32 pair of jax.random.PRNGKey(seed)) or None; "
+            f"got a JAX array of shape {tuple(rng.shape)} and dtype {rng.dtype}."
+        )
+        raise TypeError(msg)
+    if isinstance(rng, jax.core.Tracer):
+        msg = (
+            "rng: a JAX key traced inside jax.jit cannot seed fisherbound's probes, which "
+            "are drawn on the host when the function is traced; pass the key (or an int "
+            "seed) from outside the jitted function, e.g. as a static argument."
+        )
+        raise TypeError(msg)
+    data = jax.random.key_data(rng) if typed else rng
+    return np.asarray(data, dtype=np.uint32)
 
 
 def probes(

@@ -161,7 +161,7 @@ class Family:
     def sample(self, z: Array, /, rng: Any = None, *, num_samples: int | None = None) -> Array:
         """Labels drawn from p(· | z) with host random numbers.
 
-        ``rng`` is a numpy Generator, an int seed or None; one seed gives the same
+        ``rng`` is a numpy Generator, an int seed, a JAX key or None; one seed gives the same
         labels on every backend. With ``num_samples`` the result gets a leading
         axis of that length. Categorical (inverse CDF of one uniform per row):
         int64 class indices of shape (...); Bernoulli: {0, 1} in z's dtype, shape

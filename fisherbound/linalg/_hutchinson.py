@@ -118,7 +118,7 @@ def hutchinson_trace(
     distribution
         ``"rademacher"`` (entries ±1, never worse than Gaussian) or ``"gaussian"``.
     rng
-        A ``numpy.random.Generator``, an int seed or None. Probes are drawn on the
+        A ``numpy.random.Generator``, an int seed, a JAX key or None. Probes are drawn on the
         host, so one seed gives the same estimate on every backend.
     batch_size
         Probes applied per ``matmat`` call (memory n × batch_size); None: all M at

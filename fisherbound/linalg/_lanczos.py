@@ -314,7 +314,7 @@ def lanczos(
         Starting vector (n,) of A's namespace (normalised here); default a
         Gaussian vector from ``rng``.
     rng
-        Generator, int seed or None, for ``v0`` and the restart vectors.
+        Generator, int seed, JAX key or None, for ``v0`` and the restart vectors.
 
     Returns
     -------
@@ -560,7 +560,7 @@ def eigsh(
         (``"both"``: 2k); default min(n, max(2k' + 1, 20)). p = n gives the exact
         spectrum with multiplicities.
     rng
-        Generator, int seed or None, for the start and restart vectors.
+        Generator, int seed, JAX key or None, for the start and restart vectors.
 
     Returns
     -------

@@ -280,7 +280,7 @@ def lanczos_quadrature(
     num_matvecs
         Lanczos steps per probe, m = min(num_matvecs, n).
     rng
-        Generator, int seed or None. The probes are the ones ``hutchinson_trace``
+        Generator, int seed, JAX key or None. The probes are the ones ``hutchinson_trace``
         draws with the same seed.
 
     Returns

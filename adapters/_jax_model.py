@@ -835,10 +835,29 @@ class PytreeParams:
     """
 
     _model: Model
+    _role: str
     _blocks: tuple[Any, ...]
     num_params: int
     _flat_operand: Callable[[Array], Array]
     _ravel_leaves: Callable[[list[Any], list[str]], Array]
+
+    def _operand(self, x: Any, name: str, shape: tuple[int | None, ...], what: str) -> Array:
+        """The shell's operand check, with the remedy for a pytree where a flat array goes."""
+        if not _is_array(x) and jax.tree_util.tree_leaves(x):
+            like = jax.tree_util.tree_structure(x) == self._model.treedef
+            var = "loss" if self._role == "loss function" else "lin"
+            msg = (
+                f"{name} must be a flat array of shape {what} with D = {self.num_params}; got "
+                f"a {type(x).__name__}"
+                + (
+                    f" shaped like params: flatten it with {var}.ravel({name}) "
+                    f"(and a result back with {var}.unravel)."
+                    if like
+                    else f" (a pytree; {var}.ravel flattens one shaped like params)."
+                )
+            )
+            raise TypeError(msg)
+        return super()._operand(x, name, shape, what)  # type: ignore[misc]
 
     def unravel(self, v: Array, /) -> PyTree:
         """A flat vector ``v`` (..., D) as a pytree shaped like ``params``.

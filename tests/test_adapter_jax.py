@@ -620,7 +620,7 @@ def test_half_precision_is_refused(dtype: str) -> None:
 
 
 def test_unravel_and_ravel_are_pytrees_like_params() -> None:
-    from fisherbound.fisher import fisher_diagonal
+    from fisherbound.fisher import fisher_blocks, fisher_diagonal
 
     params = {"w1": 0.1 * jnp.ones((3, 4)), "b1": jnp.zeros(4), "w2": 0.2 * jnp.ones((4, 2))}
 
@@ -655,6 +655,22 @@ def test_unravel_and_ravel_are_pytrees_like_params() -> None:
     dirs = loss.unravel(hd.directions)
     assert dirs["w1"].shape == (2, 3, 4)
     np.testing.assert_array_equal(loss.ravel(dirs), hd.directions)
+    # The products take flat arrays; a pytree gets the remedy.
+    with pytest.raises(
+        TypeError, match=r"v must be a flat array .* shaped like params: .*lin\.ravel\(v\)"
+    ):
+        lin.jvp(tree)
+    with pytest.raises(
+        TypeError, match=r"v must be a flat array .* \(a pytree; loss\.ravel flattens"
+    ):
+        loss.hvp({"w1": tree["w1"]})
+    blocks = fisher_blocks(lin)  # the dense blocks as a pytree like params (docs/adapters.md)
+    names = [b.name for b in lin.blocks]
+    btree = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(params), [blocks[n] for n in names]
+    )
+    assert btree["w1"].shape == (12, 12)
+    np.testing.assert_array_equal(jnp.diagonal(btree["w1"]), tree["w1"].reshape(-1))
 
 
 # The compiled kernels are cached by apply_fn's state, not by the function object.

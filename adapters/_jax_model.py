@@ -484,19 +484,30 @@ def classes_last(z: Array, class_axis: int) -> Array:
 class LogitsFn:
     """``apply_fn`` with the output selector and the class axis: (params, x) ↦ (N, ∗S, C).
 
-    Frozen and compared by its fields, so the kernel caches keyed by it share one
-    compilation between linearizations of one model and selector.
+    Half-precision logits (float16, bfloat16: a mixed-precision model computing in
+    half precision from float32 parameters) are upcast to ``dtype``, the parameters'
+    dtype, so every Fisher quantity is computed in it. Frozen and compared by its
+    fields, so the kernel caches keyed by it share one compilation between
+    linearizations of one model and selector.
     """
 
     apply_fn: Callable[..., Any]
     output: Any = None
     class_axis: int = -1
+    dtype: Any = None
 
     def __call__(self, params: PyTree, x: PyTree) -> Any:
         out = self.apply_fn(params, x)
         if self.output is None and not _is_array(out):
             return out  # check_logits reports it, with the hint to pass output=
-        return classes_last(select_output(out, self.output), self.class_axis)
+        z = classes_last(select_output(out, self.output), self.class_axis)
+        if self.dtype is not None and _is_array(z) and z.dtype in _HALF:
+            z = z.astype(self.dtype)
+        return z
+
+
+#: The half-precision dtypes: refused for parameters, upcast for logits.
+_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 class Model:
@@ -518,8 +529,10 @@ class Model:
         leaves = [leaf for _, leaf in named]
         shapes = tuple(tuple(int(s) for s in leaf.shape) for leaf in leaves)
         self.apply_fn = apply_fn
-        self.logits_fn = LogitsFn(apply_fn, check_output(output), check_class_axis(class_axis))
         self.dtype = leaves[0].dtype
+        self.logits_fn = LogitsFn(
+            apply_fn, check_output(output), check_class_axis(class_axis), self.dtype
+        )
         self.theta = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
         self.blocks = make_blocks(
             (name, shape) for (name, _), shape in zip(named, shapes, strict=True)
@@ -583,11 +596,14 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
                 "apply_fn) or cast them."
             )
             raise TypeError(msg)
-        if jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
+        if jnp.dtype(dtype) in _HALF:
             msg = (
                 f"params leaf {name!r} must be float32 or float64; got {dtype}. {HALF_PRECISION} "
-                "Cast the parameters (and inputs), e.g. "
-                "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)."
+                "Pass float32 parameters, e.g. "
+                "jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params); a model "
+                "may still compute in half precision from them (flax: param_dtype="
+                "jnp.float32 with dtype=jnp.bfloat16, or casts inside apply_fn): its "
+                "half-precision logits are upcast to float32."
             )
             raise TypeError(msg)
         if jnp.dtype(dtype) == jnp.float64 and not x64_enabled():
@@ -738,8 +754,9 @@ def check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
         raise TypeError(msg)
     if z.dtype != dtype:
         msg = (
-            f"{name} must return logits in the parameters' dtype {dtype}; got {z.dtype}. "
-            "Cast the parameters (or the logits inside apply_fn) to one dtype."
+            f"{name} must return logits in the parameters' dtype {dtype} (or in float16 / "
+            f"bfloat16, upcast to it); got {z.dtype}. Cast the logits inside apply_fn to "
+            f"{dtype}, or the parameters to {z.dtype}."
         )
         raise TypeError(msg)
     # Finite: checked by the linearization or loss function (``check_outputs``), which

@@ -47,7 +47,13 @@ and ``"[0].w"``, a bare array gives ``"params"``. (If two leaves would get the s
 name, every block is named by ``jax.tree_util.keystr`` instead.)
 
 Float64 needs ``jax.config.update("jax_enable_x64", True)`` before any array is
-created; without it JAX silently computes in float32.
+created; without it JAX silently computes in float32. Parameters in float16 or
+bfloat16 are refused (sums over examples overflow or keep 3 digits); mixed
+precision works: a model that computes in half precision from float32 parameters
+(flax ``param_dtype=jnp.float32, dtype=jnp.bfloat16``, or casts inside
+``apply_fn``) has its half-precision logits upcast to the parameters' dtype, so
+the core math and every result are float32 (the Jacobian keeps the model's own
+half-precision rounding).
 """
 
 from __future__ import annotations

@@ -615,8 +615,42 @@ def test_models_that_couple_examples_use_the_exact_masked_path() -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_is_refused(dtype: str) -> None:
     w = jnp.ones((3, 2), dtype=dtype)
-    with pytest.raises(TypeError, match=rf"'params' must be float32 or float64; got {dtype}\."):
+    with pytest.raises(
+        TypeError,
+        match=rf"'params' must be float32 or float64; got {dtype}\..*Pass float32 parameters.*"
+        r"param_dtype=jnp.float32 with dtype=jnp.bfloat16",
+    ):
         linearize(lambda p, x: x @ p, w, jnp.ones((4, 3), dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_logits_are_upcast(dtype: str) -> None:
+    # Mixed precision: float32 parameters, the forward pass in half precision. The
+    # logits are upcast to float32 and everything after them is float32: the same
+    # numbers as a model that casts its logits itself.
+    from fisherbound.adapters.jax import loss_function
+    from fisherbound.fisher import fisher_diagonal
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((3, 4)), dtype=jnp.float32)
+    x = jnp.asarray(rng.standard_normal((5, 3)), dtype=jnp.float32)
+
+    def half(p: Any, x: Any) -> Any:
+        return x.astype(dtype) @ p.astype(dtype)
+
+    lin = linearize(half, w, x)
+    assert lin.logits.dtype == jnp.float32
+    cast = linearize(lambda p, x: half(p, x).astype(jnp.float32), w, x)
+    assert_close(fisher_diagonal(lin), fisher_diagonal(cast), rtol=0, atol=0)
+    y = jnp.asarray([0, 1, 2, 3, 0])
+    grad = loss_function(half, w, x, y).gradient()
+    assert grad.dtype == jnp.float32
+    assert_close(
+        grad,
+        loss_function(lambda p, x: half(p, x).astype(jnp.float32), w, x, y).gradient(),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_unravel_and_ravel_are_pytrees_like_params() -> None:

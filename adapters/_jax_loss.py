@@ -35,7 +35,7 @@ __all__ = ["JaxLossFunction", "check_ignore_index"]
 class _LossKernels:
     """The compiled loss, its gradient and Hessian-vector products for one model.
 
-    Every kernel takes θ, the inputs, the labels, the counted positions (None or
+    Every kernel takes θ, the pair (inputs, state), the labels, the counted positions (None or
     boolean (N, ∗S)) and a scale (1, or 1 / the number counted) as arguments, so
     one compilation serves every batch of the same shapes.
     """
@@ -49,14 +49,14 @@ class _LossKernels:
                 return ll
             return jnp.where(counted, ll, jnp.zeros((), dtype=ll.dtype))
 
-        def nll(theta: Array, x: PyTree, y: Array, counted: Array | None, scale: Array) -> Array:
-            z = model(theta, x)
+        def nll(theta: Array, xs: PyTree, y: Array, counted: Array | None, scale: Array) -> Array:
+            z = model(theta, xs)
             return -jnp.sum(log_likelihoods(z, y, counted)) * scale
 
         def values(
-            theta: Array, x: PyTree, y: Array, counted: Array | None, scale: Array, shifts: Array
+            theta: Array, xs: PyTree, y: Array, counted: Array | None, scale: Array, shifts: Array
         ) -> Array:
-            z = jax.vmap(lambda s: model(theta + s, x))(shifts)
+            z = jax.vmap(lambda s: model(theta + s, xs))(shifts)
             yb = jnp.broadcast_to(y, (z.shape[0], *y.shape))
             ll = log_likelihoods(z, yb, counted)
             return -jnp.sum(jnp.reshape(ll, (ll.shape[0], -1)), axis=-1) * scale
@@ -64,9 +64,9 @@ class _LossKernels:
         grad = jax.grad(nll)
 
         def hvp(
-            theta: Array, x: PyTree, y: Array, counted: Array | None, scale: Array, v: Array
+            theta: Array, xs: PyTree, y: Array, counted: Array | None, scale: Array, v: Array
         ) -> Array:
-            return jax.jvp(lambda t: grad(t, x, y, counted, scale), (theta,), (v,))[1]
+            return jax.jvp(lambda t: grad(t, xs, y, counted, scale), (theta,), (v,))[1]
 
         self.logits = jax.jit(model)
         self.values = jax.jit(values)
@@ -122,7 +122,7 @@ class JaxLossFunction(PytreeParams, LossFunctionBase):
     _operand_remedy = "Move it with jax.device_put({name}, loss.device)."
 
     def _suspects(self) -> tuple[Array, list[tuple[str, Array]]]:
-        return self._model.theta, named_inputs(self._inputs)
+        return self._model.theta, named_inputs(self._inputs)  # state: checked finite on entry
 
     def __init__(
         self,
@@ -134,12 +134,14 @@ class JaxLossFunction(PytreeParams, LossFunctionBase):
         reduction: str,
         mask: Any = None,
         ignore_index: int | None = -100,
+        state: PyTree = None,
     ) -> None:
         self._model = model
         self._inputs = inputs
+        self._state = state
         self._kernels = _loss_kernels(model.kernels, family)
         theta = shard_local(model.theta, inputs)
-        z = traced_selection(self._kernels.logits, theta, inputs)
+        z = traced_selection(self._kernels.logits, theta, (inputs, state))
         check_logits(z, num_inputs, model.dtype)
         self._blocks = model.blocks
         check_outputs(self, z, "apply_fn(params, inputs)")
@@ -221,8 +223,8 @@ class JaxLossFunction(PytreeParams, LossFunctionBase):
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
 
     def _batch(self) -> tuple[Any, ...]:
-        """The kernels' leading arguments: θ, inputs, labels, counted positions, scale."""
-        return self._theta, self._inputs, self._labels, self._mask, self._scale
+        """The kernels' leading arguments: θ, (inputs, state), labels, counted positions, scale."""
+        return self._theta, (self._inputs, self._state), self._labels, self._mask, self._scale
 
     def gradient(self) -> Array:
         """∇L(θ), shape (D,) (``jax.grad``)."""

@@ -98,10 +98,12 @@ def mask_cotangents(U: Array, mask: Array | None) -> Array:
 class Kernels:
     """The compiled products of one model: ``apply_fn`` with one parameter layout.
 
-    Every kernel takes the flat parameters ``theta``, the inputs ``x`` and the mask
+    Every kernel takes the flat parameters ``theta``, the pair ``xs = (x, state)``
+    of the inputs (batched along axis 0) and the model's non-differentiated state
+    (None, or a pytree passed whole to ``apply_fn(params, x, state)``), and the mask
     (None or boolean (N, ∗S)) as arguments (never as closed-over constants), so a
-    kernel compiled for one batch is reused by every batch of the same shapes
-    (None and an array mask compile separately). The mask is applied to the
+    kernel compiled for one batch is reused by every batch (and every state) of the
+    same shapes (None and an array compile separately). The mask is applied to the
     outputs of forward products and to the cotangents of reverse ones, which is
     diag(mask) J in every product.
     """
@@ -128,31 +130,36 @@ class Kernels:
         # whose values are the key's, never an older one whose values have changed.
         self.fn = apply_fn
 
-        def model(theta: Array, x: PyTree) -> Array:
-            return self.fn(unravel(theta), x)
+        def model(theta: Array, xs: tuple[PyTree, PyTree]) -> Array:
+            x, state = xs
+            params = unravel(theta)
+            return self.fn(params, x) if state is None else self.fn(params, x, state)
 
-        def single(theta: Array, xn: PyTree) -> Array:
+        def single(theta: Array, xn: PyTree, state: PyTree) -> Array:
             # One example as a batch of one: the logits (*S, C) of x_n.
-            return model(theta, jax.tree_util.tree_map(lambda a: a[None, ...], xn))[0, ...]
+            one = jax.tree_util.tree_map(lambda a: a[None, ...], xn)
+            return model(theta, (one, state))[0, ...]
 
-        def forward(theta: Array, x: PyTree) -> tuple[Array, Any]:
-            return jax.linearize(lambda t: model(t, x), theta)
+        def forward(theta: Array, xs: tuple[PyTree, PyTree]) -> tuple[Array, Any]:
+            return jax.linearize(lambda t: model(t, xs), theta)
 
         def transpose(f_jvp: Any, theta: Array) -> Callable[[Array], Array]:
             # θ's own type: inside shard_map it varies over the mesh axes.
             f_vjp = jax.linear_transpose(f_jvp, theta)
             return lambda u: f_vjp(u)[0]
 
-        def per_example(theta: Array, x: PyTree, U: Array) -> Array:
+        def per_example(theta: Array, xs: tuple[PyTree, PyTree], U: Array) -> Array:
+            x, state = xs  # the examples are mapped over, the state is shared
+
             def one(xn: PyTree, Un: Array) -> Array:
-                _, pullback = jax.vjp(lambda t: single(t, xn), theta)
+                _, pullback = jax.vjp(lambda t: single(t, xn, state), theta)
                 return jax.vmap(lambda u: pullback(u)[0])(Un)
 
             return jax.vmap(one)(x, U)
 
         def sum_squared(
             theta: Array,
-            x: PyTree,
+            xs: tuple[PyTree, PyTree],
             U: Array,
             mask: Array | None,
             example_chunk: int,
@@ -170,7 +177,8 @@ class Kernels:
             U = jnp.reshape(U, (n_ex, example_chunk, n_vec, vector_chunk, *out))
             U = jnp.moveaxis(U, 2, 1)  # (n_ex, n_vec, example_chunk, vector_chunk, *S, C)
             index = jnp.minimum(jnp.arange(n_ex * example_chunk), n - 1)
-            xs = jax.tree_util.tree_map(
+            x, state = xs
+            chunks = jax.tree_util.tree_map(
                 lambda a: jnp.reshape(a[index, ...], (n_ex, example_chunk, *a.shape[1:])), x
             )
 
@@ -179,7 +187,7 @@ class Kernels:
 
                 def over_vectors(carry: None, Uk: Array) -> tuple[None, Array]:
                     del carry  # lax.scan's carry: nothing is carried across vector chunks
-                    g = per_example(theta, xc, Uk)  # (example_chunk, vector_chunk, D)
+                    g = per_example(theta, (xc, state), Uk)  # (example_chunk, vector_chunk, D)
                     return None, sum_of_squares(g)
 
                 _, squares = jax.lax.scan(over_vectors, None, Uc)
@@ -187,7 +195,7 @@ class Kernels:
 
             total = jnp.zeros((n_vec, vector_chunk, num_params), dtype=theta.dtype)
             total = shard_local(total, theta)  # the scan carry varies as θ does
-            total, _ = jax.lax.scan(over_examples, total, (xs, U))
+            total, _ = jax.lax.scan(over_examples, total, (chunks, U))
             return jnp.reshape(total, (n_vec * vector_chunk, num_params))[:k, ...]
 
         #: θ ↦ logits (N, *S, C), unmasked: the model the kernels differentiate.
@@ -206,7 +214,9 @@ class Kernels:
         self.per_example = jax.jit(
             lambda theta, x, U, m: per_example(theta, x, mask_cotangents(U, m))
         )
-        self.singles = jax.jit(lambda theta, x: jax.vmap(lambda xn: single(theta, xn))(x))
+        self.singles = jax.jit(
+            lambda theta, xs: jax.vmap(lambda xn: single(theta, xn, xs[1]))(xs[0])
+        )
         self.sum_squared = jax.jit(sum_squared, static_argnums=(4, 5))
 
 
@@ -496,8 +506,8 @@ class LogitsFn:
     class_axis: int = -1
     dtype: Any = None
 
-    def __call__(self, params: PyTree, x: PyTree) -> Any:
-        out = self.apply_fn(params, x)
+    def __call__(self, params: PyTree, x: PyTree, *state: PyTree) -> Any:
+        out = self.apply_fn(params, x, *state)
         if self.output is None and not _is_array(out):
             return out  # check_logits reports it, with the hint to pass output=
         z = classes_last(select_output(out, self.output), self.class_axis)
@@ -569,8 +579,25 @@ def _leaves_with_paths(tree: PyTree, empty: str) -> tuple[list[tuple[Any, Any]],
     return path_leaves, treedef
 
 
+#: flax variable collections that hold no parameters: passing the whole ``variables``
+#: dict as ``params`` would silently differentiate them.
+_STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates")
+
+
 def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
     """The named leaves (as JAX arrays) and the treedef of ``params``."""
+    if isinstance(params, Mapping) and "params" in params:
+        state = [k for k in _STATE_COLLECTIONS if k in params]
+        if state:
+            msg = (
+                f"params must hold only what is differentiated; got a flax variables dict "
+                f"with the collections {state} besides 'params', which would be counted as "
+                "parameters. Pass params=variables['params'] and "
+                f"state={{{', '.join(f'{k!r}: variables[{k!r}]' for k in state)}}}, with "
+                "apply_fn(params, x, state) calling "
+                "model.apply({'params': params, **state}, x, ...)."
+            )
+            raise ValueError(msg)
     path_leaves, treedef = _leaves_with_paths(
         params,
         "params must hold at least one array leaf; got an empty pytree "
@@ -696,6 +723,36 @@ def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
     return jax.tree_util.tree_unflatten(treedef, leaves), n
 
 
+def check_state(state: PyTree) -> PyTree:
+    """``state`` (None, or any pytree) with its array leaves as JAX arrays.
+
+    The model's variables that are not differentiated (running statistics, caches):
+    passed whole to every call ``apply_fn(params, x, state)``, never batched. Its
+    leaves must be arrays (NumPy ones are converted); floating leaves must be finite.
+    """
+    if state is None:
+        return None
+    path_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    leaves = []
+    for path, leaf in path_leaves:
+        where = "state" + jax.tree_util.keystr(path)
+        if not _is_array(leaf) or isinstance(leaf, str | bytes):
+            msg = (
+                f"{where} must be an array (state holds the model's non-differentiated "
+                f"arrays, e.g. flax's batch_stats); got {type(leaf).__module__}."
+                f"{type(leaf).__name__}. Close over values that are not arrays in apply_fn."
+            )
+            raise TypeError(msg)
+        arr = jnp.asarray(leaf)
+        if jnp.issubdtype(arr.dtype, jnp.inexact) and not is_traced(arr):
+            bad = int(jnp.sum(~jnp.isfinite(arr)))
+            if bad:
+                msg = f"{where} must be finite; got {bad} NaN or infinite entries of {arr.size}."
+                raise ValueError(msg)
+        leaves.append(arr)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def shard_local(theta: Array, inputs: PyTree) -> Array:
     """θ made to vary over the mapped axes its inputs vary over (inside ``shard_map``).
 
@@ -754,9 +811,9 @@ def check_logits(z: Any, num_inputs: int, dtype: Any) -> None:
         raise TypeError(msg)
     if z.dtype != dtype:
         msg = (
-            f"{name} must return logits in the parameters' dtype {dtype} (or in float16 / "
-            f"bfloat16, upcast to it); got {z.dtype}. Cast the logits inside apply_fn to "
-            f"{dtype}, or the parameters to {z.dtype}."
+            f"{name} must return logits in the parameters' dtype {dtype}; got {z.dtype} "
+            "(float16 and bfloat16 logits are upcast, no other dtype is). Cast the logits "
+            f"inside apply_fn to {dtype}, or the parameters to {z.dtype}."
         )
         raise TypeError(msg)
     # Finite: checked by the linearization or loss function (``check_outputs``), which
@@ -819,7 +876,7 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
 
 
 def second_derivative_kernel(kernels: Kernels) -> Any:
-    """The compiled map (θ, x, mask, indices) ↦ ∂²z/∂θ_i² for i in indices, (k, N, ∗S, C).
+    """The compiled map (θ, (x, state), mask, indices) ↦ ∂²z/∂θ_i², (k, N, ∗S, C).
 
     Built on first use and kept with ``kernels`` (so cached as they are). Masked
     positions give zero (their logits are constants of θ in the masked Jacobian).
@@ -829,12 +886,14 @@ def second_derivative_kernel(kernels: Kernels) -> Any:
         return kernel
     model = kernels.model
 
-    def curvature(theta: Array, x: PyTree, mask: Array | None, index: Array) -> Array:
+    def curvature(
+        theta: Array, xs: tuple[PyTree, PyTree], mask: Array | None, index: Array
+    ) -> Array:
         def along(i: Array) -> Array:
             e = jnp.zeros_like(theta).at[i].set(1.0)
 
             def slope(t: Array) -> Array:
-                return jax.jvp(lambda s: model(s, x), (t,), (e,))[1]
+                return jax.jvp(lambda s: model(s, xs), (t,), (e,))[1]
 
             return jax.jvp(slope, (theta,), (e,))[1]
 

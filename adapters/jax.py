@@ -79,6 +79,7 @@ from fisherbound.adapters._jax_model import (
     check_logits,
     check_mask,
     check_mask_spec,
+    check_state,
     named_inputs,
     second_derivative_kernel,
     shard_local,
@@ -122,13 +123,21 @@ class JaxLinearization(PytreeParams, LinearizationBase):
     _operand_free = "M"
     logits_checked = True  # finite (check_logits on build): the stream need not re-read them
 
-    def __init__(self, model: Model, inputs: PyTree, num_inputs: int, mask: Any = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        inputs: PyTree,
+        num_inputs: int,
+        mask: Any = None,
+        state: PyTree = None,
+    ) -> None:
         self._model = model
         self._kernels = model.kernels
         self._inputs = inputs
+        self._state = state
         self._blocks = model.blocks
         self._theta = shard_local(model.theta, inputs)
-        logits, f_jvp = traced_selection(self._kernels.forward, self._theta, inputs)
+        logits, f_jvp = traced_selection(self._kernels.forward, self._theta, self._xs)
         check_logits(logits, num_inputs, model.dtype)
         check_outputs(self, logits, "apply_fn(params, inputs)")
         self._logits = logits
@@ -138,7 +147,12 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         self._independent: Any = None  # None, a bool, or a traced boolean
 
     def _suspects(self) -> tuple[Array, list[tuple[str, Array]]]:
-        return self._model.theta, named_inputs(self._inputs)
+        return self._model.theta, named_inputs(self._inputs)  # state: checked finite on entry
+
+    @property
+    def _xs(self) -> tuple[PyTree, PyTree]:
+        """The kernels' model arguments: the inputs and the state."""
+        return self._inputs, self._state
 
     @property
     def apply_fn(self) -> Callable[..., Array]:
@@ -222,13 +236,14 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         ``vjp_batch`` trace through them. Linearizations with equal keys (one model
         structure: one set of kernels) trace alike for states of equal shapes.
         """
-        state = (self._f_jvp, self._theta, self._mask, self._logits, self._inputs)
+        state = (self._f_jvp, self._theta, self._mask, self._logits, self._inputs, self._state)
         return self._kernels, state
 
     def _with_state(self, state: PyTree) -> JaxLinearization:
         """A copy whose products read ``state`` (see ``_traceable``; None: no arrays)."""
         new = copy.copy(self)
-        new._f_jvp, new._theta, new._mask, new._logits, new._inputs = state
+        arrays = (None,) * 6 if state is None else state
+        new._f_jvp, new._theta, new._mask, new._logits, new._inputs, new._state = arrays
         new._independent = None
         new.__dict__.pop("_finite_pending", None)  # its own deferred flags, none shared
         new.__dict__.pop("_finite_depth", None)
@@ -258,7 +273,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         paths are compiled, see ``_branch``).
         """
         if self._independent is None:
-            singles = self._kernels.singles(self._theta, self._inputs)
+            singles = self._kernels.singles(self._theta, self._xs)
             scale = jnp.maximum(jnp.max(jnp.abs(self._logits)), 1.0)
             tol = 1e3 * jnp.finfo(self.dtype).eps * scale
             flag = jnp.max(jnp.abs(singles - self._logits)) <= tol
@@ -298,7 +313,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
             inputs = jax.tree_util.tree_map(lambda a: a[start:stop], inputs)
             mask = None if mask is None else mask[start:stop]
         return self._branch(
-            lambda u: self._kernels.per_example(self._theta, inputs, u, mask),
+            lambda u: self._kernels.per_example(self._theta, (inputs, self._state), u, mask),
             lambda u: LinearizationBase.per_example_vjp(self, u, examples=examples),
             U,
         )
@@ -333,7 +348,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
         def fast(u: Array) -> Array:
             out = self._kernels.sum_squared(
-                self._theta, self._inputs, u, self._mask, example_chunk, vector_chunk
+                self._theta, self._xs, u, self._mask, example_chunk, vector_chunk
             )
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
@@ -366,7 +381,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         for start in range(0, d, chunk):
             # Fixed chunk shape (one compilation): indices past D repeat the last one.
             index = jnp.minimum(jnp.arange(start, start + chunk), d - 1)
-            piece = kernel(theta, self._inputs, self._mask, index)
+            piece = kernel(theta, self._xs, self._mask, index)
             pieces.append(piece[: min(chunk, d - start)])
         return jnp.moveaxis(jnp.concatenate(pieces, axis=0), 0, -1)
 
@@ -382,6 +397,7 @@ def linearize(
     inputs: PyTree,
     /,
     *,
+    state: PyTree = None,
     output: Any = None,
     class_axis: int = -1,
     mask: Any = None,
@@ -405,6 +421,14 @@ def linearize(
         axis N (a tuple, a dict such as ``{"input_ids": ..., "attention_mask":
         ...}``), passed to ``apply_fn`` as its second argument, as is (NumPy
         arrays are converted to JAX).
+    state
+        The model's variables that are not differentiated (flax's ``batch_stats``,
+        the non-``Param`` part of an nnx model, haiku's ``state``, equinox's
+        ``eqx.nn.State``): None (default; ``apply_fn(params, x)`` is called) or a
+        pytree of arrays, passed whole (never batched) as a third argument,
+        ``apply_fn(params, x, state)``. An argument, not a closed-over value, so
+        new values (running statistics after a training step) reuse the compiled
+        kernels and can never be confused with old ones. Must be finite.
     output
         Where the logits are in ``apply_fn``'s output: None (default; it is the
         logits array), a str (a dict key, else an attribute such as ``"logits"``
@@ -485,7 +509,7 @@ def linearize(
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
     mask = check_mask_spec(mask)
     x, n = check_inputs(inputs)
-    return JaxLinearization(model, x, n, mask)
+    return JaxLinearization(model, x, n, mask, check_state(state))
 
 
 def linearizations(
@@ -494,6 +518,7 @@ def linearizations(
     batches: Iterable[Any],
     /,
     *,
+    state: PyTree = None,
     output: Any = None,
     class_axis: int = -1,
     mask: Any = None,
@@ -509,7 +534,7 @@ def linearizations(
         element as the inputs (as a DataLoader yields ``(x, y)``); any other batch
         (an array, a dict, ...) is the inputs itself. So a pytree of inputs that
         is a tuple must be wrapped: ``((x1, x2), y)``.
-    output, class_axis
+    state, output, class_axis
         As in ``linearize``, for every batch.
     mask
         Per batch: None, a str (a key of dict inputs, e.g. ``"attention_mask"``)
@@ -534,11 +559,12 @@ def linearizations(
     apply_fn = check_apply_fn(apply_fn)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
     mask = check_mask_spec(mask, stream=True)
+    checked_state = check_state(state)
 
     def build(i: int, batch: Any) -> JaxLinearization:
         del i  # the stream's callback also gets the batch index, for messages
         x, n = check_inputs(batch)
-        return JaxLinearization(model, x, n, mask)
+        return JaxLinearization(model, x, n, mask, checked_state)
 
     return stream_linearizations(
         batches,
@@ -569,6 +595,7 @@ def _loss_builder(
     class_axis: int,
     mask: Any,
     ignore_index: object,
+    state: PyTree,
     *,
     stream: bool,
 ) -> Callable[[PyTree, Any], JaxLossFunction]:
@@ -582,11 +609,12 @@ def _loss_builder(
     ignore = check_ignore_index(ignore_index)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
     checked_mask = check_mask_spec(mask, stream=stream)
+    checked_state = check_state(state)
 
     def build(inputs: PyTree, labels: Any) -> JaxLossFunction:
         x, n = check_inputs(inputs)
         y = _as_jax_labels(labels)
-        return JaxLossFunction(model, x, n, y, fam, reduction, checked_mask, ignore)
+        return JaxLossFunction(model, x, n, y, fam, reduction, checked_mask, ignore, checked_state)
 
     return build
 
@@ -598,6 +626,7 @@ def loss_function(
     labels: Array,
     /,
     *,
+    state: PyTree = None,
     family: Any = None,
     reduction: str = "sum",
     output: Any = None,
@@ -622,7 +651,7 @@ def loss_function(
 
     Parameters
     ----------
-    apply_fn, params, inputs, output, class_axis
+    apply_fn, params, inputs, state, output, class_axis
         As in ``linearize``.
     labels
         Integer class indices (N, ∗S) for ``Categorical()`` (the default), {0, 1}
@@ -668,7 +697,16 @@ def loss_function(
     (1.09861, 2)
     """
     build = _loss_builder(
-        apply_fn, params, family, reduction, output, class_axis, mask, ignore_index, stream=False
+        apply_fn,
+        params,
+        family,
+        reduction,
+        output,
+        class_axis,
+        mask,
+        ignore_index,
+        state,
+        stream=False,
     )
     return build(inputs, labels)
 
@@ -679,6 +717,7 @@ def loss_functions(
     batches: Iterable[Any],
     /,
     *,
+    state: PyTree = None,
     family: Any = None,
     reduction: str = "sum",
     output: Any = None,
@@ -702,7 +741,16 @@ def loss_functions(
     [4, 4]
     """
     build = _loss_builder(
-        apply_fn, params, family, reduction, output, class_axis, mask, ignore_index, stream=True
+        apply_fn,
+        params,
+        family,
+        reduction,
+        output,
+        class_axis,
+        mask,
+        ignore_index,
+        state,
+        stream=True,
     )
     return stream_loss_functions(
         batches,

@@ -593,7 +593,7 @@ class _FisherProduct:
     """
 
     def __init__(self, lins: list[Any], fam: Family, kernel: str, scale: float) -> None:
-        self._skeletons = [lin._with_state((None,) * 5) for lin in lins]
+        self._skeletons = [lin._with_state(None) for lin in lins]
         self._fam, self._kernel, self._scale = fam, kernel, scale
         self._key = (tuple(lin._traceable()[0] for lin in lins), fam, kernel, scale)
 

@@ -25,7 +25,9 @@ from typing import NamedTuple
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
-_FENCE = re.compile(r"^## (?P<section>.+?)$|^```(?P<lang>[\w-]*)\n(?P<body>.*?)^```$", re.M | re.S)
+# Any info string (``{literalinclude} path`` included), so that no closing fence is
+# taken for an opening one.
+_FENCE = re.compile(r"^## (?P<section>.+?)$|^```(?P<lang>[^`\n]*)\n(?P<body>.*?)^```$", re.M | re.S)
 _NEEDS = re.compile(r"\A# needs: (?P<module>[\w.]+)\n")
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -63,7 +65,7 @@ def page_blocks(page: str) -> list[Block]:
             blocks.append(Block(section, m["body"], None, needs["module"] if needs else None, line))
             last_end = m.end()
             continue
-        elif m["lang"] == "text" and blocks and not text[last_end : m.start()].strip():
+        elif m["lang"] == "text" and last_end >= 0 and not text[last_end : m.start()].strip():
             blocks[-1] = blocks[-1]._replace(expected=m["body"])
         last_end = -1
     return blocks

@@ -830,3 +830,138 @@ def test_a_fresh_lambda_per_call_compiles_once() -> None:
         assert linearize(fn, params, x).num_params == 6
     assert _jax_model._KERNELS.keys() == before.keys()
     assert all(_jax_model._KERNELS[k] is v for k, v in before.items())
+
+
+# --------------------------------------------------------------------------- #
+# state=: the model's non-differentiated variables, an argument of every kernel
+# --------------------------------------------------------------------------- #
+
+
+def _normed(p: dict, x: Any, s: dict) -> Any:
+    """A batch-norm layer in inference mode: running statistics in the state."""
+    h = x @ p["w1"]
+    h = (h - s["mean"]) / jnp.sqrt(s["var"] + 1e-5) * p["g"]
+    return jnp.tanh(h) @ p["w2"]
+
+
+def _normed_case(seed: int) -> tuple[dict, Any, Any]:
+    rng = np.random.default_rng(seed)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((3, 4))),
+        "g": jnp.asarray(1.0 + 0.1 * rng.standard_normal(4)),
+        "w2": jnp.asarray(rng.standard_normal((4, 3))),
+    }
+    x = jnp.asarray(rng.standard_normal((6, 3)))
+    y = jnp.asarray(rng.integers(0, 3, size=6))
+    return params, x, y
+
+
+def _stats(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"mean": jnp.asarray(rng.standard_normal(4)), "var": jnp.asarray(rng.uniform(0.5, 2, 4))}
+
+
+def test_state_is_passed_whole_and_equals_closing_over_it() -> None:
+    from fisherbound.adapters.jax import loss_function
+    from fisherbound.fisher import fisher_diagonal
+    from fisherbound.variance import detach_and_mix_variance
+
+    params, x, y = _normed_case(0)
+    s = _stats(1)
+    closed = lambda p, xb: _normed(p, xb, s)  # noqa: E731
+    lin = linearize(_normed, params, x, state=s)
+    ref = linearize(closed, params, x)
+    assert lin.num_params == ref.num_params == 3 * 4 + 4 + 4 * 3  # the state is no parameter
+    assert_close(lin.logits, ref.logits, rtol=1e-14, atol=0)
+    v = jnp.asarray(np.random.default_rng(2).standard_normal(lin.num_params))
+    assert_close(lin.jvp(v), ref.jvp(v), rtol=1e-13, atol=1e-14)
+    assert lin.examples_independent  # the state is shared, not batched
+    assert_close(fisher_diagonal(lin), fisher_diagonal(ref), rtol=1e-12, atol=1e-15)
+    u = jnp.ones((6, 2, 3))
+    assert_close(lin.per_example_vjp(u), ref.per_example_vjp(u), rtol=1e-12, atol=1e-15)
+    assert_close(  # second derivatives of the logits, through the state too
+        detach_and_mix_variance(lin), detach_and_mix_variance(ref), rtol=1e-10, atol=1e-15
+    )
+    loss = loss_function(_normed, params, x, y, state=s)
+    loss_ref = loss_function(closed, params, x, y)
+    assert_close(loss.gradient(), loss_ref.gradient(), rtol=1e-12, atol=1e-15)
+    assert_close(loss.hvp(v), loss_ref.hvp(v), rtol=1e-12, atol=1e-15)
+    shifts = jnp.stack([jnp.zeros_like(v), v])
+    assert_close(loss.value(shifts), loss_ref.value(shifts), rtol=1e-13, atol=0)
+
+
+def test_new_state_values_reuse_the_kernels_and_are_never_stale() -> None:
+    from fisherbound.adapters.jax import linearizations, loss_functions
+    from fisherbound.fisher import fisher_diagonal
+
+    params, x, y = _normed_case(3)
+    first = linearize(_normed, params, x, state=_stats(4))
+    forward = first._kernels.forward
+    sizes = forward._cache_size()
+    for seed in (5, 6):  # running statistics after another training step
+        s = _stats(seed)
+        lin = linearize(_normed, params, x, state=s)
+        ref = linearize(lambda p, xb, s=s: _normed(p, xb, s), params, x)
+        assert_close(fisher_diagonal(lin), fisher_diagonal(ref), rtol=1e-12, atol=1e-15)
+        assert lin._kernels.forward is forward
+    assert forward._cache_size() == sizes  # no compilation for new values
+    s = _stats(7)
+    streamed = [
+        fisher_diagonal(lin) for lin in linearizations(_normed, params, [x, x[:3]], state=s)
+    ]
+    assert_close(
+        streamed[1], fisher_diagonal(linearize(_normed, params, x[:3], state=s)), rtol=0, atol=0
+    )
+    losses = list(loss_functions(_normed, params, [(x, y)], state=s))
+    assert losses[0].num_inputs == 6
+
+
+def test_state_is_checked_and_a_variables_dict_is_refused() -> None:
+    params, x, _ = _normed_case(8)
+    variables = {"params": params, "batch_stats": _stats(9)}
+    with pytest.raises(
+        ValueError,
+        match=r"flax variables dict with the collections \['batch_stats'\] besides 'params'.*"
+        r"state=\{'batch_stats': variables\['batch_stats'\]\}",
+    ):
+        linearize(lambda v, xb: _normed(v["params"], xb, v["batch_stats"]), variables, x)
+    with pytest.raises(TypeError, match=r"state\['mean'\] must be an array .*got builtins.str"):
+        linearize(_normed, params, x, state={"mean": "zero", "var": jnp.ones(4)})
+    bad = {**_stats(9), "var": jnp.asarray([1.0, np.nan, 1.0, 1.0])}
+    with pytest.raises(ValueError, match=r"state\['var'\] must be finite; got 1 NaN or infinite"):
+        linearize(_normed, params, x, state=bad)
+    state = {"mean": np.zeros(4), "var": np.ones(4)}  # NumPy leaves are converted
+    assert linearize(_normed, params, x, state=state).num_params == 28
+
+
+def test_flax_batch_norm_state() -> None:
+    """A flax linen model with batch norm: state= gives the numbers of closing over the
+    running statistics, and the variables dict as params is refused (it would count
+    the 2 × 16 statistics as parameters)."""
+    nn = pytest.importorskip("flax.linen")
+    from fisherbound.fisher import fisher_diagonal
+
+    class Net(nn.Module):  # type: ignore[misc, name-defined]
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            h = nn.BatchNorm(use_running_average=True)(nn.Dense(16)(x))
+            return nn.Dense(3)(nn.relu(h))
+
+    model = Net()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 5)), dtype=jnp.float32)
+    variables = model.init(jax.random.key(1), x)  # float32 parameters
+    stats = jax.tree_util.tree_map(lambda a: a + 0.5, variables["batch_stats"])  # not the init
+    state = {"batch_stats": stats}
+    lin = linearize(
+        lambda p, xb, s: model.apply({"params": p, **s}, xb), variables["params"], x, state=state
+    )
+    ref = linearize(
+        lambda p, xb: model.apply({"params": p, "batch_stats": stats}, xb), variables["params"], x
+    )
+    assert lin.num_params == 179
+    # The same float32 operations, the statistics an argument or a constant: a few ulps.
+    assert_close(fisher_diagonal(lin), fisher_diagonal(ref), rtol=1e-5, atol=1e-7)
+    with pytest.raises(
+        ValueError, match=r"flax variables dict with the collections \['batch_stats'\]"
+    ):
+        linearize(lambda v, xb: model.apply(v, xb), variables, x)

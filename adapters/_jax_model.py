@@ -198,6 +198,29 @@ class Kernels:
             total, _ = jax.lax.scan(over_examples, total, (chunks, U))
             return jnp.reshape(total, (n_vec * vector_chunk, num_params))[:k, ...]
 
+        def one_example(f_jvp: Any, theta: Array, u: Array, i: Array, m: Any, n: int) -> Array:
+            # J_iᵀ u[k] for the K cotangents u (K, *S, C) of example i, as batch
+            # VJPs of cotangents zero off example i: exact whatever the model does
+            # across examples (batch statistics); (K, D).
+            hot = (jnp.arange(n) == i).astype(u.dtype)
+            full = u[:, None, ...] * jnp.reshape(hot, (1, n) + (1,) * (u.ndim - 1))
+            return jax.vmap(transpose(f_jvp, theta))(mask_outputs(full, m))
+
+        def coupled_per_example(
+            f_jvp: Any, theta: Array, U: Array, m: Any, start: Array, n: int
+        ) -> Array:
+            index = start + jnp.arange(U.shape[0])
+            return jax.lax.map(lambda a: one_example(f_jvp, theta, a[0], a[1], m, n), (U, index))
+
+        def coupled_sum_squared(f_jvp: Any, theta: Array, U: Array, m: Any) -> Array:
+            def add(total: Array, a: tuple[Array, Array]) -> tuple[Array, None]:
+                g = one_example(f_jvp, theta, a[0], a[1], m, U.shape[0])
+                return total + g * g, None
+
+            total = jnp.zeros((U.shape[1], num_params), dtype=theta.dtype)
+            total = shard_local(total, theta)
+            return jax.lax.scan(add, total, (U, jnp.arange(U.shape[0])))[0]
+
         #: θ ↦ logits (N, *S, C), unmasked: the model the kernels differentiate.
         self.model = model
         #: Kernels built on first use and kept with these (so cached as they are):
@@ -218,6 +241,11 @@ class Kernels:
             lambda theta, xs: jax.vmap(lambda xn: single(theta, xn, xs[1]))(xs[0])
         )
         self.sum_squared = jax.jit(sum_squared, static_argnums=(4, 5))
+        #: The per-example products of a model that couples its examples (batch
+        #: statistics): one batch VJP per example, in a compiled loop over them
+        #: (a Python loop would put N copies of the backward pass into a jit).
+        self.coupled_per_example = jax.jit(coupled_per_example, static_argnums=(5,))
+        self.coupled_sum_squared = jax.jit(coupled_sum_squared)
 
 
 def build_kernels(

@@ -314,7 +314,9 @@ class JaxLinearization(PytreeParams, LinearizationBase):
             mask = None if mask is None else mask[start:stop]
         return self._branch(
             lambda u: self._kernels.per_example(self._theta, (inputs, self._state), u, mask),
-            lambda u: LinearizationBase.per_example_vjp(self, u, examples=examples),
+            lambda u: self._kernels.coupled_per_example(
+                self._f_jvp, self._theta, u, self._mask, start, self.num_inputs
+            ),
             U,
         )
 
@@ -353,9 +355,8 @@ class JaxLinearization(PytreeParams, LinearizationBase):
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
         def exact(u: Array) -> Array:
-            return LinearizationBase.sum_squared_per_example_vjp(
-                self, u, max_vectors=budget, sum_cotangents=sum_cotangents
-            )
+            out = self._kernels.coupled_sum_squared(self._f_jvp, self._theta, u, self._mask)
+            return jnp.sum(out, axis=0) if sum_cotangents else out
 
         return self._branch(fast, exact, U)
 

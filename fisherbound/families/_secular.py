@@ -148,39 +148,16 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
     }
     finished: list[dict[str, Array]] = []
     h, psi, dpsi, dphi = _evaluate(pc, delta, tau, left_f, right_f, xp)
-    # Traced by JAX (jit, shard_map): no host-side early exit or compaction; converged
-    # entries are frozen by the masks, so the fixed iteration count is exact too.
-    traced = is_traced(tau)
-
-    for _ in range(MAX_ITERATIONS):
-        active = ~st["done"]
-        st["lo"] = xp.where(active & (h < 0.0), st["tau"], st["lo"])
-        st["hi"] = xp.where(active & (h > 0.0), st["tau"], st["hi"])
-        lo, hi, tau = st["lo"], st["hi"], st["tau"]
-        at_noise = xp.abs(h) <= NOISE * eps * (h - 2.0 * psi)  # h − 2ψ = Σ|terms|
-        narrow = (hi - lo) <= 2.0 * eps * xp.maximum(xp.abs(lo), xp.abs(hi))
-        st["done"] = st["done"] | at_noise | narrow
-        if not traced and bool(xp.all(st["done"])):
+    if is_traced(tau):
+        # Traced by JAX (jit, shard_map): one lax.while_loop (a Python loop would be
+        # unrolled MAX_ITERATIONS times into the program), no compaction; converged
+        # entries are frozen by the masks, so the result is the eager one.
+        st = _iterate_traced(st, (h, psi, dpsi, dphi), pc, delta, left_f, right_f, eps)
+    for _ in range(0 if is_traced(tau) else MAX_ITERATIONS):
+        st = _check(st, h, psi, eps, xp)
+        if bool(xp.all(st["done"])):
             break
-
-        new, ok = _rational_step(h, dpsi, dphi, tau, st["pole_l"], st["pole_r"], lo, hi, xp)
-        new = xp.where(ok, new, _bisect(lo, hi, xp))
-        # The iteration converges quadratically, e_next ≈ K e²: with K estimated from
-        # the last two steps, a step whose successor would be below rounding is
-        # accepted without another evaluation.
-        rel = xp.minimum(xp.abs(new - tau) / xp.where(new == 0.0, 1.0, xp.abs(new)), 1.0)
-        prev = st["prev_rel"]
-        ratio = xp.minimum(rel / xp.where(prev == 0.0, 1.0, prev), 1e10)
-        predicted = rel * ratio * ratio
-        small = ok & ((rel <= 4.0 * eps) | (st["prev_ok"] & (prev > 0.0) & (predicted <= eps)))
-        done = st["done"]
-        st["prev_rel"] = xp.where(done, prev, rel)
-        st["prev_ok"] = ok
-        st["tau"] = xp.where(done, tau, new)
-        st["done"] = done | small
-        if traced:
-            h, psi, dpsi, dphi = _evaluate(pc, delta, st["tau"], left_f, right_f, xp)
-            continue
+        st = _advance(st, h, dpsi, dphi, eps, xp)
         column_done = xp.all(st["done"], axis=0)
         num_done = int(xp.sum(xp.astype(column_done, xp.int32)))
         if num_done == int(column_done.shape[0]):
@@ -205,6 +182,79 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
     tau = xp.where(fixed, 0.0, tau)
     eigenvalue = xp.where(fixed, st["dl"], st["origin"] + tau * st["unit"])
     return SecularRoots(eigenvalue, st["origin"], tau, st["unit"], fixed)
+
+
+#: The entries of the iteration state that change from one iteration to the next.
+_MOVING = ("tau", "lo", "hi", "done", "prev_rel", "prev_ok")
+
+
+def _check(st: dict[str, Array], h: Array, psi: Array, eps: float, xp: Any) -> dict[str, Array]:
+    """Shrink the brackets with the sign of h at τ; mark the roots that are done."""
+    st = dict(st)
+    active = ~st["done"]
+    st["lo"] = xp.where(active & (h < 0.0), st["tau"], st["lo"])
+    st["hi"] = xp.where(active & (h > 0.0), st["tau"], st["hi"])
+    lo, hi = st["lo"], st["hi"]
+    at_noise = xp.abs(h) <= NOISE * eps * (h - 2.0 * psi)  # h − 2ψ = Σ|terms|
+    narrow = (hi - lo) <= 2.0 * eps * xp.maximum(xp.abs(lo), xp.abs(hi))
+    st["done"] = st["done"] | at_noise | narrow
+    return st
+
+
+def _advance(
+    st: dict[str, Array], h: Array, dpsi: Array, dphi: Array, eps: float, xp: Any
+) -> dict[str, Array]:
+    """One rational step (bisection where it leaves the bracket) for the roots not done."""
+    st = dict(st)
+    lo, hi, tau = st["lo"], st["hi"], st["tau"]
+    new, ok = _rational_step(h, dpsi, dphi, tau, st["pole_l"], st["pole_r"], lo, hi, xp)
+    new = xp.where(ok, new, _bisect(lo, hi, xp))
+    # The iteration converges quadratically, e_next ≈ K e²: with K estimated from
+    # the last two steps, a step whose successor would be below rounding is
+    # accepted without another evaluation.
+    rel = xp.minimum(xp.abs(new - tau) / xp.where(new == 0.0, 1.0, xp.abs(new)), 1.0)
+    prev = st["prev_rel"]
+    ratio = xp.minimum(rel / xp.where(prev == 0.0, 1.0, prev), 1e10)
+    predicted = rel * ratio * ratio
+    small = ok & ((rel <= 4.0 * eps) | (st["prev_ok"] & (prev > 0.0) & (predicted <= eps)))
+    done = st["done"]
+    st["prev_rel"] = xp.where(done, prev, rel)
+    st["prev_ok"] = ok
+    st["tau"] = xp.where(done, tau, new)
+    st["done"] = done | small
+    return st
+
+
+def _iterate_traced(
+    st: dict[str, Array],
+    sums: tuple[Array, Array, Array, Array],
+    pc: Array,
+    delta: Array,
+    left_f: Array,
+    right_f: Array,
+    eps: float,
+) -> dict[str, Array]:
+    """The iteration as one ``jax.lax.while_loop``: to MAX_ITERATIONS, or all done."""
+    import jax  # traced: JAX is what traced it
+    import jax.numpy as jnp
+
+    fixed = {k: v for k, v in st.items() if k not in _MOVING}
+
+    def going(carry: tuple[Any, ...]) -> Any:
+        i, moving, _ = carry
+        return (i < MAX_ITERATIONS) & ~jnp.all(moving["done"])
+
+    def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        i, moving, (h, psi, dpsi, dphi) = carry
+        now = _check({**fixed, **moving}, h, psi, eps, jnp)
+        now = _advance(now, h, dpsi, dphi, eps, jnp)
+        sums = _evaluate(pc, delta, now["tau"], left_f, right_f, jnp)
+        return i + 1, {k: now[k] for k in _MOVING}, sums
+
+    moving = {k: st[k] for k in _MOVING}
+    _, moving, (h, psi, _, _) = jax.lax.while_loop(going, body, (0, moving, sums))
+    # The last evaluation's own check, as the eager loop's before it stops.
+    return _check({**fixed, **moving}, h, psi, eps, jnp)
 
 
 def _bisect(lo: Array, hi: Array, xp: Any) -> Array:

@@ -17,6 +17,7 @@ from fisherbound._lib import (
     check_positive_int,
     check_vector,
     device_of,
+    is_traced,
     probes,
 )
 
@@ -142,6 +143,14 @@ def saddle_probability(
     method = check_choice(method, "method", SADDLE_METHODS)
     n = check_positive_int(num_samples, "num_samples")
     if method == "exact":
+        if is_traced(kappa):
+            msg = (
+                "saddle_probability(method='exact') reads the signs of "
+                "hessian_eigenvalues on the host (they choose its formula and its "
+                "integration grid), which values traced by JAX (inside jax.jit) cannot "
+                "give. Call it outside jit, or use method='monte_carlo'."
+            )
+            raise ValueError(msg)
         return _saddle_exact(xp, kappa, k)
     return _saddle_monte_carlo(xp, kappa, k, n, as_generator(rng))
 

@@ -67,6 +67,7 @@ from fisherbound._lib import (
     check_optional_int,
     check_positive_int,
     check_target,
+    is_traced,
 )
 from fisherbound._quantities import (
     DEFAULT_MAX_MEMORY,
@@ -757,6 +758,14 @@ def compare_estimators(
     limit = check_positive_int(max_cotangents, "max_cotangents")
     memory = check_positive_int(max_memory, "max_memory")
     lins = list(Stream(source, fam, desc="compare estimators", progress=False))
+    if any(is_traced(lin.logits) for lin in lins):
+        msg = (
+            "compare_estimators times the estimators by the wall clock, which has no "
+            "meaning for values traced by JAX (inside jax.jit): call it outside jit. "
+            "The variances alone are detach_and_mix_variance and classical_variance, "
+            "which work inside jit."
+        )
+        raise ValueError(msg)
     moments = _DiagonalMoments()
     mc_var: Any = None
     for lin in lins:

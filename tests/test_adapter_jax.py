@@ -994,3 +994,116 @@ def test_flax_batch_norm_state() -> None:
         ValueError, match=r"flax variables dict with the collections \['batch_stats'\]"
     ):
         linearize(lambda v, xb: model.apply(v, xb), variables, x)
+
+
+# --------------------------------------------------------------------------- #
+# Inside jax.jit: every public function gives its eager result, or refuses clearly
+# --------------------------------------------------------------------------- #
+
+
+def _jit_case() -> tuple[Callable[..., Any], dict, Any, Any]:
+    rng = np.random.default_rng(40)
+    params = {
+        "w1": jnp.asarray(rng.standard_normal((4, 6))),
+        "w2": jnp.asarray(rng.standard_normal((6, 3))),
+    }
+    x = jnp.asarray(rng.standard_normal((8, 4)))
+    y = jnp.asarray(rng.integers(0, 3, 8))
+    return (lambda p, xb: jnp.tanh(xb @ p["w1"]) @ p["w2"]), params, x, y
+
+
+def _jit_calls() -> dict[str, Callable[..., Any]]:
+    import fisherbound.dimension as dim
+    import fisherbound.estimators as est
+    import fisherbound.fisher as fis
+    import fisherbound.landscape as land
+    import fisherbound.linalg as la
+    import fisherbound.variance as var
+    from fisherbound.adapters.jax import loss_function
+
+    f, _, _, y = _jit_case()
+
+    def lin(p: Any, x: Any) -> Any:
+        return linearize(f, p, x)
+
+    def loss(p: Any, x: Any) -> Any:
+        return loss_function(f, p, x, y)
+
+    return {
+        "fisher_diagonal": lambda p, x: fis.fisher_diagonal(lin(p, x)),
+        "fisher_trace": lambda p, x: fis.fisher_trace(lin(p, x), reduction="mean"),
+        "fisher_blocks": lambda p, x: fis.fisher_blocks(lin(p, x))["w2"],
+        "fisher_bounds": lambda p, x: jnp.stack(fis.fisher_bounds(lin(p, x))[:2]),
+        "fisher_operator": lambda p, x: fis.fisher_operator(lin(p, x)).matvec(jnp.ones(42)),
+        "detach_and_mix": lambda p, x: est.detach_and_mix(lin(p, x), num_probes=3, rng=0).value,
+        "monte_carlo": lambda p, x: est.monte_carlo(lin(p, x), rng=0).std_error,
+        "empirical": lambda p, x: est.empirical(lin(p, x), y).value,
+        "detach_and_mix_variance": lambda p, x: var.detach_and_mix_variance(lin(p, x)),
+        "classical_variance": lambda p, x: var.classical_variance(lin(p, x)),
+        "razor (dense)": lambda p, x: (
+            dim.razor(
+                lin(p, x), prior_variance=1.0, labels=y, theta=lin(p, x).flat_params, method="dense"
+            ).value
+        ),
+        "hutchinson_trace": lambda p, x: (
+            la.hutchinson_trace(fis.fisher_operator(lin(p, x)), num_probes=4, rng=0).value
+        ),
+        "hutchpp_trace": lambda p, x: (
+            la.hutchpp_trace(fis.fisher_operator(lin(p, x)), num_probes=12, rng=0).value
+        ),
+        "loss_trace": lambda p, x: land.loss_trace(loss(p, x), num_probes=3, rng=0).value,
+        "projected_curvature": lambda p, x: (
+            land.projected_curvature(loss(p, x), jnp.ones((2, 42))).hessian
+        ),
+        "surface": lambda p, x: (
+            land.surface(loss(p, x), jnp.ones((2, 42)) / 10, num_points=3).values
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_jit_calls()))
+def test_public_functions_inside_jit_give_their_eager_results(name: str) -> None:
+    _, params, x, _ = _jit_case()
+    fn = _jit_calls()[name]
+    eager = fn(params, x)
+    assert_close(jax.jit(fn)(params, x), eager, rtol=1e-10, atol=1e-12)
+
+
+def test_public_functions_that_decide_on_the_host_refuse_jit_clearly() -> None:
+    import fisherbound.dimension as dim
+    import fisherbound.landscape as land
+    import fisherbound.linalg as la
+    import fisherbound.variance as var
+    from fisherbound.adapters.jax import loss_function
+    from fisherbound.fisher import fisher_operator
+
+    f, params, x, y = _jit_case()
+    lanczos = r"products are traced by JAX \(inside jax.jit .*Call it outside jax.jit"
+    cases = [
+        (lambda p, xb: dim.top_eigenpairs(linearize(f, p, xb), k=2, rng=0).eigenvalues, lanczos),
+        (lambda p, xb: dim.local_dimension(linearize(f, p, xb), eps=1e-3, rng=0), lanczos),
+        (
+            lambda p, xb: land.hessian_directions(loss_function(f, p, xb, y), rng=0).directions,
+            lanczos,
+        ),
+        (
+            lambda p, xb: (
+                la.lanczos(fisher_operator(linearize(f, p, xb)), num_matvecs=4, rng=0).alpha
+            ),
+            lanczos,
+        ),
+        (lambda p, xb: la.eigsh(p["w1"] @ p["w1"].T, k=1).eigenvalues, lanczos),
+        (
+            lambda p, xb: (
+                land.saddle_probability(jnp.sum(p["w1"]) * jnp.asarray([1.0, -2.0])).minimum
+            ),
+            r"method='exact'\) reads the signs .*use method='monte_carlo'",
+        ),
+        (
+            lambda p, xb: var.compare_estimators(linearize(f, p, xb)).best,
+            r"compare_estimators times the estimators by the wall clock.*outside jit",
+        ),
+    ]
+    for fn, match in cases:
+        with pytest.raises(ValueError, match=match):
+            jax.jit(fn)(params, x)

@@ -31,6 +31,8 @@ def broadcast_shapes(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] 
 
 
 def check_same_device(z: Array, other: Array, name: str, z_name: str = "z") -> None:
+    if is_traced(z) or is_traced(other):
+        return  # traced JAX values (inside jit / shard_map) have no committed device
     dz, do = device_of(z), device_of(other)
     if dz != do:
         msg = (

@@ -12,6 +12,7 @@ from fisherbound._lib import (
     check_choice,
     check_positive_int,
     estimate_from_samples,
+    is_traced,
     probes,
     sum_is_finite,
 )
@@ -28,8 +29,11 @@ DEFAULT_BLOCK_ENTRIES = 2**24
 def _check_samples(xp: Any, samples: Array, dtype: Any) -> None:
     """A ValueError if the samples (v ⊙ Av, or vᵀAv) overflowed ``dtype``.
 
-    One pass (their sum); entry by entry only when that sum is not finite.
+    One pass (their sum); entry by entry only when that sum is not finite. Traced
+    samples (inside jax.jit) have no value to check: they pass.
     """
+    if is_traced(samples):
+        return
     if bool(sum_is_finite(samples, xp)) or bool(xp.all(xp.isfinite(samples))):
         return
     msg = (
@@ -81,8 +85,8 @@ def _hutchinson(
         left -= b
     # Trace samples vᵀAv that are all ≥ 0 (always, for a PSD A) are right-skewed
     # sums of squares: their interval is taken on the cube-root scale.
-    if negative is not None and not bool(negative):
-        acc.floor = 0.0
+    if negative is not None and not is_traced(negative) and not bool(negative):
+        acc.floor = 0.0  # traced (inside jax.jit): unknown, the symmetric interval
     return acc.estimate()
 
 
@@ -108,6 +112,7 @@ def hutchinson_trace(
     for a positive semidefinite A) the estimate has ``floor`` 0 and its
     ``interval`` is Student t on the cube-root scale, which allows for the right
     skew of such sums (``fisherbound.Estimate.interval``); otherwise Student t.
+    Inside ``jax.jit`` the signs cannot be read: ``floor`` is None (Student t).
 
     Parameters
     ----------
@@ -206,7 +211,8 @@ def _hutchpp(xp: Any, op: Any, *, num_probes: int, distribution: str, gen: Any) 
     residual = estimate_from_samples(samples, xp)
     # The error is the residual's: g probes, g − 1 degrees of freedom. Residual
     # samples all ≥ 0 (always, for a PSD A) make every per-probe estimate ≥ tr(QᵀAQ).
-    floor = low_rank if not bool(xp.any(samples < 0)) else None
+    below = xp.any(samples < 0)
+    floor = low_rank if not is_traced(below) and not bool(below) else None
     return Estimate(low_rank + residual.value, residual.std_error, num_probes, g - 1, floor)
 
 

@@ -13,6 +13,7 @@ from fisherbound._lib import (
     check_floating,
     check_positive_int,
     device_of,
+    is_traced,
     is_writeable_array,
     power_of_two_scale,
     probes,
@@ -181,6 +182,10 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
     """
     traceable = getattr(op, "traceable", None)
     if traceable is not None and is_jax_namespace(xp):
+        import jax  # a JAX operator
+
+        if any(is_traced(a) for a in jax.tree_util.tree_leaves(traceable.operands)):
+            raise ValueError(TRACED_LANCZOS)
         from fisherbound.linalg._compiled import lanczos as compiled_lanczos
 
         return compiled_lanczos(xp, op, traceable, V0, m, gen)
@@ -204,6 +209,8 @@ def _lanczos(xp: Any, op: Any, V0: Array, m: int, gen: Any) -> tuple[Array, Arra
         else:
             w = xp.matrix_transpose(op.matmat(xp.matrix_transpose(q)))
         if scale is None:  # each run on A / s_b (see _power_of_two_scale)
+            if is_traced(w):
+                raise ValueError(TRACED_LANCZOS)
             scale = _power_of_two_scale(xp, w)
         w = w / scale[:, None]
         if j == m - 1:
@@ -274,6 +281,8 @@ def _start_vector(xp: Any, op: Any, v0: Array | None, gen: Any) -> Array:
             raise ValueError(msg)
         v = xp.astype(v0, op.dtype) if v0.dtype != op.dtype else v0
     norm = xp.linalg.vector_norm(v)
+    if v0 is None or is_traced(norm):  # a Gaussian draw; a traced v0 cannot be read
+        return v / norm
     host_norm = float(to_host(norm))
     if not (host_norm > 0.0 and host_norm < float("inf")):
         msg = f"v0 must be a nonzero finite vector; got norm {host_norm}."
@@ -369,6 +378,17 @@ def _ranking(theta: Any, which: str) -> Any:
     return both
 
 
+#: Why the restarted Lanczos runs refuse traced operators (inside jax.jit, vmap, grad).
+TRACED_LANCZOS = (
+    "The operator's products are traced by JAX (inside jax.jit or another "
+    "transformation), but Lanczos (linalg.lanczos, eigsh, slq, and the "
+    "top_eigenpairs, local_dimension, fisher_directions and hessian_directions built "
+    "on them) decides on the host when to restart and when it has converged, which "
+    "traced values cannot tell it. Call it outside jax.jit: its products are "
+    "compiled either way."
+)
+
+
 class _Krylov:
     """A Krylov–Schur decomposition A Q = Q T + β q eᵀ, grown one product at a time.
 
@@ -411,6 +431,8 @@ class _Krylov:
         w = self.op.matvec(q)
         self.products += 1
         if self.scale is None:  # one host read, at the first product only
+            if is_traced(w):
+                raise ValueError(TRACED_LANCZOS)
             self.scale = float(to_host(_power_of_two_scale(xp, w)))
         w = w / self.scale
         norm_before = xp.linalg.vector_norm(w)

@@ -789,15 +789,38 @@ def shard_local(theta: Array, inputs: PyTree) -> Array:
     per-example VJP, silently mixing the examples of different devices) would come
     back all-reduced. A fisherbound linearization is the derivative on ITS shard;
     the reduction over shards is ``process_group=``'s job. Outside ``shard_map``
-    this returns θ unchanged.
+    this returns θ unchanged, except with inputs split over several devices by a
+    ``NamedSharding`` (jit-style sharding): then θ (or a D-vector operand) is
+    replicated over their mesh, so that every kernel meets arrays on one device set.
     """
     varying: set[str] = set()
-    for leaf in jax.tree_util.tree_leaves(inputs):
+    leaves = jax.tree_util.tree_leaves(inputs)
+    for leaf in leaves:
         varying |= varying_axes(leaf)
     missing = varying - varying_axes(theta)
-    if not missing:
-        return theta
-    return jax.lax.pcast(theta, tuple(sorted(missing)), to="varying")
+    if missing:
+        return jax.lax.pcast(theta, tuple(sorted(missing)), to="varying")
+    return on_mesh(theta, leaves)
+
+
+def on_mesh(x: Array, inputs: PyTree) -> Array:
+    """``x`` replicated over the mesh of inputs split by a ``NamedSharding``, else ``x``.
+
+    Eager values only (under ``jax.jit`` the shardings are the compiler's). Arrays the
+    library builds on the inputs' "device" are uncommitted (``device_of`` is None for
+    them), but an operand committed to one device would meet the split inputs in a
+    kernel, which JAX refuses.
+    """
+    if is_traced(x):
+        return x
+    for leaf in jax.tree_util.tree_leaves(inputs):
+        sharding = getattr(leaf, "sharding", None)
+        if not isinstance(sharding, jax.sharding.NamedSharding) or is_traced(leaf):
+            continue
+        if len(sharding.device_set) > 1:
+            whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            return x if x.sharding == whole else jax.device_put(x, whole)
+    return x
 
 
 def varying_axes(x: Array) -> set[str]:
@@ -940,6 +963,7 @@ class PytreeParams:
 
     _model: Model
     _role: str
+    _inputs: PyTree
     _blocks: tuple[Any, ...]
     num_params: int
     _flat_operand: Callable[[Array], Array]
@@ -961,7 +985,8 @@ class PytreeParams:
                 )
             )
             raise TypeError(msg)
-        return super()._operand(x, name, shape, what)  # type: ignore[misc]
+        checked = super()._operand(x, name, shape, what)  # type: ignore[misc]
+        return on_mesh(checked, self._inputs)
 
     def unravel(self, v: Array, /) -> PyTree:
         """A flat vector ``v`` (..., D) as a pytree shaped like ``params``.

@@ -3,7 +3,8 @@
 ``python tests/_distributed_jax.py OUT`` sets ``XLA_FLAGS`` for two host devices
 (it must come before JAX starts), runs fisherbound inside ``jax.shard_map`` with
 ``process_group="data"`` (the mesh axis; reductions are ``jax.lax.psum``) and on
-one device over the union of the data, and saves both to OUT/jax.npz.
+one device over the union of the data, and with the data split over the devices
+by a ``NamedSharding`` (eager and jitted), and saves all to OUT/jax.npz.
 """
 
 from __future__ import annotations
@@ -99,19 +100,32 @@ def main(out: str) -> None:
     single = compute(params, x, y, None)
     arrays = {f"sharded_{k}": np.asarray(v) for k, v in sharded.items()}
     arrays |= {f"single_{k}": np.asarray(v) for k, v in single.items()}
+    # jit-style sharding: inputs and labels split over the devices by a NamedSharding,
+    # eager and under jax.jit, give the one-device numbers (the same host probes too).
+    from jax.sharding import NamedSharding
+
+    from fisherbound.adapters.jax import linearize
+    from fisherbound.dimension import top_eigenpairs
+
+    split = NamedSharding(mesh, P("data"))
+    xn, yn = jax.device_put(x, split), jax.device_put(y, split)
+    named = compute(params, xn, yn, None)
+    jitted = jax.jit(lambda xs, ys: compute(params, xs, ys, None))(xn, yn)
+    arrays |= {f"named_{k}": np.asarray(v) for k, v in named.items()}
+    arrays |= {f"jitnamed_{k}": np.asarray(v) for k, v in jitted.items()}
+    arrays["named_top"] = np.asarray(top_eigenpairs(linearize(apply, params, xn), k=2, rng=0)[0])
+    arrays["single_top"] = np.asarray(top_eigenpairs(linearize(apply, params, x), k=2, rng=0)[0])
     arrays["probes"] = probes_per_device(mesh)
     arrays["host_probes"] = np.random.default_rng(0).standard_normal((2, 3, 4))
     # Outside shard_map an axis name is a clear error.
-    from fisherbound.adapters.jax import linearize
     from fisherbound.fisher import fisher_diagonal
 
     try:
         fisher_diagonal(linearize(apply, params, x), process_group="data", progress=False)
     except ValueError as err:
         arrays["unbound_error"] = np.asarray(str(err))
-    # Host-side Lanczos refuses traced code with a clear error.
-    from fisherbound.dimension import top_eigenpairs
 
+    # Host-side Lanczos refuses traced code with a clear error.
     def lanczos(xs: jax.Array) -> jax.Array:
         return top_eigenpairs(linearize(apply, params, xs), k=1, rng=0, process_group="data")[0]
 

@@ -245,6 +245,21 @@ def test_jax_psum_matches_one_device(jax_run: dict[str, np.ndarray]) -> None:
         assert _close(jax_run[f"sharded_{key}"], jax_run[f"single_{key}"]) <= 1e-12, key
 
 
+def test_jax_named_sharding_matches_one_device(jax_run: dict[str, np.ndarray]) -> None:
+    # Inputs split over two devices by a NamedSharding (jit-style sharding): every
+    # result, the estimates with their host-drawn probes included, is the one-device one.
+    single = [k[len("single_") :] for k in jax_run if k.startswith("single_")]
+    assert {"diagonal", "matmat", "dm", "mc", "top"} <= set(single)
+    for key in single:
+        for kind in ("named", "jitnamed"):
+            if f"{kind}_{key}" in jax_run:
+                assert _close(jax_run[f"{kind}_{key}"], jax_run[f"single_{key}"]) <= 1e-12, (
+                    kind,
+                    key,
+                )
+    assert "jitnamed_diagonal" in jax_run
+
+
 def test_jax_estimates_within_error_bars(jax_run: dict[str, np.ndarray]) -> None:
     exact = jax_run["single_diagonal"]
     for key in ("dm", "mc"):

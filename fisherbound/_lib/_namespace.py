@@ -113,8 +113,17 @@ def log_softmax(z: Array, xp: Any) -> Array:
 
 
 def device_of(x: Array) -> Any:
-    """The device of ``x`` (``array_api_compat.device``)."""
-    return array_api_compat.device(x)
+    """The device of ``x`` (``array_api_compat.device``); None for a JAX array spread
+    over several devices (a ``NamedSharding``).
+
+    None places what is built from it by JAX's default rules (uncommitted), so it meets
+    the sharded arrays wherever they are, and device checks against None pass: a
+    sharding is no device to build a D-vector on (its batch axis would be split).
+    """
+    device = array_api_compat.device(x)
+    if len(getattr(device, "device_set", ())) > 1:
+        return None
+    return device
 
 
 def index_dtype(xp: Any, x: Array | None = None) -> Any:

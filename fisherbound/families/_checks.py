@@ -34,7 +34,7 @@ def check_same_device(z: Array, other: Array, name: str, z_name: str = "z") -> N
     if is_traced(z) or is_traced(other):
         return  # traced JAX values (inside jit / shard_map) have no committed device
     dz, do = device_of(z), device_of(other)
-    if dz != do:
+    if dz != do and dz is not None and do is not None:  # None: spread over devices
         msg = (
             f"{name} must be on the device of {z_name}; {z_name} is on {dz} but {name} is on "
             f"{do}. Move it with xp.asarray({name}, device=...)."

@@ -27,6 +27,7 @@ from fisherbound._finite import check_inputs_finite, check_parameters_finite
 from fisherbound._lib import HALF_PRECISION, is_traced
 from fisherbound._shell import MaskWords, check_mask_array
 from fisherbound._shell import check_mask_spec as _check_mask_spec
+from fisherbound.adapters import _jax_rules as rules
 from fisherbound.linearization import make_blocks, mask_source
 
 Array = Any
@@ -118,12 +119,14 @@ class Kernels:
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         num_params = sum(sizes)
 
-        def unravel(theta: Array) -> PyTree:
+        def leaves_of(theta: Array) -> list[Array]:
             # jnp.split, whose transpose is one concatenation (slices would
             # transpose to one D-sized pad per leaf, summed).
             pieces = jnp.split(theta, offsets[1:]) if len(offsets) > 1 else [theta]
-            leaves = [jnp.reshape(p, shape) for p, shape in zip(pieces, shapes, strict=True)]
-            return jax.tree_util.tree_unflatten(treedef, leaves)
+            return [jnp.reshape(p, shape) for p, shape in zip(pieces, shapes, strict=True)]
+
+        def unravel(theta: Array) -> PyTree:
+            return jax.tree_util.tree_unflatten(treedef, leaves_of(theta))
 
         # The function of the latest call with this state (``build_kernels`` swaps it
         # in on every cache hit): a later retrace, for new shapes, runs a function
@@ -221,6 +224,56 @@ class Kernels:
             total = shard_local(total, theta)
             return jax.lax.scan(add, total, (U, jnp.arange(U.shape[0])))[0]
 
+        def layer_plan_of(leaves: list[Array], xs: tuple[PyTree, PyTree]) -> Any:
+            # The jaxpr on the batch, and the plan from it and a trace on N + 1
+            # examples (shapes only), which tells the example axis apart.
+            fn = jax.make_jaxpr(rules.leaf_function(self.fn, treedef))
+            closed = fn(leaves, xs)
+            x, state = xs
+            n = int(jax.tree_util.tree_leaves(x)[0].shape[0])
+
+            def spec(a: Array, extra: int = 0) -> Any:
+                return jax.ShapeDtypeStruct((a.shape[0] + extra, *a.shape[1:]), a.dtype)
+
+            plus = (
+                jax.tree_util.tree_map(lambda a: spec(a, 1), x),
+                jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state),
+            )
+            closed_plus = fn([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves], plus)
+            return closed, rules.plan(closed, closed_plus, len(leaves), shapes, n)
+
+        def layer_sum_squared(
+            theta: Array, xs: tuple[PyTree, PyTree], U: Array, m: Any, vector_chunk: int
+        ) -> Array:
+            leaves = leaves_of(theta)
+            closed, plan = layer_plan_of(leaves, xs)
+            flat = jax.tree_util.tree_leaves(xs)
+            U = mask_cotangents(U, m)
+            return rules.sum_squared(
+                closed,
+                plan.taps,
+                leaves,
+                flat,
+                lambda outs: outs[0],
+                U,
+                vector_chunk,
+                lambda a: shard_local(a, xs[0]),
+            )
+
+        def layer_plan(theta: Array, xs: tuple[PyTree, PyTree]) -> rules.Plan:
+            key = (
+                "layer plan",
+                jax.tree_util.tree_structure(xs),
+                tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(xs)),
+            )
+            if key not in self.cache:
+                self.cache[key] = layer_plan_of(leaves_of(theta), xs)[1]
+            return self.cache[key]
+
+        #: The layer rules' plan for inputs like ``xs`` (host, cached per shapes).
+        self.layer_plan = layer_plan
+        #: Σ_n (J_nᵀ U[n, k])² by the layer rules (every leaf must have one).
+        self.layer_sum_squared = jax.jit(layer_sum_squared, static_argnums=(4,))
         #: θ ↦ logits (N, *S, C), unmasked: the model the kernels differentiate.
         self.model = model
         #: Kernels built on first use and kept with these (so cached as they are):
@@ -916,7 +969,7 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
     mask, source = mask_source(mask, inputs, is_array=_is_array)
     if type(mask).__module__.split(".")[0] == "numpy":
         mask = jnp.asarray(mask)
-    return check_mask_array(
+    checked = check_mask_array(
         mask,
         source,
         logits,
@@ -924,6 +977,11 @@ def check_mask(mask: Any, logits: Array, what: str, inputs: PyTree) -> Array | N
         words=_MASK_WORDS,
         letters=mask_text(what),
     )
+    if is_traced(logits) and not is_traced(checked):
+        # A constant mask inside jax.jit, where JAX stages every operation on it: it
+        # is handled as traced from here on (no host-side counts of its positions).
+        checked = jnp.logical_and(checked, True)
+    return checked
 
 
 def second_derivative_kernel(kernels: Kernels) -> Any:

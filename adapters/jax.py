@@ -59,7 +59,8 @@ half-precision rounding).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -348,10 +349,17 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         vector_chunk = min(k, budget)
         example_chunk = min(n, max(1, budget // vector_chunk))
 
+        layers = self._layer_plan().complete
+
         def fast(u: Array) -> Array:
-            out = self._kernels.sum_squared(
-                self._theta, self._xs, u, self._mask, example_chunk, vector_chunk
-            )
+            if layers:  # every parameter by a layer rule: K batched backward passes
+                out = self._kernels.layer_sum_squared(
+                    self._theta, self._xs, u, self._mask, vector_chunk
+                )
+            else:
+                out = self._kernels.sum_squared(
+                    self._theta, self._xs, u, self._mask, example_chunk, vector_chunk
+                )
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
         def exact(u: Array) -> Array:
@@ -359,6 +367,29 @@ class JaxLinearization(PytreeParams, LinearizationBase):
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
         return self._branch(fast, exact, U)
+
+    def _layer_plan(self) -> Any:
+        return self._kernels.layer_plan(self._theta, self._xs)
+
+    @property
+    def fast_path_reasons(self) -> Mapping[str, str]:
+        """Which parameters ``sum_squared_per_example_vjp`` computes by a layer rule.
+
+        A read-only mapping from every block name to ``"fast"`` (a closed-form rule
+        for its layer, found in the jaxpr of ``apply_fn``: a dense kernel, the
+        kernel of ``dot_general`` over the activation's last axis, or a bias added
+        over the last axis) or the reason it has none, e.g. ``"used by conv_general
+        _dilated, which has no rule"`` or ``"used 2 times in one forward pass
+        (shared)"``. The rules apply when every parameter has one (and the examples
+        are independent): then the squared per-example sums cost one batched
+        backward pass per cotangent, as for the torch layer rules; otherwise every
+        parameter takes the per-example vmap. Decided once per model and input
+        shapes (one trace of ``apply_fn`` to a jaxpr) and cached.
+        """
+        plan = self._layer_plan()
+        return MappingProxyType(
+            {b.name: r for b, r in zip(self._blocks, plan.reasons, strict=True)}
+        )
 
     # -- second derivatives (added for fisherbound.variance) ----------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:

@@ -264,7 +264,8 @@ def check_mask_array(
         owner="the logits' device",
         remedy=words.move.format(device=str(device)),
     )
-    if not is_traced(value) and not bool(xp.any(value)):
+    anything = xp.any(value)
+    if not is_traced(anything) and not bool(anything):  # traced inside jax.jit: unknown
         msg = (
             f"{where} must keep at least one position; {where} masks every position of the "
             f"batch (a mask of shape {want} with no True entry), so nothing would count."

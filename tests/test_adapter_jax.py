@@ -733,7 +733,7 @@ def test_unravel_and_ravel_are_pytrees_like_params() -> None:
         jax.tree_util.tree_structure(params), [blocks[n] for n in names]
     )
     assert btree["w1"].shape == (12, 12)
-    np.testing.assert_array_equal(jnp.diagonal(btree["w1"]), tree["w1"].reshape(-1))
+    assert_close(jnp.diagonal(btree["w1"]), tree["w1"].reshape(-1), rtol=1e-12, atol=0)
 
 
 # The compiled kernels are cached by apply_fn's state, not by the function object.
@@ -1107,3 +1107,143 @@ def test_public_functions_that_decide_on_the_host_refuse_jit_clearly() -> None:
     for fn, match in cases:
         with pytest.raises(ValueError, match=match):
             jax.jit(fn)(params, x)
+
+
+# --------------------------------------------------------------------------- #
+# Layer rules: dense kernels and biases found in the jaxpr
+# --------------------------------------------------------------------------- #
+
+
+def _per_example_squares(lin: Any, U: Any) -> Any:
+    g = lin.per_example_vjp(U)  # the single-example vmap, not the rules
+    return jnp.sum(g * g, axis=0)
+
+
+def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
+    rng = np.random.default_rng(50)
+
+    def arr(*shape: int) -> Any:
+        return jnp.asarray(rng.standard_normal(shape))
+
+    mlp = {"w1": arr(4, 6), "b1": arr(6), "w2": arr(6, 3), "b2": arr(3)}
+
+    def dense(p: dict, x: Any) -> Any:
+        return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    def transposed(p: dict, x: Any) -> Any:  # kernels (out, in), used as x @ W.T
+        return jnp.tanh(x @ p["w1"].T) @ p["w2"].T
+
+    @jax.jit
+    def hidden(x: Any, w: Any) -> Any:  # a jitted function inside the model: inlined
+        return jax.nn.relu(x @ w)
+
+    def nested(p: dict, x: Any) -> Any:
+        return hidden(x, p["w1"]) @ p["w2"]
+
+    return {
+        "dense": (dense, mlp, arr(7, 4), None),
+        "positions and mask": (dense, mlp, arr(5, 3, 4), jnp.asarray(rng.random((5, 3)) > 0.3)),
+        "transposed": (transposed, {"w1": arr(6, 4), "w2": arr(3, 6)}, arr(7, 4), None),
+        "nested jit": (nested, {"w1": arr(4, 6), "w2": arr(6, 3)}, arr(7, 4), None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_layer_cases()))
+def test_layer_rules_equal_the_per_example_vmap(case: str) -> None:
+    from fisherbound.fisher import fisher_diagonal
+
+    f, params, x, mask = _layer_cases()[case]
+    lin = linearize(f, params, x, mask=mask)
+    assert set(lin.fast_path_reasons.values()) == {"fast"}, dict(lin.fast_path_reasons)
+    U = jnp.asarray(np.random.default_rng(51).standard_normal((*lin.logits.shape[:-1], 3)))
+    U = jnp.moveaxis(jnp.broadcast_to(U[..., None], (*U.shape, 3)), -2, 1)  # (N, K=3, *S, C)
+    want = _per_example_squares(lin, U)
+    assert_close(lin.sum_squared_per_example_vjp(U), want, rtol=1e-12, atol=1e-14)
+    assert_close(
+        lin.sum_squared_per_example_vjp(U, max_vectors=2, sum_cotangents=True),
+        jnp.sum(want, axis=0),
+        rtol=1e-12,
+        atol=1e-14,
+    )
+    exact = jax.jit(lambda p, xb: fisher_diagonal(linearize(f, p, xb, mask=mask)))(params, x)
+    assert_close(exact, fisher_diagonal(lin), rtol=1e-12, atol=1e-14)
+
+
+def test_layer_rules_say_why_a_parameter_has_none() -> None:
+    rng = np.random.default_rng(52)
+    w, v, k = (jnp.asarray(rng.standard_normal(s)) for s in ((4, 4), (4, 3), (3, 3, 1, 2)))
+
+    def shared(p: dict, x: Any) -> Any:  # w applied twice
+        return jnp.tanh(jnp.tanh(x @ p["w"]) @ p["w"]) @ p["v"]
+
+    def seq_first(p: dict, x: Any) -> Any:  # examples on axis 1 inside the model
+        h = jnp.tanh(jnp.swapaxes(x, 0, 1) @ p["w"])  # (T, N, 4)
+        return jnp.swapaxes(h @ p["v"], 0, 1)
+
+    def left(p: dict, x: Any) -> Any:
+        return (p["v"].T @ x.T).T
+
+    def conv(p: dict, x: Any) -> Any:
+        y = jax.lax.conv_general_dilated(
+            x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.mean(y, axis=(1, 2)) @ p["v"][:2]
+
+    cases = [
+        (
+            shared,
+            {"w": w, "v": v},
+            (6, 4),
+            {"w": "used 2 times in one forward pass (shared)", "v": "fast"},
+        ),
+        (
+            seq_first,
+            {"w": w, "v": v},
+            (5, 5, 4),
+            {"w": "layer input axis 0 is not the example axis"},
+        ),
+        (left, {"v": v}, (6, 4), {"v": "a kernel on the left of its product"}),
+        (
+            conv,
+            {"k": k, "v": v},
+            (2, 5, 5, 1),
+            {"k": "used by conv_general_dilated, which has no rule"},
+        ),
+        (
+            lambda p, x: x @ p["v"],
+            {"v": v, "unused": w},
+            (6, 4),
+            {"unused": "not used by the model"},
+        ),
+    ]
+    for f, params, shape, reasons in cases:
+        x = jnp.asarray(rng.standard_normal(shape))
+        lin = linearize(f, params, x)
+        for name, reason in reasons.items():
+            assert lin.fast_path_reasons[name] == reason, (name, dict(lin.fast_path_reasons))
+        # Not every parameter has a rule: the per-example vmap computes them all.
+        U = jnp.ones((shape[0], 2, *lin.logits.shape[1:]))
+        assert_close(
+            lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-12, atol=1e-14
+        )
+
+
+def test_layer_rules_on_a_flax_mlp() -> None:
+    nn = pytest.importorskip("flax.linen")
+    from fisherbound.fisher import fisher_diagonal
+
+    class MLP(nn.Module):  # type: ignore[misc, name-defined]
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+    model = MLP()
+    x = jnp.asarray(np.random.default_rng(53).standard_normal((6, 5)), dtype=jnp.float32)
+    params = model.init(jax.random.key(0), x)["params"]
+    lin = linearize(lambda p, xb: model.apply({"params": p}, xb), params, x)
+    assert set(lin.fast_path_reasons.values()) == {"fast"}
+    U = jnp.asarray(np.random.default_rng(54).standard_normal((6, 2, 3)), dtype=jnp.float32)
+    assert_close(
+        lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-5, atol=1e-7
+    )
+    assert fisher_diagonal(lin).shape == (lin.num_params,)

@@ -312,9 +312,7 @@ def test_loss_functions_agree_across_adapters(family: str, activation: str) -> N
         np.testing.assert_allclose(t_loss.hvp(e).numpy(), t_ref[:, i], atol=1e-12)
     np.testing.assert_allclose(ref_loss.hvp_batch(np.eye(d)), t_ref, atol=1e-12)
     j_ref = jax.hessian(
-        lambda t: j_loss._kernels.values(
-            t, j_loss._inputs, j_loss._labels, j_loss._mask, j_loss._scale, jnp.zeros((1, d))
-        )[0]
+        lambda t: j_loss._kernels.values(t, *j_loss._batch()[1:], jnp.zeros((1, d)))[0]
     )
     assert_close(j_loss.hvp_batch(jnp.eye(d)), j_ref(j_loss.params), rtol=1e-7, atol=1e-12)
 

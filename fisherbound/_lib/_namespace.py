@@ -113,10 +113,10 @@ def log_softmax(z: Array, xp: Any) -> Array:
 
 
 def device_of(x: Array) -> Any:
-    """The device of ``x`` (``array_api_compat.device``); None for a JAX array spread
-    over several devices (a ``NamedSharding``).
+    """The device of ``x`` (``array_api_compat.device``); None for a spread JAX array.
 
-    None places what is built from it by JAX's default rules (uncommitted), so it meets
+    A JAX array spread over several devices (a ``NamedSharding``) has no device. None
+    places what is built from it by JAX's default rules (uncommitted), so it meets
     the sharded arrays wherever they are, and device checks against None pass: a
     sharding is no device to build a D-vector on (its batch axis would be split).
     """

@@ -1,0 +1,392 @@
+"""Closed-form per-example squares for the layers of a JAX model, found in its jaxpr.
+
+The exact Fisher diagonal (and the bounds' and ``per_example=True``'s squared
+per-example sums) needs Σ_n (J_nᵀ u_nk)² for K cotangents per example. For a layer
+s = a W (a dense layer: ``dot_general`` of an activation with a parameter) the
+per-example gradient is a_nᵀ δ_nk with δ = ∂⟨u_k, z⟩/∂s, so its square is
+(a_n²)ᵀ (δ_nk²) when an example has one row (and Σ_t a_ntᵀ δ_ntk, squared, with
+positions t); for a bias b added to s it is (Σ_t δ_ntk)². Every δ comes from ONE
+batched backward pass per cotangent through perturbations ε added at the layers'
+outputs (the gradient with respect to ε is δ), as BackPACK does for torch and
+kfac-jax finds its layers: no per-example gradient of the whole network, no
+registration by the user.
+
+``plan`` traces ``apply_fn`` to a jaxpr (``jax.make_jaxpr``, calls to ``jit``
+inlined) and gives each parameter leaf a rule or the reason it has none: used
+twice (shared), inside another operation (a ``custom_jvp`` function, a ``scan``,
+a convolution), or in a form the rules do not cover. ``sum_squared`` evaluates the
+jaxpr with the perturbations and forms the squares; it applies only when every leaf
+has a rule and the examples are independent (the adapter checks both).
+
+A rule is a ``Rule`` subclass in ``RULES``: ``match`` decides from one equation
+whether the leaf's use there is covered, ``squares`` forms the (K, size) squares.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax  # noqa: TID253
+import jax.numpy as jnp  # noqa: TID253
+from jax.extend.core import Literal  # noqa: TID253
+
+Array = Any
+PyTree = Any
+
+#: Primitives that only re-type, transpose, re-shape or broadcast a parameter on its way
+#: to its use.
+_VIEWS = frozenset({"convert_element_type", "transpose", "reshape", "broadcast_in_dim"})
+#: Call primitives whose body is inlined (their differentiation is their body's).
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call"})
+
+
+class View(NamedTuple):
+    """A variable that is (a re-typed, transposed, re-shaped or broadcast copy of) a leaf."""
+
+    leaf: int
+    reshaped: bool  # through reshape, broadcast_in_dim or a transpose of > 2 axes
+    transposed: bool = False  # a 2-D leaf's transpose (its own layout otherwise)
+
+
+class Tap(NamedTuple):
+    """One covered use of a leaf: its rule and where its perturbation goes."""
+
+    leaf: int
+    rule: str  # the key of RULES
+    operand: int  # the equation's input that is the activation (dense) or the sum (bias)
+    transposed: bool  # dense: the kernel is (out, in), contracted on its axis 1
+
+
+class Plan(NamedTuple):
+    """Per leaf: its tap, or the reason it has none; the taps by equation."""
+
+    taps: dict[int, Tap]  # id(eqn) -> tap
+    reasons: tuple[str, ...]  # per leaf: "fast" or why not
+
+    @property
+    def complete(self) -> bool:
+        return all(r == "fast" for r in self.reasons)
+
+
+# --------------------------------------------------------------------------- #
+# The rules
+# --------------------------------------------------------------------------- #
+
+
+class Rule:
+    """A closed form for one kind of use of a parameter leaf."""
+
+    name = ""
+
+    @staticmethod
+    def match(eqn: Any, views: list[View | None], leaf_shape: tuple[int, ...]) -> Tap | str:
+        """The tap of this use, or why it is not covered (a short reason)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap) -> Array:
+        """Σ_n (per-example gradient of the leaf for cotangent k)², (K, size)."""
+        raise NotImplementedError
+
+
+class Dense(Rule):
+    """s = a W: ``dot_general`` of an activation (N, ..., in) with a 2-D kernel."""
+
+    name = "dense"
+
+    @staticmethod
+    def match(eqn: Any, views: list[View | None], leaf_shape: tuple[int, ...]) -> Tap | str:
+        (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
+        k = 0 if views[0] is not None else 1
+        view, act = views[k], eqn.invars[1 - k]
+        assert view is not None
+        if views[1 - k] is not None:
+            return "a product of two parameters"
+        if view.reshaped or len(leaf_shape) != 2:
+            return "a kernel that is not the parameter's own 2-D array"
+        if k == 0:
+            return "a kernel on the left of its product"
+        ndim = len(act.aval.shape)
+        if batch_l or batch_r or tuple(contract_l) != (ndim - 1,) or len(contract_r) != 1:
+            return "a product that is not over the activation's last axis"
+        if ndim < 2:
+            return "an activation without an example axis"
+        # The kernel as used is (in, out) when contracted on its axis 0; (out, in) of
+        # the leaf's layout when exactly one of "contracted on 1" and "transposed".
+        return Tap(view.leaf, "dense", 0, (int(contract_r[0]) == 1) != view.transposed)
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap) -> Array:
+        # act (N, ..., in), delta (K, N, ..., out)
+        n, k = act.shape[0], delta.shape[0]
+        if act.ndim == 2:
+            sq = jnp.einsum("ni,kno->kio", act * act, delta * delta)
+        else:  # positions: the per-example sum over them before the square
+            a = jnp.reshape(act, (n, -1, act.shape[-1]))
+            d = jnp.reshape(delta, (k, n, -1, delta.shape[-1]))
+            g = jnp.einsum("nti,knto->knio", a, d)
+            sq = jnp.sum(g * g, axis=1)
+        if tap.transposed:
+            sq = jnp.swapaxes(sq, 1, 2)
+        return jnp.reshape(sq, (k, -1))
+
+
+class Bias(Rule):
+    """s + b: an ``add`` of a 1-D parameter broadcast along the last axis."""
+
+    name = "bias"
+
+    @staticmethod
+    def match(eqn: Any, views: list[View | None], leaf_shape: tuple[int, ...]) -> Tap | str:
+        k = 0 if views[0] is not None else 1
+        other = eqn.invars[1 - k]
+        if views[1 - k] is not None:
+            return "a sum of two parameters"
+        shape = tuple(other.aval.shape)
+        out = tuple(eqn.outvars[0].aval.shape)
+        if len(leaf_shape) != 1 or len(shape) < 2 or shape != out or views[k].transposed:  # type: ignore[union-attr]
+            return "an addition that is not a bias (a 1-D parameter over the last axis)"
+        bias_shape = tuple(eqn.invars[k].aval.shape)
+        if bias_shape[-1:] != leaf_shape or any(s != 1 for s in bias_shape[:-1]):
+            return "an addition that is not a bias (a 1-D parameter over the last axis)"
+        return Tap(views[k].leaf, "bias", 1 - k, False)  # type: ignore[union-attr]
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap) -> Array:
+        del act, tap  # the bias's gradient is δ summed over the positions
+        k, n = delta.shape[:2]
+        s = jnp.sum(jnp.reshape(delta, (k, n, -1, delta.shape[-1])), axis=2)
+        return jnp.sum(s * s, axis=1)
+
+
+#: The primitive each rule covers -> the rule.
+RULES: dict[str, type[Rule]] = {"dot_general": Dense, "add": Bias}
+_BY_NAME = {rule.name: rule for rule in RULES.values()}
+
+
+# --------------------------------------------------------------------------- #
+# Finding the layers
+# --------------------------------------------------------------------------- #
+
+
+def leaf_function(fn: Callable[..., Any], treedef: Any) -> Callable[..., Any]:
+    """(leaves, (x, state)) ↦ fn(params, x[, state]) with params built from the leaves."""
+
+    def call(leaves: Sequence[Array], xs: tuple[PyTree, PyTree]) -> Any:
+        x, state = xs
+        params = jax.tree_util.tree_unflatten(treedef, list(leaves))
+        return fn(params, x) if state is None else fn(params, x, state)
+
+    return call
+
+
+def plan(
+    closed: Any, closed_plus: Any, num_leaves: int, shapes: Sequence[tuple[int, ...]], n: int
+) -> Plan:
+    """Each leaf's rule or the reason it has none, from the jaxprs of ``leaf_function``.
+
+    ``closed`` is traced on the batch (N = ``n`` examples), ``closed_plus`` on one
+    example more: a rule holds only where its layer's input has the examples on axis
+    0, the one axis whose size follows N (a model that moves them elsewhere, or
+    whose other axes happen to equal N, is told apart by the second trace). The
+    first ``num_leaves`` inputs of each are the parameter leaves.
+    """
+    uses, found = _find(closed, num_leaves, shapes)
+    _, found_plus = _find(closed_plus, num_leaves, shapes)
+    wrong: dict[int, str] = {}
+    if [tap for _, tap in found] != [tap for _, tap in found_plus]:
+        for _, tap in found:
+            wrong[tap.leaf] = "the model's layers change with the batch size"
+    else:
+        for (eqn, tap), (eqn_plus, _) in zip(found, found_plus, strict=True):
+            a = tuple(eqn.invars[tap.operand].aval.shape)
+            b = tuple(eqn_plus.invars[tap.operand].aval.shape)
+            if a[:1] != (n,) or b[:1] != (n + 1,) or a[1:] != b[1:]:
+                wrong[tap.leaf] = "layer input axis 0 is not the example axis"
+    reasons = []
+    for i, used in enumerate(uses):
+        covered = [u for u in used if isinstance(u, Tap)]
+        if len(used) == 1 and covered:
+            reasons.append(wrong.get(i, "fast"))
+        elif not used:
+            reasons.append("not used by the model")
+        elif len(used) > 1:
+            reasons.append(f"used {len(used)} times in one forward pass (shared)")
+        else:
+            reasons.append(str(used[0]))
+    taps = {id(eqn): tap for eqn, tap in found if reasons[tap.leaf] == "fast"}
+    return Plan(taps, tuple(reasons))
+
+
+def _find(
+    closed: Any, num_leaves: int, shapes: Sequence[tuple[int, ...]]
+) -> tuple[list[list[Tap | str]], list[tuple[Any, Tap]]]:
+    """Every use of every leaf (a tap or why not), and the taps with their equations."""
+    views: dict[Any, View] = {
+        v: View(i, False) for i, v in enumerate(closed.jaxpr.invars[:num_leaves])
+    }
+    uses: list[list[Tap | str]] = [[] for _ in range(num_leaves)]
+    found: list[tuple[Any, Tap]] = []
+    _walk(closed.jaxpr, views, uses, found, shapes)
+    return uses, found
+
+
+def _walk(
+    jaxpr: Any,
+    views: dict[Any, View],
+    uses: list[list[Tap | str]],
+    found: list[tuple[Any, Tap]],
+    shapes: Sequence[tuple[int, ...]],
+) -> None:
+    for eqn in jaxpr.eqns:
+        seen = [views.get(v) if not isinstance(v, Literal) else None for v in eqn.invars]
+        if not any(seen):
+            continue
+        name = eqn.primitive.name
+        if name in _VIEWS:
+            view = seen[0]
+            assert view is not None
+            if name == "convert_element_type":
+                views[eqn.outvars[0]] = view
+            elif name == "transpose" and tuple(eqn.params["permutation"]) == (1, 0):
+                views[eqn.outvars[0]] = view._replace(transposed=not view.transposed)
+            else:
+                views[eqn.outvars[0]] = View(view.leaf, True)
+            continue
+        if name in _CALLS:
+            inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+            inner = getattr(inner, "jaxpr", inner)
+            for var, view in zip(inner.invars, seen, strict=True):
+                if view is not None:
+                    views[var] = view
+            _walk(inner, views, uses, found, shapes)
+            continue
+        rule = RULES.get(name)
+        for view in seen:
+            if view is None:
+                continue
+            if rule is None:
+                uses[view.leaf].append(f"used by {name}, which has no rule")
+                continue
+            got = rule.match(eqn, seen, shapes[view.leaf])
+            uses[view.leaf].append(got)
+            if isinstance(got, Tap):
+                found.append((eqn, got))
+
+
+# --------------------------------------------------------------------------- #
+# The squares
+# --------------------------------------------------------------------------- #
+
+
+def evaluate(
+    jaxpr: Any,
+    consts: Sequence[Array],
+    args: Sequence[Array],
+    taps: dict[int, Tap],
+    eps: dict[int, Array],
+    acts: dict[int, Array],
+) -> list[Array]:
+    """The jaxpr's outputs, with ``eps[id(eqn)]`` added to each tapped output.
+
+    ``acts`` receives each dense tap's activation. As ``jax.core.eval_jaxpr``, with
+    the calls inlined (so their taps are reached).
+    """
+    env: dict[Any, Array] = {}
+
+    def read(v: Any) -> Array:
+        return v.val if isinstance(v, Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name in _CALLS and any(id(e) in taps for e in _eqns(eqn)):
+            inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+            outs = evaluate(
+                getattr(inner, "jaxpr", inner),
+                getattr(inner, "consts", ()),
+                invals,
+                taps,
+                eps,
+                acts,
+            )
+        else:
+            got = eqn.primitive.get_bind_params(eqn.params)
+            subfuns, params = got if isinstance(got, tuple) else ((), got)  # JAX < 0.7: a pair
+            context = getattr(getattr(eqn, "ctx", None), "manager", None)
+            with context if context is not None else contextlib.nullcontext():
+                outs = eqn.primitive.bind(*subfuns, *invals, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        tap = taps.get(id(eqn))
+        if tap is not None:
+            if tap.rule == "dense":
+                acts[id(eqn)] = invals[tap.operand]
+            outs = [outs[0] + eps[id(eqn)]]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _eqns(eqn: Any) -> list[Any]:
+    """The equations of a call's body, nested calls included."""
+    inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+    inner = getattr(inner, "jaxpr", inner)
+    out = []
+    for e in inner.eqns:
+        out.append(e)
+        if e.primitive.name in _CALLS:
+            out.extend(_eqns(e))
+    return out
+
+
+def sum_squared(
+    closed: Any,
+    taps: dict[int, Tap],
+    leaves: Sequence[Array],
+    flat_inputs: Sequence[Array],
+    select: Callable[[Any], Array],
+    U: Array,
+    vector_chunk: int,
+    local: Callable[[Array], Array],
+) -> Array:
+    """Σ_n (J_nᵀ U[n, k])² (K, D) for leaves that all have a tap, by the rules.
+
+    ``closed`` is the jaxpr of the model over (leaves, flat inputs); ``select`` turns
+    its outputs into the logits (N, ∗S, C); ``U`` (N, K, ∗S, C) is masked already.
+    One forward pass with the perturbations, then one batched backward pass per
+    cotangent (vmapped, ``vector_chunk`` cotangents at a time). ``local`` makes the
+    perturbations vary as the inputs do inside ``shard_map`` (``shard_local``: the
+    derivative on this device's shard, not summed over the devices).
+    """
+    zeros = {
+        key: local(jnp.zeros(_out_shape(closed.jaxpr, key), dtype=leaves[0].dtype)) for key in taps
+    }
+
+    def forward(eps: dict[int, Array]) -> tuple[Array, dict[int, Array]]:
+        acts: dict[int, Array] = {}
+        outs = evaluate(closed.jaxpr, closed.consts, [*leaves, *flat_inputs], taps, eps, acts)
+        return select(outs), acts
+
+    _, pullback, acts = jax.vjp(forward, zeros, has_aux=True)
+    cotangents = jnp.moveaxis(U, 1, 0)  # (K, N, *S, C)
+    deltas = jax.lax.map(lambda u: pullback(u)[0], cotangents, batch_size=vector_chunk)
+    order = sorted(taps.items(), key=lambda item: item[1].leaf)
+    parts = [_BY_NAME[tap.rule].squares(acts.get(key), deltas[key], tap) for key, tap in order]
+    return jnp.concatenate(parts, axis=1)
+
+
+def _out_shape(jaxpr: Any, key: int) -> tuple[int, ...]:
+    for eqn in jaxpr.eqns:
+        if id(eqn) == key:
+            return tuple(eqn.outvars[0].aval.shape)
+        if eqn.primitive.name in _CALLS:
+            for inner in _eqns(eqn):
+                if id(inner) == key:
+                    return tuple(inner.outvars[0].aval.shape)
+    raise KeyError(key)

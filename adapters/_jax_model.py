@@ -243,7 +243,12 @@ class Kernels:
             return closed, rules.plan(closed, closed_plus, len(leaves), shapes, n)
 
         def layer_sum_squared(
-            theta: Array, xs: tuple[PyTree, PyTree], U: Array, m: Any, vector_chunk: int
+            theta: Array,
+            xs: tuple[PyTree, PyTree],
+            U: Array,
+            m: Any,
+            vector_chunk: int,
+            summed: bool,
         ) -> Array:
             leaves = leaves_of(theta)
             closed, plan = layer_plan_of(leaves, xs)
@@ -258,6 +263,7 @@ class Kernels:
                 U,
                 vector_chunk,
                 lambda a: shard_local(a, xs[0]),
+                summed,
             )
 
         def layer_plan(theta: Array, xs: tuple[PyTree, PyTree]) -> rules.Plan:
@@ -273,7 +279,7 @@ class Kernels:
         #: The layer rules' plan for inputs like ``xs`` (host, cached per shapes).
         self.layer_plan = layer_plan
         #: Σ_n (J_nᵀ U[n, k])² by the layer rules (every leaf must have one).
-        self.layer_sum_squared = jax.jit(layer_sum_squared, static_argnums=(4,))
+        self.layer_sum_squared = jax.jit(layer_sum_squared, static_argnums=(4, 5))
         #: θ ↦ logits (N, *S, C), unmasked: the model the kernels differentiate.
         self.model = model
         #: Kernels built on first use and kept with these (so cached as they are):

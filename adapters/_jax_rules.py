@@ -86,8 +86,12 @@ class Rule:
         raise NotImplementedError
 
     @staticmethod
-    def squares(act: Array, delta: Array, tap: Tap) -> Array:
-        """Σ_n (per-example gradient of the leaf for cotangent k)², (K, size)."""
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
+        """Σ_n (per-example gradient of the leaf for cotangent k)², (K, size).
+
+        ``summed``: their sum over k instead, (1, size), which a rule may form
+        without the K rows (one product instead of K).
+        """
         raise NotImplementedError
 
 
@@ -118,19 +122,22 @@ class Dense(Rule):
         return Tap(view.leaf, "dense", 0, (int(contract_r[0]) == 1) != view.transposed)
 
     @staticmethod
-    def squares(act: Array, delta: Array, tap: Tap) -> Array:
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
         # act (N, ..., in), delta (K, N, ..., out)
         n, k = act.shape[0], delta.shape[0]
-        if act.ndim == 2:
+        if act.ndim == 2 and summed:  # Σ_k (a_n²)ᵀ δ_nk² = (a_n²)ᵀ Σ_k δ_nk²: one product
+            sq = jnp.einsum("ni,no->io", act * act, jnp.sum(delta * delta, axis=0))[None]
+        elif act.ndim == 2:
             sq = jnp.einsum("ni,kno->kio", act * act, delta * delta)
         else:  # positions: the per-example sum over them before the square
             a = jnp.reshape(act, (n, -1, act.shape[-1]))
             d = jnp.reshape(delta, (k, n, -1, delta.shape[-1]))
             g = jnp.einsum("nti,knto->knio", a, d)
             sq = jnp.sum(g * g, axis=1)
+            sq = jnp.sum(sq, axis=0, keepdims=True) if summed else sq
         if tap.transposed:
             sq = jnp.swapaxes(sq, 1, 2)
-        return jnp.reshape(sq, (k, -1))
+        return jnp.reshape(sq, (sq.shape[0], -1))
 
 
 class Bias(Rule):
@@ -154,11 +161,12 @@ class Bias(Rule):
         return Tap(views[k].leaf, "bias", 1 - k, False)  # type: ignore[union-attr]
 
     @staticmethod
-    def squares(act: Array, delta: Array, tap: Tap) -> Array:
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
         del act, tap  # the bias's gradient is δ summed over the positions
         k, n = delta.shape[:2]
         s = jnp.sum(jnp.reshape(delta, (k, n, -1, delta.shape[-1])), axis=2)
-        return jnp.sum(s * s, axis=1)
+        sq = jnp.sum(s * s, axis=1)
+        return jnp.sum(sq, axis=0, keepdims=True) if summed else sq
 
 
 #: The primitive each rule covers -> the rule.
@@ -354,8 +362,11 @@ def sum_squared(
     U: Array,
     vector_chunk: int,
     local: Callable[[Array], Array],
+    summed: bool,
 ) -> Array:
     """Σ_n (J_nᵀ U[n, k])² (K, D) for leaves that all have a tap, by the rules.
+
+    ``summed``: the sum over k, (D,), formed without the (K, D) rows where a rule can.
 
     ``closed`` is the jaxpr of the model over (leaves, flat inputs); ``select`` turns
     its outputs into the logits (N, ∗S, C); ``U`` (N, K, ∗S, C) is masked already.
@@ -377,8 +388,11 @@ def sum_squared(
     cotangents = jnp.moveaxis(U, 1, 0)  # (K, N, *S, C)
     deltas = jax.lax.map(lambda u: pullback(u)[0], cotangents, batch_size=vector_chunk)
     order = sorted(taps.items(), key=lambda item: item[1].leaf)
-    parts = [_BY_NAME[tap.rule].squares(acts.get(key), deltas[key], tap) for key, tap in order]
-    return jnp.concatenate(parts, axis=1)
+    parts = [
+        _BY_NAME[tap.rule].squares(acts.get(key), deltas[key], tap, summed) for key, tap in order
+    ]
+    out = jnp.concatenate(parts, axis=1)
+    return out[0] if summed else out
 
 
 def _out_shape(jaxpr: Any, key: int) -> tuple[int, ...]:

@@ -353,13 +353,12 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
         def fast(u: Array) -> Array:
             if layers:  # every parameter by a layer rule: K batched backward passes
-                out = self._kernels.layer_sum_squared(
-                    self._theta, self._xs, u, self._mask, vector_chunk
+                return self._kernels.layer_sum_squared(
+                    self._theta, self._xs, u, self._mask, vector_chunk, sum_cotangents
                 )
-            else:
-                out = self._kernels.sum_squared(
-                    self._theta, self._xs, u, self._mask, example_chunk, vector_chunk
-                )
+            out = self._kernels.sum_squared(
+                self._theta, self._xs, u, self._mask, example_chunk, vector_chunk
+            )
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
         def exact(u: Array) -> Array:

@@ -42,6 +42,7 @@ from _common import RESULTS, load_average, machine, now, write_json  # noqa: E40
 MODULES = [
     "bench_eigvalsh",
     "bench_exact_diagonal",
+    "bench_jax_diagonal",
     "bench_estimators",
     "bench_spectrum",
     "bench_dimension",
@@ -74,6 +75,7 @@ def section_names() -> list[str]:
     return [
         "eigvalsh",
         "exact_diagonal",
+        "jax_diagonal",
         "estimators",
         "spectrum",
         "dimension",

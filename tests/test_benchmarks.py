@@ -30,6 +30,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SECTIONS = [
     "eigvalsh",
     "exact_diagonal",
+    "jax_diagonal",
     "estimators",
     "spectrum",
     "dimension",
@@ -215,6 +216,9 @@ def test_exact_values_agree_inside_sections(record: dict[str, Any]) -> None:
         assert row["max_abs_diff"] < 1e-12
     for model in sections["exact_diagonal"]["result"]["models"].values():
         assert all(v < 1e-5 for v in model["max_relative_difference"].values())
+    for model in sections["jax_diagonal"]["result"]["models"].values():
+        assert model["max_relative_difference vmap vs fisher_diagonal"] < 1e-5
+        assert model["fast_path_reasons"] == ["fast"]  # every parameter by a layer rule
     residuals = sections["spectrum"]["result"]["top_residuals"]
     assert len(residuals) == 3
 

@@ -1,0 +1,220 @@
+"""Benchmark: the exact Fisher diagonal with the JAX adapter, layer rules against the vmap.
+
+diag F = Σ_n Σ_c (J_nᵀ b_nc)² on the CPU in float32, for MLPs written as plain JAX
+functions (``x @ W + b``, ReLU), timed against one gradient step of the same model
+and batch (``jax.jit(jax.grad)`` of the summed cross-entropy) measured in the same
+run:
+
+- ``fisher_diagonal``: ``fisher_diagonal(linearize(apply_fn, params, x))``, end to
+  end (the linearization, the core columns, the squared sums: the layer rules when
+  every parameter has one, which ``lin.fast_path_reasons`` reports);
+- ``vmap path``: the same squared sums by the per-example vmap (the adapter's
+  compiled ``lax.scan`` of per-example VJPs, what every model took before the rules);
+- with torch installed, the torch adapter's fast path on the same architecture and
+  batch, against a torch gradient step, so the two adapters' costs compare in
+  gradient steps.
+
+Timings are interleaved (one repetition of every method, then the next) after
+warm-up rounds (the compilations); medians over the repetitions.
+
+Run:  python benchmarks/bench_jax_diagonal.py [--reps 7] [--threads 2] [--quick]
+Writes benchmarks/results/jax_diagonal.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _common import installed, interleaved, machine, median, now, ratio, table, write_json
+
+NAME = "jax_diagonal"
+TITLE = "Exact Fisher diagonal with JAX (CPU, float32): layer rules, vmap, torch"
+
+MODELS = {
+    "mlp": ("MLP 784-512-256-10, batch 128", (784, 512, 256, 10), 128),
+    "mlp-small": ("MLP 64-256-256-10, batch 128", (64, 256, 256, 10), 128),
+}
+QUICK_MODELS = {"mlp": ("MLP 32-16-10, batch 8 (quick)", (32, 16, 10), 8)}
+
+
+def jax_case(widths: tuple[int, ...], n: int) -> dict[str, Callable[[], Any]]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fisherbound.adapters.jax import linearize
+    from fisherbound.families import Categorical
+    from fisherbound.fisher import fisher_diagonal
+
+    rng = np.random.default_rng(0)
+    params = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        w = rng.standard_normal((a, b)) / np.sqrt(a)
+        params.append({"w": jnp.asarray(w, jnp.float32), "b": jnp.zeros(b, jnp.float32)})
+    x = jnp.asarray(rng.standard_normal((n, widths[0])), jnp.float32)
+    y = jnp.asarray(rng.integers(0, widths[-1], n))
+
+    def apply_fn(p: list, h: Any) -> Any:
+        for i, layer in enumerate(p):
+            h = h @ layer["w"] + layer["b"]
+            if i < len(p) - 1:
+                h = jax.nn.relu(h)
+        return h
+
+    def loss(p: list) -> Any:
+        logp = jax.nn.log_softmax(apply_fn(p, x))
+        return -jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    grad = jax.jit(jax.grad(loss))
+    lin = linearize(apply_fn, params, x)
+    reasons = sorted(set(lin.fast_path_reasons.values()))
+    columns = Categorical().sqrt_metric(lin.logits)  # (N, C, R): R columns per example
+    U = jnp.moveaxis(columns, -1, 1)  # (N, R, C)
+    chunk = lin.default_max_vectors
+
+    def vmap_path() -> Any:
+        k = int(U.shape[1])
+        vectors = min(k, chunk)
+        examples = max(1, chunk // vectors)
+        out = lin._kernels.sum_squared(lin._theta, lin._xs, U, None, examples, vectors)
+        return jnp.sum(out, axis=0)
+
+    methods = {
+        "gradient step (jax)": lambda: grad(params),
+        "fisher_diagonal (jax)": lambda: fisher_diagonal(linearize(apply_fn, params, x)),
+        "vmap path (jax)": vmap_path,
+    }
+    exact = fisher_diagonal(lin)
+    check = float(jnp.max(jnp.abs(vmap_path() - exact)) / jnp.max(exact))
+    return {"methods": methods, "reasons": reasons, "check": check, "sync": jax.block_until_ready}
+
+
+def torch_case(widths: tuple[int, ...], n: int, threads: int) -> dict[str, Callable[[], Any]]:
+    import torch
+    from torch import nn
+
+    from fisherbound.adapters.torch import linearize
+    from fisherbound.fisher import fisher_diagonal
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(n, widths[0])
+    y = torch.randint(0, widths[-1], (n,))
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+
+    return {
+        "gradient step (torch)": step,
+        "fisher_diagonal (torch fast path)": lambda: fisher_diagonal(linearize(model, x)),
+    }
+
+
+def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> dict[str, Any]:
+    os.environ.setdefault(
+        "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+    )
+    registry = QUICK_MODELS if quick else MODELS
+    reps = reps or (2 if quick else 7)
+    warmup = 1 if quick else 2
+    results: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    for key, (label, widths, n) in registry.items():
+        case = jax_case(widths, n)
+        methods = dict(case["methods"])
+        with_torch = installed("torch")
+        if with_torch:
+            methods.update(torch_case(widths, n, threads))
+        sync = case["sync"]
+        times = interleaved(
+            {name: (lambda fn=fn, sync=sync: sync(fn())) for name, fn in methods.items()},
+            reps=reps,
+            warmup=warmup,
+        )
+        med = {name: median(ts) for name, ts in times.items()}
+        jax_step = med["gradient step (jax)"]
+        steps = {name: ratio(t, jax_step) for name, t in med.items() if "(jax)" in name}
+        if with_torch:
+            torch_step = med["gradient step (torch)"]
+            steps["gradient step (torch)"] = 1.0
+            steps["fisher_diagonal (torch fast path)"] = ratio(
+                med["fisher_diagonal (torch fast path)"], torch_step
+            )
+        results[key] = {
+            "model": label,
+            "num_params": sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)),
+            "median_s": med,
+            "all_s": times,
+            "gradient_steps": steps,
+            "fast_path_reasons": case["reasons"],
+            "max_relative_difference vmap vs fisher_diagonal": case["check"],
+        }
+        ratios[f"{key}: fisher_diagonal (jax) / gradient step (jax)"] = steps[
+            "fisher_diagonal (jax)"
+        ]
+        ratios[f"{key}: vmap path (jax) / fisher_diagonal (jax)"] = ratio(
+            med["vmap path (jax)"], med["fisher_diagonal (jax)"]
+        )
+        if with_torch:
+            ratios[f"{key}: jax / torch, in gradient steps"] = ratio(
+                steps["fisher_diagonal (jax)"], steps["fisher_diagonal (torch fast path)"]
+            )
+    import jax
+
+    return {
+        "threads": threads,
+        "reps": reps,
+        "warmup": warmup,
+        "jax": jax.__version__,
+        "models": results,
+        "ratios": ratios,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    parts = []
+    for r in result["models"].values():
+        rows = [
+            [name, f"{1e3 * t:.2f}", f"{r['gradient_steps'].get(name, float('nan')):.1f}"]
+            for name, t in r["median_s"].items()
+        ]
+        parts.append(
+            f"#### {r['model']} (D = {r['num_params']:,})\n\n"
+            + table(["method", "median (ms)", "gradient steps of its framework"], rows, "lrr")
+            + f"\n\n- layer rules: {', '.join(r['fast_path_reasons'])}; max relative "
+            f"difference, vmap path vs fisher_diagonal: "
+            f"{r['max_relative_difference vmap vs fisher_diagonal']:.1e}"
+        )
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (median)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads; XLA's eigen pool")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 repetitions")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "jax_diagonal.json"
+    )
+    args = parser.parse_args()
+    result = run(quick=args.quick, threads=args.threads, reps=args.reps)
+    print(markdown(result))
+    record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
+    write_json(args.out, {**record, **result})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

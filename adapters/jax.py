@@ -727,18 +727,8 @@ def loss_function(
     >>> round(float(loss.value(jnp.zeros((1, 6)))[0]), 5), loss.num_counted  # log 3
     (1.09861, 2)
     """
-    build = _loss_builder(
-        apply_fn,
-        params,
-        family,
-        reduction,
-        output,
-        class_axis,
-        mask,
-        ignore_index,
-        state,
-        stream=False,
-    )
+    options = (family, reduction, output, class_axis, mask, ignore_index, state)
+    build = _loss_builder(apply_fn, params, *options, stream=False)
     return build(inputs, labels)
 
 
@@ -771,18 +761,8 @@ def loss_functions(
     >>> [loss.num_inputs for loss in losses]
     [4, 4]
     """
-    build = _loss_builder(
-        apply_fn,
-        params,
-        family,
-        reduction,
-        output,
-        class_axis,
-        mask,
-        ignore_index,
-        state,
-        stream=True,
-    )
+    options = (family, reduction, output, class_axis, mask, ignore_index, state)
+    build = _loss_builder(apply_fn, params, *options, stream=True)
     return stream_loss_functions(
         batches,
         lambda _, inputs, labels: build(inputs, labels),  # the batch index is for messages

@@ -666,15 +666,11 @@ def _leaves_with_paths(tree: PyTree, empty: str) -> tuple[list[tuple[Any, Any]],
     return path_leaves, treedef
 
 
-#: flax variable collections that hold no parameters: passing the whole ``variables``
-#: dict as ``params`` would silently differentiate them.
-_STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates")
-
-
 def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
     """The named leaves (as JAX arrays) and the treedef of ``params``."""
     if isinstance(params, Mapping) and "params" in params:
-        state = [k for k in _STATE_COLLECTIONS if k in params]
+        # Every other top-level collection of a flax variables dict is state.
+        state = [k for k in params if k != "params" and isinstance(params[k], Mapping)]
         if state:
             msg = (
                 f"params must hold only what is differentiated; got a flax variables dict "

@@ -25,6 +25,7 @@ whether the leaf's use there is covered, ``squares`` forms the (K, size) squares
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -64,6 +65,9 @@ class Plan(NamedTuple):
 
     taps: dict[int, Tap]  # id(eqn) -> tap
     reasons: tuple[str, ...]  # per leaf: "fast" or why not
+    #: Some dense layer's input has position axes: its per-example gradients are formed
+    #: (the cotangents then go in chunks of ⌊max_vectors / N⌋).
+    per_example: bool = False
 
     @property
     def complete(self) -> bool:
@@ -201,18 +205,23 @@ def plan(
     whose other axes happen to equal N, is told apart by the second trace). The
     first ``num_leaves`` inputs of each are the parameter leaves.
     """
-    uses, found = _find(closed, num_leaves, shapes)
-    _, found_plus = _find(closed_plus, num_leaves, shapes)
+    uses, found, visits = _find(closed, num_leaves, shapes)
+    _, found_plus, _ = _find(closed_plus, num_leaves, shapes)
     wrong: dict[int, str] = {}
-    if [tap for _, tap in found] != [tap for _, tap in found_plus]:
-        for _, tap in found:
-            wrong[tap.leaf] = "the model's layers change with the batch size"
+    if [f.tap for f in found] != [f.tap for f in found_plus]:
+        for f in found:
+            wrong[f.tap.leaf] = "the model's layers change with the batch size"
     else:
-        for (eqn, tap), (eqn_plus, _) in zip(found, found_plus, strict=True):
-            a = tuple(eqn.invars[tap.operand].aval.shape)
-            b = tuple(eqn_plus.invars[tap.operand].aval.shape)
+        for f, f_plus in zip(found, found_plus, strict=True):
+            a = tuple(f.eqn.invars[f.tap.operand].aval.shape)
+            b = tuple(f_plus.eqn.invars[f.tap.operand].aval.shape)
             if a[:1] != (n,) or b[:1] != (n + 1,) or a[1:] != b[1:]:
-                wrong[tap.leaf] = "layer input axis 0 is not the example axis"
+                wrong[f.tap.leaf] = "layer input axis 0 is not the example axis"
+    for f in found:
+        # A jitted function called twice with the same shapes has ONE body: its layers
+        # would share one equation (one perturbation, one recorded input).
+        if any(visits[body] > 1 for body in f.bodies):
+            wrong[f.tap.leaf] = "used inside a jitted function that the model calls more than once"
     reasons = []
     for i, used in enumerate(uses):
         covered = [u for u in used if isinstance(u, Tap)]
@@ -224,30 +233,49 @@ def plan(
             reasons.append(f"used {len(used)} times in one forward pass (shared)")
         else:
             reasons.append(str(used[0]))
-    taps = {id(eqn): tap for eqn, tap in found if reasons[tap.leaf] == "fast"}
-    return Plan(taps, tuple(reasons))
+    kept = [f for f in found if reasons[f.tap.leaf] == "fast"]
+    per_example = any(
+        f.tap.rule == "dense" and len(f.eqn.invars[f.tap.operand].aval.shape) > 2 for f in kept
+    )
+    return Plan({id(f.eqn): f.tap for f in kept}, tuple(reasons), per_example)
+
+
+class _Found(NamedTuple):
+    """A tap, its equation and the call bodies (ids) it lies in."""
+
+    eqn: Any
+    tap: Tap
+    bodies: tuple[int, ...]
 
 
 def _find(
     closed: Any, num_leaves: int, shapes: Sequence[tuple[int, ...]]
-) -> tuple[list[list[Tap | str]], list[tuple[Any, Tap]]]:
-    """Every use of every leaf (a tap or why not), and the taps with their equations."""
-    views: dict[Any, View] = {
-        v: View(i, False) for i, v in enumerate(closed.jaxpr.invars[:num_leaves])
-    }
+) -> tuple[list[list[Tap | str]], list[_Found], dict[int, int]]:
+    """Every use of every leaf (a tap or why not), the taps, and each body's visits."""
     uses: list[list[Tap | str]] = [[] for _ in range(num_leaves)]
-    found: list[tuple[Any, Tap]] = []
-    _walk(closed.jaxpr, views, uses, found, shapes)
-    return uses, found
+    found: list[_Found] = []
+    visits: dict[int, int] = {}
+    leaves = [View(i, False) for i in range(num_leaves)]
+    ins = leaves + [None] * (len(closed.jaxpr.invars) - num_leaves)
+    _walk(closed.jaxpr, ins, (), uses, found, visits, shapes)
+    return uses, found, visits
 
 
 def _walk(
     jaxpr: Any,
-    views: dict[Any, View],
+    ins: Sequence[View | None],
+    bodies: tuple[int, ...],
     uses: list[list[Tap | str]],
-    found: list[tuple[Any, Tap]],
+    found: list[_Found],
+    visits: dict[int, int],
     shapes: Sequence[tuple[int, ...]],
-) -> None:
+) -> list[View | None]:
+    """Record the uses of the leaves in ``jaxpr`` whose inputs are the views ``ins``.
+
+    Returns the views among its outputs (a parameter returned by a jitted function
+    and used after it is followed there). Each body has its own variables.
+    """
+    views: dict[Any, View] = {v: w for v, w in zip(jaxpr.invars, ins, strict=True) if w}
     for eqn in jaxpr.eqns:
         seen = [views.get(v) if not isinstance(v, Literal) else None for v in eqn.invars]
         if not any(seen):
@@ -266,10 +294,11 @@ def _walk(
         if name in _CALLS:
             inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
             inner = getattr(inner, "jaxpr", inner)
-            for var, view in zip(inner.invars, seen, strict=True):
+            visits[id(inner)] = visits.get(id(inner), 0) + 1
+            outs = _walk(inner, seen, (*bodies, id(inner)), uses, found, visits, shapes)
+            for var, view in zip(eqn.outvars, outs, strict=True):
                 if view is not None:
                     views[var] = view
-            _walk(inner, views, uses, found, shapes)
             continue
         rule = RULES.get(name)
         for view in seen:
@@ -281,7 +310,8 @@ def _walk(
             got = rule.match(eqn, seen, shapes[view.leaf])
             uses[view.leaf].append(got)
             if isinstance(got, Tap):
-                found.append((eqn, got))
+                found.append(_Found(eqn, got, bodies))
+    return [None if isinstance(v, Literal) else views.get(v) for v in jaxpr.outvars]
 
 
 # --------------------------------------------------------------------------- #
@@ -371,13 +401,16 @@ def sum_squared(
     ``closed`` is the jaxpr of the model over (leaves, flat inputs); ``select`` turns
     its outputs into the logits (N, ∗S, C); ``U`` (N, K, ∗S, C) is masked already.
     One forward pass with the perturbations, then one batched backward pass per
-    cotangent (vmapped, ``vector_chunk`` cotangents at a time). ``local`` makes the
-    perturbations vary as the inputs do inside ``shard_map`` (``shard_local``: the
-    derivative on this device's shard, not summed over the devices).
+    cotangent, ``vector_chunk`` cotangents at a time in a ``lax.scan`` (each chunk's
+    δ and, with position axes, its per-example layer gradients, vector_chunk · N of
+    them, are alive at once; the sums accumulate). The squares are formed in the
+    parameters' dtype (a half-precision layer's δ and input are upcast first).
+    ``local`` makes the perturbations vary as the inputs do inside ``shard_map``
+    (``shard_local``: the derivative on this device's shard, not summed over them).
     """
-    zeros = {
-        key: local(jnp.zeros(_out_shape(closed.jaxpr, key), dtype=leaves[0].dtype)) for key in taps
-    }
+    dtype = leaves[0].dtype
+    width = sum(math.prod(leaf.shape) for leaf in leaves)
+    zeros = {key: local(jnp.zeros(*_out_aval(closed.jaxpr, key))) for key in taps}
 
     def forward(eps: dict[int, Array]) -> tuple[Array, dict[int, Array]]:
         acts: dict[int, Array] = {}
@@ -385,22 +418,41 @@ def sum_squared(
         return select(outs), acts
 
     _, pullback, acts = jax.vjp(forward, zeros, has_aux=True)
-    cotangents = jnp.moveaxis(U, 1, 0)  # (K, N, *S, C)
-    deltas = jax.lax.map(lambda u: pullback(u)[0], cotangents, batch_size=vector_chunk)
+    acts = {key: a.astype(dtype) for key, a in acts.items()}
     order = sorted(taps.items(), key=lambda item: item[1].leaf)
-    parts = [
-        _BY_NAME[tap.rule].squares(acts.get(key), deltas[key], tap, summed) for key, tap in order
-    ]
-    out = jnp.concatenate(parts, axis=1)
-    return out[0] if summed else out
+    k = int(U.shape[1])
+    chunk = max(1, min(vector_chunk, k))
+    steps = -(-k // chunk)
+    pad = [(0, 0), (0, steps * chunk - k)] + [(0, 0)] * (U.ndim - 2)
+    chunks = jnp.moveaxis(jnp.pad(U, pad), 1, 0)  # (K', N, *S, C), zero cotangents last
+    chunks = jnp.reshape(chunks, (steps, chunk, *chunks.shape[1:]))
+
+    def squares(u: Array) -> Array:  # (chunk, N, *S, C) -> (chunk or 1, D)
+        deltas = jax.vmap(lambda v: pullback(v)[0])(u)
+        parts = [
+            _BY_NAME[tap.rule].squares(acts.get(key), deltas[key].astype(dtype), tap, summed)
+            for key, tap in order
+        ]
+        out = jnp.concatenate(parts, axis=1)
+        if out.shape[1] != width:  # every leaf exactly once: the plan guarantees it
+            msg = f"layer rules: {out.shape[1]} squared sums for {width} parameters."
+            raise RuntimeError(msg)
+        return out
+
+    if summed:
+        total = local(jnp.zeros((1, width), dtype))
+        total = jax.lax.scan(lambda t, u: (t + squares(u), None), total, chunks)[0]
+        return total[0]
+    rows = jax.lax.map(squares, chunks)  # (steps, chunk, D)
+    return jnp.reshape(rows, (steps * chunk, -1))[:k]
 
 
-def _out_shape(jaxpr: Any, key: int) -> tuple[int, ...]:
+def _out_aval(jaxpr: Any, key: int) -> tuple[tuple[int, ...], Any]:
+    """The shape and dtype of the output of the equation ``key`` (``id``), calls searched."""
     for eqn in jaxpr.eqns:
-        if id(eqn) == key:
-            return tuple(eqn.outvars[0].aval.shape)
-        if eqn.primitive.name in _CALLS:
-            for inner in _eqns(eqn):
-                if id(inner) == key:
-                    return tuple(inner.outvars[0].aval.shape)
+        inner = [eqn, *(_eqns(eqn) if eqn.primitive.name in _CALLS else [])]
+        for e in inner:
+            if id(e) == key:
+                aval = e.outvars[0].aval
+                return tuple(aval.shape), aval.dtype
     raise KeyError(key)

@@ -349,12 +349,15 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         vector_chunk = min(k, budget)
         example_chunk = min(n, max(1, budget // vector_chunk))
 
-        layers = self._layer_plan().complete
+        plan = self._layer_plan()
+        layers = plan.complete
+        # The rules form per-example layer gradients only for inputs with positions.
+        layer_chunk = max(1, min(k, budget // n)) if plan.per_example else vector_chunk
 
         def fast(u: Array) -> Array:
             if layers:  # every parameter by a layer rule: K batched backward passes
                 return self._kernels.layer_sum_squared(
-                    self._theta, self._xs, u, self._mask, vector_chunk, sum_cotangents
+                    self._theta, self._xs, u, self._mask, layer_chunk, sum_cotangents
                 )
             out = self._kernels.sum_squared(
                 self._theta, self._xs, u, self._mask, example_chunk, vector_chunk

@@ -402,6 +402,25 @@ def _jax(t: Table, name: str) -> Figure:
     return Figure(name, "JAX Lanczos and SLQ: fisherbound against matfree", [p])
 
 
+def _jax_diagonal(t: Table, name: str) -> Figure:
+    """Gradient steps of each method: the number after "=" (or the cell's only one)."""
+    p = Panel(kind="bars", xlabel=STEPS, log=True, ref=1.0)
+    series = {
+        2: "fisherbound, layer rules",
+        3: "fisherbound, vmap",
+        4: "torch fast path",
+        5: "kfac-jax (its process)",
+        6: "fisherbound (kfac-jax's process)",
+    }
+    for r, row in enumerate(t.rows):
+        label = row[0].split(" (")[0]
+        for c, what in series.items():
+            found = numbers(row[c])
+            text, value = found[-1]
+            p.points.append(Point(what, label, value, text, r, c))
+    return Figure(name, "Exact Fisher diagonal with JAX: cost in gradient steps", [p])
+
+
 def _finite(t: Table, name: str) -> Figure:
     p = bars(
         t,
@@ -545,6 +564,7 @@ SPECS: dict[str, Callable[[Table, str], Figure]] = {
     "bench_estimator_cost": _estimator_cost,
     "bench_local_dimension": _local_dimension,
     "bench_jax_lanczos": _jax,
+    "bench_jax_diagonal": _jax_diagonal,
     "bench_finite_checks": _finite,
     "bench_architecture_cost": _architecture_cost,
     "bench_full_secular": _secular,

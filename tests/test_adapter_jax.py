@@ -669,6 +669,23 @@ def test_half_precision_logits_are_upcast(dtype: str) -> None:
 
     lin = linearize(half, w, x)
     assert lin.logits.dtype == jnp.float32
+    # Two half-precision layers (bias too): the layer rules against the per-example vmap.
+    w2 = jnp.asarray(rng.standard_normal((4, 3)), dtype=jnp.float32)
+
+    def two(p: Any, xb: Any) -> Any:
+        h = jnp.tanh(xb.astype(dtype) @ p["a"].astype(dtype) + p["b"].astype(dtype))
+        return h @ p["c"].astype(dtype)
+
+    two_params = {"a": w, "b": jnp.zeros(4, jnp.float32), "c": w2}
+    deep = linearize(two, two_params, x)
+    assert set(deep.fast_path_reasons.values()) == {"fast"}
+    U = jnp.asarray(rng.standard_normal((5, 2, 3)), dtype=jnp.float32)
+    g = deep.per_example_vjp(U)
+    # The vmap forms each per-example gradient in half precision (the backward pass of
+    # a half-precision product), the rules square upcast factors: the difference is the
+    # vmap's rounding, relative eps of the dtype per factor, doubled by the square.
+    tol = 4 * float(jnp.finfo(dtype).eps)
+    assert_close(deep.sum_squared_per_example_vjp(U), jnp.sum(g * g, axis=0), rtol=tol, atol=1e-7)
     cast = linearize(lambda p, x: half(p, x).astype(jnp.float32), w, x)
     assert_close(fisher_diagonal(lin), fisher_diagonal(cast), rtol=0, atol=0)
     y = jnp.asarray([0, 1, 2, 3, 0])
@@ -945,6 +962,29 @@ def test_new_state_values_reuse_the_kernels_and_are_never_stale() -> None:
     assert losses[0].num_inputs == 6
 
 
+def test_fisher_bounds_differentiate() -> None:
+    """jax.grad through the bounds: the lower kernel's eigenvalues by the implicit
+    function theorem (the iteration runs on constants), against central differences
+    (step 1e-6 in float64: their own error is about 1e-10 relative)."""
+    from fisherbound.fisher import fisher_bounds
+
+    rng = np.random.default_rng(60)
+    w = jnp.asarray(rng.standard_normal((4, 5)))
+    x = jnp.asarray(rng.standard_normal((6, 4)))
+    for kind in ("lower", "upper"):
+
+        def total(p: Any, kind: str = kind) -> Any:
+            bounds = fisher_bounds(linearize(lambda q, xb: jnp.tanh(xb @ q), p, x))
+            return jnp.sum(getattr(bounds, kind))
+
+        grad = np.asarray(jax.grad(total)(w))
+        for i, j in ((0, 0), (1, 2), (3, 4)):
+            e = np.zeros((4, 5))
+            e[i, j] = 1e-6
+            fd = (float(total(w + e)) - float(total(w - e))) / 2e-6
+            assert abs(grad[i, j] - fd) <= 1e-6 * max(1.0, abs(fd)), (kind, i, j, grad[i, j], fd)
+
+
 def test_state_is_checked_and_a_variables_dict_is_refused() -> None:
     params, x, _ = _normed_case(8)
     variables = {"params": params, "batch_stats": _stats(9)}
@@ -954,6 +994,9 @@ def test_state_is_checked_and_a_variables_dict_is_refused() -> None:
         r"state=\{'batch_stats': variables\['batch_stats'\]\}",
     ):
         linearize(lambda v, xb: _normed(v["params"], xb, v["batch_stats"]), variables, x)
+    other = {"params": params, "perturbations": {"z": jnp.zeros(4)}}
+    with pytest.raises(ValueError, match=r"collections \['perturbations'\] besides 'params'"):
+        linearize(lambda v, xb: _normed(v["params"], xb, _stats(9)), other, x)
     with pytest.raises(TypeError, match=r"state\['mean'\] must be an array .*got builtins.str"):
         linearize(_normed, params, x, state={"mean": "zero", "var": jnp.ones(4)})
     bad = {**_stats(9), "var": jnp.asarray([1.0, np.nan, 1.0, 1.0])}
@@ -1155,8 +1198,9 @@ def test_layer_rules_equal_the_per_example_vmap(case: str) -> None:
     f, params, x, mask = _layer_cases()[case]
     lin = linearize(f, params, x, mask=mask)
     assert set(lin.fast_path_reasons.values()) == {"fast"}, dict(lin.fast_path_reasons)
-    U = jnp.asarray(np.random.default_rng(51).standard_normal((*lin.logits.shape[:-1], 3)))
-    U = jnp.moveaxis(jnp.broadcast_to(U[..., None], (*U.shape, 3)), -2, 1)  # (N, K=3, *S, C)
+    n, c = lin.logits.shape[0], lin.logits.shape[-1]
+    U = jnp.asarray(np.random.default_rng(51).standard_normal((n, 3, *lin.logits.shape[1:])))
+    assert U.shape[-1] == c  # K = 3 random cotangents per example, every class its own
     want = _per_example_squares(lin, U)
     assert_close(lin.sum_squared_per_example_vjp(U), want, rtol=1e-12, atol=1e-14)
     assert_close(
@@ -1183,6 +1227,21 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
     def left(p: dict, x: Any) -> Any:
         return (p["v"].T @ x.T).T
 
+    @jax.jit
+    def layer(h: Any, w: Any) -> Any:  # one jitted body for two calls of one shape
+        return jnp.tanh(h @ w)
+
+    def twice(p: dict, x: Any) -> Any:
+        return layer(layer(x, p["w"]), p["u"]) @ p["v"]
+
+    @jax.jit
+    def block(w: Any, x: Any) -> Any:  # returns its parameter, used after the call
+        return jnp.tanh(x @ w), w.T
+
+    def tied(p: dict, x: Any) -> Any:
+        h, wt = block(p["w"], x)
+        return jnp.tanh(h @ wt) @ p["v"]
+
     def conv(p: dict, x: Any) -> Any:
         y = jax.lax.conv_general_dilated(
             x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -1203,6 +1262,17 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
             {"w": "layer input axis 0 is not the example axis"},
         ),
         (left, {"v": v}, (6, 4), {"v": "a kernel on the left of its product"}),
+        (
+            twice,
+            {"w": w, "u": w + 1.0, "v": v},
+            (6, 4),
+            {
+                "w": "used inside a jitted function that the model calls more than once",
+                "u": "used inside a jitted function that the model calls more than once",
+                "v": "fast",
+            },
+        ),
+        (tied, {"w": w, "v": v}, (6, 4), {"w": "used 2 times in one forward pass (shared)"}),
         (
             conv,
             {"k": k, "v": v},

@@ -164,7 +164,8 @@ class Family:
         ``rng`` is a numpy Generator, an int seed, a JAX key or None; one seed gives the same
         labels on every backend. With ``num_samples`` the result gets a leading
         axis of that length. Categorical (inverse CDF of one uniform per row):
-        int64 class indices of shape (...); Bernoulli: {0, 1} in z's dtype, shape
+        class indices of shape (...) in the namespace's indexing dtype (int64; int32
+        for JAX without x64); Bernoulli: {0, 1} in z's dtype, shape
         (..., C); Gaussian: z + N(0, σ² I) noise.
 
         Examples

@@ -149,10 +149,11 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
     finished: list[dict[str, Array]] = []
     h, psi, dpsi, dphi = _evaluate(pc, delta, tau, left_f, right_f, xp)
     if is_traced(tau):
-        # Traced by JAX (jit, shard_map): one lax.while_loop (a Python loop would be
-        # unrolled MAX_ITERATIONS times into the program), no compaction; converged
+        # Traced by JAX (jit, grad, shard_map): one lax.fori_loop (a Python loop would
+        # be unrolled MAX_ITERATIONS times into the program), no compaction; converged
         # entries are frozen by the masks, so the result is the eager one.
         st = _iterate_traced(st, (h, psi, dpsi, dphi), pc, delta, left_f, right_f, eps)
+        st["tau"] = _implicit(st["tau"], st["fixed"], pc, delta, left_f, right_f)
     for _ in range(0 if is_traced(tau) else MAX_ITERATIONS):
         st = _check(st, h, psi, eps, xp)
         if bool(xp.all(st["done"])):
@@ -225,6 +226,26 @@ def _advance(
     return st
 
 
+def _implicit(
+    tau: Array, fixed: Array, pc: Array, delta: Array, left_f: Array, right_f: Array
+) -> Array:
+    """τ with the derivative of the root: τ + (s − stop_gradient(s)), s = −h(τ)/h'(τ).
+
+    Its value is τ's; its derivative with respect to the probabilities is the
+    implicit function theorem's, −(∂h/∂p)/(∂h/∂τ) at h(τ) = 0 (one Newton step,
+    differentiated). The iteration itself runs on constants (``_iterate_traced``):
+    differentiating through it would give NaN through its masked branches. Fixed
+    roots (ties, zero probabilities) keep derivative 0 in τ.
+    """
+    import jax  # traced: JAX is what traced it
+    import jax.numpy as jnp
+
+    safe = jnp.where(fixed, -1.0, tau)  # fixed roots: a point left of every pole
+    h, _, dpsi, dphi = _evaluate(pc, delta, safe, left_f, right_f, jnp)
+    step = jnp.where(fixed, 0.0, -h / jnp.where(fixed, 1.0, dpsi + dphi))
+    return tau + (step - jax.lax.stop_gradient(step))
+
+
 def _iterate_traced(
     st: dict[str, Array],
     sums: tuple[Array, Array, Array, Array],
@@ -234,27 +255,34 @@ def _iterate_traced(
     right_f: Array,
     eps: float,
 ) -> dict[str, Array]:
-    """The iteration as one ``jax.lax.while_loop``: to MAX_ITERATIONS, or all done."""
+    """The iteration as one ``jax.lax.fori_loop`` of MAX_ITERATIONS steps.
+
+    A fixed count (a ``scan``), not a ``while_loop`` stopping when all are done, so
+    that ``jax.grad`` can differentiate through it (reverse mode has no rule for a
+    ``while_loop``); converged roots are frozen by the masks.
+    """
     import jax  # traced: JAX is what traced it
     import jax.numpy as jnp
 
+    sg = jax.lax.stop_gradient  # the iteration on constants (see _implicit)
+    live = {k: v for k, v in st.items() if k not in _MOVING}  # origin, unit: differentiable
+    st = {k: sg(v) for k, v in st.items()}
+    sums = tuple(sg(a) for a in sums)
+    pc, delta = sg(pc), sg(delta)
     fixed = {k: v for k, v in st.items() if k not in _MOVING}
 
-    def going(carry: tuple[Any, ...]) -> Any:
-        i, moving, _ = carry
-        return (i < MAX_ITERATIONS) & ~jnp.all(moving["done"])
-
-    def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        i, moving, (h, psi, dpsi, dphi) = carry
+    def body(_: Any, carry: tuple[Any, ...]) -> tuple[Any, ...]:
+        moving, (h, psi, dpsi, dphi) = carry
         now = _check({**fixed, **moving}, h, psi, eps, jnp)
         now = _advance(now, h, dpsi, dphi, eps, jnp)
         sums = _evaluate(pc, delta, now["tau"], left_f, right_f, jnp)
-        return i + 1, {k: now[k] for k in _MOVING}, sums
+        return {k: now[k] for k in _MOVING}, sums
 
     moving = {k: st[k] for k in _MOVING}
-    _, moving, (h, psi, _, _) = jax.lax.while_loop(going, body, (0, moving, sums))
+    moving, (h, psi, _, _) = jax.lax.fori_loop(0, MAX_ITERATIONS, body, (moving, sums))
     # The last evaluation's own check, as the eager loop's before it stops.
-    return _check({**fixed, **moving}, h, psi, eps, jnp)
+    final = _check({**fixed, **moving}, h, psi, eps, jnp)
+    return {**live, **{k: final[k] for k in _MOVING}}
 
 
 def _bisect(lo: Array, hi: Array, xp: Any) -> Array:

@@ -337,6 +337,14 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         example (each through all P positions of the example), vectorised per
         chunk; each chunk shape compiles once. Masked positions' cotangents are
         zeroed first.
+
+        When every parameter has a layer rule (``fast_path_reasons``), the layer
+        rules instead: K batched backward passes through perturbations at the
+        layers' outputs, in chunks of max_vectors cotangents (⌊max_vectors / N⌋
+        when a layer's input has position axes, whose per-example layer gradients
+        are then formed), and per layer (a²)ᵀ(δ²); no per-example gradient of the
+        whole network. Models that couple their examples take one batch VJP per
+        example, in a compiled loop.
         """
         shape = (self.num_inputs, None, *self.output_shape[1:])
         U = self._operand(U, "U", shape, self._cotangents_text("N"))

@@ -29,8 +29,15 @@ largest entry.
 Timing: interleaved (one repetition of each method, then the next), after warm-up
 rounds (the compilations), each call ended by ``jax.block_until_ready``; medians.
 
-Run with the virtual environment that has kfac-jax (fisherbound installed in it, e.g.
-``pip install --no-deps -e .``):
+Run with a virtual environment that has kfac-jax, which needs JAX 0.9.0 (kfac-jax
+0.0.8 fails on JAX 0.10.2), with fisherbound installed in it from this checkout::
+
+    python3 -m venv /tmp/kfacenv
+    /tmp/kfacenv/bin/pip install "jax==0.9.0" "jaxlib==0.9.0" "kfac-jax==0.0.8" \
+        dm-haiku flax array-api-compat scipy numpy
+    /tmp/kfacenv/bin/pip install --no-deps -e .
+
+and then:
 
     python benchmarks/kfac_jax_diagonal.py [--quick] [--reps 7] [--warmup 2]
         [--mode fisher_exact] [--out /tmp/kfac_jax_diagonal.json]

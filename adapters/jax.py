@@ -16,6 +16,9 @@ An example is an x with all its positions: per-example products sum over them.
 ``mask=`` (boolean (N, ∗S), a key of dict inputs, or a callable ``inputs -> mask``)
 keeps the positions that count; every product uses diag(mask) J (masked
 positions have zero Jacobian rows), so every Fisher quantity excludes them.
+``state=`` holds the variables that are not differentiated (flax ``batch_stats``,
+haiku's state, equinox's ``State``): ``apply_fn(params, x, state)`` gets them whole,
+as an argument of every compiled kernel.
 
 The products:
 

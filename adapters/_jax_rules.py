@@ -14,7 +14,9 @@ registration by the user.
 ``plan`` traces ``apply_fn`` to a jaxpr (``jax.make_jaxpr``, calls to ``jit``
 inlined) and gives each parameter leaf a rule or the reason it has none: used
 twice (shared), inside another operation (a ``custom_jvp`` function, a ``scan``,
-a convolution), or in a form the rules do not cover. ``sum_squared`` evaluates the
+a ``gather`` of an embedding), or in a form the rules do not cover. Convolutions
+(``conv_general_dilated``) have a rule that forms each example's kernel gradient
+from the patches. ``sum_squared`` evaluates the
 jaxpr with the perturbations and forms the squares; it applies only when every leaf
 has a rule and the examples are independent (the adapter checks both).
 
@@ -58,6 +60,8 @@ class Tap(NamedTuple):
     rule: str  # the key of RULES
     operand: int  # the equation's input that is the activation (dense) or the sum (bias)
     transposed: bool  # dense: the kernel is (out, in), contracted on its axis 1
+    params: tuple[tuple[str, Any], ...] = ()  # conv: the equation's parameters
+    kernel: tuple[int, ...] = ()  # conv: the kernel's shape
 
 
 class Plan(NamedTuple):
@@ -173,8 +177,61 @@ class Bias(Rule):
         return jnp.sum(sq, axis=0, keepdims=True) if summed else sq
 
 
+class Conv(Rule):
+    """s = a ⋆ W: ``conv_general_dilated`` of an activation with the parameter as kernel.
+
+    Each example's kernel gradient is Σ_t patch_nt ⊗ δ_nt over the output positions,
+    with the patches of ``lax.conv_general_dilated_patches`` (the same strides,
+    padding, dilations and layouts; features ordered input channel first, then the
+    kernel's spatial axes), reordered to the kernel's layout: the per-example
+    gradients of this layer are formed, ⌊max_vectors / N⌋ cotangents at a time.
+    Grouped convolutions have no rule.
+    """
+
+    name = "conv"
+
+    @staticmethod
+    def match(eqn: Any, views: list[View | None], leaf_shape: tuple[int, ...]) -> Tap | str:
+        view = views[1]
+        if views[0] is not None or view is None:
+            return "a convolution whose input is a parameter"
+        if view.reshaped or view.transposed:
+            return "a convolution kernel that is not the parameter's own array"
+        params = eqn.params
+        numbers = params["dimension_numbers"]
+        if params["batch_group_count"] != 1 or params["feature_group_count"] != 1:
+            return "a grouped convolution"
+        if numbers.lhs_spec[0] != 0 or numbers.out_spec[0] != 0:
+            return "a convolution whose examples are not on axis 0"
+        names = ("window_strides", "padding", "lhs_dilation", "rhs_dilation")
+        kept = tuple((k, params[k]) for k in (*names, "dimension_numbers"))
+        return Tap(view.leaf, "conv", 0, False, kept, tuple(leaf_shape))
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
+        params = dict(tap.params)
+        numbers = params.pop("dimension_numbers")
+        rhs = numbers.rhs_spec
+        spatial = tuple(tap.kernel[a] for a in rhs[2:])
+        patches = jax.lax.conv_general_dilated_patches(
+            act, spatial, dimension_numbers=numbers, **params
+        )
+        n, k = act.shape[0], delta.shape[0]
+        feature = numbers.out_spec[1]
+        a = jnp.reshape(jnp.moveaxis(patches, feature, -1), (n, -1, patches.shape[feature]))
+        d = jnp.moveaxis(delta, feature + 1, -1)
+        d = jnp.reshape(d, (k, n, -1, d.shape[-1]))
+        g = jnp.einsum("ntf,knto->knfo", a, d)  # per-example kernel gradients
+        sq = jnp.sum(g * g, axis=1)  # (K, C_in · spatial, C_out)
+        sq = jnp.sum(sq, axis=0, keepdims=True) if summed else sq
+        sq = jnp.reshape(sq, (sq.shape[0], tap.kernel[rhs[1]], *spatial, tap.kernel[rhs[0]]))
+        where = {rhs[1]: 1, rhs[0]: 2 + len(spatial)} | {a: 2 + i for i, a in enumerate(rhs[2:])}
+        sq = jnp.transpose(sq, (0, *(where[axis] for axis in range(len(tap.kernel)))))
+        return jnp.reshape(sq, (sq.shape[0], -1))
+
+
 #: The primitive each rule covers -> the rule.
-RULES: dict[str, type[Rule]] = {"dot_general": Dense, "add": Bias}
+RULES: dict[str, type[Rule]] = {"dot_general": Dense, "add": Bias, "conv_general_dilated": Conv}
 _BY_NAME = {rule.name: rule for rule in RULES.values()}
 
 
@@ -235,7 +292,9 @@ def plan(
             reasons.append(str(used[0]))
     kept = [f for f in found if reasons[f.tap.leaf] == "fast"]
     per_example = any(
-        f.tap.rule == "dense" and len(f.eqn.invars[f.tap.operand].aval.shape) > 2 for f in kept
+        f.tap.rule == "conv"
+        or (f.tap.rule == "dense" and len(f.eqn.invars[f.tap.operand].aval.shape) > 2)
+        for f in kept
     )
     return Plan({id(f.eqn): f.tap for f in kept}, tuple(reasons), per_example)
 
@@ -363,7 +422,7 @@ def evaluate(
             outs = outs if eqn.primitive.multiple_results else [outs]
         tap = taps.get(id(eqn))
         if tap is not None:
-            if tap.rule == "dense":
+            if tap.rule != "bias":  # the rules that need the layer's input
                 acts[id(eqn)] = invals[tap.operand]
             outs = [outs[0] + eps[id(eqn)]]
         for v, x in zip(eqn.outvars, outs, strict=True):

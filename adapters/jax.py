@@ -389,14 +389,15 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         """Which parameters ``sum_squared_per_example_vjp`` computes by a layer rule.
 
         A read-only mapping from every block name to ``"fast"`` (a closed-form rule
-        for its layer, found in the jaxpr of ``apply_fn``: a dense kernel, the
-        kernel of ``dot_general`` over the activation's last axis, or a bias added
-        over the last axis) or the reason it has none, e.g. ``"used by conv_general
-        _dilated, which has no rule"`` or ``"used 2 times in one forward pass
-        (shared)"``. The rules apply when every parameter has one (and the examples
-        are independent): then the squared per-example sums cost one batched
-        backward pass per cotangent, as for the torch layer rules; otherwise every
-        parameter takes the per-example vmap. Decided once per model and input
+        for its layer, found in the jaxpr of ``apply_fn``: the kernel of a
+        ``dot_general`` over the activation's last axis or of a
+        ``conv_general_dilated``, or a bias added over the last axis) or the reason
+        it has none, e.g. ``"used by gather, which has no rule"`` (an embedding) or
+        ``"used 2 times in one forward pass (shared)"``. The rules apply when every
+        parameter has one (and the examples are independent): then the squared
+        per-example sums cost one batched backward pass per cotangent, as for the
+        torch layer rules; otherwise every parameter takes the per-example vmap.
+        Decided once per model and input
         shapes (one trace of ``apply_fn`` to a jaxpr) and cached.
         """
         plan = self._layer_plan()

@@ -1,7 +1,8 @@
 """Benchmark: the exact Fisher diagonal with the JAX adapter, layer rules against the vmap.
 
 diag F = Σ_n Σ_c (J_nᵀ b_nc)² on the CPU in float32, for MLPs written as plain JAX
-functions (``x @ W + b``, ReLU), timed against one gradient step of the same model
+functions (``x @ W + b``, ReLU) and the torch section's CNN (``lax.conv_general_dilated``,
+ReLU, 2 x 2 max pooling, a dense layer), timed against one gradient step of the same model
 and batch (``jax.jit(jax.grad)`` of the summed cross-entropy) measured in the same
 run:
 
@@ -38,11 +39,12 @@ TITLE = "Exact Fisher diagonal with JAX (CPU, float32): layer rules, vmap, torch
 MODELS = {
     "mlp": ("MLP 784-512-256-10, batch 128", (784, 512, 256, 10), 128),
     "mlp-small": ("MLP 64-256-256-10, batch 128", (64, 256, 256, 10), 128),
+    "cnn": ("CNN 3x32x32, conv16-conv32-linear, batch 64", "cnn", 64),
 }
 QUICK_MODELS = {"mlp": ("MLP 32-16-10, batch 8 (quick)", (32, 16, 10), 8)}
 
 
-def jax_case(widths: tuple[int, ...], n: int) -> dict[str, Callable[[], Any]]:
+def jax_case(widths: Any, n: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -52,19 +54,23 @@ def jax_case(widths: tuple[int, ...], n: int) -> dict[str, Callable[[], Any]]:
     from fisherbound.fisher import fisher_diagonal
 
     rng = np.random.default_rng(0)
-    params = []
-    for a, b in zip(widths[:-1], widths[1:], strict=True):
-        w = rng.standard_normal((a, b)) / np.sqrt(a)
-        params.append({"w": jnp.asarray(w, jnp.float32), "b": jnp.zeros(b, jnp.float32)})
-    x = jnp.asarray(rng.standard_normal((n, widths[0])), jnp.float32)
-    y = jnp.asarray(rng.integers(0, widths[-1], n))
+    if widths == "cnn":  # the torch section's CNN: conv 3x3 (16, 32), ReLU, 2x2 max pool
+        apply_fn, params, x = _jax_cnn(rng, n)
+        y = jnp.asarray(rng.integers(0, 10, n))
+    else:
+        params = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            w = rng.standard_normal((a, b)) / np.sqrt(a)
+            params.append({"w": jnp.asarray(w, jnp.float32), "b": jnp.zeros(b, jnp.float32)})
+        x = jnp.asarray(rng.standard_normal((n, widths[0])), jnp.float32)
+        y = jnp.asarray(rng.integers(0, widths[-1], n))
 
-    def apply_fn(p: list, h: Any) -> Any:
-        for i, layer in enumerate(p):
-            h = h @ layer["w"] + layer["b"]
-            if i < len(p) - 1:
-                h = jax.nn.relu(h)
-        return h
+        def apply_fn(p: list, h: Any) -> Any:
+            for i, layer in enumerate(p):
+                h = h @ layer["w"] + layer["b"]
+                if i < len(p) - 1:
+                    h = jax.nn.relu(h)
+            return h
 
     def loss(p: list) -> Any:
         logp = jax.nn.log_softmax(apply_fn(p, x))
@@ -91,10 +97,46 @@ def jax_case(widths: tuple[int, ...], n: int) -> dict[str, Callable[[], Any]]:
     }
     exact = fisher_diagonal(lin)
     check = float(jnp.max(jnp.abs(vmap_path() - exact)) / jnp.max(exact))
-    return {"methods": methods, "reasons": reasons, "check": check, "sync": jax.block_until_ready}
+    return {
+        "methods": methods,
+        "reasons": reasons,
+        "check": check,
+        "sync": jax.block_until_ready,
+        "num_params": lin.num_params,
+    }
 
 
-def torch_case(widths: tuple[int, ...], n: int, threads: int) -> dict[str, Callable[[], Any]]:
+def _jax_cnn(rng: Any, n: int) -> tuple[Callable[..., Any], dict, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    def conv(h: Any, k: Any, b: Any) -> Any:
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=dn) + b
+        h = jax.nn.relu(h)
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    def apply_fn(p: dict, h: Any) -> Any:
+        h = conv(conv(h, p["k1"], p["b1"]), p["k2"], p["b2"])
+        return jnp.reshape(h, (h.shape[0], -1)) @ p["w"] + p["b"]
+
+    def arr(*shape: int) -> Any:
+        return jnp.asarray(
+            rng.standard_normal(shape) / (shape[0] if len(shape) == 2 else 6.0), jnp.float32
+        )
+
+    params = {
+        "k1": arr(3, 3, 3, 16),
+        "b1": jnp.zeros(16, jnp.float32),
+        "k2": arr(3, 3, 16, 32),
+        "b2": jnp.zeros(32, jnp.float32),
+        "w": arr(32 * 8 * 8, 10),
+        "b": jnp.zeros(10, jnp.float32),
+    }
+    return apply_fn, params, jnp.asarray(rng.standard_normal((n, 32, 32, 3)), jnp.float32)
+
+
+def torch_case(widths: Any, n: int, threads: int) -> dict[str, Callable[[], Any]]:
     import torch
     from torch import nn
 
@@ -104,13 +146,21 @@ def torch_case(widths: tuple[int, ...], n: int, threads: int) -> dict[str, Calla
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
+    if widths == "cnn":
+        layers = [
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        ]  # fmt: skip
+        x, classes = torch.randn(n, 3, 32, 32), 10
+    else:
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Linear(a, b))
+            if i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        x, classes = torch.randn(n, widths[0]), widths[-1]
     model = nn.Sequential(*layers).eval()
-    x = torch.randn(n, widths[0])
-    y = torch.randint(0, widths[-1], (n,))
+    y = torch.randint(0, classes, (n,))
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -154,7 +204,7 @@ def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> di
             )
         results[key] = {
             "model": label,
-            "num_params": sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)),
+            "num_params": case["num_params"],
             "median_s": med,
             "all_s": times,
             "gradient_steps": steps,

@@ -1183,7 +1183,18 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
     def nested(p: dict, x: Any) -> Any:
         return hidden(x, p["w1"]) @ p["w2"]
 
+    def conv(p: dict, x: Any) -> Any:  # NHWC / HWIO, stride 2, dilation, bias; then NCHW
+        nhwc, nchw = ("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")
+        y = jax.lax.conv_general_dilated(
+            x, p["k"], (2, 1), "SAME", rhs_dilation=(1, 2), dimension_numbers=nhwc
+        )
+        y = jnp.moveaxis(jnp.tanh(y + p["kb"]), 3, 1)
+        y = jax.lax.conv_general_dilated(y, p["o"], (1, 1), "VALID", dimension_numbers=nchw)
+        return jnp.mean(jnp.tanh(y), axis=(2, 3)) @ p["w"]
+
+    cnn = {"k": arr(3, 2, 2, 4), "kb": arr(4), "o": arr(5, 4, 2, 2), "w": arr(5, 3)}
     return {
+        "convolutions": (conv, cnn, arr(4, 6, 5, 2), None),
         "dense": (dense, mlp, arr(7, 4), None),
         "positions and mask": (dense, mlp, arr(5, 3, 4), jnp.asarray(rng.random((5, 3)) > 0.3)),
         "transposed": (transposed, {"w1": arr(6, 4), "w2": arr(3, 6)}, arr(7, 4), None),
@@ -1242,9 +1253,14 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
         h, wt = block(p["w"], x)
         return jnp.tanh(h @ wt) @ p["v"]
 
-    def conv(p: dict, x: Any) -> Any:
+    def conv(p: dict, x: Any) -> Any:  # two feature groups
         y = jax.lax.conv_general_dilated(
-            x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            x,
+            p["k"],
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=2,
         )
         return jnp.mean(y, axis=(1, 2)) @ p["v"][:2]
 
@@ -1276,8 +1292,8 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
         (
             conv,
             {"k": k, "v": v},
-            (2, 5, 5, 1),
-            {"k": "used by conv_general_dilated, which has no rule"},
+            (2, 5, 5, 2),
+            {"k": "a grouped convolution"},
         ),
         (
             lambda p, x: x @ p["v"],
@@ -1317,3 +1333,18 @@ def test_layer_rules_on_a_flax_mlp() -> None:
         lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-5, atol=1e-7
     )
     assert fisher_diagonal(lin).shape == (lin.num_params,)
+
+    class CNN(nn.Module):  # type: ignore[misc, name-defined]
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            h = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
+            return nn.Dense(3)(h.reshape((h.shape[0], -1)))
+
+    cnn = CNN()
+    xc = jnp.asarray(np.random.default_rng(55).standard_normal((6, 7, 7, 2)), dtype=jnp.float32)
+    cparams = cnn.init(jax.random.key(0), xc)["params"]
+    lin = linearize(lambda p, xb: cnn.apply({"params": p}, xb), cparams, xc)
+    assert set(lin.fast_path_reasons.values()) == {"fast"}
+    assert_close(
+        lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-5, atol=1e-7
+    )

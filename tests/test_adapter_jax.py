@@ -970,12 +970,14 @@ def test_fisher_bounds_differentiate() -> None:
 
     rng = np.random.default_rng(60)
     w = jnp.asarray(rng.standard_normal((4, 5)))
-    x = jnp.asarray(rng.standard_normal((6, 4)))
+    x = jnp.asarray(rng.standard_normal((3, 2, 4)))  # with positions
+    mask = np.ones((3, 2), bool)
+    mask[1, 0] = False  # a masked position's slot has tied probabilities: no NaN
     for kind in ("lower", "upper"):
 
         def total(p: Any, kind: str = kind) -> Any:
-            bounds = fisher_bounds(linearize(lambda q, xb: jnp.tanh(xb @ q), p, x))
-            return jnp.sum(getattr(bounds, kind))
+            lin = linearize(lambda q, xb: jnp.tanh(xb @ q), p, x, mask=mask)
+            return jnp.sum(getattr(fisher_bounds(lin), kind))
 
         grad = np.asarray(jax.grad(total)(w))
         for i, j in ((0, 0), (1, 2), (3, 4)):
@@ -1253,6 +1255,15 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
         h, wt = block(p["w"], x)
         return jnp.tanh(h @ wt) @ p["v"]
 
+    def again(p: dict, x: Any) -> Any:  # the second call of the body has no parameter
+        return layer(layer(x, p["w"]), jnp.eye(4)) @ p["v"]
+
+    def one_channel(p: dict, x: Any) -> Any:  # NCHW, one channel: its bias is no last-axis bias
+        y = jax.lax.conv_general_dilated(
+            x, p["k"], (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW")
+        )
+        return jnp.mean(jnp.tanh(y + jnp.reshape(p["b"], (1, 1, 1, 1))), axis=(1, 2)) @ p["v"][:3]
+
     def conv(p: dict, x: Any) -> Any:  # two feature groups
         y = jax.lax.conv_general_dilated(
             x,
@@ -1289,6 +1300,21 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
             },
         ),
         (tied, {"w": w, "v": v}, (6, 4), {"w": "used 2 times in one forward pass (shared)"}),
+        (
+            again,
+            {"w": w, "v": v},
+            (6, 4),
+            {"w": "used inside a jitted function that the model calls more than once"},
+        ),
+        (
+            one_channel,
+            {"k": k[:, :, :1, :1].reshape(1, 1, 3, 3), "b": jnp.ones(1), "v": v},
+            (2, 1, 5, 3),
+            {
+                "k": "fast",
+                "b": "an addition that is not a bias (a 1-D parameter over the last axis)",
+            },
+        ),
         (
             conv,
             {"k": k, "v": v},

@@ -127,6 +127,12 @@ def _solve_chunk(p: Array, g0: int, g1: int, xp: Any) -> SecularRoots:
     from_right = (h_mid < 0.0) & ~fixed
     origin = xp.where(from_right, dr, dl)
     unit = xp.where(from_right, unit, xp.maximum(xp.minimum(gap, dl), floor))
+    if is_traced(unit):
+        # Fixed roots' units may be the floor (1e-304): the derivative of 1 / unit
+        # overflows there, and 0 · inf is NaN even where the result does not use it.
+        import jax  # traced: JAX is what traced it
+
+        unit = xp.where(fixed, jax.lax.stop_gradient(unit), unit)
     delta = (pc - origin[..., None]) / unit[..., None]  # exactly 0 at the origin pole
     half_u = half / unit
     # Start at the midpoint, or one unit right of a small left pole (λ = 2 p_(g)).

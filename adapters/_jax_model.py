@@ -256,7 +256,7 @@ class Kernels:
             U = mask_cotangents(U, m)
             return rules.sum_squared(
                 closed,
-                plan.taps,
+                plan,
                 leaves,
                 flat,
                 lambda outs: outs[0],

@@ -12,13 +12,17 @@ kfac-jax finds its layers: no per-example gradient of the whole network, no
 registration by the user.
 
 ``plan`` traces ``apply_fn`` to a jaxpr (``jax.make_jaxpr``, calls to ``jit``
-inlined) and gives each parameter leaf a rule or the reason it has none: used
-twice (shared), inside another operation (a ``custom_jvp`` function, a ``scan``,
-a ``gather`` of an embedding), or in a form the rules do not cover. Convolutions
-(``conv_general_dilated``) have a rule that forms each example's kernel gradient
-from the patches. ``sum_squared`` evaluates the
-jaxpr with the perturbations and forms the squares; it applies only when every leaf
-has a rule and the examples are independent (the adapter checks both).
+inlined, each call on its own: a body called twice has two sets of taps) and gives
+each parameter leaf a rule or the reason it has none: used twice (shared), inside
+another operation (a ``custom_jvp`` function, a ``scan``), or in a form the rules
+do not cover. The rules (``RULES``): dense kernels on either side of their product
+(``Dense``), biases (``Bias``), per-channel scales of normalisation layers
+(``Scale``, also γ times a constant such as an inference-mode ``BatchNorm``'s
+running variance), whole-row lookups of an embedding table (``Embed``), and
+convolution kernels from each example's patches (``Conv``). ``sum_squared``
+evaluates the jaxpr with the perturbations and forms the squares; it applies only
+when every leaf has a rule and the examples are independent (the adapter checks
+both).
 
 A rule is a ``Rule`` subclass in ``RULES``: ``match`` decides from one equation
 whether the leaf's use there is covered, ``squares`` forms the (K, size) squares.
@@ -51,6 +55,9 @@ class View(NamedTuple):
     leaf: int
     reshaped: bool  # through reshape, broadcast_in_dim or a transpose of > 2 axes
     transposed: bool = False  # a 2-D leaf's transpose (its own layout otherwise)
+    #: A per-channel leaf times this variable of the same body (a ``BatchNorm`` in
+    #: inference mode: γ ⊙ (σ² + ε)^(-1/2) with the running variance σ²), or None.
+    factor: Any = None
 
 
 class Tap(NamedTuple):
@@ -62,13 +69,23 @@ class Tap(NamedTuple):
     transposed: bool  # dense: the kernel is (out, in), contracted on its axis 1
     params: tuple[tuple[str, Any], ...] = ()  # conv: the equation's parameters
     kernel: tuple[int, ...] = ()  # conv: the kernel's shape
+    scaled: bool = False  # scale: the leaf multiplied by a factor first (View.factor)
+
+
+#: Where an equation is: the ids of the call equations it lies in, then its own id. A
+#: jitted function called twice has ONE body; its equations are told apart by the call.
+Key = tuple[int, ...]
 
 
 class Plan(NamedTuple):
     """Per leaf: its tap, or the reason it has none; the taps by equation."""
 
-    taps: dict[int, Tap]  # id(eqn) -> tap
+    taps: dict[Key, Tap]  # where the tapped equation is -> its tap
     reasons: tuple[str, ...]  # per leaf: "fast" or why not
+    #: The shape and dtype of each tapped equation's output (its perturbation's).
+    outs: dict[Key, tuple[tuple[int, ...], Any]]
+    #: The factor variable of each scaled tap (read where the tap is evaluated).
+    factors: dict[Key, Any]
     #: Some dense layer's input has position axes: its per-example gradients are formed
     #: (the cotangents then go in chunks of ⌊max_vectors / N⌋).
     per_example: bool = False
@@ -104,7 +121,7 @@ class Rule:
 
 
 class Dense(Rule):
-    """s = a W: ``dot_general`` of an activation (N, ..., in) with a 2-D kernel."""
+    """s = a W (or W a): ``dot_general`` of an activation (N, ..., in) with a 2-D kernel."""
 
     name = "dense"
 
@@ -118,20 +135,23 @@ class Dense(Rule):
             return "a product of two parameters"
         if view.reshaped or len(leaf_shape) != 2:
             return "a kernel that is not the parameter's own 2-D array"
-        if k == 0:
-            return "a kernel on the left of its product"
         ndim = len(act.aval.shape)
-        if batch_l or batch_r or tuple(contract_l) != (ndim - 1,) or len(contract_r) != 1:
+        contract_w, contract_a = (contract_l, contract_r) if k == 0 else (contract_r, contract_l)
+        if batch_l or batch_r or tuple(contract_a) != (ndim - 1,) or len(contract_w) != 1:
             return "a product that is not over the activation's last axis"
         if ndim < 2:
             return "an activation without an example axis"
         # The kernel as used is (in, out) when contracted on its axis 0; (out, in) of
         # the leaf's layout when exactly one of "contracted on 1" and "transposed".
-        return Tap(view.leaf, "dense", 0, (int(contract_r[0]) == 1) != view.transposed)
+        # On the left (W a, as equinox's vmapped Linear), the output's axis 0 is "out".
+        transposed = (int(contract_w[0]) == 1) != view.transposed
+        return Tap(view.leaf, "dense", 1 - k, transposed, (("left", k == 0),))
 
     @staticmethod
     def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
-        # act (N, ..., in), delta (K, N, ..., out)
+        # act (N, ..., in), delta (K, N, ..., out), or (K, out, N, ...) on the left
+        if dict(tap.params)["left"]:
+            delta = jnp.moveaxis(delta, 1, -1)
         n, k = act.shape[0], delta.shape[0]
         if act.ndim == 2 and summed:  # Σ_k (a_n²)ᵀ δ_nk² = (a_n²)ᵀ Σ_k δ_nk²: one product
             sq = jnp.einsum("ni,no->io", act * act, jnp.sum(delta * delta, axis=0))[None]
@@ -176,6 +196,119 @@ class Bias(Rule):
         s = jnp.sum(jnp.reshape(delta, (k, n, -1, delta.shape[-1])), axis=2)
         sq = jnp.sum(s * s, axis=1)
         return jnp.sum(sq, axis=0, keepdims=True) if summed else sq
+
+
+class Scale(Rule):
+    """s = a ⊙ γ: a ``mul`` of an activation with a 1-D parameter over the last axis.
+
+    The scale of a normalisation layer (flax ``LayerNorm`` and ``GroupNorm``, equinox
+    ``LayerNorm``, a ``BatchNorm`` in training mode): each example's gradient is
+    Σ_t a_nt ⊙ δ_nt over its positions (a broadcast along the axes where it has size 1).
+    """
+
+    name = "scale"
+
+    @staticmethod
+    def match(eqn: Any, views: list[View | None], leaf_shape: tuple[int, ...]) -> Tap | str:
+        k = 0 if views[0] is not None else 1
+        view, act = views[k], eqn.invars[1 - k]
+        assert view is not None
+        if views[1 - k] is not None:
+            return "a product of two parameters"
+        out = tuple(eqn.outvars[0].aval.shape)
+        scale = tuple(eqn.invars[k].aval.shape)
+        shape = tuple(getattr(act.aval, "shape", ()))
+        per_channel = (
+            len(leaf_shape) == 1
+            and not view.transposed
+            and len(out) >= 2
+            and scale[-1:] == leaf_shape == out[-1:]
+            and all(s == 1 for s in scale[:-1])
+        )
+        if not per_channel:
+            return "a product that is not a scale (a 1-D parameter over the last axis)"
+        if len(shape) != len(out) or shape[:1] != out[:1]:
+            return "a scale of an activation without the example axis"
+        return Tap(view.leaf, "scale", 1 - k, False, scaled=view.factor is not None)
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
+        act, factor = act if tap.scaled else (act, None)
+        k, n, c = delta.shape[0], delta.shape[1], delta.shape[-1]
+        g = jnp.sum(jnp.reshape(act[None] * delta, (k, n, -1, c)), axis=2)  # (K, N, C)
+        if factor is not None:  # the scaled leaf's gradient: times the factor
+            g = g * jnp.reshape(factor, (-1,))
+        sq = jnp.sum(g * g, axis=1)
+        return jnp.sum(sq, axis=0, keepdims=True) if summed else sq
+
+
+class Embed(Rule):
+    """s = E[i]: a ``gather`` of whole rows of a 2-D table (``jnp.take``, ``E[ids]``).
+
+    Each example's gradient has a row Σ_{t: i_nt = v} δ_nt for each token v it
+    holds: the positions are sorted by (example, token) and summed per group
+    (``jax.ops.segment_sum``), the groups' squares added into their rows. Cost
+    O(N T log(N T) + K N T d), memory K N T d besides the (K, V d) squares.
+    Indices out of range follow the gather's mode (dropped, or clipped).
+    """
+
+    name = "embed"
+
+    @staticmethod
+    def match(eqn: Any, views: list[View | None], leaf_shape: tuple[int, ...]) -> Tap | str:
+        view = views[0]
+        if view is None or views[1] is not None:
+            return "a gather whose indices are a parameter"
+        if view.reshaped or view.transposed or len(leaf_shape) != 2:
+            return "a gather from an array that is not the parameter's own 2-D table"
+        numbers = eqn.params["dimension_numbers"]
+        starts = tuple(numbers.start_index_map)
+        out = len(eqn.outvars[0].aval.shape)
+        batch = len(eqn.invars[1].aval.shape) - 1  # the index vector is the last axis
+        rows = (
+            tuple(eqn.params["slice_sizes"]) == (1, leaf_shape[1])
+            and starts in ((0,), (0, 1))
+            and set(numbers.collapsed_slice_dims) <= {0}
+            and not tuple(getattr(numbers, "operand_batching_dims", ()))
+            and tuple(numbers.offset_dims) == tuple(range(batch, out))
+        )
+        if not rows:
+            return "a gather that does not take whole rows of the table"
+        if batch < 1:
+            return "a gather without an example axis"
+        fill = "FILL_OR_DROP" in str(eqn.params["mode"])
+        col = starts.index(1) if 1 in starts else -1
+        params = (("row", starts.index(0)), ("col", col), ("fill", fill), ("vocab", leaf_shape[0]))
+        return Tap(view.leaf, "embed", 1, False, params, tuple(leaf_shape))
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
+        p = dict(tap.params)
+        vocab, width = tap.kernel
+        k, n = delta.shape[:2]
+        ids = jnp.reshape(act[..., p["row"]], (n, -1))
+        valid = (ids >= 0) & (ids < vocab)
+        if p["col"] >= 0:  # a second index, on the row's own axis: only 0 takes a whole row
+            valid &= jnp.reshape(act[..., p["col"]], (n, -1)) == 0
+        if not p["fill"]:  # clipped into range, as the gather did
+            valid = jnp.ones_like(valid)
+        ids = jnp.clip(ids, 0, vocab - 1)
+        t = ids.shape[1]
+        d = jnp.reshape(delta, (k, n, t, width)) * valid[None, :, :, None].astype(delta.dtype)
+        example = jnp.broadcast_to(jnp.arange(n)[:, None], (n, t)).reshape(-1)
+        ids = ids.reshape(-1)
+        order = jnp.lexsort((ids, example))  # by example, then token
+        sid, sex = ids[order], example[order]
+        new = jnp.concatenate([jnp.ones(1, bool), (sid[1:] != sid[:-1]) | (sex[1:] != sex[:-1])])
+        group = jnp.cumsum(new) - 1  # each (example, token) pair's group
+        d = jnp.moveaxis(jnp.reshape(d, (k, n * t, width)), 1, 0)[order]  # (N T, K, d)
+        g = jax.ops.segment_sum(d, group, num_segments=n * t, indices_are_sorted=True)
+        sq = g * g
+        if summed:
+            sq = jnp.sum(sq, axis=1, keepdims=True)
+        rows = jnp.zeros(n * t, ids.dtype).at[group].set(sid)  # unused groups: 0, sum 0
+        table = jnp.zeros((vocab, *sq.shape[1:]), sq.dtype).at[rows].add(sq)
+        return jnp.reshape(jnp.moveaxis(table, 1, 0), (sq.shape[1], -1))
 
 
 class Conv(Rule):
@@ -232,7 +365,13 @@ class Conv(Rule):
 
 
 #: The primitive each rule covers -> the rule.
-RULES: dict[str, type[Rule]] = {"dot_general": Dense, "add": Bias, "conv_general_dilated": Conv}
+RULES: dict[str, type[Rule]] = {
+    "dot_general": Dense,
+    "add": Bias,
+    "mul": Scale,
+    "gather": Embed,
+    "conv_general_dilated": Conv,
+}
 _BY_NAME = {rule.name: rule for rule in RULES.values()}
 
 
@@ -263,8 +402,8 @@ def plan(
     whose other axes happen to equal N, is told apart by the second trace). The
     first ``num_leaves`` inputs of each are the parameter leaves.
     """
-    uses, found, visits = _find(closed, num_leaves, shapes)
-    _, found_plus, _ = _find(closed_plus, num_leaves, shapes)
+    uses, found = _find(closed, num_leaves, shapes)
+    _, found_plus = _find(closed_plus, num_leaves, shapes)
     wrong: dict[int, str] = {}
     if [f.tap for f in found] != [f.tap for f in found_plus]:
         for f in found:
@@ -275,11 +414,6 @@ def plan(
             b = tuple(f_plus.eqn.invars[f.tap.operand].aval.shape)
             if a[:1] != (n,) or b[:1] != (n + 1,) or a[1:] != b[1:]:
                 wrong[f.tap.leaf] = "layer input axis 0 is not the example axis"
-    for f in found:
-        # A jitted function called twice with the same shapes has ONE body: its layers
-        # would share one equation (one perturbation, one recorded input).
-        if any(visits[body] > 1 for body in f.bodies):
-            wrong[f.tap.leaf] = "used inside a jitted function that the model calls more than once"
     reasons = []
     for i, used in enumerate(uses):
         covered = [u for u in used if isinstance(u, Tap)]
@@ -297,37 +431,39 @@ def plan(
         or (f.tap.rule == "dense" and len(f.eqn.invars[f.tap.operand].aval.shape) > 2)
         for f in kept
     )
-    return Plan({id(f.eqn): f.tap for f in kept}, tuple(reasons), per_example)
+    taps = {f.key: f.tap for f in kept}
+    outs = {f.key: (tuple(f.eqn.outvars[0].aval.shape), f.eqn.outvars[0].aval.dtype) for f in kept}
+    factors = {f.key: f.factor for f in kept if f.tap.scaled}
+    return Plan(taps, tuple(reasons), outs, factors, per_example)
 
 
 class _Found(NamedTuple):
-    """A tap, its equation and the call bodies (ids) it lies in."""
+    """A tap, its equation and where the equation is."""
 
     eqn: Any
     tap: Tap
-    bodies: tuple[int, ...]
+    key: Key
+    factor: Any = None
 
 
 def _find(
     closed: Any, num_leaves: int, shapes: Sequence[tuple[int, ...]]
-) -> tuple[list[list[Tap | str]], list[_Found], dict[int, int]]:
-    """Every use of every leaf (a tap or why not), the taps, and each body's visits."""
+) -> tuple[list[list[Tap | str]], list[_Found]]:
+    """Every use of every leaf (a tap or why not), and the taps."""
     uses: list[list[Tap | str]] = [[] for _ in range(num_leaves)]
     found: list[_Found] = []
-    visits: dict[int, int] = {}
     leaves = [View(i, False) for i in range(num_leaves)]
     ins = leaves + [None] * (len(closed.jaxpr.invars) - num_leaves)
-    _walk(closed.jaxpr, ins, (), uses, found, visits, shapes)
-    return uses, found, visits
+    _walk(closed.jaxpr, ins, (), uses, found, shapes)
+    return uses, found
 
 
 def _walk(
     jaxpr: Any,
     ins: Sequence[View | None],
-    bodies: tuple[int, ...],
+    path: Key,
     uses: list[list[Tap | str]],
     found: list[_Found],
-    visits: dict[int, int],
     shapes: Sequence[tuple[int, ...]],
 ) -> list[View | None]:
     """Record the uses of the leaves in ``jaxpr`` whose inputs are the views ``ins``.
@@ -339,23 +475,35 @@ def _walk(
     for eqn in jaxpr.eqns:
         seen = [views.get(v) if not isinstance(v, Literal) else None for v in eqn.invars]
         name = eqn.primitive.name
-        if not any(seen) and name not in _CALLS:  # every call counts: a body called twice
+        if not any(seen):
             continue
         if name in _VIEWS:
             view = seen[0]
             assert view is not None
             if name == "convert_element_type":
                 views[eqn.outvars[0]] = view
+            elif view.factor is not None:  # leading axes of size 1 only: still per channel
+                if _leading_ones(eqn):
+                    views[eqn.outvars[0]] = View(view.leaf, True, False, view.factor)
+                else:
+                    uses[view.leaf].append(f"a scaled parameter re-shaped by {name}")
             elif name == "transpose" and tuple(eqn.params["permutation"]) == (1, 0):
                 views[eqn.outvars[0]] = view._replace(transposed=not view.transposed)
             else:
                 views[eqn.outvars[0]] = View(view.leaf, True)
             continue
+        if name == "mul" and _scaling(eqn, seen):
+            k = 0 if seen[0] is not None else 1
+            views[eqn.outvars[0]] = seen[k]._replace(factor=eqn.invars[1 - k])  # type: ignore[union-attr]
+            continue
         if name in _CALLS:
+            for i, view in enumerate(seen):
+                if view is not None and view.factor is not None:
+                    uses[view.leaf].append("a scaled parameter passed into a jitted function")
+                    seen[i] = None
             inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
             inner = getattr(inner, "jaxpr", inner)
-            visits[id(inner)] = visits.get(id(inner), 0) + 1
-            outs = _walk(inner, seen, (*bodies, id(inner)), uses, found, visits, shapes)
+            outs = _walk(inner, seen, (*path, id(eqn)), uses, found, shapes)
             for var, view in zip(eqn.outvars, outs, strict=True):
                 if view is not None:
                     views[var] = view
@@ -367,11 +515,41 @@ def _walk(
             if rule is None:
                 uses[view.leaf].append(f"used by {name}, which has no rule")
                 continue
+            if view.factor is not None and rule is not Scale:
+                uses[view.leaf].append(f"a scaled parameter used by {name}")
+                continue
             got = rule.match(eqn, seen, shapes[view.leaf])
             uses[view.leaf].append(got)
             if isinstance(got, Tap):
-                found.append(_Found(eqn, got, bodies))
+                found.append(_Found(eqn, got, (*path, id(eqn)), view.factor))
     return [None if isinstance(v, Literal) else views.get(v) for v in jaxpr.outvars]
+
+
+def _scaling(eqn: Any, seen: list[View | None]) -> bool:
+    """Whether this ``mul`` scales a per-channel leaf by a factor of its own shape.
+
+    The product is then a scaled view of the leaf (``View.factor``), not a use: a
+    factor of the leaf's shape holds no example axis, so the product's own use
+    (a ``Scale``) carries the per-example gradient.
+    """
+    views = [v for v in seen if v is not None]
+    if len(views) != 1 or views[0].factor is not None or views[0].transposed:
+        return False
+    k = 0 if seen[0] is not None else 1
+    shape = tuple(eqn.invars[k].aval.shape)
+    other = tuple(getattr(eqn.invars[1 - k].aval, "shape", ()))
+    out = tuple(eqn.outvars[0].aval.shape)
+    per_channel = len(shape) >= 1 and all(s == 1 for s in shape[:-1])
+    return per_channel and out == shape and len(other) in (0, len(shape))
+
+
+def _leading_ones(eqn: Any) -> bool:
+    """Whether a reshape or broadcast only puts axes of size 1 before the last axis."""
+    shape, out = tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape)
+    ones = len(shape) >= 1 and shape[-1:] == out[-1:] and all(s == 1 for s in out[:-1])
+    if eqn.primitive.name == "broadcast_in_dim":
+        return ones and tuple(eqn.params["broadcast_dimensions"])[-1:] == (len(out) - 1,)
+    return ones and eqn.primitive.name == "reshape"
 
 
 # --------------------------------------------------------------------------- #
@@ -383,16 +561,20 @@ def evaluate(
     jaxpr: Any,
     consts: Sequence[Array],
     args: Sequence[Array],
-    taps: dict[int, Tap],
-    eps: dict[int, Array],
-    acts: dict[int, Array],
+    taps: dict[Key, Tap],
+    eps: dict[Key, Array],
+    acts: dict[Key, Array],
+    factors: dict[Key, Any],
+    path: Key = (),
 ) -> list[Array]:
-    """The jaxpr's outputs, with ``eps[id(eqn)]`` added to each tapped output.
+    """The jaxpr's outputs, with ``eps[key]`` added to each tapped output.
 
-    ``acts`` receives each dense tap's activation. As ``jax.core.eval_jaxpr``, with
-    the calls inlined (so their taps are reached).
+    ``acts`` receives each tap's layer input (not a bias's). As
+    ``jax.core.eval_jaxpr``, with the calls holding taps inlined (so their taps are
+    reached); ``path`` is where ``jaxpr`` is (the calls it lies in).
     """
     env: dict[Any, Array] = {}
+    inside = {key[:i] for key in taps for i in range(len(path) + 1, len(key))}
 
     def read(v: Any) -> Array:
         return v.val if isinstance(v, Literal) else env[v]
@@ -403,17 +585,11 @@ def evaluate(
         env[v] = x
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        if name in _CALLS and any(id(e) in taps for e in _eqns(eqn)):
+        key = (*path, id(eqn))
+        if eqn.primitive.name in _CALLS and key in inside:
             inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
-            outs = evaluate(
-                getattr(inner, "jaxpr", inner),
-                getattr(inner, "consts", ()),
-                invals,
-                taps,
-                eps,
-                acts,
-            )
+            body, body_consts = getattr(inner, "jaxpr", inner), getattr(inner, "consts", ())
+            outs = evaluate(body, body_consts, invals, taps, eps, acts, factors, key)
         else:
             got = eqn.primitive.get_bind_params(eqn.params)
             subfuns, params = got if isinstance(got, tuple) else ((), got)  # JAX < 0.7: a pair
@@ -421,31 +597,21 @@ def evaluate(
             with context if context is not None else contextlib.nullcontext():
                 outs = eqn.primitive.bind(*subfuns, *invals, **params)
             outs = outs if eqn.primitive.multiple_results else [outs]
-        tap = taps.get(id(eqn))
+        tap = taps.get(key)
         if tap is not None:
-            if tap.rule != "bias":  # the rules that need the layer's input
-                acts[id(eqn)] = invals[tap.operand]
-            outs = [outs[0] + eps[id(eqn)]]
+            if tap.scaled:  # the layer's input and the leaf's factor
+                acts[key] = (invals[tap.operand], read(factors[key]))
+            elif tap.rule != "bias":  # the rules that need the layer's input
+                acts[key] = invals[tap.operand]
+            outs = [outs[0] + eps[key]]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
 
-def _eqns(eqn: Any) -> list[Any]:
-    """The equations of a call's body, nested calls included."""
-    inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
-    inner = getattr(inner, "jaxpr", inner)
-    out = []
-    for e in inner.eqns:
-        out.append(e)
-        if e.primitive.name in _CALLS:
-            out.extend(_eqns(e))
-    return out
-
-
 def sum_squared(
     closed: Any,
-    taps: dict[int, Tap],
+    layers: Plan,
     leaves: Sequence[Array],
     flat_inputs: Sequence[Array],
     select: Callable[[Any], Array],
@@ -470,15 +636,19 @@ def sum_squared(
     """
     dtype = leaves[0].dtype
     width = sum(math.prod(leaf.shape) for leaf in leaves)
-    zeros = {key: local(jnp.zeros(*_out_aval(closed.jaxpr, key))) for key in taps}
+    taps = layers.taps
+    zeros = {key: local(jnp.zeros(*layers.outs[key])) for key in taps}
 
-    def forward(eps: dict[int, Array]) -> tuple[Array, dict[int, Array]]:
-        acts: dict[int, Array] = {}
-        outs = evaluate(closed.jaxpr, closed.consts, [*leaves, *flat_inputs], taps, eps, acts)
+    def forward(eps: dict[Key, Array]) -> tuple[Array, dict[Key, Array]]:
+        acts: dict[Key, Array] = {}
+        args = [*leaves, *flat_inputs]
+        outs = evaluate(closed.jaxpr, closed.consts, args, taps, eps, acts, layers.factors)
         return select(outs), acts
 
     _, pullback, acts = jax.vjp(forward, zeros, has_aux=True)
-    acts = {key: a.astype(dtype) for key, a in acts.items()}
+    acts = jax.tree_util.tree_map(  # a scaled tap's act is (input, factor); not indices
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, acts
+    )
     order = sorted(taps.items(), key=lambda item: item[1].leaf)
     k = int(U.shape[1])
     chunk = max(1, min(vector_chunk, k))
@@ -505,14 +675,3 @@ def sum_squared(
         return total[0]
     rows = jax.lax.map(squares, chunks)  # (steps, chunk, D)
     return jnp.reshape(rows, (steps * chunk, -1))[:k]
-
-
-def _out_aval(jaxpr: Any, key: int) -> tuple[tuple[int, ...], Any]:
-    """The shape and dtype of the output of the equation ``key`` (``id``), calls searched."""
-    for eqn in jaxpr.eqns:
-        inner = [eqn, *(_eqns(eqn) if eqn.primitive.name in _CALLS else [])]
-        for e in inner:
-            if id(e) == key:
-                aval = e.outvars[0].aval
-                return tuple(aval.shape), aval.dtype
-    raise KeyError(key)

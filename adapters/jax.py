@@ -391,8 +391,9 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         A read-only mapping from every block name to ``"fast"`` (a closed-form rule
         for its layer, found in the jaxpr of ``apply_fn``: the kernel of a
         ``dot_general`` over the activation's last axis or of a
-        ``conv_general_dilated``, or a bias added over the last axis) or the reason
-        it has none, e.g. ``"used by gather, which has no rule"`` (an embedding) or
+        ``conv_general_dilated``, a bias added or a per-channel scale multiplied over
+        the last axis, an embedding table whose rows a ``gather`` takes) or the
+        reason it has none, e.g. ``"a grouped convolution"`` or
         ``"used 2 times in one forward pass (shared)"``. The rules apply when every
         parameter has one (and the examples are independent): then the squared
         per-example sums cost one batched backward pass per cotangent, as for the

@@ -1195,12 +1195,32 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
         return jnp.mean(jnp.tanh(y), axis=(2, 3)) @ p["w"]
 
     cnn = {"k": arr(3, 2, 2, 4), "kb": arr(4), "o": arr(5, 4, 2, 2), "w": arr(5, 3)}
+
+    def tokens(p: dict, ids: Any) -> Any:  # embedding, layer norm, a kernel on the left
+        h = jnp.take(p["emb"], ids, axis=0, mode="clip")  # ids ≥ 10 clipped to row 9
+        mu, var = jnp.mean(h, -1, keepdims=True), jnp.var(h, -1, keepdims=True)
+        h = (h - mu) * jax.lax.rsqrt(var + 1e-5) * p["g"] + p["b"]
+        return jnp.moveaxis(jnp.tensordot(p["w"], jnp.tanh(h), axes=[[1], [2]]), 0, -1)
+
+    lm = {"emb": arr(10, 6), "g": arr(6), "b": arr(6), "w": arr(3, 6)}
+    mean, var = arr(6), jnp.exp(arr(6))  # running statistics: constants
+
+    def normed(p: dict, x: Any) -> Any:  # batch norm in inference mode, then a group norm
+        h = (x @ p["w"] - mean) * (jax.lax.rsqrt(var + 1e-5) * p["g"]) + p["b"]
+        g = jnp.reshape(h, (h.shape[0], 2, 3))
+        g = (g - jnp.mean(g, -1, keepdims=True)) / jnp.std(g, -1, keepdims=True)
+        return jnp.tanh(jnp.reshape(g, h.shape) * p["s"]) @ p["v"]
+
+    norms = {"w": arr(4, 6), "g": arr(6), "b": arr(6), "s": arr(6), "v": arr(6, 3)}
+    ids = jnp.asarray(rng.integers(0, 12, (5, 4)))  # repeated tokens within examples
     return {
         "convolutions": (conv, cnn, arr(4, 6, 5, 2), None),
         "dense": (dense, mlp, arr(7, 4), None),
         "positions and mask": (dense, mlp, arr(5, 3, 4), jnp.asarray(rng.random((5, 3)) > 0.3)),
         "transposed": (transposed, {"w1": arr(6, 4), "w2": arr(3, 6)}, arr(7, 4), None),
         "nested jit": (nested, {"w1": arr(4, 6), "w2": arr(6, 3)}, arr(7, 4), None),
+        "tokens": (tokens, lm, ids, ids[:, ::-1] != 11),
+        "normalisations": (normed, norms, arr(7, 4), None),
     }
 
 
@@ -1288,23 +1308,19 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
             (5, 5, 4),
             {"w": "layer input axis 0 is not the example axis"},
         ),
-        (left, {"v": v}, (6, 4), {"v": "a kernel on the left of its product"}),
+        (left, {"v": v}, (6, 4), {"v": "a product that is not over the activation's last axis"}),
         (
             twice,
             {"w": w, "u": w + 1.0, "v": v},
             (6, 4),
-            {
-                "w": "used inside a jitted function that the model calls more than once",
-                "u": "used inside a jitted function that the model calls more than once",
-                "v": "fast",
-            },
+            {"w": "fast", "u": "fast", "v": "fast"},  # one body, two calls: two taps
         ),
         (tied, {"w": w, "v": v}, (6, 4), {"w": "used 2 times in one forward pass (shared)"}),
         (
             again,
             {"w": w, "v": v},
             (6, 4),
-            {"w": "used inside a jitted function that the model calls more than once"},
+            {"w": "fast"},
         ),
         (
             one_channel,
@@ -1373,4 +1389,62 @@ def test_layer_rules_on_a_flax_mlp() -> None:
     assert set(lin.fast_path_reasons.values()) == {"fast"}
     assert_close(
         lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_layer_rules_on_flax_and_equinox_tokens_and_norms() -> None:
+    nn = pytest.importorskip("flax.linen")
+    eqx = pytest.importorskip("equinox")
+
+    class Tokens(nn.Module):  # type: ignore[misc, name-defined]
+        @nn.compact
+        def __call__(self, ids: Any) -> Any:
+            return nn.Dense(5)(nn.LayerNorm()(nn.Embed(20, 8)(ids)))
+
+    ids = jnp.asarray(np.random.default_rng(56).integers(0, 20, (6, 4)), dtype=jnp.int32)
+    U = jnp.asarray(np.random.default_rng(57).standard_normal((6, 2, 4, 5)), dtype=jnp.float32)
+    model = Tokens()
+    params = model.init(jax.random.key(0), ids)["params"]
+    flax_lin = linearize(lambda p, x: model.apply({"params": p}, x), params, ids)
+
+    class EqxTokens(eqx.Module):  # type: ignore[misc, name-defined]
+        emb: Any
+        norm: Any
+        out: Any
+
+        def __init__(self, key: Any) -> None:
+            k1, k2 = jax.random.split(key)
+            self.emb = eqx.nn.Embedding(20, 8, key=k1)
+            self.norm = eqx.nn.LayerNorm(8)
+            self.out = eqx.nn.Linear(8, 5, key=k2)
+
+        def __call__(self, ids: Any) -> Any:  # one example's tokens
+            return jax.vmap(lambda i: self.out(self.norm(self.emb(i))))(ids)
+
+    eparams, static = eqx.partition(EqxTokens(jax.random.key(1)), eqx.is_array)
+    eqx_lin = linearize(lambda p, x: jax.vmap(eqx.combine(p, static))(x), eparams, ids)
+    for lin in (flax_lin, eqx_lin):
+        assert set(lin.fast_path_reasons.values()) == {"fast"}, dict(lin.fast_path_reasons)
+        assert_close(
+            lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-5, atol=1e-6
+        )
+
+    class Normed(nn.Module):  # type: ignore[misc, name-defined]
+        @nn.compact
+        def __call__(self, x: Any) -> Any:
+            h = nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x))
+            h = nn.RMSNorm()(nn.GroupNorm(num_groups=2)(nn.relu(h)))
+            return nn.Dense(3)(h.reshape((h.shape[0], -1)))
+
+    x = jnp.asarray(np.random.default_rng(58).standard_normal((4, 5, 5, 2)), dtype=jnp.float32)
+    normed = Normed()
+    variables = normed.init(jax.random.key(2), x)
+    stats = jax.tree_util.tree_map(lambda a: a + 0.5, {"batch_stats": variables["batch_stats"]})
+    lin = linearize(
+        lambda p, xb, s: normed.apply({"params": p, **s}, xb), variables["params"], x, state=stats
+    )
+    assert set(lin.fast_path_reasons.values()) == {"fast"}, dict(lin.fast_path_reasons)
+    U = U[:4, :, 0, :3]
+    assert_close(
+        lin.sum_squared_per_example_vjp(U), _per_example_squares(lin, U), rtol=1e-5, atol=1e-5
     )

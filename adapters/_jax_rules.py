@@ -31,7 +31,9 @@ whether the leaf's use there is covered, ``squares`` forms the (K, size) squares
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -111,8 +113,16 @@ class Rule:
         raise NotImplementedError
 
     @staticmethod
+    def prepare(act: Array, tap: Tap) -> Array:
+        """What ``squares`` needs of the layer's input, formed once for every cotangent."""
+        del tap
+        return act
+
+    @staticmethod
     def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
         """Σ_n (per-example gradient of the leaf for cotangent k)², (K, size).
+
+        ``act`` is what ``prepare`` made of the layer's input.
 
         ``summed``: their sum over k instead, (1, size), which a rule may form
         without the K rows (one product instead of K).
@@ -342,17 +352,25 @@ class Conv(Rule):
         return Tap(view.leaf, "conv", 0, False, kept, tuple(leaf_shape))
 
     @staticmethod
-    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
+    def prepare(act: Array, tap: Tap) -> Array:
+        # The patches (N, positions, C_in · spatial), once for every cotangent.
         params = dict(tap.params)
         numbers = params.pop("dimension_numbers")
-        rhs = numbers.rhs_spec
-        spatial = tuple(tap.kernel[a] for a in rhs[2:])
+        spatial = tuple(tap.kernel[a] for a in numbers.rhs_spec[2:])
         patches = jax.lax.conv_general_dilated_patches(
             act, spatial, dimension_numbers=numbers, **params
         )
-        n, k = act.shape[0], delta.shape[0]
         feature = numbers.out_spec[1]
-        a = jnp.reshape(jnp.moveaxis(patches, feature, -1), (n, -1, patches.shape[feature]))
+        n = act.shape[0]
+        return jnp.reshape(jnp.moveaxis(patches, feature, -1), (n, -1, patches.shape[feature]))
+
+    @staticmethod
+    def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
+        numbers = dict(tap.params)["dimension_numbers"]
+        rhs = numbers.rhs_spec
+        spatial = tuple(tap.kernel[a] for a in rhs[2:])
+        a, n, k = act, act.shape[0], delta.shape[0]
+        feature = numbers.out_spec[1]
         d = jnp.moveaxis(delta, feature + 1, -1)
         d = jnp.reshape(d, (k, n, -1, d.shape[-1]))
         g = jnp.einsum("ntf,knto->knfo", a, d)  # per-example kernel gradients
@@ -650,12 +668,12 @@ def sum_squared(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, acts
     )
     order = sorted(taps.items(), key=lambda item: item[1].leaf)
+    acts = {key: _BY_NAME[tap.rule].prepare(acts[key], tap) for key, tap in order if key in acts}
     k = int(U.shape[1])
     chunk = max(1, min(vector_chunk, k))
-    steps = -(-k // chunk)
-    pad = [(0, 0), (0, steps * chunk - k)] + [(0, 0)] * (U.ndim - 2)
-    chunks = jnp.moveaxis(jnp.pad(U, pad), 1, 0)  # (K', N, *S, C), zero cotangents last
-    chunks = jnp.reshape(chunks, (steps, chunk, *chunks.shape[1:]))
+    steps, rest = divmod(k, chunk)  # full chunks in a loop, the rest on its own
+    U = jnp.moveaxis(U, 1, 0)  # (K, N, *S, C)
+    chunks = jnp.reshape(U[: steps * chunk], (steps, chunk, *U.shape[1:]))
 
     def squares(u: Array) -> Array:  # (chunk, N, *S, C) -> (chunk or 1, D)
         deltas = jax.vmap(lambda v: pullback(v)[0])(u)
@@ -669,9 +687,16 @@ def sum_squared(
             raise RuntimeError(msg)
         return out
 
-    if summed:
+    # One chunk is not looped over: XLA then optimises across the pullback and the
+    # squares (a CNN's 10 classes took 0.30 s in one chunk, 0.49 s as a loop of one).
+    parts = [squares(chunks[0])] if steps == 1 else []
+    if steps > 1 and summed:
         total = local(jnp.zeros((1, width), dtype))
-        total = jax.lax.scan(lambda t, u: (t + squares(u), None), total, chunks)[0]
-        return total[0]
-    rows = jax.lax.map(squares, chunks)  # (steps, chunk, D)
-    return jnp.reshape(rows, (steps * chunk, -1))[:k]
+        parts.append(jax.lax.scan(lambda t, u: (t + squares(u), None), total, chunks)[0])
+    elif steps > 1:
+        parts.append(jnp.reshape(jax.lax.map(squares, chunks), (steps * chunk, -1)))
+    if rest:
+        parts.append(squares(U[steps * chunk :]))
+    if summed:
+        return functools.reduce(operator.add, parts)[0]
+    return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]

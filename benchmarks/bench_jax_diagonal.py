@@ -1,14 +1,16 @@
 """Benchmark: the exact Fisher diagonal with the JAX adapter, layer rules against the vmap.
 
 diag F = Σ_n Σ_c (J_nᵀ b_nc)² on the CPU in float32, for MLPs written as plain JAX
-functions (``x @ W + b``, ReLU) and the torch section's CNN (``lax.conv_general_dilated``,
-ReLU, 2 x 2 max pooling, a dense layer), timed against one gradient step of the same model
-and batch (``jax.jit(jax.grad)`` of the summed cross-entropy) measured in the same
-run:
+functions (``x @ W + b``, ReLU), the torch section's CNN (``lax.conv_general_dilated``,
+ReLU, 2 x 2 max pooling, a dense layer) and a token classifier (an embedding table,
+a layer norm, two dense layers applied at every position: logits (N, T, C)), timed
+against one gradient step of the same model and batch (``jax.jit(jax.grad)`` of the
+summed cross-entropy) measured in the same run:
 
 - ``fisher_diagonal``: ``fisher_diagonal(linearize(apply_fn, params, x))``, end to
   end (the linearization, the core columns, the squared sums: the layer rules when
-  every parameter has one, which ``lin.fast_path_reasons`` reports);
+  every parameter has one, which ``lin.fast_path_reasons`` reports), eagerly and as one
+  ``jax.jit``-compiled function of (params, x);
 - ``vmap path``: the same squared sums by the per-example vmap (the adapter's
   compiled ``lax.scan`` of per-example VJPs, what every model took before the rules);
 - with torch installed, the torch adapter's fast path on the same architecture and
@@ -40,6 +42,7 @@ MODELS = {
     "mlp": ("MLP 784-512-256-10, batch 128", (784, 512, 256, 10), 128),
     "mlp-small": ("MLP 64-256-256-10, batch 128", (64, 256, 256, 10), 128),
     "cnn": ("CNN 3x32x32, conv16-conv32-linear, batch 64", "cnn", 64),
+    "tokens": ("token classifier V=5000, d=128, T=32, 10 classes, batch 32", "tokens", 32),
 }
 QUICK_MODELS = {"mlp": ("MLP 32-16-10, batch 8 (quick)", (32, 16, 10), 8)}
 
@@ -57,6 +60,9 @@ def jax_case(widths: Any, n: int) -> dict[str, Any]:
     if widths == "cnn":  # the torch section's CNN: conv 3x3 (16, 32), ReLU, 2x2 max pool
         apply_fn, params, x = _jax_cnn(rng, n)
         y = jnp.asarray(rng.integers(0, 10, n))
+    elif widths == "tokens":  # embedding, layer norm, two dense layers per position
+        apply_fn, params, x = _jax_tokens(rng, n)
+        y = jnp.asarray(rng.integers(0, 10, (n, x.shape[1])))
     else:
         params = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -74,13 +80,18 @@ def jax_case(widths: Any, n: int) -> dict[str, Any]:
 
     def loss(p: list) -> Any:
         logp = jax.nn.log_softmax(apply_fn(p, x))
-        return -jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=1))
+        return -jnp.sum(jnp.take_along_axis(logp, y[..., None], axis=-1))
 
     grad = jax.jit(jax.grad(loss))
     lin = linearize(apply_fn, params, x)
     reasons = sorted(set(lin.fast_path_reasons.values()))
-    columns = Categorical().sqrt_metric(lin.logits)  # (N, C, R): R columns per example
-    U = jnp.moveaxis(columns, -1, 1)  # (N, R, C)
+    columns = Categorical().sqrt_metric(lin.logits)  # (N, [T,] C, R): R per position
+    if columns.ndim == 3:
+        U = jnp.moveaxis(columns, -1, 1)  # (N, R, C)
+    else:  # one cotangent per (position, column), zero at the other positions
+        t = columns.shape[1]
+        U = jnp.einsum("ntcr,ts->ntrsc", columns, jnp.eye(t, dtype=columns.dtype))
+        U = jnp.reshape(U, (U.shape[0], -1, t, U.shape[-1]))  # (N, T R, T, C)
     chunk = lin.default_max_vectors
 
     def vmap_path() -> Any:
@@ -90,9 +101,11 @@ def jax_case(widths: Any, n: int) -> dict[str, Any]:
         out = lin._kernels.sum_squared(lin._theta, lin._xs, U, None, examples, vectors)
         return jnp.sum(out, axis=0)
 
+    jitted = jax.jit(lambda p, xb: fisher_diagonal(linearize(apply_fn, p, xb)))
     methods = {
         "gradient step (jax)": lambda: grad(params),
         "fisher_diagonal (jax)": lambda: fisher_diagonal(linearize(apply_fn, params, x)),
+        "fisher_diagonal under jax.jit (jax)": lambda: jitted(params, x),
         "vmap path (jax)": vmap_path,
     }
     exact = fisher_diagonal(lin)
@@ -134,6 +147,34 @@ def _jax_cnn(rng: Any, n: int) -> tuple[Callable[..., Any], dict, Any]:
         "b": jnp.zeros(10, jnp.float32),
     }
     return apply_fn, params, jnp.asarray(rng.standard_normal((n, 32, 32, 3)), jnp.float32)
+
+
+def _jax_tokens(rng: Any, n: int) -> tuple[Callable[..., Any], dict, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    vocab, d, t = 5000, 128, 32
+
+    def apply_fn(p: dict, ids: Any) -> Any:
+        h = jnp.take(p["emb"], ids, axis=0)  # (N, T, d)
+        mu, var = jnp.mean(h, -1, keepdims=True), jnp.var(h, -1, keepdims=True)
+        h = (h - mu) * jax.lax.rsqrt(var + 1e-5) * p["g"] + p["b"]
+        h = jax.nn.relu(h @ p["w1"] + p["b1"])
+        return h @ p["w2"] + p["b2"]  # (N, T, 10)
+
+    def arr(*shape: int) -> Any:
+        return jnp.asarray(rng.standard_normal(shape) / (shape[0] ** 0.5), jnp.float32)
+
+    params = {
+        "emb": jnp.asarray(rng.standard_normal((vocab, d)), jnp.float32),
+        "g": jnp.ones(d, jnp.float32),
+        "b": jnp.zeros(d, jnp.float32),
+        "w1": arr(d, d),
+        "b1": jnp.zeros(d, jnp.float32),
+        "w2": arr(d, 10),
+        "b2": jnp.zeros(10, jnp.float32),
+    }
+    return apply_fn, params, jnp.asarray(rng.integers(0, vocab, (n, t)), jnp.int32)
 
 
 def torch_case(widths: Any, n: int, threads: int) -> dict[str, Callable[[], Any]]:
@@ -184,7 +225,7 @@ def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> di
     for key, (label, widths, n) in registry.items():
         case = jax_case(widths, n)
         methods = dict(case["methods"])
-        with_torch = installed("torch")
+        with_torch = installed("torch") and widths != "tokens"  # no torch twin
         if with_torch:
             methods.update(torch_case(widths, n, threads))
         sync = case["sync"]

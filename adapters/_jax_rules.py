@@ -328,8 +328,9 @@ class Conv(Rule):
     with the patches of ``lax.conv_general_dilated_patches`` (the same strides,
     padding, dilations and layouts; features ordered input channel first, then the
     kernel's spatial axes), reordered to the kernel's layout: the per-example
-    gradients of this layer are formed, ⌊max_vectors / N⌋ cotangents at a time.
-    Grouped convolutions have no rule.
+    gradients of this layer are formed, ⌊max_vectors / N⌋ cotangents at a time. With
+    G feature groups (depthwise convolutions: G = C_in) group g's output channels see
+    only its C_in / G input channels' patches. Batch groups have no rule.
     """
 
     name = "conv"
@@ -343,12 +344,12 @@ class Conv(Rule):
             return "a convolution kernel that is not the parameter's own array"
         params = eqn.params
         numbers = params["dimension_numbers"]
-        if params["batch_group_count"] != 1 or params["feature_group_count"] != 1:
-            return "a grouped convolution"
+        if params["batch_group_count"] != 1:
+            return "a convolution with batch groups"
         if numbers.lhs_spec[0] != 0 or numbers.out_spec[0] != 0:
             return "a convolution whose examples are not on axis 0"
         names = ("window_strides", "padding", "lhs_dilation", "rhs_dilation")
-        kept = tuple((k, params[k]) for k in (*names, "dimension_numbers"))
+        kept = tuple((k, params[k]) for k in (*names, "dimension_numbers", "feature_group_count"))
         return Tap(view.leaf, "conv", 0, False, kept, tuple(leaf_shape))
 
     @staticmethod
@@ -356,6 +357,7 @@ class Conv(Rule):
         # The patches (N, positions, C_in · spatial), once for every cotangent.
         params = dict(tap.params)
         numbers = params.pop("dimension_numbers")
+        del params["feature_group_count"]  # the patches of every input channel
         spatial = tuple(tap.kernel[a] for a in numbers.rhs_spec[2:])
         patches = jax.lax.conv_general_dilated_patches(
             act, spatial, dimension_numbers=numbers, **params
@@ -367,15 +369,20 @@ class Conv(Rule):
     @staticmethod
     def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
         numbers = dict(tap.params)["dimension_numbers"]
+        groups = dict(tap.params)["feature_group_count"]
         rhs = numbers.rhs_spec
         spatial = tuple(tap.kernel[a] for a in rhs[2:])
-        a, n, k = act, act.shape[0], delta.shape[0]
+        n, k = act.shape[0], delta.shape[0]
+        # Patches (N, T, G, C_in/G · spatial): the features are input channel first.
+        a = jnp.reshape(act, (n, act.shape[1], groups, -1))
         feature = numbers.out_spec[1]
         d = jnp.moveaxis(delta, feature + 1, -1)
-        d = jnp.reshape(d, (k, n, -1, d.shape[-1]))
-        g = jnp.einsum("ntf,knto->knfo", a, d)  # per-example kernel gradients
-        sq = jnp.sum(g * g, axis=1)  # (K, C_in · spatial, C_out)
+        d = jnp.reshape(d, (k, n, -1, groups, d.shape[-1] // groups))  # (K, N, T, G, O/G)
+        g = jnp.einsum("ntgf,kntgo->kngfo", a, d)  # per-example kernel gradients
+        sq = jnp.sum(g * g, axis=1)  # (K, G, C_in/G · spatial, C_out/G)
         sq = jnp.sum(sq, axis=0, keepdims=True) if summed else sq
+        # Output channel g · C_out/G + o: the groups next to the output axis.
+        sq = jnp.moveaxis(sq, 1, -2)
         sq = jnp.reshape(sq, (sq.shape[0], tap.kernel[rhs[1]], *spatial, tap.kernel[rhs[0]]))
         where = {rhs[1]: 1, rhs[0]: 2 + len(spatial)} | {a: 2 + i for i, a in enumerate(rhs[2:])}
         sq = jnp.transpose(sq, (0, *(where[axis] for axis in range(len(tap.kernel)))))

@@ -393,7 +393,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         ``dot_general`` over the activation's last axis or of a
         ``conv_general_dilated``, a bias added or a per-channel scale multiplied over
         the last axis, an embedding table whose rows a ``gather`` takes) or the
-        reason it has none, e.g. ``"a grouped convolution"`` or
+        reason it has none, e.g. ``"a convolution with batch groups"`` or
         ``"used 2 times in one forward pass (shared)"``. The rules apply when every
         parameter has one (and the examples are independent): then the squared
         per-example sums cost one batched backward pass per cotangent, as for the

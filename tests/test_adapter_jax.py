@@ -1196,6 +1196,19 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
 
     cnn = {"k": arr(3, 2, 2, 4), "kb": arr(4), "o": arr(5, 4, 2, 2), "w": arr(5, 3)}
 
+    def grouped(p: dict, x: Any) -> Any:  # two feature groups (NHWC), then depthwise (NCHW)
+        y = jax.lax.conv_general_dilated(
+            x, p["k"], (1, 2), "SAME", dimension_numbers=nhwc, feature_group_count=2
+        )
+        y = jnp.moveaxis(jnp.tanh(y), 3, 1)  # (N, 6, H, W)
+        y = jax.lax.conv_general_dilated(
+            y, p["d"], (1, 1), "VALID", dimension_numbers=nchw, feature_group_count=6
+        )
+        return jnp.mean(jnp.tanh(y), axis=(2, 3)) @ p["w"]
+
+    nhwc, nchw = ("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")
+    groups = {"k": arr(3, 2, 2, 6), "d": arr(12, 1, 2, 2), "w": arr(12, 3)}
+
     def tokens(p: dict, ids: Any) -> Any:  # embedding, layer norm, a kernel on the left
         h = jnp.take(p["emb"], ids, axis=0, mode="clip")  # ids ≥ 10 clipped to row 9
         mu, var = jnp.mean(h, -1, keepdims=True), jnp.var(h, -1, keepdims=True)
@@ -1215,6 +1228,7 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
     ids = jnp.asarray(rng.integers(0, 12, (5, 4)))  # repeated tokens within examples
     return {
         "convolutions": (conv, cnn, arr(4, 6, 5, 2), None),
+        "grouped convolutions": (grouped, groups, arr(4, 6, 5, 4), None),
         "dense": (dense, mlp, arr(7, 4), None),
         "positions and mask": (dense, mlp, arr(5, 3, 4), jnp.asarray(rng.random((5, 3)) > 0.3)),
         "transposed": (transposed, {"w1": arr(6, 4), "w2": arr(3, 6)}, arr(7, 4), None),
@@ -1284,17 +1298,6 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
         )
         return jnp.mean(jnp.tanh(y + jnp.reshape(p["b"], (1, 1, 1, 1))), axis=(1, 2)) @ p["v"][:3]
 
-    def conv(p: dict, x: Any) -> Any:  # two feature groups
-        y = jax.lax.conv_general_dilated(
-            x,
-            p["k"],
-            (1, 1),
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=2,
-        )
-        return jnp.mean(y, axis=(1, 2)) @ p["v"][:2]
-
     cases = [
         (
             shared,
@@ -1330,12 +1333,6 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
                 "k": "fast",
                 "b": "an addition that is not a bias (a 1-D parameter over the last axis)",
             },
-        ),
-        (
-            conv,
-            {"k": k, "v": v},
-            (2, 5, 5, 2),
-            {"k": "a grouped convolution"},
         ),
         (
             lambda p, x: x @ p["v"],

@@ -1,7 +1,9 @@
 """Benchmark: kfac-jax's exact Fisher diagonal against fisherbound's, on plain-JAX MLPs.
 
-For MLPs written as plain JAX functions (``h = h @ W + b``, ReLU between layers), float32,
-on the CPU, this script computes the exact diagonal of the Fisher (= GGN) of the
+For MLPs written as plain JAX functions (``h = h @ W + b``, ReLU between layers) and
+bench_jax_diagonal's CNN (two 3x3 convolutions with bias, ReLU and 2x2 max pooling, a
+dense layer; kfac-jax's ``Conv2DDiagonal`` blocks for its convolutions), float32, on
+the CPU, this script computes the exact diagonal of the Fisher (= GGN) of the
 categorical negative log-likelihood summed over the batch, diag F = Σ_n diag(J_nᵀ K_n J_n),
 in three ways and times them against one gradient step of the same model and batch:
 
@@ -73,6 +75,7 @@ from fisherbound.fisher import fisher_diagonal
 MODELS = {
     "mlp": ("MLP 784-512-256-10, batch 128", (784, 512, 256, 10), 128),
     "mlp-small": ("MLP 64-256-256-10, batch 128", (64, 256, 256, 10), 128),
+    "cnn": ("CNN 3x32x32, conv16-conv32-linear, batch 64", "cnn", 64),
 }
 QUICK_MODELS = {"mlp-quick": ("MLP 16-32-10, batch 8 (quick)", (16, 32, 10), 8)}
 
@@ -93,6 +96,38 @@ def make_problem(widths: tuple[int, ...], n: int) -> tuple[list[dict[str, Any]],
     return params, x, y
 
 
+def make_cnn(n: int) -> tuple[dict[str, Any], Any, Any]:
+    """bench_jax_diagonal's CNN: 3x3 convolutions (16, 32 channels, NHWC/HWIO, SAME) with
+    bias, ReLU and 2x2 max pooling, then a dense layer; seed 0."""
+    rng = np.random.default_rng(0)
+
+    def arr(*shape: int) -> Any:
+        scale = shape[0] if len(shape) == 2 else 6.0
+        return jnp.asarray(rng.standard_normal(shape) / scale, jnp.float32)
+
+    params = {
+        "k1": arr(3, 3, 3, 16),
+        "b1": jnp.zeros(16, jnp.float32),
+        "k2": arr(3, 3, 16, 32),
+        "b2": jnp.zeros(32, jnp.float32),
+        "w": arr(32 * 8 * 8, 10),
+        "b": jnp.zeros(10, jnp.float32),
+    }
+    x = jnp.asarray(rng.standard_normal((n, 32, 32, 3)), jnp.float32)
+    return params, x, jnp.asarray(rng.integers(0, 10, n), jnp.int32)
+
+
+def cnn_fn(params: dict[str, Any], h: Any) -> Any:
+    def conv(h: Any, k: Any, b: Any) -> Any:
+        dn = ("NHWC", "HWIO", "NHWC")
+        h = jax.lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=dn) + b
+        h = jax.nn.relu(h)
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    h = conv(conv(h, params["k1"], params["b1"]), params["k2"], params["b2"])
+    return jnp.reshape(h, (h.shape[0], -1)) @ params["w"] + params["b"]
+
+
 def apply_fn(params: list[dict[str, Any]], h: Any) -> Any:
     for i, layer in enumerate(params):
         h = h @ layer["w"] + layer["b"]
@@ -106,21 +141,26 @@ def summed_cross_entropy(logits: Any, y: Any) -> Any:
     return -jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=1))
 
 
-def kfac_loss(params: list[dict[str, Any]], batch: tuple[Any, Any]) -> Any:
-    """The model function kfac-jax traces: the loss, with its softmax CE registered."""
-    x, y = batch
-    logits = apply_fn(params, x)
-    kfac_jax.register_softmax_cross_entropy_loss(logits, y)
-    return summed_cross_entropy(logits, y) / x.shape[0]
-
-
-def kfac_diagonal_fn(mode: str, n: int) -> tuple[Callable[..., Any], Any]:
+def kfac_diagonal_fn(
+    mode: str, n: int, model: Callable[..., Any]
+) -> tuple[Callable[..., Any], Any]:
     """A jitted ``(params, batch) -> kfac-jax's diagonal`` (a params-shaped pytree), and
     the estimator (finalized on the first call)."""
+
+    def kfac_loss(params: Any, batch: tuple[Any, Any]) -> Any:
+        # The model function kfac-jax traces: the loss, with its softmax CE registered.
+        x, y = batch
+        logits = model(params, x)
+        kfac_jax.register_softmax_cross_entropy_loss(logits, y)
+        return summed_cross_entropy(logits, y) / x.shape[0]
+
     estimator = kfac_jax.BlockDiagonalCurvature(
         func=kfac_loss,
         default_estimation_mode=mode,
-        layer_tag_to_block_ctor={"dense": kfac_jax.DenseDiagonal},
+        layer_tag_to_block_ctor={
+            "dense": kfac_jax.DenseDiagonal,
+            "conv2d": kfac_jax.Conv2DDiagonal,
+        },
     )
     rng = jax.random.PRNGKey(0)  # unused by the exact modes
 
@@ -169,13 +209,18 @@ def interleaved(
 def run_model(
     label: str, widths: tuple[int, ...], n: int, *, mode: str, reps: int, warmup: int
 ) -> dict[str, Any]:
-    params, x, y = make_problem(widths, n)
-    grad = jax.jit(jax.grad(lambda p: summed_cross_entropy(apply_fn(p, x), y)))
-    kfac_diag, estimator = kfac_diagonal_fn(mode, n)
+    if widths == "cnn":
+        params, x, y = make_cnn(n)
+        model: Callable[..., Any] = cnn_fn
+    else:
+        params, x, y = make_problem(widths, n)
+        model = apply_fn
+    grad = jax.jit(jax.grad(lambda p: summed_cross_entropy(model(p, x), y)))
+    kfac_diag, estimator = kfac_diagonal_fn(mode, n, model)
     kfac_name = f"kfac-jax {mode}"
 
     # Correctness: kfac-jax's diagonal is diag F / N (see the module docstring).
-    ours = np.asarray(fisher_diagonal(linearize(apply_fn, params, x)), np.float64)
+    ours = np.asarray(fisher_diagonal(linearize(model, params, x)), np.float64)
     theirs = n * np.asarray(ravel_pytree(kfac_diag(params, (x, y)))[0], np.float64)
     blocks = sorted({type(block).__name__ for block in estimator.blocks})
     covered = sorted(i for indices in estimator.jaxpr.layer_indices for i in indices)
@@ -193,18 +238,18 @@ def run_model(
         "kfac_blocks": blocks,
     }
 
-    jitted = jax.jit(lambda p, xb: fisher_diagonal(linearize(apply_fn, p, xb)))
+    jitted = jax.jit(lambda p, xb: fisher_diagonal(linearize(model, p, xb)))
     methods = {
         GRADIENT: lambda: grad(params),
         kfac_name: lambda: kfac_diag(params, (x, y)),
-        FISHERBOUND: lambda: fisher_diagonal(linearize(apply_fn, params, x)),
+        FISHERBOUND: lambda: fisher_diagonal(linearize(model, params, x)),
         FISHERBOUND_JIT: lambda: jitted(params, x),
     }
     times = interleaved(methods, reps=reps, warmup=warmup)
     median_s = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "model": label,
-        "widths": list(widths),
+        "widths": widths if isinstance(widths, str) else list(widths),
         "batch": n,
         "num_params": int(ours.size),
         "check": check,

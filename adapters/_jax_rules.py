@@ -88,11 +88,9 @@ class Plan(NamedTuple):
     outs: dict[Key, tuple[tuple[int, ...], Any]]
     #: The factor variable of each scaled tap (read where the tap is evaluated).
     factors: dict[Key, Any]
-    #: Numbers alive per cotangent in ``sum_squared``: every tap's δ, and N per-example
-    #: gradients of the leaves whose rule forms them (convolutions, dense layers whose
-    #: input has positions, embeddings: their per-group sums). The adapter sizes the
-    #: chunks of cotangents by it, as the torch layer rules do.
-    per_cotangent: int = 0
+    #: Some dense layer's input has position axes: its per-example gradients are formed
+    #: (the cotangents then go in chunks of ⌊max_vectors / N⌋).
+    per_example: bool = False
 
     @property
     def complete(self) -> bool:
@@ -330,7 +328,7 @@ class Conv(Rule):
     with the patches of ``lax.conv_general_dilated_patches`` (the same strides,
     padding, dilations and layouts; features ordered input channel first, then the
     kernel's spatial axes), reordered to the kernel's layout: the per-example
-    gradients of this layer are formed (``Plan.per_cotangent`` counts them). With
+    gradients of this layer are formed, ⌊max_vectors / N⌋ cotangents at a time. With
     G feature groups (depthwise convolutions: G = C_in) group g's output channels see
     only its C_in / G input channels' patches. Batch groups have no rule.
     """
@@ -453,18 +451,15 @@ def plan(
         else:
             reasons.append(str(used[0]))
     kept = [f for f in found if reasons[f.tap.leaf] == "fast"]
+    per_example = any(
+        f.tap.rule == "conv"
+        or (f.tap.rule == "dense" and len(f.eqn.invars[f.tap.operand].aval.shape) > 2)
+        for f in kept
+    )
     taps = {f.key: f.tap for f in kept}
     outs = {f.key: (tuple(f.eqn.outvars[0].aval.shape), f.eqn.outvars[0].aval.dtype) for f in kept}
     factors = {f.key: f.factor for f in kept if f.tap.scaled}
-    per_cotangent = 0
-    for f in kept:
-        per_cotangent += math.prod(outs[f.key][0])
-        positions = len(f.eqn.invars[f.tap.operand].aval.shape) > 2
-        if f.tap.rule == "conv" or (f.tap.rule == "dense" and positions):
-            per_cotangent += n * math.prod(shapes[f.tap.leaf])
-        elif f.tap.rule == "embed":
-            per_cotangent += math.prod(outs[f.key][0])
-    return Plan(taps, tuple(reasons), outs, factors, per_cotangent)
+    return Plan(taps, tuple(reasons), outs, factors, per_example)
 
 
 class _Found(NamedTuple):
@@ -658,10 +653,9 @@ def sum_squared(
     its outputs into the logits (N, ∗S, C); ``U`` (N, K, ∗S, C) is masked already.
     One forward pass with the perturbations, then one batched backward pass per
     cotangent, ``vector_chunk`` cotangents at a time in a ``lax.scan`` (each chunk's
-    δ and the per-example layer gradients some rules form, ``layers.per_cotangent``
-    numbers per cotangent, are alive at once; the sums accumulate; the chunks that
-    remain after the full ones go through on their own, and one chunk is not looped
-    over). The squares are formed in the
+    δ and, with position axes, its per-example layer gradients, vector_chunk · N of
+    them, are alive at once; the sums accumulate; the cotangents left after the full
+    chunks go through on their own, and one chunk is not looped over). The squares are formed in the
     parameters' dtype (a half-precision layer's δ and input are upcast first).
     ``local`` makes the perturbations vary as the inputs do inside ``shard_map``
     (``shard_local``: the derivative on this device's shard, not summed over them).

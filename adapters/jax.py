@@ -343,12 +343,11 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
         When every parameter has a layer rule (``fast_path_reasons``), the layer
         rules instead: K batched backward passes through perturbations at the
-        layers' outputs, in chunks of as many cotangents as fit in max_vectors
-        D-vectors of their δ (every layer's output) and the per-example layer
-        gradients some rules form (convolutions, inputs with position axes), and
-        per layer (a²)ᵀ(δ²); no per-example gradient of the whole network.
-        Models that couple their examples take one batch VJP per example, in a
-        compiled loop.
+        layers' outputs, in chunks of max_vectors cotangents (⌊max_vectors / N⌋
+        when a layer's input has position axes, whose per-example layer gradients
+        are then formed), and per layer (a²)ᵀ(δ²); no per-example gradient of the
+        whole network. Models that couple their examples take one batch VJP per
+        example, in a compiled loop.
         """
         shape = (self.num_inputs, None, *self.output_shape[1:])
         U = self._operand(U, "U", shape, self._cotangents_text("N"))
@@ -363,10 +362,8 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
         plan = self._layer_plan()
         layers = plan.complete
-        # As many cotangents as fit in `budget` D-vectors of the rules' δ and
-        # per-example layer gradients (the torch layer rules' chunks).
-        fits = budget * self.num_params // max(1, plan.per_cotangent)
-        layer_chunk = max(1, min(k, fits))
+        # The rules form per-example layer gradients only for inputs with positions.
+        layer_chunk = max(1, min(k, budget // n)) if plan.per_example else vector_chunk
 
         def fast(u: Array) -> Array:
             if layers:  # every parameter by a layer rule: K batched backward passes

@@ -211,8 +211,9 @@ class Bias(Rule):
 class Scale(Rule):
     """s = a ⊙ γ: a ``mul`` of an activation with a 1-D parameter over the last axis.
 
-    The scale of a normalisation layer (flax ``LayerNorm`` and ``GroupNorm``, equinox
-    ``LayerNorm``, a ``BatchNorm`` in training mode): each example's gradient is
+    The scale of a normalisation layer (flax ``LayerNorm``, ``GroupNorm`` and
+    ``RMSNorm``, equinox ``LayerNorm``; a ``BatchNorm`` in inference mode through a
+    scaled view, ``View.factor``): each example's gradient is
     Σ_t a_nt ⊙ δ_nt over its positions (a broadcast along the axes where it has size 1).
     """
 
@@ -259,7 +260,9 @@ class Embed(Rule):
     holds: the positions are sorted by (example, token) and summed per group
     (``jax.ops.segment_sum``), the groups' squares added into their rows. Cost
     O(N T log(N T) + K N T d), memory K N T d besides the (K, V d) squares.
-    Indices out of range follow the gather's mode (dropped, or clipped).
+    Indices out of range follow the gather's derivative: clipped in ``CLIP`` mode,
+    dropped otherwise (``FILL_OR_DROP``, and ``PROMISE_IN_BOUNDS``, whose forward
+    pass clamps but whose derivative drops them, as JAX's own gradient does).
     """
 
     name = "embed"
@@ -286,9 +289,11 @@ class Embed(Rule):
             return "a gather that does not take whole rows of the table"
         if batch < 1:
             return "a gather without an example axis"
-        fill = "FILL_OR_DROP" in str(eqn.params["mode"])
+        # Out of range, CLIP takes the nearest row, and so does its derivative; the
+        # derivative of FILL_OR_DROP and of PROMISE_IN_BOUNDS (``E[ids]``) drops it.
+        drop = "CLIP" not in str(eqn.params["mode"])
         col = starts.index(1) if 1 in starts else -1
-        params = (("row", starts.index(0)), ("col", col), ("fill", fill), ("vocab", leaf_shape[0]))
+        params = (("row", starts.index(0)), ("col", col), ("drop", drop), ("vocab", leaf_shape[0]))
         return Tap(view.leaf, "embed", 1, False, params, tuple(leaf_shape))
 
     @staticmethod
@@ -296,13 +301,15 @@ class Embed(Rule):
         p = dict(tap.params)
         vocab, width = tap.kernel
         k, n = delta.shape[:2]
+        if jnp.iinfo(act.dtype).bits < 32:  # uint8 ids of a vocabulary above 255
+            act = act.astype(jnp.int32)
         ids = jnp.reshape(act[..., p["row"]], (n, -1))
         valid = (ids >= 0) & (ids < vocab)
         if p["col"] >= 0:  # a second index, on the row's own axis: only 0 takes a whole row
             valid &= jnp.reshape(act[..., p["col"]], (n, -1)) == 0
-        if not p["fill"]:  # clipped into range, as the gather did
+        if not p["drop"]:  # clipped into range, as the gather and its derivative do
             valid = jnp.ones_like(valid)
-        ids = jnp.clip(ids, 0, vocab - 1)
+        ids = jnp.clip(ids, 0, vocab - 1).astype(jnp.int32)
         t = ids.shape[1]
         d = jnp.reshape(delta, (k, n, t, width)) * valid[None, :, :, None].astype(delta.dtype)
         example = jnp.broadcast_to(jnp.arange(n)[:, None], (n, t)).reshape(-1)
@@ -530,7 +537,9 @@ def _walk(
             inner = getattr(inner, "jaxpr", inner)
             outs = _walk(inner, seen, (*path, id(eqn)), uses, found, shapes)
             for var, view in zip(eqn.outvars, outs, strict=True):
-                if view is not None:
+                if view is not None and view.factor is not None:  # the body's variable
+                    uses[view.leaf].append("a scaled parameter returned by a jitted function")
+                elif view is not None:
                     views[var] = view
             continue
         rule = RULES.get(name)
@@ -696,7 +705,7 @@ def sum_squared(
         return out
 
     # One chunk is not looped over: XLA then optimises across the pullback and the
-    # squares (a CNN's 10 classes took 0.30 s in one chunk, 0.49 s as a loop of one).
+    # squares (a CNN's 10 classes took 0.28 s in one chunk, 0.49 s as a loop of one).
     parts = [squares(chunks[0])] if steps == 1 else []
     if steps > 1 and summed:
         total = local(jnp.zeros((1, width), dtype))

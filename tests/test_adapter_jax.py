@@ -1216,6 +1216,20 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
         return jnp.moveaxis(jnp.tensordot(p["w"], jnp.tanh(h), axes=[[1], [2]]), 0, -1)
 
     lm = {"emb": arr(10, 6), "g": arr(6), "b": arr(6), "w": arr(3, 6)}
+
+    def dropped(p: dict, ids: Any) -> Any:  # out-of-range ids: their rows get no gradient
+        h = p["emb"][ids]  # PROMISE_IN_BOUNDS: clamped forward, dropped derivative
+        cols = (ids % 3 == 0).astype(ids.dtype)  # a second index: 1 is out of range
+        idx = jnp.stack([ids, cols], axis=-1)
+        numbers = jax.lax.GatherDimensionNumbers(
+            offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0, 1)
+        )
+        f = jax.lax.gather(p["e2"], idx, numbers, (1, 6), mode="fill", fill_value=0.0)
+        return jnp.tanh(h + f) @ p["w"].T
+
+    small = {"emb": arr(10, 6), "e2": arr(10, 6), "w": arr(3, 6)}
+    wide = {"emb": arr(300, 6), "e2": arr(300, 6), "w": arr(3, 6)}
+    bytes_ids = jnp.asarray(rng.integers(200, 256, (5, 4)), dtype=jnp.uint8)
     mean, var = arr(6), jnp.exp(arr(6))  # running statistics: constants
 
     def normed(p: dict, x: Any) -> Any:  # batch norm in inference mode, then a group norm
@@ -1234,6 +1248,8 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
         "transposed": (transposed, {"w1": arr(6, 4), "w2": arr(3, 6)}, arr(7, 4), None),
         "nested jit": (nested, {"w1": arr(4, 6), "w2": arr(6, 3)}, arr(7, 4), None),
         "tokens": (tokens, lm, ids, ids[:, ::-1] != 11),
+        "dropped tokens": (dropped, small, ids, None),
+        "uint8 tokens, 300 rows": (dropped, wide, bytes_ids, None),
         "normalisations": (normed, norms, arr(7, 4), None),
     }
 
@@ -1246,12 +1262,15 @@ def test_layer_rules_equal_the_per_example_vmap(case: str) -> None:
     lin = linearize(f, params, x, mask=mask)
     assert set(lin.fast_path_reasons.values()) == {"fast"}, dict(lin.fast_path_reasons)
     n, c = lin.logits.shape[0], lin.logits.shape[-1]
-    U = jnp.asarray(np.random.default_rng(51).standard_normal((n, 3, *lin.logits.shape[1:])))
-    assert U.shape[-1] == c  # K = 3 random cotangents per example, every class its own
+    U = jnp.asarray(np.random.default_rng(51).standard_normal((n, 5, *lin.logits.shape[1:])))
+    assert U.shape[-1] == c  # K = 5 random cotangents per example, every class its own
     want = _per_example_squares(lin, U)
     assert_close(lin.sum_squared_per_example_vjp(U), want, rtol=1e-12, atol=1e-14)
+    # Chunks of 2 (1 where per-example layer gradients are formed): a loop and a rest.
+    got = lin.sum_squared_per_example_vjp(U, max_vectors=2)
+    assert_close(got, want, rtol=1e-12, atol=1e-14)
     assert_close(
-        lin.sum_squared_per_example_vjp(U, max_vectors=2, sum_cotangents=True),
+        lin.sum_squared_per_example_vjp(U, max_vectors=2 * n, sum_cotangents=True),
         jnp.sum(want, axis=0),
         rtol=1e-12,
         atol=1e-14,
@@ -1289,6 +1308,13 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
         h, wt = block(p["w"], x)
         return jnp.tanh(h @ wt) @ p["v"]
 
+    @jax.jit
+    def folded(g: Any) -> Any:  # an inference batch norm's factor folded into γ in a jit
+        return g * jax.lax.rsqrt(jnp.arange(1.0, 5.0))
+
+    def folded_scale(p: dict, x: Any) -> Any:
+        return jnp.tanh((x @ p["w"]) * folded(p["g"])) @ p["v"]
+
     def again(p: dict, x: Any) -> Any:  # the second call of the body has no parameter
         return layer(layer(x, p["w"]), jnp.eye(4)) @ p["v"]
 
@@ -1319,6 +1345,12 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
             {"w": "fast", "u": "fast", "v": "fast"},  # one body, two calls: two taps
         ),
         (tied, {"w": w, "v": v}, (6, 4), {"w": "used 2 times in one forward pass (shared)"}),
+        (
+            folded_scale,
+            {"w": w, "g": v[:, 0], "v": v},
+            (6, 4),
+            {"g": "a scaled parameter returned by a jitted function", "w": "fast"},
+        ),
         (
             again,
             {"w": w, "v": v},

@@ -96,36 +96,14 @@ def make_problem(widths: tuple[int, ...], n: int) -> tuple[list[dict[str, Any]],
     return params, x, y
 
 
-def make_cnn(n: int) -> tuple[dict[str, Any], Any, Any]:
-    """bench_jax_diagonal's CNN: 3x3 convolutions (16, 32 channels, NHWC/HWIO, SAME) with
-    bias, ReLU and 2x2 max pooling, then a dense layer; seed 0."""
+def make_cnn(n: int) -> tuple[dict[str, Any], Any, Any, Callable[..., Any]]:
+    """bench_jax_diagonal's CNN (its parameters and inputs, seed 0), random labels, and
+    its function."""
+    from bench_jax_diagonal import _jax_cnn  # the same model in both benchmarks
+
     rng = np.random.default_rng(0)
-
-    def arr(*shape: int) -> Any:
-        scale = shape[0] if len(shape) == 2 else 6.0
-        return jnp.asarray(rng.standard_normal(shape) / scale, jnp.float32)
-
-    params = {
-        "k1": arr(3, 3, 3, 16),
-        "b1": jnp.zeros(16, jnp.float32),
-        "k2": arr(3, 3, 16, 32),
-        "b2": jnp.zeros(32, jnp.float32),
-        "w": arr(32 * 8 * 8, 10),
-        "b": jnp.zeros(10, jnp.float32),
-    }
-    x = jnp.asarray(rng.standard_normal((n, 32, 32, 3)), jnp.float32)
-    return params, x, jnp.asarray(rng.integers(0, 10, n), jnp.int32)
-
-
-def cnn_fn(params: dict[str, Any], h: Any) -> Any:
-    def conv(h: Any, k: Any, b: Any) -> Any:
-        dn = ("NHWC", "HWIO", "NHWC")
-        h = jax.lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=dn) + b
-        h = jax.nn.relu(h)
-        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-
-    h = conv(conv(h, params["k1"], params["b1"]), params["k2"], params["b2"])
-    return jnp.reshape(h, (h.shape[0], -1)) @ params["w"] + params["b"]
+    model, params, x = _jax_cnn(rng, n)
+    return params, x, jnp.asarray(rng.integers(0, 10, n), jnp.int32), model
 
 
 def apply_fn(params: list[dict[str, Any]], h: Any) -> Any:
@@ -209,9 +187,9 @@ def interleaved(
 def run_model(
     label: str, widths: tuple[int, ...], n: int, *, mode: str, reps: int, warmup: int
 ) -> dict[str, Any]:
+    model: Callable[..., Any]
     if widths == "cnn":
-        params, x, y = make_cnn(n)
-        model: Callable[..., Any] = cnn_fn
+        params, x, y, model = make_cnn(n)
     else:
         params, x, y = make_problem(widths, n)
         model = apply_fn

@@ -31,9 +31,7 @@ whether the leaf's use there is covered, ``squares`` forms the (K, size) squares
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -71,7 +69,6 @@ class Tap(NamedTuple):
     transposed: bool  # dense: the kernel is (out, in), contracted on its axis 1
     params: tuple[tuple[str, Any], ...] = ()  # conv: the equation's parameters
     kernel: tuple[int, ...] = ()  # conv: the kernel's shape
-    scaled: bool = False  # scale: the leaf multiplied by a factor first (View.factor)
 
 
 #: Where an equation is: the ids of the call equations it lies in, then its own id. A
@@ -86,10 +83,11 @@ class Plan(NamedTuple):
     reasons: tuple[str, ...]  # per leaf: "fast" or why not
     #: The shape and dtype of each tapped equation's output (its perturbation's).
     outs: dict[Key, tuple[tuple[int, ...], Any]]
-    #: The factor variable of each scaled tap (read where the tap is evaluated).
+    #: The factor variable of each scale tap whose leaf was multiplied by one first
+    #: (``View.factor``; read where the tap is evaluated).
     factors: dict[Key, Any]
-    #: Some dense layer's input has position axes: its per-example gradients are formed
-    #: (the cotangents then go in chunks of ⌊max_vectors / N⌋).
+    #: A convolution, or a dense layer whose input has position axes: per-example
+    #: layer gradients are formed (the cotangents then go in chunks of ⌊max_vectors / N⌋).
     per_example: bool = False
 
     @property
@@ -122,7 +120,8 @@ class Rule:
     def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
         """Σ_n (per-example gradient of the leaf for cotangent k)², (K, size).
 
-        ``act`` is what ``prepare`` made of the layer's input.
+        ``act`` is what ``prepare`` made of the layer's input (for a scale whose leaf was
+        multiplied by a factor first, the pair (input, factor)).
 
         ``summed``: their sum over k instead, (1, size), which a rule may form
         without the K rows (one product instead of K).
@@ -240,11 +239,12 @@ class Scale(Rule):
             return "a product that is not a scale (a 1-D parameter over the last axis)"
         if len(shape) != len(out) or shape[:1] != out[:1]:
             return "a scale of an activation without the example axis"
-        return Tap(view.leaf, "scale", 1 - k, False, scaled=view.factor is not None)
+        return Tap(view.leaf, "scale", 1 - k, False)
 
     @staticmethod
     def squares(act: Array, delta: Array, tap: Tap, summed: bool) -> Array:
-        act, factor = act if tap.scaled else (act, None)
+        del tap
+        act, factor = act if isinstance(act, tuple) else (act, None)  # a scaled leaf's
         k, n, c = delta.shape[0], delta.shape[1], delta.shape[-1]
         g = jnp.sum(jnp.reshape(act[None] * delta, (k, n, -1, c)), axis=2)  # (K, N, C)
         if factor is not None:  # the scaled leaf's gradient: times the factor
@@ -465,7 +465,7 @@ def plan(
     )
     taps = {f.key: f.tap for f in kept}
     outs = {f.key: (tuple(f.eqn.outvars[0].aval.shape), f.eqn.outvars[0].aval.dtype) for f in kept}
-    factors = {f.key: f.factor for f in kept if f.tap.scaled}
+    factors = {f.key: f.factor for f in kept if f.factor is not None}
     return Plan(taps, tuple(reasons), outs, factors, per_example)
 
 
@@ -633,7 +633,7 @@ def evaluate(
             outs = outs if eqn.primitive.multiple_results else [outs]
         tap = taps.get(key)
         if tap is not None:
-            if tap.scaled:  # the layer's input and the leaf's factor
+            if key in factors:  # the layer's input and the leaf's factor
                 acts[key] = (invals[tap.operand], read(factors[key]))
             elif tap.rule != "bias":  # the rules that need the layer's input
                 acts[key] = invals[tap.operand]
@@ -715,5 +715,5 @@ def sum_squared(
     if rest:
         parts.append(squares(U[steps * chunk :]))
     if summed:
-        return functools.reduce(operator.add, parts)[0]
+        return sum(parts)[0]
     return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]

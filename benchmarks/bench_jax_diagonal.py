@@ -52,6 +52,7 @@ def jax_case(widths: Any, n: int) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
+    from fisherbound._quantities import cotangent_chunks
     from fisherbound.adapters.jax import linearize
     from fisherbound.families import Categorical
     from fisherbound.fisher import fisher_diagonal
@@ -85,21 +86,19 @@ def jax_case(widths: Any, n: int) -> dict[str, Any]:
     grad = jax.jit(jax.grad(loss))
     lin = linearize(apply_fn, params, x)
     reasons = sorted(set(lin.fast_path_reasons.values()))
-    columns = Categorical().sqrt_metric(lin.logits)  # (N, [T,] C, R): R per position
-    if columns.ndim == 3:
-        U = jnp.moveaxis(columns, -1, 1)  # (N, R, C)
-    else:  # one cotangent per (position, column), zero at the other positions
-        t = columns.shape[1]
-        U = jnp.einsum("ntcr,ts->ntrsc", columns, jnp.eye(t, dtype=columns.dtype))
-        U = jnp.reshape(U, (U.shape[0], -1, t, U.shape[-1]))  # (N, T R, T, C)
     chunk = lin.default_max_vectors
+    # The exact diagonal's cotangents, as fisher_diagonal takes them: the core factor's
+    # columns, one per (position, column) with positions, in chunks of `chunk`.
+    cotangents = list(cotangent_chunks(lin, Categorical(), "exact", chunk))
 
     def vmap_path() -> Any:
-        k = int(U.shape[1])
-        vectors = min(k, chunk)
-        examples = max(1, chunk // vectors)
-        out = lin._kernels.sum_squared(lin._theta, lin._xs, U, None, examples, vectors)
-        return jnp.sum(out, axis=0)
+        total = 0.0
+        for U in cotangents:
+            vectors = min(int(U.shape[1]), chunk)
+            examples = max(1, chunk // vectors)
+            out = lin._kernels.sum_squared(lin._theta, lin._xs, U, None, examples, vectors)
+            total = total + jnp.sum(out, axis=0)
+        return total
 
     jitted = jax.jit(lambda p, xb: fisher_diagonal(linearize(apply_fn, p, xb)))
     methods = {

@@ -1315,6 +1315,21 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
     def folded_scale(p: dict, x: Any) -> Any:
         return jnp.tanh((x @ p["w"]) * folded(p["g"])) @ p["v"]
 
+    @jax.jit
+    def scale_in(h: Any, g: Any) -> Any:
+        return h * g
+
+    def scaled_into_jit(p: dict, x: Any) -> Any:
+        return jnp.tanh(scale_in(x @ p["w"], p["g"] * jnp.arange(1.0, 5.0))) @ p["v"]
+
+    def middle_axis(p: dict, x: Any) -> Any:  # γ over axis 1 of (N, 4, 3): no scale
+        h = jnp.tanh(x @ p["w"])[:, :, None] * jnp.reshape(p["g"], (1, 4, 1))
+        return jnp.sum(h * jnp.arange(3.0), axis=-1) @ p["v"]
+
+    def positions(p: dict, x: Any) -> Any:  # one row per position, for all examples
+        h = x @ p["w"] + jnp.take(p["pos"], jnp.arange(x.shape[1]), axis=0)
+        return jnp.tanh(h) @ p["v"]
+
     def again(p: dict, x: Any) -> Any:  # the second call of the body has no parameter
         return layer(layer(x, p["w"]), jnp.eye(4)) @ p["v"]
 
@@ -1345,6 +1360,24 @@ def test_layer_rules_say_why_a_parameter_has_none() -> None:
             {"w": "fast", "u": "fast", "v": "fast"},  # one body, two calls: two taps
         ),
         (tied, {"w": w, "v": v}, (6, 4), {"w": "used 2 times in one forward pass (shared)"}),
+        (
+            scaled_into_jit,
+            {"w": w, "g": v[:, 0], "v": v},
+            (6, 4),
+            {"g": "a scaled parameter passed into a jitted function"},
+        ),
+        (
+            middle_axis,
+            {"w": w, "g": v[:, 0], "v": v},
+            (6, 4),
+            {"g": "a product that is not a scale (a 1-D parameter over the last axis)"},
+        ),
+        (
+            positions,
+            {"w": w, "pos": w[:3] + 1.0, "v": v},
+            (5, 3, 4),
+            {"pos": "layer input axis 0 is not the example axis", "w": "fast"},
+        ),
         (
             folded_scale,
             {"w": w, "g": v[:, 0], "v": v},

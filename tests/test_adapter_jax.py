@@ -1239,10 +1239,26 @@ def _layer_cases() -> dict[str, tuple[Callable[..., Any], dict, Any, Any]]:
         return jnp.tanh(jnp.reshape(g, h.shape) * p["s"]) @ p["v"]
 
     norms = {"w": arr(4, 6), "g": arr(6), "b": arr(6), "s": arr(6), "v": arr(6, 3)}
+
+    def pooled(p: dict, x: Any) -> Any:  # integer data: tied maxima inside windows
+        y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=nhwc)
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        y = jnp.moveaxis(y + p["kb"], 3, 1)  # 5x5 pooled to 2x2 (the last row cut); NCHW
+        y = jax.lax.conv_general_dilated(y, p["o"], (1, 1), "SAME", dimension_numbers=nchw)
+        pad = ((0, 0), (0, 0), (1, 0), (0, 1))  # windows as long as strides, padded
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), pad)
+        y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 1, 2, 1), (1, 1, 1, 1), "SAME")
+        return jnp.mean(y, axis=(2, 3)) @ p["w"]  # the last pool overlaps: the primitive
+
+    def ints(*shape: int) -> Any:
+        return jnp.asarray(rng.integers(-1, 2, shape), dtype=jnp.float64)
+
+    pools = {"k": ints(2, 2, 2, 3), "kb": arr(3), "o": ints(4, 3, 2, 2), "w": arr(4, 3)}
     ids = jnp.asarray(rng.integers(0, 12, (5, 4)))  # repeated tokens within examples
     return {
         "convolutions": (conv, cnn, arr(4, 6, 5, 2), None),
         "grouped convolutions": (grouped, groups, arr(4, 6, 5, 4), None),
+        "max pooling, tied": (pooled, pools, ints(4, 5, 5, 2), None),
         "dense": (dense, mlp, arr(7, 4), None),
         "positions and mask": (dense, mlp, arr(5, 3, 4), jnp.asarray(rng.random((5, 3)) > 0.3)),
         "transposed": (transposed, {"w1": arr(6, 4), "w2": arr(3, 6)}, arr(7, 4), None),
@@ -1277,6 +1293,69 @@ def test_layer_rules_equal_the_per_example_vmap(case: str) -> None:
     )
     exact = jax.jit(lambda p, xb: fisher_diagonal(linearize(f, p, xb, mask=mask)))(params, x)
     assert_close(exact, fisher_diagonal(lin), rtol=1e-12, atol=1e-14)
+
+
+def test_layer_rules_evaluate_convolutions_and_pooling_in_loop_friendly_forms() -> None:
+    # The forms the rules evaluate instead of the primitives (fast inside lax.scan):
+    # the same values and the same VJP as JAX's, ties in max pooling included (the
+    # first maximum of each window, as select-and-scatter takes it).
+    from fisherbound.adapters._jax_rules import _LOOP_FRIENDLY
+
+    rng = np.random.default_rng(53)
+
+    def ints(*shape: int) -> Any:
+        return jnp.asarray(rng.integers(-2, 3, shape), dtype=jnp.float64)
+
+    def check(f: Callable[..., Any], args: tuple, name: str, kept: bool = False) -> None:
+        eqn = next(e for e in jax.make_jaxpr(f)(*args).jaxpr.eqns if e.primitive.name == name)
+        g = lambda *a: _LOOP_FRIENDLY[name](list(a), eqn.params)  # noqa: E731
+        if kept:  # the primitive as it is
+            assert g(*args) is None
+            return
+        want, pull_want = jax.vjp(f, *args)
+        got, pull_got = jax.vjp(g, *args)
+        assert_close(got, want, rtol=0, atol=0)
+        ct = jnp.asarray(rng.standard_normal(want.shape))
+        for a, b in zip(pull_got(ct), pull_want(ct), strict=True):
+            assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+    pools = [  # window = stride: padded, cut (5 → 2), over two axes of four, plain 2-D
+        ((1, 2, 2, 1), "VALID", (3, 5, 5, 2)),
+        ((1, 3, 3, 1), "SAME", (2, 7, 8, 3)),
+        ((1, 1, 2, 2), ((0, 0), (0, 0), (1, 0), (0, 1)), (2, 3, 5, 6)),
+        ((2, 2), "VALID", (6, 4)),
+    ]
+    for window, padding, shape in pools:
+
+        def pool(x: Any, w: tuple = window, pad: Any = padding) -> Any:
+            return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, w, w, pad)
+
+        check(pool, (ints(*shape),), "reduce_window_max")
+    overlapping = jax.make_jaxpr(
+        lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2,), (1,), "VALID")
+    )(ints(5)).jaxpr.eqns[0]
+    assert _LOOP_FRIENDLY["reduce_window_max"]([ints(5)], overlapping.params) is None
+    convs = [  # HWIO (moved), OIHW (moved), grouped, and a kernel already (H, W, O, I)
+        (("NHWC", "HWIO", "NHWC"), (2, 3, 4, 6), (3, 5, 6, 4), 1),
+        (("NCHW", "OIHW", "NCHW"), (6, 4, 3, 2), (3, 4, 5, 6), 1),
+        (("NHWC", "HWIO", "NHWC"), (2, 2, 2, 6), (3, 5, 6, 4), 2),
+        (("NHWC", "HWOI", "NHWC"), (2, 2, 6, 4), (3, 5, 6, 4), 1),
+    ]
+    for numbers, kernel, shape, groups in convs:
+
+        def conv(x: Any, k: Any, dn: tuple = numbers, g: int = groups) -> Any:
+            return jax.lax.conv_general_dilated(
+                x,
+                k,
+                (2, 1),
+                "SAME",
+                rhs_dilation=(1, 2),
+                dimension_numbers=dn,
+                feature_group_count=g,
+            )
+
+        kept = numbers[1] == "HWOI"  # stored (spatial…, out, in) already
+        check(conv, (ints(*shape), ints(*kernel)), "conv_general_dilated", kept)
 
 
 def test_layer_rules_say_why_a_parameter_has_none() -> None:

@@ -1335,9 +1335,10 @@ def test_layer_rules_evaluate_convolutions_and_pooling_in_loop_friendly_forms() 
         lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2,), (1,), "VALID")
     )(ints(5)).jaxpr.eqns[0]
     assert _LOOP_FRIENDLY["reduce_window_max"]([ints(5)], overlapping.params) is None
-    convs = [  # HWIO (moved), OIHW (moved), grouped, and a kernel already (H, W, O, I)
+    convs = [  # moved: HWIO, NCHW / OIHW, mixed layouts, grouped; kept: NHWC / HWOI
         (("NHWC", "HWIO", "NHWC"), (2, 3, 4, 6), (3, 5, 6, 4), 1),
         (("NCHW", "OIHW", "NCHW"), (6, 4, 3, 2), (3, 4, 5, 6), 1),
+        (("NCHW", "HWIO", "NHWC"), (2, 3, 4, 6), (3, 4, 5, 6), 1),
         (("NHWC", "HWIO", "NHWC"), (2, 2, 2, 6), (3, 5, 6, 4), 2),
         (("NHWC", "HWOI", "NHWC"), (2, 2, 6, 4), (3, 5, 6, 4), 1),
     ]

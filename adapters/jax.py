@@ -289,12 +289,17 @@ class JaxLinearization(PytreeParams, LinearizationBase):
     ) -> Array:
         """``fast(U)`` for independent examples, else the masked ``exact(U)``.
 
-        Under tracing the choice is made on the device by ``jax.lax.cond``.
+        Under tracing the choice is made on the device: ``fast(U)`` is computed
+        outside the ``jax.lax.cond``, which returns it or computes ``exact(U)``.
+        XLA's CPU backend compiles a conditional's branches without the library
+        matrix products it fuses elsewhere (plain ``dot`` instructions in the
+        compiled HLO): with ``fast`` inside, the jitted exact diagonal of an MLP
+        784-512-256-10 took 27 ms against 9 ms.
         """
         flag = self._independence()
         if isinstance(flag, bool):
             return fast(U) if flag else exact(U)
-        return jax.lax.cond(flag, fast, exact, U)
+        return jax.lax.cond(flag, lambda r, _u: r, lambda _r, u: exact(u), fast(U), U)
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).

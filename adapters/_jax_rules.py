@@ -20,7 +20,9 @@ do not cover. The rules (``RULES``): dense kernels on either side of their produ
 (``Scale``, also γ times a constant such as an inference-mode ``BatchNorm``'s
 running variance), whole-row lookups of an embedding table (``Embed``), and
 convolution kernels from each example's patches (``Conv``). ``sum_squared``
-evaluates the jaxpr with the perturbations and forms the squares; it applies only
+evaluates the jaxpr with the perturbations (convolutions and max pooling in forms
+whose batched backward passes XLA's CPU backend runs fast inside loops) and forms
+the squares; it applies only
 when every leaf has a rule and the examples are independent (the adapter checks
 both).
 
@@ -605,7 +607,9 @@ def evaluate(
 
     ``acts`` receives each tap's layer input (not a bias's). As
     ``jax.core.eval_jaxpr``, with the calls holding taps inlined (so their taps are
-    reached); ``path`` is where ``jaxpr`` is (the calls it lies in).
+    reached) and the primitives of ``_LOOP_FRIENDLY`` in their other forms (same
+    values and derivatives, fast batched backward passes inside ``lax.scan``);
+    ``path`` is where ``jaxpr`` is (the calls it lies in).
     """
     env: dict[Any, Array] = {}
     inside = {key[:i] for key in taps for i in range(len(path) + 1, len(key))}

@@ -285,21 +285,30 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         return self._independent
 
     def _branch(
-        self, fast: Callable[[Array], Array], exact: Callable[[Array], Array], U: Array
+        self,
+        fast: Callable[[Array], Array],
+        exact: Callable[[Array], Array],
+        U: Array,
+        *,
+        cheap: bool = False,
     ) -> Array:
         """``fast(U)`` for independent examples, else the masked ``exact(U)``.
 
-        Under tracing the choice is made on the device: ``fast(U)`` is computed
-        outside the ``jax.lax.cond``, which returns it or computes ``exact(U)``.
-        XLA's CPU backend compiles a conditional's branches without the library
-        matrix products it fuses elsewhere (plain ``dot`` instructions in the
-        compiled HLO): with ``fast`` inside, the jitted exact diagonal of an MLP
-        784-512-256-10 took 27 ms against 9 ms.
+        Under tracing the choice is made on the device by ``jax.lax.cond``. A
+        ``cheap`` fast path (the layer rules: a few gradient steps) is computed
+        outside it, and the conditional returns it or computes ``exact(U)``: XLA's
+        CPU backend compiles a conditional's branches without the library matrix
+        products it fuses elsewhere (plain ``dot`` instructions in the compiled
+        HLO), and with the rules inside, the jitted exact diagonal of an MLP
+        784-512-256-10 took 27 ms against 9 ms. The per-example vmap stays inside,
+        so that a model coupling its examples does not pay for it too.
         """
         flag = self._independence()
         if isinstance(flag, bool):
             return fast(U) if flag else exact(U)
-        return jax.lax.cond(flag, lambda r, _u: r, lambda _r, u: exact(u), fast(U), U)
+        if cheap:
+            return jax.lax.cond(flag, lambda r, _u: r, lambda _r, u: exact(u), fast(U), U)
+        return jax.lax.cond(flag, fast, exact, U)
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
         """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
@@ -384,7 +393,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
             out = self._kernels.coupled_sum_squared(self._f_jvp, self._theta, u, self._mask)
             return jnp.sum(out, axis=0) if sum_cotangents else out
 
-        return self._branch(fast, exact, U)
+        return self._branch(fast, exact, U, cheap=layers)
 
     def _layer_plan(self) -> Any:
         return self._kernels.layer_plan(self._theta, self._xs)

@@ -618,6 +618,25 @@ def test_models_that_couple_examples_use_the_exact_masked_path() -> None:
     sq = masked.sum_squared_per_example_vjp(U, sum_cotangents=True)
     assert_close(sq, (want**2).sum(axis=(0, 1)), rtol=1e-7, atol=1e-12, like="jax")
 
+    # Under jit the choice is traced. A mean of a hidden layer over the batch (as a
+    # training-mode batch norm): every parameter has a layer rule, whose squares are
+    # computed outside the conditional and are wrong here; it must return the
+    # coupled path's, the eager result.
+    def normed(p: dict, xb: Any) -> Any:
+        h = jnp.tanh(xb @ p["w1"])
+        return (h - h.mean(0)) @ p["w2"]
+
+    lin = linearize(normed, params, x)
+    assert not lin.examples_independent
+    assert set(lin.fast_path_reasons.values()) == {"fast"}
+    want = lin.sum_squared_per_example_vjp(U, max_vectors=3)
+    jitted = jax.jit(
+        lambda p, xb, u: linearize(normed, p, xb).sum_squared_per_example_vjp(u, max_vectors=3)
+    )
+    assert_close(jitted(params, x, U), want, rtol=1e-10, atol=1e-12)
+    rules = lin._kernels.layer_sum_squared(lin._theta, lin._xs, U, None, 2, False)
+    assert float(jnp.max(jnp.abs(rules - want))) > 0.1  # the rules alone are wrong
+
 
 def test_jitted_exact_quantities_do_not_grow_with_the_batch() -> None:
     """Under jax.jit both paths of the examples' independence are compiled; the exact

@@ -699,7 +699,9 @@ def _max_pool(invals: list[Array], params: dict[str, Any]) -> Array | None:
     ``where(first maximum of its window, x, 0)`` summed over the window, the first
     maximum in the window's row-major order found once (the element JAX's own
     gradient takes at ties), and its backward pass is elementwise. Other windows
-    (overlapping, dilated) keep the primitive.
+    (overlapping, dilated), integer inputs and empty results keep the primitive. A
+    window with NaN routes the derivative to its first NaN (JAX: another one); the
+    finite checks refuse such values before.
     """
     (x,) = invals
     window, strides = params["window_dimensions"], params["window_strides"]
@@ -712,6 +714,8 @@ def _max_pool(invals: list[Array], params: dict[str, Any]) -> Array | None:
     lowest = jnp.array(-jnp.inf, x.dtype)
     x = jax.lax.pad(x, lowest, [(lo, hi, 0) for lo, hi in params["padding"]])
     counts = [size // w for size, w in zip(x.shape, window, strict=True)]
+    if 0 in counts:  # an empty result: the primitive gives it
+        return None
     x = x[tuple(slice(0, c * w) for c, w in zip(counts, window, strict=True))]
     split = [d for c, w in zip(counts, window, strict=True) for d in (c, w)]
     r = jnp.reshape(x, split)  # (c0, w0, c1, w1, …)

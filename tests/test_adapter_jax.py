@@ -1350,10 +1350,13 @@ def test_layer_rules_evaluate_convolutions_and_pooling_in_loop_friendly_forms() 
             return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, w, w, pad)
 
         check(pool, (ints(*shape),), "reduce_window_max")
-    overlapping = jax.make_jaxpr(
-        lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (2,), (1,), "VALID")
-    )(ints(5)).jaxpr.eqns[0]
-    assert _LOOP_FRIENDLY["reduce_window_max"]([ints(5)], overlapping.params) is None
+    for window, strides, x in (((2,), (1,), ints(5)), ((1, 3), (1, 3), ints(2, 2))):
+        kept = jax.make_jaxpr(  # overlapping windows; no window at all (shape (2, 0))
+            lambda v, w=window, s=strides: jax.lax.reduce_window(
+                v, -jnp.inf, jax.lax.max, w, s, "VALID"
+            )
+        )(x).jaxpr.eqns[0]
+        assert _LOOP_FRIENDLY["reduce_window_max"]([x], kept.params) is None
     convs = [  # moved: HWIO, NCHW / OIHW, mixed layouts, grouped; kept: NHWC / HWOI
         (("NHWC", "HWIO", "NHWC"), (2, 3, 4, 6), (3, 5, 6, 4), 1),
         (("NCHW", "OIHW", "NCHW"), (6, 4, 3, 2), (3, 4, 5, 6), 1),

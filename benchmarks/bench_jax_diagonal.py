@@ -17,6 +17,9 @@ summed cross-entropy) measured in the same run:
   batch, against a torch gradient step, so the two adapters' costs compare in
   gradient steps.
 
+With flax installed, flax.linen twins of the small MLP and the CNN (``nn.Dense``,
+``nn.Conv``, ``nn.max_pool``) run too.
+
 Timings are interleaved (one repetition of every method, then the next) after
 warm-up rounds (the compilations); medians over the repetitions.
 
@@ -43,7 +46,12 @@ MODELS = {
     "mlp-small": ("MLP 64-256-256-10, batch 128", (64, 256, 256, 10), 128),
     "cnn": ("CNN 3x32x32, conv16-conv32-linear, batch 64", "cnn", 64),
     "tokens": ("token classifier V=5000, d=128, T=32, 10 classes, batch 32", "tokens", 32),
+    # flax.linen twins of the small MLP and the CNN (skipped without flax)
+    "flax-mlp": ("flax MLP 64-256-256-10, batch 128", "flax-mlp", 128),
+    "flax-cnn": ("flax CNN 3x32x32, conv16-conv32-linear, batch 64", "flax-cnn", 64),
 }
+#: The torch model of the same architecture.
+TORCH_TWIN: dict[str, Any] = {"flax-mlp": (64, 256, 256, 10), "flax-cnn": "cnn"}
 QUICK_MODELS = {"mlp": ("MLP 32-16-10, batch 8 (quick)", (32, 16, 10), 8)}
 
 
@@ -60,6 +68,9 @@ def jax_case(widths: Any, n: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     if widths == "cnn":  # the torch section's CNN: conv 3x3 (16, 32), ReLU, 2x2 max pool
         apply_fn, params, x = _jax_cnn(rng, n)
+        y = jnp.asarray(rng.integers(0, 10, n))
+    elif widths in ("flax-mlp", "flax-cnn"):
+        apply_fn, params, x = flax_model(widths, rng, n)
         y = jnp.asarray(rng.integers(0, 10, n))
     elif widths == "tokens":  # embedding, layer norm, two dense layers per position
         apply_fn, params, x = _jax_tokens(rng, n)
@@ -148,6 +159,32 @@ def _jax_cnn(rng: Any, n: int) -> tuple[Callable[..., Any], dict, Any]:
     return apply_fn, params, jnp.asarray(rng.standard_normal((n, 32, 32, 3)), jnp.float32)
 
 
+def flax_model(kind: str, rng: Any, n: int) -> tuple[Callable[..., Any], dict, Any]:
+    """A flax.linen MLP 64-256-256-10 or CNN (the torch section's), its params, inputs."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, h: Any) -> Any:
+            h = nn.relu(nn.Dense(256)(h))
+            return nn.Dense(10)(nn.relu(nn.Dense(256)(h)))
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, h: Any) -> Any:
+            for channels in (16, 32):
+                h = nn.max_pool(nn.relu(nn.Conv(channels, (3, 3))(h)), (2, 2), (2, 2))
+            return nn.Dense(10)(jnp.reshape(h, (h.shape[0], -1)))
+
+    model = MLP() if kind == "flax-mlp" else CNN()
+    shape = (n, 64) if kind == "flax-mlp" else (n, 32, 32, 3)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    return lambda p, h: model.apply({"params": p}, h), params, x
+
+
 def _jax_tokens(rng: Any, n: int) -> tuple[Callable[..., Any], dict, Any]:
     import jax
     import jax.numpy as jnp
@@ -222,11 +259,14 @@ def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> di
     results: dict[str, Any] = {}
     ratios: dict[str, float] = {}
     for key, (label, widths, n) in registry.items():
+        if key.startswith("flax") and not installed("flax"):
+            print(f"{label}: skipped, flax is not installed")
+            continue
         case = jax_case(widths, n)
         methods = dict(case["methods"])
         with_torch = installed("torch") and widths != "tokens"  # no torch twin
         if with_torch:
-            methods.update(torch_case(widths, n, threads))
+            methods.update(torch_case(TORCH_TWIN.get(key, widths), n, threads))
         sync = case["sync"]
         times = interleaved(
             {name: (lambda fn=fn, sync=sync: sync(fn())) for name, fn in methods.items()},

@@ -1,8 +1,9 @@
-"""Benchmark: kfac-jax's exact Fisher diagonal against fisherbound's, on plain-JAX MLPs.
+"""Benchmark: kfac-jax's exact Fisher diagonal against fisherbound's, on JAX MLPs and CNNs.
 
-For MLPs written as plain JAX functions (``h = h @ W + b``, ReLU between layers) and
+For MLPs written as plain JAX functions (``h = h @ W + b``, ReLU between layers),
 bench_jax_diagonal's CNN (two 3x3 convolutions with bias, ReLU and 2x2 max pooling, a
-dense layer; kfac-jax's ``Conv2DDiagonal`` blocks for its convolutions), float32, on
+dense layer; kfac-jax's ``Conv2DDiagonal`` blocks for its convolutions) and
+bench_jax_diagonal's flax.linen twins of the small MLP and the CNN, float32, on
 the CPU, this script computes the exact diagonal of the Fisher (= GGN) of the
 categorical negative log-likelihood summed over the batch, diag F = Σ_n diag(J_nᵀ K_n J_n),
 in three ways and times them against one gradient step of the same model and batch:
@@ -76,6 +77,9 @@ MODELS = {
     "mlp": ("MLP 784-512-256-10, batch 128", (784, 512, 256, 10), 128),
     "mlp-small": ("MLP 64-256-256-10, batch 128", (64, 256, 256, 10), 128),
     "cnn": ("CNN 3x32x32, conv16-conv32-linear, batch 64", "cnn", 64),
+    # bench_jax_diagonal's flax.linen twins of the small MLP and the CNN
+    "flax-mlp": ("flax MLP 64-256-256-10, batch 128", "flax-mlp", 128),
+    "flax-cnn": ("flax CNN 3x32x32, conv16-conv32-linear, batch 64", "flax-cnn", 64),
 }
 QUICK_MODELS = {"mlp-quick": ("MLP 16-32-10, batch 8 (quick)", (16, 32, 10), 8)}
 
@@ -190,6 +194,12 @@ def run_model(
     model: Callable[..., Any]
     if widths == "cnn":
         params, x, y, model = make_cnn(n)
+    elif widths in ("flax-mlp", "flax-cnn"):
+        from bench_jax_diagonal import flax_model  # the same models in both benchmarks
+
+        rng = np.random.default_rng(0)
+        model, params, x = flax_model(widths, rng, n)
+        y = jnp.asarray(rng.integers(0, 10, n), jnp.int32)
     else:
         params, x, y = make_problem(widths, n)
         model = apply_fn

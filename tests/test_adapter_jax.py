@@ -1357,6 +1357,32 @@ def test_layer_rules_evaluate_convolutions_and_pooling_in_loop_friendly_forms() 
             )
         )(x).jaxpr.eqns[0]
         assert _LOOP_FRIENDLY["reduce_window_max"]([x], kept.params) is None
+    # And evaluate (the rules' forward pass) takes them: a 2x2 pool and an HWIO
+    # convolution come out as a selection and a (spatial…, out, in) kernel.
+    from fisherbound.adapters._jax_rules import evaluate
+
+    def net(x: Any, k: Any) -> Any:
+        y = jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    args = (ints(2, 4, 4, 3), ints(2, 2, 3, 5))
+    closed = jax.make_jaxpr(net)(*args)
+    again = jax.make_jaxpr(
+        lambda *a: evaluate(closed.jaxpr, closed.consts, list(a), {}, {}, {}, {})
+    )(*args)
+    names = [e.primitive.name for e in again.jaxpr.eqns]
+    assert "reduce_window_max" not in names, names
+    assert "argmax" in names, names
+    specs = [
+        e.params["dimension_numbers"].rhs_spec
+        for e in again.jaxpr.eqns
+        if e.primitive.name == "conv_general_dilated"
+    ]
+    assert specs == [(2, 3, 0, 1)], specs
+    got = evaluate(closed.jaxpr, closed.consts, list(args), {}, {}, {}, {})[0]
+    assert_close(got, net(*args), rtol=0, atol=0, like="jax")
     convs = [  # moved: HWIO, NCHW / OIHW, mixed layouts, grouped; kept: NHWC / HWOI
         (("NHWC", "HWIO", "NHWC"), (2, 3, 4, 6), (3, 5, 6, 4), 1),
         (("NCHW", "OIHW", "NCHW"), (6, 4, 3, 2), (3, 4, 5, 6), 1),

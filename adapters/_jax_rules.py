@@ -796,7 +796,9 @@ def sum_squared(
         return out
 
     # One chunk is not looped over: XLA then optimises across the pullback and the
-    # squares (a CNN's 10 classes took 0.28 s in one chunk, 0.49 s as a loop of one).
+    # squares (a CNN's 10 classes took 0.28 s in one chunk, 0.49 s as a loop of one,
+    # before convolutions were evaluated channels last; since then the two measure
+    # alike within this machine's noise on the MLPs, and the CNN takes chunks of 4).
     parts = [squares(chunks[0])] if steps == 1 else []
     if steps > 1 and summed:
         total = local(jnp.zeros((1, width), dtype))

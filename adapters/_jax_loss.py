@@ -13,15 +13,17 @@ import jax.numpy as jnp  # noqa: TID253
 
 from fisherbound._finite import check_outputs
 from fisherbound._lib import array_namespace, is_traced
-from fisherbound.adapters._jax_model import (
-    Kernels,
-    Model,
-    PytreeParams,
+from fisherbound.adapters._jax_checks import (
     check_logits,
     check_mask,
     logits_text,
     named_inputs,
     shard_local,
+)
+from fisherbound.adapters._jax_model import (
+    Kernels,
+    Model,
+    PytreeParams,
     traced_selection,
 )
 from fisherbound.linearization import LossFunctionBase, masked_label_placeholder

@@ -74,10 +74,7 @@ from fisherbound._lib import (
     array_namespace,
     check_positive_int,
 )
-from fisherbound.adapters._jax_loss import JaxLossFunction, check_ignore_index
-from fisherbound.adapters._jax_model import (
-    Model,
-    PytreeParams,
+from fisherbound.adapters._jax_checks import (
     check_apply_fn,
     check_inputs,
     check_logits,
@@ -85,8 +82,13 @@ from fisherbound.adapters._jax_model import (
     check_mask_spec,
     check_state,
     named_inputs,
-    second_derivative_kernel,
     shard_local,
+)
+from fisherbound.adapters._jax_loss import JaxLossFunction, check_ignore_index
+from fisherbound.adapters._jax_model import (
+    Model,
+    PytreeParams,
+    second_derivative_kernel,
     traced_selection,
 )
 from fisherbound.linearization import (

@@ -16,7 +16,10 @@ loss functions (``landscape``). This module is that loop, written once:
 - ``total`` all-reduces a per-rank sum and applies the reduction scale (1/N for
   ``reduction="mean"``, N the all-reduced number of inputs);
 - ``Objective`` is the total loss of a list of loss functions, whose matvecs
-  (gradients, Hessian-vector products) are combined with the batch weights.
+  (gradients, Hessian-vector products) are combined with the batch weights;
+- ``LabelSource`` hands out observed labels batch by batch (rows of one array in
+  the stream's order, or one array per batch) and checks at the end that they
+  were used up; ``ignored_labels`` and ``check_counted`` apply ``ignore_index``.
 
 An analysis then reads "loop + math"::
 
@@ -61,14 +64,17 @@ from fisherbound.linearization import (
 Array = Any
 
 __all__ = [
+    "LabelSource",
     "LossStream",
     "Objective",
     "Signature",
     "Stream",
     "check_batch",
+    "check_counted",
     "check_family",
     "conform_labels",
     "check_loss",
+    "ignored_labels",
     "named_blocks",
     "signature",
 ]
@@ -564,3 +570,105 @@ class Objective:
 
     def hvp_batch(self, V: Array) -> Array:
         return self._combine(item.hvp_batch(V) for item in self.items)
+
+
+# --------------------------------------------------------------------------- #
+# observed labels that travel with the stream
+
+
+def ignored_labels(lin: Any, y: Array, ignore_index: int | None) -> tuple[Array, Any]:
+    """Labels with ``ignore_index`` replaced by 0, and where they count (None: all).
+
+    Only integer labels are compared with ``ignore_index``.
+    """
+    xp = lin.xp
+    if ignore_index is None or not xp.isdtype(y.dtype, "integral"):
+        return y, None
+    keep = y != ignore_index
+    return xp.where(keep, y, xp.zeros_like(y)), keep
+
+
+def check_counted(lin: Any, keep: Array, ignore_index: int | None, index: int) -> None:
+    """A ValueError when no position of batch ``index`` counts (ignored or masked)."""
+    xp = lin.xp
+    mask = getattr(lin, "mask", None)
+    counted = keep if mask is None else keep & mask
+    if known_false(xp.any(counted)):
+        msg = (
+            f"the labels of batch {index} leave no position to count: every label equals "
+            f"ignore_index = {ignore_index} (or its position is masked). Check the labels, "
+            "or pass ignore_index=None."
+        )
+        raise ValueError(msg)
+
+
+class LabelSource:
+    """Labels for each batch: slices of one array, or one array per batch."""
+
+    def __init__(self, labels: Any) -> None:
+        self.whole: Any = None
+        self.parts: Iterator[Any] | None = None
+        if isinstance(labels, list | tuple):
+            self.parts = iter(labels)
+            self.total = len(labels)
+        else:
+            if not is_array(labels):
+                msg = (
+                    "labels must be an array of observed labels (N, ...) or a list of one "
+                    f"array per batch; got {type(labels).__name__}. The empirical Fisher "
+                    "needs the observed labels; the true Fisher (fisher_diagonal, "
+                    "monte_carlo, detach_and_mix) needs none."
+                )
+                raise TypeError(msg)
+            array_namespace(labels, names=("labels",))
+            self.whole = labels
+            self.total = int(labels.shape[0]) if labels.ndim >= 1 else 0
+        self.offset = 0
+        self.batches = 0
+
+    def take(self, lin: Any) -> Any:
+        n = lin.num_inputs
+        i = self.batches
+        self.batches += 1
+        if self.parts is not None:
+            y = next(self.parts, None)
+            if y is None:
+                msg = (
+                    f"labels must hold one array per batch; got {self.total} arrays but the "
+                    f"source has more batches (batch {i} has no labels)."
+                )
+                raise ValueError(msg)
+            array_namespace(y, lin.logits, names=(f"labels[{i}]", "the logits"))
+            if y.ndim < 1 or int(y.shape[0]) != n:
+                msg = (
+                    f"labels[{i}] must have one row per input of batch {i} ({n}); got shape "
+                    f"{tuple(y.shape)}."
+                )
+                raise ValueError(msg)
+            return y
+        y_all = self.whole
+        array_namespace(y_all, lin.logits, names=("labels", "the logits"))
+        if self.offset + n > self.total:
+            msg = (
+                f"labels must have one row per input of the source; got {self.total} rows but "
+                f"the source has more inputs (batch {i} needs rows {self.offset}.."
+                f"{self.offset + n - 1})."
+            )
+            raise ValueError(msg)
+        y = y_all[self.offset : self.offset + n, ...]
+        self.offset += n
+        return y
+
+    def finish(self) -> None:
+        if self.whole is not None and self.offset != self.total:
+            msg = (
+                f"labels must have one row per input of the source; got {self.total} rows but "
+                f"the source has {self.offset} inputs."
+            )
+            raise ValueError(msg)
+        if self.parts is not None and self.batches != self.total:
+            msg = (
+                f"labels must hold one array per batch; got {self.total} arrays for "
+                f"{self.batches} batches."
+            )
+            raise ValueError(msg)

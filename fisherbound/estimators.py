@@ -80,14 +80,19 @@ from fisherbound._lib import (
     check_positive_int,
     check_target,
     collective,
-    is_array,
     is_traced,
-    known_false,
     probes,
     to_host,
 )
 from fisherbound._quantities import Quantity, quantity
-from fisherbound._stream import Stream, check_family, conform_labels
+from fisherbound._stream import (
+    LabelSource,
+    Stream,
+    check_counted,
+    check_family,
+    conform_labels,
+    ignored_labels,
+)
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linearization import Linearization, check_loss_labels
 
@@ -821,16 +826,16 @@ def empirical(
     ):
         msg = f"ignore_index must be an int or None; got {type(ignore_index).__name__}."
         raise TypeError(msg)
-    batch_labels = _LabelSource(labels)
+    batch_labels = LabelSource(labels)
 
     def draw(lin: Any) -> Any:
         index = batch_labels.batches
         y = conform_labels(lin, batch_labels.take(lin))
-        y, keep = _ignored(lin, y, ignore_index)
+        y, keep = ignored_labels(lin, y, ignore_index)
         check_loss_labels(fam, lin.logits, y, where=f" of batch {index}")
         score = fam.unchecked_score(lin.logits, y, xp=lin.xp)  # the labels were checked above
         if keep is not None:
-            _check_counted(lin, keep, ignore_index, index)
+            check_counted(lin, keep, ignore_index, index)
             score = score * lin.xp.astype(keep, score.dtype)[..., None]
         return qty.from_squares(lin, score[None, ...], max_vectors)
 
@@ -847,103 +852,5 @@ def empirical(
     return Estimate(est.value, zero, 1, math.inf, est.floor)
 
 
-def _ignored(lin: Any, y: Array, ignore_index: int | None) -> tuple[Array, Any]:
-    """Labels with ``ignore_index`` replaced by 0, and where they count (None: all).
-
-    Only integer labels are compared with ``ignore_index``.
-    """
-    xp = lin.xp
-    if ignore_index is None or not xp.isdtype(y.dtype, "integral"):
-        return y, None
-    keep = y != ignore_index
-    return xp.where(keep, y, xp.zeros_like(y)), keep
-
-
-def _check_counted(lin: Any, keep: Array, ignore_index: int | None, index: int) -> None:
-    """A ValueError when no position of batch ``index`` counts (ignored or masked)."""
-    xp = lin.xp
-    mask = getattr(lin, "mask", None)
-    counted = keep if mask is None else keep & mask
-    if known_false(xp.any(counted)):
-        msg = (
-            f"the labels of batch {index} leave no position to count: every label equals "
-            f"ignore_index = {ignore_index} (or its position is masked). Check the labels, "
-            "or pass ignore_index=None."
-        )
-        raise ValueError(msg)
-
-
 def _first_leaf(tree: Any) -> Any:
     return next(iter(tree.values())) if isinstance(tree, dict) else tree
-
-
-class _LabelSource:
-    """Labels for each batch: slices of one array, or one array per batch."""
-
-    def __init__(self, labels: Any) -> None:
-        self.whole: Any = None
-        self.parts: Iterator[Any] | None = None
-        if isinstance(labels, list | tuple):
-            self.parts = iter(labels)
-            self.total = len(labels)
-        else:
-            if not is_array(labels):
-                msg = (
-                    "labels must be an array of observed labels (N, ...) or a list of one "
-                    f"array per batch; got {type(labels).__name__}. The empirical Fisher "
-                    "needs the observed labels; the true Fisher (fisher_diagonal, "
-                    "monte_carlo, detach_and_mix) needs none."
-                )
-                raise TypeError(msg)
-            array_namespace(labels, names=("labels",))
-            self.whole = labels
-            self.total = int(labels.shape[0]) if labels.ndim >= 1 else 0
-        self.offset = 0
-        self.batches = 0
-
-    def take(self, lin: Any) -> Any:
-        n = lin.num_inputs
-        i = self.batches
-        self.batches += 1
-        if self.parts is not None:
-            y = next(self.parts, None)
-            if y is None:
-                msg = (
-                    f"labels must hold one array per batch; got {self.total} arrays but the "
-                    f"source has more batches (batch {i} has no labels)."
-                )
-                raise ValueError(msg)
-            array_namespace(y, lin.logits, names=(f"labels[{i}]", "the logits"))
-            if y.ndim < 1 or int(y.shape[0]) != n:
-                msg = (
-                    f"labels[{i}] must have one row per input of batch {i} ({n}); got shape "
-                    f"{tuple(y.shape)}."
-                )
-                raise ValueError(msg)
-            return y
-        y_all = self.whole
-        array_namespace(y_all, lin.logits, names=("labels", "the logits"))
-        if self.offset + n > self.total:
-            msg = (
-                f"labels must have one row per input of the source; got {self.total} rows but "
-                f"the source has more inputs (batch {i} needs rows {self.offset}.."
-                f"{self.offset + n - 1})."
-            )
-            raise ValueError(msg)
-        y = y_all[self.offset : self.offset + n, ...]
-        self.offset += n
-        return y
-
-    def finish(self) -> None:
-        if self.whole is not None and self.offset != self.total:
-            msg = (
-                f"labels must have one row per input of the source; got {self.total} rows but "
-                f"the source has {self.offset} inputs."
-            )
-            raise ValueError(msg)
-        if self.parts is not None and self.batches != self.total:
-            msg = (
-                f"labels must hold one array per batch; got {self.total} arrays for "
-                f"{self.batches} batches."
-            )
-            raise ValueError(msg)

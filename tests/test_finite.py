@@ -358,14 +358,14 @@ def test_jax_parameters_are_checked_once_per_array(monkeypatch: pytest.MonkeyPat
     pytest.importorskip("jax")
     import jax.numpy as jnp
 
-    from fisherbound.adapters import _jax_model
+    from fisherbound.adapters import _jax_checks
     from fisherbound.adapters import jax as fj
 
     apply_fn, params = jax_mlp(WS, BS)
     read: list[list[str]] = []
-    check = _jax_model.check_parameters_finite
+    check = _jax_checks.check_parameters_finite
     monkeypatch.setattr(
-        _jax_model,
+        _jax_checks,
         "check_parameters_finite",
         lambda named: read.append([n for n, _ in named]) or check(named),
     )

@@ -204,7 +204,7 @@ class JaxLossFunction(PytreeParams, LossFunctionBase):
         return counted & ~ignored
 
     def value(self, shifts: Array, /) -> Array:
-        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
+        r""":math:`L(\theta + \mathrm{shifts}[s])` for shifts (S, D); returns (S,).
 
         ``jax.vmap`` of the forward pass over chunks of ``default_max_shifts``
         shifts (the last chunk padded to the same shape, so one compilation).
@@ -229,17 +229,23 @@ class JaxLossFunction(PytreeParams, LossFunctionBase):
         return self._theta, (self._inputs, self._state), self._labels, self._mask, self._scale
 
     def gradient(self) -> Array:
-        """∇L(θ), shape (D,) (``jax.grad``)."""
+        r""":math:`\nabla L(\theta)`, shape (D,) (``jax.grad``)."""
         return self._kernels.grad(*self._batch())
 
     def hvp(self, v: Array, /) -> Array:
-        """∇²L(θ) v for ``v`` (D,); returns (D,) (``jax.jvp`` of ``jax.grad``)."""
+        r""":math:`\nabla^2 L(\theta)\, v` for ``v`` (D,); returns (D,).
+
+        ``jax.jvp`` of ``jax.grad``.
+        """
         v = self._operand(v, "v", (self.num_params,), "(D,)")
         v = shard_local(v, self._inputs)
         return self._kernels.hvp(*self._batch(), v)
 
     def hvp_batch(self, V: Array, /) -> Array:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D) (vmapped ``hvp``)."""
+        r""":math:`\nabla^2 L(\theta)\, V[m]` for M vectors ``V`` (M, D); returns (M, D).
+
+        Vmapped ``hvp``.
+        """
         V = self._operand(V, "V", (None, self.num_params), "(M, D)")
         V = shard_local(V, self._inputs)
         return self._kernels.hvp_batch(*self._batch(), V)

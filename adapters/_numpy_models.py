@@ -228,21 +228,22 @@ class ReferenceModel:
 
 
 class LinearSoftmax(ReferenceModel):
-    """A linear softmax classifier, z = x Wᵀ + b.
+    r"""A linear softmax classifier, :math:`z = x W^\top + b`.
 
     Parameters
     ----------
     weight
-        W, shape (C, d), a real floating array of any array-API library.
+        :math:`W`, shape (C, d), a real floating array of any array-API library.
     bias
-        b, shape (C,), same namespace, dtype and device as ``weight``; ``None``
-        (the default) for a model without bias (then θ = vec W only).
+        :math:`b`, shape (C,), same namespace, dtype and device as ``weight``; ``None``
+        (the default) for a model without bias (then :math:`\theta = \operatorname{vec} W` only).
 
     Notes
     -----
-    θ = (row-major vec W, b); blocks ``"weight"`` (C, d) and ``"bias"`` (C,).
-    The Jacobian of one input is J_x = [I_C ⊗ xᵀ, I_C], so the Fisher metric is
-    F = Σ_x I_Δ(z_x) ⊗ x̃ x̃ᵀ with x̃ = (x, 1) (x̃ = x without bias).
+    :math:`\theta = (\text{row-major } \operatorname{vec} W, b)`; blocks ``"weight"`` (C, d) and
+    ``"bias"`` (C,). The Jacobian of one input is :math:`J_x = [I_C \otimes x^\top, I_C]`, so the
+    Fisher metric is :math:`F = \sum_x I_\Delta(z_x) \otimes \tilde x \tilde x^\top` with
+    :math:`\tilde x = (x, 1)` (:math:`\tilde x = x` without bias).
 
     Examples
     --------
@@ -261,12 +262,12 @@ class LinearSoftmax(ReferenceModel):
 
     @property
     def weight(self) -> Array:
-        """W, shape (C, d)."""
+        """:math:`W`, shape (C, d)."""
         return self._weights[0]
 
     @property
     def bias(self) -> Array | None:
-        """b, shape (C,), or None."""
+        """:math:`b`, shape (C,), or None."""
         return self._biases[0]
 
     def _rebuild(self, weights: tuple[Array, ...], biases: tuple[Array | None, ...]) -> Any:
@@ -291,12 +292,12 @@ class LinearSoftmax(ReferenceModel):
         xp: Any = None,
         device: Any = None,
     ) -> LinearSoftmax:
-        """A random linear softmax model with d inputs and C classes.
+        r"""A random linear softmax model with d inputs and C classes.
 
-        W has Glorot-scaled Gaussian entries (standard deviation √(2 / (d + C))),
-        b small zero-mean Gaussian entries (standard deviation 0.1). The numbers
-        are drawn on the host from ``rng`` (a numpy Generator, an int seed or
-        None), so one seed gives the same model in every namespace.
+        :math:`W` has Glorot-scaled Gaussian entries (standard deviation
+        :math:`\sqrt{2 / (d + C)}`), :math:`b` small zero-mean Gaussian entries (standard
+        deviation 0.1). The numbers are drawn on the host from ``rng`` (a numpy
+        Generator, an int seed or None), so one seed gives the same model in every namespace.
 
         Parameters
         ----------
@@ -331,22 +332,24 @@ class LinearSoftmax(ReferenceModel):
 
 
 class MLP(ReferenceModel):
-    """A multilayer perceptron, z = W_L φ(… φ(W_1 x + b_1) …) + b_L.
+    r"""A multilayer perceptron, :math:`z = W_L \phi(\dots \phi(W_1 x + b_1) \dots) + b_L`.
 
     Parameters
     ----------
     weights
-        A list or tuple of L >= 1 arrays, ``weights[i]`` of shape (out_i, in_i)
-        with in_{i+1} = out_i; real floating, one namespace, dtype and device.
+        A list or tuple of :math:`L \ge 1` arrays, ``weights[i]`` of shape (out_i, in_i)
+        with :math:`\mathrm{in}_{i+1} = \mathrm{out}_i`; real floating, one namespace, dtype and
+        device.
     biases
         A list or tuple of L arrays, ``biases[i]`` of shape (out_i,).
     activation
-        The hidden activation φ: ``"tanh"`` or ``"relu"`` (whose derivative at 0
+        The hidden activation :math:`\phi`: ``"tanh"`` or ``"relu"`` (whose derivative at 0
         is taken to be 0). The last layer is affine (no activation).
 
     Notes
     -----
-    θ = (vec W_1, b_1, vec W_2, b_2, …), each weight row-major; blocks
+    :math:`\theta = (\operatorname{vec} W_1, b_1, \operatorname{vec} W_2, b_2, \dots)`, each weight
+    row-major; blocks
     ``"layers.{i}.weight"`` and ``"layers.{i}.bias"`` (i from 0).
 
     Examples
@@ -393,12 +396,12 @@ class MLP(ReferenceModel):
 
     @property
     def weights(self) -> tuple[Array, ...]:
-        """The weights W_i, shapes (out_i, in_i)."""
+        """The weights :math:`W_i`, shapes (out_i, in_i)."""
         return self._weights
 
     @property
     def biases(self) -> tuple[Array, ...]:
-        """The biases b_i, shapes (out_i,)."""
+        """The biases :math:`b_i`, shapes (out_i,)."""
         return tuple(self._biases)
 
     @property
@@ -408,7 +411,7 @@ class MLP(ReferenceModel):
 
     @property
     def sizes(self) -> list[int]:
-        """The layer widths [d, h_1, …, C]."""
+        r"""The layer widths :math:`[d, h_1, \dots, C]`."""
         return [self.in_features] + [int(w.shape[0]) for w in self._weights]
 
     def _rebuild(self, weights: tuple[Array, ...], biases: tuple[Array | None, ...]) -> Any:
@@ -429,12 +432,12 @@ class MLP(ReferenceModel):
         xp: Any = None,
         device: Any = None,
     ) -> MLP:
-        """A random MLP with layer widths ``sizes`` = [d, h_1, …, C].
+        r"""A random MLP with layer widths ``sizes`` = :math:`[d, h_1, \dots, C]`.
 
         Weights have Glorot-scaled Gaussian entries (standard deviation
-        √(2 / (in + out))), biases small zero-mean Gaussian entries (standard
-        deviation 0.1), drawn layer by layer (weight, then bias) on the host
-        from ``rng``, so one seed gives the same model in every namespace.
+        :math:`\sqrt{2 / (\mathrm{in} + \mathrm{out})}`), biases small zero-mean Gaussian
+        entries (standard deviation 0.1), drawn layer by layer (weight, then bias) on
+        the host from ``rng``, so one seed gives the same model in every namespace.
 
         Parameters
         ----------

@@ -112,9 +112,9 @@ _DOUBLE_BACKWARD: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], bool]] = 
 
 
 class TorchLossFunction(FunctionalModel, LossFunctionBase):
-    """The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
+    r"""The negative log-likelihood of a ``torch.nn.Module`` on one labelled batch.
 
-    Build it with :func:`loss_function`. θ is the concatenation of the selected
+    Build it with :func:`loss_function`. :math:`\theta` is the concatenation of the selected
     parameters (as in ``linearize``). ``value`` evaluates the module at S shifted
     parameter vectors with ``torch.func.vmap`` over ``functional_call``;
     ``gradient`` is ``torch.func.grad``; ``hvp`` is one backward pass through a
@@ -215,7 +215,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
     # -- the loss and its derivatives ----------------------------------------
 
     def value(self, shifts: Tensor, /) -> Tensor:
-        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
+        r""":math:`L(\theta + \mathrm{shifts}[s])` for shifts (S, D); returns (S,).
 
         ``torch.func.vmap`` of the module's forward pass over the S parameter
         vectors (chunks of ``default_max_shifts``), without autograd: cost about
@@ -245,17 +245,20 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         return torch.cat(pieces)
 
     def gradient(self) -> Tensor:
-        """∇L(θ), shape (D,): one forward and one backward pass (``torch.func.grad``)."""
+        r""":math:`\nabla L(\theta)`, shape (D,).
+
+        One forward and one backward pass (``torch.func.grad``).
+        """
         with torch.enable_grad():
             return torch.func.grad(self._loss)(self._params)
 
     def hvp(self, v: Tensor, /) -> Tensor:
-        """∇²L(θ) v for ``v`` (D,); returns (D,).
+        r""":math:`\nabla^2 L(\theta)\, v` for ``v`` (D,); returns (D,).
 
-        Reverse-over-reverse on a cached graph of g = ∇L(θ): the first call runs the
-        forward pass and a differentiable backward pass (``create_graph=True``) and
-        keeps their graph; every later call is one backward pass through it,
-        ∇_θ (gᵀ v), about half the cost of forward-over-reverse, which redoes the
+        Reverse-over-reverse on a cached graph of :math:`g = \nabla L(\theta)`: the first call runs
+        the forward pass and a differentiable backward pass (``create_graph=True``) and keeps their
+        graph; every later call is one backward pass through it, :math:`\nabla_\theta (g^\top v)`,
+        about half the cost of forward-over-reverse, which redoes the
         forward pass each time. The first product for a model and parameter
         selection is checked against forward-over-reverse (``hvp_batch``'s path),
         once per model: an operation whose double backward is wrong or missing (a
@@ -327,7 +330,7 @@ class TorchLossFunction(FunctionalModel, LossFunctionBase):
         self._grad_graph = None
 
     def hvp_batch(self, V: Tensor, /) -> Tensor:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
+        r""":math:`\nabla^2 L(\theta)\, V[m]` for M vectors ``V`` (M, D); returns (M, D).
 
         ``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse), vmapped
         over the M vectors: exact, about M times the cost of two gradient steps,
@@ -365,11 +368,11 @@ def loss_function(
     mask: MaskSpec = None,
     ignore_index: int | None = -100,
 ) -> TorchLossFunction:
-    """The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
+    r"""The negative log-likelihood of ``model`` on one labelled batch, for the landscape.
 
-    L(θ) = −Σ_{n, t counted} log p(y_nt | z_nt(θ)) over the examples n and their
-    positions t, with z the logits (N, ∗S, C) (as in :func:`linearize`) and the
-    family's ``log_likelihood``. A position counts unless ``mask`` is False there
+    :math:`L(\theta) = -\sum_{n,\, t \text{ counted}} \log p(y_{nt} \mid z_{nt}(\theta))` over the
+    examples n and their positions t, with :math:`z` the logits (N, ∗S, C) (as in :func:`linearize`)
+    and the family's ``log_likelihood``. A position counts unless ``mask`` is False there
     or its integer label equals ``ignore_index``. ``reduction="mean"`` divides by
     the number of counted positions, as ``torch.nn.CrossEntropyLoss(ignore_index=
     -100)`` does; ``num_counted`` is that number (N without positions and ignored
@@ -400,7 +403,7 @@ def loss_function(
     reduction
         ``"sum"`` over the counted positions (default) or ``"mean"``.
     params
-        The parameters θ (names), as in ``linearize``; default every trainable one.
+        The parameters :math:`\theta` (names), as in ``linearize``; default every trainable one.
         For a function ``model``, the dict of its parameter tensors.
     buffers
         For a function ``model``: its non-differentiated tensors, as in

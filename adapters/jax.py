@@ -1,28 +1,28 @@
-"""JAX adapter: any ``apply_fn(params, x) -> logits`` with pytree parameters.
+r"""JAX adapter: any ``apply_fn(params, x) -> logits`` with pytree parameters.
 
 ``linearize(apply_fn, params, inputs)`` freezes a pure JAX function at its
 parameters on one batch and returns a
 :class:`~fisherbound.linearization.LinearizationBase` whose products are
 computed by JAX's own transformations.
 
-Shapes: the logits z are (N, ∗S, C): N examples, position axes S (tokens,
+Shapes: the logits :math:`z` are (N, ∗S, C): N examples, position axes S (tokens,
 pixels; none for one output per example) and the C classes last. A model whose
 classes are elsewhere names that axis with ``class_axis=`` (e.g. 1 for
 segmentation logits (N, C, H, W)); a model returning a pytree (a dict, a tuple,
-a Hugging Face output) names the logits with ``output=``. The inputs x are any
+a Hugging Face output) names the logits with ``output=``. The inputs :math:`x` are any
 pytree of arrays sharing the leading axis N, passed to ``apply_fn`` as one
 argument (a dict of keyword inputs included: ``lambda p, x: model(**x, params=p)``).
-An example is an x with all its positions: per-example products sum over them.
+An example is an :math:`x` with all its positions: per-example products sum over them.
 ``mask=`` (boolean (N, ∗S), a key of dict inputs, or a callable ``inputs -> mask``)
-keeps the positions that count; every product uses diag(mask) J (masked
-positions have zero Jacobian rows), so every Fisher quantity excludes them.
+keeps the positions that count; every product uses :math:`\operatorname{diag}(\mathrm{mask})\, J`
+(masked positions have zero Jacobian rows), so every Fisher quantity excludes them.
 ``state=`` holds the variables that are not differentiated (flax ``batch_stats``,
 haiku's state, equinox's ``State``): ``apply_fn(params, x, state)`` gets them whole,
 as an argument of every compiled kernel.
 
 The products:
 
-- ``jvp`` / ``jvp_batch``: the linear map v ↦ J v of ``jax.linearize``, built
+- ``jvp`` / ``jvp_batch``: the linear map :math:`v \mapsto J v` of ``jax.linearize``, built
   once per linearization (the forward pass and its residuals are kept) and
   vmapped over tangents;
 - ``vjp`` / ``vjp_batch``: ``jax.linear_transpose`` of that same linear map (what
@@ -40,7 +40,7 @@ Every kernel is ``jax.jit``-compiled once per (``apply_fn``, parameter
 structure, shapes) and reused across linearizations, so streaming a data set
 with ``linearizations(apply_fn, params, batches)`` compiles once per batch shape.
 
-Parameter layout: the flat vector θ concatenates the leaves of ``params`` in
+Parameter layout: the flat vector :math:`\theta` concatenates the leaves of ``params`` in
 JAX's tree-flattening order (``jax.tree_util.tree_flatten``: dict keys sorted,
 sequences in order), each leaf raveled row-major, exactly as
 ``jax.flatten_util.ravel_pytree``. A block is named by its leaf's path: dict keys
@@ -119,9 +119,9 @@ __all__ = [
 
 
 class JaxLinearization(PytreeParams, LinearizationBase):
-    """A JAX function frozen at its parameters on one batch (see ``linearize``).
+    r"""A JAX function frozen at its parameters on one batch (see ``linearize``).
 
-    Holds the logits and the linear map v ↦ J v of ``jax.linearize`` (the
+    Holds the logits and the linear map :math:`v \mapsto J v` of ``jax.linearize`` (the
     residuals of one forward pass); ``vjp`` is its transpose.
     """
 
@@ -179,7 +179,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
     @property
     def flat_params(self) -> Array:
-        """θ (D,): the parameters flattened in the order of ``blocks``."""
+        r""":math:`\theta` (D,): the parameters flattened in the order of ``blocks``."""
         return self._model.theta
 
     def _forward_mode(self, kernel: Callable[[Any, Array, Any], Array], v: Array) -> Array:
@@ -198,7 +198,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
     # -- forward products ---------------------------------------------------------
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C).
+        """:math:`J v` for a flat parameter vector ``v`` (D,); returns (N, ∗S, C).
 
         Evaluates the stored linear map of ``jax.linearize``: about one forward
         pass, no recomputation of the primal. Zero at masked positions.
@@ -207,7 +207,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         return self._forward_mode(self._kernels.jvp, shard_local(v, self._inputs))
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
+        """:math:`J V[m]` for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
 
         One vmapped evaluation of the linear map (M tangents at once).
         """
@@ -216,7 +216,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
     # -- reverse products ---------------------------------------------------------
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, ∗S, C); returns (D,).
+        r""":math:`J^\top u = \sum_n J_n^\top u_n` for a cotangent ``u`` (N, ∗S, C); returns (D,).
 
         The transpose of the stored linear map: about one backward pass. The
         cotangent at masked positions is ignored.
@@ -225,7 +225,7 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         return self._kernels.vjp(self._f_jvp, self._theta, u, self._mask)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
+        r""":math:`J^\top U[m]` for M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
 
         One vmapped backward pass for all M cotangents.
         """
@@ -313,17 +313,18 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         return jax.lax.cond(flag, fast, exact, U)
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
-        """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
+        r""":math:`J_n^\top U[i, k]` for the examples :math:`n = \text{start} + i` of ``examples``.
 
+        Returns (n, K, D).
         ``U`` has shape (n, K, ∗S, C) with n the length of the slice ``examples``
-        (default: all N examples); J_nᵀ U[i, k] sums over the positions of x_n.
+        (default: all N examples); :math:`J_n^\top U[i, k]` sums over the positions of :math:`x_n`.
 
         ``jax.vmap`` over examples of the VJP of the single-example function
-        θ ↦ apply_fn(params(θ), x_n[None])[0], vmapped over the K cotangents
-        (masked positions' cotangents zeroed first). Cost: N forward passes of
-        one example and N·K backward passes, vectorised; memory N·K·D entries
-        (plus the cotangents, N·K·P·C). ``apply_fn`` must treat examples
-        independently (no batch statistics).
+        :math:`\theta \mapsto \mathrm{apply\_fn}(\mathrm{params}(\theta), x_n[\mathrm{None}])[0]`,
+        vmapped over the K cotangents (masked positions' cotangents zeroed first). Cost: N forward
+        passes of one example and :math:`N \cdot K` backward passes, vectorised; memory
+        :math:`N \cdot K \cdot D` entries (plus the cotangents, :math:`N \cdot K \cdot P \cdot C`).
+        ``apply_fn`` must treat examples independently (no batch statistics).
         """
         start, stop = self._examples(examples)
         shape = (stop - start, None, *self.output_shape[1:])
@@ -343,27 +344,24 @@ class JaxLinearization(PytreeParams, LinearizationBase):
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, ∗S, C); returns (K, D).
+        r""":math:`\sum_n (J_n^\top U[n, k])^2` for cotangents ``U`` (N, K, ∗S, C); returns (K, D).
 
         ``sum_cotangents=True`` returns the sum over k, shape (D,).
 
-        Per-example VJPs (as in ``per_example_vjp``) squared and summed inside one
-        compiled ``lax.scan`` over chunks of ⌊max_vectors / K⌋ examples (and, when
-        K > max_vectors, chunks of max_vectors cotangents), so that the
-        per-example gradients alive at once number at most ``max_vectors``
-        D-vectors (default ``default_max_vectors``; the squares and their
-        pairwise sum take about as much again). Cost: N·K backward passes of one
-        example (each through all P positions of the example), vectorised per
-        chunk; each chunk shape compiles once. Masked positions' cotangents are
-        zeroed first.
+        Per-example VJPs (as in ``per_example_vjp``) squared and summed inside one compiled
+        ``lax.scan`` over chunks of :math:`\lfloor \mathrm{max\_vectors} / K \rfloor` examples (and,
+        when K > max_vectors, chunks of max_vectors cotangents), so that the per-example gradients
+        alive at once number at most ``max_vectors`` D-vectors (default ``default_max_vectors``; the
+        squares and their pairwise sum take about as much again). Cost: :math:`N \cdot K` backward
+        passes of one example (each through all P positions of the example), vectorised per chunk;
+        each chunk shape compiles once. Masked positions' cotangents are zeroed first.
 
-        When every parameter has a layer rule (``fast_path_reasons``), the layer
-        rules instead: K batched backward passes through perturbations at the
-        layers' outputs, in chunks of max_vectors cotangents (⌊max_vectors / N⌋
-        when a layer's input has position axes, whose per-example layer gradients
-        are then formed), and per layer (a²)ᵀ(δ²); no per-example gradient of the
-        whole network. Models that couple their examples take one batch VJP per
-        example, in a compiled loop.
+        When every parameter has a layer rule (``fast_path_reasons``), the layer rules instead: K
+        batched backward passes through perturbations at the layers' outputs, in chunks of
+        max_vectors cotangents (:math:`\lfloor \mathrm{max\_vectors} / N \rfloor` when a layer's
+        input has position axes, whose per-example layer gradients are then formed), and per layer
+        :math:`(a^2)^\top (\delta^2)`; no per-example gradient of the whole network. Models that
+        couple their examples take one batch VJP per example, in a compiled loop.
         """
         shape = (self.num_inputs, None, *self.output_shape[1:])
         U = self._operand(U, "U", shape, self._cotangents_text("N"))
@@ -424,15 +422,16 @@ class JaxLinearization(PytreeParams, LinearizationBase):
 
     # -- second derivatives (added for fisherbound.variance) ----------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, ∗S, C, D).
+        r""":math:`\partial^2 z_{nc}/\partial\theta_i^2` for every example, output and parameter.
 
+        Returns (N, ∗S, C, D).
         Exact, by forward-over-forward differentiation along each coordinate:
-        ∂²z/∂θ_i² = d²/dt² z(θ + t e_i) at t = 0 (``jax.jvp`` of ``jax.jvp`` with
-        the tangent e_i), vmapped over chunks of ``max_vectors`` coordinates
-        (default ``default_max_vectors``) in one compiled kernel. Zero at masked
-        positions. Cost: D second-order forward passes of the batch (about 3
-        forward passes each); memory: max_vectors × the forward activations and
-        the result N·P·C·D. Never a D × D Hessian.
+        :math:`\partial^2 z/\partial\theta_i^2 = \frac{d^2}{dt^2} z(\theta + t e_i)` at
+        :math:`t = 0` (``jax.jvp`` of ``jax.jvp`` with the tangent :math:`e_i`), vmapped over
+        chunks of ``max_vectors`` coordinates (default ``default_max_vectors``) in one compiled
+        kernel. Zero at masked positions. Cost: D second-order forward passes of the batch (about
+        3 forward passes each); memory: max_vectors :math:`\times` the forward activations and
+        the result :math:`N \cdot P \cdot C \cdot D`. Never a :math:`D \times D` Hessian.
         """
         budget = self.default_max_vectors if max_vectors is None else max_vectors
         budget = check_positive_int(budget, "max_vectors")
@@ -465,7 +464,7 @@ def linearize(
     class_axis: int = -1,
     mask: Any = None,
 ) -> JaxLinearization:
-    """Freeze ``apply_fn`` at ``params`` on one batch of inputs.
+    r"""Freeze ``apply_fn`` at ``params`` on one batch of inputs.
 
     Parameters
     ----------
@@ -478,7 +477,7 @@ def linearize(
     params
         A pytree (dict, list, tuple, nested flax-style dicts, ...) of real
         floating arrays, all of one dtype; the logits must come out in that
-        dtype. θ is their concatenation in tree-flattening order (see ``blocks``).
+        dtype. :math:`\theta` is their concatenation in tree-flattening order (see ``blocks``).
     inputs
         The batch x: an array (N, ...) or any pytree of arrays sharing the leading
         axis N (a tuple, a dict such as ``{"input_ids": ..., "attention_mask":
@@ -515,9 +514,9 @@ def linearize(
     Returns
     -------
     JaxLinearization
-        A :class:`~fisherbound.linearization.LinearizationBase` with logits z
+        A :class:`~fisherbound.linearization.LinearizationBase` with logits :math:`z`
         (N, ∗S, C), ``jvp`` (D,) → (N, ∗S, C), ``vjp`` (N, ∗S, C) → (D,) with
-        Jᵀ u = Σ_n J_nᵀ u_n, their batched forms, ``per_example_vjp``
+        :math:`J^\top u = \sum_n J_n^\top u_n`, their batched forms, ``per_example_vjp``
         (N, K, ∗S, C) → (N, K, D) and ``sum_squared_per_example_vjp``
         (N, K, ∗S, C) → (K, D) (an example's product sums over its positions),
         ``mask``; all JAX arrays on the parameters' device and dtype.
@@ -542,7 +541,7 @@ def linearize(
     gradient step, are kept for the products). Each JVP / VJP then costs about
     one forward / backward pass whatever the number of positions P; a
     per-example product costs one single-example backward pass per cotangent,
-    so an exact Fisher quantity costs P · R of them per example (R: the
+    so an exact Fisher quantity costs :math:`P \cdot R` of them per example (R: the
     family's factor rank). Kernels compile once per model, selector and batch
     shape.
 
@@ -697,17 +696,18 @@ def loss_function(
     mask: Any = None,
     ignore_index: int | None = -100,
 ) -> JaxLossFunction:
-    """The negative log-likelihood of ``apply_fn`` at ``params`` on one labelled batch.
+    r"""The negative log-likelihood of ``apply_fn`` at ``params`` on one labelled batch.
 
-    L(θ) = −Σ_n Σ_t m_nt log p(y_nt | z_nt(θ)) with z = apply_fn(params(θ), x)
+    :math:`L(\theta) = -\sum_n \sum_t m_{nt} \log p(y_{nt} \mid z_{nt}(\theta))` with
+    :math:`z = \mathrm{apply\_fn}(\mathrm{params}(\theta), x)`
     (after ``output`` and ``class_axis``), the family's ``log_likelihood`` and
-    m the counted positions (``mask`` and the labels unequal to
+    :math:`m` the counted positions (``mask`` and the labels unequal to
     ``ignore_index``; every position without them). ``reduction="mean"``
-    divides by the number of counted positions Σ m (N when the logits are
+    divides by the number of counted positions :math:`\sum m` (N when the logits are
     (N, C) and nothing is masked), as ``torch.nn.CrossEntropyLoss`` does.
     A :class:`~fisherbound.linearization.LossFunction`: ``value(shifts)``
     (S, D) → (S,) (``jax.vmap`` over shifts), ``gradient()``, ``hvp(v)`` /
-    ``hvp_batch(V)`` (forward-over-reverse, exact). θ is flattened as in
+    ``hvp_batch(V)`` (forward-over-reverse, exact). :math:`\theta` is flattened as in
     ``linearize``. Cost: one forward pass here (to check the labels); ``value``
     costs S forward passes, ``hvp`` about two gradient steps; kernels compile
     once per batch shape.

@@ -1,10 +1,11 @@
-"""Reference models with hand-written derivatives, for any array-API library.
+r"""Reference models with hand-written derivatives, for any array-API library.
 
 Two small classifiers whose Jacobian products are written out by hand and
 vectorised with batched matrix products:
 
-- ``LinearSoftmax(weight, bias=None)``: logits z = x Wᵀ + b;
-- ``MLP(weights, biases, activation=...)``: z = W_L φ(… φ(W_1 x + b_1) …) + b_L.
+- ``LinearSoftmax(weight, bias=None)``: logits :math:`z = x W^\top + b`;
+- ``MLP(weights, biases, activation=...)``:
+  :math:`z = W_L \phi(\dots \phi(W_1 x + b_1) \dots) + b_L`.
 
 They use only array-API-standard functions on their own arrays, so they run on
 NumPy, CuPy, array-api-strict (on any device), torch and JAX alike, and they are
@@ -15,10 +16,10 @@ of the module says "numpy" because NumPy is the default namespace of
 ``linearize(model, inputs)`` freezes a model at its parameters on one batch and
 returns a :class:`~fisherbound.linearization.LinearizationBase` with exact
 forward (JVP) and reverse (VJP) products, batched and per-example products, and
-the fast per-example-square path Σ_n (J_nᵀ u_nk)² that never materialises
+the fast per-example-square path :math:`\sum_n (J_n^\top u_{nk})^2` that never materialises
 per-example gradients. ``linearizations(model, batches)`` streams a data set.
 
-Parameter layout: the flat vector θ holds, layer after layer, the row-major
+Parameter layout: the flat vector :math:`\theta` holds, layer after layer, the row-major
 weight (out, in) and then the bias (out,); blocks are named ``"weight"`` /
 ``"bias"`` for ``LinearSoftmax`` and ``"layers.{i}.weight"`` /
 ``"layers.{i}.bias"`` for ``MLP``.
@@ -79,9 +80,9 @@ __all__ = [
 
 
 class ReferenceLinearization(LinearizationBase):
-    """A reference model frozen at its parameters on one batch (see ``linearize``).
+    r"""A reference model frozen at its parameters on one batch (see ``linearize``).
 
-    Holds the forward pass (the input of every layer and φ' of every hidden
+    Holds the forward pass (the input of every layer and :math:`\phi'` of every hidden
     layer); every product below is a few batched matrix products with it.
     """
 
@@ -107,16 +108,17 @@ class ReferenceLinearization(LinearizationBase):
         return self._model.parameters(), [("inputs", self._inputs)]
 
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, C).
+        r""":math:`J v` for a flat parameter vector ``v`` (D,); returns (N, C).
 
-        Forward mode: dh_i = da_{i-1} W_iᵀ + a_{i-1} dW_iᵀ + db_i, da_i = φ'(h_i) ⊙ dh_i.
+        Forward mode: :math:`dh_i = da_{i-1} W_i^\top + a_{i-1}\, dW_i^\top + db_i`,
+        :math:`da_i = \phi'(h_i) \odot dh_i`.
         Cost: about one forward pass.
         """
         v = self._operand(v, "v", (self.num_params,), "(D,)")
         return self._jvp_batch(self._xp, self._xp.reshape(v, (1, self.num_params)))[0, ...]
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, C) in one pass."""
+        """:math:`J V[m]` for M parameter vectors ``V`` (M, D); returns (M, N, C) in one pass."""
         V = self._operand(V, "V", (None, self.num_params), "(M, D)")
         return self._jvp_batch(self._xp, V)
 
@@ -138,17 +140,21 @@ class ReferenceLinearization(LinearizationBase):
 
     # -- reverse products ---------------------------------------------------------
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, C); returns (D,).
+        r""":math:`J^\top u = \sum_n J_n^\top u_n` for a cotangent ``u`` (N, C); returns (D,).
 
-        Reverse mode: δ_L = u, ∇W_i = δ_iᵀ a_{i-1}, ∇b_i = Σ_n δ_i,
-        δ_{i-1} = (δ_i W_i) ⊙ φ'(h_{i-1}). Cost: about one backward pass.
+        Reverse mode: :math:`\delta_L = u`, :math:`\nabla W_i = \delta_i^\top a_{i-1}`,
+        :math:`\nabla b_i = \sum_n \delta_i`,
+        :math:`\delta_{i-1} = (\delta_i W_i) \odot \phi'(h_{i-1})`. Cost: about one backward pass.
         """
         n, c = self.num_inputs, self.num_outputs
         u = self._operand(u, "u", (n, c), "(N, C)")
         return self._vjp_batch(self._xp, self._xp.reshape(u, (1, n, c)))[0, ...]
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, C); returns (M, D) in one batched pass."""
+        r""":math:`J^\top U[m]` for M cotangents ``U`` (M, N, C).
+
+        Returns (M, D) in one batched pass.
+        """
         U = self._operand(U, "U", (None, self.num_inputs, self.num_outputs), "(M, N, C)")
         return self._vjp_batch(self._xp, U)
 
@@ -176,12 +182,13 @@ class ReferenceLinearization(LinearizationBase):
         return deltas[::-1]
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
-        """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
+        r""":math:`J_n^\top U[i, k]` for the examples :math:`n = \text{start} + i` of ``examples``.
 
+        Returns (n, K, D).
         ``U`` has shape (n, K, C) with n the length of the slice ``examples``
         (default: all N examples). The per-example gradients are the outer
-        products δ_nk a_nᵀ (weights) and δ_nk (biases), formed for all n and k at
-        once. Memory: n·K·D entries.
+        products :math:`\delta_{nk} a_n^\top` (weights) and :math:`\delta_{nk}` (biases), formed for
+        all n and k at once. Memory: :math:`n \cdot K \cdot D` entries.
         """
         xp = self._xp
         start, stop = self._examples(examples)
@@ -199,16 +206,18 @@ class ReferenceLinearization(LinearizationBase):
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+        r""":math:`\sum_n (J_n^\top U[n, k])^2` for cotangents ``U`` (N, K, C); returns (K, D).
 
         ``sum_cotangents=True`` returns the sum over k, (D,), with one product per
-        layer: Σ_k (δ_k ⊙ δ_k)ᵀ (a ⊙ a) = (Σ_k δ_k ⊙ δ_k)ᵀ (a ⊙ a).
+        layer: :math:`\sum_k (\delta_k \odot \delta_k)^\top (a \odot a)
+        = (\sum_k \delta_k \odot \delta_k)^\top (a \odot a)`.
 
-        Uses Σ_n (δ_nk ⊗ a_n)² = (δ_k ⊙ δ_k)ᵀ (a ⊙ a) per layer (and Σ_n δ_nk²
-        for biases), so per-example gradients are never formed: the cost is about
-        K backward passes. Examples are processed in chunks whose backpropagated
-        signals δ (chunk · K · Σ_i out_i entries) take at most the memory of
-        ``max_vectors`` D-vectors (default ``default_max_vectors``).
+        Uses :math:`\sum_n (\delta_{nk} \otimes a_n)^2 = (\delta_k \odot \delta_k)^\top (a \odot a)`
+        per layer (and :math:`\sum_n \delta_{nk}^2` for biases), so per-example gradients are
+        never formed: the cost is about K backward passes. Examples are processed in
+        chunks whose backpropagated signals :math:`\delta`
+        (:math:`\mathrm{chunk} \cdot K \cdot \sum_i \mathrm{out}_i` entries) take at most the
+        memory of ``max_vectors`` D-vectors (default ``default_max_vectors``).
         """
         xp = self._xp
         U = self._operand(U, "U", (self.num_inputs, None, self.num_outputs), "(N, K, C)")
@@ -243,16 +252,21 @@ class ReferenceLinearization(LinearizationBase):
 
     # -- second derivatives (added for fisherbound.variance) ------------------------
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, C, D).
+        r""":math:`\partial^2 z_{nc}/\partial\theta_i^2` for every example, output and parameter.
 
+        Returns (N, C, D).
         Exact, from the hand-written second-order recursion over the layers: with
-        G_i = ∂z/∂h_i and T_i = ∂²z/∂h_i∂h_iᵀ (h_i the pre-activation of layer i),
-        T_L = 0 and T_i = Φ'_i W_{i+1}ᵀ T_{i+1} W_{i+1} Φ'_i + diag((G_{i+1} W_{i+1}) ⊙ φ''(h_i));
-        a weight W_i[j, k] then has ∂²z/∂W_i[j, k]² = (T_i)_jj a_{i-1,k}², a bias
-        (T_i)_jj. Parameters of the last layer (on which z is linear) give 0, and so
-        do ReLU layers (φ'' = 0 almost everywhere). Memory: a chunk of examples at a
-        time holds C × width² entries per example (at most ``max_vectors``
-        D-vectors of output; default ``default_max_vectors``).
+        :math:`G_i = \partial z/\partial h_i` and
+        :math:`T_i = \partial^2 z/\partial h_i \partial h_i^\top` (:math:`h_i` the
+        pre-activation of layer i), :math:`T_L = 0` and
+        :math:`T_i = \Phi'_i W_{i+1}^\top T_{i+1} W_{i+1} \Phi'_i
+        + \operatorname{diag}((G_{i+1} W_{i+1}) \odot \phi''(h_i))`;
+        a weight :math:`W_i[j, k]` then has
+        :math:`\partial^2 z/\partial W_i[j, k]^2 = (T_i)_{jj}\, a_{i-1,k}^2`, a bias
+        :math:`(T_i)_{jj}`. Parameters of the last layer (on which :math:`z` is linear) give 0,
+        and so do ReLU layers (:math:`\phi'' = 0` almost everywhere). Memory: a chunk of examples
+        at a time holds :math:`C \times \mathrm{width}^2` entries per example (at most
+        ``max_vectors`` D-vectors of output; default ``default_max_vectors``).
         """
         xp = self._xp
         budget = self.default_max_vectors if max_vectors is None else max_vectors
@@ -436,7 +450,7 @@ class ReferenceLossFunction(LossFunctionBase):
 
     @property
     def linearization(self) -> ReferenceLinearization:
-        """The model linearized at θ on the batch (for Fisher quantities)."""
+        r"""The model linearized at :math:`\theta` on the batch (for Fisher quantities)."""
         return self._lin
 
     @property
@@ -454,7 +468,7 @@ class ReferenceLossFunction(LossFunctionBase):
         return -xp.sum(self._family.unchecked_log_likelihood(z, y, xp=xp), axis=-1) * self._scale
 
     def value(self, shifts: Array, /) -> Array:
-        """L(θ + shifts[s]) for shifts (S, D); returns (S,).
+        r""":math:`L(\theta + \mathrm{shifts}[s])` for shifts (S, D); returns (S,).
 
         One forward pass with the S parameter vectors stacked (chunks of
         ``default_max_shifts``): cost about S forward passes, in a few batched
@@ -493,26 +507,33 @@ class ReferenceLossFunction(LossFunctionBase):
         return -self._family.unchecked_score(z, self._labels, xp=xp) * self._scale
 
     def gradient(self) -> Array:
-        """∇L(θ) = Σ_n J_nᵀ (E t(y_n) − t(y_n)), (D,): one backward pass."""
+        r""":math:`\nabla L(\theta) = \sum_n J_n^\top (\mathbb E\, t(y_n) - t(y_n))`, (D,).
+
+        One backward pass.
+        """
         xp = self._xp
         g = self._loss_gradient_logits(xp)
         return self._lin._vjp_batch(xp, g[None, ...])[0, ...]
 
     def hvp(self, v: Array, /) -> Array:
-        """∇²L(θ) v for ``v`` (D,); returns (D,) (see ``hvp_batch``)."""
+        r""":math:`\nabla^2 L(\theta)\, v` for ``v`` (D,); returns (D,) (see ``hvp_batch``)."""
         v = self._lin._operand(v, "v", (self.num_params,), "(D,)")
         return self._hvp_batch(self._xp, self._xp.reshape(v, (1, self.num_params)))[0, ...]
 
     def hvp_batch(self, V: Array, /) -> Array:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
+        r""":math:`\nabla^2 L(\theta)\, V[m]` for M vectors ``V`` (M, D); returns (M, D).
 
-        Pearlmutter's R-operator R{·} = d/dt (·)(θ + t v) at t = 0, applied to the
-        forward pass (R h_i = R a_{i−1} W_iᵀ + a_{i−1} V_iᵀ + v_{b_i},
-        R a_i = φ'(h_i) ⊙ R h_i) and to backpropagation (R δ_L = I(z) R z,
-        R δ_{i−1} = (R δ_i W_i + δ_i V_i) ⊙ φ'(h_{i−1}) + (δ_i W_i) ⊙ φ''(h_{i−1}) ⊙ R h_{i−1},
-        R ∇W_i = R δ_iᵀ a_{i−1} + δ_iᵀ R a_{i−1}), with δ_L = ∂L/∂z = E t(y) − t(y)
-        and ∂²L/∂z² = I(z) (the family's metric). Exact; cost about two forward
-        and two backward passes per vector, batched over M.
+        Pearlmutter's R-operator :math:`R\{\cdot\} = \frac{d}{dt} (\cdot)(\theta + t v)` at
+        :math:`t = 0`, applied to the forward pass
+        (:math:`R h_i = R a_{i-1} W_i^\top + a_{i-1} V_i^\top + v_{b_i}`,
+        :math:`R a_i = \phi'(h_i) \odot R h_i`) and to backpropagation
+        (:math:`R \delta_L = I(z)\, R z`,
+        :math:`R \delta_{i-1} = (R \delta_i W_i + \delta_i V_i) \odot \phi'(h_{i-1})
+        + (\delta_i W_i) \odot \phi''(h_{i-1}) \odot R h_{i-1}`,
+        :math:`R \nabla W_i = R \delta_i^\top a_{i-1} + \delta_i^\top R a_{i-1}`), with
+        :math:`\delta_L = \partial L/\partial z = \mathbb E\, t(y) - t(y)`
+        and :math:`\partial^2 L/\partial z^2 = I(z)` (the family's metric). Exact; cost about two
+        forward and two backward passes per vector, batched over M.
         """
         V = self._lin._operand(V, "V", (None, self.num_params), "(M, D)")
         return self._hvp_batch(self._xp, V)
@@ -569,9 +590,9 @@ def loss_function(
     family: Any = None,
     reduction: str = "sum",
 ) -> ReferenceLossFunction:
-    """The negative log-likelihood of a reference model on one labelled batch.
+    r"""The negative log-likelihood of a reference model on one labelled batch.
 
-    L(θ) = −Σ_n log p(y_n | z_n(θ)) with the family's ``log_likelihood``
+    :math:`L(\theta) = -\sum_n \log p(y_n \mid z_n(\theta))` with the family's ``log_likelihood``
     (``reduction="mean"`` divides by N), as a
     :class:`~fisherbound.linearization.LossFunction` for ``fisherbound.landscape``:
     ``value(shifts)`` (S, D) → (S,), ``gradient()`` (D,), ``hvp(v)`` and
@@ -580,7 +601,7 @@ def loss_function(
     Parameters
     ----------
     model
-        A ``LinearSoftmax`` or ``MLP``; θ = ``model.parameters()``.
+        A ``LinearSoftmax`` or ``MLP``; :math:`\theta` = ``model.parameters()``.
     inputs
         The batch x (N, d) of the model's namespace and device.
     labels

@@ -1,9 +1,9 @@
-"""The torch adapter: any ``torch.nn.Module`` as a linearization, via ``torch.func``.
+r"""The torch adapter: any ``torch.nn.Module`` as a linearization, via ``torch.func``.
 
 ``linearize(model, inputs)`` freezes a module at its current parameters and one
-batch of inputs and exposes the Jacobian J = ∂z/∂θ of the logits z (N, C) with
-respect to the flat parameter vector θ (the selected parameters, row-major, in
-``named_parameters()`` order) only through products:
+batch of inputs and exposes the Jacobian :math:`J = \partial z/\partial\theta` of the logits
+:math:`z` (N, C) with respect to the flat parameter vector :math:`\theta` (the selected
+parameters, row-major, in ``named_parameters()`` order) only through products:
 
 - ``jvp`` / ``jvp_batch`` with ``torch.func.jvp`` (vmapped over tangents);
 - ``vjp`` / ``vjp_batch`` with ``torch.autograd.grad`` through the graph of the one
@@ -13,14 +13,14 @@ respect to the flat parameter vector θ (the selected parameters, row-major, in
 - ``per_example_vjp`` with ``torch.func.vmap`` over the examples of the
   single-example function;
 - ``sum_squared_per_example_vjp`` (the building block of exact Fisher diagonals),
-  Σ_n (J_nᵀ U[n, k])², with a fast path for the parameters of ``nn.Linear``,
+  :math:`\sum_n (J_n^\top U[n, k])^2`, with a fast path for the parameters of ``nn.Linear``,
   ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``,
   ``nn.RMSNorm`` and ``nn.BatchNorm*d`` (eval) modules (the layer rules of
   ``fisherbound.adapters.torch_rules``): one forward pass with hooks and ONE
   batched backward pass over the K cotangents to the outputs of those layers,
   then per-layer closed forms (for ``nn.Linear`` on (N, in) inputs,
-  (δ_k ⊙ δ_k)ᵀ (a ⊙ a)), as BackPACK does, never per-example gradients of the
-  whole network. Every other parameter (custom modules, parameters shared by
+  :math:`(\delta_k \odot \delta_k)^\top (a \odot a)`), as BackPACK does, never per-example
+  gradients of the whole network. Every other parameter (custom modules, parameters shared by
   several modules or also used outside their module, modules called more than
   once per forward, layers whose leading axis is not the example axis) goes
   through the generic path, so both paths give the same numbers;
@@ -97,15 +97,15 @@ class _NotPerExample(Exception):
 
 
 class TorchLinearization(FunctionalModel, LinearizationBase):
-    """A ``torch.nn.Module`` frozen at its parameters θ and one batch of inputs.
+    r"""A ``torch.nn.Module`` frozen at its parameters :math:`\theta` and one batch of inputs.
 
-    Build it with :func:`linearize`. θ is the concatenation of the selected
+    Build it with :func:`linearize`. :math:`\theta` is the concatenation of the selected
     parameters, each flattened row-major, in the order of ``blocks`` (whose names
     are the parameter names). Every vector is a torch tensor on the parameters'
     device in their dtype.
 
     The linearization reads the parameters' storage and keeps the forward pass at
-    θ: updating a parameter, a buffer or an input in place afterwards (an
+    :math:`\theta`: updating a parameter, a buffer or an input in place afterwards (an
     optimiser step, ``p.add_``, ``load_state_dict``) makes every later product a
     RuntimeError naming the tensors that changed (torch's version counters,
     read before each product); build a new linearization per step.
@@ -255,7 +255,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     # -- products ------------------------------------------------------------
 
     def jvp(self, v: Tensor, /) -> Tensor:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C).
+        """:math:`J v` for a flat parameter vector ``v`` (D,); returns (N, ∗S, C).
 
         One forward pass with forward-mode AD (``torch.func.jvp``); zero at masked
         positions.
@@ -275,7 +275,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return torch.func.jvp(self._fn, self._primals, tangents)[1]
 
     def vjp(self, u: Tensor, /) -> Tensor:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, ∗S, C); returns (D,).
+        r""":math:`J^\top u = \sum_n J_n^\top u_n` for a cotangent ``u`` (N, ∗S, C); returns (D,).
 
         One backward pass through the graph recorded at ``linearize`` time; the
         entries of ``u`` at masked positions are ignored.
@@ -319,7 +319,10 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return out, None, out.sum()[None] if traces else None
 
     def jvp_batch(self, V: Tensor, /) -> Tensor:
-        """J V[m] for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C) (vmapped jvp)."""
+        """:math:`J V[m]` for M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
+
+        Vmapped jvp.
+        """
         self._operand(V, "V", (None, self.num_params), self._shape_text("M", "D"))
         m = int(V.shape[0])
         if m == 0:
@@ -333,7 +336,10 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return torch.func.vmap(one)(*tangents)
 
     def vjp_batch(self, U: Tensor, /) -> Tensor:
-        """Jᵀ U[m] for M cotangents ``U`` (M, N, ∗S, C); returns (M, D): one batched backward."""
+        r""":math:`J^\top U[m]` for M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
+
+        One batched backward.
+        """
         self._operand(U, "U", *self._out_shape("M"))
         m = int(U.shape[0])
         if m == 0:
@@ -343,18 +349,18 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     def vjp_batch_square_moments(
         self, U: Tensor, /, *, traces: bool = False
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The moments over m of the squares g_m ⊙ g_m of g_m = Jᵀ U[m], U (M, N, ∗S, C).
+        r"""The moments over m of the squares :math:`g_m \odot g_m` of :math:`g_m = J^\top U[m]`.
 
-        Returns ``(mean, variance, traces)``: the mean (1/M) Σ_m g_m ⊙ g_m (D,),
-        the unbiased sample variance over the M probes of each entry of g_m ⊙ g_m
-        (D,; None for M = 1) and, with ``traces``, ‖g_m‖² (M,) (else None): what
-        the detach-and-mix diagonal needs from one batch, without the (M, D)
-        matrix [g_1 … g_M].
+        U (M, N, ∗S, C). Returns ``(mean, variance, traces)``: the mean
+        :math:`\frac1M \sum_m g_m \odot g_m` (D,), the unbiased sample variance over the M probes of
+        each entry of :math:`g_m \odot g_m` (D,; None for :math:`M = 1`) and, with ``traces``,
+        :math:`\|g_m\|^2` (M,) (else None): what the detach-and-mix diagonal needs from one batch,
+        without the (M, D) matrix :math:`[g_1 \dots g_M]`.
 
-        One backward pass batched over the M cotangents (as ``vjp_batch``), then
-        the moments from their power sums Σ g⁴ and Σ g² (see ``_square_moments`` for the
-        rounding), parameter by parameter, written straight into the flat
-        outputs: no flat (M, D) copy. Memory: the M gradients plus 2 D-vectors.
+        One backward pass batched over the M cotangents (as ``vjp_batch``), then the moments from
+        their power sums :math:`\sum g^4` and :math:`\sum g^2` (see ``_square_moments`` for the
+        rounding), parameter by parameter, written straight into the flat outputs: no flat (M, D)
+        copy. Memory: the M gradients plus 2 D-vectors.
 
         Examples
         --------
@@ -386,10 +392,11 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
         return _square_moments(flat, traces, own)
 
     def per_example_vjp(self, U: Tensor, /, *, examples: slice | None = None) -> Tensor:
-        """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
+        r""":math:`J_n^\top U[i, k]` for the examples :math:`n = \text{start} + i` of ``examples``.
 
+        Returns (n, K, D).
         ``U`` has shape (n, K, ∗S, C) with n the length of the contiguous slice
-        ``examples`` (default: all N examples); J_nᵀ U[i, k] sums over the
+        ``examples`` (default: all N examples); :math:`J_n^\top U[i, k]` sums over the
         positions of example n (masked positions contribute nothing).
 
         ``torch.func.vmap`` over the examples of the single-example vjp (the K
@@ -488,25 +495,25 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     def sum_squared_per_example_vjp(
         self, U: Tensor, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Tensor:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, C); returns (K, D).
+        r""":math:`\sum_n (J_n^\top U[n, k])^2` for cotangents ``U`` (N, K, C); returns (K, D).
 
-        With ``U[n, r]`` the r-th column of the core-metric square root B(z_n),
-        the sum over k is the exact Fisher diagonal Σ_n Σ_r (J_nᵀ B_n e_r)².
+        With ``U[n, r]`` the r-th column of the core-metric square root :math:`B(z_n)`,
+        the sum over k is the exact Fisher diagonal :math:`\sum_n \sum_r (J_n^\top B_n e_r)^2`.
 
         Fast path (parameters of ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``,
         ``nn.Embedding``, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``,
         ``nn.BatchNorm*d`` in eval mode; the rules of
         ``fisherbound.adapters.torch_rules``, see ``fast_path_reasons``): one
-        forward pass with hooks recording each layer's input a and output, ONE
+        forward pass with hooks recording each layer's input :math:`a` and output, ONE
         backward pass batched over the K cotangents giving the output gradients
-        δ_k, then per layer, e.g. for ``nn.Linear`` on (N, in) inputs, weight
-        (δ_k ⊙ δ_k)ᵀ (a ⊙ a) and bias Σ_n δ_k², and otherwise per-layer
-        per-example gradients (Σ_t δ_nt a_ntᵀ, unfolded convolutions, Σ over
-        positions of δ x̂ for the norm layers, token rows scattered by index for
-        embeddings) computed in chunks. Cost about one forward plus K backward
-        passes to the covered layers. Every other parameter uses the generic
-        path (vmap over examples of the single-example vjp, in chunks of
-        examples so that at most ``max_vectors`` per-example D-vectors are alive
+        :math:`\delta_k`, then per layer, e.g. for ``nn.Linear`` on (N, in) inputs, weight
+        :math:`(\delta_k \odot \delta_k)^\top (a \odot a)` and bias :math:`\sum_n \delta_k^2`, and
+        otherwise per-layer per-example gradients (:math:`\sum_t \delta_{nt} a_{nt}^\top`, unfolded
+        convolutions, :math:`\sum` over positions of :math:`\delta \hat x` for the norm layers,
+        token rows scattered by index for embeddings) computed in chunks. Cost about one forward
+        plus K backward passes to the covered layers. Every other parameter uses the generic path
+        (vmap over examples of the single-example vjp, in chunks of examples so that at most
+        ``max_vectors`` per-example D-vectors are alive
         at once; default ``default_max_vectors``).
 
         Parameters
@@ -518,7 +525,7 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
             network, or of one layer on the fast path) and at most this many
             cotangents per batched backward pass are alive at once.
         sum_cotangents
-            Return Σ_k of the result, shape (D,): much cheaper on the fast path
+            Return :math:`\sum_k` of the result, shape (D,): much cheaper on the fast path
             (the rank-one Linear weight term is one product instead of K).
 
         Examples
@@ -580,16 +587,16 @@ class TorchLinearization(FunctionalModel, LinearizationBase):
     # -- second derivatives ----------------------------------------------------
 
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Tensor:
-        """∂²z_nc/∂θ_i² for every example, output and parameter; returns (N, C, D).
+        r""":math:`\partial^2 z_{nc}/\partial\theta_i^2` for every example, output and parameter.
 
-        Exact, by forward-over-forward differentiation along each coordinate:
-        ∂²z/∂θ_i² = d²/dt² z(θ + t e_i) at t = 0 (``torch.func.jvp`` of
-        ``torch.func.jvp`` with the tangent e_i), vmapped over chunks of
-        ``max_vectors`` coordinates (default ``default_max_vectors``). Cost: D
-        second-order forward passes of the batch (about three forward passes
-        each); memory: max_vectors × the forward activations. Never a D × D
-        Hessian. Zero for parameters on which z is linear (the last layer) and
-        through piecewise-linear activations (ReLU, max pooling).
+        Returns (N, C, D). Exact, by forward-over-forward differentiation along each coordinate:
+        :math:`\partial^2 z/\partial\theta_i^2 = \frac{d^2}{dt^2} z(\theta + t e_i)` at
+        :math:`t = 0` (``torch.func.jvp`` of ``torch.func.jvp`` with the tangent :math:`e_i`),
+        vmapped over chunks of ``max_vectors`` coordinates (default ``default_max_vectors``). Cost:
+        D second-order forward passes of the batch (about three forward passes each); memory:
+        max_vectors :math:`\times` the forward activations. Never a
+        :math:`D \times D` Hessian. Zero for parameters on which :math:`z` is linear (the last
+        layer) and through piecewise-linear activations (ReLU, max pooling).
 
         Examples
         --------
@@ -741,14 +748,14 @@ def linearize(
     class_axis: int = -1,
     mask: MaskSpec = None,
 ) -> TorchLinearization:
-    """Linearize ``model`` at its current parameters on one batch of ``inputs``.
+    r"""Linearize ``model`` at its current parameters on one batch of ``inputs``.
 
-    The linearization exposes the logits z, shape (N, ∗S, C) (N examples, the
+    The linearization exposes the logits :math:`z`, shape (N, ∗S, C) (N examples, the
     position axes S, none for one output per example, and the C classes last),
-    and the Jacobian J = ∂z/∂θ through products (``jvp``, ``vjp``, their batched
-    and per-example forms), with θ the concatenation of the selected parameters,
-    flattened row-major, in order. An example is an input with all its
-    positions: the per-example products J_nᵀ u sum over the positions of n. The
+    and the Jacobian :math:`J = \partial z/\partial\theta` through products (``jvp``, ``vjp``,
+    their batched and per-example forms), with :math:`\theta` the concatenation of the selected
+    parameters, flattened row-major, in order. An example is an input with all its
+    positions: the per-example products :math:`J_n^\top u` sum over the positions of n. The
     forward pass is done once here (autograd at leaves detached from the
     parameters); buffers (BatchNorm
     running statistics) are used as they are and never changed. Cost: one
@@ -764,7 +771,7 @@ def linearize(
         examples in training mode (Dropout, BatchNorm) must be in eval mode. Or a
         function ``f(params, *args, **kwargs)`` of a dict of tensors (the
         ``torch.func.functional_call`` style, curvlinops' ``model_func``), with
-        ``params`` that dict: θ is its values, in order, named by its keys. Its
+        ``params`` that dict: :math:`\theta` is its values, in order, named by its keys. Its
         layers are not modules, so the exact diagonal takes the generic
         per-example path.
     inputs
@@ -777,7 +784,7 @@ def linearize(
         ``named_parameters()`` order. Or a list of parameter names (a subset, in
         the order given; any of the names of a tied tensor, but only one). For a
         function ``model``: the dict name -> floating tensor of its parameters
-        (required; all of them are θ).
+        (required; all of them are :math:`\theta`).
     buffers
         For a function ``model`` only: None, or a dict name -> tensor of state
         that ``f`` reads but that is not differentiated (running statistics,

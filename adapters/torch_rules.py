@@ -1,12 +1,12 @@
-"""The layer rules of the torch fast path: closed-form per-example squares, per layer kind.
+r"""The layer rules of the torch fast path: closed-form per-example squares, per layer kind.
 
-``TorchLinearization.sum_squared_per_example_vjp`` computes Σ_n (J_nᵀ U[n, k])²
+``TorchLinearization.sum_squared_per_example_vjp`` computes :math:`\sum_n (J_n^\top U[n, k])^2`
 without per-example gradients of the whole network for the parameters of the
 layers listed here, as BackPACK does: one forward pass with hooks recording each
-covered layer's input a and output, ONE backward pass batched over the K
-cotangents to the layer outputs (the output gradients δ_k), then one closed form
+covered layer's input :math:`a` and output, ONE backward pass batched over the K
+cotangents to the layer outputs (the output gradients :math:`\delta_k`), then one closed form
 per layer kind, e.g. for ``nn.Linear`` on (N, in) inputs the weight square
-(δ_k ⊙ δ_k)ᵀ (a ⊙ a). Every other parameter takes the generic path.
+:math:`(\delta_k \odot \delta_k)^\top (a \odot a)`. Every other parameter takes the generic path.
 
 The registry
 ------------
@@ -136,7 +136,9 @@ class LayerRule:
     def squares(
         self, module: Any, a: Tensor, d: Tensor, *, sum_k: bool, n_chunk: int
     ) -> dict[str, Tensor]:
-        """Σ_n (∂⟨δ_k[n], out[n]⟩ / ∂p)² for each parameter p in ``params``.
+        r""":math:`\sum_n (\partial \langle \delta_k[n], \mathrm{out}[n] \rangle / \partial p)^2`.
+
+        For each parameter :math:`p` in ``params``.
 
         Parameters
         ----------
@@ -145,7 +147,7 @@ class LayerRule:
         a
             Its recorded input (N, ...), examples on axis 0.
         d
-            The output gradients δ (K, N, ...) of K cotangents.
+            The output gradients :math:`\delta` (K, N, ...) of K cotangents.
         sum_k
             Return the sum over k, shape ``p.shape``, instead of ``(K, *p.shape)``.
         n_chunk

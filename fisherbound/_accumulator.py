@@ -60,28 +60,33 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 class Accumulator:
-    """A sum of independent unbiased estimates, with its variance: mergeable.
+    r"""A sum of independent unbiased estimates, with its variance: mergeable.
 
     Each ``update(samples)`` adds one *stratum*: the M per-probe samples of one
     batch's contribution (an array (M, ...) or a dict of them). The stratum
     contributes its sample mean to ``value`` and the estimated variance of that
-    mean, s²/M (s² the unbiased sample variance over the M probes; NaN for
-    M = 1), to ``variance``. Strata are independent (their probes are), so
+    mean, :math:`s^2/M` (:math:`s^2` the unbiased sample variance over the M probes; NaN
+    for :math:`M = 1`), to ``variance``. Strata are independent (their probes are), so
 
-        value = Σ_b mean_b,    variance = Σ_b s_b² / M_b
+    .. math::
+
+       \mathrm{value} = \sum_b \mathrm{mean}_b, \qquad
+       \mathrm{variance} = \sum_b s_b^2 / M_b
 
     is an unbiased estimate of the sum over the data and of its variance: better
-    error bars than treating each probe's data-set total as one sample, in O(D)
+    error bars than treating each probe's data-set total as one sample, in :math:`O(D)`
     memory. The variance estimate has, per entry, the Welch–Satterthwaite degrees
     of freedom
 
-        dof = (Σ_b s_b²/M_b)² / Σ_b (s_b²/M_b)² / (M_b − 1),
+    .. math::
 
-    between the smallest M_b − 1 and Σ_b (M_b − 1) (equal to the latter when the
-    strata have equal variances): the ``dof`` of the ``Estimate``, which sets the
-    width of its interval (``Estimate.interval``). With one stratum it is M − 1.
+       \mathrm{dof} = \frac{\big(\sum_b s_b^2/M_b\big)^2}{\sum_b (s_b^2/M_b)^2 / (M_b - 1)},
 
-    ``nonnegative=True`` declares the samples ≥ 0 (sums of squares, as the
+    between the smallest :math:`M_b - 1` and :math:`\sum_b (M_b - 1)` (equal to the latter
+    when the strata have equal variances): the ``dof`` of the ``Estimate``, which sets the
+    width of its interval (``Estimate.interval``). With one stratum it is :math:`M - 1`.
+
+    ``nonnegative=True`` declares the samples :math:`\ge 0` (sums of squares, as the
     estimators' diagonal and trace samples): the estimate then has ``floor`` 0
     and its interval allows for their right skew (see ``Estimate.interval``).
 
@@ -123,12 +128,15 @@ class Accumulator:
     # -- read-only state -------------------------------------------------------
     @property
     def value(self) -> Any:
-        """Σ_b mean_b: the estimate of the sum over the inputs seen (None if empty)."""
+        r""":math:`\sum_b \mathrm{mean}_b`: the estimate of the sum over the inputs seen.
+
+        None if empty.
+        """
         return self._value
 
     @property
     def variance(self) -> Any:
-        """Σ_b s_b²/M_b: the estimated variance of ``value`` (None if empty).
+        r""":math:`\sum_b s_b^2/M_b`: the estimated variance of ``value`` (None if empty).
 
         NaN (possibly a 0-d NaN) when some stratum had a single probe.
         """
@@ -261,14 +269,15 @@ class Accumulator:
         )
 
     def pool(self, other: Accumulator, /) -> Accumulator:
-        """Combine with an independent estimate of the SAME inputs (more probes).
+        r"""Combine with an independent estimate of the SAME inputs (more probes).
 
-        With M₁ and M₂ probes per stratum: value (M₁ v₁ + M₂ v₂)/(M₁ + M₂),
-        M₁ + M₂ probes. When both hold one stratum of M ≥ 2 samples each (from
-        ``update``, or an estimate with dof M − 1), the result is that of one
-        stratum with all M₁ + M₂ samples (Chan et al.'s merge of the sums of
-        squared deviations, M₁ + M₂ − 1 degrees of freedom); otherwise the
-        variance is (M₁² V₁ + M₂² V₂)/(M₁ + M₂)², with Welch–Satterthwaite dof.
+        With :math:`M_1` and :math:`M_2` probes per stratum: value
+        :math:`(M_1 v_1 + M_2 v_2)/(M_1 + M_2)`, :math:`M_1 + M_2` probes. When both hold one
+        stratum of :math:`M \ge 2` samples each (from ``update``, or an estimate with dof
+        :math:`M - 1`), the result is that of one stratum with all :math:`M_1 + M_2` samples
+        (Chan et al.'s merge of the sums of squared deviations, :math:`M_1 + M_2 - 1` degrees
+        of freedom); otherwise the variance is
+        :math:`(M_1^2 V_1 + M_2^2 V_2)/(M_1 + M_2)^2`, with Welch–Satterthwaite dof.
         Both must cover the same number of inputs and use one number of probes in
         all their strata. Returns self.
         """
@@ -379,7 +388,7 @@ class Accumulator:
     def degrees_of_freedom(self) -> Any:
         """The Welch–Satterthwaite dof of ``variance`` (per entry; see the class).
 
-        The one stratum's M − 1 (a number) while there is one stratum; otherwise
+        The one stratum's :math:`M - 1` (a number) while there is one stratum; otherwise
         an array of the value's shape (a dict for blocks), ``inf`` where the
         variance is 0 and NaN where it is unknown.
         """
@@ -418,7 +427,7 @@ class Accumulator:
                 raise ValueError(msg)
 
     def all_reduce(self, process_group: Any, /) -> Accumulator:
-        """Sum the accumulators of all ranks of ``process_group``; every rank gets the total.
+        r"""Sum the accumulators of all ranks of ``process_group``; every rank gets the total.
 
         ``process_group`` is a ``torch.distributed`` process group (reduced with
         ``torch.distributed.all_reduce``) or the name of a JAX mapped axis (inside
@@ -429,10 +438,14 @@ class Accumulator:
         and dtypes are compared first; a ValueError on every rank otherwise).
         Returns self.
 
-        value = Σ_ranks value_r,  variance = Σ_ranks variance_r,  num_inputs = Σ N_r.
+        .. math::
+
+           \mathrm{value} = \sum_r \mathrm{value}_r, \quad
+           \mathrm{variance} = \sum_r \mathrm{variance}_r, \quad
+           \mathrm{num\_inputs} = \sum_r N_r.
 
         Cost: three all-reduces of the accumulator's arrays (value, variance and the
-        Welch–Satterthwaite terms Σ V²/d behind the dof; one when the variance is
+        Welch–Satterthwaite terms :math:`\sum V^2/d` behind the dof; one when the variance is
         unknown) and four of a few integers.
         """
         coll = process_group if isinstance(process_group, Collective) else None
@@ -473,9 +486,10 @@ class Accumulator:
 
     # -- results -----------------------------------------------------------------
     def estimate(self, *, reduction: str = "sum") -> Estimate:
-        """The accumulated ``Estimate``: value, standard error √variance, num_probes, dof.
+        r"""The accumulated ``Estimate``: value, standard error, num_probes, dof.
 
-        ``reduction="mean"`` divides value and standard error by ``num_inputs``.
+        The standard error is :math:`\sqrt{\mathrm{variance}}`. ``reduction="mean"`` divides
+        value and standard error by ``num_inputs``.
         """
         check_choice(reduction, "reduction", REDUCTIONS)
         if self._value is None:

@@ -192,30 +192,37 @@ def random_directions(
     blocks: Sequence[ParameterBlock] | None = None,
     rng: Any = None,
 ) -> Array:
-    """Random directions in parameter space, as rows (k, D).
+    r"""Random directions in parameter space, as rows (k, D).
 
-    Cost: k·D host random numbers moved to the device once (plus one norm per
-    filter for ``"filter"``); no model evaluation.
+    Cost: :math:`k \cdot D` host random numbers moved to the device once (plus one norm
+    per filter for ``"filter"``); no model evaluation.
 
     ``kind``:
 
-    - ``"gaussian"``: η ~ N(0, I_D); E[ηᵀHη] = tr H, Var = 2 tr H².
-    - ``"rademacher"``: entries ±1; E = tr H, Var = 2(‖H‖_F² − Σ_i H_ii²).
-    - ``"sphere"``: uniform on the unit sphere; E[uᵀHu] = tr H / D,
-      Var = 2[D tr H² − (tr H)²] / (D²(D + 2)).
+    - ``"gaussian"``: :math:`\eta \sim \mathcal{N}(0, I_D)`;
+      :math:`\mathbb{E}[\eta^\top H \eta] = \operatorname{tr} H`,
+      :math:`\operatorname{Var} = 2 \operatorname{tr} H^2`.
+    - ``"rademacher"``: entries :math:`\pm 1`; :math:`\mathbb{E} = \operatorname{tr} H`,
+      :math:`\operatorname{Var} = 2(\lVert H \rVert_F^2 - \sum_i H_{ii}^2)`.
+    - ``"sphere"``: uniform on the unit sphere;
+      :math:`\mathbb{E}[u^\top H u] = \operatorname{tr} H / D`,
+      :math:`\operatorname{Var} = 2[D \operatorname{tr} H^2 - (\operatorname{tr} H)^2]
+      / (D^2 (D + 2))`.
     - ``"filter"``: filter-normalised (Li et al. 2018): a Gaussian direction whose
-      every filter f (a slice along the first axis of a weight block; a 1-D block,
-      such as a bias, is one filter) is rescaled to ‖θ_f‖. E[d dᵀ] = diag(w),
-      w_i = ‖θ_f‖² / n_f, so E[dᵀHd] is the WEIGHTED trace
-      Σ_f (‖θ_f‖² / n_f) tr(H_ff), not tr H. Filters of θ that are zero get zero.
+      every filter :math:`f` (a slice along the first axis of a weight block; a 1-D
+      block, such as a bias, is one filter) is rescaled to :math:`\lVert \theta_f \rVert`.
+      :math:`\mathbb{E}[d d^\top] = \operatorname{diag}(w)`,
+      :math:`w_i = \lVert \theta_f \rVert^2 / n_f`, so :math:`\mathbb{E}[d^\top H d]` is the
+      WEIGHTED trace :math:`\sum_f (\lVert \theta_f \rVert^2 / n_f) \operatorname{tr}(H_{ff})`,
+      not :math:`\operatorname{tr} H`. Filters of :math:`\theta` that are zero get zero.
 
     Parameters
     ----------
     params
-        θ (D,), a flat floating array, or a LossFunction (its ``params`` and
-        ``blocks`` are used).
+        :math:`\theta` (D,), a flat floating array, or a LossFunction (its ``params``
+        and ``blocks`` are used).
     num_directions
-        k ≥ 1.
+        :math:`k \ge 1`.
     kind
         One of ``DIRECTION_KINDS``.
     blocks
@@ -223,13 +230,13 @@ def random_directions(
         ``params`` is an array.
     rng
         numpy Generator, int seed, JAX key or None. Drawn on the host, so one seed gives the
-        same directions on every backend (row by row: the first rows of k + 1
-        directions are the k directions).
+        same directions on every backend (row by row: the first rows of :math:`k + 1`
+        directions are the :math:`k` directions).
 
     Returns
     -------
     Array
-        (k, D), in θ's namespace, device and dtype.
+        (k, D), in :math:`\theta`'s namespace, device and dtype.
 
     Examples
     --------
@@ -249,20 +256,25 @@ def random_directions(
 
 
 def default_step(params: Array, /) -> Array:
-    """The default finite-difference displacement h = ε^{1/4} · max(‖θ‖, 1), 0-d.
+    r"""The default finite-difference displacement :math:`h`, 0-d.
 
+    :math:`h = \varepsilon^{1/4} \cdot \max(\lVert \theta \rVert, 1)`.
     ``params`` is a flat float32 or float64 vector with finite entries (else a
-    ValueError or TypeError); ‖θ‖ is computed scaled, so entries far beyond
-    √(largest float) are fine as long as the norm itself is finite.
+    ValueError or TypeError); :math:`\lVert \theta \rVert` is computed scaled, so entries
+    far beyond :math:`\sqrt{\text{largest float}}` are fine as long as the norm itself is
+    finite.
 
-    ε is the machine epsilon of θ's dtype (ε^{1/4} ≈ 1.2e−4 in float64, 1.9e−2 in
-    float32). The second difference [L(θ + h u) − 2L(θ) + L(θ − h u)] / h² of a
-    unit direction u has a truncation error O(h² L'''') and a rounding error
-    O(ε ``|L|`` / h²); h ∝ ε^{1/4} balances the two, and the factor ‖θ‖ makes the
-    step relative to the size of the parameters (a step of about ε^{1/4} of
-    every coordinate's root-mean-square for a direction with entries of order
-    one). A direction d is used with the coefficient h / ‖d‖, so that the
-    displacement has norm h whatever the scaling of d.
+    :math:`\varepsilon` is the machine epsilon of :math:`\theta`'s dtype
+    (:math:`\varepsilon^{1/4} \approx` 1.2e−4 in float64, 1.9e−2 in float32). The second
+    difference :math:`[L(\theta + h u) - 2L(\theta) + L(\theta - h u)] / h^2` of a
+    unit direction :math:`u` has a truncation error :math:`O(h^2 L'''')` and a rounding
+    error :math:`O(\varepsilon \lvert L \rvert / h^2)`; :math:`h \propto \varepsilon^{1/4}`
+    balances the two, and the factor :math:`\lVert \theta \rVert` makes the
+    step relative to the size of the parameters (a step of about :math:`\varepsilon^{1/4}`
+    of every coordinate's root-mean-square for a direction with entries of order
+    one). A direction :math:`d` is used with the coefficient
+    :math:`h / \lVert d \rVert`, so that the displacement has norm :math:`h` whatever the
+    scaling of :math:`d`.
     """
     xp = check_vector(params, "params", "a flat, non-empty parameter vector θ (D,)")
     check_finite(params, "params", xp=xp)

@@ -47,8 +47,8 @@ class LossTraceWarning(RuntimeWarning):
         max pooling); ``"rounding"``: the rounding bound of the second differences
         exceeds the standard error (float32 at the chosen step).
     detail
-        For ``"kinks"`` the tuple of module names; for ``"rounding"`` the bound R
-        (a float, the estimate's units).
+        For ``"kinks"`` the tuple of module names; for ``"rounding"`` the bound
+        :math:`R` (a float, the estimate's units).
     """
 
     def __init__(self, message: str, *, reason: str, detail: Any = None) -> None:
@@ -70,39 +70,49 @@ def loss_trace(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
-    r"""The Hessian trace tr ∇²L(θ) from M random probes, with a standard error.
+    r"""The Hessian trace :math:`\operatorname{tr} \nabla^2 L(\theta)` from :math:`M` random probes.
 
-    ``method="hvp"`` (default): the Hutchinson estimate (1/M) Σ_m η_mᵀ (H η_m) with
+    With a standard error. ``method="hvp"`` (default): the Hutchinson estimate
+    :math:`\frac1M \sum_m \eta_m^\top (H \eta_m)` with
     exact Hessian-vector products, unbiased for any loss the adapter can
     differentiate twice. ``method="loss"``: loss values only (THEORY §6), with
-    h_m = step / ‖η_m‖,
+    :math:`h_m = \mathrm{step} / \lVert \eta_m \rVert`,
 
-    .. math:: \widehat{\operatorname{tr} H} = \frac1M \sum_{m=1}^M
-              \frac{L(\theta + h_m \eta_m) - 2 L(\theta) + L(\theta - h_m \eta_m)}{h_m^2}
-              \approx \frac1M \sum_m \eta_m^\top H \eta_m,
+    .. math::
+
+       \widehat{\operatorname{tr} H} = \frac1M \sum_{m=1}^M
+       \frac{L(\theta + h_m \eta_m) - 2 L(\theta) + L(\theta - h_m \eta_m)}{h_m^2}
+       \approx \frac1M \sum_m \eta_m^\top H \eta_m,
 
     exact for a quadratic loss (up to rounding): two forward passes per probe (the
-    2M shifted parameter vectors batched through ``value``), no Hessian-vector
+    :math:`2M` shifted parameter vectors batched through ``value``), no Hessian-vector
     product, no backward pass. Both methods use THE SAME probes for the same
     ``rng``, ``distribution`` and ``batch_size``, so the difference of the two is
     the finite-difference error alone.
 
     When the loss-only method is valid: its standard error covers the sampling
     error only, not the finite-difference error of each probe. With the unit
-    direction u = η / ‖η‖, displacement h and ε_L the relative rounding error of one
-    loss value (at least ε, the dtype's machine epsilon),
+    direction :math:`u = \eta / \lVert \eta \rVert`, displacement :math:`h` and
+    :math:`\varepsilon_L` the relative rounding error of one
+    loss value (at least :math:`\varepsilon`, the dtype's machine epsilon),
 
-    .. math:: \frac{L(θ + h u) - 2L(θ) + L(θ - h u)}{h^2} = u^\top H u
-              + \underbrace{\tfrac{h^2}{12} ∂^4 L[u, u, u, u]}_{\text{truncation}}
-              + \underbrace{O(4 ε_L |L| / h^2)}_{\text{rounding}},
+    .. math::
 
-    so it is valid when (1) L is four times differentiable along the segments
-    θ ± h u: no kinks (ReLU, leaky ReLU, hard tanh, max pooling, …) within h, since
-    a second difference across a kink measures (jump of the slope) / h, not the
-    Hessian (which a piecewise-linear unit does not even have at the kink); and
-    (2) rounding does not dominate: 4 ε_L abs(L) / h² ≪ abs(uᵀHu) ≈ abs(tr H) / D, i.e.
-    h² ≫ 4 ε_L abs(L) D / abs(tr H). The two errors are equal at h⁴ = 48 ε_L abs(L) /
-    abs(∂⁴L[u⁴]), the reason for the default h ∝ ε^{1/4}; in float32 (ε ≈ 1.2e-7)
+       \frac{L(\theta + h u) - 2L(\theta) + L(\theta - h u)}{h^2} = u^\top H u
+       + \underbrace{\tfrac{h^2}{12} \partial^4 L[u, u, u, u]}_{\text{truncation}}
+       + \underbrace{O(4 \varepsilon_L \lvert L \rvert / h^2)}_{\text{rounding}},
+
+    so it is valid when (1) :math:`L` is four times differentiable along the segments
+    :math:`\theta \pm h u`: no kinks (ReLU, leaky ReLU, hard tanh, max pooling, …) within
+    :math:`h`, since a second difference across a kink measures (jump of the slope) /
+    :math:`h`, not the Hessian (which a piecewise-linear unit does not even have at the
+    kink); and (2) rounding does not dominate:
+    :math:`4 \varepsilon_L \lvert L \rvert / h^2 \ll \lvert u^\top H u \rvert
+    \approx \lvert \operatorname{tr} H \rvert / D`, i.e.
+    :math:`h^2 \gg 4 \varepsilon_L \lvert L \rvert D / \lvert \operatorname{tr} H \rvert`. The
+    two errors are equal at :math:`h^4 = 48 \varepsilon_L \lvert L \rvert
+    / \lvert \partial^4 L[u^4] \rvert`, the reason for the default
+    :math:`h \propto \varepsilon^{1/4}`; in float32 (:math:`\varepsilon \approx` 1.2e-7)
     that leaves the rounding term of a loss summed over a batch comparable to the
     trace. The loss-only method therefore warns (``LossTraceWarning``, a
     RuntimeWarning, with ``reason`` and ``detail``):
@@ -113,9 +123,12 @@ def loss_trace(
       ReLU called as a function, ``F.relu`` or ``torch.relu``, is invisible to it,
       and adapters without the property, such as JAX's, are not checked);
     - ``reason="rounding"`` when the rounding bound of the estimate,
-      R = (1/M) Σ_m 4 ε abs(L(θ)) ‖η_m‖² / h² (ε the machine epsilon of θ's dtype,
-      abs(L(θ)) per batch, summed like the trace), exceeds both the standard error
-      and 1% of abs(estimate): the error bar would not cover the rounding error.
+      :math:`R = \frac1M \sum_m 4 \varepsilon \lvert L(\theta) \rvert\,
+      \lVert \eta_m \rVert^2 / h^2` (:math:`\varepsilon` the machine epsilon of
+      :math:`\theta`'s dtype, :math:`\lvert L(\theta) \rvert` per batch, summed like the
+      trace), exceeds both the standard error and 1% of
+      :math:`\lvert \text{estimate} \rvert`: the error bar would not cover the rounding
+      error.
 
     Use the HVP method wherever the adapter has ``hvp_batch``; the loss-only method
     is for smooth models in float64 (or float32 with a small loss and few
@@ -127,25 +140,31 @@ def loss_trace(
         A LossFunction or an iterable of them (streamed once; the same probes are
         replayed on every batch, so the estimate is the one of the total loss).
     num_probes
-        M ≥ 1 (≥ 2 for a standard error).
+        :math:`M \ge 1` (:math:`\ge 2` for a standard error).
     distribution
-        ``"rademacher"`` (default; Var of one probe 2(‖H‖_F² − Σ H_ii²), exact for a
-        diagonal H), ``"gaussian"`` (Var 2 tr H²), ``"sphere"`` (unit vectors u,
-        reported as D uᵀHu so that the mean is tr H; Var 2[D tr H² − (tr H)²]/(D + 2))
+        ``"rademacher"`` (default; :math:`\operatorname{Var}` of one probe
+        :math:`2(\lVert H \rVert_F^2 - \sum H_{ii}^2)`, exact for a diagonal :math:`H`),
+        ``"gaussian"`` (:math:`\operatorname{Var}` :math:`2 \operatorname{tr} H^2`),
+        ``"sphere"`` (unit vectors :math:`u`, reported as :math:`D u^\top H u` so that the
+        mean is :math:`\operatorname{tr} H`; :math:`\operatorname{Var}`
+        :math:`2[D \operatorname{tr} H^2 - (\operatorname{tr} H)^2] / (D + 2)`)
         or ``"filter"``: filter-normalised directions, which estimate the WEIGHTED
-        trace Σ_f (‖θ_f‖² / n_f) tr(H_ff) (see ``random_directions``), not tr H.
+        trace :math:`\sum_f (\lVert \theta_f \rVert^2 / n_f) \operatorname{tr}(H_{ff})` (see
+        ``random_directions``), not :math:`\operatorname{tr} H`.
     method
         ``"hvp"`` (default) or ``"loss"`` (see above for when it is valid).
     step
-        ``"loss"`` only: the displacement norm h > 0; default ``default_step(θ)`` =
-        ε^{1/4} · max(‖θ‖, 1) (ε the dtype's machine epsilon). Too small a step
-        amplifies the rounding error of L (4 ε_L ``|L|`` / h² per unit direction),
-        too large a step adds the fourth-order term (h² ∂⁴L / 12); the standard
-        error includes neither.
+        ``"loss"`` only: the displacement norm :math:`h > 0`; default
+        ``default_step(θ)`` :math:`= \varepsilon^{1/4} \cdot \max(\lVert \theta \rVert, 1)`
+        (:math:`\varepsilon` the dtype's machine epsilon). Too small a step
+        amplifies the rounding error of :math:`L`
+        (:math:`4 \varepsilon_L \lvert L \rvert / h^2` per unit direction),
+        too large a step adds the fourth-order term (:math:`h^2 \partial^4 L / 12`); the
+        standard error includes neither.
     rng
         numpy Generator, int seed, JAX key or None.
     batch_size
-        Probes per call of ``value`` / ``hvp_batch`` (default min(M, 16)).
+        Probes per call of ``value`` / ``hvp_batch`` (default :math:`\min(M, 16)`).
     progress
         Progress bar over batches: None (on a terminal, after 2 s), True or False.
     process_group
@@ -156,15 +175,16 @@ def loss_trace(
     Returns
     -------
     Estimate
-        0-d ``value`` and ``std_error`` (sample standard deviation of the M per-probe
-        values / √M), ``num_probes`` M. A sum over the batches, or the mean over
-        every counted position for loss functions with ``reduction="mean"``.
+        0-d ``value`` and ``std_error`` (sample standard deviation of the :math:`M`
+        per-probe values / :math:`\sqrt{M}`), ``num_probes`` :math:`M`. A sum over the
+        batches, or the mean over every counted position for loss functions with
+        ``reduction="mean"``.
 
     Notes
     -----
-    Cost per batch: M Hessian-vector products (``"hvp"``: about 2M gradient steps,
-    batched) or 2M + 1 loss evaluations (``"loss"``: about 2M + 1 forward passes,
-    batched); memory: ``batch_size`` parameter vectors.
+    Cost per batch: :math:`M` Hessian-vector products (``"hvp"``: about :math:`2M` gradient
+    steps, batched) or :math:`2M + 1` loss evaluations (``"loss"``: about :math:`2M + 1`
+    forward passes, batched); memory: ``batch_size`` parameter vectors.
 
     Examples
     --------

@@ -47,31 +47,35 @@ __all__ = [
 
 
 class Razor(NamedTuple):
-    """The Gaussian-prior razor complexity and its parts (THEORY §5).
+    r"""The Gaussian-prior razor complexity and its parts (THEORY §5).
 
-    ``value`` = ``neg_log_likelihood`` + ``prior_penalty`` + ½ ``log_det.value``,
-    an estimate of −log p(X) (nats), exact for linear-Gaussian models.
+    ``value`` = ``neg_log_likelihood`` + ``prior_penalty`` + :math:`\frac12`
+    ``log_det.value``, an estimate of :math:`-\log p(X)` (nats), exact for
+    linear-Gaussian models.
 
     Attributes
     ----------
     value
         The razor, 0-d.
     std_error
-        Its standard error, ½ ``log_det.std_error`` (0 when the log-det is exact).
+        Its standard error, :math:`\frac12` ``log_det.std_error`` (0 when the log-det is
+        exact).
     neg_log_likelihood
-        −log p(X | θ̂) = −Σ_x Σ_t log p(y_xt | x, θ̂) over the counted positions
-        (one term per input without position axes), 0-d, normalising constants
-        included (the Gaussian family's (C/2) log 2π per position).
+        :math:`-\log p(X \mid \hat\theta) = -\sum_x \sum_t \log p(y_{xt} \mid x, \hat\theta)`
+        over the counted positions (one term per input without position axes), 0-d,
+        normalising constants included (the Gaussian family's
+        :math:`\frac{C}{2} \log 2\pi` per position).
     prior_penalty
-        ‖θ̂ − θ_0‖² / (2σ²), 0-d.
+        :math:`\|\hat\theta - \theta_0\|^2 / (2\sigma^2)`, 0-d.
     log_det
-        An ``Estimate`` of Σ_i log(1 + σ² λ_i(F_sum)) = log det(I + σ² F_sum);
-        ``num_probes`` is 0 when it was computed exactly.
+        An ``Estimate`` of :math:`\sum_i \log(1 + \sigma^2 \lambda_i(F_\mathrm{sum}))
+        = \log\det(I + \sigma^2 F_\mathrm{sum})`; ``num_probes`` is 0 when it was
+        computed exactly.
     bic_penalty
-        The classical BIC/MDL term (D/2) log n, 0-d, n the number of observations:
-        the counted positions (N inputs without position axes), for comparison
-        with ½ ``log_det.value`` (which it equals when every direction is
-        significant and σ² λ_i ≈ n).
+        The classical BIC/MDL term :math:`\frac{D}{2} \log n`, 0-d, :math:`n` the number
+        of observations: the counted positions (:math:`N` inputs without position axes),
+        for comparison with :math:`\frac12` ``log_det.value`` (which it equals when
+        every direction is significant and :math:`\sigma^2 \lambda_i \approx n`).
     method
         How ``log_det`` was computed: ``"dense"``, ``"lanczos"`` or ``"slq"``.
     """

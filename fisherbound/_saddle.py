@@ -43,12 +43,13 @@ _IMHOF_STEP = 0.1
 
 
 class SaddleProbability(NamedTuple):
-    """Probabilities that a random projection shows a minimum, a maximum or a saddle.
+    r"""Probabilities that a random projection shows a minimum, a maximum or a saddle.
 
     0-d arrays in the eigenvalues' namespace. The three add up to 1 unless the
     projection is degenerate (singular) with positive probability, which happens
-    only when H has fewer than ``dim`` nonzero eigenvalues. A Monte-Carlo value p
-    has the binomial standard error √(p (1 − p) / num_samples).
+    only when :math:`H` has fewer than ``dim`` nonzero eigenvalues. A Monte-Carlo value
+    :math:`p` has the binomial standard error
+    :math:`\sqrt{p (1 - p) / \mathrm{num\_samples}}`.
     """
 
     minimum: Array
@@ -69,55 +70,64 @@ def saddle_probability(
     num_samples: int = DEFAULT_NUM_SAMPLES,
     rng: Any = None,
 ) -> SaddleProbability:
-    """How often a random ``dim``-dimensional projection of H looks like a min, max or saddle.
+    r"""How often a random ``dim``-dimensional projection of H looks like a min, max or saddle.
 
     A uniformly random ``dim``-dimensional subspace (the span of ``dim`` Gaussian
-    directions) shows H through the ``dim`` × ``dim`` matrix GᵀHG, which is
+    directions) shows :math:`H` through the ``dim`` :math:`\times` ``dim`` matrix
+    :math:`G^\top H G`, which is
     positive definite (a minimum), negative definite (a maximum) or indefinite
-    (a saddle). For ``dim = 1`` "saddle" is 0 and "minimum" is P(ηᵀHη > 0).
-    THEORY §6 for H = diag(a, a, −c): one direction looks convex with probability
-    √(a / (a + c)); a random plane in R³ shows a saddle with probability
-    √(c / (a + c)), a minimum with 1 − √(c / (a + c)), a maximum never.
+    (a saddle). For ``dim = 1`` "saddle" is 0 and "minimum" is
+    :math:`P(\eta^\top H \eta > 0)`. THEORY §6 for :math:`H = \operatorname{diag}(a, a, -c)`:
+    one direction looks convex with probability :math:`\sqrt{a / (a + c)}`; a random
+    plane in :math:`\mathbb{R}^3` shows a saddle with probability
+    :math:`\sqrt{c / (a + c)}`, a minimum with :math:`1 - \sqrt{c / (a + c)}`, a maximum
+    never.
 
     ``method="exact"`` covers:
 
-    - ``dim = 1``, any spectrum: P(Σ_i κ_i g_i² > 0) by Imhof's (1961) inversion
-      formula, P = ½ + (1/π) ∫₀^∞ sin(½ Σ_i arctan κ_i u) / (u Π_i (1 + κ_i² u²)^{1/4}) du,
-      evaluated by the trapezoidal rule in s = log u (exponentially convergent);
+    - ``dim = 1``, any spectrum: :math:`P(\sum_i \kappa_i g_i^2 > 0)` by Imhof's (1961)
+      inversion formula, :math:`P = \frac12 + \frac1\pi \int_0^\infty
+      \sin(\tfrac12 \sum_i \arctan \kappa_i u)
+      / (u \prod_i (1 + \kappa_i^2 u^2)^{1/4})\, du`,
+      evaluated by the trapezoidal rule in :math:`s = \log u` (exponentially
+      convergent);
     - ``dim = D``: Sylvester's law of inertia (the answer is certain);
-    - ``dim = D − 1``, no zero eigenvalue: a hyperplane with normal n (uniform on
-      the sphere) keeps H's inertia minus one positive or one negative eigenvalue
+    - ``dim = D − 1``, no zero eigenvalue: a hyperplane with normal :math:`n` (uniform on
+      the sphere) keeps :math:`H`'s inertia minus one positive or one negative eigenvalue
       (interlacing); it loses a negative one exactly when
-      det(GᵀHG) ∝ Σ_j (Π_{i≠j} κ_i) n_j² has the sign (−1)^{q−1} (q negative
-      eigenvalues), i.e. when Σ_j n_j² / κ_j < 0: the ``dim = 1`` problem of H⁻¹.
+      :math:`\det(G^\top H G) \propto \sum_j (\prod_{i \ne j} \kappa_i)\, n_j^2` has the sign
+      :math:`(-1)^{q-1}` (:math:`q` negative eigenvalues), i.e. when
+      :math:`\sum_j n_j^2 / \kappa_j < 0`: the ``dim = 1`` problem of :math:`H^{-1}`.
 
-    Other cases need ``method="monte_carlo"``: ``num_samples`` Gaussian D × dim
-    matrices G, classified by the eigenvalues of GᵀHG (those within rounding of
-    zero count as degenerate); each probability p has the binomial standard
-    error √(p (1 − p) / num_samples).
+    Other cases need ``method="monte_carlo"``: ``num_samples`` Gaussian
+    :math:`D \times \mathrm{dim}` matrices :math:`G`, classified by the eigenvalues of
+    :math:`G^\top H G` (those within rounding of zero count as degenerate); each
+    probability :math:`p` has the binomial standard error
+    :math:`\sqrt{p (1 - p) / \mathrm{num\_samples}}`.
 
     Parameters
     ----------
     hessian_eigenvalues
-        κ, a 1-D real floating array (D,), finite (any namespace and device).
+        :math:`\kappa`, a 1-D real floating array (D,), finite (any namespace and device).
     dim
-        The dimension of the projection, 1 ≤ dim ≤ D.
+        The dimension of the projection, :math:`1 \le \mathrm{dim} \le D`.
     method
         ``"exact"`` or ``"monte_carlo"``.
     num_samples
-        Monte-Carlo samples (≥ 1).
+        Monte-Carlo samples (:math:`\ge 1`).
     rng
         numpy Generator, int seed, JAX key or None (Monte Carlo).
 
     Returns
     -------
     SaddleProbability
-        ``(minimum, maximum, saddle)``, 0-d arrays in κ's namespace and dtype.
+        ``(minimum, maximum, saddle)``, 0-d arrays in :math:`\kappa`'s namespace and dtype.
 
     Notes
     -----
-    Cost: exact, O(D) per node of about 2000 quadrature nodes; Monte Carlo,
-    O(num_samples · D · dim²) (chunked so that at most 4M numbers are held).
+    Cost: exact, :math:`O(D)` per node of about 2000 quadrature nodes; Monte Carlo,
+    :math:`O(\mathrm{num\_samples} \cdot D \cdot \mathrm{dim}^2)` (chunked so that at most
+    4M numbers are held).
 
     Examples
     --------

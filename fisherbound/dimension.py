@@ -1,35 +1,38 @@
-"""Spectrum, local dimensionality and razor complexity of the Fisher metric.
+r"""Spectrum, local dimensionality and razor complexity of the Fisher metric.
 
 THEORY §5 (Sun and Nielsen, *A Geometric Modeling of Occam's Razor in Deep
-Learning*). The Fisher metric F = Σ_x J_xᵀ I(z_x) J_x of a network is degenerate:
-most of its D eigenvalues are (nearly) zero. This module measures how many are
-not, matrix-free, over a whole data set:
+Learning*). The Fisher metric :math:`F = \sum_x J_x^\top I(z_x)\, J_x` of a network is
+degenerate: most of its :math:`D` eigenvalues are (nearly) zero. This module measures
+how many are not, matrix-free, over a whole data set:
 
-- ``top_eigenpairs``: the k largest eigenpairs of F (or of a bound operator, to
-  bracket λ_max(F)) by Lanczos on the Fisher operator;
+- ``top_eigenpairs``: the :math:`k` largest eigenpairs of :math:`F` (or of a bound
+  operator, to bracket :math:`\lambda_{\max}(F)`) by Lanczos on the Fisher operator;
 - ``spectral_density``: the eigenvalue density by stochastic Lanczos quadrature
   (SLQ), with a pointwise standard error;
-- ``local_dimension``: d_ε = #{i : λ_i(F) > ε}, counted from the top eigenvalues
-  when they are few (deterministic) and estimated by SLQ with a standard error
-  otherwise; ``rank_bound`` gives the structural bound min(D, N r) beside it
-  (r = C − 1 for the categorical F);
+- ``local_dimension``: :math:`d_\varepsilon = \#\{i : \lambda_i(F) > \varepsilon\}`,
+  counted from the top eigenvalues when they are few (deterministic) and estimated by
+  SLQ with a standard error otherwise; ``rank_bound`` gives the structural bound
+  :math:`\min(D, N r)` beside it (:math:`r = C - 1` for the categorical :math:`F`);
 - ``razor``: the Gaussian-prior razor complexity
-  −log p(X | θ̂) + ‖θ̂ − θ_0‖² / (2σ²) + ½ Σ_i log(1 + σ² λ_i(F)), exact for
-  linear-Gaussian models and a Laplace approximation otherwise, with its
-  log-det term by dense eigenvalues, full Lanczos or SLQ (with an error bar),
-  and the BIC term (D/2) log N beside it.
+  :math:`-\log p(X \mid \hat\theta) + \|\hat\theta - \theta_0\|^2 / (2\sigma^2)
+  + \frac12 \sum_i \log(1 + \sigma^2 \lambda_i(F))`, exact for linear-Gaussian models
+  and a Laplace approximation otherwise, with its log-det term by dense eigenvalues,
+  full Lanczos or SLQ (with an error bar), and the BIC term
+  :math:`\frac{D}{2} \log N` beside it.
 
 Every function takes ``source``, one linearization or a re-iterable collection of
 them (a list of batches; every Fisher matvec streams the data again), and an
 output ``family``. ``kernel`` selects the operator as in ``fisherbound.fisher``:
-``"exact"`` (F), ``"upper"`` (F_DG ⪰ F), ``"lower"`` (F_LR ⪯ F) and the scalar
-envelopes; Löwner order gives λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i, so the
-spectra of the bound operators bracket every eigenvalue of F and its trace.
-Results are for the SUM over inputs unless ``reduction="mean"`` (the razor always
-uses the sum, F_sum of THEORY §5), which divides by N, the number of examples.
-Logits may have position axes, (N, ∗S, C): then F = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt
-over the counted positions (``lin.mask``), and one Fisher matvec still costs one
-JVP and one VJP per batch, with O(N P C) core work, whatever P and C.
+``"exact"`` (:math:`F`), ``"upper"`` (:math:`F_\mathrm{DG} \succeq F`), ``"lower"``
+(:math:`F_\mathrm{LR} \preceq F`) and the scalar envelopes; Löwner order gives
+:math:`\lambda_i(F_\mathrm{LR}) \le \lambda_i(F) \le \lambda_i(F_\mathrm{DG})` for every
+:math:`i`, so the spectra of the bound operators bracket every eigenvalue of :math:`F`
+and its trace. Results are for the SUM over inputs unless ``reduction="mean"`` (the
+razor always uses the sum, :math:`F_\mathrm{sum}` of THEORY §5), which divides by
+:math:`N`, the number of examples. Logits may have position axes, (N, ∗S, C): then
+:math:`F = \sum_x \sum_t J_{xt}^\top K(z_{xt})\, J_{xt}` over the counted positions
+(``lin.mask``), and one Fisher matvec still costs one JVP and one VJP per batch, with
+:math:`O(N P C)` core work, whatever :math:`P` and :math:`C`.
 
 Data parallel: ``process_group=`` (a ``torch.distributed`` process group or a JAX
 axis name, as in ``fisherbound.fisher``) makes ``source`` this rank's shard; the
@@ -37,7 +40,7 @@ Fisher operator all-reduces every matvec, so Lanczos and SLQ run replicated on
 every rank and return the spectrum of the metric over all shards. Their random
 vectors must then be the same on every rank: pass the same ``rng`` seed on all
 ranks (checked), or ``rng=None`` (rank 0 draws a seed and shares it). ``razor``
-also all-reduces the negative log-likelihood and N.
+also all-reduces the negative log-likelihood and :math:`N`.
 """
 
 from __future__ import annotations
@@ -118,18 +121,18 @@ DEFAULT_NUM_POINTS = 256
 
 
 class Eigenpairs(NamedTuple):
-    """The top eigenpairs of a Fisher operator.
+    r"""The top eigenpairs of a Fisher operator.
 
     Attributes
     ----------
     eigenvalues
-        Ritz values θ_1 ≥ … ≥ θ_k, shape (k,), DESCENDING.
+        Ritz values :math:`\theta_1 \ge \dots \ge \theta_k`, shape (k,), DESCENDING.
     eigenvectors
-        Unit Ritz vectors y_i as columns, shape (D, k), in the order of
+        Unit Ritz vectors :math:`y_i` as columns, shape (D, k), in the order of
         ``eigenvalues``, in the parameter order of the linearization's blocks.
     residuals
-        ‖F y_i − θ_i y_i‖, shape (k,): some eigenvalue of F lies within this
-        distance of θ_i.
+        :math:`\|F y_i - \theta_i y_i\|`, shape (k,): some eigenvalue of :math:`F` lies
+        within this distance of :math:`\theta_i`.
     """
 
     eigenvalues: Array
@@ -138,21 +141,24 @@ class Eigenpairs(NamedTuple):
 
 
 class SpectralDensity(NamedTuple):
-    """A smoothed spectral density from stochastic Lanczos quadrature.
+    r"""A smoothed spectral density from stochastic Lanczos quadrature.
 
     Attributes
     ----------
     grid
-        Points t, shape (G,).
+        Points :math:`t`, shape (G,).
     density
-        φ(t) = (1/D) Σ_i 𝒩(t; λ_i, width²) estimated on the grid, shape (G,): the
-        mean over probes of each probe's Gauss-rule density; it integrates to 1.
+        :math:`\varphi(t) = \frac1D \sum_i \mathcal N(t;\, \lambda_i, \mathrm{width}^2)`
+        estimated on the grid, shape (G,): the mean over probes of each probe's
+        Gauss-rule density; it integrates to 1.
     std_error
         Pointwise standard error of ``density`` over the probes, shape (G,).
     nodes, weights
-        The Gauss quadrature rules (Ritz values and D times the squared first
-        components), shape (M, m); Σ_j weights[i, j] f(nodes[i, j]) estimates
-        tr f(F) for any f (``fisherbound.linalg.slq`` averages exactly this).
+        The Gauss quadrature rules (Ritz values and :math:`D` times the squared first
+        components), shape (M, m);
+        :math:`\sum_j \mathtt{weights}[i, j]\, f(\mathtt{nodes}[i, j])` estimates
+        :math:`\operatorname{tr} f(F)` for any :math:`f` (``fisherbound.linalg.slq``
+        averages exactly this).
     width
         The Gaussian smoothing standard deviation used (a float).
     """
@@ -166,21 +172,22 @@ class SpectralDensity(NamedTuple):
 
 
 class RankBound(NamedTuple):
-    """The structural bound rank F ≤ min(D, N r) (THEORY §5).
+    r"""The structural bound :math:`\operatorname{rank} F \le \min(D, N r)` (THEORY §5).
 
     Attributes
     ----------
     value
-        min(num_params, num_inputs · rank_per_input).
+        min(``num_params``, ``num_inputs`` :math:`\cdot` ``rank_per_input``).
     num_params
-        D.
+        :math:`D`.
     num_inputs
-        N, the total number of inputs in the source.
+        :math:`N`, the total number of inputs in the source.
     rank_per_input
-        r, the largest possible rank of the core kernel K(z): C − 1 for the
-        categorical F and its scalar envelopes (softmax ignores a common shift of
-        the logits), C for ``kernel="upper"`` (diag p) and for the Bernoulli and
-        Gaussian families, 1 for ``kernel="lower"``.
+        :math:`r`, the largest possible rank of the core kernel :math:`K(z)`:
+        :math:`C - 1` for the categorical :math:`F` and its scalar envelopes (softmax
+        ignores a common shift of the logits), :math:`C` for ``kernel="upper"``
+        (:math:`\operatorname{diag} p`) and for the Bernoulli and Gaussian families, 1
+        for ``kernel="lower"``.
     """
 
     value: int
@@ -237,16 +244,18 @@ def top_eigenpairs(
     rng: Any = None,
     process_group: Any = None,
 ) -> Eigenpairs:
-    """The k largest eigenpairs of the Fisher metric, by Lanczos on its operator.
+    r"""The :math:`k` largest eigenpairs of the Fisher metric, by Lanczos on its operator.
 
-    F_K = Σ_x J_xᵀ K(z_x) J_x is applied matrix-free (one JVP and one VJP per
-    batch per matvec, ``fisherbound.fisher.fisher_operator``); thick-restart
-    Lanczos with full reorthogonalisation (``fisherbound.linalg.eigsh``) gives
-    the Ritz pairs (θ_i, Q s_i) of its k largest eigenvalues and stops when each
-    relative residual ‖F y − θ y‖ / θ is below ``tol``; each residual bounds the
-    distance from θ to the spectrum. Since F_LR ⪯ F ⪯ F_DG, ``kernel="lower"`` and
-    ``kernel="upper"`` give λ_i(F_LR) ≤ λ_i(F) ≤ λ_i(F_DG) for every i (exactly when
-    converged).
+    :math:`F_K = \sum_x J_x^\top K(z_x)\, J_x` is applied matrix-free (one JVP and one VJP
+    per batch per matvec, ``fisherbound.fisher.fisher_operator``); thick-restart Lanczos
+    with full reorthogonalisation (``fisherbound.linalg.eigsh``) gives the Ritz pairs
+    :math:`(\theta_i, Q s_i)` of its :math:`k` largest eigenvalues and stops when each
+    relative residual :math:`\|F y - \theta y\| / \theta` is below ``tol``; each residual
+    bounds the distance from :math:`\theta` to the spectrum. Since
+    :math:`F_\mathrm{LR} \preceq F \preceq F_\mathrm{DG}`, ``kernel="lower"`` and
+    ``kernel="upper"`` give
+    :math:`\lambda_i(F_\mathrm{LR}) \le \lambda_i(F) \le \lambda_i(F_\mathrm{DG})` for every
+    :math:`i` (exactly when converged).
 
     Parameters
     ----------
@@ -255,22 +264,23 @@ def top_eigenpairs(
     family
         The output family (``Categorical()`` by default).
     k
-        How many eigenpairs, 1 ≤ k ≤ D.
+        How many eigenpairs, :math:`1 \le k \le D`.
     kernel
         ``"exact"``, ``"upper"``, ``"lower"``, ``"scalar_upper"`` or
         ``"scalar_lower"`` (see ``fisherbound.fisher``).
     reduction
-        ``"sum"`` over inputs (default) or ``"mean"``: divided by N, the number of
-        examples (not of positions).
+        ``"sum"`` over inputs (default) or ``"mean"``: divided by :math:`N`, the number
+        of examples (not of positions).
     tol
         The relative residual at which a Ritz pair counts as converged; default
-        max(1e-6, √ε) (1e-6 in float64, 3.5e-4 in float32).
+        :math:`\max(10^{-6}, \sqrt{\varepsilon})` (1e-6 in float64, 3.5e-4 in float32).
     num_matvecs
-        The most Fisher matvecs, ≥ k; default max(100, 10 p) with p = min(D,
-        max(2k + 1, 20)) the Lanczos basis. Reaching it first warns.
+        The most Fisher matvecs, :math:`\ge k`; default :math:`\max(100, 10 p)` with
+        :math:`p = \min(D, \max(2k + 1, 20))` the Lanczos basis. Reaching it first warns.
     basis_size
-        p, the most Lanczos vectors held (memory D p), k + 1 ≤ p ≤ D; p = D is a
-        full run: the exact spectrum with multiplicities.
+        :math:`p`, the most Lanczos vectors held (memory :math:`D p`),
+        :math:`k + 1 \le p \le D`; :math:`p = D` is a full run: the exact spectrum with
+        multiplicities.
     rng
         Generator, int seed, JAX key or None (the Lanczos start vector).
 
@@ -282,9 +292,9 @@ def top_eigenpairs(
 
     Notes
     -----
-    Cost: one Fisher matvec per Lanczos step until the k pairs converge (about
-    p = max(2k + 1, 20) for a decaying spectrum, the count of SciPy's eigsh or
-    fewer), O(D p) work per step and D p memory for the basis.
+    Cost: one Fisher matvec per Lanczos step until the :math:`k` pairs converge (about
+    :math:`p = \max(2k + 1, 20)` for a decaying spectrum, the count of SciPy's eigsh or
+    fewer), :math:`O(D p)` work per step and :math:`D p` memory for the basis.
 
     Examples
     --------
@@ -335,37 +345,41 @@ def spectral_density(
 ) -> SpectralDensity:
     r"""The spectral density of the Fisher metric by stochastic Lanczos quadrature.
 
-    For each of M Rademacher probes v, m Lanczos steps from v/√D give a Gauss rule
-    (θ_ij, w_ij) of the spectral measure with vᵀ f(F) v ≈ Σ_j w_ij f(θ_ij), exact
-    for polynomials of degree < 2m (``fisherbound.linalg.lanczos_quadrature``).
+    For each of :math:`M` Rademacher probes :math:`v`, :math:`m` Lanczos steps from
+    :math:`v / \sqrt{D}` give a Gauss rule :math:`(\theta_{ij}, w_{ij})` of the spectral
+    measure with :math:`v^\top f(F)\, v \approx \sum_j w_{ij} f(\theta_{ij})`, exact for
+    polynomials of degree :math:`< 2m` (``fisherbound.linalg.lanczos_quadrature``).
     The smoothed density
 
-    .. math:: \varphi(t) = \frac1D \sum_{i=1}^D \mathcal N(t;\, \lambda_i, \sigma^2)
-              \approx \frac{1}{M} \sum_{p=1}^M \frac{1}{D} \sum_j w_{pj}\,
-              \mathcal N(t;\, \theta_{pj}, \sigma^2)
+    .. math::
 
-    is the mean of M independent per-probe densities (Hutchinson's estimator of
-    tr f(F)/D with f = 𝒩(t; ·, σ²), plus the quadrature error, which vanishes as
-    m → D); ``std_error`` is their pointwise sample standard deviation / √M.
+       \varphi(t) = \frac1D \sum_{i=1}^D \mathcal N(t;\, \lambda_i, \sigma^2)
+       \approx \frac{1}{M} \sum_{p=1}^M \frac{1}{D} \sum_j w_{pj}\,
+       \mathcal N(t;\, \theta_{pj}, \sigma^2)
+
+    is the mean of :math:`M` independent per-probe densities (Hutchinson's estimator of
+    :math:`\operatorname{tr} f(F) / D` with :math:`f = \mathcal N(t;\, \cdot, \sigma^2)`,
+    plus the quadrature error, which vanishes as :math:`m \to D`); ``std_error`` is their
+    pointwise sample standard deviation :math:`/ \sqrt{M}`.
 
     Parameters
     ----------
     source, family, kernel, reduction
         As in ``top_eigenpairs``.
     num_probes
-        M ≥ 1 probes (M ≥ 2 for a finite standard error).
+        :math:`M \ge 1` probes (:math:`M \ge 2` for a finite standard error).
     num_matvecs
-        Lanczos steps per probe m (capped at D).
+        Lanczos steps per probe :math:`m` (capped at :math:`D`).
     grid
-        1-D floating array of points t (the linearization's namespace and device).
-        Default: ``num_points`` points evenly spaced from min θ − 3σ to
-        max θ + 3σ. For heavy-tailed spectra pass your own (e.g. a log-spaced)
-        grid and width.
+        1-D floating array of points :math:`t` (the linearization's namespace and
+        device). Default: ``num_points`` points evenly spaced from
+        :math:`\min \theta - 3\sigma` to :math:`\max \theta + 3\sigma`. For heavy-tailed
+        spectra pass your own (e.g. a log-spaced) grid and width.
     num_points
         Grid size when ``grid`` is None.
     width
-        σ > 0, the smoothing standard deviation. Default: 1 % of the range of the
-        nodes (of max ``|θ|`` when the range is 0, and 1 when F = 0).
+        :math:`\sigma > 0`, the smoothing standard deviation. Default: 1 % of the range
+        of the nodes (of max ``|θ|`` when the range is 0, and 1 when :math:`F = 0`).
     rng
         Generator, int seed, JAX key or None (the probes).
 
@@ -377,8 +391,9 @@ def spectral_density(
 
     Notes
     -----
-    Cost: M m Fisher matvecs (m batched matmats of M columns), O(D M m²) work and
-    D M m memory for the M Lanczos bases; O(G M m) for the density.
+    Cost: :math:`M m` Fisher matvecs (:math:`m` batched matmats of :math:`M` columns),
+    :math:`O(D M m^2)` work and :math:`D M m` memory for the :math:`M` Lanczos bases;
+    :math:`O(G M m)` for the density.
 
     Examples
     --------
@@ -471,17 +486,21 @@ def rank_bound(
     kernel: str = "exact",
     process_group: Any = None,
 ) -> RankBound:
-    """The structural bound rank F ≤ min(D, N r) of THEORY §5.
+    r"""The structural bound :math:`\operatorname{rank} F \le \min(D, N r)` of THEORY §5.
 
-    F_K = Σ_x J_xᵀ K(z_x) J_x is a sum of N terms of rank ≤ r = max rank K(z), and
-    a D × D matrix: rank F_K ≤ min(D, N r). With position axes (logits
-    (N, ∗S, C)) every counted position t of x adds a term J_xtᵀ K(z_xt) J_xt of
-    rank ≤ r, so ``value`` is min(D, r · Σ_x P_x), P_x the positions of x not
-    masked by ``lin.mask`` (N P without a mask); ``num_inputs`` still counts the
-    examples. For the categorical F, r = C − 1
-    (I_Δ 1 = 0), so rank F ≤ min(D, N (C − 1)). The bound binds for wide networks
-    (D ≫ N C); for a linear softmax layer the sharper rank F ≤ (C − 1) rank[x̃_1 … x̃_N]
-    holds (x̃ = (x, 1) with a bias). Compare with ``local_dimension``.
+    :math:`F_K = \sum_x J_x^\top K(z_x)\, J_x` is a sum of :math:`N` terms of rank
+    :math:`\le r = \max \operatorname{rank} K(z)`, and a :math:`D \times D` matrix:
+    :math:`\operatorname{rank} F_K \le \min(D, N r)`. With position axes (logits
+    (N, ∗S, C)) every counted position :math:`t` of :math:`x` adds a term
+    :math:`J_{xt}^\top K(z_{xt})\, J_{xt}` of rank :math:`\le r`, so ``value`` is
+    :math:`\min(D, r \cdot \sum_x P_x)`, :math:`P_x` the positions of :math:`x` not
+    masked by ``lin.mask`` (:math:`N P` without a mask); ``num_inputs`` still counts the
+    examples. For the categorical :math:`F`, :math:`r = C - 1`
+    (:math:`I_\Delta \mathbf{1} = 0`), so
+    :math:`\operatorname{rank} F \le \min(D, N (C - 1))`. The bound binds for wide
+    networks (:math:`D \gg N C`); for a linear softmax layer the sharper
+    :math:`\operatorname{rank} F \le (C - 1) \operatorname{rank}[\tilde x_1 \dots \tilde x_N]`
+    holds (:math:`\tilde x = (x, 1)` with a bias). Compare with ``local_dimension``.
 
     Parameters
     ----------
@@ -494,8 +513,8 @@ def rank_bound(
     Returns
     -------
     RankBound
-        ``value``, ``num_params`` (D), ``num_inputs`` (N), ``rank_per_input`` (r,
-        per position with position axes), Python ints.
+        ``value``, ``num_params`` (:math:`D`), ``num_inputs`` (:math:`N`),
+        ``rank_per_input`` (:math:`r`, per position with position axes), Python ints.
 
     Notes
     -----
@@ -547,59 +566,70 @@ def local_dimension(
     rng: Any = None,
     process_group: Any = None,
 ) -> Estimate:
-    """The local dimensionality d_ε = #{i : λ_i(F) > ε}, matrix-free (THEORY §5).
+    r"""The local dimensionality :math:`d_\varepsilon`, matrix-free (THEORY §5).
+
+    .. math::
+
+       d_\varepsilon = \#\{i : \lambda_i(F) > \varepsilon\}
 
     Two ways, chosen by ``method``:
 
-    - ``"lanczos"``: count the Ritz values above ε by thick-restart Lanczos on F.
-      By Cauchy interlacing the i-th largest Ritz value of any Krylov space never
-      exceeds λ_i, so the count never overshoots, and max_count + 1 Ritz values
-      above ε prove d_ε > max_count at once (converged or not). Otherwise the run
-      stops when the Ritz pairs above ε and the largest one below ε have relative
-      residuals ≤ max(1e-6, √ε_mach) (only those need converge); they are counted
-      and deflated, (I − Y Yᵀ) F (I − Y Yᵀ), and a new run looks for copies one
-      Krylov space cannot hold (repeated eigenvalues) until a run converges with
-      none above ε. With D ≤ p (the basis) the Ritz values are the exact spectrum.
-      Deterministic: ``std_error`` is 0 and ``num_probes`` is 0. A ValueError if
-      d_ε > max_count.
+    - ``"lanczos"``: count the Ritz values above :math:`\varepsilon` by thick-restart
+      Lanczos on :math:`F`. By Cauchy interlacing the :math:`i`-th largest Ritz value of
+      any Krylov space never exceeds :math:`\lambda_i`, so the count never overshoots, and
+      ``max_count`` + 1 Ritz values above :math:`\varepsilon` prove
+      :math:`d_\varepsilon >` ``max_count`` at once (converged or not). Otherwise the run
+      stops when the Ritz pairs above :math:`\varepsilon` and the largest one below
+      :math:`\varepsilon` have relative residuals
+      :math:`\le \max(10^{-6}, \sqrt{\varepsilon_\mathrm{mach}})` (only those need
+      converge); they are counted and deflated, :math:`(I - Y Y^\top) F (I - Y Y^\top)`,
+      and a new run looks for copies one Krylov space cannot hold (repeated eigenvalues)
+      until a run converges with none above :math:`\varepsilon`. With :math:`D \le p` (the
+      basis) the Ritz values are the exact spectrum. Deterministic: ``std_error`` is 0
+      and ``num_probes`` is 0. A ValueError if :math:`d_\varepsilon >` ``max_count``.
     - ``"slq"``: stochastic Lanczos quadrature of the step function,
-      tr 1[F > ε] ≈ (1/M) Σ_p Σ_j w_pj 1[θ_pj > ε], with the Hutchinson standard
-      error over the M probes (the quadrature adds a bias that vanishes when the
-      Ritz values resolve the gap of the spectrum around ε, and as m → D). Probes
-      run in rounds (4, then doubling) until the relative standard error is at most
-      ``target_error`` (checked from 4 probes on) or M probes ran.
-    - ``"auto"`` (default): ``"lanczos"`` when it finds d_ε ≤ max_count, else
-      ``"slq"``. The count's run starts from a Rademacher probe, so when it proves
-      d_ε > max_count its first m steps are SLQ's first probe: the products are
-      reused, and the count costs only the steps it needs for the proof beyond m
-      (often none).
+      :math:`\operatorname{tr} \mathbf{1}[F > \varepsilon] \approx \frac1M \sum_p \sum_j
+      w_{pj} \mathbf{1}[\theta_{pj} > \varepsilon]`, with the Hutchinson standard error
+      over the :math:`M` probes (the quadrature adds a bias that vanishes when the Ritz
+      values resolve the gap of the spectrum around :math:`\varepsilon`, and as
+      :math:`m \to D`). Probes run in rounds (4, then doubling) until the relative
+      standard error is at most ``target_error`` (checked from 4 probes on) or :math:`M`
+      probes ran.
+    - ``"auto"`` (default): ``"lanczos"`` when it finds
+      :math:`d_\varepsilon \le` ``max_count``, else ``"slq"``. The count's run starts
+      from a Rademacher probe, so when it proves :math:`d_\varepsilon >` ``max_count``
+      its first :math:`m` steps are SLQ's first probe: the products are reused, and the
+      count costs only the steps it needs for the proof beyond :math:`m` (often none).
 
     Parameters
     ----------
     source, family, kernel, reduction
-        As in ``top_eigenpairs``; ε applies to F (sum) or F/N (mean).
+        As in ``top_eigenpairs``; :math:`\varepsilon` applies to :math:`F` (sum) or
+        :math:`F / N` (mean).
     eps
-        ε > 0. THEORY §5: with a prior N(θ_0, σ² I) the razor's effective
-        dimension is about d_ε for ε = 1/σ².
+        :math:`\varepsilon > 0`. THEORY §5: with a prior
+        :math:`\mathcal N(\theta_0, \sigma^2 I)` the razor's effective dimension is about
+        :math:`d_\varepsilon` for :math:`\varepsilon = 1/\sigma^2`.
     method
         ``"auto"``, ``"lanczos"`` or ``"slq"``.
     max_count
         The largest count obtained by Lanczos.
     num_probes
-        M, the most SLQ probes.
+        :math:`M`, the most SLQ probes.
     num_matvecs
-        The Lanczos basis of the count, p (default min(D, max(2 max_count + 3, 20,
-        m))), and the steps per SLQ probe, m (default min(D, 40)).
+        The Lanczos basis of the count, :math:`p` (default :math:`\min(D, \max(2`
+        ``max_count`` :math:`+ 3, 20, m))`), and the steps per SLQ probe, :math:`m`
+        (default :math:`\min(D, 40)`).
     target_error
         The relative standard error at which SLQ stops drawing probes (default
-        0.05); None runs all M probes.
+        0.05); None runs all :math:`M` probes.
     quadrature
         Gauss rules already computed on the same operator: a ``SpectralDensity``
         (or a ``Quadrature``, (M, m) nodes and weights) of ``spectral_density`` or
         ``lanczos_quadrature`` with the same source, family, kernel and reduction.
         Then SLQ reuses them (no product; ``num_probes`` and ``target_error`` are
-        ignored), and when their nodes prove d_ε > max_count by interlacing, the
-        Lanczos count does not run either.
+        ignored), and when their nodes prove :math:`d_\varepsilon >` ``max_count`` by
+        interlacing, the Lanczos count does not run either.
     rng
         Generator, int seed, JAX key or None.
 
@@ -612,10 +642,11 @@ def local_dimension(
 
     Notes
     -----
-    Cost: Lanczos, one matvec per step until the pairs above ε converge (about
-    2 d_ε + 20), or max_count + 1 steps to prove d_ε > max_count, plus a run per
-    verification round; SLQ, m matvecs per probe, between 4 and M probes (each
-    round one matmat of its probes per step). Each matvec is one JVP and one VJP
+    Cost: Lanczos, one matvec per step until the pairs above :math:`\varepsilon` converge
+    (about :math:`2 d_\varepsilon + 20`), or ``max_count`` + 1 steps to prove
+    :math:`d_\varepsilon >` ``max_count``, plus a run per verification round; SLQ,
+    :math:`m` matvecs per probe, between 4 and :math:`M` probes (each round one matmat of
+    its probes per step). Each matvec is one JVP and one VJP
     per batch. With ``quadrature``, nothing beyond the count when it runs.
 
     Examples
@@ -764,60 +795,69 @@ def razor(
     rng: Any = None,
     process_group: Any = None,
 ) -> Razor:
-    r"""The Gaussian-prior razor complexity of a model at θ̂ (THEORY §5).
+    r"""The Gaussian-prior razor complexity of a model at :math:`\hat\theta` (THEORY §5).
 
-    With the prior θ ~ N(θ_0, σ² I) and F_sum = Σ_x J_xᵀ I(z_x) J_x at θ̂,
+    With the prior :math:`\theta \sim \mathcal N(\theta_0, \sigma^2 I)` and
+    :math:`F_\mathrm{sum} = \sum_x J_x^\top I(z_x)\, J_x` at :math:`\hat\theta`,
 
-    .. math:: -\log p(X) \approx -\log p(X \mid \hat\theta)
-              + \frac{\lVert \hat\theta - \theta_0 \rVert^2}{2\sigma^2}
-              + \frac12 \sum_{i=1}^D \log(1 + \sigma^2 \lambda_i(F_{sum})),
+    .. math::
+
+       -\log p(X) \approx -\log p(X \mid \hat\theta)
+       + \frac{\lVert \hat\theta - \theta_0 \rVert^2}{2\sigma^2}
+       + \frac12 \sum_{i=1}^D \log(1 + \sigma^2 \lambda_i(F_\mathrm{sum})),
 
     the Laplace approximation of the log marginal likelihood with the Fisher (the
     Gauss–Newton matrix) in place of the Hessian: exact for a linear-Gaussian
-    model (z = J θ, Gaussian outputs of known variance) at the posterior mode θ̂.
-    Null directions of F cost nothing; a direction with σ² λ ≫ 1 costs about
-    ½ log(σ² λ), about ½ log N, so the effective dimension is about
-    #{λ_i ≳ 1/σ²} (``local_dimension(eps=1/σ²)``). The BIC/MDL term (D/2) log N
-    is reported beside it: the special case where every direction is
-    significant.
+    model (:math:`z = J \theta`, Gaussian outputs of known variance) at the posterior
+    mode :math:`\hat\theta`. Null directions of :math:`F` cost nothing; a direction with
+    :math:`\sigma^2 \lambda \gg 1` costs about :math:`\frac12 \log(\sigma^2 \lambda)`,
+    about :math:`\frac12 \log N`, so the effective dimension is about
+    :math:`\#\{\lambda_i \gtrsim 1/\sigma^2\}` (``local_dimension(eps=1/σ²)``). The
+    BIC/MDL term :math:`\frac{D}{2} \log N` is reported beside it: the special case where
+    every direction is significant.
 
     Parameters
     ----------
     source
-        A linearization or a re-iterable collection of them, at θ̂.
+        A linearization or a re-iterable collection of them, at :math:`\hat\theta`.
     family
-        The output family; the likelihood p(y | z) is its own: categorical
-        (softmax), Bernoulli (C independent sigmoids), Gaussian (its variance σ²_y,
-        normalising constant (C/2) log 2πσ²_y per input included).
+        The output family; the likelihood :math:`p(y \mid z)` is its own: categorical
+        (softmax), Bernoulli (:math:`C` independent sigmoids), Gaussian (its variance
+        :math:`\sigma_y^2`, normalising constant :math:`\frac{C}{2} \log 2\pi\sigma_y^2`
+        per input included).
     prior_variance
-        σ² > 0, the variance of the isotropic Gaussian prior.
+        :math:`\sigma^2 > 0`, the variance of the isotropic Gaussian prior.
     labels
-        The observed y: one array per batch (a list in the order of ``source``) or
-        a single array for all inputs in that order. Categorical: integers in
-        [0, C), shape (N, ∗S). Bernoulli: values in [0, 1], shape (N, ∗S, C).
-        Gaussian: real targets, shape (N, ∗S, C). Same namespace and device as the
-        logits. With position axes S the log-likelihood sums over the counted
-        positions; labels at positions masked by the linearization's ``mask`` are
-        never read, and the BIC term uses n = the number of counted positions.
+        The observed :math:`y`: one array per batch (a list in the order of ``source``)
+        or a single array for all inputs in that order. Categorical: integers in
+        :math:`[0, C)`, shape (N, ∗S). Bernoulli: values in :math:`[0, 1]`, shape
+        (N, ∗S, C). Gaussian: real targets, shape (N, ∗S, C). Same namespace and device
+        as the logits. With position axes :math:`S` the log-likelihood sums over the
+        counted positions; labels at positions masked by the linearization's ``mask``
+        are never read, and the BIC term uses :math:`n` = the number of counted
+        positions.
     theta
-        θ̂, the flat parameter vector (D,) at which ``source`` was linearized, in
+        :math:`\hat\theta`, the flat parameter vector (D,) at which ``source`` was
+        linearized, in
         the blocks' order (e.g. ``model.parameters()`` of the NumPy models).
     theta0
-        θ_0, the prior mean (D,); zeros when None.
+        :math:`\theta_0`, the prior mean (D,); zeros when None.
     method
-        How log det(I + σ² F) is computed: ``"dense"`` (``fisher_dense`` and
-        ``eigvalsh``, D ≤ ``max_params``), ``"lanczos"`` (a full run of D Lanczos
-        steps: the exact spectrum, matrix-free), ``"slq"`` (stochastic Lanczos
-        quadrature of log(1 + σ² λ), with a standard error) or ``"auto"``:
-        ``"lanczos"`` when D ≤ min(num_probes · num_matvecs, max_params) (it costs
-        no more matvecs than SLQ), else ``"slq"``. ``Razor.method`` says which ran.
+        How :math:`\log\det(I + \sigma^2 F)` is computed: ``"dense"`` (``fisher_dense``
+        and ``eigvalsh``, :math:`D \le` ``max_params``), ``"lanczos"`` (a full run of
+        :math:`D` Lanczos steps: the exact spectrum, matrix-free), ``"slq"`` (stochastic
+        Lanczos quadrature of :math:`\log(1 + \sigma^2 \lambda)`, with a standard error) or
+        ``"auto"``: ``"lanczos"`` when :math:`D \le \min(` ``num_probes`` :math:`\cdot`
+        ``num_matvecs``, ``max_params`` :math:`)` (it costs no more matvecs than SLQ),
+        else ``"slq"``. ``Razor.method`` says which ran.
     num_probes, num_matvecs
-        SLQ probes M and Lanczos steps per probe m.
+        SLQ probes :math:`M` and Lanczos steps per probe :math:`m`.
     max_params
-        The largest D for the exact methods ``"dense"`` and ``"lanczos"``, which hold
-        D × D numbers (a D × D matrix, or a Lanczos basis of D vectors).
+        The largest :math:`D` for the exact methods ``"dense"`` and ``"lanczos"``, which
+        hold :math:`D \times D` numbers (a :math:`D \times D` matrix, or a Lanczos basis of
+        :math:`D` vectors).
     quadrature
-        Gauss rules already computed on F_sum (a ``SpectralDensity`` or a
+        Gauss rules already computed on :math:`F_\mathrm{sum}` (a ``SpectralDensity`` or a
         ``Quadrature`` of ``spectral_density`` / ``lanczos_quadrature`` with the same
         source and family, ``kernel="exact"``, ``reduction="sum"``): when the method
         is ``"slq"`` the log-det is read off them, with no product (``num_probes``
@@ -834,9 +874,10 @@ def razor(
 
     Notes
     -----
-    Cost: one pass over the logits for the likelihood; then "dense": C per-example
-    VJPs per input and O(D³); "lanczos": D matvecs, O(D³) work, D² memory;
-    "slq": M m matvecs, O(D M m²) work, D M m memory (none with ``quadrature``).
+    Cost: one pass over the logits for the likelihood; then "dense": :math:`C`
+    per-example VJPs per input and :math:`O(D^3)`; "lanczos": :math:`D` matvecs,
+    :math:`O(D^3)` work, :math:`D^2` memory; "slq": :math:`M m` matvecs,
+    :math:`O(D M m^2)` work, :math:`D M m` memory (none with ``quadrature``).
 
     Examples
     --------

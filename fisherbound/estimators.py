@@ -1,45 +1,56 @@
-"""Unbiased random estimates of the Fisher metric with honest error bars (THEORY §3).
+r"""Unbiased random estimates of the Fisher metric with honest error bars (THEORY §3).
 
-The **detach-and-mix** estimator backpropagates, for every probe m, ONE scalar
+The **detach-and-mix** estimator backpropagates, for every probe :math:`m`, ONE scalar
 through the whole batch,
 
-    h_m(θ) = Σ_x c_xmᵀ z_x(θ),    c_xm = B(z̃_x) ξ_xm   (detached),
+.. math::
 
-with B Bᵀ = K the core factor of the output family (``family.sqrt_metric_matvec``:
-for the categorical family column y of B is √p_y (e_y − p), the weight is √p̃,
-not p̃) and ξ_xm i.i.d. Rademacher (or Gaussian) probes. Its gradient
+   h_m(\theta) = \sum_x c_{xm}^\top z_x(\theta), \qquad
+   c_{xm} = B(\tilde z_x)\, \xi_{xm} \quad \text{(detached)},
 
-    g_m = ∂h_m/∂θ = Σ_x J_xᵀ B_x ξ_xm
+with :math:`B B^\top = K` the core factor of the output family
+(``family.sqrt_metric_matvec``: for the categorical family column :math:`y` of :math:`B` is
+:math:`\sqrt{p_y}\, (e_y - p)`, the weight is :math:`\sqrt{\tilde p}`, not :math:`\tilde p`)
+and :math:`\xi_{xm}` i.i.d. Rademacher (or Gaussian) probes. Its gradient
 
-satisfies E[g_m g_mᵀ] = F = Σ_x J_xᵀ K(z_x) J_x, because the probes of different
-inputs are independent: no per-example gradients are needed. From the M vectors
-g_m (one ``vjp_batch`` call per batch; for the diagonal the adapter's
-``vjp_batch_square_moments`` where it has one): the diagonal g ⊙ g, the blocks g_b g_bᵀ,
-the trace ‖g‖² and the low-rank factor [g_1 … g_M] of F. The kernel selects the
-quantity: ``"exact"`` F, ``"upper"`` the DG bound F_DG (h_DG = Σ ξ √p̃ z),
-``"lower"`` the LR bound F_LR (one sign per input), and ``Bernoulli()`` gives the
-multi-label estimator.
+.. math::
 
-Variance (Rademacher, one probe): Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴) ≤ 2 F_ii², so
-the coefficient of variation of every diagonal entry is at most √2, and at most
-√(2/M) for the mean of M probes; Var(‖g‖²) ≤ 2‖F‖_F². Gaussian probes have
-Var(g_i²) = 2 F_ii² exactly (Rademacher is never worse). The closed forms are in
-``fisherbound.variance``.
+   g_m = \partial h_m / \partial \theta = \sum_x J_x^\top B_x \xi_{xm}
+
+satisfies :math:`\mathbb{E}[g_m g_m^\top] = F = \sum_x J_x^\top K(z_x)\, J_x`, because the
+probes of different inputs are independent: no per-example gradients are needed. From the
+M vectors :math:`g_m` (one ``vjp_batch`` call per batch; for the diagonal the adapter's
+``vjp_batch_square_moments`` where it has one): the diagonal :math:`g \odot g`, the blocks
+:math:`g_b g_b^\top`, the trace :math:`\|g\|^2` and the low-rank factor
+:math:`[g_1 \dots g_M]` of :math:`F`. The kernel selects the quantity: ``"exact"``
+:math:`F`, ``"upper"`` the DG bound :math:`F_\mathrm{DG}`
+(:math:`h_\mathrm{DG} = \sum \xi \sqrt{\tilde p}\, z`), ``"lower"`` the LR bound
+:math:`F_\mathrm{LR}` (one sign per input), and ``Bernoulli()`` gives the multi-label
+estimator.
+
+Variance (Rademacher, one probe):
+:math:`\operatorname{Var}(g_i^2) = 2(F_{ii}^2 - \sum_k b_{ik}^4) \le 2 F_{ii}^2`, so the
+coefficient of variation of every diagonal entry is at most :math:`\sqrt{2}`, and at most
+:math:`\sqrt{2/M}` for the mean of M probes;
+:math:`\operatorname{Var}(\|g\|^2) \le 2 \|F\|_F^2`. Gaussian probes have
+:math:`\operatorname{Var}(g_i^2) = 2 F_{ii}^2` exactly (Rademacher is never worse). The
+closed forms are in ``fisherbound.variance``.
 
 ``per_example=True`` keeps the same probes but sums the squares per input,
-Σ_x (J_xᵀ B_x ξ_xm)², through the adapter's ``sum_squared_per_example_vjp``:
-also unbiased, and much less variable (the cross-input terms, which cancel only
-on average, are gone), at the price of per-example squares.
+:math:`\sum_x (J_x^\top B_x \xi_{xm})^2`, through the adapter's
+``sum_squared_per_example_vjp``: also unbiased, and much less variable (the cross-input
+terms, which cancel only on average, are gone), at the price of per-example squares.
 
 For comparison, ``monte_carlo`` (labels sampled from the model, per-example
 scores) and ``empirical`` (observed labels, biased) return estimates of the same
 shapes.
 
-Position axes. With logits (N, ∗S, C) (tokens, pixels) the probes ξ have the
+Position axes. With logits (N, ∗S, C) (tokens, pixels) the probes :math:`\xi` have the
 logits' shape but R on the last axis, one independent probe per position, and
-h_m = Σ_x Σ_t (B(z̃_xt) ξ_xtm)ᵀ z_xt: still ONE backward pass per probe (one
-per-example backward pass per probe and example with ``per_example=True``),
-whatever P and C, and E[g_m g_mᵀ] = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt. The
+:math:`h_m = \sum_x \sum_t (B(\tilde z_{xt})\, \xi_{xtm})^\top z_{xt}`: still ONE backward
+pass per probe (one per-example backward pass per probe and example with
+``per_example=True``), whatever P and C, and
+:math:`\mathbb{E}[g_m g_m^\top] = \sum_x \sum_t J_{xt}^\top K(z_{xt})\, J_{xt}`. The
 Monte-Carlo labels are sampled per position; the empirical Fisher takes labels
 (N, ∗S) or (N, ∗S, C) and skips ``ignore_index``. Positions masked by
 ``lin.mask`` get zero probes and scores. ``reduction="mean"`` divides by N, the
@@ -52,7 +63,7 @@ batch means and its variance the sum of the batches' variances of the mean
 stores; it merges across batches, calls and processes by addition. The standard
 error is the Monte-Carlo error of the probes, conditional on the inputs: it does
 not include the sampling of the inputs from a population. Its degrees of freedom
-(M − 1 for one batch, Welch–Satterthwaite over batches) set the width of the
+(:math:`M - 1` for one batch, Welch–Satterthwaite over batches) set the width of the
 confidence interval ``Estimate.interval``, Student t on the cube-root scale for
 the diagonal and the trace (sums of squares, right-skewed); docs/estimators.md
 has its measured coverage.
@@ -501,12 +512,14 @@ def detach_and_mix(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
-    """The unbiased single-backward-pass ("detach-and-mix") estimate of the Fisher metric.
+    r"""The unbiased single-backward-pass ("detach-and-mix") estimate of the Fisher metric.
 
-    For every probe m and batch, one scalar h_m = Σ_x (B(z̃_x) ξ_xm)ᵀ z_x is
-    backpropagated (the M cotangents of a batch in ONE ``vjp_batch`` call), giving
-    g_m = Σ_x J_xᵀ B_x ξ_xm with E[g_m g_mᵀ] = F_K = Σ_x J_xᵀ K(z_x) J_x
-    (THEORY §3). The probes ξ are Rademacher (default) or standard Gaussian,
+    For every probe :math:`m` and batch, one scalar
+    :math:`h_m = \sum_x (B(\tilde z_x)\, \xi_{xm})^\top z_x` is backpropagated (the M
+    cotangents of a batch in ONE ``vjp_batch`` call), giving
+    :math:`g_m = \sum_x J_x^\top B_x \xi_{xm}` with
+    :math:`\mathbb{E}[g_m g_m^\top] = F_K = \sum_x J_x^\top K(z_x)\, J_x` (THEORY §3). The
+    probes :math:`\xi` are Rademacher (default) or standard Gaussian,
     drawn on the host, so one seed gives the same numbers on every backend.
 
     Parameters
@@ -517,41 +530,47 @@ def detach_and_mix(
         The output family (``Categorical()``, ``Bernoulli()`` for multi-label,
         ``Gaussian()``).
     what
-        ``"diagonal"`` (D,), ``"trace"`` (0-d), ``"blocks"`` (dict name → (s, s)),
-        or ``"full"``: the low-rank factor V (M, D) with F̂ = Vᵀ V (see Returns).
+        ``"diagonal"`` (D,), ``"trace"`` (0-d), ``"blocks"`` (dict name :math:`\to` (s, s)),
+        or ``"full"``: the low-rank factor :math:`V` (M, D) with :math:`\hat F = V^\top V`
+        (see Returns).
     weights
-        For ``what="trace"``: w (D,) ≥ 0, a flat vector in the linearization's
-        namespace, device and dtype (``lin.ravel`` of a dict), for the weighted
-        trace Σ_i w_i F_ii, e.g. an EWC penalty λ/2 Σ_i F_ii (θ_i − θ*_i)². Each probe
-        gives Σ_i w_i g_i², so the standard error is the weighted sum's own (the
-        entries of one probe are correlated: √(Σ_i w_i² SE_i²) from the diagonal's
-        errors would be wrong). None (default): the plain trace.
+        For ``what="trace"``: :math:`w` (D,) :math:`\ge 0`, a flat vector in the
+        linearization's namespace, device and dtype (``lin.ravel`` of a dict), for the
+        weighted trace :math:`\sum_i w_i F_{ii}`, e.g. an EWC penalty
+        :math:`\frac{\lambda}{2} \sum_i F_{ii} (\theta_i - \theta^*_i)^2`. Each probe gives
+        :math:`\sum_i w_i g_i^2`, so the standard error is the weighted sum's own (the
+        entries of one probe are correlated: :math:`\sqrt{\sum_i w_i^2 \mathrm{SE}_i^2}` from
+        the diagonal's errors would be wrong). None (default): the plain trace.
     num_probes
         M, the number of probes per batch (>= 1; >= 2 for a standard error).
     rng
         numpy Generator, int seed, JAX key or None.
     kernel
-        ``"exact"`` (F), ``"upper"`` (the DG bound, h = Σ ξ √p̃ z),
-        ``"lower"`` (the LR bound: one sign per input), or the scalar envelopes.
+        ``"exact"`` (:math:`F`), ``"upper"`` (the DG bound,
+        :math:`h = \sum \xi \sqrt{\tilde p}\, z`), ``"lower"`` (the LR bound: one sign per
+        input), or the scalar envelopes.
     distribution
         ``"rademacher"`` (never worse) or ``"gaussian"``.
     per_example
-        Sum the squares per input, Σ_x (J_xᵀ B_x ξ_xm)², through the adapter's
-        ``sum_squared_per_example_vjp`` (``what`` "diagonal", "trace" or
-        "blocks"): each input's term has CV ≤ √2 and the sum over inputs averages
-        them; the batch-level default squares the sum over inputs.
+        Sum the squares per input, :math:`\sum_x (J_x^\top B_x \xi_{xm})^2`, through the
+        adapter's ``sum_squared_per_example_vjp`` (``what`` "diagonal", "trace" or
+        "blocks"): each input's term has CV :math:`\le \sqrt{2}` and the sum over inputs
+        averages them; the batch-level default squares the sum over inputs.
     reduction
         ``"sum"`` over inputs (default) or ``"mean"``: divided by N, the number
         of examples (not of positions).
     target_relative_error
         Stop streaming batches once the relative standard error of the TRACE
-        estimate, SE(tr F̂)/tr F̂, can be trusted to be at or below this (checked
-        after every batch; needs ``num_probes >= 2``): its variance estimate has at
-        least ``MIN_TARGET_DOF`` = 10 degrees of freedom d (11 probes in one batch,
-        or in the rounds on one linearization; over batches the Welch–Satterthwaite
-        dof of ``Accumulator``, at most Σ_b (M − 1), so at least 10 batches of 2
-        probes) and (SE / tr F̂) · t_d(0.975)/1.96 ≤ target: the symmetric t interval
-        would lie within tr F̂ · (1 ± 1.96 · target); the skew-adjusted
+        estimate, :math:`\mathrm{SE}(\operatorname{tr} \hat F) / \operatorname{tr} \hat F`, can
+        be trusted to be at or below this (checked after every batch; needs
+        ``num_probes >= 2``): its variance estimate has at least ``MIN_TARGET_DOF`` = 10
+        degrees of freedom :math:`d` (11 probes in one batch, or in the rounds on one
+        linearization; over batches the Welch–Satterthwaite dof of ``Accumulator``, at
+        most :math:`\sum_b (M - 1)`, so at least 10 batches of 2 probes) and
+        :math:`(\mathrm{SE} / \operatorname{tr} \hat F) \cdot t_d(0.975) / 1.96 \le
+        \mathrm{target}`: the symmetric t interval would lie within
+        :math:`\operatorname{tr} \hat F \cdot (1 \pm 1.96 \cdot \mathrm{target})`; the
+        skew-adjusted
         ``interval()`` is longer above and shorter below. Two probes that happen
         to agree no longer stop the loop. The estimate then covers the batches consumed:
         use ``reduction="mean"`` to estimate the data set's mean Fisher from a
@@ -578,24 +597,25 @@ def detach_and_mix(
         batches), ``std_error`` its standard error (same shape; from the probes'
         sample variance within each batch, see ``Accumulator``; NaN with one
         probe, as a read-only broadcast of one NaN), ``num_probes`` M, ``dof``
-        the degrees of freedom of the variance estimate (M − 1 for one batch; the
+        the degrees of freedom of the variance estimate (:math:`M - 1` for one batch; the
         Welch–Satterthwaite dof per entry over batches) and ``floor`` 0 for the
         diagonal and the trace (sums of squares): ``est.interval(0.95)`` is their
         95% confidence interval (Student t on the cube-root scale, see
         ``fisherbound.Estimate.interval``). For
         ``what="full"``: ``value`` is the factor
-        V = [g_1; …; g_M] / √M (M, D) (scaled by 1/√N for ``reduction="mean"``),
-        whose Gram matrix Vᵀ V = (1/M) Σ_m g_m g_mᵀ is the rank-≤M estimate of F,
-        with g_m summed over batches; ``std_error`` (D,) is the standard error of
-        the diagonal of Vᵀ V. The a-priori bound on the standard error is
-        ``fisherbound.variance.std_error_bound(value, num_probes=M)``
-        (CV ≤ √(2/M) for the diagonal and the trace).
+        :math:`V = [g_1; \dots; g_M] / \sqrt{M}` (M, D) (scaled by :math:`1/\sqrt{N}` for
+        ``reduction="mean"``), whose Gram matrix
+        :math:`V^\top V = \frac{1}{M} \sum_m g_m g_m^\top` is the rank-:math:`{\le} M`
+        estimate of :math:`F`, with :math:`g_m` summed over batches; ``std_error`` (D,) is
+        the standard error of the diagonal of :math:`V^\top V`. The a-priori bound on the
+        standard error is ``fisherbound.variance.std_error_bound(value, num_probes=M)``
+        (CV :math:`\le \sqrt{2/M}` for the diagonal and the trace).
 
     Notes
     -----
     Cost per batch: the linearization's forward pass and ONE batched VJP of M
     cotangents (about M backward passes; never per-example gradients), plus
-    O(M N P C) for the cotangents (P positions per example), whatever P and C.
+    :math:`O(M N P C)` for the cotangents (P positions per example), whatever P and C.
     For the diagonal, the squares' mean and variance over the probes take four
     passes over the M D-vectors (the torch adapter's ``vjp_batch_square_moments``
     reduces them without an (M, D) copy; one probe is squared during its
@@ -604,12 +624,13 @@ def detach_and_mix(
     measured ratios). ``per_example=True`` costs the adapter's per-example
     squares with M cotangents (the torch fast path for Linear / Conv / norm
     layers: one batched backward pass). Memory: M D-vectors per batch
-    (blocks: M s² per block) and the M cotangents, each of the logits' size
+    (blocks: :math:`M s^2` per block) and the M cotangents, each of the logits' size
     (one Rademacher probe of the categorical factor on torch's CPU: that array
     and temporaries of 2 MiB in float32, the signs kept as int8).
 
-    Variance (Rademacher, one probe, one batch): Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴)
-    ≤ 2 F_ii² (``fisherbound.variance.detach_and_mix_variance`` gives it exactly).
+    Variance (Rademacher, one probe, one batch):
+    :math:`\operatorname{Var}(g_i^2) = 2(F_{ii}^2 - \sum_k b_{ik}^4) \le 2 F_{ii}^2`
+    (``fisherbound.variance.detach_and_mix_variance`` gives it exactly).
 
     Examples
     --------
@@ -683,27 +704,30 @@ def monte_carlo(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
-    """The Monte-Carlo Fisher: k labels sampled from the model per input, per-example scores.
+    r"""The Monte-Carlo Fisher: k labels sampled from the model per input, per-example scores.
 
-    For draw j, y_xj ~ p(· | z_x) and s_xj = J_xᵀ ∇_z log p(y_xj | z_x) (the score
-    cotangent ``family.score``; with position axes a label per position,
-    s_xj = Σ_t J_xtᵀ ∇_z log p(y_xtj | z_xt) over the counted positions); the
-    sample is Σ_x s_xj s_xjᵀ (diagonal: the per-example squares Σ_x s_xj ⊙ s_xj,
-    through the adapter's ``sum_squared_per_example_vjp``). Unbiased for F; its
-    CV is unbounded: in core coordinates Var = p_i(1 − p_i)(1 − 2p_i)², large for
+    For draw :math:`j`, :math:`y_{xj} \sim p(\cdot \mid z_x)` and
+    :math:`s_{xj} = J_x^\top \nabla_z \log p(y_{xj} \mid z_x)` (the score cotangent
+    ``family.score``; with position axes a label per position,
+    :math:`s_{xj} = \sum_t J_{xt}^\top \nabla_z \log p(y_{xtj} \mid z_{xt})` over the counted
+    positions); the sample is :math:`\sum_x s_{xj} s_{xj}^\top` (diagonal: the per-example
+    squares :math:`\sum_x s_{xj} \odot s_{xj}`, through the adapter's
+    ``sum_squared_per_example_vjp``). Unbiased for :math:`F`; its CV is unbounded: in core
+    coordinates :math:`\operatorname{Var} = p_i (1 - p_i) (1 - 2 p_i)^2`, large for
     confident models (THEORY §3). ``fisherbound.variance.classical_variance``
-    gives the exact variance (Î_1 of THEORY §4).
+    gives the exact variance (:math:`\hat I_1` of THEORY §4).
 
     Parameters
     ----------
     source
         A linearization, or an iterable of them (streamed once).
     num_samples
-        k ≥ 1 label draws per input, in place of probes (the standard error is
-        over the k draws; NaN for k = 1).
+        :math:`k \ge 1` label draws per input, in place of probes (the standard error is
+        over the k draws; NaN for :math:`k = 1`).
     family, what, weights, rng, reduction, target_relative_error
         As in ``detach_and_mix``. ``what="full"`` returns the factor of all
-        per-example scores (Σ_b N_b k rows, divided by √k; F̂ = Vᵀ V) with the
+        per-example scores (:math:`\sum_b N_b k` rows, divided by :math:`\sqrt{k}`;
+        :math:`\hat F = V^\top V`) with the
         standard error of its diagonal; ``reduction="mean"`` divides by N, the
         number of examples.
     max_batches, blocks, max_block_size, max_vectors, progress, process_group
@@ -763,13 +787,15 @@ def empirical(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Estimate:
-    """The empirical Fisher: per-example scores at the OBSERVED labels (biased).
+    r"""The empirical Fisher: per-example scores at the OBSERVED labels (biased).
 
-    Σ_x s_x s_xᵀ with s_x = J_xᵀ ∇_z log p(y_x|z_x) for the observed y_x; its
-    diagonal is Σ_x s_x ⊙ s_x (the adapter's per-example squares). With position
-    axes, s_x = Σ_t J_xtᵀ ∇_z log p(y_xt|z_xt) sums over the counted positions of
-    x (not masked by ``lin.mask``, label not ``ignore_index``). It is not an
-    estimate of F: E over y ~ p would give F, the observed labels do not (THEORY §3).
+    :math:`\sum_x s_x s_x^\top` with :math:`s_x = J_x^\top \nabla_z \log p(y_x \mid z_x)` for
+    the observed :math:`y_x`; its diagonal is :math:`\sum_x s_x \odot s_x` (the adapter's
+    per-example squares). With position axes,
+    :math:`s_x = \sum_t J_{xt}^\top \nabla_z \log p(y_{xt} \mid z_{xt})` sums over the counted
+    positions of :math:`x` (not masked by ``lin.mask``, label not ``ignore_index``). It is
+    not an estimate of :math:`F`: :math:`\mathbb{E}` over :math:`y \sim p` would give
+    :math:`F`, the observed labels do not (THEORY §3).
     Cost: one per-example VJP per input (the diagonal through the adapter's
     per-example squares, as ``fisher_diagonal`` with one cotangent instead of C).
 

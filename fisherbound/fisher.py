@@ -1,25 +1,32 @@
-"""The exact Fisher metric on the neuromanifold and its deterministic bounds.
+r"""The exact Fisher metric on the neuromanifold and its deterministic bounds.
 
 Every function here evaluates a pull-back
 
-    F_K(θ) = Σ_x J_xᵀ K(z_x) J_x
+.. math::
 
-of a core kernel K of the output family (``fisherbound.families``) through the
-network Jacobian J_x = ∂z_x/∂θ, supplied matrix-free by a linearization
-(``fisherbound.linearization``). The kernel selects the quantity (THEORY §2):
+   F_K(\theta) = \sum_x J_x^\top K(z_x)\, J_x
 
-================== ==============================================  ==========
-``kernel``         K(z)                                            relation
-================== ==============================================  ==========
-``"exact"``        I(z) (categorical: diag(p) − p pᵀ)              F
-``"upper"``        the DG envelope (categorical: diag(p))          F_DG ⪰ F
-``"lower"``        the LR envelope λ_C v_C v_Cᵀ                    F_LR ⪯ F
-``"scalar_upper"`` λ_C · P (P = I − 11ᵀ/C for the categorical)      ⪰ F
-``"scalar_lower"`` p_(1) · P                                       ⪯ F
-================== ==============================================  ==========
+of a core kernel :math:`K` of the output family (``fisherbound.families``) through the
+network Jacobian :math:`J_x = \partial z_x / \partial \theta`, supplied matrix-free by a
+linearization (``fisherbound.linearization``). The kernel selects the quantity (THEORY §2):
+
+================== ================================================= ==========
+``kernel``         :math:`K(z)`                                      relation
+================== ================================================= ==========
+``"exact"``        :math:`I(z)` (categorical:                        :math:`F`
+                   :math:`\operatorname{diag}(p) - p p^\top`)
+``"upper"``        the DG envelope (categorical:                     :math:`F_\mathrm{DG} \succeq F`
+                   :math:`\operatorname{diag}(p)`)
+``"lower"``        the LR envelope :math:`\lambda_C v_C v_C^\top`    :math:`F_\mathrm{LR} \preceq F`
+``"scalar_upper"`` :math:`\lambda_C P`                               :math:`\succeq F`
+                   (:math:`P = I - \mathbf{1}\mathbf{1}^\top / C`
+                   for the categorical)
+``"scalar_lower"`` :math:`p_{(1)} P`                                 :math:`\preceq F`
+================== ================================================= ==========
 
 Löwner order carries over to diagonals, blocks and traces, so
-``diag F_LR ≤ diag F ≤ diag F_DG`` entrywise: these are certified bounds at the
+:math:`\operatorname{diag} F_\mathrm{LR} \le \operatorname{diag} F
+\le \operatorname{diag} F_\mathrm{DG}` entrywise: these are certified bounds at the
 cost of the exact quantity's path, and ``fisher_bounds`` returns both at once.
 
 Conventions: results are SUMS over the inputs (the papers' convention) unless
@@ -30,12 +37,14 @@ Position axes. Logits may be (N, ∗S, C): one output distribution per position
 t of an example x (tokens of a sequence, pixels of an image). The kernel of an
 example is then block diagonal over its positions, and
 
-    F_K = Σ_x Σ_t J_xtᵀ K(z_xt) J_xt,
+.. math::
+
+   F_K = \sum_x \sum_t J_{xt}^\top K(z_{xt})\, J_{xt},
 
 the positions masked by ``lin.mask`` excluded. N still counts examples (the
 divisor of ``reduction="mean"``), and the batches of a data set may differ in
 their number of positions. The exact quantities take one per-example backward
-pass per (counted position, factor column): P · R per example, R =
+pass per (counted position, factor column): :math:`P \cdot R` per example, R =
 ``family.sqrt_rank(C, kernel=kernel)`` (C for the categorical F, 1 for the
 ``"lower"`` kernel); above ``max_cotangents`` (default 4096) they refuse with a
 ValueError that names ``fisherbound.estimators.detach_and_mix``, whose cost is
@@ -109,7 +118,10 @@ DEFAULT_MAX_COTANGENTS = 4096
 
 
 class Bounds(NamedTuple):
-    """A certified bracket ``lower ⪯ F ⪯ upper`` (entrywise for diagonals)."""
+    r"""A certified bracket ``lower`` :math:`\preceq F \preceq` ``upper``.
+
+    Entrywise for diagonals.
+    """
 
     lower: Any
     upper: Any
@@ -238,14 +250,15 @@ def fisher_diagonal(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
-    """The diagonal of the Fisher metric F_K = Σ_x J_xᵀ K(z_x) J_x, exactly.
+    r"""The diagonal of the Fisher metric :math:`F_K = \sum_x J_x^\top K(z_x)\, J_x`, exactly.
 
-    diag F_K = Σ_x Σ_r (J_xᵀ b_xr)², with b_xr the columns of the factor
-    B(z_x) Bᵀ(z_x) = K(z_x) (``family.sqrt_metric``): a sum of squared
-    per-example VJPs, R = C cotangents per input (R = 1 for ``kernel="lower"``).
-    With position axes, logits (N, ∗S, C), the columns are those of every
-    counted position t: diag F_K = Σ_x Σ_t Σ_r (J_xtᵀ b_xtr)², P · R cotangents
-    per example (P counted positions).
+    :math:`\operatorname{diag} F_K = \sum_x \sum_r (J_x^\top b_{xr})^2`, with :math:`b_{xr}` the
+    columns of the factor :math:`B(z_x) B^\top(z_x) = K(z_x)` (``family.sqrt_metric``): a sum of
+    squared per-example VJPs, :math:`R = C` cotangents per input (:math:`R = 1` for
+    ``kernel="lower"``). With position axes, logits (N, ∗S, C), the columns are those of every
+    counted position :math:`t`:
+    :math:`\operatorname{diag} F_K = \sum_x \sum_t \sum_r (J_{xt}^\top b_{xtr})^2`,
+    :math:`P \cdot R` cotangents per example (P counted positions).
 
     Parameters
     ----------
@@ -254,8 +267,9 @@ def fisher_diagonal(
     family
         The output family; ``Categorical()`` by default.
     kernel
-        ``"exact"`` (F), ``"upper"`` (F_DG), ``"lower"`` (F_LR), ``"scalar_upper"``
-        or ``"scalar_lower"`` (see the module docstring).
+        ``"exact"`` (:math:`F`), ``"upper"`` (:math:`F_\mathrm{DG}`), ``"lower"``
+        (:math:`F_\mathrm{LR}`), ``"scalar_upper"`` or ``"scalar_lower"`` (see the module
+        docstring).
     reduction
         ``"sum"`` over inputs (default, the papers' convention) or ``"mean"``:
         divided by N, the number of examples (not of positions).
@@ -264,16 +278,16 @@ def fisher_diagonal(
         (default: the adapter's ``default_max_vectors``); the factor columns of
         an example are built in chunks of at most this many.
     max_cotangents
-        The largest number P · R of per-example backward passes per example
+        The largest number :math:`P \cdot R` of per-example backward passes per example
         (P counted positions, R factor columns per position); above it a
         ValueError gives the cost and names ``detach_and_mix``. Default 4096.
     max_memory
         Bytes for the output-space arrays of one chunk of factor columns
         (default ``DEFAULT_MAX_MEMORY``, 128 MiB): the columns are built and
-        pulled back K_c per example at a time, K_c = max(1, min(max_vectors,
-        max_memory // (4 · N · P · C · itemsize))) (``columns_per_chunk``), at
-        least one. The result does not depend on it (up to the rounding of
-        the summation order); no (N, C, C) array is formed.
+        pulled back :math:`K_c` per example at a time, :math:`K_c =`
+        ``max(1, min(max_vectors, max_memory // (4 * N * P * C * itemsize)))``
+        (``columns_per_chunk``), at least one. The result does not depend on it (up to
+        the rounding of the summation order); no (N, C, C) array is formed.
     progress
         Show a progress bar: None (on a terminal, after 2 s), True or False
         (see the module docstring).
@@ -290,11 +304,11 @@ def fisher_diagonal(
 
     Notes
     -----
-    Cost: P · R per-example VJPs per input (R for logits (N, C)). The torch
+    Cost: :math:`P \cdot R` per-example VJPs per input (R for logits (N, C)). The torch
     adapter accumulates the squares inside one batched backward pass for Linear /
     Conv / Embedding / norm layers; other adapters and layers use vmap over
     examples (chunked). Peak memory: about ``max_memory`` for the factor columns
-    (more only when one column, N · P · C numbers, exceeds a quarter of it), plus
+    (more only when one column, :math:`N \cdot P \cdot C` numbers, exceeds a quarter of it), plus
     the adapter's work on a chunk (at most ``max_vectors`` per-example D-vectors
     on the generic path; on the torch fast path the layer-output gradients of as
     many cotangents as ``max_vectors`` D-vectors hold), plus the result.
@@ -333,10 +347,11 @@ def fisher_trace(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
-    """The trace tr F_K = Σ_x Σ_r ‖J_xᵀ b_xr‖², exactly (a 0-d array).
+    r"""The trace :math:`\operatorname{tr} F_K`, exactly (a 0-d array).
 
-    Same cost and options as ``fisher_diagonal`` (it is the sum of the diagonal):
-    P · R per-example VJPs per input, refused above ``max_cotangents``;
+    :math:`\operatorname{tr} F_K = \sum_x \sum_r \|J_x^\top b_{xr}\|^2`. Same cost and options
+    as ``fisher_diagonal`` (it is the sum of the diagonal): :math:`P \cdot R` per-example VJPs
+    per input, refused above ``max_cotangents``;
     ``reduction="mean"`` divides by N, the number of examples. For an unbiased
     estimate at the cost of one gradient step use ``fisherbound.estimators``.
     ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
@@ -369,16 +384,17 @@ def fisher_blocks(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> dict[str, Array]:
-    """The dense diagonal blocks F_bb, one per parameter tensor.
+    r"""The dense diagonal blocks :math:`F_{bb}`, one per parameter tensor.
 
-    F_bb = Σ_x Σ_r g_xr[b] g_xr[b]ᵀ with g_xr = J_xᵀ b_xr, from per-example VJPs
+    :math:`F_{bb} = \sum_x \sum_r g_{xr}[b]\, g_{xr}[b]^\top` with
+    :math:`g_{xr} = J_x^\top b_{xr}`, from per-example VJPs
     (chunked: at most ``max_vectors`` D-vectors at once). Returns a dict from block
     name to a (size_b, size_b) array (flattened row-major, as in the flat vector).
     ``blocks`` selects block names (default all); blocks larger than
     ``max_block_size`` parameters are refused with a ValueError (raise the limit
-    if you have the memory). Cost: P · R per-example VJPs per input (P counted
-    positions, refused above ``max_cotangents``) and O(N P R s_b²) per block for
-    the outer products; memory Σ_b s_b². ``reduction="mean"`` divides by N, the
+    if you have the memory). Cost: :math:`P \cdot R` per-example VJPs per input (P counted
+    positions, refused above ``max_cotangents``) and :math:`O(N P R s_b^2)` per block for
+    the outer products; memory :math:`\sum_b s_b^2`. ``reduction="mean"`` divides by N, the
     number of examples. ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
 
     Parameters
@@ -411,11 +427,11 @@ def fisher_dense(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Array:
-    """The dense D × D matrix F_K, for small models only.
+    r"""The dense :math:`D \times D` matrix :math:`F_K`, for small models only.
 
-    Refuses D > ``max_params`` (default 4096) with a ValueError naming the limit;
-    raise it if you have the memory. Cost: P · R per-example VJPs per input (P
-    counted positions, refused above ``max_cotangents``) and O(N P R D²) for the
+    Refuses :math:`D >{}` ``max_params`` (default 4096) with a ValueError naming the limit;
+    raise it if you have the memory. Cost: :math:`P \cdot R` per-example VJPs per input (P
+    counted positions, refused above ``max_cotangents``) and :math:`O(N P R D^2)` for the
     outer products. ``reduction="mean"`` divides by N, the number of examples.
     ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
 
@@ -452,16 +468,17 @@ def fisher_bounds(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Bounds:
-    """Deterministic lower and upper bounds of F, in one pass over the data.
+    r"""Deterministic lower and upper bounds of F, in one pass over the data.
 
-    ``scalar=False``: F_LR ⪯ F ⪯ F_DG (THEORY §2). ``scalar=True``: the scalar
-    envelope Σ_x p_(1)(x) J_xᵀ P J_x ⪯ F ⪯ Σ_x λ_C(x) J_xᵀ P J_x (categorical;
-    other families use their smallest and largest metric eigenvalue and P = I).
+    ``scalar=False``: :math:`F_\mathrm{LR} \preceq F \preceq F_\mathrm{DG}` (THEORY §2).
+    ``scalar=True``: the scalar envelope :math:`\sum_x p_{(1)}(x)\, J_x^\top P J_x \preceq F
+    \preceq \sum_x \lambda_C(x)\, J_x^\top P J_x` (categorical; other families use their
+    smallest and largest metric eigenvalue and :math:`P = I`).
     ``what`` is ``"diagonal"`` (entrywise bounds), ``"trace"``, ``"blocks"`` or
     ``"dense"``, with the options of the corresponding function. Cost: both
     kernels in one pass over the data; the LR kernel needs one per-example VJP
-    per input and counted position (R = 1), the DG kernel C, as for the exact
-    quantity; each kernel's P · R is checked against ``max_cotangents``.
+    per input and counted position (:math:`R = 1`), the DG kernel C, as for the exact
+    quantity; each kernel's :math:`P \cdot R` is checked against ``max_cotangents``.
     ``reduction="mean"`` divides by N, the number of examples.
     ``max_memory`` and ``process_group``: see ``fisher_diagonal``.
 
@@ -477,8 +494,8 @@ def fisher_bounds(
     Returns
     -------
     Bounds
-        ``(lower, upper)``. For diagonals and traces ``lower ≤ exact ≤ upper``
-        entrywise; for blocks and dense matrices in Löwner order.
+        ``(lower, upper)``. For diagonals and traces ``lower`` :math:`\le` exact
+        :math:`\le` ``upper`` entrywise; for blocks and dense matrices in Löwner order.
     """
     scalar = check_bool(scalar, "scalar")
     kernels = ["scalar_lower", "scalar_upper"] if scalar else ["lower", "upper"]
@@ -501,11 +518,11 @@ def fisher_operator(
     progress: bool | None = False,
     process_group: Any = None,
 ) -> LinearOperator:
-    """F_K as a matrix-free ``LinearOperator`` (D × D).
+    r""":math:`F_K` as a matrix-free ``LinearOperator`` (:math:`D \times D`).
 
-    matvec: v ↦ Σ_x J_xᵀ K(z_x) (J_x v), one JVP and one VJP per batch;
-    matmat: the same with a batched JVP and VJP over the columns. Nothing D × D
-    is formed. With position axes K(z_x) acts position by position (O(N P C)
+    matvec: :math:`v \mapsto \sum_x J_x^\top K(z_x)\, (J_x v)`, one JVP and one VJP per batch;
+    matmat: the same with a batched JVP and VJP over the columns. Nothing :math:`D \times D`
+    is formed. With position axes :math:`K(z_x)` acts position by position (:math:`O(N P C)`
     core work per column, whatever P and C; masked positions carry no
     Jacobian); ``reduction="mean"`` divides by N, the number of examples.
     ``source`` is a linearization or a list of them, kept for the operator's
@@ -513,7 +530,7 @@ def fisher_operator(
     Use it with ``fisherbound.linalg`` (Lanczos, Hutchinson, SLQ), or with SciPy
     through ``.to_scipy()`` (symmetric: SciPy gets the transpose products too).
     With ``process_group`` every matvec all-reduces the ranks' partial products
-    (one all-reduce of D·k numbers per matmat), so all ranks must apply it to the
+    (one all-reduce of :math:`D \cdot k` numbers per matmat), so all ranks must apply it to the
     same vectors: seed Lanczos and Hutchinson alike on every rank.
 
     Parameters

@@ -1,20 +1,23 @@
-"""Loss-landscape curvature: random projections, loss-only traces, Hessian directions.
+r"""Loss-landscape curvature: random projections, loss-only traces, Hessian directions.
 
 THEORY §6 (Böttcher and Wheeler, *Visualizing high-dimensional loss landscapes
-with Hessian directions*). A loss L: R^D → R at θ with Hessian H (eigenvalues
-κ_i) is looked at through a plane θ + α η + β δ. What the plane shows depends on
-how η and δ are chosen, and this module makes that quantitative:
+with Hessian directions*). A loss :math:`L: \mathbb{R}^D \to \mathbb{R}` at :math:`\theta` with
+Hessian :math:`H` (eigenvalues :math:`\kappa_i`) is looked at through a plane
+:math:`\theta + \alpha \eta + \beta \delta`. What the plane shows depends on how :math:`\eta`
+and :math:`\delta` are chosen, and this module makes that quantitative:
 
 - ``random_directions``: Gaussian, Rademacher, unit-sphere or filter-normalised
   random directions (the last estimate a *weighted* trace, see below);
 - ``hessian_directions``: the eigenvectors of the largest and the smallest
-  eigenvalue of H (Lanczos on the Hessian operator), along which a saddle always
-  looks like a saddle; ``fisher_directions``: the top eigenvectors of the Fisher
-  metric; ``hessian_operator``: H as a matrix-free operator for
+  eigenvalue of :math:`H` (Lanczos on the Hessian operator), along which a saddle
+  always looks like a saddle; ``fisher_directions``: the top eigenvectors of the
+  Fisher metric; ``hessian_operator``: :math:`H` as a matrix-free operator for
   ``fisherbound.linalg``;
-- ``projected_curvature``: the 2 × 2 projected Hessian and the principal, mean and
-  Gaussian curvatures of the surface α, β ↦ L(θ + α η + β δ);
-- ``loss_trace``: tr H from loss values only (central second differences along
+- ``projected_curvature``: the :math:`2 \times 2` projected Hessian and the principal, mean
+  and Gaussian curvatures of the surface
+  :math:`\alpha, \beta \mapsto L(\theta + \alpha \eta + \beta \delta)`;
+- ``loss_trace``: :math:`\operatorname{tr} H` from loss values only (central second
+  differences along
   random directions), with a standard error, or the Hutchinson estimate with
   Hessian-vector products on the same probes for comparison;
 - ``saddle_probability``: how often a random projection of a quadratic form shows
@@ -27,24 +30,30 @@ The loss comes from an adapter's ``loss_function(...)`` (a
 a labelled batch, with logits (N, C) or, with position axes, (N, ∗S, C) (a
 language model's tokens, a segmentation's pixels), one term per counted
 position (masked positions and ignored labels excluded). ``source`` is one loss
-function or several (a data set, one per batch, all at the same θ); the total
+function or several (a data set, one per batch, all at the same :math:`\theta`); the total
 is the sum of the batch losses when they use ``reduction="sum"`` and the mean
 over every counted position of the data set (``num_counted``, the inputs
 without position axes) when they use ``"mean"``, as
 ``torch.nn.CrossEntropyLoss(ignore_index=...)`` averages. Nothing here depends
 on the output's shape: every function sees the loss only through ``value``,
 ``gradient`` and Hessian-vector products in parameter space.
-Functions that apply H several times (``hessian_operator``,
+Functions that apply :math:`H` several times (``hessian_operator``,
 ``hessian_directions``, ``projected_curvature``) need a re-iterable source (a
 list); ``loss_trace`` and ``surface`` stream any iterable once.
 
-Expectations (THEORY §6), for Gaussian η: E[ηᵀHη] = tr H, Var = 2 tr H²;
-Rademacher: Var = 2(‖H‖_F² − Σ_i H_ii²); unit sphere: E[uᵀHu] = tr H / D,
-Var = 2[D tr H² − (tr H)²] / (D²(D + 2)). Filter-normalised directions scale
-every filter f (a row of a weight tensor along its first axis; a 1-D block is one
-filter) to the norm of the same filter of θ, so E[d dᵀ] = diag(w) with
-w_i = ‖θ_f‖² / n_f for i in filter f of size n_f, and E[dᵀHd] is the WEIGHTED
-trace Σ_f (‖θ_f‖² / n_f) tr(H_ff), not tr H.
+Expectations (THEORY §6), for Gaussian :math:`\eta`:
+:math:`\mathbb{E}[\eta^\top H \eta] = \operatorname{tr} H`,
+:math:`\operatorname{Var} = 2 \operatorname{tr} H^2`;
+Rademacher: :math:`\operatorname{Var} = 2(\lVert H \rVert_F^2 - \sum_i H_{ii}^2)`; unit sphere:
+:math:`\mathbb{E}[u^\top H u] = \operatorname{tr} H / D`,
+:math:`\operatorname{Var} = 2[D \operatorname{tr} H^2 - (\operatorname{tr} H)^2] / (D^2 (D + 2))`.
+Filter-normalised directions scale every filter :math:`f` (a row of a weight tensor
+along its first axis; a 1-D block is one filter) to the norm of the same filter of
+:math:`\theta`, so :math:`\mathbb{E}[d d^\top] = \operatorname{diag}(w)` with
+:math:`w_i = \lVert \theta_f \rVert^2 / n_f` for :math:`i` in filter :math:`f` of size
+:math:`n_f`, and :math:`\mathbb{E}[d^\top H d]` is the WEIGHTED trace
+:math:`\sum_f (\lVert \theta_f \rVert^2 / n_f) \operatorname{tr}(H_{ff})`, not
+:math:`\operatorname{tr} H`.
 """
 
 from __future__ import annotations
@@ -144,7 +153,7 @@ SADDLE_METHODS = _SADDLE_METHODS
 
 
 class EigenDirections(NamedTuple):
-    """Eigenvector directions of a curvature operator (Hessian or Fisher).
+    r"""Eigenvector directions of a curvature operator (Hessian or Fisher).
 
     Attributes
     ----------
@@ -152,11 +161,11 @@ class EigenDirections(NamedTuple):
         Unit vectors as ROWS, shape (k, D), in the order of ``eigenvalues``; pass
         it to ``surface`` or ``projected_curvature`` as it is.
     eigenvalues
-        The Ritz values, shape (k,): (λ_max, λ_min) for ``hessian_directions``,
-        descending for ``fisher_directions``.
+        The Ritz values, shape (k,): :math:`(\lambda_{\max}, \lambda_{\min})` for
+        ``hessian_directions``, descending for ``fisher_directions``.
     residuals
-        ‖A y − θ y‖ for each pair, shape (k,): some eigenvalue of A lies within
-        this distance of θ.
+        :math:`\lVert A y - \theta y \rVert` for each pair, shape (k,): some eigenvalue
+        of :math:`A` lies within this distance of :math:`\theta`.
     """
 
     directions: Array
@@ -165,21 +174,28 @@ class EigenDirections(NamedTuple):
 
 
 class ProjectedCurvature(NamedTuple):
-    """The curvature of the surface f(α, β) = L(θ + α η + β δ) at α = β = 0.
+    r"""The curvature of the surface :math:`f(\alpha, \beta)` at :math:`\alpha = \beta = 0`.
+
+    Here :math:`f(\alpha, \beta) = L(\theta + \alpha \eta + \beta \delta)`.
 
     Attributes
     ----------
     hessian
-        H_αβ = [[ηᵀHη, ηᵀHδ], [δᵀHη, δᵀHδ]] = [[f_αα, f_αβ], [f_αβ, f_ββ]], (2, 2).
+        :math:`H_{\alpha\beta} = \begin{pmatrix} \eta^\top H \eta & \eta^\top H \delta \\
+        \delta^\top H \eta & \delta^\top H \delta \end{pmatrix}
+        = \begin{pmatrix} f_{\alpha\alpha} & f_{\alpha\beta} \\
+        f_{\alpha\beta} & f_{\beta\beta} \end{pmatrix}`, (2, 2).
     gradient
-        (f_α, f_β) = (ηᵀ∇L, δᵀ∇L), (2,).
+        :math:`(f_\alpha, f_\beta) = (\eta^\top \nabla L, \delta^\top \nabla L)`, (2,).
     principal
-        The principal curvatures (κ_+, κ_−) = H_m ± √(H_m² − K), (2,),
-        descending; at a critical point the eigenvalues of ``hessian``.
+        The principal curvatures :math:`(\kappa_+, \kappa_-) = H_m \pm \sqrt{H_m^2 - K}`,
+        (2,), descending; at a critical point the eigenvalues of ``hessian``.
     mean
-        H_m = [(1 + f_β²) f_αα − 2 f_α f_β f_αβ + (1 + f_α²) f_ββ] / [2 (1 + f_α² + f_β²)^{3/2}].
+        :math:`H_m = [(1 + f_\beta^2) f_{\alpha\alpha} - 2 f_\alpha f_\beta f_{\alpha\beta}
+        + (1 + f_\alpha^2) f_{\beta\beta}] / [2 (1 + f_\alpha^2 + f_\beta^2)^{3/2}]`.
     gaussian
-        K = (f_αα f_ββ − f_αβ²) / (1 + f_α² + f_β²)².
+        :math:`K = (f_{\alpha\alpha} f_{\beta\beta} - f_{\alpha\beta}^2)
+        / (1 + f_\alpha^2 + f_\beta^2)^2`.
     """
 
     hessian: Array
@@ -190,18 +206,19 @@ class ProjectedCurvature(NamedTuple):
 
 
 class Surface(NamedTuple):
-    """Loss values on a grid of a 1-D or 2-D section θ + Σ_k α_k d_k.
+    r"""Loss values on a grid of a 1-D or 2-D section :math:`\theta + \sum_k \alpha_k d_k`.
 
     Attributes
     ----------
     coordinates
-        One 1-D array of coefficients per direction: (α,) or (α, β).
+        One 1-D array of coefficients per direction: :math:`(\alpha,)` or
+        :math:`(\alpha, \beta)`.
     values
-        The loss on the grid, shape (G,) or (G_α, G_β) (``values[i, j]`` at
-        α_i, β_j): the sum of the batch losses, or the mean over every counted
-        position for ``reduction="mean"``.
+        The loss on the grid, shape (G,) or :math:`(G_\alpha, G_\beta)` (``values[i, j]``
+        at :math:`\alpha_i, \beta_j`): the sum of the batch losses, or the mean over
+        every counted position for ``reduction="mean"``.
     directions
-        The directions d_k as rows, shape (k, D).
+        The directions :math:`d_k` as rows, shape (k, D).
     reduction
         ``"sum"`` or ``"mean"``, as the loss functions'.
     """
@@ -246,11 +263,12 @@ def _objective(source: Any, what: str, process_group: Any = None, **options: Any
 
 
 def hessian_operator(source: Any, /, *, process_group: Any = None) -> LinearOperator:
-    """The Hessian ∇²L(θ) of the total loss as a matrix-free ``LinearOperator`` (D × D).
+    r"""The Hessian :math:`\nabla^2 L(\theta)` of the total loss as a matrix-free operator.
 
-    matvec: Σ_b c_b ∇²L_b(θ) v, one Hessian-vector product per batch (c_b = 1 for
-    ``reduction="sum"``, n_b / n for ``"mean"``, n_b the counted positions of batch b
-    and n their total); matmat: the same with
+    A ``LinearOperator`` (:math:`D \times D`). matvec:
+    :math:`\sum_b c_b \nabla^2 L_b(\theta)\, v`, one Hessian-vector product per batch
+    (:math:`c_b = 1` for ``reduction="sum"``, :math:`n_b / n` for ``"mean"``, :math:`n_b` the
+    counted positions of batch :math:`b` and :math:`n` their total); matmat: the same with
     ``hvp_batch`` over the columns. Use it with ``fisherbound.linalg`` (``eigsh``,
     ``hutchinson_trace``, ``lanczos_quadrature`` for the spectral density).
 
@@ -323,30 +341,36 @@ def hessian_directions(
 ) -> EigenDirections:
     r"""The eigenvectors of the largest and/or the smallest Hessian eigenvalue.
 
-    Projected on the two extreme directions the Hessian is diag(λ_max, λ_min)
-    (THEORY §6): the surface shows the true extreme curvatures, and a saddle
-    (λ_min < 0 < λ_max) always looks like a saddle.
+    Projected on the two extreme directions the Hessian is
+    :math:`\operatorname{diag}(\lambda_{\max}, \lambda_{\min})` (THEORY §6): the surface shows
+    the true extreme curvatures, and a saddle (:math:`\lambda_{\min} < 0 < \lambda_{\max}`)
+    always looks like a saddle.
 
     Thick-restart Lanczos with full reorthogonalisation on the Hessian operator
     (``fisherbound.linalg.eigsh``, one Hessian-vector product per step) stops as soon
-    as every wanted Ritz pair (θ, y) satisfies
+    as every wanted Ritz pair :math:`(\theta, y)` satisfies
 
-    .. math:: ‖H y − θ y‖ ≤ \mathrm{tol} \cdot \max(|θ|, \sqrt{ε}\,‖T‖),
+    .. math::
 
-    the residual read off the tridiagonal T at no extra product. ``which="both"``
+       \lVert H y - \theta y \rVert \le \mathrm{tol} \cdot
+       \max(\lvert \theta \rvert, \sqrt{\varepsilon}\, \lVert T \rVert),
+
+    the residual read off the tridiagonal :math:`T` at no extra product. ``which="both"``
     (default): ONE run (``eigsh(which="both", k=1)``) in which both extreme Ritz
     pairs converge from the same Krylov space (fewer products than two one-ended
     runs on the models of ``benchmarks/bench_landscape.py``). ``which="largest"`` or
     ``"smallest"``: one run for that end alone. The top eigenpair is what PyHessian's
-    power iteration computes; until the first restart (p products) the Krylov space
-    contains the p-th power iterate, so its Ritz value is at least as close to
-    λ_max, and much closer when λ_max is not well separated from the next
+    power iteration computes; until the first restart (:math:`p` products) the Krylov
+    space contains the :math:`p`-th power iterate, so its Ritz value is at least as close
+    to :math:`\lambda_{\max}`, and much closer when :math:`\lambda_{\max}` is not well
+    separated from the next
     eigenvalue (after a restart the kept Ritz vectors no longer guarantee this).
 
     ``method="shifted"`` (``which="both"`` only): THEORY's two-run scheme: a first
-    run gives the eigenvalue of largest magnitude λ₁, a second run, from a fresh
-    random start, on H − λ₁ I gives the other end (λ = μ + λ₁). Lanczos is
-    shift-invariant (the Krylov spaces of H and H − λ₁ I coincide), so the second
+    run gives the eigenvalue of largest magnitude :math:`\lambda_1`, a second run, from a
+    fresh random start, on :math:`H - \lambda_1 I` gives the other end
+    (:math:`\lambda = \mu + \lambda_1`). Lanczos is shift-invariant (the Krylov spaces of
+    :math:`H` and :math:`H - \lambda_1 I` coincide), so the second
     run is an independent repetition of the first with the other end selected:
     about twice the cost, useful as a cross-check. The power method, which needs
     the shift, is not used.
@@ -361,17 +385,19 @@ def hessian_directions(
     method
         ``"lanczos"`` or ``"shifted"``.
     tol
-        The relative residual above, ≥ 0; default max(1e-6, √ε) (1e-6 in float64,
-        3.5e-4 in float32). The eigenvalue error is then about ‖r‖² / gap, far below
-        ‖r‖. 0 runs to the budget, without a warning.
+        The relative residual above, :math:`\ge 0`; default
+        :math:`\max(\text{1e-6}, \sqrt{\varepsilon})` (1e-6 in float64, 3.5e-4 in float32).
+        The eigenvalue error is then about :math:`\lVert r \rVert^2 / \mathrm{gap}`, far
+        below :math:`\lVert r \rVert`. 0 runs to the budget, without a warning.
     num_matvecs
-        The budget: the most Hessian-vector products per Lanczos run (≥ 2); default
-        max(100, 10 p). Reaching it before ``tol`` warns (RuntimeWarning) and
-        returns the current Ritz pairs; check the ``residuals``.
+        The budget: the most Hessian-vector products per Lanczos run
+        (:math:`\ge 2`); default :math:`\max(100, 10 p)`. Reaching it before ``tol`` warns
+        (RuntimeWarning) and returns the current Ritz pairs; check the ``residuals``.
     basis_size
-        p, the most Lanczos vectors held (memory D p); default min(D, 20) (the
-        ``eigsh`` default for k = 1 at one or both ends). p = D is a full
-        tridiagonalisation: exact extreme eigenpairs after D products.
+        :math:`p`, the most Lanczos vectors held (memory :math:`D p`); default
+        :math:`\min(D, 20)` (the ``eigsh`` default for :math:`k = 1` at one or both ends).
+        :math:`p = D` is a full tridiagonalisation: exact extreme eigenpairs after
+        :math:`D` products.
     rng
         numpy Generator, int seed, JAX key or None (start and restart vectors).
     process_group
@@ -382,14 +408,15 @@ def hessian_directions(
     -------
     EigenDirections
         ``directions`` (2, D) rows (top, bottom) for ``which="both"``, (1, D) for
-        one end; ``eigenvalues`` (λ_max, λ_min) or (λ,); ``residuals`` ‖H y − λ y‖.
+        one end; ``eigenvalues`` :math:`(\lambda_{\max}, \lambda_{\min})` or
+        :math:`(\lambda,)`; ``residuals`` :math:`\lVert H y - \lambda y \rVert`.
 
     Notes
     -----
     Cost: one Hessian-vector product (about two gradient steps per batch) per
     Lanczos step until convergence, at most ``num_matvecs`` per run (``"shifted"``:
-    two runs); O(D p) work per step for the reorthogonalisation and D p memory for
-    the basis.
+    two runs); :math:`O(D p)` work per step for the reorthogonalisation and :math:`D p`
+    memory for the basis.
 
     Examples
     --------
@@ -477,12 +504,13 @@ def fisher_directions(
     rng: Any = None,
     process_group: Any = None,
 ) -> EigenDirections:
-    """The top eigenvectors of the Fisher metric F = Σ_x J_xᵀ I(z_x) J_x.
+    r"""The top eigenvectors of the Fisher metric :math:`F = \sum_x J_x^\top I(z_x)\, J_x`.
 
     Thick-restart Lanczos (``fisherbound.linalg.eigsh``) on
-    ``fisherbound.fisher.fisher_operator``, stopped when each of the k Ritz pairs
-    (θ, y) has ‖F y − θ y‖ ≤ tol · max(θ, √ε ‖T‖): the directions in which the
-    model's predictions change most. F is the Gauss–Newton part of the Hessian of
+    ``fisherbound.fisher.fisher_operator``, stopped when each of the :math:`k` Ritz pairs
+    :math:`(\theta, y)` has :math:`\lVert F y - \theta y \rVert \le \mathrm{tol} \cdot
+    \max(\theta, \sqrt{\varepsilon}\, \lVert T \rVert)`: the directions in which the
+    model's predictions change most. :math:`F` is the Gauss–Newton part of the Hessian of
     the negative log-likelihood, so these are the Hessian directions of a model
     without the second-order output term.
 
@@ -493,18 +521,20 @@ def fisher_directions(
     family
         The output family (default ``Categorical()``).
     num_directions
-        k ≥ 1, at most D.
+        :math:`k \ge 1`, at most :math:`D`.
     kernel, reduction
         As in ``fisher_operator`` (``"upper"`` / ``"lower"`` give the bound operators).
     tol
-        The relative residual of each pair, ≥ 0; default max(1e-6, √ε) (1e-6 in
-        float64, 3.5e-4 in float32). 0 runs to the budget, without a warning.
+        The relative residual of each pair, :math:`\ge 0`; default
+        :math:`\max(\text{1e-6}, \sqrt{\varepsilon})` (1e-6 in float64, 3.5e-4 in float32).
+        0 runs to the budget, without a warning.
     num_matvecs
-        The budget: the most Fisher matvecs (≥ max(k, 2)); default max(100, 10 p).
-        Reaching it before ``tol`` warns (RuntimeWarning).
+        The budget: the most Fisher matvecs (:math:`\ge \max(k, 2)`); default
+        :math:`\max(100, 10 p)`. Reaching it before ``tol`` warns (RuntimeWarning).
     basis_size
-        p, the most Lanczos vectors held (memory D p); default min(D, max(2k + 1,
-        20)); p = D gives the exact top k after D products.
+        :math:`p`, the most Lanczos vectors held (memory :math:`D p`); default
+        :math:`\min(D, \max(2k + 1, 20))`; :math:`p = D` gives the exact top :math:`k` after
+        :math:`D` products.
     rng
         numpy Generator, int seed, JAX key or None.
     process_group
@@ -518,8 +548,8 @@ def fisher_directions(
     Notes
     -----
     Cost: one Fisher matvec (one JVP and one VJP per batch) per Lanczos step until
-    the k pairs converge, at most ``num_matvecs``; O(D p) work per step and D p
-    memory for the basis.
+    the :math:`k` pairs converge, at most ``num_matvecs``; :math:`O(D p)` work per step and
+    :math:`D p` memory for the basis.
 
     Examples
     --------
@@ -572,37 +602,46 @@ def projected_curvature(
     step: float | None = None,
     process_group: Any = None,
 ) -> ProjectedCurvature:
-    r"""Curvature of the loss surface f(α, β) = L(θ + α η + β δ) at α = β = 0.
+    r"""Curvature of the loss surface :math:`f(\alpha, \beta)` at :math:`\alpha = \beta = 0`.
 
-    With the projected Hessian H_αβ = [[ηᵀHη, ηᵀHδ], [δᵀHη, δᵀHδ]] and the slopes
-    f_α = ηᵀ∇L, f_β = δᵀ∇L, the graph formulas (THEORY §6). Cost per batch: two
+    Here :math:`f(\alpha, \beta) = L(\theta + \alpha \eta + \beta \delta)`.
+    With the projected Hessian :math:`H_{\alpha\beta} = \begin{pmatrix} \eta^\top H \eta &
+    \eta^\top H \delta \\ \delta^\top H \eta & \delta^\top H \delta \end{pmatrix}` and the
+    slopes :math:`f_\alpha = \eta^\top \nabla L`, :math:`f_\beta = \delta^\top \nabla L`, the
+    graph formulas (THEORY §6). Cost per batch: two
     HVPs and one gradient (``method="hvp"``), or nine loss values (``"loss"``).
 
-    .. math:: K = \frac{f_{\alpha\alpha} f_{\beta\beta} - f_{\alpha\beta}^2}
-              {(1 + f_\alpha^2 + f_\beta^2)^2}, \quad
-              H_m = \frac{(1 + f_\beta^2) f_{\alpha\alpha}
-              - 2 f_\alpha f_\beta f_{\alpha\beta} + (1 + f_\alpha^2) f_{\beta\beta}}
-              {2 (1 + f_\alpha^2 + f_\beta^2)^{3/2}}, \quad
-              \kappa_\pm = H_m \pm \sqrt{H_m^2 - K}
+    .. math::
+
+       K = \frac{f_{\alpha\alpha} f_{\beta\beta} - f_{\alpha\beta}^2}
+       {(1 + f_\alpha^2 + f_\beta^2)^2}, \quad
+       H_m = \frac{(1 + f_\beta^2) f_{\alpha\alpha}
+       - 2 f_\alpha f_\beta f_{\alpha\beta} + (1 + f_\alpha^2) f_{\beta\beta}}
+       {2 (1 + f_\alpha^2 + f_\beta^2)^{3/2}}, \quad
+       \kappa_\pm = H_m \pm \sqrt{H_m^2 - K}
 
     give the Gaussian, mean and principal curvatures anywhere; at a critical point
-    (f_α = f_β = 0) the principal curvatures are the eigenvalues of H_αβ.
+    (:math:`f_\alpha = f_\beta = 0`) the principal curvatures are the eigenvalues of
+    :math:`H_{\alpha\beta}`.
 
     Parameters
     ----------
     source
         A LossFunction or a re-iterable collection of them.
     directions
-        η and δ as the rows of a (2, D) array (or an ``EigenDirections``). They need
-        not be orthogonal nor normalised: the curvature is the one of the plotted
-        surface in the coordinates (α, β).
+        :math:`\eta` and :math:`\delta` as the rows of a (2, D) array (or an
+        ``EigenDirections``). They need not be orthogonal nor normalised: the
+        curvature is the one of the plotted surface in the coordinates
+        :math:`(\alpha, \beta)`.
     method
-        ``"hvp"`` (default): H_αβ from two Hessian-vector products and the slopes
-        from one gradient, exact. ``"loss"``: loss values only, nine of them:
-        f_α = (f(h_α, 0) − f(−h_α, 0)) / 2h_α, f_αα = (f(h_α, 0) − 2 f(0, 0) +
-        f(−h_α, 0)) / h_α², f_αβ = (f(h_α, h_β) − f(h_α, −h_β) − f(−h_α, h_β) +
-        f(−h_α, −h_β)) / (4 h_α h_β), with h_k = step / ‖d_k‖; exact for a
-        quadratic loss up to rounding.
+        ``"hvp"`` (default): :math:`H_{\alpha\beta}` from two Hessian-vector products and the
+        slopes from one gradient, exact. ``"loss"``: loss values only, nine of them:
+        :math:`f_\alpha = (f(h_\alpha, 0) - f(-h_\alpha, 0)) / 2h_\alpha`,
+        :math:`f_{\alpha\alpha} = (f(h_\alpha, 0) - 2 f(0, 0) + f(-h_\alpha, 0)) / h_\alpha^2`,
+        :math:`f_{\alpha\beta} = (f(h_\alpha, h_\beta) - f(h_\alpha, -h_\beta)
+        - f(-h_\alpha, h_\beta) + f(-h_\alpha, -h_\beta)) / (4 h_\alpha h_\beta)`, with
+        :math:`h_k = \mathrm{step} / \lVert d_k \rVert`; exact for a quadratic loss up to
+        rounding.
     step
         The displacement norm of ``method="loss"``; default ``default_step(θ)``.
     process_group
@@ -613,7 +652,7 @@ def projected_curvature(
     -------
     ProjectedCurvature
         ``hessian`` (2, 2), ``gradient`` (2,), ``principal`` (2,), ``mean``,
-        ``gaussian`` (0-d), in θ's namespace and dtype.
+        ``gaussian`` (0-d), in :math:`\theta`'s namespace and dtype.
 
     Examples
     --------
@@ -722,10 +761,11 @@ def surface(
     progress: bool | None = None,
     process_group: Any = None,
 ) -> Surface:
-    """The loss on a 1-D or 2-D grid θ + α d_1 (+ β d_2), over a data set.
+    r"""The loss on a 1-D or 2-D grid :math:`\theta + \alpha d_1 (+ \beta d_2)`, over a data set.
 
-    values[i] = L(θ + α_i d_1) for one direction, values[i, j] =
-    L(θ + α_i d_1 + β_j d_2) for two; L is the total loss of ``source`` (the sum of
+    :math:`\mathrm{values}[i] = L(\theta + \alpha_i d_1)` for one direction,
+    :math:`\mathrm{values}[i, j] = L(\theta + \alpha_i d_1 + \beta_j d_2)` for two; :math:`L` is
+    the total loss of ``source`` (the sum of
     the batch losses, or the mean over all counted positions for ``reduction="mean"``).
     The batches are streamed once (a progress bar shows them); for each batch the
     grid's parameter vectors go through ``value`` in chunks of ``batch_size``.
@@ -733,21 +773,22 @@ def surface(
     Parameters
     ----------
     source
-        A LossFunction or an iterable of them (one per batch, at one θ). For a data
+        A LossFunction or an iterable of them (one per batch, at one :math:`\theta`). For a data
         loader of (x, y) batches pass the adapter's ``loss_functions(model, loader)``,
         which builds them lazily.
     directions
         (1, D) or (2, D) rows, or an ``EigenDirections``: random
         (``random_directions``), Hessian (``hessian_directions``) or Fisher
-        directions, or any others (e.g. θ_final − θ_init).
+        directions, or any others (e.g. :math:`\theta_\mathrm{final} - \theta_\mathrm{init}`).
     coordinates
-        None: ``num_points`` evenly spaced coefficients in [−span, span] along every
+        None: ``num_points`` evenly spaced coefficients in
+        :math:`[-\mathrm{span}, \mathrm{span}]` along every
         direction. A 1-D array: those coefficients along every direction. A tuple of
         one 1-D array per direction.
     span, num_points
         The default grid.
     batch_size
-        Grid points per call of ``value`` (default max(1, min(64, 2²² / D))).
+        Grid points per call of ``value`` (default :math:`\max(1, \min(64, 2^{22} / D))`).
     progress
         Progress bar over batches: None (on a terminal, after 2 s), True or False.
     process_group
@@ -758,12 +799,13 @@ def surface(
     Returns
     -------
     Surface
-        ``coordinates``, ``values`` (G,) or (G_α, G_β), ``directions``, ``reduction``.
+        ``coordinates``, ``values`` (G,) or :math:`(G_\alpha, G_\beta)`, ``directions``,
+        ``reduction``.
 
     Notes
     -----
-    Cost: G loss evaluations per batch (about G forward passes, batched), with
-    G = num_points^k; memory: ``batch_size`` parameter vectors.
+    Cost: :math:`G` loss evaluations per batch (about :math:`G` forward passes, batched),
+    with :math:`G = \mathrm{num\_points}^k`; memory: ``batch_size`` parameter vectors.
 
     Examples
     --------

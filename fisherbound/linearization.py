@@ -1,25 +1,27 @@
-"""The model contract: what an adapter supplies for one batch at fixed parameters.
+r"""The model contract: what an adapter supplies for one batch at fixed parameters.
 
-A *linearization* is a network frozen at parameters θ (flat, D entries) and one
-batch of N inputs, exposing the logits z (N, ∗S, C) and the Jacobian J = ∂z/∂θ only
-through products:
+A *linearization* is a network frozen at parameters :math:`\theta` (flat, D entries) and one
+batch of N inputs, exposing the logits :math:`z` (N, ∗S, C) and the Jacobian
+:math:`J = \partial z / \partial \theta` only through products:
 
-- ``jvp(v)``: (D,) → (N, ∗S, C), the forward product J v;
-- ``vjp(u)``: (N, ∗S, C) → (D,), the reverse product Jᵀ u = Σ_n J_nᵀ u_n;
-- ``jvp_batch(V)``: (M, D) → (M, N, ∗S, C), M forward products at once;
-- ``vjp_batch(U)``: (M, N, ∗S, C) → (M, D), M reverse products at once (one batched
-  backward pass where the framework allows);
-- ``per_example_vjp(U)``: (N, K, ∗S, C) → (N, K, D), the per-example products
-  J_nᵀ U[n, k];
-- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``: (N, K, ∗S, C) →
-  (K, D), the per-example squares Σ_n (J_nᵀ U[n, k])², the building block of exact
-  diagonals; with ``sum_cotangents=True`` their sum over k, (D,). An adapter may
+- ``jvp(v)``: :math:`(D,) \to (N, *S, C)`, the forward product :math:`J v`;
+- ``vjp(u)``: :math:`(N, *S, C) \to (D,)`, the reverse product
+  :math:`J^\top u = \sum_n J_n^\top u_n`;
+- ``jvp_batch(V)``: :math:`(M, D) \to (M, N, *S, C)`, M forward products at once;
+- ``vjp_batch(U)``: :math:`(M, N, *S, C) \to (M, D)`, M reverse products at once (one
+  batched backward pass where the framework allows);
+- ``per_example_vjp(U)``: :math:`(N, K, *S, C) \to (N, K, D)`, the per-example products
+  :math:`J_n^\top U[n, k]`;
+- ``sum_squared_per_example_vjp(U, *, max_vectors, sum_cotangents)``:
+  :math:`(N, K, *S, C) \to (K, D)`, the per-example squares
+  :math:`\sum_n (J_n^\top U[n, k])^2`, the building block of exact
+  diagonals; with ``sum_cotangents=True`` their sum over :math:`k`, (D,). An adapter may
   compute it without materialising per-example gradients (the torch fast path).
 
 S are the position axes of models with one output distribution per position
 (tokens, pixels; none for one output per example): the classes are always the
-last axis, and an "example" is an input x with all its positions, so a
-per-example product J_xᵀ u sums over the positions of x. ``mask`` (None or a
+last axis, and an "example" is an input :math:`x` with all its positions, so a
+per-example product :math:`J_x^\top u` sums over the positions of :math:`x`. ``mask`` (None or a
 boolean (N, ∗S) array) marks the positions that count; adapters zero the
 Jacobian rows of the others in every product.
 
@@ -136,7 +138,7 @@ class Linearization(Protocol):
 
     @property
     def logits(self) -> Array:
-        """The logits z = f(θ, x) of the batch, shape (N, ∗S, C).
+        r"""The logits :math:`z = f(\theta, x)` of the batch, shape (N, ∗S, C).
 
         Computed once when the linearization is built (one forward pass); reading
         it costs nothing.
@@ -144,10 +146,10 @@ class Linearization(Protocol):
 
     @property
     def blocks(self) -> tuple[ParameterBlock, ...]:
-        """The parameter blocks (name, shape, offset, size), in flat-vector order.
+        r"""The parameter blocks (name, shape, offset, size), in flat-vector order.
 
         Block b is the slice ``offset : offset + size`` of every parameter vector
-        (D,), reshaped to ``shape``; the blocks tile 0 … D − 1 without gaps.
+        (D,), reshaped to ``shape``; the blocks tile :math:`0 \dots D - 1` without gaps.
         """
 
     @property
@@ -163,7 +165,7 @@ class Linearization(Protocol):
         """
 
     def jvp(self, v: Array, /) -> Array:
-        """The forward product J v for one flat parameter vector.
+        r"""The forward product :math:`J v` for one flat parameter vector.
 
         Parameters
         ----------
@@ -173,7 +175,8 @@ class Linearization(Protocol):
         Returns
         -------
         Array
-            J v = Σ_i ∂z/∂θ_i v_i, shape (N, ∗S, C), in the logits' dtype.
+            :math:`J v = \sum_i \partial z / \partial \theta_i\, v_i`, shape (N, ∗S, C), in the
+            logits' dtype.
 
         Notes
         -----
@@ -181,7 +184,7 @@ class Linearization(Protocol):
         """
 
     def vjp(self, u: Array, /) -> Array:
-        """The reverse product Jᵀ u = Σ_n J_nᵀ u_n for one cotangent.
+        r"""The reverse product :math:`J^\top u = \sum_n J_n^\top u_n` for one cotangent.
 
         Parameters
         ----------
@@ -191,7 +194,7 @@ class Linearization(Protocol):
         Returns
         -------
         Array
-            Jᵀ u, shape (D,), in the order of ``blocks``.
+            :math:`J^\top u`, shape (D,), in the order of ``blocks``.
 
         Notes
         -----
@@ -199,21 +202,21 @@ class Linearization(Protocol):
         """
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """M forward products at once: J V[m] for tangents V (M, D); returns (M, N, ∗S, C).
+        r"""M forward products at once: :math:`J V[m]` for tangents V (M, D); returns (M, N, ∗S, C).
 
         Cost: about M forward passes, batched (vmapped) where the framework allows;
-        memory M N C for the result plus the batched activations.
+        memory :math:`M N C` for the result plus the batched activations.
         """
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """M reverse products at once: Jᵀ U[m] for cotangents U (M, N, ∗S, C); returns (M, D).
+        r"""M reverse products at once: Jᵀ U[m] for cotangents U (M, N, ∗S, C); returns (M, D).
 
         Cost: about M backward passes, as one batched backward pass where the
-        framework allows; memory M D for the result.
+        framework allows; memory :math:`M D` for the result.
         """
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = ...) -> Array:
-        """The per-example products J_nᵀ U[i, k] for a contiguous slice of examples.
+        r"""The per-example products :math:`J_n^\top U[i, k]` for a contiguous slice of examples.
 
         Parameters
         ----------
@@ -226,21 +229,23 @@ class Linearization(Protocol):
         Returns
         -------
         Array
-            (n, K, D): row [i, k] is J_nᵀ U[i, k], the gradient of ⟨U[i, k], z_n⟩.
+            (n, K, D): row [i, k] is :math:`J_n^\top U[i, k]`, the gradient of
+            :math:`\langle U[i, k], z_n \rangle`.
 
         Notes
         -----
-        Cost: about n K single-example backward passes (vectorised by the
-        adapters); memory n K D for the result.
+        Cost: about :math:`n K` single-example backward passes (vectorised by the
+        adapters); memory :math:`n K D` for the result.
         """
 
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = ..., sum_cotangents: bool = ...
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])², the per-example squares summed over the batch.
+        r""":math:`\sum_n (J_n^\top U[n, k])^2`, the per-example squares summed over the batch.
 
-        With ``U[n, r]`` the columns of B(z_n), B Bᵀ = K(z_n), the sum over k is
-        the exact Fisher diagonal Σ_n diag(J_nᵀ K(z_n) J_n).
+        With ``U[n, r]`` the columns of :math:`B(z_n)`, :math:`B B^\top = K(z_n)`, the sum over
+        :math:`k` is the exact Fisher diagonal
+        :math:`\sum_n \operatorname{diag}(J_n^\top K(z_n)\, J_n)`.
 
         Parameters
         ----------
@@ -260,7 +265,7 @@ class Linearization(Protocol):
 
         Notes
         -----
-        Cost: about N K single-example backward passes, in chunks of
+        Cost: about :math:`N K` single-example backward passes, in chunks of
         ``max_vectors``; less on fast paths that never form per-example
         gradients (the reference models, the torch layer rules).
         """
@@ -549,22 +554,22 @@ class LinearizationBase(_FrozenBase):
         return example_range(examples, self.num_inputs)
 
     def jvp(self, v: Array, /) -> Array:
-        """J v for a flat parameter vector ``v`` (D,); returns (N, ∗S, C)."""
+        """:math:`J v` for a flat parameter vector ``v`` (D,); returns (N, ∗S, C)."""
         raise NotImplementedError
 
     def vjp(self, u: Array, /) -> Array:
-        """Jᵀ u = Σ_n J_nᵀ u_n for a cotangent ``u`` (N, ∗S, C); returns (D,)."""
+        r""":math:`J^\top u=\sum_n J_n^\top u_n` for a cotangent ``u`` (N, ∗S, C); returns (D,)."""
         raise NotImplementedError
 
     def jvp_batch(self, V: Array, /) -> Array:
-        """J V[m] for each of M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
+        """:math:`J V[m]` for each of M parameter vectors ``V`` (M, D); returns (M, N, ∗S, C).
 
         Generic default: M calls of ``jvp`` (cost M forward passes).
         """
         return self._row_by_row(self.jvp, V)
 
     def vjp_batch(self, U: Array, /) -> Array:
-        """Jᵀ U[m] for each of M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
+        r""":math:`J^\top U[m]` for each of M cotangents ``U`` (M, N, ∗S, C); returns (M, D).
 
         Generic default: M calls of ``vjp`` (cost M backward passes).
         """
@@ -594,9 +599,9 @@ class LinearizationBase(_FrozenBase):
     def sum_squared_per_example_vjp(
         self, U: Array, /, *, max_vectors: int | None = None, sum_cotangents: bool = False
     ) -> Array:
-        """Σ_n (J_nᵀ U[n, k])² for cotangents ``U`` (N, K, ∗S, C); returns (K, D).
+        r""":math:`\sum_n (J_n^\top U[n, k])^2` for cotangents ``U`` (N, K, ∗S, C); returns (K, D).
 
-        With ``sum_cotangents=True`` returns Σ_k Σ_n (J_nᵀ U[n, k])², shape (D,),
+        With ``sum_cotangents=True`` returns :math:`\sum_k \sum_n (J_n^\top U[n, k])^2`, shape (D,),
         which adapters may compute more cheaply (one product per layer instead of K).
         Memory: per-example VJPs are computed in chunks of examples so that at most
         ``max_vectors`` D-vectors are held at once (default
@@ -614,10 +619,11 @@ class LinearizationBase(_FrozenBase):
         return xp.sum(total, axis=0) if sum_cotangents else total
 
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        """∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, ∗S, C, D).
+        r"""∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, ∗S, C, D).
 
-        Needed by the variance of the Hessian-based Fisher estimator Î_2
-        (``fisherbound.variance``, THEORY §4). Exact, never through a D × D Hessian.
+        Needed by the variance of the Hessian-based Fisher estimator :math:`\hat I_2`
+        (``fisherbound.variance``, THEORY §4). Exact, never through a :math:`D \times D`
+        Hessian.
         First-order products cannot give it, so there is no generic default: each
         adapter implements it (NumPy reference models by hand, torch and JAX by
         forward-over-forward differentiation along each coordinate).
@@ -674,28 +680,32 @@ LOSS_REDUCTIONS = REDUCTIONS
 
 @runtime_checkable
 class LossFunction(Protocol):
-    """The negative log-likelihood of one labelled batch as a function of θ.
+    r"""The negative log-likelihood of one labelled batch as a function of :math:`\theta`.
 
-    For logits z (N, ∗S, C) (classes last, S the position axes, none for one
-    output per example) and labels y (class indices (N, ∗S), or targets
+    For logits :math:`z` (N, ∗S, C) (classes last, S the position axes, none for one
+    output per example) and labels :math:`y` (class indices (N, ∗S), or targets
     (N, ∗S, C)),
 
-        L(θ) = −Σ_n Σ_t m_nt log p(y_nt | z_nt(θ))          (``reduction="sum"``)
+    .. math::
 
-    with m_nt = 1 for the positions that count (the ``mask``; masked positions,
-    e.g. padding or labels equal to ``ignore_index``, have m_nt = 0), or that sum
-    divided by the number of counted positions n = Σ m_nt (``"mean"``, as
-    ``torch.nn.CrossEntropyLoss(ignore_index=-100)`` divides; n = N for logits
+       L(\theta) = -\sum_n \sum_t m_{nt} \log p(y_{nt} \mid z_{nt}(\theta))
+       \qquad (\texttt{reduction="sum"})
+
+    with :math:`m_{nt} = 1` for the positions that count (the ``mask``; masked positions,
+    e.g. padding or labels equal to ``ignore_index``, have :math:`m_{nt} = 0`), or that sum
+    divided by the number of counted positions :math:`n = \sum m_{nt}` (``"mean"``, as
+    ``torch.nn.CrossEntropyLoss(ignore_index=-100)`` divides; :math:`n = N` for logits
     (N, C) without a mask). The output family's ``log_likelihood`` gives the
-    terms; the loss is frozen at the parameters θ = ``params`` (flat, D entries,
+    terms; the loss is frozen at the parameters :math:`\theta` = ``params`` (flat, D entries,
     in the order of ``blocks``). Adapters build one with ``loss_function(...)``:
 
-    - ``value(shifts)``: (S, D) → (S,), the loss at θ + shifts[s] for each of S
-      shift vectors (a shift is any Σ_k α_k d_k), batched where the framework
-      allows; ``value(xp.zeros((1, D)))`` is L(θ);
-    - ``gradient()``: (D,), ∇L(θ);
-    - ``hvp(v)``: (D,) → (D,), the exact Hessian-vector product ∇²L(θ) v;
-    - ``hvp_batch(V)``: (M, D) → (M, D), M of them at once.
+    - ``value(shifts)``: :math:`(S, D) \to (S,)`, the loss at :math:`\theta + \mathrm{shifts}[s]`
+      for each of S shift vectors (a shift is any :math:`\sum_k \alpha_k d_k`), batched where
+      the framework allows; ``value(xp.zeros((1, D)))`` is :math:`L(\theta)`;
+    - ``gradient()``: (D,), :math:`\nabla L(\theta)`;
+    - ``hvp(v)``: :math:`(D,) \to (D,)`, the exact Hessian-vector product
+      :math:`\nabla^2 L(\theta)\, v`;
+    - ``hvp_batch(V)``: :math:`(M, D) \to (M, D)`, M of them at once.
 
     Optional: ``num_counted``, the number of counted positions n (an int), which a
     data set of several batches needs for the mean over all of them
@@ -728,17 +738,17 @@ class LossFunction(Protocol):
         """The array namespace of ``params`` and of every vector in or out."""
 
     def value(self, shifts: Array, /) -> Array:
-        """The loss at S shifted parameter vectors: L(θ + shifts[s]).
+        r"""The loss at S shifted parameter vectors: :math:`L(\theta + \mathrm{shifts}[s])`.
 
         Parameters
         ----------
         shifts
-            (S, D) shifts of θ, real floating, on ``params``' device; S may be 0.
+            (S, D) shifts of :math:`\theta`, real floating, on ``params``' device; S may be 0.
 
         Returns
         -------
         Array
-            (S,), the losses; ``value(xp.zeros((1, D)))[0]`` is L(θ).
+            (S,), the losses; ``value(xp.zeros((1, D)))[0]`` is :math:`L(\theta)`.
 
         Notes
         -----
@@ -747,27 +757,27 @@ class LossFunction(Protocol):
         """
 
     def gradient(self) -> Array:
-        """∇L(θ), shape (D,): one forward and one backward pass."""
+        r""":math:`\nabla L(\theta)`, shape (D,): one forward and one backward pass."""
 
     def hvp(self, v: Array, /) -> Array:
-        """The exact Hessian-vector product ∇²L(θ) v for ``v`` (D,); returns (D,).
+        r"""The exact Hessian-vector product ∇²L(θ) v for ``v`` (D,); returns (D,).
 
         Cost: about two forward and two backward passes (forward-over-reverse, or
-        Pearlmutter's R-operator for the reference models); never a D × D matrix.
+        Pearlmutter's R-operator for the reference models); never a :math:`D \times D` matrix.
         """
 
     def hvp_batch(self, V: Array, /) -> Array:
-        """M Hessian-vector products ∇²L(θ) V[m] for V (M, D); returns (M, D).
+        r"""M Hessian-vector products :math:`\nabla^2 L(\theta) V[m]` for V (M, D); returns (M, D).
 
-        Cost: M times ``hvp``, batched where the framework allows; memory M D plus
+        Cost: M times ``hvp``, batched where the framework allows; memory :math:`M D` plus
         the batched activations.
         """
 
 
 class LossFunctionBase(_FrozenBase):
-    """Shared properties of the adapters' loss functions and a generic ``hvp_batch``.
+    r"""Shared properties of the adapters' loss functions and a generic ``hvp_batch``.
 
-    Subclasses set ``self._params`` (flat θ), ``self._blocks`` and ``self._xp``,
+    Subclasses set ``self._params`` (flat :math:`\theta`), ``self._blocks`` and ``self._xp``,
     hold the labelled batch with ``_hold_batch`` (which also applies ``mask`` and
     ``ignore_index`` and sets the scale of the reduction) and implement ``value``,
     ``gradient`` and ``hvp`` (and ``hvp_batch`` when the framework batches it).
@@ -803,12 +813,14 @@ class LossFunctionBase(_FrozenBase):
         "targets (N, ∗S, C); the labels of masked positions replaced by a valid "
         "placeholder (0, or 1/C for label rows)."
     )
-    logits = ReadOnly[Array]("The logits z (N, ∗S, C) at θ, classes last.")
+    logits = ReadOnly[Array](r"The logits z (N, ∗S, C) at :math:`\theta`, classes last.")
     mask = ReadOnly["Array | None"](
         "The counted positions: None (all) or a boolean array (N, ∗S), False where "
         "``mask=`` was False or the label equals ``ignore_index``."
     )
-    params = ReadOnly[Array]("θ, the flat parameter vector (D,) at which the loss is frozen.")
+    params = ReadOnly[Array](
+        r":math:`\theta`, the flat parameter vector (D,) at which the loss is frozen."
+    )
     num_inputs = ReadOnly[int]("N, the number of labelled examples in the batch.")
     reduction = ReadOnly[str](
         """``"sum"`` (Σ over the counted positions) or ``"mean"`` (÷ their number)."""
@@ -824,13 +836,13 @@ class LossFunctionBase(_FrozenBase):
 
     @property
     def num_counted(self) -> int:
-        """The number n = Σ m_nt of counted (unmasked) positions: the ``"mean"`` divisor.
+        r"""The number n = Σ m_nt of counted (unmasked) positions: the ``"mean"`` divisor.
 
-        N · P without a mask (N for logits (N, C)); with ``mask`` its number of
+        :math:`N \cdot P` without a mask (N for logits (N, C)); with ``mask`` its number of
         True entries, counted once when the batch was taken (an adapter that sets
         ``_mask`` itself sets ``_num_counted`` with it). Inside JAX ``jit`` /
         ``shard_map``, where a mask or the labels are traced, the host cannot
-        count them and n is N · P.
+        count them and :math:`n` is :math:`N \cdot P`.
         """
         return int(self._num_counted)
 
@@ -905,12 +917,12 @@ class LossFunctionBase(_FrozenBase):
         self._scale = 1.0 / num_counted if reduction == "mean" else 1.0
 
     def reduce_log_likelihood(self, ll: Array, /) -> Array:
-        """The loss from per-position log-likelihoods ``ll`` (..., N, ∗S): (...).
+        r"""The loss from per-position log-likelihoods ``ll`` (..., N, ∗S): (...).
 
-        −scale · Σ_n Σ_t m_nt ll[..., n, t], summed over the batch's N and position
-        axes (the last 1 + len(S) axes), masked positions excluded (multiplied by
-        0: their logits are finite, so their terms are). Leading axes (a vmap over
-        shifts, for ``value``) are kept. Cost: O(size of ``ll``).
+        :math:`-\mathrm{scale} \cdot \sum_n \sum_t m_{nt}\, \mathrm{ll}[\dots, n, t]`, summed over
+        the batch's N and position axes (the last 1 + len(S) axes), masked positions
+        excluded (multiplied by 0: their logits are finite, so their terms are). Leading
+        axes (a vmap over shifts, for ``value``) are kept. Cost: O(size of ``ll``).
         """
         xp = self._xp
         k = len(self._logits.shape) - 1  # N and the position axes
@@ -920,22 +932,22 @@ class LossFunctionBase(_FrozenBase):
         return -xp.sum(ll, axis=axes) * self._scale
 
     def value(self, shifts: Array, /) -> Array:
-        """The loss at θ + shifts[s] for shifts (S, D); returns (S,)."""
+        r"""The loss at :math:`\theta + \mathrm{shifts}[s]` for shifts (S, D); returns (S,)."""
         raise NotImplementedError
 
     def gradient(self) -> Array:
-        """∇L(θ), shape (D,)."""
+        r""":math:`\nabla L(\theta)`, shape (D,)."""
         raise NotImplementedError
 
     def hvp(self, v: Array, /) -> Array:
-        """∇²L(θ) v for ``v`` (D,); returns (D,).
+        r""":math:`\nabla^2 L(\theta)\, v` for ``v`` (D,); returns (D,).
 
-        Every adapter implements it exactly (never through a D × D matrix).
+        Every adapter implements it exactly (never through a :math:`D \times D` matrix).
         """
         raise NotImplementedError
 
     def hvp_batch(self, V: Array, /) -> Array:
-        """∇²L(θ) V[m] for M vectors ``V`` (M, D); returns (M, D).
+        r""":math:`\nabla^2 L(\theta)\, V[m]` for M vectors ``V`` (M, D); returns (M, D).
 
         Generic default: M calls of ``hvp``, stacked.
         """

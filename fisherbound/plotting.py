@@ -124,12 +124,12 @@ def plot_surface(
     title: str | None = None,
     levels: int = 30,
 ) -> Any:
-    """Plot a loss surface from ``fisherbound.landscape.surface``.
+    r"""Plot a loss surface from ``fisherbound.landscape.surface``.
 
-    A 2-D surface as filled contours with contour lines, a colour bar and θ (the
-    origin) marked by a red star (``kind="contour"``), as a 3-D surface
-    (``"3d"``), or both side by side (``"both"``); a 1-D section as a curve with θ
-    marked (``kind`` is then ignored).
+    A 2-D surface as filled contours with contour lines, a colour bar and :math:`\theta`
+    (the origin) marked by a red star (``kind="contour"``), as a 3-D surface
+    (``"3d"``), or both side by side (``"both"``); a 1-D section as a curve with
+    :math:`\theta` marked (``kind`` is then ignored).
 
     Parameters
     ----------
@@ -260,12 +260,12 @@ def plot_spectral_density(
     title: str | None = None,
     xlabel: str = "eigenvalue",
 ) -> Any:
-    """A spectral density with its pointwise 95% confidence band.
+    r"""A spectral density with its pointwise 95% confidence band.
 
-    The band is the Student-t interval over the M probes (``Estimate.interval``
-    with M − 1 degrees of freedom; the per-probe densities are ≥ 0, so on the
-    cube-root scale). When M is unknown (a bare ``std_error`` without
-    ``num_probes``) it is ±2 standard errors, labelled so.
+    The band is the Student-t interval over the :math:`M` probes (``Estimate.interval``
+    with :math:`M - 1` degrees of freedom; the per-probe densities are :math:`\ge 0`, so on
+    the cube-root scale). When :math:`M` is unknown (a bare ``std_error`` without
+    ``num_probes``) it is :math:`\pm 2` standard errors, labelled so.
 
     Parameters
     ----------
@@ -277,7 +277,7 @@ def plot_spectral_density(
         When ``density`` is an array: the points (same length) and, optionally, the
         pointwise standard error.
     num_probes
-        M, the probes the density averages (default: ``density.num_probes``, or
+        :math:`M`, the probes the density averages (default: ``density.num_probes``, or
         the rows of ``density.nodes`` of a ``SpectralDensity``).
     markers
         Eigenvalues to mark with vertical dashed lines (e.g. the extreme Hessian
@@ -384,7 +384,7 @@ def plot_fisher_diagonal(
     ax: Any = None,
     title: str | None = None,
 ) -> Any:
-    """The Fisher diagonal per parameter block, with its bounds and error bars.
+    r"""The Fisher diagonal per parameter block, with its bounds and error bars.
 
     Within each block (separated by vertical lines and labelled by name) the
     entries are sorted by the exact value (or by the estimate when there is no
@@ -392,7 +392,8 @@ def plot_fisher_diagonal(
     spaced ranks. Every block gets at least 1/40 of the x axis, so a small block (a
     bias) stays visible; the block names are stacked in rows above the axes so that
     no two overlap. Drawn: the exact diagonal (dots), the certified bounds
-    ``diag F_LR ≤ diag F ≤ diag F_DG`` (a shaded band between the two curves) and
+    :math:`\operatorname{diag} F_\mathrm{LR} \le \operatorname{diag} F
+    \le \operatorname{diag} F_\mathrm{DG}` (a shaded band between the two curves) and
     a random estimate with its 95% confidence intervals (``estimate.interval(0.95)``:
     Student t with the estimate's degrees of freedom, see ``fisherbound.Estimate``).
 
@@ -400,7 +401,7 @@ def plot_fisher_diagonal(
     changes no output on the inputs, e.g. a weight from an input pixel that is
     always 0 or into a dead ReLU unit) have no place on a log axis: with ``log``
     and a new figure they are drawn in a strip of their own below the axes,
-    labelled "exactly 0" with their count (n of D entries, percent); into a given
+    labelled "exactly 0" with their count (:math:`n` of :math:`D` entries, percent); into a given
     ``ax`` they are drawn at the bottom of the axes as grey crosses, with the count
     in the legend.
 
@@ -409,7 +410,7 @@ def plot_fisher_diagonal(
     blocks
         The parameter blocks (``lin.blocks``), or a linearization / loss function.
     exact
-        diag F (D,), e.g. ``fisherbound.fisher.fisher_diagonal(lin)``.
+        :math:`\operatorname{diag} F` (D,), e.g. ``fisherbound.fisher.fisher_diagonal(lin)``.
     bounds
         ``(lower, upper)`` (D,) each, e.g. ``fisherbound.fisher.fisher_bounds(lin)``.
     estimate

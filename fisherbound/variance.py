@@ -1,51 +1,71 @@
-"""Closed-form variances of the Fisher estimators (THEORY §3 and §4), matrix-free.
+r"""Closed-form variances of the Fisher estimators (THEORY §3 and §4), matrix-free.
 
-Logits z (N, ∗S, C): N examples, position axes S (none for one output per
-example; P = prod(S) positions), C classes. An example x is an input with all
-its positions; its output is the product of independent per-position families,
-so its core kernel is block diagonal, K_x = ⊕_t K(z_xt), its factor
-B_x = ⊕_t B(z_xt) has P·R columns (t, r), its score is a sum over positions and
-its moments factor across positions. Positions outside ``lin.mask`` have zero
-Jacobian rows (the adapters' contract) and are excluded everywhere.
+Logits :math:`z` (N, ∗S, C): :math:`N` examples, position axes :math:`S` (none for one
+output per example; :math:`P = \operatorname{prod}(S)` positions), :math:`C` classes. An
+example :math:`x` is an input with all its positions; its output is the product of
+independent per-position families, so its core kernel is block diagonal,
+:math:`K_x = \bigoplus_t K(z_{xt})`, its factor :math:`B_x = \bigoplus_t B(z_{xt})` has
+:math:`P \cdot R` columns :math:`(t, r)`, its score is a sum over positions and its
+moments factor across positions. Positions outside ``lin.mask`` have zero Jacobian rows
+(the adapters' contract) and are excluded everywhere.
 
-Detach-and-mix (§3). Write G = [J_xᵀ B_x]_x, the D × K matrix whose columns
-b_k = J_xtᵀ B(z_xt) e_r (k = (x, t, r)) are per-example VJPs of the columns of
-the block-diagonal core factor, so that F = G Gᵀ and F_ii = Σ_k b_ik². One probe
-g = G ξ, ξ i.i.d. over (x, t, r), gives
+Detach-and-mix (§3). Write :math:`G = [J_x^\top B_x]_x`, the :math:`D \times K` matrix
+whose columns :math:`b_k = J_{xt}^\top B(z_{xt})\, e_r` (:math:`k = (x, t, r)`) are
+per-example VJPs of the columns of the block-diagonal core factor, so that
+:math:`F = G G^\top` and :math:`F_{ii} = \sum_k b_{ik}^2`. One probe :math:`g = G \xi`,
+:math:`\xi` i.i.d. over :math:`(x, t, r)`, gives
 
-    Var(g_i²) = 2(F_ii² − Σ_k b_ik⁴) ≤ 2 F_ii²        (Rademacher ξ)
-    Var(g_i²) = 2 F_ii²                               (Gaussian ξ)
-    Var(‖g‖²) = 2(‖A‖_F² − Σ_k A_kk²) ≤ 2‖F‖_F²       (A = GᵀG, ‖A‖_F = ‖F‖_F)
+.. math::
 
-per batch (the sum runs over the batch's columns; batches are independent, so
-their variances add). These are identities of Rademacher/Gaussian quadratic
-forms in the independent entries of ξ, so they hold unchanged for position axes:
-only the column set grows to (x, t, r). The per-example variant squares
-g_x = Σ_t J_xtᵀ B_xt ξ_xt per example: the same formulas with G restricted to
-one example (all its positions), summed over the examples. The mean of M probes
-divides every variance by M, hence CV ≤ √(2/M) for every diagonal entry and for
-the trace (``std_error_bound``).
+   \operatorname{Var}(g_i^2) &= 2\Big(F_{ii}^2 - \sum_k b_{ik}^4\Big) \le 2 F_{ii}^2
+   \qquad (\text{Rademacher } \xi) \\
+   \operatorname{Var}(g_i^2) &= 2 F_{ii}^2
+   \qquad (\text{Gaussian } \xi) \\
+   \operatorname{Var}(\|g\|^2) &= 2\Big(\|A\|_F^2 - \sum_k A_{kk}^2\Big) \le 2 \|F\|_F^2
+   \qquad (A = G^\top G,\ \|A\|_F = \|F\|_F)
 
-Classical estimators (§4), for an exponential family p(y|x) with sufficient
-statistic t, u = t(y) − E t(y), I(h) = Cov t, and k labels y ~ p per input. With
-positions the score of example x is s_x,i = Σ_t w_t, w_t = a_tᵀ u_t,
-a_t = ∂z_xt/∂θ_i (C-vector), the w_t independent with mean 0, σ_t² = a_tᵀ I_t a_t
-and fourth moment m_t = E(a_tᵀu_t)⁴. Expanding E(Σ_t w_t)⁴:
+per batch (the sum runs over the batch's columns; batches are independent, so their
+variances add). These are identities of Rademacher/Gaussian quadratic forms in the
+independent entries of :math:`\xi`, so they hold unchanged for position axes: only the
+column set grows to :math:`(x, t, r)`. The per-example variant squares
+:math:`g_x = \sum_t J_{xt}^\top B_{xt}\, \xi_{xt}` per example: the same formulas with
+:math:`G` restricted to one example (all its positions), summed over the examples. The
+mean of :math:`M` probes divides every variance by :math:`M`, hence
+:math:`\mathrm{CV} \le \sqrt{2/M}` for every diagonal entry and for the trace
+(``std_error_bound``).
 
-    Var(Î_1,ii) = (1/k) [Σ_t (m_t − 3σ_t⁴) + 2 (Σ_t σ_t²)²]
-    Var(Î_2,ii) = (1/k) Σ_t c_tᵀ I_t c_t,          c_t = ∂²z_xt/∂θ_i²
+Classical estimators (§4), for an exponential family :math:`p(y \mid x)` with
+sufficient statistic :math:`t`, :math:`u = t(y) - \mathbb{E}\, t(y)`,
+:math:`I(h) = \operatorname{Cov} t`, and :math:`k` labels :math:`y \sim p` per input.
+With positions the score of example :math:`x` is :math:`s_{x,i} = \sum_t w_t`,
+:math:`w_t = a_t^\top u_t`, :math:`a_t = \partial z_{xt} / \partial \theta_i`
+(:math:`C`-vector), the :math:`w_t` independent with mean 0,
+:math:`\sigma_t^2 = a_t^\top I_t a_t` and fourth moment
+:math:`m_t = \mathbb{E}(a_t^\top u_t)^4`. Expanding :math:`\mathbb{E}(\sum_t w_t)^4`:
 
-(for P = 1: (1/k)[E(aᵀu)⁴ − (aᵀIa)²] and (1/k) cᵀIc), with Î_1 the score outer
-product (the Monte-Carlo Fisher) and Î_2 minus the Hessian of the
-log-likelihood (Σ_t of independent position terms). Bounds: with w_t² ≤ ρ_t²
-(categorical ρ_t = max a_t − min a_t), m_t ≤ ρ_t² σ_t², so
-Var(Î_1,ii) ≤ (1/k)[Σ_t ρ_t² σ_t² + 2((Σ_t σ_t²)² − Σ_t σ_t⁴)] (= ρ² aᵀIa / k for
-P = 1), and Var(Î_2,ii) ≤ λ̄ Σ_t ‖c_t‖² / k (λ_max(I_Δ) ≤ ½). Inputs are fixed
-(not sampled); the variances of different inputs add.
+.. math::
 
-Everything is computed from the adapters' per-example VJPs (P·R or P·C per
-input, chunked by ``max_vectors``, refused above ``max_cotangents``) and, for
-Î_2, ``output_second_derivative_diagonal`` ((N, ∗S, C, D)): never a D × D matrix.
+   \operatorname{Var}(\hat I_{1,ii}) &= \frac1k \Big[\sum_t (m_t - 3\sigma_t^4)
+   + 2 \Big(\sum_t \sigma_t^2\Big)^2\Big] \\
+   \operatorname{Var}(\hat I_{2,ii}) &= \frac1k \sum_t c_t^\top I_t c_t,
+   \qquad c_t = \partial^2 z_{xt} / \partial \theta_i^2
+
+(for :math:`P = 1`: :math:`\frac1k [\mathbb{E}(a^\top u)^4 - (a^\top I a)^2]` and
+:math:`\frac1k c^\top I c`), with :math:`\hat I_1` the score outer product (the
+Monte-Carlo Fisher) and :math:`\hat I_2` minus the Hessian of the log-likelihood
+(:math:`\sum_t` of independent position terms). Bounds: with
+:math:`w_t^2 \le \rho_t^2` (categorical :math:`\rho_t = \max a_t - \min a_t`),
+:math:`m_t \le \rho_t^2 \sigma_t^2`, so
+:math:`\operatorname{Var}(\hat I_{1,ii}) \le \frac1k [\sum_t \rho_t^2 \sigma_t^2
++ 2((\sum_t \sigma_t^2)^2 - \sum_t \sigma_t^4)]` (:math:`= \rho^2 a^\top I a / k` for
+:math:`P = 1`), and :math:`\operatorname{Var}(\hat I_{2,ii}) \le \bar\lambda \sum_t
+\|c_t\|^2 / k` (:math:`\lambda_{\max}(I_\Delta) \le \frac12`). Inputs are fixed (not
+sampled); the variances of different inputs add.
+
+Everything is computed from the adapters' per-example VJPs (:math:`P \cdot R` or
+:math:`P \cdot C` per input, chunked by ``max_vectors``, refused above
+``max_cotangents``) and, for :math:`\hat I_2`, ``output_second_derivative_diagonal``
+((N, ∗S, C, D)): never a :math:`D \times D` matrix.
 """
 
 from __future__ import annotations
@@ -122,16 +142,18 @@ def _positions(lin: Any) -> tuple[int, tuple[int, ...], int, int]:
 
 
 def std_error_bound(value: Any, /, *, num_probes: int = 1) -> Any:
-    """The a-priori bound on the standard error of a detach-and-mix estimate.
+    r"""The a-priori bound on the standard error of a detach-and-mix estimate.
 
     For an estimate whose expectation is ``value`` (the exact quantity, or the
-    estimate itself as a plug-in), from M probes, Rademacher or Gaussian
+    estimate itself as a plug-in), from :math:`M` probes, Rademacher or Gaussian
     (cost: elementwise in ``value``, no model evaluation):
 
-    - diagonal (1-D) and trace (0-d): SE ≤ √(2/M) · value, i.e. CV ≤ √(2/M)
-      (Var(g_i²) ≤ 2 F_ii², Var(‖g‖²) ≤ 2‖F‖_F² ≤ 2 (tr F)²);
-    - a block (2-D, square): SE_ij ≤ √((F_ii F_jj + F_ij²)/M)
-      (Var(g_i g_j) = F_ii F_jj + F_ij² − 2 Σ_k b_ik² b_jk² for Rademacher);
+    - diagonal (1-D) and trace (0-d): :math:`\mathrm{SE} \le \sqrt{2/M} \cdot {}` ``value``,
+      i.e. :math:`\mathrm{CV} \le \sqrt{2/M}` (:math:`\operatorname{Var}(g_i^2) \le 2 F_{ii}^2`,
+      :math:`\operatorname{Var}(\|g\|^2) \le 2 \|F\|_F^2 \le 2 (\operatorname{tr} F)^2`);
+    - a block (2-D, square): :math:`\mathrm{SE}_{ij} \le \sqrt{(F_{ii} F_{jj} + F_{ij}^2) / M}`
+      (:math:`\operatorname{Var}(g_i g_j) = F_{ii} F_{jj} + F_{ij}^2
+      - 2 \sum_k b_{ik}^2 b_{jk}^2` for Rademacher);
     - a dict of blocks: the bound of each.
 
     Gaussian probes attain the diagonal bound; Rademacher probes never exceed it.
@@ -301,16 +323,18 @@ def detach_and_mix_variance(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
 ) -> Array:
-    """The exact variance of ``detach_and_mix``'s value, in closed form (THEORY §3).
+    r"""The exact variance of ``detach_and_mix``'s value, in closed form (THEORY §3).
 
-    diagonal (D,): Σ_b 2(F_b,ii² − Σ_{k∈b} b_ik⁴) / M (Rademacher) or
-    Σ_b 2 F_b,ii² / M (Gaussian), b over batches (``per_example=True``: over
-    inputs). trace (0-d): Σ_b 2(‖A_b‖_F² − Σ_k (A_b)_kk²) / M (Rademacher) or
-    Σ_b 2‖A_b‖_F² / M (Gaussian), A_b = G_bᵀ G_b the Gram matrix of the batch's
-    (or the input's) columns b_k = J_xtᵀ B(z_xt) e_r, k = (x, t, r) over the
-    examples x, their counted positions t and the factor's columns r (the probe
-    ξ is independent over all three). ``reduction="mean"`` divides by N², N the
-    number of examples (the estimate is divided by N).
+    diagonal (D,): :math:`\sum_b 2(F_{b,ii}^2 - \sum_{k \in b} b_{ik}^4) / M` (Rademacher) or
+    :math:`\sum_b 2 F_{b,ii}^2 / M` (Gaussian), :math:`b` over batches
+    (``per_example=True``: over inputs). trace (0-d):
+    :math:`\sum_b 2(\|A_b\|_F^2 - \sum_k (A_b)_{kk}^2) / M` (Rademacher) or
+    :math:`\sum_b 2 \|A_b\|_F^2 / M` (Gaussian), :math:`A_b = G_b^\top G_b` the Gram matrix
+    of the batch's (or the input's) columns :math:`b_k = J_{xt}^\top B(z_{xt})\, e_r`,
+    :math:`k = (x, t, r)` over the examples :math:`x`, their counted positions :math:`t`
+    and the factor's columns :math:`r` (the probe :math:`\xi` is independent over all
+    three). ``reduction="mean"`` divides by :math:`N^2`, :math:`N` the number of examples
+    (the estimate is divided by :math:`N`).
 
     Parameters
     ----------
@@ -321,16 +345,17 @@ def detach_and_mix_variance(
         As in ``detach_and_mix``; the result is the variance of its ``value``
         with the same options.
     max_cotangents
-        The largest P · R (per-example backward passes per example) accepted
+        The largest :math:`P \cdot R` (per-example backward passes per example) accepted
         (default 4096), a ValueError above it.
     max_memory
         Bytes for the columns of one chunk, as in ``fisher_diagonal``.
 
     Notes
     -----
-    Cost: P · R per-example VJPs per input (as the exact diagonal; P the counted
-    positions); for the batch trace also P · R JVPs per input, each contracted
-    with the kernels in O(N P C). Memory: ``max_vectors`` D-vectors.
+    Cost: :math:`P \cdot R` per-example VJPs per input (as the exact diagonal; :math:`P`
+    the counted positions); for the batch trace also :math:`P \cdot R` JVPs per input,
+    each contracted with the kernels in :math:`O(N P C)`. Memory: ``max_vectors``
+    :math:`D`-vectors.
 
     Examples
     --------
@@ -513,29 +538,38 @@ def classical_variance(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
 ) -> Array:
-    """Variance of the diagonal of the classical Fisher estimators Î_1 and Î_2 (THEORY §4).
+    r"""Variance of the diagonal of the classical Fisher estimators (THEORY §4).
 
-    With k labels y ~ p(· | x) per input (inputs fixed, their variances added),
-    one label per position y_xt independently for logits (N, ∗S, C); a_t =
-    ∂z_xt/∂θ_i, σ_t² = a_tᵀ I(z_xt) a_t, the sums over the counted positions t:
+    With :math:`k` labels :math:`y \sim p(\cdot \mid x)` per input (inputs fixed, their
+    variances added), one label per position :math:`y_{xt}` independently for logits
+    (N, ∗S, C); :math:`a_t = \partial z_{xt} / \partial \theta_i`,
+    :math:`\sigma_t^2 = a_t^\top I(z_{xt})\, a_t`, the sums over the counted positions
+    :math:`t`:
 
-    - ``estimator="score"``: Î_1 = (1/k) Σ s sᵀ, the score outer product (what
-      ``fisherbound.estimators.monte_carlo`` computes, s_x = Σ_t J_xtᵀ u_t),
-      Var(Î_1,ii) = Σ_x (1/k)[Σ_t (E(a_tᵀu_t)⁴ − 3σ_t⁴) + 2(Σ_t σ_t²)²]
-      (``family.fourth_moment``); without positions (1/k)[E(aᵀu)⁴ − (aᵀIa)²].
-      Bernoulli: z'⁴ p(1−p)(1−2p)²/k per output; Gaussian: 2‖a‖⁴/(σ⁴k).
-    - ``estimator="hessian"``: Î_2 = −(1/k) Σ ∂²ℓ/∂θ², Var(Î_2,ii) =
-      Σ_x Σ_t (1/k) c_tᵀ I(z_xt) c_t with c_t = ∂²z_xt/∂θ_i² (from the adapter's
-      ``output_second_derivative_diagonal``, shape (N, ∗S, C, D); a ValueError
-      when it gives another); zero for parameters on which z is linear (the last
+    - ``estimator="score"``: :math:`\hat I_1 = \frac1k \sum s s^\top`, the score outer
+      product (what ``fisherbound.estimators.monte_carlo`` computes,
+      :math:`s_x = \sum_t J_{xt}^\top u_t`),
+      :math:`\operatorname{Var}(\hat I_{1,ii}) = \sum_x \frac1k [\sum_t (\mathbb{E}(a_t^\top
+      u_t)^4 - 3\sigma_t^4) + 2(\sum_t \sigma_t^2)^2]` (``family.fourth_moment``); without
+      positions :math:`\frac1k [\mathbb{E}(a^\top u)^4 - (a^\top I a)^2]`. Bernoulli:
+      :math:`z'^4 p(1 - p)(1 - 2p)^2 / k` per output; Gaussian:
+      :math:`2 \|a\|^4 / (\sigma^4 k)`.
+    - ``estimator="hessian"``: :math:`\hat I_2 = -\frac1k \sum \partial^2 \ell / \partial
+      \theta^2`, :math:`\operatorname{Var}(\hat I_{2,ii}) = \sum_x \sum_t \frac1k c_t^\top
+      I(z_{xt})\, c_t` with :math:`c_t = \partial^2 z_{xt} / \partial \theta_i^2` (from the
+      adapter's ``output_second_derivative_diagonal``, shape (N, ∗S, C, D); a ValueError
+      when it gives another); zero for parameters on which :math:`z` is linear (the last
       layer).
 
-    ``bound=True`` returns the bounds instead: Î_1: Σ_x [Σ_t ρ_t² σ_t² +
-    2((Σ_t σ_t²)² − Σ_t σ_t⁴)] / k (without positions ρ² · aᵀIa / k), ρ_t the
-    range of a_tᵀu: max a_t − min a_t (categorical) or Σ_c ``|a_c|``
-    max(σ_c, 1 − σ_c) (Bernoulli; Gaussian: the exact value, aᵀu is
-    unbounded); Î_2: λ̄ Σ_t ‖c_t‖²/k with λ̄ = ½ (categorical), ¼ (Bernoulli), 1/σ²
-    (Gaussian), upper bounds of λ_max(I).
+    ``bound=True`` returns the bounds instead: :math:`\hat I_1`:
+    :math:`\sum_x [\sum_t \rho_t^2 \sigma_t^2 + 2((\sum_t \sigma_t^2)^2 - \sum_t
+    \sigma_t^4)] / k` (without positions :math:`\rho^2 \cdot a^\top I a / k`),
+    :math:`\rho_t` the range of :math:`a_t^\top u`: :math:`\max a_t - \min a_t`
+    (categorical) or :math:`\sum_c` ``|a_c|`` :math:`\max(\sigma_c, 1 - \sigma_c)`
+    (Bernoulli; Gaussian: the exact value, :math:`a^\top u` is unbounded);
+    :math:`\hat I_2`: :math:`\bar\lambda \sum_t \|c_t\|^2 / k` with
+    :math:`\bar\lambda = \frac12` (categorical), :math:`\frac14` (Bernoulli),
+    :math:`1/\sigma^2` (Gaussian), upper bounds of :math:`\lambda_{\max}(I)`.
 
     Parameters
     ----------
@@ -544,21 +578,22 @@ def classical_variance(
     family
         The output family, as in ``monte_carlo``.
     estimator
-        ``"score"`` (Î_1) or ``"hessian"`` (Î_2).
+        ``"score"`` (:math:`\hat I_1`) or ``"hessian"`` (:math:`\hat I_2`).
     num_samples
-        k ≥ 1 label draws per input.
+        :math:`k \ge 1` label draws per input.
     bound
         Return the upper bounds above instead of the exact variance.
     reduction
-        ``"sum"``, or ``"mean"``, which divides by N², N the number of examples.
+        ``"sum"``, or ``"mean"``, which divides by :math:`N^2`, :math:`N` the number of
+        examples.
     max_vectors, progress
         As in ``fisher_diagonal``.
     max_cotangents
-        The largest P · C (per-example backward passes per example of the score
-        variance) accepted (default 4096), a ValueError above it.
+        The largest :math:`P \cdot C` (per-example backward passes per example of the
+        score variance) accepted (default 4096), a ValueError above it.
     max_memory
         As in ``fisher_diagonal`` (the score variance takes the Jacobian rows of
-        at least one position, C columns, per chunk, whatever the budget; the
+        at least one position, :math:`C` columns, per chunk, whatever the budget; the
         Hessian estimator holds no output-space columns and does not use it).
 
     Returns
@@ -568,10 +603,11 @@ def classical_variance(
 
     Notes
     -----
-    Cost: Î_1: P · C per-example VJPs per input (the per-example Jacobian rows of
-    the counted positions, chunked by ``max_vectors``) and O(N P D C) for the
-    moments; Î_2: the adapter's second derivatives (torch/JAX: D
-    forward-over-forward passes of the batch) and O(N P D C).
+    Cost: :math:`\hat I_1`: :math:`P \cdot C` per-example VJPs per input (the per-example
+    Jacobian rows of the counted positions, chunked by ``max_vectors``) and
+    :math:`O(N P D C)` for the moments; :math:`\hat I_2`: the adapter's second derivatives
+    (torch/JAX: :math:`D` forward-over-forward passes of the batch) and
+    :math:`O(N P D C)`.
 
     Examples
     --------
@@ -616,7 +652,7 @@ def classical_variance(
 
 
 class EstimatorCost(NamedTuple):
-    """One row of ``compare_estimators``: accuracy and cost of one estimator.
+    r"""One row of ``compare_estimators``: accuracy and cost of one estimator.
 
     Attributes
     ----------
@@ -624,14 +660,16 @@ class EstimatorCost(NamedTuple):
         ``"detach_and_mix"``, ``"detach_and_mix_per_example"``, ``"monte_carlo"``
         or ``"exact"``.
     relative_variance
-        E‖d̂ − d‖² / ‖d‖² for ONE draw (one probe, one label sample), d the exact
-        diagonal: the squared relative error of one draw (0 for the exact one).
+        :math:`\mathbb{E}\|\hat d - d\|^2 / \|d\|^2` for ONE draw (one probe, one label
+        sample), :math:`d` the exact diagonal: the squared relative error of one draw (0 for
+        the exact one).
     seconds
         Measured wall time of one call with one draw on the given data.
     draws
-        Draws needed to reach the target relative error, ⌈relative_variance / t²⌉.
+        Draws needed to reach the target relative error,
+        :math:`\lceil` ``relative_variance`` :math:`/\, t^2 \rceil`.
     seconds_to_target
-        draws × seconds: the time to reach the target (linear in the draws, an
+        draws :math:`\times` seconds: the time to reach the target (linear in the draws, an
         upper estimate when the draws are batched).
     """
 
@@ -683,13 +721,14 @@ def compare_estimators(
     max_memory: int = DEFAULT_MAX_MEMORY,
     estimators: Sequence[str] | None = None,
 ) -> Comparison:
-    """Which diagonal estimator reaches a given accuracy soonest, on YOUR model and data.
+    r"""Which diagonal estimator reaches a given accuracy soonest, on YOUR model and data.
 
     For each of the batch-level detach-and-mix, the per-example detach-and-mix,
     the Monte-Carlo Fisher (one label sample per draw) and the exact diagonal, it
     computes the exact variance of one draw in closed form
     (``detach_and_mix_variance``, ``classical_variance``), summarised as the
-    squared relative error E‖d̂ − d‖²/‖d‖², times one call on the data, and
+    squared relative error :math:`\mathbb{E}\|\hat d - d\|^2 / \|d\|^2`, times one call on
+    the data, and
     reports the number of draws and the time needed to reach
     ``target_relative_error`` (the exact diagonal needs one pass). ``best`` is
     the fastest to the target.
@@ -702,16 +741,18 @@ def compare_estimators(
     family
         The output family, as in ``detach_and_mix``.
     target_relative_error
-        The relative error (E‖d̂ − d‖²/‖d‖²)^½ each row is timed to reach.
+        The relative error :math:`(\mathbb{E}\|\hat d - d\|^2 / \|d\|^2)^{1/2}` each row is
+        timed to reach.
     rng
         A ``numpy.random.Generator``, an int seed, a JAX key or None, for the timed calls.
     max_vectors
         As in ``detach_and_mix``.
     max_cotangents, max_memory
-        As in ``fisher_diagonal`` (the closed forms need the same P · R
+        As in ``fisher_diagonal`` (the closed forms need the same :math:`P \cdot R`
         per-example products per example; the Monte Carlo row's score variance
-        takes the C one-hot columns of at least one position per chunk,
-        N · C · P · C entries, whatever the budget: see ``classical_variance``).
+        takes the :math:`C` one-hot columns of at least one position per chunk,
+        :math:`N \cdot C \cdot P \cdot C` entries, whatever the budget: see
+        ``classical_variance``).
     estimators
         The rows to compute (default all four).
 
@@ -723,9 +764,9 @@ def compare_estimators(
 
     Notes
     -----
-    Cost: the closed forms need the per-example VJPs of the exact diagonal (P · R
-    per input) and of the Jacobian rows (P · C per input), plus one timed call of
-    each estimator after a warm-up call.
+    Cost: the closed forms need the per-example VJPs of the exact diagonal
+    (:math:`P \cdot R` per input) and of the Jacobian rows (:math:`P \cdot C` per input),
+    plus one timed call of each estimator after a warm-up call.
 
     Examples
     --------

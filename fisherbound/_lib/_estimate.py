@@ -32,7 +32,7 @@ SKEW_DOF = 0.6
 
 
 class Estimate(NamedTuple):
-    """A random estimate with its standard error and confidence interval.
+    r"""A random estimate with its standard error and confidence interval.
 
     Attributes
     ----------
@@ -41,7 +41,7 @@ class Estimate(NamedTuple):
         namespace and device (0-d for a scalar; a dict of arrays for blocks).
     std_error
         The standard error of ``value``, same shape: the sample standard deviation
-        of the per-probe estimates divided by √num_probes. NaN when
+        of the per-probe estimates divided by :math:`\sqrt{\mathtt{num\_probes}}`. NaN when
         ``num_probes == 1`` (one sample has no sample variance).
     num_probes
         How many independent probes were averaged.
@@ -52,7 +52,7 @@ class Estimate(NamedTuple):
         ``fisherbound.estimators.Accumulator``). None means ``num_probes − 1``;
         ``math.inf`` for a deterministic result (standard error 0).
     floor
-        A number (or 0-d array) that every per-probe estimate is ≥, or None:
+        A number (or 0-d array) that every per-probe estimate is :math:`\ge`, or None:
         0 for sums of squares (the Fisher estimators' diagonal and trace,
         Hutchinson's trace of a positive semidefinite matrix). Estimates bounded
         below are right-skewed; ``interval`` corrects for it.
@@ -80,31 +80,37 @@ class Estimate(NamedTuple):
         return self.num_probes - 1 if self.dof is None else self.dof
 
     def interval(self, level: float = 0.95) -> tuple[Array, Array]:
-        """The two-sided confidence interval ``(low, high)`` at ``level``.
+        r"""The two-sided confidence interval ``(low, high)`` at ``level``.
 
-        Student t with the estimate's degrees of freedom d (``dof``): with
-        q = t_d((1 + level)/2),
+        Student t with the estimate's degrees of freedom :math:`d` (``dof``): with
+        :math:`q = t_d((1 + \mathrm{level})/2)`,
 
-            low, high = value ∓ q · std_error,
+        .. math::
+
+           \mathrm{low}, \mathrm{high} = \mathrm{value} \mp q \cdot \mathrm{std\_error},
 
         which covers the truth with probability ``level`` for normal per-probe
-        estimates, also with few probes, where value ± 1.96 SE does not (1.96 is
-        q for d = ∞; d = 1 gives q = 12.7).
+        estimates, also with few probes, where :math:`\mathrm{value} \pm 1.96\, \mathrm{SE}`
+        does not (1.96 is :math:`q` for :math:`d = \infty`; :math:`d = 1` gives
+        :math:`q = 12.7`).
 
-        With a ``floor`` f (sums of squares: f = 0) the per-probe estimates are
-        right-skewed (a low value comes with a small standard error, and the
+        With a ``floor`` :math:`f` (sums of squares: :math:`f = 0`) the per-probe estimates
+        are right-skewed (a low value comes with a small standard error, and the
         Student-t interval then ends below the truth). The interval is then
-        Student t on the cube-root scale of value − f (Wilson–Hilferty: the
+        Student t on the cube-root scale of :math:`\mathrm{value} - f` (Wilson–Hilferty: the
         cube root of a gamma variable is nearly normal): with
-        c = SE / (value − f),
+        :math:`c = \mathrm{SE} / (\mathrm{value} - f)`,
 
-            low = f + (value − f) / (1 − c²/9 + q c/3)³,
-            high = f + (value − f) / (1 − c²/9 − q c/3)³,
+        .. math::
 
-        ``high = inf`` when the bracket is ≤ 0 (few probes with a large relative
-        error cannot bound the value from above), and q = t_d' with
-        d' = d / (1 + 0.6 d c²) (``SKEW_DOF``): the variance of skewed samples
-        is less certain than d says. For small c this is value ∓ q · SE.
+           \mathrm{low} &= f + (\mathrm{value} - f) / (1 - c^2/9 + q c/3)^3, \\
+           \mathrm{high} &= f + (\mathrm{value} - f) / (1 - c^2/9 - q c/3)^3,
+
+        ``high = inf`` when the bracket is :math:`\le 0` (few probes with a large relative
+        error cannot bound the value from above), and :math:`q = t_{d'}` with
+        :math:`d' = d / (1 + 0.6\, d c^2)` (``SKEW_DOF``): the variance of skewed samples
+        is less certain than :math:`d` says. For small :math:`c` this is
+        :math:`\mathrm{value} \mp q \cdot \mathrm{SE}`.
 
         Rounding: the half-widths are at least ``ROUNDING_ULPS`` (256) units in
         the last place of ``|value|``, so an entry whose probes all agree
@@ -114,7 +120,7 @@ class Estimate(NamedTuple):
         Parameters
         ----------
         level
-            The confidence level, 0 < level < 1.
+            The confidence level, :math:`0 < \mathrm{level} < 1`.
 
         Returns
         -------
@@ -125,8 +131,8 @@ class Estimate(NamedTuple):
         Notes
         -----
         The Student-t quantiles are computed on the host
-        (``scipy.special.stdtrit``, which takes non-integer d); an array ``dof``
-        (and, with a floor, c) is copied there, so call it outside traced (JAX
+        (``scipy.special.stdtrit``, which takes non-integer :math:`d`); an array ``dof``
+        (and, with a floor, :math:`c`) is copied there, so call it outside traced (JAX
         ``jit``) code. docs/estimators.md gives the coverage measured for every
         estimator.
 

@@ -1,24 +1,29 @@
-"""The core space: output families and their metrics on the logits (THEORY §1).
+r"""The core space: output families and their metrics on the logits (THEORY §1).
 
 Every Fisher quantity of the library is a pull-back
 
-    F(θ) = Σ_x J_xᵀ K(z_x) J_x,    J_x = ∂z_x/∂θ,
+.. math::
 
-of a small C × C core kernel K on the output space through the network's
+   F(\theta) = \sum_x J_x^\top K(z_x)\, J_x, \qquad J_x = \partial z_x / \partial \theta,
+
+of a small :math:`C \times C` core kernel :math:`K` on the output space through the network's
 Jacobian. This subpackage is the exact, small half of that product: for an
-output family and logits z of shape (..., C) it gives the kernels (the exact
+output family and logits :math:`z` of shape (..., C) it gives the kernels (the exact
 metric and its Löwner envelopes), their square roots and matrix-vector
 products, the exact spectrum (the categorical one from the secular equation,
-without forming a C × C matrix), the top eigenpair, eigenvalue bounds, the
+without forming a :math:`C \times C` matrix), the top eigenpair, eigenvalue bounds, the
 pseudo-determinant, label sampling, scores and the moments used by the
 variance formulas. Everything is written against the array API standard and
 stays in the logits' namespace, device and dtype.
 
 The families and their exact metrics:
 
-- ``Categorical()``: softmax classification, I_Δ = diag(p) − p pᵀ.
-- ``Bernoulli()``: C independent sigmoid outputs (multi-label), diag(σ(1 − σ)).
-- ``Gaussian(variance=1.0)``: regression y ~ N(z, σ² I), the identity / σ².
+- ``Categorical()``: softmax classification,
+  :math:`I_\Delta = \operatorname{diag}(p) - p p^\top`.
+- ``Bernoulli()``: :math:`C` independent sigmoid outputs (multi-label),
+  :math:`\operatorname{diag}(\sigma (1 - \sigma))`.
+- ``Gaussian(variance=1.0)``: regression :math:`y \sim \mathcal{N}(z, \sigma^2 I)`, the
+  identity / :math:`\sigma^2`.
 
 ``KERNELS`` lists the kernel names accepted by ``kernel=``:
 "exact", "upper", "lower", "scalar_upper", "scalar_lower".
@@ -40,5 +45,6 @@ __all__ = [
     "KERNELS",
 ]
 
-#: The core kernels K(z), in Löwner order lower-kinds ⪯ I(z) ⪯ upper-kinds.
+#: The core kernels :math:`K(z)`, in Löwner order lower-kinds :math:`\preceq I(z) \preceq{}`
+#: upper-kinds.
 KERNELS = _KERNELS

@@ -27,17 +27,17 @@ class EigenPair(NamedTuple):
 
 
 class EigenvalueBounds(NamedTuple):
-    """Deterministic bounds lower ≤ λ_max ≤ upper, each of shape (...)."""
+    r"""Deterministic bounds lower :math:`\le \lambda_{\max} \le` upper, each of shape (...)."""
 
     lower: Array
     upper: Array
 
 
 class Family:
-    """An output family p(y | z) with logits z of shape (..., C): its core space.
+    r"""An output family :math:`p(y|z)` with logits :math:`z` of shape (..., C): its core space.
 
-    Every quantity of the library is a pull-back F = Σ_x J_xᵀ K(z_x) J_x of a
-    core kernel K of this family through the network's Jacobian. A family maps
+    Every quantity of the library is a pull-back :math:`F = \sum_x J_x^\top K(z_x)\, J_x` of a
+    core kernel :math:`K` of this family through the network's Jacobian. A family maps
     logits to the kernels, their square roots and matrix-vector products, the
     exact spectrum, the top eigenpair, eigenvalue bounds, the pseudo-determinant,
     label sampling, log-likelihoods, scores and the fourth moment used by the
@@ -51,17 +51,19 @@ class Family:
     returns arrays of the same library, device and dtype.
 
     Kernels (``kernel=``, see ``KERNELS``), each satisfying the Löwner order
-    ``"lower"``, ``"scalar_lower"`` ⪯ ``"exact"`` ⪯ ``"upper"``, ``"scalar_upper"``:
+    ``"lower"``, ``"scalar_lower"`` :math:`\preceq` ``"exact"`` :math:`\preceq` ``"upper"``,
+    ``"scalar_upper"``:
 
-    - ``"exact"``: the metric I(z) = Cov t(y), the Fisher information of the
-      family in the logits.
-    - ``"upper"``: the diagonal (DG) envelope; diag(p) for Categorical, I itself
-      for the diagonal families.
-    - ``"lower"``: the rank-one (LR) envelope λ_max v vᵀ with the top eigenpair.
-    - ``"scalar_upper"`` / ``"scalar_lower"``: s · P with the largest / the
+    - ``"exact"``: the metric :math:`I(z) = \operatorname{Cov} t(y)`, the Fisher information
+      of the family in the logits.
+    - ``"upper"``: the diagonal (DG) envelope; :math:`\operatorname{diag}(p)` for Categorical,
+      :math:`I` itself for the diagonal families.
+    - ``"lower"``: the rank-one (LR) envelope :math:`\lambda_{\max} v v^\top` with the top
+      eigenpair.
+    - ``"scalar_upper"`` / ``"scalar_lower"``: :math:`s \cdot P` with the largest / the
       smallest nonzero eigenvalue (a lower bound of it for Categorical) and
-      P the projector onto the range of I (I − 11ᵀ/C for Categorical, the
-      identity otherwise).
+      :math:`P` the projector onto the range of :math:`I`
+      (:math:`I - \mathbf 1 \mathbf 1^\top / C` for Categorical, the identity otherwise).
     """
 
     __slots__ = ()
@@ -102,9 +104,10 @@ class Family:
 
     # ------------------------------------------------------------- statistics
     def mean(self, z: Array, /) -> Array:
-        """The expected sufficient statistic E t(y), shape (..., C).
+        r"""The expected sufficient statistic :math:`\mathbb E\, t(y)`, shape (..., C).
 
-        Categorical: softmax(z); Bernoulli: σ(z); Gaussian: z. Cost O(C) per row.
+        Categorical: :math:`\operatorname{softmax}(z)`; Bernoulli: :math:`\sigma(z)`;
+        Gaussian: :math:`z`. Cost :math:`O(C)` per row.
 
         Examples
         --------
@@ -117,11 +120,13 @@ class Family:
         return self._mean(z, xp)
 
     def log_likelihood(self, z: Array, y: Array, /) -> Array:
-        """The log-likelihood log p(y | z), shape (...), computed stably from the logits.
+        r"""The log-likelihood :math:`\log p(y|z)`, shape (...), computed stably from the logits.
 
-        Categorical: z_y − logsumexp(z) with integer labels y (...);
-        Bernoulli: Σ_c [y_c z_c − softplus(z_c)] with y in {0, 1} of shape (..., C);
-        Gaussian: −‖y − z‖²/(2σ²) − (C/2) log 2πσ² with real targets (..., C).
+        Categorical: :math:`z_y - \operatorname{logsumexp}(z)` with integer labels :math:`y` (...);
+        Bernoulli: :math:`\sum_c [y_c z_c - \operatorname{softplus}(z_c)]` with :math:`y` in
+        :math:`\{0, 1\}` of shape (..., C);
+        Gaussian: :math:`-\lVert y - z \rVert^2/(2\sigma^2) - (C/2) \log 2\pi\sigma^2` with real
+        targets (..., C).
 
         Examples
         --------
@@ -137,10 +142,11 @@ class Family:
         return check_result(out, f"{self!r}.log_likelihood(z, y)", xp, {"z": z, "y": y})
 
     def score(self, z: Array, y: Array, /) -> Array:
-        """The score ∂ log p(y | z) / ∂z = t(y) − E t(y), shape (..., C).
+        r"""The score :math:`\partial_z \log p(y|z) = t(y) - \mathbb E\, t(y)`, shape (..., C).
 
-        Categorical: onehot(y) − p; Bernoulli: y − σ(z); Gaussian: (y − z)/σ². Its
-        mean under y ~ p(· | z) is zero and its covariance is the exact metric.
+        Categorical: :math:`\operatorname{onehot}(y) - p`; Bernoulli: :math:`y - \sigma(z)`;
+        Gaussian: :math:`(y - z)/\sigma^2`. Its mean under :math:`y \sim p(\cdot \mid z)` is zero
+        and its covariance is the exact metric.
         """
         xp = self._check_z(z)
         self._check_labels(z, y, xp)
@@ -148,10 +154,10 @@ class Family:
         return check_result(out, f"{self!r}.score(z, y)", xp, {"z": z, "y": y})
 
     def check_labels(self, z: Array, y: Array, /, *, names: tuple[str, str] = ("z", "y")) -> None:
-        """Validate labels ``y`` for logits ``z`` (dtype, shape, range); raise if invalid.
+        r"""Validate labels ``y`` for logits ``z`` (dtype, shape, range); raise if invalid.
 
-        Categorical: integer class indices of shape z.shape[:-1] in [0, C);
-        Bernoulli: real floating {0, 1} of shape z.shape; Gaussian: real floating,
+        Categorical: integer class indices of shape z.shape[:-1] in :math:`[0, C)`;
+        Bernoulli: real floating :math:`\{0, 1\}` of shape z.shape; Gaussian: real floating,
         finite, of shape z.shape. ``names``: how the messages name z and y (a
         caller's own arguments, e.g. ``("logits", "labels")``).
         """
@@ -159,14 +165,14 @@ class Family:
         self._check_labels(z, y, xp, names)
 
     def sample(self, z: Array, /, rng: Any = None, *, num_samples: int | None = None) -> Array:
-        """Labels drawn from p(· | z) with host random numbers.
+        r"""Labels drawn from :math:`p(\cdot \mid z)` with host random numbers.
 
         ``rng`` is a numpy Generator, an int seed, a JAX key or None; one seed gives the same
         labels on every backend. With ``num_samples`` the result gets a leading
         axis of that length. Categorical (inverse CDF of one uniform per row):
         class indices of shape (...) in the namespace's indexing dtype (int64; int32
-        for JAX without x64); Bernoulli: {0, 1} in z's dtype, shape
-        (..., C); Gaussian: z + N(0, σ² I) noise.
+        for JAX without x64); Bernoulli: :math:`\{0, 1\}` in z's dtype, shape
+        (..., C); Gaussian: :math:`z + \mathcal N(0, \sigma^2 I)` noise.
 
         Examples
         --------
@@ -185,13 +191,14 @@ class Family:
 
     # ---------------------------------------------------------------- kernels
     def metric(self, z: Array, /, *, kernel: str = "exact") -> Array:
-        """The core kernel K(z) as a dense (..., C, C) array.
+        r"""The core kernel :math:`K(z)` as a dense (..., C, C) array.
 
-        ``"exact"``: I(z) (Categorical diag(p) − p pᵀ, Bernoulli diag(σ(1 − σ)),
-        Gaussian I/σ²); ``"upper"``: the DG envelope; ``"lower"``: λ_max v vᵀ;
-        ``"scalar_upper"`` / ``"scalar_lower"``: s · P (see the class docstring).
-        Cost O(C²) per row (O(C) per row plus an eigen-solve of O(C) per
-        iteration for the kernels that need λ_max).
+        ``"exact"``: :math:`I(z)` (Categorical :math:`\operatorname{diag}(p) - p p^\top`,
+        Bernoulli :math:`\operatorname{diag}(\sigma(1 - \sigma))`, Gaussian :math:`I/\sigma^2`);
+        ``"upper"``: the DG envelope; ``"lower"``: :math:`\lambda_{\max} v v^\top`;
+        ``"scalar_upper"`` / ``"scalar_lower"``: :math:`s \cdot P` (see the class docstring).
+        Cost :math:`O(C^2)` per row (:math:`O(C)` per row plus an eigen-solve of :math:`O(C)` per
+        iteration for the kernels that need :math:`\lambda_{\max}`).
 
         Examples
         --------
@@ -210,14 +217,15 @@ class Family:
         return self.metric(z, kernel="upper")
 
     def lower_kernel(self, z: Array, /) -> Array:
-        """The lower (LR) envelope λ_max v vᵀ, ``metric(z, kernel="lower")``."""
+        r"""The lower (LR) envelope :math:`\lambda_\max v v^\top`, ``metric(z, kernel="lower")``."""
         return self.metric(z, kernel="lower")
 
     def metric_matvec(self, z: Array, v: Array, /, *, kernel: str = "exact") -> Array:
-        """K(z) v in O(C) per row, never forming K; shape: the broadcast (..., C).
+        r""":math:`K(z) v` in :math:`O(C)` per row, never forming K; shape: the broadcast (..., C).
 
-        Categorical exact: p ⊙ v − p (p · v); upper: p ⊙ v; lower: λ_C v_C (v_Cᵀ v);
-        scalar: s (v − mean(v)). Diagonal families: d ⊙ v, s v.
+        Categorical exact: :math:`p \odot v - p\, (p \cdot v)`; upper: :math:`p \odot v`;
+        lower: :math:`\lambda_C v_C (v_C^\top v)`; scalar: :math:`s\, (v - \operatorname{mean}(v))`.
+        Diagonal families: :math:`d \odot v`, :math:`s v`.
 
         Examples
         --------
@@ -242,20 +250,23 @@ class Family:
         return self.metric_matvec(z, v, kernel="lower")
 
     def sqrt_rank(self, num_classes: int, *, kernel: str = "exact") -> int:
-        """R, the number of columns of the factor B of ``sqrt_metric``.
+        r""":math:`R`, the number of columns of the factor :math:`B` of ``sqrt_metric``.
 
-        C for the exact, upper and scalar kernels; 1 for the rank-one lower kernel.
+        :math:`C` for the exact, upper and scalar kernels; 1 for the rank-one lower kernel.
         """
         c = check_positive_int(num_classes, "num_classes")
         kernel = check_choice(kernel, "kernel", KERNELS)
         return 1 if kernel == "lower" else c
 
     def sqrt_metric(self, z: Array, /, *, kernel: str = "exact") -> Array:
-        """A factor B (..., C, R) with B Bᵀ = K(z), R = ``sqrt_rank(C, kernel=kernel)``.
+        r"""A factor B (..., C, R) with :math:`BB^\top = K(z)`, R = ``sqrt_rank(C, kernel=kernel)``.
 
-        Categorical exact: B = (I − p 1ᵀ) diag(√p), whose column y is √p_y (e_y − p);
-        upper: diag(√p); lower: the column √λ_C v_C; scalar: √s P (P² = P).
-        Diagonal families: diag(√d), √λ_max e_k, √s I. Cost O(C²) per row.
+        Categorical exact: :math:`B = (I - p \mathbf 1^\top) \operatorname{diag}(\sqrt p)`, whose
+        column :math:`y` is :math:`\sqrt{p_y}\, (e_y - p)`; upper:
+        :math:`\operatorname{diag}(\sqrt p)`; lower: the column :math:`\sqrt{\lambda_C}\, v_C`;
+        scalar: :math:`\sqrt s\, P` (:math:`P^2 = P`). Diagonal families:
+        :math:`\operatorname{diag}(\sqrt d)`, :math:`\sqrt{\lambda_{\max}}\, e_k`,
+        :math:`\sqrt s\, I`. Cost :math:`O(C^2)` per row.
 
         Examples
         --------
@@ -271,11 +282,11 @@ class Family:
         return self._sqrt_metric(z, kernel, xp)
 
     def sqrt_metric_matvec(self, z: Array, xi: Array, /, *, kernel: str = "exact") -> Array:
-        """B(z) ξ in O(C) per row for ξ of shape (..., R); result (..., C).
+        r""":math:`B(z)\, \xi` in O(C) per row for :math:`\xi` of shape (..., R); result (..., C).
 
-        Categorical exact: √p ⊙ ξ − p (√p · ξ). This is the cotangent of the
-        detach-and-mix estimator: with Rademacher ξ, E[(B ξ)(B ξ)ᵀ] = K(z); the
-        weight is √p, not p.
+        Categorical exact: :math:`\sqrt p \odot \xi - p\, (\sqrt p \cdot \xi)`. This is the
+        cotangent of the detach-and-mix estimator: with Rademacher :math:`\xi`,
+        :math:`\mathbb E[(B \xi)(B \xi)^\top] = K(z)`; the weight is :math:`\sqrt p`, not :math:`p`.
 
         Examples
         --------
@@ -296,14 +307,15 @@ class Family:
 
     # --------------------------------------------------------------- spectrum
     def eigvalsh(self, z: Array, /) -> Array:
-        """The spectrum of the exact metric, ascending, shape (..., C).
+        r"""The spectrum of the exact metric, ascending, shape (..., C).
 
-        Categorical: λ_1 = 0 and one root of the secular equation
-        Σ_i p_i / (p_i − λ) = 0 between each pair of consecutive distinct sorted
-        probabilities (a value repeated k times is an eigenvalue k − 1 times);
-        never forms the C × C matrix: O(C) per eigenvalue and iteration, a few
+        Categorical: :math:`\lambda_1 = 0` and one root of the secular equation
+        :math:`\sum_i p_i / (p_i - \lambda) = 0` between each pair of consecutive distinct sorted
+        probabilities (a value repeated :math:`k` times is an eigenvalue :math:`k - 1` times);
+        never forms the :math:`C \times C` matrix: :math:`O(C)` per eigenvalue and iteration, a few
         iterations, memory bounded by chunking. Tiny eigenvalues keep their
-        relative accuracy. Bernoulli: sorted σ(1 − σ); Gaussian: 1/σ² (C times).
+        relative accuracy. Bernoulli: sorted :math:`\sigma(1 - \sigma)`; Gaussian:
+        :math:`1/\sigma^2` (:math:`C` times).
 
         Examples
         --------
@@ -316,23 +328,26 @@ class Family:
         return self._eigvalsh(z, xp)
 
     def top_eigenpair(self, z: Array, /) -> EigenPair:
-        """(λ_max (...), unit eigenvector (..., C)) of the exact metric.
+        r"""(:math:`\lambda_{\max}` (...), unit eigenvector (..., C)) of the exact metric.
 
-        Categorical: λ_C from the secular equation and v_j ∝ p_j / (p_j − λ_C)
-        (the component of the most likely class is positive); when the top
-        probability is tied, λ_C = p_(C) and v = (e_i − e_j)/√2 for two tied
-        classes. Bernoulli: the largest σ(1 − σ) and its basis vector; Gaussian:
-        1 and e_0. Cost O(C) per row and iteration.
+        Categorical: :math:`\lambda_C` from the secular equation and
+        :math:`v_j \propto p_j / (p_j - \lambda_C)` (the component of the most likely class is
+        positive); when the top probability is tied, :math:`\lambda_C = p_{(C)}` and
+        :math:`v = (e_i - e_j)/\sqrt 2` for two tied classes. Bernoulli: the largest
+        :math:`\sigma(1 - \sigma)` and its basis vector; Gaussian: 1 and :math:`e_0`. Cost
+        :math:`O(C)` per row and iteration.
         """
         xp = self._check_z(z)
         return EigenPair(*self._top_eigenpair(z, xp))
 
     def lambda_max_bounds(self, z: Array, /) -> EigenvalueBounds:
-        """Deterministic (lower, upper) bounds of λ_max without an eigen-solve.
+        r"""Deterministic (lower, upper) bounds of :math:`\lambda_{\max}` without an eigen-solve.
 
-        Categorical (paper 1, Theorem 1): lower = max(p_(C−1), max_i p_i (1 − p_i),
-        ½[p_(C) + p_(C−1) − (p_(C) − p_(C−1))²]), upper = min(p_(C), 1 − ‖p‖², ½).
-        Bernoulli and Gaussian: both equal λ_max. Cost O(C) per row.
+        Categorical (paper 1, Theorem 1):
+        :math:`\mathrm{lower} = \max\Big(p_{(C-1)},\ \max_i p_i (1 - p_i),\
+        \tfrac12\big[p_{(C)} + p_{(C-1)} - (p_{(C)} - p_{(C-1)})^2\big]\Big)`,
+        :math:`\mathrm{upper} = \min\big(p_{(C)},\ 1 - \lVert p \rVert^2,\ \tfrac12\big)`.
+        Bernoulli and Gaussian: both equal :math:`\lambda_{\max}`. Cost :math:`O(C)` per row.
 
         Examples
         --------
@@ -346,20 +361,21 @@ class Family:
         return EigenvalueBounds(*self._lambda_max_bounds(z, xp))
 
     def pseudo_determinant(self, z: Array, /) -> Array:
-        """The product of the nonzero eigenvalues, shape (...).
+        r"""The product of the nonzero eigenvalues, shape (...).
 
-        Categorical: C · Π_i p_i; Bernoulli: Π_c σ(1 − σ); Gaussian: 1. Underflows
-        to 0 for large C; use ``log_pseudo_determinant`` there.
+        Categorical: :math:`C \cdot \prod_i p_i`; Bernoulli: :math:`\prod_c \sigma(1 - \sigma)`;
+        Gaussian: 1. Underflows to 0 for large :math:`C`; use ``log_pseudo_determinant`` there.
         """
         xp = self._check_z(z)
         out = xp.exp(self._log_pseudo_determinant(z, xp))
         return check_result(out, f"{self!r}.pseudo_determinant(z)", xp, {"z": z})
 
     def log_pseudo_determinant(self, z: Array, /) -> Array:
-        """The logarithm of ``pseudo_determinant`` from the logits, shape (...), no underflow.
+        r"""The logarithm of ``pseudo_determinant`` from the logits, shape (...), no underflow.
 
-        Categorical: log C + Σ_i log p_i with log p = z − logsumexp(z); Bernoulli:
-        Σ_c [log σ(z_c) + log σ(−z_c)]; Gaussian: 0.
+        Categorical: :math:`\log C + \sum_i \log p_i` with
+        :math:`\log p = z - \operatorname{logsumexp}(z)`; Bernoulli:
+        :math:`\sum_c [\log \sigma(z_c) + \log \sigma(-z_c)]`; Gaussian: 0.
         """
         xp = self._check_z(z)
         out = self._log_pseudo_determinant(z, xp)
@@ -367,13 +383,18 @@ class Family:
 
     # ---------------------------------------------------------------- moments
     def fourth_moment(self, z: Array, a: Array, /) -> Array:
-        """E (aᵀu)⁴ with u = t(y) − E t(y), y ~ p(· | z); shape: broadcast leading axes.
+        r""":math:`\mathbb E\, (a^\top u)^4`; shape: broadcast leading axes.
 
+        With :math:`u = t(y) - \mathbb E\, t(y)`, :math:`y \sim p(\cdot \mid z)`.
         The contraction in the variance of the score-outer-product estimator
-        (paper 2, THEORY §4): Var(Î_1,ii) = (1/N)[E(aᵀu)⁴ − (aᵀ I a)²] with
-        a = J_{·i}. Categorical: Σ_c p_c (a_c − ā)⁴ with ā = Σ_c p_c a_c;
-        Bernoulli: Σ_c a_c⁴ (μ4_c − 3 v_c²) + 3 (Σ_c a_c² v_c)² with v = σ(1 − σ),
-        μ4 = v (1 − 3v); Gaussian: 3 ‖a‖⁴. Cost O(C) per row.
+        (paper 2, THEORY §4):
+        :math:`\operatorname{Var}(\hat I_{1,ii})
+        = \frac1N \big[\mathbb E (a^\top u)^4 - (a^\top I a)^2\big]`
+        with :math:`a = J_{\cdot i}`. Categorical: :math:`\sum_c p_c (a_c - \bar a)^4` with
+        :math:`\bar a = \sum_c p_c a_c`; Bernoulli:
+        :math:`\sum_c a_c^4 (\mu_{4,c} - 3 v_c^2) + 3 (\sum_c a_c^2 v_c)^2` with
+        :math:`v = \sigma(1 - \sigma)`, :math:`\mu_4 = v (1 - 3v)`; Gaussian:
+        :math:`3 \lVert a \rVert^4`. Cost :math:`O(C)` per row.
 
         Examples
         --------
@@ -395,11 +416,12 @@ class Family:
     # fronts; no checks; ``xp`` is the namespace of z (``jax.numpy`` under jit).
 
     def unchecked_log_likelihood(self, z: Array, y: Array, /, *, xp: Any) -> Array:
-        """``log_likelihood(z, y)`` without validation: log p(y | z), shape (...).
+        r"""``log_likelihood(z, y)`` without validation: :math:`\log p(y \mid z)`, shape (...).
 
-        Categorical: z_y − logsumexp(z) (integer y of shape z.shape[:-1]);
-        Bernoulli: Σ_c [y_c z_c − softplus(z_c)]; Gaussian: −½‖y − z‖² − (C/2) log 2π.
-        Leading axes of z and y broadcast as the formulas do. Cost O(C) per row.
+        Categorical: :math:`z_y - \operatorname{logsumexp}(z)` (integer :math:`y` of shape
+        z.shape[:-1]); Bernoulli: :math:`\sum_c [y_c z_c - \operatorname{softplus}(z_c)]`;
+        Gaussian: :math:`-\tfrac12 \lVert y - z \rVert^2 - (C/2) \log 2\pi`.
+        Leading axes of z and y broadcast as the formulas do. Cost :math:`O(C)` per row.
         The caller guarantees what ``check_labels`` checks.
 
         Examples
@@ -413,21 +435,22 @@ class Family:
         return self._log_likelihood(z, y, xp)
 
     def unchecked_score(self, z: Array, y: Array, /, *, xp: Any) -> Array:
-        """``score(z, y)`` without validation: t(y) − E t(y), shape (..., C).
+        r"""``score(z, y)`` without validation: :math:`t(y) - \mathbb E\, t(y)`, shape (..., C).
 
-        Categorical: onehot(y) − softmax(z); Bernoulli: y − σ(z); Gaussian: y − z.
-        Cost O(C) per row. The caller guarantees what ``check_labels`` checks.
+        Categorical: :math:`\operatorname{onehot}(y) - \operatorname{softmax}(z)`; Bernoulli:
+        :math:`y - \sigma(z)`; Gaussian: :math:`y - z`.
+        Cost :math:`O(C)` per row. The caller guarantees what ``check_labels`` checks.
         """
         return self._score(z, y, xp)
 
     def unchecked_metric_matvec(
         self, z: Array, v: Array, /, *, kernel: str = "exact", xp: Any
     ) -> Array:
-        """``metric_matvec(z, v, kernel=kernel)`` without validation: K(z) v, (..., C).
+        r"""``metric_matvec(z, v, kernel=kernel)`` without validation: :math:`K(z)\, v`, (..., C).
 
-        Categorical exact: p ⊙ v − p (p · v); see ``metric_matvec`` for the other
-        kernels. O(C) per row (plus an eigen-solve for ``"lower"``), never forming
-        K. ``kernel`` must be one of ``KERNELS``; z and v real floating of one
+        Categorical exact: :math:`p \odot v - p\, (p \cdot v)`; see ``metric_matvec`` for the other
+        kernels. :math:`O(C)` per row (plus an eigen-solve for ``"lower"``), never forming
+        :math:`K`. ``kernel`` must be one of ``KERNELS``; z and v real floating of one
         namespace, device and dtype, broadcastable.
         """
         return self._metric_matvec(z, v, kernel, xp)
@@ -435,20 +458,21 @@ class Family:
     def unchecked_sqrt_metric_matvec(
         self, z: Array, xi: Array, /, *, kernel: str = "exact", overwrite: bool = False, xp: Any
     ) -> Array:
-        """``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: B(z) ξ, (..., C).
+        r"""``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: B(z) ξ, (..., C).
 
-        For callers whose z and ξ are known finite and conformant (the estimators'
-        logits, checked when the linearization was built, and their own probes):
+        For callers whose :math:`z` and :math:`\xi` are known finite and conformant (the
+        estimators' logits, checked when the linearization was built, and their own probes):
         it skips the two finiteness passes over arrays of the logits' size.
-        Categorical exact: √p ⊙ ξ − p (√p · ξ), O(C) per row, never forming B.
-        ``kernel`` must be one of ``KERNELS``; ξ has the factor's R columns.
-        ``overwrite=True``: ξ is the caller's to lose; the result may be written
-        into it (categorical exact on torch, where ξ has the result's shape and
-        dtype: no new array of ξ's size, which at vocabulary scale costs as much
-        as the arithmetic). ξ may be integer ±1 signs (``probes(..., signs=True)``):
-        a kernel that takes them does (categorical exact on torch's CPU, one probe:
-        block by block, one new array of the logits' size), the others get ξ cast
-        to z's dtype.
+        Categorical exact: :math:`\sqrt p \odot \xi - p\, (\sqrt p \cdot \xi)`, :math:`O(C)` per
+        row, never forming :math:`B`. ``kernel`` must be one of ``KERNELS``; :math:`\xi` has the
+        factor's :math:`R` columns.
+        ``overwrite=True``: :math:`\xi` is the caller's to lose; the result may be written
+        into it (categorical exact on torch, where :math:`\xi` has the result's shape and
+        dtype: no new array of :math:`\xi`'s size, which at vocabulary scale costs as much
+        as the arithmetic). :math:`\xi` may be integer :math:`\pm 1` signs
+        (``probes(..., signs=True)``): a kernel that takes them does (categorical exact on
+        torch's CPU, one probe: block by block, one new array of the logits' size), the others
+        get :math:`\xi` cast to z's dtype.
         """
         if overwrite and kernel == "exact":
             out = self._exact_sqrt_matvec_into(z, xi, xp)

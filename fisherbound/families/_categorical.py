@@ -158,19 +158,22 @@ def complements(z: Array, xp: Any) -> tuple[Array, Array, Array]:
 
 
 class Categorical(Family):
-    """Softmax classification over C ≥ 2 classes: p = softmax(z), t(y) = e_y.
+    r"""Softmax classification over C ≥ 2 classes: :math:`p = \mathrm{softmax}(z),\ t(y) = e_y`.
 
-    Core metric I_Δ(z) = diag(p) − p pᵀ with eigenvalues 0 = λ_1 ≤ … ≤ λ_C ≤ ½
-    interlacing the sorted probabilities (p_(i−1) ≤ λ_i ≤ p_(i)), trace
-    1 − ‖p‖² and pseudo-determinant C Π p_i. Envelopes (THEORY §1):
-    λ_C v_C v_Cᵀ ⪯ I_Δ ⪯ diag(p) and p_(1) P ⪯ I_Δ ⪯ λ_C P with P = I − 11ᵀ/C.
-    Labels are integer class indices in [0, C), or target distributions y of z's
-    shape (..., C) (soft targets, e.g. label smoothing or distillation, as
-    ``CrossEntropyLoss`` takes class probabilities): entries in [0, 1], rows summing
-    to 1 to ``SOFT_TARGET_TOLERANCE`` = 1e-4. Then log p(y | z) = Σ_c y_c log p_c,
-    the soft cross-entropy's negative, and the score its gradient
-    y − (Σ_c y_c) p, which is y − p for a distribution; the metric does not depend
-    on y.
+    Core metric :math:`I_\Delta(z) = \operatorname{diag}(p) - p p^\top` with eigenvalues
+    :math:`0 = \lambda_1 \le \dots \le \lambda_C \le \tfrac12`
+    interlacing the sorted probabilities (:math:`p_{(i-1)} \le \lambda_i \le p_{(i)}`), trace
+    :math:`1 - \lVert p \rVert^2` and pseudo-determinant :math:`C \prod p_i`. Envelopes
+    (THEORY §1): :math:`\lambda_C v_C v_C^\top \preceq I_\Delta \preceq \operatorname{diag}(p)` and
+    :math:`p_{(1)} P \preceq I_\Delta \preceq \lambda_C P` with
+    :math:`P = I - \mathbf 1 \mathbf 1^\top / C`.
+    Labels are integer class indices in :math:`[0, C)`, or target distributions :math:`y` of
+    z's shape (..., C) (soft targets, e.g. label smoothing or distillation, as
+    ``CrossEntropyLoss`` takes class probabilities): entries in :math:`[0, 1]`, rows summing
+    to 1 to ``SOFT_TARGET_TOLERANCE`` = 1e-4. Then
+    :math:`\log p(y \mid z) = \sum_c y_c \log p_c`, the soft cross-entropy's negative, and the
+    score its gradient :math:`y - (\sum_c y_c)\, p`, which is :math:`y - p` for a distribution;
+    the metric does not depend on :math:`y`.
 
     Examples
     --------
@@ -211,7 +214,7 @@ class Categorical(Family):
             raise ValueError(msg)
 
     def probabilities(self, z: Array, /) -> Array:
-        """softmax(z), shape (..., C): the same as ``mean``, the paper's name."""
+        r""":math:`\mathrm{softmax}(z)`, shape (..., C): the same as ``mean``, the paper's name."""
         return self.mean(z)
 
     # ------------------------------------------------------------ statistics

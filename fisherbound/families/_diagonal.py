@@ -51,15 +51,17 @@ class _DiagonalFamily(Family):
 
 
 class Bernoulli(_DiagonalFamily):
-    """C independent binary outputs (multi-label): p_c = σ(z_c), t(y) = y ∈ {0, 1}^C.
+    r"""C independent binary outputs (multi-label): :math:`p_c=\sigma(z_c), t(y)=y\in\{0,1\}^C`.
 
-    Core metric I(z) = diag(σ(z) ⊙ (1 − σ(z))), square root diag(√(σ(1 − σ))); the
-    upper envelope is I itself, the lower one λ_max e_k e_kᵀ at the largest entry,
-    the scalar ones (min / max entry) · I. Labels are floats in [0, 1] of shape
-    (..., C): binary labels, or soft targets (label smoothing, distillation, as
-    ``BCEWithLogitsLoss`` takes them). For a soft target y the log-likelihood is the
-    soft cross-entropy's negative Σ_c [y_c z_c − softplus(z_c)] and the score
-    y − σ(z) its gradient; the metric does not depend on y.
+    Core metric :math:`I(z) = \operatorname{diag}(\sigma(z) \odot (1 - \sigma(z)))`, square root
+    :math:`\operatorname{diag}\big(\sqrt{\sigma(1 - \sigma)}\big)`; the
+    upper envelope is :math:`I` itself, the lower one :math:`\lambda_{\max} e_k e_k^\top` at the
+    largest entry, the scalar ones (min / max entry) :math:`\cdot\, I`. Labels are floats in
+    :math:`[0, 1]` of shape (..., C): binary labels, or soft targets (label smoothing,
+    distillation, as ``BCEWithLogitsLoss`` takes them). For a soft target :math:`y` the
+    log-likelihood is the soft cross-entropy's negative
+    :math:`\sum_c [y_c z_c - \operatorname{softplus}(z_c)]` and the score :math:`y - \sigma(z)`
+    its gradient; the metric does not depend on :math:`y`.
 
     Examples
     --------
@@ -72,7 +74,7 @@ class Bernoulli(_DiagonalFamily):
     __slots__ = ()
 
     def probabilities(self, z: Array, /) -> Array:
-        """σ(z), shape (..., C): the same as ``mean``, the paper's name."""
+        r""":math:`\sigma(z)`, shape (..., C): the same as ``mean``, the paper's name."""
         return self.mean(z)
 
     def _mean(self, z: Array, xp: Any) -> Array:
@@ -122,16 +124,17 @@ class Bernoulli(_DiagonalFamily):
 
 
 class Gaussian(_DiagonalFamily):
-    """Regression with a known variance: y ~ N(z, σ² I), t(y) = y / σ².
+    r"""Regression with a known variance: :math:`y \sim \mathcal N(z, \sigma^2 I), t(y)=y/\sigma^2`.
 
-    ``variance`` σ² > 0 (default 1, the unit Gaussian of THEORY §1), a positive
-    real number (keyword-only) with 1/σ² finite in the logits' dtype: the same
+    ``variance`` :math:`\sigma^2 > 0` (default 1, the unit Gaussian of THEORY §1), a positive
+    real number (keyword-only) with :math:`1/\sigma^2` finite in the logits' dtype: the same
     for every output (a homoscedastic noise level, as
-    ``MSELoss`` assumes; with σ² = ½ the negative log-likelihood is the sum of
-    squared errors up to a constant). Core metric I = I_C / σ² for every kernel
-    except the rank-one lower envelope e_0 e_0ᵀ / σ² (λ_max = 1/σ² with
-    eigenvector e_0); square root I_C / σ. Scaling σ² scales every Fisher
-    quantity by 1/σ² (and the variance formulas by 1/σ⁴). Targets are real
+    ``MSELoss`` assumes; with :math:`\sigma^2 = \tfrac12` the negative log-likelihood is the sum
+    of squared errors up to a constant). Core metric :math:`I = I_C / \sigma^2` for every kernel
+    except the rank-one lower envelope :math:`e_0 e_0^\top / \sigma^2`
+    (:math:`\lambda_{\max} = 1/\sigma^2` with eigenvector :math:`e_0`); square root
+    :math:`I_C / \sigma`. Scaling :math:`\sigma^2` scales every Fisher quantity by
+    :math:`1/\sigma^2` (and the variance formulas by :math:`1/\sigma^4`). Targets are real
     floats of shape (..., C).
 
     Examples
@@ -159,7 +162,7 @@ class Gaussian(_DiagonalFamily):
 
     @property
     def variance(self) -> float:
-        """σ², the variance of every output (a float)."""
+        r""":math:`\sigma^2`, the variance of every output (a float)."""
         return self._variance
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""Matrix-free linear algebra on any array-API library.
+r"""Matrix-free linear algebra on any array-API library.
 
 Everything here acts on a symmetric operator through its products only
 (``matvec`` / ``matmat``), so it applies unchanged to dense arrays and to the
@@ -12,7 +12,7 @@ backend.
   ``hutchpp_trace`` (each returns an ``Estimate`` with its standard error).
 - Spectra: ``lanczos`` (full reorthogonalisation, restarts on breakdown),
   ``eigsh`` (extreme eigenpairs), ``lanczos_quadrature`` and ``slq``
-  (stochastic Lanczos quadrature, tr f(A)), ``smoothed_density``.
+  (stochastic Lanczos quadrature, :math:`\operatorname{tr} f(A)`), ``smoothed_density``.
 
 See docs/linalg.md for formulas, variances and costs.
 """

@@ -99,17 +99,20 @@ def hutchinson_trace(
     rng: Any = None,
     batch_size: int | None = None,
 ) -> Estimate:
-    r"""Hutchinson's unbiased estimate of tr A.
+    r"""Hutchinson's unbiased estimate of :math:`\operatorname{tr} A`.
 
-    .. math:: \widehat{\operatorname{tr}} A = \frac1M \sum_{i=1}^M v_i^\top A v_i,
-              \qquad v_i \text{ i.i.d. Rademacher or standard Gaussian.}
+    .. math::
 
-    Variance of one sample (A symmetric): Rademacher
-    ``2 (‖A‖_F² − Σ_i a_ii²)`` (zero for a diagonal A: the estimate is then exact),
-    Gaussian ``2 ‖A‖_F²``. The reported ``std_error`` is the sample standard
-    deviation of the M per-probe values divided by √M (NaN for M = 1), with
-    M − 1 degrees of freedom (``dof``). When every per-probe value is ≥ 0 (always,
-    for a positive semidefinite A) the estimate has ``floor`` 0 and its
+       \widehat{\operatorname{tr}} A = \frac1M \sum_{i=1}^M v_i^\top A v_i,
+       \qquad v_i \text{ i.i.d. Rademacher or standard Gaussian.}
+
+    Variance of one sample (:math:`A` symmetric): Rademacher
+    :math:`2 (\lVert A \rVert_F^2 - \sum_i a_{ii}^2)` (zero for a diagonal :math:`A`: the
+    estimate is then exact), Gaussian :math:`2 \lVert A \rVert_F^2`. The reported
+    ``std_error`` is the sample standard deviation of the :math:`M` per-probe values
+    divided by :math:`\sqrt{M}` (NaN for :math:`M = 1`), with :math:`M - 1` degrees of
+    freedom (``dof``). When every per-probe value is :math:`\ge 0` (always, for a
+    positive semidefinite :math:`A`) the estimate has ``floor`` 0 and its
     ``interval`` is Student t on the cube-root scale, which allows for the right
     skew of such sums (``fisherbound.Estimate.interval``); otherwise Student t.
     Inside ``jax.jit`` the signs cannot be read: ``floor`` is None (Student t).
@@ -119,28 +122,30 @@ def hutchinson_trace(
     A
         A square operator (``LinearOperatorLike``) or a dense (n, n) floating array.
     num_probes
-        M ≥ 1, the number of probe vectors.
+        :math:`M \ge 1`, the number of probe vectors.
     distribution
-        ``"rademacher"`` (entries ±1, never worse than Gaussian) or ``"gaussian"``.
+        ``"rademacher"`` (entries :math:`\pm 1`, never worse than Gaussian) or ``"gaussian"``.
     rng
         A ``numpy.random.Generator``, an int seed, a JAX key or None. Probes are drawn on the
         host, so one seed gives the same estimate on every backend.
     batch_size
-        Probes applied per ``matmat`` call (memory n × batch_size); None: all M at
-        once up to 2**24 probe entries (n × batch_size), in blocks above that.
+        Probes applied per ``matmat`` call (memory :math:`n \times` ``batch_size``); None:
+        all :math:`M` at once up to 2**24 probe entries (:math:`n \times` ``batch_size``), in
+        blocks above that.
         Gaussian probes do not depend on it; Rademacher probes for one seed do
         (the host generator packs signs differently for different batch sizes).
 
     Returns
     -------
     Estimate
-        0-d ``value`` and ``std_error`` in A's namespace, dtype and device,
-        ``num_probes``, ``dof`` M − 1 and ``floor``; ``est.interval(0.95)``
+        0-d ``value`` and ``std_error`` in :math:`A`'s namespace, dtype and device,
+        ``num_probes``, ``dof`` :math:`M - 1` and ``floor``; ``est.interval(0.95)``
         is the 95% confidence interval.
 
     Notes
     -----
-    Cost: M matvecs (in ⌈M / batch_size⌉ ``matmat`` calls) and O(n M) extra work.
+    Cost: :math:`M` matvecs (in :math:`\lceil M / \mathrm{batch\_size} \rceil` ``matmat``
+    calls) and :math:`O(n M)` extra work.
 
     Examples
     --------
@@ -161,15 +166,18 @@ def hutchinson_diagonal(
     rng: Any = None,
     batch_size: int | None = None,
 ) -> Estimate:
-    r"""Unbiased estimate of the diagonal of A (Bekas, Kokiopoulou, Saad 2007).
+    r"""Unbiased estimate of the diagonal of :math:`A` (Bekas, Kokiopoulou, Saad 2007).
 
-    .. math:: \widehat{\operatorname{diag}} A = \frac1M \sum_{i=1}^M v_i \odot A v_i.
+    .. math::
 
-    Variance of one sample, entry i: Rademacher ``Σ_{j≠i} a_ij²`` (zero for a
-    diagonal A), Gaussian ``a_ii² + Σ_j a_ij²`` (A symmetric). ``std_error`` is
-    the per-entry sample standard deviation over probes divided by √M, with
-    M − 1 degrees of freedom: ``est.interval(0.95)`` is the Student-t interval
-    (the Rademacher samples a_ii + v_i Σ_{j≠i} a_ij v_j are symmetric about a_ii).
+       \widehat{\operatorname{diag}} A = \frac1M \sum_{i=1}^M v_i \odot A v_i.
+
+    Variance of one sample, entry :math:`i`: Rademacher :math:`\sum_{j \ne i} a_{ij}^2`
+    (zero for a diagonal :math:`A`), Gaussian :math:`a_{ii}^2 + \sum_j a_{ij}^2`
+    (:math:`A` symmetric). ``std_error`` is the per-entry sample standard deviation
+    over probes divided by :math:`\sqrt{M}`, with :math:`M - 1` degrees of freedom:
+    ``est.interval(0.95)`` is the Student-t interval (the Rademacher samples
+    :math:`a_{ii} + v_i \sum_{j \ne i} a_{ij} v_j` are symmetric about :math:`a_{ii}`).
 
     Parameters
     ----------
@@ -183,8 +191,8 @@ def hutchinson_diagonal(
 
     Notes
     -----
-    Cost: M matvecs; memory O(n × batch_size) (samples are merged batch by batch,
-    never stored as an (M, n) array).
+    Cost: :math:`M` matvecs; memory :math:`O(n \times \mathrm{batch\_size})` (samples are
+    merged batch by batch, never stored as an (M, n) array).
 
     Examples
     --------
@@ -224,21 +232,27 @@ def hutchpp_trace(
     distribution: str = "rademacher",
     rng: Any = None,
 ) -> Estimate:
-    r"""Hutch++ estimate of tr A (Meyer, Musco, Musco, Woodruff 2021).
+    r"""Hutch++ estimate of :math:`\operatorname{tr} A` (Meyer, Musco, Musco, Woodruff 2021).
 
-    With s = ⌊M/3⌋ and g = M − 2s: sketch S (n × s), Q = orth(A S) (QR), then
+    With :math:`s = \lfloor M/3 \rfloor` and :math:`g = M - 2s`: sketch :math:`S`
+    (:math:`n \times s`), :math:`Q = \operatorname{orth}(A S)` (QR), then
 
-    .. math:: \widehat{\operatorname{tr}} A = \operatorname{tr}(Q^\top A Q)
-              + \frac1g \sum_{i=1}^g g_i^\top (I - QQ^\top) A (I - QQ^\top) g_i .
+    .. math::
 
-    Unbiased for every Q, because tr A = tr(QᵀAQ) + tr((I − QQᵀ) A (I − QQᵀ)).
+       \widehat{\operatorname{tr}} A = \operatorname{tr}(Q^\top A Q)
+       + \frac1g \sum_{i=1}^g g_i^\top (I - QQ^\top) A (I - QQ^\top) g_i .
+
+    Unbiased for every :math:`Q`, because :math:`\operatorname{tr} A =
+    \operatorname{tr}(Q^\top A Q) + \operatorname{tr}((I - QQ^\top) A (I - QQ^\top))`.
     The deflated part removes the top of the spectrum, so the error decays like
-    1/M instead of 1/√M for matrices with decaying spectra (a PSD A has relative
-    error O(1/M)); it is exact when rank A ≤ s. ``std_error`` is the residual
-    Hutchinson part's sample standard deviation over √g (NaN when g = 1), i.e.
-    conditional on the sketch, with g − 1 degrees of freedom (``dof``). When the
-    residual samples are all ≥ 0 (always, for a PSD A) the estimate's ``floor``
-    is tr(QᵀAQ) and ``est.interval(0.95)`` allows for their right skew
+    :math:`1/M` instead of :math:`1/\sqrt{M}` for matrices with decaying spectra (a PSD
+    :math:`A` has relative error :math:`O(1/M)`); it is exact when
+    :math:`\operatorname{rank} A \le s`. ``std_error`` is the residual Hutchinson part's
+    sample standard deviation over :math:`\sqrt{g}` (NaN when :math:`g = 1`), i.e.
+    conditional on the sketch, with :math:`g - 1` degrees of freedom (``dof``). When the
+    residual samples are all :math:`\ge 0` (always, for a PSD :math:`A`) the estimate's
+    ``floor`` is :math:`\operatorname{tr}(Q^\top A Q)` and ``est.interval(0.95)`` allows
+    for their right skew
     (``fisherbound.Estimate.interval``); otherwise it is Student t.
 
     Parameters
@@ -247,18 +261,18 @@ def hutchpp_trace(
         As in ``hutchinson_trace`` (the sketch and the residual probes share the
         distribution).
     num_probes
-        M ≥ 3, the total number of matvecs: s for the sketch, s for QᵀAQ, g for
-        the residual.
+        :math:`M \ge 3`, the total number of matvecs: :math:`s` for the sketch, :math:`s`
+        for :math:`Q^\top A Q`, :math:`g` for the residual.
 
     Returns
     -------
     Estimate
-        0-d ``value`` and ``std_error``; ``num_probes`` is M, ``dof`` g − 1.
+        0-d ``value`` and ``std_error``; ``num_probes`` is :math:`M`, ``dof`` :math:`g - 1`.
 
     Notes
     -----
-    Cost: exactly M matvecs in three ``matmat`` calls, a QR of an n × s matrix
-    and O(n s g) extra work.
+    Cost: exactly :math:`M` matvecs in three ``matmat`` calls, a QR of an
+    :math:`n \times s` matrix and :math:`O(n s g)` extra work.
 
     Examples
     --------

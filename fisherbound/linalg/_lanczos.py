@@ -32,17 +32,17 @@ _DGKS = 0.7071067811865476
 
 
 class LanczosResult(NamedTuple):
-    """The Lanczos decomposition Qᵀ A Q = T of a symmetric operator.
+    r"""The Lanczos decomposition :math:`Q^\top A Q = T` of a symmetric operator.
 
     Attributes
     ----------
     alpha
-        Diagonal of the tridiagonal T, shape (m,).
+        Diagonal of the tridiagonal :math:`T`, shape (m,).
     beta
-        Off-diagonal of T, shape (m − 1,); an exact 0 marks a breakdown (an
+        Off-diagonal of :math:`T`, shape (m − 1,); an exact 0 marks a breakdown (an
         invariant subspace was found) followed by a random restart.
     basis
-        Q, shape (n, m), orthonormal columns.
+        :math:`Q`, shape (n, m), orthonormal columns.
     """
 
     alpha: Array
@@ -51,21 +51,24 @@ class LanczosResult(NamedTuple):
 
 
 class EigshResult(NamedTuple):
-    """Ritz approximations of extreme eigenpairs.
+    r"""Ritz approximations of extreme eigenpairs.
 
     Attributes
     ----------
     eigenvalues
-        Ritz values θ, shape (k',), ascending.
+        Ritz values :math:`\theta`, shape (k',), ascending.
     eigenvectors
-        Ritz vectors y, shape (n, k'), unit columns, in the order of ``eigenvalues``.
+        Ritz vectors :math:`y`, shape (n, k'), unit columns, in the order of
+        ``eigenvalues``.
     residuals
-        The Krylov residual β·abs(s_{p,i}) per pair, shape (k',), floored at
-        ε·max abs(θ) (rounding): ‖A y − θ y‖ in exact arithmetic, at no extra
-        product (for symmetric A some eigenvalue lies within ‖A y − θ y‖ of θ).
+        The Krylov residual :math:`\beta \cdot \lvert s_{p,i} \rvert` per pair, shape (k',),
+        floored at :math:`\varepsilon \cdot \max \lvert \theta \rvert` (rounding):
+        :math:`\lVert A y - \theta y \rVert` in exact arithmetic, at no extra
+        product (for symmetric :math:`A` some eigenvalue lies within
+        :math:`\lVert A y - \theta y \rVert` of :math:`\theta`).
         It does not contain the rounding error of the products, which in float32
         can exceed it (1.2e-5 reported against 1.9e-5 explicit for the top pair of
-        a 2000 × 2000 float32 matrix with eigenvalues up to 100); compute
+        a :math:`2000 \times 2000` float32 matrix with eigenvalues up to 100); compute
         ``A @ y − θ y`` when that matters.
     """
 
@@ -300,16 +303,20 @@ def lanczos(
 ) -> LanczosResult:
     r"""Symmetric Lanczos tridiagonalisation with full reorthogonalisation.
 
-    Builds an orthonormal basis Q = [q_1 … q_m] of the Krylov space
-    span{v0, A v0, …, A^{m−1} v0} and the tridiagonal T = Qᵀ A Q:
+    Builds an orthonormal basis :math:`Q = [q_1 \dots q_m]` of the Krylov space
+    :math:`\operatorname{span}\{v_0, A v_0, \dots, A^{m-1} v_0\}` and the tridiagonal
+    :math:`T = Q^\top A Q`:
 
-    .. math:: A q_j = \beta_{j-1} q_{j-1} + \alpha_j q_j + \beta_j q_{j+1},
+    .. math::
+
+       A q_j = \beta_{j-1} q_{j-1} + \alpha_j q_j + \beta_j q_{j+1},
 
     every new vector orthogonalised against the whole basis by classical
-    Gram–Schmidt applied twice, so Q stays orthonormal to rounding level and no
+    Gram–Schmidt applied twice, so :math:`Q` stays orthonormal to rounding level and no
     spurious copies ("ghosts") of converged eigenvalues appear. On breakdown
-    (β_j ≤ eps · clip(n, 10, eps^(-1/2)) · ‖T‖, an invariant subspace) the run
-    records β_j = 0 and restarts with a random vector orthogonal to the basis;
+    (:math:`\beta_j \le \varepsilon \cdot \operatorname{clip}(n, 10, \varepsilon^{-1/2})
+    \cdot \lVert T \rVert`, an invariant subspace) the run
+    records :math:`\beta_j = 0` and restarts with a random vector orthogonal to the basis;
     this is how repeated eigenvalues are found with their multiplicity.
 
     Parameters
@@ -318,7 +325,7 @@ def lanczos(
         A symmetric square operator or dense (n, n) floating array (symmetry is
         assumed, not checked).
     num_matvecs
-        Number of steps; m = min(num_matvecs, n).
+        Number of steps; :math:`m = \min(\mathrm{num\_matvecs}, n)`.
     v0
         Starting vector (n,) of A's namespace (normalised here); default a
         Gaussian vector from ``rng``.
@@ -332,10 +339,11 @@ def lanczos(
 
     Notes
     -----
-    Cost: m matvecs, O(n m²) work for the reorthogonalisation and n m memory for
-    the basis; one scalar is read on the host per step (the breakdown test). A JAX
-    operator with a traceable product (a dense JAX array, a JAX Fisher operator; see
-    ``LinearOperator``) runs all m steps as one compiled loop on the device instead,
+    Cost: :math:`m` matvecs, :math:`O(n m^2)` work for the reorthogonalisation and
+    :math:`n m` memory for the basis; one scalar is read on the host per step (the
+    breakdown test). A JAX operator with a traceable product (a dense JAX array, a JAX
+    Fisher operator; see ``LinearOperator``) runs all :math:`m` steps as one compiled loop
+    on the device instead,
     with one host read per call (and per breakdown).
 
     Examples
@@ -540,66 +548,76 @@ def eigsh(
 ) -> EigshResult:
     r"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos to a tolerance.
 
-    Lanczos with full reorthogonalisation builds A Q = Q T + β q eᵀ on a basis of at
-    most p vectors; the Ritz pairs (θ_i, Q s_i) of T = S diag(θ) Sᵀ have residuals
-    ‖A Q s_i − θ_i Q s_i‖ = β·abs(s_{p,i}), read off T at no extra product. The run stops
-    when (for p < n) every wanted pair satisfies
+    Lanczos with full reorthogonalisation builds :math:`A Q = Q T + \beta q e^\top` on a
+    basis of at most :math:`p` vectors; the Ritz pairs :math:`(\theta_i, Q s_i)` of
+    :math:`T = S \operatorname{diag}(\theta) S^\top` have residuals
+    :math:`\lVert A Q s_i - \theta_i Q s_i \rVert = \beta \cdot \lvert s_{p,i} \rvert`, read
+    off :math:`T` at no extra product. The run stops when (for :math:`p < n`) every wanted
+    pair satisfies
 
-    .. math:: β |s_{p,i}| ≤ \mathrm{tol} \cdot \max(|θ_i|, \sqrt{ε}\,‖T‖),
+    .. math::
+
+       \beta \lvert s_{p,i} \rvert \le \mathrm{tol} \cdot
+       \max(\lvert \theta_i \rvert, \sqrt{\varepsilon}\, \lVert T \rVert),
 
     checked after every product once the basis could hold the wanted pairs and a
-    margin (with p = n the run is a full tridiagonalisation, n products). When the
-    basis is full and some pair has not
+    margin (with :math:`p = n` the run is a full tridiagonalisation, :math:`n` products).
+    When the basis is full and some pair has not
     converged, it restarts thickly (Wu & Simon; Stewart's Krylov–Schur for symmetric
-    A): it keeps the k' wanted Ritz vectors and (p − k')/2 more next to them, with
-    their couplings to the residual, and goes on from the residual, so no information
-    about the wanted end is lost. On breakdown (an invariant subspace) it goes on from
-    a random vector orthogonal to the basis: this is how repeated eigenvalues are
-    found with their multiplicity. With p = n the run is a full tridiagonalisation
-    and returns the exact spectrum, repeated eigenvalues included.
+    :math:`A`): it keeps the :math:`k'` wanted Ritz vectors and :math:`(p - k')/2` more next
+    to them, with their couplings to the residual, and goes on from the residual, so no
+    information about the wanted end is lost. On breakdown (an invariant subspace) it
+    goes on from a random vector orthogonal to the basis: this is how repeated
+    eigenvalues are found with their multiplicity. With :math:`p = n` the run is a full
+    tridiagonalisation and returns the exact spectrum, repeated eigenvalues included.
 
     Parameters
     ----------
     A
-        A symmetric square operator or dense (n, n) floating array, k ≤ n
+        A symmetric square operator or dense (n, n) floating array, :math:`k \le n`
         (symmetry is assumed, not checked).
     k
         How many eigenpairs at each requested end.
     which
         ``"largest"`` (the k largest), ``"smallest"`` (the k smallest) or
-        ``"both"`` (the k smallest then the k largest; all n pairs when 2k ≥ n,
-        never a pair twice).
+        ``"both"`` (the :math:`k` smallest then the :math:`k` largest; all :math:`n` pairs
+        when :math:`2k \ge n`, never a pair twice).
     tol
-        The relative residual above, ≥ 0; default max(1e-6, √ε) (1e-6 in float64,
-        3.5e-4 in float32, where the products themselves carry relative errors near
-        √ε). 0 runs to the budget, without a warning (or to n steps when p = n).
+        The relative residual above, :math:`\ge 0`; default
+        :math:`\max(\text{1e-6}, \sqrt{\varepsilon})` (1e-6 in float64, 3.5e-4 in float32,
+        where the products themselves carry relative errors near
+        :math:`\sqrt{\varepsilon}`). 0 runs to the budget, without a warning (or to
+        :math:`n` steps when :math:`p = n`).
     num_matvecs
-        The most products (the budget); default max(100, 10 p). Reaching it
+        The most products (the budget); default :math:`\max(100, 10 p)`. Reaching it
         before the tolerance warns (RuntimeWarning) with the largest relative
         residual, and returns the current Ritz pairs.
     basis_size
-        p, the most Lanczos vectors held (memory n p); k' + 1 ≤ p ≤ n with k' = k
-        (``"both"``: 2k); default min(n, max(2k' + 1, 20)). p = n gives the exact
-        spectrum with multiplicities.
+        :math:`p`, the most Lanczos vectors held (memory :math:`n p`);
+        :math:`k' + 1 \le p \le n` with :math:`k' = k` (``"both"``: :math:`2k`); default
+        :math:`\min(n, \max(2k' + 1, 20))`. :math:`p = n` gives the exact spectrum with
+        multiplicities.
     rng
         Generator, int seed, JAX key or None, for the start and restart vectors.
 
     Returns
     -------
     EigshResult
-        ``eigenvalues`` ascending (k' pairs, or all n for ``"both"`` with 2k ≥ n),
-        ``eigenvectors`` (n, k') with unit columns, ``residuals`` β·abs(s_{p,i}),
-        the Krylov residuals (``EigshResult``: ‖A y − θ y‖ up to the rounding of the
-        products, which in float32 can dominate).
+        ``eigenvalues`` ascending (:math:`k'` pairs, or all :math:`n` for ``"both"`` with
+        :math:`2k \ge n`), ``eigenvectors`` (n, k') with unit columns, ``residuals``
+        :math:`\beta \cdot \lvert s_{p,i} \rvert`, the Krylov residuals (``EigshResult``:
+        :math:`\lVert A y - \theta y \rVert` up to the rounding of the products, which in
+        float32 can dominate).
 
     Notes
     -----
-    Cost: one ``matvec`` per step until convergence (about p plus, per restart,
-    p − (k' + (p − k')/2) products); O(n p) work per step for one Gram–Schmidt pass
-    (a second one when the first cancels more than 1 − 1/√2 of the vector, the
-    criterion of ARPACK), n p memory, and one or two host reads of p + 2 numbers per
-    step. Scale: the iteration runs on A / s, s the power of two nearest the largest
-    entry of the first product, so every representable scale of A (1e±300 in float64,
+    Cost: one ``matvec`` per step until convergence (about :math:`p` plus, per restart,
+    :math:`p - (k' + (p - k')/2)` products); :math:`O(n p)` work per step for one
+    Gram–Schmidt pass (a second one when the first cancels more than
+    :math:`1 - 1/\sqrt{2}` of the vector, the criterion of ARPACK), :math:`n p` memory,
+    and one or two host reads of :math:`p + 2` numbers per step. Scale: the iteration
+    runs on :math:`A / s`, :math:`s` the power of two nearest the largest entry of the
+    first product, so every representable scale of :math:`A` (1e±300 in float64,
     1e±35 in float32) gives the same relative accuracy; a product or norm that is
     NaN or inf raises instead of reading as a breakdown.
 

@@ -26,7 +26,7 @@ __all__ = ["LinearOperator", "LinearOperatorLike", "TraceableProduct", "aslinear
 class TraceableProduct(NamedTuple):
     """An operator's ``matmat`` as a pure function, for loops compiled by JAX.
 
-    ``fn(operands, V)`` returns A V for V (n, k) and is traceable by ``jax.jit``;
+    ``fn(operands, V)`` returns :math:`A V` for :math:`V` (n, k) and is traceable by ``jax.jit``;
     ``operands`` is a pytree of the arrays it reads, passed to the compiled loop as
     arguments (not baked into it as constants). ``fn`` is the static part: it must
     be hashable, and two operators whose ``fn`` compare equal share the compiled
@@ -40,12 +40,12 @@ class TraceableProduct(NamedTuple):
 
 @runtime_checkable
 class LinearOperatorLike(Protocol):
-    """What every function of ``fisherbound.linalg`` accepts as an operator.
+    r"""What every function of ``fisherbound.linalg`` accepts as an operator.
 
     Any object with these six members qualifies (``LinearOperator`` is one, and
     so are the Fisher operators of ``fisherbound.fisher``): ``shape`` (n, m),
     ``dtype``, ``device``, ``xp`` (the array namespace of the vectors it acts on),
-    ``matvec(v)`` (m,) → (n,) and ``matmat(V)`` (m, k) → (n, k).
+    ``matvec(v)`` (m,) :math:`\to` (n,) and ``matmat(V)`` (m, k) :math:`\to` (n, k).
     """
 
     @property
@@ -77,19 +77,19 @@ def _as_dim(value: object, name: str) -> int:
 
 
 class LinearOperator:
-    """A matrix-free linear map A: R^m → R^n given by its products.
+    r"""A matrix-free linear map :math:`A: \mathbb{R}^m \to \mathbb{R}^n` given by its products.
 
     Parameters
     ----------
     shape
-        ``(n, m)``: A maps vectors of length m to vectors of length n.
+        ``(n, m)``: :math:`A` maps vectors of length :math:`m` to vectors of length :math:`n`.
     matvec
         ``v (m,) -> A v (n,)``. Optional when ``matmat`` is given (then
         ``matvec(v)`` is ``matmat(v[:, None])[:, 0]``).
     matmat
         ``V (m, k) -> A V (n, k)``. Optional; the default applies ``matvec`` to
         each column and stacks the results. Give it whenever the operator can
-        apply several vectors at once (one batched pass instead of k).
+        apply several vectors at once (one batched pass instead of :math:`k`).
     dtype, device, xp
         The dtype, device and array namespace of the vectors the operator acts on
         and returns.
@@ -99,7 +99,7 @@ class LinearOperator:
         ``lanczos_quadrature`` and ``slq`` as one compiled loop on the device;
         without it they call ``matvec`` / ``matmat`` once per step from Python.
     symmetric
-        Whether A = Aᵀ (default False). The Fisher and Hessian operators of the
+        Whether :math:`A = A^\top` (default False). The Fisher and Hessian operators of the
         library are; ``to_scipy`` then gives SciPy the transpose products too.
 
     Examples
@@ -159,7 +159,7 @@ class LinearOperator:
         if symmetric and self.shape[0] != self.shape[1]:
             msg = f"symmetric=True needs a square shape (n, n); got {self.shape}."
             raise ValueError(msg)
-        #: Whether A = Aᵀ.
+        #: Whether :math:`A = A^\top`.
         self.symmetric = symmetric
 
     def _check_operand(self, x: Array, name: str, expected: str, ok: bool) -> None:
@@ -172,7 +172,7 @@ class LinearOperator:
             raise ValueError(msg)
 
     def matvec(self, v: Array, /) -> Array:
-        """A v for ``v`` of shape (m,); returns shape (n,)."""
+        """:math:`A v` for ``v`` of shape (m,); returns shape (n,)."""
         m = self.shape[1]
         self._check_operand(v, "v", f"({m},)", tuple(v.shape) == (m,))
         if self._matvec is not None:
@@ -181,7 +181,7 @@ class LinearOperator:
         return self._matmat(v[:, None])[:, 0]
 
     def matmat(self, V: Array, /) -> Array:
-        """A V for ``V`` of shape (m, k); returns shape (n, k)."""
+        """:math:`A V` for ``V`` of shape (m, k); returns shape (n, k)."""
         m = self.shape[1]
         self._check_operand(V, "V", f"({m}, k)", V.ndim == 2 and int(V.shape[0]) == m)
         if self._matmat is not None:

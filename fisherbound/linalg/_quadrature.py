@@ -28,15 +28,17 @@ __all__ = ["Quadrature", "lanczos_quadrature", "slq", "smoothed_density"]
 
 
 class Quadrature(NamedTuple):
-    """Gauss quadrature rules of the spectral measure, one per probe.
+    r"""Gauss quadrature rules of the spectral measure, one per probe.
 
     Attributes
     ----------
     nodes
         Ritz values, shape (M, m), ascending along each row.
     weights
-        n times the squared first components of the Ritz vectors, shape (M, m);
-        each row sums to n, so Σ_j weights[i, j] f(nodes[i, j]) estimates tr f(A).
+        :math:`n` times the squared first components of the Ritz vectors, shape (M, m);
+        each row sums to :math:`n`, so
+        :math:`\sum_j \mathrm{weights}[i, j]\, f(\mathrm{nodes}[i, j])` estimates
+        :math:`\operatorname{tr} f(A)`.
     """
 
     nodes: Array
@@ -256,18 +258,22 @@ def lanczos_quadrature(
     num_matvecs: int,
     rng: Any = None,
 ) -> Quadrature:
-    r"""Gauss quadrature nodes and weights of A's spectral measure (Ubaru, Chen, Saad 2017).
+    r"""Gauss quadrature nodes and weights of :math:`A`'s spectral measure (Ubaru, Chen, Saad 2017).
 
-    For each Rademacher probe v (‖v‖² = n), m Lanczos steps from v/√n give
-    T = S diag(θ) Sᵀ, and the m-point Gauss rule
+    For each Rademacher probe :math:`v` (:math:`\lVert v \rVert^2 = n`), :math:`m` Lanczos
+    steps from :math:`v/\sqrt{n}` give :math:`T = S \operatorname{diag}(\theta) S^\top`, and
+    the :math:`m`-point Gauss rule
 
-    .. math:: v^\top f(A)\, v \approx \sum_{j=1}^m n\, S_{1j}^2 f(\theta_j),
+    .. math::
 
-    exact for polynomials of degree ≤ 2m − 1 (so exact for every f when m = n).
-    Averaged over probes this estimates tr f(A); the nodes and weights
-    themselves are a discrete estimate of the spectral density
-    (1/n) Σ_i δ(t − λ_i) (see ``smoothed_density``). When a run breaks down (the
-    Krylov space of v is invariant), the remaining nodes are Ritz values of
+       v^\top f(A)\, v \approx \sum_{j=1}^m n\, S_{1j}^2 f(\theta_j),
+
+    exact for polynomials of degree :math:`\le 2m - 1` (so exact for every :math:`f` when
+    :math:`m = n`). Averaged over probes this estimates :math:`\operatorname{tr} f(A)`; the
+    nodes and weights themselves are a discrete estimate of the spectral density
+    :math:`\frac1n \sum_i \delta(t - \lambda_i)` (see ``smoothed_density``). When a run
+    breaks down (the Krylov space of :math:`v` is invariant), the remaining nodes are
+    Ritz values of
     restarted blocks and carry zero weight (to rounding).
 
     Parameters
@@ -275,10 +281,10 @@ def lanczos_quadrature(
     A
         A symmetric square operator or dense (n, n) floating array.
     num_probes
-        M ≥ 1 Rademacher probes (all M run at once: one ``matmat`` of M columns
-        per step).
+        :math:`M \ge 1` Rademacher probes (all :math:`M` run at once: one ``matmat`` of
+        :math:`M` columns per step).
     num_matvecs
-        Lanczos steps per probe, m = min(num_matvecs, n).
+        Lanczos steps per probe, :math:`m = \min(\mathrm{num\_matvecs}, n)`.
     rng
         Generator, int seed, JAX key or None. The probes are the ones ``hutchinson_trace``
         draws with the same seed.
@@ -286,12 +292,12 @@ def lanczos_quadrature(
     Returns
     -------
     Quadrature
-        ``nodes`` and ``weights``, shape (M, m); each row of weights sums to n.
+        ``nodes`` and ``weights``, shape (M, m); each row of weights sums to :math:`n`.
 
     Notes
     -----
-    Cost: M m matvecs (m ``matmat`` calls of M columns), O(n M m²) work and
-    n M m memory for the M bases.
+    Cost: :math:`M m` matvecs (:math:`m` ``matmat`` calls of :math:`M` columns),
+    :math:`O(n M m^2)` work and :math:`n M m` memory for the :math:`M` bases.
 
     Examples
     --------
@@ -317,37 +323,41 @@ def slq(
     num_matvecs: int,
     rng: Any = None,
 ) -> Estimate:
-    r"""Stochastic Lanczos quadrature estimate of tr f(A).
+    r"""Stochastic Lanczos quadrature estimate of :math:`\operatorname{tr} f(A)`.
 
-    .. math:: \widehat{\operatorname{tr} f(A)} = \frac1M \sum_{i=1}^M
-              \sum_{j=1}^m w_{ij} f(\theta_{ij}),
+    .. math::
 
-    with the nodes θ and weights w of ``lanczos_quadrature``. Each probe's term
-    is the Gauss-rule value of v_iᵀ f(A) v_i, so the estimate has the Hutchinson
-    variance (Rademacher: 2 Σ_{j≠k} f(A)_jk²) plus the quadrature error, which
-    vanishes for polynomials of degree < 2m and for every f when m = n.
-    ``std_error`` is the sample standard deviation over probes divided by √M.
+       \widehat{\operatorname{tr} f(A)} = \frac1M \sum_{i=1}^M
+       \sum_{j=1}^m w_{ij} f(\theta_{ij}),
+
+    with the nodes :math:`\theta` and weights :math:`w` of ``lanczos_quadrature``. Each
+    probe's term is the Gauss-rule value of :math:`v_i^\top f(A)\, v_i`, so the estimate
+    has the Hutchinson variance (Rademacher: :math:`2 \sum_{j \ne k} f(A)_{jk}^2`) plus the
+    quadrature error, which vanishes for polynomials of degree :math:`< 2m` and for
+    every :math:`f` when :math:`m = n`.
+    ``std_error`` is the sample standard deviation over probes divided by :math:`\sqrt{M}`.
 
     Parameters
     ----------
     A
         A symmetric square operator or dense (n, n) floating array.
     function
-        f, applied elementwise to an array of Ritz values of A's namespace, e.g.
-        ``lambda t: xp.log(t)`` for log det of an SPD A or
-        ``lambda t: xp.log1p(s2 * t)`` for the razor's Σ log(1 + σ² λ). Nodes with
-        weight exactly zero are dropped, so f may be undefined there.
+        :math:`f`, applied elementwise to an array of Ritz values of :math:`A`'s namespace,
+        e.g. ``lambda t: xp.log(t)`` for :math:`\log \det` of an SPD :math:`A` or
+        ``lambda t: xp.log1p(s2 * t)`` for the razor's
+        :math:`\sum \log(1 + \sigma^2 \lambda)`. Nodes with weight exactly zero are
+        dropped, so :math:`f` may be undefined there.
     num_probes, num_matvecs, rng
         As in ``lanczos_quadrature``.
 
     Returns
     -------
     Estimate
-        0-d ``value`` and ``std_error``, ``num_probes`` = M.
+        0-d ``value`` and ``std_error``, ``num_probes`` :math:`= M`.
 
     Notes
     -----
-    Cost: as ``lanczos_quadrature`` (M m matvecs) plus one call of ``function``
+    Cost: as ``lanczos_quadrature`` (:math:`M m` matvecs) plus one call of ``function``
     on an (M, m) array.
 
     Examples
@@ -377,48 +387,56 @@ def smoothed_density(
 ) -> Array:
     r"""The Gaussian-smoothed spectral density of a ``Quadrature`` on a grid.
 
-    .. math:: \varphi(t) = \frac{1}{M n} \sum_{i=1}^M \sum_{j=1}^m w_{ij}\,
-              \mathcal N(t;\, \theta_{ij}, \sigma^2),
+    .. math::
 
-    an estimate of the spectral density (1/n) Σ_k δ(t − λ_k) blurred by a
-    Gaussian of standard deviation σ = ``width``. It integrates to 1 over the
-    real line (normalised by Σ w, which is M n to rounding).
+       \varphi(t) = \frac{1}{M n} \sum_{i=1}^M \sum_{j=1}^m w_{ij}\,
+       \mathcal N(t;\, \theta_{ij}, \sigma^2),
+
+    an estimate of the spectral density :math:`\frac1n \sum_k \delta(t - \lambda_k)`
+    blurred by a Gaussian of standard deviation :math:`\sigma =` ``width``. It integrates
+    to 1 over the real line (normalised by :math:`\sum w`, which is :math:`M n` to
+    rounding).
 
     With ``lower = a``, the known lower end of the spectrum (0 for a positive
-    semi-definite matrix such as a Fisher metric), each Gaussian is reflected at a:
+    semi-definite matrix such as a Fisher metric), each Gaussian is reflected at
+    :math:`a`:
 
-    .. math:: \varphi_a(t) = \frac{1}{M n} \sum_{ij} w_{ij} \left[
-              \mathcal N(t;\, \theta_{ij}, \sigma^2)
-              + \mathcal N(t;\, 2a - \theta_{ij}, \sigma^2)\right] \ (t \ge a),
-              \qquad \varphi_a(t) = 0 \ (t < a),
+    .. math::
 
-    the boundary-corrected kernel estimate: no mass below a (the plain density
-    puts up to half the mass of the eigenvalues near a there), and φ_a still
-    integrates to 1 over [a, ∞). Nodes below a by rounding (by at most max(1e−8,
-    64 ε) times the largest node in absolute value, ε the nodes' machine epsilon)
-    are taken as a; a node further below means the spectrum is not bounded by a,
-    a ValueError.
+       \varphi_a(t) = \frac{1}{M n} \sum_{ij} w_{ij} \left[
+       \mathcal N(t;\, \theta_{ij}, \sigma^2)
+       + \mathcal N(t;\, 2a - \theta_{ij}, \sigma^2)\right] \ (t \ge a),
+       \qquad \varphi_a(t) = 0 \ (t < a),
+
+    the boundary-corrected kernel estimate: no mass below :math:`a` (the plain density
+    puts up to half the mass of the eigenvalues near :math:`a` there), and
+    :math:`\varphi_a` still integrates to 1 over :math:`[a, \infty)`. Nodes below
+    :math:`a` by rounding (by at most :math:`\max(\text{1e−8}, 64 \varepsilon)` times the
+    largest node in absolute value, :math:`\varepsilon` the nodes' machine epsilon)
+    are taken as :math:`a`; a node further below means the spectrum is not bounded by
+    :math:`a`, a ValueError.
 
     Parameters
     ----------
     quadrature
         A ``Quadrature`` (nodes, weights) of shape (M, m).
     grid
-        1-D floating array of finite points t, same namespace as the quadrature.
+        1-D floating array of finite points :math:`t`, same namespace as the quadrature.
     width
-        σ > 0; choose it about the spacing of the features you want to resolve.
+        :math:`\sigma > 0`; choose it about the spacing of the features you want to
+        resolve.
     lower
-        None (default): the plain density on the real line. A number a: the
+        None (default): the plain density on the real line. A number :math:`a`: the
         spectrum's known lower end, the density reflected there (above).
 
     Returns
     -------
     Array
-        φ on the grid, shape (G,).
+        :math:`\varphi` on the grid, shape (G,).
 
     Notes
     -----
-    Cost: O(G M m) work and memory, no matvec.
+    Cost: :math:`O(G M m)` work and memory, no matvec.
 
     Examples
     --------

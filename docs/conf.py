@@ -73,9 +73,12 @@ html_static_path: list[str] = []
 # render without network, e.g. from a local build opened as file://.
 extensions += ["sphinx.ext.autosummary", "sphinx.ext.intersphinx", "sphinx-mathjax-offline"]
 autosummary_generate = False
-# ``Array = Any`` in the modules: signatures say ``Array`` (documented in
-# conventions.md: an array of the caller's namespace), not ``Any``.
-autodoc_type_aliases = {"Array": "Array"}
+# ``Array = Any`` in the modules, and the argument kinds of ``fisherbound._lib._types``
+# (``Source``, ``LossSource``, ``RngLike``, ``ProcessGroup``): signatures say the name
+# (each documented in conventions.md, "Types in signatures"), not ``Any``.
+autodoc_type_aliases = {
+    name: name for name in ("Array", "Source", "LossSource", "RngLike", "ProcessGroup")
+}
 # Sphinx 9 writes an alias inside a generic (``dict[str, Array]``) as the repr of
 # its placeholder, "TypeAliasForwardRef('Array')": have it write the alias's name.
 if hasattr(_sphinx_inspect, "TypeAliasForwardRef"):  # Sphinx internals: guarded

@@ -27,6 +27,7 @@ from fisherbound._lib import (
     REDUCTIONS,
     Collective,
     Estimate,
+    ProcessGroup,
     array_namespace,
     check_choice,
     collective,
@@ -426,7 +427,7 @@ class Accumulator:
                 )
                 raise ValueError(msg)
 
-    def all_reduce(self, process_group: Any, /) -> Accumulator:
+    def all_reduce(self, process_group: ProcessGroup, /) -> Accumulator:
         r"""Sum the accumulators of all ranks of ``process_group``; every rank gets the total.
 
         ``process_group`` is a ``torch.distributed`` process group (reduced with

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fisherbound._lib import (
+    RngLike,
     array_namespace,
     as_generator,
     check_choice,
@@ -190,7 +191,7 @@ def random_directions(
     num_directions: int = 2,
     kind: str = "gaussian",
     blocks: Sequence[ParameterBlock] | None = None,
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> Array:
     r"""Random directions in parameter space, as rows (k, D).
 

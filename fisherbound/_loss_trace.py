@@ -16,6 +16,9 @@ from typing import Any
 from fisherbound._directions import DIRECTION_KINDS, check_blocks, coefficients, draw, step_size
 from fisherbound._lib import (
     Estimate,
+    LossSource,
+    ProcessGroup,
+    RngLike,
     array_namespace,
     check_choice,
     check_positive_int,
@@ -58,17 +61,17 @@ class LossTraceWarning(RuntimeWarning):
 
 
 def loss_trace(
-    source: Any,
+    source: LossSource,
     /,
     *,
     num_probes: int,
     distribution: str = "rademacher",
     method: str = "hvp",
     step: float | None = None,
-    rng: Any = None,
+    rng: RngLike = None,
     batch_size: int | None = None,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Estimate:
     r"""The Hessian trace :math:`\operatorname{tr} \nabla^2 L(\theta)` from :math:`M` random probes.
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from fisherbound._lib import (
     Estimate,
+    ProcessGroup,
     array_namespace,
     check_vector,
     conform,
@@ -98,7 +99,7 @@ class LogDetSettings(NamedTuple):
     num_matvecs: int
     max_params: int
     gen: Any
-    process_group: Any = None
+    process_group: ProcessGroup = None
     rules: Any = None  # Gauss rules (nodes, weights) to reuse for "slq": no product
 
 

@@ -11,6 +11,7 @@ import math
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
+    RngLike,
     as_generator,
     check_choice,
     check_finite,
@@ -68,7 +69,7 @@ def saddle_probability(
     dim: int = 1,
     method: str = "exact",
     num_samples: int = DEFAULT_NUM_SAMPLES,
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> SaddleProbability:
     r"""How often a random ``dim``-dimensional projection of H looks like a min, max or saddle.
 

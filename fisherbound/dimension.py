@@ -50,6 +50,9 @@ from typing import Any, NamedTuple
 from fisherbound._lib import (
     REDUCTIONS,
     Estimate,
+    ProcessGroup,
+    RngLike,
+    Source,
     array_namespace,
     check_choice,
     check_device,
@@ -201,7 +204,7 @@ class RankBound(NamedTuple):
 
 
 def _operator(
-    source: Any, family: Any, kernel: str, reduction: str, process_group: Any = None
+    source: Source, family: Any, kernel: str, reduction: str, process_group: ProcessGroup = None
 ) -> Any:
     """The Fisher operator (validates the family, kernel, reduction and source)."""
     check_choice(kernel, "kernel", KERNELS)
@@ -211,7 +214,7 @@ def _operator(
     )
 
 
-def _shared_generator(rng: Any, process_group: Any, where: str, **options: Any) -> Any:
+def _shared_generator(rng: RngLike, process_group: ProcessGroup, where: str, **options: Any) -> Any:
     """The generator of parameter-space vectors: the same on every rank (checked).
 
     Before it, every rank must run the call with the same ``options`` (checked).
@@ -232,7 +235,7 @@ def _namespace(op: Any) -> Any:
 
 
 def top_eigenpairs(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     *,
     k: int,
@@ -241,8 +244,8 @@ def top_eigenpairs(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
-    rng: Any = None,
-    process_group: Any = None,
+    rng: RngLike = None,
+    process_group: ProcessGroup = None,
 ) -> Eigenpairs:
     r"""The :math:`k` largest eigenpairs of the Fisher metric, by Lanczos on its operator.
 
@@ -330,7 +333,7 @@ def top_eigenpairs(
 
 
 def spectral_density(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
@@ -340,8 +343,8 @@ def spectral_density(
     grid: Array | None = None,
     num_points: int = DEFAULT_NUM_POINTS,
     width: float | None = None,
-    rng: Any = None,
-    process_group: Any = None,
+    rng: RngLike = None,
+    process_group: ProcessGroup = None,
 ) -> SpectralDensity:
     r"""The spectral density of the Fisher metric by stochastic Lanczos quadrature.
 
@@ -480,11 +483,11 @@ def _rank_per_input(family: Family, kernel: str, c: int) -> int:
 
 
 def rank_bound(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> RankBound:
     r"""The structural bound :math:`\operatorname{rank} F \le \min(D, N r)` of THEORY §5.
 
@@ -551,7 +554,7 @@ def rank_bound(
 
 
 def local_dimension(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     eps: float,
@@ -563,8 +566,8 @@ def local_dimension(
     num_matvecs: int | None = None,
     target_error: float | None = DEFAULT_TARGET_ERROR,
     quadrature: Any = None,
-    rng: Any = None,
-    process_group: Any = None,
+    rng: RngLike = None,
+    process_group: ProcessGroup = None,
 ) -> Estimate:
     r"""The local dimensionality :math:`d_\varepsilon`, matrix-free (THEORY §5).
 
@@ -780,7 +783,7 @@ def _rules_count(xp: Any, quad: Any, eps: float, max_count: int) -> bool:
 
 
 def razor(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     prior_variance: float,
@@ -792,8 +795,8 @@ def razor(
     num_matvecs: int = DEFAULT_SLQ_MATVECS,
     max_params: int = DEFAULT_MAX_PARAMS,
     quadrature: Any = None,
-    rng: Any = None,
-    process_group: Any = None,
+    rng: RngLike = None,
+    process_group: ProcessGroup = None,
 ) -> Razor:
     r"""The Gaussian-prior razor complexity of a model at :math:`\hat\theta` (THEORY §5).
 

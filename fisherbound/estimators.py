@@ -83,6 +83,9 @@ from fisherbound._lib import (
     REDUCTIONS,
     Collective,
     Estimate,
+    ProcessGroup,
+    RngLike,
+    Source,
     array_namespace,
     as_generator,
     check_bool,
@@ -161,7 +164,7 @@ def _check_options(
     max_block_size: int,
     max_vectors: int | None,
     progress: bool | None,
-    process_group: Any,
+    process_group: ProcessGroup,
     weights: Any = None,
 ) -> _Common:
     """Validate the options every estimator shares (once, for all three)."""
@@ -177,7 +180,7 @@ def _check_options(
 
 
 def _check_sampling(
-    common: _Common, num: object, name: str, per: str, rng: Any, target_relative_error: Any
+    common: _Common, num: object, name: str, per: str, rng: RngLike, target_relative_error: Any
 ) -> tuple[int, Any, float | None]:
     """The ``num`` draws per batch, the generator and the target of a sampled estimator.
 
@@ -199,7 +202,7 @@ def _check_sampling(
 
 
 def _run(
-    source: Any,
+    source: Source,
     common: _Common,
     draw: Any,
     *,
@@ -493,13 +496,13 @@ def _warn_unreached(target: float, reached: float, dof: float, batches: int, why
 
 
 def detach_and_mix(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     *,
     what: str = "diagonal",
     weights: Any = None,
     num_probes: int = 1,
-    rng: Any = None,
+    rng: RngLike = None,
     kernel: str = "exact",
     distribution: str = "rademacher",
     per_example: bool = False,
@@ -510,7 +513,7 @@ def detach_and_mix(
     max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     max_vectors: int | None = None,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Estimate:
     r"""The unbiased single-backward-pass ("detach-and-mix") estimate of the Fisher metric.
 
@@ -688,13 +691,13 @@ def detach_and_mix(
 
 
 def monte_carlo(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",
     weights: Any = None,
     num_samples: int = 1,
-    rng: Any = None,
+    rng: RngLike = None,
     reduction: str = "sum",
     target_relative_error: float | None = None,
     max_batches: int | None = None,
@@ -702,7 +705,7 @@ def monte_carlo(
     max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
     max_vectors: int | None = None,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Estimate:
     r"""The Monte-Carlo Fisher: k labels sampled from the model per input, per-example scores.
 
@@ -772,7 +775,7 @@ def monte_carlo(
 
 
 def empirical(
-    source: Any,
+    source: Source,
     labels: Any,
     family: Family = Categorical(),  # noqa: B008
     *,
@@ -785,7 +788,7 @@ def empirical(
     max_vectors: int | None = None,
     ignore_index: int | None = -100,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Estimate:
     r"""The empirical Fisher: per-example scores at the OBSERVED labels (biased).
 

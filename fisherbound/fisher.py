@@ -76,6 +76,8 @@ from typing import Any, NamedTuple
 
 from fisherbound._lib import (
     REDUCTIONS,
+    ProcessGroup,
+    Source,
     check_bool,
     check_choice,
     check_optional_int,
@@ -158,7 +160,7 @@ def _exact(
 
 
 def _accumulate(
-    source: Any, family: Family, kernels: Sequence[str], quantity: Quantity, options: _Options
+    source: Source, family: Family, kernels: Sequence[str], quantity: Quantity, options: _Options
 ) -> list[Any]:
     """Σ_x of ``quantity`` of J_xᵀ K(z_x) J_x for each kernel, in one pass."""
     stream = Stream(
@@ -193,7 +195,7 @@ class _Options(NamedTuple):
     max_cotangents: int
     max_memory: int
     progress: bool | None
-    process_group: Any
+    process_group: ProcessGroup
 
 
 def _front(family: Any, kernel: str, reduction: str, max_vectors: int | None) -> Family:
@@ -205,7 +207,7 @@ def _front(family: Any, kernel: str, reduction: str, max_vectors: int | None) ->
 
 
 def _exact_quantities(
-    source: Any,
+    source: Source,
     family: Any,
     kernels: list[str],
     what: str,
@@ -239,7 +241,7 @@ def _exact_quantities(
 
 
 def fisher_diagonal(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     *,
     kernel: str = "exact",
@@ -248,7 +250,7 @@ def fisher_diagonal(
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Array:
     r"""The diagonal of the Fisher metric :math:`F_K = \sum_x J_x^\top K(z_x)\, J_x`, exactly.
 
@@ -336,7 +338,7 @@ def fisher_diagonal(
 
 
 def fisher_trace(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
@@ -345,7 +347,7 @@ def fisher_trace(
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Array:
     r"""The trace :math:`\operatorname{tr} F_K`, exactly (a 0-d array).
 
@@ -371,7 +373,7 @@ def fisher_trace(
 
 
 def fisher_blocks(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
@@ -382,7 +384,7 @@ def fisher_blocks(
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> dict[str, Array]:
     r"""The dense diagonal blocks :math:`F_{bb}`, one per parameter tensor.
 
@@ -415,7 +417,7 @@ def fisher_blocks(
 
 
 def fisher_dense(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
@@ -425,7 +427,7 @@ def fisher_dense(
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Array:
     r"""The dense :math:`D \times D` matrix :math:`F_K`, for small models only.
 
@@ -454,7 +456,7 @@ def fisher_dense(
 
 
 def fisher_bounds(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",
@@ -466,7 +468,7 @@ def fisher_bounds(
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Bounds:
     r"""Deterministic lower and upper bounds of F, in one pass over the data.
 
@@ -510,13 +512,13 @@ def fisher_bounds(
 
 
 def fisher_operator(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     kernel: str = "exact",
     reduction: str = "sum",
     progress: bool | None = False,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> LinearOperator:
     r""":math:`F_K` as a matrix-free ``LinearOperator`` (:math:`D \times D`).
 

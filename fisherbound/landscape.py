@@ -70,6 +70,10 @@ from fisherbound._directions import (
     step_size,
 )
 from fisherbound._lib import (
+    LossSource,
+    ProcessGroup,
+    RngLike,
+    Source,
     array_namespace,
     check_choice,
     check_optional_int,
@@ -246,7 +250,9 @@ def _fingerprints(coordinates: Any) -> Any:
     return _fingerprint(coordinates, "coordinates")
 
 
-def _objective(source: Any, what: str, process_group: Any = None, **options: Any) -> Objective:
+def _objective(
+    source: LossSource, what: str, process_group: ProcessGroup = None, **options: Any
+) -> Objective:
     if isinstance(source, Iterator):
         msg = (
             f"{what} needs a re-iterable source (a LossFunction or a list of them): it "
@@ -262,7 +268,9 @@ def _objective(source: Any, what: str, process_group: Any = None, **options: Any
 # operators and eigen-directions
 
 
-def hessian_operator(source: Any, /, *, process_group: Any = None) -> LinearOperator:
+def hessian_operator(
+    source: LossSource, /, *, process_group: ProcessGroup = None
+) -> LinearOperator:
     r"""The Hessian :math:`\nabla^2 L(\theta)` of the total loss as a matrix-free operator.
 
     A ``LinearOperator`` (:math:`D \times D`). matvec:
@@ -328,7 +336,7 @@ def _shifted(op: Any, shift: Array) -> LinearOperator:
 
 
 def hessian_directions(
-    source: Any,
+    source: LossSource,
     /,
     *,
     which: str = "both",
@@ -336,8 +344,8 @@ def hessian_directions(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
-    rng: Any = None,
-    process_group: Any = None,
+    rng: RngLike = None,
+    process_group: ProcessGroup = None,
 ) -> EigenDirections:
     r"""The eigenvectors of the largest and/or the smallest Hessian eigenvalue.
 
@@ -491,7 +499,7 @@ def hessian_directions(
 
 
 def fisher_directions(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     /,
     *,
@@ -501,8 +509,8 @@ def fisher_directions(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
-    rng: Any = None,
-    process_group: Any = None,
+    rng: RngLike = None,
+    process_group: ProcessGroup = None,
 ) -> EigenDirections:
     r"""The top eigenvectors of the Fisher metric :math:`F = \sum_x J_x^\top I(z_x)\, J_x`.
 
@@ -594,13 +602,13 @@ def _rows(xp: Any, res: Any, order: list[int]) -> EigenDirections:
 
 
 def projected_curvature(
-    source: Any,
+    source: LossSource,
     directions: Any,
     /,
     *,
     method: str = "hvp",
     step: float | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> ProjectedCurvature:
     r"""Curvature of the loss surface :math:`f(\alpha, \beta)` at :math:`\alpha = \beta = 0`.
 
@@ -750,7 +758,7 @@ def _grid(
 
 
 def surface(
-    source: Any,
+    source: LossSource,
     directions: Any,
     /,
     *,
@@ -759,7 +767,7 @@ def surface(
     num_points: int = 21,
     batch_size: int | None = None,
     progress: bool | None = None,
-    process_group: Any = None,
+    process_group: ProcessGroup = None,
 ) -> Surface:
     r"""The loss on a 1-D or 2-D grid :math:`\theta + \alpha d_1 (+ \beta d_2)`, over a data set.
 

@@ -44,6 +44,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar, overload, runtim
 from fisherbound._finite import Product, guard_class
 from fisherbound._lib import (
     REDUCTIONS,
+    Source,
     array_namespace,
     device_of,
     index_dtype,
@@ -636,7 +637,7 @@ class LinearizationBase(_FrozenBase):
         raise NotImplementedError(msg)
 
 
-def as_linearizations(source: Any) -> Iterator[Any]:
+def as_linearizations(source: Source) -> Iterator[Any]:
     """Iterate over ``source``: one linearization or an iterable of them.
 
     Parameters

@@ -79,6 +79,8 @@ from fisherbound import estimators as est
 from fisherbound._lib import (
     DISTRIBUTIONS,
     REDUCTIONS,
+    RngLike,
+    Source,
     array_namespace,
     check_bool,
     check_choice,
@@ -309,7 +311,7 @@ def _trace_batch(
 
 
 def detach_and_mix_variance(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     *,
     what: str = "diagonal",
@@ -526,7 +528,7 @@ def _hessian_batch(
 
 
 def classical_variance(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     estimator: str = "score",
@@ -711,11 +713,11 @@ def _timed(fn: Any) -> float:
 
 
 def compare_estimators(
-    source: Any,
+    source: Source,
     family: Family = Categorical(),  # noqa: B008
     *,
     target_relative_error: float = 0.1,
-    rng: Any = 0,
+    rng: RngLike = 0,
     max_vectors: int | None = None,
     max_cotangents: int = DEFAULT_MAX_COTANGENTS,
     max_memory: int = DEFAULT_MAX_MEMORY,

@@ -14,6 +14,7 @@ Submodules
                 standard error and the streaming mean/variance of Hutchinson.
 ``_collective`` reductions across processes (torch.distributed, JAX mapped axes).
 ``_progress``   tqdm progress bars for streamed computations (when tqdm is installed).
+``_types``      the names of the argument kinds in signatures (``Source``, ``RngLike``, ...).
 """
 
 from fisherbound._lib._collective import (
@@ -43,6 +44,7 @@ from fisherbound._lib._namespace import (
 from fisherbound._lib._options import DISTRIBUTIONS, REDUCTIONS
 from fisherbound._lib._progress import close_bar, length_of, open_bar, progress_bar
 from fisherbound._lib._random import RankedGenerator, as_generator, probes, uniform
+from fisherbound._lib._types import LossSource, ProcessGroup, RngLike, Source
 from fisherbound._lib._validation import (
     HALF_PRECISION,
     check_bool,
@@ -67,6 +69,10 @@ from fisherbound._lib._validation import (
 )
 
 __all__ = [
+    "LossSource",
+    "ProcessGroup",
+    "RngLike",
+    "Source",
     "HALF_PRECISION",
     "DISTRIBUTIONS",
     "REDUCTIONS",

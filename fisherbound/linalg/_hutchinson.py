@@ -8,6 +8,7 @@ from fisherbound._lib import (
     DISTRIBUTIONS,
     Estimate,
     MeanVariance,
+    RngLike,
     as_generator,
     check_choice,
     check_positive_int,
@@ -48,7 +49,7 @@ def _hutchinson(
     A: Any,
     num_probes: object,
     distribution: object,
-    rng: Any,
+    rng: RngLike,
     batch_size: object,
     *,
     diagonal: bool,
@@ -96,7 +97,7 @@ def hutchinson_trace(
     *,
     num_probes: int,
     distribution: str = "rademacher",
-    rng: Any = None,
+    rng: RngLike = None,
     batch_size: int | None = None,
 ) -> Estimate:
     r"""Hutchinson's unbiased estimate of :math:`\operatorname{tr} A`.
@@ -163,7 +164,7 @@ def hutchinson_diagonal(
     *,
     num_probes: int,
     distribution: str = "rademacher",
-    rng: Any = None,
+    rng: RngLike = None,
     batch_size: int | None = None,
 ) -> Estimate:
     r"""Unbiased estimate of the diagonal of :math:`A` (Bekas, Kokiopoulou, Saad 2007).
@@ -230,7 +231,7 @@ def hutchpp_trace(
     *,
     num_probes: int,
     distribution: str = "rademacher",
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> Estimate:
     r"""Hutch++ estimate of :math:`\operatorname{tr} A` (Meyer, Musco, Musco, Woodruff 2021).
 

@@ -7,6 +7,7 @@ import warnings
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
+    RngLike,
     array_namespace,
     as_generator,
     check_choice,
@@ -299,7 +300,7 @@ def lanczos(
     *,
     num_matvecs: int,
     v0: Array | None = None,
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> LanczosResult:
     r"""Symmetric Lanczos tridiagonalisation with full reorthogonalisation.
 
@@ -544,7 +545,7 @@ def eigsh(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> EigshResult:
     r"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos to a tolerance.
 

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from fisherbound._lib import (
     Estimate,
+    RngLike,
     array_namespace,
     as_generator,
     check_finite,
@@ -256,7 +257,7 @@ def lanczos_quadrature(
     *,
     num_probes: int,
     num_matvecs: int,
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> Quadrature:
     r"""Gauss quadrature nodes and weights of :math:`A`'s spectral measure (Ubaru, Chen, Saad 2017).
 
@@ -321,7 +322,7 @@ def slq(
     *,
     num_probes: int,
     num_matvecs: int,
-    rng: Any = None,
+    rng: RngLike = None,
 ) -> Estimate:
     r"""Stochastic Lanczos quadrature estimate of :math:`\operatorname{tr} f(A)`.
 

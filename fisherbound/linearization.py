@@ -121,7 +121,7 @@ class Linearization(Protocol):
 
     @property
     def num_params(self) -> int:
-        """D, the length of the flat parameter vector θ (the sum of the block sizes)."""
+        r"""D, the length of the flat parameter vector :math:`\theta` (summed block sizes)."""
 
     @property
     def xp(self) -> Any:
@@ -176,7 +176,9 @@ class Linearization(Protocol):
         """
 
     def vjp_batch(self, U: Array, /) -> Array:
-        r"""M reverse products at once: Jᵀ U[m] for cotangents U (M, N, ∗S, C); returns (M, D).
+        r"""M reverse products at once: :math:`J^\top U[m]` for cotangents U (M, N, ∗S, C).
+
+        Returns (M, D).
 
         Cost: about M backward passes, as one batched backward pass where the
         framework allows; memory :math:`M D` for the result.
@@ -338,7 +340,9 @@ class LinearizationBase(FrozenBase):
         return self._row_by_row(self.vjp, U)
 
     def per_example_vjp(self, U: Array, /, *, examples: slice | None = None) -> Array:
-        """J_nᵀ U[i, k] for the examples n = start + i of ``examples``; returns (n, K, D).
+        r"""The products :math:`J_n^\top U[i, k]` for the examples :math:`n = \mathrm{start} + i`.
+
+        ``examples`` is the slice of examples; returns (n, K, D).
 
         ``U`` has shape (n, K, ∗S, C) with n the length of the slice ``examples``
         (default: all N examples). Generic default: one masked batched VJP per
@@ -381,7 +385,9 @@ class LinearizationBase(FrozenBase):
         return xp.sum(total, axis=0) if sum_cotangents else total
 
     def output_second_derivative_diagonal(self, /, *, max_vectors: int | None = None) -> Array:
-        r"""∂²z_nc/∂θ_i², the diagonal second derivatives of the outputs; (N, ∗S, C, D).
+        r"""The outputs' second derivatives :math:`\partial^2 z_{nc} / \partial \theta_i^2`.
+
+        Returns (N, ∗S, C, D).
 
         Needed by the variance of the Hessian-based Fisher estimator :math:`\hat I_2`
         (``fisherbound.variance``, THEORY §4). Exact, never through a :math:`D \times D`
@@ -477,7 +483,10 @@ class LossFunction(Protocol):
 
     @property
     def params(self) -> Array:
-        """θ, the flat parameter vector (D,) at which the loss is frozen, in ``blocks`` order."""
+        r""":math:`\theta`, the flat parameter vector (D,) at which the loss is frozen.
+
+        In ``blocks`` order.
+        """
 
     @property
     def blocks(self) -> tuple[ParameterBlock, ...]:
@@ -493,7 +502,7 @@ class LossFunction(Protocol):
 
     @property
     def reduction(self) -> str:
-        """``"sum"`` (Σ over the counted positions) or ``"mean"`` (÷ their number)."""
+        """``"sum"`` over the counted positions, or ``"mean"``: the sum divided by their number."""
 
     @property
     def xp(self) -> Any:
@@ -522,7 +531,9 @@ class LossFunction(Protocol):
         r""":math:`\nabla L(\theta)`, shape (D,): one forward and one backward pass."""
 
     def hvp(self, v: Array, /) -> Array:
-        r"""The exact Hessian-vector product ∇²L(θ) v for ``v`` (D,); returns (D,).
+        r"""The exact Hessian-vector product :math:`\nabla^2 L(\theta)\, v` for ``v`` (D,).
+
+        Returns (D,).
 
         Cost: about two forward and two backward passes (forward-over-reverse, or
         Pearlmutter's R-operator for the reference models); never a :math:`D \times D` matrix.
@@ -585,7 +596,7 @@ class LossFunctionBase(FrozenBase):
     )
     num_inputs = ReadOnly[int]("N, the number of labelled examples in the batch.")
     reduction = ReadOnly[str](
-        """``"sum"`` (Σ over the counted positions) or ``"mean"`` (÷ their number)."""
+        """``"sum"`` over the counted positions, or ``"mean"``: the sum divided by their number."""
     )
 
     def _reference(self) -> Array:
@@ -598,7 +609,9 @@ class LossFunctionBase(FrozenBase):
 
     @property
     def num_counted(self) -> int:
-        r"""The number n = Σ m_nt of counted (unmasked) positions: the ``"mean"`` divisor.
+        r"""The number :math:`n = \sum m_{nt}` of counted (unmasked) positions.
+
+        It is the ``"mean"`` divisor.
 
         :math:`N \cdot P` without a mask (N for logits (N, C)); with ``mask`` its number of
         True entries, counted once when the batch was taken (an adapter that sets

@@ -458,7 +458,9 @@ class Family:
     def unchecked_sqrt_metric_matvec(
         self, z: Array, xi: Array, /, *, kernel: str = "exact", overwrite: bool = False, xp: Any
     ) -> Array:
-        r"""``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: B(z) ξ, (..., C).
+        r"""``sqrt_metric_matvec(z, xi, kernel=kernel)`` without validation: :math:`B(z)\, \xi`.
+
+        Returns (..., C).
 
         For callers whose :math:`z` and :math:`\xi` are known finite and conformant (the
         estimators' logits, checked when the linearization was built, and their own probes):

@@ -158,7 +158,9 @@ def complements(z: Array, xp: Any) -> tuple[Array, Array, Array]:
 
 
 class Categorical(Family):
-    r"""Softmax classification over C ≥ 2 classes: :math:`p = \mathrm{softmax}(z),\ t(y) = e_y`.
+    r"""Softmax classification over :math:`C \ge 2` classes: :math:`p = \mathrm{softmax}(z)`.
+
+    Sufficient statistic :math:`t(y) = e_y`.
 
     Core metric :math:`I_\Delta(z) = \operatorname{diag}(p) - p p^\top` with eigenvalues
     :math:`0 = \lambda_1 \le \dots \le \lambda_C \le \tfrac12`

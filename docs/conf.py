@@ -111,7 +111,10 @@ _EXTERNAL_TYPES = {
 if os.environ.get("FISHERBOUND_DOCS_INTERSPHINX"):
     intersphinx_mapping = {
         "python": ("https://docs.python.org/3", None),
+        "numpy": ("https://numpy.org/doc/stable", None),
+        "scipy": ("https://docs.scipy.org/doc/scipy", None),
         "torch": ("https://pytorch.org/docs/stable", None),
+        "jax": ("https://docs.jax.dev/en/latest", None),
     }
 else:
     intersphinx_mapping = {}

@@ -36,6 +36,7 @@ from fisherbound.adapters._torch_model import (
     select_parameters,
     without_key,
 )
+from fisherbound.families import Family
 from fisherbound.linearization import (
     Lazy,
     LossFunctionBase,
@@ -359,7 +360,7 @@ def loss_function(
     labels: Tensor,
     /,
     *,
-    family: Any = None,
+    family: Family | None = None,
     reduction: str = "sum",
     params: Sequence[str] | Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,
@@ -504,7 +505,7 @@ def loss_functions(
     batches: Iterable[Any],
     /,
     *,
-    family: Any = None,
+    family: Family | None = None,
     reduction: str = "sum",
     params: Sequence[str] | Mapping[str, Tensor] | None = None,
     buffers: Mapping[str, Tensor] | None = None,

@@ -91,6 +91,7 @@ from fisherbound.adapters._jax_model import (
     second_derivative_kernel,
     traced_selection,
 )
+from fisherbound.families import Family
 from fisherbound.linearization import (
     LinearizationBase,
     ReadOnly,
@@ -460,9 +461,9 @@ def linearize(
     /,
     *,
     state: PyTree = None,
-    output: Any = None,
+    output: str | int | Callable[[Any], Any] | None = None,
     class_axis: int = -1,
-    mask: Any = None,
+    mask: Array | str | Callable[[Any], Any] | None = None,
 ) -> JaxLinearization:
     r"""Freeze ``apply_fn`` at ``params`` on one batch of inputs.
 
@@ -581,9 +582,9 @@ def linearizations(
     /,
     *,
     state: PyTree = None,
-    output: Any = None,
+    output: str | int | Callable[[Any], Any] | None = None,
     class_axis: int = -1,
-    mask: Any = None,
+    mask: str | Callable[[Any], Any] | None = None,
 ) -> Iterator[JaxLinearization]:
     """Linearize ``apply_fn`` at ``params`` on each batch of ``batches``, lazily.
 
@@ -689,11 +690,11 @@ def loss_function(
     /,
     *,
     state: PyTree = None,
-    family: Any = None,
+    family: Family | None = None,
     reduction: str = "sum",
-    output: Any = None,
+    output: str | int | Callable[[Any], Any] | None = None,
     class_axis: int = -1,
-    mask: Any = None,
+    mask: Array | str | Callable[[Any], Any] | None = None,
     ignore_index: int | None = -100,
 ) -> JaxLossFunction:
     r"""The negative log-likelihood of ``apply_fn`` at ``params`` on one labelled batch.
@@ -771,11 +772,11 @@ def loss_functions(
     /,
     *,
     state: PyTree = None,
-    family: Any = None,
+    family: Family | None = None,
     reduction: str = "sum",
-    output: Any = None,
+    output: str | int | Callable[[Any], Any] | None = None,
     class_axis: int = -1,
-    mask: Any = None,
+    mask: str | Callable[[Any], Any] | None = None,
     ignore_index: int | None = -100,
 ) -> Iterator[JaxLossFunction]:
     """``loss_function`` on each ``(inputs, labels)`` batch of ``batches``, lazily.

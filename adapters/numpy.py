@@ -47,6 +47,7 @@ from fisherbound.adapters._numpy_models import (
     join_layers,
     split_rows,
 )
+from fisherbound.families import Family
 from fisherbound.linearization import (
     LinearizationBase,
     LossFunctionBase,
@@ -587,7 +588,7 @@ def loss_function(
     labels: Array,
     /,
     *,
-    family: Any = None,
+    family: Family | None = None,
     reduction: str = "sum",
 ) -> ReferenceLossFunction:
     r"""The negative log-likelihood of a reference model on one labelled batch.
@@ -646,7 +647,7 @@ def loss_functions(
     batches: Iterable[Any],
     /,
     *,
-    family: Any = None,
+    family: Family | None = None,
     reduction: str = "sum",
 ) -> Iterator[ReferenceLossFunction]:
     """``loss_function`` on each (inputs, labels) batch of ``batches``, lazily.

@@ -107,6 +107,7 @@ _EXTERNAL_TYPES = {
     "collections.abc.Sequence": "python",
     "torch.Tensor": "torch",
     "torch.nn.Module": "torch",
+    "matplotlib.axes.Axes": "matplotlib",
 }
 if os.environ.get("FISHERBOUND_DOCS_INTERSPHINX"):
     intersphinx_mapping = {
@@ -115,6 +116,7 @@ if os.environ.get("FISHERBOUND_DOCS_INTERSPHINX"):
         "scipy": ("https://docs.scipy.org/doc/scipy", None),
         "torch": ("https://pytorch.org/docs/stable", None),
         "jax": ("https://docs.jax.dev/en/latest", None),
+        "matplotlib": ("https://matplotlib.org/stable", None),
     }
 else:
     intersphinx_mapping = {}

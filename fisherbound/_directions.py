@@ -185,7 +185,7 @@ def params_and_blocks(params: Any, blocks: Any, kind: str) -> tuple[Any, Array, 
 
 
 def random_directions(
-    params: Any,
+    params: Array | LossFunction,
     /,
     *,
     num_directions: int = 2,

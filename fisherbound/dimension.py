@@ -45,6 +45,7 @@ also all-reduces the negative log-likelihood and :math:`N`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from fisherbound._lib import (
@@ -565,7 +566,7 @@ def local_dimension(
     num_probes: int = DEFAULT_NUM_PROBES,
     num_matvecs: int | None = None,
     target_error: float | None = DEFAULT_TARGET_ERROR,
-    quadrature: Any = None,
+    quadrature: SpectralDensity | Quadrature | None = None,
     rng: RngLike = None,
     process_group: ProcessGroup = None,
 ) -> Estimate:
@@ -787,14 +788,14 @@ def razor(
     family: Family = Categorical(),  # noqa: B008
     *,
     prior_variance: float,
-    labels: Any,
+    labels: Array | Sequence[Array],
     theta: Array,
     theta0: Array | None = None,
     method: str = "auto",
     num_probes: int = DEFAULT_NUM_PROBES,
     num_matvecs: int = DEFAULT_SLQ_MATVECS,
     max_params: int = DEFAULT_MAX_PARAMS,
-    quadrature: Any = None,
+    quadrature: SpectralDensity | Quadrature | None = None,
     rng: RngLike = None,
     process_group: ProcessGroup = None,
 ) -> Razor:

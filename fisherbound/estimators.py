@@ -165,7 +165,7 @@ def _check_options(
     max_vectors: int | None,
     progress: bool | None,
     process_group: ProcessGroup,
-    weights: Any = None,
+    weights: Array | None = None,
 ) -> _Common:
     """Validate the options every estimator shares (once, for all three)."""
     fam = check_family(family)
@@ -500,7 +500,7 @@ def detach_and_mix(
     family: Family = Categorical(),  # noqa: B008 - families are immutable
     *,
     what: str = "diagonal",
-    weights: Any = None,
+    weights: Array | None = None,
     num_probes: int = 1,
     rng: RngLike = None,
     kernel: str = "exact",
@@ -695,7 +695,7 @@ def monte_carlo(
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",
-    weights: Any = None,
+    weights: Array | None = None,
     num_samples: int = 1,
     rng: RngLike = None,
     reduction: str = "sum",
@@ -776,11 +776,11 @@ def monte_carlo(
 
 def empirical(
     source: Source,
-    labels: Any,
+    labels: Array | Sequence[Array],
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",
-    weights: Any = None,
+    weights: Array | None = None,
     reduction: str = "sum",
     max_batches: int | None = None,
     blocks: Sequence[str] | None = None,

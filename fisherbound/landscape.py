@@ -603,7 +603,7 @@ def _rows(xp: Any, res: Any, order: list[int]) -> EigenDirections:
 
 def projected_curvature(
     source: LossSource,
-    directions: Any,
+    directions: Array | EigenDirections,
     /,
     *,
     method: str = "hvp",
@@ -759,10 +759,10 @@ def _grid(
 
 def surface(
     source: LossSource,
-    directions: Any,
+    directions: Array | EigenDirections,
     /,
     *,
-    coordinates: Any = None,
+    coordinates: Array | tuple[Array, ...] | None = None,
     span: float = 1.0,
     num_points: int = 21,
     batch_size: int | None = None,

@@ -23,9 +23,13 @@ one diagonal).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fisherbound._lib import Estimate, check_choice, check_positive_int, is_array, to_host
+from fisherbound.fisher import Bounds
+
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    import matplotlib.axes
 
 Array = Any
 
@@ -120,7 +124,7 @@ def plot_surface(
     /,
     *,
     kind: str = "contour",
-    ax: Any = None,
+    ax: matplotlib.axes.Axes | None = None,
     title: str | None = None,
     levels: int = 30,
 ) -> Any:
@@ -254,9 +258,9 @@ def plot_spectral_density(
     grid: Array | None = None,
     std_error: Array | None = None,
     num_probes: int | None = None,
-    markers: Any = None,
+    markers: Array | Sequence[float] | None = None,
     log: bool = False,
-    ax: Any = None,
+    ax: matplotlib.axes.Axes | None = None,
     title: str | None = None,
     xlabel: str = "eigenvalue",
 ) -> Any:
@@ -377,11 +381,11 @@ def plot_fisher_diagonal(
     /,
     *,
     exact: Array | None = None,
-    bounds: Any = None,
+    bounds: Bounds | tuple[Array, Array] | None = None,
     estimate: Any = None,
     max_points_per_block: int = 200,
     log: bool = True,
-    ax: Any = None,
+    ax: matplotlib.axes.Axes | None = None,
     title: str | None = None,
 ) -> Any:
     r"""The Fisher diagonal per parameter block, with its bounds and error bars.

@@ -17,7 +17,7 @@ from fisherbound._lib import (
     probes,
     sum_is_finite,
 )
-from fisherbound.linalg._operator import _as_square_operator
+from fisherbound.linalg._operator import LinearOperatorLike, _as_square_operator
 
 Array = Any
 
@@ -92,7 +92,7 @@ def _hutchinson(
 
 
 def hutchinson_trace(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     *,
     num_probes: int,
@@ -159,7 +159,7 @@ def hutchinson_trace(
 
 
 def hutchinson_diagonal(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     *,
     num_probes: int,
@@ -226,7 +226,7 @@ def _hutchpp(xp: Any, op: Any, *, num_probes: int, distribution: str, gen: Any) 
 
 
 def hutchpp_trace(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     *,
     num_probes: int,

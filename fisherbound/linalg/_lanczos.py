@@ -21,7 +21,7 @@ from fisherbound._lib import (
     set_row,
     to_host,
 )
-from fisherbound.linalg._operator import _as_square_operator, is_jax_namespace
+from fisherbound.linalg._operator import LinearOperatorLike, _as_square_operator, is_jax_namespace
 
 Array = Any
 
@@ -295,7 +295,7 @@ def _start_vector(xp: Any, op: Any, v0: Array | None, gen: Any) -> Array:
 
 
 def lanczos(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     *,
     num_matvecs: int,
@@ -537,7 +537,7 @@ class _Krylov:
 
 
 def eigsh(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     *,
     k: int,

@@ -21,7 +21,12 @@ from fisherbound._lib import (
     to_host,
 )
 from fisherbound.linalg._lanczos import _Krylov, _lanczos, _start_vector, _tridiagonal_eigh
-from fisherbound.linalg._operator import LinearOperator, _as_square_operator, is_jax_namespace
+from fisherbound.linalg._operator import (
+    LinearOperator,
+    LinearOperatorLike,
+    _as_square_operator,
+    is_jax_namespace,
+)
 
 Array = Any
 
@@ -252,7 +257,7 @@ def _count_above(
 
 
 def lanczos_quadrature(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     *,
     num_probes: int,
@@ -316,7 +321,7 @@ def lanczos_quadrature(
 
 
 def slq(
-    A: Any,
+    A: LinearOperatorLike | Array,
     /,
     function: Any,
     *,
@@ -384,7 +389,7 @@ def slq(
 
 
 def smoothed_density(
-    quadrature: Any, grid: Array, /, *, width: float, lower: float | None = None
+    quadrature: Quadrature, grid: Array, /, *, width: float, lower: float | None = None
 ) -> Array:
     r"""The Gaussian-smoothed spectral density of a ``Quadrature`` on a grid.
 

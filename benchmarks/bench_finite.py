@@ -40,11 +40,11 @@ TITLE = "The finite checks on every product: checked / unchecked time (torch CPU
 
 def _guarded_classes() -> list[type]:
     """Every class whose products the finite check wraps (the adapters' included)."""
+    from fisherbound._frozen import FrozenBase
     from fisherbound.adapters import numpy as _np_adapter  # noqa: F401 - registers classes
     from fisherbound.adapters import torch as _torch_adapter  # noqa: F401
-    from fisherbound.linearization import _FrozenBase
 
-    out, todo = [], [_FrozenBase]
+    out, todo = [], [FrozenBase]
     while todo:
         cls = todo.pop()
         out.append(cls)

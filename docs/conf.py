@@ -108,6 +108,7 @@ _EXTERNAL_TYPES = {
     "torch.Tensor": "torch",
     "torch.nn.Module": "torch",
     "matplotlib.axes.Axes": "matplotlib",
+    "scipy.sparse.linalg.LinearOperator": "scipy",
 }
 if os.environ.get("FISHERBOUND_DOCS_INTERSPHINX"):
     intersphinx_mapping = {

@@ -776,7 +776,7 @@ def monte_carlo(
 
 def empirical(
     source: Source,
-    labels: Array | Sequence[Array],
+    labels: Array | list[Array] | tuple[Array, ...],
     family: Family = Categorical(),  # noqa: B008
     *,
     what: str = "diagonal",

@@ -275,7 +275,7 @@ class LinearizationBase(FrozenBase):
     }
 
     logits = ReadOnly[Array](
-        "The logits z of the batch, shape (N, ∗S, C): N examples, the position axes S "
+        r"The logits :math:`z` of the batch, shape (N, ∗S, C): N examples, the position axes S "
         "(none for one output per example) and the C classes last."
     )
     mask = ReadOnly["Array | None"](
@@ -586,7 +586,7 @@ class LossFunctionBase(FrozenBase):
         "targets (N, ∗S, C); the labels of masked positions replaced by a valid "
         "placeholder (0, or 1/C for label rows)."
     )
-    logits = ReadOnly[Array](r"The logits z (N, ∗S, C) at :math:`\theta`, classes last.")
+    logits = ReadOnly[Array](r"The logits :math:`z` (N, ∗S, C) at :math:`\theta`, classes last.")
     mask = ReadOnly["Array | None"](
         "The counted positions: None (all) or a boolean array (N, ∗S), False where "
         "``mask=`` was False or the label equals ``ignore_index``."

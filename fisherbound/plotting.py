@@ -26,10 +26,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fisherbound._lib import Estimate, check_choice, check_positive_int, is_array, to_host
-from fisherbound.fisher import Bounds
 
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
     import matplotlib.axes
+
+    import fisherbound.fisher
 
 Array = Any
 
@@ -381,7 +382,7 @@ def plot_fisher_diagonal(
     /,
     *,
     exact: Array | None = None,
-    bounds: Bounds | tuple[Array, Array] | None = None,
+    bounds: fisherbound.fisher.Bounds | tuple[Array, Array] | None = None,
     estimate: Any = None,
     max_points_per_block: int = 200,
     log: bool = True,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fisherbound._lib import (
     DISTRIBUTIONS,
@@ -18,6 +18,9 @@ from fisherbound._lib import (
     sum_is_finite,
 )
 from fisherbound.linalg._operator import LinearOperatorLike, _as_square_operator
+
+if TYPE_CHECKING:  # only for the annotations
+    import scipy.sparse.linalg
 
 Array = Any
 
@@ -92,7 +95,7 @@ def _hutchinson(
 
 
 def hutchinson_trace(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     *,
     num_probes: int,
@@ -159,7 +162,7 @@ def hutchinson_trace(
 
 
 def hutchinson_diagonal(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     *,
     num_probes: int,
@@ -226,7 +229,7 @@ def _hutchpp(xp: Any, op: Any, *, num_probes: int, distribution: str, gen: Any) 
 
 
 def hutchpp_trace(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     *,
     num_probes: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fisherbound._lib import (
     RngLike,
@@ -22,6 +22,9 @@ from fisherbound._lib import (
     to_host,
 )
 from fisherbound.linalg._operator import LinearOperatorLike, _as_square_operator, is_jax_namespace
+
+if TYPE_CHECKING:  # only for the annotations
+    import scipy.sparse.linalg
 
 Array = Any
 
@@ -295,7 +298,7 @@ def _start_vector(xp: Any, op: Any, v0: Array | None, gen: Any) -> Array:
 
 
 def lanczos(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     *,
     num_matvecs: int,
@@ -544,7 +547,7 @@ class _Krylov:
 
 
 def eigsh(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     *,
     k: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fisherbound._lib import (
     Estimate,
@@ -27,6 +27,9 @@ from fisherbound.linalg._operator import (
     _as_square_operator,
     is_jax_namespace,
 )
+
+if TYPE_CHECKING:  # only for the annotations
+    import scipy.sparse.linalg
 
 Array = Any
 
@@ -257,7 +260,7 @@ def _count_above(
 
 
 def lanczos_quadrature(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     *,
     num_probes: int,
@@ -321,7 +324,7 @@ def lanczos_quadrature(
 
 
 def slq(
-    A: LinearOperatorLike | Array,
+    A: LinearOperatorLike | scipy.sparse.linalg.LinearOperator | Array,
     /,
     function: Any,
     *,
@@ -417,7 +420,7 @@ def smoothed_density(
     the boundary-corrected kernel estimate: no mass below :math:`a` (the plain density
     puts up to half the mass of the eigenvalues near :math:`a` there), and
     :math:`\varphi_a` still integrates to 1 over :math:`[a, \infty)`. Nodes below
-    :math:`a` by rounding (by at most :math:`\max(\text{1e−8}, 64 \varepsilon)` times the
+    :math:`a` by rounding (by at most :math:`\max(\text{1e-8}, 64 \varepsilon)` times the
     largest node in absolute value, :math:`\varepsilon` the nodes' machine epsilon)
     are taken as :math:`a`; a node further below means the spectrum is not bounded by
     :math:`a`, a ValueError.

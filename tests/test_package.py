@@ -129,9 +129,13 @@ def _module_level_imports(name: str, path: Path, known: set[str]) -> set[str]:
             if isinstance(node, ast.If):
                 if "TYPE_CHECKING" not in ast.unparse(node.test):
                     visit(node.body)
-                    visit(node.orelse)
+                visit(node.orelse)
             elif isinstance(node, ast.Try):
                 visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+                visit(node.orelse)
+                visit(node.finalbody)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):

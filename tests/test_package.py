@@ -39,15 +39,11 @@ def test_adapters_is_not_a_top_level_package(tmp_path: Path) -> None:
 
 
 def _source_modules() -> set[str]:
-    names = {
-        "fisherbound/" + p.relative_to(ROOT / "fisherbound").as_posix()
-        for p in (ROOT / "fisherbound").rglob("*.py")
+    """Every library module's path inside the wheel (``fisherbound/adapters/torch.py``)."""
+    return {
+        name.replace(".", "/") + ("/__init__.py" if path.name == "__init__.py" else ".py")
+        for name, path in _module_files().items()
     }
-    names |= {
-        "fisherbound/adapters/" + p.relative_to(ROOT / "adapters").as_posix()
-        for p in (ROOT / "adapters").rglob("*.py")
-    }
-    return {n for n in names if "__pycache__" not in n}
 
 
 def test_wheel_contains_every_source_module(tmp_path: Path) -> None:

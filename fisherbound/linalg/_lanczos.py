@@ -630,7 +630,9 @@ def eigsh(
     runs on :math:`A / s`, :math:`s` the power of two nearest the largest entry of the
     first product, so every representable scale of :math:`A` (1e±300 in float64,
     1e±35 in float32) gives the same relative accuracy; a product or norm that is
-    NaN or inf raises instead of reading as a breakdown.
+    NaN or inf raises instead of reading as a breakdown. A JAX operator with a traceable
+    product (a dense JAX array, a JAX Fisher operator; see ``LinearOperator``) runs the
+    same steps as one compiled loop on the device, with no host read per step.
 
     Examples
     --------
@@ -682,6 +684,12 @@ def eigsh(
             raise ValueError(msg)
         rtol = float(tol)
     gen = as_generator(rng)
+    traceable = getattr(op, "traceable", None)
+    if traceable is not None and is_jax_namespace(xp):  # one compiled loop on the device
+        from fisherbound.linalg._compiled_eigsh import eigsh as compiled
+
+        v = _start_vector(xp, op, None, gen)
+        return compiled(xp, op, traceable, v, gen, p, wanted, which, budget, rtol)
     kry = _Krylov(xp, op, _start_vector(xp, op, None, gen), p, gen)
     # Convergence is checked after every product once the basis could hold the wanted
     # pairs and a margin (and always after a restart): a host eigh of at most p × p.

@@ -28,8 +28,12 @@ parameters, batch 128, float32; ``--x64`` for float64), with the same product fu
 m = 60 from one vector, and ``slq`` of log(1 + λ) with M probes × m steps (matfree:
 ``stochtrace.estimator_monte_carlo`` of ``funm.monte_carlo_funm_sym``); first calls
 (compilation included) and the median of later calls, the Python loop of before (the
-same operator without its traceable product) beside them. Writes
-benchmarks/results/spectrum_jax.json. Needs ``pip install --no-deps matfree``.
+same operator without its traceable product) beside them. Then ``top_eigenpairs`` with
+k = 1 and k = 5 at the default tol (the compiled ``eigsh``), the Python loop it ran
+before on the same operator, and matfree's ``tridiag_sym`` with the same number of
+products from the same start vector followed by ``eig.eigh_partial`` (the eigh of the
+tridiagonal and the Ritz vectors); the products of both loops are counted and must
+agree. Writes benchmarks/results/spectrum_jax.json. Needs ``pip install --no-deps matfree``.
 """
 
 from __future__ import annotations
@@ -315,7 +319,8 @@ def run_jax(
         return x @ w.T + b
 
     x = jnp.asarray(rng.standard_normal((batch, sizes[0])), dtype=dtype)
-    op = fisher_operator(jax_linearize(apply_fn, params, x), Categorical())
+    lin = jax_linearize(apply_fn, params, x)
+    op = fisher_operator(lin, Categorical())
     fn, operands = op.traceable
     n = int(op.shape[0])
     plain = LinearOperator(  # the operator without its traceable product: the Python loop
@@ -363,6 +368,7 @@ def run_jax(
             if name.startswith("loop_") and len(later[name]) >= 2:
                 continue  # slow: two later calls are enough
             later[name].append(call(name)[0])
+    eigsh_rows, eigsh_checks = _jax_eigsh_rows(lin, op, call, calls, first, outs, later, reps)
     median = {name: statistics.median(ts) for name, ts in later.items()}
     # The same tridiagonal from the same vector (to rounding): the top Ritz values.
     ours = outs["lanczos"]
@@ -410,6 +416,7 @@ def run_jax(
             "matfree_slq",
         ),
     ]
+    rows += [row(label, name, products, baseline) for label, name, products, baseline in eigsh_rows]
     return {
         "dtype": "float64" if x64 else "float32",
         "jax": jax.__version__,
@@ -425,7 +432,110 @@ def run_jax(
         "slq_std_error": float(est.std_error),
         "matfree_slq_value": float(outs["matfree_slq"]),
         "ratios": {r["quantity"]: r["ratio_to_matfree"] for r in rows[1:]},
+        "eigsh": eigsh_checks,
     }
+
+
+def _jax_eigsh_rows(
+    lin: Any,
+    op: Any,
+    call: Callable[[str], tuple[float, Any]],
+    calls: dict[str, Callable[[], Any]],
+    first: dict[str, float],
+    outs: dict[str, Any],
+    later: dict[str, list[float]],
+    reps: int,
+) -> tuple[list[tuple[str, str, int, str]], dict[str, Any]]:
+    """``top_eigenpairs`` k = 1 and 5 at the default tol: compiled, the Python loop of
+    before (``eigsh`` on the operator without its traceable product, which
+    ``top_eigenpairs`` ran on JAX), and matfree's ``tridiag_sym`` with as many products
+    from the same start vector followed by ``eig.eigh_partial``'s eigh of the
+    tridiagonal. Adds the calls (first calls now, later calls alternated) and returns
+    the rows and the checks: the products of both loops, the top eigenvalues."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from matfree import decomp, eig
+
+    from fisherbound._lib import as_generator, probes
+    from fisherbound.linalg import LinearOperator, TraceableProduct, eigsh
+
+    fn, operands = op.traceable
+    n = int(op.shape[0])
+    # eigsh's start vector for rng=0: a Gaussian of the generator, normalised.
+    gen = as_generator(0)
+    start = probes(gen, (n,), distribution="gaussian", xp=jnp, dtype=op.dtype, device=op.device)
+    start = start / jnp.linalg.norm(start)
+    counted = [0]
+
+    def counting_matvec(v: Any) -> Any:
+        counted[0] += 1
+        return op.matvec(v)
+
+    plain = LinearOperator(
+        op.shape, matvec=counting_matvec, matmat=op.matmat, dtype=op.dtype, device=op.device, xp=jnp
+    )
+
+    def matvec(v: Any, ops: Any) -> Any:
+        return fn(ops, v[:, None])[:, 0]
+
+    rows: list[tuple[str, str, int, str]] = []
+    checks: dict[str, Any] = {}
+    names: list[str] = []
+    for k in (1, 5):
+        loop, ours, theirs = f"loop_eigsh{k}", f"top_eigenpairs{k}", f"matfree_eigh{k}"
+        calls[loop] = lambda k=k: eigsh(plain, k=k, rng=0)
+        counted[0] = 0
+        first[loop], outs[loop] = call(loop)  # the Python loop: counts the products
+        m = counted[0]
+        calls[ours] = lambda k=k: top_eigenpairs(lin, Categorical(), k=k, rng=0)
+        partial = eig.eigh_partial(decomp.tridiag_sym(m))
+        mf = jax.jit(lambda ops, v, partial=partial: partial(matvec, v, ops))
+        calls[theirs] = lambda mf=mf: mf(operands, start)
+        for name in (ours, theirs):
+            first[name], outs[name] = call(name)
+        names += [loop, ours, theirs]
+        rows += [
+            (f"top_eigenpairs k = {k}, default tol (compiled eigsh)", ours, m, theirs),
+            (f"matfree tridiag_sym({m}) + eigh_partial", theirs, m, theirs),
+            (f"top_eigenpairs k = {k} (Python loop)", loop, m, theirs),
+        ]
+        checks[f"k={k}"] = {
+            "products_python_loop": m,
+            "top_eigenvalue": float(outs[ours].eigenvalues[0]),
+            "top_eigenvalue_python_loop": float(outs[loop].eigenvalues[-1]),
+            "top_eigenvalue_matfree": float(jnp.max(outs[theirs][0])),
+            "max_residual": float(jnp.max(outs[ours].residuals)),
+        }
+    for _ in range(reps):  # alternated, so that a change of load hits every method
+        for name in names:
+            if name.startswith("loop_") and len(later.setdefault(name, [])) >= 2:
+                continue  # slow: two later calls are enough
+            later.setdefault(name, []).append(call(name)[0])
+    # The products of the compiled loop, counted by a host callback in another compile
+    # (after the timings): the same as the Python loop's.
+    box = [0]
+
+    def counted_fn(ops: Any, V: Any) -> Any:
+        jax.debug.callback(lambda: box.__setitem__(0, box[0] + V.shape[1]))
+        return fn(ops, V)
+
+    traced = TraceableProduct(counted_fn, operands)
+    cop = LinearOperator(
+        op.shape, matmat=op.matmat, dtype=op.dtype, device=op.device, xp=jnp, traceable=traced
+    )
+    for k in (1, 5):
+        box[0] = 0
+        eigsh(cop, k=k, rng=0)
+        jax.effects_barrier()
+        checks[f"k={k}"]["products_compiled"] = box[0]
+        assert box[0] == checks[f"k={k}"]["products_python_loop"], checks
+    np.testing.assert_allclose(  # the same pairs in both loops
+        [c["top_eigenvalue"] for c in checks.values()],
+        [c["top_eigenvalue_python_loop"] for c in checks.values()],
+        rtol=1e-4,
+    )
+    return rows, checks
 
 
 def markdown_jax(results: dict[str, Any]) -> str:
@@ -450,6 +560,14 @@ def markdown_jax(results: dict[str, Any]) -> str:
         f"= {results['slq_value']:.5g} ± {results['slq_std_error']:.2g} (matfree, other "
         f"probes: {results['matfree_slq_value']:.5g})."
     )
+    for k, c in results.get("eigsh", {}).items():
+        lines.append(
+            f"top_eigenpairs {k}: {c['products_compiled']} products compiled, "
+            f"{c['products_python_loop']} in the Python loop; top eigenvalue "
+            f"{c['top_eigenvalue']:.6g} (Python loop {c['top_eigenvalue_python_loop']:.6g}, "
+            f"matfree {c['top_eigenvalue_matfree']:.6g}), largest residual "
+            f"{c['max_residual']:.2g}."
+        )
     return "\n".join(lines)
 
 

@@ -399,7 +399,7 @@ def _jax(t: Table, name: str) -> Figure:
         "time (s, log scale)",
         log=True,
     )
-    return Figure(name, "JAX Lanczos and SLQ: fisherbound against matfree", [p])
+    return Figure(name, "JAX Lanczos, SLQ and eigsh: fisherbound against matfree", [p])
 
 
 def _jax_diagonal(t: Table, name: str) -> Figure:

@@ -96,7 +96,7 @@ class LinearOperator:
     traceable
         Optional ``TraceableProduct``: the same product as a pure function that
         ``jax.jit`` can trace. JAX operators that have one run ``lanczos``,
-        ``lanczos_quadrature`` and ``slq`` as one compiled loop on the device;
+        ``lanczos_quadrature``, ``slq`` and ``eigsh`` as one compiled loop on the device;
         without it they call ``matvec`` / ``matmat`` once per step from Python.
     symmetric
         Whether :math:`A = A^\top` (default False). The Fisher and Hessian operators of the

@@ -10,7 +10,7 @@ V (p, n) (rows beyond the step are zero, so every step has one shape), the DGKS
 second pass on cancellation (``lax.cond``), the column of the projected matrix T
 (p, p), the breakdown and finite tests, and at the points where the Python loop
 checks convergence, the eigendecomposition of T and the relative residuals of the
-wanted Ritz pairs. The host reads four flags when the loop returns.
+wanted Ritz pairs. The host reads five integers when the loop returns.
 
 The mathematics are ``_Krylov``'s and ``eigsh``'s, step for step: the power-of-two
 scale of the first product, convergence checked at the same points by the same
@@ -271,8 +271,13 @@ def _run(
     which: str,
     wanted: int,
     factor: float,
-) -> _State:
-    """Steps and thick restarts until done, a NaN / inf, or a breakdown wanting a vector."""
+) -> tuple[_State, Array, tuple[Array, Array, Array]]:
+    """Steps and thick restarts until done, a NaN / inf, or a breakdown wanting a vector.
+
+    Returns the state, the flags the host reads (finite, done, need_random, converged,
+    products) and the result of ``_finish`` (used once done): one compiled function
+    for all, since each compiles in tenths of a second on a first call.
+    """
     p = int(c.V.shape[0])
 
     def stopped(c: _State) -> Array:
@@ -291,7 +296,10 @@ def _run(
             ~stopped(c) & (c.j == p), lambda c: _restart(c, which, wanted), lambda c: c, c
         )
 
-    return jax.lax.while_loop(lambda c: ~stopped(c), cycle, c)
+    c = jax.lax.while_loop(lambda c: ~stopped(c), cycle, c)
+    flags = jnp.stack([c.finite, c.done, c.need_random, c.converged]).astype(jnp.int32)
+    flags = jnp.concat([flags, c.products[None]])
+    return c, flags, _finish(c, which, wanted)
 
 
 @jax.jit
@@ -302,7 +310,6 @@ def _resume(c: _State, r: Array) -> _State:
     return c._replace(q=r / jnp.linalg.vector_norm(r), need_random=jnp.asarray(False))
 
 
-@functools.partial(jax.jit, static_argnames=("which", "wanted"))
 def _finish(c: _State, which: str, wanted: int) -> tuple[Array, Array, Array]:
     """The wanted Ritz pairs, ascending, with their residuals floored at ε max |θ|."""
     p = int(c.V.shape[0])
@@ -342,13 +349,12 @@ def eigsh(
     c = _start(v, p)
     limits = (jnp.asarray(budget, dtype=jnp.int32), jnp.asarray(rtol, dtype=dtype))
     while True:
-        c = _run(
+        c, flags, result = _run(
             traceable.fn, traceable.operands, c, *limits, which=which, wanted=wanted, factor=factor
         )
-        flags = to_host(jnp.stack([c.finite, c.done, c.need_random, c.converged]))
-        finite, done, need_random, converged = (bool(f) for f in flags)
+        finite, done, need_random, converged, products = (int(f) for f in to_host(flags))
         if not finite:
-            raise _not_finite(xp, dtype, int(to_host(c.products)))
+            raise _not_finite(xp, dtype, products)
         if need_random:  # drawn where the Python loop draws it, even when it is done
             r = probes(gen, (n,), distribution="gaussian", xp=xp, dtype=dtype, device=op.device)
             if not done:
@@ -366,4 +372,4 @@ def eigsh(
             RuntimeWarning,
             stacklevel=3,
         )
-    return EigshResult(*_finish(c, which=which, wanted=wanted))
+    return EigshResult(*result)

@@ -111,7 +111,7 @@ class _BlockKrylov:
         return out
 
     def _orthonormal_rows(
-        self, W: Array, bases: list[Array], floors: Any, used: int = 0
+        self, W: Array, bases: list[Array], floors: Any, used: int = 0, norms: Any = None
     ) -> tuple[Array, Any, list[Any]]:
         r"""Orthonormalise the rows of W (c, n), already orthogonal to ``bases``, one by one.
 
@@ -123,17 +123,26 @@ class _BlockKrylov:
         many as the space holds), with zero coefficients. Returns the rows (a + d, n),
         R ((a + d) × c, upper triangular in the accepted rows: W = Rᵀ rows) and the
         second-pass coefficients per basis (host, m × c) to add to the caller's.
+        ``norms``: the host norms of W's rows where the caller has them.
         """
         xp, np = self.xp, self.np
         c = int(W.shape[0])
         extra = [np.zeros((int(B.shape[0]), c)) for B in bases]
-        norms = self._read([xp.linalg.vector_norm(W, axis=1)])[0]
+        if norms is None:
+            norms = self._read([xp.linalg.vector_norm(W, axis=1)])[0]
+        # The accepted rows: written in place into one buffer where the library allows
+        # it (a view of the first a rows, no copy per column), else stacked (JAX).
+        buffer = None if self.static else xp.empty_like(W)
         accepted: list[Array] = []
+
+        def rows_so_far() -> Array:
+            return xp.stack(accepted) if buffer is None else buffer[: len(accepted), :]
+
         R = np.zeros((c, c))
         for i in range(c):
             w, before = W[i, :], float(norms[i])
             if accepted:
-                A = xp.stack(accepted)
+                A = rows_so_far()
                 r = A @ w
                 w = w - r @ A
                 r_host, after = self._read([r, xp.linalg.vector_norm(w)[None]])
@@ -141,7 +150,7 @@ class _BlockKrylov:
             else:
                 r_host, after = np.zeros(0), before
             if accepted and after < _DGKS * before:
-                everything = [*bases, xp.stack(accepted)]
+                everything = [*bases, rows_so_far()]
                 hs, w2 = self._project(everything, w[None, :])
                 host = self._read([*hs, xp.linalg.vector_norm(w2, axis=1)])
                 for e, h in zip(extra, host[: len(bases)], strict=True):
@@ -154,10 +163,12 @@ class _BlockKrylov:
             if after > floor and after > 0.0:
                 R[a, i] = after
                 accepted.append(w / after)
+                if buffer is not None:
+                    buffer[a, :] = accepted[-1]
         a = len(accepted)
         room = self.n - used - a  # used: the rows of ``bases`` (not JAX's zero rows)
         d = min(c - a, max(room, 0))
-        rows = list(accepted)
+        rows = [rows_so_far()[i, :] for i in range(a)] if d > 0 else accepted
         if d > 0:  # breakdown or a multiplicity: random rows orthogonal to everything
             Z = self._gaussian(d)
             for i in range(d):
@@ -166,9 +177,12 @@ class _BlockKrylov:
                     _, z2 = self._project([*bases, *([xp.stack(rows)] if rows else [])], z[None])
                     z = z2[0, :]
                 rows.append(z / xp.linalg.vector_norm(z))
-        out = (
-            xp.stack(rows) if rows else xp.zeros((0, self.n), dtype=self.dtype, device=self.device)
-        )
+        if d == 0 and buffer is not None:
+            out = buffer[:a, :]
+        elif rows:
+            out = xp.stack(rows)
+        else:
+            out = xp.zeros((0, self.n), dtype=self.dtype, device=self.device)
         return out, np.concatenate([R[:a], np.zeros((len(rows) - a, c))]), extra
 
     # ----------------------------------------------------------------- the steps
@@ -221,7 +235,9 @@ class _BlockKrylov:
         column = np.abs(H).sum(axis=0) + np.abs(G).sum(axis=0) + norm_after
         self.norm_t = max(self.norm_t, float(column.max()))
         floors = np.full(width, self.factor * self.norm_t)
-        rows, R, extra = self._orthonormal_rows(W, bases, floors, used=jj + c - width)
+        rows, R, extra = self._orthonormal_rows(
+            W, bases, floors, used=jj + c - width, norms=norm_after
+        )
         H = H + extra[0][:jj, :]
         if c > width:
             G = G + extra[1]

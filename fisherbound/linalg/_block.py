@@ -217,7 +217,12 @@ class _BlockKrylov:
                 raise ValueError(TRACED_LANCZOS)
             top = xp.max(xp.abs(W))
             self.scale = float(to_host(power_of_two_scale(top, xp)))
-        W = W / self.scale
+        if self.static:
+            W = W / self.scale
+        else:  # as contiguous rows: the transposed product would make every row strided
+            rows_w = xp.empty((width, self.n), dtype=self.dtype, device=self.device)
+            rows_w[...] = W / self.scale
+            W = rows_w
         V = self._filled(jj)
         bases = [V] + ([X2] if c > width else [])
         before = xp.linalg.vector_norm(W, axis=1)

@@ -146,6 +146,23 @@ def test_low_rank_matrix_breakdown_and_deflation():
     np.testing.assert_allclose(np.linalg.norm(a @ Y, axis=0), 0.0, atol=1e-10 * dense[-1])
 
 
+@pytest.mark.parametrize("top", [[1e8], [1e10, 1e9]])
+@pytest.mark.parametrize("b", [4, 8])
+def test_nearly_parallel_block_columns_stay_orthogonal(top, b):
+    # A X is dominated by the top eigenvector: the columns of a block nearly coincide,
+    # and orthogonalising them among themselves cancels almost everything (the second
+    # in-block pass and the block pass against the basis after it are needed).
+    a = with_spectrum(top + list(np.linspace(1.0, 2.0, 200 - len(top))), seed=3)
+    dense = np.linalg.eigvalsh(a)
+    res = eigsh(a, k=6, block_size=b, tol=0.0, num_matvecs=160, rng=0)  # no early stop
+    Y, theta, norm = res.eigenvectors, res.eigenvalues, dense[-1]
+    np.testing.assert_allclose(Y.T @ Y, np.eye(6), atol=1e-13)
+    explicit = np.linalg.norm(a @ Y - Y * theta, axis=0)
+    np.testing.assert_allclose(res.residuals, explicit, rtol=0.0, atol=1e-13 * norm)
+    np.testing.assert_allclose(theta[-len(top) :], top[::-1], rtol=1e-14)
+    assert np.all(theta <= dense[-1] * (1 + 1e-14))  # Ritz values interlace
+
+
 def test_block_eigsh_restarts_within_a_small_basis():
     a = with_spectrum(100.0 * 0.9 ** np.arange(200), seed=7)
     op, calls = counting(a)

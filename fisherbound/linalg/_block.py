@@ -113,17 +113,20 @@ class _BlockKrylov:
     def _orthonormal_rows(
         self, W: Array, bases: list[Array], floors: Any, used: int = 0, norms: Any = None
     ) -> tuple[Array, Any, list[Any]]:
-        r"""Orthonormalise the rows of W (c, n), already orthogonal to ``bases``, one by one.
+        r"""Orthonormalise the rows of W (c, n), already orthogonal to ``bases``.
 
-        Row i is orthogonalised against the accepted rows (a second pass against
-        ``bases`` and the accepted rows when the first cancels more than
-        :math:`1 - 1/\sqrt{2}` of it, DGKS) and accepted when its norm stays above
-        ``floors[i]`` (default: the breakdown tolerance relative to its own norm).
-        The deflated rows are replaced by Gaussian rows orthogonal to everything (as
-        many as the space holds), with zero coefficients. Returns the rows (a + d, n),
-        R ((a + d) × c, upper triangular in the accepted rows: W = Rᵀ rows) and the
-        second-pass coefficients per basis (host, m × c) to add to the caller's.
-        ``norms``: the host norms of W's rows where the caller has them.
+        Row i is orthogonalised against the rows accepted before it (twice when the
+        first pass cancels more than :math:`1 - 1/\sqrt{2}` of it, DGKS) and accepted
+        when its norm stays above ``floors[i]`` (default: the breakdown tolerance
+        relative to its own norm). Such a cancellation magnifies what is left of the
+        row along ``bases``, so the accepted rows then get one more block pass against
+        ``bases`` and are re-orthonormalised among themselves (block CGS2: one product
+        with the basis for the block, not one per row). The deflated rows are replaced
+        by Gaussian rows orthogonal to everything (as many as the space holds), with
+        zero coefficients. Returns the rows (a + d, n), R ((a + d) × c, W = Rᵀ rows
+        plus the parts along ``bases``) and the extra coefficients per basis (host,
+        m × c) to add to the caller's. ``norms``: the host norms of W's rows where the
+        caller has them.
         """
         xp, np = self.xp, self.np
         c = int(W.shape[0])
@@ -131,7 +134,7 @@ class _BlockKrylov:
         if norms is None:
             norms = self._read([xp.linalg.vector_norm(W, axis=1)])[0]
         # The accepted rows: written in place into one buffer where the library allows
-        # it (a view of the first a rows, no copy per column), else stacked (JAX).
+        # it (a view of the first a rows, no copy per row), else stacked (JAX).
         buffer = None if self.static else xp.empty_like(W)
         accepted: list[Array] = []
 
@@ -139,24 +142,19 @@ class _BlockKrylov:
             return xp.stack(accepted) if buffer is None else buffer[: len(accepted), :]
 
         R = np.zeros((c, c))
+        cancelled = False
         for i in range(c):
             w, before = W[i, :], float(norms[i])
-            if accepted:
+            r_host, after = np.zeros(len(accepted)), before
+            for second in (False, True):
+                if not accepted or (second and after >= _DGKS * before):
+                    break
                 A = rows_so_far()
                 r = A @ w
                 w = w - r @ A
-                r_host, after = self._read([r, xp.linalg.vector_norm(w)[None]])
-                r_host, after = r_host.copy(), float(after[0])
-            else:
-                r_host, after = np.zeros(0), before
-            if accepted and after < _DGKS * before:
-                everything = [*bases, rows_so_far()]
-                hs, w2 = self._project(everything, w[None, :])
-                host = self._read([*hs, xp.linalg.vector_norm(w2, axis=1)])
-                for e, h in zip(extra, host[: len(bases)], strict=True):
-                    e[:, i] += h[:, 0]
-                r_host += host[-2][:, 0]
-                w, after = w2[0, :], float(host[-1][0])
+                r_pass, norm = self._read([r, xp.linalg.vector_norm(w)[None]])
+                r_host, after = r_host + r_pass, float(norm[0])
+                cancelled = cancelled or second
             floor = self.factor * before if floors is None else float(floors[i])
             a = len(accepted)
             R[:a, i] = r_host
@@ -166,24 +164,41 @@ class _BlockKrylov:
                 if buffer is not None:
                     buffer[a, :] = accepted[-1]
         a = len(accepted)
+        Q = rows_so_far() if a else None
+        R = R[:a]
+        if Q is not None and cancelled and bases:
+            # Q = Q₂ + h₂ᵀ B, Q₂ = R₂ᵀ Q₃: W = (H + h₂ R)ᵀ B + (R₂ R)ᵀ Q₃.
+            hs, Q2 = self._project(bases, Q)
+            host = self._read(hs)
+            for e, h in zip(extra, host, strict=True):
+                e += h @ R
+            Q, R2 = self._cholesky_qr(Q2)
+            R = R2 @ R
         room = self.n - used - a  # used: the rows of ``bases`` (not JAX's zero rows)
         d = min(c - a, max(room, 0))
-        rows = [rows_so_far()[i, :] for i in range(a)] if d > 0 else accepted
         if d > 0:  # breakdown or a multiplicity: random rows orthogonal to everything
             Z = self._gaussian(d)
-            for i in range(d):
-                z = Z[i, :]
-                for _ in range(2):
-                    _, z2 = self._project([*bases, *([xp.stack(rows)] if rows else [])], z[None])
-                    z = z2[0, :]
-                rows.append(z / xp.linalg.vector_norm(z))
-        if d == 0 and buffer is not None:
-            out = buffer[:a, :]
-        elif rows:
-            out = xp.stack(rows)
-        else:
-            out = xp.zeros((0, self.n), dtype=self.dtype, device=self.device)
-        return out, np.concatenate([R[:a], np.zeros((len(rows) - a, c))]), extra
+            for _ in range(2):
+                _, Z = self._project([*bases, *([Q] if Q is not None else [])], Z)
+                Z, _ = self._cholesky_qr(Z)
+            Q = Z if Q is None else xp.concat([Q, Z], axis=0)
+            R = np.concatenate([R, np.zeros((d, c))])
+        if Q is None:
+            Q = xp.zeros((0, self.n), dtype=self.dtype, device=self.device)
+        return Q, R, extra
+
+    def _cholesky_qr(self, Q: Array) -> tuple[Array, Any]:
+        """Rows Q (a, n) of full rank as R₂ᵀ Q₃, Q₃ orthonormal, R₂ upper (host): Cholesky QR.
+
+        Accurate for rows that are nearly orthonormal already (the second pass of
+        block CGS2, or Gaussian rows orthogonalised against a basis: condition near 1).
+        """
+        xp, np = self.xp, self.np
+        G = self._read([Q @ xp.matrix_transpose(Q)])[0]
+        U = np.linalg.cholesky(0.5 * (G + G.T)).T  # G = Uᵀ U, U upper
+        inverse = np.linalg.inv(U)  # Q₃ = U⁻ᵀ Q
+        Uinv_t = xp.asarray(inverse.T, dtype=self.dtype, device=self.device)
+        return Uinv_t @ Q, U
 
     # ----------------------------------------------------------------- the steps
 

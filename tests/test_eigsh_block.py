@@ -247,3 +247,14 @@ def test_front_doors_forward_block_size():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no budget warning on a converged run
         top_eigenpairs(lin, k=1, rng=0, block_size=2)
+
+
+@pytest.mark.slow
+def test_block_eigsh_on_jax_steps_from_python():
+    jnp = pytest.importorskip("jax.numpy")
+    a = with_spectrum([5.0] * 3 + list(np.linspace(-1.0, 1.0, 27)), seed=10)
+    res = eigsh(jnp.asarray(a), k=4, block_size=2, tol=1e-10, rng=0)
+    assert type(res.eigenvalues).__module__.startswith("jax")
+    np.testing.assert_allclose(np.asarray(res.eigenvalues), [1.0, 5.0, 5.0, 5.0], atol=1e-9)
+    Y = np.asarray(res.eigenvectors)
+    np.testing.assert_allclose(Y.T @ Y, np.eye(4), atol=1e-10)

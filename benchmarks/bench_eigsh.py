@@ -11,7 +11,10 @@ carry relative errors near 1e-7 times the spread of the spectrum):
   restarted Lanczos) on a SciPy LinearOperator whose matvec is the same Fisher
   matvec (torch ↔ NumPy views, no copy);
 - the old default of ``top_eigenpairs`` (before issue 14): a fixed Lanczos run of
-  max(2k + 30, 60) steps and k more products for explicit residuals.
+  max(2k + 30, 60) steps and k more products for explicit residuals;
+- ``eigsh(..., block_size=b)`` for each b of ``--blocks`` (default 2 4 8): block
+  Lanczos, one ``matmat`` of b columns per step (products count columns), with its
+  time also as a ratio to ``block_size=1`` in the same run.
 
 For k = 1, 5 and 20 it reports the products (Fisher matvecs, each one JVP and one
 VJP of the batch), the median wall time, the time in gradient steps (forward +
@@ -19,8 +22,11 @@ backward of the summed cross-entropy, timed interleaved) and the ratio to SciPy'
 time, and the largest relative difference of the eigenvalues from SciPy's.
 
 Run:  python benchmarks/bench_eigsh.py [--reps 3] [--threads 2] [--quick]
-Writes benchmarks/results/eigsh.json and prints a Markdown table. ``--quick``: an MLP
-64-32-10 on 32 inputs, k = 1 and 5, one repetition.
+          [--model mlp|cnn] [--blocks 2 4 8] [--k 1 5 20]
+Writes benchmarks/results/eigsh.json (eigsh_cnn.json for the CNN) and prints a
+Markdown table. ``--quick``: an MLP 64-32-10 on 32 inputs, k = 1 and 5, one
+repetition. ``--model cnn``: the CNN of bench_estimators.py (conv 3-32-64, linear
+4096-256-10, batch 64 of 3 × 32 × 32; 1,070,794 parameters), in float64.
 """
 
 from __future__ import annotations
@@ -64,20 +70,46 @@ def make_mlp(quick: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
     return model, x, y, name
 
 
+def make_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
+    """bench_estimators.py's CNN (1,070,794 parameters), in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    ).double()
+    x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (64,))
+    return model, x, y, "CNN conv 3-32-64, linear 4096-256-10 (ReLU), batch 64, float64"
+
+
 class Counted:
     """The Fisher operator with a product counter, as fisherbound and SciPy operators."""
 
     def __init__(self, op: Any) -> None:
-        self.op, self.count = op, 0
+        self.op, self.count, self.seconds = op, 0, 0.0
         d = int(op.shape[0])
 
         def matvec(v: Any) -> Any:
             self.count += 1
-            return op.matvec(v)
+            t0 = time.perf_counter()
+            out = op.matvec(v)
+            self.seconds += time.perf_counter() - t0
+            return out
 
         def matmat(v: Any) -> Any:
             self.count += int(v.shape[1])
-            return op.matmat(v)
+            t0 = time.perf_counter()
+            out = op.matmat(v)
+            self.seconds += time.perf_counter() - t0
+            return out
 
         self.fb = LinearOperator(
             (d, d), matvec=matvec, matmat=matmat, dtype=op.dtype, device=op.device, xp=op.xp
@@ -85,7 +117,10 @@ class Counted:
 
         def np_matvec(v: np.ndarray) -> np.ndarray:
             self.count += 1
-            return op.matvec(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy()
+            t0 = time.perf_counter()
+            out = op.matvec(torch.from_numpy(np.ascontiguousarray(v).reshape(-1))).numpy()
+            self.seconds += time.perf_counter() - t0
+            return out
 
         from scipy.sparse.linalg import LinearOperator as ScipyOperator
 
@@ -103,12 +138,14 @@ def run(
     threads: int = 2,
     reps: int | None = None,
     ks: tuple[int, ...] | None = None,
+    blocks: tuple[int, ...] = (2, 4, 8),
+    model_kind: str = "mlp",
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     from scipy.sparse.linalg import eigsh as arpack
 
     reps = 1 if quick else (reps or 3)
-    model, x, y, model_name = make_mlp(quick)
+    model, x, y, model_name = make_cnn() if model_kind == "cnn" else make_mlp(quick)
     lin = linearize(model, x)
     counted = Counted(fisher_operator(lin))
     d = int(counted.op.shape[0])
@@ -128,11 +165,19 @@ def run(
         counted.fb.matmat(res.eigenvectors)  # the old default's explicit residuals
         return res.eigenvalues.numpy()[::-1]
 
+    def block(b: int) -> Any:
+        def fn(k: int) -> np.ndarray:
+            res = eigsh(counted.fb, k=k, which="largest", tol=TOL, rng=0, block_size=b)
+            return res.eigenvalues.numpy()[::-1]
+
+        return fn
+
     methods = {
         "fisherbound eigsh (thick restart, tol 1e-6)": fb,
         "scipy eigsh (ARPACK, tol 1e-6)": scipy,
         "old default: 60-step Lanczos + k residual products": old,
     }
+    methods.update({f"fisherbound eigsh block_size={b} (tol 1e-6)": block(b) for b in blocks})
     ks = ks or ((1, 5) if quick else (1, 5, 20))
     rows: list[dict[str, Any]] = []
     ratios: dict[str, float] = {}
@@ -143,20 +188,24 @@ def run(
         times: dict[str, list[float]] = {name: [] for name in methods}
         steps: list[float] = []
         products: dict[str, int] = {}
+        in_products: dict[str, list[float]] = {name: [] for name in methods}
         values: dict[str, np.ndarray] = {}
         for _ in range(reps):
             for name, fn in methods.items():
                 t0 = time.perf_counter()
                 gradient_step(model, x, y)
                 steps.append(time.perf_counter() - t0)
-                counted.count = 0
+                counted.count, counted.seconds = 0, 0.0
                 t0 = time.perf_counter()
                 values[name] = fn(k)
                 times[name].append(time.perf_counter() - t0)
                 products[name] = counted.count
+                in_products[name].append(counted.seconds)
         step = statistics.median(steps)
         ref = values["scipy eigsh (ARPACK, tol 1e-6)"]
         t_ref = statistics.median(times["scipy eigsh (ARPACK, tol 1e-6)"])
+        fb_name = "fisherbound eigsh (thick restart, tol 1e-6)"
+        t_fb = statistics.median(times[fb_name])
         for name in methods:
             t = statistics.median(times[name])
             rows.append(
@@ -165,16 +214,25 @@ def run(
                     "method": name,
                     "products": products[name],
                     "median_s": t,
+                    "products_s": statistics.median(in_products[name]),
                     "gradient_steps": t / step,
                     "x_scipy": t / t_ref,
+                    "x_block1": t / t_fb,
                     "max_rel_diff": float(np.max(np.abs(values[name] - ref)) / abs(ref[0])),
                 }
             )
-        fb_name = "fisherbound eigsh (thick restart, tol 1e-6)"
         ratios[f"k={k}: fisherbound / scipy time"] = statistics.median(times[fb_name]) / t_ref
         ratios[f"k={k}: fisherbound / scipy products"] = (
             products[fb_name] / products["scipy eigsh (ARPACK, tol 1e-6)"]
         )
+        for b in blocks:
+            name = f"fisherbound eigsh block_size={b} (tol 1e-6)"
+            ratios[f"k={k}: block_size={b} / block_size=1 time"] = (
+                statistics.median(times[name]) / t_fb
+            )
+            ratios[f"k={k}: block_size={b} / block_size=1 products"] = (
+                products[name] / products[fb_name]
+            )
         print(f"k = {k} done", file=sys.stderr)
     # top_eigenpairs is eigsh on fisher_operator: check it gives the same numbers.
     top = top_eigenpairs(lin, k=ks[-1], tol=TOL, rng=0).eigenvalues.numpy()
@@ -199,8 +257,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['model']} ({result['num_params']:,} parameters), {result['threads']} "
         f"threads, median of {result['reps']}; relative residual tolerance {result['tol']:g}. "
         "Products are Fisher matvecs (one JVP + one VJP of the batch); time in gradient "
-        "steps (forward + backward, timed interleaved) and as a ratio to SciPy's time; the "
-        "last column is max |λ − λ_scipy| / λ_scipy,max."
+        "steps (forward + backward, timed interleaved) and as a ratio to SciPy's time; "
+        "'in products' is the part of the median time spent in the operator's products; "
+        "× b=1 is the ratio to fisherbound's block_size=1 time; the last column is "
+        "max |λ − λ_scipy| / λ_scipy,max."
     )
     rows = [
         [
@@ -208,14 +268,26 @@ def markdown(result: dict[str, Any]) -> str:
             r["method"],
             r["products"],
             f"{r['median_s']:.3g}",
+            f"{r['products_s']:.3g}",
             f"{r['gradient_steps']:.3g}",
             f"{r['x_scipy']:.2f}",
+            f"{r['x_block1']:.2f}",
             f"{r['max_rel_diff']:.1e}",
         ]
         for r in result["rows"]
     ]
-    headers = ["k", "method", "products", "median (s)", "× gradient step", "× scipy", "vs scipy"]
-    return head + "\n\n" + table(headers, rows, align="rlrrrrr")
+    headers = [
+        "k",
+        "method",
+        "products",
+        "median (s)",
+        "in products (s)",
+        "× gradient step",
+        "× scipy",
+        "× b=1",
+        "vs scipy",
+    ]
+    return head + "\n\n" + table(headers, rows, align="rlrrrrrrr")
 
 
 def main() -> None:
@@ -224,11 +296,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     parser.add_argument("--quick", action="store_true", help="a tiny MLP, k = 1, 5")
     parser.add_argument("--k", type=int, nargs="+", default=None, help="k values (1 5 20)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eigsh.json"))
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument(
+        "--blocks", type=int, nargs="*", default=[2, 4, 8], help="block sizes b > 1 (2 4 8)"
+    )
+    parser.add_argument("--out", default=None, help="JSON path (results/eigsh[_cnn].json)")
     args = parser.parse_args()
     ks = tuple(args.k) if args.k else None
-    result = run(quick=args.quick, threads=args.threads, reps=args.reps, ks=ks)
-    write_json(Path(args.out), result)
+    blocks = tuple(b for b in args.blocks if b > 1)
+    result = run(
+        quick=args.quick,
+        threads=args.threads,
+        reps=args.reps,
+        ks=ks,
+        blocks=blocks,
+        model_kind=args.model,
+    )
+    default = "eigsh_cnn.json" if args.model == "cnn" else "eigsh.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / default
+    write_json(out, result)
     print(markdown(result))
 
 

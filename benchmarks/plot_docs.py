@@ -356,6 +356,12 @@ def _eigsh(t: Table, name: str) -> Figure:
     return Figure(name, "Top-k eigenpairs: fisherbound eigsh against SciPy ARPACK", panels)
 
 
+def _eigsh_block(t: Table, name: str) -> Figure:
+    """The block rows of bench_eigsh (``--blocks``): the same panels as ``_eigsh``."""
+    title = "Top-k eigenpairs: block Lanczos (block_size) against block_size = 1 and ARPACK"
+    return Figure(name, title, _eigsh(t, name).panels)
+
+
 def _hessian_directions(t: Table, name: str) -> Figure:
     label = _row_label(t, 0, 1)
     p1 = bars(t, label, {"products": 2}, "Hessian-vector products")
@@ -554,6 +560,7 @@ SPECS: dict[str, Callable[[Table, str], Figure]] = {
         t, n, 3, "GPT-2: cost before and after the one-probe signs kernel", every=True
     ),
     "bench_eigsh": _eigsh,
+    "bench_eigsh_block": _eigsh_block,
     "bench_hessian_directions": _hessian_directions,
     "bench_estimator_cost": _estimator_cost,
     "bench_local_dimension": _local_dimension,

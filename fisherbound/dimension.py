@@ -245,6 +245,7 @@ def top_eigenpairs(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
+    block_size: int = 1,
     rng: RngLike = None,
     process_group: ProcessGroup = None,
 ) -> Eigenpairs:
@@ -285,6 +286,13 @@ def top_eigenpairs(
         :math:`p`, the most Lanczos vectors held (memory :math:`D p`),
         :math:`k + 1 \le p \le D`; :math:`p = D` is a full run: the exact spectrum with
         multiplicities.
+    block_size
+        :math:`b`, the vectors per Lanczos step (``linalg.eigsh``'s ``block_size``): 1
+        (default) one Fisher matvec per step; :math:`b > 1` block Lanczos, one
+        ``matmat`` of :math:`b` columns per step, with :math:`k + b \le p` and
+        ``num_matvecs`` counting columns. It needs more products to the same ``tol``
+        and pays only where one product of :math:`b` columns costs clearly less than
+        :math:`b` single products (docs/linalg.md has the measurements).
     rng
         Generator, int seed, JAX key or None (the Lanczos start vector).
 
@@ -317,10 +325,10 @@ def top_eigenpairs(
         msg = f"k must be at most D = {d} (the number of parameters); got k = {k}."
         raise ValueError(msg)
     p = check_optional_int(basis_size, "basis_size")
-    gen = _shared_generator(
-        rng, process_group, "top_eigenpairs", k=k, tol=tol, num_matvecs=m, basis_size=p
-    )
-    res = eigsh(op, k=k, which="largest", tol=tol, num_matvecs=m, basis_size=p, rng=gen)
+    b = check_positive_int(block_size, "block_size")
+    opts: dict[str, Any] = {"tol": tol, "num_matvecs": m, "basis_size": p, "block_size": b}
+    gen = _shared_generator(rng, process_group, "top_eigenpairs", k=k, **opts)
+    res = eigsh(op, k=k, which="largest", rng=gen, **opts)
     xp = _namespace(op)
     return Eigenpairs(
         xp.flip(res.eigenvalues, axis=0),

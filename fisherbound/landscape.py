@@ -344,6 +344,7 @@ def hessian_directions(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
+    block_size: int = 1,
     rng: RngLike = None,
     process_group: ProcessGroup = None,
 ) -> EigenDirections:
@@ -406,6 +407,14 @@ def hessian_directions(
         :math:`\min(D, 20)` (the ``eigsh`` default for :math:`k = 1` at one or both ends).
         :math:`p = D` is a full tridiagonalisation: exact extreme eigenpairs after
         :math:`D` products.
+    block_size
+        :math:`b`, the vectors per Lanczos step (``linalg.eigsh``'s ``block_size``): 1
+        (default) one Hessian-vector product per step; :math:`b > 1` block Lanczos, one
+        ``matmat`` of :math:`b` columns per step (``hvp_batch``), with :math:`p \ge b + 1`
+        (:math:`b + 2` for ``"both"``) and ``num_matvecs`` counting columns. It needs
+        more products to the same ``tol`` and pays only where one product of :math:`b`
+        columns costs clearly less than :math:`b` single products (docs/linalg.md has
+        the measurements).
     rng
         numpy Generator, int seed, JAX key or None (start and restart vectors).
     process_group
@@ -454,6 +463,7 @@ def hessian_directions(
         )
         raise ValueError(msg)
     p = check_optional_int(basis_size, "basis_size")
+    b = check_positive_int(block_size, "block_size")
     obj = _objective(
         source,
         "hessian_directions",
@@ -463,6 +473,7 @@ def hessian_directions(
         tol=tol,
         m=m,
         p=p,
+        b=b,
     )
     d = obj.num_params
     if d < 2 and which == "both":
@@ -474,7 +485,7 @@ def hessian_directions(
     xp = obj.xp
     gen = shared_generator(obj.coll, rng, where="hessian_directions")
     op = _hessian_operator(obj)
-    options: dict[str, Any] = {"tol": tol, "num_matvecs": m, "basis_size": p}
+    options: dict[str, Any] = {"tol": tol, "num_matvecs": m, "basis_size": p, "block_size": b}
     first = eigsh(op, k=1, which=which, rng=gen, **options)
     vals, vecs, res = first.eigenvalues, first.eigenvectors, first.residuals
     if which != "both":
@@ -509,6 +520,7 @@ def fisher_directions(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
+    block_size: int = 1,
     rng: RngLike = None,
     process_group: ProcessGroup = None,
 ) -> EigenDirections:
@@ -543,6 +555,13 @@ def fisher_directions(
         :math:`p`, the most Lanczos vectors held (memory :math:`D p`); default
         :math:`\min(D, \max(2k + 1, 20))`; :math:`p = D` gives the exact top :math:`k` after
         :math:`D` products.
+    block_size
+        :math:`b`, the vectors per Lanczos step (``linalg.eigsh``'s ``block_size``): 1
+        (default) one Fisher matvec per step; :math:`b > 1` block Lanczos, one
+        ``matmat`` of :math:`b` columns per step, with :math:`k + b \le p` and
+        ``num_matvecs`` counting columns. It needs more products to the same ``tol``
+        and pays only where one product of :math:`b` columns costs clearly less than
+        :math:`b` single products (docs/linalg.md has the measurements).
     rng
         numpy Generator, int seed, JAX key or None.
     process_group
@@ -583,6 +602,7 @@ def fisher_directions(
         tol=tol,
         num_matvecs=check_optional_int(num_matvecs, "num_matvecs"),
         basis_size=check_optional_int(basis_size, "basis_size"),
+        block_size=check_positive_int(block_size, "block_size"),
         rng=gen,
     )
     return _rows(op.xp, res, list(range(k - 1, -1, -1)))

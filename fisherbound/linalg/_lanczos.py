@@ -555,6 +555,7 @@ def eigsh(
     tol: float | None = None,
     num_matvecs: int | None = None,
     basis_size: int | None = None,
+    block_size: int = 1,
     rng: RngLike = None,
 ) -> EigshResult:
     r"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos to a tolerance.
@@ -608,6 +609,19 @@ def eigsh(
         :math:`k' + 1 \le p \le n` with :math:`k' = k` (``"both"``: :math:`2k`); default
         :math:`\min(n, \max(2k' + 1, 20))`. :math:`p = n` gives the exact spectrum with
         multiplicities.
+    block_size
+        :math:`b`, the columns per step; 1 (default) is the single-vector run above, one
+        ``matvec`` per step. :math:`b > 1` runs block Lanczos (block Krylov–Schur,
+        ``fisherbound.linalg._block``): one ``matmat`` of :math:`b` columns per step,
+        :math:`A Q = Q T + X^\top C` with :math:`T` block tridiagonal (plus the arrow after
+        a restart) and the residuals :math:`\lVert C s_i \rVert` (the same test, at no
+        extra product); the basis must hold the wanted pairs and one block,
+        :math:`k' + b \le p` (default :math:`p = \min(n, \max(2k', 20) + 2b)`), and
+        ``num_matvecs`` counts columns. It pays only where one product of :math:`b`
+        columns costs clearly less than :math:`b` products (an adapter that batches
+        columns), as a block run needs more products to the same tolerance
+        (docs/linalg.md gives the measurements). A JAX operator runs it stepped from
+        Python, a few host reads per step.
     rng
         Generator, int seed, JAX key or None, for the start and restart vectors.
 
@@ -652,14 +666,20 @@ def eigsh(
         raise ValueError(msg)
     wanted = min(n, 2 * k) if which == "both" else k
     label = "2k" if which == "both" else "k"
-    if basis_size is None:
-        p = min(n, max(2 * wanted + 1, 20))
+    b = check_positive_int(block_size, "block_size")
+    if b > n:
+        msg = f"block_size must be at most n = {n} (the size of A); got {b}."
+        raise ValueError(msg)
+    if basis_size is None:  # a block run: room for two more blocks
+        p = min(n, max(2 * wanted + 1, 20) if b == 1 else max(2 * wanted, 20) + 2 * b)
     else:
         p = check_positive_int(basis_size, "basis_size")
-        if p > n or (p < n and p < wanted + 1):
+        if p > n or (p < n and p < wanted + b):
+            more = "1" if b == 1 else "block_size"
+            why = "one more" if b == 1 else f"one block of block_size = {b}"
             msg = (
-                f"basis_size must be between {label} + 1 = {wanted + 1} (the wanted pairs and "
-                f"one more) and n = {n}; got {basis_size}."
+                f"basis_size must be between {label} + {more} = {wanted + b} (the wanted pairs "
+                f"and {why}) and n = {n}; got {basis_size}."
             )
             raise ValueError(msg)
     if num_matvecs is None:
@@ -683,6 +703,11 @@ def eigsh(
             msg = f"tol must be a finite real number >= 0; got {tol!r}."
             raise ValueError(msg)
         rtol = float(tol)
+    if b > 1:  # block Lanczos (issue 14)
+        from fisherbound.linalg._block import block_eigsh
+
+        gen = as_generator(rng)
+        return block_eigsh(xp, op, which, wanted, p, b, budget, rtol, gen)
     gen = as_generator(rng)
     traceable = getattr(op, "traceable", None)
     if traceable is not None and is_jax_namespace(xp):  # one compiled loop on the device

@@ -24,6 +24,7 @@ Timings are interleaved (one repetition of every method, then the next) after
 warm-up rounds (the compilations); medians over the repetitions.
 
 Run:  python benchmarks/bench_jax_diagonal.py [--reps 7] [--threads 2] [--quick]
+      [--models mlp mlp-small ...]
 Writes benchmarks/results/jax_diagonal.json.
 """
 
@@ -249,11 +250,22 @@ def torch_case(widths: Any, n: int, threads: int) -> dict[str, Callable[[], Any]
     }
 
 
-def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> dict[str, Any]:
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    reps: int | None = None,
+    models: list[str] | None = None,
+) -> dict[str, Any]:
     os.environ.setdefault(
         "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
     )
     registry = QUICK_MODELS if quick else MODELS
+    if models:
+        unknown = sorted(set(models) - set(registry))
+        if unknown:
+            raise ValueError(f"--models must name some of {sorted(registry)}; got {unknown}")
+        registry = {key: value for key, value in registry.items() if key in models}
     reps = reps or (2 if quick else 7)
     warmup = 1 if quick else 2
     results: dict[str, Any] = {}
@@ -336,10 +348,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads; XLA's eigen pool")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 repetitions")
     parser.add_argument(
+        "--models", nargs="+", default=None, help=f"a subset of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "jax_diagonal.json"
     )
     args = parser.parse_args()
-    result = run(quick=args.quick, threads=args.threads, reps=args.reps)
+    result = run(quick=args.quick, threads=args.threads, reps=args.reps, models=args.models)
     print(markdown(result))
     record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
     write_json(args.out, {**record, **result})

@@ -187,8 +187,9 @@ def _one_call(
 
     For a linearization that offers it (``_compiled_pass``: the JAX adapter), eager
     (not traced), without a mask (a mask's counted positions are read on the
-    host), for ``Diagonal`` (and ``Trace``, which sums it later), the traceable
-    kernels and at most ``MAX_COMPILED_CHUNKS`` chunks of factor columns: the
+    host), for ``Diagonal`` (and ``Trace``, which sums it later), a built-in family,
+    the traceable kernels, at most ``MAX_COMPILED_CHUNKS`` chunks of factor columns
+    and all the columns within ``max_memory`` (the program may hold them at once): the
     factor's columns (``cotangent_chunks``), the squared sums
     (``sum_squared_per_example_vjp``), the examples' independence and the finite
     checks of the results and the family's check of the logits run in one program,
@@ -201,6 +202,7 @@ def _one_call(
     fusable = (
         isinstance(quantity, Diagonal)
         and hasattr(lin, "_compiled_pass")
+        and type(family).__module__.startswith("fisherbound.")  # traceable: the built-in ones
         and all(kernel in _TRACEABLE_KERNELS for kernel in kernels)
         and getattr(lin, "mask", None) is None
         and not is_traced(lin.logits)
@@ -212,15 +214,19 @@ def _one_call(
     except TypeError:  # an unhashable family: no program to key
         return None
     sizes = []
-    chunks = 0
+    chunks = columns = 0
+    p = int(lin.num_positions)
     for kernel in kernels:  # the checks of _exact, in its order
         r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
         check_cotangents(lin, r, options.max_cotangents, owner=options.owner, kernel=kernel)
         size = lin.default_max_vectors if options.max_vectors is None else options.max_vectors
         size = columns_per_chunk(lin, size, options.max_memory)
-        chunks += _chunks(int(lin.num_positions), r, max(1, size))
+        chunks += _chunks(p, r, max(1, size))
+        columns += p * r
         sizes.append(size)
-    if chunks > MAX_COMPILED_CHUNKS:
+    # One program may hold every chunk's columns at once: all of them within max_memory.
+    fits = columns_per_chunk(lin, columns, options.max_memory) >= columns
+    if chunks > MAX_COMPILED_CHUNKS or not fits:
         return None
     flagged = type(family)._refuses_outputs is not Family._refuses_outputs
     if not flagged:  # a family checking its outputs without a flag: on the host

@@ -1703,3 +1703,9 @@ def test_exact_diagonal_is_one_compiled_call_per_batch() -> None:
     soft = linearize(lambda p, xb: jax.nn.softmax(apply(p, xb)), params, x)
     with pytest.raises(ValueError, match=r"batch 0 look like softmax probabilities"):
         fisher_diagonal(soft)
+    # Columns that max_memory does not hold all at once: the pass by chunks, no program.
+    other = linearize(lambda p, xb: 2.0 * jnp.tanh(xb @ p["w1"]) @ p["w2"], params, x)
+    got = fisher_diagonal(other, max_memory=1)
+    assert not [k for k in other._kernels.cache if isinstance(k, tuple) and k[0] == "compiled pass"]
+    assert_close(got, fisher_diagonal(other), rtol=1e-12, atol=1e-15)  # by one program
+    assert [k for k in other._kernels.cache if isinstance(k, tuple) and k[0] == "compiled pass"]

@@ -48,6 +48,11 @@ def path_name(path: tuple[Any, ...]) -> str:
     return name or "params"
 
 
+def as_jax(x: Any) -> Array:
+    """``jnp.asarray(x)``, skipped for a JAX array (which it returns as it is)."""
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
+
+
 def is_array(x: object) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
@@ -148,7 +153,7 @@ def check_params(params: PyTree) -> tuple[list[tuple[str, Array]], Any]:
                 "True) at start-up, or cast the parameters to float32."
             )
             raise TypeError(msg)
-        named.append((name, jnp.asarray(leaf)))
+        named.append((name, as_jax(leaf)))
     first_name, first = named[0]
     for name, leaf in named[1:]:
         if leaf.dtype != first.dtype:
@@ -189,8 +194,12 @@ def _check_finite_once(named: list[tuple[str, Array]]) -> None:
             _FINITE[id(a)] = weakref.ref(a, functools.partial(_forget, id(a)))
 
 
-def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
-    """``inputs`` with its leaves as JAX arrays, and the batch size N they share."""
+def check_inputs(inputs: PyTree, *, finite: bool = True) -> tuple[PyTree, int]:
+    """``inputs`` with its leaves as JAX arrays, and the batch size N they share.
+
+    ``finite=False`` leaves the finite check to the caller (a linearization reads it
+    with its logits' from the forward kernel: ``finite_flags``).
+    """
     path_leaves, treedef = _leaves_with_paths(
         inputs,
         "inputs must be an array (N, ...) or a pytree of arrays; got an empty "
@@ -201,7 +210,7 @@ def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
     for path, leaf in path_leaves:
         where = "inputs" + jax.tree_util.keystr(path)
         try:
-            arr = jnp.asarray(leaf)
+            arr = as_jax(leaf)
         except TypeError as err:
             msg = (
                 f"{where} must be an array; got {type(leaf).__module__}."
@@ -227,7 +236,8 @@ def check_inputs(inputs: PyTree) -> tuple[PyTree, int]:
     if n == 0:
         msg = f"inputs must hold at least one example; got batch size 0 in {sizes[0][0]}."
         raise ValueError(msg)
-    check_inputs_finite([(where, leaf) for (where, _), leaf in zip(sizes, leaves, strict=True)])
+    if finite:
+        check_inputs_finite([(where, leaf) for (where, _), leaf in zip(sizes, leaves, strict=True)])
     return jax.tree_util.tree_unflatten(treedef, leaves), n
 
 

@@ -77,6 +77,24 @@ def mask_cotangents(U: Array, mask: Array | None) -> Array:
     return jnp.where(mask[:, None, ..., None], U, jnp.zeros((), dtype=U.dtype))
 
 
+def finite_flags(x: PyTree, z: Any) -> Array:
+    """Whether each floating input leaf with an example axis, then the logits, are finite.
+
+    A boolean vector: one entry per such leaf of ``x`` (in tree order, as
+    ``check_inputs_finite`` reads them), then one for ``z`` (True when ``z`` is not a
+    floating array: ``check_logits`` refuses it). Exact (``all(isfinite)``), evaluated
+    inside the forward kernel so that the host reads every flag at once.
+    """
+    flags = [
+        jnp.all(jnp.isfinite(a))
+        for a in jax.tree_util.tree_leaves(x)
+        if is_array(a) and a.ndim and jnp.issubdtype(a.dtype, jnp.floating)
+    ]
+    floating = is_array(z) and jnp.issubdtype(z.dtype, jnp.floating)
+    flags.append(jnp.all(jnp.isfinite(z)) if floating else jnp.asarray(True))
+    return jnp.stack(flags)
+
+
 class Kernels:
     """The compiled products of one model: ``apply_fn`` with one parameter layout.
 
@@ -124,8 +142,9 @@ class Kernels:
             one = jax.tree_util.tree_map(lambda a: a[None, ...], xn)
             return model(theta, (one, state))[0, ...]
 
-        def forward(theta: Array, xs: tuple[PyTree, PyTree]) -> tuple[Array, Any]:
-            return jax.linearize(lambda t: model(t, xs), theta)
+        def forward(theta: Array, xs: tuple[PyTree, PyTree]) -> tuple[Array, Any, Array]:
+            logits, f_jvp = jax.linearize(lambda t: model(t, xs), theta)
+            return logits, f_jvp, finite_flags(xs[0], logits)
 
         def transpose(f_jvp: Any, theta: Array) -> Callable[[Array], Array]:
             # θ's own type: inside shard_map it varies over the mesh axes.
@@ -267,6 +286,9 @@ class Kernels:
         #: the second derivatives, the loss kernels of each family.
         self.cache: dict[Any, Any] = {}
         self.unravel = jax.jit(unravel)
+        #: (θ, xs) ↦ (logits, the linear map of ``jax.linearize``, the finite flags of the
+        #: inputs and the logits: ``finite_flags``), so that a linearization checks
+        #: both with one read on the host.
         self.forward = jax.jit(forward)
         self.jvp = jax.jit(lambda f_jvp, v, m: mask_outputs(f_jvp(v), m))
         self.jvp_batch = jax.jit(lambda f_jvp, V, m: mask_outputs(jax.vmap(f_jvp)(V), m))
@@ -591,12 +613,18 @@ class Model:
         self.logits_fn = LogitsFn(
             apply_fn, check_output(output), check_class_axis(class_axis), self.dtype
         )
-        self.theta = jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
+        self.theta = flatten(leaves)
         self.blocks = make_blocks(
             (name, shape) for (name, _), shape in zip(named, shapes, strict=True)
         )
         self.treedef = treedef
         self.kernels = build_kernels(self.logits_fn, treedef, shapes)
+
+
+@jax.jit
+def flatten(leaves: list[Array]) -> Array:
+    """θ: the leaves raveled and concatenated, in one compiled call (one per layout)."""
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])
 
 
 def second_derivative_kernel(kernels: Kernels) -> Any:

@@ -69,10 +69,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fisherbound._finite import check_outputs
+from fisherbound._finite import check_inputs_finite, check_outputs
 from fisherbound._lib import (
     array_namespace,
     check_positive_int,
+    is_traced,
 )
 from fisherbound.adapters._jax_checks import (
     check_apply_fn,
@@ -144,9 +145,16 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         self._state = state
         self._blocks = model.blocks
         self._theta = shard_local(model.theta, inputs)
-        logits, f_jvp = traced_selection(self._kernels.forward, self._theta, self._xs)
+        logits, f_jvp, flags = traced_selection(self._kernels.forward, self._theta, self._xs)
+        # The inputs and the logits checked finite by the forward kernel: one host read
+        # (traced values, inside jit, have none). The messages come from the checks
+        # themselves, run only when a flag is down, in their order.
+        finite = is_traced(flags) or bool(jax.device_get(flags).all())
+        if not finite:
+            check_inputs_finite(named_inputs(inputs))
         check_logits(logits, num_inputs, model.dtype)
-        check_outputs(self, logits, "apply_fn(params, inputs)")
+        if not finite:
+            check_outputs(self, logits, "apply_fn(params, inputs)")
         self._logits = logits
         self._f_jvp = f_jvp
         self._xp = array_namespace(logits, names=("logits",))
@@ -255,6 +263,43 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         new.__dict__.pop("_finite_pending", None)  # its own deferred flags, none shared
         new.__dict__.pop("_finite_depth", None)
         return new
+
+    def _compiled_pass(
+        self, key: Any, fn: Callable[[JaxLinearization], tuple[PyTree, Array]]
+    ) -> tuple[PyTree, Any]:
+        """``fn`` on this linearization's arrays as one compiled call; its flags read once.
+
+        ``fn(lin)`` gets a copy whose products trace (``_with_state``) and returns a
+        result pytree and a boolean vector of flags; one ``jax.jit`` program
+        evaluates it, with the examples' independence (``_independence``, unless this
+        linearization knows it already) appended to the flags, and the host reads
+        the flags in one transfer. Returns the result (on the device) and the flags
+        (a NumPy boolean array, the independence removed); the independence is kept
+        for later products. The program is compiled once per ``key``, which must
+        determine ``fn`` (every value it reads besides the linearization), and the
+        known independence, and kept with the model's kernels (so cached as they are:
+        never for another model or another state of ``apply_fn``); batches of one
+        shape share its compilation.
+        """
+        independent = self._independent
+        cache_key = ("compiled pass", key, independent)
+        program = self._kernels.cache.get(cache_key)
+        if program is None:
+            skeleton = self._with_state(None)
+
+            def run(state: PyTree) -> tuple[PyTree, Array]:
+                lin = skeleton._with_state(state)
+                lin._independent = independent
+                out, flags = fn(lin)
+                known = jnp.asarray(lin._independence(), dtype=bool)
+                return out, jnp.concatenate([jnp.asarray(flags, dtype=bool), known[None]])
+
+            program = self._kernels.cache[cache_key] = jax.jit(run)
+        out, flags = program(self._traceable()[1])
+        host = jax.device_get(flags)  # the one read on the host
+        if independent is None:
+            self._independent = bool(host[-1])
+        return out, host[:-1]
 
     def _cotangents_text(self, lead: str) -> str:
         """The letters of per-example cotangents, e.g. "(n, K, T, C)"."""
@@ -571,7 +616,7 @@ def linearize(
     apply_fn = check_apply_fn(apply_fn)
     model = Model(apply_fn, params, output=output, class_axis=class_axis)
     mask = check_mask_spec(mask)
-    x, n = check_inputs(inputs)
+    x, n = check_inputs(inputs, finite=False)  # checked finite with the logits, in one read
     return JaxLinearization(model, x, n, mask, check_state(state))
 
 
@@ -626,7 +671,7 @@ def linearizations(
 
     def build(i: int, batch: Any) -> JaxLinearization:
         del i  # the stream's callback also gets the batch index, for messages
-        x, n = check_inputs(batch)
+        x, n = check_inputs(batch, finite=False)  # checked finite with the logits
         return JaxLinearization(model, x, n, mask, checked_state)
 
     return stream_linearizations(

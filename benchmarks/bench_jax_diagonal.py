@@ -13,9 +13,10 @@ summed cross-entropy) measured in the same run:
   ``jax.jit``-compiled function of (params, x);
 - ``vmap path``: the same squared sums by the per-example vmap (the adapter's
   compiled ``lax.scan`` of per-example VJPs, what every model took before the rules);
-- with torch installed, the torch adapter's fast path on the same architecture and
-  batch, against a torch gradient step, so the two adapters' costs compare in
-  gradient steps.
+- with torch installed (and without ``--jax-only``), the torch adapter's fast path on
+  the same architecture and batch, against a torch gradient step, so the two adapters'
+  costs compare in gradient steps. ``--jax-only`` leaves torch out, so that JAX has
+  the cores alone (the two frameworks' thread pools share them otherwise).
 
 With flax installed, flax.linen twins of the small MLP and the CNN (``nn.Dense``,
 ``nn.Conv``, ``nn.max_pool``) run too.
@@ -24,6 +25,7 @@ Timings are interleaved (one repetition of every method, then the next) after
 warm-up rounds (the compilations); medians over the repetitions.
 
 Run:  python benchmarks/bench_jax_diagonal.py [--reps 7] [--threads 2] [--quick]
+      [--models mlp mlp-small ...] [--jax-only]
 Writes benchmarks/results/jax_diagonal.json.
 """
 
@@ -249,11 +251,23 @@ def torch_case(widths: Any, n: int, threads: int) -> dict[str, Callable[[], Any]
     }
 
 
-def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> dict[str, Any]:
+def run(
+    *,
+    quick: bool = False,
+    threads: int = 2,
+    reps: int | None = None,
+    models: list[str] | None = None,
+    jax_only: bool = False,
+) -> dict[str, Any]:
     os.environ.setdefault(
         "XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
     )
     registry = QUICK_MODELS if quick else MODELS
+    if models:
+        unknown = sorted(set(models) - set(registry))
+        if unknown:
+            raise ValueError(f"--models must name some of {sorted(registry)}; got {unknown}")
+        registry = {key: value for key, value in registry.items() if key in models}
     reps = reps or (2 if quick else 7)
     warmup = 1 if quick else 2
     results: dict[str, Any] = {}
@@ -264,7 +278,8 @@ def run(*, quick: bool = False, threads: int = 2, reps: int | None = None) -> di
             continue
         case = jax_case(widths, n)
         methods = dict(case["methods"])
-        with_torch = installed("torch") and widths != "tokens"  # no torch twin
+        # no torch twin of the token classifier; --jax-only: JAX alone in the process
+        with_torch = installed("torch") and widths != "tokens" and not jax_only
         if with_torch:
             methods.update(torch_case(TORCH_TWIN.get(key, widths), n, threads))
         sync = case["sync"]
@@ -336,10 +351,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads; XLA's eigen pool")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 2 repetitions")
     parser.add_argument(
+        "--models", nargs="+", default=None, help=f"a subset of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--jax-only", action="store_true", help="leave torch out (JAX alone in the process)"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "jax_diagonal.json"
     )
     args = parser.parse_args()
-    result = run(quick=args.quick, threads=args.threads, reps=args.reps)
+    result = run(
+        quick=args.quick,
+        threads=args.threads,
+        reps=args.reps,
+        models=args.models,
+        jax_only=args.jax_only,
+    )
     print(markdown(result))
     record = {"date": now(), "command": "python " + " ".join(sys.argv), "machine": machine()}
     write_json(args.out, {**record, **result})

@@ -138,8 +138,14 @@ def signature(lin: Any) -> Signature:
     )
 
 
-def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> Signature:
-    """Validate batch ``index`` (its logits, and against batch 0's ``ref``)."""
+def check_batch(
+    lin: Any, family: Family, index: int, ref: Signature | None, *, outputs: bool = True
+) -> Signature:
+    """Validate batch ``index`` (its logits, and against batch 0's ``ref``).
+
+    ``outputs=False`` leaves the family's check of the logits (``_check_outputs``,
+    one host read) to the caller.
+    """
     z = lin.logits
     name = f"the logits of batch {index}"
     if z.ndim < 2:
@@ -157,7 +163,7 @@ def check_batch(lin: Any, family: Family, index: int, ref: Signature | None) -> 
         raise ValueError(msg)
     if not getattr(lin, "logits_checked", False):  # the built-in adapters check on build
         check_logits(z, name=name)
-    if not is_traced(z):  # traced JAX values have nothing to read on the host
+    if outputs and not is_traced(z):  # traced JAX values have nothing to read on the host
         family._check_outputs(z, array_namespace(z, names=(name,)), name)
     _check_mask(lin, index)
     sig = signature(lin)
@@ -401,12 +407,16 @@ class Stream(_Base):
         process_group: Any = None,
         coll: Collective | None = None,
         limit: int | None = None,
+        check_outputs: bool = True,
     ) -> None:
         super().__init__(
             source, desc=desc, progress=progress, process_group=process_group, coll=coll
         )
         self.family = family
         self.limit = limit
+        #: False: the caller checks each batch's logits with the family (``outputs`` of
+        #: ``check_batch``), e.g. from a flag its own compiled pass returns.
+        self.check_outputs = check_outputs
 
     def _items(self) -> Iterator[Any]:
         batches: Iterator[Any] = as_linearizations(self.source)
@@ -417,7 +427,7 @@ class Stream(_Base):
         ref = None
         bar = progress_bar(batches, desc=self.desc, progress=self.progress, total=total)
         for i, lin in enumerate(bar):
-            ref = check_batch(lin, self.family, i, ref)
+            ref = check_batch(lin, self.family, i, ref, outputs=self.check_outputs)
             yield lin
 
     def _fields(self) -> dict[str, Any]:

@@ -82,14 +82,17 @@ from fisherbound._lib import (
     check_choice,
     check_optional_int,
     check_positive_int,
+    is_traced,
     progress_bar,
 )
 from fisherbound._quantities import (
     DEFAULT_MAX_MEMORY,
+    Diagonal,
     Quantity,
     check_cotangents,
     columns_per_chunk,
     cotangent_chunks,
+    position_chunks,
     quantity,
 )
 from fisherbound._stream import Stream, check_family
@@ -159,20 +162,132 @@ def _exact(
     return total
 
 
+#: The most chunks of factor columns (over the kernels) a batch may take to have its
+#: exact diagonal or trace evaluated as one compiled call (``_one_call``); each chunk is
+#: a copy of the backward passes in the compiled program.
+MAX_COMPILED_CHUNKS = 8
+
+
+def _chunks(num_positions: int, r: int, size: int) -> int:
+    """The chunks of ``cotangent_chunks`` for P positions, R columns and ``size``."""
+    if r <= size:
+        return len(position_chunks(num_positions, r, size))
+    return num_positions * -(-r // size)
+
+
+def _one_call(
+    lin: Any,
+    family: Family,
+    kernels: Sequence[str],
+    quantity: Quantity,
+    options: _Options,
+    name: str,
+) -> list[Any] | None:
+    """The batch's exact diagonals (one per kernel) as one compiled call, or None.
+
+    For a linearization that offers it (``_compiled_pass``: the JAX adapter), eager
+    (not traced), without a mask (a mask's counted positions are read on the
+    host), for ``Diagonal`` (and ``Trace``, which sums it later), a built-in family,
+    the traceable kernels, at most ``MAX_COMPILED_CHUNKS`` chunks of factor columns
+    and all the columns within ``max_memory`` (the program may hold them at once): the
+    factor's columns (``cotangent_chunks``), the squared sums
+    (``sum_squared_per_example_vjp``), the examples' independence and the finite
+    checks of the results and the family's check of the logits run in one program,
+    whose flags the host reads at once (the per-product checks see traced values).
+    A flag that is down reruns the checks on the host for their messages: the
+    family's refusal raises it; a result that is not finite returns None, and the
+    caller's eager pass raises it where it would have. None also where the call
+    does not apply. Same results as the eager pass (to the rounding of XLA's fusion).
+    """
+    fusable = (
+        isinstance(quantity, Diagonal)
+        and hasattr(lin, "_compiled_pass")
+        and type(family).__module__.startswith("fisherbound.")  # traceable: the built-in ones
+        and all(kernel in _TRACEABLE_KERNELS for kernel in kernels)
+        and getattr(lin, "mask", None) is None
+        and not is_traced(lin.logits)
+    )
+    if not fusable:
+        return None
+    try:
+        hash(family)
+    except TypeError:  # an unhashable family: no program to key
+        return None
+    sizes = []
+    chunks = columns = 0
+    p = int(lin.num_positions)
+    for kernel in kernels:  # the checks of _exact, in its order
+        r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
+        check_cotangents(lin, r, options.max_cotangents, owner=options.owner, kernel=kernel)
+        size = lin.default_max_vectors if options.max_vectors is None else options.max_vectors
+        size = columns_per_chunk(lin, size, options.max_memory)
+        chunks += _chunks(p, r, max(1, size))
+        columns += p * r
+        sizes.append(size)
+    # One program may hold every chunk's columns at once: all of them within max_memory.
+    fits = columns_per_chunk(lin, columns, options.max_memory) >= columns
+    if chunks > MAX_COMPILED_CHUNKS or not fits:
+        return None
+    flagged = type(family)._refuses_outputs is not Family._refuses_outputs
+    if not flagged:  # a family checking its outputs without a flag: on the host
+        _check_outputs(lin, family, name)
+    max_vectors = options.max_vectors
+
+    def program(traced: Any) -> tuple[list[Any], Any]:
+        xp = traced.xp
+        totals = []
+        for kernel, size in zip(kernels, sizes, strict=True):
+            total: Any = None
+            for u in cotangent_chunks(traced, family, kernel, size):
+                part = traced.sum_squared_per_example_vjp(
+                    u, max_vectors=max_vectors, sum_cotangents=True
+                )  # Diagonal.exact
+                total = part if total is None else total + part
+            totals.append(total)
+        flags = [xp.all(xp.isfinite(t)) for t in totals]
+        refused = family._refuses_outputs(traced.logits, xp) if flagged else None
+        flags.append(xp.asarray(False) if refused is None else refused)
+        return totals, xp.stack(flags)
+
+    key = ("exact diagonal", family, tuple(kernels), tuple(sizes), max_vectors)
+    totals, flags = lin._compiled_pass(key, program)
+    if flags[-1]:
+        _check_outputs(lin, family, name)  # raises: every row looks like probabilities
+    if not flags[:-1].all():
+        return None  # the eager pass finds the non-finite result and says why
+    return totals
+
+
+def _check_outputs(lin: Any, family: Family, name: str) -> None:
+    """The family's check of a batch's logits (``check_batch``'s, one host read)."""
+    z = lin.logits
+    if not is_traced(z):  # traced JAX values have nothing to read on the host
+        family._check_outputs(z, lin.xp, name)
+
+
 def _accumulate(
     source: Source, family: Family, kernels: Sequence[str], quantity: Quantity, options: _Options
 ) -> list[Any]:
-    """Σ_x of ``quantity`` of J_xᵀ K(z_x) J_x for each kernel, in one pass."""
+    """Σ_x of ``quantity`` of J_xᵀ K(z_x) J_x for each kernel, in one pass.
+
+    A batch whose exact diagonals can be evaluated as one compiled call (``_one_call``)
+    is; every other batch takes the eager pass (``_exact``), kernel by kernel.
+    """
     stream = Stream(
         source, family, desc=f"Fisher {quantity.what}", progress=options.progress,
-        process_group=options.process_group,
+        process_group=options.process_group, check_outputs=False,
     )  # fmt: skip
     totals: list[Any] = [None] * len(kernels)
     for lin in stream:
+        name = f"the logits of batch {stream.num_batches - 1}"
+        parts = _one_call(lin, family, kernels, quantity, options, name)
+        if parts is None:
+            _check_outputs(lin, family, name)
         if stream.num_batches == 1:
             quantity.select(lin)
-        for j, kernel in enumerate(kernels):
-            part = _exact(lin, family, kernel, quantity, options)
+        if parts is None:
+            parts = [_exact(lin, family, kernel, quantity, options) for kernel in kernels]
+        for j, part in enumerate(parts):
             totals[j] = part if totals[j] is None else _add(totals[j], part)
     reduction = options.reduction
     stream.finish(kernels=tuple(kernels), reduction=reduction, blocks=quantity.block_names)

@@ -102,6 +102,17 @@ class Family:
         one reduction over z and one host read.
         """
 
+    def _refuses_outputs(self, z: Array, xp: Any) -> Array | None:
+        """``_check_outputs`` as a flag: a 0-d boolean array, True when it would refuse ``z``.
+
+        No host read (traceable by JAX), for a pass that reads all its flags at once
+        and calls ``_check_outputs`` for the message. None here: nothing is refused.
+        A family overriding ``_check_outputs`` overrides this too (else the check
+        runs on the host).
+        """
+        del z, xp  # the interface's: Categorical reads them
+        return None
+
     # ------------------------------------------------------------- statistics
     def mean(self, z: Array, /) -> Array:
         r"""The expected sufficient statistic :math:`\mathbb E\, t(y)`, shape (..., C).

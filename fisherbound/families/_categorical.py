@@ -215,6 +215,12 @@ class Categorical(Family):
             )
             raise ValueError(msg)
 
+    def _refuses_outputs(self, z: Array, xp: Any) -> Array | None:
+        """Every row of ``z`` looks like softmax probabilities (``_check_outputs`` refuses it)."""
+        if math.prod(z.shape[:-1]) == 0:
+            return None
+        return _looks_like_probabilities(z, xp)
+
     def probabilities(self, z: Array, /) -> Array:
         r""":math:`\mathrm{softmax}(z)`, shape (..., C): the same as ``mean``, the paper's name."""
         return self.mean(z)

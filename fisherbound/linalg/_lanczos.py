@@ -703,12 +703,11 @@ def eigsh(
             msg = f"tol must be a finite real number >= 0; got {tol!r}."
             raise ValueError(msg)
         rtol = float(tol)
-    if b > 1:  # block Lanczos (issue 14)
+    gen = as_generator(rng)
+    if b > 1:  # block Lanczos (one matmat of b columns per step)
         from fisherbound.linalg._block import block_eigsh
 
-        gen = as_generator(rng)
         return block_eigsh(xp, op, which, wanted, p, b, budget, rtol, gen)
-    gen = as_generator(rng)
     traceable = getattr(op, "traceable", None)
     if traceable is not None and is_jax_namespace(xp):  # one compiled loop on the device
         from fisherbound.linalg._compiled_eigsh import eigsh as compiled

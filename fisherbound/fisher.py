@@ -136,6 +136,30 @@ class Bounds(NamedTuple):
 # one pass over the data for any set of kernels and quantities
 
 
+def _chunk_size(lin: Any, family: Family, kernel: str, options: _Options) -> tuple[int, int]:
+    """(R, columns per chunk) of the factor of ``kernel`` for one batch; refuses too many.
+
+    R factor columns per position, in chunks of at most ``max_vectors`` (the
+    adapter's default when None) columns per example and at most ``max_memory``
+    bytes (``columns_per_chunk``).
+    """
+    r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
+    check_cotangents(lin, r, options.max_cotangents, owner=options.owner, kernel=kernel)
+    size = lin.default_max_vectors if options.max_vectors is None else options.max_vectors
+    return r, columns_per_chunk(lin, size, options.max_memory)
+
+
+def _exact_sum(
+    lin: Any, family: Family, kernel: str, size: int, quantity: Quantity, max_vectors: int | None
+) -> Any:
+    """Σ_x of ``quantity`` of J_xᵀ K_x J_x over the factor's columns in chunks of ``size``."""
+    total: Any = None
+    for u in cotangent_chunks(lin, family, kernel, size):
+        part = quantity.exact(lin, u, max_vectors)
+        total = part if total is None else _add(total, part)
+    return total
+
+
 def _exact(
     lin: Any,
     family: Family,
@@ -146,20 +170,10 @@ def _exact(
     """Σ_x of ``quantity`` of J_xᵀ K_x J_x for one batch, K_x = ⊕_t K(z_xt).
 
     The per-example factor columns (one per counted position and factor column,
-    ``cotangent_chunks``) in chunks of at most ``max_vectors`` (the adapter's
-    default when None) columns per example and at most ``max_memory`` bytes
-    (``columns_per_chunk``); refused above ``max_cotangents``.
+    ``cotangent_chunks``) in the chunks of ``_chunk_size``.
     """
-    max_vectors = options.max_vectors
-    r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
-    check_cotangents(lin, r, options.max_cotangents, owner=options.owner, kernel=kernel)
-    size = lin.default_max_vectors if max_vectors is None else max_vectors
-    size = columns_per_chunk(lin, size, options.max_memory)
-    total: Any = None
-    for u in cotangent_chunks(lin, family, kernel, size):
-        part = quantity.exact(lin, u, max_vectors)
-        total = part if total is None else _add(total, part)
-    return total
+    size = _chunk_size(lin, family, kernel, options)[1]
+    return _exact_sum(lin, family, kernel, size, quantity, options.max_vectors)
 
 
 #: The most chunks of factor columns (over the kernels) a batch may take to have its
@@ -217,10 +231,7 @@ def _one_call(
     chunks = columns = 0
     p = int(lin.num_positions)
     for kernel in kernels:  # the checks of _exact, in its order
-        r = family.sqrt_rank(lin.num_outputs, kernel=kernel)
-        check_cotangents(lin, r, options.max_cotangents, owner=options.owner, kernel=kernel)
-        size = lin.default_max_vectors if options.max_vectors is None else options.max_vectors
-        size = columns_per_chunk(lin, size, options.max_memory)
+        r, size = _chunk_size(lin, family, kernel, options)
         chunks += _chunks(p, r, max(1, size))
         columns += p * r
         sizes.append(size)
@@ -235,15 +246,10 @@ def _one_call(
 
     def program(traced: Any) -> tuple[list[Any], Any]:
         xp = traced.xp
-        totals = []
-        for kernel, size in zip(kernels, sizes, strict=True):
-            total: Any = None
-            for u in cotangent_chunks(traced, family, kernel, size):
-                part = traced.sum_squared_per_example_vjp(
-                    u, max_vectors=max_vectors, sum_cotangents=True
-                )  # Diagonal.exact
-                total = part if total is None else total + part
-            totals.append(total)
+        totals = [
+            _exact_sum(traced, family, kernel, size, quantity, max_vectors)
+            for kernel, size in zip(kernels, sizes, strict=True)
+        ]
         flags = [xp.all(xp.isfinite(t)) for t in totals]
         refused = family._refuses_outputs(traced.logits, xp) if flagged else None
         flags.append(xp.asarray(False) if refused is None else refused)

@@ -286,6 +286,10 @@ class JaxLinearization(PytreeParams, LinearizationBase):
         program = self._kernels.cache.get(cache_key)
         if program is None:
             skeleton = self._with_state(None)
+            # The cached program must not pin this linearization's θ (D numbers kept
+            # for as long as the model's kernels) nor read it as a constant.
+            skeleton._model = copy.copy(self._model)
+            skeleton._model.theta = None
 
             def run(state: PyTree) -> tuple[PyTree, Array]:
                 lin = skeleton._with_state(state)

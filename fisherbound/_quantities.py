@@ -165,6 +165,22 @@ def position_chunks(num_positions: int, columns: int, size: int) -> list[tuple[i
     return [(s, min(num_positions, s + step)) for s in range(0, num_positions, step)]
 
 
+def chunk_groups(num_positions: int, columns: int, size: int) -> list[tuple[int, int, int, int]]:
+    """The chunks of ``cotangent_chunks``: (first position, end, first column, end) each.
+
+    Whole positions (all R = ``columns`` factor columns) while R fits ``size``, else
+    one position at a time in pieces of ``size`` columns.
+    """
+    size = max(1, size)
+    if columns <= size:
+        return [(k0, k1, 0, columns) for k0, k1 in position_chunks(num_positions, columns, size)]
+    return [
+        (k, k + 1, j, min(columns, j + size))
+        for k in range(num_positions)
+        for j in range(0, columns, size)
+    ]
+
+
 #: Default ``max_memory`` of the exact quantities, in bytes (128 MiB): the output-space
 #: arrays of one chunk of factor columns (see ``columns_per_chunk``).
 DEFAULT_MAX_MEMORY = 2**27
@@ -221,12 +237,7 @@ def cotangent_chunks(lin: Any, family: Any, kernel: str, size: int) -> Iterator[
     count = p if slots is None else max(1, most_slots(slots, xp))
     zf = xp.reshape(z, (n, p, c))
     pos = xp.arange(p, device=device)
-    size = max(1, size)
-    if r <= size:
-        groups = [(k0, k1, 0, r) for k0, k1 in position_chunks(count, r, size)]
-    else:
-        groups = [(k, k + 1, j, min(r, j + size)) for k in range(count) for j in range(0, r, size)]
-    for k0, k1, r0, r1 in groups:
+    for k0, k1, r0, r1 in chunk_groups(count, r, size):
         ks = xp.arange(k0, k1, device=device)
         if slots is None:
             hot = xp.broadcast_to(pos[None, None, :] == ks[None, :, None], (n, k1 - k0, p))

@@ -90,9 +90,9 @@ from fisherbound._quantities import (
     Diagonal,
     Quantity,
     check_cotangents,
+    chunk_groups,
     columns_per_chunk,
     cotangent_chunks,
-    position_chunks,
     quantity,
 )
 from fisherbound._stream import Stream, check_family
@@ -182,13 +182,6 @@ def _exact(
 MAX_COMPILED_CHUNKS = 8
 
 
-def _chunks(num_positions: int, r: int, size: int) -> int:
-    """The chunks of ``cotangent_chunks`` for P positions, R columns and ``size``."""
-    if r <= size:
-        return len(position_chunks(num_positions, r, size))
-    return num_positions * -(-r // size)
-
-
 def _one_call(
     lin: Any,
     family: Family,
@@ -230,11 +223,15 @@ def _one_call(
     sizes = []
     chunks = columns = 0
     p = int(lin.num_positions)
-    for kernel in kernels:  # the checks of _exact, in its order
-        r, size = _chunk_size(lin, family, kernel, options)
-        chunks += _chunks(p, r, max(1, size))
-        columns += p * r
-        sizes.append(size)
+    try:
+        for kernel in kernels:  # the checks of _exact, in its order
+            r, size = _chunk_size(lin, family, kernel, options)
+            chunks += len(chunk_groups(p, r, size))
+            columns += p * r
+            sizes.append(size)
+    except ValueError:  # the family's refusal of the logits comes first, as in the eager pass
+        _check_outputs(lin, family, name)
+        raise
     # One program may hold every chunk's columns at once: all of them within max_memory.
     fits = columns_per_chunk(lin, columns, options.max_memory) >= columns
     if chunks > MAX_COMPILED_CHUNKS or not fits:

@@ -1709,3 +1709,22 @@ def test_exact_diagonal_is_one_compiled_call_per_batch() -> None:
     assert not [k for k in other._kernels.cache if isinstance(k, tuple) and k[0] == "compiled pass"]
     assert_close(got, fisher_diagonal(other), rtol=1e-12, atol=1e-15)  # by one program
     assert [k for k in other._kernels.cache if isinstance(k, tuple) and k[0] == "compiled pass"]
+
+
+def test_one_compiled_call_keeps_the_eager_errors() -> None:
+    """The one-call pass says what the eager pass says: softmax outputs before a cotangent
+    limit, and a result that is not finite (from finite inputs and logits) is refused."""
+    from fisherbound.fisher import fisher_diagonal, fisher_trace
+
+    rng = np.random.default_rng(43)
+    w = {"w": jnp.asarray(rng.standard_normal((3, 4)))}
+    x = jnp.asarray(rng.standard_normal((5, 3)))
+    soft = linearize(lambda p, xb: jax.nn.softmax(xb @ p["w"]), w, x)
+    with pytest.raises(ValueError, match=r"batch 0 look like softmax probabilities"):
+        fisher_diagonal(soft, max_cotangents=1)
+    # d sqrt|x w| / dw is infinite where x w = 0: finite logits, a result that is not.
+    x0 = x.at[0].set(0.0)
+    kinked = linearize(lambda p, xb: jnp.sqrt(jnp.abs(xb @ p["w"])), w, x0)
+    for fn in (fisher_diagonal, fisher_trace):
+        with pytest.raises(ValueError, match=r"per-example squares.*must be finite"):
+            fn(kinked)

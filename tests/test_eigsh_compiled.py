@@ -195,6 +195,10 @@ def test_compiled_eigsh_warns_at_the_budget_as_the_python_loop():
     _assert_same(got, ref, atol=1e-12)
     _, _, quiet = _run(compiled, **{**kwargs, "tol": 0.0})  # tol 0: to the budget, silently
     assert not quiet
+    # A budget beyond int32 (the loop's counter) is one the run cannot reach anyway.
+    big, _, _ = _run(compiled, **{**kwargs, "tol": 1e-8, "num_matvecs": 2**31})
+    small, _, _ = _run(plain, **{**kwargs, "tol": 1e-8, "num_matvecs": 2**31})
+    _assert_same(big, small, atol=1e-12)
 
 
 def test_compiled_eigsh_traces_once_per_shape():

@@ -258,6 +258,7 @@ class _BlockKrylov:
         rows, R, extra = self._orthonormal_rows(
             W, bases, floors, used=jj + c - width, norms=norm_after
         )
+        # The second pass's coefficients (of order eps ‖A‖): T stays Qᵀ A Q to rounding.
         H = H + extra[0][:jj, :]
         if c > width:
             G = G + extra[1]

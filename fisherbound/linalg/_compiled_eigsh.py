@@ -347,7 +347,7 @@ def eigsh(
     n, dtype = int(op.shape[0]), op.dtype
     factor = _breakdown_factor(xp, dtype, n)
     c = _start(v, p)
-    limits = (jnp.asarray(budget, dtype=jnp.int32), jnp.asarray(rtol, dtype=dtype))
+    limits = (jnp.asarray(min(budget, 2**31 - 1), dtype=jnp.int32), jnp.asarray(rtol, dtype=dtype))
     while True:
         c, flags, result = _run(
             traceable.fn, traceable.operands, c, *limits, which=which, wanted=wanted, factor=factor

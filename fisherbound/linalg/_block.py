@@ -16,7 +16,6 @@ Ritz pair :math:`(\theta, Q s)` of :math:`T` has the residual
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 from fisherbound._lib import (
@@ -34,6 +33,8 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _not_finite,
     _ranking,
+    ritz_result,
+    warn_budget,
 )
 
 Array = Any
@@ -355,21 +356,8 @@ def block_eigsh(
         converged = exhausted or bool(np.all(relative <= rtol)) and kry.j >= wanted
         if converged or out_of_budget:
             if not converged and rtol > 0.0:
-                worst = float(np.max(relative))
-                warnings.warn(
-                    f"eigsh stopped at its budget num_matvecs = {budget} before the tolerance: "
-                    f"the largest relative residual of the wanted Ritz pairs is {worst:.2e} > "
-                    f"tol = {rtol:.1e}. Raise num_matvecs (or basis_size), or check the "
-                    "returned residuals.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            sel = np.sort(sel)
-            Y = kry.vectors(S[:, sel])
-            values = xp.asarray(theta[sel], dtype=op.dtype, device=op.device)
-            floor = float(xp.finfo(op.dtype).eps) * float(np.abs(theta).max())
-            residuals = xp.asarray(np.maximum(res[sel], floor), dtype=op.dtype, device=op.device)
-            return EigshResult(values, Y, residuals)
+                warn_budget(budget, float(np.max(relative)), rtol, stacklevel=3)
+            return ritz_result(xp, op, kry, theta, S, res, sel)
         if full:
             keep = order[: min(p - b, wanted + (p - wanted) // 2)]
             kry.restart(S[:, keep], theta[keep])

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, NamedTuple
 
 # Imported by _lanczos only for a JAX operator: importing fisherbound.linalg imports no
@@ -54,6 +53,7 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _not_finite,
     _power_of_two_scale,
+    warn_budget,
 )
 
 Array = Any
@@ -363,13 +363,5 @@ def eigsh(
         if done:
             break
     if not converged and rtol > 0.0:
-        worst = float(to_host(c.worst))
-        warnings.warn(
-            f"eigsh stopped at its budget num_matvecs = {budget} before the tolerance: "
-            f"the largest relative residual of the wanted Ritz pairs is {worst:.2e} > "
-            f"tol = {rtol:.1e}. Raise num_matvecs (or basis_size), or check the "
-            "returned residuals.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_budget(budget, float(to_host(c.worst)), rtol, stacklevel=3)
     return EigshResult(*result)

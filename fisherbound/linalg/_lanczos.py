@@ -401,6 +401,34 @@ TRACED_LANCZOS = (
 )
 
 
+def warn_budget(budget: int, worst: float, rtol: float, *, stacklevel: int) -> None:
+    """Eigsh's RuntimeWarning: the budget reached before the tolerance (every variant's)."""
+    warnings.warn(
+        f"eigsh stopped at its budget num_matvecs = {budget} before the tolerance: "
+        f"the largest relative residual of the wanted Ritz pairs is {worst:.2e} > "
+        f"tol = {rtol:.1e}. Raise num_matvecs (or basis_size), or check the "
+        "returned residuals.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def ritz_result(xp: Any, op: Any, kry: Any, theta: Any, S: Any, res: Any, sel: Any) -> EigshResult:
+    """The Ritz pairs ``sel`` of a host-side run (``_Krylov`` or the block one), ascending.
+
+    LAPACK deflates couplings below rounding, so β|s| can be exactly 0; the residual of
+    a computed Ritz pair is not below ε‖T‖: the residuals reported are at least that.
+    """
+    import numpy as np
+
+    sel = np.sort(sel)  # ascending Ritz values
+    Y = kry.vectors(S[:, sel])
+    values = xp.asarray(theta[sel], dtype=op.dtype, device=op.device)
+    floor = float(xp.finfo(op.dtype).eps) * float(np.abs(theta).max())
+    residuals = xp.asarray(np.maximum(res[sel], floor), dtype=op.dtype, device=op.device)
+    return EigshResult(values, Y, residuals)
+
+
 class _Krylov:
     """A Krylov–Schur decomposition A Q = Q T + β q eᵀ, grown one product at a time.
 
@@ -735,23 +763,7 @@ def eigsh(
         converged = exhausted or bool(np.all(relative <= rtol)) and kry.j >= wanted
         if converged or out_of_budget:
             if not converged and rtol > 0.0:
-                worst = float(np.max(relative))
-                warnings.warn(
-                    f"eigsh stopped at its budget num_matvecs = {budget} before the tolerance: "
-                    f"the largest relative residual of the wanted Ritz pairs is {worst:.2e} > "
-                    f"tol = {rtol:.1e}. Raise num_matvecs (or basis_size), or check the "
-                    "returned residuals.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            sel = np.sort(sel)  # ascending Ritz values
-            Y = kry.vectors(S[:, sel])
-            values = xp.asarray(theta[sel], dtype=op.dtype, device=op.device)
-            # LAPACK deflates couplings below rounding, so β|s| can be exactly 0; the
-            # residual of a computed Ritz pair is not below ε‖T‖: report at least that.
-            floor = float(xp.finfo(op.dtype).eps) * float(np.abs(theta).max())
-            res_sel = np.maximum(res[sel], floor)
-            residuals = xp.asarray(res_sel, dtype=op.dtype, device=op.device)
-            return EigshResult(values, Y, residuals)
+                warn_budget(budget, float(np.max(relative)), rtol, stacklevel=2)
+            return ritz_result(xp, op, kry, theta, S, res, sel)
         if full:
             kry.thick_restart(S, theta, order, wanted)

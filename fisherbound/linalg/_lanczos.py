@@ -610,6 +610,15 @@ def eigsh(
     goes on from a random vector orthogonal to the basis: this is how repeated
     eigenvalues are found with their multiplicity. With :math:`p = n` the run is a full
     tridiagonalisation and returns the exact spectrum, repeated eigenvalues included.
+    With :math:`p < n` the run may converge before any breakdown, and one Krylov space
+    holds one copy of each eigenvalue (more only through rounding): when the wanted end
+    has an eigenvalue of multiplicity :math:`m > 1`, fewer than :math:`m` copies may come
+    back, each a true eigenpair within ``tol``, followed by the next eigenvalues. This
+    matters for ``which="smallest"`` on a Fisher matrix, whose null space has dimension
+    at least :math:`D - N C`: on a 400 × 400 matrix of rank 50, ``k=5`` returned two
+    zeros and then 169.2, 184.4, 191.7, while ``block_size=8`` (a block holds
+    :math:`b` copies) returned five zeros. For multiplicities up to :math:`b` use
+    ``block_size=b``, or count the null space as ``n - rank``.
 
     Parameters
     ----------

@@ -33,6 +33,7 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _not_finite,
     _ranking,
+    relative_residuals,
     ritz_result,
     warn_budget,
 )
@@ -337,7 +338,6 @@ def block_eigsh(
     kry = _BlockKrylov(xp, op, p, b, gen)
     first_check = min(p, max(2 * wanted, wanted + 8))
     restarted = False
-    sqrt_eps = math.sqrt(float(xp.finfo(op.dtype).eps))
     while True:
         width = min(kry.width, p - kry.j, budget - kry.products)
         kry.step(width)
@@ -351,8 +351,7 @@ def block_eigsh(
         theta, S, res = kry.ritz()
         order = _ranking(theta, which)
         sel = order[: min(wanted, kry.j)]
-        scale = np.maximum(np.abs(theta[sel]), sqrt_eps * float(np.abs(theta).max()))
-        relative = res[sel] / np.maximum(scale, np.finfo(float).tiny)
+        relative = relative_residuals(xp, op.dtype, theta, res, sel)
         converged = exhausted or bool(np.all(relative <= rtol)) and kry.j >= wanted
         if converged or out_of_budget:
             if not converged and rtol > 0.0:

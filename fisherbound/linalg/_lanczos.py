@@ -429,6 +429,18 @@ def ritz_result(xp: Any, op: Any, kry: Any, theta: Any, S: Any, res: Any, sel: A
     return EigshResult(values, Y, residuals)
 
 
+def relative_residuals(xp: Any, dtype: Any, theta: Any, res: Any, sel: Any) -> Any:
+    """Res / max(|θ|, √ε max|θ|) of the Ritz pairs ``sel`` (host, float64): what ``tol`` bounds.
+
+    Shared by the single-vector and the block runs; ε is ``dtype``'s.
+    """
+    import numpy as np
+
+    sqrt_eps = math.sqrt(float(xp.finfo(dtype).eps))
+    scale = np.maximum(np.abs(theta[sel]), sqrt_eps * float(np.abs(theta).max()))
+    return res[sel] / np.maximum(scale, np.finfo(float).tiny)
+
+
 class _Krylov:
     """A Krylov–Schur decomposition A Q = Q T + β q eᵀ, grown one product at a time.
 
@@ -557,10 +569,7 @@ class _Krylov:
 
     def relative_residuals(self, theta: Any, res: Any, sel: Any) -> Any:
         """Res / max(|θ|, √ε max|θ|) of the Ritz pairs ``sel``: what ``tol`` bounds."""
-        np = self.np
-        sqrt_eps = math.sqrt(float(self.xp.finfo(self.V.dtype).eps))
-        scale = np.maximum(np.abs(theta[sel]), sqrt_eps * float(np.abs(theta).max()))
-        return res[sel] / np.maximum(scale, np.finfo(float).tiny)
+        return relative_residuals(self.xp, self.V.dtype, theta, res, sel)
 
     def thick_restart(self, S: Any, theta: Any, order: Any, wanted: int) -> None:
         """Restart keeping the ``wanted`` best Ritz pairs of ``order`` and half the rest."""

@@ -21,8 +21,16 @@ VJP of the batch), the median wall time, the time in gradient steps (forward +
 backward of the summed cross-entropy, timed interleaved) and the ratio to SciPy's
 time, and the largest relative difference of the eigenvalues from SciPy's.
 
+With ``--synthetic`` it instead runs ``eigsh`` at its defaults on 90 synthetic cases
+(five spectra of 400 × 400 matrices, ``which`` largest / smallest / both, k = 1, 5,
+20, float64 and float32) and prints, per case, the products, the largest eigenvalue
+error over max |λ|, the largest explicit relative residual ‖A y − θ y‖ / |θ|, the
+largest |explicit − reported residual| over max |λ| and the number of warnings: run
+it on two versions to compare them case by case (no timing).
+
 Run:  python benchmarks/bench_eigsh.py [--reps 3] [--threads 2] [--quick]
           [--model mlp|cnn] [--blocks 2 4 8] [--k 1 5 20]
+      python benchmarks/bench_eigsh.py --synthetic
 Writes benchmarks/results/eigsh.json (eigsh_cnn.json for the CNN) and prints a
 Markdown table. ``--quick``: an MLP 64-32-10 on 32 inputs, k = 1 and 5, one
 repetition. ``--model cnn``: the CNN of bench_estimators.py (conv 3-32-64, linear
@@ -290,6 +298,60 @@ def markdown(result: dict[str, Any]) -> str:
     return head + "\n\n" + table(headers, rows, align="rlrrrrrrr")
 
 
+def _counting(m: np.ndarray) -> tuple[LinearOperator, list[int]]:
+    """A NumPy operator of the matrix ``m`` and the list holding its product count."""
+    count = [0]
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        count[0] += 1
+        return m @ v
+
+    return LinearOperator(m.shape, matvec=matvec, dtype=m.dtype, device=None, xp=np), count
+
+
+def synthetic() -> list[str]:
+    """One line per synthetic case (see the module docstring)."""
+    import warnings
+
+    n = 400
+    rng = np.random.default_rng(1)
+    spectra = {
+        "decay": 100.0 * 0.9 ** np.arange(n),
+        "lowrank": np.r_[rng.uniform(1.0, 10.0, 50), np.zeros(n - 50)],
+        "signed": np.linspace(-1.0, 1.0, n) ** 3,
+        "negdom": np.r_[np.linspace(-100, -1, 200), np.linspace(0, 0.01, 200)],
+        "cluster": np.r_[10.0 + np.arange(5) * 1e-3, np.linspace(0, 9, n - 5)],
+    }
+    basis = np.linalg.qr(np.random.default_rng(0).standard_normal((n, n)))[0]
+    lines = ["spectrum which k dtype products eig_error explicit_rel |explicit-reported| warnings"]
+    for name, lam in spectra.items():
+        a = (basis * lam) @ basis.T
+        a = (a + a.T) / 2
+        dense = np.linalg.eigvalsh(a)
+        scale = np.abs(dense).max()
+        for which in ("largest", "smallest", "both"):
+            for k in (1, 5, 20):
+                for dtype in (np.float64, np.float32):
+                    op, count = _counting(a.astype(dtype))
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        res = eigsh(op, k=k, which=which, rng=0)
+                    want = {
+                        "largest": dense[-k:],
+                        "smallest": dense[:k],
+                        "both": np.r_[dense[:k], dense[-k:]],
+                    }[which]
+                    y, theta = res.eigenvectors, res.eigenvalues
+                    explicit = np.linalg.norm(a @ y - y * theta, axis=0)
+                    rel = explicit / np.maximum(np.abs(theta), np.finfo(float).tiny)
+                    lines.append(
+                        f"{name} {which} {k} {np.dtype(dtype).name} {count[0]} "
+                        f"{np.abs(theta - want).max() / scale:.1e} {rel.max():.1e} "
+                        f"{np.abs(explicit - res.residuals).max() / scale:.1e} {len(caught)}"
+                    )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -301,7 +363,13 @@ def main() -> None:
         "--blocks", type=int, nargs="*", default=[2, 4, 8], help="block sizes b > 1 (2 4 8)"
     )
     parser.add_argument("--out", default=None, help="JSON path (results/eigsh[_cnn].json)")
+    parser.add_argument(
+        "--synthetic", action="store_true", help="the 90 synthetic cases, no timing"
+    )
     args = parser.parse_args()
+    if args.synthetic:
+        print("\n".join(synthetic()))
+        return
     ks = tuple(args.k) if args.k else None
     blocks = tuple(b for b in args.blocks if b > 1)
     result = run(

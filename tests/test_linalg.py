@@ -756,6 +756,103 @@ def test_eigsh_restarted_to_tolerance_needs_no_more_products_than_arpack(spectru
     assert np.all(explicit <= 1e-6 * np.maximum(np.abs(theta), 1e-8 * np.abs(dense).max()) + 1e-10)
 
 
+class _Recorded:
+    """Records every ``_Krylov`` a call builds, and after each step the actual largest
+    |q_iᵀ q_k| of its rows and q next to the estimate ``omega``/``omega_q`` it keeps."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fisherbound.linalg import _lanczos
+
+        self.runs: list[object] = []
+        self.levels: list[tuple[float, float, bool]] = []
+        init, step = _lanczos._Krylov.__init__, _lanczos._Krylov.step
+        recorded = self
+
+        def recording_init(kry, *args, **kwargs):
+            init(kry, *args, **kwargs)
+            recorded.runs.append(kry)
+
+        def recording_step(kry):
+            partial = kry.partial
+            step(kry)
+            j = kry.j
+            if not partial or kry.q is None:
+                return
+            V = np.vstack([kry.V[:j], kry.q[None, :]])
+            actual = np.abs(V @ V.T - np.eye(j + 1)).max()
+            estimated = max(
+                np.abs(kry.omega[:j, :j] - np.eye(j)).max(), np.abs(kry.omega_q[:j]).max()
+            )
+            recorded.levels.append((actual, estimated, kry.full_next))
+
+        monkeypatch.setattr(_lanczos._Krylov, "__init__", recording_init)
+        monkeypatch.setattr(_lanczos._Krylov, "step", recording_step)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_eigsh_partial_reorthogonalisation_keeps_the_basis_semi_orthogonal(monkeypatch, dtype):
+    """Between full passes a step orthogonalises against two rows; Simon's recurrence
+    must bound the actual loss of orthogonality, which stays below √ε, and most steps
+    of a run before its first restart skip the full pass."""
+    a = with_spectrum(100.0 * 0.99 ** np.arange(400), seed=0).astype(dtype)
+    rec = _Recorded(monkeypatch)
+    res = eigsh(a, k=1, basis_size=60, rng=0)
+    (kry,) = rec.runs
+    eps = float(np.finfo(dtype).eps)
+    assert kry.products < 60  # no restart: partial all along
+    # η = min(√ε, tol / 100): 1.5e-8 in float64 (reached late), 3.5e-6 in float32.
+    assert kry.full_steps <= kry.products // (10 if dtype == np.float64 else 1.5)
+    actual = np.array([r[0] for r in rec.levels])
+    estimated = np.array([r[1] for r in rec.levels])
+    assert actual.max() <= math.sqrt(eps)
+    # The estimate is an upper bound of the actual level, up to rounding.
+    assert np.all(actual <= 10.0 * estimated + 10.0 * eps)
+    # Kato–Temple: |θ − λ₁| ≤ r² / gap, r the residual (of the float64 matrix: + rounding).
+    dense = np.linalg.eigvalsh(a.astype(np.float64))
+    y, theta = res.eigenvectors[:, 0], float(res.eigenvalues[0])
+    r = float(np.linalg.norm(a @ y - y * theta))
+    gap = dense[-1] - dense[-2]
+    assert abs(theta - dense[-1]) <= r**2 / gap + 100 * eps * dense[-1]
+
+
+def test_eigsh_partial_reorthogonalisation_reports_the_residual_of_the_vectors(monkeypatch):
+    """With restarts and loose orthogonality the reported residuals are those of the
+    returned vectors (hypot(β|s|, ‖(H − T) s‖)), within η ‖A‖ = tol/100 · ‖A‖."""
+    a = with_spectrum(100.0 * 0.9 ** np.arange(400), seed=0)
+    rec = _Recorded(monkeypatch)
+    res = eigsh(a, k=5, tol=1e-4, rng=0)
+    (kry,) = rec.runs
+    assert kry.full_steps < kry.products
+    Y, theta = res.eigenvectors, res.eigenvalues
+    explicit = np.linalg.norm(a @ Y - Y * theta, axis=0)
+    np.testing.assert_allclose(res.residuals, explicit, atol=1e-6 * 100.0)
+    assert np.all(explicit <= 1e-4 * theta * 1.01)
+    np.testing.assert_allclose(theta, np.linalg.eigvalsh(a)[-5:], rtol=1e-8)
+
+
+def test_eigsh_partial_residuals_follow_the_vectors_far_below_tol():
+    """Pairs converged far below tol: β|s| alone would understate their residual (the
+    loss of orthogonality dominates it); hypot(β|s|, ‖D s‖) follows ‖A y − θ y‖."""
+    a = with_spectrum(100.0 * 0.9 ** np.arange(400), seed=0)
+    res = eigsh(a, k=5, basis_size=100, rng=0)  # no restart: partial all along
+    Y, theta = res.eigenvectors, res.eigenvalues
+    explicit = np.linalg.norm(a @ Y - Y * theta, axis=0)
+    assert explicit.min() < 1e-5 * explicit.max()  # five orders of magnitude apart
+    np.testing.assert_allclose(res.residuals, explicit, rtol=0.05)
+
+
+def test_eigsh_reorthogonalises_fully_for_the_exact_spectrum_and_tol_0(monkeypatch):
+    """p = n (the exact spectrum with multiplicities) and tol = 0 take the whole basis
+    at every step, as do JAX arrays (one shape per step)."""
+    a = with_spectrum(SPECTRUM, seed=2)
+    rec = _Recorded(monkeypatch)
+    eigsh(a, k=4, basis_size=a.shape[0], rng=0)
+    eigsh(a, k=4, tol=0.0, num_matvecs=25, rng=0)
+    for kry in rec.runs:
+        assert not kry.tracked
+        assert kry.full_steps == kry.products
+
+
 def test_eigsh_warns_at_its_budget_and_returns_the_current_pairs():
     a = with_spectrum(np.linspace(0.0, 1.0, 200) ** 2, seed=4)  # clustered top: slow
     op, count = _counting(a)

@@ -65,8 +65,10 @@ class EigshResult(NamedTuple):
         Ritz vectors :math:`y`, shape (n, k'), unit columns, in the order of
         ``eigenvalues``.
     residuals
-        The Krylov residual :math:`\beta \cdot \lvert s_{p,i} \rvert` per pair, shape (k',),
-        floored at :math:`\varepsilon \cdot \max \lvert \theta \rvert` (rounding):
+        The Krylov residual :math:`\beta \cdot \lvert s_{p,i} \rvert` per pair, shape (k',)
+        (``eigsh`` with partial reorthogonalisation: with the term of the lost
+        orthogonality, see ``eigsh``), floored at
+        :math:`\varepsilon \cdot \max \lvert \theta \rvert` (rounding):
         :math:`\lVert A y - \theta y \rVert` in exact arithmetic, at no extra
         product (for symmetric :math:`A` some eigenvalue lies within
         :math:`\lVert A y - \theta y \rVert` of :math:`\theta`).
@@ -442,16 +444,44 @@ def relative_residuals(xp: Any, dtype: Any, theta: Any, res: Any, sel: Any) -> A
 
 
 class _Krylov:
-    """A Krylov–Schur decomposition A Q = Q T + β q eᵀ, grown one product at a time.
+    """A Krylov–Schur decomposition A Q = Q H + β q eᵀ, grown one product at a time.
 
     The basis is held as rows, V = Qᵀ (p, n), j of them filled (each a contiguous
-    vector: the Gram–Schmidt products read only the filled rows); T = Qᵀ A Q (j × j,
-    host, float64) is the projected matrix (tridiagonal plus, after a restart, an
-    arrow of couplings to the kept Ritz vectors); q (unit, orthogonal to Q) is the
-    next basis vector, with its coupling β.
+    vector: the Gram–Schmidt products read only the filled rows); T (j × j, host,
+    float64) is the projected matrix (tridiagonal plus, after a restart, an arrow of
+    couplings to the kept Ritz vectors), the symmetric part of the relation's H; q
+    (unit, orthogonal to Q) is the next basis vector, with its coupling β.
+
+    Partial reorthogonalisation (Simon 1984), where rows are written in place
+    (NumPy, torch, CuPy), ``tol`` > 0 and p < n, until the first restart: a step
+    orthogonalises against its two latest rows only, and the recurrence of the
+    orthogonality levels ω_k = q_kᵀ q (``omega``: on the host from T, O(j²) per step)
+    says when the new vector has lost more than η against an older row; then it and
+    the next vector are orthogonalised against the whole basis, as is every step after
+    a breakdown. η = min(√ε, tol / 100 · s), s the smallest scale of the wanted pairs
+    over ‖T‖ (``_tighten``, from the current T at every step): the loss of
+    orthogonality perturbs a Ritz vector's residual by about η ‖T‖, a hundredth of
+    what ``tol`` allows. That perturbation is also measured and reported: H − T
+    (``D``, H the couplings actually subtracted) is kept and a pair's residual is
+    hypot(β |s_j|, ‖D s‖), what ‖A y − θ y‖ is for y = Q s up to Q's orthogonality.
+    O(n) work per step instead of O(n j) between the full passes. A restart drops the
+    part of Q D S outside the kept vectors' span (O(η ‖T‖)), so their relation no longer
+    holds to rounding, which the recurrence assumes: from there on every step takes
+    the whole basis, as it does for JAX (one shape for every step, as the compiled
+    loop), ``tol`` = 0 and p = n (the exact spectrum).
     """
 
-    def __init__(self, xp: Any, op: Any, v: Array, p: int, gen: Any) -> None:
+    def __init__(
+        self,
+        xp: Any,
+        op: Any,
+        v: Array,
+        p: int,
+        gen: Any,
+        tol: float | None = None,
+        which: str = "largest",
+        wanted: int = 1,
+    ) -> None:
         import numpy as np
 
         self.np = np
@@ -477,26 +507,35 @@ class _Krylov:
         #: T and β are those of A / scale (``_power_of_two_scale`` of the first product);
         #: ``ritz`` and ``restart`` speak in A's units.
         self.scale: float | None = None
+        self.eps = float(xp.finfo(op.dtype).eps)
+        self.tol = 0.0 if tol is None else float(tol)
+        self.partial = not self.static and self.tol > 0.0 and p < n
+        #: D = H − T is kept (and corrects the residuals) once a step may have been partial.
+        self.tracked = self.partial
+        self.eta = min(math.sqrt(self.eps), self.tol / 100.0)
+        self.which, self.wanted = which, wanted
+        # The estimated q_iᵀ q_k of the rows (``omega``) and of q against them (``omega_q``);
+        # whether the next step takes the whole basis; D = H − T; the relation's row of q.
+        self.omega = np.eye(p)
+        self.omega_q = np.zeros(p)
+        self.full_next = True
+        self.D = np.zeros((p, p))
+        self.coupling = np.zeros(p)
+        #: Steps orthogonalised against the whole basis (a diagnostic for tests).
+        self.full_steps = 0
 
-    def step(self) -> None:
-        """Append q as row j: one product, one Gram–Schmidt pass (two on cancellation)."""
-        xp, j, q = self.xp, self.j, self.q
-        assert q is not None
-        self.V = set_row(xp, self.V, j, q)
-        V = self.V if self.static else self.V[: j + 1, :]  # a view: the filled rows
-        w = self.op.matvec(q)
-        self.products += 1
-        if self.scale is None:  # one host read, at the first product only
-            if is_traced(w):
-                raise ValueError(TRACED_LANCZOS)
-            self.scale = float(to_host(_power_of_two_scale(xp, w)))
-        w = w / self.scale
+    def _project(self, V: Array, w: Array) -> tuple[Array, Any]:
+        """Remove from w its components along the rows of V: one pass, two on cancellation.
+
+        Returns the new w and, on the host, the removed coefficients then ‖w‖.
+        """
+        xp, np = self.xp, self.np
         norm_before = xp.linalg.vector_norm(w)
         h = V @ w
         w = w - h @ V
         coeffs = to_host(xp.concat([h, xp.stack([norm_before, xp.linalg.vector_norm(w)])]))
-        coeffs = self.np.asarray(coeffs, dtype=self.np.float64)
-        if not self.np.all(self.np.isfinite(coeffs)):
+        coeffs = np.asarray(coeffs, dtype=np.float64)
+        if not np.all(np.isfinite(coeffs)):
             raise _not_finite(xp, self.op.dtype, self.products)
         if coeffs[-1] < _DGKS * coeffs[-2]:
             # Cancellation: a second pass restores orthogonality to rounding level
@@ -504,22 +543,112 @@ class _Krylov:
             h2 = V @ w
             w = w - h2 @ V
             more = to_host(xp.concat([h2, xp.linalg.vector_norm(w)[None]]))
-            more = self.np.asarray(more, dtype=self.np.float64)
-            coeffs = self.np.concatenate([coeffs[: j + 1] + more[: j + 1], more[-1:]])
-        else:
-            coeffs = self.np.concatenate([coeffs[: j + 1], coeffs[-1:]])
-        col, b = coeffs[: j + 1], float(coeffs[-1])
-        self.T[: j + 1, j] = col
-        self.T[j, : j + 1] = col
-        self.norm_t = max(self.norm_t, float(self.np.abs(col).sum()) + b)
+            more = np.asarray(more, dtype=np.float64)
+            return w, np.concatenate([coeffs[:-2] + more[:-1], more[-1:]])
+        return w, np.concatenate([coeffs[:-2], coeffs[-1:]])
+
+    def step(self) -> None:
+        """Append q as row j: one product, one Gram–Schmidt pass (two on cancellation)."""
+        xp, np, j, q = self.xp, self.np, self.j, self.q
+        assert q is not None
+        self.V = set_row(xp, self.V, j, q)
+        w = self.op.matvec(q)
+        self.products += 1
+        if self.scale is None:  # one host read, at the first product only
+            if is_traced(w):
+                raise ValueError(TRACED_LANCZOS)
+            self.scale = float(to_host(_power_of_two_scale(xp, w)))
+        w = w / self.scale
+        full = self.full_next or not self.partial
+        # A partial step takes rows j − 1 and j, where A q_j's couplings lie (exactly so
+        # in exact arithmetic once the arrow of a restart is past).
+        lo = 0 if full else max(j - 1, 0)
+        V = self.V if self.static else self.V[lo : j + 1, :]  # a view: the rows taken
+        w, coeffs = self._project(V, w)
+        col = np.zeros(j + 1)
+        col[lo:] = coeffs[: j + 1 - lo]
+        b = float(coeffs[-1])
+        self.full_next = False
+        self.full_steps += int(full)
+        self._set_column(j, col, b, not full)
+        broke = b <= self.factor * self.norm_t
+        if self.partial:
+            self.omega[j, :j] = self.omega[:j, j] = self.omega_q[:j]
+            self.omega_q[: j + 1] = self.eps  # orthogonalised against the whole basis
+            if not full and not broke:
+                self._tighten(j)
+                estimate = self._estimate(b, j)
+                if np.max(np.abs(estimate[:j]), initial=0.0) <= self.eta:
+                    self.omega_q[: j + 1] = estimate
+                else:
+                    # Semi-orthogonality lost: the new vector is orthogonalised against
+                    # the whole basis now, and the next one too (Simon's rule: ω of q_j
+                    # feeds the next estimate and was not reset).
+                    w, more = self._project(self.V[: j + 1, :], w)
+                    col += more[: j + 1]
+                    b = float(more[-1])
+                    self.full_next = True
+                    self.full_steps += 1
+                    self._set_column(j, col, b, True)
+                    broke = b <= self.factor * self.norm_t
         self.j = j + 1
-        if b > self.factor * self.norm_t:
+        self.coupling[:] = 0.0
+        if not broke:
+            self.coupling[j] = b
             self.q, self.beta = w / b, b
             return
         # Breakdown: span(Q) is invariant. Go on from a random vector orthogonal to it
         # (β = 0), so repeated eigenvalues are found with their multiplicity.
         self.beta = 0.0
+        self.full_next = True
         self.q = self._random_orthogonal() if self.j < min(self.p, self.n) else None
+
+    def _set_column(self, j: int, col: Any, b: float, partial: bool) -> None:
+        """T's column and row j (symmetric), D's row j (H − T) and the norm estimate.
+
+        H's row j is the relation's coupling of q_j to the earlier rows (β of the step
+        before, or a restart's arrow). T's symmetric entries differ from it by the loss
+        of orthogonality of a ``partial`` step (kept in D), and otherwise by rounding
+        or, for q_j within η of the basis, by O(η ‖T‖) (not kept: D's row is 0).
+        """
+        self.T[: j + 1, j] = col
+        self.T[j, : j + 1] = col
+        if self.tracked:
+            self.D[j, :j] = self.coupling[:j] - col[:j] if partial else 0.0
+        self.norm_t = max(self.norm_t, float(self.np.abs(col).sum()) + b)
+
+    def _estimate(self, b: float, j: int) -> Any:
+        """Simon's recurrence: the levels ω of the new vector w / b against rows 0..j.
+
+        With A q_k = Σ_i T_ik q_i (+ rounding) for the rows k < j and
+        b q' = A q_j − Σ_i T_ij q_i, the new vector's q_kᵀ q' is
+        (Σ_i T_ik ω_ji − Σ_i T_ij ω_ik) / b, plus a rounding term ±2ε‖T‖ / b pushed
+        away from zero; against q_j, ε‖T‖ / b.
+        """
+        np = self.np
+        om, T = self.omega[: j + 1, : j + 1], self.T[: j + 1, : j + 1]
+        x = om[j, :] @ T[:, :j] - T[:, j] @ om[:, :j]
+        noise = 2.0 * self.eps * self.norm_t
+        est = np.empty(j + 1)
+        est[:j] = (x + np.where(x >= 0.0, noise, -noise)) / b
+        est[j] = self.eps * self.norm_t / b
+        return est
+
+    def _tighten(self, j: int) -> None:
+        """η = min(√ε, tol / 100 · min_i max(|θ_i|, √ε ‖θ‖∞) / ‖θ‖∞) over the wanted pairs.
+
+        From the Ritz values of the current T (a host eigvalsh of j + 1 rows, O(j³)), so
+        that η follows the wanted end's scale as it emerges.
+        """
+        np = self.np
+        theta = np.linalg.eigvalsh(self.T[: j + 1, : j + 1])
+        top = float(np.abs(theta).max())
+        if top == 0.0:
+            return
+        sel = _ranking(theta, self.which)[: self.wanted]
+        root = math.sqrt(self.eps)
+        scale = float(np.min(np.maximum(np.abs(theta[sel]), root * top))) / top
+        self.eta = min(self.eta, root, self.tol / 100.0 * scale)
 
     def _random_orthogonal(self) -> Array:
         xp, V = self.xp, self.V if self.static else self.V[: self.j, :]
@@ -536,11 +665,13 @@ class _Krylov:
         return r / xp.linalg.vector_norm(r)
 
     def ritz(self) -> tuple[Any, Any, Any]:
-        """Ritz values θ (ascending), the eigenvectors S of T and residuals β |S[j−1, i]|.
+        """Ritz values θ (ascending), the eigenvectors S of T and their residuals.
 
-        T is small (j ≤ p). It is solved in the operator's namespace (NumPy's threaded
-        LAPACK takes milliseconds for a 40 × 40 matrix beside a busy torch pool), except
-        for JAX, which would compile an eigensolver for every j: NumPy there.
+        The residual of (θ_i, Q s_i) is β |S[j−1, i]|, with partial reorthogonalisation
+        hypot(β |S[j−1, i]|, ‖D s_i‖) (D = H − T, see the class). T is small (j ≤ p).
+        It is solved in the operator's namespace (NumPy's threaded LAPACK takes
+        milliseconds for a 40 × 40 matrix beside a busy torch pool), except for JAX,
+        which would compile an eigensolver for every j: NumPy there.
         """
         np, j = self.np, self.j
         xp = np if self.static else self.xp
@@ -549,7 +680,10 @@ class _Krylov:
         )
         theta, S = (np.asarray(to_host(a), dtype=np.float64) for a in xp.linalg.eigh(T))
         s = 1.0 if self.scale is None else self.scale
-        return theta * s, S, (self.beta * s) * self.np.abs(S[j - 1, :])
+        res = self.beta * np.abs(S[j - 1, :])
+        if self.tracked:
+            res = np.hypot(res, np.linalg.norm(self.D[:j, :j] @ S, axis=0))
+        return theta * s, S, s * res
 
     def restart(self, S_keep: Any, theta_keep: Any) -> None:
         """Thick restart: keep the Ritz vectors Q S_keep; q (the residual) comes next."""
@@ -561,11 +695,49 @@ class _Krylov:
             self.V = xp.concat([kept, pad], axis=0)
         else:  # in place: the rows from l on are not read until written again
             self.V[:l, :] = kept
+        if self.tracked:
+            self._restart_partial(S_keep)
         self.T = self.np.zeros((self.p, self.p))
         self.T[self.np.arange(l), self.np.arange(l)] = theta_keep / (self.scale or 1.0)
         self.j = l
         if self.q is None:  # the last step broke down: the kept vectors span an invariant
             self.q = self._random_orthogonal()
+
+    def _restart_partial(self, S_keep: Any) -> None:
+        """D and the arrow after a restart to the rows Y = Q S (written in V[:l]).
+
+        The relation along Y is A Y = Y (Θ + Sᵀ D S) + β q (e_jᵀ S): D becomes Sᵀ D S
+        and q's coupling the arrow β e_jᵀ S. The part of Q D S outside span(Y) is
+        dropped, so the kept vectors' relation holds to O(η ‖T‖), not to rounding,
+        which the recurrence of ω assumes: from the first restart on, every step
+        takes the whole basis (D still corrects the residuals along Y). At that
+        restart, kept vectors whose levels Sᵀ Ω S exceed η are orthonormalised (QR),
+        and q is orthogonalised against them where its levels ω_q S do.
+        """
+        np, xp = self.np, self.xp
+        j, l = self.j, int(S_keep.shape[1])
+        S = np.asarray(S_keep, dtype=np.float64)
+        if self.partial:
+            omega = S.T @ self.omega[:j, :j] @ S
+            np.fill_diagonal(omega, 0.0)
+            lost_q = np.max(np.abs(self.omega_q[:j] @ S), initial=0.0) > self.eta
+            if np.max(np.abs(omega), initial=0.0) > self.eta:
+                Y, R = xp.linalg.qr(xp.matrix_transpose(self.V[:l, :]))
+                # diag(R) > 0: each vector keeps its direction (and its arrow's sign).
+                sign = xp.where(xp.linalg.diagonal(R) < 0, -1.0, 1.0)
+                self.V[:l, :] = xp.matrix_transpose(Y * xp.astype(sign, Y.dtype))
+                lost_q = True
+            if self.q is not None and lost_q:
+                q, V = self.q, self.V[:l, :]
+                for _ in range(2):
+                    q = q - (V @ q) @ V
+                self.q = q / xp.linalg.vector_norm(q)
+            self.partial = False
+        D = S.T @ self.D[:j, :j] @ S
+        self.D = np.zeros((self.p, self.p))
+        self.D[:l, :l] = D
+        self.coupling = np.zeros(self.p)
+        self.coupling[:l] = self.beta * S[j - 1, :]
 
     def relative_residuals(self, theta: Any, res: Any, sel: Any) -> Any:
         """Res / max(|θ|, √ε max|θ|) of the Ritz pairs ``sel``: what ``tol`` bounds."""
@@ -597,16 +769,16 @@ def eigsh(
 ) -> EigshResult:
     r"""Extreme eigenpairs of a symmetric operator: thick-restart Lanczos to a tolerance.
 
-    Lanczos with full reorthogonalisation builds :math:`A Q = Q T + \beta q e^\top` on a
-    basis of at most :math:`p` vectors; the Ritz pairs :math:`(\theta_i, Q s_i)` of
+    Lanczos builds :math:`A Q = Q T + \beta q e^\top` on a basis of at most :math:`p`
+    vectors; the Ritz pairs :math:`(\theta_i, Q s_i)` of
     :math:`T = S \operatorname{diag}(\theta) S^\top` have residuals
-    :math:`\lVert A Q s_i - \theta_i Q s_i \rVert = \beta \cdot \lvert s_{p,i} \rvert`, read
-    off :math:`T` at no extra product. The run stops when (for :math:`p < n`) every wanted
-    pair satisfies
+    :math:`r_i = \lVert A Q s_i - \theta_i Q s_i \rVert = \beta \cdot \lvert s_{p,i} \rvert`,
+    read off :math:`T` at no extra product. The run stops when (for :math:`p < n`) every
+    wanted pair satisfies
 
     .. math::
 
-       \beta \lvert s_{p,i} \rvert \le \mathrm{tol} \cdot
+       r_i \le \mathrm{tol} \cdot
        \max(\lvert \theta_i \rvert, \sqrt{\varepsilon}\, \lVert T \rVert),
 
     checked after every product once the basis could hold the wanted pairs and a
@@ -619,6 +791,31 @@ def eigsh(
     goes on from a random vector orthogonal to the basis: this is how repeated
     eigenvalues are found with their multiplicity. With :math:`p = n` the run is a full
     tridiagonalisation and returns the exact spectrum, repeated eigenvalues included.
+
+    Until its first restart a run with :math:`p < n` and ``tol`` > 0 on NumPy, torch or
+    CuPy arrays reorthogonalises partially (Simon 1984): a step orthogonalises against
+    its two latest basis vectors only (the three-term recurrence), and Simon's
+    recurrence of the levels :math:`\omega_k = q_k^\top q` (from :math:`T`, on the host)
+    says when the new vector's loss of orthogonality against an older one exceeds
+
+    .. math::
+
+       \eta = \min\Bigl(\sqrt{\varepsilon},\; \frac{\mathrm{tol}}{100} \cdot
+       \min_i \frac{\max(\lvert \theta_i \rvert, \sqrt{\varepsilon} \lVert T \rVert)}
+       {\lVert T \rVert}\Bigr)
+
+    over the wanted pairs; then it and the next vector are orthogonalised against the
+    whole basis. The basis stays semi-orthogonal, which keeps :math:`T` the projection
+    of :math:`A` on an orthonormal basis of the same Krylov space to
+    :math:`O(\varepsilon \lVert A \rVert)` (Simon), so no spurious copies of converged
+    eigenvalues appear. The relation's own coefficients :math:`H` (the couplings actually
+    subtracted) differ from the symmetric :math:`T` by :math:`D = H - T`, and the residual
+    of the returned vector is :math:`r_i = \operatorname{hypot}(\beta \lvert s_{p,i} \rvert,
+    \lVert D s_i \rVert)`: that is what is tested and returned. From the first restart on,
+    and for JAX arrays (one shape per step), ``tol=0`` or :math:`p = n`, every step is
+    orthogonalised against the whole basis (full reorthogonalisation), where
+    :math:`D = 0` to rounding.
+
     With :math:`p < n` the run may converge before any breakdown, and one Krylov space
     holds one copy of each eigenvalue (more only through rounding): when the wanted end
     has an eigenvalue of multiplicity :math:`m > 1`, fewer than :math:`m` copies may come
@@ -676,17 +873,21 @@ def eigsh(
     EigshResult
         ``eigenvalues`` ascending (:math:`k'` pairs, or all :math:`n` for ``"both"`` with
         :math:`2k \ge n`), ``eigenvectors`` (n, k') with unit columns, ``residuals``
-        :math:`\beta \cdot \lvert s_{p,i} \rvert`, the Krylov residuals (``EigshResult``:
+        :math:`r_i`, the Krylov residuals (``EigshResult``:
         :math:`\lVert A y - \theta y \rVert` up to the rounding of the products, which in
-        float32 can dominate).
+        float32 can dominate, and after a partially reorthogonalised first cycle up to
+        :math:`\eta \lVert T \rVert`, a hundredth of what ``tol`` allows).
 
     Notes
     -----
     Cost: one ``matvec`` per step until convergence (about :math:`p` plus, per restart,
-    :math:`p - (k' + (p - k')/2)` products); :math:`O(n p)` work per step for one
-    Gram–Schmidt pass (a second one when the first cancels more than
-    :math:`1 - 1/\sqrt{2}` of the vector, the criterion of ARPACK), :math:`n p` memory,
-    and one or two host reads of :math:`p + 2` numbers per step. Scale: the iteration
+    :math:`p - (k' + (p - k')/2)` products); per step one Gram–Schmidt pass (a second
+    one when the first cancels more than :math:`1 - 1/\sqrt{2}` of the vector, the
+    criterion of ARPACK) against two basis vectors, :math:`O(n)`, where the first cycle
+    reorthogonalises partially, and against the whole basis, :math:`O(n p)`, otherwise;
+    the host work of the partial steps, :math:`O(p^3)` per step with :math:`p \times p`
+    matrices, is small beside a product; :math:`n p` memory, and one or two host reads of
+    :math:`p + 2` numbers per step. Scale: the iteration
     runs on :math:`A / s`, :math:`s` the power of two nearest the largest entry of the
     first product, so every representable scale of :math:`A` (1e±300 in float64,
     1e±35 in float32) gives the same relative accuracy; a product or norm that is
@@ -760,7 +961,8 @@ def eigsh(
 
         v = _start_vector(xp, op, None, gen)
         return compiled(xp, op, traceable, v, gen, p, wanted, which, budget, rtol)
-    kry = _Krylov(xp, op, _start_vector(xp, op, None, gen), p, gen)
+    v = _start_vector(xp, op, None, gen)
+    kry = _Krylov(xp, op, v, p, gen, tol=rtol, which=which, wanted=wanted)
     # Convergence is checked after every product once the basis could hold the wanted
     # pairs and a margin (and always after a restart): a host eigh of at most p × p.
     first_check = min(p, max(2 * wanted, wanted + 8))

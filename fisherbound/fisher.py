@@ -194,7 +194,8 @@ def _one_call(
 
     For a linearization that offers it (``_compiled_pass``: the JAX adapter), eager
     (not traced), without a mask (a mask's counted positions are read on the
-    host), for ``Diagonal`` (and ``Trace``, which sums it later), a built-in family,
+    host), for ``Diagonal`` (and ``Trace``, which sums it later), a family whose class
+    declares its methods traceable (``Family._traces_under_jit``: the built-in ones),
     the traceable kernels, at most ``MAX_COMPILED_CHUNKS`` chunks of factor columns
     and all the columns within ``max_memory`` (the program may hold them at once): the
     factor's columns (``cotangent_chunks``), the squared sums
@@ -209,7 +210,7 @@ def _one_call(
     fusable = (
         isinstance(quantity, Diagonal)
         and hasattr(lin, "_compiled_pass")
-        and type(family).__module__.startswith("fisherbound.")  # traceable: the built-in ones
+        and family._traces_under_jit()
         and all(kernel in _TRACEABLE_KERNELS for kernel in kernels)
         and getattr(lin, "mask", None) is None
         and not is_traced(lin.logits)
@@ -761,6 +762,8 @@ _TRACEABLE_KERNELS = ("exact", "upper")
 def _traceable_fisher(lins: list[Any], fam: Family, kernel: str, scale: float) -> Any:
     """The Fisher product for loops compiled by JAX, where every linearization has one."""
     if kernel not in _TRACEABLE_KERNELS or not all(hasattr(lin, "_traceable") for lin in lins):
+        return None
+    if not fam._traces_under_jit():  # its kernel may read the host: the Python loop
         return None
     fn = _FisherProduct(lins, fam, kernel, scale)
     try:

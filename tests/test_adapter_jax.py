@@ -1711,6 +1711,35 @@ def test_exact_diagonal_is_one_compiled_call_per_batch() -> None:
     assert [k for k in other._kernels.cache if isinstance(k, tuple) and k[0] == "compiled pass"]
 
 
+def test_only_families_declaring_traceable_methods_run_in_compiled_programs() -> None:
+    """A family's class declares its methods traceable (the built-in ones do); a subclass,
+    which may override a method with host code, does not inherit the declaration: its
+    exact diagonal takes the eager pass and its Fisher operator the Python loop, with the
+    same values."""
+    from fisherbound.families import Bernoulli, Categorical, Gaussian
+    from fisherbound.fisher import fisher_diagonal, fisher_operator
+
+    class Tempered(Categorical):  # the same metric, but declared by no one
+        __slots__ = ()
+
+    assert all(f._traces_under_jit() for f in (Categorical(), Bernoulli(), Gaussian()))
+    assert not Tempered()._traces_under_jit()
+    rng = np.random.default_rng(44)
+    w = {"w": jnp.asarray(rng.standard_normal((3, 4)))}
+    x = jnp.asarray(rng.standard_normal((5, 3)))
+
+    def compiled(lin: Any) -> list[Any]:
+        return [k for k in lin._kernels.cache if isinstance(k, tuple) and k[0] == "compiled pass"]
+
+    lin = linearize(lambda p, xb: jnp.tanh(xb @ p["w"]), w, x)
+    got = fisher_diagonal(lin, Tempered())
+    assert not compiled(lin)
+    assert fisher_operator(lin, Tempered()).traceable is None
+    assert_close(got, fisher_diagonal(lin, Categorical()), rtol=1e-12, atol=1e-15)
+    assert compiled(lin)
+    assert fisher_operator(lin, Categorical()).traceable is not None
+
+
 def test_one_compiled_call_keeps_the_eager_errors() -> None:
     """The one-call pass says what the eager pass says: softmax outputs before a cotangent
     limit, and a result that is not finite (from finite inputs and logits) is refused."""

@@ -72,8 +72,17 @@ class Family:
     min_classes: int = 1
     #: Whether the metric annihilates the all-ones vector (P = I − 11ᵀ/C).
     _centered: bool = False
+    #: Whether every method traces under ``jax.jit`` (no host reads, no Python branch on
+    #: values), so that compiled programs may call them (``_traces_under_jit``). Read from
+    #: the family's own class, never inherited: a subclass (which may override a method
+    #: with host code) declares it again.
+    _traceable: bool = False
 
     # ------------------------------------------------------------------ basics
+    def _traces_under_jit(self) -> bool:
+        """Whether this family's class declares its methods traceable (``_traceable``)."""
+        return bool(type(self).__dict__.get("_traceable", False))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

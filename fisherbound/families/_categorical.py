@@ -189,6 +189,7 @@ class Categorical(Family):
     """
 
     __slots__ = ()
+    _traceable = True
     min_classes = 2
     _centered = True
 

@@ -841,6 +841,51 @@ def test_eigsh_partial_residuals_follow_the_vectors_far_below_tol():
     np.testing.assert_allclose(res.residuals, explicit, rtol=0.05)
 
 
+@pytest.mark.parametrize("lost", ["kept", "q"])
+def test_first_restart_repairs_what_lost_semi_orthogonality(lost):
+    """At the first restart, kept vectors whose estimated levels Sᵀ Ω S exceed η are
+    orthonormalised (QR, directions kept), and q is orthogonalised against them where
+    its levels ω_q S do; from there every step is full and the run still converges."""
+    from fisherbound._lib import as_generator
+    from fisherbound.linalg._lanczos import _Krylov, _ranking, _start_vector
+
+    a = with_spectrum(100.0 * 0.9 ** np.arange(200), seed=3)
+    op = LinearOperator(a.shape, matvec=lambda v: a @ v, dtype=a.dtype, device=None, xp=np)
+    gen = as_generator(0)
+    kry = _Krylov(np, op, _start_vector(np, op, None, gen), 20, gen, tol=1e-6)
+    while kry.j < kry.p:
+        kry.step()
+    assert kry.partial
+    # Pretend the recurrence had found more loss than it did.
+    if lost == "kept":
+        kry.omega[:20, :20] += 1e-3 * (1.0 - np.eye(20))
+    else:
+        kry.omega_q[:20] = 1e-3
+    # Make the kept rows and q visibly non-orthogonal, as such a loss would.
+    kry.V[1] += 1e-4 * kry.V[0]
+    kry.q = kry.q + 1e-4 * kry.V[0]
+    theta, S, _ = kry.ritz()
+    before = S[:, _ranking(theta, "largest")[:10]].T @ kry.V[:20]  # the kept vectors
+    kry.thick_restart(S, theta, _ranking(theta, "largest"), 1)
+    l = kry.j
+    Y = kry.V[:l]
+    if lost == "kept":
+        np.testing.assert_allclose(Y @ Y.T, np.eye(l), atol=1e-13)
+        cos = np.sum(Y * before[:l], axis=1) / np.linalg.norm(before[:l], axis=1)
+        assert np.all(cos > 0.999)  # the same directions, the same signs
+    assert np.abs(Y @ kry.q).max() < 1e-13
+    assert not kry.partial
+    while kry.products < 200:
+        kry.step()
+        if kry.j == kry.p:
+            theta, S, _ = kry.ritz()
+            kry.thick_restart(S, theta, _ranking(theta, "largest"), 1)
+    # The injected 1e-4 broke the Krylov relation by 1e-4 ‖A‖: the top eigenvalue is then
+    # right to about (1e-4)² ‖A‖ (second order), not to rounding.
+    theta, _, _ = kry.ritz()
+    assert abs(float(theta.max()) - 100.0) < 1e-5
+
+
 def test_eigsh_reorthogonalises_fully_for_the_exact_spectrum_and_tol_0(monkeypatch):
     """p = n (the exact spectrum with multiplicities) and tol = 0 take the whole basis
     at every step, as do JAX arrays (one shape per step)."""

@@ -87,8 +87,10 @@ class _Count(NamedTuple):
 class _Deflated:
     r""":math:`(I - Y Y^\top) A (I - Y Y^\top) V` as a ``TraceableProduct.fn``.
 
-    Its operands are (A's operands, Y); equal when A's ``fn`` is, so the count's runs
-    share one program whatever Y holds.
+    Its operands are (A's operands, Y, whether Y holds a column); equal when A's ``fn``
+    is, so the count's runs share one program whatever Y holds. Before anything is
+    locked the projections are skipped (``lax.cond``): two passes over Y (n × max_count)
+    cost more than a small model's product.
     """
 
     def __init__(self, fn: Any) -> None:
@@ -101,10 +103,12 @@ class _Deflated:
         return isinstance(other, _Deflated) and self.fn == other.fn
 
     def __call__(self, operands: Any, V: Array) -> Array:
-        inner, Y = operands
-        V = V - Y @ (Y.T @ V)
-        W = self.fn(inner, V)
-        return W - Y @ (Y.T @ W)
+        inner, Y, locked = operands
+
+        def project(V: Array) -> Array:
+            return jax.lax.cond(locked, lambda V: V - Y @ (Y.T @ V), lambda V: V, V)
+
+        return project(self.fn(inner, project(V)))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -303,7 +307,8 @@ def count_above(
             Y = jax.device_put(jnp.zeros((n, min(max_count, n)), dtype=dtype), c.V.sharding)
         run_args = (jnp.asarray(count, dtype=jnp.int32), jnp.asarray(first_run), *limits)
         while True:
-            c, s, flags = _run(fn, (traceable.operands, Y), (c, s), *run_args, **statics)
+            operands = (traceable.operands, Y, jnp.asarray(count > 0))
+            c, s, flags = _run(fn, operands, (c, s), *run_args, **statics)
             finite, done, need_random, outcome, products, above, taken = (
                 int(f) for f in to_host(flags)
             )

@@ -28,6 +28,9 @@ Python loop does, a second compiled function orthogonalises it against the basis
 and the loop resumes. The results therefore match the Python loop's to rounding,
 breakdowns and the generator's state afterwards included.
 
+The steps (``_krylov_step``) and restarts (``restart_keeping``) also serve the Lanczos
+count of ``local_dimension`` (``_compiled_count``), with its own test after each step.
+
 Compilation: once per (``TraceableProduct.fn``, operand shapes, n, p, the wanted pairs,
 ``which``, dtype); ``tol`` and ``num_matvecs`` are arguments, so other values, other
 operators whose ``fn`` compares equal (the Fisher operators of other batches of one

@@ -76,6 +76,17 @@ class _LossKernels:
         self.hvp = jax.jit(hvp)
         self.hvp_batch = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, None, None, 0)))
 
+    def hessian_product(self, batch: tuple[Any, ...], V: Array) -> Array:
+        r""":math:`\nabla^2 L(\theta)\, V` for ``V`` (D, k), pure and traceable.
+
+        ``batch`` holds the kernels' leading arguments; ``hvp`` for one column (as
+        ``JaxLossFunction.hvp``), ``hvp_batch`` for more: ``hessian_operator``'s
+        ``TraceableProduct``.
+        """
+        if int(V.shape[1]) == 1:
+            return self.hvp(*batch, V[:, 0])[:, None]
+        return jnp.matrix_transpose(self.hvp_batch(*batch, jnp.matrix_transpose(V)))
+
 
 def _loss_kernels(kernels: Kernels, family: Any) -> _LossKernels:
     """The loss kernels of ``family``, built once and kept with the model's ``kernels``."""
@@ -227,6 +238,16 @@ class JaxLossFunction(PytreeParams, LossFunctionBase):
     def _batch(self) -> tuple[Any, ...]:
         """The kernels' leading arguments: θ, (inputs, state), labels, counted positions, scale."""
         return self._theta, (self._inputs, self._state), self._labels, self._mask, self._scale
+
+    def _traceable_hvp(self) -> tuple[Any, tuple[Any, ...]]:
+        """(kernels, batch): the Hessian product and this batch's arrays, for compiled loops.
+
+        ``hessian_operator``'s ``TraceableProduct`` is built from them.
+        ``kernels.hessian_product(batch, V)`` is the product of ``hvp`` / ``hvp_batch``;
+        the kernels are one object per model and family, so the loss functions of other
+        batches of the same shapes share a compiled loop.
+        """
+        return self._kernels, self._batch()
 
     def gradient(self) -> Array:
         r""":math:`\nabla L(\theta)`, shape (D,) (``jax.grad``)."""

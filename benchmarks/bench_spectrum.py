@@ -33,7 +33,12 @@ k = 1 and k = 5 at the default tol (the compiled ``eigsh``), the Python loop it 
 before on the same operator, and matfree's ``tridiag_sym`` with the same number of
 products from the same start vector followed by ``eig.eigh_partial`` (the eigh of the
 tridiagonal and the Ritz vectors); the products of both loops are counted and must
-agree. Writes benchmarks/results/spectrum_jax.json. Needs ``pip install --no-deps matfree``.
+agree. Last, ``local_dimension(method="lanczos")`` with eps = 86 (about 20 eigenvalues
+above it; the compiled count) and ``hessian_directions(which="largest")`` on the loss of
+the same MLP and batch (random labels; the compiled eigsh on a traceable Hessian
+product), each beside the Python loop it ran before, with the products of both loops
+counted and checked equal. Writes benchmarks/results/spectrum_jax.json. Needs
+``pip install --no-deps matfree``.
 """
 
 from __future__ import annotations
@@ -369,6 +374,7 @@ def run_jax(
                 continue  # slow: two later calls are enough
             later[name].append(call(name)[0])
     eigsh_rows, eigsh_checks = _jax_eigsh_rows(lin, op, call, calls, first, outs, later, reps)
+    count_rows = _jax_count_rows(apply_fn, params, x, lin, reps, quick=quick)
     median = {name: statistics.median(ts) for name, ts in later.items()}
     # The same tridiagonal from the same vector (to rounding): the top Ritz values.
     ours = outs["lanczos"]
@@ -433,6 +439,7 @@ def run_jax(
         "matfree_slq_value": float(outs["matfree_slq"]),
         "ratios": {r["quantity"]: r["ratio_to_matfree"] for r in rows[1:]},
         "eigsh": eigsh_checks,
+        "count_and_hessian": count_rows,
     }
 
 
@@ -538,6 +545,159 @@ def _jax_eigsh_rows(
     return rows, checks
 
 
+class _Untraceable:
+    """A JAX linearization without ``_traceable``: its Fisher operator steps from Python
+    (what ``local_dimension`` ran on JAX before); counts its products (JVP columns)."""
+
+    def __init__(self, lin: Any) -> None:
+        self._lin = lin
+        self.matvecs = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_traceable":
+            raise AttributeError(name)
+        return getattr(self._lin, name)
+
+    def jvp(self, v: Any, /) -> Any:
+        self.matvecs += 1
+        return self._lin.jvp(v)
+
+    def jvp_batch(self, V: Any, /) -> Any:
+        self.matvecs += int(V.shape[0])
+        return self._lin.jvp_batch(V)
+
+
+def _jax_count_rows(
+    apply_fn: Callable[..., Any], params: Any, x: Any, lin: Any, reps: int, *, quick: bool
+) -> dict[str, Any]:
+    """``local_dimension(method="lanczos")`` and ``hessian_directions(which="largest")``,
+    compiled and stepping from Python, first call and median of later calls (alternated).
+
+    The count's Python loop is ``local_dimension`` on the linearization without its
+    traceable product (``_Untraceable``); the Hessian's is ``eigsh`` on
+    ``hessian_operator(loss)`` without its traceable product (what ``hessian_directions``
+    ran on JAX before). Products: counted in both loops (the compiled ones by a host
+    callback, in another compile after the timings) and checked equal.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import fisherbound.fisher
+    import fisherbound.landscape
+    from fisherbound.adapters.jax import loss_function
+    from fisherbound.dimension import local_dimension
+    from fisherbound.landscape import hessian_directions, hessian_operator
+    from fisherbound.linalg import LinearOperator, TraceableProduct, eigsh
+
+    eps = 1.2 if quick else 86.0  # about 20 (quick: 16) Fisher eigenvalues above it
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, int(lin.logits.shape[-1]), len(x)))
+    loss = loss_function(apply_fn, params, x, labels)
+    hop = hessian_operator(loss)
+    counted = [0]
+
+    def counting_matvec(v: Any) -> Any:
+        counted[0] += 1
+        return hop.matvec(v)
+
+    plain_hessian = LinearOperator(
+        hop.shape, matvec=counting_matvec, matmat=hop.matmat, dtype=hop.dtype, device=None, xp=jnp
+    )
+    untraceable = _Untraceable(lin)
+    calls = {
+        "count": lambda: local_dimension(lin, eps=eps, method="lanczos", rng=0).value,
+        "loop_count": lambda: local_dimension(untraceable, eps=eps, method="lanczos", rng=0).value,
+        "hessian": lambda: hessian_directions(loss, which="largest", rng=0).eigenvalues,
+        "loop_hessian": lambda: eigsh(plain_hessian, k=1, which="largest", rng=0).eigenvalues,
+    }
+    first: dict[str, float] = {}
+    later: dict[str, list[float]] = {name: [] for name in calls}
+    outs: dict[str, Any] = {}
+
+    def call(name: str) -> float:
+        start = time.perf_counter()
+        outs[name] = jax.block_until_ready(calls[name]())
+        return time.perf_counter() - start
+
+    products: dict[str, int] = {}
+    for name in calls:
+        untraceable.matvecs, counted[0] = 0, 0
+        first[name] = call(name)
+        if name == "loop_count":
+            products[name] = untraceable.matvecs
+        elif name == "loop_hessian":
+            products[name] = counted[0]
+    for _ in range(reps):
+        for name in calls:
+            if name.startswith("loop_") and len(later[name]) >= 2:
+                continue  # slow: two later calls are enough
+            later[name].append(call(name))
+    # The compiled loops' products, by a host callback in another compile.
+    box = [0]
+
+    class Counted:
+        def __init__(self, fn: Any) -> None:
+            self.fn = fn
+
+        def __hash__(self) -> int:
+            return hash(self.fn)
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, Counted) and self.fn == other.fn
+
+        def __call__(self, operands: Any, V: Any) -> Any:
+            jax.debug.callback(lambda: box.__setitem__(0, box[0] + V.shape[1]))
+            return self.fn(operands, V)
+
+    def counting(make: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any) -> Any:
+            t = make(*args)
+            return None if t is None else TraceableProduct(Counted(t.fn), t.operands)
+
+        return wrapped
+
+    for name, module, attr in (
+        ("count", fisherbound.fisher, "_traceable_fisher"),
+        ("hessian", fisherbound.landscape, "_traceable_hessian"),
+    ):
+        original = getattr(module, attr)
+        setattr(module, attr, counting(original))
+        try:
+            box[0] = 0
+            jax.block_until_ready(calls[name]())
+            jax.effects_barrier()
+        finally:
+            setattr(module, attr, original)
+        products[name] = box[0]
+    assert products["count"] == products["loop_count"], products
+    assert products["hessian"] == products["loop_hessian"], products
+    assert float(outs["count"]) == float(outs["loop_count"]), outs
+    np.testing.assert_allclose(float(outs["hessian"][0]), float(outs["loop_hessian"][0]), rtol=1e-4)
+    median = {name: statistics.median(ts) for name, ts in later.items()}
+    labels_of = {
+        "count": f"local_dimension eps = {eps:g}, method='lanczos' (compiled count)",
+        "loop_count": f"local_dimension eps = {eps:g}, method='lanczos' (Python loop)",
+        "hessian": "hessian_directions which='largest' (compiled eigsh)",
+        "loop_hessian": "hessian_directions which='largest' (Python loop)",
+    }
+    rows = [
+        {
+            "quantity": labels_of[name],
+            "products": products[name],
+            "first_call_seconds": first[name],
+            "later_call_seconds": median[name],
+            "later_calls": len(later[name]),
+            "ratio_to_python_loop": median[name] / median[f"loop_{name.removeprefix('loop_')}"],
+        }
+        for name in calls
+    ]
+    return {
+        "rows": rows,
+        "count": float(outs["count"]),
+        "top_hessian_eigenvalue": float(outs["hessian"][0]),
+    }
+
+
 def markdown_jax(results: dict[str, Any]) -> str:
     lines = [
         f"{results['model']}, {results['num_params']:,} parameters, {results['dtype']}, "
@@ -560,6 +720,22 @@ def markdown_jax(results: dict[str, Any]) -> str:
         f"= {results['slq_value']:.5g} ± {results['slq_std_error']:.2g} (matfree, other "
         f"probes: {results['matfree_slq_value']:.5g})."
     )
+    extra = results.get("count_and_hessian")
+    if extra:
+        lines += [
+            "",
+            "| quantity | products | first call (s) | later calls (s, median) | × Python loop |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for r in extra["rows"]:
+            lines.append(
+                f"| {r['quantity']} | {r['products']} | {r['first_call_seconds']:.3g} | "
+                f"{r['later_call_seconds']:.3g} | {r['ratio_to_python_loop']:.2f} |"
+            )
+        lines.append(
+            f"Count {extra['count']:g} in both loops; top Hessian eigenvalue "
+            f"{extra['top_hessian_eigenvalue']:.6g}."
+        )
     for k, c in results.get("eigsh", {}).items():
         lines.append(
             f"top_eigenpairs {k}: {c['products_compiled']} products compiled, "

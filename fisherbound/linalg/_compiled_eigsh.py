@@ -28,6 +28,9 @@ Python loop does, a second compiled function orthogonalises it against the basis
 and the loop resumes. The results therefore match the Python loop's to rounding,
 breakdowns and the generator's state afterwards included.
 
+The steps (``_krylov_step``) and restarts (``restart_keeping``) also serve the Lanczos
+count of ``local_dimension`` (``_compiled_count``), with its own test after each step.
+
 Compilation: once per (``TraceableProduct.fn``, operand shapes, n, p, the wanted pairs,
 ``which``, dtype); ``tol`` and ``num_matvecs`` are arguments, so other values, other
 operators whose ``fn`` compares equal (the Fisher operators of other batches of one
@@ -174,17 +177,12 @@ def _check(c: _State, which: str, wanted: int, rtol: Array, exhausted: Array) ->
     return c._replace(worst=jnp.max(relative), converged=converged)
 
 
-def _step(
-    fn: Any,
-    operands: Any,
-    c: _State,
-    budget: Array,
-    rtol: Array,
-    which: str,
-    wanted: int,
-    factor: float,
-) -> _State:
-    """``_Krylov.step`` and the convergence check ``eigsh`` makes after it."""
+def _krylov_step(fn: Any, operands: Any, c: _State, factor: float) -> _State:
+    """``_Krylov.step``: append q as row j, one product, one Gram–Schmidt pass.
+
+    Two passes on cancellation; column j of T; ``need_random`` / ``q_none`` on a
+    breakdown. Shared by ``eigsh`` (``_step``) and the Lanczos count (``_compiled_count``).
+    """
     p, n = (int(s) for s in c.V.shape)
     j = c.j
     V = jax.lax.dynamic_update_index_in_dim(c.V, c.q, j, axis=0)
@@ -213,16 +211,15 @@ def _step(
     T = c.T.at[:, j].set(h).at[j, :].set(h)
     norm_t = jnp.maximum(c.norm_t, jnp.sum(jnp.abs(h)) + b)
     j = j + 1
-    products = c.products + 1
     ok = b > factor * norm_t
     # Breakdown: span(V) is invariant; the host draws the next q while there is room.
     need_random = ~ok & (j < min(p, n))
-    c = c._replace(
+    return c._replace(
         V=V,
         T=T,
         q=jnp.where(ok, w / jnp.where(ok, b, jnp.ones_like(b)), c.q),
         j=j,
-        products=products,
+        products=c.products + 1,
         beta=jnp.where(ok, b, jnp.zeros_like(b)),
         norm_t=norm_t,
         scale=scale,
@@ -230,6 +227,22 @@ def _step(
         need_random=need_random,
         q_none=~ok & ~need_random,
     )
+
+
+def _step(
+    fn: Any,
+    operands: Any,
+    c: _State,
+    budget: Array,
+    rtol: Array,
+    which: str,
+    wanted: int,
+    factor: float,
+) -> _State:
+    """``_Krylov.step`` and the convergence check ``eigsh`` makes after it."""
+    p, n = (int(s) for s in c.V.shape)
+    c = _krylov_step(fn, operands, c, factor)
+    j, products, finite = c.j, c.products, c.finite
     full, exhausted, out_of_budget = j == p, j == n, products >= budget
     check = full | exhausted | out_of_budget
     if p < n:
@@ -244,20 +257,33 @@ def _step(
     return c._replace(done=check & finite & (c.converged | out_of_budget))
 
 
-def _restart(c: _State, which: str, wanted: int) -> _State:
-    """``_Krylov.thick_restart`` of a full basis: the wanted Ritz pairs and half the rest."""
-    p, n = (int(s) for s in c.V.shape)
-    kept = min(p - 1, wanted + (p - wanted) // 2)
-    keep = _order(which, kept, p, jnp.asarray(p))
-    V = c.S[:, keep].T @ c.V
-    dtype = c.V.dtype
+def restart_keeping(c: _State, keep: Array, kept: Array | int) -> _State:
+    """``_Krylov.restart`` of a full basis, keeping the Ritz pairs ``keep[:kept]``.
+
+    They (of the last check) become the first ``kept`` rows of V and the diagonal of
+    T; q comes next. ``keep`` (p,) lists Ritz indices from most to least wanted;
+    ``kept`` may be traced (the count keeps a number that depends on its Ritz values):
+    the rows from ``kept`` on are zero, so every restart has one shape.
+    """
+    p = int(c.V.shape[0])
+    inside = jnp.arange(p) < kept
+    S = jnp.where(inside[None, :], c.S[:, keep], jnp.zeros_like(c.S))
+    theta = jnp.where(inside, c.theta[keep], jnp.zeros_like(c.theta))
     return c._replace(
-        V=jnp.concat([V, jnp.zeros((p - kept, n), dtype=dtype)], axis=0),
-        T=jnp.diag(jnp.concat([c.theta[keep], jnp.zeros((p - kept,), dtype=dtype)])),
+        V=S.T @ c.V,
+        T=jnp.diag(theta),
         j=jnp.asarray(kept, dtype=jnp.int32),
         need_random=c.q_none,  # the last step broke down: a random q after the restart
         q_none=jnp.asarray(False),
     )
+
+
+def _restart(c: _State, which: str, wanted: int) -> _State:
+    """``_Krylov.thick_restart`` of a full basis: the wanted Ritz pairs and half the rest."""
+    p = int(c.V.shape[0])
+    kept = min(p - 1, wanted + (p - wanted) // 2)
+    keep = _order(which, p, p, jnp.asarray(p))
+    return restart_keeping(c, keep, kept)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "which", "wanted", "factor"))
@@ -323,6 +349,24 @@ def _finish(c: _State, which: str, wanted: int) -> tuple[Array, Array, Array]:
     return theta[sel], Y, jnp.maximum(_residuals(c)[sel], floor)
 
 
+def step_vector(c: _State) -> Array:
+    """The vector of the last step (row j − 1 of V): whose product was the last taken."""
+    return c.V[int(to_host(c.j)) - 1]
+
+
+def raise_not_finite(xp: Any, op: Any, q: Array, products: int) -> None:
+    """The Python loop's error for a step whose product or Gram–Schmidt pass is NaN or inf.
+
+    The Python loop applies ``op.matvec`` to the step's vector ``q``, and an operator that
+    checks its results (the Fisher and Hessian operators of the adapters, which name the
+    blocks and the likely cause) raises there; the compiled loop applies it once more,
+    on the host, to raise the same error, and else ``_not_finite`` (an overflow in the
+    Gram–Schmidt pass, or an operator that does not check).
+    """
+    op.matvec(q)
+    raise _not_finite(xp, op.dtype, products)
+
+
 def eigsh(
     xp: Any,
     op: Any,
@@ -354,7 +398,7 @@ def eigsh(
         )
         finite, done, need_random, converged, products = (int(f) for f in to_host(flags))
         if not finite:
-            raise _not_finite(xp, dtype, products)
+            raise_not_finite(xp, op, step_vector(c), products)
         if need_random:  # drawn where the Python loop draws it, even when it is done
             r = probes(gen, (n,), distribution="gaussian", xp=xp, dtype=dtype, device=op.device)
             if not done:

@@ -162,6 +162,20 @@ def _deflated(xp: Any, op: Any, Y: Array) -> LinearOperator:
     )
 
 
+def _warn_count_budget(
+    budget: int, eps: float, worst: float, tol: float, count: int, *, stacklevel: int
+) -> None:
+    """The count's RuntimeWarning: the budget reached before the tolerance (both loops)."""
+    warnings.warn(
+        f"the Lanczos count stopped at its budget of {budget} products before "
+        f"the Ritz values above eps = {eps:g} converged (largest relative "
+        f"residual {worst:.2e} > tol = {tol:.1e}); the count {count} "
+        "may be low. Raise num_matvecs.",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def _count_above(
     xp: Any,
     op: Any,
@@ -185,6 +199,11 @@ def _count_above(
     (repeated eigenvalues), until a run converges with nothing above eps. A basis of
     p = n vectors gives the exact spectrum, multiplicities included.
 
+    A JAX operator with a ``traceable`` product runs each run as one compiled loop on
+    the device (``_compiled_count``: the same steps, restarts, locking, random vectors,
+    rule and warning; the host reads a few integers per run and per breakdown); the
+    others step from Python here.
+
     The first run starts from a Rademacher probe v/√n; while it has not restarted,
     its first ``probe_steps`` steps are that probe's Lanczos quadrature, returned as
     a one-probe ``Quadrature`` for SLQ to reuse (None when ``probe_steps`` is 0 or
@@ -199,6 +218,27 @@ def _count_above(
     budget = max(100, 10 * p)
     v = probes(gen, (n,), distribution="rademacher", xp=xp, dtype=op.dtype, device=op.device)
     v = v / math.sqrt(n)
+    traceable = getattr(op, "traceable", None)
+    if traceable is not None and is_jax_namespace(xp):  # one compiled loop per run
+        from fisherbound.linalg._compiled_count import count_above
+
+        found, pair, worst = count_above(
+            xp,
+            op,
+            traceable,
+            v,
+            gen,
+            eps=eps,
+            max_count=max_count,
+            p=p,
+            budget=budget,
+            tol=tol,
+            probe_steps=probe_steps,
+        )
+        if worst is not None:
+            assert found is not None
+            _warn_count_budget(budget, eps, worst, tol, found, stacklevel=3)
+        return found, None if pair is None else Quadrature(*pair)
     count = 0
     rule: Quadrature | None = None
     target, basis = op, None
@@ -234,14 +274,7 @@ def _count_above(
                 break
             if kry.products >= budget:
                 worst = float(np.max(relative))
-                warnings.warn(
-                    f"the Lanczos count stopped at its budget of {budget} products before "
-                    f"the Ritz values above eps = {eps:g} converged (largest relative "
-                    f"residual {worst:.2e} > tol = {tol:.1e}); the count {count + above} "
-                    "may be low. Raise num_matvecs.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                _warn_count_budget(budget, eps, worst, tol, count + above, stacklevel=3)
                 return count + above, rule
             if j == p:
                 kry.thick_restart(S, theta, order, min(above + 1, k))

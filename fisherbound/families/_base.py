@@ -76,12 +76,12 @@ class Family:
     #: values), so that compiled programs may call them (``_traces_under_jit``). Read from
     #: the family's own class, never inherited: a subclass (which may override a method
     #: with host code) declares it again.
-    _traceable: bool = False
+    _jit_safe: bool = False
 
     # ------------------------------------------------------------------ basics
     def _traces_under_jit(self) -> bool:
-        """Whether this family's class declares its methods traceable (``_traceable``)."""
-        return bool(type(self).__dict__.get("_traceable", False))
+        """Whether this family's class declares its methods traceable (``_jit_safe``)."""
+        return bool(type(self).__dict__.get("_jit_safe", False))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -189,7 +189,7 @@ class Categorical(Family):
     """
 
     __slots__ = ()
-    _traceable = True
+    _jit_safe = True
     min_classes = 2
     _centered = True
 

@@ -72,7 +72,7 @@ class Bernoulli(_DiagonalFamily):
     """
 
     __slots__ = ()
-    _traceable = True
+    _jit_safe = True
 
     def probabilities(self, z: Array, /) -> Array:
         r""":math:`\sigma(z)`, shape (..., C): the same as ``mean``, the paper's name."""
@@ -148,7 +148,7 @@ class Gaussian(_DiagonalFamily):
     """
 
     __slots__ = ("_variance",)
-    _traceable = True
+    _jit_safe = True
 
     def __init__(self, *, variance: float = 1.0) -> None:
         ok = isinstance(variance, numbers.Real) and not isinstance(variance, bool)

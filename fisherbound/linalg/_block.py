@@ -33,6 +33,7 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _not_finite,
     _ranking,
+    first_check,
     relative_residuals,
     ritz_result,
     warn_budget,
@@ -336,7 +337,7 @@ def block_eigsh(
 
     n = int(op.shape[0])
     kry = _BlockKrylov(xp, op, p, b, gen)
-    first_check = min(p, max(2 * wanted, wanted + 8))
+    check_from = first_check(p, wanted)
     restarted = False
     while True:
         width = min(kry.width, p - kry.j, budget - kry.products)
@@ -345,7 +346,7 @@ def block_eigsh(
         exhausted = kry.j == n or kry.width == 0
         out_of_budget = kry.products >= budget
         if not (
-            full or exhausted or out_of_budget or (p < n and (kry.j >= first_check or restarted))
+            full or exhausted or out_of_budget or (p < n and (kry.j >= check_from or restarted))
         ):
             continue
         theta, S, res = kry.ritz()

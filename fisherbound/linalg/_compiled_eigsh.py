@@ -56,6 +56,7 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _not_finite,
     _power_of_two_scale,
+    first_check,
     warn_budget,
 )
 
@@ -246,8 +247,8 @@ def _step(
     full, exhausted, out_of_budget = j == p, j == n, products >= budget
     check = full | exhausted | out_of_budget
     if p < n:
-        first_check = min(p, max(2 * wanted, wanted + 8))
-        check = check | (j >= first_check) | (products > j)  # the latter: restarted
+        check_from = first_check(p, wanted)
+        check = check | (j >= check_from) | (products > j)  # the latter: restarted
     c = jax.lax.cond(
         check & finite,
         lambda c: _check(c, which, wanted, rtol, exhausted),

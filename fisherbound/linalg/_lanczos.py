@@ -1,4 +1,4 @@
-"""Symmetric Lanczos with full reorthogonalisation, and extreme eigenpairs."""
+"""Symmetric Lanczos (full or partial reorthogonalisation), and extreme eigenpairs."""
 
 from __future__ import annotations
 
@@ -403,6 +403,11 @@ TRACED_LANCZOS = (
 )
 
 
+def first_check(p: int, wanted: int) -> int:
+    """The basis size from which ``eigsh`` checks convergence: the wanted pairs and a margin."""
+    return min(p, max(2 * wanted, wanted + 8))
+
+
 def warn_budget(budget: int, worst: float, rtol: float, *, stacklevel: int) -> None:
     """Eigsh's RuntimeWarning: the budget reached before the tolerance (every variant's)."""
     warnings.warn(
@@ -453,22 +458,25 @@ class _Krylov:
     (unit, orthogonal to Q) is the next basis vector, with its coupling β.
 
     Partial reorthogonalisation (Simon 1984), where rows are written in place
-    (NumPy, torch, CuPy), ``tol`` > 0 and p < n, until the first restart: a step
-    orthogonalises against its two latest rows only, and the recurrence of the
-    orthogonality levels ω_k = q_kᵀ q (``omega``: on the host from T, O(j²) per step)
-    says when the new vector has lost more than η against an older row; then it and
-    the next vector are orthogonalised against the whole basis, as is every step after
-    a breakdown. η = min(√ε, tol / 100 · s), s the smallest scale of the wanted pairs
-    over ‖T‖ (``_tighten``, from the current T at every step): the loss of
-    orthogonality perturbs a Ritz vector's residual by about η ‖T‖, a hundredth of
-    what ``tol`` allows. That perturbation is also measured and reported: H − T
-    (``D``, H the couplings actually subtracted) is kept and a pair's residual is
-    hypot(β |s_j|, ‖D s‖), what ‖A y − θ y‖ is for y = Q s up to Q's orthogonality.
-    O(n) work per step instead of O(n j) between the full passes. A restart drops the
-    part of Q D S outside the kept vectors' span (O(η ‖T‖)), so their relation no longer
-    holds to rounding, which the recurrence assumes: from there on every step takes
-    the whole basis, as it does for JAX (one shape for every step, as the compiled
-    loop), ``tol`` = 0 and p = n (the exact spectrum).
+    (NumPy, torch, CuPy), ``tol`` > 0, p < n and ``which="largest"``, until the first
+    restart: a step orthogonalises against its two latest rows, and the recurrence of
+    the orthogonality levels ω_k = q_kᵀ q (``omega``: on the host from T, O(j²) per
+    step) says when the new vector has lost more than η against an older row; then it
+    is orthogonalised against the whole basis, and so is the next one (as is every
+    step after a breakdown). η = min(√ε, tol / 100 · s), s the smallest scale of the
+    wanted pairs over ‖T‖ (``_tighten``): the loss of orthogonality perturbs a Ritz
+    vector's residual by about η ‖T‖, a hundredth of what ``tol`` allows. That part is
+    measured, not assumed: H − T (``D``, H the couplings actually subtracted, kept for
+    the steps whose q had a level above 100 ε) gives a pair's residual
+    hypot(β |s_j|, ‖D s‖), which is ‖A y − θ y‖ for y = Q s up to Q's orthogonality.
+    A restart keeps D's part along the kept vectors and drops the rest, whose 2-norm
+    (``lost``) is added to every later residual; the kept vectors' relation then no
+    longer holds to rounding, as the recurrence assumes, so from the first restart on
+    every step takes the whole basis. So do JAX (one shape for every step, as the
+    compiled loop), ``tol`` = 0, p = n (the exact spectrum), and ``"smallest"`` and
+    ``"both"``, whose wanted end may approach zero (a null space) before any Ritz
+    value there shows it: η would have to be ε from the first step. O(n) work per step
+    instead of O(n j) between the full passes.
     """
 
     def __init__(
@@ -478,6 +486,7 @@ class _Krylov:
         v: Array,
         p: int,
         gen: Any,
+        *,
         tol: float | None = None,
         which: str = "largest",
         wanted: int = 1,
@@ -509,7 +518,10 @@ class _Krylov:
         self.scale: float | None = None
         self.eps = float(xp.finfo(op.dtype).eps)
         self.tol = 0.0 if tol is None else float(tol)
-        self.partial = not self.static and self.tol > 0.0 and p < n
+        # Only for the largest end: a wanted end that may approach zero (the null space
+        # of "smallest", the far end of "both") needs η near ε before any Ritz value
+        # there shows it, i.e. full reorthogonalisation.
+        self.partial = not self.static and self.tol > 0.0 and p < n and which == "largest"
         #: D = H − T is kept (and corrects the residuals) once a step may have been partial.
         self.tracked = self.partial
         self.eta = min(math.sqrt(self.eps), self.tol / 100.0)
@@ -521,6 +533,12 @@ class _Krylov:
         self.full_next = True
         self.D = np.zeros((p, p))
         self.coupling = np.zeros(p)
+        #: A bound of the relation's error that restarts dropped, for any unit combination
+        #: of the rows (a 2-norm, added to the residuals: ``_restart_partial``).
+        self.lost = 0.0
+        #: The estimated largest level of q against the basis (ε once orthogonalised
+        #: against all of it): D keeps the rows of the steps whose q exceeded 100 ε.
+        self.q_level = self.eps
         #: Steps orthogonalised against the whole basis (a diagnostic for tests).
         self.full_steps = 0
 
@@ -548,7 +566,14 @@ class _Krylov:
         return w, np.concatenate([coeffs[:-2], coeffs[-1:]])
 
     def step(self) -> None:
-        """Append q as row j: one product, one Gram–Schmidt pass (two on cancellation)."""
+        """Append q as row j: one product, one Gram–Schmidt pass (two on cancellation).
+
+        With partial reorthogonalisation the pass takes rows j − 1 and j (where A q_j's
+        couplings lie, exactly so in exact arithmetic once a restart's arrow is past),
+        then, when Simon's estimate says so or the step before asked for it, a pass over
+        the whole basis: after the three-term part is gone, so that its large couplings
+        do not carry the older rows' loss of orthogonality into the new vector.
+        """
         xp, np, j, q = self.xp, self.np, self.j, self.q
         assert q is not None
         self.V = set_row(xp, self.V, j, q)
@@ -559,38 +584,42 @@ class _Krylov:
                 raise ValueError(TRACED_LANCZOS)
             self.scale = float(to_host(_power_of_two_scale(xp, w)))
         w = w / self.scale
-        full = self.full_next or not self.partial
-        # A partial step takes rows j − 1 and j, where A q_j's couplings lie (exactly so
-        # in exact arithmetic once the arrow of a restart is past).
-        lo = 0 if full else max(j - 1, 0)
+        lo = max(j - 1, 0) if self.partial else 0
         V = self.V if self.static else self.V[lo : j + 1, :]  # a view: the rows taken
         w, coeffs = self._project(V, w)
         col = np.zeros(j + 1)
         col[lo:] = coeffs[: j + 1 - lo]
         b = float(coeffs[-1])
-        self.full_next = False
-        self.full_steps += int(full)
-        self._set_column(j, col, b, not full)
+        # H's row j differs from T's by Σ_i T_ik ω_ij: O(q_j's level · ‖T‖); kept in D
+        # above 100 ε, rounding below (the products' own rounding is not counted either).
+        record = self.q_level > 100.0 * self.eps
+        self.q_level = self.eps
+        self._set_column(j, col, b, record)
         broke = b <= self.factor * self.norm_t
+        full = lo == 0  # the whole basis taken
         if self.partial:
             self.omega[j, :j] = self.omega[:j, j] = self.omega_q[:j]
-            self.omega_q[: j + 1] = self.eps  # orthogonalised against the whole basis
             if not full and not broke:
-                self._tighten(j)
-                estimate = self._estimate(b, j)
-                if np.max(np.abs(estimate[:j]), initial=0.0) <= self.eta:
+                # Forced: the step after a detection (Simon's rule: ω of q_j fed this
+                # estimate and was not reset), or η at rounding level, where every step
+                # would be detected.
+                forced = self.full_next or self.eta < 10.0 * self.eps
+                self.full_next = False
+                estimate = None if forced else self._estimate(b, j)
+                if estimate is not None and np.max(np.abs(estimate[:j])) <= self.eta:
                     self.omega_q[: j + 1] = estimate
+                    self.q_level = float(np.max(np.abs(estimate)))
                 else:
-                    # Semi-orthogonality lost: the new vector is orthogonalised against
-                    # the whole basis now, and the next one too (Simon's rule: ω of q_j
-                    # feeds the next estimate and was not reset).
                     w, more = self._project(self.V[: j + 1, :], w)
                     col += more[: j + 1]
                     b = float(more[-1])
-                    self.full_next = True
-                    self.full_steps += 1
-                    self._set_column(j, col, b, True)
+                    self._set_column(j, col, b, record)
                     broke = b <= self.factor * self.norm_t
+                    full = True
+                    self.full_next = not forced  # a detection: the next vector too
+            if full:
+                self.omega_q[: j + 1] = self.eps
+        self.full_steps += int(full)
         self.j = j + 1
         self.coupling[:] = 0.0
         if not broke:
@@ -602,19 +631,20 @@ class _Krylov:
         self.beta = 0.0
         self.full_next = True
         self.q = self._random_orthogonal() if self.j < min(self.p, self.n) else None
+        self.omega_q[: self.j] = self.eps
 
-    def _set_column(self, j: int, col: Any, b: float, partial: bool) -> None:
+    def _set_column(self, j: int, col: Any, b: float, record: bool) -> None:
         """T's column and row j (symmetric), D's row j (H − T) and the norm estimate.
 
         H's row j is the relation's coupling of q_j to the earlier rows (β of the step
-        before, or a restart's arrow). T's symmetric entries differ from it by the loss
-        of orthogonality of a ``partial`` step (kept in D), and otherwise by rounding
-        or, for q_j within η of the basis, by O(η ‖T‖) (not kept: D's row is 0).
+        before, or a restart's arrow); T's symmetric entries differ from it by the loss
+        of orthogonality of q_j, which D keeps where ``record`` (while ``tracked``), and
+        by rounding.
         """
         self.T[: j + 1, j] = col
         self.T[j, : j + 1] = col
         if self.tracked:
-            self.D[j, :j] = self.coupling[:j] - col[:j] if partial else 0.0
+            self.D[j, :j] = self.coupling[:j] - col[:j] if record else 0.0
         self.norm_t = max(self.norm_t, float(self.np.abs(col).sum()) + b)
 
     def _estimate(self, b: float, j: int) -> Any:
@@ -623,8 +653,9 @@ class _Krylov:
         With A q_k = Σ_i T_ik q_i (+ rounding) for the rows k < j and
         b q' = A q_j − Σ_i T_ij q_i, the new vector's q_kᵀ q' is
         (Σ_i T_ik ω_ji − Σ_i T_ij ω_ik) / b, plus a rounding term ±2ε‖T‖ / b pushed
-        away from zero; against q_j, ε‖T‖ / b.
+        away from zero; against q_j, ε‖T‖ / b. Updates η first (``_tighten``).
         """
+        self._tighten(j)
         np = self.np
         om, T = self.omega[: j + 1, : j + 1], self.T[: j + 1, : j + 1]
         x = om[j, :] @ T[:, :j] - T[:, j] @ om[:, :j]
@@ -637,15 +668,21 @@ class _Krylov:
     def _tighten(self, j: int) -> None:
         """η = min(√ε, tol / 100 · min_i max(|θ_i|, √ε ‖θ‖∞) / ‖θ‖∞) over the wanted pairs.
 
-        From the Ritz values of the current T (a host eigvalsh of j + 1 rows, O(j³)), so
-        that η follows the wanted end's scale as it emerges.
+        From the Ritz values of the current T (a host eigvalsh of j + 1 rows, O(j³)). Until
+        the basis could hold the wanted pairs and a margin (``first_check``) only the
+        better half of them counts (at most the wanted number): with every Ritz value
+        counted, an early one near zero at the unwanted end would pin η at rounding
+        level for the rest of the run, while a wanted end near zero (the null space of
+        ``which="smallest"``) shows at once and must tighten η from the start.
         """
         np = self.np
         theta = np.linalg.eigvalsh(self.T[: j + 1, : j + 1])
         top = float(np.abs(theta).max())
         if top == 0.0:
             return
-        sel = _ranking(theta, self.which)[: self.wanted]
+        early = j + 1 < first_check(self.p, self.wanted)
+        count = max(1, min(self.wanted, (j + 1) // 2)) if early else self.wanted
+        sel = _ranking(theta, self.which)[:count]
         root = math.sqrt(self.eps)
         scale = float(np.min(np.maximum(np.abs(theta[sel]), root * top))) / top
         self.eta = min(self.eta, root, self.tol / 100.0 * scale)
@@ -683,6 +720,7 @@ class _Krylov:
         res = self.beta * np.abs(S[j - 1, :])
         if self.tracked:
             res = np.hypot(res, np.linalg.norm(self.D[:j, :j] @ S, axis=0))
+            res = res + self.lost
         return theta * s, S, s * res
 
     def restart(self, S_keep: Any, theta_keep: Any) -> None:
@@ -695,49 +733,76 @@ class _Krylov:
             self.V = xp.concat([kept, pad], axis=0)
         else:  # in place: the rows from l on are not read until written again
             self.V[:l, :] = kept
+        theta_keep = theta_keep / (self.scale or 1.0)
         if self.tracked:
-            self._restart_partial(S_keep)
+            self._restart_partial(S_keep, theta_keep)
         self.T = self.np.zeros((self.p, self.p))
-        self.T[self.np.arange(l), self.np.arange(l)] = theta_keep / (self.scale or 1.0)
+        self.T[self.np.arange(l), self.np.arange(l)] = theta_keep
         self.j = l
         if self.q is None:  # the last step broke down: the kept vectors span an invariant
             self.q = self._random_orthogonal()
 
-    def _restart_partial(self, S_keep: Any) -> None:
-        """D and the arrow after a restart to the rows Y = Q S (written in V[:l]).
+    def _restart_partial(self, S_keep: Any, theta: Any) -> None:
+        """D, the arrow and the dropped error after a restart to the rows Y = Q S (in V[:l]).
 
-        The relation along Y is A Y = Y (Θ + Sᵀ D S) + β q (e_jᵀ S): D becomes Sᵀ D S
-        and q's coupling the arrow β e_jᵀ S. The part of Q D S outside span(Y) is
-        dropped, so the kept vectors' relation holds to O(η ‖T‖), not to rounding,
-        which the recurrence of ω assumes: from the first restart on, every step
-        takes the whole basis (D still corrects the residuals along Y). At that
-        restart, kept vectors whose levels Sᵀ Ω S exceed η are orthonormalised (QR),
-        and q is orthogonalised against them where its levels ω_q S do.
+        The relation along Y is A Y = Y (Θ + Sᵀ D S) + β q sᵀ (s = S's last row): D
+        becomes Sᵀ D S and q's coupling the arrow β s. The part (I − S Sᵀ) D S lies
+        outside span(Y) and is dropped: its 2-norm (plus the earlier restarts') bounds
+        the error the relation of any unit combination of the kept vectors now has, and
+        is added to the residuals (``lost``). The recurrence of ω assumes a relation that
+        holds to rounding, so from the first restart on every step takes the whole
+        basis. At that restart, kept vectors whose levels Sᵀ Ω S exceed η are
+        orthonormalised, Y = Y' R (QR, diag R > 0): the relation becomes
+        A Y' = Y' R (Θ + Sᵀ D S) R⁻¹ + β q (sᵀ R⁻¹), and D and the arrow follow; q, where
+        its levels ω_q S exceed η, is orthogonalised against them, q = ‖r‖ q' + Y' c,
+        which adds β c sᵀ to D and scales the arrow by ‖r‖. Θ: the kept Ritz values of
+        A / scale.
         """
         np, xp = self.np, self.xp
         j, l = self.j, int(S_keep.shape[1])
         S = np.asarray(S_keep, dtype=np.float64)
+        DS = self.D[:j, :j] @ S
+        H = S.T @ DS  # the kept vectors' H − Θ
+        # ‖(I − S Sᵀ) D S‖₂ bounds the error for every unit combination of the kept vectors;
+        # earlier restarts' errors carry over unchanged (S has orthonormal columns).
+        lost = self.lost + float(np.linalg.norm(DS - S @ H, ord=2))
+        arrow = self.beta * S[j - 1, :]
         if self.partial:
             omega = S.T @ self.omega[:j, :j] @ S
             np.fill_diagonal(omega, 0.0)
             lost_q = np.max(np.abs(self.omega_q[:j] @ S), initial=0.0) > self.eta
             if np.max(np.abs(omega), initial=0.0) > self.eta:
                 Y, R = xp.linalg.qr(xp.matrix_transpose(self.V[:l, :]))
-                # diag(R) > 0: each vector keeps its direction (and its arrow's sign).
-                sign = xp.where(xp.linalg.diagonal(R) < 0, -1.0, 1.0)
-                self.V[:l, :] = xp.matrix_transpose(Y * xp.astype(sign, Y.dtype))
+                R = np.asarray(to_host(R), dtype=np.float64)
+                sign = np.where(np.diag(R) < 0.0, -1.0, 1.0)  # each vector keeps its direction
+                self.V[:l, :] = xp.matrix_transpose(
+                    Y * xp.asarray(sign, dtype=Y.dtype, device=self.op.device)
+                )
+                R = sign[:, None] * R
+                R_inv = np.linalg.inv(R)
+                H = R @ (np.diag(theta) + H) @ R_inv - np.diag(theta)
+                arrow = arrow @ R_inv
+                lost *= float(np.linalg.norm(R_inv, ord=2))
                 lost_q = True
             if self.q is not None and lost_q:
                 q, V = self.q, self.V[:l, :]
+                c = np.zeros(l)
                 for _ in range(2):
-                    q = q - (V @ q) @ V
-                self.q = q / xp.linalg.vector_norm(q)
+                    h = V @ q
+                    q = q - h @ V
+                    c += np.asarray(to_host(h), dtype=np.float64)
+                norm = xp.linalg.vector_norm(q)
+                self.q = q / norm
+                H = H + np.outer(c, arrow)
+                arrow = arrow * float(to_host(norm))
+            else:  # q's levels against the kept vectors
+                self.q_level = max(self.eps, float(np.max(np.abs(self.omega_q[:j] @ S))))
             self.partial = False
-        D = S.T @ self.D[:j, :j] @ S
         self.D = np.zeros((self.p, self.p))
-        self.D[:l, :l] = D
+        self.D[:l, :l] = H
         self.coupling = np.zeros(self.p)
-        self.coupling[:l] = self.beta * S[j - 1, :]
+        self.coupling[:l] = arrow
+        self.lost = lost
 
     def relative_residuals(self, theta: Any, res: Any, sel: Any) -> Any:
         """Res / max(|θ|, √ε max|θ|) of the Ritz pairs ``sel``: what ``tol`` bounds."""
@@ -792,11 +857,12 @@ def eigsh(
     eigenvalues are found with their multiplicity. With :math:`p = n` the run is a full
     tridiagonalisation and returns the exact spectrum, repeated eigenvalues included.
 
-    Until its first restart a run with :math:`p < n` and ``tol`` > 0 on NumPy, torch or
-    CuPy arrays reorthogonalises partially (Simon 1984): a step orthogonalises against
-    its two latest basis vectors only (the three-term recurrence), and Simon's
-    recurrence of the levels :math:`\omega_k = q_k^\top q` (from :math:`T`, on the host)
-    says when the new vector's loss of orthogonality against an older one exceeds
+    Until its first restart a run for ``which="largest"`` with :math:`p < n` and
+    ``tol`` > 0 on NumPy, torch or CuPy arrays reorthogonalises partially (Simon 1984):
+    a step orthogonalises against its two latest basis vectors (the three-term
+    recurrence), and Simon's recurrence of the levels :math:`\omega_k = q_k^\top q`
+    (from :math:`T`, on the host) says when the new vector's loss of orthogonality
+    against an older one exceeds
 
     .. math::
 
@@ -808,13 +874,16 @@ def eigsh(
     whole basis. The basis stays semi-orthogonal, which keeps :math:`T` the projection
     of :math:`A` on an orthonormal basis of the same Krylov space to
     :math:`O(\varepsilon \lVert A \rVert)` (Simon), so no spurious copies of converged
-    eigenvalues appear. The relation's own coefficients :math:`H` (the couplings actually
-    subtracted) differ from the symmetric :math:`T` by :math:`D = H - T`, and the residual
-    of the returned vector is :math:`r_i = \operatorname{hypot}(\beta \lvert s_{p,i} \rvert,
-    \lVert D s_i \rVert)`: that is what is tested and returned. From the first restart on,
-    and for JAX arrays (one shape per step), ``tol=0`` or :math:`p = n`, every step is
-    orthogonalised against the whole basis (full reorthogonalisation), where
-    :math:`D = 0` to rounding.
+    eigenvalues appear. The couplings the steps actually subtracted, :math:`H`, differ
+    from the symmetric :math:`T` by :math:`D = H - T`, and the residual tested and
+    returned is :math:`r_i = \operatorname{hypot}(\beta \lvert s_{p,i} \rvert,
+    \lVert D s_i \rVert) + \ell`, with :math:`\ell` the 2-norm of the part of
+    :math:`Q D S` the first restart dropped: an upper bound of
+    :math:`\lVert A y_i - \theta_i y_i \rVert` up to rounding. From the first restart
+    on, and for ``"smallest"`` and ``"both"`` (whose wanted end may approach zero, a
+    null space, before a Ritz value there shows it), JAX arrays (one shape per step),
+    ``tol=0`` and :math:`p = n`, every step is orthogonalised against the whole basis
+    (full reorthogonalisation).
 
     With :math:`p < n` the run may converge before any breakdown, and one Krylov space
     holds one copy of each eigenvalue (more only through rounding): when the wanted end
@@ -875,8 +944,9 @@ def eigsh(
         :math:`2k \ge n`), ``eigenvectors`` (n, k') with unit columns, ``residuals``
         :math:`r_i`, the Krylov residuals (``EigshResult``:
         :math:`\lVert A y - \theta y \rVert` up to the rounding of the products, which in
-        float32 can dominate, and after a partially reorthogonalised first cycle up to
-        :math:`\eta \lVert T \rVert`, a hundredth of what ``tol`` allows).
+        float32 can dominate; after a partially reorthogonalised first cycle an upper
+        bound of it, above it by at most about :math:`\eta \lVert T \rVert`, a hundredth
+        of what ``tol`` allows).
 
     Notes
     -----
@@ -965,7 +1035,7 @@ def eigsh(
     kry = _Krylov(xp, op, v, p, gen, tol=rtol, which=which, wanted=wanted)
     # Convergence is checked after every product once the basis could hold the wanted
     # pairs and a margin (and always after a restart): a host eigh of at most p × p.
-    first_check = min(p, max(2 * wanted, wanted + 8))
+    check_from = first_check(p, wanted)
     while True:
         kry.step()
         full = kry.j == p
@@ -973,7 +1043,7 @@ def eigsh(
         out_of_budget = kry.products >= budget
         restarted = kry.products > kry.j
         if not (
-            full or exhausted or out_of_budget or (p < n and (kry.j >= first_check or restarted))
+            full or exhausted or out_of_budget or (p < n and (kry.j >= check_from or restarted))
         ):
             continue
         theta, S, res = kry.ritz()

@@ -521,7 +521,9 @@ class _Krylov:
         # Only for the largest end: a wanted end that may approach zero (the null space
         # of "smallest", the far end of "both") needs η near ε before any Ritz value
         # there shows it, i.e. full reorthogonalisation.
-        self.partial = not self.static and self.tol > 0.0 and p < n and which == "largest"
+        self.partial = (
+            not self.static and self.tol > 0.0 and p < n and which == "largest" and wanted == 1
+        )
         #: D = H − T is kept (and corrects the residuals) once a step may have been partial.
         self.tracked = self.partial
         self.eta = min(math.sqrt(self.eps), self.tol / 100.0)
@@ -613,7 +615,9 @@ class _Krylov:
                     w, more = self._project(self.V[: j + 1, :], w)
                     col += more[: j + 1]
                     b = float(more[-1])
-                    self._set_column(j, col, b, record)
+                    # The pass's coefficients (the new vector's loss, up to η ‖T‖) have no
+                    # counterpart in H's earlier columns: D keeps them whatever q_j's level.
+                    self._set_column(j, col, b, True)
                     broke = b <= self.factor * self.norm_t
                     full = True
                     self.full_next = not forced  # a detection: the next vector too
@@ -743,29 +747,25 @@ class _Krylov:
             self.q = self._random_orthogonal()
 
     def _restart_partial(self, S_keep: Any, theta: Any) -> None:
-        """D, the arrow and the dropped error after a restart to the rows Y = Q S (in V[:l]).
+        """Fold D into ``lost`` at a restart to the rows Y = Q S (written in V[:l]).
 
-        The relation along Y is A Y = Y (Θ + Sᵀ D S) + β q sᵀ (s = S's last row): D
-        becomes Sᵀ D S and q's coupling the arrow β s. The part (I − S Sᵀ) D S lies
-        outside span(Y) and is dropped: its 2-norm (plus the earlier restarts') bounds
-        the error the relation of any unit combination of the kept vectors now has, and
-        is added to the residuals (``lost``). The recurrence of ω assumes a relation that
-        holds to rounding, so from the first restart on every step takes the whole
-        basis. At that restart, kept vectors whose levels Sᵀ Ω S exceed η are
-        orthonormalised, Y = Y' R (QR, diag R > 0): the relation becomes
-        A Y' = Y' R (Θ + Sᵀ D S) R⁻¹ + β q (sᵀ R⁻¹), and D and the arrow follow; q, where
-        its levels ω_q S exceed η, is orthogonalised against them, q = ‖r‖ q' + Y' c,
-        which adds β c sᵀ to D and scales the arrow by ‖r‖. Θ: the kept Ritz values of
-        A / scale.
+        The relation of the kept vectors is A Y = Y Θ + Q D S + β q sᵀ (s = S's last
+        row): the restart keeps Y Θ and the arrow β s and drops Q D S, whose 2-norm
+        bounds the error of any unit combination of them; it is added to ``lost`` and
+        D starts again at 0 (so nothing is counted twice). At the first restart after
+        partial steps, kept vectors whose levels Sᵀ Ω S exceed η are orthonormalised,
+        Y = Y' R (QR, diag R > 0): A Y' = Y' (R Θ R⁻¹) + Q D S R⁻¹ + β q (sᵀ R⁻¹), so
+        the arrow becomes β sᵀ R⁻¹ and ‖R Θ R⁻¹ − Θ‖ joins the error; and q, where its
+        levels ω_q S exceed η, is orthogonalised against them, q = ‖r‖ q' + Y' c, which
+        scales the arrow by ‖r‖ and adds ‖c‖ ‖arrow‖ to the error. Θ: the kept Ritz
+        values of A / scale. From the first restart on every step takes the whole basis:
+        the recurrence of ω assumes a relation that holds to rounding.
         """
         np, xp = self.np, self.xp
         j, l = self.j, int(S_keep.shape[1])
         S = np.asarray(S_keep, dtype=np.float64)
-        DS = self.D[:j, :j] @ S
-        H = S.T @ DS  # the kept vectors' H − Θ
-        # ‖(I − S Sᵀ) D S‖₂ bounds the error for every unit combination of the kept vectors;
-        # earlier restarts' errors carry over unchanged (S has orthonormal columns).
-        lost = self.lost + float(np.linalg.norm(DS - S @ H, ord=2))
+        error = float(np.linalg.norm(self.D[:j, :j] @ S, ord=2))
+        lost = self.lost
         arrow = self.beta * S[j - 1, :]
         if self.partial:
             omega = S.T @ self.omega[:j, :j] @ S
@@ -780,9 +780,10 @@ class _Krylov:
                 )
                 R = sign[:, None] * R
                 R_inv = np.linalg.inv(R)
-                H = R @ (np.diag(theta) + H) @ R_inv - np.diag(theta)
+                grow = float(np.linalg.norm(R_inv, ord=2))
+                lost, error = lost * grow, error * grow
+                error += float(np.linalg.norm(R @ np.diag(theta) @ R_inv - np.diag(theta), ord=2))
                 arrow = arrow @ R_inv
-                lost *= float(np.linalg.norm(R_inv, ord=2))
                 lost_q = True
             if self.q is not None and lost_q:
                 q, V = self.q, self.V[:l, :]
@@ -793,16 +794,16 @@ class _Krylov:
                     c += np.asarray(to_host(h), dtype=np.float64)
                 norm = xp.linalg.vector_norm(q)
                 self.q = q / norm
-                H = H + np.outer(c, arrow)
+                error += float(np.linalg.norm(c)) * float(np.linalg.norm(arrow))
                 arrow = arrow * float(to_host(norm))
+                self.q_level = self.eps
             else:  # q's levels against the kept vectors
                 self.q_level = max(self.eps, float(np.max(np.abs(self.omega_q[:j] @ S))))
             self.partial = False
         self.D = np.zeros((self.p, self.p))
-        self.D[:l, :l] = H
         self.coupling = np.zeros(self.p)
         self.coupling[:l] = arrow
-        self.lost = lost
+        self.lost = lost + error
 
     def relative_residuals(self, theta: Any, res: Any, sel: Any) -> Any:
         """Res / max(|θ|, √ε max|θ|) of the Ritz pairs ``sel``: what ``tol`` bounds."""

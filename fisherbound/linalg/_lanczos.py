@@ -458,24 +458,26 @@ class _Krylov:
     (unit, orthogonal to Q) is the next basis vector, with its coupling β.
 
     Partial reorthogonalisation (Simon 1984), where rows are written in place
-    (NumPy, torch, CuPy), ``tol`` > 0, p < n and ``which="largest"``, until the first
-    restart: a step orthogonalises against its two latest rows, and the recurrence of
+    (NumPy, torch, CuPy), ``tol`` > 0, p < n, ``which="largest"`` and k = 1, until the
+    first restart: a step orthogonalises against its two latest rows, and the recurrence of
     the orthogonality levels ω_k = q_kᵀ q (``omega``: on the host from T, O(j²) per
     step) says when the new vector has lost more than η against an older row; then it
     is orthogonalised against the whole basis, and so is the next one (as is every
     step after a breakdown). η = min(√ε, tol / 100 · s), s the smallest scale of the
     wanted pairs over ‖T‖ (``_tighten``): the loss of orthogonality perturbs a Ritz
     vector's residual by about η ‖T‖, a hundredth of what ``tol`` allows. That part is
-    measured, not assumed: H − T (``D``, H the couplings actually subtracted, kept for
-    the steps whose q had a level above 100 ε) gives a pair's residual
-    hypot(β |s_j|, ‖D s‖), which is ‖A y − θ y‖ for y = Q s up to Q's orthogonality.
-    A restart keeps D's part along the kept vectors and drops the rest, whose 2-norm
-    (``lost``) is added to every later residual; the kept vectors' relation then no
+    measured, not assumed: H − T (``D``, H the couplings actually subtracted: every
+    partial or reorthogonalised step, and the steps whose q had a level above 100 ε)
+    gives a pair's residual hypot(β |s_j|, ‖D s‖), which is ‖A y − θ y‖ for y = Q s
+    up to Q's orthogonality. A restart folds Q D S into one 2-norm (``lost``, added to
+    every later residual) and starts D again; the kept vectors' relation then no
     longer holds to rounding, as the recurrence assumes, so from the first restart on
     every step takes the whole basis. So do JAX (one shape for every step, as the
-    compiled loop), ``tol`` = 0, p = n (the exact spectrum), and ``"smallest"`` and
-    ``"both"``, whose wanted end may approach zero (a null space) before any Ritz
-    value there shows it: η would have to be ε from the first step. O(n) work per step
+    compiled loop), ``tol`` = 0, p = n (the exact spectrum), ``"smallest"``,
+    ``"both"`` and k > 1: their smallest wanted pair may be far below ‖T‖ (a null
+    space, a fast-decaying spectrum) before any Ritz value shows it, so η would have to
+    be near ε from the first step (a spectrum 100 · 0.2^i with k = 10 ran to its budget
+    of 2000 products where full reorthogonalisation took 31). O(n) work per step
     instead of O(n j) between the full passes.
     """
 
@@ -858,8 +860,9 @@ def eigsh(
     eigenvalues are found with their multiplicity. With :math:`p = n` the run is a full
     tridiagonalisation and returns the exact spectrum, repeated eigenvalues included.
 
-    Until its first restart a run for ``which="largest"`` with :math:`p < n` and
-    ``tol`` > 0 on NumPy, torch or CuPy arrays reorthogonalises partially (Simon 1984):
+    Until its first restart a run for the largest eigenpair (``which="largest"``,
+    ``k=1``) with :math:`p < n` and ``tol`` > 0 on NumPy, torch or CuPy arrays
+    reorthogonalises partially (Simon 1984):
     a step orthogonalises against its two latest basis vectors (the three-term
     recurrence), and Simon's recurrence of the levels :math:`\omega_k = q_k^\top q`
     (from :math:`T`, on the host) says when the new vector's loss of orthogonality
@@ -878,13 +881,15 @@ def eigsh(
     eigenvalues appear. The couplings the steps actually subtracted, :math:`H`, differ
     from the symmetric :math:`T` by :math:`D = H - T`, and the residual tested and
     returned is :math:`r_i = \operatorname{hypot}(\beta \lvert s_{p,i} \rvert,
-    \lVert D s_i \rVert) + \ell`, with :math:`\ell` the 2-norm of the part of
-    :math:`Q D S` the first restart dropped: an upper bound of
-    :math:`\lVert A y_i - \theta_i y_i \rVert` up to rounding. From the first restart
-    on, and for ``"smallest"`` and ``"both"`` (whose wanted end may approach zero, a
-    null space, before a Ritz value there shows it), JAX arrays (one shape per step),
-    ``tol=0`` and :math:`p = n`, every step is orthogonalised against the whole basis
-    (full reorthogonalisation).
+    \lVert D s_i \rVert) + \ell`, with :math:`\ell` the 2-norm of the :math:`Q D S`
+    that the restarts folded away: an upper bound of
+    :math:`\lVert A y_i - \theta_i y_i \rVert` up to Q's orthogonality and rounding,
+    above it by about :math:`\eta \lVert T \rVert`, a hundredth of what ``tol``
+    allows. From the first restart on, and for ``"smallest"``, ``"both"`` and
+    :math:`k > 1` (whose smallest wanted pair may lie far below :math:`\lVert T \rVert`,
+    in a null space or a fast-decaying spectrum, before a Ritz value shows it), JAX
+    arrays (one shape per step), ``tol=0`` and :math:`p = n`, every step is
+    orthogonalised against the whole basis (full reorthogonalisation).
 
     With :math:`p < n` the run may converge before any breakdown, and one Krylov space
     holds one copy of each eigenvalue (more only through rounding): when the wanted end

@@ -845,6 +845,31 @@ def test_eigsh_partial_reorthogonalisation_reports_an_upper_bound_of_the_residua
     np.testing.assert_allclose(theta, 100.0, rtol=(tol or 1e-6) ** 2 * 100 + 1e-14)
 
 
+@pytest.mark.parametrize("spectrum", ["slow", "signed"])
+def test_partial_steps_keep_the_krylov_relation_with_d(spectrum):
+    """A Q = Q (T + D) + β q eᵀ to rounding along a partially reorthogonalised run, the
+    reorthogonalised steps included: D = H − T holds what the symmetric T leaves out."""
+    from fisherbound._lib import as_generator
+    from fisherbound.linalg._lanczos import _Krylov, _start_vector
+
+    lam = {"slow": 100.0 * 0.99 ** np.arange(400), "signed": np.linspace(-1, 1, 400) ** 3}
+    a = with_spectrum(lam[spectrum], seed=0)
+    op = LinearOperator(a.shape, matvec=lambda v: a @ v, dtype=a.dtype, device=None, xp=np)
+    gen = as_generator(0)
+    kry = _Krylov(np, op, _start_vector(np, op, None, gen), 150, gen, tol=1e-6)
+    for _ in range(120):
+        kry.step()
+    assert kry.partial
+    assert 1 < kry.full_steps < kry.products  # partial steps and full passes both
+    j, Q = kry.j, kry.V[: kry.j]
+    R = a @ Q.T / kry.scale - Q.T @ (kry.T[:j, :j] + kry.D[:j, :j])
+    R[:, -1] -= kry.beta * kry.q
+    levels = np.abs(Q @ Q.T - np.eye(j)).max()
+    assert levels > 1e-12  # the basis is only semi-orthogonal: D matters
+    scale = np.abs(lam[spectrum]).max() / kry.scale
+    assert np.linalg.norm(R, axis=0).max() <= 1e-13 * scale
+
+
 @pytest.mark.parametrize("lost", ["kept", "q"])
 def test_first_restart_repairs_what_lost_semi_orthogonality(lost):
     """At the first restart, kept vectors whose estimated levels Sᵀ Ω S exceed η are

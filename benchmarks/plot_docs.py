@@ -369,6 +369,42 @@ def _hessian_directions(t: Table, name: str) -> Figure:
     return Figure(name, "Extreme Hessian eigenvalues: fisherbound against PyHessian", [p1, p2])
 
 
+def _eigsh_partial(t: Table, name: str) -> Figure:
+    """Partial reorthogonalisation: eigsh's time and the time outside its products."""
+    label = lambda r: f"k = {t.rows[r][0]}"  # noqa: E731
+    p1 = bars(t, label, {"before": 2, "after": 3}, "median time (s, log scale)", log=True)
+    p2 = bars(t, label, {"before": 4, "after": 5}, "outside the products (s, log scale)", log=True)
+    title = "Top Fisher eigenpairs: eigsh before and after partial reorthogonalisation"
+    return Figure(name, title, [p1, p2])
+
+
+def _hessian_partial(t: Table, name: str) -> Figure:
+    """Hessian directions and PyHessian in gradient steps, before and after (every run)."""
+    label = lambda r: t.rows[r][0].split(" (")[0]  # noqa: E731
+    p = bars(t, label, {"before": 2, "after": 3}, STEPS, kind="dots", log=True, every=True)
+    title = "Hessian eigenpairs: gradient steps before and after partial reorthogonalisation"
+    return Figure(name, title, [p], "Dots: one per run.")
+
+
+def _jax_compiled_count(t: Table, name: str) -> Figure:
+    """The compiled count and Hessian directions against the Python loops they replace."""
+    label = lambda r: t.rows[r][0]  # noqa: E731
+    p1 = bars(t, label, {"first call": 2, "later calls": 3}, "time (s, log scale)", log=True)
+    title = "JAX: the compiled count and Hessian directions against the Python loops"
+    return Figure(name, title, [p1])
+
+
+def _kfac_rerun(t: Table, name: str) -> Figure:
+    """kfac-jax's time over fisherbound's, eager and jitted (> 1: fisherbound faster)."""
+    label = lambda r: t.rows[r][0]  # noqa: E731
+    p = bars(
+        t, label, {"eager": 5, "jitted": 6},
+        "kfac-jax's time / fisherbound's (> 1: fisherbound faster, log scale)",
+        log=True, ref=1.0,
+    )  # fmt: skip
+    return Figure(name, "Exact Fisher diagonal with JAX: kfac-jax over fisherbound", [p])
+
+
 def _estimator_cost(t: Table, name: str) -> Figure:
     p = bars(
         t, _row_label(t, 0), {"before": 1, "after": 2}, STEPS, kind="dots", log=True, every=True
@@ -562,6 +598,10 @@ SPECS: dict[str, Callable[[Table, str], Figure]] = {
     "bench_eigsh": _eigsh,
     "bench_eigsh_block": _eigsh_block,
     "bench_hessian_directions": _hessian_directions,
+    "bench_eigsh_partial": _eigsh_partial,
+    "bench_hessian_partial": _hessian_partial,
+    "bench_jax_compiled_count": _jax_compiled_count,
+    "bench_kfac_rerun": _kfac_rerun,
     "bench_estimator_cost": _estimator_cost,
     "bench_local_dimension": _local_dimension,
     "bench_jax_lanczos": _jax,

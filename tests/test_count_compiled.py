@@ -227,7 +227,7 @@ def test_hessian_directions_compiled_on_jax_losses(monkeypatch):
     Hessian product, one compiled loop for other batches of the model); its directions
     equal the Python loop's, for one batch and for a mean over two, and for the shifted
     method's second run."""
-    import fisherbound.landscape as landscape
+    import fisherbound._hessian as landscape_hessian
     from fisherbound.landscape import hessian_directions, hessian_operator
 
     _, losses = _mlp_sources(3)
@@ -243,7 +243,7 @@ def test_hessian_directions_compiled_on_jax_losses(monkeypatch):
     before = compiled_eigsh._run._cache_size()
     hessian_directions(losses[2], which="largest", rng=5)  # another batch: no new program
     assert compiled_eigsh._run._cache_size() == before
-    monkeypatch.setattr(landscape, "_traceable_hessian", lambda obj: None)
+    monkeypatch.setattr(landscape_hessian, "_traceable_hessian", lambda obj: None)
     assert hessian_operator(losses[0]).traceable is None
     ref = [hessian_directions(src, rng=4, **kw) for src, kw in calls]
     for g, r in zip(got, ref):
@@ -258,7 +258,7 @@ def test_hessian_directions_compiled_raises_on_a_nan_product(monkeypatch):
     """A NaN Hessian-vector product (finite logits, √ at 0 in the model) raises the
     Python loop's ValueError in the compiled loop too: the loss function's own, which
     names the blocks; an operator that does not check raises eigsh's, naming the step."""
-    import fisherbound.landscape as landscape
+    import fisherbound._hessian as landscape_hessian
     from fisherbound.adapters.jax import loss_function
     from fisherbound.landscape import hessian_directions, hessian_operator
 
@@ -278,7 +278,7 @@ def test_hessian_directions_compiled_raises_on_a_nan_product(monkeypatch):
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"^A's products must be finite; at Lanczos step 1 "):
         eigsh(unchecked, k=1, rng=0)
-    monkeypatch.setattr(landscape, "_traceable_hessian", lambda obj: None)
+    monkeypatch.setattr(landscape_hessian, "_traceable_hessian", lambda obj: None)
     with pytest.raises(ValueError, match=message) as loop:
         hessian_directions(loss, which="largest", rng=0)
     assert str(compiled.value) == str(loop.value)

@@ -761,11 +761,11 @@ class _Recorded:
     |q_iᵀ q_k| of its rows and q next to the estimate ``omega``/``omega_q`` it keeps."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from fisherbound.linalg import _lanczos
+        from fisherbound.linalg import _krylov
 
         self.runs: list[object] = []
         self.levels: list[tuple[float, float, bool]] = []
-        init, step = _lanczos._Krylov.__init__, _lanczos._Krylov.step
+        init, step = _krylov._Krylov.__init__, _krylov._Krylov.step
         recorded = self
 
         def recording_init(kry, *args, **kwargs):
@@ -785,8 +785,8 @@ class _Recorded:
             )
             recorded.levels.append((actual, estimated, kry.full_next))
 
-        monkeypatch.setattr(_lanczos._Krylov, "__init__", recording_init)
-        monkeypatch.setattr(_lanczos._Krylov, "step", recording_step)
+        monkeypatch.setattr(_krylov._Krylov, "__init__", recording_init)
+        monkeypatch.setattr(_krylov._Krylov, "step", recording_step)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -850,7 +850,8 @@ def test_partial_steps_keep_the_krylov_relation_with_d(spectrum):
     """A Q = Q (T + D) + β q eᵀ to rounding along a partially reorthogonalised run, the
     reorthogonalised steps included: D = H − T holds what the symmetric T leaves out."""
     from fisherbound._lib import as_generator
-    from fisherbound.linalg._lanczos import _Krylov, _start_vector
+    from fisherbound.linalg._krylov import _Krylov
+    from fisherbound.linalg._lanczos import _start_vector
 
     lam = {"slow": 100.0 * 0.99 ** np.arange(400), "signed": np.linspace(-1, 1, 400) ** 3}
     a = with_spectrum(lam[spectrum], seed=0)
@@ -876,7 +877,8 @@ def test_first_restart_repairs_what_lost_semi_orthogonality(lost):
     orthonormalised (QR, directions kept), and q is orthogonalised against them where
     its levels ω_q S do; from there every step is full and the run still converges."""
     from fisherbound._lib import as_generator
-    from fisherbound.linalg._lanczos import _Krylov, _ranking, _start_vector
+    from fisherbound.linalg._krylov import _Krylov
+    from fisherbound.linalg._lanczos import _ranking, _start_vector
 
     a = with_spectrum(100.0 * 0.9 ** np.arange(200), seed=3)
     op = LinearOperator(a.shape, matvec=lambda v: a @ v, dtype=a.dtype, device=None, xp=np)

@@ -61,7 +61,7 @@ class _BlockKrylov:
         self.dtype, self.device = op.dtype, op.device
         self.factor = _breakdown_factor(xp, op.dtype, n)
         start = self._gaussian(b)
-        # As in _lanczos._Krylov: JAX keeps one shape (all p rows, zeros beyond j); the
+        # As in _krylov._Krylov: JAX keeps one shape (all p rows, zeros beyond j); the
         # others read only the filled rows of an uninitialised basis.
         self.static = not is_writeable_array(start)
         allocate = xp.zeros if self.static else xp.empty
@@ -281,7 +281,7 @@ class _BlockKrylov:
         """Ritz values θ (ascending), the eigenvectors S of T and residuals ‖C s_i‖.
 
         Solved in the operator's namespace except for JAX (NumPy there), as in
-        ``_lanczos._Krylov.ritz``.
+        ``_krylov._Krylov.ritz``.
         """
         np, j = self.np, self.j
         xp = np if self.static else self.xp

@@ -20,7 +20,8 @@ from fisherbound._lib import (
     probes,
     to_host,
 )
-from fisherbound.linalg._lanczos import _Krylov, _lanczos, _start_vector, _tridiagonal_eigh
+from fisherbound.linalg._krylov import _Krylov
+from fisherbound.linalg._lanczos import _lanczos, _start_vector, _tridiagonal_eigh
 from fisherbound.linalg._operator import (
     LinearOperator,
     LinearOperatorLike,

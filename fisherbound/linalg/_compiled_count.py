@@ -41,18 +41,16 @@ from typing import Any, NamedTuple
 import jax  # noqa: TID253
 import jax.numpy as jnp  # noqa: TID253
 
-from fisherbound._lib import is_traced, probes, to_host
+from fisherbound._lib import is_traced, to_host
 from fisherbound.linalg._compiled_eigsh import (
     _block_max,
     _krylov_step,
     _residuals,
-    _resume,
     _ritz,
     _start,
     _State,
-    raise_not_finite,
+    after_call,
     restart_keeping,
-    step_vector,
 )
 from fisherbound.linalg._lanczos import (
     TRACED_LANCZOS,
@@ -312,14 +310,7 @@ def count_above(
             finite, done, need_random, outcome, products, above, taken = (
                 int(f) for f in to_host(flags)
             )
-            if not finite:  # the deflated operator's product of the step's vector
-                q = step_vector(c)
-                raise_not_finite(xp, op, q - Y @ (Y.T @ q), products)
-            if need_random:  # drawn where the Python loop draws it, even when it is done
-                r = probes(gen, (n,), distribution="gaussian", xp=xp, dtype=dtype, device=op.device)
-                if not done:
-                    c = _resume(c, r)
-                    continue
+            c, done = after_call(xp, op, gen, c, (finite, done, need_random, products), Y)
             if done:
                 break
         if first_run and taken:

@@ -355,6 +355,33 @@ def step_vector(c: _State) -> Array:
     return c.V[int(to_host(c.j)) - 1]
 
 
+def after_call(
+    xp: Any,
+    op: Any,
+    gen: Any,
+    c: _State,
+    flags: tuple[int, int, int, int],
+    locked: Array | None = None,
+) -> tuple[_State, bool]:
+    """The host's part after a compiled call of eigsh's or the count's loop.
+
+    ``flags`` = (finite, done, need_random, products). A NaN or inf raises the Python
+    loop's error for the step's vector (projected off the count's ``locked`` basis); a
+    breakdown wanting a vector draws it where the Python loop draws it, even when the
+    run is done, and resumes unless done. Returns the state and whether the run is done.
+    """
+    finite, done, need_random, products = flags
+    if not finite:
+        q = step_vector(c)
+        raise_not_finite(xp, op, q if locked is None else q - locked @ (locked.T @ q), products)
+    if need_random:
+        n, dtype = int(op.shape[0]), op.dtype
+        r = probes(gen, (n,), distribution="gaussian", xp=xp, dtype=dtype, device=op.device)
+        if not done:
+            return _resume(c, r), False
+    return c, bool(done)
+
+
 def raise_not_finite(xp: Any, op: Any, q: Array, products: int) -> None:
     """The Python loop's error for a step whose product or Gram–Schmidt pass is NaN or inf.
 
@@ -398,13 +425,7 @@ def eigsh(
             traceable.fn, traceable.operands, c, *limits, which=which, wanted=wanted, factor=factor
         )
         finite, done, need_random, converged, products = (int(f) for f in to_host(flags))
-        if not finite:
-            raise_not_finite(xp, op, step_vector(c), products)
-        if need_random:  # drawn where the Python loop draws it, even when it is done
-            r = probes(gen, (n,), distribution="gaussian", xp=xp, dtype=dtype, device=op.device)
-            if not done:
-                c = _resume(c, r)
-                continue
+        c, done = after_call(xp, op, gen, c, (finite, done, need_random, products))
         if done:
             break
     if not converged and rtol > 0.0:

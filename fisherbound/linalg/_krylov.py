@@ -18,8 +18,6 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _not_finite,
     _power_of_two_scale,
-    _ranking,
-    first_check,
     relative_residuals,
 )
 
@@ -41,8 +39,8 @@ class _Krylov:
     the orthogonality levels ω_k = q_kᵀ q (``omega``: on the host from T, O(j²) per
     step) says when the new vector has lost more than η against an older row; then it
     is orthogonalised against the whole basis, and so is the next one (as is every
-    step after a breakdown). η = min(√ε, tol / 100 · s), s the smallest scale of the
-    wanted pairs over ‖T‖ (``_tighten``): the loss of orthogonality perturbs a Ritz
+    step after a breakdown). η = min(√ε, tol / 100 · s), s the top pair's scale over
+    ‖T‖ (``_tighten``): the loss of orthogonality perturbs a Ritz
     vector's residual by about η ‖T‖, a hundredth of what ``tol`` allows. That part is
     measured, not assumed: H − T (``D``, H the couplings actually subtracted: every
     partial or reorthogonalised step, and the steps whose q had a level above 100 ε)
@@ -68,8 +66,7 @@ class _Krylov:
         gen: Any,
         *,
         tol: float | None = None,
-        which: str = "largest",
-        wanted: int = 1,
+        top_pair: bool = False,
     ) -> None:
         import numpy as np
 
@@ -98,16 +95,14 @@ class _Krylov:
         self.scale: float | None = None
         self.eps = float(xp.finfo(op.dtype).eps)
         self.tol = 0.0 if tol is None else float(tol)
-        # Only for the largest end: a wanted end that may approach zero (the null space
-        # of "smallest", the far end of "both") needs η near ε before any Ritz value
-        # there shows it, i.e. full reorthogonalisation.
-        self.partial = (
-            not self.static and self.tol > 0.0 and p < n and which == "largest" and wanted == 1
-        )
+        # Only for the top pair (``top_pair``: eigsh's which="largest", k = 1): a smaller
+        # wanted pair (the null space of "smallest", the far end of "both", the k-th of a
+        # fast-decaying spectrum) needs η near ε before any Ritz value there shows it,
+        # i.e. full reorthogonalisation.
+        self.partial = not self.static and self.tol > 0.0 and p < n and top_pair
         #: D = H − T is kept (and corrects the residuals) once a step may have been partial.
         self.tracked = self.partial
         self.eta = min(math.sqrt(self.eps), self.tol / 100.0)
-        self.which, self.wanted = which, wanted
         # The estimated q_iᵀ q_k of the rows (``omega``) and of q against them (``omega_q``);
         # whether the next step takes the whole basis; D = H − T; the relation's row of q.
         self.omega = np.eye(p)
@@ -250,25 +245,19 @@ class _Krylov:
         return est
 
     def _tighten(self, j: int) -> None:
-        """η = min(√ε, tol / 100 · min_i max(|θ_i|, √ε ‖θ‖∞) / ‖θ‖∞) over the wanted pairs.
+        """η = min(√ε, tol / 100 · max(|θ₁|, √ε ‖θ‖∞) / ‖θ‖∞), θ₁ the largest Ritz value.
 
-        From the Ritz values of the current T (a host eigvalsh of j + 1 rows, O(j³)). Until
-        the basis could hold the wanted pairs and a margin (``first_check``) only the
-        better half of them counts (at most the wanted number): with every Ritz value
-        counted, an early one near zero at the unwanted end would pin η at rounding
-        level for the rest of the run, while a wanted end near zero (the null space of
-        ``which="smallest"``) shows at once and must tighten η from the start.
+        From the Ritz values of the current T (a host eigvalsh of j + 1 rows, O(j³)):
+        the wanted pair is the top one, whose scale is ‖T‖ unless the spectrum's far end
+        (negative) outweighs it.
         """
         np = self.np
         theta = np.linalg.eigvalsh(self.T[: j + 1, : j + 1])
         top = float(np.abs(theta).max())
         if top == 0.0:
             return
-        early = j + 1 < first_check(self.p, self.wanted)
-        count = max(1, min(self.wanted, (j + 1) // 2)) if early else self.wanted
-        sel = _ranking(theta, self.which)[:count]
         root = math.sqrt(self.eps)
-        scale = float(np.min(np.maximum(np.abs(theta[sel]), root * top))) / top
+        scale = max(abs(float(theta[-1])), root * top) / top
         self.eta = min(self.eta, root, self.tol / 100.0 * scale)
 
     def _random_orthogonal(self) -> Array:

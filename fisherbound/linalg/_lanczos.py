@@ -665,7 +665,7 @@ def eigsh(
     from fisherbound.linalg._krylov import _Krylov
 
     v = _start_vector(xp, op, None, gen)
-    kry = _Krylov(xp, op, v, p, gen, tol=rtol, which=which, wanted=wanted)
+    kry = _Krylov(xp, op, v, p, gen, tol=rtol, top_pair=which == "largest" and wanted == 1)
     # Convergence is checked after every product once the basis could hold the wanted
     # pairs and a margin (and always after a restart): a host eigh of at most p × p.
     check_from = first_check(p, wanted)

@@ -545,26 +545,14 @@ def _jax_eigsh_rows(
     return rows, checks
 
 
-class _Untraceable:
+class _Untraceable(CountingLinearization):
     """A JAX linearization without ``_traceable``: its Fisher operator steps from Python
     (what ``local_dimension`` ran on JAX before); counts its products (JVP columns)."""
-
-    def __init__(self, lin: Any) -> None:
-        self._lin = lin
-        self.matvecs = 0
 
     def __getattr__(self, name: str) -> Any:
         if name == "_traceable":
             raise AttributeError(name)
         return getattr(self._lin, name)
-
-    def jvp(self, v: Any, /) -> Any:
-        self.matvecs += 1
-        return self._lin.jvp(v)
-
-    def jvp_batch(self, V: Any, /) -> Any:
-        self.matvecs += int(V.shape[0])
-        return self._lin.jvp_batch(V)
 
 
 def _jax_count_rows(
@@ -583,8 +571,8 @@ def _jax_count_rows(
     import jax.numpy as jnp
     import numpy as np
 
+    import fisherbound._hessian
     import fisherbound.fisher
-    import fisherbound.landscape
     from fisherbound.adapters.jax import loss_function
     from fisherbound.dimension import local_dimension
     from fisherbound.landscape import hessian_directions, hessian_operator
@@ -658,7 +646,7 @@ def _jax_count_rows(
 
     for name, module, attr in (
         ("count", fisherbound.fisher, "_traceable_fisher"),
-        ("hessian", fisherbound.landscape, "_traceable_hessian"),
+        ("hessian", fisherbound._hessian, "_traceable_hessian"),
     ):
         original = getattr(module, attr)
         setattr(module, attr, counting(original))

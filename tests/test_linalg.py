@@ -1211,6 +1211,30 @@ def test_krylov_methods_are_scale_invariant(dtype: str, scale: float) -> None:
     assert float(tr.value) / scale == pytest.approx(float(ref.value), rel=1e3 * eps)
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1.0, 1e300])
+def test_eigsh_top_pair_on_each_library_folds_the_scale_or_divides_first(backend, scale):
+    """Each library, restarted (p = 8 < the steps needed): the largest pair to tol at a scale
+    inside √tiny … √max (A q / s folded into the Gram–Schmidt pass, q written straight
+    into the basis) and outside it (A q divided first); the reported residual bounds the
+    explicit one."""
+    rng = np.random.default_rng(3)
+    lam = np.concatenate([np.linspace(0.0, 1.0, 79), [1.05]])
+    Q, _ = np.linalg.qr(rng.standard_normal((80, 80)))
+    a = (Q * lam) @ Q.T * scale
+    res = eigsh(backend.asarray(a), k=1, tol=1e-10, basis_size=8, rng=0)
+    theta = float(backend.to_numpy(res.eigenvalues)[0])
+    y = backend.to_numpy(res.eigenvectors)[:, 0]
+    assert theta / scale == pytest.approx(1.05, rel=1e-9)
+    explicit = np.linalg.norm((a / scale) @ y - (theta / scale) * y)  # no overflow
+    reported = float(backend.to_numpy(res.residuals)[0]) / scale
+    assert 0.0 <= reported <= 1e-10 * 1.05 * (1 + 1e-12)
+    # Converged for real. At 1e-300 XLA flushes subnormals to 0: the reported residual
+    # (the compiled loop once took that 0 for convergence and stopped at 1.9e-8), and
+    # the entries of A below 2.2e-308, so that JAX's A differs from NumPy's there.
+    flushed = backend.name == "jax" and scale < 1e-290
+    assert explicit <= (1e-9 if flushed else max(reported, 1e-10 * 1.05) + 1e-12)
+
+
 # ----------------------------------------------------------------------------- compiled JAX loop
 
 

@@ -33,7 +33,6 @@ the program.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 # Imported by _quadrature only for a JAX operator: importing fisherbound.linalg imports
@@ -43,13 +42,12 @@ import jax.numpy as jnp  # noqa: TID253
 
 from fisherbound._lib import is_traced, to_host
 from fisherbound.linalg._compiled_eigsh import (
-    _block_max,
     _krylov_step,
-    _residuals,
     _ritz,
     _start,
     _State,
     after_call,
+    relative_residuals,
     restart_keeping,
 )
 from fisherbound.linalg._lanczos import (
@@ -131,7 +129,6 @@ def _count_check(
 ) -> tuple[_State, _Count]:
     """``_count_above``'s test after a step: rule, interlacing proof, convergence, budget."""
     p, n = (int(d) for d in c.V.shape)
-    dtype = c.T.dtype
     j, products = c.j, c.products
     theta, S = _ritz(c.T, j)
     c = c._replace(theta=theta, S=S)
@@ -151,9 +148,7 @@ def _count_check(
     proven_stop = proven & (settled | (products > j) | (j == p) | (j == n))
     # The pairs above eps and the largest below them, most wanted first.
     order = p - 1 - r
-    sqrt_eps = math.sqrt(float(jnp.finfo(dtype).eps))
-    scale = jnp.maximum(jnp.abs(theta_a[order]), sqrt_eps * _block_max(c, theta_a))
-    relative = _residuals(c)[order] / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    relative = relative_residuals(c, order)
     relative = jnp.where(r < jnp.minimum(above + 1, j), relative, jnp.zeros_like(relative))
     converged = (j > above) & jnp.all(relative <= rtol)
     exact = (j == n) if p == n else jnp.asarray(False)  # the whole space: the spectrum

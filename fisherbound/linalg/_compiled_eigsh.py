@@ -156,6 +156,20 @@ def _residuals(c: _State) -> Array:
     return (c.beta * c.scale) * jnp.abs(last)
 
 
+def relative_residuals(c: _State, order: Array) -> Array:
+    """β |S[j−1, i]| / max(|θ_i|, √ε max |θ|) for the pairs ``order``: what ``tol`` bounds.
+
+    In the units of A / s, where the ratio is the same: in A's units β s |S| underflows
+    near the bottom of the range (XLA flushes subnormals to 0; A ~ 1e-300), and a
+    residual of 0 would pass the test unconverged.
+    """
+    dtype = c.T.dtype
+    sqrt_eps = math.sqrt(float(jnp.finfo(dtype).eps))
+    scale = jnp.maximum(jnp.abs(c.theta[order]), sqrt_eps * _block_max(c, c.theta))
+    last = jax.lax.dynamic_index_in_dim(c.S, c.j - 1, axis=0, keepdims=False)
+    return (c.beta * jnp.abs(last))[order] / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+
+
 def _block_max(c: _State, theta: Array) -> Array:
     """Max |θ| over the block's Ritz values (the last j of the p)."""
     p = int(theta.shape[0])
@@ -164,15 +178,11 @@ def _block_max(c: _State, theta: Array) -> Array:
 
 def _check(c: _State, which: str, wanted: int, rtol: Array, exhausted: Array) -> _State:
     """``eigsh``'s convergence test: Ritz pairs, the wanted ones' relative residuals."""
-    dtype = c.T.dtype
     p = int(c.T.shape[0])
     theta, S = _ritz(c.T, c.j)
     c = c._replace(theta=theta, S=S)
     order = _order(which, wanted, p, c.j)
-    theta_a = theta * c.scale
-    sqrt_eps = math.sqrt(float(jnp.finfo(dtype).eps))
-    scale = jnp.maximum(jnp.abs(theta_a[order]), sqrt_eps * _block_max(c, theta_a))
-    relative = _residuals(c)[order] / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    relative = relative_residuals(c, order)
     relative = jnp.where(jnp.arange(wanted) < c.j, relative, jnp.zeros_like(relative))
     converged = exhausted | (jnp.all(relative <= rtol) & (c.j >= wanted))
     return c._replace(worst=jnp.max(relative), converged=converged)

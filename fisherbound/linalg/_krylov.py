@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fisherbound._lib import is_traced, is_writeable_array, probes, set_row, to_host
+from fisherbound._lib import (
+    is_torch_namespace,
+    is_traced,
+    is_writeable_array,
+    probes,
+    set_row,
+    to_host,
+)
 from fisherbound.linalg._lanczos import (
     _DGKS,
     TRACED_LANCZOS,
@@ -87,12 +94,17 @@ class _Krylov:
         self.T = np.zeros((p, p))
         self.j = 0
         self.q: Array | None = v
+        #: The view of V's row that holds q, when the step before wrote q there (``_next_row``).
+        self.q_row: Array | None = None
+        self.torch = is_torch_namespace(xp)
         self.beta = 0.0
         self.norm_t = 0.0
         self.products = 0
         #: T and β are those of A / scale (``_power_of_two_scale`` of the first product);
         #: ``ritz`` and ``restart`` speak in A's units.
         self.scale: float | None = None
+        #: Whether A q / scale is folded into the Gram–Schmidt pass (set at the first product).
+        self.fold = False
         self.eps = float(xp.finfo(op.dtype).eps)
         self.tol = 0.0 if tol is None else float(tol)
         # Only for the top pair (``top_pair``: eigsh's which="largest", k = 1): a smaller
@@ -119,28 +131,53 @@ class _Krylov:
         #: Steps orthogonalised against the whole basis (a diagnostic for tests).
         self.full_steps = 0
 
-    def _project(self, V: Array, w: Array) -> tuple[Array, Any]:
+    def _project(self, V: Array, w: Array, inv: float | None = None) -> tuple[Array, Any]:
         """Remove from w its components along the rows of V: one pass, two on cancellation.
 
-        Returns the new w and, on the host, the removed coefficients then ‖w‖.
+        ``inv`` (a power of two): w is the operator's product, taken as ``inv · w``
+        (exactly) and never written; else w is the step's own, written in place where
+        the rows are. Returns the new w and, on the host, the removed coefficients then
+        ‖w‖. The norm before the pass, for the cancellation test, is
+        hypot(‖w_new‖, ‖h‖) (Pythagoras, V's rows orthonormal to working accuracy):
+        no pass over w of its own.
         """
         xp, np = self.xp, self.np
-        norm_before = xp.linalg.vector_norm(w)
         h = V @ w
-        w = w - h @ V
-        coeffs = to_host(xp.concat([h, xp.stack([norm_before, xp.linalg.vector_norm(w)])]))
+        if inv is None:
+            w = self._subtract(w, h, V)
+        else:
+            h = h * inv
+            w = self._subtract_scaled(w, inv, h, V)
+        coeffs = to_host(xp.concat([h, xp.linalg.vector_norm(w)[None]]))
         coeffs = np.asarray(coeffs, dtype=np.float64)
         if not np.all(np.isfinite(coeffs)):
             raise _not_finite(xp, self.op.dtype, self.products)
-        if coeffs[-1] < _DGKS * coeffs[-2]:
+        if coeffs[-1] < _DGKS * math.hypot(coeffs[-1], float(np.linalg.norm(coeffs[:-1]))):
             # Cancellation: a second pass restores orthogonality to rounding level
             # (Daniel, Gragg, Kaufman & Stewart 1976; ARPACK's criterion).
             h2 = V @ w
-            w = w - h2 @ V
+            w = self._subtract(w, h2, V)
             more = to_host(xp.concat([h2, xp.linalg.vector_norm(w)[None]]))
             more = np.asarray(more, dtype=np.float64)
-            return w, np.concatenate([coeffs[:-2] + more[:-1], more[-1:]])
-        return w, np.concatenate([coeffs[:-2], coeffs[-1:]])
+            return w, np.concatenate([coeffs[:-1] + more[:-1], more[-1:]])
+        return w, coeffs
+
+    def _subtract(self, w: Array, h: Array, V: Array) -> Array:
+        """The update w − hᵀ V, in place where rows are written in place (torch: one pass)."""
+        if self.static:
+            return w - h @ V
+        if self.torch:
+            return w.addmv_(self.xp.matrix_transpose(V), h, alpha=-1.0)
+        w -= h @ V
+        return w
+
+    def _subtract_scaled(self, w: Array, inv: float, h: Array, V: Array) -> Array:
+        """The update inv · w − hᵀ V as a new array (torch: one pass over w and the rows)."""
+        if self.torch:
+            import torch  # only reached with torch arrays
+
+            return torch.addmv(w, self.xp.matrix_transpose(V), h, beta=inv, alpha=-1.0)
+        return self._subtract(w * inv, h, V)
 
     def step(self) -> None:
         """Append q as row j: one product, one Gram–Schmidt pass (two on cancellation).
@@ -153,17 +190,25 @@ class _Krylov:
         """
         xp, np, j, q = self.xp, self.np, self.j, self.q
         assert q is not None
-        self.V = set_row(xp, self.V, j, q)
+        if q is not self.q_row:  # else the step before wrote q into row j already
+            self.V = set_row(xp, self.V, j, q)
         w = self.op.matvec(q)
         self.products += 1
         if self.scale is None:  # one host read, at the first product only
             if is_traced(w):
                 raise ValueError(TRACED_LANCZOS)
             self.scale = float(to_host(_power_of_two_scale(xp, w)))
-        w = w / self.scale
+            # V (A q) and its scaling by 1 / scale can neither overflow nor lose digits to
+            # underflow while the scale is within √tiny ... √max of the dtype (as in any
+            # practical problem); outside, A q is divided first.
+            finfo = xp.finfo(self.op.dtype)
+            self.fold = math.sqrt(finfo.smallest_normal) <= self.scale <= math.sqrt(finfo.max)
         lo = max(j - 1, 0) if self.partial else 0
         V = self.V if self.static else self.V[lo : j + 1, :]  # a view: the rows taken
-        w, coeffs = self._project(V, w)
+        if self.static or not self.fold:
+            w, coeffs = self._project(V, w / self.scale)
+        else:  # A q / scale folded into the pass: one pass and one new vector fewer
+            w, coeffs = self._project(V, w, 1.0 / self.scale)
         col = np.zeros(j + 1)
         col[lo:] = coeffs[: j + 1 - lo]
         b = float(coeffs[-1])
@@ -203,7 +248,7 @@ class _Krylov:
         self.coupling[:] = 0.0
         if not broke:
             self.coupling[j] = b
-            self.q, self.beta = w / b, b
+            self.q, self.beta = self._next_row(w, b), b
             return
         # Breakdown: span(Q) is invariant. Go on from a random vector orthogonal to it
         # (β = 0), so repeated eigenvalues are found with their multiplicity.
@@ -211,6 +256,24 @@ class _Krylov:
         self.full_next = True
         self.q = self._random_orthogonal() if self.j < min(self.p, self.n) else None
         self.omega_q[: self.j] = self.eps
+
+    def _next_row(self, w: Array, b: float) -> Array:
+        """The next vector q = w / b, straight into row j (the next step's row) if free.
+
+        Where rows are written in place: one pass, and no vector of n allocated.
+        """
+        j = self.j
+        if self.static or j >= self.p:
+            return w / b
+        row = self.V[j, :]
+        if self.torch:
+            import torch  # only reached with torch arrays
+
+            torch.div(w, b, out=row)
+        else:
+            row[...] = w / b
+        self.q_row = row
+        return row
 
     def _set_column(self, j: int, col: Any, b: float, record: bool) -> None:
         """T's column and row j (symmetric), D's row j (H − T) and the norm estimate.

@@ -378,12 +378,16 @@ def _eigsh_partial(t: Table, name: str) -> Figure:
     return Figure(name, title, [p1, p2])
 
 
-def _hessian_partial(t: Table, name: str) -> Figure:
-    """Hessian directions and PyHessian in gradient steps, before and after (every run)."""
-    label = lambda r: t.rows[r][0].split(" (")[0]  # noqa: E731
-    p = bars(t, label, {"before": 2, "after": 3}, STEPS, kind="dots", log=True, every=True)
-    title = "Hessian eigenpairs: gradient steps before and after partial reorthogonalisation"
-    return Figure(name, title, [p], "Dots: one per run.")
+def _hessian_steps(change: str) -> Callable[[Table, str], Figure]:
+    """Hessian directions and PyHessian in gradient steps, before and after ``change``."""
+
+    def plot(t: Table, name: str) -> Figure:
+        label = lambda r: t.rows[r][0].split(" (")[0]  # noqa: E731
+        p = bars(t, label, {"before": 2, "after": 3}, STEPS, kind="dots", log=True, every=True)
+        title = f"Hessian eigenpairs: gradient steps before and after {change}"
+        return Figure(name, title, [p], "Dots: one per run.")
+
+    return plot
 
 
 def _jax_compiled_count(t: Table, name: str) -> Figure:
@@ -599,7 +603,8 @@ SPECS: dict[str, Callable[[Table, str], Figure]] = {
     "bench_eigsh_block": _eigsh_block,
     "bench_hessian_directions": _hessian_directions,
     "bench_eigsh_partial": _eigsh_partial,
-    "bench_hessian_partial": _hessian_partial,
+    "bench_hessian_partial": _hessian_steps("partial reorthogonalisation"),
+    "bench_hessian_passes": _hessian_steps("the four-pass Lanczos step"),
     "bench_jax_compiled_count": _jax_compiled_count,
     "bench_kfac_rerun": _kfac_rerun,
     "bench_estimator_cost": _estimator_cost,

@@ -1235,6 +1235,66 @@ def test_eigsh_top_pair_on_each_library_folds_the_scale_or_divides_first(backend
     assert explicit <= (1e-9 if flushed else max(reported, 1e-10 * 1.05) + 1e-12)
 
 
+def _symmetric(n: int, seed: int) -> np.ndarray:
+    g = np.random.default_rng(seed).standard_normal((n, n))
+    return (g + g.T) / 2
+
+
+def test_eigsh_never_writes_the_operators_output_and_copes_with_inputs_from_the_basis():
+    """An operator that returns a read-only view of its own buffer (in-place arithmetic on
+    it would raise): the largest pair (partial, q written into the basis) and k = 3 (full)
+    come out right."""
+    a = _symmetric(60, 4)
+    buf = np.empty(60)
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        np.matmul(a, x, out=buf)
+        out = buf.view()
+        out.setflags(write=False)
+        return out
+
+    op = LinearOperator((60, 60), matvec=matvec, dtype=np.float64, device="cpu", xp=np)
+    lam = np.linalg.eigvalsh(a)
+    for k, which in ((1, "largest"), (3, "both")):
+        res = eigsh(op, k=k, which=which, tol=1e-8, basis_size=10, num_matvecs=2000, rng=0)
+        want = lam[-1:] if k == 1 else np.concatenate([lam[:3], lam[-3:]])  # both ends
+        np.testing.assert_allclose(np.asarray(res.eigenvalues), want, rtol=1e-7, atol=1e-7)
+
+
+def test_eigsh_on_torch_tensors_that_require_grad():
+    """A parameter (or anything built from one) as the matrix: products that require grad
+    take ``w / b`` (autograd refuses ``out=``), the eigenpair is right."""
+    torch = pytest.importorskip("torch")
+    a = _symmetric(40, 5)
+    W = torch.nn.Parameter(torch.tensor(a))
+    for k in (1, 3):
+        res = eigsh(W, k=k, tol=1e-10, rng=0)
+        got = np.asarray(res.eigenvalues.detach(), dtype=np.float64)
+        np.testing.assert_allclose(got, np.linalg.eigvalsh(a)[-k:], rtol=1e-9)
+
+
+@pytest.mark.parametrize(("scale", "fold"), [(1.0, True), (1e300, False), (1e-307, False)])
+def test_krylov_restart_before_the_basis_is_full_keeps_it_orthonormal(scale, fold):
+    """_Krylov driven by hand: a restart at j < p (q then lives in the old row j, which
+    the next step must copy into row l) leaves an orthonormal basis; 1/s is folded into
+    the pass only within √tiny … √max (at 1e-307, 1/s would overflow)."""
+    from fisherbound.linalg._krylov import _Krylov
+
+    a = _symmetric(40, 6) * scale
+    op = aslinearoperator(a)
+    v = np.random.default_rng(1).standard_normal(40)
+    kry = _Krylov(np, op, v / np.linalg.norm(v), 12, np.random.default_rng(0))
+    for _ in range(5):
+        kry.step()
+    assert kry.fold is fold
+    theta, S, _ = kry.ritz()
+    kry.restart(S[:, -2:], theta[-2:])
+    for _ in range(4):
+        kry.step()
+    V = np.asarray(kry.V[: kry.j])
+    assert np.max(np.abs(V @ V.T - np.eye(kry.j))) < 1e-12
+
+
 # ----------------------------------------------------------------------------- compiled JAX loop
 
 

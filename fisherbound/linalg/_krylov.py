@@ -40,9 +40,9 @@ class _Krylov:
     couplings to the kept Ritz vectors), the symmetric part of the relation's H; q
     (unit, orthogonal to Q) is the next basis vector, with its coupling β.
 
-    Partial reorthogonalisation (Simon 1984), where rows are written in place
-    (NumPy, torch, CuPy), ``tol`` > 0, p < n, ``which="largest"`` and k = 1, until the
-    first restart: a step orthogonalises against its two latest rows, and the recurrence of
+    Partial reorthogonalisation (Simon 1984), where rows are written in place (NumPy,
+    torch, CuPy, array-api-strict), ``tol`` > 0, p < n, ``which="largest"`` and k = 1, until
+    the first restart: a step orthogonalises against its two latest rows, and the recurrence of
     the orthogonality levels ω_k = q_kᵀ q (``omega``: on the host from T, O(j²) per
     step) says when the new vector has lost more than η against an older row; then it
     is orthogonalised against the whole basis, and so is the next one (as is every
@@ -207,7 +207,7 @@ class _Krylov:
         V = self.V if self.static else self.V[lo : j + 1, :]  # a view: the rows taken
         if self.static or not self.fold:
             w, coeffs = self._project(V, w / self.scale)
-        else:  # A q / scale folded into the pass: one pass and one new vector fewer
+        else:  # A q / scale folded into the pass (torch: one pass and one new vector fewer)
             w, coeffs = self._project(V, w, 1.0 / self.scale)
         col = np.zeros(j + 1)
         col[lo:] = coeffs[: j + 1 - lo]
@@ -260,20 +260,22 @@ class _Krylov:
     def _next_row(self, w: Array, b: float) -> Array:
         """The next vector q = w / b, straight into row j (the next step's row) if free.
 
-        Where rows are written in place: one pass, and no vector of n allocated.
+        Where rows are written in place: no vector of n allocated, and on torch one pass
+        (``out=``, refused by autograd for an operator whose output requires grad: that
+        one takes ``w / b`` as before). The row is read back after the write, so a library
+        whose slices are copies still gets the right q (and V its row).
         """
         j = self.j
-        if self.static or j >= self.p:
+        if self.static or j >= self.p or (self.torch and w.requires_grad):
             return w / b
-        row = self.V[j, :]
         if self.torch:
             import torch  # only reached with torch arrays
 
-            torch.div(w, b, out=row)
+            torch.div(w, b, out=self.V[j, :])
         else:
-            row[...] = w / b
-        self.q_row = row
-        return row
+            self.V[j, :] = w / b
+        self.q_row = self.V[j, :]
+        return self.q_row
 
     def _set_column(self, j: int, col: Any, b: float, record: bool) -> None:
         """T's column and row j (symmetric), D's row j (H − T) and the norm estimate.
@@ -362,6 +364,7 @@ class _Krylov:
     def restart(self, S_keep: Any, theta_keep: Any) -> None:
         """Thick restart: keep the Ritz vectors Q S_keep; q (the residual) comes next."""
         xp, l = self.xp, int(S_keep.shape[1])
+        self.q_row = None  # q is no row of the new basis: the next step writes it into row l
         S = xp.asarray(S_keep.T, dtype=self.V.dtype, device=self.op.device)
         kept = S @ self.V[: self.j, :]
         if self.static:

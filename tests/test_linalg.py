@@ -1227,10 +1227,11 @@ def test_eigsh_top_pair_on_each_library_folds_the_scale_or_divides_first(backend
     assert theta / scale == pytest.approx(1.05, rel=1e-9)
     explicit = np.linalg.norm((a / scale) @ y - (theta / scale) * y)  # no overflow
     reported = float(backend.to_numpy(res.residuals)[0]) / scale
-    assert 0.0 <= reported <= 1e-10 * 1.05 * (1 + 1e-12)
-    # Converged for real. At 1e-300 XLA flushes subnormals to 0: the reported residual
-    # (the compiled loop once took that 0 for convergence and stopped at 1.9e-8), and
-    # the entries of A below 2.2e-308, so that JAX's A differs from NumPy's there.
+    # Never 0 (at 1e-300 the compiled loop's residual, a subnormal in A's units, was
+    # flushed to 0 by XLA and taken for convergence: it stopped at 1.9e-8).
+    assert 0.0 < reported <= 1e-10 * 1.05 * (1 + 1e-12)
+    # Converged for real. At 1e-300 XLA also flushes the entries of A below 2.2e-308, so
+    # that JAX's A differs from NumPy's there.
     flushed = backend.name == "jax" and scale < 1e-290
     assert explicit <= (1e-9 if flushed else max(reported, 1e-10 * 1.05) + 1e-12)
 

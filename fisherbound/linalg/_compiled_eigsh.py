@@ -151,23 +151,25 @@ def _ritz(T: Array, j: Array) -> tuple[Array, Array]:
 
 
 def _residuals(c: _State) -> Array:
-    """β |S[j−1, i]| in A's units: the Krylov residuals of the last check's Ritz pairs."""
+    """β |S[j−1, i]| in the units of A / s: the Krylov residuals of the last check's pairs.
+
+    Multiplied by s on the host (``eigsh``): in A's units they underflow near the bottom
+    of the range, where XLA flushes subnormals to 0 (A ~ 1e-300).
+    """
     last = jax.lax.dynamic_index_in_dim(c.S, c.j - 1, axis=0, keepdims=False)
-    return (c.beta * c.scale) * jnp.abs(last)
+    return c.beta * jnp.abs(last)
 
 
 def relative_residuals(c: _State, order: Array) -> Array:
     """β |S[j−1, i]| / max(|θ_i|, √ε max |θ|) for the pairs ``order``: what ``tol`` bounds.
 
-    In the units of A / s, where the ratio is the same: in A's units β s |S| underflows
-    near the bottom of the range (XLA flushes subnormals to 0; A ~ 1e-300), and a
-    residual of 0 would pass the test unconverged.
+    In the units of A / s (``_residuals``), where the ratio is the same: a residual
+    flushed to 0 would pass the test unconverged.
     """
     dtype = c.T.dtype
     sqrt_eps = math.sqrt(float(jnp.finfo(dtype).eps))
     scale = jnp.maximum(jnp.abs(c.theta[order]), sqrt_eps * _block_max(c, c.theta))
-    last = jax.lax.dynamic_index_in_dim(c.S, c.j - 1, axis=0, keepdims=False)
-    return (c.beta * jnp.abs(last))[order] / jnp.maximum(scale, jnp.finfo(dtype).tiny)
+    return _residuals(c)[order] / jnp.maximum(scale, jnp.finfo(dtype).tiny)
 
 
 def _block_max(c: _State, theta: Array) -> Array:
@@ -348,16 +350,18 @@ def _resume(c: _State, r: Array) -> _State:
 
 
 def _finish(c: _State, which: str, wanted: int) -> tuple[Array, Array, Array]:
-    """The wanted Ritz pairs, ascending, with their residuals floored at ε max |θ|."""
+    """The wanted Ritz pairs, ascending, with their residuals floored at ε max |θ|.
+
+    Eigenvalues and residuals in the units of A / s (the host multiplies them by s).
+    """
     p = int(c.V.shape[0])
     sel = jnp.sort(_order(which, wanted, p, c.j))
-    theta = c.theta * c.scale
     Y = (c.S[:, sel].T @ c.V).T
     Y = Y / jnp.linalg.vector_norm(Y, axis=0)
     # LAPACK deflates couplings below rounding, so β|s| can be exactly 0; the residual
     # of a computed Ritz pair is not below ε‖T‖: report at least that.
-    floor = float(jnp.finfo(c.V.dtype).eps) * _block_max(c, theta)
-    return theta[sel], Y, jnp.maximum(_residuals(c)[sel], floor)
+    floor = float(jnp.finfo(c.V.dtype).eps) * _block_max(c, c.theta)
+    return c.theta[sel], Y, jnp.maximum(_residuals(c)[sel], floor)
 
 
 def step_vector(c: _State) -> Array:
@@ -440,4 +444,8 @@ def eigsh(
             break
     if not converged and rtol > 0.0:
         warn_budget(budget, float(to_host(c.worst)), rtol, stacklevel=3)
-    return EigshResult(*result)
+    theta, Y, res = result
+    # Times s on the host: XLA would flush a subnormal eigenvalue or residual to 0.
+    s = float(to_host(c.scale))
+    theta, res = (jnp.asarray(to_host(a).astype("float64") * s, dtype=dtype) for a in (theta, res))
+    return EigshResult(theta, Y, res)

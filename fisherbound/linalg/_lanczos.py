@@ -588,8 +588,10 @@ def eigsh(
     reorthogonalises partially, and against the whole basis, :math:`O(n p)`, otherwise;
     the host work of the partial steps, :math:`O(p^3)` per step with :math:`p \times p`
     matrices, is small beside a product; :math:`n p` memory, and one or two host reads of
-    :math:`p + 2` numbers per step. Scale: the iteration
-    runs on :math:`A / s`, :math:`s` the power of two nearest the largest entry of the
+    :math:`p + 2` numbers per step. The vector handed to ``matvec`` may be a row of the
+    basis that a later step overwrites (as in ARPACK's reverse communication): an
+    operator that keeps its input must copy it; its output is never written. Scale: the
+    iteration runs on :math:`A / s`, :math:`s` the power of two nearest the largest entry of the
     first product, so every representable scale of :math:`A` (1e±300 in float64,
     1e±35 in float32) gives the same relative accuracy; a product or norm that is
     NaN or inf raises instead of reading as a breakdown. A JAX operator with a traceable

@@ -13,6 +13,7 @@ from typing import Any
 
 from fisherbound._stream import Objective
 from fisherbound.linalg import LinearOperator, TraceableProduct
+from fisherbound.linalg._operator import KeyedProduct
 
 Array = Any
 
@@ -36,7 +37,7 @@ def _hessian_operator(obj: Objective) -> LinearOperator:
     )
 
 
-class _HessianProduct:
+class _HessianProduct(KeyedProduct):
     r""":math:`\sum_b c_b \nabla^2 L_b(\theta)\, V` as a pure function of the batches' arrays.
 
     The ``TraceableProduct.fn`` of ``hessian_operator`` on JAX loss functions: its
@@ -46,13 +47,7 @@ class _HessianProduct:
     """
 
     def __init__(self, kernels: tuple[Any, ...]) -> None:
-        self._kernels = kernels
-
-    def __hash__(self) -> int:
-        return hash(self._kernels)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _HessianProduct) and self._kernels == other._kernels
+        self._kernels = self._key = kernels
 
     def __call__(self, operands: Any, V: Array) -> Array:
         batches, weights = operands
@@ -79,17 +74,11 @@ def _traceable_hessian(obj: Objective) -> TraceableProduct | None:
     )
 
 
-class _ShiftedProduct:
+class _ShiftedProduct(KeyedProduct):
     """:math:`A V - s V` as a ``TraceableProduct.fn``; operands (A's operands, s)."""
 
     def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __hash__(self) -> int:
-        return hash((_ShiftedProduct, self.fn))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _ShiftedProduct) and self.fn == other.fn
+        self.fn = self._key = fn
 
     def __call__(self, operands: Any, V: Array) -> Array:
         inner, shift = operands

@@ -98,7 +98,7 @@ from fisherbound._quantities import (
 from fisherbound._stream import Stream, check_family
 from fisherbound.families import KERNELS, Categorical, Family
 from fisherbound.linalg import LinearOperator
-from fisherbound.linalg._operator import TraceableProduct
+from fisherbound.linalg._operator import KeyedProduct, TraceableProduct
 
 Array = Any
 
@@ -722,7 +722,7 @@ def fisher_operator(
     )
 
 
-class _FisherProduct:
+class _FisherProduct(KeyedProduct):
     """F V as a pure function of the linearizations' arrays (``TraceableProduct.fn``).
 
     Holds the linearizations without their arrays (their structure: kernels, blocks);
@@ -734,12 +734,6 @@ class _FisherProduct:
         self._skeletons = [lin._with_state(None) for lin in lins]
         self._fam, self._kernel, self._scale = fam, kernel, scale
         self._key = (tuple(lin._traceable()[0] for lin in lins), fam, kernel, scale)
-
-    def __hash__(self) -> int:
-        return hash(self._key)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _FisherProduct) and self._key == other._key
 
     def __call__(self, states: Any, v: Array) -> Array:
         total: Array = None

@@ -55,6 +55,7 @@ from fisherbound.linalg._lanczos import (
     _breakdown_factor,
     _start_vector,
 )
+from fisherbound.linalg._operator import KeyedProduct
 
 Array = Any
 
@@ -80,7 +81,7 @@ class _Count(NamedTuple):
     weights: Array
 
 
-class _Deflated:
+class _Deflated(KeyedProduct):
     r""":math:`(I - Y Y^\top) A (I - Y Y^\top) V` as a ``TraceableProduct.fn``.
 
     Its operands are (A's operands, Y, whether Y holds a column); equal when A's ``fn``
@@ -90,13 +91,7 @@ class _Deflated:
     """
 
     def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def __hash__(self) -> int:
-        return hash((_Deflated, self.fn))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Deflated) and self.fn == other.fn
+        self.fn = self._key = fn
 
     def __call__(self, operands: Any, V: Array) -> Array:
         inner, Y, locked = operands

@@ -38,6 +38,23 @@ class TraceableProduct(NamedTuple):
     operands: Any
 
 
+class KeyedProduct:
+    """Base of the ``TraceableProduct.fn`` classes: hashed and compared by class and ``_key``.
+
+    ``_key`` holds what the product computes besides its operands (a wrapped ``fn``,
+    kernels, a family): equal keys make equal functions, so ``jax.jit`` compiles one
+    loop for all of them.
+    """
+
+    _key: Any
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._key))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._key == other._key
+
+
 @runtime_checkable
 class LinearOperatorLike(Protocol):
     r"""What every function of ``fisherbound.linalg`` accepts as an operator.

@@ -103,7 +103,7 @@ class _Krylov:
         #: T and β are those of A / scale (``_power_of_two_scale`` of the first product);
         #: ``ritz`` and ``restart`` speak in A's units.
         self.scale: float | None = None
-        #: Whether A q / scale is folded into the Gram–Schmidt pass (set at the first product).
+        #: Whether A q / scale is folded into the Gram–Schmidt pass (torch; at the first product).
         self.fold = False
         self.eps = float(xp.finfo(op.dtype).eps)
         self.tol = 0.0 if tol is None else float(tol)
@@ -172,12 +172,10 @@ class _Krylov:
         return w
 
     def _subtract_scaled(self, w: Array, inv: float, h: Array, V: Array) -> Array:
-        """The update inv · w − hᵀ V as a new array (torch: one pass over w and the rows)."""
-        if self.torch:
-            import torch  # only reached with torch arrays
+        """The update inv · w − hᵀ V as a new array: one torch ``addmv`` over w and the rows."""
+        import torch  # only reached with torch arrays (``fold``)
 
-            return torch.addmv(w, self.xp.matrix_transpose(V), h, beta=inv, alpha=-1.0)
-        return self._subtract(w * inv, h, V)
+        return torch.addmv(w, self.xp.matrix_transpose(V), h, beta=inv, alpha=-1.0)
 
     def step(self) -> None:
         """Append q as row j: one product, one Gram–Schmidt pass (two on cancellation).
@@ -198,17 +196,20 @@ class _Krylov:
             if is_traced(w):
                 raise ValueError(TRACED_LANCZOS)
             self.scale = float(to_host(_power_of_two_scale(xp, w)))
-            # V (A q) and its scaling by 1 / scale can neither overflow nor lose digits to
-            # underflow while the scale is within √tiny ... √max of the dtype (as in any
-            # practical problem); outside, A q is divided first.
+            # Torch fuses the scaling into the update (``_subtract_scaled``); elsewhere
+            # dividing first costs the same. V (A q) and its scaling by 1 / scale can
+            # neither overflow nor lose digits to underflow while the scale is within
+            # √tiny ... √max of the dtype (as in any practical problem); outside, A q is
+            # divided first.
             finfo = xp.finfo(self.op.dtype)
-            self.fold = math.sqrt(finfo.smallest_normal) <= self.scale <= math.sqrt(finfo.max)
+            inside = math.sqrt(finfo.smallest_normal) <= self.scale <= math.sqrt(finfo.max)
+            self.fold = self.torch and inside
         lo = max(j - 1, 0) if self.partial else 0
         V = self.V if self.static else self.V[lo : j + 1, :]  # a view: the rows taken
-        if self.static or not self.fold:
-            w, coeffs = self._project(V, w / self.scale)
-        else:  # A q / scale folded into the pass (torch: one pass and one new vector fewer)
+        if self.fold:  # A q / scale folded into the pass: one pass and one new vector fewer
             w, coeffs = self._project(V, w, 1.0 / self.scale)
+        else:
+            w, coeffs = self._project(V, w / self.scale)
         col = np.zeros(j + 1)
         col[lo:] = coeffs[: j + 1 - lo]
         b = float(coeffs[-1])

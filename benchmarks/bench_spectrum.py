@@ -60,6 +60,7 @@ from fisherbound.adapters.torch import linearize
 from fisherbound.dimension import razor, top_eigenpairs
 from fisherbound.families import Categorical
 from fisherbound.fisher import fisher_operator
+from fisherbound.linalg._operator import KeyedProduct
 
 NAME = "spectrum"
 TITLE = "Top of the Fisher spectrum and the SLQ log-det (torch CPU, float32)"
@@ -623,15 +624,9 @@ def _jax_count_rows(
     # The compiled loops' products, by a host callback in another compile.
     box = [0]
 
-    class Counted:
+    class Counted(KeyedProduct):
         def __init__(self, fn: Any) -> None:
-            self.fn = fn
-
-        def __hash__(self) -> int:
-            return hash(self.fn)
-
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, Counted) and self.fn == other.fn
+            self.fn = self._key = fn
 
         def __call__(self, operands: Any, V: Any) -> Any:
             jax.debug.callback(lambda: box.__setitem__(0, box[0] + V.shape[1]))
